@@ -1,0 +1,163 @@
+"""linear_scan: registered ops -> autograd -> the documented public function."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..validation import check_dtype, check_same_device, check_tensor
+from .reference import linear_scan_bwd_ref, linear_scan_fwd_ref, state_dtype
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.complex64)
+_CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _select(backend: str, x: Tensor) -> str:
+    def triton_ok():
+        reason = _backend.triton_reason(x.device)
+        if reason is None and x.dtype not in _TRITON_DTYPES:
+            reason = f"dtype {x.dtype} (Triton kernel takes {_TRITON_DTYPES})"
+        return reason
+
+    def cuda_ok():
+        reason = _backend.cuda_reason(x.device)
+        if reason is None and x.dtype not in _CUDA_DTYPES:
+            reason = f"dtype {x.dtype} (CUDA kernel takes {_CUDA_DTYPES})"
+        return reason
+
+    return _backend.resolve("linear_scan", backend,
+                            {"cuda": cuda_ok, "triton": triton_ok, "reference": lambda: None})
+
+
+# ---- registered ops (canonical layout [P, T, Q], contiguous) --------------------------------
+
+@torch.library.custom_op("ssm_kernels::linear_scan_fwd", mutates_args=())
+def linear_scan_fwd_op(a: Tensor, b: Tensor, h0: Optional[Tensor], reverse: bool,
+                       backend: str) -> Tuple[Tensor, Tensor]:
+    chosen = _select(backend, b)
+    if chosen == "triton":
+        from .triton import linear_scan_fwd
+        return linear_scan_fwd(a, b, h0, reverse)
+    if chosen == "cuda":
+        from .cuda import linear_scan_fwd
+        return linear_scan_fwd(a, b, h0, reverse)
+    h, hT = linear_scan_fwd_ref(a, b, h0, reverse)
+    return h.contiguous(), hT.contiguous()
+
+
+@linear_scan_fwd_op.register_fake
+def _(a, b, h0, reverse, backend):
+    return torch.empty_like(b), b.new_empty((b.shape[0], b.shape[2]), dtype=state_dtype(b.dtype))
+
+
+@torch.library.custom_op("ssm_kernels::linear_scan_bwd", mutates_args=())
+def linear_scan_bwd_op(a: Tensor, h: Tensor, h0: Optional[Tensor], dh: Tensor, dhT: Tensor,
+                       reverse: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    chosen = _select(backend, h)
+    if chosen == "triton":
+        from .triton import linear_scan_bwd
+        return linear_scan_bwd(a, h, h0, dh, dhT, reverse)
+    if chosen == "cuda":
+        from .cuda import linear_scan_bwd
+        return linear_scan_bwd(a, h, h0, dh, dhT, reverse)
+    return linear_scan_bwd_ref(a, h, h0, dh, dhT, reverse)
+
+
+@linear_scan_bwd_op.register_fake
+def _(a, h, h0, dh, dhT, reverse, backend):
+    return (torch.empty_like(a), torch.empty_like(h),
+            h.new_empty((h.shape[0], h.shape[2]), dtype=state_dtype(h.dtype)))
+
+
+def _setup_context(ctx, inputs, output):
+    a, b, h0, reverse, backend = inputs
+    h, _ = output
+    ctx.save_for_backward(a, h, h0)
+    ctx.reverse, ctx.backend = reverse, backend
+
+
+def _backward(ctx, dh, dhT):
+    a, h, h0 = ctx.saved_tensors
+    if dh is None:
+        dh = torch.zeros_like(h)
+    if dhT is None:
+        dhT = h.new_zeros((h.shape[0], h.shape[2]), dtype=state_dtype(h.dtype))
+    da, db, dh0 = linear_scan_bwd_op(a, h, h0, dh.contiguous(), dhT.contiguous(), ctx.reverse,
+                                     ctx.backend)
+    return da, db, (None if h0 is None else dh0.to(h0.dtype)), None, None
+
+
+linear_scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public function ------------------------------------------------------------------------
+
+def linear_scan(a: Tensor, b: Tensor, initial_state: Optional[Tensor] = None, *, dim: int = 1,
+                reverse: bool = False, output_final_state: bool = False,
+                backend: Optional[str] = None):
+    """First-order diagonal linear recurrence ``h_t = a_t * h_{t-1} + b_t`` along ``dim``.
+
+    The core of minGRU, Griffin's RG-LRU, LRU and S5-style layers; channels are independent.
+
+    Args:
+        a: decay/gate, any shape of rank >= 2 with time along ``dim`` (e.g. ``[B, T, D]`` with
+            dim=1 or ``[B, D, T]`` with dim=-1); float32, float16, bfloat16 or complex64 (float64
+            and complex128 on the reference backend). Any value (|a| <= 1 is the stable regime).
+        b: input, same shape and dtype as ``a``.
+        initial_state: ``h_{-1}``, the shape of ``a`` without ``dim``; float (complex for complex
+            inputs), cast to the float32 (complex64) state. Differentiable. Default zeros.
+        dim: the time axis, like ``torch.cumsum``.
+        reverse: scan right to left, ``h_t = a_t * h_{t+1} + b_t`` (initial_state enters at the
+            last step, final_state is ``h_0``).
+        output_final_state: also return the last state.
+        backend: ``None`` (env SSM_KERNELS_BACKEND, default "auto"), "auto", "cuda", "triton" or
+            "reference". An explicit backend that cannot serve the call raises.
+
+    Returns:
+        ``h`` of ``b``'s shape and dtype, or ``(h, final_state)`` with ``final_state`` the shape of
+        ``a`` without ``dim`` in float32 (complex64 for complex inputs), differentiable.
+
+    Example:
+        >>> import torch, ssm_kernels
+        >>> a = torch.rand(2, 100, 8)            # [B, T, D] decays in (0, 1)
+        >>> b = torch.randn(2, 100, 8)
+        >>> h, last = ssm_kernels.linear_scan(a, b, output_final_state=True)
+        >>> h.shape, last.shape
+        (torch.Size([2, 100, 8]), torch.Size([2, 8]))
+    """
+    check_tensor("a", a, min_rank=2)
+    check_tensor("b", b, min_rank=2)
+    check_dtype("a", a, floating=True, complex_ok=True)
+    if b.dtype != a.dtype:
+        raise TypeError(f"linear_scan: b must have a's dtype {a.dtype}, got {b.dtype}")
+    if b.shape != a.shape:
+        raise ValueError(f"linear_scan: b must have a's shape {tuple(a.shape)}, got {tuple(b.shape)}")
+    if not isinstance(dim, int) or not -a.dim() <= dim < a.dim():
+        raise ValueError(f"linear_scan: dim must be an int in [{-a.dim()}, {a.dim() - 1}] for a "
+                         f"rank-{a.dim()} input, got {dim!r}")
+    check_same_device("linear_scan", a=a, b=b, initial_state=initial_state)
+    dim = dim % a.dim()
+    T = a.shape[dim]
+    if T == 0:
+        raise ValueError("linear_scan: the time axis (dim) must have length >= 1, got 0")
+    state_shape = a.shape[:dim] + a.shape[dim + 1:]
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state)
+        check_dtype("initial_state", initial_state, floating=True, complex_ok=a.is_complex())
+        if initial_state.is_complex() and not a.is_complex():
+            raise TypeError("linear_scan: initial_state is complex but a and b are real")
+        if initial_state.shape != state_shape:
+            raise ValueError(f"linear_scan: initial_state must have shape {tuple(state_shape)} (a's "
+                             f"shape without dim={dim}), got {tuple(initial_state.shape)}")
+    P = a.shape[:dim].numel()
+    Q = a.shape[dim + 1:].numel()
+    a3 = a.contiguous().view(P, T, Q)
+    b3 = b.contiguous().view(P, T, Q)
+    h0 = None if initial_state is None else initial_state.reshape(P, Q)
+    h, hT = linear_scan_fwd_op(a3, b3, h0, bool(reverse), _backend.normalize(backend))
+    h = h.view(b.shape)
+    if output_final_state:
+        return h, hT.view(state_shape)
+    return h

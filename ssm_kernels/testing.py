@@ -1,0 +1,83 @@
+"""Tolerance helpers shared by the tests, `python -m ssm_kernels check` and the benchmark.
+
+The rule (DESIGN.md): error is the relative RMS error ||out - ref|| / ||ref|| against a float64
+reference. Full-precision kernels must land under a small fixed bound; low-precision (fp16/bf16)
+kernels pass when their error is at most ~2x the error of the same reference computed from the
+same low-precision inputs (plus a small floor), so the bound follows the problem's conditioning
+instead of a magic number.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# Bounds for full-precision storage, relative RMS error against float64.
+FULL_PRECISION_RTOL = {
+    torch.float64: 1e-10,
+    torch.complex128: 1e-10,
+    torch.float32: 1e-5,
+    torch.complex64: 1e-5,
+}
+# Floor added to 2x the low-precision reference's error (a few units of the format's rounding).
+LOW_PRECISION_FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+LOW_PRECISION_FACTOR = 2.0
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (absolute norm if ref is all zeros); inf on NaN/inf."""
+    if out.shape != ref.shape:
+        raise ValueError(f"shape mismatch: out {tuple(out.shape)} vs ref {tuple(ref.shape)}")
+    o = out.detach().to("cpu", torch.complex128 if out.is_complex() or ref.is_complex() else torch.float64)
+    r = ref.detach().to("cpu", o.dtype)
+    if not torch.isfinite(o).all():
+        return float("inf")
+    num = torch.linalg.vector_norm(o - r).item()
+    den = torch.linalg.vector_norm(r).item()
+    return num / den if den > 0 else num
+
+
+def max_abs_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    o = out.detach().to("cpu", torch.complex128 if out.is_complex() else torch.float64)
+    r = ref.detach().to("cpu", o.dtype)
+    return (o - r).abs().max().item() if o.numel() else 0.0
+
+
+@dataclass
+class Verdict:
+    name: str
+    err: float
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        return self.err <= self.bound
+
+    def __str__(self) -> str:
+        return f"{self.name}: rel err {self.err:.3e} (bound {self.bound:.3e}) {'ok' if self.ok else 'FAIL'}"
+
+
+def bound_for(dtype: torch.dtype, lowp_ref_err: Optional[float] = None) -> float:
+    """The error bound for a kernel whose inputs/outputs are stored in `dtype`."""
+    if dtype in LOW_PRECISION_FLOOR:
+        if lowp_ref_err is None:
+            raise ValueError(f"{dtype} needs the low-precision reference's error (lowp_ref_err)")
+        return LOW_PRECISION_FACTOR * lowp_ref_err + LOW_PRECISION_FLOOR[dtype]
+    return FULL_PRECISION_RTOL.get(dtype, 1e-5)
+
+
+def compare(name: str, out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
+            lowp_ref: Optional[torch.Tensor] = None) -> Verdict:
+    """Judge `out` against the float64 `ref`; `lowp_ref` is the reference run in `dtype`."""
+    lowp = rel_err(lowp_ref, ref) if lowp_ref is not None else None
+    return Verdict(name, rel_err(out, ref), bound_for(dtype, lowp))
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: Optional[torch.dtype] = None,
+                 lowp_ref: Optional[torch.Tensor] = None, name: str = "output") -> Verdict:
+    """Raise AssertionError with the numbers if `out` is not within the bound of `ref`."""
+    v = compare(name, out, ref, dtype or out.dtype, lowp_ref)
+    if not v.ok:
+        raise AssertionError(f"{v} (max abs err {max_abs_err(out, ref):.3e})")
+    return v

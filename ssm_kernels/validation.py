@@ -1,0 +1,42 @@
+"""Argument checks shared by every public function: errors name the argument, expected and got."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def check_tensor(name: str, x, min_rank: int = 0, rank: Optional[int] = None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if rank is not None and x.dim() != rank:
+        raise ValueError(f"{name} must have rank {rank}, got shape {tuple(x.shape)}")
+    if x.dim() < min_rank:
+        raise ValueError(f"{name} must have rank >= {min_rank}, got shape {tuple(x.shape)}")
+
+
+def check_dtype(name: str, x: torch.Tensor, floating: bool = True, complex_ok: bool = False,
+                allowed=None) -> None:
+    if allowed is not None:
+        if x.dtype not in allowed:
+            raise TypeError(f"{name} must have dtype in {tuple(allowed)}, got {x.dtype}")
+        return
+    ok = (floating and x.is_floating_point()) or (complex_ok and x.is_complex())
+    if not ok:
+        kinds = "a floating" + (" or complex" if complex_ok else "")
+        raise TypeError(f"{name} must have {kinds} dtype, got {x.dtype}")
+
+
+def check_same_device(op: str, **tensors) -> None:
+    devices = {k: v.device for k, v in tensors.items() if v is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
+        raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
+
+
+def check_shape(name: str, x: torch.Tensor, expected: tuple) -> None:
+    """expected may contain None for any size."""
+    ok = x.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, x.shape))
+    if not ok:
+        exp = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        raise ValueError(f"{name} must have shape {exp}, got {tuple(x.shape)}")

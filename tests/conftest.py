@@ -1,0 +1,33 @@
+"""Test setup: without a GPU, Triton kernels run under the interpreter at small shapes."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # must be set before triton.jit decorates any kernel (kernels are imported lazily)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_GPU else "cpu"
+
+
+def kernel_backends():
+    """Backends whose kernels can run here: triton (GPU or interpreter) and cuda if built."""
+    from ssm_kernels import available_backends
+    return [b for b in available_backends(DEVICE) if b != "reference"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
