@@ -53,7 +53,7 @@ def triton_reason(device: torch.device) -> Optional[str]:
         return "triton is not installed"
     if device.type == "cuda":
         return None
-    if device.type == "cpu" and _config.TRITON_INTERPRET:
+    if device.type == "cpu" and _config.triton_interpret():
         return None
     return (f"Triton kernels need a CUDA tensor (got device {device.type}); on CPU set "
             f"TRITON_INTERPRET=1 before starting Python to run them in the interpreter")

@@ -7,5 +7,9 @@ import os
 BACKEND_NAMES = ("auto", "cuda", "triton", "reference")
 
 DEFAULT_BACKEND = os.environ.get("SSM_KERNELS_BACKEND", "auto").strip().lower() or "auto"
-# The Triton interpreter runs kernels on CPU tensors; Triton reads this variable itself.
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_interpret() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter. Triton reads this variable itself when a
+    kernel module is first imported, so it is read live (the CLI sets it on GPU-less machines)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -81,3 +81,12 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: Optional[torch.dty
     if not v.ok:
         raise AssertionError(f"{v} (max abs err {max_abs_err(out, ref):.3e})")
     return v
+
+
+@dataclass
+class CheckRow:
+    """One line of `python -m ssm_kernels check`: an op's output/gradient on one backend and dtype."""
+    op: str
+    backend: str
+    dtype: str
+    verdict: Verdict

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._config import TRITON_INTERPRET
+from .._config import triton_interpret
 
 
 @triton.jit
@@ -209,7 +209,7 @@ def _canonical(x: torch.Tensor):
 
 def _config(T: int, C: int, time_inner: bool, complex_: bool):
     """Tile shape and warps by layout (measured on H100, see bench/NOTES.md)."""
-    if TRITON_INTERPRET:
+    if triton_interpret():
         return dict(BLOCK_T=16, BLOCK_C=8, num_warps=1)
     block_t = 128 if time_inner else 64
     block_c = 16 if time_inner else 32

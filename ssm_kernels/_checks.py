@@ -1,0 +1,4 @@
+"""Registry for `python -m ssm_kernels check`: family name -> module with `check(backend, device)`."""
+FAMILIES = {
+    "linear_scan": "ssm_kernels.linear_scan.check",
+}

@@ -1,0 +1,7 @@
+"""Benchmark cases per family (`python -m ssm_kernels bench`); harness in harness.py.
+
+Each family module exposes `cases(device: str, quick: bool) -> list[harness.Case]`.
+"""
+FAMILIES = {
+    "linear_scan": "ssm_kernels.benchmarks.linear_scan",
+}
