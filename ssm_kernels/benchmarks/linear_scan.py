@@ -11,14 +11,7 @@ import torch
 
 from .. import available_backends, linear_scan
 from .harness import Case, rotating
-
-
-def _peer():
-    try:
-        from accelerated_scan.scalar import scan
-        return scan
-    except Exception:
-        return None
+from .peers import accelerated_scan
 
 
 def cases(device: str, quick: bool) -> List[Case]:
@@ -29,7 +22,7 @@ def cases(device: str, quick: bool) -> List[Case]:
         grid = [(8, 1536, 4096), (8, 1536, 16384)]
         dtypes = [torch.float32, torch.bfloat16]
     backends = [b for b in available_backends(device) if b != "reference"] or ["reference"]
-    peer = _peer() if device != "cpu" else None
+    peer = accelerated_scan() if device != "cpu" else None
     out = []
     for (B, D, T) in grid:
         for dtype in dtypes:

@@ -25,6 +25,10 @@ def _select(backend: str, x: Tensor) -> str:
         reason = _backend.cuda_reason(x.device)
         if reason is None and x.dtype not in _CUDA_DTYPES:
             reason = f"dtype {x.dtype} (CUDA kernel takes {_CUDA_DTYPES})"
+        if reason is None:
+            from .cuda import fits
+            if not fits(x.shape):
+                reason = f"shape {tuple(x.shape)} exceeds the CUDA kernel's int32 tile indexing"
         return reason
 
     return _backend.resolve("linear_scan", backend,

@@ -69,7 +69,7 @@ def linear_scan_bwd_ref(a: torch.Tensor, h: torch.Tensor, h0: Optional[torch.Ten
         p = prev(t)
         hp = h0s if (p < 0 or p >= T) else h[:, p].to(sd)
         db[:, t] = g.to(db.dtype)
-        da[:, t] = (g * hp.conj()).to(da.dtype)
-        coef = a[:, t].to(sd).conj()
+        da[:, t] = (g * hp.conj_physical()).to(da.dtype)
+        coef = a[:, t].to(sd).conj_physical()
     dh0 = coef * g
     return da, db, dh0

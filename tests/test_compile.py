@@ -1,0 +1,47 @@
+"""Registered ops: torch.library.opcheck, and torch.compile(fullgraph=True) forward + backward."""
+import pytest
+import torch
+
+import ssm_kernels as sk
+
+from conftest import DEVICE, kernel_backends
+
+BACKENDS = ["reference"] + kernel_backends()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+def test_opcheck_linear_scan(backend, dtype):
+    if backend == "cuda" and dtype.is_complex:
+        pytest.skip("CUDA kernel is real-only")
+    P, T, Q = 2, 9, 3
+    a = torch.rand(P, T, Q, device=DEVICE).to(dtype).requires_grad_()
+    b = torch.randn(P, T, Q, device=DEVICE, dtype=dtype).requires_grad_()
+    h0 = torch.randn(P, Q, device=DEVICE, dtype=dtype).requires_grad_()
+    torch.library.opcheck(torch.ops.ssm_kernels.linear_scan_fwd.default, (a, b, h0, False, backend))
+    torch.library.opcheck(torch.ops.ssm_kernels.linear_scan_fwd.default, (a, b, None, True, backend))
+    h = torch.randn(P, T, Q, device=DEVICE, dtype=dtype)
+    dhT = torch.randn(P, Q, device=DEVICE, dtype=dtype)
+    torch.library.opcheck(torch.ops.ssm_kernels.linear_scan_bwd.default,
+                          (a.detach(), h, h0.detach(), torch.randn_like(h), dhT, False, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fullgraph_compile_forward_backward(backend):
+    torch._dynamo.reset()
+
+    def f(a, b, h0):
+        h, hT = sk.linear_scan(a, b, h0, dim=1, output_final_state=True, backend=backend)
+        return h.square().sum() + hT.sum()
+
+    a = torch.rand(2, 11, 4, device=DEVICE).requires_grad_()
+    b = torch.randn(2, 11, 4, device=DEVICE).requires_grad_()
+    h0 = torch.randn(2, 4, device=DEVICE).requires_grad_()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
+    loss = compiled(a, b, h0)
+    grads = torch.autograd.grad(loss, (a, b, h0))
+    ref_loss = f(a, b, h0)
+    ref_grads = torch.autograd.grad(ref_loss, (a, b, h0))
+    torch.testing.assert_close(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
