@@ -1,0 +1,456 @@
+"""Chunked linear attention: registered ops -> autograd -> the documented public functions.
+
+Two registered ops serve every public function (all gate variants share them):
+``ssm_kernels::linear_attn_fwd(q, k, v, g, h0, cu_seqlens, scale, backend) -> (o, final_state)`` and
+``ssm_kernels::linear_attn_bwd(...)``. The public functions fold their own conventions around them
+with plain torch ops (differentiable, traceable): ``g_gamma`` is added to ``g`` (its gradient is
+the sum over batch and time), ``reverse`` flips the sequences, ``normalize`` divides by
+``q . sum k``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..validation import check_same_device, check_tensor
+from .reference import linear_attn_bwd_ref, linear_attn_fwd_ref
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+def _select(backend: str, q: Tensor, v: Tensor) -> str:
+    def triton_ok():
+        reason = _backend.triton_reason(q.device)
+        if reason is None and q.dtype not in _TRITON_DTYPES:
+            reason = f"dtype {q.dtype} (the Triton kernels take {_TRITON_DTYPES})"
+        if reason is None and max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+            reason = f"K={q.shape[-1]}, V={v.shape[-1]} (the Triton kernels take K, V <= {MAX_HEAD_DIM})"
+        return reason
+
+    return _backend.resolve("linear_attn", backend, {"triton": triton_ok, "reference": lambda: None})
+
+
+def _state_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+# ---- registered ops (contiguous [B, T, H, D]; g float32 [B, T, H] or [B, T, H, K]) -------------
+
+@torch.library.custom_op("ssm_kernels::linear_attn_fwd", mutates_args=())
+def linear_attn_fwd_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], h0: Optional[Tensor],
+                       cu_seqlens: Optional[Tensor], scale: float,
+                       backend: str) -> Tuple[Tensor, Tensor]:
+    if _select(backend, q, v) == "triton":
+        from .triton import chunk_fwd
+        return chunk_fwd(q, k, v, g, h0, cu_seqlens, scale)
+    return linear_attn_fwd_ref(q, k, v, g, h0, cu_seqlens, scale)
+
+
+@linear_attn_fwd_op.register_fake
+def _(q, k, v, g, h0, cu_seqlens, scale, backend):
+    N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return torch.empty_like(v), q.new_empty((N, q.shape[2], q.shape[3], v.shape[3]),
+                                            dtype=_state_dtype(q))
+
+
+@torch.library.custom_op("ssm_kernels::linear_attn_bwd", mutates_args=())
+def linear_attn_bwd_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], h0: Optional[Tensor],
+                       cu_seqlens: Optional[Tensor], scale: float, ht: Tensor, do: Tensor,
+                       dht: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, dg, dh0); dg is empty when g is None; dh0 is [N, H, K, V]."""
+    if _select(backend, q, v) == "triton":
+        from .triton import chunk_bwd
+        dq, dk, dv, dg, dh0 = chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, ht, do, dht)
+    else:
+        dq, dk, dv, dg, dh0 = linear_attn_bwd_ref(q, k, v, g, h0, cu_seqlens, scale, do, dht)
+        dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        if dh0 is None:
+            dh0 = torch.zeros_like(ht)
+    if dg is None:
+        dg = q.new_empty(0, dtype=torch.float32)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dg.contiguous(), dh0.contiguous()
+
+
+@linear_attn_bwd_op.register_fake
+def _(q, k, v, g, h0, cu_seqlens, scale, ht, do, dht, backend):
+    dg = q.new_empty(0, dtype=torch.float32) if g is None else torch.empty_like(g)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, torch.empty_like(ht))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, h0, cu_seqlens, scale, backend = inputs
+    ctx.save_for_backward(q, k, v, g, h0, cu_seqlens, output[1])
+    ctx.scale, ctx.backend = scale, backend
+
+
+def _backward(ctx, do, dht):
+    q, k, v, g, h0, cu_seqlens, ht = ctx.saved_tensors
+    do = torch.zeros_like(v) if do is None else do.contiguous()
+    dht = torch.zeros_like(ht) if dht is None else dht.contiguous()
+    dq, dk, dv, dg, dh0 = linear_attn_bwd_op(q, k, v, g, h0, cu_seqlens, ctx.scale, ht, do, dht,
+                                             ctx.backend)
+    return (dq, dk, dv, None if g is None else dg, None if h0 is None else dh0.to(h0.dtype),
+            None, None, None)
+
+
+linear_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+def _checking() -> bool:
+    """Data-dependent checks (sign of g, cu_seqlens values) need a host sync; skip them in graphs."""
+    return not torch.compiler.is_compiling()
+
+
+def _validate(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, x, rank=4)
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"{fn}: q must have dtype in {_DTYPES}, got {q.dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{fn}: {name} must have q's dtype {q.dtype}, got {x.dtype}")
+    B, T, H, K = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"{fn}: k must have q's shape [B, T, H, K] = {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{fn}: v must have shape [B, T, H, V] with q's B, T, H = {tuple(q.shape[:3])}, "
+                         f"got {tuple(v.shape)}")
+    if T == 0 or K == 0 or v.shape[3] == 0:
+        raise ValueError(f"{fn}: q and v need T, K, V >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    if g is not None:
+        check_tensor("g", g)
+        expect = (B, T, H) if g_kind == "head" else (B, T, H, K)
+        if tuple(g.shape) != expect:
+            layout = "[B, T, H]" if g_kind == "head" else "[B, T, H, K]"
+            raise ValueError(f"{fn}: g must have shape {layout} = {expect}, got {tuple(g.shape)}")
+        if not g.is_floating_point():
+            raise TypeError(f"{fn}: g must have a floating dtype, got {g.dtype}")
+        if _checking() and bool((g > 0).any()):
+            raise ValueError(f"{fn}: g holds log-decays and must be <= 0, got a maximum of "
+                             f"{g.max().item():.4g}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}")
+    N = B
+    if cu_seqlens is not None:
+        check_tensor("cu_seqlens", cu_seqlens, rank=1)
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{fn}: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+        if B != 1:
+            raise ValueError(f"{fn}: with cu_seqlens the batch must be one packed row (B == 1), got B={B}")
+        if cu_seqlens.numel() < 2:
+            raise ValueError(f"{fn}: cu_seqlens must have N + 1 >= 2 entries, got {cu_seqlens.numel()}")
+        if _checking():
+            cu = cu_seqlens.tolist()
+            if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
+                raise ValueError(f"{fn}: cu_seqlens must start at 0, never decrease and end at T={T}, "
+                                 f"got {cu if len(cu) <= 10 else cu[:5] + ['...'] + cu[-5:]}")
+        N = cu_seqlens.numel() - 1
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state)
+        expect = (N, H, K, v.shape[3])
+        if tuple(initial_state.shape) != expect:
+            raise ValueError(f"{fn}: initial_state must have shape [N, H, K, V] = {expect} (N = "
+                             f"{'len(cu_seqlens) - 1' if cu_seqlens is not None else 'B'}), got "
+                             f"{tuple(initial_state.shape)}")
+        if not initial_state.is_floating_point():
+            raise TypeError(f"{fn}: initial_state must have a floating dtype, got {initial_state.dtype}")
+    check_same_device(fn, q=q, k=k, v=v, g=g, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    return N
+
+
+def _core(q, k, v, g, scale, initial_state, cu_seqlens, reverse, backend):
+    """Run the registered op on contiguous tensors; reverse=True walks every sequence backwards."""
+    K = q.shape[-1]
+    scale = K ** -0.5 if scale is None else float(scale)
+    sd = _state_dtype(q)
+    h0 = None if initial_state is None else initial_state.to(sd).contiguous()
+    cu = cu_seqlens
+    if reverse:
+        q, k, v, g = (None if x is None else x.flip(1) for x in (q, k, v, g))
+        if cu is not None:
+            cu = (cu[-1] - cu).flip(0)
+            h0 = None if h0 is None else h0.flip(0)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    g = None if g is None else g.to(sd).contiguous()
+    o, ht = linear_attn_fwd_op(q, k, v, g, h0, cu, scale, _backend.normalize(backend))
+    if reverse:
+        o = o.flip(1)
+        if cu is not None:
+            ht = ht.flip(0)
+    return o, ht
+
+
+def _head_gate(g, g_gamma, q):
+    """g [B, T, H] and/or g_gamma [H] -> one per-step log-decay [B, T, H] in the state dtype."""
+    if g_gamma is None:
+        return None if g is None else g.to(_state_dtype(q))
+    gam = g_gamma.to(_state_dtype(q))
+    if g is None:
+        return gam.expand(q.shape[:3])
+    return g.to(_state_dtype(q)) + gam
+
+
+def _validate_gamma(fn, g_gamma, q):
+    if g_gamma is None:
+        return
+    check_tensor("g_gamma", g_gamma, rank=1)
+    if g_gamma.shape[0] != q.shape[2]:
+        raise ValueError(f"{fn}: g_gamma must have shape [H] = ({q.shape[2]},), got {tuple(g_gamma.shape)}")
+    if not g_gamma.is_floating_point():
+        raise TypeError(f"{fn}: g_gamma must have a floating dtype, got {g_gamma.dtype}")
+    check_same_device(fn, q=q, g_gamma=g_gamma)
+    if _checking() and bool((g_gamma > 0).any()):
+        raise ValueError(f"{fn}: g_gamma holds log-decays and must be <= 0, got a maximum of "
+                         f"{g_gamma.max().item():.4g}")
+
+
+# ---- normalize (chunk_linear_attn / fused_recurrent_linear_attn) -------------------------------
+
+def _key_cumsum(k, z0, cu_seqlens, reverse):
+    """Running key sum per sequence (plus z0 [N, 1, H, K]) and its value at each sequence's end."""
+    kf = k.to(_state_dtype(k))
+    if reverse:
+        kf = kf.flip(1)
+        if cu_seqlens is not None:
+            cu_seqlens = (cu_seqlens[-1] - cu_seqlens).flip(0)
+            z0 = None if z0 is None else z0.flip(0)
+    if cu_seqlens is None:
+        kc = kf.cumsum(1)
+        if z0 is not None:
+            kc = kc + z0.to(kc.dtype)
+        z = kc[:, -1:]
+    else:
+        T = kf.shape[1]
+        cu = cu_seqlens.long()
+        cz = torch.cat([kf.new_zeros(1, *kf.shape[2:]), kf[0].cumsum(0)], 0)  # [T + 1, H, K]
+        seg = torch.searchsorted(cu[1:], torch.arange(T, device=k.device), right=True)
+        kc = (cz[1:] - cz[cu[seg]])[None]
+        z = (cz[cu[1:]] - cz[cu[:-1]])[:, None]
+        if z0 is not None:
+            kc = kc + z0.to(kc.dtype)[seg, 0][None]
+            z = z + z0.to(z.dtype)
+        if reverse:
+            z = z.flip(0)
+    if reverse:
+        kc = kc.flip(1)
+    return kc, z
+
+
+def _linear_attn(fn, q, k, v, scale, initial_state, output_final_state, normalize, reverse,
+                 cu_seqlens, backend):
+    if normalize and isinstance(initial_state, (tuple, list)):
+        kv0, z0 = initial_state
+    else:
+        kv0, z0 = initial_state, None
+    N = _validate(fn, q, k, v, None, "head", scale, kv0, cu_seqlens)
+    if z0 is not None:
+        check_tensor("initial_state[1] (z_state)", z0)
+        if tuple(z0.shape) != (N, 1, q.shape[2], q.shape[3]):
+            raise ValueError(f"{fn}: initial_state[1] (z_state) must have shape [N, 1, H, K] = "
+                             f"{(N, 1, q.shape[2], q.shape[3])}, got {tuple(z0.shape)}")
+    o, ht = _core(q, k, v, None, scale, kv0, cu_seqlens, reverse, backend)
+    if not normalize:
+        return o, (ht if output_final_state else None)
+    s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    kc, z = _key_cumsum(k, z0, cu_seqlens, reverse)
+    denom = (q.to(kc.dtype) * s * kc).sum(-1, keepdim=True) + 1e-10
+    o = (o.to(kc.dtype) / denom).to(v.dtype)
+    return o, ((ht, z) if output_final_state else None)
+
+
+# ---- public functions -------------------------------------------------------------------------
+
+_ARGS_DOC = """
+    q, k: ``[B, T, H, K]`` queries and keys; float32, float16, bfloat16 (float64 on the reference
+        backend); K <= 256 on the Triton backend (any size, power of two or not).
+    v: ``[B, T, H, V]`` values, q's dtype; V <= 256 on the Triton backend.
+    scale: multiplies ``q``; default ``K ** -0.5``.
+    initial_state: ``[N, H, K, V]`` state before the first step (N = B, or the number of sequences
+        with ``cu_seqlens``); any float dtype, used in float32. Differentiable. Default zeros.
+    output_final_state: return the final state ``[N, H, K, V]`` float32 (differentiable) instead
+        of None.
+    cu_seqlens: ``[N + 1]`` int32/int64 cumulative lengths of packed sequences (B must be 1);
+        every sequence starts from its own initial state and yields its own final state.
+    backend: keyword-only. None (env SSM_KERNELS_BACKEND, default "auto"), "auto", "triton" or
+        "reference"; an explicit backend that cannot serve the call raises."""
+
+
+def chunk_linear_attn(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
+                      initial_state=None, output_final_state: bool = False, normalize: bool = True,
+                      cu_seqlens: Optional[Tensor] = None, *, backend: Optional[str] = None):
+    """Linear attention without decay, chunkwise parallel: ``S_t = S_{t-1} + k_t^T v_t``,
+    ``o_t = scale * q_t S_t`` (drop-in for ``fla.ops.linear_attn.chunk_linear_attn``).
+
+    Args:{args}
+    normalize: divide by ``scale * q_t . z_t + 1e-10`` with ``z_t`` the running key sum, as fla
+        does. With normalize=True ``initial_state`` may be a tuple ``(kv_state [N, H, K, V],
+        z_state [N, 1, H, K])`` and the final state is returned as such a tuple.
+
+    Returns:
+        ``(o [B, T, H, V] in v's dtype, final_state or None)``.
+
+    Example:
+        >>> import torch, ssm_kernels
+        >>> q, k, v = torch.randn(3, 2, 50, 4, 32).unbind(0)      # [B, T, H, K]
+        >>> o, S = ssm_kernels.chunk_linear_attn(q, k, v, normalize=False, output_final_state=True)
+        >>> o.shape, S.shape
+        (torch.Size([2, 50, 4, 32]), torch.Size([2, 4, 32, 32]))
+    """
+    return _linear_attn("chunk_linear_attn", q, k, v, scale, initial_state, output_final_state,
+                        normalize, False, cu_seqlens, backend)
+
+
+def fused_recurrent_linear_attn(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
+                                initial_state=None, output_final_state: bool = False,
+                                reverse: bool = False, normalize: bool = False,
+                                cu_seqlens: Optional[Tensor] = None, *,
+                                backend: Optional[str] = None):
+    """The step-by-step form of `chunk_linear_attn` for decoding a few tokens from a state (drop-in
+    for ``fla.ops.linear_attn.fused_recurrent_linear_attn``; note fla's default normalize=False
+    here). Same results as the chunked form.
+
+    Args:{args}
+    reverse: run every sequence right to left (the final state is then the one after step 0).
+    normalize: as in `chunk_linear_attn`.
+
+    Returns:
+        ``(o [B, T, H, V], final_state or None)``.
+
+    Example:
+        >>> import torch, ssm_kernels
+        >>> q, k, v = torch.randn(3, 2, 1, 4, 32).unbind(0)       # one decoding step
+        >>> S0 = torch.randn(2, 4, 32, 32)
+        >>> o, S1 = ssm_kernels.fused_recurrent_linear_attn(q, k, v, initial_state=S0,
+        ...                                                 output_final_state=True)
+    """
+    return _linear_attn("fused_recurrent_linear_attn", q, k, v, scale, initial_state,
+                        output_final_state, normalize, bool(reverse), cu_seqlens, backend)
+
+
+def _simple_gla(fn, q, k, v, g, g_gamma, scale, initial_state, output_final_state, reverse,
+                cu_seqlens, backend):
+    _validate(fn, q, k, v, g, "head", scale, initial_state, cu_seqlens)
+    _validate_gamma(fn, g_gamma, q)
+    o, ht = _core(q, k, v, _head_gate(g, g_gamma, q), scale, initial_state, cu_seqlens, reverse,
+                  backend)
+    return o, (ht if output_final_state else None)
+
+
+def chunk_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None,
+                     g_gamma: Optional[Tensor] = None, scale: Optional[float] = None,
+                     initial_state: Optional[Tensor] = None, output_final_state: bool = False,
+                     cu_seqlens: Optional[Tensor] = None, *, backend: Optional[str] = None):
+    """Linear attention with a scalar decay per head and step, chunkwise parallel (drop-in for
+    ``fla.ops.simple_gla.chunk_simple_gla``; RetNet / lightning attention with ``g_gamma``):
+    ``S_t = exp(g_t + g_gamma) S_{t-1} + k_t^T v_t``, ``o_t = scale * q_t S_t``.
+
+    Args:{args}
+    g: ``[B, T, H]`` log-decay per step, <= 0 (any float dtype; used in float32). Differentiable.
+    g_gamma: ``[H]`` constant log-decay per head, <= 0. Differentiable. Either, both or neither
+        of g and g_gamma may be given (they add).
+
+    Returns:
+        ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32 or None)``.
+
+    Example:
+        >>> import torch, ssm_kernels
+        >>> q, k, v = torch.randn(3, 2, 50, 4, 32).unbind(0)
+        >>> g = -torch.rand(2, 50, 4)                             # log-decays <= 0
+        >>> o, S = ssm_kernels.chunk_simple_gla(q, k, v, g, output_final_state=True)
+    """
+    return _simple_gla("chunk_simple_gla", q, k, v, g, g_gamma, scale, initial_state,
+                       output_final_state, False, cu_seqlens, backend)
+
+
+def fused_recurrent_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None,
+                               g_gamma: Optional[Tensor] = None, scale: Optional[float] = None,
+                               initial_state: Optional[Tensor] = None,
+                               output_final_state: bool = False, reverse: bool = False,
+                               cu_seqlens: Optional[Tensor] = None, *,
+                               backend: Optional[str] = None):
+    """The step-by-step form of `chunk_simple_gla` for decoding (drop-in for
+    ``fla.ops.simple_gla.fused_recurrent_simple_gla``). Same results as the chunked form.
+
+    Args:{args}
+    g, g_gamma: as in `chunk_simple_gla`.
+    reverse: run every sequence right to left.
+
+    Returns:
+        ``(o [B, T, H, V], final_state or None)``.
+
+    Example:
+        >>> import torch, ssm_kernels
+        >>> q, k, v = torch.randn(3, 2, 1, 4, 32).unbind(0)
+        >>> o, S = ssm_kernels.fused_recurrent_simple_gla(q, k, v, -torch.rand(2, 1, 4),
+        ...                                               output_final_state=True)
+    """
+    return _simple_gla("fused_recurrent_simple_gla", q, k, v, g, g_gamma, scale, initial_state,
+                       output_final_state, bool(reverse), cu_seqlens, backend)
+
+
+def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: Optional[float] = None,
+              initial_state: Optional[Tensor] = None, output_final_state: bool = False,
+              cu_seqlens: Optional[Tensor] = None, *, backend: Optional[str] = None):
+    """Gated linear attention (a log-decay per key channel), chunkwise parallel (drop-in for
+    ``fla.ops.gla.chunk_gla``): ``S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t``, ``o_t = scale q_t S_t``.
+
+    Args:{args}
+    g: ``[B, T, H, K]`` log-decays, <= 0 (any float dtype; used in float32); -20 per step and 0
+        both stay finite. Differentiable.
+
+    Returns:
+        ``(o [B, T, H, V] in v's dtype, final_state [N, H, K, V] float32 or None)``.
+
+    Example:
+        >>> import torch, ssm_kernels
+        >>> q, k, v = torch.randn(3, 2, 50, 4, 32).unbind(0)
+        >>> g = torch.nn.functional.logsigmoid(torch.randn(2, 50, 4, 32))
+        >>> o, S = ssm_kernels.chunk_gla(q, k, v, g, output_final_state=True)
+    """
+    if g is None:
+        raise ValueError("chunk_gla: g ([B, T, H, K] log-decays) is required")
+    _validate("chunk_gla", q, k, v, g, "key", scale, initial_state, cu_seqlens)
+    o, ht = _core(q, k, v, g, scale, initial_state, cu_seqlens, False, backend)
+    return o, (ht if output_final_state else None)
+
+
+def fused_recurrent_gla(q: Tensor, k: Tensor, v: Tensor, gk: Optional[Tensor] = None,
+                        gv: Optional[Tensor] = None, scale: Optional[float] = None,
+                        initial_state: Optional[Tensor] = None, output_final_state: bool = False,
+                        reverse: bool = False, cu_seqlens: Optional[Tensor] = None, *,
+                        backend: Optional[str] = None):
+    """The step-by-step form of `chunk_gla` for decoding (drop-in for
+    ``fla.ops.gla.fused_recurrent_gla``, which names the gate ``gk``). Same results as the chunked
+    form. ``gv`` (per-value decay) is not supported and raises if given.
+
+    Args:{args}
+    gk: ``[B, T, H, K]`` log-decays, <= 0, or None (no decay).
+    reverse: run every sequence right to left.
+
+    Returns:
+        ``(o [B, T, H, V], final_state or None)``.
+
+    Example:
+        >>> import torch, ssm_kernels
+        >>> q, k, v = torch.randn(3, 2, 1, 4, 32).unbind(0)
+        >>> gk = torch.nn.functional.logsigmoid(torch.randn(2, 1, 4, 32))
+        >>> o, S = ssm_kernels.fused_recurrent_gla(q, k, v, gk, output_final_state=True)
+    """
+    if gv is not None:
+        raise ValueError("fused_recurrent_gla: gv (per-value-channel decay) is not supported; pass gv=None")
+    _validate("fused_recurrent_gla", q, k, v, gk, "key", scale, initial_state, cu_seqlens)
+    o, ht = _core(q, k, v, gk, scale, initial_state, cu_seqlens, bool(reverse), backend)
+    return o, (ht if output_final_state else None)
+
+
+for _f in (chunk_linear_attn, fused_recurrent_linear_attn, chunk_simple_gla,
+           fused_recurrent_simple_gla, chunk_gla, fused_recurrent_gla):
+    _f.__doc__ = _f.__doc__.replace("{args}", _ARGS_DOC)
+del _f

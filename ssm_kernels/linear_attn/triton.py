@@ -1,0 +1,474 @@
+"""Triton kernels for chunked linear attention: no gate, scalar decay per head, per-key decay (GLA).
+
+Design: one program owns one (sequence, head, V-tile) and walks that sequence's chunks in order,
+keeping the [K, V] state in registers (float32), so per-chunk states are never written to memory
+and packed variable-length batches need no chunk index: a program reads its span from cu_seqlens.
+The shared chunk stages are `@triton.jit` functions, written once and selected by the
+`GATE: tl.constexpr` flag (0 none, 1 scalar log-decay [T] per head, 2 per-key log-decay [T, K]):
+
+    chunk_log_decay_cumsum  local cumsum of a chunk's log-decays, in log2 units (the only cumsum)
+    chunk_scores            decayed causal scores  A_ij = q_i . k_j exp(G_i - G_j), i >= j
+    chunk_output            o = (q exp(G)) S_prev + A v
+    chunk_state_update      S = exp(G_last) S_prev + (k exp(G_last - G))^T v  (inter-chunk passing)
+
+Three kernels use them: the forward (o, final state), the backward's forward-direction pass (dq,
+which needs the running state) and its reverse pass (dk, dv, dS carried right to left, dh0). The
+log-decay gradient needs no kernel of its own: with G the cumulative log-decay,
+dG_t = q_t dq_t - k_t dk_t (+ dS_T . S_T at the last step), and dg is its reverse cumsum per
+sequence (`seq_cumsum`).
+
+Every exponent is a difference G_i - G_j with i >= j inside one chunk (<= 0), so decays of -20
+per step underflow to exact zeros instead of overflowing. For per-key decays the intra-chunk
+scores are not one matmul; they are built column by column over a 16-step chunk.
+
+Tensors are contiguous [total_tokens, H, D] (B rows of length T are the packed case with
+sequence n spanning [n*T, (n+1)*T)); states are contiguous float32 [N, H, K, V]; offsets int64.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._config import triton_interpret
+
+LOG2E = 1.4426950408889634
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+# ---- shared chunk stages ---------------------------------------------------------------------
+
+@triton.jit
+def seq_span(i_n, cu_ptr, T, IS_VARLEN: tl.constexpr):
+    """[bos, eos) of sequence i_n: from cu_seqlens (packed) or n*T (B rows of length T)."""
+    if IS_VARLEN:
+        bos = tl.load(cu_ptr + i_n).to(tl.int64)
+        eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    return bos, eos
+
+
+@triton.jit
+def mm(a, b, DT: tl.constexpr, IEEE: tl.constexpr):
+    """a @ b on tensor cores with operands cast to DT (float32 accumulation); IEEE: exact fp32."""
+    if IEEE:
+        return tl.dot(a.to(DT), b.to(DT), input_precision="ieee")
+    else:
+        return tl.dot(a.to(DT), b.to(DT))
+
+
+@triton.jit
+def chunk_log_decay_cumsum(g_ptr, row, m_t, o_k, m_k, K, GATE: tl.constexpr, BT: tl.constexpr):
+    """Cumulative log-decay from the chunk start, in log2 units (multiply by log2(e) once).
+
+    g_ptr: float32 log-decays, [tokens, H] (GATE 1) or [tokens, H, K] (GATE 2); row = t*H + h of
+    the chunk's BT steps; padded steps load 0 so the last row holds the chunk's total decay.
+    Returns G: [BT] (GATE 0/1) or [BT, BK] (GATE 2); zeros for GATE 0.
+    """
+    if GATE == 1:
+        b_g = tl.load(g_ptr + row, mask=m_t, other=0.).to(tl.float32) * 1.4426950408889634
+        G = tl.cumsum(b_g, axis=0)
+    elif GATE == 2:
+        b_g = tl.load(g_ptr + row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                      other=0.).to(tl.float32) * 1.4426950408889634
+        G = tl.cumsum(b_g, axis=0)
+    else:
+        G = tl.zeros([BT], dtype=tl.float32)
+    return G
+
+
+@triton.jit
+def last_row(G, o_t, GATE: tl.constexpr, BT: tl.constexpr):
+    """The chunk's total log2-decay: G at the last row ([] for GATE 0/1, [BK] for GATE 2)."""
+    if GATE == 2:
+        return tl.sum(tl.where((o_t == BT - 1)[:, None], G, 0.), axis=0)
+    else:
+        return tl.sum(tl.where(o_t == BT - 1, G, 0.), axis=0)
+
+
+@triton.jit
+def gla_scores(a, b, G, o_t, BT: tl.constexpr):
+    """S_ij = sum_k a_ik b_jk exp2(G_ik - G_jk) for i >= j, else 0 (a, b, G: [BT, BK]).
+    Built column by column so every exponent is <= 0."""
+    S = tl.zeros([BT, BT], dtype=tl.float32)
+    for j in range(BT):
+        sel = (o_t == j)[:, None]
+        b_j = tl.sum(tl.where(sel, b, 0.), axis=0)
+        G_j = tl.sum(tl.where(sel, G, 0.), axis=0)
+        e = tl.exp2(tl.where((o_t >= j)[:, None], G - G_j[None, :], float("-inf")))
+        col = tl.sum(a * b_j[None, :] * e, axis=1)
+        S = tl.where((o_t == j)[None, :], col[:, None], S)
+    return S
+
+
+@triton.jit
+def gla_apply(D, b, G, o_t, BT: tl.constexpr):
+    """X_ik = sum_{j <= i} D_ij b_jk exp2(G_ik - G_jk) (D: [BT, BT]; b, G: [BT, BK])."""
+    X = tl.zeros(b.shape, dtype=tl.float32)
+    for j in range(BT):
+        sel = (o_t == j)[:, None]
+        b_j = tl.sum(tl.where(sel, b, 0.), axis=0)
+        G_j = tl.sum(tl.where(sel, G, 0.), axis=0)
+        d_j = tl.sum(tl.where((o_t == j)[None, :], D, 0.), axis=1)
+        e = tl.exp2(tl.where((o_t >= j)[:, None], G - G_j[None, :], float("-inf")))
+        X += d_j[:, None] * b_j[None, :] * e
+    return X
+
+
+@triton.jit
+def gla_apply_t(D, a, G, o_t, BT: tl.constexpr):
+    """Y_jk = sum_{i >= j} D_ij a_ik exp2(G_ik - G_jk) (the transposed form of gla_apply)."""
+    Y = tl.zeros(a.shape, dtype=tl.float32)
+    for i in range(BT):
+        sel = (o_t == i)[:, None]
+        a_i = tl.sum(tl.where(sel, a, 0.), axis=0)
+        G_i = tl.sum(tl.where(sel, G, 0.), axis=0)
+        d_i = tl.sum(tl.where(sel, D, 0.), axis=0)
+        e = tl.exp2(tl.where((o_t <= i)[:, None], G_i[None, :] - G, float("-inf")))
+        Y += d_i[:, None] * a_i[None, :] * e
+    return Y
+
+
+@triton.jit
+def chunk_scores(a, b, G, o_t, GATE: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """Decayed causal scores A_ij = a_i . b_j exp(G_i - G_j) for i >= j, 0 above the diagonal."""
+    causal = o_t[:, None] >= o_t[None, :]
+    if GATE == 2:
+        A = gla_scores(a, b, G, o_t, BT)
+    elif GATE == 1:
+        A = mm(a, tl.trans(b), DT, IEEE) * tl.exp2(
+            tl.where(causal, G[:, None] - G[None, :], float("-inf")))
+    else:
+        A = tl.where(causal, mm(a, tl.trans(b), DT, IEEE), 0.)
+    return A
+
+
+@triton.jit
+def decay_rows(x, G, GATE: tl.constexpr):
+    """x_i * exp(G_i) (rows of a [BT, *] tile decayed from the chunk start)."""
+    if GATE == 2:
+        return x * tl.exp2(G)
+    elif GATE == 1:
+        return x * tl.exp2(G)[:, None]
+    else:
+        return x
+
+
+@triton.jit
+def decay_to_end(x, G, G_last, GATE: tl.constexpr):
+    """x_j * exp(G_last - G_j) (rows decayed to the chunk end)."""
+    if GATE == 2:
+        return x * tl.exp2(G_last[None, :] - G)
+    elif GATE == 1:
+        return x * tl.exp2(G_last - G)[:, None]
+    else:
+        return x
+
+
+@triton.jit
+def decay_state(S, G_last, GATE: tl.constexpr):
+    """exp(G_last) S for the [BK, BV] state (per key row for GATE 2)."""
+    if GATE == 2:
+        return S * tl.exp2(G_last)[:, None]
+    elif GATE == 1:
+        return S * tl.exp2(G_last)
+    else:
+        return S
+
+
+@triton.jit
+def chunk_state_update(S, k, v, G, G_last, GATE: tl.constexpr, DT: tl.constexpr,
+                       IEEE: tl.constexpr):
+    """Inter-chunk state passing: S <- exp(G_last) S + (k exp(G_last - G))^T v."""
+    return decay_state(S, G_last, GATE) + mm(tl.trans(decay_to_end(k, G, G_last, GATE)), v, DT, IEEE)
+
+
+@triton.jit
+def chunk_output(q, k, v, S, G, o_t, GATE: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """o = (q exp(G)) S_prev + A v with A the decayed causal scores (q already scaled)."""
+    A = chunk_scores(q, k, G, o_t, GATE, BT, DT, IEEE)
+    return mm(decay_rows(q, G, GATE), S, DT, IEEE) + mm(A, v, DT, IEEE)
+
+
+# ---- kernels -----------------------------------------------------------------------------------
+
+@triton.jit
+def _load_rows(ptr, row, m_t, o_d, m_d, D):
+    return tl.load(ptr + row[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :],
+                   other=0.).to(tl.float32)
+
+
+@triton.jit
+def _fwd_kernel(
+    # pointers: q, k [tok, H, K]; v [tok, H, V]; g [tok, H(, K)] f32; h0 [N, H, K, V] f32;
+    # outputs o [tok, H, V], ht [N, H, K, V] f32; cu [N + 1] (varlen)
+    q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, cu_ptr,
+    # sizes and the query scale
+    T, H, K, V, scale,
+    # meta-parameters
+    GATE: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    p_s = (i_nh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
+    m_s = m_k[:, None] & m_v[None, :]
+    if HAS_H0:
+        S = tl.load(h0_ptr + p_s, mask=m_s, other=0.).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    for c0 in range(bos, eos, BT):
+        t = c0 + o_t
+        m_t = t < eos
+        row = t * H + i_h
+        b_q = _load_rows(q_ptr, row, m_t, o_k, m_k, K) * scale
+        b_k = _load_rows(k_ptr, row, m_t, o_k, m_k, K)
+        b_v = _load_rows(v_ptr, row, m_t, o_v, m_v, V)
+        G = chunk_log_decay_cumsum(g_ptr, row, m_t, o_k, m_k, K, GATE, BT)
+        G_last = last_row(G, o_t, GATE, BT)
+        b_o = chunk_output(b_q, b_k, b_v, S, G, o_t, GATE, BT, DT, IEEE)
+        tl.store(o_ptr + row[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
+                 mask=m_t[:, None] & m_v[None, :])
+        S = chunk_state_update(S, b_k, b_v, G, G_last, GATE, DT, IEEE)
+    tl.store(ht_ptr + p_s, S, mask=m_s)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    # pointers: k [tok, H, K]; v, do [tok, H, V]; g; h0; output dq partial [NV, tok, H, K] f32
+    k_ptr, v_ptr, do_ptr, g_ptr, h0_ptr, dq_ptr, cu_ptr,
+    T, TOK, H, K, V, scale,
+    GATE: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+):
+    # dq_i = scale * [ (do_i S_prev^T) exp(G_i) + sum_{j<=i} (do_i . v_j) k_j exp(G_i - G_j) ]
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    p_s = (i_nh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
+    m_s = m_k[:, None] & m_v[None, :]
+    if HAS_H0:
+        S = tl.load(h0_ptr + p_s, mask=m_s, other=0.).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    dq_base = dq_ptr + i_v.to(tl.int64) * TOK * H * K
+    causal = o_t[:, None] >= o_t[None, :]
+    for c0 in range(bos, eos, BT):
+        t = c0 + o_t
+        m_t = t < eos
+        row = t * H + i_h
+        b_k = _load_rows(k_ptr, row, m_t, o_k, m_k, K)
+        b_v = _load_rows(v_ptr, row, m_t, o_v, m_v, V)
+        b_do = _load_rows(do_ptr, row, m_t, o_v, m_v, V)
+        G = chunk_log_decay_cumsum(g_ptr, row, m_t, o_k, m_k, K, GATE, BT)
+        G_last = last_row(G, o_t, GATE, BT)
+        b_inter = decay_rows(mm(b_do, tl.trans(S), DT, IEEE), G, GATE)
+        if GATE == 2:
+            b_dq = b_inter + gla_apply(mm(b_do, tl.trans(b_v), DT, IEEE), b_k, G, o_t, BT)
+        else:
+            D = chunk_scores(b_do, b_v, G, o_t, GATE, BT, DT, IEEE)
+            b_dq = b_inter + mm(D, b_k, DT, IEEE)
+        tl.store(dq_base + row[:, None] * K + o_k[None, :], b_dq * scale,
+                 mask=m_t[:, None] & m_k[None, :])
+        S = chunk_state_update(S, b_k, b_v, G, G_last, GATE, DT, IEEE)
+
+
+@triton.jit
+def _bwd_dkv_kernel(
+    # pointers: q, k [tok, H, K]; v, do [tok, H, V]; g; dht [N, H, K, V] f32;
+    # outputs dk partial [NV, tok, H, K] f32, dv [tok, H, V], dh0 [N, H, K, V] f32
+    q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, dht_ptr, dk_ptr, dv_ptr, dh0_ptr, cu_ptr,
+    T, TOK, H, K, V, scale,
+    GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+):
+    # right to left with dS (gradient of the state at the chunk end) in registers:
+    #   dv_j = (k_j exp(G_last - G_j)) dS + sum_{i>=j} A_ij do_i
+    #   dk_j = exp(G_last - G_j) (v_j dS^T) + sum_{i>=j} (do_i . v_j) q_i exp(G_i - G_j)
+    #   dS  <- exp(G_last) dS + (q exp(G))^T do
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    p_s = (i_nh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
+    m_s = m_k[:, None] & m_v[None, :]
+    dS = tl.load(dht_ptr + p_s, mask=m_s, other=0.).to(tl.float32)
+    dk_base = dk_ptr + i_v.to(tl.int64) * TOK * H * K
+    n_chunks = tl.cdiv(eos - bos, BT)
+    for i_c in range(0, n_chunks):
+        t = bos + (n_chunks - 1 - i_c) * BT + o_t
+        m_t = t < eos
+        row = t * H + i_h
+        b_q = _load_rows(q_ptr, row, m_t, o_k, m_k, K) * scale
+        b_k = _load_rows(k_ptr, row, m_t, o_k, m_k, K)
+        b_v = _load_rows(v_ptr, row, m_t, o_v, m_v, V)
+        b_do = _load_rows(do_ptr, row, m_t, o_v, m_v, V)
+        G = chunk_log_decay_cumsum(g_ptr, row, m_t, o_k, m_k, K, GATE, BT)
+        G_last = last_row(G, o_t, GATE, BT)
+        A = chunk_scores(b_q, b_k, G, o_t, GATE, BT, DT, IEEE)
+        b_dv = mm(decay_to_end(b_k, G, G_last, GATE), dS, DT, IEEE) + mm(tl.trans(A), b_do, DT, IEEE)
+        b_dk = decay_to_end(mm(b_v, tl.trans(dS), DT, IEEE), G, G_last, GATE)
+        if GATE == 2:
+            b_dk += gla_apply_t(mm(b_do, tl.trans(b_v), DT, IEEE), b_q, G, o_t, BT)
+        else:
+            D = chunk_scores(b_do, b_v, G, o_t, GATE, BT, DT, IEEE)
+            b_dk += mm(tl.trans(D), b_q, DT, IEEE)
+        tl.store(dv_ptr + row[:, None] * V + o_v[None, :], b_dv.to(dv_ptr.dtype.element_ty),
+                 mask=m_t[:, None] & m_v[None, :])
+        tl.store(dk_base + row[:, None] * K + o_k[None, :], b_dk, mask=m_t[:, None] & m_k[None, :])
+        dS = decay_state(dS, G_last, GATE) + mm(tl.trans(decay_rows(b_q, G, GATE)), b_do, DT, IEEE)
+    tl.store(dh0_ptr + p_s, dS, mask=m_s)
+
+
+@triton.jit
+def _seq_cumsum_kernel(
+    # x, y: [tok, D] float32 (y = cumsum of x along tokens, per sequence); cu [N + 1]
+    x_ptr, y_ptr, cu_ptr, T, D,
+    REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+):
+    i_d, i_n = tl.program_id(0), tl.program_id(1)
+    bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
+    o_t = tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    carry = tl.zeros([BD], dtype=tl.float32)
+    n_tiles = tl.cdiv(eos - bos, BT)
+    for i in range(0, n_tiles):
+        if REVERSE:
+            t = bos + (n_tiles - 1 - i) * BT + o_t
+        else:
+            t = bos + i * BT + o_t
+        m = (t < eos)[:, None] & m_d[None, :]
+        p = t[:, None] * D + o_d[None, :]
+        x = tl.load(x_ptr + p, mask=m, other=0.)
+        c = tl.cumsum(x, axis=0)
+        tot = tl.sum(x, axis=0)
+        if REVERSE:
+            y = tot[None, :] - c + x + carry[None, :]
+        else:
+            y = c + carry[None, :]
+        tl.store(y_ptr + p, y, mask=m)
+        carry += tot
+
+
+# ---- launchers ---------------------------------------------------------------------------------
+
+def _gate_mode(g: Optional[torch.Tensor]) -> int:
+    return 0 if g is None else (1 if g.dim() == 3 else 2)
+
+
+def _blocks(K: int, V: int, gate: int):
+    BK = max(16, triton.next_power_of_2(K))
+    BV = max(16, min(triton.next_power_of_2(V), 64 if BK <= 128 else 32))
+    if gate == 2:
+        BT = 16
+    else:
+        BT = 32 if triton_interpret() else (64 if BK <= 128 else 32)
+    warps = 4 if BK * BV <= 64 * 64 else 8
+    return BT, BK, BV, warps
+
+
+def _common(q, v, g, cu_seqlens):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    gate = _gate_mode(g)
+    BT, BK, BV, warps = _blocks(K, V, gate)
+    dt = torch.float32 if (q.dtype == torch.float32 or triton_interpret()) else q.dtype
+    meta = dict(GATE=gate, IS_VARLEN=cu_seqlens is not None, BT=BT, BK=BK, BV=BV,
+                DT=_TL_DTYPE[dt], IEEE=q.dtype == torch.float32, num_warps=warps)
+    return B, T, H, K, V, N, meta
+
+
+def _dummy(x):
+    return x.new_empty(1)
+
+
+def chunk_fwd(q, k, v, g, h0, cu_seqlens, scale) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward: q, k [B, T, H, K]; v [B, T, H, V]; g None, [B, T, H] or [B, T, H, K] float32
+    log-decays (<= 0); h0 None or [N, H, K, V] float32; cu_seqlens None or int [N + 1] (B == 1).
+    Returns (o [B, T, H, V] in v's dtype, final state [N, H, K, V] float32). All contiguous."""
+    B, T, H, K, V, N, meta = _common(q, v, g, cu_seqlens)
+    o = torch.empty_like(v)
+    ht = q.new_empty((N, H, K, V), dtype=torch.float32)
+    grid = (triton.cdiv(V, meta["BV"]), N * H)
+    _fwd_kernel[grid](q, k, v, _dummy(q) if g is None else g, _dummy(ht) if h0 is None else h0,
+                      o, ht, _dummy(ht) if cu_seqlens is None else cu_seqlens,
+                      T, H, K, V, float(scale), HAS_H0=h0 is not None, **meta)
+    return o, ht
+
+
+def seq_cumsum(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor], reverse: bool) -> torch.Tensor:
+    """Per-sequence cumulative sum along tokens of float32 x [B, T, *] (packed when cu_seqlens)."""
+    B, T = x.shape[:2]
+    D = x[0, 0].numel()
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    y = torch.empty_like(x)
+    BD = min(128, max(16, triton.next_power_of_2(D)))
+    _seq_cumsum_kernel[(triton.cdiv(D, BD), N)](
+        x, y, _dummy(x) if cu_seqlens is None else cu_seqlens, T, D,
+        REVERSE=reverse, IS_VARLEN=cu_seqlens is not None, BT=32, BD=BD)
+    return y
+
+
+def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, ht, do, dht):
+    """Backward of `chunk_fwd`. ht: its final state; do [B, T, H, V]; dht [N, H, K, V] float32.
+    Returns (dq, dk, dv in the input dtype, dg float32 like g (or None), dh0 float32 [N, H, K, V])."""
+    B, T, H, K, V, N, meta = _common(q, v, g, cu_seqlens)
+    NV = triton.cdiv(V, meta["BV"])
+    TOK = B * T
+    grid = (NV, N * H)
+    cu = _dummy(ht) if cu_seqlens is None else cu_seqlens
+    gg = _dummy(q) if g is None else g
+    dq_p = q.new_empty((NV, B, T, H, K), dtype=torch.float32)
+    dk_p = q.new_empty((NV, B, T, H, K), dtype=torch.float32)
+    dv = torch.empty_like(v)
+    dh0 = q.new_empty((N, H, K, V), dtype=torch.float32)
+    _bwd_dq_kernel[grid](k, v, do, gg, _dummy(ht) if h0 is None else h0, dq_p, cu,
+                         T, TOK, H, K, V, float(scale), HAS_H0=h0 is not None, **meta)
+    _bwd_dkv_kernel[grid](q, k, v, do, gg, dht, dk_p, dv, dh0, cu,
+                          T, TOK, H, K, V, float(scale), **meta)
+    dq = dq_p.sum(0) if NV > 1 else dq_p[0]
+    dk = dk_p.sum(0) if NV > 1 else dk_p[0]
+    dg = None
+    if g is not None:
+        dg = log_decay_grad(q, k, dq, dk, g, ht, dht, cu_seqlens,
+                            lambda x: seq_cumsum(x, cu_seqlens, reverse=True))
+    return dq.to(q.dtype), dk.to(k.dtype), dv, dg, dh0
+
+
+def log_decay_grad(q, k, dq, dk, g, ht, dht, cu_seqlens, rev_cumsum):
+    """dg from the other gradients: dG_t = q_t dq_t - k_t dk_t, plus dS_T . S_T at each
+    sequence's last step, reverse-cumsummed per sequence (rev_cumsum). Shapes follow g."""
+    dG = q.float() * dq.float() - k.float() * dk.float()          # [B, T, H, K]
+    fin = (dht.float() * ht.float()).sum(-1)                      # [N, H, K]
+    if g.dim() == 3:
+        dG, fin = dG.sum(-1), fin.sum(-1)
+    dG = dG.contiguous()
+    B, T = q.shape[:2]
+    if cu_seqlens is None:
+        dG[:, T - 1] += fin
+    else:
+        cu = cu_seqlens.long()
+        nonempty = (cu[1:] > cu[:-1]).to(fin.dtype).view(-1, *([1] * (fin.dim() - 1)))
+        dG[0].index_add_(0, (cu[1:] - 1).clamp(min=0), fin * nonempty)
+    return rev_cumsum(dG)
