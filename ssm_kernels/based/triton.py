@@ -1,0 +1,439 @@
+"""Triton kernels for Based (chunked second-order Taylor linear attention), linear in T.
+
+The feature map is never materialised in HBM. With ``q' = c q``, ``k' = c k`` (c = sqrt(scale)):
+
+* intra-chunk: one ``q' k'^T`` dot, then ``f(a) = 1 + a + a^2/2`` elementwise, causal mask,
+  ``f @ v`` and the row sums of f (the normaliser);
+* inter-chunk: the state ``S = sum phi(k)^T [v, 1]`` split into ``s0 [V]``, ``s1 [K, V]``,
+  ``s2 [K*K, V]`` and the normaliser column ``z0, z1 [K], z2 [K*K]``, all float32 in registers.
+  The second-order features of a chunk, ``(q'_i q'_j)/sqrt(2)`` for a block of rows, are built in
+  registers from q/k tiles and enter tensor-core dots (``phi2(q) @ s2``, ``phi2(k)^T @ v``).
+
+Programs: grid ``(NV, NS, N*H)``. Each program walks one sequence and head sequentially, chunk
+by chunk, owning the V-columns ``[i_v*BV, (i_v+1)*BV)`` and the second-order rows
+``i in [i_s*BK1, (i_s+1)*BK1)`` (all j) of the state, R = BK1*KP <= 256 rows. Program ``i_s == 0``
+also owns the zeroth/first order and the intra-chunk part; ``i_v == 0`` owns the normaliser column
+of the state. For K <= 16 there is one row block (NS == 1) and the forward writes the normalised
+output directly; otherwise partial outputs are summed on the host. The backward is two sweeps,
+as in flash-linear-attention's fused_chunk: forward for dq (state recomputed), backward for dk and
+dv (state gradient carried); partial dq/dk per (row block, V block) are summed on the host.
+
+Tokens are rows of the packed [B*T, H, *] layout: sequence n spans rows [bos, eos), with
+bos = n*T (dense) or cu_seqlens[n] (varlen); offsets are int64.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._config import triton_interpret
+from .reference import EPS, feature_dim
+
+INV_SQRT2 = 1.0 / math.sqrt(2.0)
+
+
+def _configs():
+    if triton_interpret():
+        return [triton.Config({"BT": 16}, num_warps=4)]
+    return [triton.Config({"BT": bt}, num_warps=w, num_stages=s)
+            for bt in (32, 64) for w in (4, 8) for s in (1, 2)]
+
+
+@triton.jit
+def _dot(a, b, DT: tl.constexpr):
+    # fp32 operands: exact (ieee) products; 16-bit operands: tensor cores, fp32 accumulation
+    return tl.dot(a.to(DT), b.to(DT), input_precision="ieee")
+
+
+@triton.jit
+def _seq_bounds(cu_ptr, i_n, T, VARLEN: tl.constexpr):
+    if VARLEN:
+        bos = tl.load(cu_ptr + i_n).to(tl.int64)
+        eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    return bos, eos
+
+
+@triton.jit
+def _load_qk(ptr, rows, i_h, H, K, c, o_k, o_a, m_t, m_k, m_a):
+    """q' = c q of a chunk [BT, KP] and its row-block columns [BT, BK1], float32."""
+    base = (rows * H + i_h) * K
+    x = tl.load(ptr + base[:, None] + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+    xa = tl.load(ptr + base[:, None] + o_a[None, :], mask=m_t[:, None] & m_a[None, :], other=0.0)
+    return x.to(tl.float32) * c, xa.to(tl.float32) * c
+
+
+@triton.jit
+def _phi2(x, xa, BT: tl.constexpr, R: tl.constexpr):
+    """Second-order features of one row block: [BT, BK1] x [BT, KP] -> [BT, BK1*KP] / sqrt(2)."""
+    return tl.reshape(xa[:, :, None] * x[:, None, :], [BT, R]) * 0.7071067811865476
+
+
+@triton.jit
+def _phi2_grad(g, x, xa, onehot, BT: tl.constexpr, BK1: tl.constexpr, KP: tl.constexpr):
+    """Gradient w.r.t. x of sum(g * phi2(x)) for one row block: g [BT, R] -> [BT, KP]."""
+    g3 = tl.reshape(g * 0.7071067811865476, [BT, BK1, KP])
+    dx = tl.sum(g3 * xa[:, :, None], 1)                       # d/dx_j of xa_i x_j
+    da = tl.sum(g3 * x[:, None, :], 2)                        # d/dxa_i, [BT, BK1]
+    if BK1 == KP:
+        dx += da
+    else:  # scatter the row block's columns into [BT, KP]
+        dx += tl.sum(da[:, :, None] * onehot[None, :, :], 1)
+    return dx
+
+
+@triton.jit
+def _state_ptrs(h_ptr, i_nh, K, V, o_k, o_v, rows2):
+    D = 1 + K + K * K
+    VA = V + 1
+    base = h_ptr + i_nh.to(tl.int64) * D * VA
+    p0 = base + o_v                                               # s0 [BV]
+    p1 = base + (1 + o_k)[:, None] * VA + o_v[None, :]            # s1 [KP, BV]
+    p2 = base + rows2[:, None].to(tl.int64) * VA + o_v[None, :]   # s2 [R, BV]
+    pz0 = base + V
+    pz1 = base + (1 + o_k) * VA + V
+    pz2 = base + rows2.to(tl.int64) * VA + V
+    return p0, p1, p2, pz0, pz1, pz2
+
+
+@triton.jit
+def _block_indices(i_v, i_s, K, V, BV: tl.constexpr, KP: tl.constexpr, BK1: tl.constexpr,
+                   R: tl.constexpr):
+    o_k = tl.arange(0, KP)
+    o_a = i_s * BK1 + tl.arange(0, BK1)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_r = tl.arange(0, R)
+    r_i = i_s * BK1 + o_r // KP
+    r_j = o_r % KP
+    m_r = (r_i < K) & (r_j < K)
+    rows2 = 1 + K + r_i * K + r_j
+    onehot = (o_a[:, None] == o_k[None, :]).to(tl.float32)
+    return o_k, o_a, o_v, m_r, rows2, onehot, o_k < K, o_a < K, o_v < V
+
+
+@triton.autotune(configs=_configs(), key=["K", "V", "NS"])
+@triton.jit
+def _based_fwd_kernel(
+    # pointers: q, k [TT, H, K], v [TT, H, V]; h0 [N, H, D, V+1] fp32; cu_seqlens [N+1]
+    q_ptr, k_ptr, v_ptr, h0_ptr, cu_ptr,
+    # outputs: o [TT, H, V] (NS == 1) or fp32 partials [NS, TT, H, V]; z [NS, TT, H]; hT like h0
+    o_ptr, z_ptr, hT_ptr,
+    # scalars and sizes
+    c, T, TT, H, K, V,
+    # meta-parameters
+    HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, VARLEN: tl.constexpr,
+    USE_NORM: tl.constexpr, DT: tl.constexpr, NS: tl.constexpr,
+    KP: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+):
+    R: tl.constexpr = BK1 * KP
+    i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(cu_ptr, i_n, T, VARLEN)
+    o_k, o_a, o_v, m_r, rows2, onehot, m_k, m_a, m_v = _block_indices(i_v, i_s, K, V, BV, KP, BK1, R)
+    first = i_s == 0
+    p0, p1, p2, pz0, pz1, pz2 = _state_ptrs(h0_ptr, i_nh, K, V, o_k, o_v, rows2)
+    if HAS_H0:
+        s0 = tl.load(p0, mask=m_v, other=0.0)
+        s1 = tl.load(p1, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        s2 = tl.load(p2, mask=m_r[:, None] & m_v[None, :], other=0.0)
+        z0 = tl.load(pz0)
+        z1 = tl.load(pz1, mask=m_k, other=0.0)
+        z2 = tl.load(pz2, mask=m_r, other=0.0)
+    else:
+        s0 = tl.zeros([BV], dtype=tl.float32)
+        s1 = tl.zeros([KP, BV], dtype=tl.float32)
+        s2 = tl.zeros([R, BV], dtype=tl.float32)
+        z0 = tl.full([], 0.0, tl.float32)
+        z1 = tl.zeros([KP], dtype=tl.float32)
+        z2 = tl.zeros([R], dtype=tl.float32)
+    o_t = tl.arange(0, BT)
+    causal = o_t[:, None] >= o_t[None, :]
+    for t0 in range(bos, eos, BT):
+        rows = t0 + o_t
+        m_t = rows < eos
+        b_q, b_qa = _load_qk(q_ptr, rows, i_h, H, K, c, o_k, o_a, m_t, m_k, m_a)
+        b_k, b_ka = _load_qk(k_ptr, rows, i_h, H, K, c, o_k, o_a, m_t, m_k, m_a)
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_v = tl.load(v_ptr + (rows * H + i_h)[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        p2q = _phi2(b_q, b_qa, BT, R)
+        p2k = _phi2(b_k, b_ka, BT, R)
+        b_o = _dot(p2q, s2, DT)
+        b_z = tl.sum(p2q * z2[None, :], 1)
+        if first:
+            a = _dot(b_q, tl.trans(b_k), DT)
+            f = tl.where(causal, 1.0 + a + 0.5 * a * a, 0.0)
+            b_o += _dot(f, b_v, DT) + _dot(b_q, s1, DT) + s0[None, :]
+            b_z += tl.sum(f, 1) + tl.sum(b_q * z1[None, :], 1) + z0
+            s1 += _dot(tl.trans(b_k), b_v, DT)
+            z1 += tl.sum(b_k, 0)
+            s0 += tl.sum(b_v.to(tl.float32), 0)
+            z0 += tl.minimum(eos - t0, BT).to(tl.float32)
+        s2 += _dot(tl.trans(p2k), b_v, DT)
+        z2 += tl.sum(p2k, 0)
+        p_o = (rows * H + i_h)[:, None] * V + o_v[None, :]
+        p_z = rows * H + i_h
+        if NS == 1:
+            if USE_NORM:
+                b_o = b_o / (b_z[:, None] + 1e-6)
+            tl.store(o_ptr + p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_tv)
+        else:
+            tl.store(o_ptr + i_s.to(tl.int64) * TT * H * V + p_o, b_o, mask=m_tv)
+        if i_v == 0:
+            tl.store(z_ptr + i_s.to(tl.int64) * TT * H + p_z, b_z, mask=m_t)
+    if STORE_FINAL:
+        q0, q1, q2, qz0, qz1, qz2 = _state_ptrs(hT_ptr, i_nh, K, V, o_k, o_v, rows2)
+        tl.store(q2, s2, mask=m_r[:, None] & m_v[None, :])
+        if i_v == 0:
+            tl.store(qz2, z2, mask=m_r)
+        if first:
+            tl.store(q0, s0, mask=m_v)
+            tl.store(q1, s1, mask=m_k[:, None] & m_v[None, :])
+            if i_v == 0:
+                tl.store(qz0, z0)
+                tl.store(qz1, z1, mask=m_k)
+
+
+@triton.autotune(configs=_configs(), key=["K", "V", "NS"])
+@triton.jit
+def _based_bwd_dq_kernel(
+    # pointers: q, k [TT, H, K]; v [TT, H, V]; do fp32 [TT, H, V]; dz fp32 [TT, H]; h0; cu_seqlens
+    q_ptr, k_ptr, v_ptr, do_ptr, dz_ptr, h0_ptr, cu_ptr,
+    # output: dq partials fp32 [NS*NV, TT, H, K]
+    dq_ptr,
+    # scalars and sizes
+    c, T, TT, H, K, V,
+    # meta-parameters
+    HAS_H0: tl.constexpr, VARLEN: tl.constexpr, USE_NORM: tl.constexpr, DT: tl.constexpr,
+    NS: tl.constexpr, KP: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+):
+    # forward sweep: dq' = (d/dq') [phi(q') S_c [do, dz]] + intra-chunk term; dq = c dq'
+    R: tl.constexpr = BK1 * KP
+    i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NV = tl.num_programs(0)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(cu_ptr, i_n, T, VARLEN)
+    o_k, o_a, o_v, m_r, rows2, onehot, m_k, m_a, m_v = _block_indices(i_v, i_s, K, V, BV, KP, BK1, R)
+    first = i_s == 0
+    p0, p1, p2, pz0, pz1, pz2 = _state_ptrs(h0_ptr, i_nh, K, V, o_k, o_v, rows2)
+    if HAS_H0:
+        s1 = tl.load(p1, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        s2 = tl.load(p2, mask=m_r[:, None] & m_v[None, :], other=0.0)
+        z1 = tl.load(pz1, mask=m_k, other=0.0)
+        z2 = tl.load(pz2, mask=m_r, other=0.0)
+    else:
+        s1 = tl.zeros([KP, BV], dtype=tl.float32)
+        s2 = tl.zeros([R, BV], dtype=tl.float32)
+        z1 = tl.zeros([KP], dtype=tl.float32)
+        z2 = tl.zeros([R], dtype=tl.float32)
+    w_z = (i_v == 0).to(tl.float32)  # the normaliser column belongs to the first V block
+    o_t = tl.arange(0, BT)
+    causal = o_t[:, None] >= o_t[None, :]
+    p_part = dq_ptr + (i_s * NV + i_v).to(tl.int64) * TT * H * K
+    for t0 in range(bos, eos, BT):
+        rows = t0 + o_t
+        m_t = rows < eos
+        b_q, b_qa = _load_qk(q_ptr, rows, i_h, H, K, c, o_k, o_a, m_t, m_k, m_a)
+        b_k, b_ka = _load_qk(k_ptr, rows, i_h, H, K, c, o_k, o_a, m_t, m_k, m_a)
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_v = (rows * H + i_h)[:, None] * V + o_v[None, :]
+        b_v = tl.load(v_ptr + p_v, mask=m_tv, other=0.0)
+        b_do = tl.load(do_ptr + p_v, mask=m_tv, other=0.0)
+        if USE_NORM:
+            b_dz = tl.load(dz_ptr + rows * H + i_h, mask=m_t, other=0.0) * w_z
+        else:
+            b_dz = tl.zeros([BT], dtype=tl.float32)
+        g2 = _dot(b_do, tl.trans(s2), DT) + b_dz[:, None] * z2[None, :]
+        b_dq = _phi2_grad(g2, b_q, b_qa, onehot, BT, BK1, KP)
+        if first:
+            a = _dot(b_q, tl.trans(b_k), DT)
+            dA = _dot(b_do, tl.trans(b_v), DT) + b_dz[:, None]
+            da = tl.where(causal, dA * (1.0 + a), 0.0)
+            b_dq += _dot(da, b_k, DT) + _dot(b_do, tl.trans(s1), DT) + b_dz[:, None] * z1[None, :]
+            s1 += _dot(tl.trans(b_k), b_v, DT)
+            z1 += tl.sum(b_k, 0)
+        p2k = _phi2(b_k, b_ka, BT, R)
+        s2 += _dot(tl.trans(p2k), b_v, DT)
+        z2 += tl.sum(p2k, 0)
+        tl.store(p_part + (rows * H + i_h)[:, None] * K + o_k[None, :], b_dq * c,
+                 mask=m_t[:, None] & m_k[None, :])
+
+
+@triton.autotune(configs=_configs(), key=["K", "V", "NS"])
+@triton.jit
+def _based_bwd_dkv_kernel(
+    # pointers: q, k, v, do, dz, cu_seqlens as in the dq kernel; dhT [N, H, D, V+1] fp32
+    q_ptr, k_ptr, v_ptr, do_ptr, dz_ptr, dhT_ptr, cu_ptr,
+    # outputs: dk partials fp32 [NS*NV, TT, H, K], dv partials fp32 [NS, TT, H, V], dh0 like dhT
+    dk_ptr, dv_ptr, dh0_ptr,
+    # scalars and sizes
+    c, T, TT, H, K, V,
+    # meta-parameters
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, VARLEN: tl.constexpr,
+    USE_NORM: tl.constexpr, DT: tl.constexpr,
+    NS: tl.constexpr, KP: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+):
+    # backward sweep carrying dS (gradient of the state after the current chunk)
+    R: tl.constexpr = BK1 * KP
+    i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NV = tl.num_programs(0)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(cu_ptr, i_n, T, VARLEN)
+    o_k, o_a, o_v, m_r, rows2, onehot, m_k, m_a, m_v = _block_indices(i_v, i_s, K, V, BV, KP, BK1, R)
+    first = i_s == 0
+    p0, p1, p2, pz0, pz1, pz2 = _state_ptrs(dhT_ptr, i_nh, K, V, o_k, o_v, rows2)
+    if HAS_DHT:
+        d0 = tl.load(p0, mask=m_v, other=0.0)
+        d1 = tl.load(p1, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        d2 = tl.load(p2, mask=m_r[:, None] & m_v[None, :], other=0.0)
+        dz0 = tl.load(pz0)
+        dz1 = tl.load(pz1, mask=m_k, other=0.0)
+        dz2 = tl.load(pz2, mask=m_r, other=0.0)
+    else:
+        d0 = tl.zeros([BV], dtype=tl.float32)
+        d1 = tl.zeros([KP, BV], dtype=tl.float32)
+        d2 = tl.zeros([R, BV], dtype=tl.float32)
+        dz0 = tl.full([], 0.0, tl.float32)
+        dz1 = tl.zeros([KP], dtype=tl.float32)
+        dz2 = tl.zeros([R], dtype=tl.float32)
+    w_z = (i_v == 0).to(tl.float32)
+    o_t = tl.arange(0, BT)
+    causal_t = o_t[:, None] <= o_t[None, :]  # [j, i]: key j is seen by query i
+    p_dk = dk_ptr + (i_s * NV + i_v).to(tl.int64) * TT * H * K
+    p_dv = dv_ptr + i_s.to(tl.int64) * TT * H * V
+    n_chunks = tl.cdiv(eos - bos, BT)
+    for i_c in range(0, n_chunks):
+        t0 = bos + (n_chunks - 1 - i_c) * BT
+        rows = t0 + o_t
+        m_t = rows < eos
+        b_q, b_qa = _load_qk(q_ptr, rows, i_h, H, K, c, o_k, o_a, m_t, m_k, m_a)
+        b_k, b_ka = _load_qk(k_ptr, rows, i_h, H, K, c, o_k, o_a, m_t, m_k, m_a)
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_v = (rows * H + i_h)[:, None] * V + o_v[None, :]
+        b_v = tl.load(v_ptr + p_v, mask=m_tv, other=0.0)
+        b_do = tl.load(do_ptr + p_v, mask=m_tv, other=0.0)
+        if USE_NORM:
+            b_dz = tl.load(dz_ptr + rows * H + i_h, mask=m_t, other=0.0)
+        else:
+            b_dz = tl.zeros([BT], dtype=tl.float32)
+        p2q = _phi2(b_q, b_qa, BT, R)
+        p2k = _phi2(b_k, b_ka, BT, R)
+        # through the state after this chunk: d phi(k_j) = dS [v_j, 1]
+        g2 = _dot(b_v, tl.trans(d2), DT) + w_z * dz2[None, :]
+        b_dk = _phi2_grad(g2, b_k, b_ka, onehot, BT, BK1, KP)
+        b_dv = _dot(p2k, d2, DT)
+        if first:
+            aT = _dot(b_k, tl.trans(b_q), DT)                             # [j, i]
+            fT = tl.where(causal_t, 1.0 + aT + 0.5 * aT * aT, 0.0)
+            dAT = _dot(b_v, tl.trans(b_do), DT) + w_z * b_dz[None, :]
+            daT = tl.where(causal_t, dAT * (1.0 + aT), 0.0)
+            b_dk += _dot(daT, b_q, DT) + _dot(b_v, tl.trans(d1), DT) + w_z * dz1[None, :]
+            b_dv += _dot(fT, b_do, DT) + _dot(b_k, d1, DT) + d0[None, :]
+            d1 += _dot(tl.trans(b_q), b_do, DT)
+            dz1 += tl.sum(b_q * b_dz[:, None], 0)
+            d0 += tl.sum(b_do, 0)
+            dz0 += tl.sum(b_dz, 0)
+        d2 += _dot(tl.trans(p2q), b_do, DT)
+        dz2 += tl.sum(p2q * b_dz[:, None], 0)
+        tl.store(p_dk + (rows * H + i_h)[:, None] * K + o_k[None, :], b_dk * c,
+                 mask=m_t[:, None] & m_k[None, :])
+        tl.store(p_dv + p_v, b_dv, mask=m_tv)
+    if STORE_DH0:
+        q0, q1, q2, qz0, qz1, qz2 = _state_ptrs(dh0_ptr, i_nh, K, V, o_k, o_v, rows2)
+        tl.store(q2, d2, mask=m_r[:, None] & m_v[None, :])
+        if i_v == 0:
+            tl.store(qz2, dz2, mask=m_r)
+        if first:
+            tl.store(q0, d0, mask=m_v)
+            tl.store(q1, d1, mask=m_k[:, None] & m_v[None, :])
+            if i_v == 0:
+                tl.store(qz0, dz0)
+                tl.store(qz1, dz1, mask=m_k)
+
+
+# ---- launchers: check, allocate, launch -------------------------------------------------------
+
+def _tiling(K: int, V: int):
+    KP = max(16, triton.next_power_of_2(K))
+    BK1 = max(1, min(KP, 256 // KP))
+    NS = KP // BK1
+    BV = 16 if triton_interpret() else min(32, max(16, triton.next_power_of_2(V)))
+    return KP, BK1, NS, BV, triton.cdiv(V, BV)
+
+
+def _dot_dtype(dtype: torch.dtype):
+    if dtype == torch.float32 or triton_interpret():  # bf16 tl.dot is wrong in the interpreter
+        return tl.float32
+    return tl.float16 if dtype == torch.float16 else tl.bfloat16
+
+
+def _dims(q, v, cu_seqlens):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    return B, T, H, K, V, N
+
+
+def based_fwd(q, k, v, h0, scale: float, use_norm: bool, cu_seqlens, store_final: bool):
+    """q, k [B, T, H, K], v [B, T, H, V] contiguous. Returns (o [B, T, H, V] in v's dtype,
+    z [B, T, H] fp32, final state [N, H, D, V+1] fp32 or an empty tensor)."""
+    B, T, H, K, V, N = _dims(q, v, cu_seqlens)
+    KP, BK1, NS, BV, NV = _tiling(K, V)
+    dev = q.device
+    if NS == 1:
+        o = torch.empty_like(v)
+    else:
+        o = torch.empty((NS, B, T, H, V), device=dev, dtype=torch.float32)
+    z = torch.empty((NS, B, T, H), device=dev, dtype=torch.float32)
+    D = feature_dim(K)
+    hT = torch.empty((N, H, D, V + 1) if store_final else (0,), device=dev, dtype=torch.float32)
+    dummy = z
+    grid = (NV, NS, N * H)
+    _based_fwd_kernel[grid](
+        q, k, v, dummy if h0 is None else h0, dummy if cu_seqlens is None else cu_seqlens,
+        o, z, hT,
+        math.sqrt(scale), T, B * T, H, K, V,
+        HAS_H0=h0 is not None, STORE_FINAL=store_final, VARLEN=cu_seqlens is not None,
+        USE_NORM=use_norm, DT=_dot_dtype(q.dtype), NS=NS, KP=KP, BK1=BK1, BV=BV,
+    )
+    if NS == 1:
+        return o, z[0], hT
+    o, z = o.sum(0), z.sum(0)
+    if use_norm:
+        o = o / (z[..., None] + EPS)
+    return o.to(v.dtype), z, hT
+
+
+def based_bwd(q, k, v, o, z, h0, do, dhT, scale: float, use_norm: bool, cu_seqlens):
+    """Gradients (dq, dk, dv, dh0 or empty) of based_fwd given the output cotangent `do` and the
+    final-state cotangent `dhT` (or None)."""
+    B, T, H, K, V, N = _dims(q, v, cu_seqlens)
+    KP, BK1, NS, BV, NV = _tiling(K, V)
+    dev = q.device
+    do = do.float()
+    if use_norm:
+        rz = 1.0 / (z + EPS)
+        dz = -(do * o.float()).sum(-1) * rz
+        do = (do * rz[..., None]).contiguous()
+    else:
+        dz = z  # unused
+    dq = torch.empty((NS * NV, B, T, H, K), device=dev, dtype=torch.float32)
+    dk = torch.empty_like(dq)
+    dv = torch.empty((NS, B, T, H, V), device=dev, dtype=torch.float32)
+    D = feature_dim(K)
+    dh0 = torch.empty((N, H, D, V + 1) if h0 is not None else (0,), device=dev, dtype=torch.float32)
+    cu = z if cu_seqlens is None else cu_seqlens
+    grid = (NV, NS, N * H)
+    common = dict(VARLEN=cu_seqlens is not None, USE_NORM=use_norm, DT=_dot_dtype(q.dtype),
+                  NS=NS, KP=KP, BK1=BK1, BV=BV)
+    c = math.sqrt(scale)
+    _based_bwd_dq_kernel[grid](q, k, v, do, dz, z if h0 is None else h0, cu, dq,
+                               c, T, B * T, H, K, V, HAS_H0=h0 is not None, **common)
+    _based_bwd_dkv_kernel[grid](q, k, v, do, dz, z if dhT is None else dhT, cu, dk, dv, dh0,
+                                c, T, B * T, H, K, V, HAS_DHT=dhT is not None,
+                                STORE_DH0=h0 is not None, **common)
+    return dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype), dh0
