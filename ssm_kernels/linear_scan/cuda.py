@@ -13,8 +13,9 @@ def fits(shape) -> bool:
 
 
 def linear_scan_fwd(a, b, h0, reverse: bool):
-    return tuple(cuda_extension().linear_scan_fwd(a, b, h0, reverse))
+    return tuple(cuda_extension().linear_scan_fwd(a.contiguous(), b.contiguous(), h0, reverse))
 
 
 def linear_scan_bwd(a, h, h0, dh, dhT, reverse: bool):
-    return tuple(cuda_extension().linear_scan_bwd(a, h, h0, dh, dhT, reverse))
+    return tuple(cuda_extension().linear_scan_bwd(a.contiguous(), h.contiguous(), h0, dh.contiguous(),
+                                                  dhT.contiguous(), reverse))

@@ -6,8 +6,10 @@ along time; across tiles a float32 carry per channel is passed sequentially. Tha
 BLOCK_C*BLOCK_T*2 elements in flight per program (bandwidth) while doing O(T) work overall.
 
 Tensors arrive on a canonical view: element (o, t, c) at o*s_o + t*s_t + c*s_c (int64 offsets).
-Time order is abstracted by `_time_index`: processing position r maps to time r, or T-1-r when the
-pass runs right-to-left, so the forward, reverse and both backward passes share one kernel body.
+A pass that runs right to left (reverse=True forward, and the ordinary backward) still loads each
+tile in ascending address order (descending addresses defeat Triton's vectorisation: measured 4x
+slower) and scans it with `reverse=True`; tiles are visited from the end, and the carry sits in the
+tile's first column instead of its last.
 Complex64 tensors come in as float32 pairs (re at +0, im at +1; strides in float32 units).
 """
 from __future__ import annotations
@@ -35,17 +37,18 @@ def _combine_complex(a1r, a1i, b1r, b1i, a2r, a2i, b2r, b2i):
 
 
 @triton.jit
-def _time_index(r, T, FLIP: tl.constexpr):
+def _tile_start(i_t, T, BLOCK_T: tl.constexpr, FLIP: tl.constexpr):
+    # first time index of the i_t-th tile in processing order (negative start: masked)
     if FLIP:
-        return T - 1 - r
+        return T - (i_t + 1) * BLOCK_T
     else:
-        return r
+        return i_t * BLOCK_T
 
 
 @triton.jit
-def _last_along_time(x, is_last):
-    # the value at the tile's last processing position, per channel
-    return tl.sum(tl.where(is_last, x, 0.0), axis=1)
+def _carry_of(x, is_end):
+    # the value at the tile's last processed column, per channel
+    return tl.sum(tl.where(is_end, x, 0.0), axis=1)
 
 
 @triton.jit
@@ -76,29 +79,29 @@ def _linear_scan_fwd_kernel(
         if COMPLEX:
             carry_i = tl.zeros([BLOCK_C], dtype=tl.float32)
     o_r = tl.arange(0, BLOCK_T)
-    is_last = (o_r == BLOCK_T - 1)[None, :]
+    is_end = (o_r == (0 if REVERSE else BLOCK_T - 1))[None, :]
     for i_t in range(0, tl.cdiv(T, BLOCK_T)):
-        r = i_t * BLOCK_T + o_r
-        m = m_c[:, None] & (r < T)[None, :]
-        p = base + _time_index(r, T, REVERSE).to(tl.int64)[None, :] * s_t
+        t = _tile_start(i_t, T, BLOCK_T, REVERSE) + o_r
+        m = m_c[:, None] & ((t >= 0) & (t < T))[None, :]
+        p = base + t.to(tl.int64)[None, :] * s_t
         # padding with the identity (a=1, b=0) keeps the tile's last column the true carry
         ar = tl.load(a_ptr + p, mask=m, other=1.0).to(tl.float32)
         br = tl.load(b_ptr + p, mask=m, other=0.0).to(tl.float32)
         if COMPLEX:
             ai = tl.load(a_ptr + p + 1, mask=m, other=0.0).to(tl.float32)
             bi = tl.load(b_ptr + p + 1, mask=m, other=0.0).to(tl.float32)
-            ar, ai, br, bi = tl.associative_scan((ar, ai, br, bi), 1, _combine_complex)
+            ar, ai, br, bi = tl.associative_scan((ar, ai, br, bi), 1, _combine_complex, reverse=REVERSE)
             hr = br + ar * carry_r[:, None] - ai * carry_i[:, None]
             hi = bi + ar * carry_i[:, None] + ai * carry_r[:, None]
             tl.store(h_ptr + p, hr, mask=m)
             tl.store(h_ptr + p + 1, hi, mask=m)
-            carry_r = _last_along_time(hr, is_last)
-            carry_i = _last_along_time(hi, is_last)
+            carry_r = _carry_of(hr, is_end)
+            carry_i = _carry_of(hi, is_end)
         else:
-            ar, br = tl.associative_scan((ar, br), 1, _combine_real)
+            ar, br = tl.associative_scan((ar, br), 1, _combine_real, reverse=REVERSE)
             h = br + ar * carry_r[:, None]
             tl.store(h_ptr + p, h.to(h_ptr.dtype.element_ty), mask=m)
-            carry_r = _last_along_time(h, is_last)
+            carry_r = _carry_of(h, is_end)
     tl.store(hT_ptr + p_state, carry_r, mask=m_c)
     if COMPLEX:
         tl.store(hT_ptr + p_state + 1, carry_i, mask=m_c)
@@ -116,10 +119,11 @@ def _linear_scan_bwd_kernel(
     HAS_H0: tl.constexpr, REVERSE: tl.constexpr, COMPLEX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # g_t = dh_t + conj(a_next) g_next, walked opposite to the forward pass. Processing position r
-    # meets time t(r); "next" (already processed) is t(r-1); the forward predecessor of t(r) is
-    # t(r+1), whose h gives da = g * conj(h_pred).
+    # g_t = dh_t + conj(a[t_next]) g[t_next], walked opposite to the forward pass: t_next = t+1
+    # (t-1 for reverse=True) is the step processed just before t. The forward predecessor of t,
+    # t_pred = t-1 (t+1), gives da_t = g_t conj(h[t_pred]) (h0 beyond the ends).
     FLIP: tl.constexpr = not REVERSE
+    STEP: tl.constexpr = 1 if FLIP else -1  # t_next - t
     i_c, i_o = tl.program_id(0), tl.program_id(1)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
@@ -139,17 +143,16 @@ def _linear_scan_bwd_kernel(
         if COMPLEX:
             h0i = tl.zeros([BLOCK_C], dtype=tl.float32)
     o_r = tl.arange(0, BLOCK_T)
-    is_last = (o_r == BLOCK_T - 1)[None, :]
+    is_end = (o_r == (0 if FLIP else BLOCK_T - 1))[None, :]
     for i_t in range(0, tl.cdiv(T, BLOCK_T)):
-        r = i_t * BLOCK_T + o_r
-        m_t = (r < T)[None, :]
-        m = m_c[:, None] & m_t
-        p = base + _time_index(r, T, FLIP).to(tl.int64)[None, :] * s_t
-        p_next = base + _time_index(r - 1, T, FLIP).to(tl.int64)[None, :] * s_t
-        m_next = m & (r >= 1)[None, :]
-        p_pred = base + _time_index(r + 1, T, FLIP).to(tl.int64)[None, :] * s_t
-        m_pred = m & (r + 1 < T)[None, :]
-        is_h0 = m_c[:, None] & (r + 1 == T)[None, :]
+        t = _tile_start(i_t, T, BLOCK_T, FLIP) + o_r
+        m = m_c[:, None] & ((t >= 0) & (t < T))[None, :]
+        p = base + t.to(tl.int64)[None, :] * s_t
+        p_next = p + STEP * s_t
+        m_next = m & ((t + STEP >= 0) & (t + STEP < T))[None, :]
+        p_pred = p - STEP * s_t
+        m_pred = m & ((t - STEP >= 0) & (t - STEP < T))[None, :]
+        is_h0 = m_c[:, None] & ((t - STEP == -1) | (t - STEP == T))[None, :]
         cr = tl.load(a_ptr + p_next, mask=m_next, other=1.0).to(tl.float32)
         gr = tl.load(dh_ptr + p, mask=m, other=0.0).to(tl.float32)
         hr = tl.load(h_ptr + p_pred, mask=m_pred, other=0.0).to(tl.float32)
@@ -159,7 +162,7 @@ def _linear_scan_bwd_kernel(
             gi = tl.load(dh_ptr + p + 1, mask=m, other=0.0).to(tl.float32)
             hi = tl.load(h_ptr + p_pred + 1, mask=m_pred, other=0.0).to(tl.float32)
             hi = tl.where(is_h0, h0i[:, None], hi)
-            cr, ci, gr, gi = tl.associative_scan((cr, ci, gr, gi), 1, _combine_complex)
+            cr, ci, gr, gi = tl.associative_scan((cr, ci, gr, gi), 1, _combine_complex, reverse=FLIP)
             g_r = gr + cr * carry_r[:, None] - ci * carry_i[:, None]
             g_i = gi + cr * carry_i[:, None] + ci * carry_r[:, None]
             tl.store(db_ptr + p, g_r, mask=m)
@@ -167,16 +170,16 @@ def _linear_scan_bwd_kernel(
             # da = g * conj(h_pred)
             tl.store(da_ptr + p, g_r * hr + g_i * hi, mask=m)
             tl.store(da_ptr + p + 1, g_i * hr - g_r * hi, mask=m)
-            carry_r = _last_along_time(g_r, is_last)
-            carry_i = _last_along_time(g_i, is_last)
+            carry_r = _carry_of(g_r, is_end)
+            carry_i = _carry_of(g_i, is_end)
         else:
-            cr, gr = tl.associative_scan((cr, gr), 1, _combine_real)
+            cr, gr = tl.associative_scan((cr, gr), 1, _combine_real, reverse=FLIP)
             g = gr + cr * carry_r[:, None]
             tl.store(db_ptr + p, g.to(db_ptr.dtype.element_ty), mask=m)
             tl.store(da_ptr + p, (g * hr).to(da_ptr.dtype.element_ty), mask=m)
-            carry_r = _last_along_time(g, is_last)
+            carry_r = _carry_of(g, is_end)
     # dh0 = conj(a at the last processed step) * g there
-    p_first = base_c + _time_index(T - 1, T, FLIP).to(tl.int64) * s_t
+    p_first = base_c + (0 if FLIP else T - 1) * s_t
     a_r = tl.load(a_ptr + p_first, mask=m_c, other=0.0).to(tl.float32)
     if COMPLEX:
         a_i = -tl.load(a_ptr + p_first + 1, mask=m_c, other=0.0).to(tl.float32)
@@ -207,12 +210,12 @@ def _canonical(x: torch.Tensor):
     return xk, P, Q, T * Q * w, Q * w, w
 
 
-def _config(T: int, C: int, time_inner: bool, complex_: bool):
+def _config(T: int, C: int, time_inner: bool, complex_: bool, elem_bytes: int):
     """Tile shape and warps by layout (measured on H100, see bench/NOTES.md)."""
     if triton_interpret():
         return dict(BLOCK_T=16, BLOCK_C=8, num_warps=1)
     block_t = 128 if time_inner else 64
-    block_c = 16 if time_inner else 32
+    block_c = 16 if time_inner else 32 * (4 // elem_bytes)  # >= 128 contiguous bytes per row
     if complex_:
         block_t //= 2
     block_t = min(block_t, max(16, triton.next_power_of_2(T)))
@@ -229,7 +232,7 @@ def linear_scan_fwd(a: torch.Tensor, b: torch.Tensor, h0, reverse: bool):
     bk = _canonical(b)[0]
     hk = _canonical(h)[0]
     h0k = None if h0 is None else _state_view(h0.to(sdt).contiguous())
-    cfg = _config(T, C, Q == 1, b.is_complex())
+    cfg = _config(T, C, Q == 1, b.is_complex(), b.element_size())
     grid = (triton.cdiv(C, cfg["BLOCK_C"]), O)
     _linear_scan_fwd_kernel[grid](
         ak, bk, h0k if h0k is not None else hk, hk, _state_view(hT),
@@ -247,7 +250,7 @@ def linear_scan_bwd(a, h, h0, dh, dhT, reverse: bool):
     db = torch.empty_like(h)
     dh0 = torch.empty((P, Q), dtype=sdt, device=h.device)
     ak, O, C, s_o, s_t, s_c = _canonical(a)
-    cfg = _config(T, C, Q == 1, h.is_complex())
+    cfg = _config(T, C, Q == 1, h.is_complex(), h.element_size())
     grid = (triton.cdiv(C, cfg["BLOCK_C"]), O)
     dhTk = _state_view(dhT.to(sdt).contiguous())
     h0k = None if h0 is None else _state_view(h0.to(sdt).contiguous())
