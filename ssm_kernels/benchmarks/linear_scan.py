@@ -42,6 +42,10 @@ def cases(device: str, quick: bool) -> List[Case]:
                          for be in backends]
                 if peer is not None and layout == "BDT":
                     impls.append(("accelerated_scan.scalar", lambda a, b: peer(a, b)))
+                elif peer is not None:  # its only layout is [B, D, T]: what a [B, T, D] user pays
+                    impls.append(("accelerated_scan.scalar+transpose",
+                                  lambda a, b: peer(a.transpose(1, 2).contiguous(),
+                                                    b.transpose(1, 2).contiguous()).transpose(1, 2)))
                 for impl, f in impls:
                     nxt = rotating(make, 2 * n * es)
                     out.append(Case("linear_scan", impl, "fwd", label, str(dtype)[6:],
