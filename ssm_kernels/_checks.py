@@ -1,4 +1,5 @@
 """Registry for `python -m ssm_kernels check`: family name -> module with `check(backend, device)`."""
 FAMILIES = {
+    "based": "ssm_kernels.based.check",
     "linear_scan": "ssm_kernels.linear_scan.check",
 }

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import _backend
 from ..validation import check_dtype, check_same_device, check_tensor
-from .reference import based_parallel_ref, feature_dim, state_dtype
+from .reference import based_bwd_ref, based_parallel_ref, feature_dim, state_dtype
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_MAX_K = 128
@@ -64,19 +64,9 @@ def based_bwd_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, z: Tensor, h0: Opti
     if _select(backend, q) == "triton":
         from .triton import based_bwd
         return based_bwd(q, k, v, o, z, h0, do, dhT, scale, use_norm, cu_seqlens)
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        h = None if h0 is None else h0.detach().requires_grad_()
-        y, hT = based_parallel_ref(*leaves, scale, use_norm, h, dhT is not None, cu_seqlens)
-        outs, cots = [y], [do]
-        if dhT is not None:
-            outs.append(hT)
-            cots.append(dhT)
-        inputs = leaves + ([h] if h is not None else [])
-        grads = torch.autograd.grad(outs, inputs, cots, allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
-    dh0 = grads[3] if h0 is not None else _empty_state(q)
-    return grads[0].contiguous(), grads[1].contiguous(), grads[2].contiguous(), dh0.contiguous()
+    dq, dk, dv, dh0 = based_bwd_ref(q, k, v, scale, use_norm, h0, do, dhT, cu_seqlens)
+    dh0 = _empty_state(q) if dh0 is None else dh0
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dh0.contiguous()
 
 
 @based_bwd_op.register_fake
@@ -143,11 +133,14 @@ def _validate(name: str, q, k, v, scale, initial_state, cu_seqlens):
         if cu_seqlens.numel() < 2:
             raise ValueError(f"{name}: cu_seqlens must hold N+1 >= 2 offsets, got "
                              f"{cu_seqlens.numel()}")
-        c = cu_seqlens.tolist()
+        N = cu_seqlens.shape[0] - 1
+        if torch.compiler.is_compiling():  # values are data: checked in eager mode only
+            c = [0, T]
+        else:
+            c = cu_seqlens.tolist()
         if c[0] != 0 or c[-1] != T or any(b < a for a, b in zip(c[:-1], c[1:])):
             raise ValueError(f"{name}: cu_seqlens must be non-decreasing from 0 to T={T}, got "
                              f"{c if len(c) <= 10 else c[:5] + ['...'] + c[-2:]}")
-        N = len(c) - 1
     if initial_state is not None:
         check_tensor("initial_state", initial_state, rank=4)
         check_dtype("initial_state", initial_state, floating=True)
@@ -156,6 +149,15 @@ def _validate(name: str, q, k, v, scale, initial_state, cu_seqlens):
             raise ValueError(f"{name}: initial_state must have shape [N, H, 1+K+K*K, V+1] = "
                              f"{want}, got {tuple(initial_state.shape)}")
     return K ** -0.5 if scale is None else float(scale)
+
+
+def _based(name, q, k, v, scale, use_norm, initial_state, output_final_state, cu_seqlens, backend):
+    scale = _validate(name, q, k, v, scale, initial_state, cu_seqlens)
+    h0 = None if initial_state is None else initial_state.to(state_dtype(q.dtype)).contiguous()
+    o, _, hT = based_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), h0, scale,
+                            bool(use_norm), cu_seqlens, bool(output_final_state),
+                            _backend.normalize(backend))
+    return o, (hT if output_final_state else None)
 
 
 def chunk_based(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
@@ -196,12 +198,8 @@ def chunk_based(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
         >>> o.shape, S.shape
         (torch.Size([2, 64, 4, 32]), torch.Size([2, 4, 273, 33]))
     """
-    scale = _validate("chunk_based", q, k, v, scale, initial_state, cu_seqlens)
-    h0 = None if initial_state is None else initial_state.to(state_dtype(q.dtype)).contiguous()
-    o, _, hT = based_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), h0, scale,
-                            bool(use_norm), cu_seqlens, bool(output_final_state),
-                            _backend.normalize(backend))
-    return o, (hT if output_final_state else None)
+    return _based("chunk_based", q, k, v, scale, use_norm, initial_state, output_final_state,
+                  cu_seqlens, backend)
 
 
 def fused_recurrent_based(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
@@ -225,9 +223,5 @@ def fused_recurrent_based(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float
         >>> o.shape
         torch.Size([1, 1, 4, 32])
     """
-    scale = _validate("fused_recurrent_based", q, k, v, scale, initial_state, cu_seqlens)
-    h0 = None if initial_state is None else initial_state.to(state_dtype(q.dtype)).contiguous()
-    o, _, hT = based_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), h0, scale,
-                            bool(use_norm), cu_seqlens, bool(output_final_state),
-                            _backend.normalize(backend))
-    return o, (hT if output_final_state else None)
+    return _based("fused_recurrent_based", q, k, v, scale, use_norm, initial_state,
+                  output_final_state, cu_seqlens, backend)

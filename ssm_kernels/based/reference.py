@@ -139,3 +139,64 @@ def based_parallel_ref(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] =
     if return_z:
         return y.to(v.dtype), final, z
     return y.to(v.dtype), final
+
+
+def _feature_map_vjp(x: Tensor, g: Tensor, scale: float) -> Tensor:
+    """Gradient w.r.t. x of sum(g * phi(x)); x [..., K], g [..., 1+K+K*K]."""
+    K = x.shape[-1]
+    c = math.sqrt(scale)
+    xs = x * c
+    g2 = g[..., 1 + K:].unflatten(-1, (K, K)) / math.sqrt(2.0)
+    dxs = g[..., 1:1 + K] + ((g2 + g2.transpose(-1, -2)) @ xs[..., None])[..., 0]
+    return dxs * c
+
+
+def based_bwd_ref(q: Tensor, k: Tensor, v: Tensor, scale: float, use_norm: bool,
+                  initial_state: Optional[Tensor], do: Tensor, dfinal: Optional[Tensor],
+                  cu_seqlens: Optional[Tensor] = None):
+    """Hand-written backward of `based_parallel_ref` (the ``reference`` backend's backward).
+
+    Returns (dq, dk, dv, d initial_state or None). Computes in q's dtype, states in float32
+    (float64)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    sd = state_dtype(q.dtype)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dh0 = None if initial_state is None else torch.zeros_like(initial_state, dtype=sd)
+    y, _, z = based_parallel_ref(q, k, v, scale, use_norm, initial_state, False, cu_seqlens,
+                                 return_z=True)
+    for n, (bos, eos) in enumerate(_segments(T, cu_seqlens)):
+        sl = slice(bos, eos)
+        qs, ks, vs, dys, ys = (x[:, sl].transpose(1, 2) for x in (q, k, v, do, y))  # [B, H, L, *]
+        zs = z[:, sl].transpose(1, 2)
+        L = eos - bos
+        if use_norm:
+            rz = 1.0 / (zs.to(sd) + EPS)
+            dz = -(dys.to(sd) * ys.to(sd)).sum(-1) * rz
+            dos = dys.to(sd) * rz[..., None]
+        else:
+            dz = torch.zeros_like(zs, dtype=sd)
+            dos = dys.to(sd)
+        mask = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+        a = (qs * scale) @ ks.transpose(-1, -2)
+        f = (1 + a + 0.5 * a * a).masked_fill(~mask, 0)
+        df = (dos.to(q.dtype) @ vs.transpose(-1, -2) + dz[..., None].to(q.dtype)).masked_fill(~mask, 0)
+        da = df * (1 + a)
+        gq = scale * (da @ ks)
+        gk = scale * (da.transpose(-1, -2) @ qs)
+        gv = f.transpose(-1, -2) @ dos.to(q.dtype)
+        dO = torch.cat([dos, dz[..., None]], -1)                                  # [B, H, L, V+1]
+        idx = slice(n, n + 1) if cu_seqlens is not None else slice(None)
+        if initial_state is not None:
+            h0 = initial_state[idx].to(sd)
+            gq = gq + _feature_map_vjp(qs.to(sd), dO @ h0.transpose(-1, -2), scale).to(q.dtype)
+            dh0[idx] += based_feature_map(qs.to(sd), scale).transpose(-1, -2) @ dO
+        if dfinal is not None:
+            dS = dfinal[idx].to(sd)
+            va = torch.cat([vs.to(sd), vs.new_ones(vs.shape[:-1] + (1,), dtype=sd)], -1)
+            gk = gk + _feature_map_vjp(ks.to(sd), va @ dS.transpose(-1, -2), scale).to(q.dtype)
+            gv = gv + (based_feature_map(ks.to(sd), scale) @ dS[..., :V]).to(q.dtype)
+            if initial_state is not None:
+                dh0[idx] += dS
+        dq[:, sl], dk[:, sl], dv[:, sl] = (x.transpose(1, 2) for x in (gq, gk, gv))
+    return dq, dk, dv, dh0

@@ -116,6 +116,45 @@ def _block_indices(i_v, i_s, K, V, BV: tl.constexpr, KP: tl.constexpr, BK1: tl.c
     return o_k, o_a, o_v, m_r, rows2, onehot, o_k < K, o_a < K, o_v < V
 
 
+@triton.jit
+def _load_state(h_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r,
+                HAS: tl.constexpr, BV: tl.constexpr, KP: tl.constexpr, R: tl.constexpr):
+    """One program's slice of a state [N, H, D, V+1]: (s0, s1, s2, z0, z1, z2), zeros if not HAS."""
+    if HAS:
+        p0, p1, p2, pz0, pz1, pz2 = _state_ptrs(h_ptr, i_nh, K, V, o_k, o_v, rows2)
+        s0 = tl.load(p0, mask=m_v, other=0.0)
+        s1 = tl.load(p1, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        s2 = tl.load(p2, mask=m_r[:, None] & m_v[None, :], other=0.0)
+        z0 = tl.load(pz0)
+        z1 = tl.load(pz1, mask=m_k, other=0.0)
+        z2 = tl.load(pz2, mask=m_r, other=0.0)
+    else:
+        s0 = tl.zeros([BV], dtype=tl.float32)
+        s1 = tl.zeros([KP, BV], dtype=tl.float32)
+        s2 = tl.zeros([R, BV], dtype=tl.float32)
+        z0 = tl.full([], 0.0, tl.float32)
+        z1 = tl.zeros([KP], dtype=tl.float32)
+        z2 = tl.zeros([R], dtype=tl.float32)
+    return s0, s1, s2, z0, z1, z2
+
+
+@triton.jit
+def _store_state(h_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r, i_v, i_s,
+                 s0, s1, s2, z0, z1, z2):
+    """Write one program's slice: its row block always, orders 0/1 if i_s == 0, the normaliser
+    column if i_v == 0."""
+    p0, p1, p2, pz0, pz1, pz2 = _state_ptrs(h_ptr, i_nh, K, V, o_k, o_v, rows2)
+    tl.store(p2, s2, mask=m_r[:, None] & m_v[None, :])
+    if i_v == 0:
+        tl.store(pz2, z2, mask=m_r)
+    if i_s == 0:
+        tl.store(p0, s0, mask=m_v)
+        tl.store(p1, s1, mask=m_k[:, None] & m_v[None, :])
+        if i_v == 0:
+            tl.store(pz0, z0)
+            tl.store(pz1, z1, mask=m_k)
+
+
 @triton.autotune(configs=_configs(), key=["K", "V", "NS"])
 @triton.jit
 def _based_fwd_kernel(
@@ -136,21 +175,8 @@ def _based_fwd_kernel(
     bos, eos = _seq_bounds(cu_ptr, i_n, T, VARLEN)
     o_k, o_a, o_v, m_r, rows2, onehot, m_k, m_a, m_v = _block_indices(i_v, i_s, K, V, BV, KP, BK1, R)
     first = i_s == 0
-    p0, p1, p2, pz0, pz1, pz2 = _state_ptrs(h0_ptr, i_nh, K, V, o_k, o_v, rows2)
-    if HAS_H0:
-        s0 = tl.load(p0, mask=m_v, other=0.0)
-        s1 = tl.load(p1, mask=m_k[:, None] & m_v[None, :], other=0.0)
-        s2 = tl.load(p2, mask=m_r[:, None] & m_v[None, :], other=0.0)
-        z0 = tl.load(pz0)
-        z1 = tl.load(pz1, mask=m_k, other=0.0)
-        z2 = tl.load(pz2, mask=m_r, other=0.0)
-    else:
-        s0 = tl.zeros([BV], dtype=tl.float32)
-        s1 = tl.zeros([KP, BV], dtype=tl.float32)
-        s2 = tl.zeros([R, BV], dtype=tl.float32)
-        z0 = tl.full([], 0.0, tl.float32)
-        z1 = tl.zeros([KP], dtype=tl.float32)
-        z2 = tl.zeros([R], dtype=tl.float32)
+    s0, s1, s2, z0, z1, z2 = _load_state(h0_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r,
+                                         HAS_H0, BV, KP, R)
     o_t = tl.arange(0, BT)
     causal = o_t[:, None] >= o_t[None, :]
     for t0 in range(bos, eos, BT):
@@ -186,16 +212,8 @@ def _based_fwd_kernel(
         if i_v == 0:
             tl.store(z_ptr + i_s.to(tl.int64) * TT * H + p_z, b_z, mask=m_t)
     if STORE_FINAL:
-        q0, q1, q2, qz0, qz1, qz2 = _state_ptrs(hT_ptr, i_nh, K, V, o_k, o_v, rows2)
-        tl.store(q2, s2, mask=m_r[:, None] & m_v[None, :])
-        if i_v == 0:
-            tl.store(qz2, z2, mask=m_r)
-        if first:
-            tl.store(q0, s0, mask=m_v)
-            tl.store(q1, s1, mask=m_k[:, None] & m_v[None, :])
-            if i_v == 0:
-                tl.store(qz0, z0)
-                tl.store(qz1, z1, mask=m_k)
+        _store_state(hT_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r, i_v, i_s,
+                     s0, s1, s2, z0, z1, z2)
 
 
 @triton.autotune(configs=_configs(), key=["K", "V", "NS"])
@@ -219,17 +237,8 @@ def _based_bwd_dq_kernel(
     bos, eos = _seq_bounds(cu_ptr, i_n, T, VARLEN)
     o_k, o_a, o_v, m_r, rows2, onehot, m_k, m_a, m_v = _block_indices(i_v, i_s, K, V, BV, KP, BK1, R)
     first = i_s == 0
-    p0, p1, p2, pz0, pz1, pz2 = _state_ptrs(h0_ptr, i_nh, K, V, o_k, o_v, rows2)
-    if HAS_H0:
-        s1 = tl.load(p1, mask=m_k[:, None] & m_v[None, :], other=0.0)
-        s2 = tl.load(p2, mask=m_r[:, None] & m_v[None, :], other=0.0)
-        z1 = tl.load(pz1, mask=m_k, other=0.0)
-        z2 = tl.load(pz2, mask=m_r, other=0.0)
-    else:
-        s1 = tl.zeros([KP, BV], dtype=tl.float32)
-        s2 = tl.zeros([R, BV], dtype=tl.float32)
-        z1 = tl.zeros([KP], dtype=tl.float32)
-        z2 = tl.zeros([R], dtype=tl.float32)
+    _, s1, s2, _, z1, z2 = _load_state(h0_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r,
+                                       HAS_H0, BV, KP, R)
     w_z = (i_v == 0).to(tl.float32)  # the normaliser column belongs to the first V block
     o_t = tl.arange(0, BT)
     causal = o_t[:, None] >= o_t[None, :]
@@ -285,21 +294,8 @@ def _based_bwd_dkv_kernel(
     bos, eos = _seq_bounds(cu_ptr, i_n, T, VARLEN)
     o_k, o_a, o_v, m_r, rows2, onehot, m_k, m_a, m_v = _block_indices(i_v, i_s, K, V, BV, KP, BK1, R)
     first = i_s == 0
-    p0, p1, p2, pz0, pz1, pz2 = _state_ptrs(dhT_ptr, i_nh, K, V, o_k, o_v, rows2)
-    if HAS_DHT:
-        d0 = tl.load(p0, mask=m_v, other=0.0)
-        d1 = tl.load(p1, mask=m_k[:, None] & m_v[None, :], other=0.0)
-        d2 = tl.load(p2, mask=m_r[:, None] & m_v[None, :], other=0.0)
-        dz0 = tl.load(pz0)
-        dz1 = tl.load(pz1, mask=m_k, other=0.0)
-        dz2 = tl.load(pz2, mask=m_r, other=0.0)
-    else:
-        d0 = tl.zeros([BV], dtype=tl.float32)
-        d1 = tl.zeros([KP, BV], dtype=tl.float32)
-        d2 = tl.zeros([R, BV], dtype=tl.float32)
-        dz0 = tl.full([], 0.0, tl.float32)
-        dz1 = tl.zeros([KP], dtype=tl.float32)
-        dz2 = tl.zeros([R], dtype=tl.float32)
+    d0, d1, d2, dz0, dz1, dz2 = _load_state(dhT_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r,
+                                            HAS_DHT, BV, KP, R)
     w_z = (i_v == 0).to(tl.float32)
     o_t = tl.arange(0, BT)
     causal_t = o_t[:, None] <= o_t[None, :]  # [j, i]: key j is seen by query i
@@ -343,16 +339,8 @@ def _based_bwd_dkv_kernel(
                  mask=m_t[:, None] & m_k[None, :])
         tl.store(p_dv + p_v, b_dv, mask=m_tv)
     if STORE_DH0:
-        q0, q1, q2, qz0, qz1, qz2 = _state_ptrs(dh0_ptr, i_nh, K, V, o_k, o_v, rows2)
-        tl.store(q2, d2, mask=m_r[:, None] & m_v[None, :])
-        if i_v == 0:
-            tl.store(qz2, dz2, mask=m_r)
-        if first:
-            tl.store(q0, d0, mask=m_v)
-            tl.store(q1, d1, mask=m_k[:, None] & m_v[None, :])
-            if i_v == 0:
-                tl.store(qz0, dz0)
-                tl.store(qz1, dz1, mask=m_k)
+        _store_state(dh0_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r, i_v, i_s,
+                     d0, d1, d2, dz0, dz1, dz2)
 
 
 # ---- launchers: check, allocate, launch -------------------------------------------------------

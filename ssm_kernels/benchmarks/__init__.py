@@ -3,5 +3,6 @@
 Each family module exposes `cases(device: str, quick: bool) -> list[harness.Case]`.
 """
 FAMILIES = {
+    "based": "ssm_kernels.benchmarks.based",
     "linear_scan": "ssm_kernels.benchmarks.linear_scan",
 }

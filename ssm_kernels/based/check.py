@@ -1,0 +1,55 @@
+"""`python -m ssm_kernels check` for Based: fresh random inputs, odd length, initial/final state,
+forward and every gradient, each dtype the backend serves, against the float64 reference."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from ..testing import CheckRow, compare
+from .interface import chunk_based
+from .reference import based_parallel_ref, feature_dim
+
+NAMES = ["o", "final_state", "grad q", "grad k", "grad v", "grad initial_state"]
+
+
+def _fwd_bwd(fn, q, k, v, h0, cot, cu_seqlens=None, **kw):
+    xs = [x.detach().requires_grad_() for x in (q, k, v, h0)]
+    o, hT = fn(*xs[:3], None, True, xs[3], True, cu_seqlens, **kw)
+    loss = (o * cot[0].to(o.dtype)).sum() + (hT * cot[1].to(hT.dtype)).sum()
+    return [o, hT, *torch.autograd.grad(loss, xs)]
+
+
+def check(backend: str, device: str) -> List[CheckRow]:
+    dtypes = {"reference": [torch.float32],
+              "triton": [torch.float32, torch.float16, torch.bfloat16]}.get(backend, [])
+    small = device == "cpu"
+    rows = []
+    # (B, T, H, K, V, varlen): K = 16 is Based's feature dim; K = 32 uses several row blocks
+    shapes = ([(1, 37, 2, 16, 20, False), (1, 23, 1, 32, 16, False), (1, 30, 2, 16, 12, True)]
+              if small else
+              [(2, 1031, 4, 16, 128, False), (1, 517, 2, 32, 100, False),
+               (1, 2048, 4, 16, 64, True)])
+    for (B, T, H, K, V, varlen) in shapes:
+        cu = None
+        N = B
+        if varlen:
+            cu = torch.tensor([0, T // 5, T // 5, T - 3, T], device=device, dtype=torch.int32)
+            N = cu.numel() - 1
+        for dtype in dtypes:
+            q, k = (torch.randn(B, T, H, K, device=device).to(dtype) for _ in range(2))
+            v = torch.randn(B, T, H, V, device=device).to(dtype)
+            h0 = torch.randn(N, H, feature_dim(K), V + 1, device=device) * 0.3
+            h0[..., V] = h0[..., V].abs() + 1.0
+            cot = (torch.randn(B, T, H, V, device=device, dtype=torch.float64),
+                   torch.randn(h0.shape, device=device, dtype=torch.float64))
+            out = _fwd_bwd(chunk_based, q, k, v, h0, cot, cu, backend=backend)
+            ref = _fwd_bwd(based_parallel_ref, q.double(), k.double(), v.double(), h0.double(),
+                           cot, cu)
+            lowp = (_fwd_bwd(based_parallel_ref, q, k, v, h0, cot, cu)
+                    if dtype in (torch.float16, torch.bfloat16) else None)
+            tag = f"based K={K}{' varlen' if varlen else ''}"
+            for i, name in enumerate(NAMES):
+                vd = compare(f"{tag} {name}", out[i], ref[i], dtype, None if lowp is None else lowp[i])
+                rows.append(CheckRow(f"{tag} {name}", backend, str(dtype).replace("torch.", ""), vd))
+    return rows
