@@ -73,10 +73,13 @@ def normalize(requested: Optional[str]) -> str:
     return name.lower()
 
 
-def resolve(op: str, requested: Optional[str], supports: Dict[str, Callable[[], Optional[str]]]) -> str:
+def resolve(op: str, requested: Optional[str], supports: Dict[str, Callable[[], Optional[str]]],
+            order: tuple = ORDER) -> str:
     """Pick the backend for one call of `op`.
 
     supports: backend name -> zero-argument callable returning None (can serve) or a reason.
+    order: preference for `auto`; cuda -> triton -> reference unless an op's benchmark says its
+        Triton kernel is the faster one (then that op passes its own order).
     """
     name = normalize(requested)
     if name != "auto":
@@ -86,7 +89,7 @@ def resolve(op: str, requested: Optional[str], supports: Dict[str, Callable[[], 
             raise BackendUnavailableError(f"{op}: backend={name!r} cannot serve this call: {reason}")
         return name
     reasons = []
-    for cand in ORDER:
+    for cand in order:
         check = supports.get(cand)
         if check is None:
             continue

@@ -31,8 +31,10 @@ def _select(backend: str, x: Tensor) -> str:
                 reason = f"shape {tuple(x.shape)} exceeds the CUDA kernel's int32 tile indexing"
         return reason
 
+    # auto prefers Triton: it measures faster than the CUDA kernel here (bench/NOTES.md, run 1)
     return _backend.resolve("linear_scan", backend,
-                            {"cuda": cuda_ok, "triton": triton_ok, "reference": lambda: None})
+                            {"cuda": cuda_ok, "triton": triton_ok, "reference": lambda: None},
+                            order=("triton", "cuda", "reference"))
 
 
 # ---- registered ops (canonical layout [P, T, Q], contiguous) --------------------------------
