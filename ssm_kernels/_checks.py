@@ -1,5 +1,6 @@
 """Registry for `python -m ssm_kernels check`: family name -> module with `check(backend, device)`."""
 FAMILIES = {
     "based": "ssm_kernels.based.check",
+    "linear_attn": "ssm_kernels.linear_attn.check",
     "linear_scan": "ssm_kernels.linear_scan.check",
 }

@@ -4,5 +4,6 @@ Each family module exposes `cases(device: str, quick: bool) -> list[harness.Case
 """
 FAMILIES = {
     "based": "ssm_kernels.benchmarks.based",
+    "linear_attn": "ssm_kernels.benchmarks.linear_attn",
     "linear_scan": "ssm_kernels.benchmarks.linear_scan",
 }

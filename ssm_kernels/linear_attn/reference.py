@@ -151,20 +151,71 @@ def linear_attn_fwd_ref(q, k, v, g, h0, cu_seqlens, scale):
     return o.contiguous(), ht.to(torch.float32 if q.dtype != torch.float64 else torch.float64)
 
 
-def linear_attn_bwd_ref(q, k, v, g, h0, cu_seqlens, scale, do, dht):
-    """Backward of the registered op on the reference backend, by autograd through the chunked
-    reference: (dq, dk, dv, dg or None, dh0 or None)."""
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        gl = None if g is None else g.detach().requires_grad_()
-        h0l = None if h0 is None else h0.detach().requires_grad_()
-        o, ht = linear_attn_chunk_ref(*leaves, gl, scale, h0l, cu_seqlens)
-        wrt = leaves + [x for x in (gl, h0l) if x is not None]
-        grads = torch.autograd.grad((o, ht), wrt, (do.to(o.dtype), dht.to(ht.dtype)),
-                                    allow_unused=True)
-    grads = [torch.zeros_like(w) if gr is None else gr for gr, w in zip(grads, wrt)]
-    dq, dk, dv = grads[:3]
-    rest = grads[3:]
-    dg = rest.pop(0) if g is not None else None
-    dh0 = rest.pop(0) if h0 is not None else None
-    return dq, dk, dv, dg, dh0
+def _bwd_seq(q, k, v, G_src, per_key, scale, S0, do, dST, chunk_size):
+    """Explicit backward of one sequence in the kernels' algebra (every gate as per-key decays):
+    a forward pass for dq (it needs the running state), a reverse pass for dk, dv and the state
+    gradient. Returns (dq, dk, dv, dS0, S_last)."""
+    L, H, K = q.shape
+    n_all = L
+    G_all = (torch.zeros_like(q) if G_src is None else
+             (G_src if per_key else G_src[:, :, None].expand(-1, -1, K)))
+    chunks = [(c0, min(c0 + chunk_size, n_all)) for c0 in range(0, n_all, chunk_size)]
+    pieces = {}
+    S = S0
+    dq = torch.zeros_like(q)
+    for c0, c1 in chunks:
+        n = c1 - c0
+        G = G_all[c0:c1].cumsum(0)                                   # [n, H, K]
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        E = torch.exp((G[:, None] - G[None, :]).masked_fill(~causal[:, :, None, None], float("-inf")))
+        pieces[c0] = (G, E, S)
+        D = torch.einsum("ihv,jhv->ijh", do[c0:c1], v[c0:c1])
+        dq[c0:c1] = scale * (torch.exp(G) * torch.einsum("ihv,hkv->ihk", do[c0:c1], S)
+                             + torch.einsum("ijh,jhk,ijhk->ihk", D, k[c0:c1], E))
+        Gl = G[-1]
+        S = torch.exp(Gl)[:, :, None] * S + torch.einsum("jhk,jhv->hkv", k[c0:c1] * torch.exp(Gl[None] - G), v[c0:c1])
+    S_last = S
+    dS = dST
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    for c0, c1 in reversed(chunks):
+        G, E, _ = pieces[c0]
+        qs = q[c0:c1] * scale
+        Gl = G[-1]
+        kd = torch.exp(Gl[None] - G)                                 # [n, H, K]
+        A = torch.einsum("ihk,jhk,ijhk->ijh", qs, k[c0:c1], E)
+        dv[c0:c1] = torch.einsum("jhk,hkv->jhv", k[c0:c1] * kd, dS) + torch.einsum("ijh,ihv->jhv", A, do[c0:c1])
+        D = torch.einsum("ihv,jhv->ijh", do[c0:c1], v[c0:c1])
+        dk[c0:c1] = (kd * torch.einsum("jhv,hkv->jhk", v[c0:c1], dS)
+                     + torch.einsum("ijh,ihk,ijhk->jhk", D, qs, E))
+        dS = torch.exp(Gl)[:, :, None] * dS + torch.einsum("ihk,ihv->hkv", qs * torch.exp(G), do[c0:c1])
+    return dq, dk, dv, dS, S_last
+
+
+def linear_attn_bwd_ref(q, k, v, g, h0, cu_seqlens, scale, do, dht, chunk_size: int = 16):
+    """Backward of the registered op on the reference backend, explicit (no autograd): the
+    kernels' algebra, including dg from dG_t = q_t dq_t - k_t dk_t (+ dS_T . S_T at each
+    sequence's last step) reverse-cumsummed per sequence. Returns (dq, dk, dv, dg or None, dh0 or
+    None) in the state dtype."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    sd = state_dtype(q.dtype)
+    per_key = g is not None and g.dim() == 4
+    dq = torch.zeros(B, T, H, K, dtype=sd, device=q.device)
+    dk, dv = torch.zeros_like(dq), torch.zeros(B, T, H, V, dtype=sd, device=q.device)
+    dg = None if g is None else torch.zeros(g.shape, dtype=sd, device=q.device)
+    dh0 = []
+    for n, (b, bos, eos) in enumerate(seq_bounds(B, T, cu_seqlens)):
+        S0 = (torch.zeros(H, K, V, dtype=sd, device=q.device) if h0 is None else h0[n].to(sd))
+        sl = slice(bos, eos)
+        cast = lambda x: x[b, sl].to(sd)
+        dqs, dks, dvs, dS0, S_last = _bwd_seq(cast(q), cast(k), cast(v), None if g is None else cast(g),
+                                              per_key, scale, S0, cast(do), dht[n].to(sd), chunk_size)
+        dq[b, sl], dk[b, sl], dv[b, sl] = dqs, dks, dvs
+        dh0.append(dS0)
+        if g is not None and eos > bos:
+            dG = cast(q) * dqs - cast(k) * dks                        # [L, H, K]
+            dG[-1] += (dht[n].to(sd) * S_last).sum(-1)
+            if not per_key:
+                dG = dG.sum(-1)
+            dg[b, sl] = dG.flip(0).cumsum(0).flip(0)
+    return dq, dk, dv, dg, (None if h0 is None else torch.stack(dh0, 0))
