@@ -45,7 +45,10 @@ def _configs():
 @triton.jit
 def _dot(a, b, DT: tl.constexpr):
     # fp32 operands: exact (ieee) products; 16-bit operands: tensor cores, fp32 accumulation
-    return tl.dot(a.to(DT), b.to(DT), input_precision="ieee")
+    if DT == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(DT), b.to(DT))
 
 
 @triton.jit
@@ -216,11 +219,42 @@ def _based_fwd_kernel(
                      s0, s1, s2, z0, z1, z2)
 
 
+@triton.jit
+def _load_do(do_ptr, z_ptr, dz_ptr, p_v, p_t, m_tv, m_t, USE_NORM: tl.constexpr, BT: tl.constexpr):
+    """Cotangents of a chunk's unnormalised output [BT, BV] and normaliser [BT] (fp32)."""
+    b_do = tl.load(do_ptr + p_v, mask=m_tv, other=0.0).to(tl.float32)
+    if USE_NORM:
+        rz = 1.0 / (tl.load(z_ptr + p_t, mask=m_t, other=1.0) + 1e-6)
+        b_do = b_do * rz[:, None]
+        b_dz = tl.load(dz_ptr + p_t, mask=m_t, other=0.0)
+    else:
+        b_dz = tl.zeros([BT], dtype=tl.float32)
+    return b_do, b_dz
+
+
+@triton.jit
+def _based_bwd_dz_kernel(do_ptr, o_ptr, z_ptr, dz_ptr, M, V, BM: tl.constexpr, BV: tl.constexpr):
+    """dz = -(do · o) / (z + eps) per token: the normaliser's cotangent (o is the normalised
+    output). Rows of the flattened [TT*H, V]."""
+    rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    m = rows < M
+    acc = tl.zeros([BM], dtype=tl.float32)
+    for v0 in range(0, V, BV):
+        cols = v0 + tl.arange(0, BV)
+        mm = m[:, None] & (cols < V)[None, :]
+        p = rows[:, None] * V + cols[None, :]
+        acc += tl.sum(tl.load(do_ptr + p, mask=mm, other=0.0).to(tl.float32)
+                      * tl.load(o_ptr + p, mask=mm, other=0.0).to(tl.float32), 1)
+    z = tl.load(z_ptr + rows, mask=m, other=1.0)
+    tl.store(dz_ptr + rows, -acc / (z + 1e-6), mask=m)
+
+
 @triton.autotune(configs=_configs(), key=["K", "V", "NS"])
 @triton.jit
 def _based_bwd_dq_kernel(
-    # pointers: q, k [TT, H, K]; v [TT, H, V]; do fp32 [TT, H, V]; dz fp32 [TT, H]; h0; cu_seqlens
-    q_ptr, k_ptr, v_ptr, do_ptr, dz_ptr, h0_ptr, cu_ptr,
+    # pointers: q, k [TT, H, K]; v, do [TT, H, V] (do: cotangent of the returned o); z, dz fp32
+    # [TT, H] (normaliser and its cotangent); h0; cu_seqlens
+    q_ptr, k_ptr, v_ptr, do_ptr, z_ptr, dz_ptr, h0_ptr, cu_ptr,
     # output: dq partials fp32 [NS*NV, TT, H, K]
     dq_ptr,
     # scalars and sizes
@@ -251,11 +285,8 @@ def _based_bwd_dq_kernel(
         m_tv = m_t[:, None] & m_v[None, :]
         p_v = (rows * H + i_h)[:, None] * V + o_v[None, :]
         b_v = tl.load(v_ptr + p_v, mask=m_tv, other=0.0)
-        b_do = tl.load(do_ptr + p_v, mask=m_tv, other=0.0)
-        if USE_NORM:
-            b_dz = tl.load(dz_ptr + rows * H + i_h, mask=m_t, other=0.0) * w_z
-        else:
-            b_dz = tl.zeros([BT], dtype=tl.float32)
+        b_do, b_dz = _load_do(do_ptr, z_ptr, dz_ptr, p_v, rows * H + i_h, m_tv, m_t, USE_NORM, BT)
+        b_dz = b_dz * w_z
         g2 = _dot(b_do, tl.trans(s2), DT) + b_dz[:, None] * z2[None, :]
         b_dq = _phi2_grad(g2, b_q, b_qa, onehot, BT, BK1, KP)
         if first:
@@ -276,8 +307,9 @@ def _based_bwd_dq_kernel(
 @triton.jit
 def _based_bwd_dkv_kernel(
     # pointers: q, k, v, do, dz, cu_seqlens as in the dq kernel; dhT [N, H, D, V+1] fp32
-    q_ptr, k_ptr, v_ptr, do_ptr, dz_ptr, dhT_ptr, cu_ptr,
-    # outputs: dk partials fp32 [NS*NV, TT, H, K], dv partials fp32 [NS, TT, H, V], dh0 like dhT
+    q_ptr, k_ptr, v_ptr, do_ptr, z_ptr, dz_ptr, dhT_ptr, cu_ptr,
+    # outputs: dk partials fp32 [NS*NV, TT, H, K]; dv [TT, H, V] in v's dtype (NS == 1) or fp32
+    # partials [NS, TT, H, V]; dh0 like dhT
     dk_ptr, dv_ptr, dh0_ptr,
     # scalars and sizes
     c, T, TT, H, K, V,
@@ -311,11 +343,7 @@ def _based_bwd_dkv_kernel(
         m_tv = m_t[:, None] & m_v[None, :]
         p_v = (rows * H + i_h)[:, None] * V + o_v[None, :]
         b_v = tl.load(v_ptr + p_v, mask=m_tv, other=0.0)
-        b_do = tl.load(do_ptr + p_v, mask=m_tv, other=0.0)
-        if USE_NORM:
-            b_dz = tl.load(dz_ptr + rows * H + i_h, mask=m_t, other=0.0)
-        else:
-            b_dz = tl.zeros([BT], dtype=tl.float32)
+        b_do, b_dz = _load_do(do_ptr, z_ptr, dz_ptr, p_v, rows * H + i_h, m_tv, m_t, USE_NORM, BT)
         p2q = _phi2(b_q, b_qa, BT, R)
         p2k = _phi2(b_k, b_ka, BT, R)
         # through the state after this chunk: d phi(k_j) = dS [v_j, 1]
@@ -337,7 +365,7 @@ def _based_bwd_dkv_kernel(
         dz2 += tl.sum(p2q * b_dz[:, None], 0)
         tl.store(p_dk + (rows * H + i_h)[:, None] * K + o_k[None, :], b_dk * c,
                  mask=m_t[:, None] & m_k[None, :])
-        tl.store(p_dv + p_v, b_dv, mask=m_tv)
+        tl.store(p_dv + p_v, b_dv.to(dv_ptr.dtype.element_ty), mask=m_tv)
     if STORE_DH0:
         _store_state(dh0_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r, i_v, i_s,
                      d0, d1, d2, dz0, dz1, dz2)
@@ -402,16 +430,16 @@ def based_bwd(q, k, v, o, z, h0, do, dhT, scale: float, use_norm: bool, cu_seqle
     B, T, H, K, V, N = _dims(q, v, cu_seqlens)
     KP, BK1, NS, BV, NV = _tiling(K, V)
     dev = q.device
-    do = do.float()
-    if use_norm:
-        rz = 1.0 / (z + EPS)
-        dz = -(do * o.float()).sum(-1) * rz
-        do = (do * rz[..., None]).contiguous()
+    if use_norm:  # the normaliser's cotangent; the kernels scale do by 1/(z+eps) on the fly
+        dz = torch.empty_like(z)
+        M = B * T * H
+        _based_bwd_dz_kernel[(triton.cdiv(M, 64),)](do, o, z, dz, M, V, BM=64, BV=min(64, BV * 2))
     else:
         dz = z  # unused
     dq = torch.empty((NS * NV, B, T, H, K), device=dev, dtype=torch.float32)
     dk = torch.empty_like(dq)
-    dv = torch.empty((NS, B, T, H, V), device=dev, dtype=torch.float32)
+    dv = torch.empty_like(v) if NS == 1 else torch.empty((NS, B, T, H, V), device=dev,
+                                                           dtype=torch.float32)
     D = feature_dim(K)
     dh0 = torch.empty((N, H, D, V + 1) if h0 is not None else (0,), device=dev, dtype=torch.float32)
     cu = z if cu_seqlens is None else cu_seqlens
@@ -419,9 +447,10 @@ def based_bwd(q, k, v, o, z, h0, do, dhT, scale: float, use_norm: bool, cu_seqle
     common = dict(VARLEN=cu_seqlens is not None, USE_NORM=use_norm, DT=_dot_dtype(q.dtype),
                   NS=NS, KP=KP, BK1=BK1, BV=BV)
     c = math.sqrt(scale)
-    _based_bwd_dq_kernel[grid](q, k, v, do, dz, z if h0 is None else h0, cu, dq,
+    _based_bwd_dq_kernel[grid](q, k, v, do, z, dz, z if h0 is None else h0, cu, dq,
                                c, T, B * T, H, K, V, HAS_H0=h0 is not None, **common)
-    _based_bwd_dkv_kernel[grid](q, k, v, do, dz, z if dhT is None else dhT, cu, dk, dv, dh0,
+    _based_bwd_dkv_kernel[grid](q, k, v, do, z, dz, z if dhT is None else dhT, cu, dk, dv, dh0,
                                 c, T, B * T, H, K, V, HAS_DHT=dhT is not None,
                                 STORE_DH0=h0 is not None, **common)
-    return dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype), dh0
+    dv = dv if NS == 1 else dv.sum(0).to(v.dtype)
+    return dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, dh0
