@@ -38,8 +38,7 @@ INV_SQRT2 = 1.0 / math.sqrt(2.0)
 def _configs():
     if triton_interpret():
         return [triton.Config({"BT": 16}, num_warps=4)]
-    return [triton.Config({"BT": bt}, num_warps=w, num_stages=s)
-            for bt in (32, 64) for w in (4, 8) for s in (1, 2)]
+    return [triton.Config({"BT": bt}, num_warps=w) for bt in (32, 64) for w in (4, 8)]
 
 
 @triton.jit
@@ -158,7 +157,7 @@ def _store_state(h_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r, i_v, i_s,
             tl.store(pz1, z1, mask=m_k)
 
 
-@triton.autotune(configs=_configs(), key=["K", "V", "NS"])
+@triton.autotune(configs=_configs(), key=["KP", "BV", "NS", "USE_NORM"])
 @triton.jit
 def _based_fwd_kernel(
     # pointers: q, k [TT, H, K], v [TT, H, V]; h0 [N, H, D, V+1] fp32; cu_seqlens [N+1]
@@ -169,7 +168,7 @@ def _based_fwd_kernel(
     c, T, TT, H, K, V,
     # meta-parameters
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, VARLEN: tl.constexpr,
-    USE_NORM: tl.constexpr, DT: tl.constexpr, NS: tl.constexpr,
+    USE_NORM: tl.constexpr, DT: tl.constexpr, DTS: tl.constexpr, NS: tl.constexpr,
     KP: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
 ):
     R: tl.constexpr = BK1 * KP
@@ -191,12 +190,12 @@ def _based_fwd_kernel(
         b_v = tl.load(v_ptr + (rows * H + i_h)[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         p2q = _phi2(b_q, b_qa, BT, R)
         p2k = _phi2(b_k, b_ka, BT, R)
-        b_o = _dot(p2q, s2, DT)
+        b_o = _dot(p2q, s2, DTS)
         b_z = tl.sum(p2q * z2[None, :], 1)
         if first:
             a = _dot(b_q, tl.trans(b_k), DT)
             f = tl.where(causal, 1.0 + a + 0.5 * a * a, 0.0)
-            b_o += _dot(f, b_v, DT) + _dot(b_q, s1, DT) + s0[None, :]
+            b_o += _dot(f, b_v, DT) + _dot(b_q, s1, DTS) + s0[None, :]
             b_z += tl.sum(f, 1) + tl.sum(b_q * z1[None, :], 1) + z0
             s1 += _dot(tl.trans(b_k), b_v, DT)
             z1 += tl.sum(b_k, 0)
@@ -249,7 +248,7 @@ def _based_bwd_dz_kernel(do_ptr, o_ptr, z_ptr, dz_ptr, M, V, BM: tl.constexpr, B
     tl.store(dz_ptr + rows, -acc / (z + 1e-6), mask=m)
 
 
-@triton.autotune(configs=_configs(), key=["K", "V", "NS"])
+@triton.autotune(configs=_configs(), key=["KP", "BV", "NS", "USE_NORM"])
 @triton.jit
 def _based_bwd_dq_kernel(
     # pointers: q, k [TT, H, K]; v, do [TT, H, V] (do: cotangent of the returned o); z, dz fp32
@@ -261,6 +260,7 @@ def _based_bwd_dq_kernel(
     c, T, TT, H, K, V,
     # meta-parameters
     HAS_H0: tl.constexpr, VARLEN: tl.constexpr, USE_NORM: tl.constexpr, DT: tl.constexpr,
+    DTS: tl.constexpr,
     NS: tl.constexpr, KP: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
 ):
     # forward sweep: dq' = (d/dq') [phi(q') S_c [do, dz]] + intra-chunk term; dq = c dq'
@@ -287,13 +287,13 @@ def _based_bwd_dq_kernel(
         b_v = tl.load(v_ptr + p_v, mask=m_tv, other=0.0)
         b_do, b_dz = _load_do(do_ptr, z_ptr, dz_ptr, p_v, rows * H + i_h, m_tv, m_t, USE_NORM, BT)
         b_dz = b_dz * w_z
-        g2 = _dot(b_do, tl.trans(s2), DT) + b_dz[:, None] * z2[None, :]
+        g2 = _dot(b_do, tl.trans(s2), DTS) + b_dz[:, None] * z2[None, :]
         b_dq = _phi2_grad(g2, b_q, b_qa, onehot, BT, BK1, KP)
         if first:
             a = _dot(b_q, tl.trans(b_k), DT)
             dA = _dot(b_do, tl.trans(b_v), DT) + b_dz[:, None]
             da = tl.where(causal, dA * (1.0 + a), 0.0)
-            b_dq += _dot(da, b_k, DT) + _dot(b_do, tl.trans(s1), DT) + b_dz[:, None] * z1[None, :]
+            b_dq += _dot(da, b_k, DT) + _dot(b_do, tl.trans(s1), DTS) + b_dz[:, None] * z1[None, :]
             s1 += _dot(tl.trans(b_k), b_v, DT)
             z1 += tl.sum(b_k, 0)
         p2k = _phi2(b_k, b_ka, BT, R)
@@ -303,7 +303,7 @@ def _based_bwd_dq_kernel(
                  mask=m_t[:, None] & m_k[None, :])
 
 
-@triton.autotune(configs=_configs(), key=["K", "V", "NS"])
+@triton.autotune(configs=_configs(), key=["KP", "BV", "NS", "USE_NORM"])
 @triton.jit
 def _based_bwd_dkv_kernel(
     # pointers: q, k, v, do, dz, cu_seqlens as in the dq kernel; dhT [N, H, D, V+1] fp32
@@ -315,7 +315,7 @@ def _based_bwd_dkv_kernel(
     c, T, TT, H, K, V,
     # meta-parameters
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, VARLEN: tl.constexpr,
-    USE_NORM: tl.constexpr, DT: tl.constexpr,
+    USE_NORM: tl.constexpr, DT: tl.constexpr, DTS: tl.constexpr,
     NS: tl.constexpr, KP: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
 ):
     # backward sweep carrying dS (gradient of the state after the current chunk)
@@ -347,16 +347,16 @@ def _based_bwd_dkv_kernel(
         p2q = _phi2(b_q, b_qa, BT, R)
         p2k = _phi2(b_k, b_ka, BT, R)
         # through the state after this chunk: d phi(k_j) = dS [v_j, 1]
-        g2 = _dot(b_v, tl.trans(d2), DT) + w_z * dz2[None, :]
+        g2 = _dot(b_v, tl.trans(d2), DTS) + w_z * dz2[None, :]
         b_dk = _phi2_grad(g2, b_k, b_ka, onehot, BT, BK1, KP)
-        b_dv = _dot(p2k, d2, DT)
+        b_dv = _dot(p2k, d2, DTS)
         if first:
             aT = _dot(b_k, tl.trans(b_q), DT)                             # [j, i]
             fT = tl.where(causal_t, 1.0 + aT + 0.5 * aT * aT, 0.0)
             dAT = _dot(b_v, tl.trans(b_do), DT) + w_z * b_dz[None, :]
             daT = tl.where(causal_t, dAT * (1.0 + aT), 0.0)
-            b_dk += _dot(daT, b_q, DT) + _dot(b_v, tl.trans(d1), DT) + w_z * dz1[None, :]
-            b_dv += _dot(fT, b_do, DT) + _dot(b_k, d1, DT) + d0[None, :]
+            b_dk += _dot(daT, b_q, DT) + _dot(b_v, tl.trans(d1), DTS) + w_z * dz1[None, :]
+            b_dv += _dot(fT, b_do, DT) + _dot(b_k, d1, DTS) + d0[None, :]
             d1 += _dot(tl.trans(b_q), b_do, DT)
             dz1 += tl.sum(b_q * b_dz[:, None], 0)
             d0 += tl.sum(b_do, 0)
@@ -381,10 +381,14 @@ def _tiling(K: int, V: int):
     return KP, BK1, NS, BV, triton.cdiv(V, BV)
 
 
-def _dot_dtype(dtype: torch.dtype):
+def _dot_dtypes(dtype: torch.dtype):
+    """Operand dtypes of the chunk-local dots and of the dots with a state. A float16 state could
+    overflow at long lengths, so state dots take bfloat16 operands for float16 inputs."""
     if dtype == torch.float32 or triton_interpret():  # bf16 tl.dot is wrong in the interpreter
-        return tl.float32
-    return tl.float16 if dtype == torch.float16 else tl.bfloat16
+        return dict(DT=tl.float32, DTS=tl.float32)
+    if dtype == torch.float16:
+        return dict(DT=tl.float16, DTS=tl.bfloat16)
+    return dict(DT=tl.bfloat16, DTS=tl.bfloat16)
 
 
 def _dims(q, v, cu_seqlens):
@@ -414,7 +418,7 @@ def based_fwd(q, k, v, h0, scale: float, use_norm: bool, cu_seqlens, store_final
         o, z, hT,
         math.sqrt(scale), T, B * T, H, K, V,
         HAS_H0=h0 is not None, STORE_FINAL=store_final, VARLEN=cu_seqlens is not None,
-        USE_NORM=use_norm, DT=_dot_dtype(q.dtype), NS=NS, KP=KP, BK1=BK1, BV=BV,
+        USE_NORM=use_norm, NS=NS, **_dot_dtypes(q.dtype), KP=KP, BK1=BK1, BV=BV,
     )
     if NS == 1:
         return o, z[0], hT
@@ -444,8 +448,8 @@ def based_bwd(q, k, v, o, z, h0, do, dhT, scale: float, use_norm: bool, cu_seqle
     dh0 = torch.empty((N, H, D, V + 1) if h0 is not None else (0,), device=dev, dtype=torch.float32)
     cu = z if cu_seqlens is None else cu_seqlens
     grid = (NV, NS, N * H)
-    common = dict(VARLEN=cu_seqlens is not None, USE_NORM=use_norm, DT=_dot_dtype(q.dtype),
-                  NS=NS, KP=KP, BK1=BK1, BV=BV)
+    common = dict(VARLEN=cu_seqlens is not None, USE_NORM=use_norm, NS=NS, **_dot_dtypes(q.dtype),
+                  KP=KP, BK1=BK1, BV=BV)
     c = math.sqrt(scale)
     _based_bwd_dq_kernel[grid](q, k, v, do, z, dz, z if h0 is None else h0, cu, dq,
                                c, T, B * T, H, K, V, HAS_H0=h0 is not None, **common)
