@@ -1,0 +1,278 @@
+"""fft_conv and s4d_kernel: registered ops -> autograd -> the documented public functions."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _backend
+from ..validation import check_same_device, check_shape, check_tensor
+from .reference import fft_conv_bwd_ref, fft_conv_fwd_ref, vandermonde_grads, vandermonde_ref
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_U_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _select(op: str, backend: str, x: Tensor) -> str:
+    def triton_ok():
+        reason = _backend.triton_reason(x.device)
+        if reason is None and x.dtype not in _TRITON_DTYPES:
+            reason = f"dtype {x.dtype} (the Triton kernel takes {_TRITON_DTYPES})"
+        return reason
+
+    return _backend.resolve(op, backend, {"triton": triton_ok, "reference": lambda: None})
+
+
+def _f32(x: Optional[Tensor]) -> Optional[Tensor]:
+    return None if x is None else x.to(torch.float32).contiguous()
+
+
+def _none(x: Tensor) -> Optional[Tensor]:
+    return None if x.numel() == 0 else x
+
+
+# ---- fft_conv: registered ops (u, gates [B, H, L] contiguous; k [H, Lk]; D [H]) ----------------
+
+@torch.library.custom_op("ssm_kernels::fft_conv_fwd", mutates_args=())
+def fft_conv_fwd_op(u: Tensor, k: Tensor, D: Optional[Tensor], pre_gate: Optional[Tensor],
+                    post_gate: Optional[Tensor], backend: str) -> Tensor:
+    if _select("fft_conv", backend, u) == "triton":
+        from .triton import fft_conv_fwd
+        return fft_conv_fwd(u, _f32(k), _f32(D), pre_gate, post_gate)
+    return fft_conv_fwd_ref(u, k, D, pre_gate, post_gate).contiguous()
+
+
+@fft_conv_fwd_op.register_fake
+def _(u, k, D, pre_gate, post_gate, backend):
+    return torch.empty_like(u)
+
+
+@torch.library.custom_op("ssm_kernels::fft_conv_bwd", mutates_args=())
+def fft_conv_bwd_op(dy: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor],
+                    pre_gate: Optional[Tensor], post_gate: Optional[Tensor],
+                    backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(du, dk, dD, dpre_gate, dpost_gate); an absent input's gradient is an empty tensor."""
+    if _select("fft_conv", backend, u) == "triton":
+        from .triton import fft_conv_bwd
+        du, dk, dD, dpre, dpost = fft_conv_bwd(dy, u, _f32(k), _f32(D), pre_gate, post_gate)
+    else:
+        du, dk, dD, dpre, dpost = fft_conv_bwd_ref(dy, u, k, D, pre_gate, post_gate)
+    return (du.contiguous(), dk.to(k.dtype).contiguous(),
+            u.new_empty(0) if D is None else dD.to(D.dtype).contiguous(),
+            u.new_empty(0) if dpre is None else dpre.contiguous(),
+            u.new_empty(0) if dpost is None else dpost.contiguous())
+
+
+@fft_conv_bwd_op.register_fake
+def _(dy, u, k, D, pre_gate, post_gate, backend):
+    return (torch.empty_like(u), torch.empty_like(k),
+            u.new_empty(0) if D is None else torch.empty_like(D),
+            u.new_empty(0) if pre_gate is None else torch.empty_like(pre_gate),
+            u.new_empty(0) if post_gate is None else torch.empty_like(post_gate))
+
+
+def _conv_setup(ctx, inputs, output):
+    u, k, D, pre_gate, post_gate, backend = inputs
+    ctx.save_for_backward(u, k, D, pre_gate, post_gate)
+    ctx.backend = backend
+
+
+def _conv_backward(ctx, dy):
+    u, k, D, pre_gate, post_gate = ctx.saved_tensors
+    du, dk, dD, dpre, dpost = fft_conv_bwd_op(dy.contiguous(), u, k, D, pre_gate, post_gate,
+                                              ctx.backend)
+    return (du, dk, None if D is None else dD, None if pre_gate is None else dpre,
+            None if post_gate is None else dpost, None)
+
+
+fft_conv_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, pre_gate: Optional[Tensor] = None,
+             post_gate: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    """Causal long convolution (Hyena, H3, M2, S4-family layers), channel by channel.
+
+    ``v = u * pre_gate``;  ``y[b,h,t] = sum_{s<=t} k[h,s] v[b,h,t-s] + D[h] v[b,h,t]``;
+    ``y = y * post_gate``. Linear (not circular): the transform size (a power of two >=
+    L + Lk - 1) is picked inside, so any L >= 1 works.
+
+    Args:
+        u: ``(B, H, L)`` input, float32, float16 or bfloat16 (float64 on the reference backend),
+            L >= 1; arithmetic is float32 whatever the storage.
+        k: ``(H, Lk)`` filter, 1 <= Lk <= L (shorter filters are zero-padded), float32 (any real
+            floating dtype is accepted and used in float32; float64 with float64 u).
+        D: ``(H,)`` skip weight, float32, or None.
+        pre_gate: ``(B, H, L)`` multiplier applied to u before the convolution, u's dtype, or None.
+        post_gate: ``(B, H, L)`` multiplier applied to the output, u's dtype, or None.
+        backend: None (env SSM_KERNELS_BACKEND, default "auto"), "auto", "triton" or "reference".
+            An explicit backend that cannot serve the call raises.
+
+    Returns:
+        ``y`` of shape ``(B, H, L)`` in u's dtype. Differentiable in u, k, D and both gates (k's
+        and D's gradients are accumulated over the batch in float32, deterministically).
+        Non-contiguous inputs are copied to contiguous ones.
+
+    Example:
+        >>> import torch, ssm_kernels
+        >>> u = torch.randn(2, 4, 1000)
+        >>> k = torch.randn(4, 1000) / 30
+        >>> y = ssm_kernels.fft_conv(u, k, torch.randn(4), post_gate=torch.sigmoid(u))
+        >>> y.shape
+        torch.Size([2, 4, 1000])
+    """
+    check_tensor("u", u, rank=3)
+    check_tensor("k", k, rank=2)
+    if u.is_complex() or u.dtype not in _U_DTYPES:
+        raise TypeError(f"fft_conv: u must have dtype in {_U_DTYPES} (real), got {u.dtype}")
+    if not k.is_floating_point():
+        raise TypeError(f"fft_conv: k must have a real floating dtype (float32), got {k.dtype}")
+    B, H, L = u.shape
+    if L == 0:
+        raise ValueError(f"fft_conv: u must have length L >= 1 along its last axis, got shape {tuple(u.shape)}")
+    if k.shape[0] != H:
+        raise ValueError(f"fft_conv: k must have shape (H, Lk) with H = {H} (u's dim 1), "
+                         f"got {tuple(k.shape)}")
+    if not 1 <= k.shape[1] <= L:
+        raise ValueError(f"fft_conv: k's length Lk must satisfy 1 <= Lk <= L = {L}, got "
+                         f"k of shape {tuple(k.shape)}")
+    if D is not None:
+        check_tensor("D", D)
+        if not D.is_floating_point():
+            raise TypeError(f"fft_conv: D must have a real floating dtype (float32), got {D.dtype}")
+        check_shape("D", D, (H,))
+    for name, gate in (("pre_gate", pre_gate), ("post_gate", post_gate)):
+        if gate is not None:
+            check_tensor(name, gate)
+            check_shape(name, gate, tuple(u.shape))
+            if gate.dtype != u.dtype:
+                raise TypeError(f"fft_conv: {name} must have u's dtype {u.dtype}, got {gate.dtype}")
+    check_same_device("fft_conv", u=u, k=k, D=D, pre_gate=pre_gate, post_gate=post_gate)
+    c = lambda x: None if x is None else x.contiguous()  # noqa: E731
+    return fft_conv_fwd_op(u.contiguous(), k.contiguous(), c(D), c(pre_gate), c(post_gate),
+                           _backend.normalize(backend))
+
+
+# ---- s4d_kernel: registered Vandermonde ops ------------------------------------------------------
+# Complex tensors travel as real / imaginary parts; dt as a [H, 2] (hi, lo) pair whose sum is the
+# float64 step (the kernel forms dt * A * l in double-float, see s4d.py).
+
+def _c64(wr, wi, ar, ai, dt2):
+    d = torch.float64
+    return (torch.complex(wr.to(d), wi.to(d)), dt2.to(d).sum(1), torch.complex(ar.to(d), ai.to(d)))
+
+
+@torch.library.custom_op("ssm_kernels::s4d_vandermonde", mutates_args=())
+def s4d_vandermonde_op(wr: Tensor, wi: Tensor, ar: Tensor, ai: Tensor, dt2: Tensor, L: int,
+                       backend: str) -> Tensor:
+    if _select("s4d_kernel", backend, wr) == "triton":
+        from .s4d import vandermonde_fwd
+        return vandermonde_fwd(*(x.float().contiguous() for x in (wr, wi, ar, ai, dt2)), L)
+    # the reference evaluates in float64 and returns the input precision
+    return vandermonde_ref(*_c64(wr, wi, ar, ai, dt2), L).to(wr.dtype).contiguous()
+
+
+@s4d_vandermonde_op.register_fake
+def _(wr, wi, ar, ai, dt2, L, backend):
+    return wr.new_empty((wr.shape[0], L))
+
+
+@torch.library.custom_op("ssm_kernels::s4d_vandermonde_bwd", mutates_args=())
+def s4d_vandermonde_bwd_op(wr: Tensor, wi: Tensor, ar: Tensor, ai: Tensor, dt2: Tensor, dK: Tensor,
+                           backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients for (wr, wi, ar, ai, dt2); both columns of dt2 get d/d(dt)."""
+    W, dt, A = _c64(wr, wi, ar, ai, dt2)
+    if _select("s4d_kernel", backend, wr) == "triton":
+        from .s4d import vandermonde_sums
+        S1, S2 = vandermonde_sums(*(x.float().contiguous() for x in (ar, ai, dt2, dK)))
+        S1, S2 = S1.to(torch.complex128), S2.to(torch.complex128)
+    else:
+        from .reference import vandermonde_sums_ref
+        S1, S2 = vandermonde_sums_ref(W, dt, A, dK.to(torch.float64))
+    gW, gA, gdt = vandermonde_grads(W, dt, A, S1, S2)  # float64: the sum over modes cancels
+    return (gW.real.to(wr.dtype).contiguous(), gW.imag.to(wr.dtype).contiguous(),
+            gA.real.to(ar.dtype).contiguous(), gA.imag.to(ar.dtype).contiguous(),
+            gdt[:, None].expand(-1, 2).to(dt2.dtype).contiguous())
+
+
+@s4d_vandermonde_bwd_op.register_fake
+def _(wr, wi, ar, ai, dt2, dK, backend):
+    return (torch.empty_like(wr), torch.empty_like(wi), torch.empty_like(ar), torch.empty_like(ai),
+            torch.empty_like(dt2))
+
+
+def _vand_setup(ctx, inputs, output):
+    wr, wi, ar, ai, dt2, L, backend = inputs
+    ctx.save_for_backward(wr, wi, ar, ai, dt2)
+    ctx.backend = backend
+
+
+def _vand_backward(ctx, dK):
+    g = s4d_vandermonde_bwd_op(*ctx.saved_tensors, dK.contiguous(), ctx.backend)
+    return (*g, None, None)
+
+
+s4d_vandermonde_op.register_autograd(_vand_backward, setup_context=_vand_setup)
+
+
+def _expm1_complex(z: Tensor) -> Tensor:
+    """exp(z) - 1 without cancellation for small |z| (dt A is often ~1e-3)."""
+    a, b = z.real, z.imag
+    half = torch.sin(0.5 * b)
+    return torch.complex(torch.expm1(a) * torch.cos(b) - 2.0 * half * half, torch.exp(a) * torch.sin(b))
+
+
+def s4d_kernel(log_dt: Tensor, A: Tensor, C: Tensor, L: int, *, backend: Optional[str] = None) -> Tensor:
+    """The S4D convolution filter (zero-order hold; one of each conjugate pair stored).
+
+    ``K[h, l] = 2 Re( sum_n C[h,n] (exp(dt_h A[h,n]) - 1) / A[h,n] * exp(dt_h A[h,n] l) )``,
+    ``dt = exp(log_dt)``, computed by a fused Vandermonde kernel that never materialises
+    ``(H, N, L)``.
+
+    Args:
+        log_dt: ``(H,)`` float32 (float64 on the reference backend), log step sizes.
+        A: ``(H, N)`` complex64 state matrix diagonal (Re(A) < 0 for a stable filter; A != 0).
+        C: ``(H, N)`` complex64 output projection.
+        L: filter length, an int >= 1 (< 2^24 on the Triton backend).
+        backend: None / "auto" / "triton" / "reference".
+
+    Returns:
+        ``K`` of shape ``(H, L)``, float32 (float64 for complex128 inputs), ready for
+        ``fft_conv``; differentiable in log_dt, A and C (complex gradients in torch's convention).
+
+    Example:
+        >>> import torch, ssm_kernels
+        >>> H, N = 4, 32
+        >>> log_dt = torch.rand(H) * 4 - 7
+        >>> A = torch.complex(-0.5 * torch.ones(H, N), 3.14159 * torch.arange(N).float().expand(H, N))
+        >>> C = torch.randn(H, N, dtype=torch.complex64)
+        >>> ssm_kernels.s4d_kernel(log_dt, A, C, 1024).shape
+        torch.Size([4, 1024])
+    """
+    check_tensor("log_dt", log_dt, rank=1)
+    check_tensor("A", A, rank=2)
+    check_tensor("C", C, rank=2)
+    if log_dt.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"s4d_kernel: log_dt must be float32 (or float64), got {log_dt.dtype}")
+    for name, x in (("A", A), ("C", C)):
+        if x.dtype not in (torch.complex64, torch.complex128):
+            raise TypeError(f"s4d_kernel: {name} must be complex64 (or complex128), got {x.dtype}")
+    H = log_dt.shape[0]
+    check_shape("A", A, (H, None))
+    check_shape("C", C, tuple(A.shape))
+    if isinstance(L, bool) or not isinstance(L, int) or L < 1:
+        raise ValueError(f"s4d_kernel: L must be an int >= 1, got {L!r}")
+    check_same_device("s4d_kernel", log_dt=log_dt, A=A, C=C)
+    hi = torch.complex128 in (A.dtype, C.dtype) or log_dt.dtype == torch.float64
+    # the per-mode weights (H x N, tiny) in float64; dt enters the kernel as an fp32 (hi, lo) pair
+    dt = torch.exp(log_dt.to(torch.float64))
+    A64 = A.to(torch.complex128)
+    W = C.to(torch.complex128) * _expm1_complex(dt[:, None] * A64) / A64
+    if hi:
+        dt2 = torch.stack([dt, torch.zeros_like(dt)], 1)
+        A = A64
+    else:
+        dt_hi = dt.to(torch.float32)
+        dt2 = torch.stack([dt_hi, (dt - dt_hi.to(torch.float64)).to(torch.float32)], 1)
+        W = W.to(torch.complex64)
+    return s4d_vandermonde_op(W.real, W.imag, A.real, A.imag, dt2, int(L), _backend.normalize(backend))

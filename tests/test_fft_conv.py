@@ -1,0 +1,358 @@
+"""fft_conv and s4d_kernel against float64 oracles: outputs and every gradient, odd lengths,
+both Triton paths (on-chip and the multi-pass long path), low precision, errors, opcheck, compile."""
+import pytest
+import torch
+
+import ssm_kernels as sk
+from ssm_kernels.fft_conv import triton as fft_triton
+from ssm_kernels.fft_conv.interface import (fft_conv_bwd_op, fft_conv_fwd_op, s4d_vandermonde_bwd_op,
+                                            s4d_vandermonde_op)
+from ssm_kernels.fft_conv.reference import fft_conv_direct, fft_conv_ref, s4d_kernel_ref
+from ssm_kernels.testing import assert_close
+
+from conftest import DEVICE, kernel_backends
+
+BACKENDS = ["reference"] + kernel_backends()
+NAMES = ["y", "du", "dk", "dD", "dpre_gate", "dpost_gate"]
+
+
+def make(B, H, L, Lk, dtype=torch.float32, device=DEVICE, D=True, pre=True, post=True):
+    u = torch.randn(B, H, L, device=device).to(dtype)
+    kd = torch.float64 if dtype == torch.float64 else torch.float32
+    k = (torch.randn(H, Lk, device=device) / Lk ** 0.5).to(kd)
+    d = torch.randn(H, device=device).to(kd) if D else None
+    pg = torch.randn(B, H, L, device=device).to(dtype) if pre else None
+    qg = torch.randn(B, H, L, device=device).to(dtype) if post else None
+    return u, k, d, pg, qg
+
+
+def run(fn, u, k, D, pg, qg, cot, **kw):
+    """Forward + backward with cotangent `cot`: (y, du, dk, dD, dpre, dpost) (None when absent)."""
+    ins = [None if x is None else x.detach().requires_grad_() for x in (u, k, D, pg, qg)]
+    y = fn(ins[0], ins[1], ins[2], pre_gate=ins[3], post_gate=ins[4], **kw)
+    live = [x for x in ins if x is not None]
+    grads = iter(torch.autograd.grad((y * cot.to(y.dtype)).sum(), live))
+    return [y] + [None if x is None else next(grads) for x in ins]
+
+
+def check(backend, B, H, L, Lk, dtype=torch.float32, oracle=fft_conv_direct, **flags):
+    u, k, D, pg, qg = make(B, H, L, Lk, dtype, **flags)
+    cot = torch.randn(B, H, L, dtype=torch.float64)
+    out = run(sk.fft_conv, u, k, D, pg, qg, cot.to(DEVICE), backend=backend)
+    hi = [None if x is None else x.detach().cpu().double() for x in (u, k, D, pg, qg)]
+    ref = run(oracle, *hi, cot)
+    lowp = None
+    if dtype in (torch.float16, torch.bfloat16):
+        lowp = run(fft_conv_ref, *(None if x is None else x.cpu() for x in (u, k, D, pg, qg)), cot.to(dtype))
+    for i, name in enumerate(NAMES):
+        if ref[i] is None:
+            assert out[i] is None
+            continue
+        assert out[i].dtype == (u, u, k, D, pg, qg)[i].dtype, name
+        # low precision: every output (dk, dD too) sees the rounded cotangent -> the 2x rule
+        assert_close(out[i], ref[i], dtype=dtype, lowp_ref=None if lowp is None else lowp[i],
+                     name=f"{backend} L={L} Lk={Lk} {name}")
+
+
+@pytest.fixture
+def long_path(monkeypatch):
+    """Route every transform past 256 points through the multi-pass path (small shapes, CPU)."""
+    monkeypatch.setattr(fft_triton, "MAX_ONCHIP_N", 256)
+
+
+# ---- the reference is the spec: rfft version == direct convolution ----------------------------
+
+@pytest.mark.parametrize("L,Lk", [(1, 1), (17, 5), (64, 64), (257, 100)])
+def test_reference_matches_direct(L, Lk):
+    check("reference", 2, 3, L, Lk, torch.float64)
+
+
+def test_reference_against_explicit_loop():
+    u, k, D, _, _ = make(1, 2, 9, 4, torch.float64, device="cpu")
+    y = fft_conv_direct(u, k, D)
+    for t in range(9):
+        want = sum(k[:, s] * u[0, :, t - s] for s in range(min(t + 1, 4))) + D * u[0, :, t]
+        assert torch.allclose(y[0, :, t], want, atol=1e-12)
+
+
+# ---- kernels -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("L", [1, 2, 3, 17, 255, 256, 257])
+@pytest.mark.parametrize("full", [True, False])
+def test_matches_oracle(backend, L, full):
+    Lk = L if full else max(1, L // 3)
+    check(backend, 2, 3, L, Lk)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("D,pre,post", [(False, False, False), (True, False, False),
+                                        (False, True, False), (False, False, True),
+                                        (True, True, True)])
+def test_features(backend, D, pre, post):
+    check(backend, 3, 2, 45, 31, D=D, pre=pre, post=post)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_onchip_1000(backend):
+    check(backend, 2, 2, 1000, 1000)  # N = 2048 in one program (32 x 64 tiles)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("L,Lk,flags", [(600, 600, {}),                  # N = 2048 = 8 x 256
+                                        (1000, 333, {"pre": False}),     # outer factor < tile
+                                        (1100, 1000, {"D": False, "post": False})])  # 16 x 256
+def test_long_path(backend, L, Lk, flags, long_path):
+    assert fft_triton.plan(L, Lk)[0] == "long"
+    check(backend, 2, 2, L, Lk, **flags)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision(backend, dtype):
+    check(backend, 2, 3, 100, 77, dtype)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_low_precision_long_path(backend, long_path):
+    check(backend, 1, 2, 600, 400, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_batch_split_partials(backend, monkeypatch):
+    """More rows than programs per head: dk / dD partials over batch slices are summed."""
+    monkeypatch.setattr(fft_triton, "_batch_split", lambda B, H: (3, -(-B // 3)))
+    check(backend, 7, 2, 40, 40)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_backward_is_deterministic(backend):
+    u, k, D, pg, qg = make(4, 2, 70, 70)
+    cot = torch.randn(4, 2, 70, device=DEVICE)
+    a = run(sk.fft_conv, u, k, D, pg, qg, cot, backend=backend)
+    b = run(sk.fft_conv, u, k, D, pg, qg, cot, backend=backend)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_and_eval_mode(backend):
+    u, k, D, _, qg = make(3, 4, 30, 30, pre=False)
+    u_nc = u.transpose(0, 1).contiguous().transpose(0, 1)  # same values, permuted strides
+    assert not u_nc.is_contiguous()
+    with torch.no_grad():
+        y = sk.fft_conv(u_nc, k[:, ::2], D, post_gate=qg, backend=backend)
+    assert_close(y, fft_conv_direct(u.double().cpu(), k[:, ::2].double().cpu(), D.double().cpu(),
+                                    post_gate=qg.double().cpu()), dtype=torch.float32)
+
+
+def test_auto_picks_reference_for_float64():
+    u, k, D, pg, qg = make(2, 2, 20, 7, torch.float64)
+    y = sk.fft_conv(u, k.double(), D.double(), pre_gate=pg, post_gate=qg)
+    assert y.dtype == torch.float64
+    assert_close(y, fft_conv_direct(u, k.double(), D.double(), pre_gate=pg, post_gate=qg),
+                 dtype=torch.float64)
+
+
+def test_plan():
+    assert fft_triton.plan(1, 1)[:2] == ("onchip", 256)
+    assert fft_triton.plan(4096, 4096) == ("onchip", 8192, 64, 128)
+    kind, n, P, Q = fft_triton.plan(1 << 20, 1 << 20)
+    assert kind == "long" and n == P * Q == 1 << 21 and Q <= fft_triton.max_onchip_n()
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+def test_errors_name_the_argument():
+    u, k, D, pg, qg = make(2, 3, 10, 4, device="cpu")
+    cases = [
+        (ValueError, "Lk <= L", dict(k=torch.randn(3, 11))),
+        (ValueError, "H = 3", dict(k=torch.randn(2, 4))),
+        (ValueError, "post_gate must have shape", dict(post_gate=qg[:, :, :5])),
+        (ValueError, "pre_gate must have shape", dict(pre_gate=pg[0])),
+        (TypeError, "pre_gate must have u's dtype", dict(pre_gate=pg.double())),
+        (TypeError, "u must have dtype", dict(u=torch.randn(2, 3, 10, dtype=torch.complex64))),
+        (TypeError, "u must have dtype", dict(u=torch.ones(2, 3, 10, dtype=torch.int32))),
+        (ValueError, "D must have shape", dict(D=torch.randn(4))),
+        (TypeError, "D must have a real floating", dict(D=torch.ones(3, dtype=torch.int64))),
+        (ValueError, "u must have rank 3", dict(u=u[0])),
+        (ValueError, "k must have rank 2", dict(k=k[0])),
+        (TypeError, "k must have a real floating", dict(k=torch.ones(3, 4, dtype=torch.int64))),
+        (TypeError, "must be a torch.Tensor", dict(k=[1.0])),
+        (ValueError, "L >= 1", dict(u=u[:, :, :0], k=k[:, :0])),
+    ]
+    for err, msg, over in cases:
+        args = dict(u=u, k=k, D=D, pre_gate=None, post_gate=None)
+        args.update(over)
+        with pytest.raises(err, match=msg):
+            sk.fft_conv(args.pop("u"), args.pop("k"), args.pop("D"), **args)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sk.fft_conv(u, k, backend="cufft")
+    with pytest.raises(sk.BackendUnavailableError, match="cuda"):
+        sk.fft_conv(u, k, backend="cuda")
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs two devices")
+def test_device_mismatch():
+    u, k, D, _, _ = make(2, 3, 10, 4)
+    with pytest.raises(ValueError, match="one device"):
+        sk.fft_conv(u, k.cpu())
+
+
+# ---- S4D ------------------------------------------------------------------------------------------
+
+def s4d_params(H, N, device=DEVICE, im_scale=3.14159):
+    log_dt = torch.rand(H, device=device) * (torch.log(torch.tensor(0.1)) - torch.log(torch.tensor(1e-3))) \
+        + torch.log(torch.tensor(1e-3))
+    A = torch.complex(-0.5 - torch.rand(H, N, device=device) * 0.1,
+                      im_scale * torch.arange(N, device=device).float().expand(H, N))
+    C = torch.randn(H, N, device=device, dtype=torch.complex64)
+    return log_dt, A, C
+
+
+def check_s4d(backend, H, N, L, **kw):
+    log_dt, A, C = s4d_params(H, N, **kw)
+    cot = torch.randn(H, L, dtype=torch.float64)
+    ins = [x.detach().requires_grad_() for x in (log_dt, A, C)]
+    K = sk.s4d_kernel(*ins, L, backend=backend)
+    assert K.shape == (H, L) and K.dtype == torch.float32
+    grads = torch.autograd.grad((K * cot.to(K)).sum(), ins)
+    hi = [x.detach().cpu().to(torch.float64 if not x.is_complex() else torch.complex128).requires_grad_()
+          for x in (log_dt, A, C)]
+    Kr = s4d_kernel_ref(*hi, L)
+    ref = torch.autograd.grad((Kr * cot).sum(), hi)
+    assert_close(K, Kr, dtype=torch.float32, name=f"{backend} K")
+    for g, r, name in zip(grads, ref, ["log_dt", "A", "C"]):
+        assert g.dtype == (log_dt, A, C)[["log_dt", "A", "C"].index(name)].dtype
+        assert_close(g, r, dtype=torch.float32, name=f"{backend} grad {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("H,N,L", [(3, 8, 1), (2, 17, 100), (3, 33, 257)])
+def test_s4d_matches_reference(backend, H, N, L):
+    check_s4d(backend, H, N, L)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_s4d_long_filter_phase(backend):
+    """Large Im(dtA) * l: the phase is reduced exactly, so fp32 holds at long L."""
+    check_s4d(backend, 2, 16, 3000, im_scale=50.0)
+
+
+def test_s4d_reference_is_the_formula():
+    H, N, L = 2, 3, 7
+    log_dt, A, C = [x.to(torch.float64 if not x.is_complex() else torch.complex128)
+                    for x in s4d_params(H, N, device="cpu")]
+    K = s4d_kernel_ref(log_dt, A, C, L)
+    dt = log_dt.exp()
+    for h in range(H):
+        for l in range(L):
+            want = 2 * sum((C[h, n] * (torch.exp(dt[h] * A[h, n]) - 1) / A[h, n]
+                            * torch.exp(dt[h] * A[h, n] * l)).real for n in range(N))
+            assert abs(K[h, l] - want) < 1e-10
+
+
+def test_s4d_errors():
+    log_dt, A, C = s4d_params(3, 4, device="cpu")
+    with pytest.raises(TypeError, match="A must be complex64"):
+        sk.s4d_kernel(log_dt, A.real, C, 10)
+    with pytest.raises(ValueError, match="C must have shape"):
+        sk.s4d_kernel(log_dt, A, C[:, :2], 10)
+    with pytest.raises(ValueError, match="A must have shape"):
+        sk.s4d_kernel(log_dt[:2], A, C, 10)
+    with pytest.raises(ValueError, match="L must be an int >= 1"):
+        sk.s4d_kernel(log_dt, A, C, 0)
+    with pytest.raises(TypeError, match="log_dt must be float32"):
+        sk.s4d_kernel(log_dt.half(), A, C, 10)
+
+
+# ---- opcheck and compile ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    u, k, D, pg, qg = make(2, 2, 20, 9)
+    dy = torch.randn_like(u)
+    torch.library.opcheck(fft_conv_fwd_op, (u, k, D, pg, qg, backend))
+    torch.library.opcheck(fft_conv_fwd_op, (u.requires_grad_(), k.requires_grad_(), None, None, None, backend))
+    torch.library.opcheck(fft_conv_bwd_op, (dy, u.detach(), k.detach(), D, pg, qg, backend))
+    torch.library.opcheck(fft_conv_bwd_op, (dy, u.detach(), k.detach(), None, None, None, backend))
+    log_dt, A, C = s4d_params(2, 5)
+    dt2 = torch.stack([log_dt.exp(), torch.zeros_like(log_dt)], 1)
+    parts = [x.contiguous() for x in (C.real, C.imag, A.real, A.imag, dt2)]
+    torch.library.opcheck(s4d_vandermonde_op, (*parts, 11, backend))
+    torch.library.opcheck(s4d_vandermonde_op, (*(p.clone().requires_grad_() for p in parts), 11, backend))
+    torch.library.opcheck(s4d_vandermonde_bwd_op, (*parts, torch.randn(2, 11, device=DEVICE), backend))
+
+
+def _compile_roundtrip(backend):
+    torch._dynamo.reset()
+
+    def f(u, k, D, qg, log_dt, A, C):
+        kk = k + sk.s4d_kernel(log_dt, A, C, k.shape[1], backend=backend)
+        return sk.fft_conv(u, kk, D, post_gate=qg, backend=backend)
+
+    u, k, D, _, qg = make(2, 3, 24, 24, pre=False)
+    log_dt, A, C = s4d_params(3, 4)
+    ins = [x.requires_grad_() for x in (u, k, D, qg, log_dt, A, C)]
+    y = torch.compile(f, fullgraph=True)(*ins)
+    g = torch.autograd.grad(y.square().sum(), ins)
+    y_e = f(*ins)
+    g_e = torch.autograd.grad(y_e.square().sum(), ins)
+    assert_close(y, y_e.double(), dtype=torch.float32)
+    for a, b in zip(g, g_e):
+        assert_close(a, b.to(torch.complex128 if b.is_complex() else torch.float64), dtype=torch.float32)
+
+
+def test_compile_fullgraph_reference():
+    _compile_roundtrip("reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_compile_fullgraph_gpu(backend):
+    _compile_roundtrip(backend)
+
+
+# ---- real sizes on the GPU ----------------------------------------------------------------------------
+
+def check_gpu(backend, B, H, L, Lk, dtype, **flags):
+    """Like check(), with the float64 rfft reference on the GPU as oracle (verified against the
+    direct convolution above); the direct one is O(L^2)."""
+    u, k, D, pg, qg = make(B, H, L, Lk, dtype, **flags)
+    cot = torch.randn(B, H, L, dtype=torch.float64, device=DEVICE)
+    out = run(sk.fft_conv, u, k, D, pg, qg, cot, backend=backend)
+    ref = run(fft_conv_ref, *(None if x is None else x.double() for x in (u, k, D, pg, qg)), cot)
+    lowp = run(fft_conv_ref, u, k, D, pg, qg, cot.to(dtype)) if dtype != torch.float32 else None
+    for i, name in enumerate(NAMES):
+        if ref[i] is not None:
+            assert_close(out[i], ref[i], dtype=dtype, lowp_ref=None if lowp is None else lowp[i],
+                         name=f"L={L} Lk={Lk} {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("L", [1, 17, 255, 257, 1000, 4096, 5000, 65536])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("full", [True, False])
+def test_gpu_real_sizes(backend, L, dtype, full):
+    check_gpu(backend, 2, 64, L, L if full else max(1, L // 4 + 1), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_one_million(backend, dtype):
+    check_gpu(backend, 1, 4, 1 << 20, 1 << 20, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_gpu_features_at_4096(backend):
+    for D, pre, post in [(False, False, False), (True, False, True), (False, True, False)]:
+        check_gpu(backend, 8, 96, 4096, 4096, torch.float32, D=D, pre=pre, post=post)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_gpu_s4d(backend):
+    check_s4d(backend, 256, 64, 16384)
