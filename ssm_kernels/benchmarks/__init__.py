@@ -6,5 +6,6 @@ FAMILIES = {
     "based": "ssm_kernels.benchmarks.based",
     "linear_attn": "ssm_kernels.benchmarks.linear_attn",
     "linear_scan": "ssm_kernels.benchmarks.linear_scan",
+    "selective_scan": "ssm_kernels.benchmarks.selective_scan",
     "fft_conv": "ssm_kernels.benchmarks.fft_conv",
 }

@@ -263,8 +263,6 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         raise ValueError(f"{op}: A must have shape (dim, dstate) with dim={dim}, got {tuple(A.shape)}")
     if not 1 <= A.shape[1] <= MAX_DSTATE:
         raise ValueError(f"{op}: dstate (A.shape[1]) must be in [1, {MAX_DSTATE}], got {A.shape[1]}")
-    check_same_device(op, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
-                      initial_state=initial_state, cu_seqlens=cu_seqlens)
     Bc = _check_bc("B", B, u, A)
     Cc = _check_bc("C", C, u, A)
     if Bc.dim() == 4 and Cc.dim() == 4 and Bc.shape[1] != Cc.shape[1]:
@@ -276,6 +274,12 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         _check_weight_vector(op, "delta_bias", delta_bias, dim, u)
     if z is not None:
         _check_storage("z", z, u, u.shape)
+    if initial_state is not None:
+        check_tensor("initial_state", initial_state)
+    if cu_seqlens is not None:
+        check_tensor("cu_seqlens", cu_seqlens)
+    check_same_device(op, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+                      initial_state=initial_state, cu_seqlens=cu_seqlens)
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, u)
     nseq = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1

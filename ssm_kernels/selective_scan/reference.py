@@ -182,27 +182,120 @@ def ckpt_offsets(cu_seqlens: torch.Tensor, dstate: int) -> torch.Tensor:
     return torch.cat([n.new_zeros(1), n.cumsum(0)[:-1]]).to(torch.int32)
 
 
+def _bwd_one(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, dout, dlast):
+    """Analytic backward of one packed batch, the algebra the kernels use (real or complex):
+
+        g[t] = dL/dh[t] = dy[t] conj(C[t]) (x2 for complex A) + conj(a[t+1]) g[t+1],
+        g[L-1] also receives d last_state;  with P = a[t] h[t-1] = h[t] - X[t], X = dt u B:
+        dA += dt g conj(P),  d dt += Re(g conj(P A)) + u Re(g conj(B)),  du += dt Re(g conj(B)),
+        dB += dt u g,  dC += dy conj(h) (x2 for complex),  d h0 = conj(a[0]) g[0].
+    """
+    cd = compute_dtype(u, delta, A)
+    sd = state_dtype(u if cd == torch.float32 else u.to(cd), A)
+    cplx = A.is_complex()
+    batch, dim, L = u.shape
+    N = A.shape[1]
+    uu = u.to(cd)
+    raw = delta.to(cd) + (0 if delta_bias is None else delta_bias.to(cd)[:, None])
+    dt = F.softplus(raw) if delta_softplus else raw
+    A_ = A.to(sd)
+
+    def full(M):
+        """B or C as (batch, dim, N, L) in the state dtype."""
+        if M.dim() == 2:
+            return M.to(sd)[None, :, :, None].expand(batch, dim, N, L)
+        m = _as_complex_time(M, cd) if cplx else M.to(cd)
+        return m.repeat_interleave(dim // M.shape[1], dim=1)
+
+    Bf, Cf = full(B), full(C)
+    a = torch.exp(dt[:, :, None, :] * A_[None, :, :, None])  # (batch, dim, N, L)
+    X = (dt * uu)[:, :, None, :] * Bf
+    hs = []
+    h = torch.zeros(batch, dim, N, dtype=sd, device=u.device) if h0 is None else h0.to(sd)
+    for t in range(L):
+        h = a[..., t] * h + X[..., t]
+        hs.append(h)
+    H = torch.stack(hs, -1)
+    y = (Cf * H).sum(2)
+    y = 2 * y.real if cplx else y
+    if D is not None:
+        y = y + uu * D.to(cd)[:, None]
+    do = dout.to(cd)
+    dz = None
+    if z is not None:
+        zz = z.to(cd)
+        sig = torch.sigmoid(zz)
+        dz = (do * y * sig * (1 + zz * (1 - sig))).to(z.dtype)
+        dy = do * zz * sig
+    else:
+        dy = do
+    k = 2.0 if cplx else 1.0
+    Gd = k * dy[:, :, None, :] * Cf.conj()
+    G = torch.empty_like(H)
+    g = dlast.to(sd)
+    coef = torch.ones_like(g)
+    for t in range(L - 1, -1, -1):
+        g = Gd[..., t] + coef * g
+        G[..., t] = g
+        coef = a[..., t].conj()
+    dh0 = coef * g
+    GP = G * (H - X).conj()
+    re = (lambda x: x.real) if cplx else (lambda x: x)  # noqa: E731
+    gb = re(G * Bf.conj()).sum(2)
+    du = dt * gb
+    ddt = re(GP * A_.conj()[None, :, :, None]).sum(2) + uu * gb
+    dA = (dt[:, :, None, :] * GP).sum((0, 3))
+    dBf = (dt * uu)[:, :, None, :] * G
+    dCf = k * dy[:, :, None, :] * H.conj()
+
+    def reduce(dM, M):
+        if M.dim() == 2:
+            return dM.sum((0, 3)).to(M.dtype)
+        r = dM.reshape(batch, M.shape[1], dim // M.shape[1], N, L).sum(2)
+        if cplx:
+            r = torch.view_as_real(r).reshape(*r.shape[:-1], 2 * L)
+        return r.to(M.dtype)
+
+    dD = None
+    if D is not None:
+        du = du + dy * D.to(cd)[:, None]
+        dD = (dy * uu).sum((0, 2)).to(D.dtype)
+    if delta_softplus:
+        ddt = torch.where(raw <= 20, ddt * torch.sigmoid(raw), ddt)
+    dbias = None if delta_bias is None else ddt.sum((0, 2)).to(delta_bias.dtype)
+    return [du.to(u.dtype), ddt.to(delta.dtype), dA.to(A.dtype), reduce(dBf, B), reduce(dCf, C),
+            dD, dz, dbias, dh0]
+
+
 def selective_scan_bwd_ref(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, delta_softplus,
                            dout, dlast) -> List[Optional[torch.Tensor]]:
-    """Backward by autograd through the reference (recomputes the forward). Returns gradients for
-    (u, delta, A, B, C, D, z, delta_bias, h0), None where the input is None."""
-    inputs = [u, delta, A, B, C, D, z, delta_bias, h0]
-    with torch.enable_grad():
-        leaves = [None if x is None else x.detach().requires_grad_() for x in inputs]
-        out, last = selective_scan_ref(*leaves[:8], delta_softplus, True, initial_state=leaves[8],
-                                       cu_seqlens=cu_seqlens)
-        need = [x for x in leaves if x is not None]
-        grads = torch.autograd.grad((out, last), need, (dout.to(out.dtype), dlast.to(last.dtype)),
-                                    allow_unused=True)
-    it = iter(grads)
-    res = []
-    for x in leaves:
-        if x is None:
-            res.append(None)
+    """Gradients for (u, delta, A, B, C, D, z, delta_bias, h0) on the canonical layout, None where
+    the input is None (plain torch, no autograd: it runs inside a registered op)."""
+    with torch.no_grad():
+        if cu_seqlens is None:
+            res = _bwd_one(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, dout, dlast)
         else:
-            g = next(it)
-            res.append(torch.zeros_like(x) if g is None else g)
-    return res
+            bounds = [int(x) for x in cu_seqlens.tolist()]
+            w = 2 if A.is_complex() else 1
+            parts = []
+            for s in range(len(bounds) - 1):
+                lo, hi = bounds[s], bounds[s + 1]
+                var = lambda M: M if M.dim() == 2 else M[..., lo * w:hi * w]  # noqa: E731
+                parts.append(_bwd_one(u[..., lo:hi], delta[..., lo:hi], A, var(B), var(C), D,
+                                      None if z is None else z[..., lo:hi], delta_bias,
+                                      delta_softplus, None if h0 is None else h0[s:s + 1],
+                                      dout[..., lo:hi], dlast[s:s + 1]))
+            cat_t = lambda i: torch.cat([p[i] for p in parts], -1)  # noqa: E731
+            add = lambda i: sum(p[i] for p in parts)  # noqa: E731
+            res = [cat_t(0), cat_t(1), add(2),
+                   add(3) if B.dim() == 2 else cat_t(3), add(4) if C.dim() == 2 else cat_t(4),
+                   None if D is None else add(5), None if z is None else cat_t(6),
+                   None if delta_bias is None else add(7), torch.cat([p[8] for p in parts], 0)]
+        if h0 is None:
+            res[8] = None
+        else:
+            res[8] = res[8].to(h0.dtype)
+        return res
 
 
 # ---- the decode step ---------------------------------------------------------------------------

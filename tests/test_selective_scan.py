@@ -1,0 +1,504 @@
+"""selective scan (Mamba-1) against the float64 reference: outputs, last states, every gradient,
+packed sequences, the decode step, determinism, errors, opcheck and torch.compile."""
+import itertools
+
+import pytest
+import torch
+
+import ssm_kernels as sk
+from ssm_kernels.selective_scan.interface import (selective_scan_bwd_op, selective_scan_fwd_op,
+                                                  selective_state_update_op)
+from ssm_kernels.selective_scan.reference import selective_state_update_ref
+from ssm_kernels.testing import assert_close
+
+from conftest import DEVICE, kernel_backends
+
+BACKENDS = ["reference"] + kernel_backends()
+GRAD_NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
+LOWP = (torch.float16, torch.bfloat16)
+
+
+def make_inputs(batch=2, dim=6, L=13, N=5, dtype=torch.float32, cplx=False, bc="var", groups=2,
+                D=True, z=True, bias=True, h0=True, device=DEVICE, decay=(0.2, 1.2), dt_scale=0.5):
+    """Fresh random inputs; bc in {"const", "var" (batch, N, L), "group" (batch, G, N, L)}."""
+    u = torch.randn(batch, dim, L, device=device).to(dtype)
+    delta = (torch.randn(batch, dim, L, device=device) * dt_scale).to(dtype)
+    A = -(torch.rand(dim, N, device=device) * (decay[1] - decay[0]) + decay[0])
+    if cplx:
+        A = torch.complex(A, torch.randn(dim, N, device=device))
+    Lw = 2 * L if cplx else L
+    if bc == "const":
+        B = torch.randn(dim, N, device=device, dtype=A.dtype)
+        C = torch.randn(dim, N, device=device, dtype=A.dtype)
+    else:
+        shape = (batch, N, Lw) if bc == "var" else (batch, groups, N, Lw)
+        B = torch.randn(shape, device=device).to(dtype)
+        C = torch.randn(shape, device=device).to(dtype)
+    sd = torch.complex64 if cplx else torch.float32
+    return dict(u=u, delta=delta, A=A, B=B, C=C,
+                D=torch.randn(dim, device=device) if D else None,
+                z=torch.randn(batch, dim, L, device=device).to(dtype) if z else None,
+                delta_bias=torch.randn(dim, device=device) * 0.3 if bias else None,
+                initial_state=torch.randn(batch, dim, N, device=device, dtype=sd) if h0 else None)
+
+
+def _hi(x):
+    if x is None:
+        return None
+    if x.is_complex():
+        return x.cpu().to(torch.complex128)
+    return x.cpu().double() if x.is_floating_point() else x.cpu()
+
+
+def run(fn, inp, softplus, cot, cu_seqlens=None, **kw):
+    """Forward + backward with cotangents cot = (dout, dlast); returns [out, last, grads...]."""
+    leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in inp.items()}
+    out, last = fn(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"],
+                   leaves["D"], leaves["z"], leaves["delta_bias"], softplus, True,
+                   initial_state=leaves["initial_state"], cu_seqlens=cu_seqlens, **kw)
+    loss = (out * cot[0].to(out.device, out.dtype)).sum() + \
+        (last * cot[1].to(last.device, last.dtype).conj()).real.sum()
+    names = [k for k in GRAD_NAMES if leaves[k] is not None]
+    grads = torch.autograd.grad(loss, [leaves[k] for k in names])
+    return dict(out=out, last_state=last, **{f"d{k}": g for k, g in zip(names, grads)})
+
+
+def check(backend, inp, softplus=True, cu_seqlens=None):
+    u, A = inp["u"], inp["A"]
+    nseq = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    cot = (torch.randn(u.shape, dtype=torch.float64),
+           torch.randn(nseq, u.shape[1], A.shape[1],
+                       dtype=torch.complex128 if A.is_complex() else torch.float64))
+    out = run(sk.selective_scan_fn, inp, softplus, cot, cu_seqlens, backend=backend)
+    ref = run(sk.selective_scan_ref, {k: _hi(v) for k, v in inp.items()}, softplus, cot,
+              None if cu_seqlens is None else cu_seqlens.cpu())
+    lowp = None
+    if u.dtype in LOWP:
+        lowp = run(sk.selective_scan_ref, {k: None if v is None else v.cpu() for k, v in inp.items()},
+                   softplus, cot, None if cu_seqlens is None else cu_seqlens.cpu())
+    for k in ref:
+        assert_close(out[k], ref[k], dtype=u.dtype, lowp_ref=None if lowp is None else lowp[k],
+                     name=f"{backend} {k}")
+    return out
+
+
+# ---- forward and backward against the float64 reference --------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("D,z,bias,softplus", list(itertools.product([False, True], repeat=4)))
+def test_optional_features(backend, D, z, bias, softplus):
+    check(backend, make_inputs(D=D, z=z, bias=bias, h0=D), softplus)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cplx", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("bc", ["const", "var", "group"])
+def test_bc_variants_and_complex(backend, cplx, bc):
+    check(backend, make_inputs(cplx=cplx, bc=bc, groups=3, dim=6))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_const_and_variable_bc(backend):
+    inp = make_inputs(bc="group", groups=2)
+    inp["B"] = torch.randn(inp["u"].shape[1], inp["A"].shape[1], device=DEVICE)  # B constant
+    check(backend, inp)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("L", [1, 7, 8, 9, 33])
+def test_odd_lengths(backend, L):
+    check(backend, make_inputs(L=L, N=3, dim=5))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("N", [1, 16, 17])
+def test_dstate_sizes(backend, N):
+    check(backend, make_inputs(L=10, N=N, dim=3, batch=1))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", LOWP)
+@pytest.mark.parametrize("cplx", [False, True], ids=["real", "complex"])
+def test_low_precision(backend, dtype, cplx):
+    check(backend, make_inputs(dtype=dtype, cplx=cplx, L=11))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_decays(backend):
+    # a = exp(dt A) ~ 0 (state forgotten every step) and ~ 1 (no decay at all)
+    check(backend, make_inputs(decay=(20.0, 40.0), dt_scale=2.0))
+    check(backend, make_inputs(decay=(0.0, 1e-4), dt_scale=0.1), softplus=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_state_or_grad(backend):
+    """No initial state, last state not returned, forward under no_grad (no checkpoints saved)."""
+    inp = make_inputs(h0=False)
+    args = [inp[k] for k in ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]]
+    with torch.no_grad():
+        out = sk.selective_scan_fn(*args, True, backend=backend)
+    ref = sk.selective_scan_ref(*[_hi(a) for a in args], True)
+    assert_close(out, ref, dtype=torch.float32)
+    check(backend, inp)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_non_contiguous_inputs(backend):
+    inp = make_inputs(L=9)
+    nc = {k: v if v is None or v.dim() < 2 else v.transpose(-1, -2).contiguous().transpose(-1, -2)
+          for k, v in inp.items()}
+    assert not nc["u"].is_contiguous()
+    out = sk.selective_scan_fn(nc["u"], nc["delta"], nc["A"], nc["B"], nc["C"], nc["D"], nc["z"],
+                               nc["delta_bias"], True, backend=backend)
+    ref = sk.selective_scan_ref(*[_hi(inp[k]) for k in GRAD_NAMES[:8]], True)
+    assert_close(out, ref, dtype=torch.float32)
+
+
+# ---- packed variable-length sequences ----------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cplx", [False, True], ids=["real", "complex"])
+def test_varlen_against_reference(backend, cplx):
+    cu = torch.tensor([0, 5, 6, 17, 20], dtype=torch.int32, device=DEVICE)
+    inp = make_inputs(batch=1, L=20, cplx=cplx, bc="group", groups=2)
+    inp["initial_state"] = torch.randn(4, *inp["initial_state"].shape[1:], device=DEVICE,
+                                       dtype=inp["initial_state"].dtype)
+    check(backend, inp, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_varlen_against_loop_over_sequences(backend):
+    bounds = [0, 9, 10, 19]
+    cu = torch.tensor(bounds, dtype=torch.int64, device=DEVICE)
+    inp = make_inputs(batch=1, L=19, bc="var")
+    h0 = torch.randn(3, 6, 5, device=DEVICE)
+    args = [inp[k] for k in GRAD_NAMES[:8]]
+    out, last = sk.selective_scan_fn(*args, True, True, initial_state=h0, cu_seqlens=cu,
+                                     backend=backend)
+    for s in range(3):
+        lo, hi = bounds[s], bounds[s + 1]
+        sl = [a if a is None or a.dim() < 3 else a[..., lo:hi] for a in args]
+        o, l_ = sk.selective_scan_fn(*sl, True, True, initial_state=h0[s:s + 1], backend=backend)
+        torch.testing.assert_close(out[..., lo:hi], o, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(last[s:s + 1], l_, rtol=1e-5, atol=1e-5)
+
+
+# ---- the decode step -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_step_reproduces_scan(backend, state_dtype):
+    inp = make_inputs(L=9, bc="var")
+    u, delta, A, B, C, D, z, bias, h0 = (inp[k] for k in GRAD_NAMES)
+    out, last = sk.selective_scan_ref(*[_hi(inp[k]) for k in GRAD_NAMES[:8]], True, True,
+                                      initial_state=_hi(h0))
+    state = h0.clone().to(state_dtype)
+    ys = [sk.selective_state_update(state, u[..., t], delta[..., t], A, B[..., t], C[..., t], D,
+                                    z[..., t], bias, True, backend=backend) for t in range(9)]
+    tol = 1e-5 if state_dtype == torch.float32 else 3e-2
+    assert torch.linalg.vector_norm(torch.stack(ys, -1).cpu().double() - out) <= tol * torch.linalg.vector_norm(out)
+    assert torch.linalg.vector_norm(state.cpu().double() - last) <= tol * torch.linalg.vector_norm(last)
+
+
+def _headed_inputs(batch=3, H=4, P=5, N=6, G=2, dtype=torch.float32, broadcast=True):
+    dev = DEVICE
+    if broadcast:  # Mamba-2: one A per head, dt per head, broadcast with stride 0
+        A = (-torch.rand(H, device=dev) - 0.1)[:, None, None].expand(H, P, N)
+        dt = torch.randn(batch, H, device=dev)[:, :, None].expand(batch, H, P).to(dtype)
+        dt_bias = torch.randn(H, device=dev)[:, None].expand(H, P)
+        D = torch.randn(H, device=dev)[:, None].expand(H, P)
+    else:
+        A = -torch.rand(H, P, N, device=dev) - 0.1
+        dt = torch.randn(batch, H, P, device=dev).to(dtype)
+        dt_bias = torch.randn(H, P, device=dev)
+        D = torch.randn(H, P, device=dev)
+    return dict(state=torch.randn(batch, H, P, N, device=dev).to(dtype),
+                x=torch.randn(batch, H, P, device=dev).to(dtype), dt=dt, A=A,
+                B=torch.randn(batch, G, N, device=dev).to(dtype),
+                C=torch.randn(batch, G, N, device=dev).to(dtype), D=D,
+                z=torch.randn(batch, H, P, device=dev).to(dtype), dt_bias=dt_bias)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("broadcast", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_headed_matches_reference(backend, broadcast, dtype):
+    inp = _headed_inputs(dtype=dtype, broadcast=broadcast)
+    ref_state = inp["state"].cpu().double()
+    ref = selective_state_update_ref(ref_state, *[_hi(inp[k]) for k in ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"]],
+                                     dt_softplus=True)
+    state = inp["state"].clone()
+    out = sk.selective_state_update(state, inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"],
+                                    inp["D"], inp["z"], inp["dt_bias"], True, backend=backend)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.linalg.vector_norm(out.cpu().double() - ref) <= tol * torch.linalg.vector_norm(ref)
+    assert torch.linalg.vector_norm(state.cpu().double() - ref_state) <= tol * torch.linalg.vector_norm(ref_state)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_state_batch_indices(backend):
+    inp = _headed_inputs(batch=3)
+    pool = torch.randn(5, *inp["state"].shape[1:], device=DEVICE)
+    idx = torch.tensor([4, -1, 1], device=DEVICE, dtype=torch.int32)
+    args = [inp[k] for k in ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"]]
+    p1 = pool.clone()
+    out = sk.selective_state_update(p1, *args, True, idx, backend=backend)
+    for b, row in enumerate([4, -1, 1]):
+        if row < 0:
+            assert (out[b] == 0).all()
+            continue
+        st = pool[row:row + 1].clone()
+        o = sk.selective_state_update(st, *[a[b:b + 1] if a.shape[0] == 3 else a for a in args],
+                                      True, backend=backend)
+        torch.testing.assert_close(out[b:b + 1], o, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(p1[row:row + 1], st, rtol=1e-5, atol=1e-5)
+    for row in (0, 2, 3):  # untouched rows
+        assert torch.equal(p1[row], pool[row])
+
+
+# ---- determinism, auto, opcheck, compile --------------------------------------------------------
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_backward_is_deterministic(backend):
+    inp = make_inputs(bc="group", groups=2)
+    cot = (torch.randn(inp["u"].shape, dtype=torch.float64), torch.randn(2, 6, 5, dtype=torch.float64))
+    g1 = run(sk.selective_scan_fn, inp, True, cot, backend=backend)
+    g2 = run(sk.selective_scan_fn, inp, True, cot, backend=backend)
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), k
+
+
+def test_auto_takes_reference_for_float64():
+    inp = {k: _hi(v) for k, v in make_inputs(device="cpu").items()}
+    out = sk.selective_scan_fn(*[inp[k] for k in GRAD_NAMES[:8]], True)
+    assert out.dtype == torch.float64
+    assert_close(out, sk.selective_scan_ref(*[inp[k] for k in GRAD_NAMES[:8]], True), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    inp = make_inputs(L=6, N=3, dim=4)
+    args = (inp["u"], inp["delta"], inp["A"], inp["B"].unsqueeze(1), inp["C"].unsqueeze(1),
+            inp["D"], inp["z"], inp["delta_bias"], inp["initial_state"], None, True, True, backend)
+    leaves = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+              for a in args]
+    torch.library.opcheck(selective_scan_fwd_op, leaves)
+    out, last, ck = selective_scan_fwd_op(*args)
+    plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    bargs = (*plain[:10], ck.detach(), torch.randn_like(out), torch.randn_like(last), True, backend)
+    torch.library.opcheck(selective_scan_bwd_op, bargs)
+    h = _headed_inputs()
+    torch.library.opcheck(selective_state_update_op,
+                          (h["state"], h["x"], h["dt"], h["A"], h["B"], h["C"], h["D"], h["z"],
+                           h["dt_bias"], True, None, backend))
+
+
+def _compile_check(backend, device):
+    torch._dynamo.reset()
+    inp = make_inputs(L=7, N=3, dim=4, device=device)
+    args = [inp[k] for k in GRAD_NAMES[:8]]
+
+    def f(u, delta, A, B, C, D, z, bias, h0):
+        out, last = sk.selective_scan_fn(u, delta, A, B, C, D, z, bias, True, True,
+                                         initial_state=h0, backend=backend)
+        return out.sum() + last.square().sum()
+
+    leaves = [a.detach().clone().requires_grad_() for a in args + [inp["initial_state"]]]
+    loss = torch.compile(f, fullgraph=True)(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    leaves2 = [a.detach().clone().requires_grad_() for a in leaves]
+    loss2 = f(*leaves2)
+    grads2 = torch.autograd.grad(loss2, leaves2)
+    torch.testing.assert_close(loss, loss2)
+    for a, b in zip(grads, grads2):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_fullgraph_reference():
+    _compile_check("reference", "cpu")
+
+
+@pytest.mark.gpu
+def test_compile_fullgraph_triton():
+    _compile_check("triton", DEVICE)
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+
+def test_errors_name_the_argument():
+    inp = make_inputs(device="cpu")
+    u, delta, A, B, C, D, z, bias, h0 = (inp[k] for k in GRAD_NAMES)
+    f = sk.selective_scan_fn
+    with pytest.raises(ValueError, match="u must have rank 3"):
+        f(u[0], delta, A, B, C)
+    with pytest.raises(ValueError, match="delta must have shape"):
+        f(u, delta[..., :3], A, B, C)
+    with pytest.raises(TypeError, match="delta must have u's dtype"):
+        f(u, delta.half(), A, B, C)
+    with pytest.raises(ValueError, match="A must have shape"):
+        f(u, delta, A[:3], B, C)
+    with pytest.raises(TypeError, match="A must be float32 or complex64"):
+        f(u, delta, A.half(), B, C)
+    with pytest.raises(ValueError, match="dstate"):
+        f(u, delta, torch.zeros(6, 257), torch.zeros(2, 257, 13), torch.zeros(2, 257, 13))
+    with pytest.raises(ValueError, match="divisible by the groups of B"):
+        f(u, delta, A, torch.randn(2, 4, 5, 13), torch.randn(2, 4, 5, 13))
+    with pytest.raises(ValueError, match="time-varying B must have shape"):
+        f(u, delta, A, B[..., :5], C)
+    with pytest.raises(TypeError, match="time-varying C must have u's dtype"):
+        f(u, delta, A, B, C.double())
+    with pytest.raises(TypeError, match="time-invariant B must have A's dtype"):
+        f(u, delta, A, torch.randn(6, 5, dtype=torch.float16), C)
+    with pytest.raises(ValueError, match="D must have shape"):
+        f(u, delta, A, B, C, D[:2])
+    with pytest.raises(TypeError, match="delta_bias must be float32"):
+        f(u, delta, A, B, C, D, z, bias.half())
+    with pytest.raises(ValueError, match="z must have shape"):
+        f(u, delta, A, B, C, D, z[:1])
+    with pytest.raises(ValueError, match="initial_state must have shape"):
+        f(u, delta, A, B, C, initial_state=h0[:1])
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        f(u, delta, A, 3.0, C)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        f(u, delta, A, B, C, backend="fast")
+    with pytest.raises(sk.BackendUnavailableError, match="cuda"):
+        f(u, delta, A, B, C, backend="cuda")
+    u1, d1, B1, C1 = u[:1], delta[:1], B[:1], C[:1]
+    with pytest.raises(ValueError, match="batch must be 1"):
+        f(u, delta, A, B, C, cu_seqlens=torch.tensor([0, 13]))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        f(u1, d1, A, B1, C1, cu_seqlens=torch.tensor([0, 7, 7, 13]))
+    with pytest.raises(ValueError, match="end at seqlen"):
+        f(u1, d1, A, B1, C1, cu_seqlens=torch.tensor([0, 7, 12]))
+    with pytest.raises(TypeError, match="cu_seqlens must be int32 or int64"):
+        f(u1, d1, A, B1, C1, cu_seqlens=torch.tensor([0.0, 13.0]))
+
+
+def test_step_errors_name_the_argument():
+    h = _headed_inputs()
+    args = [h[k].cpu() for k in ["state", "x", "dt", "A", "B", "C"]]
+    g = sk.selective_state_update
+    with pytest.raises(ValueError, match="state must be"):
+        g(args[0][0, 0], *args[1:])
+    with pytest.raises(ValueError, match="x must have shape"):
+        g(args[0], args[1][:, :2], *args[2:])
+    with pytest.raises(ValueError, match="A must have shape"):
+        g(*args[:3], args[3][:2], *args[4:])
+    with pytest.raises(ValueError, match="nheads 4 must be divisible by ngroups 3"):
+        g(*args[:4], torch.randn(3, 3, 6), torch.randn(3, 3, 6))
+    with pytest.raises(ValueError, match="C must have B's shape"):
+        g(*args[:5], args[5][:, :1])
+    with pytest.raises(TypeError, match="A must be float32"):
+        g(*args[:3], args[3].to(torch.complex64), *args[4:])
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs two devices")
+def test_device_mismatch():
+    inp = make_inputs()
+    with pytest.raises(ValueError, match="one device"):
+        sk.selective_scan_fn(inp["u"], inp["delta"].cpu(), inp["A"], inp["B"], inp["C"])
+
+
+# ---- real sizes on the GPU -------------------------------------------------------------------------
+
+def check_fast(backend, inp, softplus=True, cu_seqlens=None):
+    """check() with the float64 reference on the GPU (the CPU loop is too slow at real sizes)."""
+    u, A = inp["u"], inp["A"]
+    nseq = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    cot = (torch.randn(u.shape, dtype=torch.float64, device=DEVICE),
+           torch.randn(nseq, u.shape[1], A.shape[1], device=DEVICE,
+                       dtype=torch.complex128 if A.is_complex() else torch.float64))
+    hi = lambda x: None if x is None else x.to(torch.complex128 if x.is_complex() else torch.float64)  # noqa: E731
+    out = run(sk.selective_scan_fn, inp, softplus, cot, cu_seqlens, backend=backend)
+    ref = run(sk.selective_scan_ref, {k: hi(v) for k, v in inp.items()}, softplus, cot, cu_seqlens)
+    lowp = run(sk.selective_scan_ref, inp, softplus, cot, cu_seqlens) if u.dtype in LOWP else None
+    for k in ref:
+        assert_close(out[k], ref[k], dtype=u.dtype, lowp_ref=None if lowp is None else lowp[k],
+                     name=f"{backend} {k}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("L", [1, 7, 127, 129, 2049, 4097])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_lengths_and_dtypes(backend, L, dtype):
+    check_fast(backend, make_inputs(batch=2, dim=64, L=L, N=16, dtype=dtype, bc="group", groups=2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("cplx", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("bc", ["const", "var", "group"])
+@pytest.mark.parametrize("N", [16, 64, 256])
+def test_gpu_variants(backend, cplx, bc, N):
+    check_fast(backend, make_inputs(batch=2, dim=48, L=300, N=N, cplx=cplx, bc=bc, groups=3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_gpu_varlen(backend):
+    cu = torch.tensor([0, 1, 700, 2049, 3000], dtype=torch.int32, device=DEVICE)
+    inp = make_inputs(batch=1, dim=64, L=3000, N=16, bc="group", groups=2)
+    inp["initial_state"] = torch.randn(4, 64, 16, device=DEVICE)
+    check_fast(backend, inp, cu_seqlens=cu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_gpu_deterministic_real_size(backend):
+    inp = make_inputs(batch=2, dim=1536, L=2048, N=16, dtype=torch.bfloat16, bc="var")
+    cot = (torch.randn(inp["u"].shape, device=DEVICE), torch.randn(2, 1536, 16, device=DEVICE))
+    g1 = run(sk.selective_scan_fn, inp, True, cot, backend=backend)
+    g2 = run(sk.selective_scan_fn, inp, True, cot, backend=backend)
+    for k in g1:
+        assert torch.equal(g1[k], g2[k]), k
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_gpu_long_sequence(backend):
+    """seqlen 2^20 with one channel group: constant dt, so the state has a closed form checked at
+    the end (a geometric series)."""
+    L, dim, N = 1 << 20, 8, 4
+    u = torch.ones(1, dim, L, device=DEVICE)
+    delta = torch.full((1, dim, L), 0.01, device=DEVICE)
+    A = -torch.rand(dim, N, device=DEVICE) - 0.5
+    B = torch.ones(1, N, L, device=DEVICE)
+    C = torch.ones(1, N, L, device=DEVICE)
+    out, last = sk.selective_scan_fn(u, delta, A, B, C, return_last_state=True, backend=backend)
+    a = torch.exp(0.01 * A.double())
+    fixed = 0.01 / (1 - a)  # h = a h + 0.01 converges to 0.01 / (1 - a)
+    torch.testing.assert_close(last.double(), fixed[None], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out[0, :, -1].double(), fixed.sum(-1), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_past_int32_offsets():
+    """batch * dim * seqlen > 2^31 elements (time-varying B/C of one group)."""
+    if torch.cuda.get_device_properties(0).total_memory < 60 * 2**30:
+        pytest.skip("needs 60 GiB")
+    batch, dim, L, N = 2, 1024, (1 << 20) + 3, 4
+    u = torch.ones(batch, dim, L, device=DEVICE, dtype=torch.bfloat16)
+    delta = torch.full_like(u, 0.5)
+    A = -torch.ones(dim, N, device=DEVICE)
+    B = torch.ones(batch, N, L, device=DEVICE, dtype=torch.bfloat16)
+    C = torch.ones_like(B)
+    for backend in kernel_backends():
+        out, last = sk.selective_scan_fn(u, delta, A, B, C, return_last_state=True, backend=backend)
+        fixed = 0.5 / (1 - torch.exp(torch.tensor(-0.5)))
+        assert abs(last[-1, -1, -1].item() - fixed.item()) < 1e-4
+        assert abs(out[-1, -1, -1].float().item() - N * fixed.item()) < 0.05
+        del out, last
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [64, 256])
+def test_gpu_step_real_size(batch):
+    h = _headed_inputs(batch=batch, H=64, P=64, N=16, G=1, dtype=torch.bfloat16)
+    ref_state = h["state"].double()
+    ref = selective_state_update_ref(ref_state, *[h[k].double() for k in ["x", "dt", "A", "B", "C", "D", "z", "dt_bias"]],
+                                     dt_softplus=True)
+    state = h["state"].clone()
+    out = sk.selective_state_update(state, h["x"], h["dt"], h["A"], h["B"], h["C"], h["D"], h["z"],
+                                    h["dt_bias"], True, backend="triton")
+    assert torch.linalg.vector_norm(out.double() - ref) <= 2e-2 * torch.linalg.vector_norm(ref)
