@@ -135,7 +135,17 @@ def test_fused_recurrent_decoding_agrees_with_chunk(backend):
         outs.append(o_t)
     assert_close(torch.cat(outs, 1), o_full.double(), dtype=torch.float32)
     assert_close(h, h_full.double(), dtype=torch.float32)
-    check(backend, 2, 3, 1, 16, 8, fn=sk.fused_recurrent_based)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,T,H,K,V,use_norm,varlen", [
+    (2, 3, 1, 16, 8, True, False),
+    (1, 5, 2, 32, 20, False, False),   # several row blocks: partial outputs summed
+    (1, 7, 1, 5, 17, True, True),      # odd K, V; packed sequences
+])
+def test_fused_recurrent_matches_reference(backend, B, T, H, K, V, use_norm, varlen):
+    cu = torch.tensor([0, 2, 2, 7], dtype=torch.int32) if varlen else None
+    check(backend, B, T, H, K, V, use_norm=use_norm, cu_seqlens=cu, fn=sk.fused_recurrent_based)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -244,10 +254,13 @@ def test_opcheck(backend):
     fwd = torch.ops.ssm_kernels.based_fwd.default
     qg, kg, vg = (x.requires_grad_() for x in (q.clone(), k.clone(), v.clone()))
     h0g = h0.clone().requires_grad_()
-    torch.library.opcheck(fwd, (qg, kg, vg, h0g, 0.25, True, None, True, backend))
-    torch.library.opcheck(fwd, (qg, kg, vg, None, 0.25, False, cu, False, backend),
+    torch.library.opcheck(fwd, (qg, kg, vg, h0g, 0.25, True, None, True, False, backend))
+    torch.library.opcheck(fwd, (qg, kg, vg, None, 0.25, False, cu, False, False, backend),
                           test_utils=("test_schema", "test_faketensor"))
-    o, z, hT = fwd(q, k, v, h0, 0.25, True, None, True, backend)
+    h0n = h0.repeat(2, 1, 1, 1).requires_grad_()  # one state per packed sequence
+    torch.library.opcheck(fwd, (qg, kg, vg, h0n, 0.25, True, cu, True, True, backend),
+                          test_utils=("test_schema", "test_faketensor"))
+    o, z, hT = fwd(q, k, v, h0, 0.25, True, None, True, False, backend)
     torch.library.opcheck(torch.ops.ssm_kernels.based_bwd.default,
                           (q, k, v, o, z, h0, torch.randn_like(o), torch.randn_like(hT), 0.25,
                            True, None, backend))

@@ -34,20 +34,21 @@ def _empty_state(q: Tensor) -> Tensor:
 
 @torch.library.custom_op("ssm_kernels::based_fwd", mutates_args=())
 def based_fwd_op(q: Tensor, k: Tensor, v: Tensor, h0: Optional[Tensor], scale: float,
-                 use_norm: bool, cu_seqlens: Optional[Tensor], store_final: bool,
+                 use_norm: bool, cu_seqlens: Optional[Tensor], store_final: bool, step: bool,
                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (o [B, T, H, V] in v's dtype, z [B, T, H] normaliser in the state dtype,
-    final state [N, H, D, V+1] in the state dtype, or an empty tensor if not store_final)."""
+    final state [N, H, D, V+1] in the state dtype, or an empty tensor if not store_final).
+    `step`: the token-by-token kernel (fused_recurrent_based) instead of the chunked one."""
     if _select(backend, q) == "triton":
         from .triton import based_fwd
-        return based_fwd(q, k, v, h0, scale, use_norm, cu_seqlens, store_final)
+        return based_fwd(q, k, v, h0, scale, use_norm, cu_seqlens, store_final, step)
     o, hT, z = based_parallel_ref(q, k, v, scale, use_norm, h0, store_final, cu_seqlens,
                                   return_z=True)
     return o.contiguous(), z.contiguous(), hT.contiguous() if store_final else _empty_state(q)
 
 
 @based_fwd_op.register_fake
-def _(q, k, v, h0, scale, use_norm, cu_seqlens, store_final, backend):
+def _(q, k, v, h0, scale, use_norm, cu_seqlens, store_final, step, backend):
     B, T, H, K = q.shape
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     sd = state_dtype(q.dtype)
@@ -76,7 +77,7 @@ def _(q, k, v, o, z, h0, do, dhT, scale, use_norm, cu_seqlens, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, h0, scale, use_norm, cu_seqlens, store_final, backend = inputs
+    q, k, v, h0, scale, use_norm, cu_seqlens, store_final, step, backend = inputs
     o, z, _ = output
     ctx.save_for_backward(q, k, v, o, z, h0, cu_seqlens)
     ctx.scale, ctx.use_norm, ctx.store_final, ctx.backend = scale, use_norm, store_final, backend
@@ -92,7 +93,7 @@ def _backward(ctx, do, dz, dhT):
     dq, dk, dv, dh0 = based_bwd_op(q, k, v, o, z, h0, do.contiguous(),
                                    None if dhT is None else dhT.contiguous(), ctx.scale,
                                    ctx.use_norm, cu_seqlens, ctx.backend)
-    return dq, dk, dv, (None if h0 is None else dh0), None, None, None, None, None
+    return dq, dk, dv, (None if h0 is None else dh0), None, None, None, None, None, None
 
 
 based_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -151,11 +152,12 @@ def _validate(name: str, q, k, v, scale, initial_state, cu_seqlens):
     return K ** -0.5 if scale is None else float(scale)
 
 
-def _based(name, q, k, v, scale, use_norm, initial_state, output_final_state, cu_seqlens, backend):
+def _based(name, q, k, v, scale, use_norm, initial_state, output_final_state, cu_seqlens, backend,
+           step=False):
     scale = _validate(name, q, k, v, scale, initial_state, cu_seqlens)
     h0 = None if initial_state is None else initial_state.to(state_dtype(q.dtype)).contiguous()
     o, _, hT = based_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), h0, scale,
-                            bool(use_norm), cu_seqlens, bool(output_final_state),
+                            bool(use_norm), cu_seqlens, bool(output_final_state), step,
                             _backend.normalize(backend))
     return o, (hT if output_final_state else None)
 
@@ -210,8 +212,9 @@ def fused_recurrent_based(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float
 
     Same arguments, state layout and returns as `chunk_based`; agrees with it (and with the
     float64 recurrence) to rounding: ``S_t = S_{t-1} + phi(k_t)^T [v_t, 1]``,
-    ``[o_t, z_t] = phi(q_t) S_t``. It runs the same fused sequential kernel, which for T at most
-    one chunk is a single step over the state held in registers.
+    ``[o_t, z_t] = phi(q_t) S_t``, one token at a time with the state slice in registers (no
+    chunk padding, no tensor-core dots: meant for T of one to a few tokens; use `chunk_based`
+    for prefill). Its backward is `chunk_based`'s.
 
     Example:
         >>> import torch, ssm_kernels
@@ -224,4 +227,4 @@ def fused_recurrent_based(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float
         torch.Size([1, 1, 4, 32])
     """
     return _based("fused_recurrent_based", q, k, v, scale, use_norm, initial_state,
-                  output_final_state, cu_seqlens, backend)
+                  output_final_state, cu_seqlens, backend, step=True)

@@ -219,6 +219,60 @@ def _based_fwd_kernel(
 
 
 @triton.jit
+def _based_step_kernel(
+    # pointers and outputs as in _based_fwd_kernel
+    q_ptr, k_ptr, v_ptr, h0_ptr, cu_ptr, o_ptr, z_ptr, hT_ptr,
+    # scalars and sizes
+    c, T, TT, H, K, V,
+    # meta-parameters
+    HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, VARLEN: tl.constexpr,
+    USE_NORM: tl.constexpr, NS: tl.constexpr,
+    KP: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr,
+):
+    """The recurrence one token at a time (decoding): S += phi(k_t)^T [v_t, 1], then
+    [o_t, z_t] = phi(q_t) S, with the program's state slice in registers; no tensor-core dots."""
+    R: tl.constexpr = BK1 * KP
+    i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _seq_bounds(cu_ptr, i_n, T, VARLEN)
+    o_k, o_a, o_v, m_r, rows2, onehot, m_k, m_a, m_v = _block_indices(i_v, i_s, K, V, BV, KP, BK1, R)
+    first = i_s == 0
+    s0, s1, s2, z0, z1, z2 = _load_state(h0_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r,
+                                         HAS_H0, BV, KP, R)
+    for t in range(bos, eos):
+        p_t = t * H + i_h
+        b_q = tl.load(q_ptr + p_t * K + o_k, mask=m_k, other=0.0).to(tl.float32) * c
+        b_qa = tl.load(q_ptr + p_t * K + o_a, mask=m_a, other=0.0).to(tl.float32) * c
+        b_k = tl.load(k_ptr + p_t * K + o_k, mask=m_k, other=0.0).to(tl.float32) * c
+        b_ka = tl.load(k_ptr + p_t * K + o_a, mask=m_a, other=0.0).to(tl.float32) * c
+        b_v = tl.load(v_ptr + p_t * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+        p2q = tl.reshape(b_qa[:, None] * b_q[None, :], [R]) * 0.7071067811865476
+        p2k = tl.reshape(b_ka[:, None] * b_k[None, :], [R]) * 0.7071067811865476
+        s2 += p2k[:, None] * b_v[None, :]
+        z2 += p2k
+        b_o = tl.sum(p2q[:, None] * s2, 0)
+        b_z = tl.sum(p2q * z2, 0)
+        if first:
+            s1 += b_k[:, None] * b_v[None, :]
+            z1 += b_k
+            s0 += b_v
+            z0 += 1.0
+            b_o += tl.sum(b_q[:, None] * s1, 0) + s0
+            b_z += tl.sum(b_q * z1, 0) + z0
+        if NS == 1:
+            if USE_NORM:
+                b_o = b_o / (b_z + 1e-6)
+            tl.store(o_ptr + p_t * V + o_v, b_o.to(o_ptr.dtype.element_ty), mask=m_v)
+        else:
+            tl.store(o_ptr + i_s.to(tl.int64) * TT * H * V + p_t * V + o_v, b_o, mask=m_v)
+        if i_v == 0:
+            tl.store(z_ptr + i_s.to(tl.int64) * TT * H + p_t, b_z)
+    if STORE_FINAL:
+        _store_state(hT_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r, i_v, i_s,
+                     s0, s1, s2, z0, z1, z2)
+
+
+@triton.jit
 def _load_do(do_ptr, z_ptr, dz_ptr, p_v, p_t, m_tv, m_t, USE_NORM: tl.constexpr, BT: tl.constexpr):
     """Cotangents of a chunk's unnormalised output [BT, BV] and normaliser [BT] (fp32)."""
     b_do = tl.load(do_ptr + p_v, mask=m_tv, other=0.0).to(tl.float32)
@@ -398,9 +452,11 @@ def _dims(q, v, cu_seqlens):
     return B, T, H, K, V, N
 
 
-def based_fwd(q, k, v, h0, scale: float, use_norm: bool, cu_seqlens, store_final: bool):
+def based_fwd(q, k, v, h0, scale: float, use_norm: bool, cu_seqlens, store_final: bool,
+              step: bool = False):
     """q, k [B, T, H, K], v [B, T, H, V] contiguous. Returns (o [B, T, H, V] in v's dtype,
-    z [B, T, H] fp32, final state [N, H, D, V+1] fp32 or an empty tensor)."""
+    z [B, T, H] fp32, final state [N, H, D, V+1] fp32 or an empty tensor). `step` runs the
+    token-by-token kernel (decoding) instead of the chunked one."""
     B, T, H, K, V, N = _dims(q, v, cu_seqlens)
     KP, BK1, NS, BV, NV = _tiling(K, V)
     dev = q.device
@@ -413,13 +469,14 @@ def based_fwd(q, k, v, h0, scale: float, use_norm: bool, cu_seqlens, store_final
     hT = torch.empty((N, H, D, V + 1) if store_final else (0,), device=dev, dtype=torch.float32)
     dummy = z
     grid = (NV, NS, N * H)
-    _based_fwd_kernel[grid](
-        q, k, v, dummy if h0 is None else h0, dummy if cu_seqlens is None else cu_seqlens,
-        o, z, hT,
-        math.sqrt(scale), T, B * T, H, K, V,
-        HAS_H0=h0 is not None, STORE_FINAL=store_final, VARLEN=cu_seqlens is not None,
-        USE_NORM=use_norm, NS=NS, **_dot_dtypes(q.dtype), KP=KP, BK1=BK1, BV=BV,
-    )
+    args = (q, k, v, dummy if h0 is None else h0, dummy if cu_seqlens is None else cu_seqlens,
+            o, z, hT, math.sqrt(scale), T, B * T, H, K, V)
+    meta = dict(HAS_H0=h0 is not None, STORE_FINAL=store_final, VARLEN=cu_seqlens is not None,
+                USE_NORM=use_norm, NS=NS, KP=KP, BK1=BK1, BV=BV)
+    if step:
+        _based_step_kernel[grid](*args, **meta, num_warps=4)
+    else:
+        _based_fwd_kernel[grid](*args, **meta, **_dot_dtypes(q.dtype))
     if NS == 1:
         return o, z[0], hT
     o, z = o.sum(0), z.sum(0)
