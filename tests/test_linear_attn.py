@@ -472,3 +472,14 @@ def test_gpu_fused_recurrent_decode(gate):
 @pytest.mark.gpu
 def test_gpu_compile_fullgraph_triton():
     _compile_case("triton", DEVICE)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("gate", ["none", "g+gamma", "gla"])
+@pytest.mark.parametrize("segments", [2, 3])
+def test_split_sequences(backend, gate, segments, monkeypatch):
+    """Sequences cut into segments (used on the GPU when there are too few programs) give the same
+    outputs, states and gradients: forced here, since the interpreter has no SM count."""
+    from ssm_kernels.linear_attn import triton as la_triton
+    monkeypatch.setattr(la_triton, "FORCE_SEGMENTS", segments)
+    compare_to_reference(backend, gate, 2, 65 if gate != "gla" else 40, 2, 16, 20)

@@ -26,6 +26,7 @@ sequence n spanning [n*T, (n+1)*T)); states are contiguous float32 [N, H, K, V];
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -213,9 +214,10 @@ def _fwd_kernel(
     # sizes and the query scale
     T, H, K, V, scale,
     # meta-parameters
-    GATE: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    GATE: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, STATE_ONLY: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
 ):
+    # STATE_ONLY: only the final state (no q, no o): the first pass of a split sequence
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
@@ -233,14 +235,15 @@ def _fwd_kernel(
         t = c0 + o_t
         m_t = t < eos
         row = t * H + i_h
-        b_q = _load_rows(q_ptr, row, m_t, o_k, m_k, K) * scale
         b_k = _load_rows(k_ptr, row, m_t, o_k, m_k, K)
         b_v = _load_rows(v_ptr, row, m_t, o_v, m_v, V)
         G = chunk_log_decay_cumsum(g_ptr, row, m_t, o_k, m_k, K, GATE, BT)
         G_last = last_row(G, o_t, GATE, BT)
-        b_o = chunk_output(b_q, b_k, b_v, S, G, o_t, GATE, BT, DT, IEEE)
-        tl.store(o_ptr + row[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
-                 mask=m_t[:, None] & m_v[None, :])
+        if not STATE_ONLY:
+            b_q = _load_rows(q_ptr, row, m_t, o_k, m_k, K) * scale
+            b_o = chunk_output(b_q, b_k, b_v, S, G, o_t, GATE, BT, DT, IEEE)
+            tl.store(o_ptr + row[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
+                     mask=m_t[:, None] & m_v[None, :])
         S = chunk_state_update(S, b_k, b_v, G, G_last, GATE, DT, IEEE)
     tl.store(ht_ptr + p_s, S, mask=m_s)
 
@@ -295,9 +298,10 @@ def _bwd_dkv_kernel(
     # outputs dk partial [NV, tok, H, K] f32, dv [tok, H, V], dh0 [N, H, K, V] f32
     q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, dht_ptr, dk_ptr, dv_ptr, dh0_ptr, cu_ptr,
     T, TOK, H, K, V, scale,
-    GATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    GATE: tl.constexpr, IS_VARLEN: tl.constexpr, STATE_ONLY: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
 ):
+    # STATE_ONLY: only dh0 (no k, v, no dk, dv): the first pass of a split sequence.
     # right to left with dS (gradient of the state at the chunk end) in registers:
     #   dv_j = (k_j exp(G_last - G_j)) dS + sum_{i>=j} A_ij do_i
     #   dk_j = exp(G_last - G_j) (v_j dS^T) + sum_{i>=j} (do_i . v_j) q_i exp(G_i - G_j)
@@ -319,22 +323,25 @@ def _bwd_dkv_kernel(
         m_t = t < eos
         row = t * H + i_h
         b_q = _load_rows(q_ptr, row, m_t, o_k, m_k, K) * scale
-        b_k = _load_rows(k_ptr, row, m_t, o_k, m_k, K)
-        b_v = _load_rows(v_ptr, row, m_t, o_v, m_v, V)
         b_do = _load_rows(do_ptr, row, m_t, o_v, m_v, V)
         G = chunk_log_decay_cumsum(g_ptr, row, m_t, o_k, m_k, K, GATE, BT)
         G_last = last_row(G, o_t, GATE, BT)
-        A = chunk_scores(b_q, b_k, G, o_t, GATE, BT, DT, IEEE)
-        b_dv = mm(decay_to_end(b_k, G, G_last, GATE), dS, DT, IEEE) + mm(tl.trans(A), b_do, DT, IEEE)
-        b_dk = decay_to_end(mm(b_v, tl.trans(dS), DT, IEEE), G, G_last, GATE)
-        if GATE == 2:
-            b_dk += gla_apply_t(mm(b_do, tl.trans(b_v), DT, IEEE), b_q, G, o_t, BT)
-        else:
-            D = chunk_scores(b_do, b_v, G, o_t, GATE, BT, DT, IEEE)
-            b_dk += mm(tl.trans(D), b_q, DT, IEEE)
-        tl.store(dv_ptr + row[:, None] * V + o_v[None, :], b_dv.to(dv_ptr.dtype.element_ty),
-                 mask=m_t[:, None] & m_v[None, :])
-        tl.store(dk_base + row[:, None] * K + o_k[None, :], b_dk, mask=m_t[:, None] & m_k[None, :])
+        if not STATE_ONLY:
+            b_k = _load_rows(k_ptr, row, m_t, o_k, m_k, K)
+            b_v = _load_rows(v_ptr, row, m_t, o_v, m_v, V)
+            A = chunk_scores(b_q, b_k, G, o_t, GATE, BT, DT, IEEE)
+            b_dv = (mm(decay_to_end(b_k, G, G_last, GATE), dS, DT, IEEE)
+                    + mm(tl.trans(A), b_do, DT, IEEE))
+            b_dk = decay_to_end(mm(b_v, tl.trans(dS), DT, IEEE), G, G_last, GATE)
+            if GATE == 2:
+                b_dk += gla_apply_t(mm(b_do, tl.trans(b_v), DT, IEEE), b_q, G, o_t, BT)
+            else:
+                D = chunk_scores(b_do, b_v, G, o_t, GATE, BT, DT, IEEE)
+                b_dk += mm(tl.trans(D), b_q, DT, IEEE)
+            tl.store(dv_ptr + row[:, None] * V + o_v[None, :], b_dv.to(dv_ptr.dtype.element_ty),
+                     mask=m_t[:, None] & m_v[None, :])
+            tl.store(dk_base + row[:, None] * K + o_k[None, :], b_dk,
+                     mask=m_t[:, None] & m_k[None, :])
         dS = decay_state(dS, G_last, GATE) + mm(tl.trans(decay_rows(b_q, G, GATE)), b_do, DT, IEEE)
     tl.store(dh0_ptr + p_s, dS, mask=m_s)
 
@@ -394,8 +401,10 @@ def _common(q, v, g, cu_seqlens):
     gate = _gate_mode(g)
     BT, BK, BV, warps = _blocks(K, V, gate)
     dt = torch.float32 if (q.dtype == torch.float32 or triton_interpret()) else q.dtype
-    meta = dict(GATE=gate, IS_VARLEN=cu_seqlens is not None, BT=BT, BK=BK, BV=BV,
-                DT=_TL_DTYPE[dt], IEEE=q.dtype == torch.float32, num_warps=warps)
+    # software pipelining buffers whole tiles in shared memory: fewer stages for big/fp32 tiles
+    stages = 1 if (q.dtype == torch.float32 or BK > 128) else 2
+    meta = dict(GATE=gate, BT=BT, BK=BK, BV=BV, DT=_TL_DTYPE[dt], IEEE=q.dtype == torch.float32,
+                num_warps=warps, num_stages=stages)
     return B, T, H, K, V, N, meta
 
 
@@ -403,18 +412,96 @@ def _dummy(x):
     return x.new_empty(1)
 
 
+# ---- sequence splitting ----------------------------------------------------------------------
+# A program walks one whole sequence, so (sequences x heads x V-tiles) programs may be too few to
+# fill the GPU (B=2, H=16, T=16384: 64 programs on 132 SMs). Then each sequence is cut into S
+# segments (whole chunks) run as a packed batch: a cheap first pass gets every segment's state
+# from zero (STATE_ONLY), a scan over the S segments gives each its true initial state (decayed
+# by the segment totals), and the full pass runs with those. The backward does the same for the
+# state gradient, right to left. Packed (cu_seqlens) inputs are not split.
+
+PROGRAMS_PER_SM = 2        # aim for this many programs per SM before splitting stops
+MIN_SEGMENT_CHUNKS = 8     # never cut segments shorter than this many chunks
+FORCE_SEGMENTS: Optional[int] = None   # tests: force S (the interpreter has no SM count)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_segments(B, T, H, NV, BT, device, cu_seqlens) -> int:
+    if cu_seqlens is not None:
+        return 1
+    if FORCE_SEGMENTS is not None:
+        S = FORCE_SEGMENTS
+    elif device.type != "cuda":
+        return 1
+    else:
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        S = min(-(-PROGRAMS_PER_SM * sms // (B * H * NV)), T // (MIN_SEGMENT_CHUNKS * BT))
+    if S <= 1:
+        return 1
+    seg = -(-(-(-T // S)) // BT) * BT          # ceil(T / S) rounded up to whole chunks
+    return -(-T // seg)
+
+
+def _segment_plan(B, T, S, BT, device):
+    """(cu [B*S + 1] int32 of the segments in the flattened [B*T] tokens, segment length)."""
+    seg = -(-(-(-T // S)) // BT) * BT
+    starts = (torch.arange(B, device=device)[:, None] * T
+              + (torch.arange(S, device=device) * seg).clamp(max=T)[None, :]).flatten()
+    cu = torch.cat([starts, starts.new_full((1,), B * T)]).to(torch.int32)
+    return cu, seg
+
+
+def _segment_decay(g, B, T, S, seg):
+    """exp(total log-decay of each segment), shaped to multiply [B, S, H, K, V] states."""
+    if g is None:
+        return None
+    pad = S * seg - T
+    gp = torch.nn.functional.pad(g, (0, 0) * (g.dim() - 2) + (0, pad)) if pad else g
+    tot = gp.view(B, S, seg, *g.shape[2:]).sum(2).exp()    # [B, S, H] or [B, S, H, K]
+    return tot[..., None, None] if g.dim() == 3 else tot[..., None]
+
+
+def _launch_fwd(q, k, v, g, h0, cu, T, N, state_only, meta, scale):
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    o = v.new_empty(1) if state_only else torch.empty_like(v)
+    ht = q.new_empty((N, H, K, V), dtype=torch.float32)
+    grid = (triton.cdiv(V, meta["BV"]), N * H)
+    _fwd_kernel[grid](q, k, v, _dummy(q) if g is None else g, _dummy(ht) if h0 is None else h0,
+                      o, ht, _dummy(ht) if cu is None else cu, T, H, K, V, float(scale),
+                      HAS_H0=h0 is not None, IS_VARLEN=cu is not None, STATE_ONLY=state_only, **meta)
+    return o, ht
+
+
+def _segment_initial_states(k, v, g, h0, cu, B, T, S, seg, meta):
+    """Every segment's true initial state [B*S, H, K, V] and the sequences' final states."""
+    H, K, V = k.shape[2], k.shape[3], v.shape[3]
+    _, loc = _launch_fwd(k, k, v, g, None, cu, T, B * S, True, meta, 1.0)
+    loc = loc.view(B, S, H, K, V)
+    dec = _segment_decay(g, B, T, S, seg)
+    h = loc.new_zeros(B, H, K, V) if h0 is None else h0
+    inits = []
+    for s in range(S):
+        inits.append(h)
+        h = (h if dec is None else dec[:, s] * h) + loc[:, s]
+    return torch.stack(inits, 1).view(B * S, H, K, V), h, dec
+
+
 def chunk_fwd(q, k, v, g, h0, cu_seqlens, scale) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward: q, k [B, T, H, K]; v [B, T, H, V]; g None, [B, T, H] or [B, T, H, K] float32
     log-decays (<= 0); h0 None or [N, H, K, V] float32; cu_seqlens None or int [N + 1] (B == 1).
     Returns (o [B, T, H, V] in v's dtype, final state [N, H, K, V] float32). All contiguous."""
     B, T, H, K, V, N, meta = _common(q, v, g, cu_seqlens)
-    o = torch.empty_like(v)
-    ht = q.new_empty((N, H, K, V), dtype=torch.float32)
-    grid = (triton.cdiv(V, meta["BV"]), N * H)
-    _fwd_kernel[grid](q, k, v, _dummy(q) if g is None else g, _dummy(ht) if h0 is None else h0,
-                      o, ht, _dummy(ht) if cu_seqlens is None else cu_seqlens,
-                      T, H, K, V, float(scale), HAS_H0=h0 is not None, **meta)
-    return o, ht
+    S = _num_segments(B, T, H, triton.cdiv(V, meta["BV"]), meta["BT"], q.device, cu_seqlens)
+    if S == 1:
+        return _launch_fwd(q, k, v, g, h0, cu_seqlens, T, N, False, meta, scale)
+    cu, seg = _segment_plan(B, T, S, meta["BT"], q.device)
+    h0s, _, _ = _segment_initial_states(k, v, g, h0, cu, B, T, S, seg, meta)
+    o, hts = _launch_fwd(q, k, v, g, h0s, cu, T, B * S, False, meta, scale)
+    return o, hts.view(B, S, H, K, V)[:, -1].contiguous()
 
 
 def seq_cumsum(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor], reverse: bool) -> torch.Tensor:
@@ -436,17 +523,41 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, ht, do, dht):
     B, T, H, K, V, N, meta = _common(q, v, g, cu_seqlens)
     NV = triton.cdiv(V, meta["BV"])
     TOK = B * T
-    grid = (NV, N * H)
-    cu = _dummy(ht) if cu_seqlens is None else cu_seqlens
     gg = _dummy(q) if g is None else g
+    S = _num_segments(B, T, H, NV, meta["BT"], q.device, cu_seqlens)
+    if S == 1:
+        cu, NP, h0p, dhtp = cu_seqlens, N, h0, dht
+    else:
+        cu, seg = _segment_plan(B, T, S, meta["BT"], q.device)
+        NP = B * S
+        h0p, _, dec = _segment_initial_states(k, v, g, h0, cu, B, T, S, seg, meta)
+        # every segment's local state gradient at its start (from zero at its end), then a scan
+        # right to left gives the true gradient at every segment end
+        loc = q.new_empty((NP, H, K, V), dtype=torch.float32)
+        _bwd_dkv_kernel[(NV, NP * H)](q, k, v, do, gg, torch.zeros_like(loc), _dummy(loc), _dummy(v),
+                                      loc, cu, T, TOK, H, K, V, float(scale), IS_VARLEN=True,
+                                      STATE_ONLY=True, **meta)
+        loc = loc.view(B, S, H, K, V)
+        d = dht
+        ends = [None] * S
+        for s in range(S - 1, -1, -1):
+            ends[s] = d
+            d = (d if dec is None else dec[:, s] * d) + loc[:, s]
+        dhtp = torch.stack(ends, 1).view(NP, H, K, V)
+    grid = (NV, NP * H)
+    cu_arg = _dummy(ht) if cu is None else cu
     dq_p = q.new_empty((NV, B, T, H, K), dtype=torch.float32)
     dk_p = q.new_empty((NV, B, T, H, K), dtype=torch.float32)
     dv = torch.empty_like(v)
-    dh0 = q.new_empty((N, H, K, V), dtype=torch.float32)
-    _bwd_dq_kernel[grid](k, v, do, gg, _dummy(ht) if h0 is None else h0, dq_p, cu,
-                         T, TOK, H, K, V, float(scale), HAS_H0=h0 is not None, **meta)
-    _bwd_dkv_kernel[grid](q, k, v, do, gg, dht, dk_p, dv, dh0, cu,
-                          T, TOK, H, K, V, float(scale), **meta)
+    dh0 = q.new_empty((NP, H, K, V), dtype=torch.float32)
+    _bwd_dq_kernel[grid](k, v, do, gg, _dummy(ht) if h0p is None else h0p, dq_p, cu_arg,
+                         T, TOK, H, K, V, float(scale), HAS_H0=h0p is not None,
+                         IS_VARLEN=cu is not None, **meta)
+    _bwd_dkv_kernel[grid](q, k, v, do, gg, dhtp.contiguous(), dk_p, dv, dh0, cu_arg,
+                          T, TOK, H, K, V, float(scale), IS_VARLEN=cu is not None,
+                          STATE_ONLY=False, **meta)
+    if S > 1:
+        dh0 = dh0.view(B, S, H, K, V)[:, 0].contiguous()
     dq = dq_p.sum(0) if NV > 1 else dq_p[0]
     dk = dk_p.sum(0) if NV > 1 else dk_p[0]
     dg = None
