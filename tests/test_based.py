@@ -318,3 +318,48 @@ def gpu_check(backend, B, T, H, K, V, dtype, cu_seqlens=None):
     for i, name in enumerate(NAMES):
         assert_close(out[i], ref[i], dtype=dtype, lowp_ref=None if lowp is None else lowp[i],
                      name=f"{backend} {dtype} {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_gpu_long_sequence_state_split(backend):
+    """T = 65536: the carried state crosses a thousand chunks. Running the two halves with the
+    state handed over equals one run (state passing), and float16 does not overflow against the
+    float32 kernel even with positive-mean values (large state entries)."""
+    B, T, H, K, V = 1, 1 << 16, 2, 16, 64
+    q, k, v, h0 = make_inputs(B, T, H, K, V)
+    v = v + 2.0
+    o, hT = sk.chunk_based(q, k, v, initial_state=h0, output_final_state=True, backend=backend)
+    h = T // 2 + 7
+    o1, h1 = sk.chunk_based(q[:, :h], k[:, :h], v[:, :h], initial_state=h0,
+                            output_final_state=True, backend=backend)
+    o2, h2 = sk.chunk_based(q[:, h:], k[:, h:], v[:, h:], initial_state=h1,
+                            output_final_state=True, backend=backend)
+    assert_close(torch.cat([o1, o2], 1), o.double(), dtype=torch.float32)
+    assert_close(h2, hT.double(), dtype=torch.float32)
+    for dtype in LOWP:
+        ol, hl = sk.chunk_based(q.to(dtype), k.to(dtype), v.to(dtype), initial_state=h0,
+                                output_final_state=True, backend=backend)
+        assert torch.isfinite(ol).all() and torch.isfinite(hl).all()
+        # state dots take bfloat16 operands for both 16-bit dtypes: judge both by bf16 rounding
+        assert_close(ol, o.double(), dtype=torch.bfloat16, lowp_ref=o.to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_decode_batch(backend, dtype):
+    """Decoding at a serving batch: 64 sequences x 16 heads, two steps from a prefilled state."""
+    B, H, K, V = 64, 16, 16, 64
+    q, k, v, h0 = make_inputs(B, 130, H, K, V, dtype)
+    o_full, h_full = sk.chunk_based(q, k, v, initial_state=h0, output_final_state=True,
+                                    backend=backend)
+    _, h = sk.chunk_based(q[:, :128], k[:, :128], v[:, :128], initial_state=h0,
+                          output_final_state=True, backend=backend)
+    o_dec, h_dec = sk.fused_recurrent_based(q[:, 128:], k[:, 128:], v[:, 128:], initial_state=h,
+                                            output_final_state=True, backend=backend)
+    lowp = o_full[:, 128:] if dtype in LOWP else None
+    ref = based_parallel_ref(q.double(), k.double(), v.double(), None, True, h0.double())[0]
+    assert_close(o_dec, ref[:, 128:], dtype=dtype, lowp_ref=lowp)
+    assert_close(h_dec, h_full.double(), dtype=torch.float32 if dtype == torch.float32 else dtype,
+                 lowp_ref=h_full)
