@@ -154,6 +154,20 @@ def test_non_contiguous_inputs(backend):
     assert_close(out, ref, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("cplx", [False, True], ids=["real", "complex"])
+def test_sequential_forward_variant(cplx, monkeypatch):
+    """The time-sequential Triton forward (the alternative to the chunked default) agrees too."""
+    if "triton" not in kernel_backends():
+        pytest.skip("no Triton here")
+    from ssm_kernels.selective_scan import triton as tk
+    monkeypatch.setattr(tk, "FWD_VARIANT", "sequential")
+    check("triton", make_inputs(cplx=cplx, bc="group", L=11))
+    cu = torch.tensor([0, 4, 13], dtype=torch.int32, device=DEVICE)
+    inp = make_inputs(batch=1, L=13, cplx=cplx)
+    inp["initial_state"] = inp["initial_state"].expand(2, -1, -1).contiguous()
+    check("triton", inp, cu_seqlens=cu)
+
+
 # ---- packed variable-length sequences ----------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -432,6 +446,16 @@ def test_gpu_lengths_and_dtypes(backend, L, dtype):
 @pytest.mark.parametrize("N", [16, 64, 256])
 def test_gpu_variants(backend, cplx, bc, N):
     check_fast(backend, make_inputs(batch=2, dim=48, L=300, N=N, cplx=cplx, bc=bc, groups=3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["chunked", "sequential"])
+@pytest.mark.parametrize("cplx", [False, True], ids=["real", "complex"])
+def test_gpu_forward_variants(variant, cplx, monkeypatch):
+    from ssm_kernels.selective_scan import triton as tk
+    monkeypatch.setattr(tk, "FWD_VARIANT", variant)
+    check_fast("triton", make_inputs(batch=2, dim=96, L=1000, N=16, dtype=torch.bfloat16,
+                                     cplx=cplx, bc="group", groups=3))
 
 
 @pytest.mark.gpu

@@ -42,6 +42,18 @@ def _peers():
     return scan, step
 
 
+def _sequential(f):
+    """f run with the time-sequential Triton forward instead of the chunked default."""
+    def g(*args):
+        from ..selective_scan import triton as tk
+        old, tk.FWD_VARIANT = tk.FWD_VARIANT, "sequential"
+        try:
+            return f(*args)
+        finally:
+            tk.FWD_VARIANT = old
+    return g
+
+
 def _bytes(B, D, L, N, es, mode):
     big = B * D * L * es  # one (batch, dim, seqlen) tensor
     bc = B * N * L * es   # one time-varying B or C
@@ -82,6 +94,10 @@ def cases(device: str, quick: bool) -> List[Case]:
                   lambda u, dl, z, Bm, Cm, be=be, A=A, Dv=Dv, bias=bias: selective_scan_fn(
                       u, dl, A, Bm, Cm, Dv, z, bias, True, backend=be))
                  for be in backends]
+        if "triton" in backends:
+            impls.append(("ssm_kernels.triton.sequential", _sequential(
+                lambda u, dl, z, Bm, Cm, A=A, Dv=Dv, bias=bias: selective_scan_fn(
+                    u, dl, A, Bm, Cm, Dv, z, bias, True, backend="triton"))))
         if peer_scan is not None:
             impls.append(("mamba_ssm.cuda",
                           lambda u, dl, z, Bm, Cm, A=A, Dv=Dv, bias=bias: peer_scan(

@@ -174,6 +174,151 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _load_dt(delta_ptr, p, m, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """delta at p (+ bias, softplus): returns (pre-softplus value, dt with 0 where ~m)."""
+    raw = tl.load(delta_ptr + p, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += bias
+    return raw, tl.where(m, _dt_transform(raw, SOFTPLUS), 0.0)
+
+
+@triton.jit
+def _chunk_states(dt, dtu, a_r, a_i, b_r, b_i, c_r, c_i, h0_r, h0_i, COMPLEX: tl.constexpr):
+    """One chunk's states from the state entering it, by an associative scan along time.
+
+    dt, dtu = dt * u: (BLOCK_D, BLOCK_T); a (natural A), h0: (BLOCK_D, BLOCK_N); b, c broadcast to
+    (BLOCK_D, BLOCK_N, BLOCK_T). Returns e = exp(dt A), x = dt u B, h (all 3-d, real and imaginary
+    parts; the imaginary ones repeat the real ones for real A) and y = sum_n C h (x2 Re, complex).
+    """
+    dt3 = dt[:, None, :]
+    a2 = (a_r * 1.4426950408889634)[:, :, None]
+    if COMPLEX:
+        mag = tl.exp2(dt3 * a2)
+        e_r = mag * tl.cos(dt3 * a_i[:, :, None])
+        e_i = mag * tl.sin(dt3 * a_i[:, :, None])
+        x_r = dtu[:, None, :] * b_r
+        x_i = dtu[:, None, :] * b_i
+        q_r, q_i, s_r, s_i = tl.associative_scan((e_r, e_i, x_r, x_i), 2, _combine_complex)
+        h_r = s_r + q_r * h0_r[:, :, None] - q_i * h0_i[:, :, None]
+        h_i = s_i + q_r * h0_i[:, :, None] + q_i * h0_r[:, :, None]
+        y = 2.0 * tl.sum(c_r * h_r - c_i * h_i, axis=1)
+    else:
+        e_r = tl.exp2(dt3 * a2)
+        x_r = dtu[:, None, :] * b_r
+        q_r, s_r = tl.associative_scan((e_r, x_r), 2, _combine)
+        h_r = s_r + q_r * h0_r[:, :, None]
+        y = tl.sum(c_r * h_r, axis=1)
+        e_i, x_i, h_i = e_r, x_r, h_r
+    return e_r, e_i, x_r, x_i, h_r, h_i, y
+
+
+@triton.jit
+def _fwd_chunked_kernel(
+    # pointers and sizes as in _fwd_kernel
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, cu_ptr, ckoff_ptr,
+    out_ptr, last_ptr, ck_ptr,
+    DIM, DG, L, N, NCK,
+    s_ub, s_ud, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    VAR_B: tl.constexpr, VAR_C: tl.constexpr, COMPLEX: tl.constexpr, HAS_H0: tl.constexpr,
+    VARLEN: tl.constexpr, SAVE_CK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    # The chunk-parallel forward: every BLOCK_T-step chunk is loaded as coalesced tiles, its
+    # states come from an associative scan seeded with the carried state (_chunk_states).
+    i_d, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    CW: tl.constexpr = 2 if COMPLEX else 1
+    if VARLEN:
+        bos = tl.load(cu_ptr + i_s).to(tl.int64)
+        T = (tl.load(cu_ptr + i_s + 1).to(tl.int64) - bos).to(tl.int32)
+        i_b = tl.zeros([], dtype=tl.int64)
+        ck0 = tl.load(ckoff_ptr + i_s).to(tl.int64)
+    else:
+        bos = tl.zeros([], dtype=tl.int64)
+        T = L
+        i_b = i_s.to(tl.int64)
+        ck0 = i_s.to(tl.int64) * NCK
+    o_dl = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_dl < DG
+    o_d = i_g * DG + o_dl
+    o_n = tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    m_dn = m_d[:, None] & m_n[None, :]
+    o_t = tl.arange(0, BLOCK_T)
+    is_last = (o_t == BLOCK_T - 1)[None, None, :]
+    p_dn = (o_d.to(tl.int64) * N * CW)[:, None] + (o_n * CW)[None, :]
+    p_st = i_s.to(tl.int64) * DIM * N * CW + p_dn
+    a_r = tl.load(A_ptr + p_dn, mask=m_dn, other=0.0)
+    a_i = a_r
+    if COMPLEX:
+        a_i = tl.load(A_ptr + p_dn + 1, mask=m_dn, other=0.0)
+    if not VAR_B:
+        b_r = tl.load(B_ptr + p_dn, mask=m_dn, other=0.0)[:, :, None]
+        b_i = b_r
+        if COMPLEX:
+            b_i = tl.load(B_ptr + p_dn + 1, mask=m_dn, other=0.0)[:, :, None]
+    if not VAR_C:
+        c_r = tl.load(C_ptr + p_dn, mask=m_dn, other=0.0)[:, :, None]
+        c_i = c_r
+        if COMPLEX:
+            c_i = tl.load(C_ptr + p_dn + 1, mask=m_dn, other=0.0)[:, :, None]
+    w_bias = 0.0
+    if HAS_BIAS:
+        w_bias = tl.load(bias_ptr + o_d, mask=m_d, other=0.0)[:, None]
+    if HAS_D:
+        w_D = tl.load(D_ptr + o_d, mask=m_d, other=0.0)[:, None]
+    h_r = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    h_i = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    if HAS_H0:
+        h_r = tl.load(h0_ptr + p_st, mask=m_dn, other=0.0)
+        if COMPLEX:
+            h_i = tl.load(h0_ptr + p_st + 1, mask=m_dn, other=0.0)
+    p_u = i_b * s_ub + o_d.to(tl.int64) * s_ud + bos
+    p_B = i_b * s_Bb + i_g.to(tl.int64) * s_Bg + o_n.to(tl.int64) * s_Bn + bos * CW
+    p_C = i_b * s_Cb + i_g.to(tl.int64) * s_Cg + o_n.to(tl.int64) * s_Cn + bos * CW
+    for c in range(0, tl.cdiv(T, BLOCK_T)):
+        if SAVE_CK:
+            p_ck = (ck0 + c) * DIM * N * CW + p_dn
+            tl.store(ck_ptr + p_ck, h_r, mask=m_dn)
+            if COMPLEX:
+                tl.store(ck_ptr + p_ck + 1, h_i, mask=m_dn)
+        r_t = c * BLOCK_T + o_t
+        m_t = r_t < T
+        m_dt = m_d[:, None] & m_t[None, :]
+        m_nt = m_n[:, None] & m_t[None, :]
+        p_ut = p_u[:, None] + r_t[None, :]
+        x_u = tl.load(u_ptr + p_ut, mask=m_dt, other=0.0).to(tl.float32)
+        raw, dt = _load_dt(delta_ptr, p_ut, m_dt, w_bias, HAS_BIAS, SOFTPLUS)
+        if VAR_B:
+            p_bt = p_B[:, None] + (r_t * CW)[None, :]
+            b_r = tl.load(B_ptr + p_bt, mask=m_nt, other=0.0).to(tl.float32)[None, :, :]
+            b_i = b_r
+            if COMPLEX:
+                b_i = tl.load(B_ptr + p_bt + 1, mask=m_nt, other=0.0).to(tl.float32)[None, :, :]
+        if VAR_C:
+            p_ct = p_C[:, None] + (r_t * CW)[None, :]
+            c_r = tl.load(C_ptr + p_ct, mask=m_nt, other=0.0).to(tl.float32)[None, :, :]
+            c_i = c_r
+            if COMPLEX:
+                c_i = tl.load(C_ptr + p_ct + 1, mask=m_nt, other=0.0).to(tl.float32)[None, :, :]
+        e_r, e_i, x_r, x_i, s_r, s_i, y = _chunk_states(dt, dt * x_u, a_r, a_i, b_r, b_i, c_r, c_i,
+                                                        h_r, h_i, COMPLEX)
+        if HAS_D:
+            y += w_D * x_u
+        if HAS_Z:
+            x_z = tl.load(z_ptr + p_ut, mask=m_dt, other=0.0).to(tl.float32)
+            y *= x_z * tl.sigmoid(x_z)
+        tl.store(out_ptr + p_ut, y.to(out_ptr.dtype.element_ty), mask=m_dt)
+        # padded steps have e = 1, x = 0: the last column is the state after the chunk
+        h_r = tl.sum(tl.where(is_last, s_r, 0.0), axis=2)
+        if COMPLEX:
+            h_i = tl.sum(tl.where(is_last, s_i, 0.0), axis=2)
+    tl.store(last_ptr + p_st, h_r, mask=m_dn)
+    if COMPLEX:
+        tl.store(last_ptr + p_st + 1, h_i, mask=m_dn)
+
+
+@triton.jit
 def _bwd_kernel(
     # pointers: forward inputs, packing, checkpoints, output gradient
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, cu_ptr, ckoff_ptr, ck_ptr,
@@ -244,61 +389,47 @@ def _bwd_kernel(
             p_ut = (i_b * s_ub + o_d.to(tl.int64) * s_ud + bos)[:, None] + r_t[None, :]
             # ---- per-(d, t) inputs
             x_u = tl.load(u_ptr + p_ut, mask=m_dt, other=0.0).to(tl.float32)
-            raw = tl.load(delta_ptr + p_ut, mask=m_dt, other=0.0).to(tl.float32)
             m_nx = m_d[:, None] & (r_t + 1 < T)[None, :]
-            raw_n = tl.load(delta_ptr + p_ut + 1, mask=m_nx, other=0.0).to(tl.float32)
+            w_bias = 0.0
             if HAS_BIAS:
                 w_bias = tl.load(bias_ptr + o_d, mask=m_d, other=0.0)[:, None]
-                raw += w_bias
-                raw_n += w_bias
-            dt = tl.where(m_dt, _dt_transform(raw, SOFTPLUS), 0.0)
-            dt_n = tl.where(m_nx, _dt_transform(raw_n, SOFTPLUS), 0.0)
+            raw, dt = _load_dt(delta_ptr, p_ut, m_dt, w_bias, HAS_BIAS, SOFTPLUS)
+            raw_n, dt_n = _load_dt(delta_ptr, p_ut + 1, m_nx, w_bias, HAS_BIAS, SOFTPLUS)
             dout = tl.load(dout_ptr + p_ut, mask=m_dt, other=0.0).to(tl.float32)
             dtu = dt * x_u
             # ---- per-(d, n) inputs
             a_r = tl.load(A_ptr + p_dn, mask=m_dn, other=0.0)
             h0_r = tl.load(ck_ptr + (ck0 + c) * DIM * N * CW + p_dn, mask=m_dn, other=0.0)
             carry_r = tl.load(gc_ptr + p_st, mask=m_dn, other=0.0)
+            a_i, h0_i, carry_i = a_r, h0_r, carry_r
             if COMPLEX:
                 a_i = tl.load(A_ptr + p_dn + 1, mask=m_dn, other=0.0)
                 h0_i = tl.load(ck_ptr + (ck0 + c) * DIM * N * CW + p_dn + 1, mask=m_dn, other=0.0)
                 carry_i = tl.load(gc_ptr + p_st + 1, mask=m_dn, other=0.0)
             if VAR_B:
-                b_r = vb_r
+                b_r, b_i = vb_r, vb_r
                 if COMPLEX:
                     b_i = vb_i
             else:
                 b_r = tl.load(B_ptr + p_dn, mask=m_dn, other=0.0)[:, :, None]
+                b_i = b_r
                 if COMPLEX:
                     b_i = tl.load(B_ptr + p_dn + 1, mask=m_dn, other=0.0)[:, :, None]
             if VAR_C:
-                c_r = vc_r
+                c_r, c_i = vc_r, vc_r
                 if COMPLEX:
                     c_i = vc_i
             else:
                 c_r = tl.load(C_ptr + p_dn, mask=m_dn, other=0.0)[:, :, None]
+                c_i = c_r
                 if COMPLEX:
                     c_i = tl.load(C_ptr + p_dn + 1, mask=m_dn, other=0.0)[:, :, None]
             dt3 = dt[:, None, :]
             dtn3 = dt_n[:, None, :]
             a2 = (a_r * 1.4426950408889634)[:, :, None]
-            # ---- rebuild the chunk's states: h = cumulative (e, X) applied to the checkpoint
-            if COMPLEX:
-                mag = tl.exp2(dt3 * a2)
-                e_r = mag * tl.cos(dt3 * a_i[:, :, None])
-                e_i = mag * tl.sin(dt3 * a_i[:, :, None])
-                x_r = dtu[:, None, :] * b_r
-                x_i = dtu[:, None, :] * b_i
-                q_r, q_i, s_r, s_i = tl.associative_scan((e_r, e_i, x_r, x_i), 2, _combine_complex)
-                h_r = s_r + q_r * h0_r[:, :, None] - q_i * h0_i[:, :, None]
-                h_i = s_i + q_r * h0_i[:, :, None] + q_i * h0_r[:, :, None]
-                y = 2.0 * tl.sum(c_r * h_r - c_i * h_i, axis=1)
-            else:
-                e_r = tl.exp2(dt3 * a2)
-                x_r = dtu[:, None, :] * b_r
-                q_r, s_r = tl.associative_scan((e_r, x_r), 2, _combine)
-                h_r = s_r + q_r * h0_r[:, :, None]
-                y = tl.sum(c_r * h_r, axis=1)
+            # ---- rebuild the chunk's states from its checkpoint
+            e_r, e_i, x_r, x_i, h_r, h_i, y = _chunk_states(dt, dtu, a_r, a_i, b_r, b_i, c_r, c_i,
+                                                            h0_r, h0_i, COMPLEX)
             if HAS_D:
                 w_D = tl.load(D_ptr + o_d, mask=m_d, other=0.0)[:, None]
                 y += w_D * x_u
@@ -486,6 +617,12 @@ def _groups(B, C) -> int:
     return B.shape[1] if B.dim() == 4 else (C.shape[1] if C.dim() == 4 else 1)
 
 
+# Which forward kernel runs: "chunked" (coalesced time tiles + an associative scan per chunk) or
+# "sequential" (one step at a time, states in registers; its per-step loads are strided by seqlen).
+# The benchmark times both; pick the faster on the GPU.
+FWD_VARIANT = "chunked"
+
+
 def _fwd_config(N: int):
     if triton_interpret():
         return dict(BLOCK_D=4, num_warps=1)
@@ -520,21 +657,27 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, delt
     ck = torch.empty((ckpt_rows(batch, L, N, cu_seqlens) if save_ckpt else 0, dim, N), dtype=sdt,
                      device=u.device)
     ckoff = None if cu_seqlens is None else ckpt_offsets(cu_seqlens, N)
-    cfg = _fwd_config(N)
-    grid = (triton.cdiv(DG, cfg["BLOCK_D"]), G, nseq)
     dummy = out
-    _fwd_kernel[grid](
-        u, delta, _f32(A), _f32(B), _f32(C), D if D is not None else dummy,
-        z if z is not None else dummy, delta_bias if delta_bias is not None else dummy,
-        _f32(h0.contiguous()) if h0 is not None else dummy,
-        cu_seqlens if cu_seqlens is not None else dummy, ckoff if ckoff is not None else dummy,
-        out, _f32(last), _f32(ck) if save_ckpt else dummy,
-        dim, DG, L, N, -(-L // chunk_len(N)), chunk_len(N),
-        u.stride(0), u.stride(1), *_var_strides(_f32(B)), *_var_strides(_f32(C)),
-        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=bool(delta_softplus), VAR_B=B.dim() == 4, VAR_C=C.dim() == 4,
-        COMPLEX=A.is_complex(), HAS_H0=h0 is not None, VARLEN=cu_seqlens is not None,
-        SAVE_CK=bool(save_ckpt), BLOCK_N=triton.next_power_of_2(N), **cfg)
+    args = (u, delta, _f32(A), _f32(B), _f32(C), D if D is not None else dummy,
+            z if z is not None else dummy, delta_bias if delta_bias is not None else dummy,
+            _f32(h0.contiguous()) if h0 is not None else dummy,
+            cu_seqlens if cu_seqlens is not None else dummy, ckoff if ckoff is not None else dummy,
+            out, _f32(last), _f32(ck) if save_ckpt else dummy,
+            dim, DG, L, N, -(-L // chunk_len(N)))
+    strides = (u.stride(0), u.stride(1), *_var_strides(_f32(B)), *_var_strides(_f32(C)))
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+                 SOFTPLUS=bool(delta_softplus), VAR_B=B.dim() == 4, VAR_C=C.dim() == 4,
+                 COMPLEX=A.is_complex(), HAS_H0=h0 is not None, VARLEN=cu_seqlens is not None,
+                 SAVE_CK=bool(save_ckpt), BLOCK_N=triton.next_power_of_2(N))
+    if FWD_VARIANT == "sequential":
+        cfg = _fwd_config(N)
+        grid = (triton.cdiv(DG, cfg["BLOCK_D"]), G, nseq)
+        _fwd_kernel[grid](*args, chunk_len(N), *strides, **flags, **cfg)
+    else:
+        cfg = _bwd_config(N, DG)
+        grid = (triton.cdiv(DG, cfg["BLOCK_D"]), G, nseq)
+        _fwd_chunked_kernel[grid](*args, *strides, **flags, BLOCK_D=cfg["BLOCK_D"],
+                                  BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"])
     return out, last, ck
 
 
