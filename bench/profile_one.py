@@ -1,0 +1,16 @@
+"""Run one op once (after a warm-up) for `ncu`; e.g.
+ncu --kernel-name regex:linear_scan --launch-skip 1 --launch-count 1 python bench/profile_one.py linear_scan cuda bfloat16
+"""
+import sys
+
+import torch
+
+import ssm_kernels as sk
+
+op, backend, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
+if op == "linear_scan":
+    a = (torch.rand(8, 4096, 1536, device="cuda") * 0.5 + 0.5).to(dtype)
+    b = torch.randn(8, 4096, 1536, device="cuda").to(dtype)
+    for _ in range(2):
+        sk.linear_scan(a, b, backend=backend)
+torch.cuda.synchronize()
