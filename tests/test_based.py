@@ -120,6 +120,17 @@ def test_varlen_matches_loop_over_sequences(backend, use_norm):
         assert_close(hT[n:n + 1], hn.double(), dtype=torch.float32)
 
 
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("seg,K,use_norm,with_h0", [(32, 16, True, True), (16, 32, False, False),
+                                                    (24, 5, True, False)])
+def test_segmented_long_sequences(backend, seg, K, use_norm, with_h0, monkeypatch):
+    """Dense sequences split into segments run in parallel (state increments, cumsum over
+    segments, then the segments as independent sequences; the backward likewise)."""
+    from ssm_kernels.based import triton as based_triton
+    monkeypatch.setattr(based_triton, "SEGMENT_LEN", seg)
+    check(backend, 2, 70, 1, K, 12, use_norm=use_norm, with_h0=with_h0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_recurrent_decoding_agrees_with_chunk(backend):
     """Prefill with chunk_based, then decode token by token with fused_recurrent_based."""
@@ -293,7 +304,10 @@ def test_fullgraph_compile_forward_backward(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,T,H,K,V", [(2, 1000, 4, 16, 128), (1, 1031, 2, 32, 100),
                                        (2, 513, 3, 16, 64)])
-def test_gpu_real_sizes(backend, dtype, B, T, H, K, V):
+@pytest.mark.parametrize("segment", [None, 0])  # None: split long sequences (the default)
+def test_gpu_real_sizes(backend, dtype, B, T, H, K, V, segment, monkeypatch):
+    from ssm_kernels.based import triton as based_triton
+    monkeypatch.setattr(based_triton, "SEGMENT_LEN", segment)
     gpu_check(backend, B, T, H, K, V, dtype)
 
 

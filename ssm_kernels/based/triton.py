@@ -157,7 +157,7 @@ def _store_state(h_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r, i_v, i_s,
             tl.store(pz1, z1, mask=m_k)
 
 
-@triton.autotune(configs=_configs(), key=["KP", "BV", "NS", "USE_NORM"])
+@triton.autotune(configs=_configs(), key=["KP", "BV", "NS", "USE_NORM", "STORE_OUT"])
 @triton.jit
 def _based_fwd_kernel(
     # pointers: q, k [TT, H, K], v [TT, H, V]; h0 [N, H, D, V+1] fp32; cu_seqlens [N+1]
@@ -170,7 +170,9 @@ def _based_fwd_kernel(
     HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, VARLEN: tl.constexpr,
     USE_NORM: tl.constexpr, DT: tl.constexpr, DTS: tl.constexpr, NS: tl.constexpr,
     KP: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+    STORE_OUT: tl.constexpr = True,
 ):
+    # STORE_OUT=False: only the state after each sequence (segment state deltas, see based_fwd)
     R: tl.constexpr = BK1 * KP
     i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
@@ -188,31 +190,33 @@ def _based_fwd_kernel(
         b_k, b_ka = _load_qk(k_ptr, rows, i_h, H, K, c, o_k, o_a, m_t, m_k, m_a)
         m_tv = m_t[:, None] & m_v[None, :]
         b_v = tl.load(v_ptr + (rows * H + i_h)[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
-        p2q = _phi2(b_q, b_qa, BT, R)
-        p2k = _phi2(b_k, b_ka, BT, R)
-        b_o = _dot(p2q, s2, DTS)
-        b_z = tl.sum(p2q * z2[None, :], 1)
+        if STORE_OUT:  # outputs read the state before this chunk; the chunk itself is intra
+            p2q = _phi2(b_q, b_qa, BT, R)
+            b_o = _dot(p2q, s2, DTS)
+            b_z = tl.sum(p2q * z2[None, :], 1)
+            if first:
+                a = _dot(b_q, tl.trans(b_k), DT)
+                f = tl.where(causal, 1.0 + a + 0.5 * a * a, 0.0)
+                b_o += _dot(f, b_v, DT) + _dot(b_q, s1, DTS) + s0[None, :]
+                b_z += tl.sum(f, 1) + tl.sum(b_q * z1[None, :], 1) + z0
+            p_o = (rows * H + i_h)[:, None] * V + o_v[None, :]
+            p_z = rows * H + i_h
+            if NS == 1:
+                if USE_NORM:
+                    b_o = b_o / (b_z[:, None] + 1e-6)
+                tl.store(o_ptr + p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_tv)
+            else:
+                tl.store(o_ptr + i_s.to(tl.int64) * TT * H * V + p_o, b_o, mask=m_tv)
+            if i_v == 0:
+                tl.store(z_ptr + i_s.to(tl.int64) * TT * H + p_z, b_z, mask=m_t)
         if first:
-            a = _dot(b_q, tl.trans(b_k), DT)
-            f = tl.where(causal, 1.0 + a + 0.5 * a * a, 0.0)
-            b_o += _dot(f, b_v, DT) + _dot(b_q, s1, DTS) + s0[None, :]
-            b_z += tl.sum(f, 1) + tl.sum(b_q * z1[None, :], 1) + z0
             s1 += _dot(tl.trans(b_k), b_v, DT)
             z1 += tl.sum(b_k, 0)
             s0 += tl.sum(b_v.to(tl.float32), 0)
             z0 += tl.minimum(eos - t0, BT).to(tl.float32)
+        p2k = _phi2(b_k, b_ka, BT, R)
         s2 += _dot(tl.trans(p2k), b_v, DT)
         z2 += tl.sum(p2k, 0)
-        p_o = (rows * H + i_h)[:, None] * V + o_v[None, :]
-        p_z = rows * H + i_h
-        if NS == 1:
-            if USE_NORM:
-                b_o = b_o / (b_z[:, None] + 1e-6)
-            tl.store(o_ptr + p_o, b_o.to(o_ptr.dtype.element_ty), mask=m_tv)
-        else:
-            tl.store(o_ptr + i_s.to(tl.int64) * TT * H * V + p_o, b_o, mask=m_tv)
-        if i_v == 0:
-            tl.store(z_ptr + i_s.to(tl.int64) * TT * H + p_z, b_z, mask=m_t)
     if STORE_FINAL:
         _store_state(hT_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r, i_v, i_s,
                      s0, s1, s2, z0, z1, z2)
@@ -357,7 +361,7 @@ def _based_bwd_dq_kernel(
                  mask=m_t[:, None] & m_k[None, :])
 
 
-@triton.autotune(configs=_configs(), key=["KP", "BV", "NS", "USE_NORM"])
+@triton.autotune(configs=_configs(), key=["KP", "BV", "NS", "USE_NORM", "STORE_OUT"])
 @triton.jit
 def _based_bwd_dkv_kernel(
     # pointers: q, k, v, do, dz, cu_seqlens as in the dq kernel; dhT [N, H, D, V+1] fp32
@@ -371,8 +375,10 @@ def _based_bwd_dkv_kernel(
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, VARLEN: tl.constexpr,
     USE_NORM: tl.constexpr, DT: tl.constexpr, DTS: tl.constexpr,
     NS: tl.constexpr, KP: tl.constexpr, BK1: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+    STORE_OUT: tl.constexpr = True,
 ):
-    # backward sweep carrying dS (gradient of the state after the current chunk)
+    # backward sweep carrying dS (gradient of the state after the current chunk).
+    # STORE_OUT=False: only dS at each sequence's start (segment deltas, see based_bwd)
     R: tl.constexpr = BK1 * KP
     i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NV = tl.num_programs(0)
@@ -398,28 +404,30 @@ def _based_bwd_dkv_kernel(
         p_v = (rows * H + i_h)[:, None] * V + o_v[None, :]
         b_v = tl.load(v_ptr + p_v, mask=m_tv, other=0.0)
         b_do, b_dz = _load_do(do_ptr, z_ptr, dz_ptr, p_v, rows * H + i_h, m_tv, m_t, USE_NORM, BT)
-        p2q = _phi2(b_q, b_qa, BT, R)
-        p2k = _phi2(b_k, b_ka, BT, R)
-        # through the state after this chunk: d phi(k_j) = dS [v_j, 1]
-        g2 = _dot(b_v, tl.trans(d2), DTS) + w_z * dz2[None, :]
-        b_dk = _phi2_grad(g2, b_k, b_ka, onehot, BT, BK1, KP)
-        b_dv = _dot(p2k, d2, DTS)
+        if STORE_OUT:  # dk, dv read dS after this chunk; the chunk itself is intra
+            p2k = _phi2(b_k, b_ka, BT, R)
+            # through the state after this chunk: d phi(k_j) = dS [v_j, 1]
+            g2 = _dot(b_v, tl.trans(d2), DTS) + w_z * dz2[None, :]
+            b_dk = _phi2_grad(g2, b_k, b_ka, onehot, BT, BK1, KP)
+            b_dv = _dot(p2k, d2, DTS)
+            if first:
+                aT = _dot(b_k, tl.trans(b_q), DT)                             # [j, i]
+                fT = tl.where(causal_t, 1.0 + aT + 0.5 * aT * aT, 0.0)
+                dAT = _dot(b_v, tl.trans(b_do), DT) + w_z * b_dz[None, :]
+                daT = tl.where(causal_t, dAT * (1.0 + aT), 0.0)
+                b_dk += _dot(daT, b_q, DT) + _dot(b_v, tl.trans(d1), DTS) + w_z * dz1[None, :]
+                b_dv += _dot(fT, b_do, DT) + _dot(b_k, d1, DTS) + d0[None, :]
+            tl.store(p_dk + (rows * H + i_h)[:, None] * K + o_k[None, :], b_dk * c,
+                     mask=m_t[:, None] & m_k[None, :])
+            tl.store(p_dv + p_v, b_dv.to(dv_ptr.dtype.element_ty), mask=m_tv)
         if first:
-            aT = _dot(b_k, tl.trans(b_q), DT)                             # [j, i]
-            fT = tl.where(causal_t, 1.0 + aT + 0.5 * aT * aT, 0.0)
-            dAT = _dot(b_v, tl.trans(b_do), DT) + w_z * b_dz[None, :]
-            daT = tl.where(causal_t, dAT * (1.0 + aT), 0.0)
-            b_dk += _dot(daT, b_q, DT) + _dot(b_v, tl.trans(d1), DTS) + w_z * dz1[None, :]
-            b_dv += _dot(fT, b_do, DT) + _dot(b_k, d1, DTS) + d0[None, :]
             d1 += _dot(tl.trans(b_q), b_do, DT)
             dz1 += tl.sum(b_q * b_dz[:, None], 0)
             d0 += tl.sum(b_do, 0)
             dz0 += tl.sum(b_dz, 0)
+        p2q = _phi2(b_q, b_qa, BT, R)
         d2 += _dot(tl.trans(p2q), b_do, DT)
         dz2 += tl.sum(p2q * b_dz[:, None], 0)
-        tl.store(p_dk + (rows * H + i_h)[:, None] * K + o_k[None, :], b_dk * c,
-                 mask=m_t[:, None] & m_k[None, :])
-        tl.store(p_dv + p_v, b_dv.to(dv_ptr.dtype.element_ty), mask=m_tv)
     if STORE_DH0:
         _store_state(dh0_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r, i_v, i_s,
                      d0, d1, d2, dz0, dz1, dz2)
@@ -452,6 +460,64 @@ def _dims(q, v, cu_seqlens):
     return B, T, H, K, V, N
 
 
+# Long dense sequences are split into segments of SEGMENT_LEN tokens so that more programs run
+# at once: one pass computes each segment's state increment, a cumsum over segments gives every
+# segment's initial state, and the main kernel runs the segments as independent sequences
+# (the backward does the same with state gradients). None: chosen from the SM count so that about
+# two programs per SM run; 0 disables. A tuning knob (tests set small values on the CPU).
+SEGMENT_LEN = None
+_SEGMENT_MIN = 512
+
+
+def _segment_len(T: int, programs: int, device: torch.device) -> int:
+    if SEGMENT_LEN is not None:
+        return SEGMENT_LEN if 0 < SEGMENT_LEN < T else 0
+    if device.type != "cuda":
+        return 0
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= 2 * sms:
+        return 0
+    seg = max(_SEGMENT_MIN, triton.cdiv(triton.cdiv(T, triton.cdiv(2 * sms, programs)), 64) * 64)
+    return seg if seg < T else 0
+
+
+def _segment_offsets(B: int, T: int, seg: int, device) -> torch.Tensor:
+    """cu_seqlens-style offsets of the segments of B dense sequences of length T: [B*nseg + 1]."""
+    nseg = triton.cdiv(T, seg)
+    starts = (torch.arange(B, device=device)[:, None] * T
+              + torch.arange(nseg, device=device)[None, :] * seg).flatten()
+    return torch.cat([starts, starts.new_full((1,), B * T)])
+
+
+def _launch_fwd(q, k, v, h0, cu, o, z, hT, c, T, meta, store_out=True):
+    B, _, H, _ = q.shape
+    N = B if cu is None else cu.numel() - 1
+    grid = (meta["NV"], meta["NS"], N * H)
+    kw = {key: val for key, val in meta.items() if key != "NV"}
+    _based_fwd_kernel[grid](q, k, v, z if h0 is None else h0, z if cu is None else cu, o, z, hT,
+                            c, T, B * T, H, q.shape[-1], v.shape[-1], HAS_H0=h0 is not None,
+                            STORE_FINAL=hT.numel() > 0, VARLEN=cu is not None,
+                            STORE_OUT=store_out, **kw, **_dot_dtypes(q.dtype))
+
+
+def _segment_starts(q, k, v, h0, c, T, seg, meta):
+    """Initial state of every segment [B*nseg, H, D, V+1] and the final states [B, H, D, V+1]."""
+    B, _, H, K = q.shape
+    V = v.shape[-1]
+    cu = _segment_offsets(B, T, seg, q.device)
+    nseg = cu.numel() - 1
+    delta = torch.empty((nseg, H, feature_dim(K), V + 1), device=q.device, dtype=torch.float32)
+    scratch = torch.empty((1,), device=q.device, dtype=torch.float32)
+    _launch_fwd(q, k, v, None, cu, scratch, scratch, delta, c, T, meta, store_out=False)
+    inc = delta.view(B, nseg // B, *delta.shape[1:]).cumsum(1)
+    starts = torch.cat([torch.zeros_like(inc[:, :1]), inc[:, :-1]], 1)
+    final = inc[:, -1]
+    if h0 is not None:
+        starts += h0[:, None]
+        final = final + h0
+    return cu, starts.flatten(0, 1), final
+
+
 def based_fwd(q, k, v, h0, scale: float, use_norm: bool, cu_seqlens, store_final: bool,
               step: bool = False):
     """q, k [B, T, H, K], v [B, T, H, V] contiguous. Returns (o [B, T, H, V] in v's dtype,
@@ -467,16 +533,23 @@ def based_fwd(q, k, v, h0, scale: float, use_norm: bool, cu_seqlens, store_final
     z = torch.empty((NS, B, T, H), device=dev, dtype=torch.float32)
     D = feature_dim(K)
     hT = torch.empty((N, H, D, V + 1) if store_final else (0,), device=dev, dtype=torch.float32)
-    dummy = z
-    grid = (NV, NS, N * H)
-    args = (q, k, v, dummy if h0 is None else h0, dummy if cu_seqlens is None else cu_seqlens,
-            o, z, hT, math.sqrt(scale), T, B * T, H, K, V)
-    meta = dict(HAS_H0=h0 is not None, STORE_FINAL=store_final, VARLEN=cu_seqlens is not None,
-                USE_NORM=use_norm, NS=NS, KP=KP, BK1=BK1, BV=BV)
+    c = math.sqrt(scale)
+    meta = dict(USE_NORM=use_norm, NS=NS, KP=KP, BK1=BK1, BV=BV, NV=NV)
+    seg = 0 if (step or cu_seqlens is not None) else _segment_len(T, NV * NS * N * H, dev)
     if step:
-        _based_step_kernel[grid](*args, **meta, num_warps=4)
+        dummy = z
+        _based_step_kernel[(NV, NS, N * H)](
+            q, k, v, dummy if h0 is None else h0, dummy if cu_seqlens is None else cu_seqlens,
+            o, z, hT, c, T, B * T, H, K, V, HAS_H0=h0 is not None, STORE_FINAL=store_final,
+            VARLEN=cu_seqlens is not None, USE_NORM=use_norm, NS=NS, KP=KP, BK1=BK1, BV=BV,
+            num_warps=4)
+    elif seg:
+        cu, starts, final = _segment_starts(q, k, v, h0, c, T, seg, meta)
+        if store_final:
+            hT.copy_(final)
+        _launch_fwd(q, k, v, starts, cu, o, z, hT[:0], c, T, meta)
     else:
-        _based_fwd_kernel[grid](*args, **meta, **_dot_dtypes(q.dtype))
+        _launch_fwd(q, k, v, h0, cu_seqlens, o, z, hT, c, T, meta)
     if NS == 1:
         return o, z[0], hT
     o, z = o.sum(0), z.sum(0)
@@ -503,15 +576,33 @@ def based_bwd(q, k, v, o, z, h0, do, dhT, scale: float, use_norm: bool, cu_seqle
                                                            dtype=torch.float32)
     D = feature_dim(K)
     dh0 = torch.empty((N, H, D, V + 1) if h0 is not None else (0,), device=dev, dtype=torch.float32)
-    cu = z if cu_seqlens is None else cu_seqlens
-    grid = (NV, NS, N * H)
-    common = dict(VARLEN=cu_seqlens is not None, USE_NORM=use_norm, NS=NS, **_dot_dtypes(q.dtype),
-                  KP=KP, BK1=BK1, BV=BV)
     c = math.sqrt(scale)
-    _based_bwd_dq_kernel[grid](q, k, v, do, z, dz, z if h0 is None else h0, cu, dq,
-                               c, T, B * T, H, K, V, HAS_H0=h0 is not None, **common)
-    _based_bwd_dkv_kernel[grid](q, k, v, do, z, dz, z if dhT is None else dhT, cu, dk, dv, dh0,
-                                c, T, B * T, H, K, V, HAS_DHT=dhT is not None,
-                                STORE_DH0=h0 is not None, **common)
+    meta = dict(USE_NORM=use_norm, NS=NS, KP=KP, BK1=BK1, BV=BV, NV=NV)
+    common = dict(USE_NORM=use_norm, NS=NS, **_dot_dtypes(q.dtype), KP=KP, BK1=BK1, BV=BV)
+    seg = 0 if cu_seqlens is not None else _segment_len(T, NV * NS * N * H, dev)
+    cu, h_start, dh_end, n_seq = cu_seqlens, h0, dhT, N
+    if seg:
+        # states at segment starts (recomputed) and state gradients at segment ends
+        cu, h_start, _ = _segment_starts(q, k, v, h0, c, T, seg, meta)
+        n_seq = cu.numel() - 1
+        ddelta = torch.empty((n_seq, H, D, V + 1), device=dev, dtype=torch.float32)
+        _based_bwd_dkv_kernel[(NV, NS, n_seq * H)](
+            q, k, v, do, z, dz, z, cu, dq, dq, ddelta, c, T, B * T, H, K, V, HAS_DHT=False,
+            STORE_DH0=True, VARLEN=True, STORE_OUT=False, **common)
+        suffix = ddelta.view(B, n_seq // B, H, D, V + 1).flip(1).cumsum(1).flip(1)
+        ends = torch.cat([suffix[:, 1:], torch.zeros_like(suffix[:, :1])], 1)
+        if dhT is not None:
+            ends += dhT[:, None]
+        if h0 is not None:
+            dh0.copy_(suffix[:, 0] if dhT is None else suffix[:, 0] + dhT)
+        dh_end = ends.flatten(0, 1)
+    grid = (NV, NS, n_seq * H)
+    _based_bwd_dq_kernel[grid](q, k, v, do, z, dz, z if h_start is None else h_start,
+                               z if cu is None else cu, dq, c, T, B * T, H, K, V,
+                               HAS_H0=h_start is not None, VARLEN=cu is not None, **common)
+    _based_bwd_dkv_kernel[grid](q, k, v, do, z, dz, z if dh_end is None else dh_end,
+                                z if cu is None else cu, dk, dv, dh0, c, T, B * T, H, K, V,
+                                HAS_DHT=dh_end is not None, STORE_DH0=h0 is not None and not seg,
+                                VARLEN=cu is not None, STORE_OUT=True, **common)
     dv = dv if NS == 1 else dv.sum(0).to(v.dtype)
     return dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv, dh0
