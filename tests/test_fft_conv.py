@@ -156,7 +156,9 @@ def test_auto_picks_reference_for_float64():
 
 def test_plan():
     assert fft_triton.plan(1, 1)[:2] == ("onchip", 256)
-    assert fft_triton.plan(4096, 4096) == ("onchip", 8192, 64, 128)
+    assert fft_triton.plan(4096, 4096) == ("onchip", 8192, 128, 64)
+    assert fft_triton._rows(8192, 128, 4096) == 64   # causal zero half skipped
+    assert fft_triton._rows(512, 32, 257) == 32      # data reaches past the half: full tile
     kind, n, P, Q = fft_triton.plan(1 << 20, 1 << 20)
     assert kind == "long" and n == P * Q == 1 << 21 and Q <= fft_triton.max_onchip_n()
 

@@ -67,7 +67,8 @@ def _cmm(ar, ai, br, bi, PREC: tl.constexpr):
 
 @triton.jit
 def _fft_fwd(xr, xi, f1r, f1i, f2r, f2i, twr, twi, REAL_IN: tl.constexpr, PREC: tl.constexpr):
-    """[N1, N2] tile of x[N2*n1 + n2] -> [N1, N2] tile of X[k1 + N1*k2] (unnormalised)."""
+    """[R1, N2] tile of x[N2*n1 + n2] (rows n1 >= R1 are zero) -> [N1, N2] tile of X[k1 + N1*k2]
+    (unnormalised); f1 is F1[:, :R1]."""
     if REAL_IN:
         br = tl.dot(f1r, xr, input_precision=PREC)
         bi = tl.dot(f1i, xr, input_precision=PREC)
@@ -79,27 +80,35 @@ def _fft_fwd(xr, xi, f1r, f1i, f2r, f2i, twr, twi, REAL_IN: tl.constexpr, PREC: 
 
 
 @triton.jit
-def _fft_inv(Xr, Xi, f1r, f1i, f2r, f2i, twr, twi, REAL_OUT: tl.constexpr, PREC: tl.constexpr):
-    """Inverse of _fft_fwd without the 1/N; REAL_OUT returns (Re, Re) and skips the imaginary part."""
+def _fft_inv(Xr, Xi, g1r, g1i, f2r, f2i, twr, twi, REAL_OUT: tl.constexpr, PREC: tl.constexpr):
+    """Inverse of _fft_fwd without the 1/N, rows n1 < R1 only (g1 = F1[:R1, :]); REAL_OUT
+    returns (Re, Re) and skips the imaginary part."""
     er, ei = _cmm(Xr, Xi, f2r, -f2i, PREC)
     cr = er * twr + ei * twi
     ci = ei * twr - er * twi
     if REAL_OUT:
-        xr = tl.dot(f1r, cr, input_precision=PREC) + tl.dot(f1i, ci, input_precision=PREC)
+        xr = tl.dot(g1r, cr, input_precision=PREC) + tl.dot(g1i, ci, input_precision=PREC)
         xi = xr
     else:
-        xr, xi = _cmm(f1r, -f1i, cr, ci, PREC)
+        xr, xi = _cmm(g1r, -g1i, cr, ci, PREC)
     return xr, xi
 
 
 @triton.jit
-def _dft_tables(N1: tl.constexpr, N2: tl.constexpr):
+def _dft_tables(N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr):
+    """F1[:, :R1], F1[:R1, :] (its transpose: F1 is symmetric), F2 and the twiddles."""
     o1 = tl.arange(0, N1)
     o2 = tl.arange(0, N2)
-    f1r, f1i = _expi(o1, o1, N1)
+    f1r, f1i = _expi(o1, tl.arange(0, R1), N1)
+    if R1 == N1:
+        g1r = f1r
+        g1i = f1i
+    else:
+        g1r = tl.trans(f1r)
+        g1i = tl.trans(f1i)
     f2r, f2i = _expi(o2, o2, N2)
     twr, twi = _expi(o1, o2, N1 * N2)
-    return f1r, f1i, f2r, f2i, twr, twi
+    return f1r, f1i, g1r, g1i, f2r, f2i, twr, twi
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,13 +116,57 @@ def _dft_tables(N1: tl.constexpr, N2: tl.constexpr):
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _onchip_filter(k_ptr, i_h, Lk, N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr):
-    """DFT tables, the time index of each tile element and the spectrum of k[i_h] (zero-padded)."""
-    f1r, f1i, f2r, f2i, twr, twi = _dft_tables(N1, N2)
-    o_t = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
+def _onchip_filter(k_ptr, i_h, Lk, N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr,
+                   PREC: tl.constexpr):
+    """DFT tables, the time index of each [R1, N2] data-tile element and the spectrum of k[i_h]."""
+    f1r, f1i, g1r, g1i, f2r, f2i, twr, twi = _dft_tables(N1, N2, R1)
+    o_t = tl.arange(0, R1)[:, None] * N2 + tl.arange(0, N2)[None, :]
     b_k = tl.load(k_ptr + i_h.to(tl.int64) * Lk + o_t, mask=o_t < Lk, other=0.0)
     kr, ki = _fft_fwd(b_k, b_k, f1r, f1i, f2r, f2i, twr, twi, True, PREC)
-    return f1r, f1i, f2r, f2i, twr, twi, o_t, kr, ki
+    return f1r, f1i, g1r, g1i, f2r, f2i, twr, twi, o_t, kr, ki
+
+
+@triton.jit
+def _load_v(u_ptr, pre_ptr, p, m, HAS_PRE: tl.constexpr):
+    """(u, pre_gate, v = u * pre_gate) of one row tile in fp32 (pre_gate := u when absent)."""
+    x = tl.load(u_ptr + p, mask=m, other=0.0).to(tl.float32)
+    if HAS_PRE:
+        gate = tl.load(pre_ptr + p, mask=m, other=0.0).to(tl.float32)
+        v = x * gate
+    else:
+        gate = x
+        v = x
+    return x, gate, v
+
+
+@triton.jit
+def _load_g(dy_ptr, post_ptr, p, m, HAS_POST: tl.constexpr):
+    """(dy, g = dy * post_gate) of one row tile in fp32."""
+    dy = tl.load(dy_ptr + p, mask=m, other=0.0).to(tl.float32)
+    if HAS_POST:
+        g = dy * tl.load(post_ptr + p, mask=m, other=0.0).to(tl.float32)
+    else:
+        g = dy
+    return dy, g
+
+
+@triton.jit
+def _store_y(y_ptr, post_ptr, p, m, c, v, b_d, HAS_D: tl.constexpr, HAS_POST: tl.constexpr):
+    y = c
+    if HAS_D:
+        y += b_d * v
+    if HAS_POST:
+        y = y * tl.load(post_ptr + p, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + p, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _store_du(du_ptr, dpre_ptr, p, m, dv, x, gate, HAS_PRE: tl.constexpr):
+    if HAS_PRE:
+        tl.store(du_ptr + p, (dv * gate).to(du_ptr.dtype.element_ty), mask=m)
+        tl.store(dpre_ptr + p, (dv * x).to(dpre_ptr.dtype.element_ty), mask=m)
+    else:
+        tl.store(du_ptr + p, dv.to(du_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -124,29 +177,29 @@ def _onchip_fwd_kernel(
     B, H, L, Lk, B_PER,
     # meta-parameters
     HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
-    N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, PREC: tl.constexpr,
 ):
+    # Two real rows (batch b, b+1) travel as one complex signal va + i vb: the filter is real, so
+    # the inverse transform of K * (Va + i Vb) is conv(va) + i conv(vb) with no separation step.
     i_h, i_s = tl.program_id(0), tl.program_id(1)
     N: tl.constexpr = N1 * N2
-    f1r, f1i, f2r, f2i, twr, twi, o_t, kr, ki = _onchip_filter(k_ptr, i_h, Lk, N1, N2, PREC)
+    f1r, f1i, g1r, g1i, f2r, f2i, twr, twi, o_t, kr, ki = _onchip_filter(k_ptr, i_h, Lk, N1, N2, R1, PREC)
+    b_d = 0.0
     if HAS_D:
         b_d = tl.load(d_ptr + i_h)
     m = o_t < L
     b_start = i_s * B_PER
     b_end = tl.minimum(b_start + B_PER, B)
-    for i_b in range(b_start, b_end):
-        p = (i_b * H + i_h).to(tl.int64) * L + o_t
-        v = tl.load(u_ptr + p, mask=m, other=0.0).to(tl.float32)
-        if HAS_PRE:
-            v = v * tl.load(pre_ptr + p, mask=m, other=0.0).to(tl.float32)
-        vr, vi = _fft_fwd(v, v, f1r, f1i, f2r, f2i, twr, twi, True, PREC)
-        y, _ = _fft_inv(vr * kr - vi * ki, vr * ki + vi * kr, f1r, f1i, f2r, f2i, twr, twi, True, PREC)
-        y = y * (1.0 / N)
-        if HAS_D:
-            y += b_d * v
-        if HAS_POST:
-            y = y * tl.load(post_ptr + p, mask=m, other=0.0).to(tl.float32)
-        tl.store(y_ptr + p, y.to(y_ptr.dtype.element_ty), mask=m)
+    for i_b in range(b_start, b_end, 2):
+        pa = (i_b * H + i_h).to(tl.int64) * L + o_t
+        pb = pa + H.to(tl.int64) * L
+        mb = o_t < tl.where(i_b + 1 < b_end, L, 0)  # row b+1 may not exist
+        _, _, va = _load_v(u_ptr, pre_ptr, pa, m, HAS_PRE)
+        _, _, vb = _load_v(u_ptr, pre_ptr, pb, mb, HAS_PRE)
+        xr, xi = _fft_fwd(va, vb, f1r, f1i, f2r, f2i, twr, twi, False, PREC)
+        ya, yb = _fft_inv(xr * kr - xi * ki, xr * ki + xi * kr, g1r, g1i, f2r, f2i, twr, twi, False, PREC)
+        _store_y(y_ptr, post_ptr, pa, m, ya * (1.0 / N), va, b_d, HAS_D, HAS_POST)
+        _store_y(y_ptr, post_ptr, pb, mb, yb * (1.0 / N), vb, b_d, HAS_D, HAS_POST)
 
 
 @triton.jit
@@ -159,54 +212,55 @@ def _onchip_bwd_kernel(
     B, H, L, Lk, B_PER,
     # meta-parameters
     HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
-    N1: tl.constexpr, N2: tl.constexpr, PREC: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, PREC: tl.constexpr,
 ):
+    # Rows in pairs as in the forward. For dk, Re IDFT(conj(Va + i Vb) (Ga + i Gb)) is
+    # corr(ga, va) + corr(gb, vb) (the cross terms are purely imaginary), so the packed spectra
+    # accumulate directly.
     i_h, i_s = tl.program_id(0), tl.program_id(1)
     N: tl.constexpr = N1 * N2
-    f1r, f1i, f2r, f2i, twr, twi, o_t, kr, ki = _onchip_filter(k_ptr, i_h, Lk, N1, N2, PREC)
+    f1r, f1i, g1r, g1i, f2r, f2i, twr, twi, o_t, kr, ki = _onchip_filter(k_ptr, i_h, Lk, N1, N2, R1, PREC)
+    b_d = 0.0
     if HAS_D:
         b_d = tl.load(d_ptr + i_h)
     m = o_t < L
     acc_r = tl.zeros([N1, N2], dtype=tl.float32)
     acc_i = tl.zeros([N1, N2], dtype=tl.float32)
-    acc_d = tl.zeros([N1, N2], dtype=tl.float32)
+    acc_d = tl.zeros([R1, N2], dtype=tl.float32)
     b_start = i_s * B_PER
     b_end = tl.minimum(b_start + B_PER, B)
-    for i_b in range(b_start, b_end):
-        p = (i_b * H + i_h).to(tl.int64) * L + o_t
-        x = tl.load(u_ptr + p, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + p, mask=m, other=0.0).to(tl.float32)
-        if HAS_PRE:
-            gate = tl.load(pre_ptr + p, mask=m, other=0.0).to(tl.float32)
-            v = x * gate
-        else:
-            v = x
-        if HAS_POST:
-            g = dy * tl.load(post_ptr + p, mask=m, other=0.0).to(tl.float32)
-        else:
-            g = dy
-        vr, vi = _fft_fwd(v, v, f1r, f1i, f2r, f2i, twr, twi, True, PREC)
-        gr, gi = _fft_fwd(g, g, f1r, f1i, f2r, f2i, twr, twi, True, PREC)
+    for i_b in range(b_start, b_end, 2):
+        pa = (i_b * H + i_h).to(tl.int64) * L + o_t
+        pb = pa + H.to(tl.int64) * L
+        mb = o_t < tl.where(i_b + 1 < b_end, L, 0)  # row b+1 may not exist
+        xa, gate_a, va = _load_v(u_ptr, pre_ptr, pa, m, HAS_PRE)
+        xb, gate_b, vb = _load_v(u_ptr, pre_ptr, pb, mb, HAS_PRE)
+        dya, ga = _load_g(dy_ptr, post_ptr, pa, m, HAS_POST)
+        dyb, gb = _load_g(dy_ptr, post_ptr, pb, mb, HAS_POST)
+        vr, vi = _fft_fwd(va, vb, f1r, f1i, f2r, f2i, twr, twi, False, PREC)
+        gr, gi = _fft_fwd(ga, gb, f1r, f1i, f2r, f2i, twr, twi, False, PREC)
         # dv = corr(g, k) + D g: the product with the conjugate filter spectrum
-        dv, _ = _fft_inv(gr * kr + gi * ki, gi * kr - gr * ki, f1r, f1i, f2r, f2i, twr, twi, True, PREC)
-        dv = dv * (1.0 / N)
+        dva, dvb = _fft_inv(gr * kr + gi * ki, gi * kr - gr * ki, g1r, g1i, f2r, f2i, twr, twi, False, PREC)
+        dva = dva * (1.0 / N)
+        dvb = dvb * (1.0 / N)
         if HAS_D:
-            dv += b_d * g
-            acc_d += g * v
-        if HAS_PRE:
-            tl.store(du_ptr + p, (dv * gate).to(du_ptr.dtype.element_ty), mask=m)
-            tl.store(dpre_ptr + p, (dv * x).to(dpre_ptr.dtype.element_ty), mask=m)
-        else:
-            tl.store(du_ptr + p, dv.to(du_ptr.dtype.element_ty), mask=m)
+            dva += b_d * ga
+            dvb += b_d * gb
+            acc_d += ga * va + gb * vb
+        _store_du(du_ptr, dpre_ptr, pa, m, dva, xa, gate_a, HAS_PRE)
+        _store_du(du_ptr, dpre_ptr, pb, mb, dvb, xb, gate_b, HAS_PRE)
         if HAS_POST:
-            yp, _ = _fft_inv(vr * kr - vi * ki, vr * ki + vi * kr, f1r, f1i, f2r, f2i, twr, twi, True, PREC)
-            yp = yp * (1.0 / N)
+            ypa, ypb = _fft_inv(vr * kr - vi * ki, vr * ki + vi * kr, g1r, g1i, f2r, f2i, twr, twi, False, PREC)
+            ypa = ypa * (1.0 / N)
+            ypb = ypb * (1.0 / N)
             if HAS_D:
-                yp += b_d * v
-            tl.store(dpost_ptr + p, (dy * yp).to(dpost_ptr.dtype.element_ty), mask=m)
+                ypa += b_d * va
+                ypb += b_d * vb
+            tl.store(dpost_ptr + pa, (dya * ypa).to(dpost_ptr.dtype.element_ty), mask=m)
+            tl.store(dpost_ptr + pb, (dyb * ypb).to(dpost_ptr.dtype.element_ty), mask=mb)
         acc_r += vr * gr + vi * gi  # conj(V) G
         acc_i += vr * gi - vi * gr
-    dk, _ = _fft_inv(acc_r, acc_i, f1r, f1i, f2r, f2i, twr, twi, True, PREC)
+    dk, _ = _fft_inv(acc_r, acc_i, g1r, g1i, f2r, f2i, twr, twi, True, PREC)
     p_k = (i_s.to(tl.int64) * H + i_h) * Lk + o_t
     tl.store(dk_ptr + p_k, dk * (1.0 / N), mask=o_t < Lk)
     if HAS_D:
@@ -268,7 +322,7 @@ def _inner_kernel(
     i_r, i_k = tl.program_id(0), tl.program_id(1)
     Q: tl.constexpr = N1 * N2
     N = P * Q
-    f1r, f1i, f2r, f2i, twr, twi = _dft_tables(N1, N2)
+    f1r, f1i, g1r, g1i, f2r, f2i, twr, twi = _dft_tables(N1, N2, N1)
     o_q = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
     if MODE == 3:
         plane = R.to(tl.int64) * N
@@ -282,7 +336,7 @@ def _inner_kernel(
                               f1r, f1i, f2r, f2i, twr, twi, False, PREC)
             acc_r += vr * gr + vi * gi
             acc_i += vr * gi - vi * gr
-        xr, xi = _fft_inv(acc_r, acc_i, f1r, f1i, f2r, f2i, twr, twi, False, PREC)
+        xr, xi = _fft_inv(acc_r, acc_i, g1r, g1i, f2r, f2i, twr, twi, False, PREC)
         p_o = i_r.to(tl.int64) * N + i_k * Q + o_q
         tl.store(out_ptr + p_o, xr)
         tl.store(out_ptr + H.to(tl.int64) * N + p_o, xi)
@@ -300,7 +354,7 @@ def _inner_kernel(
             si = tl.load(s_ptr + H.to(tl.int64) * N + p_s)
             if MODE == 2:
                 si = -si
-            yr, yi = _fft_inv(xr * sr - xi * si, xr * si + xi * sr, f1r, f1i, f2r, f2i, twr, twi,
+            yr, yi = _fft_inv(xr * sr - xi * si, xr * si + xi * sr, g1r, g1i, f2r, f2i, twr, twi,
                               False, PREC)
             tl.store(z_ptr + p, yr)
             tl.store(z_ptr + plane + p, yi)
@@ -343,42 +397,23 @@ def _outer_inv_kernel(
     if EPI == 3:
         tl.store(out_ptr + p, c, mask=m)
     else:
+        b_d = 0.0
         if HAS_D:
             b_d = tl.load(d_ptr + i_r % H)
-        x = tl.load(u_ptr + p, mask=m, other=0.0).to(tl.float32)
-        if HAS_PRE:
-            gate = tl.load(pre_ptr + p, mask=m, other=0.0).to(tl.float32)
-            v = x * gate
-        else:
-            v = x
+        x, gate, v = _load_v(u_ptr, pre_ptr, p, m, HAS_PRE)
         if EPI == 0:
-            y = c
-            if HAS_D:
-                y += b_d * v
-            if HAS_POST:
-                y = y * tl.load(post_ptr + p, mask=m, other=0.0).to(tl.float32)
-            tl.store(out_ptr + p, y.to(out_ptr.dtype.element_ty), mask=m)
+            _store_y(out_ptr, post_ptr, p, m, c, v, b_d, HAS_D, HAS_POST)
         elif EPI == 1:
-            g = tl.load(dy_ptr + p, mask=m, other=0.0).to(tl.float32)
-            if HAS_POST:
-                g = g * tl.load(post_ptr + p, mask=m, other=0.0).to(tl.float32)
+            _, g = _load_g(dy_ptr, post_ptr, p, m, HAS_POST)
             dv = c
             if HAS_D:
                 dv += b_d * g
                 n_tiles = tl.num_programs(1) * tl.num_programs(2)
                 tl.store(dd_ptr + i_r.to(tl.int64) * n_tiles + i_p * tl.num_programs(2) + i_q,
                          tl.sum(tl.sum(g * v, axis=1), axis=0))
-            if HAS_PRE:
-                tl.store(out_ptr + p, (dv * gate).to(out_ptr.dtype.element_ty), mask=m)
-                tl.store(out2_ptr + p, (dv * x).to(out2_ptr.dtype.element_ty), mask=m)
-            else:
-                tl.store(out_ptr + p, dv.to(out_ptr.dtype.element_ty), mask=m)
-        else:
-            y = c
-            if HAS_D:
-                y += b_d * v
-            dy = tl.load(dy_ptr + p, mask=m, other=0.0).to(tl.float32)
-            tl.store(out_ptr + p, (dy * y).to(out_ptr.dtype.element_ty), mask=m)
+            _store_du(out_ptr, out2_ptr, p, m, dv, x, gate, HAS_PRE)
+        else:  # dpost = dy * (c + D v): the forward epilogue with dy as the "post gate"
+            _store_y(out_ptr, dy_ptr, p, m, c, v, b_d, HAS_D, True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,10 +421,18 @@ def _outer_inv_kernel(
 # ---------------------------------------------------------------------------------------------
 
 def _split(n: int):
-    """[n1, n2] with n1 * n2 = n, both powers of two >= 16, n2 >= n1."""
+    """[n1, n2] with n1 * n2 = n, both powers of two >= 16, n1 >= n2 (the first factor is the one
+    whose zero half is skipped)."""
     lg = n.bit_length() - 1
-    n1 = 1 << (lg // 2)
-    return n1, n // n1
+    n2 = 1 << (lg // 2)
+    return n // n2, n2
+
+
+def _rows(n: int, n1: int, L: int) -> int:
+    """Data rows R1 of the [n1, n2] time tile: n1 // 2 when all data (L, and Lk <= L) fits in the
+    first half (the causal zero padding), so the first DFT stage and the last inverse stage skip
+    the zero half; tl.dot needs R1 >= 16."""
+    return n1 // 2 if (L <= n // 2 and n1 >= 32) else n1
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -449,7 +492,7 @@ def fft_conv_fwd(u, k, D, pre, post):
         _onchip_fwd_kernel[(H, S)](
             u, pre if pre is not None else dmy, post if post is not None else dmy, k,
             D if D is not None else _dummy(k), y, B, H, L, Lk, per,
-            N1=n1, N2=n2, PREC=prec, num_warps=_warps(n), **flags)
+            N1=n1, N2=n2, R1=_rows(n, n1, L), PREC=prec, num_warps=_warps(n), **flags)
         return y
     _, n, P, Q = kind
     kf = filter_spectrum(k, P, Q, prec)
@@ -481,7 +524,7 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
             D if D is not None else _dummy(k),
             du, dpre if dpre is not None else dmy, dpost if dpost is not None else dmy,
             dk_part, dd_part, B, H, L, Lk, per,
-            N1=n1, N2=n2, PREC=prec, num_warps=_warps(n), **flags)
+            N1=n1, N2=n2, R1=_rows(n, n1, L), PREC=prec, num_warps=_warps(n), **flags)
         dk = dk_part.sum(0) if S > 1 else dk_part[0]
         dD = (dd_part.sum(0) if S > 1 else dd_part[0]) if D is not None else None
         return du, dk, dD, dpre, dpost
