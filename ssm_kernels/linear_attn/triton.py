@@ -93,55 +93,95 @@ def last_row(G, o_t, GATE: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
-def gla_scores(a, b, G, o_t, BT: tl.constexpr):
+def sub_rows(x, j, BT: tl.constexpr, SUB: tl.constexpr):
+    """Row j of every SUB-row sub-chunk of x [BT, D], broadcast over its sub-chunk: [BT, D]."""
+    NS: tl.constexpr = BT // SUB
+    D: tl.constexpr = x.shape[1]
+    x3 = tl.reshape(x, (NS, SUB, D))
+    o_s = tl.arange(0, SUB)
+    r = tl.sum(tl.where((o_s == j)[None, :, None], x3, 0.), axis=1)
+    return tl.reshape(tl.broadcast_to(r[:, None, :], (NS, SUB, D)), (BT, D))
+
+
+@triton.jit
+def gla_scores(a, b, G, o_t, BT: tl.constexpr, SUB: tl.constexpr, DT: tl.constexpr,
+               IEEE: tl.constexpr):
     """S_ij = sum_k a_ik b_jk exp2(G_ik - G_jk) for i >= j, else 0 (a, b, G: [BT, BK]).
-    Built column by column so every exponent is <= 0."""
+
+    Two levels, every exponent <= 0: between sub-chunks (rows of sub-chunk s against all earlier
+    columns) one matmul per s through the reference G_r = G at row s*SUB - 1, since
+    exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j) with j <= r < i; inside a sub-chunk, column by
+    column (SUB steps over all sub-chunks at once)."""
     S = tl.zeros([BT, BT], dtype=tl.float32)
-    for j in range(BT):
-        sel = (o_t == j)[:, None]
-        b_j = tl.sum(tl.where(sel, b, 0.), axis=0)
-        G_j = tl.sum(tl.where(sel, G, 0.), axis=0)
-        e = tl.exp2(tl.where((o_t >= j)[:, None], G - G_j[None, :], float("-inf")))
-        col = tl.sum(a * b_j[None, :] * e, axis=1)
-        S = tl.where((o_t == j)[None, :], col[:, None], S)
+    for s in tl.static_range(1, BT // SUB):
+        G_r = tl.sum(tl.where((o_t == s * SUB - 1)[:, None], G, 0.), axis=0)
+        a_s = tl.where((o_t // SUB == s)[:, None], a * tl.exp2(tl.minimum(G - G_r[None, :], 0.)), 0.)
+        b_s = tl.where((o_t < s * SUB)[:, None], b * tl.exp2(tl.minimum(G_r[None, :] - G, 0.)), 0.)
+        S += mm(a_s, tl.trans(b_s), DT, IEEE)
+    o_in = o_t % SUB
+    c_base = o_t - o_in
+    for j in range(SUB):
+        b_j = sub_rows(b, j, BT, SUB)
+        G_j = sub_rows(G, j, BT, SUB)
+        e = tl.exp2(tl.where((o_in >= j)[:, None], G - G_j, float("-inf")))
+        col = tl.sum(a * b_j * e, axis=1)
+        S = tl.where(o_t[None, :] == (c_base + j)[:, None], col[:, None], S)
     return S
 
 
 @triton.jit
-def gla_apply(D, b, G, o_t, BT: tl.constexpr):
-    """X_ik = sum_{j <= i} D_ij b_jk exp2(G_ik - G_jk) (D: [BT, BT]; b, G: [BT, BK])."""
+def gla_apply(D, b, G, o_t, BT: tl.constexpr, SUB: tl.constexpr, DT: tl.constexpr,
+              IEEE: tl.constexpr):
+    """X_ik = sum_{j <= i} D_ij b_jk exp2(G_ik - G_jk) (D: [BT, BT]; b, G: [BT, BK]); the same two
+    levels as gla_scores."""
     X = tl.zeros(b.shape, dtype=tl.float32)
-    for j in range(BT):
-        sel = (o_t == j)[:, None]
-        b_j = tl.sum(tl.where(sel, b, 0.), axis=0)
-        G_j = tl.sum(tl.where(sel, G, 0.), axis=0)
-        d_j = tl.sum(tl.where((o_t == j)[None, :], D, 0.), axis=1)
-        e = tl.exp2(tl.where((o_t >= j)[:, None], G - G_j[None, :], float("-inf")))
-        X += d_j[:, None] * b_j[None, :] * e
+    for s in tl.static_range(1, BT // SUB):
+        G_r = tl.sum(tl.where((o_t == s * SUB - 1)[:, None], G, 0.), axis=0)
+        rows = (o_t // SUB == s)
+        D_s = tl.where(rows[:, None] & (o_t < s * SUB)[None, :], D, 0.)
+        b_s = tl.where((o_t < s * SUB)[:, None], b * tl.exp2(tl.minimum(G_r[None, :] - G, 0.)), 0.)
+        X += tl.where(rows[:, None], tl.exp2(tl.minimum(G - G_r[None, :], 0.)), 0.) * mm(D_s, b_s, DT, IEEE)
+    o_in = o_t % SUB
+    c_base = o_t - o_in
+    for j in range(SUB):
+        b_j = sub_rows(b, j, BT, SUB)
+        G_j = sub_rows(G, j, BT, SUB)
+        d_j = tl.sum(tl.where(o_t[None, :] == (c_base + j)[:, None], D, 0.), axis=1)
+        e = tl.exp2(tl.where((o_in >= j)[:, None], G - G_j, float("-inf")))
+        X += d_j[:, None] * b_j * e
     return X
 
 
 @triton.jit
-def gla_apply_t(D, a, G, o_t, BT: tl.constexpr):
+def gla_apply_t(D, a, G, o_t, BT: tl.constexpr, SUB: tl.constexpr, DT: tl.constexpr,
+                IEEE: tl.constexpr):
     """Y_jk = sum_{i >= j} D_ij a_ik exp2(G_ik - G_jk) (the transposed form of gla_apply)."""
     Y = tl.zeros(a.shape, dtype=tl.float32)
-    for i in range(BT):
-        sel = (o_t == i)[:, None]
-        a_i = tl.sum(tl.where(sel, a, 0.), axis=0)
-        G_i = tl.sum(tl.where(sel, G, 0.), axis=0)
-        d_i = tl.sum(tl.where(sel, D, 0.), axis=0)
-        e = tl.exp2(tl.where((o_t <= i)[:, None], G_i[None, :] - G, float("-inf")))
-        Y += d_i[:, None] * a_i[None, :] * e
+    for s in tl.static_range(1, BT // SUB):
+        G_r = tl.sum(tl.where((o_t == s * SUB - 1)[:, None], G, 0.), axis=0)
+        rows = (o_t // SUB == s)
+        D_s = tl.where(rows[:, None] & (o_t < s * SUB)[None, :], D, 0.)
+        a_s = tl.where(rows[:, None], a * tl.exp2(tl.minimum(G - G_r[None, :], 0.)), 0.)
+        Y += (tl.where((o_t < s * SUB)[:, None], tl.exp2(tl.minimum(G_r[None, :] - G, 0.)), 0.)
+              * mm(tl.trans(D_s), a_s, DT, IEEE))
+    o_in = o_t % SUB
+    c_base = o_t - o_in
+    for i in range(SUB):
+        a_i = sub_rows(a, i, BT, SUB)
+        G_i = sub_rows(G, i, BT, SUB)
+        d_i = tl.sum(tl.where(o_t[:, None] == (c_base + i)[None, :], D, 0.), axis=0)
+        e = tl.exp2(tl.where((o_in <= i)[:, None], G_i - G, float("-inf")))
+        Y += d_i[:, None] * a_i * e
     return Y
 
 
 @triton.jit
-def chunk_scores(a, b, G, o_t, GATE: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr,
-                 IEEE: tl.constexpr):
+def chunk_scores(a, b, G, o_t, GATE: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr,
+                 DT: tl.constexpr, IEEE: tl.constexpr):
     """Decayed causal scores A_ij = a_i . b_j exp(G_i - G_j) for i >= j, 0 above the diagonal."""
     causal = o_t[:, None] >= o_t[None, :]
     if GATE == 2:
-        A = gla_scores(a, b, G, o_t, BT)
+        A = gla_scores(a, b, G, o_t, BT, SUB, DT, IEEE)
     elif GATE == 1:
         A = mm(a, tl.trans(b), DT, IEEE) * tl.exp2(
             tl.where(causal, G[:, None] - G[None, :], float("-inf")))
@@ -191,10 +231,10 @@ def chunk_state_update(S, k, v, G, G_last, GATE: tl.constexpr, DT: tl.constexpr,
 
 
 @triton.jit
-def chunk_output(q, k, v, S, G, o_t, GATE: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr,
-                 IEEE: tl.constexpr):
+def chunk_output(q, k, v, S, G, o_t, GATE: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr,
+                 DT: tl.constexpr, IEEE: tl.constexpr):
     """o = (q exp(G)) S_prev + A v with A the decayed causal scores (q already scaled)."""
-    A = chunk_scores(q, k, G, o_t, GATE, BT, DT, IEEE)
+    A = chunk_scores(q, k, G, o_t, GATE, BT, SUB, DT, IEEE)
     return mm(decay_rows(q, G, GATE), S, DT, IEEE) + mm(A, v, DT, IEEE)
 
 
@@ -215,7 +255,8 @@ def _fwd_kernel(
     T, H, K, V, scale,
     # meta-parameters
     GATE: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, STATE_ONLY: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    BT: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     # STATE_ONLY: only the final state (no q, no o): the first pass of a split sequence
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -241,7 +282,7 @@ def _fwd_kernel(
         G_last = last_row(G, o_t, GATE, BT)
         if not STATE_ONLY:
             b_q = _load_rows(q_ptr, row, m_t, o_k, m_k, K) * scale
-            b_o = chunk_output(b_q, b_k, b_v, S, G, o_t, GATE, BT, DT, IEEE)
+            b_o = chunk_output(b_q, b_k, b_v, S, G, o_t, GATE, BT, SUB, DT, IEEE)
             tl.store(o_ptr + row[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
                      mask=m_t[:, None] & m_v[None, :])
         S = chunk_state_update(S, b_k, b_v, G, G_last, GATE, DT, IEEE)
@@ -254,7 +295,8 @@ def _bwd_dq_kernel(
     k_ptr, v_ptr, do_ptr, g_ptr, h0_ptr, dq_ptr, cu_ptr,
     T, TOK, H, K, V, scale,
     GATE: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    BT: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     # dq_i = scale * [ (do_i S_prev^T) exp(G_i) + sum_{j<=i} (do_i . v_j) k_j exp(G_i - G_j) ]
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -283,9 +325,9 @@ def _bwd_dq_kernel(
         G_last = last_row(G, o_t, GATE, BT)
         b_inter = decay_rows(mm(b_do, tl.trans(S), DT, IEEE), G, GATE)
         if GATE == 2:
-            b_dq = b_inter + gla_apply(mm(b_do, tl.trans(b_v), DT, IEEE), b_k, G, o_t, BT)
+            b_dq = b_inter + gla_apply(mm(b_do, tl.trans(b_v), DT, IEEE), b_k, G, o_t, BT, SUB, DT, IEEE)
         else:
-            D = chunk_scores(b_do, b_v, G, o_t, GATE, BT, DT, IEEE)
+            D = chunk_scores(b_do, b_v, G, o_t, GATE, BT, SUB, DT, IEEE)
             b_dq = b_inter + mm(D, b_k, DT, IEEE)
         tl.store(dq_base + row[:, None] * K + o_k[None, :], b_dq * scale,
                  mask=m_t[:, None] & m_k[None, :])
@@ -299,7 +341,8 @@ def _bwd_dkv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, dht_ptr, dk_ptr, dv_ptr, dh0_ptr, cu_ptr,
     T, TOK, H, K, V, scale,
     GATE: tl.constexpr, IS_VARLEN: tl.constexpr, STATE_ONLY: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    BT: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     # STATE_ONLY: only dh0 (no k, v, no dk, dv): the first pass of a split sequence.
     # right to left with dS (gradient of the state at the chunk end) in registers:
@@ -329,14 +372,15 @@ def _bwd_dkv_kernel(
         if not STATE_ONLY:
             b_k = _load_rows(k_ptr, row, m_t, o_k, m_k, K)
             b_v = _load_rows(v_ptr, row, m_t, o_v, m_v, V)
-            A = chunk_scores(b_q, b_k, G, o_t, GATE, BT, DT, IEEE)
+            A = chunk_scores(b_q, b_k, G, o_t, GATE, BT, SUB, DT, IEEE)
             b_dv = (mm(decay_to_end(b_k, G, G_last, GATE), dS, DT, IEEE)
                     + mm(tl.trans(A), b_do, DT, IEEE))
             b_dk = decay_to_end(mm(b_v, tl.trans(dS), DT, IEEE), G, G_last, GATE)
             if GATE == 2:
-                b_dk += gla_apply_t(mm(b_do, tl.trans(b_v), DT, IEEE), b_q, G, o_t, BT)
+                b_dk += gla_apply_t(mm(b_do, tl.trans(b_v), DT, IEEE), b_q, G, o_t, BT, SUB, DT,
+                                    IEEE)
             else:
-                D = chunk_scores(b_do, b_v, G, o_t, GATE, BT, DT, IEEE)
+                D = chunk_scores(b_do, b_v, G, o_t, GATE, BT, SUB, DT, IEEE)
                 b_dk += mm(tl.trans(D), b_q, DT, IEEE)
             tl.store(dv_ptr + row[:, None] * V + o_v[None, :], b_dv.to(dv_ptr.dtype.element_ty),
                      mask=m_t[:, None] & m_v[None, :])
@@ -383,15 +427,20 @@ def _gate_mode(g: Optional[torch.Tensor]) -> int:
     return 0 if g is None else (1 if g.dim() == 3 else 2)
 
 
+# Tile choices (the lead tunes these on the GPU): chunk BT, sub-chunk SUB for per-key decays,
+# K in one tile (BK), V split in tiles of BV (each a program).
+CHUNK = 64          # chunk length on the GPU for K <= 128 (32 above, and in the interpreter)
+SUB_CHUNK = 16      # per-key decays: sub-chunk handled column by column
+MAX_BV = 64         # V tile for K <= 128 (32 above)
+
+
 def _blocks(K: int, V: int, gate: int):
     BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(triton.next_power_of_2(V), 64 if BK <= 128 else 32))
-    if gate == 2:
-        BT = 16
-    else:
-        BT = 32 if triton_interpret() else (64 if BK <= 128 else 32)
+    BV = max(16, min(triton.next_power_of_2(V), MAX_BV if BK <= 128 else 32))
+    BT = 32 if triton_interpret() else (CHUNK if BK <= 128 else 32)
+    SUB = min(SUB_CHUNK, BT)
     warps = 4 if BK * BV <= 64 * 64 else 8
-    return BT, BK, BV, warps
+    return BT, SUB, BK, BV, warps
 
 
 def _common(q, v, g, cu_seqlens):
@@ -399,11 +448,11 @@ def _common(q, v, g, cu_seqlens):
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     gate = _gate_mode(g)
-    BT, BK, BV, warps = _blocks(K, V, gate)
+    BT, SUB, BK, BV, warps = _blocks(K, V, gate)
     dt = torch.float32 if (q.dtype == torch.float32 or triton_interpret()) else q.dtype
     # software pipelining buffers whole tiles in shared memory: fewer stages for big/fp32 tiles
     stages = 1 if (q.dtype == torch.float32 or BK > 128) else 2
-    meta = dict(GATE=gate, BT=BT, BK=BK, BV=BV, DT=_TL_DTYPE[dt], IEEE=q.dtype == torch.float32,
+    meta = dict(GATE=gate, BT=BT, SUB=SUB, BK=BK, BV=BV, DT=_TL_DTYPE[dt], IEEE=q.dtype == torch.float32,
                 num_warps=warps, num_stages=stages)
     return B, T, H, K, V, N, meta
 
