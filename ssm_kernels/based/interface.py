@@ -177,7 +177,7 @@ def chunk_based(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
     Args:
         q, k: ``[B, T, H, K]`` float32/float16/bfloat16 (float64 on the reference backend);
             any K (the Triton kernel takes K <= 128; Based uses 16).
-        v: ``[B, T, H, V]``, q's dtype, any V.
+        v: ``[B, T, H, V]``, q's dtype, any V. Non-contiguous inputs are copied.
         scale: the factor on ``q·k``; default ``K ** -0.5`` (q and k each scaled by K^-1/4).
         use_norm: divide by the normaliser ``z_t + 1e-6`` (fla's default True).
         initial_state: ``[N, H, 1+K+K*K, V+1]`` (N = B, or the number of sequences with

@@ -18,6 +18,12 @@ output directly; otherwise partial outputs are summed on the host. The backward 
 as in flash-linear-attention's fused_chunk: forward for dq (state recomputed), backward for dk and
 dv (state gradient carried); partial dq/dk per (row block, V block) are summed on the host.
 
+Few (sequence, head) pairs leave SMs idle, so long dense sequences are also cut into segments
+(SEGMENT_LEN): a state-only pass (STORE_OUT=False) gives each segment's state increment, a cumsum
+gives each segment's initial state, and the segments then run as independent sequences; the
+backward does the same with state gradients (reverse cumsum). The decode path
+(`_based_step_kernel`) walks tokens one at a time with no chunk padding.
+
 Tokens are rows of the packed [B*T, H, *] layout: sequence n spans rows [bos, eos), with
 bos = n*T (dense) or cu_seqlens[n] (varlen); offsets are int64.
 """
@@ -31,8 +37,6 @@ import triton.language as tl
 
 from .._config import triton_interpret
 from .reference import EPS, feature_dim
-
-INV_SQRT2 = 1.0 / math.sqrt(2.0)
 
 
 def _configs():
