@@ -16,11 +16,30 @@ from .. import available_backends, fft_conv, fft_conv_ref
 from .harness import Case, rotating
 
 
+def _multipass(f):
+    """Run f with the Triton backend forced onto the multi-pass path (outer factor 16): shows
+    where the on-chip path stops paying (ssm_kernels.fft_conv.triton.MAX_ONCHIP_N)."""
+    def g(*args):
+        from ..fft_conv import triton as ft
+        saved = ft.MAX_ONCHIP_N
+        ft.MAX_ONCHIP_N = min(saved, max(256, ft.transform_size(args[0].shape[-1], args[1].shape[-1]) // 16))
+        try:
+            return f(*args)
+        finally:
+            ft.MAX_ONCHIP_N = saved
+    return g
+
+
 def _compiled_ref():
     try:
         return torch.compile(fft_conv_ref, dynamic=False)
     except Exception:
         return None
+
+
+def _onchip_limit() -> int:
+    from ..fft_conv import triton as ft
+    return ft.max_onchip_n()
 
 
 def cases(device: str, quick: bool) -> List[Case]:
@@ -36,6 +55,9 @@ def cases(device: str, quick: bool) -> List[Case]:
     impls = [(f"ssm_kernels.{be}", lambda u, k, D, p, q, be=be: fft_conv(u, k, D, pre_gate=p, post_gate=q,
                                                                           backend=be))
              for be in backends]
+    if "triton" in backends and device != "cpu":
+        impls.append(("ssm_kernels.triton[multi-pass]", _multipass(
+            lambda u, k, D, p, q: fft_conv(u, k, D, pre_gate=p, post_gate=q, backend="triton"))))
     impls.append(("torch.fft", lambda u, k, D, p, q: fft_conv_ref(u, k, D, pre_gate=p, post_gate=q)))
     comp = _compiled_ref() if device != "cpu" else None
     if comp is not None:
@@ -55,6 +77,8 @@ def cases(device: str, quick: bool) -> List[Case]:
                 return tuple(x.requires_grad_() for x in ins) if grad else tuple(ins)
 
             for impl, f in impls:
+                if impl.endswith("[multi-pass]") and 2 * L > _onchip_limit():
+                    continue  # the default is already multi-pass there
                 nxt = rotating(make, 3 * n * es + H * L * 4)
                 out.append(Case("fft_conv", impl, "fwd", label, str(dtype)[6:],
                                 lambda f=f, nxt=nxt: f(*nxt()), bytes=4 * n * es + H * L * 4))
