@@ -37,12 +37,17 @@ def _combine_complex(a1r, a1i, b1r, b1i, a2r, a2i, b2r, b2i):
 
 
 @triton.jit
-def _tile_start(i_t, T, BLOCK_T: tl.constexpr, FLIP: tl.constexpr):
-    # first time index of the i_t-th tile in processing order (negative start: masked)
+def _tile_start(i_t, lo, hi, BLOCK_T: tl.constexpr, FLIP: tl.constexpr):
+    # first time index of the i_t-th tile of [lo, hi) in processing order (outside: masked)
     if FLIP:
-        return T - (i_t + 1) * BLOCK_T
+        return hi - (i_t + 1) * BLOCK_T
     else:
-        return i_t * BLOCK_T
+        return lo + i_t * BLOCK_T
+
+
+@triton.jit
+def _cmul(xr, xi, yr, yi):
+    return xr * yr - xi * yi, xr * yi + xi * yr
 
 
 @triton.jit
@@ -53,21 +58,26 @@ def _carry_of(x, is_end):
 
 @triton.jit
 def _linear_scan_fwd_kernel(
-    # pointers: inputs a, b [O, T, C]; optional h0 [O, C] (state dtype); outputs h [O, T, C], hT [O, C]
-    a_ptr, b_ptr, h0_ptr, h_ptr, hT_ptr,
-    # sizes
-    T, C,
-    # strides of a/b/h in elements (float32 units for complex); states are contiguous [O, C]
+    # pointers: inputs a, b [O, T, C]; optional h0 [O, NC, C] (state dtype); outputs h [O, T, C],
+    # hT [O, NC, C] (each chunk's last state); SUMMARY: sa [O, NC, C] (each chunk's product of a)
+    a_ptr, b_ptr, h0_ptr, h_ptr, hT_ptr, sa_ptr,
+    # sizes: time is split in NC chunks of CHUNK steps, one program per (channel block, o, chunk)
+    T, C, CHUNK, NC,
+    # strides of a/b/h in elements (float32 units for complex); states are contiguous
     s_o, s_t, s_c,
-    # meta-parameters
-    HAS_H0: tl.constexpr, REVERSE: tl.constexpr, COMPLEX: tl.constexpr,
+    # meta-parameters; SUMMARY: write only (sa, hT) per chunk, not h
+    HAS_H0: tl.constexpr, REVERSE: tl.constexpr, COMPLEX: tl.constexpr, SUMMARY: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    i_c, i_o = tl.program_id(0), tl.program_id(1)
+    i_c, i_o, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
     CW: tl.constexpr = 2 if COMPLEX else 1  # float32 words per state element
-    p_state = i_o.to(tl.int64) * C * CW + o_c * CW
+    p_state = (i_o.to(tl.int64) * NC + i_k) * C * CW + o_c * CW
+    lo = i_k * CHUNK
+    hi = tl.minimum(lo + CHUNK, T)
+    acc_r = tl.full([BLOCK_C], 1.0, dtype=tl.float32)  # SUMMARY: product of a over the chunk
+    acc_i = tl.zeros([BLOCK_C], dtype=tl.float32)
     base_c = i_o.to(tl.int64) * s_o + o_c.to(tl.int64) * s_c
     base = base_c[:, None]
     if HAS_H0:
@@ -80,9 +90,9 @@ def _linear_scan_fwd_kernel(
             carry_i = tl.zeros([BLOCK_C], dtype=tl.float32)
     o_r = tl.arange(0, BLOCK_T)
     is_end = (o_r == (0 if REVERSE else BLOCK_T - 1))[None, :]
-    for i_t in range(0, tl.cdiv(T, BLOCK_T)):
-        t = _tile_start(i_t, T, BLOCK_T, REVERSE) + o_r
-        m = m_c[:, None] & ((t >= 0) & (t < T))[None, :]
+    for i_t in range(0, tl.cdiv(hi - lo, BLOCK_T)):
+        t = _tile_start(i_t, lo, hi, BLOCK_T, REVERSE) + o_r
+        m = m_c[:, None] & ((t >= lo) & (t < hi))[None, :]
         p = base + t.to(tl.int64)[None, :] * s_t
         # padding with the identity (a=1, b=0) keeps the tile's last column the true carry
         ar = tl.load(a_ptr + p, mask=m, other=1.0).to(tl.float32)
@@ -92,31 +102,43 @@ def _linear_scan_fwd_kernel(
             bi = tl.load(b_ptr + p + 1, mask=m, other=0.0).to(tl.float32)
             ar, ai, br, bi = tl.associative_scan((ar, ai, br, bi), 1, _combine_complex, reverse=REVERSE)
             hr = br + ar * carry_r[:, None] - ai * carry_i[:, None]
-            hi = bi + ar * carry_i[:, None] + ai * carry_r[:, None]
-            tl.store(h_ptr + p, hr, mask=m)
-            tl.store(h_ptr + p + 1, hi, mask=m)
+            him = bi + ar * carry_i[:, None] + ai * carry_r[:, None]
+            if SUMMARY:
+                acc_r, acc_i = _cmul(acc_r, acc_i, _carry_of(ar, is_end), _carry_of(ai, is_end))
+            else:
+                tl.store(h_ptr + p, hr, mask=m)
+                tl.store(h_ptr + p + 1, him, mask=m)
             carry_r = _carry_of(hr, is_end)
-            carry_i = _carry_of(hi, is_end)
+            carry_i = _carry_of(him, is_end)
         else:
             ar, br = tl.associative_scan((ar, br), 1, _combine_real, reverse=REVERSE)
             h = br + ar * carry_r[:, None]
-            tl.store(h_ptr + p, h.to(h_ptr.dtype.element_ty), mask=m)
+            if SUMMARY:
+                acc_r = acc_r * _carry_of(ar, is_end)
+            else:
+                tl.store(h_ptr + p, h.to(h_ptr.dtype.element_ty), mask=m)
             carry_r = _carry_of(h, is_end)
     tl.store(hT_ptr + p_state, carry_r, mask=m_c)
     if COMPLEX:
         tl.store(hT_ptr + p_state + 1, carry_i, mask=m_c)
+    if SUMMARY:
+        tl.store(sa_ptr + p_state, acc_r, mask=m_c)
+        if COMPLEX:
+            tl.store(sa_ptr + p_state + 1, acc_i, mask=m_c)
 
 
 @triton.jit
 def _linear_scan_bwd_kernel(
-    # pointers: a, h, dh [O, T, C]; h0, dhT [O, C] state dtype; outputs da, db [O, T, C], dh0 [O, C]
-    a_ptr, h_ptr, h0_ptr, dh_ptr, dhT_ptr, da_ptr, db_ptr, dh0_ptr,
-    # sizes
-    T, C,
+    # pointers: a, h, dh [O, T, C]; h0 [O, C] and the incoming gradient carry dhT [O, NC, C] (state
+    # dtype); outputs da, db [O, T, C], dh0 [O, NC, C]; SUMMARY: sa [O, NC, C] (product of the
+    # coefficients), dh0 <- each chunk's last g from a zero carry, and no da/db
+    a_ptr, h_ptr, h0_ptr, dh_ptr, dhT_ptr, da_ptr, db_ptr, dh0_ptr, sa_ptr,
+    # sizes: time is split in NC chunks of CHUNK steps
+    T, C, CHUNK, NC,
     # strides of a/h/dh/da/db in elements (float32 units for complex)
     s_o, s_t, s_c,
     # meta-parameters
-    HAS_H0: tl.constexpr, REVERSE: tl.constexpr, COMPLEX: tl.constexpr,
+    HAS_H0: tl.constexpr, REVERSE: tl.constexpr, COMPLEX: tl.constexpr, SUMMARY: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # g_t = dh_t + conj(a[t_next]) g[t_next], walked opposite to the forward pass: t_next = t+1
@@ -124,29 +146,38 @@ def _linear_scan_bwd_kernel(
     # t_pred = t-1 (t+1), gives da_t = g_t conj(h[t_pred]) (h0 beyond the ends).
     FLIP: tl.constexpr = not REVERSE
     STEP: tl.constexpr = 1 if FLIP else -1  # t_next - t
-    i_c, i_o = tl.program_id(0), tl.program_id(1)
+    i_c, i_o, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
     CW: tl.constexpr = 2 if COMPLEX else 1
-    p_state = i_o.to(tl.int64) * C * CW + o_c * CW
+    p_h0 = i_o.to(tl.int64) * C * CW + o_c * CW
+    p_state = (i_o.to(tl.int64) * NC + i_k) * C * CW + o_c * CW
+    lo = i_k * CHUNK
+    hi = tl.minimum(lo + CHUNK, T)
+    acc_r = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
+    acc_i = tl.zeros([BLOCK_C], dtype=tl.float32)
     base_c = i_o.to(tl.int64) * s_o + o_c.to(tl.int64) * s_c
     base = base_c[:, None]
-    carry_r = tl.load(dhT_ptr + p_state, mask=m_c, other=0.0).to(tl.float32)
-    if COMPLEX:
-        carry_i = tl.load(dhT_ptr + p_state + 1, mask=m_c, other=0.0).to(tl.float32)
-    if HAS_H0:
-        h0r = tl.load(h0_ptr + p_state, mask=m_c, other=0.0).to(tl.float32)
+    if SUMMARY:
+        carry_r = tl.zeros([BLOCK_C], dtype=tl.float32)
+        carry_i = tl.zeros([BLOCK_C], dtype=tl.float32)
+    else:
+        carry_r = tl.load(dhT_ptr + p_state, mask=m_c, other=0.0).to(tl.float32)
         if COMPLEX:
-            h0i = tl.load(h0_ptr + p_state + 1, mask=m_c, other=0.0).to(tl.float32)
+            carry_i = tl.load(dhT_ptr + p_state + 1, mask=m_c, other=0.0).to(tl.float32)
+    if HAS_H0:
+        h0r = tl.load(h0_ptr + p_h0, mask=m_c, other=0.0).to(tl.float32)
+        if COMPLEX:
+            h0i = tl.load(h0_ptr + p_h0 + 1, mask=m_c, other=0.0).to(tl.float32)
     else:
         h0r = tl.zeros([BLOCK_C], dtype=tl.float32)
         if COMPLEX:
             h0i = tl.zeros([BLOCK_C], dtype=tl.float32)
     o_r = tl.arange(0, BLOCK_T)
     is_end = (o_r == (0 if FLIP else BLOCK_T - 1))[None, :]
-    for i_t in range(0, tl.cdiv(T, BLOCK_T)):
-        t = _tile_start(i_t, T, BLOCK_T, FLIP) + o_r
-        m = m_c[:, None] & ((t >= 0) & (t < T))[None, :]
+    for i_t in range(0, tl.cdiv(hi - lo, BLOCK_T)):
+        t = _tile_start(i_t, lo, hi, BLOCK_T, FLIP) + o_r
+        m = m_c[:, None] & ((t >= lo) & (t < hi))[None, :]
         p = base + t.to(tl.int64)[None, :] * s_t
         p_next = p + STEP * s_t
         m_next = m & ((t + STEP >= 0) & (t + STEP < T))[None, :]
@@ -160,25 +191,39 @@ def _linear_scan_bwd_kernel(
         if COMPLEX:
             ci = -tl.load(a_ptr + p_next + 1, mask=m_next, other=0.0).to(tl.float32)  # conj(a)
             gi = tl.load(dh_ptr + p + 1, mask=m, other=0.0).to(tl.float32)
-            hi = tl.load(h_ptr + p_pred + 1, mask=m_pred, other=0.0).to(tl.float32)
-            hi = tl.where(is_h0, h0i[:, None], hi)
+            him = tl.load(h_ptr + p_pred + 1, mask=m_pred, other=0.0).to(tl.float32)
+            him = tl.where(is_h0, h0i[:, None], him)
             cr, ci, gr, gi = tl.associative_scan((cr, ci, gr, gi), 1, _combine_complex, reverse=FLIP)
             g_r = gr + cr * carry_r[:, None] - ci * carry_i[:, None]
             g_i = gi + cr * carry_i[:, None] + ci * carry_r[:, None]
-            tl.store(db_ptr + p, g_r, mask=m)
-            tl.store(db_ptr + p + 1, g_i, mask=m)
-            # da = g * conj(h_pred)
-            tl.store(da_ptr + p, g_r * hr + g_i * hi, mask=m)
-            tl.store(da_ptr + p + 1, g_i * hr - g_r * hi, mask=m)
+            if SUMMARY:
+                acc_r, acc_i = _cmul(acc_r, acc_i, _carry_of(cr, is_end), _carry_of(ci, is_end))
+            else:
+                tl.store(db_ptr + p, g_r, mask=m)
+                tl.store(db_ptr + p + 1, g_i, mask=m)
+                # da = g * conj(h_pred)
+                tl.store(da_ptr + p, g_r * hr + g_i * him, mask=m)
+                tl.store(da_ptr + p + 1, g_i * hr - g_r * him, mask=m)
             carry_r = _carry_of(g_r, is_end)
             carry_i = _carry_of(g_i, is_end)
         else:
             cr, gr = tl.associative_scan((cr, gr), 1, _combine_real, reverse=FLIP)
             g = gr + cr * carry_r[:, None]
-            tl.store(db_ptr + p, g.to(db_ptr.dtype.element_ty), mask=m)
-            tl.store(da_ptr + p, (g * hr).to(da_ptr.dtype.element_ty), mask=m)
+            if SUMMARY:
+                acc_r = acc_r * _carry_of(cr, is_end)
+            else:
+                tl.store(db_ptr + p, g.to(db_ptr.dtype.element_ty), mask=m)
+                tl.store(da_ptr + p, (g * hr).to(da_ptr.dtype.element_ty), mask=m)
             carry_r = _carry_of(g, is_end)
-    # dh0 = conj(a at the last processed step) * g there
+    if SUMMARY:
+        tl.store(sa_ptr + p_state, acc_r, mask=m_c)
+        tl.store(dh0_ptr + p_state, carry_r, mask=m_c)
+        if COMPLEX:
+            tl.store(sa_ptr + p_state + 1, acc_i, mask=m_c)
+            tl.store(dh0_ptr + p_state + 1, carry_i, mask=m_c)
+        return
+    # dh0 = conj(a at the globally last processed step) * g there (meaningful in the chunk that
+    # holds that step; the launcher picks it)
     p_first = base_c + (0 if FLIP else T - 1) * s_t
     a_r = tl.load(a_ptr + p_first, mask=m_c, other=0.0).to(tl.float32)
     if COMPLEX:
@@ -222,23 +267,62 @@ def _config(T: int, C: int, time_inner: bool, complex_: bool, elem_bytes: int):
     return dict(BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4)
 
 
+def _split(T: int, programs: int, block_t: int, device: torch.device):
+    """(chunk length, number of chunks): split time when channel blocks alone cannot fill the GPU
+    (few channels, long T). Each extra chunk costs one more read of a and b (a summary pass)."""
+    if triton_interpret():
+        target = 4  # small shapes: exercise the split path in CPU tests too
+    else:
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= target or T <= 4 * block_t:
+        return T, 1
+    n = min(triton.cdiv(T, 4 * block_t), triton.cdiv(2 * target, programs))
+    chunk = triton.cdiv(triton.cdiv(T, n), block_t) * block_t
+    return chunk, triton.cdiv(T, chunk)
+
+
+def _shift_in(ends: torch.Tensor, start, reverse: bool) -> torch.Tensor:
+    """Carry into each chunk: the previous chunk's end state in processing order ([O, NC, C])."""
+    first = torch.zeros_like(ends[:, :1]) if start is None else start.to(ends.dtype).reshape(ends[:, :1].shape)
+    if reverse:
+        return torch.cat([ends[:, 1:], first], 1).contiguous()
+    return torch.cat([first, ends[:, :-1]], 1).contiguous()
+
+
 def linear_scan_fwd(a: torch.Tensor, b: torch.Tensor, h0, reverse: bool):
     """a, b: contiguous [P, T, Q] of one dtype in TRITON_DTYPES; h0: [P, Q] state dtype or None."""
     P, T, Q = b.shape
     sdt = torch.complex64 if b.is_complex() else torch.float32
     h = torch.empty_like(b)
-    hT = torch.empty((P, Q), dtype=sdt, device=b.device)
     ak, O, C, s_o, s_t, s_c = _canonical(a)
     bk = _canonical(b)[0]
     hk = _canonical(h)[0]
-    h0k = None if h0 is None else _state_view(h0.to(sdt).contiguous())
     cfg = _config(T, C, Q == 1, b.is_complex(), b.element_size())
-    grid = (triton.cdiv(C, cfg["BLOCK_C"]), O)
+    chunk, nc = _split(T, O * triton.cdiv(C, cfg["BLOCK_C"]), cfg["BLOCK_T"], b.device)
+    grid = (triton.cdiv(C, cfg["BLOCK_C"]), O, nc)
+    common = dict(REVERSE=reverse, COMPLEX=b.is_complex(), **cfg)
+    if nc == 1:
+        hT = torch.empty((P, Q), dtype=sdt, device=b.device)
+        h0k = None if h0 is None else _state_view(h0.to(sdt).contiguous())
+        _linear_scan_fwd_kernel[grid](
+            ak, bk, h0k if h0k is not None else hk, hk, _state_view(hT), hk,
+            T, C, chunk, nc, s_o, s_t, s_c, HAS_H0=h0 is not None, SUMMARY=False, **common)
+        return h, hT
+    # 1) per-chunk summaries (product of a, end state from zero); 2) scan over chunks;
+    # 3) rerun each chunk from its true incoming state, writing h
+    sa = torch.empty((O, nc, C), dtype=sdt, device=b.device)
+    sb = torch.empty_like(sa)
     _linear_scan_fwd_kernel[grid](
-        ak, bk, h0k if h0k is not None else hk, hk, _state_view(hT),
-        T, C, s_o, s_t, s_c,
-        HAS_H0=h0 is not None, REVERSE=reverse, COMPLEX=b.is_complex(), **cfg)
-    return h, hT
+        ak, bk, hk, hk, _state_view(sb), _state_view(sa),
+        T, C, chunk, nc, s_o, s_t, s_c, HAS_H0=False, SUMMARY=True, **common)
+    start = None if h0 is None else h0.reshape(O, 1, C)
+    ends, final = linear_scan_fwd(sa, sb, None if start is None else start.reshape(O, C).to(sdt), reverse)
+    carry = _shift_in(ends, start, reverse)
+    scratch = torch.empty_like(sa)
+    _linear_scan_fwd_kernel[grid](
+        ak, bk, _state_view(carry), hk, _state_view(scratch), hk,
+        T, C, chunk, nc, s_o, s_t, s_c, HAS_H0=True, SUMMARY=False, **common)
+    return h, final.reshape(P, Q)
 
 
 def linear_scan_bwd(a, h, h0, dh, dhT, reverse: bool):
@@ -248,18 +332,30 @@ def linear_scan_bwd(a, h, h0, dh, dhT, reverse: bool):
     dh = dh.contiguous()
     da = torch.empty_like(a)
     db = torch.empty_like(h)
-    dh0 = torch.empty((P, Q), dtype=sdt, device=h.device)
     ak, O, C, s_o, s_t, s_c = _canonical(a)
+    hk, dhk, dak, dbk = (_canonical(x)[0] for x in (h, dh, da, db))
     cfg = _config(T, C, Q == 1, h.is_complex(), h.element_size())
-    grid = (triton.cdiv(C, cfg["BLOCK_C"]), O)
-    dhTk = _state_view(dhT.to(sdt).contiguous())
+    chunk, nc = _split(T, O * triton.cdiv(C, cfg["BLOCK_C"]), cfg["BLOCK_T"], h.device)
+    grid = (triton.cdiv(C, cfg["BLOCK_C"]), O, nc)
+    common = dict(HAS_H0=h0 is not None, REVERSE=reverse, COMPLEX=h.is_complex(), **cfg)
+    dhT = dhT.to(sdt).contiguous()
     h0k = None if h0 is None else _state_view(h0.to(sdt).contiguous())
+    if nc == 1:
+        carry = dhT
+    else:  # chunk summaries, a scan over chunks in the backward's order, then the full pass
+        sa = torch.empty((O, nc, C), dtype=sdt, device=h.device)
+        sg = torch.empty_like(sa)
+        _linear_scan_bwd_kernel[grid](
+            ak, hk, h0k if h0k is not None else hk, dhk, _state_view(sg), dak, dbk,
+            _state_view(sg), _state_view(sa), T, C, chunk, nc, s_o, s_t, s_c, SUMMARY=True, **common)
+        ends, _ = linear_scan_fwd(sa, sg, dhT.reshape(O, C), not reverse)
+        carry = _shift_in(ends, dhT, not reverse)
+    dh0 = torch.empty((O, nc, C), dtype=sdt, device=h.device)
     _linear_scan_bwd_kernel[grid](
-        ak, _canonical(h)[0], h0k if h0k is not None else dhTk, _canonical(dh)[0], dhTk,
-        _canonical(da)[0], _canonical(db)[0], _state_view(dh0),
-        T, C, s_o, s_t, s_c,
-        HAS_H0=h0 is not None, REVERSE=reverse, COMPLEX=h.is_complex(), **cfg)
-    return da, db, dh0
+        ak, hk, h0k if h0k is not None else hk, dhk, _state_view(carry), dak, dbk,
+        _state_view(dh0), _state_view(dh0), T, C, chunk, nc, s_o, s_t, s_c, SUMMARY=False, **common)
+    # the chunk holding the globally last processed step (t=0 unless reverse) has the true dh0
+    return da, db, dh0[:, nc - 1 if reverse else 0].reshape(P, Q)
 
 
 def _state_view(s: torch.Tensor) -> torch.Tensor:
