@@ -19,7 +19,7 @@ def cases(device: str, quick: bool) -> List[Case]:
         grid = [(2, 16, 64)]
         dtypes = [torch.float32]
     else:
-        grid = [(8, 1536, 4096), (8, 1536, 16384)]
+        grid = [(8, 1536, 4096), (8, 1536, 16384), (1, 256, 1 << 20)]  # last: few channels, long T
         dtypes = [torch.float32, torch.bfloat16]
     backends = [b for b in available_backends(device) if b != "reference"] or ["reference"]
     peer = accelerated_scan() if device != "cpu" else None
