@@ -23,8 +23,13 @@ echo "extension build + install: $(( $(date +%s) - t0 )) s" | tee "$OUT/build_ti
 python3 -c "import ssm_kernels._C; print('ssm_kernels._C ok')" || exit 1
 python3 -c "import time,torch; t=time.time(); import ssm_kernels; print(f'import ssm_kernels: {time.time()-t:.3f} s after torch')"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout 420 python3 -m pytest -q --timeout 300 -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" | tail -25
+  timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q --timeout 300 -p no:cacheprovider "$@" 2>&1 | tee "$OUT/pytest.log" | tail -25
   python3 -m ssm_kernels check ${OPS:+--ops $OPS} 2>&1 | tee "$OUT/check.log" | tail -40
+fi
+if [ -n "${NCU:-}" ]; then  # e.g. NCU="linear_scan cuda bfloat16"
+  ncu --kernel-name regex:${NCU%% *} --launch-skip 1 --launch-count 1 --section SpeedOfLight \
+    --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+    python3 bench/profile_one.py $NCU > "$OUT/ncu.txt" 2>&1; grep -E "Throughput|Achieved|Registers|Duration|Occupancy|L1|L2|DRAM" "$OUT/ncu.txt" | head -40
 fi
 if [ -n "${MAMBA_PID:-}" ]; then wait "$MAMBA_PID"; tail -3 "$OUT/mamba_build.log"; fi
 export PYTHONPATH="${PYTHONPATH:-}:/tmp/mamba_build:$(pwd)/${MAMBA_SRC:-.}"
