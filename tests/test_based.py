@@ -91,6 +91,7 @@ def test_reference_is_taylor_attention():
     (1, 21, 2, 32, 16, True, False),   # K = 32: four row blocks of the second order
     (2, 1, 1, 16, 8, True, True),      # T = 1
     (1, 16, 1, 12, 33, True, True),    # exactly one chunk, V spans three tiles
+    (1, 9, 1, 40, 16, True, True),     # K = 40: padded to 64, sixteen row blocks
 ])
 def test_matches_reference(backend, B, T, H, K, V, use_norm, with_h0):
     check(backend, B, T, H, K, V, use_norm=use_norm, with_h0=with_h0)

@@ -7,7 +7,7 @@ from typing import List
 import torch
 
 from ..testing import CheckRow, compare
-from .interface import chunk_based
+from .interface import chunk_based, fused_recurrent_based
 from .reference import based_parallel_ref, feature_dim
 
 NAMES = ["o", "final_state", "grad q", "grad k", "grad v", "grad initial_state"]
@@ -49,7 +49,21 @@ def check(backend: str, device: str) -> List[CheckRow]:
             lowp = (_fwd_bwd(based_parallel_ref, q, k, v, h0, cot, cu)
                     if dtype in (torch.float16, torch.bfloat16) else None)
             tag = f"based K={K}{' varlen' if varlen else ''}"
-            for i, name in enumerate(NAMES):
-                vd = compare(f"{tag} {name}", out[i], ref[i], dtype, None if lowp is None else lowp[i])
+            # the decode step form on the last few tokens, from the reference's state before them
+            Ts = 3
+            cut = [0, T - Ts] if cu is None else None
+            if cut is not None:
+                _, h_pre = based_parallel_ref(q[:, :T - Ts].double(), k[:, :T - Ts].double(),
+                                              v[:, :T - Ts].double(), None, True, h0.double(), True)
+                o_s, h_s = fused_recurrent_based(q[:, -Ts:], k[:, -Ts:], v[:, -Ts:], None, True,
+                                                 h_pre.float(), True, backend=backend)
+                step_rows = [("fused_recurrent o", o_s, ref[0][:, -Ts:], None if lowp is None else lowp[0][:, -Ts:]),
+                             ("fused_recurrent final_state", h_s, ref[1], None if lowp is None else lowp[1])]
+            else:
+                step_rows = []
+            named = [(name, out[i], ref[i], None if lowp is None else lowp[i])
+                     for i, name in enumerate(NAMES)] + step_rows
+            for name, o_, r_, l_ in named:
+                vd = compare(f"{tag} {name}", o_, r_, dtype, l_)
                 rows.append(CheckRow(f"{tag} {name}", backend, str(dtype).replace("torch.", ""), vd))
     return rows
