@@ -287,15 +287,27 @@ def test_fullgraph_compile_forward_backward(backend):
         o, hT = sk.chunk_based(q, k, v, initial_state=h0, output_final_state=True, backend=backend)
         return o.square().sum() + hT.sum()
 
+    def g(q, k, v, h0, cu):  # packed sequences and the decode form
+        o, hT = sk.chunk_based(q, k, v, initial_state=h0, output_final_state=True, cu_seqlens=cu,
+                               backend=backend)
+        o2, _ = sk.fused_recurrent_based(q[:, -1:], k[:, -1:], v[:, -1:], initial_state=hT[-1:],
+                                         backend=backend)
+        return o.square().sum() + hT.sum() + o2.sum()
+
     xs = [x.requires_grad_() for x in make_inputs(1, 12, 2, 16, 8)]
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if DEVICE == "cpu" else "inductor")
-    loss = compiled(*xs)
-    grads = torch.autograd.grad(loss, xs)
-    ref_loss = f(*xs)
-    ref_grads = torch.autograd.grad(ref_loss, xs)
-    torch.testing.assert_close(loss, ref_loss)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r)
+    cu = torch.tensor([0, 5, 12], device=DEVICE)
+    xs_cu = [x.requires_grad_() for x in make_inputs(1, 12, 2, 16, 8, N=2)]
+    for fn, args in ((f, xs), (g, xs_cu)):
+        extra = (cu,) if fn is g else ()
+        compiled = torch.compile(fn, fullgraph=True,
+                                 backend="aot_eager" if DEVICE == "cpu" else "inductor")
+        loss = compiled(*args, *extra)
+        grads = torch.autograd.grad(loss, args)
+        ref_loss = fn(*args, *extra)
+        ref_grads = torch.autograd.grad(ref_loss, args)
+        torch.testing.assert_close(loss, ref_loss)
+        for gr, r in zip(grads, ref_grads):
+            torch.testing.assert_close(gr, r)
 
 
 # ---- real sizes on the GPU ------------------------------------------------------------------------
