@@ -47,6 +47,68 @@ def _dt_transform(raw, SOFTPLUS: tl.constexpr):
 
 
 @triton.jit
+def _seq_bounds(cu_ptr, ckoff_ptr, i_s, L, NCK, VARLEN: tl.constexpr):
+    """Sequence i_s: (first time index, length, batch index, first checkpoint row)."""
+    if VARLEN:
+        bos = tl.load(cu_ptr + i_s).to(tl.int64)
+        T = (tl.load(cu_ptr + i_s + 1).to(tl.int64) - bos).to(tl.int32)
+        i_b = tl.zeros([], dtype=tl.int64)
+        ck0 = tl.load(ckoff_ptr + i_s).to(tl.int64)
+    else:
+        bos = tl.zeros([], dtype=tl.int64)
+        T = L
+        i_b = i_s.to(tl.int64)
+        ck0 = i_s.to(tl.int64) * NCK
+    return bos, T, i_b, ck0
+
+
+@triton.jit
+def _load_pair(ptr, p, m, COMPLEX: tl.constexpr):
+    """(re, im) float32 at p, p + 1 (im repeats re for real data)."""
+    r = tl.load(ptr + p, mask=m, other=0.0).to(tl.float32)
+    i = r
+    if COMPLEX:
+        i = tl.load(ptr + p + 1, mask=m, other=0.0).to(tl.float32)
+    return r, i
+
+
+@triton.jit
+def _store_pair(ptr, p, r, i, m, COMPLEX: tl.constexpr):
+    tl.store(ptr + p, r, mask=m)
+    if COMPLEX:
+        tl.store(ptr + p + 1, i, mask=m)
+
+
+@triton.jit
+def _add(ptr, p, r, m):
+    """Accumulate r into a buffer this program owns alone (deterministic, no atomics)."""
+    tl.store(ptr + p, tl.load(ptr + p, mask=m, other=0.0) + r, mask=m)
+
+
+@triton.jit
+def _add_pair(ptr, p, r, i, m):
+    _add(ptr, p, r, m)
+    _add(ptr, p + 1, i, m)
+
+
+@triton.jit
+def _channels(i_blk, i_g, i_s, DG, DIM, N, o_n, m_n, BLOCK_D: tl.constexpr, CW: tl.constexpr):
+    """Channel block i_blk of group i_g: (channels, their mask, (d, n) mask, (d, n) offset in a
+    (dim, N[, 2]) tensor, the same in a (nseq, dim, N[, 2]) state tensor for sequence i_s)."""
+    o_dl = i_blk * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_dl < DG
+    o_d = i_g * DG + o_dl
+    p_dn = (o_d.to(tl.int64) * N * CW)[:, None] + (o_n * CW)[None, :]
+    return o_d, m_d, m_d[:, None] & m_n[None, :], p_dn, i_s.to(tl.int64) * DIM * N * CW + p_dn
+
+
+@triton.jit
+def _bc_offsets(i_b, i_g, o_n, bos, s_b, s_g, s_n, CW: tl.constexpr):
+    """Offsets of time-varying B/C (or their partial gradients) at (batch, group, n, bos)."""
+    return i_b * s_b + i_g.to(tl.int64) * s_g + o_n.to(tl.int64) * s_n + bos * CW
+
+
+@triton.jit
 def _combine(a1, b1, a2, b2):
     # (a1, b1) then (a2, b2) on x -> a x + b; used forward and (reverse=True) backward
     return a1 * a2, b1 * a2 + b2
@@ -76,80 +138,36 @@ def _fwd_kernel(
 ):
     i_d, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     CW: tl.constexpr = 2 if COMPLEX else 1
-    o_dl = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_d = o_dl < DG
-    o_d = i_g * DG + o_dl
+    bos, T, i_b, ck0 = _seq_bounds(cu_ptr, ckoff_ptr, i_s, L, NCK, VARLEN)
     o_n = tl.arange(0, BLOCK_N)
     m_n = o_n < N
-    m_dn = m_d[:, None] & m_n[None, :]
-    if VARLEN:
-        bos = tl.load(cu_ptr + i_s).to(tl.int64)
-        T = (tl.load(cu_ptr + i_s + 1).to(tl.int64) - bos).to(tl.int32)
-        i_b = tl.zeros([], dtype=tl.int64)
-        ck0 = tl.load(ckoff_ptr + i_s).to(tl.int64)
-    else:
-        bos = tl.zeros([], dtype=tl.int64)
-        T = L
-        i_b = i_s.to(tl.int64)
-        ck0 = i_s.to(tl.int64) * NCK
-    # per-(d, n) constants; p_dn: offset of (d, n) in a (dim, N[, 2]) float32 tensor
-    p_dn = (o_d.to(tl.int64) * N * CW)[:, None] + (o_n * CW)[None, :]
-    p_st = i_s.to(tl.int64) * DIM * N * CW + p_dn
-    a_r = tl.load(A_ptr + p_dn, mask=m_dn, other=0.0) * 1.4426950408889634
-    if COMPLEX:
-        a_i = tl.load(A_ptr + p_dn + 1, mask=m_dn, other=0.0)
+    o_d, m_d, m_dn, p_dn, p_st = _channels(i_d, i_g, i_s, DG, DIM, N, o_n, m_n, BLOCK_D, CW)
+    a_r, a_i = _load_pair(A_ptr, p_dn, m_dn, COMPLEX)
+    a_r = a_r * 1.4426950408889634
     if not VAR_B:
-        cb_r = tl.load(B_ptr + p_dn, mask=m_dn, other=0.0)
-        if COMPLEX:
-            cb_i = tl.load(B_ptr + p_dn + 1, mask=m_dn, other=0.0)
+        b_r, b_i = _load_pair(B_ptr, p_dn, m_dn, COMPLEX)
     if not VAR_C:
-        cc_r = tl.load(C_ptr + p_dn, mask=m_dn, other=0.0)
-        if COMPLEX:
-            cc_i = tl.load(C_ptr + p_dn + 1, mask=m_dn, other=0.0)
+        c_r, c_i = _load_pair(C_ptr, p_dn, m_dn, COMPLEX)
     if HAS_D:
         w_D = tl.load(D_ptr + o_d, mask=m_d, other=0.0)
+    w_bias = 0.0
     if HAS_BIAS:
         w_bias = tl.load(bias_ptr + o_d, mask=m_d, other=0.0)
-    if HAS_H0:
-        h_r = tl.load(h0_ptr + p_st, mask=m_dn, other=0.0)
-        if COMPLEX:
-            h_i = tl.load(h0_ptr + p_st + 1, mask=m_dn, other=0.0)
-    else:
-        h_r = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-        if COMPLEX:
-            h_i = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
+    h_r, h_i = _load_pair(h0_ptr, p_st, m_dn & HAS_H0, COMPLEX)
     p_u = i_b * s_ub + o_d.to(tl.int64) * s_ud + bos
-    p_B = i_b * s_Bb + i_g.to(tl.int64) * s_Bg + o_n.to(tl.int64) * s_Bn + bos * CW
-    p_C = i_b * s_Cb + i_g.to(tl.int64) * s_Cg + o_n.to(tl.int64) * s_Cn + bos * CW
+    p_B = _bc_offsets(i_b, i_g, o_n, bos, s_Bb, s_Bg, s_Bn, CW)
+    p_C = _bc_offsets(i_b, i_g, o_n, bos, s_Cb, s_Cg, s_Cn, CW)
     for c in range(0, tl.cdiv(T, CHUNK)):
         if SAVE_CK:
-            p_ck = (ck0 + c) * DIM * N * CW + p_dn
-            tl.store(ck_ptr + p_ck, h_r, mask=m_dn)
-            if COMPLEX:
-                tl.store(ck_ptr + p_ck + 1, h_i, mask=m_dn)
+            _store_pair(ck_ptr, (ck0 + c) * DIM * N * CW + p_dn, h_r, h_i, m_dn, COMPLEX)
         for t in range(c * CHUNK, tl.minimum(c * CHUNK + CHUNK, T)):
             x_u = tl.load(u_ptr + p_u + t, mask=m_d, other=0.0).to(tl.float32)
-            dt = tl.load(delta_ptr + p_u + t, mask=m_d, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                dt += w_bias
-            dt = _dt_transform(dt, SOFTPLUS)
+            raw, dt = _load_dt(delta_ptr, p_u + t, m_d, w_bias, HAS_BIAS, SOFTPLUS)
             du = (dt * x_u)[:, None]
             if VAR_B:
-                b_r = tl.load(B_ptr + p_B + t * CW, mask=m_n, other=0.0).to(tl.float32)[None, :]
-                if COMPLEX:
-                    b_i = tl.load(B_ptr + p_B + t * CW + 1, mask=m_n, other=0.0).to(tl.float32)[None, :]
-            else:
-                b_r = cb_r
-                if COMPLEX:
-                    b_i = cb_i
+                b_r, b_i = _load_pair(B_ptr, (p_B + t * CW)[None, :], m_n[None, :], COMPLEX)
             if VAR_C:
-                c_r = tl.load(C_ptr + p_C + t * CW, mask=m_n, other=0.0).to(tl.float32)[None, :]
-                if COMPLEX:
-                    c_i = tl.load(C_ptr + p_C + t * CW + 1, mask=m_n, other=0.0).to(tl.float32)[None, :]
-            else:
-                c_r = cc_r
-                if COMPLEX:
-                    c_i = cc_i
+                c_r, c_i = _load_pair(C_ptr, (p_C + t * CW)[None, :], m_n[None, :], COMPLEX)
             if COMPLEX:
                 mag = tl.exp2(dt[:, None] * a_r)
                 ang = dt[:, None] * a_i
@@ -168,9 +186,7 @@ def _fwd_kernel(
                 x_z = tl.load(z_ptr + p_u + t, mask=m_d, other=0.0).to(tl.float32)
                 y *= x_z * tl.sigmoid(x_z)
             tl.store(out_ptr + p_u + t, y.to(out_ptr.dtype.element_ty), mask=m_d)
-    tl.store(last_ptr + p_st, h_r, mask=m_dn)
-    if COMPLEX:
-        tl.store(last_ptr + p_st + 1, h_i, mask=m_dn)
+    _store_pair(last_ptr, p_st, h_r, h_i, m_dn, COMPLEX)
 
 
 @triton.jit
@@ -228,60 +244,29 @@ def _fwd_chunked_kernel(
     # states come from an associative scan seeded with the carried state (_chunk_states).
     i_d, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     CW: tl.constexpr = 2 if COMPLEX else 1
-    if VARLEN:
-        bos = tl.load(cu_ptr + i_s).to(tl.int64)
-        T = (tl.load(cu_ptr + i_s + 1).to(tl.int64) - bos).to(tl.int32)
-        i_b = tl.zeros([], dtype=tl.int64)
-        ck0 = tl.load(ckoff_ptr + i_s).to(tl.int64)
-    else:
-        bos = tl.zeros([], dtype=tl.int64)
-        T = L
-        i_b = i_s.to(tl.int64)
-        ck0 = i_s.to(tl.int64) * NCK
-    o_dl = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_d = o_dl < DG
-    o_d = i_g * DG + o_dl
+    bos, T, i_b, ck0 = _seq_bounds(cu_ptr, ckoff_ptr, i_s, L, NCK, VARLEN)
     o_n = tl.arange(0, BLOCK_N)
     m_n = o_n < N
-    m_dn = m_d[:, None] & m_n[None, :]
+    o_d, m_d, m_dn, p_dn, p_st = _channels(i_d, i_g, i_s, DG, DIM, N, o_n, m_n, BLOCK_D, CW)
     o_t = tl.arange(0, BLOCK_T)
     is_last = (o_t == BLOCK_T - 1)[None, None, :]
-    p_dn = (o_d.to(tl.int64) * N * CW)[:, None] + (o_n * CW)[None, :]
-    p_st = i_s.to(tl.int64) * DIM * N * CW + p_dn
-    a_r = tl.load(A_ptr + p_dn, mask=m_dn, other=0.0)
-    a_i = a_r
-    if COMPLEX:
-        a_i = tl.load(A_ptr + p_dn + 1, mask=m_dn, other=0.0)
+    a_r, a_i = _load_pair(A_ptr, p_dn, m_dn, COMPLEX)
     if not VAR_B:
-        b_r = tl.load(B_ptr + p_dn, mask=m_dn, other=0.0)[:, :, None]
-        b_i = b_r
-        if COMPLEX:
-            b_i = tl.load(B_ptr + p_dn + 1, mask=m_dn, other=0.0)[:, :, None]
+        b_r, b_i = _load_pair(B_ptr, p_dn[:, :, None], m_dn[:, :, None], COMPLEX)
     if not VAR_C:
-        c_r = tl.load(C_ptr + p_dn, mask=m_dn, other=0.0)[:, :, None]
-        c_i = c_r
-        if COMPLEX:
-            c_i = tl.load(C_ptr + p_dn + 1, mask=m_dn, other=0.0)[:, :, None]
+        c_r, c_i = _load_pair(C_ptr, p_dn[:, :, None], m_dn[:, :, None], COMPLEX)
     w_bias = 0.0
     if HAS_BIAS:
         w_bias = tl.load(bias_ptr + o_d, mask=m_d, other=0.0)[:, None]
     if HAS_D:
         w_D = tl.load(D_ptr + o_d, mask=m_d, other=0.0)[:, None]
-    h_r = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    h_i = tl.zeros([BLOCK_D, BLOCK_N], dtype=tl.float32)
-    if HAS_H0:
-        h_r = tl.load(h0_ptr + p_st, mask=m_dn, other=0.0)
-        if COMPLEX:
-            h_i = tl.load(h0_ptr + p_st + 1, mask=m_dn, other=0.0)
+    h_r, h_i = _load_pair(h0_ptr, p_st, m_dn & HAS_H0, COMPLEX)
     p_u = i_b * s_ub + o_d.to(tl.int64) * s_ud + bos
-    p_B = i_b * s_Bb + i_g.to(tl.int64) * s_Bg + o_n.to(tl.int64) * s_Bn + bos * CW
-    p_C = i_b * s_Cb + i_g.to(tl.int64) * s_Cg + o_n.to(tl.int64) * s_Cn + bos * CW
+    p_B = _bc_offsets(i_b, i_g, o_n, bos, s_Bb, s_Bg, s_Bn, CW)
+    p_C = _bc_offsets(i_b, i_g, o_n, bos, s_Cb, s_Cg, s_Cn, CW)
     for c in range(0, tl.cdiv(T, BLOCK_T)):
         if SAVE_CK:
-            p_ck = (ck0 + c) * DIM * N * CW + p_dn
-            tl.store(ck_ptr + p_ck, h_r, mask=m_dn)
-            if COMPLEX:
-                tl.store(ck_ptr + p_ck + 1, h_i, mask=m_dn)
+            _store_pair(ck_ptr, (ck0 + c) * DIM * N * CW + p_dn, h_r, h_i, m_dn, COMPLEX)
         r_t = c * BLOCK_T + o_t
         m_t = r_t < T
         m_dt = m_d[:, None] & m_t[None, :]
@@ -290,17 +275,11 @@ def _fwd_chunked_kernel(
         x_u = tl.load(u_ptr + p_ut, mask=m_dt, other=0.0).to(tl.float32)
         raw, dt = _load_dt(delta_ptr, p_ut, m_dt, w_bias, HAS_BIAS, SOFTPLUS)
         if VAR_B:
-            p_bt = p_B[:, None] + (r_t * CW)[None, :]
-            b_r = tl.load(B_ptr + p_bt, mask=m_nt, other=0.0).to(tl.float32)[None, :, :]
-            b_i = b_r
-            if COMPLEX:
-                b_i = tl.load(B_ptr + p_bt + 1, mask=m_nt, other=0.0).to(tl.float32)[None, :, :]
+            b_r, b_i = _load_pair(B_ptr, (p_B[:, None] + (r_t * CW)[None, :])[None, :, :],
+                                  m_nt[None, :, :], COMPLEX)
         if VAR_C:
-            p_ct = p_C[:, None] + (r_t * CW)[None, :]
-            c_r = tl.load(C_ptr + p_ct, mask=m_nt, other=0.0).to(tl.float32)[None, :, :]
-            c_i = c_r
-            if COMPLEX:
-                c_i = tl.load(C_ptr + p_ct + 1, mask=m_nt, other=0.0).to(tl.float32)[None, :, :]
+            c_r, c_i = _load_pair(C_ptr, (p_C[:, None] + (r_t * CW)[None, :])[None, :, :],
+                                  m_nt[None, :, :], COMPLEX)
         e_r, e_i, x_r, x_i, s_r, s_i, y = _chunk_states(dt, dt * x_u, a_r, a_i, b_r, b_i, c_r, c_i,
                                                         h_r, h_i, COMPLEX)
         if HAS_D:
@@ -313,9 +292,7 @@ def _fwd_chunked_kernel(
         h_r = tl.sum(tl.where(is_last, s_r, 0.0), axis=2)
         if COMPLEX:
             h_i = tl.sum(tl.where(is_last, s_i, 0.0), axis=2)
-    tl.store(last_ptr + p_st, h_r, mask=m_dn)
-    if COMPLEX:
-        tl.store(last_ptr + p_st + 1, h_i, mask=m_dn)
+    _store_pair(last_ptr, p_st, h_r, h_i, m_dn, COMPLEX)
 
 
 @triton.jit
@@ -341,51 +318,35 @@ def _bwd_kernel(
 ):
     i_j, i_g, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     CW: tl.constexpr = 2 if COMPLEX else 1
-    if VARLEN:
-        bos = tl.load(cu_ptr + i_s).to(tl.int64)
-        T = (tl.load(cu_ptr + i_s + 1).to(tl.int64) - bos).to(tl.int32)
-        i_b = tl.zeros([], dtype=tl.int64)
-        ck0 = tl.load(ckoff_ptr + i_s).to(tl.int64)
-    else:
-        bos = tl.zeros([], dtype=tl.int64)
-        T = L
-        i_b = i_s.to(tl.int64)
-        ck0 = i_s.to(tl.int64) * NCK
+    bos, T, i_b, ck0 = _seq_bounds(cu_ptr, ckoff_ptr, i_s, L, NCK, VARLEN)
     o_n = tl.arange(0, BLOCK_N)
     m_n = o_n < N
     o_t = tl.arange(0, BLOCK_T)
     is_first = (o_t == 0)[None, None, :]
-    p_B = i_b * s_Bb + i_g.to(tl.int64) * s_Bg + o_n.to(tl.int64) * s_Bn + bos * CW
-    p_C = i_b * s_Cb + i_g.to(tl.int64) * s_Cg + o_n.to(tl.int64) * s_Cn + bos * CW
-    p_P = i_j.to(tl.int64) * s_pj + i_b * s_pb + i_g.to(tl.int64) * s_pg + o_n.to(tl.int64) * s_pn + bos * CW
+    p_B = _bc_offsets(i_b, i_g, o_n, bos, s_Bb, s_Bg, s_Bn, CW)
+    p_C = _bc_offsets(i_b, i_g, o_n, bos, s_Cb, s_Cg, s_Cn, CW)
+    p_P = i_j.to(tl.int64) * s_pj + _bc_offsets(i_b, i_g, o_n, bos, s_pb, s_pg, s_pn, CW)
     n_chunks = tl.cdiv(T, BLOCK_T)
     for cc in range(0, n_chunks):
         c = n_chunks - 1 - cc
         r_t = c * BLOCK_T + o_t
         m_t = r_t < T
         m_nt = m_n[:, None] & m_t[None, :]
+        # time-varying B/C tiles, shared by the sub-blocks; their gradients accumulate over them
         if VAR_B:
-            p_bt = p_B[:, None] + (r_t * CW)[None, :]
-            vb_r = tl.load(B_ptr + p_bt, mask=m_nt, other=0.0).to(tl.float32)[None, :, :]
+            vb_r, vb_i = _load_pair(B_ptr, (p_B[:, None] + (r_t * CW)[None, :])[None, :, :],
+                                    m_nt[None, :, :], COMPLEX)
             acc_B_r = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
-            if COMPLEX:
-                vb_i = tl.load(B_ptr + p_bt + 1, mask=m_nt, other=0.0).to(tl.float32)[None, :, :]
-                acc_B_i = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
+            acc_B_i = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
         if VAR_C:
-            p_ct = p_C[:, None] + (r_t * CW)[None, :]
-            vc_r = tl.load(C_ptr + p_ct, mask=m_nt, other=0.0).to(tl.float32)[None, :, :]
+            vc_r, vc_i = _load_pair(C_ptr, (p_C[:, None] + (r_t * CW)[None, :])[None, :, :],
+                                    m_nt[None, :, :], COMPLEX)
             acc_C_r = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
-            if COMPLEX:
-                vc_i = tl.load(C_ptr + p_ct + 1, mask=m_nt, other=0.0).to(tl.float32)[None, :, :]
-                acc_C_i = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
+            acc_C_i = tl.zeros([BLOCK_N, BLOCK_T], dtype=tl.float32)
         for j in range(0, NSUB):
-            o_dl = (i_j * NSUB + j) * BLOCK_D + tl.arange(0, BLOCK_D)
-            m_d = o_dl < DG
-            o_d = i_g * DG + o_dl
-            m_dn = m_d[:, None] & m_n[None, :]
+            o_d, m_d, m_dn, p_dn, p_st = _channels(i_j * NSUB + j, i_g, i_s, DG, DIM, N, o_n, m_n,
+                                                   BLOCK_D, CW)
             m_dt = m_d[:, None] & m_t[None, :]
-            p_dn = (o_d.to(tl.int64) * N * CW)[:, None] + (o_n * CW)[None, :]
-            p_st = i_s.to(tl.int64) * DIM * N * CW + p_dn
             p_ut = (i_b * s_ub + o_d.to(tl.int64) * s_ud + bos)[:, None] + r_t[None, :]
             # ---- per-(d, t) inputs
             x_u = tl.load(u_ptr + p_ut, mask=m_dt, other=0.0).to(tl.float32)
@@ -398,32 +359,17 @@ def _bwd_kernel(
             dout = tl.load(dout_ptr + p_ut, mask=m_dt, other=0.0).to(tl.float32)
             dtu = dt * x_u
             # ---- per-(d, n) inputs
-            a_r = tl.load(A_ptr + p_dn, mask=m_dn, other=0.0)
-            h0_r = tl.load(ck_ptr + (ck0 + c) * DIM * N * CW + p_dn, mask=m_dn, other=0.0)
-            carry_r = tl.load(gc_ptr + p_st, mask=m_dn, other=0.0)
-            a_i, h0_i, carry_i = a_r, h0_r, carry_r
-            if COMPLEX:
-                a_i = tl.load(A_ptr + p_dn + 1, mask=m_dn, other=0.0)
-                h0_i = tl.load(ck_ptr + (ck0 + c) * DIM * N * CW + p_dn + 1, mask=m_dn, other=0.0)
-                carry_i = tl.load(gc_ptr + p_st + 1, mask=m_dn, other=0.0)
+            a_r, a_i = _load_pair(A_ptr, p_dn, m_dn, COMPLEX)
+            h0_r, h0_i = _load_pair(ck_ptr, (ck0 + c) * DIM * N * CW + p_dn, m_dn, COMPLEX)
+            carry_r, carry_i = _load_pair(gc_ptr, p_st, m_dn, COMPLEX)
             if VAR_B:
-                b_r, b_i = vb_r, vb_r
-                if COMPLEX:
-                    b_i = vb_i
+                b_r, b_i = vb_r, vb_i
             else:
-                b_r = tl.load(B_ptr + p_dn, mask=m_dn, other=0.0)[:, :, None]
-                b_i = b_r
-                if COMPLEX:
-                    b_i = tl.load(B_ptr + p_dn + 1, mask=m_dn, other=0.0)[:, :, None]
+                b_r, b_i = _load_pair(B_ptr, p_dn[:, :, None], m_dn[:, :, None], COMPLEX)
             if VAR_C:
-                c_r, c_i = vc_r, vc_r
-                if COMPLEX:
-                    c_i = vc_i
+                c_r, c_i = vc_r, vc_i
             else:
-                c_r = tl.load(C_ptr + p_dn, mask=m_dn, other=0.0)[:, :, None]
-                c_i = c_r
-                if COMPLEX:
-                    c_i = tl.load(C_ptr + p_dn + 1, mask=m_dn, other=0.0)[:, :, None]
+                c_r, c_i = _load_pair(C_ptr, p_dn[:, :, None], m_dn[:, :, None], COMPLEX)
             dt3 = dt[:, None, :]
             dtn3 = dt_n[:, None, :]
             a2 = (a_r * 1.4426950408889634)[:, :, None]
@@ -456,11 +402,10 @@ def _bwd_kernel(
                 if c == 0:
                     e0_r = tl.sum(tl.where(is_first, e_r, 0.0), axis=2)
                     e0_i = tl.sum(tl.where(is_first, e_i, 0.0), axis=2)
-                    tl.store(dh0_ptr + p_st, e0_r * g0_r + e0_i * g0_i, mask=m_dn)
-                    tl.store(dh0_ptr + p_st + 1, e0_r * g0_i - e0_i * g0_r, mask=m_dn)
+                    _store_pair(dh0_ptr, p_st, e0_r * g0_r + e0_i * g0_i, e0_r * g0_i - e0_i * g0_r,
+                                m_dn, COMPLEX)
                 else:
-                    tl.store(gc_ptr + p_st, g0_r, mask=m_dn)
-                    tl.store(gc_ptr + p_st + 1, g0_i, mask=m_dn)
+                    _store_pair(gc_ptr, p_st, g0_r, g0_i, m_dn, COMPLEX)
                 # P = e h[t-1] = h - X;  g conj(P) feeds dA and d dt
                 pr = h_r - x_r
                 pi = h_i - x_i
@@ -470,28 +415,20 @@ def _bwd_kernel(
                 gb = tl.sum(g_r * b_r + g_i * b_i, axis=1)
                 da_r = tl.sum(dt3 * gp_r, axis=2)
                 da_i = tl.sum(dt3 * gp_i, axis=2)
-                tl.store(dA_ptr + p_st, tl.load(dA_ptr + p_st, mask=m_dn, other=0.0) + da_r, mask=m_dn)
-                tl.store(dA_ptr + p_st + 1, tl.load(dA_ptr + p_st + 1, mask=m_dn, other=0.0) + da_i,
-                         mask=m_dn)
+                _add_pair(dA_ptr, p_st, da_r, da_i, m_dn)
                 # dB = dt u g, dC = 2 dy conj(h)
                 if VAR_B:
                     acc_B_r += tl.sum(dtu[:, None, :] * g_r, axis=0)
                     acc_B_i += tl.sum(dtu[:, None, :] * g_i, axis=0)
                 else:
-                    p_a = dBc_ptr + p_st
-                    tl.store(p_a, tl.load(p_a, mask=m_dn, other=0.0)
-                             + tl.sum(dtu[:, None, :] * g_r, axis=2), mask=m_dn)
-                    tl.store(p_a + 1, tl.load(p_a + 1, mask=m_dn, other=0.0)
-                             + tl.sum(dtu[:, None, :] * g_i, axis=2), mask=m_dn)
+                    _add_pair(dBc_ptr, p_st, tl.sum(dtu[:, None, :] * g_r, axis=2),
+                              tl.sum(dtu[:, None, :] * g_i, axis=2), m_dn)
                 if VAR_C:
                     acc_C_r += tl.sum(2.0 * dy3 * h_r, axis=0)
                     acc_C_i -= tl.sum(2.0 * dy3 * h_i, axis=0)
                 else:
-                    p_a = dCc_ptr + p_st
-                    tl.store(p_a, tl.load(p_a, mask=m_dn, other=0.0)
-                             + tl.sum(2.0 * dy3 * h_r, axis=2), mask=m_dn)
-                    tl.store(p_a + 1, tl.load(p_a + 1, mask=m_dn, other=0.0)
-                             - tl.sum(2.0 * dy3 * h_i, axis=2), mask=m_dn)
+                    _add_pair(dCc_ptr, p_st, tl.sum(2.0 * dy3 * h_r, axis=2),
+                              -tl.sum(2.0 * dy3 * h_i, axis=2), m_dn)
             else:
                 f_r = tl.exp2(dtn3 * a2)
                 k_r, v_r = tl.associative_scan((f_r, dy3 * c_r), 2, _combine, reverse=True)
@@ -505,45 +442,33 @@ def _bwd_kernel(
                 gp_r = g_r * (h_r - x_r)
                 ddt = tl.sum(gp_r * a_r[:, :, None], axis=1)
                 gb = tl.sum(g_r * b_r, axis=1)
-                tl.store(dA_ptr + p_st, tl.load(dA_ptr + p_st, mask=m_dn, other=0.0)
-                         + tl.sum(dt3 * gp_r, axis=2), mask=m_dn)
+                _add(dA_ptr, p_st, tl.sum(dt3 * gp_r, axis=2), m_dn)
                 if VAR_B:
                     acc_B_r += tl.sum(dtu[:, None, :] * g_r, axis=0)
                 else:
-                    p_a = dBc_ptr + p_st
-                    tl.store(p_a, tl.load(p_a, mask=m_dn, other=0.0)
-                             + tl.sum(dtu[:, None, :] * g_r, axis=2), mask=m_dn)
+                    _add(dBc_ptr, p_st, tl.sum(dtu[:, None, :] * g_r, axis=2), m_dn)
                 if VAR_C:
                     acc_C_r += tl.sum(dy3 * h_r, axis=0)
                 else:
-                    p_a = dCc_ptr + p_st
-                    tl.store(p_a, tl.load(p_a, mask=m_dn, other=0.0)
-                             + tl.sum(dy3 * h_r, axis=2), mask=m_dn)
+                    _add(dCc_ptr, p_st, tl.sum(dy3 * h_r, axis=2), m_dn)
             # ---- per-(d, t) gradients
             du = dt * gb
             if HAS_D:
                 du += dy * w_D
-                p_a = dD_ptr + i_s.to(tl.int64) * DIM + o_d
-                tl.store(p_a, tl.load(p_a, mask=m_d, other=0.0) + tl.sum(dy * x_u, axis=1), mask=m_d)
+                _add(dD_ptr, i_s.to(tl.int64) * DIM + o_d, tl.sum(dy * x_u, axis=1), m_d)
             ddt += x_u * gb
             if SOFTPLUS:
                 ddt = tl.where(raw <= 20.0, ddt * tl.sigmoid(raw), ddt)
             ddt = tl.where(m_dt, ddt, 0.0)
             if HAS_BIAS:
-                p_a = dbias_ptr + i_s.to(tl.int64) * DIM + o_d
-                tl.store(p_a, tl.load(p_a, mask=m_d, other=0.0) + tl.sum(ddt, axis=1), mask=m_d)
+                _add(dbias_ptr, i_s.to(tl.int64) * DIM + o_d, tl.sum(ddt, axis=1), m_d)
             tl.store(du_ptr + p_ut, du.to(du_ptr.dtype.element_ty), mask=m_dt)
             tl.store(ddelta_ptr + p_ut, ddt.to(ddelta_ptr.dtype.element_ty), mask=m_dt)
+        p_pt = p_P[:, None] + (r_t * CW)[None, :]
         if VAR_B:
-            p_pt = p_P[:, None] + (r_t * CW)[None, :]
-            tl.store(dBp_ptr + p_pt, acc_B_r, mask=m_nt)
-            if COMPLEX:
-                tl.store(dBp_ptr + p_pt + 1, acc_B_i, mask=m_nt)
+            _store_pair(dBp_ptr, p_pt, acc_B_r, acc_B_i, m_nt, COMPLEX)
         if VAR_C:
-            p_pt = p_P[:, None] + (r_t * CW)[None, :]
-            tl.store(dCp_ptr + p_pt, acc_C_r, mask=m_nt)
-            if COMPLEX:
-                tl.store(dCp_ptr + p_pt + 1, acc_C_i, mask=m_nt)
+            _store_pair(dCp_ptr, p_pt, acc_C_r, acc_C_i, m_nt, COMPLEX)
 
 
 @triton.jit
