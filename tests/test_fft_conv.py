@@ -160,7 +160,7 @@ def test_plan():
     assert fft_triton._rows(8192, 128, 4096) == 64   # causal zero half skipped
     assert fft_triton._rows(512, 32, 257) == 32      # data reaches past the half: full tile
     kind, n, P, Q = fft_triton.plan(1 << 20, 1 << 20)
-    assert kind == "long" and n == P * Q == 1 << 21 and Q <= fft_triton.max_onchip_n()
+    assert kind == "long" and n == P * Q == 1 << 21 and Q == fft_triton.LONG_INNER_N
 
 
 # ---- bad input ----------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ Paths (transform size N = next power of two >= L + Lk - 1, at least 256):
            spectrum (computed once per call by pass A + B on k), inverse, in place;
            pass C  x[Q p + q] = Re sum_kp conj(F_P)[p, kp] W_N^{-q kp} Z[kp, q] / N fused with
            D*v, gates and the store (and the gradient epilogues).
+           Inputs and outputs are real, so rows kp > P/2 of Z are conjugates of rows P - kp: all
+           three passes touch only kp = 0..P/2 (pass C weights the interior rows by 2, takes Re).
 All offsets are int64; the index products of the twiddles are reduced mod N in int32 (N < 2^31).
 """
 from __future__ import annotations
@@ -38,6 +40,9 @@ TWO_PI = 6.283185307179586
 # largest transform done in one program (tests lower it to exercise the long path under the
 # interpreter); tune on the GPU.
 MAX_ONCHIP_N = 8192
+# the long path's inner (pass B) transform length, at most MAX_ONCHIP_N: pass B holds a complex
+# row (no zero half to skip), so it is kept smaller than the on-chip limit; tune on the GPU.
+LONG_INNER_N = 4096
 
 
 def max_onchip_n() -> int:
@@ -301,7 +306,7 @@ def _outer_fwd_kernel(
         acc_i += tl.dot(fi, b_x, input_precision=PREC)
     twr, twi = _expi(o_kp, o_q, N)
     p_z = i_r.to(tl.int64) * N + o_kp.to(tl.int64)[:, None] * Q + o_q[None, :]
-    m_z = (o_kp < P)[:, None] & m_q[None, :]
+    m_z = (o_kp < P // 2 + 1)[:, None] & m_q[None, :]  # real input: rows kp > P/2 are conjugates
     plane = R.to(tl.int64) * N
     tl.store(z_ptr + p_z, acc_r * twr - acc_i * twi, mask=m_z)
     tl.store(z_ptr + plane + p_z, acc_r * twi + acc_i * twr, mask=m_z)
@@ -379,15 +384,18 @@ def _outer_inv_kernel(
     m_q = o_q < Q
     plane = R.to(tl.int64) * N
     acc = tl.zeros([BP, BQ], dtype=tl.float32)
-    for k0 in range(0, P, BKP):
+    # the output is real, so row P - kp holds conj(row kp): sum kp = 0..P/2 with weight 2 on the
+    # interior rows (1 on kp = 0 and P/2, which are real after the twiddle) and take Re
+    for k0 in range(0, P // 2 + 1, BKP):
         o_kp = k0 + tl.arange(0, BKP)
         p_z = i_r.to(tl.int64) * N + o_kp.to(tl.int64)[:, None] * Q + o_q[None, :]
-        m_z = (o_kp < P)[:, None] & m_q[None, :]
+        m_z = (o_kp < P // 2 + 1)[:, None] & m_q[None, :]
         zr = tl.load(z_ptr + p_z, mask=m_z, other=0.0)
         zi = tl.load(z_ptr + plane + p_z, mask=m_z, other=0.0)
         twr, twi = _expi(o_kp, o_q, N)
-        cr = zr * twr + zi * twi  # z * conj(tw)
-        ci = zi * twr - zr * twi
+        w = tl.where((o_kp == 0) | (o_kp == P // 2), 1.0, 2.0)[:, None]
+        cr = (zr * twr + zi * twi) * w  # z * conj(tw)
+        ci = (zi * twr - zr * twi) * w
         fr, fi = _expi(o_p, o_kp, P)  # Re(conj(F) c) = fr cr + fi ci
         acc += tl.dot(fr, cr, input_precision=PREC) + tl.dot(fi, ci, input_precision=PREC)
     c = acc / N
@@ -453,7 +461,8 @@ def plan(L: int, Lk: int):
     n = transform_size(L, Lk)
     if n <= max_onchip_n():
         return ("onchip", n) + _split(n)
-    p = max(n // max_onchip_n(), min(16, n // 256))
+    inner = min(LONG_INNER_N, max_onchip_n())
+    p = max(n // inner, min(16, n // 256))
     return ("long", n, p, n // p)
 
 
@@ -564,7 +573,7 @@ def _outer_fwd(x, mult, P: int, Q: int, prec: str):
     R, Lx = x.shape[0], x.shape[-1]
     z = torch.empty((2, R, P * Q), device=x.device, dtype=torch.float32)
     t = _outer_tiles(P, Q)
-    grid = (R, triton.cdiv(P, t["BKP"]), triton.cdiv(Q, t["BQ"]))
+    grid = (R, triton.cdiv(P // 2 + 1, t["BKP"]), triton.cdiv(Q, t["BQ"]))
     _outer_fwd_kernel[grid](x, mult if mult is not None else _dummy(x), z, R, Lx, P, Q,
                             HAS_M=mult is not None, PREC=prec, num_warps=_warps(0), **t)
     return z
@@ -573,7 +582,7 @@ def _outer_fwd(x, mult, P: int, Q: int, prec: str):
 def _inner(z, s, H: int, B: int, P: int, Q: int, mode: int, prec: str, z2=None, out=None):
     n1, n2 = _split(Q)
     R = z.shape[1]
-    grid = (H if mode == 3 else R, P)
+    grid = (H if mode == 3 else R, P // 2 + 1)  # rows kp > P/2: conjugate symmetry
     _inner_kernel[grid](z, z2 if z2 is not None else z, s, out if out is not None else z,
                         R, H, B, P, MODE=mode, N1=n1, N2=n2, PREC=prec, num_warps=_warps(Q))
 
