@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import ssm_kernels as sk
-from ssm_kernels.based.reference import (based_parallel_ref, based_recurrent_ref, feature_dim)
+from ssm_kernels.based.reference import (based_chunk_ref, based_parallel_ref, based_recurrent_ref,
+                                         feature_dim)
 from ssm_kernels.testing import assert_close
 
 from conftest import DEVICE, kernel_backends
@@ -64,11 +65,16 @@ def test_parallel_reference_matches_recurrence(use_norm):
     o2, f2 = based_parallel_ref(q, k, v, None, use_norm, h0, True)
     assert_close(o2, o1, dtype=torch.float64)
     assert_close(f2, f1, dtype=torch.float64)
+    o3, f3 = based_chunk_ref(q, k, v, None, use_norm, h0, True, chunk_size=8)
+    assert_close(o3, o1, dtype=torch.float64)
+    assert_close(f3, f1, dtype=torch.float64)
     cu = torch.tensor([0, 4, 4, 23])
-    o1, f1 = based_recurrent_ref(q[:1], k[:1], v[:1], 0.3, use_norm, h0[:1].repeat(3, 1, 1, 1), True, cu)
-    o2, f2 = based_parallel_ref(q[:1], k[:1], v[:1], 0.3, use_norm, h0[:1].repeat(3, 1, 1, 1), True, cu)
-    assert_close(o2, o1, dtype=torch.float64)
-    assert_close(f2, f1, dtype=torch.float64)
+    h0n = h0[:1].repeat(3, 1, 1, 1)
+    o1, f1 = based_recurrent_ref(q[:1], k[:1], v[:1], 0.3, use_norm, h0n, True, cu)
+    for ref in (based_parallel_ref, based_chunk_ref):
+        o2, f2 = ref(q[:1], k[:1], v[:1], 0.3, use_norm, h0n, True, cu)
+        assert_close(o2, o1, dtype=torch.float64)
+        assert_close(f2, f1, dtype=torch.float64)
 
 
 def test_reference_is_taylor_attention():
@@ -95,6 +101,19 @@ def test_reference_is_taylor_attention():
 ])
 def test_matches_reference(backend, B, T, H, K, V, use_norm, with_h0):
     check(backend, B, T, H, K, V, use_norm=use_norm, with_h0=with_h0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_scores(backend):
+    """q, k scaled by 4: q·k/sqrt(K) of size ~16, Taylor weights ~100 and far from uniform."""
+    q, k, v, h0 = make_inputs(1, 40, 2, 16, 12)
+    q, k = q * 4, k * 4
+    cot = torch.randn(1, 40, 2, 12, dtype=torch.float64)
+    cot_h = torch.randn(h0.shape, dtype=torch.float64)
+    out = run(sk.chunk_based, q, k, v, h0, (cot.to(DEVICE), cot_h.to(DEVICE)), backend=backend)
+    ref = run(based_parallel_ref, *(x.cpu().double() for x in (q, k, v, h0)), (cot, cot_h))
+    for o, r, name in zip(out, ref, NAMES):
+        assert_close(o, r, dtype=torch.float32, name=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -364,6 +383,9 @@ def test_gpu_long_sequence_state_split(backend):
                             output_final_state=True, backend=backend)
     assert_close(torch.cat([o1, o2], 1), o.double(), dtype=torch.float32)
     assert_close(h2, hT.double(), dtype=torch.float32)
+    ro, rh = based_chunk_ref(q.double(), k.double(), v.double(), None, True, h0.double(), True)
+    assert_close(o, ro, dtype=torch.float32)
+    assert_close(hT, rh, dtype=torch.float32)
     for dtype in LOWP:
         ol, hl = sk.chunk_based(q.to(dtype), k.to(dtype), v.to(dtype), initial_state=h0,
                                 output_final_state=True, backend=backend)

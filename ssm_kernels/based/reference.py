@@ -22,9 +22,11 @@ Row 0 is the zeroth order, rows 1..K the first order, rows 1+K+i*K+j the (i, j) 
 feature; column V is the normaliser ``z`` (tracked whether or not ``use_norm``, so states are
 interchangeable between the two modes).
 
-Two references: `based_recurrent_ref` is the step-by-step recurrence (the spec, any dtype,
-float64 for tests) and `based_parallel_ref` the quadratic attention form (differentiable, the
-``reference`` backend of the ops). Both take ``cu_seqlens`` (packed sequences, B == 1).
+References: `based_recurrent_ref` is the step-by-step recurrence (the spec, any dtype, float64
+for tests), `based_parallel_ref` the quadratic attention form (differentiable, the ``reference``
+backend of the ops, with the hand-written backward `based_bwd_ref`) and `based_chunk_ref` the
+chunked form mirroring the kernel's algebra (linear in T, an oracle for long sequences). All take
+``cu_seqlens`` (packed sequences, B == 1).
 """
 from __future__ import annotations
 
@@ -139,6 +141,40 @@ def based_parallel_ref(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] =
     if return_z:
         return y.to(v.dtype), final, z
     return y.to(v.dtype), final
+
+
+def based_chunk_ref(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
+                    use_norm: bool = True, initial_state: Optional[Tensor] = None,
+                    output_final_state: bool = False, cu_seqlens: Optional[Tensor] = None,
+                    chunk_size: int = 64):
+    """Chunked form mirroring the kernel's algebra (forward): within a chunk ``f(q' k'^T) [v, 1]``
+    with ``f(a) = 1 + a + a^2/2`` and a causal mask; across chunks the state ``S`` [D, V+1]
+    (orders 0, 1, 2 and the normaliser column), read as ``phi(q) S`` before the chunk's own
+    update ``S += phi(k)^T [v, 1]``. Linear in T: an oracle for long sequences.
+    Returns ``(o, final_state or None)``."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    sd = state_dtype(q.dtype)
+    ys, finals = [], []
+    for n, (bos, eos) in enumerate(_segments(T, cu_seqlens)):
+        idx = slice(n, n + 1) if cu_seqlens is not None else slice(None)
+        Bn = 1 if cu_seqlens is not None else B
+        S = (initial_state[idx].to(sd) if initial_state is not None
+             else q.new_zeros((Bn, H, feature_dim(K), V + 1), dtype=sd))
+        for t0 in range(bos, eos, chunk_size):
+            t1 = min(t0 + chunk_size, eos)
+            qc, kc, vc = (x[:, t0:t1].transpose(1, 2).to(sd) for x in (q, k, v))  # [B, H, C, *]
+            va = torch.cat([vc, torch.ones_like(vc[..., :1])], -1)
+            a = (qc * scale) @ kc.transpose(-1, -2)
+            f = (1 + a + 0.5 * a * a).tril()
+            oa = f @ va + based_feature_map(qc, scale) @ S
+            S = S + based_feature_map(kc, scale).transpose(-1, -2) @ va
+            o, z = oa[..., :V], oa[..., V:]
+            ys.append((o / (z + EPS) if use_norm else o).transpose(1, 2))
+        finals.append(S)
+    o = torch.cat(ys, 1) if ys else v.new_zeros(v.shape, dtype=sd)
+    return o.to(v.dtype), (torch.cat(finals, 0) if output_final_state else None)
 
 
 def _feature_map_vjp(x: Tensor, g: Tensor, scale: float) -> Tensor:

@@ -42,7 +42,7 @@ from .reference import EPS, feature_dim
 def _configs():
     if triton_interpret():
         return [triton.Config({"BT": 16}, num_warps=4)]
-    return [triton.Config({"BT": bt}, num_warps=w) for bt in (32, 64) for w in (4, 8)]
+    return [triton.Config({"BT": bt}, num_warps=w) for bt in (16, 32, 64) for w in (4, 8)]
 
 
 @triton.jit
