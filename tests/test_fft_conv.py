@@ -358,3 +358,20 @@ def test_gpu_features_at_4096(backend):
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_gpu_s4d(backend):
     check_s4d(backend, 256, 64, 16384)
+
+
+@pytest.mark.gpu
+def test_gpu_past_int32_offsets():
+    """B * H * L > 2^31: int64 offsets must reach the last heads (forward, multi-pass path)."""
+    if torch.cuda.get_device_properties(0).total_memory < 70 * 2**30:
+        pytest.skip("needs 70 GiB")
+    B, H, L, Lk = 1, 2050, 1 << 20, 64  # 2^31 + 2^21 elements
+    u = torch.randn(B, H, L, device=DEVICE, dtype=torch.bfloat16)
+    k = torch.randn(H, Lk, device=DEVICE) / 8
+    for backend in kernel_backends():
+        y = sk.fft_conv(u, k, backend=backend)
+        sel = [0, H // 2, H - 1]
+        ref = fft_conv_ref(u[:, sel].double(), k[sel].double())
+        lowp = fft_conv_ref(u[:, sel], k[sel])
+        assert_close(y[:, sel], ref, dtype=torch.bfloat16, lowp_ref=lowp)
+        del y

@@ -287,6 +287,7 @@ def _outer_fwd_kernel(
 ):
     i_r, i_k, i_q = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     N = P * Q
+    NZ = (P // 2 + 1) * Q  # z row stride: rows kp <= P/2 only
     o_kp = i_k * BKP + tl.arange(0, BKP)
     o_q = i_q * BQ + tl.arange(0, BQ)
     m_q = o_q < Q
@@ -305,9 +306,9 @@ def _outer_fwd_kernel(
         acc_r += tl.dot(fr, b_x, input_precision=PREC)
         acc_i += tl.dot(fi, b_x, input_precision=PREC)
     twr, twi = _expi(o_kp, o_q, N)
-    p_z = i_r.to(tl.int64) * N + o_kp.to(tl.int64)[:, None] * Q + o_q[None, :]
+    p_z = i_r.to(tl.int64) * NZ + o_kp.to(tl.int64)[:, None] * Q + o_q[None, :]
     m_z = (o_kp < P // 2 + 1)[:, None] & m_q[None, :]  # real input: rows kp > P/2 are conjugates
-    plane = R.to(tl.int64) * N
+    plane = R.to(tl.int64) * NZ
     tl.store(z_ptr + p_z, acc_r * twr - acc_i * twi, mask=m_z)
     tl.store(z_ptr + plane + p_z, acc_r * twi + acc_i * twr, mask=m_z)
 
@@ -326,15 +327,15 @@ def _inner_kernel(
 ):
     i_r, i_k = tl.program_id(0), tl.program_id(1)
     Q: tl.constexpr = N1 * N2
-    N = P * Q
+    NZ = (P // 2 + 1) * Q  # row stride of z, s, out: rows kp <= P/2 only
     f1r, f1i, g1r, g1i, f2r, f2i, twr, twi = _dft_tables(N1, N2, N1)
     o_q = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
     if MODE == 3:
-        plane = R.to(tl.int64) * N
+        plane = R.to(tl.int64) * NZ
         acc_r = tl.zeros([N1, N2], dtype=tl.float32)
         acc_i = tl.zeros([N1, N2], dtype=tl.float32)
         for i_b in range(0, B):
-            p = (i_b * H + i_r).to(tl.int64) * N + i_k * Q + o_q
+            p = (i_b * H + i_r).to(tl.int64) * NZ + i_k * Q + o_q
             gr, gi = _fft_fwd(tl.load(z_ptr + p), tl.load(z_ptr + plane + p),
                               f1r, f1i, f2r, f2i, twr, twi, False, PREC)
             vr, vi = _fft_fwd(tl.load(z2_ptr + p), tl.load(z2_ptr + plane + p),
@@ -342,21 +343,21 @@ def _inner_kernel(
             acc_r += vr * gr + vi * gi
             acc_i += vr * gi - vi * gr
         xr, xi = _fft_inv(acc_r, acc_i, g1r, g1i, f2r, f2i, twr, twi, False, PREC)
-        p_o = i_r.to(tl.int64) * N + i_k * Q + o_q
+        p_o = i_r.to(tl.int64) * NZ + i_k * Q + o_q
         tl.store(out_ptr + p_o, xr)
-        tl.store(out_ptr + H.to(tl.int64) * N + p_o, xi)
+        tl.store(out_ptr + H.to(tl.int64) * NZ + p_o, xi)
     else:
-        plane = R.to(tl.int64) * N
-        p = i_r.to(tl.int64) * N + i_k * Q + o_q
+        plane = R.to(tl.int64) * NZ
+        p = i_r.to(tl.int64) * NZ + i_k * Q + o_q
         xr, xi = _fft_fwd(tl.load(z_ptr + p), tl.load(z_ptr + plane + p),
                           f1r, f1i, f2r, f2i, twr, twi, False, PREC)
         if MODE == 0:
             tl.store(out_ptr + p, xr)
             tl.store(out_ptr + plane + p, xi)
         else:
-            p_s = (i_r % H).to(tl.int64) * N + i_k * Q + o_q
+            p_s = (i_r % H).to(tl.int64) * NZ + i_k * Q + o_q
             sr = tl.load(s_ptr + p_s)
-            si = tl.load(s_ptr + H.to(tl.int64) * N + p_s)
+            si = tl.load(s_ptr + H.to(tl.int64) * NZ + p_s)
             if MODE == 2:
                 si = -si
             yr, yi = _fft_inv(xr * sr - xi * si, xr * si + xi * sr, g1r, g1i, f2r, f2i, twr, twi,
@@ -379,16 +380,17 @@ def _outer_inv_kernel(
 ):
     i_r, i_p, i_q = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     N = P * Q
+    NZ = (P // 2 + 1) * Q
     o_p = i_p * BP + tl.arange(0, BP)
     o_q = i_q * BQ + tl.arange(0, BQ)
     m_q = o_q < Q
-    plane = R.to(tl.int64) * N
+    plane = R.to(tl.int64) * NZ
     acc = tl.zeros([BP, BQ], dtype=tl.float32)
     # the output is real, so row P - kp holds conj(row kp): sum kp = 0..P/2 with weight 2 on the
     # interior rows (1 on kp = 0 and P/2, which are real after the twiddle) and take Re
     for k0 in range(0, P // 2 + 1, BKP):
         o_kp = k0 + tl.arange(0, BKP)
-        p_z = i_r.to(tl.int64) * N + o_kp.to(tl.int64)[:, None] * Q + o_q[None, :]
+        p_z = i_r.to(tl.int64) * NZ + o_kp.to(tl.int64)[:, None] * Q + o_q[None, :]
         m_z = (o_kp < P // 2 + 1)[:, None] & m_q[None, :]
         zr = tl.load(z_ptr + p_z, mask=m_z, other=0.0)
         zi = tl.load(z_ptr + plane + p_z, mask=m_z, other=0.0)
@@ -544,7 +546,7 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
     kf = filter_spectrum(k, P, Q, prec)
     zv = _outer_fwd(u.view(R, L), pre, P, Q, prec)
     zg = _outer_fwd(dy.view(R, L), post, P, Q, prec)
-    dkz = torch.empty((2, H, n), device=u.device, dtype=torch.float32)
+    dkz = torch.empty((2, H, (P // 2 + 1) * Q), device=u.device, dtype=torch.float32)
     _inner(zg, kf, H, B, P, Q, mode=3, prec=prec, z2=zv, out=dkz)
     dk = torch.empty((H, Lk), device=u.device, dtype=torch.float32)
     _outer_inv(dkz, dk, None, epi=3, H=H, u=None, pre=None, post=None, dy=None, D=None,
@@ -571,7 +573,7 @@ def filter_spectrum(k, P: int, Q: int, prec: str):
 
 def _outer_fwd(x, mult, P: int, Q: int, prec: str):
     R, Lx = x.shape[0], x.shape[-1]
-    z = torch.empty((2, R, P * Q), device=x.device, dtype=torch.float32)
+    z = torch.empty((2, R, (P // 2 + 1) * Q), device=x.device, dtype=torch.float32)
     t = _outer_tiles(P, Q)
     grid = (R, triton.cdiv(P // 2 + 1, t["BKP"]), triton.cdiv(Q, t["BQ"]))
     _outer_fwd_kernel[grid](x, mult if mult is not None else _dummy(x), z, R, Lx, P, Q,
