@@ -367,8 +367,9 @@ def test_opcheck(backend, gate):
     cu = torch.tensor([0, 7, 19], device=DEVICE, dtype=torch.int32)
     gg = None if g is None else g.requires_grad_()
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), gg,
-            h0.requires_grad_(), cu, 0.25, backend)
+            h0.requires_grad_(), cu, 0.25, False, backend)
     torch.library.opcheck(torch.ops.ssm_kernels.linear_attn_fwd, args)
+    torch.library.opcheck(torch.ops.ssm_kernels.linear_attn_fwd, args[:7] + (True, backend))
     o, ht = torch.ops.ssm_kernels.linear_attn_fwd(*args)
     bargs = (q.detach(), k.detach(), v.detach(), None if g is None else g.detach(), h0.detach(), cu,
              0.25, ht.detach(), torch.randn_like(o), torch.randn_like(ht), backend)
@@ -483,3 +484,16 @@ def test_split_sequences(backend, gate, segments, monkeypatch):
     from ssm_kernels.linear_attn import triton as la_triton
     monkeypatch.setattr(la_triton, "FORCE_SEGMENTS", segments)
     compare_to_reference(backend, gate, 2, 65 if gate != "gla" else 40, 2, 16, 20)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gate", ["none", "g", "gla"])
+def test_chunk_and_fused_recurrent_agree(backend, gate):
+    """The two kernels (chunked, step by step) give the same outputs and states, varlen included."""
+    cu = torch.tensor([0, 30, 31, 65], device=DEVICE)
+    q, k, v, g, _ = make(1, 65, 2, 20, 16, torch.float32, gate, decay=(0.0, 3.0))
+    h0 = torch.randn(3, 2, 20, 16, device=DEVICE)
+    o1, s1 = call("chunk", gate, q, k, v, g, None, h0, cu=cu, backend=backend)
+    o2, s2 = call("fused", gate, q, k, v, g, None, h0, cu=cu, backend=backend)
+    assert_close(o2, o1.double(), dtype=torch.float32)
+    assert_close(s2, s1.double(), dtype=torch.float32)

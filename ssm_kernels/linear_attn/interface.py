@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import _backend
 from ..validation import check_same_device, check_tensor
-from .reference import linear_attn_bwd_ref, linear_attn_fwd_ref
+from .reference import linear_attn_bwd_ref, linear_attn_fwd_ref, linear_attn_recurrent_ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -43,16 +43,24 @@ def _state_dtype(q: Tensor) -> torch.dtype:
 
 @torch.library.custom_op("ssm_kernels::linear_attn_fwd", mutates_args=())
 def linear_attn_fwd_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], h0: Optional[Tensor],
-                       cu_seqlens: Optional[Tensor], scale: float,
+                       cu_seqlens: Optional[Tensor], scale: float, recurrent: bool,
                        backend: str) -> Tuple[Tensor, Tensor]:
+    """recurrent=True: the step-by-step kernel (fused_recurrent_*); else the chunked one. Both
+    share the backward (the gradients are the same function)."""
     if _select(backend, q, v) == "triton":
+        if recurrent:
+            from .triton import recurrent_fwd
+            return recurrent_fwd(q, k, v, g, h0, cu_seqlens, scale)
         from .triton import chunk_fwd
         return chunk_fwd(q, k, v, g, h0, cu_seqlens, scale)
+    if recurrent:
+        o, ht = linear_attn_recurrent_ref(q, k, v, g, scale, h0, cu_seqlens)
+        return o.contiguous(), ht.to(_state_dtype(q))
     return linear_attn_fwd_ref(q, k, v, g, h0, cu_seqlens, scale)
 
 
 @linear_attn_fwd_op.register_fake
-def _(q, k, v, g, h0, cu_seqlens, scale, backend):
+def _(q, k, v, g, h0, cu_seqlens, scale, recurrent, backend):
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     return torch.empty_like(v), q.new_empty((N, q.shape[2], q.shape[3], v.shape[3]),
                                             dtype=_state_dtype(q))
@@ -83,7 +91,7 @@ def _(q, k, v, g, h0, cu_seqlens, scale, ht, do, dht, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, h0, cu_seqlens, scale, backend = inputs
+    q, k, v, g, h0, cu_seqlens, scale, recurrent, backend = inputs
     ctx.save_for_backward(q, k, v, g, h0, cu_seqlens, output[1])
     ctx.scale, ctx.backend = scale, backend
 
@@ -95,7 +103,7 @@ def _backward(ctx, do, dht):
     dq, dk, dv, dg, dh0 = linear_attn_bwd_op(q, k, v, g, h0, cu_seqlens, ctx.scale, ht, do, dht,
                                              ctx.backend)
     return (dq, dk, dv, None if g is None else dg, None if h0 is None else dh0.to(h0.dtype),
-            None, None, None)
+            None, None, None, None)
 
 
 linear_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -165,7 +173,7 @@ def _validate(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens
     return N
 
 
-def _core(q, k, v, g, scale, initial_state, cu_seqlens, reverse, backend):
+def _core(q, k, v, g, scale, initial_state, cu_seqlens, reverse, backend, recurrent=False):
     """Run the registered op on contiguous tensors; reverse=True walks every sequence backwards."""
     K = q.shape[-1]
     scale = K ** -0.5 if scale is None else float(scale)
@@ -179,7 +187,7 @@ def _core(q, k, v, g, scale, initial_state, cu_seqlens, reverse, backend):
             h0 = None if h0 is None else h0.flip(0)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g = None if g is None else g.to(sd).contiguous()
-    o, ht = linear_attn_fwd_op(q, k, v, g, h0, cu, scale, _backend.normalize(backend))
+    o, ht = linear_attn_fwd_op(q, k, v, g, h0, cu, scale, recurrent, _backend.normalize(backend))
     if reverse:
         o = o.flip(1)
         if cu is not None:
@@ -244,7 +252,7 @@ def _key_cumsum(k, z0, cu_seqlens, reverse):
 
 
 def _linear_attn(fn, q, k, v, scale, initial_state, output_final_state, normalize, reverse,
-                 cu_seqlens, backend):
+                 cu_seqlens, backend, recurrent):
     if normalize and isinstance(initial_state, (tuple, list)):
         kv0, z0 = initial_state
     else:
@@ -255,7 +263,7 @@ def _linear_attn(fn, q, k, v, scale, initial_state, output_final_state, normaliz
         if tuple(z0.shape) != (N, 1, q.shape[2], q.shape[3]):
             raise ValueError(f"{fn}: initial_state[1] (z_state) must have shape [N, 1, H, K] = "
                              f"{(N, 1, q.shape[2], q.shape[3])}, got {tuple(z0.shape)}")
-    o, ht = _core(q, k, v, None, scale, kv0, cu_seqlens, reverse, backend)
+    o, ht = _core(q, k, v, None, scale, kv0, cu_seqlens, reverse, backend, recurrent)
     if not normalize:
         return o, (ht if output_final_state else None)
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -304,7 +312,7 @@ def chunk_linear_attn(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = 
         (torch.Size([2, 50, 4, 32]), torch.Size([2, 4, 32, 32]))
     """
     return _linear_attn("chunk_linear_attn", q, k, v, scale, initial_state, output_final_state,
-                        normalize, False, cu_seqlens, backend)
+                        normalize, False, cu_seqlens, backend, False)
 
 
 def fused_recurrent_linear_attn(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
@@ -331,15 +339,15 @@ def fused_recurrent_linear_attn(q: Tensor, k: Tensor, v: Tensor, scale: Optional
         ...                                                 output_final_state=True)
     """
     return _linear_attn("fused_recurrent_linear_attn", q, k, v, scale, initial_state,
-                        output_final_state, normalize, bool(reverse), cu_seqlens, backend)
+                        output_final_state, normalize, bool(reverse), cu_seqlens, backend, True)
 
 
 def _simple_gla(fn, q, k, v, g, g_gamma, scale, initial_state, output_final_state, reverse,
-                cu_seqlens, backend):
+                cu_seqlens, backend, recurrent):
     _validate(fn, q, k, v, g, "head", scale, initial_state, cu_seqlens)
     _validate_gamma(fn, g_gamma, q)
     o, ht = _core(q, k, v, _head_gate(g, g_gamma, q), scale, initial_state, cu_seqlens, reverse,
-                  backend)
+                  backend, recurrent)
     return o, (ht if output_final_state else None)
 
 
@@ -366,7 +374,7 @@ def chunk_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None
         >>> o, S = ssm_kernels.chunk_simple_gla(q, k, v, g, output_final_state=True)
     """
     return _simple_gla("chunk_simple_gla", q, k, v, g, g_gamma, scale, initial_state,
-                       output_final_state, False, cu_seqlens, backend)
+                       output_final_state, False, cu_seqlens, backend, False)
 
 
 def fused_recurrent_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None,
@@ -392,7 +400,7 @@ def fused_recurrent_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tens
         ...                                               output_final_state=True)
     """
     return _simple_gla("fused_recurrent_simple_gla", q, k, v, g, g_gamma, scale, initial_state,
-                       output_final_state, bool(reverse), cu_seqlens, backend)
+                       output_final_state, bool(reverse), cu_seqlens, backend, True)
 
 
 def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: Optional[float] = None,
@@ -446,7 +454,7 @@ def fused_recurrent_gla(q: Tensor, k: Tensor, v: Tensor, gk: Optional[Tensor] = 
     if gv is not None:
         raise ValueError("fused_recurrent_gla: gv (per-value-channel decay) is not supported; pass gv=None")
     _validate("fused_recurrent_gla", q, k, v, gk, "key", scale, initial_state, cu_seqlens)
-    o, ht = _core(q, k, v, gk, scale, initial_state, cu_seqlens, bool(reverse), backend)
+    o, ht = _core(q, k, v, gk, scale, initial_state, cu_seqlens, bool(reverse), backend, True)
     return o, (ht if output_final_state else None)
 
 

@@ -391,6 +391,43 @@ def _bwd_dkv_kernel(
 
 
 @triton.jit
+def _recurrent_fwd_kernel(
+    # the step-by-step form (decoding): same pointers and layout as _fwd_kernel
+    q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, cu_ptr,
+    T, H, K, V, scale,
+    GATE: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr,
+):
+    # S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,  o_t = scale q_t S_t, one token at a time
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    p_s = (i_nh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
+    m_s = m_k[:, None] & m_v[None, :]
+    if HAS_H0:
+        S = tl.load(h0_ptr + p_s, mask=m_s, other=0.).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    for t in range(bos, eos):
+        row = t * H + i_h
+        b_q = tl.load(q_ptr + row * K + o_k, mask=m_k, other=0.).to(tl.float32) * scale
+        b_k = tl.load(k_ptr + row * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        b_v = tl.load(v_ptr + row * V + o_v, mask=m_v, other=0.).to(tl.float32)
+        if GATE == 1:
+            S = S * tl.exp(tl.load(g_ptr + row).to(tl.float32))
+        elif GATE == 2:
+            b_g = tl.load(g_ptr + row * K + o_k, mask=m_k, other=0.).to(tl.float32)
+            S = S * tl.exp(b_g)[:, None]
+        S += b_k[:, None] * b_v[None, :]
+        b_o = tl.sum(b_q[:, None] * S, axis=0)
+        tl.store(o_ptr + row * V + o_v, b_o.to(o_ptr.dtype.element_ty), mask=m_v)
+    tl.store(ht_ptr + p_s, S, mask=m_s)
+
+
+@triton.jit
 def _seq_cumsum_kernel(
     # x, y: [tok, D] float32 (y = cumsum of x along tokens, per sequence); cu [N + 1]
     x_ptr, y_ptr, cu_ptr, T, D,
@@ -551,6 +588,23 @@ def chunk_fwd(q, k, v, g, h0, cu_seqlens, scale) -> Tuple[torch.Tensor, torch.Te
     h0s, _, _ = _segment_initial_states(k, v, g, h0, cu, B, T, S, seg, meta)
     o, hts = _launch_fwd(q, k, v, g, h0s, cu, T, B * S, False, meta, scale)
     return o, hts.view(B, S, H, K, V)[:, -1].contiguous()
+
+
+def recurrent_fwd(q, k, v, g, h0, cu_seqlens, scale) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The step-by-step forward (for decoding a few tokens): same contract as `chunk_fwd`."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    BK = triton.next_power_of_2(K)
+    BV = min(triton.next_power_of_2(V), max(16, 4096 // BK))
+    o = torch.empty_like(v)
+    ht = q.new_empty((N, H, K, V), dtype=torch.float32)
+    _recurrent_fwd_kernel[(triton.cdiv(V, BV), N * H)](
+        q, k, v, _dummy(q) if g is None else g, _dummy(ht) if h0 is None else h0, o, ht,
+        _dummy(ht) if cu_seqlens is None else cu_seqlens, T, H, K, V, float(scale),
+        GATE=_gate_mode(g), HAS_H0=h0 is not None, IS_VARLEN=cu_seqlens is not None, BK=BK, BV=BV,
+        num_warps=4)
+    return o, ht
 
 
 def seq_cumsum(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor], reverse: bool) -> torch.Tensor:
