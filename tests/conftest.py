@@ -13,10 +13,11 @@ HAS_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_GPU else "cpu"
 
 
-def kernel_backends():
-    """Backends whose kernels can run here: triton (GPU or interpreter) and cuda if built."""
+def kernel_backends(with_cuda: bool = False):
+    """Kernel backends that can run here: triton (GPU or interpreter), plus cuda when the op has a
+    CUDA kernel (`with_cuda=True`) and the extension is built."""
     from ssm_kernels import available_backends
-    return [b for b in available_backends(DEVICE) if b != "reference"]
+    return [b for b in available_backends(DEVICE) if b == "triton" or (with_cuda and b == "cuda")]
 
 
 def pytest_collection_modifyitems(config, items):

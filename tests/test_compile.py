@@ -6,7 +6,7 @@ import ssm_kernels as sk
 
 from conftest import DEVICE, kernel_backends
 
-BACKENDS = ["reference"] + kernel_backends()
+BACKENDS = ["reference"] + kernel_backends(with_cuda=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -8,7 +8,7 @@ from ssm_kernels.testing import assert_close
 
 from conftest import DEVICE, kernel_backends
 
-BACKENDS = ["reference"] + kernel_backends()
+BACKENDS = ["reference"] + kernel_backends(with_cuda=True)
 # (shape, dim): [B, T, D], [B, D, T], a rank-4 tensor with time in the middle, rank 2
 LAYOUTS = [((2, 13, 5), 1), ((3, 4, 13), -1), ((2, 3, 9, 2), 2), ((6, 11), 0)]
 
@@ -60,7 +60,7 @@ def test_matches_reference(backend, shape, dim, reverse, dtype):
     check_against_reference(backend, shape, dim, dtype, reverse)
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", kernel_backends(with_cuda=True))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,dim", LAYOUTS[:2])
 def test_low_precision(backend, dtype, shape, dim):
@@ -83,7 +83,7 @@ def test_extreme_decays(backend):
     assert_close(h, (h0[:, None].double() + b.double().cumsum(1)), dtype=torch.float32)
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", kernel_backends(with_cuda=True))
 def test_kernel_backward_algebra_matches_reference_backward(backend):
     """The kernel's reverse-scan gradient equals the reference's loop on the same saved h."""
     a, b, h0 = make_inputs((2, 19, 3), 1, torch.float32)
@@ -130,7 +130,7 @@ def test_non_contiguous_inputs(backend):
                  dtype=torch.float32)
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", kernel_backends(with_cuda=True))
 def test_backward_is_deterministic(backend):
     a, b, h0 = make_inputs((2, 33, 5), 1, torch.float32)
     cot = (torch.randn(2, 33, 5, device=DEVICE), torch.randn(2, 5, device=DEVICE))
@@ -182,7 +182,7 @@ def test_device_mismatch():
 # ---- real sizes on the GPU ------------------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", kernel_backends(with_cuda=True))
 @pytest.mark.parametrize("shape,dim", [((4, 4097, 96), 1), ((4, 96, 4097), 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.complex64])
 @pytest.mark.parametrize("reverse", [False, True])
@@ -207,7 +207,7 @@ def check_against_reference_fast(backend, shape, dim, dtype, reverse):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", kernel_backends(with_cuda=True))
 def test_gpu_long_sequence(backend):
     """T = 2^20: the carry crosses thousands of tiles. Oracle: a constant decay per channel, so
     each chunk is a float64 Toeplitz matmul plus the carried state (no 2^20-step Python loop)."""
@@ -239,7 +239,7 @@ def test_gpu_past_int32_offsets():
     a = torch.full((P, T), 0.5, device=DEVICE, dtype=torch.bfloat16)
     b = torch.ones((P, T), device=DEVICE, dtype=torch.bfloat16)
     from ssm_kernels.linear_scan.cuda import fits
-    for backend in kernel_backends():
+    for backend in kernel_backends(with_cuda=True):
         if backend == "cuda" and not fits((P, T, 1)):
             # the CUDA kernel indexes tiles in int32 and says so; auto then takes Triton
             with pytest.raises(sk.BackendUnavailableError, match="int32"):

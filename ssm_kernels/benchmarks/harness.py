@@ -65,9 +65,14 @@ def rotating(make: Callable[[], tuple], nbytes: int, l2_bytes: Optional[int] = N
         if torch.cuda.is_available():
             l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", l2_bytes)
     copies = max(1, min(16, -(-2 * l2_bytes // max(nbytes, 1))))
-    sets = [make() for _ in range(copies)]
-    it = itertools.cycle(sets)
-    return lambda: next(it)
+    state = {}
+
+    def next_inputs():
+        # allocated on first use, so building the case list costs no memory; freed with the case
+        if "it" not in state:
+            state["it"] = itertools.cycle([make() for _ in range(copies)])
+        return next(state["it"])
+    return next_inputs
 
 
 def versions() -> str:

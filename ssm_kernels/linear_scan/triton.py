@@ -260,7 +260,7 @@ def _config(T: int, C: int, time_inner: bool, complex_: bool, elem_bytes: int):
     if triton_interpret():
         return dict(BLOCK_T=16, BLOCK_C=8, num_warps=1)
     block_t = 128 if time_inner else 64
-    block_c = 16 if time_inner else 32 * (4 // elem_bytes)  # >= 128 contiguous bytes per row
+    block_c = 16 if time_inner else 32 * (4 // min(elem_bytes, 4))  # >= 128 contiguous bytes a row
     if complex_:
         block_t //= 2
     block_t = min(block_t, max(16, triton.next_power_of_2(T)))
