@@ -119,6 +119,15 @@ def test_low_precision_long_path(backend, long_path):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("B,H,L,Lk", [(1, 1, 1, 1), (3, 1, 5, 1), (1, 1, 600, 600)])
+def test_single_row_sizes(backend, B, H, L, Lk, monkeypatch):
+    """B, H, L or Lk == 1 (Triton specialises integer arguments equal to 1); the last case runs
+    the multi-pass path."""
+    monkeypatch.setattr(fft_triton, "MAX_ONCHIP_N", 256)
+    check(backend, B, H, L, Lk)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
 def test_batch_split_partials(backend, monkeypatch):
     """More rows than programs per head: dk / dD partials over batch slices are summed."""
     monkeypatch.setattr(fft_triton, "_batch_split", lambda B, H: (3, -(-B // 3)))
@@ -338,6 +347,14 @@ def check_gpu(backend, B, H, L, Lk, dtype, **flags):
 @pytest.mark.parametrize("full", [True, False])
 def test_gpu_real_sizes(backend, L, dtype, full):
     check_gpu(backend, 2, 64, L, L if full else max(1, L // 4 + 1), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("B,H,L,Lk", [(1, 1, 1, 1), (1, 1, 4096, 4096), (1, 1, 5000, 5000),
+                                      (3, 1, 65536, 1)])
+def test_gpu_single_rows(backend, B, H, L, Lk):
+    check_gpu(backend, B, H, L, Lk, torch.float32)
 
 
 @pytest.mark.gpu

@@ -197,7 +197,7 @@ def _onchip_fwd_kernel(
     b_end = tl.minimum(b_start + B_PER, B)
     for i_b in range(b_start, b_end, 2):
         pa = (i_b * H + i_h).to(tl.int64) * L + o_t
-        pb = pa + H.to(tl.int64) * L
+        pb = pa + (i_h.to(tl.int64) * 0 + H) * L  # (H may be specialised to a constexpr 1)
         mb = o_t < tl.where(i_b + 1 < b_end, L, 0)  # row b+1 may not exist
         _, _, va = _load_v(u_ptr, pre_ptr, pa, m, HAS_PRE)
         _, _, vb = _load_v(u_ptr, pre_ptr, pb, mb, HAS_PRE)
@@ -236,7 +236,7 @@ def _onchip_bwd_kernel(
     b_end = tl.minimum(b_start + B_PER, B)
     for i_b in range(b_start, b_end, 2):
         pa = (i_b * H + i_h).to(tl.int64) * L + o_t
-        pb = pa + H.to(tl.int64) * L
+        pb = pa + (i_h.to(tl.int64) * 0 + H) * L  # (H may be specialised to a constexpr 1)
         mb = o_t < tl.where(i_b + 1 < b_end, L, 0)  # row b+1 may not exist
         xa, gate_a, va = _load_v(u_ptr, pre_ptr, pa, m, HAS_PRE)
         xb, gate_b, vb = _load_v(u_ptr, pre_ptr, pb, mb, HAS_PRE)
@@ -308,7 +308,7 @@ def _outer_fwd_kernel(
     twr, twi = _expi(o_kp, o_q, N)
     p_z = i_r.to(tl.int64) * NZ + o_kp.to(tl.int64)[:, None] * Q + o_q[None, :]
     m_z = (o_kp < P // 2 + 1)[:, None] & m_q[None, :]  # real input: rows kp > P/2 are conjugates
-    plane = R.to(tl.int64) * NZ
+    plane = (i_r.to(tl.int64) * 0 + R) * NZ
     tl.store(z_ptr + p_z, acc_r * twr - acc_i * twi, mask=m_z)
     tl.store(z_ptr + plane + p_z, acc_r * twi + acc_i * twr, mask=m_z)
 
@@ -331,7 +331,7 @@ def _inner_kernel(
     f1r, f1i, g1r, g1i, f2r, f2i, twr, twi = _dft_tables(N1, N2, N1)
     o_q = tl.arange(0, N1)[:, None] * N2 + tl.arange(0, N2)[None, :]
     if MODE == 3:
-        plane = R.to(tl.int64) * NZ
+        plane = (i_r.to(tl.int64) * 0 + R) * NZ
         acc_r = tl.zeros([N1, N2], dtype=tl.float32)
         acc_i = tl.zeros([N1, N2], dtype=tl.float32)
         for i_b in range(0, B):
@@ -345,9 +345,9 @@ def _inner_kernel(
         xr, xi = _fft_inv(acc_r, acc_i, g1r, g1i, f2r, f2i, twr, twi, False, PREC)
         p_o = i_r.to(tl.int64) * NZ + i_k * Q + o_q
         tl.store(out_ptr + p_o, xr)
-        tl.store(out_ptr + H.to(tl.int64) * NZ + p_o, xi)
+        tl.store(out_ptr + (i_r.to(tl.int64) * 0 + H) * NZ + p_o, xi)
     else:
-        plane = R.to(tl.int64) * NZ
+        plane = (i_r.to(tl.int64) * 0 + R) * NZ
         p = i_r.to(tl.int64) * NZ + i_k * Q + o_q
         xr, xi = _fft_fwd(tl.load(z_ptr + p), tl.load(z_ptr + plane + p),
                           f1r, f1i, f2r, f2i, twr, twi, False, PREC)
@@ -357,7 +357,7 @@ def _inner_kernel(
         else:
             p_s = (i_r % H).to(tl.int64) * NZ + i_k * Q + o_q
             sr = tl.load(s_ptr + p_s)
-            si = tl.load(s_ptr + H.to(tl.int64) * NZ + p_s)
+            si = tl.load(s_ptr + (i_r.to(tl.int64) * 0 + H) * NZ + p_s)
             if MODE == 2:
                 si = -si
             yr, yi = _fft_inv(xr * sr - xi * si, xr * si + xi * sr, g1r, g1i, f2r, f2i, twr, twi,
@@ -384,7 +384,7 @@ def _outer_inv_kernel(
     o_p = i_p * BP + tl.arange(0, BP)
     o_q = i_q * BQ + tl.arange(0, BQ)
     m_q = o_q < Q
-    plane = R.to(tl.int64) * NZ
+    plane = (i_r.to(tl.int64) * 0 + R) * NZ
     acc = tl.zeros([BP, BQ], dtype=tl.float32)
     # the output is real, so row P - kp holds conj(row kp): sum kp = 0..P/2 with weight 2 on the
     # interior rows (1 on kp = 0 and P/2, which are real after the twiddle) and take Re
