@@ -54,6 +54,12 @@ def check(backend, B, H, L, Lk, dtype=torch.float32, oracle=fft_conv_direct, **f
                      name=f"{backend} L={L} Lk={Lk} {name}")
 
 
+@pytest.fixture(autouse=True)
+def nan_filled_outputs(monkeypatch):
+    """Every kernel output and intermediate starts as NaN: an unwritten element fails the check."""
+    monkeypatch.setattr(fft_triton, "FILL_NAN", True)
+
+
 @pytest.fixture
 def long_path(monkeypatch):
     """Route every transform past 256 points through the multi-pass path (small shapes, CPU)."""

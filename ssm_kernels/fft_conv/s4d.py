@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .._config import triton_interpret
+from .triton import alloc
 
 
 @triton.jit
@@ -117,7 +118,7 @@ def _tiles():
 def vandermonde_fwd(wr, wi, ar, ai, dt2, L: int):
     """K [H, L] fp32 from W, A parts [H, N] and dt2 [H, 2] (hi, lo), all fp32 contiguous."""
     H, N = wr.shape
-    K = torch.empty((H, L), device=wr.device, dtype=torch.float32)
+    K = alloc((H, L), wr.device)
     t = _tiles()
     _vandermonde_fwd_kernel[(H, triton.cdiv(L, t["BL"]))](wr, wi, ar, ai, dt2, K, N, L, **t)
     return K
@@ -127,7 +128,7 @@ def vandermonde_sums(ar, ai, dt2, dK):
     """(S1, S2) complex64 [H, N]: sum_l dK z^l and sum_l dK l z^l."""
     H, N = ar.shape
     L = dK.shape[1]
-    outs = [torch.empty_like(ar) for _ in range(4)]
+    outs = [alloc(ar.shape, ar.device) for _ in range(4)]
     t = _tiles()
     _vandermonde_bwd_kernel[(H, triton.cdiv(N, t["BN"]))](ar, ai, dt2, dK, *outs, N, L, **t)
     return torch.complex(outs[0], outs[1]), torch.complex(outs[2], outs[3])

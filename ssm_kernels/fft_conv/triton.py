@@ -45,8 +45,18 @@ MAX_ONCHIP_N = 8192
 LONG_INNER_N = 4096
 
 
+# tests set this to fill every output and intermediate with NaN before the kernels write them
+FILL_NAN = False
+
+
 def max_onchip_n() -> int:
     return MAX_ONCHIP_N
+
+
+def alloc(shape, device, dtype=torch.float32):
+    if FILL_NAN:
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    return torch.empty(shape, device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,7 +504,7 @@ def fft_conv_fwd(u, k, D, pre, post):
     """u, pre, post [B, H, L] contiguous (one dtype); k [H, Lk] fp32; D [H] fp32 or None."""
     B, H, L = u.shape
     Lk = k.shape[1]
-    y = torch.empty_like(u)
+    y = alloc(u.shape, u.device, u.dtype)
     kind = plan(L, Lk)
     prec = _prec(u.dtype)
     flags = dict(HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None)
@@ -520,9 +530,9 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
     """(du, dk fp32 [H, Lk], dD fp32 [H] or None, dpre or None, dpost or None)."""
     B, H, L = u.shape
     Lk = k.shape[1]
-    du = torch.empty_like(u)
-    dpre = torch.empty_like(pre) if pre is not None else None
-    dpost = torch.empty_like(post) if post is not None else None
+    du = alloc(u.shape, u.device, u.dtype)
+    dpre = alloc(pre.shape, u.device, pre.dtype) if pre is not None else None
+    dpost = alloc(post.shape, u.device, post.dtype) if post is not None else None
     kind = plan(L, Lk)
     prec = _prec(u.dtype)
     flags = dict(HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None)
@@ -530,8 +540,8 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
     if kind[0] == "onchip":
         _, n, n1, n2 = kind
         S, per = _batch_split(B, H)
-        dk_part = torch.empty((S, H, Lk), device=u.device, dtype=torch.float32)
-        dd_part = torch.empty((S, H), device=u.device, dtype=torch.float32)
+        dk_part = alloc((S, H, Lk), u.device)
+        dd_part = alloc((S, H), u.device)
         _onchip_bwd_kernel[(H, S)](
             dy, u, pre if pre is not None else dmy, post if post is not None else dmy, k,
             D if D is not None else _dummy(k),
@@ -546,9 +556,9 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
     kf = filter_spectrum(k, P, Q, prec)
     zv = _outer_fwd(u.view(R, L), pre, P, Q, prec)
     zg = _outer_fwd(dy.view(R, L), post, P, Q, prec)
-    dkz = torch.empty((2, H, (P // 2 + 1) * Q), device=u.device, dtype=torch.float32)
+    dkz = alloc((2, H, (P // 2 + 1) * Q), u.device)
     _inner(zg, kf, H, B, P, Q, mode=3, prec=prec, z2=zv, out=dkz)
-    dk = torch.empty((H, Lk), device=u.device, dtype=torch.float32)
+    dk = alloc((H, Lk), u.device)
     _outer_inv(dkz, dk, None, epi=3, H=H, u=None, pre=None, post=None, dy=None, D=None,
                P=P, Q=Q, prec=prec)
     _inner(zg, kf, H, B, P, Q, mode=2, prec=prec)
@@ -566,14 +576,14 @@ def filter_spectrum(k, P: int, Q: int, prec: str):
     """The long path's filter transform [2, H, P*Q] fp32 (transposed order per kp row)."""
     H = k.shape[0]
     z = _outer_fwd(k, None, P, Q, prec)
-    out = torch.empty_like(z)
+    out = alloc(z.shape, z.device)
     _inner(z, out, H, 1, P, Q, mode=0, prec=prec, out=out)
     return out
 
 
 def _outer_fwd(x, mult, P: int, Q: int, prec: str):
     R, Lx = x.shape[0], x.shape[-1]
-    z = torch.empty((2, R, (P // 2 + 1) * Q), device=x.device, dtype=torch.float32)
+    z = alloc((2, R, (P // 2 + 1) * Q), x.device)
     t = _outer_tiles(P, Q)
     grid = (R, triton.cdiv(P // 2 + 1, t["BKP"]), triton.cdiv(Q, t["BQ"]))
     _outer_fwd_kernel[grid](x, mult if mult is not None else _dummy(x), z, R, Lx, P, Q,
@@ -594,7 +604,7 @@ def _outer_inv(z, out, out2, epi: int, H: int, u, pre, post, dy, D, P: int, Q: i
     t = _outer_tiles(P, Q)
     bp, bkp = t["BP"], t["BKP"]
     grid = (R, triton.cdiv(triton.cdiv(Lout, Q), bp), triton.cdiv(Q, t["BQ"]))
-    dd = torch.empty((R, grid[1] * grid[2]), device=z.device, dtype=torch.float32)
+    dd = alloc((R, grid[1] * grid[2]), z.device)
     dmy = _dummy(z)
     _outer_inv_kernel[grid](
         z, u if u is not None else dmy, pre if pre is not None else dmy,
