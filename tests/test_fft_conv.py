@@ -136,7 +136,7 @@ def test_single_row_sizes(backend, B, H, L, Lk, monkeypatch):
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_batch_split_partials(backend, monkeypatch):
     """More rows than programs per head: dk / dD partials over batch slices are summed."""
-    monkeypatch.setattr(fft_triton, "_batch_split", lambda B, H: (3, -(-B // 3)))
+    monkeypatch.setattr(fft_triton, "_batch_split", lambda B, H, device: (3, -(-B // 3)))
     check(backend, 7, 2, 40, 40)
 
 
@@ -380,7 +380,7 @@ def test_gpu_features_at_4096(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_gpu_s4d(backend):
-    check_s4d(backend, 256, 64, 16384)
+    check_s4d(backend, 64, 64, 8192)  # the float64 reference materialises (H, N, L) on the CPU
 
 
 @pytest.mark.gpu

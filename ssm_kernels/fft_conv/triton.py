@@ -12,11 +12,16 @@ storage and "tf32" for 16-bit storage; "ieee" in the interpreter.
 
 Paths (transform size N = next power of two >= L + Lk - 1, at least 256):
   on-chip  N <= max_onchip_n(): one program per (head, batch slice) computes the filter transform
-           once, then for each row of its slice loads u (zero-padded by masks, never in HBM), applies
-           the pre-gate, transforms, multiplies, inverse-transforms, adds D*v, applies the post-gate
-           and stores y. The backward program does the same for the correlation (conjugate filter
-           spectrum), the gate / D gradients, and accumulates conj(V)*G for dk over its batch slice
-           in registers; the (few) slice partials are summed in a fixed order (deterministic).
+           once, then for each PAIR of rows of its slice (b, b+1 packed as one complex signal
+           va + i vb: the filter is real, so Re / Im of the result are the two convolutions) loads
+           u (zero-padded by masks, never in HBM), applies the pre-gate, transforms, multiplies,
+           inverse-transforms, adds D*v, applies the post-gate and stores y. Where L <= N/2 (the
+           usual Lk ~ L case) the time tile is [N1/2, N2] (n1 >= n2): the first DFT stage and the
+           last inverse stage skip the causal zero half. The backward program does the same for
+           the correlation (conjugate filter spectrum), the gate / D gradients, and accumulates
+           conj(V)*G for dk over its batch slice in registers (Re of the packed product's inverse
+           is the sum of both rows' correlations); the few slice partials are summed in a fixed
+           order (deterministic).
   long     N = P * Q with Q <= max_onchip_n():  pass A  Z[kp, q] = W_N^{q kp} sum_p F_P[kp, p] x[Q p + q]
            (a tiled complex matmul per row, fused load of u * gate, zero padding by masks);
            pass B  per (row, kp): length-Q on-chip transform of Z[kp, :], product with the filter
@@ -482,11 +487,18 @@ def _warps(n: int) -> int:
     return 1 if triton_interpret() else (8 if n >= 4096 else 4)
 
 
-def _batch_split(B: int, H: int):
-    """(programs per head S, rows per program): enough programs to fill the GPU."""
-    target = 4 if triton_interpret() else 2 * 132
-    s = max(1, min(B, -(-target // H)))
+def _sm_count(device) -> int:
+    if triton_interpret() or device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _batch_split(B: int, H: int, device=torch.device("cpu")):
+    """(programs per head S, rows per program): about two programs per SM; rows per program
+    even where B > 1 (rows travel in pairs)."""
+    s = max(1, min(B, -(-2 * _sm_count(device) // H)))
     per = -(-B // s)
+    per += per % 2 if B > 1 else 0
     return -(-B // per), per
 
 
@@ -511,7 +523,7 @@ def fft_conv_fwd(u, k, D, pre, post):
     dmy = _dummy(u)
     if kind[0] == "onchip":
         _, n, n1, n2 = kind
-        S, per = _batch_split(B, H)
+        S, per = _batch_split(B, H, u.device)
         _onchip_fwd_kernel[(H, S)](
             u, pre if pre is not None else dmy, post if post is not None else dmy, k,
             D if D is not None else _dummy(k), y, B, H, L, Lk, per,
@@ -539,7 +551,7 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
     dmy = _dummy(u)
     if kind[0] == "onchip":
         _, n, n1, n2 = kind
-        S, per = _batch_split(B, H)
+        S, per = _batch_split(B, H, u.device)
         dk_part = alloc((S, H, Lk), u.device)
         dd_part = alloc((S, H), u.device)
         _onchip_bwd_kernel[(H, S)](
