@@ -526,3 +526,53 @@ def test_gpu_step_real_size(batch):
     out = sk.selective_state_update(state, h["x"], h["dt"], h["A"], h["B"], h["C"], h["D"], h["z"],
                                     h["dt_bias"], True, backend="triton")
     assert torch.linalg.vector_norm(out.double() - ref) <= 2e-2 * torch.linalg.vector_norm(ref)
+
+
+# ---- the GPU compiler (no GPU needed) ---------------------------------------------------------------
+
+_COMPILE_SCRIPT = r'''
+import os, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+import ssm_kernels.selective_scan.triton as K
+
+def build(fn, types, consts, warps):
+    sig = {n: ("constexpr" if n in consts else types(n)) for n in fn.arg_names}
+    triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": warps})
+
+def types(n):
+    if n.startswith("s_"):
+        return "i64"
+    if n.endswith("_ptr"):
+        return "*i32" if n in ("cu_ptr", "ckoff_ptr", "idx_ptr") else "*fp32"
+    return "i32"
+
+c = K._bwd_config(16, 1536)
+flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, VAR_B=True, VAR_C=True,
+             COMPLEX=False, VARLEN=True)
+tiles = dict(BLOCK_D=c["BLOCK_D"], BLOCK_N=16, BLOCK_T=c["BLOCK_T"])
+build(K._bwd_kernel, types, dict(flags, NSUB=c["NSUB"], **tiles), c["num_warps"])
+build(K._fwd_chunked_kernel, types, dict(flags, HAS_H0=True, SAVE_CK=True, **tiles), c["num_warps"])
+build(K._fwd_kernel, types, dict(flags, HAS_H0=True, SAVE_CK=True, BLOCK_D=32, BLOCK_N=16), 4)
+build(K._state_update_kernel, types, dict(SOFTPLUS=True, HAS_BIAS=True, HAS_D=True, HAS_Z=True,
+                                          HAS_IDX=True, BLOCK_P=32, BLOCK_N=16), 4)
+print("compiled")
+'''
+
+
+def test_triton_kernels_compile_for_sm90():
+    """The interpreter does not run the GPU compiler: build PTX and cubin for sm_90 here (a fresh
+    process, since TRITON_INTERPRET is read when kernels are decorated)."""
+    import os
+    import subprocess
+    import sys
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except Exception:
+        pytest.skip("Triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
