@@ -27,7 +27,7 @@ from .triton import alloc
 def _dt_times(a, l, dth, dtl):
     """(dth + dtl) * a * l as hi + lo (l an exact float32 integer)."""
     p = a * l
-    e = tl.fma(a, l, -p)          # a * l == p + e exactly
+    e = tl.fma(tl.broadcast_to(a, p.shape), tl.broadcast_to(l, p.shape), -p)  # a * l == p + e exactly
     x = dth * p
     ex = tl.fma(dth, p, -x) + (dth * e + dtl * p)
     return x, ex
