@@ -140,7 +140,7 @@ def gate_grad_magnitude(ref, q, name):
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("T,K,V", [(1, 16, 16), (63, 60, 20), (64, 16, 60), (65, 20, 16)])
 def test_chunk_matches_recurrence(backend, gate, T, K, V):
-    compare_to_reference(backend, gate, 2, T, 2, K, V)
+    compare_to_reference(backend, gate, 2 if T < 8 else 1, T, 2, K, V)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -362,9 +362,9 @@ def test_errors_name_the_argument():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gate", ["none", "g", "gla"])
 def test_opcheck(backend, gate):
-    q, k, v, g, _ = make(1, 19, 2, 16, 16, torch.float32, gate)
+    q, k, v, g, _ = make(1, 9, 2, 16, 16, torch.float32, gate)
     h0 = torch.randn(2, 2, 16, 16, device=DEVICE)
-    cu = torch.tensor([0, 7, 19], device=DEVICE, dtype=torch.int32)
+    cu = torch.tensor([0, 4, 9], device=DEVICE, dtype=torch.int32)
     gg = None if g is None else g.requires_grad_()
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), gg,
             h0.requires_grad_(), cu, 0.25, False, backend)
