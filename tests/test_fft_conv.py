@@ -101,7 +101,15 @@ def test_features(backend, D, pre, post):
 
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_onchip_1000(backend):
-    check(backend, 2, 2, 1000, 1000)  # N = 2048 in one program (32 x 64 tiles)
+    check(backend, 2, 2, 1000, 1000)  # N = 2048 in one program (64 x 32 tiles, zero half skipped)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("L", [4096, 5000])
+def test_default_plans_at_issue_sizes(backend, L):
+    """The GPU plans themselves: L = 4096 on-chip (N = 8192 = 128 x 64), L = 5000 multi-pass
+    (N = 16384 = 16 x 1024), against the float64 rfft reference (direct is O(L^2))."""
+    check(backend, 2, 1, L, L, oracle=fft_conv_ref, pre=False)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
