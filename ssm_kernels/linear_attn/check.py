@@ -8,7 +8,7 @@ from typing import List
 import torch
 
 from ..testing import CheckRow, Verdict, bound_for, compare, rel_err
-from .interface import chunk_gla, chunk_linear_attn, chunk_simple_gla
+from .interface import chunk_gla, chunk_linear_attn, chunk_simple_gla, fused_recurrent_gla
 from .reference import linear_attn_chunk_ref
 
 
@@ -19,7 +19,8 @@ def _run_public(variant, q, k, v, g, gam, h0, backend):
     if variant == "chunk_simple_gla":
         return chunk_simple_gla(q, k, v, g, gam, initial_state=h0, output_final_state=True,
                                 backend=backend)
-    return chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True, backend=backend)
+    fn = fused_recurrent_gla if variant == "fused_recurrent_gla" else chunk_gla
+    return fn(q, k, v, g, initial_state=h0, output_final_state=True, backend=backend)
 
 
 def _run_ref(variant, q, k, v, g, gam, h0, backend=None):
@@ -42,7 +43,7 @@ _NAMES = ["q", "k", "v", "g", "g_gamma", "initial_state"]
 
 def _uses(variant, name):
     return not ((variant == "chunk_linear_attn" and name in ("g", "g_gamma"))
-                or (variant == "chunk_gla" and name == "g_gamma"))
+                or (variant.endswith("_gla") and variant != "chunk_simple_gla" and name == "g_gamma"))
 
 
 def check(backend: str, device: str) -> List[CheckRow]:
@@ -50,11 +51,11 @@ def check(backend: str, device: str) -> List[CheckRow]:
               "triton": [torch.float32, torch.float16, torch.bfloat16]}.get(backend, [])
     B, T, H, K, V = (1, 37, 2, 20, 12) if device == "cpu" else (2, 1031, 4, 128, 100)
     rows = []
-    for variant in ("chunk_linear_attn", "chunk_simple_gla", "chunk_gla"):
+    for variant in ("chunk_linear_attn", "chunk_simple_gla", "chunk_gla", "fused_recurrent_gla"):
         for dtype in dtypes:
             q, k = (torch.randn(2, B, T, H, K, device=device) * 0.5).to(dtype).unbind(0)
             v = torch.randn(B, T, H, V, device=device).to(dtype)
-            g = (-torch.rand(B, T, H, K, device=device) if variant == "chunk_gla"
+            g = (-torch.rand(B, T, H, K, device=device) if variant.endswith("_gla") and variant != "chunk_simple_gla"
                  else -torch.rand(B, T, H, device=device) * 0.5)
             gam = -torch.rand(H, device=device) * 0.2
             h0 = torch.randn(B, H, K, V, device=device)

@@ -238,6 +238,31 @@ def chunk_output(q, k, v, S, G, o_t, GATE: tl.constexpr, BT: tl.constexpr, SUB: 
     return mm(decay_rows(q, G, GATE), S, DT, IEEE) + mm(A, v, DT, IEEE)
 
 
+@triton.jit
+def program_tiles(cu_ptr, T, H, K, V, IS_VARLEN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Where a (V-tile, sequence x head) program works: its head, token span, K/V offsets and
+    masks, and the offsets/mask of its [BK, BV] block of the [N, H, K, V] states."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_h = i_nh % H
+    bos, eos = seq_span(i_nh // H, cu_ptr, T, IS_VARLEN)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    p_s = (i_nh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
+    m_s = m_k[:, None] & m_v[None, :]
+    return i_v, i_h, bos, eos, o_k, o_v, m_k, m_v, p_s, m_s
+
+
+@triton.jit
+def load_state(ptr, p_s, m_s, HAS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """A float32 [BK, BV] state block, zeros when absent."""
+    if HAS:
+        S = tl.load(ptr + p_s, mask=m_s, other=0.).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    return S
+
+
 # ---- kernels -----------------------------------------------------------------------------------
 
 @triton.jit
@@ -259,19 +284,10 @@ def _fwd_kernel(
     IEEE: tl.constexpr,
 ):
     # STATE_ONLY: only the final state (no q, no o): the first pass of a split sequence
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
+    i_v, i_h, bos, eos, o_k, o_v, m_k, m_v, p_s, m_s = program_tiles(cu_ptr, T, H, K, V, IS_VARLEN,
+                                                                     BK, BV)
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    p_s = (i_nh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
-    m_s = m_k[:, None] & m_v[None, :]
-    if HAS_H0:
-        S = tl.load(h0_ptr + p_s, mask=m_s, other=0.).to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
+    S = load_state(h0_ptr, p_s, m_s, HAS_H0, BK, BV)
     for c0 in range(bos, eos, BT):
         t = c0 + o_t
         m_t = t < eos
@@ -299,21 +315,11 @@ def _bwd_dq_kernel(
     IEEE: tl.constexpr,
 ):
     # dq_i = scale * [ (do_i S_prev^T) exp(G_i) + sum_{j<=i} (do_i . v_j) k_j exp(G_i - G_j) ]
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
+    i_v, i_h, bos, eos, o_k, o_v, m_k, m_v, p_s, m_s = program_tiles(cu_ptr, T, H, K, V, IS_VARLEN,
+                                                                     BK, BV)
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    p_s = (i_nh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
-    m_s = m_k[:, None] & m_v[None, :]
-    if HAS_H0:
-        S = tl.load(h0_ptr + p_s, mask=m_s, other=0.).to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
+    S = load_state(h0_ptr, p_s, m_s, HAS_H0, BK, BV)
     dq_base = dq_ptr + i_v.to(tl.int64) * TOK * H * K
-    causal = o_t[:, None] >= o_t[None, :]
     for c0 in range(bos, eos, BT):
         t = c0 + o_t
         m_t = t < eos
@@ -349,15 +355,9 @@ def _bwd_dkv_kernel(
     #   dv_j = (k_j exp(G_last - G_j)) dS + sum_{i>=j} A_ij do_i
     #   dk_j = exp(G_last - G_j) (v_j dS^T) + sum_{i>=j} (do_i . v_j) q_i exp(G_i - G_j)
     #   dS  <- exp(G_last) dS + (q exp(G))^T do
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
+    i_v, i_h, bos, eos, o_k, o_v, m_k, m_v, p_s, m_s = program_tiles(cu_ptr, T, H, K, V, IS_VARLEN,
+                                                                     BK, BV)
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    p_s = (i_nh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
-    m_s = m_k[:, None] & m_v[None, :]
     dS = tl.load(dht_ptr + p_s, mask=m_s, other=0.).to(tl.float32)
     dk_base = dk_ptr + i_v.to(tl.int64) * TOK * H * K
     n_chunks = tl.cdiv(eos - bos, BT)
@@ -399,18 +399,9 @@ def _recurrent_fwd_kernel(
     BK: tl.constexpr, BV: tl.constexpr,
 ):
     # S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t,  o_t = scale q_t S_t, one token at a time
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    p_s = (i_nh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
-    m_s = m_k[:, None] & m_v[None, :]
-    if HAS_H0:
-        S = tl.load(h0_ptr + p_s, mask=m_s, other=0.).to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
+    i_v, i_h, bos, eos, o_k, o_v, m_k, m_v, p_s, m_s = program_tiles(cu_ptr, T, H, K, V, IS_VARLEN,
+                                                                     BK, BV)
+    S = load_state(h0_ptr, p_s, m_s, HAS_H0, BK, BV)
     for t in range(bos, eos):
         row = t * H + i_h
         b_q = tl.load(q_ptr + row * K + o_k, mask=m_k, other=0.).to(tl.float32) * scale
