@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "linear_scan/linear_scan.h"
+#include "selective_scan/selective_scan.h"
 
 namespace {
 
@@ -97,6 +98,77 @@ std::vector<at::Tensor> linear_scan_bwd(const at::Tensor& a, const at::Tensor& h
   return {da, db, dh0};
 }
 
+// ---- selective_scan (forward; the backward runs the Triton kernel) -------------------------
+
+// u, delta, z: (batch, dim, L); A (dim, N) f32; B, C time-varying (batch, G, N, L) in u's dtype or
+// time-invariant (dim, N) f32; D, delta_bias (dim,) f32; h0 (nseq, dim, N) f32; cu_seqlens and
+// ck_offsets int32. Returns (out, last_state (nseq, dim, N) f32, checkpoints (ck_rows, dim, N) f32).
+std::vector<at::Tensor> selective_scan_fwd(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+    const c10::optional<at::Tensor>& delta_bias, const c10::optional<at::Tensor>& h0,
+    const c10::optional<at::Tensor>& cu_seqlens, const c10::optional<at::Tensor>& ck_offsets,
+    bool softplus, int64_t ck_len, int64_t ck_rows) {
+  check_input(u, "u");
+  check_input(delta, "delta");
+  check_input(A, "A");
+  check_input(B, "B");
+  check_input(C, "C");
+  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes() && delta.scalar_type() == u.scalar_type(),
+              "selective_scan: u and delta must be (batch, dim, L) of one dtype");
+  TORCH_CHECK(A.dim() == 2 && A.scalar_type() == at::kFloat && A.size(0) == u.size(1),
+              "selective_scan: A must be (dim, N) float32");
+  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
+  TORCH_CHECK(N >= 1 && N <= 256, "selective_scan: N must be in [1, 256]");
+  const at::cuda::OptionalCUDAGuard guard(u.device());
+  ssm::SelectiveScanFwdParams p;
+  int64_t groups = 1;
+  for (const at::Tensor* M : {&B, &C}) {
+    if (M->dim() == 4) {
+      TORCH_CHECK(M->scalar_type() == u.scalar_type() && M->size(0) == batch && M->size(2) == N &&
+                  M->size(3) == L, "selective_scan: time-varying B/C must be (batch, G, N, L)");
+      groups = M->size(1);
+    } else {
+      TORCH_CHECK(M->dim() == 2 && M->scalar_type() == at::kFloat && M->size(0) == dim &&
+                  M->size(1) == N, "selective_scan: time-invariant B/C must be (dim, N) float32");
+    }
+  }
+  TORCH_CHECK(dim % groups == 0, "selective_scan: dim must be divisible by the groups");
+  const int64_t nseq = cu_seqlens.has_value() ? cu_seqlens->size(0) - 1 : batch;
+  TORCH_CHECK(nseq >= 1 && nseq <= 65535, "selective_scan: 1..65535 sequences per launch");
+  auto out = at::empty_like(u);
+  auto f32 = u.options().dtype(at::kFloat);
+  auto last = at::empty({nseq, dim, N}, f32);
+  auto ckpt = at::empty({ck_rows, dim, N}, f32);
+  p.u = u.data_ptr();
+  p.delta = delta.data_ptr();
+  p.out = out.data_ptr();
+  p.A = A.data_ptr<float>();
+  p.B = B.data_ptr();
+  p.C = C.data_ptr();
+  p.B_var = B.dim() == 4;
+  p.C_var = C.dim() == 4;
+  if (z.has_value()) { check_input(*z, "z"); p.z = z->data_ptr(); }
+  if (D.has_value()) { check_input(*D, "D"); p.D = D->data_ptr<float>(); }
+  if (delta_bias.has_value()) { check_input(*delta_bias, "delta_bias"); p.delta_bias = delta_bias->data_ptr<float>(); }
+  if (h0.has_value()) { check_input(*h0, "h0"); p.h0 = h0->data_ptr<float>(); }
+  if (cu_seqlens.has_value()) {
+    check_input(*cu_seqlens, "cu_seqlens");
+    TORCH_CHECK(cu_seqlens->scalar_type() == at::kInt, "selective_scan: cu_seqlens must be int32");
+    p.cu_seqlens = cu_seqlens->data_ptr<int32_t>();
+  }
+  if (ck_offsets.has_value()) { check_input(*ck_offsets, "ck_offsets"); p.ck_offsets = ck_offsets->data_ptr<int32_t>(); }
+  p.last = last.data_ptr<float>();
+  p.ckpt = ck_rows > 0 ? ckpt.data_ptr<float>() : nullptr;
+  p.batch = batch; p.dim = dim; p.L = L; p.N = N; p.groups = groups; p.nseq = nseq;
+  p.ck_len = static_cast<int>(ck_len);
+  p.ck_per_batch = (L + ck_len - 1) / ck_len;
+  p.softplus = softplus;
+  check_launch(ssm::selective_scan_fwd_cuda(p, dtype_of(u), at::cuda::getCurrentCUDAStream()),
+               "selective_scan_fwd");
+  return {out, last, ckpt};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -104,4 +176,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // ---- linear_scan
   m.def("linear_scan_fwd", &linear_scan_fwd, "linear_scan forward -> (h, final_state)");
   m.def("linear_scan_bwd", &linear_scan_bwd, "linear_scan backward -> (da, db, dh0)");
+  // ---- selective_scan
+  m.def("selective_scan_fwd", &selective_scan_fwd,
+        "selective_scan forward -> (out, last_state, checkpoints)");
 }

@@ -14,6 +14,9 @@ from ssm_kernels.testing import assert_close
 from conftest import DEVICE, kernel_backends
 
 BACKENDS = ["reference"] + kernel_backends()
+# the scan has a CUDA forward too (real A; its backward is the Triton kernel)
+SCAN_BACKENDS = ["reference"] + kernel_backends(with_cuda=True)
+SCAN_KERNELS = kernel_backends(with_cuda=True)
 GRAD_NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
 LOWP = (torch.float16, torch.bfloat16)
 
@@ -63,8 +66,14 @@ def run(fn, inp, softplus, cot, cu_seqlens=None, **kw):
     return dict(out=out, last_state=last, **{f"d{k}": g for k, g in zip(names, grads)})
 
 
+def _skip_unserved(backend, A):
+    if backend == "cuda" and A.is_complex():
+        pytest.skip("the CUDA forward is real-only (complex A runs on Triton, tested there)")
+
+
 def check(backend, inp, softplus=True, cu_seqlens=None):
     u, A = inp["u"], inp["A"]
+    _skip_unserved(backend, A)
     nseq = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     cot = (torch.randn(u.shape, dtype=torch.float64),
            torch.randn(nseq, u.shape[1], A.shape[1],
@@ -84,53 +93,53 @@ def check(backend, inp, softplus=True, cu_seqlens=None):
 
 # ---- forward and backward against the float64 reference --------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("D,z,bias,softplus", list(itertools.product([False, True], repeat=4)))
 def test_optional_features(backend, D, z, bias, softplus):
     check(backend, make_inputs(D=D, z=z, bias=bias, h0=D), softplus)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("cplx", [False, True], ids=["real", "complex"])
 @pytest.mark.parametrize("bc", ["const", "var", "group"])
 def test_bc_variants_and_complex(backend, cplx, bc):
     check(backend, make_inputs(cplx=cplx, bc=bc, groups=3, dim=6))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 def test_mixed_const_and_variable_bc(backend):
     inp = make_inputs(bc="group", groups=2)
     inp["B"] = torch.randn(inp["u"].shape[1], inp["A"].shape[1], device=DEVICE)  # B constant
     check(backend, inp)
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", SCAN_KERNELS)
 @pytest.mark.parametrize("L", [1, 7, 8, 9, 33])
 def test_odd_lengths(backend, L):
     check(backend, make_inputs(L=L, N=3, dim=5))
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", SCAN_KERNELS)
 @pytest.mark.parametrize("N", [1, 16, 17])
 def test_dstate_sizes(backend, N):
     check(backend, make_inputs(L=10, N=N, dim=3, batch=1))
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", SCAN_KERNELS)
 @pytest.mark.parametrize("dtype", LOWP)
 @pytest.mark.parametrize("cplx", [False, True], ids=["real", "complex"])
 def test_low_precision(backend, dtype, cplx):
     check(backend, make_inputs(dtype=dtype, cplx=cplx, L=11))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 def test_extreme_decays(backend):
     # a = exp(dt A) ~ 0 (state forgotten every step) and ~ 1 (no decay at all)
     check(backend, make_inputs(decay=(20.0, 40.0), dt_scale=2.0))
     check(backend, make_inputs(decay=(0.0, 1e-4), dt_scale=0.1), softplus=False)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 def test_without_state_or_grad(backend):
     """No initial state, last state not returned, forward under no_grad (no checkpoints saved)."""
     inp = make_inputs(h0=False)
@@ -142,7 +151,7 @@ def test_without_state_or_grad(backend):
     check(backend, inp)
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", SCAN_KERNELS)
 def test_non_contiguous_inputs(backend):
     inp = make_inputs(L=9)
     nc = {k: v if v is None or v.dim() < 2 else v.transpose(-1, -2).contiguous().transpose(-1, -2)
@@ -170,7 +179,7 @@ def test_sequential_forward_variant(cplx, monkeypatch):
 
 # ---- packed variable-length sequences ----------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("cplx", [False, True], ids=["real", "complex"])
 def test_varlen_against_reference(backend, cplx):
     cu = torch.tensor([0, 5, 6, 17, 20], dtype=torch.int32, device=DEVICE)
@@ -180,7 +189,7 @@ def test_varlen_against_reference(backend, cplx):
     check(backend, inp, cu_seqlens=cu)
 
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", SCAN_KERNELS)
 def test_varlen_against_loop_over_sequences(backend):
     bounds = [0, 9, 10, 19]
     cu = torch.tensor(bounds, dtype=torch.int64, device=DEVICE)
@@ -272,7 +281,7 @@ def test_step_state_batch_indices(backend):
 
 # ---- determinism, auto, opcheck, compile --------------------------------------------------------
 
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", SCAN_KERNELS)
 def test_backward_is_deterministic(backend):
     inp = make_inputs(bc="group", groups=2)
     cot = (torch.randn(inp["u"].shape, dtype=torch.float64), torch.randn(2, 6, 5, dtype=torch.float64))
@@ -289,7 +298,7 @@ def test_auto_takes_reference_for_float64():
     assert_close(out, sk.selective_scan_ref(*[inp[k] for k in GRAD_NAMES[:8]], True), dtype=torch.float64)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 def test_opcheck(backend):
     inp = make_inputs(L=6, N=3, dim=4)
     args = (inp["u"], inp["delta"], inp["A"], inp["B"].unsqueeze(1), inp["C"].unsqueeze(1),
@@ -302,9 +311,10 @@ def test_opcheck(backend):
     bargs = (*plain[:10], ck.detach(), torch.randn_like(out), torch.randn_like(last), True, backend)
     torch.library.opcheck(selective_scan_bwd_op, bargs)
     h = _headed_inputs()
+    step_backend = "triton" if backend == "cuda" else backend  # the decode step has no CUDA kernel
     torch.library.opcheck(selective_state_update_op,
                           (h["state"], h["x"], h["dt"], h["A"], h["B"], h["C"], h["D"], h["z"],
-                           h["dt_bias"], True, None, backend))
+                           h["dt_bias"], True, None, step_backend))
 
 
 def _compile_check(backend, device):
@@ -333,8 +343,9 @@ def test_compile_fullgraph_reference():
 
 
 @pytest.mark.gpu
-def test_compile_fullgraph_triton():
-    _compile_check("triton", DEVICE)
+@pytest.mark.parametrize("backend", SCAN_KERNELS)
+def test_compile_fullgraph_kernels(backend):
+    _compile_check(backend, DEVICE)
 
 
 # ---- bad input ------------------------------------------------------------------------------------
@@ -418,6 +429,7 @@ def test_device_mismatch():
 def check_fast(backend, inp, softplus=True, cu_seqlens=None):
     """check() with the float64 reference on the GPU (the CPU loop is too slow at real sizes)."""
     u, A = inp["u"], inp["A"]
+    _skip_unserved(backend, A)
     nseq = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     cot = (torch.randn(u.shape, dtype=torch.float64, device=DEVICE),
            torch.randn(nseq, u.shape[1], A.shape[1], device=DEVICE,
@@ -432,7 +444,7 @@ def check_fast(backend, inp, softplus=True, cu_seqlens=None):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", SCAN_KERNELS)
 @pytest.mark.parametrize("L", [1, 7, 127, 129, 2049, 4097])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gpu_lengths_and_dtypes(backend, L, dtype):
@@ -440,7 +452,7 @@ def test_gpu_lengths_and_dtypes(backend, L, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", SCAN_KERNELS)
 @pytest.mark.parametrize("cplx", [False, True], ids=["real", "complex"])
 @pytest.mark.parametrize("bc", ["const", "var", "group"])
 @pytest.mark.parametrize("N", [16, 64, 256])
@@ -459,7 +471,7 @@ def test_gpu_forward_variants(variant, cplx, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", SCAN_KERNELS)
 def test_gpu_varlen(backend):
     cu = torch.tensor([0, 1, 700, 2049, 3000], dtype=torch.int32, device=DEVICE)
     inp = make_inputs(batch=1, dim=64, L=3000, N=16, bc="group", groups=2)
@@ -468,7 +480,7 @@ def test_gpu_varlen(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", SCAN_KERNELS)
 def test_gpu_deterministic_real_size(backend):
     inp = make_inputs(batch=2, dim=1536, L=2048, N=16, dtype=torch.bfloat16, bc="var")
     cot = (torch.randn(inp["u"].shape, device=DEVICE), torch.randn(2, 1536, 16, device=DEVICE))
@@ -479,7 +491,7 @@ def test_gpu_deterministic_real_size(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("backend", SCAN_KERNELS)
 def test_gpu_long_sequence(backend):
     """seqlen 2^20 with one channel group: constant dt, so the state has a closed form checked at
     the end (a geometric series)."""
@@ -507,7 +519,7 @@ def test_gpu_past_int32_offsets():
     A = -torch.ones(dim, N, device=DEVICE)
     B = torch.ones(batch, N, L, device=DEVICE, dtype=torch.bfloat16)
     C = torch.ones_like(B)
-    for backend in kernel_backends():
+    for backend in SCAN_KERNELS:
         out, last = sk.selective_scan_fn(u, delta, A, B, C, return_last_state=True, backend=backend)
         fixed = 0.5 / (1 - torch.exp(torch.tensor(-0.5)))
         assert abs(last[-1, -1, -1].item() - fixed.item()) < 1e-4

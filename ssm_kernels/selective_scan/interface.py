@@ -16,7 +16,9 @@ _WEIGHTS = (torch.float32, torch.complex64)
 MAX_DSTATE = 256
 
 
-def _select(op: str, backend: str, u: Tensor, A: Tensor) -> str:
+def _select(op: str, backend: str, u: Tensor, A: Tensor, cu_seqlens=None,
+            cuda_fwd: bool = False) -> str:
+    """cuda_fwd: the call is the scan's forward (the one part with a CUDA kernel)."""
     def triton_ok():
         reason = _backend.triton_reason(u.device)
         if reason is None and (u.dtype not in _STORAGE or A.dtype not in _WEIGHTS):
@@ -24,7 +26,17 @@ def _select(op: str, backend: str, u: Tensor, A: Tensor) -> str:
                       f"and A in {_WEIGHTS})")
         return reason
 
-    return _backend.resolve(op, backend, {"triton": triton_ok, "reference": lambda: None})
+    def cuda_ok():
+        reason = _backend.cuda_reason(u.device)
+        if reason is None:
+            from .cuda import reason as cuda_reason
+            reason = cuda_reason(u, A, cu_seqlens)
+        return reason
+
+    supports = {"triton": triton_ok, "reference": lambda: None}
+    if cuda_fwd:
+        supports["cuda"] = cuda_ok
+    return _backend.resolve(op, backend, supports)
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -39,7 +51,11 @@ def selective_scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
                           h0: Optional[Tensor], cu_seqlens: Optional[Tensor], delta_softplus: bool,
                           save_ckpt: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     args = (u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, delta_softplus, save_ckpt)
-    if _select("selective_scan_fn", backend, u, A) == "triton":
+    chosen = _select("selective_scan_fn", backend, u, A, cu_seqlens, cuda_fwd=True)
+    if chosen == "cuda":
+        from .cuda import selective_scan_fwd
+        return selective_scan_fwd(*args)
+    if chosen == "triton":
         from .triton import selective_scan_fwd
         return selective_scan_fwd(*args)
     return selective_scan_fwd_ref(*args)
@@ -60,8 +76,9 @@ def selective_scan_bwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
                           h0: Optional[Tensor], cu_seqlens: Optional[Tensor], ckpt: Tensor,
                           dout: Tensor, dlast: Tensor, delta_softplus: bool,
                           backend: str) -> List[Tensor]:
-    """Gradients of (u, delta, A, B, C, D, z, delta_bias, h0); empty tensors for absent inputs."""
-    if _select("selective_scan_fn", backend, u, A) == "triton":
+    """Gradients of (u, delta, A, B, C, D, z, delta_bias, h0); empty tensors for absent inputs.
+    The cuda backend's backward is the Triton kernel (no CUDA backward yet)."""
+    if _select("selective_scan_fn", "triton" if backend == "cuda" else backend, u, A) == "triton":
         from .triton import selective_scan_bwd
         grads = selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt,
                                    dout, dlast, delta_softplus)
@@ -230,8 +247,9 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
             (complex64 for complex A), differentiable. Default zeros.
         cu_seqlens: (nseq + 1,) int32/int64 offsets of sequences packed along seqlen (batch must
             be 1); the state restarts (from initial_state[s]) at every boundary.
-        backend: None (env SSM_KERNELS_BACKEND, default "auto"), "auto", "triton" or
-            "reference". An explicit backend that cannot serve the call raises.
+        backend: None (env SSM_KERNELS_BACKEND, default "auto"), "auto", "cuda" (real A; a
+            hand-written forward, its backward runs the Triton kernel), "triton" or "reference".
+            An explicit backend that cannot serve the call raises.
 
     Returns:
         out (batch, dim, seqlen) in u's dtype, or (out, last_state) with last_state
