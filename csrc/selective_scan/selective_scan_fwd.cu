@@ -150,8 +150,13 @@ cudaError_t launch(const SelectiveScanFwdParams& p, cudaStream_t stream) {
   int tpc = 1;  // threads per channel: a power of two covering N / kNPT, at most one warp
   while (tpc * kNPT < p.N) tpc <<= 1;
   const int kD = kThreads / tpc;
-  const int chunk = p.N <= 32 ? 64 : (p.N <= 128 ? 32 : 16);
-  const size_t smem = sizeof(float) * static_cast<size_t>(chunk + 1) * (4 * kD + 2 * tpc * kNPT);
+  // the longest time chunk (<= 64) whose tiles fit the default 48 KiB of dynamic shared memory
+  auto smem_for = [&](int chunk) {
+    return sizeof(float) * static_cast<size_t>(chunk + 1) * (4 * kD + 2 * tpc * kNPT);
+  };
+  int chunk = 64;
+  while (chunk > 8 && smem_for(chunk) > 48 * 1024) chunk >>= 1;
+  const size_t smem = smem_for(chunk);
   const int64_t DG = p.dim / p.groups;
   dim3 grid(static_cast<unsigned>((DG + kD - 1) / kD), static_cast<unsigned>(p.groups),
             static_cast<unsigned>(p.nseq));
