@@ -140,6 +140,8 @@ def gate_grad_magnitude(ref, q, name):
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("T,K,V", [(1, 16, 16), (63, 60, 20), (64, 16, 60), (65, 20, 16)])
 def test_chunk_matches_recurrence(backend, gate, T, K, V):
+    if backend == "reference" and T in (63, 64):
+        pytest.skip("the reference backend's chunking is covered at T = 1 and 65 (CPU time)")
     compare_to_reference(backend, gate, 2 if T < 8 else 1, T, 2, K, V)
 
 

@@ -14,8 +14,7 @@ The shared chunk stages are `@triton.jit` functions, written once and selected b
 Three kernels use them: the forward (o, final state), the backward's forward-direction pass (dq,
 which needs the running state) and its reverse pass (dk, dv, dS carried right to left, dh0). The
 log-decay gradient needs no kernel of its own: with G the cumulative log-decay,
-dG_t = q_t dq_t - k_t dk_t (+ dS_T . S_T at the last step), and dg is its reverse cumsum per
-sequence (`seq_cumsum`).
+dG_t = q_t dq_t - k_t dk_t, and dg is its reverse cumsum (`_chunk_decay_grad_kernel`).
 
 Every exponent is a difference G_i - G_j with i >= j inside one chunk (<= 0), so decays of -20
 per step underflow to exact zeros instead of overflowing. For per-key decays the intra-chunk
@@ -233,7 +232,7 @@ def chunk_state_update(S, k, v, G, G_last, GATE: tl.constexpr, DT: tl.constexpr,
 @triton.jit
 def chunk_output(q, k, v, S, G, o_t, GATE: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr,
                  DT: tl.constexpr, IEEE: tl.constexpr):
-    """o = (q exp(G)) S_prev + A v with A the decayed causal scores (q already scaled)."""
+    """o = (q exp(G)) S_prev + A v with A the decayed causal scores (the caller applies scale)."""
     A = chunk_scores(q, k, G, o_t, GATE, BT, SUB, DT, IEEE)
     return mm(decay_rows(q, G, GATE), S, DT, IEEE) + mm(A, v, DT, IEEE)
 
@@ -251,6 +250,16 @@ def program_tiles(cu_ptr, T, H, K, V, IS_VARLEN: tl.constexpr, BK: tl.constexpr,
     p_s = (i_nh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
     m_s = m_k[:, None] & m_v[None, :]
     return i_v, i_h, bos, eos, o_k, o_v, m_k, m_v, p_s, m_s
+
+
+@triton.jit
+def chunk_base(co_ptr, i_n, T, IS_VARLEN: tl.constexpr, BT: tl.constexpr):
+    """Global index of sequence i_n's first chunk (chunks of all sequences numbered in order)."""
+    if IS_VARLEN:
+        base = tl.load(co_ptr + i_n).to(tl.int64)
+    else:
+        base = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    return base
 
 
 @triton.jit
@@ -297,8 +306,9 @@ def _fwd_kernel(
         G = chunk_log_decay_cumsum(g_ptr, row, m_t, o_k, m_k, K, GATE, BT)
         G_last = last_row(G, o_t, GATE, BT)
         if not STATE_ONLY:
-            b_q = _load_rows(q_ptr, row, m_t, o_k, m_k, K) * scale
-            b_o = chunk_output(b_q, b_k, b_v, S, G, o_t, GATE, BT, SUB, DT, IEEE)
+            # q unscaled into the matmuls (16-bit operands stay exact), the scale on the result
+            b_q = _load_rows(q_ptr, row, m_t, o_k, m_k, K)
+            b_o = chunk_output(b_q, b_k, b_v, S, G, o_t, GATE, BT, SUB, DT, IEEE) * scale
             tl.store(o_ptr + row[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
                      mask=m_t[:, None] & m_v[None, :])
         S = chunk_state_update(S, b_k, b_v, G, G_last, GATE, DT, IEEE)
@@ -307,10 +317,11 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    # pointers: k [tok, H, K]; v, do [tok, H, V]; g; h0; output dq partial [NV, tok, H, K] f32
-    k_ptr, v_ptr, do_ptr, g_ptr, h0_ptr, dq_ptr, cu_ptr,
+    # pointers: k [tok, H, K]; v, do [tok, H, V]; g; h0; output dq partial [NV, tok, H, K] f32;
+    # hs [chunks, H, K, V] f32: the state at every chunk end (STORE_STATES); co: chunk offsets
+    k_ptr, v_ptr, do_ptr, g_ptr, h0_ptr, dq_ptr, hs_ptr, cu_ptr, co_ptr,
     T, TOK, H, K, V, scale,
-    GATE: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    GATE: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_STATES: tl.constexpr,
     BT: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -320,6 +331,7 @@ def _bwd_dq_kernel(
     o_t = tl.arange(0, BT)
     S = load_state(h0_ptr, p_s, m_s, HAS_H0, BK, BV)
     dq_base = dq_ptr + i_v.to(tl.int64) * TOK * H * K
+    c_first = chunk_base(co_ptr, tl.program_id(1) // H, T, IS_VARLEN, BT)
     for c0 in range(bos, eos, BT):
         t = c0 + o_t
         m_t = t < eos
@@ -338,15 +350,19 @@ def _bwd_dq_kernel(
         tl.store(dq_base + row[:, None] * K + o_k[None, :], b_dq * scale,
                  mask=m_t[:, None] & m_k[None, :])
         S = chunk_state_update(S, b_k, b_v, G, G_last, GATE, DT, IEEE)
+        if STORE_STATES:
+            i_c = c_first + (c0 - bos) // BT
+            tl.store(hs_ptr + ((i_c * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], S, mask=m_s)
 
 
 @triton.jit
 def _bwd_dkv_kernel(
     # pointers: q, k [tok, H, K]; v, do [tok, H, V]; g; dht [N, H, K, V] f32;
-    # outputs dk partial [NV, tok, H, K] f32, dv [tok, H, V], dh0 [N, H, K, V] f32
-    q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, dht_ptr, dk_ptr, dv_ptr, dh0_ptr, cu_ptr,
-    T, TOK, H, K, V, scale,
-    GATE: tl.constexpr, IS_VARLEN: tl.constexpr, STATE_ONLY: tl.constexpr,
+    # outputs dk partial [NV, tok, H, K] f32, dv [tok, H, V], dh0 [N, H, K, V] f32;
+    # DECAY_GRAD: hs [chunks, H, K, V] the chunk-end states, r [NV, chunks, H, K] f32 output
+    q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, dht_ptr, dk_ptr, dv_ptr, dh0_ptr, hs_ptr, r_ptr, cu_ptr,
+    co_ptr, T, TOK, NCH, H, K, V, scale,
+    GATE: tl.constexpr, IS_VARLEN: tl.constexpr, STATE_ONLY: tl.constexpr, DECAY_GRAD: tl.constexpr,
     BT: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -355,38 +371,48 @@ def _bwd_dkv_kernel(
     #   dv_j = (k_j exp(G_last - G_j)) dS + sum_{i>=j} A_ij do_i
     #   dk_j = exp(G_last - G_j) (v_j dS^T) + sum_{i>=j} (do_i . v_j) q_i exp(G_i - G_j)
     #   dS  <- exp(G_last) dS + (q exp(G))^T do
+    # DECAY_GRAD: r_c = sum_v dS (.) S_end, dS and S at the chunk end: the log-decay gradient of
+    # everything after chunk c (so dg needs only a cumsum inside each chunk, see chunk_decay_grad)
     i_v, i_h, bos, eos, o_k, o_v, m_k, m_v, p_s, m_s = program_tiles(cu_ptr, T, H, K, V, IS_VARLEN,
                                                                      BK, BV)
     o_t = tl.arange(0, BT)
     dS = tl.load(dht_ptr + p_s, mask=m_s, other=0.).to(tl.float32)
     dk_base = dk_ptr + i_v.to(tl.int64) * TOK * H * K
+    c_first = chunk_base(co_ptr, tl.program_id(1) // H, T, IS_VARLEN, BT)
     n_chunks = tl.cdiv(eos - bos, BT)
     for i_c in range(0, n_chunks):
         t = bos + (n_chunks - 1 - i_c) * BT + o_t
+        if DECAY_GRAD:
+            i_g = c_first + n_chunks - 1 - i_c
+            S_end = tl.load(hs_ptr + ((i_g * H + i_h) * K + o_k[:, None]) * V + o_v[None, :],
+                            mask=m_s, other=0.)
+            tl.store(r_ptr + ((i_v.to(tl.int64) * NCH + i_g) * H + i_h) * K + o_k,
+                     tl.sum(dS * S_end, axis=1), mask=m_k)
         m_t = t < eos
         row = t * H + i_h
-        b_q = _load_rows(q_ptr, row, m_t, o_k, m_k, K) * scale
+        b_q = _load_rows(q_ptr, row, m_t, o_k, m_k, K)     # unscaled: the scale goes on results
         b_do = _load_rows(do_ptr, row, m_t, o_v, m_v, V)
         G = chunk_log_decay_cumsum(g_ptr, row, m_t, o_k, m_k, K, GATE, BT)
         G_last = last_row(G, o_t, GATE, BT)
         if not STATE_ONLY:
             b_k = _load_rows(k_ptr, row, m_t, o_k, m_k, K)
             b_v = _load_rows(v_ptr, row, m_t, o_v, m_v, V)
-            A = chunk_scores(b_q, b_k, G, o_t, GATE, BT, SUB, DT, IEEE)
+            A = chunk_scores(b_q, b_k, G, o_t, GATE, BT, SUB, DT, IEEE) * scale
             b_dv = (mm(decay_to_end(b_k, G, G_last, GATE), dS, DT, IEEE)
                     + mm(tl.trans(A), b_do, DT, IEEE))
             b_dk = decay_to_end(mm(b_v, tl.trans(dS), DT, IEEE), G, G_last, GATE)
             if GATE == 2:
                 b_dk += gla_apply_t(mm(b_do, tl.trans(b_v), DT, IEEE), b_q, G, o_t, BT, SUB, DT,
-                                    IEEE)
+                                    IEEE) * scale
             else:
                 D = chunk_scores(b_do, b_v, G, o_t, GATE, BT, SUB, DT, IEEE)
-                b_dk += mm(tl.trans(D), b_q, DT, IEEE)
+                b_dk += mm(tl.trans(D), b_q, DT, IEEE) * scale
             tl.store(dv_ptr + row[:, None] * V + o_v[None, :], b_dv.to(dv_ptr.dtype.element_ty),
                      mask=m_t[:, None] & m_v[None, :])
             tl.store(dk_base + row[:, None] * K + o_k[None, :], b_dk,
                      mask=m_t[:, None] & m_k[None, :])
-        dS = decay_state(dS, G_last, GATE) + mm(tl.trans(decay_rows(b_q, G, GATE)), b_do, DT, IEEE)
+        dS = (decay_state(dS, G_last, GATE)
+              + mm(tl.trans(decay_rows(b_q, G, GATE)), b_do, DT, IEEE) * scale)
     tl.store(dh0_ptr + p_s, dS, mask=m_s)
 
 
@@ -419,34 +445,26 @@ def _recurrent_fwd_kernel(
 
 
 @triton.jit
-def _seq_cumsum_kernel(
-    # x, y: [tok, D] float32 (y = cumsum of x along tokens, per sequence); cu [N + 1]
-    x_ptr, y_ptr, cu_ptr, T, D,
-    REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+def _chunk_decay_grad_kernel(
+    # x: dG [tok, D] f32 (D = H or H*K); r: [chunks, D] f32 (r_c of every chunk); y: dg [tok, D]
+    x_ptr, r_ptr, y_ptr, cu_ptr, co_ptr, T, D,
+    IS_VARLEN: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
 ):
+    # dg_t = sum_{s >= t in t's chunk} dG_s + r_chunk: rounding errors never travel past a chunk
     i_d, i_n = tl.program_id(0), tl.program_id(1)
     bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
+    c_first = chunk_base(co_ptr, i_n, T, IS_VARLEN, BT)
     o_t = tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
     m_d = o_d < D
-    carry = tl.zeros([BD], dtype=tl.float32)
-    n_tiles = tl.cdiv(eos - bos, BT)
-    for i in range(0, n_tiles):
-        if REVERSE:
-            t = bos + (n_tiles - 1 - i) * BT + o_t
-        else:
-            t = bos + i * BT + o_t
+    for i_c in range(0, tl.cdiv(eos - bos, BT)):
+        t = bos + i_c * BT + o_t
         m = (t < eos)[:, None] & m_d[None, :]
         p = t[:, None] * D + o_d[None, :]
         x = tl.load(x_ptr + p, mask=m, other=0.)
-        c = tl.cumsum(x, axis=0)
-        tot = tl.sum(x, axis=0)
-        if REVERSE:
-            y = tot[None, :] - c + x + carry[None, :]
-        else:
-            y = c + carry[None, :]
+        r = tl.load(r_ptr + (c_first + i_c) * D + o_d, mask=m_d, other=0.)
+        y = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x + r[None, :]
         tl.store(y_ptr + p, y, mask=m)
-        carry += tot
 
 
 # ---- launchers ---------------------------------------------------------------------------------
@@ -598,39 +616,40 @@ def recurrent_fwd(q, k, v, g, h0, cu_seqlens, scale) -> Tuple[torch.Tensor, torc
     return o, ht
 
 
-def seq_cumsum(x: torch.Tensor, cu_seqlens: Optional[torch.Tensor], reverse: bool) -> torch.Tensor:
-    """Per-sequence cumulative sum along tokens of float32 x [B, T, *] (packed when cu_seqlens)."""
-    B, T = x.shape[:2]
-    D = x[0, 0].numel()
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    y = torch.empty_like(x)
-    BD = min(128, max(16, triton.next_power_of_2(D)))
-    _seq_cumsum_kernel[(triton.cdiv(D, BD), N)](
-        x, y, _dummy(x) if cu_seqlens is None else cu_seqlens, T, D,
-        REVERSE=reverse, IS_VARLEN=cu_seqlens is not None, BT=32, BD=BD)
-    return y
+def _chunk_offsets(cu, BT):
+    """Index of every sequence's first chunk when all sequences' chunks are numbered in order."""
+    n = (cu[1:] - cu[:-1] + BT - 1) // BT
+    return (torch.cumsum(n, 0) - n).to(torch.int32)
 
 
 def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, ht, do, dht):
     """Backward of `chunk_fwd`. ht: its final state; do [B, T, H, V]; dht [N, H, K, V] float32.
-    Returns (dq, dk, dv in the input dtype, dg float32 like g (or None), dh0 float32 [N, H, K, V])."""
+    Returns (dq, dk, dv in the input dtype, dg float32 like g (or None), dh0 float32 [N, H, K, V]).
+
+    dg: dG_t = q_t dq_t - k_t dk_t is the gradient of the cumulative log-decay, so dg is its reverse
+    cumsum; summed over a whole sequence the rounding errors of dq, dk would add up (sqrt(T) times
+    a 16-bit rounding), so the cumsum runs inside each chunk only and everything after the chunk
+    enters exactly through r_c = sum_v dS (.) S at the chunk end (the dq pass stores the chunk-end
+    states S, the reverse pass has dS)."""
     B, T, H, K, V, N, meta = _common(q, v, g, cu_seqlens)
+    BT = meta["BT"]
     NV = triton.cdiv(V, meta["BV"])
     TOK = B * T
     gg = _dummy(q) if g is None else g
-    S = _num_segments(B, T, H, NV, meta["BT"], q.device, cu_seqlens)
+    S = _num_segments(B, T, H, NV, BT, q.device, cu_seqlens)
     if S == 1:
         cu, NP, h0p, dhtp = cu_seqlens, N, h0, dht
     else:
-        cu, seg = _segment_plan(B, T, S, meta["BT"], q.device)
+        cu, seg = _segment_plan(B, T, S, BT, q.device)
         NP = B * S
         h0p, _, dec = _segment_initial_states(k, v, g, h0, cu, B, T, S, seg, meta)
         # every segment's local state gradient at its start (from zero at its end), then a scan
         # right to left gives the true gradient at every segment end
         loc = q.new_empty((NP, H, K, V), dtype=torch.float32)
         _bwd_dkv_kernel[(NV, NP * H)](q, k, v, do, gg, torch.zeros_like(loc), _dummy(loc), _dummy(v),
-                                      loc, cu, T, TOK, H, K, V, float(scale), IS_VARLEN=True,
-                                      STATE_ONLY=True, **meta)
+                                      loc, _dummy(loc), _dummy(loc), cu, _dummy(cu), T, TOK, 0, H,
+                                      K, V, float(scale), IS_VARLEN=True, STATE_ONLY=True,
+                                      DECAY_GRAD=False, **meta)
         loc = loc.view(B, S, H, K, V)
         d = dht
         ends = [None] * S
@@ -638,42 +657,40 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, ht, do, dht):
             ends[s] = d
             d = (d if dec is None else dec[:, s] * d) + loc[:, s]
         dhtp = torch.stack(ends, 1).view(NP, H, K, V)
+    gated = g is not None
+    # chunks numbered in order over all (segments of) sequences; same numbering split or not
+    NCH = B * triton.cdiv(T, BT) if cu_seqlens is None else TOK // BT + N
+    co = _dummy(ht) if cu is None else _chunk_offsets(cu, BT)
+    hs = q.new_empty((NCH, H, K, V), dtype=torch.float32) if gated else _dummy(ht)
+    r = q.new_empty((NV, NCH, H, K), dtype=torch.float32) if gated else _dummy(ht)
     grid = (NV, NP * H)
     cu_arg = _dummy(ht) if cu is None else cu
     dq_p = q.new_empty((NV, B, T, H, K), dtype=torch.float32)
     dk_p = q.new_empty((NV, B, T, H, K), dtype=torch.float32)
     dv = torch.empty_like(v)
     dh0 = q.new_empty((NP, H, K, V), dtype=torch.float32)
-    _bwd_dq_kernel[grid](k, v, do, gg, _dummy(ht) if h0p is None else h0p, dq_p, cu_arg,
+    _bwd_dq_kernel[grid](k, v, do, gg, _dummy(ht) if h0p is None else h0p, dq_p, hs, cu_arg, co,
                          T, TOK, H, K, V, float(scale), HAS_H0=h0p is not None,
-                         IS_VARLEN=cu is not None, **meta)
-    _bwd_dkv_kernel[grid](q, k, v, do, gg, dhtp.contiguous(), dk_p, dv, dh0, cu_arg,
-                          T, TOK, H, K, V, float(scale), IS_VARLEN=cu is not None,
-                          STATE_ONLY=False, **meta)
+                         IS_VARLEN=cu is not None, STORE_STATES=gated, **meta)
+    _bwd_dkv_kernel[grid](q, k, v, do, gg, dhtp.contiguous(), dk_p, dv, dh0, hs, r, cu_arg, co,
+                          T, TOK, NCH, H, K, V, float(scale), IS_VARLEN=cu is not None,
+                          STATE_ONLY=False, DECAY_GRAD=gated, **meta)
     if S > 1:
         dh0 = dh0.view(B, S, H, K, V)[:, 0].contiguous()
     dq = dq_p.sum(0) if NV > 1 else dq_p[0]
     dk = dk_p.sum(0) if NV > 1 else dk_p[0]
     dg = None
-    if g is not None:
-        dg = log_decay_grad(q, k, dq, dk, g, ht, dht, cu_seqlens,
-                            lambda x: seq_cumsum(x, cu_seqlens, reverse=True))
+    if gated:
+        dG = q.float() * dq - k.float() * dk                       # [B, T, H, K]
+        R = r.sum(0) if NV > 1 else r[0]                            # [chunks, H, K]
+        if g.dim() == 3:
+            dG, R = dG.sum(-1), R.sum(-1)
+        dG, R = dG.contiguous(), R.contiguous()
+        dg = torch.empty_like(dG)
+        D = dG[0, 0].numel()
+        BD = min(128, max(16, triton.next_power_of_2(D)))
+        _chunk_decay_grad_kernel[(triton.cdiv(D, BD), N)](
+            dG, R, dg, _dummy(ht) if cu_seqlens is None else cu_seqlens,
+            _dummy(ht) if cu_seqlens is None else _chunk_offsets(cu_seqlens, BT), T, D,
+            IS_VARLEN=cu_seqlens is not None, BT=BT, BD=BD)
     return dq.to(q.dtype), dk.to(k.dtype), dv, dg, dh0
-
-
-def log_decay_grad(q, k, dq, dk, g, ht, dht, cu_seqlens, rev_cumsum):
-    """dg from the other gradients: dG_t = q_t dq_t - k_t dk_t, plus dS_T . S_T at each
-    sequence's last step, reverse-cumsummed per sequence (rev_cumsum). Shapes follow g."""
-    dG = q.float() * dq.float() - k.float() * dk.float()          # [B, T, H, K]
-    fin = (dht.float() * ht.float()).sum(-1)                      # [N, H, K]
-    if g.dim() == 3:
-        dG, fin = dG.sum(-1), fin.sum(-1)
-    dG = dG.contiguous()
-    B, T = q.shape[:2]
-    if cu_seqlens is None:
-        dG[:, T - 1] += fin
-    else:
-        cu = cu_seqlens.long()
-        nonempty = (cu[1:] > cu[:-1]).to(fin.dtype).view(-1, *([1] * (fin.dim() - 1)))
-        dG[0].index_add_(0, (cu[1:] - 1).clamp(min=0), fin * nonempty)
-    return rev_cumsum(dG)
