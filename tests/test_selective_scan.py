@@ -588,3 +588,38 @@ def test_triton_kernels_compile_for_sm90():
     res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+
+try:  # a tiny kernel over the backward's combine function (module level: Triton resolves globals)
+    import triton
+    import triton.language as tl
+
+    from ssm_kernels.selective_scan.triton import _combine
+
+    @triton.jit
+    def _reverse_scan_kernel(a_ptr, b_ptr, ob_ptr, T: tl.constexpr):
+        o = tl.arange(0, T)
+        ra, rb = tl.associative_scan((tl.load(a_ptr + o), tl.load(b_ptr + o)), 0, _combine,
+                                     reverse=True)
+        tl.store(ob_ptr + o, rb)
+except ImportError:  # no Triton: the test below skips
+    _reverse_scan_kernel = None
+
+
+def test_reverse_associative_scan_order():
+    """The backward's adjoint relies on tl.associative_scan(reverse=True) calling combine(acc, cur)
+    with acc the already-scanned later elements (as for forward scans). A direct check, so a
+    different lowering shows up here rather than as wrong gradients."""
+    if "triton" not in kernel_backends():
+        pytest.skip("no Triton here")
+    T = 32
+    a = torch.rand(T, device=DEVICE) + 0.5
+    b = torch.randn(T, device=DEVICE)
+    ob = torch.empty_like(b)
+    _reverse_scan_kernel[(1,)](a, b, ob, T=T)
+    # g[t] = b[t] + a[t] * g[t+1] (g[T] = 0): the recurrence the adjoint runs
+    g, want = torch.zeros((), dtype=torch.float64), torch.empty(T, dtype=torch.float64)
+    for t in range(T - 1, -1, -1):
+        g = b[t].double().cpu() + a[t].double().cpu() * g
+        want[t] = g
+    torch.testing.assert_close(ob.cpu().double(), want, rtol=1e-5, atol=1e-5)
