@@ -39,10 +39,16 @@ from .._config import triton_interpret
 from .reference import EPS, feature_dim
 
 
+# Tiles, chosen from ptxas register/spill counts on sm_90 (bf16, K = 16 and 32): BT = 16 with 8
+# warps spills nothing in the forward and dq kernels and little in dkv; BT = 64 or 4 warps spill
+# kilobytes per thread. BLOCK_V = 16 halves the state slice per program (and doubles programs).
+BLOCK_V = 16
+
+
 def _configs():
     if triton_interpret():
         return [triton.Config({"BT": 16}, num_warps=4)]
-    return [triton.Config({"BT": bt}, num_warps=w) for bt in (16, 32, 64) for w in (4, 8)]
+    return [triton.Config({"BT": bt}, num_warps=8) for bt in (16, 32)]
 
 
 @triton.jit
@@ -66,30 +72,38 @@ def _seq_bounds(cu_ptr, i_n, T, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _load_qk(ptr, rows, i_h, H, K, c, o_k, o_a, m_t, m_k, m_a):
-    """q' = c q of a chunk [BT, KP] and its row-block columns [BT, BK1], float32."""
+def _load_qk(ptr, rows, i_h, H, K, o_k, m_t, m_k):
+    """A chunk of q or k [BT, KP] in its storage dtype (padded columns zero)."""
     base = (rows * H + i_h) * K
-    x = tl.load(ptr + base[:, None] + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
-    xa = tl.load(ptr + base[:, None] + o_a[None, :], mask=m_t[:, None] & m_a[None, :], other=0.0)
-    return x.to(tl.float32) * c, xa.to(tl.float32) * c
+    return tl.load(ptr + base[:, None] + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
 
 
 @triton.jit
-def _phi2(x, xa, BT: tl.constexpr, R: tl.constexpr):
-    """Second-order features of one row block: [BT, BK1] x [BT, KP] -> [BT, BK1*KP] / sqrt(2)."""
-    return tl.reshape(xa[:, :, None] * x[:, None, :], [BT, R]) * 0.7071067811865476
+def _onehot(idx, o_k, DT: tl.constexpr):
+    """[R, KP] selection matrix: row r picks column idx[r]."""
+    return (idx[:, None] == o_k[None, :]).to(DT)
 
 
 @triton.jit
-def _phi2_grad(g, x, xa, onehot, BT: tl.constexpr, BK1: tl.constexpr, KP: tl.constexpr):
-    """Gradient w.r.t. x of sum(g * phi2(x)) for one row block: g [BT, R] -> [BT, KP]."""
-    g3 = tl.reshape(g * 0.7071067811865476, [BT, BK1, KP])
-    dx = tl.sum(g3 * xa[:, :, None], 1)                       # d/dx_j of xa_i x_j
-    da = tl.sum(g3 * x[:, None, :], 2)                        # d/dxa_i, [BT, BK1]
-    if BK1 == KP:
-        dx += da
-    else:  # scatter the row block's columns into [BT, KP]
-        dx += tl.sum(da[:, :, None] * onehot[None, :, :], 1)
+def _pair(x, r_i, r_j, o_k, c, DT: tl.constexpr):
+    """(c x[:, r_i], c x[:, r_j]) [BT, R] for the program's second-order features, gathered by
+    one-hot dots (exact: one nonzero product per output)."""
+    xi = _dot(x, tl.trans(_onehot(r_i, o_k, DT)), DT) * c
+    xj = _dot(x, tl.trans(_onehot(r_j, o_k, DT)), DT) * c
+    return xi, xj
+
+
+@triton.jit
+def _phi2_grad(g, xi, xj, r_i, r_j, o_k, DT: tl.constexpr):
+    """Gradient w.r.t. x' of sum(g * x'_i x'_j / sqrt(2)) over the row block: g [BT, R] ->
+    [BT, KP] (scattered back by one-hot dots; tf32 for 16-bit inputs, ieee for float32)."""
+    g = g * 0.7071067811865476
+    if DT == tl.float32:
+        dx = tl.dot(g * xj, _onehot(r_i, o_k, tl.float32), input_precision="ieee")
+        dx = tl.dot(g * xi, _onehot(r_j, o_k, tl.float32), dx, input_precision="ieee")
+    else:
+        dx = tl.dot(g * xj, _onehot(r_i, o_k, tl.float32), input_precision="tf32")
+        dx = tl.dot(g * xi, _onehot(r_j, o_k, tl.float32), dx, input_precision="tf32")
     return dx
 
 
@@ -111,15 +125,13 @@ def _state_ptrs(h_ptr, i_nh, K, V, o_k, o_v, rows2):
 def _block_indices(i_v, i_s, K, V, BV: tl.constexpr, KP: tl.constexpr, BK1: tl.constexpr,
                    R: tl.constexpr):
     o_k = tl.arange(0, KP)
-    o_a = i_s * BK1 + tl.arange(0, BK1)
     o_v = i_v * BV + tl.arange(0, BV)
     o_r = tl.arange(0, R)
-    r_i = i_s * BK1 + o_r // KP
+    r_i = i_s * BK1 + o_r // KP   # second-order feature r of this row block is x_{r_i} x_{r_j}
     r_j = o_r % KP
     m_r = (r_i < K) & (r_j < K)
     rows2 = 1 + K + r_i * K + r_j
-    onehot = (o_a[:, None] == o_k[None, :]).to(tl.float32)
-    return o_k, o_a, o_v, m_r, rows2, onehot, o_k < K, o_a < K, o_v < V
+    return o_k, o_v, m_r, rows2, r_i, r_j, o_k < K, o_v < V
 
 
 @triton.jit
@@ -181,7 +193,7 @@ def _based_fwd_kernel(
     i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_ptr, i_n, T, VARLEN)
-    o_k, o_a, o_v, m_r, rows2, onehot, m_k, m_a, m_v = _block_indices(i_v, i_s, K, V, BV, KP, BK1, R)
+    o_k, o_v, m_r, rows2, r_i, r_j, m_k, m_v = _block_indices(i_v, i_s, K, V, BV, KP, BK1, R)
     first = i_s == 0
     s0, s1, s2, z0, z1, z2 = _load_state(h0_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r,
                                          HAS_H0, BV, KP, R)
@@ -190,12 +202,15 @@ def _based_fwd_kernel(
     for t0 in range(bos, eos, BT):
         rows = t0 + o_t
         m_t = rows < eos
-        b_q, b_qa = _load_qk(q_ptr, rows, i_h, H, K, c, o_k, o_a, m_t, m_k, m_a)
-        b_k, b_ka = _load_qk(k_ptr, rows, i_h, H, K, c, o_k, o_a, m_t, m_k, m_a)
+        x_q = _load_qk(q_ptr, rows, i_h, H, K, o_k, m_t, m_k)
+        x_k = _load_qk(k_ptr, rows, i_h, H, K, o_k, m_t, m_k)
+        b_q = x_q.to(tl.float32) * c
+        b_k = x_k.to(tl.float32) * c
         m_tv = m_t[:, None] & m_v[None, :]
         b_v = tl.load(v_ptr + (rows * H + i_h)[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
         if STORE_OUT:  # outputs read the state before this chunk; the chunk itself is intra
-            p2q = _phi2(b_q, b_qa, BT, R)
+            qi, qj = _pair(x_q, r_i, r_j, o_k, c, DT)
+            p2q = qi * qj * 0.7071067811865476
             b_o = _dot(p2q, s2, DTS)
             b_z = tl.sum(p2q * z2[None, :], 1)
             if first:
@@ -218,12 +233,21 @@ def _based_fwd_kernel(
             z1 += tl.sum(b_k, 0)
             s0 += tl.sum(b_v.to(tl.float32), 0)
             z0 += tl.minimum(eos - t0, BT).to(tl.float32)
-        p2k = _phi2(b_k, b_ka, BT, R)
+        ki, kj = _pair(x_k, r_i, r_j, o_k, c, DT)
+        p2k = ki * kj * 0.7071067811865476
         s2 += _dot(tl.trans(p2k), b_v, DT)
         z2 += tl.sum(p2k, 0)
     if STORE_FINAL:
         _store_state(hT_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r, i_v, i_s,
                      s0, s1, s2, z0, z1, z2)
+
+
+@triton.jit
+def _step_phi2(ptr, r_i, r_j, m_r, c):
+    """Second-order features [R] of one token's row block (gathered loads, cached)."""
+    xi = tl.load(ptr + r_i, mask=m_r, other=0.0).to(tl.float32)
+    xj = tl.load(ptr + r_j, mask=m_r, other=0.0).to(tl.float32)
+    return xi * xj * (c * c * 0.7071067811865476)
 
 
 @triton.jit
@@ -243,19 +267,19 @@ def _based_step_kernel(
     i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_ptr, i_n, T, VARLEN)
-    o_k, o_a, o_v, m_r, rows2, onehot, m_k, m_a, m_v = _block_indices(i_v, i_s, K, V, BV, KP, BK1, R)
+    o_k, o_v, m_r, rows2, r_i, r_j, m_k, m_v = _block_indices(i_v, i_s, K, V, BV, KP, BK1, R)
     first = i_s == 0
     s0, s1, s2, z0, z1, z2 = _load_state(h0_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r,
                                          HAS_H0, BV, KP, R)
     for t in range(bos, eos):
         p_t = t * H + i_h
         b_q = tl.load(q_ptr + p_t * K + o_k, mask=m_k, other=0.0).to(tl.float32) * c
-        b_qa = tl.load(q_ptr + p_t * K + o_a, mask=m_a, other=0.0).to(tl.float32) * c
+
         b_k = tl.load(k_ptr + p_t * K + o_k, mask=m_k, other=0.0).to(tl.float32) * c
-        b_ka = tl.load(k_ptr + p_t * K + o_a, mask=m_a, other=0.0).to(tl.float32) * c
+
         b_v = tl.load(v_ptr + p_t * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-        p2q = tl.reshape(b_qa[:, None] * b_q[None, :], [R]) * 0.7071067811865476
-        p2k = tl.reshape(b_ka[:, None] * b_k[None, :], [R]) * 0.7071067811865476
+        p2q = _step_phi2(q_ptr + p_t * K, r_i, r_j, m_r, c)
+        p2k = _step_phi2(k_ptr + p_t * K, r_i, r_j, m_r, c)
         s2 += p2k[:, None] * b_v[None, :]
         z2 += p2k
         b_o = tl.sum(p2q[:, None] * s2, 0)
@@ -331,7 +355,7 @@ def _based_bwd_dq_kernel(
     NV = tl.num_programs(0)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_ptr, i_n, T, VARLEN)
-    o_k, o_a, o_v, m_r, rows2, onehot, m_k, m_a, m_v = _block_indices(i_v, i_s, K, V, BV, KP, BK1, R)
+    o_k, o_v, m_r, rows2, r_i, r_j, m_k, m_v = _block_indices(i_v, i_s, K, V, BV, KP, BK1, R)
     first = i_s == 0
     _, s1, s2, _, z1, z2 = _load_state(h0_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r,
                                        HAS_H0, BV, KP, R)
@@ -342,15 +366,18 @@ def _based_bwd_dq_kernel(
     for t0 in range(bos, eos, BT):
         rows = t0 + o_t
         m_t = rows < eos
-        b_q, b_qa = _load_qk(q_ptr, rows, i_h, H, K, c, o_k, o_a, m_t, m_k, m_a)
-        b_k, b_ka = _load_qk(k_ptr, rows, i_h, H, K, c, o_k, o_a, m_t, m_k, m_a)
+        x_q = _load_qk(q_ptr, rows, i_h, H, K, o_k, m_t, m_k)
+        x_k = _load_qk(k_ptr, rows, i_h, H, K, o_k, m_t, m_k)
+        b_q = x_q.to(tl.float32) * c
+        b_k = x_k.to(tl.float32) * c
         m_tv = m_t[:, None] & m_v[None, :]
         p_v = (rows * H + i_h)[:, None] * V + o_v[None, :]
         b_v = tl.load(v_ptr + p_v, mask=m_tv, other=0.0)
         b_do, b_dz = _load_do(do_ptr, z_ptr, dz_ptr, p_v, rows * H + i_h, m_tv, m_t, USE_NORM, BT)
         b_dz = b_dz * w_z
         g2 = _dot(b_do, tl.trans(s2), DTS) + b_dz[:, None] * z2[None, :]
-        b_dq = _phi2_grad(g2, b_q, b_qa, onehot, BT, BK1, KP)
+        qi, qj = _pair(x_q, r_i, r_j, o_k, c, DT)
+        b_dq = _phi2_grad(g2, qi, qj, r_i, r_j, o_k, DT)
         if first:
             a = _dot(b_q, tl.trans(b_k), DT)
             dA = _dot(b_do, tl.trans(b_v), DT) + b_dz[:, None]
@@ -358,7 +385,8 @@ def _based_bwd_dq_kernel(
             b_dq += _dot(da, b_k, DT) + _dot(b_do, tl.trans(s1), DTS) + b_dz[:, None] * z1[None, :]
             s1 += _dot(tl.trans(b_k), b_v, DT)
             z1 += tl.sum(b_k, 0)
-        p2k = _phi2(b_k, b_ka, BT, R)
+        ki, kj = _pair(x_k, r_i, r_j, o_k, c, DT)
+        p2k = ki * kj * 0.7071067811865476
         s2 += _dot(tl.trans(p2k), b_v, DT)
         z2 += tl.sum(p2k, 0)
         tl.store(p_part + (rows * H + i_h)[:, None] * K + o_k[None, :], b_dq * c,
@@ -388,7 +416,7 @@ def _based_bwd_dkv_kernel(
     NV = tl.num_programs(0)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = _seq_bounds(cu_ptr, i_n, T, VARLEN)
-    o_k, o_a, o_v, m_r, rows2, onehot, m_k, m_a, m_v = _block_indices(i_v, i_s, K, V, BV, KP, BK1, R)
+    o_k, o_v, m_r, rows2, r_i, r_j, m_k, m_v = _block_indices(i_v, i_s, K, V, BV, KP, BK1, R)
     first = i_s == 0
     d0, d1, d2, dz0, dz1, dz2 = _load_state(dhT_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r,
                                             HAS_DHT, BV, KP, R)
@@ -402,17 +430,20 @@ def _based_bwd_dkv_kernel(
         t0 = bos + (n_chunks - 1 - i_c) * BT
         rows = t0 + o_t
         m_t = rows < eos
-        b_q, b_qa = _load_qk(q_ptr, rows, i_h, H, K, c, o_k, o_a, m_t, m_k, m_a)
-        b_k, b_ka = _load_qk(k_ptr, rows, i_h, H, K, c, o_k, o_a, m_t, m_k, m_a)
+        x_q = _load_qk(q_ptr, rows, i_h, H, K, o_k, m_t, m_k)
+        x_k = _load_qk(k_ptr, rows, i_h, H, K, o_k, m_t, m_k)
+        b_q = x_q.to(tl.float32) * c
+        b_k = x_k.to(tl.float32) * c
         m_tv = m_t[:, None] & m_v[None, :]
         p_v = (rows * H + i_h)[:, None] * V + o_v[None, :]
         b_v = tl.load(v_ptr + p_v, mask=m_tv, other=0.0)
         b_do, b_dz = _load_do(do_ptr, z_ptr, dz_ptr, p_v, rows * H + i_h, m_tv, m_t, USE_NORM, BT)
         if STORE_OUT:  # dk, dv read dS after this chunk; the chunk itself is intra
-            p2k = _phi2(b_k, b_ka, BT, R)
+            ki, kj = _pair(x_k, r_i, r_j, o_k, c, DT)
+            p2k = ki * kj * 0.7071067811865476
             # through the state after this chunk: d phi(k_j) = dS [v_j, 1]
             g2 = _dot(b_v, tl.trans(d2), DTS) + w_z * dz2[None, :]
-            b_dk = _phi2_grad(g2, b_k, b_ka, onehot, BT, BK1, KP)
+            b_dk = _phi2_grad(g2, ki, kj, r_i, r_j, o_k, DT)
             b_dv = _dot(p2k, d2, DTS)
             if first:
                 aT = _dot(b_k, tl.trans(b_q), DT)                             # [j, i]
@@ -429,7 +460,8 @@ def _based_bwd_dkv_kernel(
             dz1 += tl.sum(b_q * b_dz[:, None], 0)
             d0 += tl.sum(b_do, 0)
             dz0 += tl.sum(b_dz, 0)
-        p2q = _phi2(b_q, b_qa, BT, R)
+        qi, qj = _pair(x_q, r_i, r_j, o_k, c, DT)
+        p2q = qi * qj * 0.7071067811865476
         d2 += _dot(tl.trans(p2q), b_do, DT)
         dz2 += tl.sum(p2q * b_dz[:, None], 0)
     if STORE_DH0:
@@ -443,7 +475,7 @@ def _tiling(K: int, V: int):
     KP = max(16, triton.next_power_of_2(K))
     BK1 = max(1, min(KP, 256 // KP))
     NS = KP // BK1
-    BV = 16 if triton_interpret() else min(32, max(16, triton.next_power_of_2(V)))
+    BV = 16 if triton_interpret() else min(BLOCK_V, max(16, triton.next_power_of_2(V)))
     return KP, BK1, NS, BV, triton.cdiv(V, BV)
 
 
