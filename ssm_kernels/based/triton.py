@@ -499,8 +499,9 @@ def _dims(q, v, cu_seqlens):
 # Long dense sequences are split into segments of SEGMENT_LEN tokens so that more programs run
 # at once: one pass computes each segment's state increment, a cumsum over segments gives every
 # segment's initial state, and the main kernel runs the segments as independent sequences
-# (the backward does the same with state gradients). None: chosen from the SM count so that about
-# two programs per SM run; 0 disables. A tuning knob (tests set small values on the CPU).
+# (the backward does the same with state gradients). None: when fewer programs than SMs would
+# run, cut into segments for about two programs per SM; 0 disables. A tuning knob (tests set
+# small values on the CPU).
 SEGMENT_LEN = None
 _SEGMENT_MIN = 512
 
@@ -511,7 +512,7 @@ def _segment_len(T: int, programs: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if programs >= 2 * sms:
+    if programs >= sms:  # one 8-warp program fills an SM's registers: a full wave already
         return 0
     seg = max(_SEGMENT_MIN, triton.cdiv(triton.cdiv(T, triton.cdiv(2 * sms, programs)), 64) * 64)
     return seg if seg < T else 0
