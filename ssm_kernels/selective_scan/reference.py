@@ -42,7 +42,7 @@ def chunk_len(dstate: int) -> int:
     fake kernel agree on it, so the saved tensor has one shape)."""
     if triton_interpret():
         return 8
-    return 32 if dstate <= 16 else (16 if dstate <= 64 else 8)
+    return 64 if dstate <= 16 else (32 if dstate <= 64 else (16 if dstate <= 128 else 8))
 
 
 def _as_complex_time(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
