@@ -55,9 +55,13 @@ def seq_span(i_n, cu_ptr, T, IS_VARLEN: tl.constexpr):
 
 @triton.jit
 def mm(a, b, DT: tl.constexpr, IEEE: tl.constexpr):
-    """a @ b on tensor cores with operands cast to DT (float32 accumulation); IEEE: exact fp32."""
-    if IEEE:
-        return tl.dot(a.to(DT), b.to(DT), input_precision="ieee")
+    """a @ b with operands rounded to DT and float32 accumulation. IEEE: 0 tensor cores on DT
+    operands; 1 exact fp32 products (float32 inputs); 2 DT-rounded operands multiplied in fp32
+    (the interpreter's stand-in for 16-bit tensor cores, whose bf16 dot is broken there)."""
+    if IEEE == 1:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE == 2:
+        return tl.dot(a.to(DT).to(tl.float32), b.to(DT).to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a.to(DT), b.to(DT))
 
@@ -495,10 +499,10 @@ def _common(q, v, g, cu_seqlens):
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     gate = _gate_mode(g)
     BT, SUB, BK, BV, warps = _blocks(K, V, gate)
-    dt = torch.float32 if (q.dtype == torch.float32 or triton_interpret()) else q.dtype
+    ieee = 1 if q.dtype == torch.float32 else (2 if triton_interpret() else 0)
     # software pipelining buffers whole tiles in shared memory: fewer stages for big/fp32 tiles
     stages = 1 if (q.dtype == torch.float32 or BK > 128) else 2
-    meta = dict(GATE=gate, BT=BT, SUB=SUB, BK=BK, BV=BV, DT=_TL_DTYPE[dt], IEEE=q.dtype == torch.float32,
+    meta = dict(GATE=gate, BT=BT, SUB=SUB, BK=BK, BV=BV, DT=_TL_DTYPE[q.dtype], IEEE=ieee,
                 num_warps=warps, num_stages=stages)
     return B, T, H, K, V, N, meta
 
