@@ -443,18 +443,26 @@ def check_fast(backend, inp, softplus=True, cu_seqlens=None):
                      name=f"{backend} {k}")
 
 
+# (the float64 reference is a Python loop over time: GPU cases are chosen to keep the whole file
+# within a couple of minutes)
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", SCAN_KERNELS)
 @pytest.mark.parametrize("L", [1, 7, 127, 129, 2049, 4097])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_gpu_lengths_and_dtypes(backend, L, dtype):
-    check_fast(backend, make_inputs(batch=2, dim=64, L=L, N=16, dtype=dtype, bc="group", groups=2))
+def test_gpu_lengths(backend, L):
+    check_fast(backend, make_inputs(batch=2, dim=64, L=L, N=16, bc="group", groups=2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", SCAN_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_low_precision(backend, dtype):
+    check_fast(backend, make_inputs(batch=2, dim=64, L=2049, N=16, dtype=dtype, bc="var"))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", SCAN_KERNELS)
 @pytest.mark.parametrize("cplx", [False, True], ids=["real", "complex"])
-@pytest.mark.parametrize("bc", ["const", "var", "group"])
+@pytest.mark.parametrize("bc", ["const", "group"])
 @pytest.mark.parametrize("N", [16, 64, 256])
 def test_gpu_variants(backend, cplx, bc, N):
     check_fast(backend, make_inputs(batch=2, dim=48, L=300, N=N, cplx=cplx, bc=bc, groups=3))
