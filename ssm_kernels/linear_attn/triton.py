@@ -14,7 +14,7 @@ The shared chunk stages are `@triton.jit` functions, written once and selected b
 Three kernels use them: the forward (o, final state), the backward's forward-direction pass (dq,
 which needs the running state) and its reverse pass (dk, dv, dS carried right to left, dh0). The
 log-decay gradient needs no kernel of its own: with G the cumulative log-decay,
-dG_t = q_t dq_t - k_t dk_t, and dg is its reverse cumsum (`_chunk_decay_grad_kernel`).
+dG_t = q_t dq_t - k_t dk_t, and dg is its reverse cumsum (`_bwd_finish_kernel`).
 
 Every exponent is a difference G_i - G_j with i >= j inside one chunk (<= 0), so decays of -20
 per step underflow to exact zeros instead of overflowing. For per-key decays the intra-chunk
@@ -449,26 +449,55 @@ def _recurrent_fwd_kernel(
 
 
 @triton.jit
-def _chunk_decay_grad_kernel(
-    # x: dG [tok, D] f32 (D = H or H*K); r: [chunks, D] f32 (r_c of every chunk); y: dg [tok, D]
-    x_ptr, r_ptr, y_ptr, cu_ptr, co_ptr, T, D,
-    IS_VARLEN: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+def _bwd_finish_kernel(
+    # q, k [tok, H, K]; dq_p, dk_p [NV, tok, H, K] f32 partials (one per V tile); r [chunks, H]
+    # (GATE 1) or [chunks, H, K] (GATE 2) f32; outputs dq, dk [tok, H, K], dg [tok, H(, K)] f32
+    q_ptr, k_ptr, dqp_ptr, dkp_ptr, r_ptr, dq_ptr, dk_ptr, dg_ptr, cu_ptr, co_ptr,
+    T, H, K, NV, nv_stride,
+    GATE: tl.constexpr, IS_VARLEN: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):
-    # dg_t = sum_{s >= t in t's chunk} dG_s + r_chunk: rounding errors never travel past a chunk
-    i_d, i_n = tl.program_id(0), tl.program_id(1)
+    # dq, dk = sums of the V-tile partials; with a gate, dG = q dq - k dk (summed over K for a
+    # scalar gate) and dg_t = sum_{s >= t in t's chunk} dG_s + r_chunk, so rounding errors never
+    # travel past a chunk (r_c, the gradient of everything after chunk c, is exact)
+    i_c, i_n = tl.program_id(0), tl.program_id(1)
     bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
     c_first = chunk_base(co_ptr, i_n, T, IS_VARLEN, BT)
+    D = H * K
     o_t = tl.arange(0, BT)
-    o_d = i_d * BD + tl.arange(0, BD)
-    m_d = o_d < D
-    for i_c in range(0, tl.cdiv(eos - bos, BT)):
-        t = bos + i_c * BT + o_t
-        m = (t < eos)[:, None] & m_d[None, :]
-        p = t[:, None] * D + o_d[None, :]
-        x = tl.load(x_ptr + p, mask=m, other=0.)
-        r = tl.load(r_ptr + (c_first + i_c) * D + o_d, mask=m_d, other=0.)
-        y = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x + r[None, :]
-        tl.store(y_ptr + p, y, mask=m)
+    if GATE == 1:
+        m_c = tl.arange(0, BC) < K                 # one program per head: its K columns
+        o_c = i_c * K + tl.arange(0, BC)
+    else:
+        o_c = i_c * BC + tl.arange(0, BC)
+        m_c = o_c < D
+    for i in range(0, tl.cdiv(eos - bos, BT)):
+        t = bos + i * BT + o_t
+        m_t = t < eos
+        m = m_t[:, None] & m_c[None, :]
+        p = t[:, None] * D + o_c[None, :]
+        b_dq = tl.zeros([BT, BC], dtype=tl.float32)
+        b_dk = tl.zeros([BT, BC], dtype=tl.float32)
+        p_dq = dqp_ptr + p
+        p_dk = dkp_ptr + p
+        for _ in range(0, NV):
+            b_dq += tl.load(p_dq, mask=m, other=0.)
+            b_dk += tl.load(p_dk, mask=m, other=0.)
+            p_dq += nv_stride
+            p_dk += nv_stride
+        tl.store(dq_ptr + p, b_dq.to(dq_ptr.dtype.element_ty), mask=m)
+        tl.store(dk_ptr + p, b_dk.to(dk_ptr.dtype.element_ty), mask=m)
+        if GATE > 0:
+            x = (tl.load(q_ptr + p, mask=m, other=0.).to(tl.float32) * b_dq
+                 - tl.load(k_ptr + p, mask=m, other=0.).to(tl.float32) * b_dk)
+            if GATE == 1:
+                xs = tl.sum(x, axis=1)
+                r = tl.load(r_ptr + (c_first + i) * H + i_c)
+                tl.store(dg_ptr + t * H + i_c, tl.sum(xs, axis=0) - tl.cumsum(xs, axis=0) + xs + r,
+                         mask=m_t)
+            else:
+                r = tl.load(r_ptr + (c_first + i) * D + o_c, mask=m_c, other=0.)
+                y = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x + r[None, :]
+                tl.store(dg_ptr + p, y, mask=m)
 
 
 # ---- launchers ---------------------------------------------------------------------------------
@@ -681,20 +710,19 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, ht, do, dht):
                           STATE_ONLY=False, DECAY_GRAD=gated, **meta)
     if S > 1:
         dh0 = dh0.view(B, S, H, K, V)[:, 0].contiguous()
-    dq = dq_p.sum(0) if NV > 1 else dq_p[0]
-    dk = dk_p.sum(0) if NV > 1 else dk_p[0]
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    gate = meta["GATE"]
     dg = None
-    if gated:
-        dG = q.float() * dq - k.float() * dk                       # [B, T, H, K]
+    R = _dummy(ht)
+    if gate:
+        dg = q.new_empty(g.shape, dtype=torch.float32)
         R = r.sum(0) if NV > 1 else r[0]                            # [chunks, H, K]
-        if g.dim() == 3:
-            dG, R = dG.sum(-1), R.sum(-1)
-        dG, R = dG.contiguous(), R.contiguous()
-        dg = torch.empty_like(dG)
-        D = dG[0, 0].numel()
-        BD = min(128, max(16, triton.next_power_of_2(D)))
-        _chunk_decay_grad_kernel[(triton.cdiv(D, BD), N)](
-            dG, R, dg, _dummy(ht) if cu_seqlens is None else cu_seqlens,
-            _dummy(ht) if cu_seqlens is None else _chunk_offsets(cu_seqlens, BT), T, D,
-            IS_VARLEN=cu_seqlens is not None, BT=BT, BD=BD)
-    return dq.to(q.dtype), dk.to(k.dtype), dv, dg, dh0
+        R = (R.sum(-1) if gate == 1 else R).contiguous()
+    BC = triton.next_power_of_2(K) if gate == 1 else min(128, triton.next_power_of_2(H * K))
+    fgrid = (H if gate == 1 else triton.cdiv(H * K, BC), N)
+    _bwd_finish_kernel[fgrid](
+        q, k, dq_p, dk_p, R, dq, dk, _dummy(ht) if dg is None else dg,
+        _dummy(ht) if cu_seqlens is None else cu_seqlens,
+        _dummy(ht) if cu_seqlens is None else _chunk_offsets(cu_seqlens, BT),
+        T, H, K, NV, TOK * H * K, GATE=gate, IS_VARLEN=cu_seqlens is not None, BT=BT, BC=BC)
+    return dq, dk, dv, dg, dh0
