@@ -193,9 +193,10 @@ def _bwd_seq(q, k, v, G_src, per_key, scale, S0, do, dST, chunk_size):
 
 def linear_attn_bwd_ref(q, k, v, g, h0, cu_seqlens, scale, do, dht, chunk_size: int = 16):
     """Backward of the registered op on the reference backend, explicit (no autograd): the
-    kernels' algebra, including dg from dG_t = q_t dq_t - k_t dk_t (+ dS_T . S_T at each
-    sequence's last step) reverse-cumsummed per sequence. Returns (dq, dk, dv, dg or None, dh0 or
-    None) in the state dtype."""
+    kernels' algebra, with dg from the identity dG_t = q_t dq_t - k_t dk_t (+ dS_T . S_T at each
+    sequence's last step) reverse-cumsummed over the sequence (the kernels cut that cumsum at chunk
+    ends and add the exact boundary term sum_v dS * S instead). Returns (dq, dk, dv, dg or None,
+    dh0 or None) in the state dtype."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     sd = state_dtype(q.dtype)

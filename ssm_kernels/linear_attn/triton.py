@@ -11,14 +11,22 @@ The shared chunk stages are `@triton.jit` functions, written once and selected b
     chunk_output            o = (q exp(G)) S_prev + A v
     chunk_state_update      S = exp(G_last) S_prev + (k exp(G_last - G))^T v  (inter-chunk passing)
 
-Three kernels use them: the forward (o, final state), the backward's forward-direction pass (dq,
-which needs the running state) and its reverse pass (dk, dv, dS carried right to left, dh0). The
-log-decay gradient needs no kernel of its own: with G the cumulative log-decay,
-dG_t = q_t dq_t - k_t dk_t, and dg is its reverse cumsum (`_bwd_finish_kernel`).
+Kernels: `_fwd_kernel` (o, final state; STATE_ONLY: the state alone), `_recurrent_fwd_kernel`
+(fused_recurrent_*: one token at a time), and the backward: `_bwd_dq_kernel` (forward direction,
+it needs the running state; with a gate it also stores every chunk-end state), `_bwd_dkv_kernel`
+(right to left with dS in registers: dk, dv, dh0; with a gate r_c = sum_v dS * S at every chunk
+end) and `_bwd_finish_kernel` (sums the V-tile partials of dq, dk and forms dg). With G the
+cumulative log-decay, dG_t = q_t dq_t - k_t dk_t and dg is its reverse cumsum; the cumsum runs
+inside each chunk only and the rest enters exactly through r_c, so 16-bit rounding errors of dq,
+dk do not add up over the sequence.
+
+Long sequences with too few programs are cut into segments (whole chunks) run as a packed batch;
+see "sequence splitting" below.
 
 Every exponent is a difference G_i - G_j with i >= j inside one chunk (<= 0), so decays of -20
 per step underflow to exact zeros instead of overflowing. For per-key decays the intra-chunk
-scores are not one matmul; they are built column by column over a 16-step chunk.
+scores are not one matmul: between 16-step sub-chunks they are matmuls through a reference row
+between the two (both factors <= 1), inside a sub-chunk they are built column by column.
 
 Tensors are contiguous [total_tokens, H, D] (B rows of length T are the packed case with
 sequence n spanning [n*T, (n+1)*T)); states are contiguous float32 [N, H, K, V]; offsets int64.
