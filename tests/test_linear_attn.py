@@ -502,3 +502,13 @@ def test_chunk_and_fused_recurrent_agree(backend, gate):
     o2, s2 = call("fused", gate, q, k, v, g, None, h0, cu=cu, backend=backend)
     assert_close(o2, o1.double(), dtype=torch.float32)
     assert_close(s2, s1.double(), dtype=torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["none", "g+gamma", "gla"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_long_sequence_split(gate, dtype):
+    """Few programs, long T: the sequence is cut into segments (checked to happen)."""
+    from ssm_kernels.linear_attn import triton as la_triton
+    assert la_triton._num_segments(1, 8192, 2, 2, 64, torch.device(DEVICE), None) > 1
+    _gpu_compare(gate, 1, 8192, 2, 128, 128, dtype)
