@@ -107,7 +107,7 @@ def test_onchip_1000(backend):
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("L", [4096, 5000])
 def test_default_plans_at_issue_sizes(backend, L):
-    """The GPU plans themselves: L = 4096 on-chip (N = 8192 = 128 x 64), L = 5000 multi-pass
+    """The GPU's bfloat16 plans: L = 4096 on-chip (N = 8192 = 128 x 64), L = 5000 multi-pass
     (N = 16384 = 16 x 1024), against the float64 rfft reference (direct is O(L^2))."""
     check(backend, 2, 1, L, L, oracle=fft_conv_ref, pre=False)
 
@@ -179,7 +179,9 @@ def test_auto_picks_reference_for_float64():
 
 def test_plan():
     assert fft_triton.plan(1, 1)[:2] == ("onchip", 256)
-    assert fft_triton.plan(4096, 4096) == ("onchip", 8192, 128, 64)
+    assert fft_triton.plan(4096, 4096, "tf32") == ("onchip", 8192, 128, 64)        # bfloat16
+    assert fft_triton.plan(1024, 1024, "tf32x3") == ("onchip", 2048, 64, 32)      # float32
+    assert fft_triton.plan(4096, 4096, "tf32x3") == ("long", 8192, 16, 512)
     assert fft_triton._rows(8192, 128, 4096) == 64   # causal zero half skipped
     assert fft_triton._rows(512, 32, 257) == 32      # data reaches past the half: full tile
     kind, n, P, Q = fft_triton.plan(1 << 20, 1 << 20)
@@ -417,3 +419,55 @@ def test_gpu_past_int32_offsets():
         lowp = fft_conv_ref(u[:, sel], k[sel])
         assert_close(y[:, sel], ref, dtype=torch.bfloat16, lowp_ref=lowp)
         del y
+
+
+# ---- the GPU compiler (no GPU needed) ---------------------------------------------------------------
+
+_COMPILE_SCRIPT = r'''
+import importlib, sys, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+K = importlib.import_module("ssm_kernels.fft_conv.triton")
+STORAGE = ("u_ptr", "pre_ptr", "post_ptr", "y_ptr", "dy_ptr", "du_ptr", "dpre_ptr", "dpost_ptr")
+
+def build(fn, consts, warps, storage="fp32"):
+    sig = {n: "constexpr" if n in consts else
+           (("*" + storage) if n in STORAGE else "*fp32") if n.endswith("_ptr") else "i32"
+           for n in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps})
+    print(fn.__name__, consts.get("N1"), consts.get("PREC"), k.metadata.shared, flush=True)
+    return k.metadata.shared
+
+flags = dict(HAS_D=True, HAS_PRE=True, HAS_POST=True)
+worst = []
+for storage, prec in (("bf16", "tf32"), ("fp32", "tf32x3")):
+    n = K._ONCHIP_LIMIT[prec]
+    n1, n2 = K._split(n)
+    worst.append(build(K._onchip_bwd_kernel, dict(flags, N1=n1, N2=n2, R1=n1 // 2, PREC=prec),
+                       K._warps(n), storage))
+q1, q2 = K._split(K.LONG_INNER_N)
+worst.append(build(K._inner_kernel, dict(MODE=3, N1=q1, N2=q2, PREC="tf32x3"), K._warps(K.LONG_INNER_N)))
+print("max shared", max(worst))
+'''
+
+
+def test_triton_kernels_compile_for_sm90_within_shared_memory():
+    """The interpreter never runs the GPU compiler: build the largest on-chip backward kernels
+    (bf16 / tf32 and fp32 / tf32x3 at their on-chip limits) and the long path's dk pass for
+    sm_90 here, in a fresh process (TRITON_INTERPRET is read when kernels are decorated), and
+    check their shared memory fits an H100 block (227 KB)."""
+    import os
+    import subprocess
+    import sys
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except Exception:
+        pytest.skip("Triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    shared = int(res.stdout.strip().splitlines()[-1].split()[-1])
+    assert shared <= 232448, res.stdout

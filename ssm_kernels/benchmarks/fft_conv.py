@@ -22,7 +22,7 @@ def _multipass(f):
     def g(*args):
         from ..fft_conv import triton as ft
         saved = ft.MAX_ONCHIP_N
-        ft.MAX_ONCHIP_N = min(saved, max(256, ft.transform_size(args[0].shape[-1], args[1].shape[-1]) // 16))
+        ft.MAX_ONCHIP_N = max(256, ft.transform_size(args[0].shape[-1], args[1].shape[-1]) // 16)
         try:
             return f(*args)
         finally:
@@ -37,9 +37,9 @@ def _compiled_ref():
         return None
 
 
-def _onchip_limit() -> int:
+def _onchip_limit(dtype) -> int:
     from ..fft_conv import triton as ft
-    return ft.max_onchip_n()
+    return ft.max_onchip_n(ft._prec(dtype))
 
 
 def cases(device: str, quick: bool) -> List[Case]:
@@ -77,7 +77,7 @@ def cases(device: str, quick: bool) -> List[Case]:
                 return tuple(x.requires_grad_() for x in ins) if grad else tuple(ins)
 
             for impl, f in impls:
-                if impl.endswith("[multi-pass]") and 2 * L > _onchip_limit():
+                if impl.endswith("[multi-pass]") and 2 * L > _onchip_limit(dtype):
                     continue  # the default is already multi-pass there
                 nxt = rotating(make, 3 * n * es + H * L * 4)
                 out.append(Case("fft_conv", impl, "fwd", label, str(dtype)[6:],

@@ -42,20 +42,24 @@ from .._config import triton_interpret
 
 TWO_PI = 6.283185307179586
 
-# largest transform done in one program (tests lower it to exercise the long path under the
-# interpreter); tune on the GPU.
-MAX_ONCHIP_N = 8192
-# the long path's inner (pass B) transform length, at most MAX_ONCHIP_N: pass B holds a complex
-# row (no zero half to skip), so it is kept smaller than the on-chip limit; tune on the GPU.
-LONG_INNER_N = 4096
+# Largest transform done in one program, by dot precision. The limit is shared memory: every
+# tl.dot operand is staged there, tf32x3 stages a high and a low part, and the DFT tables stay
+# resident. Compiled for sm_90 (Triton 3.9, cuobjdump): on-chip bwd N=2048 tf32x3 104 KB,
+# N=4096 tf32x3 224 KB (too close to the 227 KB limit), N=8192 tf32 <= 192 KB. Tune on the GPU.
+_ONCHIP_LIMIT = {"tf32x3": 2048, "tf32": 8192, "ieee": 8192}
+# the long path's inner (pass B) length: pass B's dk mode holds two complex rows and an
+# accumulator (sm_90: Q=2048 ~150 KB shared for tf32 and tf32x3, Q=4096 ~290 KB: too much)
+LONG_INNER_N = 2048
+# override of the on-chip limit for every precision (tests lower it to exercise the long path)
+MAX_ONCHIP_N = None
 
 
 # tests set this to fill every output and intermediate with NaN before the kernels write them
 FILL_NAN = False
 
 
-def max_onchip_n() -> int:
-    return MAX_ONCHIP_N
+def max_onchip_n(prec: str = "ieee") -> int:
+    return MAX_ONCHIP_N if MAX_ONCHIP_N is not None else _ONCHIP_LIMIT[prec]
 
 
 def alloc(shape, device, dtype=torch.float32):
@@ -473,12 +477,12 @@ def transform_size(L: int, Lk: int) -> int:
     return max(256, 1 << max(0, (n - 1).bit_length()))
 
 
-def plan(L: int, Lk: int):
+def plan(L: int, Lk: int, prec: str = "ieee"):
     """("onchip", N, N1, N2) or ("long", N, P, Q) for a row length L and filter length Lk."""
     n = transform_size(L, Lk)
-    if n <= max_onchip_n():
+    if n <= max_onchip_n(prec):
         return ("onchip", n) + _split(n)
-    inner = min(LONG_INNER_N, max_onchip_n())
+    inner = min(LONG_INNER_N, max_onchip_n(prec))
     p = max(n // inner, min(16, n // 256))
     return ("long", n, p, n // p)
 
@@ -517,8 +521,8 @@ def fft_conv_fwd(u, k, D, pre, post):
     B, H, L = u.shape
     Lk = k.shape[1]
     y = alloc(u.shape, u.device, u.dtype)
-    kind = plan(L, Lk)
     prec = _prec(u.dtype)
+    kind = plan(L, Lk, prec)
     flags = dict(HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None)
     dmy = _dummy(u)
     if kind[0] == "onchip":
@@ -545,8 +549,8 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
     du = alloc(u.shape, u.device, u.dtype)
     dpre = alloc(pre.shape, u.device, pre.dtype) if pre is not None else None
     dpost = alloc(post.shape, u.device, post.dtype) if post is not None else None
-    kind = plan(L, Lk)
     prec = _prec(u.dtype)
+    kind = plan(L, Lk, prec)
     flags = dict(HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None)
     dmy = _dummy(u)
     if kind[0] == "onchip":
