@@ -185,7 +185,8 @@ def test_plan():
     assert fft_triton._rows(8192, 128, 4096) == 64   # causal zero half skipped
     assert fft_triton._rows(512, 32, 257) == 32      # data reaches past the half: full tile
     kind, n, P, Q = fft_triton.plan(1 << 20, 1 << 20)
-    assert kind == "long" and n == P * Q == 1 << 21 and Q == fft_triton.LONG_INNER_N
+    assert kind == "long" and n == P * Q == 1 << 21 and Q == fft_triton.LONG_INNER_N["bwd"]
+    assert fft_triton.plan(1 << 20, 1 << 20, "tf32", "fwd")[3] == fft_triton.LONG_INNER_N["fwd"]
 
 
 # ---- bad input ----------------------------------------------------------------------------------
@@ -446,8 +447,9 @@ for storage, prec in (("bf16", "tf32"), ("fp32", "tf32x3")):
     n1, n2 = K._split(n)
     worst.append(build(K._onchip_bwd_kernel, dict(flags, N1=n1, N2=n2, R1=n1 // 2, PREC=prec),
                        K._warps(n), storage))
-q1, q2 = K._split(K.LONG_INNER_N)
-worst.append(build(K._inner_kernel, dict(MODE=3, N1=q1, N2=q2, PREC="tf32x3"), K._warps(K.LONG_INNER_N)))
+q = K.LONG_INNER_N["bwd"]
+q1, q2 = K._split(q)
+worst.append(build(K._inner_kernel, dict(MODE=3, N1=q1, N2=q2, PREC="tf32x3"), K._warps(q)))
 print("max shared", max(worst))
 '''
 

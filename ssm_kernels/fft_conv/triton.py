@@ -47,9 +47,10 @@ TWO_PI = 6.283185307179586
 # resident. Compiled for sm_90 (Triton 3.9, cuobjdump): on-chip bwd N=2048 tf32x3 104 KB,
 # N=4096 tf32x3 224 KB (too close to the 227 KB limit), N=8192 tf32 <= 192 KB. Tune on the GPU.
 _ONCHIP_LIMIT = {"tf32x3": 2048, "tf32": 8192, "ieee": 8192}
-# the long path's inner (pass B) length: pass B's dk mode holds two complex rows and an
-# accumulator (sm_90: Q=2048 ~150 KB shared for tf32 and tf32x3, Q=4096 ~290 KB: too much)
-LONG_INNER_N = 2048
+# the long path's inner (pass B) length, forward / backward: the backward's dk mode holds two
+# complex rows and an accumulator (sm_90: Q=2048 ~115-140 KB shared, Q=4096 ~290 KB: too much);
+# the forward's conv mode fits Q=4096 (~130 KB), which halves the outer factor P
+LONG_INNER_N = {"fwd": 4096, "bwd": 2048}
 # override of the on-chip limit for every precision (tests lower it to exercise the long path)
 MAX_ONCHIP_N = None
 
@@ -477,12 +478,13 @@ def transform_size(L: int, Lk: int) -> int:
     return max(256, 1 << max(0, (n - 1).bit_length()))
 
 
-def plan(L: int, Lk: int, prec: str = "ieee"):
-    """("onchip", N, N1, N2) or ("long", N, P, Q) for a row length L and filter length Lk."""
+def plan(L: int, Lk: int, prec: str = "ieee", pass_: str = "bwd"):
+    """("onchip", N, N1, N2) or ("long", N, P, Q) for a row length L and filter length Lk; the
+    forward and backward (pass_) plan independently."""
     n = transform_size(L, Lk)
     if n <= max_onchip_n(prec):
         return ("onchip", n) + _split(n)
-    inner = min(LONG_INNER_N, max_onchip_n(prec))
+    inner = min(LONG_INNER_N[pass_], max_onchip_n(prec))
     p = max(n // inner, min(16, n // 256))
     return ("long", n, p, n // p)
 
@@ -522,7 +524,7 @@ def fft_conv_fwd(u, k, D, pre, post):
     Lk = k.shape[1]
     y = alloc(u.shape, u.device, u.dtype)
     prec = _prec(u.dtype)
-    kind = plan(L, Lk, prec)
+    kind = plan(L, Lk, prec, "fwd")
     flags = dict(HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None)
     dmy = _dummy(u)
     if kind[0] == "onchip":
