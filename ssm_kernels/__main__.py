@@ -78,9 +78,7 @@ def cmd_bench(args) -> int:
             print(f"unknown op family {fam!r}; known: {', '.join(FAMILIES)}", file=sys.stderr)
             return 2
         mod = importlib.import_module(FAMILIES[fam])
-        cases = mod.cases(device, args.quick)
-        while cases:
-            case = cases.pop(0)  # dropping the case frees its inputs (allocated lazily)
+        for case in mod.cases(device, args.quick):  # a generator: one case's inputs alive at a time
             try:
                 row = time_case(case, ceil, quick=args.quick)
             except Exception as e:
@@ -91,7 +89,6 @@ def cmd_bench(args) -> int:
             print(f"  {row['op']:<14} {row['impl']:<28} {row['mode']:<8} {row['dtype']:<9} "
                   f"{row['shape']:<34} {row['ms']:>9.4f} ms  {row['GB/s']:>7} GB/s  "
                   f"{row['pct_of_floor'] or '-'}% of floor", flush=True)
-            del case
             if device == "cuda":
                 torch.cuda.empty_cache()
     if ceil is not None:

@@ -1,6 +1,7 @@
 """Benchmark cases per family (`python -m ssm_kernels bench`); harness in harness.py.
 
-Each family module exposes `cases(device: str, quick: bool) -> list[harness.Case]`.
+Each family module exposes a generator `cases(device: str, quick: bool)` yielding `harness.Case`s
+one at a time (inputs are allocated when a case is built and freed when the harness moves on).
 """
 FAMILIES = {
     "based": "ssm_kernels.benchmarks.based",

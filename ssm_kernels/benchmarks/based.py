@@ -8,7 +8,7 @@ plus the state part 4*D*V (phi(q) S and phi(k)^T v, D = 1+K+K*K); the backward a
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Iterator, List
 
 import torch
 
@@ -25,14 +25,13 @@ def _peers():
         out["fla.fused_chunk_based"] = lambda q, k, v: fused_chunk_based(q, k, v, use_norm=True)
     except Exception:
         pass
-    return out
 
 
 def _sdpa(q, k, v):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def cases(device: str, quick: bool) -> List[Case]:
+def cases(device: str, quick: bool) -> Iterator[Case]:
     if device == "cpu":
         grid, dtypes = [(1, 64, 2, 16, 16)], [torch.float32]
         backends = ["triton"]
@@ -44,7 +43,6 @@ def cases(device: str, quick: bool) -> List[Case]:
         dtypes = [torch.bfloat16]
         backends = ["triton"]
     peers = _peers() if device != "cpu" else {}
-    out = []
     for (B, T, H, K, V) in grid:
         for dtype in dtypes:
             es = torch.tensor([], dtype=dtype).element_size()
@@ -65,19 +63,18 @@ def cases(device: str, quick: bool) -> List[Case]:
                     continue
                 impls.append((name, f))
             for impl, f in impls:
-                _add(out, "chunk_based", impl, label, dt, f, make, n, K, V, es, flops)
+                yield from _add("chunk_based", impl, label, dt, f, make, n, K, V, es, flops)
             if device != "cpu":  # softmax attention with head dim V for q, k, v
                 def make_sdpa(V=V, B=B, T=T, H=H):
                     return tuple(torch.randn(B, H, T, V, device=device).to(dtype) for _ in range(3))
-                _add(out, "chunk_based", "torch.sdpa(causal, head dim V)", label, dt, _sdpa,
+                yield from _add("chunk_based", "torch.sdpa(causal, head dim V)", label, dt, _sdpa,
                      make_sdpa, n, V, V, es, 4 * n * T * V / 2, note="softmax attention peer")
-    return out
 
 
-def _add(out, op, impl, label, dt, f, make, n, K, V, es, flops, note=""):
+def _add(op, impl, label, dt, f, make, n, K, V, es, flops, note=""):
     nbytes = n * (2 * K + V) * es
     nxt = rotating(make, nbytes)
-    out.append(Case(op, impl, "fwd", label, dt, lambda f=f, nxt=nxt: f(*nxt()),
+    yield (Case(op, impl, "fwd", label, dt, lambda f=f, nxt=nxt: f(*nxt()),
                     bytes=n * (2 * K + 2 * V) * es, flops=flops, note=note))
     nxt_g = rotating(lambda: tuple(x.requires_grad_() for x in make()), nbytes)
 
@@ -87,5 +84,5 @@ def _add(out, op, impl, label, dt, f, make, n, K, V, es, flops, note=""):
         torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
 
     # fwd+bwd floor: fwd reads q,k,v writes o; bwd reads q,k,v,o,do writes dq,dk,dv
-    out.append(Case(op, impl, "fwd+bwd", label, dt, fwd_bwd, bytes=n * (6 * K + 6 * V) * es,
+    yield (Case(op, impl, "fwd+bwd", label, dt, fwd_bwd, bytes=n * (6 * K + 6 * V) * es,
                     flops=3 * flops, note=note))

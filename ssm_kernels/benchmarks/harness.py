@@ -59,20 +59,16 @@ def measure_ceilings(device: str = "cuda") -> Ceilings:
 
 def rotating(make: Callable[[], tuple], nbytes: int, l2_bytes: Optional[int] = None):
     """Return `next_inputs()` cycling over enough fresh copies of make()'s inputs that successive
-    calls do not hit in L2 (inputs larger than twice L2 need no copies)."""
+    calls do not hit in L2 (inputs larger than twice L2 need no copies). The copies are made now,
+    so family modules yield their cases one at a time (generators): a case's memory is freed
+    before the next one is built."""
     if l2_bytes is None:
         l2_bytes = 64 << 20
         if torch.cuda.is_available():
             l2_bytes = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", l2_bytes)
     copies = max(1, min(16, -(-2 * l2_bytes // max(nbytes, 1))))
-    state = {}
-
-    def next_inputs():
-        # allocated on first use, so building the case list costs no memory; freed with the case
-        if "it" not in state:
-            state["it"] = itertools.cycle([make() for _ in range(copies)])
-        return next(state["it"])
-    return next_inputs
+    it = itertools.cycle([make() for _ in range(copies)])
+    return lambda: next(it)
 
 
 def versions() -> str:

@@ -9,7 +9,7 @@ the state part 4*K*V; the backward about twice that.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Iterator, List
 
 import torch
 
@@ -43,7 +43,7 @@ def _sdpa(q, k, v, g):
     return o.transpose(1, 2)
 
 
-def cases(device: str, quick: bool) -> List[Case]:
+def cases(device: str, quick: bool) -> Iterator[Case]:
     if device == "cpu":
         grid, dtype, backends = [(1, 64, 2, 16, 16)], torch.float32, ["triton"]
     else:
@@ -52,7 +52,6 @@ def cases(device: str, quick: bool) -> List[Case]:
             grid = grid[:1]
         dtype, backends = torch.bfloat16, ["triton"]
     peers = _fla() if device != "cpu" else {}
-    out = []
     es = torch.tensor([], dtype=dtype).element_size()
     for (B, T, H, K, V) in grid:
         label = f"B={B} T={T} H={H} K={K} V={V}"
@@ -80,7 +79,7 @@ def cases(device: str, quick: bool) -> List[Case]:
                 flops = n * (2 * 64 * (K + V) + 4 * K * V)
             for impl, f in impls:
                 nxt = rotating(make, nbytes)
-                out.append(Case(op, impl, "fwd", label, str(dtype)[6:],
+                yield (Case(op, impl, "fwd", label, str(dtype)[6:],
                                 lambda f=f, nxt=nxt: f(*nxt()), bytes=nbytes, flops=flops))
 
                 def make_g(make=make):
@@ -94,6 +93,5 @@ def cases(device: str, quick: bool) -> List[Case]:
                     o = f(q, k, v, g)
                     torch.autograd.grad(o, [x for x in (q, k, v, g) if x is not None], grad)
 
-                out.append(Case(op, impl, "fwd+bwd", label, str(dtype)[6:], fwd_bwd,
+                yield (Case(op, impl, "fwd+bwd", label, str(dtype)[6:], fwd_bwd,
                                 bytes=2 * nbytes + n * (2 * K + 2 * V) * es, flops=3 * flops))
-    return out

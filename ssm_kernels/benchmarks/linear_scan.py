@@ -5,7 +5,7 @@ accelerated-scan takes [B, D, T] contiguous with (in its warp kernel) power-of-t
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Iterator, List
 
 import torch
 
@@ -14,7 +14,7 @@ from .harness import Case, rotating
 from .peers import accelerated_scan
 
 
-def cases(device: str, quick: bool) -> List[Case]:
+def cases(device: str, quick: bool) -> Iterator[Case]:
     if device == "cpu":
         grid = [(2, 16, 64)]
         dtypes = [torch.float32]
@@ -23,7 +23,6 @@ def cases(device: str, quick: bool) -> List[Case]:
         dtypes = [torch.float32, torch.bfloat16]
     backends = [b for b in available_backends(device) if b != "reference"] or ["reference"]
     peer = accelerated_scan() if device != "cpu" else None
-    out = []
     for (B, D, T) in grid:
         for dtype in dtypes:
             es = torch.tensor([], dtype=dtype).element_size()
@@ -48,7 +47,7 @@ def cases(device: str, quick: bool) -> List[Case]:
                                                     b.transpose(1, 2).contiguous()).transpose(1, 2)))
                 for impl, f in impls:
                     nxt = rotating(make, 2 * n * es)
-                    out.append(Case("linear_scan", impl, "fwd", label, str(dtype)[6:],
+                    yield (Case("linear_scan", impl, "fwd", label, str(dtype)[6:],
                                     lambda f=f, nxt=nxt: f(*nxt()), bytes=3 * n * es))
                     nxt_g = rotating(lambda: tuple(x.requires_grad_() for x in make()), 2 * n * es)
                     def fwd_bwd(f=f, nxt=nxt_g):
@@ -57,6 +56,5 @@ def cases(device: str, quick: bool) -> List[Case]:
                         torch.autograd.grad(h, (a, b), b)  # any cotangent of h's shape
 
                     # fwd+bwd floor: fwd reads a,b writes h; bwd reads a,h,dh writes da,db
-                    out.append(Case("linear_scan", impl, "fwd+bwd", label, str(dtype)[6:], fwd_bwd,
+                    yield (Case("linear_scan", impl, "fwd+bwd", label, str(dtype)[6:], fwd_bwd,
                                     bytes=8 * n * es))
-    return out

@@ -11,7 +11,7 @@ from `note`.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Iterator, List
 
 import torch
 
@@ -64,7 +64,7 @@ def _bytes(B, D, L, N, es, mode):
     return fwd + 4 * big + 2 * bc + 3 * big + 2 * bc
 
 
-def cases(device: str, quick: bool) -> List[Case]:
+def cases(device: str, quick: bool) -> Iterator[Case]:
     if device == "cpu":
         grid, dtype = [(1, 8, 24, 4)], torch.float32
     else:
@@ -74,7 +74,6 @@ def cases(device: str, quick: bool) -> List[Case]:
     backends = [b for b in available_backends(device) if b != "reference"] or ["reference"]
     peer_scan, peer_step = _peers() if device != "cpu" else (None, None)
     es = torch.tensor([], dtype=dtype).element_size()
-    out = []
     for (B, D, L, N) in grid:
         def make(B=B, D=D, L=L, N=N):
             u = torch.randn(B, D, L, device=device).to(dtype)
@@ -105,7 +104,7 @@ def cases(device: str, quick: bool) -> List[Case]:
         nbytes = 5 * B * D * L * es
         for impl, f in impls:
             nxt = rotating(make, nbytes)
-            out.append(Case("selective_scan", impl, "fwd", label, str(dtype)[6:],
+            yield (Case("selective_scan", impl, "fwd", label, str(dtype)[6:],
                             lambda f=f, nxt=nxt: f(*nxt()), bytes=_bytes(B, D, L, N, es, "fwd"),
                             note=note))
             nxt_g = rotating(lambda: tuple(x.requires_grad_() for x in make()), nbytes)
@@ -116,7 +115,7 @@ def cases(device: str, quick: bool) -> List[Case]:
                 y = f(*xs)
                 torch.autograd.grad(y, xs, grad)
 
-            out.append(Case("selective_scan", impl, "fwd+bwd", label, str(dtype)[6:], fwd_bwd,
+            yield (Case("selective_scan", impl, "fwd+bwd", label, str(dtype)[6:], fwd_bwd,
                             bytes=_bytes(B, D, L, N, es, "fwd+bwd"), note=note))
     # the decode step: Mamba-1 shapes, float32 state, bfloat16 activations
     steps = [(2, 64, 4)] if device == "cpu" else ([(64, 4096, 16), (256, 4096, 16)] if quick
@@ -134,6 +133,5 @@ def cases(device: str, quick: bool) -> List[Case]:
         if peer_step is not None:
             impls.append(("mamba_ssm.triton", lambda state=state, args=args: peer_step(state, *args)))
         for impl, f in impls:
-            out.append(Case("selective_state_update", impl, "fwd", f"batch={Bt} dim={D} N={N}",
+            yield (Case("selective_state_update", impl, "fwd", f"batch={Bt} dim={D} N={N}",
                             str(dtype)[6:], f, bytes=nb))
-    return out
