@@ -10,7 +10,7 @@ from ssm_kernels.fft_conv.interface import (fft_conv_bwd_op, fft_conv_fwd_op, s4
 from ssm_kernels.fft_conv.reference import fft_conv_direct, fft_conv_ref, s4d_kernel_ref
 from ssm_kernels.testing import assert_close
 
-from conftest import DEVICE, kernel_backends
+from conftest import DEVICE, compile_for_sm90, kernel_backends
 
 BACKENDS = ["reference"] + kernel_backends()
 NAMES = ["y", "du", "dk", "dD", "dpre_gate", "dpost_gate"]
@@ -459,17 +459,7 @@ def test_triton_kernels_compile_for_sm90_within_shared_memory():
     (bf16 / tf32 and fp32 / tf32x3 at their on-chip limits) and the long path's dk pass for
     sm_90 here, in a fresh process (TRITON_INTERPRET is read when kernels are decorated), and
     check their shared memory fits an H100 block (227 KB)."""
-    import os
-    import subprocess
-    import sys
-    try:
-        import triton.backends.nvidia  # noqa: F401
-    except Exception:
-        pytest.skip("Triton's NVIDIA backend is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=600)
+    res = compile_for_sm90(_COMPILE_SCRIPT)
     assert res.returncode == 0, res.stderr[-3000:]
     shared = int(res.stdout.strip().splitlines()[-1].split()[-1])
     assert shared <= 232448, res.stdout

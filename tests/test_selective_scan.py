@@ -11,7 +11,7 @@ from ssm_kernels.selective_scan.interface import (selective_scan_bwd_op, selecti
 from ssm_kernels.selective_scan.reference import selective_state_update_ref
 from ssm_kernels.testing import assert_close
 
-from conftest import DEVICE, kernel_backends
+from conftest import DEVICE, compile_for_sm90, kernel_backends
 
 BACKENDS = ["reference"] + kernel_backends()
 # the scan has a CUDA forward too (real A; its backward is the Triton kernel)
@@ -584,17 +584,7 @@ print("compiled")
 def test_triton_kernels_compile_for_sm90():
     """The interpreter does not run the GPU compiler: build PTX and cubin for sm_90 here (a fresh
     process, since TRITON_INTERPRET is read when kernels are decorated)."""
-    import os
-    import subprocess
-    import sys
-    try:
-        import triton.backends.nvidia  # noqa: F401
-    except Exception:
-        pytest.skip("Triton's NVIDIA backend is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                         text=True, timeout=600)
+    res = compile_for_sm90(_COMPILE_SCRIPT)
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
 
 

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .._config import triton_interpret
+from ..linear_attn.triton import seq_span  # shared [bos, eos) of a (packed) sequence
 from .reference import EPS, feature_dim
 
 
@@ -58,17 +59,6 @@ def _dot(a, b, DT: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a.to(DT), b.to(DT))
-
-
-@triton.jit
-def _seq_bounds(cu_ptr, i_n, T, VARLEN: tl.constexpr):
-    if VARLEN:
-        bos = tl.load(cu_ptr + i_n).to(tl.int64)
-        eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
-    return bos, eos
 
 
 @triton.jit
@@ -192,7 +182,7 @@ def _based_fwd_kernel(
     R: tl.constexpr = BK1 * KP
     i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(cu_ptr, i_n, T, VARLEN)
+    bos, eos = seq_span(i_n, cu_ptr, T, VARLEN)
     o_k, o_v, m_r, rows2, r_i, r_j, m_k, m_v = _block_indices(i_v, i_s, K, V, BV, KP, BK1, R)
     first = i_s == 0
     s0, s1, s2, z0, z1, z2 = _load_state(h0_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r,
@@ -266,7 +256,7 @@ def _based_step_kernel(
     R: tl.constexpr = BK1 * KP
     i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(cu_ptr, i_n, T, VARLEN)
+    bos, eos = seq_span(i_n, cu_ptr, T, VARLEN)
     o_k, o_v, m_r, rows2, r_i, r_j, m_k, m_v = _block_indices(i_v, i_s, K, V, BV, KP, BK1, R)
     first = i_s == 0
     s0, s1, s2, z0, z1, z2 = _load_state(h0_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r,
@@ -354,7 +344,7 @@ def _based_bwd_dq_kernel(
     i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NV = tl.num_programs(0)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(cu_ptr, i_n, T, VARLEN)
+    bos, eos = seq_span(i_n, cu_ptr, T, VARLEN)
     o_k, o_v, m_r, rows2, r_i, r_j, m_k, m_v = _block_indices(i_v, i_s, K, V, BV, KP, BK1, R)
     first = i_s == 0
     _, s1, s2, _, z1, z2 = _load_state(h0_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r,
@@ -415,7 +405,7 @@ def _based_bwd_dkv_kernel(
     i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NV = tl.num_programs(0)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = _seq_bounds(cu_ptr, i_n, T, VARLEN)
+    bos, eos = seq_span(i_n, cu_ptr, T, VARLEN)
     o_k, o_v, m_r, rows2, r_i, r_j, m_k, m_v = _block_indices(i_v, i_s, K, V, BV, KP, BK1, R)
     first = i_s == 0
     d0, d1, d2, dz0, dz1, dz2 = _load_state(dhT_ptr, i_nh, K, V, o_k, o_v, rows2, m_k, m_v, m_r,

@@ -8,7 +8,7 @@ plus the state part 4*D*V (phi(q) S and phi(k)^T v, D = 1+K+K*K); the backward a
 """
 from __future__ import annotations
 
-from typing import Iterator, List
+from typing import Iterator
 
 import torch
 

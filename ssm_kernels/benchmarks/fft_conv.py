@@ -8,7 +8,7 @@ The filter (H x L float32) is counted once per pass.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Iterator
 
 import torch
 
@@ -42,7 +42,7 @@ def _onchip_limit(dtype) -> int:
     return ft.max_onchip_n(ft._prec(dtype))
 
 
-def cases(device: str, quick: bool) -> List[Case]:
+def cases(device: str, quick: bool) -> Iterator[Case]:
     if device == "cpu":
         grid = [(1, 4, 300)]
         dtypes = [torch.float32]
@@ -62,7 +62,6 @@ def cases(device: str, quick: bool) -> List[Case]:
     comp = _compiled_ref() if device != "cpu" else None
     if comp is not None:
         impls.append(("torch.compile(torch.fft)", lambda u, k, D, p, q: comp(u, k, D, pre_gate=p, post_gate=q)))
-    out = []
     for (B, H, L) in grid:
         for dtype in dtypes:
             es = torch.tensor([], dtype=dtype).element_size()
@@ -80,7 +79,7 @@ def cases(device: str, quick: bool) -> List[Case]:
                 if impl.endswith("[multi-pass]") and 2 * L > _onchip_limit(dtype):
                     continue  # the default is already multi-pass there
                 nxt = rotating(make, 3 * n * es + H * L * 4)
-                out.append(Case("fft_conv", impl, "fwd", label, str(dtype)[6:],
+                yield (Case("fft_conv", impl, "fwd", label, str(dtype)[6:],
                                 lambda f=f, nxt=nxt: f(*nxt()), bytes=4 * n * es + H * L * 4))
                 nxt_g = rotating(lambda: make(True), 3 * n * es + H * L * 4)
                 dy = torch.randn(B, H, L, device=device).to(dtype)
@@ -89,6 +88,5 @@ def cases(device: str, quick: bool) -> List[Case]:
                     ins = nxt()
                     torch.autograd.grad(f(*ins), ins, dy)
 
-                out.append(Case("fft_conv", impl, "fwd+bwd", label, str(dtype)[6:], fwd_bwd,
+                yield (Case("fft_conv", impl, "fwd+bwd", label, str(dtype)[6:], fwd_bwd,
                                 bytes=11 * n * es + 3 * H * L * 4))
-    return out

@@ -9,7 +9,7 @@ the state part 4*K*V; the backward about twice that.
 """
 from __future__ import annotations
 
-from typing import Iterator, List
+from typing import Iterator
 
 import torch
 

@@ -5,7 +5,7 @@ accelerated-scan takes [B, D, T] contiguous with (in its warp kernel) power-of-t
 """
 from __future__ import annotations
 
-from typing import Iterator, List
+from typing import Iterator
 
 import torch
 

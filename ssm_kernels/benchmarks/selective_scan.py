@@ -11,7 +11,7 @@ from `note`.
 """
 from __future__ import annotations
 
-from typing import Iterator, List
+from typing import Iterator
 
 import torch
 
