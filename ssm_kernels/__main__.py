@@ -34,6 +34,8 @@ def cmd_check(args) -> int:
     torch.manual_seed(args.seed)
     families = args.ops or list(FAMILIES)
     rows, failed = [], 0
+    w = 44
+    print(f"{'op'.ljust(w)}  backend    dtype      max rel err  bound      result", flush=True)
     for fam in families:
         if fam not in FAMILIES:
             print(f"unknown op family {fam!r}; known: {', '.join(FAMILIES)}", file=sys.stderr)
@@ -41,18 +43,17 @@ def cmd_check(args) -> int:
         mod = importlib.import_module(FAMILIES[fam])
         for backend in available_backends(device):
             try:
-                rows.extend(mod.check(backend, device))
+                new = mod.check(backend, device)
             except Exception as e:  # a crash is a failure, reported in the table
                 from .testing import CheckRow, Verdict
-                rows.append(CheckRow(f"{fam} ({type(e).__name__}: {str(e)[:60]})", backend, "-",
-                                     Verdict("crash", float("inf"), 0.0)))
-    w = max(len(r.op) for r in rows)
-    print(f"{'op'.ljust(w)}  backend    dtype      max rel err  bound      result")
-    for r in rows:
-        ok = r.verdict.ok
-        failed += not ok
-        print(f"{r.op.ljust(w)}  {r.backend:<9}  {r.dtype:<9}  {r.verdict.err:<11.3e}  "
-              f"{r.verdict.bound:<9.2e}  {'pass' if ok else 'FAIL'}")
+                new = [CheckRow(f"{fam} ({type(e).__name__}: {str(e)[:60]})", backend, "-",
+                                Verdict("crash", float("inf"), 0.0))]
+            for r in new:  # printed as each family finishes, so a cut-off run still reports
+                ok = r.verdict.ok
+                failed += not ok
+                print(f"{r.op.ljust(w)}  {r.backend:<9}  {r.dtype:<9}  {r.verdict.err:<11.3e}  "
+                      f"{r.verdict.bound:<9.2e}  {'pass' if ok else 'FAIL'}", flush=True)
+            rows.extend(new)
     print(f"\n{len(rows) - failed} passed, {failed} failed on {device}")
     return 1 if failed else 0
 
@@ -86,6 +87,7 @@ def cmd_bench(args) -> int:
                       f"{str(e)[:200]}", file=sys.stderr)
                 continue
             rows.append(row)
+            write_csv(rows, args.out)  # after every case, so a cut-off run keeps its rows
             print(f"  {row['op']:<14} {row['impl']:<28} {row['mode']:<8} {row['dtype']:<9} "
                   f"{row['shape']:<34} {row['ms']:>9.4f} ms  {row['GB/s']:>7} GB/s  "
                   f"{row['pct_of_floor'] or '-'}% of floor", flush=True)

@@ -179,7 +179,8 @@ def test_auto_picks_reference_for_float64():
 
 def test_plan():
     assert fft_triton.plan(1, 1)[:2] == ("onchip", 256)
-    assert fft_triton.plan(4096, 4096, "tf32") == ("onchip", 8192, 128, 64)        # bfloat16
+    assert fft_triton.plan(4096, 4096, "tf32", "fwd") == ("onchip", 8192, 128, 64)  # bfloat16
+    assert fft_triton.plan(4096, 4096, "tf32", "bwd")[0] == "long"  # 288 KB on-chip on Triton 3.6
     assert fft_triton.plan(1024, 1024, "tf32x3") == ("onchip", 2048, 64, 32)      # float32
     assert fft_triton.plan(4096, 4096, "tf32x3") == ("long", 8192, 16, 512)
     assert fft_triton._rows(8192, 128, 4096) == 64   # causal zero half skipped
@@ -443,7 +444,7 @@ def build(fn, consts, warps, storage="fp32"):
 flags = dict(HAS_D=True, HAS_PRE=True, HAS_POST=True)
 worst = []
 for storage, prec in (("bf16", "tf32"), ("fp32", "tf32x3")):
-    n = K._ONCHIP_LIMIT[prec]
+    n = K._ONCHIP_LIMIT["bwd"][prec]
     n1, n2 = K._split(n)
     worst.append(build(K._onchip_bwd_kernel, dict(flags, N1=n1, N2=n2, R1=n1 // 2, PREC=prec),
                        K._warps(n), storage))

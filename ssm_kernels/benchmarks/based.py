@@ -25,6 +25,7 @@ def _peers():
         out["fla.fused_chunk_based"] = lambda q, k, v: fused_chunk_based(q, k, v, use_norm=True)
     except Exception:
         pass
+    return out
 
 
 def _sdpa(q, k, v):

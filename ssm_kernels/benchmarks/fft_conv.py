@@ -39,7 +39,7 @@ def _compiled_ref():
 
 def _onchip_limit(dtype) -> int:
     from ..fft_conv import triton as ft
-    return ft.max_onchip_n(ft._prec(dtype))
+    return ft.max_onchip_n(ft._prec(dtype), "fwd")
 
 
 def cases(device: str, quick: bool) -> Iterator[Case]:

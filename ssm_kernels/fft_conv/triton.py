@@ -46,7 +46,10 @@ TWO_PI = 6.283185307179586
 # tl.dot operand is staged there, tf32x3 stages a high and a low part, and the DFT tables stay
 # resident. Compiled for sm_90 (Triton 3.9, cuobjdump): on-chip bwd N=2048 tf32x3 104 KB,
 # N=4096 tf32x3 224 KB (too close to the 227 KB limit), N=8192 tf32 <= 192 KB. Tune on the GPU.
-_ONCHIP_LIMIT = {"tf32x3": 2048, "tf32": 8192, "ieee": 8192}
+# On the H100 with Triton 3.6 the tf32 backward at N=8192 asked for 288 KB (over 227 KB: it could
+# not launch; run 5), so the backward's on-chip limit is 2048 for every precision.
+_ONCHIP_LIMIT = {"fwd": {"tf32x3": 2048, "tf32": 8192, "ieee": 8192},
+                 "bwd": {"tf32x3": 2048, "tf32": 2048, "ieee": 2048}}
 # the long path's inner (pass B) length, forward / backward: the backward's dk mode holds two
 # complex rows and an accumulator (sm_90: Q=2048 ~115-140 KB shared, Q=4096 ~290 KB: too much);
 # the forward's conv mode fits Q=4096 (~130 KB), which halves the outer factor P
@@ -59,8 +62,8 @@ MAX_ONCHIP_N = None
 FILL_NAN = False
 
 
-def max_onchip_n(prec: str = "ieee") -> int:
-    return MAX_ONCHIP_N if MAX_ONCHIP_N is not None else _ONCHIP_LIMIT[prec]
+def max_onchip_n(prec: str = "ieee", pass_: str = "bwd") -> int:
+    return MAX_ONCHIP_N if MAX_ONCHIP_N is not None else _ONCHIP_LIMIT[pass_][prec]
 
 
 def alloc(shape, device, dtype=torch.float32):
@@ -482,9 +485,9 @@ def plan(L: int, Lk: int, prec: str = "ieee", pass_: str = "bwd"):
     """("onchip", N, N1, N2) or ("long", N, P, Q) for a row length L and filter length Lk; the
     forward and backward (pass_) plan independently."""
     n = transform_size(L, Lk)
-    if n <= max_onchip_n(prec):
+    if n <= max_onchip_n(prec, pass_):
         return ("onchip", n) + _split(n)
-    inner = min(LONG_INNER_N[pass_], max_onchip_n(prec))
+    inner = min(LONG_INNER_N[pass_], max_onchip_n(prec, pass_))
     p = max(n // inner, min(16, n // 256))
     return ("long", n, p, n // p)
 

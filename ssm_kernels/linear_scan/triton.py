@@ -75,7 +75,7 @@ def _linear_scan_fwd_kernel(
     CW: tl.constexpr = 2 if COMPLEX else 1  # float32 words per state element
     p_state = (i_o.to(tl.int64) * NC + i_k) * C * CW + o_c * CW
     lo = i_k * CHUNK
-    hi = tl.minimum(lo + CHUNK, T)
+    hi = lo + CHUNK  # not clipped to T: T's divisibility keeps the masks vectorisable
     acc_r = tl.full([BLOCK_C], 1.0, dtype=tl.float32)  # SUMMARY: product of a over the chunk
     acc_i = tl.zeros([BLOCK_C], dtype=tl.float32)
     base_c = i_o.to(tl.int64) * s_o + o_c.to(tl.int64) * s_c
@@ -90,9 +90,9 @@ def _linear_scan_fwd_kernel(
             carry_i = tl.zeros([BLOCK_C], dtype=tl.float32)
     o_r = tl.arange(0, BLOCK_T)
     is_end = (o_r == (0 if REVERSE else BLOCK_T - 1))[None, :]
-    for i_t in range(0, tl.cdiv(hi - lo, BLOCK_T)):
+    for i_t in range(0, tl.cdiv(CHUNK, BLOCK_T)):  # past-T tiles of the last chunk: all masked
         t = _tile_start(i_t, lo, hi, BLOCK_T, REVERSE) + o_r
-        m = m_c[:, None] & ((t >= lo) & (t < hi))[None, :]
+        m = m_c[:, None] & ((t >= lo) & (t < hi) & (t < T))[None, :]
         p = base + t.to(tl.int64)[None, :] * s_t
         # padding with the identity (a=1, b=0) keeps the tile's last column the true carry
         ar = tl.load(a_ptr + p, mask=m, other=1.0).to(tl.float32)
@@ -153,7 +153,7 @@ def _linear_scan_bwd_kernel(
     p_h0 = i_o.to(tl.int64) * C * CW + o_c * CW
     p_state = (i_o.to(tl.int64) * NC + i_k) * C * CW + o_c * CW
     lo = i_k * CHUNK
-    hi = tl.minimum(lo + CHUNK, T)
+    hi = lo + CHUNK  # not clipped to T: T's divisibility keeps the masks vectorisable
     acc_r = tl.full([BLOCK_C], 1.0, dtype=tl.float32)
     acc_i = tl.zeros([BLOCK_C], dtype=tl.float32)
     base_c = i_o.to(tl.int64) * s_o + o_c.to(tl.int64) * s_c
@@ -175,9 +175,9 @@ def _linear_scan_bwd_kernel(
             h0i = tl.zeros([BLOCK_C], dtype=tl.float32)
     o_r = tl.arange(0, BLOCK_T)
     is_end = (o_r == (0 if FLIP else BLOCK_T - 1))[None, :]
-    for i_t in range(0, tl.cdiv(hi - lo, BLOCK_T)):
+    for i_t in range(0, tl.cdiv(CHUNK, BLOCK_T)):  # past-T tiles of the last chunk: all masked
         t = _tile_start(i_t, lo, hi, BLOCK_T, FLIP) + o_r
-        m = m_c[:, None] & ((t >= lo) & (t < hi))[None, :]
+        m = m_c[:, None] & ((t >= lo) & (t < hi) & (t < T))[None, :]
         p = base + t.to(tl.int64)[None, :] * s_t
         p_next = p + STEP * s_t
         m_next = m & ((t + STEP >= 0) & (t + STEP < T))[None, :]
@@ -260,7 +260,7 @@ def _config(T: int, C: int, time_inner: bool, complex_: bool, elem_bytes: int):
     if triton_interpret():
         return dict(BLOCK_T=16, BLOCK_C=8, num_warps=1)
     block_t = 128 if time_inner else 64
-    block_c = 16 if time_inner else 32 * (4 // min(elem_bytes, 4))  # >= 128 contiguous bytes a row
+    block_c = 16 if time_inner else 32
     if complex_:
         block_t //= 2
     block_t = min(block_t, max(16, triton.next_power_of_2(T)))
