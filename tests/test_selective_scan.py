@@ -164,12 +164,12 @@ def test_non_contiguous_inputs(backend):
 
 
 @pytest.mark.parametrize("cplx", [False, True], ids=["real", "complex"])
-def test_sequential_forward_variant(cplx, monkeypatch):
-    """The time-sequential Triton forward (the alternative to the chunked default) agrees too."""
+def test_chunked_forward_variant(cplx, monkeypatch):
+    """The chunked Triton forward (the alternative to the time-sequential default) agrees too."""
     if "triton" not in kernel_backends():
         pytest.skip("no Triton here")
     from ssm_kernels.selective_scan import triton as tk
-    monkeypatch.setattr(tk, "FWD_VARIANT", "sequential")
+    monkeypatch.setattr(tk, "FWD_VARIANT", "chunked")
     check("triton", make_inputs(cplx=cplx, bc="group", L=11))
     cu = torch.tensor([0, 4, 13], dtype=torch.int32, device=DEVICE)
     inp = make_inputs(batch=1, L=13, cplx=cplx)

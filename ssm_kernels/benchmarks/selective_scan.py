@@ -42,11 +42,11 @@ def _peers():
     return scan, step
 
 
-def _sequential(f):
-    """f run with the time-sequential Triton forward instead of the chunked default."""
+def _chunked(f):
+    """f run with the chunked Triton forward instead of the time-sequential default."""
     def g(*args):
         from ..selective_scan import triton as tk
-        old, tk.FWD_VARIANT = tk.FWD_VARIANT, "sequential"
+        old, tk.FWD_VARIANT = tk.FWD_VARIANT, "chunked"
         try:
             return f(*args)
         finally:
@@ -94,7 +94,7 @@ def cases(device: str, quick: bool) -> Iterator[Case]:
                       u, dl, A, Bm, Cm, Dv, z, bias, True, backend=be))
                  for be in backends]
         if "triton" in backends:
-            impls.append(("ssm_kernels.triton.sequential", _sequential(
+            impls.append(("ssm_kernels.triton.chunked", _chunked(
                 lambda u, dl, z, Bm, Cm, A=A, Dv=Dv, bias=bias: selective_scan_fn(
                     u, dl, A, Bm, Cm, Dv, z, bias, True, backend="triton"))))
         if peer_scan is not None:

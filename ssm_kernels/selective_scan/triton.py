@@ -544,8 +544,9 @@ def _groups(B, C) -> int:
 
 # Which forward kernel runs: "chunked" (coalesced time tiles + an associative scan per chunk) or
 # "sequential" (one step at a time, states in registers; its per-step loads are strided by seqlen).
-# The benchmark times both; pick the faster on the GPU.
-FWD_VARIANT = "chunked"
+# The benchmark times both. H100, run 3 (bench/NOTES.md): sequential 1.32 ms vs chunked 2.64 ms
+# at B=8 D=1536 L=2048 N=16 bf16, so sequential is the default.
+FWD_VARIANT = "sequential"
 
 
 def _fwd_config(N: int):
