@@ -40,3 +40,28 @@ def check_shape(name: str, x: torch.Tensor, expected: tuple) -> None:
     if not ok:
         exp = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
         raise ValueError(f"{name} must have shape {exp}, got {tuple(x.shape)}")
+
+
+def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, batch: int, T: int, *,
+                     empty_ok: bool = True, axis: str = "T") -> int:
+    """Packed-sequence offsets (FlashAttention style) for a batch of one row of length T along
+    `axis`: rank 1, int32/int64, N + 1 >= 2 entries from 0 to T, non-decreasing (strictly
+    increasing when empty sequences are not allowed). Value checks read the tensor on the host, so
+    they are skipped while torch.compile traces. Returns N, the number of sequences."""
+    check_tensor("cu_seqlens", cu_seqlens, rank=1)
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"{op}: cu_seqlens must hold N + 1 >= 2 offsets, got {cu_seqlens.numel()}")
+    if batch != 1:
+        raise ValueError(f"{op}: with cu_seqlens the batch must be 1 (B == 1, sequences packed "
+                         f"along {axis}), got batch {batch}")
+    if not torch.compiler.is_compiling():
+        c = cu_seqlens.tolist()
+        steps_ok = all((b >= a) if empty_ok else (b > a) for a, b in zip(c[:-1], c[1:]))
+        if c[0] != 0 or c[-1] != T or not steps_ok:
+            order = "non-decreasing" if empty_ok else "strictly increasing"
+            shown = c if len(c) <= 10 else c[:5] + ["..."] + c[-2:]
+            raise ValueError(f"{op}: cu_seqlens must start at 0, end at {axis}={T} and be {order}, "
+                             f"got {shown}")
+    return cu_seqlens.numel() - 1

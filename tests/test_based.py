@@ -248,12 +248,12 @@ def test_errors_name_the_argument():
         f(q, k, v, initial_state=h0[..., :3])
     with pytest.raises(ValueError, match="initial_state must have rank 4"):
         f(q, k, v, initial_state=h0[0])
-    with pytest.raises(ValueError, match="batch size must be 1"):
+    with pytest.raises(ValueError, match="batch must be 1"):
         f(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1),
           cu_seqlens=torch.tensor([0, 8]))
-    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0, end at T=8 and be non-decreasing"):
         f(q, k, v, cu_seqlens=torch.tensor([0, 5, 3, 8]))
-    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing from 0 to T=8"):
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0, end at T=8"):
         f(q, k, v, cu_seqlens=torch.tensor([0, 7]))
     with pytest.raises(TypeError, match="cu_seqlens must be int32 or int64"):
         f(q, k, v, cu_seqlens=torch.tensor([0.0, 8.0]))

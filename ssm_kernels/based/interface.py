@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from ..validation import check_dtype, check_same_device, check_tensor
+from ..validation import check_cu_seqlens, check_dtype, check_same_device, check_tensor
 from .reference import based_bwd_ref, based_parallel_ref, feature_dim, state_dtype
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -125,23 +125,7 @@ def _validate(name: str, q, k, v, scale, initial_state, cu_seqlens):
             raise ValueError(f"{name}: scale must be a positive float or None, got {scale!r}")
     N = B
     if cu_seqlens is not None:
-        check_tensor("cu_seqlens", cu_seqlens, rank=1)
-        if cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name}: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-        if B != 1:
-            raise ValueError(f"{name}: with cu_seqlens the batch size must be 1 (packed "
-                             f"sequences), got q of shape {tuple(q.shape)}")
-        if cu_seqlens.numel() < 2:
-            raise ValueError(f"{name}: cu_seqlens must hold N+1 >= 2 offsets, got "
-                             f"{cu_seqlens.numel()}")
-        N = cu_seqlens.shape[0] - 1
-        if torch.compiler.is_compiling():  # values are data: checked in eager mode only
-            c = [0, T]
-        else:
-            c = cu_seqlens.tolist()
-        if c[0] != 0 or c[-1] != T or any(b < a for a, b in zip(c[:-1], c[1:])):
-            raise ValueError(f"{name}: cu_seqlens must be non-decreasing from 0 to T={T}, got "
-                             f"{c if len(c) <= 10 else c[:5] + ['...'] + c[-2:]}")
+        N = check_cu_seqlens(name, cu_seqlens, B, T)
     if initial_state is not None:
         check_tensor("initial_state", initial_state, rank=4)
         check_dtype("initial_state", initial_state, floating=True)

@@ -43,18 +43,22 @@ class Ceilings:
 
 def measure_ceilings(device: str = "cuda") -> Ceilings:
     from triton.testing import do_bench
-    n = 1 << 28  # 1 GiB of float32, far beyond L2
-    x = torch.empty(n, device=device, dtype=torch.float32).uniform_()
-    y = torch.empty_like(x)
-    ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
-    copy = 2 * x.numel() * 4 / (ms * 1e-3) / 1e9
-    del x, y
+    copy = _copy_gbps(device)
     m = 8192
     p = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     q = torch.randn(m, m, device=device, dtype=torch.bfloat16)
     ms = do_bench(lambda: p @ q, warmup=50, rep=300, return_mode="median")
     tflops = 2 * m ** 3 / (ms * 1e-3) / 1e12
     return Ceilings(copy, tflops, torch.cuda.get_device_name(device))
+
+
+def _copy_gbps(device: str) -> float:
+    """Device-to-device copy of 1 GiB of float32 (far beyond L2), bytes read + written per second."""
+    from triton.testing import do_bench
+    x = torch.empty(1 << 28, device=device, dtype=torch.float32).uniform_()
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
+    return 2 * x.numel() * 4 / (ms * 1e-3) / 1e9
 
 
 def rotating(make: Callable[[], tuple], nbytes: int, l2_bytes: Optional[int] = None):

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from ..validation import check_same_device, check_tensor
+from ..validation import check_cu_seqlens, check_same_device, check_tensor
 from .reference import linear_attn_bwd_ref, linear_attn_fwd_ref, linear_attn_recurrent_ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -147,19 +147,7 @@ def _validate(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens
         raise TypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}")
     N = B
     if cu_seqlens is not None:
-        check_tensor("cu_seqlens", cu_seqlens, rank=1)
-        if cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{fn}: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-        if B != 1:
-            raise ValueError(f"{fn}: with cu_seqlens the batch must be one packed row (B == 1), got B={B}")
-        if cu_seqlens.numel() < 2:
-            raise ValueError(f"{fn}: cu_seqlens must have N + 1 >= 2 entries, got {cu_seqlens.numel()}")
-        if _checking():
-            cu = cu_seqlens.tolist()
-            if cu[0] != 0 or cu[-1] != T or any(b < a for a, b in zip(cu, cu[1:])):
-                raise ValueError(f"{fn}: cu_seqlens must start at 0, never decrease and end at T={T}, "
-                                 f"got {cu if len(cu) <= 10 else cu[:5] + ['...'] + cu[-5:]}")
-        N = cu_seqlens.numel() - 1
+        N = check_cu_seqlens(fn, cu_seqlens, B, T)
     if initial_state is not None:
         check_tensor("initial_state", initial_state)
         expect = (N, H, K, v.shape[3])

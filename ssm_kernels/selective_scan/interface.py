@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from ..validation import check_same_device, check_tensor
+from ..validation import check_cu_seqlens, check_same_device, check_tensor
 from .reference import (ckpt_rows, selective_scan_bwd_ref, selective_scan_fwd_ref,
                         selective_state_update_ref, state_dtype)
 
@@ -195,26 +195,6 @@ def _check_bc(name: str, M: Tensor, u: Tensor, A: Tensor) -> Tensor:
     return M4.contiguous()
 
 
-def _check_cu_seqlens(cu: Tensor, u: Tensor) -> None:
-    op = "selective_scan_fn"
-    check_tensor("cu_seqlens", cu, rank=1)
-    if cu.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{op}: cu_seqlens must be int32 or int64, got {cu.dtype}")
-    if cu.shape[0] < 2:
-        raise ValueError(f"{op}: cu_seqlens must have at least 2 entries (n + 1 for n sequences), "
-                         f"got {cu.shape[0]}")
-    if u.shape[0] != 1:
-        raise ValueError(f"{op}: with cu_seqlens the batch must be 1 (sequences packed along "
-                         f"seqlen), got batch {u.shape[0]}")
-    if not torch.compiler.is_compiling():  # value checks need the host; skipped while tracing
-        vals = cu.tolist()
-        if vals[0] != 0 or vals[-1] != u.shape[2]:
-            raise ValueError(f"{op}: cu_seqlens must start at 0 and end at seqlen {u.shape[2]}, "
-                             f"got {vals[0]} ... {vals[-1]}")
-        if any(b <= a for a, b in zip(vals[:-1], vals[1:])):
-            raise ValueError(f"{op}: cu_seqlens must be strictly increasing, got {vals}")
-
-
 # ---- public functions ----------------------------------------------------------------------------
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -298,9 +278,9 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         check_tensor("cu_seqlens", cu_seqlens)
     check_same_device(op, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
                       initial_state=initial_state, cu_seqlens=cu_seqlens)
+    nseq = batch
     if cu_seqlens is not None:
-        _check_cu_seqlens(cu_seqlens, u)
-    nseq = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        nseq = check_cu_seqlens(op, cu_seqlens, batch, u.shape[2], empty_ok=False, axis="seqlen")
     sd = state_dtype(u, A)
     h0 = None
     if initial_state is not None:
