@@ -36,15 +36,18 @@ def run(fn, a, b, h0, dim, reverse, cot, **kw):
     return (h, hT) + grads
 
 
-def check_against_reference(backend, shape, dim, dtype, reverse, strong_decay=False):
+def check_against_reference(backend, shape, dim, dtype, reverse, strong_decay=False, ref_device="cpu"):
+    """Outputs, final state and every gradient vs the float64 reference (run on `ref_device`: the
+    GPU at real sizes, where a Python loop over T on the CPU is too slow)."""
     a, b, h0 = make_inputs(shape, dim, dtype, strong_decay=strong_decay)
     hi = torch.complex128 if dtype.is_complex else torch.float64
-    cot = (torch.randn(shape, dtype=hi), torch.randn(h0.shape, dtype=hi))
+    cot = (torch.randn(shape, dtype=hi, device=ref_device),
+           torch.randn(h0.shape, dtype=hi, device=ref_device))
     out = run(sk.linear_scan, a, b, h0, dim, reverse, [c.to(DEVICE) for c in cot], backend=backend)
-    ref = run(sk.linear_scan_ref, *(x.cpu().to(hi) for x in (a, b, h0)), dim, reverse, cot)
+    ref = run(sk.linear_scan_ref, *(x.to(ref_device, hi) for x in (a, b, h0)), dim, reverse, cot)
     lowp = None
     if dtype in (torch.float16, torch.bfloat16):
-        lowp = run(sk.linear_scan_ref, *(x.cpu() for x in (a, b, h0)), dim, reverse, cot)
+        lowp = run(sk.linear_scan_ref, *(x.to(ref_device) for x in (a, b, h0)), dim, reverse, cot)
     for i, name in enumerate(["h", "final_state", "da", "db", "dh0"]):
         assert_close(out[i], ref[i], dtype=dtype, lowp_ref=None if lowp is None else lowp[i],
                      name=f"{backend} {name}")
@@ -189,21 +192,7 @@ def test_device_mismatch():
 def test_gpu_real_sizes(backend, shape, dim, dtype, reverse):
     if backend == "cuda" and dtype.is_complex:
         pytest.skip("CUDA kernel is real-only")
-    check_against_reference_fast(backend, shape, dim, dtype, reverse)
-
-
-def check_against_reference_fast(backend, shape, dim, dtype, reverse):
-    """Like check_against_reference, with the float64 reference on the GPU (a Python loop over
-    T is too slow on CPU at real sizes)."""
-    a, b, h0 = make_inputs(shape, dim, dtype)
-    hi = torch.complex128 if dtype.is_complex else torch.float64
-    cot = (torch.randn(shape, dtype=hi, device=DEVICE), torch.randn(h0.shape, dtype=hi, device=DEVICE))
-    out = run(sk.linear_scan, a, b, h0, dim, reverse, cot, backend=backend)
-    ref = run(sk.linear_scan_ref, *(x.to(hi) for x in (a, b, h0)), dim, reverse, cot)
-    lowp = run(sk.linear_scan_ref, a, b, h0, dim, reverse, cot) if dtype in (torch.float16, torch.bfloat16) else None
-    for i, name in enumerate(["h", "final_state", "da", "db", "dh0"]):
-        assert_close(out[i], ref[i], dtype=dtype, lowp_ref=None if lowp is None else lowp[i],
-                     name=f"{backend} {name}")
+    check_against_reference(backend, shape, dim, dtype, reverse, ref_device=DEVICE)
 
 
 @pytest.mark.gpu

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from .._backend import cuda_extension
 
-CUDA_DTYPES_NOTE = "float32, float16, bfloat16 (real only)"
-
 
 def fits(shape) -> bool:
     """The kernel indexes within a tile in int32: 64 * (the largest stride) must stay below 2^31."""

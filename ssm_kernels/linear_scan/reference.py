@@ -11,8 +11,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..testing import rel_err  # noqa: F401  (re-exported for convenience in notebooks)
-
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 state for real storage up to 32 bits, complex64 for complex64, float64 kept."""
