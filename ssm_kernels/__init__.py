@@ -1,5 +1,6 @@
 """ssm_kernels: fused Triton/CUDA kernels for recurrent sequence models. Public API only."""
 from ._backend import BackendUnavailableError, available_backends
+from ._config import set_debug
 from .based import chunk_based, fused_recurrent_based
 from .fft_conv import fft_conv, fft_conv_ref, s4d_kernel, s4d_kernel_ref
 from .linear_attn import (chunk_gla, chunk_linear_attn, chunk_simple_gla, fused_recurrent_gla,
@@ -21,4 +22,6 @@ __all__ = [
     "fft_conv", "fft_conv_ref", "s4d_kernel", "s4d_kernel_ref",
     # backends
     "available_backends", "BackendUnavailableError",
+    # GPU value checks (log-decays, cu_seqlens) on every call; off by default (they sync)
+    "set_debug",
 ]

@@ -5,6 +5,26 @@ from typing import Optional
 
 import torch
 
+from . import _config
+
+
+def checks_values(x: Optional[torch.Tensor]) -> bool:
+    """Whether to check values of `x` on the host: always for CPU tensors, for GPU tensors only in
+    debug mode (`ssm_kernels.set_debug(True)` / SSM_KERNELS_DEBUG=1), and never while compiling or
+    capturing a CUDA graph (a device-to-host copy there is an error or a graph break)."""
+    if x is None or torch.compiler.is_compiling():
+        return False
+    if x.device.type == "cpu":
+        return True
+    return _config.debug() and not torch.cuda.is_current_stream_capturing()
+
+
+def check_log_decay(op: str, name: str, g: Optional[torch.Tensor]) -> None:
+    """Log-decays must be <= 0 (a decay of at most 1). A value check: see `checks_values`."""
+    if checks_values(g) and bool((g > 0).any()):
+        raise ValueError(f"{op}: {name} holds log-decays and must be <= 0, got a maximum of "
+                         f"{g.max().item():.4g}")
+
 
 def check_tensor(name: str, x, min_rank: int = 0, rank: Optional[int] = None) -> None:
     if not isinstance(x, torch.Tensor):
@@ -46,8 +66,8 @@ def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, batch: int, T: int, *,
                      empty_ok: bool = True, axis: str = "T") -> int:
     """Packed-sequence offsets (FlashAttention style) for a batch of one row of length T along
     `axis`: rank 1, int32/int64, N + 1 >= 2 entries from 0 to T, non-decreasing (strictly
-    increasing when empty sequences are not allowed). Value checks read the tensor on the host, so
-    they are skipped while torch.compile traces. Returns N, the number of sequences."""
+    increasing when empty sequences are not allowed). The value checks read the tensor on the host:
+    see `checks_values` for when they run. Returns N, the number of sequences."""
     check_tensor("cu_seqlens", cu_seqlens, rank=1)
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
@@ -56,7 +76,7 @@ def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, batch: int, T: int, *,
     if batch != 1:
         raise ValueError(f"{op}: with cu_seqlens the batch must be 1 (B == 1, sequences packed "
                          f"along {axis}), got batch {batch}")
-    if not torch.compiler.is_compiling():
+    if checks_values(cu_seqlens):
         c = cu_seqlens.tolist()
         steps_ok = all((b >= a) if empty_ok else (b > a) for a, b in zip(c[:-1], c[1:]))
         if c[0] != 0 or c[-1] != T or not steps_ok:

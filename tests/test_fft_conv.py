@@ -301,16 +301,16 @@ def test_s4d_errors():
 def test_opcheck(backend):
     u, k, D, pg, qg = make(2, 2, 20, 9)
     dy = torch.randn_like(u)
-    torch.library.opcheck(fft_conv_fwd_op, (u, k, D, pg, qg, backend))
-    torch.library.opcheck(fft_conv_fwd_op, (u.requires_grad_(), k.requires_grad_(), None, None, None, backend))
-    torch.library.opcheck(fft_conv_bwd_op, (dy, u.detach(), k.detach(), D, pg, qg, backend))
-    torch.library.opcheck(fft_conv_bwd_op, (dy, u.detach(), k.detach(), None, None, None, backend))
+    torch.library.opcheck(fft_conv_fwd_op.op, (u, k, D, pg, qg, backend))
+    torch.library.opcheck(fft_conv_fwd_op.op, (u.requires_grad_(), k.requires_grad_(), None, None, None, backend))
+    torch.library.opcheck(fft_conv_bwd_op.op, (dy, u.detach(), k.detach(), D, pg, qg, backend))
+    torch.library.opcheck(fft_conv_bwd_op.op, (dy, u.detach(), k.detach(), None, None, None, backend))
     log_dt, A, C = s4d_params(2, 5)
     dt2 = torch.stack([log_dt.exp(), torch.zeros_like(log_dt)], 1)
     parts = [x.contiguous() for x in (C.real, C.imag, A.real, A.imag, dt2)]
-    torch.library.opcheck(s4d_vandermonde_op, (*parts, 11, backend))
-    torch.library.opcheck(s4d_vandermonde_op, (*(p.clone().requires_grad_() for p in parts), 11, backend))
-    torch.library.opcheck(s4d_vandermonde_bwd_op, (*parts, torch.randn(2, 11, device=DEVICE), backend))
+    torch.library.opcheck(s4d_vandermonde_op.op, (*parts, 11, backend))
+    torch.library.opcheck(s4d_vandermonde_op.op, (*(p.clone().requires_grad_() for p in parts), 11, backend))
+    torch.library.opcheck(s4d_vandermonde_bwd_op.op, (*parts, torch.randn(2, 11, device=DEVICE), backend))
 
 
 def _compile_roundtrip(backend):

@@ -305,14 +305,14 @@ def test_opcheck(backend):
             inp["D"], inp["z"], inp["delta_bias"], inp["initial_state"], None, True, True, backend)
     leaves = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
               for a in args]
-    torch.library.opcheck(selective_scan_fwd_op, leaves)
+    torch.library.opcheck(selective_scan_fwd_op.op, leaves)
     out, last, ck = selective_scan_fwd_op(*args)
     plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     bargs = (*plain[:10], ck.detach(), torch.randn_like(out), torch.randn_like(last), True, backend)
-    torch.library.opcheck(selective_scan_bwd_op, bargs)
+    torch.library.opcheck(selective_scan_bwd_op.op, bargs)
     h = _headed_inputs()
     step_backend = "triton" if backend == "cuda" else backend  # the decode step has no CUDA kernel
-    torch.library.opcheck(selective_state_update_op,
+    torch.library.opcheck(selective_state_update_op.op,
                           (h["state"], h["x"], h["dt"], h["A"], h["B"], h["C"], h["D"], h["z"],
                            h["dt_bias"], True, None, step_backend))
 

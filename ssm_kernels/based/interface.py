@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .._ops import kernel_op
 from ..validation import check_cu_seqlens, check_dtype, check_same_device, check_tensor
 from .reference import based_bwd_ref, based_parallel_ref, feature_dim, state_dtype
 
@@ -32,7 +33,7 @@ def _empty_state(q: Tensor) -> Tensor:
 
 # ---- registered ops (q, k [B, T, H, K], v [B, T, H, V] contiguous; states [N, H, D, V+1]) ----
 
-@torch.library.custom_op("ssm_kernels::based_fwd", mutates_args=())
+@kernel_op("based_fwd", mutates_args=())
 def based_fwd_op(q: Tensor, k: Tensor, v: Tensor, h0: Optional[Tensor], scale: float,
                  use_norm: bool, cu_seqlens: Optional[Tensor], store_final: bool, step: bool,
                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
@@ -56,7 +57,7 @@ def _(q, k, v, h0, scale, use_norm, cu_seqlens, store_final, step, backend):
     return torch.empty_like(v), q.new_empty((B, T, H), dtype=sd), hT
 
 
-@torch.library.custom_op("ssm_kernels::based_bwd", mutates_args=())
+@kernel_op("based_bwd", mutates_args=())
 def based_bwd_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, z: Tensor, h0: Optional[Tensor],
                  do: Tensor, dhT: Optional[Tensor], scale: float, use_norm: bool,
                  cu_seqlens: Optional[Tensor], backend: str

@@ -119,10 +119,10 @@ def time_case(case: Case, ceil: Optional[Ceilings], quick: bool = False) -> dict
     return row
 
 
-def write_csv(rows: List[dict], path: str) -> None:
+def write_csv(rows: List[dict], path: str, columns: Optional[List[str]] = None) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns or COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
 

@@ -37,3 +37,18 @@ def accelerated_scan():
         return scan
     except Exception:
         return None
+
+
+_FLA_PATHS = {
+    "chunk_linear_attn": "fla.ops.linear_attn", "fused_recurrent_linear_attn": "fla.ops.linear_attn",
+    "chunk_simple_gla": "fla.ops.simple_gla", "fused_recurrent_simple_gla": "fla.ops.simple_gla",
+    "chunk_gla": "fla.ops.gla", "fused_recurrent_gla": "fla.ops.gla",
+}
+
+
+def fla_function(name: str):
+    """flash-linear-attention's function of that name, or None when fla is not importable."""
+    try:
+        return getattr(importlib.import_module(_FLA_PATHS[name]), name)
+    except Exception:
+        return None

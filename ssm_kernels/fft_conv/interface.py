@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .._ops import kernel_op
 from ..validation import check_same_device, check_shape, check_tensor
 from .reference import fft_conv_bwd_ref, fft_conv_fwd_ref, vandermonde_grads, vandermonde_ref
 
@@ -34,7 +35,7 @@ def _none(x: Tensor) -> Optional[Tensor]:
 
 # ---- fft_conv: registered ops (u, gates [B, H, L] contiguous; k [H, Lk]; D [H]) ----------------
 
-@torch.library.custom_op("ssm_kernels::fft_conv_fwd", mutates_args=())
+@kernel_op("fft_conv_fwd", mutates_args=())
 def fft_conv_fwd_op(u: Tensor, k: Tensor, D: Optional[Tensor], pre_gate: Optional[Tensor],
                     post_gate: Optional[Tensor], backend: str) -> Tensor:
     if _select("fft_conv", backend, u) == "triton":
@@ -48,7 +49,7 @@ def _(u, k, D, pre_gate, post_gate, backend):
     return torch.empty_like(u)
 
 
-@torch.library.custom_op("ssm_kernels::fft_conv_bwd", mutates_args=())
+@kernel_op("fft_conv_bwd", mutates_args=())
 def fft_conv_bwd_op(dy: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor],
                     pre_gate: Optional[Tensor], post_gate: Optional[Tensor],
                     backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -162,7 +163,7 @@ def _c64(wr, wi, ar, ai, dt2):
     return (torch.complex(wr.to(d), wi.to(d)), dt2.to(d).sum(1), torch.complex(ar.to(d), ai.to(d)))
 
 
-@torch.library.custom_op("ssm_kernels::s4d_vandermonde", mutates_args=())
+@kernel_op("s4d_vandermonde", mutates_args=())
 def s4d_vandermonde_op(wr: Tensor, wi: Tensor, ar: Tensor, ai: Tensor, dt2: Tensor, L: int,
                        backend: str) -> Tensor:
     if _select("s4d_kernel", backend, wr) == "triton":
@@ -177,7 +178,7 @@ def _(wr, wi, ar, ai, dt2, L, backend):
     return wr.new_empty((wr.shape[0], L))
 
 
-@torch.library.custom_op("ssm_kernels::s4d_vandermonde_bwd", mutates_args=())
+@kernel_op("s4d_vandermonde_bwd", mutates_args=())
 def s4d_vandermonde_bwd_op(wr: Tensor, wi: Tensor, ar: Tensor, ai: Tensor, dt2: Tensor, dK: Tensor,
                            backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients for (wr, wi, ar, ai, dt2); both columns of dt2 get d/d(dt)."""

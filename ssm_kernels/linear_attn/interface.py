@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from ..validation import check_cu_seqlens, check_same_device, check_tensor
+from .._ops import kernel_op
+from ..validation import check_cu_seqlens, check_log_decay, check_same_device, check_tensor
 from .reference import linear_attn_bwd_ref, linear_attn_fwd_ref, linear_attn_recurrent_ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -41,7 +42,7 @@ def _state_dtype(q: Tensor) -> torch.dtype:
 
 # ---- registered ops (contiguous [B, T, H, D]; g float32 [B, T, H] or [B, T, H, K]) -------------
 
-@torch.library.custom_op("ssm_kernels::linear_attn_fwd", mutates_args=())
+@kernel_op("linear_attn_fwd", mutates_args=())
 def linear_attn_fwd_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], h0: Optional[Tensor],
                        cu_seqlens: Optional[Tensor], scale: float, recurrent: bool,
                        backend: str) -> Tuple[Tensor, Tensor]:
@@ -66,7 +67,7 @@ def _(q, k, v, g, h0, cu_seqlens, scale, recurrent, backend):
                                             dtype=_state_dtype(q))
 
 
-@torch.library.custom_op("ssm_kernels::linear_attn_bwd", mutates_args=())
+@kernel_op("linear_attn_bwd", mutates_args=())
 def linear_attn_bwd_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], h0: Optional[Tensor],
                        cu_seqlens: Optional[Tensor], scale: float, ht: Tensor, do: Tensor,
                        dht: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -111,11 +112,6 @@ linear_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- validation ------------------------------------------------------------------------------
 
-def _checking() -> bool:
-    """Data-dependent checks (sign of g, cu_seqlens values) need a host sync; skip them in graphs."""
-    return not torch.compiler.is_compiling()
-
-
 def _validate(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens):
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, x, rank=4)
@@ -140,9 +136,7 @@ def _validate(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens
             raise ValueError(f"{fn}: g must have shape {layout} = {expect}, got {tuple(g.shape)}")
         if not g.is_floating_point():
             raise TypeError(f"{fn}: g must have a floating dtype, got {g.dtype}")
-        if _checking() and bool((g > 0).any()):
-            raise ValueError(f"{fn}: g holds log-decays and must be <= 0, got a maximum of "
-                             f"{g.max().item():.4g}")
+        check_log_decay(fn, "g", g)
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}")
     N = B
@@ -202,9 +196,7 @@ def _validate_gamma(fn, g_gamma, q):
     if not g_gamma.is_floating_point():
         raise TypeError(f"{fn}: g_gamma must have a floating dtype, got {g_gamma.dtype}")
     check_same_device(fn, q=q, g_gamma=g_gamma)
-    if _checking() and bool((g_gamma > 0).any()):
-        raise ValueError(f"{fn}: g_gamma holds log-decays and must be <= 0, got a maximum of "
-                         f"{g_gamma.max().item():.4g}")
+    check_log_decay(fn, "g_gamma", g_gamma)
 
 
 # ---- normalize (chunk_linear_attn / fused_recurrent_linear_attn) -------------------------------

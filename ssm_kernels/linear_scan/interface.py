@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .._ops import kernel_op
 from ..validation import check_dtype, check_same_device, check_tensor
 from .reference import linear_scan_bwd_ref, linear_scan_fwd_ref, state_dtype
 
@@ -39,7 +40,7 @@ def _select(backend: str, x: Tensor) -> str:
 
 # ---- registered ops (canonical layout [P, T, Q], contiguous) --------------------------------
 
-@torch.library.custom_op("ssm_kernels::linear_scan_fwd", mutates_args=())
+@kernel_op("linear_scan_fwd", mutates_args=())
 def linear_scan_fwd_op(a: Tensor, b: Tensor, h0: Optional[Tensor], reverse: bool,
                        backend: str) -> Tuple[Tensor, Tensor]:
     chosen = _select(backend, b)
@@ -58,7 +59,7 @@ def _(a, b, h0, reverse, backend):
     return torch.empty_like(b), b.new_empty((b.shape[0], b.shape[2]), dtype=state_dtype(b.dtype))
 
 
-@torch.library.custom_op("ssm_kernels::linear_scan_bwd", mutates_args=())
+@kernel_op("linear_scan_bwd", mutates_args=())
 def linear_scan_bwd_op(a: Tensor, h: Tensor, h0: Optional[Tensor], dh: Tensor, dhT: Tensor,
                        reverse: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     chosen = _select(backend, h)

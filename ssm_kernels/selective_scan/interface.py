@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
+from .._ops import kernel_op
 from ..validation import check_cu_seqlens, check_same_device, check_tensor
 from .reference import (ckpt_rows, selective_scan_bwd_ref, selective_scan_fwd_ref,
                         selective_state_update_ref, state_dtype)
@@ -45,7 +46,7 @@ def _empty(like: Tensor) -> Tensor:
 
 # ---- registered ops (canonical layout: see triton.selective_scan_fwd) ---------------------------
 
-@torch.library.custom_op("ssm_kernels::selective_scan_fwd", mutates_args=())
+@kernel_op("selective_scan_fwd", mutates_args=())
 def selective_scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                           D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
                           h0: Optional[Tensor], cu_seqlens: Optional[Tensor], delta_softplus: bool,
@@ -70,7 +71,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, delta_softplus, save_
             u.new_empty((rows, u.shape[1], A.shape[1]), dtype=sd))
 
 
-@torch.library.custom_op("ssm_kernels::selective_scan_bwd", mutates_args=())
+@kernel_op("selective_scan_bwd", mutates_args=())
 def selective_scan_bwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                           D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
                           h0: Optional[Tensor], cu_seqlens: Optional[Tensor], ckpt: Tensor,
@@ -120,7 +121,7 @@ def _backward(ctx, dout, dlast, _dckpt):
 selective_scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("ssm_kernels::selective_state_update", mutates_args=("state",))
+@kernel_op("selective_state_update", mutates_args=("state",))
 def selective_state_update_op(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
                               C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
                               dt_bias: Optional[Tensor], dt_softplus: bool,

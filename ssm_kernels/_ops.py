@@ -1,0 +1,74 @@
+"""One host path for every kernel launch: a registered op for the compiler, a direct call in eager.
+
+`torch.library.custom_op` is what makes `torch.compile(fullgraph=True)` and `opcheck` work, but its
+eager dispatch costs tens to hundreds of microseconds per call (schema parsing of defaults, the
+dispatcher, an autograd wrapper that materialises zero gradients). Kernels that run for a few
+microseconds cannot afford that. `kernel_op` registers the op exactly as before and returns a
+`KernelOp` that, in eager mode, calls the implementation directly — through a plain
+`torch.autograd.Function` built from the same `setup_context`/`backward` when a gradient is needed.
+While compiling or when handed tensor subclasses (fake/functional tensors of export and opcheck),
+it goes through the registered op, so tracing sees one opaque node with its fake implementation.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import torch
+
+_is_compiling = torch.compiler.is_compiling
+
+
+class KernelOp:
+    """A registered custom op plus its eager fast path. Call it like the function it wraps.
+
+    op: the `torch.library.custom_op` object (use it for opcheck, or `torch.ops.ssm_kernels.*`).
+    impl: the undecorated implementation (what eager calls run).
+    """
+
+    def __init__(self, name: str, fn: Callable, mutates_args: Iterable[str]):
+        self.impl = fn
+        self.op = torch.library.custom_op(f"ssm_kernels::{name}", fn, mutates_args=mutates_args)
+        self._function: Optional[type] = None
+        self.__name__ = name
+        self.__doc__ = fn.__doc__
+
+    def register_fake(self, fn: Callable) -> Callable:
+        self.op.register_fake(fn)
+        return fn
+
+    def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
+        """Same contract as CustomOpDef.register_autograd; backward may receive None for the
+        gradient of an output that was not used (both paths pass None, never materialised zeros)."""
+        self.op.register_autograd(backward, setup_context=setup_context)
+        impl = self.impl
+
+        def _setup(ctx, inputs, output):
+            ctx.set_materialize_grads(False)
+            setup_context(ctx, inputs, output)
+
+        self._function = type(f"{self.__name__}_function", (torch.autograd.Function,), {
+            "forward": staticmethod(impl),
+            "setup_context": staticmethod(_setup),
+            "backward": staticmethod(backward),
+        })
+
+    def __call__(self, *args):
+        if _is_compiling() or type(args[0]) is not torch.Tensor:
+            return self.op(*args)
+        if self._function is not None and torch.is_grad_enabled() and _any_requires_grad(args):
+            return self._function.apply(*args)
+        return self.impl(*args)
+
+
+def _any_requires_grad(args) -> bool:
+    for a in args:
+        if type(a) is torch.Tensor and a.requires_grad:
+            return True
+    return False
+
+
+def kernel_op(name: str, *, mutates_args: Iterable[str] = ()) -> Callable[[Callable], KernelOp]:
+    """Decorator: register `fn` as `torch.ops.ssm_kernels.<name>` and return its `KernelOp`."""
+    def wrap(fn: Callable) -> KernelOp:
+        return KernelOp(name, fn, mutates_args)
+    return wrap
