@@ -42,13 +42,16 @@ class KernelOp:
         self.op.register_autograd(backward, setup_context=setup_context)
         impl = self.impl
 
-        def _setup(ctx, inputs, output):
+        # Old-style forward(ctx, *args): Function.apply binds default arguments through
+        # inspect.signature on every call when a separate setup_context is defined (tens of us).
+        def forward(ctx, *args):
             ctx.set_materialize_grads(False)
-            setup_context(ctx, inputs, output)
+            output = impl(*args)
+            setup_context(ctx, args, output)
+            return output
 
         self._function = type(f"{self.__name__}_function", (torch.autograd.Function,), {
-            "forward": staticmethod(impl),
-            "setup_context": staticmethod(_setup),
+            "forward": staticmethod(forward),
             "backward": staticmethod(backward),
         })
 

@@ -25,7 +25,10 @@ def _cu(*lens):
 
 
 def _outputs(out):
-    return [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if t is not None]
+    """The tensors of an op's result, nested tuples flattened (fla's normalised state is a pair)."""
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _outputs(o)]
+    return [] if out is None else [out]
 
 
 def _case_fns():
