@@ -216,8 +216,8 @@ def checks():
 
 def bench():
     import triton
-    from ssm_kernels.benchmarks.selective_scan import _peers
     try:
+        from ssm_kernels.benchmarks.selective_scan import _peers
         mamba_scan, _ = _peers()
     except Exception:
         mamba_scan = None
