@@ -27,6 +27,13 @@ void check_input(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// The selective-scan kernels stream rows with 16-byte cp.async from 16-byte-aligned bases; a
+// view whose storage offset breaks that (rare: torch allocations are 512-byte aligned) is copied.
+at::Tensor aligned16(const at::Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0) return t;
+  return t.clone(at::MemoryFormat::Contiguous);
+}
+
 // ---- linear_scan ---------------------------------------------------------------------------
 
 // Canonical (O, C) view of a contiguous [P, T, Q] tensor; mirrors linear_scan/triton.py::_canonical.
@@ -140,15 +147,18 @@ std::vector<at::Tensor> selective_scan_fwd(
   auto f32 = u.options().dtype(at::kFloat);
   auto last = at::empty({nseq, dim, N}, f32);
   auto ckpt = at::empty({ck_rows, dim, N}, f32);
-  p.u = u.data_ptr();
-  p.delta = delta.data_ptr();
+  const at::Tensor ua = aligned16(u), da = aligned16(delta);
+  const at::Tensor Ba = B.dim() == 4 ? aligned16(B) : B, Ca = C.dim() == 4 ? aligned16(C) : C;
+  at::Tensor za;
+  p.u = ua.data_ptr();
+  p.delta = da.data_ptr();
   p.out = out.data_ptr();
   p.A = A.data_ptr<float>();
-  p.B = B.data_ptr();
-  p.C = C.data_ptr();
+  p.B = Ba.data_ptr();
+  p.C = Ca.data_ptr();
   p.B_var = B.dim() == 4;
   p.C_var = C.dim() == 4;
-  if (z.has_value()) { check_input(*z, "z"); p.z = z->data_ptr(); }
+  if (z.has_value()) { check_input(*z, "z"); za = aligned16(*z); p.z = za.data_ptr(); }
   if (D.has_value()) { check_input(*D, "D"); p.D = D->data_ptr<float>(); }
   if (delta_bias.has_value()) { check_input(*delta_bias, "delta_bias"); p.delta_bias = delta_bias->data_ptr<float>(); }
   if (h0.has_value()) { check_input(*h0, "h0"); p.h0 = h0->data_ptr<float>(); }
@@ -161,6 +171,7 @@ std::vector<at::Tensor> selective_scan_fwd(
   p.last = last.data_ptr<float>();
   p.ckpt = ck_rows > 0 ? ckpt.data_ptr<float>() : nullptr;
   p.batch = batch; p.dim = dim; p.L = L; p.N = N; p.groups = groups; p.nseq = nseq;
+  TORCH_CHECK(ck_len >= 1 && (ck_len & (ck_len - 1)) == 0, "selective_scan: ck_len must be a power of two");
   p.ck_len = static_cast<int>(ck_len);
   p.ck_per_batch = (L + ck_len - 1) / ck_len;
   p.softplus = softplus;

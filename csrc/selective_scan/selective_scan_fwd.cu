@@ -1,166 +1,266 @@
-// selective scan forward, time-sequential and channel-parallel (the issue's formulation).
+// selective scan forward: time-sequential, channel-parallel, states in registers.
 //
-// A block of 128 threads owns kD channels of one group of one sequence with all their N states:
-// thread (ch, slice) keeps kNPT states of channel ch in float32 registers. Time is walked in
-// chunks: the chunk's u, dt (bias + softplus applied once per (d, t)), z and the time-varying B, C
-// are staged through shared memory with coalesced loads along time; then every thread runs the
-// chunk's steps sequentially (one exp2 and three FMAs per state and step, no scan overhead), y is
-// reduced over the slices of a channel with warp shuffles into a shared tile, and the output tile
-// (y + D u) * silu(z) is written back coalesced. States entering every ck_len steps are saved for
-// the backward (the Triton backward restarts from them). int64 offsets throughout.
+// A block of 128 threads owns kD channels of one group of one sequence; thread (ch, slice) keeps
+// kNPT of the channel's states in float32 registers, kTPC = 128 / kD consecutive lanes share a
+// channel. Time is walked in chunks of kChunk steps:
+//   stage    cp.async of the NEXT chunk's u, delta, z, B, C rows (16-byte vectors, zero-filled
+//            past the end) into a raw double buffer, issued before this chunk is computed, so the
+//            DRAM latency hides behind the compute;
+//   convert  dt = softplus(delta + bias) and dt*u once per (d, t), B/C to float32 laid out
+//            [t][n] so a thread reads its kNPT values with 16-byte broadcast loads;
+//   compute  per step and state: one ex2.approx, h = a h + (dt u) B, y += C h; y of kTPC steps is
+//            reduce-scattered over the channel's lanes (kTPC - 1 shuffles per kTPC steps);
+//   output   (y + D u) * silu(z) back to global memory, coalesced along time.
+// Steps past the end of a sequence get dt = 0 and B = 0, which leave h unchanged, so every chunk
+// runs all kChunk steps with no bounds checks in the inner loop. Checkpoints (the state entering
+// every ck_len-th step, for the backward) are written at chunk starts (kChunk divides ck_len; the
+// large-N variant checks inside the chunk). int64 offsets; no integer division in any loop over
+// time except by compile-time constants.
 #include "selective_scan/selective_scan.h"
+#include "selective_scan/sscan_common.cuh"
 
 namespace ssm {
 namespace {
 
+using namespace sscan;
+
 constexpr int kThreads = 128;
-constexpr float kLog2e = 1.4426950408889634f;
 
-__device__ __forceinline__ float softplus_f(float x) {
-  return x <= 20.f ? log1pf(__expf(x)) : x;  // torch's threshold
-}
+template <typename T, int kNPT, int kTPC, int kChunk>
+struct FwdLayout {
+  static constexpr int kD = kThreads / kTPC;   // channels per block
+  static constexpr int kNP = kNPT * kTPC;      // states per channel, padded
+  static constexpr int kV = 16 / sizeof(T);    // elements per 16-byte vector
+  static constexpr int kRowEl = kChunk + kV;   // raw row: aligned window covering one chunk
+  static constexpr int kNV = kRowEl / kV;      // vectors per raw row
+  static constexpr int kRows = 3 * kD + 2 * kNP;  // u, delta, z (kD each), B, C (kNP each)
+  static constexpr int kDDP = kChunk + 1;      // (dt, dt u) pitch in float2: conflict-free rows
+  static constexpr int kBP = kNP + 4;          // B/C pitch per step (multiple of 4: float4 reads)
+  static constexpr int kBC = (kChunk * kBP > kD * kNP) ? kChunk * kBP : kD * kNP;
+  static constexpr int kYP = kChunk + kTPC;    // y pitch: the kTPC lanes of a channel hit distinct banks
+  static constexpr size_t kRawBytes = sizeof(T) * kRows * kRowEl;  // one buffer
+  static constexpr size_t kBytes = 2 * kRawBytes + sizeof(float2) * kD * kDDP +
+                                   sizeof(float) * (2 * kBC + kD * kYP + 2 * kD);
+  static_assert(kThreads % kTPC == 0 && 32 % kTPC == 0, "a channel's lanes sit in one warp");
+  static_assert(kNPT % 4 == 0 && kChunk % kTPC == 0 && kChunk % kV == 0, "vector widths");
+  static_assert((kRowEl * sizeof(T)) % 16 == 0 && (kD * kDDP) % 2 == 0, "16-byte alignment");
+};
 
-template <typename T>
-__device__ __forceinline__ float load_f(const void* base, int64_t i) {
-  return to_float(static_cast<const T*>(base)[i]);
-}
-
-template <typename T, int kNPT>
-__global__ void __launch_bounds__(kThreads) selective_scan_fwd_kernel(
-    const SelectiveScanFwdParams p, const int tpc, const int kD, const int chunk) {
-  extern __shared__ float smem[];
-  const int pitch = chunk + 1;  // +1: channels read the same column without bank conflicts
-  const int n_pad = tpc * kNPT;
-  float* s_u = smem;
-  float* s_dt = s_u + kD * pitch;
-  float* s_z = s_dt + kD * pitch;
-  float* s_y = s_z + kD * pitch;
-  float* s_B = s_y + kD * pitch;
-  float* s_C = s_B + n_pad * pitch;
+template <typename T, int kNPT, int kTPC, int kChunk, bool kInnerCk>
+__global__ void __launch_bounds__(kThreads) selective_scan_fwd_kernel(const SelectiveScanFwdParams p) {
+  using Lay = FwdLayout<T, kNPT, kTPC, kChunk>;
+  constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl, kNV = Lay::kNV;
+  constexpr int kRows = Lay::kRows, kDDP = Lay::kDDP, kBP = Lay::kBP, kYP = Lay::kYP;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* raw0 = reinterpret_cast<T*>(smem);
+  float2* s_dd = reinterpret_cast<float2*>(smem + 2 * Lay::kRawBytes);
+  float* s_B = reinterpret_cast<float*>(s_dd + kD * kDDP);
+  float* s_C = s_B + Lay::kBC;
+  float* s_y = s_C + Lay::kBC;
+  float* s_Dv = s_y + kD * kYP;
+  float* s_bias = s_Dv + kD;
 
   const int tid = threadIdx.x;
-  const int ch = tid / tpc;
-  const int slice = tid % tpc;
+  const int ch = tid / kTPC, slice = tid % kTPC;
   const int64_t DG = p.dim / p.groups;
-  const int64_t g = blockIdx.y;
-  const int64_t s = blockIdx.z;
-  const int64_t d_local0 = static_cast<int64_t>(blockIdx.x) * kD;
-  const int64_t d = g * DG + d_local0 + ch;
-  const bool d_ok = ch < kD && d_local0 + ch < DG;
+  const int64_t g = blockIdx.y, s = blockIdx.z;
+  const int64_t dl0 = static_cast<int64_t>(blockIdx.x) * kD;
+  const int64_t d0 = g * DG + dl0;
+  const int nch = static_cast<int>(DG - dl0 < kD ? DG - dl0 : kD);  // channels this block owns
+  const bool ch_ok = ch < nch;
+  const int64_t d = d0 + ch;
+  const int N = static_cast<int>(p.N);
+  const int64_t L = p.L;
 
-  int64_t bos = 0, Ts = p.L, b = s, ck0 = s * p.ck_per_batch;
+  int64_t bos = 0, Ts = L, b = s, ck0 = s * p.ck_per_batch;
   if (p.cu_seqlens) {
     bos = p.cu_seqlens[s];
     Ts = p.cu_seqlens[s + 1] - bos;
     b = 0;
     ck0 = p.ck_offsets ? p.ck_offsets[s] : 0;
   }
+  const int64_t ubase = (b * p.dim + d0) * L + bos;               // (b, d0, bos); row r adds r L
+  const int64_t bcbase = ((b * p.groups + g) * p.N) * L + bos;   // (b, g, 0, bos); row n adds n L
+  const T* gu = static_cast<const T*>(p.u);
+  const T* gdelta = static_cast<const T*>(p.delta);
+  const T* gz = static_cast<const T*>(p.z);
+  const T* gB = static_cast<const T*>(p.B);
+  const T* gC = static_cast<const T*>(p.C);
+  T* gout = static_cast<T*>(p.out);
 
-  // per-thread constants and state
-  float a2[kNPT], bc[kNPT], cc[kNPT], h[kNPT];
+  if (tid < kD) {
+    s_Dv[tid] = (p.D && tid < nch) ? p.D[d0 + tid] : 0.f;
+    s_bias[tid] = (p.delta_bias && tid < nch) ? p.delta_bias[d0 + tid] : 0.f;
+  }
+  // time-invariant B/C (dim, N) float32: one row of kNP per channel, read with time stride 0
+  for (int i = tid; i < kD * kNP; i += kThreads) {
+    const int r = i / kNP, n = i % kNP;
+    const bool ok = r < nch && n < N;
+    if (!p.B_var) s_B[i] = ok ? static_cast<const float*>(p.B)[(d0 + r) * p.N + n] : 0.f;
+    if (!p.C_var) s_C[i] = ok ? static_cast<const float*>(p.C)[(d0 + r) * p.N + n] : 0.f;
+  }
+
+  float a2[kNPT], h[kNPT];
 #pragma unroll
   for (int k = 0; k < kNPT; ++k) {
-    const int64_t n = slice * kNPT + k;
-    const bool ok = d_ok && n < p.N;
-    a2[k] = ok ? p.A[d * p.N + n] * kLog2e : 0.f;
-    bc[k] = (ok && !p.B_var) ? static_cast<const float*>(p.B)[d * p.N + n] : 0.f;
-    cc[k] = (ok && !p.C_var) ? static_cast<const float*>(p.C)[d * p.N + n] : 0.f;
+    const int n = slice * kNPT + k;
+    const bool ok = ch_ok && n < N;
+    a2[k] = ok ? p.A[d * p.N + n] * kLog2e : 0.f;  // padding: a = 1, B = 0 -> h stays 0
     h[k] = (ok && p.h0) ? p.h0[(s * p.dim + d) * p.N + n] : 0.f;
   }
 
-  const int64_t row0 = (b * p.dim + g * DG + d_local0) * p.L + bos;  // (b, first channel, bos)
-  const int64_t bc_row0 = ((b * p.groups + g) * p.N) * p.L + bos;     // (b, g, n = 0, bos)
+  const int ck_mask = p.ck_len - 1;  // ck_len is a power of two
+  const int ck_shift = __ffs(p.ck_len) - 1;
+  auto save_ckpt = [&](int64_t t) {  // the state entering step t of the sequence
+    if (!ch_ok) return;
+    float* dst = p.ckpt + ((ck0 + (t >> ck_shift)) * p.dim + d) * p.N + slice * kNPT;
+#pragma unroll
+    for (int k = 0; k < kNPT; ++k)
+      if (slice * kNPT + k < N) dst[k] = h[k];
+  };
 
-  for (int64_t c0 = 0; c0 < Ts; c0 += chunk) {
-    const int len = static_cast<int>(Ts - c0 < chunk ? Ts - c0 : chunk);
-    __syncthreads();  // the previous chunk's tiles are consumed
-    for (int i = tid; i < kD * chunk; i += kThreads) {
-      const int r = i / chunk, col = i % chunk;
-      const bool ok = col < len && d_local0 + r < DG;
-      const int64_t off = row0 + r * p.L + c0 + col;
-      float uu = 0.f, dt = 0.f, zz = 0.f;
-      if (ok) {
-        uu = load_f<T>(p.u, off);
-        dt = load_f<T>(p.delta, off) + (p.delta_bias ? p.delta_bias[g * DG + d_local0 + r] : 0.f);
-        dt = p.softplus ? softplus_f(dt) : dt;
-        if (p.z) zz = load_f<T>(p.z, off);
+  // issue the cp.async copies of the chunk starting at c0 (len steps) into raw buffer `buf`
+  auto stage = [&](int buf, int64_t c0, int len) {
+    T* raw = raw0 + buf * (kRows * kRowEl);
+    for (int i = tid; i < kRows * kNV; i += kThreads) {
+      const int row = i / kNV, j = i % kNV;
+      const T* src;
+      int64_t e;
+      bool ok;
+      if (row < 3 * kD) {
+        const int kind = row / kD, r = row % kD;
+        src = kind == 0 ? gu : (kind == 1 ? gdelta : gz);
+        ok = r < nch && (kind < 2 || gz != nullptr);
+        e = ubase + r * L + c0;
+      } else {
+        const int q = row - 3 * kD, which = q / kNP, n = q % kNP;
+        src = which ? gC : gB;
+        ok = n < N && (which ? p.C_var : p.B_var);
+        e = bcbase + n * L + c0;
       }
-      s_u[r * pitch + col] = uu;
-      s_dt[r * pitch + col] = dt;  // 0 on padding: exp2(0) = 1, input 0 -> state kept
-      s_z[r * pitch + col] = zz;
+      const int shift = static_cast<int>(e & (kV - 1));
+      const int valid = shift + len - j * kV;  // elements of this vector inside [aligned start, chunk end)
+      if (!ok || valid <= 0) continue;
+      cp_async16(raw + row * kRowEl + j * kV, src + (e - shift) + j * kV,
+                 (valid < kV ? valid : kV) * static_cast<int>(sizeof(T)));
+    }
+  };
+
+  const int64_t nchunks = (Ts + kChunk - 1) / kChunk;
+  const bool ck_on = p.ckpt != nullptr;
+  stage(0, 0, static_cast<int>(Ts < kChunk ? Ts : kChunk));
+  cp_async_commit();
+
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t c0 = c * kChunk;
+    const int len = static_cast<int>(Ts - c0 < kChunk ? Ts - c0 : kChunk);
+    const int buf = static_cast<int>(c & 1);
+    const T* raw = raw0 + buf * (kRows * kRowEl);
+    cp_async_wait_all();
+    __syncthreads();  // chunk c has landed for every thread; chunk c-1's tiles are consumed
+    if (c + 1 < nchunks) {
+      const int64_t rest = Ts - c0 - kChunk;
+      stage(buf ^ 1, c0 + kChunk, static_cast<int>(rest < kChunk ? rest : kChunk));
+    }
+    cp_async_commit();
+
+    // ---- convert: (dt, dt u) per (d, t); B, C as float32 [t][n]
+    for (int i = tid; i < kD * kChunk; i += kThreads) {
+      const int r = i / kChunk, t = i % kChunk;
+      float dt = 0.f, dtu = 0.f;
+      if (t < len && r < nch) {
+        const int sh = static_cast<int>((ubase + r * L) & (kV - 1)) + t;
+        const float uu = to_float(raw[r * kRowEl + sh]);
+        const float x = to_float(raw[(kD + r) * kRowEl + sh]) + s_bias[r];
+        dt = p.softplus ? softplus_fast(x) : x;
+        dtu = dt * uu;
+      }
+      s_dd[r * kDDP + t] = make_float2(dt, dtu);
     }
     if (p.B_var || p.C_var) {
-      for (int i = tid; i < n_pad * chunk; i += kThreads) {
-        const int n = i / chunk, col = i % chunk;
-        const bool ok = col < len && n < p.N;
-        const int64_t off = bc_row0 + n * p.L + c0 + col;
-        if (p.B_var) s_B[n * pitch + col] = ok ? load_f<T>(p.B, off) : 0.f;
-        if (p.C_var) s_C[n * pitch + col] = ok ? load_f<T>(p.C, off) : 0.f;
+      for (int i = tid; i < kNP * kChunk; i += kThreads) {
+        const int n = i / kChunk, t = i % kChunk;
+        const bool ok = t < len && n < N;
+        const int sh = static_cast<int>((bcbase + n * L) & (kV - 1)) + t;
+        if (p.B_var) s_B[t * kBP + n] = ok ? to_float(raw[(3 * kD + n) * kRowEl + sh]) : 0.f;
+        if (p.C_var) s_C[t * kBP + n] = ok ? to_float(raw[(3 * kD + kNP + n) * kRowEl + sh]) : 0.f;
       }
     }
+    if (!kInnerCk && ck_on && (c0 & ck_mask) == 0) save_ckpt(c0);
     __syncthreads();
-    for (int t = 0; t < len; ++t) {
-      if (p.ckpt && ((c0 + t) % p.ck_len) == 0 && d_ok) {
-        float* dst = p.ckpt + ((ck0 + (c0 + t) / p.ck_len) * p.dim + d) * p.N;
+
+    // ---- compute: kChunk steps, every state of every channel
+    {
+      const float2* dd = s_dd + ch * kDDP;
+      const float* pB = p.B_var ? s_B + slice * kNPT : s_B + ch * kNP + slice * kNPT;
+      const float* pC = p.C_var ? s_C + slice * kNPT : s_C + ch * kNP + slice * kNPT;
+      const int sBt = p.B_var ? kBP : 0, sCt = p.C_var ? kBP : 0;
+      float* py = s_y + ch * kYP + slice;
 #pragma unroll
-        for (int k = 0; k < kNPT; ++k) {
-          const int64_t n = slice * kNPT + k;
-          if (n < p.N) dst[n] = h[k];
+      for (int tg = 0; tg < kChunk; tg += kTPC) {
+        float yv[kTPC];
+#pragma unroll
+        for (int j = 0; j < kTPC; ++j) {
+          const int t = tg + j;
+          if (kInnerCk && ck_on && ((c0 + t) & ck_mask) == 0 && c0 + t < Ts) save_ckpt(c0 + t);
+          const float2 x = dd[t];
+          float bv[kNPT], cv[kNPT];
+          load_vec(bv, pB + t * sBt);
+          load_vec(cv, pC + t * sCt);
+          float y = 0.f;
+#pragma unroll
+          for (int k = 0; k < kNPT; ++k) {
+            h[k] = fmaf(ex2(x.x * a2[k]), h[k], x.y * bv[k]);
+            y = fmaf(cv[k], h[k], y);
+          }
+          yv[j] = y;
         }
+        reduce_scatter<kTPC>(yv, slice);
+        py[tg] = yv[0];
       }
-      const float dt = s_dt[ch * pitch + t];
-      const float dtu = dt * s_u[ch * pitch + t];
-      float y = 0.f;
-#pragma unroll
-      for (int k = 0; k < kNPT; ++k) {
-        const int n = slice * kNPT + k;
-        const float bv = p.B_var ? s_B[n * pitch + t] : bc[k];
-        const float cv = p.C_var ? s_C[n * pitch + t] : cc[k];
-        h[k] = fmaf(exp2f(dt * a2[k]), h[k], dtu * bv);
-        y = fmaf(cv, h[k], y);
-      }
-      for (int off = tpc >> 1; off > 0; off >>= 1) y += __shfl_xor_sync(0xffffffffu, y, off);
-      if (slice == 0) s_y[ch * pitch + t] = y;
     }
     __syncthreads();
-    for (int i = tid; i < kD * chunk; i += kThreads) {
-      const int r = i / chunk, col = i % chunk;
-      if (col >= len || d_local0 + r >= DG) continue;
-      const int64_t dd = g * DG + d_local0 + r;
-      float y = s_y[r * pitch + col];
-      if (p.D) y = fmaf(p.D[dd], s_u[r * pitch + col], y);
-      if (p.z) {
-        const float zz = s_z[r * pitch + col];
-        y *= zz / (1.f + __expf(-zz));
+
+    // ---- output: (y + D u) * silu(z)
+    for (int i = tid; i < kD * kChunk; i += kThreads) {
+      const int r = i / kChunk, t = i % kChunk;
+      if (t >= len || r >= nch) continue;
+      const int64_t e = ubase + r * L;
+      const int sh = static_cast<int>(e & (kV - 1)) + t;
+      float y = s_y[r * kYP + t];
+      if (p.D) y = fmaf(s_Dv[r], to_float(raw[r * kRowEl + sh]), y);
+      if (gz) {
+        const float zz = to_float(raw[(2 * kD + r) * kRowEl + sh]);
+        y *= zz * sigmoid_fast(zz);
       }
-      static_cast<T*>(p.out)[row0 + r * p.L + c0 + col] = from_float<T>(y);
+      gout[e + c0 + t] = from_float<T>(y);
     }
   }
-  if (d_ok) {
+  cp_async_wait_all();
+
+  if (ch_ok) {
+    float* dst = p.last + (s * p.dim + d) * p.N + slice * kNPT;
 #pragma unroll
-    for (int k = 0; k < kNPT; ++k) {
-      const int64_t n = slice * kNPT + k;
-      if (n < p.N) p.last[(s * p.dim + d) * p.N + n] = h[k];
-    }
+    for (int k = 0; k < kNPT; ++k)
+      if (slice * kNPT + k < N) dst[k] = h[k];
   }
 }
 
-template <typename T, int kNPT>
+template <typename T, int kNPT, int kTPC, int kChunk, bool kInnerCk>
 cudaError_t launch(const SelectiveScanFwdParams& p, cudaStream_t stream) {
-  int tpc = 1;  // threads per channel: a power of two covering N / kNPT, at most one warp
-  while (tpc * kNPT < p.N) tpc <<= 1;
-  const int kD = kThreads / tpc;
-  // the longest time chunk (<= 64) whose tiles fit the default 48 KiB of dynamic shared memory
-  auto smem_for = [&](int chunk) {
-    return sizeof(float) * static_cast<size_t>(chunk + 1) * (4 * kD + 2 * tpc * kNPT);
-  };
-  int chunk = 64;
-  while (chunk > 8 && smem_for(chunk) > 48 * 1024) chunk >>= 1;
-  const size_t smem = smem_for(chunk);
+  using Lay = FwdLayout<T, kNPT, kTPC, kChunk>;
+  if (p.ckpt && !kInnerCk && (p.ck_len % kChunk) != 0) return cudaErrorInvalidValue;
+  if (p.ckpt && (p.ck_len & (p.ck_len - 1)) != 0) return cudaErrorInvalidValue;
+  auto kernel = selective_scan_fwd_kernel<T, kNPT, kTPC, kChunk, kInnerCk>;
+  if (Lay::kBytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Lay::kBytes));
+    if (err != cudaSuccess) return err;
+  }
   const int64_t DG = p.dim / p.groups;
-  dim3 grid(static_cast<unsigned>((DG + kD - 1) / kD), static_cast<unsigned>(p.groups),
-            static_cast<unsigned>(p.nseq));
-  selective_scan_fwd_kernel<T, kNPT><<<grid, kThreads, smem, stream>>>(p, tpc, kD, chunk);
+  const dim3 grid(static_cast<unsigned>((DG + Lay::kD - 1) / Lay::kD),
+                  static_cast<unsigned>(p.groups), static_cast<unsigned>(p.nseq));
+  kernel<<<grid, kThreads, Lay::kBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -169,9 +269,14 @@ cudaError_t launch(const SelectiveScanFwdParams& p, cudaStream_t stream) {
 cudaError_t selective_scan_fwd_cuda(const SelectiveScanFwdParams& p, DType dtype, cudaStream_t stream) {
   if (p.N < 1 || p.N > 256) return cudaErrorInvalidValue;
   cudaError_t err = cudaSuccess;
+  // four state-size buckets: (states per thread, threads per channel, chunk); the chunk divides
+  // the checkpoint spacing chunk_len(N) (reference.py) except for N > 64, which checks per step
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    err = p.N <= 128 ? launch<T, 4>(p, stream) : launch<T, 8>(p, stream);
+    if (p.N <= 16) err = launch<T, 4, 4, 32, false>(p, stream);
+    else if (p.N <= 32) err = launch<T, 8, 4, 32, false>(p, stream);
+    else if (p.N <= 64) err = launch<T, 8, 8, 32, false>(p, stream);
+    else err = launch<T, 16, 16, 16, true>(p, stream);
   });
   return err;
 }

@@ -1,0 +1,85 @@
+// Device helpers shared by the selective-scan forward and backward. No torch headers.
+#pragma once
+#include <cuda_runtime.h>
+#include <cstdint>
+
+#include "common/dtype.cuh"
+
+namespace ssm {
+namespace sscan {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// One MUFU.EX2 (flush-to-zero: exp of a large negative argument is 0, as wanted for a decay).
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float lg2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// torch's softplus (threshold 20) with two MUFU ops and no division: log1p(e) by its series where
+// 1 + e would drop digits (e < 1/16: truncation error < e^7/7), by lg2 otherwise.
+__device__ __forceinline__ float softplus_fast(float x) {
+  const float e = ex2(x * kLog2e);
+  const float series =
+      e * fmaf(e, fmaf(e, fmaf(e, fmaf(e, fmaf(e, -1.f / 6.f, 0.2f), -0.25f), 1.f / 3.f), -0.5f), 1.f);
+  const float lg = lg2(1.f + e) * kLn2;
+  return x > 20.f ? x : (e < 0.0625f ? series : lg);
+}
+
+__device__ __forceinline__ float rcp(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 1 / (1 + e^-x): two MUFU ops; x -> -inf gives rcp(inf) = 0.
+__device__ __forceinline__ float sigmoid_fast(float x) { return rcp(1.f + ex2(-x * kLog2e)); }
+
+// 16-byte async copy global -> shared; bytes < 16 reads only that many and zero-fills the rest.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int bytes) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+// Reduce-scatter over the kW consecutive lanes that share a channel: on entry v[j] is this lane's
+// partial for item j (j < kW); on exit v[0] is the sum over the kW lanes of item (lane % kW).
+// kW - 1 shuffles per kW items instead of kW * log2(kW) for one all-reduce per item.
+template <int kM, int kW>
+__device__ __forceinline__ void reduce_scatter_round(float (&v)[kW], int slice) {
+  if constexpr (kM >= 1) {
+    const bool up = (slice & kM) != 0;
+#pragma unroll
+    for (int i = 0; i < kM; ++i) {
+      const float send = up ? v[i] : v[i + kM];
+      const float keep = up ? v[i + kM] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, kM);
+    }
+    reduce_scatter_round<kM / 2>(v, slice);
+  }
+}
+template <int kW>
+__device__ __forceinline__ void reduce_scatter(float (&v)[kW], int slice) {
+  reduce_scatter_round<kW / 2>(v, slice);  // rounds are compile-time so v stays in registers
+}
+
+template <int kN>
+__device__ __forceinline__ void load_vec(float (&dst)[kN], const float* src) {  // 16-byte aligned
+#pragma unroll
+  for (int k = 0; k < kN; k += 4) {
+    const float4 q = *reinterpret_cast<const float4*>(src + k);
+    dst[k] = q.x; dst[k + 1] = q.y; dst[k + 2] = q.z; dst[k + 3] = q.w;
+  }
+}
+
+}  // namespace sscan
+}  // namespace ssm
