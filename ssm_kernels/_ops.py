@@ -75,3 +75,26 @@ def kernel_op(name: str, *, mutates_args: Iterable[str] = ()) -> Callable[[Calla
     def wrap(fn: Callable) -> KernelOp:
         return KernelOp(name, fn, mutates_args)
     return wrap
+
+
+def cached_on_metadata(fn: Callable) -> Callable:
+    """Memoise a function of tensors' metadata only (device, dtype, shape) and plain values: the
+    backend choice of every call is such a function, and resolving it anew costs host time.
+    Exceptions are not cached; the cache is cleared when it grows past a few thousand entries."""
+    cache: dict = {}
+
+    def wrapper(*args, **kwargs):
+        key = tuple((a.device, a.dtype, a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        if kwargs:
+            key += tuple(kwargs.items())
+        try:
+            return cache[key]
+        except KeyError:
+            if len(cache) > 4096:
+                cache.clear()
+            result = cache[key] = fn(*args, **kwargs)
+            return result
+
+    wrapper.__wrapped__ = fn
+    wrapper.__doc__ = fn.__doc__
+    return wrapper

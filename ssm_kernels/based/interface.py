@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._ops import kernel_op
+from .._ops import cached_on_metadata, kernel_op
 from ..validation import check_cu_seqlens, check_dtype, check_same_device, check_tensor
 from .reference import based_bwd_ref, based_parallel_ref, feature_dim, state_dtype
 
@@ -15,6 +15,7 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TRITON_MAX_K = 128
 
 
+@cached_on_metadata
 def _select(backend: str, q: Tensor) -> str:
     def triton_ok():
         reason = _backend.triton_reason(q.device)

@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from .._config import triton_interpret
+from .._device import sm_count
 from ..linear_attn.triton import seq_span  # shared [bos, eos) of a (packed) sequence
 from .reference import EPS, feature_dim
 
@@ -501,7 +502,7 @@ def _segment_len(T: int, programs: int, device: torch.device) -> int:
         return SEGMENT_LEN if 0 < SEGMENT_LEN < T else 0
     if device.type != "cuda":
         return 0
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     if programs >= sms:  # one 8-warp program fills an SM's registers: a full wave already
         return 0
     seg = max(_SEGMENT_MIN, triton.cdiv(triton.cdiv(T, triton.cdiv(2 * sms, programs)), 64) * 64)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._ops import kernel_op
+from .._ops import cached_on_metadata, kernel_op
 from ..validation import check_same_device, check_shape, check_tensor
 from .reference import fft_conv_bwd_ref, fft_conv_fwd_ref, vandermonde_grads, vandermonde_ref
 
@@ -15,6 +15,7 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _U_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+@cached_on_metadata
 def _select(op: str, backend: str, x: Tensor) -> str:
     def triton_ok():
         reason = _backend.triton_reason(x.device)

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from .._config import triton_interpret
+from .._device import sm_count
 
 TWO_PI = 6.283185307179586
 
@@ -499,7 +500,7 @@ def _warps(n: int) -> int:
 def _sm_count(device) -> int:
     if triton_interpret() or device.type != "cuda":
         return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return sm_count(device)
 
 
 def _batch_split(B: int, H: int, device=torch.device("cpu")):

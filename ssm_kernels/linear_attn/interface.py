@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._ops import kernel_op
+from .._ops import cached_on_metadata, kernel_op
 from ..validation import check_cu_seqlens, check_log_decay, check_same_device, check_tensor
 from .reference import linear_attn_bwd_ref, linear_attn_fwd_ref, linear_attn_recurrent_ref
 
@@ -24,6 +24,7 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 
 
+@cached_on_metadata
 def _select(backend: str, q: Tensor, v: Tensor) -> str:
     def triton_ok():
         reason = _backend.triton_reason(q.device)

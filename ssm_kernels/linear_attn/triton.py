@@ -33,7 +33,6 @@ sequence n spanning [n*T, (n+1)*T)); states are contiguous float32 [N, H, K, V];
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -41,6 +40,7 @@ import triton
 import triton.language as tl
 
 from .._config import triton_interpret
+from .._device import sm_count
 
 LOG2E = 1.4426950408889634
 
@@ -561,9 +561,6 @@ MIN_SEGMENT_CHUNKS = 8     # never cut segments shorter than this many chunks
 FORCE_SEGMENTS: Optional[int] = None   # tests: force S (the interpreter has no SM count)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _num_segments(B, T, H, NV, BT, device, cu_seqlens) -> int:
@@ -574,7 +571,7 @@ def _num_segments(B, T, H, NV, BT, device, cu_seqlens) -> int:
     elif device.type != "cuda":
         return 1
     else:
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        sms = sm_count(device)
         S = min(-(-PROGRAMS_PER_SM * sms // (B * H * NV)), T // (MIN_SEGMENT_CHUNKS * BT))
     if S <= 1:
         return 1

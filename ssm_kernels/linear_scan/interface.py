@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._ops import kernel_op
+from .._ops import cached_on_metadata, kernel_op
 from ..validation import check_dtype, check_same_device, check_tensor
 from .reference import linear_scan_bwd_ref, linear_scan_fwd_ref, state_dtype
 
@@ -15,6 +15,7 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.complex64)
 _CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@cached_on_metadata
 def _select(backend: str, x: Tensor) -> str:
     def triton_ok():
         reason = _backend.triton_reason(x.device)

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .._config import triton_interpret
+from .._device import sm_count
 
 
 @triton.jit
@@ -273,7 +274,7 @@ def _split(T: int, programs: int, block_t: int, device: torch.device):
     if triton_interpret():
         target = 4  # small shapes: exercise the split path in CPU tests too
     else:
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 2 * sm_count(device)
     if programs >= target or T <= 4 * block_t:
         return T, 1
     n = min(triton.cdiv(T, 4 * block_t), triton.cdiv(2 * target, programs))

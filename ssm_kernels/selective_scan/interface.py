@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._ops import kernel_op
+from .._ops import cached_on_metadata, kernel_op
 from ..validation import check_cu_seqlens, check_same_device, check_tensor
 from .reference import (ckpt_rows, selective_scan_bwd_ref, selective_scan_fwd_ref,
                         selective_state_update_ref, state_dtype)
@@ -17,6 +17,7 @@ _WEIGHTS = (torch.float32, torch.complex64)
 MAX_DSTATE = 256
 
 
+@cached_on_metadata
 def _select(op: str, backend: str, u: Tensor, A: Tensor, cu_seqlens=None,
             cuda_fwd: bool = False) -> str:
     """cuda_fwd: the call is the scan's forward (the one part with a CUDA kernel)."""
