@@ -14,3 +14,12 @@ if op == "linear_scan":
     for _ in range(2):
         sk.linear_scan(a, b, backend=backend)
 torch.cuda.synchronize()
+if op == "selective_scan":  # issue 9's first shape, every feature on
+    Bsz, D, L, N = 8, 1536, 2048, 16
+    u, dt, z = (torch.randn(Bsz, D, L, device="cuda", dtype=dtype) for _ in range(3))
+    A = -torch.rand(D, N, device="cuda")
+    Bv, Cv = (torch.randn(Bsz, 1, N, L, device="cuda", dtype=dtype) for _ in range(2))
+    Dp, bias = torch.randn(D, device="cuda"), torch.randn(D, device="cuda")
+    for _ in range(2):
+        sk.selective_scan_fn(u, dt, A, Bv, Cv, Dp, z, bias, True, backend=backend)
+torch.cuda.synchronize()
