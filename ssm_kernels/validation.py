@@ -48,10 +48,15 @@ def check_dtype(name: str, x: torch.Tensor, floating: bool = True, complex_ok: b
 
 
 def check_same_device(op: str, **tensors) -> None:
-    devices = {k: v.device for k, v in tensors.items() if v is not None}
-    if len(set(devices.values())) > 1:
-        listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
-        raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
+    device = None
+    for v in tensors.values():  # the common case costs one comparison per tensor
+        if v is None:
+            continue
+        if device is None:
+            device = v.device
+        elif v.device != device:
+            listing = ", ".join(f"{k} on {t.device}" for k, t in tensors.items() if t is not None)
+            raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
 
 
 def check_shape(name: str, x: torch.Tensor, expected: tuple) -> None:

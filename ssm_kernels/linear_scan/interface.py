@@ -61,12 +61,15 @@ def _(a, b, h0, reverse, backend):
 
 
 @kernel_op("linear_scan_bwd", mutates_args=())
-def linear_scan_bwd_op(a: Tensor, h: Tensor, h0: Optional[Tensor], dh: Tensor, dhT: Tensor,
-                       reverse: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+def linear_scan_bwd_op(a: Tensor, h: Tensor, h0: Optional[Tensor], dh: Tensor,
+                       dhT: Optional[Tensor], reverse: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """dhT None: no gradient reaches the final state (the Triton kernel then skips it)."""
     chosen = _select(backend, h)
     if chosen == "triton":
         from .triton import linear_scan_bwd
         return linear_scan_bwd(a, h, h0, dh, dhT, reverse)
+    if dhT is None:
+        dhT = h.new_zeros((h.shape[0], h.shape[2]), dtype=state_dtype(h.dtype))
     if chosen == "cuda":
         from .cuda import linear_scan_bwd
         return linear_scan_bwd(a, h, h0, dh, dhT, reverse)
@@ -90,10 +93,9 @@ def _backward(ctx, dh, dhT):
     a, h, h0 = ctx.saved_tensors
     if dh is None:
         dh = torch.zeros_like(h)
-    if dhT is None:
-        dhT = h.new_zeros((h.shape[0], h.shape[2]), dtype=state_dtype(h.dtype))
-    da, db, dh0 = linear_scan_bwd_op(a, h, h0, dh.contiguous(), dhT.contiguous(), ctx.reverse,
-                                     ctx.backend)
+    if dhT is not None:
+        dhT = dhT.to(state_dtype(h.dtype)).contiguous()
+    da, db, dh0 = linear_scan_bwd_op(a, h, h0, dh.contiguous(), dhT, ctx.reverse, ctx.backend)
     return da, db, (None if h0 is None else dh0.to(h0.dtype)), None, None
 
 

@@ -14,6 +14,8 @@ Complex64 tensors come in as float32 pairs (re at +0, im at +1; strides in float
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -138,9 +140,9 @@ def _linear_scan_bwd_kernel(
     T, C, CHUNK, NC,
     # strides of a/h/dh/da/db in elements (float32 units for complex)
     s_o, s_t, s_c,
-    # meta-parameters
+    # meta-parameters; HAS_CARRY=False: no gradient enters past the last step (dhT_ptr unused)
     HAS_H0: tl.constexpr, REVERSE: tl.constexpr, COMPLEX: tl.constexpr, SUMMARY: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_CARRY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # g_t = dh_t + conj(a[t_next]) g[t_next], walked opposite to the forward pass: t_next = t+1
     # (t-1 for reverse=True) is the step processed just before t. The forward predecessor of t,
@@ -159,10 +161,9 @@ def _linear_scan_bwd_kernel(
     acc_i = tl.zeros([BLOCK_C], dtype=tl.float32)
     base_c = i_o.to(tl.int64) * s_o + o_c.to(tl.int64) * s_c
     base = base_c[:, None]
-    if SUMMARY:
-        carry_r = tl.zeros([BLOCK_C], dtype=tl.float32)
-        carry_i = tl.zeros([BLOCK_C], dtype=tl.float32)
-    else:
+    carry_r = tl.zeros([BLOCK_C], dtype=tl.float32)
+    carry_i = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_CARRY:  # never with SUMMARY (summaries start from a zero carry)
         carry_r = tl.load(dhT_ptr + p_state, mask=m_c, other=0.0).to(tl.float32)
         if COMPLEX:
             carry_i = tl.load(dhT_ptr + p_state + 1, mask=m_c, other=0.0).to(tl.float32)
@@ -242,20 +243,6 @@ def _linear_scan_bwd_kernel(
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.complex64)
 
 
-def _canonical(x: torch.Tensor):
-    """[P, T, Q] contiguous -> (tensor for the kernel, O, C, s_o, s_t, s_c).
-
-    Q == 1 (time innermost, e.g. [B, D, T]) folds P into the channel axis so one program still owns
-    many channels; complex tensors are viewed as float32 pairs.
-    """
-    P, T, Q = x.shape
-    w = 2 if x.is_complex() else 1
-    xk = torch.view_as_real(x) if x.is_complex() else x
-    if Q == 1:
-        return xk, 1, P, 0, w, T * w
-    return xk, P, Q, T * Q * w, Q * w, w
-
-
 def _config(T: int, C: int, time_inner: bool, complex_: bool, elem_bytes: int):
     """Tile shape and warps by layout (measured on H100, see bench/NOTES.md)."""
     if triton_interpret():
@@ -290,25 +277,34 @@ def _shift_in(ends: torch.Tensor, start, reverse: bool) -> torch.Tensor:
     return torch.cat([first, ends[:, :-1]], 1).contiguous()
 
 
+@functools.lru_cache(maxsize=1024)
+def _plan(P: int, T: int, Q: int, complex_: bool, elem_bytes: int, device: torch.device):
+    """Everything a launch needs that depends only on shapes (computed once per shape: host time
+    per call is part of the kernel's cost). Returns (O, C, s_o, s_t, s_c, cfg, chunk, nc, grid)."""
+    w = 2 if complex_ else 1
+    O, C, s_o, s_t, s_c = (1, P, 0, w, T * w) if Q == 1 else (P, Q, T * Q * w, Q * w, w)
+    cfg = _config(T, C, Q == 1, complex_, elem_bytes)
+    chunk, nc = _split(T, O * triton.cdiv(C, cfg["BLOCK_C"]), cfg["BLOCK_T"], device)
+    return O, C, s_o, s_t, s_c, cfg, chunk, nc, (triton.cdiv(C, cfg["BLOCK_C"]), O, nc)
+
+
 def linear_scan_fwd(a: torch.Tensor, b: torch.Tensor, h0, reverse: bool):
     """a, b: contiguous [P, T, Q] of one dtype in TRITON_DTYPES; h0: [P, Q] state dtype or None."""
     P, T, Q = b.shape
-    sdt = torch.complex64 if b.is_complex() else torch.float32
+    cplx = b.is_complex()
+    sdt = torch.complex64 if cplx else torch.float32
+    O, C, s_o, s_t, s_c, cfg, chunk, nc, grid = _plan(P, T, Q, cplx, b.element_size(), b.device)
     h = torch.empty_like(b)
-    ak, O, C, s_o, s_t, s_c = _canonical(a)
-    bk = _canonical(b)[0]
-    hk = _canonical(h)[0]
-    cfg = _config(T, C, Q == 1, b.is_complex(), b.element_size())
-    chunk, nc = _split(T, O * triton.cdiv(C, cfg["BLOCK_C"]), cfg["BLOCK_T"], b.device)
-    grid = (triton.cdiv(C, cfg["BLOCK_C"]), O, nc)
-    common = dict(REVERSE=reverse, COMPLEX=b.is_complex(), **cfg)
+    ak, bk, hk = (_state_view(x) for x in (a, b, h)) if cplx else (a, b, h)
     if nc == 1:
         hT = torch.empty((P, Q), dtype=sdt, device=b.device)
         h0k = None if h0 is None else _state_view(h0.to(sdt).contiguous())
         _linear_scan_fwd_kernel[grid](
             ak, bk, h0k if h0k is not None else hk, hk, _state_view(hT), hk,
-            T, C, chunk, nc, s_o, s_t, s_c, HAS_H0=h0 is not None, SUMMARY=False, **common)
+            T, C, chunk, nc, s_o, s_t, s_c, HAS_H0=h0 is not None, REVERSE=reverse, COMPLEX=cplx,
+            SUMMARY=False, **cfg)
         return h, hT
+    common = dict(REVERSE=reverse, COMPLEX=cplx, **cfg)
     # 1) per-chunk summaries (product of a, end state from zero); 2) scan over chunks;
     # 3) rerun each chunk from its true incoming state, writing h
     sa = torch.empty((O, nc, C), dtype=sdt, device=b.device)
@@ -327,34 +323,38 @@ def linear_scan_fwd(a: torch.Tensor, b: torch.Tensor, h0, reverse: bool):
 
 
 def linear_scan_bwd(a, h, h0, dh, dhT, reverse: bool):
-    """Gradients (da, db, dh0) from the saved output h; dh [P, T, Q], dhT [P, Q]."""
+    """Gradients (da, db, dh0) from the saved output h; dh [P, T, Q], dhT [P, Q] in the state dtype
+    or None (no gradient reaches the final state: the carry starts at zero)."""
     P, T, Q = h.shape
-    sdt = torch.complex64 if h.is_complex() else torch.float32
+    cplx = h.is_complex()
+    sdt = torch.complex64 if cplx else torch.float32
+    O, C, s_o, s_t, s_c, cfg, chunk, nc, grid = _plan(P, T, Q, cplx, h.element_size(), h.device)
     dh = dh.contiguous()
+    dhT = None if dhT is None else dhT.contiguous()
     da = torch.empty_like(a)
     db = torch.empty_like(h)
-    ak, O, C, s_o, s_t, s_c = _canonical(a)
-    hk, dhk, dak, dbk = (_canonical(x)[0] for x in (h, dh, da, db))
-    cfg = _config(T, C, Q == 1, h.is_complex(), h.element_size())
-    chunk, nc = _split(T, O * triton.cdiv(C, cfg["BLOCK_C"]), cfg["BLOCK_T"], h.device)
-    grid = (triton.cdiv(C, cfg["BLOCK_C"]), O, nc)
-    common = dict(HAS_H0=h0 is not None, REVERSE=reverse, COMPLEX=h.is_complex(), **cfg)
-    dhT = dhT.to(sdt).contiguous()
+    ak, hk, dhk, dak, dbk = (_state_view(x) for x in (a, h, dh, da, db)) if cplx else (a, h, dh, da, db)
+    common = dict(HAS_H0=h0 is not None, REVERSE=reverse, COMPLEX=cplx, **cfg)
     h0k = None if h0 is None else _state_view(h0.to(sdt).contiguous())
     if nc == 1:
         carry = dhT
     else:  # chunk summaries, a scan over chunks in the backward's order, then the full pass
+        if dhT is None:
+            dhT = torch.zeros((P, Q), dtype=sdt, device=h.device)
         sa = torch.empty((O, nc, C), dtype=sdt, device=h.device)
         sg = torch.empty_like(sa)
         _linear_scan_bwd_kernel[grid](
             ak, hk, h0k if h0k is not None else hk, dhk, _state_view(sg), dak, dbk,
-            _state_view(sg), _state_view(sa), T, C, chunk, nc, s_o, s_t, s_c, SUMMARY=True, **common)
+            _state_view(sg), _state_view(sa), T, C, chunk, nc, s_o, s_t, s_c, SUMMARY=True,
+            HAS_CARRY=False, **common)
         ends, _ = linear_scan_fwd(sa, sg, dhT.reshape(O, C), not reverse)
         carry = _shift_in(ends, dhT, not reverse)
     dh0 = torch.empty((O, nc, C), dtype=sdt, device=h.device)
     _linear_scan_bwd_kernel[grid](
-        ak, hk, h0k if h0k is not None else hk, dhk, _state_view(carry), dak, dbk,
-        _state_view(dh0), _state_view(dh0), T, C, chunk, nc, s_o, s_t, s_c, SUMMARY=False, **common)
+        ak, hk, h0k if h0k is not None else hk, dhk,
+        _state_view(carry) if carry is not None else dhk, dak, dbk,
+        _state_view(dh0), _state_view(dh0), T, C, chunk, nc, s_o, s_t, s_c, SUMMARY=False,
+        HAS_CARRY=carry is not None, **common)
     # the chunk holding the globally last processed step (t=0 unless reverse) has the true dh0
     return da, db, dh0[:, nc - 1 if reverse else 0].reshape(P, Q)
 
