@@ -575,8 +575,9 @@ tiles = dict(BLOCK_D=c["BLOCK_D"], BLOCK_N=16, BLOCK_T=c["BLOCK_T"])
 build(K._bwd_kernel, types, dict(flags, NSUB=c["NSUB"], **tiles), c["num_warps"])
 build(K._fwd_chunked_kernel, types, dict(flags, HAS_H0=True, SAVE_CK=True, **tiles), c["num_warps"])
 build(K._fwd_kernel, types, dict(flags, HAS_H0=True, SAVE_CK=True, BLOCK_D=32, BLOCK_N=16), 4)
-build(K._state_update_kernel, types, dict(SOFTPLUS=True, HAS_BIAS=True, HAS_D=True, HAS_Z=True,
-                                          HAS_IDX=True, BLOCK_P=32, BLOCK_N=16), 4)
+for tied in (False, True):
+    build(K._state_update_kernel, types, dict(SOFTPLUS=True, HAS_BIAS=True, HAS_D=True, HAS_Z=True,
+                                              HAS_IDX=True, TIED=tied, BLOCK_P=32, BLOCK_N=16), 4)
 print("compiled")
 '''
 

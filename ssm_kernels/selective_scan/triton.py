@@ -484,8 +484,10 @@ def _state_update_kernel(
     s_ob, s_oh, s_op,
     # meta-parameters
     SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_IDX: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_IDX: tl.constexpr, TIED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # TIED: dt, dt_bias and A are one value per head (Mamba-2: broadcast over headdim and dstate
+    # with stride 0), so the decay exp(dt * A) is one scalar per program instead of one per element
     i_p, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
     m_p = o_p < P
@@ -505,16 +507,24 @@ def _state_update_kernel(
         p_state = state_ptr + row * s_sb + i_h64 * s_sh + o_p[:, None].to(tl.int64) * s_sp + o_n[None, :] * s_sn
         h = tl.load(p_state, mask=m_pn, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + i_b64 * s_xb + i_h64 * s_xh + o_p * s_xp, mask=m_p, other=0.0).to(tl.float32)
-        dt = tl.load(dt_ptr + i_b64 * s_db + i_h64 * s_dh + o_p * s_dp, mask=m_p, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt += tl.load(bias_ptr + i_h64 * s_bh + o_p * s_bp, mask=m_p, other=0.0).to(tl.float32)
-        dt = _dt_transform(dt, SOFTPLUS)
-        a = tl.load(A_ptr + i_h64 * s_Ah + o_p[:, None] * s_Ap + o_n[None, :] * s_An, mask=m_pn,
-                    other=0.0).to(tl.float32)
         i_grp = (i_h // HPG).to(tl.int64)
         b = tl.load(B_ptr + i_b64 * s_Bb + i_grp * s_Bg + o_n * s_Bn, mask=m_n, other=0.0).to(tl.float32)
         c = tl.load(C_ptr + i_b64 * s_Cb + i_grp * s_Cg + o_n * s_Cn, mask=m_n, other=0.0).to(tl.float32)
-        h = tl.exp2(dt[:, None] * a * 1.4426950408889634) * h + (dt * x)[:, None] * b[None, :]
+        if TIED:
+            dt = tl.load(dt_ptr + i_b64 * s_db + i_h64 * s_dh).to(tl.float32)
+            if HAS_BIAS:
+                dt += tl.load(bias_ptr + i_h64 * s_bh).to(tl.float32)
+            dt = _dt_transform(dt, SOFTPLUS)
+            decay = tl.exp2(dt * tl.load(A_ptr + i_h64 * s_Ah).to(tl.float32) * 1.4426950408889634)
+            h = decay * h + (dt * x)[:, None] * b[None, :]
+        else:
+            dt = tl.load(dt_ptr + i_b64 * s_db + i_h64 * s_dh + o_p * s_dp, mask=m_p, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt += tl.load(bias_ptr + i_h64 * s_bh + o_p * s_bp, mask=m_p, other=0.0).to(tl.float32)
+            dt = _dt_transform(dt, SOFTPLUS)
+            a = tl.load(A_ptr + i_h64 * s_Ah + o_p[:, None] * s_Ap + o_n[None, :] * s_An, mask=m_pn,
+                        other=0.0).to(tl.float32)
+            h = tl.exp2(dt[:, None] * a * 1.4426950408889634) * h + (dt * x)[:, None] * b[None, :]
         tl.store(p_state, h.to(state_ptr.dtype.element_ty), mask=m_pn)
         y = tl.sum(h * c[None, :], axis=1)
         if HAS_D:
@@ -671,9 +681,10 @@ def state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus: bool, state_
     bn = triton.next_power_of_2(N)
     if triton_interpret():
         bp, warps = 4, 1
-    else:
-        bp = 32 if bn <= 16 else (16 if bn <= 32 else (8 if bn <= 64 else 4))
-        warps = 4 if bn <= 128 else 8
+    else:  # ~2048 state elements per program: enough bytes in flight per SM, few programs
+        bp, warps = min(max(2048 // bn, 1), triton.next_power_of_2(P)), 4 if bn <= 256 else 8
+    tied = (A.stride(1) == 0 and A.stride(2) == 0 and dt.stride(2) == 0
+            and (dt_bias is None or dt_bias.stride(1) == 0))
     st = lambda t, k: tuple(t.stride()) if t is not None else (0,) * k  # noqa: E731
     grid = (triton.cdiv(P, bp), batch, H)
     _state_update_kernel[grid](
@@ -684,6 +695,6 @@ def state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus: bool, state_
         *state.stride(), *x.stride(), *dt.stride(), *st(dt_bias, 2), *A.stride(), *B.stride(),
         *C.stride(), *st(D, 2), *st(z, 3), *out.stride(),
         SOFTPLUS=bool(dt_softplus), HAS_BIAS=dt_bias is not None, HAS_D=D is not None,
-        HAS_Z=z is not None, HAS_IDX=state_batch_indices is not None, BLOCK_P=bp, BLOCK_N=bn,
-        num_warps=warps)
+        HAS_Z=z is not None, HAS_IDX=state_batch_indices is not None, TIED=tied, BLOCK_P=bp,
+        BLOCK_N=bn, num_warps=warps)
     return out
