@@ -671,6 +671,14 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt
             None if h0 is None else dh0]
 
 
+def decode_tile(P: int, block_n: int):
+    """(BLOCK_P, num_warps) of the decode step: ~2048 state elements per program keeps enough
+    bytes in flight per SM with few programs (bench/gpu_decode.py times the alternatives)."""
+    if triton_interpret():
+        return 4, 1
+    return min(max(2048 // block_n, 1), triton.next_power_of_2(P)), 4 if block_n <= 256 else 8
+
+
 def state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus: bool, state_batch_indices):
     """Headed canonical form: state (S, H, P, N), x/dt/z (batch, H, P), A (H, P, N),
     B/C (batch, G, N), D/dt_bias (H, P). Updates state in place, returns out (batch, H, P)."""
@@ -679,10 +687,7 @@ def state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus: bool, state_
     G = B.shape[1]
     out = torch.empty_like(x)
     bn = triton.next_power_of_2(N)
-    if triton_interpret():
-        bp, warps = 4, 1
-    else:  # ~2048 state elements per program: enough bytes in flight per SM, few programs
-        bp, warps = min(max(2048 // bn, 1), triton.next_power_of_2(P)), 4 if bn <= 256 else 8
+    bp, warps = decode_tile(P, bn)
     tied = (A.stride(1) == 0 and A.stride(2) == 0 and dt.stride(2) == 0
             and (dt_bias is None or dt_bias.stride(1) == 0))
     st = lambda t, k: tuple(t.stride()) if t is not None else (0,) * k  # noqa: E731
