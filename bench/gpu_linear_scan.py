@@ -23,8 +23,8 @@ def use(cfg):
         K._config = ORIG
     else:
         bc, bt, w = cfg
-        K._config = lambda T, C, time_inner, cplx, eb: (
-            dict(BLOCK_T=bt, BLOCK_C=bc, num_warps=w) if time_inner else ORIG(T, C, time_inner, cplx, eb))
+        K._config = lambda T, C, time_inner, cplx, eb, bwd=False: (
+            dict(BLOCK_T=bt, BLOCK_C=bc, num_warps=w) if time_inner else ORIG(T, C, time_inner, cplx, eb, bwd))
 
 
 def ms(fn):

@@ -243,12 +243,21 @@ def _linear_scan_bwd_kernel(
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.complex64)
 
 
-def _config(T: int, C: int, time_inner: bool, complex_: bool, elem_bytes: int):
-    """Tile shape and warps by layout (measured on H100, see bench/NOTES.md)."""
+def _config(T: int, C: int, time_inner: bool, complex_: bool, elem_bytes: int, backward: bool = False):
+    """Tile shape and warps by layout and direction. [B, T, D] (channels innermost): measured on
+    the H100 (bench/NOTES.md, run 1). [B, D, T] (time innermost): long time tiles of one or two
+    channels, swept on the H200 (bench/gpu_linear_scan.py, session 2 run 3)."""
     if triton_interpret():
         return dict(BLOCK_T=16, BLOCK_C=8, num_warps=1)
-    block_t = 128 if time_inner else 64
-    block_c = 16 if time_inner else 32
+    if time_inner:
+        block_c, block_t, warps = (1, 2048, 4) if not backward else (
+            (2, 1024, 4) if elem_bytes == 4 else (2, 2048, 8))
+        if complex_:
+            block_t //= 2
+        return dict(BLOCK_T=min(block_t, max(16, triton.next_power_of_2(T))), BLOCK_C=block_c,
+                    num_warps=warps)
+    block_t = 64
+    block_c = 32
     if complex_:
         block_t //= 2
     block_t = min(block_t, max(16, triton.next_power_of_2(T)))
@@ -278,12 +287,13 @@ def _shift_in(ends: torch.Tensor, start, reverse: bool) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(P: int, T: int, Q: int, complex_: bool, elem_bytes: int, device: torch.device):
+def _plan(P: int, T: int, Q: int, complex_: bool, elem_bytes: int, device: torch.device,
+          backward: bool = False):
     """Everything a launch needs that depends only on shapes (computed once per shape: host time
     per call is part of the kernel's cost). Returns (O, C, s_o, s_t, s_c, cfg, chunk, nc, grid)."""
     w = 2 if complex_ else 1
     O, C, s_o, s_t, s_c = (1, P, 0, w, T * w) if Q == 1 else (P, Q, T * Q * w, Q * w, w)
-    cfg = _config(T, C, Q == 1, complex_, elem_bytes)
+    cfg = _config(T, C, Q == 1, complex_, elem_bytes, backward)
     chunk, nc = _split(T, O * triton.cdiv(C, cfg["BLOCK_C"]), cfg["BLOCK_T"], device)
     return O, C, s_o, s_t, s_c, cfg, chunk, nc, (triton.cdiv(C, cfg["BLOCK_C"]), O, nc)
 
@@ -328,7 +338,8 @@ def linear_scan_bwd(a, h, h0, dh, dhT, reverse: bool):
     P, T, Q = h.shape
     cplx = h.is_complex()
     sdt = torch.complex64 if cplx else torch.float32
-    O, C, s_o, s_t, s_c, cfg, chunk, nc, grid = _plan(P, T, Q, cplx, h.element_size(), h.device)
+    O, C, s_o, s_t, s_c, cfg, chunk, nc, grid = _plan(P, T, Q, cplx, h.element_size(), h.device,
+                                                      backward=True)
     dh = dh.contiguous()
     dhT = None if dhT is None else dhT.contiguous()
     da = torch.empty_like(a)
