@@ -67,11 +67,11 @@ struct BwdLayout {
   static_assert((kRowEl * sizeof(T)) % 16 == 0 && kBC % 4 == 0, "16-byte alignment");
 };
 
-template <typename T, int kNPT, int kTPC, int kChunk, int kS>
+template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode>
 __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
   using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS>;
   constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl, kNV = Lay::kNV;
-  constexpr int kRows = Lay::kRows, kQP = Lay::kQP, kBP = Lay::kBP, kNSub = Lay::kNSub;
+  constexpr int kRows = Lay::kRows, kQP = Lay::kQP, kBP = Lay::kBP;
   constexpr int kCW = Lay::kCW, kG = Lay::kG, kItems = Lay::kItems, kOwn = Lay::kOwn;
   extern __shared__ __align__(16) unsigned char smem[];
   T* raw = reinterpret_cast<T*>(smem);
@@ -98,6 +98,10 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
   const int64_t L = p.L;
   const bool has_z = p.z != nullptr, has_D = p.D != nullptr;
   const bool B_var = p.B_var, C_var = p.C_var;
+  // kMode 0: B, C time-invariant; 1: both time-varying; 2: one of each. Compile-time so the
+  // unrolled loops carry no per-update branches: kRed reduce-scatters dB/dC over the channels
+  // (time-varying), kAcc sums them over time in registers (time-invariant); mixed does both.
+  constexpr bool kRed = kMode != 0, kAcc = kMode != 1;
 
   int64_t bos = 0, Ts = L, b = s, ck0 = s * p.ck_per_batch;
   if (p.cu_seqlens) {
@@ -271,11 +275,11 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
             h[k] = fmaf(x.y, bv[k], P[j][k]);
             y = fmaf(cv[k], h[k], y);
             const float dch = x.z * h[k];
-            if (C_var) ic[(j % kG) * kNPT + k] = dch;
-            else dCc[k] += dch;
+            if constexpr (kRed) ic[(j % kG) * kNPT + k] = dch;
+            if constexpr (kAcc) dCc[k] += dch;
           }
           yv[j] = y;
-          if (C_var && j % kG == kG - 1) {
+          if (kRed && j % kG == kG - 1) {
             reduce_scatter_lanes<kCW, kTPC>(ic, cidx);
 #pragma unroll
             for (int o = 0; o < kOwn; ++o) {
@@ -286,6 +290,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
           }
         }
       }
+      reduce_scatter_lanes<kTPC, 1>(yv, slice);  // sum over n of y, per step
       {
         float ib[kItems];
 #pragma unroll
@@ -304,13 +309,13 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
             dd = fmaf(a2[k], gp, dd);
             gb = fmaf(gg, bv[k], gb);
             const float db = x.y * gg;
-            if (B_var) ib[(j % kG) * kNPT + k] = db;
-            else dBc[k] += db;
+            if constexpr (kRed) ib[(j % kG) * kNPT + k] = db;
+            if constexpr (kAcc) dBc[k] += db;
             carry[k] = a[j][k] * gg;
           }
           dv[j] = dd;
           gv[j] = gb;
-          if (B_var && j % kG == 0) {
+          if (kRed && j % kG == 0) {
             reduce_scatter_lanes<kCW, kTPC>(ib, cidx);
 #pragma unroll
             for (int o = 0; o < kOwn; ++o) {
@@ -321,15 +326,15 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
           }
         }
       }
-      // sums over n: y, d dt, g B per step, reduce-scattered over the channel's lanes
-      reduce_scatter_lanes<kTPC, 1>(yv, slice);
+      // sums over n: d dt, g B per step, reduce-scattered over the channel's lanes
       reduce_scatter_lanes<kTPC, 1>(dv, slice);
       reduce_scatter_lanes<kTPC, 1>(gv, slice);
       __syncwarp();  // every lane's reads of this sub-chunk's q precede the owners' writes
       {
         constexpr int kMine = kS >= kTPC ? kS / kTPC : 1;
-        const int j0 = kS >= kTPC ? slice * kMine : slice / (kTPC / kS);
-        const bool owner = kS >= kTPC || (slice % (kTPC / kS)) == 0;
+        constexpr int kRep = kS >= kTPC ? 1 : kTPC / kS;  // lanes holding the same sums
+        const int j0 = kS >= kTPC ? slice * kMine : slice / kRep;
+        const bool owner = (slice % kRep) == 0;
         const float Dv = s_Dv[ch];
 #pragma unroll
         for (int o = 0; o < kMine; ++o) {
@@ -438,11 +443,11 @@ __global__ void __launch_bounds__(256) sum_parts_kernel(const SumJobs jobs) {
   }
 }
 
-template <typename T, int kNPT, int kTPC, int kChunk, int kS>
-cudaError_t launch(const SelectiveScanBwdParams& p, cudaStream_t stream) {
+template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode>
+cudaError_t launch_mode(const SelectiveScanBwdParams& p, cudaStream_t stream) {
   using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS>;
   if (p.ck_len != kChunk) return cudaErrorInvalidValue;
-  auto kernel = selective_scan_bwd_kernel<T, kNPT, kTPC, kChunk, kS>;
+  auto kernel = selective_scan_bwd_kernel<T, kNPT, kTPC, kChunk, kS, kMode>;
   if (Lay::kBytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Lay::kBytes));
@@ -485,6 +490,13 @@ cudaError_t launch(const SelectiveScanBwdParams& p, cudaStream_t stream) {
   const dim3 sgrid(static_cast<unsigned>(blocks < 2048 ? blocks : 2048), static_cast<unsigned>(nj));
   sum_parts_kernel<<<sgrid, 256, 0, stream>>>(jobs);
   return cudaGetLastError();
+}
+
+template <typename T, int kNPT, int kTPC, int kChunk, int kS>
+cudaError_t launch(const SelectiveScanBwdParams& p, cudaStream_t stream) {
+  if (p.B_var && p.C_var) return launch_mode<T, kNPT, kTPC, kChunk, kS, 1>(p, stream);
+  if (!p.B_var && !p.C_var) return launch_mode<T, kNPT, kTPC, kChunk, kS, 0>(p, stream);
+  return launch_mode<T, kNPT, kTPC, kChunk, kS, 2>(p, stream);
 }
 
 }  // namespace
