@@ -65,6 +65,7 @@ struct BwdLayout {
   static_assert(kNPT % 4 == 0 && kChunk % kV == 0 && kChunk % kS == 0 && kS % kG == 0, "widths");
   static_assert(kItems >= kCW, "channel reduce-scatter needs at least one item per lane");
   static_assert((kRowEl * sizeof(T)) % 16 == 0 && kBC % 4 == 0, "16-byte alignment");
+  static_assert(kBytes <= 227 * 1024, "shared memory per block");
 };
 
 template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode>
@@ -169,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
   };
 
   const int64_t nchunks = (Ts + kChunk - 1) / kChunk;
-  {
+  if (nchunks > 0) {
     const int64_t c0 = (nchunks - 1) * kChunk;
     stage(c0, static_cast<int>(Ts - c0));
     cp_async_commit();
