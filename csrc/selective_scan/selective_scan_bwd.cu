@@ -511,14 +511,15 @@ cudaError_t selective_scan_bwd_cuda(const SelectiveScanBwdParams& p, DType dtype
   if (p.N < 1 || p.N > 256) return cudaErrorInvalidValue;
   cudaError_t err = cudaSuccess;
   // buckets (states per thread, threads per channel, chunk = checkpoint spacing chunk_len(N),
-  // sub-chunk kept in registers): kS * kNPT = 32 keeps a and P in 64 registers
+  // sub-chunk kept in registers): kS * kNPT = 32 keeps a and P in 64 registers (16 for N > 128,
+  // where 64 spilled)
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (p.N <= 16) err = launch<T, 4, 4, 64, 8>(p, stream);
     else if (p.N <= 32) err = launch<T, 8, 4, 32, 4>(p, stream);
     else if (p.N <= 64) err = launch<T, 8, 8, 32, 4>(p, stream);
     else if (p.N <= 128) err = launch<T, 8, 16, 16, 4>(p, stream);
-    else err = launch<T, 16, 16, 8, 2>(p, stream);
+    else err = launch<T, 16, 16, 8, 1>(p, stream);
   });
   return err;
 }
