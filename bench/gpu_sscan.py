@@ -67,6 +67,8 @@ def make(batch, dim, L, N, dtype, bc="var", groups=1, D=True, z=True, bias=True,
     B, C = bcm(), bcm()
     if bc == "mixed":
         B = r(dim, N)
+    if bc == "mixedBC":
+        C = r(dim, N)
     ns = batch if nseq is None else nseq
     return dict(u=u, delta=delta, A=A, B=B, C=C, D=r(dim) if D else None,
                 z=r(batch, dim, L).to(dtype) if z else None,
@@ -209,6 +211,15 @@ def checks():
     check_case("fp32 varlen N=64", make(1, 16, 500, 64, f32, nseq=3, seed=10),
                cu=torch.tensor([0, 13, 250, 500], dtype=torch.int32))
     check_case("fp32 misaligned u view", make(1, 8, 101, 16, f32, seed=11), misalign=True)
+    # backward-specific: several channel tiles per group (the dB/dC partial sum over tiles, last
+    # tile partial), the N<=128 bucket, B time-varying with C fixed, fixed B/C with varlen
+    check_case("bf16 L=600 N=16 dim=80 (3 channel tiles)", make(2, 80, 600, 16, bf16, seed=13))
+    check_case("fp32 L=257 N=64 dim=40 groups=1 (3 tiles)", make(1, 40, 257, 64, f32, seed=14))
+    check_case("fp32 L=100 N=100 groups=2", make(2, 32, 100, 100, f32, groups=2, seed=15))
+    check_case("bf16 L=300 N=16 B var C const groups=2",
+               make(2, 64, 300, 16, bf16, bc="mixedBC", groups=2, seed=16))
+    check_case("fp32 varlen N=16 const B/C", make(1, 72, 400, 16, f32, bc="const", nseq=3, seed=17),
+               cu=torch.tensor([0, 64, 65, 400], dtype=torch.int32))
     check_public("bf16 public L=1000", make(2, 32, 1000, 16, bf16, seed=12))
 
 
@@ -269,6 +280,13 @@ def bench():
                 sc.selective_scan_bwd(u, delta, A, Bm, Cm, Dv, z, bias, None, None, ck, dout,
                                       nseq_last, True)
             res[("ours cuda fwd + cuda bwd (kernel calls)", "fwd+bwd")] = do(direct)
+            _, _, ck0 = sc.selective_scan_fwd(u, delta, A, Bm, Cm, Dv, z, bias, None, None, True,
+                                             True)
+            res[("ours cuda bwd (kernel call)", "bwd")] = do(lambda: sc.selective_scan_bwd(
+                u, delta, A, Bm, Cm, Dv, z, bias, None, None, ck0, dout, nseq_last, True))
+            from ssm_kernels.selective_scan import triton as st
+            res[("ours triton bwd (kernel call)", "bwd")] = do(lambda: st.selective_scan_bwd(
+                u, delta, A, Bm, Cm, Dv, z, bias, None, None, ck0, dout, nseq_last, True))
         if mamba_scan is not None:
             res[("mamba-ssm cuda", "fwd+bwd")] = do_grad(do, fb(mamba_scan), leaves)
         for (impl, mode), ms in res.items():
@@ -303,15 +321,8 @@ def main():
         import traceback
         traceback.print_exc()
         FAILS.append(f"bench raised {type(e).__name__}: {e}")
-    print("\n==== selective scan, bf16, all features on (median ms) ====")
-    mamba = {(r[1], r[3]): float(r[4]) for r in ROWS if r[0] == "bench" and r[2] == "mamba-ssm cuda"}
-    for r in ROWS:
-        if r[0] != "bench":
-            continue
-        m = mamba.get((r[1], r[3]))
-        rel = f"  {m / float(r[4]):.2f}x mamba" if m and not math.isnan(float(r[4])) else ""
-        print(f"{r[1]:24s} {r[3]:8s} {r[2]:46s} {float(r[4]):8.3f} ms{rel}")
-    print(f"\nchecks: {sum(1 for r in ROWS if r[0] == 'check')} compared, {len(FAILS)} failures")
+    n_checks = sum(1 for r in ROWS if r[0] == 'check')
+    print(f"\nchecks: {n_checks} compared, {len(FAILS)} failures")
     for f in FAILS:
         print("  FAIL", f)
     out = os.environ.get("OUT")
@@ -322,6 +333,16 @@ def main():
             w.writerow(["section", "case", "impl", "mode", "value"])
             w.writerows(ROWS)
     print(f"total {time.time() - T0:.0f} s")
+    print("\n==== selective scan, bf16, all features on (median ms) ====")
+    mamba = {(r[1], r[3]): float(r[4]) for r in ROWS if r[0] == "bench" and r[2] == "mamba-ssm cuda"}
+    for r in ROWS:
+        if r[0] != "bench":
+            continue
+        m = mamba.get((r[1], r[3]))
+        rel = f"  {m / float(r[4]):.2f}x mamba" if m and not math.isnan(float(r[4])) else ""
+        print(f"{r[1]:24s} {r[3]:8s} {r[2]:46s} {float(r[4]):8.3f} ms{rel}")
+    print(f"checks: {n_checks} compared, {len(FAILS)} failures; CUDA backward built: "
+          f"{has_cuda_bwd()}")
     sys.exit(1 if FAILS else 0)
 
 

@@ -105,7 +105,7 @@ std::vector<at::Tensor> linear_scan_bwd(const at::Tensor& a, const at::Tensor& h
   return {da, db, dh0};
 }
 
-// ---- selective_scan (forward; the backward runs the Triton kernel) -------------------------
+// ---- selective_scan ------------------------------------------------------------------------
 
 // u, delta, z: (batch, dim, L); A (dim, N) f32; B, C time-varying (batch, G, N, L) in u's dtype or
 // time-invariant (dim, N) f32; D, delta_bias (dim,) f32; h0 (nseq, dim, N) f32; cu_seqlens and
@@ -180,6 +180,135 @@ std::vector<at::Tensor> selective_scan_fwd(
   return {out, last, ckpt};
 }
 
+// Gradients of selective_scan_fwd from its checkpoints. dout like u; dlast (nseq, dim, N) f32;
+// want_dh0: also return d initial_state. Returns [du, ddelta, dA (dim, N) f32, dB, dC (B's/C's
+// shape and dtype), dD (dim,) f32, dz, ddelta_bias (dim,) f32, dh0 (nseq, dim, N) f32], with
+// empty tensors for absent inputs.
+std::vector<at::Tensor> selective_scan_bwd(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+    const c10::optional<at::Tensor>& delta_bias, const c10::optional<at::Tensor>& cu_seqlens,
+    const c10::optional<at::Tensor>& ck_offsets, const at::Tensor& ckpt, const at::Tensor& dout,
+    const at::Tensor& dlast, bool softplus, int64_t ck_len, bool want_dh0) {
+  check_input(u, "u");
+  check_input(delta, "delta");
+  check_input(A, "A");
+  check_input(B, "B");
+  check_input(C, "C");
+  check_input(ckpt, "ckpt");
+  check_input(dout, "dout");
+  check_input(dlast, "dlast");
+  TORCH_CHECK(u.dim() == 3 && delta.sizes() == u.sizes() && delta.scalar_type() == u.scalar_type(),
+              "selective_scan_bwd: u and delta must be (batch, dim, L) of one dtype");
+  TORCH_CHECK(dout.sizes() == u.sizes() && dout.scalar_type() == u.scalar_type(),
+              "selective_scan_bwd: dout must match u");
+  TORCH_CHECK(A.dim() == 2 && A.scalar_type() == at::kFloat && A.size(0) == u.size(1),
+              "selective_scan_bwd: A must be (dim, N) float32");
+  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2), N = A.size(1);
+  TORCH_CHECK(N >= 1 && N <= 256, "selective_scan_bwd: N must be in [1, 256]");
+  const at::cuda::OptionalCUDAGuard guard(u.device());
+  int64_t groups = 1;
+  for (const at::Tensor* M : {&B, &C}) {
+    if (M->dim() == 4) {
+      TORCH_CHECK(M->scalar_type() == u.scalar_type() && M->size(0) == batch && M->size(2) == N &&
+                  M->size(3) == L, "selective_scan_bwd: time-varying B/C must be (batch, G, N, L)");
+      groups = M->size(1);
+    } else {
+      TORCH_CHECK(M->dim() == 2 && M->scalar_type() == at::kFloat && M->size(0) == dim &&
+                  M->size(1) == N, "selective_scan_bwd: time-invariant B/C must be (dim, N) float32");
+    }
+  }
+  TORCH_CHECK(dim % groups == 0, "selective_scan_bwd: dim must be divisible by the groups");
+  const int64_t nseq = cu_seqlens.has_value() ? cu_seqlens->size(0) - 1 : batch;
+  TORCH_CHECK(nseq >= 1 && nseq <= 65535, "selective_scan_bwd: 1..65535 sequences per launch");
+  TORCH_CHECK(dlast.dim() == 3 && dlast.size(0) == nseq && dlast.size(1) == dim &&
+              dlast.size(2) == N && dlast.scalar_type() == at::kFloat,
+              "selective_scan_bwd: dlast must be (nseq, dim, N) float32");
+  TORCH_CHECK(ckpt.dim() == 3 && ckpt.size(1) == dim && ckpt.size(2) == N &&
+              ckpt.scalar_type() == at::kFloat, "selective_scan_bwd: ckpt must be (rows, dim, N) float32");
+  TORCH_CHECK(ck_len >= 1 && (ck_len & (ck_len - 1)) == 0, "selective_scan_bwd: ck_len must be a power of two");
+  const int64_t ck_per_batch = (L + ck_len - 1) / ck_len;
+  TORCH_CHECK(ckpt.size(0) >= (cu_seqlens.has_value() ? ck_per_batch : batch * ck_per_batch),
+              "selective_scan_bwd: too few checkpoint rows");
+  auto f32 = u.options().dtype(at::kFloat);
+  auto empty = u.new_empty({0});
+  auto du = at::empty_like(u), ddelta = at::empty_like(delta);
+  auto dz = z.has_value() ? at::empty_like(*z) : empty;
+  auto dA = at::empty({dim, N}, f32);
+  auto dB = at::empty_like(B), dC = at::empty_like(C);
+  auto dD = D.has_value() ? at::empty({dim}, f32) : empty;
+  auto dbias = delta_bias.has_value() ? at::empty({dim}, f32) : empty;
+  auto dh0 = want_dh0 ? at::empty({nseq, dim, N}, f32) : empty;
+  // float32 partials, summed in a fixed order by the second kernel
+  const int64_t dtiles = (dim / groups + ssm::selective_scan_bwd_channels_per_block(N) - 1) /
+                         ssm::selective_scan_bwd_channels_per_block(N);
+  auto part = [&](const at::Tensor& M) {
+    return M.dim() == 4 ? at::empty({dtiles, batch, groups, N, L}, f32) : at::empty({nseq, dim, N}, f32);
+  };
+  auto dA_part = at::empty({nseq, dim, N}, f32);
+  auto dB_part = part(B), dC_part = part(C);
+  auto dD_part = D.has_value() ? at::empty({nseq, dim}, f32) : empty;
+  auto dbias_part = delta_bias.has_value() ? at::empty({nseq, dim}, f32) : empty;
+
+  const at::Tensor ua = aligned16(u), da = aligned16(delta), doa = aligned16(dout);
+  const at::Tensor Ba = B.dim() == 4 ? aligned16(B) : B, Ca = C.dim() == 4 ? aligned16(C) : C;
+  at::Tensor za;
+  ssm::SelectiveScanBwdParams p;
+  p.u = ua.data_ptr();
+  p.delta = da.data_ptr();
+  p.dout = doa.data_ptr();
+  p.A = A.data_ptr<float>();
+  p.B = Ba.data_ptr();
+  p.C = Ca.data_ptr();
+  p.B_var = B.dim() == 4;
+  p.C_var = C.dim() == 4;
+  if (z.has_value()) {
+    check_input(*z, "z");
+    TORCH_CHECK(z->sizes() == u.sizes() && z->scalar_type() == u.scalar_type(), "selective_scan_bwd: z must match u");
+    za = aligned16(*z);
+    p.z = za.data_ptr();
+    p.dz = dz.data_ptr();
+  }
+  if (D.has_value()) {
+    check_input(*D, "D");
+    p.D = D->data_ptr<float>();
+    p.dD = dD.data_ptr<float>();
+    p.dD_part = dD_part.data_ptr<float>();
+  }
+  if (delta_bias.has_value()) {
+    check_input(*delta_bias, "delta_bias");
+    p.delta_bias = delta_bias->data_ptr<float>();
+    p.dbias = dbias.data_ptr<float>();
+    p.dbias_part = dbias_part.data_ptr<float>();
+  }
+  if (cu_seqlens.has_value()) {
+    check_input(*cu_seqlens, "cu_seqlens");
+    TORCH_CHECK(cu_seqlens->scalar_type() == at::kInt && batch == 1,
+                "selective_scan_bwd: cu_seqlens must be int32 with batch 1");
+    TORCH_CHECK(ck_offsets.has_value(), "selective_scan_bwd: cu_seqlens needs ck_offsets");
+    p.cu_seqlens = cu_seqlens->data_ptr<int32_t>();
+  }
+  if (ck_offsets.has_value()) { check_input(*ck_offsets, "ck_offsets"); p.ck_offsets = ck_offsets->data_ptr<int32_t>(); }
+  p.ckpt = ckpt.data_ptr<float>();
+  p.dlast = dlast.data_ptr<float>();
+  p.du = du.data_ptr();
+  p.ddelta = ddelta.data_ptr();
+  p.dh0 = want_dh0 ? dh0.data_ptr<float>() : nullptr;
+  p.dA_part = dA_part.data_ptr<float>();
+  p.dB_part = dB_part.data_ptr<float>();
+  p.dC_part = dC_part.data_ptr<float>();
+  p.dA = dA.data_ptr<float>();
+  p.dB = dB.data_ptr();
+  p.dC = dC.data_ptr();
+  p.batch = batch; p.dim = dim; p.L = L; p.N = N; p.groups = groups; p.nseq = nseq;
+  p.ck_per_batch = ck_per_batch;
+  p.ck_len = static_cast<int>(ck_len);
+  p.softplus = softplus;
+  check_launch(ssm::selective_scan_bwd_cuda(p, dtype_of(u), at::cuda::getCurrentCUDAStream()),
+               "selective_scan_bwd");
+  return {du, ddelta, dA, dB, dC, dD, dz, dbias, dh0};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -190,4 +319,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // ---- selective_scan
   m.def("selective_scan_fwd", &selective_scan_fwd,
         "selective_scan forward -> (out, last_state, checkpoints)");
+  m.def("selective_scan_bwd", &selective_scan_bwd,
+        "selective_scan backward -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0]");
 }

@@ -35,4 +35,55 @@ struct SelectiveScanFwdParams {
 // Return cudaSuccess or the launch error. Requires 1 <= N <= 256.
 cudaError_t selective_scan_fwd_cuda(const SelectiveScanFwdParams& p, DType dtype, cudaStream_t stream);
 
+// Backward. Gradients in the storage dtype: du, ddelta, dz (like u), time-varying dB/dC (like B/C);
+// float32: dA (dim, N), time-invariant dB/dC (dim, N), dD, ddelta_bias (dim,), dh0 (nseq, dim, N).
+// Cross-block sums are deterministic: the main kernel writes float32 partials (below) that a
+// second kernel sums in a fixed order and casts; no atomics.
+struct SelectiveScanBwdParams {
+  // forward inputs (as in SelectiveScanFwdParams); dout like u; dlast (nseq, dim, N) float32
+  const void* u = nullptr;
+  const void* delta = nullptr;
+  const void* z = nullptr;
+  const void* dout = nullptr;
+  const float* A = nullptr;
+  const void* B = nullptr;
+  const void* C = nullptr;
+  bool B_var = true, C_var = true;
+  const float* D = nullptr;
+  const float* delta_bias = nullptr;
+  const float* ckpt = nullptr;          // (rows, dim, N): the forward's checkpoints (row 0 of a
+                                        // sequence is its initial state)
+  const float* dlast = nullptr;         // (nseq, dim, N)
+  const int32_t* cu_seqlens = nullptr;
+  const int32_t* ck_offsets = nullptr;
+  // outputs written by the main kernel
+  void* du = nullptr;
+  void* ddelta = nullptr;
+  void* dz = nullptr;                   // required iff z
+  float* dh0 = nullptr;                 // (nseq, dim, N), nullable (not wanted)
+  // float32 workspaces (every element written by the main kernel)
+  float* dA_part = nullptr;             // (nseq, dim, N)
+  float* dB_part = nullptr;             // B_var: (dtiles, batch, G, N, L); else (nseq, dim, N)
+  float* dC_part = nullptr;             // likewise
+  float* dD_part = nullptr;             // (nseq, dim) iff D
+  float* dbias_part = nullptr;          // (nseq, dim) iff delta_bias
+  // final outputs written by the reduction kernel
+  float* dA = nullptr;                  // (dim, N)
+  void* dB = nullptr;                   // B's shape and dtype
+  void* dC = nullptr;
+  float* dD = nullptr;
+  float* dbias = nullptr;
+  int64_t batch = 0, dim = 0, L = 0, N = 0, groups = 1, nseq = 0;
+  int64_t ck_per_batch = 0;
+  int ck_len = 1;
+  bool softplus = false;
+};
+
+// Channels per block of the backward for this N (the partials of time-varying dB/dC have
+// cdiv(dim / groups, that) tiles).
+int64_t selective_scan_bwd_channels_per_block(int64_t N);
+
+// Return cudaSuccess or the launch error. Requires 1 <= N <= 256 and ck_len == chunk_len(N).
+cudaError_t selective_scan_bwd_cuda(const SelectiveScanBwdParams& p, DType dtype, cudaStream_t stream);
+
 }  // namespace ssm

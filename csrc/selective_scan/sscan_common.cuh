@@ -72,6 +72,37 @@ __device__ __forceinline__ void reduce_scatter(float (&v)[kW], int slice) {
   reduce_scatter_round<kW / 2>(v, slice);  // rounds are compile-time so v stays in registers
 }
 
+// Generalised reduce-scatter over kW lanes spaced kStride apart (lane index c = (lane / kStride) % kW)
+// of kI items (powers of two). While more than one item is left, each round halves the items
+// (one shuffle per kept item); once one is left the remaining rounds are a butterfly all-reduce.
+// On exit lane c holds, in v[0 .. max(1, kI / kW)), the lane sums of items starting at
+//   kI >= kW: c * (kI / kW)          kI < kW: c / (kW / kI)  (replicated on kW / kI lanes).
+// The summation order is fixed by the program (bitwise deterministic).
+template <int kCnt, int kM, int kStride, int kI>
+__device__ __forceinline__ void rs_round(float (&v)[kI], int c) {
+  if constexpr (kM >= 1) {
+    if constexpr (kCnt >= 2) {
+      constexpr int kHalf = kCnt / 2;
+      const bool up = (c & kM) != 0;
+#pragma unroll
+      for (int i = 0; i < kHalf; ++i) {
+        const float send = up ? v[i] : v[i + kHalf];
+        const float keep = up ? v[i + kHalf] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, kM * kStride);
+      }
+      rs_round<kHalf, kM / 2, kStride>(v, c);
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], kM * kStride);
+      rs_round<1, kM / 2, kStride>(v, c);
+    }
+  }
+}
+template <int kW, int kStride, int kI>
+__device__ __forceinline__ void reduce_scatter_lanes(float (&v)[kI], int c) {
+  static_assert((kI & (kI - 1)) == 0 && (kW & (kW - 1)) == 0, "powers of two");
+  rs_round<kI, kW / 2, kStride>(v, c);
+}
+
 template <int kN>
 __device__ __forceinline__ void load_vec(float (&dst)[kN], const float* src) {  // 16-byte aligned
 #pragma unroll

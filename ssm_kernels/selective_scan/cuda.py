@@ -1,6 +1,6 @@
-"""Thin wrapper over the CUDA forward in ssm_kernels._C (csrc/selective_scan/): real A, storage
-float32/float16/bfloat16. The backward of the cuda backend runs the Triton kernel (it restarts
-from the same checkpoints)."""
+"""Thin wrappers over the CUDA kernels in ssm_kernels._C (csrc/selective_scan/): real A, storage
+float32/float16/bfloat16. The backward restarts from the forward's checkpoints (the same format
+the Triton backward reads)."""
 from __future__ import annotations
 
 import torch
@@ -33,3 +33,30 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, delt
     out, last, ck = cuda_extension().selective_scan_fwd(
         u, delta, A, B, C, D, z, delta_bias, h0, cu, offs, bool(delta_softplus), chunk_len(N), rows)
     return out, last, ck
+
+
+def bwd_reason(u: torch.Tensor, A: torch.Tensor, cu_seqlens) -> str | None:
+    """Why the CUDA backward cannot serve this call (None if it can)."""
+    why = reason(u, A, cu_seqlens)
+    if why is not None:
+        return why
+    ext = cuda_extension()
+    if ext is not None and not hasattr(ext, "selective_scan_bwd"):
+        return "the built ssm_kernels._C predates the selective_scan backward (rebuild it)"
+    return None
+
+
+def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt, dout, dlast,
+                       delta_softplus: bool):
+    """Gradients for (u, delta, A, B, C, D, z, delta_bias, h0) from the forward's checkpoints, as
+    ssm_kernels.selective_scan.triton.selective_scan_bwd returns them: du, ddelta, dz in u's dtype;
+    dA (dim, N) float32; dB, dC with B's/C's shape and dtype; dD, ddelta_bias (dim,) float32; dh0
+    (nseq, dim, N) float32; None where the input is None. Deterministic (fixed-order sums)."""
+    N = A.shape[1]
+    cu = None if cu_seqlens is None else cu_seqlens.to(torch.int32).contiguous()
+    offs = None if cu is None else ckpt_offsets(cu, N)
+    grads = cuda_extension().selective_scan_bwd(
+        u, delta, A, B, C, D, z, delta_bias, cu, offs, ckpt, dout.to(u.dtype).contiguous(),
+        dlast.to(torch.float32).contiguous(), bool(delta_softplus), chunk_len(N), h0 is not None)
+    present = (u, delta, A, B, C, D, z, delta_bias, h0)
+    return [None if x is None else g for x, g in zip(present, grads)]

@@ -79,8 +79,17 @@ def selective_scan_bwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
                           dout: Tensor, dlast: Tensor, delta_softplus: bool,
                           backend: str) -> List[Tensor]:
     """Gradients of (u, delta, A, B, C, D, z, delta_bias, h0); empty tensors for absent inputs.
-    The cuda backend's backward is the Triton kernel (no CUDA backward yet)."""
-    if _select("selective_scan_fn", "triton" if backend == "cuda" else backend, u, A) == "triton":
+    Where the backend resolves to cuda the CUDA backward runs (the Triton one if the built
+    extension lacks it)."""
+    chosen = _select("selective_scan_fn", backend, u, A, cu_seqlens, cuda_fwd=True)
+    if chosen == "cuda":
+        from .cuda import bwd_reason
+        chosen = "cuda" if bwd_reason(u, A, cu_seqlens) is None else "triton"
+    if chosen == "cuda":
+        from .cuda import selective_scan_bwd
+        grads = selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt,
+                                   dout, dlast, delta_softplus)
+    elif chosen == "triton":
         from .triton import selective_scan_bwd
         grads = selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt,
                                    dout, dlast, delta_softplus)

@@ -1,0 +1,527 @@
+// selective scan backward: channel-parallel, time reversed by checkpoint chunks, states rebuilt in
+// registers.
+//
+// Same thread layout as the forward: a block of 128 threads owns kD channels of one group of one
+// sequence, thread (ch, slice) owns kNPT of the channel's states. Time is walked backwards in
+// chunks of kChunk = chunk_len(N) steps (the forward's checkpoint spacing); per chunk:
+//   convert  raw u, delta, z, dout, B, C (cp.async'd during the previous chunk into one raw
+//            buffer, which is then refilled with the next chunk at once) -> float32 tiles:
+//            q = (dt, dt u, dy, u) and f = (softplus', dz / y) per (d, t); B, C [t][n];
+//   pass 1   from the checkpoint, h = exp(dt A) h + dt u B over the chunk, saving the state at
+//            every sub-chunk start (kS steps) in shared memory (each thread rereads only its own);
+//   pass 2   per sub-chunk, last first: recompute its kS steps from the saved state keeping
+//            a = exp(dt A) and P = a h[t-1] in registers (y and dC = dy h come out here), then
+//            walk the adjoint backwards with no further exp:
+//              g = dy C + carry,   carry <- a g       (carry enters as d last_state)
+//              dA += dt g P,  d dt += A g P + u g B,  du = dt g B (+ D dy),  dB = dt u g;
+//            sums over n (y, d dt, g B) are reduce-scattered over the channel's kTPC lanes; sums
+//            over the channels (time-varying dB, dC) are reduce-scattered over the warp's
+//            channel lanes, then the block's warps are added in a fixed order per sub-chunk;
+//   output   du, ddelta, dz (coalesced along time) and the float32 per-block partials of dB/dC.
+// Per-sequence sums (dA, dD, ddelta_bias, time-invariant dB/dC) stay in registers until the end
+// and go to per-sequence partials; a small kernel then sums every partial in a fixed order and
+// casts (bitwise deterministic, no atomics). 2 ex2 per (d, n, t) update. int64 offsets.
+#include "selective_scan/selective_scan.h"
+#include <type_traits>
+
+#include "selective_scan/sscan_common.cuh"
+
+namespace ssm {
+namespace {
+
+using namespace sscan;
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+
+constexpr size_t align16(size_t x) { return (x + 15) / 16 * 16; }
+
+template <typename T, int kNPT, int kTPC, int kChunk, int kS>
+struct BwdLayout {
+  static constexpr int kD = kThreads / kTPC;      // channels per block
+  static constexpr int kNP = kNPT * kTPC;         // states per channel, padded
+  static constexpr int kV = 16 / sizeof(T);       // elements per 16-byte vector
+  static constexpr int kRowEl = kChunk + kV;      // raw row: aligned window covering one chunk
+  static constexpr int kNV = kRowEl / kV;
+  static constexpr int kRows = 4 * kD + 2 * kNP;  // u, delta, z, dout (kD each), B, C (kNP each)
+  static constexpr int kQP = kChunk + 1;          // per-channel pitch of the (d, t) tiles
+  static constexpr int kBP = kNP + 4;             // B/C pitch per step (float4 reads)
+  static constexpr int kBC = (kChunk * kBP > kD * kNP) ? kChunk * kBP : kD * kNP;
+  static constexpr int kNSub = kChunk / kS;
+  static constexpr int kCW = 32 / kTPC;           // channels per warp
+  static constexpr int kG = kCW > kNPT ? kCW / kNPT : 1;  // steps per channel reduce-scatter
+  static constexpr int kItems = kG * kNPT;
+  static constexpr int kOwn = kItems / kCW;       // items a lane keeps after it
+  static constexpr int kWP = kWarps * 2 * kS * kNP;  // per-warp dB/dC partials of one sub-chunk
+  static constexpr size_t oQ = align16(sizeof(T) * kRows * kRowEl);
+  static constexpr size_t oF = oQ + sizeof(float4) * kD * kQP;
+  static constexpr size_t oB = align16(oF + sizeof(float2) * kD * kQP);
+  static constexpr size_t oC = oB + sizeof(float) * kBC;
+  static constexpr size_t oSt = oC + sizeof(float) * kBC;
+  static constexpr size_t oWp = oSt + sizeof(float) * kNSub * kD * kNP;
+  static constexpr size_t oDv = oWp + sizeof(float) * 2 * kWP;
+  static constexpr size_t kBytes = oDv + sizeof(float) * 2 * kD;
+  static_assert(kThreads % kTPC == 0 && 32 % kTPC == 0, "a channel's lanes sit in one warp");
+  static_assert(kNPT % 4 == 0 && kChunk % kV == 0 && kChunk % kS == 0 && kS % kG == 0, "widths");
+  static_assert(kItems >= kCW, "channel reduce-scatter needs at least one item per lane");
+  static_assert((kRowEl * sizeof(T)) % 16 == 0 && kBC % 4 == 0, "16-byte alignment");
+  static_assert(kBytes <= 227 * 1024, "shared memory per block");
+};
+
+template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode>
+__global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
+  using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS>;
+  constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl, kNV = Lay::kNV;
+  constexpr int kRows = Lay::kRows, kQP = Lay::kQP, kBP = Lay::kBP;
+  constexpr int kCW = Lay::kCW, kG = Lay::kG, kItems = Lay::kItems, kOwn = Lay::kOwn;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* raw = reinterpret_cast<T*>(smem);
+  float4* s_q = reinterpret_cast<float4*>(smem + Lay::oQ);  // (dt, dt u, dy, u) -> (du, ddt, dz, -)
+  float2* s_f = reinterpret_cast<float2*>(smem + Lay::oF);  // (softplus', dz / (y + D u))
+  float* s_B = reinterpret_cast<float*>(smem + Lay::oB);    // B [t][n] (or [ch][n]); later dB [t][n]
+  float* s_C = reinterpret_cast<float*>(smem + Lay::oC);
+  float* s_st = reinterpret_cast<float*>(smem + Lay::oSt);  // [sub-chunk][ch][n] states
+  float* s_wp = reinterpret_cast<float*>(smem + Lay::oWp);  // [buf][warp][dB|dC][step][n]
+  float* s_Dv = reinterpret_cast<float*>(smem + Lay::oDv);
+  float* s_bias = s_Dv + kD;
+
+  const int tid = threadIdx.x;
+  const int ch = tid / kTPC, slice = tid % kTPC;
+  const int warp = tid / 32, cidx = (tid % 32) / kTPC;  // cidx: channel index within the warp
+  const int64_t DG = p.dim / p.groups;
+  const int64_t g = blockIdx.y, s = blockIdx.z;
+  const int64_t dl0 = static_cast<int64_t>(blockIdx.x) * kD;
+  const int64_t d0 = g * DG + dl0;
+  const int nch = static_cast<int>(DG - dl0 < kD ? DG - dl0 : kD);
+  const bool ch_ok = ch < nch;
+  const int64_t d = d0 + ch;
+  const int N = static_cast<int>(p.N);
+  const int64_t L = p.L;
+  const bool has_z = p.z != nullptr, has_D = p.D != nullptr;
+  const bool B_var = p.B_var, C_var = p.C_var;
+  // kMode 0: B, C time-invariant; 1: both time-varying; 2: one of each. Compile-time so the
+  // unrolled loops carry no per-update branches: kRed reduce-scatters dB/dC over the channels
+  // (time-varying), kAcc sums them over time in registers (time-invariant); mixed does both.
+  constexpr bool kRed = kMode != 0, kAcc = kMode != 1;
+
+  int64_t bos = 0, Ts = L, b = s, ck0 = s * p.ck_per_batch;
+  if (p.cu_seqlens) {
+    bos = p.cu_seqlens[s];
+    Ts = p.cu_seqlens[s + 1] - bos;
+    b = 0;
+    ck0 = p.ck_offsets ? p.ck_offsets[s] : 0;
+  }
+  const int64_t ubase = (b * p.dim + d0) * L + bos;
+  const int64_t bcbase = ((b * p.groups + g) * p.N) * L + bos;
+  // per-block partials of time-varying dB/dC: (dtiles, batch, G, N, L)
+  const int64_t pbase = ((static_cast<int64_t>(blockIdx.x) * p.batch + b) * p.groups + g) * p.N * L + bos;
+  const T* gu = static_cast<const T*>(p.u);
+  const T* gdelta = static_cast<const T*>(p.delta);
+  const T* gz = static_cast<const T*>(p.z);
+  const T* gdout = static_cast<const T*>(p.dout);
+  const T* gB = static_cast<const T*>(p.B);
+  const T* gC = static_cast<const T*>(p.C);
+
+  if (tid < kD) {
+    s_Dv[tid] = (has_D && tid < nch) ? p.D[d0 + tid] : 0.f;
+    s_bias[tid] = (p.delta_bias && tid < nch) ? p.delta_bias[d0 + tid] : 0.f;
+  }
+  for (int i = tid; i < kD * kNP; i += kThreads) {  // time-invariant B/C: [ch][n], time stride 0
+    const int r = i / kNP, n = i % kNP;
+    const bool ok = r < nch && n < N;
+    if (!B_var) s_B[i] = ok ? static_cast<const float*>(p.B)[(d0 + r) * p.N + n] : 0.f;
+    if (!C_var) s_C[i] = ok ? static_cast<const float*>(p.C)[(d0 + r) * p.N + n] : 0.f;
+  }
+
+  float a2[kNPT], carry[kNPT], dA[kNPT], dBc[kNPT], dCc[kNPT];
+#pragma unroll
+  for (int k = 0; k < kNPT; ++k) {
+    const int n = slice * kNPT + k;
+    const bool ok = ch_ok && n < N;
+    a2[k] = ok ? p.A[d * p.N + n] * kLog2e : 0.f;  // padding: a = 1, B = C = 0
+    carry[k] = ok ? p.dlast[(s * p.dim + d) * p.N + n] : 0.f;
+    dA[k] = dBc[k] = dCc[k] = 0.f;
+  }
+  float dD_acc = 0.f, dbias_acc = 0.f;
+
+  auto stage = [&](int64_t c0, int len) {  // cp.async of the chunk at c0 into the raw buffer
+    for (int i = tid; i < kRows * kNV; i += kThreads) {
+      const int row = i / kNV, j = i % kNV;
+      const T* src;
+      int64_t e;
+      bool ok;
+      if (row < 4 * kD) {
+        const int kind = row / kD, r = row % kD;
+        src = kind == 0 ? gu : (kind == 1 ? gdelta : (kind == 2 ? gz : gdout));
+        ok = r < nch && (kind != 2 || has_z);
+        e = ubase + r * L + c0;
+      } else {
+        const int q = row - 4 * kD, which = q / kNP, n = q % kNP;
+        src = which ? gC : gB;
+        ok = n < N && (which ? C_var : B_var);
+        e = bcbase + n * L + c0;
+      }
+      const int shift = static_cast<int>(e & (kV - 1));
+      const int valid = shift + len - j * kV;
+      if (!ok || valid <= 0) continue;
+      cp_async16(raw + row * kRowEl + j * kV, src + (e - shift) + j * kV,
+                 (valid < kV ? valid : kV) * static_cast<int>(sizeof(T)));
+    }
+  };
+
+  const int64_t nchunks = (Ts + kChunk - 1) / kChunk;
+  if (nchunks > 0) {
+    const int64_t c0 = (nchunks - 1) * kChunk;
+    stage(c0, static_cast<int>(Ts - c0));
+    cp_async_commit();
+  }
+
+  for (int64_t c = nchunks - 1; c >= 0; --c) {
+    const int64_t c0 = c * kChunk;
+    const int len = static_cast<int>(Ts - c0 < kChunk ? Ts - c0 : kChunk);
+    cp_async_wait_all();
+    __syncthreads();  // chunk c has landed; chunk c+1's tiles are consumed
+
+    // ---- convert: per (d, t) q = (dt, dt u, dy, u), f = (softplus', dz / y); B, C [t][n]
+    for (int i = tid; i < kD * kChunk; i += kThreads) {
+      const int r = i / kChunk, t = i % kChunk;
+      float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
+      float2 f = make_float2(0.f, 0.f);
+      if (t < len && r < nch) {
+        const int sh = static_cast<int>((ubase + r * L) & (kV - 1)) + t;
+        const float uu = to_float(raw[r * kRowEl + sh]);
+        const float x = to_float(raw[(kD + r) * kRowEl + sh]) + s_bias[r];
+        const float dout = to_float(raw[(3 * kD + r) * kRowEl + sh]);
+        float dt = x, dsp = 1.f;
+        if (p.softplus) {
+          dt = softplus_fast(x);
+          dsp = x > 20.f ? 1.f : sigmoid_fast(x);
+        }
+        float dy = dout, dzf = 0.f;
+        if (has_z) {
+          const float zz = to_float(raw[(2 * kD + r) * kRowEl + sh]);
+          const float sig = sigmoid_fast(zz);
+          dy = dout * zz * sig;
+          dzf = dout * sig * fmaf(zz, 1.f - sig, 1.f);
+        }
+        q = make_float4(dt, dt * uu, dy, uu);
+        f = make_float2(dsp, dzf);
+      }
+      s_q[r * kQP + t] = q;
+      s_f[r * kQP + t] = f;
+    }
+    if (B_var || C_var) {
+      for (int i = tid; i < kNP * kChunk; i += kThreads) {
+        const int n = i / kChunk, t = i % kChunk;
+        const bool ok = t < len && n < N;
+        const int sh = static_cast<int>((bcbase + n * L) & (kV - 1)) + t;
+        if (B_var) s_B[t * kBP + n] = ok ? to_float(raw[(4 * kD + n) * kRowEl + sh]) : 0.f;
+        if (C_var) s_C[t * kBP + n] = ok ? to_float(raw[(4 * kD + kNP + n) * kRowEl + sh]) : 0.f;
+      }
+    }
+    __syncthreads();  // tiles ready; the raw buffer is free
+    if (c > 0) stage(c0 - kChunk, kChunk);
+    cp_async_commit();
+
+    const float4* q_ch = s_q + ch * kQP;
+    const float* pB = B_var ? s_B + slice * kNPT : s_B + ch * kNP + slice * kNPT;
+    const float* pC = C_var ? s_C + slice * kNPT : s_C + ch * kNP + slice * kNPT;
+    const int sBt = B_var ? kBP : 0, sCt = C_var ? kBP : 0;
+    float* st = s_st + ch * kNP + slice * kNPT;
+    const int nsub = (len + kS - 1) / kS;  // sub-chunks holding real steps (block-uniform)
+
+    // ---- pass 1: the states entering every sub-chunk, from the checkpoint
+    {
+      float h[kNPT];
+      const float* src = p.ckpt + ((ck0 + c) * p.dim + d) * p.N + slice * kNPT;
+#pragma unroll
+      for (int k = 0; k < kNPT; ++k) h[k] = (ch_ok && slice * kNPT + k < N) ? src[k] : 0.f;
+      for (int sc = 0; sc < nsub; ++sc) {
+#pragma unroll
+        for (int k = 0; k < kNPT; k += 4)
+          *reinterpret_cast<float4*>(st + sc * kD * kNP + k) = make_float4(h[k], h[k + 1], h[k + 2], h[k + 3]);
+        if (sc == nsub - 1) break;
+#pragma unroll
+        for (int j = 0; j < kS; ++j) {
+          const int t = sc * kS + j;
+          const float4 x = q_ch[t];
+          float bv[kNPT];
+          load_vec(bv, pB + t * sBt);
+#pragma unroll
+          for (int k = 0; k < kNPT; ++k) h[k] = fmaf(ex2(x.x * a2[k]), h[k], x.y * bv[k]);
+        }
+      }
+    }
+
+    // ---- pass 2: sub-chunks last to first
+    int buf = 0;
+    for (int sc = nsub - 1; sc >= 0; --sc) {
+      float* wp = s_wp + buf * Lay::kWP + warp * (2 * kS * kNP);  // this warp's [dB|dC][step][n]
+      float a[kS][kNPT], P[kS][kNPT], yv[kS], dv[kS], gv[kS];
+      {
+        float h[kNPT], ic[kItems];
+        load_vec(h, st + sc * kD * kNP);
+#pragma unroll
+        for (int j = 0; j < kS; ++j) {
+          const int t = sc * kS + j;
+          const float4 x = q_ch[t];
+          float bv[kNPT], cv[kNPT];
+          load_vec(bv, pB + t * sBt);
+          load_vec(cv, pC + t * sCt);
+          float y = 0.f;
+#pragma unroll
+          for (int k = 0; k < kNPT; ++k) {
+            a[j][k] = ex2(x.x * a2[k]);
+            P[j][k] = a[j][k] * h[k];
+            h[k] = fmaf(x.y, bv[k], P[j][k]);
+            y = fmaf(cv[k], h[k], y);
+            const float dch = x.z * h[k];
+            if constexpr (kRed) ic[(j % kG) * kNPT + k] = dch;
+            if constexpr (kAcc) dCc[k] += dch;
+          }
+          yv[j] = y;
+          if (kRed && j % kG == kG - 1) {
+            reduce_scatter_lanes<kCW, kTPC>(ic, cidx);
+#pragma unroll
+            for (int o = 0; o < kOwn; ++o) {
+              const int item = cidx * kOwn + o;
+              const int tl = j - (kG - 1) + item / kNPT;
+              wp[kS * kNP + tl * kNP + slice * kNPT + item % kNPT] = ic[o];
+            }
+          }
+        }
+      }
+      reduce_scatter_lanes<kTPC, 1>(yv, slice);  // sum over n of y, per step
+      {
+        float ib[kItems];
+#pragma unroll
+        for (int j = kS - 1; j >= 0; --j) {
+          const int t = sc * kS + j;
+          const float4 x = q_ch[t];
+          float bv[kNPT], cv[kNPT];
+          load_vec(bv, pB + t * sBt);
+          load_vec(cv, pC + t * sCt);
+          float dd = 0.f, gb = 0.f;
+#pragma unroll
+          for (int k = 0; k < kNPT; ++k) {
+            const float gg = fmaf(x.z, cv[k], carry[k]);
+            const float gp = gg * P[j][k];
+            dA[k] = fmaf(x.x, gp, dA[k]);
+            dd = fmaf(a2[k], gp, dd);
+            gb = fmaf(gg, bv[k], gb);
+            const float db = x.y * gg;
+            if constexpr (kRed) ib[(j % kG) * kNPT + k] = db;
+            if constexpr (kAcc) dBc[k] += db;
+            carry[k] = a[j][k] * gg;
+          }
+          dv[j] = dd;
+          gv[j] = gb;
+          if (kRed && j % kG == 0) {
+            reduce_scatter_lanes<kCW, kTPC>(ib, cidx);
+#pragma unroll
+            for (int o = 0; o < kOwn; ++o) {
+              const int item = cidx * kOwn + o;
+              const int tl = j + item / kNPT;
+              wp[tl * kNP + slice * kNPT + item % kNPT] = ib[o];
+            }
+          }
+        }
+      }
+      // sums over n: d dt, g B per step, reduce-scattered over the channel's lanes
+      reduce_scatter_lanes<kTPC, 1>(dv, slice);
+      reduce_scatter_lanes<kTPC, 1>(gv, slice);
+      __syncwarp();  // every lane's reads of this sub-chunk's q precede the owners' writes
+      {
+        constexpr int kMine = kS >= kTPC ? kS / kTPC : 1;
+        constexpr int kRep = kS >= kTPC ? 1 : kTPC / kS;  // lanes holding the same sums
+        const int j0 = kS >= kTPC ? slice * kMine : slice / kRep;
+        const bool owner = (slice % kRep) == 0;
+        const float Dv = s_Dv[ch];
+#pragma unroll
+        for (int o = 0; o < kMine; ++o) {
+          const int t = sc * kS + j0 + o;
+          if (owner && ch_ok && t < len) {
+            const float4 x = q_ch[t];
+            const float2 f = s_f[ch * kQP + t];
+            const float ddt = fmaf(dv[o], kLn2, x.w * gv[o]) * f.x;
+            const float du = fmaf(x.x, gv[o], Dv * x.z);
+            const float dz = f.y * fmaf(Dv, x.w, yv[o]);
+            dD_acc = fmaf(x.z, x.w, dD_acc);
+            dbias_acc += ddt;
+            s_q[ch * kQP + t] = make_float4(du, ddt, dz, 0.f);
+          }
+        }
+      }
+      __syncthreads();  // the sub-chunk's per-warp dB/dC partials are complete
+      if (B_var || C_var) {  // add the warps in order; B/C of this sub-chunk are dead: reuse
+        const float* w0 = s_wp + buf * Lay::kWP;
+        for (int i = tid; i < 2 * kS * kNP; i += kThreads) {
+          const int which = i / (kS * kNP), tl = (i / kNP) % kS, n = i % kNP;
+          if (!(which ? C_var : B_var)) continue;
+          float acc = w0[i];
+#pragma unroll
+          for (int w = 1; w < kWarps; ++w) acc += w0[w * 2 * kS * kNP + i];
+          (which ? s_C : s_B)[(sc * kS + tl) * kBP + n] = acc;
+        }
+      }
+      buf ^= 1;
+    }
+    __syncthreads();  // du / ddt / dz and dB / dC tiles complete
+
+    // ---- output
+    T* gdu = static_cast<T*>(p.du);
+    T* gdd = static_cast<T*>(p.ddelta);
+    T* gdz = static_cast<T*>(p.dz);
+    for (int i = tid; i < kD * kChunk; i += kThreads) {
+      const int r = i / kChunk, t = i % kChunk;
+      if (t >= len || r >= nch) continue;
+      const int64_t e = ubase + r * L + c0 + t;
+      const float4 q = s_q[r * kQP + t];
+      gdu[e] = from_float<T>(q.x);
+      gdd[e] = from_float<T>(q.y);
+      if (has_z) gdz[e] = from_float<T>(q.z);
+    }
+    if (B_var || C_var) {
+      for (int i = tid; i < kNP * kChunk; i += kThreads) {
+        const int n = i / kChunk, t = i % kChunk;
+        if (t >= len || n >= N) continue;
+        const int64_t e = pbase + n * L + c0 + t;
+        if (B_var) p.dB_part[e] = s_B[t * kBP + n];
+        if (C_var) p.dC_part[e] = s_C[t * kBP + n];
+      }
+    }
+  }
+  cp_async_wait_all();
+
+  // ---- per-sequence results
+  if (ch_ok) {
+    const int64_t o = (s * p.dim + d) * p.N + slice * kNPT;
+#pragma unroll
+    for (int k = 0; k < kNPT; ++k) {
+      if (slice * kNPT + k >= N) continue;
+      if (p.dh0) p.dh0[o + k] = carry[k];  // a[0] g[0]
+      p.dA_part[o + k] = dA[k];
+      if (!B_var) p.dB_part[o + k] = dBc[k];
+      if (!C_var) p.dC_part[o + k] = dCc[k];
+    }
+  }
+#pragma unroll
+  for (int m = 1; m < kTPC; m *= 2) {  // over the channel's lanes, fixed order
+    dD_acc += __shfl_xor_sync(0xffffffffu, dD_acc, m);
+    dbias_acc += __shfl_xor_sync(0xffffffffu, dbias_acc, m);
+  }
+  if (ch_ok && slice == 0) {
+    if (p.dD_part) p.dD_part[s * p.dim + d] = dD_acc;
+    if (p.dbias_part) p.dbias_part[s * p.dim + d] = dbias_acc;
+  }
+}
+
+// ---- deterministic partial sums: dst[i] = cast(sum_{j < parts} src[j * stride + i]), j in order
+
+struct SumJob {
+  const float* src = nullptr;
+  void* dst = nullptr;
+  int64_t n = 0, stride = 0;
+  int parts = 0;
+  DType dtype = DType::kFloat32;
+};
+constexpr int kMaxJobs = 8;
+struct SumJobs {
+  SumJob job[kMaxJobs];
+};
+
+__global__ void __launch_bounds__(256) sum_parts_kernel(const SumJobs jobs) {
+  const SumJob& jb = jobs.job[blockIdx.y];
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < jb.n; i += step) {
+    float acc = 0.f;
+    for (int j = 0; j < jb.parts; ++j) acc += jb.src[j * jb.stride + i];
+    switch (jb.dtype) {
+      case DType::kFloat32: static_cast<float*>(jb.dst)[i] = acc; break;
+      case DType::kFloat16: static_cast<__half*>(jb.dst)[i] = from_float<__half>(acc); break;
+      case DType::kBFloat16: static_cast<__nv_bfloat16*>(jb.dst)[i] = from_float<__nv_bfloat16>(acc); break;
+    }
+  }
+}
+
+template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode>
+cudaError_t launch_mode(const SelectiveScanBwdParams& p, cudaStream_t stream) {
+  using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS>;
+  if (p.ck_len != kChunk) return cudaErrorInvalidValue;
+  auto kernel = selective_scan_bwd_kernel<T, kNPT, kTPC, kChunk, kS, kMode>;
+  if (Lay::kBytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Lay::kBytes));
+    if (err != cudaSuccess) return err;
+  }
+  const int64_t DG = p.dim / p.groups;
+  const int64_t dtiles = (DG + Lay::kD - 1) / Lay::kD;
+  const dim3 grid(static_cast<unsigned>(dtiles), static_cast<unsigned>(p.groups),
+                  static_cast<unsigned>(p.nseq));
+  kernel<<<grid, kThreads, Lay::kBytes, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+
+  SumJobs jobs;
+  int nj = 0;
+  int64_t most = 0;
+  auto add = [&](const float* src, void* dst, int64_t n, int64_t parts, DType dt) {
+    if (dst == nullptr || n == 0) return;
+    jobs.job[nj].src = src;
+    jobs.job[nj].dst = dst;
+    jobs.job[nj].n = n;
+    jobs.job[nj].stride = n;
+    jobs.job[nj].parts = static_cast<int>(parts);
+    jobs.job[nj].dtype = dt;
+    most = n > most ? n : most;
+    ++nj;
+  };
+  const DType tdt = std::is_same<T, float>::value ? DType::kFloat32
+                    : (std::is_same<T, __half>::value ? DType::kFloat16 : DType::kBFloat16);
+  const int64_t dn = p.dim * p.N, var_n = p.batch * p.groups * p.N * p.L;
+  add(p.dA_part, p.dA, dn, p.nseq, DType::kFloat32);
+  if (p.B_var) add(p.dB_part, p.dB, var_n, dtiles, tdt);
+  else add(p.dB_part, p.dB, dn, p.nseq, DType::kFloat32);
+  if (p.C_var) add(p.dC_part, p.dC, var_n, dtiles, tdt);
+  else add(p.dC_part, p.dC, dn, p.nseq, DType::kFloat32);
+  if (p.D) add(p.dD_part, p.dD, p.dim, p.nseq, DType::kFloat32);
+  if (p.delta_bias) add(p.dbias_part, p.dbias, p.dim, p.nseq, DType::kFloat32);
+  if (nj == 0) return cudaSuccess;
+  const int64_t blocks = (most + 255) / 256;
+  const dim3 sgrid(static_cast<unsigned>(blocks < 2048 ? blocks : 2048), static_cast<unsigned>(nj));
+  sum_parts_kernel<<<sgrid, 256, 0, stream>>>(jobs);
+  return cudaGetLastError();
+}
+
+template <typename T, int kNPT, int kTPC, int kChunk, int kS>
+cudaError_t launch(const SelectiveScanBwdParams& p, cudaStream_t stream) {
+  if (p.B_var && p.C_var) return launch_mode<T, kNPT, kTPC, kChunk, kS, 1>(p, stream);
+  if (!p.B_var && !p.C_var) return launch_mode<T, kNPT, kTPC, kChunk, kS, 0>(p, stream);
+  return launch_mode<T, kNPT, kTPC, kChunk, kS, 2>(p, stream);
+}
+
+}  // namespace
+
+int64_t selective_scan_bwd_channels_per_block(int64_t N) {
+  // kThreads / kTPC of the bucket chosen below
+  return N <= 32 ? kThreads / 4 : (N <= 64 ? kThreads / 8 : kThreads / 16);
+}
+
+cudaError_t selective_scan_bwd_cuda(const SelectiveScanBwdParams& p, DType dtype, cudaStream_t stream) {
+  if (p.N < 1 || p.N > 256) return cudaErrorInvalidValue;
+  cudaError_t err = cudaSuccess;
+  // buckets (states per thread, threads per channel, chunk = checkpoint spacing chunk_len(N),
+  // sub-chunk kept in registers): kS * kNPT = 32 keeps a and P in 64 registers (16 for N > 128,
+  // where 64 spilled)
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (p.N <= 16) err = launch<T, 4, 4, 64, 8>(p, stream);
+    else if (p.N <= 32) err = launch<T, 8, 4, 32, 4>(p, stream);
+    else if (p.N <= 64) err = launch<T, 8, 8, 32, 4>(p, stream);
+    else if (p.N <= 128) err = launch<T, 8, 16, 16, 4>(p, stream);
+    else err = launch<T, 16, 16, 8, 1>(p, stream);
+  });
+  return err;
+}
+
+}  // namespace ssm
