@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 _is_compiling = torch.compiler.is_compiling
+_Tensor = torch.Tensor
 
 
 class KernelOp:
@@ -84,7 +85,8 @@ def cached_on_metadata(fn: Callable) -> Callable:
     cache: dict = {}
 
     def wrapper(*args, **kwargs):
-        key = tuple((a.device, a.dtype, a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        key = [(a.device, a.dtype, a.shape) if type(a) is _Tensor else a for a in args]
+        key = tuple(key)
         if kwargs:
             key += tuple(kwargs.items())
         try:

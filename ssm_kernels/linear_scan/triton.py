@@ -307,10 +307,10 @@ def linear_scan_fwd(a: torch.Tensor, b: torch.Tensor, h0, reverse: bool):
     h = torch.empty_like(b)
     ak, bk, hk = (_state_view(x) for x in (a, b, h)) if cplx else (a, b, h)
     if nc == 1:
-        hT = torch.empty((P, Q), dtype=sdt, device=b.device)
+        hT = b.new_empty((P, Q), dtype=sdt)
         h0k = None if h0 is None else _state_view(h0.to(sdt).contiguous())
         _linear_scan_fwd_kernel[grid](
-            ak, bk, h0k if h0k is not None else hk, hk, _state_view(hT), hk,
+            ak, bk, h0k if h0k is not None else hk, hk, _state_view(hT) if cplx else hT, hk,
             T, C, chunk, nc, s_o, s_t, s_c, HAS_H0=h0 is not None, REVERSE=reverse, COMPLEX=cplx,
             SUMMARY=False, **cfg)
         return h, hT
@@ -360,11 +360,12 @@ def linear_scan_bwd(a, h, h0, dh, dhT, reverse: bool):
             HAS_CARRY=False, **common)
         ends, _ = linear_scan_fwd(sa, sg, dhT.reshape(O, C), not reverse)
         carry = _shift_in(ends, dhT, not reverse)
-    dh0 = torch.empty((O, nc, C), dtype=sdt, device=h.device)
+    dh0 = h.new_empty((O, nc, C), dtype=sdt)
+    dh0k = _state_view(dh0) if cplx else dh0
     _linear_scan_bwd_kernel[grid](
         ak, hk, h0k if h0k is not None else hk, dhk,
-        _state_view(carry) if carry is not None else dhk, dak, dbk,
-        _state_view(dh0), _state_view(dh0), T, C, chunk, nc, s_o, s_t, s_c, SUMMARY=False,
+        (_state_view(carry) if cplx else carry) if carry is not None else dhk, dak, dbk,
+        dh0k, dh0k, T, C, chunk, nc, s_o, s_t, s_c, SUMMARY=False,
         HAS_CARRY=carry is not None, **common)
     # the chunk holding the globally last processed step (t=0 unless reverse) has the true dh0
     return da, db, dh0[:, nc - 1 if reverse else 0].reshape(P, Q)
