@@ -238,8 +238,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
             (complex64 for complex A), differentiable. Default zeros.
         cu_seqlens: (nseq + 1,) int32/int64 offsets of sequences packed along seqlen (batch must
             be 1); the state restarts (from initial_state[s]) at every boundary.
-        backend: None (env SSM_KERNELS_BACKEND, default "auto"), "auto", "cuda" (real A; a
-            hand-written forward, its backward runs the Triton kernel), "triton" or "reference".
+        backend: None (env SSM_KERNELS_BACKEND, default "auto"), "auto", "cuda" (real A;
+            hand-written CUDA forward and backward), "triton" or "reference".
             An explicit backend that cannot serve the call raises.
 
     Returns:
