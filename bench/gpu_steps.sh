@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One device call, several checks: each step has its own time limit and log under $OUT, and the
+# summary of every step is printed last. Usage (repo root, on the GPU machine):
+#   STEPS="build graphs overhead chunk fft layers cp" bash bench/gpu_steps.sh
+# Steps: build (CUDA extension), mamba (build mamba-ssm's selective_scan_cuda in the background),
+# graphs (tests/test_graphs.py), overhead (bench --overhead), sscan, decode, lscan, chunk, fft,
+# layers, cp (the bench/gpu_*.py scripts). Peers: .whl wheels and .peers/mamba_ssm-* if carried.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if ls .whl/fla_core*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+    .whl/fla_core*.whl .whl/accelerated*.whl && export PYTHONPATH=/tmp/site
+fi
+MAMBA_SRC=$(ls -d .peers/mamba_ssm-*/ 2>/dev/null | head -1)
+export PYTHONPATH="${PYTHONPATH:-}:$(pwd):/tmp/mamba_build:$(pwd)/${MAMBA_SRC:-.}"
+SUMMARY="$OUT/summary.txt"; : > "$SUMMARY"
+step() {  # name, limit in s, command...
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $(( $(date +%s) - t0 )) s" >> "$SUMMARY"
+  tail -n "${TAIL:-14}" "$OUT/$name.log" >> "$SUMMARY"
+}
+for s in ${STEPS:-build graphs overhead}; do
+  case $s in
+    mamba) [ -n "$MAMBA_SRC" ] && (python3 bench/peers/build_mamba.py "$MAMBA_SRC" /tmp/mamba_build \
+             > "$OUT/mamba_build.log" 2>&1 &) ;;
+    build) SSM_KERNELS_BUILD_CUDA=1 step build 200 python3 -m pip install --no-build-isolation --no-deps -e . ;;
+    graphs) step graphs ${T_GRAPHS:-150} python3 -m pytest -q -x -p no:cacheprovider tests/test_graphs.py ;;
+    overhead) step overhead ${T_OVERHEAD:-200} python3 -m ssm_kernels.benchmarks.overhead --out "$OUT/overhead.csv" ;;
+    sscan) step sscan ${T_SSCAN:-200} python3 bench/gpu_sscan.py ;;
+    decode) step decode ${T_DECODE:-120} python3 bench/gpu_decode.py ;;
+    lscan) step lscan ${T_LSCAN:-150} python3 bench/gpu_linear_scan.py ;;
+    chunk|fft|layers|cp) step "$s" ${LIMIT:-200} python3 "bench/gpu_$s.py" ;;
+  esac
+done
+cat "$SUMMARY"
