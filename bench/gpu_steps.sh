@@ -15,19 +15,20 @@ if ls .whl/fla_core*.whl >/dev/null 2>&1; then
 fi
 MAMBA_SRC=$(ls -d .peers/mamba_ssm-*/ 2>/dev/null | head -1)
 export PYTHONPATH="${PYTHONPATH:-}:$(pwd):/tmp/mamba_build:$(pwd)/${MAMBA_SRC:-.}"
+LOGS=/tmp/steplogs; mkdir -p "$LOGS"   # one combined log comes back (the tool returns <= 8 files)
 SUMMARY="$OUT/summary.txt"; : > "$SUMMARY"
 step() {  # name, limit in s, command...
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
   echo "== $name: rc=$rc in $(( $(date +%s) - t0 )) s" >> "$SUMMARY"
-  tail -n "${TAIL:-14}" "$OUT/$name.log" >> "$SUMMARY"
+  tail -n "${TAIL:-14}" "$LOGS/$name.log" >> "$SUMMARY"
 }
 for s in ${STEPS:-build graphs overhead}; do
   case $s in
     mamba) [ -n "$MAMBA_SRC" ] && (python3 bench/peers/build_mamba.py "$MAMBA_SRC" /tmp/mamba_build \
-             > "$OUT/mamba_build.log" 2>&1 &) ;;
+             > "$LOGS/mamba_build.log" 2>&1 &) ;;
     build) SSM_KERNELS_BUILD_CUDA=1 step build 200 python3 -m pip install --no-build-isolation --no-deps -e . ;;
     graphs) step graphs ${T_GRAPHS:-150} python3 -m pytest -q -x -p no:cacheprovider tests/test_graphs.py ;;
     overhead) step overhead ${T_OVERHEAD:-200} python3 -m ssm_kernels.benchmarks.overhead --out "$OUT/overhead.csv" ;;
@@ -37,4 +38,5 @@ for s in ${STEPS:-build graphs overhead}; do
     chunk|fft|layers|cp) step "$s" ${LIMIT:-200} python3 "bench/gpu_$s.py" ;;
   esac
 done
+for f in "$LOGS"/*.log; do echo "######## $f"; cat "$f"; done > "$OUT/all_logs.txt"
 cat "$SUMMARY"
