@@ -167,11 +167,26 @@ def cases(device: str = "cuda") -> Iterator[OverheadCase]:
         yield OverheadCase("fused_recurrent_simple_gla", "fla", "fwd", shape, lambda: peer(
             qd, kd, vd, gd, initial_state=h0, output_final_state=True))
 
+    gkd = torch.nn.functional.logsigmoid(torch.randn(64, 1, 16, 128, device=device))
+    yield OverheadCase("fused_recurrent_gla", "ssm_kernels", "fwd", shape, lambda: sk.fused_recurrent_gla(
+        qd, kd, vd, gkd, initial_state=h0, output_final_state=True))
+    peer = fla_function("fused_recurrent_gla")
+    if peer is not None:
+        yield OverheadCase("fused_recurrent_gla", "fla", "fwd", shape, lambda: peer(
+            qd, kd, vd, gkd, initial_state=h0, output_final_state=True))
+
     # Based [1, 64, 2, K=16, V=64]
     qb, kb = (torch.randn(1, 64, 2, 16, device=device, dtype=bf16) for _ in range(2))
     vb = torch.randn(1, 64, 2, 64, device=device, dtype=bf16)
-    yield OverheadCase("chunk_based", "ssm_kernels", "fwd", "[1,64,2,16/64] bf16",
-                       lambda: sk.chunk_based(qb, kb, vb))
+    shape = "[1,64,2,16/64] bf16"
+    yield OverheadCase("chunk_based", "ssm_kernels", "fwd", shape, lambda: sk.chunk_based(qb, kb, vb))
+    qbl, kbl, vbl = (t.clone().requires_grad_() for t in (qb, kb, vb))
+    yield OverheadCase("chunk_based", "ssm_kernels", "fwd+bwd", shape,
+                       _training(lambda: sk.chunk_based(qbl, kbl, vbl), [qbl, kbl, vbl]))
+    yield OverheadCase("fused_recurrent_based", "ssm_kernels", "fwd", "[4,1,2,16/64] bf16 decode",
+                       lambda: sk.fused_recurrent_based(qb[:, :1].expand(4, 1, 2, 16).contiguous(),
+                                                        kb[:, :1].expand(4, 1, 2, 16).contiguous(),
+                                                        vb[:, :1].expand(4, 1, 2, 64).contiguous()))
 
     # fft_conv (B, H, L) = (1, 16, 256)
     uc = torch.randn(1, 16, 256, device=device)
@@ -189,6 +204,41 @@ def cases(device: str = "cuda") -> Iterator[OverheadCase]:
     yield OverheadCase("fft_conv", "torch.fft", "fwd", "(1,16,256) fp32", lambda: torch_fft_conv(uc, kc))
     yield OverheadCase("fft_conv", "torch.fft", "fwd+bwd", "(1,16,256) fp32",
                        _training(lambda: torch_fft_conv(ucl, kcl), [ucl, kcl]))
+
+    log_dt = torch.randn(16, device=device) * 0.1 - 3
+    As4 = torch.complex(-torch.rand(16, 32, device=device), torch.randn(16, 32, device=device))
+    C4 = torch.randn(16, 32, device=device, dtype=torch.complex64)
+    yield OverheadCase("s4d_kernel", "ssm_kernels", "fwd", "H=16 N=32 L=256",
+                       lambda: sk.s4d_kernel(log_dt, As4, C4, 256))
+    yield from _later_families(device)
+
+
+def _later_families(device):
+    """Ops that arrived after the first version of this benchmark (present when merged)."""
+    import ssm_kernels as sk
+    bf16 = torch.bfloat16
+    if hasattr(sk, "mamba_chunk_scan_combined"):  # SSD [B, L, H, P] = [1, 64, 2, 64], N = 64
+        x = torch.randn(1, 64, 2, 64, device=device, dtype=bf16)
+        dt = torch.rand(1, 64, 2, device=device)
+        A = -torch.rand(2, device=device)
+        B, C = (torch.randn(1, 64, 1, 64, device=device, dtype=bf16) for _ in range(2))
+        shape = "[1,64,2,64] N=64 bf16"
+        yield OverheadCase("mamba_chunk_scan_combined", "ssm_kernels", "fwd", shape,
+                           lambda: sk.mamba_chunk_scan_combined(x, dt, A, B, C, 64))
+        ssd = mamba_ssm_module("ops.triton.ssd_combined")
+        if ssd is not None:
+            yield OverheadCase("mamba_chunk_scan_combined", "mamba_ssm", "fwd", shape,
+                               lambda: ssd.mamba_chunk_scan_combined(x, dt, A, B, C, 64))
+    if hasattr(sk, "causal_conv1d_fn"):  # (B, D, L) = (1, 64, 64), width 4
+        xc = torch.randn(1, 64, 64, device=device, dtype=bf16)
+        w = torch.randn(64, 4, device=device, dtype=bf16)
+        yield OverheadCase("causal_conv1d_fn", "ssm_kernels", "fwd", "(1,64,64) w=4 bf16",
+                           lambda: sk.causal_conv1d_fn(xc, w, None, activation="silu"))
+        xs = torch.randn(64, 1024, device=device, dtype=bf16)
+        cs = torch.randn(64, 1024, 3, device=device, dtype=bf16)
+        wd = torch.randn(1024, 4, device=device, dtype=bf16)
+        yield OverheadCase("causal_conv1d_update", "ssm_kernels", "fwd", "B=64 D=1024 w=4 bf16",
+                           lambda: sk.causal_conv1d_update(xs, cs, wd, None, "silu"))
 
 
 def run(out: Optional[str] = None, calls: int = 50) -> List[dict]:
