@@ -17,6 +17,7 @@ import torch
 
 _is_compiling = torch.compiler.is_compiling
 _Tensor = torch.Tensor
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # any other subclass (fake, functional) traces
 
 
 class KernelOp:
@@ -57,7 +58,7 @@ class KernelOp:
         })
 
     def __call__(self, *args):
-        if _is_compiling() or type(args[0]) is not torch.Tensor:
+        if _is_compiling() or type(args[0]) not in _PLAIN:
             return self.op(*args)
         if self._function is not None and torch.is_grad_enabled() and _any_requires_grad(args):
             return self._function.apply(*args)
@@ -66,7 +67,7 @@ class KernelOp:
 
 def _any_requires_grad(args) -> bool:
     for a in args:
-        if type(a) is torch.Tensor and a.requires_grad:
+        if isinstance(a, _Tensor) and a.requires_grad:  # nn.Parameter included
             return True
     return False
 

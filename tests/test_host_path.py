@@ -115,6 +115,19 @@ def test_launches_and_glue_are_pinned(name, stubbed_launches):
     assert (launches, len(work)) == PINNED[name], f"{name}: {launches} launches, torch ops {work}"
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_parameters_get_gradients_through_the_eager_path(backend):
+    """nn.Parameter is a tensor subclass: the fast path must still see that it needs a gradient,
+    whether it is the first argument or not."""
+    a = torch.nn.Parameter(torch.rand(2, 9, 3))
+    b = torch.randn(2, 9, 3)
+    sk.linear_scan(a, b, backend=backend).sum().backward()
+    assert a.grad is not None and torch.isfinite(a.grad).all()
+    k = torch.nn.Parameter(torch.randn(4, 16))
+    sk.fft_conv(torch.randn(2, 4, 16), k, backend=backend).sum().backward()
+    assert k.grad is not None and k.grad.abs().sum() > 0
+
+
 def test_value_checks_name_the_argument_on_cpu():
     q = k = v = torch.randn(1, 8, 1, 4)
     with pytest.raises(ValueError, match="chunk_simple_gla: g holds log-decays and must be <= 0"):
