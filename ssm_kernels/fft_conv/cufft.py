@@ -118,10 +118,15 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def _rfft(k: torch.Tensor, n: int) -> torch.Tensor:
+    with torch.no_grad():  # (a cached spectrum must never hold an autograd graph)
+        return torch.fft.rfft(k.to(torch.float32), n=n)
+
+
 def filter_spectrum(k: torch.Tensor, n: int) -> torch.Tensor:
     """rfft(k, n) as complex64 [H, n/2 + 1] (k fp32 [H, Lk]), from the cache when valid."""
     if not _cache_enabled or torch.compiler.is_compiling() or _capturing(k.device):
-        return torch.fft.rfft(k.to(torch.float32), n=n)
+        return _rfft(k, n)
     key = (k.data_ptr(), tuple(k.shape), k.stride(), k.dtype, k.device, n, _stream_key(k.device))
     hit = _CACHE.get(key)
     if hit is not None:
@@ -130,7 +135,7 @@ def filter_spectrum(k: torch.Tensor, n: int) -> torch.Tensor:
             _CACHE.move_to_end(key)
             return spec
         del _CACHE[key]
-    spec = torch.fft.rfft(k.to(torch.float32), n=n)
+    spec = _rfft(k, n)
 
     def _drop(_, key=key):
         entry = _CACHE.get(key)

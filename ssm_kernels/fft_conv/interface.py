@@ -139,8 +139,12 @@ def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, pre_gate: Opti
     """Causal long convolution (Hyena, H3, M2, S4-family layers), channel by channel.
 
     ``v = u * pre_gate``;  ``y[b,h,t] = sum_{s<=t} k[h,s] v[b,h,t-s] + D[h] v[b,h,t]``;
-    ``y = y * post_gate``. Linear (not circular): the transform size (a power of two >=
-    L + Lk - 1) is picked inside, so any L >= 1 works.
+    ``y = y * post_gate``. Linear (not circular): the transform size (>= L + Lk - 1) is picked
+    inside, so any L >= 1 works. The Triton backend runs Triton kernels fused around cuFFT
+    (torch.fft; an even 7-smooth size) for every dtype and length, and for 16-bit storage at
+    small sizes the tensor-core Monarch kernels where a measured table says they are faster.
+    The filter's spectrum is cached while the same filter tensor is unchanged (its version
+    counter; never while capturing a CUDA graph): see ``ssm_kernels.fft_conv.cufft``.
 
     Args:
         u: ``(B, H, L)`` input, float32, float16 or bfloat16 (float64 on the reference backend),
