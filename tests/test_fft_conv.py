@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import ssm_kernels as sk
+from ssm_kernels.fft_conv import cufft as fft_cufft
+from ssm_kernels.fft_conv import interface as fft_interface
 from ssm_kernels.fft_conv import triton as fft_triton
 from ssm_kernels.fft_conv.interface import (fft_conv_bwd_op, fft_conv_fwd_op, s4d_vandermonde_bwd_op,
                                             s4d_vandermonde_op)
@@ -58,11 +60,24 @@ def check(backend, B, H, L, Lk, dtype=torch.float32, oracle=fft_conv_direct, **f
 def nan_filled_outputs(monkeypatch):
     """Every kernel output and intermediate starts as NaN: an unwritten element fails the check."""
     monkeypatch.setattr(fft_triton, "FILL_NAN", True)
+    monkeypatch.setattr(fft_cufft, "FILL_NAN", True)
 
 
 @pytest.fixture
-def long_path(monkeypatch):
-    """Route every transform past 256 points through the multi-pass path (small shapes, CPU)."""
+def monarch(monkeypatch):
+    """Force the Triton backend onto the Monarch (DFT-as-matmul) kernels."""
+    monkeypatch.setattr(fft_interface, "FORCE_PATH", "monarch")
+
+
+@pytest.fixture
+def cufft_path(monkeypatch):
+    """Force the Triton backend onto the path fused around torch.fft."""
+    monkeypatch.setattr(fft_interface, "FORCE_PATH", "cufft")
+
+
+@pytest.fixture
+def long_path(monkeypatch, monarch):
+    """Route every Monarch transform past 256 points through the multi-pass path (small shapes)."""
     monkeypatch.setattr(fft_triton, "MAX_ONCHIP_N", 256)
 
 
@@ -88,7 +103,135 @@ def test_reference_against_explicit_loop():
 @pytest.mark.parametrize("full", [True, False])
 def test_matches_oracle(backend, L, full):
     Lk = L if full else max(1, L // 3)
-    check(backend, 2, 3, L, Lk)
+    check(backend, 2, 3, L, Lk)  # float32: the cuFFT path on the Triton backend
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("L", [1, 17, 257])
+def test_monarch_matches_oracle(backend, L, monarch):
+    check(backend, 2, 3, L, L)
+    check(backend, 2, 3, L, max(1, L // 3))
+
+
+# ---- the path fused around torch.fft (cufft.py) ----------------------------------------------------
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("B,H,L,Lk", [(2, 3, 1, 1), (1, 5, 7, 7), (2, 3, 7, 2), (2, 17, 1000, 1000),
+                                      (1, 3, 1000, 129), (1, 2, 8191, 8191)])
+def test_cufft_path(backend, B, H, L, Lk, cufft_path):
+    """Odd lengths, H not a multiple of 16, every feature, every gradient, vs float64."""
+    check(backend, B, H, L, Lk, oracle=fft_conv_direct if L * Lk < 1 << 16 else fft_conv_ref)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("D,pre,post", [(False, False, False), (True, False, False),
+                                        (False, True, False), (False, False, True),
+                                        (True, True, False), (False, True, True)])
+def test_cufft_features(backend, D, pre, post, cufft_path):
+    check(backend, 3, 2, 45, 31, D=D, pre=pre, post=post)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cufft_low_precision(backend, dtype, cufft_path):
+    check(backend, 2, 3, 300, 300, dtype)
+
+
+def _is_smooth(m):
+    for p in (2, 3, 5, 7):
+        while m % p == 0:
+            m //= p
+    return m == 1
+
+
+def test_fft_size():
+    """n = 2m, m the smallest 7-smooth number with 2m >= L + Lk - 1."""
+    for L, Lk in [(1, 1), (2, 1), (7, 7), (1000, 1000), (1000, 129), (4096, 4096), (8191, 8191),
+                  (5000, 17), (12345, 678)]:
+        n = fft_cufft.fft_size(L, Lk)
+        m, need = n // 2, -(-(L + Lk - 1) // 2)
+        assert n % 2 == 0 and n >= L + Lk - 1 and _is_smooth(m), (L, Lk, n)
+        assert not any(_is_smooth(c) for c in range(need, m)), (L, Lk, n)
+    assert fft_cufft.fft_size(4096, 4096) == 8192
+    assert fft_cufft.fft_size(1000, 1000) == 2000
+    assert fft_cufft.fft_size(8191, 8191) == 16384
+
+
+def test_path_table():
+    f32 = torch.empty(2, 3, 1024)
+    b16 = f32.bfloat16()
+    assert fft_interface.triton_path("fwd", f32, 1024) == "cufft"
+    assert fft_interface.triton_path("bwd", f32, 1024) == "cufft"
+    assert fft_interface.triton_path("fwd", b16, 1024) == "monarch"  # n = 2048 on-chip
+    assert fft_interface.triton_path("bwd", b16, 1024) == "cufft"
+    assert fft_interface.triton_path("fwd", torch.empty(1, 1, 4096).bfloat16(), 4096) == "cufft"
+
+
+# ---- the filter-spectrum cache -----------------------------------------------------------------------
+
+@pytest.fixture
+def fresh_cache():
+    fft_cufft.clear_filter_cache()
+    yield
+    fft_cufft.clear_filter_cache()
+
+
+def test_filter_cache_hits_and_invalidates(fresh_cache):
+    k = torch.randn(3, 50)
+    s1 = fft_cufft.filter_spectrum(k, 128)
+    assert fft_cufft.filter_spectrum(k, 128) is s1          # same tensor, unchanged: reused
+    assert fft_cufft.filter_spectrum(k, 256) is not s1      # another n
+    with torch.no_grad():
+        k.mul_(2.0)                                         # in place: version bump
+    s2 = fft_cufft.filter_spectrum(k, 128)
+    assert s2 is not s1 and torch.allclose(s2, 2 * s1, rtol=1e-5, atol=1e-5)
+    k2 = k.clone()                                          # same values, another tensor: miss
+    assert fft_cufft.filter_spectrum(k2, 128) is not s2
+    kv = k[:, :49]                                          # a view (other shape): miss
+    assert fft_cufft.filter_spectrum(kv, 128) is not s2
+    fft_cufft.set_filter_cache(False)
+    try:
+        assert fft_cufft.filter_spectrum(k, 128) is not fft_cufft.filter_spectrum(k, 128)
+    finally:
+        fft_cufft.set_filter_cache(True)
+
+
+def test_filter_cache_drops_dead_filters(fresh_cache):
+    k = torch.randn(2, 30)
+    fft_cufft.filter_spectrum(k, 64)
+    assert len(fft_cufft._CACHE) == 1
+    del k
+    assert len(fft_cufft._CACHE) == 0  # the weak reference's callback removed it
+    # a new tensor on the freed address (same shape, version 0) must not see the old spectrum
+    a = torch.randn(2, 30)
+    sa = fft_cufft.filter_spectrum(a, 64).clone()
+    ptr = a.data_ptr()
+    del a
+    b = torch.randn(2, 30)
+    if b.data_ptr() == ptr:
+        assert not torch.equal(fft_cufft.filter_spectrum(b, 64), sa)
+    assert torch.allclose(fft_cufft.filter_spectrum(b, 64), torch.fft.rfft(b, n=64))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_filter_cache_in_place_update_changes_result(backend, fresh_cache, cufft_path):
+    """The public op after an in-place filter update (an optimizer step) and in gradient
+    accumulation (same filter, two backward passes) agrees with float64."""
+    u, k, D, _, _ = make(2, 3, 40, 40, pre=False, post=False)
+    k.requires_grad_()  # (an nn.Parameter as the only input needing grad: see the report, _ops.py)
+    y1 = sk.fft_conv(u, k, D, backend=backend)
+    with torch.no_grad():
+        k.add_(torch.randn_like(k))
+    y2 = sk.fft_conv(u, k, D, backend=backend)
+    ref = fft_conv_direct(u.double(), k.detach().double(), D.double())
+    assert_close(y2, ref, dtype=torch.float32)
+    assert not torch.allclose(y1.detach(), y2.detach())
+    # gradient accumulation: the cached spectrum serves forward and backward of both micro-steps
+    for _ in range(2):
+        sk.fft_conv(u, k, D, backend=backend).square().sum().backward()
+    kd = k.detach().double().requires_grad_()
+    fft_conv_direct(u.double(), kd, D.double()).square().sum().backward()
+    assert_close(k.grad, 2 * kd.grad, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -100,13 +243,13 @@ def test_features(backend, D, pre, post):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
-def test_onchip_1000(backend):
+def test_onchip_1000(backend, monarch):
     check(backend, 2, 2, 1000, 1000)  # N = 2048 in one program (64 x 32 tiles, zero half skipped)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("L", [4096, 5000])
-def test_default_plans_at_issue_sizes(backend, L):
+def test_default_plans_at_issue_sizes(backend, L, monarch):
     """The GPU's bfloat16 plans: L = 4096 on-chip (N = 8192 = 128 x 64), L = 5000 multi-pass
     (N = 16384 = 16 x 1024), against the float64 rfft reference (direct is O(L^2))."""
     check(backend, 2, 1, L, L, oracle=fft_conv_ref, pre=False)
@@ -134,7 +277,7 @@ def test_low_precision_long_path(backend, long_path):
 
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("B,H,L,Lk", [(1, 1, 1, 1), (3, 1, 5, 1), (1, 1, 600, 600)])
-def test_single_row_sizes(backend, B, H, L, Lk, monkeypatch):
+def test_single_row_sizes(backend, B, H, L, Lk, monkeypatch, monarch):
     """B, H, L or Lk == 1 (Triton specialises integer arguments equal to 1); the last case runs
     the multi-pass path."""
     monkeypatch.setattr(fft_triton, "MAX_ONCHIP_N", 256)
@@ -142,7 +285,7 @@ def test_single_row_sizes(backend, B, H, L, Lk, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
-def test_batch_split_partials(backend, monkeypatch):
+def test_batch_split_partials(backend, monkeypatch, monarch):
     """More rows than programs per head: dk / dD partials over batch slices are summed."""
     monkeypatch.setattr(fft_triton, "_batch_split", lambda B, H, device: (3, -(-B // 3)))
     check(backend, 7, 2, 40, 40)
@@ -177,7 +320,7 @@ def test_auto_picks_reference_for_float64():
                  dtype=torch.float64)
 
 
-def test_plan():
+def test_plan():  # the Monarch plans
     assert fft_triton.plan(1, 1)[:2] == ("onchip", 256)
     assert fft_triton.plan(4096, 4096, "tf32", "fwd") == ("onchip", 8192, 128, 64)  # bfloat16
     assert fft_triton.plan(4096, 4096, "tf32", "bwd")[0] == "long"  # 288 KB on-chip on Triton 3.6
@@ -407,6 +550,43 @@ def test_gpu_s4d(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("L", [1024, 4096, 8191, 16384, 65536, 1 << 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_cufft_sizes(L, dtype, cufft_path):
+    B, H = (2, 48) if L <= 65536 else (1, 3)
+    check_gpu("triton", B, H, L, L, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["cufft", "monarch"])
+def test_gpu_backward_deterministic(path, monkeypatch):
+    monkeypatch.setattr(fft_interface, "FORCE_PATH", path)
+    u, k, D, pg, qg = make(8, 96, 4096, 4096, torch.bfloat16)
+    cot = torch.randn(8, 96, 4096, device=DEVICE)
+    a = run(sk.fft_conv, u, k, D, pg, qg, cot, backend="triton")
+    b = run(sk.fft_conv, u, k, D, pg, qg, cot, backend="triton")
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+def test_gpu_filter_cache_in_graph(fresh_cache, cufft_path):
+    """Captured with a cached spectrum present, replayed after an in-place filter update: the
+    capture recomputed the spectrum inside the graph, so the replay sees the new filter."""
+    u, k, D, _, _ = make(2, 16, 1000, 1000, pre=False, post=False)
+    sk.fft_conv(u, k, D)  # populates the cache
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = sk.fft_conv(u, k, D)
+    with torch.no_grad():
+        k.mul_(-3.0)
+    g.replay()
+    torch.cuda.synchronize()
+    assert_close(y, fft_conv_ref(u.double(), k.double(), D.double()), dtype=torch.float32)
+
+
+@pytest.mark.gpu
 def test_gpu_past_int32_offsets():
     """B * H * L > 2^31: int64 offsets must reach the last heads (forward, multi-pass path)."""
     if torch.cuda.get_device_properties(0).total_memory < 70 * 2**30:
@@ -451,6 +631,20 @@ for storage, prec in (("bf16", "tf32"), ("fp32", "tf32x3")):
 q = K.LONG_INNER_N["bwd"]
 q1, q2 = K._split(q)
 worst.append(build(K._inner_kernel, dict(MODE=3, N1=q1, N2=q2, PREC="tf32x3"), K._warps(q)))
+print("max shared", max(worst))
+C = importlib.import_module("ssm_kernels.fft_conv.cufft")
+for fn, consts in ((C._pad_kernel, dict(HAS_M=True, HAS_M2=True, TWO=True, BLOCK=2048)),
+                   (C._spec_fwd_kernel, dict(BK=512)),
+                   (C._spec_bwd_kernel, dict(HAS_POST=True, BK=512)),
+                   (C._epi_fwd_kernel, dict(flags, BLOCK=2048)),
+                   (C._epi_bwd_kernel, dict(flags, BLOCK=2048)),
+                   (C._epi_dk_kernel, dict(HAS_D=True, BLOCK=2048))):
+    sig = {n: "constexpr" if n in consts else ("fp32" if n == "scale" else
+           (("*bf16") if n in STORAGE else "*fp32") if n.endswith("_ptr") else "i32")
+           for n in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 8})
+    print(fn.__name__, "regs", k.n_regs if hasattr(k, "n_regs") else "?", "shared", k.metadata.shared, flush=True)
 print("max shared", max(worst))
 '''
 

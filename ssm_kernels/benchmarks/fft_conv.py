@@ -1,10 +1,14 @@
-"""fft_conv cases: ours (triton) against the torch.fft implementation users write (fft_conv_ref:
-rfft / multiply / irfft, float32 math, gates and D in eager torch) and torch.compile of it, in the
-same process. Gates and D on, forward and forward+backward, float32 and bfloat16.
+"""fft_conv cases (issue #11's table): ours (the Triton backend's automatic path, and each path
+forced: "cufft" = Triton glue fused around torch.fft, "monarch" = tensor-core DFT kernels, 16-bit
+on-chip sizes only) against the torch.fft implementation users write (fft_conv_ref: rfft /
+multiply / irfft, float32 math, D in eager torch) and torch.compile of it, in the same process.
+Gates off, D on; forward and forward+backward; float32 and bfloat16.
 
-Floor: bytes only (inputs once, outputs once): fwd reads u, pre_gate, post_gate, writes y (4 row
-tensors); fwd+bwd adds reading dy, u, pre_gate, post_gate and writing du, dpre, dpost (11 total).
-The filter (H x L float32) is counted once per pass.
+Floor: bytes only (inputs once, outputs once): fwd reads u and writes y (2 row tensors); fwd+bwd
+adds reading dy and u and writing du (5 in all). The filter (H x L float32) counts once per pass.
+The cuFFT path cannot reach it (its fp32 complex intermediates move ~8x more); bench/NOTES.md
+has the traffic model. Rotated inputs reuse each copy's filter, so the filter-spectrum cache hits
+(the inference / gradient-accumulation case).
 """
 from __future__ import annotations
 
@@ -16,18 +20,20 @@ from .. import available_backends, fft_conv, fft_conv_ref
 from .harness import Case, rotating
 
 
-def _multipass(f):
-    """Run f with the Triton backend forced onto the multi-pass path (outer factor 16): shows
-    where the on-chip path stops paying (ssm_kernels.fft_conv.triton.MAX_ONCHIP_N)."""
-    def g(*args):
-        from ..fft_conv import triton as ft
-        saved = ft.MAX_ONCHIP_N
-        ft.MAX_ONCHIP_N = max(256, ft.transform_size(args[0].shape[-1], args[1].shape[-1]) // 16)
-        try:
-            return f(*args)
-        finally:
-            ft.MAX_ONCHIP_N = saved
-    return g
+class _path:
+    """Force the Triton backend's path ("cufft" / "monarch"; None: automatic) for the forward and
+    the backward run inside the block."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        from ..fft_conv import interface as fi
+        self.saved, fi.FORCE_PATH = fi.FORCE_PATH, self.path
+
+    def __exit__(self, *exc):
+        from ..fft_conv import interface as fi
+        fi.FORCE_PATH = self.saved
 
 
 def _compiled_ref():
@@ -37,9 +43,11 @@ def _compiled_ref():
         return None
 
 
-def _onchip_limit(dtype) -> int:
+def _monarch_ok(dtype, L: int) -> bool:
     from ..fft_conv import triton as ft
-    return ft.max_onchip_n(ft._prec(dtype), "fwd")
+    if dtype == torch.float32:
+        return False  # tf32x3: slower than torch.fft everywhere (issue #11)
+    return ft.plan(L, L, ft._prec(dtype), "fwd")[0] == "onchip"
 
 
 def cases(device: str, quick: bool) -> Iterator[Case]:
@@ -52,41 +60,49 @@ def cases(device: str, quick: bool) -> Iterator[Case]:
             grid = grid[:1]
         dtypes = [torch.float32, torch.bfloat16]
     backends = [b for b in available_backends(device) if b not in ("reference", "cuda")] or ["reference"]
-    impls = [(f"ssm_kernels.{be}", lambda u, k, D, p, q, be=be: fft_conv(u, k, D, pre_gate=p, post_gate=q,
-                                                                          backend=be))
+    impls = [(f"ssm_kernels.{be}", lambda u, k, D, be=be: fft_conv(u, k, D, backend=be), None)
              for be in backends]
     if "triton" in backends and device != "cpu":
-        impls.append(("ssm_kernels.triton[multi-pass]", _multipass(
-            lambda u, k, D, p, q: fft_conv(u, k, D, pre_gate=p, post_gate=q, backend="triton"))))
-    impls.append(("torch.fft", lambda u, k, D, p, q: fft_conv_ref(u, k, D, pre_gate=p, post_gate=q)))
+        tri = lambda u, k, D: fft_conv(u, k, D, backend="triton")  # noqa: E731
+        impls += [("ssm_kernels.triton[cufft]", tri, "cufft"),
+                  ("ssm_kernels.triton[monarch]", tri, "monarch")]
+    impls.append(("torch.fft", lambda u, k, D: fft_conv_ref(u, k, D), None))
     comp = _compiled_ref() if device != "cpu" else None
     if comp is not None:
-        impls.append(("torch.compile(torch.fft)", lambda u, k, D, p, q: comp(u, k, D, pre_gate=p, post_gate=q)))
+        impls.append(("torch.compile(torch.fft)", lambda u, k, D: comp(u, k, D), None))
     for (B, H, L) in grid:
         for dtype in dtypes:
             es = torch.tensor([], dtype=dtype).element_size()
             n = B * H * L
-            label = f"B={B} H={H} L={L} Lk=L gates+D"
+            label = f"B={B} H={H} L={L} Lk=L D"
 
             def make(grad=False, B=B, H=H, L=L, dtype=dtype):
-                xs = [torch.randn(B, H, L, device=device).to(dtype) for _ in range(3)]
+                u = torch.randn(B, H, L, device=device).to(dtype)
                 k = torch.randn(H, L, device=device) / L ** 0.5
                 D = torch.randn(H, device=device)
-                ins = [xs[0], k, D, xs[1], xs[2]]
-                return tuple(x.requires_grad_() for x in ins) if grad else tuple(ins)
+                ins = (u, k, D)
+                return tuple(x.requires_grad_() for x in ins) if grad else ins
 
-            for impl, f in impls:
-                if impl.endswith("[multi-pass]") and 2 * L > _onchip_limit(dtype):
-                    continue  # the default is already multi-pass there
-                nxt = rotating(make, 3 * n * es + H * L * 4)
-                yield (Case("fft_conv", impl, "fwd", label, str(dtype)[6:],
-                                lambda f=f, nxt=nxt: f(*nxt()), bytes=4 * n * es + H * L * 4))
-                nxt_g = rotating(lambda: make(True), 3 * n * es + H * L * 4)
+            for impl, f, path in impls:
+                if impl.endswith("[monarch]") and not _monarch_ok(dtype, L):
+                    continue
+                long_fwd_only = B * L > 1 << 17  # B=1 L=262144: the issue times the forward only
+                nxt = rotating(make, n * es + H * L * 4)
+                def fwd(f=f, nxt=nxt, path=path):
+                    with _path(path):
+                        return f(*nxt())
+
+                yield Case("fft_conv", impl, "fwd", label, str(dtype)[6:], fwd,
+                           bytes=2 * n * es + H * L * 4)
+                if long_fwd_only:
+                    continue
+                nxt_g = rotating(lambda: make(True), n * es + H * L * 4)
                 dy = torch.randn(B, H, L, device=device).to(dtype)
 
-                def fwd_bwd(f=f, nxt=nxt_g, dy=dy):
+                def fwd_bwd(f=f, nxt=nxt_g, dy=dy, path=path):
                     ins = nxt()
-                    torch.autograd.grad(f(*ins), ins, dy)
+                    with _path(path):
+                        torch.autograd.grad(f(*ins), ins, dy)
 
-                yield (Case("fft_conv", impl, "fwd+bwd", label, str(dtype)[6:], fwd_bwd,
-                                bytes=11 * n * es + 3 * H * L * 4))
+                yield Case("fft_conv", impl, "fwd+bwd", label, str(dtype)[6:], fwd_bwd,
+                           bytes=5 * n * es + 3 * H * L * 4)

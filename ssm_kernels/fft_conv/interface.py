@@ -1,6 +1,7 @@
 """fft_conv and s4d_kernel: registered ops -> autograd -> the documented public functions."""
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -26,6 +27,42 @@ def _select(op: str, backend: str, x: Tensor) -> str:
     return _backend.resolve(op, backend, {"triton": triton_ok, "reference": lambda: None})
 
 
+# ---- which Triton-backend path serves a call --------------------------------------------------
+# "cufft": Triton glue kernels fused around torch.fft (cufft.py): every dtype and length.
+# "monarch": the tensor-core DFT-as-matmul kernels (triton.py), on-chip plans only, used for 16-bit
+# storage where the table says they are faster. Transform sizes n (Monarch's power of two) up to
+# MONARCH_MAX_N[(pass, dtype)] take Monarch; fp32 never does (tf32x3 costs ~10x a real FFT's
+# FLOPs: 0.69 ms vs torch.fft's 0.25 at B=8 H=768 L=1024 on the H200, issue #11).
+# PROVISIONAL until bench/gpu_fft.py runs (it prints the measured crossover): the forward bf16
+# on-chip kernel measured 0.136 ms at L=1024 (n=2048) against an estimated ~0.12-0.15 ms for the
+# cuFFT path (0.48 GB of traffic); its backward measured 0.78 ms there against an estimated
+# 0.25 ms for the cuFFT path, so the backward never takes Monarch.
+MONARCH_MAX_N = {
+    ("fwd", torch.bfloat16): 2048, ("fwd", torch.float16): 2048,
+    ("bwd", torch.bfloat16): 0, ("bwd", torch.float16): 0,
+}
+# tests and benchmarks force one path ("cufft" / "monarch"); None: the table decides
+FORCE_PATH: Optional[str] = None
+
+
+@functools.lru_cache(maxsize=4096)
+def _auto_path(pass_: str, dtype: torch.dtype, L: int, Lk: int) -> str:
+    from .triton import _prec, plan
+    limit = MONARCH_MAX_N.get((pass_, dtype), 0)
+    if limit:
+        kind = plan(L, Lk, _prec(dtype), pass_)
+        if kind[0] == "onchip" and kind[1] <= limit:
+            return "monarch"
+    return "cufft"
+
+
+def triton_path(pass_: str, u: Tensor, Lk: int) -> str:
+    """The path ("cufft" or "monarch") the Triton backend takes for pass_ ("fwd" / "bwd")."""
+    if FORCE_PATH is not None:
+        return FORCE_PATH
+    return _auto_path(pass_, u.dtype, u.shape[-1], Lk)
+
+
 def _f32(x: Optional[Tensor]) -> Optional[Tensor]:
     return None if x is None else x.to(torch.float32).contiguous()
 
@@ -40,7 +77,10 @@ def _none(x: Tensor) -> Optional[Tensor]:
 def fft_conv_fwd_op(u: Tensor, k: Tensor, D: Optional[Tensor], pre_gate: Optional[Tensor],
                     post_gate: Optional[Tensor], backend: str) -> Tensor:
     if _select("fft_conv", backend, u) == "triton":
-        from .triton import fft_conv_fwd
+        if triton_path("fwd", u, k.shape[1]) == "cufft":
+            from .cufft import fft_conv_fwd
+        else:
+            from .triton import fft_conv_fwd
         return fft_conv_fwd(u, _f32(k), _f32(D), pre_gate, post_gate)
     return fft_conv_fwd_ref(u, k, D, pre_gate, post_gate).contiguous()
 
@@ -56,7 +96,10 @@ def fft_conv_bwd_op(dy: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor],
                     backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(du, dk, dD, dpre_gate, dpost_gate); an absent input's gradient is an empty tensor."""
     if _select("fft_conv", backend, u) == "triton":
-        from .triton import fft_conv_bwd
+        if triton_path("bwd", u, k.shape[1]) == "cufft":
+            from .cufft import fft_conv_bwd
+        else:
+            from .triton import fft_conv_bwd
         du, dk, dD, dpre, dpost = fft_conv_bwd(dy, u, _f32(k), _f32(D), pre_gate, post_gate)
     else:
         du, dk, dD, dpre, dpost = fft_conv_bwd_ref(dy, u, k, D, pre_gate, post_gate)
@@ -96,8 +139,12 @@ def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, pre_gate: Opti
     """Causal long convolution (Hyena, H3, M2, S4-family layers), channel by channel.
 
     ``v = u * pre_gate``;  ``y[b,h,t] = sum_{s<=t} k[h,s] v[b,h,t-s] + D[h] v[b,h,t]``;
-    ``y = y * post_gate``. Linear (not circular): the transform size (a power of two >=
-    L + Lk - 1) is picked inside, so any L >= 1 works.
+    ``y = y * post_gate``. Linear (not circular): the transform size (>= L + Lk - 1) is picked
+    inside, so any L >= 1 works. The Triton backend runs Triton kernels fused around cuFFT
+    (torch.fft; an even 7-smooth size) for every dtype and length, and for 16-bit storage at
+    small sizes the tensor-core Monarch kernels where a measured table says they are faster.
+    The filter's spectrum is cached while the same filter tensor is unchanged (its version
+    counter; never while capturing a CUDA graph): see ``ssm_kernels.fft_conv.cufft``.
 
     Args:
         u: ``(B, H, L)`` input, float32, float16 or bfloat16 (float64 on the reference backend),

@@ -1,5 +1,8 @@
 """Triton kernels for fft_conv: FFTs as matrix products (Monarch / Cooley-Tukey), all fp32 math.
 
+The "monarch" path of the Triton backend: interface.MONARCH_MAX_N sends 16-bit storage at small
+on-chip sizes here; everything else runs on the path fused around cuFFT (cufft.py).
+
 A length-N transform with N = N1 * N2 (powers of two, each >= 16) is done on a [N1, N2] tile
 holding x[N2*n1 + n2]:
     forward   X = ((F1 @ A) * T) @ F2        -> X[k1, k2] = x_hat[k1 + N1*k2]   (transposed order)
