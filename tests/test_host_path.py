@@ -104,8 +104,8 @@ PINNED = {
     "chunk_simple_gla fwd": (1, 7),
     "chunk_simple_gla fwd+bwd": (4, 24),
     "chunk_gla fwd": (1, 7),
-    "fft_conv fwd": (1, 2),
-    "fft_conv fwd+bwd": (2, 8),
+    "fft_conv fwd": (3, 6),
+    "fft_conv fwd+bwd": (7, 18),
 }
 
 
