@@ -297,12 +297,38 @@ def _la_state_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _la_summary_math(k, v, g, g_gamma):
+    sd = _la_state_dtype(k)
+    kf = k.to(sd)
+    if g is not None or g_gamma is not None:
+        G = g.to(sd) if g is not None else kf.new_zeros(k.shape[:3])
+        if g_gamma is not None:
+            G = G + g_gamma.to(sd)
+        # R_t = sum_{s>t} g_s (the decay from step t to the segment's end), an exclusive reverse
+        # cumsum taken directly (no difference of two long sums)
+        rev = G.flip(1).cumsum(1).flip(1)
+        R = torch.cat([rev[:, 1:], torch.zeros_like(rev[:, :1])], 1)
+        w = torch.exp(R)
+        kf = kf * (w if G.dim() == 4 else w[..., None])
+    return torch.einsum("bthk,bthv->bhkv", kf, v.to(sd))
+
+
+def _la_summary(k, v, g=None, g_gamma=None):
+    """The end state of a segment from zero, ``S = sum_t (k_t * exp(sum_{s>t} g_s))^T v_t``: one
+    matmul instead of the chunked op (no intra-chunk attention, no outputs), recomputed in backward
+    so it keeps no float32 copies of k, v alive."""
+    from torch.utils.checkpoint import checkpoint
+    return checkpoint(_la_summary_math, k, v, g, g_gamma, use_reentrant=False)
+
+
 def cp_chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
                         output_final_state=False, cu_seqlens=None, *, backend=None,
                         process_group=None):
     """`chunk_simple_gla` over a sequence split along T. Correction: rerun."""
-    from .linear_attn.interface import chunk_simple_gla
+    from .linear_attn.interface import _validate, _validate_gamma, chunk_simple_gla
     _check_group("chunk_simple_gla", process_group, cu_seqlens)
+    _validate("chunk_simple_gla", q, k, v, g, "head", scale, initial_state, None)
+    _validate_gamma("chunk_simple_gla", g_gamma, q)
 
     def local(h0):
         return _pair(chunk_simple_gla(q, k, v, g, g_gamma, scale, h0[0], True, backend=backend))
@@ -320,15 +346,18 @@ def cp_chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state
         return (torch.exp(tot)[:, :, None, None],)            # [B, H, 1, 1]
 
     o, (ht,) = context_parallel("chunk_simple_gla", process_group, local=local, decays=decays,
-                                h0=(initial_state,))
+                                h0=(initial_state,), summarize=lambda: (_la_summary(k, v, g, g_gamma),))
     return o, (ht if output_final_state else None)
 
 
 def cp_chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False,
                  cu_seqlens=None, *, backend=None, process_group=None):
     """`chunk_gla` over a sequence split along T. Correction: rerun."""
-    from .linear_attn.interface import chunk_gla
+    from .linear_attn.interface import _validate, chunk_gla
     _check_group("chunk_gla", process_group, cu_seqlens)
+    if g is None:
+        raise ValueError("chunk_gla: g ([B, T, H, K] log-decays) is required")
+    _validate("chunk_gla", q, k, v, g, "key", scale, initial_state, None)
 
     def local(h0):
         return _pair(chunk_gla(q, k, v, g, scale, h0[0], True, backend=backend))
@@ -337,7 +366,7 @@ def cp_chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=
         return (torch.exp(g.to(_la_state_dtype(q)).sum(1))[..., None],)   # [B, H, K, 1]
 
     o, (ht,) = context_parallel("chunk_gla", process_group, local=local, decays=decays,
-                                h0=(initial_state,))
+                                h0=(initial_state,), summarize=lambda: (_la_summary(k, v, g),))
     return o, (ht if output_final_state else None)
 
 
@@ -345,12 +374,13 @@ def cp_chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_s
                          normalize=True, cu_seqlens=None, *, backend=None, process_group=None):
     """`chunk_linear_attn` over a sequence split along T. No decay (A = 1); with normalize the
     running key sum is a second state in the same exchange. Correction: rerun."""
-    from .linear_attn.interface import chunk_linear_attn
+    from .linear_attn.interface import _validate, chunk_linear_attn
     _check_group("chunk_linear_attn", process_group, cu_seqlens)
     if normalize and isinstance(initial_state, (tuple, list)):
         kv0, z0 = initial_state
     else:
         kv0, z0 = initial_state, None
+    _validate("chunk_linear_attn", q, k, v, None, "head", scale, kv0, None)
     sd = _la_state_dtype(q)
 
     if not normalize:
@@ -359,7 +389,8 @@ def cp_chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_s
                                            backend=backend))
 
         o, (ht,) = context_parallel("chunk_linear_attn", process_group, local=local,
-                                    decays=lambda: (None,), h0=(kv0,))
+                                    decays=lambda: (None,), h0=(kv0,),
+                                    summarize=lambda: (_la_summary(k, v),))
         return o, (ht if output_final_state else None)
 
     kf = k.to(sd)
@@ -377,7 +408,9 @@ def cp_chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_s
                              f"[N, 1, H, K] = {(q.shape[0], 1, q.shape[2], q.shape[3])}, got "
                              f"{tuple(z0.shape)}")
     (o, z_in), (ht, z) = context_parallel("chunk_linear_attn", process_group, local=local,
-                                          decays=lambda: (None, None), h0=(kv0, z0))
+                                          decays=lambda: (None, None), h0=(kv0, z0),
+                                          summarize=lambda: (_la_summary(k, v),
+                                                             kf.sum(1, keepdim=True)))
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
     kc = kf.cumsum(1)
     if z_in is not None:
