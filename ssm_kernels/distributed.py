@@ -49,7 +49,7 @@ This module is imported only when a ``process_group`` is given.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -118,77 +118,129 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 # ---- the exchange ------------------------------------------------------------------------------
 
-class _Exchange(torch.autograd.Function):
-    """(A_1..A_n, b_1..b_n) of this rank -> (h_in_1..h_in_n, final_1..final_n).
+def _exchange_forward(group, pos: int, world: int, reverse: bool, A_loc, b_loc):
+    """A_loc: per state, this segment's decay product (broadcastable to the state) or None (A = 1);
+    b_loc: per state, its end state from zero (from the initial state on the first rank).
+    Returns (h_in per state, global final per state, every rank's A per state in scan order),
+    composed in float32 (float64 for float64 states); one all_gather."""
+    n = len(b_loc)
+    cd = [_compute_dtype(b) for b in b_loc]
+    A_loc = [None if A is None else A.to(c) for A, c in zip(A_loc, cd)]
+    b_loc = [b.to(c) for b, c in zip(b_loc, cd)]
+    sent = [A for A in A_loc if A is not None] + b_loc
+    packer = _Packer(sent, cd[0])
+    parts = [packer.unpack(p) for p in _all_gather(group, packer.pack(sent))]
+    if reverse:
+        parts = parts[::-1]  # scan order
+    n_A = len(sent) - n
+    h_in, finals, As = [], [], []
+    j = 0
+    for i in range(n):
+        if A_loc[i] is None:
+            Ai = [None] * world
+        else:
+            Ai = [p[j] for p in parts]
+            j += 1
+        bi = [p[n_A + i] for p in parts]
+        H = torch.zeros_like(b_loc[i])
+        for r in range(world):
+            if r == pos:
+                h_in.append(H)
+            H = bi[r] if r == 0 else (bi[r] + (H if Ai[r] is None else Ai[r] * H))
+        finals.append(H)
+        As.append(Ai)
+    return h_in, finals, As
 
-    A_i: decay product broadcastable to b_i's shape, or None (no decay, A = 1). b_i: end state
-    of this segment from zero (from the initial state on the first rank). One all_gather forward,
-    one backward."""
+
+def _exchange_backward(group, pos: int, world: int, reverse: bool, As, mu, d_final):
+    """The same exchange right to left. mu: per state, dL/dh_in of this rank through its own
+    outputs; d_final: per state, the gradient of this rank's copy of the global final state.
+    Returns lambda_pos = dL/dH_pos per state: lambda_{R-1} = sum over ranks of d_final,
+    lambda_{r-1} = mu_r + conj(A_r) lambda_r."""
+    n = len(mu)
+    packer = _Packer(list(mu) + list(d_final), mu[0].dtype)
+    parts = [packer.unpack(p) for p in _all_gather(group, packer.pack(list(mu) + list(d_final)))]
+    if reverse:
+        parts = parts[::-1]
+    lams = []
+    for i in range(n):
+        lam = sum(p[n + i] for p in parts)
+        for r in range(world - 1, pos, -1):
+            A = As[i][r]
+            lam = parts[r][i] + (lam if A is None else A.conj() * lam)
+        lams.append(lam)
+    return lams
+
+
+class _Spec:
+    """What `_CPFunction` needs besides tensors (closures, group, position)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class _CPFunction(torch.autograd.Function):
+    """One op over a sequence split across a group. Forward: summary from zero (no graph), the
+    exchange, then the local op from the true initial states inside a private autograd graph.
+    Backward: this rank's adjoint summary (the gradient reaching its initial states from its own
+    outputs; ranks after the first), the reverse exchange, then ONE backward of the private graph
+    with the true final-state gradient lambda, so every gradient is rounded once, as in the
+    single-device call."""
 
     @staticmethod
-    def forward(ctx, group, pos: int, world: int, reverse: bool, n: int, *tensors):
-        ctx.set_materialize_grads(False)
-        A_in, b_in = list(tensors[:n]), list(tensors[n:])
-        cd = [_compute_dtype(b) for b in b_in]
-        A_loc = [None if A is None else A.detach().to(c) for A, c in zip(A_in, cd)]
-        b_loc = [b.detach().to(c) for b, c in zip(b_in, cd)]
-        sent = [A for A in A_loc if A is not None] + b_loc
-        packer = _Packer(sent, cd[0])
-        parts = [packer.unpack(p) for p in _all_gather(group, packer.pack(sent))]
-        if reverse:
-            parts = parts[::-1]  # scan order
-        n_A = len(sent) - n
-        h_in, finals, As = [], [], []
-        j = 0
-        for i in range(n):
-            if A_loc[i] is None:
-                Ai = [None] * world
-            else:
-                Ai = [p[j] for p in parts]
-                j += 1
-            bi = [p[n_A + i] for p in parts]
-            H = torch.zeros_like(b_loc[i])
-            for r in range(world):
-                if r == pos:
-                    h_in.append(H)
-                H = bi[r] if r == 0 else (bi[r] + (H if Ai[r] is None else Ai[r] * H))
-            finals.append(H)
-            As.append(Ai)
-        ctx.group, ctx.pos, ctx.world, ctx.reverse, ctx.n = group, pos, world, reverse, n
-        ctx.As, ctx.h_in, ctx.cd = As, h_in, cd
-        ctx.A_meta = [None if A is None else (A.shape, A.dtype) for A in A_in]
-        ctx.b_dtypes = [b.dtype for b in b_in]
-        out = [h.to(b.dtype) for h, b in zip(h_in, b_in)] + [H.to(b.dtype) for H, b in zip(finals, b_in)]
-        return tuple(out)
+    def forward(ctx, spec, *tensors):
+        x = dict(zip(spec.keys, tensors))
+        first = spec.pos == 0 and not spec.force
+        leaves = {k: None if t is None else t.detach().requires_grad_(t.requires_grad)
+                  for k, t in x.items()}
+        h_leaves = None
+        if first:
+            with torch.enable_grad():
+                out, fin_loc = spec.local(leaves, tuple(leaves.get(k) for k in spec.h0_keys))
+            b = [f.detach() for f in fin_loc]
+        else:
+            b = spec.summarize(x) if spec.summarize is not None else \
+                spec.local(x, (None,) * spec.n)[1]
+        A = spec.decays(x)
+        if checks_values(b[0]):
+            sig = tuple(d for t in list(b) + [a for a in A if a is not None]
+                        for d in (len(t.shape), *t.shape))
+            _check_shapes(spec.group, spec.op, sig, b[0].device)
+        h_in, finals, As = _exchange_forward(spec.group, spec.pos, spec.world, spec.reverse, A, b)
+        if not first:
+            h_leaves = [h.to(f.dtype).requires_grad_() for h, f in zip(h_in, b)]
+            with torch.enable_grad():
+                out, fin_loc = spec.local(leaves, tuple(h_leaves))
+        ctx.spec, ctx.first, ctx.As = spec, first, As
+        ctx.graph = (out, tuple(fin_loc), leaves, h_leaves)
+        ctx.fin_dtypes = [f.dtype for f in b]
+        return (out.detach(), *(H.to(f.dtype) for H, f in zip(finals, b)))
 
     @staticmethod
-    def backward(ctx, *grads):
-        n, pos, world = ctx.n, ctx.pos, ctx.world
-        zeros = [torch.zeros_like(h) for h in ctx.h_in]
-        d_in = [z if g is None else g.to(z.dtype) for g, z in zip(grads[:n], zeros)]
-        d_fin = [z if g is None else g.to(z.dtype) for g, z in zip(grads[n:], zeros)]
-        sent = d_in + d_fin
-        packer = _Packer(sent, ctx.cd[0])
-        parts = [packer.unpack(p) for p in _all_gather(ctx.group, packer.pack(sent))]
-        if ctx.reverse:
-            parts = parts[::-1]
-        dA, db = [], []
-        for i in range(n):
-            lam = sum(p[n + i] for p in parts)          # d/dH_{R-1}: every rank's final adds
-            for r in range(world - 1, pos, -1):         # lambda_{r-1} = mu_r + conj(A_r) lambda_r
-                A = ctx.As[i][r]
-                lam = parts[r][i] + (lam if A is None else A.conj() * lam)
-            db.append(lam.to(ctx.b_dtypes[i]))
-            meta = ctx.A_meta[i]
-            if meta is None or not ctx.needs_input_grad[5 + i] or pos == 0:
-                dA.append(None)
-            else:
-                shape, dtype = meta
-                g = lam * ctx.h_in[i].conj()
-                if not dtype.is_complex and g.is_complex():
-                    g = g.real
-                dA.append(g.sum_to_size(shape).to(dtype))
-        return (None, None, None, None, None, *dA, *db)
+    def backward(ctx, dout, *d_final):
+        spec = ctx.spec
+        out, fin_loc, leaves, h_leaves = ctx.graph
+        ctx.graph = None
+        if ctx.first:
+            mu = [torch.zeros_like(f, dtype=_compute_dtype(f)) for f in fin_loc]
+        elif spec.adjoint is not None:
+            mu = [m.to(_compute_dtype(f)) for m, f in zip(spec.adjoint(leaves, dout), fin_loc)]
+        else:
+            got = torch.autograd.grad(out, h_leaves, dout, retain_graph=True, allow_unused=True)
+            mu = [torch.zeros_like(h, dtype=_compute_dtype(h)) if g is None else
+                  g.to(_compute_dtype(h)) for g, h in zip(got, h_leaves)]
+        d_final = [d.to(_compute_dtype(f)) for d, f in zip(d_final, fin_loc)]
+        lams = _exchange_backward(spec.group, spec.pos, spec.world, spec.reverse, ctx.As, mu,
+                                  d_final)
+        targets, gouts = [], []
+        for t, g in [(out, dout)] + [(f, lam.to(f.dtype)) for f, lam in zip(fin_loc, lams)]:
+            if t.requires_grad:
+                targets.append(t)
+                gouts.append(g)
+        wanted = [k for k, t in leaves.items() if t is not None and t.requires_grad]
+        grads = dict(zip(wanted, torch.autograd.grad(targets, [leaves[k] for k in wanted], gouts,
+                                                     allow_unused=True))) if targets else {}
+        return (None, *(grads.get(k) for k in spec.keys))
 
 
 def _check_shapes(group, op: str, sig: Tuple[int, ...], device) -> None:
@@ -202,94 +254,90 @@ def _check_shapes(group, op: str, sig: Tuple[int, ...], device) -> None:
                          f"ranks; the state shapes (flattened) differ: {got}")
 
 
-def context_parallel(op: str, group, *, local: Callable, decays: Callable, h0: Sequence,
-                     reverse: bool = False, summarize: Optional[Callable] = None):
-    """Run one op over a sequence split across `group`.
+def context_parallel(op: str, group, inputs: Dict[str, Optional[Tensor]], *, local: Callable,
+                     decays: Callable, h0_keys: Sequence[str], reverse: bool = False,
+                     summarize: Optional[Callable] = None, adjoint: Optional[Callable] = None):
+    """Run one op over a sequence split across `group` (the recipe every CP op follows).
 
-    local(h0s) -> (out, finals): the op on this segment from initial states h0s (a tuple, None
-        entries meaning zeros); finals a tuple of the end states (differentiable).
-    decays() -> tuple: per state, the segment's decay product (broadcastable to the state; None
-        for no decay), differentiable.
-    h0: the user's initial states (used on the first rank in scan order only).
-    summarize() -> finals from zero, if cheaper than `local` (default: local from zeros).
-    Returns (out, global finals).
+    inputs: every tensor the op reads (None for absent ones), by name; gradients flow to these.
+    local(x, h0s) -> (out, finals): the op on this segment (x: `inputs` as given or as graph
+        leaves) from initial states h0s (a tuple, None entries meaning zeros); finals a tuple of
+        the end states, differentiable.
+    decays(x) -> tuple: per state, the segment's decay product (broadcastable to the state; None
+        for no decay). Called without gradient.
+    h0_keys: the names in `inputs` of the user's initial states, one per state (the first rank in
+        scan order reads them; a missing name means zeros).
+    summarize(x) -> finals from zero, if cheaper than `local` (no gradient needed).
+    adjoint(x, dout) -> per state, dL/dh0 through `out` alone (linear in dout), if cheaper than a
+        backward of `local` (no gradient needed).
+    Returns (out, global finals tuple).
     """
     pos, world = _position(group, reverse)
-    n = len(h0)
-    first = pos == 0 and not _FORCE_CORRECTION
-    if first:
-        out, b = local(tuple(h0))
-    else:
-        b = summarize() if summarize is not None else local((None,) * n)[1]
-    b = tuple(b)
-    if pos == 0:
-        with torch.no_grad():  # the first rank's decay multiplies H_{-1} = 0: no gradient
-            A = tuple(decays())
-    else:
-        A = tuple(decays())
-    if checks_values(b[0]):
-        sig = tuple(s for t in list(b) + [a for a in A if a is not None] for s in (len(t.shape), *t.shape))
-        _check_shapes(group, op, sig, b[0].device)
-    res = _Exchange.apply(group, pos, world, reverse, n, *A, *b)
-    h_in, finals = res[:n], res[n:]
-    if not first:
-        out, _ = local(tuple(h if pos > 0 else h0_i for h, h0_i in zip(h_in, h0)))
-    return out, finals
+    keys = tuple(inputs)
+    spec = _Spec(op=op, group=group, pos=pos, world=world, reverse=bool(reverse), keys=keys,
+                 local=local, decays=decays, h0_keys=tuple(h0_keys), n=len(h0_keys),
+                 summarize=summarize, adjoint=adjoint, force=_FORCE_CORRECTION)
+    res = _CPFunction.apply(spec, *(inputs[k] for k in keys))
+    return res[0], tuple(res[1:])
 
 
 # ---- the ops -------------------------------------------------------------------------------------
 
 def cp_linear_scan(a, b, initial_state=None, *, dim=1, reverse=False, output_final_state=False,
                    backend=None, process_group=None):
-    """`linear_scan` over a sequence split along `dim` across `process_group`. Correction: rerun."""
+    """`linear_scan` over a sequence split along `dim` across `process_group`. Summary: the op
+    from zero; correction: rerun with the true initial state."""
     from .linear_scan.interface import linear_scan
     from .linear_scan.reference import state_dtype
     _check_group("linear_scan", process_group)
 
-    def local(h0):
-        return _pair(linear_scan(a, b, h0[0], dim=dim, reverse=reverse, output_final_state=True,
-                                 backend=backend))
+    def local(x, h0):
+        h, fin = linear_scan(x["a"], x["b"], h0[0], dim=dim, reverse=reverse,
+                             output_final_state=True, backend=backend)
+        return h, (fin,)
 
-    def decays():
-        return (torch.prod(a.to(state_dtype(a.dtype)), dim=dim),)
+    def decays(x):
+        return (torch.prod(x["a"].to(state_dtype(a.dtype)), dim=dim),)
 
-    h, (final,) = context_parallel("linear_scan", process_group, local=local, decays=decays,
-                                   h0=(initial_state,), reverse=bool(reverse))
+    h, (final,) = context_parallel("linear_scan", process_group,
+                                   {"a": a, "b": b, "h0": initial_state}, local=local,
+                                   decays=decays, h0_keys=("h0",), reverse=bool(reverse))
     return (h, final) if output_final_state else h
-
-
-def _pair(res):
-    out, final = res
-    return out, (final,)
 
 
 def cp_selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                          return_last_state=False, *, initial_state=None, cu_seqlens=None,
                          backend=None, process_group=None):
-    """`selective_scan_fn` over a sequence split along seqlen. Correction: rerun."""
+    """`selective_scan_fn` over a sequence split along seqlen. Summary: the op from zero without
+    D and z; correction: rerun with the true initial state."""
     from .selective_scan.interface import selective_scan_fn
     from .selective_scan.reference import compute_dtype
     _check_group("selective_scan_fn", process_group, cu_seqlens)
 
-    def run(h0, with_out):
-        return _pair(selective_scan_fn(
-            u, delta, A, B, C, D if with_out else None, z if with_out else None, delta_bias,
-            delta_softplus, True, initial_state=h0, backend=backend))
+    def run(x, h0, with_out):
+        out, last = selective_scan_fn(
+            x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"] if with_out else None,
+            x["z"] if with_out else None, x["delta_bias"], delta_softplus, True,
+            initial_state=h0, backend=backend)
+        return out, (last,)
 
-    def decays():
+    def decays(x):
         cd = compute_dtype(u, delta, A)
-        dt = delta.to(cd)
+        dt = x["delta"].to(cd)
         if delta_bias is not None:
-            dt = dt + delta_bias.to(cd)[:, None]
+            dt = dt + x["delta_bias"].to(cd)[:, None]
         if delta_softplus:
             dt = F.softplus(dt)
-        At = A.to(torch.complex128 if cd == torch.float64 else torch.complex64) if A.is_complex() \
-            else A.to(cd)
+        At = x["A"]
+        At = At.to(torch.complex128 if cd == torch.float64 else torch.complex64) if At.is_complex() \
+            else At.to(cd)
         return (torch.exp(dt.sum(-1)[..., None] * At),)     # (batch, dim, dstate)
 
+    inputs = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z,
+              "delta_bias": delta_bias, "h0": initial_state}
     out, (last,) = context_parallel(
-        "selective_scan_fn", process_group, local=lambda h0: run(h0[0], True), decays=decays,
-        h0=(initial_state,), summarize=lambda: run(None, False)[1])
+        "selective_scan_fn", process_group, inputs, local=lambda x, h0: run(x, h0[0], True),
+        decays=decays, h0_keys=("h0",), summarize=lambda x: run(x, None, False)[1])
     return (out, last) if return_last_state else out
 
 
@@ -297,124 +345,147 @@ def _la_state_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _la_summary_math(k, v, g, g_gamma):
+def _la_gate(x, sd):
+    """Per-step log-decay [B, T, H] or [B, T, H, K] in sd, or None (no decay)."""
+    g, gam = x.get("g"), x.get("g_gamma")
+    if g is None and gam is None:
+        return None
+    G = g.to(sd) if g is not None else x["k"].new_zeros(x["k"].shape[:3], dtype=sd)
+    return G if gam is None else G + gam.to(sd)
+
+
+def _la_summary(x):
+    """The end state of a segment from zero, ``S = sum_t (k_t * exp(sum_{s>t} g_s))^T v_t``: one
+    matmul instead of the chunked op (no intra-chunk attention, no outputs)."""
+    k, v = x["k"], x["v"]
     sd = _la_state_dtype(k)
     kf = k.to(sd)
-    if g is not None or g_gamma is not None:
-        G = g.to(sd) if g is not None else kf.new_zeros(k.shape[:3])
-        if g_gamma is not None:
-            G = G + g_gamma.to(sd)
-        # R_t = sum_{s>t} g_s (the decay from step t to the segment's end), an exclusive reverse
-        # cumsum taken directly (no difference of two long sums)
+    G = _la_gate(x, sd)
+    if G is not None:
+        # sum_{s>t} g_s, an exclusive reverse cumsum taken directly (no difference of long sums)
         rev = G.flip(1).cumsum(1).flip(1)
-        R = torch.cat([rev[:, 1:], torch.zeros_like(rev[:, :1])], 1)
-        w = torch.exp(R)
+        w = torch.exp(torch.cat([rev[:, 1:], torch.zeros_like(rev[:, :1])], 1))
         kf = kf * (w if G.dim() == 4 else w[..., None])
-    return torch.einsum("bthk,bthv->bhkv", kf, v.to(sd))
+    return (torch.einsum("bthk,bthv->bhkv", kf, v.to(sd)),)
 
 
-def _la_summary(k, v, g=None, g_gamma=None):
-    """The end state of a segment from zero, ``S = sum_t (k_t * exp(sum_{s>t} g_s))^T v_t``: one
-    matmul instead of the chunked op (no intra-chunk attention, no outputs), recomputed in backward
-    so it keeps no float32 copies of k, v alive."""
-    from torch.utils.checkpoint import checkpoint
-    return checkpoint(_la_summary_math, k, v, g, g_gamma, use_reentrant=False)
+def _la_adjoint(scale):
+    """dL/dS_in through the outputs alone, ``sum_t scale (q_t * exp(sum_{s<=t} g_s))^T do_t``: one
+    matmul instead of a backward pass of the chunked op."""
+    def adjoint(x, do):
+        q = x["q"]
+        sd = _la_state_dtype(q)
+        s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        qf = q.detach().to(sd) * s
+        G = _la_gate({k: (None if t is None else t.detach()) for k, t in x.items()}, sd)
+        if G is not None:
+            w = torch.exp(G.cumsum(1))
+            qf = qf * (w if G.dim() == 4 else w[..., None])
+        return (torch.einsum("bthk,bthv->bhkv", qf, do.to(sd)),)
+    return adjoint
 
 
 def cp_chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
                         output_final_state=False, cu_seqlens=None, *, backend=None,
                         process_group=None):
-    """`chunk_simple_gla` over a sequence split along T. Correction: rerun."""
+    """`chunk_simple_gla` over a sequence split along T. Summary and adjoint summary: one matmul
+    each; correction: rerun with the true initial state."""
     from .linear_attn.interface import _validate, _validate_gamma, chunk_simple_gla
     _check_group("chunk_simple_gla", process_group, cu_seqlens)
     _validate("chunk_simple_gla", q, k, v, g, "head", scale, initial_state, None)
     _validate_gamma("chunk_simple_gla", g_gamma, q)
 
-    def local(h0):
-        return _pair(chunk_simple_gla(q, k, v, g, g_gamma, scale, h0[0], True, backend=backend))
+    def local(x, h0):
+        o, ht = chunk_simple_gla(x["q"], x["k"], x["v"], x["g"], x["g_gamma"], scale, h0[0], True,
+                                 backend=backend)
+        return o, (ht,)
 
-    def decays():
-        if g is None and g_gamma is None:
-            return (None,)
-        sd = _la_state_dtype(q)
-        tot = 0
-        if g is not None:
-            tot = g.to(sd).sum(1)                             # [B, H]
-        if g_gamma is not None:
-            tot = tot + q.shape[1] * g_gamma.to(sd)
-        tot = tot.expand(q.shape[0], q.shape[2]) if torch.is_tensor(tot) else tot
-        return (torch.exp(tot)[:, :, None, None],)            # [B, H, 1, 1]
+    def decays(x):
+        G = _la_gate(x, _la_state_dtype(q))
+        return (None,) if G is None else (torch.exp(G.sum(1))[:, :, None, None],)  # [B, H, 1, 1]
 
-    o, (ht,) = context_parallel("chunk_simple_gla", process_group, local=local, decays=decays,
-                                h0=(initial_state,), summarize=lambda: (_la_summary(k, v, g, g_gamma),))
+    inputs = {"q": q, "k": k, "v": v, "g": g, "g_gamma": g_gamma, "h0": initial_state}
+    o, (ht,) = context_parallel("chunk_simple_gla", process_group, inputs, local=local,
+                                decays=decays, h0_keys=("h0",), summarize=_la_summary,
+                                adjoint=_la_adjoint(scale))
     return o, (ht if output_final_state else None)
 
 
 def cp_chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False,
                  cu_seqlens=None, *, backend=None, process_group=None):
-    """`chunk_gla` over a sequence split along T. Correction: rerun."""
+    """`chunk_gla` over a sequence split along T. Summary and adjoint summary: one matmul each;
+    correction: rerun with the true initial state."""
     from .linear_attn.interface import _validate, chunk_gla
     _check_group("chunk_gla", process_group, cu_seqlens)
     if g is None:
         raise ValueError("chunk_gla: g ([B, T, H, K] log-decays) is required")
     _validate("chunk_gla", q, k, v, g, "key", scale, initial_state, None)
 
-    def local(h0):
-        return _pair(chunk_gla(q, k, v, g, scale, h0[0], True, backend=backend))
+    def local(x, h0):
+        o, ht = chunk_gla(x["q"], x["k"], x["v"], x["g"], scale, h0[0], True, backend=backend)
+        return o, (ht,)
 
-    def decays():
-        return (torch.exp(g.to(_la_state_dtype(q)).sum(1))[..., None],)   # [B, H, K, 1]
+    def decays(x):
+        return (torch.exp(x["g"].to(_la_state_dtype(q)).sum(1))[..., None],)   # [B, H, K, 1]
 
-    o, (ht,) = context_parallel("chunk_gla", process_group, local=local, decays=decays,
-                                h0=(initial_state,), summarize=lambda: (_la_summary(k, v, g),))
+    o, (ht,) = context_parallel("chunk_gla", process_group,
+                                {"q": q, "k": k, "v": v, "g": g, "h0": initial_state},
+                                local=local, decays=decays, h0_keys=("h0",),
+                                summarize=_la_summary, adjoint=_la_adjoint(scale))
     return o, (ht if output_final_state else None)
 
 
 def cp_chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False,
                          normalize=True, cu_seqlens=None, *, backend=None, process_group=None):
     """`chunk_linear_attn` over a sequence split along T. No decay (A = 1); with normalize the
-    running key sum is a second state in the same exchange. Correction: rerun."""
+    running key sum is a second state in the same exchange and the normalisation runs inside the
+    local step. Summary: one matmul; correction: rerun with the true initial state."""
     from .linear_attn.interface import _validate, chunk_linear_attn
+    from .validation import check_tensor
     _check_group("chunk_linear_attn", process_group, cu_seqlens)
     if normalize and isinstance(initial_state, (tuple, list)):
         kv0, z0 = initial_state
     else:
         kv0, z0 = initial_state, None
     _validate("chunk_linear_attn", q, k, v, None, "head", scale, kv0, None)
-    sd = _la_state_dtype(q)
+    inputs = {"q": q, "k": k, "v": v, "h0": kv0}
 
     if not normalize:
-        def local(h0):
-            return _pair(chunk_linear_attn(q, k, v, scale, h0[0], True, normalize=False,
-                                           backend=backend))
+        def local(x, h0):
+            o, ht = chunk_linear_attn(x["q"], x["k"], x["v"], scale, h0[0], True, normalize=False,
+                                      backend=backend)
+            return o, (ht,)
 
-        o, (ht,) = context_parallel("chunk_linear_attn", process_group, local=local,
-                                    decays=lambda: (None,), h0=(kv0,),
-                                    summarize=lambda: (_la_summary(k, v),))
+        o, (ht,) = context_parallel("chunk_linear_attn", process_group, inputs, local=local,
+                                    decays=lambda x: (None,), h0_keys=("h0",),
+                                    summarize=_la_summary, adjoint=_la_adjoint(scale))
         return o, (ht if output_final_state else None)
 
-    kf = k.to(sd)
-
-    def local(h0):
-        o, ht = chunk_linear_attn(q, k, v, scale, h0[0], True, normalize=False, backend=backend)
-        zsum = kf.sum(1, keepdim=True)                         # [B, 1, H, K]
-        return (o, h0[1]), (ht, zsum if h0[1] is None else zsum + h0[1].to(sd))
-
     if z0 is not None:
-        from .validation import check_tensor
         check_tensor("initial_state[1] (z_state)", z0)
         if tuple(z0.shape) != (q.shape[0], 1, q.shape[2], q.shape[3]):
             raise ValueError(f"chunk_linear_attn: initial_state[1] (z_state) must have shape "
                              f"[N, 1, H, K] = {(q.shape[0], 1, q.shape[2], q.shape[3])}, got "
                              f"{tuple(z0.shape)}")
-    (o, z_in), (ht, z) = context_parallel("chunk_linear_attn", process_group, local=local,
-                                          decays=lambda: (None, None), h0=(kv0, z0),
-                                          summarize=lambda: (_la_summary(k, v),
-                                                             kf.sum(1, keepdim=True)))
+    sd = _la_state_dtype(q)
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    kc = kf.cumsum(1)
-    if z_in is not None:
-        kc = kc + z_in.to(sd)
-    denom = (q.to(sd) * s * kc).sum(-1, keepdim=True) + 1e-10
-    o = (o.to(sd) / denom).to(v.dtype)
+
+    def local(x, h0):
+        o, ht = chunk_linear_attn(x["q"], x["k"], x["v"], scale, h0[0], True, normalize=False,
+                                  backend=backend)
+        kf = x["k"].to(sd)
+        kc = kf.cumsum(1)
+        zsum = kc[:, -1:]                                     # [B, 1, H, K]
+        if h0[1] is not None:
+            kc = kc + h0[1].to(sd)
+            zsum = zsum + h0[1].to(sd)
+        denom = (x["q"].to(sd) * s * kc).sum(-1, keepdim=True) + 1e-10
+        return (o.to(sd) / denom).to(v.dtype), (ht, zsum)
+
+    def summarize(x):
+        return _la_summary(x) + (x["k"].to(sd).sum(1, keepdim=True),)
+
+    o, (ht, z) = context_parallel("chunk_linear_attn", process_group, {**inputs, "z0": z0},
+                                  local=local, decays=lambda x: (None, None),
+                                  h0_keys=("h0", "z0"), summarize=summarize)
     return o, ((ht, z) if output_final_state else None)
