@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ssm_kernels as sk  # noqa: E402
-import ssm_kernels.distributed as skd  # noqa: E402
+from ssm_kernels.distributed import core as skd  # noqa: E402
 
 SMOKE = "--smoke" in sys.argv
 DEV = "cpu" if SMOKE else "cuda"

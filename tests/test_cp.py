@@ -101,6 +101,12 @@ def run_case(case, rank, world, group, failures):
         if want is not None:
             want = want.narrow(d, st * scale, n * scale)
         _compare(f"{tag} grad {k}", loc[k].grad, want, rt, at, failures)
+    with torch.no_grad():   # inference: no private graph, same results
+        ni_out, ni_finals = case["call"]({k: None if x is None else x.detach()
+                                          for k, x in {**loc, **loc_shared}.items()}, group)
+    _compare(f"{tag} no_grad out", ni_out, cp_out.detach(), 0, 0, failures)
+    for f, w in zip(ni_finals, cp_finals):
+        _compare(f"{tag} no_grad final", f, w.detach(), 0, 0, failures)
     for k, x in loc_shared.items():
         if x is None:
             continue
