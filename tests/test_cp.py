@@ -241,6 +241,29 @@ def _cases(world):
             return o, (tuple(st) if normalize else (st,))
         return dict(name=name, make=make, call=call, out_key="v", first_only=("h0", "z0"), **tol)
 
+    def ssd_case(name, extras):
+        P, Hh, G, Ns = 3, 4, 2, 3
+
+        def make():
+            x = torch.randn(B, T, Hh, P, dtype=f64)
+            dt = torch.rand(B, T, Hh, dtype=f64) * 0.5
+            timed = {"x": (x, 1), "dt": (dt, 1), "B": (torch.randn(B, T, G, Ns, dtype=f64), 1),
+                     "C": (torch.randn(B, T, G, Ns, dtype=f64), 1)}
+            shared = {"A": -torch.rand(Hh, dtype=f64) - 0.2}
+            if extras:
+                timed["z"] = (torch.randn(B, T, Hh, P, dtype=f64), 1)
+                shared["D"] = torch.randn(Hh, dtype=f64)
+                shared["dt_bias"] = torch.randn(Hh, dtype=f64) * 0.3
+                shared["h0"] = torch.randn(B, Hh, P, Ns, dtype=f64)
+            return timed, shared
+
+        def call(x, pg):
+            return _pair(sk.mamba_chunk_scan_combined(
+                x["x"], x["dt"], x["A"], x["B"], x["C"], 4, D=x.get("D"), z=x.get("z"),
+                dt_bias=x.get("dt_bias"), initial_states=x.get("h0"), dt_softplus=extras,
+                return_final_states=True, backend=R, process_group=pg))
+        return dict(name=name, make=make, call=call, out_key="x", first_only=("h0",), **exact)
+
     cases = [
         ls_case("linear_scan", f64, 1, False, True),
         ls_case("linear_scan complex dim=-1", torch.complex128, -1, False, True),
@@ -254,6 +277,9 @@ def _cases(world):
         la_case("chunk_linear_attn", "none", True),
         la_case("chunk_linear_attn normalize (kv, z) state", "none", True, normalize=True),
     ]
+    if _has_cp("mamba_chunk_scan_combined"):   # SSD, once its interface takes process_group
+        cases += [ssd_case("mamba_chunk_scan_combined D, z, dt_bias, softplus, h0", True),
+                  ssd_case("mamba_chunk_scan_combined plain", False)]
     if world == 2:  # the Triton kernels under the interpreter, float16 (bf16 dots are wrong there)
         lowp = dict(rtol=1e-2, atol=1e-2, T=T, lowp=True)
         cases += [ls_case("linear_scan triton f16", torch.float16, 1, False, True, "triton", lowp),
@@ -265,6 +291,12 @@ def _cases(world):
 def _pair(res):
     out, fin = res
     return out, (fin,)
+
+
+def _has_cp(name):
+    import inspect
+    fn = getattr(sk, name, None)
+    return fn is not None and "process_group" in inspect.signature(fn).parameters
 
 
 def _error_cases(rank, group, failures):

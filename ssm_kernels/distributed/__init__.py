@@ -58,7 +58,7 @@ from __future__ import annotations
 
 from .core import context_parallel
 from .ops import (cp_chunk_gla, cp_chunk_linear_attn, cp_chunk_simple_gla, cp_linear_scan,
-                  cp_selective_scan_fn)
+                  cp_mamba_chunk_scan_combined, cp_selective_scan_fn)
 
 __all__ = ["context_parallel", "cp_linear_scan", "cp_selective_scan_fn", "cp_chunk_linear_attn",
-           "cp_chunk_simple_gla", "cp_chunk_gla"]
+           "cp_chunk_simple_gla", "cp_chunk_gla", "cp_mamba_chunk_scan_combined"]

@@ -215,3 +215,41 @@ def cp_chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_s
                                   local=local, decays=lambda x: (None, None),
                                   h0_keys=("h0", "z0"), summarize=summarize)
     return o, ((ht, z) if output_final_state else None)
+
+
+def cp_mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
+                                 initial_states=None, seq_idx=None, cu_seqlens=None,
+                                 dt_softplus=False, dt_limit=(0.0, float("inf")),
+                                 return_final_states=False, return_varlen_states=False, *,
+                                 backend=None, process_group=None):
+    """`mamba_chunk_scan_combined` (SSD) over a sequence split along seqlen. Decay per head:
+    ``exp(A_h sum_t dt_t)`` on the processed dt; summary: the op from zero without D and z;
+    correction: rerun with the true initial states."""
+    from ..ssd.interface import mamba_chunk_scan_combined
+    from ..ssd.reference import process_dt
+    op = "mamba_chunk_scan_combined"
+    _check_group(op, process_group, cu_seqlens)
+    if seq_idx is not None or return_varlen_states:
+        raise ValueError(f"{op}: seq_idx / return_varlen_states (packed sequences) cannot be "
+                         f"combined with process_group (context parallelism)")
+
+    def run(xs, h0, with_out):
+        return mamba_chunk_scan_combined(
+            xs["x"], xs["dt"], xs["A"], xs["B"], xs["C"], chunk_size,
+            D=xs["D"] if with_out else None, z=xs["z"] if with_out else None,
+            dt_bias=xs["dt_bias"], initial_states=h0, dt_softplus=dt_softplus, dt_limit=dt_limit,
+            return_final_states=True, backend=backend)
+
+    def local(xs, h0):
+        y, fin = run(xs, h0[0], True)
+        return y, (fin,)
+
+    def decays(xs):
+        dtp = process_dt(xs["dt"], xs["dt_bias"], dt_softplus, dt_limit)      # (b, l, h)
+        return (torch.exp(dtp.sum(1) * xs["A"].to(dtp.dtype))[:, :, None, None],)  # (b, h, 1, 1)
+
+    inputs = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias,
+              "h0": initial_states}
+    y, (fin,) = context_parallel(op, process_group, inputs, local=local, decays=decays,
+                                 h0_keys=("h0",), summarize=lambda xs: (run(xs, None, False)[1],))
+    return (y, fin) if return_final_states else y
