@@ -57,9 +57,13 @@ class _Packer:
 
 
 def _all_gather(group, buf: Tensor) -> List[Tensor]:
-    parts = [torch.empty_like(buf) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, buf.contiguous(), group=group)
-    return parts
+    """One collective into one flat buffer (all_gather_single; all_gather_into_tensor before
+    torch 2.13), split into the ranks' parts."""
+    world = dist.get_world_size(group)
+    out = buf.new_empty((world * buf.numel(),))
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, buf.contiguous().view(-1), group=group)
+    return list(out.view(world, -1).unbind(0))
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
