@@ -270,14 +270,19 @@ _ARGS_DOC = """
     backend: keyword-only. None (env SSM_KERNELS_BACKEND, default "auto"), "auto", "triton" or
         "reference"; an explicit backend that cannot serve the call raises."""
 
+_CP_DOC = """
+    process_group: keyword-only ``torch.distributed.ProcessGroup``: context parallelism, T is this
+        rank's segment of one sequence split over the group (see ssm_kernels.distributed)."""
+
 
 def chunk_linear_attn(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
                       initial_state=None, output_final_state: bool = False, normalize: bool = True,
-                      cu_seqlens: Optional[Tensor] = None, *, backend: Optional[str] = None):
+                      cu_seqlens: Optional[Tensor] = None, *, backend: Optional[str] = None,
+                      process_group=None):
     """Linear attention without decay, chunkwise parallel: ``S_t = S_{t-1} + k_t^T v_t``,
     ``o_t = scale * q_t S_t`` (drop-in for ``fla.ops.linear_attn.chunk_linear_attn``).
 
-    Args:{args}
+    Args:{args}{cp}
     normalize: divide by ``scale * q_t . z_t + 1e-10`` with ``z_t`` the running key sum, as fla
         does. With normalize=True ``initial_state`` may be a tuple ``(kv_state [N, H, K, V],
         z_state [N, 1, H, K])`` and the final state is returned as such a tuple.
@@ -292,6 +297,10 @@ def chunk_linear_attn(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = 
         >>> o.shape, S.shape
         (torch.Size([2, 50, 4, 32]), torch.Size([2, 4, 32, 32]))
     """
+    if process_group is not None:
+        from ..distributed import cp_chunk_linear_attn
+        return cp_chunk_linear_attn(q, k, v, scale, initial_state, output_final_state, normalize,
+                                    cu_seqlens, backend=backend, process_group=process_group)
     return _linear_attn("chunk_linear_attn", q, k, v, scale, initial_state, output_final_state,
                         normalize, False, cu_seqlens, backend, False)
 
@@ -335,12 +344,13 @@ def _simple_gla(fn, q, k, v, g, g_gamma, scale, initial_state, output_final_stat
 def chunk_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None,
                      g_gamma: Optional[Tensor] = None, scale: Optional[float] = None,
                      initial_state: Optional[Tensor] = None, output_final_state: bool = False,
-                     cu_seqlens: Optional[Tensor] = None, *, backend: Optional[str] = None):
+                     cu_seqlens: Optional[Tensor] = None, *, backend: Optional[str] = None,
+                     process_group=None):
     """Linear attention with a scalar decay per head and step, chunkwise parallel (drop-in for
     ``fla.ops.simple_gla.chunk_simple_gla``; RetNet / lightning attention with ``g_gamma``):
     ``S_t = exp(g_t + g_gamma) S_{t-1} + k_t^T v_t``, ``o_t = scale * q_t S_t``.
 
-    Args:{args}
+    Args:{args}{cp}
     g: ``[B, T, H]`` log-decay per step, <= 0 (any float dtype; used in float32). Differentiable.
     g_gamma: ``[H]`` constant log-decay per head, <= 0. Differentiable. Either, both or neither
         of g and g_gamma may be given (they add).
@@ -354,6 +364,10 @@ def chunk_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None
         >>> g = -torch.rand(2, 50, 4)                             # log-decays <= 0
         >>> o, S = ssm_kernels.chunk_simple_gla(q, k, v, g, output_final_state=True)
     """
+    if process_group is not None:
+        from ..distributed import cp_chunk_simple_gla
+        return cp_chunk_simple_gla(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
+                                   cu_seqlens, backend=backend, process_group=process_group)
     return _simple_gla("chunk_simple_gla", q, k, v, g, g_gamma, scale, initial_state,
                        output_final_state, False, cu_seqlens, backend, False)
 
@@ -386,11 +400,12 @@ def fused_recurrent_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tens
 
 def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: Optional[float] = None,
               initial_state: Optional[Tensor] = None, output_final_state: bool = False,
-              cu_seqlens: Optional[Tensor] = None, *, backend: Optional[str] = None):
+              cu_seqlens: Optional[Tensor] = None, *, backend: Optional[str] = None,
+              process_group=None):
     """Gated linear attention (a log-decay per key channel), chunkwise parallel (drop-in for
     ``fla.ops.gla.chunk_gla``): ``S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t``, ``o_t = scale q_t S_t``.
 
-    Args:{args}
+    Args:{args}{cp}
     g: ``[B, T, H, K]`` log-decays, <= 0 (any float dtype; used in float32); -20 per step and 0
         both stay finite. Differentiable.
 
@@ -403,6 +418,10 @@ def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: Optional[float]
         >>> g = torch.nn.functional.logsigmoid(torch.randn(2, 50, 4, 32))
         >>> o, S = ssm_kernels.chunk_gla(q, k, v, g, output_final_state=True)
     """
+    if process_group is not None:
+        from ..distributed import cp_chunk_gla
+        return cp_chunk_gla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
+                            backend=backend, process_group=process_group)
     if g is None:
         raise ValueError("chunk_gla: g ([B, T, H, K] log-decays) is required")
     _validate("chunk_gla", q, k, v, g, "key", scale, initial_state, cu_seqlens)
@@ -441,5 +460,5 @@ def fused_recurrent_gla(q: Tensor, k: Tensor, v: Tensor, gk: Optional[Tensor] = 
 
 for _f in (chunk_linear_attn, fused_recurrent_linear_attn, chunk_simple_gla,
            fused_recurrent_simple_gla, chunk_gla, fused_recurrent_gla):
-    _f.__doc__ = _f.__doc__.replace("{args}", _ARGS_DOC)
+    _f.__doc__ = _f.__doc__.replace("{args}", _ARGS_DOC).replace("{cp}", _CP_DOC)
 del _f

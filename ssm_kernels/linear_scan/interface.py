@@ -106,7 +106,7 @@ linear_scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def linear_scan(a: Tensor, b: Tensor, initial_state: Optional[Tensor] = None, *, dim: int = 1,
                 reverse: bool = False, output_final_state: bool = False,
-                backend: Optional[str] = None):
+                backend: Optional[str] = None, process_group=None):
     """First-order diagonal linear recurrence ``h_t = a_t * h_{t-1} + b_t`` along ``dim``.
 
     The core of minGRU, Griffin's RG-LRU, LRU and S5-style layers; channels are independent.
@@ -124,6 +124,8 @@ def linear_scan(a: Tensor, b: Tensor, initial_state: Optional[Tensor] = None, *,
         output_final_state: also return the last state.
         backend: ``None`` (env SSM_KERNELS_BACKEND, default "auto"), "auto", "cuda", "triton" or
             "reference". An explicit backend that cannot serve the call raises.
+        process_group: a ``torch.distributed.ProcessGroup``: context parallelism, the time axis is
+            this rank's segment of one sequence split over the group (see ssm_kernels.distributed).
 
     Returns:
         ``h`` of ``b``'s shape and dtype, or ``(h, final_state)`` with ``final_state`` the shape of
@@ -137,6 +139,11 @@ def linear_scan(a: Tensor, b: Tensor, initial_state: Optional[Tensor] = None, *,
         >>> h.shape, last.shape
         (torch.Size([2, 100, 8]), torch.Size([2, 8]))
     """
+    if process_group is not None:
+        from ..distributed import cp_linear_scan
+        return cp_linear_scan(a, b, initial_state, dim=dim, reverse=reverse,
+                              output_final_state=output_final_state, backend=backend,
+                              process_group=process_group)
     check_tensor("a", a, min_rank=2)
     check_tensor("b", b, min_rank=2)
     check_dtype("a", a, floating=True, complex_ok=True)

@@ -210,7 +210,7 @@ def _check_bc(name: str, M: Tensor, u: Tensor, A: Tensor) -> Tensor:
 
 def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                       return_last_state=False, *, initial_state=None, cu_seqlens=None,
-                      backend=None):
+                      backend=None, process_group=None):
     """Mamba-1's selective scan; a drop-in for ``mamba_ssm.ops.selective_scan_interface.
     selective_scan_fn`` (same names, order, shapes, layout), plus initial states, packed
     variable-length batches, a differentiable last state and a deterministic backward.
@@ -241,6 +241,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         backend: None (env SSM_KERNELS_BACKEND, default "auto"), "auto", "cuda" (real A;
             hand-written CUDA forward and backward), "triton" or "reference".
             An explicit backend that cannot serve the call raises.
+        process_group: a ``torch.distributed.ProcessGroup``: context parallelism, seqlen is this
+            rank's segment of one sequence split over the group (see ssm_kernels.distributed).
 
     Returns:
         out (batch, dim, seqlen) in u's dtype, or (out, last_state) with last_state
@@ -256,6 +258,12 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         >>> out.shape, last.shape
         (torch.Size([2, 8, 50]), torch.Size([2, 8, 4]))
     """
+    if process_group is not None:
+        from ..distributed import cp_selective_scan_fn
+        return cp_selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                    return_last_state, initial_state=initial_state,
+                                    cu_seqlens=cu_seqlens, backend=backend,
+                                    process_group=process_group)
     op = "selective_scan_fn"
     check_tensor("u", u, rank=3)
     if u.dtype not in _STORAGE + (torch.float64,):

@@ -1,0 +1,387 @@
+"""Context parallelism (process_group=): one sequence split over 2, 3 and 4 gloo processes must give
+the single-process call's outputs, final states and every gradient (initial state included).
+
+Process start is the slow part, so each world size starts one group and runs every check in it
+(`_CASES`); the CP logic is backend-independent, so workers use the float64 reference backend (exact
+comparisons), plus one float32 Triton case under the interpreter at a tiny size.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+
+import ssm_kernels as sk
+
+SPLITS = {2: [1, 9], 3: [4, 1, 6], 4: [3, 5, 1, 4]}   # unequal segments, one of length 1
+
+
+# ---- harness -----------------------------------------------------------------------------------
+
+def _segments(T, world):
+    sizes = SPLITS[world]
+    assert sum(sizes) == T
+    starts = [sum(sizes[:r]) for r in range(world)]
+    return starts, sizes
+
+
+def _loss(outs, weights):
+    """A real scalar from (possibly complex, possibly nested) outputs."""
+    tot = 0
+    for o, w in zip(outs, weights):
+        if o is None:
+            continue
+        p = o.to(w.dtype) * w
+        tot = tot + (p.real if p.is_complex() else p).sum()
+    return tot
+
+
+def _compare(name, got, want, rtol, atol, failures):
+    if got is None and want is None:
+        return
+    if (got is None) != (want is None):
+        failures.append(f"{name}: one side is None (got {got is None}, want {want is None})")
+        return
+    got, want = got.detach().to(want.dtype), want.detach()
+    if got.shape != want.shape:
+        failures.append(f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}")
+        return
+    if not torch.allclose(got, want, rtol=rtol, atol=atol):
+        err = (got - want).abs().max().item()
+        failures.append(f"{name}: max abs err {err:.3g} (scale {want.abs().max().item():.3g})")
+
+
+def run_case(case, rank, world, group, failures):
+    """case: dict with
+        make() -> (time_inputs: dict name -> (tensor, time_dim), other: dict name -> tensor)
+        call(inputs: dict, process_group) -> (out, finals tuple)
+        T, rtol, atol."""
+    torch.manual_seed(case.get("seed", 0))
+    T = case["T"]
+    timed, shared = case["make"]()
+    starts, sizes = _segments(T, world)
+    st, n = starts[rank], sizes[rank]
+    # the single-process call on the whole sequence
+    full = {k: x.clone().requires_grad_(x.is_floating_point() or x.is_complex())
+            for k, (x, _) in timed.items()}
+    full_shared = {k: None if x is None else x.clone().requires_grad_(True)
+                   for k, x in shared.items()}
+    out, finals = case["call"]({**full, **full_shared}, None)
+    g_out = torch.randn_like(out)
+    g_fin = [None if f is None else torch.randn_like(f) for f in finals]
+    _loss([out] + list(finals), [g_out] + g_fin).backward()
+    # this rank's segment; the finals' weight is split over the ranks (their gradients add)
+    loc = {}
+    for k, (x, d) in timed.items():
+        scale = x.shape[d] // T  # complex B/C of the selective scan hold 2 entries per step
+        loc[k] = x.narrow(d, st * scale, n * scale).clone().requires_grad_(True)
+    loc_shared = {k: None if x is None else x.clone().requires_grad_(True) for k, x in shared.items()}
+    cp_out, cp_finals = case["call"]({**loc, **loc_shared}, group)
+    d_out = timed[case["out_key"]][1]
+    want_out = out.narrow(d_out, st, n)
+    g_out_loc = g_out.narrow(d_out, st, n)
+    g_fin_loc = [None if g is None else g / world for g in g_fin]
+    _loss([cp_out] + list(cp_finals), [g_out_loc] + g_fin_loc).backward()
+    tag = f"[{case['name']} rank {rank}/{world}]"
+    rt, at = case["rtol"], case["atol"]
+    if case.get("lowp"):
+        _two_x_rule(case, tag, full, full_shared, out, finals, g_out, g_fin, loc, cp_out, cp_finals,
+                    timed, st, n, failures)
+    _compare(f"{tag} out", cp_out, want_out, rt, at, failures)
+    for i, (f, w) in enumerate(zip(cp_finals, finals)):
+        _compare(f"{tag} final[{i}]", f, w, rt, at, failures)
+    for k, (x, d) in timed.items():
+        scale = x.shape[d] // T
+        want = full[k].grad
+        if want is not None:
+            want = want.narrow(d, st * scale, n * scale)
+        _compare(f"{tag} grad {k}", loc[k].grad, want, rt, at, failures)
+    with torch.no_grad():   # inference: no private graph, same results
+        ni_out, ni_finals = case["call"]({k: None if x is None else x.detach()
+                                          for k, x in {**loc, **loc_shared}.items()}, group)
+    _compare(f"{tag} no_grad out", ni_out, cp_out.detach(), 0, 0, failures)
+    for f, w in zip(ni_finals, cp_finals):
+        _compare(f"{tag} no_grad final", f, w.detach(), 0, 0, failures)
+    for k, x in loc_shared.items():
+        if x is None:
+            continue
+        g = x.grad
+        if k in case.get("first_only", ()):   # initial states: the first rank owns them
+            first = world - 1 if case.get("reverse") else 0
+            if rank == first:
+                _compare(f"{tag} grad {k}", g, full_shared[k].grad, rt, at, failures)
+            elif g is not None and g.abs().max() > 0:
+                failures.append(f"{tag} grad {k}: nonzero on a rank that does not own it")
+            continue
+        g = torch.zeros_like(x) if g is None else g.clone()   # shared weights: shares add up
+        torch.distributed.all_reduce(g, group=group)
+        _compare(f"{tag} grad {k} (all-reduced)", g, full_shared[k].grad, rt, at, failures)
+
+
+def _two_x_rule(case, tag, full, full_shared, out, finals, g_out, g_fin, loc, cp_out, cp_finals,
+                timed, st, n, failures):
+    """DESIGN.md's rule for low precision: the CP result's error against the float64 reference is
+    at most 2x the single-process call's (plus a floor), for the outputs, finals and gradients."""
+    x64 = {k: (None if x is None else x.detach().to(torch.float64).requires_grad_())
+           for k, x in {**full, **full_shared}.items()}
+    o64, f64 = case["call"](x64, None, "reference")
+    _loss([o64] + list(f64), [g.to(torch.float64) for g in [g_out] + g_fin]).backward()
+    d = timed[case["out_key"]][1]
+    err = lambda a, b: ((a.detach().double() - b.detach()).norm() / b.detach().norm()).item()  # noqa
+    pairs = [("out", cp_out, out.narrow(d, st, n), o64.narrow(d, st, n))]
+    pairs += [(f"final[{i}]", c, s1, r) for i, (c, s1, r) in enumerate(zip(cp_finals, finals, f64))]
+    for k, (x, dd) in timed.items():
+        pairs.append((f"grad {k}", loc[k].grad, full[k].grad.narrow(dd, st, n),
+                      x64[k].grad.narrow(dd, st, n)))
+    for name, cp, single, ref in pairs:
+        e_cp, e_single = err(cp, ref), err(single, ref)
+        if not e_cp <= 2 * e_single + 1e-6:
+            failures.append(f"{tag} {name}: CP error {e_cp:.2e} > 2x single-process {e_single:.2e}")
+
+
+def _cases(world):
+    f64 = torch.float64
+    R = "reference"
+    T = sum(SPLITS[world])
+    B, D, N, H, K, V = 2, 4, 3, 2, 3, 4
+    exact = dict(rtol=1e-9, atol=1e-10, T=T)
+
+    def ls_case(name, dtype, dim, reverse, h0, backend=R, tol=exact):
+        def make():
+            shape = [B, T, D] if dim == 1 else [B, D, T]
+            if dtype.is_complex:
+                a = torch.polar(torch.rand(shape, dtype=f64) * 0.5 + 0.5,
+                                torch.randn(shape, dtype=f64)).to(dtype)
+            else:
+                a = (torch.rand(shape, dtype=f64) * 0.6 + 0.4).to(dtype)
+            b = torch.randn(shape, dtype=dtype)
+            hs = torch.randn(B, D, dtype=dtype) if h0 else None
+            return {"a": (a, dim), "b": (b, dim)}, {"h0": hs}
+
+        def call(x, pg, bk=backend):
+            return _pair(sk.linear_scan(x["a"], x["b"], x["h0"], dim=dim, reverse=reverse,
+                                        output_final_state=True, backend=bk,
+                                        process_group=pg))
+        return dict(name=name, make=make, call=call, out_key="b", first_only=("h0",),
+                    reverse=reverse, **tol)
+
+    def ss_case(name, complex_A, varying, extras):
+        def make():
+            u = torch.randn(B, D, T, dtype=f64)
+            delta = torch.rand(B, D, T, dtype=f64) * 0.5
+            A = -torch.rand(D, N, dtype=f64) - 0.2
+            if complex_A:
+                A = torch.complex(A, torch.randn(D, N, dtype=f64))
+            L = 2 * T if complex_A else T
+            timed = {"u": (u, 2), "delta": (delta, 2)}
+            shared = {"A": A}
+            if varying:
+                timed["B"] = (torch.randn(B, 2, N, L, dtype=f64), 3)
+                timed["C"] = (torch.randn(B, 2, N, L, dtype=f64), 3)
+            else:
+                shared["B"] = torch.randn(D, N, dtype=A.dtype)
+                shared["C"] = torch.randn(D, N, dtype=A.dtype)
+            if extras:
+                timed["z"] = (torch.randn(B, D, T, dtype=f64), 2)
+                shared["D"] = torch.randn(D, dtype=f64)
+                shared["delta_bias"] = torch.randn(D, dtype=f64) * 0.3
+                shared["h0"] = torch.randn(B, D, N, dtype=A.dtype)
+            return timed, shared
+
+        def call(x, pg):
+            return _pair(sk.selective_scan_fn(
+                x["u"], x["delta"], x["A"], x["B"], x["C"], x.get("D"), x.get("z"),
+                x.get("delta_bias"), delta_softplus=extras, return_last_state=True,
+                initial_state=x.get("h0"), backend=R, process_group=pg))
+        return dict(name=name, make=make, call=call, out_key="u", first_only=("h0",), **exact)
+
+    def la_case(name, kind, h0, normalize=False, backend=R, dtype=f64, tol=exact):
+        def make():
+            q, k = (torch.randn(B, T, H, K, dtype=dtype) for _ in range(2))
+            if normalize:   # keep the normaliser away from zero
+                q, k = q.abs() + 0.1, k.abs() + 0.1
+            v = torch.randn(B, T, H, V, dtype=dtype)
+            timed = {"q": (q, 1), "k": (k, 1), "v": (v, 1)}
+            shared = {}
+            if kind == "simple":
+                timed["g"] = (-torch.rand(B, T, H, dtype=dtype) * 0.5, 1)
+                shared["g_gamma"] = -torch.rand(H, dtype=dtype) * 0.3
+            elif kind == "gamma":
+                shared["g_gamma"] = -torch.rand(H, dtype=dtype) * 0.3
+            elif kind == "gla":
+                timed["g"] = (torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, dtype=dtype)), 1)
+            if h0:
+                shared["h0"] = torch.randn(B, H, K, V, dtype=dtype)
+                if normalize:
+                    shared["z0"] = torch.rand(B, 1, H, K, dtype=dtype) + 0.5
+            return timed, shared
+
+        def call(x, pg, bk=backend):
+            backend = bk
+            if kind in ("simple", "gamma"):
+                o, ht = sk.chunk_simple_gla(x["q"], x["k"], x["v"], x.get("g"), x.get("g_gamma"),
+                                            initial_state=x.get("h0"), output_final_state=True,
+                                            backend=backend, process_group=pg)
+                return o, (ht,)
+            if kind == "gla":
+                o, ht = sk.chunk_gla(x["q"], x["k"], x["v"], x["g"], initial_state=x.get("h0"),
+                                     output_final_state=True, backend=backend, process_group=pg)
+                return o, (ht,)
+            h0s = x.get("h0")
+            if normalize and h0s is not None:
+                h0s = (h0s, x["z0"])
+            o, st = sk.chunk_linear_attn(x["q"], x["k"], x["v"], initial_state=h0s,
+                                         output_final_state=True, normalize=normalize,
+                                         backend=backend, process_group=pg)
+            return o, (tuple(st) if normalize else (st,))
+        return dict(name=name, make=make, call=call, out_key="v", first_only=("h0", "z0"), **tol)
+
+    def ssd_case(name, extras):
+        P, Hh, G, Ns = 3, 4, 2, 3
+
+        def make():
+            x = torch.randn(B, T, Hh, P, dtype=f64)
+            dt = torch.rand(B, T, Hh, dtype=f64) * 0.5
+            timed = {"x": (x, 1), "dt": (dt, 1), "B": (torch.randn(B, T, G, Ns, dtype=f64), 1),
+                     "C": (torch.randn(B, T, G, Ns, dtype=f64), 1)}
+            shared = {"A": -torch.rand(Hh, dtype=f64) - 0.2}
+            if extras:
+                timed["z"] = (torch.randn(B, T, Hh, P, dtype=f64), 1)
+                shared["D"] = torch.randn(Hh, dtype=f64)
+                shared["dt_bias"] = torch.randn(Hh, dtype=f64) * 0.3
+                shared["h0"] = torch.randn(B, Hh, P, Ns, dtype=f64)
+            return timed, shared
+
+        def call(x, pg):
+            return _pair(sk.mamba_chunk_scan_combined(
+                x["x"], x["dt"], x["A"], x["B"], x["C"], 4, D=x.get("D"), z=x.get("z"),
+                dt_bias=x.get("dt_bias"), initial_states=x.get("h0"), dt_softplus=extras,
+                return_final_states=True, backend=R, process_group=pg))
+        return dict(name=name, make=make, call=call, out_key="x", first_only=("h0",), **exact)
+
+    cases = [
+        ls_case("linear_scan", f64, 1, False, True),
+        ls_case("linear_scan complex dim=-1", torch.complex128, -1, False, True),
+        ls_case("linear_scan reverse", f64, 1, True, True),
+        ss_case("selective_scan varying B/C, D, z, bias, softplus, h0", False, True, True),
+        ss_case("selective_scan invariant B/C", False, False, False),
+        ss_case("selective_scan complex A", True, True, True),
+        la_case("chunk_simple_gla g+g_gamma h0", "simple", True),
+        la_case("chunk_simple_gla g_gamma only", "gamma", False),
+        la_case("chunk_gla h0", "gla", True),
+        la_case("chunk_linear_attn", "none", True),
+        la_case("chunk_linear_attn normalize (kv, z) state", "none", True, normalize=True),
+    ]
+    if _has_cp("mamba_chunk_scan_combined"):   # SSD, once its interface takes process_group
+        cases += [ssd_case("mamba_chunk_scan_combined D, z, dt_bias, softplus, h0", True),
+                  ssd_case("mamba_chunk_scan_combined plain", False)]
+    if world == 2:  # the Triton kernels under the interpreter, float16 (bf16 dots are wrong there)
+        lowp = dict(rtol=1e-2, atol=1e-2, T=T, lowp=True)
+        cases += [ls_case("linear_scan triton f16", torch.float16, 1, False, True, "triton", lowp),
+                  la_case("chunk_simple_gla triton f16", "simple", True, backend="triton",
+                          dtype=torch.float16, tol=lowp)]
+    return cases
+
+
+def _pair(res):
+    out, fin = res
+    return out, (fin,)
+
+
+def _has_cp(name):
+    import inspect
+    fn = getattr(sk, name, None)
+    return fn is not None and "process_group" in inspect.signature(fn).parameters
+
+
+def _error_cases(rank, group, failures):
+    """Refusals that need a real group: packed sequences, mismatched shapes across ranks."""
+    import ssm_kernels as sk
+    q = torch.randn(1, 4, 2, 3)
+    try:
+        sk.chunk_gla(q, q, q, -torch.rand(1, 4, 2, 3), cu_seqlens=torch.tensor([0, 2, 4]),
+                     process_group=group)
+        failures.append("cu_seqlens + process_group did not raise")
+    except ValueError as e:
+        if "cu_seqlens" not in str(e):
+            failures.append(f"cu_seqlens refusal message: {e}")
+    D = 3 + rank  # state shapes differ across ranks
+    try:
+        sk.linear_scan(torch.rand(2, 4, D), torch.randn(2, 4, D), backend="reference",
+                       process_group=group)
+        failures.append("mismatched state shapes across ranks did not raise")
+    except ValueError as e:
+        if "agree across ranks" not in str(e):
+            failures.append(f"shape mismatch message: {e}")
+
+
+def _worker(rank, world, store_path, result_dir):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    failures = []
+    try:
+        store = dist.FileStore(store_path, world)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+        group = dist.group.WORLD
+        for case in _cases(world):
+            try:
+                run_case(case, rank, world, group, failures)
+            except Exception:
+                failures.append(f"[{case['name']} rank {rank}] raised:\n{traceback.format_exc()}")
+        _error_cases(rank, group, failures)
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:
+        failures.append(f"rank {rank}: {traceback.format_exc()}")
+    with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
+        f.write("\n".join(failures))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_cp_matches_single_process(world):
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        # fork: the children inherit the imported torch and ssm_kernels (spawn re-imports, ~seconds)
+        ctx = mp.start_processes(_worker, args=(world, os.path.join(tmp, "store"), tmp),
+                                 nprocs=world, join=False, start_method="fork")
+        import time
+        deadline = time.monotonic() + 180
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"CP workers (world {world}) hung")
+        msgs = []
+        for r in range(world):
+            path = os.path.join(tmp, f"rank{r}.txt")
+            if not os.path.exists(path):
+                msgs.append(f"rank {r} wrote no result")
+                continue
+            text = open(path).read()
+            if text:
+                msgs.append(text)
+    assert not msgs, "\n".join(msgs)
+
+
+def test_no_group_no_distributed_import():
+    """Without process_group the CP module is never imported."""
+    sys.modules.pop("ssm_kernels.distributed", None)
+    a = torch.rand(2, 5, 3)
+    sk.linear_scan(a, a, backend="reference")
+    q = torch.randn(1, 5, 2, 3)
+    sk.chunk_gla(q, q, q, -torch.rand(1, 5, 2, 3), backend="reference")
+    sk.selective_scan_fn(torch.randn(1, 2, 5), torch.rand(1, 2, 5), -torch.rand(2, 3),
+                         torch.randn(2, 3), torch.randn(2, 3), backend="reference")
+    assert "ssm_kernels.distributed" not in sys.modules
+
+
+def test_process_group_type_checked():
+    a = torch.rand(2, 5, 3)
+    with pytest.raises(TypeError, match="process_group"):
+        sk.linear_scan(a, a, process_group="world")
