@@ -191,7 +191,7 @@ def cmd_bench(args, parser) -> int:
 
     from . import _backend
     from .benchmarks import FAMILIES
-    from .benchmarks.harness import (add_speedups, format_table, measure_ceilings, plot,
+    from .benchmarks.harness import (add_speedups, measure_ceilings, plot, plot_unavailable,
                                      summary_lines, time_case, write_csv)
     device = "cuda" if _has_gpu() else "cpu"
     smoke = device == "cpu"
@@ -265,7 +265,7 @@ def cmd_bench(args, parser) -> int:
     pngs = plot(timed, args.out, smoke=smoke) if timed else []
     print(f"\n{len(timed)} cases timed; wrote {args.out}" + (f" and {', '.join(pngs)}" if pngs else ""))
     if timed and not pngs:
-        print("no plot: matplotlib is not installed (pip install 'ssm_kernels[bench]')")
+        print(f"no plot: {plot_unavailable()}")
     for reason, whats in skipped.items():
         print(f"skipped {len(whats)} case(s): {reason}")
         for w in whats[:3]:

@@ -249,6 +249,17 @@ def _wrap(text: str, width: int = 34) -> str:
     return "\n".join(lines)
 
 
+def plot_unavailable() -> Optional[str]:
+    """None if plots can be drawn here, else why not."""
+    try:
+        import matplotlib  # noqa: F401
+        return None
+    except ImportError as e:
+        if getattr(e, "name", None) == "matplotlib":
+            return "matplotlib is not installed (pip install 'ssm_kernels[bench]')"
+        return f"matplotlib cannot be imported ({e}; pip install 'ssm_kernels[bench]')"
+
+
 def plot(rows: List[dict], path: str, smoke: bool = False) -> List[str]:
     """One PNG per family next to `path` (`<stem>_<family>.png`); [] if matplotlib is missing.
 
