@@ -1,6 +1,7 @@
 """ssm_kernels: fused Triton/CUDA kernels for recurrent sequence models. Public API only."""
 from ._backend import BackendUnavailableError, available_backends
 from ._config import set_debug
+from ._version import __version__
 from .based import chunk_based, fused_recurrent_based
 from .fft_conv import fft_conv, fft_conv_ref, s4d_kernel, s4d_kernel_ref
 from .linear_attn import (chunk_gla, chunk_linear_attn, chunk_simple_gla, fused_recurrent_gla,
@@ -8,7 +9,6 @@ from .linear_attn import (chunk_gla, chunk_linear_attn, chunk_simple_gla, fused_
 from .linear_scan import linear_scan, linear_scan_ref
 from .selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update
 
-__version__ = "0.1.0"
 __all__ = [
     # first-order linear recurrences (minGRU, RG-LRU, LRU)
     "linear_scan", "linear_scan_ref",

@@ -1,8 +1,97 @@
-"""Registry for `python -m ssm_kernels check`: family name -> module with `check(backend, device)`."""
+"""`python -m ssm_kernels check`: the registry of families and the loop that runs them.
+
+FAMILIES maps a family name to a module with `check(backend, device, full=False) -> [CheckRow]`.
+Each family check draws fresh random inputs (odd lengths, every feature on), runs forward and
+backward on one backend and compares every output and gradient with the float64 reference.
+`full=False` is the quick depth: every op and backend, one representative shape per dtype kind
+(float32, a low precision, complex where the op takes it); `full=True` is the exhaustive sweep.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
 FAMILIES = {
-    "based": "ssm_kernels.based.check",
-    "linear_attn": "ssm_kernels.linear_attn.check",
     "linear_scan": "ssm_kernels.linear_scan.check",
     "selective_scan": "ssm_kernels.selective_scan.check",
+    "linear_attn": "ssm_kernels.linear_attn.check",
+    "based": "ssm_kernels.based.check",
     "fft_conv": "ssm_kernels.fft_conv.check",
 }
+
+# what each family covers, for `--help` and the summary
+OPS = {
+    "linear_scan": "linear_scan",
+    "selective_scan": "selective_scan_fn, selective_state_update",
+    "linear_attn": "chunk_linear_attn, chunk_simple_gla, chunk_gla, fused_recurrent_gla",
+    "based": "chunk_based, fused_recurrent_based",
+    "fft_conv": "fft_conv, s4d_kernel",
+}
+
+
+@dataclass
+class FamilyResult:
+    family: str
+    backend: str
+    rows: list = field(default_factory=list)   # CheckRow
+    seconds: float = 0.0
+    error: Optional[str] = None                # a crash (also recorded as a failing row)
+
+    @property
+    def passed(self) -> int:
+        return sum(r.verdict.ok for r in self.rows)
+
+    @property
+    def failed(self) -> int:
+        return len(self.rows) - self.passed
+
+    def worst(self):
+        """The row closest to (or furthest past) its bound."""
+        def ratio(r):
+            b = r.verdict.bound
+            return float("inf") if b <= 0 else r.verdict.err / b
+        return max(self.rows, key=ratio) if self.rows else None
+
+
+def run_family(family: str, backend: str, device: str, full: bool = False) -> FamilyResult:
+    """One family on one backend; a crash becomes a failing row with the exception's message."""
+    from .testing import CheckRow, Verdict
+    res = FamilyResult(family, backend)
+    t0 = time.perf_counter()
+    try:
+        mod = importlib.import_module(FAMILIES[family])
+        res.rows = list(mod.check(backend, device, full=full))
+    except Exception as e:  # reported in the table and the exit code, never swallowed
+        res.error = traceback.format_exc()
+        msg = " ".join(f"{type(e).__name__}: {e}".split())
+        res.rows.append(CheckRow(f"{family} crashed ({msg[:300]})", backend, "-",
+                                 Verdict("crash", float("inf"), 0.0)))
+    if device == "cuda":
+        import torch
+        torch.cuda.synchronize()
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def run(families: List[str], backends: List[str], device: str, full: bool = False, seed: int = 0,
+        on_result: Optional[Callable[[FamilyResult], None]] = None) -> List[FamilyResult]:
+    """Every family on every backend; `on_result` sees each (family, backend) as it finishes, so a
+    run cut short still reports what it did. Each pair is seeded with `seed` alone, so a subset
+    (--ops/--backends) draws the same inputs as the whole run."""
+    import torch
+    results = []
+    for fam in families:
+        for be in backends:
+            torch.manual_seed(seed)
+            r = run_family(fam, be, device, full)
+            results.append(r)
+            if on_result is not None:
+                on_result(r)
+    return results
+
+
+def summary(results: List[FamilyResult]) -> Dict[str, int]:
+    return {"passed": sum(r.passed for r in results), "failed": sum(r.failed for r in results)}

@@ -20,9 +20,17 @@ def _fwd_bwd(fn, q, k, v, h0, cot, cu_seqlens=None, **kw):
     return [o, hT, *torch.autograd.grad(loss, xs)]
 
 
-def check(backend: str, device: str) -> List[CheckRow]:
+def _plan(backend: str, shapes: list, full: bool):
+    """(shape, dtype) pairs: full = every shape x dtype; otherwise every shape once with the dtypes
+    spread over them (each kernel is compiled once per dtype and K on the GPU)."""
     dtypes = {"reference": [torch.float32],
               "triton": [torch.float32, torch.float16, torch.bfloat16]}.get(backend, [])
+    if full or len(dtypes) <= 1:
+        return [(s, d) for s in shapes for d in dtypes]
+    return list(zip(shapes, [torch.float32, torch.bfloat16, torch.float16]))
+
+
+def check(backend: str, device: str, full: bool = False) -> List[CheckRow]:
     small = device == "cpu"
     rows = []
     # (B, T, H, K, V, varlen): K = 16 is Based's feature dim; K = 32 uses several row blocks
@@ -30,40 +38,39 @@ def check(backend: str, device: str) -> List[CheckRow]:
               if small else
               [(2, 1031, 4, 16, 128, False), (1, 517, 2, 32, 100, False),
                (1, 2048, 4, 16, 64, True)])
-    for (B, T, H, K, V, varlen) in shapes:
+    for (B, T, H, K, V, varlen), dtype in _plan(backend, shapes, full):
         cu = None
         N = B
         if varlen:
             cu = torch.tensor([0, T // 5, T // 5, T - 3, T], device=device, dtype=torch.int32)
             N = cu.numel() - 1
-        for dtype in dtypes:
-            q, k = (torch.randn(B, T, H, K, device=device).to(dtype) for _ in range(2))
-            v = torch.randn(B, T, H, V, device=device).to(dtype)
-            h0 = torch.randn(N, H, feature_dim(K), V + 1, device=device) * 0.3
-            h0[..., V] = h0[..., V].abs() + 1.0
-            cot = (torch.randn(B, T, H, V, device=device, dtype=torch.float64),
-                   torch.randn(h0.shape, device=device, dtype=torch.float64))
-            out = _fwd_bwd(chunk_based, q, k, v, h0, cot, cu, backend=backend)
-            ref = _fwd_bwd(based_parallel_ref, q.double(), k.double(), v.double(), h0.double(),
-                           cot, cu)
-            lowp = (_fwd_bwd(based_parallel_ref, q, k, v, h0, cot, cu)
-                    if dtype in (torch.float16, torch.bfloat16) else None)
-            tag = f"based K={K}{' varlen' if varlen else ''}"
-            # the decode step form on the last few tokens, from the reference's state before them
-            Ts = 3
-            cut = [0, T - Ts] if cu is None else None
-            if cut is not None:
-                _, h_pre = based_parallel_ref(q[:, :T - Ts].double(), k[:, :T - Ts].double(),
-                                              v[:, :T - Ts].double(), None, True, h0.double(), True)
-                o_s, h_s = fused_recurrent_based(q[:, -Ts:], k[:, -Ts:], v[:, -Ts:], None, True,
-                                                 h_pre.float(), True, backend=backend)
-                step_rows = [("fused_recurrent o", o_s, ref[0][:, -Ts:], None if lowp is None else lowp[0][:, -Ts:]),
-                             ("fused_recurrent final_state", h_s, ref[1], None if lowp is None else lowp[1])]
-            else:
-                step_rows = []
-            named = [(name, out[i], ref[i], None if lowp is None else lowp[i])
-                     for i, name in enumerate(NAMES)] + step_rows
-            for name, o_, r_, l_ in named:
-                vd = compare(f"{tag} {name}", o_, r_, dtype, l_)
-                rows.append(CheckRow(f"{tag} {name}", backend, str(dtype).replace("torch.", ""), vd))
+        q, k = (torch.randn(B, T, H, K, device=device).to(dtype) for _ in range(2))
+        v = torch.randn(B, T, H, V, device=device).to(dtype)
+        h0 = torch.randn(N, H, feature_dim(K), V + 1, device=device) * 0.3
+        h0[..., V] = h0[..., V].abs() + 1.0
+        cot = (torch.randn(B, T, H, V, device=device, dtype=torch.float64),
+               torch.randn(h0.shape, device=device, dtype=torch.float64))
+        out = _fwd_bwd(chunk_based, q, k, v, h0, cot, cu, backend=backend)
+        ref = _fwd_bwd(based_parallel_ref, q.double(), k.double(), v.double(), h0.double(),
+                       cot, cu)
+        lowp = (_fwd_bwd(based_parallel_ref, q, k, v, h0, cot, cu)
+                if dtype in (torch.float16, torch.bfloat16) else None)
+        tag = f"based K={K}{' varlen' if varlen else ''}"
+        # the decode step form on the last few tokens, from the reference's state before them
+        Ts = 3
+        cut = [0, T - Ts] if cu is None else None
+        if cut is not None:
+            _, h_pre = based_parallel_ref(q[:, :T - Ts].double(), k[:, :T - Ts].double(),
+                                          v[:, :T - Ts].double(), None, True, h0.double(), True)
+            o_s, h_s = fused_recurrent_based(q[:, -Ts:], k[:, -Ts:], v[:, -Ts:], None, True,
+                                             h_pre.float(), True, backend=backend)
+            step_rows = [("fused_recurrent o", o_s, ref[0][:, -Ts:], None if lowp is None else lowp[0][:, -Ts:]),
+                         ("fused_recurrent final_state", h_s, ref[1], None if lowp is None else lowp[1])]
+        else:
+            step_rows = []
+        named = [(name, out[i], ref[i], None if lowp is None else lowp[i])
+                 for i, name in enumerate(NAMES)] + step_rows
+        for name, o_, r_, l_ in named:
+            vd = compare(f"{tag} {name}", o_, r_, dtype, l_)
+            rows.append(CheckRow(f"{tag} {name}", backend, str(dtype).replace("torch.", ""), vd))
     return rows

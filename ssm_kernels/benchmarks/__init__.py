@@ -4,9 +4,9 @@ Each family module exposes a generator `cases(device: str, quick: bool)` yieldin
 one at a time (inputs are allocated when a case is built and freed when the harness moves on).
 """
 FAMILIES = {
-    "based": "ssm_kernels.benchmarks.based",
-    "linear_attn": "ssm_kernels.benchmarks.linear_attn",
     "linear_scan": "ssm_kernels.benchmarks.linear_scan",
     "selective_scan": "ssm_kernels.benchmarks.selective_scan",
+    "linear_attn": "ssm_kernels.benchmarks.linear_attn",
+    "based": "ssm_kernels.benchmarks.based",
     "fft_conv": "ssm_kernels.benchmarks.fft_conv",
 }

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import torch
 
-from .. import chunk_based
+from .. import available_backends, chunk_based
 from ..based.reference import feature_dim
 from .harness import Case, rotating
 
@@ -35,14 +35,13 @@ def _sdpa(q, k, v):
 def cases(device: str, quick: bool) -> Iterator[Case]:
     if device == "cpu":
         grid, dtypes = [(1, 64, 2, 16, 16)], [torch.float32]
-        backends = ["triton"]
     else:
         grid = [(4, 4096, 16, 16, 64), (4, 4096, 16, 16, 128), (2, 16384, 16, 16, 64),
                 (8, 2048, 16, 32, 64)]
         if quick:
             grid = grid[:1]
         dtypes = [torch.bfloat16]
-        backends = ["triton"]
+    backends = [b for b in available_backends(device) if b not in ("reference", "cuda")] or ["reference"]
     peers = _peers() if device != "cpu" else {}
     for (B, T, H, K, V) in grid:
         for dtype in dtypes:

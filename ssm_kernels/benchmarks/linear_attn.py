@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from .. import chunk_gla, chunk_linear_attn, chunk_simple_gla
+from .. import available_backends, chunk_gla, chunk_linear_attn, chunk_simple_gla
 from .harness import Case, rotating
 
 
@@ -45,12 +45,13 @@ def _sdpa(q, k, v, g):
 
 def cases(device: str, quick: bool) -> Iterator[Case]:
     if device == "cpu":
-        grid, dtype, backends = [(1, 64, 2, 16, 16)], torch.float32, ["triton"]
+        grid, dtype = [(1, 64, 2, 16, 16)], torch.float32
     else:
         grid = [(4, 4096, 16, 128, 128), (2, 16384, 16, 128, 128), (8, 2048, 16, 64, 64)]
         if quick:
             grid = grid[:1]
-        dtype, backends = torch.bfloat16, ["triton"]
+        dtype = torch.bfloat16
+    backends = [b for b in available_backends(device) if b not in ("reference", "cuda")] or ["reference"]
     peers = _fla() if device != "cpu" else {}
     es = torch.tensor([], dtype=dtype).element_size()
     for (B, T, H, K, V) in grid:

@@ -42,24 +42,36 @@ def _hi(x):
     return x.to(torch.complex128 if x.is_complex() else torch.float64)
 
 
-def check(backend: str, device: str) -> List[CheckRow]:
+def _plan(backend: str, full: bool):
+    """(dtype, complex A) pairs: full = every dtype x real/complex; otherwise each dtype kind and
+    complex A once (fp32 real, bf16 complex; the CUDA forward takes real A only)."""
     dtypes = [torch.float32] if backend == "reference" else [torch.float32, torch.float16, torch.bfloat16]
+    cplxs = (False,) if backend == "cuda" else (False, True)
+    if full:
+        return [(d, c) for d in dtypes for c in cplxs]
+    if backend == "reference":
+        return [(torch.float32, False), (torch.float32, True)]
+    return [(torch.float32, False), (torch.bfloat16, cplxs[-1])]
+
+
+def check(backend: str, device: str, full: bool = False) -> List[CheckRow]:
+    if backend not in ("reference", "triton", "cuda"):
+        return []
     small = device == "cpu"
     rows = []
-    for dtype in dtypes:
-        for cplx in ((False,) if backend == "cuda" else (False, True)):  # CUDA forward: real A
-            inp = _inputs(device, dtype, cplx, small)
-            cot = (torch.randn(inp["u"].shape, dtype=torch.float64, device=device),
-                   torch.randn(inp["initial_state"].shape, device=device,
-                               dtype=torch.complex128 if cplx else torch.float64))
-            out = _fwd_bwd(selective_scan_fn, inp, cot, backend=backend)
-            ref = _fwd_bwd(selective_scan_ref, {k: _hi(v) for k, v in inp.items()}, cot)
-            lowp = _fwd_bwd(selective_scan_ref, inp, cot) if dtype in (torch.float16, torch.bfloat16) else None
-            tag = str(dtype).replace("torch.", "") + ("/complex A" if cplx else "")
-            for i, name in enumerate(["out", "last_state"] + [f"grad {n}" for n in _NAMES]):
-                op = f"selective_scan {name}"
-                rows.append(CheckRow(op, backend, tag, compare(op, out[i], ref[i], dtype,
-                                                               None if lowp is None else lowp[i])))
+    for dtype, cplx in _plan(backend, full):
+        inp = _inputs(device, dtype, cplx, small)
+        cot = (torch.randn(inp["u"].shape, dtype=torch.float64, device=device),
+               torch.randn(inp["initial_state"].shape, device=device,
+                           dtype=torch.complex128 if cplx else torch.float64))
+        out = _fwd_bwd(selective_scan_fn, inp, cot, backend=backend)
+        ref = _fwd_bwd(selective_scan_ref, {k: _hi(v) for k, v in inp.items()}, cot)
+        lowp = _fwd_bwd(selective_scan_ref, inp, cot) if dtype in (torch.float16, torch.bfloat16) else None
+        tag = str(dtype).replace("torch.", "") + (" (A complex64)" if cplx else "")
+        for i, name in enumerate(["out", "last_state"] + [f"grad {n}" for n in _NAMES]):
+            op = f"selective_scan {name}"
+            rows.append(CheckRow(op, backend, tag, compare(op, out[i], ref[i], dtype,
+                                                           None if lowp is None else lowp[i])))
     if backend == "cuda":
         return rows  # the decode step has no CUDA kernel
     # the decode step, run over the sequence, reproduces the scan
