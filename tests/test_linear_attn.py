@@ -482,13 +482,10 @@ def test_gpu_compile_fullgraph_triton():
 
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("gate", ["none", "g+gamma", "gla"])
-@pytest.mark.parametrize("segments", [2, 3])
-def test_split_sequences(backend, gate, segments, monkeypatch):
-    """Sequences cut into segments (used on the GPU when there are too few programs) give the same
-    outputs, states and gradients: forced here, since the interpreter has no SM count."""
-    from ssm_kernels.linear_attn import triton as la_triton
-    monkeypatch.setattr(la_triton, "FORCE_SEGMENTS", segments)
-    compare_to_reference(backend, gate, 2, 65 if gate != "gla" else 40, 2, 16, 20)
+def test_many_chunks(backend, gate):
+    """Several chunks per sequence (the interpreter's chunk is 32): the inter-chunk state passing,
+    the per-chunk states and the state-gradient scan over more than two chunks."""
+    compare_to_reference(backend, gate, 2, 131 if gate != "gla" else 97, 2, 16, 20)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -507,8 +504,12 @@ def test_chunk_and_fused_recurrent_agree(backend, gate):
 @pytest.mark.gpu
 @pytest.mark.parametrize("gate", ["none", "g+gamma", "gla"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_long_sequence_split(gate, dtype):
-    """Few programs, long T: the sequence is cut into segments (checked to happen)."""
-    from ssm_kernels.linear_attn import triton as la_triton
-    assert la_triton._num_segments(1, 8192, 2, 2, 64, torch.device(DEVICE), None) > 1
+def test_gpu_long_sequence(gate, dtype):
+    """Few sequences x heads, long T (the shape the old per-sequence kernels split)."""
     _gpu_compare(gate, 1, 8192, 2, 128, 128, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_gla_bf16_backward_regression():
+    """chunk_gla's bf16 backward at a model-like size (B2 T2048 H4 K=V=128) against float64."""
+    _gpu_compare("gla", 2, 2048, 4, 128, 128, torch.bfloat16)
