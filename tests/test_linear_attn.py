@@ -513,3 +513,14 @@ def test_gpu_long_sequence(gate, dtype):
 def test_gpu_gla_bf16_backward_regression():
     """chunk_gla's bf16 backward at a model-like size (B2 T2048 H4 K=V=128) against float64."""
     _gpu_compare("gla", 2, 2048, 4, 128, 128, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("gate", ["none", "g", "gla"])
+def test_poisoned_outputs(backend, gate, monkeypatch):
+    """Every buffer the engine's stages write starts as NaN: nothing may be left unwritten (packed
+    sequences with surplus chunk programs, an empty sequence, padded last chunks)."""
+    from ssm_kernels.chunk import common
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    cu = torch.tensor([0, 33, 33, 34, 50], dtype=torch.int32)
+    compare_to_reference(backend, gate, 1, 50, 2, 16, 20, cu=cu)

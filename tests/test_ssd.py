@@ -13,6 +13,7 @@ from conftest import DEVICE, kernel_backends
 
 BACKENDS = ["reference"] + kernel_backends()
 LOWP = (torch.float16, torch.bfloat16)
+DECAY_GRADS = ("ddt", "dA", "ddt_bias")
 NAMES = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"]
 
 
@@ -60,6 +61,20 @@ def reference(cu=None):
     return f
 
 
+def decay_grad_error(name, out, ref, hi):
+    """(||out - ref||, the scale its rounding error has): max(||ref||, the size of the products
+    it is a difference of): ||C dC|| per step, times |A| (ddt), times ||dt|| (dA, a sum over
+    steps), times sqrt(steps) (ddt_bias)."""
+    n = lambda t: torch.linalg.vector_norm(t.detach().cpu().double()).item()  # noqa: E731
+    err = n(out[name].detach().cpu().double() - ref[name])
+    prod = n(hi["C"] * ref["dC"]) * max(hi["A"].abs().max().item(), 1e-3)
+    if name == "dA":
+        prod = n(hi["C"] * ref["dC"]) * n(torch.nn.functional.softplus(hi["dt"] + hi["dt_bias"]))
+    elif name == "ddt_bias":
+        prod *= hi["dt"].numel() ** 0.5
+    return err, max(n(ref[name]), prod)
+
+
 def compare(backend, b, L, H, P, G, N, dtype=torch.float32, cu=None, **kw):
     n_seq = None if cu is None else cu.numel() - 1
     inputs = make(b, L, H, P, G, N, dtype, n_seq=n_seq, **kw)
@@ -70,11 +85,17 @@ def compare(backend, b, L, H, P, G, N, dtype=torch.float32, cu=None, **kw):
     ref = run(reference(cu), hi, [c.cpu() for c in cots])
     lowp = None
     if dtype in LOWP:
-        lp = {n: None if t is None else t.detach().cpu().float() if t.dtype in LOWP else t.detach().cpu()
-              for n, t in inputs.items()}
+        lp = {n: None if t is None else t.detach().cpu() for n, t in inputs.items()}
         lowp = run(reference(cu), lp, [c.cpu() for c in cots])
     for name in ref:
         assert torch.isfinite(out[name]).all(), f"{name} has non-finite values"
+        if name in DECAY_GRADS and dtype not in LOWP:
+            # a gradient through the log-decay dt * A is a difference of products (C . dC - B . dB
+            # per step): its float32 rounding scales with those products, not with itself (with
+            # decays that underflow it is tiny), so it gets test_linear_attn's dg bound
+            err, den = decay_grad_error(name, out, ref, hi)
+            assert err <= 1e-4 * den, f"{backend} {name}: abs err {err:.2e} > 1e-4 x {den:.2e}"
+            continue
         assert_close(out[name], ref[name], dtype=dtype if name in ("y", "dx", "dB", "dC", "dz")
                      else torch.float32 if dtype not in LOWP else dtype,
                      lowp_ref=None if lowp is None else lowp[name], name=f"{backend} {name}")
@@ -281,7 +302,7 @@ def _gpu_compare(b, L, H, P, G, N, dtype, cu=None):
                        dt_bias=a["dt_bias"], initial_states=a["initial_states"], cu_seqlens=cu,
                        dt_softplus=True)
     hi = {n: None if t is None else t.detach().double() for n, t in inputs.items()}
-    lp = {n: None if t is None else t.detach().float() for n, t in inputs.items()}
+    lp = {n: None if t is None else t.detach() for n, t in inputs.items()}
     ref, lowp = run(ref_fn, hi, cots), run(ref_fn, lp, cots)
     for name in ref:
         assert torch.isfinite(out[name]).all(), name

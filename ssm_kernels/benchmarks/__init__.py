@@ -8,5 +8,6 @@ FAMILIES = {
     "linear_attn": "ssm_kernels.benchmarks.linear_attn",
     "linear_scan": "ssm_kernels.benchmarks.linear_scan",
     "selective_scan": "ssm_kernels.benchmarks.selective_scan",
+    "ssd": "ssm_kernels.benchmarks.ssd",
     "fft_conv": "ssm_kernels.benchmarks.fft_conv",
 }

@@ -91,6 +91,7 @@ def _dv_kernel(
     m_t = t < eos
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
+    Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
     row_q = t * HQ + i_hq
     row = t * H + i_h
     p_dh = dh_ptr + (i_c.to(tl.int64) * H + i_h) * K * V
@@ -103,8 +104,8 @@ def _dv_kernel(
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         b_k = load_rows(k_ptr, row_q, m_t, o_k, m_k, K)
-        b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
-                       other=0.)
+        b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :],
+                       mask=(o_k < Kc)[:, None] & m_v[None, :], other=0.)
         if GATE == 2:
             Gk = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row, i_h, m_t, o_k, m_k, K, 2, False, BT)
             b_dv += mm(decay_to_end(b_k, Gk, last_row(Gk, o_t, 2, BT), 2), b_dh, DT, IEEE)
@@ -147,6 +148,7 @@ def _dqk_kernel(
     m_t = t < eos
     o_k = tl.arange(0, BK)
     m_k = o_k < K
+    Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
     row_q = t * HQ + i_hq
     b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
     b_k = load_rows(k_ptr, row_q, m_t, o_k, m_k, K)
@@ -166,7 +168,7 @@ def _dqk_kernel(
         for i_v in range(tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
             m_v = o_v < V
-            m_s = m_k[:, None] & m_v[None, :]
+            m_s = (o_k < Kc)[:, None] & m_v[None, :]
             b_v = load_v(v_ptr, vs_ptr, row, m_t, o_v, m_v, V, HAS_VS)
             b_do = load_rows(do_ptr, row, m_t, o_v, m_v, V)
             b_h = tl.load(h_ptr + p_h + o_k[:, None] * V + o_v[None, :], mask=m_s, other=0.)
@@ -216,12 +218,12 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Ten
     cu, co, ct = p.idx_args(do)
     dh = q.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
     dh0 = common.poison(q.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
-    common = dict(GATE=p.gate, G_FROM_VS=A is not None, IS_VARLEN=p.varlen, BT=p.BT,
+    kw = dict(GATE=p.gate, G_FROM_VS=A is not None, IS_VARLEN=p.varlen, BT=p.BT,
                   DT=m["DT"], IEEE=m["IEEE"])
     _state_grad_kernel[(triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), p.N * p.H)](
         q, do, gg, vsa, Aa, d if dht is None else dht, dh, dh0, cu, co,
         p.T, p.H, p.HQ, p.K, p.V, float(scale), HAS_DHT=dht is not None, BK=m["BK"], BV=m["BV"],
-        num_warps=4, **common)
+        num_warps=4, **kw)
     a = gla_chunk_scores(p, q, k, g, scale) if p.gate == 2 else d
     dv = common.poison(torch.empty_like(v))
     dvs = None if vs is None else common.poison(torch.empty_like(vs))
@@ -229,7 +231,7 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Ten
     _dv_kernel[(triton.cdiv(p.V, BVd), p.NCH, p.H)](
         q, k, v, do, gg, vsa, Aa, dh, a, dv, d if dvs is None else dvs, ct, cu,
         p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale), HAS_VS=vs is not None, BK=m["BK"], BV=BVd,
-        num_warps=4, **common)
+        num_warps=4, **kw)
     dq, dk = common.poison(torch.empty_like(q)), common.poison(torch.empty_like(k))
     dg = None
     if p.gate:
@@ -237,5 +239,5 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Ten
     _dqk_kernel[(p.NCH, p.HQ)](
         q, k, v, do, gg, vsa, Aa, h, dh, dq, dk, d if dg is None else dg, ct, cu,
         p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale), HAS_VS=vs is not None, SUB=m["SUB"],
-        BK=m["BKF"], BV=m["BV"], num_warps=8 if m["BKF"] >= 128 else 4, **common)
+        BK=m["BKF"], BV=m["BV"], num_warps=8 if m["BKF"] >= 128 else 4, **kw)
     return dq, dk, dv, dg, dh0, dvs

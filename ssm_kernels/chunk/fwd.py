@@ -108,6 +108,7 @@ def _output_kernel(
     m_t = t < eos
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
+    Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
     row_q = t * HQ + i_hq
     row = t * H + i_h
     p_h = h_ptr + (i_c.to(tl.int64) * H + i_h) * K * V
@@ -119,8 +120,8 @@ def _output_kernel(
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
-                      other=0.)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :],
+                      mask=(o_k < Kc)[:, None] & m_v[None, :], other=0.)
         if GATE == 2:
             Gk = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row, i_h, m_t, o_k, m_k, K, 2, False, BT)
             b_o += mm(b_q * tl.exp2(Gk), b_h, DT, IEEE)

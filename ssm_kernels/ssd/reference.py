@@ -33,6 +33,8 @@ def ssd_chunked(X: Tensor, a: Tensor, B: Tensor, C: Tensor, chunk: int,
     """X = x * dt: [b, l, h, p]; a = dt * A: [b, l, h]; B, C: [b, l, h, n]; h0: [b, h, p, n].
     Returns (Y [b, l, h, p], final state [b, h, p, n])."""
     b, L, H, P = X.shape
+    if L == 0:
+        return X.new_zeros(b, 0, H, P), (X.new_zeros(b, H, P, B.shape[-1]) if h0 is None else h0.to(X.dtype))
     pad = (-L) % chunk
     if pad:  # zero steps (x = 0, decay 1) change neither the state nor the kept outputs
         X, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (X, B, C))
@@ -68,7 +70,7 @@ def ssd_recurrent(X: Tensor, a: Tensor, B: Tensor, C: Tensor,
     for t in range(L):
         h = torch.exp(a[:, t])[..., None, None] * h + X[:, t, :, :, None] * B[:, t, :, None, :]
         ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t]))
-    return torch.stack(ys, 1), h
+    return (torch.stack(ys, 1) if ys else X.new_zeros(b, 0, H, P)), h
 
 
 def process_dt(dt: Tensor, dt_bias: Optional[Tensor], dt_softplus: bool, dt_limit) -> Tensor:
