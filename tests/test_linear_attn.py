@@ -524,3 +524,54 @@ def test_poisoned_outputs(backend, gate, monkeypatch):
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
     cu = torch.tensor([0, 33, 33, 34, 50], dtype=torch.int32)
     compare_to_reference(backend, gate, 1, 50, 2, 16, 20, cu=cu)
+
+
+_COMPILE_SCRIPT = r'''
+import sys, time, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+import triton.language as tl
+import ssm_kernels.chunk.fwd as F
+import ssm_kernels.chunk.bwd as Bw
+
+BF = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dv_ptr", "dq_ptr", "dk_ptr", "h_ptr", "dh_ptr"}
+I32 = {"cu_ptr", "co_ptr", "ct_ptr"}
+
+def types(n):
+    if n.endswith("_ptr"):
+        return "*bf16" if n in BF else ("*i32" if n in I32 else "*fp32")
+    return "fp32" if n == "scale" else "i32"
+
+def build(fn, consts, warps, stages=2):
+    sig = {n: ("constexpr" if n in consts else types(n)) for n in fn.arg_names}
+    t = time.time()
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps, "num_stages": stages})
+    md = k.metadata
+    print(f"{fn.__name__:20s} {str({x: consts[x] for x in consts if x in ('GATE','G_FROM_VS','HAS_VS','BT','BK','BV')}):70s} "
+          f"smem {md.shared} ({time.time()-t:.1f}s)", flush=True)
+
+only = ["0", "2", "ssd"]
+for mode in only:
+    gate = {"0": 0, "1": 1, "2": 2, "ssd": 1}[mode]
+    ssd = mode == "ssd"
+    BT = 32 if gate == 2 else 64
+    base = dict(GATE=gate, G_FROM_VS=ssd, IS_VARLEN=True, BT=BT, DT=tl.bfloat16, IEEE=0)
+    BKF = 128
+    build(F._state_kernel, dict(base, HAS_VS=ssd, HAS_H0=True, STORE_H=True, BK=64, BV=64), 4)
+    build(F._output_kernel, dict(base, HAS_VS=ssd, BK=64, BV=64), 4)
+    build(Bw._state_grad_kernel, dict(base, HAS_DHT=True, BK=64, BV=64), 4)
+    build(Bw._dv_kernel, dict(base, HAS_VS=ssd, BK=64, BV=64), 4)
+    build(Bw._dqk_kernel, dict(base, HAS_VS=ssd, SUB=16, BK=BKF, BV=64), 8)
+    if gate == 2:
+        build(F._gla_scores_kernel, dict(IS_VARLEN=True, BT=BT, SUB=16, BK=64, DT=tl.bfloat16, IEEE=0), 4)
+print("compiled")
+'''
+
+
+def test_engine_kernels_compile_for_sm90():
+    """The interpreter does not run the GPU compiler: build every stage of the chunked engine for
+    sm_90 at the GPU's tiles (bf16 tensor-core operands, K = V = 128; GLA and SSD flags)."""
+    from conftest import compile_for_sm90
+    res = compile_for_sm90(_COMPILE_SCRIPT)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
