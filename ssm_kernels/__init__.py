@@ -8,12 +8,15 @@ from .linear_attn import (chunk_gla, chunk_linear_attn, chunk_simple_gla, fused_
                           fused_recurrent_linear_attn, fused_recurrent_simple_gla)
 from .linear_scan import linear_scan, linear_scan_ref
 from .selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update
+from .ssd import mamba_chunk_scan_combined, ssd_ref
 
 __all__ = [
     # first-order linear recurrences (minGRU, RG-LRU, LRU)
     "linear_scan", "linear_scan_ref",
     # selective scan (Mamba-1), mamba-ssm drop-ins
     "selective_scan_fn", "selective_scan_ref", "selective_state_update",
+    # SSD (Mamba-2), mamba-ssm drop-in
+    "mamba_chunk_scan_combined", "ssd_ref",
     # chunked linear attention, flash-linear-attention drop-ins
     "chunk_linear_attn", "chunk_simple_gla", "chunk_gla", "chunk_based",
     "fused_recurrent_linear_attn", "fused_recurrent_simple_gla", "fused_recurrent_gla",

@@ -482,13 +482,10 @@ def test_gpu_compile_fullgraph_triton():
 
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("gate", ["none", "g+gamma", "gla"])
-@pytest.mark.parametrize("segments", [2, 3])
-def test_split_sequences(backend, gate, segments, monkeypatch):
-    """Sequences cut into segments (used on the GPU when there are too few programs) give the same
-    outputs, states and gradients: forced here, since the interpreter has no SM count."""
-    from ssm_kernels.linear_attn import triton as la_triton
-    monkeypatch.setattr(la_triton, "FORCE_SEGMENTS", segments)
-    compare_to_reference(backend, gate, 2, 65 if gate != "gla" else 40, 2, 16, 20)
+def test_many_chunks(backend, gate):
+    """Several chunks per sequence (the interpreter's chunk is 32): the inter-chunk state passing,
+    the per-chunk states and the state-gradient scan over more than two chunks."""
+    compare_to_reference(backend, gate, 2, 131 if gate != "gla" else 97, 2, 16, 20)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -507,8 +504,74 @@ def test_chunk_and_fused_recurrent_agree(backend, gate):
 @pytest.mark.gpu
 @pytest.mark.parametrize("gate", ["none", "g+gamma", "gla"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_long_sequence_split(gate, dtype):
-    """Few programs, long T: the sequence is cut into segments (checked to happen)."""
-    from ssm_kernels.linear_attn import triton as la_triton
-    assert la_triton._num_segments(1, 8192, 2, 2, 64, torch.device(DEVICE), None) > 1
+def test_gpu_long_sequence(gate, dtype):
+    """Few sequences x heads, long T (the shape the old per-sequence kernels split)."""
     _gpu_compare(gate, 1, 8192, 2, 128, 128, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_gla_bf16_backward_regression():
+    """chunk_gla's bf16 backward at a model-like size (B2 T2048 H4 K=V=128) against float64."""
+    _gpu_compare("gla", 2, 2048, 4, 128, 128, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("gate", ["none", "g", "gla"])
+def test_poisoned_outputs(backend, gate, monkeypatch):
+    """Every buffer the engine's stages write starts as NaN: nothing may be left unwritten (packed
+    sequences with surplus chunk programs, an empty sequence, padded last chunks)."""
+    from ssm_kernels.chunk import common
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    cu = torch.tensor([0, 33, 33, 34, 50], dtype=torch.int32)
+    compare_to_reference(backend, gate, 1, 50, 2, 16, 20, cu=cu)
+
+
+_COMPILE_SCRIPT = r'''
+import sys, time, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+import triton.language as tl
+import ssm_kernels.chunk.fwd as F
+import ssm_kernels.chunk.bwd as Bw
+
+BF = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dv_ptr", "dq_ptr", "dk_ptr", "h_ptr", "dh_ptr"}
+I32 = {"cu_ptr", "co_ptr", "ct_ptr"}
+
+def types(n):
+    if n.endswith("_ptr"):
+        return "*bf16" if n in BF else ("*i32" if n in I32 else "*fp32")
+    return "fp32" if n == "scale" else "i32"
+
+def build(fn, consts, warps, stages=2):
+    sig = {n: ("constexpr" if n in consts else types(n)) for n in fn.arg_names}
+    t = time.time()
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps, "num_stages": stages})
+    md = k.metadata
+    print(f"{fn.__name__:20s} {str({x: consts[x] for x in consts if x in ('GATE','G_FROM_VS','HAS_VS','BT','BK','BV')}):70s} "
+          f"smem {md.shared} ({time.time()-t:.1f}s)", flush=True)
+
+only = ["0", "2", "ssd"]
+for mode in only:
+    gate = {"0": 0, "1": 1, "2": 2, "ssd": 1}[mode]
+    ssd = mode == "ssd"
+    BT = 32 if gate == 2 else 64
+    base = dict(GATE=gate, G_FROM_VS=ssd, IS_VARLEN=True, BT=BT, DT=tl.bfloat16, IEEE=0)
+    BKF = 128
+    build(F._state_kernel, dict(base, HAS_VS=ssd, HAS_H0=True, STORE_H=True, BK=64, BV=64), 4)
+    build(F._output_kernel, dict(base, HAS_VS=ssd, BK=64, BV=64), 4)
+    build(Bw._state_grad_kernel, dict(base, HAS_DHT=True, BK=64, BV=64), 4)
+    build(Bw._dv_kernel, dict(base, HAS_VS=ssd, BK=64, BV=64), 4)
+    build(Bw._dqk_kernel, dict(base, HAS_VS=ssd, SUB=16, BK=BKF, BV=64), 8)
+    if gate == 2:
+        build(F._gla_scores_kernel, dict(IS_VARLEN=True, BT=BT, SUB=16, BK=64, DT=tl.bfloat16, IEEE=0), 4)
+print("compiled")
+'''
+
+
+def test_engine_kernels_compile_for_sm90():
+    """The interpreter does not run the GPU compiler: build every stage of the chunked engine for
+    sm_90 at the GPU's tiles (bf16 tensor-core operands, K = V = 128; GLA and SSD flags)."""
+    from conftest import compile_for_sm90
+    res = compile_for_sm90(_COMPILE_SCRIPT)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]

@@ -8,5 +8,6 @@ FAMILIES = {
     "selective_scan": "ssm_kernels.benchmarks.selective_scan",
     "linear_attn": "ssm_kernels.benchmarks.linear_attn",
     "based": "ssm_kernels.benchmarks.based",
+    "ssd": "ssm_kernels.benchmarks.ssd",
     "fft_conv": "ssm_kernels.benchmarks.fft_conv",
 }

@@ -1,11 +1,12 @@
-"""Chunked linear attention cases: ours (Triton) against flash-linear-attention's chunk ops
+"""Chunked linear attention cases: ours (Triton, the chunked engine in ssm_kernels/chunk) against flash-linear-attention's chunk ops
 (`chunk_linear_attn`, `chunk_simple_gla`, `chunk_gla`) when importable, and causal softmax
 attention (torch SDPA, the bar every variant must beat at T >= 4096).
 
 Both sides run chunk_linear_attn with normalize=False (the attention kernel itself; fla's
 normalization is a separate torch pass). Gated variants take g = logsigmoid(randn) / 16.
 Bytes: q, k, v, o (and g) once. FLOPs per token and head: intra-chunk 2*C*(K+V) with C = 64 plus
-the state part 4*K*V; the backward about twice that.
+the state part 4*K*V; the backward about twice that. A packed (varlen) case runs the same total
+tokens as 8 sequences of uneven lengths (`cu_seqlens`), ours only (fla's varlen layout differs).
 """
 from __future__ import annotations
 
@@ -30,10 +31,19 @@ def _fla():
 
 
 _OURS = {
-    "chunk_linear_attn": lambda q, k, v, g, be: chunk_linear_attn(q, k, v, normalize=False, backend=be)[0],
-    "chunk_simple_gla": lambda q, k, v, g, be: chunk_simple_gla(q, k, v, g, backend=be)[0],
-    "chunk_gla": lambda q, k, v, g, be: chunk_gla(q, k, v, g, backend=be)[0],
+    "chunk_linear_attn": lambda q, k, v, g, be, cu=None: chunk_linear_attn(
+        q, k, v, normalize=False, cu_seqlens=cu, backend=be)[0],
+    "chunk_simple_gla": lambda q, k, v, g, be, cu=None: chunk_simple_gla(q, k, v, g, cu_seqlens=cu,
+                                                                         backend=be)[0],
+    "chunk_gla": lambda q, k, v, g, be, cu=None: chunk_gla(q, k, v, g, cu_seqlens=cu, backend=be)[0],
 }
+
+
+def _uneven_cu(T: int, device) -> torch.Tensor:
+    """8 packed sequences of uneven lengths summing to T."""
+    w = torch.tensor([1, 9, 3, 17, 5, 2, 11, 16], dtype=torch.float64)
+    ends = (w.cumsum(0) / w.sum() * T).round().long()
+    return torch.cat([ends.new_zeros(1), ends]).to(torch.int32).to(device)
 
 
 def _sdpa(q, k, v, g):
@@ -47,7 +57,8 @@ def cases(device: str, quick: bool) -> Iterator[Case]:
     if device == "cpu":
         grid, dtype = [(1, 64, 2, 16, 16)], torch.float32
     else:
-        grid = [(4, 4096, 16, 128, 128), (2, 16384, 16, 128, 128), (8, 2048, 16, 64, 64)]
+        grid = [(4, 4096, 16, 128, 128), (2, 16384, 16, 128, 128), (8, 2048, 16, 64, 64),
+                (1, 16384, 16, 128, 128)]
         if quick:
             grid = grid[:1]
         dtype = torch.bfloat16
@@ -55,9 +66,13 @@ def cases(device: str, quick: bool) -> Iterator[Case]:
     peers = _fla() if device != "cpu" else {}
     es = torch.tensor([], dtype=dtype).element_size()
     for (B, T, H, K, V) in grid:
-        label = f"B={B} T={T} H={H} K={K} V={V}"
+        varlen = B == 1 and device != "cpu"
+        cu = _uneven_cu(T, device) if varlen else None
+        label = f"B={B} T={T} H={H} K={K} V={V}" + (" varlen N=8" if varlen else "")
         n = B * T * H
         for op in ("chunk_linear_attn", "chunk_simple_gla", "chunk_gla", "sdpa_causal"):
+            if varlen and op == "sdpa_causal":
+                continue
             gshape = {"chunk_simple_gla": (B, T, H), "chunk_gla": (B, T, H, K)}.get(op)
 
             def make(gshape=gshape):
@@ -73,9 +88,10 @@ def cases(device: str, quick: bool) -> Iterator[Case]:
                 impls = [("torch.sdpa", _sdpa)]
                 flops = 2 * n * T * (K + V)  # causal: half of the full 4*T*(K+V) per token
             else:
-                impls = [(f"ssm_kernels.{be}", lambda q, k, v, g, be=be, op=op: _OURS[op](q, k, v, g, be))
+                impls = [(f"ssm_kernels.{be}",
+                          lambda q, k, v, g, be=be, op=op: _OURS[op](q, k, v, g, be, cu))
                          for be in backends]
-                if op in peers:
+                if op in peers and not varlen:
                     impls.append((f"fla.{op}", peers[op]))
                 flops = n * (2 * 64 * (K + V) + 4 * K * V)
             for impl, f in impls:

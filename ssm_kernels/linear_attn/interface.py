@@ -71,13 +71,16 @@ def _(q, k, v, g, h0, cu_seqlens, scale, recurrent, backend):
 @kernel_op("linear_attn_bwd", mutates_args=())
 def linear_attn_bwd_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], h0: Optional[Tensor],
                        cu_seqlens: Optional[Tensor], scale: float, ht: Tensor, do: Tensor,
-                       dht: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv, dg, dh0); dg is empty when g is None; dh0 is [N, H, K, V]."""
+                       dht: Optional[Tensor], backend: str
+                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, dg, dh0); dg is empty when g is None; dh0 is [N, H, K, V]; dht None
+    means no gradient reaches the final state."""
     if _select(backend, q, v) == "triton":
         from .triton import chunk_bwd
         dq, dk, dv, dg, dh0 = chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, ht, do, dht)
     else:
-        dq, dk, dv, dg, dh0 = linear_attn_bwd_ref(q, k, v, g, h0, cu_seqlens, scale, do, dht)
+        dq, dk, dv, dg, dh0 = linear_attn_bwd_ref(q, k, v, g, h0, cu_seqlens, scale, do,
+                                                  torch.zeros_like(ht) if dht is None else dht)
         dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
         if dh0 is None:
             dh0 = torch.zeros_like(ht)
@@ -101,7 +104,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, do, dht):
     q, k, v, g, h0, cu_seqlens, ht = ctx.saved_tensors
     do = torch.zeros_like(v) if do is None else do.contiguous()
-    dht = torch.zeros_like(ht) if dht is None else dht.contiguous()
+    dht = None if dht is None else dht.contiguous()
     dq, dk, dv, dg, dh0 = linear_attn_bwd_op(q, k, v, g, h0, cu_seqlens, ctx.scale, ht, do, dht,
                                              ctx.backend)
     return (dq, dk, dv, None if g is None else dg, None if h0 is None else dh0.to(h0.dtype),

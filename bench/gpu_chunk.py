@@ -1,0 +1,363 @@
+"""GPU check + benchmark of the chunked engine (issue #10): `python bench/gpu_chunk.py`.
+
+1. Correctness at a real size: every variant (chunk_linear_attn, chunk_simple_gla with g and
+   g_gamma, chunk_gla, mamba_chunk_scan_combined) forward + backward against the float64 chunked
+   reference on the GPU, bf16 inputs, B2 T2048 H4 K=V=128, plus one varlen batch; judged with the
+   repo's rule (error <= 2x the error of the same reference fed the bf16-rounded inputs + floor).
+2. Timing (triton.testing.do_bench median), fwd and fwd+bwd, side by side with
+   flash-linear-attention (fla.ops.*; importable via PYTHONPATH) and mamba-ssm's
+   mamba_chunk_scan_combined (mamba_ssm source on PYTHONPATH), each peer in try/except.
+   The first call of each of our ops (compile) is timed too.
+Prints the table last; writes CSV rows to $OUT/gpu_chunk.csv when $OUT is set.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+import ssm_kernels as sk  # noqa: E402
+from ssm_kernels.linear_attn.reference import linear_attn_chunk_ref  # noqa: E402
+from ssm_kernels.ssd.reference import ssd_ref  # noqa: E402
+from ssm_kernels.testing import bound_for, rel_err  # noqa: E402
+
+DEV = "cuda"
+BF = torch.bfloat16
+COPY_GBS = 4270.0          # H200 copy bandwidth (DESIGN.md), for the byte floor
+ROWS = []                  # (section, case, impl, mode, ms, note)
+T0 = time.time()
+
+
+def log(*a):
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+def la_inputs(B, T, H, K, V, gate, dtype=BF, req=False):
+    q, k = (torch.randn(2, B, T, H, K, device=DEV) * K ** -0.25).to(dtype).unbind(0)
+    v = torch.randn(B, T, H, V, device=DEV).to(dtype)
+    g = None
+    if gate == "scalar":
+        g = F.logsigmoid(torch.randn(B, T, H, device=DEV)) / 16
+    elif gate == "gla":
+        g = F.logsigmoid(torch.randn(B, T, H, K, device=DEV)) / 16
+    xs = [q, k, v, g]
+    if req:
+        xs = [None if x is None else x.requires_grad_() for x in xs]
+    return xs
+
+
+def ssd_inputs(B, L, H, P, G, N, dtype=BF, req=False):
+    x = torch.randn(B, L, H, P, device=DEV).to(dtype)
+    dt = torch.randn(B, L, H, device=DEV) - 2.0
+    A = -torch.rand(H, device=DEV) * 4 - 0.5
+    Bm, Cm = torch.randn(2, B, L, G, N, device=DEV).to(dtype).unbind(0)
+    D = torch.randn(H, device=DEV)
+    bias = torch.randn(H, device=DEV) * 0.1
+    xs = [x, dt, A, Bm, Cm, D, bias]
+    if req:
+        xs = [t.requires_grad_() for t in xs]
+    return xs
+
+
+OURS = {
+    "chunk_linear_attn": lambda q, k, v, g: sk.chunk_linear_attn(q, k, v, normalize=False)[0],
+    "chunk_simple_gla": lambda q, k, v, g: sk.chunk_simple_gla(q, k, v, g)[0],
+    "chunk_gla": lambda q, k, v, g: sk.chunk_gla(q, k, v, g)[0],
+}
+GATE = {"chunk_linear_attn": None, "chunk_simple_gla": "scalar", "chunk_gla": "gla"}
+
+
+def fla_ops():
+    ops = {}
+    try:
+        from fla.ops.linear_attn import chunk_linear_attn as f
+        ops["chunk_linear_attn"] = lambda q, k, v, g: f(q, k, v, normalize=False)[0]
+    except Exception as e:  # noqa: BLE001
+        log("fla chunk_linear_attn unavailable:", repr(e)[:120])
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla as f
+        ops["chunk_simple_gla"] = lambda q, k, v, g: f(q, k, v, g)[0]
+    except Exception as e:  # noqa: BLE001
+        log("fla chunk_simple_gla unavailable:", repr(e)[:120])
+    try:
+        from fla.ops.gla import chunk_gla as f
+        ops["chunk_gla"] = lambda q, k, v, g: f(q, k, v, g)[0]
+    except Exception as e:  # noqa: BLE001
+        log("fla chunk_gla unavailable:", repr(e)[:120])
+    return ops
+
+
+def mamba_op():
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as f
+        return f
+    except Exception as e:  # noqa: BLE001
+        log("mamba_ssm unavailable:", repr(e)[:160])
+        return None
+
+
+# ---- 1. correctness ----------------------------------------------------------------------------
+
+def grads_of(fn, inputs, cots):
+    leaves = [None if x is None else x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = sum((o.double() * c).sum() for o, c in zip(outs, cots))
+    live = [x for x in leaves if x is not None]
+    return list(outs) + list(torch.autograd.grad(loss, live))
+
+
+def judge(label, names, got, ref, lowp):
+    ok = True
+    for n, a, r, l in zip(names, got, ref, lowp):
+        if not torch.isfinite(a).all():
+            log(f"  FAIL {label} {n}: non-finite")
+            ok = False
+            continue
+        e, b = rel_err(a, r), bound_for(BF, rel_err(l, r))
+        if n in ("dg", "dA", "ddt", "ddt_bias"):   # decay grads: judged against |q * dq|-sized terms
+            b = max(b, 2e-2)
+        flag = "ok" if e <= b else "FAIL"
+        ok &= e <= b
+        log(f"  {flag:4s} {label:34s} {n:6s} err {e:.2e} bound {b:.2e}")
+    return ok
+
+
+def check_la(op, B=2, T=2048, H=4, K=128, V=128, cu=None):
+    gate = GATE[op]
+    q, k, v, g = la_inputs(B, T, H, K, V, gate)
+    N = B if cu is None else cu.numel() - 1
+    h0 = torch.randn(N, H, K, V, device=DEV)
+    gam = -torch.rand(H, device=DEV) * 0.1 if op == "chunk_simple_gla" else None
+
+    def ours(q, k, v, g, h0):
+        if op == "chunk_linear_attn":
+            return sk.chunk_linear_attn(q, k, v, initial_state=h0, output_final_state=True,
+                                        normalize=False, cu_seqlens=cu)
+        if op == "chunk_simple_gla":
+            return sk.chunk_simple_gla(q, k, v, g, gam, initial_state=h0, output_final_state=True,
+                                       cu_seqlens=cu)
+        return sk.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+
+    def ref(q, k, v, g, h0):
+        geff = g if gam is None else g + gam.to(g.dtype)
+        return linear_attn_chunk_ref(q, k, v, geff, None, h0, cu, chunk_size=64)
+
+    cots = (torch.randn(B, T, H, V, device=DEV, dtype=torch.float64),
+            torch.randn(N, H, K, V, device=DEV, dtype=torch.float64))
+    ins = [q, k, v, g, h0]
+    got = grads_of(ours, ins, cots)
+    r = grads_of(ref, [None if x is None else x.double() for x in ins], cots)
+    lp = grads_of(ref, ins, cots)         # the same reference fed the bf16 inputs
+    names = ["o", "ht", "dq", "dk", "dv"] + (["dg"] if g is not None else []) + ["dh0"]
+    return judge(f"{op}{' varlen' if cu is not None else ''}", names, got, r, lp)
+
+
+def check_ssd(B=2, L=2048, H=8, P=64, G=2, N=128, cu=None):
+    x, dt, A, Bm, Cm, D, bias = ssd_inputs(B, L, H, P, G, N)
+    n = B if cu is None else cu.numel() - 1
+    h0 = torch.randn(n, H, P, N, device=DEV)
+
+    def ours(x, dt, A, Bm, Cm, D, bias, h0):
+        r = sk.mamba_chunk_scan_combined(x, dt, A, Bm, Cm, 64, D=D, dt_bias=bias,
+                                         initial_states=h0, dt_softplus=True, cu_seqlens=cu,
+                                         return_final_states=cu is None,
+                                         return_varlen_states=cu is not None)
+        return r
+
+    def ref(x, dt, A, Bm, Cm, D, bias, h0):
+        return ssd_ref(x, dt, A, Bm, Cm, 64, D=D, dt_bias=bias, initial_states=h0,
+                       cu_seqlens=cu, dt_softplus=True)
+
+    cots = (torch.randn(B, L, H, P, device=DEV, dtype=torch.float64),
+            torch.randn(n, H, P, N, device=DEV, dtype=torch.float64))
+    ins = [x, dt, A, Bm, Cm, D, bias, h0]
+    got = grads_of(ours, ins, cots)
+    r = grads_of(ref, [t.double() for t in ins], cots)
+    lp = grads_of(ref, ins, cots)
+    names = ["y", "ht", "dx", "ddt", "dA", "dB", "dC", "dD", "ddt_bias", "dh0"]
+    return judge(f"ssd{' varlen' if cu is not None else ''}", names, got, r, lp)
+
+
+# ---- 2. timing ----------------------------------------------------------------------------------
+
+def time_fwd(f, make):
+    xs = make(False)
+    with torch.no_grad():
+        return do_bench(lambda: f(*xs), warmup=10, rep=40, return_mode="median")
+
+
+def time_fwd_bwd(f, make):
+    xs = make(True)
+    out = f(*xs)
+    do = torch.randn_like(out)
+    live = [x for x in xs if x is not None and x.requires_grad]
+
+    def step():
+        o = f(*xs)
+        torch.autograd.grad(o, live, do)
+    return do_bench(step, warmup=10, rep=40, return_mode="median")
+
+
+def first_call(f, make):
+    xs = make(True)
+    torch.cuda.synchronize()
+    t = time.time()
+    o = f(*xs)
+    torch.autograd.grad(o, [x for x in xs if x is not None and x.requires_grad], torch.randn_like(o))
+    torch.cuda.synchronize()
+    return time.time() - t
+
+
+def bench(section, case, impl, f, make, floor_ms=None):
+    for mode, tf in (("fwd", time_fwd), ("fwd+bwd", time_fwd_bwd)):
+        try:
+            ms = tf(f, make)
+            note = "" if floor_ms is None or mode != "fwd" else f"floor {floor_ms:.3f}"
+        except Exception as e:  # noqa: BLE001
+            ms, note = float("nan"), "error: " + repr(e)[:80]
+        ROWS.append((section, case, impl, mode, ms, note))
+        log(f"{section:18s} {case:24s} {impl:28s} {mode:8s} {ms:8.3f} ms {note}")
+
+
+def la_floor(B, T, H, K, V, gate):
+    n = B * T * H
+    byts = n * (2 * K + 2 * V) * 2 + (0 if gate is None else 4 * (n if gate == "scalar" else n * K))
+    return byts / (COPY_GBS * 1e9) * 1e3
+
+
+def main():
+    torch.manual_seed(0)
+    log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    # first calls (compile) of our ops, small shape
+    for op in OURS:
+        dt = first_call(OURS[op], lambda req, op=op: la_inputs(2, 256, 4, 128, 128, GATE[op], req=req))
+        log(f"first call {op}: {dt:.2f} s")
+        ROWS.append(("first-call", "B2 T256 H4 K=V=128", f"ssm_kernels.{op}", "fwd+bwd", dt * 1e3, "compile"))
+    dt = first_call(lambda *a: sk.mamba_chunk_scan_combined(*a[:5], 64, D=a[5], dt_bias=a[6], dt_softplus=True),
+                    lambda req: ssd_inputs(2, 256, 8, 64, 1, 128, req=req))
+    log(f"first call ssd: {dt:.2f} s")
+    ROWS.append(("first-call", "B2 L256 H8 P64 N128", "ssm_kernels.ssd", "fwd+bwd", dt * 1e3, "compile"))
+
+    ok = True
+    for op in OURS:
+        try:
+            ok &= check_la(op)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            ok = False
+    cu = torch.tensor([0, 1, 700, 700, 1500, 2047], device=DEV, dtype=torch.int32)
+    for op in OURS:
+        try:
+            ok &= check_la(op, B=1, T=2047, cu=cu)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            ok = False
+    for kw in ({}, {"B": 1, "L": 2047, "cu": cu}):
+        try:
+            ok &= check_ssd(**kw)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            ok = False
+    log("CORRECTNESS:", "all ok" if ok else "FAILURES above")
+
+    fla = fla_ops()
+    for (B, T) in ((4, 4096), (2, 16384)):
+        H, K, V = 16, 128, 128
+        for op in ("chunk_linear_attn", "chunk_simple_gla", "chunk_gla"):
+            if T == 16384 and op == "chunk_simple_gla":
+                continue
+            gate = GATE[op]
+            make = (lambda req, B=B, T=T, gate=gate: la_inputs(B, T, H, K, V, gate, req=req))
+            case = f"B{B} T{T} H{H} K=V={K}"
+            bench(op, case, "ssm_kernels", OURS[op], make, la_floor(B, T, H, K, V, gate))
+            if op in fla:
+                bench(op, case, "fla", fla[op], make)
+            torch.cuda.empty_cache()
+
+    # SSD B4 L4096 H32 P64 N128 (ngroups 1)
+    B, L, H, P, G, N = 4, 4096, 32, 64, 1, 128
+    case = f"B{B} L{L} H{H} P{P} N{N}"
+    make = lambda req: ssd_inputs(B, L, H, P, G, N, req=req)  # noqa: E731
+    n = B * L * H
+    floor = (n * P * 2 * 2 + B * L * G * N * 2 * 2 + n * 4) / (COPY_GBS * 1e9) * 1e3
+    ours = lambda x, dt, A, Bm, Cm, D, bias: sk.mamba_chunk_scan_combined(  # noqa: E731
+        x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias, dt_softplus=True)
+    bench("ssd", case, "ssm_kernels", ours, make, floor)
+    mf = mamba_op()
+    if mf is not None:
+        bench("ssd", case, "mamba_ssm", lambda x, dt, A, Bm, Cm, D, bias: mf(
+            x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias, dt_softplus=True), make)
+    if "chunk_simple_gla" in fla:
+        from fla.ops.simple_gla import chunk_simple_gla as fsg
+
+        def fla_ssd(x, dt, A, Bm, Cm, D, bias):
+            # SSD on fla's scalar-decay kernel: q = C, k = B (per head), v = x dt, g = dt A
+            d = F.softplus(dt + bias)
+            qh = Cm.expand(-1, -1, H, -1) if G == 1 else Cm.repeat_interleave(H // G, 2)
+            kh = Bm.expand(-1, -1, H, -1) if G == 1 else Bm.repeat_interleave(H // G, 2)
+            y = fsg(qh, kh, (x * d[..., None]).to(x.dtype), d * A, scale=1.0)[0]
+            return y + x * D[:, None]
+        bench("ssd", case, "fla.chunk_simple_gla(ssd map)", fla_ssd, make)
+
+    # ---- tile sweep (engine knobs in ssm_kernels.chunk.common), while time allows ----
+    from ssm_kernels.chunk import common as knobs
+    sweep = [("chunk_linear_attn", dict(CHUNK=128)), ("chunk_linear_attn", dict(BLOCK_K=128, BLOCK_V=128)),
+             ("chunk_simple_gla", dict(CHUNK=128)), ("chunk_gla", dict(GLA_CHUNK=64)),
+             ("ssd", dict(CHUNK=128)), ("ssd", dict(BLOCK_K=128))]
+    for op, kn in sweep:
+        if time.time() - T0 > 170:
+            log("sweep stopped: time budget")
+            break
+        saved = {k: getattr(knobs, k) for k in kn}
+        try:
+            for k, v in kn.items():
+                setattr(knobs, k, v)
+            label = "ours " + " ".join(f"{k}={v}" for k, v in kn.items())
+            if op == "ssd":
+                bench("ssd", case, label, ours, make)
+            else:
+                B, T, H, K, V = 4, 4096, 16, 128, 128
+                bench(op, f"B{B} T{T} H{H} K=V={K}", label, OURS[op],
+                      lambda req, gate=GATE[op]: la_inputs(B, T, H, K, V, gate, req=req))
+        finally:
+            for k, v in saved.items():
+                setattr(knobs, k, v)
+        torch.cuda.empty_cache()
+
+    # ---- the table, last ----
+    print("\n==== chunked engine, H200, bf16, median ms ====")
+    print(f"{'op':18s} {'case':24s} {'impl':30s} {'fwd':>9s} {'fwd+bwd':>9s}  note")
+    keyed = {}
+    for sec, case, impl, mode, ms, note in ROWS:
+        keyed.setdefault((sec, case, impl), {})[mode] = (ms, note)
+    for (sec, case, impl), d in keyed.items():
+        f = d.get("fwd", (math.nan, ""))[0]
+        fb = d.get("fwd+bwd", (math.nan, ""))
+        note = " ".join(x[1] for x in d.values() if x[1])
+        print(f"{sec:18s} {case:24s} {impl:30s} {f:9.3f} {fb[0]:9.3f}  {note}")
+    print("correctness:", "all ok" if ok else "FAILURES (see log above)")
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "gpu_chunk.csv"), "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["section", "case", "impl", "mode", "ms", "note", "device", "torch", "triton"])
+            for r in ROWS:
+                w.writerow(list(r) + [torch.cuda.get_device_name(), torch.__version__, triton.__version__])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Backward stages of the chunked engine (layout and conventions: see common.py).
+
+    chunk_states        (fwd.py) recomputes the incoming state h of every chunk
+    _state_grad_kernel  reverse scan per (K-tile, V-tile, sequence x head): dh_c, the gradient of
+                        the state at the end of chunk c; dS <- exp(G_last) dS + scale (q exp(G))^T do;
+                        and dh0
+    _dv_kernel          parallel over (V-tiles, chunks, heads):
+                        dv_j = (k_j exp(G_last - G_j)) dh + sum_{i >= j} A_ij do_i
+                        (SSD, v = x * vs: dx = dv vs and dvs = sum_v dv x)
+    _dqk_kernel         parallel over (chunks, query/key heads), whole K per program, looping over
+                        the value heads of its group and V-tiles (no partial buffers):
+                        dq_i = scale [exp(G_i) (do_i h^T) + sum_{j<=i} D_ij k_j exp(G_i - G_j)]
+                        dk_j = exp(G_last - G_j) (v_j dh^T) + scale sum_{i>=j} D_ij q_i exp(G_i - G_j)
+                        with D = do v^T, and the log-decay gradient
+                        dg_t = sum_{s >= t in the chunk} (q_s . dq_s - k_s . dk_s) + r_c,
+                        r_c = sum dh (.) S_end = exp(G_last) sum(h (.) dh) + sum_j k_j . dk_state_j
+                        (the gradient of everything after the chunk, exact: rounding errors of
+                        dq, dk never travel past a chunk).
+Deterministic: no atomics, every output element written by one program.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import common
+from .common import (causal_decay, chunk_base, chunk_span, decay_rows, decay_state, decay_to_end,
+                     gla_apply, gla_apply_t, last_row, load_rows, load_v, log_decay_cumsum, mm,
+                     seq_span)
+from .fwd import Plan, _dummy, chunk_states, gla_chunk_scores
+
+
+@triton.jit
+def _state_grad_kernel(
+    # q [TOK, HQ, K]; do [TOK, H, V]; g; vs; A [H]; dht [N, H, K, V] f32;
+    # outputs dh [NCH, H, K, V], dh0 [N, H, K, V] f32
+    q_ptr, do_ptr, g_ptr, vs_ptr, A_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_ptr, co_ptr,
+    T, H, HQ, K, V, scale,
+    GATE: tl.constexpr, G_FROM_VS: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+):
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    i_hq = i_h // (H // HQ)
+    bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
+    base = chunk_base(co_ptr, i_n, T, IS_VARLEN, BT)
+    o_t = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_s = m_k[:, None] & m_v[None, :]
+    p_s = o_k[:, None] * V + o_v[None, :]
+    if HAS_DHT:
+        dS = tl.load(dht_ptr + i_nh.to(tl.int64) * K * V + p_s, mask=m_s, other=0.).to(tl.float32)
+    else:
+        dS = tl.zeros([BK, BV], dtype=tl.float32)
+    n_c = tl.cdiv(eos - bos, BT)
+    for j in range(n_c):
+        i = n_c - 1 - j
+        tl.store(dh_ptr + ((base + i) * H + i_h) * K * V + p_s, dS.to(dh_ptr.dtype.element_ty),
+                 mask=m_s)
+        t = bos + i * BT + o_t
+        m_t = t < eos
+        b_q = load_rows(q_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
+        b_do = load_rows(do_ptr, t * H + i_h, m_t, o_v, m_v, V)
+        G = log_decay_cumsum(g_ptr, vs_ptr, A_ptr, t * H + i_h, i_h, m_t, o_k, m_k, K, GATE,
+                             G_FROM_VS, BT)
+        G_last = last_row(G, o_t, GATE, BT)
+        dS = (decay_state(dS, G_last, GATE)
+              + mm(tl.trans(decay_rows(b_q, G, GATE)), b_do, DT, IEEE) * scale)
+    tl.store(dh0_ptr + i_nh.to(tl.int64) * K * V + p_s, dS, mask=m_s)
+
+
+@triton.jit
+def _dv_kernel(
+    # q, k [TOK, HQ, K]; v (SSD: x) [TOK, H, V]; do; g; vs; A; dh [NCH, H, K, V]; a [TOK, H, BT]
+    # (GATE 2 scores); outputs dv (SSD: dx) [TOK, H, V], dvs [TOK, H] f32 (HAS_VS)
+    q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, vs_ptr, A_ptr, dh_ptr, a_ptr, dv_ptr, dvs_ptr, ct_ptr,
+    cu_ptr, T, NT, H, HQ, K, V, scale,
+    GATE: tl.constexpr, G_FROM_VS: tl.constexpr, HAS_VS: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+):
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_hq = i_h // (H // HQ)
+    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    o_t = tl.arange(0, BT)
+    t = t0 + o_t
+    m_t = t < eos
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
+    row_q = t * HQ + i_hq
+    row = t * H + i_h
+    p_dh = dh_ptr + (i_c.to(tl.int64) * H + i_h) * K * V
+    G = log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row, i_h, m_t, o_t, m_t, K, GATE if GATE < 2 else 0,
+                         G_FROM_VS, BT)
+    G_last = last_row(G, o_t, GATE if GATE < 2 else 0, BT)
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    A = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_k = load_rows(k_ptr, row_q, m_t, o_k, m_k, K)
+        b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :],
+                       mask=(o_k < Kc)[:, None] & m_v[None, :], other=0.)
+        if GATE == 2:
+            Gk = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row, i_h, m_t, o_k, m_k, K, 2, False, BT)
+            b_dv += mm(decay_to_end(b_k, Gk, last_row(Gk, o_t, 2, BT), 2), b_dh, DT, IEEE)
+        else:
+            b_dv += mm(decay_to_end(b_k, G, G_last, GATE), b_dh, DT, IEEE)
+            A += mm(load_rows(q_ptr, row_q, m_t, o_k, m_k, K), tl.trans(b_k), DT, IEEE)
+    if GATE == 2:
+        A = tl.load(a_ptr + row[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.)
+    else:
+        A = causal_decay(A, G, o_t, GATE) * scale
+    b_do = load_rows(do_ptr, row, m_t, o_v, m_v, V)
+    b_dv += mm(tl.trans(A), b_do, DT, IEEE)
+    m_o = m_t[:, None] & m_v[None, :]
+    if HAS_VS:
+        # v = x * vs: dx = dv * vs, dvs = sum_v dv * x (one V tile covers all of V)
+        b_x = load_rows(v_ptr, row, m_t, o_v, m_v, V)
+        b_vs = tl.load(vs_ptr + row, mask=m_t, other=0.)
+        tl.store(dv_ptr + row[:, None] * V + o_v[None, :],
+                 (b_dv * b_vs[:, None]).to(dv_ptr.dtype.element_ty), mask=m_o)
+        tl.store(dvs_ptr + row, tl.sum(b_dv * b_x, axis=1), mask=m_t)
+    else:
+        tl.store(dv_ptr + row[:, None] * V + o_v[None, :], b_dv.to(dv_ptr.dtype.element_ty),
+                 mask=m_o)
+
+
+@triton.jit
+def _dqk_kernel(
+    # q, k [TOK, HQ, K]; v [TOK, H, V]; do; g; vs; A; h, dh [NCH, H, K, V];
+    # outputs dq, dk [TOK, HQ, K], dg [TOK, H] or [TOK, H, K] f32
+    q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, vs_ptr, A_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dg_ptr,
+    ct_ptr, cu_ptr, T, NT, H, HQ, K, V, scale,
+    GATE: tl.constexpr, G_FROM_VS: tl.constexpr, HAS_VS: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BT: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    i_c, i_hq = tl.program_id(0), tl.program_id(1)
+    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    o_t = tl.arange(0, BT)
+    t = t0 + o_t
+    m_t = t < eos
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
+    row_q = t * HQ + i_hq
+    b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
+    b_k = load_rows(k_ptr, row_q, m_t, o_k, m_k, K)
+    b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    GR = H // HQ
+    for j in range(GR):
+        i_h = i_hq * GR + j
+        row = t * H + i_h
+        p_h = (i_c.to(tl.int64) * H + i_h) * K * V
+        G = log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row, i_h, m_t, o_k, m_k, K, GATE, G_FROM_VS, BT)
+        G_last = last_row(G, o_t, GATE, BT)
+        D = tl.zeros([BT, BT], dtype=tl.float32)
+        dqi = tl.zeros([BT, BK], dtype=tl.float32)
+        dki = tl.zeros([BT, BK], dtype=tl.float32)
+        hdh = tl.zeros([BK], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            m_s = (o_k < Kc)[:, None] & m_v[None, :]
+            b_v = load_v(v_ptr, vs_ptr, row, m_t, o_v, m_v, V, HAS_VS)
+            b_do = load_rows(do_ptr, row, m_t, o_v, m_v, V)
+            b_h = tl.load(h_ptr + p_h + o_k[:, None] * V + o_v[None, :], mask=m_s, other=0.)
+            b_dh = tl.load(dh_ptr + p_h + o_k[:, None] * V + o_v[None, :], mask=m_s, other=0.)
+            D += mm(b_do, tl.trans(b_v), DT, IEEE)
+            dqi += mm(b_do, tl.trans(b_h), DT, IEEE)
+            dki += mm(b_v, tl.trans(b_dh), DT, IEEE)
+            if GATE > 0:
+                hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
+        dks = decay_to_end(dki, G, G_last, GATE)
+        if GATE == 2:
+            dq_h = (decay_rows(dqi, G, GATE) + gla_apply(D, b_k, G, o_t, BT, SUB, DT, IEEE)) * scale
+            dk_h = dks + gla_apply_t(D, b_q, G, o_t, BT, SUB, DT, IEEE) * scale
+        else:
+            Dm = causal_decay(D, G, o_t, GATE)
+            dq_h = (decay_rows(dqi, G, GATE) + mm(Dm, b_k, DT, IEEE)) * scale
+            dk_h = dks + mm(tl.trans(Dm), b_q, DT, IEEE) * scale
+        if GATE == 1:
+            x = tl.sum(b_q * dq_h - b_k * dk_h, axis=1)
+            r = tl.exp2(G_last) * tl.sum(hdh, axis=0) + tl.sum(tl.sum(b_k * dks, axis=1), axis=0)
+            tl.store(dg_ptr + row, tl.sum(x, axis=0) - tl.cumsum(x, axis=0) + x + r, mask=m_t)
+        elif GATE == 2:
+            x = b_q * dq_h - b_k * dk_h
+            r = tl.exp2(G_last) * hdh + tl.sum(b_k * dks, axis=0)
+            y = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x + r[None, :]
+            tl.store(dg_ptr + row[:, None] * K + o_k[None, :], y, mask=m_t[:, None] & m_k[None, :])
+        b_dq += dq_h
+        b_dk += dk_h
+    m_o = m_t[:, None] & m_k[None, :]
+    tl.store(dq_ptr + row_q[:, None] * K + o_k[None, :], b_dq.to(dq_ptr.dtype.element_ty), mask=m_o)
+    tl.store(dk_ptr + row_q[:, None] * K + o_k[None, :], b_dk.to(dk_ptr.dtype.element_ty), mask=m_o)
+
+
+def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Tensor] = None,
+              A: Optional[torch.Tensor] = None):
+    """Backward of `chunk_fwd` (same arguments), do [B, T, H, V], dht None or [N, H, K, V] float32.
+    Returns (dq, dk, dv in the inputs' dtype, dg float32 like g (SSD: [B, T, H], the gradient of
+    the log-decay vs * A) or None, dh0 float32 [N, H, K, V], dvs float32 [B, T, H] or None); with
+    vs, dv is the gradient of the unscaled v (x)."""
+    p = Plan(q, v, g, cu_seqlens, A is not None)
+    m = p.meta
+    d = _dummy(do)
+    gg = d if g is None else g
+    vsa = d if vs is None else vs
+    Aa = d if A is None else A
+    h, _ = chunk_states(p, k, v, g, vs, A, h0)
+    cu, co, ct = p.idx_args(do)
+    dh = q.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
+    dh0 = common.poison(q.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
+    kw = dict(GATE=p.gate, G_FROM_VS=A is not None, IS_VARLEN=p.varlen, BT=p.BT,
+                  DT=m["DT"], IEEE=m["IEEE"])
+    _state_grad_kernel[(triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), p.N * p.H)](
+        q, do, gg, vsa, Aa, d if dht is None else dht, dh, dh0, cu, co,
+        p.T, p.H, p.HQ, p.K, p.V, float(scale), HAS_DHT=dht is not None, BK=m["BK"], BV=m["BV"],
+        num_warps=4, **kw)
+    a = gla_chunk_scores(p, q, k, g, scale) if p.gate == 2 else d
+    dv = common.poison(torch.empty_like(v))
+    dvs = None if vs is None else common.poison(torch.empty_like(vs))
+    BVd = max(16, triton.next_power_of_2(p.V)) if vs is not None else m["BV"]
+    _dv_kernel[(triton.cdiv(p.V, BVd), p.NCH, p.H)](
+        q, k, v, do, gg, vsa, Aa, dh, a, dv, d if dvs is None else dvs, ct, cu,
+        p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale), HAS_VS=vs is not None, BK=m["BK"], BV=BVd,
+        num_warps=4, **kw)
+    dq, dk = common.poison(torch.empty_like(q)), common.poison(torch.empty_like(k))
+    dg = None
+    if p.gate:
+        dg = common.poison(q.new_empty(v.shape[:3] if p.gate == 1 else g.shape, dtype=torch.float32))
+    _dqk_kernel[(p.NCH, p.HQ)](
+        q, k, v, do, gg, vsa, Aa, h, dh, dq, dk, d if dg is None else dg, ct, cu,
+        p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale), HAS_VS=vs is not None, SUB=m["SUB"],
+        BK=m["BKF"], BV=m["BV"], num_warps=8 if m["BKF"] >= 128 else 4, **kw)
+    return dq, dk, dv, dg, dh0, dvs

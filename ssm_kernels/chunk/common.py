@@ -1,0 +1,312 @@
+"""Shared pieces of the chunked engine: `@triton.jit` helpers every stage uses, tile choices and
+the device-side chunk index table for packed (varlen) batches.
+
+Layout conventions of every stage (all tensors contiguous, tokens flattened):
+    q, k   [TOK, HQ, K]      HQ query/key heads; head h of the H value heads reads q/k head
+                             h // (H // HQ) (grouped heads: SSD's B/C groups, GQA)
+    v, o   [TOK, H, V]
+    g      [TOK, H] (GATE 1) or [TOK, H, K] (GATE 2) float32 natural-log decays <= 0
+    vs     [TOK, H] float32 per-row scale of v (SSD: v = x * dt); G_FROM_VS: g = vs * A[h]
+    h, dh  [NCH, H, K, V]    per-chunk states (state before chunk c; gradient after chunk c)
+    h0, ht [N, H, K, V] float32
+Chunks of all sequences are numbered in order: sequence n's chunks start at co[n] (varlen) or
+n * NT (B rows of length T, NT = cdiv(T, BT)). Parallel stages run one program per (tile, chunk,
+head) and read their chunk's (sequence, local index) from a table built on the device
+(`chunk_table`); the grid uses the upper bound TOK // BT + N chunks, surplus programs see an empty
+span and write nothing.
+
+Every exponent is a difference G_i - G_j (i >= j) of chunk-local cumulative log2-decays, <= 0.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._config import triton_interpret
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+# ---- tile choices (the lead tunes these on the GPU) ----------------------------------------------
+CHUNK = 64            # chunk length BT on the GPU for K <= 128 (32 above; 32 in the interpreter)
+GLA_CHUNK = 32        # chunk length for per-key decays (whole-K dq/dk tiles of [BT, K] floats)
+SUB_CHUNK = 16        # per-key decays: the diagonal sub-chunk handled column by column
+BLOCK_K = 64          # K tile of the stages that loop over K (state, output, dv)
+BLOCK_V = 64          # V tile
+# per-chunk states h / dh are stored in the input dtype for 16-bit inputs (they are rounded to it
+# as tensor-core operands anyway); the running states of the scans stay float32
+STATES_IN_INPUT_DTYPE = True
+# tests: fill every buffer a stage writes with NaN first, so an element no program writes shows up
+POISON_OUTPUTS = False
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    return t.fill_(float("nan")) if POISON_OUTPUTS else t
+
+
+def blocks(K: int, V: int, gate: int, dtype: torch.dtype) -> dict:
+    BKF = max(16, triton.next_power_of_2(K))            # whole K (the dq/dk stage)
+    interp = triton_interpret()
+    BT = 32 if (interp or BKF > 128) else (GLA_CHUNK if gate == 2 else CHUNK)
+    return dict(
+        BT=BT, SUB=min(SUB_CHUNK, BT), BKF=BKF,
+        BK=max(16, min(BLOCK_K, triton.next_power_of_2(K))),
+        BV=max(16, min(BLOCK_V, triton.next_power_of_2(V))),
+        DT=_TL_DTYPE[dtype],
+        IEEE=1 if dtype == torch.float32 else (2 if interp else 0),
+    )
+
+
+def state_store_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if (STATES_IN_INPUT_DTYPE and dtype != torch.float32) else torch.float32
+
+
+def chunk_table(cu: torch.Tensor, BT: int, NCH: int, TOK: int):
+    """Device-side chunk index of a packed batch, no host sync: (table [NCH, 2] int32 of
+    (sequence, local chunk index) per global chunk, co [N] int32 first global chunk of each
+    sequence). Surplus entries (past the real number of chunks) point past their sequence's end."""
+    cu = cu.long()
+    n = (cu[1:] - cu[:-1] + BT - 1) // BT
+    ends = torch.cumsum(n, 0)
+    starts = ends - n
+    idx = torch.arange(NCH, device=cu.device)
+    seq = torch.searchsorted(ends, idx, right=True)
+    valid = seq < n.numel()
+    seq = seq.clamp(max=n.numel() - 1)
+    local = torch.where(valid, idx - starts[seq], TOK // BT + 1)
+    return torch.stack([seq, local], 1).to(torch.int32).contiguous(), starts.to(torch.int32)
+
+
+def num_chunks(B: int, T: int, N: int, BT: int, varlen: bool) -> int:
+    return (B * T) // BT + N if varlen else B * triton.cdiv(T, BT)
+
+
+# ---- jit helpers -------------------------------------------------------------------------------
+
+@triton.jit
+def seq_span(i_n, cu_ptr, T, IS_VARLEN: tl.constexpr):
+    """[bos, eos) of sequence i_n: from cu_seqlens (packed) or n*T (B rows of length T)."""
+    if IS_VARLEN:
+        bos = tl.load(cu_ptr + i_n).to(tl.int64)
+        eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    return bos, eos
+
+
+@triton.jit
+def chunk_base(co_ptr, i_n, T, IS_VARLEN: tl.constexpr, BT: tl.constexpr):
+    """Global index of sequence i_n's first chunk."""
+    if IS_VARLEN:
+        base = tl.load(co_ptr + i_n).to(tl.int64)
+    else:
+        base = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    return base
+
+
+@triton.jit
+def chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN: tl.constexpr, BT: tl.constexpr):
+    """(first token, end of its sequence) of global chunk i_c."""
+    if IS_VARLEN:
+        i_n = tl.load(ct_ptr + 2 * i_c)
+        c = tl.load(ct_ptr + 2 * i_c + 1).to(tl.int64)
+    else:
+        i_n = i_c // NT
+        c = (i_c % NT).to(tl.int64)
+    bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
+    return bos + c * BT, eos
+
+
+@triton.jit
+def mm(a, b, DT: tl.constexpr, IEEE: tl.constexpr):
+    """a @ b with operands rounded to DT and float32 accumulation. IEEE: 0 tensor cores on DT
+    operands; 1 exact fp32 products (float32 inputs); 2 DT-rounded operands multiplied in fp32
+    (the interpreter's stand-in for 16-bit tensor cores, whose bf16 dot is broken there)."""
+    if IEEE == 1:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE == 2:
+        return tl.dot(a.to(DT).to(tl.float32), b.to(DT).to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(DT), b.to(DT))
+
+
+@triton.jit
+def load_rows(ptr, row, m_t, o_d, m_d, D):
+    """A float32 [BT, BD] tile of rows `row` (token * heads + head) of a [*, D] matrix."""
+    return tl.load(ptr + row[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :],
+                   other=0.).to(tl.float32)
+
+
+@triton.jit
+def load_v(v_ptr, vs_ptr, row, m_t, o_v, m_v, V, HAS_VS: tl.constexpr):
+    """v rows, times the per-row scale vs when given (SSD: x * dt in float32)."""
+    b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
+    if HAS_VS:
+        b_v = b_v * tl.load(vs_ptr + row, mask=m_t, other=0.)[:, None]
+    return b_v
+
+
+@triton.jit
+def log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row, i_h, m_t, o_k, m_k, K, GATE: tl.constexpr,
+                     G_FROM_VS: tl.constexpr, BT: tl.constexpr):
+    """Cumulative log-decay from the chunk start, in log2 units: [BT] (GATE 0/1) or [BT, BK]
+    (GATE 2, columns o_k). Padded steps load 0, so the last row holds the chunk's total."""
+    if GATE == 1:
+        if G_FROM_VS:
+            b_g = tl.load(vs_ptr + row, mask=m_t, other=0.) * tl.load(A_ptr + i_h).to(tl.float32)
+        else:
+            b_g = tl.load(g_ptr + row, mask=m_t, other=0.).to(tl.float32)
+        G = tl.cumsum(b_g * 1.4426950408889634, axis=0)
+    elif GATE == 2:
+        b_g = tl.load(g_ptr + row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                      other=0.).to(tl.float32)
+        G = tl.cumsum(b_g * 1.4426950408889634, axis=0)
+    else:
+        G = tl.zeros([BT], dtype=tl.float32)
+    return G
+
+
+@triton.jit
+def last_row(G, o_t, GATE: tl.constexpr, BT: tl.constexpr):
+    """The chunk's total log2-decay: G at the last row ([] for GATE 0/1, [BK] for GATE 2)."""
+    if GATE == 2:
+        return tl.sum(tl.where((o_t == BT - 1)[:, None], G, 0.), axis=0)
+    else:
+        return tl.sum(tl.where(o_t == BT - 1, G, 0.), axis=0)
+
+
+@triton.jit
+def decay_rows(x, G, GATE: tl.constexpr):
+    """x_i * exp(G_i) (rows decayed from the chunk start)."""
+    if GATE == 2:
+        return x * tl.exp2(G)
+    elif GATE == 1:
+        return x * tl.exp2(G)[:, None]
+    else:
+        return x
+
+
+@triton.jit
+def decay_to_end(x, G, G_last, GATE: tl.constexpr):
+    """x_j * exp(G_last - G_j) (rows decayed to the chunk end)."""
+    if GATE == 2:
+        return x * tl.exp2(G_last[None, :] - G)
+    elif GATE == 1:
+        return x * tl.exp2(G_last - G)[:, None]
+    else:
+        return x
+
+
+@triton.jit
+def decay_state(S, G_last, GATE: tl.constexpr):
+    """exp(G_last) S for a [BK, BV] state block (per key row for GATE 2)."""
+    if GATE == 2:
+        return S * tl.exp2(G_last)[:, None]
+    elif GATE == 1:
+        return S * tl.exp2(G_last)
+    else:
+        return S
+
+
+@triton.jit
+def causal_decay(A, G, o_t, GATE: tl.constexpr):
+    """A_ij exp(G_i - G_j) for i >= j, 0 above the diagonal (scalar or no gate)."""
+    causal = o_t[:, None] >= o_t[None, :]
+    if GATE == 1:
+        return A * tl.exp2(tl.where(causal, G[:, None] - G[None, :], float("-inf")))
+    else:
+        return tl.where(causal, A, 0.)
+
+
+# ---- per-key decays (GLA): scores with exponents <= 0 through sub-chunk reference rows ---------
+
+@triton.jit
+def sub_rows(x, j, BT: tl.constexpr, SUB: tl.constexpr):
+    """Row j of every SUB-row sub-chunk of x [BT, D], broadcast over its sub-chunk: [BT, D]."""
+    NS: tl.constexpr = BT // SUB
+    D: tl.constexpr = x.shape[1]
+    x3 = tl.reshape(x, (NS, SUB, D))
+    o_s = tl.arange(0, SUB)
+    r = tl.sum(tl.where((o_s == j)[None, :, None], x3, 0.), axis=1)
+    return tl.reshape(tl.broadcast_to(r[:, None, :], (NS, SUB, D)), (BT, D))
+
+
+@triton.jit
+def gla_scores(a, b, G, o_t, BT: tl.constexpr, SUB: tl.constexpr, DT: tl.constexpr,
+               IEEE: tl.constexpr):
+    """S_ij = sum_k a_ik b_jk exp2(G_ik - G_jk) for i >= j, else 0 (a, b, G: [BT, BK]).
+
+    Between sub-chunks one matmul per sub-chunk s through the reference G_r = G at row s*SUB - 1
+    (exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j), both <= 1 for j <= r < i); inside a
+    sub-chunk column by column."""
+    S = tl.zeros([BT, BT], dtype=tl.float32)
+    for s in tl.static_range(1, BT // SUB):
+        G_r = tl.sum(tl.where((o_t == s * SUB - 1)[:, None], G, 0.), axis=0)
+        a_s = tl.where((o_t // SUB == s)[:, None], a * tl.exp2(tl.minimum(G - G_r[None, :], 0.)), 0.)
+        b_s = tl.where((o_t < s * SUB)[:, None], b * tl.exp2(tl.minimum(G_r[None, :] - G, 0.)), 0.)
+        S += mm(a_s, tl.trans(b_s), DT, IEEE)
+    o_in = o_t % SUB
+    c_base = o_t - o_in
+    for j in range(SUB):
+        b_j = sub_rows(b, j, BT, SUB)
+        G_j = sub_rows(G, j, BT, SUB)
+        e = tl.exp2(tl.where((o_in >= j)[:, None], G - G_j, float("-inf")))
+        col = tl.sum(a * b_j * e, axis=1)
+        S = tl.where(o_t[None, :] == (c_base + j)[:, None], col[:, None], S)
+    return S
+
+
+@triton.jit
+def gla_apply(D, b, G, o_t, BT: tl.constexpr, SUB: tl.constexpr, DT: tl.constexpr,
+              IEEE: tl.constexpr):
+    """X_ik = sum_{j <= i} D_ij b_jk exp2(G_ik - G_jk) (D: [BT, BT]; b, G: [BT, BK])."""
+    X = tl.zeros(b.shape, dtype=tl.float32)
+    for s in tl.static_range(1, BT // SUB):
+        G_r = tl.sum(tl.where((o_t == s * SUB - 1)[:, None], G, 0.), axis=0)
+        rows = (o_t // SUB == s)
+        D_s = tl.where(rows[:, None] & (o_t < s * SUB)[None, :], D, 0.)
+        b_s = tl.where((o_t < s * SUB)[:, None], b * tl.exp2(tl.minimum(G_r[None, :] - G, 0.)), 0.)
+        X += tl.where(rows[:, None], tl.exp2(tl.minimum(G - G_r[None, :], 0.)), 0.) * mm(D_s, b_s, DT, IEEE)
+    o_in = o_t % SUB
+    c_base = o_t - o_in
+    for j in range(SUB):
+        b_j = sub_rows(b, j, BT, SUB)
+        G_j = sub_rows(G, j, BT, SUB)
+        d_j = tl.sum(tl.where(o_t[None, :] == (c_base + j)[:, None], D, 0.), axis=1)
+        e = tl.exp2(tl.where((o_in >= j)[:, None], G - G_j, float("-inf")))
+        X += d_j[:, None] * b_j * e
+    return X
+
+
+@triton.jit
+def gla_apply_t(D, a, G, o_t, BT: tl.constexpr, SUB: tl.constexpr, DT: tl.constexpr,
+                IEEE: tl.constexpr):
+    """Y_jk = sum_{i >= j} D_ij a_ik exp2(G_ik - G_jk) (the transposed form of gla_apply)."""
+    Y = tl.zeros(a.shape, dtype=tl.float32)
+    for s in tl.static_range(1, BT // SUB):
+        G_r = tl.sum(tl.where((o_t == s * SUB - 1)[:, None], G, 0.), axis=0)
+        rows = (o_t // SUB == s)
+        D_s = tl.where(rows[:, None] & (o_t < s * SUB)[None, :], D, 0.)
+        a_s = tl.where(rows[:, None], a * tl.exp2(tl.minimum(G - G_r[None, :], 0.)), 0.)
+        Y += (tl.where((o_t < s * SUB)[:, None], tl.exp2(tl.minimum(G_r[None, :] - G, 0.)), 0.)
+              * mm(tl.trans(D_s), a_s, DT, IEEE))
+    o_in = o_t % SUB
+    c_base = o_t - o_in
+    for i in range(SUB):
+        a_i = sub_rows(a, i, BT, SUB)
+        G_i = sub_rows(G, i, BT, SUB)
+        d_i = tl.sum(tl.where(o_t[:, None] == (c_base + i)[None, :], D, 0.), axis=0)
+        e = tl.exp2(tl.where((o_in <= i)[:, None], G_i - G, float("-inf")))
+        Y += d_i[:, None] * a_i * e
+    return Y
+
+
+@triton.jit
+def load_state_block(ptr, p_s, m_s, HAS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """A float32 [BK, BV] state block, zeros when absent."""
+    if HAS:
+        S = tl.load(ptr + p_s, mask=m_s, other=0.).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    return S
