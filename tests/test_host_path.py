@@ -101,9 +101,9 @@ PINNED = {
     "selective_scan_fn fwd": (1, 3),
     "selective_scan_fn fwd+bwd": (2, 20),
     "selective_state_update": (1, 1),
-    "chunk_simple_gla fwd": (1, 7),
-    "chunk_simple_gla fwd+bwd": (4, 24),
-    "chunk_gla fwd": (1, 7),
+    "chunk_simple_gla fwd": (2, 11),
+    "chunk_simple_gla fwd+bwd": (6, 23),
+    "chunk_gla fwd": (3, 12),
     "fft_conv fwd": (3, 6),
     "fft_conv fwd+bwd": (7, 18),
 }
