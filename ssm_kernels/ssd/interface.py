@@ -230,7 +230,7 @@ def mamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
                               cu_seqlens: Optional[Tensor] = None, dt_softplus: bool = False,
                               dt_limit=(0.0, float("inf")), return_final_states: bool = False,
                               return_varlen_states: bool = False, *,
-                              backend: Optional[str] = None):
+                              backend: Optional[str] = None, process_group=None):
     """SSD, the Mamba-2 layer's scan, chunkwise parallel (drop-in for mamba-ssm's
     ``mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined``)::
 
@@ -262,6 +262,9 @@ def mamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
         return_varlen_states: also return every sequence's final state ``(N, nheads, headdim,
             dstate)`` float32 (needs cu_seqlens).
         backend: keyword-only; None (env default), "auto", "triton" or "reference".
+        process_group: keyword-only ``torch.distributed.ProcessGroup``: context parallelism, the
+            seqlen axis is this rank's contiguous segment of one sequence (ranks in group order);
+            see ``ssm_kernels.distributed``.
 
     Returns:
         ``out`` (batch, seqlen, nheads, headdim) in x's dtype; or ``(out, final_states)``;
@@ -277,6 +280,12 @@ def mamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
         >>> y.shape, h.shape
         (torch.Size([2, 50, 4, 16]), torch.Size([2, 4, 16, 8]))
     """
+    if process_group is not None:
+        from ..distributed import cp_mamba_chunk_scan_combined
+        return cp_mamba_chunk_scan_combined(
+            x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
+            dt_softplus, dt_limit, return_final_states, return_varlen_states, backend=backend,
+            process_group=process_group)
     _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
               return_varlen_states)
     sd = _sd(x)
