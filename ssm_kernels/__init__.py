@@ -2,6 +2,7 @@
 from ._backend import BackendUnavailableError, available_backends
 from ._config import set_debug
 from .based import chunk_based, fused_recurrent_based
+from .causal_conv1d import causal_conv1d_fn, causal_conv1d_ref, causal_conv1d_update
 from .fft_conv import fft_conv, fft_conv_ref, s4d_kernel, s4d_kernel_ref
 from .linear_attn import (chunk_gla, chunk_linear_attn, chunk_simple_gla, fused_recurrent_gla,
                           fused_recurrent_linear_attn, fused_recurrent_simple_gla)
@@ -18,6 +19,8 @@ __all__ = [
     "chunk_linear_attn", "chunk_simple_gla", "chunk_gla", "chunk_based",
     "fused_recurrent_linear_attn", "fused_recurrent_simple_gla", "fused_recurrent_gla",
     "fused_recurrent_based",
+    # short causal convolution, causal-conv1d drop-ins
+    "causal_conv1d_fn", "causal_conv1d_update", "causal_conv1d_ref",
     # long convolutions
     "fft_conv", "fft_conv_ref", "s4d_kernel", "s4d_kernel_ref",
     # backends

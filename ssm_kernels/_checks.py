@@ -5,4 +5,5 @@ FAMILIES = {
     "linear_scan": "ssm_kernels.linear_scan.check",
     "selective_scan": "ssm_kernels.selective_scan.check",
     "fft_conv": "ssm_kernels.fft_conv.check",
+    "causal_conv1d": "ssm_kernels.causal_conv1d.check",
 }

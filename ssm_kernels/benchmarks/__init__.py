@@ -9,4 +9,5 @@ FAMILIES = {
     "linear_scan": "ssm_kernels.benchmarks.linear_scan",
     "selective_scan": "ssm_kernels.benchmarks.selective_scan",
     "fft_conv": "ssm_kernels.benchmarks.fft_conv",
+    "causal_conv1d": "ssm_kernels.benchmarks.causal_conv1d",
 }
