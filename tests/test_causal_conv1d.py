@@ -8,7 +8,7 @@ import ssm_kernels as sk
 from ssm_kernels.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from ssm_kernels.testing import assert_close
 
-from conftest import DEVICE, HAS_GPU, kernel_backends
+from conftest import DEVICE, HAS_GPU, compile_for_sm90, kernel_backends
 
 BACKENDS = ["reference"] + kernel_backends()
 
@@ -303,3 +303,38 @@ def test_fullgraph_compile(backend):
 def test_gpu_real_sizes(W, layout, dtype):
     x, w, b, h0 = make(2, 1536, 2048, W, layout, dtype)
     check("triton", x, w, b, h0, True)
+
+
+# ---- the GPU compiler (no GPU needed) ---------------------------------------------------------------
+
+_COMPILE_SCRIPT = r'''
+import importlib, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+K = importlib.import_module("ssm_kernels.causal_conv1d.triton")
+INT = ("seq_ptr", "cs_ptr", "idx_ptr")
+
+def build(fn, consts, storage="bf16"):
+    sig = {n: "constexpr" if n in consts else ("*i32" if n in INT else
+           ("*fp32" if n in ("dwp_ptr", "dbp_ptr", "part_ptr") else "*" + storage))
+           if n.endswith("_ptr") else "i32" for n in fn.arg_names}
+    triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": 4})
+
+# every variant compiled once when written; CI keeps the widest ones (time: ~3 s a kernel)
+build(K._causal_conv1d_fwd_kernel, dict(W=4, HAS_BIAS=True, HAS_INIT=True, VARLEN=1, SILU=True,
+                                        BLOCK_D=64, BLOCK_T=32))
+build(K._causal_conv1d_bwd_kernel, dict(W=4, HAS_BIAS=True, HAS_INIT=False, VARLEN=2, SILU=True,
+                                        HAS_DFINAL=False, BLOCK_D=8, BLOCK_T=128))
+build(K._causal_conv1d_edge_kernel, dict(W=4, HAS_BIAS=True, HAS_INIT=True, HAS_DFINAL=True,
+      VARLEN=1, SILU=True, FORWARD=False, BLOCK_D=64, BLOCK_W=4))
+build(K._causal_conv1d_update_kernel, dict(W=4, HAS_BIAS=True, SILU=True, CIRCULAR=True,
+      HAS_IDX=True, BLOCK_D=64, BLOCK_L=1, BLOCK_S=4))
+print("ok")
+'''
+
+
+def test_triton_kernels_compile_for_sm90():
+    """The interpreter never runs the GPU compiler: build every kernel variant for sm_90 here."""
+    res = compile_for_sm90(_COMPILE_SCRIPT)
+    assert res.returncode == 0, res.stderr[-3000:]
