@@ -2,8 +2,16 @@
 
 Every layer maps ``[B, T, d_model] -> [B, T, d_model]``, takes ``cu_seqlens`` for packed batches
 where its op supports them, and has ``allocate_cache(batch)`` + ``step(x_t, cache)`` that agree
-with the parallel form token by token. ``backend="reference"`` runs them anywhere (CPU, float64).
-"""
-from .mamba import Mamba
+with the parallel form token by token; ``forward(x, cache=cache)`` continues from the cache and
+leaves the final states in it (prefill). ``backend="reference"`` runs them anywhere (CPU, float64).
 
-__all__ = ["Mamba"]
+Mamba2 and GatedDeltaNet follow when their ops (SSD, the delta rule) land.
+"""
+from ._common import ShortConvolution
+from .gla import GatedLinearAttention
+from .hyena import HyenaOperator
+from .mamba import Mamba
+from .scan_layers import LRU, RGLRU, MinGRU, MinLSTM
+
+__all__ = ["Mamba", "GatedLinearAttention", "HyenaOperator", "MinGRU", "MinLSTM", "RGLRU", "LRU",
+           "ShortConvolution"]

@@ -66,12 +66,13 @@ class RMSNorm(nn.Module):
             if elementwise_affine else None
 
     def forward(self, x: Tensor, gate: Optional[Tensor] = None) -> Tensor:
-        xf = x.float()
+        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xf = x.to(cd)
         y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
         if self.weight is not None:
-            y = y * self.weight.float()
+            y = y * self.weight.to(cd)
         if gate is not None:
-            y = y * F.silu(gate.float())
+            y = y * F.silu(gate.to(cd))
         return y.to(x.dtype)
 
 
