@@ -8,6 +8,7 @@ from .linear_attn import (chunk_gla, chunk_linear_attn, chunk_simple_gla, fused_
                           fused_recurrent_linear_attn, fused_recurrent_simple_gla)
 from .linear_scan import linear_scan, linear_scan_ref
 from .selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update
+from . import nn  # layers: ssm_kernels.nn.Mamba, GatedLinearAttention, ...
 
 __version__ = "0.1.0"
 __all__ = [
