@@ -32,7 +32,15 @@ import ssm_kernels.nn as snn  # noqa: E402
 from ssm_kernels.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref  # noqa: E402
 from ssm_kernels.testing import compare, rel_err  # noqa: E402
 
-DEV = "cuda"
+# SMOKE=1: a tiny run of this script's logic on the CPU (Triton interpreter), no timings of note
+SMOKE = os.environ.get("SMOKE", "0") == "1"
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEV = "cpu" if SMOKE else "cuda"
+S = dict(B=2, D=24, T=40, lens=[7, 1, 2, 13, 5], Dv=16, Tv=30, Bd=2, Dd=16, Td=12, pre=8,
+         bench=(2, 32, 64), d=32, Tl=32, Bl=2, Ts=6) if SMOKE else \
+    dict(B=4, D=1536, T=2048, lens=[700, 1, 2, 1300, 45], Dv=768, Tv=1000, Bd=8, Dd=1536, Td=40,
+         pre=32, bench=(8, 3072, 2048), d=512, Tl=2048, Bl=4, Ts=48)
 FAILS: list = []
 ROWS: list = []  # dict(section, case, impl, mode, dtype, value, unit, note)
 T0 = time.time()
@@ -50,6 +58,16 @@ def verdict(case, out, ref, dtype, lowp=None):
     if not v.ok:
         FAILS.append(str(v))
         print("  FAIL", v, flush=True)
+
+
+def do_bench(fn, warmup, rep, return_mode="median"):
+    if SMOKE:  # one timed call on the CPU
+        fn()
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    from triton.testing import do_bench as bench
+    return bench(fn, warmup=warmup, rep=rep, return_mode=return_mode)
 
 
 def poison():
@@ -80,7 +98,7 @@ NAMES = ["out", "final", "dx", "dweight", "dbias", "dinit"]
 
 
 def conv_checks():
-    B, D, T = 4, 1536, 2048
+    B, D, T = S["B"], S["D"], S["T"]
     for dtype, W, layout in [(torch.float32, 4, "bdt"), (torch.float32, 4, "btd"),
                              (torch.bfloat16, 4, "bdt"), (torch.bfloat16, 4, "btd"),
                              (torch.float32, 2, "bdt"), (torch.bfloat16, 3, "btd")]:
@@ -98,40 +116,43 @@ def conv_checks():
         if out[0].stride() != x.stride():
             FAILS.append(f"conv {layout}: out strides {out[0].stride()} != x's {x.stride()}")
     # packed sequences with per-sequence states
-    lens = [700, 1, 2, 1300, 45]
+    lens = S["lens"]
+    Dv = S["Dv"]
     cu = torch.tensor([0] + lens, device=DEV).cumsum(0).to(torch.int32)
     T = int(cu[-1])
     for dtype in (torch.float32, torch.bfloat16):
-        x = _x(1, 768, T, "btd", dtype)
-        w, b = torch.randn(768, 4, device=DEV) / 2, torch.randn(768, device=DEV)
-        h0 = torch.randn(len(lens), 768, 3, device=DEV).to(dtype)
-        cot = (torch.randn(1, 768, T, device=DEV, dtype=torch.float64),
-               torch.randn(len(lens), 768, 3, device=DEV, dtype=torch.float64))
+        x = _x(1, Dv, T, "btd", dtype)
+        w, b = torch.randn(Dv, 4, device=DEV) / 2, torch.randn(Dv, device=DEV)
+        h0 = torch.randn(len(lens), Dv, 3, device=DEV).to(dtype)
+        cot = (torch.randn(1, Dv, T, device=DEV, dtype=torch.float64),
+               torch.randn(len(lens), Dv, 3, device=DEV, dtype=torch.float64))
         out = _fb(sk.causal_conv1d_fn, x, w, b, h0, cot, cu_seqlens=cu, backend="triton")
         ref = _fb(causal_conv1d_ref, *(t.double() for t in (x, w, b, h0)), cot, cu_seqlens=cu)
         lowp = _fb(causal_conv1d_ref, x, w, b, h0, cot, cu_seqlens=cu) if dtype != torch.float32 else [None] * 6
         for i, n in enumerate(NAMES):
             verdict(f"conv varlen {n}", out[i], ref[i], dtype, lowp[i])
     # seq_idx
-    x = _x(2, 768, 1000, "btd", torch.float32)
-    w, b = torch.randn(768, 4, device=DEV) / 2, torch.randn(768, device=DEV)
-    seq_idx = (torch.arange(1000, device=DEV) // 137).to(torch.int32).expand(2, -1).contiguous()
+    Tv = S["Tv"]
+    x = _x(2, Dv, Tv, "btd", torch.float32)
+    w, b = torch.randn(Dv, 4, device=DEV) / 2, torch.randn(Dv, device=DEV)
+    seq_idx = (torch.arange(Tv, device=DEV) // 7).to(torch.int32).expand(2, -1).contiguous()
     out = sk.causal_conv1d_fn(x, w, b, seq_idx, activation="silu", backend="triton")
     verdict("conv seq_idx out", out, causal_conv1d_ref(x.double(), w.double(), b.double(), seq_idx,
                                                        activation="silu"), torch.float32)
     # decode: prefill + steps (shifted state), and a circular buffer
+    Bd, Dd, Td, P = S["Bd"], S["Dd"], S["Td"], S["pre"]
     for dtype in (torch.float32, torch.bfloat16):
-        x = _x(8, 1536, 40, "bdt", dtype)
-        w, b = torch.randn(1536, 4, device=DEV) / 2, torch.randn(1536, device=DEV)
+        x = _x(Bd, Dd, Td, "bdt", dtype)
+        w, b = torch.randn(Dd, 4, device=DEV) / 2, torch.randn(Dd, device=DEV)
         full = causal_conv1d_ref(x.double(), w.double(), b.double(), activation="silu")
-        _, st = sk.causal_conv1d_fn(x[..., :32], w, b, return_final_states=True, backend="triton")
+        _, st = sk.causal_conv1d_fn(x[..., :P], w, b, return_final_states=True, backend="triton")
         st = st.float().contiguous()
-        ys = [sk.causal_conv1d_update(x[..., t], st, w, b, "silu", backend="triton") for t in range(32, 40)]
-        lowp = causal_conv1d_ref(x, w, b, activation="silu")[..., 32:] if dtype != torch.float32 else None
-        verdict("conv update steps", torch.stack(ys, -1), full[..., 32:], dtype, lowp)
-    state = torch.randn(8, 1536, 7, device=DEV)
-    cache = torch.randint(0, 20, (8,), device=DEV, dtype=torch.int32)
-    x = torch.randn(8, 1536, 3, device=DEV)
+        ys = [sk.causal_conv1d_update(x[..., t], st, w, b, "silu", backend="triton") for t in range(P, Td)]
+        lowp = causal_conv1d_ref(x, w, b, activation="silu")[..., P:] if dtype != torch.float32 else None
+        verdict("conv update steps", torch.stack(ys, -1), full[..., P:], dtype, lowp)
+    state = torch.randn(Bd, Dd, 7, device=DEV)
+    cache = torch.randint(0, 20, (Bd,), device=DEV, dtype=torch.int32)
+    x = torch.randn(Bd, Dd, 3, device=DEV)
     st_ref = state.clone().double()
     y = sk.causal_conv1d_update(x, state, w, b, "silu", cache, backend="triton")
     y_ref = causal_conv1d_update_ref(x.double(), st_ref, w.double(), b.double(), "silu", cache)
@@ -142,20 +163,18 @@ def conv_checks():
 # ---- (b) causal_conv1d timing ----------------------------------------------------------------------
 
 def copy_gbps():
-    from triton.testing import do_bench
-    a = torch.empty(1 << 28, device=DEV).uniform_()
+    a = torch.empty(1 << (16 if SMOKE else 28), device=DEV).uniform_()
     c = torch.empty_like(a)
     ms = do_bench(lambda: c.copy_(a), warmup=25, rep=200, return_mode="median")
     return 2 * a.numel() * 4 / (ms * 1e-3) / 1e9
 
 
 def conv_bench(bw):
-    from triton.testing import do_bench
     try:
         from causal_conv1d import causal_conv1d_fn as peer
     except Exception:
         peer = None
-    B, D, T, W = 8, 3072, 2048, 4
+    (B, D, T), W = S["bench"], 4
     for dtype in (torch.bfloat16, torch.float32):
         es = torch.tensor([], dtype=dtype).element_size()
         n = B * D * T
@@ -190,8 +209,8 @@ def conv_bench(bw):
 
 # ---- (c) layers --------------------------------------------------------------------------------------
 
-def layers(d=512, T=2048, B=4):
-    from triton.testing import do_bench
+def layers():
+    d, T, B, Ts = S["d"], S["Tl"], S["Bl"], S["Ts"]
     makers = {
         "Mamba": lambda: snn.Mamba(d, d_state=16),
         "GLA": lambda: snn.GatedLinearAttention(hidden_size=d, num_heads=4, use_short_conv=True),
@@ -221,13 +240,13 @@ def layers(d=512, T=2048, B=4):
             row("layers", f"B={B} T={T} d={d}", name, "fwd+bwd bf16 autocast", "bf16", round(ms, 3), "ms",
                 "finite" if ok else "NON-FINITE")
             # decode steps vs parallel, fp32
-            xs = torch.randn(2, 48, d, device=DEV)
+            xs = torch.randn(2, Ts, d, device=DEV)
             with torch.no_grad():
                 y = m(xs)
                 cache = m.allocate_cache(2)
-                steps = torch.stack([m.step(xs[:, t], cache) for t in range(48)], 1)
+                steps = torch.stack([m.step(xs[:, t], cache) for t in range(Ts)], 1)
             e = rel_err(steps, y)
-            row("layers", "B=2 T=48 fp32", name, "step vs parallel", "fp32", f"{e:.2e}", "rel err",
+            row("layers", f"B=2 T={Ts} fp32", name, "step vs parallel", "fp32", f"{e:.2e}", "rel err",
                 "ok" if e < 1e-2 else "FAIL")
             if not e < 1e-2:
                 FAILS.append(f"{name}: step vs parallel rel err {e:.2e}")
@@ -241,8 +260,9 @@ def layers(d=512, T=2048, B=4):
 def recall():
     from ssm_kernels.examples import recall as rc
     t = time.time()
-    rows = rc.main(["--dims", "64", "--steps", "150", "--seq-len", "128", "--pairs", "8",
-                    "--vocab", "256", "--out", os.environ.get("OUT") or "/tmp"])
+    args = ["--tiny"] if SMOKE else ["--dims", "64", "--steps", "150", "--seq-len", "128",
+                                     "--pairs", "8", "--vocab", "256"]
+    rows = rc.main(args + ["--out", os.environ.get("OUT") or "/tmp"])
     for r in rows:
         row("recall", f"d={r['d_model']} 150 steps L=128", r["mixer"], "accuracy", "bf16",
             r["accuracy"], "acc", f"{r['state_bytes']} state bytes, {r['seconds']} s")
@@ -250,7 +270,8 @@ def recall():
 
 
 def main():
-    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    print(f"device {'cpu (SMOKE)' if SMOKE else torch.cuda.get_device_name()}, torch "
+          f"{torch.__version__}", flush=True)
     bw = None
     for name, fn in (("causal_conv1d checks", conv_checks), ("copy bandwidth", None),
                      ("causal_conv1d bench", "bench"), ("layers", layers), ("recall", recall)):

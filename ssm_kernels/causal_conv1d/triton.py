@@ -222,7 +222,7 @@ def _causal_conv1d_edge_kernel(
     else:
         start = 0
         end = T
-        i_b = i_n
+        i_b = i_n.to(tl.int64)  # int64: i_b * s_xb may pass 2^31
     zj = tl.zeros([BLOCK_W], dtype=tl.int32)
     i_s = zj + i_n
     p_xrow = i_b * s_xb + o_d.to(tl.int64)[:, None] * s_xd
