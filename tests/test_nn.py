@@ -207,7 +207,7 @@ def test_errors():
 
 # ---- torch.compile ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["Mamba", "GLA", "RGLRU"])
+@pytest.mark.parametrize("name", ["Mamba", "GLA", "Hyena", "MinGRU", "RGLRU", "LRU"])
 def test_fullgraph_compile_forward_backward(name):
     torch._dynamo.reset()
     m = make_layer(name, "reference")
