@@ -338,3 +338,26 @@ def test_triton_kernels_compile_for_sm90():
     """The interpreter never runs the GPU compiler: build every kernel variant for sm_90 here."""
     res = compile_for_sm90(_COMPILE_SCRIPT)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("circular", [False, True])
+def test_gpu_update_captures_in_a_cuda_graph(circular):
+    """The decode step records in a CUDA graph (no host sync) and replays like eager, bitwise."""
+    B, D, W, S = 16, 1024, 4, 6
+    w, b = torch.randn(D, W, device="cuda"), torch.randn(D, device="cuda")
+    cache = torch.randint(0, 50, (B,), device="cuda", dtype=torch.int32) if circular else None
+    state0 = torch.randn(B, D, S, device="cuda")
+    x = torch.randn(B, D, device="cuda", dtype=torch.bfloat16)
+    st_eager = state0.clone()
+    y_eager = sk.causal_conv1d_update(x, st_eager, w, b, "silu", cache)
+    st = state0.clone()
+    sk.causal_conv1d_update(x, st.clone(), w, b, "silu", cache)  # warm up (compile) off-graph
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = sk.causal_conv1d_update(x, st, w, b, "silu", cache)
+    st.copy_(state0)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, y_eager) and torch.equal(st, st_eager)
