@@ -3,12 +3,14 @@ from ._backend import BackendUnavailableError, available_backends
 from ._config import set_debug
 from ._version import __version__
 from .based import chunk_based, fused_recurrent_based
+from .causal_conv1d import causal_conv1d_fn, causal_conv1d_ref, causal_conv1d_update
 from .fft_conv import fft_conv, fft_conv_ref, s4d_kernel, s4d_kernel_ref
 from .linear_attn import (chunk_gla, chunk_linear_attn, chunk_simple_gla, fused_recurrent_gla,
                           fused_recurrent_linear_attn, fused_recurrent_simple_gla)
 from .linear_scan import linear_scan, linear_scan_ref
 from .selective_scan import selective_scan_fn, selective_scan_ref, selective_state_update
 from .ssd import mamba_chunk_scan_combined, ssd_ref
+from . import nn  # layers: ssm_kernels.nn.Mamba, GatedLinearAttention, ...
 
 __all__ = [
     # first-order linear recurrences (minGRU, RG-LRU, LRU)
@@ -21,6 +23,8 @@ __all__ = [
     "chunk_linear_attn", "chunk_simple_gla", "chunk_gla", "chunk_based",
     "fused_recurrent_linear_attn", "fused_recurrent_simple_gla", "fused_recurrent_gla",
     "fused_recurrent_based",
+    # short causal convolution, causal-conv1d drop-ins
+    "causal_conv1d_fn", "causal_conv1d_update", "causal_conv1d_ref",
     # long convolutions
     "fft_conv", "fft_conv_ref", "s4d_kernel", "s4d_kernel_ref",
     # backends

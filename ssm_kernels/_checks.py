@@ -20,6 +20,7 @@ FAMILIES = {
     "linear_attn": "ssm_kernels.linear_attn.check",
     "based": "ssm_kernels.based.check",
     "fft_conv": "ssm_kernels.fft_conv.check",
+    "causal_conv1d": "ssm_kernels.causal_conv1d.check",
 }
 
 # what each family covers, for `--help` and the summary

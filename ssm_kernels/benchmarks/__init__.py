@@ -10,4 +10,5 @@ FAMILIES = {
     "based": "ssm_kernels.benchmarks.based",
     "ssd": "ssm_kernels.benchmarks.ssd",
     "fft_conv": "ssm_kernels.benchmarks.fft_conv",
+    "causal_conv1d": "ssm_kernels.benchmarks.causal_conv1d",
 }

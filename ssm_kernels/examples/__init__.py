@@ -1,0 +1,1 @@
+"""Runnable examples: `python -m ssm_kernels.examples.recall`."""

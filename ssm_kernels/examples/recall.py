@@ -1,0 +1,286 @@
+"""Multi-query associative recall (MQAR, Zoology / Based): what each sequence mixer buys per byte
+of recurrent state.
+
+Each sequence holds ``pairs`` key-value pairs, then queries of those keys scattered over the rest;
+at every query the model must output the key's value. Small two-layer models, one per mixer
+(softmax attention via SDPA, Mamba, GLA, Based, Hyena, MinGRU, RG-LRU) at a few model widths, are
+trained for a fixed number of steps on data generated on the fly; the script prints accuracy vs
+the bytes of state a mixer carries while decoding (attention's KV cache and Hyena's history grow
+with the sequence) and writes a plot if matplotlib is installed.
+
+    python -m ssm_kernels.examples.recall                 # default size: a few minutes on one GPU
+    python -m ssm_kernels.examples.recall --tiny          # CPU smoke run in seconds (CI)
+    python -m ssm_kernels.examples.recall --mixers mamba gla --dims 64 128 --steps 2000
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ssm_kernels
+import ssm_kernels.nn as snn
+
+MIXERS = ("attention", "mamba", "gla", "based", "hyena", "mingru", "rglru")
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+def mqar_batch(batch: int, seq_len: int, pairs: int, vocab: int, device, generator=None):
+    """tokens [B, L] and labels [B, L] (-100 except at query positions, where the label is the
+    value bound to the queried key). Keys come from the lower half of the vocabulary (token 0 is
+    padding), values from the upper half; queries sit on even slots after the pairs."""
+    if seq_len < 4 * pairs:
+        raise ValueError(f"seq_len must be >= 4 * pairs, got {seq_len} < {4 * pairs}")
+    half = vocab // 2
+    g = dict(generator=generator, device=device)
+    keys = torch.rand(batch, half - 1, **g).argsort(-1)[:, :pairs] + 1          # distinct keys
+    values = torch.randint(half, vocab, (batch, pairs), **g)
+    tokens = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+    tokens[:, 0:2 * pairs:2], tokens[:, 1:2 * pairs:2] = keys, values
+    slots = (seq_len - 2 * pairs) // 2
+    pos = 2 * pairs + 2 * torch.rand(batch, slots, **g).argsort(-1)[:, :pairs]   # query positions
+    which = torch.rand(batch, pairs, **g).argsort(-1)                           # which key asked
+    rows = torch.arange(batch, device=device)[:, None]
+    tokens[rows, pos] = keys.gather(1, which)
+    labels = torch.full_like(tokens, -100)
+    labels[rows, pos] = values.gather(1, which)
+    return tokens, labels
+
+
+# ---- mixers -----------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.out = nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(o.transpose(1, 2).reshape(B, T, d))
+
+
+class Based(nn.Module):
+    """Based linear attention (Taylor feature map of dimension ``feature_dim``) on
+    `ssm_kernels.chunk_based`, with a short convolution on the input (as in the Based model)."""
+
+    def __init__(self, d: int, heads: int, feature_dim: int = 16, backend=None):
+        super().__init__()
+        self.h, self.f, self.backend = heads, feature_dim, backend
+        self.conv = snn.ShortConvolution(d, 4, activation="silu", backend=backend)
+        self.q_proj = nn.Linear(d, heads * feature_dim, bias=False)
+        self.k_proj = nn.Linear(d, heads * feature_dim, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        B, T, d = x.shape
+        x = self.conv(x)
+        q = self.q_proj(x).view(B, T, self.h, self.f)
+        k = self.k_proj(x).view(B, T, self.h, self.f)
+        v = self.v_proj(x).view(B, T, self.h, d // self.h)
+        o, _ = ssm_kernels.chunk_based(q, k, v, backend=self.backend)
+        return self.o_proj(o.reshape(B, T, d))
+
+
+def make_mixer(name: str, d: int, seq_len: int, backend):
+    """(module, recurrent state bytes per sequence while decoding at the full length)."""
+    f32 = 4
+    heads = max(1, d // 32)
+    if name == "attention":
+        return Attention(d, heads), 2 * seq_len * d * f32           # the KV cache
+    if name == "mamba":
+        m = snn.Mamba(d, d_state=16, d_conv=4, expand=2, backend=backend)
+        return m, m.d_inner * (16 + 3) * f32
+    if name == "gla":
+        m = snn.GatedLinearAttention(hidden_size=d, num_heads=heads, expand_k=0.5, expand_v=1.0,
+                                     use_short_conv=True, backend=backend)
+        return m, heads * m.head_k_dim * m.head_v_dim * f32 + 3 * (d + d // 2) * f32
+    if name == "based":
+        m = Based(d, heads, 16, backend)
+        return m, heads * (1 + 16 + 256) * (d // heads + 1) * f32 + 3 * d * f32
+    if name == "hyena":
+        m = snn.HyenaOperator(d, l_max=seq_len, order=2, filter_order=64, backend=backend)
+        return m, d * seq_len * f32 + 3 * 2 * d * f32               # the input history
+    if name == "mingru":
+        m = snn.MinGRU(d, expansion_factor=2.0, backend=backend)
+        return m, m.dim_inner * f32
+    if name == "rglru":
+        m = snn.RGLRU(d, d_rnn=2 * d, num_heads=max(1, d // 64), backend=backend)
+        return m, m.d_rnn * (1 + 3) * f32
+    raise ValueError(f"unknown mixer {name!r}; known: {', '.join(MIXERS)}")
+
+
+class Model(nn.Module):
+    def __init__(self, mixer: str, vocab: int, d: int, seq_len: int, layers: int, backend):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.mixers = nn.ModuleList()
+        self.mlps = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        self.state_bytes = 0
+        for _ in range(layers):
+            m, sb = make_mixer(mixer, d, seq_len, backend)
+            self.mixers.append(m)
+            self.state_bytes += sb
+            self.mlps.append(nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)))
+            self.norms.append(nn.ModuleList([nn.LayerNorm(d), nn.LayerNorm(d)]))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for mix, mlp, (n1, n2) in zip(self.mixers, self.mlps, self.norms):
+            x = x + mix(n1(x))
+            x = x + mlp(n2(x))
+        return self.head(self.norm(x))
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+def train_one(mixer: str, d: int, args, device, backend) -> dict:
+    torch.manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    model = Model(mixer, args.vocab, d, args.seq_len, args.layers, backend).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps,
+                                                pct_start=0.1)
+    amp = device.type == "cuda"
+    t0 = time.time()
+    loss = float("nan")
+    for step in range(1, args.steps + 1):
+        tokens, labels = mqar_batch(args.batch, args.seq_len, args.pairs, args.vocab, device, gen)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(tokens)
+        loss_t = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss_t.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % max(1, args.steps // 20) == 0 or step == args.steps:
+            loss = loss_t.item()
+            print(f"\r  {mixer:<9} d={d:<4} step {step:>5}/{args.steps}  loss {loss:.3f}  "
+                  f"{time.time() - t0:5.1f}s", end="", flush=True)
+    acc = evaluate(model, args, device, amp)
+    secs = time.time() - t0
+    print(f"\r  {mixer:<9} d={d:<4} {args.steps} steps  loss {loss:.3f}  accuracy {acc:6.3f}  "
+          f"state {model.state_bytes / 1024:8.1f} KiB  {secs:5.1f}s", flush=True)
+    return dict(mixer=mixer, d_model=d, state_bytes=model.state_bytes, accuracy=round(acc, 4),
+                loss=round(loss, 4), steps=args.steps, seconds=round(secs, 1))
+
+
+@torch.no_grad()
+def evaluate(model, args, device, amp) -> float:
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)  # held-out draws
+    right = total = 0
+    for _ in range(args.eval_batches):
+        tokens, labels = mqar_batch(args.batch, args.seq_len, args.pairs, args.vocab, device, gen)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            pred = model(tokens).argmax(-1)
+        m = labels != -100
+        right += (pred[m] == labels[m]).sum().item()
+        total += m.sum().item()
+    return right / max(total, 1)
+
+
+def plot(rows, path) -> Optional[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mixer in dict.fromkeys(r["mixer"] for r in rows):
+        sel = sorted((r for r in rows if r["mixer"] == mixer), key=lambda r: r["state_bytes"])
+        ax.plot([r["state_bytes"] for r in sel], [r["accuracy"] for r in sel], "o-", label=mixer)
+    ax.set_xscale("log")
+    ax.set_xlabel("recurrent state while decoding (bytes per sequence, all layers)")
+    ax.set_ylabel("MQAR accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke size (seconds)")
+    p.add_argument("--mixers", nargs="+", default=list(MIXERS), choices=MIXERS)
+    p.add_argument("--dims", nargs="+", type=int, default=[64, 128], help="model widths")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--pairs", type=int, default=8, help="key-value pairs per sequence")
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available")
+    p.add_argument("--backend", default=None,
+                   help="kernel backend for the layers (default: auto; reference on CPU)")
+    p.add_argument("--out", default=None, help="folder for recall.csv / recall.png "
+                   "(default: $OUT or the current folder)")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.dims, args.steps, args.batch, args.seq_len = [16], 3, 4, 32
+        args.pairs, args.vocab, args.layers, args.eval_batches = 4, 64, 1, 1
+    return args
+
+
+def main(argv=None) -> list:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backend = args.backend or ("reference" if device.type == "cpu" else None)
+    print(f"MQAR: seq_len {args.seq_len}, {args.pairs} pairs, vocab {args.vocab}, batch "
+          f"{args.batch}, {args.steps} steps, {args.layers} layers, on {device} "
+          f"(backend {backend or 'auto'})", flush=True)
+    rows = []
+    t0 = time.time()
+    for mixer in args.mixers:
+        for d in args.dims:
+            rows.append(train_one(mixer, d, args, device, backend))
+    print(f"\naccuracy by model width ({time.time() - t0:.0f}s in all)")
+    dims = sorted({r["d_model"] for r in rows})
+    print(f"{'mixer':<10}" + "".join(f"{'d=' + str(d):>18}" for d in dims))
+    for mixer in args.mixers:
+        cells = []
+        for d in dims:
+            r = next((r for r in rows if r["mixer"] == mixer and r["d_model"] == d), None)
+            cells.append(f"{r['accuracy']:.3f} @ {_kib(r['state_bytes'])}" if r else "-")
+        print(f"{mixer:<10}" + "".join(f"{c:>18}" for c in cells))
+    out = args.out or os.environ.get("OUT") or "."
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "recall.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    png = plot(rows, os.path.join(out, "recall.png"))
+    print(f"wrote {os.path.join(out, 'recall.csv')}" + (f" and {png}" if png else
+                                                          " (no matplotlib: no plot)"))
+    return rows
+
+
+def _kib(b: int) -> str:
+    return f"{b / 1024:.0f}KiB" if b >= 10240 else f"{b / 1024:.1f}KiB"
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
