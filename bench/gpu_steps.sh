@@ -15,7 +15,7 @@ if ls .whl/fla_core*.whl >/dev/null 2>&1; then
 fi
 MAMBA_SRC=$(ls -d .peers/mamba_ssm-*/ 2>/dev/null | head -1)
 export PYTHONPATH="${PYTHONPATH:-}:$(pwd):/tmp/mamba_build:$(pwd)/${MAMBA_SRC:-.}"
-LOGS=/tmp/steplogs; mkdir -p "$LOGS"   # one combined log comes back (the tool returns <= 8 files)
+LOGS=${LOGS:-/tmp/steplogs}; mkdir -p "$LOGS"   # LOGS=$OUT: logs come back even if the call is cut (<= 8 files)
 SUMMARY="$OUT/summary.txt"; : > "$SUMMARY"
 step() {  # name, limit in s, command...
   local name=$1 limit=$2; shift 2
@@ -38,5 +38,5 @@ for s in ${STEPS:-build graphs overhead}; do
     chunk|fft|layers|cp) step "$s" ${LIMIT:-200} python3 "bench/gpu_$s.py" ;;
   esac
 done
-for f in "$LOGS"/*.log; do echo "######## $f"; cat "$f"; done > "$OUT/all_logs.txt"
+[ "$LOGS" != "$OUT" ] && for f in "$LOGS"/*.log; do echo "######## $f"; cat "$f"; done > "$OUT/all_logs.txt"
 cat "$SUMMARY"
