@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import (causal_decay, chunk_base, chunk_span, decay_rows, decay_state, decay_to_end,
+from .common import (causal_decay, causal_decay_t, chunk_base, chunk_span, decay_rows, decay_state, decay_to_end,
                      gla_apply, gla_apply_t, last_row, load_rows, load_v, log_decay_cumsum, mm,
                      seq_span)
 from .fwd import Plan, _dummy, chunk_states, gla_chunk_scores
@@ -111,13 +111,13 @@ def _dv_kernel(
             b_dv += mm(decay_to_end(b_k, Gk, last_row(Gk, o_t, 2, BT), 2), b_dh, DT, IEEE)
         else:
             b_dv += mm(decay_to_end(b_k, G, G_last, GATE), b_dh, DT, IEEE)
-            A += mm(load_rows(q_ptr, row_q, m_t, o_k, m_k, K), tl.trans(b_k), DT, IEEE)
+            A += mm(b_k, tl.trans(load_rows(q_ptr, row_q, m_t, o_k, m_k, K)), DT, IEEE)  # A^T
+    b_do = load_rows(do_ptr, row, m_t, o_v, m_v, V)
     if GATE == 2:
         A = tl.load(a_ptr + row[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.)
-    else:
-        A = causal_decay(A, G, o_t, GATE) * scale
-    b_do = load_rows(do_ptr, row, m_t, o_v, m_v, V)
-    b_dv += mm(tl.trans(A), b_do, DT, IEEE)
+        b_dv += mm(tl.trans(A), b_do, DT, IEEE)  # a loaded tile: transposing it is safe
+    else:  # scores built transposed: no dot result is transposed into a dot (causal_decay_t)
+        b_dv += mm(causal_decay_t(A, G, o_t, GATE) * scale, b_do, DT, IEEE)
     m_o = m_t[:, None] & m_v[None, :]
     if HAS_VS:
         # v = x * vs: dx = dv * vs, dvs = sum_v dv * x (one V tile covers all of V)
@@ -162,6 +162,7 @@ def _dqk_kernel(
         G = log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row, i_h, m_t, o_k, m_k, K, GATE, G_FROM_VS, BT)
         G_last = last_row(G, o_t, GATE, BT)
         D = tl.zeros([BT, BT], dtype=tl.float32)
+        Dt = tl.zeros([BT, BT], dtype=tl.float32)  # D^T, computed, not transposed (see causal_decay_t)
         dqi = tl.zeros([BT, BK], dtype=tl.float32)
         dki = tl.zeros([BT, BK], dtype=tl.float32)
         hdh = tl.zeros([BK], dtype=tl.float32)
@@ -174,6 +175,8 @@ def _dqk_kernel(
             b_h = tl.load(h_ptr + p_h + o_k[:, None] * V + o_v[None, :], mask=m_s, other=0.)
             b_dh = tl.load(dh_ptr + p_h + o_k[:, None] * V + o_v[None, :], mask=m_s, other=0.)
             D += mm(b_do, tl.trans(b_v), DT, IEEE)
+            if GATE != 2:
+                Dt += mm(b_v, tl.trans(b_do), DT, IEEE)
             dqi += mm(b_do, tl.trans(b_h), DT, IEEE)
             dki += mm(b_v, tl.trans(b_dh), DT, IEEE)
             if GATE > 0:
@@ -183,9 +186,8 @@ def _dqk_kernel(
             dq_h = (decay_rows(dqi, G, GATE) + gla_apply(D, b_k, G, o_t, BT, SUB, DT, IEEE)) * scale
             dk_h = dks + gla_apply_t(D, b_q, G, o_t, BT, SUB, DT, IEEE) * scale
         else:
-            Dm = causal_decay(D, G, o_t, GATE)
-            dq_h = (decay_rows(dqi, G, GATE) + mm(Dm, b_k, DT, IEEE)) * scale
-            dk_h = dks + mm(tl.trans(Dm), b_q, DT, IEEE) * scale
+            dq_h = (decay_rows(dqi, G, GATE) + mm(causal_decay(D, G, o_t, GATE), b_k, DT, IEEE)) * scale
+            dk_h = dks + mm(causal_decay_t(Dt, G, o_t, GATE), b_q, DT, IEEE) * scale
         if GATE == 1:
             x = tl.sum(b_q * dq_h - b_k * dk_h, axis=1)
             r = tl.exp2(G_last) * tl.sum(hdh, axis=0) + tl.sum(tl.sum(b_k * dks, axis=1), axis=0)

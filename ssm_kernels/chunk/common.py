@@ -219,6 +219,19 @@ def causal_decay(A, G, o_t, GATE: tl.constexpr):
         return tl.where(causal, A, 0.)
 
 
+@triton.jit
+def causal_decay_t(At, G, o_t, GATE: tl.constexpr):
+    """The transpose of causal_decay(A) from At = A^T: At_ji exp(G_i - G_j) for i >= j. Built
+    directly so no dot result is transposed into another dot: with that pattern chunk_linear_attn's
+    dk was 33% off on the H200 under Triton 3.6 (session 2 run 6) while dq, built without it, was
+    right; suspected miscompile (fla reports the same pattern), fix not yet re-run on a GPU."""
+    causal = o_t[None, :] >= o_t[:, None]
+    if GATE == 1:
+        return At * tl.exp2(tl.where(causal, G[None, :] - G[:, None], float("-inf")))
+    else:
+        return tl.where(causal, At, 0.)
+
+
 # ---- per-key decays (GLA): scores with exponents <= 0 through sub-chunk reference rows ---------
 
 @triton.jit
