@@ -81,20 +81,22 @@ GATE = {"chunk_linear_attn": None, "chunk_simple_gla": "scalar", "chunk_gla": "g
 
 
 def fla_ops():
+    """fla's functions (each lambda binds its own f: a late-bound f made every row call chunk_gla
+    in session 2 run 6)."""
     ops = {}
     try:
         from fla.ops.linear_attn import chunk_linear_attn as f
-        ops["chunk_linear_attn"] = lambda q, k, v, g: f(q, k, v, normalize=False)[0]
+        ops["chunk_linear_attn"] = lambda q, k, v, g, f=f: f(q, k, v, normalize=False)[0]
     except Exception as e:  # noqa: BLE001
         log("fla chunk_linear_attn unavailable:", repr(e)[:120])
     try:
         from fla.ops.simple_gla import chunk_simple_gla as f
-        ops["chunk_simple_gla"] = lambda q, k, v, g: f(q, k, v, g)[0]
+        ops["chunk_simple_gla"] = lambda q, k, v, g, f=f: f(q, k, v, g)[0]
     except Exception as e:  # noqa: BLE001
         log("fla chunk_simple_gla unavailable:", repr(e)[:120])
     try:
         from fla.ops.gla import chunk_gla as f
-        ops["chunk_gla"] = lambda q, k, v, g: f(q, k, v, g)[0]
+        ops["chunk_gla"] = lambda q, k, v, g, f=f: f(q, k, v, g)[0]
     except Exception as e:  # noqa: BLE001
         log("fla chunk_gla unavailable:", repr(e)[:120])
     return ops
