@@ -15,26 +15,12 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._ops import cached_on_metadata, kernel_op
+from .._ops import kernel_op
+from ..chunk.select import select
 from ..validation import check_cu_seqlens, check_log_decay, check_same_device, check_tensor
 from .reference import linear_attn_bwd_ref, linear_attn_fwd_ref, linear_attn_recurrent_ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256
-
-
-@cached_on_metadata
-def _select(backend: str, q: Tensor, v: Tensor) -> str:
-    def triton_ok():
-        reason = _backend.triton_reason(q.device)
-        if reason is None and q.dtype not in _TRITON_DTYPES:
-            reason = f"dtype {q.dtype} (the Triton kernels take {_TRITON_DTYPES})"
-        if reason is None and max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-            reason = f"K={q.shape[-1]}, V={v.shape[-1]} (the Triton kernels take K, V <= {MAX_HEAD_DIM})"
-        return reason
-
-    return _backend.resolve("linear_attn", backend, {"triton": triton_ok, "reference": lambda: None})
 
 
 def _state_dtype(q: Tensor) -> torch.dtype:
@@ -49,7 +35,7 @@ def linear_attn_fwd_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], h0:
                        backend: str) -> Tuple[Tensor, Tensor]:
     """recurrent=True: the step-by-step kernel (fused_recurrent_*); else the chunked one. Both
     share the backward (the gradients are the same function)."""
-    if _select(backend, q, v) == "triton":
+    if select("linear_attn", backend, q, v) == "triton":
         if recurrent:
             from .triton import recurrent_fwd
             return recurrent_fwd(q, k, v, g, h0, cu_seqlens, scale)
@@ -75,7 +61,7 @@ def linear_attn_bwd_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], h0:
                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dg, dh0); dg is empty when g is None; dh0 is [N, H, K, V]; dht None
     means no gradient reaches the final state."""
-    if _select(backend, q, v) == "triton":
+    if select("linear_attn", backend, q, v) == "triton":
         from .triton import chunk_bwd
         dq, dk, dv, dg, dh0 = chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, ht, do, dht)
     else:

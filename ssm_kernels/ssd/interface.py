@@ -16,27 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _backend
-from .._ops import cached_on_metadata, kernel_op
+from .._ops import kernel_op
+from ..chunk.select import select
 from ..validation import check_cu_seqlens, check_same_device, check_tensor, checks_values
 from ..linear_attn.reference import linear_attn_bwd_ref
 from .reference import heads, process_dt, ssd_chunked
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_DIM = 256
-
-
-@cached_on_metadata
-def _select(backend: str, x: Tensor, B: Tensor) -> str:
-    def triton_ok():
-        reason = _backend.triton_reason(x.device)
-        if reason is None and x.dtype not in _TRITON_DTYPES:
-            reason = f"dtype {x.dtype} (the Triton kernels take {_TRITON_DTYPES})"
-        if reason is None and max(x.shape[-1], B.shape[-1]) > MAX_DIM:
-            reason = f"headdim {x.shape[-1]}, dstate {B.shape[-1]} (Triton takes <= {MAX_DIM})"
-        return reason
-
-    return _backend.resolve("ssd", backend, {"triton": triton_ok, "reference": lambda: None})
 
 
 def _sd(x: Tensor) -> torch.dtype:
@@ -72,7 +58,7 @@ def ssd_fwd_op(C: Tensor, B: Tensor, x: Tensor, dt: Tensor, A: Tensor, h0: Optio
                cu_seqlens: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
     """C, B [b, l, g, n]; x [b, l, h, p]; dt [b, l, h] (processed, float32); A [h] float32;
     h0 None or [N, h, n, p] float32. Returns (y [b, l, h, p] in x's dtype, final [N, h, n, p])."""
-    if _select(backend, x, B) == "triton":
+    if select("ssd", backend, x, B) == "triton":
         from ..chunk.fwd import chunk_fwd
         return chunk_fwd(C, B, x, None, h0, cu_seqlens, 1.0, vs=dt, A=A)
     with torch.no_grad():
@@ -91,7 +77,7 @@ def ssd_bwd_op(C: Tensor, B: Tensor, x: Tensor, dt: Tensor, A: Tensor, h0: Optio
                cu_seqlens: Optional[Tensor], dy: Tensor, dht: Optional[Tensor], backend: str
                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dC, dB, dx, ddt float32, dA float32, dh0 (empty when h0 is None))."""
-    if _select(backend, x, B) == "triton":
+    if select("ssd", backend, x, B) == "triton":
         from ..chunk.bwd import chunk_bwd
         dC, dB, dx, dg, dh0, ddt = chunk_bwd(C, B, x, None, h0, cu_seqlens, 1.0, dy, dht,
                                              vs=dt, A=A)
