@@ -15,6 +15,12 @@ D = 16
 def make_layer(name, backend, d=D, l_max=32):
     return {
         "Mamba": lambda: snn.Mamba(d, d_state=4, backend=backend),
+        "Mamba2": lambda: snn.Mamba2(d, d_state=8, headdim=8, ngroups=2, chunk_size=4,
+                                     backend=backend),
+        # gated-MLP channels (d_ssm < d_inner), scan-gated z (no norm), per-channel D, dt clamp
+        "Mamba2-mlp-nonorm": lambda: snn.Mamba2(d, d_state=8, headdim=8, d_ssm=16, rmsnorm=False,
+                                                D_has_hdim=True, dt_limit=(0.01, 0.05),
+                                                bias=True, backend=backend),
         "GLA": lambda: snn.GatedLinearAttention(hidden_size=d, num_heads=2, use_short_conv=True,
                                                 gate_low_rank_dim=4, backend=backend),
         "GLA-gqa-unfused": lambda: snn.GatedLinearAttention(
@@ -30,7 +36,7 @@ def make_layer(name, backend, d=D, l_max=32):
 
 # chunk_gla takes its log-decays in float32 whatever the storage: GLA agrees to float32 rounding
 EXACT = {"GLA": torch.float32, "GLA-gqa-unfused": torch.float32}
-LAYERS = ["Mamba", "GLA", "GLA-gqa-unfused", "Hyena", "MinGRU", "MinLSTM", "RGLRU", "LRU"]
+LAYERS = ["Mamba", "Mamba2", "Mamba2-mlp-nonorm", "GLA", "GLA-gqa-unfused", "Hyena", "MinGRU", "MinLSTM", "RGLRU", "LRU"]
 VARLEN = [n for n in LAYERS if n != "Hyena"]
 
 
@@ -96,7 +102,7 @@ def test_kernels_match_reference_forward_backward(backend, name):
 def test_kernel_decode_steps():
     """The decode path on the kernels (causal_conv1d_update, selective_state_update,
     fused_recurrent_gla) agrees with the parallel form."""
-    for name in ("Mamba", "GLA"):
+    for name in ("Mamba", "Mamba2", "Mamba2-mlp-nonorm", "GLA"):
         for backend in kernel_backends():
             m = make_layer(name, backend).to(DEVICE)
             x = torch.randn(2, 5, D, device=DEVICE)
@@ -207,7 +213,7 @@ def test_errors():
 
 # ---- torch.compile ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["Mamba", "GLA", "Hyena", "MinGRU", "RGLRU", "LRU"])
+@pytest.mark.parametrize("name", ["Mamba", "Mamba2", "GLA", "Hyena", "MinGRU", "RGLRU", "LRU"])
 def test_fullgraph_compile_forward_backward(name):
     torch._dynamo.reset()
     m = make_layer(name, "reference")
