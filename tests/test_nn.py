@@ -36,7 +36,8 @@ def make_layer(name, backend, d=D, l_max=32):
 
 # chunk_gla takes its log-decays in float32 whatever the storage: GLA agrees to float32 rounding
 EXACT = {"GLA": torch.float32, "GLA-gqa-unfused": torch.float32}
-LAYERS = ["Mamba", "Mamba2", "Mamba2-mlp-nonorm", "GLA", "GLA-gqa-unfused", "Hyena", "MinGRU", "MinLSTM", "RGLRU", "LRU"]
+LAYERS = ["Mamba", "Mamba2", "Mamba2-mlp-nonorm", "GLA", "GLA-gqa-unfused", "Hyena", "MinGRU",
+          "MinLSTM", "RGLRU", "LRU"]
 VARLEN = [n for n in LAYERS if n != "Hyena"]
 
 
@@ -222,8 +223,8 @@ def test_mamba2_state_dict_matches_mamba_ssm():
     m2 = snn.Mamba2(64, d_state=16, headdim=16, d_ssm=64, D_has_hdim=True, rmsnorm=False,
                     bias=True, conv_bias=False)
     sd2 = {k: tuple(v.shape) for k, v in m2.state_dict().items()}
-    assert sd2 == {"dt_bias": (4,), "A_log": (4,), "D": (64,), "in_proj.weight": (2 * 128 + 32 + 4, 64),
-                   "in_proj.bias": (2 * 128 + 32 + 4,), "conv1d.weight": (64 + 32, 1, 4),
+    assert sd2 == {"dt_bias": (4,), "A_log": (4,), "D": (64,),
+                   "in_proj.weight": (2 * 128 + 32 + 4, 64), "in_proj.bias": (2 * 128 + 32 + 4,), "conv1d.weight": (64 + 32, 1, 4),
                    "out_proj.weight": (64, 128), "out_proj.bias": (64,)}
     # dtypes: A_log follows dtype, D stays float32 (as mamba-ssm)
     m3 = snn.Mamba2(32, d_state=8, headdim=16, dtype=torch.float16)
@@ -273,7 +274,8 @@ def _mamba2_by_definition(m, u):
     y = y.reshape(b, T, m.d_ssm)
     if m.rmsnorm:
         yg = (y * torch.nn.functional.silu(z)).reshape(b, T, G, -1)
-        y = (yg / torch.sqrt(yg.square().mean(-1, keepdim=True) + 1e-5)).reshape(b, T, -1) * m.norm.weight
+        yg = yg / torch.sqrt(yg.square().mean(-1, keepdim=True) + 1e-5)
+        y = yg.reshape(b, T, -1) * m.norm.weight
     if d_mlp:
         y = torch.cat([torch.nn.functional.silu(z0) * x0, y], -1)
     return m.out_proj(y)

@@ -3,10 +3,10 @@ of recurrent state.
 
 Each sequence holds ``pairs`` key-value pairs, then queries of those keys scattered over the rest;
 at every query the model must output the key's value. Small two-layer models, one per mixer
-(softmax attention via SDPA, Mamba, Mamba-2, GLA, Based, Hyena, MinGRU, RG-LRU) at a few model widths, are
-trained for a fixed number of steps on data generated on the fly; the script prints accuracy vs
-the bytes of state a mixer carries while decoding (attention's KV cache and Hyena's history grow
-with the sequence) and writes a plot if matplotlib is installed.
+(softmax attention via SDPA, Mamba, Mamba-2, GLA, Based, Hyena, MinGRU, RG-LRU) at a few model
+widths, are trained for a fixed number of steps on data generated on the fly; the script prints
+accuracy vs the bytes of state a mixer carries while decoding (attention's KV cache and Hyena's
+history grow with the sequence) and writes a plot if matplotlib is installed.
 
     python -m ssm_kernels.examples.recall                 # default size: a few minutes on one GPU
     python -m ssm_kernels.examples.recall --tiny          # CPU smoke run in seconds (CI)

@@ -14,5 +14,5 @@ from .mamba import Mamba
 from .mamba2 import Mamba2, RMSNormGated
 from .scan_layers import LRU, RGLRU, MinGRU, MinLSTM
 
-__all__ = ["Mamba", "Mamba2", "GatedLinearAttention", "HyenaOperator", "MinGRU", "MinLSTM", "RGLRU", "LRU",
-           "ShortConvolution", "RMSNormGated"]
+__all__ = ["Mamba", "Mamba2", "GatedLinearAttention", "HyenaOperator", "MinGRU", "MinLSTM",
+           "RGLRU", "LRU", "ShortConvolution", "RMSNormGated"]
