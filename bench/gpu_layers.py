@@ -213,6 +213,7 @@ def layers():
     d, T, B, Ts = S["d"], S["Tl"], S["Bl"], S["Ts"]
     makers = {
         "Mamba": lambda: snn.Mamba(d, d_state=16),
+        "Mamba2": lambda: snn.Mamba2(d, d_state=64, headdim=min(64, d)),
         "GLA": lambda: snn.GatedLinearAttention(hidden_size=d, num_heads=4, use_short_conv=True),
         "Hyena": lambda: snn.HyenaOperator(d, l_max=T, order=2),
         "MinGRU": lambda: snn.MinGRU(d, expansion_factor=2.0),

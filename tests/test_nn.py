@@ -15,6 +15,12 @@ D = 16
 def make_layer(name, backend, d=D, l_max=32):
     return {
         "Mamba": lambda: snn.Mamba(d, d_state=4, backend=backend),
+        "Mamba2": lambda: snn.Mamba2(d, d_state=8, headdim=8, ngroups=2, chunk_size=4,
+                                     backend=backend),
+        # gated-MLP channels (d_ssm < d_inner), scan-gated z (no norm), per-channel D, dt clamp
+        "Mamba2-mlp-nonorm": lambda: snn.Mamba2(d, d_state=8, headdim=8, d_ssm=16, rmsnorm=False,
+                                                D_has_hdim=True, dt_limit=(0.01, 0.05),
+                                                bias=True, backend=backend),
         "GLA": lambda: snn.GatedLinearAttention(hidden_size=d, num_heads=2, use_short_conv=True,
                                                 gate_low_rank_dim=4, backend=backend),
         "GLA-gqa-unfused": lambda: snn.GatedLinearAttention(
@@ -30,7 +36,8 @@ def make_layer(name, backend, d=D, l_max=32):
 
 # chunk_gla takes its log-decays in float32 whatever the storage: GLA agrees to float32 rounding
 EXACT = {"GLA": torch.float32, "GLA-gqa-unfused": torch.float32}
-LAYERS = ["Mamba", "GLA", "GLA-gqa-unfused", "Hyena", "MinGRU", "MinLSTM", "RGLRU", "LRU"]
+LAYERS = ["Mamba", "Mamba2", "Mamba2-mlp-nonorm", "GLA", "GLA-gqa-unfused", "Hyena", "MinGRU",
+          "MinLSTM", "RGLRU", "LRU"]
 VARLEN = [n for n in LAYERS if n != "Hyena"]
 
 
@@ -96,7 +103,7 @@ def test_kernels_match_reference_forward_backward(backend, name):
 def test_kernel_decode_steps():
     """The decode path on the kernels (causal_conv1d_update, selective_state_update,
     fused_recurrent_gla) agrees with the parallel form."""
-    for name in ("Mamba", "GLA"):
+    for name in ("Mamba", "Mamba2", "Mamba2-mlp-nonorm", "GLA"):
         for backend in kernel_backends():
             m = make_layer(name, backend).to(DEVICE)
             x = torch.randn(2, 5, D, device=DEVICE)
@@ -104,6 +111,23 @@ def test_kernel_decode_steps():
             cache = m.allocate_cache(2)
             steps = torch.stack([m.step(x[:, t], cache) for t in range(5)], 1)
             assert_close(steps, y.double(), torch.float32, name=f"{name} {backend}")
+
+
+@pytest.mark.parametrize("name", ["Mamba2", "Mamba2-mlp-nonorm"])
+def test_kernel_packed_prefill(name):
+    """cu_seqlens + cache on the kernels (SSD varlen states, varlen conv) agree with the
+    reference backend: outputs and every sequence's final states."""
+    for backend in kernel_backends():
+        m = make_layer(name, "reference").to(DEVICE)
+        k = make_layer(name, backend).to(DEVICE)
+        k.load_state_dict(m.state_dict())
+        cu = torch.tensor([0, 3, 9, 10], dtype=torch.int32, device=DEVICE)
+        x = torch.randn(1, 10, D, device=DEVICE)
+        cm, ck = m.allocate_cache(3), k.allocate_cache(3)
+        assert_close(k(x, cu_seqlens=cu, cache=ck), m(x, cu_seqlens=cu, cache=cm).double(),
+                     torch.float32, name=f"{name} {backend}")
+        for key in cm:
+            assert_close(ck[key], cm[key].double(), torch.float32, name=f"{name} {backend} {key}")
 
 
 def test_lru_is_the_paper_recurrence():
@@ -179,6 +203,106 @@ def test_mamba_state_dict_matches_mamba_ssm():
     torch.testing.assert_close(m3(x), m(x))
 
 
+def test_mamba2_state_dict_matches_mamba_ssm():
+    """Keys, shapes and dtypes of mamba-ssm's Mamba2 (mamba_ssm/modules/mamba2.py) for d_model=64,
+    d_state=16, d_conv=4, expand=2, headdim=16, ngroups=2: d_inner = 128, nheads = 8,
+    in_proj out = 2 * 128 + 2 * 2 * 16 + 8 = 328, conv_dim = 128 + 2 * 2 * 16 = 192; and its
+    initialisation."""
+    table = {
+        "dt_bias": (8,), "A_log": (8,), "D": (8,),
+        "in_proj.weight": (328, 64),
+        "conv1d.weight": (192, 1, 4), "conv1d.bias": (192,),
+        "norm.weight": (128,),
+        "out_proj.weight": (64, 128),
+    }
+    m = snn.Mamba2(64, d_state=16, headdim=16, ngroups=2, backend="reference")
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == table
+    assert list(m.state_dict()) == list(table)  # registration order as mamba-ssm's
+    assert m.norm.group_size == 64 and m.norm.eps == 1e-5 and not m.norm.norm_before_gate
+    # d_ssm < d_inner (gated MLP), D per channel, no norm, biases, no conv bias
+    m2 = snn.Mamba2(64, d_state=16, headdim=16, d_ssm=64, D_has_hdim=True, rmsnorm=False,
+                    bias=True, conv_bias=False)
+    sd2 = {k: tuple(v.shape) for k, v in m2.state_dict().items()}
+    assert sd2 == {"dt_bias": (4,), "A_log": (4,), "D": (64,),
+                   "in_proj.weight": (2 * 128 + 32 + 4, 64), "in_proj.bias": (2 * 128 + 32 + 4,), "conv1d.weight": (64 + 32, 1, 4),
+                   "out_proj.weight": (64, 128), "out_proj.bias": (64,)}
+    # dtypes: A_log follows dtype, D stays float32 (as mamba-ssm)
+    m3 = snn.Mamba2(32, d_state=8, headdim=16, dtype=torch.float16)
+    assert m3.A_log.dtype == torch.float16 and m3.D.dtype == torch.float32
+    assert m3.dt_bias.dtype == torch.float16 and m3.norm.weight.dtype == torch.float16
+    # initialisation: A in A_init_range, softplus(dt_bias) in [dt_min, dt_max], D = 1, norm = 1
+    A = torch.exp(m.A_log)
+    assert A.min() >= 1 and A.max() <= 16
+    dt = torch.nn.functional.softplus(m.dt_bias)
+    assert dt.min() >= 1e-3 * 0.999 and dt.max() <= 0.1 * 1.001
+    assert torch.equal(m.D, torch.ones(8)) and torch.equal(m.norm.weight, torch.ones(128))
+    # a checkpoint with these keys loads strictly into a fresh layer and reproduces it
+    m4 = snn.Mamba2(64, d_state=16, headdim=16, ngroups=2, backend="reference")
+    m4.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, strict=True)
+    x = torch.randn(1, 5, 64)
+    torch.testing.assert_close(m4(x), m(x))
+    with pytest.raises(ValueError, match="multiple of headdim"):
+        snn.Mamba2(32, headdim=24)
+    with pytest.raises(NotImplementedError, match="process_group"):
+        snn.Mamba2(32, headdim=16, process_group=object())
+
+
+def _mamba2_by_definition(m, u):
+    """Mamba-2 written out from mamba-ssm's Mamba2 forward (nn.Conv1d, a loop over the SSM
+    recurrence, rms_norm_ref's gated group norm), float64."""
+    b, T, _ = u.shape
+    H, P, G, N = m.nheads, m.headdim, m.ngroups, m.d_state
+    d_mlp = m.d_inner - m.d_ssm
+    z0, x0, z, xBC, dt = torch.split(m.in_proj(u), [d_mlp, d_mlp, m.d_ssm, m.conv_dim, H], -1)
+    xBC = torch.nn.functional.silu(m.conv1d(xBC.transpose(1, 2))[..., :T].transpose(1, 2))
+    x, Bm, Cm = torch.split(xBC, [m.d_ssm, G * N, G * N], -1)
+    x = x.reshape(b, T, H, P)
+    Bm = Bm.reshape(b, T, G, N).repeat_interleave(H // G, 2)
+    Cm = Cm.reshape(b, T, G, N).repeat_interleave(H // G, 2)
+    dt = torch.nn.functional.softplus(dt + m.dt_bias).clamp(*m.dt_limit)
+    A = -torch.exp(m.A_log)
+    D = m.D.reshape(H, P) if m.D_has_hdim else m.D[:, None]
+    h = torch.zeros(b, H, P, N, dtype=u.dtype)
+    ys = []
+    for t in range(T):
+        h = torch.exp(dt[:, t] * A)[..., None, None] * h \
+            + (dt[:, t, :, None] * x[:, t])[..., None] * Bm[:, t, :, None, :]
+        ys.append((h * Cm[:, t, :, None, :]).sum(-1) + D * x[:, t])
+    y = torch.stack(ys, 1)
+    if not m.rmsnorm:
+        y = y * torch.nn.functional.silu(z.reshape(b, T, H, P))
+    y = y.reshape(b, T, m.d_ssm)
+    if m.rmsnorm:
+        yg = (y * torch.nn.functional.silu(z)).reshape(b, T, G, -1)
+        yg = yg / torch.sqrt(yg.square().mean(-1, keepdim=True) + 1e-5)
+        y = yg.reshape(b, T, -1) * m.norm.weight
+    if d_mlp:
+        y = torch.cat([torch.nn.functional.silu(z0) * x0, y], -1)
+    return m.out_proj(y)
+
+
+@pytest.mark.parametrize("name", ["Mamba2", "Mamba2-mlp-nonorm"])
+def test_mamba2_is_the_definition(name):
+    m = make_layer(name, "reference").double()
+    with torch.no_grad():
+        m.D.uniform_(0.5, 1.5)
+        if m.rmsnorm:
+            m.norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 7, D, dtype=torch.float64)
+    assert_close(m(x), _mamba2_by_definition(m, x), torch.float64, name=name)
+
+
+def test_mamba2_prefills_shorter_than_the_conv():
+    """Prefills of 1 and 2 tokens (fewer than d_conv - 1) chained through one cache, then steps,
+    reproduce one forward call (the conv state keeps older inputs it still needs)."""
+    m = make_layer("Mamba2", "reference").double()
+    x = torch.randn(2, 6, D, dtype=torch.float64)
+    cache = m.allocate_cache(2)
+    parts = [m(x[:, :1], cache=cache), m(x[:, 1:3], cache=cache)]
+    parts += [m.step(x[:, t], cache)[:, None] for t in range(3, 6)]
+    assert_close(torch.cat(parts, 1), m(x), torch.float64)
+
+
 def test_gla_state_dict_matches_fla():
     """Parameter names/shapes of fla's GatedLinearAttention (fla/layers/gla.py)."""
     m = snn.GatedLinearAttention(hidden_size=64, num_heads=4, use_short_conv=True)
@@ -207,7 +331,7 @@ def test_errors():
 
 # ---- torch.compile ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["Mamba", "GLA", "Hyena", "MinGRU", "RGLRU", "LRU"])
+@pytest.mark.parametrize("name", ["Mamba", "Mamba2", "GLA", "Hyena", "MinGRU", "RGLRU", "LRU"])
 def test_fullgraph_compile_forward_backward(name):
     torch._dynamo.reset()
     m = make_layer(name, "reference")

@@ -3,10 +3,10 @@ of recurrent state.
 
 Each sequence holds ``pairs`` key-value pairs, then queries of those keys scattered over the rest;
 at every query the model must output the key's value. Small two-layer models, one per mixer
-(softmax attention via SDPA, Mamba, GLA, Based, Hyena, MinGRU, RG-LRU) at a few model widths, are
-trained for a fixed number of steps on data generated on the fly; the script prints accuracy vs
-the bytes of state a mixer carries while decoding (attention's KV cache and Hyena's history grow
-with the sequence) and writes a plot if matplotlib is installed.
+(softmax attention via SDPA, Mamba, Mamba-2, GLA, Based, Hyena, MinGRU, RG-LRU) at a few model
+widths, are trained for a fixed number of steps on data generated on the fly; the script prints
+accuracy vs the bytes of state a mixer carries while decoding (attention's KV cache and Hyena's
+history grow with the sequence) and writes a plot if matplotlib is installed.
 
     python -m ssm_kernels.examples.recall                 # default size: a few minutes on one GPU
     python -m ssm_kernels.examples.recall --tiny          # CPU smoke run in seconds (CI)
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import ssm_kernels
 import ssm_kernels.nn as snn
 
-MIXERS = ("attention", "mamba", "gla", "based", "hyena", "mingru", "rglru")
+MIXERS = ("attention", "mamba", "mamba2", "gla", "based", "hyena", "mingru", "rglru")
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -104,6 +104,9 @@ def make_mixer(name: str, d: int, seq_len: int, backend):
     if name == "mamba":
         m = snn.Mamba(d, d_state=16, d_conv=4, expand=2, backend=backend)
         return m, m.d_inner * (16 + 3) * f32
+    if name == "mamba2":
+        m = snn.Mamba2(d, d_state=64, d_conv=4, expand=2, headdim=min(32, 2 * d), backend=backend)
+        return m, (m.nheads * m.headdim * m.d_state + m.conv_dim * 3) * f32
     if name == "gla":
         m = snn.GatedLinearAttention(hidden_size=d, num_heads=heads, expand_k=0.5, expand_v=1.0,
                                      use_short_conv=True, backend=backend)

@@ -5,13 +5,14 @@ where its op supports them, and has ``allocate_cache(batch)`` + ``step(x_t, cach
 with the parallel form token by token; ``forward(x, cache=cache)`` continues from the cache and
 leaves the final states in it (prefill). ``backend="reference"`` runs them anywhere (CPU, float64).
 
-Mamba2 and GatedDeltaNet follow when their ops (SSD, the delta rule) land.
+GatedDeltaNet follows when its op (the delta rule) lands.
 """
 from ._common import ShortConvolution
 from .gla import GatedLinearAttention
 from .hyena import HyenaOperator
 from .mamba import Mamba
+from .mamba2 import Mamba2, RMSNormGated
 from .scan_layers import LRU, RGLRU, MinGRU, MinLSTM
 
-__all__ = ["Mamba", "GatedLinearAttention", "HyenaOperator", "MinGRU", "MinLSTM", "RGLRU", "LRU",
-           "ShortConvolution"]
+__all__ = ["Mamba", "Mamba2", "GatedLinearAttention", "HyenaOperator", "MinGRU", "MinLSTM",
+           "RGLRU", "LRU", "ShortConvolution", "RMSNormGated"]
