@@ -105,8 +105,8 @@ based_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _validate(name: str, q, k, v, scale, initial_state, cu_seqlens):
     for arg, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(arg, x, rank=4)
-        check_dtype(arg, x, floating=True)
+        check_tensor(name, arg, x, rank=4)
+        check_dtype(name, arg, x, floating=True)
     if k.shape != q.shape:
         raise ValueError(f"{name}: k must have q's shape [B, T, H, K] = {tuple(q.shape)}, "
                          f"got {tuple(k.shape)}")
@@ -129,8 +129,8 @@ def _validate(name: str, q, k, v, scale, initial_state, cu_seqlens):
     if cu_seqlens is not None:
         N = check_cu_seqlens(name, cu_seqlens, B, T)
     if initial_state is not None:
-        check_tensor("initial_state", initial_state, rank=4)
-        check_dtype("initial_state", initial_state, floating=True)
+        check_tensor(name, "initial_state", initial_state, rank=4)
+        check_dtype(name, "initial_state", initial_state, floating=True)
         want = (N, H, feature_dim(K), V + 1)
         if tuple(initial_state.shape) != want:
             raise ValueError(f"{name}: initial_state must have shape [N, H, 1+K+K*K, V+1] = "

@@ -118,7 +118,7 @@ linear_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _validate(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens):
     for name, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, x, rank=4)
+        check_tensor(fn, name, x, rank=4)
     if q.dtype not in _DTYPES:
         raise TypeError(f"{fn}: q must have dtype in {_DTYPES}, got {q.dtype}")
     for name, x in (("k", k), ("v", v)):
@@ -133,7 +133,7 @@ def _validate(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens
     if T == 0 or K == 0 or v.shape[3] == 0:
         raise ValueError(f"{fn}: q and v need T, K, V >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
     if g is not None:
-        check_tensor("g", g)
+        check_tensor(fn, "g", g)
         expect = (B, T, H) if g_kind == "head" else (B, T, H, K)
         if tuple(g.shape) != expect:
             layout = "[B, T, H]" if g_kind == "head" else "[B, T, H, K]"
@@ -147,7 +147,7 @@ def _validate(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens
     if cu_seqlens is not None:
         N = check_cu_seqlens(fn, cu_seqlens, B, T)
     if initial_state is not None:
-        check_tensor("initial_state", initial_state)
+        check_tensor(fn, "initial_state", initial_state)
         expect = (N, H, K, v.shape[3])
         if tuple(initial_state.shape) != expect:
             raise ValueError(f"{fn}: initial_state must have shape [N, H, K, V] = {expect} (N = "
@@ -194,7 +194,7 @@ def _head_gate(g, g_gamma, q):
 def _validate_gamma(fn, g_gamma, q):
     if g_gamma is None:
         return
-    check_tensor("g_gamma", g_gamma, rank=1)
+    check_tensor(fn, "g_gamma", g_gamma, rank=1)
     if g_gamma.shape[0] != q.shape[2]:
         raise ValueError(f"{fn}: g_gamma must have shape [H] = ({q.shape[2]},), got {tuple(g_gamma.shape)}")
     if not g_gamma.is_floating_point():
@@ -243,7 +243,7 @@ def _linear_attn(fn, q, k, v, scale, initial_state, output_final_state, normaliz
         kv0, z0 = initial_state, None
     N = _validate(fn, q, k, v, None, "head", scale, kv0, cu_seqlens)
     if z0 is not None:
-        check_tensor("initial_state[1] (z_state)", z0)
+        check_tensor(fn, "initial_state[1] (z_state)", z0)
         if tuple(z0.shape) != (N, 1, q.shape[2], q.shape[3]):
             raise ValueError(f"{fn}: initial_state[1] (z_state) must have shape [N, 1, H, K] = "
                              f"{(N, 1, q.shape[2], q.shape[3])}, got {tuple(z0.shape)}")

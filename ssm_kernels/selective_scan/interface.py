@@ -158,16 +158,17 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, ba
 
 # ---- validation ----------------------------------------------------------------------------------
 
-def _check_storage(name: str, x: Tensor, like: Tensor, shape: tuple) -> None:
-    check_tensor(name, x)
+def _check_storage(op: str, name: str, x: Tensor, like: Tensor, shape: tuple) -> None:
+    check_tensor(op, name, x)
     if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)} (u's (batch, dim, seqlen)), "
+                         f"got {tuple(x.shape)}")
     if x.dtype != like.dtype:
-        raise TypeError(f"{name} must have u's dtype {like.dtype}, got {x.dtype}")
+        raise TypeError(f"{op}: {name} must have u's dtype {like.dtype}, got {x.dtype}")
 
 
 def _check_weight_vector(op: str, name: str, x: Tensor, dim: int, u: Tensor) -> None:
-    check_tensor(name, x, rank=1)
+    check_tensor(op, name, x, rank=1)
     if x.shape[0] != dim:
         raise ValueError(f"{op}: {name} must have shape ({dim},) (dim), got {tuple(x.shape)}")
     ok = (torch.float32, torch.float64) if u.dtype == torch.float64 else (torch.float32,)
@@ -178,7 +179,7 @@ def _check_weight_vector(op: str, name: str, x: Tensor, dim: int, u: Tensor) -> 
 def _check_bc(name: str, M: Tensor, u: Tensor, A: Tensor) -> Tensor:
     """Validate B or C; return the canonical form: (dim, N) or contiguous (batch, G, N, L[*2])."""
     op = "selective_scan_fn"
-    check_tensor(name, M)
+    check_tensor(op, name, M)
     batch, dim, L = u.shape
     N = A.shape[1]
     if M.dim() == 2:
@@ -265,14 +266,14 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
                                     cu_seqlens=cu_seqlens, backend=backend,
                                     process_group=process_group)
     op = "selective_scan_fn"
-    check_tensor("u", u, rank=3)
+    check_tensor(op, "u", u, rank=3)
     if u.dtype not in _STORAGE + (torch.float64,):
         raise TypeError(f"{op}: u must be float32, float16, bfloat16 or float64, got {u.dtype}")
     batch, dim, L = u.shape
     if L == 0 or dim == 0 or batch == 0:
         raise ValueError(f"{op}: u must have non-empty (batch, dim, seqlen), got {tuple(u.shape)}")
-    _check_storage("delta", delta, u, u.shape)
-    check_tensor("A", A, rank=2)
+    _check_storage(op, "delta", delta, u, u.shape)
+    check_tensor(op, "A", A, rank=2)
     weights = _WEIGHTS + ((torch.float64, torch.complex128) if u.dtype == torch.float64 else ())
     if A.dtype not in weights:
         raise TypeError(f"{op}: A must be float32 or complex64, got {A.dtype}")
@@ -290,11 +291,11 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     if delta_bias is not None:
         _check_weight_vector(op, "delta_bias", delta_bias, dim, u)
     if z is not None:
-        _check_storage("z", z, u, u.shape)
+        _check_storage(op, "z", z, u, u.shape)
     if initial_state is not None:
-        check_tensor("initial_state", initial_state)
+        check_tensor(op, "initial_state", initial_state)
     if cu_seqlens is not None:
-        check_tensor("cu_seqlens", cu_seqlens)
+        check_tensor(op, "cu_seqlens", cu_seqlens)
     check_same_device(op, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
                       initial_state=initial_state, cu_seqlens=cu_seqlens)
     nseq = batch
@@ -303,7 +304,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     sd = state_dtype(u, A)
     h0 = None
     if initial_state is not None:
-        check_tensor("initial_state", initial_state)
+        check_tensor(op, "initial_state", initial_state)
         want = (nseq, dim, A.shape[1])
         if tuple(initial_state.shape) != want:
             what = "(nseq, dim, dstate)" if cu_seqlens is not None else "(batch, dim, dstate)"
@@ -354,7 +355,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         torch.Size([2, 8])
     """
     op = "selective_state_update"
-    check_tensor("state", state)
+    check_tensor(op, "state", state)
     if state.dim() not in (3, 4):
         raise ValueError(f"{op}: state must be (batch, dim, dstate) or (batch, nheads, headdim, "
                          f"dstate), got shape {tuple(state.shape)}")
@@ -366,26 +367,26 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     N = state.shape[-1]
     if not 1 <= N <= MAX_DSTATE:
         raise ValueError(f"{op}: dstate must be in [1, {MAX_DSTATE}], got {N}")
-    check_tensor("x", x)
+    check_tensor(op, "x", x)
     if x.dim() != len(inner) + 1 or tuple(x.shape[1:]) != inner:
         raise ValueError(f"{op}: x must have shape (batch, {', '.join(map(str, inner))}), got "
                          f"{tuple(x.shape)}")
     batch = x.shape[0]
     if state_batch_indices is None and state.shape[0] != batch:
         raise ValueError(f"{op}: state must have x's batch {batch}, got {state.shape[0]}")
-    check_tensor("dt", dt)
+    check_tensor(op, "dt", dt)
     if not dt.is_floating_point():
         raise TypeError(f"{op}: dt must have a floating dtype, got {dt.dtype}")
     if tuple(dt.shape) != tuple(x.shape):
         raise ValueError(f"{op}: dt must have x's shape {tuple(x.shape)}, got {tuple(dt.shape)}")
-    check_tensor("A", A)
+    check_tensor(op, "A", A)
     if A.is_complex() or A.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{op}: A must be float32 (complex A is not supported in the decode step), "
                         f"got {A.dtype}")
     if tuple(A.shape) != inner + (N,):
         raise ValueError(f"{op}: A must have shape {inner + (N,)}, got {tuple(A.shape)}")
     for name, M in (("B", B), ("C", C)):
-        check_tensor(name, M)
+        check_tensor(op, name, M)
         ok = (M.dim() == 2 and tuple(M.shape) == (batch, N)) or (
             M.dim() == 3 and M.shape[0] == batch and M.shape[2] == N)
         if not ok:
@@ -399,15 +400,15 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         raise ValueError(f"{op}: nheads {nheads} must be divisible by ngroups {groups}")
     for name, w in (("D", D), ("dt_bias", dt_bias)):
         if w is not None:
-            check_tensor(name, w)
+            check_tensor(op, name, w)
             if tuple(w.shape) != inner:
                 raise ValueError(f"{op}: {name} must have shape {inner}, got {tuple(w.shape)}")
     if z is not None:
-        check_tensor("z", z)
+        check_tensor(op, "z", z)
         if tuple(z.shape) != tuple(x.shape):
             raise ValueError(f"{op}: z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
     if state_batch_indices is not None:
-        check_tensor("state_batch_indices", state_batch_indices, rank=1)
+        check_tensor(op, "state_batch_indices", state_batch_indices, rank=1)
         if state_batch_indices.dtype not in (torch.int32, torch.int64) or \
                 state_batch_indices.shape[0] != batch:
             raise ValueError(f"{op}: state_batch_indices must be int32/int64 of shape ({batch},), "

@@ -151,7 +151,7 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx
               return_varlen_states):
     fn = "mamba_chunk_scan_combined"
     for name, t in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
-        check_tensor(name, t)
+        check_tensor(fn, name, t)
     if x.dim() != 4:
         raise ValueError(f"{fn}: x must have shape (batch, seqlen, nheads, headdim), got {tuple(x.shape)}")
     b, L, H, P = x.shape
@@ -180,15 +180,15 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
     if D is not None:
-        check_tensor("D", D)
+        check_tensor(fn, "D", D)
         if tuple(D.shape) not in ((H, P), (H,)):
             raise ValueError(f"{fn}: D must have shape (nheads, headdim) = {(H, P)} or (nheads,), got {tuple(D.shape)}")
     if z is not None:
-        check_tensor("z", z)
+        check_tensor(fn, "z", z)
         if z.shape != x.shape:
             raise ValueError(f"{fn}: z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
     if dt_bias is not None:
-        check_tensor("dt_bias", dt_bias)
+        check_tensor(fn, "dt_bias", dt_bias)
         if tuple(dt_bias.shape) != (H,):
             raise ValueError(f"{fn}: dt_bias must have shape (nheads,) = ({H},), got {tuple(dt_bias.shape)}")
     if seq_idx is not None and cu_seqlens is None:
@@ -200,7 +200,7 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx
     if cu_seqlens is not None:
         N = check_cu_seqlens(fn, cu_seqlens, b, L, axis="seqlen")
         if seq_idx is not None:
-            check_tensor("seq_idx", seq_idx)
+            check_tensor(fn, "seq_idx", seq_idx)
             if tuple(seq_idx.shape) != (b, L):
                 raise ValueError(f"{fn}: seq_idx must have shape (batch, seqlen) = {(b, L)}, got {tuple(seq_idx.shape)}")
             if checks_values(seq_idx) and checks_values(cu_seqlens):
@@ -209,7 +209,7 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx
                 if not torch.equal(seq_idx[0].long().cpu(), expect):
                     raise ValueError(f"{fn}: seq_idx disagrees with cu_seqlens")
     if initial_states is not None:
-        check_tensor("initial_states", initial_states)
+        check_tensor(fn, "initial_states", initial_states)
         expect = (N, H, P, B.shape[3])
         if tuple(initial_states.shape) != expect:
             raise ValueError(f"{fn}: initial_states must have shape (N, nheads, headdim, dstate) = "
