@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import _backend
 from .._ops import cached_on_metadata, kernel_op
-from ..validation import check_same_device, check_shape, check_tensor
+from ..validation import check_same_device, check_shape, check_tensor, empty_result
 from .reference import fft_conv_bwd_ref, fft_conv_fwd_ref, vandermonde_grads, vandermonde_ref
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -197,6 +197,8 @@ def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, pre_gate: Opti
             if gate.dtype != u.dtype:
                 raise TypeError(f"fft_conv: {name} must have u's dtype {u.dtype}, got {gate.dtype}")
     check_same_device("fft_conv", u=u, k=k, D=D, pre_gate=pre_gate, post_gate=post_gate)
+    if B == 0 or H == 0:  # nothing to transform (and the FFT libraries refuse empty batches)
+        return empty_result((B, H, L), u, u, k, D, pre_gate, post_gate)
     c = lambda x: None if x is None else x.contiguous()  # noqa: E731
     return fft_conv_fwd_op(u.contiguous(), k.contiguous(), c(D), c(pre_gate), c(post_gate),
                            _backend.normalize(backend))

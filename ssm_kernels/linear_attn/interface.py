@@ -16,7 +16,8 @@ from torch import Tensor
 
 from .. import _backend
 from .._ops import cached_on_metadata, kernel_op
-from ..validation import check_cu_seqlens, check_log_decay, check_same_device, check_tensor
+from ..validation import (check_cu_seqlens, check_log_decay, check_same_device, check_tensor,
+                          empty_result)
 from .reference import linear_attn_bwd_ref, linear_attn_fwd_ref, linear_attn_recurrent_ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -160,7 +161,14 @@ def _validate(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens
 
 
 def _core(q, k, v, g, scale, initial_state, cu_seqlens, reverse, backend, recurrent=False):
-    """Run the registered op on contiguous tensors; reverse=True walks every sequence backwards."""
+    """Run the registered op on contiguous tensors; reverse=True walks every sequence backwards.
+    An empty batch (B = 0) returns empty outputs without a launch (the gradients are zeros)."""
+    if q.shape[0] == 0:
+        _, T, H, K = q.shape
+        o = empty_result((0, T, H, v.shape[3]), v, q, k, v, g, initial_state)
+        ht = empty_result((0, H, K, v.shape[3]), q, q, k, v, g, initial_state,
+                          dtype=_state_dtype(q))
+        return o, ht
     K = q.shape[-1]
     scale = K ** -0.5 if scale is None else float(scale)
     sd = _state_dtype(q)
