@@ -117,6 +117,18 @@ linear_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- validation ------------------------------------------------------------------------------
 
+_LAYOUT_HINT = ("; q, k, v, g are [B, T, H, K] (fla's head_first=False); for [B, H, T, K] inputs "
+                "pass x.transpose(1, 2)")
+
+
+def _hint(got, want) -> str:
+    """The layout hint when `got` is `want` with dims 1 and 2 (T and H) swapped: a [B, H, T, ...]
+    tensor among [B, T, H, ...] ones, or q itself [B, H, T, K] and the others not."""
+    got, want = tuple(got), tuple(want)
+    swapped = want[:1] + want[2:3] + want[1:2] + want[3:]
+    return _LAYOUT_HINT if len(got) == len(want) >= 3 and got == swapped and got != want else ""
+
+
 def _validate(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens):
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_tensor(fn, name, x, rank=4)
@@ -127,10 +139,11 @@ def _validate(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens
             raise TypeError(f"{fn}: {name} must have q's dtype {q.dtype}, got {x.dtype}")
     B, T, H, K = q.shape
     if k.shape != q.shape:
-        raise ValueError(f"{fn}: k must have q's shape [B, T, H, K] = {tuple(q.shape)}, got {tuple(k.shape)}")
+        raise ValueError(f"{fn}: k must have q's shape [B, T, H, K] = {tuple(q.shape)}, got "
+                         f"{tuple(k.shape)}{_hint(k.shape, q.shape)}")
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"{fn}: v must have shape [B, T, H, V] with q's B, T, H = {tuple(q.shape[:3])}, "
-                         f"got {tuple(v.shape)}")
+                         f"got {tuple(v.shape)}{_hint(v.shape[:3], q.shape[:3])}")
     if T == 0 or K == 0 or v.shape[3] == 0:
         raise ValueError(f"{fn}: q and v need T, K, V >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
     if g is not None:
@@ -138,7 +151,8 @@ def _validate(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens
         expect = (B, T, H) if g_kind == "head" else (B, T, H, K)
         if tuple(g.shape) != expect:
             layout = "[B, T, H]" if g_kind == "head" else "[B, T, H, K]"
-            raise ValueError(f"{fn}: g must have shape {layout} = {expect}, got {tuple(g.shape)}")
+            raise ValueError(f"{fn}: g must have shape {layout} = {expect}, got {tuple(g.shape)}"
+                             f"{_hint(g.shape, expect)}")
         if not g.is_floating_point():
             raise TypeError(f"{fn}: g must have a floating dtype, got {g.dtype}")
         check_log_decay(fn, "g", g)
@@ -153,11 +167,18 @@ def _validate(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens
         if tuple(initial_state.shape) != expect:
             raise ValueError(f"{fn}: initial_state must have shape [N, H, K, V] = {expect} (N = "
                              f"{'len(cu_seqlens) - 1' if cu_seqlens is not None else 'B'}), got "
-                             f"{tuple(initial_state.shape)}")
+                             f"{tuple(initial_state.shape)}"
+                             f"{_head_first_hint(q, initial_state.shape[1:2])}")
         if not initial_state.is_floating_point():
             raise TypeError(f"{fn}: initial_state must have a floating dtype, got {initial_state.dtype}")
     check_same_device(fn, q=q, k=k, v=v, g=g, initial_state=initial_state, cu_seqlens=cu_seqlens)
     return N
+
+
+def _head_first_hint(q, heads) -> str:
+    """The layout hint when a tensor's heads axis `heads` (a 1-tuple) has q's dim 1, not its dim 2
+    (H): q is then likely [B, H, T, K]."""
+    return _LAYOUT_HINT if tuple(heads) == (q.shape[1],) != (q.shape[2],) else ""
 
 
 def _core(q, k, v, g, scale, initial_state, cu_seqlens, reverse, backend, recurrent=False):
@@ -204,7 +225,8 @@ def _validate_gamma(fn, g_gamma, q):
         return
     check_tensor(fn, "g_gamma", g_gamma, rank=1)
     if g_gamma.shape[0] != q.shape[2]:
-        raise ValueError(f"{fn}: g_gamma must have shape [H] = ({q.shape[2]},), got {tuple(g_gamma.shape)}")
+        raise ValueError(f"{fn}: g_gamma must have shape [H] = ({q.shape[2]},), got "
+                         f"{tuple(g_gamma.shape)}{_head_first_hint(q, g_gamma.shape)}")
     if not g_gamma.is_floating_point():
         raise TypeError(f"{fn}: g_gamma must have a floating dtype, got {g_gamma.dtype}")
     check_same_device(fn, q=q, g_gamma=g_gamma)

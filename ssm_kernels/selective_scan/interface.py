@@ -195,6 +195,14 @@ def _check_bc(name: str, M: Tensor, u: Tensor, A: Tensor) -> Tensor:
     M4 = M.unsqueeze(1) if M.dim() == 3 else M
     Lw = 2 * L if A.is_complex() else L
     if M4.shape[0] != batch or M4.shape[2] != N or M4.shape[3] != Lw:
+        if M.dim() == 3 and tuple(M.shape) == (batch, Lw, N):
+            raise ValueError(f"{op}: {name} looks like (batch, seqlen, dstate) = {tuple(M.shape)}; "
+                             f"{op} takes mamba-ssm's (batch, dstate, seqlen): pass "
+                             f"{name}.transpose(1, 2)")
+        if M.dim() == 4 and M.shape[0] == batch and M.shape[1] == Lw and M.shape[3] == N:
+            raise ValueError(f"{op}: {name} looks like (batch, seqlen, groups, dstate) = "
+                             f"{tuple(M.shape)}; {op} takes mamba-ssm's (batch, groups, dstate, "
+                             f"seqlen): pass {name}.permute(0, 2, 3, 1)")
         exp = "(batch, dstate, L)" if M.dim() == 3 else "(batch, groups, dstate, L)"
         raise ValueError(f"{op}: time-varying {name} must have shape {exp} with batch={batch}, "
                          f"dstate={N}, L={Lw}{' (2 * seqlen for complex A)' if A.is_complex() else ''}"
@@ -278,6 +286,10 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     if A.dtype not in weights:
         raise TypeError(f"{op}: A must be float32 or complex64, got {A.dtype}")
     if A.shape[0] != dim:
+        if u.shape[2] == A.shape[0]:
+            raise ValueError(f"{op}: u looks like (batch, seqlen, dim) = {tuple(u.shape)} (A has "
+                             f"dim={A.shape[0]}); {op} takes mamba-ssm's (batch, dim, seqlen): "
+                             f"pass u.transpose(1, 2) (and delta, z)")
         raise ValueError(f"{op}: A must have shape (dim, dstate) with dim={dim}, got {tuple(A.shape)}")
     if not 1 <= A.shape[1] <= MAX_DSTATE:
         raise ValueError(f"{op}: dstate (A.shape[1]) must be in [1, {MAX_DSTATE}], got {A.shape[1]}")

@@ -147,6 +147,18 @@ ssd_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- public function -------------------------------------------------------------------------
 
+_LAYOUT_HINT = ("; x and z are (batch, seqlen, nheads, headdim), B and C (batch, seqlen, ngroups, "
+                "dstate), dt (batch, seqlen, nheads) (mamba-ssm's layout, like fla's "
+                "head_first=False); for (batch, nheads, seqlen, ...) inputs pass t.transpose(1, 2)")
+
+
+def _swap_hint(got, want) -> str:
+    """The layout hint when `got` is `want` with dims 1 and 2 (seqlen and heads) swapped."""
+    got, want = tuple(got), tuple(want)
+    swapped = want[:1] + want[2:3] + want[1:2] + want[3:]
+    return _LAYOUT_HINT if len(got) == len(want) >= 3 and got == swapped and got != want else ""
+
+
 def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
               return_varlen_states):
     fn = "mamba_chunk_scan_combined"
@@ -160,12 +172,16 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx
     if L == 0 or P == 0:
         raise ValueError(f"{fn}: x needs seqlen, headdim >= 1, got {tuple(x.shape)}")
     if tuple(dt.shape) != (b, L, H):
-        raise ValueError(f"{fn}: dt must have shape (batch, seqlen, nheads) = {(b, L, H)}, got {tuple(dt.shape)}")
+        raise ValueError(f"{fn}: dt must have shape (batch, seqlen, nheads) = {(b, L, H)}, got "
+                         f"{tuple(dt.shape)}{_swap_hint(dt.shape, (b, L, H))}")
     if tuple(A.shape) != (H,):
-        raise ValueError(f"{fn}: A must have shape (nheads,) = ({H},), got {tuple(A.shape)}")
+        hint = _LAYOUT_HINT if tuple(A.shape) == (L,) != (H,) else ""
+        raise ValueError(f"{fn}: A must have shape (nheads,) = ({H},), got {tuple(A.shape)}{hint}")
     if B.dim() != 4 or B.shape[:2] != x.shape[:2]:
+        hint = _LAYOUT_HINT if B.dim() == 4 and B.shape[0] == b and (B.shape[2] == L or
+                                                                     B.shape[1] == H) else ""
         raise ValueError(f"{fn}: B must have shape (batch, seqlen, ngroups, dstate) with x's batch, "
-                         f"seqlen {(b, L)}, got {tuple(B.shape)}")
+                         f"seqlen {(b, L)}, got {tuple(B.shape)}{hint}")
     G = B.shape[2]
     if G == 0 or H % G != 0 or B.shape[3] == 0:
         raise ValueError(f"{fn}: B's ngroups must divide nheads={H} and dstate be >= 1, got {tuple(B.shape)}")
@@ -186,7 +202,8 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx
     if z is not None:
         check_tensor(fn, "z", z)
         if z.shape != x.shape:
-            raise ValueError(f"{fn}: z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
+            raise ValueError(f"{fn}: z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}"
+                             f"{_swap_hint(z.shape, x.shape)}")
     if dt_bias is not None:
         check_tensor(fn, "dt_bias", dt_bias)
         if tuple(dt_bias.shape) != (H,):
@@ -214,7 +231,8 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx
         if tuple(initial_states.shape) != expect:
             raise ValueError(f"{fn}: initial_states must have shape (N, nheads, headdim, dstate) = "
                              f"{expect} (N = batch, or the number of sequences with cu_seqlens), "
-                             f"got {tuple(initial_states.shape)}")
+                             f"got {tuple(initial_states.shape)}"
+                             f"{_LAYOUT_HINT if initial_states.shape[1:2] == (L,) != (H,) else ''}")
     check_same_device(fn, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
                       initial_states=initial_states, cu_seqlens=cu_seqlens)
     if checks_values(A) and bool((A > 0).any()):
