@@ -50,9 +50,11 @@ def check_dtype(op: str, name: str, x: torch.Tensor, floating: bool = True,
 
 def check_same_device(op: str, **tensors) -> None:
     device = None
-    for v in tensors.values():  # the common case costs one comparison per tensor
+    for k, v in tensors.items():  # the common case costs one comparison per tensor
         if v is None:
             continue
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{op}: {k} must be a torch.Tensor or None, got {type(v).__name__}")
         if device is None:
             device = v.device
         elif v.device != device:

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import _backend
 from .._ops import cached_on_metadata, kernel_op
-from ..validation import check_cu_seqlens, check_same_device, check_tensor
+from ..validation import check_cu_seqlens, check_same_device, check_tensor, empty_result
 from .reference import (ckpt_rows, selective_scan_bwd_ref, selective_scan_fwd_ref,
                         selective_state_update_ref, state_dtype)
 
@@ -278,8 +278,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     if u.dtype not in _STORAGE + (torch.float64,):
         raise TypeError(f"{op}: u must be float32, float16, bfloat16 or float64, got {u.dtype}")
     batch, dim, L = u.shape
-    if L == 0 or dim == 0 or batch == 0:
-        raise ValueError(f"{op}: u must have non-empty (batch, dim, seqlen), got {tuple(u.shape)}")
+    if L == 0 or dim == 0:
+        raise ValueError(f"{op}: u must have non-empty (dim, seqlen), got {tuple(u.shape)}")
     _check_storage(op, "delta", delta, u, u.shape)
     check_tensor(op, "A", A, rank=2)
     weights = _WEIGHTS + ((torch.float64, torch.complex128) if u.dtype == torch.float64 else ())
@@ -328,6 +328,10 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         h0 = initial_state.to(sd).contiguous()
     bk = _backend.normalize(backend)
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if batch == 0:  # an empty batch: nothing to launch; zero gradients
+        out = empty_result(u.shape, u, *tensors)
+        return (out, empty_result((0, dim, A.shape[1]), u, *tensors, dtype=sd)) \
+            if return_last_state else out
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     out, last, _ = selective_scan_fwd_op(
         u.contiguous(), delta.contiguous(), A.contiguous(), Bc, Cc,
