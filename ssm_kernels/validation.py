@@ -95,6 +95,15 @@ def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, batch: int, T: int, *,
     return cu_seqlens.numel() - 1
 
 
+def swaps_dims_1_2(got, want) -> bool:
+    """Whether shape `got` is shape `want` with dims 1 and 2 swapped (and differs from it): a
+    [B, H, T, ...] tensor where [B, T, H, ...] is expected, or the other way round. For layout
+    hints in error messages."""
+    got, want = tuple(got), tuple(want)
+    return len(got) == len(want) >= 3 and got != want and \
+        got == want[:1] + want[2:3] + want[1:2] + want[3:]
+
+
 def empty_result(shape, like: torch.Tensor, *inputs, dtype: Optional[torch.dtype] = None
                  ) -> torch.Tensor:
     """A zero-filled output of `shape` for a call with nothing to compute (an empty batch), wired

@@ -17,7 +17,7 @@ from torch import Tensor
 from .. import _backend
 from .._ops import cached_on_metadata, kernel_op
 from ..validation import (check_cu_seqlens, check_log_decay, check_same_device, check_tensor,
-                          empty_result)
+                          empty_result, swaps_dims_1_2)
 from .reference import linear_attn_bwd_ref, linear_attn_fwd_ref, linear_attn_recurrent_ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -122,11 +122,8 @@ _LAYOUT_HINT = ("; q, k, v, g are [B, T, H, K] (fla's head_first=False); for [B,
 
 
 def _hint(got, want) -> str:
-    """The layout hint when `got` is `want` with dims 1 and 2 (T and H) swapped: a [B, H, T, ...]
-    tensor among [B, T, H, ...] ones, or q itself [B, H, T, K] and the others not."""
-    got, want = tuple(got), tuple(want)
-    swapped = want[:1] + want[2:3] + want[1:2] + want[3:]
-    return _LAYOUT_HINT if len(got) == len(want) >= 3 and got == swapped and got != want else ""
+    """The layout hint when `got` is `want` with dims 1 and 2 (time and heads) swapped."""
+    return _LAYOUT_HINT if swaps_dims_1_2(got, want) else ""
 
 
 def _validate(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens):

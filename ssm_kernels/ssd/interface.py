@@ -17,7 +17,8 @@ from torch import Tensor
 
 from .. import _backend
 from .._ops import cached_on_metadata, kernel_op
-from ..validation import check_cu_seqlens, check_same_device, check_tensor, checks_values
+from ..validation import (check_cu_seqlens, check_same_device, check_tensor, checks_values,
+                          swaps_dims_1_2)
 from ..linear_attn.reference import linear_attn_bwd_ref
 from .reference import heads, process_dt, ssd_chunked
 
@@ -153,10 +154,8 @@ _LAYOUT_HINT = ("; x and z are (batch, seqlen, nheads, headdim), B and C (batch,
 
 
 def _swap_hint(got, want) -> str:
-    """The layout hint when `got` is `want` with dims 1 and 2 (seqlen and heads) swapped."""
-    got, want = tuple(got), tuple(want)
-    swapped = want[:1] + want[2:3] + want[1:2] + want[3:]
-    return _LAYOUT_HINT if len(got) == len(want) >= 3 and got == swapped and got != want else ""
+    """The layout hint when `got` is `want` with dims 1 and 2 (time and heads) swapped."""
+    return _LAYOUT_HINT if swaps_dims_1_2(got, want) else ""
 
 
 def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
