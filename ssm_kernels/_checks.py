@@ -30,6 +30,7 @@ OPS = {
     "linear_attn": "chunk_linear_attn, chunk_simple_gla, chunk_gla, fused_recurrent_gla",
     "based": "chunk_based, fused_recurrent_based",
     "fft_conv": "fft_conv, s4d_kernel",
+    "causal_conv1d": "causal_conv1d_fn, causal_conv1d_update",
 }
 
 

@@ -8,7 +8,8 @@ from torch import Tensor
 
 from .. import _backend
 from .._ops import cached_on_metadata, kernel_op
-from ..validation import check_cu_seqlens, check_dtype, check_same_device, check_tensor
+from ..validation import (check_cu_seqlens, check_dtype, check_same_device, check_tensor,
+                          empty_result)
 from .reference import based_bwd_ref, based_parallel_ref, feature_dim, state_dtype
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -105,8 +106,8 @@ based_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _validate(name: str, q, k, v, scale, initial_state, cu_seqlens):
     for arg, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(arg, x, rank=4)
-        check_dtype(arg, x, floating=True)
+        check_tensor(name, arg, x, rank=4)
+        check_dtype(name, arg, x, floating=True)
     if k.shape != q.shape:
         raise ValueError(f"{name}: k must have q's shape [B, T, H, K] = {tuple(q.shape)}, "
                          f"got {tuple(k.shape)}")
@@ -119,7 +120,7 @@ def _validate(name: str, q, k, v, scale, initial_state, cu_seqlens):
     check_same_device(name, q=q, k=k, v=v, initial_state=initial_state, cu_seqlens=cu_seqlens)
     B, T, H, K = q.shape
     V = v.shape[-1]
-    if T == 0 or K == 0 or V == 0 or H == 0 or B == 0:
+    if T == 0 or K == 0 or V == 0 or H == 0:
         raise ValueError(f"{name}: q and v must have nonzero sizes, got q {tuple(q.shape)} and "
                          f"v {tuple(v.shape)}")
     if scale is not None:
@@ -129,8 +130,8 @@ def _validate(name: str, q, k, v, scale, initial_state, cu_seqlens):
     if cu_seqlens is not None:
         N = check_cu_seqlens(name, cu_seqlens, B, T)
     if initial_state is not None:
-        check_tensor("initial_state", initial_state, rank=4)
-        check_dtype("initial_state", initial_state, floating=True)
+        check_tensor(name, "initial_state", initial_state, rank=4)
+        check_dtype(name, "initial_state", initial_state, floating=True)
         want = (N, H, feature_dim(K), V + 1)
         if tuple(initial_state.shape) != want:
             raise ValueError(f"{name}: initial_state must have shape [N, H, 1+K+K*K, V+1] = "
@@ -141,6 +142,12 @@ def _validate(name: str, q, k, v, scale, initial_state, cu_seqlens):
 def _based(name, q, k, v, scale, use_norm, initial_state, output_final_state, cu_seqlens, backend,
            step=False):
     scale = _validate(name, q, k, v, scale, initial_state, cu_seqlens)
+    if q.shape[0] == 0:  # an empty batch: nothing to launch; zero gradients
+        B, T, H, K = q.shape
+        o = empty_result((0, T, H, v.shape[3]), v, q, k, v, initial_state)
+        hT = empty_result((0, H, feature_dim(K), v.shape[3] + 1), q, q, k, v, initial_state,
+                          dtype=state_dtype(q.dtype))
+        return o, (hT if output_final_state else None)
     h0 = None if initial_state is None else initial_state.to(state_dtype(q.dtype)).contiguous()
     o, _, hT = based_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), h0, scale,
                             bool(use_norm), cu_seqlens, bool(output_final_state), step,

@@ -132,22 +132,22 @@ def _(x, conv_state, weight, bias, silu, cache_seqlens, conv_state_indices, back
 
 # ---- public functions -------------------------------------------------------------------------
 
-def _activation(activation) -> bool:
+def _activation(op: str, activation) -> bool:
     if activation not in (None, "silu", "swish"):
-        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+        raise ValueError(f"{op}: activation must be None, 'silu' or 'swish', got {activation!r}")
     return activation is not None
 
 
 def _check_weight(op: str, weight, bias, dim: int) -> int:
-    check_tensor("weight", weight, rank=2)
-    check_dtype("weight", weight)
+    check_tensor(op, "weight", weight, rank=2)
+    check_dtype(op, "weight", weight)
     if weight.shape[0] != dim or weight.shape[1] < 1:
         raise ValueError(f"{op}: weight must have shape (dim={dim}, width >= 1), got "
                          f"{tuple(weight.shape)}")
     if bias is not None:
-        check_tensor("bias", bias)
-        check_dtype("bias", bias)
-        check_shape("bias", bias, (dim,))
+        check_tensor(op, "bias", bias)
+        check_dtype(op, "bias", bias)
+        check_shape(op, "bias", bias, (dim,))
     return weight.shape[1]
 
 
@@ -198,11 +198,11 @@ def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         (torch.Size([2, 64, 100]), torch.Size([2, 64, 3]))
     """
     op = "causal_conv1d_fn"
-    check_tensor("x", x, rank=3)
-    check_dtype("x", x)
+    check_tensor(op, "x", x, rank=3)
+    check_dtype(op, "x", x)
     B, D, T = x.shape
     W = _check_weight(op, weight, bias, D)
-    silu = _activation(activation)
+    silu = _activation(op, activation)
     check_same_device(op, x=x, weight=weight, bias=bias, seq_idx=seq_idx,
                       initial_states=initial_states, cu_seqlens=cu_seqlens,
                       final_states_out=final_states_out)
@@ -212,19 +212,19 @@ def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
             raise ValueError(f"{op}: give seq_idx or cu_seqlens, not both")
         n_states = check_cu_seqlens(op, cu_seqlens, B, T, axis="seqlen")
     if seq_idx is not None:
-        check_tensor("seq_idx", seq_idx, rank=2)
-        check_dtype("seq_idx", seq_idx, allowed=(torch.int32, torch.int64))
-        check_shape("seq_idx", seq_idx, (B, T))
+        check_tensor(op, "seq_idx", seq_idx, rank=2)
+        check_dtype(op, "seq_idx", seq_idx, allowed=(torch.int32, torch.int64))
+        check_shape(op, "seq_idx", seq_idx, (B, T))
         if initial_states is not None or return_final_states:
             raise ValueError(f"{op}: seq_idx cannot be combined with initial_states or "
                              f"return_final_states (use cu_seqlens for per-sequence states)")
     if initial_states is not None:
-        check_tensor("initial_states", initial_states, rank=3)
-        check_dtype("initial_states", initial_states)
-        check_shape("initial_states", initial_states, (n_states, D, W - 1))
+        check_tensor(op, "initial_states", initial_states, rank=3)
+        check_dtype(op, "initial_states", initial_states)
+        check_shape(op, "initial_states", initial_states, (n_states, D, W - 1))
     if final_states_out is not None:
-        check_tensor("final_states_out", final_states_out, rank=3)
-        check_shape("final_states_out", final_states_out, (n_states, D, W - 1))
+        check_tensor(op, "final_states_out", final_states_out, rank=3)
+        check_shape(op, "final_states_out", final_states_out, (n_states, D, W - 1))
     out, final = causal_conv1d_fwd_op(x, weight.contiguous(), bias, seq_idx, cu_seqlens,
                                       initial_states, silu, bool(return_final_states),
                                       _backend.normalize(backend))
@@ -271,17 +271,17 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor,
         torch.Size([2, 64])
     """
     op = "causal_conv1d_update"
-    check_tensor("x", x)
+    check_tensor(op, "x", x)
     if x.dim() not in (2, 3):
         raise ValueError(f"{op}: x must have shape (batch, dim) or (batch, dim, seqlen), got "
                          f"{tuple(x.shape)}")
-    check_dtype("x", x)
+    check_dtype(op, "x", x)
     x3 = x.unsqueeze(-1) if x.dim() == 2 else x
     B, D, L = x3.shape
     W = _check_weight(op, weight, bias, D)
-    silu = _activation(activation)
-    check_tensor("conv_state", conv_state, rank=3)
-    check_dtype("conv_state", conv_state)
+    silu = _activation(op, activation)
+    check_tensor(op, "conv_state", conv_state, rank=3)
+    check_dtype(op, "conv_state", conv_state)
     check_same_device(op, x=x, conv_state=conv_state, weight=weight, bias=bias,
                       cache_seqlens=cache_seqlens, conv_state_indices=conv_state_indices)
     S = conv_state.shape[2]
@@ -290,16 +290,16 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor,
         raise ValueError(f"{op}: conv_state must have shape ({rows}, dim={D}, state_len >= "
                          f"width - 1 = {W - 1}), got {tuple(conv_state.shape)}")
     if cache_seqlens is not None:
-        check_tensor("cache_seqlens", cache_seqlens, rank=1)
-        check_dtype("cache_seqlens", cache_seqlens, allowed=(torch.int32, torch.int64))
-        check_shape("cache_seqlens", cache_seqlens, (B,))
+        check_tensor(op, "cache_seqlens", cache_seqlens, rank=1)
+        check_dtype(op, "cache_seqlens", cache_seqlens, allowed=(torch.int32, torch.int64))
+        check_shape(op, "cache_seqlens", cache_seqlens, (B,))
         if S < 1:
             raise ValueError(f"{op}: a circular conv_state (cache_seqlens given) needs state_len "
                              f">= 1, got {S}")
     if conv_state_indices is not None:
-        check_tensor("conv_state_indices", conv_state_indices, rank=1)
-        check_dtype("conv_state_indices", conv_state_indices, allowed=(torch.int32, torch.int64))
-        check_shape("conv_state_indices", conv_state_indices, (B,))
+        check_tensor(op, "conv_state_indices", conv_state_indices, rank=1)
+        check_dtype(op, "conv_state_indices", conv_state_indices, allowed=(torch.int32, torch.int64))
+        check_shape(op, "conv_state_indices", conv_state_indices, (B,))
     out = causal_conv1d_update_op(x3, conv_state, weight.contiguous(), bias, silu, cache_seqlens,
                                   conv_state_indices, _backend.normalize(backend))
     return out.squeeze(-1) if x.dim() == 2 else out

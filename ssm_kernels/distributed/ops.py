@@ -188,7 +188,7 @@ def cp_chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_s
         return o, (ht if output_final_state else None)
 
     if z0 is not None:
-        check_tensor("initial_state[1] (z_state)", z0)
+        check_tensor("chunk_linear_attn", "initial_state[1] (z_state)", z0)
         if tuple(z0.shape) != (q.shape[0], 1, q.shape[2], q.shape[3]):
             raise ValueError(f"chunk_linear_attn: initial_state[1] (z_state) must have shape "
                              f"[N, 1, H, K] = {(q.shape[0], 1, q.shape[2], q.shape[3])}, got "

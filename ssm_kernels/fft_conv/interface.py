@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import _backend
 from .._ops import cached_on_metadata, kernel_op
-from ..validation import check_same_device, check_shape, check_tensor
+from ..validation import check_same_device, check_shape, check_tensor, empty_result
 from .reference import fft_conv_bwd_ref, fft_conv_fwd_ref, vandermonde_grads, vandermonde_ref
 
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -170,8 +170,8 @@ def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, pre_gate: Opti
         >>> y.shape
         torch.Size([2, 4, 1000])
     """
-    check_tensor("u", u, rank=3)
-    check_tensor("k", k, rank=2)
+    check_tensor("fft_conv", "u", u, rank=3)
+    check_tensor("fft_conv", "k", k, rank=2)
     if u.is_complex() or u.dtype not in _U_DTYPES:
         raise TypeError(f"fft_conv: u must have dtype in {_U_DTYPES} (real), got {u.dtype}")
     if not k.is_floating_point():
@@ -186,17 +186,19 @@ def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, pre_gate: Opti
         raise ValueError(f"fft_conv: k's length Lk must satisfy 1 <= Lk <= L = {L}, got "
                          f"k of shape {tuple(k.shape)}")
     if D is not None:
-        check_tensor("D", D)
+        check_tensor("fft_conv", "D", D)
         if not D.is_floating_point():
             raise TypeError(f"fft_conv: D must have a real floating dtype (float32), got {D.dtype}")
-        check_shape("D", D, (H,))
+        check_shape("fft_conv", "D", D, (H,))
     for name, gate in (("pre_gate", pre_gate), ("post_gate", post_gate)):
         if gate is not None:
-            check_tensor(name, gate)
-            check_shape(name, gate, tuple(u.shape))
+            check_tensor("fft_conv", name, gate)
+            check_shape("fft_conv", name, gate, tuple(u.shape))
             if gate.dtype != u.dtype:
                 raise TypeError(f"fft_conv: {name} must have u's dtype {u.dtype}, got {gate.dtype}")
     check_same_device("fft_conv", u=u, k=k, D=D, pre_gate=pre_gate, post_gate=post_gate)
+    if B == 0 or H == 0:  # nothing to transform (and the FFT libraries refuse empty batches)
+        return empty_result((B, H, L), u, u, k, D, pre_gate, post_gate)
     c = lambda x: None if x is None else x.contiguous()  # noqa: E731
     return fft_conv_fwd_op(u.contiguous(), k.contiguous(), c(D), c(pre_gate), c(post_gate),
                            _backend.normalize(backend))
@@ -298,17 +300,17 @@ def s4d_kernel(log_dt: Tensor, A: Tensor, C: Tensor, L: int, *, backend: Optiona
         >>> ssm_kernels.s4d_kernel(log_dt, A, C, 1024).shape
         torch.Size([4, 1024])
     """
-    check_tensor("log_dt", log_dt, rank=1)
-    check_tensor("A", A, rank=2)
-    check_tensor("C", C, rank=2)
+    check_tensor("s4d_kernel", "log_dt", log_dt, rank=1)
+    check_tensor("s4d_kernel", "A", A, rank=2)
+    check_tensor("s4d_kernel", "C", C, rank=2)
     if log_dt.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"s4d_kernel: log_dt must be float32 (or float64), got {log_dt.dtype}")
     for name, x in (("A", A), ("C", C)):
         if x.dtype not in (torch.complex64, torch.complex128):
             raise TypeError(f"s4d_kernel: {name} must be complex64 (or complex128), got {x.dtype}")
     H = log_dt.shape[0]
-    check_shape("A", A, (H, None))
-    check_shape("C", C, tuple(A.shape))
+    check_shape("s4d_kernel", "A", A, (H, None))
+    check_shape("s4d_kernel", "C", C, tuple(A.shape))
     if isinstance(L, bool) or not isinstance(L, int) or L < 1:
         raise ValueError(f"s4d_kernel: L must be an int >= 1, got {L!r}")
     check_same_device("s4d_kernel", log_dt=log_dt, A=A, C=C)

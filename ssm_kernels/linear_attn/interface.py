@@ -17,7 +17,8 @@ from torch import Tensor
 from .. import _backend
 from .._ops import kernel_op
 from ..chunk.select import select
-from ..validation import check_cu_seqlens, check_log_decay, check_same_device, check_tensor
+from ..validation import (check_cu_seqlens, check_log_decay, check_same_device, check_tensor,
+                          empty_result, swaps_dims_1_2)
 from .reference import linear_attn_bwd_ref, linear_attn_fwd_ref, linear_attn_recurrent_ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -102,9 +103,18 @@ linear_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- validation ------------------------------------------------------------------------------
 
+_LAYOUT_HINT = ("; q, k, v, g are [B, T, H, K] (fla's head_first=False); for [B, H, T, K] inputs "
+                "pass x.transpose(1, 2)")
+
+
+def _hint(got, want) -> str:
+    """The layout hint when `got` is `want` with dims 1 and 2 (time and heads) swapped."""
+    return _LAYOUT_HINT if swaps_dims_1_2(got, want) else ""
+
+
 def _validate(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens):
     for name, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, x, rank=4)
+        check_tensor(fn, name, x, rank=4)
     if q.dtype not in _DTYPES:
         raise TypeError(f"{fn}: q must have dtype in {_DTYPES}, got {q.dtype}")
     for name, x in (("k", k), ("v", v)):
@@ -112,18 +122,20 @@ def _validate(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens
             raise TypeError(f"{fn}: {name} must have q's dtype {q.dtype}, got {x.dtype}")
     B, T, H, K = q.shape
     if k.shape != q.shape:
-        raise ValueError(f"{fn}: k must have q's shape [B, T, H, K] = {tuple(q.shape)}, got {tuple(k.shape)}")
+        raise ValueError(f"{fn}: k must have q's shape [B, T, H, K] = {tuple(q.shape)}, got "
+                         f"{tuple(k.shape)}{_hint(k.shape, q.shape)}")
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"{fn}: v must have shape [B, T, H, V] with q's B, T, H = {tuple(q.shape[:3])}, "
-                         f"got {tuple(v.shape)}")
+                         f"got {tuple(v.shape)}{_hint(v.shape[:3], q.shape[:3])}")
     if T == 0 or K == 0 or v.shape[3] == 0:
         raise ValueError(f"{fn}: q and v need T, K, V >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
     if g is not None:
-        check_tensor("g", g)
+        check_tensor(fn, "g", g)
         expect = (B, T, H) if g_kind == "head" else (B, T, H, K)
         if tuple(g.shape) != expect:
             layout = "[B, T, H]" if g_kind == "head" else "[B, T, H, K]"
-            raise ValueError(f"{fn}: g must have shape {layout} = {expect}, got {tuple(g.shape)}")
+            raise ValueError(f"{fn}: g must have shape {layout} = {expect}, got {tuple(g.shape)}"
+                             f"{_hint(g.shape, expect)}")
         if not g.is_floating_point():
             raise TypeError(f"{fn}: g must have a floating dtype, got {g.dtype}")
         check_log_decay(fn, "g", g)
@@ -133,20 +145,34 @@ def _validate(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens
     if cu_seqlens is not None:
         N = check_cu_seqlens(fn, cu_seqlens, B, T)
     if initial_state is not None:
-        check_tensor("initial_state", initial_state)
+        check_tensor(fn, "initial_state", initial_state)
         expect = (N, H, K, v.shape[3])
         if tuple(initial_state.shape) != expect:
             raise ValueError(f"{fn}: initial_state must have shape [N, H, K, V] = {expect} (N = "
                              f"{'len(cu_seqlens) - 1' if cu_seqlens is not None else 'B'}), got "
-                             f"{tuple(initial_state.shape)}")
+                             f"{tuple(initial_state.shape)}"
+                             f"{_head_first_hint(q, initial_state.shape[1:2])}")
         if not initial_state.is_floating_point():
             raise TypeError(f"{fn}: initial_state must have a floating dtype, got {initial_state.dtype}")
     check_same_device(fn, q=q, k=k, v=v, g=g, initial_state=initial_state, cu_seqlens=cu_seqlens)
     return N
 
 
+def _head_first_hint(q, heads) -> str:
+    """The layout hint when a tensor's heads axis `heads` (a 1-tuple) has q's dim 1, not its dim 2
+    (H): q is then likely [B, H, T, K]."""
+    return _LAYOUT_HINT if tuple(heads) == (q.shape[1],) != (q.shape[2],) else ""
+
+
 def _core(q, k, v, g, scale, initial_state, cu_seqlens, reverse, backend, recurrent=False):
-    """Run the registered op on contiguous tensors; reverse=True walks every sequence backwards."""
+    """Run the registered op on contiguous tensors; reverse=True walks every sequence backwards.
+    An empty batch (B = 0) returns empty outputs without a launch (the gradients are zeros)."""
+    if q.shape[0] == 0:
+        _, T, H, K = q.shape
+        o = empty_result((0, T, H, v.shape[3]), v, q, k, v, g, initial_state)
+        ht = empty_result((0, H, K, v.shape[3]), q, q, k, v, g, initial_state,
+                          dtype=_state_dtype(q))
+        return o, ht
     K = q.shape[-1]
     scale = K ** -0.5 if scale is None else float(scale)
     sd = _state_dtype(q)
@@ -180,9 +206,10 @@ def _head_gate(g, g_gamma, q):
 def _validate_gamma(fn, g_gamma, q):
     if g_gamma is None:
         return
-    check_tensor("g_gamma", g_gamma, rank=1)
+    check_tensor(fn, "g_gamma", g_gamma, rank=1)
     if g_gamma.shape[0] != q.shape[2]:
-        raise ValueError(f"{fn}: g_gamma must have shape [H] = ({q.shape[2]},), got {tuple(g_gamma.shape)}")
+        raise ValueError(f"{fn}: g_gamma must have shape [H] = ({q.shape[2]},), got "
+                         f"{tuple(g_gamma.shape)}{_head_first_hint(q, g_gamma.shape)}")
     if not g_gamma.is_floating_point():
         raise TypeError(f"{fn}: g_gamma must have a floating dtype, got {g_gamma.dtype}")
     check_same_device(fn, q=q, g_gamma=g_gamma)
@@ -229,7 +256,7 @@ def _linear_attn(fn, q, k, v, scale, initial_state, output_final_state, normaliz
         kv0, z0 = initial_state, None
     N = _validate(fn, q, k, v, None, "head", scale, kv0, cu_seqlens)
     if z0 is not None:
-        check_tensor("initial_state[1] (z_state)", z0)
+        check_tensor(fn, "initial_state[1] (z_state)", z0)
         if tuple(z0.shape) != (N, 1, q.shape[2], q.shape[3]):
             raise ValueError(f"{fn}: initial_state[1] (z_state) must have shape [N, 1, H, K] = "
                              f"{(N, 1, q.shape[2], q.shape[3])}, got {tuple(z0.shape)}")

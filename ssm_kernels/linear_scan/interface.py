@@ -144,9 +144,9 @@ def linear_scan(a: Tensor, b: Tensor, initial_state: Optional[Tensor] = None, *,
         return cp_linear_scan(a, b, initial_state, dim=dim, reverse=reverse,
                               output_final_state=output_final_state, backend=backend,
                               process_group=process_group)
-    check_tensor("a", a, min_rank=2)
-    check_tensor("b", b, min_rank=2)
-    check_dtype("a", a, floating=True, complex_ok=True)
+    check_tensor("linear_scan", "a", a, min_rank=2)
+    check_tensor("linear_scan", "b", b, min_rank=2)
+    check_dtype("linear_scan", "a", a, floating=True, complex_ok=True)
     if b.dtype != a.dtype:
         raise TypeError(f"linear_scan: b must have a's dtype {a.dtype}, got {b.dtype}")
     if b.shape != a.shape:
@@ -161,8 +161,8 @@ def linear_scan(a: Tensor, b: Tensor, initial_state: Optional[Tensor] = None, *,
         raise ValueError("linear_scan: the time axis (dim) must have length >= 1, got 0")
     state_shape = a.shape[:dim] + a.shape[dim + 1:]
     if initial_state is not None:
-        check_tensor("initial_state", initial_state)
-        check_dtype("initial_state", initial_state, floating=True, complex_ok=a.is_complex())
+        check_tensor("linear_scan", "initial_state", initial_state)
+        check_dtype("linear_scan", "initial_state", initial_state, floating=True, complex_ok=a.is_complex())
         if initial_state.is_complex() and not a.is_complex():
             raise TypeError("linear_scan: initial_state is complex but a and b are real")
         if initial_state.shape != state_shape:

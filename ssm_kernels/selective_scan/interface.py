@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import _backend
 from .._ops import cached_on_metadata, kernel_op
-from ..validation import check_cu_seqlens, check_same_device, check_tensor
+from ..validation import check_cu_seqlens, check_same_device, check_tensor, empty_result
 from .reference import (ckpt_rows, selective_scan_bwd_ref, selective_scan_fwd_ref,
                         selective_state_update_ref, state_dtype)
 
@@ -158,16 +158,17 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, state_batch_indices, ba
 
 # ---- validation ----------------------------------------------------------------------------------
 
-def _check_storage(name: str, x: Tensor, like: Tensor, shape: tuple) -> None:
-    check_tensor(name, x)
+def _check_storage(op: str, name: str, x: Tensor, like: Tensor, shape: tuple) -> None:
+    check_tensor(op, name, x)
     if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+        raise ValueError(f"{op}: {name} must have shape {tuple(shape)} (u's (batch, dim, seqlen)), "
+                         f"got {tuple(x.shape)}")
     if x.dtype != like.dtype:
-        raise TypeError(f"{name} must have u's dtype {like.dtype}, got {x.dtype}")
+        raise TypeError(f"{op}: {name} must have u's dtype {like.dtype}, got {x.dtype}")
 
 
 def _check_weight_vector(op: str, name: str, x: Tensor, dim: int, u: Tensor) -> None:
-    check_tensor(name, x, rank=1)
+    check_tensor(op, name, x, rank=1)
     if x.shape[0] != dim:
         raise ValueError(f"{op}: {name} must have shape ({dim},) (dim), got {tuple(x.shape)}")
     ok = (torch.float32, torch.float64) if u.dtype == torch.float64 else (torch.float32,)
@@ -178,7 +179,7 @@ def _check_weight_vector(op: str, name: str, x: Tensor, dim: int, u: Tensor) -> 
 def _check_bc(name: str, M: Tensor, u: Tensor, A: Tensor) -> Tensor:
     """Validate B or C; return the canonical form: (dim, N) or contiguous (batch, G, N, L[*2])."""
     op = "selective_scan_fn"
-    check_tensor(name, M)
+    check_tensor(op, name, M)
     batch, dim, L = u.shape
     N = A.shape[1]
     if M.dim() == 2:
@@ -194,6 +195,14 @@ def _check_bc(name: str, M: Tensor, u: Tensor, A: Tensor) -> Tensor:
     M4 = M.unsqueeze(1) if M.dim() == 3 else M
     Lw = 2 * L if A.is_complex() else L
     if M4.shape[0] != batch or M4.shape[2] != N or M4.shape[3] != Lw:
+        if M.dim() == 3 and tuple(M.shape) == (batch, Lw, N):
+            raise ValueError(f"{op}: {name} looks like (batch, seqlen, dstate) = {tuple(M.shape)}; "
+                             f"{op} takes mamba-ssm's (batch, dstate, seqlen): pass "
+                             f"{name}.transpose(1, 2)")
+        if M.dim() == 4 and M.shape[0] == batch and M.shape[1] == Lw and M.shape[3] == N:
+            raise ValueError(f"{op}: {name} looks like (batch, seqlen, groups, dstate) = "
+                             f"{tuple(M.shape)}; {op} takes mamba-ssm's (batch, groups, dstate, "
+                             f"seqlen): pass {name}.permute(0, 2, 3, 1)")
         exp = "(batch, dstate, L)" if M.dim() == 3 else "(batch, groups, dstate, L)"
         raise ValueError(f"{op}: time-varying {name} must have shape {exp} with batch={batch}, "
                          f"dstate={N}, L={Lw}{' (2 * seqlen for complex A)' if A.is_complex() else ''}"
@@ -265,18 +274,22 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
                                     cu_seqlens=cu_seqlens, backend=backend,
                                     process_group=process_group)
     op = "selective_scan_fn"
-    check_tensor("u", u, rank=3)
+    check_tensor(op, "u", u, rank=3)
     if u.dtype not in _STORAGE + (torch.float64,):
         raise TypeError(f"{op}: u must be float32, float16, bfloat16 or float64, got {u.dtype}")
     batch, dim, L = u.shape
-    if L == 0 or dim == 0 or batch == 0:
-        raise ValueError(f"{op}: u must have non-empty (batch, dim, seqlen), got {tuple(u.shape)}")
-    _check_storage("delta", delta, u, u.shape)
-    check_tensor("A", A, rank=2)
+    if L == 0 or dim == 0:
+        raise ValueError(f"{op}: u must have non-empty (dim, seqlen), got {tuple(u.shape)}")
+    _check_storage(op, "delta", delta, u, u.shape)
+    check_tensor(op, "A", A, rank=2)
     weights = _WEIGHTS + ((torch.float64, torch.complex128) if u.dtype == torch.float64 else ())
     if A.dtype not in weights:
         raise TypeError(f"{op}: A must be float32 or complex64, got {A.dtype}")
     if A.shape[0] != dim:
+        if u.shape[2] == A.shape[0]:
+            raise ValueError(f"{op}: u looks like (batch, seqlen, dim) = {tuple(u.shape)} (A has "
+                             f"dim={A.shape[0]}); {op} takes mamba-ssm's (batch, dim, seqlen): "
+                             f"pass u.transpose(1, 2) (and delta, z)")
         raise ValueError(f"{op}: A must have shape (dim, dstate) with dim={dim}, got {tuple(A.shape)}")
     if not 1 <= A.shape[1] <= MAX_DSTATE:
         raise ValueError(f"{op}: dstate (A.shape[1]) must be in [1, {MAX_DSTATE}], got {A.shape[1]}")
@@ -290,11 +303,11 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     if delta_bias is not None:
         _check_weight_vector(op, "delta_bias", delta_bias, dim, u)
     if z is not None:
-        _check_storage("z", z, u, u.shape)
+        _check_storage(op, "z", z, u, u.shape)
     if initial_state is not None:
-        check_tensor("initial_state", initial_state)
+        check_tensor(op, "initial_state", initial_state)
     if cu_seqlens is not None:
-        check_tensor("cu_seqlens", cu_seqlens)
+        check_tensor(op, "cu_seqlens", cu_seqlens)
     check_same_device(op, u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
                       initial_state=initial_state, cu_seqlens=cu_seqlens)
     nseq = batch
@@ -303,7 +316,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     sd = state_dtype(u, A)
     h0 = None
     if initial_state is not None:
-        check_tensor("initial_state", initial_state)
+        check_tensor(op, "initial_state", initial_state)
         want = (nseq, dim, A.shape[1])
         if tuple(initial_state.shape) != want:
             what = "(nseq, dim, dstate)" if cu_seqlens is not None else "(batch, dim, dstate)"
@@ -315,6 +328,10 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         h0 = initial_state.to(sd).contiguous()
     bk = _backend.normalize(backend)
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if batch == 0:  # an empty batch: nothing to launch; zero gradients
+        out = empty_result(u.shape, u, *tensors)
+        return (out, empty_result((0, dim, A.shape[1]), u, *tensors, dtype=sd)) \
+            if return_last_state else out
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     out, last, _ = selective_scan_fwd_op(
         u.contiguous(), delta.contiguous(), A.contiguous(), Bc, Cc,
@@ -354,7 +371,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         torch.Size([2, 8])
     """
     op = "selective_state_update"
-    check_tensor("state", state)
+    check_tensor(op, "state", state)
     if state.dim() not in (3, 4):
         raise ValueError(f"{op}: state must be (batch, dim, dstate) or (batch, nheads, headdim, "
                          f"dstate), got shape {tuple(state.shape)}")
@@ -366,26 +383,26 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     N = state.shape[-1]
     if not 1 <= N <= MAX_DSTATE:
         raise ValueError(f"{op}: dstate must be in [1, {MAX_DSTATE}], got {N}")
-    check_tensor("x", x)
+    check_tensor(op, "x", x)
     if x.dim() != len(inner) + 1 or tuple(x.shape[1:]) != inner:
         raise ValueError(f"{op}: x must have shape (batch, {', '.join(map(str, inner))}), got "
                          f"{tuple(x.shape)}")
     batch = x.shape[0]
     if state_batch_indices is None and state.shape[0] != batch:
         raise ValueError(f"{op}: state must have x's batch {batch}, got {state.shape[0]}")
-    check_tensor("dt", dt)
+    check_tensor(op, "dt", dt)
     if not dt.is_floating_point():
         raise TypeError(f"{op}: dt must have a floating dtype, got {dt.dtype}")
     if tuple(dt.shape) != tuple(x.shape):
         raise ValueError(f"{op}: dt must have x's shape {tuple(x.shape)}, got {tuple(dt.shape)}")
-    check_tensor("A", A)
+    check_tensor(op, "A", A)
     if A.is_complex() or A.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{op}: A must be float32 (complex A is not supported in the decode step), "
                         f"got {A.dtype}")
     if tuple(A.shape) != inner + (N,):
         raise ValueError(f"{op}: A must have shape {inner + (N,)}, got {tuple(A.shape)}")
     for name, M in (("B", B), ("C", C)):
-        check_tensor(name, M)
+        check_tensor(op, name, M)
         ok = (M.dim() == 2 and tuple(M.shape) == (batch, N)) or (
             M.dim() == 3 and M.shape[0] == batch and M.shape[2] == N)
         if not ok:
@@ -399,15 +416,15 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         raise ValueError(f"{op}: nheads {nheads} must be divisible by ngroups {groups}")
     for name, w in (("D", D), ("dt_bias", dt_bias)):
         if w is not None:
-            check_tensor(name, w)
+            check_tensor(op, name, w)
             if tuple(w.shape) != inner:
                 raise ValueError(f"{op}: {name} must have shape {inner}, got {tuple(w.shape)}")
     if z is not None:
-        check_tensor("z", z)
+        check_tensor(op, "z", z)
         if tuple(z.shape) != tuple(x.shape):
             raise ValueError(f"{op}: z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
     if state_batch_indices is not None:
-        check_tensor("state_batch_indices", state_batch_indices, rank=1)
+        check_tensor(op, "state_batch_indices", state_batch_indices, rank=1)
         if state_batch_indices.dtype not in (torch.int32, torch.int64) or \
                 state_batch_indices.shape[0] != batch:
             raise ValueError(f"{op}: state_batch_indices must be int32/int64 of shape ({batch},), "

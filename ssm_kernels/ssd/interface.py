@@ -18,7 +18,8 @@ from torch import Tensor
 from .. import _backend
 from .._ops import kernel_op
 from ..chunk.select import select
-from ..validation import check_cu_seqlens, check_same_device, check_tensor, checks_values
+from ..validation import (check_cu_seqlens, check_same_device, check_tensor, checks_values,
+                          swaps_dims_1_2)
 from ..linear_attn.reference import linear_attn_bwd_ref
 from .reference import heads, process_dt, ssd_chunked
 
@@ -133,11 +134,21 @@ ssd_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- public function -------------------------------------------------------------------------
 
+_LAYOUT_HINT = ("; x and z are (batch, seqlen, nheads, headdim), B and C (batch, seqlen, ngroups, "
+                "dstate), dt (batch, seqlen, nheads) (mamba-ssm's layout, like fla's "
+                "head_first=False); for (batch, nheads, seqlen, ...) inputs pass t.transpose(1, 2)")
+
+
+def _swap_hint(got, want) -> str:
+    """The layout hint when `got` is `want` with dims 1 and 2 (time and heads) swapped."""
+    return _LAYOUT_HINT if swaps_dims_1_2(got, want) else ""
+
+
 def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
               return_varlen_states):
     fn = "mamba_chunk_scan_combined"
     for name, t in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C)):
-        check_tensor(name, t)
+        check_tensor(fn, name, t)
     if x.dim() != 4:
         raise ValueError(f"{fn}: x must have shape (batch, seqlen, nheads, headdim), got {tuple(x.shape)}")
     b, L, H, P = x.shape
@@ -146,12 +157,16 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx
     if L == 0 or P == 0:
         raise ValueError(f"{fn}: x needs seqlen, headdim >= 1, got {tuple(x.shape)}")
     if tuple(dt.shape) != (b, L, H):
-        raise ValueError(f"{fn}: dt must have shape (batch, seqlen, nheads) = {(b, L, H)}, got {tuple(dt.shape)}")
+        raise ValueError(f"{fn}: dt must have shape (batch, seqlen, nheads) = {(b, L, H)}, got "
+                         f"{tuple(dt.shape)}{_swap_hint(dt.shape, (b, L, H))}")
     if tuple(A.shape) != (H,):
-        raise ValueError(f"{fn}: A must have shape (nheads,) = ({H},), got {tuple(A.shape)}")
+        hint = _LAYOUT_HINT if tuple(A.shape) == (L,) != (H,) else ""
+        raise ValueError(f"{fn}: A must have shape (nheads,) = ({H},), got {tuple(A.shape)}{hint}")
     if B.dim() != 4 or B.shape[:2] != x.shape[:2]:
+        hint = _LAYOUT_HINT if B.dim() == 4 and B.shape[0] == b and (B.shape[2] == L or
+                                                                     B.shape[1] == H) else ""
         raise ValueError(f"{fn}: B must have shape (batch, seqlen, ngroups, dstate) with x's batch, "
-                         f"seqlen {(b, L)}, got {tuple(B.shape)}")
+                         f"seqlen {(b, L)}, got {tuple(B.shape)}{hint}")
     G = B.shape[2]
     if G == 0 or H % G != 0 or B.shape[3] == 0:
         raise ValueError(f"{fn}: B's ngroups must divide nheads={H} and dstate be >= 1, got {tuple(B.shape)}")
@@ -166,15 +181,16 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{fn}: chunk_size must be a positive int, got {chunk_size!r}")
     if D is not None:
-        check_tensor("D", D)
+        check_tensor(fn, "D", D)
         if tuple(D.shape) not in ((H, P), (H,)):
             raise ValueError(f"{fn}: D must have shape (nheads, headdim) = {(H, P)} or (nheads,), got {tuple(D.shape)}")
     if z is not None:
-        check_tensor("z", z)
+        check_tensor(fn, "z", z)
         if z.shape != x.shape:
-            raise ValueError(f"{fn}: z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}")
+            raise ValueError(f"{fn}: z must have x's shape {tuple(x.shape)}, got {tuple(z.shape)}"
+                             f"{_swap_hint(z.shape, x.shape)}")
     if dt_bias is not None:
-        check_tensor("dt_bias", dt_bias)
+        check_tensor(fn, "dt_bias", dt_bias)
         if tuple(dt_bias.shape) != (H,):
             raise ValueError(f"{fn}: dt_bias must have shape (nheads,) = ({H},), got {tuple(dt_bias.shape)}")
     if seq_idx is not None and cu_seqlens is None:
@@ -186,7 +202,7 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx
     if cu_seqlens is not None:
         N = check_cu_seqlens(fn, cu_seqlens, b, L, axis="seqlen")
         if seq_idx is not None:
-            check_tensor("seq_idx", seq_idx)
+            check_tensor(fn, "seq_idx", seq_idx)
             if tuple(seq_idx.shape) != (b, L):
                 raise ValueError(f"{fn}: seq_idx must have shape (batch, seqlen) = {(b, L)}, got {tuple(seq_idx.shape)}")
             if checks_values(seq_idx) and checks_values(cu_seqlens):
@@ -195,12 +211,13 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx
                 if not torch.equal(seq_idx[0].long().cpu(), expect):
                     raise ValueError(f"{fn}: seq_idx disagrees with cu_seqlens")
     if initial_states is not None:
-        check_tensor("initial_states", initial_states)
+        check_tensor(fn, "initial_states", initial_states)
         expect = (N, H, P, B.shape[3])
         if tuple(initial_states.shape) != expect:
             raise ValueError(f"{fn}: initial_states must have shape (N, nheads, headdim, dstate) = "
                              f"{expect} (N = batch, or the number of sequences with cu_seqlens), "
-                             f"got {tuple(initial_states.shape)}")
+                             f"got {tuple(initial_states.shape)}"
+                             f"{_LAYOUT_HINT if initial_states.shape[1:2] == (L,) != (H,) else ''}")
     check_same_device(fn, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
                       initial_states=initial_states, cu_seqlens=cu_seqlens)
     if checks_values(A) and bool((A > 0).any()):
