@@ -332,3 +332,52 @@ def test_compile_fullgraph_reference():
     out = torch.compile(f, fullgraph=True, backend="eager")(*leaves)
     ref = f(*leaves)
     assert_close(out, ref.double(), dtype=torch.float32)
+
+
+# ---- GPU compiler and real sizes --------------------------------------------------------------
+
+_COMPILE_SCRIPT = r'''
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from ssm_kernels.delta_rule.triton import _recurrent_fwd_kernel as fn
+
+BF = {"q_ptr", "k_ptr", "v_ptr", "o_ptr"}
+for K, BV, warps, flags in [(128, 32, 4, (1, 1, 1, 1, 0)), (64, 8, 1, (0, 0, 0, 0, 1)),
+                            (256, 16, 4, (1, 1, 1, 1, 1))]:
+    names = ("HAS_G", "HAS_H0", "STORE_HT", "L2NORM", "IS_VARLEN")
+    consts = dict(zip(names, map(bool, flags)), BK=K, BV=BV)
+    sig = {n: "constexpr" if n in consts else
+           ("*bf16" if n in BF else "*i32" if n == "cu_ptr" else "*fp32") if n.endswith("_ptr") else
+           ("fp32" if n in ("scale", "eps") else "i32") for n in fn.arg_names}
+    triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": warps})
+print("compiled")
+'''
+
+
+def test_recurrent_kernel_compiles_for_sm90():
+    """The interpreter does not run the GPU compiler: build the step-by-step kernel for sm_90."""
+    from conftest import compile_for_sm90
+    res = compile_for_sm90(_COMPILE_SCRIPT)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_fused_recurrent_real_sizes(dtype):
+    B, T, H, HV, K, V = 2, 300, 2, 4, 128, 128
+    q, k = torch.randn(2, B, T, H, K, device="cuda").unbind(0)
+    v = torch.randn(B, T, HV, V, device="cuda")
+    g = F.logsigmoid(torch.randn(B, T, HV, device="cuda"))
+    beta = torch.rand(B, T, HV, device="cuda")
+    h0 = torch.randn(B, HV, K, V, device="cuda")
+    qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+    o, S = sk.fused_recurrent_gated_delta_rule(qd, kd, vd, g, beta, initial_state=h0,
+                                               output_final_state=True,
+                                               use_qk_l2norm_in_kernel=True, backend="triton")
+    ro, rS = ref64(qd.cpu(), kd.cpu(), vd.cpu(), g.cpu(), beta.cpu(), h0.cpu(), l2=True)
+    lo, lS = (None, None) if dtype == torch.float32 else delta_rule_recurrent_ref(
+        qd.cpu(), kd.cpu(), vd.cpu(), g.cpu(), beta.cpu(), None, h0.cpu(), None, True)
+    assert_close(o, ro, dtype=dtype, lowp_ref=lo)
+    assert_close(S, rS, dtype=torch.float32 if dtype == torch.float32 else dtype, lowp_ref=lS)
