@@ -205,9 +205,10 @@ def _delta_rule(fn, q, k, v, g, beta, scale, initial_state, output_final_state, 
     if inplace_final_state:
         s = initial_state
         if s is None or s.dtype != sd or not s.is_contiguous():
+            got = ("None" if s is None else
+                   f"{s.dtype}, {'contiguous' if s.is_contiguous() else 'strided'}")
             raise ValueError(f"{fn}: inplace_final_state=True needs a contiguous {sd} "
-                             f"initial_state [N, HV, K, V] to update, got "
-                             f"{None if s is None else (s.dtype, 'contiguous' if s.is_contiguous() else 'strided')}")
+                             f"initial_state [N, HV, K, V] to update, got {got}")
         if torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                            for x in (q, k, v, g, beta, s)):
             raise ValueError(f"{fn}: inplace_final_state=True is for decoding and not "
