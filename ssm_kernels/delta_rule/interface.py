@@ -170,10 +170,11 @@ def _validate(fn, q, k, v, g, beta, scale, initial_state, cu_seqlens, gated: boo
                          f"{tuple(beta.shape)}{extra}")
     if not beta.is_floating_point():
         raise TypeError(f"{fn}: beta must have a floating dtype, got {beta.dtype}")
-    if checks_values(beta) and bool(((beta < 0) | (beta > 2) | beta.isnan()).any()):
-        raise ValueError(f"{fn}: beta must lie in [0, 2] (the update I - beta k k^T of a unit key "
-                         f"is then a contraction), got values in [{beta.min().item():.4g}, "
-                         f"{beta.max().item():.4g}]")
+    if checks_values(beta):
+        lo, hi = (float(x) for x in beta.aminmax())   # NaN propagates into both
+        if not (0.0 <= lo and hi <= 2.0):
+            raise ValueError(f"{fn}: beta must lie in [0, 2] (the update I - beta k k^T of a unit "
+                             f"key is then a contraction), got values in [{lo:.4g}, {hi:.4g}]")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}")
     N = B

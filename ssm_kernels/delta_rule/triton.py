@@ -61,10 +61,6 @@ def _recurrent_fwd_kernel(
         tl.store(ht_ptr + p_s, S, mask=m_s)
 
 
-def _dummy(x):
-    return x.new_empty(1)
-
-
 def recurrent_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, use_l2norm: bool,
                   ht: Optional[torch.Tensor] = None, store_ht: bool = True
                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -80,9 +76,10 @@ def recurrent_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, use_l2norm: bo
     o = torch.empty_like(v)
     if store_ht and ht is None:
         ht = q.new_empty((N, HV, K, V), dtype=torch.float32)
+    # absent inputs: any tensor stands in for the pointer (its flag keeps it unread)
     _recurrent_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
-        q, k, v, _dummy(q) if g is None else g, beta, _dummy(o) if h0 is None else h0, o,
-        _dummy(o) if ht is None else ht, _dummy(o) if cu_seqlens is None else cu_seqlens,
+        q, k, v, beta if g is None else g, beta, o if h0 is None else h0, o,
+        o if ht is None else ht, beta if cu_seqlens is None else cu_seqlens,
         T, H, HV, K, V, float(scale), L2NORM_EPS,
         HAS_G=g is not None, HAS_H0=h0 is not None, STORE_HT=store_ht, L2NORM=bool(use_l2norm),
         IS_VARLEN=cu_seqlens is not None, BK=BK, BV=BV, num_warps=1 if BK * BV <= 2048 else 4)
