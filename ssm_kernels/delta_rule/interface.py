@@ -171,7 +171,7 @@ def _validate(fn, q, k, v, g, beta, scale, initial_state, cu_seqlens, gated: boo
     if not beta.is_floating_point():
         raise TypeError(f"{fn}: beta must have a floating dtype, got {beta.dtype}")
     if checks_values(beta):
-        lo, hi = (float(x) for x in beta.aminmax())   # NaN propagates into both
+        lo, hi = (float(x) for x in beta.detach().aminmax())   # NaN reaches both
         if not (0.0 <= lo and hi <= 2.0):
             raise ValueError(f"{fn}: beta must lie in [0, 2] (the update I - beta k k^T of a unit "
                              f"key is then a contraction), got values in [{lo:.4g}, {hi:.4g}]")
