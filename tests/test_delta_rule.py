@@ -248,8 +248,32 @@ def test_triton_varlen_fp16_inplace_and_grad(backend):
     assert si is state
     torch.testing.assert_close(oi, o)
     torch.testing.assert_close(state, S)
-    # the backward (the reference's, for now) works behind the Triton forward
-    _grad_case("fused_recurrent", True, True, backend=backend, T=6)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("gated,l2,T", [(True, True, 20), (False, False, 1), (True, False, 17),
+                                        (False, True, 16)])
+def test_triton_backward_matches_recurrence(backend, gated, l2, T):
+    """The step-by-step backward kernel (chunks of 16 steps replayed from stored states): every
+    gradient, GVA (HV = 2H), K != V, partial last chunk."""
+    _grad_case("fused_recurrent", gated, l2, backend=backend, T=T)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_backward_varlen_and_determinism(backend):
+    cu = torch.tensor([0, 5, 6, 20, 20, 37])
+    _grad_case("chunk", True, True, cu=cu, B=1, T=37, backend=backend)
+    q, k, v, g, beta = make(1, 37, 2, 4, 6, 5, True)
+    h0 = torch.randn(5, 4, 6, 5)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, beta, h0)]
+
+    def grads():
+        o, S = sk.chunk_gated_delta_rule(*leaves[:5], initial_state=leaves[5],
+                                         output_final_state=True, cu_seqlens=cu,
+                                         use_qk_l2norm_in_kernel=True, backend=backend)
+        return torch.autograd.grad(o.sum() + S.sum(), leaves)
+    for a, b in zip(grads(), grads()):
+        assert torch.equal(a, b)
 
 
 # ---- errors and registered ops ------------------------------------------------------------------
@@ -340,18 +364,24 @@ _COMPILE_SCRIPT = r'''
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from ssm_kernels.delta_rule.triton import _recurrent_fwd_kernel as fn
+from ssm_kernels.delta_rule.triton import _recurrent_bwd_kernel, _recurrent_fwd_kernel
 
-BF = {"q_ptr", "k_ptr", "v_ptr", "o_ptr"}
+BF = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dv_ptr"}
+def build(fn, consts, warps):
+    sig = {n: "constexpr" if n in consts else
+           ("*bf16" if n in BF else "*i32" if n in ("cu_ptr", "co_ptr") else "*fp32")
+           if n.endswith("_ptr") else ("fp32" if n in ("scale", "eps") else "i32")
+           for n in fn.arg_names}
+    triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": warps})
+
 for K, BV, warps, flags in [(128, 32, 4, (1, 1, 1, 1, 0)), (64, 8, 1, (0, 0, 0, 0, 1)),
                             (256, 16, 4, (1, 1, 1, 1, 1))]:
     names = ("HAS_G", "HAS_H0", "STORE_HT", "L2NORM", "IS_VARLEN")
-    consts = dict(zip(names, map(bool, flags)), BK=K, BV=BV)
-    sig = {n: "constexpr" if n in consts else
-           ("*bf16" if n in BF else "*i32" if n == "cu_ptr" else "*fp32") if n.endswith("_ptr") else
-           ("fp32" if n in ("scale", "eps") else "i32") for n in fn.arg_names}
-    triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": warps})
+    build(_recurrent_fwd_kernel, dict(zip(names, map(bool, flags)), BK=K, BV=BV), warps)
+for K, V, flags in [(128, 128, (1, 1, 1, 1, 1)), (64, 32, (0, 0, 0, 0, 0))]:
+    names = ("HAS_G", "HAS_H0", "HAS_DHT", "L2NORM", "IS_VARLEN")
+    build(_recurrent_bwd_kernel, dict(zip(names, map(bool, flags)), BT=16, BK=K, BV=V), 8)
 print("compiled")
 '''
 

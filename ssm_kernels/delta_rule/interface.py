@@ -25,6 +25,7 @@ from .reference import delta_rule_bwd_ref, delta_rule_recurrent_ref, state_dtype
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
+MAX_BWD_HEAD_DIM = 128   # the Triton backward holds a head's whole [K, V] state
 
 
 @cached_on_metadata
@@ -71,9 +72,16 @@ def delta_rule_bwd_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta
                       use_l2norm: bool, do: Tensor, dht: Optional[Tensor], backend: str
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dg, dbeta, dh0); dg is empty when g is None; dh0 [N, HV, K, V] in the
-    state dtype. Every backend runs the reference's explicit backward for now."""
-    dq, dk, dv, dg, dbeta, dh0 = delta_rule_bwd_ref(q, k, v, g, beta, h0, cu_seqlens, scale,
-                                                    use_l2norm, do, dht)
+    state dtype. Triton: the step-by-step backward kernel for K, V <= 128 (the whole state of a
+    head in one program), else the reference's explicit backward."""
+    if (_select(backend, q, v) == "triton"
+            and max(q.shape[-1], v.shape[-1]) <= MAX_BWD_HEAD_DIM):
+        from .triton import recurrent_bwd
+        dq, dk, dv, dg, dbeta, dh0 = recurrent_bwd(q, k, v, g, beta, h0, cu_seqlens, scale,
+                                                   use_l2norm, do, dht)
+    else:
+        dq, dk, dv, dg, dbeta, dh0 = delta_rule_bwd_ref(q, k, v, g, beta, h0, cu_seqlens, scale,
+                                                        use_l2norm, do, dht)
     dg = q.new_empty(0, dtype=torch.float32) if dg is None else dg.to(g.dtype)
     return (dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(),
             dg.contiguous(), dbeta.to(beta.dtype).contiguous(), dh0.contiguous())
