@@ -99,9 +99,7 @@ def _case_fns():
         qb[:1], kb[:1], vb[:1], output_final_state=True, cu_seqlens=cu2), [qb, kb, vb])
     c["fused_recurrent_based"] = (lambda: sk.fused_recurrent_based(qb, kb, vb), [])
 
-    # delta rule: q/k heads H, value heads 2H (GVA); the backward is the reference's torch loop
-    # for now (capture-safe without cu_seqlens; with cu_seqlens it reads the offsets on the host,
-    # so the varlen case is forward-only until the Triton backward lands)
+    # delta rule: q/k heads H, value heads 2H (GVA); Triton forward and backward kernels
     qn, kn = _r(B, T, H, K, dtype=bf16), F.normalize(_r(B, T, H, K), dim=-1).to(bf16)
     vn, gn, bn = _r(B, T, 2 * H, 48, dtype=bf16), _logsig(B, T, 2 * H), torch.rand(B, T, 2 * H, device=dev)
     hn = _r(B, 2 * H, K, 48)
@@ -111,7 +109,7 @@ def _case_fns():
         qn, kn, vn, bn, use_qk_l2norm_in_kernel=True), [qn, kn, vn, bn])
     c["chunk_gated_delta_rule varlen"] = (lambda: sk.chunk_gated_delta_rule(
         qn[:1], kn[:1], vn[:1], gn[:1], bn[:1], initial_state=hn, output_final_state=True,
-        cu_seqlens=cu2), [])
+        cu_seqlens=cu2), [qn, kn, vn, gn, bn, hn])
     sdn = _r(16, 2 * H, K, 48)
     qs, ks = _r(16, 1, H, K, dtype=bf16), _r(16, 1, H, K, dtype=bf16)
     vs, gs, bs = _r(16, 1, 2 * H, 48, dtype=bf16), _logsig(16, 1, 2 * H), torch.rand(16, 1, 2 * H, device=dev)

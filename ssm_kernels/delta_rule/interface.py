@@ -5,8 +5,9 @@ Registered ops (contiguous tensors; g float32/float64 [B, T, HV] or None):
 -> (o, final_state)``, ``ssm_kernels::delta_rule_bwd(...) -> (dq, dk, dv, dg, dbeta, dh0)`` and the
 in-place decoding update ``ssm_kernels::delta_rule_step_(..., state, ...) -> o`` (mutates state).
 
-Status (issue 12): the Triton backend runs the step-by-step kernel for every form (the chunked WY
-kernels on ssm_kernels.chunk are next; plan in bench/NOTES.md); the backward of every backend is the
+Status (issue 12): the Triton backend runs the step-by-step kernels for every form, forward and
+backward (the chunked WY kernels on ssm_kernels.chunk are next; plan in bench/NOTES.md). The Triton
+backward holds a head's whole state in one program (K, V <= 128); larger heads fall back to the
 reference's explicit reverse-time loop (`delta_rule_bwd_ref`), correct but slow on the GPU.
 """
 from __future__ import annotations
@@ -251,9 +252,9 @@ _ARGS_DOC = """
     backend: keyword-only. None (env SSM_KERNELS_BACKEND, default "auto"), "auto", "triton" or
         "reference"; an explicit backend that cannot serve the call raises.
 
-    Gradients reach q, k, v, g, beta and initial_state. The backward currently runs the reference's
-    explicit reverse-time loop on every backend (slow on the GPU; Triton backward kernels are
-    pending), and the Triton forward is the step-by-step kernel for the chunk_* forms as well."""
+    Gradients reach q, k, v, g, beta and initial_state. Until the chunked kernels land, the Triton
+    backend runs the step-by-step kernels for the chunk_* forms too (forward and backward; the
+    backward kernel takes K, V <= 128 and larger heads use the reference's backward loop)."""
 
 _DECODE_DOC = """
     inplace_final_state: keyword-only. True: write the final state into ``initial_state`` (which

@@ -1,5 +1,12 @@
-"""Triton kernels of the delta rule: the step-by-step (fused_recurrent) forward, used for decoding
-and, until the chunked WY kernels land (bench/NOTES.md, issue 12), for the chunk_* forms too.
+"""Triton kernels of the delta rule: the step-by-step (fused_recurrent) forward and backward, used
+for decoding and, until the chunked WY kernels land (bench/NOTES.md, issue 12), for the chunk_*
+forms too.
+
+Backward: one program per (sequence x value head) with the whole [K, V] state (K, V <= 128): a
+forward pass stores the state before every chunk of 16 steps, then the chunks are walked in
+reverse, each replayed into a per-program scratch of its 16 states and differentiated step by step
+(dS carried in registers). dq/dk are written per value head and summed over each group of value
+heads by one torch reduction (fixed order: deterministic); no atomics.
 
 One program per (V-tile, sequence x value head) keeps its [K, BV] block of the float32 state in
 registers and walks the sequence token by token (the delta u_t needs the full K column of the state
