@@ -254,13 +254,17 @@ def test_triton_varlen_fp16_inplace_and_grad(backend):
 @pytest.mark.parametrize("gated,l2,T", [(True, True, 20), (False, False, 1), (True, False, 17),
                                         (False, True, 16)])
 def test_triton_backward_matches_recurrence(backend, gated, l2, T):
-    """The step-by-step backward kernel (chunks of 16 steps replayed from stored states): every
+    """The step-by-step backward kernel (chunks of 16 steps at these sizes, replayed from stored
+    states): every
     gradient, GVA (HV = 2H), K != V, partial last chunk."""
     _grad_case("fused_recurrent", gated, l2, backend=backend, T=T)
 
 
 @pytest.mark.parametrize("backend", TRITON)
 def test_triton_backward_varlen_and_determinism(backend):
+    from ssm_kernels.delta_rule.triton import bwd_chunk
+    assert (bwd_chunk(23, 5), bwd_chunk(4096, 1), bwd_chunk(4 * 4096, 4), bwd_chunk(1024, 1)) == (
+        16, 64, 64, 32)
     cu = torch.tensor([0, 5, 6, 17, 17, 23])
     _grad_case("chunk", True, True, cu=cu, B=1, T=23, backend=backend)
     q, k, v, g, beta = make(1, 23, 2, 4, 6, 5, True)

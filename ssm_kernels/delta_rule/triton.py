@@ -4,7 +4,7 @@ forms too.
 
 Backward: one program per (sequence x value head) with the whole [K, V] state (K, V <= 128): a
 forward pass stores the state before every chunk of 16 steps, then the chunks are walked in
-reverse, each replayed into a per-program scratch of its 16 states and differentiated step by step
+reverse, each replayed into a per-program scratch of its BT (16-64) states and differentiated step by step
 (dS carried in registers). dq/dk are written per value head and summed over each group of value
 heads by one torch reduction (fixed order: deterministic); no atomics.
 
@@ -16,6 +16,7 @@ No host sync: capture-safe.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -201,7 +202,11 @@ def _step(S, q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, t, H, HV, K, V, i_h, i_hv, o_
     return S + b_k[:, None] * b_u[None, :]
 
 
-BWD_CHUNK = 16
+def bwd_chunk(tokens: int, n_seqs: int) -> int:
+    """Steps between stored states in the backward: the checkpoints take ~tokens / BT states and
+    the replay scratch n_seqs * BT, so BT ~ sqrt(tokens / n_seqs), a power of two in [16, 64]
+    (a function of shapes only)."""
+    return min(64, max(16, triton.next_power_of_2(int(math.sqrt(max(tokens, 1) / max(n_seqs, 1))))))
 
 
 def recurrent_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, use_l2norm: bool, do, dht):
@@ -212,7 +217,7 @@ def recurrent_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, use_l2norm: bo
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    BT = BWD_CHUNK
+    BT = bwd_chunk(B * T, N)
     BK, BV = triton.next_power_of_2(K), triton.next_power_of_2(V)
     NCH = num_chunks(B, T, N, BT, cu_seqlens is not None)
     co = None
