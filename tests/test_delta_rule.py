@@ -357,9 +357,15 @@ def test_compile_fullgraph_reference():
                                          use_qk_l2norm_in_kernel=True)
         return o.sum() + S.sum()
 
-    out = torch.compile(f, fullgraph=True, backend="eager")(*leaves)
+    # aot_eager: dynamo (no graph break) + AOT autograd through the fakes and registered backward
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = cf(*leaves)
+    grads = torch.autograd.grad(out, leaves)
     ref = f(*leaves)
+    rgrads = torch.autograd.grad(ref, leaves)
     assert_close(out, ref.double(), dtype=torch.float32)
+    for a, b in zip(grads, rgrads):
+        assert_close(a, b.double(), dtype=torch.float32)
 
 
 # ---- GPU compiler and real sizes --------------------------------------------------------------
@@ -415,3 +421,23 @@ def test_gpu_fused_recurrent_real_sizes(dtype):
         qd.cpu(), kd.cpu(), vd.cpu(), g.cpu(), beta.cpu(), None, h0.cpu(), None, True)
     assert_close(o, ro, dtype=dtype, lowp_ref=lo)
     assert_close(S, rS, dtype=torch.float32 if dtype == torch.float32 else dtype, lowp_ref=lS)
+
+
+def test_compile_fullgraph_inplace_decode():
+    torch._dynamo.reset()
+    q, k, v, g, beta = make(2, 1, 1, 2, 4, 4, True)
+    state = torch.randn(2, 2, 4, 4)
+
+    def f(q, k, v, g, beta, state):
+        o, _ = sk.fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state,
+                                                   use_qk_l2norm_in_kernel=True,
+                                                   inplace_final_state=True)
+        return o
+
+    s_eager, s_comp = state.clone(), state.clone()
+    with torch.no_grad():
+        o_eager = f(q, k, v, g, beta, s_eager)
+        o_comp = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, g, beta, s_comp)
+    torch.testing.assert_close(o_comp, o_eager)
+    torch.testing.assert_close(s_comp, s_eager)
+    assert not torch.equal(s_comp, state)
