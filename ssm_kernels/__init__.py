@@ -4,6 +4,8 @@ from ._config import set_debug
 from ._version import __version__
 from .based import chunk_based, fused_recurrent_based
 from .causal_conv1d import causal_conv1d_fn, causal_conv1d_ref, causal_conv1d_update
+from .delta_rule import (chunk_delta_rule, chunk_gated_delta_rule, delta_rule_recurrent_ref,
+                         fused_recurrent_delta_rule, fused_recurrent_gated_delta_rule)
 from .fft_conv import fft_conv, fft_conv_ref, s4d_kernel, s4d_kernel_ref
 from .linear_attn import (chunk_gla, chunk_linear_attn, chunk_simple_gla, fused_recurrent_gla,
                           fused_recurrent_linear_attn, fused_recurrent_simple_gla)
@@ -23,6 +25,9 @@ __all__ = [
     "chunk_linear_attn", "chunk_simple_gla", "chunk_gla", "chunk_based",
     "fused_recurrent_linear_attn", "fused_recurrent_simple_gla", "fused_recurrent_gla",
     "fused_recurrent_based",
+    # delta rule (DeltaNet, Gated DeltaNet), flash-linear-attention drop-ins
+    "chunk_gated_delta_rule", "chunk_delta_rule", "fused_recurrent_gated_delta_rule",
+    "fused_recurrent_delta_rule", "delta_rule_recurrent_ref",
     # short causal convolution, causal-conv1d drop-ins
     "causal_conv1d_fn", "causal_conv1d_update", "causal_conv1d_ref",
     # long convolutions

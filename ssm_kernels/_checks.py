@@ -19,6 +19,7 @@ FAMILIES = {
     "selective_scan": "ssm_kernels.selective_scan.check",
     "linear_attn": "ssm_kernels.linear_attn.check",
     "based": "ssm_kernels.based.check",
+    "delta_rule": "ssm_kernels.delta_rule.check",
     "fft_conv": "ssm_kernels.fft_conv.check",
     "causal_conv1d": "ssm_kernels.causal_conv1d.check",
 }
@@ -29,6 +30,7 @@ OPS = {
     "selective_scan": "selective_scan_fn, selective_state_update",
     "linear_attn": "chunk_linear_attn, chunk_simple_gla, chunk_gla, fused_recurrent_gla",
     "based": "chunk_based, fused_recurrent_based",
+    "delta_rule": "chunk_gated_delta_rule, fused_recurrent_gated_delta_rule",
     "fft_conv": "fft_conv, s4d_kernel",
     "causal_conv1d": "causal_conv1d_fn, causal_conv1d_update",
 }

@@ -99,6 +99,25 @@ def _case_fns():
         qb[:1], kb[:1], vb[:1], output_final_state=True, cu_seqlens=cu2), [qb, kb, vb])
     c["fused_recurrent_based"] = (lambda: sk.fused_recurrent_based(qb, kb, vb), [])
 
+    # delta rule: q/k heads H, value heads 2H (GVA); Triton forward and backward kernels
+    qn, kn = _r(B, T, H, K, dtype=bf16), F.normalize(_r(B, T, H, K), dim=-1).to(bf16)
+    vn, gn, bn = _r(B, T, 2 * H, 48, dtype=bf16), _logsig(B, T, 2 * H), torch.rand(B, T, 2 * H, device=dev)
+    hn = _r(B, 2 * H, K, 48)
+    c["chunk_gated_delta_rule"] = (lambda: sk.chunk_gated_delta_rule(
+        qn, kn, vn, gn, bn, initial_state=hn, output_final_state=True), [qn, kn, vn, gn, bn, hn])
+    c["chunk_delta_rule l2norm"] = (lambda: sk.chunk_delta_rule(
+        qn, kn, vn, bn, use_qk_l2norm_in_kernel=True), [qn, kn, vn, bn])
+    c["chunk_gated_delta_rule varlen"] = (lambda: sk.chunk_gated_delta_rule(
+        qn[:1], kn[:1], vn[:1], gn[:1], bn[:1], initial_state=hn, output_final_state=True,
+        cu_seqlens=cu2), [qn, kn, vn, gn, bn, hn])
+    sdn = _r(16, 2 * H, K, 48)
+    qs, ks = _r(16, 1, H, K, dtype=bf16), _r(16, 1, H, K, dtype=bf16)
+    vs, gs, bs = _r(16, 1, 2 * H, 48, dtype=bf16), _logsig(16, 1, 2 * H), torch.rand(16, 1, 2 * H, device=dev)
+    c["fused_recurrent_gated_delta_rule decode in place"] = (
+        lambda: sk.fused_recurrent_gated_delta_rule(qs, ks, vs, gs, bs, initial_state=sdn,
+                                                    use_qk_l2norm_in_kernel=True,
+                                                    inplace_final_state=True), [], sdn)
+
     uc, kc, Dc = _r(2, 24, 1000), _r(24, 1000), _r(24)
     pg, qg = _r(2, 24, 1000), _r(2, 24, 1000)
     c["fft_conv"] = (lambda: sk.fft_conv(uc, kc, Dc), [uc, kc, Dc])

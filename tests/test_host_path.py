@@ -78,6 +78,9 @@ def _cases():
     gh, gk = F.logsigmoid(torch.randn(1, 64, 2)), F.logsigmoid(torch.randn(1, 64, 2, 32))
     uc, kc, Dc = torch.randn(1, 16, 256), torch.randn(16, 256), torch.randn(16)
     ucl, kcl = uc.clone().requires_grad_(), kc.clone().requires_grad_()
+    vd, gd, bd = torch.randn(1, 64, 4, 16), F.logsigmoid(torch.randn(1, 64, 4)), torch.rand(1, 64, 4)
+    qs, ks, vs = torch.randn(8, 1, 2, 32), torch.randn(8, 1, 2, 32), torch.randn(8, 1, 4, 16)
+    gs, bts, sd = F.logsigmoid(torch.randn(8, 1, 4)), torch.rand(8, 1, 4), torch.randn(8, 4, 32, 16)
     return {
         "linear_scan fwd": lambda: sk.linear_scan(a, b, dim=-1, backend=T),
         "linear_scan fwd+bwd": _train(lambda: sk.linear_scan(al, bl, dim=-1, backend=T), [al, bl]),
@@ -88,6 +91,10 @@ def _cases():
         "chunk_simple_gla fwd": lambda: sk.chunk_simple_gla(q, k, v, gh, backend=T),
         "chunk_simple_gla fwd+bwd": _train(lambda: sk.chunk_simple_gla(ql, kl, vl, gh, backend=T), [ql, kl, vl]),
         "chunk_gla fwd": lambda: sk.chunk_gla(q, k, v, gk, backend=T),
+        "chunk_gated_delta_rule fwd": lambda: sk.chunk_gated_delta_rule(q, k, vd, gd, bd, backend=T),
+        "fused_recurrent_gated_delta_rule decode": lambda: sk.fused_recurrent_gated_delta_rule(
+            qs, ks, vs, gs, bts, initial_state=sd, use_qk_l2norm_in_kernel=True,
+            inplace_final_state=True, backend=T),
         "fft_conv fwd": lambda: sk.fft_conv(uc, kc, Dc, backend=T),
         "fft_conv fwd+bwd": _train(lambda: sk.fft_conv(ucl, kcl, Dc, backend=T), [ucl, kcl]),
     }
@@ -104,6 +111,8 @@ PINNED = {
     "chunk_simple_gla fwd": (2, 11),
     "chunk_simple_gla fwd+bwd": (6, 23),
     "chunk_gla fwd": (3, 12),
+    "chunk_gated_delta_rule fwd": (1, 8),
+    "fused_recurrent_gated_delta_rule decode": (1, 7),
     "fft_conv fwd": (3, 6),
     "fft_conv fwd+bwd": (7, 18),
 }

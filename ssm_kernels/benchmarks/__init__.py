@@ -8,6 +8,7 @@ FAMILIES = {
     "selective_scan": "ssm_kernels.benchmarks.selective_scan",
     "linear_attn": "ssm_kernels.benchmarks.linear_attn",
     "based": "ssm_kernels.benchmarks.based",
+    "delta_rule": "ssm_kernels.benchmarks.delta_rule",
     "ssd": "ssm_kernels.benchmarks.ssd",
     "fft_conv": "ssm_kernels.benchmarks.fft_conv",
     "causal_conv1d": "ssm_kernels.benchmarks.causal_conv1d",

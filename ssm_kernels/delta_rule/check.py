@@ -1,0 +1,82 @@
+"""`python -m ssm_kernels check` for the delta rule: fresh random inputs, odd length, grouped value
+heads, gate, in-kernel L2 norm, initial/final state, forward and every gradient, the decoding form,
+each dtype the backend serves, against the float64 recurrence."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from ..testing import CheckRow, compare
+from .interface import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from .reference import delta_rule_recurrent_ref
+
+NAMES = ["o", "final_state", "grad q", "grad k", "grad v", "grad g", "grad beta",
+         "grad initial_state"]
+
+
+def _fwd_bwd(fn, q, k, v, g, beta, h0, cot, cu_seqlens=None, **kw):
+    xs = [x.detach().requires_grad_() for x in (q, k, v, g, beta, h0)]
+    o, hT = fn(*xs[:5], None, xs[5], True, True, cu_seqlens, **kw)
+    loss = (o * cot[0].to(o.dtype)).sum() + (hT * cot[1].to(hT.dtype)).sum()
+    return [o, hT, *torch.autograd.grad(loss, xs)]
+
+
+def _ref(q, k, v, g, beta, scale, h0, out_final, l2, cu_seqlens):
+    return delta_rule_recurrent_ref(q, k, v, g, beta, scale, h0, cu_seqlens, l2)
+
+
+def _plan(backend: str, shapes: list, full: bool):
+    dtypes = {"reference": [torch.float32],
+              "triton": [torch.float32, torch.float16, torch.bfloat16]}.get(backend, [])
+    if full or len(dtypes) <= 1:
+        return [(s, d) for s in shapes for d in dtypes]
+    return list(zip(shapes, [torch.float32, torch.bfloat16, torch.float16]))
+
+
+def check(backend: str, device: str, full: bool = False) -> List[CheckRow]:
+    small = device == "cpu"
+    rows = []
+    # (B, T, H, HV, K, V, varlen)
+    shapes = ([(1, 23, 1, 2, 16, 20, False), (1, 19, 2, 2, 12, 8, True)] if small else
+              [(2, 517, 2, 4, 128, 128, False), (1, 600, 2, 4, 64, 96, True)])
+    for (B, T, H, HV, K, V, varlen), dtype in _plan(backend, shapes, full):
+        cu = None
+        N = B
+        if varlen:
+            cu = torch.tensor([0, T // 5, T // 5, T - 3, T], device=device, dtype=torch.int32)
+            N = cu.numel() - 1
+        q, k = (torch.randn(B, T, H, K, device=device).to(dtype) for _ in range(2))
+        v = torch.randn(B, T, HV, V, device=device).to(dtype)
+        g = F.logsigmoid(torch.randn(B, T, HV, device=device))
+        beta = torch.rand(B, T, HV, device=device)
+        h0 = torch.randn(N, HV, K, V, device=device)
+        cot = (torch.randn(B, T, HV, V, device=device, dtype=torch.float64),
+               torch.randn(N, HV, K, V, device=device, dtype=torch.float64))
+        out = _fwd_bwd(chunk_gated_delta_rule, q, k, v, g, beta, h0, cot, cu, backend=backend)
+        d = lambda x: x.double()
+        ref = _fwd_bwd(_ref, d(q), d(k), d(v), d(g), d(beta), d(h0), cot, cu)
+        lowp = (_fwd_bwd(_ref, q, k, v, g, beta, h0, cot, cu)
+                if dtype in (torch.float16, torch.bfloat16) else None)
+        tag = f"gated_delta_rule K={K} V={V} HV/H={HV // H}{' varlen' if varlen else ''}"
+        named = [(name, out[i], ref[i], None if lowp is None else lowp[i])
+                 for i, name in enumerate(NAMES)]
+        if cu is None:  # the decoding form on the last 3 tokens from the state before them
+            Ts = 3
+            _, h_pre = delta_rule_recurrent_ref(d(q[:, :-Ts]), d(k[:, :-Ts]), d(v[:, :-Ts]),
+                                                d(g[:, :-Ts]), d(beta[:, :-Ts]), None, d(h0),
+                                                None, True)
+            state = h_pre.float().contiguous()
+            o_s, _ = fused_recurrent_gated_delta_rule(
+                q[:, -Ts:], k[:, -Ts:], v[:, -Ts:], g[:, -Ts:], beta[:, -Ts:],
+                initial_state=state, use_qk_l2norm_in_kernel=True, inplace_final_state=True,
+                backend=backend)
+            named += [("fused_recurrent o", o_s, ref[0][:, -Ts:],
+                       None if lowp is None else lowp[0][:, -Ts:]),
+                      ("fused_recurrent final_state", state, ref[1],
+                       None if lowp is None else lowp[1])]
+        for name, o_, r_, l_ in named:
+            vd = compare(f"{tag} {name}", o_, r_, dtype, l_)
+            rows.append(CheckRow(f"{tag} {name}", backend, str(dtype).replace("torch.", ""), vd))
+    return rows

@@ -1,0 +1,443 @@
+"""Delta rule (DeltaNet, Gated DeltaNet) against the float64 recurrence on the CPU: outputs, final
+states, every gradient (q, k, v, g, beta, initial_state), grouped value heads, K != V, strong and
+weak decay, beta near 0 and 2, varlen against per-sequence calls, in-kernel L2 norm, the chunked WY
+reference, the Triton fused_recurrent forward under the interpreter, errors and opcheck."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ssm_kernels as sk
+from ssm_kernels.delta_rule.reference import (delta_rule_bwd_ref, delta_rule_chunk_ref,
+                                              delta_rule_recurrent_ref)
+from ssm_kernels.testing import assert_close
+
+from conftest import kernel_backends
+
+TRITON = kernel_backends()          # ["triton"] under the interpreter (or on a GPU)
+DECAYS = {"weak": (0.0, 1e-3), "mid": (0.0, 1.0), "strong": (5.0, 10.0)}
+BETAS = {"mid": (0.0, 1.0), "near0": (0.0, 1e-4), "near2": (2.0 - 1e-4, 2.0)}
+
+
+def make(B, T, H, HV, K, V, gated=True, decay="mid", betas="mid", dtype=torch.float32,
+         unit_keys=True):
+    """Fresh random inputs. unit_keys: L2-normalised k (keeps the recurrence bounded without the
+    in-kernel norm); q is not normalised."""
+    q, k = torch.randn(2, B, T, H, K).unbind(0)
+    if unit_keys:
+        k = F.normalize(k, dim=-1)
+    v = torch.randn(B, T, HV, V)
+    lo, hi = DECAYS[decay]
+    g = -(lo + (hi - lo) * torch.rand(B, T, HV)) if gated else None
+    blo, bhi = BETAS[betas]
+    beta = blo + (bhi - blo) * torch.rand(B, T, HV)
+    return q.to(dtype), k.to(dtype), v.to(dtype), g, beta
+
+
+def call(form, gated, q, k, v, g, beta, h0=None, cu=None, l2=False, **kw):
+    common = dict(initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=l2,
+                  cu_seqlens=cu, **kw)
+    if gated:
+        fn = sk.chunk_gated_delta_rule if form == "chunk" else sk.fused_recurrent_gated_delta_rule
+        return fn(q, k, v, g, beta, **common)
+    fn = sk.chunk_delta_rule if form == "chunk" else sk.fused_recurrent_delta_rule
+    return fn(q, k, v, beta, **common)
+
+
+def ref64(q, k, v, g, beta, h0=None, cu=None, l2=False, scale=None):
+    d = lambda x: None if x is None else x.double()
+    return delta_rule_recurrent_ref(d(q), d(k), d(v), d(g), d(beta), scale, d(h0), cu, l2)
+
+
+# ---- the references ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [1, 7, 64, 65, 100])
+@pytest.mark.parametrize("gated", [True, False])
+def test_chunked_wy_reference_equals_recurrence(T, gated):
+    q, k, v, g, beta = make(2, T, 2, 4, 6, 5, gated, dtype=torch.float64)
+    beta = beta.double() * 2                       # the full (0, 2) range
+    h0 = torch.randn(2, 4, 6, 5, dtype=torch.float64)
+    for l2 in (False, True):
+        o, S = delta_rule_recurrent_ref(q, k, v, g, beta, None, h0, None, l2)
+        oc, Sc = delta_rule_chunk_ref(q, k, v, g, beta, None, h0, None, l2, chunk_size=16)
+        assert_close(oc, o, name="chunked o")
+        assert_close(Sc, S, name="chunked state")
+
+
+def test_chunked_wy_reference_varlen_and_strong_decay():
+    q, k, v, g, beta = make(1, 50, 1, 2, 4, 3, True, decay="strong", dtype=torch.float64)
+    cu = torch.tensor([0, 16, 17, 50])
+    h0 = torch.randn(3, 2, 4, 3, dtype=torch.float64)
+    o, S = delta_rule_recurrent_ref(q, k, v, g.double(), beta.double(), None, h0, cu)
+    oc, Sc = delta_rule_chunk_ref(q, k, v, g.double(), beta.double(), None, h0, cu, chunk_size=8)
+    assert_close(oc, o)
+    assert_close(Sc, S)
+
+
+@pytest.mark.parametrize("gated,l2,cu", [(True, False, None), (False, True, None),
+                                         (True, True, [0, 3, 11, 12])])
+def test_explicit_backward_equals_autograd(gated, l2, cu):
+    B = 2 if cu is None else 1
+    q, k, v, g, beta = make(B, 12, 2, 4, 5, 3, gated, dtype=torch.float64, unit_keys=False)
+    cu = None if cu is None else torch.tensor(cu)
+    N = B if cu is None else cu.numel() - 1
+    beta = beta.double()
+    g = None if g is None else g.double()
+    h0 = torch.randn(N, 4, 5, 3, dtype=torch.float64)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, beta, h0)]
+    gl = None if g is None else g.clone().requires_grad_()
+    o, S = delta_rule_recurrent_ref(leaves[0], leaves[1], leaves[2], gl, leaves[3], 0.3, leaves[4],
+                                    cu, l2)
+    do, dS = torch.randn_like(o), torch.randn_like(S)
+    wrt = leaves + ([gl] if gl is not None else [])
+    auto = torch.autograd.grad((o * do).sum() + (S * dS).sum(), wrt)
+    dq, dk, dv, dg, db, dh0 = delta_rule_bwd_ref(q, k, v, g, beta, h0, cu, 0.3, l2, do, dS)
+    for a, b, n in zip(auto, [dq, dk, dv, db, dh0] + ([dg] if g is not None else []),
+                       ["dq", "dk", "dv", "dbeta", "dh0", "dg"]):
+        assert_close(b, a, name=n)
+
+
+# ---- the public functions on the reference backend ----------------------------------------------
+
+@pytest.mark.parametrize("T", [1, 7, 64, 65, 100])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("form", ["chunk", "fused_recurrent"])
+def test_forward_matches_recurrence(T, gated, form):
+    q, k, v, g, beta = make(2, T, 2, 4, 8, 6, gated)
+    h0 = torch.randn(2, 4, 8, 6)
+    o, S = call(form, gated, q, k, v, g, beta, h0, backend="reference")
+    ro, rS = ref64(q, k, v, g, beta, h0)
+    assert o.dtype == v.dtype and S.dtype == torch.float32 and S.shape == (2, 4, 8, 6)
+    assert_close(o, ro, dtype=torch.float32)
+    assert_close(S, rS, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("decay", ["weak", "strong"])
+@pytest.mark.parametrize("betas", ["near0", "near2"])
+def test_extreme_decays_and_betas(decay, betas):
+    q, k, v, g, beta = make(1, 40, 1, 2, 8, 4, True, decay=decay, betas=betas)
+    h0 = torch.randn(1, 2, 8, 4)
+    o, S = call("chunk", True, q, k, v, g, beta, h0, l2=True)
+    ro, rS = ref64(q, k, v, g, beta, h0, l2=True)
+    assert torch.isfinite(o).all() and torch.isfinite(S).all()
+    assert_close(o, ro, dtype=torch.float32)
+    assert_close(S, rS, dtype=torch.float32)
+
+
+def _grad_case(form, gated, l2, cu=None, B=2, T=13, backend="reference"):
+    q, k, v, g, beta = make(B, T, 2, 4, 6, 5, gated, unit_keys=not l2)
+    N = B if cu is None else cu.numel() - 1
+    h0 = torch.randn(N, 4, 6, 5)
+    inputs = dict(q=q, k=k, v=v, g=g, beta=beta, h0=h0)
+    names = [n for n, x in inputs.items() if x is not None]
+    cots = (torch.randn(B, T, 4, 5, dtype=torch.float64), torch.randn(N, 4, 6, 5, dtype=torch.float64))
+
+    def run(fn, ins):
+        leaves = {n: ins[n].detach().clone().requires_grad_() for n in names}
+        a = {n: leaves.get(n) for n in inputs}
+        o, S = fn(a)
+        loss = (o.double() * cots[0]).sum() + (S.double() * cots[1]).sum()
+        return [o, S] + list(torch.autograd.grad(loss, [leaves[n] for n in names]))
+
+    out = run(lambda a: call(form, gated, a["q"], a["k"], a["v"], a["g"], a["beta"], a["h0"], cu,
+                             l2, backend=backend), inputs)
+    hi = {n: None if x is None else x.double() for n, x in inputs.items()}
+    ref = run(lambda a: ref64(a["q"], a["k"], a["v"], a["g"], a["beta"], a["h0"], cu, l2), hi)
+    for name, a, b in zip(["o", "S"] + ["d" + n for n in names], out, ref):
+        assert a.dtype == (torch.float32), name
+        assert_close(a, b, dtype=torch.float32, name=name)
+
+
+@pytest.mark.parametrize("form", ["chunk", "fused_recurrent"])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("l2", [False, True])
+def test_gradients_match_recurrence(form, gated, l2):
+    _grad_case(form, gated, l2)
+
+
+def test_gradients_varlen():
+    _grad_case("chunk", True, True, cu=torch.tensor([0, 5, 6, 20]), B=1, T=20)
+
+
+def test_loss_on_final_state_only_and_no_initial_state():
+    q, k, v, g, beta = make(1, 9, 1, 2, 4, 4)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, beta)]
+    _, S = sk.chunk_gated_delta_rule(*leaves, output_final_state=True)
+    grads = torch.autograd.grad(S.sum(), leaves)
+    hi = [x.detach().double().requires_grad_() for x in leaves]
+    _, rS = delta_rule_recurrent_ref(*hi)
+    rgrads = torch.autograd.grad(rS.sum(), hi, allow_unused=True)     # q does not reach S
+    assert rgrads[0] is None and grads[0].abs().max() == 0
+    for a, b in zip(grads[1:], rgrads[1:]):
+        assert_close(a, b, dtype=torch.float32)
+
+
+def test_varlen_equals_separate_calls():
+    lens = [5, 1, 17, 9]
+    cu = torch.tensor([0] + lens).cumsum(0)
+    q, k, v, g, beta = make(1, sum(lens), 2, 4, 8, 6, True)
+    h0 = torch.randn(4, 4, 8, 6)
+    for form in ("chunk", "fused_recurrent"):
+        o, S = call(form, True, q, k, v, g, beta, h0, cu, l2=True)
+        for n, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+            on, Sn = call(form, True, q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b],
+                          h0[n:n + 1], l2=True)
+            torch.testing.assert_close(o[:, a:b], on)
+            torch.testing.assert_close(S[n:n + 1], Sn)
+
+
+def test_fused_recurrent_defaults_and_float64():
+    q, k, v, g, beta = make(2, 6, 2, 2, 4, 4, True, dtype=torch.float64)
+    o, S = sk.fused_recurrent_gated_delta_rule(q, k, v, output_final_state=True)   # g None, beta 1
+    ro, rS = delta_rule_recurrent_ref(q, k, v, None, torch.ones(2, 6, 2, dtype=torch.float64))
+    assert S.dtype == torch.float64
+    assert_close(o, ro)
+    assert_close(S, rS)
+    o2, _ = sk.fused_recurrent_delta_rule(q, k, v)
+    assert_close(o2, ro)
+
+
+def test_inplace_final_state_decoding():
+    q, k, v, g, beta = make(2, 3, 2, 4, 8, 6, True)
+    S0 = torch.randn(2, 4, 8, 6)
+    o, S = sk.fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=S0,
+                                               output_final_state=True)
+    state = S0.clone()
+    for t in range(3):                                        # token by token, in place
+        ot, st = sk.fused_recurrent_gated_delta_rule(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1],
+                                                     g[:, t:t + 1], beta[:, t:t + 1],
+                                                     initial_state=state, inplace_final_state=True)
+        assert st is state
+        torch.testing.assert_close(ot, o[:, t:t + 1])
+    torch.testing.assert_close(state, S)
+
+
+# ---- Triton fused_recurrent forward (interpreter on the CPU) -------------------------------------
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("gated,l2,T", [(True, True, 7), (False, True, 33), (True, False, 1)])
+def test_triton_fused_recurrent_forward(backend, gated, l2, T):
+    q, k, v, g, beta = make(2, T, 2, 4, 12, 20, gated)       # K, V not powers of two
+    h0 = torch.randn(2, 4, 12, 20)
+    for form in ("fused_recurrent", "chunk"):
+        o, S = call(form, gated, q, k, v, g, beta, h0, l2=l2, backend=backend)
+        ro, rS = ref64(q, k, v, g, beta, h0, l2=l2)
+        assert_close(o, ro, dtype=torch.float32)
+        assert_close(S, rS, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_varlen_fp16_inplace_and_grad(backend):
+    cu = torch.tensor([0, 4, 5, 11], dtype=torch.int32)
+    q, k, v, g, beta = make(1, 11, 1, 2, 16, 8, True)
+    h0 = torch.randn(3, 2, 16, 8)
+    o, S = call("fused_recurrent", True, q, k, v, g, beta, h0, cu, l2=True, backend=backend)
+    ro, rS = ref64(q, k, v, g, beta, h0, cu, l2=True)
+    assert_close(o, ro, dtype=torch.float32)
+    assert_close(S, rS, dtype=torch.float32)
+    # float16 storage: within 2x the float16 reference's error
+    qh, kh, vh = q.half(), k.half(), v.half()
+    oh, Sh = call("fused_recurrent", True, qh, kh, vh, g, beta, h0, cu, l2=True, backend=backend)
+    lo, _ = delta_rule_recurrent_ref(qh, kh, vh, g, beta, None, h0, cu, True)
+    rh, _ = ref64(qh, kh, vh, g, beta, h0, cu, l2=True)
+    assert_close(oh, rh, dtype=torch.float16, lowp_ref=lo)
+    # in-place decoding state
+    state = h0.clone()
+    oi, si = sk.fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state, cu_seqlens=cu,
+                                                 use_qk_l2norm_in_kernel=True,
+                                                 inplace_final_state=True, backend=backend)
+    assert si is state
+    torch.testing.assert_close(oi, o)
+    torch.testing.assert_close(state, S)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("gated,l2,T", [(True, True, 20), (False, False, 1), (True, False, 17),
+                                        (False, True, 16)])
+def test_triton_backward_matches_recurrence(backend, gated, l2, T):
+    """The step-by-step backward kernel (chunks of 16 steps at these sizes, replayed from stored
+    states): every
+    gradient, GVA (HV = 2H), K != V, partial last chunk."""
+    _grad_case("fused_recurrent", gated, l2, backend=backend, T=T)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_backward_varlen_and_determinism(backend):
+    from ssm_kernels.delta_rule.triton import bwd_chunk
+    assert (bwd_chunk(23, 5), bwd_chunk(4096, 1), bwd_chunk(4 * 4096, 4), bwd_chunk(1024, 1)) == (
+        16, 64, 64, 32)
+    cu = torch.tensor([0, 5, 6, 17, 17, 23])
+    _grad_case("chunk", True, True, cu=cu, B=1, T=23, backend=backend)
+    q, k, v, g, beta = make(1, 23, 2, 4, 6, 5, True)
+    h0 = torch.randn(5, 4, 6, 5)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, beta, h0)]
+
+    def grads():
+        o, S = sk.chunk_gated_delta_rule(*leaves[:5], initial_state=leaves[5],
+                                         output_final_state=True, cu_seqlens=cu,
+                                         use_qk_l2norm_in_kernel=True, backend=backend)
+        return torch.autograd.grad(o.sum() + S.sum(), leaves)
+    for a, b in zip(grads(), grads()):
+        assert torch.equal(a, b)
+
+
+# ---- errors and registered ops ------------------------------------------------------------------
+
+def test_errors_name_the_argument():
+    q, k, v, g, beta = make(1, 6, 2, 4, 8, 5, True)
+    with pytest.raises(ValueError, match="q must have rank 4"):
+        sk.chunk_gated_delta_rule(q[0], k, v, g, beta)
+    with pytest.raises(ValueError, match="k must have q's shape"):
+        sk.chunk_delta_rule(q, k[:, :5], v, beta)
+    with pytest.raises(ValueError, match="v must have shape"):
+        sk.chunk_delta_rule(q, k, v[:, :5], beta)
+    with pytest.raises(ValueError, match="HV=3 must be a multiple of .* H=2"):
+        sk.chunk_delta_rule(q, k, v[:, :, :3], beta[:, :, :3])
+    with pytest.raises(TypeError, match="v must have q's dtype"):
+        sk.chunk_delta_rule(q, k, v.double(), beta)
+    with pytest.raises(TypeError, match="q must have dtype"):
+        sk.chunk_delta_rule(q.int(), k.int(), v.int(), beta)
+    with pytest.raises(ValueError, match=r"g must have shape \[B, T, HV\]"):
+        sk.chunk_gated_delta_rule(q, k, v, g[:, :, :2], beta)
+    with pytest.raises(ValueError, match="g holds log-decays and must be <= 0"):
+        sk.chunk_gated_delta_rule(q, k, v, -g, beta)
+    with pytest.raises(ValueError, match="g .* is required"):
+        sk.chunk_gated_delta_rule(q, k, v, None, beta)
+    with pytest.raises(ValueError, match=r"beta must have shape \[B, T, HV\]"):
+        sk.chunk_gated_delta_rule(q, k, v, g, beta[..., None].expand(-1, -1, -1, 5))
+    with pytest.raises(ValueError, match=r"beta must lie in \[0, 2\]"):
+        sk.chunk_gated_delta_rule(q, k, v, g, beta + 2.5)
+    with pytest.raises(ValueError, match=r"beta must lie in \[0, 2\]"):
+        sk.fused_recurrent_delta_rule(q, k, v, -beta - 0.1)
+    with pytest.raises(ValueError, match="initial_state must have shape"):
+        sk.chunk_delta_rule(q, k, v, beta, initial_state=torch.zeros(1, 2, 8, 5))
+    with pytest.raises(ValueError, match="B == 1"):
+        sk.chunk_delta_rule(torch.cat([q, q]), torch.cat([k, k]), torch.cat([v, v]),
+                            torch.cat([beta, beta]), cu_seqlens=torch.tensor([0, 6]))
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+        sk.chunk_delta_rule(q, k, v, beta, cu_seqlens=torch.tensor([0, 4, 3, 6]))
+    with pytest.raises(ValueError, match="initial_state must have shape"):
+        sk.chunk_delta_rule(q, k, v, beta, initial_state=torch.zeros(1, 4, 8, 5),
+                            cu_seqlens=torch.tensor([0, 2, 6]))
+    with pytest.raises(ValueError, match="inplace_final_state=True needs"):
+        sk.fused_recurrent_delta_rule(q, k, v, beta, inplace_final_state=True)
+    with pytest.raises(ValueError, match="not differentiable"):
+        sk.fused_recurrent_delta_rule(q.requires_grad_(), k, v, beta,
+                                      initial_state=torch.zeros(1, 4, 8, 5),
+                                      inplace_final_state=True)
+    with pytest.raises(TypeError, match="scale must be a float"):
+        sk.chunk_delta_rule(q.detach(), k, v, beta, scale="0.5")
+    with pytest.raises(sk.BackendUnavailableError, match="triton"):
+        sk.chunk_delta_rule(q.detach().double(), k.double(), v.double(), beta, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + TRITON)
+def test_opcheck(backend):
+    q, k, v, g, beta = make(1, 9, 1, 2, 8, 4, True)
+    h0 = torch.randn(2, 2, 8, 4)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), g.requires_grad_(),
+            beta.requires_grad_(), h0.requires_grad_(), cu, 0.3, True, backend)
+    torch.library.opcheck(torch.ops.ssm_kernels.delta_rule_fwd, args)
+    o, ht = torch.ops.ssm_kernels.delta_rule_fwd(*args)
+    d = lambda x: x.detach()
+    bargs = (d(q), d(k), d(v), d(g), d(beta), d(h0), cu, 0.3, True, torch.randn_like(o),
+             torch.randn_like(ht), backend)
+    torch.library.opcheck(torch.ops.ssm_kernels.delta_rule_bwd, bargs)
+    torch.library.opcheck(torch.ops.ssm_kernels.delta_rule_step_,
+                          (d(q), d(k), d(v), None, d(beta), d(h0).clone(), cu, 0.3, False, backend))
+
+
+def test_compile_fullgraph_reference():
+    torch._dynamo.reset()
+    q, k, v, g, beta = make(1, 8, 1, 2, 4, 4, True)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, beta)]
+
+    def f(q, k, v, g, beta):
+        o, S = sk.chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True,
+                                         use_qk_l2norm_in_kernel=True)
+        return o.sum() + S.sum()
+
+    # aot_eager: dynamo (no graph break) + AOT autograd through the fakes and registered backward
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = cf(*leaves)
+    grads = torch.autograd.grad(out, leaves)
+    ref = f(*leaves)
+    rgrads = torch.autograd.grad(ref, leaves)
+    assert_close(out, ref.double(), dtype=torch.float32)
+    for a, b in zip(grads, rgrads):
+        assert_close(a, b.double(), dtype=torch.float32)
+
+
+# ---- GPU compiler and real sizes --------------------------------------------------------------
+
+_COMPILE_SCRIPT = r'''
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from ssm_kernels.delta_rule.triton import _recurrent_bwd_kernel, _recurrent_fwd_kernel
+
+BF = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dv_ptr"}
+def build(fn, consts, warps):
+    sig = {n: "constexpr" if n in consts else
+           ("*bf16" if n in BF else "*i32" if n in ("cu_ptr", "co_ptr") else "*fp32")
+           if n.endswith("_ptr") else ("fp32" if n in ("scale", "eps") else "i32")
+           for n in fn.arg_names}
+    triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": warps})
+
+for K, BV, warps, flags in [(128, 32, 4, (1, 1, 1, 1, 0)), (64, 8, 1, (0, 0, 0, 0, 1)),
+                            (256, 16, 4, (1, 1, 1, 1, 1))]:
+    names = ("HAS_G", "HAS_H0", "STORE_HT", "L2NORM", "IS_VARLEN")
+    build(_recurrent_fwd_kernel, dict(zip(names, map(bool, flags)), BK=K, BV=BV), warps)
+for K, V, flags in [(128, 128, (1, 1, 1, 1, 1)), (64, 32, (0, 0, 0, 0, 0))]:
+    names = ("HAS_G", "HAS_H0", "HAS_DHT", "L2NORM", "IS_VARLEN")
+    build(_recurrent_bwd_kernel, dict(zip(names, map(bool, flags)), BT=16, BK=K, BV=V), 8)
+print("compiled")
+'''
+
+
+def test_recurrent_kernel_compiles_for_sm90():
+    """The interpreter does not run the GPU compiler: build the step-by-step kernel for sm_90."""
+    from conftest import compile_for_sm90
+    res = compile_for_sm90(_COMPILE_SCRIPT)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_fused_recurrent_real_sizes(dtype):
+    B, T, H, HV, K, V = 2, 300, 2, 4, 128, 128
+    q, k = torch.randn(2, B, T, H, K, device="cuda").unbind(0)
+    v = torch.randn(B, T, HV, V, device="cuda")
+    g = F.logsigmoid(torch.randn(B, T, HV, device="cuda"))
+    beta = torch.rand(B, T, HV, device="cuda")
+    h0 = torch.randn(B, HV, K, V, device="cuda")
+    qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+    o, S = sk.fused_recurrent_gated_delta_rule(qd, kd, vd, g, beta, initial_state=h0,
+                                               output_final_state=True,
+                                               use_qk_l2norm_in_kernel=True, backend="triton")
+    ro, rS = ref64(qd.cpu(), kd.cpu(), vd.cpu(), g.cpu(), beta.cpu(), h0.cpu(), l2=True)
+    lo, lS = (None, None) if dtype == torch.float32 else delta_rule_recurrent_ref(
+        qd.cpu(), kd.cpu(), vd.cpu(), g.cpu(), beta.cpu(), None, h0.cpu(), None, True)
+    assert_close(o, ro, dtype=dtype, lowp_ref=lo)
+    assert_close(S, rS, dtype=torch.float32 if dtype == torch.float32 else dtype, lowp_ref=lS)
+
+
+def test_compile_fullgraph_inplace_decode():
+    torch._dynamo.reset()
+    q, k, v, g, beta = make(2, 1, 1, 2, 4, 4, True)
+    state = torch.randn(2, 2, 4, 4)
+
+    def f(q, k, v, g, beta, state):
+        o, _ = sk.fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state,
+                                                   use_qk_l2norm_in_kernel=True,
+                                                   inplace_final_state=True)
+        return o
+
+    s_eager, s_comp = state.clone(), state.clone()
+    with torch.no_grad():
+        o_eager = f(q, k, v, g, beta, s_eager)
+        o_comp = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, g, beta, s_comp)
+    torch.testing.assert_close(o_comp, o_eager)
+    torch.testing.assert_close(s_comp, s_eager)
+    assert not torch.equal(s_comp, state)
