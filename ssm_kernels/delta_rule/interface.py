@@ -141,7 +141,7 @@ def _(q, k, v, g, beta, state, cu_seqlens, scale, use_l2norm, backend):
 
 def _validate(fn, q, k, v, g, beta, scale, initial_state, cu_seqlens, gated: bool) -> int:
     for name, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, x, rank=4)
+        check_tensor(fn, name, x, rank=4)
     if q.dtype not in _DTYPES:
         raise TypeError(f"{fn}: q must have dtype in {_DTYPES}, got {q.dtype}")
     for name, x in (("k", k), ("v", v)):
@@ -164,14 +164,14 @@ def _validate(fn, q, k, v, g, beta, scale, initial_state, cu_seqlens, gated: boo
     if gated:
         if g is None:
             raise ValueError(f"{fn}: g ([B, T, HV] log-decays) is required")
-        check_tensor("g", g)
+        check_tensor(fn, "g", g)
         if tuple(g.shape) != (B, T, HV):
             raise ValueError(f"{fn}: g must have shape [B, T, HV] = {(B, T, HV)}, got "
                              f"{tuple(g.shape)}")
         if not g.is_floating_point():
             raise TypeError(f"{fn}: g must have a floating dtype, got {g.dtype}")
         check_log_decay(fn, "g", g)
-    check_tensor("beta", beta)
+    check_tensor(fn, "beta", beta)
     if tuple(beta.shape) != (B, T, HV):
         extra = (" (per-value-channel beta [B, T, HV, V] is not supported)"
                  if beta.dim() == 4 else "")
@@ -190,7 +190,7 @@ def _validate(fn, q, k, v, g, beta, scale, initial_state, cu_seqlens, gated: boo
     if cu_seqlens is not None:
         N = check_cu_seqlens(fn, cu_seqlens, B, T)
     if initial_state is not None:
-        check_tensor("initial_state", initial_state)
+        check_tensor(fn, "initial_state", initial_state)
         expect = (N, HV, K, V)
         if tuple(initial_state.shape) != expect:
             raise ValueError(f"{fn}: initial_state must have shape [N, HV, K, V] = {expect} (N = "
