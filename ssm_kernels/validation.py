@@ -36,6 +36,17 @@ def check_tensor(op: str, name: str, x, min_rank: int = 0, rank: Optional[int] =
         raise ValueError(f"{op}: {name} must have rank >= {min_rank}, got shape {tuple(x.shape)}")
 
 
+def check_qkv(op: str, q, k, v, dtypes: tuple) -> None:
+    """q, k, v of the attention-like ops: rank-4 tensors, q's dtype in `dtypes`, k and v in q's."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_tensor(op, name, x, rank=4)
+    if q.dtype not in dtypes:
+        raise TypeError(f"{op}: q must have dtype in {dtypes}, got {q.dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {x.dtype}")
+
+
 def check_dtype(op: str, name: str, x: torch.Tensor, floating: bool = True,
                 complex_ok: bool = False, allowed=None) -> None:
     if allowed is not None:

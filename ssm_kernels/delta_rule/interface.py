@@ -19,8 +19,8 @@ from torch import Tensor
 
 from .. import _backend
 from .._ops import cached_on_metadata, kernel_op
-from ..validation import (check_cu_seqlens, check_log_decay, check_same_device, check_tensor,
-                          checks_values)
+from ..validation import (check_cu_seqlens, check_log_decay, check_qkv, check_same_device,
+                          check_tensor, checks_values)
 from .reference import delta_rule_bwd_ref, delta_rule_recurrent_ref, state_dtype
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -140,13 +140,7 @@ def _(q, k, v, g, beta, state, cu_seqlens, scale, use_l2norm, backend):
 # ---- validation -----------------------------------------------------------------------------
 
 def _validate(fn, q, k, v, g, beta, scale, initial_state, cu_seqlens, gated: bool) -> int:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(fn, name, x, rank=4)
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"{fn}: q must have dtype in {_DTYPES}, got {q.dtype}")
-    for name, x in (("k", k), ("v", v)):
-        if x.dtype != q.dtype:
-            raise TypeError(f"{fn}: {name} must have q's dtype {q.dtype}, got {x.dtype}")
+    check_qkv(fn, q, k, v, _DTYPES)
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     if k.shape != q.shape:

@@ -17,8 +17,8 @@ from torch import Tensor
 from .. import _backend
 from .._ops import kernel_op
 from ..chunk.select import select
-from ..validation import (check_cu_seqlens, check_log_decay, check_same_device, check_tensor,
-                          empty_result, swaps_dims_1_2)
+from ..validation import (check_cu_seqlens, check_log_decay, check_qkv, check_same_device,
+                          check_tensor, empty_result, swaps_dims_1_2)
 from .reference import linear_attn_bwd_ref, linear_attn_fwd_ref, linear_attn_recurrent_ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -113,13 +113,7 @@ def _hint(got, want) -> str:
 
 
 def _validate(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_tensor(fn, name, x, rank=4)
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"{fn}: q must have dtype in {_DTYPES}, got {q.dtype}")
-    for name, x in (("k", k), ("v", v)):
-        if x.dtype != q.dtype:
-            raise TypeError(f"{fn}: {name} must have q's dtype {q.dtype}, got {x.dtype}")
+    check_qkv(fn, q, k, v, _DTYPES)
     B, T, H, K = q.shape
     if k.shape != q.shape:
         raise ValueError(f"{fn}: k must have q's shape [B, T, H, K] = {tuple(q.shape)}, got "
