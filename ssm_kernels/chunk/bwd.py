@@ -187,7 +187,9 @@ def _dqk_kernel(
             dk_h = dks + gla_apply_t(D, b_q, G, o_t, BT, SUB, DT, IEEE) * scale
         else:
             dq_h = (decay_rows(dqi, G, GATE) + mm(causal_decay(D, G, o_t, GATE), b_k, DT, IEEE)) * scale
-            dk_h = dks + mm(causal_decay_t(Dt, G, o_t, GATE), b_q, DT, IEEE) * scale
+            # scale folded into the operand: with `dks + mm(...) * scale` dk came out 26-33% off
+            # at BT=64 on the H200 (Triton 3.6; right in the interpreter and at BT=32)
+            dk_h = dks + mm(causal_decay_t(Dt, G, o_t, GATE) * scale, b_q, DT, IEEE)
         if GATE == 1:
             x = tl.sum(b_q * dq_h - b_k * dk_h, axis=1)
             r = tl.exp2(G_last) * tl.sum(hdh, axis=0) + tl.sum(tl.sum(b_k * dks, axis=1), axis=0)
@@ -210,7 +212,7 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Ten
     Returns (dq, dk, dv in the inputs' dtype, dg float32 like g (SSD: [B, T, H], the gradient of
     the log-decay vs * A) or None, dh0 float32 [N, H, K, V], dvs float32 [B, T, H] or None); with
     vs, dv is the gradient of the unscaled v (x)."""
-    p = Plan(q, v, g, cu_seqlens, A is not None)
+    p = Plan(q, v, g, cu_seqlens, A is not None, common.BWD_CHUNK)
     m = p.meta
     d = _dummy(do)
     gg = d if g is None else g

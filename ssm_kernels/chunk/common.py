@@ -29,6 +29,7 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 
 # ---- tile choices (the lead tunes these on the GPU) ----------------------------------------------
 CHUNK = 64            # chunk length BT on the GPU for K <= 128 (32 above; 32 in the interpreter)
+BWD_CHUNK = None      # chunk length of the backward (it recomputes its states); None: as forward
 GLA_CHUNK = 32        # chunk length for per-key decays (whole-K dq/dk tiles of [BT, K] floats)
 SUB_CHUNK = 16        # per-key decays: the diagonal sub-chunk handled column by column
 BLOCK_K = 64          # K tile of the stages that loop over K (state, output, dv)
@@ -44,10 +45,14 @@ def poison(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan")) if POISON_OUTPUTS else t
 
 
-def blocks(K: int, V: int, gate: int, dtype: torch.dtype) -> dict:
+def blocks(K: int, V: int, gate: int, dtype: torch.dtype, chunk=None) -> dict:
     BKF = max(16, triton.next_power_of_2(K))            # whole K (the dq/dk stage)
     interp = triton_interpret()
-    BT = 32 if (interp or BKF > 128) else (GLA_CHUNK if gate == 2 else CHUNK)
+    # float32 operands need twice the shared memory: at BT=64, K=128 the backward asked for
+    # 262 KB on the H200 (limit 227 KB)
+    BT = 32 if (interp or BKF > 128 or dtype == torch.float32) else (GLA_CHUNK if gate == 2 else CHUNK)
+    if chunk is not None and gate != 2 and not interp:
+        BT = min(BT, chunk)
     return dict(
         BT=BT, SUB=min(SUB_CHUNK, BT), BKF=BKF,
         BK=max(16, min(BLOCK_K, triton.next_power_of_2(K))),

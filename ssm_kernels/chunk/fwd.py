@@ -147,13 +147,13 @@ def _dummy(x):
 class Plan:
     """Sizes, tiles and the chunk index of one call (shared by the forward and backward)."""
 
-    def __init__(self, q, v, g, cu_seqlens, g_from_vs: bool):
+    def __init__(self, q, v, g, cu_seqlens, g_from_vs: bool, chunk: Optional[int] = None):
         B, T, HQ, K = q.shape
         self.B, self.T, self.HQ, self.K = B, T, HQ, K
         self.H, self.V = v.shape[2], v.shape[3]
         self.N = B if cu_seqlens is None else cu_seqlens.numel() - 1
         self.gate = 1 if g_from_vs else (0 if g is None else (1 if g.dim() == 3 else 2))
-        self.meta = blocks(K, self.V, self.gate, q.dtype)
+        self.meta = blocks(K, self.V, self.gate, q.dtype, chunk)
         BT = self.meta["BT"]
         self.BT = BT
         self.NT = triton.cdiv(T, BT)
