@@ -1,6 +1,7 @@
 """ssm_kernels.nn layers: parallel form vs step form token by token, prefill + decode, packed
 sequences vs one call per sequence, kernels vs the reference backend (forward and backward),
-checkpoint compatibility (mamba-ssm's Mamba, fla's GLA), torch.compile fullgraph."""
+checkpoint compatibility (mamba-ssm's Mamba, fla's GLA), torch.compile fullgraph. GatedDeltaNet and
+DeltaNet have their own file, test_nn_delta.py (here: torch.compile only)."""
 import pytest
 import torch
 
@@ -26,6 +27,9 @@ def make_layer(name, backend, d=D, l_max=32):
         "GLA-gqa-unfused": lambda: snn.GatedLinearAttention(
             hidden_size=d, num_heads=2, num_kv_heads=1, fuse_norm=False, feature_map="relu",
             mode="fused_recurrent", backend=backend),
+        "GatedDeltaNet": lambda: snn.GatedDeltaNet(hidden_size=d, head_dim=4, num_heads=2,
+                                                   backend=backend),
+        "DeltaNet": lambda: snn.DeltaNet(hidden_size=d, num_heads=2, backend=backend),
         "Hyena": lambda: snn.HyenaOperator(d, l_max=l_max, order=3, filter_order=8, backend=backend),
         "MinGRU": lambda: snn.MinGRU(d, expansion_factor=1.5, backend=backend),
         "MinLSTM": lambda: snn.MinLSTM(d, backend=backend),
@@ -331,7 +335,8 @@ def test_errors():
 
 # ---- torch.compile ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["Mamba", "Mamba2", "GLA", "Hyena", "MinGRU", "RGLRU", "LRU"])
+@pytest.mark.parametrize("name", ["Mamba", "Mamba2", "GLA", "GatedDeltaNet", "Hyena", "MinGRU",
+                                  "RGLRU", "LRU"])
 def test_fullgraph_compile_forward_backward(name):
     torch._dynamo.reset()
     m = make_layer(name, "reference")

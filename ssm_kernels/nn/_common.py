@@ -1,7 +1,9 @@
-"""Pieces shared by the layers: the short convolution module, gated RMS norm, varlen resets."""
+"""Pieces shared by the layers: the short convolution module, gated RMS norm, varlen resets,
+Mamba-2's A / dt initialisation, padding-mask unpadding."""
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -35,7 +37,10 @@ class ShortConvolution(nn.Module):
         initial state and is overwritten with the final one."""
         W = self.kernel_size
         r = causal_conv1d_fn(x.transpose(1, 2), self.weight.view(self.hidden_size, W), self.bias,
-                             None, None if state is None else state.to(x.dtype),
+                             None,
+                             # a copy under autograd: the state is overwritten below
+                             None if state is None else state.to(x.dtype,
+                                                                 copy=torch.is_grad_enabled()),
                              state is not None, None, self.activation, cu_seqlens=cu_seqlens,
                              backend=self.backend)
         if state is not None:
@@ -102,3 +107,48 @@ def as_token(x: Tensor):
         raise ValueError(f"step takes one token: x_t must be [B, D] or [B, 1, D], got "
                          f"{tuple(x.shape)}")
     return x, lambda y: y
+
+
+def mamba2_A_log(n: int, A_init_range, device=None, dtype=None) -> Tensor:
+    """``log A`` with ``A ~ U(A_init_range)`` drawn in float32 (Mamba-2's initialisation), as a
+    tensor of ``dtype``."""
+    A = torch.empty(n, dtype=torch.float32, device=device).uniform_(*A_init_range)
+    return torch.log(A).to(dtype=dtype)
+
+
+def mamba2_dt_bias(n: int, dt_min: float, dt_max: float, dt_init_floor: float, device=None,
+                   dtype=None) -> Tensor:
+    """Mamba-2's dt bias: ``softplus(dt_bias)`` log-uniform in ``[dt_min, dt_max]``, floored at
+    ``dt_init_floor`` (the inverse softplus of the drawn dt)."""
+    dt = torch.exp(torch.rand(n, device=device, dtype=dtype)
+                   * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    dt = dt.clamp(min=dt_init_floor)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+def unpad_input(x: Tensor, attention_mask: Tensor, op: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """A padded batch ``x [B, T, D]`` with a padding mask ``[B, S]`` (S >= T; its last T columns
+    apply, nonzero = a real token, left or right padding) -> ``(packed [1, n, D], cu_seqlens
+    [B + 1] int32, indices [n])``: row b becomes sequence b (possibly empty). Reads the packed
+    length on the host (one synchronisation); pass ``cu_seqlens`` for the sync-free path."""
+    B, T = x.shape[:2]
+    if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2 \
+            or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else \
+            type(attention_mask).__name__
+        raise ValueError(f"{op}: attention_mask must be a [batch, seq_len] 0/1 padding mask with "
+                         f"batch={B} and seq_len >= {T} (arbitrary [B, T, T] masks are not "
+                         f"supported), got {got}")
+    if attention_mask.device != x.device:
+        raise ValueError(f"{op}: attention_mask is on {attention_mask.device}, hidden_states on "
+                         f"{x.device}")
+    keep = attention_mask[:, attention_mask.shape[1] - T:] != 0
+    indices = keep.flatten().nonzero().squeeze(1)
+    cu_seqlens = F.pad(keep.sum(1, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+    return x.flatten(0, 1).index_select(0, indices)[None], cu_seqlens, indices
+
+
+def pad_output(y: Tensor, indices: Tensor, B: int, T: int) -> Tensor:
+    """Inverse of `unpad_input`: ``[1, n, D]`` -> ``[B, T, D]`` with zeros at padded positions."""
+    out = y.new_zeros(B * T, y.shape[-1])
+    return out.index_copy(0, indices, y[0]).view(B, T, y.shape[-1])

@@ -3,7 +3,6 @@
 ``mamba_ssm.modules.mamba2.Mamba2``."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -14,7 +13,7 @@ from torch import Tensor
 from ..causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from ..selective_scan import selective_state_update
 from ..ssd import mamba_chunk_scan_combined
-from ._common import as_token
+from ._common import as_token, mamba2_A_log, mamba2_dt_bias
 
 
 class RMSNormGated(nn.Module):
@@ -112,14 +111,12 @@ class Mamba2(nn.Module):
             nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
         self.act = nn.SiLU()
         # dt bias: softplus(dt_bias) log-uniform in [dt_min, dt_max] (floored)
-        dt = torch.exp(torch.rand(self.nheads, **fk) * (math.log(dt_max) - math.log(dt_min))
-                       + math.log(dt_min)).clamp(min=dt_init_floor)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_bias = nn.Parameter(mamba2_dt_bias(self.nheads, dt_min, dt_max, dt_init_floor,
+                                                   **fk))
         self.dt_bias._no_weight_decay = True
         if not (A_init_range[0] > 0 and A_init_range[1] >= A_init_range[0]):
             raise ValueError(f"Mamba2: A_init_range must be 0 < lo <= hi, got {A_init_range}")
-        A = torch.empty(self.nheads, dtype=torch.float32, device=device).uniform_(*A_init_range)
-        self.A_log = nn.Parameter(torch.log(A).to(dtype=dtype))
+        self.A_log = nn.Parameter(mamba2_A_log(self.nheads, A_init_range, **fk))
         self.A_log._no_weight_decay = True
         self.D = nn.Parameter(torch.ones(self.d_ssm if D_has_hdim else self.nheads, device=device))
         self.D._no_weight_decay = True
