@@ -44,11 +44,15 @@ S = dict(B=2, D=24, T=40, lens=[7, 1, 2, 13, 5], Dv=16, Tv=30, Bd=2, Dd=16, Td=1
 FAILS: list = []
 ROWS: list = []  # dict(section, case, impl, mode, dtype, value, unit, note)
 T0 = time.time()
+# LAYERS_SECTIONS="layers recall" runs only those sections (first word of a section's name)
+SECTIONS = os.environ.get("LAYERS_SECTIONS", "").split()
 
 
 def row(section, case, impl, mode, dtype, value, unit, note=""):
     ROWS.append(dict(section=section, case=case, impl=impl, mode=mode, dtype=str(dtype).replace("torch.", ""),
                      value=value, unit=unit, note=note))
+    if section != "check":  # printed as they come too: a call cut short still shows its rows
+        print(f"   {section} {case} {impl} {mode} {value} {unit} {note}", flush=True)
 
 
 def verdict(case, out, ref, dtype, lowp=None):
@@ -220,6 +224,8 @@ def layers():
         "MinLSTM": lambda: snn.MinLSTM(d, expansion_factor=2.0),
         "RGLRU": lambda: snn.RGLRU(d, d_rnn=d, num_heads=8),
         "LRU": lambda: snn.LRU(d, 256),
+        "GatedDeltaNet": lambda: snn.GatedDeltaNet(hidden_size=d, head_dim=64, num_heads=4, num_v_heads=8),
+        "DeltaNet": lambda: snn.DeltaNet(hidden_size=d, num_heads=4),
     }
     for name, mk in makers.items():
         try:
@@ -276,6 +282,8 @@ def main():
     bw = None
     for name, fn in (("causal_conv1d checks", conv_checks), ("copy bandwidth", None),
                      ("causal_conv1d bench", "bench"), ("layers", layers), ("recall", recall)):
+        if SECTIONS and name.split()[0] not in SECTIONS:
+            continue
         t = time.time()
         print(f"== {name}", flush=True)
         try:

@@ -27,9 +27,9 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import (causal_decay, causal_decay_t, chunk_base, chunk_span, decay_rows, decay_state, decay_to_end,
-                     gla_apply, gla_apply_t, last_row, load_rows, load_v, log_decay_cumsum, mm,
-                     seq_span)
+from .common import (causal_decay, causal_decay_t, chunk_base, chunk_span, decay_rows, decay_state,
+                     decay_to_end, decay_to_end_t, gla_apply, gla_apply_t, last_row, load_rows, load_v,
+                     log_decay_cumsum, mm, seq_span)
 from .fwd import Plan, _dummy, chunk_states, gla_chunk_scores
 
 
@@ -153,7 +153,12 @@ def _dqk_kernel(
     b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
     b_k = load_rows(k_ptr, row_q, m_t, o_k, m_k, K)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    if GATE == 2:
+        b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+    else:
+        b_dkT = tl.zeros([BK, BT], dtype=tl.float32)
+        b_kT = tl.trans(b_k)
+        b_qT = tl.trans(b_q)
     GR = H // HQ
     for j in range(GR):
         i_h = i_hq * GR + j
@@ -162,9 +167,11 @@ def _dqk_kernel(
         G = log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row, i_h, m_t, o_k, m_k, K, GATE, G_FROM_VS, BT)
         G_last = last_row(G, o_t, GATE, BT)
         D = tl.zeros([BT, BT], dtype=tl.float32)
-        Dt = tl.zeros([BT, BT], dtype=tl.float32)  # D^T, computed, not transposed (see causal_decay_t)
         dqi = tl.zeros([BT, BK], dtype=tl.float32)
-        dki = tl.zeros([BT, BK], dtype=tl.float32)
+        if GATE == 2:
+            dki = tl.zeros([BT, BK], dtype=tl.float32)
+        else:
+            dkiT = tl.zeros([BK, BT], dtype=tl.float32)
         hdh = tl.zeros([BK], dtype=tl.float32)
         for i_v in range(tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
@@ -175,35 +182,44 @@ def _dqk_kernel(
             b_h = tl.load(h_ptr + p_h + o_k[:, None] * V + o_v[None, :], mask=m_s, other=0.)
             b_dh = tl.load(dh_ptr + p_h + o_k[:, None] * V + o_v[None, :], mask=m_s, other=0.)
             D += mm(b_do, tl.trans(b_v), DT, IEEE)
-            if GATE != 2:
-                Dt += mm(b_v, tl.trans(b_do), DT, IEEE)
             dqi += mm(b_do, tl.trans(b_h), DT, IEEE)
-            dki += mm(b_v, tl.trans(b_dh), DT, IEEE)
+            if GATE == 2:
+                dki += mm(b_v, tl.trans(b_dh), DT, IEEE)
+            else:
+                dkiT += mm(b_dh, tl.trans(b_v), DT, IEEE)
             if GATE > 0:
                 hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
-        dks = decay_to_end(dki, G, G_last, GATE)
         if GATE == 2:
+            dks = decay_to_end(dki, G, G_last, GATE)
             dq_h = (decay_rows(dqi, G, GATE) + gla_apply(D, b_k, G, o_t, BT, SUB, DT, IEEE)) * scale
             dk_h = dks + gla_apply_t(D, b_q, G, o_t, BT, SUB, DT, IEEE) * scale
-        else:
-            dq_h = (decay_rows(dqi, G, GATE) + mm(causal_decay(D, G, o_t, GATE), b_k, DT, IEEE)) * scale
-            # scale folded into the operand: with `dks + mm(...) * scale` dk came out 26-33% off
-            # at BT=64 on the H200 (Triton 3.6; right in the interpreter and at BT=32)
-            dk_h = dks + mm(causal_decay_t(Dt, G, o_t, GATE) * scale, b_q, DT, IEEE)
-        if GATE == 1:
-            x = tl.sum(b_q * dq_h - b_k * dk_h, axis=1)
-            r = tl.exp2(G_last) * tl.sum(hdh, axis=0) + tl.sum(tl.sum(b_k * dks, axis=1), axis=0)
-            tl.store(dg_ptr + row, tl.sum(x, axis=0) - tl.cumsum(x, axis=0) + x + r, mask=m_t)
-        elif GATE == 2:
             x = b_q * dq_h - b_k * dk_h
             r = tl.exp2(G_last) * hdh + tl.sum(b_k * dks, axis=0)
             y = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x + r[None, :]
             tl.store(dg_ptr + row[:, None] * K + o_k[None, :], y, mask=m_t[:, None] & m_k[None, :])
+            b_dk += dk_h
+        else:
+            # dk is built transposed, dk^T = decay(dh v^T) + scale q^T Dm, from the same masked
+            # scores Dm as dq: no second score matmul, and no dot on a transposed dot result
+            # (with dk = v dh^T + Dm^T q, dk came out 26-33% off at BT=64 on the H200 under
+            # Triton 3.6 while right in the interpreter and at BT=32)
+            Dm = causal_decay(D, G, o_t, GATE)
+            dksT = decay_to_end_t(dkiT, G, G_last, GATE)
+            dq_h = (decay_rows(dqi, G, GATE) + mm(Dm, b_k, DT, IEEE)) * scale
+            dk_hT = dksT + mm(b_qT, Dm, DT, IEEE) * scale
+            if GATE == 1:
+                x = tl.sum(b_q * dq_h, axis=1) - tl.sum(b_kT * dk_hT, axis=0)
+                r = tl.exp2(G_last) * tl.sum(hdh, axis=0) + tl.sum(tl.sum(b_kT * dksT, axis=0), axis=0)
+                tl.store(dg_ptr + row, tl.sum(x, axis=0) - tl.cumsum(x, axis=0) + x + r, mask=m_t)
+            b_dkT += dk_hT
         b_dq += dq_h
-        b_dk += dk_h
     m_o = m_t[:, None] & m_k[None, :]
     tl.store(dq_ptr + row_q[:, None] * K + o_k[None, :], b_dq.to(dq_ptr.dtype.element_ty), mask=m_o)
-    tl.store(dk_ptr + row_q[:, None] * K + o_k[None, :], b_dk.to(dk_ptr.dtype.element_ty), mask=m_o)
+    if GATE == 2:
+        tl.store(dk_ptr + row_q[:, None] * K + o_k[None, :], b_dk.to(dk_ptr.dtype.element_ty), mask=m_o)
+    else:
+        tl.store(dk_ptr + row_q[None, :] * K + o_k[:, None], b_dkT.to(dk_ptr.dtype.element_ty),
+                 mask=m_k[:, None] & m_t[None, :])
 
 
 def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Tensor] = None,

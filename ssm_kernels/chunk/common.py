@@ -204,6 +204,15 @@ def decay_to_end(x, G, G_last, GATE: tl.constexpr):
 
 
 @triton.jit
+def decay_to_end_t(xT, G, G_last, GATE: tl.constexpr):
+    """decay_to_end for a transposed [BK, BT] tile (scalar or no gate)."""
+    if GATE == 1:
+        return xT * tl.exp2(G_last - G)[None, :]
+    else:
+        return xT
+
+
+@triton.jit
 def decay_state(S, G_last, GATE: tl.constexpr):
     """exp(G_last) S for a [BK, BV] state block (per key row for GATE 2)."""
     if GATE == 2:
