@@ -1,0 +1,392 @@
+"""Offline sm_90 (H100/H200) audit of the Triton kernels: compile, never launch, no GPU needed.
+
+    PYTHONPATH=. python bench/sm90_audit.py [--ops chunk,linear_attn_check|all] [--only TEXT]
+                                            [--sass DIR] [--ptxas PATH]
+
+Runs the public ops (forward + backward) on CPU tensors with a stub Triton driver whose target is
+GPUTarget("cuda", 90, 32), so every `kernel[grid](...)` compiles exactly what that call would launch
+on the GPU (same constexprs, num_warps, num_stages, argument specialisation) and returns without
+launching. Outputs are garbage (nothing runs); what matters is the compiled artefacts. One line per
+distinct compiled kernel: shared memory (metadata.shared, what Triton checks against the device
+limit before a launch), registers/thread and spill bytes (`ptxas -v` re-run on the kernel's PTX),
+and FLAG when shared > 232448 bytes (the H200's opt-in limit per block: the launch raises
+OutOfResources) or when ptxas spills. `--sass DIR` also writes each kernel's SASS (cuobjdump).
+
+CPU tensors take the Triton path because `_backend.triton_reason` is replaced (in this process
+only) by one that answers as for a CUDA tensor; TRITON_INTERPRET must stay unset, since the tile
+choices (chunk.common.blocks) differ under the interpreter. Grids sized from the SM count see 132.
+
+Caveats: the GPU machine runs Triton 3.6, this tool the installed Triton (3.9 when written).
+Shared memory comes from Triton's own allocation, so it can differ slightly between versions.
+Registers and spills also depend on the ptxas version: Triton 3.6 assembles sm_90 with its
+bundled ptxas 12.8, Triton 3.9 with ptxas 13.4 (and still bundles a 12.9 one). Both are measured;
+the 12.x column is the one to trust for the GPU. A flag here is a strong hint, not a proof.
+
+Adding a family: a function yielding (case label, thunk) per case, registered in FAMILIES.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # 3.6's default; silences 3.9's warning
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("unset TRITON_INTERPRET: the interpreter changes the tile choices being audited")
+
+import torch  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+SMEM_LIMIT = 232448  # H100/H200 cudaDevAttrMaxSharedMemoryPerBlockOptin (227 KiB)
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+# ---- compile-only Triton ------------------------------------------------------------------------
+
+class _Utils:
+    def get_device_properties(self, device):
+        return {"max_shared_mem": SMEM_LIMIT, "multiprocessor_count": 132, "max_num_regs": 65536,
+                "warpSize": 32}
+
+
+class _OfflineDriver:
+    """Just enough of a CUDA driver for JITFunction.run to pick the target and compile."""
+    utils = _Utils()
+
+    def is_active(self):
+        return True
+
+    def get_current_target(self):
+        return TARGET
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+compiled: dict = {}   # kernel hash -> record
+_case = ["?"]         # label of the case running now
+
+
+def _run(self, *args, grid, warmup, **kwargs):
+    # warmup=True: JITFunction.run compiles (or takes its cache) and returns before launching
+    kernel = _orig_run(self, *args, grid=grid, warmup=True, **kwargs)
+    rec = compiled.setdefault(kernel.hash, {
+        "name": self.fn.__name__, "kernel": kernel, "cases": [],
+        "const": {p: kwargs[p] for p in self.arg_names if p in kwargs}})  # signature order
+    if _case[0] not in rec["cases"]:
+        rec["cases"].append(_case[0])
+    return kernel
+
+
+def install():
+    global _orig_run
+    driver.set_active(_OfflineDriver())
+    _orig_run = JITFunction.run
+    JITFunction.run = _run
+    from ssm_kernels import _backend
+    orig_reason = _backend.triton_reason
+    # any device is a CUDA device here (the tensors are never touched by a kernel)
+    _backend.triton_reason = lambda device: orig_reason(torch.device("cuda"))
+    from ssm_kernels import _device
+    _device._sm_count = lambda index: 132   # H200 SMs (grids sized from the SM count)
+    torch.cuda.current_device = lambda: 0
+
+
+# ---- families: (label, thunk) per case -----------------------------------------------------------
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+B, T, H, K = 2, 1031, 4, 128      # T odd like the check: a partial last chunk
+
+
+def _grad(outs, leaves):
+    loss = sum(o.float().sum() for o in outs if o is not None)
+    torch.autograd.grad(loss, [x for x in leaves if x is not None and x.requires_grad])
+
+
+def _dt(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _leaf(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype).requires_grad_()
+
+
+def _la_inputs(dtype, V):
+    return (_leaf(B, T, H, K, dtype=dtype), _leaf(B, T, H, K, dtype=dtype),
+            _leaf(B, T, H, V, dtype=dtype), _leaf(B, H, K, V))
+
+
+def _decay(*shape):
+    return (-torch.rand(*shape) * 0.5).requires_grad_()
+
+
+def run_linear_attn(dtype, V):
+    import ssm_kernels as sk
+    q, k, v, h0 = _la_inputs(dtype, V)
+    o, S = sk.chunk_linear_attn(q, k, v, initial_state=h0, output_final_state=True,
+                                normalize=False, backend="triton")
+    _grad((o, S), (q, k, v, h0))
+
+
+def run_simple_gla(dtype, V):
+    import ssm_kernels as sk
+    q, k, v, h0 = _la_inputs(dtype, V)
+    g = _decay(B, T, H)
+    o, S = sk.chunk_simple_gla(q, k, v, g, initial_state=h0, output_final_state=True,
+                               backend="triton")
+    _grad((o, S), (q, k, v, g, h0))
+
+
+def run_gla(dtype, V):
+    import ssm_kernels as sk
+    q, k, v, h0 = _la_inputs(dtype, V)
+    g = _decay(B, T, H, K)
+    o, S = sk.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True, backend="triton")
+    _grad((o, S), (q, k, v, g, h0))
+
+
+def run_ssd(dtype, V):
+    import ssm_kernels as sk
+    # engine K = dstate (K), engine V = headdim (V); one B/C group
+    x = _leaf(B, T, H, V, dtype=dtype)
+    Bm, Cm = _leaf(B, T, 1, K, dtype=dtype), _leaf(B, T, 1, K, dtype=dtype)
+    dt = (torch.rand(B, T, H) * 0.1 + 0.01).requires_grad_()
+    A = (-torch.rand(H) - 0.5).requires_grad_()
+    h0 = _leaf(B, H, V, K)
+    y, S = sk.mamba_chunk_scan_combined(x, dt, A, Bm, Cm, 64, initial_states=h0,
+                                        return_final_states=True, backend="triton")
+    _grad((y, S), (x, dt, A, Bm, Cm, h0))
+
+
+def chunk_cases():
+    """Chunked engine: the four public ops, forward + backward, K=128, V in (128, 100)."""
+    ops = {"chunk_linear_attn": run_linear_attn, "chunk_simple_gla": run_simple_gla,
+           "chunk_gla": run_gla, "ssd": run_ssd}
+    for V in (128, 100):
+        for dtype in DTYPES:
+            for name, fn in ops.items():
+                yield f"{name} {_dt(dtype)} K{K} V{V}", lambda fn=fn, dtype=dtype, V=V: fn(dtype, V)
+
+
+def linear_attn_check_cases():
+    """`python -m ssm_kernels check` for linear_attn on a GPU (B2 T1031 H4 K128 V100), full plan."""
+    from ssm_kernels.linear_attn import check as c
+    Bc, Tc, Hc, Kc, Vc = 2, 1031, 4, 128, 100
+    for variant, dtype in c._plan("triton", True):
+        def thunk(variant=variant, dtype=dtype):
+            q, k = (torch.randn(2, Bc, Tc, Hc, Kc) * 0.5).to(dtype).unbind(0)
+            v = torch.randn(Bc, Tc, Hc, Vc).to(dtype)
+            gated = variant.endswith("_gla") and variant != "chunk_simple_gla"
+            g = -torch.rand(Bc, Tc, Hc, Kc) if gated else -torch.rand(Bc, Tc, Hc) * 0.5
+            gam, h0 = -torch.rand(Hc) * 0.2, torch.randn(Bc, Hc, Kc, Vc)
+            cot = (torch.randn(Bc, Tc, Hc, Vc, dtype=torch.float64),
+                   torch.randn(Bc, Hc, Kc, Vc, dtype=torch.float64))
+            c._fwd_bwd(c._run_public, variant, (q, k, v, g, gam, h0), cot, backend="triton")
+        yield f"check {variant} {_dt(dtype)}", thunk
+
+
+# The other families reuse their check modules' GPU-size inputs and fwd+bwd helpers (cot: the
+# cotangents those helpers take; their values do not matter here).
+
+def selective_scan_cases():
+    from ssm_kernels import selective_scan_fn
+    from ssm_kernels.selective_scan import check as c
+    for dtype, cplx in c._plan("triton", True):
+        def thunk(dtype=dtype, cplx=cplx):
+            inp = c._inputs("cpu", dtype, cplx, False)
+            cot = (torch.randn(inp["u"].shape), torch.randn(inp["initial_state"].shape,
+                                                            dtype=inp["initial_state"].dtype))
+            c._fwd_bwd(selective_scan_fn, inp, cot, backend="triton")
+        yield f"selective_scan_fn {_dt(dtype)}{' A complex' if cplx else ''}", thunk
+
+
+def linear_scan_cases():
+    from ssm_kernels import linear_scan
+    from ssm_kernels.linear_scan import check as c
+    shape = (4, 1031, 256)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.complex64):
+        def thunk(dtype=dtype):
+            a = (torch.rand(shape) * 0.5 + 0.5).to(dtype)
+            b = torch.randn(shape).to(dtype)
+            h0 = torch.randn(shape[0], shape[2], dtype=torch.complex64 if dtype.is_complex
+                             else torch.float32)
+            c._fwd_bwd(linear_scan, a, b, h0, (torch.randn(shape), torch.randn(h0.shape)),
+                       backend="triton")
+        yield f"linear_scan {_dt(dtype)} {shape}", thunk
+
+
+def causal_conv1d_cases():
+    from ssm_kernels import causal_conv1d_fn
+    from ssm_kernels.causal_conv1d import check as c
+    Bc, D, Tc = 4, 768, 1031
+    for dtype in DTYPES:
+        for W in (2, 4):
+            def thunk(dtype=dtype, W=W):
+                x = torch.randn(Bc, D, Tc).to(dtype)
+                h0 = torch.randn(Bc, D, W - 1).to(dtype)
+                c._fwd_bwd(causal_conv1d_fn, x, torch.randn(D, W), torch.randn(D), h0,
+                           (torch.randn(Bc, D, Tc), torch.randn(Bc, D, W - 1)), backend="triton")
+            yield f"causal_conv1d_fn {_dt(dtype)} W{W}", thunk
+
+
+def delta_rule_cases():
+    import torch.nn.functional as F
+    from ssm_kernels import chunk_gated_delta_rule
+    from ssm_kernels.delta_rule import check as c
+    for Bc, Tc, Hc, HV, Kc, Vc in ((2, 517, 2, 4, 128, 128), (2, 600, 2, 4, 64, 96)):
+        for dtype in DTYPES:
+            def thunk(dtype=dtype, Bc=Bc, Tc=Tc, Hc=Hc, HV=HV, Kc=Kc, Vc=Vc):
+                q, k = (torch.randn(Bc, Tc, Hc, Kc).to(dtype) for _ in range(2))
+                v = torch.randn(Bc, Tc, HV, Vc).to(dtype)
+                g, beta = F.logsigmoid(torch.randn(Bc, Tc, HV)), torch.rand(Bc, Tc, HV)
+                h0 = torch.randn(Bc, HV, Kc, Vc)
+                c._fwd_bwd(chunk_gated_delta_rule, q, k, v, g, beta, h0,
+                           (torch.randn(Bc, Tc, HV, Vc), torch.randn(h0.shape)), backend="triton")
+            yield f"chunk_gated_delta_rule {_dt(dtype)} K{Kc} V{Vc}", thunk
+
+
+def fft_conv_cases():
+    from ssm_kernels import fft_conv
+    from ssm_kernels.fft_conv import check as c, triton as ft
+    ft._sm_count = lambda device: 132   # it answers 2 for CPU tensors (batch split per program)
+    for Bc, Hc, L, Lk in ((4, 64, 1031, 1031), (2, 16, 5000, 4001)):
+        for dtype in DTYPES:
+            def thunk(dtype=dtype, Bc=Bc, Hc=Hc, L=L, Lk=Lk):
+                u, pg, qg = (torch.randn(Bc, Hc, L).to(dtype) for _ in range(3))
+                c._fwd_bwd(fft_conv, u, torch.randn(Hc, Lk), torch.randn(Hc), pg, qg,
+                           torch.randn(Bc, Hc, L), backend="triton")
+            yield f"fft_conv {_dt(dtype)} L{L} Lk{Lk}", thunk
+
+
+FAMILIES = {"chunk": chunk_cases, "linear_attn_check": linear_attn_check_cases,
+            "selective_scan": selective_scan_cases, "linear_scan": linear_scan_cases,
+            "causal_conv1d": causal_conv1d_cases, "delta_rule": delta_rule_cases,
+            "fft_conv": fft_conv_cases}
+DEFAULT_OPS = "chunk,linear_attn_check"   # the others: --ops all or by name
+
+
+# ---- resource usage ------------------------------------------------------------------------------
+
+def ptxas_tools(override=None):
+    """[(label, path, PTX .version it accepts)]: first the ptxas closest to the GPU machine's
+    (Triton 3.6 assembles sm_90 with its bundled ptxas 12.8; Triton 3.9 still bundles a 12.x
+    `ptxas` next to the 13.x one it uses), then the one that built the cubin here. Their register
+    allocations can differ, so both are shown; FLAG SPILL reads the first."""
+    from triton import knobs
+    from triton.backends.nvidia.compiler import ptx_get_version
+    tools = []
+    paths = [override] if override else [knobs.nvidia.ptxas.path, get_ptxas(TARGET.arch).path]
+    for path in dict.fromkeys(paths):   # unique, in order
+        out = subprocess.run([path, "--version"], capture_output=True, text=True).stdout
+        ver = re.search(r"release (\d+\.\d+)", out).group(1)
+        v = ptx_get_version(ver)
+        tools.append((f"ptxas {ver}", path, f"{v // 10}.{v % 10}"))
+    return tools
+
+
+def ptxas_usage(kernel, ptxas: str, ptx_version: str) -> dict:
+    """Registers and spill bytes from `ptxas -v` on the kernel's PTX with the flags Triton's
+    make_cubin passes (the cubin's resource table does not record spills); the PTX's .version is
+    lowered to what that ptxas accepts."""
+    ptx = re.sub(r"^\.version \S+", f".version {ptx_version}", kernel.asm["ptx"], count=1,
+                 flags=re.M)
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        fmad = [] if kernel.metadata.enable_fp_fusion else ["--fmad=false"]
+        cmd = [ptxas, "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2",
+               f"--gpu-name=sm_{TARGET.arch}a", src, "-o", os.path.join(d, "k.o")]
+        log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+
+    def num(pat):
+        m = re.search(pat, log)
+        return int(m.group(1)) if m else 0
+    return {"regs": num(r"Used (\d+) registers"), "spill_st": num(r"(\d+) bytes spill stores"),
+            "spill_ld": num(r"(\d+) bytes spill loads")}
+
+
+def write_sass(kernel, name, out_dir):
+    cuobjdump = os.path.join(os.path.dirname(get_ptxas(TARGET.arch).path), "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    path = os.path.join(out_dir, f"{name}_{kernel.hash[:10]}.sass")
+    with open(path, "w") as f:
+        f.write(sass)
+    return path
+
+
+def _const_str(const: dict) -> str:
+    def fmt(v):
+        if isinstance(v, bool):
+            return str(int(v))
+        return str(v).replace("triton.language.", "").replace("tl.", "")
+    return " ".join(f"{k}={fmt(v)}" for k, v in const.items() if v is not None)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ops", default=DEFAULT_OPS,
+                    help=f"comma-separated families or 'all': {', '.join(FAMILIES)}")
+    ap.add_argument("--sass", metavar="DIR", help="write each kernel's SASS there")
+    ap.add_argument("--only", default="", help="run only cases whose label contains this")
+    ap.add_argument("--ptxas", help="measure registers/spills with this ptxas only")
+    args = ap.parse_args(argv)
+    install()
+    failures = []
+    for fam in (FAMILIES if args.ops == "all" else args.ops.split(",")):
+        for label, thunk in FAMILIES[fam.strip()]():
+            if args.only and args.only not in label:
+                continue
+            _case[0] = label
+            print(f"# compiling {label}", file=sys.stderr, flush=True)
+            try:
+                thunk()
+            except Exception as e:  # a compile error is a finding too; keep auditing the rest
+                failures.append(f"{label}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    if args.sass:
+        os.makedirs(args.sass, exist_ok=True)
+    tools = ptxas_tools(args.ptxas)
+    usage_cols = " | ".join(f"regs, spill st/ld B ({t[0]})" for t in tools)
+    print(f"| kernel | constexprs | warps | stages | shared B | {usage_cols} | flag | cases |")
+    print("|---" * (7 + len(tools)) + "|")
+    n_flag = 0
+    for rec in compiled.values():
+        k, md = rec["kernel"], rec["kernel"].metadata
+        usage = [ptxas_usage(k, path, ver) for _, path, ver in tools]
+        flags = []
+        if md.shared > SMEM_LIMIT:
+            flags.append(f"SMEM>{SMEM_LIMIT}")
+        if usage[0]["spill_st"] or usage[0]["spill_ld"]:
+            flags.append("SPILL")
+        n_flag += bool(flags)
+        cols = " | ".join(f"{u['regs']}, {u['spill_st']}/{u['spill_ld']}" for u in usage)
+        print(f"| {rec['name']} | {_const_str(rec['const'])} | {md.num_warps} | {md.num_stages} "
+              f"| {md.shared} | {cols} | {'FLAG ' + ','.join(flags) if flags else ''} "
+              f"| {'; '.join(rec['cases'])} |", flush=True)
+        if args.sass:
+            write_sass(k, rec["name"], args.sass)
+    print(f"\n{len(compiled)} kernels, {n_flag} flagged (Triton {__import__('triton').__version__} "
+          f"here, 3.6 on the GPU machine)")
+    for f in failures:
+        print(f"FAILED {f}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
