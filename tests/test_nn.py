@@ -45,6 +45,19 @@ LAYERS = ["Mamba", "Mamba2", "Mamba2-mlp-nonorm", "GLA", "GLA-gqa-unfused", "Hye
 VARLEN = [n for n in LAYERS if n != "Hyena"]
 
 
+@pytest.mark.parametrize("name", [n for n in LAYERS if n != "Hyena"])
+def test_prefill_from_cache_is_differentiable(name):
+    """A second prefill from a filled cache backpropagates to its input and to every parameter:
+    the cache is overwritten after the call, so the op must not keep the cache itself."""
+    m = make_layer(name, "reference").double()
+    cache = m.allocate_cache(2)
+    m(torch.randn(2, 3, D, dtype=torch.float64), cache=cache)
+    x = torch.randn(2, 4, D, dtype=torch.float64, requires_grad=True)
+    y = m(x, cache=cache)
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().max() > 0
+
+
 @pytest.mark.parametrize("name", LAYERS)
 def test_step_matches_parallel(name):
     """float64 on the reference backend: step-by-step from an empty cache, and a prefill of 5

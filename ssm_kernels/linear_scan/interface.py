@@ -168,13 +168,17 @@ def linear_scan(a: Tensor, b: Tensor, initial_state: Optional[Tensor] = None, *,
         if initial_state.shape != state_shape:
             raise ValueError(f"linear_scan: initial_state must have shape {tuple(state_shape)} (a's "
                              f"shape without dim={dim}), got {tuple(initial_state.shape)}")
-    P = a.shape[:dim].numel()
-    Q = a.shape[dim + 1:].numel()
-    a3 = a.contiguous().view(P, T, Q)
-    b3 = b.contiguous().view(P, T, Q)
-    h0 = None if initial_state is None else initial_state.reshape(P, Q)
-    h, hT = linear_scan_fwd_op(a3, b3, h0, bool(reverse), _backend.normalize(backend))
-    h = h.view(b.shape)
+    if a.dim() == 3 and dim == 1:  # [B, T, D] already is the kernels' [P, T, Q]: no views (host time)
+        a3, b3, h0 = a.contiguous(), b.contiguous(), initial_state
+        h, hT = linear_scan_fwd_op(a3, b3, h0, bool(reverse), _backend.normalize(backend))
+    else:
+        P = a.shape[:dim].numel()
+        Q = a.shape[dim + 1:].numel()
+        a3 = a.contiguous().view(P, T, Q)
+        b3 = b.contiguous().view(P, T, Q)
+        h0 = None if initial_state is None else initial_state.reshape(P, Q)
+        h, hT = linear_scan_fwd_op(a3, b3, h0, bool(reverse), _backend.normalize(backend))
+        h = h.view(b.shape)
     if output_final_state:
         return h, hT.view(state_shape)
     return h

@@ -38,9 +38,7 @@ class ShortConvolution(nn.Module):
         W = self.kernel_size
         r = causal_conv1d_fn(x.transpose(1, 2), self.weight.view(self.hidden_size, W), self.bias,
                              None,
-                             # a copy under autograd: the state is overwritten below
-                             None if state is None else state.to(x.dtype,
-                                                                 copy=torch.is_grad_enabled()),
+                             cache_input(state, x.dtype),
                              state is not None, None, self.activation, cu_seqlens=cu_seqlens,
                              backend=self.backend)
         if state is not None:
@@ -79,6 +77,14 @@ class RMSNorm(nn.Module):
         if gate is not None:
             y = y * F.silu(gate.to(cd))
         return y.to(x.dtype)
+
+
+def cache_input(state: Optional[Tensor], dtype=None) -> Optional[Tensor]:
+    """A cached state handed to an op as its initial state: a copy under autograd, since the cache
+    is overwritten with the final state after the call and autograd keeps the op's inputs."""
+    if state is None:
+        return None
+    return state.to(dtype or state.dtype, copy=torch.is_grad_enabled())
 
 
 def reset_mask(cu_seqlens: Tensor, T: int, dtype) -> Tensor:

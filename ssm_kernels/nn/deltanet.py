@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..delta_rule import (chunk_delta_rule, chunk_gated_delta_rule, fused_recurrent_delta_rule,
                           fused_recurrent_gated_delta_rule)
-from ._common import (RMSNorm, ShortConvolution, as_token, mamba2_A_log, mamba2_dt_bias,
+from ._common import (RMSNorm, ShortConvolution, as_token, cache_input, mamba2_A_log, mamba2_dt_bias,
                       pad_output, unpad_input)
 from .mamba2 import RMSNormGated
 
@@ -115,8 +115,8 @@ class _DeltaRuleLayer(nn.Module):
                    and state.dtype == self._wdtype(q) and state.is_contiguous())
         if inplace:
             kw["inplace_final_state"] = True
-        elif state is not None and torch.is_grad_enabled():
-            state = state.clone()   # the cache is overwritten below; autograd keeps its input
+        else:
+            state = cache_input(state)
         o, last = fn(q, k, v, beta=beta, initial_state=state,
                      output_final_state=cache is not None,
                      use_qk_l2norm_in_kernel=self._qk_l2norm, cu_seqlens=cu_seqlens,

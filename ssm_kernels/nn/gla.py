@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..linear_attn import chunk_gla, fused_recurrent_gla
-from ._common import RMSNorm, ShortConvolution, as_token
+from ._common import RMSNorm, ShortConvolution, as_token, cache_input
 
 _ACT = {"swish": F.silu, "silu": F.silu, "relu": F.relu, "elu": F.elu, "sigmoid": torch.sigmoid,
         "gelu": F.gelu, "identity": lambda x: x}
@@ -133,7 +133,7 @@ class GatedLinearAttention(nn.Module):
         to continue from and receives the final ones."""
         q, k, v, gk = self._qkvg(hidden_states, cu_seqlens, cache, step=False)
         fn = fused_recurrent_gla if self.mode == "fused_recurrent" else chunk_gla
-        o, last = fn(q, k, v, gk, initial_state=None if cache is None else cache["state"],
+        o, last = fn(q, k, v, gk, initial_state=None if cache is None else cache_input(cache["state"]),
                      output_final_state=cache is not None, cu_seqlens=cu_seqlens,
                      backend=self.backend)
         if cache is not None:

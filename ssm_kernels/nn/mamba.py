@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from ..selective_scan import selective_scan_fn, selective_state_update
-from ._common import as_token
+from ._common import as_token, cache_input
 
 
 class Mamba(nn.Module):
@@ -89,7 +89,7 @@ class Mamba(nn.Module):
         x, z = xz.transpose(1, 2).chunk(2, dim=1)              # (B, d_inner, T) views
         conv_state = None if cache is None else cache["conv_state"]
         r = causal_conv1d_fn(x, self._conv_weight(), self.conv1d.bias, None,
-                             None if conv_state is None else conv_state[..., 1:].to(x.dtype),
+                             None if conv_state is None else cache_input(conv_state[..., 1:], x.dtype),
                              conv_state is not None, None, "silu", cu_seqlens=cu_seqlens,
                              backend=self.backend)
         x, conv_final = r if conv_state is not None else (r, None)
@@ -100,7 +100,7 @@ class Mamba(nn.Module):
         A = -torch.exp(self.A_log.to(wd))
         y = selective_scan_fn(x, dt.transpose(1, 2), A, Bm.transpose(1, 2), Cm.transpose(1, 2),
                               self.D.to(wd), z, self.dt_proj.bias.to(wd), True, cache is not None,
-                              initial_state=None if cache is None else cache["ssm_state"],
+                              initial_state=None if cache is None else cache_input(cache["ssm_state"]),
                               cu_seqlens=cu_seqlens, backend=self.backend)
         if cache is not None:
             y, last = y

@@ -13,7 +13,7 @@ from torch import Tensor
 from ..causal_conv1d import causal_conv1d_fn, causal_conv1d_update
 from ..selective_scan import selective_state_update
 from ..ssd import mamba_chunk_scan_combined
-from ._common import as_token, mamba2_A_log, mamba2_dt_bias
+from ._common import as_token, cache_input, mamba2_A_log, mamba2_dt_bias
 
 
 class RMSNormGated(nn.Module):
@@ -161,7 +161,7 @@ class Mamba2(nn.Module):
         z0, x0, z, xBC, dt = self._split(self.in_proj(u))
         conv_state = None if cache is None else cache["conv_state"]
         r = causal_conv1d_fn(xBC.transpose(1, 2), self._conv_weight(), self.conv1d.bias, None,
-                             None if conv_state is None else conv_state[..., 1:].to(xBC.dtype),
+                             None if conv_state is None else cache_input(conv_state[..., 1:], xBC.dtype),
                              conv_state is not None, None, self.activation,
                              cu_seqlens=cu_seqlens, backend=self.backend)
         xBC, conv_final = r if conv_state is not None else (r, None)
@@ -172,7 +172,7 @@ class Mamba2(nn.Module):
             x.reshape(b, T, H, P), dt, A, Bm.reshape(b, T, G, N), Cm.reshape(b, T, G, N),
             self.chunk_size, D=self._heads_D(wd),
             z=None if self.rmsnorm else z.reshape(b, T, H, P), dt_bias=self.dt_bias.to(wd),
-            initial_states=None if cache is None else cache["ssm_state"],
+            initial_states=None if cache is None else cache_input(cache["ssm_state"]),
             cu_seqlens=cu_seqlens, dt_softplus=True, dt_limit=self.dt_limit,
             return_final_states=cache is not None and cu_seqlens is None,
             return_varlen_states=cache is not None and cu_seqlens is not None,

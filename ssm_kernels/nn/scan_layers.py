@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..linear_scan import linear_scan
-from ._common import ShortConvolution, as_token, last_steps, reset_mask
+from ._common import ShortConvolution, as_token, cache_input, last_steps, reset_mask
 
 
 def _state_dtype(x: Tensor):
@@ -40,7 +40,7 @@ def _scan(module, a: Tensor, b: Tensor, cu_seqlens, cache, key="h"):
             with torch.no_grad():
                 cache[key].copy_(last_steps(h, cu_seqlens))
             return h
-    h0 = None if cache is None else cache[key]
+    h0 = None if cache is None else cache_input(cache[key])
     r = linear_scan(a, b, h0, dim=1, output_final_state=cache is not None, backend=module.backend)
     if cache is not None:
         r, last = r
