@@ -143,7 +143,8 @@ def cmd_check(args, parser) -> int:
             say(res.error)
 
     t0 = time.perf_counter()
-    results = _checks.run(families, chosen, device, full=args.full, seed=args.seed, on_result=on_result)
+    results = _checks.run(families, chosen, device, full=args.full, seed=args.seed, on_result=on_result,
+                          jobs=args.jobs)
     secs = time.perf_counter() - t0
     tot = _checks.summary(results)
     say("", "per family:")
@@ -313,6 +314,10 @@ def _parser() -> argparse.ArgumentParser:
                         "the table on stderr)")
     c.add_argument("-v", "--verbose", action="store_true",
                    help="print every checked output and gradient, and tracebacks of crashes")
+    c.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="worker processes, one (family, backend) pair each (default: on a GPU "
+                        "half the CPU cores up to 8, since a cold check is mostly Triton compiling; "
+                        "1 on a CPU)")
     b = sub.add_parser(
         "bench", help="benchmark harness: medians, %% of floor, speed-up over peers, CSV + PNGs",
         description="Time every op and its peers (mamba-ssm, flash-linear-attention, "

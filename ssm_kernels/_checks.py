@@ -9,6 +9,7 @@ backward on one backend and compares every output and gradient with the float64 
 from __future__ import annotations
 
 import importlib
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -80,21 +81,48 @@ def run_family(family: str, backend: str, device: str, full: bool = False) -> Fa
     return res
 
 
+def _run_pair(family: str, backend: str, device: str, full: bool, seed: int) -> FamilyResult:
+    import torch
+    torch.manual_seed(seed)
+    return run_family(family, backend, device, full)
+
+
+def default_jobs(device: str, pairs: int) -> int:
+    """Worker processes for `run`: on a GPU most of a cold check is Triton compiling on the host,
+    which runs in parallel over processes (the GPU work is small); on a CPU the kernels themselves
+    are the work, so one process."""
+    if device != "cuda":
+        return 1
+    return max(1, min(pairs, (os.cpu_count() or 2) // 2, 8))
+
+
 def run(families: List[str], backends: List[str], device: str, full: bool = False, seed: int = 0,
-        on_result: Optional[Callable[[FamilyResult], None]] = None) -> List[FamilyResult]:
+        on_result: Optional[Callable[[FamilyResult], None]] = None,
+        jobs: Optional[int] = None) -> List[FamilyResult]:
     """Every family on every backend; `on_result` sees each (family, backend) as it finishes, so a
     run cut short still reports what it did. Each pair is seeded with `seed` alone, so a subset
-    (--ops/--backends) draws the same inputs as the whole run."""
-    import torch
+    (--ops/--backends) draws the same inputs as the whole run, and a pair draws the same inputs in
+    a worker process (`jobs` > 1: pairs run concurrently, results come back in registry order)."""
+    pairs = [(fam, be) for fam in families for be in backends]
+    jobs = default_jobs(device, len(pairs)) if jobs is None else max(1, jobs)
     results = []
-    for fam in families:
-        for be in backends:
-            torch.manual_seed(seed)
-            r = run_family(fam, be, device, full)
+    if jobs == 1:
+        for fam, be in pairs:
+            r = _run_pair(fam, be, device, full, seed)
             results.append(r)
             if on_result is not None:
                 on_result(r)
-    return results
+        return results
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_pair, fam, be, device, full, seed): (fam, be) for fam, be in pairs}
+        for fut in as_completed(futures):
+            r = fut.result()
+            results.append(r)
+            if on_result is not None:
+                on_result(r)
+    return sorted(results, key=lambda r: pairs.index((r.family, r.backend)))
 
 
 def summary(results: List[FamilyResult]) -> Dict[str, int]:

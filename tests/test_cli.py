@@ -116,6 +116,18 @@ def test_check_json_reports_backends_families_and_rows(capsys, tmp_path):
     assert f"check: {doc['passed']} passed, 0 failed" in out
 
 
+def test_check_jobs_run_pairs_in_worker_processes_with_the_same_inputs():
+    """--jobs N: (family, backend) pairs in spawned workers give the serial run's rows, errors
+    included (each pair is seeded alone), in registry order."""
+    fams = ["linear_scan", "causal_conv1d"]
+    serial = _checks.run(fams, ["reference"], "cpu", jobs=1)
+    parallel = _checks.run(fams, ["reference"], "cpu", jobs=2)
+    assert [r.family for r in parallel] == fams
+    for a, b in zip(serial, parallel):
+        assert [(r.op, r.verdict.err) for r in a.rows] == [(r.op, r.verdict.err) for r in b.rows]
+    assert _checks.default_jobs("cpu", 10) == 1 and 1 <= _checks.default_jobs("cuda", 3) <= 3
+
+
 def test_check_json_on_stdout_keeps_stdout_parseable(capsys):
     rc = main(["check", "--ops", "linear_scan", "--backends", "reference", "--json"])
     cap = capsys.readouterr()
