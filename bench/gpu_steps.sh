@@ -4,7 +4,8 @@
 #   STEPS="build graphs overhead chunk fft layers cp" bash bench/gpu_steps.sh
 # Steps: build (CUDA extension), mamba (build mamba-ssm's selective_scan_cuda in the background),
 # graphs (tests/test_graphs.py), overhead (bench --overhead), sscan, decode, lscan, chunk, fft,
-# layers, cp (the bench/gpu_*.py scripts). Peers: .whl wheels and .peers/mamba_ssm-* if carried.
+# layers, cp (the bench/gpu_*.py scripts), probe (bench/gpu_dk_probe.py), check (`python -m
+# ssm_kernels check $CHECK_ARGS` with a cold Triton cache). Peers: .whl wheels and .peers/mamba_ssm-* if carried.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
@@ -36,6 +37,8 @@ for s in ${STEPS:-build graphs overhead}; do
     decode) step decode ${T_DECODE:-120} python3 bench/gpu_decode.py ;;
     lscan) step lscan ${T_LSCAN:-150} python3 bench/gpu_linear_scan.py ;;
     chunk|fft|layers|cp) step "$s" ${LIMIT:-200} python3 "bench/gpu_$s.py" ;;
+    probe) step probe ${T_PROBE:-150} python3 bench/gpu_dk_probe.py ;;
+    check) TRITON_CACHE_DIR=$(mktemp -d) step check ${T_CHECK:-150} python3 -m ssm_kernels check ${CHECK_ARGS:-} ;;
   esac
 done
 [ "$LOGS" != "$OUT" ] && for f in "$LOGS"/*.log; do echo "######## $f"; cat "$f"; done > "$OUT/all_logs.txt"
