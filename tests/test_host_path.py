@@ -91,6 +91,7 @@ def _cases():
         "chunk_simple_gla fwd": lambda: sk.chunk_simple_gla(q, k, v, gh, backend=T),
         "chunk_simple_gla fwd+bwd": _train(lambda: sk.chunk_simple_gla(ql, kl, vl, gh, backend=T), [ql, kl, vl]),
         "chunk_gla fwd": lambda: sk.chunk_gla(q, k, v, gk, backend=T),
+        "chunk_gla fwd+bwd": _train(lambda: sk.chunk_gla(ql, kl, vl, gk, backend=T), [ql, kl, vl]),
         "chunk_gated_delta_rule fwd": lambda: sk.chunk_gated_delta_rule(q, k, vd, gd, bd, backend=T),
         "fused_recurrent_gated_delta_rule decode": lambda: sk.fused_recurrent_gated_delta_rule(
             qs, ks, vs, gs, bts, initial_state=sd, use_qk_l2norm_in_kernel=True,
@@ -110,7 +111,11 @@ PINNED = {
     "selective_state_update": (1, 1),
     "chunk_simple_gla fwd": (2, 11),
     "chunk_simple_gla fwd+bwd": (6, 23),
-    "chunk_gla fwd": (3, 12),
+    # chunk_gla: the chunk-local cumsum of the per-key decays is its own launch (every later
+    # stage loads it instead of re-summing g); backward: cumsum, states, state gradients, scores,
+    # dv, dq/dk/dg
+    "chunk_gla fwd": (4, 12),
+    "chunk_gla fwd+bwd": (10, 26),
     "chunk_gated_delta_rule fwd": (1, 8),
     "fused_recurrent_gated_delta_rule decode": (1, 7),
     "fft_conv fwd": (3, 6),

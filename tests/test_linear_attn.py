@@ -526,6 +526,27 @@ def test_poisoned_outputs(backend, gate, monkeypatch):
     compare_to_reference(backend, gate, 1, 50, 2, 16, 20, cu=cu)
 
 
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("case", ["dense", "varlen", "extreme", "float16"])
+def test_gla_sub_chunks(backend, case, monkeypatch):
+    """chunk_gla at the GPU's tiles in the interpreter (BT=64: four 16-row sub-chunks, so the
+    off-diagonal blocks run through the factored decays of rows 16, 32 and 48): T not a multiple
+    of 64, several chunks, varlen with an empty and a one-token sequence, initial states, extreme
+    decays, every gradient against float64; outputs start as NaN."""
+    from ssm_kernels.chunk import common
+    monkeypatch.setattr(common, "INTERP_CHUNK", 64)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    if case == "dense":
+        compare_to_reference(backend, "gla", 2, 150, 2, 20, 24, decay=(0.0, 0.1))
+    elif case == "varlen":
+        cu = torch.tensor([0, 1, 70, 70, 200, 211], dtype=torch.int32)
+        compare_to_reference(backend, "gla", 1, 211, 2, 16, 20, cu=cu)
+    elif case == "extreme":
+        compare_to_reference(backend, "gla", 1, 130, 1, 16, 16, decay=(20.0, 20.0))
+    else:
+        compare_to_reference(backend, "gla", 1, 100, 2, 32, 16, dtype=torch.float16)
+
+
 _COMPILE_SCRIPT = r'''
 import sys, time, triton
 from triton.compiler import ASTSource
@@ -533,8 +554,10 @@ from triton.backends.compiler import GPUTarget
 import triton.language as tl
 import ssm_kernels.chunk.fwd as F
 import ssm_kernels.chunk.bwd as Bw
+import ssm_kernels.chunk.gla as Gl
 
-BF = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dv_ptr", "dq_ptr", "dk_ptr", "h_ptr", "dh_ptr"}
+BF = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dv_ptr", "dq_ptr", "dk_ptr", "h_ptr", "dh_ptr",
+      "a_ptr"}
 I32 = {"cu_ptr", "co_ptr", "ct_ptr"}
 
 def types(n):
@@ -555,16 +578,20 @@ only = ["0", "2", "ssd"]
 for mode in only:
     gate = {"0": 0, "1": 1, "2": 2, "ssd": 1}[mode]
     ssd = mode == "ssd"
-    BT = 32 if gate == 2 else 64
+    BT = 64
     base = dict(GATE=gate, G_FROM_VS=ssd, IS_VARLEN=True, BT=BT, DT=tl.bfloat16, IEEE=0)
     BKF = 128
     build(F._state_kernel, dict(base, HAS_VS=ssd, HAS_H0=True, STORE_H=True, BK=64, BV=64), 4)
-    build(F._output_kernel, dict(base, HAS_VS=ssd, BK=64, BV=64), 4)
+    build(F._output_kernel, dict(base, HAS_VS=ssd, BK=64, BV=128 if gate == 2 else 64), 4)
     build(Bw._state_grad_kernel, dict(base, HAS_DHT=True, BK=64, BV=64), 4)
     build(Bw._dv_kernel, dict(base, HAS_VS=ssd, BK=64, BV=64), 4)
-    build(Bw._dqk_kernel, dict(base, HAS_VS=ssd, SUB=16, BK=BKF, BV=64), 8)
     if gate == 2:
-        build(F._gla_scores_kernel, dict(IS_VARLEN=True, BT=BT, SUB=16, BK=64, DT=tl.bfloat16, IEEE=0), 4)
+        gl = dict(IS_VARLEN=True, BT=BT, SUB=16, BK=64)
+        build(Gl._cumsum_kernel, dict(IS_VARLEN=True, BT=BT, BK=64), 4)
+        build(Gl._intra_kernel, dict(gl, DT=tl.bfloat16, IEEE=0), 4)
+        build(Gl._dqkg_kernel, dict(gl, BV=64, DT=tl.bfloat16, IEEE=0), 8)
+    else:
+        build(Bw._dqk_kernel, dict(base, HAS_VS=ssd, SUB=16, BK=BKF, BV=64), 8)
 print("compiled")
 '''
 

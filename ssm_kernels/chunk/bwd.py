@@ -7,7 +7,8 @@
     _dv_kernel          parallel over (V-tiles, chunks, heads):
                         dv_j = (k_j exp(G_last - G_j)) dh + sum_{i >= j} A_ij do_i
                         (SSD, v = x * vs: dx = dv vs and dvs = sum_v dv x)
-    _dqk_kernel         parallel over (chunks, query/key heads), whole K per program, looping over
+    _dqk_kernel         (GATE 0/1; GATE 2: gla._dqkg_kernel) parallel over (chunks, query/key
+                        heads), whole K per program, looping over
                         the value heads of its group and V-tiles (no partial buffers):
                         dq_i = scale [exp(G_i) (do_i h^T) + sum_{j<=i} D_ij k_j exp(G_i - G_j)]
                         dk_j = exp(G_last - G_j) (v_j dh^T) + scale sum_{i>=j} D_ij q_i exp(G_i - G_j)
@@ -26,11 +27,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import common
+from . import common, gla
 from .common import (causal_decay, causal_decay_t, chunk_base, chunk_span, decay_rows, decay_state,
-                     decay_to_end, decay_to_end_t, gla_apply, gla_apply_t, last_row, load_rows, load_v,
+                     decay_to_end, decay_to_end_t, last_row, load_h_dh, load_rows, load_v,
                      log_decay_cumsum, mm, seq_span)
-from .fwd import Plan, _dummy, chunk_states, gla_chunk_scores
+from .fwd import Plan, _dummy, chunk_states
 
 
 @triton.jit
@@ -76,8 +77,8 @@ def _state_grad_kernel(
 
 @triton.jit
 def _dv_kernel(
-    # q, k [TOK, HQ, K]; v (SSD: x) [TOK, H, V]; do; g; vs; A; dh [NCH, H, K, V]; a [TOK, H, BT]
-    # (GATE 2 scores); outputs dv (SSD: dx) [TOK, H, V], dvs [TOK, H] f32 (HAS_VS)
+    # q, k [TOK, HQ, K]; v (SSD: x) [TOK, H, V]; do; g (GATE 2: Gc); vs; A; dh [NCH, H, K, V];
+    # a [TOK, H, BT] (GATE 2 scores); outputs dv (SSD: dx) [TOK, H, V], dvs [TOK, H] f32 (HAS_VS)
     q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, vs_ptr, A_ptr, dh_ptr, a_ptr, dv_ptr, dvs_ptr, ct_ptr,
     cu_ptr, T, NT, H, HQ, K, V, scale,
     GATE: tl.constexpr, G_FROM_VS: tl.constexpr, HAS_VS: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -133,8 +134,8 @@ def _dv_kernel(
 
 @triton.jit
 def _dqk_kernel(
-    # q, k [TOK, HQ, K]; v [TOK, H, V]; do; g; vs; A; h, dh [NCH, H, K, V];
-    # outputs dq, dk [TOK, HQ, K], dg [TOK, H] or [TOK, H, K] f32
+    # GATE 0/1 only. q, k [TOK, HQ, K]; v [TOK, H, V]; do; g; vs; A; h, dh [NCH, H, K, V];
+    # outputs dq, dk [TOK, HQ, K], dg [TOK, H] f32
     q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, vs_ptr, A_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dg_ptr,
     ct_ptr, cu_ptr, T, NT, H, HQ, K, V, scale,
     GATE: tl.constexpr, G_FROM_VS: tl.constexpr, HAS_VS: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -153,12 +154,9 @@ def _dqk_kernel(
     b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
     b_k = load_rows(k_ptr, row_q, m_t, o_k, m_k, K)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
-    if GATE == 2:
-        b_dk = tl.zeros([BT, BK], dtype=tl.float32)
-    else:
-        b_dkT = tl.zeros([BK, BT], dtype=tl.float32)
-        b_kT = tl.trans(b_k)
-        b_qT = tl.trans(b_q)
+    b_dkT = tl.zeros([BK, BT], dtype=tl.float32)
+    b_kT = tl.trans(b_k)
+    b_qT = tl.trans(b_q)
     GR = H // HQ
     for j in range(GR):
         i_h = i_hq * GR + j
@@ -168,10 +166,7 @@ def _dqk_kernel(
         G_last = last_row(G, o_t, GATE, BT)
         D = tl.zeros([BT, BT], dtype=tl.float32)
         dqi = tl.zeros([BT, BK], dtype=tl.float32)
-        if GATE == 2:
-            dki = tl.zeros([BT, BK], dtype=tl.float32)
-        else:
-            dkiT = tl.zeros([BK, BT], dtype=tl.float32)
+        dkiT = tl.zeros([BK, BT], dtype=tl.float32)
         hdh = tl.zeros([BK], dtype=tl.float32)
         for i_v in range(tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
@@ -179,47 +174,30 @@ def _dqk_kernel(
             m_s = (o_k < Kc)[:, None] & m_v[None, :]
             b_v = load_v(v_ptr, vs_ptr, row, m_t, o_v, m_v, V, HAS_VS)
             b_do = load_rows(do_ptr, row, m_t, o_v, m_v, V)
-            b_h = tl.load(h_ptr + p_h + o_k[:, None] * V + o_v[None, :], mask=m_s, other=0.)
-            b_dh = tl.load(dh_ptr + p_h + o_k[:, None] * V + o_v[None, :], mask=m_s, other=0.)
+            b_h, b_dh = load_h_dh(h_ptr, dh_ptr, p_h, o_k, o_v, m_s, V)
             D += mm(b_do, tl.trans(b_v), DT, IEEE)
             dqi += mm(b_do, tl.trans(b_h), DT, IEEE)
-            if GATE == 2:
-                dki += mm(b_v, tl.trans(b_dh), DT, IEEE)
-            else:
-                dkiT += mm(b_dh, tl.trans(b_v), DT, IEEE)
+            dkiT += mm(b_dh, tl.trans(b_v), DT, IEEE)
             if GATE > 0:
                 hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
-        if GATE == 2:
-            dks = decay_to_end(dki, G, G_last, GATE)
-            dq_h = (decay_rows(dqi, G, GATE) + gla_apply(D, b_k, G, o_t, BT, SUB, DT, IEEE)) * scale
-            dk_h = dks + gla_apply_t(D, b_q, G, o_t, BT, SUB, DT, IEEE) * scale
-            x = b_q * dq_h - b_k * dk_h
-            r = tl.exp2(G_last) * hdh + tl.sum(b_k * dks, axis=0)
-            y = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x + r[None, :]
-            tl.store(dg_ptr + row[:, None] * K + o_k[None, :], y, mask=m_t[:, None] & m_k[None, :])
-            b_dk += dk_h
-        else:
-            # dk is built transposed, dk^T = decay(dh v^T) + scale q^T Dm, from the same masked
-            # scores Dm as dq: no second score matmul, and no dot on a transposed dot result
-            # (with dk = v dh^T + Dm^T q, dk came out 26-33% off at BT=64 on the H200 under
-            # Triton 3.6 while right in the interpreter and at BT=32)
-            Dm = causal_decay(D, G, o_t, GATE)
-            dksT = decay_to_end_t(dkiT, G, G_last, GATE)
-            dq_h = (decay_rows(dqi, G, GATE) + mm(Dm, b_k, DT, IEEE)) * scale
-            dk_hT = dksT + mm(b_qT, Dm, DT, IEEE) * scale
-            if GATE == 1:
-                x = tl.sum(b_q * dq_h, axis=1) - tl.sum(b_kT * dk_hT, axis=0)
-                r = tl.exp2(G_last) * tl.sum(hdh, axis=0) + tl.sum(tl.sum(b_kT * dksT, axis=0), axis=0)
-                tl.store(dg_ptr + row, tl.sum(x, axis=0) - tl.cumsum(x, axis=0) + x + r, mask=m_t)
-            b_dkT += dk_hT
+        # dk is built transposed, dk^T = decay(dh v^T) + scale q^T Dm, from the same masked
+        # scores Dm as dq: no second score matmul, and no dot on a transposed dot result
+        # (with dk = v dh^T + Dm^T q, dk came out 26-33% off at BT=64 on the H200 under
+        # Triton 3.6 while right in the interpreter and at BT=32)
+        Dm = causal_decay(D, G, o_t, GATE)
+        dksT = decay_to_end_t(dkiT, G, G_last, GATE)
+        dq_h = (decay_rows(dqi, G, GATE) + mm(Dm, b_k, DT, IEEE)) * scale
+        dk_hT = dksT + mm(b_qT, Dm, DT, IEEE) * scale
+        if GATE == 1:
+            x = tl.sum(b_q * dq_h, axis=1) - tl.sum(b_kT * dk_hT, axis=0)
+            r = tl.exp2(G_last) * tl.sum(hdh, axis=0) + tl.sum(tl.sum(b_kT * dksT, axis=0), axis=0)
+            tl.store(dg_ptr + row, tl.sum(x, axis=0) - tl.cumsum(x, axis=0) + x + r, mask=m_t)
+        b_dkT += dk_hT
         b_dq += dq_h
     m_o = m_t[:, None] & m_k[None, :]
     tl.store(dq_ptr + row_q[:, None] * K + o_k[None, :], b_dq.to(dq_ptr.dtype.element_ty), mask=m_o)
-    if GATE == 2:
-        tl.store(dk_ptr + row_q[:, None] * K + o_k[None, :], b_dk.to(dk_ptr.dtype.element_ty), mask=m_o)
-    else:
-        tl.store(dk_ptr + row_q[None, :] * K + o_k[:, None], b_dkT.to(dk_ptr.dtype.element_ty),
-                 mask=m_k[:, None] & m_t[None, :])
+    tl.store(dk_ptr + row_q[None, :] * K + o_k[:, None], b_dkT.to(dk_ptr.dtype.element_ty),
+             mask=m_k[:, None] & m_t[None, :])
 
 
 def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Tensor] = None,
@@ -234,6 +212,8 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Ten
     gg = d if g is None else g
     vsa = d if vs is None else vs
     Aa = d if A is None else A
+    if p.gate == 2:
+        gg = g = gla.chunk_cumsum(p, g)    # every later stage reads Gc
     h, _ = chunk_states(p, k, v, g, vs, A, h0)
     cu, co, ct = p.idx_args(do)
     dh = q.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
@@ -244,7 +224,7 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Ten
         q, do, gg, vsa, Aa, d if dht is None else dht, dh, dh0, cu, co,
         p.T, p.H, p.HQ, p.K, p.V, float(scale), HAS_DHT=dht is not None, BK=m["BK"], BV=m["BV"],
         num_warps=4, **kw)
-    a = gla_chunk_scores(p, q, k, g, scale) if p.gate == 2 else d
+    a = gla.intra_scores(p, q, k, g, scale) if p.gate == 2 else d
     dv = common.poison(torch.empty_like(v))
     dvs = None if vs is None else common.poison(torch.empty_like(vs))
     BVd = max(16, triton.next_power_of_2(p.V)) if vs is not None else m["BV"]
@@ -252,10 +232,13 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Ten
         q, k, v, do, gg, vsa, Aa, dh, a, dv, d if dvs is None else dvs, ct, cu,
         p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale), HAS_VS=vs is not None, BK=m["BK"], BV=BVd,
         num_warps=4, **kw)
+    if p.gate == 2:
+        dq, dk, dg = gla.dqkg(p, q, k, v, do, g, h, dh, scale)
+        return dq, dk, dv, dg, dh0, dvs
     dq, dk = common.poison(torch.empty_like(q)), common.poison(torch.empty_like(k))
     dg = None
     if p.gate:
-        dg = common.poison(q.new_empty(v.shape[:3] if p.gate == 1 else g.shape, dtype=torch.float32))
+        dg = common.poison(q.new_empty(v.shape[:3], dtype=torch.float32))
     _dqk_kernel[(p.NCH, p.HQ)](
         q, k, v, do, gg, vsa, Aa, h, dh, dq, dk, d if dg is None else dg, ct, cu,
         p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale), HAS_VS=vs is not None, SUB=m["SUB"],

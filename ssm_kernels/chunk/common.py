@@ -5,7 +5,8 @@ Layout conventions of every stage (all tensors contiguous, tokens flattened):
     q, k   [TOK, HQ, K]      HQ query/key heads; head h of the H value heads reads q/k head
                              h // (H // HQ) (grouped heads: SSD's B/C groups, GQA)
     v, o   [TOK, H, V]
-    g      [TOK, H] (GATE 1) or [TOK, H, K] (GATE 2) float32 natural-log decays <= 0
+    g      [TOK, H] (GATE 1) float32 natural-log decays <= 0, or (GATE 2) [TOK, H, K] float32
+           Gc, the chunk-local cumulative log2-decays (gla._cumsum_kernel turns g into Gc first)
     vs     [TOK, H] float32 per-row scale of v (SSD: v = x * dt); G_FROM_VS: g = vs * A[h]
     h, dh  [NCH, H, K, V]    per-chunk states (state before chunk c; gradient after chunk c)
     h0, ht [N, H, K, V] float32
@@ -30,8 +31,11 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 # ---- tile choices (the lead tunes these on the GPU) ----------------------------------------------
 CHUNK = 64            # chunk length BT on the GPU for K <= 128 (32 above; 32 in the interpreter)
 BWD_CHUNK = None      # chunk length of the backward (it recomputes its states); None: as forward
-GLA_CHUNK = 32        # chunk length for per-key decays (whole-K dq/dk tiles of [BT, K] floats)
-SUB_CHUNK = 16        # per-key decays: the diagonal sub-chunk handled column by column
+GLA_CHUNK = 64        # chunk length for per-key decays (16-bit inputs; float32 runs at 32)
+SUB_CHUNK = 16        # per-key decays: sub-chunk of the intra-chunk scores (diagonal blocks elementwise)
+GLA_BLOCK_K = 64      # per-key decays: K tile of the cumsum, scores and dq/dk/dg stages
+GLA_BLOCK_V = 128     # per-key decays: V tile of the output stage (16-bit inputs)
+INTERP_CHUNK = None   # tests: chunk length under the interpreter (None: 32) to run the GPU's tiles
 BLOCK_K = 64          # K tile of the stages that loop over K (state, output, dv)
 BLOCK_V = 64          # V tile
 # per-chunk states h / dh are stored in the input dtype for 16-bit inputs (they are rounded to it
@@ -46,19 +50,35 @@ def poison(t: torch.Tensor) -> torch.Tensor:
 
 
 def blocks(K: int, V: int, gate: int, dtype: torch.dtype, chunk=None) -> dict:
-    BKF = max(16, triton.next_power_of_2(K))            # whole K (the dq/dk stage)
+    BKF = max(16, triton.next_power_of_2(K))            # whole K (the dq/dk stage of GATE 0/1)
     interp = triton_interpret()
-    # float32 operands need twice the shared memory: at BT=64, K=128 the backward asked for
-    # 262 KB on the H200 (limit 227 KB)
-    BT = 32 if (interp or BKF > 128 or dtype == torch.float32) else (GLA_CHUNK if gate == 2 else CHUNK)
+    fp32 = dtype == torch.float32
+    if interp:
+        BT = INTERP_CHUNK or 32
+    elif gate == 2:
+        # its stages tile K, so K up to 256 keeps BT=64; float32 operands (FMA dots) at 32
+        BT = 32 if fp32 else GLA_CHUNK
+    else:
+        # float32 operands need twice the shared memory: at BT=64, K=128 the backward asked for
+        # 262 KB on the H200 (limit 227 KB)
+        BT = 32 if (BKF > 128 or fp32) else CHUNK
     if chunk is not None and gate != 2 and not interp:
         BT = min(BT, chunk)
+    BV = max(16, min(BLOCK_V, triton.next_power_of_2(V)))
     return dict(
         BT=BT, SUB=min(SUB_CHUNK, BT), BKF=BKF,
         BK=max(16, min(BLOCK_K, triton.next_power_of_2(K))),
-        BV=max(16, min(BLOCK_V, triton.next_power_of_2(V))),
+        BV=BV,
+        BKG=max(16, min(32 if fp32 else GLA_BLOCK_K, triton.next_power_of_2(K))),
+        # the dq/dk/dg stage of GATE 2 at K tiles of 32: at 64 it spilled on sm_90 (8 warps)
+        BKD=max(16, min(32, triton.next_power_of_2(K))),
+        # output V tile of GATE 2: 128 where V is a multiple of 16 (unaligned V: unvectorised
+        # loads, and the [64, 128] tile spilled at V=100)
+        BVO=(max(16, min(GLA_BLOCK_V, triton.next_power_of_2(V)))
+             if (gate == 2 and not fp32 and V % 16 == 0) else BV),
+        GLA_WARPS=8,
         DT=_TL_DTYPE[dtype],
-        IEEE=1 if dtype == torch.float32 else (2 if interp else 0),
+        IEEE=1 if fp32 else (2 if interp else 0),
     )
 
 
@@ -156,7 +176,8 @@ def load_v(v_ptr, vs_ptr, row, m_t, o_v, m_v, V, HAS_VS: tl.constexpr):
 def log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row, i_h, m_t, o_k, m_k, K, GATE: tl.constexpr,
                      G_FROM_VS: tl.constexpr, BT: tl.constexpr):
     """Cumulative log-decay from the chunk start, in log2 units: [BT] (GATE 0/1) or [BT, BK]
-    (GATE 2, columns o_k). Padded steps load 0, so the last row holds the chunk's total."""
+    (GATE 2, columns o_k, loaded from the precomputed Gc). Padded steps add 0, so the last row
+    holds the chunk's total."""
     if GATE == 1:
         if G_FROM_VS:
             b_g = tl.load(vs_ptr + row, mask=m_t, other=0.) * tl.load(A_ptr + i_h).to(tl.float32)
@@ -164,9 +185,12 @@ def log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row, i_h, m_t, o_k, m_k, K, GATE: tl.
             b_g = tl.load(g_ptr + row, mask=m_t, other=0.).to(tl.float32)
         G = tl.cumsum(b_g * 1.4426950408889634, axis=0)
     elif GATE == 2:
-        b_g = tl.load(g_ptr + row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                      other=0.).to(tl.float32)
-        G = tl.cumsum(b_g * 1.4426950408889634, axis=0)
+        # g_ptr holds Gc, already the chunk-local cumsum in log2 units (gla._cumsum_kernel); rows
+        # past the sequence end read its last row, as a cumsum of zero-padded steps would give
+        r_last = tl.max(tl.where(m_t, row, -1), axis=0)
+        r = tl.where(m_t, row, r_last)
+        G = tl.load(g_ptr + r[:, None] * K + o_k[None, :], mask=(r >= 0)[:, None] & m_k[None, :],
+                    other=0.)
     else:
         G = tl.zeros([BT], dtype=tl.float32)
     return G
@@ -246,87 +270,11 @@ def causal_decay_t(At, G, o_t, GATE: tl.constexpr):
         return tl.where(causal, At, 0.)
 
 
-# ---- per-key decays (GLA): scores with exponents <= 0 through sub-chunk reference rows ---------
-
 @triton.jit
-def sub_rows(x, j, BT: tl.constexpr, SUB: tl.constexpr):
-    """Row j of every SUB-row sub-chunk of x [BT, D], broadcast over its sub-chunk: [BT, D]."""
-    NS: tl.constexpr = BT // SUB
-    D: tl.constexpr = x.shape[1]
-    x3 = tl.reshape(x, (NS, SUB, D))
-    o_s = tl.arange(0, SUB)
-    r = tl.sum(tl.where((o_s == j)[None, :, None], x3, 0.), axis=1)
-    return tl.reshape(tl.broadcast_to(r[:, None, :], (NS, SUB, D)), (BT, D))
-
-
-@triton.jit
-def gla_scores(a, b, G, o_t, BT: tl.constexpr, SUB: tl.constexpr, DT: tl.constexpr,
-               IEEE: tl.constexpr):
-    """S_ij = sum_k a_ik b_jk exp2(G_ik - G_jk) for i >= j, else 0 (a, b, G: [BT, BK]).
-
-    Between sub-chunks one matmul per sub-chunk s through the reference G_r = G at row s*SUB - 1
-    (exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j), both <= 1 for j <= r < i); inside a
-    sub-chunk column by column."""
-    S = tl.zeros([BT, BT], dtype=tl.float32)
-    for s in tl.static_range(1, BT // SUB):
-        G_r = tl.sum(tl.where((o_t == s * SUB - 1)[:, None], G, 0.), axis=0)
-        a_s = tl.where((o_t // SUB == s)[:, None], a * tl.exp2(tl.minimum(G - G_r[None, :], 0.)), 0.)
-        b_s = tl.where((o_t < s * SUB)[:, None], b * tl.exp2(tl.minimum(G_r[None, :] - G, 0.)), 0.)
-        S += mm(a_s, tl.trans(b_s), DT, IEEE)
-    o_in = o_t % SUB
-    c_base = o_t - o_in
-    for j in range(SUB):
-        b_j = sub_rows(b, j, BT, SUB)
-        G_j = sub_rows(G, j, BT, SUB)
-        e = tl.exp2(tl.where((o_in >= j)[:, None], G - G_j, float("-inf")))
-        col = tl.sum(a * b_j * e, axis=1)
-        S = tl.where(o_t[None, :] == (c_base + j)[:, None], col[:, None], S)
-    return S
-
-
-@triton.jit
-def gla_apply(D, b, G, o_t, BT: tl.constexpr, SUB: tl.constexpr, DT: tl.constexpr,
-              IEEE: tl.constexpr):
-    """X_ik = sum_{j <= i} D_ij b_jk exp2(G_ik - G_jk) (D: [BT, BT]; b, G: [BT, BK])."""
-    X = tl.zeros(b.shape, dtype=tl.float32)
-    for s in tl.static_range(1, BT // SUB):
-        G_r = tl.sum(tl.where((o_t == s * SUB - 1)[:, None], G, 0.), axis=0)
-        rows = (o_t // SUB == s)
-        D_s = tl.where(rows[:, None] & (o_t < s * SUB)[None, :], D, 0.)
-        b_s = tl.where((o_t < s * SUB)[:, None], b * tl.exp2(tl.minimum(G_r[None, :] - G, 0.)), 0.)
-        X += tl.where(rows[:, None], tl.exp2(tl.minimum(G - G_r[None, :], 0.)), 0.) * mm(D_s, b_s, DT, IEEE)
-    o_in = o_t % SUB
-    c_base = o_t - o_in
-    for j in range(SUB):
-        b_j = sub_rows(b, j, BT, SUB)
-        G_j = sub_rows(G, j, BT, SUB)
-        d_j = tl.sum(tl.where(o_t[None, :] == (c_base + j)[:, None], D, 0.), axis=1)
-        e = tl.exp2(tl.where((o_in >= j)[:, None], G - G_j, float("-inf")))
-        X += d_j[:, None] * b_j * e
-    return X
-
-
-@triton.jit
-def gla_apply_t(D, a, G, o_t, BT: tl.constexpr, SUB: tl.constexpr, DT: tl.constexpr,
-                IEEE: tl.constexpr):
-    """Y_jk = sum_{i >= j} D_ij a_ik exp2(G_ik - G_jk) (the transposed form of gla_apply)."""
-    Y = tl.zeros(a.shape, dtype=tl.float32)
-    for s in tl.static_range(1, BT // SUB):
-        G_r = tl.sum(tl.where((o_t == s * SUB - 1)[:, None], G, 0.), axis=0)
-        rows = (o_t // SUB == s)
-        D_s = tl.where(rows[:, None] & (o_t < s * SUB)[None, :], D, 0.)
-        a_s = tl.where(rows[:, None], a * tl.exp2(tl.minimum(G - G_r[None, :], 0.)), 0.)
-        Y += (tl.where((o_t < s * SUB)[:, None], tl.exp2(tl.minimum(G_r[None, :] - G, 0.)), 0.)
-              * mm(tl.trans(D_s), a_s, DT, IEEE))
-    o_in = o_t % SUB
-    c_base = o_t - o_in
-    for i in range(SUB):
-        a_i = sub_rows(a, i, BT, SUB)
-        G_i = sub_rows(G, i, BT, SUB)
-        d_i = tl.sum(tl.where(o_t[:, None] == (c_base + i)[None, :], D, 0.), axis=0)
-        e = tl.exp2(tl.where((o_in <= i)[:, None], G_i - G, float("-inf")))
-        Y += d_i[:, None] * a_i * e
-    return Y
+def load_h_dh(h_ptr, dh_ptr, p_h, o_k, o_v, m_s, V):
+    """The [BK, BV] blocks of a chunk's state h and state gradient dh (storage dtype)."""
+    p = p_h + o_k[:, None] * V + o_v[None, :]
+    return tl.load(h_ptr + p, mask=m_s, other=0.), tl.load(dh_ptr + p, mask=m_s, other=0.)
 
 
 @triton.jit

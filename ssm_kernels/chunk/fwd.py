@@ -4,8 +4,8 @@
                     walks its sequence's chunks, S <- exp(G_last) S + (k exp(G_last - G))^T v,
                     storing the state before every chunk (h) and the final state. Short serial
                     chain of small matmuls; the only stage that is not parallel over chunks.
-    _gla_scores_kernel  per-key decays only: the chunk's decayed causal scores A [BT, BT] (scaled),
-                    once per (chunk, head) instead of once per V-tile.
+    (GATE 2, per-key decays: gla.py turns g into chunk-local cumsums Gc first and computes the
+    chunk's scaled causal scores A [BT, BT] once per (chunk, head) for the output stage)
     _output_kernel  parallel over (V-tiles, chunks, heads): o = scale (q exp(G)) h + A v, bf16/fp16
                     operands on tensor cores with fp32 accumulation.
 """
@@ -17,10 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import common
+from . import common, gla
 from .common import (blocks, causal_decay, chunk_base, chunk_span, chunk_table, decay_rows,
-                     decay_state, decay_to_end, gla_scores, last_row, load_rows, load_v,
-                     log_decay_cumsum, mm, num_chunks, seq_span, state_store_dtype)
+                     decay_state, decay_to_end, last_row, load_rows, load_v, log_decay_cumsum, mm,
+                     num_chunks, seq_span, state_store_dtype)
 
 
 @triton.jit
@@ -67,34 +67,9 @@ def _state_kernel(
 
 
 @triton.jit
-def _gla_scores_kernel(
-    # q, k [TOK, HQ, K]; g [TOK, H, K] f32; output A [TOK, H, BT] f32 (scaled, 0 above diagonal)
-    q_ptr, k_ptr, g_ptr, a_ptr, ct_ptr, cu_ptr,
-    T, NT, H, HQ, K, scale,
-    IS_VARLEN: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
-    DT: tl.constexpr, IEEE: tl.constexpr,
-):
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_hq = i_h // (H // HQ)
-    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
-    o_t = tl.arange(0, BT)
-    t = t0 + o_t
-    m_t = t < eos
-    A = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_q = load_rows(q_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
-        b_k = load_rows(k_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
-        G = log_decay_cumsum(g_ptr, g_ptr, g_ptr, t * H + i_h, i_h, m_t, o_k, m_k, K, 2, False, BT)
-        A += gla_scores(b_q, b_k, G, o_t, BT, SUB, DT, IEEE)
-    tl.store(a_ptr + (t * H + i_h)[:, None] * BT + o_t[None, :], A * scale, mask=m_t[:, None])
-
-
-@triton.jit
 def _output_kernel(
-    # q, k [TOK, HQ, K]; v [TOK, H, V]; g; vs; A_ssd [H]; h [NCH, H, K, V]; a [TOK, H, BT]
-    # (GATE 2: the scaled scores); output o [TOK, H, V]; ct [NCH, 2] chunk table (varlen)
+    # q, k [TOK, HQ, K]; v [TOK, H, V]; g (GATE 2: Gc); vs; A_ssd [H]; h [NCH, H, K, V];
+    # a [TOK, H, BT] (GATE 2: the scaled scores, input dtype); output o [TOK, H, V]; ct [NCH, 2] chunk table (varlen)
     q_ptr, k_ptr, v_ptr, g_ptr, vs_ptr, A_ptr, h_ptr, a_ptr, o_ptr, ct_ptr, cu_ptr,
     T, NT, H, HQ, K, V, scale,
     GATE: tl.constexpr, G_FROM_VS: tl.constexpr, HAS_VS: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -190,17 +165,6 @@ def chunk_states(p: Plan, k, v, g, vs, A, h0, store_h=True):
     return h, ht
 
 
-def gla_chunk_scores(p: Plan, q, k, g, scale):
-    """Per-key decays: the scaled causal scores of every chunk, [TOK, H, BT] float32."""
-    m = p.meta
-    a = common.poison(q.new_empty((p.B * p.T, p.H, p.BT), dtype=torch.float32))
-    cu, _, ct = p.idx_args(a)
-    _gla_scores_kernel[(p.NCH, p.H)](q, k, g, a, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, float(scale),
-                                     IS_VARLEN=p.varlen, BT=p.BT, SUB=m["SUB"], BK=m["BK"],
-                                     DT=m["DT"], IEEE=m["IEEE"], num_warps=4)
-    return a
-
-
 def chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor] = None,
               A: Optional[torch.Tensor] = None):
     """Forward of the engine. q, k [B, T, HQ, K]; v [B, T, H, V] (H a multiple of HQ); g None,
@@ -210,15 +174,17 @@ def chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor] = No
     final states [N, H, K, V] float32). All contiguous."""
     p = Plan(q, v, g, cu_seqlens, A is not None)
     m = p.meta
+    if p.gate == 2:
+        g = gla.chunk_cumsum(p, g)         # every later stage reads Gc
     h, ht = chunk_states(p, k, v, g, vs, A, h0)
-    a = gla_chunk_scores(p, q, k, g, scale) if p.gate == 2 else _dummy(ht)
+    a = gla.intra_scores(p, q, k, g, scale) if p.gate == 2 else _dummy(ht)
     o = common.poison(torch.empty_like(v))
     cu, _, ct = p.idx_args(ht)
     d = _dummy(ht)
-    _output_kernel[(triton.cdiv(p.V, m["BV"]), p.NCH, p.H)](
+    _output_kernel[(triton.cdiv(p.V, m["BVO"]), p.NCH, p.H)](
         q, k, v, d if g is None else g, d if vs is None else vs, d if A is None else A, h, a, o,
         ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale),
         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, IS_VARLEN=p.varlen,
-        BT=p.BT, BK=m["BK"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"],
+        BT=p.BT, BK=m["BK"], BV=m["BVO"], DT=m["DT"], IEEE=m["IEEE"],
         num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
     return o, ht

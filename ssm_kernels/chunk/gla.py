@@ -1,0 +1,241 @@
+"""Per-key log-decays (GATE 2, GLA) stages of the chunked engine (layout: see common.py).
+
+    _cumsum_kernel  chunk-local cumulative log2-decays Gc [TOK, H, K] float32, once per call
+                    (forward, and again in the backward); every later GATE 2 stage, the shared ones
+                    included (common.log_decay_cumsum), loads Gc instead of g
+    _intra_kernel   (chunk, head): the scaled causal scores A [BT, BT] of the chunk
+                    A_ij = scale sum_k q_ik k_jk exp2(G_ik - G_jk), j <= i, stored in the input
+                    dtype (it is a tensor-core operand of the output and dv stages, rounded to that
+                    dtype there anyway). BT = 64 is split into sub-chunks of SUB = 16 rows:
+                    off-diagonal blocks (row block s, columns before s*SUB) are tensor-core products
+                    with the decay factored around G_s = G at row s*SUB,
+                    (q_i exp2(G_i - G_s)) . (k_j exp2(G_s - G_j)), both exponents <= 0 (j < s*SUB <= i);
+                    the diagonal SUB x SUB blocks are elementwise, column j of every block at once,
+                    with exponents G_i - G_j masked to i >= j before exp2
+    _dqkg_kernel    (K-tile, chunk, head): dq, dk and dg of the chunk's K columns:
+                    dA = scale do v^T and dA^T = scale v do^T (both built directly: no dot on a
+                    transposed dot result), the state terms
+                    dq += scale exp2(G) (do h^T), dk += exp2(G_last - G) (v dh^T),
+                    the intra terms through the same sub-chunk factoring (dk's reference is the
+                    first row of the next block), and dg_t = sum_{u >= t in the chunk}
+                    (q_u . dq_u - k_u . dk_u) + r with the exact boundary term
+                    r = exp2(G_last) sum_v(h . dh) + sum_j k_j . dk_state_j.
+                    No partial buffers, no atomics: deterministic.
+
+Rows past a sequence's end read Gc of its last token (`gc_rows`), so exponents G_i - G_j (i >= j)
+stay <= 0 everywhere and G at the chunk's last row is the chunk's total decay.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import common
+from .common import chunk_span, load_h_dh, load_rows, mm
+
+
+@triton.jit
+def gc_rows(gc_ptr, t, eos, i_h, H, o_k, m_k, K):
+    """Gc [len(t), BK] of tokens t (int64), head i_h, columns o_k; tokens past the sequence end
+    read its last token's row."""
+    te = tl.minimum(t, eos - 1)
+    return tl.load(gc_ptr + (te * H + i_h)[:, None] * K + o_k[None, :],
+                   mask=(te >= 0)[:, None] & m_k[None, :], other=0.)
+
+
+@triton.jit
+def gc_row(gc_ptr, t, eos, i_h, H, o_k, m_k, K):
+    """Gc [BK] of the single token t (clamped to the sequence's last token)."""
+    te = tl.minimum(t, eos - 1)
+    return tl.load(gc_ptr + (te * H + i_h) * K + o_k, mask=m_k & (o_k * 0 + te >= 0), other=0.)
+
+
+@triton.jit
+def _cumsum_kernel(
+    # g [TOK, H, K] natural-log decays (<= 0); output gc [TOK, H, K] f32 chunk-local log2 cumsums
+    g_ptr, gc_ptr, ct_ptr, cu_ptr, T, NT, H, K,
+    IS_VARLEN: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+):
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    t = t0 + tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m = (t < eos)[:, None] & (o_k < K)[None, :]
+    p = (t * H + i_h)[:, None] * K + o_k[None, :]
+    b_g = tl.load(g_ptr + p, mask=m, other=0.).to(tl.float32)
+    tl.store(gc_ptr + p, tl.cumsum(b_g * 1.4426950408889634, axis=0), mask=m)
+
+
+@triton.jit
+def _intra_kernel(
+    # q, k [TOK, HQ, K]; gc [TOK, H, K] f32; output a [TOK, H, BT] (input dtype): scaled scores,
+    # 0 above the diagonal
+    q_ptr, k_ptr, gc_ptr, a_ptr, ct_ptr, cu_ptr,
+    T, NT, H, HQ, K, scale,
+    IS_VARLEN: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
+    DT: tl.constexpr, IEEE: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_hq = i_h // (H // HQ)
+    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    o_t = tl.arange(0, BT)
+    t = t0 + o_t
+    m_t = t < eos
+    o_in = o_t % SUB
+    bs = o_t - o_in                      # first row of each row's sub-chunk
+    A = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_q = load_rows(q_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
+        G = gc_rows(gc_ptr, t, eos, i_h, H, o_k, m_k, K)
+        # diagonal blocks: column j of every sub-chunk at once (rows bs + j read from memory)
+        for j in range(SUB):
+            t_j = t0 + bs + j
+            k_j = load_rows(k_ptr, t_j * HQ + i_hq, t_j < eos, o_k, m_k, K)
+            G_j = gc_rows(gc_ptr, t_j, eos, i_h, H, o_k, m_k, K)
+            e = tl.exp2(tl.where((o_in >= j)[:, None], G - G_j, float("-inf")))
+            col = tl.sum(b_q * k_j * e, axis=1)
+            A += tl.where(o_t[None, :] == (bs + j)[:, None], col[:, None], 0.)
+        # off-diagonal blocks: rows of sub-chunk s against the columns before it, through G_s
+        qf = b_q * tl.exp2(G - gc_rows(gc_ptr, t0 + bs, eos, i_h, H, o_k, m_k, K))
+        b_k = load_rows(k_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
+        for s in tl.static_range(1, BT // SUB):
+            G_s = gc_row(gc_ptr, t0 + s * SUB, eos, i_h, H, o_k, m_k, K)
+            kf = b_k * tl.exp2(tl.where((o_t < s * SUB)[:, None], G_s[None, :] - G, float("-inf")))
+            A += tl.where((o_t // SUB == s)[:, None], mm(qf, tl.trans(kf), DT, IEEE), 0.)
+    tl.store(a_ptr + (t * H + i_h)[:, None] * BT + o_t[None, :], (A * scale).to(a_ptr.dtype.element_ty),
+             mask=m_t[:, None])
+
+
+@triton.jit
+def _dqkg_kernel(
+    # q, k [TOK, H, K]; v, do [TOK, H, V]; gc [TOK, H, K] f32; h, dh [NCH, H, K, V];
+    # outputs dq, dk [TOK, H, K] (input dtype), dg [TOK, H, K] f32
+    q_ptr, k_ptr, v_ptr, do_ptr, gc_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dg_ptr, ct_ptr, cu_ptr,
+    T, NT, H, K, V, scale,
+    IS_VARLEN: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+):
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    o_t = tl.arange(0, BT)
+    t = t0 + o_t
+    m_t = t < eos
+    o_in = o_t % SUB
+    bs = o_t - o_in
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
+    row = t * H + i_h
+    p_h = (i_c.to(tl.int64) * H + i_h) * K * V
+    dA = tl.zeros([BT, BT], dtype=tl.float32)     # do v^T
+    dAT = tl.zeros([BT, BT], dtype=tl.float32)    # v do^T, built directly
+    dqs = tl.zeros([BT, BK], dtype=tl.float32)    # do h^T
+    dks = tl.zeros([BT, BK], dtype=tl.float32)    # v dh^T
+    hdh = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_s = (o_k < Kc)[:, None] & m_v[None, :]
+        b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
+        b_do = load_rows(do_ptr, row, m_t, o_v, m_v, V)
+        b_h, b_dh = load_h_dh(h_ptr, dh_ptr, p_h, o_k, o_v, m_s, V)
+        dA += mm(b_do, tl.trans(b_v), DT, IEEE)
+        dAT += mm(b_v, tl.trans(b_do), DT, IEEE)
+        dqs += mm(b_do, tl.trans(b_h), DT, IEEE)
+        dks += mm(b_v, tl.trans(b_dh), DT, IEEE)
+        hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
+    G = gc_rows(gc_ptr, t, eos, i_h, H, o_k, m_k, K)
+    G_last = gc_row(gc_ptr, t0 + BT - 1, eos, i_h, H, o_k, m_k, K)
+    # state terms; scale goes into the scores once
+    dq = dqs * tl.exp2(G) * scale
+    dk = dks * tl.exp2(G_last[None, :] - G)
+    b_k = load_rows(k_ptr, row, m_t, o_k, m_k, K)
+    r = tl.exp2(G_last) * hdh + tl.sum(b_k * dk, axis=0)
+    dA = dA * scale
+    dAT = dAT * scale
+    # diagonal blocks: position j of every sub-chunk at once (rows bs + j read from memory)
+    for j in range(SUB):
+        t_j = t0 + bs + j
+        m_j = t_j < eos
+        sel = o_t[None, :] == (bs + j)[:, None]
+        dA_j = tl.sum(tl.where(sel, dA, 0.), axis=1)      # dA[i, bs + j]
+        dAT_j = tl.sum(tl.where(sel, dAT, 0.), axis=1)    # dA[bs + j, i]
+        G_j = gc_rows(gc_ptr, t_j, eos, i_h, H, o_k, m_k, K)
+        k_j = load_rows(k_ptr, t_j * H + i_h, m_j, o_k, m_k, K)
+        q_j = load_rows(q_ptr, t_j * H + i_h, m_j, o_k, m_k, K)
+        dq += dA_j[:, None] * k_j * tl.exp2(tl.where((o_in >= j)[:, None], G - G_j, float("-inf")))
+        dk += dAT_j[:, None] * q_j * tl.exp2(tl.where((o_in <= j)[:, None], G_j - G, float("-inf")))
+    # off-diagonal blocks, one side at a time: dq of rows in block s from the columns before s*SUB
+    # through G_s, then dk of rows in block s - 1 from the rows from s*SUB on through the same G_s
+    # (q and k tiles are loaded again where needed, not held across the loops: registers)
+    b_k = load_rows(k_ptr, row, m_t, o_k, m_k, K)
+    acc = tl.zeros([BT, BK], dtype=tl.float32)
+    for s in tl.static_range(1, BT // SUB):
+        G_s = gc_row(gc_ptr, t0 + s * SUB, eos, i_h, H, o_k, m_k, K)
+        kf = b_k * tl.exp2(tl.where((o_t < s * SUB)[:, None], G_s[None, :] - G, float("-inf")))
+        acc += tl.where((o_t // SUB == s)[:, None], mm(dA, kf, DT, IEEE), 0.)
+    dq += acc * tl.exp2(G - gc_rows(gc_ptr, t0 + bs, eos, i_h, H, o_k, m_k, K))
+    b_q = load_rows(q_ptr, row, m_t, o_k, m_k, K)
+    acc = tl.zeros([BT, BK], dtype=tl.float32)
+    for s in tl.static_range(1, BT // SUB):
+        G_s = gc_row(gc_ptr, t0 + s * SUB, eos, i_h, H, o_k, m_k, K)
+        qf = b_q * tl.exp2(tl.where((o_t >= s * SUB)[:, None], G - G_s[None, :], float("-inf")))
+        acc += tl.where((o_t // SUB == s - 1)[:, None], mm(dAT, qf, DT, IEEE), 0.)
+    G_n = gc_rows(gc_ptr, t0 + tl.minimum(bs + SUB, BT - 1), eos, i_h, H, o_k, m_k, K)
+    dk += acc * tl.exp2(G_n - G)
+    x = b_q * dq - load_rows(k_ptr, row, m_t, o_k, m_k, K) * dk
+    y = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x + r[None, :]
+    m_o = m_t[:, None] & m_k[None, :]
+    p_o = row[:, None] * K + o_k[None, :]
+    tl.store(dq_ptr + p_o, dq.to(dq_ptr.dtype.element_ty), mask=m_o)
+    tl.store(dk_ptr + p_o, dk.to(dk_ptr.dtype.element_ty), mask=m_o)
+    tl.store(dg_ptr + p_o, y, mask=m_o)
+
+
+# ---- launchers (p: fwd.Plan) -----------------------------------------------------------------
+
+def _idx(p, x):
+    """(chunk table, cu_seqlens); x stands in for both when the batch is not packed (the kernels
+    read them only when IS_VARLEN)."""
+    return (x if p.ct is None else p.ct), (x if p.cu is None else p.cu)
+
+
+def chunk_cumsum(p, g):
+    """Gc [B, T, H, K] float32: g's cumulative sum within each chunk, in log2 units."""
+    m = p.meta
+    gc = common.poison(torch.empty_like(g, dtype=torch.float32))
+    ct, cu = _idx(p, gc)
+    BK = m["BKG"]
+    _cumsum_kernel[(triton.cdiv(p.K, BK), p.NCH, p.H)](
+        g, gc, ct, cu, p.T, p.NT, p.H, p.K, IS_VARLEN=p.varlen, BT=p.BT, BK=BK, num_warps=4)
+    return gc
+
+
+def intra_scores(p, q, k, gc, scale):
+    """The scaled causal scores of every chunk, [TOK, H, BT] in q's dtype."""
+    m = p.meta
+    a = common.poison(q.new_empty((p.B * p.T, p.H, p.BT)))
+    ct, cu = _idx(p, a)
+    _intra_kernel[(p.NCH, p.H)](q, k, gc, a, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, float(scale),
+                                IS_VARLEN=p.varlen, BT=p.BT, SUB=m["SUB"], BK=m["BKG"],
+                                DT=m["DT"], IEEE=m["IEEE"], num_warps=m["GLA_WARPS"])
+    return a
+
+
+def dqkg(p, q, k, v, do, gc, h, dh, scale):
+    """(dq, dk in q's dtype, dg float32 [B, T, H, K]) of the per-key-decay chunks."""
+    if p.HQ != p.H:
+        raise NotImplementedError("per-key decays take as many q/k heads as value heads")
+    m = p.meta
+    dq, dk = common.poison(torch.empty_like(q)), common.poison(torch.empty_like(k))
+    dg = common.poison(torch.empty_like(gc))
+    ct, cu = _idx(p, dg)
+    BK = m["BKD"]
+    _dqkg_kernel[(triton.cdiv(p.K, BK), p.NCH, p.H)](
+        q, k, v, do, gc, h, dh, dq, dk, dg, ct, cu, p.T, p.NT, p.H, p.K, p.V, float(scale),
+        IS_VARLEN=p.varlen, BT=p.BT, SUB=m["SUB"], BK=BK, BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"],
+        num_warps=m["GLA_WARPS"], num_stages=1)
+    return dq, dk, dg
