@@ -52,6 +52,25 @@ def gc_row(gc_ptr, t, eos, i_h, H, o_k, m_k, K):
 
 
 @triton.jit
+def diag_blocks(X, BT: tl.constexpr, SUB: tl.constexpr):
+    """The SUB x SUB diagonal blocks of X [BT, BT], compact: D [BT, SUB], D[i, m] = X[i, bs(i) + m]
+    (bs(i): the first row of i's sub-chunk)."""
+    NS: tl.constexpr = BT // SUB
+    X4 = tl.reshape(X, (NS, SUB, NS, SUB))
+    same = tl.arange(0, NS)[:, None, None, None] == tl.arange(0, NS)[None, None, :, None]
+    return tl.reshape(tl.sum(tl.where(same, X4, 0.), axis=2), (BT, SUB))
+
+
+@triton.jit
+def embed_diag_blocks(D, BT: tl.constexpr, SUB: tl.constexpr):
+    """The inverse of diag_blocks: [BT, BT] with D's blocks on the diagonal, zeros elsewhere."""
+    NS: tl.constexpr = BT // SUB
+    D4 = tl.broadcast_to(tl.reshape(D, (NS, SUB, 1, SUB)), (NS, SUB, NS, SUB))
+    same = tl.arange(0, NS)[:, None, None, None] == tl.arange(0, NS)[None, None, :, None]
+    return tl.reshape(tl.where(same, D4, 0.), (BT, BT))
+
+
+@triton.jit
 def _cumsum_kernel(
     # g [TOK, H, K] natural-log decays (<= 0); output gc [TOK, H, K] f32 chunk-local log2 cumsums
     g_ptr, gc_ptr, ct_ptr, cu_ptr, T, NT, H, K,
@@ -85,6 +104,8 @@ def _intra_kernel(
     o_in = o_t % SUB
     bs = o_t - o_in                      # first row of each row's sub-chunk
     A = tl.zeros([BT, BT], dtype=tl.float32)
+    D = tl.zeros([BT, SUB], dtype=tl.float32)    # the diagonal blocks, compact (diag_blocks)
+    o_m = tl.arange(0, SUB)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -97,7 +118,7 @@ def _intra_kernel(
             G_j = gc_rows(gc_ptr, t_j, eos, i_h, H, o_k, m_k, K)
             e = tl.exp2(tl.where((o_in >= j)[:, None], G - G_j, float("-inf")))
             col = tl.sum(b_q * k_j * e, axis=1)
-            A += tl.where(o_t[None, :] == (bs + j)[:, None], col[:, None], 0.)
+            D += tl.where(o_m[None, :] == j, col[:, None], 0.)
         # off-diagonal blocks: rows of sub-chunk s against the columns before it, through G_s
         qf = b_q * tl.exp2(G - gc_rows(gc_ptr, t0 + bs, eos, i_h, H, o_k, m_k, K))
         b_k = load_rows(k_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
@@ -105,8 +126,9 @@ def _intra_kernel(
             G_s = gc_row(gc_ptr, t0 + s * SUB, eos, i_h, H, o_k, m_k, K)
             kf = b_k * tl.exp2(tl.where((o_t < s * SUB)[:, None], G_s[None, :] - G, float("-inf")))
             A += tl.where((o_t // SUB == s)[:, None], mm(qf, tl.trans(kf), DT, IEEE), 0.)
-    tl.store(a_ptr + (t * H + i_h)[:, None] * BT + o_t[None, :], (A * scale).to(a_ptr.dtype.element_ty),
-             mask=m_t[:, None])
+    A += embed_diag_blocks(D, BT, SUB)
+    tl.store(a_ptr + (t * H + i_h)[:, None] * BT + o_t[None, :],
+             (A * scale).to(a_ptr.dtype.element_ty), mask=m_t[:, None])
 
 
 @triton.jit
@@ -156,13 +178,15 @@ def _dqkg_kernel(
     r = tl.exp2(G_last) * hdh + tl.sum(b_k * dk, axis=0)
     dA = dA * scale
     dAT = dAT * scale
+    dAd = diag_blocks(dA, BT, SUB)
+    dATd = diag_blocks(dAT, BT, SUB)
+    o_m = tl.arange(0, SUB)
     # diagonal blocks: position j of every sub-chunk at once (rows bs + j read from memory)
     for j in range(SUB):
         t_j = t0 + bs + j
         m_j = t_j < eos
-        sel = o_t[None, :] == (bs + j)[:, None]
-        dA_j = tl.sum(tl.where(sel, dA, 0.), axis=1)      # dA[i, bs + j]
-        dAT_j = tl.sum(tl.where(sel, dAT, 0.), axis=1)    # dA[bs + j, i]
+        dA_j = tl.sum(tl.where(o_m[None, :] == j, dAd, 0.), axis=1)      # dA[i, bs + j]
+        dAT_j = tl.sum(tl.where(o_m[None, :] == j, dATd, 0.), axis=1)    # dA[bs + j, i]
         G_j = gc_rows(gc_ptr, t_j, eos, i_h, H, o_k, m_k, K)
         k_j = load_rows(k_ptr, t_j * H + i_h, m_j, o_k, m_k, K)
         q_j = load_rows(q_ptr, t_j * H + i_h, m_j, o_k, m_k, K)
