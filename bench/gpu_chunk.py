@@ -194,6 +194,34 @@ def check_ssd(B=2, L=2048, H=8, P=64, G=2, N=128, cu=None):
     return judge(f"ssd{' varlen' if cu is not None else ''}", names, got, r, lp)
 
 
+def gla_stage_times(B=4, T=4096, H=16, K=128, V=128):
+    """chunk_gla's stages timed one by one (the per-stage predictions in bench/NOTES.md): cumsum,
+    chunk states, intra-chunk scores, the dq/dk/dg stage, and by difference the output stage
+    (forward minus the three before it) and state gradients + dv (backward minus the rest)."""
+    from ssm_kernels.chunk import bwd as cb, fwd as cf, gla as cg
+    q, k, v, g = la_inputs(B, T, H, K, V, "gla")
+    do = torch.randn_like(v)
+    scale = K ** -0.5
+    p = cf.Plan(q, v, g, None, False)
+    gc = cg.chunk_cumsum(p, g)
+    h, _ = cf.chunk_states(p, k, v, gc, None, None, None)
+    dh = torch.randn_like(h)
+    bench_ms = lambda f: do_bench(f, warmup=10, rep=40, return_mode="median")  # noqa: E731
+    t = {"cumsum": bench_ms(lambda: cg.chunk_cumsum(p, g)),
+         "states": bench_ms(lambda: cf.chunk_states(p, k, v, gc, None, None, None)),
+         "intra": bench_ms(lambda: cg.intra_scores(p, q, k, gc, scale)),
+         "fwd total": bench_ms(lambda: cf.chunk_fwd(q, k, v, g, None, None, scale)),
+         "dqkg": bench_ms(lambda: cg.dqkg(p, q, k, v, do, gc, h, dh, scale)),
+         "bwd total": bench_ms(lambda: cb.chunk_bwd(q, k, v, g, None, None, scale, do, None))}
+    t["output (fwd - cumsum - states - intra)"] = t["fwd total"] - t["cumsum"] - t["states"] - t["intra"]
+    t["state_grad + dv (bwd - the others)"] = (t["bwd total"] - t["cumsum"] - t["states"] - t["intra"]
+                                              - t["dqkg"])
+    case = f"B{B} T{T} H{H} K=V={K} BT={p.BT}"
+    for name, ms in t.items():
+        ROWS.append(("chunk_gla stage", case, name, "fwd", ms, "one stage"))
+        log(f"chunk_gla stage {case} {name:42s} {ms:8.3f} ms")
+
+
 # ---- 2. timing ----------------------------------------------------------------------------------
 
 def time_fwd(f, make):
@@ -268,6 +296,11 @@ def main():
         except Exception:  # noqa: BLE001
             traceback.print_exc()
             ok = False
+    try:   # chunk_gla at K = V = 64, T not a multiple of the chunk
+        ok &= check_la("chunk_gla", B=2, T=1000, H=4, K=64, V=64)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        ok = False
     for kw in ({}, {"B": 1, "L": 2047, "cu": cu}):
         try:
             ok &= check_ssd(**kw)
@@ -289,6 +322,22 @@ def main():
             if op in fla:
                 bench(op, case, "fla", fla[op], make)
             torch.cuda.empty_cache()
+
+    # B8 T2048 H16 K=V=64 (the issue's small-head row)
+    B, T, H, K, V = 8, 2048, 16, 64, 64
+    for op in ("chunk_linear_attn", "chunk_gla"):
+        gate = GATE[op]
+        make = (lambda req, gate=gate: la_inputs(B, T, H, K, V, gate, req=req))
+        case = f"B{B} T{T} H{H} K=V={K}"
+        bench(op, case, "ssm_kernels", OURS[op], make, la_floor(B, T, H, K, V, gate))
+        if op in fla:
+            bench(op, case, "fla", fla[op], make)
+        torch.cuda.empty_cache()
+    try:
+        gla_stage_times()
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+    torch.cuda.empty_cache()
 
     # SSD B4 L4096 H32 P64 N128 (ngroups 1)
     B, L, H, P, G, N = 4, 4096, 32, 64, 1, 128
@@ -318,7 +367,8 @@ def main():
     # ---- tile sweep (engine knobs in ssm_kernels.chunk.common), while time allows ----
     from ssm_kernels.chunk import common as knobs
     sweep = [("chunk_linear_attn", dict(CHUNK=128)), ("chunk_linear_attn", dict(BLOCK_K=128, BLOCK_V=128)),
-             ("chunk_simple_gla", dict(CHUNK=128)), ("chunk_gla", dict(GLA_CHUNK=64)),
+             ("chunk_simple_gla", dict(CHUNK=128)), ("chunk_gla", dict(GLA_BLOCK_V=64)),
+             ("chunk_gla", dict(GLA_CHUNK=32)), ("chunk_gla", dict(SUB_CHUNK=32)),
              ("ssd", dict(CHUNK=128)), ("ssd", dict(BLOCK_K=128))]
     for op, kn in sweep:
         if time.time() - T0 > 170:
