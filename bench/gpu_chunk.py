@@ -36,6 +36,14 @@ DEV = "cuda"
 BF = torch.bfloat16
 COPY_GBS = 4270.0          # H200 copy bandwidth (DESIGN.md), for the byte floor
 ROWS = []                  # (section, case, impl, mode, ms, note)
+# ONLY=chunk_gla (comma-separated ops, "ssd" included) limits every section to those ops;
+# SWEEP_S: seconds since start after which the tile sweep stops (default 170)
+ONLY = [x for x in os.environ.get("ONLY", "").split(",") if x]
+SWEEP_S = float(os.environ.get("SWEEP_S", "170"))
+
+
+def want(op):
+    return not ONLY or op in ONLY
 T0 = time.time()
 
 
@@ -273,35 +281,38 @@ def main():
     torch.manual_seed(0)
     log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     # first calls (compile) of our ops, small shape
-    for op in OURS:
+    for op in filter(want, OURS):
         dt = first_call(OURS[op], lambda req, op=op: la_inputs(2, 256, 4, 128, 128, GATE[op], req=req))
         log(f"first call {op}: {dt:.2f} s")
         ROWS.append(("first-call", "B2 T256 H4 K=V=128", f"ssm_kernels.{op}", "fwd+bwd", dt * 1e3, "compile"))
-    dt = first_call(lambda *a: sk.mamba_chunk_scan_combined(*a[:5], 64, D=a[5], dt_bias=a[6], dt_softplus=True),
-                    lambda req: ssd_inputs(2, 256, 8, 64, 1, 128, req=req))
-    log(f"first call ssd: {dt:.2f} s")
-    ROWS.append(("first-call", "B2 L256 H8 P64 N128", "ssm_kernels.ssd", "fwd+bwd", dt * 1e3, "compile"))
+    if want("ssd"):
+        dt = first_call(lambda *a: sk.mamba_chunk_scan_combined(*a[:5], 64, D=a[5], dt_bias=a[6],
+                                                                dt_softplus=True),
+                        lambda req: ssd_inputs(2, 256, 8, 64, 1, 128, req=req))
+        log(f"first call ssd: {dt:.2f} s")
+        ROWS.append(("first-call", "B2 L256 H8 P64 N128", "ssm_kernels.ssd", "fwd+bwd", dt * 1e3, "compile"))
 
     ok = True
-    for op in OURS:
+    for op in filter(want, OURS):
         try:
             ok &= check_la(op)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
             ok = False
     cu = torch.tensor([0, 1, 700, 700, 1500, 2047], device=DEV, dtype=torch.int32)
-    for op in OURS:
+    for op in filter(want, OURS):
         try:
             ok &= check_la(op, B=1, T=2047, cu=cu)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
             ok = False
     try:   # chunk_gla at K = V = 64, T not a multiple of the chunk
-        ok &= check_la("chunk_gla", B=2, T=1000, H=4, K=64, V=64)
+        if want("chunk_gla"):
+            ok &= check_la("chunk_gla", B=2, T=1000, H=4, K=64, V=64)
     except Exception:  # noqa: BLE001
         traceback.print_exc()
         ok = False
-    for kw in ({}, {"B": 1, "L": 2047, "cu": cu}):
+    for kw in ({}, {"B": 1, "L": 2047, "cu": cu}) if want("ssd") else ():
         try:
             ok &= check_ssd(**kw)
         except Exception:  # noqa: BLE001
@@ -312,7 +323,7 @@ def main():
     fla = fla_ops()
     for (B, T) in ((4, 4096), (2, 16384)):
         H, K, V = 16, 128, 128
-        for op in ("chunk_linear_attn", "chunk_simple_gla", "chunk_gla"):
+        for op in filter(want, ("chunk_linear_attn", "chunk_simple_gla", "chunk_gla")):
             if T == 16384 and op == "chunk_simple_gla":
                 continue
             gate = GATE[op]
@@ -325,7 +336,7 @@ def main():
 
     # B8 T2048 H16 K=V=64 (the small-head row)
     B, T, H, K, V = 8, 2048, 16, 64, 64
-    for op in ("chunk_linear_attn", "chunk_gla"):
+    for op in filter(want, ("chunk_linear_attn", "chunk_gla")):
         gate = GATE[op]
         make = (lambda req, gate=gate: la_inputs(B, T, H, K, V, gate, req=req))
         case = f"B{B} T{T} H{H} K=V={K}"
@@ -334,7 +345,8 @@ def main():
             bench(op, case, "fla", fla[op], make)
         torch.cuda.empty_cache()
     try:
-        gla_stage_times()
+        if want("chunk_gla"):
+            gla_stage_times()
     except Exception:  # noqa: BLE001
         traceback.print_exc()
     torch.cuda.empty_cache()
@@ -343,10 +355,17 @@ def main():
     B, L, H, P, G, N = 4, 4096, 32, 64, 1, 128
     case = f"B{B} L{L} H{H} P{P} N{N}"
     make = lambda req: ssd_inputs(B, L, H, P, G, N, req=req)  # noqa: E731
-    n = B * L * H
-    floor = (n * P * 2 * 2 + B * L * G * N * 2 * 2 + n * 4) / (COPY_GBS * 1e9) * 1e3
     ours = lambda x, dt, A, Bm, Cm, D, bias: sk.mamba_chunk_scan_combined(  # noqa: E731
         x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias, dt_softplus=True)
+    if want("ssd"):
+        ssd_section(fla, B, L, H, P, G, N, case, make, ours)
+    sweep_section(case, make, ours)
+    print_table(ok)
+
+
+def ssd_section(fla, B, L, H, P, G, N, case, make, ours):
+    n = B * L * H
+    floor = (n * P * 2 * 2 + B * L * G * N * 2 * 2 + n * 4) / (COPY_GBS * 1e9) * 1e3
     bench("ssd", case, "ssm_kernels", ours, make, floor)
     mf = mamba_op()
     if mf is not None:
@@ -364,14 +383,19 @@ def main():
             return y + x * D[:, None]
         bench("ssd", case, "fla.chunk_simple_gla(ssd map)", fla_ssd, make)
 
+
+def sweep_section(case, make, ours):
     # ---- tile sweep (engine knobs in ssm_kernels.chunk.common), while time allows ----
     from ssm_kernels.chunk import common as knobs
     sweep = [("chunk_linear_attn", dict(CHUNK=128)), ("chunk_linear_attn", dict(BLOCK_K=128, BLOCK_V=128)),
              ("chunk_simple_gla", dict(CHUNK=128)), ("chunk_gla", dict(GLA_BLOCK_V=64)),
-             ("chunk_gla", dict(GLA_CHUNK=32)), ("chunk_gla", dict(SUB_CHUNK=32)),
+             ("chunk_gla", dict(GLA_DQK_BLOCK_K=64)), ("chunk_gla", dict(GLA_CHUNK=32)),
+             ("chunk_gla", dict(SUB_CHUNK=32)),
              ("ssd", dict(CHUNK=128)), ("ssd", dict(BLOCK_K=128))]
     for op, kn in sweep:
-        if time.time() - T0 > 170:
+        if not want(op):
+            continue
+        if time.time() - T0 > SWEEP_S:
             log("sweep stopped: time budget")
             break
         saved = {k: getattr(knobs, k) for k in kn}
@@ -390,6 +414,8 @@ def main():
                 setattr(knobs, k, v)
         torch.cuda.empty_cache()
 
+
+def print_table(ok):
     # ---- the table, last ----
     print("\n==== chunked engine, H200, bf16, median ms ====")
     print(f"{'op':18s} {'case':24s} {'impl':30s} {'fwd':>9s} {'fwd+bwd':>9s}  note")

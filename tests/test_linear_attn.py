@@ -527,12 +527,12 @@ def test_poisoned_outputs(backend, gate, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
-@pytest.mark.parametrize("case", ["dense", "varlen", "extreme", "float16"])
+@pytest.mark.parametrize("case", ["dense", "varlen", "extreme", "float16", "k_tiles"])
 def test_gla_sub_chunks(backend, case, monkeypatch):
     """chunk_gla at the GPU's tiles in the interpreter (BT=64: four 16-row sub-chunks, so the
     off-diagonal blocks run through the factored decays of rows 16, 32 and 48): T not a multiple
     of 64, several chunks, varlen with an empty and a one-token sequence, initial states, extreme
-    decays, every gradient against float64; outputs start as NaN."""
+    decays, several K tiles, every gradient against float64; outputs start as NaN."""
     from ssm_kernels.chunk import common
     monkeypatch.setattr(common, "INTERP_CHUNK", 64)
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
@@ -543,8 +543,10 @@ def test_gla_sub_chunks(backend, case, monkeypatch):
         compare_to_reference(backend, "gla", 1, 211, 2, 16, 20, cu=cu)
     elif case == "extreme":
         compare_to_reference(backend, "gla", 1, 130, 1, 16, 16, decay=(20.0, 20.0))
-    else:
+    elif case == "float16":
         compare_to_reference(backend, "gla", 1, 100, 2, 32, 16, dtype=torch.float16)
+    else:   # several K tiles in every stage, the last one partial
+        compare_to_reference(backend, "gla", 1, 80, 1, 72, 40, decay=(0.0, 0.1))
 
 
 _COMPILE_SCRIPT = r'''

@@ -35,6 +35,7 @@ GLA_CHUNK = 64        # chunk length for per-key decays (16-bit inputs; float32 
 SUB_CHUNK = 16        # per-key decays: sub-chunk of the intra-chunk scores (diagonal blocks elementwise)
 GLA_BLOCK_K = 64      # per-key decays: K tile of the cumsum, scores and dq/dk/dg stages
 GLA_BLOCK_V = 128     # per-key decays: V tile of the output stage (16-bit inputs)
+GLA_DQK_BLOCK_K = 32  # per-key decays: K tile of the dq/dk/dg stage (64 spilled a little on sm_90)
 INTERP_CHUNK = None   # tests: chunk length under the interpreter (None: 32) to run the GPU's tiles
 BLOCK_K = 64          # K tile of the stages that loop over K (state, output, dv)
 BLOCK_V = 64          # V tile
@@ -70,8 +71,7 @@ def blocks(K: int, V: int, gate: int, dtype: torch.dtype, chunk=None) -> dict:
         BK=max(16, min(BLOCK_K, triton.next_power_of_2(K))),
         BV=BV,
         BKG=max(16, min(32 if fp32 else GLA_BLOCK_K, triton.next_power_of_2(K))),
-        # the dq/dk/dg stage of GATE 2 at K tiles of 32: at 64 it spilled on sm_90 (8 warps)
-        BKD=max(16, min(32, triton.next_power_of_2(K))),
+        BKD=max(16, min(GLA_DQK_BLOCK_K, triton.next_power_of_2(K))),
         # output V tile of GATE 2: 128 where V is a multiple of 16 (unaligned V: unvectorised
         # loads, and the [64, 128] tile spilled at V=100)
         BVO=(max(16, min(GLA_BLOCK_V, triton.next_power_of_2(V)))
