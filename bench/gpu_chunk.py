@@ -390,7 +390,7 @@ def sweep_section(case, make, ours):
     sweep = [("chunk_linear_attn", dict(CHUNK=128)), ("chunk_linear_attn", dict(BLOCK_K=128, BLOCK_V=128)),
              ("chunk_simple_gla", dict(CHUNK=128)), ("chunk_gla", dict(GLA_BLOCK_V=64)),
              ("chunk_gla", dict(GLA_DQK_BLOCK_K=64)), ("chunk_gla", dict(GLA_CHUNK=32)),
-             ("chunk_gla", dict(SUB_CHUNK=32)),
+             ("chunk_gla", dict(SUB_CHUNK=8)), ("chunk_gla", dict(SUB_CHUNK=4)),
              ("ssd", dict(CHUNK=128)), ("ssd", dict(BLOCK_K=128))]
     for op, kn in sweep:
         if not want(op):

@@ -6,19 +6,22 @@
     _intra_kernel   (chunk, head): the scaled causal scores A [BT, BT] of the chunk
                     A_ij = scale sum_k q_ik k_jk exp2(G_ik - G_jk), j <= i, stored in the input
                     dtype (it is a tensor-core operand of the output and dv stages, rounded to that
-                    dtype there anyway). BT = 64 is split into sub-chunks of SUB = 16 rows:
-                    off-diagonal blocks (row block s, columns before s*SUB) are tensor-core products
-                    with the decay factored around G_s = G at row s*SUB,
-                    (q_i exp2(G_i - G_s)) . (k_j exp2(G_s - G_j)), both exponents <= 0 (j < s*SUB <= i);
+                    dtype there anyway). The chunk is split as a binary tree down to sub-chunks of
+                    SUB rows: at each level S = SUB, 2 SUB, ..., BT/2 the upper half of every 2S-row
+                    block against its lower half is one tensor-core product with the decay
+                    factored around G_r, G at the upper half's first row r:
+                    (q_i exp2(G_i - G_r)) . (k_j exp2(G_r - G_j)), both exponents <= 0 (j < r <= i);
                     the diagonal SUB x SUB blocks are elementwise, column j of every block at once,
-                    with exponents G_i - G_j masked to i >= j before exp2
+                    with exponents G_i - G_j masked to i >= j before exp2. SUB = 16 at BT = 64: two
+                    levels (r = 32; r = 16, 48) and 16x16 diagonal blocks; SUB = 8 or 4 trade
+                    elementwise exp2 work for one more masked product per level
     _dqkg_kernel    (K-tile, chunk, head): dq, dk and dg of the chunk's K columns:
                     dA = scale do v^T and dA^T = scale v do^T (both built directly: no dot on a
                     transposed dot result), the state terms
                     dq += scale exp2(G) (do h^T), dk += exp2(G_last - G) (v dh^T),
-                    the intra terms through the same sub-chunk factoring (dk's reference is the
-                    first row of the next block), and dg_t = sum_{u >= t in the chunk}
-                    (q_u . dq_u - k_u . dk_u) + r with the exact boundary term
+                    the intra terms through the same tree and diagonal blocks, and
+                    dg_t = sum_{u >= t in the chunk} (q_u . dq_u - k_u . dk_u) + r with the exact
+                    boundary term
                     r = exp2(G_last) sum_v(h . dh) + sum_j k_j . dk_state_j.
                     No partial buffers, no atomics: deterministic.
 
@@ -49,6 +52,27 @@ def gc_row(gc_ptr, t, eos, i_h, H, o_k, m_k, K):
     """Gc [BK] of the single token t (clamped to the sequence's last token)."""
     te = tl.minimum(t, eos - 1)
     return tl.load(gc_ptr + (te * H + i_h) * K + o_k, mask=m_k & (o_k * 0 + te >= 0), other=0.)
+
+
+@triton.jit
+def level_factors(gc_ptr, t0, eos, i_h, H, o_t, G, o_k, m_k, K, S: tl.constexpr):
+    """Decay factors of one level of the block tree: inside every 2S-row block, rows of its upper
+    half (i) against rows of its lower half (j), through G_r at the upper half's first row r:
+    exp2(G_i - G_j) = exp2(G_i - G_r) exp2(G_r - G_j), both exponents <= 0 (j < r <= i).
+    Returns (up [BT] upper-half rows, fq [BT, BK] = exp2(G - G_r) on upper rows else 0,
+    fk [BT, BK] = exp2(G_r - G) on lower rows else 0)."""
+    up = (o_t // S) % 2 == 1
+    G_r = gc_rows(gc_ptr, t0 + (o_t // (2 * S)) * (2 * S) + S, eos, i_h, H, o_k, m_k, K)
+    fq = tl.exp2(tl.where(up[:, None], G - G_r, float("-inf")))
+    fk = tl.exp2(tl.where(up[:, None], float("-inf"), G_r - G))
+    return up, fq, fk
+
+
+@triton.jit
+def level_pairs(rows, cols, o_t, S: tl.constexpr):
+    """[BT, BT] mask of the (row in `rows`, column in `cols`) pairs inside every 2S-row block."""
+    blk = o_t // (2 * S)
+    return rows[:, None] & cols[None, :] & (blk[:, None] == blk[None, :])
 
 
 @triton.jit
@@ -119,13 +143,15 @@ def _intra_kernel(
             e = tl.exp2(tl.where((o_in >= j)[:, None], G - G_j, float("-inf")))
             col = tl.sum(b_q * k_j * e, axis=1)
             D += tl.where(o_m[None, :] == j, col[:, None], 0.)
-        # off-diagonal blocks: rows of sub-chunk s against the columns before it, through G_s
-        qf = b_q * tl.exp2(G - gc_rows(gc_ptr, t0 + bs, eos, i_h, H, o_k, m_k, K))
+        # off-diagonal blocks as a tree: at level S (SUB, 2 SUB, ... BT/2) the upper half of every
+        # 2S-row block against its lower half, one tensor-core product through G at the half's
+        # first row
         b_k = load_rows(k_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
-        for s in tl.static_range(1, BT // SUB):
-            G_s = gc_row(gc_ptr, t0 + s * SUB, eos, i_h, H, o_k, m_k, K)
-            kf = b_k * tl.exp2(tl.where((o_t < s * SUB)[:, None], G_s[None, :] - G, float("-inf")))
-            A += tl.where((o_t // SUB == s)[:, None], mm(qf, tl.trans(kf), DT, IEEE), 0.)
+        for lvl in tl.static_range(BT // SUB):
+            if (SUB << lvl) < BT:
+                up, fq, fk = level_factors(gc_ptr, t0, eos, i_h, H, o_t, G, o_k, m_k, K, SUB << lvl)
+                A += tl.where(level_pairs(up, up == 0, o_t, SUB << lvl),
+                              mm(b_q * fq, tl.trans(b_k * fk), DT, IEEE), 0.)
     A += embed_diag_blocks(D, BT, SUB)
     tl.store(a_ptr + (t * H + i_h)[:, None] * BT + o_t[None, :],
              (A * scale).to(a_ptr.dtype.element_ty), mask=m_t[:, None])
@@ -192,25 +218,18 @@ def _dqkg_kernel(
         q_j = load_rows(q_ptr, t_j * H + i_h, m_j, o_k, m_k, K)
         dq += dA_j[:, None] * k_j * tl.exp2(tl.where((o_in >= j)[:, None], G - G_j, float("-inf")))
         dk += dAT_j[:, None] * q_j * tl.exp2(tl.where((o_in <= j)[:, None], G_j - G, float("-inf")))
-    # off-diagonal blocks, one side at a time: dq of rows in block s from the columns before s*SUB
-    # through G_s, then dk of rows in block s - 1 from the rows from s*SUB on through the same G_s
-    # (q and k tiles are loaded again where needed, not held across the loops: registers)
-    b_k = load_rows(k_ptr, row, m_t, o_k, m_k, K)
-    acc = tl.zeros([BT, BK], dtype=tl.float32)
-    for s in tl.static_range(1, BT // SUB):
-        G_s = gc_row(gc_ptr, t0 + s * SUB, eos, i_h, H, o_k, m_k, K)
-        kf = b_k * tl.exp2(tl.where((o_t < s * SUB)[:, None], G_s[None, :] - G, float("-inf")))
-        acc += tl.where((o_t // SUB == s)[:, None], mm(dA, kf, DT, IEEE), 0.)
-    dq += acc * tl.exp2(G - gc_rows(gc_ptr, t0 + bs, eos, i_h, H, o_k, m_k, K))
+    # off-diagonal blocks as the same tree (level_factors): per level, dq of the upper half-block
+    # rows from the lower ones and dk of the lower rows from the upper ones
     b_q = load_rows(q_ptr, row, m_t, o_k, m_k, K)
-    acc = tl.zeros([BT, BK], dtype=tl.float32)
-    for s in tl.static_range(1, BT // SUB):
-        G_s = gc_row(gc_ptr, t0 + s * SUB, eos, i_h, H, o_k, m_k, K)
-        qf = b_q * tl.exp2(tl.where((o_t >= s * SUB)[:, None], G - G_s[None, :], float("-inf")))
-        acc += tl.where((o_t // SUB == s - 1)[:, None], mm(dAT, qf, DT, IEEE), 0.)
-    G_n = gc_rows(gc_ptr, t0 + tl.minimum(bs + SUB, BT - 1), eos, i_h, H, o_k, m_k, K)
-    dk += acc * tl.exp2(G_n - G)
-    x = b_q * dq - load_rows(k_ptr, row, m_t, o_k, m_k, K) * dk
+    b_k = load_rows(k_ptr, row, m_t, o_k, m_k, K)
+    for lvl in tl.static_range(BT // SUB):
+        if (SUB << lvl) < BT:
+            up, fq, fk = level_factors(gc_ptr, t0, eos, i_h, H, o_t, G, o_k, m_k, K, SUB << lvl)
+            dq += fq * mm(tl.where(level_pairs(up, up == 0, o_t, SUB << lvl), dA, 0.), b_k * fk,
+                          DT, IEEE)
+            dk += fk * mm(tl.where(level_pairs(up == 0, up, o_t, SUB << lvl), dAT, 0.), b_q * fq,
+                          DT, IEEE)
+    x = b_q * dq - b_k * dk
     y = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x + r[None, :]
     m_o = m_t[:, None] & m_k[None, :]
     p_o = row[:, None] * K + o_k[None, :]
