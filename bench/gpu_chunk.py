@@ -224,7 +224,7 @@ def gla_stage_times(B=4, T=4096, H=16, K=128, V=128):
     t["output (fwd - cumsum - states - intra)"] = t["fwd total"] - t["cumsum"] - t["states"] - t["intra"]
     t["state_grad + dv (bwd - the others)"] = (t["bwd total"] - t["cumsum"] - t["states"] - t["intra"]
                                               - t["dqkg"])
-    case = f"B{B} T{T} H{H} K=V={K} BT={p.BT}"
+    case = f"B{B} T{T} H{H} K=V={K} BT={p.BT} SUB={p.meta['SUB']}"
     for name, ms in t.items():
         ROWS.append(("chunk_gla stage", case, name, "fwd", ms, "one stage"))
         log(f"chunk_gla stage {case} {name:42s} {ms:8.3f} ms")
@@ -390,7 +390,7 @@ def sweep_section(case, make, ours):
     sweep = [("chunk_linear_attn", dict(CHUNK=128)), ("chunk_linear_attn", dict(BLOCK_K=128, BLOCK_V=128)),
              ("chunk_simple_gla", dict(CHUNK=128)), ("chunk_gla", dict(GLA_BLOCK_V=64)),
              ("chunk_gla", dict(GLA_DQK_BLOCK_K=64)), ("chunk_gla", dict(GLA_CHUNK=32)),
-             ("chunk_gla", dict(SUB_CHUNK=8)), ("chunk_gla", dict(SUB_CHUNK=4)),
+             ("chunk_gla", dict(SUB_CHUNK=16)), ("chunk_gla", dict(SUB_CHUNK=4)),
              ("ssd", dict(CHUNK=128)), ("ssd", dict(BLOCK_K=128))]
     for op, kn in sweep:
         if not want(op):

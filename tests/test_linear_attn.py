@@ -527,13 +527,13 @@ def test_poisoned_outputs(backend, gate, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
-@pytest.mark.parametrize("case", ["dense", "varlen", "extreme", "float16", "k_tiles", "deep_tree"])
+@pytest.mark.parametrize("case", ["dense", "varlen", "extreme", "float16", "k_tiles", "sub4", "sub16"])
 def test_gla_sub_chunks(backend, case, monkeypatch):
-    """chunk_gla at the GPU's tiles in the interpreter (BT=64: four 16-row sub-chunks, so the
-    off-diagonal blocks run through the factored decays of rows 16, 32 and 48): T not a multiple
-    of 64, several chunks, varlen with an empty and a one-token sequence, initial states, extreme
-    decays, several K tiles, sub-chunks of 4 (a deeper tree), every gradient against float64;
-    outputs start as NaN."""
+    """chunk_gla at the GPU's tiles in the interpreter (BT=64: the off-diagonal blocks run through
+    the tree of factored products, references at rows 32, 16/48, 8/24/40/56 for sub-chunks of 8):
+    T not a multiple of 64, several chunks, varlen with an empty and a one-token sequence, initial
+    states, extreme decays, several K tiles, sub-chunks of 4 and 16, every gradient against
+    float64; outputs start as NaN."""
     from ssm_kernels.chunk import common
     monkeypatch.setattr(common, "INTERP_CHUNK", 64)
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
@@ -548,8 +548,8 @@ def test_gla_sub_chunks(backend, case, monkeypatch):
         compare_to_reference(backend, "gla", 1, 100, 2, 32, 16, dtype=torch.float16)
     elif case == "k_tiles":   # several K tiles in every stage, the last one partial
         compare_to_reference(backend, "gla", 1, 80, 1, 72, 40, decay=(0.0, 0.1))
-    else:   # sub-chunks of 4: four levels of factored products, 4x4 diagonal blocks
-        monkeypatch.setattr(common, "SUB_CHUNK", 4)
+    else:   # sub-chunks of 4 (four levels of factored products) or 16 (two levels)
+        monkeypatch.setattr(common, "SUB_CHUNK", 4 if case == "sub4" else 16)
         cu = torch.tensor([0, 3, 70, 133], dtype=torch.int32)
         compare_to_reference(backend, "gla", 1, 133, 2, 16, 20, cu=cu, decay=(0.0, 0.3))
 

@@ -32,7 +32,7 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 CHUNK = 64            # chunk length BT on the GPU for K <= 128 (32 above; 32 in the interpreter)
 BWD_CHUNK = None      # chunk length of the backward (it recomputes its states); None: as forward
 GLA_CHUNK = 64        # chunk length for per-key decays (16-bit inputs; float32 runs at 32)
-SUB_CHUNK = 16        # per-key decays: sub-chunk of the intra-chunk scores (diagonal blocks elementwise)
+SUB_CHUNK = 8         # per-key decays: diagonal blocks (elementwise); above them a tree of products
 GLA_BLOCK_K = 64      # per-key decays: K tile of the cumsum, scores and dq/dk/dg stages
 GLA_BLOCK_V = 128     # per-key decays: V tile of the output stage (16-bit inputs)
 GLA_DQK_BLOCK_K = 32  # per-key decays: K tile of the dq/dk/dg stage (64 spilled a little on sm_90)
