@@ -593,7 +593,7 @@ for mode in only:
     build(Bw._state_grad_kernel, dict(base, HAS_DHT=True, BK=64, BV=64), 4)
     build(Bw._dv_kernel, dict(base, HAS_VS=ssd, BK=64, BV=64), 4)
     if gate == 2:
-        gl = dict(IS_VARLEN=True, BT=BT, SUB=16, BK=64)
+        gl = dict(IS_VARLEN=True, BT=BT, SUB=8, BK=64)
         build(Gl._cumsum_kernel, dict(IS_VARLEN=True, BT=BT, BK=64), 4)
         build(Gl._intra_kernel, dict(gl, DT=tl.bfloat16, IEEE=0), 4)
         build(Gl._dqkg_kernel, dict(gl, BV=64, DT=tl.bfloat16, IEEE=0), 8)
