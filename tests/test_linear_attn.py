@@ -527,7 +527,8 @@ def test_poisoned_outputs(backend, gate, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
-@pytest.mark.parametrize("case", ["dense", "varlen", "extreme", "float16", "k_tiles", "sub4", "sub16"])
+@pytest.mark.parametrize("case", ["dense", "varlen", "extreme", "float16", "k_tiles", "sub4", "sub16",
+                                  "no4d"])
 def test_gla_sub_chunks(backend, case, monkeypatch):
     """chunk_gla at the GPU's tiles in the interpreter (BT=64: the off-diagonal blocks run through
     the tree of factored products, references at rows 32, 16/48, 8/24/40/56 for sub-chunks of 8):
@@ -546,6 +547,10 @@ def test_gla_sub_chunks(backend, case, monkeypatch):
         compare_to_reference(backend, "gla", 1, 130, 1, 16, 16, decay=(20.0, 20.0))
     elif case == "float16":
         compare_to_reference(backend, "gla", 1, 100, 2, 32, 16, dtype=torch.float16)
+    elif case == "no4d":      # the fallback without 4-d reshapes of the diagonal blocks
+        monkeypatch.setattr(common, "GLA_DIAG_4D", False)
+        cu = torch.tensor([0, 3, 70, 133], dtype=torch.int32)
+        compare_to_reference(backend, "gla", 1, 133, 2, 16, 20, cu=cu, decay=(0.0, 0.3))
     elif case == "k_tiles":   # several K tiles in every stage, the last one partial
         compare_to_reference(backend, "gla", 1, 80, 1, 72, 40, decay=(0.0, 0.1))
     else:   # sub-chunks of 4 (four levels of factored products) or 16 (two levels)
@@ -595,8 +600,9 @@ for mode in only:
     if gate == 2:
         gl = dict(IS_VARLEN=True, BT=BT, SUB=8, BK=64)
         build(Gl._cumsum_kernel, dict(IS_VARLEN=True, BT=BT, BK=64), 4)
-        build(Gl._intra_kernel, dict(gl, DT=tl.bfloat16, IEEE=0), 4)
-        build(Gl._dqkg_kernel, dict(gl, BV=64, DT=tl.bfloat16, IEEE=0), 8)
+        for d4 in (True, False):
+            build(Gl._intra_kernel, dict(gl, DT=tl.bfloat16, IEEE=0, DIAG4=d4), 8)
+            build(Gl._dqkg_kernel, dict(gl, BV=64, DT=tl.bfloat16, IEEE=0, DIAG4=d4), 8, 1)
     else:
         build(Bw._dqk_kernel, dict(base, HAS_VS=ssd, SUB=16, BK=BKF, BV=64), 8)
 print("compiled")

@@ -36,6 +36,8 @@ SUB_CHUNK = 8         # per-key decays: diagonal blocks (elementwise); above the
 GLA_BLOCK_K = 64      # per-key decays: K tile of the cumsum, scores and dq/dk/dg stages
 GLA_BLOCK_V = 128     # per-key decays: V tile of the output stage (16-bit inputs)
 GLA_DQK_BLOCK_K = 32  # per-key decays: K tile of the dq/dk/dg stage (64 spilled a little on sm_90)
+GLA_DIAG_4D = True    # per-key decays: diagonal blocks kept compact through 4-d reshapes; False:
+                      # selects on [BT, BT] tiles (fallback should a compiler reject the reshapes)
 INTERP_CHUNK = None   # tests: chunk length under the interpreter (None: 32) to run the GPU's tiles
 BLOCK_K = 64          # K tile of the stages that loop over K (state, output, dv)
 BLOCK_V = 64          # V tile

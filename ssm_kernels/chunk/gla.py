@@ -117,7 +117,7 @@ def _intra_kernel(
     q_ptr, k_ptr, gc_ptr, a_ptr, ct_ptr, cu_ptr,
     T, NT, H, HQ, K, scale,
     IS_VARLEN: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
-    DT: tl.constexpr, IEEE: tl.constexpr,
+    DT: tl.constexpr, IEEE: tl.constexpr, DIAG4: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_hq = i_h // (H // HQ)
@@ -142,7 +142,10 @@ def _intra_kernel(
             G_j = gc_rows(gc_ptr, t_j, eos, i_h, H, o_k, m_k, K)
             e = tl.exp2(tl.where((o_in >= j)[:, None], G - G_j, float("-inf")))
             col = tl.sum(b_q * k_j * e, axis=1)
-            D += tl.where(o_m[None, :] == j, col[:, None], 0.)
+            if DIAG4:
+                D += tl.where(o_m[None, :] == j, col[:, None], 0.)
+            else:
+                A += tl.where(o_t[None, :] == (bs + j)[:, None], col[:, None], 0.)
         # off-diagonal blocks as a tree: at level S (SUB, 2 SUB, ... BT/2) the upper half of every
         # 2S-row block against its lower half, one tensor-core product through G at the half's
         # first row
@@ -152,7 +155,8 @@ def _intra_kernel(
                 up, fq, fk = level_factors(gc_ptr, t0, eos, i_h, H, o_t, G, o_k, m_k, K, SUB << lvl)
                 A += tl.where(level_pairs(up, up == 0, o_t, SUB << lvl),
                               mm(b_q * fq, tl.trans(b_k * fk), DT, IEEE), 0.)
-    A += embed_diag_blocks(D, BT, SUB)
+    if DIAG4:
+        A += embed_diag_blocks(D, BT, SUB)
     tl.store(a_ptr + (t * H + i_h)[:, None] * BT + o_t[None, :],
              (A * scale).to(a_ptr.dtype.element_ty), mask=m_t[:, None])
 
@@ -164,7 +168,7 @@ def _dqkg_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, gc_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dg_ptr, ct_ptr, cu_ptr,
     T, NT, H, K, V, scale,
     IS_VARLEN: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, DIAG4: tl.constexpr,
 ):
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
@@ -204,15 +208,21 @@ def _dqkg_kernel(
     r = tl.exp2(G_last) * hdh + tl.sum(b_k * dk, axis=0)
     dA = dA * scale
     dAT = dAT * scale
-    dAd = diag_blocks(dA, BT, SUB)
-    dATd = diag_blocks(dAT, BT, SUB)
+    if DIAG4:
+        dAd = diag_blocks(dA, BT, SUB)
+        dATd = diag_blocks(dAT, BT, SUB)
     o_m = tl.arange(0, SUB)
     # diagonal blocks: position j of every sub-chunk at once (rows bs + j read from memory)
     for j in range(SUB):
         t_j = t0 + bs + j
         m_j = t_j < eos
-        dA_j = tl.sum(tl.where(o_m[None, :] == j, dAd, 0.), axis=1)      # dA[i, bs + j]
-        dAT_j = tl.sum(tl.where(o_m[None, :] == j, dATd, 0.), axis=1)    # dA[bs + j, i]
+        if DIAG4:
+            dA_j = tl.sum(tl.where(o_m[None, :] == j, dAd, 0.), axis=1)      # dA[i, bs + j]
+            dAT_j = tl.sum(tl.where(o_m[None, :] == j, dATd, 0.), axis=1)    # dA[bs + j, i]
+        else:
+            sel = o_t[None, :] == (bs + j)[:, None]
+            dA_j = tl.sum(tl.where(sel, dA, 0.), axis=1)
+            dAT_j = tl.sum(tl.where(sel, dAT, 0.), axis=1)
         G_j = gc_rows(gc_ptr, t_j, eos, i_h, H, o_k, m_k, K)
         k_j = load_rows(k_ptr, t_j * H + i_h, m_j, o_k, m_k, K)
         q_j = load_rows(q_ptr, t_j * H + i_h, m_j, o_k, m_k, K)
@@ -264,7 +274,8 @@ def intra_scores(p, q, k, gc, scale):
     ct, cu = _idx(p, a)
     _intra_kernel[(p.NCH, p.H)](q, k, gc, a, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, float(scale),
                                 IS_VARLEN=p.varlen, BT=p.BT, SUB=m["SUB"], BK=m["BKG"],
-                                DT=m["DT"], IEEE=m["IEEE"], num_warps=m["GLA_WARPS"])
+                                DT=m["DT"], IEEE=m["IEEE"], DIAG4=common.GLA_DIAG_4D,
+                                num_warps=m["GLA_WARPS"])
     return a
 
 
@@ -280,5 +291,5 @@ def dqkg(p, q, k, v, do, gc, h, dh, scale):
     _dqkg_kernel[(triton.cdiv(p.K, BK), p.NCH, p.H)](
         q, k, v, do, gc, h, dh, dq, dk, dg, ct, cu, p.T, p.NT, p.H, p.K, p.V, float(scale),
         IS_VARLEN=p.varlen, BT=p.BT, SUB=m["SUB"], BK=BK, BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"],
-        num_warps=m["GLA_WARPS"], num_stages=1)
+        DIAG4=common.GLA_DIAG_4D, num_warps=m["GLA_WARPS"], num_stages=1)
     return dq, dk, dg
