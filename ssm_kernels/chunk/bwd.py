@@ -41,6 +41,7 @@ def _state_grad_kernel(
     T, H, HQ, K, V, scale,
     GATE: tl.constexpr, G_FROM_VS: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    STORE_DH: tl.constexpr = True,   # False: dh0 only (context parallelism's adjoint summary)
 ):
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
@@ -60,8 +61,9 @@ def _state_grad_kernel(
     n_c = tl.cdiv(eos - bos, BT)
     for j in range(n_c):
         i = n_c - 1 - j
-        tl.store(dh_ptr + ((base + i) * H + i_h) * K * V + p_s, dS.to(dh_ptr.dtype.element_ty),
-                 mask=m_s)
+        if STORE_DH:
+            tl.store(dh_ptr + ((base + i) * H + i_h) * K * V + p_s,
+                     dS.to(dh_ptr.dtype.element_ty), mask=m_s)
         t = bos + i * BT + o_t
         m_t = t < eos
         b_q = load_rows(q_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
