@@ -107,7 +107,7 @@ def _exchange_forward(spec, A_loc, b_loc):
     A_send = [None] * (len(shapes) - n) if A_loc is None else \
         [A for A, s in zip(A_loc, A_shapes) if s is not None]
     gathered = _all_gather(spec.group, lay.pack(b_loc[0], A_send + list(b_loc)))
-    parts = [lay.unpack(p) for p in gathered.unbind(0)]
+    parts = [lay.unpack(gathered[r]) for r in range(gathered.shape[0])]
     if spec.reverse:
         parts = parts[::-1]  # scan order
     n_A = len(shapes) - n
@@ -142,7 +142,7 @@ def _exchange_backward(spec, As, mu, d_final):
     lay = _Layout(spec.state_shapes * 2, cds * 2)
     send = ([None] * n if mu is None else list(mu)) + list(d_final)
     gathered = _all_gather(spec.group, lay.pack(d_final[0], send))
-    parts = [lay.unpack(p) for p in gathered.unbind(0)]
+    parts = [lay.unpack(gathered[r]) for r in range(gathered.shape[0])]
     if spec.reverse:
         parts = parts[::-1]
     lams = []
