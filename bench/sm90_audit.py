@@ -270,10 +270,31 @@ def fft_conv_cases():
             yield f"fft_conv {_dt(dtype)} L{L} Lk{Lk}", thunk
 
 
+def cp_cases():
+    """The states-only passes of context parallelism's later ranks (ssm_kernels.distributed)."""
+    from ssm_kernels.distributed.engine import la_final_state, la_state_adjoint
+    from ssm_kernels.linear_scan.triton import linear_scan_adjoint, linear_scan_summary
+    for dtype in DTYPES:
+        for gate in (0, 1, 2):
+            def thunk(dtype=dtype, gate=gate):
+                q, k, v = (torch.randn(B, T, H, K).to(dtype) for _ in range(3))
+                g = None if gate == 0 else -torch.rand((B, T, H) if gate == 1 else (B, T, H, K))
+                la_final_state(q, k, v, g)
+                la_state_adjoint(q, v, g, K ** -0.5)
+            yield f"cp chunk engine GATE={gate} {_dt(dtype)}", thunk
+    for dtype in (torch.float32, torch.bfloat16, torch.complex64):
+        for shape in ((8, 4096, 2048), (4, 2048, 1)):
+            def thunk(dtype=dtype, shape=shape):
+                a, b = (torch.randn(shape).to(dtype) for _ in range(2))
+                linear_scan_summary(a, b, False)
+                linear_scan_adjoint(a, b, False)
+            yield f"cp linear_scan {_dt(dtype)} {shape}", thunk
+
+
 FAMILIES = {"chunk": chunk_cases, "linear_attn_check": linear_attn_check_cases,
             "selective_scan": selective_scan_cases, "linear_scan": linear_scan_cases,
             "causal_conv1d": causal_conv1d_cases, "delta_rule": delta_rule_cases,
-            "fft_conv": fft_conv_cases}
+            "fft_conv": fft_conv_cases, "cp": cp_cases}
 DEFAULT_OPS = "chunk,linear_attn_check"   # the others: --ops all or by name
 
 
