@@ -242,28 +242,28 @@ def _cases(world):
             return o, (tuple(st) if normalize else (st,))
         return dict(name=name, make=make, call=call, out_key="v", first_only=("h0", "z0"), **tol)
 
-    def ssd_case(name, extras):
+    def ssd_case(name, extras, backend=R, dtype=f64, tol=exact):
         P, Hh, G, Ns = 3, 4, 2, 3
 
         def make():
-            x = torch.randn(B, T, Hh, P, dtype=f64)
+            x = torch.randn(B, T, Hh, P, dtype=dtype)
             dt = torch.rand(B, T, Hh, dtype=f64) * 0.5
-            timed = {"x": (x, 1), "dt": (dt, 1), "B": (torch.randn(B, T, G, Ns, dtype=f64), 1),
-                     "C": (torch.randn(B, T, G, Ns, dtype=f64), 1)}
+            timed = {"x": (x, 1), "dt": (dt, 1), "B": (torch.randn(B, T, G, Ns, dtype=dtype), 1),
+                     "C": (torch.randn(B, T, G, Ns, dtype=dtype), 1)}
             shared = {"A": -torch.rand(Hh, dtype=f64) - 0.2}
             if extras:
-                timed["z"] = (torch.randn(B, T, Hh, P, dtype=f64), 1)
+                timed["z"] = (torch.randn(B, T, Hh, P, dtype=dtype), 1)
                 shared["D"] = torch.randn(Hh, dtype=f64)
                 shared["dt_bias"] = torch.randn(Hh, dtype=f64) * 0.3
                 shared["h0"] = torch.randn(B, Hh, P, Ns, dtype=f64)
             return timed, shared
 
-        def call(x, pg):
+        def call(x, pg, bk=backend):
             return _pair(sk.mamba_chunk_scan_combined(
                 x["x"], x["dt"], x["A"], x["B"], x["C"], 4, D=x.get("D"), z=x.get("z"),
                 dt_bias=x.get("dt_bias"), initial_states=x.get("h0"), dt_softplus=extras,
-                return_final_states=True, backend=R, process_group=pg))
-        return dict(name=name, make=make, call=call, out_key="x", first_only=("h0",), **exact)
+                return_final_states=True, backend=bk, process_group=pg))
+        return dict(name=name, make=make, call=call, out_key="x", first_only=("h0",), **tol)
 
     cases = [
         ls_case("linear_scan", f64, 1, False, True),
@@ -293,7 +293,9 @@ def _cases(world):
                   la_case("chunk_gla triton f32", "gla", True, backend="triton",
                           dtype=torch.float32, tol=f32),
                   la_case("chunk_linear_attn triton f32", "none", False, backend="triton",
-                          dtype=torch.float32, tol=f32)]
+                          dtype=torch.float32, tol=f32),
+                  ssd_case("mamba_chunk_scan_combined triton f32 D, z, dt_bias, h0", True,
+                           backend="triton", dtype=torch.float32, tol=f32)]
     return cases
 
 
@@ -453,6 +455,28 @@ def test_chunk_engine_states_only_passes(gate):
     torch.testing.assert_close(got.cpu().double(), ht.detach(), rtol=1e-4, atol=1e-4)
     mu = la_state_adjoint(dev(q), dev(do), dev(g), K ** -0.5)
     torch.testing.assert_close(mu.cpu().double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_chunk_engine_states_only_passes_ssd_mapping():
+    """The same passes with SSD's mapping (v = x dt, log-decay dt A, grouped B/C), against the
+    float64 reference op: final state from zero and dL/dh0 through y (no D, no z)."""
+    from conftest import DEVICE
+    from ssm_kernels.distributed.engine import la_final_state, la_state_adjoint
+    b, L, H, P, G, N = 2, 45, 4, 12, 2, 16
+    x, dy = (torch.randn(b, L, H, P, dtype=torch.float64) for _ in range(2))
+    dt = torch.rand(b, L, H, dtype=torch.float64) * 0.5
+    A = -torch.rand(H, dtype=torch.float64) - 0.2
+    Bm, Cm = (torch.randn(b, L, G, N, dtype=torch.float64) for _ in range(2))
+    h0 = torch.zeros(b, H, P, N, dtype=torch.float64, requires_grad=True)
+    y, ht = sk.mamba_chunk_scan_combined(x, dt, A, Bm, Cm, 16, initial_states=h0,
+                                         return_final_states=True, backend="reference")
+    want, = torch.autograd.grad(y, h0, dy)
+    dev = lambda t: t.float().to(DEVICE).contiguous()  # noqa: E731
+    got = la_final_state(dev(Cm), dev(Bm), dev(x), None, vs=dev(dt), A=dev(A))
+    torch.testing.assert_close(got.cpu().double().transpose(-1, -2), ht.detach(), rtol=1e-4,
+                               atol=1e-4)
+    mu = la_state_adjoint(dev(Cm), dev(dy), None, 1.0, vs=dev(dt), A=dev(A))
+    torch.testing.assert_close(mu.cpu().double().transpose(-1, -2), want, rtol=1e-4, atol=1e-4)
 
 
 # ---- a group of one playing a later rank (what bench/gpu_cp.py times) -------------------------

@@ -291,35 +291,65 @@ def cp_mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_
                                  return_final_states=False, return_varlen_states=False, *,
                                  backend=None, process_group=None):
     """`mamba_chunk_scan_combined` (SSD) over a sequence split along seqlen. Decay per head:
-    ``exp(A_h sum_t dt_t)`` on the processed dt; summary (later ranks): the op from zero without
-    D and z; adjoint: a backward of the op."""
+    ``exp(A_h sum_t dt_t)`` on the processed dt. Later ranks: the chunk engine's state pass (SSD
+    mapping: q = C, k = B, v = x dt, g = dt A) as summary, its reverse state-gradient pass on
+    ``dy * silu(z)`` as adjoint (D x does not depend on the state)."""
+    from .. import _backend
+    from ..chunk.select import select
     from ..ssd.interface import mamba_chunk_scan_combined
-    from ..ssd.reference import process_dt
+    from ..ssd.reference import heads, process_dt
     op = "mamba_chunk_scan_combined"
     _check_group(op, process_group, cu_seqlens)
     if seq_idx is not None or return_varlen_states:
         raise ValueError(f"{op}: seq_idx / return_varlen_states (packed sequences) cannot be "
                          f"combined with process_group (context parallelism)")
-
-    def run(xs, h0, with_out):
-        return mamba_chunk_scan_combined(
-            xs["x"], xs["dt"], xs["A"], xs["B"], xs["C"], chunk_size,
-            D=xs["D"] if with_out else None, z=xs["z"] if with_out else None,
-            dt_bias=xs["dt_bias"], initial_states=h0, dt_softplus=dt_softplus, dt_limit=dt_limit,
-            return_final_states=True, backend=backend)
+    sd = torch.float64 if x.dtype == torch.float64 else torch.float32
 
     def local(xs, h0):
-        y, fin = run(xs, h0[0], True)
+        y, fin = mamba_chunk_scan_combined(
+            xs["x"], xs["dt"], xs["A"], xs["B"], xs["C"], chunk_size, D=xs["D"], z=xs["z"],
+            dt_bias=xs["dt_bias"], initial_states=h0[0], dt_softplus=dt_softplus,
+            dt_limit=dt_limit, return_final_states=True, backend=backend)
         return y, (fin,)
 
+    def prep(xs):
+        dtp = process_dt(xs["dt"], xs["dt_bias"], dt_softplus, dt_limit).to(sd)   # (b, l, h)
+        return dtp, xs["A"].to(sd)
+
+    def engine(xs):
+        return select("ssd", _backend.normalize(backend), xs["x"], xs["B"]) == "triton"
+
     def summary(xs):
-        dtp = process_dt(xs["dt"], xs["dt_bias"], dt_softplus, dt_limit)      # (b, l, h)
-        decay = torch.exp(dtp.sum(1) * xs["A"].to(dtp.dtype))[:, :, None, None]  # (b, h, 1, 1)
-        return (decay,), (run(xs, None, False)[1],)
+        dtp, As = prep(xs)
+        decay = torch.exp(dtp.sum(1) * As)[:, :, None, None]                      # (b, h, 1, 1)
+        if engine(xs):
+            from .engine import la_final_state
+            ht = la_final_state(xs["C"].contiguous(), xs["B"].contiguous(), xs["x"].contiguous(),
+                                None, vs=dtp.contiguous(), A=As.contiguous())
+            return (decay,), (ht.transpose(-1, -2),)                              # (b, h, p, n)
+        # S = sum_t exp(sum_{s>t} dt_s A) dt_t x_t B_t^T (exclusive reverse cumsum, as _la_summary)
+        a = dtp * As
+        rev = a.flip(1).cumsum(1).flip(1)
+        w = torch.exp(torch.cat([rev[:, 1:], torch.zeros_like(rev[:, :1])], 1)) * dtp
+        Bh = heads(xs["B"].to(sd), x.shape[2])
+        return (decay,), (torch.einsum("blhp,blhn->bhpn", xs["x"].to(sd) * w[..., None], Bh),)
+
+    def adjoint(xs, dy):
+        dtp, As = prep(xs)
+        if xs["z"] is not None:   # y = (y_ssd + D x) * silu(z): the state reaches y_ssd only
+            dy = (dy.to(sd) * F.silu(xs["z"].to(sd))).to(x.dtype)
+        if engine(xs):
+            from .engine import la_state_adjoint
+            mu = la_state_adjoint(xs["C"].contiguous(), dy.contiguous(), None, 1.0,
+                                  vs=dtp.contiguous(), A=As.contiguous())
+            return (mu.transpose(-1, -2),)
+        w = torch.exp((dtp * As).cumsum(1))                                       # (b, l, h)
+        Ch = heads(xs["C"].to(sd), x.shape[2]) * w[..., None]
+        return (torch.einsum("blhn,blhp->bhpn", Ch, dy.to(sd)),)
 
     inputs = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "z": z, "dt_bias": dt_bias,
               "h0": initial_states}
     y, (fin,) = context_parallel(op, process_group, inputs, local=local, summary=summary,
                                  decay_shapes=(torch.Size((x.shape[0], x.shape[2], 1, 1)),),
-                                 h0_keys=("h0",))
+                                 h0_keys=("h0",), adjoint=adjoint)
     return (y, fin) if return_final_states else y
