@@ -403,7 +403,7 @@ def test_process_group_type_checked():
 @pytest.mark.parametrize("shape,dim,cplx,reverse", [
     ((2, 37, 5), 1, False, False), ((2, 5, 37), -1, False, True), ((2, 37, 5), 1, True, True),
     ((1, 300, 3), 1, False, False),   # few channels, long: time split into chunks, then composed
-    ((3, 2, 300), -1, True, False)])
+    ((3, 2, 300), -1, True, True)])
 def test_linear_scan_states_only_passes(shape, dim, cplx, reverse):
     """linear_scan_summary = (product of a, end state from zero) and linear_scan_adjoint = dL/dh0
     through the outputs alone, each from one states-only kernel pass, against float64."""
