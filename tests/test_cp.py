@@ -281,12 +281,14 @@ def _cases(world):
     if _has_cp("mamba_chunk_scan_combined"):   # SSD, once its interface takes process_group
         cases += [ssd_case("mamba_chunk_scan_combined D, z, dt_bias, softplus, h0", True),
                   ssd_case("mamba_chunk_scan_combined plain", False)]
-    if world == 2:  # the Triton kernels under the interpreter, float16 (bf16 dots are wrong there)
+    # the Triton kernels on these CPU tensors: only under the interpreter (a GPU machine leaves it off)
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if world == 2 and interp:  # float16 (bf16 dots are wrong in the interpreter)
         lowp = dict(rtol=1e-2, atol=1e-2, T=T, lowp=True)
         cases += [ls_case("linear_scan triton f16", torch.float16, 1, False, True, "triton", lowp),
                   la_case("chunk_simple_gla triton f16", "simple", True, backend="triton",
                           dtype=torch.float16, tol=lowp)]
-    if world == 3:  # the later ranks' states-only Triton passes of the other variants, float32
+    if world == 3 and interp:  # the later ranks' states-only Triton passes of the others, f32
         f32 = dict(rtol=2e-4, atol=2e-4, T=T)
         cases += [ls_case("linear_scan triton complex64 dim=-1 reverse", torch.complex64, -1, True,
                           True, "triton", f32),
@@ -529,6 +531,8 @@ def _sim_worker(rank, world, store_path, result_dir):
         f.write("\n".join(failures))
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="runs the Triton kernels on CPU tensors (interpreter)")
 def test_simulated_later_rank_matches_plain_call_from_that_state():
     """The benchmark's later-rank mode (a group of one whose preceding ranks ended in a given
     state): outputs bitwise, final state and every gradient as the plain call from that state."""
