@@ -12,6 +12,8 @@ existing kernels; no kernel of their own):
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import triton
 
@@ -19,12 +21,22 @@ from ..chunk.bwd import _state_grad_kernel
 from ..chunk.fwd import Plan, _dummy, chunk_states
 
 
+def _engine_gate(p: Plan, g):
+    """What the kernels read as `g`: per-key decays (GATE 2) go through the engine's own prologue
+    where it has one (chunk-local cumsums, `chunk.gla.chunk_cumsum`, in the per-key rewrite);
+    otherwise g as given."""
+    if p.gate != 2 or importlib.util.find_spec("ssm_kernels.chunk.gla") is None:
+        return g    # the engine before the per-key rewrite reads g itself
+    from ..chunk import gla
+    return gla.chunk_cumsum(p, g)
+
+
 def la_final_state(q, k, v, g, vs=None, A=None):
     """q, k [B, T, HQ, K]; v [B, T, H, V] contiguous; g None, [B, T, H] or [B, T, H, K] float32
     log-decays (contiguous); SSD: vs [B, T, H] float32 (v is used as v * vs) and A [H] float32
     (log-decay vs * A). Returns the end state from zero, [B, H, K, V] float32."""
     p = Plan(q, v, g, None, A is not None)
-    _, ht = chunk_states(p, k, v, g, vs, A, None, store_h=False)
+    _, ht = chunk_states(p, k, v, _engine_gate(p, g), vs, A, None, store_h=False)
     return ht
 
 
@@ -34,6 +46,7 @@ def la_state_adjoint(q, do, g, scale: float, vs=None, A=None):
     float32, by the backward's own reverse chunk scan (deterministic, no atomics)."""
     p = Plan(q, do, g, None, A is not None)
     m = p.meta
+    g = _engine_gate(p, g)
     dh0 = q.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32)
     d = _dummy(dh0)
     cu, co, _ = p.idx_args(dh0)
