@@ -243,7 +243,7 @@ def causal_conv1d_cases():
 
 def delta_rule_cases():
     import torch.nn.functional as F
-    from ssm_kernels import chunk_gated_delta_rule
+    from ssm_kernels import chunk_delta_rule, chunk_gated_delta_rule
     from ssm_kernels.delta_rule import check as c
     for Bc, Tc, Hc, HV, Kc, Vc in ((2, 517, 2, 4, 128, 128), (2, 600, 2, 4, 64, 96)):
         for dtype in DTYPES:
@@ -255,6 +255,16 @@ def delta_rule_cases():
                 c._fwd_bwd(chunk_gated_delta_rule, q, k, v, g, beta, h0,
                            (torch.randn(Bc, Tc, HV, Vc), torch.randn(h0.shape)), backend="triton")
             yield f"chunk_gated_delta_rule {_dt(dtype)} K{Kc} V{Vc}", thunk
+
+            def thunk0(dtype=dtype, Bc=Bc, Tc=Tc, Hc=Hc, HV=HV, Kc=Kc, Vc=Vc):
+                q, k = (torch.randn(Bc, Tc, Hc, Kc).to(dtype) for _ in range(2))
+                v = torch.randn(Bc, Tc, HV, Vc).to(dtype)
+                h0 = torch.randn(Bc, HV, Kc, Vc)
+                c._fwd_bwd_nogate(chunk_delta_rule, q, k, v, torch.rand(Bc, Tc, HV), h0,
+                                  (torch.randn(Bc, Tc, HV, Vc), torch.randn(h0.shape)),
+                                  backend="triton")
+            if Kc == 128:
+                yield f"chunk_delta_rule {_dt(dtype)} K{Kc} V{Vc}", thunk0
 
 
 def fft_conv_cases():
