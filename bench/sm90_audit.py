@@ -84,7 +84,8 @@ def _run(self, *args, grid, warmup, **kwargs):
     kernel = _orig_run(self, *args, grid=grid, warmup=True, **kwargs)
     rec = compiled.setdefault(kernel.hash, {
         "name": self.fn.__name__, "kernel": kernel, "cases": [],
-        "const": {p: kwargs[p] for p in self.arg_names if p in kwargs}})  # signature order
+        "const": {p.name: kwargs[p.name] for p in self.params             # signature order
+                  if p.name in kwargs and (p.is_constexpr or not torch.is_tensor(kwargs[p.name]))}})
     if _case[0] not in rec["cases"]:
         rec["cases"].append(_case[0])
     return kernel

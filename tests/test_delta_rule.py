@@ -385,6 +385,22 @@ def test_triton_chunk_low_precision(backend, dtype):
     _judge_chunk(out, ref, low, names, dtype, F.normalize(q.double(), dim=-1, eps=0))
 
 
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_chunk_gpu_tiles_fp16(backend, monkeypatch):
+    """The GPU's tiles in the interpreter: chunks of 64 (the inverse's 4-block product
+    (I - N)(I + N^2) D, not reached at BT=32) and float16 dots as on tensor cores."""
+    from ssm_kernels.chunk import common
+    monkeypatch.setattr(common, "triton_interpret", lambda: False)
+    case = (True, True, 1, 80, 1, 2, 16, 16, None)
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(*case, dtype=torch.float16)
+    out = _chunk_run(_kernel_fn(True, backend), q, k, v, g, beta, h0, cu, True, cots)
+    d = lambda x: x.double()
+    ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), cu, True, cots)
+    low = _chunk_run(_ref_fn, q, k, v, g, beta, h0, cu, True, cots)
+    names = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    _judge_chunk(out, ref, low, names, torch.float16, F.normalize(q.double(), dim=-1, eps=0))
+
+
 # ---- errors and registered ops ------------------------------------------------------------------
 
 def test_errors_name_the_argument():

@@ -311,5 +311,6 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
         k, v, gg, beta, tm, h, dvn, dke, dge, dk, dv, dbeta, d if dg is None else dg, ct, cu,
         p.T, p.NT, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, L2NORM=l2, WF32=p.wdtype == torch.float32, IS_VARLEN=p.varlen, BT=p.BT,
-        BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], num_warps=p.warps)
+        BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], num_warps=p.warps,
+        num_stages=1)   # 3 stages of the V loops: 262 KB of shared memory at BT=64 (> 227 KB)
     return dq, dk, dv, dg, dbeta, dh0
