@@ -28,12 +28,16 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
 
 import ssm_kernels as sk  # noqa: E402
 from ssm_kernels.delta_rule import chunk as wy  # noqa: E402
 from ssm_kernels.delta_rule.reference import delta_rule_chunk_ref  # noqa: E402
 from ssm_kernels.testing import bound_for, rel_err  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# the chunk engine's GPU script's helpers: autograd of a loss on the outputs, and the
+# do_bench timings of fwd, fwd+bwd and the first call
+from gpu_chunk import first_call, grads_of, time_fwd, time_fwd_bwd  # noqa: E402
 
 DEV = "cuda"
 BF = torch.bfloat16
@@ -86,13 +90,6 @@ def fla_ops(l2=True):
 
 
 # ---- 1. correctness ----------------------------------------------------------------------------
-
-def grads_of(fn, ins, cots):
-    leaves = [None if x is None else x.detach().clone().requires_grad_() for x in ins]
-    outs = fn(*leaves)
-    loss = sum((o.double() * c).sum() for o, c in zip(outs, cots))
-    return list(outs) + list(torch.autograd.grad(loss, [x for x in leaves if x is not None]))
-
 
 def judge(label, names, got, ref, lowp, q):
     ok = True
@@ -148,34 +145,6 @@ def check(op, B=2, T=2048, H=4, HV=4, K=128, V=128, cu=None, label=""):
 
 
 # ---- 2. timing ---------------------------------------------------------------------------------
-
-def time_fwd(f, make):
-    xs = make(False)
-    with torch.no_grad():
-        return do_bench(lambda: f(*xs), warmup=10, rep=40, return_mode="median")
-
-
-def time_fwd_bwd(f, make):
-    xs = make(True)
-    out = f(*xs)
-    do = torch.randn_like(out)
-    live = [x for x in xs if x is not None and x.requires_grad]
-
-    def step():
-        o = f(*xs)
-        torch.autograd.grad(o, live, do)
-    return do_bench(step, warmup=10, rep=40, return_mode="median")
-
-
-def first_call(f, make):
-    xs = make(True)
-    torch.cuda.synchronize()
-    t = time.time()
-    o = f(*xs)
-    torch.autograd.grad(o, [x for x in xs if x is not None and x.requires_grad], torch.randn_like(o))
-    torch.cuda.synchronize()
-    return time.time() - t
-
 
 def bench(section, case, impl, f, make, floor_ms=None):
     for mode, tf in (("fwd", time_fwd), ("fwd+bwd", time_fwd_bwd)):
