@@ -214,9 +214,23 @@ def main():
             torch.cuda.empty_cache()
     # the in-kernel L2 norm's cost (ours), main shape
     B, T, H, HV = shapes[0]
-    bench("chunk_gated_delta_rule", f"B{B} T{T} H{H} HV{HV} K=V=128", "ssm_kernels l2norm",
-          ours("chunk_gated_delta_rule", l2=True),
+    case = f"B{B} T{T} H{H} HV{HV} K=V=128"
+    make = lambda req: inputs(B, T, H, HV, 128, 128, True, req=req, l2=False)  # noqa: E731
+    bench("chunk_gated_delta_rule", case, "ssm_kernels l2norm", ours("chunk_gated_delta_rule", l2=True),
           lambda req: inputs(B, T, H, HV, 128, 128, True, req=req, l2=True))
+    # knobs, while the time budget allows: the scans' V tile, W/U/T in bf16 (the cost of float32)
+    for name, val in (("STATE_BLOCK_V", 32), ("WU_FLOAT32", False), ("STATE_BLOCK_V", 16)):
+        if time.time() - T0 > BUDGET_S:
+            log("knob sweep stopped: time budget")
+            break
+        saved = getattr(wy, name)
+        try:
+            setattr(wy, name, val)
+            bench("chunk_gated_delta_rule", case, f"ssm_kernels {name}={val}",
+                  ours("chunk_gated_delta_rule", l2=False), make)
+        finally:
+            setattr(wy, name, saved)
+        torch.cuda.empty_cache()
 
     # ---- the table, last ----
     print(f"\n==== delta rule (chunked WY), {torch.cuda.get_device_name()}, bf16, median ms ====")

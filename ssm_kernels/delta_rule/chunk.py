@@ -36,6 +36,10 @@ from ..chunk.common import chunk_span, l2norm_rows, load_rows, log_decay_cumsum,
 from ..chunk.fwd import Plan, _dummy, _output_kernel, _state_kernel
 
 WU_FLOAT32 = True
+# V tile of the two serial scans (state, state gradient), None: min(BLOCK_V, 8192 // K) (a
+# [K, BV] float32 state per program); smaller tiles give more programs (the scans run one per
+# (V tile, sequence x value head)) but re-read w and k per tile. The lead sweeps it on the GPU.
+STATE_BLOCK_V = None
 
 
 @triton.jit
@@ -206,7 +210,7 @@ def _plan(q, v, g, cu_seqlens):
     m = p.meta
     # the delta stages contract the whole K of the state: one K tile (BKF); the scans keep a
     # [K, BV] float32 state, so BV shrinks for K = 256
-    p.BVs = max(16, min(m["BV"], 8192 // m["BKF"]))
+    p.BVs = max(16, min(m["BV"], 8192 // m["BKF"])) if STATE_BLOCK_V is None else STATE_BLOCK_V
     p.wdtype = torch.float32 if (WU_FLOAT32 or q.dtype == torch.float32) else q.dtype
     p.warps = 8 if m["BKF"] >= 128 else 4
     return p
