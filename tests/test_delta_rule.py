@@ -317,6 +317,7 @@ CHUNK_CASES = [
     (True, False, 2, 45, 1, 2, 16, 24, None),           # GVA, partial last chunk, K != V
     (False, True, 1, 70, 2, 2, 12, 8, None),            # no gate, K not a power of two, 3 chunks
     (True, True, 1, 70, 1, 3, 16, 16, [0, 5, 37, 38, 70]),   # varlen (1-token seq), HV = 3H
+    (True, True, 1, 40, 1, 1, 130, 20, None),           # K > 128: whole-K tiles of 256
 ]
 
 
@@ -348,7 +349,7 @@ def _ref_fn(q, k, v, g, beta, h0, cu, l2):
 
 
 @pytest.mark.parametrize("backend", TRITON)
-@pytest.mark.parametrize("case", CHUNK_CASES, ids=["gva", "nogate-l2", "varlen-l2"])
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=["gva", "nogate-l2", "varlen-l2", "k130"])
 def test_triton_chunk_matches_recurrence(backend, case, monkeypatch):
     """The chunked WY kernels (float32): o, final state and every gradient against the float64
     recurrence; o and the state against the float64 chunked WY reference too. Outputs are
