@@ -306,7 +306,8 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
     _dqk_kernel[(p.NCH, p.HQ)](
         q, k, vn, do, gg, d, d, h, dh, dq, dke, dge, ct, cu,
         p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale), HAS_VS=False, SUB=m["SUB"],
-        BK=m["BKF"], BV=m["BV"], L2NORM=l2, num_warps=8 if m["BKF"] >= 128 else 4, **kw)
+        BK=m["BKF"], BV=m["BV"], L2NORM=l2, num_warps=8 if m["BKF"] >= 128 else 4,
+        num_stages=1 if m["IEEE"] == 1 else 3, **kw)   # fp32, K=256: 360 KB shared at 3 stages
     # the WY stage's backward: dk, dv, dbeta, dg
     dk = common.poison(torch.empty_like(k))
     dv = common.poison(torch.empty_like(v))
