@@ -5,8 +5,9 @@
    (`delta_rule_chunk_ref`, itself tested against the recurrence) on the GPU, bf16 inputs,
    B2 T2048 H4 K=V=128 with the in-kernel L2 norm, plus one varlen batch with GVA (HV = 2H);
    judged with the repo's rule (error <= 2x the error of the same reference fed the bf16 inputs
-   + floor; dg relative to max(|dg|, |q . dq|)). The gated dense case is also run with
-   WU_FLOAT32=False (W, U, T rounded to bf16, fla's choice) to show why float32 is the default.
+   + floor; dg relative to max(|dg|, |q . dq|)) and a bitwise repeat of the backward. The gated
+   dense case is also run with WU_FLOAT32=False (W, U, T rounded to bf16, fla's choice) and with
+   WY_TF32X3=True (3xtf32 WY products), for information.
 2. Timing (triton.testing.do_bench median) of fwd and fwd+bwd at B4 T4096 H=HV=16 K=V=128 bf16
    (and the GVA shape B1 T32768 H4 HV16 while the time budget allows), side by side with
    flash-linear-attention (fla.ops.gated_delta_rule / fla.ops.delta_rule, importable via
@@ -186,14 +187,17 @@ def main():
             except Exception:  # noqa: BLE001
                 traceback.print_exc()
                 ok = False
-    # the same gated check with W, U, T rounded to bf16 (expected to fail some bounds)
-    try:
-        wy.WU_FLOAT32 = False
-        check("chunk_gated_delta_rule", label=" WU_FLOAT32=False (info)")
-    except Exception:  # noqa: BLE001
-        traceback.print_exc()
-    finally:
-        wy.WU_FLOAT32 = True
+    # the same gated check with W, U, T rounded to bf16 (expected to fail some bounds) and with
+    # the WY products in 3xtf32 instead of tf32 (information: is tf32 the limit?)
+    for name, val in (("WU_FLOAT32", False), ("WY_TF32X3", True)):
+        saved = getattr(wy, name)
+        try:
+            setattr(wy, name, val)
+            check("chunk_gated_delta_rule", label=f" {name}={val} (info)")
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+        finally:
+            setattr(wy, name, saved)
     log("CORRECTNESS:", "all ok" if ok else "FAILURES above")
 
     fla = fla_ops(l2=False)
@@ -219,7 +223,8 @@ def main():
     bench("chunk_gated_delta_rule", case, "ssm_kernels l2norm", ours("chunk_gated_delta_rule", l2=True),
           lambda req: inputs(B, T, H, HV, 128, 128, True, req=req, l2=True))
     # knobs, while the time budget allows: the scans' V tile, W/U/T in bf16 (the cost of float32)
-    for name, val in (("STATE_BLOCK_V", 32), ("WU_FLOAT32", False), ("STATE_BLOCK_V", 16)):
+    for name, val in (("STATE_BLOCK_V", 32), ("WU_FLOAT32", False), ("WY_TF32X3", True),
+                      ("STATE_BLOCK_V", 16)):
         if time.time() - T0 > BUDGET_S:
             log("knob sweep stopped: time budget")
             break

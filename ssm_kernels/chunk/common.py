@@ -350,10 +350,13 @@ def l2norm_rows(x):
 @triton.jit
 def mm_wy(a, b, WF32: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
     """Products with the WY pieces (w, T) and the running state. WF32: float32 operands, on tensor
-    cores as tf32 for 16-bit inputs (exact fp32 in the interpreter and for float32 inputs);
-    otherwise as `mm` (operands rounded to DT)."""
+    cores for 16-bit inputs as tf32 (WF32=1) or 3xtf32 (WF32=2, ~fp32 accuracy, 3x the work);
+    exact fp32 in the interpreter and for float32 inputs; WF32=0: as `mm` (operands rounded to
+    DT)."""
     if WF32:
         if IEEE == 0:
+            if WF32 == 2:
+                return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
         else:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")

@@ -40,6 +40,10 @@ WU_FLOAT32 = True
 # [K, BV] float32 state per program); smaller tiles give more programs (the scans run one per
 # (V tile, sequence x value head)) but re-read w and k per tile. The lead sweeps it on the GPU.
 STATE_BLOCK_V = None
+# the WY products (T, W, U, w S, w^T dv; the WY backward stays tf32: 3xtf32 needs 328 KB of shared
+# memory there) for 16-bit inputs: tf32 (False) or 3xtf32 (True: about fp32 accuracy, 3x the
+# tensor-core work); a knob for the GPU sweep
+WY_TF32X3 = False
 
 
 @triton.jit
@@ -212,6 +216,7 @@ def _plan(q, v, g, cu_seqlens):
     # [K, BV] float32 state, so BV shrinks for K = 256
     p.BVs = max(16, min(m["BV"], 8192 // m["BKF"])) if STATE_BLOCK_V is None else STATE_BLOCK_V
     p.wdtype = torch.float32 if (WU_FLOAT32 or q.dtype == torch.float32) else q.dtype
+    p.wf32 = (2 if WY_TF32X3 else 1) if p.wdtype == torch.float32 else 0
     p.warps = 8 if m["BKF"] >= 128 else 4
     return p
 
@@ -226,7 +231,7 @@ def _wy(p, k, v, g, beta, l2, store_t):
     d = _dummy(w)
     _wy_fwd_kernel[(p.NCH, p.H)](
         k, v, d if g is None else g, beta, w, u, tm, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
-        GATE=p.gate, L2NORM=l2, STORE_T=store_t, WF32=p.wdtype == torch.float32,
+        GATE=p.gate, L2NORM=l2, STORE_T=store_t, WF32=p.wf32,
         IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"],
         num_warps=p.warps)
     return w, u, tm
@@ -245,7 +250,7 @@ def _states(p, k, w, u, g, h0, l2):
         p.T, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, G_FROM_VS=False, HAS_VS=False, HAS_H0=h0 is not None, STORE_H=True,
         IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=p.BVs, DT=m["DT"], IEEE=m["IEEE"],
-        w_ptr=w, vn_ptr=vn, DELTA=True, L2NORM=l2, WF32=p.wdtype == torch.float32,
+        w_ptr=w, vn_ptr=vn, DELTA=True, L2NORM=l2, WF32=p.wf32,
         num_warps=p.warps, num_stages=1 if m["IEEE"] == 1 else 2)
     return h, vn, ht
 
@@ -297,7 +302,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
         q, do, gg, d, d, d if dht is None else dht, dh, dh0, cu, co,
         p.T, p.H, p.HQ, p.K, p.V, float(scale), HAS_DHT=dht is not None, BK=m["BKF"], BV=p.BVs,
         k_ptr=k, w_ptr=w, dvl_ptr=dvl, dvn_ptr=dvn, DELTA=True, L2NORM=l2,
-        WF32=p.wdtype == torch.float32, num_warps=p.warps,
+        WF32=p.wf32, num_warps=p.warps,
         num_stages=1 if m["IEEE"] == 1 else 2, **kw)   # 3 stages: 262 KB shared memory at BT=64
     # dq (final), dk of the normalised k and dg through the output and state terms (v := V')
     dq = common.poison(torch.empty_like(q))
@@ -316,7 +321,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
     _wy_bwd_kernel[(p.NCH, p.HQ)](
         k, v, gg, beta, tm, h, dvn, dke, dge, dk, dv, dbeta, d if dg is None else dg, ct, cu,
         p.T, p.NT, p.H, p.HQ, p.K, p.V,
-        GATE=p.gate, L2NORM=l2, WF32=p.wdtype == torch.float32, IS_VARLEN=p.varlen, BT=p.BT,
+        GATE=p.gate, L2NORM=l2, WF32=min(p.wf32, 1), IS_VARLEN=p.varlen, BT=p.BT,
         BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], num_warps=p.warps,
         num_stages=1)   # 3 stages of the V loops: 262 KB of shared memory at BT=64 (> 227 KB)
     return dq, dk, dv, dg, dbeta, dh0
