@@ -545,6 +545,28 @@ def test_gpu_fused_recurrent_real_sizes(dtype):
     assert_close(S, rS, dtype=torch.float32 if dtype == torch.float32 else dtype, lowp_ref=lS)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated", [True, False])
+def test_gpu_chunk_real_sizes(dtype, gated):
+    """The chunked WY kernels on the GPU (chunks of 64 for bf16, 32 for fp32; tf32 WY products):
+    o, final state and every gradient against the float64 recurrence on the CPU, GVA, varlen
+    with a partial last chunk, K = V = 128."""
+    case = (gated, True, 1, 300, 2, 4, 128, 128, [0, 1, 130, 130, 300])
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(*case, dtype=dtype)
+    dev = lambda x: None if x is None else x.cuda()
+    out = _chunk_run(_kernel_fn(gated, "triton"), dev(q), dev(k), dev(v), dev(g), dev(beta),
+                     dev(h0), dev(cu), True, tuple(c.cuda() for c in cots))
+    out = [x.cpu() for x in out]
+    d = lambda x: None if x is None else x.double()
+    ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), cu, True, cots)
+    low = (None if dtype == torch.float32 else
+           _chunk_run(_ref_fn, q, k, v, g, beta, h0, cu, True, cots))
+    names = ["o", "S", "dq", "dk", "dv"] + (["dg"] if gated else []) + ["dbeta", "dh0"]
+    _judge_chunk(out, ref, [None] * len(out) if low is None else low, names, dtype,
+                 F.normalize(q.double(), dim=-1, eps=0))
+
+
 def test_compile_fullgraph_inplace_decode():
     torch._dynamo.reset()
     q, k, v, g, beta = make(2, 1, 1, 2, 4, 4, True)
