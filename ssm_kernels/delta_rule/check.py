@@ -2,8 +2,8 @@
 heads, gate, in-kernel L2 norm, initial/final state, forward and every gradient, the decoding form,
 each dtype the backend serves, against the float64 recurrence. On the Triton backend the chunk_*
 forms run the chunked WY kernels (gated and ungated both checked), the decoding form the
-step-by-step kernel. The gradient of g is judged on the scale of |q . dq| per token and value head
-(dg_t sums such terms and can be far smaller than them)."""
+step-by-step kernel. The gradient of g is judged relative to max(|dg|, |q * dq|) (dg_t sums such
+products and can be far smaller than them), 1e-4 in float32, as the chunk engine's tests do."""
 from __future__ import annotations
 
 from typing import List
@@ -42,14 +42,15 @@ def _ref_nogate(q, k, v, beta, scale, h0, out_final, l2, cu_seqlens):
 
 
 def _judge_dg(name, dg, ref, lowp, q, dq_ref, dtype) -> Verdict:
-    """dg against the float64 reference, relative to max(|dg_ref|, |q . dq_ref|) (L2 norms)."""
+    """dg against the float64 reference, relative to max(|dg_ref|, |q * dq_ref|) (L2 norms; dg's
+    rounding error scales with the products it sums), 1e-4 in float32 (as the chunk engine's)."""
     qn = F.normalize(q.double(), dim=-1, eps=0)           # the check runs with the in-kernel norm
-    qdq = (qn * dq_ref.double()).sum(-1).repeat_interleave(ref.shape[2] // q.shape[2], 2)
     den = max(torch.linalg.vector_norm(ref.double()).item(),
-              torch.linalg.vector_norm(qdq).item()) or 1.0
+              torch.linalg.vector_norm(qn.cpu() * dq_ref.double().cpu()).item()) or 1.0
     err = lambda x: (torch.linalg.vector_norm(x.detach().double().cpu() - ref.double().cpu()).item()
                      / den if torch.isfinite(x).all() else float("inf"))
-    return Verdict(name, err(dg), bound_for(dtype, None if lowp is None else err(lowp)))
+    bound = 1e-4 if dtype == torch.float32 else bound_for(dtype, None if lowp is None else err(lowp))
+    return Verdict(name, err(dg), bound)
 
 
 def _plan(backend: str, shapes: list, full: bool):
