@@ -407,11 +407,15 @@ def test_triton_chunk_low_precision(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", TRITON)
-def test_triton_chunk_gpu_tiles_fp16(backend, monkeypatch):
+@pytest.mark.parametrize("inverse_dots", [False, True])
+def test_triton_chunk_gpu_tiles_fp16(backend, inverse_dots, monkeypatch):
     """The GPU's tiles in the interpreter: chunks of 64 (the inverse's 4-block product
-    (I - N)(I + N^2) D, not reached at BT=32) and float16 dots as on tensor cores."""
+    (I - N)(I + N^2) D, not reached at BT=32) and float16 dots as on tensor cores; both forms of
+    the inverse's diagonal blocks (register 4-d tensors, or the masked-dot fallback)."""
     from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
     monkeypatch.setattr(common, "triton_interpret", lambda: False)
+    monkeypatch.setattr(wy, "WY_INVERSE_DOTS", inverse_dots)
     case = (True, True, 1, 80, 1, 2, 16, 16, None)
     q, k, v, g, beta, h0, cu, cots = _chunk_inputs(*case, dtype=torch.float16)
     out = _chunk_run(_kernel_fn(True, backend), q, k, v, g, beta, h0, cu, True, cots)

@@ -44,29 +44,42 @@ STATE_BLOCK_V = None
 # memory there) for 16-bit inputs: tf32 (False) or 3xtf32 (True: about fp32 accuracy, 3x the
 # tensor-core work); a knob for the GPU sweep
 WY_TF32X3 = False
+# the inverse's 16x16 diagonal blocks by masked dots instead of 4-d register tensors (fallback)
+WY_INVERSE_DOTS = False
 
 
 @triton.jit
 def tril_inverse(A, o_t, BT: tl.constexpr, WF32: tl.constexpr, DT: tl.constexpr,
-                 IEEE: tl.constexpr):
-    """(I + A)^-1 for a strictly lower triangular float32 [BT, BT] A (BT = 32 or 64)."""
+                 IEEE: tl.constexpr, INV_DOTS: tl.constexpr):
+    """(I + A)^-1 for a strictly lower triangular float32 [BT, BT] A (BT = 32 or 64).
+    INV_DOTS: the diagonal blocks by 15 masked [BT, BT] dots instead of the [BT/16, 16, 16]
+    register form (a fallback should a compiler reject the 4-d reshapes; ~30 GFLOP more per
+    B4 T4096 H16 forward)."""
     NB: tl.constexpr = BT // 16
-    ob = tl.arange(0, NB)
-    eyeb = ob[:, None] == ob[None, :]
-    A4 = tl.reshape(A, (NB, 16, NB, 16))
-    Ad = tl.sum(tl.where(eyeb[:, None, :, None], A4, 0.), axis=2)          # [NB, 16, 16] blocks
-    o16 = tl.arange(0, 16)
-    D = tl.broadcast_to(tl.where(o16[:, None] == o16[None, :], 1., 0.)[None, :, :], (NB, 16, 16))
-    for r in tl.static_range(1, 16):
-        # row r of every block: D_r = e_r - sum_{m < r} A_rm D_m (rows m < r already final)
-        a_r = tl.sum(tl.where((o16 == r)[None, :, None], Ad, 0.), axis=1)  # [NB, 16] over m
-        new = tl.where(o16 == r, 1., 0.)[None, :] - tl.sum(a_r[:, :, None] * D, axis=1)
-        D = tl.where((o16 == r)[None, :, None], new[:, None, :], D)
-    Df = tl.reshape(tl.where(eyeb[:, None, :, None], D[:, :, None, :], 0.), (BT, BT))
     blk = o_t // 16
+    I = tl.where(o_t[:, None] == o_t[None, :], 1., 0.)
+    if INV_DOTS:
+        Adf = tl.where(blk[:, None] == blk[None, :], A, 0.)
+        Df = I
+        for r in tl.static_range(1, 16):
+            # rows r of every block: D_r = e_r - sum_{m < r} A_rm D_m (rows m < r final)
+            Df = Df - mm_wy(tl.where((o_t % 16 == r)[:, None], Adf, 0.), Df, WF32, DT, IEEE)
+    else:
+        ob = tl.arange(0, NB)
+        eyeb = ob[:, None] == ob[None, :]
+        A4 = tl.reshape(A, (NB, 16, NB, 16))
+        Ad = tl.sum(tl.where(eyeb[:, None, :, None], A4, 0.), axis=2)      # [NB, 16, 16] blocks
+        o16 = tl.arange(0, 16)
+        D = tl.broadcast_to(tl.where(o16[:, None] == o16[None, :], 1., 0.)[None, :, :],
+                            (NB, 16, 16))
+        for r in tl.static_range(1, 16):
+            # row r of every block: D_r = e_r - sum_{m < r} A_rm D_m (rows m < r already final)
+            a_r = tl.sum(tl.where((o16 == r)[None, :, None], Ad, 0.), axis=1)  # [NB, 16] over m
+            new = tl.where(o16 == r, 1., 0.)[None, :] - tl.sum(a_r[:, :, None] * D, axis=1)
+            D = tl.where((o16 == r)[None, :, None], new[:, None, :], D)
+        Df = tl.reshape(tl.where(eyeb[:, None, :, None], D[:, :, None, :], 0.), (BT, BT))
     L = tl.where(blk[:, None] > blk[None, :], A, 0.)
     N = mm_wy(Df, L, WF32, DT, IEEE)
-    I = tl.where(o_t[:, None] == o_t[None, :], 1., 0.)
     if NB == 2:
         M = I - N
     else:
@@ -83,7 +96,7 @@ def _wy_fwd_kernel(
     T, NT, H, HQ, K, V,
     GATE: tl.constexpr, L2NORM: tl.constexpr, STORE_T: tl.constexpr, WF32: tl.constexpr,
     IS_VARLEN: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    DT: tl.constexpr, IEEE: tl.constexpr,
+    DT: tl.constexpr, IEEE: tl.constexpr, INV_DOTS: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_hq = i_h // (H // HQ)
@@ -103,7 +116,7 @@ def _wy_fwd_kernel(
     KK = mm(b_k, tl.trans(b_k), DT, IEEE)
     A = tl.where(strict, b_beta[:, None] * KK
                  * tl.exp2(tl.where(strict, G[:, None] - G[None, :], float("-inf"))), 0.)
-    Tm = tril_inverse(A, o_t, BT, WF32, DT, IEEE)
+    Tm = tril_inverse(A, o_t, BT, WF32, DT, IEEE, INV_DOTS)
     if STORE_T:
         tl.store(tm_ptr + row[:, None] * BT + o_t[None, :], Tm, mask=m_t[:, None])
     b_w = mm_wy(Tm, b_k * (b_beta * tl.exp2(G))[:, None], WF32, DT, IEEE)
@@ -233,7 +246,7 @@ def _wy(p, k, v, g, beta, l2, store_t):
         k, v, d if g is None else g, beta, w, u, tm, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, L2NORM=l2, STORE_T=store_t, WF32=p.wf32,
         IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"],
-        num_warps=p.warps)
+        INV_DOTS=WY_INVERSE_DOTS, num_warps=p.warps)
     return w, u, tm
 
 
