@@ -84,7 +84,8 @@ def _run(self, *args, grid, warmup, **kwargs):
     kernel = _orig_run(self, *args, grid=grid, warmup=True, **kwargs)
     rec = compiled.setdefault(kernel.hash, {
         "name": self.fn.__name__, "kernel": kernel, "cases": [],
-        "const": {p: kwargs[p] for p in self.arg_names if p in kwargs}})  # signature order
+        "const": {p.name: kwargs[p.name] for p in self.params             # signature order
+                  if p.name in kwargs and (p.is_constexpr or not torch.is_tensor(kwargs[p.name]))}})
     if _case[0] not in rec["cases"]:
         rec["cases"].append(_case[0])
     return kernel
@@ -243,10 +244,11 @@ def causal_conv1d_cases():
 
 def delta_rule_cases():
     import torch.nn.functional as F
-    from ssm_kernels import chunk_gated_delta_rule
+    from ssm_kernels import chunk_delta_rule, chunk_gated_delta_rule
     from ssm_kernels.delta_rule import check as c
-    for Bc, Tc, Hc, HV, Kc, Vc in ((2, 517, 2, 4, 128, 128), (2, 600, 2, 4, 64, 96)):
-        for dtype in DTYPES:
+    for Bc, Tc, Hc, HV, Kc, Vc in ((2, 517, 2, 4, 128, 128), (2, 600, 2, 4, 64, 96),
+                                   (1, 300, 1, 2, 256, 128)):
+        for dtype in (DTYPES if Kc <= 128 else [torch.bfloat16, torch.float32]):
             def thunk(dtype=dtype, Bc=Bc, Tc=Tc, Hc=Hc, HV=HV, Kc=Kc, Vc=Vc):
                 q, k = (torch.randn(Bc, Tc, Hc, Kc).to(dtype) for _ in range(2))
                 v = torch.randn(Bc, Tc, HV, Vc).to(dtype)
@@ -255,6 +257,16 @@ def delta_rule_cases():
                 c._fwd_bwd(chunk_gated_delta_rule, q, k, v, g, beta, h0,
                            (torch.randn(Bc, Tc, HV, Vc), torch.randn(h0.shape)), backend="triton")
             yield f"chunk_gated_delta_rule {_dt(dtype)} K{Kc} V{Vc}", thunk
+
+            def thunk0(dtype=dtype, Bc=Bc, Tc=Tc, Hc=Hc, HV=HV, Kc=Kc, Vc=Vc):
+                q, k = (torch.randn(Bc, Tc, Hc, Kc).to(dtype) for _ in range(2))
+                v = torch.randn(Bc, Tc, HV, Vc).to(dtype)
+                h0 = torch.randn(Bc, HV, Kc, Vc)
+                c._fwd_bwd_nogate(chunk_delta_rule, q, k, v, torch.rand(Bc, Tc, HV), h0,
+                                  (torch.randn(Bc, Tc, HV, Vc), torch.randn(h0.shape)),
+                                  backend="triton")
+            if Kc == 128:
+                yield f"chunk_delta_rule {_dt(dtype)} K{Kc} V{Vc}", thunk0
 
 
 def fft_conv_cases():
