@@ -25,12 +25,13 @@ two products).
 Precision: every tl.dot takes fp16 operands with fp32 accumulation (bf16's 8-bit mantissa gives
 ~4.6e-3 relative error over the four products, fp16 ~5e-4: numbers in bench/NOTES.md). fp16's
 range needs scaling, all by powers of two or folded into tables:
-    A     = (va + i vb) * s, s = 2^-e with max|A| < 1 (per pair, from the tile's max; exact)
+    A     = va s_a + i vb s_b, s = 2^-e with max|v s| < 1 per row (from the tile's max; exact
+          for bf16 / fp16 data: a power of two); Re / Im of the result are undone separately
     C     |C| <= R1 (<= 64): cast as is
     K     the cached spectrum divided by its max modulus per channel (|K| <= 1; fp16 table)
     Y     |Y| <= |X| <= N/2: cast as is
     G     E * conj(T) / N2 (|G| <= N/2): cast
-    y     = out * (kmax * N2 / N) / s, in fp32, then + D v, * post_gate, cast.
+    y     = out * (kmax * N2 / N) / s_row, in fp32, then + D v, * post_gate, cast.
 DFT matrices and twiddles are fp16 tables (cached per (N1, N2, device)), loaded from global
 memory (L2-resident: ~100 KB per N = 8192 pair of rows); no sin/cos in the kernel.
 """
@@ -202,13 +203,14 @@ def _monarch16_fwd_kernel(
         p_a = (i_b * H + i_h).to(tl.int64) * L + o_t
         p_b = ((i_b + 1) * H + i_h).to(tl.int64) * L + o_t
         m_b = o_t < tl.where(i_b + 1 < b_end, L, 0)             # row b+1 may not exist
-        # ---- prologue: v = u * pre_gate for both rows, one power-of-two scale for the pair
+        # ---- prologue: v = u * pre_gate, one power-of-two scale per row (the transform is
+        # linear and the filter real, so Re / Im of the result carry each row's own scale)
         _, _, va = _load_v(u_ptr, pre_ptr, p_a, m_t, HAS_PRE)
         _, _, vb = _load_v(u_ptr, pre_ptr, p_b, m_b, HAS_PRE)
-        amax = tl.maximum(tl.max(tl.abs(va)), tl.max(tl.abs(vb)))
-        s, inv_s = _pow2_scale(amax)
-        ar = (va * s).to(tl.float16)
-        ai = (vb * s).to(tl.float16)
+        s_a, inv_a = _pow2_scale(tl.max(tl.abs(va)))
+        s_b, inv_b = _pow2_scale(tl.max(tl.abs(vb)))
+        ar = (va * s_a).to(tl.float16)
+        ai = (vb * s_b).to(tl.float16)
         # ---- forward: B = F1[:, :R1] @ A, C = B * T, X = C @ F2
         f1r = tl.load(f1_ptr + p_f1h)
         f1i = tl.load(f1_ptr + N1 * N1 + p_f1h)
@@ -226,9 +228,10 @@ def _monarch16_fwd_kernel(
         g1i = tl.load(f1_ptr + N1 * N1 + p_f1g)
         outa, outb = _cmm(g1r, -g1i, gr, gi)
         # ---- epilogue: undo the scales, + D v, * post_gate, cast, store
-        sc = b_ks * inv_s
-        _epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p_a, m_t, outa * sc, b_d, HAS_D, HAS_PRE, HAS_POST)
-        _epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p_b, m_b, outb * sc, b_d, HAS_D, HAS_PRE, HAS_POST)
+        _epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p_a, m_t, outa * (b_ks * inv_a), b_d,
+                  HAS_D, HAS_PRE, HAS_POST)
+        _epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p_b, m_b, outb * (b_ks * inv_b), b_d,
+                  HAS_D, HAS_PRE, HAS_POST)
 
 
 # ---------------------------------------------------------------------------------------------
