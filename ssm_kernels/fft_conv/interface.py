@@ -67,7 +67,8 @@ def _auto_path(pass_: str, dtype: torch.dtype, L: int, Lk: int, monarch16: bool 
 
 
 def triton_path(pass_: str, u: Tensor, Lk: int) -> str:
-    """The path ("cufft" or "monarch") the Triton backend takes for pass_ ("fwd" / "bwd")."""
+    """The path ("cufft", "monarch" or "monarch16") the Triton backend takes for pass_ ("fwd" /
+    "bwd"); "monarch16" only for the forward, only with MONARCH16 on (or forced)."""
     if FORCE_PATH is not None:
         return FORCE_PATH
     return _auto_path(pass_, u.dtype, u.shape[-1], Lk, MONARCH16)
@@ -155,7 +156,9 @@ def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, pre_gate: Opti
     ``y = y * post_gate``. Linear (not circular): the transform size (>= L + Lk - 1) is picked
     inside, so any L >= 1 works. The Triton backend runs Triton kernels fused around cuFFT
     (torch.fft; an even 7-smooth size) for every dtype and length, and for 16-bit storage at
-    small sizes the tensor-core Monarch kernels where a measured table says they are faster.
+    small sizes the tensor-core Monarch kernels where a measured table says they are faster
+    (with ``interface.MONARCH16`` on: the on-chip fp16-tensor-core forward of monarch16.py for
+    16-bit storage up to a 8192-point transform).
     The filter's spectrum is cached while the same filter tensor is unchanged (its version
     counter; never while capturing a CUDA graph): see ``ssm_kernels.fft_conv.cufft``.
 
