@@ -722,6 +722,32 @@ def test_monarch16_path_choice(monkeypatch):
     assert fft_interface.triton_path("fwd", b_long, 4097) != "monarch16"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("L,Lk", [(1, 1), (255, 255), (1024, 1024), (2048, 2048), (4096, 4096),
+                                  (4095, 1000), (3000, 5)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_monarch16_sizes(L, Lk, dtype, monarch16):
+    """Real sizes on the GPU (wgmma, bf16 casts that round to nearest): forward on monarch16,
+    every gradient from the cuFFT backward, H not a multiple of 16, odd B, vs float64."""
+    check_gpu("triton", 3, 50, L, Lk, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_monarch16_graph_after_filter_update(fresh_cache, monarch16):
+    u, k, D, _, _ = make(2, 16, 1000, 1000, torch.bfloat16, pre=False, post=False)
+    sk.fft_conv(u, k, D)  # caches the tables and the filter spectrum
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = sk.fft_conv(u, k, D)
+    with torch.no_grad():
+        k.mul_(-3.0)
+    g.replay()
+    torch.cuda.synchronize()
+    assert_close(y, fft_conv_ref(u.double(), k.double(), D.double()), dtype=torch.bfloat16,
+                 lowp_ref=fft_conv_ref(u, k, D))
+
+
 _M16_COMPILE = r'''
 import triton
 from triton.compiler import ASTSource
