@@ -32,7 +32,6 @@ from gpu_fft import SMOKE, bench, force, fwd_bwd, log, make, ours, ref  # noqa: 
 import torch  # noqa: E402
 
 import ssm_kernels as sk  # noqa: E402
-from ssm_kernels.fft_conv import cufft as fc  # noqa: E402
 from ssm_kernels.fft_conv import interface as fi  # noqa: E402
 from ssm_kernels.fft_conv import monarch16 as m16  # noqa: E402
 from ssm_kernels.fft_conv.reference import fft_conv_ref  # noqa: E402
@@ -96,31 +95,6 @@ def check_mixed(B, H, L, dtype):
         log(v)
         if not v.ok:
             fail(str(v))
-
-
-def check_graph(dtype):
-    fc.clear_filter_cache()
-    u, k, D, _, _ = make(2, 16, 1000, dtype, gates=False)
-    with force("monarch16"):
-        sk.fft_conv(u, k, D)
-        sync()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            sk.fft_conv(u, k, D)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            y = sk.fft_conv(u, k, D)
-        with torch.no_grad():
-            k.mul_(-3.0)
-        g.replay()
-        sync()
-    v = compare("monarch16 graph replay after in-place filter update", y,
-                fft_conv_ref(u.double(), k.double(), D.double()), dtype, fft_conv_ref(u, k, D))
-    log(v)
-    if not v.ok:
-        fail(str(v))
 
 
 # ---- (b) launch sweep --------------------------------------------------------------------------
@@ -192,7 +166,7 @@ def main():
             errs[(L, Lk, dtype)] = check_fwd(B, H, L, Lk, dtype)
     check_mixed(S(2, 4), S(3, 64), S(200, 4096), torch.bfloat16)
     if not SMOKE:
-        check_graph(torch.bfloat16)
+        G.check_graph("monarch16", torch.bfloat16)
 
     # (b)
     best = {}

@@ -572,11 +572,13 @@ def test_gpu_backward_deterministic(path, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_filter_cache_in_graph(fresh_cache, cufft_path):
+@pytest.mark.parametrize("path,dtype", [("cufft", torch.float32), ("monarch16", torch.bfloat16)])
+def test_gpu_filter_cache_in_graph(path, dtype, fresh_cache, monkeypatch):
     """Captured with a cached spectrum present, replayed after an in-place filter update: the
     capture recomputed the spectrum inside the graph, so the replay sees the new filter."""
-    u, k, D, _, _ = make(2, 16, 1000, 1000, pre=False, post=False)
-    sk.fft_conv(u, k, D)  # populates the cache
+    monkeypatch.setattr(fft_interface, "FORCE_PATH", path)
+    u, k, D, _, _ = make(2, 16, 1000, 1000, dtype, pre=False, post=False)
+    sk.fft_conv(u, k, D)  # populates the cache (and monarch16's tables)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -585,7 +587,8 @@ def test_gpu_filter_cache_in_graph(fresh_cache, cufft_path):
         k.mul_(-3.0)
     g.replay()
     torch.cuda.synchronize()
-    assert_close(y, fft_conv_ref(u.double(), k.double(), D.double()), dtype=torch.float32)
+    assert_close(y, fft_conv_ref(u.double(), k.double(), D.double()), dtype=dtype,
+                 lowp_ref=None if dtype == torch.float32 else fft_conv_ref(u, k, D))
 
 
 @pytest.mark.gpu
@@ -730,22 +733,6 @@ def test_gpu_monarch16_sizes(L, Lk, dtype, monarch16):
     """Real sizes on the GPU (wgmma, bf16 casts that round to nearest): forward on monarch16,
     every gradient from the cuFFT backward, H not a multiple of 16, odd B, vs float64."""
     check_gpu("triton", 3, 50, L, Lk, dtype)
-
-
-@pytest.mark.gpu
-def test_gpu_monarch16_graph_after_filter_update(fresh_cache, monarch16):
-    u, k, D, _, _ = make(2, 16, 1000, 1000, torch.bfloat16, pre=False, post=False)
-    sk.fft_conv(u, k, D)  # caches the tables and the filter spectrum
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        y = sk.fft_conv(u, k, D)
-    with torch.no_grad():
-        k.mul_(-3.0)
-    g.replay()
-    torch.cuda.synchronize()
-    assert_close(y, fft_conv_ref(u.double(), k.double(), D.double()), dtype=torch.bfloat16,
-                 lowp_ref=fft_conv_ref(u, k, D))
 
 
 _M16_COMPILE = r'''
