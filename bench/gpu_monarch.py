@@ -104,7 +104,13 @@ def sweep(L, dtype=torch.bfloat16):
     u, k, D, _, _ = make(S(2, 8), S(3, 768), L, dtype, gates=False)
     saved = m16.LAUNCH.get(n)
     best = None
-    for cfg in S(((1, 1),), ((4, 1), (8, 1), (4, 2), (8, 2), (16, 1))):
+    # (warps, stages[, maxnreg]); the maxnreg caps trade a few spills for more programs per SM
+    # (offline sm_90 builds: N=2048 (4,1,128) 28 B spill -> 4 per SM; N=4096 (4,1,168) 44 B ->
+    # 3 per SM, (8,1,128) 348 B -> 2; N=8192 (8,1,128) 752 B -> 2)
+    cfgs = {2048: ((4, 1), (8, 1), (4, 1, 128), (4, 1, 168), (4, 2)),
+            4096: ((8, 1), (4, 1), (4, 1, 168), (8, 1, 128), (16, 1)),
+            8192: ((8, 1), (16, 1), (8, 1, 128), (8, 2), (4, 1))}
+    for cfg in S(((1, 1),), cfgs.get(n, ((4, 1), (8, 1)))):
         m16.LAUNCH[n] = cfg
         try:
             with force("monarch16"), torch.no_grad():

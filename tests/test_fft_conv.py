@@ -623,6 +623,7 @@ def monarch16(monkeypatch):
     (2, 3, 255, 255),   # N = 512 = 32 x 16, R1 = 16: the zero half skipped
     (1, 2, 130, 3),     # N = 256 with L > N / 2: every row of the time tile holds data
     (4, 17, 300, 211),  # N = 512, H odd
+    (5, 1, 33, 33),     # H = 1: the batch splits into 3 slices (2, 2, 1 rows)
 ])
 def test_monarch16_matches_oracle(backend, dtype, B, H, L, Lk, monarch16):
     """Every feature (D, both gates), every gradient (backward on the cuFFT path), vs float64.
@@ -747,9 +748,8 @@ for n in (2048, 4096, 8192):
     sig = {a: "constexpr" if a in consts else ("*fp16" if a in ("ks_ptr", "f1_ptr", "f2_ptr", "tw_ptr")
            else "*fp32" if a in ("d_ptr", "kscale_ptr") else "*bf16") if a.endswith("_ptr") else "i32"
            for a in fn.arg_names}
-    w, st = M.LAUNCH[n]
     k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": w, "num_stages": st})
+                       options=M._launch(n))
     print(n, "shared", k.metadata.shared, flush=True)
 '''
 

@@ -240,13 +240,19 @@ def _monarch16_fwd_kernel(
 # launcher: check, allocate, launch
 # ---------------------------------------------------------------------------------------------
 
-# launch configuration by N (GPU): (num_warps, num_stages). One stage: the loop's loads are the
-# L2-resident tables, and pipelining them (Triton's default 3 stages) triples their shared memory.
+# launch configuration by N (GPU): (num_warps, num_stages[, maxnreg]). One stage: the loop's loads
+# are the L2-resident tables, and pipelining them (Triton's default 3 stages) triples their shared
+# memory. maxnreg caps registers per thread so that more programs share an SM (ptxas otherwise
+# takes up to 255: one 8-warp program per SM); bench/gpu_monarch.py sweeps these.
 LAUNCH = {2048: (4, 1), 4096: (8, 1), 8192: (8, 1)}
 
 
-def _launch(n: int) -> Tuple[int, int]:
-    return (1, 1) if triton_interpret() else LAUNCH.get(n, (4, 1))
+def _launch(n: int) -> dict:
+    cfg = (1, 1) if triton_interpret() else LAUNCH.get(n, (4, 1))
+    opts = dict(num_warps=cfg[0], num_stages=cfg[1])
+    if len(cfg) > 2 and cfg[2]:
+        opts["maxnreg"] = cfg[2]
+    return opts
 
 
 def _sm_count(device) -> int:
@@ -287,5 +293,5 @@ def fft_conv_fwd(u, k, D, pre, post):
         u, pre if pre is not None else dmy, post if post is not None else dmy,
         D if D is not None else kscale, y, ks, kscale, f1, f2, tw, B, H, L, per,
         HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None,
-        N1=n1, N2=n2, R1=rows(n, n1, L), num_warps=_launch(n)[0], num_stages=_launch(n)[1])
+        N1=n1, N2=n2, R1=rows(n, n1, L), **_launch(n))
     return y
