@@ -33,7 +33,9 @@ range needs scaling, all by powers of two or folded into tables:
     G     E * conj(T) / N2 (|G| <= N/2): cast
     y     = out * (kmax * N2 / N) / s_row, in fp32, then + D v, * post_gate, cast.
 DFT matrices and twiddles are fp16 tables (cached per (N1, N2, device)), loaded from global
-memory (L2-resident: ~100 KB per N = 8192 pair of rows); no sin/cos in the kernel.
+memory every iteration (L2-resident; with the filter table ~176 KB per pair of rows at N = 8192);
+no sin/cos in the kernel.
+Caveat of the pairing: a NaN / inf in one row of a pair also poisons its partner's output.
 """
 from __future__ import annotations
 
