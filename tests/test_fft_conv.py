@@ -659,6 +659,14 @@ def test_monarch16_scaling(backend, uscale, kscale, monarch16):
         assert_close(y[b], ref[b], dtype=torch.bfloat16, lowp_ref=lowp[b], name=f"row {b}")
 
 
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_monarch16_opcheck(backend, monarch16):
+    u, k, D, pg, qg = make(2, 2, 20, 9, torch.float16)
+    torch.library.opcheck(fft_conv_fwd_op.op, (u, k, D, pg, qg, backend))
+    torch.library.opcheck(fft_conv_fwd_op.op, (u.requires_grad_(), k.requires_grad_(), None, None,
+                                               None, backend))
+
+
 def test_monarch16_plan_and_tables():
     """Sizes and factors; the cached tables ARE the DFT (forward through the permuted layout
     equals torch.fft.fft) and the filter tables hold K / max|K| in the (k1, k2) layout."""
