@@ -100,12 +100,14 @@ def _make_tables(n1: int, n2: int, device):
     a = torch.arange(n1, device=device, dtype=torch.int64)
     b = torch.arange(n2, device=device, dtype=torch.int64)
     f1, f2, tw = _expi(a, a, n1), _expi(b, b, n2), _expi(a, b, n1 * n2)
-    tw = torch.cat([tw, tw * torch.tensor([1.0, -1.0], device=device, dtype=tw.dtype)[:, None, None]])
+    # conj(T) / N2 (the inverse's twiddle with the stage scale folded in; exact power of two)
+    conj = torch.tensor([1.0 / n2, -1.0 / n2], device=device, dtype=tw.dtype)[:, None, None]
+    tw = torch.cat([tw, tw * conj])
     return tuple(t.to(torch.float16).contiguous() for t in (f1, f2, tw))
 
 
 def dft_tables(n1: int, n2: int, device):
-    """(F1 [2, N1, N1], F2 [2, N2, N2], T [4, N1, N2]: T and conj(T)) fp16, (real, imag) pairs,
+    """(F1 [2, N1, N1], F2 [2, N2, N2], T [4, N1, N2]: T and conj(T) / N2) fp16, (real, imag) pairs,
     computed once per (N1, N2, device). (conj(T) is a second copy so that the inverse reloads it
     instead of keeping T live in registers across the product.)
     While capturing a CUDA graph a missing entry is computed inside the graph and not kept."""
@@ -158,10 +160,10 @@ def _pow2_scale(amax):
 
 
 @triton.jit
-def _cmul_table(xr, xi, t_ptr, p, STRIDE: tl.constexpr, scale):
-    """(xr + i xi) * (t[p] + i t[STRIDE + p]) * scale in fp32, cast to fp16 for the next dot."""
-    tr = tl.load(t_ptr + p).to(tl.float32) * scale
-    ti = tl.load(t_ptr + STRIDE + p).to(tl.float32) * scale
+def _cmul_table(xr, xi, t_ptr, p, STRIDE: tl.constexpr):
+    """(xr + i xi) * (t[p] + i t[STRIDE + p]) in fp32, cast to fp16 for the next dot."""
+    tr = tl.load(t_ptr + p).to(tl.float32)
+    ti = tl.load(t_ptr + STRIDE + p).to(tl.float32)
     return (xr * tr - xi * ti).to(tl.float16), (xr * ti + xi * tr).to(tl.float16)
 
 
@@ -219,15 +221,15 @@ def _monarch16_fwd_kernel(
         f1r = tl.load(f1_ptr + p_f1h)
         f1i = tl.load(f1_ptr + N1 * N1 + p_f1h)
         br, bi = _cmm(f1r, f1i, ar, ai)
-        cr, ci = _cmul_table(br, bi, tw_ptr, p_tw, N1 * N2, 1.0)
+        cr, ci = _cmul_table(br, bi, tw_ptr, p_tw, N1 * N2)
         f2r = tl.load(f2_ptr + p_f2)
         f2i = tl.load(f2_ptr + N2 * N2 + p_f2)
         xr, xi = _cmm(cr, ci, f2r, f2i)
         # ---- pointwise product with the (max-normalised) filter spectrum
-        yr, yi = _cmul_table(xr, xi, ks_ptr, p_ks, N1 * N2, 1.0)
+        yr, yi = _cmul_table(xr, xi, ks_ptr, p_ks, N1 * N2)
         # ---- inverse: E = Y @ conj(F2), G = E * conj(T) / N2, out = conj(F1)[:R1, :] @ G
         er, ei = _cmm(yr, yi, f2r, -f2i)
-        gr, gi = _cmul_table(er, ei, tw_ptr + 2 * N1 * N2, p_tw, N1 * N2, 1.0 / N2)
+        gr, gi = _cmul_table(er, ei, tw_ptr + 2 * N1 * N2, p_tw, N1 * N2)
         g1r = tl.load(f1_ptr + p_f1g)
         g1i = tl.load(f1_ptr + N1 * N1 + p_f1g)
         outa, outb = _cmm(g1r, -g1i, gr, gi)
