@@ -28,10 +28,13 @@ range needs scaling, all by powers of two or folded into tables:
     A     = va s_a + i vb s_b, s = 2^-e with max|v s| < 1 per row (from the tile's max; exact
           for bf16 / fp16 data: a power of two); Re / Im of the result are undone separately
     C     |C| <= R1 (<= 64): cast as is
-    K     the cached spectrum divided by its max modulus per channel (|K| <= 1; fp16 table)
-    Y     |Y| <= |X| <= N/2: cast as is
-    G     E * conj(T) / N2 (|G| <= N/2): cast
-    y     = out * (kmax * N2 / N) / s_row, in fp32, then + D v, * post_gate, cast.
+    K     the cached spectrum / (max|K| N2) per channel (|K| <= 1 / N2; fp16 table)
+    Y     |Y| <= N/2 / N2 = N1/2: cast as is
+    E, G  |G| = |E| <= N2 N1/2 = N/2: cast as is
+    y     = out * (max|K| N2 / N) / s_row, in fp32, then + D v, * post_gate, cast.
+The three table products stay in fp32 arithmetic: doing them in fp16 (tried) raised the error
+(fp16 storage 3.2-4.8e-4 -> 4.0-6.3e-4) and did not shorten the sm_90 SASS (2514 -> 2594
+instructions at N = 8192: no packed f16x2 math in the wgmma accumulator layout).
 DFT matrices and twiddles are fp16 tables (cached per (N1, N2, device)), loaded from global
 memory every iteration (L2-resident; with the filter table ~176 KB per pair of rows at N = 8192);
 no sin/cos in the kernel.
@@ -101,13 +104,13 @@ def _make_tables(n1: int, n2: int, device):
     b = torch.arange(n2, device=device, dtype=torch.int64)
     f1, f2, tw = _expi(a, a, n1), _expi(b, b, n2), _expi(a, b, n1 * n2)
     # conj(T) / N2 (the inverse's twiddle with the stage scale folded in; exact power of two)
-    conj = torch.tensor([1.0 / n2, -1.0 / n2], device=device, dtype=tw.dtype)[:, None, None]
+    conj = torch.tensor([1.0, -1.0], device=device, dtype=tw.dtype)[:, None, None]
     tw = torch.cat([tw, tw * conj])
     return tuple(t.to(torch.float16).contiguous() for t in (f1, f2, tw))
 
 
 def dft_tables(n1: int, n2: int, device):
-    """(F1 [2, N1, N1], F2 [2, N2, N2], T [4, N1, N2]: T and conj(T) / N2) fp16, (real, imag) pairs,
+    """(F1 [2, N1, N1], F2 [2, N2, N2], T [4, N1, N2]: T and conj(T)) fp16, (real, imag) pairs,
     computed once per (N1, N2, device). (conj(T) is a second copy so that the inverse reloads it
     instead of keeping T live in registers across the product.)
     While capturing a CUDA graph a missing entry is computed inside the graph and not kept."""
@@ -126,13 +129,14 @@ def _filter_tables(k: torch.Tensor, n1: int, n2: int):
     kf = torch.fft.fft(k.to(torch.float32), n=n)              # [H, N], index k1 + N1 k2
     kf = kf.view(k.shape[0], n2, n1).transpose(1, 2)          # [H, N1, N2]
     kmax = kf.abs().amax(dim=(1, 2)).clamp_min(torch.finfo(torch.float32).tiny)
-    ks = kf / kmax[:, None, None]
+    ks = kf / (kmax[:, None, None] * n2)  # the inverse's 1/N2 stage scale folded in
     tab = torch.stack([ks.real, ks.imag], 1).to(torch.float16).contiguous()  # [H, 2, N1, N2]
     return tab, (kmax * (n2 / n)).contiguous()
 
 
 def filter_tables(k: torch.Tensor, n1: int, n2: int):
-    """(Ks [H, 2, N1, N2] fp16: K / max|K| in the permuted layout; kscale [H] fp32 = max|K| N2 / N)
+    """(Ks [H, 2, N1, N2] fp16: K / (max|K| N2) in the permuted layout; kscale [H] fp32 =
+    max|K| N2 / N)
     for k fp32 [H, Lk]; cached across calls while k is unchanged (cufft.cached_spectrum)."""
     return cached_spectrum(k, ("monarch16", n1, n2), lambda k: _filter_tables(k, n1, n2))
 
@@ -161,7 +165,8 @@ def _pow2_scale(amax):
 
 @triton.jit
 def _cmul_table(xr, xi, t_ptr, p, STRIDE: tl.constexpr):
-    """(xr + i xi) * (t[p] + i t[STRIDE + p]) in fp32, cast to fp16 for the next dot."""
+    """(xr + i xi) * (t[p] + i t[STRIDE + p]) (an fp16 table) in fp32, cast to fp16 for the
+    next dot."""
     tr = tl.load(t_ptr + p).to(tl.float32)
     ti = tl.load(t_ptr + STRIDE + p).to(tl.float32)
     return (xr * tr - xi * ti).to(tl.float16), (xr * ti + xi * tr).to(tl.float16)
@@ -227,7 +232,7 @@ def _monarch16_fwd_kernel(
         xr, xi = _cmm(cr, ci, f2r, f2i)
         # ---- pointwise product with the (max-normalised) filter spectrum
         yr, yi = _cmul_table(xr, xi, ks_ptr, p_ks, N1 * N2)
-        # ---- inverse: E = Y @ conj(F2), G = E * conj(T) / N2, out = conj(F1)[:R1, :] @ G
+        # ---- inverse: E = Y @ conj(F2), G = E * conj(T), out = conj(F1)[:R1, :] @ G
         er, ei = _cmm(yr, yi, f2r, -f2i)
         gr, gi = _cmul_table(er, ei, tw_ptr + 2 * N1 * N2, p_tw, N1 * N2)
         g1r = tl.load(f1_ptr + p_f1g)
