@@ -280,6 +280,20 @@ def fft_conv_cases():
                 c._fwd_bwd(fft_conv, u, torch.randn(Hc, Lk), torch.randn(Hc), pg, qg,
                            torch.randn(Bc, Hc, L), backend="triton")
             yield f"fft_conv {_dt(dtype)} L{L} Lk{Lk}", thunk
+    # the on-chip 16-bit Monarch forward (monarch16.py) at N = 2048, 4096, 8192, gates + D
+    from ssm_kernels.fft_conv import interface as fi, monarch16 as m16
+    m16._sm_count = lambda device: 132
+    for L in (1024, 2048, 4096):
+        for dtype in (torch.bfloat16, torch.float16):
+            def thunk(dtype=dtype, L=L):
+                u, pg, qg = (torch.randn(8, 16, L).to(dtype) for _ in range(3))
+                old, fi.MONARCH16 = fi.MONARCH16, True
+                try:
+                    fft_conv(u, torch.randn(16, L), torch.randn(16), pre_gate=pg, post_gate=qg,
+                             backend="triton")
+                finally:
+                    fi.MONARCH16 = old
+            yield f"fft_conv monarch16 fwd {_dt(dtype)} L{L} Lk{L}", thunk
 
 
 def cp_cases():
