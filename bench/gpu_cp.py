@@ -1,18 +1,27 @@
 """Overhead of context parallelism on one GPU (issue 14): every CP op through a single-process NCCL
-group (FileStore) against the plain call, at a real size, bf16, forward and forward+backward.
+group (FileStore; no torchrun) against the plain call, at a real size, bf16, forward and
+forward+backward.
 
-    python bench/gpu_cp.py            # OUT=/some/dir also writes gpu_cp.csv there; < 2 minutes
+    python bench/gpu_cp.py            # OUT=/some/dir also writes gpu_cp.csv there; ~2-3 minutes
     python bench/gpu_cp.py --smoke    # CPU, gloo, tiny sizes, reference backend: checks the script
 
-Three columns per op and mode (triton.testing.do_bench, median):
-  plain      the op without process_group (output_final_state / return_last_state on)
-  cp rank 0  process_group of size 1: what the first rank of any group pays on top of plain
-             (decay product, one all_gather of O(batch x state) each way, the prefix combine)
-  cp later   the same group with ssm_kernels.distributed._FORCE_CORRECTION: the work of every rank
-             but the first (summary pass from zero + exchange + rerun with the true initial state;
-             backward: both backwards), i.e. the per-rank cost of a multi-GPU run minus the network
-Also checks that the CP outputs and final states agree with the plain call (the rank-0 path
-must be bitwise equal). The table is printed last.
+Per op and mode (times: triton.testing.do_bench, median; host: CPU time per call, GPU not awaited):
+  plain      the op without process_group (final state on)
+  rank0      process_group of size 1: what the first rank of any group pays on top of plain (one
+             all_gather each way of O(batch x state), no decay product, no second pass); its
+             outputs, final states and gradients must be bitwise those of plain
+  later      the same group playing a later rank (ssm_kernels.distributed.core._SIMULATE_LATER:
+             its preceding ranks ended in a random nonzero state h_prev): states-only summary from
+             zero + exchange + one output pass from h_prev; backward: states-only adjoint (or a
+             second backward where the op has none) + exchange + one backward. Its outputs must be
+             bitwise those of the plain call from initial_state=h_prev.
+  xchg us    the forward exchange alone at this op's state shapes (pack + all_gather + combine),
+             GPU time (do_bench) and host time
+  err        relative error ||x - ref|| / ||ref|| against the float64 reference (backend
+             "reference", batch row 0, the same inputs upcast): out, final state and (fwd+bwd) the
+             largest over the time-indexed inputs' gradients; for plain (from zero) and later (from
+             h_prev, against the reference from h_prev)
+The table is printed last.
 """
 from __future__ import annotations
 
@@ -41,6 +50,11 @@ def n(x):
     return max(x // 256, 3) if SMOKE else x
 
 
+def sync():
+    if not SMOKE:
+        torch.cuda.synchronize()
+
+
 def bench(fn, warmup, rep):
     if not SMOKE:
         from triton.testing import do_bench
@@ -51,57 +65,96 @@ def bench(fn, warmup, rep):
     return (time.perf_counter() - t) * 1e3
 
 
+def host_us(fn, calls=20, repeats=3):
+    """CPU time per call with the GPU not awaited (the launch queue absorbs 20 calls)."""
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t) / calls)
+    sync()
+    return best * 1e6
+
+
+class Case:
+    """timed: name -> tensor with batch first (its time-indexed inputs); shared: name -> tensor
+    (weights); state: the state's shape; call(x, h0, pg, backend) -> (out, final)."""
+
+    def __init__(self, name, shape, timed, shared, state, call):
+        self.name, self.shape, self.timed, self.shared = name, shape, timed, shared
+        self.state, self.call = state, call
+
+
 def cases():
-    """(name, shape text, make() -> (tensors needing grad, call(pg) -> (out, final)))."""
-    def linear_scan():
-        B, T, D = 8, n(4096), n(2048)
-        a = torch.rand(B, T, D, device=DEV).mul(0.1).add(0.9).to(DT).requires_grad_()
-        b = torch.randn(B, T, D, device=DEV, dtype=DT).requires_grad_()
-        return [a, b], lambda pg: sk.linear_scan(a, b, output_final_state=True, backend=BK, process_group=pg)
+    def rnd(*s, dtype=DT):
+        return torch.randn(*s, device=DEV, dtype=dtype)
 
-    def selective_scan():
-        B, D, L, N = 4, n(2048), n(2048), 16
-        u = torch.randn(B, D, L, device=DEV, dtype=DT).requires_grad_()
-        delta = (torch.rand(B, D, L, device=DEV) * 0.1).to(DT).requires_grad_()
-        A = (-torch.rand(D, N, device=DEV) - 0.5).requires_grad_()
-        Bm = torch.randn(B, N, L, device=DEV, dtype=DT).requires_grad_()
-        Cm = torch.randn(B, N, L, device=DEV, dtype=DT).requires_grad_()
-        Dv = torch.randn(D, device=DEV).requires_grad_()
-        z = torch.randn(B, D, L, device=DEV, dtype=DT).requires_grad_()
-        bias = (torch.randn(D, device=DEV) * 0.1).requires_grad_()
-        return [u, delta, A, Bm, Cm, Dv, z, bias], lambda pg: sk.selective_scan_fn(
-            u, delta, A, Bm, Cm, Dv, z, bias, True, True, backend=BK, process_group=pg)
+    B, T, D = 8, n(4096), n(2048)
+    yield Case("linear_scan", f"B={B} T={T} D={D}",
+               {"a": torch.rand(B, T, D, device=DEV).mul(0.1).add(0.9).to(DT), "b": rnd(B, T, D)},
+               {}, (B, D),
+               lambda x, h0, pg, bk: sk.linear_scan(x["a"], x["b"], h0, output_final_state=True,
+                                                    backend=bk, process_group=pg))
 
-    def la(kind):
-        B, T, H, K = 4, n(4096), 16, n(128)
-        q, k, v = (torch.randn(B, T, H, K, device=DEV, dtype=DT).requires_grad_() for _ in range(3))
-        if kind == "simple_gla":
-            g = (-torch.rand(B, T, H, device=DEV) * 0.1).requires_grad_()
-            return [q, k, v, g], lambda pg: sk.chunk_simple_gla(
-                q, k, v, g, output_final_state=True, backend=BK, process_group=pg)
-        if kind == "gla":
-            g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device=DEV) + 4) \
-                .requires_grad_()
-            return [q, k, v, g], lambda pg: sk.chunk_gla(
-                q, k, v, g, output_final_state=True, backend=BK, process_group=pg)
-        return [q, k, v], lambda pg: sk.chunk_linear_attn(
-            q, k, v, output_final_state=True, normalize=False, backend=BK,
-            process_group=pg)
+    Bs, Ds, L, N = 4, n(2048), n(2048), 16
+    yield Case("selective_scan_fn", f"B={Bs} D={Ds} L={L} N={N} +D,z,bias,softplus",
+               {"u": rnd(Bs, Ds, L), "delta": (torch.rand(Bs, Ds, L, device=DEV) * 0.1).to(DT),
+                "B": rnd(Bs, N, L), "C": rnd(Bs, N, L), "z": rnd(Bs, Ds, L)},
+               {"A": -torch.rand(Ds, N, device=DEV) - 0.5, "D": torch.randn(Ds, device=DEV),
+                "bias": torch.randn(Ds, device=DEV) * 0.1}, (Bs, Ds, N),
+               lambda x, h0, pg, bk: sk.selective_scan_fn(
+                   x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["bias"], True,
+                   True, initial_state=h0, backend=bk, process_group=pg))
 
-    yield "linear_scan", "B=8 T=4096 D=2048", linear_scan
-    yield "selective_scan_fn", "B=4 D=2048 L=2048 N=16 +D,z,bias,softplus", selective_scan
-    yield "chunk_linear_attn", "B=4 T=4096 H=16 K=V=128", lambda: la("linear_attn")
-    yield "chunk_simple_gla", "B=4 T=4096 H=16 K=V=128", lambda: la("simple_gla")
-    yield "chunk_gla", "B=4 T=4096 H=16 K=V=128", lambda: la("gla")
+    Bl, Tl, H, K = 4, n(4096), 16, n(128)
+    qkv = lambda: {c: rnd(Bl, Tl, H, K) for c in "qkv"}  # noqa: E731
+    st = (Bl, H, K, K)
+    yield Case("chunk_linear_attn", f"B={Bl} T={Tl} H={H} K=V={K}", qkv(), {}, st,
+               lambda x, h0, pg, bk: sk.chunk_linear_attn(
+                   x["q"], x["k"], x["v"], initial_state=h0, output_final_state=True,
+                   normalize=False, backend=bk, process_group=pg))
+    yield Case("chunk_simple_gla", f"B={Bl} T={Tl} H={H} K=V={K}",
+               {**qkv(), "g": -torch.rand(Bl, Tl, H, device=DEV) * 0.1}, {}, st,
+               lambda x, h0, pg, bk: sk.chunk_simple_gla(
+                   x["q"], x["k"], x["v"], x["g"], initial_state=h0, output_final_state=True,
+                   backend=bk, process_group=pg))
+    yield Case("chunk_gla", f"B={Bl} T={Tl} H={H} K=V={K}",
+               {**qkv(), "g": torch.nn.functional.logsigmoid(
+                   torch.randn(Bl, Tl, H, K, device=DEV) + 4)}, {}, st,
+               lambda x, h0, pg, bk: sk.chunk_gla(
+                   x["q"], x["k"], x["v"], x["g"], initial_state=h0, output_final_state=True,
+                   backend=bk, process_group=pg))
+
+    b2, l2, h2, p2, g2, n2 = 2, n(4096), 32, 64, 1, n(128)
+    yield Case("mamba_chunk_scan_combined", f"b={b2} l={l2} h={h2} p={p2} g={g2} n={n2} +D,z,bias",
+               {"x": rnd(b2, l2, h2, p2), "dt": (torch.rand(b2, l2, h2, device=DEV) * 0.1).to(DT),
+                "B": rnd(b2, l2, g2, n2), "C": rnd(b2, l2, g2, n2), "z": rnd(b2, l2, h2, p2)},
+               {"A": -torch.rand(h2, device=DEV) - 0.5, "D": torch.randn(h2, device=DEV),
+                "dt_bias": torch.randn(h2, device=DEV) * 0.1}, (b2, h2, p2, n2),
+               lambda x, h0, pg, bk: sk.mamba_chunk_scan_combined(
+                   x["x"], x["dt"], x["A"], x["B"], x["C"], 64, D=x["D"], z=x["z"],
+                   dt_bias=x["dt_bias"], initial_states=h0, dt_softplus=True,
+                   return_final_states=True, backend=bk, process_group=pg))
 
 
-DEVICE_NAME = "cpu (smoke)" if SMOKE else None
+def rel(x, ref):
+    x, ref = x.detach().double(), ref.detach().double()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def flat(x):
-    if isinstance(x, (tuple, list)):
-        return [t for y in x for t in flat(y)]
-    return [] if x is None else [x]
+def errors(case, got_out, got_fin, got_grads, h0, w_out, w_fin):
+    """Errors of batch row 0 against the float64 reference from h0 (None: zeros)."""
+    x64 = {k: t[:1].detach().double().requires_grad_() for k, t in case.timed.items()}
+    x64.update({k: t.detach().double() for k, t in case.shared.items()})
+    h64 = None if h0 is None else h0[:1].double()
+    out, fin = case.call(x64, h64, None, "reference")
+    e = {"out": rel(got_out[:1], out), "fin": rel(got_fin[:1], fin)}
+    if got_grads is not None:
+        torch.autograd.backward([out, fin], [w_out[:1].double(), w_fin[:1].double()])
+        e["grad"] = max(rel(got_grads[k][:1], x64[k].grad) for k in case.timed)
+    return e
 
 
 def main():
@@ -111,75 +164,142 @@ def main():
     else:
         dist.init_process_group("nccl", store=store, rank=0, world_size=1,
                                 device_id=torch.device(DEV, 0))
-    global DEVICE_NAME
-    DEVICE_NAME = DEVICE_NAME or torch.cuda.get_device_name()
+    device = "cpu (smoke)" if SMOKE else torch.cuda.get_device_name()
     pg = dist.group.WORLD
     rows, fails = [], []
-    for name, shape, make in cases():
+    for case in cases():
         torch.manual_seed(0)
-        leaves, call = make()
-        variants = {"plain": None, "cp rank 0": pg, "cp later": pg}
-        ref = [t.detach().clone() for t in flat(call(None))]
+        leaves = {k: t.requires_grad_() for k, t in {**case.timed, **case.shared}.items()}
+        h_prev = torch.randn(case.state, device=DEV) * 0.5
+        # variant -> (group, initial state for the op, simulated incoming state, reference h0)
+        variants = {"plain": (None, None, None), "rank0": (pg, None, None),
+                    "later": (pg, None, h_prev)}
         res = {}
-        for label, group in variants.items():
-            skd._FORCE_CORRECTION = label == "cp later"
+        try:
+            o_ref, f_ref = case.call(leaves, None, None, BK)          # plain, from zero
+            o_prev, f_prev = case.call(leaves, h_prev, None, BK)      # plain, from h_prev
+            w_out, w_fin = torch.randn_like(o_ref), torch.randn_like(f_ref)
+        except Exception as e:
+            fails.append(f"{case.name} plain: {type(e).__name__}: {e}")
+            continue
+        for label, (group, h0, sim) in variants.items():
+            def run(grad=True):
+                skd._SIMULATE_LATER = None if sim is None else [sim]
+                try:
+                    return case.call(leaves, h0, group, BK)
+                finally:
+                    skd._SIMULATE_LATER = None
+
+            def fwd():
+                with torch.no_grad():
+                    run()
+
+            def fwd_bwd():
+                out, fin = run()
+                torch.autograd.backward([out, fin], [w_out, w_fin])
+
             try:
-                got = flat(call(group))
-                if label != "plain":
-                    diff = max((g.float() - r.float()).abs().max().item() for g, r in zip(got, ref))
-                    if label == "cp rank 0" and diff != 0:
-                        fails.append(f"{name} {label}: not bitwise equal to plain (max diff {diff:.3g})")
-                    res[label + " diff"] = diff
-                grads = [torch.randn_like(t) for t in got]
-
-                def fwd():
-                    with torch.no_grad():
-                        call(group)
-
-                def fwd_bwd():
-                    torch.autograd.backward(flat(call(group)), grads)
-
+                for t in leaves.values():
+                    t.grad = None
+                out, fin = run()
+                torch.autograd.backward([out, fin], [w_out, w_fin])
+                grads = {k: t.grad.clone() for k, t in leaves.items()}
+                if label == "rank0" or label == "later":
+                    # the same op call as plain (from zero / from h_prev): bitwise
+                    want = o_ref if label == "rank0" else o_prev
+                    if not torch.equal(out, want):
+                        fails.append(f"{case.name} {label}: output not bitwise the plain call's "
+                                     f"(max diff {(out.float() - want.float()).abs().max():.3g})")
+                if label == "rank0":
+                    if not torch.equal(fin, f_ref):
+                        fails.append(f"{case.name} rank0: final state not bitwise the plain call's")
+                    for k, g in grads.items():
+                        if not torch.equal(g, res["plain grads"][k]):
+                            fails.append(f"{case.name} rank0: grad {k} not bitwise the plain call's")
+                if label == "plain":
+                    res["plain grads"] = grads
+                # rank0 is bitwise plain (checked above): its errors are plain's
+                res[label, "err"] = res["plain", "err"] if label == "rank0" else \
+                    errors(case, out, fin, grads, sim, w_out, w_fin)
                 res[label, "fwd"] = bench(fwd, 10, 100)
                 res[label, "fwd+bwd"] = bench(fwd_bwd, 5, 100)
-                for t in leaves:
+                res[label, "host fwd"] = host_us(fwd)
+                res[label, "host fwd+bwd"] = host_us(fwd_bwd)
+                for t in leaves.values():
                     t.grad = None
-            except Exception as e:  # report and go on
-                fails.append(f"{name} {label}: {type(e).__name__}: {e}")
+            except Exception as ex:  # report and go on
+                import traceback
+                fails.append(f"{case.name} {label}: {type(ex).__name__}: {ex}\n"
+                             f"{traceback.format_exc(limit=-3)}")
             finally:
-                skd._FORCE_CORRECTION = False
+                skd._SIMULATE_LATER = None
+        # the forward exchange alone at this op's state shapes (as the later rank sends it)
+        try:
+            xs = exchange_times(pg, f_ref, case)
+        except Exception as ex:
+            fails.append(f"{case.name} exchange: {type(ex).__name__}: {ex}")
+            xs = (None, None)
         for mode in ("fwd", "fwd+bwd"):
-            p = res.get(("plain", mode))
-            r0 = res.get(("cp rank 0", mode))
-            rl = res.get(("cp later", mode))
-            rows.append([name, shape, mode, p, r0, rl, res.get("cp later diff")])
-        print(f"[{time.time() - T0:5.1f}s] {name} done", flush=True)
-    # the exchange alone: one all_gather of a state-sized float32 buffer (selective scan's)
-    buf = torch.randn(4 * n(2048) * 16 * 2, device=DEV)
-    parts = [torch.empty_like(buf)]
-    ag_ms = bench(lambda: dist.all_gather(parts, buf, group=pg), 10, 50)
+            row = dict(op=case.name, shape=case.shape, mode=mode, device=device,
+                       xchg_us=xs[0], xchg_host_us=xs[1])
+            for label in variants:
+                row[f"{label}_ms"] = res.get((label, mode))
+                row[f"{label}_host_us"] = res.get((label, f"host {mode}"))
+                e = res.get((label, "err"), {})
+                row[f"{label}_err_out"] = e.get("out")
+                row[f"{label}_err_fin"] = e.get("fin")
+                row[f"{label}_err_grad"] = e.get("grad") if mode == "fwd+bwd" else None
+            rows.append(row)
+        print(f"[{time.time() - T0:5.1f}s] {case.name} done", flush=True)
+        del leaves, o_ref, f_ref, o_prev, f_prev
     dist.destroy_process_group()
 
     out = os.environ.get("OUT")
-    if out:
+    if out and rows:
         with open(os.path.join(out, "gpu_cp.csv"), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["op", "shape", "mode", "plain_ms", "cp_rank0_ms", "cp_later_ms",
-                        "later_max_abs_diff", "device"])
-            for r in rows:
-                w.writerow(r + [DEVICE_NAME])
-
-    fmt = lambda x: "   n/a" if x is None else f"{x:6.3f}"  # noqa: E731
-    ratio = lambda a, b: "  n/a" if a is None or b is None else f"{b / a:4.2f}x"  # noqa: E731
-    print(f"\ndevice {DEVICE_NAME}, {DT}; group of 1 over {'gloo' if SMOKE else 'NCCL'}; all_gather of "
-          f"{buf.numel() * 4 / 1e3:.0f} KB alone: {ag_ms * 1e3:.1f} us; total {time.time() - T0:.0f} s")
-    for f in fails:
-        print("FAIL", f)
-    print(f"{'op':18} {'mode':8} {'plain ms':>9} {'cp rank0':>9} {'':>6} {'cp later':>9} {'':>6} "
-          f"{'later diff':>10}  shape")
-    for name, shape, mode, p, r0, rl, d in rows:
-        print(f"{name:18} {mode:8} {fmt(p):>9} {fmt(r0):>9} {ratio(p, r0):>6} {fmt(rl):>9} "
-              f"{ratio(p, rl):>6} {'' if d is None else f'{d:.2g}':>10}  {shape}")
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    table(rows, device, fails)
     sys.exit(1 if fails else 0)
+
+
+def exchange_times(pg, fin, case):
+    """(GPU us, host us) of one forward exchange of this op's state (and its decay, as a state-
+    sized tensor: the largest a decay product gets), as a later rank runs it."""
+    spec = skd._Spec(group=pg, pos=0, world=1, reverse=False, n=1, A_shapes=[fin.shape],
+                     sim=[torch.zeros_like(fin)])
+    A, b = torch.rand_like(fin), fin.detach()
+    fn = lambda: skd._exchange_forward(spec, [A], [b])  # noqa: E731
+    return bench(fn, 5, 50) * 1e3, host_us(fn)
+
+
+def table(rows, device, fails):
+    def f(x, w=7, p=3):
+        return f"{'n/a':>{w}}" if x is None else f"{x:{w}.{p}f}"
+
+    def r(a, b):
+        return "  n/a" if a is None or b is None else f"{b / a:4.2f}x"
+
+    def e(x):
+        return f"{'n/a':>7}" if x is None else f"{x:7.1e}"
+
+    print(f"\ndevice {device}, {DT}; group of 1 over {'gloo' if SMOKE else 'NCCL'}; "
+          f"total {time.time() - T0:.0f} s")
+    for msg in fails:
+        print("FAIL", msg)
+    print(f"{'op':25} {'mode':7} {'plain ms':>8} {'rank0':>7} {'':>5} {'later':>7} {'':>5} "
+          f"{'xchg us':>7} {'host us plain/r0/later':>22}  {'err plain out/fin/grad':>23}  "
+          f"{'err later out/fin/grad':>23}")
+    for row in rows:
+        p, r0, lt = row["plain_ms"], row["rank0_ms"], row["later_ms"]
+        hosts = "/".join("n/a" if row[f"{v}_host_us"] is None else f"{row[f'{v}_host_us']:.0f}"
+                         for v in ("plain", "rank0", "later"))
+        errs = lambda v: " ".join(e(row[f"{v}_err_{k}"]) for k in ("out", "fin", "grad"))  # noqa
+        print(f"{row['op']:25} {row['mode']:7} {f(p, 8)} {f(r0)} {r(p, r0):>5} {f(lt)} "
+              f"{r(p, lt):>5} {f(row['xchg_us'], 7, 1)} {hosts:>22}  {errs('plain')}  "
+              f"{errs('later')}")
+    print("shapes: " + "; ".join(sorted({f"{x['op']} {x['shape']}" for x in rows})))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ for s in ${STEPS:-build graphs overhead}; do
     sscan) step sscan ${T_SSCAN:-200} python3 bench/gpu_sscan.py ;;
     decode) step decode ${T_DECODE:-120} python3 bench/gpu_decode.py ;;
     lscan) step lscan ${T_LSCAN:-150} python3 bench/gpu_linear_scan.py ;;
-    chunk|fft|layers|cp) step "$s" ${LIMIT:-200} python3 "bench/gpu_$s.py" ;;
+    chunk|fft|layers|cp|delta|monarch) step "$s" ${LIMIT:-200} python3 "bench/gpu_$s.py" ;;
     probe) step probe ${T_PROBE:-150} python3 bench/gpu_dk_probe.py ;;
     check) TRITON_CACHE_DIR=$(mktemp -d) step check ${T_CHECK:-150} python3 -m ssm_kernels check ${CHECK_ARGS:-} ;;
   esac

@@ -84,7 +84,8 @@ def _run(self, *args, grid, warmup, **kwargs):
     kernel = _orig_run(self, *args, grid=grid, warmup=True, **kwargs)
     rec = compiled.setdefault(kernel.hash, {
         "name": self.fn.__name__, "kernel": kernel, "cases": [],
-        "const": {p: kwargs[p] for p in self.arg_names if p in kwargs}})  # signature order
+        "const": {p.name: kwargs[p.name] for p in self.params             # signature order
+                  if p.name in kwargs and (p.is_constexpr or not torch.is_tensor(kwargs[p.name]))}})
     if _case[0] not in rec["cases"]:
         rec["cases"].append(_case[0])
     return kernel
@@ -243,10 +244,11 @@ def causal_conv1d_cases():
 
 def delta_rule_cases():
     import torch.nn.functional as F
-    from ssm_kernels import chunk_gated_delta_rule
+    from ssm_kernels import chunk_delta_rule, chunk_gated_delta_rule
     from ssm_kernels.delta_rule import check as c
-    for Bc, Tc, Hc, HV, Kc, Vc in ((2, 517, 2, 4, 128, 128), (2, 600, 2, 4, 64, 96)):
-        for dtype in DTYPES:
+    for Bc, Tc, Hc, HV, Kc, Vc in ((2, 517, 2, 4, 128, 128), (2, 600, 2, 4, 64, 96),
+                                   (1, 300, 1, 2, 256, 128)):
+        for dtype in (DTYPES if Kc <= 128 else [torch.bfloat16, torch.float32]):
             def thunk(dtype=dtype, Bc=Bc, Tc=Tc, Hc=Hc, HV=HV, Kc=Kc, Vc=Vc):
                 q, k = (torch.randn(Bc, Tc, Hc, Kc).to(dtype) for _ in range(2))
                 v = torch.randn(Bc, Tc, HV, Vc).to(dtype)
@@ -255,6 +257,16 @@ def delta_rule_cases():
                 c._fwd_bwd(chunk_gated_delta_rule, q, k, v, g, beta, h0,
                            (torch.randn(Bc, Tc, HV, Vc), torch.randn(h0.shape)), backend="triton")
             yield f"chunk_gated_delta_rule {_dt(dtype)} K{Kc} V{Vc}", thunk
+
+            def thunk0(dtype=dtype, Bc=Bc, Tc=Tc, Hc=Hc, HV=HV, Kc=Kc, Vc=Vc):
+                q, k = (torch.randn(Bc, Tc, Hc, Kc).to(dtype) for _ in range(2))
+                v = torch.randn(Bc, Tc, HV, Vc).to(dtype)
+                h0 = torch.randn(Bc, HV, Kc, Vc)
+                c._fwd_bwd_nogate(chunk_delta_rule, q, k, v, torch.rand(Bc, Tc, HV), h0,
+                                  (torch.randn(Bc, Tc, HV, Vc), torch.randn(h0.shape)),
+                                  backend="triton")
+            if Kc == 128:
+                yield f"chunk_delta_rule {_dt(dtype)} K{Kc} V{Vc}", thunk0
 
 
 def fft_conv_cases():
@@ -268,12 +280,47 @@ def fft_conv_cases():
                 c._fwd_bwd(fft_conv, u, torch.randn(Hc, Lk), torch.randn(Hc), pg, qg,
                            torch.randn(Bc, Hc, L), backend="triton")
             yield f"fft_conv {_dt(dtype)} L{L} Lk{Lk}", thunk
+    # the on-chip 16-bit Monarch forward (monarch16.py) at N = 2048, 4096, 8192, gates + D
+    from ssm_kernels.fft_conv import interface as fi, monarch16 as m16
+    m16._sm_count = lambda device: 132
+    for L in (1024, 2048, 4096):
+        for dtype in (torch.bfloat16, torch.float16):
+            def thunk(dtype=dtype, L=L):
+                u, pg, qg = (torch.randn(8, 16, L).to(dtype) for _ in range(3))
+                old, fi.MONARCH16 = fi.MONARCH16, True
+                try:
+                    fft_conv(u, torch.randn(16, L), torch.randn(16), pre_gate=pg, post_gate=qg,
+                             backend="triton")
+                finally:
+                    fi.MONARCH16 = old
+            yield f"fft_conv monarch16 fwd {_dt(dtype)} L{L} Lk{L}", thunk
+
+
+def cp_cases():
+    """The states-only passes of context parallelism's later ranks (ssm_kernels.distributed)."""
+    from ssm_kernels.distributed.engine import la_final_state, la_state_adjoint
+    from ssm_kernels.linear_scan.triton import linear_scan_adjoint, linear_scan_summary
+    for dtype in DTYPES:
+        for gate in (0, 1, 2):
+            def thunk(dtype=dtype, gate=gate):
+                q, k, v = (torch.randn(B, T, H, K).to(dtype) for _ in range(3))
+                g = None if gate == 0 else -torch.rand((B, T, H) if gate == 1 else (B, T, H, K))
+                la_final_state(q, k, v, g)
+                la_state_adjoint(q, v, g, K ** -0.5)
+            yield f"cp chunk engine GATE={gate} {_dt(dtype)}", thunk
+    for dtype in (torch.float32, torch.bfloat16, torch.complex64):
+        for shape in ((8, 4096, 2048), (4, 2048, 1)):
+            def thunk(dtype=dtype, shape=shape):
+                a, b = (torch.randn(shape).to(dtype) for _ in range(2))
+                linear_scan_summary(a, b, False)
+                linear_scan_adjoint(a, b, False)
+            yield f"cp linear_scan {_dt(dtype)} {shape}", thunk
 
 
 FAMILIES = {"chunk": chunk_cases, "linear_attn_check": linear_attn_check_cases,
             "selective_scan": selective_scan_cases, "linear_scan": linear_scan_cases,
             "causal_conv1d": causal_conv1d_cases, "delta_rule": delta_rule_cases,
-            "fft_conv": fft_conv_cases}
+            "fft_conv": fft_conv_cases, "cp": cp_cases}
 DEFAULT_OPS = "chunk,linear_attn_check"   # the others: --ops all or by name
 
 

@@ -31,7 +31,7 @@ OPS = {
     "selective_scan": "selective_scan_fn, selective_state_update",
     "linear_attn": "chunk_linear_attn, chunk_simple_gla, chunk_gla, fused_recurrent_gla",
     "based": "chunk_based, fused_recurrent_based",
-    "delta_rule": "chunk_gated_delta_rule, fused_recurrent_gated_delta_rule",
+    "delta_rule": "chunk_gated_delta_rule, chunk_delta_rule, fused_recurrent_gated_delta_rule",
     "fft_conv": "fft_conv, s4d_kernel",
     "causal_conv1d": "causal_conv1d_fn, causal_conv1d_update",
 }

@@ -14,6 +14,7 @@ import traceback
 from datetime import timedelta
 
 import pytest
+import torch.nn.functional as F
 import torch
 
 import ssm_kernels as sk
@@ -241,28 +242,28 @@ def _cases(world):
             return o, (tuple(st) if normalize else (st,))
         return dict(name=name, make=make, call=call, out_key="v", first_only=("h0", "z0"), **tol)
 
-    def ssd_case(name, extras):
+    def ssd_case(name, extras, backend=R, dtype=f64, tol=exact):
         P, Hh, G, Ns = 3, 4, 2, 3
 
         def make():
-            x = torch.randn(B, T, Hh, P, dtype=f64)
+            x = torch.randn(B, T, Hh, P, dtype=dtype)
             dt = torch.rand(B, T, Hh, dtype=f64) * 0.5
-            timed = {"x": (x, 1), "dt": (dt, 1), "B": (torch.randn(B, T, G, Ns, dtype=f64), 1),
-                     "C": (torch.randn(B, T, G, Ns, dtype=f64), 1)}
+            timed = {"x": (x, 1), "dt": (dt, 1), "B": (torch.randn(B, T, G, Ns, dtype=dtype), 1),
+                     "C": (torch.randn(B, T, G, Ns, dtype=dtype), 1)}
             shared = {"A": -torch.rand(Hh, dtype=f64) - 0.2}
             if extras:
-                timed["z"] = (torch.randn(B, T, Hh, P, dtype=f64), 1)
+                timed["z"] = (torch.randn(B, T, Hh, P, dtype=dtype), 1)
                 shared["D"] = torch.randn(Hh, dtype=f64)
                 shared["dt_bias"] = torch.randn(Hh, dtype=f64) * 0.3
                 shared["h0"] = torch.randn(B, Hh, P, Ns, dtype=f64)
             return timed, shared
 
-        def call(x, pg):
+        def call(x, pg, bk=backend):
             return _pair(sk.mamba_chunk_scan_combined(
                 x["x"], x["dt"], x["A"], x["B"], x["C"], 4, D=x.get("D"), z=x.get("z"),
                 dt_bias=x.get("dt_bias"), initial_states=x.get("h0"), dt_softplus=extras,
-                return_final_states=True, backend=R, process_group=pg))
-        return dict(name=name, make=make, call=call, out_key="x", first_only=("h0",), **exact)
+                return_final_states=True, backend=bk, process_group=pg))
+        return dict(name=name, make=make, call=call, out_key="x", first_only=("h0",), **tol)
 
     cases = [
         ls_case("linear_scan", f64, 1, False, True),
@@ -280,11 +281,23 @@ def _cases(world):
     if _has_cp("mamba_chunk_scan_combined"):   # SSD, once its interface takes process_group
         cases += [ssd_case("mamba_chunk_scan_combined D, z, dt_bias, softplus, h0", True),
                   ssd_case("mamba_chunk_scan_combined plain", False)]
-    if world == 2:  # the Triton kernels under the interpreter, float16 (bf16 dots are wrong there)
+    # the Triton kernels on these CPU tensors: only under the interpreter (a GPU machine leaves it off)
+    interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if world == 2 and interp:  # float16 (bf16 dots are wrong in the interpreter)
         lowp = dict(rtol=1e-2, atol=1e-2, T=T, lowp=True)
         cases += [ls_case("linear_scan triton f16", torch.float16, 1, False, True, "triton", lowp),
                   la_case("chunk_simple_gla triton f16", "simple", True, backend="triton",
                           dtype=torch.float16, tol=lowp)]
+    if world == 3 and interp:  # the later ranks' states-only Triton passes of the others, f32
+        f32 = dict(rtol=2e-4, atol=2e-4, T=T)
+        cases += [ls_case("linear_scan triton complex64 dim=-1 reverse", torch.complex64, -1, True,
+                          True, "triton", f32),
+                  la_case("chunk_gla triton f32", "gla", True, backend="triton",
+                          dtype=torch.float32, tol=f32),
+                  la_case("chunk_linear_attn triton f32", "none", False, backend="triton",
+                          dtype=torch.float32, tol=f32),
+                  ssd_case("mamba_chunk_scan_combined triton f32 D, z, dt_bias, h0", True,
+                           backend="triton", dtype=torch.float32, tol=f32)]
     return cases
 
 
@@ -385,3 +398,147 @@ def test_process_group_type_checked():
     a = torch.rand(2, 5, 3)
     with pytest.raises(TypeError, match="process_group"):
         sk.linear_scan(a, a, process_group="world")
+
+
+# ---- the later ranks' states-only passes, against the reference (no processes) -----------------
+
+@pytest.mark.parametrize("shape,dim,cplx,reverse", [
+    ((2, 37, 5), 1, False, False), ((2, 5, 37), -1, False, True), ((2, 37, 5), 1, True, True),
+    ((1, 300, 3), 1, False, False),   # few channels, long: time split into chunks, then composed
+    ((3, 2, 300), -1, True, True)])
+def test_linear_scan_states_only_passes(shape, dim, cplx, reverse):
+    """linear_scan_summary = (product of a, end state from zero) and linear_scan_adjoint = dL/dh0
+    through the outputs alone, each from one states-only kernel pass, against float64."""
+    from conftest import DEVICE
+    from ssm_kernels.linear_scan.triton import linear_scan_adjoint, linear_scan_summary
+    f64 = torch.complex128 if cplx else torch.float64
+    a = torch.rand(shape, dtype=torch.float64) * 0.5 + 0.5
+    if cplx:
+        a = torch.polar(a, torch.randn(shape, dtype=torch.float64) * 0.3)
+    b, dout = torch.randn(shape, dtype=f64), torch.randn(shape, dtype=f64)
+    d = dim % len(shape)
+    P, T, Q = torch.Size(shape[:d]).numel(), shape[d], torch.Size(shape[d + 1:]).numel()
+    lp = torch.complex64 if cplx else torch.float32
+    canon = lambda t: t.to(lp).to(DEVICE).contiguous().view(P, T, Q)  # noqa: E731
+    A, hT = linear_scan_summary(canon(a), canon(b), reverse)
+    h0 = torch.zeros(P * Q, dtype=f64).view(shape[:d] + shape[d + 1:]).requires_grad_()
+    _, fin = sk.linear_scan(a, b, h0, dim=dim, reverse=reverse, output_final_state=True,
+                            backend="reference")
+    torch.testing.assert_close(A.cpu().to(f64).view(fin.shape), torch.prod(a, d), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hT.cpu().to(f64).view(fin.shape), fin.detach(), rtol=1e-5, atol=1e-5)
+    h, _ = sk.linear_scan(a, b, h0, dim=dim, reverse=reverse, output_final_state=True,
+                          backend="reference")
+    want, = torch.autograd.grad(h, h0, dout)
+    mu = linear_scan_adjoint(canon(a), canon(dout), reverse)
+    torch.testing.assert_close(mu.cpu().to(f64).view(want.shape), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("gate", [0, 1, 2])
+def test_chunk_engine_states_only_passes(gate):
+    """la_final_state (the engine's state pass, no outputs) and la_state_adjoint (its reverse
+    state-gradient pass with STORE_DH=False) against the float64 reference op."""
+    from conftest import DEVICE
+    from ssm_kernels.distributed.engine import la_final_state, la_state_adjoint
+    B, T, H, K, V = 2, 45, 2, 16, 12
+    q, k = (torch.randn(B, T, H, K, dtype=torch.float64) for _ in range(2))
+    v, do = (torch.randn(B, T, H, V, dtype=torch.float64) for _ in range(2))
+    g = None if gate == 0 else F.logsigmoid(torch.randn((B, T, H) if gate == 1 else (B, T, H, K),
+                                                        dtype=torch.float64) + 2)
+    h0 = torch.zeros(B, H, K, V, dtype=torch.float64, requires_grad=True)
+    if gate == 2:
+        o, ht = sk.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True,
+                             backend="reference")
+    else:
+        o, ht = sk.chunk_simple_gla(q, k, v, g, initial_state=h0, output_final_state=True,
+                                    backend="reference")
+    want, = torch.autograd.grad(o, h0, do)
+    dev = lambda t: None if t is None else t.float().to(DEVICE).contiguous()  # noqa: E731
+    got = la_final_state(dev(q), dev(k), dev(v), dev(g))
+    torch.testing.assert_close(got.cpu().double(), ht.detach(), rtol=1e-4, atol=1e-4)
+    mu = la_state_adjoint(dev(q), dev(do), dev(g), K ** -0.5)
+    torch.testing.assert_close(mu.cpu().double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_chunk_engine_states_only_passes_ssd_mapping():
+    """The same passes with SSD's mapping (v = x dt, log-decay dt A, grouped B/C), against the
+    float64 reference op: final state from zero and dL/dh0 through y (no D, no z)."""
+    from conftest import DEVICE
+    from ssm_kernels.distributed.engine import la_final_state, la_state_adjoint
+    b, L, H, P, G, N = 2, 45, 4, 12, 2, 16
+    x, dy = (torch.randn(b, L, H, P, dtype=torch.float64) for _ in range(2))
+    dt = torch.rand(b, L, H, dtype=torch.float64) * 0.5
+    A = -torch.rand(H, dtype=torch.float64) - 0.2
+    Bm, Cm = (torch.randn(b, L, G, N, dtype=torch.float64) for _ in range(2))
+    h0 = torch.zeros(b, H, P, N, dtype=torch.float64, requires_grad=True)
+    y, ht = sk.mamba_chunk_scan_combined(x, dt, A, Bm, Cm, 16, initial_states=h0,
+                                         return_final_states=True, backend="reference")
+    want, = torch.autograd.grad(y, h0, dy)
+    dev = lambda t: t.float().to(DEVICE).contiguous()  # noqa: E731
+    got = la_final_state(dev(Cm), dev(Bm), dev(x), None, vs=dev(dt), A=dev(A))
+    torch.testing.assert_close(got.cpu().double().transpose(-1, -2), ht.detach(), rtol=1e-4,
+                               atol=1e-4)
+    mu = la_state_adjoint(dev(Cm), dev(dy), None, 1.0, vs=dev(dt), A=dev(A))
+    torch.testing.assert_close(mu.cpu().double().transpose(-1, -2), want, rtol=1e-4, atol=1e-4)
+
+
+# ---- a group of one playing a later rank (what bench/gpu_cp.py times) -------------------------
+
+def _sim_worker(rank, world, store_path, result_dir):
+    import torch.distributed as dist
+    from ssm_kernels.distributed import core
+    torch.set_num_threads(1)
+    failures = []
+    try:
+        dist.init_process_group("gloo", store=dist.FileStore(store_path, 1), rank=0, world_size=1)
+        pg = dist.group.WORLD
+        torch.manual_seed(0)
+        B, T, H, K, V, D = 2, 9, 2, 4, 3, 5
+        q, k, v = (torch.randn(B, T, H, K) for _ in range(3))
+        g = -torch.rand(B, T, H) * 0.3
+        a, bb = torch.rand(B, T, D) * 0.5 + 0.5, torch.randn(B, T, D)
+        cases = {
+            "linear_scan": ((a, bb), torch.randn(B, D),
+                            lambda x, h0, pg: sk.linear_scan(*x, h0, output_final_state=True,
+                                                             backend="triton", process_group=pg)),
+            "chunk_simple_gla": ((q, k, v, g), torch.randn(B, H, K, K),
+                                 lambda x, h0, pg: sk.chunk_simple_gla(
+                                     *x, initial_state=h0, output_final_state=True,
+                                     backend="triton", process_group=pg)),
+        }
+        for name, (xs, h_prev, call) in cases.items():
+            plain_in = [t.clone().requires_grad_() for t in xs]
+            out, fin = call(plain_in, h_prev, None)
+            w_out, w_fin = torch.randn_like(out), torch.randn_like(fin)
+            ((out * w_out).sum() + (fin * w_fin).sum()).backward()
+            cp_in = [t.clone().requires_grad_() for t in xs]
+            core._SIMULATE_LATER = [h_prev]
+            try:
+                cout, cfin = call(cp_in, None, pg)
+                ((cout * w_out).sum() + (cfin * w_fin).sum()).backward()
+            finally:
+                core._SIMULATE_LATER = None
+            if not torch.equal(cout, out):   # the same op call from the same state: bitwise
+                failures.append(f"{name}: simulated later rank's output differs from the plain call")
+            if not torch.allclose(cfin, fin, rtol=1e-5, atol=1e-5):
+                failures.append(f"{name}: final state off by {(cfin - fin).abs().max():.3g}")
+            for i, (c, p_) in enumerate(zip(cp_in, plain_in)):
+                if not torch.allclose(c.grad, p_.grad, rtol=1e-5, atol=1e-5):
+                    failures.append(f"{name}: grad {i} off by {(c.grad - p_.grad).abs().max():.3g}")
+        dist.destroy_process_group()
+    except Exception:
+        failures.append(traceback.format_exc())
+    with open(os.path.join(result_dir, "rank0.txt"), "w") as f:
+        f.write("\n".join(failures))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="runs the Triton kernels on CPU tensors (interpreter)")
+def test_simulated_later_rank_matches_plain_call_from_that_state():
+    """The benchmark's later-rank mode (a group of one whose preceding ranks ended in a given
+    state): outputs bitwise, final state and every gradient as the plain call from that state."""
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_sim_worker, args=(1, os.path.join(tmp, "store"), tmp), nprocs=1,
+                           join=True, start_method="fork")
+        text = open(os.path.join(tmp, "rank0.txt")).read()
+    assert not text, text

@@ -280,6 +280,152 @@ def test_triton_backward_varlen_and_determinism(backend):
         assert torch.equal(a, b)
 
 
+# ---- Triton chunked WY path (interpreter: chunks of 32 steps) -----------------------------------
+
+def _chunk_run(fn, q, k, v, g, beta, h0, cu, l2, cots, **kw):
+    """(o, S, dq, dk, dv, [dg,] dbeta, dh0) of a loss on o and S, through `fn`."""
+    xs = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, h0) if x is not None]
+    a = dict(zip([n for n, x in zip("q k v g beta h0".split(), (q, k, v, g, beta, h0))
+                  if x is not None], xs))
+    o, S = fn(a["q"], a["k"], a["v"], a.get("g"), a["beta"], a["h0"], cu, l2, **kw)
+    loss = (o.double() * cots[0]).sum() + (S.double() * cots[1]).sum()
+    return [o, S] + list(torch.autograd.grad(loss, xs))
+
+
+def _judge_chunk(out, ref, lowp, names, dtype, q_ref):
+    """Every output against the float64 reference with the bound of `dtype` (16-bit: 2x the
+    reference's own error from the same 16-bit inputs + a floor). dg is a reverse cumsum of
+    differences of products like q . dq: its rounding error scales with |q * dq|, not with dg
+    (tiny under strong decays), so it is judged relative to max(|dg|, |q * dq|) with 1e-4 in
+    float32, as the chunk engine's tests do (test_linear_attn.py)."""
+    from ssm_kernels.testing import bound_for, rel_err
+    for name, a, r, lo in zip(names, out, ref, lowp):
+        assert a.dtype == (dtype if name in ("o", "dq", "dk", "dv") else torch.float32), name
+        if name == "dg":
+            qdq = torch.linalg.vector_norm(q_ref * ref[names.index("dq")]).item()
+            den = max(torch.linalg.vector_norm(r).item(), qdq)
+            err = torch.linalg.vector_norm(a.double() - r).item() / den
+            lerr = None if lo is None else torch.linalg.vector_norm(lo.double() - r).item() / den
+            bound = 1e-4 if dtype == torch.float32 else bound_for(dtype, lerr)
+        else:
+            err = rel_err(a, r)
+            lerr = None if lo is None else rel_err(lo, r)
+            bound = bound_for(dtype, lerr)
+        assert err <= bound, f"{name}: rel err {err:.3e} > bound {bound:.3e} ({dtype})"
+
+
+# (gated, l2, B, T, H, HV, K, V, cu_seqlens): T never a multiple of the chunk but the varlen one
+CHUNK_CASES = [
+    (True, False, 2, 45, 1, 2, 16, 24, None),           # GVA, partial last chunk, K != V
+    (False, True, 1, 70, 2, 2, 12, 8, None),            # no gate, K not a power of two, 3 chunks
+    (True, True, 1, 70, 1, 3, 16, 16, [0, 5, 37, 38, 70]),   # varlen (1-token seq), HV = 3H
+    (True, True, 1, 40, 1, 1, 130, 20, None),           # K > 128: whole-K tiles of 256
+]
+
+
+def _chunk_inputs(gated, l2, B, T, H, HV, K, V, cu, dtype=torch.float32):
+    q, k, v, g, beta = make(B, T, H, HV, K, V, gated, unit_keys=not l2, dtype=dtype)
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    N = B if cu is None else cu.numel() - 1
+    h0 = torch.randn(N, HV, K, V)
+    cots = (torch.randn(B, T, HV, V, dtype=torch.float64),
+            torch.randn(N, HV, K, V, dtype=torch.float64))
+    return q, k, v, g, beta, h0, cu, cots
+
+
+def _kernel_fn(gated, backend):
+    def fn(q, k, v, g, beta, h0, cu, l2):
+        if gated:
+            return sk.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0,
+                                             output_final_state=True, use_qk_l2norm_in_kernel=l2,
+                                             cu_seqlens=cu, backend=backend)
+        return sk.chunk_delta_rule(q, k, v, beta, initial_state=h0, output_final_state=True,
+                                   use_qk_l2norm_in_kernel=l2, cu_seqlens=cu, backend=backend)
+    return fn
+
+
+def _ref_fn(q, k, v, g, beta, h0, cu, l2):
+    """The recurrence as given: float64 inputs for the oracle; 16-bit q, k, v (float32 states)
+    for the low-precision reference."""
+    return delta_rule_recurrent_ref(q, k, v, g, beta, None, h0, cu, l2)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=["gva", "nogate-l2", "varlen-l2", "k130"])
+def test_triton_chunk_matches_recurrence(backend, case, monkeypatch):
+    """The chunked WY kernels (float32): o, final state and every gradient against the float64
+    recurrence; o and the state against the float64 chunked WY reference too. Outputs are
+    poisoned with NaN before the kernels write them."""
+    from ssm_kernels.chunk import common
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    gated, l2 = case[:2]
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(*case)
+    out = _chunk_run(_kernel_fn(gated, backend), q, k, v, g, beta, h0, cu, l2, cots)
+    ref = _chunk_run(_ref_fn, q.double(), k.double(), v.double(),
+                     None if g is None else g.double(), beta.double(), h0.double(), cu, l2, cots)
+    names = ["o", "S", "dq", "dk", "dv"] + (["dg"] if gated else []) + ["dbeta", "dh0"]
+    qn = F.normalize(q.double(), dim=-1, eps=0) if l2 else q.double()
+    _judge_chunk(out, ref, [None] * len(out), names, torch.float32, qn)
+    d = lambda x: None if x is None else x.double()
+    oc, Sc = delta_rule_chunk_ref(d(q), d(k), d(v), d(g), d(beta), None, d(h0), cu, l2,
+                                  chunk_size=32)
+    assert_close(out[0], oc, dtype=torch.float32, name="o vs chunk ref")
+    assert_close(out[1], Sc, dtype=torch.float32, name="S vs chunk ref")
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("decay,betas", [("strong", "mid"), ("weak", "near2"), ("strong", "near0")])
+def test_triton_chunk_extreme_decays_and_betas(backend, decay, betas):
+    """Decays down to e^-10 per step (e^-320 over a chunk: no overflow, no NaN), beta near 2 (the
+    update a reflection) and near 0: every gradient; dg on the |q * dq| scale (with strong decays
+    dg is tiny next to the terms it sums)."""
+    q, k, v, g, beta = make(1, 45, 1, 2, 8, 8, True, decay=decay, betas=betas, unit_keys=False)
+    h0 = torch.randn(1, 2, 8, 8)
+    cots = (torch.randn(1, 45, 2, 8, dtype=torch.float64), torch.randn(1, 2, 8, 8, dtype=torch.float64))
+    out = _chunk_run(_kernel_fn(True, backend), q, k, v, g, beta, h0, None, True, cots)
+    d = lambda x: x.double()
+    ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), None, True, cots)
+    assert all(torch.isfinite(x).all() for x in out)
+    names = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    _judge_chunk(out, ref, [None] * len(out), names, torch.float32,
+                 F.normalize(q.double(), dim=-1, eps=0))
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_chunk_low_precision(backend, dtype):
+    """16-bit storage (the interpreter rounds dot operands to the dtype; W, U, T stay float32):
+    within 2x the float64-vs-16-bit-input reference's error plus the floor, every gradient."""
+    case = (True, True, 1, 70, 1, 2, 16, 16, [0, 33, 70])
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(*case, dtype=dtype)
+    out = _chunk_run(_kernel_fn(True, backend), q, k, v, g, beta, h0, cu, True, cots)
+    d = lambda x: x.double()
+    ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), cu, True, cots)
+    low = _chunk_run(_ref_fn, q, k, v, g, beta, h0, cu, True, cots)
+    names = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    _judge_chunk(out, ref, low, names, dtype, F.normalize(q.double(), dim=-1, eps=0))
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("inverse_dots", [False, True])
+def test_triton_chunk_gpu_tiles_fp16(backend, inverse_dots, monkeypatch):
+    """The GPU's tiles in the interpreter: chunks of 64 (the inverse's 4-block product
+    (I - N)(I + N^2) D, not reached at BT=32) and float16 dots as on tensor cores; both forms of
+    the inverse's diagonal blocks (register 4-d tensors, or the masked-dot fallback)."""
+    from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
+    monkeypatch.setattr(common, "triton_interpret", lambda: False)
+    monkeypatch.setattr(wy, "WY_INVERSE_DOTS", inverse_dots)
+    case = (True, True, 1, 80, 1, 2, 16, 16, None)
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(*case, dtype=torch.float16)
+    out = _chunk_run(_kernel_fn(True, backend), q, k, v, g, beta, h0, cu, True, cots)
+    d = lambda x: x.double()
+    ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), cu, True, cots)
+    low = _chunk_run(_ref_fn, q, k, v, g, beta, h0, cu, True, cots)
+    names = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    _judge_chunk(out, ref, low, names, torch.float16, F.normalize(q.double(), dim=-1, eps=0))
+
+
 # ---- errors and registered ops ------------------------------------------------------------------
 
 def test_errors_name_the_argument():
@@ -336,11 +482,11 @@ def test_opcheck(backend):
     h0 = torch.randn(2, 2, 8, 4)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), g.requires_grad_(),
-            beta.requires_grad_(), h0.requires_grad_(), cu, 0.3, True, backend)
+            beta.requires_grad_(), h0.requires_grad_(), cu, 0.3, True, True, backend)
     torch.library.opcheck(torch.ops.ssm_kernels.delta_rule_fwd, args)
     o, ht = torch.ops.ssm_kernels.delta_rule_fwd(*args)
     d = lambda x: x.detach()
-    bargs = (d(q), d(k), d(v), d(g), d(beta), d(h0), cu, 0.3, True, torch.randn_like(o),
+    bargs = (d(q), d(k), d(v), d(g), d(beta), d(h0), cu, 0.3, True, True, torch.randn_like(o),
              torch.randn_like(ht), backend)
     torch.library.opcheck(torch.ops.ssm_kernels.delta_rule_bwd, bargs)
     torch.library.opcheck(torch.ops.ssm_kernels.delta_rule_step_,
@@ -421,6 +567,28 @@ def test_gpu_fused_recurrent_real_sizes(dtype):
         qd.cpu(), kd.cpu(), vd.cpu(), g.cpu(), beta.cpu(), None, h0.cpu(), None, True)
     assert_close(o, ro, dtype=dtype, lowp_ref=lo)
     assert_close(S, rS, dtype=torch.float32 if dtype == torch.float32 else dtype, lowp_ref=lS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated", [True, False])
+def test_gpu_chunk_real_sizes(dtype, gated):
+    """The chunked WY kernels on the GPU (chunks of 64 for bf16, 32 for fp32; tf32 WY products):
+    o, final state and every gradient against the float64 recurrence on the CPU, GVA, varlen
+    with a partial last chunk, K = V = 128."""
+    case = (gated, True, 1, 300, 2, 4, 128, 128, [0, 1, 130, 130, 300])
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(*case, dtype=dtype)
+    dev = lambda x: None if x is None else x.cuda()
+    out = _chunk_run(_kernel_fn(gated, "triton"), dev(q), dev(k), dev(v), dev(g), dev(beta),
+                     dev(h0), dev(cu), True, tuple(c.cuda() for c in cots))
+    out = [x.cpu() for x in out]
+    d = lambda x: None if x is None else x.double()
+    ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), cu, True, cots)
+    low = (None if dtype == torch.float32 else
+           _chunk_run(_ref_fn, q, k, v, g, beta, h0, cu, True, cots))
+    names = ["o", "S", "dq", "dk", "dv"] + (["dg"] if gated else []) + ["dbeta", "dh0"]
+    _judge_chunk(out, ref, [None] * len(out) if low is None else low, names, dtype,
+                 F.normalize(q.double(), dim=-1, eps=0))
 
 
 def test_compile_fullgraph_inplace_decode():

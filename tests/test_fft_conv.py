@@ -6,6 +6,7 @@ import torch
 import ssm_kernels as sk
 from ssm_kernels.fft_conv import cufft as fft_cufft
 from ssm_kernels.fft_conv import interface as fft_interface
+from ssm_kernels.fft_conv import monarch16 as fft_m16
 from ssm_kernels.fft_conv import triton as fft_triton
 from ssm_kernels.fft_conv.interface import (fft_conv_bwd_op, fft_conv_fwd_op, s4d_vandermonde_bwd_op,
                                             s4d_vandermonde_op)
@@ -61,6 +62,7 @@ def nan_filled_outputs(monkeypatch):
     """Every kernel output and intermediate starts as NaN: an unwritten element fails the check."""
     monkeypatch.setattr(fft_triton, "FILL_NAN", True)
     monkeypatch.setattr(fft_cufft, "FILL_NAN", True)
+    monkeypatch.setattr(fft_m16, "FILL_NAN", True)
 
 
 @pytest.fixture
@@ -570,11 +572,13 @@ def test_gpu_backward_deterministic(path, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_filter_cache_in_graph(fresh_cache, cufft_path):
+@pytest.mark.parametrize("path,dtype", [("cufft", torch.float32), ("monarch16", torch.bfloat16)])
+def test_gpu_filter_cache_in_graph(path, dtype, fresh_cache, monkeypatch):
     """Captured with a cached spectrum present, replayed after an in-place filter update: the
     capture recomputed the spectrum inside the graph, so the replay sees the new filter."""
-    u, k, D, _, _ = make(2, 16, 1000, 1000, pre=False, post=False)
-    sk.fft_conv(u, k, D)  # populates the cache
+    monkeypatch.setattr(fft_interface, "FORCE_PATH", path)
+    u, k, D, _, _ = make(2, 16, 1000, 1000, dtype, pre=False, post=False)
+    sk.fft_conv(u, k, D)  # populates the cache (and monarch16's tables)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -583,7 +587,8 @@ def test_gpu_filter_cache_in_graph(fresh_cache, cufft_path):
         k.mul_(-3.0)
     g.replay()
     torch.cuda.synchronize()
-    assert_close(y, fft_conv_ref(u.double(), k.double(), D.double()), dtype=torch.float32)
+    assert_close(y, fft_conv_ref(u.double(), k.double(), D.double()), dtype=dtype,
+                 lowp_ref=None if dtype == torch.float32 else fft_conv_ref(u, k, D))
 
 
 @pytest.mark.gpu
@@ -601,6 +606,169 @@ def test_gpu_past_int32_offsets():
         lowp = fft_conv_ref(u[:, sel], k[sel])
         assert_close(y[:, sel], ref, dtype=torch.bfloat16, lowp_ref=lowp)
         del y
+
+
+# ---- monarch16: the on-chip fp16-tensor-core forward for 16-bit storage (monarch16.py) -------------
+
+@pytest.fixture
+def monarch16(monkeypatch):
+    """Force the forward onto monarch16 (its backward: the cuFFT path, as in auto mode)."""
+    monkeypatch.setattr(fft_interface, "FORCE_PATH", "monarch16")
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,L,Lk", [
+    (3, 5, 201, 57),    # N = 256 = 16 x 16 (R1 = N1: full first / last product), odd B: a lone row
+    (2, 3, 255, 255),   # N = 512 = 32 x 16, R1 = 16: the zero half skipped
+    (1, 2, 130, 3),     # N = 256 with L > N / 2: every row of the time tile holds data
+    (4, 17, 300, 211),  # N = 512, H odd
+    (5, 1, 33, 33),     # H = 1: the batch splits into 3 slices (2, 2, 1 rows)
+])
+def test_monarch16_matches_oracle(backend, dtype, B, H, L, Lk, monarch16):
+    """Every feature (D, both gates), every gradient (backward on the cuFFT path), vs float64.
+    The interpreter's fp32 -> bf16 cast does not round to nearest (~2x the rounding error), so
+    bf16 is tighter on the GPU than here; the 2x + floor rule holds either way."""
+    check(backend, B, H, L, Lk, dtype, oracle=fft_conv_direct)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("D,pre,post", [(False, False, False), (True, False, True),
+                                        (False, True, False)])
+def test_monarch16_features(backend, D, pre, post, monarch16):
+    check(backend, 3, 2, 77, 77, torch.float16, D=D, pre=pre, post=post)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("uscale,kscale", [(3e4, 1.0), (1e-5, 1.0), (1.0, 1e4), (1.0, 1e-6)])
+def test_monarch16_scaling(backend, uscale, kscale, monarch16):
+    """Inputs and filters far outside fp16's comfortable range (bf16 storage: u up to 1e5 with
+    gates; tiny values): the per-pair power-of-two scale and the max-normalised filter spectrum
+    keep the fp16 operands in range. Rows of one pair differ in size by 100x."""
+    B, H, L, Lk = 2, 3, 200, 150
+    u, k, D, pg, qg = make(B, H, L, Lk, torch.bfloat16)
+    u = (u.float() * uscale * torch.tensor([1.0, 0.01], device=DEVICE)[:, None, None]).to(u.dtype)
+    k = k * kscale
+    D = D * kscale
+    y = sk.fft_conv(u, k, D, pre_gate=pg, post_gate=qg, backend=backend)
+    ref = fft_conv_direct(*(x.double().cpu() for x in (u, k, D)), pre_gate=pg.double().cpu(),
+                          post_gate=qg.double().cpu())
+    lowp = fft_conv_ref(*(x.cpu() for x in (u, k, D)), pre_gate=pg.cpu(), post_gate=qg.cpu())
+    assert torch.isfinite(y).all()
+    for b in range(B):  # each row on its own: the small row of the pair must not drown
+        assert_close(y[b], ref[b], dtype=torch.bfloat16, lowp_ref=lowp[b], name=f"row {b}")
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_monarch16_opcheck(backend, monarch16):
+    u, k, D, pg, qg = make(2, 2, 20, 9, torch.float16)
+    torch.library.opcheck(fft_conv_fwd_op.op, (u, k, D, pg, qg, backend))
+    torch.library.opcheck(fft_conv_fwd_op.op, (u.requires_grad_(), k.requires_grad_(), None, None,
+                                               None, backend))
+
+
+def test_monarch16_plan_and_tables():
+    """Sizes and factors; the cached tables ARE the DFT (forward through the permuted layout
+    equals torch.fft.fft) and the filter tables hold K / (max|K| N2) in the (k1, k2) layout."""
+    assert fft_m16.transform_size(4096, 4096) == 8192 and fft_m16.split(8192) == (128, 64)
+    assert fft_m16.transform_size(1024, 1024) == 2048 and fft_m16.split(2048) == (64, 32)
+    assert fft_m16.transform_size(5, 3) == 256 and fft_m16.split(256) == (16, 16)
+    assert fft_m16.rows(8192, 128, 4096) == 64 and fft_m16.rows(4096, 64, 3000) == 64
+    assert fft_m16.supports(4096, 4096) and fft_m16.supports(6000, 2193)
+    assert not fft_m16.supports(4097, 4097)
+    n1, n2 = 32, 16
+    f1, f2, tw = (t.double() for t in fft_m16.dft_tables(n1, n2, "cpu"))
+    assert fft_m16.dft_tables(n1, n2, "cpu")[0] is fft_m16.dft_tables(n1, n2, "cpu")[0]
+    c = lambda t, i=0: torch.complex(t[i], t[i + 1])  # noqa: E731
+    x = torch.randn(n1 * n2, dtype=torch.float64)
+    X = ((c(f1) @ x.view(n1, n2).to(torch.complex128)) * c(tw)) @ c(f2)
+    want = torch.fft.fft(x).view(n2, n1).T
+    assert (X - want).abs().max() < 3e-3 * want.abs().max()       # fp16 tables
+    assert torch.equal(c(tw, 2), c(tw).conj())
+    k = torch.randn(3, 100)
+    ks, kscale = fft_m16.filter_tables(k, n1, n2)
+    K = torch.fft.fft(k.double(), n=n1 * n2).view(3, n2, n1).transpose(1, 2)
+    kmax = K.abs().amax(dim=(1, 2))
+    assert torch.allclose(kscale.double(), kmax * n2 / (n1 * n2), rtol=1e-5)
+    got = torch.complex(ks[:, 0].double(), ks[:, 1].double())
+    assert (got - K / kmax[:, None, None] / n2).abs().max() < 1e-3 / n2
+
+
+def test_monarch16_filter_cache(fresh_cache):
+    k = torch.randn(3, 100)
+    t1 = fft_m16.filter_tables(k, 32, 16)
+    assert fft_m16.filter_tables(k, 32, 16) is t1                  # unchanged filter: reused
+    assert fft_cufft.filter_spectrum(k, 512) is not t1[0]          # other layouts: own entries
+    with torch.no_grad():
+        k.mul_(-2.0)
+    t2 = fft_m16.filter_tables(k, 32, 16)
+    assert t2 is not t1 and torch.allclose(t2[1], 2 * t1[1])      # max|K| doubled
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_monarch16_in_place_filter_update(backend, fresh_cache, monarch16):
+    u, k, D, _, _ = make(2, 3, 100, 100, torch.float16, pre=False, post=False)
+    sk.fft_conv(u, k, D, backend=backend)
+    with torch.no_grad():
+        k.mul_(-3.0)
+    y = sk.fft_conv(u, k, D, backend=backend)
+    hi = [x.double().cpu() for x in (u, k, D)]
+    assert_close(y, fft_conv_direct(*hi), dtype=torch.float16,
+                 lowp_ref=fft_conv_ref(*(x.cpu() for x in (u, k, D))))
+
+
+def test_monarch16_path_choice(monkeypatch):
+    """The module flag routes 16-bit forwards with N <= 8192 to monarch16; never the backward,
+    never float32, never past MAX_N; off by default."""
+    b16 = torch.empty(1, 1, 4096, dtype=torch.bfloat16)
+    f16 = torch.empty(1, 1, 1000, dtype=torch.float16)
+    f32 = torch.empty(1, 1, 1000)
+    assert fft_interface.MONARCH16 is False
+    assert fft_interface.triton_path("fwd", b16, 4096) != "monarch16"
+    monkeypatch.setattr(fft_interface, "MONARCH16", True)
+    assert fft_interface.triton_path("fwd", b16, 4096) == "monarch16"
+    assert fft_interface.triton_path("fwd", f16, 1000) == "monarch16"
+    assert fft_interface.triton_path("bwd", b16, 4096) != "monarch16"
+    assert fft_interface.triton_path("fwd", f32, 1000) != "monarch16"
+    b_long = torch.empty(1, 1, 4097, dtype=torch.bfloat16)
+    assert fft_interface.triton_path("fwd", b_long, 4097) != "monarch16"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L,Lk", [(1, 1), (255, 255), (1024, 1024), (2048, 2048), (4096, 4096),
+                                  (4095, 1000), (3000, 5)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_monarch16_sizes(L, Lk, dtype, monarch16):
+    """Real sizes on the GPU (wgmma, bf16 casts that round to nearest): forward on monarch16,
+    every gradient from the cuFFT backward, H not a multiple of 16, odd B, vs float64."""
+    check_gpu("triton", 3, 50, L, Lk, dtype)
+
+
+_M16_COMPILE = r'''
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from ssm_kernels.fft_conv import monarch16 as M
+for n in (2048, 4096, 8192):
+    n1, n2 = M.split(n)
+    consts = dict(HAS_D=True, HAS_PRE=True, HAS_POST=True, N1=n1, N2=n2, R1=n1 // 2)
+    fn = M._monarch16_fwd_kernel
+    sig = {a: "constexpr" if a in consts else ("*fp16" if a in ("ks_ptr", "f1_ptr", "f2_ptr", "tw_ptr")
+           else "*fp32" if a in ("d_ptr", "kscale_ptr") else "*bf16") if a.endswith("_ptr") else "i32"
+           for a in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options=M._launch(n))
+    print(n, "shared", k.metadata.shared, flush=True)
+'''
+
+
+def test_monarch16_compiles_for_sm90_within_shared_memory():
+    res = compile_for_sm90(_M16_COMPILE)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 3, res.stdout
+    for line in lines:
+        assert int(line.split()[-1]) <= 232448, line
 
 
 # ---- the GPU compiler (no GPU needed) ---------------------------------------------------------------

@@ -62,7 +62,7 @@ def _train(f, leaves):
     return step
 
 
-def _cases():
+def _cases(pg=None):
     a, b = torch.rand(1, 16, 64), torch.randn(1, 16, 64)
     al, bl = a.clone().requires_grad_(), b.clone().requires_grad_()
     u, dt, z = (torch.randn(1, 16, 64) for _ in range(3))
@@ -82,14 +82,16 @@ def _cases():
     qs, ks, vs = torch.randn(8, 1, 2, 32), torch.randn(8, 1, 2, 32), torch.randn(8, 1, 4, 16)
     gs, bts, sd = F.logsigmoid(torch.randn(8, 1, 4)), torch.rand(8, 1, 4), torch.randn(8, 4, 32, 16)
     return {
-        "linear_scan fwd": lambda: sk.linear_scan(a, b, dim=-1, backend=T),
-        "linear_scan fwd+bwd": _train(lambda: sk.linear_scan(al, bl, dim=-1, backend=T), [al, bl]),
+        "linear_scan fwd": lambda: sk.linear_scan(a, b, dim=-1, backend=T, process_group=pg),
+        "linear_scan fwd+bwd": _train(lambda: sk.linear_scan(al, bl, dim=-1, backend=T,
+                                                            process_group=pg), [al, bl]),
         "selective_scan_fn fwd": lambda: sk.selective_scan_fn(u, dt, A, Bv, Cv, Dp, z, bias, True, backend=T),
         "selective_scan_fn fwd+bwd": _train(lambda: sk.selective_scan_fn(
             ul, dtl, A, Bv, Cv, Dp, z, bias, True, backend=T), [ul, dtl]),
         "selective_state_update": lambda: sk.selective_state_update(st, xs, dts, As, Bs, Cs, Ds, zs, bs, True, backend=T),
-        "chunk_simple_gla fwd": lambda: sk.chunk_simple_gla(q, k, v, gh, backend=T),
-        "chunk_simple_gla fwd+bwd": _train(lambda: sk.chunk_simple_gla(ql, kl, vl, gh, backend=T), [ql, kl, vl]),
+        "chunk_simple_gla fwd": lambda: sk.chunk_simple_gla(q, k, v, gh, backend=T, process_group=pg),
+        "chunk_simple_gla fwd+bwd": _train(lambda: sk.chunk_simple_gla(ql, kl, vl, gh, backend=T,
+                                                                   process_group=pg), [ql, kl, vl]),
         "chunk_gla fwd": lambda: sk.chunk_gla(q, k, v, gk, backend=T),
         "chunk_gla fwd+bwd": _train(lambda: sk.chunk_gla(ql, kl, vl, gk, backend=T), [ql, kl, vl]),
         "chunk_gated_delta_rule fwd": lambda: sk.chunk_gated_delta_rule(q, k, vd, gd, bd, backend=T),
@@ -127,6 +129,38 @@ PINNED = {
 def test_launches_and_glue_are_pinned(name, stubbed_launches):
     launches, work = _count(_cases()[name], stubbed_launches)
     assert (launches, len(work)) == PINNED[name], f"{name}: {launches} launches, torch ops {work}"
+
+
+@pytest.fixture
+def group_of_one(tmp_path):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+# Context parallelism, first rank (process_group of one): exactly the plain call's launches, and
+# (torch ops) the plain call's plus the exchange: forward new_empty + copy_ (pack) + new_empty +
+# all_gather; backward the same plus the zeros of an unused final state's gradient. CPU tensors add
+# the cross-rank shape check (tensor, new_empty, all_gather, unbind, equal), a value check like the others.
+CP_FIRST_RANK_EXTRA = {
+    "linear_scan fwd": 5 + 4,
+    "linear_scan fwd+bwd": 5 + 4 + 5,
+    "chunk_simple_gla fwd": 5 + 4 + 3,        # + the CP wrapper's early validation (gt, any, item)
+    "chunk_simple_gla fwd+bwd": 5 + 4 + 5 + 3,
+}
+
+
+@pytest.mark.parametrize("name", sorted(CP_FIRST_RANK_EXTRA))
+def test_cp_first_rank_runs_only_the_plain_call(name, stubbed_launches, group_of_one):
+    """The first rank of a context-parallel group launches what the plain call launches (no
+    decay product, no second pass, no private graph) plus one all_gather each way."""
+    cp = _cases(group_of_one)[name]
+    launches, work = _count(cp, stubbed_launches)
+    want = PINNED[name]
+    assert launches == want[0], f"{name}: {launches} launches with process_group, {want[0]} without"
+    assert len(work) == want[1] + CP_FIRST_RANK_EXTRA[name], f"{name}: torch ops {work}"
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

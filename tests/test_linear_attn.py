@@ -578,6 +578,10 @@ def types(n):
     return "fp32" if n == "scale" else "i32"
 
 def build(fn, consts, warps, stages=2):
+    consts = dict(consts)
+    for p in fn.params:   # flags with defaults (the delta rule's) as a plain call leaves them
+        if p.name not in consts and p.has_default and (p.is_constexpr or p.default is None):
+            consts[p.name] = p.default
     sig = {n: ("constexpr" if n in consts else types(n)) for n in fn.arg_names}
     t = time.time()
     k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),

@@ -1,5 +1,5 @@
-"""Delta rule cases (Gated DeltaNet): ours (Triton; step-by-step kernels until the chunked WY
-kernels land) against flash-linear-attention's `chunk_gated_delta_rule` and
+"""Delta rule cases (Gated DeltaNet): ours (Triton; the chunked WY kernels for chunk_*, the
+step-by-step kernels for decoding) against flash-linear-attention's `chunk_gated_delta_rule` and
 `fused_recurrent_gated_delta_rule` when importable, forward, forward+backward, and the decoding
 step (one token from a state, in place).
 

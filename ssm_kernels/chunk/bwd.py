@@ -29,8 +29,8 @@ import triton.language as tl
 
 from . import common, gla
 from .common import (causal_decay, causal_decay_t, chunk_base, chunk_span, decay_rows, decay_state,
-                     decay_to_end, decay_to_end_t, last_row, load_h_dh, load_rows, load_v,
-                     log_decay_cumsum, mm, seq_span)
+                     decay_to_end, decay_to_end_t, l2norm_rows, last_row, load_h_dh, load_rows,
+                     load_v, log_decay_cumsum, mm, mm_wy, seq_span)
 from .fwd import Plan, _dummy, chunk_states
 
 
@@ -42,6 +42,12 @@ def _state_grad_kernel(
     T, H, HQ, K, V, scale,
     GATE: tl.constexpr, G_FROM_VS: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    STORE_DH: tl.constexpr = True,   # False: dh0 only (context parallelism's adjoint summary)
+    # delta rule (delta_rule/chunk.py; BK >= K): k [TOK, HQ, K], w [TOK, H, K], dvl [TOK, H, V]
+    # the output part of dv_new (_dv_kernel without dh); per chunk dv_new = dvl + (k e^(G_last-G)) dS
+    # is stored to dvn [TOK, H, V] and dS gains - w^T dv_new; L2NORM: q, k normalised in-kernel
+    k_ptr=None, w_ptr=None, dvl_ptr=None, dvn_ptr=None, DELTA: tl.constexpr = False,
+    L2NORM: tl.constexpr = False, WF32: tl.constexpr = False,
 ):
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
@@ -61,8 +67,9 @@ def _state_grad_kernel(
     n_c = tl.cdiv(eos - bos, BT)
     for j in range(n_c):
         i = n_c - 1 - j
-        tl.store(dh_ptr + ((base + i) * H + i_h) * K * V + p_s, dS.to(dh_ptr.dtype.element_ty),
-                 mask=m_s)
+        if STORE_DH:
+            tl.store(dh_ptr + ((base + i) * H + i_h) * K * V + p_s,
+                     dS.to(dh_ptr.dtype.element_ty), mask=m_s)
         t = bos + i * BT + o_t
         m_t = t < eos
         b_q = load_rows(q_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
@@ -70,8 +77,22 @@ def _state_grad_kernel(
         G = log_decay_cumsum(g_ptr, vs_ptr, A_ptr, t * H + i_h, i_h, m_t, o_k, m_k, K, GATE,
                              G_FROM_VS, BT)
         G_last = last_row(G, o_t, GATE, BT)
+        if L2NORM:
+            b_q = l2norm_rows(b_q)
+        if DELTA:
+            b_k = load_rows(k_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
+            if L2NORM:
+                b_k = l2norm_rows(b_k)
+            b_dvn = (load_rows(dvl_ptr, t * H + i_h, m_t, o_v, m_v, V)
+                     + mm_wy(decay_to_end(b_k, G, G_last, GATE), dS, WF32, DT, IEEE))
+            tl.store(dvn_ptr + (t * H + i_h)[:, None] * V + o_v[None, :],
+                     b_dvn.to(dvn_ptr.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+            b_w = load_rows(w_ptr, t * H + i_h, m_t, o_k, m_k, K)
+            dSw = mm_wy(tl.trans(b_w), b_dvn, WF32, DT, IEEE)
         dS = (decay_state(dS, G_last, GATE)
               + mm(tl.trans(decay_rows(b_q, G, GATE)), b_do, DT, IEEE) * scale)
+        if DELTA:
+            dS -= dSw
     tl.store(dh0_ptr + i_nh.to(tl.int64) * K * V + p_s, dS, mask=m_s)
 
 
@@ -83,6 +104,8 @@ def _dv_kernel(
     cu_ptr, T, NT, H, HQ, K, V, scale,
     GATE: tl.constexpr, G_FROM_VS: tl.constexpr, HAS_VS: tl.constexpr, IS_VARLEN: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    HAS_DH: tl.constexpr = True,    # False: only the intra-chunk part (the delta rule's dv_local)
+    L2NORM: tl.constexpr = False,   # q, k rows L2-normalised (row scales after the K loop)
 ):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hq = i_h // (H // HQ)
@@ -93,6 +116,9 @@ def _dv_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
+    if L2NORM:
+        nq = tl.zeros([BT], dtype=tl.float32)
+        nk = tl.zeros([BT], dtype=tl.float32)
     row_q = t * HQ + i_hq
     row = t * H + i_h
     p_dh = dh_ptr + (i_c.to(tl.int64) * H + i_h) * K * V
@@ -105,14 +131,24 @@ def _dv_kernel(
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         b_k = load_rows(k_ptr, row_q, m_t, o_k, m_k, K)
-        b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :],
-                       mask=(o_k < Kc)[:, None] & m_v[None, :], other=0.)
+        if HAS_DH:
+            b_dh = tl.load(p_dh + o_k[:, None] * V + o_v[None, :],
+                           mask=(o_k < Kc)[:, None] & m_v[None, :], other=0.)
         if GATE == 2:
             Gk = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row, i_h, m_t, o_k, m_k, K, 2, False, BT)
             b_dv += mm(decay_to_end(b_k, Gk, last_row(Gk, o_t, 2, BT), 2), b_dh, DT, IEEE)
         else:
-            b_dv += mm(decay_to_end(b_k, G, G_last, GATE), b_dh, DT, IEEE)
-            A += mm(b_k, tl.trans(load_rows(q_ptr, row_q, m_t, o_k, m_k, K)), DT, IEEE)  # A^T
+            if HAS_DH:
+                b_dv += mm(decay_to_end(b_k, G, G_last, GATE), b_dh, DT, IEEE)
+            b_qq = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
+            A += mm(b_k, tl.trans(b_qq), DT, IEEE)  # A^T
+            if L2NORM:
+                nq += tl.sum(b_qq * b_qq, axis=1)
+                nk += tl.sum(b_k * b_k, axis=1)
+    if L2NORM:
+        r_k = 1. / tl.sqrt(nk + 1e-6)
+        b_dv = b_dv * r_k[:, None]
+        A = A * (r_k[:, None] * (1. / tl.sqrt(nq + 1e-6))[None, :])
     b_do = load_rows(do_ptr, row, m_t, o_v, m_v, V)
     if GATE == 2:
         A = tl.load(a_ptr + row[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.)
@@ -141,6 +177,9 @@ def _dqk_kernel(
     GATE: tl.constexpr, G_FROM_VS: tl.constexpr, HAS_VS: tl.constexpr, IS_VARLEN: tl.constexpr,
     BT: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
     IEEE: tl.constexpr,
+    # q, k rows L2-normalised in-kernel; dq gets the norm's backward, dk is stored as the gradient
+    # of the normalised k (the delta rule's WY stage adds its part and applies the norm's backward)
+    L2NORM: tl.constexpr = False,
 ):
     i_c, i_hq = tl.program_id(0), tl.program_id(1)
     t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
@@ -153,6 +192,10 @@ def _dqk_kernel(
     row_q = t * HQ + i_hq
     b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
     b_k = load_rows(k_ptr, row_q, m_t, o_k, m_k, K)
+    if L2NORM:
+        r_q = 1. / tl.sqrt(tl.sum(b_q * b_q, axis=1) + 1e-6)
+        b_q = b_q * r_q[:, None]
+        b_k = l2norm_rows(b_k)
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dkT = tl.zeros([BK, BT], dtype=tl.float32)
     b_kT = tl.trans(b_k)
@@ -195,6 +238,8 @@ def _dqk_kernel(
         b_dkT += dk_hT
         b_dq += dq_h
     m_o = m_t[:, None] & m_k[None, :]
+    if L2NORM:
+        b_dq = r_q[:, None] * (b_dq - b_q * tl.sum(b_q * b_dq, axis=1)[:, None])
     tl.store(dq_ptr + row_q[:, None] * K + o_k[None, :], b_dq.to(dq_ptr.dtype.element_ty), mask=m_o)
     tl.store(dk_ptr + row_q[None, :] * K + o_k[:, None], b_dkT.to(dk_ptr.dtype.element_ty),
              mask=m_k[:, None] & m_t[None, :])

@@ -287,3 +287,28 @@ def load_state_block(ptr, p_s, m_s, HAS: tl.constexpr, BK: tl.constexpr, BV: tl.
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
     return S
+
+
+# ---- delta rule (ssm_kernels/delta_rule/chunk.py) ----------------------------------------------
+
+@triton.jit
+def l2norm_rows(x):
+    """Rows of a whole-K tile scaled to unit L2 norm (fla's eps): x / sqrt(|x|^2 + 1e-6)."""
+    return x * (1. / tl.sqrt(tl.sum(x * x, axis=1) + 1e-6))[:, None]
+
+
+@triton.jit
+def mm_wy(a, b, WF32: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+    """Products with the WY pieces (w, T) and the running state. WF32: float32 operands, on tensor
+    cores for 16-bit inputs as tf32 (WF32=1) or 3xtf32 (WF32=2, ~fp32 accuracy, 3x the work);
+    exact fp32 in the interpreter and for float32 inputs; WF32=0: as `mm` (operands rounded to
+    DT)."""
+    if WF32:
+        if IEEE == 0:
+            if WF32 == 2:
+                return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+        else:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return mm(a, b, DT, IEEE)

@@ -19,8 +19,8 @@ import triton.language as tl
 
 from . import common, gla
 from .common import (blocks, causal_decay, chunk_base, chunk_span, chunk_table, decay_rows,
-                     decay_state, decay_to_end, last_row, load_rows, load_v, log_decay_cumsum, mm,
-                     num_chunks, seq_span, state_store_dtype)
+                     decay_state, decay_to_end, l2norm_rows, last_row, load_rows, load_v,
+                     log_decay_cumsum, mm, mm_wy, num_chunks, seq_span, state_store_dtype)
 
 
 @triton.jit
@@ -34,6 +34,11 @@ def _state_kernel(
     GATE: tl.constexpr, G_FROM_VS: tl.constexpr, HAS_VS: tl.constexpr, HAS_H0: tl.constexpr,
     STORE_H: tl.constexpr, IS_VARLEN: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    # delta rule (ssm_kernels/delta_rule/chunk.py): v is u [TOK, H, V] and w_ptr w [TOK, H, K]
+    # of the WY stage; per chunk v_new = u - w S (needs BK >= K: one K tile) is stored to vn_ptr
+    # [TOK, H, V] and used as v; L2NORM: k rows L2-normalised in-kernel
+    w_ptr=None, vn_ptr=None, DELTA: tl.constexpr = False, L2NORM: tl.constexpr = False,
+    WF32: tl.constexpr = False,
 ):
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
@@ -58,6 +63,13 @@ def _state_kernel(
         m_t = t < eos
         b_k = load_rows(k_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
         b_v = load_v(v_ptr, vs_ptr, t * H + i_h, m_t, o_v, m_v, V, HAS_VS)
+        if L2NORM:
+            b_k = l2norm_rows(b_k)
+        if DELTA:
+            b_w = load_rows(w_ptr, t * H + i_h, m_t, o_k, m_k, K)
+            b_v = b_v - mm_wy(b_w, S, WF32, DT, IEEE)
+            tl.store(vn_ptr + (t * H + i_h)[:, None] * V + o_v[None, :],
+                     b_v.to(vn_ptr.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         G = log_decay_cumsum(g_ptr, vs_ptr, A_ptr, t * H + i_h, i_h, m_t, o_k, m_k, K, GATE,
                              G_FROM_VS, BT)
         G_last = last_row(G, o_t, GATE, BT)
@@ -74,6 +86,7 @@ def _output_kernel(
     T, NT, H, HQ, K, V, scale,
     GATE: tl.constexpr, G_FROM_VS: tl.constexpr, HAS_VS: tl.constexpr, IS_VARLEN: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    L2NORM: tl.constexpr = False,   # q, k rows L2-normalised (row scales applied after the K loop)
 ):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hq = i_h // (H // HQ)
@@ -91,6 +104,9 @@ def _output_kernel(
                          G_FROM_VS, BT)
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     A = tl.zeros([BT, BT], dtype=tl.float32)
+    if L2NORM:
+        nq = tl.zeros([BT], dtype=tl.float32)
+        nk = tl.zeros([BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -102,11 +118,19 @@ def _output_kernel(
             b_o += mm(b_q * tl.exp2(Gk), b_h, DT, IEEE)
         else:
             b_o += mm(decay_rows(b_q, G, GATE), b_h, DT, IEEE)
-            A += mm(b_q, tl.trans(load_rows(k_ptr, row_q, m_t, o_k, m_k, K)), DT, IEEE)
+            b_kk = load_rows(k_ptr, row_q, m_t, o_k, m_k, K)
+            A += mm(b_q, tl.trans(b_kk), DT, IEEE)
+            if L2NORM:
+                nq += tl.sum(b_q * b_q, axis=1)
+                nk += tl.sum(b_kk * b_kk, axis=1)
     if GATE == 2:
         A = tl.load(a_ptr + row[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.)
     else:
         A = causal_decay(A, G, o_t, GATE) * scale
+    if L2NORM:
+        r_q = 1. / tl.sqrt(nq + 1e-6)
+        A = A * (r_q[:, None] * (1. / tl.sqrt(nk + 1e-6))[None, :])
+        b_o = b_o * r_q[:, None]
     b_v = load_v(v_ptr, vs_ptr, row, m_t, o_v, m_v, V, HAS_VS)
     b_o = b_o * scale + mm(A, b_v, DT, IEEE)
     tl.store(o_ptr + row[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),

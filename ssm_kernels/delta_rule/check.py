@@ -1,6 +1,9 @@
 """`python -m ssm_kernels check` for the delta rule: fresh random inputs, odd length, grouped value
 heads, gate, in-kernel L2 norm, initial/final state, forward and every gradient, the decoding form,
-each dtype the backend serves, against the float64 recurrence."""
+each dtype the backend serves, against the float64 recurrence. On the Triton backend the chunk_*
+forms run the chunked WY kernels (gated and ungated both checked), the decoding form the
+step-by-step kernel. The gradient of g is judged relative to max(|dg|, |q * dq|) (dg_t sums such
+products and can be far smaller than them), 1e-4 in float32, as the chunk engine's tests do."""
 from __future__ import annotations
 
 from typing import List
@@ -8,8 +11,8 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from ..testing import CheckRow, compare
-from .interface import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from ..testing import CheckRow, Verdict, bound_for, compare
+from .interface import chunk_delta_rule, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from .reference import delta_rule_recurrent_ref
 
 NAMES = ["o", "final_state", "grad q", "grad k", "grad v", "grad g", "grad beta",
@@ -25,6 +28,29 @@ def _fwd_bwd(fn, q, k, v, g, beta, h0, cot, cu_seqlens=None, **kw):
 
 def _ref(q, k, v, g, beta, scale, h0, out_final, l2, cu_seqlens):
     return delta_rule_recurrent_ref(q, k, v, g, beta, scale, h0, cu_seqlens, l2)
+
+
+def _fwd_bwd_nogate(fn, q, k, v, beta, h0, cot, cu_seqlens=None, **kw):
+    xs = [x.detach().requires_grad_() for x in (q, k, v, beta, h0)]
+    o, hT = fn(*xs[:4], None, xs[4], True, True, cu_seqlens, **kw)
+    loss = (o * cot[0].to(o.dtype)).sum() + (hT * cot[1].to(hT.dtype)).sum()
+    return [o, hT, *torch.autograd.grad(loss, xs)]
+
+
+def _ref_nogate(q, k, v, beta, scale, h0, out_final, l2, cu_seqlens):
+    return delta_rule_recurrent_ref(q, k, v, None, beta, scale, h0, cu_seqlens, l2)
+
+
+def _judge_dg(name, dg, ref, lowp, q, dq_ref, dtype) -> Verdict:
+    """dg against the float64 reference, relative to max(|dg_ref|, |q * dq_ref|) (L2 norms; dg's
+    rounding error scales with the products it sums), 1e-4 in float32 (as the chunk engine's)."""
+    qn = F.normalize(q.double(), dim=-1, eps=0)           # the check runs with the in-kernel norm
+    den = max(torch.linalg.vector_norm(ref.double()).item(),
+              torch.linalg.vector_norm(qn.cpu() * dq_ref.double().cpu()).item()) or 1.0
+    err = lambda x: (torch.linalg.vector_norm(x.detach().double().cpu() - ref.double().cpu()).item()
+                     / den if torch.isfinite(x).all() else float("inf"))
+    bound = 1e-4 if dtype == torch.float32 else bound_for(dtype, None if lowp is None else err(lowp))
+    return Verdict(name, err(dg), bound)
 
 
 def _plan(backend: str, shapes: list, full: bool):
@@ -76,7 +102,19 @@ def check(backend: str, device: str, full: bool = False) -> List[CheckRow]:
                        None if lowp is None else lowp[0][:, -Ts:]),
                       ("fused_recurrent final_state", state, ref[1],
                        None if lowp is None else lowp[1])]
-        for name, o_, r_, l_ in named:
-            vd = compare(f"{tag} {name}", o_, r_, dtype, l_)
-            rows.append(CheckRow(f"{tag} {name}", backend, str(dtype).replace("torch.", ""), vd))
+        # the ungated form (DeltaNet) on the same inputs
+        tag0 = f"delta_rule K={K} V={V} HV/H={HV // H}{' varlen' if varlen else ''}"
+        out0 = _fwd_bwd_nogate(chunk_delta_rule, q, k, v, beta, h0, cot, cu, backend=backend)
+        ref0 = _fwd_bwd_nogate(_ref_nogate, d(q), d(k), d(v), d(beta), d(h0), cot, cu)
+        low0 = (_fwd_bwd_nogate(_ref_nogate, q, k, v, beta, h0, cot, cu)
+                if dtype in (torch.float16, torch.bfloat16) else None)
+        names0 = [n for n in NAMES if n != "grad g"]
+        named0 = [(f"{tag0} {name}", out0[i], ref0[i], None if low0 is None else low0[i])
+                  for i, name in enumerate(names0)]
+        for name, o_, r_, l_ in [(f"{tag} {n}", o_, r_, l_) for n, o_, r_, l_ in named] + named0:
+            if name.endswith(" grad g"):
+                vd = _judge_dg(name, o_, r_, l_, q, ref[2], dtype)
+            else:
+                vd = compare(name, o_, r_, dtype, l_)
+            rows.append(CheckRow(name, backend, str(dtype).replace("torch.", ""), vd))
     return rows

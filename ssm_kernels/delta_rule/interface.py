@@ -1,14 +1,15 @@
 """The delta rule (DeltaNet, Gated DeltaNet): registered ops -> autograd -> the public functions.
 
 Registered ops (contiguous tensors; g float32/float64 [B, T, HV] or None):
-``ssm_kernels::delta_rule_fwd(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, backend)
--> (o, final_state)``, ``ssm_kernels::delta_rule_bwd(...) -> (dq, dk, dv, dg, dbeta, dh0)`` and the
-in-place decoding update ``ssm_kernels::delta_rule_step_(..., state, ...) -> o`` (mutates state).
+``ssm_kernels::delta_rule_fwd(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, chunked,
+backend) -> (o, final_state)``, ``ssm_kernels::delta_rule_bwd(...) -> (dq, dk, dv, dg, dbeta, dh0)``
+and the in-place decoding update ``ssm_kernels::delta_rule_step_(..., state, ...) -> o`` (mutates
+state).
 
-Status (issue 12): the Triton backend runs the step-by-step kernels for every form, forward and
-backward (the chunked WY kernels on ssm_kernels.chunk are next; plan in bench/NOTES.md). The Triton
-backward holds a head's whole state in one program (K, V <= 128); larger heads fall back to the
-reference's explicit reverse-time loop (`delta_rule_bwd_ref`), correct but slow on the GPU.
+Triton backend: the chunk_* forms (chunked=True) run the chunked WY kernels on the shared engine
+(`delta_rule/chunk.py`, forward and backward, K <= 256); the fused_recurrent_* forms and decoding
+run the step-by-step kernels (`delta_rule/triton.py`), whose backward holds a head's whole state in
+one program (K, V <= 128; larger heads use the reference's explicit reverse-time loop).
 """
 from __future__ import annotations
 
@@ -47,8 +48,11 @@ def _select(backend: str, q: Tensor, v: Tensor) -> str:
 @kernel_op("delta_rule_fwd", mutates_args=())
 def delta_rule_fwd_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Tensor,
                       h0: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float,
-                      use_l2norm: bool, backend: str) -> Tuple[Tensor, Tensor]:
+                      use_l2norm: bool, chunked: bool, backend: str) -> Tuple[Tensor, Tensor]:
     if _select(backend, q, v) == "triton":
+        if chunked:
+            from .chunk import chunk_delta_fwd
+            return chunk_delta_fwd(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm)
         from .triton import recurrent_fwd
         return recurrent_fwd(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm)
     with torch.no_grad():
@@ -61,7 +65,7 @@ def _n_seqs(q, cu_seqlens):
 
 
 @delta_rule_fwd_op.register_fake
-def _(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, backend):
+def _(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, chunked, backend):
     N = _n_seqs(q, cu_seqlens)
     return torch.empty_like(v), q.new_empty((N, v.shape[2], q.shape[3], v.shape[3]),
                                             dtype=state_dtype(q.dtype))
@@ -70,13 +74,18 @@ def _(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, backend):
 @kernel_op("delta_rule_bwd", mutates_args=())
 def delta_rule_bwd_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Tensor,
                       h0: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float,
-                      use_l2norm: bool, do: Tensor, dht: Optional[Tensor], backend: str
-                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      use_l2norm: bool, chunked: bool, do: Tensor, dht: Optional[Tensor],
+                      backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dg, dbeta, dh0); dg is empty when g is None; dh0 [N, HV, K, V] in the
-    state dtype. Triton: the step-by-step backward kernel for K, V <= 128 (the whole state of a
-    head in one program), else the reference's explicit backward."""
-    if (_select(backend, q, v) == "triton"
-            and max(q.shape[-1], v.shape[-1]) <= MAX_BWD_HEAD_DIM):
+    state dtype. Triton: the chunked WY backward (chunked), else the step-by-step backward kernel
+    for K, V <= 128 (the whole state of a head in one program), else the reference's explicit
+    backward."""
+    tri = _select(backend, q, v) == "triton"
+    if tri and chunked:
+        from .chunk import chunk_delta_bwd
+        dq, dk, dv, dg, dbeta, dh0 = chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale,
+                                                     use_l2norm, do, dht)
+    elif tri and max(q.shape[-1], v.shape[-1]) <= MAX_BWD_HEAD_DIM:
         from .triton import recurrent_bwd
         dq, dk, dv, dg, dbeta, dh0 = recurrent_bwd(q, k, v, g, beta, h0, cu_seqlens, scale,
                                                    use_l2norm, do, dht)
@@ -89,7 +98,7 @@ def delta_rule_bwd_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta
 
 
 @delta_rule_bwd_op.register_fake
-def _(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, do, dht, backend):
+def _(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, chunked, do, dht, backend):
     N = _n_seqs(q, cu_seqlens)
     dg = q.new_empty(0, dtype=torch.float32) if g is None else torch.empty_like(g)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg,
@@ -98,9 +107,9 @@ def _(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, do, dht, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, backend = inputs
+    q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, chunked, backend = inputs
     ctx.save_for_backward(q, k, v, g, beta, h0, cu_seqlens)
-    ctx.scale, ctx.use_l2norm, ctx.backend = scale, use_l2norm, backend
+    ctx.scale, ctx.use_l2norm, ctx.chunked, ctx.backend = scale, use_l2norm, chunked, backend
 
 
 def _backward(ctx, do, dht):
@@ -108,9 +117,10 @@ def _backward(ctx, do, dht):
     do = torch.zeros_like(v) if do is None else do.contiguous()
     dht = None if dht is None else dht.contiguous()
     dq, dk, dv, dg, dbeta, dh0 = delta_rule_bwd_op(q, k, v, g, beta, h0, cu_seqlens, ctx.scale,
-                                                   ctx.use_l2norm, do, dht, ctx.backend)
+                                                   ctx.use_l2norm, ctx.chunked, do, dht,
+                                                   ctx.backend)
     return (dq, dk, dv, None if g is None else dg, dbeta,
-            None if h0 is None else dh0.to(h0.dtype), None, None, None, None)
+            None if h0 is None else dh0.to(h0.dtype), None, None, None, None, None)
 
 
 delta_rule_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -221,7 +231,9 @@ def _delta_rule(fn, q, k, v, g, beta, scale, initial_state, output_final_state, 
         o = delta_rule_step_op(q, k, v, g, beta, s, cu_seqlens, scale, bool(use_l2norm), backend)
         return o, s
     h0 = None if initial_state is None else initial_state.to(sd).contiguous()
-    o, ht = delta_rule_fwd_op(q, k, v, g, beta, h0, cu_seqlens, scale, bool(use_l2norm), backend)
+    chunked = fn.startswith("chunk")
+    o, ht = delta_rule_fwd_op(q, k, v, g, beta, h0, cu_seqlens, scale, bool(use_l2norm), chunked,
+                              backend)
     return o, (ht if output_final_state else None)
 
 
@@ -246,9 +258,10 @@ _ARGS_DOC = """
     backend: keyword-only. None (env SSM_KERNELS_BACKEND, default "auto"), "auto", "triton" or
         "reference"; an explicit backend that cannot serve the call raises.
 
-    Gradients reach q, k, v, g, beta and initial_state. Until the chunked kernels land, the Triton
-    backend runs the step-by-step kernels for the chunk_* forms too (forward and backward; the
-    backward kernel takes K, V <= 128 and larger heads use the reference's backward loop)."""
+    Gradients reach q, k, v, g, beta and initial_state. On the Triton backend the chunk_* forms
+    run the chunked WY kernels (chunks of 64 steps, 32 for float32 or K > 128) and the
+    fused_recurrent_* forms the step-by-step kernels (their backward takes K, V <= 128; larger
+    heads use the reference's backward loop); both compute the same recurrence."""
 
 _DECODE_DOC = """
     inplace_final_state: keyword-only. True: write the final state into ``initial_state`` (which

@@ -1,6 +1,6 @@
 """Triton kernels of the delta rule: the step-by-step (fused_recurrent) forward and backward, used
-for decoding and, until the chunked WY kernels land (bench/NOTES.md, issue 12), for the chunk_*
-forms too.
+by the fused_recurrent_* forms and decoding (the chunk_* forms run the chunked WY kernels of
+chunk.py).
 
 Backward: one program per (sequence x value head) with the whole [K, V] state (K, V <= 128): a
 forward pass stores the state before every chunk of 16 steps, then the chunks are walked in

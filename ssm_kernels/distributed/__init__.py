@@ -7,33 +7,37 @@ split into contiguous segments over the ranks of a group therefore needs no ring
 values, only one exchange of those two small tensors each way (O(batch x state) bytes, independent
 of length).
 
-Forward, on every rank (`_CPFunction`):
-1. summary: ranks after the first compute their segment's end state from zero (the op itself, or a
-   cheaper state-only form: one matmul for linear attention) and its decay product ``A_r``;
-   the first rank runs the op from the user's initial state and uses its final state.
-2. exchange: one ``all_gather`` of ``(A_r, b_r)``; every rank composes the maps of the ranks before
-   it in float32 (float64 for float64 inputs): ``H_r = A_r H_{r-1} + b_r`` gives its true initial
-   state ``H_{r-1}`` and the global final state ``H_{R-1}``, returned on every rank.
-3. correction: ranks after the first rerun their segment with the true initial state (the public
-   op with ``initial_state=``). Exact, the same kernel and numerics as the single-device call on that
-   segment, any backend. (A closed-form correction, ``h_t += (prod_{s<=t} a_s) h_in`` or
-   ``o_t += scale (q_t * exp(G_t)) S_in``, rounds the outputs twice in low precision and needs a
-   kernel of its own to beat a rerun; it is the next step if the rerun shows in the profile.)
-   The rerun runs inside a private autograd graph kept for the backward.
+Forward (`context_parallel`), with ``pos`` a rank's place in scan order:
+- the first rank (pos 0; it holds the true initial state, zero or the user's) runs the plain op
+  ONCE, under the caller's autograd, and sends its final state; it computes no decay product
+  (nobody reads rank 0's) and builds no private graph: its launches are exactly the plain call's
+  (pinned in tests/test_host_path.py);
+- a later rank first computes its segment's summary WITHOUT outputs: the decay product ``A_r`` and
+  the end state from zero ``b_r`` (a states-only pass: linear_scan's SUMMARY kernel mode, the chunk
+  engine's state pass without its output stage for the linear-attention family and SSD; the op
+  itself from zero for the selective scan, which has no such mode yet);
+- one ``all_gather`` of ``(A_r, b_r)`` (O(batch x state) bytes); every rank composes the maps of
+  the ranks before it in float32 (float64 for float64 inputs): ``H_r = A_r H_{r-1} + b_r`` gives its
+  true initial state ``H_{r-1}`` and the global final state ``H_{R-1}``, returned on every rank;
+- a later rank then runs the op once from ``H_{pos-1}`` (exact: the same kernels and numerics as a
+  single-device call on that segment).
+An autograd node (`_CPNode`) placed after the op carries the backward exchange.
 
-Backward, the same right to left:
-1. adjoint summary: the gradient reaching this rank's initial state through its own outputs,
-   ``mu_r`` (linear attention: one matmul ``sum_t scale (q_t e^{G_t})^T do_t``; other ops: a
-   backward of the private graph with a zero final-state gradient);
-2. exchange: one ``all_gather`` of ``(mu_r, dL/dFinal_r)``; then ``lambda_{R-1} = sum_r
-   dL/dFinal_r`` (every rank returns the final state; their gradients add) and ``lambda_{r-1} =
-   mu_r + conj(A_r) lambda_r`` give ``lambda_r = dL/dH_r``;
-3. one backward of the private graph with ``(dL/dout, lambda_r)``: every input gradient is rounded
-   once, as in the single-device call, and the first rank's gives the initial state's gradient.
+Backward, right to left, inside that node:
+1. adjoint summary ``mu_r`` = dL/dh_in through this rank's outputs alone (later ranks only): a
+   states-only reverse pass reading (a, dout) for linear_scan, (q, do, g) for the linear-attention
+   family (the engine's `_state_grad_kernel` with STORE_DH=False), (C, dy * silu(z), dt) for SSD;
+   the selective scan and normalized linear attention use a backward of the op instead;
+2. one ``all_gather`` of ``(mu_r, dL/dFinal_r)``; ``lambda_{R-1} = sum_r dL/dFinal_r`` (every rank
+   returns the final state; their gradients add) and ``lambda_{r-1} = mu_r + conj(A_r) lambda_r``;
+3. the node hands ``lambda_pos`` to the op's local final state and autograd runs the op's own
+   backward ONCE with ``(dL/dout, lambda_pos)``: every input gradient is rounded once, as in the
+   single-device call, deterministic, and the first rank's gives the initial state's gradient.
 
-Cost per rank after the first: two local forwards (the summary one cheaper for linear attention),
-two local backwards (one plus a matmul for linear attention); the first rank: one of each. One
-``all_gather`` of O(batch x state) each way per call.
+Cost per call: first rank = the plain call + one all_gather each way (+ a state-sized copy each
+way to pack it). Later ranks = plain + one states-only forward pass (reads the inputs that build
+the state once, writes O(state)) + one states-only backward pass (reads q/C/a and dout once);
+the selective scan's later ranks pay a second forward and a second backward.
 
 Contract (`process_group=` on the public ops):
 - the time axis of every time-indexed input is this rank's contiguous segment of one global
@@ -49,8 +53,11 @@ Contract (`process_group=` on the public ops):
   g_gamma) gets this rank's share of its gradient: all-reduce it (DDP/FSDP over the group do that);
 - packed variable-length batches (``cu_seqlens``) are refused; eager only (no torch.compile).
 
-Adding an op: name its tensors, write its local call (the public op with ``initial_state=``) and its
-decay product, and hand them to `context_parallel` (`cp_linear_scan` is the smallest example).
+Adding an op: name its tensors, write its local call (the public op with ``initial_state=``), its
+states-only summary (decay product, end state from zero), the decay product's shape and, where one
+exists, its adjoint summary, and hand them to `context_parallel` (see `cp_chunk_gla`).
+
+Benchmarks: ``core._SIMULATE_LATER`` makes a group of one play a later rank (bench/gpu_cp.py).
 
 This module is imported only when a ``process_group`` is given.
 """

@@ -1,4 +1,4 @@
-"""The op-independent part of context parallelism: the exchange, its autograd, the recipe
+"""The op-independent part of context parallelism: the exchange, its autograd node, the recipe
 (`context_parallel`). See the package docstring for the algorithm and the contract."""
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from torch import Tensor
 
 from ..validation import checks_values
 
-# Benchmarks only: make the first rank do the work of a later one (summary pass + rerun), so a group
-# of one measures what every rank but the first pays. Results stay right only without initial state.
-_FORCE_CORRECTION = False
+# Benchmarks only: make a group of one behave like a later rank whose preceding ranks ended in the
+# given states (one tensor per state, or None: off). The rank then runs the later-rank path (summary
+# from zero, exchange, output pass from these states; backward: adjoint, exchange, one backward) and
+# its results equal the plain call with initial_state = these states.
+_SIMULATE_LATER: Optional[Sequence[Tensor]] = None
 
 
 # ---- group helpers ----------------------------------------------------------------------------
@@ -33,95 +35,122 @@ def _position(group, reverse: bool) -> Tuple[int, int]:
     return (world - 1 - rank if reverse else rank), world
 
 
-class _Packer:
-    """Flattens a list of tensors (complex as (re, im) pairs) into one real buffer and back."""
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype in (torch.float64, torch.complex128):
+        return dtype
+    return torch.complex64 if dtype.is_complex else torch.float32
 
-    def __init__(self, like: Sequence[Tensor], cdtype: torch.dtype):
-        self.shapes = [t.shape for t in like]
-        self.dtypes = [t.dtype for t in like]
-        self.real = torch.float64 if cdtype in (torch.float64, torch.complex128) else torch.float32
-        self.sizes = [t.numel() * (2 if t.is_complex() else 1) for t in like]
 
-    def pack(self, tensors: Sequence[Tensor]) -> Tensor:
-        cplx = torch.complex128 if self.real == torch.float64 else torch.complex64
-        return torch.cat([torch.view_as_real(t.to(cplx).contiguous()).reshape(-1) if t.is_complex()
-                          else t.to(self.real).reshape(-1) for t in tensors])
+def _real(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
 
-    def unpack(self, buf: Tensor) -> List[Tensor]:
-        out = []
-        for piece, shape, dtype in zip(buf.split(self.sizes), self.shapes, self.dtypes):
+
+class _Layout:
+    """Where each tensor of one exchange sits in a flat real buffer (complex as (re, im) pairs).
+    Every rank builds the same layout from shapes alone, so a rank that has no value for a slot
+    (the first rank's decay products, which nobody reads) leaves it unwritten."""
+
+    def __init__(self, shapes: Sequence[torch.Size], dtypes: Sequence[torch.dtype]):
+        self.shapes, self.dtypes = list(shapes), list(dtypes)
+        self.real = _real(dtypes[0])
+        self.offsets, off = [], 0
+        for s, d in zip(shapes, dtypes):
+            n = s.numel() * (2 if d.is_complex else 1)
+            self.offsets.append((off, n))
+            off += n
+        self.total = off
+
+    def pack(self, like: Tensor, tensors: Sequence[Optional[Tensor]]) -> Tensor:
+        buf = like.new_empty((self.total,), dtype=self.real)
+        for (off, n), shape, dtype, t in zip(self.offsets, self.shapes, self.dtypes, tensors):
+            if t is None:
+                continue
+            dst = buf[off:off + n]
             if dtype.is_complex:
-                piece = torch.view_as_complex(piece.view(*shape, 2))
-            out.append(piece.view(shape))
+                torch.view_as_complex(dst.view(*shape, 2)).copy_(t)
+            else:
+                dst.view(shape).copy_(t)
+        return buf
+
+    def unpack(self, part: Tensor) -> List[Tensor]:
+        out = []
+        for (off, n), shape, dtype in zip(self.offsets, self.shapes, self.dtypes):
+            piece = part[off:off + n]
+            out.append(torch.view_as_complex(piece.view(*shape, 2)) if dtype.is_complex
+                       else piece.view(shape))
         return out
 
 
-def _all_gather(group, buf: Tensor) -> List[Tensor]:
+def _all_gather(group, buf: Tensor) -> Tensor:
     """One collective into one flat buffer (all_gather_single; all_gather_into_tensor before
-    torch 2.13), split into the ranks' parts."""
+    torch 2.13): returns [world, numel]."""
     world = dist.get_world_size(group)
     out = buf.new_empty((world * buf.numel(),))
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    gather(out, buf.contiguous().view(-1), group=group)
-    return list(out.view(world, -1).unbind(0))
-
-
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    if t.dtype in (torch.float64, torch.complex128):
-        return t.dtype
-    return torch.complex64 if t.is_complex() else torch.float32
+    gather(out, buf, group=group)
+    return out.view(world, -1)
 
 
 # ---- the exchange ------------------------------------------------------------------------------
 
-def _exchange_forward(group, pos: int, world: int, reverse: bool, A_loc, b_loc):
-    """A_loc: per state, this segment's decay product (broadcastable to the state) or None (A = 1);
-    b_loc: per state, its end state from zero (from the initial state on the first rank).
-    Returns (h_in per state, global final per state, every rank's A per state in scan order),
-    composed in float32 (float64 for float64 states); one all_gather."""
-    n = len(b_loc)
-    cd = [_compute_dtype(b) for b in b_loc]
-    A_loc = [None if A is None else A.to(c) for A, c in zip(A_loc, cd)]
-    b_loc = [b.to(c) for b, c in zip(b_loc, cd)]
-    sent = [A for A in A_loc if A is not None] + b_loc
-    packer = _Packer(sent, cd[0])
-    parts = [packer.unpack(p) for p in _all_gather(group, packer.pack(sent))]
-    if reverse:
+def _exchange_forward(spec, A_loc, b_loc):
+    """A_loc: per state, this segment's decay product (broadcastable to the state; None on the
+    first rank, which sends none because nobody reads it); b_loc: per state, the end state from
+    zero (from the initial state on the first rank). One all_gather.
+    Returns (h_in per state (None on the first rank), global final per state, every rank's
+    decay products per state in scan order), composed in float32 (float64 for float64 states)."""
+    n, A_shapes = spec.n, spec.A_shapes
+    shapes = [s for s in A_shapes if s is not None] + [b.shape for b in b_loc]
+    cds = [_compute_dtype(b.dtype) for b in b_loc]
+    dtypes = [c for s, c in zip(A_shapes, cds) if s is not None] + cds
+    lay = _Layout(shapes, dtypes)
+    A_send = [None] * (len(shapes) - n) if A_loc is None else \
+        [A for A, s in zip(A_loc, A_shapes) if s is not None]
+    gathered = _all_gather(spec.group, lay.pack(b_loc[0], A_send + list(b_loc)))
+    parts = [lay.unpack(gathered[r]) for r in range(gathered.shape[0])]
+    if spec.reverse:
         parts = parts[::-1]  # scan order
-    n_A = len(sent) - n
+    n_A = len(shapes) - n
+    pos, world, sim = spec.pos, spec.world, spec.sim
     h_in, finals, As = [], [], []
     j = 0
     for i in range(n):
-        if A_loc[i] is None:
+        if A_shapes[i] is None:
             Ai = [None] * world
         else:
             Ai = [p[j] for p in parts]
             j += 1
         bi = [p[n_A + i] for p in parts]
-        H = torch.zeros_like(b_loc[i])
+        # H_r = A_r H_{r-1} + b_r; the first rank's b already holds its initial state
+        H = None if sim is None else sim[i].to(cds[i])
         for r in range(world):
             if r == pos:
                 h_in.append(H)
-            H = bi[r] if r == 0 else (bi[r] + (H if Ai[r] is None else Ai[r] * H))
+            H = bi[r] if H is None else (bi[r] + (H if Ai[r] is None else Ai[r] * H))
         finals.append(H)
         As.append(Ai)
     return h_in, finals, As
 
 
-def _exchange_backward(group, pos: int, world: int, reverse: bool, As, mu, d_final):
+def _exchange_backward(spec, As, mu, d_final):
     """The same exchange right to left. mu: per state, dL/dh_in of this rank through its own
-    outputs; d_final: per state, the gradient of this rank's copy of the global final state.
-    Returns lambda_pos = dL/dH_pos per state: lambda_{R-1} = sum over ranks of d_final,
-    lambda_{r-1} = mu_r + conj(A_r) lambda_r."""
-    n = len(mu)
-    packer = _Packer(list(mu) + list(d_final), mu[0].dtype)
-    parts = [packer.unpack(p) for p in _all_gather(group, packer.pack(list(mu) + list(d_final)))]
-    if reverse:
+    outputs (None on the first rank: nobody reads it); d_final: per state, the gradient of this
+    rank's copy of the global final state. Returns lambda_pos = dL/dH_pos per state:
+    lambda_{R-1} = sum over ranks of d_final, lambda_{r-1} = mu_r + conj(A_r) lambda_r."""
+    n = spec.n
+    cds = [_compute_dtype(d.dtype) for d in d_final]
+    lay = _Layout(spec.state_shapes * 2, cds * 2)
+    send = ([None] * n if mu is None else list(mu)) + list(d_final)
+    gathered = _all_gather(spec.group, lay.pack(d_final[0], send))
+    parts = [lay.unpack(gathered[r]) for r in range(gathered.shape[0])]
+    if spec.reverse:
         parts = parts[::-1]
     lams = []
     for i in range(n):
-        lam = sum(p[n + i] for p in parts)
-        for r in range(world - 1, pos, -1):
+        lam = parts[0][n + i]
+        for p in parts[1:]:
+            lam = lam + p[n + i]
+        for r in range(spec.world - 1, spec.pos, -1):
             A = As[i][r]
             lam = parts[r][i] + (lam if A is None else A.conj() * lam)
         lams.append(lam)
@@ -129,76 +158,40 @@ def _exchange_backward(group, pos: int, world: int, reverse: bool, As, mu, d_fin
 
 
 class _Spec:
-    """What `_CPFunction` needs besides tensors (closures, group, position)."""
+    """What `_CPNode` needs besides tensors (closures, group, position, saved inputs)."""
 
     def __init__(self, **kw):
         self.__dict__.update(kw)
 
 
-class _CPFunction(torch.autograd.Function):
-    """One op over a sequence split across a group. Forward: summary from zero (no graph), the
-    exchange, then the local op from the true initial states inside a private autograd graph.
-    Backward: this rank's adjoint summary (the gradient reaching its initial states from its own
-    outputs; ranks after the first), the reverse exchange, then ONE backward of the private graph
-    with the true final-state gradient lambda, so every gradient is rounded once, as in the
-    single-device call."""
+class _CPNode(torch.autograd.Function):
+    """The backward exchange, placed after this rank's single local op call: its inputs are the
+    op's output and its local final states, its outputs the output (an alias) and the global
+    final states. Backward: this rank's adjoint summary mu (later ranks), one all_gather, then
+    the local final states receive lambda = dL/dH_pos and autograd runs the op's own backward
+    once, with (dL/dout, lambda): every gradient is rounded once, as in the single-device call."""
 
     @staticmethod
-    def forward(ctx, spec, *tensors):
-        x = dict(zip(spec.keys, tensors))
-        first = spec.pos == 0 and not spec.force
-        # the private graph only when a backward can come (inference builds and keeps nothing)
-        grad = torch.enable_grad if spec.need_grad else torch.no_grad
-        leaves = {k: None if t is None else t.detach().requires_grad_(t.requires_grad)
-                  for k, t in x.items()} if spec.need_grad else x
-        h_leaves = None
-        if first:
-            with grad():
-                out, fin_loc = spec.local(leaves, tuple(leaves.get(k) for k in spec.h0_keys))
-            b = [f.detach() for f in fin_loc]
-        else:
-            b = spec.summarize(x) if spec.summarize is not None else \
-                spec.local(x, (None,) * spec.n)[1]
-        A = spec.decays(x)
-        if checks_values(b[0]):
-            sig = tuple(d for t in list(b) + [a for a in A if a is not None]
-                        for d in (len(t.shape), *t.shape))
-            _check_shapes(spec.group, spec.op, sig, b[0].device)
-        h_in, finals, As = _exchange_forward(spec.group, spec.pos, spec.world, spec.reverse, A, b)
-        if not first:
-            h_leaves = [h.to(f.dtype).requires_grad_(spec.need_grad) for h, f in zip(h_in, b)]
-            with grad():
-                out, fin_loc = spec.local(leaves, tuple(h_leaves))
-        ctx.spec, ctx.first, ctx.As = spec, first, As
-        ctx.graph = (out, tuple(fin_loc), leaves, h_leaves) if spec.need_grad else None
-        ctx.fin_dtypes = [f.dtype for f in b]
-        return (out.detach(), *(H.to(f.dtype) for H, f in zip(finals, b)))
+    def forward(ctx, spec, out, *fin_loc):
+        ctx.spec = spec
+        ctx.set_materialize_grads(True)
+        return (out.detach(), *spec.finals)
 
     @staticmethod
     def backward(ctx, dout, *d_final):
         spec = ctx.spec
-        out, fin_loc, leaves, h_leaves = ctx.graph
-        ctx.graph = None
-        if ctx.first:
-            mu = [torch.zeros_like(f, dtype=_compute_dtype(f)) for f in fin_loc]
-        elif spec.adjoint is not None:
-            mu = [m.to(_compute_dtype(f)) for m, f in zip(spec.adjoint(leaves, dout), fin_loc)]
-        else:
-            got = torch.autograd.grad(out, h_leaves, dout, retain_graph=True, allow_unused=True)
-            mu = [torch.zeros_like(h, dtype=_compute_dtype(h)) if g is None else
-                  g.to(_compute_dtype(h)) for g, h in zip(got, h_leaves)]
-        d_final = [d.to(_compute_dtype(f)) for d, f in zip(d_final, fin_loc)]
-        lams = _exchange_backward(spec.group, spec.pos, spec.world, spec.reverse, ctx.As, mu,
-                                  d_final)
-        targets, gouts = [], []
-        for t, g in [(out, dout)] + [(f, lam.to(f.dtype)) for f, lam in zip(fin_loc, lams)]:
-            if t.requires_grad:
-                targets.append(t)
-                gouts.append(g)
-        wanted = [k for k, t in leaves.items() if t is not None and t.requires_grad]
-        grads = dict(zip(wanted, torch.autograd.grad(targets, [leaves[k] for k in wanted], gouts,
-                                                     allow_unused=True))) if targets else {}
-        return (None, *(grads.get(k) for k in spec.keys))
+        mu = None
+        if not spec.first:
+            if spec.adjoint is not None:
+                with torch.no_grad():
+                    mu = spec.adjoint(spec.x, dout)
+            else:   # generic: dL/dh_in through the outputs, a reentrant backward of the op
+                got = torch.autograd.grad(spec.out, spec.h_leaves, dout, retain_graph=True,
+                                          allow_unused=True)
+                mu = [torch.zeros_like(h) if g is None else g for g, h in zip(got, spec.h_leaves)]
+        lams = _exchange_backward(spec, spec.As, mu, d_final)
+        spec.x = spec.out = spec.h_leaves = None
+        return (None, dout, *(lam.to(dt) for lam, dt in zip(lams, spec.fin_dtypes)))
 
 
 def _check_shapes(group, op: str, sig: Tuple[int, ...], device) -> None:
@@ -213,30 +206,66 @@ def _check_shapes(group, op: str, sig: Tuple[int, ...], device) -> None:
 
 
 def context_parallel(op: str, group, inputs: Dict[str, Optional[Tensor]], *, local: Callable,
-                     decays: Callable, h0_keys: Sequence[str], reverse: bool = False,
-                     summarize: Optional[Callable] = None, adjoint: Optional[Callable] = None):
+                     summary: Callable, decay_shapes: Sequence[Optional[torch.Size]],
+                     h0_keys: Sequence[str], reverse: bool = False,
+                     adjoint: Optional[Callable] = None):
     """Run one op over a sequence split across `group` (the recipe every CP op follows).
 
     inputs: every tensor the op reads (None for absent ones), by name; gradients flow to these.
-    local(x, h0s) -> (out, finals): the op on this segment (x: `inputs` as given or as graph
-        leaves) from initial states h0s (a tuple, None entries meaning zeros); finals a tuple of
-        the end states, differentiable.
-    decays(x) -> tuple: per state, the segment's decay product (broadcastable to the state; None
-        for no decay). Called without gradient.
+    local(x, h0s) -> (out, finals): the op on this segment from initial states h0s (a tuple, None
+        entries meaning zeros); finals a tuple of the end states (float32/64, complex64/128),
+        differentiable. Called exactly once per rank, under the caller's autograd.
+    summary(x) -> (decays, ends): per state, the segment's decay product (broadcastable to the
+        state, shape `decay_shapes[i]`; None where that is None, i.e. no decay) and its end state
+        from zero, without outputs (a states-only pass). Later ranks only, no gradient.
+    decay_shapes: per state, the shape of the decay product (None: no decay); every rank knows
+        it from shapes alone, so the first rank computes no decay product.
     h0_keys: the names in `inputs` of the user's initial states, one per state (the first rank in
         scan order reads them; a missing name means zeros).
-    summarize(x) -> finals from zero, if cheaper than `local` (no gradient needed).
-    adjoint(x, dout) -> per state, dL/dh0 through `out` alone (linear in dout), if cheaper than a
-        backward of `local` (no gradient needed).
+    adjoint(x, dout) -> per state, dL/dh0 through `out` alone (linear in dout), without a full
+        backward (later ranks). None: a reentrant backward of the op's output computes it.
     Returns (out, global finals tuple).
     """
     pos, world = _position(group, reverse)
-    keys = tuple(inputs)
+    sim = _SIMULATE_LATER
+    first = pos == 0 and sim is None
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in inputs.values())
-    spec = _Spec(op=op, group=group, pos=pos, world=world, reverse=bool(reverse), keys=keys,
-                 local=local, decays=decays, h0_keys=tuple(h0_keys), n=len(h0_keys),
-                 summarize=summarize, adjoint=adjoint, force=_FORCE_CORRECTION,
-                 need_grad=need_grad)
-    res = _CPFunction.apply(spec, *(inputs[k] for k in keys))
+    spec = _Spec(op=op, group=group, pos=pos, world=world, reverse=bool(reverse), n=len(h0_keys),
+                 A_shapes=list(decay_shapes), first=first, sim=sim, adjoint=adjoint)
+    h_leaves = None
+    if first:
+        out, fin = local(inputs, tuple(inputs.get(k) for k in h0_keys))
+        b = [f.detach() for f in fin]
+        A = None
+    else:
+        with torch.no_grad():
+            A, b = summary({k: None if t is None else t.detach() for k, t in inputs.items()})
+        got = [None if a is None else tuple(a.shape) for a in A]
+        if got != [None if s is None else tuple(s) for s in decay_shapes]:
+            raise RuntimeError(f"{op}: internal: decay product shapes {got} != declared "
+                               f"{list(decay_shapes)}")
+    spec.state_shapes = [f.shape for f in b]
+    if checks_values(b[0]):
+        sig = tuple(d for s in spec.state_shapes + [s for s in decay_shapes if s is not None]
+                    for d in (len(s), *s))
+        _check_shapes(group, op, sig, b[0].device)
+    h_in, finals, As = _exchange_forward(spec, A, b)
+    if not first:
+        # with an adjoint the incoming states are constants here (their gradient travels through
+        # the exchange); without one, leaves for the reentrant backward
+        generic = need_grad and adjoint is None
+        h_leaves = [h.to(f.dtype).requires_grad_(generic) for h, f in zip(h_in, b)]
+        out, fin = local(inputs, tuple(h_leaves))
+        if not generic:
+            h_leaves = None
+    finals = [H.to(f.dtype) for H, f in zip(finals, b)]
+    if not need_grad:
+        return out, tuple(finals)
+    spec.finals, spec.As = finals, As
+    spec.fin_dtypes = [f.dtype for f in fin]
+    spec.x = {k: None if t is None else t.detach() for k, t in inputs.items()} \
+        if adjoint is not None else None
+    spec.out, spec.h_leaves = (out, h_leaves) if h_leaves is not None else (None, None)
+    res = _CPNode.apply(spec, out, *fin)
     return res[0], tuple(res[1:])

@@ -125,9 +125,16 @@ def _rfft(k: torch.Tensor, n: int) -> torch.Tensor:
 
 def filter_spectrum(k: torch.Tensor, n: int) -> torch.Tensor:
     """rfft(k, n) as complex64 [H, n/2 + 1] (k fp32 [H, Lk]), from the cache when valid."""
+    return cached_spectrum(k, n, lambda k: _rfft(k, n))
+
+
+def cached_spectrum(k: torch.Tensor, tag, compute):
+    """compute(k) (a tensor derived from the filter k: its spectrum in some layout), cached under
+    (k's identity, version, layout, `tag`) by the rules above; compute runs under no_grad."""
     if not _cache_enabled or torch.compiler.is_compiling() or _capturing(k.device):
-        return _rfft(k, n)
-    key = (k.data_ptr(), tuple(k.shape), k.stride(), k.dtype, k.device, n, _stream_key(k.device))
+        with torch.no_grad():
+            return compute(k)
+    key = (k.data_ptr(), tuple(k.shape), k.stride(), k.dtype, k.device, tag, _stream_key(k.device))
     hit = _CACHE.get(key)
     if hit is not None:
         ref, version, spec = hit
@@ -135,7 +142,8 @@ def filter_spectrum(k: torch.Tensor, n: int) -> torch.Tensor:
             _CACHE.move_to_end(key)
             return spec
         del _CACHE[key]
-    spec = _rfft(k, n)
+    with torch.no_grad():
+        spec = compute(k)
 
     def _drop(_, key=key):
         entry = _CACHE.get(key)

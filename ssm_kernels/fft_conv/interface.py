@@ -41,12 +41,22 @@ MONARCH_MAX_N = {
     ("fwd", torch.bfloat16): 2048, ("fwd", torch.float16): 2048,
     ("bwd", torch.bfloat16): 0, ("bwd", torch.float16): 0,
 }
-# tests and benchmarks force one path ("cufft" / "monarch"); None: the table decides
+# tests and benchmarks force one path ("cufft" / "monarch" / "monarch16"); None: the table decides
 FORCE_PATH: Optional[str] = None
+# "monarch16" (monarch16.py): the on-chip fp16-tensor-core forward for bf16 / fp16 storage with a
+# power-of-two transform size <= monarch16.MAX_N (8192: L <= 4096 with Lk <= L). Forward only:
+# the backward of such a call runs on whichever path the table above picks (cuFFT), so autograd
+# mixes paths. OFF until bench/gpu_monarch.py has checked and timed it on the GPU; a GPU script
+# switches it with `ssm_kernels.fft_conv.interface.MONARCH16 = True`.
+MONARCH16 = False
 
 
 @functools.lru_cache(maxsize=4096)
-def _auto_path(pass_: str, dtype: torch.dtype, L: int, Lk: int) -> str:
+def _auto_path(pass_: str, dtype: torch.dtype, L: int, Lk: int, monarch16: bool = False) -> str:
+    if monarch16 and pass_ == "fwd" and dtype in (torch.float16, torch.bfloat16):
+        from .monarch16 import supports
+        if supports(L, Lk):
+            return "monarch16"
     from .triton import _prec, plan
     limit = MONARCH_MAX_N.get((pass_, dtype), 0)
     if limit:
@@ -57,10 +67,11 @@ def _auto_path(pass_: str, dtype: torch.dtype, L: int, Lk: int) -> str:
 
 
 def triton_path(pass_: str, u: Tensor, Lk: int) -> str:
-    """The path ("cufft" or "monarch") the Triton backend takes for pass_ ("fwd" / "bwd")."""
+    """The path ("cufft", "monarch" or "monarch16") the Triton backend takes for pass_ ("fwd" /
+    "bwd"); "monarch16" only for the forward, only with MONARCH16 on (or forced)."""
     if FORCE_PATH is not None:
         return FORCE_PATH
-    return _auto_path(pass_, u.dtype, u.shape[-1], Lk)
+    return _auto_path(pass_, u.dtype, u.shape[-1], Lk, MONARCH16)
 
 
 def _f32(x: Optional[Tensor]) -> Optional[Tensor]:
@@ -77,8 +88,11 @@ def _none(x: Tensor) -> Optional[Tensor]:
 def fft_conv_fwd_op(u: Tensor, k: Tensor, D: Optional[Tensor], pre_gate: Optional[Tensor],
                     post_gate: Optional[Tensor], backend: str) -> Tensor:
     if _select("fft_conv", backend, u) == "triton":
-        if triton_path("fwd", u, k.shape[1]) == "cufft":
+        path = triton_path("fwd", u, k.shape[1])
+        if path == "cufft":
             from .cufft import fft_conv_fwd
+        elif path == "monarch16":
+            from .monarch16 import fft_conv_fwd
         else:
             from .triton import fft_conv_fwd
         return fft_conv_fwd(u, _f32(k), _f32(D), pre_gate, post_gate)
@@ -96,7 +110,7 @@ def fft_conv_bwd_op(dy: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor],
                     backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(du, dk, dD, dpre_gate, dpost_gate); an absent input's gradient is an empty tensor."""
     if _select("fft_conv", backend, u) == "triton":
-        if triton_path("bwd", u, k.shape[1]) == "cufft":
+        if triton_path("bwd", u, k.shape[1]) in ("cufft", "monarch16"):  # (no monarch16 backward)
             from .cufft import fft_conv_bwd
         else:
             from .triton import fft_conv_bwd
@@ -142,7 +156,9 @@ def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, pre_gate: Opti
     ``y = y * post_gate``. Linear (not circular): the transform size (>= L + Lk - 1) is picked
     inside, so any L >= 1 works. The Triton backend runs Triton kernels fused around cuFFT
     (torch.fft; an even 7-smooth size) for every dtype and length, and for 16-bit storage at
-    small sizes the tensor-core Monarch kernels where a measured table says they are faster.
+    small sizes the tensor-core Monarch kernels where a measured table says they are faster
+    (with ``interface.MONARCH16`` on: the on-chip fp16-tensor-core forward of monarch16.py for
+    16-bit storage up to a 8192-point transform).
     The filter's spectrum is cached while the same filter tensor is unchanged (its version
     counter; never while capturing a CUDA graph): see ``ssm_kernels.fft_conv.cufft``.
 

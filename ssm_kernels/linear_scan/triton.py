@@ -373,3 +373,51 @@ def linear_scan_bwd(a, h, h0, dh, dhT, reverse: bool):
 
 def _state_view(s: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(s) if s.is_complex() else s
+
+
+# ---- states-only passes (context parallelism: ssm_kernels.distributed) -------------------------
+
+def linear_scan_summary(a: torch.Tensor, b: torch.Tensor, reverse: bool):
+    """The segment's affine map h_in -> A h_in + hT from one states-only pass (SUMMARY: reads a
+    and b once, writes no h). a, b contiguous [P, T, Q]. Returns (A, hT) [P, Q] in the state dtype:
+    A the product of a over time, hT the end state from zero."""
+    P, T, Q = b.shape
+    cplx = b.is_complex()
+    sdt = torch.complex64 if cplx else torch.float32
+    O, C, s_o, s_t, s_c, cfg, chunk, nc, grid = _plan(P, T, Q, cplx, b.element_size(), b.device)
+    ak, bk = (_state_view(x) for x in (a, b)) if cplx else (a, b)
+    sa = torch.empty((O, nc, C), dtype=sdt, device=b.device)
+    sb = torch.empty_like(sa)
+    _linear_scan_fwd_kernel[grid](
+        ak, bk, bk, bk, _state_view(sb), _state_view(sa), T, C, chunk, nc, s_o, s_t, s_c,
+        HAS_H0=False, REVERSE=reverse, COMPLEX=cplx, SUMMARY=True, **cfg)
+    if nc == 1:
+        return sa.view(P, Q), sb.view(P, Q)
+    _, end = linear_scan_fwd(sa, sb, None, reverse)   # compose the chunks' maps
+    return torch.prod(sa, 1).reshape(P, Q), end.reshape(P, Q)
+
+
+def linear_scan_adjoint(a: torch.Tensor, dh: torch.Tensor, reverse: bool):
+    """dL/dh_in through the outputs alone (no gradient at the final state) from one states-only
+    backward pass (SUMMARY: reads a and dh once, writes no da/db): conj(a at the first step) * g
+    there, with g_t = dh_t + conj(a[t_next]) g[t_next]. a, dh contiguous [P, T, Q]; returns
+    [P, Q] in the state dtype."""
+    P, T, Q = dh.shape
+    cplx = dh.is_complex()
+    sdt = torch.complex64 if cplx else torch.float32
+    O, C, s_o, s_t, s_c, cfg, chunk, nc, grid = _plan(P, T, Q, cplx, dh.element_size(), dh.device,
+                                                      backward=True)
+    ak, dhk = (_state_view(x) for x in (a, dh)) if cplx else (a, dh)
+    sa = torch.empty((O, nc, C), dtype=sdt, device=dh.device)
+    sg = torch.empty_like(sa)
+    sgk, sak = (_state_view(x) for x in (sg, sa)) if cplx else (sg, sa)
+    _linear_scan_bwd_kernel[grid](
+        ak, dhk, dhk, dhk, sgk, dhk, dhk, sgk, sak, T, C, chunk, nc, s_o, s_t, s_c,
+        HAS_H0=False, REVERSE=reverse, COMPLEX=cplx, SUMMARY=True, HAS_CARRY=False, **cfg)
+    if nc == 1:
+        g = sg.view(P, Q)
+    else:   # compose the chunks in the backward's order
+        _, g = linear_scan_fwd(sa, sg, None, not reverse)
+        g = g.reshape(P, Q)
+    first = a[:, T - 1 if reverse else 0]
+    return first.conj().to(sdt) * g

@@ -1,0 +1,340 @@
+"""Chunked (WY) Triton path of the delta rule on the shared engine (ssm_kernels/chunk).
+
+Per chunk of BT steps and value head (G_i: cumulative log-decay from the chunk start; k, q L2-
+normalised in-kernel when asked, never stored):
+
+    A = strictly-lower[beta_i e^(G_i - G_j) k_i . k_j],  T = (I + A)^-1
+    W = T diag(beta e^G) K,  U = T diag(beta) V                       (_wy_fwd_kernel)
+    V' = U - W S,  S <- e^(G_last) S + (K e^(G_last - G))^T V'       (engine _state_kernel, DELTA)
+    O = scale (e^G Q S + (Q K^T . e^(G_i - G_j), causal) V')          (engine _output_kernel)
+
+Forward: WY stage -> state scan (stores h and v_new = V') -> output stage. Backward: WY stage
+again (also stores T), state scan again, `_dv_kernel` without its state term (the intra-chunk
+part of dV'), the reverse state-gradient scan with the delta term (engine `_state_grad_kernel`,
+DELTA: dV' = dV'_local + (K e^(G_last - G)) dS, dS <- e^(G_last) dS + scale (Q e^G)^T dO - W^T dV'),
+the engine's `_dqk_kernel` with v := V' (dq, the engine part of dk and dg), and `_wy_bwd_kernel`
+(dW = -dV' S^T, dU = dV' through T to dk, dv, dbeta, dg; sums over the value heads of a q/k group
+inside the program; the L2 norm's backward of k as its epilogue). Deterministic: no atomics.
+
+T = (I + A)^-1 is formed blocked: the 16x16 diagonal blocks D by forward substitution (all blocks at
+once), then T = (I + N)^-1 D with N = D L (L: A below the block diagonal, nilpotent of index
+BT/16): T = (I - N)(I + N^2) D at BT=64, (I - N) D at BT=32.
+
+WU_FLOAT32 (default True): T, W, U (and dV') stay float32 and their products run as tf32 on tensor
+cores for 16-bit inputs; False rounds them to the input dtype (bf16 dots, fla's choice). Measured
+in the interpreter's bf16 emulation (tests/test_delta_rule.py, NOTES): see bench/NOTES.md.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..chunk import common
+from ..chunk.bwd import _dqk_kernel, _dv_kernel, _state_grad_kernel
+from ..chunk.common import chunk_span, l2norm_rows, load_rows, log_decay_cumsum, mm, mm_wy
+from ..chunk.fwd import Plan, _dummy, _output_kernel, _state_kernel
+
+WU_FLOAT32 = True
+# V tile of the two serial scans (state, state gradient), None: min(BLOCK_V, 8192 // K) (a
+# [K, BV] float32 state per program); smaller tiles give more programs (the scans run one per
+# (V tile, sequence x value head)) but re-read w and k per tile. The lead sweeps it on the GPU.
+STATE_BLOCK_V = None
+# the WY products (T, W, U, w S, w^T dv; the WY backward stays tf32: 3xtf32 needs 328 KB of shared
+# memory there) for 16-bit inputs: tf32 (False) or 3xtf32 (True: about fp32 accuracy, 3x the
+# tensor-core work); a knob for the GPU sweep
+WY_TF32X3 = False
+# the inverse's 16x16 diagonal blocks by masked dots instead of 4-d register tensors (fallback)
+WY_INVERSE_DOTS = False
+
+
+@triton.jit
+def tril_inverse(A, o_t, BT: tl.constexpr, WF32: tl.constexpr, DT: tl.constexpr,
+                 IEEE: tl.constexpr, INV_DOTS: tl.constexpr):
+    """(I + A)^-1 for a strictly lower triangular float32 [BT, BT] A (BT = 32 or 64).
+    INV_DOTS: the diagonal blocks by 15 masked [BT, BT] dots instead of the [BT/16, 16, 16]
+    register form (a fallback should a compiler reject the 4-d reshapes; ~30 GFLOP more per
+    B4 T4096 H16 forward)."""
+    NB: tl.constexpr = BT // 16
+    blk = o_t // 16
+    I = tl.where(o_t[:, None] == o_t[None, :], 1., 0.)
+    if INV_DOTS:
+        Adf = tl.where(blk[:, None] == blk[None, :], A, 0.)
+        Df = I
+        for r in tl.static_range(1, 16):
+            # rows r of every block: D_r = e_r - sum_{m < r} A_rm D_m (rows m < r final)
+            Df = Df - mm_wy(tl.where((o_t % 16 == r)[:, None], Adf, 0.), Df, WF32, DT, IEEE)
+    else:
+        ob = tl.arange(0, NB)
+        eyeb = ob[:, None] == ob[None, :]
+        A4 = tl.reshape(A, (NB, 16, NB, 16))
+        Ad = tl.sum(tl.where(eyeb[:, None, :, None], A4, 0.), axis=2)      # [NB, 16, 16] blocks
+        o16 = tl.arange(0, 16)
+        D = tl.broadcast_to(tl.where(o16[:, None] == o16[None, :], 1., 0.)[None, :, :],
+                            (NB, 16, 16))
+        for r in tl.static_range(1, 16):
+            # row r of every block: D_r = e_r - sum_{m < r} A_rm D_m (rows m < r already final)
+            a_r = tl.sum(tl.where((o16 == r)[None, :, None], Ad, 0.), axis=1)  # [NB, 16] over m
+            new = tl.where(o16 == r, 1., 0.)[None, :] - tl.sum(a_r[:, :, None] * D, axis=1)
+            D = tl.where((o16 == r)[None, :, None], new[:, None, :], D)
+        Df = tl.reshape(tl.where(eyeb[:, None, :, None], D[:, :, None, :], 0.), (BT, BT))
+    L = tl.where(blk[:, None] > blk[None, :], A, 0.)
+    N = mm_wy(Df, L, WF32, DT, IEEE)
+    if NB == 2:
+        M = I - N
+    else:
+        N2 = mm_wy(N, N, WF32, DT, IEEE)
+        M = I - N + N2 - mm_wy(N, N2, WF32, DT, IEEE)
+    return mm_wy(M, Df, WF32, DT, IEEE)
+
+
+@triton.jit
+def _wy_fwd_kernel(
+    # k [TOK, HQ, K]; v [TOK, H, V]; g [TOK, H] f32; beta [TOK, H]; outputs w [TOK, H, K],
+    # u [TOK, H, V], Tm [TOK, H, BT] f32 (STORE_T)
+    k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, tm_ptr, ct_ptr, cu_ptr,
+    T, NT, H, HQ, K, V,
+    GATE: tl.constexpr, L2NORM: tl.constexpr, STORE_T: tl.constexpr, WF32: tl.constexpr,
+    IS_VARLEN: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    DT: tl.constexpr, IEEE: tl.constexpr, INV_DOTS: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_hq = i_h // (H // HQ)
+    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    o_t = tl.arange(0, BT)
+    t = t0 + o_t
+    m_t = t < eos
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    row = t * H + i_h
+    b_k = load_rows(k_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
+    if L2NORM:
+        b_k = l2norm_rows(b_k)
+    b_beta = tl.load(beta_ptr + row, mask=m_t, other=0.).to(tl.float32)
+    G = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row, i_h, m_t, o_k, m_k, K, GATE, False, BT)
+    strict = o_t[:, None] > o_t[None, :]
+    KK = mm(b_k, tl.trans(b_k), DT, IEEE)
+    A = tl.where(strict, b_beta[:, None] * KK
+                 * tl.exp2(tl.where(strict, G[:, None] - G[None, :], float("-inf"))), 0.)
+    Tm = tril_inverse(A, o_t, BT, WF32, DT, IEEE, INV_DOTS)
+    if STORE_T:
+        tl.store(tm_ptr + row[:, None] * BT + o_t[None, :], Tm, mask=m_t[:, None])
+    b_w = mm_wy(Tm, b_k * (b_beta * tl.exp2(G))[:, None], WF32, DT, IEEE)
+    tl.store(w_ptr + row[:, None] * K + o_k[None, :], b_w.to(w_ptr.dtype.element_ty),
+             mask=m_t[:, None] & m_k[None, :])
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
+        b_u = mm_wy(Tm, b_v * b_beta[:, None], WF32, DT, IEEE)
+        tl.store(u_ptr + row[:, None] * V + o_v[None, :], b_u.to(u_ptr.dtype.element_ty),
+                 mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _wy_bwd_kernel(
+    # k [TOK, HQ, K]; v [TOK, H, V]; g [TOK, H] f32; beta [TOK, H]; Tm [TOK, H, BT] f32;
+    # h [NCH, H, K, V]; dvn [TOK, H, V] the gradient of V'; dke [TOK, HQ, K] f32 the engine's dk
+    # (of the normalised k); dge [TOK, H] f32 the engine's dg; outputs dk [TOK, HQ, K],
+    # dv [TOK, H, V], dbeta [TOK, H] f32, dg [TOK, H] f32
+    k_ptr, v_ptr, g_ptr, beta_ptr, tm_ptr, h_ptr, dvn_ptr, dke_ptr, dge_ptr,
+    dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, ct_ptr, cu_ptr,
+    T, NT, H, HQ, K, V,
+    GATE: tl.constexpr, L2NORM: tl.constexpr, WF32: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+):
+    i_c, i_hq = tl.program_id(0), tl.program_id(1)
+    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    o_t = tl.arange(0, BT)
+    t = t0 + o_t
+    m_t = t < eos
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
+    row_q = t * HQ + i_hq
+    m_tk = m_t[:, None] & m_k[None, :]
+    b_k = load_rows(k_ptr, row_q, m_t, o_k, m_k, K)
+    if L2NORM:
+        r_k = 1. / tl.sqrt(tl.sum(b_k * b_k, axis=1) + 1e-6)
+        b_k = b_k * r_k[:, None]
+    strict = o_t[:, None] > o_t[None, :]
+    KK = mm(b_k, tl.trans(b_k), DT, IEEE)
+    b_dk = load_rows(dke_ptr, row_q, m_t, o_k, m_k, K)
+    GR = H // HQ
+    for j in range(GR):
+        i_h = i_hq * GR + j
+        row = t * H + i_h
+        b_beta = tl.load(beta_ptr + row, mask=m_t, other=0.).to(tl.float32)
+        G = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row, i_h, m_t, o_k, m_k, K, GATE, False, BT)
+        b_bg = b_beta * tl.exp2(G)
+        # T^T loaded transposed (no dot consumes a transposed dot result)
+        Tt = tl.load(tm_ptr + row[None, :] * BT + o_t[:, None], mask=m_t[None, :], other=0.)
+        X = b_k * b_bg[:, None]
+        p_h = h_ptr + (i_c.to(tl.int64) * H + i_h) * K * V
+        dW = tl.zeros([BT, BK], dtype=tl.float32)
+        dT = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            b_dvn = load_rows(dvn_ptr, row, m_t, o_v, m_v, V)
+            b_hT = tl.load(p_h + o_k[None, :] * V + o_v[:, None],
+                           mask=(o_k < Kc)[None, :] & m_v[:, None], other=0.)
+            b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
+            dW -= mm_wy(b_dvn, b_hT, WF32, DT, IEEE)                           # -dV' S^T
+            dT += mm_wy(b_dvn, tl.trans(b_v * b_beta[:, None]), WF32, DT, IEEE)  # dU Y^T
+        dT += mm_wy(dW, tl.trans(X), WF32, DT, IEEE)                           # dW X^T
+        dX = mm_wy(Tt, dW, WF32, DT, IEEE)
+        b_db = tl.zeros([BT], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            b_dvn = load_rows(dvn_ptr, row, m_t, o_v, m_v, V)
+            b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
+            dY = mm_wy(Tt, b_dvn, WF32, DT, IEEE)
+            tl.store(dv_ptr + row[:, None] * V + o_v[None, :],
+                     (dY * b_beta[:, None]).to(dv_ptr.dtype.element_ty),
+                     mask=m_t[:, None] & m_v[None, :])
+            b_db += tl.sum(dY * b_v, axis=1)
+        # dA = -T^T dT T^T on the strictly lower part; A_ij = beta_i e^(G_i - G_j) k_i . k_j
+        dA = -mm_wy(mm_wy(Tt, dT, WF32, DT, IEEE), Tt, WF32, DT, IEEE)
+        dAE = tl.where(strict, dA * tl.exp2(tl.where(strict, G[:, None] - G[None, :],
+                                                     float("-inf"))), 0.)
+        P = dAE * KK
+        Bm = dAE * b_beta[:, None]
+        xk = tl.sum(dX * b_k, axis=1)
+        b_db += tl.sum(P, axis=1) + tl.exp2(G) * xk
+        # dk_i += sum_j Bm_ij k_j + sum_j Bm_ji k_j + beta_i e^G_i dX_i (the second term as the
+        # transpose of k^T Bm: a transposed dot result only in an elementwise sum)
+        b_dk += (mm_wy(Bm, b_k, WF32, DT, IEEE) + tl.trans(mm_wy(tl.trans(b_k), Bm, WF32, DT, IEEE))
+                 + dX * b_bg[:, None])
+        tl.store(dbeta_ptr + row, b_db, mask=m_t)
+        if GATE == 1:
+            Q = P * b_beta[:, None]
+            dG = tl.sum(Q, axis=1) - tl.sum(Q, axis=0) + b_bg * xk
+            dg = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG           # sum over s >= t
+            dg += tl.load(dge_ptr + row, mask=m_t, other=0.)
+            tl.store(dg_ptr + row, dg, mask=m_t)
+    if L2NORM:
+        b_dk = r_k[:, None] * (b_dk - b_k * tl.sum(b_k * b_dk, axis=1)[:, None])
+    tl.store(dk_ptr + row_q[:, None] * K + o_k[None, :], b_dk.to(dk_ptr.dtype.element_ty),
+             mask=m_tk)
+
+
+# ---- launchers ---------------------------------------------------------------------------------
+
+def _plan(q, v, g, cu_seqlens):
+    p = Plan(q, v, g, cu_seqlens, False)
+    m = p.meta
+    # the delta stages contract the whole K of the state: one K tile (BKF); the scans keep a
+    # [K, BV] float32 state, so BV shrinks for K = 256
+    p.BVs = max(16, min(m["BV"], 8192 // m["BKF"])) if STATE_BLOCK_V is None else STATE_BLOCK_V
+    p.wdtype = torch.float32 if (WU_FLOAT32 or q.dtype == torch.float32) else q.dtype
+    p.wf32 = (2 if WY_TF32X3 else 1) if p.wdtype == torch.float32 else 0
+    p.warps = 8 if m["BKF"] >= 128 else 4
+    return p
+
+
+def _wy(p, k, v, g, beta, l2, store_t):
+    m = p.meta
+    TOK = p.B * p.T
+    w = common.poison(k.new_empty((TOK, p.H, p.K), dtype=p.wdtype))
+    u = common.poison(k.new_empty((TOK, p.H, p.V), dtype=p.wdtype))
+    tm = k.new_empty((TOK, p.H, p.BT), dtype=torch.float32) if store_t else _dummy(k)
+    cu, _, ct = p.idx_args(w)
+    d = _dummy(w)
+    _wy_fwd_kernel[(p.NCH, p.H)](
+        k, v, d if g is None else g, beta, w, u, tm, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
+        GATE=p.gate, L2NORM=l2, STORE_T=store_t, WF32=p.wf32,
+        IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"],
+        INV_DOTS=WY_INVERSE_DOTS, num_warps=p.warps)
+    return w, u, tm
+
+
+def _states(p, k, w, u, g, h0, l2):
+    """h [NCH, HV, K, V], v_new [TOK, HV, V] (input dtype), final states float32."""
+    m = p.meta
+    h = k.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
+    ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
+    vn = common.poison(k.new_empty((p.B * p.T, p.H, p.V), dtype=k.dtype))
+    cu, co, _ = p.idx_args(ht)
+    d = _dummy(ht)
+    _state_kernel[(1, triton.cdiv(p.V, p.BVs), p.N * p.H)](
+        k, u, d if g is None else g, d, d, d if h0 is None else h0, h, ht, cu, co,
+        p.T, p.H, p.HQ, p.K, p.V,
+        GATE=p.gate, G_FROM_VS=False, HAS_VS=False, HAS_H0=h0 is not None, STORE_H=True,
+        IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=p.BVs, DT=m["DT"], IEEE=m["IEEE"],
+        w_ptr=w, vn_ptr=vn, DELTA=True, L2NORM=l2, WF32=p.wf32,
+        num_warps=p.warps, num_stages=1 if m["IEEE"] == 1 else 2)
+    return h, vn, ht
+
+
+def chunk_delta_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool):
+    """Forward. q, k [B, T, H, K]; v [B, T, HV, V]; g None or float32 [B, T, HV]; beta [B, T, HV];
+    h0 None or float32 [N, HV, K, V]; contiguous. Returns (o [B, T, HV, V] in v's dtype, final
+    states float32 [N, HV, K, V])."""
+    p = _plan(q, v, g, cu_seqlens)
+    m = p.meta
+    w, u, _ = _wy(p, k, v, g, beta, l2, False)
+    h, vn, ht = _states(p, k, w, u, g, h0, l2)
+    o = common.poison(torch.empty_like(v))
+    cu, _, ct = p.idx_args(ht)
+    d = _dummy(ht)
+    _output_kernel[(triton.cdiv(p.V, m["BV"]), p.NCH, p.H)](
+        q, k, vn, d if g is None else g, d, d, h, d, o, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
+        float(scale), GATE=p.gate, G_FROM_VS=False, HAS_VS=False, IS_VARLEN=p.varlen,
+        BT=p.BT, BK=m["BK"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], L2NORM=l2,
+        num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
+    return o, ht
+
+
+def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do, dht):
+    """Backward of `chunk_delta_fwd`; do [B, T, HV, V]; dht None or float32 [N, HV, K, V].
+    Returns (dq, dk in q's dtype, dv in v's dtype, dg float32 [B, T, HV] or None, dbeta float32
+    [B, T, HV], dh0 float32 [N, HV, K, V])."""
+    p = _plan(q, v, g, cu_seqlens)
+    m = p.meta
+    TOK = p.B * p.T
+    w, u, tm = _wy(p, k, v, g, beta, l2, True)
+    h, vn, _ = _states(p, k, w, u, g, h0, l2)
+    cu, co, ct = p.idx_args(do)
+    d = _dummy(do)
+    gg = d if g is None else g
+    f32 = dict(dtype=torch.float32)
+    kw = dict(GATE=p.gate, G_FROM_VS=False, IS_VARLEN=p.varlen, BT=p.BT, DT=m["DT"],
+              IEEE=m["IEEE"])
+    # intra-chunk part of dV' (the output's), then the reverse scan with the delta term
+    dvl = common.poison(do.new_empty((TOK, p.H, p.V), **f32))
+    _dv_kernel[(triton.cdiv(p.V, m["BV"]), p.NCH, p.H)](
+        q, k, vn, do, gg, d, d, d, d, dvl, d, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
+        float(scale), HAS_VS=False, BK=m["BK"], BV=m["BV"], HAS_DH=False, L2NORM=l2,
+        num_warps=4, **kw)
+    dh = q.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
+    dh0 = common.poison(q.new_empty((p.N, p.H, p.K, p.V), **f32))
+    dvn = common.poison(do.new_empty((TOK, p.H, p.V), dtype=p.wdtype))
+    _state_grad_kernel[(1, triton.cdiv(p.V, p.BVs), p.N * p.H)](
+        q, do, gg, d, d, d if dht is None else dht, dh, dh0, cu, co,
+        p.T, p.H, p.HQ, p.K, p.V, float(scale), HAS_DHT=dht is not None, BK=m["BKF"], BV=p.BVs,
+        k_ptr=k, w_ptr=w, dvl_ptr=dvl, dvn_ptr=dvn, DELTA=True, L2NORM=l2,
+        WF32=p.wf32, num_warps=p.warps,
+        num_stages=1 if m["IEEE"] == 1 else 2, **kw)   # 3 stages: 262 KB shared memory at BT=64
+    # dq (final), dk of the normalised k and dg through the output and state terms (v := V')
+    dq = common.poison(torch.empty_like(q))
+    dke = common.poison(q.new_empty(q.shape, **f32))
+    dge = common.poison(q.new_empty(v.shape[:3], **f32)) if g is not None else d
+    _dqk_kernel[(p.NCH, p.HQ)](
+        q, k, vn, do, gg, d, d, h, dh, dq, dke, dge, ct, cu,
+        p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale), HAS_VS=False, SUB=m["SUB"],
+        BK=m["BKF"], BV=m["BV"], L2NORM=l2, num_warps=8 if m["BKF"] >= 128 else 4,
+        num_stages=1 if m["IEEE"] == 1 else 3, **kw)   # fp32, K=256: 360 KB shared at 3 stages
+    # the WY stage's backward: dk, dv, dbeta, dg
+    dk = common.poison(torch.empty_like(k))
+    dv = common.poison(torch.empty_like(v))
+    dbeta = common.poison(q.new_empty(v.shape[:3], **f32))
+    dg = common.poison(q.new_empty(v.shape[:3], **f32)) if g is not None else None
+    _wy_bwd_kernel[(p.NCH, p.HQ)](
+        k, v, gg, beta, tm, h, dvn, dke, dge, dk, dv, dbeta, d if dg is None else dg, ct, cu,
+        p.T, p.NT, p.H, p.HQ, p.K, p.V,
+        GATE=p.gate, L2NORM=l2, WF32=min(p.wf32, 1), IS_VARLEN=p.varlen, BT=p.BT,
+        BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], num_warps=p.warps,
+        num_stages=1)   # 3 stages of the V loops: 262 KB of shared memory at BT=64 (> 227 KB)
+    return dq, dk, dv, dg, dbeta, dh0

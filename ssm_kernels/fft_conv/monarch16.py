@@ -1,0 +1,306 @@
+"""fft_conv forward for 16-bit storage, fully on-chip: a two-factor Monarch FFT on tensor cores.
+
+The "monarch16" path of the Triton backend (interface.MONARCH16 switches it on for bf16 / fp16
+forward passes with a power-of-two transform size N <= MAX_N). One program per (channel h,
+slice of the batch) loops over PAIRS of batch rows; each pair is convolved in registers / shared
+memory from the load of u to the store of y (no intermediate touches HBM).
+
+Transform (N = N1 * N2, n = N2 n1 + n2, k = k1 + N1 k2, W = exp(-2 pi i / N)):
+    A[n1, n2] = x[N2 n1 + n2]                          [R1, N2]  (rows n1 >= R1 are zero padding)
+    B = F1[:, :R1] @ A                                 [N1, N2]
+    C = B * T,   T[k1, n2] = W^(k1 n2)                 (twiddle table)
+    X = C @ F2                                         X[k1, k2] = x_hat[k1 + N1 k2]
+The spectrum stays in this permuted (k1, k2) layout; the filter's spectrum is precomputed once
+per (filter version, N) in the same layout (`filter_tables`, cached like cufft.filter_spectrum).
+Inverse, only the rows n1 < R1 that hold outputs t < L:
+    E = (X * K) @ conj(F2),   G = E * conj(T),   y[N2 n1 + n2] = (conj(F1)[:R1, :] @ G) / N
+R1 = N1 / 2 when L <= N / 2 (always for N = next_pow2(L + Lk - 1) with Lk ~ L): the first
+product uses half of F1's columns and the last computes half the rows.
+
+Two real rows share one complex transform: A = va + i vb (the filter is real, so Re and Im of
+the inverse are the two convolutions). Per pair: 4 real dots per complex product, i.e. 2 per row
+(the same count as a real-input first stage / real-output last stage, and half for the middle
+two products).
+
+Precision: every tl.dot takes fp16 operands with fp32 accumulation (bf16's 8-bit mantissa gives
+~4.6e-3 relative error over the four products, fp16 ~5e-4: numbers in bench/NOTES.md). fp16's
+range needs scaling, all by powers of two or folded into tables:
+    A     = va s_a + i vb s_b, s = 2^-e with max|v s| < 1 per row (from the tile's max; exact
+          for bf16 / fp16 data: a power of two); Re / Im of the result are undone separately
+    C     |C| <= R1 (<= 64): cast as is
+    K     the cached spectrum / (max|K| N2) per channel (|K| <= 1 / N2; fp16 table)
+    Y     |Y| <= N/2 / N2 = N1/2: cast as is
+    E, G  |G| = |E| <= N2 N1/2 = N/2: cast as is
+    y     = out * (max|K| N2 / N) / s_row, in fp32, then + D v, * post_gate, cast.
+The three table products stay in fp32 arithmetic: doing them in fp16 (tried) raised the error
+(fp16 storage 3.2-4.8e-4 -> 4.0-6.3e-4) and did not shorten the sm_90 SASS (2514 -> 2594
+instructions at N = 8192: no packed f16x2 math in the wgmma accumulator layout).
+DFT matrices and twiddles are fp16 tables (cached per (N1, N2, device)), loaded from global
+memory every iteration (L2-resident; with the filter table ~176 KB per pair of rows at N = 8192);
+no sin/cos in the kernel.
+Caveat of the pairing: a NaN / inf in one row of a pair also poisons its partner's output.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._config import triton_interpret
+from .._device import sm_count
+from .cufft import _capturing, cached_spectrum
+from .triton import _load_v, _store_y
+
+# largest transform size N served on-chip (L <= 4096 with Lk <= L); above it the cuFFT path
+MAX_N = 8192
+MIN_N = 256  # both factors >= 16 (tl.dot's minimum)
+# tests set this to fill the output with NaN before the kernel writes it
+FILL_NAN = False
+# the compiled kernel of the latest launch (benchmarks read n_regs / n_spills / shared from it)
+last_kernel = None
+
+
+def transform_size(L: int, Lk: int) -> int:
+    """The power of two N >= L + Lk - 1 (linear convolution), at least MIN_N."""
+    return max(MIN_N, 1 << max(0, (L + Lk - 2).bit_length()))
+
+
+def supports(L: int, Lk: int) -> bool:
+    return transform_size(L, Lk) <= MAX_N
+
+
+def split(n: int) -> Tuple[int, int]:
+    """(N1, N2), N1 = 2^ceil(m/2) >= N2: minimises the dot FLOPs 8 N (N1 + 2 N2) per pair
+    with the zero half of the first / last product skipped (N = 8192: 128 x 64)."""
+    lg = n.bit_length() - 1
+    n1 = 1 << ((lg + 1) // 2)
+    return n1, n // n1
+
+
+def rows(n: int, n1: int, L: int) -> int:
+    """R1: data / output rows of the [N1, N2] time tile (N1 / 2 when the signal fits in the first
+    half; tl.dot needs R1 >= 16)."""
+    return n1 // 2 if (L <= n // 2 and n1 >= 32) else n1
+
+
+# ---------------------------------------------------------------------------------------------
+# tables: DFT matrices and twiddles per (N1, N2, device), the filter spectrum per filter version
+# ---------------------------------------------------------------------------------------------
+
+_TABLES: Dict[tuple, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _expi(r: torch.Tensor, c: torch.Tensor, n: int) -> torch.Tensor:
+    """[2, len(r), len(c)] (real, imag) of exp(-2 pi i r c / n), float64, exact index products."""
+    ang = (torch.outer(r, c) % n).to(torch.float64) * (-2.0 * math.pi / n)
+    return torch.stack([torch.cos(ang), torch.sin(ang)])
+
+
+def _make_tables(n1: int, n2: int, device):
+    a = torch.arange(n1, device=device, dtype=torch.int64)
+    b = torch.arange(n2, device=device, dtype=torch.int64)
+    f1, f2, tw = _expi(a, a, n1), _expi(b, b, n2), _expi(a, b, n1 * n2)
+    # conj(T) / N2 (the inverse's twiddle with the stage scale folded in; exact power of two)
+    conj = torch.tensor([1.0, -1.0], device=device, dtype=tw.dtype)[:, None, None]
+    tw = torch.cat([tw, tw * conj])
+    return tuple(t.to(torch.float16).contiguous() for t in (f1, f2, tw))
+
+
+def dft_tables(n1: int, n2: int, device):
+    """(F1 [2, N1, N1], F2 [2, N2, N2], T [4, N1, N2]: T and conj(T)) fp16, (real, imag) pairs,
+    computed once per (N1, N2, device). (conj(T) is a second copy so that the inverse reloads it
+    instead of keeping T live in registers across the product.)
+    While capturing a CUDA graph a missing entry is computed inside the graph and not kept."""
+    key = (n1, n2, str(torch.device(device)))
+    hit = _TABLES.get(key)
+    if hit is None:
+        hit = _make_tables(n1, n2, device)
+        if _capturing(torch.device(device)):
+            return hit
+        _TABLES[key] = hit
+    return hit
+
+
+def _filter_tables(k: torch.Tensor, n1: int, n2: int):
+    n = n1 * n2
+    kf = torch.fft.fft(k.to(torch.float32), n=n)              # [H, N], index k1 + N1 k2
+    kf = kf.view(k.shape[0], n2, n1).transpose(1, 2)          # [H, N1, N2]
+    kmax = kf.abs().amax(dim=(1, 2)).clamp_min(torch.finfo(torch.float32).tiny)
+    ks = kf / (kmax[:, None, None] * n2)  # the inverse's 1/N2 stage scale folded in
+    tab = torch.stack([ks.real, ks.imag], 1).to(torch.float16).contiguous()  # [H, 2, N1, N2]
+    return tab, (kmax * (n2 / n)).contiguous()
+
+
+def filter_tables(k: torch.Tensor, n1: int, n2: int):
+    """(Ks [H, 2, N1, N2] fp16: K / (max|K| N2) in the permuted layout; kscale [H] fp32 =
+    max|K| N2 / N)
+    for k fp32 [H, Lk]; cached across calls while k is unchanged (cufft.cached_spectrum)."""
+    return cached_spectrum(k, ("monarch16", n1, n2), lambda k: _filter_tables(k, n1, n2))
+
+
+# ---------------------------------------------------------------------------------------------
+# kernel
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _cmm(ar, ai, br, bi):
+    """(ar + i ai) @ (br + i bi): fp16 operands, fp32 results."""
+    rr = tl.dot(ar, br, tl.dot(-ai, bi))
+    ri = tl.dot(ar, bi, tl.dot(ai, br))
+    return rr, ri
+
+
+@triton.jit
+def _pow2_scale(amax):
+    """(s, 1/s) with s a power of two and amax * s < 1 (amax >= 0, finite; 0 -> 1)."""
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF)   # biased exponent: amax < 2^(e-126)
+    e = tl.minimum(tl.maximum(e, 1), 252)
+    s = ((253 - e) << 23).to(tl.float32, bitcast=True)     # 2^(126 - e)
+    inv = ((e + 1) << 23).to(tl.float32, bitcast=True)     # 2^(e - 126)
+    return s, inv
+
+
+@triton.jit
+def _cmul_table(xr, xi, t_ptr, p, STRIDE: tl.constexpr):
+    """(xr + i xi) * (t[p] + i t[STRIDE + p]) (an fp16 table) in fp32, cast to fp16 for the
+    next dot."""
+    tr = tl.load(t_ptr + p).to(tl.float32)
+    ti = tl.load(t_ptr + STRIDE + p).to(tl.float32)
+    return (xr * tr - xi * ti).to(tl.float16), (xr * ti + xi * tr).to(tl.float16)
+
+
+@triton.jit
+def _epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p, m, c, b_d,
+              HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr):
+    v = c
+    if HAS_D:  # u (and the pre gate) again: L1 / L2 hits, cheaper than keeping v live
+        _, _, v = _load_v(u_ptr, pre_ptr, p, m, HAS_PRE)
+    _store_y(y_ptr, post_ptr, p, m, c, v, b_d, HAS_D, HAS_POST)
+
+
+@triton.jit
+def _monarch16_fwd_kernel(
+    # pointers: u, pre, post, y [B, H, L] contiguous (16-bit); d [H] fp32;
+    # ks [H, 2, N1, N2] fp16, kscale [H] fp32 (filter_tables); f1 [2, N1, N1], f2 [2, N2, N2],
+    # tw [4, N1, N2] fp16 (dft_tables)
+    u_ptr, pre_ptr, post_ptr, d_ptr, y_ptr, ks_ptr, kscale_ptr, f1_ptr, f2_ptr, tw_ptr,
+    # sizes: rows of one program's slice (even, except the last slice's tail)
+    B, H, L, B_PER,
+    # meta-parameters
+    HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr,
+):
+    i_h, i_s = tl.program_id(0), tl.program_id(1)
+    o_r = tl.arange(0, R1)
+    o_1 = tl.arange(0, N1)
+    o_2 = tl.arange(0, N2)
+    o_t = o_r[:, None] * N2 + o_2[None, :]                  # time index of the [R1, N2] tile
+    m_t = o_t < L
+    p_f1h = o_1[:, None] * N1 + o_r[None, :]                # F1[:, :R1]
+    p_f1g = o_r[:, None] * N1 + o_1[None, :]                # F1[:R1, :] (F1 is symmetric)
+    p_f2 = o_2[:, None] * N2 + o_2[None, :]
+    p_tw = o_1[:, None] * N2 + o_2[None, :]
+    p_ks = i_h.to(tl.int64) * 2 * N1 * N2 + p_tw
+    b_ks = tl.load(kscale_ptr + i_h)
+    b_d = 0.0
+    if HAS_D:
+        b_d = tl.load(d_ptr + i_h)
+    b_start = i_s * B_PER
+    b_end = tl.minimum(b_start + B_PER, B)
+    for i_b in range(b_start, b_end, 2):
+        p_a = (i_b * H + i_h).to(tl.int64) * L + o_t
+        p_b = ((i_b + 1) * H + i_h).to(tl.int64) * L + o_t
+        m_b = o_t < tl.where(i_b + 1 < b_end, L, 0)             # row b+1 may not exist
+        # ---- prologue: v = u * pre_gate, one power-of-two scale per row (the transform is
+        # linear and the filter real, so Re / Im of the result carry each row's own scale)
+        _, _, va = _load_v(u_ptr, pre_ptr, p_a, m_t, HAS_PRE)
+        _, _, vb = _load_v(u_ptr, pre_ptr, p_b, m_b, HAS_PRE)
+        s_a, inv_a = _pow2_scale(tl.max(tl.abs(va)))
+        s_b, inv_b = _pow2_scale(tl.max(tl.abs(vb)))
+        ar = (va * s_a).to(tl.float16)
+        ai = (vb * s_b).to(tl.float16)
+        # ---- forward: B = F1[:, :R1] @ A, C = B * T, X = C @ F2
+        f1r = tl.load(f1_ptr + p_f1h)
+        f1i = tl.load(f1_ptr + N1 * N1 + p_f1h)
+        br, bi = _cmm(f1r, f1i, ar, ai)
+        cr, ci = _cmul_table(br, bi, tw_ptr, p_tw, N1 * N2)
+        f2r = tl.load(f2_ptr + p_f2)
+        f2i = tl.load(f2_ptr + N2 * N2 + p_f2)
+        xr, xi = _cmm(cr, ci, f2r, f2i)
+        # ---- pointwise product with the (max-normalised) filter spectrum
+        yr, yi = _cmul_table(xr, xi, ks_ptr, p_ks, N1 * N2)
+        # ---- inverse: E = Y @ conj(F2), G = E * conj(T), out = conj(F1)[:R1, :] @ G
+        er, ei = _cmm(yr, yi, f2r, -f2i)
+        gr, gi = _cmul_table(er, ei, tw_ptr + 2 * N1 * N2, p_tw, N1 * N2)
+        g1r = tl.load(f1_ptr + p_f1g)
+        g1i = tl.load(f1_ptr + N1 * N1 + p_f1g)
+        outa, outb = _cmm(g1r, -g1i, gr, gi)
+        # ---- epilogue: undo the scales, + D v, * post_gate, cast, store
+        _epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p_a, m_t, outa * (b_ks * inv_a), b_d,
+                  HAS_D, HAS_PRE, HAS_POST)
+        _epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p_b, m_b, outb * (b_ks * inv_b), b_d,
+                  HAS_D, HAS_PRE, HAS_POST)
+
+
+# ---------------------------------------------------------------------------------------------
+# launcher: check, allocate, launch
+# ---------------------------------------------------------------------------------------------
+
+# launch configuration by N (GPU): (num_warps, num_stages[, maxnreg]). One stage: the loop's loads
+# are the L2-resident tables, and pipelining them (Triton's default 3 stages) triples their shared
+# memory. maxnreg caps registers per thread so that more programs share an SM (ptxas otherwise
+# takes up to 255: one 8-warp program per SM); bench/gpu_monarch.py sweeps these.
+LAUNCH = {2048: (4, 1), 4096: (8, 1), 8192: (8, 1)}
+
+
+def _launch(n: int) -> dict:
+    cfg = (1, 1) if triton_interpret() else LAUNCH.get(n, (4, 1))
+    opts = dict(num_warps=cfg[0], num_stages=cfg[1])
+    if len(cfg) > 2 and cfg[2]:
+        opts["maxnreg"] = cfg[2]
+    return opts
+
+
+def _sm_count(device) -> int:
+    if triton_interpret() or device.type != "cuda":
+        return 2
+    return sm_count(device)
+
+
+def batch_split(B: int, H: int, device) -> Tuple[int, int]:
+    """(slices S per channel, rows per slice, even): about two programs per SM; each slice
+    re-reads the tables, so no more slices than needed."""
+    s = max(1, min(-(-B // 2), -(-2 * _sm_count(device) // H)))
+    per = -(-B // s)
+    per += per % 2
+    return -(-B // per), per
+
+
+def fft_conv_fwd(u, k, D, pre, post):
+    """u, pre, post [B, H, L] contiguous, float16 or bfloat16; k [H, Lk] fp32; D [H] fp32 or None."""
+    B, H, L = u.shape
+    Lk = k.shape[1]
+    if u.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"monarch16 fft_conv: u must be float16 or bfloat16, got {u.dtype}")
+    n = transform_size(L, Lk)
+    if n > MAX_N:
+        raise ValueError(f"monarch16 fft_conv: transform size {n} > MAX_N = {MAX_N} (L={L}, Lk={Lk})")
+    n1, n2 = split(n)
+    f1, f2, tw = dft_tables(n1, n2, u.device)
+    ks, kscale = filter_tables(k, n1, n2)
+    if FILL_NAN:
+        y = torch.full_like(u, float("nan"))
+    else:
+        y = torch.empty_like(u)
+    S, per = batch_split(B, H, u.device)
+    dmy = u.new_empty(1)
+    global last_kernel
+    last_kernel = _monarch16_fwd_kernel[(H, S)](
+        u, pre if pre is not None else dmy, post if post is not None else dmy,
+        D if D is not None else kscale, y, ks, kscale, f1, f2, tw, B, H, L, per,
+        HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None,
+        N1=n1, N2=n2, R1=rows(n, n1, L), **_launch(n))
+    return y
