@@ -1,0 +1,362 @@
+// selective scan forward, "lean" variants (issue 9; SSM_KERNELS_SSCAN_VARIANT 2-4, N <= 16).
+//
+// Same recurrence, thread layout and inner loop as selective_scan_fwd.cu (variant 0: kTPC lanes
+// per channel, kNPT states per lane, chunks of 32 steps double-buffered with cp.async), with the
+// per-(d, t) work around the inner loop cut down -- in variant 0 it costs about as many
+// instructions as the recurrence itself (~8 of ~15.6 per update):
+//   - staging: each thread owns fixed raw rows, so the global source pointer, shift and enable
+//     are computed once per sequence (no per-chunk int64 index math, no div/mod by kNV);
+//   - convert: a task is 8 consecutive steps of one row, read with one 16-byte LDS (bf16/fp16;
+//     two for fp32) when the row window is aligned (always when L % 8 == 0 and no varlen),
+//     scalar otherwise; the z gate z sigmoid(z) is computed here and stored with u as a float2
+//     (u, gate) next to (dt, dt u);
+//   - output fused into the compute loop: after the y reduce-scatter, the lane that holds step t
+//     of its channel applies (y + D u) gate and stores it to global memory. This removes the y
+//     tile, its output pass and one of the three barriers per chunk.
+// Arithmetic is the same expression by expression as variant 0 (softplus_fast, sigmoid_fast,
+// fmaf(D, u, y) * gate, the same inner loop and reduce-scatter order), so outputs, final states
+// and checkpoints are meant to be bitwise equal to variant 0 at the same (kNPT, kTPC).
+// Variants: 2 = (kNPT 4, kTPC 4, 128 threads): variant 0's layout; 3 = (8, 2, 64 threads): twice
+// the independent chains per lane, a quarter of the y-reduction work, half the warps; 4 = (2, 8,
+// 128 threads): twice the warps (latency hiding by TLP), more reduction work per update.
+#include "selective_scan/selective_scan.h"
+#include "selective_scan/sscan_common.cuh"
+
+namespace ssm {
+namespace {
+
+using namespace sscan;
+
+template <typename T, int kNPT, int kTPC, int kThr, int kChunk>
+struct LeanLayout {
+  static constexpr int kD = kThr / kTPC;        // channels per block
+  static constexpr int kNP = kNPT * kTPC;       // states per channel, padded
+  static constexpr int kV = 16 / sizeof(T);     // elements per 16-byte vector
+  static constexpr int kRowEl = kChunk + kV;    // raw row: aligned window covering one chunk
+  static constexpr int kNV = kRowEl / kV;
+  static constexpr int kRows = 3 * kD + 2 * kNP;  // u, delta, z (kD each), B, C (kNP each)
+  static constexpr int kRPT = (kRows + kThr - 1) / kThr;  // raw rows staged per thread
+  static constexpr int kG = 8;                  // steps per convert task
+  static constexpr int kDDP = kChunk + 1;       // float2 pitch of (dt, dt u) and (u, gate)
+  static constexpr int kBP = kNP + 4;           // B/C pitch per step (float4 reads)
+  static constexpr int kBC = (kChunk * kBP > kD * kNP) ? kChunk * kBP : kD * kNP;
+  static constexpr size_t kRawBytes = sizeof(T) * kRows * kRowEl;
+  static constexpr size_t kBytes =
+      2 * kRawBytes + 2 * sizeof(float2) * kD * kDDP + sizeof(float) * (2 * kBC + kD);
+  static_assert(kThr % 32 == 0 && 32 % kTPC == 0, "a channel's lanes sit in one warp");
+  static_assert((kNPT == 2 || kNPT % 4 == 0) && kChunk % kTPC == 0 && kChunk % kG == 0, "widths");
+  static_assert((kRowEl * sizeof(T)) % 16 == 0 && (kD * kDDP) % 2 == 0, "16-byte alignment");
+};
+
+// kN consecutive floats from shared memory (16-byte aligned for kN % 4 == 0, 8-byte for kN == 2)
+template <int kN>
+__device__ __forceinline__ void lds_vec(float (&dst)[kN], const float* src) {
+  if constexpr (kN == 2) {
+    const float2 q = *reinterpret_cast<const float2*>(src);
+    dst[0] = q.x; dst[1] = q.y;
+  } else {
+    load_vec(dst, src);
+  }
+}
+
+// 8 consecutive elements of a raw row starting at element `off` of its aligned window, plus the
+// row's shift sh (elements between the window start and the row's first element of the chunk).
+// sh == 0: 16-byte loads (off is a multiple of 8, the row starts 16-byte aligned).
+__device__ __forceinline__ void unpack(const uint4 w, float* v, __nv_bfloat16) {
+  const unsigned q[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // exact, as __bfloat162float
+    v[2 * i] = __uint_as_float(q[i] << 16);
+    v[2 * i + 1] = __uint_as_float(q[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void unpack(const uint4 w, float* v, __half) {
+  const unsigned q[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __half2 h2;
+    memcpy(&h2, &q[i], 4);
+    const float2 f = __half22float2(h2);
+    v[2 * i] = f.x; v[2 * i + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void unpack(const uint4 w, float* v, float) {
+  v[0] = __uint_as_float(w.x); v[1] = __uint_as_float(w.y);
+  v[2] = __uint_as_float(w.z); v[3] = __uint_as_float(w.w);
+}
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* row, int off, int sh, float (&v)[8]) {
+  if (sh == 0) {
+    constexpr int kPer = 16 / sizeof(T);  // elements per uint4
+    const uint4* q = reinterpret_cast<const uint4*>(row + off);
+#pragma unroll
+    for (int k = 0; k < 8 / kPer; ++k) unpack(q[k], v + k * kPer, T{});
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = to_float(row[off + sh + i]);
+  }
+}
+
+template <typename T, int kNPT, int kTPC, int kThr, int kChunk>
+__global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveScanFwdParams p) {
+  using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk>;
+  constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl, kNV = Lay::kNV;
+  constexpr int kRows = Lay::kRows, kRPT = Lay::kRPT, kG = Lay::kG, kDDP = Lay::kDDP;
+  constexpr int kBP = Lay::kBP;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* raw0 = reinterpret_cast<T*>(smem);
+  float2* s_dd = reinterpret_cast<float2*>(smem + 2 * Lay::kRawBytes);  // (dt, dt u) [ch][t]
+  float2* s_ug = s_dd + kD * kDDP;                                       // (u, gate)  [ch][t]
+  float* s_B = reinterpret_cast<float*>(s_ug + kD * kDDP);
+  float* s_C = s_B + Lay::kBC;
+  float* s_bias = s_C + Lay::kBC;
+
+  const int tid = threadIdx.x;
+  const int ch = tid / kTPC, slice = tid % kTPC;
+  const int64_t DG = p.dim / p.groups;
+  const int64_t g = blockIdx.y, s = blockIdx.z;
+  const int64_t dl0 = static_cast<int64_t>(blockIdx.x) * kD;
+  const int64_t d0 = g * DG + dl0;
+  const int nch = static_cast<int>(DG - dl0 < kD ? DG - dl0 : kD);
+  const bool ch_ok = ch < nch;
+  const int64_t d = d0 + ch;
+  const int N = static_cast<int>(p.N);
+  const int64_t L = p.L;
+
+  int64_t bos = 0, Ts = L, b = s, ck0 = s * p.ck_per_batch;
+  if (p.cu_seqlens) {
+    bos = p.cu_seqlens[s];
+    Ts = p.cu_seqlens[s + 1] - bos;
+    b = 0;
+    ck0 = p.ck_offsets ? p.ck_offsets[s] : 0;
+  }
+  const int64_t ubase = (b * p.dim + d0) * L + bos;
+  const int64_t bcbase = ((b * p.groups + g) * p.N) * L + bos;
+  const T* gu = static_cast<const T*>(p.u);
+  const T* gdelta = static_cast<const T*>(p.delta);
+  const T* gz = static_cast<const T*>(p.z);
+  const T* gB = static_cast<const T*>(p.B);
+  const T* gC = static_cast<const T*>(p.C);
+  const bool has_z = gz != nullptr, has_D = p.D != nullptr;
+  // (u, delta, z rows share one shift per channel; B/C rows one per state); L % kV == 0 with
+  // aligned bases makes every shift 0 and every convert load a 16-byte vector
+  const int ush = static_cast<int>(ubase & (kV - 1)), lsh = static_cast<int>(L & (kV - 1));
+  const int bsh = static_cast<int>(bcbase & (kV - 1));
+
+  for (int i = tid; i < kD; i += kThr)
+    s_bias[i] = (p.delta_bias && i < nch) ? p.delta_bias[d0 + i] : 0.f;
+  for (int i = tid; i < kD * kNP; i += kThr) {
+    const int r = i / kNP, n = i % kNP;
+    const bool ok = r < nch && n < N;
+    if (!p.B_var) s_B[i] = ok ? static_cast<const float*>(p.B)[(d0 + r) * p.N + n] : 0.f;
+    if (!p.C_var) s_C[i] = ok ? static_cast<const float*>(p.C)[(d0 + r) * p.N + n] : 0.f;
+  }
+  const float Dv = (has_D && ch_ok) ? p.D[d] : 0.f;
+
+  float a2[kNPT], h[kNPT];
+#pragma unroll
+  for (int k = 0; k < kNPT; ++k) {
+    const int n = slice * kNPT + k;
+    const bool ok = ch_ok && n < N;
+    a2[k] = ok ? p.A[d * p.N + n] * kLog2e : 0.f;
+    h[k] = (ok && p.h0) ? p.h0[(s * p.dim + d) * p.N + n] : 0.f;
+  }
+
+  const int ck_mask = p.ck_len - 1;
+  const int ck_shift = __ffs(p.ck_len) - 1;
+  auto save_ckpt = [&](int64_t t) {
+    if (!ch_ok) return;
+    float* dst = p.ckpt + ((ck0 + (t >> ck_shift)) * p.dim + d) * p.N + slice * kNPT;
+#pragma unroll
+    for (int k = 0; k < kNPT; ++k)
+      if (slice * kNPT + k < N) dst[k] = h[k];
+  };
+
+  // staging: thread owns raw rows tid + k kThr; source = aligned window start of chunk 0
+  const T* srow[kRPT];
+  int rsh[kRPT];
+#pragma unroll
+  for (int k = 0; k < kRPT; ++k) {
+    const int row = tid + k * kThr;
+    srow[k] = nullptr;
+    rsh[k] = 0;
+    if (row >= kRows) continue;
+    const T* src;
+    int64_t e;
+    bool ok;
+    if (row < 3 * kD) {
+      const int kind = row / kD, r = row % kD;
+      src = kind == 0 ? gu : (kind == 1 ? gdelta : gz);
+      ok = r < nch && (kind < 2 || has_z);
+      e = ubase + r * L;
+    } else {
+      const int q = row - 3 * kD, which = q / kNP, n = q % kNP;
+      src = which ? gC : gB;
+      ok = n < N && (which ? p.C_var : p.B_var);
+      e = bcbase + n * L;
+    }
+    if (!ok) continue;
+    rsh[k] = static_cast<int>(e & (kV - 1));
+    srow[k] = src + (e - rsh[k]);
+  }
+  auto stage = [&](int buf, int64_t c0, int len) {
+    T* raw = raw0 + buf * (kRows * kRowEl);
+#pragma unroll
+    for (int k = 0; k < kRPT; ++k) {
+      if (srow[k] == nullptr) continue;
+      T* dst = raw + (tid + k * kThr) * kRowEl;
+      const T* src = srow[k] + c0;
+#pragma unroll
+      for (int j = 0; j < kNV; ++j) {
+        const int valid = rsh[k] + len - j * kV;
+        if (valid <= 0) break;
+        cp_async16(dst + j * kV, src + j * kV, (valid < kV ? valid : kV) * static_cast<int>(sizeof(T)));
+      }
+    }
+  };
+
+  const int64_t nchunks = (Ts + kChunk - 1) / kChunk;
+  const bool ck_on = p.ckpt != nullptr;
+  stage(0, 0, static_cast<int>(Ts < kChunk ? Ts : kChunk));
+  cp_async_commit();
+
+  // compute-phase pointers (fixed per thread)
+  const float2* dd = s_dd + ch * kDDP;
+  const float2* ug = s_ug + ch * kDDP + slice;
+  const float* pB = p.B_var ? s_B + slice * kNPT : s_B + ch * kNP + slice * kNPT;
+  const float* pC = p.C_var ? s_C + slice * kNPT : s_C + ch * kNP + slice * kNPT;
+  const int sBt = p.B_var ? kBP : 0, sCt = p.C_var ? kBP : 0;
+  T* po = static_cast<T*>(p.out) + ubase + ch * L + slice;
+
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t c0 = c * kChunk;
+    const int len = static_cast<int>(Ts - c0 < kChunk ? Ts - c0 : kChunk);
+    const int buf = static_cast<int>(c & 1);
+    const T* raw = raw0 + buf * (kRows * kRowEl);
+    cp_async_wait_all();
+    __syncthreads();  // chunk c landed; chunk c-1's converted tiles are consumed
+    if (c + 1 < nchunks) {
+      const int64_t rest = Ts - c0 - kChunk;
+      stage(buf ^ 1, c0 + kChunk, static_cast<int>(rest < kChunk ? rest : kChunk));
+    }
+    cp_async_commit();
+
+    // ---- convert (dt, dt u), (u, gate): a task is 8 steps of one channel
+    for (int task = tid; task < kD * (kChunk / kG); task += kThr) {
+      const int r = task % kD, t0 = (task / kD) * kG;
+      const int sh = (ush + r * lsh) & (kV - 1);  // == (ubase + r L) mod kV
+      const T* ru = raw + r * kRowEl;
+      float uu[kG], dl[kG], zz[kG];
+      load8(ru, t0, sh, uu);
+      load8(ru + kD * kRowEl, t0, sh, dl);
+      if (has_z) load8(ru + 2 * kD * kRowEl, t0, sh, zz);
+      const float bias = s_bias[r];
+      const bool rok = r < nch;
+      float2* odd = s_dd + r * kDDP + t0;
+      float2* oug = s_ug + r * kDDP + t0;
+#pragma unroll
+      for (int i = 0; i < kG; ++i) {
+        float dt = 0.f, dtu = 0.f, gate = 1.f;
+        if (rok && t0 + i < len) {
+          const float x = dl[i] + bias;
+          dt = p.softplus ? softplus_fast(x) : x;
+          dtu = dt * uu[i];
+          if (has_z) gate = zz[i] * sigmoid_fast(zz[i]);
+        }
+        odd[i] = make_float2(dt, dtu);
+        oug[i] = make_float2(uu[i], gate);
+      }
+    }
+    // ---- B, C as float32 [t][n] (zero past the end and for padded states)
+    if (p.B_var || p.C_var) {
+      for (int task = tid; task < 2 * kNP * (kChunk / kG); task += kThr) {
+        const int n = task % kNP, which = (task / kNP) & 1, t0 = (task / (2 * kNP)) * kG;
+        if (which ? !p.C_var : !p.B_var) continue;
+        float* dst = (which ? s_C : s_B) + n;
+        float v[kG];
+        const bool nok = n < N;
+        if (nok) load8(raw + (3 * kD + which * kNP + n) * kRowEl, t0, (bsh + n * lsh) & (kV - 1), v);
+#pragma unroll
+        for (int i = 0; i < kG; ++i) dst[(t0 + i) * kBP] = (nok && t0 + i < len) ? v[i] : 0.f;
+      }
+    }
+    if (ck_on && (c0 & ck_mask) == 0) save_ckpt(c0);
+    __syncthreads();
+
+    // ---- compute kChunk steps; the lane holding step t of its channel's y writes out[t]
+    {
+      const int lim = ch_ok ? len - slice : 0;  // this lane stores step tg + slice iff tg < lim
+      T* pout = po + c0;
+#pragma unroll
+      for (int tg = 0; tg < kChunk; tg += kTPC) {
+        float yv[kTPC];
+#pragma unroll
+        for (int j = 0; j < kTPC; ++j) {
+          const int t = tg + j;
+          const float2 x = dd[t];
+          float bv[kNPT], cv[kNPT];
+          lds_vec(bv, pB + t * sBt);
+          lds_vec(cv, pC + t * sCt);
+          float y = 0.f;
+#pragma unroll
+          for (int k = 0; k < kNPT; ++k) {
+            h[k] = fmaf(ex2(x.x * a2[k]), h[k], x.y * bv[k]);
+            y = fmaf(cv[k], h[k], y);
+          }
+          yv[j] = y;
+        }
+        reduce_scatter<kTPC>(yv, slice);
+        const float2 q = ug[tg];
+        float y = yv[0];
+        if (has_D) y = fmaf(Dv, q.x, y);
+        y *= q.y;
+        if (tg < lim) pout[tg] = from_float<T>(y);
+      }
+    }
+  }
+  cp_async_wait_all();
+
+  if (ch_ok) {
+    float* dst = p.last + (s * p.dim + d) * p.N + slice * kNPT;
+#pragma unroll
+    for (int k = 0; k < kNPT; ++k)
+      if (slice * kNPT + k < N) dst[k] = h[k];
+  }
+}
+
+template <typename T, int kNPT, int kTPC, int kThr>
+cudaError_t launch_lean(const SelectiveScanFwdParams& p, cudaStream_t stream) {
+  constexpr int kChunk = 32;
+  using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk>;
+  if (p.ckpt && ((p.ck_len % kChunk) != 0 || (p.ck_len & (p.ck_len - 1)) != 0))
+    return cudaErrorInvalidValue;
+  auto kernel = sscan_fwd_lean_kernel<T, kNPT, kTPC, kThr, kChunk>;
+  if (Lay::kBytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Lay::kBytes));
+    if (err != cudaSuccess) return err;
+  }
+  const int64_t DG = p.dim / p.groups;
+  const dim3 grid(static_cast<unsigned>((DG + Lay::kD - 1) / Lay::kD),
+                  static_cast<unsigned>(p.groups), static_cast<unsigned>(p.nseq));
+  kernel<<<grid, kThr, Lay::kBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType dtype, int variant,
+                                         cudaStream_t stream) {
+  if (p.N < 1 || p.N > 16 || variant < 2 || variant > 4) return cudaErrorInvalidValue;
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (variant == 2) err = launch_lean<T, 4, 4, 128>(p, stream);
+    else if (variant == 3) err = launch_lean<T, 8, 2, 64>(p, stream);
+    else err = launch_lean<T, 2, 8, 128>(p, stream);
+  });
+  return err;
+}
+
+}  // namespace ssm
