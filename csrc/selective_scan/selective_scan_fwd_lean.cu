@@ -98,7 +98,9 @@ __device__ __forceinline__ void load8(const T* row, int off, int sh, float (&v)[
   }
 }
 
-template <typename T, int kNPT, int kTPC, int kThr, int kChunk>
+// kBCVar: B and C both time-varying (the Mamba case), known at compile time so the inner loop's
+// B/C tile reads take immediate offsets (no address arithmetic per step); else runtime strides.
+template <typename T, int kNPT, int kTPC, int kThr, int kChunk, bool kBCVar>
 __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveScanFwdParams p) {
   using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk>;
   constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl, kNV = Lay::kNV;
@@ -224,9 +226,10 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
   // compute-phase pointers (fixed per thread)
   const float2* dd = s_dd + ch * kDDP;
   const float2* ug = s_ug + ch * kDDP + slice;
-  const float* pB = p.B_var ? s_B + slice * kNPT : s_B + ch * kNP + slice * kNPT;
-  const float* pC = p.C_var ? s_C + slice * kNPT : s_C + ch * kNP + slice * kNPT;
-  const int sBt = p.B_var ? kBP : 0, sCt = p.C_var ? kBP : 0;
+  const bool B_var = kBCVar || p.B_var, C_var = kBCVar || p.C_var;
+  const float* pB = B_var ? s_B + slice * kNPT : s_B + ch * kNP + slice * kNPT;
+  const float* pC = C_var ? s_C + slice * kNPT : s_C + ch * kNP + slice * kNPT;
+  const int sBt = kBCVar ? kBP : (p.B_var ? kBP : 0), sCt = kBCVar ? kBP : (p.C_var ? kBP : 0);
   T* po = static_cast<T*>(p.out) + ubase + ch * L + slice;
 
   for (int64_t c = 0; c < nchunks; ++c) {
@@ -255,10 +258,12 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
       const bool rok = r < nch;
       float2* odd = s_dd + r * kDDP + t0;
       float2* oug = s_ug + r * kDDP + t0;
-#pragma unroll
-      for (int i = 0; i < kG; ++i) {
+      // every step valid (all but a sequence's last chunk): no per-step test; else steps past
+      // the end get dt = dt u = 0 (h unchanged). Values are those of variant 0 either way.
+      const int nval = rok ? len - t0 : 0;
+      auto one = [&](int i, bool valid) {
         float dt = 0.f, dtu = 0.f, gate = 1.f;
-        if (rok && t0 + i < len) {
+        if (valid) {
           const float x = dl[i] + bias;
           dt = p.softplus ? softplus_fast(x) : x;
           dtu = dt * uu[i];
@@ -266,6 +271,13 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
         }
         odd[i] = make_float2(dt, dtu);
         oug[i] = make_float2(uu[i], gate);
+      };
+      if (nval >= kG) {
+#pragma unroll
+        for (int i = 0; i < kG; ++i) one(i, true);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kG; ++i) one(i, i < nval);
       }
     }
     // ---- B, C as float32 [t][n] (zero past the end and for padded states)
@@ -325,13 +337,13 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
   }
 }
 
-template <typename T, int kNPT, int kTPC, int kThr>
+template <typename T, int kNPT, int kTPC, int kThr, bool kBCVar>
 cudaError_t launch_lean(const SelectiveScanFwdParams& p, cudaStream_t stream) {
   constexpr int kChunk = 32;
   using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk>;
   if (p.ckpt && ((p.ck_len % kChunk) != 0 || (p.ck_len & (p.ck_len - 1)) != 0))
     return cudaErrorInvalidValue;
-  auto kernel = sscan_fwd_lean_kernel<T, kNPT, kTPC, kThr, kChunk>;
+  auto kernel = sscan_fwd_lean_kernel<T, kNPT, kTPC, kThr, kChunk, kBCVar>;
   if (Lay::kBytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Lay::kBytes));
@@ -352,9 +364,13 @@ cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType 
   cudaError_t err = cudaSuccess;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (variant == 2) err = launch_lean<T, 4, 4, 128>(p, stream);
-    else if (variant == 3) err = launch_lean<T, 8, 2, 64>(p, stream);
-    else err = launch_lean<T, 2, 8, 128>(p, stream);
+    const bool v = p.B_var && p.C_var;
+    if (variant == 2) err = v ? launch_lean<T, 4, 4, 128, true>(p, stream)
+                              : launch_lean<T, 4, 4, 128, false>(p, stream);
+    else if (variant == 3) err = v ? launch_lean<T, 8, 2, 64, true>(p, stream)
+                                   : launch_lean<T, 8, 2, 64, false>(p, stream);
+    else err = v ? launch_lean<T, 2, 8, 128, true>(p, stream)
+                 : launch_lean<T, 2, 8, 128, false>(p, stream);
   });
   return err;
 }

@@ -1,0 +1,156 @@
+"""Offline sm_90 audit of the selective-scan CUDA forward variants (no GPU): registers/spills from
+ptxas and SASS instruction counts of the chunk loop's phases, per variant, for one dtype.
+
+    python bench/sscan_sass.py [--dtype bf16|fp16|fp32] [--keep DIR]
+
+Compiles csrc/selective_scan/selective_scan_fwd.cu and selective_scan_fwd_lean.cu with setup.py's
+nvcc flags for sm_90, dumps SASS (cuobjdump from $PATH, $CUDA_HOME/bin or Triton's bundled copy),
+finds the chunk loop (the back edge spanning the loop's BAR.SYNCs) and splits it at its barriers:
+variant 0/1: [stage+convert] BAR [compute] BAR [output]; lean: [stage+convert] BAR [compute+out].
+The compute phase is straight-line code (kChunk steps x kNPT states unrolled), so its static count
+is its per-chunk dynamic count; "instr/update" divides by kChunk * kNPT. The other phases contain
+loops and data-dependent branches: reported as static counts with each inner loop's size.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-arch=sm_90",
+         "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+         "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+TNAME = {"bf16": "13__nv_bfloat16", "fp16": "6__half", "fp32": "f"}
+# variant -> (file, kernel template args after the dtype, kNPT, kTPC, kChunk, threads)
+VARIANTS = {
+    0: ("selective_scan_fwd.cu", "Li4ELi4ELi32ELb0ELi128E", 4, 4, 32, 128),
+    1: ("selective_scan_fwd.cu", "Li8ELi2ELi32ELb0ELi64E", 8, 2, 32, 64),
+    2: ("selective_scan_fwd_lean.cu", "Li4ELi4ELi128ELi32ELb1E", 4, 4, 32, 128),
+    3: ("selective_scan_fwd_lean.cu", "Li8ELi2ELi64ELi32ELb1E", 8, 2, 32, 64),
+    4: ("selective_scan_fwd_lean.cu", "Li2ELi8ELi128ELi32ELb1E", 2, 8, 32, 128),
+}
+INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def cuobjdump() -> str:
+    for c in (shutil.which("cuobjdump"),
+              os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")):
+        if c and os.path.exists(c):
+            return c
+    try:
+        import triton
+        c = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        if os.path.exists(c):
+            return c
+    except ImportError:
+        pass
+    sys.exit("cuobjdump not found")
+
+
+def compile_cu(src: str, out: str) -> dict:
+    """cubin; returns {mangled kernel: (registers, spill stores, spill loads)}."""
+    cmd = ["nvcc", *FLAGS, "-I", os.path.join(ROOT, "csrc"), "-cubin", "-o", out,
+           os.path.join(ROOT, "csrc", "selective_scan", src), "-Xptxas", "-v"]
+    log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    res, cur = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            cur = m.group(1)
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and cur:
+            res.setdefault(cur, [0, 0, 0])[1:] = [int(m.group(1)), int(m.group(2))]
+        m = re.search(r"Used (\d+) registers", line)
+        if m and cur:
+            res.setdefault(cur, [0, 0, 0])[0] = int(m.group(1))
+    return res
+
+
+def functions(sass: str) -> dict:
+    out, cur = {}, None
+    for line in sass.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            cur = m.group(1)
+            out[cur] = []
+            continue
+        m = INSN.search(line)
+        if m and cur:
+            out[cur].append((int(m.group(1), 16), m.group(3), m.group(4)))
+    return out
+
+
+def op(name: str) -> str:
+    return name.split(".")[0]
+
+
+def analyse(insns, kchunk, knpt):
+    addr = [a for a, _, _ in insns]
+    idx = {a: i for i, a in enumerate(addr)}
+    bars = [i for i, (_, o, _) in enumerate(insns) if o.startswith("BAR.SYNC")]
+    backs = []  # (target index, branch index)
+    for i, (a, o, rest) in enumerate(insns):
+        if op(o) == "BRA":
+            m = re.search(r"0x([0-9a-f]+)", rest)
+            if m and int(m.group(1), 16) < a and int(m.group(1), 16) in idx:
+                backs.append((idx[int(m.group(1), 16)], i))
+    loop = max((b for b in backs if sum(b[0] <= x <= b[1] for x in bars) >= 2),
+               key=lambda b: b[1] - b[0])
+    lb = [x for x in bars if loop[0] <= x <= loop[1]]
+    cuts = [loop[0], *lb, loop[1] + 1]
+    phases = []
+    for k in range(len(cuts) - 1):
+        lo, hi = cuts[k], cuts[k + 1]
+        hist = collections.Counter(op(o) for _, o, _ in insns[lo:hi])
+        inner = [(t, b) for t, b in backs if lo <= t and b < hi and (t, b) != loop]
+        phases.append(dict(n=hi - lo, hist=hist, loops=[b - t + 1 for t, b in inner]))
+    return phases
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dtype", default="bf16", choices=list(TNAME))
+    ap.add_argument("--keep", default=None, help="directory to keep cubins/SASS in")
+    a = ap.parse_args()
+    tmp = a.keep or tempfile.mkdtemp(prefix="sscan_sass_")
+    os.makedirs(tmp, exist_ok=True)
+    regs, fns = {}, {}
+    for src in sorted({v[0] for v in VARIANTS.values()}):
+        cub = os.path.join(tmp, src.replace(".cu", ".cubin"))
+        regs.update(compile_cu(src, cub))
+        sass = subprocess.run([cuobjdump(), "-sass", cub], capture_output=True, text=True,
+                              check=True).stdout
+        with open(cub.replace(".cubin", ".sass"), "w") as fh:
+            fh.write(sass)
+        fns.update(functions(sass))
+    print(f"sm_90, {a.dtype}, N <= 16 bucket (SASS under {tmp})\n")
+    print("| variant | (kNPT, kTPC, chunk, threads) | regs / spill B | phase | static instr | "
+          "MUFU | FFMA+FMUL | LDS | SHFL | FSEL | instr/update | inner loops (sizes) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for v, (src, targs, knpt, ktpc, kchunk, thr) in VARIANTS.items():
+        name = next((f for f in fns if TNAME[a.dtype] + targs in f and
+                     ("lean" in f) == ("lean" in src)), None)
+        if name is None:
+            print(f"| {v} | kernel not found ({targs}) |")
+            continue
+        r = regs.get(name, [0, 0, 0])
+        ph = analyse(fns[name], kchunk, knpt)
+        labels = (["wait", "stage+convert", "compute", "output"] if len(ph) == 4 else
+                  ["wait", "stage+convert", "compute+output"] if len(ph) == 3 else
+                  [f"phase {i}" for i in range(len(ph))])
+        for lab, p in zip(labels, ph):
+            h = p["hist"]
+            per = f"{p['n'] / (kchunk * knpt):.2f}" if lab.startswith("compute") else ""
+            print(f"| {v} | ({knpt}, {ktpc}, {kchunk}, {thr}) | {r[0]} / {r[1]} | {lab} | {p['n']} | "
+                  f"{h['MUFU']} | {h['FFMA'] + h['FMUL']} | {h['LDS']} | {h['SHFL']} | {h['FSEL']} | "
+                  f"{per} | {p['loops'] or ''} |")
+
+
+if __name__ == "__main__":
+    main()
