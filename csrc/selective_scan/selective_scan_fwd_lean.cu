@@ -272,7 +272,14 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
         odd[i] = make_float2(dt, dtu);
         oug[i] = make_float2(uu[i], gate);
       };
-      if (nval >= kG) {
+      if (nval >= kG && p.softplus && has_z) {  // the Mamba case, no per-step branches
+#pragma unroll
+        for (int i = 0; i < kG; ++i) {
+          const float dt = softplus_fast(dl[i] + bias);
+          odd[i] = make_float2(dt, dt * uu[i]);
+          oug[i] = make_float2(uu[i], zz[i] * sigmoid_fast(zz[i]));
+        }
+      } else if (nval >= kG) {
 #pragma unroll
         for (int i = 0; i < kG; ++i) one(i, true);
       } else {
