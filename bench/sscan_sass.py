@@ -31,9 +31,11 @@ TNAME = {"bf16": "13__nv_bfloat16", "fp16": "6__half", "fp32": "f"}
 VARIANTS = {
     0: ("selective_scan_fwd.cu", "Li4ELi4ELi32ELb0ELi128E", 4, 4, 32, 128),
     1: ("selective_scan_fwd.cu", "Li8ELi2ELi32ELb0ELi64E", 8, 2, 32, 64),
-    2: ("selective_scan_fwd_lean.cu", "Li4ELi4ELi128ELi32ELb1E", 4, 4, 32, 128),
-    3: ("selective_scan_fwd_lean.cu", "Li8ELi2ELi64ELi32ELb1E", 8, 2, 32, 64),
-    4: ("selective_scan_fwd_lean.cu", "Li2ELi8ELi128ELi32ELb1E", 2, 8, 32, 128),
+    2: ("selective_scan_fwd_lean.cu", "Li4ELi4ELi128ELi32ELb1ELb0E", 4, 4, 32, 128),
+    3: ("selective_scan_fwd_lean.cu", "Li8ELi2ELi64ELi32ELb1ELb0E", 8, 2, 32, 64),
+    4: ("selective_scan_fwd_lean.cu", "Li2ELi8ELi128ELi32ELb1ELb0E", 2, 8, 32, 128),
+    5: ("selective_scan_fwd_lean.cu", "Li4ELi4ELi128ELi32ELb1ELb1E", 4, 4, 32, 128),
+    6: ("selective_scan_fwd_lean.cu", "Li8ELi2ELi64ELi32ELb1ELb1E", 8, 2, 32, 64),
 }
 INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
@@ -100,8 +102,13 @@ def analyse(insns, kchunk, knpt):
             m = re.search(r"0x([0-9a-f]+)", rest)
             if m and int(m.group(1), 16) < a and int(m.group(1), 16) in idx:
                 backs.append((idx[int(m.group(1), 16)], i))
-    loop = max((b for b in backs if sum(b[0] <= x <= b[1] for x in bars) >= 2),
+    loop = max((b for b in backs if any(b[0] <= x <= b[1] for x in bars)),
                key=lambda b: b[1] - b[0])
+    targets = set()
+    for a, o, rest in insns:
+        m = re.search(r"0x([0-9a-f]+)", rest) if op(o) == "BRA" else None
+        if m:
+            targets.add(int(m.group(1), 16))
     lb = [x for x in bars if loop[0] <= x <= loop[1]]
     cuts = [loop[0], *lb, loop[1] + 1]
     phases = []
@@ -109,7 +116,13 @@ def analyse(insns, kchunk, knpt):
         lo, hi = cuts[k], cuts[k + 1]
         hist = collections.Counter(op(o) for _, o, _ in insns[lo:hi])
         inner = [(t, b) for t, b in backs if lo <= t and b < hi and (t, b) != loop]
-        phases.append(dict(n=hi - lo, hist=hist, loops=[b - t + 1 for t, b in inner]))
+        run = best = 0  # longest branch-free run (no branch, no branch target inside)
+        for a, o, _ in insns[lo:hi]:
+            run = 1 if a in targets else run + 1
+            best = max(best, run)
+            if op(o) in ("BRA", "BSSY", "BSYNC", "EXIT", "BAR"):
+                run = 0
+        phases.append(dict(n=hi - lo, hist=hist, loops=[b - t + 1 for t, b in inner], run=best))
     return phases
 
 
@@ -143,10 +156,12 @@ def main():
         ph = analyse(fns[name], kchunk, knpt)
         labels = (["wait", "stage+convert", "compute", "output"] if len(ph) == 4 else
                   ["wait", "stage+convert", "compute+output"] if len(ph) == 3 else
+                  ["stage+wait", "compute+output+next convert"] if len(ph) == 2 else
                   [f"phase {i}" for i in range(len(ph))])
         for lab, p in zip(labels, ph):
             h = p["hist"]
-            per = f"{p['n'] / (kchunk * knpt):.2f}" if lab.startswith("compute") else ""
+            per = (f"{p['n'] / (kchunk * knpt):.2f} (longest straight run {p['run']}: "
+                   f"{p['run'] / (kchunk * knpt):.2f})" if lab.startswith("compute") else "")
             print(f"| {v} | ({knpt}, {ktpc}, {kchunk}, {thr}) | {r[0]} / {r[1]} | {lab} | {p['n']} | "
                   f"{h['MUFU']} | {h['FFMA'] + h['FMUL']} | {h['LDS']} | {h['SHFL']} | {h['FSEL']} | "
                   f"{per} | {p['loops'] or ''} |")

@@ -41,7 +41,7 @@ cudaError_t selective_scan_fwd_cuda(const SelectiveScanFwdParams& p, DType dtype
 // layout (4 states x 4 lanes); 3 = lean with 8 x 2 in 64-thread blocks; 4 = lean with 2 x 8.
 // The first query reads SSM_KERNELS_SSCAN_VARIANT (default 0). set >= 0 sets it; returns the
 // variant in force before the call. Host-side global: not per stream, not thread safe.
-constexpr int kSelectiveScanFwdVariants = 5;
+constexpr int kSelectiveScanFwdVariants = 7;
 int selective_scan_fwd_variant(int set = -1);
 // The lean kernels (variants 2..4; N <= 16); selective_scan_fwd_cuda dispatches to them.
 cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType dtype, int variant,
