@@ -7,8 +7,9 @@
 Variants (ssm_kernels._C.selective_scan_fwd_variant(v); SSM_KERNELS_SSCAN_VARIANT at import;
 N <= 16 only, other N always run 0): 0 default; 1 = variant 0's kernel with 8 states x 2 lanes per
 channel (64-thread blocks); 2 = lean kernel at variant 0's layout (4 x 4); 3 = lean 8 x 2 (64
-threads); 4 = lean 2 x 8 (twice the warps). See bench/NOTES.md "selective_scan CUDA forward
-variants".
+threads); 4 = lean 2 x 8 (twice the warps); 5, 6 = lean 4 x 4 / 8 x 2 pipelined (one barrier per
+chunk, the next chunk converted inside the compute loop); 7 = 6 with 16-step chunks. See bench/NOTES.md "selective_scan CUDA
+forward variants (issue 9)".
 
 (a) correctness of every variant: out, final state and checkpoints against the float64 reference
     (computed on the GPU in float64) at both benchmark shapes, an odd length, fp32/fp16, fixed B,
@@ -240,7 +241,7 @@ def main():
     ext = cuda_extension()
     if ext is None or not hasattr(ext, "selective_scan_fwd_variant"):
         sys.exit("ssm_kernels._C without selective_scan_fwd_variant: rebuild (see the docstring)")
-    variants = [int(x) for x in os.environ.get("VARIANTS", "0,1,2,3,4").split(",")]
+    variants = [int(x) for x in os.environ.get("VARIANTS", "0,1,2,3,4,5,6,7").split(",")]
     assert variants[0] == 0, "variant 0 first (the others are compared with it)"
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, variants {variants}, "
           f"CUDA backward built: {gs.has_cuda_bwd()}", flush=True)

@@ -36,6 +36,7 @@ VARIANTS = {
     4: ("selective_scan_fwd_lean.cu", "Li2ELi8ELi128ELi32ELb1ELb0E", 2, 8, 32, 128),
     5: ("selective_scan_fwd_lean.cu", "Li4ELi4ELi128ELi32ELb1ELb1E", 4, 4, 32, 128),
     6: ("selective_scan_fwd_lean.cu", "Li8ELi2ELi64ELi32ELb1ELb1E", 8, 2, 32, 64),
+    7: ("selective_scan_fwd_lean.cu", "Li8ELi2ELi64ELi16ELb1ELb1E", 8, 2, 16, 64),
 }
 INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
@@ -126,6 +127,28 @@ def analyse(insns, kchunk, knpt):
     return phases
 
 
+def interleaved(insns, kchunk, knpt, items):
+    """Pipelined variants: the fast path's compute + next-chunk conversion, i.e. the shortest run
+    holding kChunk kNPT decay ex2 plus 2 per converted item and `items` lg2, widened to the
+    enclosing branches. Returns its instruction count (None if not found)."""
+    ex = [i for i, (_, o, _) in enumerate(insns) if o.startswith("MUFU.EX2")]
+    lg = [i for i, (_, o, _) in enumerate(insns) if o.startswith("MUFU.LG2")]
+    want = kchunk * knpt + 2 * items
+    best = None
+    for a in range(len(ex) - want + 1):
+        lo, hi = ex[a], ex[a + want - 1]
+        if sum(lo <= i <= hi for i in lg) == items and (best is None or hi - lo < best[1] - best[0]):
+            best = (lo, hi)
+    if best is None:
+        return None
+    lo, hi = best
+    while lo > 0 and op(insns[lo - 1][1]) not in ("BRA", "BSYNC", "BAR"):
+        lo -= 1
+    while hi < len(insns) - 1 and op(insns[hi][1]) != "BRA":
+        hi += 1
+    return hi - lo + 1
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", default="bf16", choices=list(TNAME))
@@ -162,6 +185,11 @@ def main():
             h = p["hist"]
             per = (f"{p['n'] / (kchunk * knpt):.2f} (longest straight run {p['run']}: "
                    f"{p['run'] / (kchunk * knpt):.2f})" if lab.startswith("compute") else "")
+            if "next convert" in lab:
+                items = (thr // ktpc) * kchunk // thr  # converted (d, t) items per thread
+                w = interleaved(fns[name], kchunk, knpt, items)
+                if w:
+                    per += f"; fast path (compute + next convert) {w}: {w / (kchunk * knpt):.2f}"
             print(f"| {v} | ({knpt}, {ktpc}, {kchunk}, {thr}) | {r[0]} / {r[1]} | {lab} | {p['n']} | "
                   f"{h['MUFU']} | {h['FFMA'] + h['FMUL']} | {h['LDS']} | {h['SHFL']} | {h['FSEL']} | "
                   f"{per} | {p['loops'] or ''} |")

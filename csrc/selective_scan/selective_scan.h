@@ -38,12 +38,14 @@ cudaError_t selective_scan_fwd_cuda(const SelectiveScanFwdParams& p, DType dtype
 // Forward kernel variant (issue 9 experiments; bench/gpu_sscan_variants.py). 0 = the default
 // kernel; for N <= 16 only (other N always run variant 0): 1 = variant 0's kernel with 8 states x
 // 2 lanes per channel in 64-thread blocks; 2 = lean (selective_scan_fwd_lean.cu) at variant 0's
-// layout (4 states x 4 lanes); 3 = lean with 8 x 2 in 64-thread blocks; 4 = lean with 2 x 8.
+// layout (4 states x 4 lanes); 3 = lean with 8 x 2 in 64-thread blocks; 4 = lean with 2 x 8;
+// 5, 6 = lean 4 x 4 / 8 x 2 pipelined (next chunk converted inside the compute loop); 7 = 6
+// with 16-step chunks (less shared memory: 5 blocks per SM instead of 3).
 // The first query reads SSM_KERNELS_SSCAN_VARIANT (default 0). set >= 0 sets it; returns the
 // variant in force before the call. Host-side global: not per stream, not thread safe.
-constexpr int kSelectiveScanFwdVariants = 7;
+constexpr int kSelectiveScanFwdVariants = 8;
 int selective_scan_fwd_variant(int set = -1);
-// The lean kernels (variants 2..4; N <= 16); selective_scan_fwd_cuda dispatches to them.
+// The lean kernels (variants 2..7; N <= 16); selective_scan_fwd_cuda dispatches to them.
 cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType dtype, int variant,
                                          cudaStream_t stream);
 

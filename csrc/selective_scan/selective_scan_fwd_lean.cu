@@ -1,4 +1,4 @@
-// selective scan forward, "lean" variants (issue 9; SSM_KERNELS_SSCAN_VARIANT 2-4, N <= 16).
+// selective scan forward, "lean" variants (issue 9; SSM_KERNELS_SSCAN_VARIANT 2-7, N <= 16).
 //
 // Same recurrence, thread layout and inner loop as selective_scan_fwd.cu (variant 0: kTPC lanes
 // per channel, kNPT states per lane, chunks of 32 steps double-buffered with cp.async), with the
@@ -18,7 +18,9 @@
 // and checkpoints are meant to be bitwise equal to variant 0 at the same (kNPT, kTPC).
 // Variants: 2 = (kNPT 4, kTPC 4, 128 threads): variant 0's layout; 3 = (8, 2, 64 threads): twice
 // the independent chains per lane, a quarter of the y-reduction work, half the warps; 4 = (2, 8,
-// 128 threads): twice the warps (latency hiding by TLP), more reduction work per update.
+// 128 threads): twice the warps (latency hiding by TLP), more reduction work per update; 5, 6 =
+// 2 and 3 pipelined (kPipe below; 73 KB of shared memory: 3 blocks per SM); 7 = 6 with chunks of
+// 16 steps (41 KB: 5 blocks per SM, so B=4 D=4096's 512 blocks fit one wave).
 #include <type_traits>
 
 #include "selective_scan/selective_scan.h"
@@ -443,9 +445,8 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
   }
 }
 
-template <typename T, int kNPT, int kTPC, int kThr, bool kBCVar, bool kPipe>
+template <typename T, int kNPT, int kTPC, int kThr, bool kBCVar, bool kPipe, int kChunk = 32>
 cudaError_t launch_lean(const SelectiveScanFwdParams& p, cudaStream_t stream) {
-  constexpr int kChunk = 32;
   using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk, kPipe>;
   if (p.ckpt && ((p.ck_len % kChunk) != 0 || (p.ck_len & (p.ck_len - 1)) != 0))
     return cudaErrorInvalidValue;
@@ -466,7 +467,7 @@ cudaError_t launch_lean(const SelectiveScanFwdParams& p, cudaStream_t stream) {
 
 cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType dtype, int variant,
                                          cudaStream_t stream) {
-  if (p.N < 1 || p.N > 16 || variant < 2 || variant > 6) return cudaErrorInvalidValue;
+  if (p.N < 1 || p.N > 16 || variant < 2 || variant > 7) return cudaErrorInvalidValue;
   cudaError_t err = cudaSuccess;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -480,8 +481,10 @@ cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType 
                       : launch_lean<T, 2, 8, 128, false, false>(p, stream); break;
       case 5: err = v ? launch_lean<T, 4, 4, 128, true, true>(p, stream)
                       : launch_lean<T, 4, 4, 128, false, true>(p, stream); break;
-      default: err = v ? launch_lean<T, 8, 2, 64, true, true>(p, stream)
-                       : launch_lean<T, 8, 2, 64, false, true>(p, stream); break;
+      case 6: err = v ? launch_lean<T, 8, 2, 64, true, true>(p, stream)
+                      : launch_lean<T, 8, 2, 64, false, true>(p, stream); break;
+      default: err = v ? launch_lean<T, 8, 2, 64, true, true, 16>(p, stream)
+                       : launch_lean<T, 8, 2, 64, false, true, 16>(p, stream); break;
     }
   });
   return err;
