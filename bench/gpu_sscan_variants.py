@@ -17,10 +17,15 @@ forward variants (issue 9)".
     NaN-poisoned first; each variant is also compared bitwise with variant 0 (lean variant 2 is
     meant to be bitwise equal to it). The CUDA backward is run from each variant's checkpoints at
     one shape and its gradients compared with variant 0's (same tolerance as the reference check).
+    Backward variants (ssm_kernels._C.selective_scan_bwd_variant(v), SSM_KERNELS_SSCAN_BWD_VARIANT;
+    0 default, 1 = lean I/O, N <= 16 with B and C time-varying; BWD_VARIANTS=0,1): every gradient
+    against the float64 reference at small shapes (odd length, groups, varlen) and bitwise against
+    backward variant 0 at both benchmark shapes.
 (b) timing (triton.testing.do_bench, median) of the forward kernel call per variant, with and
-    without checkpoints, and fwd+bwd kernel calls, at B=8 D=1536 L=2048 N=16 and B=4 D=4096 L=4096
-    N=16 (bf16, variable B/C, z, D, delta_bias, softplus), next to mamba-ssm's selective_scan_fn
-    when importable. Exit status 1 on any failed check. The table is printed last.
+    without checkpoints, fwd+bwd kernel calls per (forward variant, backward variant), and the
+    backward alone per backward variant, at B=8 D=1536 L=2048 N=16 and B=4 D=4096 L=4096 N=16
+    (bf16, variable B/C, z, D, delta_bias, softplus), next to mamba-ssm's selective_scan_fn when
+    importable. Exit status 1 on any failed check. The tables are printed last.
 """
 from __future__ import annotations
 
@@ -37,16 +42,22 @@ sys.path.insert(0, HERE)
 import gpu_sscan as gs  # noqa: E402  (helpers: make, to, poison, verdict, has_cuda_bwd)
 from ssm_kernels._backend import cuda_extension  # noqa: E402
 from ssm_kernels.selective_scan import cuda as sc  # noqa: E402
-from ssm_kernels.selective_scan.reference import selective_scan_fwd_ref  # noqa: E402
+from ssm_kernels.selective_scan.reference import (selective_scan_bwd_ref,  # noqa: E402
+                                                  selective_scan_fwd_ref)
 from ssm_kernels.testing import Verdict, bound_for  # noqa: E402
 
 DEV = "cuda"
 T0 = time.time()
+BWD_VARIANTS = [0, 1]
 ROWS: list = []  # (section, case, variant, what, value)
 
 
 def set_variant(v: int) -> None:
     cuda_extension().selective_scan_fwd_variant(v)
+
+
+def set_bwd_variant(v: int) -> None:
+    cuda_extension().selective_scan_bwd_variant(v)
 
 
 def rel_err(out, ref) -> float:
@@ -133,6 +144,65 @@ def check_case(name, inp, variants, softplus=True, cu=None, misalign=False, bwd=
     set_variant(0)
 
 
+GRADS = ["du", "ddelta", "dA", "dB", "dC", "dD", "dz", "dbias", "dh0"]
+
+
+def check_bwd(name, inp, bwd_variants, cu=None, reference=True):
+    """Backward variants from variant 0's forward: float64 reference (small shapes) and bitwise
+    equality with backward variant 0."""
+    dtype = inp["u"].dtype
+    lowp = dtype in (torch.float16, torch.bfloat16)
+    g = gs.to(inp, DEV)
+    cu_d = None if cu is None else cu.to(DEV)
+    set_variant(0)
+    _, last, ck = sc.selective_scan_fwd(*fwd_args(g, cu_d), True, True)
+    gen = torch.Generator().manual_seed(1)
+    dout = torch.randn(inp["u"].shape, generator=gen).to(dtype)
+    dlast = torch.randn(tuple(last.shape), generator=gen)
+    ref = lpe = None
+    if reference:
+        hi = gs.to(inp, DEV, torch.float64)
+        ref = selective_scan_bwd_ref(*fwd_args(hi, cu_d), True, dout.double().to(DEV),
+                                     dlast.double().to(DEV))
+        if lowp:
+            lr = selective_scan_bwd_ref(*fwd_args(g, cu_d), True, dout.to(DEV), dlast.to(DEV))
+            lpe = [None if (a is None or b is None) else rel_err(a, b) for a, b in zip(lr, ref)]
+    base = None
+    for v in bwd_variants:
+        set_bwd_variant(v)
+        gs.poison()
+        grads = sc.selective_scan_bwd(*fwd_args(g, cu_d), ck, dout.to(DEV), dlast.to(DEV), True)
+        torch.cuda.synchronize()
+        tag = f"{name} bwd v{v}"
+        print(f"[{tag}]", flush=True)
+        ok = True
+        if ref is not None:
+            for i, (nm, a, b) in enumerate(zip(GRADS, grads, ref)):
+                if b is None:
+                    continue
+                if a is None:
+                    gs.FAILS.append(f"{tag} {nm}: missing")
+                    ok = False
+                    continue
+                lowg = lowp and a.dtype != torch.float32
+                ok &= verdict(f"{tag} {nm}", a, b, dtype if lowg else torch.float32,
+                              lpe[i] if lowg else None)
+        if base is None:
+            base, same = grads, "ref"
+        else:
+            eq = all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads, base))
+            same = "bitwise" if eq else "differs: " + ", ".join(
+                f"{nm} {rel_err(a, b):.1e}" for nm, a, b in zip(GRADS, grads, base)
+                if a is not None and not torch.equal(a, b))
+            print(f"  vs bwd v0: {same}", flush=True)
+            if not eq and ref is None:  # no reference here: the lean backward must match v0
+                gs.FAILS.append(f"{tag}: not bitwise equal to backward variant 0 ({same})")
+                ok = False
+        ROWS.append(("check", name, f"bwd{v}", "ok", "pass" if ok else "FAIL"))
+        ROWS.append(("check", name, f"bwd{v}", "vs v0", same))
+    set_bwd_variant(0)
+
+
 def checks(variants):
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     check_case("bf16 B=8 D=1536 L=2048 N=16", gs.make(8, 1536, 2048, 16, bf16, seed=21), variants,
@@ -155,6 +225,18 @@ def checks(variants):
     check_case("fp32 varlen const B/C (64, 1, 335)",
                gs.make(1, 72, 400, 16, f32, bc="const", nseq=3, seed=17), variants,
                cu=torch.tensor([0, 64, 65, 400], dtype=torch.int32))
+    bv = BWD_VARIANTS
+    if gs.has_cuda_bwd() and hasattr(cuda_extension(), "selective_scan_bwd_variant"):
+        check_bwd("bf16 L=1000 N=16 dim=80", gs.make(2, 80, 1000, 16, bf16, seed=31), bv)
+        check_bwd("fp32 L=4097 N=13 groups=2", gs.make(2, 48, 4097, 13, f32, groups=2, seed=32), bv)
+        check_bwd("fp16 L=333 N=16", gs.make(2, 40, 333, 16, f16, seed=33), bv)
+        check_bwd("bf16 varlen (1, 699, 1349, 951) N=16", gs.make(1, 40, 3000, 16, bf16, groups=2,
+                                                                   nseq=4, seed=34), bv,
+                  cu=torch.tensor([0, 1, 700, 2049, 3000], dtype=torch.int32))
+        check_bwd("bf16 B=8 D=1536 L=2048 N=16", gs.make(8, 1536, 2048, 16, bf16, seed=35), bv,
+                  reference=False)
+        check_bwd("bf16 B=4 D=4096 L=4096 N=16", gs.make(4, 4096, 4096, 16, bf16, seed=36), bv,
+                  reference=False)
 
 
 def bench(variants):
@@ -194,8 +276,18 @@ def bench(variants):
                     def fb():
                         _, _, ck = sc.selective_scan_fwd(*a, True, True)
                         sc.selective_scan_bwd(*a, ck, dout, dlast, True)
-                    ROWS.append(("bench", shape, v, "fwd+bwd", do(fb)))
+                    for bv in BWD_VARIANTS:
+                        set_bwd_variant(bv)
+                        ROWS.append(("bench", shape, v, f"fwd+bwd{bv}", do(fb)))
+                    set_bwd_variant(0)
             set_variant(0)
+            if cuda_bwd:
+                _, _, ck0 = sc.selective_scan_fwd(*a, True, True)
+                for bv in BWD_VARIANTS:
+                    set_bwd_variant(bv)
+                    ROWS.append(("bench", shape, f"bwd v{bv}", "bwd", do(
+                        lambda: sc.selective_scan_bwd(*a, ck0, dout, dlast, True))))
+                set_bwd_variant(0)
             if mamba_scan is not None:
                 ROWS.append(("bench", shape, "mamba", "fwd", do(lambda: mamba_scan(
                     u, delta, A, Bm, Cm, Dv, z, bias, delta_softplus=True))))
@@ -207,7 +299,7 @@ def bench(variants):
                     t.grad = None
                 mamba_scan(*leaves, delta_softplus=True).backward(dout)
             try:
-                ROWS.append(("bench", shape, "mamba", "fwd+bwd", do(mfb)))
+                ROWS.append(("bench", shape, "mamba", "fwd+bwd0", do(mfb)))
             except Exception as e:
                 print(f"  mamba fwd+bwd failed: {type(e).__name__}: {e}", flush=True)
         print(f"[bench] {shape} done ({time.time() - T0:.0f} s)", flush=True)
@@ -219,9 +311,10 @@ def report():
     for r in ROWS:
         if r[0] == "check" and r[3] == "ok":
             eq = next((x[4] for x in ROWS if x[:3] == r[:3] and x[3] == "vs v0"), "")
-            print(f"{r[1]:48s} v{r[2]}  {r[4]:4s}  {eq}")
+            lab = f"v{r[2]}" if isinstance(r[2], int) else str(r[2])
+            print(f"{r[1]:48s} {lab:5s}  {r[4]:4s}  {eq}")
     print("\n==== selective scan forward variants, bf16, all features on (median ms) ====")
-    modes = ["fwd", "fwd +ckpt", "fwd+bwd"]
+    modes = ["fwd", "fwd +ckpt"] + [f"fwd+bwd{b}" for b in BWD_VARIANTS] + ["bwd"]
     print(f"{'shape':24s} {'variant':8s} " + " ".join(f"{m:>10s}" for m in modes) +
           "   fwd vs mamba")
     for shape in dict.fromkeys(r[1] for r in ROWS if r[0] == "bench"):
@@ -230,6 +323,10 @@ def report():
         for v in list(dict.fromkeys(k[0] for k in t)):
             cells = " ".join(f"{t[(v, md)]:10.3f}" if (v, md) in t else f"{'-':>10s}" for md in modes)
             rel = f"   {m / t[(v, 'fwd')]:.2f}x" if m and (v, "fwd") in t and v != "mamba" else ""
+            mb = t.get(("mamba", "fwd+bwd0"))
+            best = min((t[(v, md)] for md in modes[2:-1] if (v, md) in t), default=None)
+            if mb and best and v != "mamba":
+                rel += f" (fwd+bwd best {mb / best:.2f}x)"
             print(f"{shape:24s} {str(v):8s} {cells}{rel}")
     print(f"checks: {sum(1 for r in ROWS if r[0] == 'check' and r[3] == 'ok')} cases x variants, "
           f"{len(gs.FAILS)} failures")
@@ -241,7 +338,11 @@ def main():
     ext = cuda_extension()
     if ext is None or not hasattr(ext, "selective_scan_fwd_variant"):
         sys.exit("ssm_kernels._C without selective_scan_fwd_variant: rebuild (see the docstring)")
+    global BWD_VARIANTS
     variants = [int(x) for x in os.environ.get("VARIANTS", "0,1,2,3,4,5,6,7").split(",")]
+    BWD_VARIANTS = [int(x) for x in os.environ.get("BWD_VARIANTS", "0,1").split(",")]
+    if not hasattr(ext, "selective_scan_bwd_variant"):
+        BWD_VARIANTS = [0]
     assert variants[0] == 0, "variant 0 first (the others are compared with it)"
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, variants {variants}, "
           f"CUDA backward built: {gs.has_cuda_bwd()}", flush=True)

@@ -93,6 +93,13 @@ struct SelectiveScanBwdParams {
   bool softplus = false;
 };
 
+// Backward kernel variant (issue 9): 0 = default; 1 = lean I/O (staging, convert and output as in
+// the lean forward; same arithmetic, bitwise equal) for N <= 16 with B and C both time-varying
+// (others run 0). First query reads SSM_KERNELS_SSCAN_BWD_VARIANT; set >= 0 sets; returns the
+// previous value. Host-side global.
+constexpr int kSelectiveScanBwdVariants = 2;
+int selective_scan_bwd_variant(int set = -1);
+
 // Channels per block of the backward for this N (the partials of time-varying dB/dC have
 // cdiv(dim / groups, that) tiles).
 int64_t selective_scan_bwd_channels_per_block(int64_t N);

@@ -67,45 +67,6 @@ __device__ __forceinline__ void lds_vec(float (&dst)[kN], const float* src) {
   }
 }
 
-// 8 consecutive elements of a raw row starting at element `off` of its aligned window, plus the
-// row's shift sh (elements between the window start and the row's first element of the chunk).
-// sh == 0: 16-byte loads (off is a multiple of 8, the row starts 16-byte aligned).
-__device__ __forceinline__ void unpack(const uint4 w, float* v, __nv_bfloat16) {
-  const unsigned q[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {  // exact, as __bfloat162float
-    v[2 * i] = __uint_as_float(q[i] << 16);
-    v[2 * i + 1] = __uint_as_float(q[i] & 0xffff0000u);
-  }
-}
-__device__ __forceinline__ void unpack(const uint4 w, float* v, __half) {
-  const unsigned q[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    __half2 h2;
-    memcpy(&h2, &q[i], 4);
-    const float2 f = __half22float2(h2);
-    v[2 * i] = f.x; v[2 * i + 1] = f.y;
-  }
-}
-__device__ __forceinline__ void unpack(const uint4 w, float* v, float) {
-  v[0] = __uint_as_float(w.x); v[1] = __uint_as_float(w.y);
-  v[2] = __uint_as_float(w.z); v[3] = __uint_as_float(w.w);
-}
-
-template <typename T>
-__device__ __forceinline__ void load8(const T* row, int off, int sh, float (&v)[8]) {
-  if (sh == 0) {
-    constexpr int kPer = 16 / sizeof(T);  // elements per uint4
-    const uint4* q = reinterpret_cast<const uint4*>(row + off);
-#pragma unroll
-    for (int k = 0; k < 8 / kPer; ++k) unpack(q[k], v + k * kPer, T{});
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = to_float(row[off + sh + i]);
-  }
-}
-
 __device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
 
 // kBCVar: B and C both time-varying (the Mamba case), known at compile time so the inner loop's
