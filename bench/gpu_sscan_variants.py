@@ -250,19 +250,9 @@ def bench(variants):
         print("mamba-ssm unavailable", flush=True)
     do = lambda f: triton.testing.do_bench(f, warmup=10, rep=40, return_mode="median")  # noqa: E731
     cuda_bwd = gs.has_cuda_bwd()
-    for (Bt, D, L, N) in [(8, 1536, 2048, 16), (4, 4096, 4096, 16)]:
+    for (Bt, D, L, N) in gs.BENCH_SHAPES:
         shape = f"B={Bt} D={D} L={L} N={N}"
-        torch.manual_seed(0)
-        bf = torch.bfloat16
-        u = torch.randn(Bt, D, L, device=DEV, dtype=bf)
-        delta = (torch.randn(Bt, D, L, device=DEV) * 0.5 - 1.0).to(bf)
-        A = -torch.arange(1, N + 1, device=DEV, dtype=torch.float32).repeat(D, 1)
-        Bm = torch.randn(Bt, 1, N, L, device=DEV, dtype=bf)
-        Cm = torch.randn(Bt, 1, N, L, device=DEV, dtype=bf)
-        Dv = torch.randn(D, device=DEV)
-        z = torch.randn(Bt, D, L, device=DEV, dtype=bf)
-        bias = torch.randn(D, device=DEV) * 0.3
-        dout = torch.randn_like(u)
+        u, delta, A, Bm, Cm, Dv, z, bias, dout = gs.bench_inputs(Bt, D, L, N)
         dlast = torch.zeros(Bt, D, N, device=DEV)
         a = (u, delta, A, Bm, Cm, Dv, z, bias, None, None)
         with torch.no_grad():

@@ -38,6 +38,8 @@ VARIANTS = {
     6: ("selective_scan_fwd_lean.cu", "Li8ELi2ELi64ELi32ELb1ELb1E", 8, 2, 32, 64),
     7: ("selective_scan_fwd_lean.cu", "Li8ELi2ELi64ELi16ELb1ELb1E", 8, 2, 16, 64),
 }
+# backward variant -> kernel template args after the dtype (N <= 16 bucket, B/C time-varying)
+BWD_VARIANTS = {0: "Li4ELi4ELi64ELi8ELi1ELb0E", 1: "Li4ELi4ELi64ELi8ELi1ELb1E"}
 INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
@@ -157,7 +159,7 @@ def main():
     tmp = a.keep or tempfile.mkdtemp(prefix="sscan_sass_")
     os.makedirs(tmp, exist_ok=True)
     regs, fns = {}, {}
-    for src in sorted({v[0] for v in VARIANTS.values()}):
+    for src in sorted({v[0] for v in VARIANTS.values()} | {"selective_scan_bwd.cu"}):
         cub = os.path.join(tmp, src.replace(".cu", ".cubin"))
         regs.update(compile_cu(src, cub))
         sass = subprocess.run([cuobjdump(), "-sass", cub], capture_output=True, text=True,
@@ -193,6 +195,34 @@ def main():
             print(f"| {v} | ({knpt}, {ktpc}, {kchunk}, {thr}) | {r[0]} / {r[1]} | {lab} | {p['n']} | "
                   f"{h['MUFU']} | {h['FFMA'] + h['FMUL']} | {h['LDS']} | {h['SHFL']} | {h['FSEL']} | "
                   f"{per} | {p['loops'] or ''} |")
+
+    # backward: static instructions between the chunk loop's barriers (convert | pass 1 + pass 2
+    # up to the sub-chunk barrier | warp sums | output), with the inner loops' body sizes
+    print("\nbackward (N <= 16, B/C varying; phases = the chunk loop split at its barriers)\n")
+    print("| bwd variant | regs / spill B | phase static instr (inner loop body sizes) |")
+    print("|---|---|---|")
+    for v, targs in BWD_VARIANTS.items():
+        name = next((f for f in fns if "bwd" in f and TNAME[a.dtype] + targs in f), None)
+        if name is None:
+            print(f"| {v} | kernel not found |")
+            continue
+        r = regs.get(name, [0, 0, 0])
+        ins = fns[name]
+        bars = [i for i, (_, o, _) in enumerate(ins) if o.startswith("BAR.SYNC")]
+        cuts = [0, *bars, len(ins)]
+        cells = []
+        for k in range(len(cuts) - 1):
+            lo, hi = cuts[k], cuts[k + 1]
+            loops = []
+            for i in range(lo, hi):
+                adr, o, rest = ins[i]
+                m = re.search(r"0x([0-9a-f]+)", rest) if op(o) == "BRA" else None
+                if m and int(m.group(1), 16) < adr:
+                    tgt = next((j for j in range(lo, i) if ins[j][0] == int(m.group(1), 16)), None)
+                    if tgt is not None:
+                        loops.append(i - tgt + 1)
+            cells.append(f"{hi - lo} {loops}" if loops else f"{hi - lo}")
+        print(f"| {v} | {r[0]} / {r[1]} | {' / '.join(cells)} |")
 
 
 if __name__ == "__main__":

@@ -150,22 +150,11 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
   }
   float dD_acc = 0.f, dbias_acc = 0.f;
 
-  // lean staging: thread owns raw rows tid + k kThreads; source = aligned window start at time 0
-  constexpr int kRPT = (kRows + kThreads - 1) / kThreads;
-  const T* srow[kRPT];
-  int rsh[kRPT];
   const int ush = static_cast<int>(ubase & (kV - 1)), lsh = static_cast<int>(L & (kV - 1));
   const int bsh = static_cast<int>(bcbase & (kV - 1));
+  RowStager<T, kRows, kThreads, kRowEl> rows;  // lean staging (unused otherwise)
   if constexpr (kLean) {
-#pragma unroll
-    for (int k = 0; k < kRPT; ++k) {
-      const int row = tid + k * kThreads;
-      srow[k] = nullptr;
-      rsh[k] = 0;
-      if (row >= kRows) continue;
-      const T* src;
-      int64_t e;
-      bool ok;
+    rows.init(tid, [&](int row, const T*& src, int64_t& e, bool& ok) {
       if (row < 4 * kD) {
         const int kind = row / kD, r = row % kD;
         src = kind == 0 ? gu : (kind == 1 ? gdelta : (kind == 2 ? gz : gdout));
@@ -177,28 +166,11 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
         ok = n < N && (which ? C_var : B_var);
         e = bcbase + n * L;
       }
-      if (!ok) continue;
-      rsh[k] = static_cast<int>(e & (kV - 1));
-      srow[k] = src + (e - rsh[k]);
-    }
+    });
   }
   auto stage = [&](int64_t c0, int len) {  // cp.async of the chunk at c0 into the raw buffer
-    if constexpr (kLean) {
-#pragma unroll
-      for (int k = 0; k < kRPT; ++k) {
-        if (srow[k] == nullptr) continue;
-        T* dst = raw + (tid + k * kThreads) * kRowEl;
-        const T* src = srow[k] + c0;
-#pragma unroll
-        for (int j = 0; j < kNV; ++j) {
-          const int valid = rsh[k] + len - j * kV;
-          if (valid <= 0) break;
-          cp_async16(dst + j * kV, src + j * kV, (valid < kV ? valid : kV) * static_cast<int>(sizeof(T)));
-        }
-      }
-      return;
-    }
-    for (int i = tid; i < kRows * kNV; i += kThreads) {
+    if constexpr (kLean) rows.issue(raw, tid, c0, len);
+    for (int i = tid; i < (kLean ? 0 : kRows * kNV); i += kThreads) {
       const int row = i / kNV, j = i % kNV;
       const T* src;
       int64_t e;

@@ -37,9 +37,7 @@ struct LeanLayout {
   static constexpr int kNP = kNPT * kTPC;       // states per channel, padded
   static constexpr int kV = 16 / sizeof(T);     // elements per 16-byte vector
   static constexpr int kRowEl = kChunk + kV;    // raw row: aligned window covering one chunk
-  static constexpr int kNV = kRowEl / kV;
   static constexpr int kRows = 3 * kD + 2 * kNP;  // u, delta, z (kD each), B, C (kNP each)
-  static constexpr int kRPT = (kRows + kThr - 1) / kThr;  // raw rows staged per thread
   static constexpr int kG = 8;                  // steps per convert task
   static constexpr int kDDP = kChunk + 1;       // float2 pitch of (dt, dt u) and (u, gate)
   static constexpr int kBP = kNP + 4;           // B/C pitch per step (float4 reads)
@@ -80,8 +78,8 @@ __device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_
 template <typename T, int kNPT, int kTPC, int kThr, int kChunk, bool kBCVar, bool kPipe>
 __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveScanFwdParams p) {
   using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk, kPipe>;
-  constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl, kNV = Lay::kNV;
-  constexpr int kRows = Lay::kRows, kRPT = Lay::kRPT, kG = Lay::kG, kDDP = Lay::kDDP;
+  constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl;
+  constexpr int kRows = Lay::kRows, kG = Lay::kG, kDDP = Lay::kDDP;
   constexpr int kBP = Lay::kBP;
   extern __shared__ __align__(16) unsigned char smem[];
   T* raw0 = reinterpret_cast<T*>(smem);
@@ -155,18 +153,9 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
       if (slice * kNPT + k < N) dst[k] = h[k];
   };
 
-  // staging: thread owns raw rows tid + k kThr; source = aligned window start of chunk 0
-  const T* srow[kRPT];
-  int rsh[kRPT];
-#pragma unroll
-  for (int k = 0; k < kRPT; ++k) {
-    const int row = tid + k * kThr;
-    srow[k] = nullptr;
-    rsh[k] = 0;
-    if (row >= kRows) continue;
-    const T* src;
-    int64_t e;
-    bool ok;
+  // staging: thread owns raw rows tid + k kThr
+  RowStager<T, kRows, kThr, kRowEl> rows;
+  rows.init(tid, [&](int row, const T*& src, int64_t& e, bool& ok) {
     if (row < 3 * kD) {
       const int kind = row / kD, r = row % kD;
       src = kind == 0 ? gu : (kind == 1 ? gdelta : gz);
@@ -178,25 +167,8 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
       ok = n < N && (which ? p.C_var : p.B_var);
       e = bcbase + n * L;
     }
-    if (!ok) continue;
-    rsh[k] = static_cast<int>(e & (kV - 1));
-    srow[k] = src + (e - rsh[k]);
-  }
-  auto stage = [&](int buf, int64_t c0, int len) {
-    T* raw = rawp(buf);
-#pragma unroll
-    for (int k = 0; k < kRPT; ++k) {
-      if (srow[k] == nullptr) continue;
-      T* dst = raw + (tid + k * kThr) * kRowEl;
-      const T* src = srow[k] + c0;
-#pragma unroll
-      for (int j = 0; j < kNV; ++j) {
-        const int valid = rsh[k] + len - j * kV;
-        if (valid <= 0) break;
-        cp_async16(dst + j * kV, src + j * kV, (valid < kV ? valid : kV) * static_cast<int>(sizeof(T)));
-      }
-    }
-  };
+  });
+  auto stage = [&](int buf, int64_t c0, int len) { rows.issue(rawp(buf), tid, c0, len); };
 
   const int64_t nchunks = (Ts + kChunk - 1) / kChunk;
   const bool ck_on = p.ckpt != nullptr;

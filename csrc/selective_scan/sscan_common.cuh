@@ -151,6 +151,48 @@ __device__ __forceinline__ void load8(const T* row, int off, int sh, float (&v)[
   }
 }
 
+// Staging by owner threads (the lean kernels): thread tid owns raw rows tid + k kThr. init() asks
+// where(row, base, e, ok) for each owned row: its tensor, element offset at time 0 and whether it
+// is read; the aligned source pointer and shift are kept, so issue() per chunk is only
+// `+ c0` and the 16-byte cp.async copies (zero-filled past len) into raw (row pitch kRowEl).
+template <typename T, int kRows, int kThr, int kRowEl>
+struct RowStager {
+  static constexpr int kV = 16 / sizeof(T), kNV = kRowEl / kV, kRPT = (kRows + kThr - 1) / kThr;
+  const T* src[kRPT];
+  int sh[kRPT];
+  template <typename F>
+  __device__ __forceinline__ void init(int tid, F&& where) {
+#pragma unroll
+    for (int k = 0; k < kRPT; ++k) {
+      const int row = tid + k * kThr;
+      src[k] = nullptr;
+      sh[k] = 0;
+      if (row >= kRows) continue;
+      const T* base;
+      int64_t e;
+      bool ok;
+      where(row, base, e, ok);
+      if (!ok) continue;
+      sh[k] = static_cast<int>(e & (kV - 1));
+      src[k] = base + (e - sh[k]);
+    }
+  }
+  __device__ __forceinline__ void issue(T* raw, int tid, int64_t c0, int len) const {
+#pragma unroll
+    for (int k = 0; k < kRPT; ++k) {
+      if (src[k] == nullptr) continue;
+      T* dst = raw + (tid + k * kThr) * kRowEl;
+      const T* s = src[k] + c0;
+#pragma unroll
+      for (int j = 0; j < kNV; ++j) {
+        const int valid = sh[k] + len - j * kV;
+        if (valid <= 0) break;
+        cp_async16(dst + j * kV, s + j * kV, (valid < kV ? valid : kV) * static_cast<int>(sizeof(T)));
+      }
+    }
+  }
+};
+
 // 8 floats -> 8 consecutive elements of T at a 16-byte-aligned address (16-byte stores; the same
 // round-to-nearest conversions as from_float)
 __device__ __forceinline__ void store8(__nv_bfloat16* dst, const float (&v)[8]) {
