@@ -445,7 +445,19 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
         }
       }
       __syncthreads();  // the sub-chunk's per-warp dB/dC partials are complete
-      if (B_var || C_var) {  // add the warps in order; B/C of this sub-chunk are dead: reuse
+      if constexpr (kLean) {  // B and C both varying; kS kNP == kThreads: item (which = k, tid)
+        static_assert(!kLean || (kMode == 1 && kS * kNP == kThreads), "lean warp sums");
+        const float* w0 = s_wp + buf * Lay::kWP + tid;
+        float* dst = s_B + (sc * kS + tid / kNP) * kBP + tid % kNP;
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {  // the same order of additions as below
+          float acc = w0[k * kS * kNP];
+#pragma unroll
+          for (int w = 1; w < kWarps; ++w) acc += w0[w * 2 * kS * kNP + k * kS * kNP];
+          dst[k * Lay::kBC] = acc;  // s_C = s_B + kBC
+        }
+      }
+      if (!kLean && (B_var || C_var)) {  // add the warps in order; B/C of this sub-chunk are dead
         const float* w0 = s_wp + buf * Lay::kWP;
         for (int i = tid; i < 2 * kS * kNP; i += kThreads) {
           const int which = i / (kS * kNP), tl = (i / kNP) % kS, n = i % kNP;
