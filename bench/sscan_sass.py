@@ -26,7 +26,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-arch=sm_90",
          "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
          "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
-TNAME = {"bf16": "13__nv_bfloat16", "fp16": "6__half", "fp32": "f"}
+TNAME = {"bf16": "I13__nv_bfloat16", "fp16": "I6__half", "fp32": "If"}  # mangled: kernelI<T>...
 # variant -> (file, kernel template args after the dtype, kNPT, kTPC, kChunk, threads)
 VARIANTS = {
     0: ("selective_scan_fwd.cu", "Li4ELi4ELi32ELb0ELi128E", 4, 4, 32, 128),
