@@ -225,6 +225,25 @@ def checks():
 
 # ---- timing ---------------------------------------------------------------------------------------
 
+BENCH_SHAPES = [(8, 1536, 2048, 16), (4, 4096, 4096, 16)]
+
+
+def bench_inputs(Bt, D, L, N):
+    """The timed case: bf16 u/delta/z/B/C (one group, time-varying), fp32 A/D/delta_bias, and a
+    dout like u: (u, delta, A, B, C, D, z, delta_bias, dout)."""
+    torch.manual_seed(0)
+    bf = torch.bfloat16
+    u = torch.randn(Bt, D, L, device=DEV, dtype=bf)
+    delta = (torch.randn(Bt, D, L, device=DEV) * 0.5 - 1.0).to(bf)
+    A = -torch.arange(1, N + 1, device=DEV, dtype=torch.float32).repeat(D, 1)
+    Bm = torch.randn(Bt, 1, N, L, device=DEV, dtype=bf)
+    Cm = torch.randn(Bt, 1, N, L, device=DEV, dtype=bf)
+    Dv = torch.randn(D, device=DEV)
+    z = torch.randn(Bt, D, L, device=DEV, dtype=bf)
+    bias = torch.randn(D, device=DEV) * 0.3
+    return u, delta, A, Bm, Cm, Dv, z, bias, torch.randn_like(u)
+
+
 def bench():
     import triton
     try:
@@ -236,19 +255,9 @@ def bench():
         print("mamba-ssm unavailable", flush=True)
     do = lambda f: triton.testing.do_bench(f, warmup=20, rep=60, return_mode="median")  # noqa: E731
     cuda_bwd = has_cuda_bwd()
-    for (Bt, D, L, N) in [(8, 1536, 2048, 16), (4, 4096, 4096, 16)]:
+    for (Bt, D, L, N) in BENCH_SHAPES:
         shape = f"B={Bt} D={D} L={L} N={N}"
-        torch.manual_seed(0)
-        bf = torch.bfloat16
-        u = torch.randn(Bt, D, L, device=DEV, dtype=bf)
-        delta = (torch.randn(Bt, D, L, device=DEV) * 0.5 - 1.0).to(bf)
-        A = -torch.arange(1, N + 1, device=DEV, dtype=torch.float32).repeat(D, 1)
-        Bm = torch.randn(Bt, 1, N, L, device=DEV, dtype=bf)
-        Cm = torch.randn(Bt, 1, N, L, device=DEV, dtype=bf)
-        Dv = torch.randn(D, device=DEV)
-        z = torch.randn(Bt, D, L, device=DEV, dtype=bf)
-        bias = torch.randn(D, device=DEV) * 0.3
-        dout = torch.randn_like(u)
+        u, delta, A, Bm, Cm, Dv, z, bias, dout = bench_inputs(Bt, D, L, N)
         res = {}
         with torch.no_grad():
             res[("ours cuda (public fn)", "fwd")] = do(lambda: sk.selective_scan_fn(

@@ -22,6 +22,7 @@
 // and go to per-sequence partials; a small kernel then sums every partial in a fixed order and
 // casts (bitwise deterministic, no atomics). 2 ex2 per (d, n, t) update. int64 offsets.
 #include "selective_scan/selective_scan.h"
+#include <cstdlib>
 #include <type_traits>
 
 #include "selective_scan/sscan_common.cuh"
@@ -68,7 +69,12 @@ struct BwdLayout {
   static_assert(kBytes <= 227 * 1024, "shared memory per block");
 };
 
-template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode>
+// kLean (backward variant 1, SSM_KERNELS_SSCAN_BWD_VARIANT; bench/NOTES.md "backward variant 1"):
+// the same passes with the forward lean kernel's I/O: staging from per-thread rows (pointers set
+// once), convert in tasks of 8 steps with 16-byte smem loads and no per-step branches on full
+// chunks, du/ddelta/dz and the dB/dC partials written with 16-byte stores when aligned. The
+// arithmetic is expression for expression that of kLean = false (bitwise equal results).
+template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, bool kLean = false>
 __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
   using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS>;
   constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl, kNV = Lay::kNV;
@@ -144,8 +150,27 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
   }
   float dD_acc = 0.f, dbias_acc = 0.f;
 
+  const int ush = static_cast<int>(ubase & (kV - 1)), lsh = static_cast<int>(L & (kV - 1));
+  const int bsh = static_cast<int>(bcbase & (kV - 1));
+  RowStager<T, kRows, kThreads, kRowEl> rows;  // lean staging (unused otherwise)
+  if constexpr (kLean) {
+    rows.init(tid, [&](int row, const T*& src, int64_t& e, bool& ok) {
+      if (row < 4 * kD) {
+        const int kind = row / kD, r = row % kD;
+        src = kind == 0 ? gu : (kind == 1 ? gdelta : (kind == 2 ? gz : gdout));
+        ok = r < nch && (kind != 2 || has_z);
+        e = ubase + r * L;
+      } else {
+        const int q = row - 4 * kD, which = q / kNP, n = q % kNP;
+        src = which ? gC : gB;
+        ok = n < N && (which ? C_var : B_var);
+        e = bcbase + n * L;
+      }
+    });
+  }
   auto stage = [&](int64_t c0, int len) {  // cp.async of the chunk at c0 into the raw buffer
-    for (int i = tid; i < kRows * kNV; i += kThreads) {
+    if constexpr (kLean) rows.issue(raw, tid, c0, len);
+    for (int i = tid; i < (kLean ? 0 : kRows * kNV); i += kThreads) {
       const int row = i / kNV, j = i % kNV;
       const T* src;
       int64_t e;
@@ -183,7 +208,74 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
     __syncthreads();  // chunk c has landed; chunk c+1's tiles are consumed
 
     // ---- convert: per (d, t) q = (dt, dt u, dy, u), f = (softplus', dz / y); B, C [t][n]
-    for (int i = tid; i < kD * kChunk; i += kThreads) {
+    if constexpr (kLean) {
+      for (int task = tid; task < kD * (kChunk / 8); task += kThreads) {
+        const int r = task % kD, t0 = (task / kD) * 8;
+        const int sh = (ush + r * lsh) & (kV - 1);  // == (ubase + r L) mod kV
+        const T* ru = raw + r * kRowEl;
+        float uu[8], dl[8], zz[8], dov[8];
+        load8(ru, t0, sh, uu);
+        load8(ru + kD * kRowEl, t0, sh, dl);
+        if (has_z) load8(ru + 2 * kD * kRowEl, t0, sh, zz);
+        load8(ru + 3 * kD * kRowEl, t0, sh, dov);
+        const float bias = s_bias[r];
+        const int nval = r < nch ? len - t0 : 0;
+        float4* oq = s_q + r * kQP + t0;
+        float2* of = s_f + r * kQP + t0;
+        auto one = [&](int i, bool valid) {  // the expressions of the kLean = false loop below
+          float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
+          float2 f = make_float2(0.f, 0.f);
+          if (valid) {
+            const float x = dl[i] + bias;
+            float dt = x, dsp = 1.f;
+            if (p.softplus) {
+              dt = softplus_fast(x);
+              dsp = x > 20.f ? 1.f : sigmoid_fast(x);
+            }
+            float dy = dov[i], dzf = 0.f;
+            if (has_z) {
+              const float sig = sigmoid_fast(zz[i]);
+              dy = dov[i] * zz[i] * sig;
+              dzf = dov[i] * sig * fmaf(zz[i], 1.f - sig, 1.f);
+            }
+            q = make_float4(dt, dt * uu[i], dy, uu[i]);
+            f = make_float2(dsp, dzf);
+          }
+          oq[i] = q;
+          of[i] = f;
+        };
+        if (nval >= 8 && p.softplus && has_z) {  // the Mamba case: no per-step branches
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const float x = dl[i] + bias;
+            const float dt = softplus_fast(x);
+            const float dsp = x > 20.f ? 1.f : sigmoid_fast(x);
+            const float sig = sigmoid_fast(zz[i]);
+            oq[i] = make_float4(dt, dt * uu[i], dov[i] * zz[i] * sig, uu[i]);
+            of[i] = make_float2(dsp, dov[i] * sig * fmaf(zz[i], 1.f - sig, 1.f));
+          }
+        } else if (nval >= 8) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) one(i, true);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) one(i, i < nval);
+        }
+      }
+      if (B_var || C_var) {
+        for (int task = tid; task < 2 * kNP * (kChunk / 8); task += kThreads) {
+          const int n = task % kNP, which = (task / kNP) & 1, t0 = (task / (2 * kNP)) * 8;
+          if (!(which ? C_var : B_var)) continue;
+          float* dst = (which ? s_C : s_B) + n;
+          float v[8];
+          const bool nok = n < N;
+          if (nok) load8(raw + (4 * kD + which * kNP + n) * kRowEl, t0, (bsh + n * lsh) & (kV - 1), v);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) dst[(t0 + i) * kBP] = (nok && t0 + i < len) ? v[i] : 0.f;
+        }
+      }
+    }
+    for (int i = tid; i < (kLean ? 0 : kD * kChunk); i += kThreads) {
       const int r = i / kChunk, t = i % kChunk;
       float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
       float2 f = make_float2(0.f, 0.f);
@@ -210,7 +302,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
       s_q[r * kQP + t] = q;
       s_f[r * kQP + t] = f;
     }
-    if (B_var || C_var) {
+    if (!kLean && (B_var || C_var)) {
       for (int i = tid; i < kNP * kChunk; i += kThreads) {
         const int n = i / kChunk, t = i % kChunk;
         const bool ok = t < len && n < N;
@@ -353,7 +445,19 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
         }
       }
       __syncthreads();  // the sub-chunk's per-warp dB/dC partials are complete
-      if (B_var || C_var) {  // add the warps in order; B/C of this sub-chunk are dead: reuse
+      if constexpr (kLean) {  // B and C both varying; kS kNP == kThreads: item (which = k, tid)
+        static_assert(!kLean || (kMode == 1 && kS * kNP == kThreads), "lean warp sums");
+        const float* w0 = s_wp + buf * Lay::kWP + tid;
+        float* dst = s_B + (sc * kS + tid / kNP) * kBP + tid % kNP;
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {  // the same order of additions as below
+          float acc = w0[k * kS * kNP];
+#pragma unroll
+          for (int w = 1; w < kWarps; ++w) acc += w0[w * 2 * kS * kNP + k * kS * kNP];
+          dst[k * Lay::kBC] = acc;  // s_C = s_B + kBC
+        }
+      }
+      if (!kLean && (B_var || C_var)) {  // add the warps in order; B/C of this sub-chunk are dead
         const float* w0 = s_wp + buf * Lay::kWP;
         for (int i = tid; i < 2 * kS * kNP; i += kThreads) {
           const int which = i / (kS * kNP), tl = (i / kNP) % kS, n = i % kNP;
@@ -372,7 +476,56 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
     T* gdu = static_cast<T*>(p.du);
     T* gdd = static_cast<T*>(p.ddelta);
     T* gdz = static_cast<T*>(p.dz);
-    for (int i = tid; i < kD * kChunk; i += kThreads) {
+    if constexpr (kLean) {
+      // 16-byte stores where the whole 8-step run is inside the sequence and aligned
+      const bool vec = ush == 0 && lsh == 0 &&
+                       ((reinterpret_cast<uintptr_t>(gdu) | reinterpret_cast<uintptr_t>(gdd) |
+                         reinterpret_cast<uintptr_t>(gdz)) & 15) == 0;
+      for (int task = tid; task < kD * (kChunk / 8); task += kThreads) {
+        const int r = task % kD, t0 = (task / kD) * 8;
+        if (r >= nch || t0 >= len) continue;
+        const int64_t e = ubase + r * L + c0 + t0;
+        const float4* q = s_q + r * kQP + t0;
+        if (vec && t0 + 8 <= len) {
+          float a[8], bb[8], cc[8];
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            const float4 x = q[i];
+            a[i] = x.x; bb[i] = x.y; cc[i] = x.z;
+          }
+          store8(gdu + e, a);
+          store8(gdd + e, bb);
+          if (has_z) store8(gdz + e, cc);
+        } else {
+          for (int i = 0; i < 8 && t0 + i < len; ++i) {
+            const float4 x = q[i];
+            gdu[e + i] = from_float<T>(x.x);
+            gdd[e + i] = from_float<T>(x.y);
+            if (has_z) gdz[e + i] = from_float<T>(x.z);
+          }
+        }
+      }
+      if (B_var || C_var) {
+        const bool pvec = bsh == 0 && lsh == 0 &&
+                          ((reinterpret_cast<uintptr_t>(p.dB_part) |
+                            reinterpret_cast<uintptr_t>(p.dC_part)) & 15) == 0;
+        for (int task = tid; task < 2 * kNP * (kChunk / 8); task += kThreads) {
+          const int n = task % kNP, which = (task / kNP) & 1, t0 = (task / (2 * kNP)) * 8;
+          if (n >= N || t0 >= len || !(which ? C_var : B_var)) continue;
+          const float* src = (which ? s_C : s_B) + n;
+          float* dst = (which ? p.dC_part : p.dB_part) + pbase + n * L + c0 + t0;
+          if (pvec && t0 + 8 <= len) {
+            float v[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) v[i] = src[(t0 + i) * kBP];
+            store8(dst, v);
+          } else {
+            for (int i = 0; i < 8 && t0 + i < len; ++i) dst[i] = src[(t0 + i) * kBP];
+          }
+        }
+      }
+    }
+    for (int i = tid; i < (kLean ? 0 : kD * kChunk); i += kThreads) {
       const int r = i / kChunk, t = i % kChunk;
       if (t >= len || r >= nch) continue;
       const int64_t e = ubase + r * L + c0 + t;
@@ -381,7 +534,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
       gdd[e] = from_float<T>(q.y);
       if (has_z) gdz[e] = from_float<T>(q.z);
     }
-    if (B_var || C_var) {
+    if (!kLean && (B_var || C_var)) {
       for (int i = tid; i < kNP * kChunk; i += kThreads) {
         const int n = i / kChunk, t = i % kChunk;
         if (t >= len || n >= N) continue;
@@ -444,11 +597,11 @@ __global__ void __launch_bounds__(256) sum_parts_kernel(const SumJobs jobs) {
   }
 }
 
-template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode>
+template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, bool kLean = false>
 cudaError_t launch_mode(const SelectiveScanBwdParams& p, cudaStream_t stream) {
   using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS>;
   if (p.ck_len != kChunk) return cudaErrorInvalidValue;
-  auto kernel = selective_scan_bwd_kernel<T, kNPT, kTPC, kChunk, kS, kMode>;
+  auto kernel = selective_scan_bwd_kernel<T, kNPT, kTPC, kChunk, kS, kMode, kLean>;
   if (Lay::kBytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Lay::kBytes));
@@ -500,7 +653,20 @@ cudaError_t launch(const SelectiveScanBwdParams& p, cudaStream_t stream) {
   return launch_mode<T, kNPT, kTPC, kChunk, kS, 2>(p, stream);
 }
 
+int g_bwd_variant = -1;  // -1: not read from the environment yet
+
 }  // namespace
+
+int selective_scan_bwd_variant(int set) {
+  if (g_bwd_variant < 0) {
+    const char* env = std::getenv("SSM_KERNELS_SSCAN_BWD_VARIANT");
+    const int v = env ? std::atoi(env) : 0;
+    g_bwd_variant = (v >= 0 && v < kSelectiveScanBwdVariants) ? v : 0;
+  }
+  const int prev = g_bwd_variant;
+  if (set >= 0 && set < kSelectiveScanBwdVariants) g_bwd_variant = set;
+  return prev;
+}
 
 int64_t selective_scan_bwd_channels_per_block(int64_t N) {
   // kThreads / kTPC of the bucket chosen below
@@ -513,9 +679,11 @@ cudaError_t selective_scan_bwd_cuda(const SelectiveScanBwdParams& p, DType dtype
   // buckets (states per thread, threads per channel, chunk = checkpoint spacing chunk_len(N),
   // sub-chunk kept in registers): kS * kNPT = 32 keeps a and P in 64 registers (16 for N > 128,
   // where 64 spilled)
+  const bool lean = selective_scan_bwd_variant() == 1 && p.N <= 16 && p.B_var && p.C_var;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (p.N <= 16) err = launch<T, 4, 4, 64, 8>(p, stream);
+    if (lean) err = launch_mode<T, 4, 4, 64, 8, 1, true>(p, stream);
+    else if (p.N <= 16) err = launch<T, 4, 4, 64, 8>(p, stream);
     else if (p.N <= 32) err = launch<T, 8, 4, 32, 4>(p, stream);
     else if (p.N <= 64) err = launch<T, 8, 8, 32, 4>(p, stream);
     else if (p.N <= 128) err = launch<T, 8, 16, 16, 4>(p, stream);

@@ -112,5 +112,113 @@ __device__ __forceinline__ void load_vec(float (&dst)[kN], const float* src) {  
   }
 }
 
+// 8 consecutive elements of a raw row starting at element `off` of its aligned window, plus the
+// row's shift sh (elements between the window start and the row's first element of the chunk).
+// sh == 0: 16-byte loads (off is a multiple of 8, the row starts 16-byte aligned).
+__device__ __forceinline__ void unpack(const uint4 w, float* v, __nv_bfloat16) {
+  const unsigned q[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // exact, as __bfloat162float
+    v[2 * i] = __uint_as_float(q[i] << 16);
+    v[2 * i + 1] = __uint_as_float(q[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void unpack(const uint4 w, float* v, __half) {
+  const unsigned q[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    __half2 h2;
+    memcpy(&h2, &q[i], 4);
+    const float2 f = __half22float2(h2);
+    v[2 * i] = f.x; v[2 * i + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void unpack(const uint4 w, float* v, float) {
+  v[0] = __uint_as_float(w.x); v[1] = __uint_as_float(w.y);
+  v[2] = __uint_as_float(w.z); v[3] = __uint_as_float(w.w);
+}
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* row, int off, int sh, float (&v)[8]) {
+  if (sh == 0) {
+    constexpr int kPer = 16 / sizeof(T);  // elements per uint4
+    const uint4* q = reinterpret_cast<const uint4*>(row + off);
+#pragma unroll
+    for (int k = 0; k < 8 / kPer; ++k) unpack(q[k], v + k * kPer, T{});
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = to_float(row[off + sh + i]);
+  }
+}
+
+// Staging by owner threads (the lean kernels): thread tid owns raw rows tid + k kThr. init() asks
+// where(row, base, e, ok) for each owned row: its tensor, element offset at time 0 and whether it
+// is read; the aligned source pointer and shift are kept, so issue() per chunk is only
+// `+ c0` and the 16-byte cp.async copies (zero-filled past len) into raw (row pitch kRowEl).
+template <typename T, int kRows, int kThr, int kRowEl>
+struct RowStager {
+  static constexpr int kV = 16 / sizeof(T), kNV = kRowEl / kV, kRPT = (kRows + kThr - 1) / kThr;
+  const T* src[kRPT];
+  int sh[kRPT];
+  template <typename F>
+  __device__ __forceinline__ void init(int tid, F&& where) {
+#pragma unroll
+    for (int k = 0; k < kRPT; ++k) {
+      const int row = tid + k * kThr;
+      src[k] = nullptr;
+      sh[k] = 0;
+      if (row >= kRows) continue;
+      const T* base;
+      int64_t e;
+      bool ok;
+      where(row, base, e, ok);
+      if (!ok) continue;
+      sh[k] = static_cast<int>(e & (kV - 1));
+      src[k] = base + (e - sh[k]);
+    }
+  }
+  __device__ __forceinline__ void issue(T* raw, int tid, int64_t c0, int len) const {
+#pragma unroll
+    for (int k = 0; k < kRPT; ++k) {
+      if (src[k] == nullptr) continue;
+      T* dst = raw + (tid + k * kThr) * kRowEl;
+      const T* s = src[k] + c0;
+#pragma unroll
+      for (int j = 0; j < kNV; ++j) {
+        const int valid = sh[k] + len - j * kV;
+        if (valid <= 0) break;
+        cp_async16(dst + j * kV, s + j * kV, (valid < kV ? valid : kV) * static_cast<int>(sizeof(T)));
+      }
+    }
+  }
+};
+
+// 8 floats -> 8 consecutive elements of T at a 16-byte-aligned address (16-byte stores; the same
+// round-to-nearest conversions as from_float)
+__device__ __forceinline__ void store8(__nv_bfloat16* dst, const float (&v)[8]) {
+  uint4 w;
+  unsigned* q = reinterpret_cast<unsigned*>(&w);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __nv_bfloat162 b2 = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+    memcpy(&q[i], &b2, 4);
+  }
+  *reinterpret_cast<uint4*>(dst) = w;
+}
+__device__ __forceinline__ void store8(__half* dst, const float (&v)[8]) {
+  uint4 w;
+  unsigned* q = reinterpret_cast<unsigned*>(&w);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __half2 h2 = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+    memcpy(&q[i], &h2, 4);
+  }
+  *reinterpret_cast<uint4*>(dst) = w;
+}
+__device__ __forceinline__ void store8(float* dst, const float (&v)[8]) {
+  reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+
 }  // namespace sscan
 }  // namespace ssm

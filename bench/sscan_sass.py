@@ -1,0 +1,229 @@
+"""Offline sm_90 audit of the selective-scan CUDA forward variants (no GPU): registers/spills from
+ptxas and SASS instruction counts of the chunk loop's phases, per variant, for one dtype.
+
+    python bench/sscan_sass.py [--dtype bf16|fp16|fp32] [--keep DIR]
+
+Compiles csrc/selective_scan/selective_scan_fwd.cu and selective_scan_fwd_lean.cu with setup.py's
+nvcc flags for sm_90, dumps SASS (cuobjdump from $PATH, $CUDA_HOME/bin or Triton's bundled copy),
+finds the chunk loop (the back edge spanning the loop's BAR.SYNCs) and splits it at its barriers:
+variant 0/1: [stage+convert] BAR [compute] BAR [output]; lean: [stage+convert] BAR [compute+out].
+The compute phase is straight-line code (kChunk steps x kNPT states unrolled), so its static count
+is its per-chunk dynamic count; "instr/update" divides by kChunk * kNPT. The other phases contain
+loops and data-dependent branches: reported as static counts with each inner loop's size.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-arch=sm_90",
+         "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+         "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+TNAME = {"bf16": "I13__nv_bfloat16", "fp16": "I6__half", "fp32": "If"}  # mangled: kernelI<T>...
+# variant -> (file, kernel template args after the dtype, kNPT, kTPC, kChunk, threads)
+VARIANTS = {
+    0: ("selective_scan_fwd.cu", "Li4ELi4ELi32ELb0ELi128E", 4, 4, 32, 128),
+    1: ("selective_scan_fwd.cu", "Li8ELi2ELi32ELb0ELi64E", 8, 2, 32, 64),
+    2: ("selective_scan_fwd_lean.cu", "Li4ELi4ELi128ELi32ELb1ELb0E", 4, 4, 32, 128),
+    3: ("selective_scan_fwd_lean.cu", "Li8ELi2ELi64ELi32ELb1ELb0E", 8, 2, 32, 64),
+    4: ("selective_scan_fwd_lean.cu", "Li2ELi8ELi128ELi32ELb1ELb0E", 2, 8, 32, 128),
+    5: ("selective_scan_fwd_lean.cu", "Li4ELi4ELi128ELi32ELb1ELb1E", 4, 4, 32, 128),
+    6: ("selective_scan_fwd_lean.cu", "Li8ELi2ELi64ELi32ELb1ELb1E", 8, 2, 32, 64),
+    7: ("selective_scan_fwd_lean.cu", "Li8ELi2ELi64ELi16ELb1ELb1E", 8, 2, 16, 64),
+}
+# backward variant -> kernel template args after the dtype (N <= 16 bucket, B/C time-varying)
+BWD_VARIANTS = {0: "Li4ELi4ELi64ELi8ELi1ELb0E", 1: "Li4ELi4ELi64ELi8ELi1ELb1E"}
+INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def cuobjdump() -> str:
+    for c in (shutil.which("cuobjdump"),
+              os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "cuobjdump")):
+        if c and os.path.exists(c):
+            return c
+    try:
+        import triton
+        c = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        if os.path.exists(c):
+            return c
+    except ImportError:
+        pass
+    sys.exit("cuobjdump not found")
+
+
+def compile_cu(src: str, out: str) -> dict:
+    """cubin; returns {mangled kernel: (registers, spill stores, spill loads)}."""
+    cmd = ["nvcc", *FLAGS, "-I", os.path.join(ROOT, "csrc"), "-cubin", "-o", out,
+           os.path.join(ROOT, "csrc", "selective_scan", src), "-Xptxas", "-v"]
+    log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    res, cur = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            cur = m.group(1)
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and cur:
+            res.setdefault(cur, [0, 0, 0])[1:] = [int(m.group(1)), int(m.group(2))]
+        m = re.search(r"Used (\d+) registers", line)
+        if m and cur:
+            res.setdefault(cur, [0, 0, 0])[0] = int(m.group(1))
+    return res
+
+
+def functions(sass: str) -> dict:
+    out, cur = {}, None
+    for line in sass.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            cur = m.group(1)
+            out[cur] = []
+            continue
+        m = INSN.search(line)
+        if m and cur:
+            out[cur].append((int(m.group(1), 16), m.group(3), m.group(4)))
+    return out
+
+
+def op(name: str) -> str:
+    return name.split(".")[0]
+
+
+def analyse(insns, kchunk, knpt):
+    addr = [a for a, _, _ in insns]
+    idx = {a: i for i, a in enumerate(addr)}
+    bars = [i for i, (_, o, _) in enumerate(insns) if o.startswith("BAR.SYNC")]
+    backs = []  # (target index, branch index)
+    for i, (a, o, rest) in enumerate(insns):
+        if op(o) == "BRA":
+            m = re.search(r"0x([0-9a-f]+)", rest)
+            if m and int(m.group(1), 16) < a and int(m.group(1), 16) in idx:
+                backs.append((idx[int(m.group(1), 16)], i))
+    loop = max((b for b in backs if any(b[0] <= x <= b[1] for x in bars)),
+               key=lambda b: b[1] - b[0])
+    targets = set()
+    for a, o, rest in insns:
+        m = re.search(r"0x([0-9a-f]+)", rest) if op(o) == "BRA" else None
+        if m:
+            targets.add(int(m.group(1), 16))
+    lb = [x for x in bars if loop[0] <= x <= loop[1]]
+    cuts = [loop[0], *lb, loop[1] + 1]
+    phases = []
+    for k in range(len(cuts) - 1):
+        lo, hi = cuts[k], cuts[k + 1]
+        hist = collections.Counter(op(o) for _, o, _ in insns[lo:hi])
+        inner = [(t, b) for t, b in backs if lo <= t and b < hi and (t, b) != loop]
+        run = best = 0  # longest branch-free run (no branch, no branch target inside)
+        for a, o, _ in insns[lo:hi]:
+            run = 1 if a in targets else run + 1
+            best = max(best, run)
+            if op(o) in ("BRA", "BSSY", "BSYNC", "EXIT", "BAR"):
+                run = 0
+        phases.append(dict(n=hi - lo, hist=hist, loops=[b - t + 1 for t, b in inner], run=best))
+    return phases
+
+
+def interleaved(insns, kchunk, knpt, items):
+    """Pipelined variants: the fast path's compute + next-chunk conversion, i.e. the shortest run
+    holding kChunk kNPT decay ex2 plus 2 per converted item and `items` lg2, widened to the
+    enclosing branches. Returns its instruction count (None if not found)."""
+    ex = [i for i, (_, o, _) in enumerate(insns) if o.startswith("MUFU.EX2")]
+    lg = [i for i, (_, o, _) in enumerate(insns) if o.startswith("MUFU.LG2")]
+    want = kchunk * knpt + 2 * items
+    best = None
+    for a in range(len(ex) - want + 1):
+        lo, hi = ex[a], ex[a + want - 1]
+        if sum(lo <= i <= hi for i in lg) == items and (best is None or hi - lo < best[1] - best[0]):
+            best = (lo, hi)
+    if best is None:
+        return None
+    lo, hi = best
+    while lo > 0 and op(insns[lo - 1][1]) not in ("BRA", "BSYNC", "BAR"):
+        lo -= 1
+    while hi < len(insns) - 1 and op(insns[hi][1]) != "BRA":
+        hi += 1
+    return hi - lo + 1
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dtype", default="bf16", choices=list(TNAME))
+    ap.add_argument("--keep", default=None, help="directory to keep cubins/SASS in")
+    a = ap.parse_args()
+    tmp = a.keep or tempfile.mkdtemp(prefix="sscan_sass_")
+    os.makedirs(tmp, exist_ok=True)
+    regs, fns = {}, {}
+    for src in sorted({v[0] for v in VARIANTS.values()} | {"selective_scan_bwd.cu"}):
+        cub = os.path.join(tmp, src.replace(".cu", ".cubin"))
+        regs.update(compile_cu(src, cub))
+        sass = subprocess.run([cuobjdump(), "-sass", cub], capture_output=True, text=True,
+                              check=True).stdout
+        with open(cub.replace(".cubin", ".sass"), "w") as fh:
+            fh.write(sass)
+        fns.update(functions(sass))
+    print(f"sm_90, {a.dtype}, N <= 16 bucket (SASS under {tmp})\n")
+    print("| variant | (kNPT, kTPC, chunk, threads) | regs / spill B | phase | static instr | "
+          "MUFU | FFMA+FMUL | LDS | SHFL | FSEL | instr/update | inner loops (sizes) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for v, (src, targs, knpt, ktpc, kchunk, thr) in VARIANTS.items():
+        name = next((f for f in fns if TNAME[a.dtype] + targs in f and
+                     ("lean" in f) == ("lean" in src)), None)
+        if name is None:
+            print(f"| {v} | kernel not found ({targs}) |")
+            continue
+        r = regs.get(name, [0, 0, 0])
+        ph = analyse(fns[name], kchunk, knpt)
+        labels = (["wait", "stage+convert", "compute", "output"] if len(ph) == 4 else
+                  ["wait", "stage+convert", "compute+output"] if len(ph) == 3 else
+                  ["stage+wait", "compute+output+next convert"] if len(ph) == 2 else
+                  [f"phase {i}" for i in range(len(ph))])
+        for lab, p in zip(labels, ph):
+            h = p["hist"]
+            per = (f"{p['n'] / (kchunk * knpt):.2f} (longest straight run {p['run']}: "
+                   f"{p['run'] / (kchunk * knpt):.2f})" if lab.startswith("compute") else "")
+            if "next convert" in lab:
+                items = (thr // ktpc) * kchunk // thr  # converted (d, t) items per thread
+                w = interleaved(fns[name], kchunk, knpt, items)
+                if w:
+                    per += f"; fast path (compute + next convert) {w}: {w / (kchunk * knpt):.2f}"
+            print(f"| {v} | ({knpt}, {ktpc}, {kchunk}, {thr}) | {r[0]} / {r[1]} | {lab} | {p['n']} | "
+                  f"{h['MUFU']} | {h['FFMA'] + h['FMUL']} | {h['LDS']} | {h['SHFL']} | {h['FSEL']} | "
+                  f"{per} | {p['loops'] or ''} |")
+
+    # backward: static instructions between the chunk loop's barriers (convert | pass 1 + pass 2
+    # up to the sub-chunk barrier | warp sums | output), with the inner loops' body sizes
+    print("\nbackward (N <= 16, B/C varying; phases = the chunk loop split at its barriers)\n")
+    print("| bwd variant | regs / spill B | phase static instr (inner loop body sizes) |")
+    print("|---|---|---|")
+    for v, targs in BWD_VARIANTS.items():
+        name = next((f for f in fns if "bwd" in f and TNAME[a.dtype] + targs in f), None)
+        if name is None:
+            print(f"| {v} | kernel not found |")
+            continue
+        r = regs.get(name, [0, 0, 0])
+        ins = fns[name]
+        bars = [i for i, (_, o, _) in enumerate(ins) if o.startswith("BAR.SYNC")]
+        cuts = [0, *bars, len(ins)]
+        cells = []
+        for k in range(len(cuts) - 1):
+            lo, hi = cuts[k], cuts[k + 1]
+            loops = []
+            for i in range(lo, hi):
+                adr, o, rest = ins[i]
+                m = re.search(r"0x([0-9a-f]+)", rest) if op(o) == "BRA" else None
+                if m and int(m.group(1), 16) < adr:
+                    tgt = next((j for j in range(lo, i) if ins[j][0] == int(m.group(1), 16)), None)
+                    if tgt is not None:
+                        loops.append(i - tgt + 1)
+            cells.append(f"{hi - lo} {loops}" if loops else f"{hi - lo}")
+        print(f"| {v} | {r[0]} / {r[1]} | {' / '.join(cells)} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,426 @@
+// selective scan forward, "lean" variants (issue 9; SSM_KERNELS_SSCAN_VARIANT 2-7, N <= 16).
+//
+// Same recurrence, thread layout and inner loop as selective_scan_fwd.cu (variant 0: kTPC lanes
+// per channel, kNPT states per lane, chunks of 32 steps double-buffered with cp.async), with the
+// per-(d, t) work around the inner loop cut down -- in variant 0 it costs about as many
+// instructions as the recurrence itself (~8 of ~15.6 per update):
+//   - staging: each thread owns fixed raw rows, so the global source pointer, shift and enable
+//     are computed once per sequence (no per-chunk int64 index math, no div/mod by kNV);
+//   - convert: a task is 8 consecutive steps of one row, read with one 16-byte LDS (bf16/fp16;
+//     two for fp32) when the row window is aligned (always when L % 8 == 0 and no varlen),
+//     scalar otherwise; the z gate z sigmoid(z) is computed here and stored with u as a float2
+//     (u, gate) next to (dt, dt u);
+//   - output fused into the compute loop: after the y reduce-scatter, the lane that holds step t
+//     of its channel applies (y + D u) gate and stores it to global memory. This removes the y
+//     tile, its output pass and one of the three barriers per chunk.
+// Arithmetic is the same expression by expression as variant 0 (softplus_fast, sigmoid_fast,
+// fmaf(D, u, y) * gate, the same inner loop and reduce-scatter order), so outputs, final states
+// and checkpoints are meant to be bitwise equal to variant 0 at the same (kNPT, kTPC).
+// Variants: 2 = (kNPT 4, kTPC 4, 128 threads): variant 0's layout; 3 = (8, 2, 64 threads): twice
+// the independent chains per lane, a quarter of the y-reduction work, half the warps; 4 = (2, 8,
+// 128 threads): twice the warps (latency hiding by TLP), more reduction work per update; 5, 6 =
+// 2 and 3 pipelined (kPipe below; 73 KB of shared memory: 3 blocks per SM); 7 = 6 with chunks of
+// 16 steps (41 KB: 5 blocks per SM, so B=4 D=4096's 512 blocks fit one wave).
+#include <type_traits>
+
+#include "selective_scan/selective_scan.h"
+#include "selective_scan/sscan_common.cuh"
+
+namespace ssm {
+namespace {
+
+using namespace sscan;
+
+template <typename T, int kNPT, int kTPC, int kThr, int kChunk, bool kPipe>
+struct LeanLayout {
+  static constexpr int kD = kThr / kTPC;        // channels per block
+  static constexpr int kNP = kNPT * kTPC;       // states per channel, padded
+  static constexpr int kV = 16 / sizeof(T);     // elements per 16-byte vector
+  static constexpr int kRowEl = kChunk + kV;    // raw row: aligned window covering one chunk
+  static constexpr int kRows = 3 * kD + 2 * kNP;  // u, delta, z (kD each), B, C (kNP each)
+  static constexpr int kG = 8;                  // steps per convert task
+  static constexpr int kDDP = kChunk + 1;       // float2 pitch of (dt, dt u) and (u, gate)
+  static constexpr int kBP = kNP + 4;           // B/C pitch per step (float4 reads)
+  // time-varying B/C tile [t][n]; time-invariant [ch][n] in conversion buffer 0's B/C tiles
+  static constexpr int kBC = (kChunk * kBP > kD * kNP) ? kChunk * kBP : kD * kNP;
+  // kPipe: 3 raw buffers (chunk c+1 converted while c+2 lands) and 2 conversion buffers
+  static constexpr int kNRaw = kPipe ? 3 : 2, kNConv = kPipe ? 2 : 1;
+  static constexpr size_t kRawBytes = sizeof(T) * kRows * kRowEl;
+  static constexpr size_t kConvBytes = 2 * sizeof(float2) * kD * kDDP + 2 * sizeof(float) * kBC;
+  static constexpr size_t kBytes = kNRaw * kRawBytes + kNConv * kConvBytes + sizeof(float) * kD;
+  static constexpr int kTasksDD = kD * (kChunk / kG), kTasksBC = 2 * kNP * (kChunk / kG);
+  static_assert(kThr % 32 == 0 && 32 % kTPC == 0, "a channel's lanes sit in one warp");
+  static_assert((kNPT == 2 || kNPT % 4 == 0) && kChunk % kTPC == 0 && kChunk % kG == 0, "widths");
+  static_assert((kRowEl * sizeof(T)) % 16 == 0 && kConvBytes % 16 == 0, "16-byte alignment");
+};
+
+// kN consecutive floats from shared memory (16-byte aligned for kN % 4 == 0, 8-byte for kN == 2)
+template <int kN>
+__device__ __forceinline__ void lds_vec(float (&dst)[kN], const float* src) {
+  if constexpr (kN == 2) {
+    const float2 q = *reinterpret_cast<const float2*>(src);
+    dst[0] = q.x; dst[1] = q.y;
+  } else {
+    load_vec(dst, src);
+  }
+}
+
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
+
+// kBCVar: B and C both time-varying (the Mamba case), known at compile time so the inner loop's
+// B/C tile reads take immediate offsets (no address arithmetic per step); else runtime strides.
+// kPipe (variants 5, 6): one barrier per chunk; chunk c+1 is converted by the same threads inside
+// chunk c's compute loop (a slice of the conversion after every kTPC steps, so the compiler
+// interleaves its ALU/MUFU work with the recurrence), from a third raw buffer, into the other of
+// two conversion buffers. Only when the next chunk is full, aligned, all channels valid, with
+// softplus and z (block-uniform test); otherwise the compute and then the generic conversion run
+// back to back in the same phase.
+template <typename T, int kNPT, int kTPC, int kThr, int kChunk, bool kBCVar, bool kPipe>
+__global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveScanFwdParams p) {
+  using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk, kPipe>;
+  constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl;
+  constexpr int kRows = Lay::kRows, kG = Lay::kG, kDDP = Lay::kDDP;
+  constexpr int kBP = Lay::kBP;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* raw0 = reinterpret_cast<T*>(smem);
+  unsigned char* conv0 = smem + Lay::kNRaw * Lay::kRawBytes;
+  // conversion buffer cb: (dt, dt u) [ch][t], (u, gate) [ch][t], B, C [t][n]
+  auto s_dd = [&](int cb) { return reinterpret_cast<float2*>(conv0 + cb * Lay::kConvBytes); };
+  auto s_ug = [&](int cb) { return s_dd(cb) + kD * kDDP; };
+  auto s_B = [&](int cb) { return reinterpret_cast<float*>(s_ug(cb) + kD * kDDP); };
+  auto s_C = [&](int cb) { return s_B(cb) + Lay::kBC; };
+  auto rawp = [&](int rb) { return raw0 + rb * (kRows * kRowEl); };
+  float* s_bias = reinterpret_cast<float*>(conv0 + Lay::kNConv * Lay::kConvBytes);
+
+  const int tid = threadIdx.x;
+  const int ch = tid / kTPC, slice = tid % kTPC;
+  const int64_t DG = p.dim / p.groups;
+  const int64_t g = blockIdx.y, s = blockIdx.z;
+  const int64_t dl0 = static_cast<int64_t>(blockIdx.x) * kD;
+  const int64_t d0 = g * DG + dl0;
+  const int nch = static_cast<int>(DG - dl0 < kD ? DG - dl0 : kD);
+  const bool ch_ok = ch < nch;
+  const int64_t d = d0 + ch;
+  const int N = static_cast<int>(p.N);
+  const int64_t L = p.L;
+
+  int64_t bos = 0, Ts = L, b = s, ck0 = s * p.ck_per_batch;
+  if (p.cu_seqlens) {
+    bos = p.cu_seqlens[s];
+    Ts = p.cu_seqlens[s + 1] - bos;
+    b = 0;
+    ck0 = p.ck_offsets ? p.ck_offsets[s] : 0;
+  }
+  const int64_t ubase = (b * p.dim + d0) * L + bos;
+  const int64_t bcbase = ((b * p.groups + g) * p.N) * L + bos;
+  const T* gu = static_cast<const T*>(p.u);
+  const T* gdelta = static_cast<const T*>(p.delta);
+  const T* gz = static_cast<const T*>(p.z);
+  const T* gB = static_cast<const T*>(p.B);
+  const T* gC = static_cast<const T*>(p.C);
+  const bool has_z = gz != nullptr, has_D = p.D != nullptr;
+  // (u, delta, z rows share one shift per channel; B/C rows one per state); L % kV == 0 with
+  // aligned bases makes every shift 0 and every convert load a 16-byte vector
+  const int ush = static_cast<int>(ubase & (kV - 1)), lsh = static_cast<int>(L & (kV - 1));
+  const int bsh = static_cast<int>(bcbase & (kV - 1));
+
+  for (int i = tid; i < kD; i += kThr)
+    s_bias[i] = (p.delta_bias && i < nch) ? p.delta_bias[d0 + i] : 0.f;
+  for (int i = tid; i < kD * kNP; i += kThr) {
+    const int r = i / kNP, n = i % kNP;
+    const bool ok = r < nch && n < N;
+    if (!p.B_var) s_B(0)[i] = ok ? static_cast<const float*>(p.B)[(d0 + r) * p.N + n] : 0.f;
+    if (!p.C_var) s_C(0)[i] = ok ? static_cast<const float*>(p.C)[(d0 + r) * p.N + n] : 0.f;
+  }
+  const float Dv = (has_D && ch_ok) ? p.D[d] : 0.f;
+
+  float a2[kNPT], h[kNPT];
+#pragma unroll
+  for (int k = 0; k < kNPT; ++k) {
+    const int n = slice * kNPT + k;
+    const bool ok = ch_ok && n < N;
+    a2[k] = ok ? p.A[d * p.N + n] * kLog2e : 0.f;
+    h[k] = (ok && p.h0) ? p.h0[(s * p.dim + d) * p.N + n] : 0.f;
+  }
+
+  const int ck_mask = p.ck_len - 1;
+  const int ck_shift = __ffs(p.ck_len) - 1;
+  auto save_ckpt = [&](int64_t t) {
+    if (!ch_ok) return;
+    float* dst = p.ckpt + ((ck0 + (t >> ck_shift)) * p.dim + d) * p.N + slice * kNPT;
+#pragma unroll
+    for (int k = 0; k < kNPT; ++k)
+      if (slice * kNPT + k < N) dst[k] = h[k];
+  };
+
+  // staging: thread owns raw rows tid + k kThr
+  RowStager<T, kRows, kThr, kRowEl> rows;
+  rows.init(tid, [&](int row, const T*& src, int64_t& e, bool& ok) {
+    if (row < 3 * kD) {
+      const int kind = row / kD, r = row % kD;
+      src = kind == 0 ? gu : (kind == 1 ? gdelta : gz);
+      ok = r < nch && (kind < 2 || has_z);
+      e = ubase + r * L;
+    } else {
+      const int q = row - 3 * kD, which = q / kNP, n = q % kNP;
+      src = which ? gC : gB;
+      ok = n < N && (which ? p.C_var : p.B_var);
+      e = bcbase + n * L;
+    }
+  });
+  auto stage = [&](int buf, int64_t c0, int len) { rows.issue(rawp(buf), tid, c0, len); };
+
+  const int64_t nchunks = (Ts + kChunk - 1) / kChunk;
+  const bool ck_on = p.ckpt != nullptr;
+  auto chunk_len = [&](int64_t c) {
+    const int64_t rest = Ts - c * kChunk;
+    return static_cast<int>(rest < kChunk ? (rest > 0 ? rest : 0) : kChunk);
+  };
+
+  // ---- convert chunk (raw buffer rb, len steps) into conversion buffer cb
+  auto convert = [&](int rb, int cb, int len) {
+    const T* raw = rawp(rb);
+    float2* sdd = s_dd(cb);
+    float2* sug = s_ug(cb);
+    // (dt, dt u), (u, gate): a task is 8 steps of one channel
+    for (int task = tid; task < Lay::kTasksDD; task += kThr) {
+      const int r = task % kD, t0 = (task / kD) * kG;
+      const int sh = (ush + r * lsh) & (kV - 1);  // == (ubase + r L) mod kV
+      const T* ru = raw + r * kRowEl;
+      float uu[kG], dl[kG], zz[kG];
+      load8(ru, t0, sh, uu);
+      load8(ru + kD * kRowEl, t0, sh, dl);
+      if (has_z) load8(ru + 2 * kD * kRowEl, t0, sh, zz);
+      const float bias = s_bias[r];
+      const bool rok = r < nch;
+      float2* odd = sdd + r * kDDP + t0;
+      float2* oug = sug + r * kDDP + t0;
+      // every step valid (all but a sequence's last chunk): no per-step test; else steps past
+      // the end get dt = dt u = 0 (h unchanged). Values are those of variant 0 either way.
+      const int nval = rok ? len - t0 : 0;
+      auto one = [&](int i, bool valid) {
+        float dt = 0.f, dtu = 0.f, gate = 1.f;
+        if (valid) {
+          const float x = dl[i] + bias;
+          dt = p.softplus ? softplus_fast(x) : x;
+          dtu = dt * uu[i];
+          if (has_z) gate = zz[i] * sigmoid_fast(zz[i]);
+        }
+        odd[i] = make_float2(dt, dtu);
+        oug[i] = make_float2(uu[i], gate);
+      };
+      if (nval >= kG && p.softplus && has_z) {  // the Mamba case, no per-step branches
+#pragma unroll
+        for (int i = 0; i < kG; ++i) {
+          const float dt = softplus_fast(dl[i] + bias);
+          odd[i] = make_float2(dt, dt * uu[i]);
+          oug[i] = make_float2(uu[i], zz[i] * sigmoid_fast(zz[i]));
+        }
+      } else if (nval >= kG) {
+#pragma unroll
+        for (int i = 0; i < kG; ++i) one(i, true);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kG; ++i) one(i, i < nval);
+      }
+    }
+    // B, C as float32 [t][n] (zero past the end and for padded states)
+    if (p.B_var || p.C_var) {
+      for (int task = tid; task < Lay::kTasksBC; task += kThr) {
+        const int n = task % kNP, which = (task / kNP) & 1, t0 = (task / (2 * kNP)) * kG;
+        if (which ? !p.C_var : !p.B_var) continue;
+        float* dst = (which ? s_C(cb) : s_B(cb)) + n;
+        float v[kG];
+        const bool nok = n < N;
+        if (nok) load8(raw + (3 * kD + which * kNP + n) * kRowEl, t0, (bsh + n * lsh) & (kV - 1), v);
+#pragma unroll
+        for (int i = 0; i < kG; ++i) dst[(t0 + i) * kBP] = (nok && t0 + i < len) ? v[i] : 0.f;
+      }
+    }
+  };
+
+  const bool B_var = kBCVar || p.B_var, C_var = kBCVar || p.C_var;
+  const int sBt = kBCVar ? kBP : (p.B_var ? kBP : 0), sCt = kBCVar ? kBP : (p.C_var ? kBP : 0);
+  T* po = static_cast<T*>(p.out) + ubase + ch * L + slice;
+
+  // ---- compute chunk c0 (len steps) from conversion buffer cb; the lane holding step t of its
+  // channel's y writes out[t]. kInter: also convert the next (full, aligned) chunk from raw
+  // buffer rbn into conversion buffer cbn, a slice after every kTPC steps.
+  auto compute = [&](auto inter, int cb, int64_t c0, int len, int rbn, int cbn) {
+    constexpr bool kInter = decltype(inter)::value;
+    const float2* dd = s_dd(cb) + ch * kDDP;
+    const float2* ug = s_ug(cb) + ch * kDDP + slice;
+    const float* pB = B_var ? s_B(cb) + slice * kNPT : s_B(0) + ch * kNP + slice * kNPT;
+    const float* pC = C_var ? s_C(cb) + slice * kNPT : s_C(0) + ch * kNP + slice * kNPT;
+    const int lim = ch_ok ? len - slice : 0;  // this lane stores step tg + slice iff tg < lim
+    T* pout = po + c0;
+    // next-chunk conversion state (kInter): per-thread tasks as in convert()
+    constexpr int kGroups = kChunk / kTPC;
+    constexpr int kDDItems = Lay::kTasksDD * kG / kThr, kBCItems = Lay::kTasksBC * kG / kThr;
+    static_assert(!kInter || (Lay::kTasksDD % kThr == 0 && Lay::kTasksBC % kThr == 0 &&
+                              kDDItems % kGroups == 0 && kBCItems % kGroups == 0),
+                  "interleaved conversion: whole tasks per thread, whole items per group");
+    constexpr int kDDPer = kInter ? kDDItems / kGroups : 0, kBCPer = kInter ? kBCItems / kGroups : 0;
+    constexpr int kDDT = kInter ? kDDItems / kG : 1, kBCT = kInter ? kBCItems / kG : 1;
+    float cu[kDDT][kG], cdl[kDDT][kG], cz[kDDT][kG], cbias[kDDT], cbc[kBCT][kG];
+    const T* rawn = rawp(rbn);
+#pragma unroll
+    for (int tg = 0; tg < kChunk; tg += kTPC) {
+      float yv[kTPC];
+#pragma unroll
+      for (int j = 0; j < kTPC; ++j) {
+        const int t = tg + j;
+        const float2 x = dd[t];
+        float bv[kNPT], cv[kNPT];
+        lds_vec(bv, pB + t * sBt);
+        lds_vec(cv, pC + t * sCt);
+        float y = 0.f;
+#pragma unroll
+        for (int k = 0; k < kNPT; ++k) {
+          h[k] = fmaf(ex2(x.x * a2[k]), h[k], x.y * bv[k]);
+          y = fmaf(cv[k], h[k], y);
+        }
+        yv[j] = y;
+      }
+      reduce_scatter<kTPC>(yv, slice);
+      const float2 q = ug[tg];
+      float y = yv[0];
+      if (has_D) y = fmaf(Dv, q.x, y);
+      y *= q.y;
+      if (tg < lim) pout[tg] = from_float<T>(y);
+      if constexpr (kInter) {
+        const int gi = tg / kTPC;
+#pragma unroll
+        for (int m = 0; m < kDDPer; ++m) {
+          const int jj = gi * kDDPer + m, k = jj / kG, i = jj % kG;
+          const int task = tid + k * kThr, r = task % kD, t0 = (task / kD) * kG;
+          const T* ru = rawn + r * kRowEl;
+          if (i == 0) {
+            load8(ru, t0, 0, cu[k]);
+            load8(ru + kD * kRowEl, t0, 0, cdl[k]);
+            load8(ru + 2 * kD * kRowEl, t0, 0, cz[k]);
+            cbias[k] = s_bias[r];
+          }
+          const float dt = softplus_fast(cdl[k][i] + cbias[k]);
+          s_dd(cbn)[r * kDDP + t0 + i] = make_float2(dt, dt * cu[k][i]);
+          s_ug(cbn)[r * kDDP + t0 + i] = make_float2(cu[k][i], cz[k][i] * sigmoid_fast(cz[k][i]));
+        }
+#pragma unroll
+        for (int m = 0; m < kBCPer; ++m) {
+          const int jj = gi * kBCPer + m, k = jj / kG, i = jj % kG;
+          const int task = tid + k * kThr;
+          const int n = task % kNP, which = (task / kNP) & 1, t0 = (task / (2 * kNP)) * kG;
+          const bool nok = n < N;
+          if (i == 0 && nok) load8(rawn + (3 * kD + which * kNP + n) * kRowEl, t0, 0, cbc[k]);
+          (which ? s_C(cbn) : s_B(cbn))[(t0 + i) * kBP + n] = nok ? cbc[k][i] : 0.f;
+        }
+      }
+    }
+  };
+
+  if constexpr (!kPipe) {
+    stage(0, 0, chunk_len(0));
+    cp_async_commit();
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const int64_t c0 = c * kChunk;
+      const int len = chunk_len(c);
+      const int buf = static_cast<int>(c & 1);
+      cp_async_wait_all();
+      __syncthreads();  // chunk c landed; chunk c-1's converted tiles are consumed
+      if (c + 1 < nchunks) stage(buf ^ 1, c0 + kChunk, chunk_len(c + 1));
+      cp_async_commit();
+      convert(buf, 0, len);
+      if (ck_on && (c0 & ck_mask) == 0) save_ckpt(c0);
+      __syncthreads();
+      compute(std::false_type{}, 0, c0, len, 0, 0);
+    }
+  } else {
+    // fast interleaved conversion needs whole aligned vectors and every row present
+    const bool inter_ok = kBCVar && p.softplus && has_z && nch == kD && ush == 0 && lsh == 0 &&
+                          bsh == 0;
+    stage(0, 0, chunk_len(0));
+    cp_async_commit();
+    if (nchunks > 1) stage(1, kChunk, chunk_len(1));
+    cp_async_commit();
+    cp_async_wait_1();  // chunk 0 landed
+    __syncthreads();
+    convert(0, 0, chunk_len(0));
+    int rb = 0;  // raw buffer of chunk c
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const int64_t c0 = c * kChunk;
+      const int len = chunk_len(c);
+      const int rb1 = rb == 2 ? 0 : rb + 1, rb2 = rb1 == 2 ? 0 : rb1 + 1;
+      const int cb = static_cast<int>(c & 1);
+      // raw buffer rb2 (chunk c-1's) was last read by chunk c-1's conversion, before the
+      // previous barrier
+      if (c + 2 < nchunks) stage(rb2, c0 + 2 * kChunk, chunk_len(c + 2));
+      cp_async_commit();
+      cp_async_wait_1();  // chunk c+1 landed (only chunk c+2's copies may be in flight)
+      __syncthreads();    // ... for every thread; chunk c converted; buffer cb ^ 1 consumed
+      if (ck_on && (c0 & ck_mask) == 0) save_ckpt(c0);
+      const bool next = c + 1 < nchunks;
+      if (next && inter_ok && chunk_len(c + 1) == kChunk) {
+        compute(std::true_type{}, cb, c0, len, rb1, cb ^ 1);
+      } else {
+        compute(std::false_type{}, cb, c0, len, 0, 0);
+        if (next) convert(rb1, cb ^ 1, chunk_len(c + 1));
+      }
+      rb = rb1;
+    }
+  }
+  cp_async_wait_all();
+
+  if (ch_ok) {
+    float* dst = p.last + (s * p.dim + d) * p.N + slice * kNPT;
+#pragma unroll
+    for (int k = 0; k < kNPT; ++k)
+      if (slice * kNPT + k < N) dst[k] = h[k];
+  }
+}
+
+template <typename T, int kNPT, int kTPC, int kThr, bool kBCVar, bool kPipe, int kChunk = 32>
+cudaError_t launch_lean(const SelectiveScanFwdParams& p, cudaStream_t stream) {
+  using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk, kPipe>;
+  if (p.ckpt && ((p.ck_len % kChunk) != 0 || (p.ck_len & (p.ck_len - 1)) != 0))
+    return cudaErrorInvalidValue;
+  auto kernel = sscan_fwd_lean_kernel<T, kNPT, kTPC, kThr, kChunk, kBCVar, kPipe>;
+  if (Lay::kBytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Lay::kBytes));
+    if (err != cudaSuccess) return err;
+  }
+  const int64_t DG = p.dim / p.groups;
+  const dim3 grid(static_cast<unsigned>((DG + Lay::kD - 1) / Lay::kD),
+                  static_cast<unsigned>(p.groups), static_cast<unsigned>(p.nseq));
+  kernel<<<grid, kThr, Lay::kBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType dtype, int variant,
+                                         cudaStream_t stream) {
+  if (p.N < 1 || p.N > 16 || variant < 2 || variant > 7) return cudaErrorInvalidValue;
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const bool v = p.B_var && p.C_var;
+    switch (variant) {
+      case 2: err = v ? launch_lean<T, 4, 4, 128, true, false>(p, stream)
+                      : launch_lean<T, 4, 4, 128, false, false>(p, stream); break;
+      case 3: err = v ? launch_lean<T, 8, 2, 64, true, false>(p, stream)
+                      : launch_lean<T, 8, 2, 64, false, false>(p, stream); break;
+      case 4: err = v ? launch_lean<T, 2, 8, 128, true, false>(p, stream)
+                      : launch_lean<T, 2, 8, 128, false, false>(p, stream); break;
+      case 5: err = v ? launch_lean<T, 4, 4, 128, true, true>(p, stream)
+                      : launch_lean<T, 4, 4, 128, false, true>(p, stream); break;
+      case 6: err = v ? launch_lean<T, 8, 2, 64, true, true>(p, stream)
+                      : launch_lean<T, 8, 2, 64, false, true>(p, stream); break;
+      default: err = v ? launch_lean<T, 8, 2, 64, true, true, 16>(p, stream)
+                       : launch_lean<T, 8, 2, 64, false, true, 16>(p, stream); break;
+    }
+  });
+  return err;
+}
+
+}  // namespace ssm
