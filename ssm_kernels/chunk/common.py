@@ -178,8 +178,8 @@ def load_v(v_ptr, vs_ptr, row, m_t, o_v, m_v, V, HAS_VS: tl.constexpr):
 def log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row, i_h, m_t, o_k, m_k, K, GATE: tl.constexpr,
                      G_FROM_VS: tl.constexpr, BT: tl.constexpr):
     """Cumulative log-decay from the chunk start, in log2 units: [BT] (GATE 0/1) or [BT, BK]
-    (GATE 2, columns o_k, loaded from the precomputed Gc). Padded steps add 0, so the last row
-    holds the chunk's total."""
+    (GATE 2, columns o_k, loaded from the precomputed Gc; padded rows 0, see last_row). GATE 0/1:
+    padded steps add 0, so the last row holds the chunk's total."""
     if GATE == 1:
         if G_FROM_VS:
             b_g = tl.load(vs_ptr + row, mask=m_t, other=0.) * tl.load(A_ptr + i_h).to(tl.float32)
@@ -187,11 +187,9 @@ def log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row, i_h, m_t, o_k, m_k, K, GATE: tl.
             b_g = tl.load(g_ptr + row, mask=m_t, other=0.).to(tl.float32)
         G = tl.cumsum(b_g * 1.4426950408889634, axis=0)
     elif GATE == 2:
-        # g_ptr holds Gc, already the chunk-local cumsum in log2 units (gla._cumsum_kernel); rows
-        # past the sequence end read its last row, as a cumsum of zero-padded steps would give
-        r_last = tl.max(tl.where(m_t, row, -1), axis=0)
-        r = tl.where(m_t, row, r_last)
-        G = tl.load(g_ptr + r[:, None] * K + o_k[None, :], mask=(r >= 0)[:, None] & m_k[None, :],
+        # g_ptr holds Gc, already the chunk-local cumsum in log2 units (gla._cumsum_kernel);
+        # padded rows load 0 (their q, k are 0) and last_row takes the minimum
+        G = tl.load(g_ptr + row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                     other=0.)
     else:
         G = tl.zeros([BT], dtype=tl.float32)
@@ -200,9 +198,11 @@ def log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row, i_h, m_t, o_k, m_k, K, GATE: tl.
 
 @triton.jit
 def last_row(G, o_t, GATE: tl.constexpr, BT: tl.constexpr):
-    """The chunk's total log2-decay: G at the last row ([] for GATE 0/1, [BK] for GATE 2)."""
+    """The chunk's total log2-decay: G at the last row ([] for GATE 0/1, [BK] for GATE 2). GATE 2
+    (Gc loaded, padded rows 0): the minimum over rows, which is the last real row's value since a
+    cumsum of steps <= 0 never increases, in floating point too."""
     if GATE == 2:
-        return tl.sum(tl.where((o_t == BT - 1)[:, None], G, 0.), axis=0)
+        return tl.min(G, axis=0)
     else:
         return tl.sum(tl.where(o_t == BT - 1, G, 0.), axis=0)
 
