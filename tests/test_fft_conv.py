@@ -612,8 +612,14 @@ def test_gpu_past_int32_offsets():
 
 @pytest.fixture
 def monarch16(monkeypatch):
-    """Force the forward onto monarch16 (its backward: the cuFFT path, as in auto mode)."""
+    """Force forward and backward onto monarch16."""
     monkeypatch.setattr(fft_interface, "FORCE_PATH", "monarch16")
+
+
+@pytest.fixture
+def monarch16_cufft_bwd(monkeypatch, monarch16):
+    """monarch16 forward, cuFFT backward (the MONARCH16_BWD_CUFFT fallback)."""
+    monkeypatch.setattr(fft_interface, "MONARCH16_BWD_CUFFT", True)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
@@ -626,7 +632,7 @@ def monarch16(monkeypatch):
     (5, 1, 33, 33),     # H = 1: the batch splits into 3 slices (2, 2, 1 rows)
 ])
 def test_monarch16_matches_oracle(backend, dtype, B, H, L, Lk, monarch16):
-    """Every feature (D, both gates), every gradient (backward on the cuFFT path), vs float64.
+    """Every feature (D, both gates), every gradient (monarch16 backward), vs float64.
     The interpreter's fp32 -> bf16 cast does not round to nearest (~2x the rounding error), so
     bf16 is tighter on the GPU than here; the 2x + floor rule holds either way."""
     check(backend, B, H, L, Lk, dtype, oracle=fft_conv_direct)
@@ -634,9 +640,90 @@ def test_monarch16_matches_oracle(backend, dtype, B, H, L, Lk, monarch16):
 
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("D,pre,post", [(False, False, False), (True, False, True),
-                                        (False, True, False)])
+                                        (False, True, False), (False, False, True),
+                                        (True, True, False)])
 def test_monarch16_features(backend, D, pre, post, monarch16):
     check(backend, 3, 2, 77, 77, torch.float16, D=D, pre=pre, post=post)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_monarch16_cufft_backward_fallback(backend, monarch16_cufft_bwd, m16_bwd_calls):
+    """MONARCH16_BWD_CUFFT: monarch16 forward, cuFFT backward, every gradient vs float64."""
+    check(backend, 3, 5, 201, 57, torch.float16)
+    assert m16_bwd_calls == []
+
+
+@pytest.fixture
+def m16_bwd_calls(monkeypatch):
+    """Records each call of monarch16's backward (the interface imports it at call time)."""
+    calls = []
+    real = fft_m16.fft_conv_bwd
+
+    def spy(*args):
+        calls.append(args[1].shape)
+        return real(*args)
+
+    monkeypatch.setattr(fft_m16, "fft_conv_bwd", spy)
+    return calls
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,L,Lk", [
+    (1, 3, 255, 100),   # N = 512 (32 x 16), B = 1: one half-empty pair
+    (7, 3, 120, 120),   # N = 256 (16 x 16), R1 = N1 (L > N / 2), odd B: pairs + a lone row
+    (2, 1, 97, 1),      # Lk = 1: dk is a single lag (and the D-like sum of the correlation)
+])
+def test_monarch16_backward_matches_oracle(backend, dtype, B, H, L, Lk, monarch16,
+                                           m16_bwd_calls):
+    """The monarch16 backward itself (called through the public op): du, dk, dD, dpre, dpost."""
+    check(backend, B, H, L, Lk, dtype, oracle=fft_conv_direct)
+    assert m16_bwd_calls == [(B, H, L)]
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("uscale,kscale,gscale", [(3e4, 1.0, 1.0), (1e-5, 1.0, 1.0),
+                                                  (1.0, 1e4, 1.0), (1.0, 1e-6, 1.0),
+                                                  (1.0, 1.0, 1e-5), (1.0, 1.0, 3e3)])
+def test_monarch16_backward_scaling(backend, uscale, kscale, gscale, monarch16):
+    """Extreme scales in the backward: rows of one pair 100x apart in u and 1e3x apart in dy
+    (opposite directions, so the shared dk product scale differs from both rows' own scales);
+    du / dpre / dpost are judged row by row (the small row must not drown), dk / dD as sums."""
+    B, H, L, Lk = 2, 3, 200, 150
+    dtype = torch.bfloat16
+    u, k, D, pg, qg = make(B, H, L, Lk, dtype)
+    u = (u.float() * uscale * torch.tensor([1.0, 0.01], device=DEVICE)[:, None, None]).to(dtype)
+    k, D = k * kscale, D * kscale
+    cot = torch.randn(B, H, L, dtype=torch.float64) * gscale
+    cot = (cot * torch.tensor([1e-3, 1.0], dtype=torch.float64)[:, None, None]).to(dtype)
+    out = run(sk.fft_conv, u, k, D, pg, qg, cot.to(DEVICE), backend=backend)
+    hi = [x.detach().cpu().double() for x in (u, k, D, pg, qg)]
+    ref = run(fft_conv_direct, *hi, cot.double())
+    lowp = run(fft_conv_ref, *(x.cpu() for x in (u, k, D, pg, qg)), cot)
+    for i, name in enumerate(NAMES):
+        if i == 0:
+            continue
+        assert torch.isfinite(out[i]).all(), name
+        if name in ("dk", "dD"):
+            assert_close(out[i], ref[i], dtype=dtype, lowp_ref=lowp[i], name=name)
+        else:
+            for b in range(B):
+                assert_close(out[i][b], ref[i][b], dtype=dtype, lowp_ref=lowp[i][b],
+                             name=f"{name} row {b}")
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_monarch16_backward_deterministic_and_opcheck(backend, monarch16):
+    """Bitwise repeatable (dk / dD: per-program buffers summed in a fixed order, no atomics);
+    the registered backward op passes opcheck on this path."""
+    u, k, D, pg, qg = make(5, 3, 90, 40, torch.float16)
+    dy = torch.randn_like(u)
+    a = fft_conv_bwd_op(dy, u, k, D, pg, qg, backend)
+    b = fft_conv_bwd_op(dy, u, k, D, pg, qg, backend)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    torch.library.opcheck(fft_conv_bwd_op.op, (dy, u, k, D, pg, qg, backend))
+    torch.library.opcheck(fft_conv_bwd_op.op, (dy, u, k, None, None, None, backend))
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
@@ -718,8 +805,9 @@ def test_monarch16_in_place_filter_update(backend, fresh_cache, monarch16):
 
 
 def test_monarch16_path_choice(monkeypatch):
-    """The module flag routes 16-bit forwards with N <= 8192 to monarch16; never the backward,
-    never float32, never past MAX_N; off by default."""
+    """The module flag routes 16-bit forwards and backwards with N <= 8192 to monarch16 (the
+    backward back to cuFFT with MONARCH16_BWD_CUFFT); never float32, never past MAX_N; off by
+    default."""
     b16 = torch.empty(1, 1, 4096, dtype=torch.bfloat16)
     f16 = torch.empty(1, 1, 1000, dtype=torch.float16)
     f32 = torch.empty(1, 1, 1000)
@@ -728,10 +816,17 @@ def test_monarch16_path_choice(monkeypatch):
     monkeypatch.setattr(fft_interface, "MONARCH16", True)
     assert fft_interface.triton_path("fwd", b16, 4096) == "monarch16"
     assert fft_interface.triton_path("fwd", f16, 1000) == "monarch16"
-    assert fft_interface.triton_path("bwd", b16, 4096) != "monarch16"
+    assert fft_interface.triton_path("bwd", b16, 4096) == "monarch16"
     assert fft_interface.triton_path("fwd", f32, 1000) != "monarch16"
+    assert fft_interface.triton_path("bwd", f32, 1000) != "monarch16"
     b_long = torch.empty(1, 1, 4097, dtype=torch.bfloat16)
     assert fft_interface.triton_path("fwd", b_long, 4097) != "monarch16"
+    assert fft_interface.triton_path("bwd", b_long, 4097) != "monarch16"
+    monkeypatch.setattr(fft_interface, "MONARCH16_BWD_CUFFT", True)
+    assert fft_interface.triton_path("fwd", b16, 4096) == "monarch16"
+    assert fft_interface.triton_path("bwd", b16, 4096) == "cufft"
+    monkeypatch.setattr(fft_interface, "FORCE_PATH", "monarch16")
+    assert fft_interface.triton_path("bwd", b16, 4096) == "cufft"
 
 
 @pytest.mark.gpu
@@ -739,9 +834,15 @@ def test_monarch16_path_choice(monkeypatch):
                                   (4095, 1000), (3000, 5)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_monarch16_sizes(L, Lk, dtype, monarch16):
-    """Real sizes on the GPU (wgmma, bf16 casts that round to nearest): forward on monarch16,
-    every gradient from the cuFFT backward, H not a multiple of 16, odd B, vs float64."""
+    """Real sizes on the GPU (wgmma, bf16 casts that round to nearest): forward and every
+    gradient on monarch16, H not a multiple of 16, odd B, vs float64."""
     check_gpu("triton", 3, 50, L, Lk, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L,Lk", [(1024, 1024), (4096, 4096), (3000, 5)])
+def test_gpu_monarch16_cufft_backward(L, Lk, monarch16_cufft_bwd):
+    check_gpu("triton", 3, 50, L, Lk, torch.bfloat16)
 
 
 _M16_COMPILE = r'''

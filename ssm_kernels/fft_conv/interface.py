@@ -43,17 +43,21 @@ MONARCH_MAX_N = {
 }
 # tests and benchmarks force one path ("cufft" / "monarch" / "monarch16"); None: the table decides
 FORCE_PATH: Optional[str] = None
-# "monarch16" (monarch16.py): the on-chip fp16-tensor-core forward for bf16 / fp16 storage with a
-# power-of-two transform size <= monarch16.MAX_N (8192: L <= 4096 with Lk <= L). Forward only:
-# the backward of such a call runs on whichever path the table above picks (cuFFT), so autograd
-# mixes paths. OFF until bench/gpu_monarch.py has checked and timed it on the GPU; a GPU script
+# "monarch16" (monarch16.py): the on-chip fp16-tensor-core kernels for bf16 / fp16 storage with a
+# power-of-two transform size <= monarch16.MAX_N (8192: L <= 4096 with Lk <= L): the forward and,
+# for the same calls, the backward (du, dk, dD and the gates' gradients in one kernel per channel
+# slice + one inverse for dk). MONARCH16_BWD_CUFFT = True sends the backward of such calls back to
+# the cuFFT path (autograd then mixes paths; the backward recomputes everything from u, so nothing
+# is shared). OFF until bench/gpu_monarch.py has checked and timed it on the GPU; a GPU script
 # switches it with `ssm_kernels.fft_conv.interface.MONARCH16 = True`.
 MONARCH16 = False
+MONARCH16_BWD_CUFFT = False
 
 
 @functools.lru_cache(maxsize=4096)
-def _auto_path(pass_: str, dtype: torch.dtype, L: int, Lk: int, monarch16: bool = False) -> str:
-    if monarch16 and pass_ == "fwd" and dtype in (torch.float16, torch.bfloat16):
+def _auto_path(pass_: str, dtype: torch.dtype, L: int, Lk: int, monarch16: bool = False,
+               bwd_cufft: bool = False) -> str:
+    if monarch16 and dtype in (torch.float16, torch.bfloat16) and not (pass_ == "bwd" and bwd_cufft):
         from .monarch16 import supports
         if supports(L, Lk):
             return "monarch16"
@@ -68,10 +72,13 @@ def _auto_path(pass_: str, dtype: torch.dtype, L: int, Lk: int, monarch16: bool 
 
 def triton_path(pass_: str, u: Tensor, Lk: int) -> str:
     """The path ("cufft", "monarch" or "monarch16") the Triton backend takes for pass_ ("fwd" /
-    "bwd"); "monarch16" only for the forward, only with MONARCH16 on (or forced)."""
+    "bwd"); "monarch16" only with MONARCH16 on (or forced), for the backward unless
+    MONARCH16_BWD_CUFFT."""
     if FORCE_PATH is not None:
+        if FORCE_PATH == "monarch16" and pass_ == "bwd" and MONARCH16_BWD_CUFFT:
+            return "cufft"
         return FORCE_PATH
-    return _auto_path(pass_, u.dtype, u.shape[-1], Lk, MONARCH16)
+    return _auto_path(pass_, u.dtype, u.shape[-1], Lk, MONARCH16, MONARCH16_BWD_CUFFT)
 
 
 def _f32(x: Optional[Tensor]) -> Optional[Tensor]:
@@ -110,8 +117,11 @@ def fft_conv_bwd_op(dy: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor],
                     backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(du, dk, dD, dpre_gate, dpost_gate); an absent input's gradient is an empty tensor."""
     if _select("fft_conv", backend, u) == "triton":
-        if triton_path("bwd", u, k.shape[1]) in ("cufft", "monarch16"):  # (no monarch16 backward)
+        path = triton_path("bwd", u, k.shape[1])
+        if path == "cufft":
             from .cufft import fft_conv_bwd
+        elif path == "monarch16":
+            from .monarch16 import fft_conv_bwd
         else:
             from .triton import fft_conv_bwd
         du, dk, dD, dpre, dpost = fft_conv_bwd(dy, u, _f32(k), _f32(D), pre_gate, post_gate)
@@ -157,8 +167,8 @@ def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, pre_gate: Opti
     inside, so any L >= 1 works. The Triton backend runs Triton kernels fused around cuFFT
     (torch.fft; an even 7-smooth size) for every dtype and length, and for 16-bit storage at
     small sizes the tensor-core Monarch kernels where a measured table says they are faster
-    (with ``interface.MONARCH16`` on: the on-chip fp16-tensor-core forward of monarch16.py for
-    16-bit storage up to a 8192-point transform).
+    (with ``interface.MONARCH16`` on: the on-chip fp16-tensor-core forward and backward of
+    monarch16.py for 16-bit storage up to a 8192-point transform).
     The filter's spectrum is cached while the same filter tensor is unchanged (its version
     counter; never while capturing a CUDA graph): see ``ssm_kernels.fft_conv.cufft``.
 

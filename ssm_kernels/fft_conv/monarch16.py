@@ -52,7 +52,7 @@ import triton.language as tl
 from .._config import triton_interpret
 from .._device import sm_count
 from .cufft import _capturing, cached_spectrum
-from .triton import _load_v, _store_y
+from .triton import _load_g, _load_v, _store_du, _store_y
 
 # largest transform size N served on-chip (L <= 4096 with Lk <= L); above it the cuFFT path
 MAX_N = 8192
@@ -173,6 +173,53 @@ def _cmul_table(xr, xi, t_ptr, p, STRIDE: tl.constexpr):
 
 
 @triton.jit
+def _cmul_table_conj(xr, xi, t_ptr, p, STRIDE: tl.constexpr):
+    """(xr + i xi) * conj(t[p] + i t[STRIDE + p]) in fp32, cast to fp16."""
+    tr = tl.load(t_ptr + p).to(tl.float32)
+    ti = tl.load(t_ptr + STRIDE + p).to(tl.float32)
+    return (xr * tr + xi * ti).to(tl.float16), (xi * tr - xr * ti).to(tl.float16)
+
+
+@triton.jit
+def _dft(ar, ai, f1_ptr, f2_ptr, tw_ptr, p_f1h, p_f2, p_tw, N1: tl.constexpr, N2: tl.constexpr):
+    """X = (F1[:, :R1] @ A * T) @ F2 (fp32 [N1, N2] pair) for A = ar + i ai fp16 [R1, N2]."""
+    f1r = tl.load(f1_ptr + p_f1h)
+    f1i = tl.load(f1_ptr + N1 * N1 + p_f1h)
+    br, bi = _cmm(f1r, f1i, ar, ai)
+    cr, ci = _cmul_table(br, bi, tw_ptr, p_tw, N1 * N2)
+    f2r = tl.load(f2_ptr + p_f2)
+    f2i = tl.load(f2_ptr + N2 * N2 + p_f2)
+    return _cmm(cr, ci, f2r, f2i)
+
+
+@triton.jit
+def _idft(yr, yi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1: tl.constexpr, N2: tl.constexpr):
+    """conj(F1)[:R1, :] @ ((Y @ conj F2) * conj(T) / N2) (fp32 [R1, N2] pair) for Y fp16."""
+    f2r = tl.load(f2_ptr + p_f2)
+    f2i = tl.load(f2_ptr + N2 * N2 + p_f2)
+    er, ei = _cmm(yr, yi, f2r, -f2i)
+    gr, gi = _cmul_table(er, ei, tw_ptr + 2 * N1 * N2, p_tw, N1 * N2)
+    g1r = tl.load(f1_ptr + p_f1g)
+    g1i = tl.load(f1_ptr + N1 * N1 + p_f1g)
+    return _cmm(g1r, -g1i, gr, gi)
+
+
+@triton.jit
+def _offsets(N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr):
+    """Offsets of the [R1, N2] time tile (index N2 n1 + n2), F1[:, :R1], F1[:R1, :] (F1 is
+    symmetric), F2, and the [N1, N2] spectrum / twiddle tables."""
+    o_r = tl.arange(0, R1)
+    o_1 = tl.arange(0, N1)
+    o_2 = tl.arange(0, N2)
+    o_t = o_r[:, None] * N2 + o_2[None, :]
+    p_f1h = o_1[:, None] * N1 + o_r[None, :]
+    p_f1g = o_r[:, None] * N1 + o_1[None, :]
+    p_f2 = o_2[:, None] * N2 + o_2[None, :]
+    p_tw = o_1[:, None] * N2 + o_2[None, :]
+    return o_t, p_f1h, p_f1g, p_f2, p_tw
+
+
+@triton.jit
 def _epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p, m, c, b_d,
               HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr):
     v = c
@@ -194,15 +241,8 @@ def _monarch16_fwd_kernel(
     N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr,
 ):
     i_h, i_s = tl.program_id(0), tl.program_id(1)
-    o_r = tl.arange(0, R1)
-    o_1 = tl.arange(0, N1)
-    o_2 = tl.arange(0, N2)
-    o_t = o_r[:, None] * N2 + o_2[None, :]                  # time index of the [R1, N2] tile
+    o_t, p_f1h, p_f1g, p_f2, p_tw = _offsets(N1, N2, R1)
     m_t = o_t < L
-    p_f1h = o_1[:, None] * N1 + o_r[None, :]                # F1[:, :R1]
-    p_f1g = o_r[:, None] * N1 + o_1[None, :]                # F1[:R1, :] (F1 is symmetric)
-    p_f2 = o_2[:, None] * N2 + o_2[None, :]
-    p_tw = o_1[:, None] * N2 + o_2[None, :]
     p_ks = i_h.to(tl.int64) * 2 * N1 * N2 + p_tw
     b_ks = tl.load(kscale_ptr + i_h)
     b_d = 0.0
@@ -223,21 +263,11 @@ def _monarch16_fwd_kernel(
         ar = (va * s_a).to(tl.float16)
         ai = (vb * s_b).to(tl.float16)
         # ---- forward: B = F1[:, :R1] @ A, C = B * T, X = C @ F2
-        f1r = tl.load(f1_ptr + p_f1h)
-        f1i = tl.load(f1_ptr + N1 * N1 + p_f1h)
-        br, bi = _cmm(f1r, f1i, ar, ai)
-        cr, ci = _cmul_table(br, bi, tw_ptr, p_tw, N1 * N2)
-        f2r = tl.load(f2_ptr + p_f2)
-        f2i = tl.load(f2_ptr + N2 * N2 + p_f2)
-        xr, xi = _cmm(cr, ci, f2r, f2i)
+        xr, xi = _dft(ar, ai, f1_ptr, f2_ptr, tw_ptr, p_f1h, p_f2, p_tw, N1, N2)
         # ---- pointwise product with the (max-normalised) filter spectrum
         yr, yi = _cmul_table(xr, xi, ks_ptr, p_ks, N1 * N2)
         # ---- inverse: E = Y @ conj(F2), G = E * conj(T), out = conj(F1)[:R1, :] @ G
-        er, ei = _cmm(yr, yi, f2r, -f2i)
-        gr, gi = _cmul_table(er, ei, tw_ptr + 2 * N1 * N2, p_tw, N1 * N2)
-        g1r = tl.load(f1_ptr + p_f1g)
-        g1i = tl.load(f1_ptr + N1 * N1 + p_f1g)
-        outa, outb = _cmm(g1r, -g1i, gr, gi)
+        outa, outb = _idft(yr, yi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1, N2)
         # ---- epilogue: undo the scales, + D v, * post_gate, cast, store
         _epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p_a, m_t, outa * (b_ks * inv_a), b_d,
                   HAS_D, HAS_PRE, HAS_POST)
@@ -256,8 +286,8 @@ def _monarch16_fwd_kernel(
 LAUNCH = {2048: (4, 1), 4096: (8, 1), 8192: (8, 1)}
 
 
-def _launch(n: int) -> dict:
-    cfg = (1, 1) if triton_interpret() else LAUNCH.get(n, (4, 1))
+def _launch(n: int, table=None) -> dict:
+    cfg = (1, 1) if triton_interpret() else (LAUNCH if table is None else table).get(n, (4, 1))
     opts = dict(num_warps=cfg[0], num_stages=cfg[1])
     if len(cfg) > 2 and cfg[2]:
         opts["maxnreg"] = cfg[2]
@@ -279,18 +309,22 @@ def batch_split(B: int, H: int, device) -> Tuple[int, int]:
     return -(-B // per), per
 
 
-def fft_conv_fwd(u, k, D, pre, post):
-    """u, pre, post [B, H, L] contiguous, float16 or bfloat16; k [H, Lk] fp32; D [H] fp32 or None."""
-    B, H, L = u.shape
-    Lk = k.shape[1]
+def _prepare(u, k):
+    """Checks; (N, N1, N2, DFT tables, filter tables) for u [B, H, L] 16-bit, k [H, Lk] fp32."""
+    L, Lk = u.shape[-1], k.shape[1]
     if u.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"monarch16 fft_conv: u must be float16 or bfloat16, got {u.dtype}")
     n = transform_size(L, Lk)
     if n > MAX_N:
         raise ValueError(f"monarch16 fft_conv: transform size {n} > MAX_N = {MAX_N} (L={L}, Lk={Lk})")
     n1, n2 = split(n)
-    f1, f2, tw = dft_tables(n1, n2, u.device)
-    ks, kscale = filter_tables(k, n1, n2)
+    return n, n1, n2, dft_tables(n1, n2, u.device), filter_tables(k, n1, n2)
+
+
+def fft_conv_fwd(u, k, D, pre, post):
+    """u, pre, post [B, H, L] contiguous, float16 or bfloat16; k [H, Lk] fp32; D [H] fp32 or None."""
+    B, H, L = u.shape
+    n, n1, n2, (f1, f2, tw), (ks, kscale) = _prepare(u, k)
     if FILL_NAN:
         y = torch.full_like(u, float("nan"))
     else:
@@ -304,3 +338,143 @@ def fft_conv_fwd(u, k, D, pre, post):
         HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None,
         N1=n1, N2=n2, R1=rows(n, n1, L), **_launch(n))
     return y
+
+
+# ---------------------------------------------------------------------------------------------
+# backward: du, dpre, dpost per row, dk / dD summed over the batch (one program per channel slice)
+# ---------------------------------------------------------------------------------------------
+#
+# g = dy * post_gate. Per pair of rows (a, b):
+#   Q  = DFT(ga t_a + i gb t_b)              own power-of-two scales t (du per row, as the forward)
+#   P  = DFT(va c_a + i vb c_b)              c_x = min(s_x, t_y s_y / t_x): c_a t_a = c_b t_b = c
+#   dk spectrum += conj(P) Q / c             (fp32, in the program's slice of a global buffer)
+#   du: Q * conj(K) -> inverse (rows t < L) = corr(g, k); dv = corr + D g; du = dv pre, dpre = dv u
+#   dpost (post gate only): DFT(v s) * K -> inverse = conv(v, k); dpost = dy (conv + D v)
+#   dD partial += sum_t (ga va + gb vb)      (fp32, exact products of the loaded values)
+# Re IFFT(conj(P) Q) = c (corr(ga, va) + corr(gb, vb)) (the cross terms of the packing are purely
+# imaginary), hence the shared product scale c for dk: the row with the larger max|v| max|g| keeps
+# its own scale, the other is scaled down (its contribution to the sum is smaller by that ratio).
+# The filter's gradient is the inverse of sum over all pairs and slices, taken once per channel
+# after the kernel (torch.fft.ifft of [H, N]); deterministic: each program owns its buffer slice
+# and the slices are summed in a fixed order.
+
+@triton.jit
+def _du_epilogue(du_ptr, dpre_ptr, dy_ptr, u_ptr, pre_ptr, post_ptr, p, m, dv, b_d,
+                 HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr):
+    """dv = corr(g, k) + D g; du = dv * pre_gate, dpre = dv * u (g, u reloaded: L1 / L2 hits)."""
+    if HAS_D:
+        _, g = _load_g(dy_ptr, post_ptr, p, m, HAS_POST)
+        dv += b_d * g
+    x, gate, _ = _load_v(u_ptr, pre_ptr, p, m, HAS_PRE)
+    _store_du(du_ptr, dpre_ptr, p, m, dv, x, gate, HAS_PRE)
+
+
+@triton.jit
+def _monarch16_bwd_kernel(
+    # pointers: dy, u, pre, post, du, dpre, dpost [B, H, L] contiguous (16-bit); d [H] fp32;
+    # wk [H, S, 2, N1, N2] fp32 (zeroed: the dk spectrum per program), wd [H, S] fp32 (dD);
+    # ks, kscale, f1, f2, tw: as the forward
+    dy_ptr, u_ptr, pre_ptr, post_ptr, d_ptr, du_ptr, dpre_ptr, dpost_ptr, wk_ptr, wd_ptr,
+    ks_ptr, kscale_ptr, f1_ptr, f2_ptr, tw_ptr,
+    B, H, L, B_PER, S,
+    HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr,
+):
+    i_h, i_s = tl.program_id(0), tl.program_id(1)
+    o_t, p_f1h, p_f1g, p_f2, p_tw = _offsets(N1, N2, R1)
+    m_t = o_t < L
+    p_ks = i_h.to(tl.int64) * 2 * N1 * N2 + p_tw
+    p_wk = (i_h * S + i_s).to(tl.int64) * 2 * N1 * N2 + p_tw
+    b_ks = tl.load(kscale_ptr + i_h)
+    b_d = 0.0
+    if HAS_D:
+        b_d = tl.load(d_ptr + i_h)
+    b_dd = 0.0
+    b_start = i_s * B_PER
+    b_end = tl.minimum(b_start + B_PER, B)
+    for i_b in range(b_start, b_end, 2):
+        p_a = (i_b * H + i_h).to(tl.int64) * L + o_t
+        p_b = ((i_b + 1) * H + i_h).to(tl.int64) * L + o_t
+        m_b = o_t < tl.where(i_b + 1 < b_end, L, 0)
+        # ---- scales: own for g (du) and v (dpost), shared product scale for dk
+        _, _, va = _load_v(u_ptr, pre_ptr, p_a, m_t, HAS_PRE)
+        _, _, vb = _load_v(u_ptr, pre_ptr, p_b, m_b, HAS_PRE)
+        _, ga = _load_g(dy_ptr, post_ptr, p_a, m_t, HAS_POST)
+        _, gb = _load_g(dy_ptr, post_ptr, p_b, m_b, HAS_POST)
+        b_dd += tl.sum(tl.sum(ga * va + gb * vb, 1), 0)
+        s_a, inv_s_a = _pow2_scale(tl.max(tl.abs(va)))
+        s_b, inv_s_b = _pow2_scale(tl.max(tl.abs(vb)))
+        t_a, inv_t_a = _pow2_scale(tl.max(tl.abs(ga)))
+        t_b, inv_t_b = _pow2_scale(tl.max(tl.abs(gb)))
+        c_a = tl.minimum(s_a, s_b * t_b * inv_t_a)   # powers of two: exact (inf for a zero row)
+        c_b = tl.minimum(s_b, s_a * t_a * inv_t_b)
+        inv_c = tl.maximum(inv_s_a * inv_t_a, inv_s_b * inv_t_b)
+        # ---- P = DFT(v c), kept as fp16 (its only use: the dk product)
+        pr, pi = _dft((va * c_a).to(tl.float16), (vb * c_b).to(tl.float16), f1_ptr, f2_ptr,
+                      tw_ptr, p_f1h, p_f2, p_tw, N1, N2)
+        pr = pr.to(tl.float16)
+        pi = pi.to(tl.float16)
+        # ---- Q = DFT(g t)
+        qr, qi = _dft((ga * t_a).to(tl.float16), (gb * t_b).to(tl.float16), f1_ptr, f2_ptr,
+                      tw_ptr, p_f1h, p_f2, p_tw, N1, N2)
+        # ---- dk spectrum += conj(P) Q / c (fp32; only this program touches its slice)
+        pr32 = pr.to(tl.float32)
+        pi32 = pi.to(tl.float32)
+        wr = tl.load(wk_ptr + p_wk) + (pr32 * qr + pi32 * qi) * inv_c
+        wi = tl.load(wk_ptr + N1 * N2 + p_wk) + (pr32 * qi - pi32 * qr) * inv_c
+        tl.store(wk_ptr + p_wk, wr)
+        tl.store(wk_ptr + N1 * N2 + p_wk, wi)
+        # ---- du: corr(g, k) = inverse of Q * conj(K)
+        zr, zi = _cmul_table_conj(qr, qi, ks_ptr, p_ks, N1 * N2)
+        cora, corb = _idft(zr, zi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1, N2)
+        _du_epilogue(du_ptr, dpre_ptr, dy_ptr, u_ptr, pre_ptr, post_ptr, p_a, m_t,
+                     cora * (b_ks * inv_t_a), b_d, HAS_D, HAS_PRE, HAS_POST)
+        _du_epilogue(du_ptr, dpre_ptr, dy_ptr, u_ptr, pre_ptr, post_ptr, p_b, m_b,
+                     corb * (b_ks * inv_t_b), b_d, HAS_D, HAS_PRE, HAS_POST)
+        # ---- dpost = dy (conv(v, k) + D v): the forward's transform with post := dy
+        if HAS_POST:
+            _, _, va = _load_v(u_ptr, pre_ptr, p_a, m_t, HAS_PRE)
+            _, _, vb = _load_v(u_ptr, pre_ptr, p_b, m_b, HAS_PRE)
+            xr, xi = _dft((va * s_a).to(tl.float16), (vb * s_b).to(tl.float16), f1_ptr, f2_ptr,
+                          tw_ptr, p_f1h, p_f2, p_tw, N1, N2)
+            yr, yi = _cmul_table(xr, xi, ks_ptr, p_ks, N1 * N2)
+            cva, cvb = _idft(yr, yi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1, N2)
+            _epilogue(dpost_ptr, u_ptr, pre_ptr, dy_ptr, p_a, m_t, cva * (b_ks * inv_s_a), b_d,
+                      HAS_D, HAS_PRE, True)
+            _epilogue(dpost_ptr, u_ptr, pre_ptr, dy_ptr, p_b, m_b, cvb * (b_ks * inv_s_b), b_d,
+                      HAS_D, HAS_PRE, True)
+    tl.store(wd_ptr + i_h * S + i_s, b_dd)
+
+
+# launch configuration of the backward by N (GPU), as LAUNCH; bench/gpu_monarch.py sweeps it
+LAUNCH_BWD = {2048: (4, 1), 4096: (8, 1), 8192: (8, 1)}
+last_bwd_kernel = None
+
+
+def fft_conv_bwd(dy, u, k, D, pre, post):
+    """(du, dk fp32 [H, Lk], dD fp32 [H] or None, dpre or None, dpost or None); 16-bit u, dy,
+    gates [B, H, L] contiguous; k [H, Lk] fp32; D [H] fp32 or None."""
+    B, H, L = u.shape
+    n, n1, n2, (f1, f2, tw), (ks, kscale) = _prepare(u, k)
+    dy = dy.to(u.dtype).contiguous()
+    new = (lambda x: torch.full_like(x, float("nan"))) if FILL_NAN else torch.empty_like
+    du = new(u)
+    dpre = new(pre) if pre is not None else None
+    dpost = new(post) if post is not None else None
+    S, per = batch_split(B, H, u.device)
+    wk = torch.zeros(H, S, 2, n1, n2, device=u.device, dtype=torch.float32)
+    wd = new(torch.empty(H, S, device=u.device, dtype=torch.float32))
+    dmy = u.new_empty(1)
+    global last_bwd_kernel
+    last_bwd_kernel = _monarch16_bwd_kernel[(H, S)](
+        dy, u, pre if pre is not None else dmy, post if post is not None else dmy,
+        D if D is not None else kscale, du, dpre if dpre is not None else dmy,
+        dpost if dpost is not None else dmy, wk, wd, ks, kscale, f1, f2, tw, B, H, L, per, S,
+        HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None,
+        N1=n1, N2=n2, R1=rows(n, n1, L), **_launch(n, LAUNCH_BWD))
+    # the dk spectrum in the natural order k = k1 + N1 k2, summed over slices; one inverse
+    spec = wk.sum(1)                                                   # [H, 2, N1, N2]
+    spec = torch.complex(spec[:, 0], spec[:, 1]).transpose(1, 2).reshape(H, n)
+    dk = torch.fft.ifft(spec, n=n).real[:, :k.shape[1]].contiguous()
+    dD = wd.sum(1) if D is not None else None
+    return du, dk, dD, dpre, dpost
