@@ -295,6 +295,20 @@ def fft_conv_cases():
                     fi.MONARCH16 = old
             yield f"fft_conv monarch16 fwd {_dt(dtype)} L{L} Lk{L}", thunk
 
+            # the monarch16 backward (same flag), with and without the post gate (the post gate
+            # adds the third transform pair for dpost)
+            for post in (True, False):
+                def thunk_b(dtype=dtype, L=L, post=post):
+                    u, pg, qg = (torch.randn(8, 16, L).to(dtype) for _ in range(3))
+                    old, fi.MONARCH16 = fi.MONARCH16, True
+                    try:
+                        fi.fft_conv_bwd_op(u, u, torch.randn(16, L), torch.randn(16), pg,
+                                           qg if post else None, "triton")
+                    finally:
+                        fi.MONARCH16 = old
+                yield (f"fft_conv monarch16 bwd {_dt(dtype)} L{L} Lk{L}"
+                       f"{' post' if post else ' nopost'}"), thunk_b
+
 
 def cp_cases():
     """The states-only passes of context parallelism's later ranks (ssm_kernels.distributed)."""

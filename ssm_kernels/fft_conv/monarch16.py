@@ -383,8 +383,10 @@ def _monarch16_bwd_kernel(
     i_h, i_s = tl.program_id(0), tl.program_id(1)
     o_t, p_f1h, p_f1g, p_f2, p_tw = _offsets(N1, N2, R1)
     m_t = o_t < L
-    p_ks = i_h.to(tl.int64) * 2 * N1 * N2 + p_tw
-    p_wk = (i_h * S + i_s).to(tl.int64) * 2 * N1 * N2 + p_tw
+    # per-channel / per-program bases as scalar pointers (int64 offset tensors would hold
+    # registers across the loop); the [N1, N2] offsets p_tw are shared by all tables
+    ks_ptr += i_h.to(tl.int64) * 2 * N1 * N2
+    wk_ptr += (i_h * S + i_s).to(tl.int64) * 2 * N1 * N2
     b_ks = tl.load(kscale_ptr + i_h)
     b_d = 0.0
     if HAS_D:
@@ -409,23 +411,25 @@ def _monarch16_bwd_kernel(
         c_a = tl.minimum(s_a, s_b * t_b * inv_t_a)   # powers of two: exact (inf for a zero row)
         c_b = tl.minimum(s_b, s_a * t_a * inv_t_b)
         inv_c = tl.maximum(inv_s_a * inv_t_a, inv_s_b * inv_t_b)
+        # the fp16 operands now (g's fp32 tiles would stay live across P's transform)
+        gar = (ga * t_a).to(tl.float16)
+        gai = (gb * t_b).to(tl.float16)
         # ---- P = DFT(v c), kept as fp16 (its only use: the dk product)
         pr, pi = _dft((va * c_a).to(tl.float16), (vb * c_b).to(tl.float16), f1_ptr, f2_ptr,
                       tw_ptr, p_f1h, p_f2, p_tw, N1, N2)
         pr = pr.to(tl.float16)
         pi = pi.to(tl.float16)
         # ---- Q = DFT(g t)
-        qr, qi = _dft((ga * t_a).to(tl.float16), (gb * t_b).to(tl.float16), f1_ptr, f2_ptr,
-                      tw_ptr, p_f1h, p_f2, p_tw, N1, N2)
+        qr, qi = _dft(gar, gai, f1_ptr, f2_ptr, tw_ptr, p_f1h, p_f2, p_tw, N1, N2)
         # ---- dk spectrum += conj(P) Q / c (fp32; only this program touches its slice)
         pr32 = pr.to(tl.float32)
         pi32 = pi.to(tl.float32)
-        wr = tl.load(wk_ptr + p_wk) + (pr32 * qr + pi32 * qi) * inv_c
-        wi = tl.load(wk_ptr + N1 * N2 + p_wk) + (pr32 * qi - pi32 * qr) * inv_c
-        tl.store(wk_ptr + p_wk, wr)
-        tl.store(wk_ptr + N1 * N2 + p_wk, wi)
+        wr = tl.load(wk_ptr + p_tw) + (pr32 * qr + pi32 * qi) * inv_c
+        wi = tl.load(wk_ptr + N1 * N2 + p_tw) + (pr32 * qi - pi32 * qr) * inv_c
+        tl.store(wk_ptr + p_tw, wr)
+        tl.store(wk_ptr + N1 * N2 + p_tw, wi)
         # ---- du: corr(g, k) = inverse of Q * conj(K)
-        zr, zi = _cmul_table_conj(qr, qi, ks_ptr, p_ks, N1 * N2)
+        zr, zi = _cmul_table_conj(qr, qi, ks_ptr, p_tw, N1 * N2)
         cora, corb = _idft(zr, zi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1, N2)
         _du_epilogue(du_ptr, dpre_ptr, dy_ptr, u_ptr, pre_ptr, post_ptr, p_a, m_t,
                      cora * (b_ks * inv_t_a), b_d, HAS_D, HAS_PRE, HAS_POST)
@@ -437,7 +441,7 @@ def _monarch16_bwd_kernel(
             _, _, vb = _load_v(u_ptr, pre_ptr, p_b, m_b, HAS_PRE)
             xr, xi = _dft((va * s_a).to(tl.float16), (vb * s_b).to(tl.float16), f1_ptr, f2_ptr,
                           tw_ptr, p_f1h, p_f2, p_tw, N1, N2)
-            yr, yi = _cmul_table(xr, xi, ks_ptr, p_ks, N1 * N2)
+            yr, yi = _cmul_table(xr, xi, ks_ptr, p_tw, N1 * N2)
             cva, cvb = _idft(yr, yi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1, N2)
             _epilogue(dpost_ptr, u_ptr, pre_ptr, dy_ptr, p_a, m_t, cva * (b_ks * inv_s_a), b_d,
                       HAS_D, HAS_PRE, True)
