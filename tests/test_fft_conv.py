@@ -853,13 +853,13 @@ from ssm_kernels.fft_conv import monarch16 as M
 for n in (2048, 4096, 8192):
     n1, n2 = M.split(n)
     consts = dict(HAS_D=True, HAS_PRE=True, HAS_POST=True, N1=n1, N2=n2, R1=n1 // 2)
-    fn = M._monarch16_fwd_kernel
-    sig = {a: "constexpr" if a in consts else ("*fp16" if a in ("ks_ptr", "f1_ptr", "f2_ptr", "tw_ptr")
-           else "*fp32" if a in ("d_ptr", "kscale_ptr") else "*bf16") if a.endswith("_ptr") else "i32"
-           for a in fn.arg_names}
-    k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options=M._launch(n))
-    print(n, "shared", k.metadata.shared, flush=True)
+    for fn, table in ((M._monarch16_fwd_kernel, M.LAUNCH), (M._monarch16_bwd_kernel, M.LAUNCH_BWD)):
+        sig = {a: "constexpr" if a in consts else ("*fp16" if a in ("ks_ptr", "f1_ptr", "f2_ptr", "tw_ptr")
+               else "*fp32" if a in ("d_ptr", "kscale_ptr", "wk_ptr", "wd_ptr") else "*bf16")
+               if a.endswith("_ptr") else "i32" for a in fn.arg_names}
+        k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                           options=M._launch(n, table))
+        print(fn.__name__, n, "shared", k.metadata.shared, flush=True)
 '''
 
 
@@ -867,7 +867,7 @@ def test_monarch16_compiles_for_sm90_within_shared_memory():
     res = compile_for_sm90(_M16_COMPILE)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
-    assert len(lines) == 3, res.stdout
+    assert len(lines) == 6, res.stdout
     for line in lines:
         assert int(line.split()[-1]) <= 232448, line
 
