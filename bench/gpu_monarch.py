@@ -1,4 +1,5 @@
-"""GPU check + benchmark of the on-chip 16-bit Monarch forward (fft_conv/monarch16.py, issue 11).
+"""GPU check + benchmark of the on-chip 16-bit Monarch forward and backward (fft_conv/monarch16.py,
+issue 11).
 
     python bench/gpu_monarch.py          # ~4-6 minutes on an H200; OUT=/dir writes gpu_monarch.csv
 
@@ -6,16 +7,19 @@
     gates on, L in {1024, 2048, 4096} (Lk = L: N = 2048 / 4096 / 8192) plus L=4095 Lk=1000
     (odd, short filter) and L=3000 Lk=5 (L > N/2: full first / last product); the repo's rule
     (err <= 2x the error of torch.fft fed the same 16-bit inputs + floor); the forward twice
-    (bitwise); forward (monarch16) + backward (cuFFT path) of one call through autograd (the
-    mixed path of MONARCH16 = True); a CUDA-graph capture with a cached filter replayed after
-    an in-place filter update.
-(b) launch sweep (num_warps, num_stages) per N: prints the best; registers / spills / shared
-    memory of the compiled kernel at each N.
+    (bitwise); the monarch16 BACKWARD at the same sizes (du, dk, dD, dpre, dpost vs float64,
+    bitwise repeat) plus B=3 H=50 (odd B, H not a multiple of 16); through autograd with
+    MONARCH16 = True (monarch16 backward) and with MONARCH16_BWD_CUFFT (cuFFT backward); a
+    CUDA-graph capture with a cached filter replayed after an in-place filter update.
+(b) launch sweep (num_warps, num_stages) per N, forward and backward: prints the best; registers
+    / spills / shared memory of the compiled kernel at each N.
 (c) the table, gates off, D on (the issue's setting) and gates on: monarch16, our cuFFT path,
     the old Monarch kernels, torch rfft conv (fft_conv_ref) and torch.compile of it, fwd
-    (do_bench median) and fwd+bwd with MONARCH16 on (backward on cuFFT); GB/s of the forward
-    against the minimal bytes (u, gates, y once); first call of a fresh shape.
-Exit status 1 if any check fails. The table is printed last.
+    (do_bench median); the backward op alone (monarch16 / cuFFT); fwd+bwd with MONARCH16 on
+    (monarch16 backward), with MONARCH16_BWD_CUFFT (cuFFT backward), all-cuFFT and torch; GB/s
+    of the forward against the minimal bytes (u, gates, y once); first call of a fresh shape.
+Exit status 1 if any check fails. The table is printed last. PARTS=ab / PARTS=c (default abc)
+runs only those sections (to stay under a 10-minute limit: the backward added ~3 minutes).
 FFT_BENCH_SMOKE=1: the same code on the CPU (Triton interpreter) at toy sizes (a dry run).
 """
 from __future__ import annotations
@@ -42,6 +46,7 @@ FAILS = G.FAILS
 ROWS: list = []
 S = (lambda *a: a[-1]) if not SMOKE else (lambda *a: a[0])  # full size / smoke size
 sync = torch.cuda.synchronize if not SMOKE else (lambda: None)
+PARTS = os.environ.get("PARTS", "abc")
 
 
 def fail(msg):
@@ -78,20 +83,57 @@ def check_fwd(B, H, L, Lk, dtype):
     return v.err, rel_err(lowp, hi)
 
 
-def check_mixed(B, H, L, dtype):
-    """MONARCH16 = True through autograd: forward on monarch16, backward on the cuFFT path."""
+def check_bwd(B, H, L, Lk, dtype, gates=True):
+    """The monarch16 backward op (forced) vs float64: every gradient; bitwise repeat."""
+    u, k, D, pg, qg = make_lk(B, H, L, Lk, dtype, seed=3 * L + Lk)
+    if not gates:
+        pg = qg = None
+    ins = [u, k, D, pg, qg]
+    dy = torch.randn(B, H, L, device=DEV).to(dtype)
+    with force("monarch16"):
+        got = fi.fft_conv_bwd_op(dy, u, k, D, pg, qg, "triton")
+        got2 = fi.fft_conv_bwd_op(dy, u, k, D, pg, qg, "triton")
+    hi = fwd_bwd(fft_conv_ref, [None if x is None else x.double() for x in ins], dy.double())
+    lowp = fwd_bwd(fft_conv_ref, ins, dy)
+    worst = 0.0
+    case = f"{str(dtype)[6:]} B={B} H={H} L={L} Lk={Lk} gates={int(gates)}"
+    # op order (du, dk, dD, dpre, dpost) vs NAMES (y, du, dk, dD, dpre, dpost)
+    for j, name in enumerate(G.NAMES[1:]):
+        if hi[j + 1] is None:
+            continue
+        v = compare(f"monarch16 bwd {case} {name}", got[j], hi[j + 1], dtype, lowp[j + 1])
+        log(v, f"(torch.fft 16-bit: {rel_err(lowp[j + 1], hi[j + 1]):.3e})")
+        if not v.ok:
+            fail(str(v))
+        worst = max(worst, v.err)
+        ROWS.append(dict(section="check", case=f"{case} {name}", impl="monarch16 bwd", mode="bwd",
+                         dtype=str(dtype)[6:], value=v.err, unit="rel err"))
+    for a, b in zip(got, got2):
+        if not torch.equal(a, b):
+            fail(f"monarch16 bwd {case}: not bitwise repeatable")
+            break
+    return worst
+
+
+def check_autograd(B, H, L, dtype, bwd_cufft):
+    """MONARCH16 = True through autograd: forward on monarch16, backward on monarch16 (or on the
+    cuFFT path with MONARCH16_BWD_CUFFT)."""
     ins = make(B, H, L, dtype, seed=7)
     cot = torch.randn(B, H, L, device=DEV, dtype=torch.float64)
-    old, fi.MONARCH16 = fi.MONARCH16, True
+    old = fi.MONARCH16, fi.MONARCH16_BWD_CUFFT
+    fi.MONARCH16, fi.MONARCH16_BWD_CUFFT = True, bwd_cufft
     try:
         assert fi.triton_path("fwd", ins[0], L) == "monarch16"
+        assert fi.triton_path("bwd", ins[0], L) == ("cufft" if bwd_cufft else "monarch16")
         out = fwd_bwd(sk.fft_conv, ins, cot, backend="triton")
     finally:
-        fi.MONARCH16 = old
+        fi.MONARCH16, fi.MONARCH16_BWD_CUFFT = old
     hi = fwd_bwd(fft_conv_ref, [x.double() for x in ins], cot)
     lowp = fwd_bwd(fft_conv_ref, ins, cot.to(dtype))
+    tag = "cuFFT bwd" if bwd_cufft else "monarch16 bwd"
     for i, name in enumerate(G.NAMES):
-        v = compare(f"MONARCH16 on: {str(dtype)[6:]} B={B} H={H} L={L} {name}", out[i], hi[i], dtype, lowp[i])
+        v = compare(f"MONARCH16 on ({tag}): {str(dtype)[6:]} B={B} H={H} L={L} {name}", out[i],
+                    hi[i], dtype, lowp[i])
         log(v)
         if not v.ok:
             fail(str(v))
@@ -99,33 +141,46 @@ def check_mixed(B, H, L, dtype):
 
 # ---- (b) launch sweep --------------------------------------------------------------------------
 
-def sweep(L, dtype=torch.bfloat16):
+# (warps, stages[, maxnreg]) tried per N. Forward: the maxnreg caps trade a few spills for more
+# programs per SM (offline sm_90 builds: N=2048 (4,1,128) 28 B spill -> 4 per SM; N=4096 (4,1,168)
+# 44 B -> 3 per SM, (8,1,128) 348 B -> 2; N=8192 (8,1,128) 752 B -> 2). Backward: 255 registers
+# at 8 warps already spill 0.3-1.3 KB (N=4096 / 8192), so no caps; 16 warps caps at 128 (more
+# spill, more overlap).
+SWEEP = {"fwd": {2048: ((4, 1), (8, 1), (4, 1, 128), (4, 1, 168), (4, 2)),
+                 4096: ((8, 1), (4, 1), (4, 1, 168), (8, 1, 128), (16, 1)),
+                 8192: ((8, 1), (16, 1), (8, 1, 128), (8, 2), (4, 1))},
+         "bwd": {2048: ((4, 1), (8, 1)), 4096: ((8, 1), (4, 1), (16, 1)),
+                 8192: ((8, 1), (16, 1), (4, 1))}}
+
+
+def sweep(L, mode="fwd", dtype=torch.bfloat16):
+    """Times monarch16's forward (mode "fwd") or backward op ("bwd") at N(L), gates off, D on,
+    for each launch configuration of SWEEP; leaves the best in LAUNCH / LAUNCH_BWD."""
     n = m16.transform_size(L, L)
     u, k, D, _, _ = make(S(2, 8), S(3, 768), L, dtype, gates=False)
-    saved = m16.LAUNCH.get(n)
+    dy = torch.randn_like(u)
+    table = m16.LAUNCH if mode == "fwd" else m16.LAUNCH_BWD
+    saved = table.get(n)
     best = None
-    # (warps, stages[, maxnreg]); the maxnreg caps trade a few spills for more programs per SM
-    # (offline sm_90 builds: N=2048 (4,1,128) 28 B spill -> 4 per SM; N=4096 (4,1,168) 44 B ->
-    # 3 per SM, (8,1,128) 348 B -> 2; N=8192 (8,1,128) 752 B -> 2)
-    cfgs = {2048: ((4, 1), (8, 1), (4, 1, 128), (4, 1, 168), (4, 2)),
-            4096: ((8, 1), (4, 1), (4, 1, 168), (8, 1, 128), (16, 1)),
-            8192: ((8, 1), (16, 1), (8, 1, 128), (8, 2), (4, 1))}
-    for cfg in S(((1, 1),), cfgs.get(n, ((4, 1), (8, 1)))):
-        m16.LAUNCH[n] = cfg
+    for cfg in S(((1, 1),), SWEEP[mode].get(n, ((4, 1), (8, 1)))):
+        table[n] = cfg
         try:
             with force("monarch16"), torch.no_grad():
-                ms = bench(lambda: sk.fft_conv(u, k, D, backend="triton"))
-            kern = m16.last_kernel
+                if mode == "fwd":
+                    ms = bench(lambda: sk.fft_conv(u, k, D, backend="triton"))
+                else:
+                    ms = bench(lambda: fi.fft_conv_bwd_op(dy, u, k, D, None, None, "triton"))
+            kern = m16.last_kernel if mode == "fwd" else m16.last_bwd_kernel
             info = (f"regs {getattr(kern, 'n_regs', '?')} spills {getattr(kern, 'n_spills', '?')} "
                     f"shared {kern.metadata.shared}") if kern is not None and not SMOKE else ""
         except Exception as e:  # noqa: BLE001
             ms, info = float("nan"), f"{type(e).__name__}: {str(e)[:120]}"
-        log(f"  sweep N={n} warps/stages {cfg}: {ms:.4f} ms  {info}")
-        ROWS.append(dict(section="sweep", case=f"N={n} {cfg}", impl="monarch16", mode="fwd",
+        log(f"  {mode} sweep N={n} warps/stages {cfg}: {ms:.4f} ms  {info}")
+        ROWS.append(dict(section="sweep", case=f"N={n} {cfg}", impl="monarch16", mode=mode,
                          dtype=str(dtype)[6:], value=ms, unit="ms"))
         if ms == ms and (best is None or ms < best[0]):
             best = (ms, cfg)
-    m16.LAUNCH[n] = best[1] if best else saved
+    table[n] = best[1] if best else saved
     return n, best
 
 
@@ -141,14 +196,28 @@ def time_fwd(name, f, path, ins):
     return ms
 
 
-def time_fwd_bwd(f, ins, dy, monarch16_on):
+def time_fwd_bwd(f, ins, dy, monarch16_on, bwd_cufft=False):
     ins = [None if x is None else x.detach().requires_grad_() for x in ins]
     live = [x for x in ins if x is not None]
-    old, fi.MONARCH16 = fi.MONARCH16, monarch16_on
+    old = fi.MONARCH16, fi.MONARCH16_BWD_CUFFT
+    fi.MONARCH16, fi.MONARCH16_BWD_CUFFT = monarch16_on, bwd_cufft
     try:
         return bench(lambda: torch.autograd.grad(f(*ins), live, dy))
+    except Exception as e:  # noqa: BLE001
+        log(f"  f+b: {type(e).__name__}: {str(e)[:200]}")
+        return float("nan")
     finally:
-        fi.MONARCH16 = old
+        fi.MONARCH16, fi.MONARCH16_BWD_CUFFT = old
+
+
+def time_bwd(path, ins, dy):
+    """The backward op alone on one path (its output is what autograd's backward returns)."""
+    try:
+        with force(path):
+            return bench(lambda: fi.fft_conv_bwd_op(dy, *ins, "triton"))
+    except Exception as e:  # noqa: BLE001
+        log(f"  bwd {path}: {type(e).__name__}: {str(e)[:200]}")
+        return float("nan")
 
 
 def main():
@@ -166,28 +235,35 @@ def main():
 
     # (a)
     B, H = S(3, 8), S(5, 768)
-    errs = {}
-    for dtype in (torch.bfloat16, torch.float16):
+    errs, berrs, best, best_bwd, table = {}, {}, {}, {}, []
+    for dtype in (() if "a" not in PARTS else (torch.bfloat16, torch.float16)):
         for L, Lk in S(((200, 57), (130, 3)), ((1024, 1024), (2048, 2048), (4096, 4096), (4095, 1000), (3000, 5))):
             errs[(L, Lk, dtype)] = check_fwd(B, H, L, Lk, dtype)
-    check_mixed(S(2, 4), S(3, 64), S(200, 4096), torch.bfloat16)
-    if not SMOKE:
-        G.check_graph("monarch16", torch.bfloat16)
+    for dtype in (() if "a" not in PARTS else (torch.bfloat16, torch.float16)):
+        for L, Lk in S(((200, 57), (130, 3)), ((1024, 1024), (2048, 2048), (4096, 4096), (4095, 1000), (3000, 5))):
+            berrs[(L, Lk, dtype)] = check_bwd(B, H, L, Lk, dtype)
+    if "a" in PARTS:
+        berrs[(S(201, 4096), S(201, 4096), "bf16 B3 H50 no gates")] = check_bwd(
+            3, S(5, 50), S(201, 4096), S(201, 4096), torch.bfloat16, gates=False)
+        for bwd_cufft in (False, True):
+            check_autograd(S(3, 5), S(3, 64), S(200, 4096), torch.bfloat16, bwd_cufft)
+        if not SMOKE:
+            G.check_graph("monarch16", torch.bfloat16)
 
     # (b)
-    best = {}
-    for L in S((100,), (1024, 2048, 4096)):
+    for L in (S((100,), (1024, 2048, 4096)) if "b" in PARTS else ()):
         n, b = sweep(L)
         best[n] = b
-    log(f"best launch per N: {best}  (code: {m16.LAUNCH})")
+        n, b = sweep(L, "bwd")
+        best_bwd[n] = b
+    log(f"best launch per N: fwd {best} (code: {m16.LAUNCH}); bwd {best_bwd} (code: {m16.LAUNCH_BWD})")
 
     # (c)
     for name in ("cache_size_limit", "recompile_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 64)
     comp = torch.compile(ref, dynamic=False)
-    table = []
-    for L in S((100, 200), (1024, 2048, 4096)):
+    for L in (S((100, 200), (1024, 2048, 4096)) if "c" in PARTS else ()):
         for dtype, gates in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False)):
             B, H = S(2, 8), S(3, 768)
             ins = make(B, H, L, dtype, gates=gates)
@@ -201,7 +277,10 @@ def main():
                  # torch.compile: ~10-30 s per shape; only the issue's rows, within the time budget
                  "compile": (time_fwd("compile", comp, None, ins)
                              if main_row and not SMOKE and time.time() - G.T0 < 420 else nan),
+                 "m16 bwd": time_bwd("monarch16", ins, dy),
+                 "cufft bwd": time_bwd("cufft", ins, dy),
                  "m16 f+b": time_fwd_bwd(ours, ins, dy, True),
+                 "m16+cufft f+b": time_fwd_bwd(ours, ins, dy, True, bwd_cufft=True),
                  "torch f+b": time_fwd_bwd(ref, ins, dy, False)}
             with force("cufft"):
                 r["cufft f+b"] = time_fwd_bwd(ours, ins, dy, False)
@@ -220,18 +299,22 @@ def main():
     print("\n==== monarch16 accuracy vs float64 (rel err; torch.fft on the same 16-bit inputs) ====")
     for (L, Lk, dtype), (e, lo) in errs.items():
         print(f"  L={L:5d} Lk={Lk:5d} {str(dtype)[6:]:8s} monarch16 {e:.3e}   torch.fft(16-bit) {lo:.3e}")
+    print("==== monarch16 backward: worst rel err over du, dk, dD, dpre, dpost (vs float64) ====")
+    for (L, Lk, dtype), e in berrs.items():
+        print(f"  L={L:5d} Lk={Lk:5d} {str(dtype).replace('torch.', ''):20s} {e:.3e}")
     print(f"\n==== fft_conv 16-bit, B={S(2, 8)} H={S(3, 768)}, D on (ms, do_bench median; "
           f"{torch.cuda.get_device_name() if not SMOKE else 'cpu'}) ====")
     print(f"{'case':26s} {'m16 fwd':>8s} {'cufft':>7s} {'old mon':>7s} {'torch':>7s} {'compile':>7s} "
-          f"{'x torch':>7s} {'x comp':>6s} {'GB/s':>6s} | {'m16+cufft f+b':>13s} {'cufft f+b':>9s} "
-          f"{'torch f+b':>9s} {'x torch':>7s}")
+          f"{'x torch':>7s} {'x comp':>6s} {'GB/s':>6s} | {'m16 bwd':>7s} {'cufft bwd':>9s} | "
+          f"{'m16 f+b':>7s} {'m16+cufft f+b':>13s} {'cufft f+b':>9s} {'torch f+b':>9s} {'x torch':>7s}")
     for B, H, L, dtype, gates, r in table:
         print(f"L={L} {str(dtype)[6:]} gates={'on' if gates else 'off'}".ljust(26),
               f"{r['monarch16']:8.4f} {r['cufft']:7.4f} {r['old monarch']:7.4f} {r['torch']:7.4f} "
               f"{r['compile']:7.4f} {r['torch'] / r['monarch16']:7.2f} {r['compile'] / r['monarch16']:6.2f} "
-              f"{r['GB/s']:6.0f} | {r['m16 f+b']:13.4f} {r['cufft f+b']:9.4f} {r['torch f+b']:9.4f} "
+              f"{r['GB/s']:6.0f} | {r['m16 bwd']:7.4f} {r['cufft bwd']:9.4f} | {r['m16 f+b']:7.4f} "
+              f"{r['m16+cufft f+b']:13.4f} {r['cufft f+b']:9.4f} {r['torch f+b']:9.4f} "
               f"{r['torch f+b'] / r['m16 f+b']:7.2f}")
-    print(f"best launch per N (warps, stages): {best}")
+    print(f"best launch per N (warps, stages): fwd {best}, bwd {best_bwd}")
     print(f"first call: {first:.2f} s; total {time.time() - G.T0:.0f} s; checks: "
           f"{'ALL OK' if not FAILS else f'{len(FAILS)} FAILED'}")
     for f in FAILS:
