@@ -194,7 +194,8 @@ def _dft(ar, ai, f1_ptr, f2_ptr, tw_ptr, p_f1h, p_f2, p_tw, N1: tl.constexpr, N2
 
 @triton.jit
 def _idft(yr, yi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1: tl.constexpr, N2: tl.constexpr):
-    """conj(F1)[:R1, :] @ ((Y @ conj F2) * conj(T) / N2) (fp32 [R1, N2] pair) for Y fp16."""
+    """conj(F1)[:R1, :] @ ((Y @ conj F2) * conj(T)) (fp32 [R1, N2] pair) for Y fp16: the
+    unnormalised inverse DFT (N ifft) of Y in the (k1, k2) layout, rows n1 < R1."""
     f2r = tl.load(f2_ptr + p_f2)
     f2i = tl.load(f2_ptr + N2 * N2 + p_f2)
     er, ei = _cmm(yr, yi, f2r, -f2i)
@@ -372,12 +373,13 @@ def _du_epilogue(du_ptr, dpre_ptr, dy_ptr, u_ptr, pre_ptr, post_ptr, p, m, dv, b
 @triton.jit
 def _monarch16_bwd_kernel(
     # pointers: dy, u, pre, post, du, dpre, dpost [B, H, L] contiguous (16-bit); d [H] fp32;
-    # wk [H, S, 2, N1, N2] fp32 (zeroed: the dk spectrum per program), wd [H, S] fp32 (dD);
+    # wk [H, S, 2, N1, N2] fp32 (the dk spectrum per program; written on its first pair),
+    # wd [H, S] fp32 (dD per program); dk [H, Lk] fp32 (written here when FINAL: S == 1);
     # ks, kscale, f1, f2, tw: as the forward
     dy_ptr, u_ptr, pre_ptr, post_ptr, d_ptr, du_ptr, dpre_ptr, dpost_ptr, wk_ptr, wd_ptr,
-    ks_ptr, kscale_ptr, f1_ptr, f2_ptr, tw_ptr,
-    B, H, L, B_PER, S,
-    HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
+    dk_ptr, ks_ptr, kscale_ptr, f1_ptr, f2_ptr, tw_ptr,
+    B, H, L, Lk, B_PER, S,
+    HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, FINAL: tl.constexpr,
     N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr,
 ):
     i_h, i_s = tl.program_id(0), tl.program_id(1)
@@ -424,10 +426,12 @@ def _monarch16_bwd_kernel(
         # ---- dk spectrum += conj(P) Q / c (fp32; only this program touches its slice)
         pr32 = pr.to(tl.float32)
         pi32 = pi.to(tl.float32)
-        wr = tl.load(wk_ptr + p_tw) + (pr32 * qr + pi32 * qi) * inv_c
-        wi = tl.load(wk_ptr + N1 * N2 + p_tw) + (pr32 * qi - pi32 * qr) * inv_c
+        m_w = p_tw < tl.where(i_b > b_start, N1 * N2, 0)  # the first pair writes, no read
+        wr = tl.load(wk_ptr + p_tw, mask=m_w, other=0.0) + (pr32 * qr + pi32 * qi) * inv_c
+        wi = tl.load(wk_ptr + N1 * N2 + p_tw, mask=m_w, other=0.0) + (pr32 * qi - pi32 * qr) * inv_c
         tl.store(wk_ptr + p_tw, wr)
         tl.store(wk_ptr + N1 * N2 + p_tw, wi)
+        tl.debug_barrier()  # the next pair's threads may read what other threads stored
         # ---- du: corr(g, k) = inverse of Q * conj(K)
         zr, zi = _cmul_table_conj(qr, qi, ks_ptr, p_tw, N1 * N2)
         cora, corb = _idft(zr, zi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1, N2)
@@ -448,6 +452,17 @@ def _monarch16_bwd_kernel(
             _epilogue(dpost_ptr, u_ptr, pre_ptr, dy_ptr, p_b, m_b, cvb * (b_ks * inv_s_b), b_d,
                       HAS_D, HAS_PRE, True)
     tl.store(wd_ptr + i_h * S + i_s, b_dd)
+    if FINAL:
+        # one program per channel: the inverse of its dk spectrum here (fp16 operands with a
+        # power-of-two scale, as every stage); rows n1 < R1 hold t < R1 N2 >= L >= Lk
+        tl.debug_barrier()
+        wr = tl.load(wk_ptr + p_tw)
+        wi = tl.load(wk_ptr + N1 * N2 + p_tw)
+        s_w, inv_w = _pow2_scale(tl.maximum(tl.max(tl.abs(wr)), tl.max(tl.abs(wi))))
+        dkr, _ = _idft((wr * s_w).to(tl.float16), (wi * s_w).to(tl.float16), f1_ptr, f2_ptr,
+                       tw_ptr, p_f1g, p_f2, p_tw, N1, N2)
+        # Re of the unnormalised inverse / N (Im: the packing's cross terms, dropped)
+        tl.store(dk_ptr + i_h.to(tl.int64) * Lk + o_t, dkr * (inv_w / (N1 * N2)), mask=o_t < Lk)
 
 
 # launch configuration of the backward by N (GPU), as LAUNCH; bench/gpu_monarch.py sweeps it
@@ -466,19 +481,21 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
     dpre = new(pre) if pre is not None else None
     dpost = new(post) if post is not None else None
     S, per = batch_split(B, H, u.device)
-    wk = torch.zeros(H, S, 2, n1, n2, device=u.device, dtype=torch.float32)
+    wk = new(torch.empty(H, S, 2, n1, n2, device=u.device, dtype=torch.float32))
+    dk = new(torch.empty(H, k.shape[1], device=u.device, dtype=torch.float32))
     wd = new(torch.empty(H, S, device=u.device, dtype=torch.float32))
     dmy = u.new_empty(1)
     global last_bwd_kernel
     last_bwd_kernel = _monarch16_bwd_kernel[(H, S)](
         dy, u, pre if pre is not None else dmy, post if post is not None else dmy,
         D if D is not None else kscale, du, dpre if dpre is not None else dmy,
-        dpost if dpost is not None else dmy, wk, wd, ks, kscale, f1, f2, tw, B, H, L, per, S,
-        HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None,
+        dpost if dpost is not None else dmy, wk, wd, dk, ks, kscale, f1, f2, tw, B, H, L,
+        k.shape[1], per, S,
+        HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None, FINAL=S == 1,
         N1=n1, N2=n2, R1=rows(n, n1, L), **_launch(n, LAUNCH_BWD))
-    # the dk spectrum in the natural order k = k1 + N1 k2, summed over slices; one inverse
-    spec = wk.sum(1)                                                   # [H, 2, N1, N2]
-    spec = torch.complex(spec[:, 0], spec[:, 1]).transpose(1, 2).reshape(H, n)
-    dk = torch.fft.ifft(spec, n=n).real[:, :k.shape[1]].contiguous()
-    dD = wd.sum(1) if D is not None else None
+    if S > 1:  # several programs per channel: sum their spectra in a fixed order, one inverse
+        spec = wk.sum(1)                                               # [H, 2, N1, N2]
+        spec = torch.complex(spec[:, 0], spec[:, 1]).transpose(1, 2).reshape(H, n)  # k1 + N1 k2
+        dk = torch.fft.ifft(spec, n=n).real[:, :k.shape[1]].contiguous()
+    dD = (wd.sum(1) if S > 1 else wd[:, 0]) if D is not None else None
     return du, dk, dD, dpre, dpost
