@@ -1,7 +1,9 @@
-"""fft_conv forward for 16-bit storage, fully on-chip: a two-factor Monarch FFT on tensor cores.
+"""fft_conv forward and backward for 16-bit storage, on-chip: a two-factor Monarch FFT on tensor
+cores.
 
 The "monarch16" path of the Triton backend (interface.MONARCH16 switches it on for bf16 / fp16
-forward passes with a power-of-two transform size N <= MAX_N). One program per (channel h,
+passes with a power-of-two transform size N <= MAX_N; the backward is described above
+`_monarch16_bwd_kernel`). One program per (channel h,
 slice of the batch) loops over PAIRS of batch rows; each pair is convolved in registers / shared
 memory from the load of u to the store of y (no intermediate touches HBM).
 
@@ -103,7 +105,7 @@ def _make_tables(n1: int, n2: int, device):
     a = torch.arange(n1, device=device, dtype=torch.int64)
     b = torch.arange(n2, device=device, dtype=torch.int64)
     f1, f2, tw = _expi(a, a, n1), _expi(b, b, n2), _expi(a, b, n1 * n2)
-    # conj(T) / N2 (the inverse's twiddle with the stage scale folded in; exact power of two)
+    # conj(T) (the inverse's twiddle; the inverse's 1 / N2 stage scale is in the filter table)
     conj = torch.tensor([1.0, -1.0], device=device, dtype=tw.dtype)[:, None, None]
     tw = torch.cat([tw, tw * conj])
     return tuple(t.to(torch.float16).contiguous() for t in (f1, f2, tw))
