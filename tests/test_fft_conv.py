@@ -840,6 +840,18 @@ def test_gpu_monarch16_sizes(L, Lk, dtype, monarch16):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("L,Lk", [(1024, 1024), (4096, 4096), (4095, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_monarch16_backward_in_kernel_dk(L, Lk, dtype, monarch16, m16_bwd_calls):
+    """H = 300 >= 2 x SMs: one program per channel (S == 1), so the dk inverse runs inside the
+    backward kernel (H = 50 above takes the slices + torch inverse), gates off and on."""
+    assert fft_m16.batch_split(3, 300, torch.device(DEVICE))[0] == 1
+    check_gpu("triton", 3, 300, L, Lk, dtype)
+    check_gpu("triton", 3, 300, L, Lk, dtype, D=False, pre=False, post=False)
+    assert len(m16_bwd_calls) == 2
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("L,Lk", [(1024, 1024), (4096, 4096), (3000, 5)])
 def test_gpu_monarch16_cufft_backward(L, Lk, monarch16_cufft_bwd):
     check_gpu("triton", 3, 50, L, Lk, torch.bfloat16)
