@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/compile_audit.py check [--families a,b] [--full]
     PYTHONPATH=. python bench/compile_audit.py first [--ops a,b]
-    PYTHONPATH=. python bench/compile_audit.py threads [--n 4]
+    PYTHONPATH=. python bench/compile_audit.py threads [--n 4] [--ops chunk_gla]
 
 `check`: runs each family's `check("triton", <GPU sizes>)` (the default plan, or `--full`) with
 bench/sm90_audit.py's stub driver (target sm_90, compile, never launch) and a fresh, empty Triton
@@ -16,8 +16,8 @@ families are counted in each.
 `first`: the first forward + backward of each public op at a typical bf16 shape, each op in its
 own process with its own empty cache (what a user's first call costs).
 
-`threads`: do compiles in Python threads overlap? Compiles the same N distinct kernels serially,
-then in N threads (fresh caches both times), and prints both wall times.
+`threads`: do compiles in Python threads overlap? Compiles the distinct kernels of an op's first
+fwd+bwd serially, then in N threads (fresh caches both times), and prints both wall times.
 
 Autotuned kernels (based) compile every config, as the first call on a GPU does; the GPU adds the
 benchmark launches, which this does not measure. Seconds are this host's (see NOTES for the
@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="compile_audit_")   # cold cache
@@ -43,7 +44,14 @@ import sm90_audit as audit  # noqa: E402  (sets the fp-fusion default, refuses T
 # ---- timing hooks --------------------------------------------------------------------------------
 
 records: list = []    # one per real compile
-_cur: list = []       # the compile in progress (compiles are serial in the audited paths)
+_tls = threading.local()
+
+
+def _stack() -> list:
+    """The compiles in progress in this thread (the threads probe compiles concurrently)."""
+    if not hasattr(_tls, "stack"):
+        _tls.stack = []
+    return _tls.stack
 
 
 def _install_timers():
@@ -60,9 +68,10 @@ def _install_timers():
             try:
                 return _f(*a, **k)
             finally:
-                if _cur:
-                    _cur[-1]["stages"][_stage] = (_cur[-1]["stages"].get(_stage, 0.0)
-                                                  + time.perf_counter() - t0)
+                cur = _stack()
+                if cur:
+                    cur[-1]["stages"][_stage] = (cur[-1]["stages"].get(_stage, 0.0)
+                                                 + time.perf_counter() - t0)
         setattr(CUDABackend, stage, staticmethod(timed) if is_static else timed)
 
     import triton.compiler as tc
@@ -80,12 +89,12 @@ def _timed_compile(compile_fn):
         rec = {"name": src.fn.__name__, "stages": {},
                "const": {_argname(src, n): _fmt(v) for n, v in src.constants.items()},
                "sig": ",".join(str(v) for v in src.signature.values())}
-        _cur.append(rec)
+        _stack().append(rec)
         t0 = time.perf_counter()
         try:
             return compile_fn(src, *a, **k)
         finally:
-            _cur.pop()
+            _stack().pop()
             rec["total"] = time.perf_counter() - t0
             rec["ptxas"] = rec["stages"].get("make_cubin", 0.0)
             rec["case"] = audit._case[0]
@@ -167,8 +176,9 @@ def _first_ops():
             q, k, v, h0 = leaf(B, T, H, K), leaf(B, T, H, K), leaf(B, T, H, V), leaf(B, H, K, V,
                                                                                      dtype=torch.float32)
             extra = () if gshape is None else ((-torch.rand(*gshape) * 0.5).requires_grad_(),)
+            kw = {"normalize": False} if op == "chunk_linear_attn" else {}
             o, S = getattr(sk, op)(q, k, v, *extra, initial_state=h0, output_final_state=True,
-                                   backend="triton")
+                                   backend="triton", **kw)
             grad((o, S), (q, k, v, *extra, h0))
         return thunk
 
@@ -307,54 +317,52 @@ def table(unit: str, res: dict, detail: bool) -> tuple:
     return len(recs), tot, px
 
 
-def threads_probe(n: int):
-    """Serial vs threaded compile of the same n kernels (fresh caches each time)."""
+def threads_probe(n: int, op: str):
+    """Serial vs threaded compile of the distinct kernels one op's first fwd+bwd launches (fresh
+    caches each time): does a warm-up in threads overlap compiles at all?"""
     setup()
     from concurrent.futures import ThreadPoolExecutor
+    from triton import knobs
     from triton.runtime.jit import JITFunction
-    from ssm_kernels.linear_scan import triton as lt
-    import triton.language as tl
-    # n distinct specialisations of one kernel: collect what a call compiles, then vary
-    # a constexpr-free knob (num_warps) so each is a real compile of the same size
-    kernels = [f for f in vars(lt).values() if isinstance(f, JITFunction)]
-    seen = []
+    launches = {}
     orig = JITFunction.run
 
     def grab(self, *args, grid, warmup, **kw):
-        seen.append((self, args, kw))
-        return orig(self, *args, grid=grid, warmup=True, **kw)
+        kernel = orig(self, *args, grid=grid, warmup=True, **kw)
+        launches.setdefault(kernel.hash, (self, args, kw))
+        return kernel
     JITFunction.run = grab
-    a = torch.rand(4, 1031, 256).to(torch.bfloat16)
-    from ssm_kernels import linear_scan
-    linear_scan(a, a.clone(), dim=1, backend="triton")
+    audit._case[0] = op
+    _first_ops()[op]()
     JITFunction.run = orig
-    fn, args, kw = seen[0]
-    jobs = [dict(kw, num_warps=w, num_stages=s) for w in (1, 2, 4, 8) for s in (1, 2, 3, 4)][:n]
+    jobs = list(launches.values())
 
-    def one(k):
-        JITFunction.warmup(fn, *args, grid=(1,), **k)
+    def one(job):
+        fn, args, kw = job
+        JITFunction.warmup(fn, *args, grid=(1,), **kw)
 
     def fresh():
-        fn.device_caches.clear()
-        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="compile_audit_")
-        from triton import knobs
-        knobs.cache.dir = os.environ["TRITON_CACHE_DIR"]
-    del kernels, tl
+        for fn, _, _ in jobs:
+            fn.device_caches.clear()
+        knobs.cache.dir = tempfile.mkdtemp(prefix="compile_audit_")
+        records.clear()
+
     fresh()
     t0 = time.perf_counter()
-    for k in jobs:
-        one(k)
+    for job in jobs:
+        one(job)
     serial = time.perf_counter() - t0
+    s_sum, s_px = sum(r["total"] for r in records), sum(r["ptxas"] for r in records)
     fresh()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(n) as ex:
         list(ex.map(one, jobs))
     threaded = time.perf_counter() - t0
-    s_px = sum(r["ptxas"] for r in records[:len(jobs)])
-    t_px = sum(r["ptxas"] for r in records[len(jobs):])
-    print(f"{fn.fn.__name__}: {len(jobs)} compiles: serial {serial:.2f} s (ptxas {s_px:.2f}), "
-          f"{n} threads {threaded:.2f} s (sum of per-compile ptxas {t_px:.2f}); "
-          f"cores here: {os.cpu_count()}")
+    t_sum, t_px = sum(r["total"] for r in records), sum(r["ptxas"] for r in records)
+    print(f"{op}: {len(jobs)} distinct kernels; serial {serial:.2f} s (sum of compiles "
+          f"{s_sum:.2f}, ptxas {s_px:.2f}); {n} threads {threaded:.2f} s (sum of compiles "
+          f"{t_sum:.2f}, ptxas {t_px:.2f}); overlap = serial / threaded = {serial / threaded:.2f}x "
+          f"on {os.cpu_count()} cores")
 
 
 def main(argv=None):
@@ -373,7 +381,8 @@ def main(argv=None):
     ap.add_argument("--json", help="also write the raw records here")
     args = ap.parse_args(argv)
     if args.what == "threads":
-        threads_probe(args.n)
+        for op in args.ops.split(","):
+            threads_probe(args.n, op)
         return 0
     units = (args.families if args.what == "check" else args.ops).split(",")
     totals, raw = [], {}
