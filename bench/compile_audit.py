@@ -1,7 +1,7 @@
 """Where `check` and first calls spend their Triton compile time, measured offline for sm_90.
 
     PYTHONPATH=. python bench/compile_audit.py check [--families a,b] [--full]
-    PYTHONPATH=. python bench/compile_audit.py first [--ops a,b]
+    PYTHONPATH=. python bench/compile_audit.py first [--ops a,b] [--ahead N]
     PYTHONPATH=. python bench/compile_audit.py threads [--n 4] [--ops chunk_gla]
 
 `check`: runs each family's `check("triton", <GPU sizes>)` (the default plan, or `--full`) with
@@ -130,7 +130,13 @@ class _GpuSized(str):
     __hash__ = str.__hash__
 
 
+_installed = []
+
+
 def setup():
+    if _installed:
+        return
+    _installed.append(True)
     # the JITFunctions must be wrapped: install the timers before ssm_kernels is imported
     _install_timers()
     audit.install()
@@ -258,13 +264,30 @@ FIRST_OPS = ["chunk_linear_attn", "chunk_simple_gla", "chunk_gla", "mamba_chunk_
 
 # ---- one unit in this process (child mode) ------------------------------------------------------
 
+AHEAD = int(os.environ.get("COMPILE_AUDIT_AHEAD", "0"))
+
+
 def child(kind: str, name: str, full: bool, out: str):
     setup()
     err = None
+    extra = {}
     t0 = time.perf_counter()
     try:
         if kind == "check":
             run_check_family(name, full)
+        elif AHEAD:
+            # ssm_kernels.compile_ahead's dry run in AHEAD threads, then the real call: how long
+            # the dry run takes and what the real call still compiles (should be nothing)
+            from ssm_kernels._warmup import compiling_ahead
+            audit._case[0] = name
+            thunk = _first_ops()[name]
+            with compiling_ahead(AHEAD) as info:
+                thunk()
+            ahead_s = time.perf_counter() - t0
+            n0 = len(records)
+            thunk()
+            extra = {"ahead_s": ahead_s, "submitted": info["kernels"],
+                     "compiled_after": len(records) - n0}
         else:
             audit._case[0] = name
             _first_ops()[name]()
@@ -272,7 +295,7 @@ def child(kind: str, name: str, full: bool, out: str):
         err = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     wall = time.perf_counter() - t0
     with open(out, "w") as f:
-        json.dump({"unit": name, "records": records, "wall": wall, "error": err}, f)
+        json.dump({"unit": name, "records": records, "wall": wall, "error": err, **extra}, f)
 
 
 def spawn(kind: str, name: str, full: bool) -> dict:
@@ -304,6 +327,9 @@ def table(unit: str, res: dict, detail: bool) -> tuple:
     px = sum(r["ptxas"] for r in recs)
     print(f"\n### {unit}: {len(recs)} compiles, {tot:.1f} s ({px:.1f} s ptxas), "
           f"wall {res['wall']:.1f} s{'  ERROR ' + res['error'] if res['error'] else ''}")
+    if "ahead_s" in res:
+        print(f"compile_ahead: {res['submitted']} kernels in {res['ahead_s']:.2f} s wall "
+              f"({os.environ.get('COMPILE_AUDIT_AHEAD')} threads); the real call then compiled {res['compiled_after']}")
     print("| kernel | specialisations | compile s | ptxas s | worst ptxas s |")
     print("|---|---:|---:|---:|---:|")
     for name, d in sorted(by.items(), key=lambda kv: -kv[1]["total"]):
@@ -379,7 +405,11 @@ def main(argv=None):
     ap.add_argument("--detail", action="store_true", help="list every specialisation")
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--json", help="also write the raw records here")
+    ap.add_argument("--ahead", type=int, default=0, metavar="N",
+                    help="first: run ssm_kernels.compile_ahead's dry run in N threads first")
     args = ap.parse_args(argv)
+    if args.ahead:
+        os.environ["COMPILE_AUDIT_AHEAD"] = str(args.ahead)
     if args.what == "threads":
         for op in args.ops.split(","):
             threads_probe(args.n, op)
