@@ -1,7 +1,7 @@
 """First-call cost of each public op on the GPU: fwd + bwd at a typical bf16 shape, each op in
 a fresh process with an empty Triton cache (what a user's first call pays), then the second call.
 
-    python bench/gpu_first_call.py [--ops chunk_gla,chunk_gated_delta_rule]
+    python bench/gpu_first_call.py [--ops chunk_gla,chunk_gated_delta_rule] [--ahead 16]
 
 The shapes and calls are bench/compile_audit.py's `first` ones (that script measures the same
 calls' compile time offline), so the two tables line up row by row. The CUDA context is made
@@ -20,7 +20,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def child(op: str):
+def child(op: str, ahead: int):
     import torch
     sys.path.insert(0, HERE)
     import compile_audit as ca   # sets a fresh, empty TRITON_CACHE_DIR at import
@@ -29,6 +29,10 @@ def child(op: str):
     import ssm_kernels  # noqa: F401  (import time outside the timing too)
     thunk = ca._first_ops()[op]
     t0 = time.perf_counter()
+    if ahead:   # ssm_kernels.compile_ahead's dry run (its kernels compiled in `ahead` threads)
+        from ssm_kernels._warmup import compiling_ahead
+        with compiling_ahead(ahead):
+            thunk()
     thunk()
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
@@ -40,25 +44,28 @@ def child(op: str):
 
 
 def main():
-    if len(sys.argv) > 2 and sys.argv[1] == "_child":
-        child(sys.argv[2])
+    if len(sys.argv) > 3 and sys.argv[1] == "_child":
+        child(sys.argv[2], int(sys.argv[3]))
         return 0
     sys.path.insert(0, HERE)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ops", default=None)
+    ap.add_argument("--ahead", type=int, default=0, metavar="N",
+                    help="compile ahead in N threads first (ssm_kernels.compile_ahead's dry run)")
     args = ap.parse_args()
     from compile_audit import FIRST_OPS
     ops = args.ops.split(",") if args.ops else FIRST_OPS
     rows = []
     for op in ops:
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "_child", op],
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "_child", op, str(args.ahead)],
                            capture_output=True, text=True)
         res = [json.loads(ln[7:]) for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if p.returncode or not res:
             rows.append((op, "FAILED", (p.stderr.strip().splitlines() or ["?"])[-1][:120]))
         else:
             rows.append((op, f"{res[0]['first_s']:.2f}", f"{res[0]['second_ms']:.1f}"))
-    print("| op | first call s (cold cache) | second call ms |")
+    print(f"| op | first call s (cold cache{', compile_ahead %d threads' % args.ahead if args.ahead else ''}) "
+          "| second call ms |")
     print("|---|---:|---:|")
     for op, a, b in rows:
         print(f"| {op} | {a} | {b} |")
