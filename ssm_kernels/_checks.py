@@ -87,6 +87,16 @@ def _run_pair(family: str, backend: str, device: str, full: bool, seed: int) -> 
     return run_family(family, backend, device, full)
 
 
+# Triton compile seconds of each family's quick check for sm_90 (bench/compile_audit.py, offline,
+# one core): the order in which `run` hands pairs to workers. Other backends compile nothing.
+_TRITON_COMPILE_S = {"delta_rule": 39, "linear_attn": 19, "based": 12, "causal_conv1d": 6,
+                     "linear_scan": 5, "selective_scan": 5, "fft_conv": 4}
+
+
+def _cost(family: str, backend: str) -> float:
+    return _TRITON_COMPILE_S.get(family, 10) if backend == "triton" else 1.0
+
+
 def default_jobs(device: str, pairs: int) -> int:
     """Worker processes for `run`: on a GPU most of a cold check is Triton compiling on the host,
     which runs in parallel over processes (the GPU work is small); on a CPU the kernels themselves
@@ -115,8 +125,10 @@ def run(families: List[str], backends: List[str], device: str, full: bool = Fals
         return results
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    # longest first (the wall is about the longest pair when there are enough workers)
+    order = sorted(pairs, key=lambda p: -_cost(*p))
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_run_pair, fam, be, device, full, seed): (fam, be) for fam, be in pairs}
+        futures = {pool.submit(_run_pair, fam, be, device, full, seed): (fam, be) for fam, be in order}
         for fut in as_completed(futures):
             r = fut.result()
             results.append(r)
