@@ -1,6 +1,6 @@
 """Where `check` and first calls spend their Triton compile time, measured offline for sm_90.
 
-    PYTHONPATH=. python bench/compile_audit.py check [--families a,b] [--full]
+    PYTHONPATH=. python bench/compile_audit.py check [--families a,b] [--full] [--ahead N]
     PYTHONPATH=. python bench/compile_audit.py first [--ops a,b] [--ahead N]
     PYTHONPATH=. python bench/compile_audit.py threads [--n 4] [--ops chunk_gla]
 
@@ -273,7 +273,20 @@ def child(kind: str, name: str, full: bool, out: str):
     extra = {}
     t0 = time.perf_counter()
     try:
-        if kind == "check":
+        if kind == "check" and AHEAD:
+            # check's own dry run (ssm_kernels._checks._compile_ahead) in AHEAD threads, then the
+            # real check: the dry run's wall and what the real run still compiles (should be 0)
+            from ssm_kernels import _checks
+            audit._case[0] = f"check {name}"
+            torch.manual_seed(0)
+            info = _checks._compile_ahead(name, "triton", _GpuSized("cpu"), full, AHEAD)
+            ahead_s = time.perf_counter() - t0
+            n0 = len(records)
+            torch.manual_seed(0)
+            run_check_family(name, full)
+            extra = {"ahead_s": ahead_s, "submitted": info["kernels"],
+                     "compiled_after": len(records) - n0}
+        elif kind == "check":
             run_check_family(name, full)
         elif AHEAD:
             # ssm_kernels.compile_ahead's dry run in AHEAD threads, then the real call: how long
@@ -406,7 +419,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--json", help="also write the raw records here")
     ap.add_argument("--ahead", type=int, default=0, metavar="N",
-                    help="first: run ssm_kernels.compile_ahead's dry run in N threads first")
+                    help="dry-run first with the kernels compiling in N threads (first: "
+                    "ssm_kernels.compile_ahead's; check: check's own)")
     args = ap.parse_args(argv)
     if args.ahead:
         os.environ["COMPILE_AUDIT_AHEAD"] = str(args.ahead)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Optional
@@ -89,11 +90,26 @@ def compiling_ahead(threads: Optional[int] = None) -> Iterator[dict]:
         raise RuntimeError("compiling_ahead blocks do not nest")
     n = threads or min(16, os.cpu_count() or 1)
     info = {"kernels": 0, "errors": 0}
-    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="ssm_kernels_compile") as pool:
+    init = None
+    import torch
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        dev = torch.cuda.current_device()   # the pool's threads compile for this GPU
+
+        def init():
+            torch.cuda.set_device(dev)
+    # the dry run's filter spectra (fft_conv) are garbage: keep them out of the spectrum cache
+    fcache = sys.modules.get("ssm_kernels.fft_conv.cufft")
+    cache_was = getattr(fcache, "_cache_enabled", None)
+    if fcache is not None:
+        fcache._cache_enabled = False
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="ssm_kernels_compile",
+                            initializer=init) as pool:
         _tls.state = {"pool": pool, "seen": set(), "futures": []}
         try:
             yield info
         finally:
+            if fcache is not None:
+                fcache._cache_enabled = cache_was
             futures = _tls.state["futures"]
             _tls.state = None
             for f in futures:
