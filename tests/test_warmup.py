@@ -61,3 +61,45 @@ def test_compiling_ahead_compiles_everything_the_call_needs_for_sm90():
     submitted, compiled, after, errors = (int(words[i]) for i in (1, 2, 4, 6))
     assert compiled >= 2 and submitted >= compiled   # forward and backward kernels
     assert after == 0 and errors == 0                # the real call found them all
+
+
+_CHECK_AHEAD_SCRIPT = r'''
+import os, sys
+sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
+import torch
+import sm90_audit as audit
+audit.install()
+import triton.compiler as tc
+n = [0]
+orig = tc.compile
+def counted(*a, **k):
+    n[0] += 1
+    return orig(*a, **k)
+tc.compile = counted
+from ssm_kernels import _checks
+torch.manual_seed(0)
+info = _checks._compile_ahead("causal_conv1d", "triton", "cpu", False, 2)
+ahead = n[0]
+torch.manual_seed(0)
+
+import importlib
+importlib.import_module(_checks.FAMILIES["causal_conv1d"]).check("triton", "cpu", full=False)
+print("ahead", info["kernels"], ahead, "after", n[0] - ahead, "errors", info["errors"])
+'''
+
+
+def test_check_dry_run_compiles_every_kernel_of_the_family_for_sm90():
+    """`check`'s per-pair dry run (on a GPU) leaves nothing for the real run to compile."""
+    from conftest import compile_for_sm90
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        res = compile_for_sm90(_CHECK_AHEAD_SCRIPT)
+    finally:
+        os.chdir(cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    words = res.stdout.split()
+    submitted, compiled, after, errors = (int(words[i]) for i in (1, 2, 4, 6))
+    assert compiled >= 4 and submitted >= compiled
+    assert after == 0 and errors == 0
