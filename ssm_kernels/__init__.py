@@ -2,6 +2,7 @@
 from ._backend import BackendUnavailableError, available_backends
 from ._config import set_debug
 from ._version import __version__
+from ._warmup import compile_ahead
 from .based import chunk_based, fused_recurrent_based
 from .causal_conv1d import causal_conv1d_fn, causal_conv1d_ref, causal_conv1d_update
 from .delta_rule import (chunk_delta_rule, chunk_gated_delta_rule, delta_rule_recurrent_ref,
@@ -36,4 +37,6 @@ __all__ = [
     "available_backends", "BackendUnavailableError",
     # GPU value checks (log-decays, cu_seqlens) on every call; off by default (they sync)
     "set_debug",
+    # compile a call's (and its backward's) Triton kernels ahead, in parallel threads
+    "compile_ahead",
 ]

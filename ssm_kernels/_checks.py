@@ -81,10 +81,47 @@ def run_family(family: str, backend: str, device: str, full: bool = False) -> Fa
     return res
 
 
-def _run_pair(family: str, backend: str, device: str, full: bool, seed: int) -> FamilyResult:
+def compile_ahead_enabled(device: str, backend: str) -> bool:
+    """On a GPU, a triton pair first dry-runs its check with the kernels compiling in threads
+    (`ssm_kernels._warmup`); SSM_KERNELS_CHECK_AHEAD=0 turns it off."""
+    return (device == "cuda" and backend == "triton"
+            and os.environ.get("SSM_KERNELS_CHECK_AHEAD", "1") != "0")
+
+
+def _compile_ahead(family: str, backend: str, device: str, full: bool, threads: int) -> dict:
+    """Dry-run the family's check (launches become compiles in `threads` threads; its verdicts
+    are garbage and dropped), so the real run finds its kernels compiled. Best effort: a dry run
+    that fails part-way leaves the rest to the real run, which reports any error itself."""
+    from ._warmup import compiling_ahead
+    with compiling_ahead(threads) as info:
+        try:
+            importlib.import_module(FAMILIES[family]).check(backend, device, full=full)
+        except Exception:
+            pass
+    return info
+
+
+def _run_pair(family: str, backend: str, device: str, full: bool, seed: int,
+              threads: int = 0) -> FamilyResult:
     import torch
-    torch.manual_seed(seed)
-    return run_family(family, backend, device, full)
+    t0 = time.perf_counter()
+    if compile_ahead_enabled(device, backend):
+        torch.manual_seed(seed)
+        _compile_ahead(family, backend, device, full, threads or (os.cpu_count() or 2))
+    torch.manual_seed(seed)   # the real run draws the same inputs with or without the dry run
+    res = run_family(family, backend, device, full)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+# Triton compile seconds of each family's quick check for sm_90 (bench/compile_audit.py, offline,
+# one core): the order in which `run` hands pairs to workers. Other backends compile nothing.
+_TRITON_COMPILE_S = {"delta_rule": 39, "linear_attn": 19, "based": 12, "causal_conv1d": 6,
+                     "linear_scan": 5, "selective_scan": 5, "fft_conv": 4}
+
+
+def _cost(family: str, backend: str) -> float:
+    return _TRITON_COMPILE_S.get(family, 10) if backend == "triton" else 1.0
 
 
 def default_jobs(device: str, pairs: int) -> int:
@@ -115,8 +152,14 @@ def run(families: List[str], backends: List[str], device: str, full: bool = Fals
         return results
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    # longest first (the wall is about the longest pair when there are enough workers)
+    order = sorted(pairs, key=lambda p: -_cost(*p))
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = {pool.submit(_run_pair, fam, be, device, full, seed): (fam, be) for fam, be in pairs}
+        # compile threads per worker: twice its share of the cores (pairs finish at different
+        # times; the longest one then has the host to itself)
+        threads = max(2, 2 * (os.cpu_count() or 2) // jobs)
+        futures = {pool.submit(_run_pair, fam, be, device, full, seed, threads): (fam, be)
+                   for fam, be in order}
         for fut in as_completed(futures):
             r = fut.result()
             results.append(r)

@@ -30,6 +30,7 @@ bos = n*T (dense) or cu_seqlens[n] (varlen); offsets are int64.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -48,9 +49,14 @@ BLOCK_V = 16
 
 
 def _configs():
+    """One config (BT = 16, 8 warps: the spill-free tile above) unless SSM_KERNELS_BASED_AUTOTUNE=1
+    (read at import) asks to time BT = 16 against 32 on the first call. Each config is a full
+    compile of every Based kernel (fp32 ones 2-5 s each offline, bench/compile_audit.py), so
+    autotuning doubled the first call and `check`."""
     if triton_interpret():
         return [triton.Config({"BT": 16}, num_warps=4)]
-    return [triton.Config({"BT": bt}, num_warps=8) for bt in (16, 32)]
+    bts = (16, 32) if os.environ.get("SSM_KERNELS_BASED_AUTOTUNE", "0") == "1" else (16,)
+    return [triton.Config({"BT": bt}, num_warps=8) for bt in bts]
 
 
 @triton.jit

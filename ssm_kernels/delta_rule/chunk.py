@@ -72,7 +72,10 @@ def tril_inverse(A, o_t, BT: tl.constexpr, WF32: tl.constexpr, DT: tl.constexpr,
         o16 = tl.arange(0, 16)
         D = tl.broadcast_to(tl.where(o16[:, None] == o16[None, :], 1., 0.)[None, :, :],
                             (NB, 16, 16))
-        for r in tl.static_range(1, 16):
+        # a runtime loop, not tl.static_range: unrolled, its 15 [NB, 16, 16] steps were most of
+        # the kernel's compile time (bench/compile_audit.py; each step is register work, the
+        # loop's overhead is a counter)
+        for r in range(1, 16):
             # row r of every block: D_r = e_r - sum_{m < r} A_rm D_m (rows m < r already final)
             a_r = tl.sum(tl.where((o16 == r)[None, :, None], Ad, 0.), axis=1)  # [NB, 16] over m
             new = tl.where(o16 == r, 1., 0.)[None, :] - tl.sum(a_r[:, :, None] * D, axis=1)
@@ -88,13 +91,13 @@ def tril_inverse(A, o_t, BT: tl.constexpr, WF32: tl.constexpr, DT: tl.constexpr,
     return mm_wy(M, Df, WF32, DT, IEEE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["STORE_T"])
 def _wy_fwd_kernel(
     # k [TOK, HQ, K]; v [TOK, H, V]; g [TOK, H] f32; beta [TOK, H]; outputs w [TOK, H, K],
     # u [TOK, H, V], Tm [TOK, H, BT] f32 (STORE_T)
     k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, tm_ptr, ct_ptr, cu_ptr,
     T, NT, H, HQ, K, V,
-    GATE: tl.constexpr, L2NORM: tl.constexpr, STORE_T: tl.constexpr, WF32: tl.constexpr,
+    GATE: tl.constexpr, L2NORM: tl.constexpr, STORE_T, WF32: tl.constexpr,
     IS_VARLEN: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     DT: tl.constexpr, IEEE: tl.constexpr, INV_DOTS: tl.constexpr,
 ):
@@ -239,12 +242,14 @@ def _wy(p, k, v, g, beta, l2, store_t):
     TOK = p.B * p.T
     w = common.poison(k.new_empty((TOK, p.H, p.K), dtype=p.wdtype))
     u = common.poison(k.new_empty((TOK, p.H, p.V), dtype=p.wdtype))
-    tm = k.new_empty((TOK, p.H, p.BT), dtype=torch.float32) if store_t else _dummy(k)
+    # STORE_T is a runtime flag and the dummy is float32 like Tm: the forward (no T) and the
+    # backward's recompute (T kept) share one compiled kernel
+    tm = k.new_empty((TOK, p.H, p.BT) if store_t else (1,), dtype=torch.float32)
     cu, _, ct = p.idx_args(w)
     d = _dummy(w)
     _wy_fwd_kernel[(p.NCH, p.H)](
         k, v, d if g is None else g, beta, w, u, tm, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
-        GATE=p.gate, L2NORM=l2, STORE_T=store_t, WF32=p.wf32,
+        GATE=p.gate, L2NORM=l2, STORE_T=int(store_t), WF32=p.wf32,
         IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"],
         INV_DOTS=WY_INVERSE_DOTS, num_warps=p.warps)
     return w, u, tm

@@ -1,0 +1,158 @@
+"""Compile ahead, in parallel: the Triton kernels a call and its backward will launch.
+
+A cold first call compiles its kernels one after another as it reaches them (forward, then the
+backward's). `compile_ahead(op, *args, **kwargs)` instead dry-runs the call and a backward through
+its outputs with every Triton launch turned into a compile submitted to a thread pool, then waits
+for the pool: the real call that follows finds every kernel compiled. Threads overlap because
+Triton's MLIR/LLVM passes run without the GIL and ptxas is a subprocess (bench/compile_audit.py
+`threads` measures it; see bench/NOTES.md).
+
+The dry run launches nothing: kernel outputs are uninitialised memory, dropped at the end; the
+caller's tensors are not written. Torch ops between launches do run (on garbage). A dry run
+that fails part-way (host code that reads a kernel's output, for instance) stops there: what was
+submitted still compiles, the rest compiles in the real call as usual. Nothing happens on CPU
+tensors or under the Triton interpreter (nothing to compile).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, Optional
+
+_tls = threading.local()
+_lock = threading.Lock()
+_patched = []
+
+
+def _spec_key(fn, args, kwargs):
+    """A key at least as fine as Triton's specialisation (dtype and 16-byte alignment of tensors,
+    ints equal to 1 or divisible by 16, every other value as is), so deduplication never drops a
+    variant; a finer key only costs a duplicate compile."""
+    def one(a):
+        if hasattr(a, "data_ptr") and hasattr(a, "dtype"):
+            return ("T", str(a.dtype), a.data_ptr() % 16 == 0)
+        if isinstance(a, bool) or a is None or isinstance(a, (str, float)):
+            return a
+        if isinstance(a, int):
+            return ("i", a == 1, a % 16 == 0, a if abs(a) < 2 ** 31 else "i64")
+        return repr(a)
+    return (id(fn), tuple(one(a) for a in args),
+            tuple(sorted((k, one(v)) for k, v in kwargs.items() if k not in ("grid", "warmup"))))
+
+
+def _install():
+    """Wrap JITFunction.run and Autotuner.run once; they act only in a thread inside
+    `compiling_ahead` (everyone else, the pool's threads included, gets the usual behaviour)."""
+    with _lock:
+        if _patched:
+            return
+        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.jit import JITFunction
+        orig_run, orig_at = JITFunction.run, Autotuner.run
+
+        def run(self, *args, grid, warmup, **kwargs):
+            st = getattr(_tls, "state", None)
+            if st is None:
+                return orig_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+            key = _spec_key(self, args, kwargs)
+            if key not in st["seen"]:
+                st["seen"].add(key)
+                st["futures"].append(st["pool"].submit(
+                    orig_run, self, *args, grid=grid, warmup=True, **kwargs))
+            return None
+
+        def at_run(self, *args, **kwargs):
+            if getattr(_tls, "state", None) is None:
+                return orig_at(self, *args, **kwargs)
+            # every config the autotuner would time, compiled; nothing timed, nothing cached
+            self.nargs = dict(zip(self.arg_names, args))
+            try:
+                configs = self.prune_configs(kwargs)
+            finally:
+                self.nargs = None
+            for config in configs:
+                self.fn.run(*args, **kwargs, **config.all_kwargs())
+            return None
+
+        JITFunction.run, Autotuner.run = run, at_run
+        _patched.append((orig_run, orig_at))
+
+
+@contextlib.contextmanager
+def compiling_ahead(threads: Optional[int] = None) -> Iterator[dict]:
+    """Inside the block (this thread only), Triton launches compile in a pool and launch nothing;
+    leaving it waits for every compile. Yields a dict whose "kernels" is the number submitted."""
+    _install()
+    if getattr(_tls, "state", None) is not None:
+        raise RuntimeError("compiling_ahead blocks do not nest")
+    n = threads or min(16, os.cpu_count() or 1)
+    info = {"kernels": 0, "errors": 0}
+    init = None
+    import torch
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        dev = torch.cuda.current_device()   # the pool's threads compile for this GPU
+
+        def init():
+            torch.cuda.set_device(dev)
+    # the dry run's filter spectra (fft_conv) are garbage: keep them out of the spectrum cache
+    fcache = sys.modules.get("ssm_kernels.fft_conv.cufft")
+    cache_was = getattr(fcache, "_cache_enabled", None)
+    if fcache is not None:
+        fcache._cache_enabled = False
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="ssm_kernels_compile",
+                            initializer=init) as pool:
+        _tls.state = {"pool": pool, "seen": set(), "futures": []}
+        try:
+            yield info
+        finally:
+            if fcache is not None:
+                fcache._cache_enabled = cache_was
+            futures = _tls.state["futures"]
+            _tls.state = None
+            for f in futures:
+                try:
+                    f.result()
+                except Exception:  # the real call raises it where it belongs
+                    info["errors"] += 1
+            info["kernels"] = len(futures)
+
+
+def compile_ahead(op: Callable, *args, backward: bool = True, threads: Optional[int] = None,
+                  **kwargs) -> dict:
+    """Compile, in `threads` parallel threads, the Triton kernels that `op(*args, **kwargs)` and
+    (backward=True) a backward through its floating-point outputs will launch; returns
+    {"kernels": submitted, "errors": compiles that failed, "dry_run_error": str or None}.
+
+        from ssm_kernels import chunk_gla, compile_ahead
+        compile_ahead(chunk_gla, q, k, v, g, output_final_state=True)   # ~ the longest kernel
+        o, S = chunk_gla(q, k, v, g, output_final_state=True)            # compiles nothing
+    """
+    import torch
+    from ._config import triton_interpret
+    tensors = [a for a in list(args) + list(kwargs.values()) if torch.is_tensor(a)]
+    if triton_interpret() or not any(t.is_cuda for t in tensors):
+        return {"kernels": 0, "errors": 0, "dry_run_error": None}
+
+    def fresh(a):   # leaves of the dry run's own graph: the caller's tensors are untouched
+        if torch.is_tensor(a):
+            return a.detach().requires_grad_(a.requires_grad)
+        return a
+    args = [fresh(a) for a in args]
+    kwargs = {k: fresh(v) for k, v in kwargs.items()}
+    leaves = [a for a in list(args) + list(kwargs.values()) if torch.is_tensor(a) and a.requires_grad]
+    err = None
+    with compiling_ahead(threads) as info:
+        try:
+            out = op(*args, **kwargs)
+            if backward and leaves:
+                outs = out if isinstance(out, (tuple, list)) else (out,)
+                outs = [o for o in outs if torch.is_tensor(o) and o.requires_grad]
+                if outs:
+                    loss = sum(o.float().sum() for o in outs)
+                    torch.autograd.grad(loss, leaves, allow_unused=True)
+        except Exception as e:  # best effort: the real call compiles whatever is left
+            err = f"{type(e).__name__}: {e}"
+    return dict(info, dry_run_error=err)

@@ -1,0 +1,105 @@
+"""compile_ahead: a no-op without a GPU; for sm_90 (offline stub driver) the dry run compiles every
+kernel the call and its backward launch, so the real call that follows compiles none."""
+import os
+
+import torch
+
+import ssm_kernels as sk
+
+
+def test_compile_ahead_does_nothing_on_cpu_and_leaves_inputs_alone():
+    a = (torch.rand(2, 9, 3) * 0.5 + 0.5).requires_grad_()
+    b = torch.randn(2, 9, 3).requires_grad_()
+    before = (a.detach().clone(), b.detach().clone())
+    res = sk.compile_ahead(sk.linear_scan, a, b, dim=1)
+    assert res == {"kernels": 0, "errors": 0, "dry_run_error": None}
+    assert a.grad is None and b.grad is None
+    assert torch.equal(a.detach(), before[0]) and torch.equal(b.detach(), before[1])
+
+
+_AHEAD_SCRIPT = r'''
+import os, sys
+sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
+import torch
+import sm90_audit as audit
+audit.install()
+import triton.compiler as tc
+n = [0]
+orig = tc.compile
+def counted(*a, **k):
+    n[0] += 1
+    return orig(*a, **k)
+tc.compile = counted
+import ssm_kernels as sk
+from ssm_kernels._warmup import compiling_ahead
+
+def call():
+    a = (torch.rand(2, 300, 64) * 0.5 + 0.5).to(torch.bfloat16).requires_grad_()
+    b = torch.randn(2, 300, 64).to(torch.bfloat16).requires_grad_()
+    h, hT = sk.linear_scan(a, b, dim=1, output_final_state=True, backend="triton")
+    torch.autograd.grad(h.float().sum() + hT.float().sum(), (a, b))
+
+with compiling_ahead(2) as info:
+    call()
+ahead = n[0]
+call()
+print("ahead", info["kernels"], ahead, "after", n[0] - ahead, "errors", info["errors"])
+'''
+
+
+def test_compiling_ahead_compiles_everything_the_call_needs_for_sm90():
+    from conftest import compile_for_sm90
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        res = compile_for_sm90(_AHEAD_SCRIPT)
+    finally:
+        os.chdir(cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    words = res.stdout.split()
+    submitted, compiled, after, errors = (int(words[i]) for i in (1, 2, 4, 6))
+    assert compiled >= 2 and submitted >= compiled   # forward and backward kernels
+    assert after == 0 and errors == 0                # the real call found them all
+
+
+_CHECK_AHEAD_SCRIPT = r'''
+import os, sys
+sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
+import torch
+import sm90_audit as audit
+audit.install()
+import triton.compiler as tc
+n = [0]
+orig = tc.compile
+def counted(*a, **k):
+    n[0] += 1
+    return orig(*a, **k)
+tc.compile = counted
+from ssm_kernels import _checks
+torch.manual_seed(0)
+info = _checks._compile_ahead("causal_conv1d", "triton", "cpu", False, 2)
+ahead = n[0]
+torch.manual_seed(0)
+
+import importlib
+importlib.import_module(_checks.FAMILIES["causal_conv1d"]).check("triton", "cpu", full=False)
+print("ahead", info["kernels"], ahead, "after", n[0] - ahead, "errors", info["errors"])
+'''
+
+
+def test_check_dry_run_compiles_every_kernel_of_the_family_for_sm90():
+    """`check`'s per-pair dry run (on a GPU) leaves nothing for the real run to compile."""
+    from conftest import compile_for_sm90
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        res = compile_for_sm90(_CHECK_AHEAD_SCRIPT)
+    finally:
+        os.chdir(cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    words = res.stdout.split()
+    submitted, compiled, after, errors = (int(words[i]) for i in (1, 2, 4, 6))
+    assert compiled >= 4 and submitted >= compiled
+    assert after == 0 and errors == 0
