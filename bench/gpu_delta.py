@@ -31,6 +31,9 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 import ssm_kernels as sk  # noqa: E402
+from ssm_kernels.delta_rule import interface as _delta_interface  # noqa: E402
+
+_delta_interface.CHUNKED_WY = True   # this script checks and times the chunked WY path
 from ssm_kernels.delta_rule import chunk as wy  # noqa: E402
 from ssm_kernels.delta_rule.reference import delta_rule_chunk_ref  # noqa: E402
 from ssm_kernels.testing import bound_for, rel_err  # noqa: E402

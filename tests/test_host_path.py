@@ -118,7 +118,7 @@ PINNED = {
     # dv, dq/dk/dg
     "chunk_gla fwd": (4, 12),
     "chunk_gla fwd+bwd": (10, 26),
-    "chunk_gated_delta_rule fwd": (3, 19),  # chunked WY: WY, state, output stages (was 1 recurrent)
+    "chunk_gated_delta_rule fwd": (1, 8),  # step-by-step kernel (the chunked WY path is opt-in)
     "fused_recurrent_gated_delta_rule decode": (1, 7),
     "fft_conv fwd": (3, 6),
     "fft_conv fwd+bwd": (7, 18),
