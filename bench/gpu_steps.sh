@@ -5,7 +5,8 @@
 # Steps: build (CUDA extension), mamba (build mamba-ssm's selective_scan_cuda in the background),
 # graphs (tests/test_graphs.py), overhead (bench --overhead), sscan, decode, lscan, chunk, fft,
 # layers, cp (the bench/gpu_*.py scripts), probe (bench/gpu_dk_probe.py), check (`python -m
-# ssm_kernels check $CHECK_ARGS` with a cold Triton cache). Peers: .whl wheels and .peers/mamba_ssm-* if carried.
+# ssm_kernels check $CHECK_ARGS` with a cold Triton cache), verify (short correctness of the paths
+# not yet checked on a GPU). Peers: .whl wheels and .peers/mamba_ssm-* if carried.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
@@ -37,6 +38,12 @@ for s in ${STEPS:-build graphs overhead}; do
     decode) step decode ${T_DECODE:-120} python3 bench/gpu_decode.py ;;
     lscan) step lscan ${T_LSCAN:-150} python3 bench/gpu_linear_scan.py ;;
     chunk|fft|layers|cp|delta|monarch) step "$s" ${LIMIT:-200} python3 "bench/gpu_$s.py" ;;
+    # verify: correctness of every path not yet checked on a GPU (session 4), short: chunk engine
+    # + GLA, chunked delta rule, monarch16 checks, CP; our timings only (no peers)
+    verify) step chunk_quick 150 env QUICK=1 SWEEP_S=0 python3 bench/gpu_chunk.py
+            step delta_quick 120 env QUICK=1 python3 bench/gpu_delta.py
+            step monarch_checks 150 env PARTS=a python3 bench/gpu_monarch.py
+            step cp ${T_CP:-150} python3 bench/gpu_cp.py ;;
     probe) step probe ${T_PROBE:-150} python3 bench/gpu_dk_probe.py ;;
     check) TRITON_CACHE_DIR=$(mktemp -d) step check ${T_CHECK:-150} python3 -m ssm_kernels check ${CHECK_ARGS:-} ;;
   esac
