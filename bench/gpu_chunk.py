@@ -427,27 +427,29 @@ def sweep_section(case, make, ours):
         torch.cuda.empty_cache()
 
 
-def print_table(ok):
-    # ---- the table, last ----
-    print("\n==== chunked engine, H200, bf16, median ms ====")
-    print(f"{'op':18s} {'case':24s} {'impl':30s} {'fwd':>9s} {'fwd+bwd':>9s}  note")
+def print_table(ok, rows=None, title="chunked engine", csv_name="gpu_chunk.csv", extra=""):
+    """The table, last (fwd and fwd+bwd side by side per (section, case, impl)), and the CSV under
+    $OUT; gpu_delta.py prints its rows through this too."""
+    rows = ROWS if rows is None else rows
+    dev = torch.cuda.get_device_name()
+    print(f"\n==== {title}, {dev}, bf16, median ms ====")
+    print(f"{'op':24s} {'case':26s} {'impl':30s} {'fwd':>9s} {'fwd+bwd':>9s}  note")
     keyed = {}
-    for sec, case, impl, mode, ms, note in ROWS:
+    for sec, case, impl, mode, ms, note in rows:
         keyed.setdefault((sec, case, impl), {})[mode] = (ms, note)
     for (sec, case, impl), d in keyed.items():
         f = d.get("fwd", (math.nan, ""))[0]
         fb = d.get("fwd+bwd", (math.nan, ""))
         note = " ".join(x[1] for x in d.values() if x[1])
-        print(f"{sec:18s} {case:24s} {impl:30s} {f:9.3f} {fb[0]:9.3f}  {note}")
-    print("correctness:", "all ok" if ok else "FAILURES (see log above)")
+        print(f"{sec:24s} {case:26s} {impl:30s} {f:9.3f} {fb[0]:9.3f}  {note}")
+    print("correctness:", "all ok" if ok else "FAILURES (see log above)", extra)
     out = os.environ.get("OUT")
     if out:
-        with open(os.path.join(out, "gpu_chunk.csv"), "w", newline="") as fh:
+        with open(os.path.join(out, csv_name), "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["section", "case", "impl", "mode", "ms", "note", "device", "torch", "triton"])
-            for r in ROWS:
-                w.writerow(list(r) + [torch.cuda.get_device_name(), torch.__version__, triton.__version__])
-
+            for r in rows:
+                w.writerow(list(r) + [dev, torch.__version__, triton.__version__])
 
 if __name__ == "__main__":
     main()

@@ -16,8 +16,6 @@ Prints the table last; writes CSV rows to $OUT/gpu_delta.csv when $OUT is set.
 """
 from __future__ import annotations
 
-import csv
-import math
 import os
 import sys
 import time
@@ -41,7 +39,7 @@ from ssm_kernels.testing import bound_for, rel_err  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # the chunk engine's GPU script's helpers: autograd of a loss on the outputs, and the
 # do_bench timings of fwd, fwd+bwd and the first call
-from gpu_chunk import first_call, grads_of, time_fwd, time_fwd_bwd  # noqa: E402
+from gpu_chunk import first_call, grads_of, print_table, time_fwd, time_fwd_bwd  # noqa: E402
 
 DEV = "cuda"
 BF = torch.bfloat16
@@ -247,28 +245,8 @@ def main():
             setattr(wy, name, saved)
         torch.cuda.empty_cache()
 
-    # ---- the table, last ----
-    print(f"\n==== delta rule (chunked WY), {torch.cuda.get_device_name()}, bf16, median ms ====")
-    print(f"{'op':24s} {'case':26s} {'impl':28s} {'fwd':>9s} {'fwd+bwd':>9s}  note")
-    keyed = {}
-    for sec, case, impl, mode, ms, note in ROWS:
-        keyed.setdefault((sec, case, impl), {})[mode] = (ms, note)
-    for (sec, case, impl), d in keyed.items():
-        f = d.get("fwd", (math.nan, ""))[0]
-        fb = d.get("fwd+bwd", (math.nan, ""))
-        note = " ".join(x[1] for x in d.values() if x[1])
-        print(f"{sec:24s} {case:26s} {impl:28s} {f:9.3f} {fb[0]:9.3f}  {note}")
-    print("correctness:", "all ok" if ok else "FAILURES (see log above)",
-          "(WY_INVERSE_DOTS fallback in use)" if wy.WY_INVERSE_DOTS else "")
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "gpu_delta.csv"), "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["section", "case", "impl", "mode", "ms", "note", "device", "torch", "triton"])
-            for r in ROWS:
-                w.writerow(list(r) + [torch.cuda.get_device_name(), torch.__version__,
-                                      triton.__version__])
-
+    print_table(ok, ROWS, "delta rule (chunked WY)", "gpu_delta.csv",
+                "(WY_INVERSE_DOTS fallback in use)" if wy.WY_INVERSE_DOTS else "")
 
 if __name__ == "__main__":
     main()

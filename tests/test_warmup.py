@@ -17,7 +17,8 @@ def test_compile_ahead_does_nothing_on_cpu_and_leaves_inputs_alone():
     assert torch.equal(a.detach(), before[0]) and torch.equal(b.detach(), before[1])
 
 
-_AHEAD_SCRIPT = r'''
+# both scripts: the sm_90 stub driver, and n[0] counts Triton compiles
+_COUNTING = r'''
 import os, sys
 sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
 import torch
@@ -30,6 +31,9 @@ def counted(*a, **k):
     n[0] += 1
     return orig(*a, **k)
 tc.compile = counted
+'''
+
+_AHEAD_SCRIPT = _COUNTING + r'''
 import ssm_kernels as sk
 from ssm_kernels._warmup import compiling_ahead
 
@@ -47,35 +51,29 @@ print("ahead", info["kernels"], ahead, "after", n[0] - ahead, "errors", info["er
 '''
 
 
-def test_compiling_ahead_compiles_everything_the_call_needs_for_sm90():
+def _compile_counts(script):
+    """Run `script` from the repo root under the sm_90 stub: (submitted, compiled ahead,
+    compiled after, errors) from its last line."""
     from conftest import compile_for_sm90
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        res = compile_for_sm90(_AHEAD_SCRIPT)
+        res = compile_for_sm90(script)
     finally:
         os.chdir(cwd)
     assert res.returncode == 0, res.stderr[-3000:]
     words = res.stdout.split()
-    submitted, compiled, after, errors = (int(words[i]) for i in (1, 2, 4, 6))
+    return tuple(int(words[i]) for i in (1, 2, 4, 6))
+
+
+def test_compiling_ahead_compiles_everything_the_call_needs_for_sm90():
+    submitted, compiled, after, errors = _compile_counts(_AHEAD_SCRIPT)
     assert compiled >= 2 and submitted >= compiled   # forward and backward kernels
     assert after == 0 and errors == 0                # the real call found them all
 
 
-_CHECK_AHEAD_SCRIPT = r'''
-import os, sys
-sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
-import torch
-import sm90_audit as audit
-audit.install()
-import triton.compiler as tc
-n = [0]
-orig = tc.compile
-def counted(*a, **k):
-    n[0] += 1
-    return orig(*a, **k)
-tc.compile = counted
+_CHECK_AHEAD_SCRIPT = _COUNTING + r'''
 from ssm_kernels import _checks
 torch.manual_seed(0)
 info = _checks._compile_ahead("causal_conv1d", "triton", "cpu", False, 2)
@@ -90,16 +88,6 @@ print("ahead", info["kernels"], ahead, "after", n[0] - ahead, "errors", info["er
 
 def test_check_dry_run_compiles_every_kernel_of_the_family_for_sm90():
     """`check`'s per-pair dry run (on a GPU) leaves nothing for the real run to compile."""
-    from conftest import compile_for_sm90
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        res = compile_for_sm90(_CHECK_AHEAD_SCRIPT)
-    finally:
-        os.chdir(cwd)
-    assert res.returncode == 0, res.stderr[-3000:]
-    words = res.stdout.split()
-    submitted, compiled, after, errors = (int(words[i]) for i in (1, 2, 4, 6))
+    submitted, compiled, after, errors = _compile_counts(_CHECK_AHEAD_SCRIPT)
     assert compiled >= 4 and submitted >= compiled
     assert after == 0 and errors == 0
