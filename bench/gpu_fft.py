@@ -254,6 +254,12 @@ def main():
     print(f"B=1 L=262144 fp32 fwd without the filter cache: {r_off[('ours[no cache]', 'fwd')]:.3f} ms")
     print(f"bf16 crossover: Monarch faster up to n = fwd {best['fwd']} / bwd {best['bwd']} "
           f"(code: {fi.MONARCH_MAX_N[('fwd', torch.bfloat16)]} / {fi.MONARCH_MAX_N[('bwd', torch.bfloat16)]})")
+    return finish(first, ROWS, "gpu_fft.csv")
+
+
+def finish(first, rows, csv_name):
+    """The closing lines (first call, total time, check verdicts) and the CSV under $OUT; exit status
+    1 if any check failed. gpu_monarch.py ends through this too."""
     print(f"first call: {first:.2f} s;  total {time.time() - T0:.0f} s;  checks: "
           f"{'ALL OK' if not FAILS else f'{len(FAILS)} FAILED'}")
     for f in FAILS:
@@ -261,10 +267,10 @@ def main():
     out = os.environ.get("OUT")
     if out:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "gpu_fft.csv"), "w", newline="") as fh:
+        with open(os.path.join(out, csv_name), "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=["section", "case", "impl", "mode", "dtype", "value", "unit"])
             w.writeheader()
-            w.writerows(ROWS)
+            w.writerows(rows)
     return 1 if FAILS else 0
 
 

@@ -24,7 +24,6 @@ FFT_BENCH_SMOKE=1: the same code on the CPU (Triton interpreter) at toy sizes (a
 """
 from __future__ import annotations
 
-import csv
 import os
 import sys
 import time
@@ -315,18 +314,7 @@ def main():
               f"{r['m16+cufft f+b']:13.4f} {r['cufft f+b']:9.4f} {r['torch f+b']:9.4f} "
               f"{r['torch f+b'] / r['m16 f+b']:7.2f}")
     print(f"best launch per N (warps, stages): fwd {best}, bwd {best_bwd}")
-    print(f"first call: {first:.2f} s; total {time.time() - G.T0:.0f} s; checks: "
-          f"{'ALL OK' if not FAILS else f'{len(FAILS)} FAILED'}")
-    for f in FAILS:
-        print("  FAIL", f)
-    out = os.environ.get("OUT")
-    if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "gpu_monarch.csv"), "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["section", "case", "impl", "mode", "dtype", "value", "unit"])
-            w.writeheader()
-            w.writerows(ROWS)
-    return 1 if FAILS else 0
+    return G.finish(first, ROWS, "gpu_monarch.csv")
 
 
 if __name__ == "__main__":
