@@ -44,6 +44,15 @@ BLOCK_V = 64          # V tile
 # per-chunk states h / dh are stored in the input dtype for 16-bit inputs (they are rounded to it
 # as tensor-core operands anyway); the running states of the scans stay float32
 STATES_IN_INPUT_DTYPE = True
+# forward of GATE 0/1 (plain, scalar decay, SSD) without per-chunk states in memory (fwd.py
+# `fused_fwd`): segments of SEG_CHUNKS chunks; stage 1 each segment's end state from zero (in
+# parallel), stage 2 a short scan over segments, stage 3 one program per (head, segment, V-tile)
+# walks its segment's chunks with the state in registers and writes o (+ D x, * silu(z) for SSD).
+# False: the per-chunk-state path (_state_kernel with h stored, then _output_kernel).
+FUSED_FWD = True
+SEG_CHUNKS = 8        # chunks per segment (stage-3 programs: H x B x cdiv(T, SEG) x V-tiles)
+FUSED_BLOCK_V = 64    # V tile of stage 3 (it keeps a [K, BV] float32 state in registers)
+FUSED_WARPS = 4       # warps of stage 3
 # tests: fill every buffer a stage writes with NaN first, so an element no program writes shows up
 POISON_OUTPUTS = False
 
@@ -120,6 +129,15 @@ def seq_span(i_n, cu_ptr, T, IS_VARLEN: tl.constexpr):
         bos = i_n.to(tl.int64) * T
         eos = bos + T
     return bos, eos
+
+
+@triton.jit
+def seg_span(i_s, T, SEG: tl.constexpr):
+    """[bos, eos) of segment i_s (B rows of length T, cdiv(T, SEG) segments per row)."""
+    ns = tl.cdiv(T, SEG)
+    row = (i_s // ns).to(tl.int64) * T
+    bos = row + (i_s % ns).to(tl.int64) * SEG
+    return bos, tl.minimum(bos + SEG, row + T)
 
 
 @triton.jit

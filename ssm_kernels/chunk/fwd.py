@@ -19,8 +19,9 @@ import triton.language as tl
 
 from . import common, gla
 from .common import (blocks, causal_decay, chunk_base, chunk_span, chunk_table, decay_rows,
-                     decay_state, decay_to_end, l2norm_rows, last_row, load_rows, load_v,
-                     log_decay_cumsum, mm, mm_wy, num_chunks, seq_span, state_store_dtype)
+                     decay_state, decay_to_end, l2norm_rows, last_row, load_rows, load_state_block,
+                     load_v, log_decay_cumsum, mm, mm_wy, num_chunks, seg_span, seq_span,
+                     state_store_dtype)
 
 
 @triton.jit
@@ -39,11 +40,17 @@ def _state_kernel(
     # [TOK, H, V] and used as v; L2NORM: k rows L2-normalised in-kernel
     w_ptr=None, vn_ptr=None, DELTA: tl.constexpr = False, L2NORM: tl.constexpr = False,
     WF32: tl.constexpr = False,
+    # SEG > 0 (fused_fwd stage 1, not varlen, STORE_H False): "sequences" are segments of SEG
+    # tokens (seg_span); ht [NSEG, H, K, V] gets each segment's end state
+    SEG: tl.constexpr = 0,
 ):
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     i_hq = i_h // (H // HQ)
-    bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
+    if SEG > 0:
+        bos, eos = seg_span(i_n, T, SEG)
+    else:
+        bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
     base = chunk_base(co_ptr, i_n, T, IS_VARLEN, BT)
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
@@ -137,6 +144,100 @@ def _output_kernel(
              mask=m_t[:, None] & m_v[None, :])
 
 
+@triton.jit
+def _seg_scan_kernel(
+    # hs [NSEG, H, K, V] f32 segment end states from zero (stage 1); g / vs, A as _state_kernel;
+    # h0 [N, H, K, V] f32; outputs sin [NSEG, H, K, V] f32 (state entering each segment), ht
+    hs_ptr, g_ptr, vs_ptr, A_ptr, h0_ptr, sin_ptr, ht_ptr,
+    T, H, K, V,
+    GATE: tl.constexpr, G_FROM_VS: tl.constexpr, HAS_H0: tl.constexpr, SEG: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BG: tl.constexpr,
+):
+    """fused_fwd stage 2: S_in(s+1) = exp(sum of the log-decays over segment s) S_in(s) + hs(s)."""
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_s = (o_k < K)[:, None] & (o_v < V)[None, :]
+    p_s = o_k[:, None] * V + o_v[None, :]
+    S = load_state_block(h0_ptr + i_nh.to(tl.int64) * K * V, p_s, m_s, HAS_H0, BK, BV)
+    ns = tl.cdiv(T, SEG)
+    for s in range(ns):
+        i_s = i_n * ns + s
+        off = (i_s.to(tl.int64) * H + i_h) * K * V
+        tl.store(sin_ptr + off + p_s, S, mask=m_s)
+        if GATE == 1:
+            bos, eos = seg_span(i_s, T, SEG)
+            acc = tl.zeros([BG], dtype=tl.float32)
+            for j in range(0, SEG, BG):
+                t = bos + j + tl.arange(0, BG)
+                if G_FROM_VS:
+                    acc += tl.load(vs_ptr + t * H + i_h, mask=t < eos, other=0.)
+                else:
+                    acc += tl.load(g_ptr + t * H + i_h, mask=t < eos, other=0.)
+            tot = tl.sum(acc, axis=0)
+            if G_FROM_VS:
+                tot = tot * tl.load(A_ptr + i_h).to(tl.float32)
+            S = S * tl.exp(tot)
+        S += tl.load(hs_ptr + off + p_s, mask=m_s, other=0.)
+    tl.store(ht_ptr + i_nh.to(tl.int64) * K * V + p_s, S, mask=m_s)
+
+
+@triton.jit
+def _fused_fwd_kernel(
+    # q, k [TOK, HQ, K]; v [TOK, H, V]; g [TOK, H] f32; vs [TOK, H]; A_ssd [H]; sin [NSEG, H, K, V]
+    # f32 (stage 2); D [H, V] f32; z [TOK, H, V]; output o [TOK, H, V]
+    q_ptr, k_ptr, v_ptr, g_ptr, vs_ptr, A_ptr, sin_ptr, D_ptr, z_ptr, o_ptr,
+    T, H, HQ, K, V, scale,
+    GATE: tl.constexpr, G_FROM_VS: tl.constexpr, HAS_VS: tl.constexpr, HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+):
+    """fused_fwd stage 3, one program per (head, segment, V-tile) (heads first: the heads of one
+    q/k group run side by side and share its rows in L2). From the segment's incoming state S
+    (whole K x BV, float32 in registers) it walks the segment's chunks:
+        o = scale ((q e^G) S + causal(q k^T e^(G_i - G_j)) v) [+ D x] [* silu(z)]
+        S <- e^(G_last) S + (k e^(G_last - G))^T v
+    (v = x * vs for SSD). No per-chunk state goes through memory."""
+    i_h, i_s, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_hq = i_h // (H // HQ)
+    bos, eos = seg_span(i_s, T, SEG)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    S = tl.load(sin_ptr + (i_s.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                mask=m_k[:, None] & m_v[None, :], other=0.)
+    if HAS_D:
+        b_D = tl.load(D_ptr + i_h * V + o_v, mask=m_v, other=0.)
+    for i in range(tl.cdiv(eos - bos, BT)):
+        t = bos + i * BT + o_t
+        m_t = t < eos
+        row_q = t * HQ + i_hq
+        row = t * H + i_h
+        m_qk = m_t[:, None] & m_k[None, :]
+        b_q = tl.load(q_ptr + row_q[:, None] * K + o_k[None, :], mask=m_qk, other=0.)
+        b_k = tl.load(k_ptr + row_q[:, None] * K + o_k[None, :], mask=m_qk, other=0.)
+        b_x = load_rows(v_ptr, row, m_t, o_v, m_v, V)
+        if HAS_VS:
+            b_v = b_x * tl.load(vs_ptr + row, mask=m_t, other=0.)[:, None]
+        else:
+            b_v = b_x
+        G = log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row, i_h, m_t, o_t, m_t, K, GATE, G_FROM_VS, BT)
+        G_last = last_row(G, o_t, GATE, BT)
+        A = causal_decay(mm(b_q, tl.trans(b_k), DT, IEEE), G, o_t, GATE) * scale
+        b_o = mm(decay_rows(b_q.to(tl.float32), G, GATE), S, DT, IEEE) * scale + mm(A, b_v, DT, IEEE)
+        if HAS_D:
+            b_o += b_x * b_D[None, :]
+        if HAS_Z:
+            b_z = load_rows(z_ptr, row, m_t, o_v, m_v, V)
+            b_o = b_o * b_z * tl.sigmoid(b_z)
+        tl.store(o_ptr + row[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
+                 mask=m_t[:, None] & m_v[None, :])
+        S = decay_state(S, G_last, GATE) + mm(tl.trans(decay_to_end(b_k.to(tl.float32), G, G_last,
+                                                                    GATE)), b_v, DT, IEEE)
+
+
 # ---- launchers ---------------------------------------------------------------------------------
 
 def _dummy(x):
@@ -189,15 +290,52 @@ def chunk_states(p: Plan, k, v, g, vs, A, h0, store_h=True):
     return h, ht
 
 
+def fused_fwd(p: Plan, q, k, v, g, vs, A, h0, scale, D=None, z=None):
+    """The forward of GATE 0/1 without per-chunk states in memory (B rows, not varlen): stage 1
+    `_state_kernel` per segment from zero, stage 2 `_seg_scan_kernel`, stage 3 `_fused_fwd_kernel`.
+    Bytes: k, v read twice, q and o once, segment states 4 x NSEG x H x K x V x 4 B."""
+    m = p.meta
+    SEG = common.SEG_CHUNKS * p.BT
+    NSEG = p.B * triton.cdiv(p.T, SEG)
+    d = _dummy(v)
+    hs = common.poison(k.new_empty((NSEG, p.H, p.K, p.V), dtype=torch.float32))
+    gp, vsp, Ap = (d if x is None else x for x in (g, vs, A))
+    st = 1 if m["IEEE"] == 1 else 2
+    _state_kernel[(triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), NSEG * p.H)](
+        k, v, gp, vsp, Ap, d, d, hs, d, d, p.T, p.H, p.HQ, p.K, p.V,
+        GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_H0=False, STORE_H=False,
+        IS_VARLEN=False, BT=p.BT, BK=m["BK"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], SEG=SEG,
+        num_warps=4, num_stages=st)
+    sin = common.poison(torch.empty_like(hs))
+    ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
+    _seg_scan_kernel[(triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), p.N * p.H)](
+        hs, gp, vsp, Ap, d if h0 is None else h0, sin, ht, p.T, p.H, p.K, p.V,
+        GATE=p.gate, G_FROM_VS=A is not None, HAS_H0=h0 is not None, SEG=SEG,
+        BK=m["BK"], BV=m["BV"], BG=min(SEG, 256), num_warps=4)
+    o = common.poison(torch.empty_like(v))
+    BV = max(16, min(common.FUSED_BLOCK_V, triton.next_power_of_2(p.V)))
+    _fused_fwd_kernel[(p.H, NSEG, triton.cdiv(p.V, BV))](
+        q, k, v, gp, vsp, Ap, sin, d if D is None else D, d if z is None else z, o,
+        p.T, p.H, p.HQ, p.K, p.V, float(scale),
+        GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_D=D is not None,
+        HAS_Z=z is not None, SEG=SEG, BT=p.BT, BK=m["BKF"], BV=BV, DT=m["DT"], IEEE=m["IEEE"],
+        num_warps=common.FUSED_WARPS, num_stages=st)
+    return o, ht
+
+
 def chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor] = None,
-              A: Optional[torch.Tensor] = None):
+              A: Optional[torch.Tensor] = None, D: Optional[torch.Tensor] = None,
+              z: Optional[torch.Tensor] = None):
     """Forward of the engine. q, k [B, T, HQ, K]; v [B, T, H, V] (H a multiple of HQ); g None,
     [B, T, H] or [B, T, H, K] float32 log-decays; vs None or [B, T, H] float32 (v is used as
     v * vs); A None or [H] float32 (then the log-decay is vs * A, SSD); h0 None or [N, H, K, V]
-    float32; cu_seqlens None or int [N + 1] (B == 1). Returns (o [B, T, H, V] in v's dtype,
-    final states [N, H, K, V] float32). All contiguous."""
+    float32; cu_seqlens None or int [N + 1] (B == 1); D None or [H, V] float32 and z None or
+    like v (SSD's epilogue: o = (o + D v) * silu(z), v unscaled). Returns (o [B, T, H, V] in v's
+    dtype, final states [N, H, K, V] float32). All contiguous."""
     p = Plan(q, v, g, cu_seqlens, A is not None)
     m = p.meta
+    if common.FUSED_FWD and p.gate < 2 and not p.varlen:
+        return fused_fwd(p, q, k, v, g, vs, A, h0, scale, D, z)
     if p.gate == 2:
         g = gla.chunk_cumsum(p, g)         # every later stage reads Gc
     h, ht = chunk_states(p, k, v, g, vs, A, h0)
@@ -211,4 +349,7 @@ def chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor] = No
         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, IS_VARLEN=p.varlen,
         BT=p.BT, BK=m["BK"], BV=m["BVO"], DT=m["DT"], IEEE=m["IEEE"],
         num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
+    if D is not None or z is not None:       # the per-chunk-state path: epilogue in torch
+        y = o.float() if D is None else o.float() + v.float() * D
+        o = (y if z is None else y * torch.nn.functional.silu(z.float())).to(o.dtype)
     return o, ht

@@ -24,6 +24,9 @@ from ..linear_attn.reference import linear_attn_bwd_ref
 from .reference import heads, process_dt, ssd_chunked
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# D and silu(z) applied inside the forward kernel's epilogue when no gradient is needed (inference;
+# the chunk engine's fused forward, chunk/common.FUSED_FWD); False: torch ops around the op
+FUSE_EPILOGUE = True
 
 
 def _sd(x: Tensor) -> torch.dtype:
@@ -225,6 +228,16 @@ def _validate(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, seq_idx
                          f"of {A.max().item():.4g}")
 
 
+def _fused_epilogue(x, dt, A, B, C, D, z, dt_bias, initial_states, backend) -> bool:
+    """Whether the forward takes D and z into the kernel (eager inference on the Triton backend)."""
+    if not FUSE_EPILOGUE or (D is None and z is None) or torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
+                                       (x, dt, A, B, C, D, z, dt_bias, initial_states)):
+        return False
+    return select("ssd", _backend.normalize(backend), x, B) == "triton"
+
+
 def mamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                               chunk_size: int, D: Optional[Tensor] = None,
                               z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
@@ -294,8 +307,17 @@ def mamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
     sd = _sd(x)
     dtp = process_dt(dt, dt_bias, dt_softplus, dt_limit).to(sd).contiguous()
     h0 = None if initial_states is None else initial_states.to(sd).transpose(-1, -2).contiguous()
-    y, ht = ssd_fwd_op(C.contiguous(), B.contiguous(), x.contiguous(), dtp, A.to(sd).contiguous(),
-                       h0, cu_seqlens, _backend.normalize(backend))
+    if _fused_epilogue(x, dt, A, B, C, D, z, dt_bias, initial_states, backend):
+        from ..chunk.fwd import chunk_fwd
+        Dd = None if D is None else (D.to(sd)[:, None] if D.dim() == 1 else D.to(sd)).expand(
+            x.shape[2], x.shape[3]).contiguous()
+        y, ht = chunk_fwd(C.contiguous(), B.contiguous(), x.contiguous(), None, h0, cu_seqlens,
+                          1.0, vs=dtp, A=A.to(sd).contiguous(), D=Dd,
+                          z=None if z is None else z.contiguous())
+        D = z = None
+    else:
+        y, ht = ssd_fwd_op(C.contiguous(), B.contiguous(), x.contiguous(), dtp,
+                           A.to(sd).contiguous(), h0, cu_seqlens, _backend.normalize(backend))
     if D is not None:
         Dd = D.to(sd)
         y = (y.to(sd) + x.to(sd) * (Dd[:, None] if Dd.dim() == 1 else Dd)).to(x.dtype)
