@@ -52,7 +52,9 @@ STATES_IN_INPUT_DTYPE = True
 FUSED_FWD = True
 SEG_CHUNKS = 8        # chunks per segment (stage-3 programs: H x B x cdiv(T, SEG) x V-tiles)
 FUSED_BLOCK_V = 64    # V tile of stage 3 (it keeps a [K, BV] float32 state in registers)
-FUSED_WARPS = 4       # warps of stage 3
+FUSED_WARPS = 8       # warps of stage 3 (sm_90 offline: 216-254 registers, no spill; 4 warps spill)
+FUSED_I32_OFFSETS = 1   # stage 3 addresses q, k as an int64 chunk base + int32 tile offsets
+FUSED_STAGES = 2      # software-pipeline stages of stage 3 (its loads of the next chunk)
 # tests: fill every buffer a stage writes with NaN first, so an element no program writes shows up
 POISON_OUTPUTS = False
 

@@ -191,13 +191,13 @@ def _fused_fwd_kernel(
     T, H, HQ, K, V, scale,
     GATE: tl.constexpr, G_FROM_VS: tl.constexpr, HAS_VS: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, I32_OFFS: tl.constexpr = False,   # int32 tile offsets (see the loads)
 ):
     """fused_fwd stage 3, one program per (head, segment, V-tile) (heads first: the heads of one
     q/k group run side by side and share its rows in L2). From the segment's incoming state S
     (whole K x BV, float32 in registers) it walks the segment's chunks:
-        o = scale ((q e^G) S + causal(q k^T e^(G_i - G_j)) v) [+ D x] [* silu(z)]
-        S <- e^(G_last) S + (k e^(G_last - G))^T v
+        o = scale (e^G (q S) + causal(q k^T e^(G_i - G_j)) v) [+ D x] [* silu(z)]
+        S <- e^(G_last) S + k^T (e^(G_last - G) v)
     (v = x * vs for SSD). No per-chunk state goes through memory."""
     i_h, i_s, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hq = i_h // (H // HQ)
@@ -210,14 +210,21 @@ def _fused_fwd_kernel(
                 mask=m_k[:, None] & m_v[None, :], other=0.)
     if HAS_D:
         b_D = tl.load(D_ptr + i_h * V + o_v, mask=m_v, other=0.)
+    off_qk = o_t[:, None] * (HQ * K) + o_k[None, :]
     for i in range(tl.cdiv(eos - bos, BT)):
         t = bos + i * BT + o_t
         m_t = t < eos
         row_q = t * HQ + i_hq
         row = t * H + i_h
         m_qk = m_t[:, None] & m_k[None, :]
-        b_q = tl.load(q_ptr + row_q[:, None] * K + o_k[None, :], mask=m_qk, other=0.)
-        b_k = tl.load(k_ptr + row_q[:, None] * K + o_k[None, :], mask=m_qk, other=0.)
+        if I32_OFFS:
+            # one int64 base per chunk + loop-invariant int32 offsets (no int64 address tensors)
+            c_qk = ((bos + i * BT) * HQ + i_hq) * K
+            b_q = tl.load(q_ptr + c_qk + off_qk, mask=m_qk, other=0.)
+            b_k = tl.load(k_ptr + c_qk + off_qk, mask=m_qk, other=0.)
+        else:
+            b_q = tl.load(q_ptr + row_q[:, None] * K + o_k[None, :], mask=m_qk, other=0.)
+            b_k = tl.load(k_ptr + row_q[:, None] * K + o_k[None, :], mask=m_qk, other=0.)
         b_x = load_rows(v_ptr, row, m_t, o_v, m_v, V)
         if HAS_VS:
             b_v = b_x * tl.load(vs_ptr + row, mask=m_t, other=0.)[:, None]
@@ -226,7 +233,13 @@ def _fused_fwd_kernel(
         G = log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row, i_h, m_t, o_t, m_t, K, GATE, G_FROM_VS, BT)
         G_last = last_row(G, o_t, GATE, BT)
         A = causal_decay(mm(b_q, tl.trans(b_k), DT, IEEE), G, o_t, GATE) * scale
-        b_o = mm(decay_rows(b_q.to(tl.float32), G, GATE), S, DT, IEEE) * scale + mm(A, b_v, DT, IEEE)
+        # the decays scale the [BT, BV] rows of q S and of v, never q or k: those stay raw dot
+        # operands (shared memory, no register copies)
+        if GATE == 1:
+            b_o = mm(b_q, S, DT, IEEE) * (tl.exp2(G) * scale)[:, None]
+        else:
+            b_o = mm(b_q, S, DT, IEEE) * scale
+        b_o += mm(A, b_v, DT, IEEE)
         if HAS_D:
             b_o += b_x * b_D[None, :]
         if HAS_Z:
@@ -234,8 +247,8 @@ def _fused_fwd_kernel(
             b_o = b_o * b_z * tl.sigmoid(b_z)
         tl.store(o_ptr + row[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
                  mask=m_t[:, None] & m_v[None, :])
-        S = decay_state(S, G_last, GATE) + mm(tl.trans(decay_to_end(b_k.to(tl.float32), G, G_last,
-                                                                    GATE)), b_v, DT, IEEE)
+        S = decay_state(S, G_last, GATE) + mm(tl.trans(b_k), decay_to_end(b_v, G, G_last, GATE),
+                                              DT, IEEE)
 
 
 # ---- launchers ---------------------------------------------------------------------------------
@@ -319,7 +332,8 @@ def fused_fwd(p: Plan, q, k, v, g, vs, A, h0, scale, D=None, z=None):
         p.T, p.H, p.HQ, p.K, p.V, float(scale),
         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_D=D is not None,
         HAS_Z=z is not None, SEG=SEG, BT=p.BT, BK=m["BKF"], BV=BV, DT=m["DT"], IEEE=m["IEEE"],
-        num_warps=common.FUSED_WARPS, num_stages=st)
+        I32_OFFS=bool(common.FUSED_I32_OFFSETS),
+        num_warps=common.FUSED_WARPS, num_stages=common.FUSED_STAGES)
     return o, ht
 
 
