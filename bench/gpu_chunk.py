@@ -42,6 +42,10 @@ ONLY = [x for x in os.environ.get("ONLY", "").split(",") if x]
 SWEEP_S = float(os.environ.get("SWEEP_S", "170"))
 # QUICK=1: correctness, then our timings at the first shape only (no peers, no sweep)
 QUICK = os.environ.get("QUICK", "0") == "1"
+# PEERS=0: no fla / mamba-ssm rows (their autotuning took minutes in earlier runs)
+PEERS = os.environ.get("PEERS", "1") == "1"
+# KNOBS="FUSED_FWD=0,SEG_CHUNKS=4": engine knobs (ssm_kernels.chunk.common) set for the whole run
+KNOBS = dict(kv.split("=") for kv in os.environ.get("KNOBS", "").split(",") if kv)
 
 
 def want(op):
@@ -204,32 +208,75 @@ def check_ssd(B=2, L=2048, H=8, P=64, G=2, N=128, cu=None):
     return judge(f"ssd{' varlen' if cu is not None else ''}", names, got, r, lp)
 
 
-def gla_stage_times(B=4, T=4096, H=16, K=128, V=128):
-    """chunk_gla's stages timed one by one (the per-stage predictions in bench/NOTES.md): cumsum,
-    chunk states, intra-chunk scores, the dq/dk/dg stage, and by difference the output stage
-    (forward minus the three before it) and state gradients + dv (backward minus the rest)."""
-    from ssm_kernels.chunk import bwd as cb, fwd as cf, gla as cg
-    q, k, v, g = la_inputs(B, T, H, K, V, "gla")
-    do = torch.randn_like(v)
-    scale = K ** -0.5
-    p = cf.Plan(q, v, g, None, False)
-    gc = cg.chunk_cumsum(p, g)
-    h, _ = cf.chunk_states(p, k, v, gc, None, None, None)
-    dh = torch.randn_like(h)
+def stage_times(op, B=4, T=4096, H=16, K=128, V=128):
+    """One op's forward (and GLA's backward) timed stage by stage (the per-stage predictions in
+    bench/NOTES.md); rows "<op> stage". chunk_gla: cumsum, chunk states, intra-chunk scores, the
+    dq/dk/dg stage, and by difference the output stage and state gradients + dv.
+    chunk_simple_gla / ssd (K = dstate, V = headdim, H value heads, one B/C group): the fused
+    forward's three stages (segment states, segment scan, fused output), the engine forward with
+    FUSED_FWD on and off, the per-chunk-state path's state stage and by difference its output
+    stage; ssd also the public call (no grad: D in the kernel; FUSE_EPILOGUE=0: D in torch)."""
+    from ssm_kernels.chunk import bwd as cb, common as knobs, fwd as cf, gla as cg
     bench_ms = lambda f: do_bench(f, warmup=10, rep=40, return_mode="median")  # noqa: E731
-    t = {"cumsum": bench_ms(lambda: cg.chunk_cumsum(p, g)),
-         "states": bench_ms(lambda: cf.chunk_states(p, k, v, gc, None, None, None)),
-         "intra": bench_ms(lambda: cg.intra_scores(p, q, k, gc, scale)),
-         "fwd total": bench_ms(lambda: cf.chunk_fwd(q, k, v, g, None, None, scale)),
-         "dqkg": bench_ms(lambda: cg.dqkg(p, q, k, v, do, gc, h, dh, scale)),
-         "bwd total": bench_ms(lambda: cb.chunk_bwd(q, k, v, g, None, None, scale, do, None))}
-    t["output (fwd - cumsum - states - intra)"] = t["fwd total"] - t["cumsum"] - t["states"] - t["intra"]
-    t["state_grad + dv (bwd - the others)"] = (t["bwd total"] - t["cumsum"] - t["states"] - t["intra"]
-                                              - t["dqkg"])
-    case = f"B{B} T{T} H{H} K=V={K} BT={p.BT} SUB={p.meta['SUB']}"
+    t = {}
+    A = vs = g = None
+    if op == "ssd":
+        import ssm_kernels.ssd.interface as si
+        x, dt, A, Bm, Cm, D, bias = ssd_inputs(B, T, H, V, 1, K)
+        q, k, v, scale = Cm, Bm, x, 1.0
+        vs = F.softplus(dt + bias)
+        pub = lambda: sk.mamba_chunk_scan_combined(x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias,  # noqa: E731
+                                                   dt_softplus=True)
+    else:
+        q, k, v, g = la_inputs(B, T, H, K, V, "gla" if op == "chunk_gla" else "scalar")
+        scale = K ** -0.5
+    p = cf.Plan(q, v, g, None, A is not None)
+    if op == "chunk_gla":
+        do = torch.randn_like(v)
+        gc = cg.chunk_cumsum(p, g)
+        h, _ = cf.chunk_states(p, k, v, gc, None, None, None)
+        dh = torch.randn_like(h)
+        t = {"cumsum": bench_ms(lambda: cg.chunk_cumsum(p, g)),
+             "states": bench_ms(lambda: cf.chunk_states(p, k, v, gc, None, None, None)),
+             "intra": bench_ms(lambda: cg.intra_scores(p, q, k, gc, scale)),
+             "fwd total": bench_ms(lambda: cf.chunk_fwd(q, k, v, g, None, None, scale)),
+             "dqkg": bench_ms(lambda: cg.dqkg(p, q, k, v, do, gc, h, dh, scale)),
+             "bwd total": bench_ms(lambda: cb.chunk_bwd(q, k, v, g, None, None, scale, do, None))}
+        t["output (fwd - cumsum - states - intra)"] = (t["fwd total"] - t["cumsum"] - t["states"]
+                                                      - t["intra"])
+        t["state_grad + dv (bwd - the others)"] = (t["bwd total"] - t["cumsum"] - t["states"]
+                                                  - t["intra"] - t["dqkg"])
+        case = f"B{B} T{T} H{H} K=V={K} BT={p.BT} SUB={p.meta['SUB']}"
+    else:
+        with torch.no_grad():
+            hs = cf.seg_states(p, k, v, g, vs, A)
+            sin, _ = cf.seg_scan(p, hs, g, vs, A, None)
+            t["fused 1: segment states"] = bench_ms(lambda: cf.seg_states(p, k, v, g, vs, A))
+            t["fused 2: segment scan"] = bench_ms(lambda: cf.seg_scan(p, hs, g, vs, A, None))
+            t["fused 3: output"] = bench_ms(lambda: cf.fused_output(p, q, k, v, g, vs, A, sin,
+                                                                    scale))
+            saved = knobs.FUSED_FWD
+            try:
+                for on in (1, 0):
+                    knobs.FUSED_FWD = on
+                    t[f"engine fwd FUSED_FWD={on}"] = bench_ms(
+                        lambda: cf.chunk_fwd(q, k, v, g, None, None, scale, vs=vs, A=A))
+                    if op == "ssd":
+                        for fe in (1, 0):
+                            si.FUSE_EPILOGUE = bool(fe)
+                            t[f"public fwd FUSED_FWD={on} FUSE_EPILOGUE={fe}"] = bench_ms(pub)
+                        si.FUSE_EPILOGUE = True
+            finally:
+                knobs.FUSED_FWD = saved
+            t["per-chunk path: states (h stored)"] = bench_ms(
+                lambda: cf.chunk_states(p, k, v, g, vs, A, None))
+        t["per-chunk path: output (fwd - states)"] = (t["engine fwd FUSED_FWD=0"]
+                                                      - t["per-chunk path: states (h stored)"])
+        case = (f"B{B} L{T} H{H} P{V} N{K}" if op == "ssd" else f"B{B} T{T} H{H} K=V={K}") + \
+            f" BT={p.BT} SEG={knobs.SEG_CHUNKS * p.BT}"
     for name, ms in t.items():
-        ROWS.append(("chunk_gla stage", case, name, "fwd", ms, "one stage"))
-        log(f"chunk_gla stage {case} {name:42s} {ms:8.3f} ms")
+        ROWS.append((f"{op} stage", case, name, "fwd", ms, "one stage"))
+        log(f"{op} stage {case} {name:42s} {ms:8.3f} ms")
 
 
 # ---- 2. timing ----------------------------------------------------------------------------------
@@ -262,8 +309,10 @@ def first_call(f, make):
     return time.time() - t
 
 
-def bench(section, case, impl, f, make, floor_ms=None):
+def bench(section, case, impl, f, make, floor_ms=None, modes=("fwd", "fwd+bwd")):
     for mode, tf in (("fwd", time_fwd), ("fwd+bwd", time_fwd_bwd)):
+        if mode not in modes:
+            continue
         try:
             ms = tf(f, make)
             note = "" if floor_ms is None or mode != "fwd" else f"floor {floor_ms:.3f}"
@@ -281,6 +330,10 @@ def la_floor(B, T, H, K, V, gate):
 
 def main():
     torch.manual_seed(0)
+    from ssm_kernels.chunk import common as knobs
+    for k, v in KNOBS.items():
+        setattr(knobs, k, type(getattr(knobs, k))(int(v)) if v.isdigit() else v)
+        log(f"knob {k}={getattr(knobs, k)}")
     log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     # first calls (compile) of our ops, small shape
     for op in filter(want, OURS):
@@ -332,7 +385,7 @@ def main():
             ok = False
     log("CORRECTNESS:", "all ok" if ok else "FAILURES above")
 
-    fla = {} if QUICK else fla_ops()
+    fla = {} if (QUICK or not PEERS) else fla_ops()
     for (B, T) in ((4, 4096),) + (() if QUICK else ((2, 16384),)):
         H, K, V = 16, 128, 128
         for op in filter(want, ("chunk_linear_attn", "chunk_simple_gla", "chunk_gla")):
@@ -356,12 +409,14 @@ def main():
         if op in fla:
             bench(op, case, "fla", fla[op], make)
         torch.cuda.empty_cache()
-    try:
-        if want("chunk_gla"):
-            gla_stage_times()
-    except Exception:  # noqa: BLE001
-        traceback.print_exc()
-    torch.cuda.empty_cache()
+    for op, shape in (("chunk_gla", {}), ("chunk_simple_gla", {}),
+                      ("ssd", dict(B=4, T=4096, H=32, K=128, V=64))):
+        try:
+            if want(op):
+                stage_times(op, **shape)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+        torch.cuda.empty_cache()
 
     # SSD B4 L4096 H32 P64 N128 (ngroups 1)
     B, L, H, P, G, N = 4, 4096, 32, 64, 1, 128
@@ -379,7 +434,7 @@ def ssd_section(fla, B, L, H, P, G, N, case, make, ours):
     n = B * L * H
     floor = (n * P * 2 * 2 + B * L * G * N * 2 * 2 + n * 4) / (COPY_GBS * 1e9) * 1e3
     bench("ssd", case, "ssm_kernels", ours, make, floor)
-    mf = None if QUICK else mamba_op()
+    mf = None if (QUICK or not PEERS) else mamba_op()
     if mf is not None:
         bench("ssd", case, "mamba_ssm", lambda x, dt, A, Bm, Cm, D, bias: mf(
             x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias, dt_softplus=True), make)
@@ -399,7 +454,12 @@ def ssd_section(fla, B, L, H, P, G, N, case, make, ours):
 def sweep_section(case, make, ours):
     # ---- tile sweep (engine knobs in ssm_kernels.chunk.common), while time allows ----
     from ssm_kernels.chunk import common as knobs
-    sweep = [("chunk_linear_attn", dict(CHUNK=128)), ("chunk_linear_attn", dict(BLOCK_K=128, BLOCK_V=128)),
+    # fused-forward knobs (chunk/common.py; forward only: the backward does not use them)
+    fused = [dict(FUSED_FWD=0), dict(FUSED_WARPS=4), dict(FUSED_WARPS=4, FUSED_BLOCK_V=32),
+             dict(FUSED_BLOCK_V=32), dict(SEG_CHUNKS=4), dict(SEG_CHUNKS=16), dict(FUSED_STAGES=3),
+             dict(FUSED_I32_OFFSETS=0)]
+    sweep = [(op, dict(kn, fwd_only=1)) for op in ("ssd", "chunk_simple_gla") for kn in fused]
+    sweep += [("chunk_linear_attn", dict(CHUNK=128)), ("chunk_linear_attn", dict(BLOCK_K=128, BLOCK_V=128)),
              ("chunk_simple_gla", dict(CHUNK=128)), ("chunk_gla", dict(GLA_BLOCK_V=64)),
              ("chunk_gla", dict(GLA_DQK_BLOCK_K=64)), ("chunk_gla", dict(GLA_CHUNK=32)),
              ("chunk_gla", dict(SUB_CHUNK=16)), ("chunk_gla", dict(SUB_CHUNK=4)),
@@ -410,17 +470,20 @@ def sweep_section(case, make, ours):
         if time.time() - T0 > SWEEP_S:
             log("sweep stopped: time budget")
             break
+        kn = dict(kn)
+        modes = ("fwd",) if kn.pop("fwd_only", 0) else ("fwd", "fwd+bwd")
         saved = {k: getattr(knobs, k) for k in kn}
         try:
             for k, v in kn.items():
                 setattr(knobs, k, v)
             label = "ours " + " ".join(f"{k}={v}" for k, v in kn.items())
             if op == "ssd":
-                bench("ssd", case, label, ours, make)
+                bench("ssd", case, label, ours, make, modes=modes)
             else:
                 B, T, H, K, V = 4, 4096, 16, 128, 128
                 bench(op, f"B{B} T{T} H{H} K=V={K}", label, OURS[op],
-                      lambda req, gate=GATE[op]: la_inputs(B, T, H, K, V, gate, req=req))
+                      lambda req, gate=GATE[op]: la_inputs(B, T, H, K, V, gate, req=req),
+                      modes=modes)
         finally:
             for k, v in saved.items():
                 setattr(knobs, k, v)

@@ -191,7 +191,8 @@ def _fused_fwd_kernel(
     T, H, HQ, K, V, scale,
     GATE: tl.constexpr, G_FROM_VS: tl.constexpr, HAS_VS: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, I32_OFFS: tl.constexpr = False,   # int32 tile offsets (see the loads)
+    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    I32_OFFS: tl.constexpr = False,   # q, k addressed by an int64 chunk base + int32 tile offsets
 ):
     """fused_fwd stage 3, one program per (head, segment, V-tile) (heads first: the heads of one
     q/k group run side by side and share its rows in L2). From the segment's incoming state S
@@ -303,38 +304,67 @@ def chunk_states(p: Plan, k, v, g, vs, A, h0, store_h=True):
     return h, ht
 
 
-def fused_fwd(p: Plan, q, k, v, g, vs, A, h0, scale, D=None, z=None):
-    """The forward of GATE 0/1 without per-chunk states in memory (B rows, not varlen): stage 1
-    `_state_kernel` per segment from zero, stage 2 `_seg_scan_kernel`, stage 3 `_fused_fwd_kernel`.
-    Bytes: k, v read twice, q and o once, segment states 4 x NSEG x H x K x V x 4 B."""
-    m = p.meta
+def _seg(p: Plan):
+    """(segment length in tokens, number of segments) of the fused forward."""
     SEG = common.SEG_CHUNKS * p.BT
-    NSEG = p.B * triton.cdiv(p.T, SEG)
+    return SEG, p.B * triton.cdiv(p.T, SEG)
+
+
+def seg_states(p: Plan, k, v, g, vs, A):
+    """Fused forward stage 1: every segment's end state from a zero state, hs [NSEG, H, K, V] f32."""
+    m = p.meta
+    SEG, NSEG = _seg(p)
     d = _dummy(v)
     hs = common.poison(k.new_empty((NSEG, p.H, p.K, p.V), dtype=torch.float32))
-    gp, vsp, Ap = (d if x is None else x for x in (g, vs, A))
-    st = 1 if m["IEEE"] == 1 else 2
     _state_kernel[(triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), NSEG * p.H)](
-        k, v, gp, vsp, Ap, d, d, hs, d, d, p.T, p.H, p.HQ, p.K, p.V,
+        k, v, d if g is None else g, d if vs is None else vs, d if A is None else A, d, d, hs, d,
+        d, p.T, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_H0=False, STORE_H=False,
         IS_VARLEN=False, BT=p.BT, BK=m["BK"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], SEG=SEG,
-        num_warps=4, num_stages=st)
+        num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
+    return hs
+
+
+def seg_scan(p: Plan, hs, g, vs, A, h0):
+    """Fused forward stage 2: (sin [NSEG, H, K, V] the state entering each segment, ht)."""
+    m = p.meta
+    SEG, _ = _seg(p)
+    d = _dummy(hs)
     sin = common.poison(torch.empty_like(hs))
-    ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
+    ht = common.poison(hs.new_empty((p.N, p.H, p.K, p.V)))
     _seg_scan_kernel[(triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), p.N * p.H)](
-        hs, gp, vsp, Ap, d if h0 is None else h0, sin, ht, p.T, p.H, p.K, p.V,
+        hs, d if g is None else g, d if vs is None else vs, d if A is None else A,
+        d if h0 is None else h0, sin, ht, p.T, p.H, p.K, p.V,
         GATE=p.gate, G_FROM_VS=A is not None, HAS_H0=h0 is not None, SEG=SEG,
         BK=m["BK"], BV=m["BV"], BG=min(SEG, 256), num_warps=4)
+    return sin, ht
+
+
+def fused_output(p: Plan, q, k, v, g, vs, A, sin, scale, D=None, z=None):
+    """Fused forward stage 3: o from the segments' incoming states (state kept in registers)."""
+    m = p.meta
+    SEG, NSEG = _seg(p)
+    d = _dummy(sin)
     o = common.poison(torch.empty_like(v))
     BV = max(16, min(common.FUSED_BLOCK_V, triton.next_power_of_2(p.V)))
     _fused_fwd_kernel[(p.H, NSEG, triton.cdiv(p.V, BV))](
-        q, k, v, gp, vsp, Ap, sin, d if D is None else D, d if z is None else z, o,
+        q, k, v, d if g is None else g, d if vs is None else vs, d if A is None else A, sin,
+        d if D is None else D, d if z is None else z, o,
         p.T, p.H, p.HQ, p.K, p.V, float(scale),
         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_D=D is not None,
         HAS_Z=z is not None, SEG=SEG, BT=p.BT, BK=m["BKF"], BV=BV, DT=m["DT"], IEEE=m["IEEE"],
         I32_OFFS=bool(common.FUSED_I32_OFFSETS),
         num_warps=common.FUSED_WARPS, num_stages=common.FUSED_STAGES)
-    return o, ht
+    return o
+
+
+def fused_fwd(p: Plan, q, k, v, g, vs, A, h0, scale, D=None, z=None):
+    """The forward of GATE 0/1 without per-chunk states in memory (B rows, not varlen): stage 1
+    `_state_kernel` per segment from zero, stage 2 `_seg_scan_kernel`, stage 3 `_fused_fwd_kernel`.
+    Bytes: k, v read twice, q and o once, segment states 4 x NSEG x H x K x V x 4 B."""
+    hs = seg_states(p, k, v, g, vs, A)
+    sin, ht = seg_scan(p, hs, g, vs, A, h0)
+    return fused_output(p, q, k, v, g, vs, A, sin, scale, D, z), ht
 
 
 def chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor] = None,
