@@ -212,7 +212,7 @@ def stage_times(op, B=4, T=4096, H=16, K=128, V=128):
     """One op's forward (and GLA's backward) timed stage by stage (the per-stage predictions in
     bench/NOTES.md); rows "<op> stage". chunk_gla: cumsum, chunk states, intra-chunk scores, the
     dq/dk/dg stage, and by difference the output stage and state gradients + dv.
-    chunk_simple_gla / ssd (K = dstate, V = headdim, H value heads, one B/C group): the fused
+    chunk_simple_gla / chunk_linear_attn / ssd (K = dstate, V = headdim, H value heads, one B/C group): the fused
     forward's three stages (segment states, segment scan, fused output), the engine forward with
     FUSED_FWD on and off, the per-chunk-state path's state stage and by difference its output
     stage; ssd also the public call (no grad: D in the kernel; FUSE_EPILOGUE=0: D in torch)."""
@@ -228,7 +228,7 @@ def stage_times(op, B=4, T=4096, H=16, K=128, V=128):
         pub = lambda: sk.mamba_chunk_scan_combined(x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias,  # noqa: E731
                                                    dt_softplus=True)
     else:
-        q, k, v, g = la_inputs(B, T, H, K, V, "gla" if op == "chunk_gla" else "scalar")
+        q, k, v, g = la_inputs(B, T, H, K, V, GATE[op])
         scale = K ** -0.5
     p = cf.Plan(q, v, g, None, A is not None)
     if op == "chunk_gla":
@@ -409,10 +409,11 @@ def main():
         if op in fla:
             bench(op, case, "fla", fla[op], make)
         torch.cuda.empty_cache()
-    for op, shape in (("chunk_gla", {}), ("chunk_simple_gla", {}),
+    # chunk_linear_attn's stage rows come with chunk_simple_gla's (same stages, GATE 0)
+    for op, shape in (("chunk_gla", {}), ("chunk_simple_gla", {}), ("chunk_linear_attn", {}),
                       ("ssd", dict(B=4, T=4096, H=32, K=128, V=64))):
         try:
-            if want(op):
+            if want(op) or (op == "chunk_linear_attn" and want("chunk_simple_gla")):
                 stage_times(op, **shape)
         except Exception:  # noqa: BLE001
             traceback.print_exc()

@@ -5,7 +5,6 @@ scalar-decay linear attention, SSD with grouped B/C and its D / silu(z) epilogue
 segments per row, rows not a multiple of the chunk or the segment, initial states."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ssm_kernels as sk
 from ssm_kernels.chunk import common
