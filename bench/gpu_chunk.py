@@ -253,8 +253,11 @@ def stage_times(op, B=4, T=4096, H=16, K=128, V=128):
             sin, _ = cf.seg_scan(p, hs, g, vs, A, None)
             t["fused 1: segment states"] = bench_ms(lambda: cf.seg_states(p, k, v, g, vs, A))
             t["fused 2: segment scan"] = bench_ms(lambda: cf.seg_scan(p, hs, g, vs, A, None))
-            t["fused 3: output"] = bench_ms(lambda: cf.fused_output(p, q, k, v, g, vs, A, sin,
-                                                                    scale))
+            t["fused 3: output after stage 2"] = bench_ms(
+                lambda: cf.fused_output(p, q, k, v, g, vs, A, sin, scale))
+            ht = torch.empty(p.N, p.H, p.K, p.V, device=DEV)
+            t["fused 3: output, lookback (no stage 2)"] = bench_ms(
+                lambda: cf.fused_output(p, q, k, v, g, vs, A, hs, scale, ht=ht))
             saved = knobs.FUSED_FWD
             try:
                 for on in (1, 0):
@@ -456,7 +459,7 @@ def sweep_section(case, make, ours):
     # ---- tile sweep (engine knobs in ssm_kernels.chunk.common), while time allows ----
     from ssm_kernels.chunk import common as knobs
     # fused-forward knobs (chunk/common.py; forward only: the backward does not use them)
-    fused = [dict(FUSED_FWD=0), dict(FUSED_WARPS=4), dict(FUSED_WARPS=4, FUSED_BLOCK_V=32),
+    fused = [dict(FUSED_FWD=0), dict(LOOKBACK_SEGS=0), dict(FUSED_WARPS=4), dict(FUSED_WARPS=4, FUSED_BLOCK_V=32),
              dict(FUSED_BLOCK_V=32), dict(SEG_CHUNKS=4), dict(SEG_CHUNKS=16), dict(FUSED_STAGES=3),
              dict(FUSED_I32_OFFSETS=0)]
     sweep = [(op, dict(kn, fwd_only=1)) for op in ("ssd", "chunk_simple_gla") for kn in fused]

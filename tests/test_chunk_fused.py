@@ -18,10 +18,12 @@ from conftest import DEVICE, kernel_backends
 pytestmark = pytest.mark.skipif("triton" not in kernel_backends(), reason="needs Triton")
 
 
-@pytest.fixture
-def small_segments(monkeypatch):
-    """Chunks of 16 and segments of 2 chunks, so a short row has several segments; every buffer
+@pytest.fixture(params=[8, 1], ids=["lookback", "segment-scan"])
+def small_segments(monkeypatch, request):
+    """Chunks of 16 and segments of 2 chunks, so a short row has several segments; the incoming
+    segment states summed inside stage 3 (LOOKBACK_SEGS=8) or by the stage-2 scan (1); every buffer
     the stages write starts as NaN."""
+    monkeypatch.setattr(common, "LOOKBACK_SEGS", request.param)
     monkeypatch.setattr(common, "INTERP_CHUNK", 16)
     monkeypatch.setattr(common, "SEG_CHUNKS", 2)
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)

@@ -51,6 +51,8 @@ STATES_IN_INPUT_DTYPE = True
 # False: the per-chunk-state path (_state_kernel with h stored, then _output_kernel).
 FUSED_FWD = True
 SEG_CHUNKS = 8        # chunks per segment (stage-3 programs: H x B x cdiv(T, SEG) x V-tiles)
+LOOKBACK_SEGS = 8     # rows of <= this many segments skip stage 2: each stage-3 program sums the
+                      # decayed end states of its row's earlier segments (O(segments^2) L2 reads)
 FUSED_BLOCK_V = 64    # V tile of stage 3 (it keeps a [K, BV] float32 state in registers)
 FUSED_WARPS = 8       # warps of stage 3 (sm_90 offline: 216-254 registers, no spill; 4 warps spill)
 FUSED_I32_OFFSETS = 1   # stage 3 addresses q, k as an int64 chunk base + int32 tile offsets

@@ -145,6 +145,24 @@ def _output_kernel(
 
 
 @triton.jit
+def seg_log_decay(g_ptr, vs_ptr, A_ptr, i_s, i_h, T, H, G_FROM_VS: tl.constexpr,
+                  SEG: tl.constexpr, BG: tl.constexpr):
+    """The total natural-log decay of segment i_s for head i_h (sum of g, or of vs times A)."""
+    bos, eos = seg_span(i_s, T, SEG)
+    acc = tl.zeros([BG], dtype=tl.float32)
+    for j in range(0, SEG, BG):
+        t = bos + j + tl.arange(0, BG)
+        if G_FROM_VS:
+            acc += tl.load(vs_ptr + t * H + i_h, mask=t < eos, other=0.)
+        else:
+            acc += tl.load(g_ptr + t * H + i_h, mask=t < eos, other=0.)
+    tot = tl.sum(acc, axis=0)
+    if G_FROM_VS:
+        tot = tot * tl.load(A_ptr + i_h).to(tl.float32)
+    return tot
+
+
+@triton.jit
 def _seg_scan_kernel(
     # hs [NSEG, H, K, V] f32 segment end states from zero (stage 1); g / vs, A as _state_kernel;
     # h0 [N, H, K, V] f32; outputs sin [NSEG, H, K, V] f32 (state entering each segment), ht
@@ -167,18 +185,7 @@ def _seg_scan_kernel(
         off = (i_s.to(tl.int64) * H + i_h) * K * V
         tl.store(sin_ptr + off + p_s, S, mask=m_s)
         if GATE == 1:
-            bos, eos = seg_span(i_s, T, SEG)
-            acc = tl.zeros([BG], dtype=tl.float32)
-            for j in range(0, SEG, BG):
-                t = bos + j + tl.arange(0, BG)
-                if G_FROM_VS:
-                    acc += tl.load(vs_ptr + t * H + i_h, mask=t < eos, other=0.)
-                else:
-                    acc += tl.load(g_ptr + t * H + i_h, mask=t < eos, other=0.)
-            tot = tl.sum(acc, axis=0)
-            if G_FROM_VS:
-                tot = tot * tl.load(A_ptr + i_h).to(tl.float32)
-            S = S * tl.exp(tot)
+            S = S * tl.exp(seg_log_decay(g_ptr, vs_ptr, A_ptr, i_s, i_h, T, H, G_FROM_VS, SEG, BG))
         S += tl.load(hs_ptr + off + p_s, mask=m_s, other=0.)
     tl.store(ht_ptr + i_nh.to(tl.int64) * K * V + p_s, S, mask=m_s)
 
@@ -193,6 +200,11 @@ def _fused_fwd_kernel(
     HAS_Z: tl.constexpr, SEG: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
     I32_OFFS: tl.constexpr = False,   # q, k addressed by an int64 chunk base + int32 tile offsets
+    # LOOKBACK: no stage 2; sin_ptr is hs (stage 1's segment end states), the program sums the
+    # decayed end states of its row's earlier segments (and h0) itself, and the program of a row's
+    # last segment stores its final S to ht_ptr
+    LOOKBACK: tl.constexpr = False, h0_ptr=None, ht_ptr=None, HAS_H0: tl.constexpr = False,
+    BG: tl.constexpr = 16,
 ):
     """fused_fwd stage 3, one program per (head, segment, V-tile) (heads first: the heads of one
     q/k group run side by side and share its rows in L2). From the segment's incoming state S
@@ -207,8 +219,21 @@ def _fused_fwd_kernel(
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
-    S = tl.load(sin_ptr + (i_s.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
-                mask=m_k[:, None] & m_v[None, :], other=0.)
+    p_s = o_k[:, None] * V + o_v[None, :]
+    m_s = m_k[:, None] & m_v[None, :]
+    if LOOKBACK:
+        ns = tl.cdiv(T, SEG)
+        i_n = i_s // ns
+        S = load_state_block(h0_ptr + (i_n.to(tl.int64) * H + i_h) * K * V, p_s, m_s, HAS_H0,
+                             BK, BV)
+        for jj in range(0, i_s % ns):
+            j = i_n * ns + jj
+            if GATE == 1:
+                S = S * tl.exp(seg_log_decay(g_ptr, vs_ptr, A_ptr, j, i_h, T, H, G_FROM_VS, SEG,
+                                             BG))
+            S += tl.load(sin_ptr + (j.to(tl.int64) * H + i_h) * K * V + p_s, mask=m_s, other=0.)
+    else:
+        S = tl.load(sin_ptr + (i_s.to(tl.int64) * H + i_h) * K * V + p_s, mask=m_s, other=0.)
     if HAS_D:
         b_D = tl.load(D_ptr + i_h * V + o_v, mask=m_v, other=0.)
     off_qk = o_t[:, None] * (HQ * K) + o_k[None, :]
@@ -250,6 +275,9 @@ def _fused_fwd_kernel(
                  mask=m_t[:, None] & m_v[None, :])
         S = decay_state(S, G_last, GATE) + mm(tl.trans(b_k), decay_to_end(b_v, G, G_last, GATE),
                                               DT, IEEE)
+    if LOOKBACK:
+        if i_s % ns == ns - 1:
+            tl.store(ht_ptr + (i_n.to(tl.int64) * H + i_h) * K * V + p_s, S, mask=m_s)
 
 
 # ---- launchers ---------------------------------------------------------------------------------
@@ -340,12 +368,16 @@ def seg_scan(p: Plan, hs, g, vs, A, h0):
     return sin, ht
 
 
-def fused_output(p: Plan, q, k, v, g, vs, A, sin, scale, D=None, z=None):
-    """Fused forward stage 3: o from the segments' incoming states (state kept in registers)."""
+def fused_output(p: Plan, q, k, v, g, vs, A, sin, scale, D=None, z=None, h0=None, ht=None):
+    """Fused forward stage 3: o from the segments' incoming states sin (state kept in registers).
+    ht given: sin holds stage 1's segment end states, the kernel combines them itself (LOOKBACK,
+    no stage 2) and writes the final states to ht."""
     m = p.meta
     SEG, NSEG = _seg(p)
     d = _dummy(sin)
     o = common.poison(torch.empty_like(v))
+    lb = {} if ht is None else dict(LOOKBACK=True, h0_ptr=d if h0 is None else h0, ht_ptr=ht,
+                                     HAS_H0=h0 is not None, BG=min(SEG, 256))
     BV = max(16, min(common.FUSED_BLOCK_V, triton.next_power_of_2(p.V)))
     _fused_fwd_kernel[(p.H, NSEG, triton.cdiv(p.V, BV))](
         q, k, v, d if g is None else g, d if vs is None else vs, d if A is None else A, sin,
@@ -353,16 +385,20 @@ def fused_output(p: Plan, q, k, v, g, vs, A, sin, scale, D=None, z=None):
         p.T, p.H, p.HQ, p.K, p.V, float(scale),
         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_D=D is not None,
         HAS_Z=z is not None, SEG=SEG, BT=p.BT, BK=m["BKF"], BV=BV, DT=m["DT"], IEEE=m["IEEE"],
-        I32_OFFS=bool(common.FUSED_I32_OFFSETS),
+        I32_OFFS=bool(common.FUSED_I32_OFFSETS), **lb,
         num_warps=common.FUSED_WARPS, num_stages=common.FUSED_STAGES)
     return o
 
 
 def fused_fwd(p: Plan, q, k, v, g, vs, A, h0, scale, D=None, z=None):
     """The forward of GATE 0/1 without per-chunk states in memory (B rows, not varlen): stage 1
-    `_state_kernel` per segment from zero, stage 2 `_seg_scan_kernel`, stage 3 `_fused_fwd_kernel`.
+    `_state_kernel` per segment from zero, stage 2 `_seg_scan_kernel`, stage 3 `_fused_fwd_kernel`
+    (rows of at most LOOKBACK_SEGS segments: stage 3 sums the earlier segments' states itself).
     Bytes: k, v read twice, q and o once, segment states 4 x NSEG x H x K x V x 4 B."""
     hs = seg_states(p, k, v, g, vs, A)
+    if triton.cdiv(p.T, _seg(p)[0]) <= common.LOOKBACK_SEGS:
+        ht = common.poison(hs.new_empty((p.N, p.H, p.K, p.V)))
+        return fused_output(p, q, k, v, g, vs, A, hs, scale, D, z, h0, ht), ht
     sin, ht = seg_scan(p, hs, g, vs, A, h0)
     return fused_output(p, q, k, v, g, vs, A, sin, scale, D, z), ht
 
