@@ -249,15 +249,15 @@ def stage_times(op, B=4, T=4096, H=16, K=128, V=128):
         case = f"B{B} T{T} H{H} K=V={K} BT={p.BT} SUB={p.meta['SUB']}"
     else:
         with torch.no_grad():
-            hs = cf.seg_states(p, k, v, g, vs, A)
-            sin, _ = cf.seg_scan(p, hs, g, vs, A, None)
+            hs, gs = cf.seg_states(p, k, v, g, vs, A)
+            sin, _ = cf.seg_scan(p, hs, gs, None)
             t["fused 1: segment states"] = bench_ms(lambda: cf.seg_states(p, k, v, g, vs, A))
-            t["fused 2: segment scan"] = bench_ms(lambda: cf.seg_scan(p, hs, g, vs, A, None))
+            t["fused 2: segment scan"] = bench_ms(lambda: cf.seg_scan(p, hs, gs, None))
             t["fused 3: output after stage 2"] = bench_ms(
                 lambda: cf.fused_output(p, q, k, v, g, vs, A, sin, scale))
             ht = torch.empty(p.N, p.H, p.K, p.V, device=DEV)
             t["fused 3: output, lookback (no stage 2)"] = bench_ms(
-                lambda: cf.fused_output(p, q, k, v, g, vs, A, hs, scale, ht=ht))
+                lambda: cf.fused_output(p, q, k, v, g, vs, A, hs, scale, ht=ht, gs=gs))
             saved = knobs.FUSED_FWD
             try:
                 for on in (1, 0):

@@ -41,8 +41,9 @@ def _state_kernel(
     w_ptr=None, vn_ptr=None, DELTA: tl.constexpr = False, L2NORM: tl.constexpr = False,
     WF32: tl.constexpr = False,
     # SEG > 0 (fused_fwd stage 1, not varlen, STORE_H False): "sequences" are segments of SEG
-    # tokens (seg_span); ht [NSEG, H, K, V] gets each segment's end state
-    SEG: tl.constexpr = 0,
+    # tokens (seg_span); ht [NSEG, H, K, V] gets each segment's end state and gs_ptr [NSEG, H]
+    # f32 its total log2-decay (GATE 1)
+    SEG: tl.constexpr = 0, gs_ptr=None,
 ):
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
@@ -62,6 +63,7 @@ def _state_kernel(
         S = tl.load(h0_ptr + i_nh.to(tl.int64) * K * V + p_s, mask=m_s, other=0.).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
+    gsum = 0.
     for i in range(tl.cdiv(eos - bos, BT)):
         if STORE_H:
             tl.store(h_ptr + ((base + i) * H + i_h) * K * V + p_s, S.to(h_ptr.dtype.element_ty),
@@ -80,9 +82,14 @@ def _state_kernel(
         G = log_decay_cumsum(g_ptr, vs_ptr, A_ptr, t * H + i_h, i_h, m_t, o_k, m_k, K, GATE,
                              G_FROM_VS, BT)
         G_last = last_row(G, o_t, GATE, BT)
+        if SEG > 0 and GATE == 1:
+            gsum += G_last
         S = decay_state(S, G_last, GATE) + mm(tl.trans(decay_to_end(b_k, G, G_last, GATE)), b_v,
                                               DT, IEEE)
     tl.store(ht_ptr + i_nh.to(tl.int64) * K * V + p_s, S, mask=m_s)
+    if SEG > 0 and GATE == 1:
+        if i_k == 0 and i_v == 0:
+            tl.store(gs_ptr + i_nh, gsum)
 
 
 @triton.jit
@@ -145,33 +152,16 @@ def _output_kernel(
 
 
 @triton.jit
-def seg_log_decay(g_ptr, vs_ptr, A_ptr, i_s, i_h, T, H, G_FROM_VS: tl.constexpr,
-                  SEG: tl.constexpr, BG: tl.constexpr):
-    """The total natural-log decay of segment i_s for head i_h (sum of g, or of vs times A)."""
-    bos, eos = seg_span(i_s, T, SEG)
-    acc = tl.zeros([BG], dtype=tl.float32)
-    for j in range(0, SEG, BG):
-        t = bos + j + tl.arange(0, BG)
-        if G_FROM_VS:
-            acc += tl.load(vs_ptr + t * H + i_h, mask=t < eos, other=0.)
-        else:
-            acc += tl.load(g_ptr + t * H + i_h, mask=t < eos, other=0.)
-    tot = tl.sum(acc, axis=0)
-    if G_FROM_VS:
-        tot = tot * tl.load(A_ptr + i_h).to(tl.float32)
-    return tot
-
-
-@triton.jit
 def _seg_scan_kernel(
     # hs [NSEG, H, K, V] f32 segment end states from zero (stage 1); g / vs, A as _state_kernel;
     # h0 [N, H, K, V] f32; outputs sin [NSEG, H, K, V] f32 (state entering each segment), ht
-    hs_ptr, g_ptr, vs_ptr, A_ptr, h0_ptr, sin_ptr, ht_ptr,
+    hs_ptr, gs_ptr, h0_ptr, sin_ptr, ht_ptr,
     T, H, K, V,
-    GATE: tl.constexpr, G_FROM_VS: tl.constexpr, HAS_H0: tl.constexpr, SEG: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BG: tl.constexpr,
+    GATE: tl.constexpr, HAS_H0: tl.constexpr, SEG: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr,
 ):
-    """fused_fwd stage 2: S_in(s+1) = exp(sum of the log-decays over segment s) S_in(s) + hs(s)."""
+    """fused_fwd stage 2: S_in(s+1) = exp2(gs(s)) S_in(s) + hs(s) (gs: segment s's total log2-decay
+    from stage 1)."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     o_k = i_k * BK + tl.arange(0, BK)
@@ -185,7 +175,7 @@ def _seg_scan_kernel(
         off = (i_s.to(tl.int64) * H + i_h) * K * V
         tl.store(sin_ptr + off + p_s, S, mask=m_s)
         if GATE == 1:
-            S = S * tl.exp(seg_log_decay(g_ptr, vs_ptr, A_ptr, i_s, i_h, T, H, G_FROM_VS, SEG, BG))
+            S = S * tl.exp2(tl.load(gs_ptr + i_s * H + i_h))
         S += tl.load(hs_ptr + off + p_s, mask=m_s, other=0.)
     tl.store(ht_ptr + i_nh.to(tl.int64) * K * V + p_s, S, mask=m_s)
 
@@ -203,8 +193,8 @@ def _fused_fwd_kernel(
     # LOOKBACK: no stage 2; sin_ptr is hs (stage 1's segment end states), the program sums the
     # decayed end states of its row's earlier segments (and h0) itself, and the program of a row's
     # last segment stores its final S to ht_ptr
-    LOOKBACK: tl.constexpr = False, h0_ptr=None, ht_ptr=None, HAS_H0: tl.constexpr = False,
-    BG: tl.constexpr = 16,
+    LOOKBACK: tl.constexpr = False, gs_ptr=None, h0_ptr=None, ht_ptr=None,
+    HAS_H0: tl.constexpr = False,
 ):
     """fused_fwd stage 3, one program per (head, segment, V-tile) (heads first: the heads of one
     q/k group run side by side and share its rows in L2). From the segment's incoming state S
@@ -226,11 +216,10 @@ def _fused_fwd_kernel(
         i_n = i_s // ns
         S = load_state_block(h0_ptr + (i_n.to(tl.int64) * H + i_h) * K * V, p_s, m_s, HAS_H0,
                              BK, BV)
-        for jj in range(0, i_s % ns):
+        for jj in tl.range(0, i_s % ns, num_stages=1):
             j = i_n * ns + jj
             if GATE == 1:
-                S = S * tl.exp(seg_log_decay(g_ptr, vs_ptr, A_ptr, j, i_h, T, H, G_FROM_VS, SEG,
-                                             BG))
+                S = S * tl.exp2(tl.load(gs_ptr + j * H + i_h))
             S += tl.load(sin_ptr + (j.to(tl.int64) * H + i_h) * K * V + p_s, mask=m_s, other=0.)
     else:
         S = tl.load(sin_ptr + (i_s.to(tl.int64) * H + i_h) * K * V + p_s, mask=m_s, other=0.)
@@ -339,21 +328,23 @@ def _seg(p: Plan):
 
 
 def seg_states(p: Plan, k, v, g, vs, A):
-    """Fused forward stage 1: every segment's end state from a zero state, hs [NSEG, H, K, V] f32."""
+    """Fused forward stage 1: every segment's end state from a zero state, hs [NSEG, H, K, V] f32,
+    and (GATE 1) its total log2-decay gs [NSEG, H] f32 (else a dummy)."""
     m = p.meta
     SEG, NSEG = _seg(p)
     d = _dummy(v)
     hs = common.poison(k.new_empty((NSEG, p.H, p.K, p.V), dtype=torch.float32))
+    gs = common.poison(hs.new_empty((NSEG, p.H))) if p.gate == 1 else _dummy(hs)
     _state_kernel[(triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), NSEG * p.H)](
         k, v, d if g is None else g, d if vs is None else vs, d if A is None else A, d, d, hs, d,
         d, p.T, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_H0=False, STORE_H=False,
         IS_VARLEN=False, BT=p.BT, BK=m["BK"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], SEG=SEG,
-        num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
-    return hs
+        gs_ptr=gs, num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
+    return hs, gs
 
 
-def seg_scan(p: Plan, hs, g, vs, A, h0):
+def seg_scan(p: Plan, hs, gs, h0):
     """Fused forward stage 2: (sin [NSEG, H, K, V] the state entering each segment, ht)."""
     m = p.meta
     SEG, _ = _seg(p)
@@ -361,14 +352,13 @@ def seg_scan(p: Plan, hs, g, vs, A, h0):
     sin = common.poison(torch.empty_like(hs))
     ht = common.poison(hs.new_empty((p.N, p.H, p.K, p.V)))
     _seg_scan_kernel[(triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), p.N * p.H)](
-        hs, d if g is None else g, d if vs is None else vs, d if A is None else A,
-        d if h0 is None else h0, sin, ht, p.T, p.H, p.K, p.V,
-        GATE=p.gate, G_FROM_VS=A is not None, HAS_H0=h0 is not None, SEG=SEG,
-        BK=m["BK"], BV=m["BV"], BG=min(SEG, 256), num_warps=4)
+        hs, gs, d if h0 is None else h0, sin, ht, p.T, p.H, p.K, p.V,
+        GATE=p.gate, HAS_H0=h0 is not None, SEG=SEG, BK=m["BK"], BV=m["BV"], num_warps=4)
     return sin, ht
 
 
-def fused_output(p: Plan, q, k, v, g, vs, A, sin, scale, D=None, z=None, h0=None, ht=None):
+def fused_output(p: Plan, q, k, v, g, vs, A, sin, scale, D=None, z=None, h0=None, ht=None,
+                 gs=None):
     """Fused forward stage 3: o from the segments' incoming states sin (state kept in registers).
     ht given: sin holds stage 1's segment end states, the kernel combines them itself (LOOKBACK,
     no stage 2) and writes the final states to ht."""
@@ -376,8 +366,9 @@ def fused_output(p: Plan, q, k, v, g, vs, A, sin, scale, D=None, z=None, h0=None
     SEG, NSEG = _seg(p)
     d = _dummy(sin)
     o = common.poison(torch.empty_like(v))
-    lb = {} if ht is None else dict(LOOKBACK=True, h0_ptr=d if h0 is None else h0, ht_ptr=ht,
-                                     HAS_H0=h0 is not None, BG=min(SEG, 256))
+    lb = {} if ht is None else dict(LOOKBACK=True, gs_ptr=d if gs is None else gs,
+                                     h0_ptr=d if h0 is None else h0, ht_ptr=ht,
+                                     HAS_H0=h0 is not None)
     BV = max(16, min(common.FUSED_BLOCK_V, triton.next_power_of_2(p.V)))
     _fused_fwd_kernel[(p.H, NSEG, triton.cdiv(p.V, BV))](
         q, k, v, d if g is None else g, d if vs is None else vs, d if A is None else A, sin,
@@ -395,11 +386,11 @@ def fused_fwd(p: Plan, q, k, v, g, vs, A, h0, scale, D=None, z=None):
     `_state_kernel` per segment from zero, stage 2 `_seg_scan_kernel`, stage 3 `_fused_fwd_kernel`
     (rows of at most LOOKBACK_SEGS segments: stage 3 sums the earlier segments' states itself).
     Bytes: k, v read twice, q and o once, segment states 4 x NSEG x H x K x V x 4 B."""
-    hs = seg_states(p, k, v, g, vs, A)
+    hs, gs = seg_states(p, k, v, g, vs, A)
     if triton.cdiv(p.T, _seg(p)[0]) <= common.LOOKBACK_SEGS:
         ht = common.poison(hs.new_empty((p.N, p.H, p.K, p.V)))
-        return fused_output(p, q, k, v, g, vs, A, hs, scale, D, z, h0, ht), ht
-    sin, ht = seg_scan(p, hs, g, vs, A, h0)
+        return fused_output(p, q, k, v, g, vs, A, hs, scale, D, z, h0, ht, gs), ht
+    sin, ht = seg_scan(p, hs, gs, h0)
     return fused_output(p, q, k, v, g, vs, A, sin, scale, D, z), ht
 
 
