@@ -37,6 +37,7 @@ def test_linear_attn_fused_fwd(small_segments, monkeypatch, gate, dtype):
     v = torch.randn(B, T, H, V, device=DEVICE).to(dtype)
     g = -torch.rand(B, T, H, device=DEVICE) * 0.3 if gate == "scalar" else None
     h0 = torch.randn(B, H, K, V, device=DEVICE)
+    monkeypatch.setattr(common, "FUSED_FWD", 2)     # float32 too
 
     def call():
         if g is None:

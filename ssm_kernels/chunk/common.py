@@ -48,8 +48,9 @@ STATES_IN_INPUT_DTYPE = True
 # `fused_fwd`): segments of SEG_CHUNKS chunks; stage 1 each segment's end state from zero (in
 # parallel), stage 2 a short scan over segments, stage 3 one program per (head, segment, V-tile)
 # walks its segment's chunks with the state in registers and writes o (+ D x, * silu(z) for SSD).
-# False: the per-chunk-state path (_state_kernel with h stored, then _output_kernel).
-FUSED_FWD = True
+# False: the per-chunk-state path (_state_kernel with h stored, then _output_kernel). 16-bit
+# inputs only (float32's FMA dots spill ~9 KB in stage 3 on sm_90, offline); 2: float32 too.
+FUSED_FWD = 1
 SEG_CHUNKS = 8        # chunks per segment (stage-3 programs: H x B x cdiv(T, SEG) x V-tiles)
 LOOKBACK_SEGS = 8     # rows of <= this many segments skip stage 2: each stage-3 program sums the
                       # decayed end states of its row's earlier segments (O(segments^2) L2 reads)

@@ -405,7 +405,8 @@ def chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor] = No
     dtype, final states [N, H, K, V] float32). All contiguous."""
     p = Plan(q, v, g, cu_seqlens, A is not None)
     m = p.meta
-    if common.FUSED_FWD and p.gate < 2 and not p.varlen:
+    if common.FUSED_FWD and p.gate < 2 and not p.varlen and (m["IEEE"] != 1 or
+                                                             common.FUSED_FWD == 2):
         return fused_fwd(p, q, k, v, g, vs, A, h0, scale, D, z)
     if p.gate == 2:
         g = gla.chunk_cumsum(p, g)         # every later stage reads Gc
