@@ -254,6 +254,9 @@ def test_opcheck(backend):
     args = (a["C"].requires_grad_(), a["B"].requires_grad_(), a["x"].requires_grad_(),
             dt.requires_grad_(), a["A"].requires_grad_(), h0.requires_grad_(), cu, backend)
     torch.library.opcheck(torch.ops.ssm_kernels.ssd_fwd, args)
+    # D [h, p] inside the op (its epilogue and its backward)
+    torch.library.opcheck(torch.ops.ssm_kernels.ssd_fwd,
+                          args + (torch.randn(H, P, device=DEVICE).requires_grad_(),))
     y, ht = torch.ops.ssm_kernels.ssd_fwd(*args)
     bargs = tuple(t.detach() for t in args[:6]) + (cu, torch.randn_like(y), torch.randn_like(ht),
                                                    backend)

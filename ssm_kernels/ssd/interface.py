@@ -24,8 +24,9 @@ from ..linear_attn.reference import linear_attn_bwd_ref
 from .reference import heads, process_dt, ssd_chunked
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# D and silu(z) applied inside the forward kernel's epilogue when no gradient is needed (inference;
-# the chunk engine's fused forward, chunk/common.FUSED_FWD); False: torch ops around the op
+# D inside the registered op (the forward kernel's epilogue; dD and dx += dy D in its backward) and,
+# when no gradient is needed (eager inference), silu(z) in the kernel too (the chunk engine's fused
+# forward, chunk/common.FUSED_FWD); False: D and z as torch ops around the op
 FUSE_EPILOGUE = True
 
 
@@ -59,19 +60,23 @@ def _ref_forward(C, B, x, dt, A, h0, cu_seqlens):
 
 @kernel_op("ssd_fwd", mutates_args=())
 def ssd_fwd_op(C: Tensor, B: Tensor, x: Tensor, dt: Tensor, A: Tensor, h0: Optional[Tensor],
-               cu_seqlens: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
+               cu_seqlens: Optional[Tensor], backend: str,
+               D: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """C, B [b, l, g, n]; x [b, l, h, p]; dt [b, l, h] (processed, float32); A [h] float32;
-    h0 None or [N, h, n, p] float32. Returns (y [b, l, h, p] in x's dtype, final [N, h, n, p])."""
+    h0 None or [N, h, n, p] float32; D None or [h, p] float32 (y += D x, in the kernel's epilogue).
+    Returns (y [b, l, h, p] in x's dtype, final [N, h, n, p])."""
     if select("ssd", backend, x, B) == "triton":
         from ..chunk.fwd import chunk_fwd
-        return chunk_fwd(C, B, x, None, h0, cu_seqlens, 1.0, vs=dt, A=A)
+        return chunk_fwd(C, B, x, None, h0, cu_seqlens, 1.0, vs=dt, A=A, D=D)
     with torch.no_grad():
         y, f = _ref_forward(C, B, x, dt, A, h0, cu_seqlens)
+        if D is not None:
+            y = (y.to(_sd(x)) + x.to(_sd(x)) * D.to(_sd(x))).to(x.dtype)
     return y.contiguous(), f.to(_sd(x))
 
 
 @ssd_fwd_op.register_fake
-def _(C, B, x, dt, A, h0, cu_seqlens, backend):
+def _(C, B, x, dt, A, h0, cu_seqlens, backend, D=None):
     N = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     return torch.empty_like(x), x.new_empty((N, x.shape[2], B.shape[3], x.shape[3]), dtype=_sd(x))
 
@@ -119,17 +124,23 @@ def _(C, B, x, dt, A, h0, cu_seqlens, dy, dht, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    C, B, x, dt, A, h0, cu_seqlens, backend = inputs
-    ctx.save_for_backward(C, B, x, dt, A, h0, cu_seqlens)
+    C, B, x, dt, A, h0, cu_seqlens, backend = inputs[:8]
+    D = inputs[8] if len(inputs) > 8 else None
+    ctx.save_for_backward(C, B, x, dt, A, h0, cu_seqlens, D)
     ctx.backend = backend
 
 
 def _backward(ctx, dy, dht):
-    C, B, x, dt, A, h0, cu_seqlens = ctx.saved_tensors
+    C, B, x, dt, A, h0, cu_seqlens, D = ctx.saved_tensors
     dy = torch.zeros_like(x) if dy is None else dy.contiguous()
     dht = None if dht is None else dht.contiguous()
     dC, dB, dx, ddt, dA, dh0 = ssd_bwd_op(C, B, x, dt, A, h0, cu_seqlens, dy, dht, ctx.backend)
-    return dC, dB, dx, ddt, dA, (None if h0 is None else dh0), None, None
+    dD = None
+    if D is not None:       # y = core + D x: the core's gradient is dy; dx gains dy D
+        sd = _sd(x)
+        dx = (dx.to(sd) + dy.to(sd) * D).to(x.dtype)
+        dD = (dy.to(sd) * x.to(sd)).sum((0, 1)).to(D.dtype)
+    return dC, dB, dx, ddt, dA, (None if h0 is None else dh0), None, None, dD
 
 
 ssd_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -316,8 +327,13 @@ def mamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
                           z=None if z is None else z.contiguous())
         D = z = None
     else:
+        Dd = None
+        if D is not None and FUSE_EPILOGUE:     # D inside the op (its epilogue, its backward)
+            Dd = (D.to(sd)[:, None] if D.dim() == 1 else D.to(sd)).expand(
+                x.shape[2], x.shape[3]).contiguous()
+            D = None
         y, ht = ssd_fwd_op(C.contiguous(), B.contiguous(), x.contiguous(), dtp,
-                           A.to(sd).contiguous(), h0, cu_seqlens, _backend.normalize(backend))
+                           A.to(sd).contiguous(), h0, cu_seqlens, _backend.normalize(backend), Dd)
     if D is not None:
         Dd = D.to(sd)
         y = (y.to(sd) + x.to(sd) * (Dd[:, None] if Dd.dim() == 1 else Dd)).to(x.dtype)
