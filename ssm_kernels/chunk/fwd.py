@@ -63,7 +63,7 @@ def _state_kernel(
         S = tl.load(h0_ptr + i_nh.to(tl.int64) * K * V + p_s, mask=m_s, other=0.).to(tl.float32)
     else:
         S = tl.zeros([BK, BV], dtype=tl.float32)
-    gsum = 0.
+    gsum = tl.zeros([], dtype=tl.float32)
     for i in range(tl.cdiv(eos - bos, BT)):
         if STORE_H:
             tl.store(h_ptr + ((base + i) * H + i_h) * K * V + p_s, S.to(h_ptr.dtype.element_ty),
@@ -88,7 +88,7 @@ def _state_kernel(
                                               DT, IEEE)
     tl.store(ht_ptr + i_nh.to(tl.int64) * K * V + p_s, S, mask=m_s)
     if SEG > 0 and GATE == 1:
-        if i_k == 0 and i_v == 0:
+        if (i_k == 0) & (i_v == 0):
             tl.store(gs_ptr + i_nh, gsum)
 
 
