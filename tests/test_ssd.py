@@ -261,6 +261,7 @@ def test_opcheck(backend):
     bargs = tuple(t.detach() for t in args[:6]) + (cu, torch.randn_like(y), torch.randn_like(ht),
                                                    backend)
     torch.library.opcheck(torch.ops.ssm_kernels.ssd_bwd, bargs)
+    torch.library.opcheck(torch.ops.ssm_kernels.ssd_bwd, bargs + (torch.randn(H, P, device=DEVICE),))
 
 
 def _compile_case(backend, device):

@@ -106,6 +106,9 @@ def _dv_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
     HAS_DH: tl.constexpr = True,    # False: only the intra-chunk part (the delta rule's dv_local)
     L2NORM: tl.constexpr = False,   # q, k rows L2-normalised (row scales after the K loop)
+    # SSD's skip y += D x (HAS_VS): D [H, V] f32; dx gains do D; dD_ptr [NCH, H, V] f32 gets the
+    # chunk's partial sum of do x (summed over chunks by the caller: deterministic)
+    D_ptr=None, dD_ptr=None, HAS_D: tl.constexpr = False,
 ):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hq = i_h // (H // HQ)
@@ -160,8 +163,13 @@ def _dv_kernel(
         # v = x * vs: dx = dv * vs, dvs = sum_v dv * x (one V tile covers all of V)
         b_x = load_rows(v_ptr, row, m_t, o_v, m_v, V)
         b_vs = tl.load(vs_ptr + row, mask=m_t, other=0.)
-        tl.store(dv_ptr + row[:, None] * V + o_v[None, :],
-                 (b_dv * b_vs[:, None]).to(dv_ptr.dtype.element_ty), mask=m_o)
+        b_dx = b_dv * b_vs[:, None]
+        if HAS_D:
+            b_dx += b_do * tl.load(D_ptr + i_h * V + o_v, mask=m_v, other=0.)[None, :]
+            tl.store(dD_ptr + (i_c.to(tl.int64) * H + i_h) * V + o_v, tl.sum(b_do * b_x, axis=0),
+                     mask=m_v)
+        tl.store(dv_ptr + row[:, None] * V + o_v[None, :], b_dx.to(dv_ptr.dtype.element_ty),
+                 mask=m_o)
         tl.store(dvs_ptr + row, tl.sum(b_dv * b_x, axis=1), mask=m_t)
     else:
         tl.store(dv_ptr + row[:, None] * V + o_v[None, :], b_dv.to(dv_ptr.dtype.element_ty),
@@ -246,11 +254,12 @@ def _dqk_kernel(
 
 
 def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Tensor] = None,
-              A: Optional[torch.Tensor] = None):
+              A: Optional[torch.Tensor] = None, D: Optional[torch.Tensor] = None):
     """Backward of `chunk_fwd` (same arguments), do [B, T, H, V], dht None or [N, H, K, V] float32.
     Returns (dq, dk, dv in the inputs' dtype, dg float32 like g (SSD: [B, T, H], the gradient of
     the log-decay vs * A) or None, dh0 float32 [N, H, K, V], dvs float32 [B, T, H] or None); with
-    vs, dv is the gradient of the unscaled v (x)."""
+    vs, dv is the gradient of the unscaled v (x). D ([H, V] float32, with vs; the forward's
+    o += D v): dv includes do D and a seventh result dD [H, V] float32 follows."""
     p = Plan(q, v, g, cu_seqlens, A is not None, common.BWD_CHUNK)
     m = p.meta
     d = _dummy(do)
@@ -273,10 +282,11 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Ten
     dv = common.poison(torch.empty_like(v))
     dvs = None if vs is None else common.poison(torch.empty_like(vs))
     BVd = max(16, triton.next_power_of_2(p.V)) if vs is not None else m["BV"]
+    dDp = None if D is None else common.poison(q.new_empty((p.NCH, p.H, p.V), dtype=torch.float32))
     _dv_kernel[(triton.cdiv(p.V, BVd), p.NCH, p.H)](
         q, k, v, do, gg, vsa, Aa, dh, a, dv, d if dvs is None else dvs, ct, cu,
         p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale), HAS_VS=vs is not None, BK=m["BK"], BV=BVd,
-        num_warps=4, **kw)
+        num_warps=4, D_ptr=D, dD_ptr=dDp, HAS_D=D is not None, **kw)
     if p.gate == 2:
         dq, dk, dg = gla.dqkg(p, q, k, v, do, g, h, dh, scale)
         return dq, dk, dv, dg, dh0, dvs
@@ -288,4 +298,6 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Ten
         q, k, v, do, gg, vsa, Aa, h, dh, dq, dk, d if dg is None else dg, ct, cu,
         p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale), HAS_VS=vs is not None, SUB=m["SUB"],
         BK=m["BKF"], BV=m["BV"], num_warps=8 if m["BKF"] >= 128 else 4, **kw)
+    if D is not None:
+        return dq, dk, dv, dg, dh0, dvs, dDp.sum(0)
     return dq, dk, dv, dg, dh0, dvs

@@ -83,13 +83,18 @@ def _(C, B, x, dt, A, h0, cu_seqlens, backend, D=None):
 
 @kernel_op("ssd_bwd", mutates_args=())
 def ssd_bwd_op(C: Tensor, B: Tensor, x: Tensor, dt: Tensor, A: Tensor, h0: Optional[Tensor],
-               cu_seqlens: Optional[Tensor], dy: Tensor, dht: Optional[Tensor], backend: str
-               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dC, dB, dx, ddt float32, dA float32, dh0 (empty when h0 is None))."""
+               cu_seqlens: Optional[Tensor], dy: Tensor, dht: Optional[Tensor], backend: str,
+               D: Optional[Tensor] = None
+               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dC, dB, dx, ddt float32, dA float32, dh0 (empty when h0 is None), dD [h, p]
+    (empty when D is None; dx then includes dy D))."""
+    dD = None
     if select("ssd", backend, x, B) == "triton":
         from ..chunk.bwd import chunk_bwd
-        dC, dB, dx, dg, dh0, ddt = chunk_bwd(C, B, x, None, h0, cu_seqlens, 1.0, dy, dht,
-                                             vs=dt, A=A)
+        r = chunk_bwd(C, B, x, None, h0, cu_seqlens, 1.0, dy, dht, vs=dt, A=A, D=D)
+        dC, dB, dx, dg, dh0, ddt = r[:6]
+        if D is not None:
+            dD = r[6]
         # g = dt * A: the decay's share of ddt, and dA summed over tokens (small [b, l, h] ops)
         ddt = ddt + dg * A
         dA = (dg * dt).sum((0, 1))
@@ -110,17 +115,22 @@ def ssd_bwd_op(C: Tensor, B: Tensor, x: Tensor, dt: Tensor, A: Tensor, h0: Optio
         dx = dv * dts[..., None]
         ddt = (dv * x.to(sd)).sum(-1) + dg * As
         dA = (dg * dts).sum((0, 1))
+        if D is not None:
+            dx = dx + dy.to(sd) * D.to(sd)
+            dD = (dy.to(sd) * x.to(sd)).sum((0, 1))
     if dh0 is None or h0 is None:
         dh0 = x.new_empty(0, dtype=_sd(x))
+    dD = x.new_empty(0, dtype=_sd(x)) if dD is None else dD.to(D.dtype).contiguous()
     return (dC.to(C.dtype).contiguous(), dB.to(B.dtype).contiguous(), dx.to(x.dtype).contiguous(),
-            ddt.to(dt.dtype).contiguous(), dA.to(A.dtype).contiguous(), dh0.contiguous())
+            ddt.to(dt.dtype).contiguous(), dA.to(A.dtype).contiguous(), dh0.contiguous(), dD)
 
 
 @ssd_bwd_op.register_fake
-def _(C, B, x, dt, A, h0, cu_seqlens, dy, dht, backend):
+def _(C, B, x, dt, A, h0, cu_seqlens, dy, dht, backend, D=None):
     dh0 = torch.empty_like(h0) if h0 is not None else x.new_empty(0, dtype=_sd(x))
+    dD = torch.empty_like(D) if D is not None else x.new_empty(0, dtype=_sd(x))
     return (torch.empty_like(C), torch.empty_like(B), torch.empty_like(x), torch.empty_like(dt),
-            torch.empty_like(A), dh0)
+            torch.empty_like(A), dh0, dD)
 
 
 def _setup_context(ctx, inputs, output):
@@ -134,13 +144,11 @@ def _backward(ctx, dy, dht):
     C, B, x, dt, A, h0, cu_seqlens, D = ctx.saved_tensors
     dy = torch.zeros_like(x) if dy is None else dy.contiguous()
     dht = None if dht is None else dht.contiguous()
-    dC, dB, dx, ddt, dA, dh0 = ssd_bwd_op(C, B, x, dt, A, h0, cu_seqlens, dy, dht, ctx.backend)
-    dD = None
-    if D is not None:       # y = core + D x: the core's gradient is dy; dx gains dy D
-        sd = _sd(x)
-        dx = (dx.to(sd) + dy.to(sd) * D).to(x.dtype)
-        dD = (dy.to(sd) * x.to(sd)).sum((0, 1)).to(D.dtype)
-    return dC, dB, dx, ddt, dA, (None if h0 is None else dh0), None, None, dD
+    # y = core + D x: the core's gradient is dy; the op's backward adds dy D to dx and returns dD
+    dC, dB, dx, ddt, dA, dh0, dD = ssd_bwd_op(C, B, x, dt, A, h0, cu_seqlens, dy, dht,
+                                              ctx.backend, D)
+    return (dC, dB, dx, ddt, dA, (None if h0 is None else dh0), None, None,
+            None if D is None else dD)
 
 
 ssd_fwd_op.register_autograd(_backward, setup_context=_setup_context)
