@@ -12,14 +12,8 @@ from ssm_kernels.delta_rule.reference import (delta_rule_bwd_ref, delta_rule_chu
 from ssm_kernels.testing import assert_close
 
 from conftest import kernel_backends
-from ssm_kernels.delta_rule import interface as _delta_interface
 
 
-@pytest.fixture(autouse=True)
-def _chunked_wy(monkeypatch):
-    """This file tests the chunked WY kernels behind chunk_* (opt-in in the library until they are
-    checked on a GPU); the default step-by-step path is what the fused_recurrent_* tests run."""
-    monkeypatch.setattr(_delta_interface, "CHUNKED_WY", True)
 
 TRITON = kernel_backends()          # ["triton"] under the interpreter (or on a GPU)
 DECAYS = {"weak": (0.0, 1e-3), "mid": (0.0, 1.0), "strong": (5.0, 10.0)}
