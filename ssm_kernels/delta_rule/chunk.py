@@ -46,11 +46,28 @@ STATE_BLOCK_V = None
 WY_TF32X3 = False
 # the inverse's 16x16 diagonal blocks by masked dots instead of 4-d register tensors (fallback)
 WY_INVERSE_DOTS = False
+# W, U stored in the input dtype (WU_FLOAT32=False): the inverse's own products still in tf32
+# and T float32 inside the kernel (True; fla's solve_tril precision), or in the input dtype too
+# (False: every WY operand rounded, session 4's WU_FLOAT32=False)
+WY_INVERSE_F32 = True
+# WY stage with fewer live registers: k reloaded after the inverse, the inverse's last step in
+# Horner form (D - N (D - N (D - N D)))
+WY_LEAN = False
+# the WY stage as two launches (fla's split): T (stored float32) by one kernel, W, U from it by a
+# light second one (+ T written and read, k read twice: ~0.2 GB at B4 T4096 H16)
+WY_SPLIT = False
+# warps of the WY stage (None: 8 at K >= 128, else 4); at 8 warps ptxas gives the kernel all 255
+# registers (one program per SM, 4096 programs at B4 T4096 H16: 31 serial waves)
+WY_WARPS = None
+# warps of the two delta scans (None: as the WY stage's default)
+STATE_WARPS = None
+# V tile of the output stage (None: the engine's BLOCK_V, 64; 128 computes q k^T once per chunk)
+OUT_BLOCK_V = None
 
 
 @triton.jit
 def tril_inverse(A, o_t, BT: tl.constexpr, WF32: tl.constexpr, DT: tl.constexpr,
-                 IEEE: tl.constexpr, INV_DOTS: tl.constexpr):
+                 IEEE: tl.constexpr, INV_DOTS: tl.constexpr, HORNER: tl.constexpr = False):
     """(I + A)^-1 for a strictly lower triangular float32 [BT, BT] A (BT = 32 or 64).
     INV_DOTS: the diagonal blocks by 15 masked [BT, BT] dots instead of the [BT/16, 16, 16]
     register form (a fallback should a compiler reject the 4-d reshapes; ~30 GFLOP more per
@@ -83,6 +100,13 @@ def tril_inverse(A, o_t, BT: tl.constexpr, WF32: tl.constexpr, DT: tl.constexpr,
         Df = tl.reshape(tl.where(eyeb[:, None, :, None], D[:, :, None, :], 0.), (BT, BT))
     L = tl.where(blk[:, None] > blk[None, :], A, 0.)
     N = mm_wy(Df, L, WF32, DT, IEEE)
+    if HORNER:
+        # (I + N)^-1 D = D - N (D - N (D - N D)) (N^NB = 0): the same 4 dependent dots, fewer
+        # live [BT, BT] tiles (D, N, X) than the power form
+        X = Df
+        for _ in tl.static_range(NB - 1):
+            X = Df - mm_wy(N, X, WF32, DT, IEEE)
+        return X
     if NB == 2:
         M = I - N
     else:
@@ -99,7 +123,8 @@ def _wy_fwd_kernel(
     T, NT, H, HQ, K, V,
     GATE: tl.constexpr, L2NORM: tl.constexpr, STORE_T, WF32: tl.constexpr,
     IS_VARLEN: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    DT: tl.constexpr, IEEE: tl.constexpr, INV_DOTS: tl.constexpr,
+    DT: tl.constexpr, IEEE: tl.constexpr, INV_DOTS: tl.constexpr, INV_F32: tl.constexpr,
+    LEAN: tl.constexpr = False, WU: tl.constexpr = True,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_hq = i_h // (H // HQ)
@@ -119,9 +144,24 @@ def _wy_fwd_kernel(
     KK = mm(b_k, tl.trans(b_k), DT, IEEE)
     A = tl.where(strict, b_beta[:, None] * KK
                  * tl.exp2(tl.where(strict, G[:, None] - G[None, :], float("-inf"))), 0.)
-    Tm = tril_inverse(A, o_t, BT, WF32, DT, IEEE, INV_DOTS)
+    Tm = tril_inverse(A, o_t, BT, INV_F32, DT, IEEE, INV_DOTS, LEAN)
     if STORE_T:
         tl.store(tm_ptr + row[:, None] * BT + o_t[None, :], Tm, mask=m_t[:, None])
+    if WU:
+        _wu_tile(Tm, k_ptr, v_ptr, w_ptr, u_ptr, t, row, i_hq, HQ, m_t, o_k, m_k, K, V, G, b_beta,
+                 b_k, L2NORM, WF32, BV, DT, IEEE, LEAN)
+
+
+@triton.jit
+def _wu_tile(Tm, k_ptr, v_ptr, w_ptr, u_ptr, t, row, i_hq, HQ, m_t, o_k, m_k, K, V, G, b_beta,
+             b_k, L2NORM: tl.constexpr, WF32: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+             IEEE: tl.constexpr, RELOAD: tl.constexpr):
+    """W = T diag(beta e^G) K, U = T diag(beta) V of one chunk (RELOAD: k loaded here)."""
+    if RELOAD:
+        # k again (an L2 hit) rather than a [BT, K] float32 tile live across the inverse
+        b_k = load_rows(k_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
+        if L2NORM:
+            b_k = l2norm_rows(b_k)
     b_w = mm_wy(Tm, b_k * (b_beta * tl.exp2(G))[:, None], WF32, DT, IEEE)
     tl.store(w_ptr + row[:, None] * K + o_k[None, :], b_w.to(w_ptr.dtype.element_ty),
              mask=m_t[:, None] & m_k[None, :])
@@ -132,6 +172,30 @@ def _wy_fwd_kernel(
         b_u = mm_wy(Tm, b_v * b_beta[:, None], WF32, DT, IEEE)
         tl.store(u_ptr + row[:, None] * V + o_v[None, :], b_u.to(u_ptr.dtype.element_ty),
                  mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _wu_kernel(
+    # WY_SPLIT: W, U from the stored T (Tm [TOK, H, BT] f32 of _wy_fwd_kernel with WU=False)
+    k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, tm_ptr, ct_ptr, cu_ptr,
+    T, NT, H, HQ, K, V,
+    GATE: tl.constexpr, L2NORM: tl.constexpr, WF32: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_hq = i_h // (H // HQ)
+    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    o_t = tl.arange(0, BT)
+    t = t0 + o_t
+    m_t = t < eos
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    row = t * H + i_h
+    b_beta = tl.load(beta_ptr + row, mask=m_t, other=0.).to(tl.float32)
+    G = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row, i_h, m_t, o_k, m_k, K, GATE, False, BT)
+    Tm = tl.load(tm_ptr + row[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.)
+    _wu_tile(Tm, k_ptr, v_ptr, w_ptr, u_ptr, t, row, i_hq, HQ, m_t, o_k, m_k, K, V, G, b_beta,
+             b_beta, L2NORM, WF32, BV, DT, IEEE, True)
 
 
 @triton.jit
@@ -234,6 +298,11 @@ def _plan(q, v, g, cu_seqlens):
     p.wdtype = torch.float32 if (WU_FLOAT32 or q.dtype == torch.float32) else q.dtype
     p.wf32 = (2 if WY_TF32X3 else 1) if p.wdtype == torch.float32 else 0
     p.warps = 8 if m["BKF"] >= 128 else 4
+    p.wy_warps = WY_WARPS or p.warps
+    p.state_warps = STATE_WARPS or p.warps
+    p.BVO = max(16, min(OUT_BLOCK_V, triton.next_power_of_2(p.V))) if OUT_BLOCK_V else m["BV"]
+    # the inverse in tf32 for 16-bit W, U (WF32 of the inverse alone)
+    p.inv_f32 = 1 if (p.wf32 == 0 and WY_INVERSE_F32) else p.wf32
     return p
 
 
@@ -244,14 +313,22 @@ def _wy(p, k, v, g, beta, l2, store_t):
     u = common.poison(k.new_empty((TOK, p.H, p.V), dtype=p.wdtype))
     # STORE_T is a runtime flag and the dummy is float32 like Tm: the forward (no T) and the
     # backward's recompute (T kept) share one compiled kernel
+    store_t = store_t or WY_SPLIT
     tm = k.new_empty((TOK, p.H, p.BT) if store_t else (1,), dtype=torch.float32)
     cu, _, ct = p.idx_args(w)
     d = _dummy(w)
+    gg = d if g is None else g
     _wy_fwd_kernel[(p.NCH, p.H)](
-        k, v, d if g is None else g, beta, w, u, tm, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
+        k, v, gg, beta, w, u, tm, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, L2NORM=l2, STORE_T=int(store_t), WF32=p.wf32,
         IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"],
-        INV_DOTS=WY_INVERSE_DOTS, num_warps=p.warps)
+        INV_DOTS=WY_INVERSE_DOTS, INV_F32=p.inv_f32, LEAN=WY_LEAN, WU=not WY_SPLIT,
+        num_warps=p.wy_warps)
+    if WY_SPLIT:
+        _wu_kernel[(p.NCH, p.H)](
+            k, v, gg, beta, w, u, tm, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
+            GATE=p.gate, L2NORM=l2, WF32=p.wf32, IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"],
+            BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], num_warps=4)
     return w, u, tm
 
 
@@ -269,7 +346,7 @@ def _states(p, k, w, u, g, h0, l2):
         GATE=p.gate, G_FROM_VS=False, HAS_VS=False, HAS_H0=h0 is not None, STORE_H=True,
         IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=p.BVs, DT=m["DT"], IEEE=m["IEEE"],
         w_ptr=w, vn_ptr=vn, DELTA=True, L2NORM=l2, WF32=p.wf32,
-        num_warps=p.warps, num_stages=1 if m["IEEE"] == 1 else 2)
+        num_warps=p.state_warps, num_stages=1 if m["IEEE"] == 1 else 2)
     return h, vn, ht
 
 
@@ -284,11 +361,11 @@ def chunk_delta_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool):
     o = common.poison(torch.empty_like(v))
     cu, _, ct = p.idx_args(ht)
     d = _dummy(ht)
-    _output_kernel[(triton.cdiv(p.V, m["BV"]), p.NCH, p.H)](
+    _output_kernel[(triton.cdiv(p.V, p.BVO), p.NCH, p.H)](
         q, k, vn, d if g is None else g, d, d, h, d, o, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
         float(scale), GATE=p.gate, G_FROM_VS=False, HAS_VS=False, IS_VARLEN=p.varlen,
-        BT=p.BT, BK=m["BK"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], L2NORM=l2,
-        num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
+        BT=p.BT, BK=m["BK"], BV=p.BVO, DT=m["DT"], IEEE=m["IEEE"], L2NORM=l2,
+        num_warps=4 if p.BVO <= 64 else 8, num_stages=1 if m["IEEE"] == 1 else 2)
     return o, ht
 
 
@@ -320,7 +397,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
         q, do, gg, d, d, d if dht is None else dht, dh, dh0, cu, co,
         p.T, p.H, p.HQ, p.K, p.V, float(scale), HAS_DHT=dht is not None, BK=m["BKF"], BV=p.BVs,
         k_ptr=k, w_ptr=w, dvl_ptr=dvl, dvn_ptr=dvn, DELTA=True, L2NORM=l2,
-        WF32=p.wf32, num_warps=p.warps,
+        WF32=p.wf32, num_warps=p.state_warps,
         num_stages=1 if m["IEEE"] == 1 else 2, **kw)   # 3 stages: 262 KB shared memory at BT=64
     # dq (final), dk of the normalised k and dg through the output and state terms (v := V')
     dq = common.poison(torch.empty_like(q))
