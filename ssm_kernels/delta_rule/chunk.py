@@ -56,6 +56,15 @@ WY_LEAN = False
 # the WY stage as two launches (fla's split): T (stored float32) by one kernel, W, U from it by a
 # light second one (+ T written and read, k read twice: ~0.2 GB at B4 T4096 H16)
 WY_SPLIT = False
+# with WU_FLOAT32=False: the scans' w S and w^T dV' still in tf32 against the float32 running
+# state (True), or with the state rounded to the input dtype (False, fla's choice: u - w S cancels,
+# so the state's rounding is relative to |w S|, not to |v_new|)
+SCAN_TF32 = False
+# with WU_FLOAT32=False: W, U still formed by tf32 products of the float32 T (only their storage
+# rounded)
+WU_TF32_PRODUCTS = False
+# with WU_FLOAT32=False: U stored float32 all the same (the other operand of that cancellation)
+U_FLOAT32 = False
 # warps of the WY stage (None: 8 at K >= 128, else 4); at 8 warps ptxas gives the kernel all 255
 # registers (one program per SM, 4096 programs at B4 T4096 H16: 31 serial waves)
 WY_WARPS = None
@@ -303,6 +312,11 @@ def _plan(q, v, g, cu_seqlens):
     p.BVO = max(16, min(OUT_BLOCK_V, triton.next_power_of_2(p.V))) if OUT_BLOCK_V else m["BV"]
     # the inverse in tf32 for 16-bit W, U (WF32 of the inverse alone)
     p.inv_f32 = 1 if (p.wf32 == 0 and WY_INVERSE_F32) else p.wf32
+    # the scans' products with the running state (w S, w^T dV') in tf32 on the float32 state even
+    # when w is stored in the input dtype
+    p.scan_wf32 = 1 if (p.wf32 == 0 and SCAN_TF32) else p.wf32
+    p.udtype = torch.float32 if U_FLOAT32 else p.wdtype
+    p.wu_wf32 = 1 if (p.wf32 == 0 and WU_TF32_PRODUCTS) else p.wf32
     return p
 
 
@@ -310,7 +324,7 @@ def _wy(p, k, v, g, beta, l2, store_t):
     m = p.meta
     TOK = p.B * p.T
     w = common.poison(k.new_empty((TOK, p.H, p.K), dtype=p.wdtype))
-    u = common.poison(k.new_empty((TOK, p.H, p.V), dtype=p.wdtype))
+    u = common.poison(k.new_empty((TOK, p.H, p.V), dtype=p.udtype))
     # STORE_T is a runtime flag and the dummy is float32 like Tm: the forward (no T) and the
     # backward's recompute (T kept) share one compiled kernel
     store_t = store_t or WY_SPLIT
@@ -320,14 +334,14 @@ def _wy(p, k, v, g, beta, l2, store_t):
     gg = d if g is None else g
     _wy_fwd_kernel[(p.NCH, p.H)](
         k, v, gg, beta, w, u, tm, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
-        GATE=p.gate, L2NORM=l2, STORE_T=int(store_t), WF32=p.wf32,
+        GATE=p.gate, L2NORM=l2, STORE_T=int(store_t), WF32=p.wu_wf32,
         IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"],
         INV_DOTS=WY_INVERSE_DOTS, INV_F32=p.inv_f32, LEAN=WY_LEAN, WU=not WY_SPLIT,
         num_warps=p.wy_warps)
     if WY_SPLIT:
         _wu_kernel[(p.NCH, p.H)](
             k, v, gg, beta, w, u, tm, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
-            GATE=p.gate, L2NORM=l2, WF32=p.wf32, IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"],
+            GATE=p.gate, L2NORM=l2, WF32=p.wu_wf32, IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"],
             BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], num_warps=4)
     return w, u, tm
 
@@ -345,7 +359,7 @@ def _states(p, k, w, u, g, h0, l2):
         p.T, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, G_FROM_VS=False, HAS_VS=False, HAS_H0=h0 is not None, STORE_H=True,
         IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=p.BVs, DT=m["DT"], IEEE=m["IEEE"],
-        w_ptr=w, vn_ptr=vn, DELTA=True, L2NORM=l2, WF32=p.wf32,
+        w_ptr=w, vn_ptr=vn, DELTA=True, L2NORM=l2, WF32=p.scan_wf32,
         num_warps=p.state_warps, num_stages=1 if m["IEEE"] == 1 else 2)
     return h, vn, ht
 
@@ -397,7 +411,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
         q, do, gg, d, d, d if dht is None else dht, dh, dh0, cu, co,
         p.T, p.H, p.HQ, p.K, p.V, float(scale), HAS_DHT=dht is not None, BK=m["BKF"], BV=p.BVs,
         k_ptr=k, w_ptr=w, dvl_ptr=dvl, dvn_ptr=dvn, DELTA=True, L2NORM=l2,
-        WF32=p.wf32, num_warps=p.state_warps,
+        WF32=p.scan_wf32, num_warps=p.state_warps,
         num_stages=1 if m["IEEE"] == 1 else 2, **kw)   # 3 stages: 262 KB shared memory at BT=64
     # dq (final), dk of the normalised k and dg through the output and state terms (v := V')
     dq = common.poison(torch.empty_like(q))
