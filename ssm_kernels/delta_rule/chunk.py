@@ -68,7 +68,8 @@ U_FLOAT32 = False
 # warps of the WY stage (None: 8 at K >= 128, else 4); at 8 warps ptxas gives the kernel all 255
 # registers (one program per SM, 4096 programs at B4 T4096 H16: 31 serial waves)
 WY_WARPS = None
-# warps of the two delta scans (None: as the WY stage's default)
+# warps of the forward's state scan (None: as the WY stage's default; the state-gradient scan
+# keeps 8 at K = 128: at 4 it spills 1.1 KB on sm_90)
 STATE_WARPS = None
 # V tile of the output stage (None: the engine's BLOCK_V, 64; 128 computes q k^T once per chunk)
 OUT_BLOCK_V = None
@@ -411,7 +412,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
         q, do, gg, d, d, d if dht is None else dht, dh, dh0, cu, co,
         p.T, p.H, p.HQ, p.K, p.V, float(scale), HAS_DHT=dht is not None, BK=m["BKF"], BV=p.BVs,
         k_ptr=k, w_ptr=w, dvl_ptr=dvl, dvn_ptr=dvn, DELTA=True, L2NORM=l2,
-        WF32=p.scan_wf32, num_warps=p.state_warps,
+        WF32=p.scan_wf32, num_warps=p.warps,
         num_stages=1 if m["IEEE"] == 1 else 2, **kw)   # 3 stages: 262 KB shared memory at BT=64
     # dq (final), dk of the normalised k and dg through the output and state terms (v := V')
     dq = common.poison(torch.empty_like(q))
