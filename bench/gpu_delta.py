@@ -17,7 +17,8 @@
 4. Variants (env VARIANTS, default `DEFAULT_VARIANTS`): knob settings of delta_rule/chunk.py, each
    checked (gated, B1 T1024 H2 HV4, l2norm, bf16, the same rule) then timed fwd / fwd+bwd with
    its forward stages. VARIANTS="name:KNOB=VAL,KNOB=VAL;name2:..." (values Python literals).
-Env: STEPS (default "check,time,stages,variants"), QUICK=1 (no peers, first shape only),
+Env: STEPS (default "check,time,stages,variants"), QUICK=1 (no peers, first shape only), GVA=0
+(the main shape only, with the peers),
 BUDGET_S (default 190: later steps are skipped past it, the table is always printed).
 Prints the table last; writes CSV rows to $OUT/gpu_delta.csv when $OUT is set.
 """
@@ -57,18 +58,18 @@ BUDGET_S = float(os.environ.get("BUDGET_S", "190"))
 STEPS = os.environ.get("STEPS", "check,time,stages,variants").split(",")
 # knob settings of ssm_kernels/delta_rule/chunk.py A/B'd against the defaults (bench/NOTES.md,
 # "Delta rule: where the forward's time goes")
-DEFAULT_VARIANTS = (
-    "lean4:WY_LEAN=True,WY_WARPS=4;"
+DEFAULT_VARIANTS = (   # most telling first: the budget may cut the tail
+    "split-bf16st-ov128:WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,WU_FLOAT32=False,"
+    "WU_TF32_PRODUCTS=True,SCAN_TF32=True,OUT_BLOCK_V=128;"
+    "split-flaprec-sw4-ov128:WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,WU_FLOAT32=False,"
+    "STATE_WARPS=4,OUT_BLOCK_V=128;"
     "split:WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4;"
+    "lean4:WY_LEAN=True,WY_WARPS=4;"
     "split-bf16st:WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,WU_FLOAT32=False,WU_TF32_PRODUCTS=True,"
     "SCAN_TF32=True;"
     "split-bf16st-u32:WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,WU_FLOAT32=False,"
     "WU_TF32_PRODUCTS=True,SCAN_TF32=True,U_FLOAT32=True;"
-    "split-fla-prec:WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,WU_FLOAT32=False;"
-    "split-bf16st-ov128:WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,WU_FLOAT32=False,"
-    "WU_TF32_PRODUCTS=True,SCAN_TF32=True,OUT_BLOCK_V=128;"
-    "split-fla-prec-sw4-ov128:WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,WU_FLOAT32=False,"
-    "STATE_WARPS=4,OUT_BLOCK_V=128;"
+    "split-flaprec:WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,WU_FLOAT32=False;"
     "inv-dots:WY_INVERSE_DOTS=True")
 
 
@@ -333,7 +334,8 @@ def main():
 
     quick = os.environ.get("QUICK", "0") == "1"   # no peers, first shape only
     fla = {} if quick else fla_ops(l2=False)
-    shapes = [(4, 4096, 16, 16)] + ([] if quick else [(1, 32768, 4, 16)])
+    gva = os.environ.get("GVA", "1") != "0"   # GVA=0: the main shape only
+    shapes = [(4, 4096, 16, 16)] + ([] if quick or not gva else [(1, 32768, 4, 16)])
     B, T, H, HV = shapes[0]
     case = f"B{B} T{T} H{H} HV{HV} K=V=128"
     make = lambda req: inputs(B, T, H, HV, 128, 128, True, req=req, l2=False)  # noqa: E731
