@@ -50,8 +50,9 @@ WY_INVERSE_DOTS = False
 # and T float32 inside the kernel (True; fla's solve_tril precision), or in the input dtype too
 # (False: every WY operand rounded, session 4's WU_FLOAT32=False)
 WY_INVERSE_F32 = True
-# WY stage with fewer live registers: k reloaded after the inverse, the inverse's last step in
-# Horner form (D - N (D - N (D - N D)))
+# WY stages with fewer live registers: forward: k reloaded after the inverse, the inverse's last
+# step in Horner form (D - N (D - N (D - N D))); backward: k, k k^T and the engine's dk loaded or
+# formed where used, the group's value heads unrolled
 WY_LEAN = False
 # the WY stage as two launches (fla's split): T (stored float32) by one kernel, W, U from it by a
 # light second one (+ T written and read, k read twice: ~0.2 GB at B4 T4096 H16)
@@ -209,6 +210,85 @@ def _wu_kernel(
 
 
 @triton.jit
+def _k_unit_rows(k_ptr, row_q, m_t, o_k, m_k, K, L2NORM: tl.constexpr):
+    """k rows (L2-normalised when asked) and the reciprocal norms (1 without L2NORM)."""
+    b_k = load_rows(k_ptr, row_q, m_t, o_k, m_k, K)
+    if L2NORM:
+        r_k = 1. / tl.sqrt(tl.sum(b_k * b_k, axis=1) + 1e-6)
+    else:
+        r_k = tl.full([b_k.shape[0]], 1., tl.float32)
+    return b_k * r_k[:, None], r_k
+
+
+@triton.jit
+def _wy_bwd_head(
+    b_k, KK, k_ptr, row_q, v_ptr, g_ptr, beta_ptr, tm_ptr, h_ptr, dvn_ptr, dge_ptr, dv_ptr,
+    dbeta_ptr, dg_ptr, i_c, i_h, t, m_t, o_t, o_k, m_k, Kc, H, K, V,
+    GATE: tl.constexpr, L2NORM: tl.constexpr, WF32: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    LEAN: tl.constexpr,
+):
+    """One value head's part of the WY backward: stores dv, dbeta, dg; returns its dk term.
+    LEAN: b_k and KK are not passed (not live through the V loops): k is loaded again after the
+    first V loop and k k^T formed there."""
+    strict = o_t[:, None] > o_t[None, :]
+    row = t * H + i_h
+    b_beta = tl.load(beta_ptr + row, mask=m_t, other=0.).to(tl.float32)
+    G = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row, i_h, m_t, o_k, m_k, K, GATE, False, BT)
+    b_bg = b_beta * tl.exp2(G)
+    # T^T loaded transposed (no dot consumes a transposed dot result)
+    Tt = tl.load(tm_ptr + row[None, :] * BT + o_t[:, None], mask=m_t[None, :], other=0.)
+    p_h = h_ptr + (i_c.to(tl.int64) * H + i_h) * K * V
+    dW = tl.zeros([BT, BK], dtype=tl.float32)
+    dT = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_dvn = load_rows(dvn_ptr, row, m_t, o_v, m_v, V)
+        b_hT = tl.load(p_h + o_k[None, :] * V + o_v[:, None],
+                       mask=(o_k < Kc)[None, :] & m_v[:, None], other=0.)
+        b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
+        dW -= mm_wy(b_dvn, b_hT, WF32, DT, IEEE)                           # -dV' S^T
+        dT += mm_wy(b_dvn, tl.trans(b_v * b_beta[:, None]), WF32, DT, IEEE)  # dU Y^T
+    if LEAN:
+        b_k, _ = _k_unit_rows(k_ptr, row_q, m_t, o_k, m_k, K, L2NORM)
+    dT += mm_wy(dW, tl.trans(b_k * b_bg[:, None]), WF32, DT, IEEE)          # dW X^T
+    dX = mm_wy(Tt, dW, WF32, DT, IEEE)
+    b_db = tl.zeros([BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_dvn = load_rows(dvn_ptr, row, m_t, o_v, m_v, V)
+        b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
+        dY = mm_wy(Tt, b_dvn, WF32, DT, IEEE)
+        tl.store(dv_ptr + row[:, None] * V + o_v[None, :],
+                 (dY * b_beta[:, None]).to(dv_ptr.dtype.element_ty),
+                 mask=m_t[:, None] & m_v[None, :])
+        b_db += tl.sum(dY * b_v, axis=1)
+    # dA = -T^T dT T^T on the strictly lower part; A_ij = beta_i e^(G_i - G_j) k_i . k_j
+    dA = -mm_wy(mm_wy(Tt, dT, WF32, DT, IEEE), Tt, WF32, DT, IEEE)
+    dAE = tl.where(strict, dA * tl.exp2(tl.where(strict, G[:, None] - G[None, :],
+                                                 float("-inf"))), 0.)
+    if LEAN:
+        KK = mm(b_k, tl.trans(b_k), DT, IEEE)
+    P = dAE * KK
+    Bm = dAE * b_beta[:, None]
+    xk = tl.sum(dX * b_k, axis=1)
+    b_db += tl.sum(P, axis=1) + tl.exp2(G) * xk
+    tl.store(dbeta_ptr + row, b_db, mask=m_t)
+    if GATE == 1:
+        Q = P * b_beta[:, None]
+        dG = tl.sum(Q, axis=1) - tl.sum(Q, axis=0) + b_bg * xk
+        dg = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG           # sum over s >= t
+        dg += tl.load(dge_ptr + row, mask=m_t, other=0.)
+        tl.store(dg_ptr + row, dg, mask=m_t)
+    # dk_i += sum_j Bm_ij k_j + sum_j Bm_ji k_j + beta_i e^G_i dX_i (the second term as the
+    # transpose of k^T Bm: a transposed dot result only in an elementwise sum)
+    return (mm_wy(Bm, b_k, WF32, DT, IEEE) + tl.trans(mm_wy(tl.trans(b_k), Bm, WF32, DT, IEEE))
+            + dX * b_bg[:, None])
+
+
+@triton.jit
 def _wy_bwd_kernel(
     # k [TOK, HQ, K]; v [TOK, H, V]; g [TOK, H] f32; beta [TOK, H]; Tm [TOK, H, BT] f32;
     # h [NCH, H, K, V]; dvn [TOK, H, V] the gradient of V'; dke [TOK, HQ, K] f32 the engine's dk
@@ -219,7 +299,10 @@ def _wy_bwd_kernel(
     T, NT, H, HQ, K, V,
     GATE: tl.constexpr, L2NORM: tl.constexpr, WF32: tl.constexpr, IS_VARLEN: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    LEAN: tl.constexpr = False, GR: tl.constexpr = 1,
 ):
+    """LEAN: the value heads of the group unrolled (GR = H // HQ, constexpr), k and the engine's
+    dk loaded where they are used, so no [BT, K] float32 tile is live through the V loops."""
     i_c, i_hq = tl.program_id(0), tl.program_id(1)
     t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
     o_t = tl.arange(0, BT)
@@ -230,67 +313,28 @@ def _wy_bwd_kernel(
     Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
     row_q = t * HQ + i_hq
     m_tk = m_t[:, None] & m_k[None, :]
-    b_k = load_rows(k_ptr, row_q, m_t, o_k, m_k, K)
-    if L2NORM:
-        r_k = 1. / tl.sqrt(tl.sum(b_k * b_k, axis=1) + 1e-6)
-        b_k = b_k * r_k[:, None]
-    strict = o_t[:, None] > o_t[None, :]
-    KK = mm(b_k, tl.trans(b_k), DT, IEEE)
-    b_dk = load_rows(dke_ptr, row_q, m_t, o_k, m_k, K)
-    GR = H // HQ
-    for j in range(GR):
-        i_h = i_hq * GR + j
-        row = t * H + i_h
-        b_beta = tl.load(beta_ptr + row, mask=m_t, other=0.).to(tl.float32)
-        G = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row, i_h, m_t, o_k, m_k, K, GATE, False, BT)
-        b_bg = b_beta * tl.exp2(G)
-        # T^T loaded transposed (no dot consumes a transposed dot result)
-        Tt = tl.load(tm_ptr + row[None, :] * BT + o_t[:, None], mask=m_t[None, :], other=0.)
-        X = b_k * b_bg[:, None]
-        p_h = h_ptr + (i_c.to(tl.int64) * H + i_h) * K * V
-        dW = tl.zeros([BT, BK], dtype=tl.float32)
-        dT = tl.zeros([BT, BT], dtype=tl.float32)
-        for i_v in range(tl.cdiv(V, BV)):
-            o_v = i_v * BV + tl.arange(0, BV)
-            m_v = o_v < V
-            b_dvn = load_rows(dvn_ptr, row, m_t, o_v, m_v, V)
-            b_hT = tl.load(p_h + o_k[None, :] * V + o_v[:, None],
-                           mask=(o_k < Kc)[None, :] & m_v[:, None], other=0.)
-            b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
-            dW -= mm_wy(b_dvn, b_hT, WF32, DT, IEEE)                           # -dV' S^T
-            dT += mm_wy(b_dvn, tl.trans(b_v * b_beta[:, None]), WF32, DT, IEEE)  # dU Y^T
-        dT += mm_wy(dW, tl.trans(X), WF32, DT, IEEE)                           # dW X^T
-        dX = mm_wy(Tt, dW, WF32, DT, IEEE)
-        b_db = tl.zeros([BT], dtype=tl.float32)
-        for i_v in range(tl.cdiv(V, BV)):
-            o_v = i_v * BV + tl.arange(0, BV)
-            m_v = o_v < V
-            b_dvn = load_rows(dvn_ptr, row, m_t, o_v, m_v, V)
-            b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
-            dY = mm_wy(Tt, b_dvn, WF32, DT, IEEE)
-            tl.store(dv_ptr + row[:, None] * V + o_v[None, :],
-                     (dY * b_beta[:, None]).to(dv_ptr.dtype.element_ty),
-                     mask=m_t[:, None] & m_v[None, :])
-            b_db += tl.sum(dY * b_v, axis=1)
-        # dA = -T^T dT T^T on the strictly lower part; A_ij = beta_i e^(G_i - G_j) k_i . k_j
-        dA = -mm_wy(mm_wy(Tt, dT, WF32, DT, IEEE), Tt, WF32, DT, IEEE)
-        dAE = tl.where(strict, dA * tl.exp2(tl.where(strict, G[:, None] - G[None, :],
-                                                     float("-inf"))), 0.)
-        P = dAE * KK
-        Bm = dAE * b_beta[:, None]
-        xk = tl.sum(dX * b_k, axis=1)
-        b_db += tl.sum(P, axis=1) + tl.exp2(G) * xk
-        # dk_i += sum_j Bm_ij k_j + sum_j Bm_ji k_j + beta_i e^G_i dX_i (the second term as the
-        # transpose of k^T Bm: a transposed dot result only in an elementwise sum)
-        b_dk += (mm_wy(Bm, b_k, WF32, DT, IEEE) + tl.trans(mm_wy(tl.trans(b_k), Bm, WF32, DT, IEEE))
-                 + dX * b_bg[:, None])
-        tl.store(dbeta_ptr + row, b_db, mask=m_t)
-        if GATE == 1:
-            Q = P * b_beta[:, None]
-            dG = tl.sum(Q, axis=1) - tl.sum(Q, axis=0) + b_bg * xk
-            dg = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG           # sum over s >= t
-            dg += tl.load(dge_ptr + row, mask=m_t, other=0.)
-            tl.store(dg_ptr + row, dg, mask=m_t)
+    if LEAN:
+        for j in tl.static_range(GR):
+            d_j = _wy_bwd_head(
+                o_t, o_t, k_ptr, row_q, v_ptr, g_ptr, beta_ptr, tm_ptr, h_ptr, dvn_ptr, dge_ptr,
+                dv_ptr, dbeta_ptr, dg_ptr, i_c, i_hq * GR + j, t, m_t, o_t, o_k, m_k, Kc, H, K, V,
+                GATE, L2NORM, WF32, BT, BK, BV, DT, IEEE, True)
+            if j == 0:
+                b_dk = d_j
+            else:
+                b_dk += d_j
+        b_dk += load_rows(dke_ptr, row_q, m_t, o_k, m_k, K)
+        b_k, r_k = _k_unit_rows(k_ptr, row_q, m_t, o_k, m_k, K, L2NORM)
+    else:
+        b_k, r_k = _k_unit_rows(k_ptr, row_q, m_t, o_k, m_k, K, L2NORM)
+        KK = mm(b_k, tl.trans(b_k), DT, IEEE)
+        b_dk = load_rows(dke_ptr, row_q, m_t, o_k, m_k, K)
+        GRR = H // HQ
+        for j in range(GRR):
+            b_dk += _wy_bwd_head(
+                b_k, KK, k_ptr, row_q, v_ptr, g_ptr, beta_ptr, tm_ptr, h_ptr, dvn_ptr, dge_ptr,
+                dv_ptr, dbeta_ptr, dg_ptr, i_c, i_hq * GRR + j, t, m_t, o_t, o_k, m_k, Kc, H, K,
+                V, GATE, L2NORM, WF32, BT, BK, BV, DT, IEEE, False)
     if L2NORM:
         b_dk = r_k[:, None] * (b_dk - b_k * tl.sum(b_k * b_dk, axis=1)[:, None])
     tl.store(dk_ptr + row_q[:, None] * K + o_k[None, :], b_dk.to(dk_ptr.dtype.element_ty),
@@ -432,6 +476,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
         k, v, gg, beta, tm, h, dvn, dke, dge, dk, dv, dbeta, d if dg is None else dg, ct, cu,
         p.T, p.NT, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, L2NORM=l2, WF32=min(p.wf32, 1), IS_VARLEN=p.varlen, BT=p.BT,
-        BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], num_warps=p.warps,
+        BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], LEAN=WY_LEAN,
+        GR=p.H // p.HQ if WY_LEAN else 1, num_warps=p.warps,
         num_stages=1)   # 3 stages of the V loops: 262 KB of shared memory at BT=64 (> 227 KB)
     return dq, dk, dv, dg, dbeta, dh0
