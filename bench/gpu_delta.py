@@ -367,7 +367,9 @@ def main():
             torch.cuda.empty_cache()
 
     if "variants" in STEPS:
-        for name, knobs in parse_variants(os.environ.get("VARIANTS", DEFAULT_VARIANTS)):
+        mk0 = lambda req: inputs(B, T, H, HV, 128, 128, False, req=req, l2=False)  # noqa: E731
+        for iv, (name, knobs) in enumerate(parse_variants(os.environ.get("VARIANTS",
+                                                                         DEFAULT_VARIANTS))):
             if over_budget(f"variant {name}"):
                 continue
             saved = {kk: getattr(wy, kk) for kk in knobs}
@@ -382,6 +384,9 @@ def main():
                 bench("chunk_gated_delta_rule", case, f"ssm_kernels [{name}]"
                       + ("" if good else " CHECK FAILED"), ours("chunk_gated_delta_rule", l2=False),
                       make)
+                if iv == 0:   # the first variant against fla's full fwd+bwd (ungated: it runs)
+                    bench("chunk_delta_rule", case, f"ssm_kernels [{name}]",
+                          ours("chunk_delta_rule", l2=False), mk0)
                 stage_times(name)
             except Exception:  # noqa: BLE001
                 traceback.print_exc()
