@@ -436,9 +436,9 @@ WY_VARIANTS = {"lean": dict(WY_LEAN=True), "split": dict(WY_SPLIT=True),
 @pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("variant", sorted(WY_VARIANTS))
 def test_triton_chunk_wy_variants(backend, variant, monkeypatch):
-    """Each variant: float32 varlen GVA case (poisoned outputs; BT=32, the Horner form's one step)
-    against the float64 recurrence, then the GPU's BT=64 tiles in float16 (the Horner form's three
-    steps) within the 16-bit bound, every gradient."""
+    """Each variant (the knobs act on 16-bit inputs): float16 varlen GVA case with HV = 3H
+    (poisoned outputs; BT=32, the Horner form's one step), then the GPU's BT=64 tiles (the Horner
+    form's three steps), every gradient within the 16-bit bound of the float64 recurrence."""
     from ssm_kernels.chunk import common
     from ssm_kernels.delta_rule import chunk as wy
     for name, val in WY_VARIANTS[variant].items():
@@ -446,11 +446,11 @@ def test_triton_chunk_wy_variants(backend, variant, monkeypatch):
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
     d = lambda x: x.double()
     names = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
-    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(*CHUNK_CASES[2])
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(*CHUNK_CASES[2], dtype=torch.float16)
     out = _chunk_run(_kernel_fn(True, backend), q, k, v, g, beta, h0, cu, True, cots)
     ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), cu, True, cots)
-    _judge_chunk(out, ref, [None] * len(out), names, torch.float32,
-                 F.normalize(q.double(), dim=-1, eps=0))
+    low = _chunk_run(_ref_fn, q, k, v, g, beta, h0, cu, True, cots)
+    _judge_chunk(out, ref, low, names, torch.float16, F.normalize(q.double(), dim=-1, eps=0))
     monkeypatch.setattr(common, "triton_interpret", lambda: False)
     q, k, v, g, beta, h0, cu, cots = _chunk_inputs(True, True, 1, 80, 1, 2, 16, 16, None,
                                                    dtype=torch.float16)

@@ -352,8 +352,13 @@ def _plan(q, v, g, cu_seqlens):
     p.wdtype = torch.float32 if (WU_FLOAT32 or q.dtype == torch.float32) else q.dtype
     p.wf32 = (2 if WY_TF32X3 else 1) if p.wdtype == torch.float32 else 0
     p.warps = 8 if m["BKF"] >= 128 else 4
-    p.wy_warps = WY_WARPS or p.warps
-    p.state_warps = STATE_WARPS or p.warps
+    # the speed knobs below act on 16-bit inputs only: float32 runs ieee dots (FMA loops), where
+    # ptxas already assembles the scans at 32 registers, and LEAN's unrolled backward spilled
+    # 15 KB there (the correctness path, not the fast one)
+    fast = q.dtype != torch.float32
+    p.lean, p.split = WY_LEAN and fast, WY_SPLIT and fast
+    p.wy_warps = (WY_WARPS if fast else None) or p.warps
+    p.state_warps = (STATE_WARPS if fast else None) or p.warps
     p.BVO = max(16, min(OUT_BLOCK_V, triton.next_power_of_2(p.V))) if OUT_BLOCK_V else m["BV"]
     # the inverse in tf32 for 16-bit W, U (WF32 of the inverse alone)
     p.inv_f32 = 1 if (p.wf32 == 0 and WY_INVERSE_F32) else p.wf32
@@ -372,7 +377,7 @@ def _wy(p, k, v, g, beta, l2, store_t):
     u = common.poison(k.new_empty((TOK, p.H, p.V), dtype=p.udtype))
     # STORE_T is a runtime flag and the dummy is float32 like Tm: the forward (no T) and the
     # backward's recompute (T kept) share one compiled kernel
-    store_t = store_t or WY_SPLIT
+    store_t = store_t or p.split
     tm = k.new_empty((TOK, p.H, p.BT) if store_t else (1,), dtype=torch.float32)
     cu, _, ct = p.idx_args(w)
     d = _dummy(w)
@@ -381,9 +386,9 @@ def _wy(p, k, v, g, beta, l2, store_t):
         k, v, gg, beta, w, u, tm, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, L2NORM=l2, STORE_T=int(store_t), WF32=p.wu_wf32,
         IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"],
-        INV_DOTS=WY_INVERSE_DOTS, INV_F32=p.inv_f32, LEAN=WY_LEAN, WU=not WY_SPLIT,
+        INV_DOTS=WY_INVERSE_DOTS, INV_F32=p.inv_f32, LEAN=p.lean, WU=not p.split,
         num_warps=p.wy_warps)
-    if WY_SPLIT:
+    if p.split:
         _wu_kernel[(p.NCH, p.H)](
             k, v, gg, beta, w, u, tm, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
             GATE=p.gate, L2NORM=l2, WF32=p.wu_wf32, IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"],
@@ -476,7 +481,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
         k, v, gg, beta, tm, h, dvn, dke, dge, dk, dv, dbeta, d if dg is None else dg, ct, cu,
         p.T, p.NT, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, L2NORM=l2, WF32=min(p.wf32, 1), IS_VARLEN=p.varlen, BT=p.BT,
-        BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], LEAN=WY_LEAN,
-        GR=p.H // p.HQ if WY_LEAN else 1, num_warps=p.warps,
+        BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], LEAN=p.lean,
+        GR=p.H // p.HQ if p.lean else 1, num_warps=p.warps,
         num_stages=1)   # 3 stages of the V loops: 262 KB of shared memory at BT=64 (> 227 KB)
     return dq, dk, dv, dg, dbeta, dh0
