@@ -387,6 +387,11 @@ def main():
                 if iv == 0:   # the first variant against fla's full fwd+bwd (ungated: it runs)
                     bench("chunk_delta_rule", case, f"ssm_kernels [{name}]",
                           ours("chunk_delta_rule", l2=False), mk0)
+                    try:   # and its kernels (the backward's split)
+                        kernel_profile(f"ours [{name}]", ours("chunk_gated_delta_rule", False),
+                                       make, False)
+                    except Exception as e:  # noqa: BLE001
+                        log("profile failed:", repr(e)[:160])
                 stage_times(name)
             except Exception:  # noqa: BLE001
                 traceback.print_exc()
