@@ -55,6 +55,7 @@ COPY_GBS = 4270.0          # H200 copy bandwidth (DESIGN.md), for the byte floor
 ROWS = []                  # (section, case, impl, mode, ms, note)
 T0 = time.time()
 BUDGET_S = float(os.environ.get("BUDGET_S", "190"))
+KDEV = "CUDA"             # kernel_profile: events of this device type (tests: CPU)
 STEPS = os.environ.get("STEPS", "check,time,stages,variants").split(",")
 # knob settings of ssm_kernels/delta_rule/chunk.py A/B'd against the defaults (bench/NOTES.md,
 # "Delta rule: where the forward's time goes")
@@ -262,11 +263,9 @@ def kernel_profile(label, f, make, fwd_only):
         torch.cuda.synchronize()
     agg = {}
     for e in prof.events():
-        if e.device_type.name != "CUDA":
+        if e.device_type.name != KDEV:
             continue
-        # a device-side event's own duration (us); cuda_time_total before torch's rename
-        us = getattr(e, "device_time_total", None)
-        us = e.cuda_time_total if us is None else us
+        us = e.time_range.elapsed_us()     # a device-side event: the kernel's own duration
         a = agg.setdefault(e.name[:60], [0, 0.0])
         a[0] += 1
         a[1] += us
