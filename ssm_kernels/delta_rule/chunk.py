@@ -50,9 +50,11 @@ WY_INVERSE_DOTS = False
 # and T float32 inside the kernel (True; fla's solve_tril precision), or in the input dtype too
 # (False: every WY operand rounded, session 4's WU_FLOAT32=False)
 WY_INVERSE_F32 = True
-# WY stages with fewer live registers: forward: k reloaded after the inverse, the inverse's last
-# step in Horner form (D - N (D - N (D - N D))); backward: k, k k^T and the engine's dk loaded or
-# formed where used, the group's value heads unrolled
+# WY stages with fewer live registers and barriers: forward: the substitution loop reads rows of
+# the transposed diagonal blocks (sm_90: 0 BAR.SYNC and 0 shared-memory accesses per step, from 6
+# and 9), the inverse's last step in Horner form (D - N (D - N (D - N D))), k reloaded after the
+# inverse; backward: k, k k^T and the engine's dk loaded or formed where used, the group's value
+# heads unrolled
 WY_LEAN = False
 # the WY stage as two launches (fla's split): T (stored float32) by one kernel, W, U from it by a
 # light second one (+ T written and read, k read twice: ~0.2 GB at B4 T4096 H16)
@@ -78,10 +80,10 @@ OUT_BLOCK_V = None
 
 @triton.jit
 def tril_inverse(A, o_t, BT: tl.constexpr, WF32: tl.constexpr, DT: tl.constexpr,
-                 IEEE: tl.constexpr, INV_DOTS: tl.constexpr, HORNER: tl.constexpr = False):
+                 IEEE: tl.constexpr, INV_DOTS: tl.constexpr, LEAN: tl.constexpr = False):
     """(I + A)^-1 for a strictly lower triangular float32 [BT, BT] A (BT = 32 or 64).
-    INV_DOTS: the diagonal blocks by 15 masked [BT, BT] dots instead of the [BT/16, 16, 16]
-    register form (a fallback should a compiler reject the 4-d reshapes; ~30 GFLOP more per
+    LEAN: see WY_LEAN. INV_DOTS: the diagonal blocks by 15 masked [BT, BT] dots instead of the
+    [BT/16, 16, 16] register form (a fallback should a compiler reject the 4-d reshapes; ~30 GFLOP more per
     B4 T4096 H16 forward)."""
     NB: tl.constexpr = BT // 16
     blk = o_t // 16
@@ -103,15 +105,22 @@ def tril_inverse(A, o_t, BT: tl.constexpr, WF32: tl.constexpr, DT: tl.constexpr,
         # a runtime loop, not tl.static_range: unrolled, its 15 [NB, 16, 16] steps were most of
         # the kernel's compile time (bench/compile_audit.py; each step is register work, the
         # loop's overhead is a counter)
+        if LEAN:
+            # Ad transposed once: row r is then taken by a reduction over axis 2, which leaves it
+            # indexed by m along axis 1, where D's rows are (no layout conversion per step)
+            AdT = tl.permute(Ad, (0, 2, 1))
         for r in range(1, 16):
             # row r of every block: D_r = e_r - sum_{m < r} A_rm D_m (rows m < r already final)
-            a_r = tl.sum(tl.where((o16 == r)[None, :, None], Ad, 0.), axis=1)  # [NB, 16] over m
+            if LEAN:
+                a_r = tl.sum(tl.where((o16 == r)[None, None, :], AdT, 0.), axis=2)
+            else:
+                a_r = tl.sum(tl.where((o16 == r)[None, :, None], Ad, 0.), axis=1)  # [NB, 16] (m)
             new = tl.where(o16 == r, 1., 0.)[None, :] - tl.sum(a_r[:, :, None] * D, axis=1)
             D = tl.where((o16 == r)[None, :, None], new[:, None, :], D)
         Df = tl.reshape(tl.where(eyeb[:, None, :, None], D[:, :, None, :], 0.), (BT, BT))
     L = tl.where(blk[:, None] > blk[None, :], A, 0.)
     N = mm_wy(Df, L, WF32, DT, IEEE)
-    if HORNER:
+    if LEAN:
         # (I + N)^-1 D = D - N (D - N (D - N D)) (N^NB = 0): the same 4 dependent dots, fewer
         # live [BT, BT] tiles (D, N, X) than the power form
         X = Df
