@@ -83,8 +83,8 @@ def tril_inverse(A, o_t, BT: tl.constexpr, WF32: tl.constexpr, DT: tl.constexpr,
                  IEEE: tl.constexpr, INV_DOTS: tl.constexpr, LEAN: tl.constexpr = False):
     """(I + A)^-1 for a strictly lower triangular float32 [BT, BT] A (BT = 32 or 64).
     LEAN: see WY_LEAN. INV_DOTS: the diagonal blocks by 15 masked [BT, BT] dots instead of the
-    [BT/16, 16, 16] register form (a fallback should a compiler reject the 4-d reshapes; ~30 GFLOP more per
-    B4 T4096 H16 forward)."""
+    [BT/16, 16, 16] register form (a fallback should a compiler reject the 4-d reshapes; ~30
+    GFLOP more per B4 T4096 H16 forward)."""
     NB: tl.constexpr = BT // 16
     blk = o_t // 16
     I = tl.where(o_t[:, None] == o_t[None, :], 1., 0.)
