@@ -66,6 +66,7 @@ DEFAULT_VARIANTS = (   # most telling first: the budget may cut the tail
     "STATE_WARPS=4,OUT_BLOCK_V=128;"
     "split:WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4;"
     "lean4:WY_LEAN=True,WY_WARPS=4;"
+    "lean8:WY_LEAN=True;"
     "split-bf16st:WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,WU_FLOAT32=False,WU_TF32_PRODUCTS=True,"
     "SCAN_TF32=True;"
     "split-bf16st-u32:WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,WU_FLOAT32=False,"
