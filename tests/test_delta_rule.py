@@ -460,6 +460,24 @@ def test_triton_chunk_wy_variants(backend, variant, monkeypatch):
     _judge_chunk(out, ref, low, names, torch.float16, F.normalize(q.double(), dim=-1, eps=0))
 
 
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_chunk_out_block_v(backend, monkeypatch):
+    """OUT_BLOCK_V=128 (the output stage and the backward's dV' in one V tile, masked at V=80; the
+    default tiles it by 64): every gradient within the float16 bound."""
+    from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
+    monkeypatch.setattr(wy, "OUT_BLOCK_V", 128)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    d = lambda x: x.double()
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(True, True, 1, 40, 1, 2, 16, 80, None,
+                                                   dtype=torch.float16)
+    out = _chunk_run(_kernel_fn(True, backend), q, k, v, g, beta, h0, cu, True, cots)
+    ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), cu, True, cots)
+    low = _chunk_run(_ref_fn, q, k, v, g, beta, h0, cu, True, cots)
+    names = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    _judge_chunk(out, ref, low, names, torch.float16, F.normalize(q.double(), dim=-1, eps=0))
+
+
 # ---- errors and registered ops ------------------------------------------------------------------
 
 def test_errors_name_the_argument():

@@ -74,7 +74,8 @@ WY_WARPS = None
 # warps of the forward's state scan (None: as the WY stage's default; the state-gradient scan
 # keeps 8 at K = 128: at 4 it spills 1.1 KB on sm_90)
 STATE_WARPS = None
-# V tile of the output stage (None: the engine's BLOCK_V, 64; 128 computes q k^T once per chunk)
+# V tile of the output stage and of the backward's intra-chunk dV' (None: the engine's BLOCK_V,
+# 64; 128 computes q k^T once per chunk)
 OUT_BLOCK_V = None
 
 
@@ -459,10 +460,10 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
               IEEE=m["IEEE"])
     # intra-chunk part of dV' (the output's), then the reverse scan with the delta term
     dvl = common.poison(do.new_empty((TOK, p.H, p.V), **f32))
-    _dv_kernel[(triton.cdiv(p.V, m["BV"]), p.NCH, p.H)](
+    _dv_kernel[(triton.cdiv(p.V, p.BVO), p.NCH, p.H)](
         q, k, vn, do, gg, d, d, d, d, dvl, d, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
-        float(scale), HAS_VS=False, BK=m["BK"], BV=m["BV"], HAS_DH=False, L2NORM=l2,
-        num_warps=4, **kw)
+        float(scale), HAS_VS=False, BK=m["BK"], BV=p.BVO, HAS_DH=False, L2NORM=l2,
+        num_warps=4 if p.BVO <= 64 else 8, **kw)
     dh = q.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
     dh0 = common.poison(q.new_empty((p.N, p.H, p.K, p.V), **f32))
     dvn = common.poison(do.new_empty((TOK, p.H, p.V), dtype=p.wdtype))
