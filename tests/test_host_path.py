@@ -118,7 +118,9 @@ PINNED = {
     # dv, dq/dk/dg
     "chunk_gla fwd": (4, 12),
     "chunk_gla fwd+bwd": (10, 26),
-    "chunk_gated_delta_rule fwd": (1, 8),  # step-by-step kernel (the chunked WY path is opt-in)
+    # the chunked WY path (default): WY stage, state scan, output; checks (gt, any, item, aminmax
+    # and its two items: beta's range) and the buffers plus one 1-element dummy per launch
+    "chunk_gated_delta_rule fwd": (3, 19),
     "fused_recurrent_gated_delta_rule decode": (1, 7),
     "fft_conv fwd": (3, 6),
     "fft_conv fwd+bwd": (7, 18),
