@@ -69,12 +69,26 @@ struct BwdLayout {
   static_assert(kBytes <= 227 * 1024, "shared memory per block");
 };
 
-// kLean (backward variant 1, SSM_KERNELS_SSCAN_BWD_VARIANT; bench/NOTES.md "backward variant 1"):
-// the same passes with the forward lean kernel's I/O: staging from per-thread rows (pointers set
-// once), convert in tasks of 8 steps with 16-byte smem loads and no per-step branches on full
-// chunks, du/ddelta/dz and the dB/dC partials written with 16-byte stores when aligned. The
-// arithmetic is expression for expression that of kLean = false (bitwise equal results).
-template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, bool kLean = false>
+// The thread index through an opaque read: values derived from it inside the chunk loop are
+// recomputed per chunk instead of being hoisted out of the loop and kept live (in registers)
+// through pass 2, the register peak.
+__device__ __forceinline__ int opaque_tid() {
+  int t;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+  return t;
+}
+
+// kFuse (backward variant 2, SSM_KERNELS_SSCAN_BWD_VARIANT=2; N <= 16, B and C time-varying;
+// bench/NOTES.md "backward variant 2"): the same passes and arithmetic with the I/O cut down:
+//   - staging by owner rows (RowStager, as the lean forward) with the row pointers recomputed per
+//     chunk from an opaque thread index (variant 1 kept them live: 255 registers + spills);
+//   - convert in tasks of 8 steps (16-byte smem loads, no per-step branches on full chunks);
+//   - du, ddelta, dz stored to global memory by the owner lane straight from pass 2 (no s_q
+//     write-back, no output pass, no barrier after the last sub-chunk);
+//   - the per-sub-chunk sum of the 4 warps' dB/dC partials as straight-line code whose result
+//     goes straight to the float32 partial buffer (no s_B/s_C write-back, no output pass).
+// Every value is computed by the same expression as kFuse = false: bitwise equal gradients.
+template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, bool kFuse = false>
 __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
   using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS>;
   constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl, kNV = Lay::kNV;
@@ -152,9 +166,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
 
   const int ush = static_cast<int>(ubase & (kV - 1)), lsh = static_cast<int>(L & (kV - 1));
   const int bsh = static_cast<int>(bcbase & (kV - 1));
-  RowStager<T, kRows, kThreads, kRowEl> rows;  // lean staging (unused otherwise)
-  if constexpr (kLean) {
-    rows.init(tid, [&](int row, const T*& src, int64_t& e, bool& ok) {
+  auto row_of = [&](int row, const T*& src, int64_t& e, bool& ok) {  // kFuse staging
       if (row < 4 * kD) {
         const int kind = row / kD, r = row % kD;
         src = kind == 0 ? gu : (kind == 1 ? gdelta : (kind == 2 ? gz : gdout));
@@ -166,11 +178,15 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
         ok = n < N && (which ? C_var : B_var);
         e = bcbase + n * L;
       }
-    });
-  }
+  };
   auto stage = [&](int64_t c0, int len) {  // cp.async of the chunk at c0 into the raw buffer
-    if constexpr (kLean) rows.issue(raw, tid, c0, len);
-    for (int i = tid; i < (kLean ? 0 : kRows * kNV); i += kThreads) {
+    if constexpr (kFuse) {
+      const int otid = opaque_tid();
+      RowStager<T, kRows, kThreads, kRowEl> rows;
+      rows.init(otid, row_of);
+      rows.issue(raw, otid, c0, len);
+    }
+    for (int i = tid; i < (kFuse ? 0 : kRows * kNV); i += kThreads) {
       const int row = i / kNV, j = i % kNV;
       const T* src;
       int64_t e;
@@ -208,7 +224,8 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
     __syncthreads();  // chunk c has landed; chunk c+1's tiles are consumed
 
     // ---- convert: per (d, t) q = (dt, dt u, dy, u), f = (softplus', dz / y); B, C [t][n]
-    if constexpr (kLean) {
+    if constexpr (kFuse) {
+      const int tid = opaque_tid();  // (shadows tid: nothing of this phase is hoisted)
       for (int task = tid; task < kD * (kChunk / 8); task += kThreads) {
         const int r = task % kD, t0 = (task / kD) * 8;
         const int sh = (ush + r * lsh) & (kV - 1);  // == (ubase + r L) mod kV
@@ -222,7 +239,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
         const int nval = r < nch ? len - t0 : 0;
         float4* oq = s_q + r * kQP + t0;
         float2* of = s_f + r * kQP + t0;
-        auto one = [&](int i, bool valid) {  // the expressions of the kLean = false loop below
+        auto one = [&](int i, bool valid) {  // the expressions of the kFuse = false loop below
           float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
           float2 f = make_float2(0.f, 0.f);
           if (valid) {
@@ -275,7 +292,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
         }
       }
     }
-    for (int i = tid; i < (kLean ? 0 : kD * kChunk); i += kThreads) {
+    for (int i = tid; i < (kFuse ? 0 : kD * kChunk); i += kThreads) {
       const int r = i / kChunk, t = i % kChunk;
       float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
       float2 f = make_float2(0.f, 0.f);
@@ -302,7 +319,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
       s_q[r * kQP + t] = q;
       s_f[r * kQP + t] = f;
     }
-    if (!kLean && (B_var || C_var)) {
+    if (!kFuse && (B_var || C_var)) {
       for (int i = tid; i < kNP * kChunk; i += kThreads) {
         const int n = i / kChunk, t = i % kChunk;
         const bool ok = t < len && n < N;
@@ -422,7 +439,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
       // sums over n: d dt, g B per step, reduce-scattered over the channel's lanes
       reduce_scatter_lanes<kTPC, 1>(dv, slice);
       reduce_scatter_lanes<kTPC, 1>(gv, slice);
-      __syncwarp();  // every lane's reads of this sub-chunk's q precede the owners' writes
+      if constexpr (!kFuse) __syncwarp();  // every lane's reads of this sub-chunk's q precede the owners' writes
       {
         constexpr int kMine = kS >= kTPC ? kS / kTPC : 1;
         constexpr int kRep = kS >= kTPC ? 1 : kTPC / kS;  // lanes holding the same sums
@@ -440,24 +457,35 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
             const float dz = f.y * fmaf(Dv, x.w, yv[o]);
             dD_acc = fmaf(x.z, x.w, dD_acc);
             dbias_acc += ddt;
-            s_q[ch * kQP + t] = make_float4(du, ddt, dz, 0.f);
+            if constexpr (kFuse) {  // straight to global memory (du, ddelta, dz of (d, c0 + t))
+              const int64_t e = ubase + ch * L + c0 + t;
+              static_cast<T*>(p.du)[e] = from_float<T>(du);
+              static_cast<T*>(p.ddelta)[e] = from_float<T>(ddt);
+              if (has_z) static_cast<T*>(p.dz)[e] = from_float<T>(dz);
+            } else {
+              s_q[ch * kQP + t] = make_float4(du, ddt, dz, 0.f);
+            }
           }
         }
       }
       __syncthreads();  // the sub-chunk's per-warp dB/dC partials are complete
-      if constexpr (kLean) {  // B and C both varying; kS kNP == kThreads: item (which = k, tid)
-        static_assert(!kLean || (kMode == 1 && kS * kNP == kThreads), "lean warp sums");
+      if constexpr (kFuse) {  // B and C both varying; kS kNP == kThreads: item (which = k, tid)
+        static_assert(!kFuse || (kMode == 1 && kS * kNP == kThreads), "lean warp sums");
+        const int tid = opaque_tid();
         const float* w0 = s_wp + buf * Lay::kWP + tid;
-        float* dst = s_B + (sc * kS + tid / kNP) * kBP + tid % kNP;
+        const int n = tid % kNP, t = sc * kS + tid / kNP;
+        if (n < N && t < len) {  // partials of (n, c0 + t), straight to global memory
+          const int64_t e = pbase + n * L + c0 + t;
 #pragma unroll
-        for (int k = 0; k < 2; ++k) {  // the same order of additions as below
-          float acc = w0[k * kS * kNP];
+          for (int k = 0; k < 2; ++k) {  // the same order of additions as below
+            float acc = w0[k * kS * kNP];
 #pragma unroll
-          for (int w = 1; w < kWarps; ++w) acc += w0[w * 2 * kS * kNP + k * kS * kNP];
-          dst[k * Lay::kBC] = acc;  // s_C = s_B + kBC
+            for (int w = 1; w < kWarps; ++w) acc += w0[w * 2 * kS * kNP + k * kS * kNP];
+            (k ? p.dC_part : p.dB_part)[e] = acc;
+          }
         }
       }
-      if (!kLean && (B_var || C_var)) {  // add the warps in order; B/C of this sub-chunk are dead
+      if (!kFuse && (B_var || C_var)) {  // add the warps in order; B/C of this sub-chunk are dead
         const float* w0 = s_wp + buf * Lay::kWP;
         for (int i = tid; i < 2 * kS * kNP; i += kThreads) {
           const int which = i / (kS * kNP), tl = (i / kNP) % kS, n = i % kNP;
@@ -470,62 +498,14 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
       }
       buf ^= 1;
     }
+    if constexpr (kFuse) continue;  // outputs were written from pass 2 and the warp sums
     __syncthreads();  // du / ddt / dz and dB / dC tiles complete
 
     // ---- output
     T* gdu = static_cast<T*>(p.du);
     T* gdd = static_cast<T*>(p.ddelta);
     T* gdz = static_cast<T*>(p.dz);
-    if constexpr (kLean) {
-      // 16-byte stores where the whole 8-step run is inside the sequence and aligned
-      const bool vec = ush == 0 && lsh == 0 &&
-                       ((reinterpret_cast<uintptr_t>(gdu) | reinterpret_cast<uintptr_t>(gdd) |
-                         reinterpret_cast<uintptr_t>(gdz)) & 15) == 0;
-      for (int task = tid; task < kD * (kChunk / 8); task += kThreads) {
-        const int r = task % kD, t0 = (task / kD) * 8;
-        if (r >= nch || t0 >= len) continue;
-        const int64_t e = ubase + r * L + c0 + t0;
-        const float4* q = s_q + r * kQP + t0;
-        if (vec && t0 + 8 <= len) {
-          float a[8], bb[8], cc[8];
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const float4 x = q[i];
-            a[i] = x.x; bb[i] = x.y; cc[i] = x.z;
-          }
-          store8(gdu + e, a);
-          store8(gdd + e, bb);
-          if (has_z) store8(gdz + e, cc);
-        } else {
-          for (int i = 0; i < 8 && t0 + i < len; ++i) {
-            const float4 x = q[i];
-            gdu[e + i] = from_float<T>(x.x);
-            gdd[e + i] = from_float<T>(x.y);
-            if (has_z) gdz[e + i] = from_float<T>(x.z);
-          }
-        }
-      }
-      if (B_var || C_var) {
-        const bool pvec = bsh == 0 && lsh == 0 &&
-                          ((reinterpret_cast<uintptr_t>(p.dB_part) |
-                            reinterpret_cast<uintptr_t>(p.dC_part)) & 15) == 0;
-        for (int task = tid; task < 2 * kNP * (kChunk / 8); task += kThreads) {
-          const int n = task % kNP, which = (task / kNP) & 1, t0 = (task / (2 * kNP)) * 8;
-          if (n >= N || t0 >= len || !(which ? C_var : B_var)) continue;
-          const float* src = (which ? s_C : s_B) + n;
-          float* dst = (which ? p.dC_part : p.dB_part) + pbase + n * L + c0 + t0;
-          if (pvec && t0 + 8 <= len) {
-            float v[8];
-#pragma unroll
-            for (int i = 0; i < 8; ++i) v[i] = src[(t0 + i) * kBP];
-            store8(dst, v);
-          } else {
-            for (int i = 0; i < 8 && t0 + i < len; ++i) dst[i] = src[(t0 + i) * kBP];
-          }
-        }
-      }
-    }
-    for (int i = tid; i < (kLean ? 0 : kD * kChunk); i += kThreads) {
+    for (int i = tid; i < kD * kChunk; i += kThreads) {
       const int r = i / kChunk, t = i % kChunk;
       if (t >= len || r >= nch) continue;
       const int64_t e = ubase + r * L + c0 + t;
@@ -534,7 +514,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
       gdd[e] = from_float<T>(q.y);
       if (has_z) gdz[e] = from_float<T>(q.z);
     }
-    if (!kLean && (B_var || C_var)) {
+    if (B_var || C_var) {
       for (int i = tid; i < kNP * kChunk; i += kThreads) {
         const int n = i / kChunk, t = i % kChunk;
         if (t >= len || n >= N) continue;
@@ -597,11 +577,11 @@ __global__ void __launch_bounds__(256) sum_parts_kernel(const SumJobs jobs) {
   }
 }
 
-template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, bool kLean = false>
+template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, bool kFuse = false>
 cudaError_t launch_mode(const SelectiveScanBwdParams& p, cudaStream_t stream) {
   using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS>;
   if (p.ck_len != kChunk) return cudaErrorInvalidValue;
-  auto kernel = selective_scan_bwd_kernel<T, kNPT, kTPC, kChunk, kS, kMode, kLean>;
+  auto kernel = selective_scan_bwd_kernel<T, kNPT, kTPC, kChunk, kS, kMode, kFuse>;
   if (Lay::kBytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Lay::kBytes));
@@ -661,10 +641,10 @@ int selective_scan_bwd_variant(int set) {
   if (g_bwd_variant < 0) {
     const char* env = std::getenv("SSM_KERNELS_SSCAN_BWD_VARIANT");
     const int v = env ? std::atoi(env) : 0;
-    g_bwd_variant = (v >= 0 && v < kSelectiveScanBwdVariants) ? v : 0;
+    g_bwd_variant = v == 2 ? 2 : 0;
   }
   const int prev = g_bwd_variant;
-  if (set >= 0 && set < kSelectiveScanBwdVariants) g_bwd_variant = set;
+  if (set == 0 || set == 2) g_bwd_variant = set;
   return prev;
 }
 
@@ -679,10 +659,10 @@ cudaError_t selective_scan_bwd_cuda(const SelectiveScanBwdParams& p, DType dtype
   // buckets (states per thread, threads per channel, chunk = checkpoint spacing chunk_len(N),
   // sub-chunk kept in registers): kS * kNPT = 32 keeps a and P in 64 registers (16 for N > 128,
   // where 64 spilled)
-  const bool lean = selective_scan_bwd_variant() == 1 && p.N <= 16 && p.B_var && p.C_var;
+  const bool fuse = selective_scan_bwd_variant() == 2 && p.N <= 16 && p.B_var && p.C_var;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (lean) err = launch_mode<T, 4, 4, 64, 8, 1, true>(p, stream);
+    if (fuse) err = launch_mode<T, 4, 4, 64, 8, 1, true>(p, stream);
     else if (p.N <= 16) err = launch<T, 4, 4, 64, 8>(p, stream);
     else if (p.N <= 32) err = launch<T, 8, 4, 32, 4>(p, stream);
     else if (p.N <= 64) err = launch<T, 8, 8, 32, 4>(p, stream);
