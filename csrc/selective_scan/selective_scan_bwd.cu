@@ -37,7 +37,10 @@ constexpr int kWarps = kThreads / 32;
 
 constexpr size_t align16(size_t x) { return (x + 15) / 16 * 16; }
 
-template <typename T, int kNPT, int kTPC, int kChunk, int kS>
+// kDirect (backward variant 3): no raw staging buffer (the convert reads global memory, the next
+// chunk is prefetched to L2) and no softplus'/dz tile (q's 4th slot holds softplus'; the owner
+// lane reloads u, z, dout): 68 KB instead of 105 KB at N <= 16 bf16, so 3 blocks per SM.
+template <typename T, int kNPT, int kTPC, int kChunk, int kS, bool kDirect = false>
 struct BwdLayout {
   static constexpr int kD = kThreads / kTPC;      // channels per block
   static constexpr int kNP = kNPT * kTPC;         // states per channel, padded
@@ -54,9 +57,9 @@ struct BwdLayout {
   static constexpr int kItems = kG * kNPT;
   static constexpr int kOwn = kItems / kCW;       // items a lane keeps after it
   static constexpr int kWP = kWarps * 2 * kS * kNP;  // per-warp dB/dC partials of one sub-chunk
-  static constexpr size_t oQ = align16(sizeof(T) * kRows * kRowEl);
+  static constexpr size_t oQ = kDirect ? 0 : align16(sizeof(T) * kRows * kRowEl);
   static constexpr size_t oF = oQ + sizeof(float4) * kD * kQP;
-  static constexpr size_t oB = align16(oF + sizeof(float2) * kD * kQP);
+  static constexpr size_t oB = align16(oF + (kDirect ? 0 : sizeof(float2) * kD * kQP));
   static constexpr size_t oC = oB + sizeof(float) * kBC;
   static constexpr size_t oSt = oC + sizeof(float) * kBC;
   static constexpr size_t oWp = oSt + sizeof(float) * kNSub * kD * kNP;
@@ -78,7 +81,23 @@ __device__ __forceinline__ int opaque_tid() {
   return t;
 }
 
-// kFuse (backward variant 2, SSM_KERNELS_SSCAN_BWD_VARIANT=2; N <= 16, B and C time-varying;
+__device__ __forceinline__ void prefetch_l2(const void* ptr) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
+}
+
+// 8 consecutive elements from global memory: one or two 16-byte loads when `vec` (16-byte
+// aligned) and all 8 are inside the sequence, else the first nval scalar (the rest 0)
+template <typename T>
+__device__ __forceinline__ void gload8(const T* src, bool vec, int nval, float (&v)[8]) {
+  if (vec && nval >= 8) {
+    load8(src, 0, 0, v);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = i < nval ? to_float(src[i]) : 0.f;
+  }
+}
+
+// kIO 2 = kFuse (backward variant 2, SSM_KERNELS_SSCAN_BWD_VARIANT=2; N <= 16, B and C time-varying;
 // bench/NOTES.md "backward variant 2"): the same passes and arithmetic with the I/O cut down:
 //   - staging by owner rows (RowStager, as the lean forward) with the row pointers recomputed per
 //     chunk from an opaque thread index (variant 1 kept them live: 255 registers + spills);
@@ -87,17 +106,22 @@ __device__ __forceinline__ int opaque_tid() {
 //     write-back, no output pass, no barrier after the last sub-chunk);
 //   - the per-sub-chunk sum of the 4 warps' dB/dC partials as straight-line code whose result
 //     goes straight to the float32 partial buffer (no s_B/s_C write-back, no output pass).
-// Every value is computed by the same expression as kFuse = false: bitwise equal gradients.
-template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, bool kFuse = false>
-__global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
-  using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS>;
+// kIO 3 (variant 3) = kIO 2 + kDirect (BwdLayout): 3 blocks per SM (launch bounds: <= 168
+// registers). Every value is computed by the same expression as kIO 0: bitwise equal gradients.
+// The body is a device function so that each kIO gets its own launch bounds (kIO 0 keeps plain
+// __launch_bounds__(128): with a min-blocks of 1, ptxas goes to 255 registers and spills).
+template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO>
+__device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdParams& p) {
+  constexpr bool kFuse = kIO >= 2, kDirect = kIO == 3;
+  using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS, kDirect>;
   constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl, kNV = Lay::kNV;
   constexpr int kRows = Lay::kRows, kQP = Lay::kQP, kBP = Lay::kBP;
   constexpr int kCW = Lay::kCW, kG = Lay::kG, kItems = Lay::kItems, kOwn = Lay::kOwn;
   extern __shared__ __align__(16) unsigned char smem[];
   T* raw = reinterpret_cast<T*>(smem);
-  float4* s_q = reinterpret_cast<float4*>(smem + Lay::oQ);  // (dt, dt u, dy, u) -> (du, ddt, dz, -)
-  float2* s_f = reinterpret_cast<float2*>(smem + Lay::oF);  // (softplus', dz / (y + D u))
+  // (dt, dt u, dy, u) -> (du, ddt, dz, -); kDirect: (dt, dt u, dy, softplus'), read only
+  float4* s_q = reinterpret_cast<float4*>(smem + Lay::oQ);
+  float2* s_f = reinterpret_cast<float2*>(smem + Lay::oF);  // (softplus', dz / (y + D u)); !kDirect
   float* s_B = reinterpret_cast<float*>(smem + Lay::oB);    // B [t][n] (or [ch][n]); later dB [t][n]
   float* s_C = reinterpret_cast<float*>(smem + Lay::oC);
   float* s_st = reinterpret_cast<float*>(smem + Lay::oSt);  // [sub-chunk][ch][n] states
@@ -180,7 +204,19 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
       }
   };
   auto stage = [&](int64_t c0, int len) {  // cp.async of the chunk at c0 into the raw buffer
-    if constexpr (kFuse) {
+    if constexpr (kDirect) {  // L2 prefetch of the chunk's rows (128-byte lines)
+      for (int row = opaque_tid(); row < kRows; row += kThreads) {
+        const T* src;
+        int64_t e;
+        bool ok;
+        row_of(row, src, e, ok);
+        if (!ok) continue;
+        const uintptr_t a = reinterpret_cast<uintptr_t>(src + e + c0);
+        const uintptr_t end = reinterpret_cast<uintptr_t>(src + e + c0 + len);
+        for (uintptr_t q = a & ~static_cast<uintptr_t>(127); q < end; q += 128)
+          prefetch_l2(reinterpret_cast<const void*>(q));
+      }
+    } else if constexpr (kFuse) {
       const int otid = opaque_tid();
       RowStager<T, kRows, kThreads, kRowEl> rows;
       rows.init(otid, row_of);
@@ -229,14 +265,22 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
       for (int task = tid; task < kD * (kChunk / 8); task += kThreads) {
         const int r = task % kD, t0 = (task / kD) * 8;
         const int sh = (ush + r * lsh) & (kV - 1);  // == (ubase + r L) mod kV
-        const T* ru = raw + r * kRowEl;
-        float uu[8], dl[8], zz[8], dov[8];
-        load8(ru, t0, sh, uu);
-        load8(ru + kD * kRowEl, t0, sh, dl);
-        if (has_z) load8(ru + 2 * kD * kRowEl, t0, sh, zz);
-        load8(ru + 3 * kD * kRowEl, t0, sh, dov);
-        const float bias = s_bias[r];
         const int nval = r < nch ? len - t0 : 0;
+        float uu[8], dl[8], zz[8], dov[8];
+        if constexpr (kDirect) {
+          const int64_t e = ubase + r * L + c0 + t0;
+          gload8(gu + e, sh == 0, nval, uu);
+          gload8(gdelta + e, sh == 0, nval, dl);
+          if (has_z) gload8(gz + e, sh == 0, nval, zz);
+          gload8(gdout + e, sh == 0, nval, dov);
+        } else {
+          const T* ru = raw + r * kRowEl;
+          load8(ru, t0, sh, uu);
+          load8(ru + kD * kRowEl, t0, sh, dl);
+          if (has_z) load8(ru + 2 * kD * kRowEl, t0, sh, zz);
+          load8(ru + 3 * kD * kRowEl, t0, sh, dov);
+        }
+        const float bias = s_bias[r];
         float4* oq = s_q + r * kQP + t0;
         float2* of = s_f + r * kQP + t0;
         auto one = [&](int i, bool valid) {  // the expressions of the kFuse = false loop below
@@ -255,11 +299,11 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
               dy = dov[i] * zz[i] * sig;
               dzf = dov[i] * sig * fmaf(zz[i], 1.f - sig, 1.f);
             }
-            q = make_float4(dt, dt * uu[i], dy, uu[i]);
+            q = make_float4(dt, dt * uu[i], dy, kDirect ? dsp : uu[i]);
             f = make_float2(dsp, dzf);
           }
           oq[i] = q;
-          of[i] = f;
+          if constexpr (!kDirect) of[i] = f;
         };
         if (nval >= 8 && p.softplus && has_z) {  // the Mamba case: no per-step branches
 #pragma unroll
@@ -268,8 +312,8 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
             const float dt = softplus_fast(x);
             const float dsp = x > 20.f ? 1.f : sigmoid_fast(x);
             const float sig = sigmoid_fast(zz[i]);
-            oq[i] = make_float4(dt, dt * uu[i], dov[i] * zz[i] * sig, uu[i]);
-            of[i] = make_float2(dsp, dov[i] * sig * fmaf(zz[i], 1.f - sig, 1.f));
+            oq[i] = make_float4(dt, dt * uu[i], dov[i] * zz[i] * sig, kDirect ? dsp : uu[i]);
+            if constexpr (!kDirect) of[i] = make_float2(dsp, dov[i] * sig * fmaf(zz[i], 1.f - sig, 1.f));
           }
         } else if (nval >= 8) {
 #pragma unroll
@@ -286,7 +330,12 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
           float* dst = (which ? s_C : s_B) + n;
           float v[8];
           const bool nok = n < N;
-          if (nok) load8(raw + (4 * kD + which * kNP + n) * kRowEl, t0, (bsh + n * lsh) & (kV - 1), v);
+          if constexpr (kDirect) {
+            gload8((which ? gC : gB) + bcbase + n * L + c0 + t0, ((bsh + n * lsh) & (kV - 1)) == 0,
+                   nok ? len - t0 : 0, v);
+          } else if (nok) {
+            load8(raw + (4 * kD + which * kNP + n) * kRowEl, t0, (bsh + n * lsh) & (kV - 1), v);
+          }
 #pragma unroll
           for (int i = 0; i < 8; ++i) dst[(t0 + i) * kBP] = (nok && t0 + i < len) ? v[i] : 0.f;
         }
@@ -451,11 +500,27 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
           const int t = sc * kS + j0 + o;
           if (owner && ch_ok && t < len) {
             const float4 x = q_ch[t];
-            const float2 f = s_f[ch * kQP + t];
-            const float ddt = fmaf(dv[o], kLn2, x.w * gv[o]) * f.x;
+            float uu, dsp, dzf;  // u, softplus', dz / (y + D u): the convert's expressions
+            if constexpr (kDirect) {
+              const int64_t e = ubase + ch * L + c0 + t;
+              uu = to_float(gu[e]);
+              dsp = x.w;
+              dzf = 0.f;
+              if (has_z) {
+                const float zz = to_float(gz[e]), dov = to_float(gdout[e]);
+                const float sig = sigmoid_fast(zz);
+                dzf = dov * sig * fmaf(zz, 1.f - sig, 1.f);
+              }
+            } else {
+              const float2 f = s_f[ch * kQP + t];
+              uu = x.w;
+              dsp = f.x;
+              dzf = f.y;
+            }
+            const float ddt = fmaf(dv[o], kLn2, uu * gv[o]) * dsp;
             const float du = fmaf(x.x, gv[o], Dv * x.z);
-            const float dz = f.y * fmaf(Dv, x.w, yv[o]);
-            dD_acc = fmaf(x.z, x.w, dD_acc);
+            const float dz = dzf * fmaf(Dv, uu, yv[o]);
+            dD_acc = fmaf(x.z, uu, dD_acc);
             dbias_acc += ddt;
             if constexpr (kFuse) {  // straight to global memory (du, ddelta, dz of (d, c0 + t))
               const int64_t e = ubase + ch * L + c0 + t;
@@ -549,6 +614,16 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
   }
 }
 
+template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO>
+__global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
+  selective_scan_bwd_body<T, kNPT, kTPC, kChunk, kS, kMode, kIO>(p);
+}
+template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO>
+__global__ void __launch_bounds__(kThreads, kIO == 3 ? 3 : 2)
+    selective_scan_bwd_kernel_mb(const SelectiveScanBwdParams p) {  // kIO 2, 3: min blocks per SM
+  selective_scan_bwd_body<T, kNPT, kTPC, kChunk, kS, kMode, kIO>(p);
+}
+
 // ---- deterministic partial sums: dst[i] = cast(sum_{j < parts} src[j * stride + i]), j in order
 
 struct SumJob {
@@ -577,11 +652,14 @@ __global__ void __launch_bounds__(256) sum_parts_kernel(const SumJobs jobs) {
   }
 }
 
-template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, bool kFuse = false>
+template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO = 0>
 cudaError_t launch_mode(const SelectiveScanBwdParams& p, cudaStream_t stream) {
-  using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS>;
+  using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS, kIO == 3>;
   if (p.ck_len != kChunk) return cudaErrorInvalidValue;
-  auto kernel = selective_scan_bwd_kernel<T, kNPT, kTPC, kChunk, kS, kMode, kFuse>;
+  auto kernel = [] {
+    if constexpr (kIO == 0) return selective_scan_bwd_kernel<T, kNPT, kTPC, kChunk, kS, kMode, kIO>;
+    else return selective_scan_bwd_kernel_mb<T, kNPT, kTPC, kChunk, kS, kMode, kIO>;
+  }();
   if (Lay::kBytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Lay::kBytes));
@@ -641,10 +719,10 @@ int selective_scan_bwd_variant(int set) {
   if (g_bwd_variant < 0) {
     const char* env = std::getenv("SSM_KERNELS_SSCAN_BWD_VARIANT");
     const int v = env ? std::atoi(env) : 0;
-    g_bwd_variant = v == 2 ? 2 : 0;
+    g_bwd_variant = (v == 2 || v == 3) ? v : 0;
   }
   const int prev = g_bwd_variant;
-  if (set == 0 || set == 2) g_bwd_variant = set;
+  if (set == 0 || set == 2 || set == 3) g_bwd_variant = set;
   return prev;
 }
 
@@ -659,10 +737,11 @@ cudaError_t selective_scan_bwd_cuda(const SelectiveScanBwdParams& p, DType dtype
   // buckets (states per thread, threads per channel, chunk = checkpoint spacing chunk_len(N),
   // sub-chunk kept in registers): kS * kNPT = 32 keeps a and P in 64 registers (16 for N > 128,
   // where 64 spilled)
-  const bool fuse = selective_scan_bwd_variant() == 2 && p.N <= 16 && p.B_var && p.C_var;
+  const int v = (p.N <= 16 && p.B_var && p.C_var) ? selective_scan_bwd_variant() : 0;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (fuse) err = launch_mode<T, 4, 4, 64, 8, 1, true>(p, stream);
+    if (v == 2) err = launch_mode<T, 4, 4, 64, 8, 1, 2>(p, stream);
+    else if (v == 3) err = launch_mode<T, 4, 4, 64, 8, 1, 3>(p, stream);
     else if (p.N <= 16) err = launch<T, 4, 4, 64, 8>(p, stream);
     else if (p.N <= 32) err = launch<T, 8, 4, 32, 4>(p, stream);
     else if (p.N <= 64) err = launch<T, 8, 8, 32, 4>(p, stream);
