@@ -190,20 +190,21 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
 
   const int ush = static_cast<int>(ubase & (kV - 1)), lsh = static_cast<int>(L & (kV - 1));
   const int bsh = static_cast<int>(bcbase & (kV - 1));
-  auto row_of = [&](int row, const T*& src, int64_t& e, bool& ok) {  // kFuse staging
-      if (row < 4 * kD) {
-        const int kind = row / kD, r = row % kD;
-        src = kind == 0 ? gu : (kind == 1 ? gdelta : (kind == 2 ? gz : gdout));
-        ok = r < nch && (kind != 2 || has_z);
-        e = ubase + r * L;
-      } else {
-        const int q = row - 4 * kD, which = q / kNP, n = q % kNP;
-        src = which ? gC : gB;
-        ok = n < N && (which ? C_var : B_var);
-        e = bcbase + n * L;
-      }
+  // raw row -> (tensor, element offset at time 0, read?); kFuse staging / kDirect prefetch
+  auto row_of = [&](int row, const T*& src, int64_t& e, bool& ok) {
+    if (row < 4 * kD) {
+      const int kind = row / kD, r = row % kD;
+      src = kind == 0 ? gu : (kind == 1 ? gdelta : (kind == 2 ? gz : gdout));
+      ok = r < nch && (kind != 2 || has_z);
+      e = ubase + r * L;
+    } else {
+      const int q = row - 4 * kD, which = q / kNP, n = q % kNP;
+      src = which ? gC : gB;
+      ok = n < N && (which ? C_var : B_var);
+      e = bcbase + n * L;
+    }
   };
-  auto stage = [&](int64_t c0, int len) {  // cp.async of the chunk at c0 into the raw buffer
+  auto stage = [&](int64_t c0, int len) {  // the chunk at c0 -> raw buffer (kDirect: -> L2)
     if constexpr (kDirect) {  // L2 prefetch of the chunk's rows (128-byte lines)
       for (int row = opaque_tid(); row < kRows; row += kThreads) {
         const T* src;
@@ -221,28 +222,29 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
       RowStager<T, kRows, kThreads, kRowEl> rows;
       rows.init(otid, row_of);
       rows.issue(raw, otid, c0, len);
-    }
-    for (int i = tid; i < (kFuse ? 0 : kRows * kNV); i += kThreads) {
-      const int row = i / kNV, j = i % kNV;
-      const T* src;
-      int64_t e;
-      bool ok;
-      if (row < 4 * kD) {
-        const int kind = row / kD, r = row % kD;
-        src = kind == 0 ? gu : (kind == 1 ? gdelta : (kind == 2 ? gz : gdout));
-        ok = r < nch && (kind != 2 || has_z);
-        e = ubase + r * L + c0;
-      } else {
-        const int q = row - 4 * kD, which = q / kNP, n = q % kNP;
-        src = which ? gC : gB;
-        ok = n < N && (which ? C_var : B_var);
-        e = bcbase + n * L + c0;
+    } else {
+      for (int i = tid; i < kRows * kNV; i += kThreads) {
+        const int row = i / kNV, j = i % kNV;
+        const T* src;
+        int64_t e;
+        bool ok;
+        if (row < 4 * kD) {
+          const int kind = row / kD, r = row % kD;
+          src = kind == 0 ? gu : (kind == 1 ? gdelta : (kind == 2 ? gz : gdout));
+          ok = r < nch && (kind != 2 || has_z);
+          e = ubase + r * L + c0;
+        } else {
+          const int q = row - 4 * kD, which = q / kNP, n = q % kNP;
+          src = which ? gC : gB;
+          ok = n < N && (which ? C_var : B_var);
+          e = bcbase + n * L + c0;
+        }
+        const int shift = static_cast<int>(e & (kV - 1));
+        const int valid = shift + len - j * kV;
+        if (!ok || valid <= 0) continue;
+        cp_async16(raw + row * kRowEl + j * kV, src + (e - shift) + j * kV,
+                   (valid < kV ? valid : kV) * static_cast<int>(sizeof(T)));
       }
-      const int shift = static_cast<int>(e & (kV - 1));
-      const int valid = shift + len - j * kV;
-      if (!ok || valid <= 0) continue;
-      cp_async16(raw + row * kRowEl + j * kV, src + (e - shift) + j * kV,
-                 (valid < kV ? valid : kV) * static_cast<int>(sizeof(T)));
     }
   };
 
@@ -340,41 +342,42 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
           for (int i = 0; i < 8; ++i) dst[(t0 + i) * kBP] = (nok && t0 + i < len) ? v[i] : 0.f;
         }
       }
-    }
-    for (int i = tid; i < (kFuse ? 0 : kD * kChunk); i += kThreads) {
-      const int r = i / kChunk, t = i % kChunk;
-      float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
-      float2 f = make_float2(0.f, 0.f);
-      if (t < len && r < nch) {
-        const int sh = static_cast<int>((ubase + r * L) & (kV - 1)) + t;
-        const float uu = to_float(raw[r * kRowEl + sh]);
-        const float x = to_float(raw[(kD + r) * kRowEl + sh]) + s_bias[r];
-        const float dout = to_float(raw[(3 * kD + r) * kRowEl + sh]);
-        float dt = x, dsp = 1.f;
-        if (p.softplus) {
-          dt = softplus_fast(x);
-          dsp = x > 20.f ? 1.f : sigmoid_fast(x);
+    } else {
+      for (int i = tid; i < kD * kChunk; i += kThreads) {
+        const int r = i / kChunk, t = i % kChunk;
+        float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
+        float2 f = make_float2(0.f, 0.f);
+        if (t < len && r < nch) {
+          const int sh = static_cast<int>((ubase + r * L) & (kV - 1)) + t;
+          const float uu = to_float(raw[r * kRowEl + sh]);
+          const float x = to_float(raw[(kD + r) * kRowEl + sh]) + s_bias[r];
+          const float dout = to_float(raw[(3 * kD + r) * kRowEl + sh]);
+          float dt = x, dsp = 1.f;
+          if (p.softplus) {
+            dt = softplus_fast(x);
+            dsp = x > 20.f ? 1.f : sigmoid_fast(x);
+          }
+          float dy = dout, dzf = 0.f;
+          if (has_z) {
+            const float zz = to_float(raw[(2 * kD + r) * kRowEl + sh]);
+            const float sig = sigmoid_fast(zz);
+            dy = dout * zz * sig;
+            dzf = dout * sig * fmaf(zz, 1.f - sig, 1.f);
+          }
+          q = make_float4(dt, dt * uu, dy, uu);
+          f = make_float2(dsp, dzf);
         }
-        float dy = dout, dzf = 0.f;
-        if (has_z) {
-          const float zz = to_float(raw[(2 * kD + r) * kRowEl + sh]);
-          const float sig = sigmoid_fast(zz);
-          dy = dout * zz * sig;
-          dzf = dout * sig * fmaf(zz, 1.f - sig, 1.f);
-        }
-        q = make_float4(dt, dt * uu, dy, uu);
-        f = make_float2(dsp, dzf);
+        s_q[r * kQP + t] = q;
+        s_f[r * kQP + t] = f;
       }
-      s_q[r * kQP + t] = q;
-      s_f[r * kQP + t] = f;
-    }
-    if (!kFuse && (B_var || C_var)) {
-      for (int i = tid; i < kNP * kChunk; i += kThreads) {
-        const int n = i / kChunk, t = i % kChunk;
-        const bool ok = t < len && n < N;
-        const int sh = static_cast<int>((bcbase + n * L) & (kV - 1)) + t;
-        if (B_var) s_B[t * kBP + n] = ok ? to_float(raw[(4 * kD + n) * kRowEl + sh]) : 0.f;
-        if (C_var) s_C[t * kBP + n] = ok ? to_float(raw[(4 * kD + kNP + n) * kRowEl + sh]) : 0.f;
+      if (B_var || C_var) {
+        for (int i = tid; i < kNP * kChunk; i += kThreads) {
+          const int n = i / kChunk, t = i % kChunk;
+          const bool ok = t < len && n < N;
+          const int sh = static_cast<int>((bcbase + n * L) & (kV - 1)) + t;
+          if (B_var) s_B[t * kBP + n] = ok ? to_float(raw[(4 * kD + n) * kRowEl + sh]) : 0.f;
+          if (C_var) s_C[t * kBP + n] = ok ? to_float(raw[(4 * kD + kNP + n) * kRowEl + sh]) : 0.f;
+        }
       }
     }
     __syncthreads();  // tiles ready; the raw buffer is free
