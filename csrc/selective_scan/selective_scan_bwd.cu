@@ -668,6 +668,12 @@ cudaError_t launch_mode(const SelectiveScanBwdParams& p, cudaStream_t stream) {
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Lay::kBytes));
     if (err != cudaSuccess) return err;
   }
+  if constexpr (kIO != 0) {  // the variants count on 2 (kIO 2) / 3 (kIO 3) blocks per SM: ask
+    // for the largest shared-memory carveout (a hint; the driver usually picks it anyway)
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+    if (err != cudaSuccess) return err;
+  }
   const int64_t DG = p.dim / p.groups;
   const int64_t dtiles = (DG + Lay::kD - 1) / Lay::kD;
   const dim3 grid(static_cast<unsigned>(dtiles), static_cast<unsigned>(p.groups),
