@@ -97,6 +97,18 @@ __device__ __forceinline__ void gload8(const T* src, bool vec, int nval, float (
   }
 }
 
+// two consecutive elements, one 4-byte (8-byte for float) store; dst aligned to that; the same
+// round-to-nearest conversions as from_float
+__device__ __forceinline__ void store2(__nv_bfloat16* dst, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(a, b);
+}
+__device__ __forceinline__ void store2(__half* dst, float a, float b) {
+  *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(a, b);
+}
+__device__ __forceinline__ void store2(float* dst, float a, float b) {
+  *reinterpret_cast<float2*>(dst) = make_float2(a, b);
+}
+
 // kIO 2 = kFuse (backward variant 2, SSM_KERNELS_SSCAN_BWD_VARIANT=2; N <= 16, B and C time-varying;
 // bench/NOTES.md "backward variant 2"): the same passes and arithmetic with the I/O cut down:
 //   - staging by owner rows (RowStager, as the lean forward) with the row pointers recomputed per
@@ -498,6 +510,7 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
         const int j0 = kS >= kTPC ? slice * kMine : slice / kRep;
         const bool owner = (slice % kRep) == 0;
         const float Dv = s_Dv[ch];
+        float odu[kMine], odd[kMine], odz[kMine];  // kFuse: this lane's outputs, stored below
 #pragma unroll
         for (int o = 0; o < kMine; ++o) {
           const int t = sc * kS + j0 + o;
@@ -525,31 +538,65 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
             const float dz = dzf * fmaf(Dv, uu, yv[o]);
             dD_acc = fmaf(x.z, uu, dD_acc);
             dbias_acc += ddt;
-            if constexpr (kFuse) {  // straight to global memory (du, ddelta, dz of (d, c0 + t))
-              const int64_t e = ubase + ch * L + c0 + t;
-              static_cast<T*>(p.du)[e] = from_float<T>(du);
-              static_cast<T*>(p.ddelta)[e] = from_float<T>(ddt);
-              if (has_z) static_cast<T*>(p.dz)[e] = from_float<T>(dz);
+            if constexpr (kFuse) {
+              odu[o] = du; odd[o] = ddt; odz[o] = dz;
             } else {
               s_q[ch * kQP + t] = make_float4(du, ddt, dz, 0.f);
             }
           }
         }
+        if constexpr (kFuse) {  // straight to global memory: du, ddelta, dz of (d, c0 + t0 + o)
+          static_assert(!kFuse || kMine == 2, "kFuse: two steps per owner lane");
+          const int t0 = sc * kS + j0;
+          if (owner && ch_ok && t0 < len) {
+            const int64_t e = ubase + ch * L + c0 + t0;
+            T* gdu = static_cast<T*>(p.du) + e;
+            T* gdd = static_cast<T*>(p.ddelta) + e;
+            T* gdz = static_cast<T*>(p.dz) + e;
+            // both steps in the sequence and e even (t0 is): one 4/8-byte store per output
+            if (t0 + 1 < len && ((ush + ch * lsh) & 1) == 0) {
+              store2(gdu, odu[0], odu[1]);
+              store2(gdd, odd[0], odd[1]);
+              if (has_z) store2(gdz, odz[0], odz[1]);
+            } else {
+#pragma unroll
+              for (int o = 0; o < kMine; ++o) {
+                if (t0 + o >= len) break;
+                gdu[o] = from_float<T>(odu[o]);
+                gdd[o] = from_float<T>(odd[o]);
+                if (has_z) gdz[o] = from_float<T>(odz[o]);
+              }
+            }
+          }
+        }
       }
       __syncthreads();  // the sub-chunk's per-warp dB/dC partials are complete
-      if constexpr (kFuse) {  // B and C both varying; kS kNP == kThreads: item (which = k, tid)
-        static_assert(!kFuse || (kMode == 1 && kS * kNP == kThreads), "lean warp sums");
+      if constexpr (kFuse) {
+        // B and C both varying; 2 kS kNP == 2 kThreads items (which, step, n): thread tid sums
+        // which = tid / 64, n = (tid / 4) % 16, steps tl, tl + 1 (tl = 2 (tid % 4)) over the 4
+        // warps (the order of additions below) and stores them as one 8-byte pair, so a warp
+        // writes 8 rows x 32 bytes: whole sectors
+        static_assert(!kFuse || (kMode == 1 && kS == 8 && kNP == 16 && kThreads == 128),
+                      "lean warp sums");
         const int tid = opaque_tid();
-        const float* w0 = s_wp + buf * Lay::kWP + tid;
-        const int n = tid % kNP, t = sc * kS + tid / kNP;
-        if (n < N && t < len) {  // partials of (n, c0 + t), straight to global memory
+        const int which = tid >> 6, n = (tid >> 2) & 15, tl = (tid & 3) * 2;
+        const float* w0 = s_wp + buf * Lay::kWP + which * kS * kNP + tl * kNP + n;
+        float acc[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          acc[j] = w0[j * kNP];
+#pragma unroll
+          for (int w = 1; w < kWarps; ++w) acc[j] += w0[w * 2 * kS * kNP + j * kNP];
+        }
+        const int t = sc * kS + tl;
+        if (n < N && t < len) {  // partials of (n, c0 + t, c0 + t + 1), straight to global memory
           const int64_t e = pbase + n * L + c0 + t;
-#pragma unroll
-          for (int k = 0; k < 2; ++k) {  // the same order of additions as below
-            float acc = w0[k * kS * kNP];
-#pragma unroll
-            for (int w = 1; w < kWarps; ++w) acc += w0[w * 2 * kS * kNP + k * kS * kNP];
-            (k ? p.dC_part : p.dB_part)[e] = acc;
+          float* dst = (which ? p.dC_part : p.dB_part) + e;
+          if (t + 1 < len && (e & 1) == 0) {
+            store2(dst, acc[0], acc[1]);
+          } else {
+            dst[0] = acc[0];
+            if (t + 1 < len) dst[1] = acc[1];
           }
         }
       }
