@@ -465,6 +465,27 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
         }
       }
       reduce_scatter_lanes<kTPC, 1>(yv, slice);  // sum over n of y, per step
+      constexpr int kMine = kS >= kTPC ? kS / kTPC : 1;
+      constexpr int kRep = kS >= kTPC ? 1 : kTPC / kS;  // lanes holding the same sums
+      const int j0 = kS >= kTPC ? slice * kMine : slice / kRep;
+      const bool owner = (slice % kRep) == 0;
+      // kDirect: the owner's u, z, dout of its steps, loaded here so that the reduce-scatters
+      // below (adjoint, sums) cover the (L2) latency
+      [[maybe_unused]] T lu[kMine], lz[kMine], ldo[kMine];
+      if constexpr (kDirect) {
+#pragma unroll
+        for (int o = 0; o < kMine; ++o) {
+          const int t = sc * kS + j0 + o;
+          if (owner && ch_ok && t < len) {
+            const int64_t e = ubase + ch * L + c0 + t;
+            lu[o] = gu[e];
+            if (has_z) {
+              lz[o] = gz[e];
+              ldo[o] = gdout[e];
+            }
+          }
+        }
+      }
       {
         float ib[kItems];
 #pragma unroll
@@ -505,10 +526,6 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
       reduce_scatter_lanes<kTPC, 1>(gv, slice);
       if constexpr (!kFuse) __syncwarp();  // every lane's reads of this sub-chunk's q precede the owners' writes
       {
-        constexpr int kMine = kS >= kTPC ? kS / kTPC : 1;
-        constexpr int kRep = kS >= kTPC ? 1 : kTPC / kS;  // lanes holding the same sums
-        const int j0 = kS >= kTPC ? slice * kMine : slice / kRep;
-        const bool owner = (slice % kRep) == 0;
         const float Dv = s_Dv[ch];
         float odu[kMine], odd[kMine], odz[kMine];  // kFuse: this lane's outputs, stored below
 #pragma unroll
@@ -518,12 +535,11 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
             const float4 x = q_ch[t];
             float uu, dsp, dzf;  // u, softplus', dz / (y + D u): the convert's expressions
             if constexpr (kDirect) {
-              const int64_t e = ubase + ch * L + c0 + t;
-              uu = to_float(gu[e]);
+              uu = to_float(lu[o]);
               dsp = x.w;
               dzf = 0.f;
               if (has_z) {
-                const float zz = to_float(gz[e]), dov = to_float(gdout[e]);
+                const float zz = to_float(lz[o]), dov = to_float(ldo[o]);
                 const float sig = sigmoid_fast(zz);
                 dzf = dov * sig * fmaf(zz, 1.f - sig, 1.f);
               }
