@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .._config import triton_interpret
+from .._launch import fast_kernel
 from .._device import sm_count
 
 
@@ -234,6 +235,10 @@ def _linear_scan_bwd_kernel(
         tl.store(dh0_ptr + p_state + 1, a_r * carry_i + a_i * carry_r, mask=m_c)
     else:
         tl.store(dh0_ptr + p_state, a_r * carry_r, mask=m_c)
+
+
+_linear_scan_fwd_kernel = fast_kernel(_linear_scan_fwd_kernel)
+_linear_scan_bwd_kernel = fast_kernel(_linear_scan_bwd_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
