@@ -29,6 +29,7 @@ Adopting it in a family: `_my_kernel = fast_kernel(_my_kernel)` under the `@trit
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -122,7 +123,10 @@ class FastKernel:
         return getattr(self.__dict__["fn"], name)
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launch(grid, args, kwargs)
+        return functools.partial(self._call, grid)
+
+    def _call(self, grid, *args, **kwargs):
+        return self.launch(grid, args, kwargs)
 
     # ---- the fast path ---------------------------------------------------------------------------
 
@@ -146,14 +150,11 @@ class FastKernel:
         self._stream = active.get_current_stream
         self._names = tuple(fn.arg_names)
         comp = getattr(knobs, "compilation", None)
+        # compilation knobs that enter Triton's cache key (those this Triton version has)
         self._env_names = tuple(n for n in ("instrumentation_mode", "fpsan_homomorphic_casts")
                                 if hasattr(comp, n))
+        self._comp = comp if self._env_names else None
         return True
-
-    def _env(self):
-        """Compilation knobs that enter Triton's cache key (those of this Triton version)."""
-        comp = self._knobs.compilation
-        return [getattr(comp, n) for n in self._env_names]
 
     def launch(self, grid, args: Tuple, kwargs: Dict):
         if _ENABLED and type(grid) is tuple:
@@ -165,20 +166,15 @@ class FastKernel:
                 if (enter is None or not getattr(enter, "calls", True)) and \
                         (leave is None or not getattr(leave, "calls", True)) and \
                         not self.fn.pre_run_hooks:
-                    key = [self._device(), rt.debug, *self._env()]
-                    try:
-                        for a in args:   # arg_key, inlined (host time)
-                            t = type(a)
-                            if t is int:
-                                key.append(a)
-                            elif isinstance(a, _Tensor):
-                                key.append(a.dtype if not (a.data_ptr() & 15) else _misaligned(a.dtype))
-                            else:
-                                key.append(arg_key(a))
+                    try:   # arg_key, inlined (host time)
+                        akey = tuple([a if type(a) is int else
+                                      (a.dtype if not (a.data_ptr() & 15) else _misaligned(a.dtype))
+                                      if isinstance(a, _Tensor) else arg_key(a) for a in args])
                     except _Unsupported:
                         return self.fn[grid](*args, **kwargs)
-                    key.append(tuple(kwargs.items()))
-                    key = tuple(key)
+                    comp = self._comp
+                    key = (self._device(), rt.debug, comp and tuple([getattr(comp, n) for n in self._env_names]),
+                           akey, tuple(kwargs.items()))
                     entry = self._cache.get(key, False)
                     if entry:
                         self.hits += 1
