@@ -124,6 +124,31 @@ def install_stub():
     _device._sm_count = lambda index: 132
     torch.cuda.current_device = lambda: 0
 
+    class _StubExtension:
+        """ssm_kernels._C's selective scan with no kernels: the outputs' allocations only."""
+        @staticmethod
+        def selective_scan_fwd(u, delta, A, B, C, D, z, bias, h0, cu, offs, softplus, ck_len, rows):
+            f32 = dict(dtype=torch.float32, device=u.device)
+            dim, N = A.shape
+            return (torch.empty_like(u), torch.empty((u.shape[0], dim, N), **f32),
+                    torch.empty((rows, dim, N), **f32))
+
+        @staticmethod
+        def selective_scan_bwd(u, delta, A, B, C, D, z, bias, cu, offs, ckpt, dout, dlast, softplus,
+                               ck_len, want_dh0):
+            empty = u.new_empty((0,))
+            f32 = dict(dtype=torch.float32, device=u.device)
+            dim, N = A.shape
+            return [torch.empty_like(u), torch.empty_like(delta), torch.empty((dim, N), **f32),
+                    torch.empty_like(B), torch.empty_like(C),
+                    torch.empty((dim,), **f32) if D is not None else empty,
+                    torch.empty_like(z) if z is not None else empty,
+                    torch.empty((dim,), **f32) if bias is not None else empty,
+                    torch.empty((u.shape[0], dim, N), **f32) if want_dh0 else empty]
+
+    _backend._cuda_ext, _backend._cuda_ext_tried = _StubExtension(), True
+    _backend.cuda_reason = lambda device: None
+
 
 def per_call_cpu_us(fn, calls=300, repeats=7):
     """Best of `repeats` of the mean CPU time (this thread's, not wall: the shared CPU machine's
@@ -156,8 +181,8 @@ def stub_cases():
         h = sk.linear_scan(al, bl, dim=-1, backend=T)
         torch.autograd.grad(h, (al, bl), ones)
 
-    def ss_train():
-        o = sk.selective_scan_fn(ul, dtl, A, Bv, Cv, Dp, z, bias, True, backend=T)
+    def ss_train(backend=T):
+        o = sk.selective_scan_fn(ul, dtl, A, Bv, Cv, Dp, z, bias, True, backend=backend)
         torch.autograd.grad(o, (ul, dtl), onesb)
 
     return {
@@ -166,6 +191,10 @@ def stub_cases():
         "selective_scan_fn fwd": lambda: sk.selective_scan_fn(u, dt, A, Bv, Cv, Dp, z, bias, True,
                                                               backend=T),
         "selective_scan_fn fwd+bwd": ss_train,
+        # the GPU's default path (auto -> ssm_kernels._C), its kernels stubbed
+        "selective_scan_fn cuda fwd": lambda: sk.selective_scan_fn(u, dt, A, Bv, Cv, Dp, z, bias,
+                                                                   True, backend="cuda"),
+        "selective_scan_fn cuda fwd+bwd": lambda: ss_train("cuda"),
     }
 
 
