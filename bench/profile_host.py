@@ -195,7 +195,21 @@ def stub_cases():
         "selective_scan_fn cuda fwd": lambda: sk.selective_scan_fn(u, dt, A, Bv, Cv, Dp, z, bias,
                                                                    True, backend="cuda"),
         "selective_scan_fn cuda fwd+bwd": lambda: ss_train("cuda"),
+        **_peer_cases(a, b, al, bl, ones),
     }
+
+
+def _peer_cases(a, b, al, bl, ones):
+    """accelerated-scan (pure Triton, the linear_scan peer) through the same stub, when importable
+    (e.g. PYTHONPATH=/tmp/site after unpacking .whl/accelerated_scan-*.whl there)."""
+    try:
+        from accelerated_scan.scalar import scan
+    except Exception:
+        return {}
+
+    def train():
+        torch.autograd.grad(scan(al, bl), (al, bl), ones)
+    return {"peer accelerated_scan fwd": lambda: scan(a, b), "peer accelerated_scan fwd+bwd": train}
 
 
 def stub_main():

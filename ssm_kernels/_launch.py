@@ -5,10 +5,11 @@ arguments (`native_specialize_impl` per argument, a string cache key, option par
 metadata): tens of microseconds on the GPU machine's host for kernels that run for a few. A
 `FastKernel` wraps a `@triton.jit` function with the same call syntax and keeps, per key,
 
-    key = (current device, Triton knobs that enter its cache key, per positional argument:
-           tensor -> (dtype, data_ptr % 16 == 0); int -> "1" for 1, else (value % 16 == 0, range
-           i32 / i64 / u64); bool, None, float -> their kind; every keyword argument's name and value
-           (constexprs and launch options: num_warps, num_stages, ...)),
+    key = (current device, Triton knobs that enter its cache key, the type of every positional
+           argument, per tensor its dtype and whether data_ptr % 16 == 0, every int / bool /
+           float / None by value (Triton specialises ints on == 1, % 16 and the i32/i64/u64
+           range: functions of the value), every keyword argument's name and value (constexprs
+           and launch options: num_warps, num_stages, ...)),
 
 the compiled kernel that Triton itself chose on the first call with that key (the first call goes
 through `JITFunction.run` unchanged: compile, launch). Later calls with the key hand the arguments
@@ -30,6 +31,7 @@ Adopting it in a family: `_my_kernel = fast_kernel(_my_kernel)` under the `@trit
 from __future__ import annotations
 
 import functools
+import operator
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -37,8 +39,6 @@ import torch
 
 _Tensor = torch.Tensor
 _ENABLED = os.environ.get("SSM_KERNELS_FAST_LAUNCH", "1") not in ("0", "", "false", "False")
-_I32 = (-2 ** 31, 2 ** 31 - 1)
-_I64 = (-2 ** 63, 2 ** 63 - 1)
 
 
 def set_enabled(on: bool) -> None:
@@ -56,7 +56,7 @@ class _Unsupported(Exception):
 
 
 class _Mark:
-    """A key element that equals nothing but itself (so True never meets 1, nor 1.0 meets 1)."""
+    """A key element that equals nothing but itself."""
     __slots__ = ("what",)
 
     def __init__(self, what):
@@ -66,7 +66,6 @@ class _Mark:
         return f"<{self.what}>"
 
 
-_TRUE, _FALSE = _Mark("True"), _Mark("False")
 _MISALIGNED: Dict[torch.dtype, _Mark] = {}
 
 
@@ -78,26 +77,57 @@ def _misaligned(dtype):
 
 
 def arg_key(a: Any):
-    """One positional argument's part of the launch key; finer than Triton's specialisation:
-    tensor -> its dtype if data_ptr % 16 == 0, else a per-dtype marker; int -> its value (Triton
-    specialises on == 1, % 16 and the i32/i64/u64 range, all functions of the value); bool ->
-    a marker per value; None -> None; float -> ("fp", value). Anything else: unsupported."""
+    """One positional argument's part of the launch key, on its own (documentation and tests; the
+    launch path computes the same information through `args_key`)."""
     t = type(a)
-    if t is int:
-        return a
     if isinstance(a, _Tensor):
-        return a.dtype if not (a.data_ptr() & 15) else _misaligned(a.dtype)
-    if t is bool:
-        return _TRUE if a else _FALSE
-    if a is None:
-        return None
-    if t is float:
-        return ("fp", a)
+        return (t, a.dtype if not (a.data_ptr() & 15) else _misaligned(a.dtype))
+    if t in _SCALARS:
+        return (t, a)
     raise _Unsupported(t)
 
 
-def args_key(args: Tuple) -> Tuple:
-    return tuple([arg_key(a) for a in args])
+_SCALARS = (int, bool, float, type(None))
+
+
+def _layout(types: Tuple):
+    """(tensors getter, scalars getter) for arguments of these types; None if one is unsupported."""
+    tpos, spos = [], []
+    for i, t in enumerate(types):
+        if issubclass(t, _Tensor):
+            tpos.append(i)
+        elif t in _SCALARS:
+            spos.append(i)
+        else:
+            return None
+
+    def getter(pos):
+        if len(pos) >= 2:
+            return operator.itemgetter(*pos)
+        if len(pos) == 1:
+            i = pos[0]
+            return lambda args: (args[i],)
+        return lambda args: ()
+    return getter(tpos), getter(spos)
+
+
+_LAYOUTS: Dict[Tuple, Any] = {}
+
+
+def args_key(args: Tuple, layouts: Dict = _LAYOUTS):
+    """The positional arguments' part of the launch key, finer than Triton's specialisation: the
+    type of every argument; per tensor its dtype if data_ptr % 16 == 0, else a per-dtype marker;
+    every int / bool / float / None by value (Triton specialises ints on == 1, % 16 and the
+    i32 / i64 / u64 range, all functions of the value). Raises _Unsupported for other types."""
+    types = tuple(map(type, args))
+    lay = layouts.get(types, False)
+    if lay is False:
+        lay = layouts[types] = _layout(types)
+    if lay is None:
+        raise _Unsupported(types)
+    tget, sget = lay
+    return (types, tuple([t.dtype if not (t.data_ptr() & 15) else _misaligned(t.dtype)
+                          for t in tget(args)]), sget(args))
 
 
 class _Entry:
@@ -116,6 +146,7 @@ class FastKernel:
         self.fn = fn
         self._cache: Dict[Tuple, Optional[_Entry]] = {}
         self._simple = None   # decided on first use: a plain JITFunction under the CUDA-like driver
+        self._layouts: Dict[Tuple, Any] = {}
         self.hits = 0
         self.misses = 0
 
@@ -151,9 +182,8 @@ class FastKernel:
         self._names = tuple(fn.arg_names)
         comp = getattr(knobs, "compilation", None)
         # compilation knobs that enter Triton's cache key (those this Triton version has)
-        self._env_names = tuple(n for n in ("instrumentation_mode", "fpsan_homomorphic_casts")
-                                if hasattr(comp, n))
-        self._comp = comp if self._env_names else None
+        names = [n for n in ("instrumentation_mode", "fpsan_homomorphic_casts") if hasattr(comp, n)]
+        self._env_get = operator.attrgetter(*names) if names else None
         return True
 
     def launch(self, grid, args: Tuple, kwargs: Dict):
@@ -166,15 +196,13 @@ class FastKernel:
                 if (enter is None or not getattr(enter, "calls", True)) and \
                         (leave is None or not getattr(leave, "calls", True)) and \
                         not self.fn.pre_run_hooks:
-                    try:   # arg_key, inlined (host time)
-                        akey = tuple([a if type(a) is int else
-                                      (a.dtype if not (a.data_ptr() & 15) else _misaligned(a.dtype))
-                                      if isinstance(a, _Tensor) else arg_key(a) for a in args])
+                    try:
+                        akey = args_key(args, self._layouts)
                     except _Unsupported:
                         return self.fn[grid](*args, **kwargs)
-                    comp = self._comp
-                    key = (self._device(), rt.debug, comp and tuple([getattr(comp, n) for n in self._env_names]),
-                           akey, tuple(kwargs.items()))
+                    env = self._env_get
+                    key = (self._device(), rt.debug, env and env(self._knobs.compilation), akey,
+                           tuple(kwargs.items()))
                     entry = self._cache.get(key, False)
                     if entry:
                         self.hits += 1
