@@ -114,6 +114,27 @@ def _(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt, dout, dlast, de
             for x in (u, delta, A, B, C, D, z, delta_bias, h0)]
 
 
+_ZEROS: dict = {}
+
+
+def _read_only_zeros(like: Tensor, shape: tuple, dtype: torch.dtype) -> Tensor:
+    """Zeros that no backend writes (the backward's incoming last-state gradient: the CUDA backward
+    reads it, the Triton one clones it), kept per (shape, dtype, device) in eager mode: saves an
+    allocation and a memset launch per backward. Fresh zeros while compiling (fake tensors) or
+    capturing a CUDA graph (captured zeros hold nothing until the graph replays). Entries are never
+    dropped (a captured graph may read one): past 64 shapes, fresh zeros."""
+    if torch.compiler.is_compiling() or type(like) is not torch.Tensor or (
+            like.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return like.new_zeros(shape, dtype=dtype)
+    key = (shape, dtype, like.device)
+    z = _ZEROS.get(key)
+    if z is None:
+        z = like.new_zeros(shape, dtype=dtype)
+        if len(_ZEROS) < 64:
+            _ZEROS[key] = z
+    return z
+
+
 def _setup_context(ctx, inputs, output):
     (u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, delta_softplus, save_ckpt,
      backend) = inputs
@@ -126,8 +147,8 @@ def _backward(ctx, dout, dlast, _dckpt):
     nseq = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if dout is None:
         dout = torch.zeros_like(u)
-    if dlast is None:
-        dlast = u.new_zeros((nseq, u.shape[1], A.shape[1]), dtype=state_dtype(u, A))
+    if dlast is None:   # no gradient reaches the last state (the common case)
+        dlast = _read_only_zeros(u, (nseq, u.shape[1], A.shape[1]), state_dtype(u, A))
     grads = selective_scan_bwd_op(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt,
                                   dout.contiguous(), dlast.contiguous(), ctx.delta_softplus,
                                   ctx.backend)
