@@ -48,7 +48,44 @@ def main():
             rows.setdefault((case.op, case.mode), {}).update(
                 peer=r["eager_us"], peer_graph=r["graph_us"], peer_name=case.impl)
         print(f"  measured {case.op} {case.impl} {case.mode}", flush=True)
-    for fn_key in (("linear_scan", "fwd"), ("selective_scan_fn", "fwd+bwd")):
+    # fwd+bwd: the backward runs on autograd's device thread (cProfile does not see it): time our
+    # backward functions from inside, per call, against the whole step
+    import time
+    from ssm_kernels.linear_scan.interface import linear_scan_fwd_op
+    from ssm_kernels.selective_scan.interface import selective_scan_fwd_op
+    print("\nfwd+bwd split (us per call): whole step | forward alone | inside our backward")
+    for op, kop in (("linear_scan", linear_scan_fwd_op), ("selective_scan_fn", selective_scan_fwd_op)):
+        cls = kop._function
+        inner = cls.backward
+        spent = [0.0]
+
+        def timed(ctx, *grads, inner=inner, spent=spent):
+            t0 = time.perf_counter()
+            r = inner(ctx, *grads)
+            spent[0] += time.perf_counter() - t0
+            return r
+        cls.backward = staticmethod(timed)
+        step = ours[(op, "fwd+bwd")]
+        fwd = ours[(op, "fwd")]
+        n = 200
+        for f in (step, fwd):
+            f()
+        torch.cuda.synchronize()
+        spent[0] = 0.0
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+        whole = (time.perf_counter() - t0) / n * 1e6
+        inside = spent[0] / n * 1e6
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fwd()
+        torch.cuda.synchronize()
+        alone = (time.perf_counter() - t0) / n * 1e6
+        cls.backward = staticmethod(inner)
+        print(f"  {op:<18} {whole:8.1f} | {alone:8.1f} (no grad) | {inside:8.1f}")
+    for fn_key in (("linear_scan", "fwd"), ("selective_scan_fn", "fwd")):
         fn = ours[fn_key]
         pr = cProfile.Profile()
         pr.enable()
