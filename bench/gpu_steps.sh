@@ -3,7 +3,8 @@
 # summary of every step is printed last. Usage (repo root, on the GPU machine):
 #   STEPS="build graphs overhead chunk fft layers cp" bash bench/gpu_steps.sh
 # Steps: build (CUDA extension), mamba (build mamba-ssm's selective_scan_cuda in the background),
-# graphs (tests/test_graphs.py), overhead (bench --overhead), sscan, sscanbwd, decode, lscan, chunk, fft,
+# graphs (tests/test_graphs.py), overhead (bench --overhead), host (bench/gpu_host.py), sscan, sscanbwd, decode,
+# lscan, chunk, fft,
 # layers, cp (the bench/gpu_*.py scripts), probe (bench/gpu_dk_probe.py), check (`python -m
 # ssm_kernels check $CHECK_ARGS` with a cold Triton cache), verify (short correctness of the paths
 # not yet checked on a GPU). Peers: .whl wheels and .peers/mamba_ssm-* if carried.
@@ -33,7 +34,8 @@ for s in ${STEPS:-build graphs overhead}; do
              > "$LOGS/mamba_build.log" 2>&1 &) ;;
     build) SSM_KERNELS_BUILD_CUDA=1 step build 200 python3 -m pip install --no-build-isolation --no-deps -e . ;;
     graphs) step graphs ${T_GRAPHS:-150} python3 -m pytest -q -x -p no:cacheprovider tests/test_graphs.py ;;
-    overhead) step overhead ${T_OVERHEAD:-200} python3 -m ssm_kernels.benchmarks.overhead --out "$OUT/overhead.csv" ;;
+    overhead) step overhead ${T_OVERHEAD:-200} python3 -m ssm_kernels.benchmarks.overhead --out "$OUT/overhead.csv" ${OVERHEAD_OPS:+--ops $OVERHEAD_OPS} ;;
+    host) step host ${T_HOST:-240} python3 bench/gpu_host.py ;;
     sscan) step sscan ${T_SSCAN:-200} python3 bench/gpu_sscan.py ;;
     sscanbwd) step sscanbwd ${T_SSCANBWD:-300} python3 bench/gpu_sscan_bwd.py ;;
     decode) step decode ${T_DECODE:-120} python3 bench/gpu_decode.py ;;
