@@ -248,7 +248,190 @@ def _dqkg_kernel(
     tl.store(dg_ptr + p_o, y, mask=m_o)
 
 
+# ---- tree variant (session 6, `TREE`): the binary tree all the way down to single rows ---------
+# Every (i > j) pair of a chunk lies in exactly one level S = 1, 2, ..., BT/2 of the tree (i in the
+# upper, j in the lower half of the same 2S-row block); the diagonal i == j has exponent 0
+# (A_ii = q_i . k_i). So the whole causal score matrix is log2(BT) masked tensor-core products plus
+# a row dot: no elementwise SUB x SUB blocks, no loop of gathered rows (the sm_90 SASS of
+# `_intra_kernel` / `_dqkg_kernel` waits on two gathered [BT, BK] loads per diagonal step at one
+# 8-warp CTA per SM), and one exp2 per element and level (`tree_factors`: the upper rows' and the
+# lower rows' factors are one exp2 of a selected exponent; `level_factors` evaluates both).
+
+@triton.jit
+def tree_factors(gc_ptr, t0, eos, i_h, H, o_t, G, o_k, m_k, K, S: tl.constexpr):
+    """As level_factors, with one exp2 per element: (up, fq, fk)."""
+    up = (o_t // S) % 2 == 1
+    G_r = gc_rows(gc_ptr, t0 + (o_t // (2 * S)) * (2 * S) + S, eos, i_h, H, o_k, m_k, K)
+    d = G - G_r
+    e = tl.exp2(tl.where(up[:, None], d, -d))
+    return up, tl.where(up[:, None], e, 0.), tl.where(up[:, None], 0., e)
+
+
+@triton.jit
+def tree_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, NLEV: tl.constexpr,
+                DT: tl.constexpr, IEEE: tl.constexpr):
+    """The unscaled causal decayed scores of one K tile, sum_k q_ik k_jk exp2(G_ik - G_jk) for
+    j <= i (0 above the diagonal): the diagonal row dots and NLEV = log2(BT) tree levels."""
+    A = tl.where(o_t[:, None] == o_t[None, :], tl.sum(b_q * b_k, axis=1)[:, None], 0.)
+    for lvl in tl.static_range(NLEV):
+        up, fq, fk = tree_factors(gc_ptr, t0, eos, i_h, H, o_t, G, o_k, m_k, K, 1 << lvl)
+        A += tl.where(level_pairs(up, up == 0, o_t, 1 << lvl),
+                      mm(b_q * fq, tl.trans(b_k * fk), DT, IEEE), 0.)
+    return A
+
+
+@triton.jit
+def _intra_tree_kernel(
+    # as _intra_kernel: q, k [TOK, HQ, K]; gc [TOK, H, K] f32; output a [TOK, H, BT]
+    q_ptr, k_ptr, gc_ptr, a_ptr, ct_ptr, cu_ptr,
+    T, NT, H, HQ, K, scale,
+    IS_VARLEN: tl.constexpr, BT: tl.constexpr, NLEV: tl.constexpr, BK: tl.constexpr,
+    DT: tl.constexpr, IEEE: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_hq = i_h // (H // HQ)
+    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    o_t = tl.arange(0, BT)
+    t = t0 + o_t
+    m_t = t < eos
+    A = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_q = load_rows(q_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
+        b_k = load_rows(k_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
+        G = gc_rows(gc_ptr, t, eos, i_h, H, o_k, m_k, K)
+        A += tree_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, NLEV, DT, IEEE)
+    tl.store(a_ptr + (t * H + i_h)[:, None] * BT + o_t[None, :],
+             (A * scale).to(a_ptr.dtype.element_ty), mask=m_t[:, None])
+
+
+@triton.jit
+def _fwd_tree_kernel(
+    # the forward's scores and output in one pass (fla's chunk_gla_fwd_o does the same): q, k
+    # [TOK, HQ, K]; v [TOK, H, V]; gc [TOK, H, K] f32; h [NCH, H, K, V]; output o [TOK, H, V]
+    # o = scale (q exp2(G)) h + A v, A (scaled, rounded to the input dtype) never stored
+    q_ptr, k_ptr, v_ptr, gc_ptr, h_ptr, o_ptr, ct_ptr, cu_ptr,
+    T, NT, H, HQ, K, V, scale,
+    IS_VARLEN: tl.constexpr, BT: tl.constexpr, NLEV: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+):
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_hq = i_h // (H // HQ)
+    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    o_t = tl.arange(0, BT)
+    t = t0 + o_t
+    m_t = t < eos
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
+    row_q = t * HQ + i_hq
+    row = t * H + i_h
+    p_h = h_ptr + (i_c.to(tl.int64) * H + i_h) * K * V
+    A = tl.zeros([BT, BT], dtype=tl.float32)
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
+        b_k = load_rows(k_ptr, row_q, m_t, o_k, m_k, K)
+        G = gc_rows(gc_ptr, t, eos, i_h, H, o_k, m_k, K)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :],
+                      mask=(o_k < Kc)[:, None] & m_v[None, :], other=0.)
+        b_o += mm(b_q * tl.exp2(G), b_h, DT, IEEE)
+        A += tree_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, NLEV, DT, IEEE)
+    b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
+    b_o = (b_o + mm(A, b_v, DT, IEEE)) * scale
+    tl.store(o_ptr + row[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
+             mask=m_t[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _dqkg_tree_kernel(
+    # as _dqkg_kernel (same arguments and outputs), the intra terms through the full tree
+    q_ptr, k_ptr, v_ptr, do_ptr, gc_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dg_ptr, ct_ptr, cu_ptr,
+    T, NT, H, K, V, scale,
+    IS_VARLEN: tl.constexpr, BT: tl.constexpr, NLEV: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+):
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    o_t = tl.arange(0, BT)
+    t = t0 + o_t
+    m_t = t < eos
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
+    row = t * H + i_h
+    p_h = (i_c.to(tl.int64) * H + i_h) * K * V
+    dA = tl.zeros([BT, BT], dtype=tl.float32)     # do v^T
+    dAT = tl.zeros([BT, BT], dtype=tl.float32)    # v do^T, built directly
+    dqs = tl.zeros([BT, BK], dtype=tl.float32)    # do h^T
+    dks = tl.zeros([BT, BK], dtype=tl.float32)    # v dh^T
+    hdh = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_s = (o_k < Kc)[:, None] & m_v[None, :]
+        b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
+        b_do = load_rows(do_ptr, row, m_t, o_v, m_v, V)
+        b_h, b_dh = load_h_dh(h_ptr, dh_ptr, p_h, o_k, o_v, m_s, V)
+        dA += mm(b_do, tl.trans(b_v), DT, IEEE)
+        dAT += mm(b_v, tl.trans(b_do), DT, IEEE)
+        dqs += mm(b_do, tl.trans(b_h), DT, IEEE)
+        dks += mm(b_v, tl.trans(b_dh), DT, IEEE)
+        hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
+    G = gc_rows(gc_ptr, t, eos, i_h, H, o_k, m_k, K)
+    G_last = gc_row(gc_ptr, t0 + BT - 1, eos, i_h, H, o_k, m_k, K)
+    dq = dqs * tl.exp2(G) * scale
+    dk = dks * tl.exp2(G_last[None, :] - G)
+    b_q = load_rows(q_ptr, row, m_t, o_k, m_k, K)
+    b_k = load_rows(k_ptr, row, m_t, o_k, m_k, K)
+    r = tl.exp2(G_last) * hdh + tl.sum(b_k * dk, axis=0)
+    dA = dA * scale
+    dAT = dAT * scale
+    # diagonal (exponent 0): dq_i += dA_ii k_i, dk_i += dA_ii q_i
+    eye = o_t[:, None] == o_t[None, :]
+    dq += tl.sum(tl.where(eye, dA, 0.), axis=1)[:, None] * b_k
+    dk += tl.sum(tl.where(eye, dAT, 0.), axis=1)[:, None] * b_q
+    for lvl in tl.static_range(NLEV):
+        up, fq, fk = tree_factors(gc_ptr, t0, eos, i_h, H, o_t, G, o_k, m_k, K, 1 << lvl)
+        dq += fq * mm(tl.where(level_pairs(up, up == 0, o_t, 1 << lvl), dA, 0.), b_k * fk,
+                      DT, IEEE)
+        dk += fk * mm(tl.where(level_pairs(up == 0, up, o_t, 1 << lvl), dAT, 0.), b_q * fq,
+                      DT, IEEE)
+    x = b_q * dq - b_k * dk
+    y = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x + r[None, :]
+    m_o = m_t[:, None] & m_k[None, :]
+    p_o = row[:, None] * K + o_k[None, :]
+    tl.store(dq_ptr + p_o, dq.to(dq_ptr.dtype.element_ty), mask=m_o)
+    tl.store(dk_ptr + p_o, dk.to(dk_ptr.dtype.element_ty), mask=m_o)
+    tl.store(dg_ptr + p_o, y, mask=m_o)
+
+
 # ---- launchers (p: fwd.Plan) -----------------------------------------------------------------
+
+# ---- knobs of the tree variant (the lead A/Bs them on the GPU; bench/gpu_chunk.py GLA_VARIANTS) --
+TREE = True            # scores and dq/dk/dg through the full tree (_intra_tree_kernel,
+                       # _dqkg_tree_kernel); False: the SUB_CHUNK kernels (_intra_kernel, _dqkg_kernel)
+FUSED_FWD = True       # (with TREE) forward scores + output in one kernel (_fwd_tree_kernel);
+                       # False: scores stored by _intra_tree_kernel, then fwd._output_kernel
+TREE_BLOCK_K = 64      # K tile of _intra_tree_kernel / _fwd_tree_kernel
+TREE_DQK_BLOCK_K = 64  # K tile of _dqkg_tree_kernel
+TREE_WARPS = 4         # warps of the tree kernels
+
+
+def _nlev(BT):
+    return BT.bit_length() - 1
+
+
+def _tree_bk(p, knob):
+    return max(16, min(32 if p.meta["IEEE"] == 1 else knob, triton.next_power_of_2(p.K)))
+
+
+def use_fused_fwd(p):
+    return TREE and FUSED_FWD
+
 
 def _idx(p, x):
     """(chunk table, cu_seqlens); x stands in for both when the batch is not packed (the kernels
@@ -272,6 +455,12 @@ def intra_scores(p, q, k, gc, scale):
     m = p.meta
     a = common.poison(q.new_empty((p.B * p.T, p.H, p.BT)))
     ct, cu = _idx(p, a)
+    if TREE:
+        _intra_tree_kernel[(p.NCH, p.H)](
+            q, k, gc, a, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, float(scale),
+            IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=_tree_bk(p, TREE_BLOCK_K),
+            DT=m["DT"], IEEE=m["IEEE"], num_warps=TREE_WARPS)
+        return a
     _intra_kernel[(p.NCH, p.H)](q, k, gc, a, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, float(scale),
                                 IS_VARLEN=p.varlen, BT=p.BT, SUB=m["SUB"], BK=m["BKG"],
                                 DT=m["DT"], IEEE=m["IEEE"], DIAG4=common.GLA_DIAG_4D,
@@ -287,9 +476,29 @@ def dqkg(p, q, k, v, do, gc, h, dh, scale):
     dq, dk = common.poison(torch.empty_like(q)), common.poison(torch.empty_like(k))
     dg = common.poison(torch.empty_like(gc))
     ct, cu = _idx(p, dg)
+    if TREE:
+        BK = _tree_bk(p, TREE_DQK_BLOCK_K)
+        _dqkg_tree_kernel[(triton.cdiv(p.K, BK), p.NCH, p.H)](
+            q, k, v, do, gc, h, dh, dq, dk, dg, ct, cu, p.T, p.NT, p.H, p.K, p.V, float(scale),
+            IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=BK, BV=m["BV"], DT=m["DT"],
+            IEEE=m["IEEE"], num_warps=TREE_WARPS, num_stages=1)
+        return dq, dk, dg
     BK = m["BKD"]
     _dqkg_kernel[(triton.cdiv(p.K, BK), p.NCH, p.H)](
         q, k, v, do, gc, h, dh, dq, dk, dg, ct, cu, p.T, p.NT, p.H, p.K, p.V, float(scale),
         IS_VARLEN=p.varlen, BT=p.BT, SUB=m["SUB"], BK=BK, BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"],
         DIAG4=common.GLA_DIAG_4D, num_warps=m["GLA_WARPS"], num_stages=1)
     return dq, dk, dg
+
+
+def fwd_output(p, q, k, v, gc, h, scale):
+    """o [B, T, H, V] in v's dtype: scores and output of every chunk in one kernel."""
+    m = p.meta
+    o = common.poison(torch.empty_like(v))
+    ct, cu = _idx(p, o)
+    BV = m["BVO"]
+    _fwd_tree_kernel[(triton.cdiv(p.V, BV), p.NCH, p.H)](
+        q, k, v, gc, h, o, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale),
+        IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=_tree_bk(p, TREE_BLOCK_K), BV=BV,
+        DT=m["DT"], IEEE=m["IEEE"], num_warps=TREE_WARPS, num_stages=1 if m["IEEE"] == 1 else 2)
+    return o
