@@ -254,29 +254,46 @@ def _dqkg_kernel(
 # (A_ii = q_i . k_i). So the whole causal score matrix is log2(BT) masked tensor-core products plus
 # a row dot: no elementwise SUB x SUB blocks, no loop of gathered rows (the sm_90 SASS of
 # `_intra_kernel` / `_dqkg_kernel` waits on two gathered [BT, BK] loads per diagonal step at one
-# 8-warp CTA per SM), and one exp2 per element and level (`tree_factors`: the upper rows' and the
-# lower rows' factors are one exp2 of a selected exponent; `level_factors` evaluates both).
+# 8-warp CTA per SM), and one exp2 per element and level with no selects (`tree_level`;
+# `level_factors` evaluates two exp2 and three selects per element).
 
 @triton.jit
-def tree_factors(gc_ptr, t0, eos, i_h, H, o_t, G, o_k, m_k, K, S: tl.constexpr):
-    """As level_factors, with one exp2 per element: (up, fq, fk)."""
-    up = (o_t // S) % 2 == 1
-    G_r = gc_rows(gc_ptr, t0 + (o_t // (2 * S)) * (2 * S) + S, eos, i_h, H, o_k, m_k, K)
-    d = G - G_r
-    e = tl.exp2(tl.where(up[:, None], d, -d))
-    return up, tl.where(up[:, None], e, 0.), tl.where(up[:, None], 0., e)
+def tree_level(gc_ptr, t0, eos, i_h, H, o_t, G, o_k, m_k, K, lvl):
+    """Level lvl of the tree (S = 2^lvl; a runtime value, so the level loop stays a loop and the
+    gathered G_r tiles of all levels are not hoisted into registers at once). Returns
+    (pairs [BT, BT]: (i upper, j lower half of the same 2S block), e [BT, BK]) with
+    e = exp2(-|G - G_r|), G_r at the first upper row r of the row's 2S block: on upper rows
+    G <= G_r, so e = exp2(G - G_r); on lower rows G >= G_r (a cumsum of steps <= 0 never
+    increases, in floating point too), so e = exp2(G_r - G). One exp2 per element, no selects:
+    the operands q e and k e need no zeroing, since a lower row of q e only reaches rows and an
+    upper row of k e only columns that the pair mask drops."""
+    blk = o_t >> (lvl + 1)
+    G_r = gc_rows(gc_ptr, t0 + (blk << (lvl + 1)) + (1 << lvl), eos, i_h, H, o_k, m_k, K)
+    e = tl.exp2(-tl.abs(G - G_r))
+    return tree_pairs(o_t, lvl, False), e
+
+
+@triton.jit
+def tree_pairs(o_t, lvl, TRANSPOSED: tl.constexpr):
+    """[BT, BT] mask of level lvl's (i upper, j lower half of the same 2^(lvl+1) block) pairs, or
+    its transpose (built directly, not through tl.trans)."""
+    blk = o_t >> (lvl + 1)
+    up = ((o_t >> lvl) & 1) == 1
+    if TRANSPOSED:
+        return (blk[:, None] == blk[None, :]) & (up == 0)[:, None] & up[None, :]
+    return (blk[:, None] == blk[None, :]) & up[:, None] & (up == 0)[None, :]
 
 
 @triton.jit
 def tree_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, NLEV: tl.constexpr,
                 DT: tl.constexpr, IEEE: tl.constexpr):
-    """The unscaled causal decayed scores of one K tile, sum_k q_ik k_jk exp2(G_ik - G_jk) for
-    j <= i (0 above the diagonal): the diagonal row dots and NLEV = log2(BT) tree levels."""
-    A = tl.where(o_t[:, None] == o_t[None, :], tl.sum(b_q * b_k, axis=1)[:, None], 0.)
-    for lvl in tl.static_range(NLEV):
-        up, fq, fk = tree_factors(gc_ptr, t0, eos, i_h, H, o_t, G, o_k, m_k, K, 1 << lvl)
-        A += tl.where(level_pairs(up, up == 0, o_t, 1 << lvl),
-                      mm(b_q * fq, tl.trans(b_k * fk), DT, IEEE), 0.)
+    """The unscaled strictly-causal decayed scores of one K tile, sum_k q_ik k_jk exp2(G_ik - G_jk)
+    for j < i (0 elsewhere; the diagonal, exponent 0, is the row dot q_i . k_i the callers add):
+    NLEV = log2(BT) tree levels."""
+    A = tl.zeros([o_t.shape[0], o_t.shape[0]], dtype=tl.float32)
+    for lvl in range(NLEV):
+        pairs, e = tree_level(gc_ptr, t0, eos, i_h, H, o_t, G, o_k, m_k, K, lvl)
+        A += tl.where(pairs, mm(b_q * e, tl.trans(b_k * e), DT, IEEE), 0.)
     return A
 
 
@@ -295,13 +312,16 @@ def _intra_tree_kernel(
     t = t0 + o_t
     m_t = t < eos
     A = tl.zeros([BT, BT], dtype=tl.float32)
+    dg = tl.zeros([BT], dtype=tl.float32)     # the diagonal, q_i . k_i
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         b_q = load_rows(q_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
         b_k = load_rows(k_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
         G = gc_rows(gc_ptr, t, eos, i_h, H, o_k, m_k, K)
+        dg += tl.sum(b_q * b_k, axis=1)
         A += tree_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, NLEV, DT, IEEE)
+    A = tl.where(o_t[:, None] == o_t[None, :], dg[:, None], A)
     tl.store(a_ptr + (t * H + i_h)[:, None] * BT + o_t[None, :],
              (A * scale).to(a_ptr.dtype.element_ty), mask=m_t[:, None])
 
@@ -329,6 +349,7 @@ def _fwd_tree_kernel(
     row = t * H + i_h
     p_h = h_ptr + (i_c.to(tl.int64) * H + i_h) * K * V
     A = tl.zeros([BT, BT], dtype=tl.float32)
+    dg = tl.zeros([BT], dtype=tl.float32)     # the diagonal, q_i . k_i
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -339,7 +360,9 @@ def _fwd_tree_kernel(
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :],
                       mask=(o_k < Kc)[:, None] & m_v[None, :], other=0.)
         b_o += mm(b_q * tl.exp2(G), b_h, DT, IEEE)
+        dg += tl.sum(b_q * b_k, axis=1)
         A += tree_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, NLEV, DT, IEEE)
+    A = tl.where(o_t[:, None] == o_t[None, :], dg[:, None], A)
     b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
     b_o = (b_o + mm(A, b_v, DT, IEEE)) * scale
     tl.store(o_ptr + row[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
@@ -394,12 +417,12 @@ def _dqkg_tree_kernel(
     eye = o_t[:, None] == o_t[None, :]
     dq += tl.sum(tl.where(eye, dA, 0.), axis=1)[:, None] * b_k
     dk += tl.sum(tl.where(eye, dAT, 0.), axis=1)[:, None] * b_q
-    for lvl in tl.static_range(NLEV):
-        up, fq, fk = tree_factors(gc_ptr, t0, eos, i_h, H, o_t, G, o_k, m_k, K, 1 << lvl)
-        dq += fq * mm(tl.where(level_pairs(up, up == 0, o_t, 1 << lvl), dA, 0.), b_k * fk,
-                      DT, IEEE)
-        dk += fk * mm(tl.where(level_pairs(up == 0, up, o_t, 1 << lvl), dAT, 0.), b_q * fq,
-                      DT, IEEE)
+    # per level: dq of the upper rows from the lower ones, dk of the lower rows from the upper
+    # ones (rows outside the level's pairs get a zero product: e needs no zeroing)
+    for lvl in range(NLEV):
+        pairs, e = tree_level(gc_ptr, t0, eos, i_h, H, o_t, G, o_k, m_k, K, lvl)
+        dq += e * mm(tl.where(pairs, dA, 0.), b_k * e, DT, IEEE)
+        dk += e * mm(tl.where(tree_pairs(o_t, lvl, True), dAT, 0.), b_q * e, DT, IEEE)
     x = b_q * dq - b_k * dk
     y = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x + r[None, :]
     m_o = m_t[:, None] & m_k[None, :]
@@ -417,8 +440,8 @@ TREE = True            # scores and dq/dk/dg through the full tree (_intra_tree_
 FUSED_FWD = True       # (with TREE) forward scores + output in one kernel (_fwd_tree_kernel);
                        # False: scores stored by _intra_tree_kernel, then fwd._output_kernel
 TREE_BLOCK_K = 64      # K tile of _intra_tree_kernel / _fwd_tree_kernel
-TREE_DQK_BLOCK_K = 64  # K tile of _dqkg_tree_kernel
-TREE_WARPS = 4         # warps of the tree kernels
+TREE_DQK_BLOCK_K = 32  # K tile of _dqkg_tree_kernel
+TREE_WARPS = 8         # warps of the tree kernels
 
 
 def _nlev(BT):
@@ -459,7 +482,7 @@ def intra_scores(p, q, k, gc, scale):
         _intra_tree_kernel[(p.NCH, p.H)](
             q, k, gc, a, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, float(scale),
             IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=_tree_bk(p, TREE_BLOCK_K),
-            DT=m["DT"], IEEE=m["IEEE"], num_warps=TREE_WARPS)
+            DT=m["DT"], IEEE=m["IEEE"], num_warps=TREE_WARPS, num_stages=1)
         return a
     _intra_kernel[(p.NCH, p.H)](q, k, gc, a, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, float(scale),
                                 IS_VARLEN=p.varlen, BT=p.BT, SUB=m["SUB"], BK=m["BKG"],
@@ -500,5 +523,5 @@ def fwd_output(p, q, k, v, gc, h, scale):
     _fwd_tree_kernel[(triton.cdiv(p.V, BV), p.NCH, p.H)](
         q, k, v, gc, h, o, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale),
         IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=_tree_bk(p, TREE_BLOCK_K), BV=BV,
-        DT=m["DT"], IEEE=m["IEEE"], num_warps=TREE_WARPS, num_stages=1 if m["IEEE"] == 1 else 2)
+        DT=m["DT"], IEEE=m["IEEE"], num_warps=TREE_WARPS, num_stages=1)
     return o
