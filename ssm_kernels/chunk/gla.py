@@ -285,6 +285,20 @@ def tree_pairs(o_t, lvl, TRANSPOSED: tl.constexpr):
 
 
 @triton.jit
+def mid_factors(gc_ptr, t0, eos, i_h, H, G, o_k, m_k, K, BT: tl.constexpr):
+    """The one-reference factors of the fast path: (exp2(G - G_m), exp2(G_m - G)), G_m at the
+    chunk's middle row, so |exponent| <= the chunk's decay span (the caller checks it)."""
+    d = G - gc_row(gc_ptr, t0 + BT // 2, eos, i_h, H, o_k, m_k, K)[None, :]
+    return tl.exp2(d), tl.exp2(-d)
+
+
+@triton.jit
+def decay_span(G):
+    """max over the tile's columns of G_first - G_last (>= 0): the largest |G_i - G_j| inside it."""
+    return tl.max(tl.max(G, axis=0) - tl.min(G, axis=0), axis=0)
+
+
+@triton.jit
 def tree_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, NLEV: tl.constexpr,
                 DT: tl.constexpr, IEEE: tl.constexpr):
     """The unscaled strictly-causal decayed scores of one K tile, sum_k q_ik k_jk exp2(G_ik - G_jk)
@@ -298,12 +312,29 @@ def tree_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, NLEV: tl
 
 
 @triton.jit
+def chunk_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, BT: tl.constexpr,
+                 NLEV: tl.constexpr, FAST_SPAN: tl.constexpr, DT: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """The unscaled causal decayed scores (diagonal included) of one K tile. Fast path, when the
+    tile's decay span is <= FAST_SPAN (log2 units): one product (q exp2(G - G_m)) (k exp2(G_m -
+    G))^T, every factor within 2^(+-FAST_SPAN), so nothing overflows or underflows and the result
+    is exact up to the operands' rounding, as the tree's; otherwise the tree (any decay)."""
+    if decay_span(G) <= FAST_SPAN:
+        eq, ek = mid_factors(gc_ptr, t0, eos, i_h, H, G, o_k, m_k, K, BT)
+        A = tl.where(o_t[:, None] >= o_t[None, :], mm(b_q * eq, tl.trans(b_k * ek), DT, IEEE), 0.)
+    else:
+        A = tree_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, NLEV, DT, IEEE)
+        A = tl.where(o_t[:, None] == o_t[None, :], tl.sum(b_q * b_k, axis=1)[:, None], A)
+    return A
+
+
+@triton.jit
 def _intra_tree_kernel(
     # as _intra_kernel: q, k [TOK, HQ, K]; gc [TOK, H, K] f32; output a [TOK, H, BT]
     q_ptr, k_ptr, gc_ptr, a_ptr, ct_ptr, cu_ptr,
     T, NT, H, HQ, K, scale,
     IS_VARLEN: tl.constexpr, BT: tl.constexpr, NLEV: tl.constexpr, BK: tl.constexpr,
-    DT: tl.constexpr, IEEE: tl.constexpr,
+    DT: tl.constexpr, IEEE: tl.constexpr, FAST_SPAN: tl.constexpr,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_hq = i_h // (H // HQ)
@@ -312,16 +343,14 @@ def _intra_tree_kernel(
     t = t0 + o_t
     m_t = t < eos
     A = tl.zeros([BT, BT], dtype=tl.float32)
-    dg = tl.zeros([BT], dtype=tl.float32)     # the diagonal, q_i . k_i
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         b_q = load_rows(q_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
         b_k = load_rows(k_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
         G = gc_rows(gc_ptr, t, eos, i_h, H, o_k, m_k, K)
-        dg += tl.sum(b_q * b_k, axis=1)
-        A += tree_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, NLEV, DT, IEEE)
-    A = tl.where(o_t[:, None] == o_t[None, :], dg[:, None], A)
+        A += chunk_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, BT, NLEV,
+                          FAST_SPAN, DT, IEEE)
     tl.store(a_ptr + (t * H + i_h)[:, None] * BT + o_t[None, :],
              (A * scale).to(a_ptr.dtype.element_ty), mask=m_t[:, None])
 
@@ -334,7 +363,7 @@ def _fwd_tree_kernel(
     q_ptr, k_ptr, v_ptr, gc_ptr, h_ptr, o_ptr, ct_ptr, cu_ptr,
     T, NT, H, HQ, K, V, scale,
     IS_VARLEN: tl.constexpr, BT: tl.constexpr, NLEV: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, FAST_SPAN: tl.constexpr,
 ):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hq = i_h // (H // HQ)
@@ -349,7 +378,6 @@ def _fwd_tree_kernel(
     row = t * H + i_h
     p_h = h_ptr + (i_c.to(tl.int64) * H + i_h) * K * V
     A = tl.zeros([BT, BT], dtype=tl.float32)
-    dg = tl.zeros([BT], dtype=tl.float32)     # the diagonal, q_i . k_i
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -360,9 +388,8 @@ def _fwd_tree_kernel(
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :],
                       mask=(o_k < Kc)[:, None] & m_v[None, :], other=0.)
         b_o += mm(b_q * tl.exp2(G), b_h, DT, IEEE)
-        dg += tl.sum(b_q * b_k, axis=1)
-        A += tree_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, NLEV, DT, IEEE)
-    A = tl.where(o_t[:, None] == o_t[None, :], dg[:, None], A)
+        A += chunk_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, BT, NLEV,
+                          FAST_SPAN, DT, IEEE)
     b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
     b_o = (b_o + mm(A, b_v, DT, IEEE)) * scale
     tl.store(o_ptr + row[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
@@ -375,7 +402,7 @@ def _dqkg_tree_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, gc_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dg_ptr, ct_ptr, cu_ptr,
     T, NT, H, K, V, scale,
     IS_VARLEN: tl.constexpr, BT: tl.constexpr, NLEV: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, FAST_SPAN: tl.constexpr,
 ):
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
@@ -413,16 +440,22 @@ def _dqkg_tree_kernel(
     r = tl.exp2(G_last) * hdh + tl.sum(b_k * dk, axis=0)
     dA = dA * scale
     dAT = dAT * scale
-    # diagonal (exponent 0): dq_i += dA_ii k_i, dk_i += dA_ii q_i
-    eye = o_t[:, None] == o_t[None, :]
-    dq += tl.sum(tl.where(eye, dA, 0.), axis=1)[:, None] * b_k
-    dk += tl.sum(tl.where(eye, dAT, 0.), axis=1)[:, None] * b_q
-    # per level: dq of the upper rows from the lower ones, dk of the lower rows from the upper
-    # ones (rows outside the level's pairs get a zero product: e needs no zeroing)
-    for lvl in range(NLEV):
-        pairs, e = tree_level(gc_ptr, t0, eos, i_h, H, o_t, G, o_k, m_k, K, lvl)
-        dq += e * mm(tl.where(pairs, dA, 0.), b_k * e, DT, IEEE)
-        dk += e * mm(tl.where(tree_pairs(o_t, lvl, True), dAT, 0.), b_q * e, DT, IEEE)
+    if decay_span(G) <= FAST_SPAN:
+        # fast path (chunk_scores): one reference row for the whole chunk, diagonal included
+        eq, ek = mid_factors(gc_ptr, t0, eos, i_h, H, G, o_k, m_k, K, BT)
+        dq += eq * mm(tl.where(o_t[:, None] >= o_t[None, :], dA, 0.), b_k * ek, DT, IEEE)
+        dk += ek * mm(tl.where(o_t[:, None] <= o_t[None, :], dAT, 0.), b_q * eq, DT, IEEE)
+    else:
+        # diagonal (exponent 0): dq_i += dA_ii k_i, dk_i += dA_ii q_i
+        eye = o_t[:, None] == o_t[None, :]
+        dq += tl.sum(tl.where(eye, dA, 0.), axis=1)[:, None] * b_k
+        dk += tl.sum(tl.where(eye, dAT, 0.), axis=1)[:, None] * b_q
+        # per level: dq of the upper rows from the lower ones, dk of the lower rows from the
+        # upper ones (rows outside the level's pairs get a zero product: e needs no zeroing)
+        for lvl in range(NLEV):
+            pairs, e = tree_level(gc_ptr, t0, eos, i_h, H, o_t, G, o_k, m_k, K, lvl)
+            dq += e * mm(tl.where(pairs, dA, 0.), b_k * e, DT, IEEE)
+            dk += e * mm(tl.where(tree_pairs(o_t, lvl, True), dAT, 0.), b_q * e, DT, IEEE)
     x = b_q * dq - b_k * dk
     y = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x + r[None, :]
     m_o = m_t[:, None] & m_k[None, :]
@@ -442,6 +475,16 @@ FUSED_FWD = True       # (with TREE) forward scores + output in one kernel (_fwd
 TREE_BLOCK_K = 64      # K tile of _intra_tree_kernel / _fwd_tree_kernel
 TREE_DQK_BLOCK_K = 32  # K tile of _dqkg_tree_kernel
 TREE_WARPS = 8         # warps of the tree kernels
+FAST_SPAN = 40.0       # tree kernels: a (chunk, K tile) whose decay span max_k (G_first - G_last)
+                       # is <= this (log2 units; 40 = 27.7 in natural log over the chunk) takes
+                       # one product with a mid-chunk reference instead of the tree (any value
+                       # <= ~60 keeps every factor and product in range); -1: always the tree
+FAST_SPAN_FP16 = 4.0   # the same for float16 operands (5-bit exponent: a factor 2^-S on q must
+                       # stay clear of fp16 subnormals, since its partner 2^S on k amplifies them)
+
+
+def _span(p):
+    return float(FAST_SPAN_FP16 if p.meta["DT"] == tl.float16 else FAST_SPAN)
 
 
 def _nlev(BT):
@@ -482,7 +525,8 @@ def intra_scores(p, q, k, gc, scale):
         _intra_tree_kernel[(p.NCH, p.H)](
             q, k, gc, a, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, float(scale),
             IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=_tree_bk(p, TREE_BLOCK_K),
-            DT=m["DT"], IEEE=m["IEEE"], num_warps=TREE_WARPS, num_stages=1)
+            DT=m["DT"], IEEE=m["IEEE"], FAST_SPAN=_span(p), num_warps=TREE_WARPS,
+            num_stages=1)
         return a
     _intra_kernel[(p.NCH, p.H)](q, k, gc, a, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, float(scale),
                                 IS_VARLEN=p.varlen, BT=p.BT, SUB=m["SUB"], BK=m["BKG"],
@@ -504,7 +548,7 @@ def dqkg(p, q, k, v, do, gc, h, dh, scale):
         _dqkg_tree_kernel[(triton.cdiv(p.K, BK), p.NCH, p.H)](
             q, k, v, do, gc, h, dh, dq, dk, dg, ct, cu, p.T, p.NT, p.H, p.K, p.V, float(scale),
             IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=BK, BV=m["BV"], DT=m["DT"],
-            IEEE=m["IEEE"], num_warps=TREE_WARPS, num_stages=1)
+            IEEE=m["IEEE"], FAST_SPAN=_span(p), num_warps=TREE_WARPS, num_stages=1)
         return dq, dk, dg
     BK = m["BKD"]
     _dqkg_kernel[(triton.cdiv(p.K, BK), p.NCH, p.H)](
@@ -523,5 +567,6 @@ def fwd_output(p, q, k, v, gc, h, scale):
     _fwd_tree_kernel[(triton.cdiv(p.V, BV), p.NCH, p.H)](
         q, k, v, gc, h, o, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale),
         IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=_tree_bk(p, TREE_BLOCK_K), BV=BV,
-        DT=m["DT"], IEEE=m["IEEE"], num_warps=TREE_WARPS, num_stages=1)
+        DT=m["DT"], IEEE=m["IEEE"], FAST_SPAN=_span(p), num_warps=TREE_WARPS,
+        num_stages=1)
     return o
