@@ -472,9 +472,11 @@ TREE = True            # scores and dq/dk/dg through the full tree (_intra_tree_
                        # _dqkg_tree_kernel); False: the SUB_CHUNK kernels (_intra_kernel, _dqkg_kernel)
 FUSED_FWD = True       # (with TREE) forward scores + output in one kernel (_fwd_tree_kernel);
                        # False: scores stored by _intra_tree_kernel, then fwd._output_kernel
-TREE_BLOCK_K = 64      # K tile of _intra_tree_kernel / _fwd_tree_kernel
-TREE_DQK_BLOCK_K = 32  # K tile of _dqkg_tree_kernel
+TREE_BLOCK_K = 32      # K tile of _intra_tree_kernel / _fwd_tree_kernel (64: the fused kernel
+                       # spilled 56 B on sm_90)
+TREE_DQK_BLOCK_K = 32  # K tile of _dqkg_tree_kernel (64: 80-132 B spill on sm_90)
 TREE_WARPS = 8         # warps of the tree kernels
+TREE_STAGES = 1        # num_stages of _fwd_tree_kernel / _intra_tree_kernel (K-loop prefetch)
 FAST_SPAN = 40.0       # tree kernels: a (chunk, K tile) whose decay span max_k (G_first - G_last)
                        # is <= this (log2 units; 40 = 27.7 in natural log over the chunk) takes
                        # one product with a mid-chunk reference instead of the tree (any value
@@ -526,7 +528,7 @@ def intra_scores(p, q, k, gc, scale):
             q, k, gc, a, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, float(scale),
             IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=_tree_bk(p, TREE_BLOCK_K),
             DT=m["DT"], IEEE=m["IEEE"], FAST_SPAN=_span(p), num_warps=TREE_WARPS,
-            num_stages=1)
+            num_stages=TREE_STAGES)
         return a
     _intra_kernel[(p.NCH, p.H)](q, k, gc, a, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, float(scale),
                                 IS_VARLEN=p.varlen, BT=p.BT, SUB=m["SUB"], BK=m["BKG"],
@@ -568,5 +570,5 @@ def fwd_output(p, q, k, v, gc, h, scale):
         q, k, v, gc, h, o, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale),
         IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=_tree_bk(p, TREE_BLOCK_K), BV=BV,
         DT=m["DT"], IEEE=m["IEEE"], FAST_SPAN=_span(p), num_warps=TREE_WARPS,
-        num_stages=1)
+        num_stages=TREE_STAGES)
     return o
