@@ -293,9 +293,11 @@ def mid_factors(gc_ptr, t0, eos, i_h, H, G, o_k, m_k, K, BT: tl.constexpr):
 
 
 @triton.jit
-def decay_span(G):
-    """max over the tile's columns of G_first - G_last (>= 0): the largest |G_i - G_j| inside it."""
-    return tl.max(tl.max(G, axis=0) - tl.min(G, axis=0), axis=0)
+def decay_span(gc_ptr, t0, eos, i_h, H, o_k, m_k, K, BT: tl.constexpr):
+    """A bound on every |G_i - G_j| of the chunk's K tile: max over its columns of -G_last (the
+    chunk's total decay; >= G_first - G_last since G_first <= 0). One row load and a [BK]
+    reduction (the max/min over the [BT, BK] tile cost ~200 shuffles and min/max per thread)."""
+    return tl.max(-gc_row(gc_ptr, t0 + BT - 1, eos, i_h, H, o_k, m_k, K), axis=0)
 
 
 @triton.jit
@@ -316,10 +318,10 @@ def chunk_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, BT: tl.
                  NLEV: tl.constexpr, FAST_SPAN: tl.constexpr, DT: tl.constexpr,
                  IEEE: tl.constexpr):
     """The unscaled causal decayed scores (diagonal included) of one K tile. Fast path, when the
-    tile's decay span is <= FAST_SPAN (log2 units): one product (q exp2(G - G_m)) (k exp2(G_m -
+    tile's decay span (decay_span) is <= FAST_SPAN (log2 units): one product (q exp2(G - G_m)) (k exp2(G_m -
     G))^T, every factor within 2^(+-FAST_SPAN), so nothing overflows or underflows and the result
     is exact up to the operands' rounding, as the tree's; otherwise the tree (any decay)."""
-    if decay_span(G) <= FAST_SPAN:
+    if decay_span(gc_ptr, t0, eos, i_h, H, o_k, m_k, K, BT) <= FAST_SPAN:
         eq, ek = mid_factors(gc_ptr, t0, eos, i_h, H, G, o_k, m_k, K, BT)
         A = tl.where(o_t[:, None] >= o_t[None, :], mm(b_q * eq, tl.trans(b_k * ek), DT, IEEE), 0.)
     else:
@@ -440,7 +442,7 @@ def _dqkg_tree_kernel(
     r = tl.exp2(G_last) * hdh + tl.sum(b_k * dk, axis=0)
     dA = dA * scale
     dAT = dAT * scale
-    if decay_span(G) <= FAST_SPAN:
+    if tl.max(-G_last, axis=0) <= FAST_SPAN:      # decay_span
         # fast path (chunk_scores): one reference row for the whole chunk, diagonal included
         eq, ek = mid_factors(gc_ptr, t0, eos, i_h, H, G, o_k, m_k, K, BT)
         dq += eq * mm(tl.where(o_t[:, None] >= o_t[None, :], dA, 0.), b_k * ek, DT, IEEE)
@@ -477,7 +479,7 @@ TREE_BLOCK_K = 32      # K tile of _intra_tree_kernel / _fwd_tree_kernel (64: th
 TREE_DQK_BLOCK_K = 32  # K tile of _dqkg_tree_kernel (64: 80-132 B spill on sm_90)
 TREE_WARPS = 8         # warps of the tree kernels
 TREE_STAGES = 1        # num_stages of _fwd_tree_kernel / _intra_tree_kernel (K-loop prefetch)
-FAST_SPAN = 40.0       # tree kernels: a (chunk, K tile) whose decay span max_k (G_first - G_last)
+FAST_SPAN = 40.0       # tree kernels: a (chunk, K tile) whose decay span max_k (-G_last)
                        # is <= this (log2 units; 40 = 27.7 in natural log over the chunk) takes
                        # one product with a mid-chunk reference instead of the tree (any value
                        # <= ~60 keeps every factor and product in range); -1: always the tree
