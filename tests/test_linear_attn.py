@@ -640,6 +640,10 @@ for mode in only:
         for d4 in (True, False):
             build(Gl._intra_kernel, dict(gl, DT=tl.bfloat16, IEEE=0, DIAG4=d4), 8)
             build(Gl._dqkg_kernel, dict(gl, BV=64, DT=tl.bfloat16, IEEE=0, DIAG4=d4), 8, 1)
+        tr = dict(IS_VARLEN=True, BT=BT, NLEV=6, BK=32, DT=tl.bfloat16, IEEE=0, FAST_SPAN=40.0)
+        build(Gl._intra_tree_kernel, tr, 8, 1)
+        build(Gl._fwd_tree_kernel, dict(tr, BV=128), 8, 1)
+        build(Gl._dqkg_tree_kernel, dict(tr, BV=64), 8, 1)
     else:
         build(Bw._dqk_kernel, dict(base, HAS_VS=ssd, SUB=16, BK=BKF, BV=64), 8)
 print("compiled")
