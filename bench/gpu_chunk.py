@@ -441,6 +441,7 @@ GLA_VARIANT_LIST = [
     ("tree dqk BK=64", {"gla": dict(TREE_DQK_BLOCK_K=64)}),
     ("tree fwd BK=64", {"gla": dict(TREE_BLOCK_K=64)}),
     ("tree stages=2", {"gla": dict(TREE_STAGES=2)}),
+    ("tree, fused bwd (spills)", {"gla": dict(FUSED_BWD=True)}),
     ("sub-chunk kernels (session 4)", {"gla": dict(TREE=False)}),
 ]
 

@@ -561,17 +561,21 @@ def test_gla_sub_chunks(backend, case, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
-@pytest.mark.parametrize("variant", ["fast_and_tree", "tree_only", "unfused", "sub_chunk_kernels"])
+@pytest.mark.parametrize("variant", ["fast_and_tree", "tree_only", "unfused", "sub_chunk_kernels",
+                                     "fused_bwd", "fused_bwd_tree_only"])
 def test_gla_tree_paths(backend, variant, monkeypatch):
     """The tree kernels of chunk_gla (gla.TREE) at the GPU's BT=64: with FAST_SPAN between the
     spans of different (chunk, K tile) pairs, some take the one-reference fast path and others the
     tree in the same call (checked here from the inputs); the tree alone (FAST_SPAN=-1); scores
-    stored then the output stage (FUSED_FWD=False); and the SUB_CHUNK kernels (TREE=False)."""
+    stored then the output stage (FUSED_FWD=False); the SUB_CHUNK kernels (TREE=False); the
+    one-kernel backward (FUSED_BWD) with mixed paths and with the tree alone."""
     from ssm_kernels.chunk import common, gla
     monkeypatch.setattr(common, "INTERP_CHUNK", 64)
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
     B, T, H, K, V, span = 1, 200, 2, 72, 24, 46.0
-    if variant == "fast_and_tree":
+    if variant.startswith("fused_bwd"):
+        monkeypatch.setattr(gla, "FUSED_BWD", True)
+    if variant in ("fast_and_tree", "fused_bwd"):
         monkeypatch.setattr(gla, "FAST_SPAN", span)
         torch.manual_seed(3)                     # the draw compare_to_reference makes next
         q, k, v, g2, _ = make(B, T, H, K, V, torch.float32, "gla")
@@ -584,7 +588,7 @@ def test_gla_tree_paths(backend, variant, monkeypatch):
             spans += [float(x) for x in d.split(32, dim=-1)[1].amax(-1).flatten()]
         assert min(spans) <= span < max(spans), spans
         torch.manual_seed(3)
-    elif variant == "tree_only":
+    elif variant in ("tree_only", "fused_bwd_tree_only"):
         monkeypatch.setattr(gla, "FAST_SPAN", -1.0)
     elif variant == "unfused":
         monkeypatch.setattr(gla, "FUSED_FWD", False)

@@ -467,6 +467,91 @@ def _dqkg_tree_kernel(
     tl.store(dg_ptr + p_o, y, mask=m_o)
 
 
+@triton.jit
+def _bwd_fused_kernel(
+    # the backward's intra-chunk work in one program per (chunk, head): scores (recomputed, as
+    # A^T, never stored), dv, dq, dk, dg. q, k [TOK, H, K]; v, do [TOK, H, V] (V <= BV: one V
+    # tile); gc [TOK, H, K] f32; h, dh [NCH, H, K, V]; outputs dq, dk [TOK, H, K], dv [TOK, H, V]
+    # (input dtype), dg [TOK, H, K] f32. Per K tile: the state terms, the scores' part through
+    # chunk_scores' fast path or the tree, dv's state term; after the K loop dv += A^T do.
+    q_ptr, k_ptr, v_ptr, do_ptr, gc_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
+    ct_ptr, cu_ptr, T, NT, H, K, V, scale,
+    IS_VARLEN: tl.constexpr, BT: tl.constexpr, NLEV: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, FAST_SPAN: tl.constexpr,
+    RELOAD: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    o_t = tl.arange(0, BT)
+    t = t0 + o_t
+    m_t = t < eos
+    o_v = tl.arange(0, BV)
+    m_v = o_v < V
+    Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
+    row = t * H + i_h
+    p_h = (i_c.to(tl.int64) * H + i_h) * K * V
+    m_tv = m_t[:, None] & m_v[None, :]
+    p_tv = row[:, None] * V + o_v[None, :]
+    b_v = tl.load(v_ptr + p_tv, mask=m_tv, other=0.)       # storage dtype: operands only
+    b_do = tl.load(do_ptr + p_tv, mask=m_tv, other=0.)
+    lower = o_t[:, None] >= o_t[None, :]
+    upper = o_t[:, None] <= o_t[None, :]
+    dAm = tl.where(lower, mm(b_do, tl.trans(b_v), DT, IEEE), 0.) * scale     # dA, j <= i
+    dATm = tl.where(upper, mm(b_v, tl.trans(b_do), DT, IEEE), 0.) * scale    # dA^T, built directly
+    AT = tl.zeros([BT, BT], dtype=tl.float32)     # A^T (unscaled)
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_s = (o_k < Kc)[:, None] & m_v[None, :]
+        b_h, b_dh = load_h_dh(h_ptr, dh_ptr, p_h, o_k, o_v, m_s, V)
+        b_q = load_rows(q_ptr, row, m_t, o_k, m_k, K)
+        b_k = load_rows(k_ptr, row, m_t, o_k, m_k, K)
+        G = gc_rows(gc_ptr, t, eos, i_h, H, o_k, m_k, K)
+        G_last = gc_row(gc_ptr, t0 + BT - 1, eos, i_h, H, o_k, m_k, K)
+        kd = b_k * tl.exp2(G_last[None, :] - G)
+        b_dv += mm(kd, b_dh, DT, IEEE)
+        if RELOAD:   # v, do re-read per K tile (L1/L2) instead of held in registers
+            b_v = tl.load(v_ptr + p_tv, mask=m_tv, other=0.)
+            b_do = tl.load(do_ptr + p_tv, mask=m_tv, other=0.)
+        dq = mm(b_do, tl.trans(b_h), DT, IEEE) * tl.exp2(G) * scale
+        dks = mm(b_v, tl.trans(b_dh), DT, IEEE)
+        dk = dks * tl.exp2(G_last[None, :] - G)
+        r = (tl.exp2(G_last) * tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
+             + tl.sum(b_k * dk, axis=0))
+        if tl.max(-G_last, axis=0) <= FAST_SPAN:      # decay_span
+            eq, ek = mid_factors(gc_ptr, t0, eos, i_h, H, G, o_k, m_k, K, BT)
+            qe = b_q * eq
+            ke = b_k * ek
+            dq += eq * mm(dAm, ke, DT, IEEE)
+            dk += ek * mm(dATm, qe, DT, IEEE)
+            AT += tl.where(upper, mm(ke, tl.trans(qe), DT, IEEE), 0.)
+        else:
+            eye = o_t[:, None] == o_t[None, :]
+            dq += tl.sum(tl.where(eye, dAm, 0.), axis=1)[:, None] * b_k
+            dk += tl.sum(tl.where(eye, dATm, 0.), axis=1)[:, None] * b_q
+            AT += tl.where(eye, tl.sum(b_q * b_k, axis=1)[:, None], 0.)
+            for lvl in range(NLEV):
+                pairs, e = tree_level(gc_ptr, t0, eos, i_h, H, o_t, G, o_k, m_k, K, lvl)
+                pairsT = tree_pairs(o_t, lvl, True)
+                qe = b_q * e
+                ke = b_k * e
+                dq += e * mm(tl.where(pairs, dAm, 0.), ke, DT, IEEE)
+                dk += e * mm(tl.where(pairsT, dATm, 0.), qe, DT, IEEE)
+                AT += tl.where(pairsT, mm(ke, tl.trans(qe), DT, IEEE), 0.)
+        x = b_q * dq - b_k * dk
+        y = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x + r[None, :]
+        m_o = m_t[:, None] & m_k[None, :]
+        p_o = row[:, None] * K + o_k[None, :]
+        tl.store(dq_ptr + p_o, dq.to(dq_ptr.dtype.element_ty), mask=m_o)
+        tl.store(dk_ptr + p_o, dk.to(dk_ptr.dtype.element_ty), mask=m_o)
+        tl.store(dg_ptr + p_o, y, mask=m_o)
+    if RELOAD:
+        b_do = tl.load(do_ptr + p_tv, mask=m_tv, other=0.)
+    b_dv += mm(AT * scale, b_do, DT, IEEE)
+    tl.store(dv_ptr + p_tv, b_dv.to(dv_ptr.dtype.element_ty), mask=m_tv)
+
+
 # ---- launchers (p: fwd.Plan) -----------------------------------------------------------------
 
 # ---- knobs of the tree variant (the lead A/Bs them on the GPU; bench/gpu_chunk.py GLA_VARIANTS) --
@@ -474,6 +559,12 @@ TREE = True            # scores and dq/dk/dg through the full tree (_intra_tree_
                        # _dqkg_tree_kernel); False: the SUB_CHUNK kernels (_intra_kernel, _dqkg_kernel)
 FUSED_FWD = True       # (with TREE) forward scores + output in one kernel (_fwd_tree_kernel);
                        # False: scores stored by _intra_tree_kernel, then fwd._output_kernel
+FUSED_BWD = False      # (with TREE, V <= 128) backward scores, dv, dq, dk, dg in one kernel
+                       # (_bwd_fused_kernel) instead of _intra_tree_kernel + _dv_kernel +
+                       # _dqkg_tree_kernel; off: it spills 670-1100 B on sm_90 at K=V=128
+                       # (240 B with the tree branch removed), a GPU A/B row only
+TREE_BWD_BLOCK_K = 32  # K tile of _bwd_fused_kernel
+FUSED_BWD_RELOAD = True  # _bwd_fused_kernel re-reads v, do per K tile (fewer live registers)
 TREE_BLOCK_K = 32      # K tile of _intra_tree_kernel / _fwd_tree_kernel (64: the fused kernel
                        # spilled 56 B on sm_90)
 TREE_DQK_BLOCK_K = 32  # K tile of _dqkg_tree_kernel (64: 80-132 B spill on sm_90)
@@ -501,6 +592,10 @@ def _tree_bk(p, knob):
 
 def use_fused_fwd(p):
     return TREE and FUSED_FWD
+
+
+def use_fused_bwd(p):
+    return TREE and FUSED_BWD and p.V <= 128 and p.HQ == p.H
 
 
 def _idx(p, x):
@@ -574,3 +669,18 @@ def fwd_output(p, q, k, v, gc, h, scale):
         DT=m["DT"], IEEE=m["IEEE"], FAST_SPAN=_span(p), num_warps=TREE_WARPS,
         num_stages=TREE_STAGES)
     return o
+
+
+def bwd_fused(p, q, k, v, do, gc, h, dh, scale):
+    """(dq, dk, dv in the inputs' dtype, dg float32) of the per-key-decay chunks, one kernel."""
+    m = p.meta
+    dq, dk = common.poison(torch.empty_like(q)), common.poison(torch.empty_like(k))
+    dv = common.poison(torch.empty_like(v))
+    dg = common.poison(torch.empty_like(gc))
+    ct, cu = _idx(p, dg)
+    _bwd_fused_kernel[(p.NCH, p.H)](
+        q, k, v, do, gc, h, dh, dq, dk, dv, dg, ct, cu, p.T, p.NT, p.H, p.K, p.V, float(scale),
+        IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=_tree_bk(p, TREE_BWD_BLOCK_K),
+        BV=max(16, triton.next_power_of_2(p.V)), DT=m["DT"], IEEE=m["IEEE"], FAST_SPAN=_span(p),
+        RELOAD=FUSED_BWD_RELOAD, num_warps=TREE_WARPS, num_stages=1)
+    return dq, dk, dv, dg
