@@ -208,10 +208,9 @@ def check_ssd(B=2, L=2048, H=8, P=64, G=2, N=128, cu=None):
     return judge(f"ssd{' varlen' if cu is not None else ''}", names, got, r, lp)
 
 
-def gla_stage_times(B=4, T=4096, H=16, K=128, V=128):
-    """chunk_gla's stages timed one by one (the per-stage predictions in bench/NOTES.md): cumsum,
-    chunk states, intra-chunk scores, the dq/dk/dg stage, and by difference the output stage
-    (forward minus the three before it) and state gradients + dv (backward minus the rest)."""
+def _gla_stage_setup(B, T, H, K, V):
+    """Inputs of one chunk_gla stage timing: (modules bwd, fwd, gla, q, k, v, g, do, scale, plan,
+    Gc, states h, a random dh, a median-ms timer)."""
     from ssm_kernels.chunk import bwd as cb, fwd as cf, gla as cg
     q, k, v, g = la_inputs(B, T, H, K, V, "gla")
     do = torch.randn_like(v)
@@ -219,8 +218,15 @@ def gla_stage_times(B=4, T=4096, H=16, K=128, V=128):
     p = cf.Plan(q, v, g, None, False)
     gc = cg.chunk_cumsum(p, g)
     h, _ = cf.chunk_states(p, k, v, gc, None, None, None)
-    dh = torch.randn_like(h)
-    bench_ms = lambda f: do_bench(f, warmup=10, rep=40, return_mode="median")  # noqa: E731
+    bm = lambda f: do_bench(f, warmup=10, rep=40, return_mode="median")  # noqa: E731
+    return cb, cf, cg, q, k, v, g, do, scale, p, gc, h, torch.randn_like(h), bm
+
+
+def gla_stage_times(B=4, T=4096, H=16, K=128, V=128):
+    """chunk_gla's stages timed one by one (the per-stage predictions in bench/NOTES.md): cumsum,
+    chunk states, intra-chunk scores, the dq/dk/dg stage, and by difference the output stage
+    (forward minus the three before it) and state gradients + dv (backward minus the rest)."""
+    cb, cf, cg, q, k, v, g, do, scale, p, gc, h, dh, bench_ms = _gla_stage_setup(B, T, H, K, V)
     t = {"cumsum": bench_ms(lambda: cg.chunk_cumsum(p, g)),
          "states": bench_ms(lambda: cf.chunk_states(p, k, v, gc, None, None, None)),
          "intra": bench_ms(lambda: cg.intra_scores(p, q, k, gc, scale)),
@@ -467,15 +473,7 @@ class knobs_set:
 def gla_tree_stage_times(B=4, T=4096, H=16, K=128, V=128, label="tree"):
     """The tree variant's stages one by one (NOTES predictions): cumsum, states, fused scores+output,
     scores alone (the backward's), dq/dk/dg, and state_grad + dv by difference."""
-    from ssm_kernels.chunk import bwd as cb, fwd as cf, gla as cg
-    q, k, v, g = la_inputs(B, T, H, K, V, "gla")
-    do = torch.randn_like(v)
-    scale = K ** -0.5
-    p = cf.Plan(q, v, g, None, False)
-    gc = cg.chunk_cumsum(p, g)
-    h, _ = cf.chunk_states(p, k, v, gc, None, None, None)
-    dh = torch.randn_like(h)
-    bm = lambda f: do_bench(f, warmup=10, rep=40, return_mode="median")  # noqa: E731
+    cb, cf, cg, q, k, v, g, do, scale, p, gc, h, dh, bm = _gla_stage_setup(B, T, H, K, V)
     t = {"cumsum": bm(lambda: cg.chunk_cumsum(p, g)),
          "states": bm(lambda: cf.chunk_states(p, k, v, gc, None, None, None)),
          "scores+output (fused)": bm(lambda: cg.fwd_output(p, q, k, v, gc, h, scale)),

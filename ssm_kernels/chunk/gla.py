@@ -162,25 +162,14 @@ def _intra_kernel(
 
 
 @triton.jit
-def _dqkg_kernel(
-    # q, k [TOK, H, K]; v, do [TOK, H, V]; gc [TOK, H, K] f32; h, dh [NCH, H, K, V];
-    # outputs dq, dk [TOK, H, K] (input dtype), dg [TOK, H, K] f32
-    q_ptr, k_ptr, v_ptr, do_ptr, gc_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dg_ptr, ct_ptr, cu_ptr,
-    T, NT, H, K, V, scale,
-    IS_VARLEN: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, DIAG4: tl.constexpr,
-):
-    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
-    o_t = tl.arange(0, BT)
-    t = t0 + o_t
-    m_t = t < eos
-    o_in = o_t % SUB
-    bs = o_t - o_in
-    o_k = i_k * BK + tl.arange(0, BK)
-    m_k = o_k < K
+def dqkg_state_terms(q_ptr, k_ptr, v_ptr, do_ptr, gc_ptr, h_ptr, dh_ptr, i_c, i_h, t0, eos, t,
+                     m_t, row, o_k, m_k, H, K, V, scale, BT: tl.constexpr, BK: tl.constexpr,
+                     BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+    """The part of the dq/dk/dg stage before the intra-chunk terms, for the K tile o_k: the V loop
+    (dA = scale do v^T, dA^T = scale v do^T built directly, do h^T, v dh^T, sum_v h dh), the
+    state terms dq = scale exp2(G) (do h^T), dk = exp2(G_last - G) (v dh^T) and the boundary
+    term r of dg. Returns (dA, dAT, dq, dk, r, G, G_last, b_q, b_k)."""
     Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
-    row = t * H + i_h
     p_h = (i_c.to(tl.int64) * H + i_h) * K * V
     dA = tl.zeros([BT, BT], dtype=tl.float32)     # do v^T
     dAT = tl.zeros([BT, BT], dtype=tl.float32)    # v do^T, built directly
@@ -204,10 +193,46 @@ def _dqkg_kernel(
     # state terms; scale goes into the scores once
     dq = dqs * tl.exp2(G) * scale
     dk = dks * tl.exp2(G_last[None, :] - G)
+    b_q = load_rows(q_ptr, row, m_t, o_k, m_k, K)
     b_k = load_rows(k_ptr, row, m_t, o_k, m_k, K)
     r = tl.exp2(G_last) * hdh + tl.sum(b_k * dk, axis=0)
-    dA = dA * scale
-    dAT = dAT * scale
+    return dA * scale, dAT * scale, dq, dk, r, G, G_last, b_q, b_k
+
+
+@triton.jit
+def dqkg_store(dq_ptr, dk_ptr, dg_ptr, dq, dk, b_q, b_k, r, row, m_t, o_k, m_k, K):
+    """Store dq, dk and dg_t = sum_{u >= t in the chunk} (q_u dq_u - k_u dk_u) + r."""
+    x = b_q * dq - b_k * dk
+    y = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x + r[None, :]
+    m_o = m_t[:, None] & m_k[None, :]
+    p_o = row[:, None] * K + o_k[None, :]
+    tl.store(dq_ptr + p_o, dq.to(dq_ptr.dtype.element_ty), mask=m_o)
+    tl.store(dk_ptr + p_o, dk.to(dk_ptr.dtype.element_ty), mask=m_o)
+    tl.store(dg_ptr + p_o, y, mask=m_o)
+
+
+@triton.jit
+def _dqkg_kernel(
+    # q, k [TOK, H, K]; v, do [TOK, H, V]; gc [TOK, H, K] f32; h, dh [NCH, H, K, V];
+    # outputs dq, dk [TOK, H, K] (input dtype), dg [TOK, H, K] f32
+    q_ptr, k_ptr, v_ptr, do_ptr, gc_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dg_ptr, ct_ptr, cu_ptr,
+    T, NT, H, K, V, scale,
+    IS_VARLEN: tl.constexpr, BT: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, DIAG4: tl.constexpr,
+):
+    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    o_t = tl.arange(0, BT)
+    t = t0 + o_t
+    m_t = t < eos
+    o_in = o_t % SUB
+    bs = o_t - o_in
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    row = t * H + i_h
+    dA, dAT, dq, dk, r, G, G_last, b_q, b_k = dqkg_state_terms(
+        q_ptr, k_ptr, v_ptr, do_ptr, gc_ptr, h_ptr, dh_ptr, i_c, i_h, t0, eos, t, m_t, row, o_k,
+        m_k, H, K, V, scale, BT, BK, BV, DT, IEEE)
     if DIAG4:
         dAd = diag_blocks(dA, BT, SUB)
         dATd = diag_blocks(dAT, BT, SUB)
@@ -230,8 +255,6 @@ def _dqkg_kernel(
         dk += dAT_j[:, None] * q_j * tl.exp2(tl.where((o_in <= j)[:, None], G_j - G, float("-inf")))
     # off-diagonal blocks as the same tree (level_factors): per level, dq of the upper half-block
     # rows from the lower ones and dk of the lower rows from the upper ones
-    b_q = load_rows(q_ptr, row, m_t, o_k, m_k, K)
-    b_k = load_rows(k_ptr, row, m_t, o_k, m_k, K)
     for lvl in tl.static_range(BT // SUB):
         if (SUB << lvl) < BT:
             up, fq, fk = level_factors(gc_ptr, t0, eos, i_h, H, o_t, G, o_k, m_k, K, SUB << lvl)
@@ -239,13 +262,7 @@ def _dqkg_kernel(
                           DT, IEEE)
             dk += fk * mm(tl.where(level_pairs(up == 0, up, o_t, SUB << lvl), dAT, 0.), b_q * fq,
                           DT, IEEE)
-    x = b_q * dq - b_k * dk
-    y = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x + r[None, :]
-    m_o = m_t[:, None] & m_k[None, :]
-    p_o = row[:, None] * K + o_k[None, :]
-    tl.store(dq_ptr + p_o, dq.to(dq_ptr.dtype.element_ty), mask=m_o)
-    tl.store(dk_ptr + p_o, dk.to(dk_ptr.dtype.element_ty), mask=m_o)
-    tl.store(dg_ptr + p_o, y, mask=m_o)
+    dqkg_store(dq_ptr, dk_ptr, dg_ptr, dq, dk, b_q, b_k, r, row, m_t, o_k, m_k, K)
 
 
 # ---- tree variant (session 6, `TREE`): the binary tree all the way down to single rows ---------
@@ -413,35 +430,10 @@ def _dqkg_tree_kernel(
     m_t = t < eos
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
-    Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
     row = t * H + i_h
-    p_h = (i_c.to(tl.int64) * H + i_h) * K * V
-    dA = tl.zeros([BT, BT], dtype=tl.float32)     # do v^T
-    dAT = tl.zeros([BT, BT], dtype=tl.float32)    # v do^T, built directly
-    dqs = tl.zeros([BT, BK], dtype=tl.float32)    # do h^T
-    dks = tl.zeros([BT, BK], dtype=tl.float32)    # v dh^T
-    hdh = tl.zeros([BK], dtype=tl.float32)
-    for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        m_s = (o_k < Kc)[:, None] & m_v[None, :]
-        b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
-        b_do = load_rows(do_ptr, row, m_t, o_v, m_v, V)
-        b_h, b_dh = load_h_dh(h_ptr, dh_ptr, p_h, o_k, o_v, m_s, V)
-        dA += mm(b_do, tl.trans(b_v), DT, IEEE)
-        dAT += mm(b_v, tl.trans(b_do), DT, IEEE)
-        dqs += mm(b_do, tl.trans(b_h), DT, IEEE)
-        dks += mm(b_v, tl.trans(b_dh), DT, IEEE)
-        hdh += tl.sum(b_h.to(tl.float32) * b_dh.to(tl.float32), axis=1)
-    G = gc_rows(gc_ptr, t, eos, i_h, H, o_k, m_k, K)
-    G_last = gc_row(gc_ptr, t0 + BT - 1, eos, i_h, H, o_k, m_k, K)
-    dq = dqs * tl.exp2(G) * scale
-    dk = dks * tl.exp2(G_last[None, :] - G)
-    b_q = load_rows(q_ptr, row, m_t, o_k, m_k, K)
-    b_k = load_rows(k_ptr, row, m_t, o_k, m_k, K)
-    r = tl.exp2(G_last) * hdh + tl.sum(b_k * dk, axis=0)
-    dA = dA * scale
-    dAT = dAT * scale
+    dA, dAT, dq, dk, r, G, G_last, b_q, b_k = dqkg_state_terms(
+        q_ptr, k_ptr, v_ptr, do_ptr, gc_ptr, h_ptr, dh_ptr, i_c, i_h, t0, eos, t, m_t, row, o_k,
+        m_k, H, K, V, scale, BT, BK, BV, DT, IEEE)
     if tl.max(-G_last, axis=0) <= FAST_SPAN:      # decay_span
         # fast path (chunk_scores): one reference row for the whole chunk, diagonal included
         eq, ek = mid_factors(gc_ptr, t0, eos, i_h, H, G, o_k, m_k, K, BT)
@@ -458,13 +450,7 @@ def _dqkg_tree_kernel(
             pairs, e = tree_level(gc_ptr, t0, eos, i_h, H, o_t, G, o_k, m_k, K, lvl)
             dq += e * mm(tl.where(pairs, dA, 0.), b_k * e, DT, IEEE)
             dk += e * mm(tl.where(tree_pairs(o_t, lvl, True), dAT, 0.), b_q * e, DT, IEEE)
-    x = b_q * dq - b_k * dk
-    y = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x + r[None, :]
-    m_o = m_t[:, None] & m_k[None, :]
-    p_o = row[:, None] * K + o_k[None, :]
-    tl.store(dq_ptr + p_o, dq.to(dq_ptr.dtype.element_ty), mask=m_o)
-    tl.store(dk_ptr + p_o, dk.to(dk_ptr.dtype.element_ty), mask=m_o)
-    tl.store(dg_ptr + p_o, y, mask=m_o)
+    dqkg_store(dq_ptr, dk_ptr, dg_ptr, dq, dk, b_q, b_k, r, row, m_t, o_k, m_k, K)
 
 
 @triton.jit
@@ -539,13 +525,7 @@ def _bwd_fused_kernel(
                 dq += e * mm(tl.where(pairs, dAm, 0.), ke, DT, IEEE)
                 dk += e * mm(tl.where(pairsT, dATm, 0.), qe, DT, IEEE)
                 AT += tl.where(pairsT, mm(ke, tl.trans(qe), DT, IEEE), 0.)
-        x = b_q * dq - b_k * dk
-        y = tl.sum(x, axis=0)[None, :] - tl.cumsum(x, axis=0) + x + r[None, :]
-        m_o = m_t[:, None] & m_k[None, :]
-        p_o = row[:, None] * K + o_k[None, :]
-        tl.store(dq_ptr + p_o, dq.to(dq_ptr.dtype.element_ty), mask=m_o)
-        tl.store(dk_ptr + p_o, dk.to(dk_ptr.dtype.element_ty), mask=m_o)
-        tl.store(dg_ptr + p_o, y, mask=m_o)
+        dqkg_store(dq_ptr, dk_ptr, dg_ptr, dq, dk, b_q, b_k, r, row, m_t, o_k, m_k, K)
     if RELOAD:
         b_do = tl.load(do_ptr + p_tv, mask=m_tv, other=0.)
     b_dv += mm(AT * scale, b_do, DT, IEEE)
