@@ -562,20 +562,23 @@ def test_gla_sub_chunks(backend, case, monkeypatch):
 
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("variant", ["fast_and_tree", "tree_only", "unfused", "sub_chunk_kernels",
-                                     "fused_bwd", "fused_bwd_tree_only"])
+                                     "fused_bwd", "fused_bwd_tree_only", "no_split"])
 def test_gla_tree_paths(backend, variant, monkeypatch):
     """The tree kernels of chunk_gla (gla.TREE) at the GPU's BT=64: with FAST_SPAN between the
     spans of different (chunk, K tile) pairs, some take the one-reference fast path and others the
     tree in the same call (checked here from the inputs); the tree alone (FAST_SPAN=-1); scores
     stored then the output stage (FUSED_FWD=False); the SUB_CHUNK kernels (TREE=False); the
-    one-kernel backward (FUSED_BWD) with mixed paths and with the tree alone."""
+    one-kernel backward (FUSED_BWD) with mixed paths and with the tree alone; one launch per
+    stage (TREE_SPLIT=False) with mixed paths."""
     from ssm_kernels.chunk import common, gla
     monkeypatch.setattr(common, "INTERP_CHUNK", 64)
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
     B, T, H, K, V, span = 1, 200, 2, 72, 24, 46.0
     if variant.startswith("fused_bwd"):
         monkeypatch.setattr(gla, "FUSED_BWD", True)
-    if variant in ("fast_and_tree", "fused_bwd"):
+    if variant == "no_split":          # one launch per stage, fast path or tree per K tile
+        monkeypatch.setattr(gla, "TREE_SPLIT", False)
+    if variant in ("fast_and_tree", "fused_bwd", "no_split"):
         monkeypatch.setattr(gla, "FAST_SPAN", span)
         torch.manual_seed(3)                     # the draw compare_to_reference makes next
         q, k, v, g2, _ = make(B, T, H, K, V, torch.float32, "gla")

@@ -333,12 +333,17 @@ def tree_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, NLEV: tl
 @triton.jit
 def chunk_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, BT: tl.constexpr,
                  NLEV: tl.constexpr, FAST_SPAN: tl.constexpr, DT: tl.constexpr,
-                 IEEE: tl.constexpr):
+                 IEEE: tl.constexpr, PATH: tl.constexpr = 0):
     """The unscaled causal decayed scores (diagonal included) of one K tile. Fast path, when the
-    tile's decay span (decay_span) is <= FAST_SPAN (log2 units): one product (q exp2(G - G_m)) (k exp2(G_m -
-    G))^T, every factor within 2^(+-FAST_SPAN), so nothing overflows or underflows and the result
-    is exact up to the operands' rounding, as the tree's; otherwise the tree (any decay)."""
-    if decay_span(gc_ptr, t0, eos, i_h, H, o_k, m_k, K, BT) <= FAST_SPAN:
+    tile's decay span (decay_span) is <= FAST_SPAN (log2 units): one product (q exp2(G - G_m))
+    (k exp2(G_m - G))^T, every factor within 2^(+-FAST_SPAN), so nothing overflows or underflows
+    and the result is exact up to the operands' rounding, as the tree's; otherwise the tree (any
+    decay). PATH 1: the fast path unchecked (the caller checked the whole chunk's span)."""
+    if PATH == 1:
+        fast = True
+    else:
+        fast = decay_span(gc_ptr, t0, eos, i_h, H, o_k, m_k, K, BT) <= FAST_SPAN
+    if fast:
         eq, ek = mid_factors(gc_ptr, t0, eos, i_h, H, G, o_k, m_k, K, BT)
         A = tl.where(o_t[:, None] >= o_t[None, :], mm(b_q * eq, tl.trans(b_k * ek), DT, IEEE), 0.)
     else:
@@ -348,30 +353,49 @@ def chunk_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, BT: tl.
 
 
 @triton.jit
+def program_runs(gc_ptr, t0, eos, i_h, H, o_k, m_k, K, BT: tl.constexpr,
+                 FAST_SPAN: tl.constexpr, MODE: tl.constexpr):
+    """Whether this program works in launch MODE: 0 always (fast path or tree per K tile); split
+    launches (gla.TREE_SPLIT): 1 only where the decay span of the columns o_k (all of K for the
+    score kernels) is <= FAST_SPAN, 2 only where it is above. MODE 1 kernels carry no tree code,
+    so they hold fewer registers (sm_90: dq/dk/dg 232 -> 136, scores 177 -> 122)."""
+    if MODE == 0:
+        run = True
+    elif MODE == 1:
+        run = decay_span(gc_ptr, t0, eos, i_h, H, o_k, m_k, K, BT) <= FAST_SPAN
+    else:
+        run = decay_span(gc_ptr, t0, eos, i_h, H, o_k, m_k, K, BT) > FAST_SPAN
+    return run
+
+
+@triton.jit
 def _intra_tree_kernel(
     # as _intra_kernel: q, k [TOK, HQ, K]; gc [TOK, H, K] f32; output a [TOK, H, BT]
     q_ptr, k_ptr, gc_ptr, a_ptr, ct_ptr, cu_ptr,
     T, NT, H, HQ, K, scale,
     IS_VARLEN: tl.constexpr, BT: tl.constexpr, NLEV: tl.constexpr, BK: tl.constexpr,
-    DT: tl.constexpr, IEEE: tl.constexpr, FAST_SPAN: tl.constexpr,
+    DT: tl.constexpr, IEEE: tl.constexpr, FAST_SPAN: tl.constexpr, MODE: tl.constexpr = 0,
+    KP: tl.constexpr = 16,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_hq = i_h // (H // HQ)
     t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
-    o_t = tl.arange(0, BT)
-    t = t0 + o_t
-    m_t = t < eos
-    A = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_q = load_rows(q_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
-        b_k = load_rows(k_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
-        G = gc_rows(gc_ptr, t, eos, i_h, H, o_k, m_k, K)
-        A += chunk_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, BT, NLEV,
-                          FAST_SPAN, DT, IEEE)
-    tl.store(a_ptr + (t * H + i_h)[:, None] * BT + o_t[None, :],
-             (A * scale).to(a_ptr.dtype.element_ty), mask=m_t[:, None])
+    o_kp = tl.arange(0, KP)
+    if program_runs(gc_ptr, t0, eos, i_h, H, o_kp, o_kp < K, K, BT, FAST_SPAN, MODE):
+        o_t = tl.arange(0, BT)
+        t = t0 + o_t
+        m_t = t < eos
+        A = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            b_q = load_rows(q_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
+            b_k = load_rows(k_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
+            G = gc_rows(gc_ptr, t, eos, i_h, H, o_k, m_k, K)
+            A += chunk_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, BT, NLEV,
+                              FAST_SPAN, DT, IEEE, MODE)
+        tl.store(a_ptr + (t * H + i_h)[:, None] * BT + o_t[None, :],
+                 (A * scale).to(a_ptr.dtype.element_ty), mask=m_t[:, None])
 
 
 @triton.jit
@@ -383,74 +407,86 @@ def _fwd_tree_kernel(
     T, NT, H, HQ, K, V, scale,
     IS_VARLEN: tl.constexpr, BT: tl.constexpr, NLEV: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, FAST_SPAN: tl.constexpr,
+    MODE: tl.constexpr = 0, KP: tl.constexpr = 16,
 ):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hq = i_h // (H // HQ)
     t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
-    o_t = tl.arange(0, BT)
-    t = t0 + o_t
-    m_t = t < eos
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
-    row_q = t * HQ + i_hq
-    row = t * H + i_h
-    p_h = h_ptr + (i_c.to(tl.int64) * H + i_h) * K * V
-    A = tl.zeros([BT, BT], dtype=tl.float32)
-    b_o = tl.zeros([BT, BV], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
-        b_k = load_rows(k_ptr, row_q, m_t, o_k, m_k, K)
-        G = gc_rows(gc_ptr, t, eos, i_h, H, o_k, m_k, K)
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :],
-                      mask=(o_k < Kc)[:, None] & m_v[None, :], other=0.)
-        b_o += mm(b_q * tl.exp2(G), b_h, DT, IEEE)
-        A += chunk_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, BT, NLEV,
-                          FAST_SPAN, DT, IEEE)
-    b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
-    b_o = (b_o + mm(A, b_v, DT, IEEE)) * scale
-    tl.store(o_ptr + row[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
-             mask=m_t[:, None] & m_v[None, :])
+    o_kp = tl.arange(0, KP)
+    if program_runs(gc_ptr, t0, eos, i_h, H, o_kp, o_kp < K, K, BT, FAST_SPAN, MODE):
+        o_t = tl.arange(0, BT)
+        t = t0 + o_t
+        m_t = t < eos
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
+        row_q = t * HQ + i_hq
+        row = t * H + i_h
+        p_h = h_ptr + (i_c.to(tl.int64) * H + i_h) * K * V
+        A = tl.zeros([BT, BT], dtype=tl.float32)
+        b_o = tl.zeros([BT, BV], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
+            b_k = load_rows(k_ptr, row_q, m_t, o_k, m_k, K)
+            G = gc_rows(gc_ptr, t, eos, i_h, H, o_k, m_k, K)
+            b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :],
+                          mask=(o_k < Kc)[:, None] & m_v[None, :], other=0.)
+            b_o += mm(b_q * tl.exp2(G), b_h, DT, IEEE)
+            A += chunk_scores(b_q, b_k, G, gc_ptr, t0, eos, i_h, H, o_t, o_k, m_k, K, BT, NLEV,
+                              FAST_SPAN, DT, IEEE, MODE)
+        b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
+        b_o = (b_o + mm(A, b_v, DT, IEEE)) * scale
+        tl.store(o_ptr + row[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
+                 mask=m_t[:, None] & m_v[None, :])
 
 
 @triton.jit
 def _dqkg_tree_kernel(
-    # as _dqkg_kernel (same arguments and outputs), the intra terms through the full tree
+    # as _dqkg_kernel (same arguments and outputs), the intra terms through chunk_scores' fast
+    # path or the full tree
     q_ptr, k_ptr, v_ptr, do_ptr, gc_ptr, h_ptr, dh_ptr, dq_ptr, dk_ptr, dg_ptr, ct_ptr, cu_ptr,
     T, NT, H, K, V, scale,
     IS_VARLEN: tl.constexpr, BT: tl.constexpr, NLEV: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, FAST_SPAN: tl.constexpr,
+    MODE: tl.constexpr = 0,
 ):
     i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
-    o_t = tl.arange(0, BT)
-    t = t0 + o_t
-    m_t = t < eos
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
-    row = t * H + i_h
-    dA, dAT, dq, dk, r, G, G_last, b_q, b_k = dqkg_state_terms(
-        q_ptr, k_ptr, v_ptr, do_ptr, gc_ptr, h_ptr, dh_ptr, i_c, i_h, t0, eos, t, m_t, row, o_k,
-        m_k, H, K, V, scale, BT, BK, BV, DT, IEEE)
-    if tl.max(-G_last, axis=0) <= FAST_SPAN:      # decay_span
-        # fast path (chunk_scores): one reference row for the whole chunk, diagonal included
-        eq, ek = mid_factors(gc_ptr, t0, eos, i_h, H, G, o_k, m_k, K, BT)
-        dq += eq * mm(tl.where(o_t[:, None] >= o_t[None, :], dA, 0.), b_k * ek, DT, IEEE)
-        dk += ek * mm(tl.where(o_t[:, None] <= o_t[None, :], dAT, 0.), b_q * eq, DT, IEEE)
-    else:
-        # diagonal (exponent 0): dq_i += dA_ii k_i, dk_i += dA_ii q_i
-        eye = o_t[:, None] == o_t[None, :]
-        dq += tl.sum(tl.where(eye, dA, 0.), axis=1)[:, None] * b_k
-        dk += tl.sum(tl.where(eye, dAT, 0.), axis=1)[:, None] * b_q
-        # per level: dq of the upper rows from the lower ones, dk of the lower rows from the
-        # upper ones (rows outside the level's pairs get a zero product: e needs no zeroing)
-        for lvl in range(NLEV):
-            pairs, e = tree_level(gc_ptr, t0, eos, i_h, H, o_t, G, o_k, m_k, K, lvl)
-            dq += e * mm(tl.where(pairs, dA, 0.), b_k * e, DT, IEEE)
-            dk += e * mm(tl.where(tree_pairs(o_t, lvl, True), dAT, 0.), b_q * e, DT, IEEE)
-    dqkg_store(dq_ptr, dk_ptr, dg_ptr, dq, dk, b_q, b_k, r, row, m_t, o_k, m_k, K)
+    if program_runs(gc_ptr, t0, eos, i_h, H, o_k, m_k, K, BT, FAST_SPAN, MODE):
+        o_t = tl.arange(0, BT)
+        t = t0 + o_t
+        m_t = t < eos
+        row = t * H + i_h
+        dA, dAT, dq, dk, r, G, G_last, b_q, b_k = dqkg_state_terms(
+            q_ptr, k_ptr, v_ptr, do_ptr, gc_ptr, h_ptr, dh_ptr, i_c, i_h, t0, eos, t, m_t, row,
+            o_k, m_k, H, K, V, scale, BT, BK, BV, DT, IEEE)
+        if MODE == 1:
+            fast = True
+        elif MODE == 2:
+            fast = False
+        else:
+            fast = tl.max(-G_last, axis=0) <= FAST_SPAN      # decay_span
+        if fast:
+            # fast path (chunk_scores): one reference row for the whole chunk, diagonal included
+            eq, ek = mid_factors(gc_ptr, t0, eos, i_h, H, G, o_k, m_k, K, BT)
+            dq += eq * mm(tl.where(o_t[:, None] >= o_t[None, :], dA, 0.), b_k * ek, DT, IEEE)
+            dk += ek * mm(tl.where(o_t[:, None] <= o_t[None, :], dAT, 0.), b_q * eq, DT, IEEE)
+        else:
+            # diagonal (exponent 0): dq_i += dA_ii k_i, dk_i += dA_ii q_i
+            eye = o_t[:, None] == o_t[None, :]
+            dq += tl.sum(tl.where(eye, dA, 0.), axis=1)[:, None] * b_k
+            dk += tl.sum(tl.where(eye, dAT, 0.), axis=1)[:, None] * b_q
+            # per level: dq of the upper rows from the lower ones, dk of the lower rows from the
+            # upper ones (rows outside the level's pairs get a zero product: e needs no zeroing)
+            for lvl in range(NLEV):
+                pairs, e = tree_level(gc_ptr, t0, eos, i_h, H, o_t, G, o_k, m_k, K, lvl)
+                dq += e * mm(tl.where(pairs, dA, 0.), b_k * e, DT, IEEE)
+                dk += e * mm(tl.where(tree_pairs(o_t, lvl, True), dAT, 0.), b_q * e, DT, IEEE)
+        dqkg_store(dq_ptr, dk_ptr, dg_ptr, dq, dk, b_q, b_k, r, row, m_t, o_k, m_k, K)
 
 
 @triton.jit
@@ -554,12 +590,23 @@ FAST_SPAN = 40.0       # tree kernels: a (chunk, K tile) whose decay span max_k 
                        # is <= this (log2 units; 40 = 27.7 in natural log over the chunk) takes
                        # one product with a mid-chunk reference instead of the tree (any value
                        # <= ~60 keeps every factor and product in range); -1: always the tree
+TREE_SPLIT = True      # tree kernels launched twice: programs whose decay span is <= FAST_SPAN
+                       # in a build without the tree (fewer registers), the rest in a second
+                       # launch (an early exit for typical gates); False: one launch, per K tile
 FAST_SPAN_FP16 = 4.0   # the same for float16 operands (5-bit exponent: a factor 2^-S on q must
                        # stay clear of fp16 subnormals, since its partner 2^S on k amplifies them)
 
 
 def _span(p):
     return float(FAST_SPAN_FP16 if p.meta["DT"] == tl.float16 else FAST_SPAN)
+
+
+def _modes():
+    return (1, 2) if TREE_SPLIT else (0,)
+
+
+def _kp(p):
+    return max(16, triton.next_power_of_2(p.K))
 
 
 def _nlev(BT):
@@ -601,11 +648,12 @@ def intra_scores(p, q, k, gc, scale):
     a = common.poison(q.new_empty((p.B * p.T, p.H, p.BT)))
     ct, cu = _idx(p, a)
     if TREE:
-        _intra_tree_kernel[(p.NCH, p.H)](
-            q, k, gc, a, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, float(scale),
-            IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=_tree_bk(p, TREE_BLOCK_K),
-            DT=m["DT"], IEEE=m["IEEE"], FAST_SPAN=_span(p), num_warps=TREE_WARPS,
-            num_stages=TREE_STAGES)
+        for mode in _modes():
+            _intra_tree_kernel[(p.NCH, p.H)](
+                q, k, gc, a, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, float(scale),
+                IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=_tree_bk(p, TREE_BLOCK_K),
+                DT=m["DT"], IEEE=m["IEEE"], FAST_SPAN=_span(p), MODE=mode, KP=_kp(p),
+                num_warps=TREE_WARPS, num_stages=TREE_STAGES)
         return a
     _intra_kernel[(p.NCH, p.H)](q, k, gc, a, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, float(scale),
                                 IS_VARLEN=p.varlen, BT=p.BT, SUB=m["SUB"], BK=m["BKG"],
@@ -624,10 +672,12 @@ def dqkg(p, q, k, v, do, gc, h, dh, scale):
     ct, cu = _idx(p, dg)
     if TREE:
         BK = _tree_bk(p, TREE_DQK_BLOCK_K)
-        _dqkg_tree_kernel[(triton.cdiv(p.K, BK), p.NCH, p.H)](
-            q, k, v, do, gc, h, dh, dq, dk, dg, ct, cu, p.T, p.NT, p.H, p.K, p.V, float(scale),
-            IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=BK, BV=m["BV"], DT=m["DT"],
-            IEEE=m["IEEE"], FAST_SPAN=_span(p), num_warps=TREE_WARPS, num_stages=1)
+        for mode in _modes():
+            _dqkg_tree_kernel[(triton.cdiv(p.K, BK), p.NCH, p.H)](
+                q, k, v, do, gc, h, dh, dq, dk, dg, ct, cu, p.T, p.NT, p.H, p.K, p.V,
+                float(scale), IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=BK, BV=m["BV"],
+                DT=m["DT"], IEEE=m["IEEE"], FAST_SPAN=_span(p), MODE=mode,
+                num_warps=TREE_WARPS, num_stages=1)
         return dq, dk, dg
     BK = m["BKD"]
     _dqkg_kernel[(triton.cdiv(p.K, BK), p.NCH, p.H)](
@@ -643,11 +693,12 @@ def fwd_output(p, q, k, v, gc, h, scale):
     o = common.poison(torch.empty_like(v))
     ct, cu = _idx(p, o)
     BV = m["BVO"]
-    _fwd_tree_kernel[(triton.cdiv(p.V, BV), p.NCH, p.H)](
-        q, k, v, gc, h, o, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale),
-        IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=_tree_bk(p, TREE_BLOCK_K), BV=BV,
-        DT=m["DT"], IEEE=m["IEEE"], FAST_SPAN=_span(p), num_warps=TREE_WARPS,
-        num_stages=TREE_STAGES)
+    for mode in _modes():
+        _fwd_tree_kernel[(triton.cdiv(p.V, BV), p.NCH, p.H)](
+            q, k, v, gc, h, o, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale),
+            IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=_tree_bk(p, TREE_BLOCK_K), BV=BV,
+            DT=m["DT"], IEEE=m["IEEE"], FAST_SPAN=_span(p), MODE=mode, KP=_kp(p),
+            num_warps=TREE_WARPS, num_stages=TREE_STAGES)
     return o
 
 
