@@ -443,6 +443,9 @@ def sweep_section(case, make, ours):
 GLA_VARIANT_LIST = [
     ("tree+fused (default)", {}),
     ("tree, unfused fwd", {"gla": dict(FUSED_FWD=False)}),
+    ("tree, no split launches", {"gla": dict(TREE_SPLIT=False)}),
+    ("tree, dqk maxnreg off", {"gla": dict(TREE_DQK_MAXNREG=None)}),
+    ("tree, fwd maxnreg 128", {"gla": dict(TREE_FWD_MAXNREG=128)}),
     ("tree only (FAST_SPAN=-1)", {"gla": dict(FAST_SPAN=-1.0)}),
     ("tree dqk BK=64", {"gla": dict(TREE_DQK_BLOCK_K=64)}),
     ("tree fwd BK=64", {"gla": dict(TREE_BLOCK_K=64)}),

@@ -590,6 +590,10 @@ FAST_SPAN = 40.0       # tree kernels: a (chunk, K tile) whose decay span max_k 
                        # is <= this (log2 units; 40 = 27.7 in natural log over the chunk) takes
                        # one product with a mid-chunk reference instead of the tree (any value
                        # <= ~60 keeps every factor and product in range); -1: always the tree
+TREE_DQK_MAXNREG = 128   # cap of the split fast-path dq/dk/dg build (136 registers uncapped on
+                         # sm_90: one 8-warp CTA per SM; at 128 two, and ptxas reports no spill);
+                         # None: uncapped
+TREE_FWD_MAXNREG = None  # the same for the split fast-path _fwd_tree_kernel build (202 uncapped)
 TREE_SPLIT = True      # tree kernels launched twice: programs whose decay span is <= FAST_SPAN
                        # in a build without the tree (fewer registers), the rest in a second
                        # launch (an early exit for typical gates); False: one launch, per K tile
@@ -599,6 +603,11 @@ FAST_SPAN_FP16 = 4.0   # the same for float16 operands (5-bit exponent: a factor
 
 def _span(p):
     return float(FAST_SPAN_FP16 if p.meta["DT"] == tl.float16 else FAST_SPAN)
+
+
+def _maxnreg(mode, cap):
+    """ptxas register cap of a split fast-path build (TREE_DQK_MAXNREG / TREE_FWD_MAXNREG)."""
+    return {} if (cap is None or mode != 1) else dict(maxnreg=cap)
 
 
 def _modes():
@@ -677,7 +686,7 @@ def dqkg(p, q, k, v, do, gc, h, dh, scale):
                 q, k, v, do, gc, h, dh, dq, dk, dg, ct, cu, p.T, p.NT, p.H, p.K, p.V,
                 float(scale), IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=BK, BV=m["BV"],
                 DT=m["DT"], IEEE=m["IEEE"], FAST_SPAN=_span(p), MODE=mode,
-                num_warps=TREE_WARPS, num_stages=1)
+                num_warps=TREE_WARPS, num_stages=1, **_maxnreg(mode, TREE_DQK_MAXNREG))
         return dq, dk, dg
     BK = m["BKD"]
     _dqkg_kernel[(triton.cdiv(p.K, BK), p.NCH, p.H)](
@@ -698,7 +707,7 @@ def fwd_output(p, q, k, v, gc, h, scale):
             q, k, v, gc, h, o, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale),
             IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=_tree_bk(p, TREE_BLOCK_K), BV=BV,
             DT=m["DT"], IEEE=m["IEEE"], FAST_SPAN=_span(p), MODE=mode, KP=_kp(p),
-            num_warps=TREE_WARPS, num_stages=TREE_STAGES)
+            num_warps=TREE_WARPS, num_stages=TREE_STAGES, **_maxnreg(mode, TREE_FWD_MAXNREG))
     return o
 
 
