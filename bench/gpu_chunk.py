@@ -446,6 +446,8 @@ GLA_VARIANT_LIST = [
     ("tree, no split launches", {"gla": dict(TREE_SPLIT=False)}),
     ("tree, dqk maxnreg off", {"gla": dict(TREE_DQK_MAXNREG=None)}),
     ("tree, fwd maxnreg 128", {"gla": dict(TREE_FWD_MAXNREG=128)}),
+    ("tree, fwd BV=64", {"common": dict(GLA_BLOCK_V=64)}),
+    ("tree, fwd BV=64 maxnreg 128", {"common": dict(GLA_BLOCK_V=64), "gla": dict(TREE_FWD_MAXNREG=128)}),
     ("tree only (FAST_SPAN=-1)", {"gla": dict(FAST_SPAN=-1.0)}),
     ("tree dqk BK=64", {"gla": dict(TREE_DQK_BLOCK_K=64)}),
     ("tree fwd BK=64", {"gla": dict(TREE_BLOCK_K=64)}),
