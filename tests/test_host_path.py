@@ -115,10 +115,12 @@ PINNED = {
     "chunk_simple_gla fwd+bwd": (6, 23),
     # chunk_gla: the chunk-local cumsum of the per-key decays is its own launch (every later
     # stage loads it instead of re-summing g); backward: cumsum, states, state gradients, scores,
-    # dv, dq/dk/dg; the forward's scores and output are one launch (gla.FUSED_FWD: no scores
-    # buffer, no _dummy pair); with FUSED_FWD=False (4, 12) and (10, 26)
-    "chunk_gla fwd": (3, 9),
-    "chunk_gla fwd+bwd": (9, 23),
+    # dv, dq/dk/dg; the forward's scores and output are one kernel (gla.FUSED_FWD: no scores
+    # buffer, no _dummy pair), and each tree kernel is launched twice (gla.TREE_SPLIT: fast-path
+    # programs, then the rest): fwd cumsum, states, 2 x scores+output; bwd cumsum, states, state
+    # grads, 2 x scores, dv, 2 x dq/dk/dg. TREE=False: (4, 12) and (10, 26)
+    "chunk_gla fwd": (4, 9),
+    "chunk_gla fwd+bwd": (12, 23),
     "chunk_gated_delta_rule fwd": (1, 8),  # step-by-step kernel (the chunked WY path is opt-in)
     "fused_recurrent_gated_delta_rule decode": (1, 7),
     "fft_conv fwd": (3, 6),
