@@ -159,11 +159,13 @@ def test_fft_size():
     assert fft_cufft.fft_size(8191, 8191) == 16384
 
 
-def test_path_table():
+def test_path_table(monkeypatch):
     f32 = torch.empty(2, 3, 1024)
     b16 = f32.bfloat16()
     assert fft_interface.triton_path("fwd", f32, 1024) == "cufft"
     assert fft_interface.triton_path("bwd", f32, 1024) == "cufft"
+    # with monarch16 off: the old Monarch forward up to n = 2048, cuFFT otherwise
+    monkeypatch.setattr(fft_interface, "MONARCH16", False)
     assert fft_interface.triton_path("fwd", b16, 1024) == "monarch"  # n = 2048 on-chip
     assert fft_interface.triton_path("bwd", b16, 1024) == "cufft"
     assert fft_interface.triton_path("fwd", torch.empty(1, 1, 4096).bfloat16(), 4096) == "cufft"
@@ -805,18 +807,23 @@ def test_monarch16_in_place_filter_update(backend, fresh_cache, monarch16):
 
 
 def test_monarch16_path_choice(monkeypatch):
-    """The module flag routes 16-bit forwards and backwards with N <= 8192 to monarch16 (the
-    backward back to cuFFT with MONARCH16_BWD_CUFFT); never float32, never past MAX_N; off by
-    default."""
+    """On by default: 16-bit forwards and backwards with N <= 8192 take monarch16, except a
+    post-gated backward at N = 8192 (cuFFT measured faster there) and every backward with
+    MONARCH16_BWD_CUFFT; never float32, never past MAX_N; MONARCH16 = False turns it off."""
     b16 = torch.empty(1, 1, 4096, dtype=torch.bfloat16)
+    b2k = torch.empty(1, 1, 2048, dtype=torch.bfloat16)
     f16 = torch.empty(1, 1, 1000, dtype=torch.float16)
     f32 = torch.empty(1, 1, 1000)
-    assert fft_interface.MONARCH16 is False
-    assert fft_interface.triton_path("fwd", b16, 4096) != "monarch16"
-    monkeypatch.setattr(fft_interface, "MONARCH16", True)
+    assert fft_interface.MONARCH16 is True
     assert fft_interface.triton_path("fwd", b16, 4096) == "monarch16"
     assert fft_interface.triton_path("fwd", f16, 1000) == "monarch16"
     assert fft_interface.triton_path("bwd", b16, 4096) == "monarch16"
+    assert fft_interface.triton_path("bwd", b16, 4096, post=True) == "cufft"      # N = 8192
+    assert fft_interface.triton_path("bwd", b16, 1000, post=True) == "cufft"      # N = 8192 too
+    assert fft_m16.transform_size(4096, 1000) == 8192 and fft_m16.transform_size(4096, 1) == 4096
+    assert fft_interface.triton_path("bwd", b16, 1, post=True) == "monarch16"     # N = 4096
+    assert fft_interface.triton_path("bwd", b2k, 2048, post=True) == "monarch16"  # N = 4096
+    assert fft_interface.triton_path("bwd", f16, 1000, post=True) == "monarch16"
     assert fft_interface.triton_path("fwd", f32, 1000) != "monarch16"
     assert fft_interface.triton_path("bwd", f32, 1000) != "monarch16"
     b_long = torch.empty(1, 1, 4097, dtype=torch.bfloat16)
@@ -827,6 +834,25 @@ def test_monarch16_path_choice(monkeypatch):
     assert fft_interface.triton_path("bwd", b16, 4096) == "cufft"
     monkeypatch.setattr(fft_interface, "FORCE_PATH", "monarch16")
     assert fft_interface.triton_path("bwd", b16, 4096) == "cufft"
+    monkeypatch.setattr(fft_interface, "FORCE_PATH", None)
+    monkeypatch.setattr(fft_interface, "MONARCH16", False)
+    assert fft_interface.triton_path("fwd", b16, 4096) != "monarch16"
+    assert fft_interface.triton_path("bwd", f16, 1000) != "monarch16"
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_monarch16_default_autograd(backend, m16_bwd_calls, monkeypatch):
+    """No flags: a 16-bit call runs the monarch16 forward and backward (checked vs float64);
+    with a post gate at N = 8192 the backward is the cuFFT path's (threshold lowered here to
+    N = 256 to keep the interpreter fast)."""
+    calls = []
+    real = fft_m16.fft_conv_fwd
+    monkeypatch.setattr(fft_m16, "fft_conv_fwd", lambda *a: calls.append(a[0].shape) or real(*a))
+    check(backend, 2, 3, 100, 77, torch.float16, pre=False, post=False)
+    assert calls == [(2, 3, 100)] and m16_bwd_calls == [(2, 3, 100)]
+    monkeypatch.setattr(fft_interface, "MONARCH16_BWD_CUFFT_POST_N", 256)
+    check(backend, 2, 3, 100, 77, torch.bfloat16, pre=False)
+    assert len(calls) == 2 and m16_bwd_calls == [(2, 3, 100)]  # the post-gated backward: cuFFT
 
 
 @pytest.mark.gpu

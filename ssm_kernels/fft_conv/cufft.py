@@ -108,9 +108,14 @@ def clear_filter_cache() -> None:
     _CACHE.clear()
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream_key(device: torch.device):
     if device.type != "cuda":
         return None
+    if _raw_stream is not None and device.index is not None:  # no Stream object per call
+        return _raw_stream(device.index)
     return torch.cuda.current_stream(device).cuda_stream
 
 
