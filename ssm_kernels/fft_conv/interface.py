@@ -172,11 +172,13 @@ def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, pre_gate: Opti
 
     ``v = u * pre_gate``;  ``y[b,h,t] = sum_{s<=t} k[h,s] v[b,h,t-s] + D[h] v[b,h,t]``;
     ``y = y * post_gate``. Linear (not circular): the transform size (>= L + Lk - 1) is picked
-    inside, so any L >= 1 works. The Triton backend runs Triton kernels fused around cuFFT
-    (torch.fft; an even 7-smooth size) for every dtype and length, and for 16-bit storage at
-    small sizes the tensor-core Monarch kernels where a measured table says they are faster
-    (with ``interface.MONARCH16`` on: the on-chip fp16-tensor-core forward and backward of
-    monarch16.py for 16-bit storage up to a 8192-point transform).
+    inside, so any L >= 1 works. The Triton backend runs, for bf16 / fp16 storage with a
+    power-of-two transform of at most 8192 points (L + Lk - 1 <= 8192, e.g. L <= 4096), one
+    on-chip fp16-tensor-core Monarch kernel per pass (monarch16.py; a post-gated backward at
+    8192 points goes through cuFFT, measured faster there), and otherwise Triton kernels fused
+    around cuFFT (torch.fft; an even 7-smooth size) for every dtype and length.
+    ``ssm_kernels.fft_conv.interface.MONARCH16 = False`` turns the on-chip kernels off. Their
+    16-bit arithmetic puts dk at ~6e-4 relative error (the cuFFT path: ~1e-7).
     The filter's spectrum is cached while the same filter tensor is unchanged (its version
     counter; never while capturing a CUDA graph): see ``ssm_kernels.fft_conv.cufft``.
 
