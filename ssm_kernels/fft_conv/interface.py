@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._ops import cached_on_metadata, kernel_op
+from .._ops import _PLAIN, _is_compiling, cached_on_metadata, kernel_op
 from ..validation import check_same_device, check_shape, check_tensor, empty_result
 from .reference import fft_conv_bwd_ref, fft_conv_fwd_ref, vandermonde_grads, vandermonde_ref
 
@@ -119,11 +119,10 @@ def _(u, k, D, pre_gate, post_gate, backend):
     return torch.empty_like(u)
 
 
-@kernel_op("fft_conv_bwd", mutates_args=())
-def fft_conv_bwd_op(dy: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor],
-                    pre_gate: Optional[Tensor], post_gate: Optional[Tensor],
-                    backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(du, dk, dD, dpre_gate, dpost_gate); an absent input's gradient is an empty tensor."""
+def _conv_bwd(dy: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor], pre_gate: Optional[Tensor],
+              post_gate: Optional[Tensor], backend: str):
+    """(du, dk, dD, dpre_gate, dpost_gate) in the inputs' dtypes, contiguous; None for an absent
+    input (what autograd wants; the registered op turns those into empty tensors)."""
     if _select("fft_conv", backend, u) == "triton":
         path = triton_path("bwd", u, k.shape[1], post_gate is not None)
         if path == "cufft":
@@ -136,9 +135,18 @@ def fft_conv_bwd_op(dy: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor],
     else:
         du, dk, dD, dpre, dpost = fft_conv_bwd_ref(dy, u, k, D, pre_gate, post_gate)
     return (du.contiguous(), dk.to(k.dtype).contiguous(),
-            u.new_empty(0) if D is None else dD.to(D.dtype).contiguous(),
-            u.new_empty(0) if dpre is None else dpre.contiguous(),
-            u.new_empty(0) if dpost is None else dpost.contiguous())
+            None if D is None else dD.to(D.dtype).contiguous(),
+            None if dpre is None else dpre.contiguous(),
+            None if dpost is None else dpost.contiguous())
+
+
+@kernel_op("fft_conv_bwd", mutates_args=())
+def fft_conv_bwd_op(dy: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor],
+                    pre_gate: Optional[Tensor], post_gate: Optional[Tensor],
+                    backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(du, dk, dD, dpre_gate, dpost_gate); an absent input's gradient is an empty tensor."""
+    g = _conv_bwd(dy, u, k, D, pre_gate, post_gate, backend)
+    return tuple(u.new_empty(0) if x is None else x for x in g)
 
 
 @fft_conv_bwd_op.register_fake
@@ -157,8 +165,11 @@ def _conv_setup(ctx, inputs, output):
 
 def _conv_backward(ctx, dy):
     u, k, D, pre_gate, post_gate = ctx.saved_tensors
-    du, dk, dD, dpre, dpost = fft_conv_bwd_op(dy.contiguous(), u, k, D, pre_gate, post_gate,
-                                              ctx.backend)
+    dy = dy.contiguous()
+    if _is_compiling() or type(dy) not in _PLAIN:  # traced: the registered op
+        du, dk, dD, dpre, dpost = fft_conv_bwd_op(dy, u, k, D, pre_gate, post_gate, ctx.backend)
+    else:  # eager: the implementation itself (no empty tensors for absent inputs)
+        du, dk, dD, dpre, dpost = _conv_bwd(dy, u, k, D, pre_gate, post_gate, ctx.backend)
     return (du, dk, None if D is None else dD, None if pre_gate is None else dpre,
             None if post_gate is None else dpost, None)
 

@@ -324,7 +324,7 @@ _PLANS: Dict[tuple, tuple] = {}
 def _plan(B: int, H: int, L: int, Lk: int, device, bwd: bool):
     table = LAUNCH_BWD if bwd else LAUNCH
     n = transform_size(L, Lk)
-    key = (B, H, L, Lk, device, bwd, table.get(n), triton_interpret())
+    key = (B, H, L, Lk, device, bwd, table.get(n))  # (the interpreter is fixed per process)
     hit = _PLANS.get(key)
     if hit is None:
         if n > MAX_N:
