@@ -316,6 +316,12 @@ def time_default(B, H, L, dtype, gates):
         r[f"{name} host"] = host_ms(fb)
         r[f"{name} gpu"], r[f"{name} kernels"] = gpu_ms(fb)
         r[f"{name} graph"] = graph_ms(fb)
+    # host-time split of ours: the forward alone (no autograd) and the backward's implementation
+    # alone (what autograd's backward node runs); f+b host - both = autograd + fft_conv's wrapper
+    with torch.no_grad():
+        r["ours fwd host"] = host_ms(lambda: ours(*ins))
+    k32, d32 = ins[1], ins[2]
+    r["ours bwd host"] = host_ms(lambda: fi._conv_bwd(dy, ins[0], k32, d32, ins[3], ins[4], "triton"))
     return r
 
 
@@ -349,17 +355,18 @@ def part_d(B, H):
 def print_d(B, H, rows):
     print(f"\n==== defaults (no flags), B={B} H={H}, D on (ms; f+b = fwd + autograd.grad; host = "
           f"Python+launch time per call unsynchronised; gpu = sum of kernel times (kernels/call); "
-          f"graph = CUDA-graph replay) ====")
+          f"graph = CUDA-graph replay; host fwd / bwd: ours' forward alone / backward implementation "
+          f"alone) ====")
     print(f"{'case':22s} {'path f/b':18s} {'fwd':>6s} {'torch':>6s} {'x':>5s} | {'f+b':>6s} {'host':>6s} "
           f"{'gpu':>6s} {'#k':>4s} {'graph':>6s} | {'torch':>6s} {'host':>6s} {'gpu':>6s} {'#k':>4s} "
-          f"{'graph':>6s} | {'x f+b':>5s} {'x graph':>7s}")
+          f"{'graph':>6s} | {'x f+b':>5s} {'x graph':>7s} | {'host fwd':>8s} {'host bwd':>8s}")
     for L, dtype, gates, r in rows:
         print(f"L={L} {str(dtype)[6:]} g={'on' if gates else 'off'}".ljust(22), r["path"].ljust(18),
               f"{r['ours fwd']:6.3f} {r['torch fwd']:6.3f} {r['torch fwd'] / r['ours fwd']:5.2f} | "
               f"{r['ours f+b']:6.3f} {r['ours host']:6.3f} {r['ours gpu']:6.3f} {r['ours kernels']:4.0f} "
               f"{r['ours graph']:6.3f} | {r['torch f+b']:6.3f} {r['torch host']:6.3f} {r['torch gpu']:6.3f} "
               f"{r['torch kernels']:4.0f} {r['torch graph']:6.3f} | {r['torch f+b'] / r['ours f+b']:5.2f} "
-              f"{r['torch graph'] / r['ours graph']:7.2f}")
+              f"{r['torch graph'] / r['ours graph']:7.2f} | {r['ours fwd host']:8.3f} {r['ours bwd host']:8.3f}")
 
 
 def main():
