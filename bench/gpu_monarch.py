@@ -266,14 +266,18 @@ def gpu_ms(fn, calls=5):
     if SMOKE:
         return float("nan"), float("nan")
     from torch.autograd import DeviceType
-    fn()
-    sync()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
+    try:
+        fn()
         sync()
-    ev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    return sum(e.time_range.elapsed_us() for e in ev) / calls / 1e3, len(ev) / calls
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            sync()
+        ev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        return sum(e.time_range.elapsed_us() for e in ev) / calls / 1e3, len(ev) / calls
+    except Exception as e:  # noqa: BLE001
+        log(f"  profiler: {type(e).__name__}: {str(e)[:160]}")
+        return float("nan"), float("nan")
 
 
 def graph_ms(fn):
