@@ -326,6 +326,11 @@ def time_default(B, H, L, dtype, gates):
         r["ours fwd host"] = host_ms(lambda: ours(*ins))
     k32, d32 = ins[1], ins[2]
     r["ours bwd host"] = host_ms(lambda: fi._conv_bwd(dy, ins[0], k32, d32, ins[3], ins[4], "triton"))
+    # the backward op on each path (16-bit): the data behind MONARCH16_BWD_CUFFT_POST_N
+    nan = float("nan")
+    m16_ok = dtype != torch.float32 and m16.supports(L, L)
+    r["bwd m16"] = time_bwd("monarch16", ins, dy) if m16_ok else nan
+    r["bwd cufft"] = time_bwd("cufft", ins, dy) if m16_ok else nan
     return r
 
 
@@ -363,14 +368,21 @@ def print_d(B, H, rows):
           f"alone) ====")
     print(f"{'case':22s} {'path f/b':18s} {'fwd':>6s} {'torch':>6s} {'x':>5s} | {'f+b':>6s} {'host':>6s} "
           f"{'gpu':>6s} {'#k':>4s} {'graph':>6s} | {'torch':>6s} {'host':>6s} {'gpu':>6s} {'#k':>4s} "
-          f"{'graph':>6s} | {'x f+b':>5s} {'x graph':>7s} | {'host fwd':>8s} {'host bwd':>8s}")
+          f"{'graph':>6s} | {'x f+b':>5s} {'x graph':>7s} | {'host fwd':>8s} {'host bwd':>8s} | "
+          f"{'bwd m16':>7s} {'bwd cufft':>9s}")
     for L, dtype, gates, r in rows:
         print(f"L={L} {str(dtype)[6:]} g={'on' if gates else 'off'}".ljust(22), r["path"].ljust(18),
               f"{r['ours fwd']:6.3f} {r['torch fwd']:6.3f} {r['torch fwd'] / r['ours fwd']:5.2f} | "
               f"{r['ours f+b']:6.3f} {r['ours host']:6.3f} {r['ours gpu']:6.3f} {r['ours kernels']:4.0f} "
               f"{r['ours graph']:6.3f} | {r['torch f+b']:6.3f} {r['torch host']:6.3f} {r['torch gpu']:6.3f} "
               f"{r['torch kernels']:4.0f} {r['torch graph']:6.3f} | {r['torch f+b'] / r['ours f+b']:5.2f} "
-              f"{r['torch graph'] / r['ours graph']:7.2f} | {r['ours fwd host']:8.3f} {r['ours bwd host']:8.3f}")
+              f"{r['torch graph'] / r['ours graph']:7.2f} | {r['ours fwd host']:8.3f} {r['ours bwd host']:8.3f} | "
+              f"{r['bwd m16']:7.3f} {r['bwd cufft']:9.3f}")
+    post = [(L, r) for L, dt, g, r in rows if g and r["bwd m16"] == r["bwd m16"]]
+    slower = [m16.transform_size(L, L) for L, r in post if r["bwd m16"] > r["bwd cufft"]]
+    print(f"post-gated backward: monarch16 slower than cuFFT at N = {slower} -> "
+          f"MONARCH16_BWD_CUFFT_POST_N should be {min(slower) if slower else 'above 8192'} "
+          f"(code: {fi.MONARCH16_BWD_CUFFT_POST_N})")
 
 
 def main():
