@@ -324,6 +324,12 @@ def time_default(B, H, L, dtype, gates):
     # alone (what autograd's backward node runs); f+b host - both = autograd + fft_conv's wrapper
     with torch.no_grad():
         r["ours fwd host"] = host_ms(lambda: ours(*ins))
+    from ssm_kernels import _launch
+    _launch.set_enabled(False)   # the launch cache's share of the host time
+    try:
+        r["ours host nocache"] = host_ms(lambda: torch.autograd.grad(ours(*insg), live, dy))
+    finally:
+        _launch.set_enabled(True)
     k32, d32 = ins[1], ins[2]
     r["ours bwd host"] = host_ms(lambda: fi._conv_bwd(dy, ins[0], k32, d32, ins[3], ins[4], "triton"))
     # the backward op on each path (16-bit): the data behind MONARCH16_BWD_CUFFT_POST_N
@@ -369,7 +375,7 @@ def print_d(B, H, rows):
     print(f"{'case':22s} {'path f/b':18s} {'fwd':>6s} {'torch':>6s} {'x':>5s} | {'f+b':>6s} {'host':>6s} "
           f"{'gpu':>6s} {'#k':>4s} {'graph':>6s} | {'torch':>6s} {'host':>6s} {'gpu':>6s} {'#k':>4s} "
           f"{'graph':>6s} | {'x f+b':>5s} {'x graph':>7s} | {'host fwd':>8s} {'host bwd':>8s} | "
-          f"{'bwd m16':>7s} {'bwd cufft':>9s}")
+          f"{'bwd m16':>7s} {'bwd cufft':>9s} | {'host, launch cache off':>22s}")
     for L, dtype, gates, r in rows:
         print(f"L={L} {str(dtype)[6:]} g={'on' if gates else 'off'}".ljust(22), r["path"].ljust(18),
               f"{r['ours fwd']:6.3f} {r['torch fwd']:6.3f} {r['torch fwd'] / r['ours fwd']:5.2f} | "
@@ -377,7 +383,7 @@ def print_d(B, H, rows):
               f"{r['ours graph']:6.3f} | {r['torch f+b']:6.3f} {r['torch host']:6.3f} {r['torch gpu']:6.3f} "
               f"{r['torch kernels']:4.0f} {r['torch graph']:6.3f} | {r['torch f+b'] / r['ours f+b']:5.2f} "
               f"{r['torch graph'] / r['ours graph']:7.2f} | {r['ours fwd host']:8.3f} {r['ours bwd host']:8.3f} | "
-              f"{r['bwd m16']:7.3f} {r['bwd cufft']:9.3f}")
+              f"{r['bwd m16']:7.3f} {r['bwd cufft']:9.3f} | {r['ours host nocache']:22.3f}")
     post = [(L, r) for L, dt, g, r in rows if g and r["bwd m16"] == r["bwd m16"]]
     slower = [m16.transform_size(L, L) for L, r in post if r["bwd m16"] > r["bwd cufft"]]
     print(f"post-gated backward: monarch16 slower than cuFFT at N = {slower} -> "

@@ -888,10 +888,12 @@ import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from ssm_kernels.fft_conv import monarch16 as M
+from ssm_kernels._launch import FastKernel
 for n in (2048, 4096, 8192):
     n1, n2 = M.split(n)
     consts = dict(HAS_D=True, HAS_PRE=True, HAS_POST=True, N1=n1, N2=n2, R1=n1 // 2)
     for fn, table in ((M._monarch16_fwd_kernel, M.LAUNCH), (M._monarch16_bwd_kernel, M.LAUNCH_BWD)):
+        fn = fn.fn if isinstance(fn, FastKernel) else fn  # the JITFunction inside the launch cache
         sig = {a: "constexpr" if a in consts else ("*fp16" if a in ("ks_ptr", "f1_ptr", "f2_ptr", "tw_ptr")
                else "*fp32" if a in ("d_ptr", "kscale_ptr", "wk_ptr", "wd_ptr") else "*bf16")
                if a.endswith("_ptr") else "i32" for a in fn.arg_names}
@@ -965,3 +967,68 @@ def test_triton_kernels_compile_for_sm90_within_shared_memory():
     assert res.returncode == 0, res.stderr[-3000:]
     shared = int(res.stdout.strip().splitlines()[-1].split()[-1])
     assert shared <= 232448, res.stdout
+
+
+# ---- the launch cache (ssm_kernels/_launch.py) on fft_conv's kernels -----------------------------
+
+_LAUNCH_CACHE = r'''
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import CompiledKernel
+from triton.runtime.driver import driver
+import ssm_kernels as sk
+from ssm_kernels import _backend, _launch, _device
+from ssm_kernels.fft_conv import cufft as C, monarch16 as M
+
+class U:
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
+                "warpSize": 32}
+class Drv:
+    utils = U()
+    def is_active(self): return True
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 1234
+    def get_active_torch_device(self): return torch.device("cpu")
+launches = []
+def init(self):
+    self.function = id(self)
+    self._run = lambda *args: launches.append((self, args))
+CompiledKernel._init_handles = init
+driver.set_active(Drv())
+reason = _backend.triton_reason
+_backend.triton_reason = lambda device: reason(torch.device("cuda"))
+_device._sm_count = lambda index: 132
+torch.cuda.current_device = lambda: 0
+kernels = [M._monarch16_fwd_kernel, M._monarch16_bwd_kernel, C._pad_kernel, C._spec_fwd_kernel,
+           C._spec_bwd_kernel, C._epi_fwd_kernel, C._epi_bwd_kernel, C._epi_dk_kernel]
+assert all(isinstance(k, _launch.FastKernel) for k in kernels)
+for dtype in (torch.bfloat16, torch.float32):   # monarch16, cuFFT path
+    u = torch.randn(2, 4, 200).to(dtype).requires_grad_()
+    k = torch.randn(4, 200).requires_grad_()
+    D = torch.randn(4)
+    step = lambda: torch.autograd.grad(sk.fft_conv(u, k, D, backend="triton"), [u, k], u)
+    step()
+    first = list(launches); launches.clear()
+    hits = sum(x.hits for x in kernels)
+    step()
+    print(dtype, len(first), len(launches), sum(x.hits for x in kernels) - hits)
+    def same(x, y):   # tensors: new outputs per call, so the kind (dtype, shape), not the object
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and (x.dtype, x.shape) == (y.dtype, y.shape)
+        return x is y or x == y
+    for (ka, a), (kb, b) in zip(first, launches):   # same kernels, same launcher arguments
+        assert ka is kb and len(a) == len(b)
+        assert all(i == 6 or same(x, y) for i, (x, y) in enumerate(zip(a, b))), ka
+    launches.clear()
+'''
+
+
+def test_launch_cache_serves_repeat_calls():
+    """Compile-only sm_90 driver, recorded launchers: a repeated fwd + bwd launches the same
+    kernels (2 monarch16, 7 on the cuFFT path) through the launch cache (every launch a hit)."""
+    res = compile_for_sm90(_LAUNCH_CACHE)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert lines == ["torch.bfloat16 2 2 2", "torch.float32 7 7 7"], res.stdout

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .._config import triton_interpret
+from .._launch import fast_kernel
 
 # tests set this to fill every output and intermediate with NaN before the kernels write them
 FILL_NAN = False
@@ -412,6 +413,15 @@ def _epi_dk_kernel(
 # ---------------------------------------------------------------------------------------------
 # launchers: check, allocate, launch
 # ---------------------------------------------------------------------------------------------
+
+# launch cache (_launch.py): the path runs 7 launches per forward + backward
+_pad_kernel = fast_kernel(_pad_kernel)
+_spec_fwd_kernel = fast_kernel(_spec_fwd_kernel)
+_spec_bwd_kernel = fast_kernel(_spec_bwd_kernel)
+_epi_fwd_kernel = fast_kernel(_epi_fwd_kernel)
+_epi_bwd_kernel = fast_kernel(_epi_bwd_kernel)
+_epi_dk_kernel = fast_kernel(_epi_dk_kernel)
+
 
 def _block(length: int) -> int:
     return 256 if triton_interpret() else min(2048, max(128, triton.next_power_of_2(length)))

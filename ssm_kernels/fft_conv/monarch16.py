@@ -53,6 +53,7 @@ import triton.language as tl
 
 from .._config import triton_interpret
 from .._device import sm_count
+from .._launch import fast_kernel
 from .cufft import _capturing, cached_spectrum
 from .triton import _load_g, _load_v, _store_du, _store_y
 
@@ -282,6 +283,9 @@ def _monarch16_fwd_kernel(
 # launcher: check, allocate, launch
 # ---------------------------------------------------------------------------------------------
 
+_monarch16_fwd_kernel = fast_kernel(_monarch16_fwd_kernel)  # launch cache (_launch.py)
+
+
 # launch configuration by N (GPU): (num_warps, num_stages[, maxnreg]). One stage: the loop's loads
 # are the L2-resident tables, and pipelining them (Triton's default 3 stages) triples their shared
 # memory. maxnreg caps registers per thread so that more programs share an SM (ptxas otherwise
@@ -487,6 +491,9 @@ def _monarch16_bwd_kernel(
                        tw_ptr, p_f1g, p_f2, p_tw, N1, N2)
         # Re of the unnormalised inverse / N (Im: the packing's cross terms, dropped)
         tl.store(dk_ptr + i_h.to(tl.int64) * Lk + o_t, dkr * (inv_w / (N1 * N2)), mask=o_t < Lk)
+
+
+_monarch16_bwd_kernel = fast_kernel(_monarch16_bwd_kernel)
 
 
 # launch configuration of the backward by N (GPU), as LAUNCH; bench/gpu_monarch.py sweeps it
