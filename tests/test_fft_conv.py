@@ -972,25 +972,16 @@ def test_triton_kernels_compile_for_sm90_within_shared_memory():
 # ---- the launch cache (ssm_kernels/_launch.py) on fft_conv's kernels -----------------------------
 
 _LAUNCH_CACHE = r'''
+import os, sys
 import torch
-from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import CompiledKernel
 from triton.runtime.driver import driver
 import ssm_kernels as sk
 from ssm_kernels import _backend, _launch, _device
 from ssm_kernels.fft_conv import cufft as C, monarch16 as M
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(sk.__file__)), "tests"))
+from test_launch import _Driver as Drv   # compile-only sm_90 driver
 
-class U:
-    def get_device_properties(self, device):
-        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
-                "warpSize": 32}
-class Drv:
-    utils = U()
-    def is_active(self): return True
-    def get_current_target(self): return GPUTarget("cuda", 90, 32)
-    def get_current_device(self): return 0
-    def get_current_stream(self, device=None): return 1234
-    def get_active_torch_device(self): return torch.device("cpu")
 launches = []
 def init(self):
     self.function = id(self)
