@@ -7,7 +7,8 @@
 # lscan, chunk, fft,
 # layers, cp (the bench/gpu_*.py scripts), probe (bench/gpu_dk_probe.py), check (`python -m
 # ssm_kernels check $CHECK_ARGS` with a cold Triton cache), verify (short correctness of the paths
-# not yet checked on a GPU). Peers: .whl wheels and .peers/mamba_ssm-* if carried.
+# not yet checked on a GPU), fftdef (fft_conv's defaults: `PARTS=d bench/gpu_monarch.py`).
+# Peers: .whl wheels and .peers/mamba_ssm-* if carried.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
@@ -47,6 +48,7 @@ for s in ${STEPS:-build graphs overhead}; do
             step delta_quick 120 env QUICK=1 python3 bench/gpu_delta.py
             step monarch_checks 150 env PARTS=a python3 bench/gpu_monarch.py
             step cp ${T_CP:-150} python3 bench/gpu_cp.py ;;
+    fftdef) step fft_defaults ${T_FFTDEF:-300} env PARTS=d python3 bench/gpu_monarch.py ;;
     probe) step probe ${T_PROBE:-150} python3 bench/gpu_dk_probe.py ;;
     check) TRITON_CACHE_DIR=$(mktemp -d) step check ${T_CHECK:-150} python3 -m ssm_kernels check ${CHECK_ARGS:-} ;;
   esac

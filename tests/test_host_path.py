@@ -78,6 +78,7 @@ def _cases(pg=None):
     gh, gk = F.logsigmoid(torch.randn(1, 64, 2)), F.logsigmoid(torch.randn(1, 64, 2, 32))
     uc, kc, Dc = torch.randn(1, 16, 256), torch.randn(16, 256), torch.randn(16)
     ucl, kcl = uc.clone().requires_grad_(), kc.clone().requires_grad_()
+    ub, ubl = uc.bfloat16(), uc.bfloat16().requires_grad_()
     vd, gd, bd = torch.randn(1, 64, 4, 16), F.logsigmoid(torch.randn(1, 64, 4)), torch.rand(1, 64, 4)
     qs, ks, vs = torch.randn(8, 1, 2, 32), torch.randn(8, 1, 2, 32), torch.randn(8, 1, 4, 16)
     gs, bts, sd = F.logsigmoid(torch.randn(8, 1, 4)), torch.rand(8, 1, 4), torch.randn(8, 4, 32, 16)
@@ -100,6 +101,8 @@ def _cases(pg=None):
             inplace_final_state=True, backend=T),
         "fft_conv fwd": lambda: sk.fft_conv(uc, kc, Dc, backend=T),
         "fft_conv fwd+bwd": _train(lambda: sk.fft_conv(ucl, kcl, Dc, backend=T), [ucl, kcl]),
+        "fft_conv bf16 fwd": lambda: sk.fft_conv(ub, kc, Dc, backend=T),
+        "fft_conv bf16 fwd+bwd": _train(lambda: sk.fft_conv(ubl, kcl, Dc, backend=T), [ubl, kcl]),
     }
 
 
@@ -126,8 +129,14 @@ PINNED = {
     # and its two items: beta's range) and the buffers plus one 1-element dummy per launch
     "chunk_gated_delta_rule fwd": (3, 19),
     "fused_recurrent_gated_delta_rule decode": (1, 7),
-    "fft_conv fwd": (3, 6),
-    "fft_conv fwd+bwd": (7, 18),
+    "fft_conv fwd": (3, 4),
+    "fft_conv fwd+bwd": (7, 12),
+    # (the cuFFT path: absent operands pass an existing pointer, no allocation; no empty
+    # gradients for absent inputs in eager backward)
+    # 16-bit storage: monarch16 (one kernel per pass; cached DFT and filter tables). Forward:
+    # y; backward: du, the dk-spectrum buffer, dD partials, dk
+    "fft_conv bf16 fwd": (1, 1),
+    "fft_conv bf16 fwd+bwd": (2, 5),
 }
 
 
