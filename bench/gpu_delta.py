@@ -5,13 +5,21 @@
    (`delta_rule_chunk_ref`, itself tested against the recurrence) on the GPU, bf16 inputs,
    B2 T2048 H4 K=V=128 with the in-kernel L2 norm, plus one varlen batch with GVA (HV = 2H);
    judged with the repo's rule (error <= 2x the error of the same reference fed the bf16 inputs
-   + floor; dg relative to max(|dg|, |q * dq|)) and a bitwise repeat of the backward. The gated
-   dense case is also run with WU_FLOAT32=False (W, U, T rounded to bf16, fla's choice) and with
-   WY_TF32X3=True (3xtf32 WY products), for information.
+   + floor; dg relative to max(|dg|, |q * dq|)) and a bitwise repeat of the backward.
 2. Timing (triton.testing.do_bench median) of fwd and fwd+bwd at B4 T4096 H=HV=16 K=V=128 bf16
    (and the GVA shape B1 T32768 H4 HV16 while the time budget allows), side by side with
    flash-linear-attention (fla.ops.gated_delta_rule / fla.ops.delta_rule, importable via
    PYTHONPATH, each in try/except). The first call (compile) of each of our ops is timed too.
+3. Stages (main shape, gated): our forward's stages timed one by one (WY, state scan, output by
+   difference) with their bytes and FLOPs (achieved GB/s, TFLOP/s), and every CUDA kernel of our
+   fwd+bwd and of fla's fwd (fwd+bwd where it runs) from torch.profiler: fla's stage structure
+   (kkt, solve_tril, recompute_w_u, fwd_h, fwd_o) next to ours.
+4. Variants (env VARIANTS, default `DEFAULT_VARIANTS`): knob settings of delta_rule/chunk.py, each
+   checked (gated, B1 T1024 H2 HV4, l2norm, bf16, the same rule) then timed fwd / fwd+bwd with
+   its forward stages. VARIANTS="name:KNOB=VAL,KNOB=VAL;name2:..." (values Python literals).
+Env: STEPS (default "check,time,stages,variants"), QUICK=1 (no peers, first shape only), GVA=0
+(the main shape only, with the peers),
+BUDGET_S (default 190: later steps are skipped past it, the table is always printed).
 Prints the table last; writes CSV rows to $OUT/gpu_delta.csv when $OUT is set.
 """
 from __future__ import annotations
@@ -46,7 +54,25 @@ BF = torch.bfloat16
 COPY_GBS = 4270.0          # H200 copy bandwidth (DESIGN.md), for the byte floor
 ROWS = []                  # (section, case, impl, mode, ms, note)
 T0 = time.time()
-BUDGET_S = 150
+BUDGET_S = float(os.environ.get("BUDGET_S", "190"))
+KDEV = "CUDA"             # kernel_profile: events of this device type (tests: CPU)
+STEPS = os.environ.get("STEPS", "check,time,stages,variants").split(",")
+# knob settings of ssm_kernels/delta_rule/chunk.py A/B'd against the defaults (bench/NOTES.md,
+# "Delta rule: where the forward's time goes")
+DEFAULT_VARIANTS = (   # most telling first: the budget may cut the tail
+    "split-bf16st-ov128:WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,WU_FLOAT32=False,"
+    "WU_TF32_PRODUCTS=True,SCAN_TF32=True,OUT_BLOCK_V=128;"
+    "split-flaprec-sw4-ov128:WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,WU_FLOAT32=False,"
+    "STATE_WARPS=4,OUT_BLOCK_V=128;"
+    "split:WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4;"
+    "lean4:WY_LEAN=True,WY_WARPS=4;"
+    "lean8:WY_LEAN=True;"
+    "split-bf16st:WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,WU_FLOAT32=False,WU_TF32_PRODUCTS=True,"
+    "SCAN_TF32=True;"
+    "split-bf16st-u32:WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,WU_FLOAT32=False,"
+    "WU_TF32_PRODUCTS=True,SCAN_TF32=True,U_FLOAT32=True;"
+    "split-flaprec:WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,WU_FLOAT32=False;"
+    "inv-dots:WY_INVERSE_DOTS=True")
 
 
 def log(*a):
@@ -166,10 +192,119 @@ def floors(B, T, H, HV, K, V):
     return {"fwd": f, "fwd+bwd": fb}
 
 
+# ---- 3. stages -------------------------------------------------------------------------------
+
+def stage_model(p, R, Rq):
+    """(bytes, FLOPs) of our forward's stages under plan `p` (chunk.py's knobs as set now): R value
+    rows (tokens x value heads), Rq q/k rows. Tensor-core FLOPs (2 per multiply-add)."""
+    K, V, BT = p.K, p.V, p.BT
+    wb, ub = p.wdtype.itemsize, p.udtype.itemsize
+    nch = R // BT
+    wy_b = R * (K * 2 + V * 2 + 8 + K * wb + V * ub)
+    if wy.WY_SPLIT:
+        wy_b += R * (2 * BT * 4 + K * 2)              # T written and read, k read again
+    wy_f = R * 2 * (BT * K + 4 * BT * BT + BT * K + BT * V)
+    nv = -(-V // p.BVs)
+    st_b = nv * R * (K * 2 + K * wb + 4) + R * V * (ub + 2) + nch * K * V * 2
+    st_f = R * 4 * K * V
+    nvo = -(-V // p.BVO)
+    out_b = nvo * 2 * Rq * K * 2 * (R // Rq) + nch * K * V * 2 + R * V * 2 * 2 + R * 4
+    out_f = R * 2 * (K * V + nvo * BT * K + BT * V)
+    return {"wy": (wy_b, wy_f), "states": (st_b, st_f), "output": (out_b, out_f)}
+
+
+def stage_times(label, B=4, T=4096, H=16, HV=16, K=128, V=128):
+    """Our forward's stages (gated) timed one by one: the WY stage, the state scan, the output
+    stage by difference; GB/s and TFLOP/s against stage_model."""
+    from triton.testing import do_bench
+    q, k, v, g, beta = inputs(B, T, H, HV, K, V, True, l2=False)
+    p = wy._plan(q, v, g, None)
+    w, u, _ = wy._wy(p, k, v, g, beta, False, False)
+    ms = lambda f: do_bench(f, warmup=5, rep=25, return_mode="median")  # noqa: E731
+    t = {"wy": ms(lambda: wy._wy(p, k, v, g, beta, False, False)),
+         "states": ms(lambda: wy._states(p, k, w, u, g, None, False)),
+         "fwd total": ms(lambda: wy.chunk_delta_fwd(q, k, v, g, beta, None, None, K ** -0.5,
+                                                    False))}
+    t["output"] = t["fwd total"] - t["wy"] - t["states"]
+    model = stage_model(p, B * T * HV, B * T * H)
+    case = f"B{B} T{T} H{H} HV{HV} K=V={K}"
+    for name in ("wy", "states", "output", "fwd total"):
+        note = "one stage" if name != "output" else "fwd - wy - states"
+        if name in model:
+            by, fl = model[name]
+            note += (f"; {by / 1e9:.3f} GB {by / t[name] / 1e6:.0f} GB/s, {fl / 1e9:.1f} GFLOP "
+                     f"{fl / t[name] / 1e9:.0f} TFLOP/s")
+        ROWS.append(("delta stage", case, f"{label}: {name}", "fwd", t[name], note))
+        log(f"delta stage {label:28s} {name:10s} {t[name]:8.3f} ms  {note}")
+    del q, k, v, g, beta, w, u
+    torch.cuda.empty_cache()
+
+
+def kernel_profile(label, f, make, fwd_only):
+    """Every CUDA kernel of one fwd (or fwd+bwd) call of `f` through torch.profiler: name, calls,
+    ms per call of f (mean over 5 calls after 2 warm-up calls)."""
+    from torch.profiler import ProfilerActivity, profile
+    xs = make(not fwd_only)
+    live = [x for x in xs if x is not None and x.requires_grad]
+
+    def step():
+        if fwd_only:
+            with torch.no_grad():
+                f(*xs)
+        else:
+            o = f(*xs)
+            torch.autograd.grad(o, live, torch.ones_like(o))
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    n = 5
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    agg = {}
+    for e in prof.events():
+        if e.device_type.name != KDEV:
+            continue
+        us = e.time_range.elapsed_us()     # a device-side event: the kernel's own duration
+        a = agg.setdefault(e.name[:60], [0, 0.0])
+        a[0] += 1
+        a[1] += us
+    mode = "fwd" if fwd_only else "fwd+bwd"
+    tot = 0.0
+    for name, (cnt, us) in sorted(agg.items(), key=lambda kv: -kv[1][1]):
+        ms = us / n / 1e3
+        tot += ms
+        ROWS.append(("kernels " + mode, label, name, "fwd", ms, f"{cnt // n} launch(es)"))
+        log(f"kernel {label:22s} {mode:8s} {name:60s} x{cnt // n:<3d} {ms:8.3f} ms")
+    log(f"kernel {label:22s} {mode:8s} {'(sum)':60s}      {tot:8.3f} ms")
+
+
+def parse_variants(text):
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(";"))):
+        name, _, body = item.partition(":")
+        knobs = {}
+        for kv in filter(None, body.split(",")):
+            kk, _, vv = kv.partition("=")
+            if not hasattr(wy, kk.strip()):
+                raise ValueError(f"VARIANTS: no knob {kk!r} in delta_rule/chunk.py")
+            knobs[kk.strip()] = eval(vv)   # noqa: S307 (Python literals from the command line)
+        out.append((name.strip(), knobs))
+    return out
+
+
+def over_budget(what):
+    if time.time() - T0 > BUDGET_S:
+        log(f"skipped {what}: time budget ({BUDGET_S:.0f} s)")
+        return True
+    return False
+
+
 def main():
     torch.manual_seed(0)
     log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-        f"triton {triton.__version__}")
+        f"triton {triton.__version__}, steps {STEPS}")
     ops = ("chunk_gated_delta_rule", "chunk_delta_rule")
     for op in ops:
         make = (lambda req, op=op: inputs(2, 256, 4, 4, 128, 128, op == "chunk_gated_delta_rule",
@@ -186,67 +321,90 @@ def main():
                      "compile (ms)"))
 
     ok = True
-    cu = torch.tensor([0, 1, 700, 700, 1500, 2047], device=DEV, dtype=torch.int32)
-    for op in ops:
-        for kw in ({}, {"B": 1, "T": 2047, "H": 2, "HV": 4, "cu": cu, "label": " varlen GVA"}):
-            try:
-                ok &= check(op, **kw)
-            except Exception:  # noqa: BLE001
-                traceback.print_exc()
-                ok = False
-    # the same gated check with W, U, T rounded to bf16 (expected to fail some bounds) and with
-    # the WY products in 3xtf32 instead of tf32 (information: is tf32 the limit?)
-    for name, val in (("WU_FLOAT32", False), ("WY_TF32X3", True)):
-        saved = getattr(wy, name)
-        try:
-            setattr(wy, name, val)
-            check("chunk_gated_delta_rule", label=f" {name}={val} (info)")
-        except Exception:  # noqa: BLE001
-            traceback.print_exc()
-        finally:
-            setattr(wy, name, saved)
-    log("CORRECTNESS:", "all ok" if ok else "FAILURES above")
+    if "check" in STEPS:
+        cu = torch.tensor([0, 1, 700, 700, 1500, 2047], device=DEV, dtype=torch.int32)
+        for op in ops:
+            for kw in ({}, {"B": 1, "T": 2047, "H": 2, "HV": 4, "cu": cu, "label": " varlen GVA"}):
+                try:
+                    ok &= check(op, **kw)
+                except Exception:  # noqa: BLE001
+                    traceback.print_exc()
+                    ok = False
+        log("CORRECTNESS (defaults):", "all ok" if ok else "FAILURES above")
 
     quick = os.environ.get("QUICK", "0") == "1"   # no peers, first shape only
     fla = {} if quick else fla_ops(l2=False)
-    shapes = [(4, 4096, 16, 16)] + ([] if quick else [(1, 32768, 4, 16)])
-    for B, T, H, HV in shapes:
-        K = V = 128
-        for op in ops:
-            if time.time() - T0 > BUDGET_S and (B, T) != (4, 4096):
-                log(f"skipped {op} B{B} T{T}: time budget")
-                continue
-            gated = op == "chunk_gated_delta_rule"
-            make = (lambda req, B=B, T=T, H=H, HV=HV, gated=gated:
-                    inputs(B, T, H, HV, K, V, gated, req=req, l2=False))
-            case = f"B{B} T{T} H{H} HV{HV} K=V={K}"
-            bench(op, case, "ssm_kernels", ours(op, l2=False), make, floors(B, T, H, HV, K, V))
-            if op in fla:
-                bench(op, case, "fla", fla[op], make)
-            torch.cuda.empty_cache()
-    # the in-kernel L2 norm's cost (ours), main shape
+    gva = os.environ.get("GVA", "1") != "0"   # GVA=0: the main shape only
+    shapes = [(4, 4096, 16, 16)] + ([] if quick or not gva else [(1, 32768, 4, 16)])
     B, T, H, HV = shapes[0]
     case = f"B{B} T{T} H{H} HV{HV} K=V=128"
     make = lambda req: inputs(B, T, H, HV, 128, 128, True, req=req, l2=False)  # noqa: E731
-    bench("chunk_gated_delta_rule", case, "ssm_kernels l2norm", ours("chunk_gated_delta_rule", l2=True),
-          lambda req: inputs(B, T, H, HV, 128, 128, True, req=req, l2=True))
-    # knobs, while the time budget allows: the scans' V tile, W/U/T in bf16 (the cost of float32)
-    for name, val in (("STATE_BLOCK_V", 32), ("WU_FLOAT32", False), ("WY_TF32X3", True),
-                      ("STATE_BLOCK_V", 16)):
-        if time.time() - T0 > BUDGET_S:
-            log("knob sweep stopped: time budget")
-            break
-        saved = getattr(wy, name)
-        try:
-            setattr(wy, name, val)
-            bench("chunk_gated_delta_rule", case, f"ssm_kernels {name}={val}",
-                  ours("chunk_gated_delta_rule", l2=False), make)
-        finally:
-            setattr(wy, name, saved)
-        torch.cuda.empty_cache()
+    if "time" in STEPS:
+        for B_, T_, H_, HV_ in shapes:
+            K = V = 128
+            for op in ops:
+                if (B_, T_) != (B, T) and over_budget(f"{op} B{B_} T{T_}"):
+                    continue
+                gated = op == "chunk_gated_delta_rule"
+                mk = (lambda req, B=B_, T=T_, H=H_, HV=HV_, gated=gated:
+                      inputs(B, T, H, HV, K, V, gated, req=req, l2=False))
+                c = f"B{B_} T{T_} H{H_} HV{HV_} K=V={K}"
+                bench(op, c, "ssm_kernels", ours(op, l2=False), mk, floors(B_, T_, H_, HV_, K, V))
+                if op in fla:
+                    bench(op, c, "fla", fla[op], mk)
+                torch.cuda.empty_cache()
+
+    if "stages" in STEPS and not over_budget("stages"):
+        for what in (lambda: stage_times("defaults"),
+                     lambda: kernel_profile("ssm_kernels", ours("chunk_gated_delta_rule", False),
+                                            make, False),
+                     lambda: kernel_profile("fla", fla["chunk_gated_delta_rule"], make, True),
+                     lambda: kernel_profile("fla", fla["chunk_gated_delta_rule"], make, False)):
+            try:
+                what()
+            except Exception as e:  # noqa: BLE001 (fla absent, its backward refusing, no CUPTI)
+                log("stage step failed:", repr(e)[:160])
+            torch.cuda.empty_cache()
+
+    if "variants" in STEPS:
+        mk0 = lambda req: inputs(B, T, H, HV, 128, 128, False, req=req, l2=False)  # noqa: E731
+        for iv, (name, knobs) in enumerate(parse_variants(os.environ.get("VARIANTS",
+                                                                         DEFAULT_VARIANTS))):
+            if over_budget(f"variant {name}"):
+                continue
+            saved = {kk: getattr(wy, kk) for kk in knobs}
+            try:
+                for kk, vv in knobs.items():
+                    setattr(wy, kk, vv)
+                t = time.time()
+                good = check("chunk_gated_delta_rule", B=1, T=1024, H=2, HV=4,
+                             label=f" [{name}]")
+                log(f"variant {name} {knobs}: check {'ok' if good else 'FAILED'} "
+                    f"({time.time() - t:.1f} s with its compile)")
+                bench("chunk_gated_delta_rule", case, f"ssm_kernels [{name}]"
+                      + ("" if good else " CHECK FAILED"), ours("chunk_gated_delta_rule", l2=False),
+                      make)
+                if iv == 0:   # the first variant against fla's full fwd+bwd (ungated: it runs)
+                    bench("chunk_delta_rule", case, f"ssm_kernels [{name}]",
+                          ours("chunk_delta_rule", l2=False), mk0)
+                    try:   # and its kernels (the backward's split)
+                        kernel_profile(f"ours [{name}]", ours("chunk_gated_delta_rule", False),
+                                       make, False)
+                    except Exception as e:  # noqa: BLE001
+                        log("profile failed:", repr(e)[:160])
+                stage_times(name)
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+                ROWS.append(("chunk_gated_delta_rule", case, f"ssm_kernels [{name}]", "fwd",
+                             float("nan"), "error"))
+            finally:
+                for kk, vv in saved.items():
+                    setattr(wy, kk, vv)
+            torch.cuda.empty_cache()
 
     print_table(ok, ROWS, "delta rule (chunked WY)", "gpu_delta.csv",
                 "(WY_INVERSE_DOTS fallback in use)" if wy.WY_INVERSE_DOTS else "")
+
 
 if __name__ == "__main__":
     main()

@@ -12,14 +12,8 @@ from ssm_kernels.delta_rule.reference import (delta_rule_bwd_ref, delta_rule_chu
 from ssm_kernels.testing import assert_close
 
 from conftest import kernel_backends
-from ssm_kernels.delta_rule import interface as _delta_interface
 
 
-@pytest.fixture(autouse=True)
-def _chunked_wy(monkeypatch):
-    """This file tests the chunked WY kernels behind chunk_* (opt-in in the library until they are
-    checked on a GPU); the default step-by-step path is what the fused_recurrent_* tests run."""
-    monkeypatch.setattr(_delta_interface, "CHUNKED_WY", True)
 
 TRITON = kernel_backends()          # ["triton"] under the interpreter (or on a GPU)
 DECAYS = {"weak": (0.0, 1e-3), "mid": (0.0, 1.0), "strong": (5.0, 10.0)}
@@ -428,6 +422,56 @@ def test_triton_chunk_gpu_tiles_fp16(backend, inverse_dots, monkeypatch):
     q, k, v, g, beta, h0, cu, cots = _chunk_inputs(*case, dtype=torch.float16)
     out = _chunk_run(_kernel_fn(True, backend), q, k, v, g, beta, h0, cu, True, cots)
     d = lambda x: x.double()
+    ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), cu, True, cots)
+    low = _chunk_run(_ref_fn, q, k, v, g, beta, h0, cu, True, cots)
+    names = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    _judge_chunk(out, ref, low, names, torch.float16, F.normalize(q.double(), dim=-1, eps=0))
+
+
+# the speed variants of the WY stage (delta_rule/chunk.py knobs, A/B'd on the GPU by gpu_delta.py)
+WY_VARIANTS = {"lean": dict(WY_LEAN=True), "split": dict(WY_SPLIT=True),
+               "split-lean-bf16wu": dict(WY_SPLIT=True, WY_LEAN=True, WU_FLOAT32=False)}
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("variant", sorted(WY_VARIANTS))
+def test_triton_chunk_wy_variants(backend, variant, monkeypatch):
+    """Each variant (the knobs act on 16-bit inputs): float16 varlen GVA case with HV = 3H
+    (poisoned outputs; BT=32, the Horner form's one step), then the GPU's BT=64 tiles (the Horner
+    form's three steps), every gradient within the 16-bit bound of the float64 recurrence."""
+    from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
+    for name, val in WY_VARIANTS[variant].items():
+        monkeypatch.setattr(wy, name, val)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    d = lambda x: x.double()
+    names = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(*CHUNK_CASES[2], dtype=torch.float16)
+    out = _chunk_run(_kernel_fn(True, backend), q, k, v, g, beta, h0, cu, True, cots)
+    ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), cu, True, cots)
+    low = _chunk_run(_ref_fn, q, k, v, g, beta, h0, cu, True, cots)
+    _judge_chunk(out, ref, low, names, torch.float16, F.normalize(q.double(), dim=-1, eps=0))
+    monkeypatch.setattr(common, "triton_interpret", lambda: False)
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(True, True, 1, 80, 1, 2, 16, 16, None,
+                                                   dtype=torch.float16)
+    out = _chunk_run(_kernel_fn(True, backend), q, k, v, g, beta, h0, cu, True, cots)
+    ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), cu, True, cots)
+    low = _chunk_run(_ref_fn, q, k, v, g, beta, h0, cu, True, cots)
+    _judge_chunk(out, ref, low, names, torch.float16, F.normalize(q.double(), dim=-1, eps=0))
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_chunk_out_block_v(backend, monkeypatch):
+    """OUT_BLOCK_V=128 (the output stage and the backward's dV' in one V tile, masked at V=80; the
+    default tiles it by 64): every gradient within the float16 bound."""
+    from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
+    monkeypatch.setattr(wy, "OUT_BLOCK_V", 128)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    d = lambda x: x.double()
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(True, True, 1, 40, 1, 2, 16, 80, None,
+                                                   dtype=torch.float16)
+    out = _chunk_run(_kernel_fn(True, backend), q, k, v, g, beta, h0, cu, True, cots)
     ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), cu, True, cots)
     low = _chunk_run(_ref_fn, q, k, v, g, beta, h0, cu, True, cots)
     names = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]

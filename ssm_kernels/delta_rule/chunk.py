@@ -46,15 +46,46 @@ STATE_BLOCK_V = None
 WY_TF32X3 = False
 # the inverse's 16x16 diagonal blocks by masked dots instead of 4-d register tensors (fallback)
 WY_INVERSE_DOTS = False
+# W, U stored in the input dtype (WU_FLOAT32=False): the inverse's own products still in tf32
+# and T float32 inside the kernel (True; fla's solve_tril precision), or in the input dtype too
+# (False: every WY operand rounded, session 4's WU_FLOAT32=False)
+WY_INVERSE_F32 = True
+# WY stages with fewer live registers and barriers: forward: the substitution loop reads rows of
+# the transposed diagonal blocks (sm_90: 0 BAR.SYNC and 0 shared-memory accesses per step, from 6
+# and 9), the inverse's last step in Horner form (D - N (D - N (D - N D))), k reloaded after the
+# inverse; backward: k, k k^T and the engine's dk loaded or formed where used, the group's value
+# heads unrolled
+WY_LEAN = False
+# the WY stage as two launches (fla's split): T (stored float32) by one kernel, W, U from it by a
+# light second one (+ T written and read, k read twice: ~0.2 GB at B4 T4096 H16)
+WY_SPLIT = False
+# with WU_FLOAT32=False: the scans' w S and w^T dV' still in tf32 against the float32 running
+# state (True), or with the state rounded to the input dtype (False, fla's choice: u - w S cancels,
+# so the state's rounding is relative to |w S|, not to |v_new|)
+SCAN_TF32 = False
+# with WU_FLOAT32=False: W, U still formed by tf32 products of the float32 T (only their storage
+# rounded)
+WU_TF32_PRODUCTS = False
+# with WU_FLOAT32=False: U stored float32 all the same (the other operand of that cancellation)
+U_FLOAT32 = False
+# warps of the WY stage (None: 8 at K >= 128, else 4); at 8 warps ptxas gives the kernel all 255
+# registers (one program per SM, 4096 programs at B4 T4096 H16: 31 serial waves)
+WY_WARPS = None
+# warps of the forward's state scan (None: as the WY stage's default; the state-gradient scan
+# keeps 8 at K = 128: at 4 it spills 1.1 KB on sm_90)
+STATE_WARPS = None
+# V tile of the output stage and of the backward's intra-chunk dV' (None: the engine's BLOCK_V,
+# 64; 128 computes q k^T once per chunk)
+OUT_BLOCK_V = None
 
 
 @triton.jit
 def tril_inverse(A, o_t, BT: tl.constexpr, WF32: tl.constexpr, DT: tl.constexpr,
-                 IEEE: tl.constexpr, INV_DOTS: tl.constexpr):
+                 IEEE: tl.constexpr, INV_DOTS: tl.constexpr, LEAN: tl.constexpr = False):
     """(I + A)^-1 for a strictly lower triangular float32 [BT, BT] A (BT = 32 or 64).
-    INV_DOTS: the diagonal blocks by 15 masked [BT, BT] dots instead of the [BT/16, 16, 16]
-    register form (a fallback should a compiler reject the 4-d reshapes; ~30 GFLOP more per
-    B4 T4096 H16 forward)."""
+    LEAN: see WY_LEAN. INV_DOTS: the diagonal blocks by 15 masked [BT, BT] dots instead of the
+    [BT/16, 16, 16] register form (a fallback should a compiler reject the 4-d reshapes; ~30
+    GFLOP more per B4 T4096 H16 forward)."""
     NB: tl.constexpr = BT // 16
     blk = o_t // 16
     I = tl.where(o_t[:, None] == o_t[None, :], 1., 0.)
@@ -75,14 +106,28 @@ def tril_inverse(A, o_t, BT: tl.constexpr, WF32: tl.constexpr, DT: tl.constexpr,
         # a runtime loop, not tl.static_range: unrolled, its 15 [NB, 16, 16] steps were most of
         # the kernel's compile time (bench/compile_audit.py; each step is register work, the
         # loop's overhead is a counter)
+        if LEAN:
+            # Ad transposed once: row r is then taken by a reduction over axis 2, which leaves it
+            # indexed by m along axis 1, where D's rows are (no layout conversion per step)
+            AdT = tl.permute(Ad, (0, 2, 1))
         for r in range(1, 16):
             # row r of every block: D_r = e_r - sum_{m < r} A_rm D_m (rows m < r already final)
-            a_r = tl.sum(tl.where((o16 == r)[None, :, None], Ad, 0.), axis=1)  # [NB, 16] over m
+            if LEAN:
+                a_r = tl.sum(tl.where((o16 == r)[None, None, :], AdT, 0.), axis=2)
+            else:
+                a_r = tl.sum(tl.where((o16 == r)[None, :, None], Ad, 0.), axis=1)  # [NB, 16] (m)
             new = tl.where(o16 == r, 1., 0.)[None, :] - tl.sum(a_r[:, :, None] * D, axis=1)
             D = tl.where((o16 == r)[None, :, None], new[:, None, :], D)
         Df = tl.reshape(tl.where(eyeb[:, None, :, None], D[:, :, None, :], 0.), (BT, BT))
     L = tl.where(blk[:, None] > blk[None, :], A, 0.)
     N = mm_wy(Df, L, WF32, DT, IEEE)
+    if LEAN:
+        # (I + N)^-1 D = D - N (D - N (D - N D)) (N^NB = 0): the same 4 dependent dots, fewer
+        # live [BT, BT] tiles (D, N, X) than the power form
+        X = Df
+        for _ in tl.static_range(NB - 1):
+            X = Df - mm_wy(N, X, WF32, DT, IEEE)
+        return X
     if NB == 2:
         M = I - N
     else:
@@ -99,7 +144,8 @@ def _wy_fwd_kernel(
     T, NT, H, HQ, K, V,
     GATE: tl.constexpr, L2NORM: tl.constexpr, STORE_T, WF32: tl.constexpr,
     IS_VARLEN: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    DT: tl.constexpr, IEEE: tl.constexpr, INV_DOTS: tl.constexpr,
+    DT: tl.constexpr, IEEE: tl.constexpr, INV_DOTS: tl.constexpr, INV_F32: tl.constexpr,
+    LEAN: tl.constexpr = False, WU: tl.constexpr = True,
 ):
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     i_hq = i_h // (H // HQ)
@@ -119,9 +165,24 @@ def _wy_fwd_kernel(
     KK = mm(b_k, tl.trans(b_k), DT, IEEE)
     A = tl.where(strict, b_beta[:, None] * KK
                  * tl.exp2(tl.where(strict, G[:, None] - G[None, :], float("-inf"))), 0.)
-    Tm = tril_inverse(A, o_t, BT, WF32, DT, IEEE, INV_DOTS)
+    Tm = tril_inverse(A, o_t, BT, INV_F32, DT, IEEE, INV_DOTS, LEAN)
     if STORE_T:
         tl.store(tm_ptr + row[:, None] * BT + o_t[None, :], Tm, mask=m_t[:, None])
+    if WU:
+        _wu_tile(Tm, k_ptr, v_ptr, w_ptr, u_ptr, t, row, i_hq, HQ, m_t, o_k, m_k, K, V, G, b_beta,
+                 b_k, L2NORM, WF32, BV, DT, IEEE, LEAN)
+
+
+@triton.jit
+def _wu_tile(Tm, k_ptr, v_ptr, w_ptr, u_ptr, t, row, i_hq, HQ, m_t, o_k, m_k, K, V, G, b_beta,
+             b_k, L2NORM: tl.constexpr, WF32: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+             IEEE: tl.constexpr, RELOAD: tl.constexpr):
+    """W = T diag(beta e^G) K, U = T diag(beta) V of one chunk (RELOAD: k loaded here)."""
+    if RELOAD:
+        # k again (an L2 hit) rather than a [BT, K] float32 tile live across the inverse
+        b_k = load_rows(k_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
+        if L2NORM:
+            b_k = l2norm_rows(b_k)
     b_w = mm_wy(Tm, b_k * (b_beta * tl.exp2(G))[:, None], WF32, DT, IEEE)
     tl.store(w_ptr + row[:, None] * K + o_k[None, :], b_w.to(w_ptr.dtype.element_ty),
              mask=m_t[:, None] & m_k[None, :])
@@ -135,6 +196,109 @@ def _wy_fwd_kernel(
 
 
 @triton.jit
+def _wu_kernel(
+    # WY_SPLIT: W, U from the stored T (Tm [TOK, H, BT] f32 of _wy_fwd_kernel with WU=False)
+    k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, tm_ptr, ct_ptr, cu_ptr,
+    T, NT, H, HQ, K, V,
+    GATE: tl.constexpr, L2NORM: tl.constexpr, WF32: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+):
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_hq = i_h // (H // HQ)
+    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    o_t = tl.arange(0, BT)
+    t = t0 + o_t
+    m_t = t < eos
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    row = t * H + i_h
+    b_beta = tl.load(beta_ptr + row, mask=m_t, other=0.).to(tl.float32)
+    G = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row, i_h, m_t, o_k, m_k, K, GATE, False, BT)
+    Tm = tl.load(tm_ptr + row[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.)
+    _wu_tile(Tm, k_ptr, v_ptr, w_ptr, u_ptr, t, row, i_hq, HQ, m_t, o_k, m_k, K, V, G, b_beta,
+             b_beta, L2NORM, WF32, BV, DT, IEEE, True)
+
+
+@triton.jit
+def _k_unit_rows(k_ptr, row_q, m_t, o_k, m_k, K, L2NORM: tl.constexpr):
+    """k rows (L2-normalised when asked) and the reciprocal norms (1 without L2NORM)."""
+    b_k = load_rows(k_ptr, row_q, m_t, o_k, m_k, K)
+    if L2NORM:
+        r_k = 1. / tl.sqrt(tl.sum(b_k * b_k, axis=1) + 1e-6)
+    else:
+        r_k = tl.full([b_k.shape[0]], 1., tl.float32)
+    return b_k * r_k[:, None], r_k
+
+
+@triton.jit
+def _wy_bwd_head(
+    b_k, KK, k_ptr, row_q, v_ptr, g_ptr, beta_ptr, tm_ptr, h_ptr, dvn_ptr, dge_ptr, dv_ptr,
+    dbeta_ptr, dg_ptr, i_c, i_h, t, m_t, o_t, o_k, m_k, Kc, H, K, V,
+    GATE: tl.constexpr, L2NORM: tl.constexpr, WF32: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    LEAN: tl.constexpr,
+):
+    """One value head's part of the WY backward: stores dv, dbeta, dg; returns its dk term.
+    LEAN: b_k and KK are not passed (not live through the V loops): k is loaded again after the
+    first V loop and k k^T formed there."""
+    strict = o_t[:, None] > o_t[None, :]
+    row = t * H + i_h
+    b_beta = tl.load(beta_ptr + row, mask=m_t, other=0.).to(tl.float32)
+    G = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row, i_h, m_t, o_k, m_k, K, GATE, False, BT)
+    b_bg = b_beta * tl.exp2(G)
+    # T^T loaded transposed (no dot consumes a transposed dot result)
+    Tt = tl.load(tm_ptr + row[None, :] * BT + o_t[:, None], mask=m_t[None, :], other=0.)
+    p_h = h_ptr + (i_c.to(tl.int64) * H + i_h) * K * V
+    dW = tl.zeros([BT, BK], dtype=tl.float32)
+    dT = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_dvn = load_rows(dvn_ptr, row, m_t, o_v, m_v, V)
+        b_hT = tl.load(p_h + o_k[None, :] * V + o_v[:, None],
+                       mask=(o_k < Kc)[None, :] & m_v[:, None], other=0.)
+        b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
+        dW -= mm_wy(b_dvn, b_hT, WF32, DT, IEEE)                           # -dV' S^T
+        dT += mm_wy(b_dvn, tl.trans(b_v * b_beta[:, None]), WF32, DT, IEEE)  # dU Y^T
+    if LEAN:
+        b_k, _ = _k_unit_rows(k_ptr, row_q, m_t, o_k, m_k, K, L2NORM)
+    dT += mm_wy(dW, tl.trans(b_k * b_bg[:, None]), WF32, DT, IEEE)          # dW X^T
+    dX = mm_wy(Tt, dW, WF32, DT, IEEE)
+    b_db = tl.zeros([BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        b_dvn = load_rows(dvn_ptr, row, m_t, o_v, m_v, V)
+        b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
+        dY = mm_wy(Tt, b_dvn, WF32, DT, IEEE)
+        tl.store(dv_ptr + row[:, None] * V + o_v[None, :],
+                 (dY * b_beta[:, None]).to(dv_ptr.dtype.element_ty),
+                 mask=m_t[:, None] & m_v[None, :])
+        b_db += tl.sum(dY * b_v, axis=1)
+    # dA = -T^T dT T^T on the strictly lower part; A_ij = beta_i e^(G_i - G_j) k_i . k_j
+    dA = -mm_wy(mm_wy(Tt, dT, WF32, DT, IEEE), Tt, WF32, DT, IEEE)
+    dAE = tl.where(strict, dA * tl.exp2(tl.where(strict, G[:, None] - G[None, :],
+                                                 float("-inf"))), 0.)
+    if LEAN:
+        KK = mm(b_k, tl.trans(b_k), DT, IEEE)
+    P = dAE * KK
+    Bm = dAE * b_beta[:, None]
+    xk = tl.sum(dX * b_k, axis=1)
+    b_db += tl.sum(P, axis=1) + tl.exp2(G) * xk
+    tl.store(dbeta_ptr + row, b_db, mask=m_t)
+    if GATE == 1:
+        Q = P * b_beta[:, None]
+        dG = tl.sum(Q, axis=1) - tl.sum(Q, axis=0) + b_bg * xk
+        dg = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG           # sum over s >= t
+        dg += tl.load(dge_ptr + row, mask=m_t, other=0.)
+        tl.store(dg_ptr + row, dg, mask=m_t)
+    # dk_i += sum_j Bm_ij k_j + sum_j Bm_ji k_j + beta_i e^G_i dX_i (the second term as the
+    # transpose of k^T Bm: a transposed dot result only in an elementwise sum)
+    return (mm_wy(Bm, b_k, WF32, DT, IEEE) + tl.trans(mm_wy(tl.trans(b_k), Bm, WF32, DT, IEEE))
+            + dX * b_bg[:, None])
+
+
+@triton.jit
 def _wy_bwd_kernel(
     # k [TOK, HQ, K]; v [TOK, H, V]; g [TOK, H] f32; beta [TOK, H]; Tm [TOK, H, BT] f32;
     # h [NCH, H, K, V]; dvn [TOK, H, V] the gradient of V'; dke [TOK, HQ, K] f32 the engine's dk
@@ -145,7 +309,10 @@ def _wy_bwd_kernel(
     T, NT, H, HQ, K, V,
     GATE: tl.constexpr, L2NORM: tl.constexpr, WF32: tl.constexpr, IS_VARLEN: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    LEAN: tl.constexpr = False, GR: tl.constexpr = 1,
 ):
+    """LEAN: the value heads of the group unrolled (GR = H // HQ, constexpr), k and the engine's
+    dk loaded where they are used, so no [BT, K] float32 tile is live through the V loops."""
     i_c, i_hq = tl.program_id(0), tl.program_id(1)
     t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
     o_t = tl.arange(0, BT)
@@ -156,67 +323,28 @@ def _wy_bwd_kernel(
     Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
     row_q = t * HQ + i_hq
     m_tk = m_t[:, None] & m_k[None, :]
-    b_k = load_rows(k_ptr, row_q, m_t, o_k, m_k, K)
-    if L2NORM:
-        r_k = 1. / tl.sqrt(tl.sum(b_k * b_k, axis=1) + 1e-6)
-        b_k = b_k * r_k[:, None]
-    strict = o_t[:, None] > o_t[None, :]
-    KK = mm(b_k, tl.trans(b_k), DT, IEEE)
-    b_dk = load_rows(dke_ptr, row_q, m_t, o_k, m_k, K)
-    GR = H // HQ
-    for j in range(GR):
-        i_h = i_hq * GR + j
-        row = t * H + i_h
-        b_beta = tl.load(beta_ptr + row, mask=m_t, other=0.).to(tl.float32)
-        G = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row, i_h, m_t, o_k, m_k, K, GATE, False, BT)
-        b_bg = b_beta * tl.exp2(G)
-        # T^T loaded transposed (no dot consumes a transposed dot result)
-        Tt = tl.load(tm_ptr + row[None, :] * BT + o_t[:, None], mask=m_t[None, :], other=0.)
-        X = b_k * b_bg[:, None]
-        p_h = h_ptr + (i_c.to(tl.int64) * H + i_h) * K * V
-        dW = tl.zeros([BT, BK], dtype=tl.float32)
-        dT = tl.zeros([BT, BT], dtype=tl.float32)
-        for i_v in range(tl.cdiv(V, BV)):
-            o_v = i_v * BV + tl.arange(0, BV)
-            m_v = o_v < V
-            b_dvn = load_rows(dvn_ptr, row, m_t, o_v, m_v, V)
-            b_hT = tl.load(p_h + o_k[None, :] * V + o_v[:, None],
-                           mask=(o_k < Kc)[None, :] & m_v[:, None], other=0.)
-            b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
-            dW -= mm_wy(b_dvn, b_hT, WF32, DT, IEEE)                           # -dV' S^T
-            dT += mm_wy(b_dvn, tl.trans(b_v * b_beta[:, None]), WF32, DT, IEEE)  # dU Y^T
-        dT += mm_wy(dW, tl.trans(X), WF32, DT, IEEE)                           # dW X^T
-        dX = mm_wy(Tt, dW, WF32, DT, IEEE)
-        b_db = tl.zeros([BT], dtype=tl.float32)
-        for i_v in range(tl.cdiv(V, BV)):
-            o_v = i_v * BV + tl.arange(0, BV)
-            m_v = o_v < V
-            b_dvn = load_rows(dvn_ptr, row, m_t, o_v, m_v, V)
-            b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
-            dY = mm_wy(Tt, b_dvn, WF32, DT, IEEE)
-            tl.store(dv_ptr + row[:, None] * V + o_v[None, :],
-                     (dY * b_beta[:, None]).to(dv_ptr.dtype.element_ty),
-                     mask=m_t[:, None] & m_v[None, :])
-            b_db += tl.sum(dY * b_v, axis=1)
-        # dA = -T^T dT T^T on the strictly lower part; A_ij = beta_i e^(G_i - G_j) k_i . k_j
-        dA = -mm_wy(mm_wy(Tt, dT, WF32, DT, IEEE), Tt, WF32, DT, IEEE)
-        dAE = tl.where(strict, dA * tl.exp2(tl.where(strict, G[:, None] - G[None, :],
-                                                     float("-inf"))), 0.)
-        P = dAE * KK
-        Bm = dAE * b_beta[:, None]
-        xk = tl.sum(dX * b_k, axis=1)
-        b_db += tl.sum(P, axis=1) + tl.exp2(G) * xk
-        # dk_i += sum_j Bm_ij k_j + sum_j Bm_ji k_j + beta_i e^G_i dX_i (the second term as the
-        # transpose of k^T Bm: a transposed dot result only in an elementwise sum)
-        b_dk += (mm_wy(Bm, b_k, WF32, DT, IEEE) + tl.trans(mm_wy(tl.trans(b_k), Bm, WF32, DT, IEEE))
-                 + dX * b_bg[:, None])
-        tl.store(dbeta_ptr + row, b_db, mask=m_t)
-        if GATE == 1:
-            Q = P * b_beta[:, None]
-            dG = tl.sum(Q, axis=1) - tl.sum(Q, axis=0) + b_bg * xk
-            dg = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG           # sum over s >= t
-            dg += tl.load(dge_ptr + row, mask=m_t, other=0.)
-            tl.store(dg_ptr + row, dg, mask=m_t)
+    if LEAN:
+        for j in tl.static_range(GR):
+            d_j = _wy_bwd_head(
+                o_t, o_t, k_ptr, row_q, v_ptr, g_ptr, beta_ptr, tm_ptr, h_ptr, dvn_ptr, dge_ptr,
+                dv_ptr, dbeta_ptr, dg_ptr, i_c, i_hq * GR + j, t, m_t, o_t, o_k, m_k, Kc, H, K, V,
+                GATE, L2NORM, WF32, BT, BK, BV, DT, IEEE, True)
+            if j == 0:
+                b_dk = d_j
+            else:
+                b_dk += d_j
+        b_dk += load_rows(dke_ptr, row_q, m_t, o_k, m_k, K)
+        b_k, r_k = _k_unit_rows(k_ptr, row_q, m_t, o_k, m_k, K, L2NORM)
+    else:
+        b_k, r_k = _k_unit_rows(k_ptr, row_q, m_t, o_k, m_k, K, L2NORM)
+        KK = mm(b_k, tl.trans(b_k), DT, IEEE)
+        b_dk = load_rows(dke_ptr, row_q, m_t, o_k, m_k, K)
+        GRR = H // HQ
+        for j in range(GRR):
+            b_dk += _wy_bwd_head(
+                b_k, KK, k_ptr, row_q, v_ptr, g_ptr, beta_ptr, tm_ptr, h_ptr, dvn_ptr, dge_ptr,
+                dv_ptr, dbeta_ptr, dg_ptr, i_c, i_hq * GRR + j, t, m_t, o_t, o_k, m_k, Kc, H, K,
+                V, GATE, L2NORM, WF32, BT, BK, BV, DT, IEEE, False)
     if L2NORM:
         b_dk = r_k[:, None] * (b_dk - b_k * tl.sum(b_k * b_dk, axis=1)[:, None])
     tl.store(dk_ptr + row_q[:, None] * K + o_k[None, :], b_dk.to(dk_ptr.dtype.element_ty),
@@ -234,6 +362,21 @@ def _plan(q, v, g, cu_seqlens):
     p.wdtype = torch.float32 if (WU_FLOAT32 or q.dtype == torch.float32) else q.dtype
     p.wf32 = (2 if WY_TF32X3 else 1) if p.wdtype == torch.float32 else 0
     p.warps = 8 if m["BKF"] >= 128 else 4
+    # the speed knobs below act on 16-bit inputs only: float32 runs ieee dots (FMA loops), where
+    # ptxas already assembles the scans at 32 registers, and LEAN's unrolled backward spilled
+    # 15 KB there (the correctness path, not the fast one)
+    fast = q.dtype != torch.float32
+    p.lean, p.split = WY_LEAN and fast, WY_SPLIT and fast
+    p.wy_warps = (WY_WARPS if fast else None) or p.warps
+    p.state_warps = (STATE_WARPS if fast else None) or p.warps
+    p.BVO = max(16, min(OUT_BLOCK_V, triton.next_power_of_2(p.V))) if OUT_BLOCK_V else m["BV"]
+    # the inverse in tf32 for 16-bit W, U (WF32 of the inverse alone)
+    p.inv_f32 = 1 if (p.wf32 == 0 and WY_INVERSE_F32) else p.wf32
+    # the scans' products with the running state (w S, w^T dV') in tf32 on the float32 state even
+    # when w is stored in the input dtype
+    p.scan_wf32 = 1 if (p.wf32 == 0 and SCAN_TF32) else p.wf32
+    p.udtype = torch.float32 if U_FLOAT32 else p.wdtype
+    p.wu_wf32 = 1 if (p.wf32 == 0 and WU_TF32_PRODUCTS) else p.wf32
     return p
 
 
@@ -241,17 +384,25 @@ def _wy(p, k, v, g, beta, l2, store_t):
     m = p.meta
     TOK = p.B * p.T
     w = common.poison(k.new_empty((TOK, p.H, p.K), dtype=p.wdtype))
-    u = common.poison(k.new_empty((TOK, p.H, p.V), dtype=p.wdtype))
+    u = common.poison(k.new_empty((TOK, p.H, p.V), dtype=p.udtype))
     # STORE_T is a runtime flag and the dummy is float32 like Tm: the forward (no T) and the
     # backward's recompute (T kept) share one compiled kernel
+    store_t = store_t or p.split
     tm = k.new_empty((TOK, p.H, p.BT) if store_t else (1,), dtype=torch.float32)
     cu, _, ct = p.idx_args(w)
     d = _dummy(w)
+    gg = d if g is None else g
     _wy_fwd_kernel[(p.NCH, p.H)](
-        k, v, d if g is None else g, beta, w, u, tm, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
-        GATE=p.gate, L2NORM=l2, STORE_T=int(store_t), WF32=p.wf32,
+        k, v, gg, beta, w, u, tm, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
+        GATE=p.gate, L2NORM=l2, STORE_T=int(store_t), WF32=p.wu_wf32,
         IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"],
-        INV_DOTS=WY_INVERSE_DOTS, num_warps=p.warps)
+        INV_DOTS=WY_INVERSE_DOTS, INV_F32=p.inv_f32, LEAN=p.lean, WU=not p.split,
+        num_warps=p.wy_warps)
+    if p.split:
+        _wu_kernel[(p.NCH, p.H)](
+            k, v, gg, beta, w, u, tm, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
+            GATE=p.gate, L2NORM=l2, WF32=p.wu_wf32, IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"],
+            BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], num_warps=4)
     return w, u, tm
 
 
@@ -268,8 +419,8 @@ def _states(p, k, w, u, g, h0, l2):
         p.T, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, G_FROM_VS=False, HAS_VS=False, HAS_H0=h0 is not None, STORE_H=True,
         IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=p.BVs, DT=m["DT"], IEEE=m["IEEE"],
-        w_ptr=w, vn_ptr=vn, DELTA=True, L2NORM=l2, WF32=p.wf32,
-        num_warps=p.warps, num_stages=1 if m["IEEE"] == 1 else 2)
+        w_ptr=w, vn_ptr=vn, DELTA=True, L2NORM=l2, WF32=p.scan_wf32,
+        num_warps=p.state_warps, num_stages=1 if m["IEEE"] == 1 else 2)
     return h, vn, ht
 
 
@@ -284,11 +435,11 @@ def chunk_delta_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool):
     o = common.poison(torch.empty_like(v))
     cu, _, ct = p.idx_args(ht)
     d = _dummy(ht)
-    _output_kernel[(triton.cdiv(p.V, m["BV"]), p.NCH, p.H)](
+    _output_kernel[(triton.cdiv(p.V, p.BVO), p.NCH, p.H)](
         q, k, vn, d if g is None else g, d, d, h, d, o, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
         float(scale), GATE=p.gate, G_FROM_VS=False, HAS_VS=False, IS_VARLEN=p.varlen,
-        BT=p.BT, BK=m["BK"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], L2NORM=l2,
-        num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
+        BT=p.BT, BK=m["BK"], BV=p.BVO, DT=m["DT"], IEEE=m["IEEE"], L2NORM=l2,
+        num_warps=4 if p.BVO <= 64 else 8, num_stages=1 if m["IEEE"] == 1 else 2)
     return o, ht
 
 
@@ -309,10 +460,10 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
               IEEE=m["IEEE"])
     # intra-chunk part of dV' (the output's), then the reverse scan with the delta term
     dvl = common.poison(do.new_empty((TOK, p.H, p.V), **f32))
-    _dv_kernel[(triton.cdiv(p.V, m["BV"]), p.NCH, p.H)](
+    _dv_kernel[(triton.cdiv(p.V, p.BVO), p.NCH, p.H)](
         q, k, vn, do, gg, d, d, d, d, dvl, d, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
-        float(scale), HAS_VS=False, BK=m["BK"], BV=m["BV"], HAS_DH=False, L2NORM=l2,
-        num_warps=4, **kw)
+        float(scale), HAS_VS=False, BK=m["BK"], BV=p.BVO, HAS_DH=False, L2NORM=l2,
+        num_warps=4 if p.BVO <= 64 else 8, **kw)
     dh = q.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
     dh0 = common.poison(q.new_empty((p.N, p.H, p.K, p.V), **f32))
     dvn = common.poison(do.new_empty((TOK, p.H, p.V), dtype=p.wdtype))
@@ -320,7 +471,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
         q, do, gg, d, d, d if dht is None else dht, dh, dh0, cu, co,
         p.T, p.H, p.HQ, p.K, p.V, float(scale), HAS_DHT=dht is not None, BK=m["BKF"], BV=p.BVs,
         k_ptr=k, w_ptr=w, dvl_ptr=dvl, dvn_ptr=dvn, DELTA=True, L2NORM=l2,
-        WF32=p.wf32, num_warps=p.warps,
+        WF32=p.scan_wf32, num_warps=p.warps,
         num_stages=1 if m["IEEE"] == 1 else 2, **kw)   # 3 stages: 262 KB shared memory at BT=64
     # dq (final), dk of the normalised k and dg through the output and state terms (v := V')
     dq = common.poison(torch.empty_like(q))
@@ -340,6 +491,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
         k, v, gg, beta, tm, h, dvn, dke, dge, dk, dv, dbeta, d if dg is None else dg, ct, cu,
         p.T, p.NT, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, L2NORM=l2, WF32=min(p.wf32, 1), IS_VARLEN=p.varlen, BT=p.BT,
-        BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], num_warps=p.warps,
+        BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], LEAN=p.lean,
+        GR=p.H // p.HQ if p.lean else 1, num_warps=p.warps,
         num_stages=1)   # 3 stages of the V loops: 262 KB of shared memory at BT=64 (> 227 KB)
     return dq, dk, dv, dg, dbeta, dh0

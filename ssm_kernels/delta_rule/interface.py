@@ -6,11 +6,10 @@ backend) -> (o, final_state)``, ``ssm_kernels::delta_rule_bwd(...) -> (dq, dk, d
 and the in-place decoding update ``ssm_kernels::delta_rule_step_(..., state, ...) -> o`` (mutates
 state).
 
-Triton backend: with CHUNKED_WY on, the chunk_* forms (chunked=True) run the chunked WY kernels on
-the shared engine (`delta_rule/chunk.py`, forward and backward, K <= 256); until those kernels have
-been checked on a GPU (tf32 WY products: the interpreter runs them in exact fp32, and the bf16
-margins there are narrow) CHUNKED_WY is off by default (env SSM_KERNELS_DELTA_CHUNKED=1 turns it on)
-and chunk_* run the step-by-step kernels, as before; the fused_recurrent_* forms and decoding
+Triton backend: with CHUNKED_WY on (the default since they passed the H100 check of session 5;
+env SSM_KERNELS_DELTA_CHUNKED=0 turns it off) the chunk_* forms (chunked=True) run the chunked WY
+kernels on the shared engine (`delta_rule/chunk.py`, forward and backward, K <= 256); with it off
+chunk_* run the step-by-step kernels, as before; the fused_recurrent_* forms and decoding always
 run the step-by-step kernels (`delta_rule/triton.py`), whose backward holds a head's whole state in
 one program (K, V <= 128; larger heads use the reference's explicit reverse-time loop).
 """
@@ -32,8 +31,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
 MAX_BWD_HEAD_DIM = 128   # the Triton backward holds a head's whole [K, V] state
-# chunk_* on Triton: the chunked WY kernels (True) or the step-by-step kernels (False, GPU-verified)
-CHUNKED_WY = os.environ.get("SSM_KERNELS_DELTA_CHUNKED", "0") == "1"
+# chunk_* on Triton: the chunked WY kernels (True, default) or the step-by-step kernels (False)
+CHUNKED_WY = os.environ.get("SSM_KERNELS_DELTA_CHUNKED", "1") != "0"
 
 
 @cached_on_metadata
@@ -265,10 +264,10 @@ _ARGS_DOC = """
         "reference"; an explicit backend that cannot serve the call raises.
 
     Gradients reach q, k, v, g, beta and initial_state. On the Triton backend the chunk_* forms
-    run the chunked WY kernels (chunks of 64 steps, 32 for float32 or K > 128) when
-    SSM_KERNELS_DELTA_CHUNKED=1 (off by default until checked on a GPU; otherwise, and always
-    for the fused_recurrent_* forms, the step-by-step kernels (their backward takes K, V <= 128; larger
-    heads use the reference's backward loop)); both compute the same recurrence."""
+    run the chunked WY kernels (chunks of 64 steps, 32 for float32 or K > 128) unless
+    SSM_KERNELS_DELTA_CHUNKED=0; with it, and always for the fused_recurrent_* forms, the
+    step-by-step kernels (their backward takes K, V <= 128; larger heads use the reference's
+    backward loop); both compute the same recurrence."""
 
 _DECODE_DOC = """
     inplace_final_state: keyword-only. True: write the final state into ``initial_state`` (which
