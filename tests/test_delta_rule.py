@@ -430,7 +430,8 @@ def test_triton_chunk_gpu_tiles_fp16(backend, inverse_dots, monkeypatch):
 
 # the speed variants of the WY stage (delta_rule/chunk.py knobs, A/B'd on the GPU by gpu_delta.py)
 WY_VARIANTS = {"lean": dict(WY_LEAN=True), "split": dict(WY_SPLIT=True),
-               "split-lean-bf16wu": dict(WY_SPLIT=True, WY_LEAN=True, WU_FLOAT32=False)}
+               "split-lean-bf16wu": dict(WY_SPLIT=True, WY_LEAN=True, WU_FLOAT32=False),
+               "dqk-delta": dict(DQK_DELTA=True)}
 
 
 @pytest.mark.parametrize("backend", TRITON)

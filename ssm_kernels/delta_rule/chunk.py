@@ -34,6 +34,7 @@ from ..chunk import common
 from ..chunk.bwd import _dqk_kernel, _dv_kernel, _state_grad_kernel
 from ..chunk.common import chunk_span, l2norm_rows, load_rows, log_decay_cumsum, mm, mm_wy
 from ..chunk.fwd import Plan, _dummy, _output_kernel, _state_kernel
+from .bwd import _dqk_delta_kernel
 
 WU_FLOAT32 = True
 # V tile of the two serial scans (state, state gradient), None: min(BLOCK_V, 8192 // K) (a
@@ -77,6 +78,13 @@ STATE_WARPS = None
 # V tile of the output stage and of the backward's intra-chunk dV' (None: the engine's BLOCK_V,
 # 64; 128 computes q k^T once per chunk)
 OUT_BLOCK_V = None
+# backward: dq, the engine part of dk and dg by the delta-only `bwd._dqk_delta_kernel` (q, k
+# loaded in the input dtype after the V loop, the L2 norm as scales of the score tile, the
+# group's value heads unrolled) instead of the engine's `_dqk_kernel` (16-bit inputs)
+DQK_DELTA = False
+# warps and V tile of that kernel (None: 8 at K >= 128, else 4; the engine's BLOCK_V)
+DQK_WARPS = None
+DQK_BLOCK_V = None
 
 
 @triton.jit
@@ -369,6 +377,9 @@ def _plan(q, v, g, cu_seqlens):
     p.lean, p.split = WY_LEAN and fast, WY_SPLIT and fast
     p.wy_warps = (WY_WARPS if fast else None) or p.warps
     p.state_warps = (STATE_WARPS if fast else None) or p.warps
+    p.dqk_delta = DQK_DELTA and fast
+    p.dqk_warps = (DQK_WARPS if fast else None) or p.warps
+    p.BVq = (DQK_BLOCK_V if fast else None) or m["BV"]
     p.BVO = max(16, min(OUT_BLOCK_V, triton.next_power_of_2(p.V))) if OUT_BLOCK_V else m["BV"]
     # the inverse in tf32 for 16-bit W, U (WF32 of the inverse alone)
     p.inv_f32 = 1 if (p.wf32 == 0 and WY_INVERSE_F32) else p.wf32
@@ -477,11 +488,18 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
     dq = common.poison(torch.empty_like(q))
     dke = common.poison(q.new_empty(q.shape, **f32))
     dge = common.poison(q.new_empty(v.shape[:3], **f32)) if g is not None else d
-    _dqk_kernel[(p.NCH, p.HQ)](
-        q, k, vn, do, gg, d, d, h, dh, dq, dke, dge, ct, cu,
-        p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale), HAS_VS=False, SUB=m["SUB"],
-        BK=m["BKF"], BV=m["BV"], L2NORM=l2, num_warps=8 if m["BKF"] >= 128 else 4,
-        num_stages=1 if m["IEEE"] == 1 else 3, **kw)   # fp32, K=256: 360 KB shared at 3 stages
+    if p.dqk_delta:
+        _dqk_delta_kernel[(p.NCH, p.HQ)](
+            q, k, vn, do, gg, h, dh, dq, dke, dge, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
+            float(scale), GATE=p.gate, L2NORM=l2, IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"],
+            BV=p.BVq, DT=m["DT"], IEEE=m["IEEE"], GR=p.H // p.HQ, num_warps=p.dqk_warps,
+            num_stages=3)
+    else:
+        _dqk_kernel[(p.NCH, p.HQ)](
+            q, k, vn, do, gg, d, d, h, dh, dq, dke, dge, ct, cu,
+            p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale), HAS_VS=False, SUB=m["SUB"],
+            BK=m["BKF"], BV=m["BV"], L2NORM=l2, num_warps=8 if m["BKF"] >= 128 else 4,
+            num_stages=1 if m["IEEE"] == 1 else 3, **kw)   # fp32, K=256: 360 KB smem at 3 stages
     # the WY stage's backward: dk, dv, dbeta, dg
     dk = common.poison(torch.empty_like(k))
     dv = common.poison(torch.empty_like(v))
