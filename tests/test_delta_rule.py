@@ -431,7 +431,8 @@ def test_triton_chunk_gpu_tiles_fp16(backend, inverse_dots, monkeypatch):
 # the speed variants of the WY stage (delta_rule/chunk.py knobs, A/B'd on the GPU by gpu_delta.py)
 WY_VARIANTS = {"lean": dict(WY_LEAN=True), "split": dict(WY_SPLIT=True),
                "split-lean-bf16wu": dict(WY_SPLIT=True, WY_LEAN=True, WU_FLOAT32=False),
-               "dqk-delta": dict(DQK_DELTA=True)}
+               "dqk-delta": dict(DQK_DELTA=True), "sg-delta": dict(SG_DELTA=True),
+               "bwd-delta": dict(DQK_DELTA=True, SG_DELTA=True, SG_FUSE_DV=True)}
 
 
 @pytest.mark.parametrize("backend", TRITON)
@@ -458,6 +459,29 @@ def test_triton_chunk_wy_variants(backend, variant, monkeypatch):
     out = _chunk_run(_kernel_fn(True, backend), q, k, v, g, beta, h0, cu, True, cots)
     ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), cu, True, cots)
     low = _chunk_run(_ref_fn, q, k, v, g, beta, h0, cu, True, cots)
+    _judge_chunk(out, ref, low, names, torch.float16, F.normalize(q.double(), dim=-1, eps=0))
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("gated", [False, True])
+def test_triton_chunk_bwd_delta_plain(backend, gated, monkeypatch):
+    """The delta-only backward kernels (DQK_DELTA, SG_DELTA + SG_FUSE_DV) without the in-kernel
+    L2 norm (unit keys), gated and not, at the GPU's BT=64 tiles with a partial last chunk and
+    K != V, initial state: every gradient within the float16 bound."""
+    from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
+    for name in ("DQK_DELTA", "SG_DELTA", "SG_FUSE_DV"):
+        monkeypatch.setattr(wy, name, True)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(common, "triton_interpret", lambda: False)
+    d = lambda x: x.double()
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(gated, False, 2, 75, 1, 1, 16, 24, None,
+                                                   dtype=torch.float16)
+    out = _chunk_run(_kernel_fn(gated, backend), q, k, v, g, beta, h0, cu, False, cots)
+    ref = _chunk_run(_ref_fn, d(q), d(k), d(v), None if g is None else d(g), d(beta), d(h0), cu,
+                     False, cots)
+    low = _chunk_run(_ref_fn, q, k, v, g, beta, h0, cu, False, cots)
+    names = ["o", "S", "dq", "dk", "dv"] + (["dg"] if gated else []) + ["dbeta", "dh0"]
     _judge_chunk(out, ref, low, names, torch.float16, F.normalize(q.double(), dim=-1, eps=0))
 
 

@@ -17,14 +17,29 @@ tile instead of scaled [BT, K] tiles. Per chunk x q/k head, for each value head 
 then dq's L2-norm backward; dk stays the gradient of the normalised k (the WY backward adds its
 part and applies the norm's backward). k^T and q^T are loaded transposed: no dot consumes a
 transposed dot result (the Triton 3.6 wgmma hazard).
+
+`_state_grad_delta_kernel` (SG_DELTA): the reverse state-gradient scan of the delta rule, per
+(V tile, sequence x value head), one K tile (BK >= K):
+
+    store dh_c = dS
+    dV'_c = dV'_local + (e^(G_last - G) r_k) . (k dS)       (row scales after the product)
+    dS <- e^(G_last) dS + q^T ((scale e^G r_q) . dO) - w^T dV'
+
+q and k stay in the input dtype (decays and L2 norms become row scales of the [BT, BV] tiles, not
+float32 [BT, K] copies). FUSE_DV (SG_FUSE_DV): dV'_local = causal(k q^T r_k r_q e^(G_i - G_j))^T
+scale dO is formed here from the q, k the scan loads anyway (it does not depend on dS, so it is off
+the serial chain), instead of by `_dv_kernel` (its launch, q and k re-read, and the float32 dvl
+written and read back: ~0.6 GB at B4 T4096 H16).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ..chunk.common import (causal_decay, chunk_span, decay_rows, decay_to_end_t, last_row,
-                            load_h_dh, load_rows, log_decay_cumsum, mm)
+from ..chunk.common import (causal_decay, causal_decay_t, chunk_base, chunk_span, decay_rows,
+                            decay_state, decay_to_end_t, last_row, load_h_dh, load_rows,
+                            load_state_block,
+                            log_decay_cumsum, mm, mm_wy, seq_span)
 
 
 @triton.jit
@@ -75,21 +90,23 @@ def _dqk_delta_head(
     b_k = tl.load(k_ptr + row_q[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
     r_k = _rnorm(b_k, 1, L2NORM)
     dq_h = (decay_rows(dqi, G, GATE) + mm(Dm * r_k[None, :], b_k, DT, IEEE)) * scale
-    # q^T (loaded transposed) against Dm with the rows scaled by q's reciprocal norms
+    # q^T (loaded transposed) against Dm with the rows scaled by q's reciprocal norms; k^T in
+    # the input dtype for dg's sums (dksT dies into its column sums before dk^T is formed)
     m_kt = m_k[:, None] & m_t[None, :]
     b_qT = tl.load(q_ptr + row_q[None, :] * K + o_k[:, None], mask=m_kt, other=0.)
     r_qc = _rnorm(b_qT, 0, L2NORM)
     dksT = decay_to_end_t(dkiT, G, G_last, GATE)
+    if GATE == 1:
+        b_kT = tl.load(k_ptr + row_q[None, :] * K + o_k[:, None], mask=m_kt, other=0.)
+        r_kc = _rnorm(b_kT, 0, L2NORM)
+        r = (tl.exp2(G_last) * tl.sum(hdh, axis=0)
+             + tl.sum(r_kc * tl.sum(b_kT.to(tl.float32) * dksT, axis=0), axis=0))
     dk_hT = dksT + mm(b_qT, Dm * r_qc[:, None], DT, IEEE) * scale
     if GATE == 1:
-        b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
+        b_q = tl.load(q_ptr + row_q[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
         r_q = _rnorm(b_q, 1, L2NORM)
-        b_kT = tl.load(k_ptr + row_q[None, :] * K + o_k[:, None], mask=m_kt,
-                       other=0.).to(tl.float32)
-        r_kc = _rnorm(b_kT, 0, L2NORM)
-        x = r_q * tl.sum(b_q * dq_h, axis=1) - r_kc * tl.sum(b_kT * dk_hT, axis=0)
-        r = (tl.exp2(G_last) * tl.sum(hdh, axis=0)
-             + tl.sum(r_kc * tl.sum(b_kT * dksT, axis=0), axis=0))
+        x = (r_q * tl.sum(b_q.to(tl.float32) * dq_h, axis=1)
+             - r_kc * tl.sum(b_kT.to(tl.float32) * dk_hT, axis=0))
         tl.store(dg_ptr + row, tl.sum(x, axis=0) - tl.cumsum(x, axis=0) + x + r, mask=m_t)
     return dq_h, dk_hT
 
@@ -131,3 +148,63 @@ def _dqk_delta_kernel(
              mask=m_t[:, None] & m_k[None, :])
     tl.store(dk_ptr + row_q[None, :] * K + o_k[:, None], b_dkT.to(dk_ptr.dtype.element_ty),
              mask=m_k[:, None] & m_t[None, :])
+
+
+@triton.jit
+def _state_grad_delta_kernel(
+    # q, k [TOK, HQ, K]; w [TOK, H, K]; do [TOK, H, V]; g [TOK, H] f32; dvl [TOK, H, V] f32
+    # (unless FUSE_DV); dht [N, H, K, V] f32; outputs dh [NCH, H, K, V], dh0 [N, H, K, V] f32,
+    # dvn [TOK, H, V] (the gradient of V')
+    q_ptr, k_ptr, w_ptr, do_ptr, g_ptr, dvl_ptr, dht_ptr, dh_ptr, dh0_ptr, dvn_ptr, cu_ptr,
+    co_ptr, T, H, HQ, K, V, scale,
+    GATE: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    L2NORM: tl.constexpr, WF32: tl.constexpr, FUSE_DV: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    i_hq = i_h // (H // HQ)
+    bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
+    base = chunk_base(co_ptr, i_n, T, IS_VARLEN, BT)
+    o_t, o_k, o_v = tl.arange(0, BT), tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_s, p_s = m_k[:, None] & m_v[None, :], o_k[:, None] * V + o_v[None, :]
+    dS = load_state_block(dht_ptr + i_nh.to(tl.int64) * K * V, p_s, m_s, HAS_DHT, BK, BV)
+    n_c = tl.cdiv(eos - bos, BT)
+    for j in range(n_c):
+        i = n_c - 1 - j
+        tl.store(dh_ptr + ((base + i) * H + i_h) * K * V + p_s, dS.to(dh_ptr.dtype.element_ty),
+                 mask=m_s)
+        t = bos + i * BT + o_t
+        m_t = t < eos
+        row = t * H + i_h
+        row_q = t * HQ + i_hq
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        G = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row, i_h, m_t, o_k, m_k, K, GATE, False, BT)
+        G_last = last_row(G, o_t, GATE, BT)
+        b_k = tl.load(k_ptr + row_q[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
+        b_q = tl.load(q_ptr + row_q[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
+        b_do = tl.load(do_ptr + row[:, None] * V + o_v[None, :], mask=m_tv, other=0.)
+        r_k = _rnorm(b_k, 1, L2NORM)
+        r_q = _rnorm(b_q, 1, L2NORM)
+        if GATE == 1:
+            sk = tl.exp2(G_last - G) * r_k
+            sq = tl.exp2(G) * r_q * scale
+        else:
+            sk = r_k
+            sq = r_q * scale
+        if FUSE_DV:
+            # A^T_ji = k^_j . q^_i e^(G_i - G_j) for i >= j (built transposed, as _dv_kernel)
+            At = mm(b_k, tl.trans(b_q), DT, IEEE) * (r_k[:, None] * r_q[None, :])
+            b_dvn = mm(causal_decay_t(At, G, o_t, GATE) * scale, b_do, DT, IEEE)
+        else:
+            b_dvn = load_rows(dvl_ptr, row, m_t, o_v, m_v, V)
+        b_dvn += mm_wy(b_k, dS, WF32, DT, IEEE) * sk[:, None]
+        tl.store(dvn_ptr + row[:, None] * V + o_v[None, :], b_dvn.to(dvn_ptr.dtype.element_ty),
+                 mask=m_tv)
+        b_w = tl.load(w_ptr + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
+        dS = (decay_state(dS, G_last, GATE)
+              + mm(tl.trans(b_q), b_do * sq[:, None], DT, IEEE)
+              - mm_wy(tl.trans(b_w), b_dvn, WF32, DT, IEEE))
+    tl.store(dh0_ptr + i_nh.to(tl.int64) * K * V + p_s, dS, mask=m_s)

@@ -34,7 +34,7 @@ from ..chunk import common
 from ..chunk.bwd import _dqk_kernel, _dv_kernel, _state_grad_kernel
 from ..chunk.common import chunk_span, l2norm_rows, load_rows, log_decay_cumsum, mm, mm_wy
 from ..chunk.fwd import Plan, _dummy, _output_kernel, _state_kernel
-from .bwd import _dqk_delta_kernel
+from .bwd import _dqk_delta_kernel, _state_grad_delta_kernel
 
 WU_FLOAT32 = True
 # V tile of the two serial scans (state, state gradient), None: min(BLOCK_V, 8192 // K) (a
@@ -85,6 +85,13 @@ DQK_DELTA = False
 # warps and V tile of that kernel (None: 8 at K >= 128, else 4; the engine's BLOCK_V)
 DQK_WARPS = None
 DQK_BLOCK_V = None
+# backward: the reverse state-gradient scan by the delta-only `bwd._state_grad_delta_kernel`
+# (q, k in the input dtype, decays and norms as row scales) instead of the engine's DELTA branch;
+# SG_FUSE_DV: the intra-chunk dV' formed inside that scan (no `_dv_kernel`, no float32 dvl)
+SG_DELTA = False
+SG_FUSE_DV = False
+# warps of that scan (None: as the engine's, 8 at K = 128)
+SG_WARPS = None
 
 
 @triton.jit
@@ -378,6 +385,9 @@ def _plan(q, v, g, cu_seqlens):
     p.wy_warps = (WY_WARPS if fast else None) or p.warps
     p.state_warps = (STATE_WARPS if fast else None) or p.warps
     p.dqk_delta = DQK_DELTA and fast
+    p.sg_delta = SG_DELTA and fast
+    p.sg_fuse = p.sg_delta and SG_FUSE_DV
+    p.sg_warps = (SG_WARPS if fast else None) or p.warps
     p.dqk_warps = (DQK_WARPS if fast else None) or p.warps
     p.BVq = (DQK_BLOCK_V if fast else None) or m["BV"]
     p.BVO = max(16, min(OUT_BLOCK_V, triton.next_power_of_2(p.V))) if OUT_BLOCK_V else m["BV"]
@@ -470,20 +480,29 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
     kw = dict(GATE=p.gate, G_FROM_VS=False, IS_VARLEN=p.varlen, BT=p.BT, DT=m["DT"],
               IEEE=m["IEEE"])
     # intra-chunk part of dV' (the output's), then the reverse scan with the delta term
-    dvl = common.poison(do.new_empty((TOK, p.H, p.V), **f32))
-    _dv_kernel[(triton.cdiv(p.V, p.BVO), p.NCH, p.H)](
-        q, k, vn, do, gg, d, d, d, d, dvl, d, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
-        float(scale), HAS_VS=False, BK=m["BK"], BV=p.BVO, HAS_DH=False, L2NORM=l2,
-        num_warps=4 if p.BVO <= 64 else 8, **kw)
+    dvl = d
+    if not p.sg_fuse:
+        dvl = common.poison(do.new_empty((TOK, p.H, p.V), **f32))
+        _dv_kernel[(triton.cdiv(p.V, p.BVO), p.NCH, p.H)](
+            q, k, vn, do, gg, d, d, d, d, dvl, d, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
+            float(scale), HAS_VS=False, BK=m["BK"], BV=p.BVO, HAS_DH=False, L2NORM=l2,
+            num_warps=4 if p.BVO <= 64 else 8, **kw)
     dh = q.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
     dh0 = common.poison(q.new_empty((p.N, p.H, p.K, p.V), **f32))
     dvn = common.poison(do.new_empty((TOK, p.H, p.V), dtype=p.wdtype))
-    _state_grad_kernel[(1, triton.cdiv(p.V, p.BVs), p.N * p.H)](
-        q, do, gg, d, d, d if dht is None else dht, dh, dh0, cu, co,
-        p.T, p.H, p.HQ, p.K, p.V, float(scale), HAS_DHT=dht is not None, BK=m["BKF"], BV=p.BVs,
-        k_ptr=k, w_ptr=w, dvl_ptr=dvl, dvn_ptr=dvn, DELTA=True, L2NORM=l2,
-        WF32=p.scan_wf32, num_warps=p.warps,
-        num_stages=1 if m["IEEE"] == 1 else 2, **kw)   # 3 stages: 262 KB shared memory at BT=64
+    if p.sg_delta:
+        _state_grad_delta_kernel[(triton.cdiv(p.V, p.BVs), p.N * p.H)](
+            q, k, w, do, gg, dvl, d if dht is None else dht, dh, dh0, dvn, cu, co,
+            p.T, p.H, p.HQ, p.K, p.V, float(scale), GATE=p.gate, HAS_DHT=dht is not None,
+            IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=p.BVs, DT=m["DT"], IEEE=m["IEEE"],
+            L2NORM=l2, WF32=p.scan_wf32, FUSE_DV=p.sg_fuse, num_warps=p.sg_warps, num_stages=2)
+    else:
+        _state_grad_kernel[(1, triton.cdiv(p.V, p.BVs), p.N * p.H)](
+            q, do, gg, d, d, d if dht is None else dht, dh, dh0, cu, co,
+            p.T, p.H, p.HQ, p.K, p.V, float(scale), HAS_DHT=dht is not None, BK=m["BKF"],
+            BV=p.BVs, k_ptr=k, w_ptr=w, dvl_ptr=dvl, dvn_ptr=dvn, DELTA=True, L2NORM=l2,
+            WF32=p.scan_wf32, num_warps=p.warps,
+            num_stages=1 if m["IEEE"] == 1 else 2, **kw)   # 3 stages: 262 KB smem at BT=64
     # dq (final), dk of the normalised k and dg through the output and state terms (v := V')
     dq = common.poison(torch.empty_like(q))
     dke = common.poison(q.new_empty(q.shape, **f32))
