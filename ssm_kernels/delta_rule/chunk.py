@@ -90,8 +90,15 @@ DQK_BLOCK_V = None
 # SG_FUSE_DV: the intra-chunk dV' formed inside that scan (no `_dv_kernel`, no float32 dvl)
 SG_DELTA = False
 SG_FUSE_DV = False
-# warps of that scan (None: as the engine's, 8 at K = 128)
+# warps and V tile of that scan (None: as the engine's, 8 at K = 128; STATE_BLOCK_V's tile):
+# a V tile of 32 doubles the scan's programs (256 at B4 H16), which run 2 per SM only if a
+# program fits 128 registers at 8 warps (SG_MAXNREG=128)
 SG_WARPS = None
+SG_BLOCK_V = None
+# register caps (ptxas maxnreg) of the two delta-only backward kernels (None: no cap); 128 at 8
+# warps = 2 programs per SM
+SG_MAXNREG = None
+DQK_MAXNREG = None
 
 
 @triton.jit
@@ -388,6 +395,9 @@ def _plan(q, v, g, cu_seqlens):
     p.sg_delta = SG_DELTA and fast
     p.sg_fuse = p.sg_delta and SG_FUSE_DV
     p.sg_warps = (SG_WARPS if fast else None) or p.warps
+    p.BVg = (SG_BLOCK_V if fast else None) or p.BVs
+    p.sg_opts = {"maxnreg": SG_MAXNREG} if (fast and SG_MAXNREG) else {}
+    p.dqk_opts = {"maxnreg": DQK_MAXNREG} if (fast and DQK_MAXNREG) else {}
     p.dqk_warps = (DQK_WARPS if fast else None) or p.warps
     p.BVq = (DQK_BLOCK_V if fast else None) or m["BV"]
     p.BVO = max(16, min(OUT_BLOCK_V, triton.next_power_of_2(p.V))) if OUT_BLOCK_V else m["BV"]
@@ -491,11 +501,12 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
     dh0 = common.poison(q.new_empty((p.N, p.H, p.K, p.V), **f32))
     dvn = common.poison(do.new_empty((TOK, p.H, p.V), dtype=p.wdtype))
     if p.sg_delta:
-        _state_grad_delta_kernel[(triton.cdiv(p.V, p.BVs), p.N * p.H)](
+        _state_grad_delta_kernel[(triton.cdiv(p.V, p.BVg), p.N * p.H)](
             q, k, w, do, gg, dvl, d if dht is None else dht, dh, dh0, dvn, cu, co,
             p.T, p.H, p.HQ, p.K, p.V, float(scale), GATE=p.gate, HAS_DHT=dht is not None,
-            IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=p.BVs, DT=m["DT"], IEEE=m["IEEE"],
-            L2NORM=l2, WF32=p.scan_wf32, FUSE_DV=p.sg_fuse, num_warps=p.sg_warps, num_stages=2)
+            IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=p.BVg, DT=m["DT"], IEEE=m["IEEE"],
+            L2NORM=l2, WF32=p.scan_wf32, FUSE_DV=p.sg_fuse, num_warps=p.sg_warps, num_stages=2,
+            **p.sg_opts)
     else:
         _state_grad_kernel[(1, triton.cdiv(p.V, p.BVs), p.N * p.H)](
             q, do, gg, d, d, d if dht is None else dht, dh, dh0, cu, co,
@@ -512,7 +523,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
             q, k, vn, do, gg, h, dh, dq, dke, dge, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
             float(scale), GATE=p.gate, L2NORM=l2, IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"],
             BV=p.BVq, DT=m["DT"], IEEE=m["IEEE"], GR=p.H // p.HQ, num_warps=p.dqk_warps,
-            num_stages=3)
+            num_stages=3, **p.dqk_opts)
     else:
         _dqk_kernel[(p.NCH, p.HQ)](
             q, k, vn, do, gg, d, d, h, dh, dq, dke, dge, ct, cu,
