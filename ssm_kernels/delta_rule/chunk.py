@@ -95,6 +95,7 @@ SG_FUSE_DV = False
 # program fits 128 registers at 8 warps (SG_MAXNREG=128)
 SG_WARPS = None
 SG_BLOCK_V = None
+SG_STAGES = 2
 # register caps (ptxas maxnreg) of the two delta-only backward kernels (None: no cap); 128 at 8
 # warps = 2 programs per SM
 SG_MAXNREG = None
@@ -505,7 +506,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
             q, k, w, do, gg, dvl, d if dht is None else dht, dh, dh0, dvn, cu, co,
             p.T, p.H, p.HQ, p.K, p.V, float(scale), GATE=p.gate, HAS_DHT=dht is not None,
             IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=p.BVg, DT=m["DT"], IEEE=m["IEEE"],
-            L2NORM=l2, WF32=p.scan_wf32, FUSE_DV=p.sg_fuse, num_warps=p.sg_warps, num_stages=2,
+            L2NORM=l2, WF32=p.scan_wf32, FUSE_DV=p.sg_fuse, num_warps=p.sg_warps, num_stages=SG_STAGES,
             **p.sg_opts)
     else:
         _state_grad_kernel[(1, triton.cdiv(p.V, p.BVs), p.N * p.H)](
