@@ -2,7 +2,7 @@
 so GR = 1; with and without the in-kernel L2 norm) under knob settings of delta_rule/chunk.py:
 
     PYTHONPATH=$PWD python bench/sm90_delta_bwd.py [--knobs "DQK_DELTA=True,SG_DELTA=True"]
-        [--sass DIR] [--only TEXT]
+        [--sass DIR] [--only TEXT] [--ops delta_main,delta_rule]
 
 Reuses bench/sm90_audit.py (compile through its stub driver, never launch; no GPU needed).
 """
@@ -44,7 +44,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--knobs", default="", help="KNOB=VALUE,... of delta_rule/chunk.py")
     ap.add_argument("--sass", metavar="DIR")
+    ap.add_argument("--ir", metavar="DIR", help="write each kernel's TTGIR and PTX there")
     ap.add_argument("--only", default="")
+    ap.add_argument("--ops", default="delta_main",
+                    help="delta_main (this file's cases) and/or delta_rule (sm90_audit's, GVA)")
     args = ap.parse_args()
     from ssm_kernels.delta_rule import chunk as wy
     for kv in filter(None, args.knobs.split(",")):
@@ -53,9 +56,18 @@ def main():
             raise SystemExit(f"no knob {kk!r} in delta_rule/chunk.py")
         setattr(wy, kk.strip(), eval(vv))   # noqa: S307 (Python literals)
     au.FAMILIES["delta_main"] = main_shape_cases
-    argv = ["--ops", "delta_main"] + (["--sass", args.sass] if args.sass else []) + (
+    argv = ["--ops", args.ops] + (["--sass", args.sass] if args.sass else []) + (
         ["--only", args.only] if args.only else [])
-    return au.main(argv)
+    rc = au.main(argv)
+    if args.ir:
+        os.makedirs(args.ir, exist_ok=True)
+        for rec in au.compiled.values():
+            for kind in ("ttgir", "ptx"):
+                text = rec["kernel"].asm.get(kind)
+                if text:
+                    with open(os.path.join(args.ir, f"{rec['name']}.{kind}"), "w") as f:
+                        f.write(text if isinstance(text, str) else text.decode())
+    return rc
 
 
 if __name__ == "__main__":

@@ -486,6 +486,27 @@ def test_triton_chunk_bwd_delta_plain(backend, gated, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", TRITON)
+def test_triton_chunk_bwd_delta_kds_x2_bf16(backend, monkeypatch):
+    """SG_KDS_X2 (bf16 only: k dS as two bf16 dots on dS's hi and lo parts) with the other
+    delta-only backward kernels, bf16 varlen GVA with the in-kernel L2 norm (BT=32: the
+    interpreter's bf16 tensor-core dots at the GPU's BT=64 path are broken, see common.mm):
+    every gradient within the bf16 bound."""
+    from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
+    for name in ("DQK_DELTA", "SG_DELTA", "SG_FUSE_DV", "SG_KDS_X2"):
+        monkeypatch.setattr(wy, name, True)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    d = lambda x: x.double()
+    names = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    case = (True, True, 1, 70, 1, 2, 16, 16, [0, 33, 70])
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(*case, dtype=torch.bfloat16)
+    out = _chunk_run(_kernel_fn(True, backend), q, k, v, g, beta, h0, cu, True, cots)
+    ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), cu, True, cots)
+    low = _chunk_run(_ref_fn, q, k, v, g, beta, h0, cu, True, cots)
+    _judge_chunk(out, ref, low, names, torch.bfloat16, F.normalize(q.double(), dim=-1, eps=0))
+
+
+@pytest.mark.parametrize("backend", TRITON)
 def test_triton_chunk_out_block_v(backend, monkeypatch):
     """OUT_BLOCK_V=128 (the output stage and the backward's dV' in one V tile, masked at V=80; the
     default tiles it by 64): every gradient within the float16 bound."""

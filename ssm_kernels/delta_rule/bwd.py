@@ -29,7 +29,9 @@ q and k stay in the input dtype (decays and L2 norms become row scales of the [B
 float32 [BT, K] copies). FUSE_DV (SG_FUSE_DV): dV'_local = causal(k q^T r_k r_q e^(G_i - G_j))^T
 scale dO is formed here from the q, k the scan loads anyway (it does not depend on dS, so it is off
 the serial chain), instead of by `_dv_kernel` (its launch, q and k re-read, and the float32 dvl
-written and read back: ~0.6 GB at B4 T4096 H16).
+written and read back: ~0.6 GB at B4 T4096 H16). KDS_X2 (SG_KDS_X2, bf16 inputs): k dS as two
+bf16 dots against dS's hi and lo parts (k stays in shared memory; tf32 made it a [BT, K] float32
+register operand: 64 registers per thread).
 """
 from __future__ import annotations
 
@@ -159,7 +161,7 @@ def _state_grad_delta_kernel(
     co_ptr, T, H, HQ, K, V, scale,
     GATE: tl.constexpr, HAS_DHT: tl.constexpr, IS_VARLEN: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
-    L2NORM: tl.constexpr, WF32: tl.constexpr, FUSE_DV: tl.constexpr,
+    L2NORM: tl.constexpr, WF32: tl.constexpr, FUSE_DV: tl.constexpr, KDS_X2: tl.constexpr = False,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -200,7 +202,15 @@ def _state_grad_delta_kernel(
             b_dvn = mm(causal_decay_t(At, G, o_t, GATE) * scale, b_do, DT, IEEE)
         else:
             b_dvn = load_rows(dvl_ptr, row, m_t, o_v, m_v, V)
-        b_dvn += mm_wy(b_k, dS, WF32, DT, IEEE) * sk[:, None]
+        if KDS_X2:
+            # k dS as two 16-bit dots against dS = hi + lo (both rounded to DT): k (exact in DT)
+            # stays a shared-memory operand instead of a float32 register tile, and the split
+            # keeps ~16 bits of dS (tf32: 11)
+            dS_hi = dS.to(DT)
+            kd = mm(b_k, dS_hi, DT, IEEE) + mm(b_k, (dS - dS_hi.to(tl.float32)).to(DT), DT, IEEE)
+        else:
+            kd = mm_wy(b_k, dS, WF32, DT, IEEE)
+        b_dvn += kd * sk[:, None]
         tl.store(dvn_ptr + row[:, None] * V + o_v[None, :], b_dvn.to(dvn_ptr.dtype.element_ty),
                  mask=m_tv)
         b_w = tl.load(w_ptr + row[:, None] * K + o_k[None, :], mask=m_tk, other=0.)

@@ -96,6 +96,9 @@ SG_FUSE_DV = False
 SG_WARPS = None
 SG_BLOCK_V = None
 SG_STAGES = 2
+# bf16 inputs: that scan's k dS as two bf16 dots against dS = hi + lo (k a shared-memory operand,
+# not a float32 register tile; ~16 bits of dS kept, tf32 keeps 11)
+SG_KDS_X2 = False
 # register caps (ptxas maxnreg) of the two delta-only backward kernels (None: no cap); 128 at 8
 # warps = 2 programs per SM
 SG_MAXNREG = None
@@ -506,7 +509,9 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
             q, k, w, do, gg, dvl, d if dht is None else dht, dh, dh0, dvn, cu, co,
             p.T, p.H, p.HQ, p.K, p.V, float(scale), GATE=p.gate, HAS_DHT=dht is not None,
             IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=p.BVg, DT=m["DT"], IEEE=m["IEEE"],
-            L2NORM=l2, WF32=p.scan_wf32, FUSE_DV=p.sg_fuse, num_warps=p.sg_warps, num_stages=SG_STAGES,
+            L2NORM=l2, WF32=p.scan_wf32, FUSE_DV=p.sg_fuse,
+            KDS_X2=SG_KDS_X2 and q.dtype == torch.bfloat16 and p.scan_wf32 == 1,
+            num_warps=p.sg_warps, num_stages=SG_STAGES,
             **p.sg_opts)
     else:
         _state_grad_kernel[(1, triton.cdiv(p.V, p.BVs), p.N * p.H)](
