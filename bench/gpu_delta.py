@@ -78,16 +78,16 @@ DEFAULT_VARIANTS = (   # most telling first: the budget may cut the tail
 # the backward's delta-only kernels (bench/NOTES.md, "Delta rule backward (issue 12), helper
 # deltabwd"): VARIANTS=@bwd; each variant's fwd+bwd kernels are profiled (VARIANT_EXTRA)
 BWD_VARIANTS = (
-    "bwd-all:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True;"
-    "bwd-all-lean:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,WY_LEAN=True;"
+    "bwd-all:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True;"
     "dqk:DQK_DELTA=True;"
-    "sg:SG_DELTA=True;"
     "sg-fuse:SG_DELTA=True,SG_FUSE_DV=True;"
-    "sg-fuse-bv32-r128:SG_DELTA=True,SG_FUSE_DV=True,SG_BLOCK_V=32,SG_MAXNREG=128;"
+    "sg-fuse-x2:SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True;"
+    "sg:SG_DELTA=True;"
+    "bwd-all-lean:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,WY_LEAN=True;"
     "dqk-r128:DQK_DELTA=True,DQK_MAXNREG=128;"
-    "bwd-all-split-bf16st-ov128:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,WY_SPLIT=True,"
-    "WY_LEAN=True,WY_WARPS=4,WU_FLOAT32=False,WU_TF32_PRODUCTS=True,SCAN_TF32=True,"
-    "OUT_BLOCK_V=128")
+    "bwd-all-split-bf16st-ov128:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,"
+    "WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,WU_FLOAT32=False,WU_TF32_PRODUCTS=True,"
+    "SCAN_TF32=True,OUT_BLOCK_V=128")
 # per variant, besides its check and gated fwd / fwd+bwd: "ungated" (chunk_delta_rule, against
 # fla's fwd+bwd), "profile" (every kernel of its gated fwd+bwd), "stages" (its forward stages);
 # unset: ungated and profile for the first variant only, stages for every one
@@ -407,8 +407,11 @@ def main():
                       + ("" if good else " CHECK FAILED"), ours("chunk_gated_delta_rule", l2=False),
                       make)
                 if "ungated" in extra:   # against fla's full fwd+bwd (ungated: it runs)
-                    bench("chunk_delta_rule", case, f"ssm_kernels [{name}]",
-                          ours("chunk_delta_rule", l2=False), mk0)
+                    good0 = check("chunk_delta_rule", B=1, T=1024, H=2, HV=4,
+                                  label=f" [{name}]")
+                    bench("chunk_delta_rule", case, f"ssm_kernels [{name}]"
+                          + ("" if good0 else " CHECK FAILED"), ours("chunk_delta_rule", l2=False),
+                          mk0)
                 if "profile" in extra:   # its kernels (the backward's split)
                     try:
                         kernel_profile(f"ours [{name}]", ours("chunk_gated_delta_rule", False),
