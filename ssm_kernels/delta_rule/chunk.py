@@ -100,9 +100,12 @@ SG_STAGES = 2
 # not a float32 register tile; ~16 bits of dS kept, tf32 keeps 11)
 SG_KDS_X2 = False
 # register caps (ptxas maxnreg) of the two delta-only backward kernels (None: no cap); 128 at 8
-# warps = 2 programs per SM
+# warps = 2 programs per SM (if shared memory allows: DQK_STAGES=2). DQK_MAXNREG acts on the
+# ungated kernel only (sm_90, K=V=128, no L2 norm: 138 registers uncapped, 128 without spills;
+# the gated one spills 576 B at 128)
 SG_MAXNREG = None
 DQK_MAXNREG = None
+DQK_STAGES = 3
 
 
 @triton.jit
@@ -401,7 +404,7 @@ def _plan(q, v, g, cu_seqlens):
     p.sg_warps = (SG_WARPS if fast else None) or p.warps
     p.BVg = (SG_BLOCK_V if fast else None) or p.BVs
     p.sg_opts = {"maxnreg": SG_MAXNREG} if (fast and SG_MAXNREG) else {}
-    p.dqk_opts = {"maxnreg": DQK_MAXNREG} if (fast and DQK_MAXNREG) else {}
+    p.dqk_opts = {"maxnreg": DQK_MAXNREG} if (fast and DQK_MAXNREG and not p.gate) else {}
     p.dqk_warps = (DQK_WARPS if fast else None) or p.warps
     p.BVq = (DQK_BLOCK_V if fast else None) or m["BV"]
     p.BVO = max(16, min(OUT_BLOCK_V, triton.next_power_of_2(p.V))) if OUT_BLOCK_V else m["BV"]
@@ -529,7 +532,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
             q, k, vn, do, gg, h, dh, dq, dke, dge, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
             float(scale), GATE=p.gate, L2NORM=l2, IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"],
             BV=p.BVq, DT=m["DT"], IEEE=m["IEEE"], GR=p.H // p.HQ, num_warps=p.dqk_warps,
-            num_stages=3, **p.dqk_opts)
+            num_stages=DQK_STAGES, **p.dqk_opts)
     else:
         _dqk_kernel[(p.NCH, p.HQ)](
             q, k, vn, do, gg, d, d, h, dh, dq, dke, dge, ct, cu,
