@@ -79,11 +79,12 @@ DEFAULT_VARIANTS = (   # most telling first: the budget may cut the tail
 # deltabwd"): VARIANTS=@bwd; each variant's fwd+bwd kernels are profiled (VARIANT_EXTRA)
 BWD_VARIANTS = (
     "bwd-all:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,DQK_MAXNREG=128,"
-    "DQK_STAGES=2;"
+    "DQK_STAGES=2,WY_BWD_LEAN=True;"
     "dqk:DQK_DELTA=True;"
     "sg-fuse:SG_DELTA=True,SG_FUSE_DV=True;"
     "sg-fuse-x2:SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True;"
     "sg:SG_DELTA=True;"
+    "wybwd-lean:WY_BWD_LEAN=True;"
     "bwd-all-lean:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,WY_LEAN=True;"
     "dqk-r128:DQK_DELTA=True,DQK_MAXNREG=128,DQK_STAGES=2;"
     "bwd-all-split-bf16st-ov128:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,"

@@ -432,7 +432,8 @@ def test_triton_chunk_gpu_tiles_fp16(backend, inverse_dots, monkeypatch):
 WY_VARIANTS = {"lean": dict(WY_LEAN=True), "split": dict(WY_SPLIT=True),
                "split-lean-bf16wu": dict(WY_SPLIT=True, WY_LEAN=True, WU_FLOAT32=False),
                "dqk-delta": dict(DQK_DELTA=True), "sg-delta": dict(SG_DELTA=True),
-               "bwd-delta": dict(DQK_DELTA=True, SG_DELTA=True, SG_FUSE_DV=True)}
+               "bwd-delta": dict(DQK_DELTA=True, SG_DELTA=True, SG_FUSE_DV=True,
+                                 WY_BWD_LEAN=True)}
 
 
 @pytest.mark.parametrize("backend", TRITON)
@@ -470,7 +471,7 @@ def test_triton_chunk_bwd_delta_plain(backend, gated, monkeypatch):
     K != V, initial state: every gradient within the float16 bound."""
     from ssm_kernels.chunk import common
     from ssm_kernels.delta_rule import chunk as wy
-    for name in ("DQK_DELTA", "SG_DELTA", "SG_FUSE_DV"):
+    for name in ("DQK_DELTA", "SG_DELTA", "SG_FUSE_DV", "WY_BWD_LEAN"):
         monkeypatch.setattr(wy, name, True)
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
     monkeypatch.setattr(common, "triton_interpret", lambda: False)

@@ -82,6 +82,8 @@ OUT_BLOCK_V = None
 # loaded in the input dtype after the V loop, the L2 norm as scales of the score tile, the
 # group's value heads unrolled) instead of the engine's `_dqk_kernel` (16-bit inputs)
 DQK_DELTA = False
+# the WY backward's LEAN form alone (WY_LEAN without its forward part: sm_90 spills 1.3 KB -> 0)
+WY_BWD_LEAN = False
 # warps and V tile of that kernel (None: 8 at K >= 128, else 4; the engine's BLOCK_V)
 DQK_WARPS = None
 DQK_BLOCK_V = None
@@ -396,6 +398,7 @@ def _plan(q, v, g, cu_seqlens):
     # 15 KB there (the correctness path, not the fast one)
     fast = q.dtype != torch.float32
     p.lean, p.split = WY_LEAN and fast, WY_SPLIT and fast
+    p.lean_bwd = (WY_LEAN or WY_BWD_LEAN) and fast
     p.wy_warps = (WY_WARPS if fast else None) or p.warps
     p.state_warps = (STATE_WARPS if fast else None) or p.warps
     p.dqk_delta = DQK_DELTA and fast
@@ -548,7 +551,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
         k, v, gg, beta, tm, h, dvn, dke, dge, dk, dv, dbeta, d if dg is None else dg, ct, cu,
         p.T, p.NT, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, L2NORM=l2, WF32=min(p.wf32, 1), IS_VARLEN=p.varlen, BT=p.BT,
-        BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], LEAN=p.lean,
-        GR=p.H // p.HQ if p.lean else 1, num_warps=p.warps,
+        BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], LEAN=p.lean_bwd,
+        GR=p.H // p.HQ if p.lean_bwd else 1, num_warps=p.warps,
         num_stages=1)   # 3 stages of the V loops: 262 KB of shared memory at BT=64 (> 227 KB)
     return dq, dk, dv, dg, dbeta, dh0
