@@ -487,6 +487,31 @@ def test_triton_chunk_bwd_delta_plain(backend, gated, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", TRITON)
+def test_triton_chunk_bwd_delta_no_dht(backend, monkeypatch):
+    """The delta-only backward kernels with the final state unused (dht None: the scan starts
+    from zeros, the benchmark's case), gated, L2 norm, GVA, BT=64 tiles, float16."""
+    from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
+    for name in ("DQK_DELTA", "SG_DELTA", "SG_FUSE_DV", "WY_BWD_LEAN"):
+        monkeypatch.setattr(wy, name, True)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(common, "triton_interpret", lambda: False)
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(True, True, 1, 75, 1, 2, 16, 16, None,
+                                                   dtype=torch.float16)
+
+    def run(fn, *ins):
+        xs = [x.detach().clone().requires_grad_() for x in ins]
+        o, _ = fn(*xs, cu, True)
+        return [o] + list(torch.autograd.grad((o.double() * cots[0]).sum(), xs))
+    d = lambda x: x.double()
+    out = run(_kernel_fn(True, backend), q, k, v, g, beta, h0)
+    ref = run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0))
+    low = run(_ref_fn, q, k, v, g, beta, h0)
+    _judge_chunk(out, ref, low, ["o", "dq", "dk", "dv", "dg", "dbeta", "dh0"], torch.float16,
+                 F.normalize(q.double(), dim=-1, eps=0))
+
+
+@pytest.mark.parametrize("backend", TRITON)
 def test_triton_chunk_bwd_delta_kds_x2_bf16(backend, monkeypatch):
     """SG_KDS_X2 (bf16 only: k dS as two bf16 dots on dS's hi and lo parts) with the other
     delta-only backward kernels, bf16 varlen GVA with the in-kernel L2 norm (BT=32: the
