@@ -81,15 +81,16 @@ BWD_VARIANTS = (   # most telling first: the budget may cut the tail
     "bwd-all:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,DQK_MAXNREG=128,"
     "DQK_STAGES=2,WY_BWD_LEAN=True;"
     "bwd-all-split-bf16st-ov128:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,"
-    "DQK_MAXNREG=128,DQK_STAGES=2,WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,WU_FLOAT32=False,"
-    "WU_TF32_PRODUCTS=True,SCAN_TF32=True,OUT_BLOCK_V=128;"
+    "DQK_MAXNREG=128,DQK_STAGES=2,BWD_GRAD_16=True,WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,"
+    "WU_FLOAT32=False,WU_TF32_PRODUCTS=True,SCAN_TF32=True,OUT_BLOCK_V=128;"
     "dqk:DQK_DELTA=True;"
     "sg-fuse-x2:SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True;"
     "wybwd-lean:WY_BWD_LEAN=True;"
     "sg-fuse:SG_DELTA=True,SG_FUSE_DV=True;"
     "sg:SG_DELTA=True;"
     "dqk-r128:DQK_DELTA=True,DQK_MAXNREG=128,DQK_STAGES=2;"
-    "bwd-all-lean:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,WY_LEAN=True")
+    "bwd-all-g16:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,DQK_MAXNREG=128,"
+    "DQK_STAGES=2,WY_BWD_LEAN=True,BWD_GRAD_16=True")
 # per variant, besides its check and gated fwd / fwd+bwd: "ungated" (chunk_delta_rule, against
 # fla's fwd+bwd), "profile" (every kernel of its gated fwd+bwd), "stages" (its forward stages);
 # unset: ungated and profile for the first variant only, stages for every one

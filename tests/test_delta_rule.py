@@ -433,7 +433,8 @@ WY_VARIANTS = {"lean": dict(WY_LEAN=True), "split": dict(WY_SPLIT=True),
                "split-lean-bf16wu": dict(WY_SPLIT=True, WY_LEAN=True, WU_FLOAT32=False),
                "dqk-delta": dict(DQK_DELTA=True), "sg-delta": dict(SG_DELTA=True),
                "bwd-delta": dict(DQK_DELTA=True, SG_DELTA=True, SG_FUSE_DV=True,
-                                 WY_BWD_LEAN=True)}
+                                 WY_BWD_LEAN=True),
+               "bwd-grad16": dict(BWD_GRAD_16=True, DQK_DELTA=True, SG_DELTA=True)}
 
 
 @pytest.mark.parametrize("backend", TRITON)
@@ -519,7 +520,7 @@ def test_triton_chunk_bwd_delta_kds_x2_bf16(backend, monkeypatch):
     every gradient within the bf16 bound."""
     from ssm_kernels.chunk import common
     from ssm_kernels.delta_rule import chunk as wy
-    for name in ("DQK_DELTA", "SG_DELTA", "SG_FUSE_DV", "SG_KDS_X2"):
+    for name in ("DQK_DELTA", "SG_DELTA", "SG_FUSE_DV", "SG_KDS_X2", "BWD_GRAD_16"):
         monkeypatch.setattr(wy, name, True)
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
     d = lambda x: x.double()

@@ -82,6 +82,13 @@ OUT_BLOCK_V = None
 # loaded in the input dtype after the V loop, the L2 norm as scales of the score tile, the
 # group's value heads unrolled) instead of the engine's `_dqk_kernel` (16-bit inputs)
 DQK_DELTA = False
+# backward: dV' (written by the state-gradient scan, read twice by the WY backward) stored in
+# the input dtype instead of float32 (-0.20 GB at B4 T4096 H16; products stay tf32 or
+# fp32-accumulated); BWD_DKE_16 with it: the engine part of dk (written by the dq/dk stage, read
+# by the WY backward) too (-0.13 GB; bf16 interpreter: dk's error 0.70 -> 0.93 of its bound: it
+# cancels against the WY part)
+BWD_GRAD_16 = False
+BWD_DKE_16 = False
 # the WY backward's LEAN form alone (WY_LEAN without its forward part: sm_90 spills 1.3 KB -> 0)
 WY_BWD_LEAN = False
 # warps and V tile of that kernel (None: 8 at K >= 128, else 4; the engine's BLOCK_V)
@@ -399,6 +406,8 @@ def _plan(q, v, g, cu_seqlens):
     fast = q.dtype != torch.float32
     p.lean, p.split = WY_LEAN and fast, WY_SPLIT and fast
     p.lean_bwd = (WY_LEAN or WY_BWD_LEAN) and fast
+    p.g16 = BWD_GRAD_16 and fast
+    p.dke16 = p.g16 and BWD_DKE_16
     p.wy_warps = (WY_WARPS if fast else None) or p.warps
     p.state_warps = (STATE_WARPS if fast else None) or p.warps
     p.dqk_delta = DQK_DELTA and fast
@@ -509,7 +518,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
             num_warps=4 if p.BVO <= 64 else 8, **kw)
     dh = q.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
     dh0 = common.poison(q.new_empty((p.N, p.H, p.K, p.V), **f32))
-    dvn = common.poison(do.new_empty((TOK, p.H, p.V), dtype=p.wdtype))
+    dvn = common.poison(do.new_empty((TOK, p.H, p.V), dtype=q.dtype if p.g16 else p.wdtype))
     if p.sg_delta:
         _state_grad_delta_kernel[(triton.cdiv(p.V, p.BVg), p.N * p.H)](
             q, k, w, do, gg, dvl, d if dht is None else dht, dh, dh0, dvn, cu, co,
@@ -528,7 +537,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
             num_stages=1 if m["IEEE"] == 1 else 2, **kw)   # 3 stages: 262 KB smem at BT=64
     # dq (final), dk of the normalised k and dg through the output and state terms (v := V')
     dq = common.poison(torch.empty_like(q))
-    dke = common.poison(q.new_empty(q.shape, **f32))
+    dke = common.poison(q.new_empty(q.shape, dtype=q.dtype if p.dke16 else torch.float32))
     dge = common.poison(q.new_empty(v.shape[:3], **f32)) if g is not None else d
     if p.dqk_delta:
         _dqk_delta_kernel[(p.NCH, p.HQ)](
