@@ -9,6 +9,10 @@
    mamba_chunk_scan_combined (mamba_ssm source on PYTHONPATH), each peer in try/except.
    The first call of each of our ops (compile) is timed too.
 Prints the table last; writes CSV rows to $OUT/gpu_chunk.csv when $OUT is set.
+
+GLA_VARIANTS=1 python bench/gpu_chunk.py: chunk_gla only, every variant of GLA_VARIANT_LIST
+(ssm_kernels.chunk.gla knobs) checked (two gate strengths) and timed next to fla, plus the stages
+of the tree and the session-4 kernels (~200 s).
 """
 from __future__ import annotations
 
@@ -55,14 +59,14 @@ def log(*a):
 
 # ---- inputs ----------------------------------------------------------------------------------
 
-def la_inputs(B, T, H, K, V, gate, dtype=BF, req=False):
+def la_inputs(B, T, H, K, V, gate, dtype=BF, req=False, gdiv=16):
     q, k = (torch.randn(2, B, T, H, K, device=DEV) * K ** -0.25).to(dtype).unbind(0)
     v = torch.randn(B, T, H, V, device=DEV).to(dtype)
     g = None
     if gate == "scalar":
-        g = F.logsigmoid(torch.randn(B, T, H, device=DEV)) / 16
+        g = F.logsigmoid(torch.randn(B, T, H, device=DEV)) / gdiv
     elif gate == "gla":
-        g = F.logsigmoid(torch.randn(B, T, H, K, device=DEV)) / 16
+        g = F.logsigmoid(torch.randn(B, T, H, K, device=DEV)) / gdiv
     xs = [q, k, v, g]
     if req:
         xs = [None if x is None else x.requires_grad_() for x in xs]
@@ -148,9 +152,9 @@ def judge(label, names, got, ref, lowp):
     return ok
 
 
-def check_la(op, B=2, T=2048, H=4, K=128, V=128, cu=None):
+def check_la(op, B=2, T=2048, H=4, K=128, V=128, cu=None, gdiv=16, tag=""):
     gate = GATE[op]
-    q, k, v, g = la_inputs(B, T, H, K, V, gate)
+    q, k, v, g = la_inputs(B, T, H, K, V, gate, gdiv=gdiv)
     N = B if cu is None else cu.numel() - 1
     h0 = torch.randn(N, H, K, V, device=DEV)
     gam = -torch.rand(H, device=DEV) * 0.1 if op == "chunk_simple_gla" else None
@@ -175,7 +179,7 @@ def check_la(op, B=2, T=2048, H=4, K=128, V=128, cu=None):
     r = grads_of(ref, [None if x is None else x.double() for x in ins], cots)
     lp = grads_of(ref, ins, cots)         # the same reference fed the bf16 inputs
     names = ["o", "ht", "dq", "dk", "dv"] + (["dg"] if g is not None else []) + ["dh0"]
-    return judge(f"{op}{' varlen' if cu is not None else ''}", names, got, r, lp)
+    return judge(f"{op}{' varlen' if cu is not None else ''}{tag}", names, got, r, lp)
 
 
 def check_ssd(B=2, L=2048, H=8, P=64, G=2, N=128, cu=None):
@@ -204,10 +208,9 @@ def check_ssd(B=2, L=2048, H=8, P=64, G=2, N=128, cu=None):
     return judge(f"ssd{' varlen' if cu is not None else ''}", names, got, r, lp)
 
 
-def gla_stage_times(B=4, T=4096, H=16, K=128, V=128):
-    """chunk_gla's stages timed one by one (the per-stage predictions in bench/NOTES.md): cumsum,
-    chunk states, intra-chunk scores, the dq/dk/dg stage, and by difference the output stage
-    (forward minus the three before it) and state gradients + dv (backward minus the rest)."""
+def _gla_stage_setup(B, T, H, K, V):
+    """Inputs of one chunk_gla stage timing: (modules bwd, fwd, gla, q, k, v, g, do, scale, plan,
+    Gc, states h, a random dh, a median-ms timer)."""
     from ssm_kernels.chunk import bwd as cb, fwd as cf, gla as cg
     q, k, v, g = la_inputs(B, T, H, K, V, "gla")
     do = torch.randn_like(v)
@@ -215,8 +218,15 @@ def gla_stage_times(B=4, T=4096, H=16, K=128, V=128):
     p = cf.Plan(q, v, g, None, False)
     gc = cg.chunk_cumsum(p, g)
     h, _ = cf.chunk_states(p, k, v, gc, None, None, None)
-    dh = torch.randn_like(h)
-    bench_ms = lambda f: do_bench(f, warmup=10, rep=40, return_mode="median")  # noqa: E731
+    bm = lambda f: do_bench(f, warmup=10, rep=40, return_mode="median")  # noqa: E731
+    return cb, cf, cg, q, k, v, g, do, scale, p, gc, h, torch.randn_like(h), bm
+
+
+def gla_stage_times(B=4, T=4096, H=16, K=128, V=128):
+    """chunk_gla's stages timed one by one (the per-stage predictions in bench/NOTES.md): cumsum,
+    chunk states, intra-chunk scores, the dq/dk/dg stage, and by difference the output stage
+    (forward minus the three before it) and state gradients + dv (backward minus the rest)."""
+    cb, cf, cg, q, k, v, g, do, scale, p, gc, h, dh, bench_ms = _gla_stage_setup(B, T, H, K, V)
     t = {"cumsum": bench_ms(lambda: cg.chunk_cumsum(p, g)),
          "states": bench_ms(lambda: cf.chunk_states(p, k, v, gc, None, None, None)),
          "intra": bench_ms(lambda: cg.intra_scores(p, q, k, gc, scale)),
@@ -358,7 +368,8 @@ def main():
         torch.cuda.empty_cache()
     try:
         if want("chunk_gla"):
-            gla_stage_times()
+            from ssm_kernels.chunk import gla as _gla
+            gla_tree_stage_times() if _gla.TREE else gla_stage_times()
     except Exception:  # noqa: BLE001
         traceback.print_exc()
     torch.cuda.empty_cache()
@@ -427,6 +438,117 @@ def sweep_section(case, make, ours):
         torch.cuda.empty_cache()
 
 
+# ---- chunk_gla variants (GLA_VARIANTS=1): one process, correctness + timing of every variant ----
+# (label, {module: {knob: value}}); "gla" = ssm_kernels.chunk.gla, "common" = ssm_kernels.chunk.common
+GLA_VARIANT_LIST = [
+    ("tree+fused (default)", {}),
+    ("tree, unfused fwd", {"gla": dict(FUSED_FWD=False)}),
+    ("tree, no split launches", {"gla": dict(TREE_SPLIT=False)}),
+    ("tree, dqk maxnreg off", {"gla": dict(TREE_DQK_MAXNREG=None)}),
+    ("tree, fwd maxnreg 128", {"gla": dict(TREE_FWD_MAXNREG=128)}),
+    ("tree, fwd BV=64", {"common": dict(GLA_BLOCK_V=64)}),
+    ("tree, fwd BV=64 maxnreg 128", {"common": dict(GLA_BLOCK_V=64), "gla": dict(TREE_FWD_MAXNREG=128)}),
+    ("tree only (FAST_SPAN=-1)", {"gla": dict(FAST_SPAN=-1.0)}),
+    ("tree dqk BK=64", {"gla": dict(TREE_DQK_BLOCK_K=64)}),
+    ("tree fwd BK=64", {"gla": dict(TREE_BLOCK_K=64)}),
+    ("tree stages=2", {"gla": dict(TREE_STAGES=2)}),
+    ("tree, fused bwd (spills)", {"gla": dict(FUSED_BWD=True)}),
+    ("sub-chunk kernels (session 4)", {"gla": dict(TREE=False)}),
+]
+
+
+class knobs_set:
+    """Context manager: set chunk.gla / chunk.common knobs, restore on exit."""
+    def __init__(self, kn):
+        from ssm_kernels.chunk import common, gla
+        self.mods = {"gla": gla, "common": common}
+        self.kn, self.saved = kn, []
+
+    def __enter__(self):
+        for mod, d in self.kn.items():
+            for k, v in d.items():
+                self.saved.append((self.mods[mod], k, getattr(self.mods[mod], k)))
+                setattr(self.mods[mod], k, v)
+
+    def __exit__(self, *a):
+        for m, k, v in reversed(self.saved):
+            setattr(m, k, v)
+
+
+def gla_tree_stage_times(B=4, T=4096, H=16, K=128, V=128, label="tree"):
+    """The tree variant's stages one by one (NOTES predictions): cumsum, states, fused scores+output,
+    scores alone (the backward's), dq/dk/dg, and state_grad + dv by difference."""
+    cb, cf, cg, q, k, v, g, do, scale, p, gc, h, dh, bm = _gla_stage_setup(B, T, H, K, V)
+    t = {"cumsum": bm(lambda: cg.chunk_cumsum(p, g)),
+         "states": bm(lambda: cf.chunk_states(p, k, v, gc, None, None, None)),
+         "scores+output (fused)": bm(lambda: cg.fwd_output(p, q, k, v, gc, h, scale)),
+         "scores (intra)": bm(lambda: cg.intra_scores(p, q, k, gc, scale)),
+         "fwd total": bm(lambda: cf.chunk_fwd(q, k, v, g, None, None, scale)),
+         "dqkg": bm(lambda: cg.dqkg(p, q, k, v, do, gc, h, dh, scale)),
+         "bwd total": bm(lambda: cb.chunk_bwd(q, k, v, g, None, None, scale, do, None))}
+    t["state_grad + dv (bwd - the others)"] = (t["bwd total"] - t["cumsum"] - t["states"]
+                                              - t["scores (intra)"] - t["dqkg"])
+    case = f"B{B} T{T} H{H} K=V={K}"
+    for name, ms in t.items():
+        ROWS.append((f"gla stage {label}", case, name, "fwd", ms, "one stage"))
+        log(f"gla stage {label} {case} {name:36s} {ms:8.3f} ms")
+
+
+def main_gla_variants():
+    """GLA_VARIANTS=1: correctness of every variant (B2 T2048 H4 K=V=128 bf16, gates
+    logsigmoid/16 as in the timing, and logsigmoid/1: chunk spans ~70 log2, so the tree path),
+    then fwd / fwd+bwd at B4 T4096 H16 K=V=128 for each variant and fla, the tree's stages and the
+    session-4 stages, and B2 T16384 default vs fla. About 200 s on an H100."""
+    torch.manual_seed(0)
+    log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    ok = True
+    # GLA_CHECK=0: check the default variant only (saves ~1 min)
+    checked = GLA_VARIANT_LIST if os.environ.get("GLA_CHECK", "1") == "1" else GLA_VARIANT_LIST[:1]
+    for label, kn in checked:
+        with knobs_set(kn):
+            for gdiv in (16, 1):
+                try:
+                    ok &= check_la("chunk_gla", gdiv=gdiv, tag=f" [{label}] g/{gdiv}")
+                except Exception:  # noqa: BLE001
+                    traceback.print_exc()
+                    ok = False
+    try:
+        cu = torch.tensor([0, 1, 700, 700, 1500, 2047], device=DEV, dtype=torch.int32)
+        ok &= check_la("chunk_gla", B=1, T=2047, cu=cu, gdiv=4, tag=" [default] g/4")
+        ok &= check_la("chunk_gla", B=2, T=1000, H=4, K=64, V=64, tag=" [default] K64")
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        ok = False
+    log("CORRECTNESS:", "all ok" if ok else "FAILURES above")
+    fla = fla_ops()
+    B, T, H, K, V = 4, 4096, 16, 128, 128
+    case = f"B{B} T{T} H{H} K=V={K}"
+    make = lambda req: la_inputs(B, T, H, K, V, "gla", req=req)  # noqa: E731
+    if "chunk_gla" in fla:
+        bench("chunk_gla", case, "fla", fla["chunk_gla"], make)
+    for label, kn in GLA_VARIANT_LIST:
+        with knobs_set(kn):
+            bench("chunk_gla", case, "ours " + label, OURS["chunk_gla"], make)
+        torch.cuda.empty_cache()
+    for label, kn in (("tree", {}), ("sub-chunk", {"gla": dict(TREE=False)})):
+        with knobs_set(kn):
+            try:
+                if label == "tree":
+                    gla_tree_stage_times()
+                else:
+                    gla_stage_times()
+            except Exception:  # noqa: BLE001
+                traceback.print_exc()
+        torch.cuda.empty_cache()
+    B, T = 2, 16384
+    case = f"B{B} T{T} H{H} K=V={K}"
+    make = lambda req: la_inputs(B, T, H, K, V, "gla", req=req)  # noqa: E731
+    bench("chunk_gla", case, "ours default", OURS["chunk_gla"], make)
+    if "chunk_gla" in fla:
+        bench("chunk_gla", case, "fla", fla["chunk_gla"], make)
+    print_table(ok, title="chunk_gla variants")
+
+
 def print_table(ok, rows=None, title="chunked engine", csv_name="gpu_chunk.csv", extra=""):
     """The table, last (fwd and fwd+bwd side by side per (section, case, impl)), and the CSV under
     $OUT; gpu_delta.py prints its rows through this too."""
@@ -452,4 +574,7 @@ def print_table(ok, rows=None, title="chunked engine", csv_name="gpu_chunk.csv",
                 w.writerow(list(r) + [dev, torch.__version__, triton.__version__])
 
 if __name__ == "__main__":
-    main()
+    if os.environ.get("GLA_VARIANTS", "0") == "1":
+        main_gla_variants()
+    else:
+        main()

@@ -18,6 +18,10 @@ issue 11).
     (do_bench median); the backward op alone (monarch16 / cuFFT); fwd+bwd with MONARCH16 on
     (monarch16 backward), with MONARCH16_BWD_CUFFT (cuFFT backward), all-cuFFT and torch; GB/s
     of the forward against the minimal bytes (u, gates, y once); first call of a fresh shape.
+(d) PARTS=d only (not in the default abc): the DEFAULT path (no flags) checked through autograd vs
+    float64 (bf16 gates off / on, fp16, fp32 gates off / on; L = 1024 / 2048 / 4096) and timed
+    against torch at B=8 H=768: fwd, f+b as do_bench, host time per call, GPU kernel time per call
+    (torch.profiler) and kernels per call, CUDA-graph replay (~200 s with its compiles).
 Exit status 1 if any check fails. The table is printed last. PARTS=ab / PARTS=c (default abc)
 runs only those sections (to stay under a 10-minute limit: the backward added ~3 minutes).
 FFT_BENCH_SMOKE=1: the same code on the CPU (Triton interpreter) at toy sizes (a dry run).
@@ -219,6 +223,174 @@ def time_bwd(path, ins, dy):
         return float("nan")
 
 
+# ---- (d) the defaults (no flags), where the f+b time goes, fp32 --------------------------------
+
+def check_default(B, H, L, dtype, gates):
+    """The default path (no FORCE_PATH, no flags) through autograd vs float64: every output."""
+    ins = make(B, H, L, dtype, gates=gates, seed=11)
+    cot = torch.randn(B, H, L, device=DEV, dtype=torch.float64)
+    out = fwd_bwd(sk.fft_conv, ins, cot, backend="triton")
+    hi = fwd_bwd(fft_conv_ref, [None if x is None else x.double() for x in ins], cot)
+    lowp = fwd_bwd(fft_conv_ref, ins, cot.to(dtype)) if dtype != torch.float32 else [None] * 6
+    worst = 0.0
+    for i, name in enumerate(G.NAMES):
+        if hi[i] is None:
+            continue
+        v = compare(f"default {str(dtype)[6:]} B={B} H={H} L={L} gates={int(gates)} {name}",
+                    out[i], hi[i], dtype, lowp[i])
+        worst = max(worst, v.err / v.bound)
+        if not v.ok:
+            fail(str(v))
+    log(f"  default-path check {str(dtype)[6:]} L={L} gates={int(gates)}: worst err/bound {worst:.2f}")
+    return worst
+
+
+def host_ms(fn, calls=30):
+    """Host time per call: the Python / dispatch / launch cost, timed without synchronising (the
+    GPU lags behind; the queue of ~300 launches does not fill)."""
+    if SMOKE:
+        return bench(fn)
+    fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t = time.perf_counter() - t
+    sync()
+    return t / calls * 1e3
+
+
+def gpu_ms(fn, calls=5):
+    """(GPU busy time per call = the sum of its kernels' durations, kernels per call), from
+    torch.profiler: what the call costs the GPU when the host keeps up."""
+    if SMOKE:
+        return float("nan"), float("nan")
+    from torch.autograd import DeviceType
+    try:
+        fn()
+        sync()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            sync()
+        ev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        return sum(e.time_range.elapsed_us() for e in ev) / calls / 1e3, len(ev) / calls
+    except Exception as e:  # noqa: BLE001
+        log(f"  profiler: {type(e).__name__}: {str(e)[:160]}")
+        return float("nan"), float("nan")
+
+
+def graph_ms(fn):
+    """do_bench of a CUDA-graph replay of fn (no host cost: the GPU floor of the eager call). The
+    filter-spectrum cache does not store under capture, so the graph recomputes the filter's
+    spectrum on every replay (a small extra)."""
+    if SMOKE:
+        return float("nan")
+    try:
+        st = torch.cuda.Stream()
+        st.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(st):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(st)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        ms = bench(g.replay)
+        del g
+        return ms
+    except Exception as e:  # noqa: BLE001
+        log(f"  graph capture: {type(e).__name__}: {str(e)[:160]}")
+        return float("nan")
+
+
+def time_default(B, H, L, dtype, gates):
+    """Default path vs torch rfft conv: fwd; f+b as do_bench, host time, GPU kernel time (and
+    kernels per call), CUDA-graph replay."""
+    ins = make(B, H, L, dtype, gates=gates)
+    dy = torch.randn(B, H, L, device=DEV).to(dtype)
+    insg = [None if x is None else x.detach().requires_grad_() for x in ins]
+    live = [x for x in insg if x is not None]
+    r = {"path": f"{fi.triton_path('fwd', ins[0], L)}/{fi.triton_path('bwd', ins[0], L, gates)}"}
+    for name, f in (("ours", ours), ("torch", ref)):
+        with torch.no_grad():
+            r[f"{name} fwd"] = bench(lambda: f(*ins))
+        fb = lambda: torch.autograd.grad(f(*insg), live, dy)  # noqa: E731
+        r[f"{name} f+b"] = bench(fb)
+        r[f"{name} host"] = host_ms(fb)
+        r[f"{name} gpu"], r[f"{name} kernels"] = gpu_ms(fb)
+        r[f"{name} graph"] = graph_ms(fb)
+    # host-time split of ours: the forward alone (no autograd) and the backward's implementation
+    # alone (what autograd's backward node runs); f+b host - both = autograd + fft_conv's wrapper
+    with torch.no_grad():
+        r["ours fwd host"] = host_ms(lambda: ours(*ins))
+    from ssm_kernels import _launch
+    _launch.set_enabled(False)   # the launch cache's share of the host time
+    try:
+        r["ours host nocache"] = host_ms(lambda: torch.autograd.grad(ours(*insg), live, dy))
+    finally:
+        _launch.set_enabled(True)
+    k32, d32 = ins[1], ins[2]
+    r["ours bwd host"] = host_ms(lambda: fi._conv_bwd(dy, ins[0], k32, d32, ins[3], ins[4], "triton"))
+    # the backward op on each path (16-bit): the data behind MONARCH16_BWD_CUFFT_POST_N
+    nan = float("nan")
+    m16_ok = dtype != torch.float32 and m16.supports(L, L)
+    r["bwd m16"] = time_bwd("monarch16", ins, dy) if m16_ok else nan
+    r["bwd cufft"] = time_bwd("cufft", ins, dy) if m16_ok else nan
+    return r
+
+
+def part_d(B, H):
+    """Checks of the default path, then the table rows (returned)."""
+    rows = []
+    cases = S([(200, torch.bfloat16, False), (200, torch.bfloat16, True), (100, torch.float32, False)],
+              [(L, dt, g) for L in (1024, 2048, 4096)
+               for dt, g in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, False),
+                             (torch.float32, False), (torch.float32, True))])
+    for L, dtype, gates in cases:
+        check_default(S(3, 4), S(5, 300), L, dtype, gates)  # H = 300: one slice per channel (as H = 768)
+    for L, dtype, gates in cases:
+        if dtype == torch.float16 and L == 2048:
+            continue
+        r = time_default(B, H, L, dtype, gates)
+        rows.append((L, dtype, gates, r))
+        log(f"  default L={L} {str(dtype)[6:]} gates={int(gates)}: " +
+            ", ".join(f"{a} {b:.4f}" if isinstance(b, float) else f"{a} {b}" for a, b in r.items()))
+        for key, val in r.items():
+            if isinstance(val, float):
+                ROWS.append(dict(section="default", case=f"B={B} H={H} L={L} gates={int(gates)}",
+                                 impl=key, mode="f+b" if key.split()[-1] != "fwd" else "fwd",
+                                 dtype=str(dtype)[6:], value=val,
+                                 unit="kernels" if key.endswith("kernels") else "ms"))
+        if not SMOKE:
+            torch.cuda.empty_cache()
+    return rows
+
+
+def print_d(B, H, rows):
+    print(f"\n==== defaults (no flags), B={B} H={H}, D on (ms; f+b = fwd + autograd.grad; host = "
+          f"Python+launch time per call unsynchronised; gpu = sum of kernel times (kernels/call); "
+          f"graph = CUDA-graph replay; host fwd / bwd: ours' forward alone / backward implementation "
+          f"alone) ====")
+    print(f"{'case':22s} {'path f/b':18s} {'fwd':>6s} {'torch':>6s} {'x':>5s} | {'f+b':>6s} {'host':>6s} "
+          f"{'gpu':>6s} {'#k':>4s} {'graph':>6s} | {'torch':>6s} {'host':>6s} {'gpu':>6s} {'#k':>4s} "
+          f"{'graph':>6s} | {'x f+b':>5s} {'x graph':>7s} | {'host fwd':>8s} {'host bwd':>8s} | "
+          f"{'bwd m16':>7s} {'bwd cufft':>9s} | {'host, launch cache off':>22s}")
+    for L, dtype, gates, r in rows:
+        print(f"L={L} {str(dtype)[6:]} g={'on' if gates else 'off'}".ljust(22), r["path"].ljust(18),
+              f"{r['ours fwd']:6.3f} {r['torch fwd']:6.3f} {r['torch fwd'] / r['ours fwd']:5.2f} | "
+              f"{r['ours f+b']:6.3f} {r['ours host']:6.3f} {r['ours gpu']:6.3f} {r['ours kernels']:4.0f} "
+              f"{r['ours graph']:6.3f} | {r['torch f+b']:6.3f} {r['torch host']:6.3f} {r['torch gpu']:6.3f} "
+              f"{r['torch kernels']:4.0f} {r['torch graph']:6.3f} | {r['torch f+b'] / r['ours f+b']:5.2f} "
+              f"{r['torch graph'] / r['ours graph']:7.2f} | {r['ours fwd host']:8.3f} {r['ours bwd host']:8.3f} | "
+              f"{r['bwd m16']:7.3f} {r['bwd cufft']:9.3f} | {r['ours host nocache']:22.3f}")
+    post = [(L, r) for L, dt, g, r in rows if g and r["bwd m16"] == r["bwd m16"]]
+    slower = [m16.transform_size(L, L) for L, r in post if r["bwd m16"] > r["bwd cufft"]]
+    print(f"post-gated backward: monarch16 slower than cuFFT at N = {slower} -> "
+          f"MONARCH16_BWD_CUFFT_POST_N should be {min(slower) if slower else 'above 8192'} "
+          f"(code: {fi.MONARCH16_BWD_CUFFT_POST_N})")
+
+
 def main():
     log(torch.cuda.get_device_name() if not SMOKE else "cpu (smoke)", "torch", torch.__version__)
     # first call of monarch16 (fresh process: Triton compile + tables + filter spectrum)
@@ -294,7 +466,11 @@ def main():
             if not SMOKE:
                 torch.cuda.empty_cache()
 
+    drows = part_d(S(2, 8), S(3, 768)) if "d" in PARTS else []
+
     # ---- summary (last) ----
+    if drows:
+        print_d(S(2, 8), S(3, 768), drows)
     print("\n==== monarch16 accuracy vs float64 (rel err; torch.fft on the same 16-bit inputs) ====")
     for (L, Lk, dtype), (e, lo) in errs.items():
         print(f"  L={L:5d} Lk={Lk:5d} {str(dtype)[6:]:8s} monarch16 {e:.3e}   torch.fft(16-bit) {lo:.3e}")

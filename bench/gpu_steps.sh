@@ -3,10 +3,12 @@
 # summary of every step is printed last. Usage (repo root, on the GPU machine):
 #   STEPS="build graphs overhead chunk fft layers cp" bash bench/gpu_steps.sh
 # Steps: build (CUDA extension), mamba (build mamba-ssm's selective_scan_cuda in the background),
-# graphs (tests/test_graphs.py), overhead (bench --overhead), sscan, decode, lscan, chunk, fft,
+# graphs (tests/test_graphs.py), overhead (bench --overhead), host (bench/gpu_host.py), sscan, sscanbwd, decode,
+# lscan, chunk, fft,
 # layers, cp (the bench/gpu_*.py scripts), probe (bench/gpu_dk_probe.py), check (`python -m
 # ssm_kernels check $CHECK_ARGS` with a cold Triton cache), verify (short correctness of the paths
-# not yet checked on a GPU). Peers: .whl wheels and .peers/mamba_ssm-* if carried.
+# not yet checked on a GPU), fftdef (fft_conv's defaults: `PARTS=d bench/gpu_monarch.py`).
+# Peers: .whl wheels and .peers/mamba_ssm-* if carried.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
@@ -33,8 +35,10 @@ for s in ${STEPS:-build graphs overhead}; do
              > "$LOGS/mamba_build.log" 2>&1 &) ;;
     build) SSM_KERNELS_BUILD_CUDA=1 step build 200 python3 -m pip install --no-build-isolation --no-deps -e . ;;
     graphs) step graphs ${T_GRAPHS:-150} python3 -m pytest -q -x -p no:cacheprovider tests/test_graphs.py ;;
-    overhead) step overhead ${T_OVERHEAD:-200} python3 -m ssm_kernels.benchmarks.overhead --out "$OUT/overhead.csv" ;;
+    overhead) step overhead ${T_OVERHEAD:-200} python3 -m ssm_kernels.benchmarks.overhead --out "$OUT/overhead.csv" ${OVERHEAD_OPS:+--ops $OVERHEAD_OPS} ;;
+    host) step host ${T_HOST:-240} python3 bench/gpu_host.py ;;
     sscan) step sscan ${T_SSCAN:-200} python3 bench/gpu_sscan.py ;;
+    sscanbwd) step sscanbwd ${T_SSCANBWD:-300} python3 bench/gpu_sscan_bwd.py ;;
     decode) step decode ${T_DECODE:-120} python3 bench/gpu_decode.py ;;
     lscan) step lscan ${T_LSCAN:-150} python3 bench/gpu_linear_scan.py ;;
     chunk|fft|layers|cp|delta|monarch) step "$s" ${LIMIT:-200} python3 "bench/gpu_$s.py" ;;
@@ -44,6 +48,7 @@ for s in ${STEPS:-build graphs overhead}; do
             step delta_quick 120 env QUICK=1 python3 bench/gpu_delta.py
             step monarch_checks 150 env PARTS=a python3 bench/gpu_monarch.py
             step cp ${T_CP:-150} python3 bench/gpu_cp.py ;;
+    fftdef) step fft_defaults ${T_FFTDEF:-300} env PARTS=d python3 bench/gpu_monarch.py ;;
     probe) step probe ${T_PROBE:-150} python3 bench/gpu_dk_probe.py ;;
     check) TRITON_CACHE_DIR=$(mktemp -d) step check ${T_CHECK:-150} python3 -m ssm_kernels check ${CHECK_ARGS:-} ;;
   esac

@@ -1,6 +1,15 @@
 """Where the eager host time goes on the GPU machine: the cost of the building blocks every call
 needs (an allocation, one Triton launch, an autograd.Function, autograd.grad) next to a cProfile of
-our tiny-shape calls. Run on the GPU: python bench/profile_host.py [--profile]."""
+our tiny-shape calls. Run on the GPU: python bench/profile_host.py [--profile].
+
+--stub (CPU, no GPU, TRITON_INTERPRET unset): the per-call Python cost of our path with the kernels
+stubbed. A compile-only Triton driver (target sm_90, as bench/sm90_audit.py) lets JITFunction.run
+and ssm_kernels._launch run exactly as on the GPU, but every compiled kernel's launcher is a no-op;
+CPU tensors stand in for CUDA ones (allocation costs differ a little). Cases: linear_scan and
+selective_scan_fn (Triton backend) fwd and fwd+bwd, with the launch cache on and off:
+    PYTHONPATH=$PWD python bench/profile_host.py --stub [--profile]"""
+import os
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # 3.6 default; silences 3.9 warning
 import cProfile
 import io
 import pstats
@@ -81,5 +90,159 @@ def main():
             print("\n".join(s.getvalue().splitlines()[6:28]))
 
 
+def install_stub():
+    """Compile-only driver + no-op launchers; CPU tensors take the Triton path (see --stub)."""
+    import os
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("--stub: unset TRITON_INTERPRET (the stub runs the real JITFunction.run path)")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import CompiledKernel
+    from triton.runtime.driver import driver
+
+    class _Utils:
+        def get_device_properties(self, device):
+            return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
+                    "warpSize": 32}
+
+    class _StubDriver:
+        utils = _Utils()
+        is_active = staticmethod(lambda: True)
+        get_current_target = staticmethod(lambda: GPUTarget("cuda", 90, 32))
+        get_current_device = staticmethod(lambda: 0)
+        get_current_stream = staticmethod(lambda device=None: 0)
+        get_active_torch_device = staticmethod(lambda: torch.device("cpu"))
+
+    def _no_launch(self):
+        self.function = 0
+        self._run = lambda *args: None
+
+    driver.set_active(_StubDriver())
+    CompiledKernel._init_handles = _no_launch
+    from ssm_kernels import _backend, _device
+    orig_reason = _backend.triton_reason
+    _backend.triton_reason = lambda device: orig_reason(torch.device("cuda"))
+    _device._sm_count = lambda index: 132
+    torch.cuda.current_device = lambda: 0
+
+    class _StubExtension:
+        """ssm_kernels._C's selective scan with no kernels: the outputs' allocations only."""
+        @staticmethod
+        def selective_scan_fwd(u, delta, A, B, C, D, z, bias, h0, cu, offs, softplus, ck_len, rows):
+            f32 = dict(dtype=torch.float32, device=u.device)
+            dim, N = A.shape
+            return (torch.empty_like(u), torch.empty((u.shape[0], dim, N), **f32),
+                    torch.empty((rows, dim, N), **f32))
+
+        @staticmethod
+        def selective_scan_bwd(u, delta, A, B, C, D, z, bias, cu, offs, ckpt, dout, dlast, softplus,
+                               ck_len, want_dh0):
+            empty = u.new_empty((0,))
+            f32 = dict(dtype=torch.float32, device=u.device)
+            dim, N = A.shape
+            return [torch.empty_like(u), torch.empty_like(delta), torch.empty((dim, N), **f32),
+                    torch.empty_like(B), torch.empty_like(C),
+                    torch.empty((dim,), **f32) if D is not None else empty,
+                    torch.empty_like(z) if z is not None else empty,
+                    torch.empty((dim,), **f32) if bias is not None else empty,
+                    torch.empty((u.shape[0], dim, N), **f32) if want_dh0 else empty]
+
+    _backend._cuda_ext, _backend._cuda_ext_tried = _StubExtension(), True
+    _backend.cuda_reason = lambda device: None
+
+
+def per_call_cpu_us(fn, calls=300, repeats=7):
+    """Best of `repeats` of the mean CPU time (this thread's, not wall: the shared CPU machine's
+    other processes then cost little) per call."""
+    for _ in range(5):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.thread_time() - t0) / calls * 1e6)
+    return best
+
+
+def stub_cases():
+    T = "triton"
+    a, b = torch.rand(1, 16, 64), torch.randn(1, 16, 64)
+    al, bl = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ones = torch.ones(1, 16, 64)
+    bf = torch.bfloat16
+    u, dt, z = (torch.randn(1, 16, 64, dtype=bf) for _ in range(3))
+    A = -torch.rand(16, 16)
+    Bv, Cv = (torch.randn(1, 1, 16, 64, dtype=bf) for _ in range(2))
+    Dp, bias = torch.randn(16), torch.randn(16)
+    ul, dtl = u.clone().requires_grad_(), dt.clone().requires_grad_()
+    onesb = torch.ones(1, 16, 64, dtype=bf)
+
+    def ls_train():
+        h = sk.linear_scan(al, bl, dim=-1, backend=T)
+        torch.autograd.grad(h, (al, bl), ones)
+
+    def ss_train(backend=T):
+        o = sk.selective_scan_fn(ul, dtl, A, Bv, Cv, Dp, z, bias, True, backend=backend)
+        torch.autograd.grad(o, (ul, dtl), onesb)
+
+    return {
+        "linear_scan fwd": lambda: sk.linear_scan(a, b, dim=-1, backend=T),
+        "linear_scan fwd+bwd": ls_train,
+        "selective_scan_fn fwd": lambda: sk.selective_scan_fn(u, dt, A, Bv, Cv, Dp, z, bias, True,
+                                                              backend=T),
+        "selective_scan_fn fwd+bwd": ss_train,
+        # the GPU's default path (auto -> ssm_kernels._C), its kernels stubbed
+        "selective_scan_fn cuda fwd": lambda: sk.selective_scan_fn(u, dt, A, Bv, Cv, Dp, z, bias,
+                                                                   True, backend="cuda"),
+        "selective_scan_fn cuda fwd+bwd": lambda: ss_train("cuda"),
+        **_peer_cases(a, b, al, bl, ones),
+    }
+
+
+def _peer_cases(a, b, al, bl, ones):
+    """accelerated-scan (pure Triton, the linear_scan peer) through the same stub, when importable
+    (e.g. PYTHONPATH=/tmp/site after unpacking .whl/accelerated_scan-*.whl there)."""
+    try:
+        from accelerated_scan.scalar import scan
+    except Exception:
+        return {}
+
+    def train():
+        torch.autograd.grad(scan(al, bl), (al, bl), ones)
+    return {"peer accelerated_scan fwd": lambda: scan(a, b), "peer accelerated_scan fwd+bwd": train}
+
+
+def stub_main():
+    install_stub()
+    try:
+        from ssm_kernels import _launch
+    except ImportError:   # a tree without the launch cache (the baseline): both columns equal
+        class _launch:
+            set_enabled = staticmethod(lambda on: None)
+    cases = stub_cases()
+    print(f"{'stubbed kernels, CPU host':<28} {'cache on':>9} {'cache off':>9}  us/call")
+    for name, fn in cases.items():
+        _launch.set_enabled(True)
+        on = per_call_cpu_us(fn)
+        _launch.set_enabled(False)
+        off = per_call_cpu_us(fn)
+        _launch.set_enabled(True)
+        print(f"{name:<28} {on:9.1f} {off:9.1f}", flush=True)
+    if "--profile" in sys.argv:
+        for name, fn in cases.items():
+            pr = cProfile.Profile()
+            pr.enable()
+            for _ in range(300):
+                fn()
+            pr.disable()
+            s = io.StringIO()
+            pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(22)
+            print(f"\n==== {name} (300 calls, cache on) ====")
+            print("\n".join(s.getvalue().splitlines()[6:32]))
+
+
 if __name__ == "__main__":
-    main()
+    if "--stub" in sys.argv:
+        stub_main()
+    else:
+        main()

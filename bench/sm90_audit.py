@@ -287,27 +287,28 @@ def fft_conv_cases():
         for dtype in (torch.bfloat16, torch.float16):
             def thunk(dtype=dtype, L=L):
                 u, pg, qg = (torch.randn(8, 16, L).to(dtype) for _ in range(3))
-                old, fi.MONARCH16 = fi.MONARCH16, True
+                old, fi.FORCE_PATH = fi.FORCE_PATH, "monarch16"
                 try:
                     fft_conv(u, torch.randn(16, L), torch.randn(16), pre_gate=pg, post_gate=qg,
                              backend="triton")
                 finally:
-                    fi.MONARCH16 = old
+                    fi.FORCE_PATH = old
             yield f"fft_conv monarch16 fwd {_dt(dtype)} L{L} Lk{L}", thunk
 
-            # the monarch16 backward (same flag), with and without the post gate (the post gate
+            # the monarch16 backward (forced: by default a post-gated backward at N = 8192 takes
+            # the cuFFT path), with and without the post gate (the post gate
             # adds the third transform pair for dpost); FINAL=1 (one program per channel: the dk
             # inverse in the kernel, the usual case at H >= 2 x SMs) and FINAL=0 (slices)
             for post, sms in ((True, 4), (False, 4), (True, 132)):
                 def thunk_b(dtype=dtype, L=L, post=post, sms=sms):
                     u, pg, qg = (torch.randn(8, 16, L).to(dtype) for _ in range(3))
-                    old, fi.MONARCH16 = fi.MONARCH16, True
+                    old, fi.FORCE_PATH = fi.FORCE_PATH, "monarch16"
                     m16._sm_count = lambda device: sms   # 4: S = 1 at H = 16
                     try:
                         fi.fft_conv_bwd_op(u, u, torch.randn(16, L), torch.randn(16), pg,
                                            qg if post else None, "triton")
                     finally:
-                        fi.MONARCH16 = old
+                        fi.FORCE_PATH = old
                         m16._sm_count = lambda device: 132
                 yield (f"fft_conv monarch16 bwd {_dt(dtype)} L{L} Lk{L}"
                        f"{' post' if post else ' nopost'}{' final' if sms == 4 else ' slices'}"), thunk_b

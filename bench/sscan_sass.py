@@ -1,12 +1,13 @@
-"""Offline sm_90 audit of the selective-scan CUDA forward variants (no GPU): registers/spills from
-ptxas and SASS instruction counts of the chunk loop's phases, per variant, for one dtype.
+"""Offline sm_90 audit of the selective-scan CUDA kernels (no GPU): registers/spills from ptxas and
+SASS instruction counts of the chunk loop's phases, for one dtype: the forward's N <= 16 kernel
+(lean) and N <= 32 bucket (general kernel), the backward's N <= 16 variants 0, 2, 3.
 
     python bench/sscan_sass.py [--dtype bf16|fp16|fp32] [--keep DIR]
 
 Compiles csrc/selective_scan/selective_scan_fwd.cu and selective_scan_fwd_lean.cu with setup.py's
 nvcc flags for sm_90, dumps SASS (cuobjdump from $PATH, $CUDA_HOME/bin or Triton's bundled copy),
 finds the chunk loop (the back edge spanning the loop's BAR.SYNCs) and splits it at its barriers:
-variant 0/1: [stage+convert] BAR [compute] BAR [output]; lean: [stage+convert] BAR [compute+out].
+general kernel: [stage+convert] BAR [compute] BAR [output]; lean: [stage+convert] BAR [compute+out].
 The compute phase is straight-line code (kChunk steps x kNPT states unrolled), so its static count
 is its per-chunk dynamic count; "instr/update" divides by kChunk * kNPT. The other phases contain
 loops and data-dependent branches: reported as static counts with each inner loop's size.
@@ -27,19 +28,14 @@ FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-a
          "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
          "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
 TNAME = {"bf16": "I13__nv_bfloat16", "fp16": "I6__half", "fp32": "If"}  # mangled: kernelI<T>...
-# variant -> (file, kernel template args after the dtype, kNPT, kTPC, kChunk, threads)
+# forward kernel -> (file, kernel template args after the dtype, kNPT, kTPC, kChunk, threads)
 VARIANTS = {
-    0: ("selective_scan_fwd.cu", "Li4ELi4ELi32ELb0ELi128E", 4, 4, 32, 128),
-    1: ("selective_scan_fwd.cu", "Li8ELi2ELi32ELb0ELi64E", 8, 2, 32, 64),
-    2: ("selective_scan_fwd_lean.cu", "Li4ELi4ELi128ELi32ELb1ELb0E", 4, 4, 32, 128),
-    3: ("selective_scan_fwd_lean.cu", "Li8ELi2ELi64ELi32ELb1ELb0E", 8, 2, 32, 64),
-    4: ("selective_scan_fwd_lean.cu", "Li2ELi8ELi128ELi32ELb1ELb0E", 2, 8, 32, 128),
-    5: ("selective_scan_fwd_lean.cu", "Li4ELi4ELi128ELi32ELb1ELb1E", 4, 4, 32, 128),
-    6: ("selective_scan_fwd_lean.cu", "Li8ELi2ELi64ELi32ELb1ELb1E", 8, 2, 32, 64),
-    7: ("selective_scan_fwd_lean.cu", "Li8ELi2ELi64ELi16ELb1ELb1E", 8, 2, 16, 64),
+    "lean N<=16": ("selective_scan_fwd_lean.cu", "Li4ELi4ELi128ELi32ELb1E", 4, 4, 32, 128),
+    "general N<=32": ("selective_scan_fwd.cu", "Li8ELi4ELi32ELb0E", 8, 4, 32, 128),
 }
 # backward variant -> kernel template args after the dtype (N <= 16 bucket, B/C time-varying)
-BWD_VARIANTS = {0: "Li4ELi4ELi64ELi8ELi1ELb0E", 1: "Li4ELi4ELi64ELi8ELi1ELb1E"}
+BWD_VARIANTS = {0: "Li4ELi4ELi64ELi8ELi1ELi0E", 2: "Li4ELi4ELi64ELi8ELi1ELi2E",
+                3: "Li4ELi4ELi64ELi8ELi1ELi3E"}
 INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
@@ -129,28 +125,6 @@ def analyse(insns, kchunk, knpt):
     return phases
 
 
-def interleaved(insns, kchunk, knpt, items):
-    """Pipelined variants: the fast path's compute + next-chunk conversion, i.e. the shortest run
-    holding kChunk kNPT decay ex2 plus 2 per converted item and `items` lg2, widened to the
-    enclosing branches. Returns its instruction count (None if not found)."""
-    ex = [i for i, (_, o, _) in enumerate(insns) if o.startswith("MUFU.EX2")]
-    lg = [i for i, (_, o, _) in enumerate(insns) if o.startswith("MUFU.LG2")]
-    want = kchunk * knpt + 2 * items
-    best = None
-    for a in range(len(ex) - want + 1):
-        lo, hi = ex[a], ex[a + want - 1]
-        if sum(lo <= i <= hi for i in lg) == items and (best is None or hi - lo < best[1] - best[0]):
-            best = (lo, hi)
-    if best is None:
-        return None
-    lo, hi = best
-    while lo > 0 and op(insns[lo - 1][1]) not in ("BRA", "BSYNC", "BAR"):
-        lo -= 1
-    while hi < len(insns) - 1 and op(insns[hi][1]) != "BRA":
-        hi += 1
-    return hi - lo + 1
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", default="bf16", choices=list(TNAME))
@@ -167,8 +141,8 @@ def main():
         with open(cub.replace(".cubin", ".sass"), "w") as fh:
             fh.write(sass)
         fns.update(functions(sass))
-    print(f"sm_90, {a.dtype}, N <= 16 bucket (SASS under {tmp})\n")
-    print("| variant | (kNPT, kTPC, chunk, threads) | regs / spill B | phase | static instr | "
+    print(f"sm_90, {a.dtype} (SASS under {tmp})\n")
+    print("| kernel | (kNPT, kTPC, chunk, threads) | regs / spill B | phase | static instr | "
           "MUFU | FFMA+FMUL | LDS | SHFL | FSEL | instr/update | inner loops (sizes) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for v, (src, targs, knpt, ktpc, kchunk, thr) in VARIANTS.items():
@@ -181,17 +155,11 @@ def main():
         ph = analyse(fns[name], kchunk, knpt)
         labels = (["wait", "stage+convert", "compute", "output"] if len(ph) == 4 else
                   ["wait", "stage+convert", "compute+output"] if len(ph) == 3 else
-                  ["stage+wait", "compute+output+next convert"] if len(ph) == 2 else
                   [f"phase {i}" for i in range(len(ph))])
         for lab, p in zip(labels, ph):
             h = p["hist"]
             per = (f"{p['n'] / (kchunk * knpt):.2f} (longest straight run {p['run']}: "
                    f"{p['run'] / (kchunk * knpt):.2f})" if lab.startswith("compute") else "")
-            if "next convert" in lab:
-                items = (thr // ktpc) * kchunk // thr  # converted (d, t) items per thread
-                w = interleaved(fns[name], kchunk, knpt, items)
-                if w:
-                    per += f"; fast path (compute + next convert) {w}: {w / (kchunk * knpt):.2f}"
             print(f"| {v} | ({knpt}, {ktpc}, {kchunk}, {thr}) | {r[0]} / {r[1]} | {lab} | {p['n']} | "
                   f"{h['MUFU']} | {h['FFMA'] + h['FMUL']} | {h['LDS']} | {h['SHFL']} | {h['FSEL']} | "
                   f"{per} | {p['loops'] or ''} |")

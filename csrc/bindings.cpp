@@ -319,12 +319,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // ---- selective_scan
   m.def("selective_scan_fwd", &selective_scan_fwd,
         "selective_scan forward -> (out, last_state, checkpoints)");
-  m.def("selective_scan_fwd_variant", &ssm::selective_scan_fwd_variant, pybind11::arg("set") = -1,
-        "forward kernel variant (issue 9 experiments): set >= 0 selects it; returns the previous "
-        "one (the first call reads SSM_KERNELS_SSCAN_VARIANT)");
   m.def("selective_scan_bwd_variant", &ssm::selective_scan_bwd_variant, pybind11::arg("set") = -1,
-        "backward kernel variant (issue 9 experiments): set >= 0 selects it; returns the previous "
-        "one (the first call reads SSM_KERNELS_SSCAN_BWD_VARIANT)");
+        "backward kernel variant (issue 9): 0 (default) or 2 (fused I/O, N <= 16 with time-varying "
+        "B and C); set selects it; returns the previous one (the first call reads "
+        "SSM_KERNELS_SSCAN_BWD_VARIANT)");
   m.def("selective_scan_bwd", &selective_scan_bwd,
         "selective_scan backward -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0]");
 }

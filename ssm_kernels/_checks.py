@@ -118,7 +118,8 @@ def _run_pair(family: str, backend: str, device: str, full: bool, seed: int,
 # Triton compile seconds of each family's quick check for sm_90 (bench/compile_audit.py, offline,
 # one core): the order in which `run` hands pairs to workers. Other backends compile nothing.
 _TRITON_COMPILE_S = {"delta_rule": 39, "linear_attn": 19, "based": 12, "causal_conv1d": 6,
-                     "linear_scan": 5, "selective_scan": 5, "fft_conv": 4}
+                     "linear_scan": 5, "selective_scan": 5,
+                     "fft_conv": 6}  # 4 s before its quick check added monarch16 (x1.6 offline)
 
 
 def _cost(family: str, backend: str) -> float:

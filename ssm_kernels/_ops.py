@@ -17,7 +17,8 @@ import torch
 
 _is_compiling = torch.compiler.is_compiling
 _Tensor = torch.Tensor
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # any other subclass (fake, functional) traces
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_functorch_active = torch._C._are_functorch_transforms_active  # any other subclass (fake, functional) traces
 
 
 class KernelOp:
@@ -56,12 +57,17 @@ class KernelOp:
             "forward": staticmethod(forward),
             "backward": staticmethod(backward),
         })
+        # Function.apply's Python layer only binds defaults (none here) and unwraps dead functorch
+        # wrappers; outside functorch transforms the C apply under it does the rest (host time)
+        self._apply = super(torch.autograd.Function, self._function).apply
 
     def __call__(self, *args):
         if _is_compiling() or type(args[0]) not in _PLAIN:
             return self.op(*args)
         if self._function is not None and torch.is_grad_enabled() and _any_requires_grad(args):
-            return self._function.apply(*args)
+            if _functorch_active():
+                return self._function.apply(*args)
+            return self._apply(*args)
         return self.impl(*args)
 
 

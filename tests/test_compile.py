@@ -18,12 +18,12 @@ def test_opcheck_linear_scan(backend, dtype):
     a = torch.rand(P, T, Q, device=DEVICE).to(dtype).requires_grad_()
     b = torch.randn(P, T, Q, device=DEVICE, dtype=dtype).requires_grad_()
     h0 = torch.randn(P, Q, device=DEVICE, dtype=dtype).requires_grad_()
-    torch.library.opcheck(torch.ops.ssm_kernels.linear_scan_fwd.default, (a, b, h0, False, backend))
-    torch.library.opcheck(torch.ops.ssm_kernels.linear_scan_fwd.default, (a, b, None, True, backend))
+    torch.library.opcheck(torch.ops.ssm_kernels.linear_scan_fwd.default, (a, b, h0, 1, False, backend))
+    torch.library.opcheck(torch.ops.ssm_kernels.linear_scan_fwd.default, (a, b, None, 1, True, backend))
     h = torch.randn(P, T, Q, device=DEVICE, dtype=dtype)
     dhT = torch.randn(P, Q, device=DEVICE, dtype=dtype)
     torch.library.opcheck(torch.ops.ssm_kernels.linear_scan_bwd.default,
-                          (a.detach(), h, h0.detach(), torch.randn_like(h), dhT, False, backend))
+                          (a.detach(), h, h0.detach(), torch.randn_like(h), dhT, 1, False, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

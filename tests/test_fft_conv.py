@@ -159,11 +159,13 @@ def test_fft_size():
     assert fft_cufft.fft_size(8191, 8191) == 16384
 
 
-def test_path_table():
+def test_path_table(monkeypatch):
     f32 = torch.empty(2, 3, 1024)
     b16 = f32.bfloat16()
     assert fft_interface.triton_path("fwd", f32, 1024) == "cufft"
     assert fft_interface.triton_path("bwd", f32, 1024) == "cufft"
+    # with monarch16 off: the old Monarch forward up to n = 2048, cuFFT otherwise
+    monkeypatch.setattr(fft_interface, "MONARCH16", False)
     assert fft_interface.triton_path("fwd", b16, 1024) == "monarch"  # n = 2048 on-chip
     assert fft_interface.triton_path("bwd", b16, 1024) == "cufft"
     assert fft_interface.triton_path("fwd", torch.empty(1, 1, 4096).bfloat16(), 4096) == "cufft"
@@ -805,18 +807,23 @@ def test_monarch16_in_place_filter_update(backend, fresh_cache, monarch16):
 
 
 def test_monarch16_path_choice(monkeypatch):
-    """The module flag routes 16-bit forwards and backwards with N <= 8192 to monarch16 (the
-    backward back to cuFFT with MONARCH16_BWD_CUFFT); never float32, never past MAX_N; off by
-    default."""
+    """On by default: 16-bit forwards and backwards with N <= 8192 take monarch16, except a
+    post-gated backward at N = 8192 (cuFFT measured faster there) and every backward with
+    MONARCH16_BWD_CUFFT; never float32, never past MAX_N; MONARCH16 = False turns it off."""
     b16 = torch.empty(1, 1, 4096, dtype=torch.bfloat16)
+    b2k = torch.empty(1, 1, 2048, dtype=torch.bfloat16)
     f16 = torch.empty(1, 1, 1000, dtype=torch.float16)
     f32 = torch.empty(1, 1, 1000)
-    assert fft_interface.MONARCH16 is False
-    assert fft_interface.triton_path("fwd", b16, 4096) != "monarch16"
-    monkeypatch.setattr(fft_interface, "MONARCH16", True)
+    assert fft_interface.MONARCH16 is True
     assert fft_interface.triton_path("fwd", b16, 4096) == "monarch16"
     assert fft_interface.triton_path("fwd", f16, 1000) == "monarch16"
     assert fft_interface.triton_path("bwd", b16, 4096) == "monarch16"
+    assert fft_interface.triton_path("bwd", b16, 4096, post=True) == "cufft"      # N = 8192
+    assert fft_interface.triton_path("bwd", b16, 1000, post=True) == "cufft"      # N = 8192 too
+    assert fft_m16.transform_size(4096, 1000) == 8192 and fft_m16.transform_size(4096, 1) == 4096
+    assert fft_interface.triton_path("bwd", b16, 1, post=True) == "monarch16"     # N = 4096
+    assert fft_interface.triton_path("bwd", b2k, 2048, post=True) == "monarch16"  # N = 4096
+    assert fft_interface.triton_path("bwd", f16, 1000, post=True) == "monarch16"
     assert fft_interface.triton_path("fwd", f32, 1000) != "monarch16"
     assert fft_interface.triton_path("bwd", f32, 1000) != "monarch16"
     b_long = torch.empty(1, 1, 4097, dtype=torch.bfloat16)
@@ -827,6 +834,25 @@ def test_monarch16_path_choice(monkeypatch):
     assert fft_interface.triton_path("bwd", b16, 4096) == "cufft"
     monkeypatch.setattr(fft_interface, "FORCE_PATH", "monarch16")
     assert fft_interface.triton_path("bwd", b16, 4096) == "cufft"
+    monkeypatch.setattr(fft_interface, "FORCE_PATH", None)
+    monkeypatch.setattr(fft_interface, "MONARCH16", False)
+    assert fft_interface.triton_path("fwd", b16, 4096) != "monarch16"
+    assert fft_interface.triton_path("bwd", f16, 1000) != "monarch16"
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_monarch16_default_autograd(backend, m16_bwd_calls, monkeypatch):
+    """No flags: a 16-bit call runs the monarch16 forward and backward (checked vs float64);
+    with a post gate at N = 8192 the backward is the cuFFT path's (threshold lowered here to
+    N = 256 to keep the interpreter fast)."""
+    calls = []
+    real = fft_m16.fft_conv_fwd
+    monkeypatch.setattr(fft_m16, "fft_conv_fwd", lambda *a: calls.append(a[0].shape) or real(*a))
+    check(backend, 2, 3, 100, 77, torch.float16, pre=False, post=False)
+    assert calls == [(2, 3, 100)] and m16_bwd_calls == [(2, 3, 100)]
+    monkeypatch.setattr(fft_interface, "MONARCH16_BWD_CUFFT_POST_N", 256)
+    check(backend, 2, 3, 100, 77, torch.bfloat16, pre=False)
+    assert len(calls) == 2 and m16_bwd_calls == [(2, 3, 100)]  # the post-gated backward: cuFFT
 
 
 @pytest.mark.gpu
@@ -862,10 +888,12 @@ import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from ssm_kernels.fft_conv import monarch16 as M
+from ssm_kernels._launch import FastKernel
 for n in (2048, 4096, 8192):
     n1, n2 = M.split(n)
     consts = dict(HAS_D=True, HAS_PRE=True, HAS_POST=True, N1=n1, N2=n2, R1=n1 // 2)
     for fn, table in ((M._monarch16_fwd_kernel, M.LAUNCH), (M._monarch16_bwd_kernel, M.LAUNCH_BWD)):
+        fn = fn.fn if isinstance(fn, FastKernel) else fn  # the JITFunction inside the launch cache
         sig = {a: "constexpr" if a in consts else ("*fp16" if a in ("ks_ptr", "f1_ptr", "f2_ptr", "tw_ptr")
                else "*fp32" if a in ("d_ptr", "kscale_ptr", "wk_ptr", "wd_ptr") else "*bf16")
                if a.endswith("_ptr") else "i32" for a in fn.arg_names}
@@ -939,3 +967,59 @@ def test_triton_kernels_compile_for_sm90_within_shared_memory():
     assert res.returncode == 0, res.stderr[-3000:]
     shared = int(res.stdout.strip().splitlines()[-1].split()[-1])
     assert shared <= 232448, res.stdout
+
+
+# ---- the launch cache (ssm_kernels/_launch.py) on fft_conv's kernels -----------------------------
+
+_LAUNCH_CACHE = r'''
+import os, sys
+import torch
+from triton.compiler.compiler import CompiledKernel
+from triton.runtime.driver import driver
+import ssm_kernels as sk
+from ssm_kernels import _backend, _launch, _device
+from ssm_kernels.fft_conv import cufft as C, monarch16 as M
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(sk.__file__)), "tests"))
+from test_launch import _Driver as Drv   # compile-only sm_90 driver
+
+launches = []
+def init(self):
+    self.function = id(self)
+    self._run = lambda *args: launches.append((self, args))
+CompiledKernel._init_handles = init
+driver.set_active(Drv())
+reason = _backend.triton_reason
+_backend.triton_reason = lambda device: reason(torch.device("cuda"))
+_device._sm_count = lambda index: 132
+torch.cuda.current_device = lambda: 0
+kernels = [M._monarch16_fwd_kernel, M._monarch16_bwd_kernel, C._pad_kernel, C._spec_fwd_kernel,
+           C._spec_bwd_kernel, C._epi_fwd_kernel, C._epi_bwd_kernel, C._epi_dk_kernel]
+assert all(isinstance(k, _launch.FastKernel) for k in kernels)
+for dtype in (torch.bfloat16, torch.float32):   # monarch16, cuFFT path
+    u = torch.randn(2, 4, 200).to(dtype).requires_grad_()
+    k = torch.randn(4, 200).requires_grad_()
+    D = torch.randn(4)
+    step = lambda: torch.autograd.grad(sk.fft_conv(u, k, D, backend="triton"), [u, k], u)
+    step()
+    first = list(launches); launches.clear()
+    hits = sum(x.hits for x in kernels)
+    step()
+    print(dtype, len(first), len(launches), sum(x.hits for x in kernels) - hits)
+    def same(x, y):   # tensors: new outputs per call, so the kind (dtype, shape), not the object
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and (x.dtype, x.shape) == (y.dtype, y.shape)
+        return x is y or x == y
+    for (ka, a), (kb, b) in zip(first, launches):   # same kernels, same launcher arguments
+        assert ka is kb and len(a) == len(b)
+        assert all(i == 6 or same(x, y) for i, (x, y) in enumerate(zip(a, b))), ka
+    launches.clear()
+'''
+
+
+def test_launch_cache_serves_repeat_calls():
+    """Compile-only sm_90 driver, recorded launchers: a repeated fwd + bwd launches the same
+    kernels (2 monarch16, 7 on the cuFFT path) through the launch cache (every launch a hit)."""
+    res = compile_for_sm90(_LAUNCH_CACHE)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert lines == ["torch.bfloat16 2 2 2", "torch.float32 7 7 7"], res.stdout

@@ -78,6 +78,7 @@ def _cases(pg=None):
     gh, gk = F.logsigmoid(torch.randn(1, 64, 2)), F.logsigmoid(torch.randn(1, 64, 2, 32))
     uc, kc, Dc = torch.randn(1, 16, 256), torch.randn(16, 256), torch.randn(16)
     ucl, kcl = uc.clone().requires_grad_(), kc.clone().requires_grad_()
+    ub, ubl = uc.bfloat16(), uc.bfloat16().requires_grad_()
     vd, gd, bd = torch.randn(1, 64, 4, 16), F.logsigmoid(torch.randn(1, 64, 4)), torch.rand(1, 64, 4)
     qs, ks, vs = torch.randn(8, 1, 2, 32), torch.randn(8, 1, 2, 32), torch.randn(8, 1, 4, 16)
     gs, bts, sd = F.logsigmoid(torch.randn(8, 1, 4)), torch.rand(8, 1, 4), torch.randn(8, 4, 32, 16)
@@ -100,6 +101,8 @@ def _cases(pg=None):
             inplace_final_state=True, backend=T),
         "fft_conv fwd": lambda: sk.fft_conv(uc, kc, Dc, backend=T),
         "fft_conv fwd+bwd": _train(lambda: sk.fft_conv(ucl, kcl, Dc, backend=T), [ucl, kcl]),
+        "fft_conv bf16 fwd": lambda: sk.fft_conv(ub, kc, Dc, backend=T),
+        "fft_conv bf16 fwd+bwd": _train(lambda: sk.fft_conv(ubl, kcl, Dc, backend=T), [ubl, kcl]),
     }
 
 
@@ -109,21 +112,31 @@ PINNED = {
     "linear_scan fwd": (1, 2),
     "linear_scan fwd+bwd": (2, 5),
     "selective_scan_fn fwd": (1, 3),
-    "selective_scan_fn fwd+bwd": (2, 20),
+    # the backward's zero last-state gradient is a cached read-only buffer (no zeros per call)
+    "selective_scan_fn fwd+bwd": (2, 19),
     "selective_state_update": (1, 1),
     "chunk_simple_gla fwd": (2, 11),
     "chunk_simple_gla fwd+bwd": (6, 23),
     # chunk_gla: the chunk-local cumsum of the per-key decays is its own launch (every later
     # stage loads it instead of re-summing g); backward: cumsum, states, state gradients, scores,
-    # dv, dq/dk/dg
-    "chunk_gla fwd": (4, 12),
-    "chunk_gla fwd+bwd": (10, 26),
+    # dv, dq/dk/dg; the forward's scores and output are one kernel (gla.FUSED_FWD: no scores
+    # buffer, no _dummy pair), and each tree kernel is launched twice (gla.TREE_SPLIT: fast-path
+    # programs, then the rest): fwd cumsum, states, 2 x scores+output; bwd cumsum, states, state
+    # grads, 2 x scores, dv, 2 x dq/dk/dg. TREE=False: (4, 12) and (10, 26)
+    "chunk_gla fwd": (4, 9),
+    "chunk_gla fwd+bwd": (12, 23),
     # the chunked WY path (default): WY stage, state scan, output; checks (gt, any, item, aminmax
     # and its two items: beta's range) and the buffers plus one 1-element dummy per launch
     "chunk_gated_delta_rule fwd": (3, 19),
     "fused_recurrent_gated_delta_rule decode": (1, 7),
-    "fft_conv fwd": (3, 6),
-    "fft_conv fwd+bwd": (7, 18),
+    "fft_conv fwd": (3, 4),
+    "fft_conv fwd+bwd": (7, 12),
+    # (the cuFFT path: absent operands pass an existing pointer, no allocation; no empty
+    # gradients for absent inputs in eager backward)
+    # 16-bit storage: monarch16 (one kernel per pass; cached DFT and filter tables). Forward:
+    # y; backward: du, the dk-spectrum buffer, dD partials, dk
+    "fft_conv bf16 fwd": (1, 1),
+    "fft_conv bf16 fwd+bwd": (2, 5),
 }
 
 

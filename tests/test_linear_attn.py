@@ -559,6 +559,46 @@ def test_gla_sub_chunks(backend, case, monkeypatch):
         compare_to_reference(backend, "gla", 1, 133, 2, 16, 20, cu=cu, decay=(0.0, 0.3))
 
 
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("variant", ["fast_and_tree", "tree_only", "unfused", "sub_chunk_kernels",
+                                     "fused_bwd", "fused_bwd_tree_only", "no_split"])
+def test_gla_tree_paths(backend, variant, monkeypatch):
+    """The tree kernels of chunk_gla (gla.TREE) at the GPU's BT=64: with FAST_SPAN between the
+    spans of different (chunk, K tile) pairs, some take the one-reference fast path and others the
+    tree in the same call (checked here from the inputs); the tree alone (FAST_SPAN=-1); scores
+    stored then the output stage (FUSED_FWD=False); the SUB_CHUNK kernels (TREE=False); the
+    one-kernel backward (FUSED_BWD) with mixed paths and with the tree alone; one launch per
+    stage (TREE_SPLIT=False) with mixed paths."""
+    from ssm_kernels.chunk import common, gla
+    monkeypatch.setattr(common, "INTERP_CHUNK", 64)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    B, T, H, K, V, span = 1, 200, 2, 72, 24, 46.0
+    if variant.startswith("fused_bwd"):
+        monkeypatch.setattr(gla, "FUSED_BWD", True)
+    if variant == "no_split":          # one launch per stage, fast path or tree per K tile
+        monkeypatch.setattr(gla, "TREE_SPLIT", False)
+    if variant in ("fast_and_tree", "fused_bwd", "no_split"):
+        monkeypatch.setattr(gla, "FAST_SPAN", span)
+        torch.manual_seed(3)                     # the draw compare_to_reference makes next
+        q, k, v, g2, _ = make(B, T, H, K, V, torch.float32, "gla")
+        gc = torch.cat([c.cumsum(1) for c in g2.split(64, dim=1)], 1) * 1.4426950408889634
+        spans = []
+        for c0 in range(0, T, 64):
+            blk = gc[:, c0:c0 + 64]
+            d = -blk[:, -1]                      # [B, H, K] (gla.decay_span)
+            spans += [float(x) for x in d.split(32, dim=-1)[0].amax(-1).flatten()]
+            spans += [float(x) for x in d.split(32, dim=-1)[1].amax(-1).flatten()]
+        assert min(spans) <= span < max(spans), spans
+        torch.manual_seed(3)
+    elif variant in ("tree_only", "fused_bwd_tree_only"):
+        monkeypatch.setattr(gla, "FAST_SPAN", -1.0)
+    elif variant == "unfused":
+        monkeypatch.setattr(gla, "FUSED_FWD", False)
+    else:
+        monkeypatch.setattr(gla, "TREE", False)
+    compare_to_reference(backend, "gla", B, T, H, K, V)
+
 _COMPILE_SCRIPT = r'''
 import sys, time, triton
 from triton.compiler import ASTSource
@@ -607,6 +647,10 @@ for mode in only:
         for d4 in (True, False):
             build(Gl._intra_kernel, dict(gl, DT=tl.bfloat16, IEEE=0, DIAG4=d4), 8)
             build(Gl._dqkg_kernel, dict(gl, BV=64, DT=tl.bfloat16, IEEE=0, DIAG4=d4), 8, 1)
+        tr = dict(IS_VARLEN=True, BT=BT, NLEV=6, BK=32, DT=tl.bfloat16, IEEE=0, FAST_SPAN=40.0)
+        build(Gl._intra_tree_kernel, tr, 8, 1)
+        build(Gl._fwd_tree_kernel, dict(tr, BV=128), 8, 1)
+        build(Gl._dqkg_tree_kernel, dict(tr, BV=64), 8, 1)
     else:
         build(Bw._dqk_kernel, dict(base, HAS_VS=ssd, SUB=16, BK=BKF, BV=64), 8)
 print("compiled")

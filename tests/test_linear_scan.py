@@ -93,7 +93,7 @@ def test_kernel_backward_algebra_matches_reference_backward(backend):
     h, hT = linear_scan_fwd_ref(a, b, h0, False)
     dh, dhT = torch.randn_like(h), torch.randn_like(hT)
     ref = linear_scan_bwd_ref(a, h, h0, dh, dhT, False)
-    out = torch.ops.ssm_kernels.linear_scan_bwd(a, h.contiguous(), h0, dh, dhT, False, backend)
+    out = torch.ops.ssm_kernels.linear_scan_bwd(a, h.contiguous(), h0, dh, dhT, 1, False, backend)
     for o, r in zip(out, ref):
         assert_close(o, r.double(), dtype=torch.float32)
 

@@ -479,6 +479,41 @@ def test_gpu_forward_variants(variant, cplx, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", [2, 3])
+@pytest.mark.parametrize("case", ["bf16 L=2049", "fp32 L=4097 no z", "bf16 varlen"])
+def test_gpu_cuda_backward_variants_bitwise(variant, case):
+    """The CUDA backward's variants 2 and 3 (N <= 16, B and C time-varying; selective_scan_bwd.cu
+    kIO) compute every value with variant 0's expressions: all outputs and gradients bitwise equal."""
+    from ssm_kernels._backend import cuda_extension
+    ext = cuda_extension()
+    if "cuda" not in SCAN_KERNELS or ext is None or not hasattr(ext, "selective_scan_bwd_variant"):
+        pytest.skip("needs the CUDA extension with backward variants")
+    cu = None
+    if case == "bf16 L=2049":
+        inp = make_inputs(batch=2, dim=80, L=2049, N=16, dtype=torch.bfloat16, bc="var")
+    elif case == "fp32 L=4097 no z":
+        inp = make_inputs(batch=2, dim=40, L=4097, N=13, bc="group", groups=2, z=False)
+    else:
+        cu = torch.tensor([0, 1, 700, 2049, 3000], dtype=torch.int32, device=DEVICE)
+        inp = make_inputs(batch=1, dim=72, L=3000, N=16, dtype=torch.bfloat16, bc="group", groups=2)
+        inp["initial_state"] = torch.randn(4, 72, 16, device=DEVICE)
+    nseq = inp["u"].shape[0] if cu is None else 4
+    cot = (torch.randn(inp["u"].shape, device=DEVICE),
+           torch.randn(nseq, inp["u"].shape[1], inp["A"].shape[1], device=DEVICE))
+    prev = ext.selective_scan_bwd_variant(0)
+    try:
+        base = run(sk.selective_scan_fn, inp, True, cot, cu, backend="cuda")
+        assert ext.selective_scan_bwd_variant(variant) == 0
+        assert ext.selective_scan_bwd_variant(variant) == variant
+        got = run(sk.selective_scan_fn, inp, True, cot, cu, backend="cuda")
+    finally:
+        ext.selective_scan_bwd_variant(prev)
+    assert set(got) == set(base)
+    for k in base:
+        assert torch.equal(got[k], base[k]), k
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", SCAN_KERNELS)
 def test_gpu_varlen(backend):
     cu = torch.tensor([0, 1, 700, 2049, 3000], dtype=torch.int32, device=DEVICE)

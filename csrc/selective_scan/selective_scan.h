@@ -35,18 +35,8 @@ struct SelectiveScanFwdParams {
 // Return cudaSuccess or the launch error. Requires 1 <= N <= 256.
 cudaError_t selective_scan_fwd_cuda(const SelectiveScanFwdParams& p, DType dtype, cudaStream_t stream);
 
-// Forward kernel variant (issue 9 experiments; bench/gpu_sscan_variants.py). 0 = the default
-// kernel; for N <= 16 only (other N always run variant 0): 1 = variant 0's kernel with 8 states x
-// 2 lanes per channel in 64-thread blocks; 2 = lean (selective_scan_fwd_lean.cu) at variant 0's
-// layout (4 states x 4 lanes); 3 = lean with 8 x 2 in 64-thread blocks; 4 = lean with 2 x 8;
-// 5, 6 = lean 4 x 4 / 8 x 2 pipelined (next chunk converted inside the compute loop); 7 = 6
-// with 16-step chunks (less shared memory: 5 blocks per SM instead of 3).
-// The first query reads SSM_KERNELS_SSCAN_VARIANT (default 0). set >= 0 sets it; returns the
-// variant in force before the call. Host-side global: not per stream, not thread safe.
-constexpr int kSelectiveScanFwdVariants = 8;
-int selective_scan_fwd_variant(int set = -1);
-// The lean kernels (variants 2..7; N <= 16); selective_scan_fwd_cuda dispatches to them.
-cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType dtype, int variant,
+// N <= 16 (selective_scan_fwd_lean.cu); selective_scan_fwd_cuda dispatches to it.
+cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType dtype,
                                          cudaStream_t stream);
 
 // Backward. Gradients in the storage dtype: du, ddelta, dz (like u), time-varying dB/dC (like B/C);
@@ -93,11 +83,12 @@ struct SelectiveScanBwdParams {
   bool softplus = false;
 };
 
-// Backward kernel variant (issue 9): 0 = default; 1 = lean I/O (staging, convert and output as in
-// the lean forward; same arithmetic, bitwise equal) for N <= 16 with B and C both time-varying
-// (others run 0). First query reads SSM_KERNELS_SSCAN_BWD_VARIANT; set >= 0 sets; returns the
-// previous value. Host-side global.
-constexpr int kSelectiveScanBwdVariants = 2;
+// Backward kernel variant (issue 9): 0 = default; 2 = fused I/O (selective_scan_bwd.cu, kFuse:
+// lean staging/convert, du/ddelta/dz and dB/dC partials written from pass 2; same arithmetic,
+// bitwise equal) for N <= 16 with B and C both time-varying (others run 0). (1, the lean I/O
+// with pointers kept live, was slower and is gone.) The first query reads
+// SSM_KERNELS_SSCAN_BWD_VARIANT (0 or 2; anything else is 0); set = 0 or 2 sets it; returns the
+// previous value. Host-side global: not per stream, not thread safe.
 int selective_scan_bwd_variant(int set = -1);
 
 // Channels per block of the backward for this N (the partials of time-varying dB/dC have

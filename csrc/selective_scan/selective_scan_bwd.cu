@@ -37,7 +37,10 @@ constexpr int kWarps = kThreads / 32;
 
 constexpr size_t align16(size_t x) { return (x + 15) / 16 * 16; }
 
-template <typename T, int kNPT, int kTPC, int kChunk, int kS>
+// kDirect (backward variant 3): no raw staging buffer (the convert reads global memory, the next
+// chunk is prefetched to L2) and no softplus'/dz tile (q's 4th slot holds softplus'; the owner
+// lane reloads u, z, dout): 68 KB instead of 105 KB at N <= 16 bf16, so 3 blocks per SM.
+template <typename T, int kNPT, int kTPC, int kChunk, int kS, bool kDirect = false>
 struct BwdLayout {
   static constexpr int kD = kThreads / kTPC;      // channels per block
   static constexpr int kNP = kNPT * kTPC;         // states per channel, padded
@@ -54,9 +57,9 @@ struct BwdLayout {
   static constexpr int kItems = kG * kNPT;
   static constexpr int kOwn = kItems / kCW;       // items a lane keeps after it
   static constexpr int kWP = kWarps * 2 * kS * kNP;  // per-warp dB/dC partials of one sub-chunk
-  static constexpr size_t oQ = align16(sizeof(T) * kRows * kRowEl);
+  static constexpr size_t oQ = kDirect ? 0 : align16(sizeof(T) * kRows * kRowEl);
   static constexpr size_t oF = oQ + sizeof(float4) * kD * kQP;
-  static constexpr size_t oB = align16(oF + sizeof(float2) * kD * kQP);
+  static constexpr size_t oB = align16(oF + (kDirect ? 0 : sizeof(float2) * kD * kQP));
   static constexpr size_t oC = oB + sizeof(float) * kBC;
   static constexpr size_t oSt = oC + sizeof(float) * kBC;
   static constexpr size_t oWp = oSt + sizeof(float) * kNSub * kD * kNP;
@@ -69,21 +72,68 @@ struct BwdLayout {
   static_assert(kBytes <= 227 * 1024, "shared memory per block");
 };
 
-// kLean (backward variant 1, SSM_KERNELS_SSCAN_BWD_VARIANT; bench/NOTES.md "backward variant 1"):
-// the same passes with the forward lean kernel's I/O: staging from per-thread rows (pointers set
-// once), convert in tasks of 8 steps with 16-byte smem loads and no per-step branches on full
-// chunks, du/ddelta/dz and the dB/dC partials written with 16-byte stores when aligned. The
-// arithmetic is expression for expression that of kLean = false (bitwise equal results).
-template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, bool kLean = false>
-__global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
-  using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS>;
+// The thread index through an opaque read: values derived from it inside the chunk loop are
+// recomputed per chunk instead of being hoisted out of the loop and kept live (in registers)
+// through pass 2, the register peak.
+__device__ __forceinline__ int opaque_tid() {
+  int t;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+  return t;
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* ptr) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
+}
+
+// 8 consecutive elements from global memory: one or two 16-byte loads when `vec` (16-byte
+// aligned) and all 8 are inside the sequence, else the first nval scalar (the rest 0)
+template <typename T>
+__device__ __forceinline__ void gload8(const T* src, bool vec, int nval, float (&v)[8]) {
+  if (vec && nval >= 8) {
+    load8(src, 0, 0, v);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = i < nval ? to_float(src[i]) : 0.f;
+  }
+}
+
+// two consecutive elements, one 4-byte (8-byte for float) store; dst aligned to that; the same
+// round-to-nearest conversions as from_float
+__device__ __forceinline__ void store2(__nv_bfloat16* dst, float a, float b) {
+  *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(a, b);
+}
+__device__ __forceinline__ void store2(__half* dst, float a, float b) {
+  *reinterpret_cast<__half2*>(dst) = __floats2half2_rn(a, b);
+}
+__device__ __forceinline__ void store2(float* dst, float a, float b) {
+  *reinterpret_cast<float2*>(dst) = make_float2(a, b);
+}
+
+// kIO 2 = kFuse (backward variant 2, SSM_KERNELS_SSCAN_BWD_VARIANT=2; N <= 16, B and C time-varying;
+// bench/NOTES.md "backward variant 2"): the same passes and arithmetic with the I/O cut down:
+//   - staging by owner rows (RowStager, as the lean forward) with the row pointers recomputed per
+//     chunk from an opaque thread index (variant 1 kept them live: 255 registers + spills);
+//   - convert in tasks of 8 steps (16-byte smem loads, no per-step branches on full chunks);
+//   - du, ddelta, dz stored to global memory by the owner lane straight from pass 2 (no s_q
+//     write-back, no output pass, no barrier after the last sub-chunk);
+//   - the per-sub-chunk sum of the 4 warps' dB/dC partials as straight-line code whose result
+//     goes straight to the float32 partial buffer (no s_B/s_C write-back, no output pass).
+// kIO 3 (variant 3) = kIO 2 + kDirect (BwdLayout): 3 blocks per SM (launch bounds: <= 168
+// registers). Every value is computed by the same expression as kIO 0: bitwise equal gradients.
+// The body is a device function so that each kIO gets its own launch bounds (kIO 0 keeps plain
+// __launch_bounds__(128): with a min-blocks of 1, ptxas goes to 255 registers and spills).
+template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO>
+__device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdParams& p) {
+  constexpr bool kFuse = kIO >= 2, kDirect = kIO == 3;
+  using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS, kDirect>;
   constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl, kNV = Lay::kNV;
   constexpr int kRows = Lay::kRows, kQP = Lay::kQP, kBP = Lay::kBP;
   constexpr int kCW = Lay::kCW, kG = Lay::kG, kItems = Lay::kItems, kOwn = Lay::kOwn;
   extern __shared__ __align__(16) unsigned char smem[];
   T* raw = reinterpret_cast<T*>(smem);
-  float4* s_q = reinterpret_cast<float4*>(smem + Lay::oQ);  // (dt, dt u, dy, u) -> (du, ddt, dz, -)
-  float2* s_f = reinterpret_cast<float2*>(smem + Lay::oF);  // (softplus', dz / (y + D u))
+  // (dt, dt u, dy, u) -> (du, ddt, dz, -); kDirect: (dt, dt u, dy, softplus'), read only
+  float4* s_q = reinterpret_cast<float4*>(smem + Lay::oQ);
+  float2* s_f = reinterpret_cast<float2*>(smem + Lay::oF);  // (softplus', dz / (y + D u)); !kDirect
   float* s_B = reinterpret_cast<float*>(smem + Lay::oB);    // B [t][n] (or [ch][n]); later dB [t][n]
   float* s_C = reinterpret_cast<float*>(smem + Lay::oC);
   float* s_st = reinterpret_cast<float*>(smem + Lay::oSt);  // [sub-chunk][ch][n] states
@@ -152,45 +202,61 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
 
   const int ush = static_cast<int>(ubase & (kV - 1)), lsh = static_cast<int>(L & (kV - 1));
   const int bsh = static_cast<int>(bcbase & (kV - 1));
-  RowStager<T, kRows, kThreads, kRowEl> rows;  // lean staging (unused otherwise)
-  if constexpr (kLean) {
-    rows.init(tid, [&](int row, const T*& src, int64_t& e, bool& ok) {
-      if (row < 4 * kD) {
-        const int kind = row / kD, r = row % kD;
-        src = kind == 0 ? gu : (kind == 1 ? gdelta : (kind == 2 ? gz : gdout));
-        ok = r < nch && (kind != 2 || has_z);
-        e = ubase + r * L;
-      } else {
-        const int q = row - 4 * kD, which = q / kNP, n = q % kNP;
-        src = which ? gC : gB;
-        ok = n < N && (which ? C_var : B_var);
-        e = bcbase + n * L;
+  // raw row -> (tensor, element offset at time 0, read?); kFuse staging / kDirect prefetch
+  auto row_of = [&](int row, const T*& src, int64_t& e, bool& ok) {
+    if (row < 4 * kD) {
+      const int kind = row / kD, r = row % kD;
+      src = kind == 0 ? gu : (kind == 1 ? gdelta : (kind == 2 ? gz : gdout));
+      ok = r < nch && (kind != 2 || has_z);
+      e = ubase + r * L;
+    } else {
+      const int q = row - 4 * kD, which = q / kNP, n = q % kNP;
+      src = which ? gC : gB;
+      ok = n < N && (which ? C_var : B_var);
+      e = bcbase + n * L;
+    }
+  };
+  auto stage = [&](int64_t c0, int len) {  // the chunk at c0 -> raw buffer (kDirect: -> L2)
+    if constexpr (kDirect) {  // L2 prefetch of the chunk's rows (128-byte lines)
+      for (int row = opaque_tid(); row < kRows; row += kThreads) {
+        const T* src;
+        int64_t e;
+        bool ok;
+        row_of(row, src, e, ok);
+        if (!ok) continue;
+        const uintptr_t a = reinterpret_cast<uintptr_t>(src + e + c0);
+        const uintptr_t end = reinterpret_cast<uintptr_t>(src + e + c0 + len);
+        for (uintptr_t q = a & ~static_cast<uintptr_t>(127); q < end; q += 128)
+          prefetch_l2(reinterpret_cast<const void*>(q));
       }
-    });
-  }
-  auto stage = [&](int64_t c0, int len) {  // cp.async of the chunk at c0 into the raw buffer
-    if constexpr (kLean) rows.issue(raw, tid, c0, len);
-    for (int i = tid; i < (kLean ? 0 : kRows * kNV); i += kThreads) {
-      const int row = i / kNV, j = i % kNV;
-      const T* src;
-      int64_t e;
-      bool ok;
-      if (row < 4 * kD) {
-        const int kind = row / kD, r = row % kD;
-        src = kind == 0 ? gu : (kind == 1 ? gdelta : (kind == 2 ? gz : gdout));
-        ok = r < nch && (kind != 2 || has_z);
-        e = ubase + r * L + c0;
-      } else {
-        const int q = row - 4 * kD, which = q / kNP, n = q % kNP;
-        src = which ? gC : gB;
-        ok = n < N && (which ? C_var : B_var);
-        e = bcbase + n * L + c0;
+    } else if constexpr (kFuse) {
+      const int otid = opaque_tid();
+      RowStager<T, kRows, kThreads, kRowEl> rows;
+      rows.init(otid, row_of);
+      rows.issue(raw, otid, c0, len);
+    } else {
+      for (int i = tid; i < kRows * kNV; i += kThreads) {
+        const int row = i / kNV, j = i % kNV;
+        const T* src;
+        int64_t e;
+        bool ok;
+        if (row < 4 * kD) {
+          const int kind = row / kD, r = row % kD;
+          src = kind == 0 ? gu : (kind == 1 ? gdelta : (kind == 2 ? gz : gdout));
+          ok = r < nch && (kind != 2 || has_z);
+          e = ubase + r * L + c0;
+        } else {
+          const int q = row - 4 * kD, which = q / kNP, n = q % kNP;
+          src = which ? gC : gB;
+          ok = n < N && (which ? C_var : B_var);
+          e = bcbase + n * L + c0;
+        }
+        const int shift = static_cast<int>(e & (kV - 1));
+        const int valid = shift + len - j * kV;
+        if (!ok || valid <= 0) continue;
+        cp_async16(raw + row * kRowEl + j * kV, src + (e - shift) + j * kV,
+                   (valid < kV ? valid : kV) * static_cast<int>(sizeof(T)));
       }
-      const int shift = static_cast<int>(e & (kV - 1));
-      const int valid = shift + len - j * kV;
-      if (!ok || valid <= 0) continue;
-      cp_async16(raw + row * kRowEl + j * kV, src + (e - shift) + j * kV,
-                 (valid < kV ? valid : kV) * static_cast<int>(sizeof(T)));
     }
   };
 
@@ -208,21 +274,30 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
     __syncthreads();  // chunk c has landed; chunk c+1's tiles are consumed
 
     // ---- convert: per (d, t) q = (dt, dt u, dy, u), f = (softplus', dz / y); B, C [t][n]
-    if constexpr (kLean) {
+    if constexpr (kFuse) {
+      const int tid = opaque_tid();  // (shadows tid: nothing of this phase is hoisted)
       for (int task = tid; task < kD * (kChunk / 8); task += kThreads) {
         const int r = task % kD, t0 = (task / kD) * 8;
         const int sh = (ush + r * lsh) & (kV - 1);  // == (ubase + r L) mod kV
-        const T* ru = raw + r * kRowEl;
-        float uu[8], dl[8], zz[8], dov[8];
-        load8(ru, t0, sh, uu);
-        load8(ru + kD * kRowEl, t0, sh, dl);
-        if (has_z) load8(ru + 2 * kD * kRowEl, t0, sh, zz);
-        load8(ru + 3 * kD * kRowEl, t0, sh, dov);
-        const float bias = s_bias[r];
         const int nval = r < nch ? len - t0 : 0;
+        float uu[8], dl[8], zz[8], dov[8];
+        if constexpr (kDirect) {
+          const int64_t e = ubase + r * L + c0 + t0;
+          gload8(gu + e, sh == 0, nval, uu);
+          gload8(gdelta + e, sh == 0, nval, dl);
+          if (has_z) gload8(gz + e, sh == 0, nval, zz);
+          gload8(gdout + e, sh == 0, nval, dov);
+        } else {
+          const T* ru = raw + r * kRowEl;
+          load8(ru, t0, sh, uu);
+          load8(ru + kD * kRowEl, t0, sh, dl);
+          if (has_z) load8(ru + 2 * kD * kRowEl, t0, sh, zz);
+          load8(ru + 3 * kD * kRowEl, t0, sh, dov);
+        }
+        const float bias = s_bias[r];
         float4* oq = s_q + r * kQP + t0;
         float2* of = s_f + r * kQP + t0;
-        auto one = [&](int i, bool valid) {  // the expressions of the kLean = false loop below
+        auto one = [&](int i, bool valid) {  // the expressions of the kFuse = false loop below
           float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
           float2 f = make_float2(0.f, 0.f);
           if (valid) {
@@ -238,11 +313,11 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
               dy = dov[i] * zz[i] * sig;
               dzf = dov[i] * sig * fmaf(zz[i], 1.f - sig, 1.f);
             }
-            q = make_float4(dt, dt * uu[i], dy, uu[i]);
+            q = make_float4(dt, dt * uu[i], dy, kDirect ? dsp : uu[i]);
             f = make_float2(dsp, dzf);
           }
           oq[i] = q;
-          of[i] = f;
+          if constexpr (!kDirect) of[i] = f;
         };
         if (nval >= 8 && p.softplus && has_z) {  // the Mamba case: no per-step branches
 #pragma unroll
@@ -251,8 +326,8 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
             const float dt = softplus_fast(x);
             const float dsp = x > 20.f ? 1.f : sigmoid_fast(x);
             const float sig = sigmoid_fast(zz[i]);
-            oq[i] = make_float4(dt, dt * uu[i], dov[i] * zz[i] * sig, uu[i]);
-            of[i] = make_float2(dsp, dov[i] * sig * fmaf(zz[i], 1.f - sig, 1.f));
+            oq[i] = make_float4(dt, dt * uu[i], dov[i] * zz[i] * sig, kDirect ? dsp : uu[i]);
+            if constexpr (!kDirect) of[i] = make_float2(dsp, dov[i] * sig * fmaf(zz[i], 1.f - sig, 1.f));
           }
         } else if (nval >= 8) {
 #pragma unroll
@@ -269,46 +344,52 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
           float* dst = (which ? s_C : s_B) + n;
           float v[8];
           const bool nok = n < N;
-          if (nok) load8(raw + (4 * kD + which * kNP + n) * kRowEl, t0, (bsh + n * lsh) & (kV - 1), v);
+          if constexpr (kDirect) {
+            gload8((which ? gC : gB) + bcbase + n * L + c0 + t0, ((bsh + n * lsh) & (kV - 1)) == 0,
+                   nok ? len - t0 : 0, v);
+          } else if (nok) {
+            load8(raw + (4 * kD + which * kNP + n) * kRowEl, t0, (bsh + n * lsh) & (kV - 1), v);
+          }
 #pragma unroll
           for (int i = 0; i < 8; ++i) dst[(t0 + i) * kBP] = (nok && t0 + i < len) ? v[i] : 0.f;
         }
       }
-    }
-    for (int i = tid; i < (kLean ? 0 : kD * kChunk); i += kThreads) {
-      const int r = i / kChunk, t = i % kChunk;
-      float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
-      float2 f = make_float2(0.f, 0.f);
-      if (t < len && r < nch) {
-        const int sh = static_cast<int>((ubase + r * L) & (kV - 1)) + t;
-        const float uu = to_float(raw[r * kRowEl + sh]);
-        const float x = to_float(raw[(kD + r) * kRowEl + sh]) + s_bias[r];
-        const float dout = to_float(raw[(3 * kD + r) * kRowEl + sh]);
-        float dt = x, dsp = 1.f;
-        if (p.softplus) {
-          dt = softplus_fast(x);
-          dsp = x > 20.f ? 1.f : sigmoid_fast(x);
+    } else {
+      for (int i = tid; i < kD * kChunk; i += kThreads) {
+        const int r = i / kChunk, t = i % kChunk;
+        float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
+        float2 f = make_float2(0.f, 0.f);
+        if (t < len && r < nch) {
+          const int sh = static_cast<int>((ubase + r * L) & (kV - 1)) + t;
+          const float uu = to_float(raw[r * kRowEl + sh]);
+          const float x = to_float(raw[(kD + r) * kRowEl + sh]) + s_bias[r];
+          const float dout = to_float(raw[(3 * kD + r) * kRowEl + sh]);
+          float dt = x, dsp = 1.f;
+          if (p.softplus) {
+            dt = softplus_fast(x);
+            dsp = x > 20.f ? 1.f : sigmoid_fast(x);
+          }
+          float dy = dout, dzf = 0.f;
+          if (has_z) {
+            const float zz = to_float(raw[(2 * kD + r) * kRowEl + sh]);
+            const float sig = sigmoid_fast(zz);
+            dy = dout * zz * sig;
+            dzf = dout * sig * fmaf(zz, 1.f - sig, 1.f);
+          }
+          q = make_float4(dt, dt * uu, dy, uu);
+          f = make_float2(dsp, dzf);
         }
-        float dy = dout, dzf = 0.f;
-        if (has_z) {
-          const float zz = to_float(raw[(2 * kD + r) * kRowEl + sh]);
-          const float sig = sigmoid_fast(zz);
-          dy = dout * zz * sig;
-          dzf = dout * sig * fmaf(zz, 1.f - sig, 1.f);
-        }
-        q = make_float4(dt, dt * uu, dy, uu);
-        f = make_float2(dsp, dzf);
+        s_q[r * kQP + t] = q;
+        s_f[r * kQP + t] = f;
       }
-      s_q[r * kQP + t] = q;
-      s_f[r * kQP + t] = f;
-    }
-    if (!kLean && (B_var || C_var)) {
-      for (int i = tid; i < kNP * kChunk; i += kThreads) {
-        const int n = i / kChunk, t = i % kChunk;
-        const bool ok = t < len && n < N;
-        const int sh = static_cast<int>((bcbase + n * L) & (kV - 1)) + t;
-        if (B_var) s_B[t * kBP + n] = ok ? to_float(raw[(4 * kD + n) * kRowEl + sh]) : 0.f;
-        if (C_var) s_C[t * kBP + n] = ok ? to_float(raw[(4 * kD + kNP + n) * kRowEl + sh]) : 0.f;
+      if (B_var || C_var) {
+        for (int i = tid; i < kNP * kChunk; i += kThreads) {
+          const int n = i / kChunk, t = i % kChunk;
+          const bool ok = t < len && n < N;
+          const int sh = static_cast<int>((bcbase + n * L) & (kV - 1)) + t;
+          if (B_var) s_B[t * kBP + n] = ok ? to_float(raw[(4 * kD + n) * kRowEl + sh]) : 0.f;
+          if (C_var) s_C[t * kBP + n] = ok ? to_float(raw[(4 * kD + kNP + n) * kRowEl + sh]) : 0.f;
+        }
       }
     }
     __syncthreads();  // tiles ready; the raw buffer is free
@@ -384,6 +465,27 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
         }
       }
       reduce_scatter_lanes<kTPC, 1>(yv, slice);  // sum over n of y, per step
+      constexpr int kMine = kS >= kTPC ? kS / kTPC : 1;
+      constexpr int kRep = kS >= kTPC ? 1 : kTPC / kS;  // lanes holding the same sums
+      const int j0 = kS >= kTPC ? slice * kMine : slice / kRep;
+      const bool owner = (slice % kRep) == 0;
+      // kDirect: the owner's u, z, dout of its steps, loaded here so that the reduce-scatters
+      // below (adjoint, sums) cover the (L2) latency
+      [[maybe_unused]] T lu[kMine], lz[kMine], ldo[kMine];
+      if constexpr (kDirect) {
+#pragma unroll
+        for (int o = 0; o < kMine; ++o) {
+          const int t = sc * kS + j0 + o;
+          if (owner && ch_ok && t < len) {
+            const int64_t e = ubase + ch * L + c0 + t;
+            lu[o] = gu[e];
+            if (has_z) {
+              lz[o] = gz[e];
+              ldo[o] = gdout[e];
+            }
+          }
+        }
+      }
       {
         float ib[kItems];
 #pragma unroll
@@ -422,42 +524,99 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
       // sums over n: d dt, g B per step, reduce-scattered over the channel's lanes
       reduce_scatter_lanes<kTPC, 1>(dv, slice);
       reduce_scatter_lanes<kTPC, 1>(gv, slice);
-      __syncwarp();  // every lane's reads of this sub-chunk's q precede the owners' writes
+      if constexpr (!kFuse) __syncwarp();  // every lane's reads of this sub-chunk's q precede the owners' writes
       {
-        constexpr int kMine = kS >= kTPC ? kS / kTPC : 1;
-        constexpr int kRep = kS >= kTPC ? 1 : kTPC / kS;  // lanes holding the same sums
-        const int j0 = kS >= kTPC ? slice * kMine : slice / kRep;
-        const bool owner = (slice % kRep) == 0;
         const float Dv = s_Dv[ch];
+        float odu[kMine], odd[kMine], odz[kMine];  // kFuse: this lane's outputs, stored below
 #pragma unroll
         for (int o = 0; o < kMine; ++o) {
           const int t = sc * kS + j0 + o;
           if (owner && ch_ok && t < len) {
             const float4 x = q_ch[t];
-            const float2 f = s_f[ch * kQP + t];
-            const float ddt = fmaf(dv[o], kLn2, x.w * gv[o]) * f.x;
+            float uu, dsp, dzf;  // u, softplus', dz / (y + D u): the convert's expressions
+            if constexpr (kDirect) {
+              uu = to_float(lu[o]);
+              dsp = x.w;
+              dzf = 0.f;
+              if (has_z) {
+                const float zz = to_float(lz[o]), dov = to_float(ldo[o]);
+                const float sig = sigmoid_fast(zz);
+                dzf = dov * sig * fmaf(zz, 1.f - sig, 1.f);
+              }
+            } else {
+              const float2 f = s_f[ch * kQP + t];
+              uu = x.w;
+              dsp = f.x;
+              dzf = f.y;
+            }
+            const float ddt = fmaf(dv[o], kLn2, uu * gv[o]) * dsp;
             const float du = fmaf(x.x, gv[o], Dv * x.z);
-            const float dz = f.y * fmaf(Dv, x.w, yv[o]);
-            dD_acc = fmaf(x.z, x.w, dD_acc);
+            const float dz = dzf * fmaf(Dv, uu, yv[o]);
+            dD_acc = fmaf(x.z, uu, dD_acc);
             dbias_acc += ddt;
-            s_q[ch * kQP + t] = make_float4(du, ddt, dz, 0.f);
+            if constexpr (kFuse) {
+              odu[o] = du; odd[o] = ddt; odz[o] = dz;
+            } else {
+              s_q[ch * kQP + t] = make_float4(du, ddt, dz, 0.f);
+            }
+          }
+        }
+        if constexpr (kFuse) {  // straight to global memory: du, ddelta, dz of (d, c0 + t0 + o)
+          static_assert(!kFuse || kMine == 2, "kFuse: two steps per owner lane");
+          const int t0 = sc * kS + j0;
+          if (owner && ch_ok && t0 < len) {
+            const int64_t e = ubase + ch * L + c0 + t0;
+            T* gdu = static_cast<T*>(p.du) + e;
+            T* gdd = static_cast<T*>(p.ddelta) + e;
+            T* gdz = static_cast<T*>(p.dz) + e;
+            // both steps in the sequence and e even (t0 is): one 4/8-byte store per output
+            if (t0 + 1 < len && ((ush + ch * lsh) & 1) == 0) {
+              store2(gdu, odu[0], odu[1]);
+              store2(gdd, odd[0], odd[1]);
+              if (has_z) store2(gdz, odz[0], odz[1]);
+            } else {
+#pragma unroll
+              for (int o = 0; o < kMine; ++o) {
+                if (t0 + o >= len) break;
+                gdu[o] = from_float<T>(odu[o]);
+                gdd[o] = from_float<T>(odd[o]);
+                if (has_z) gdz[o] = from_float<T>(odz[o]);
+              }
+            }
           }
         }
       }
       __syncthreads();  // the sub-chunk's per-warp dB/dC partials are complete
-      if constexpr (kLean) {  // B and C both varying; kS kNP == kThreads: item (which = k, tid)
-        static_assert(!kLean || (kMode == 1 && kS * kNP == kThreads), "lean warp sums");
-        const float* w0 = s_wp + buf * Lay::kWP + tid;
-        float* dst = s_B + (sc * kS + tid / kNP) * kBP + tid % kNP;
+      if constexpr (kFuse) {
+        // B and C both varying; 2 kS kNP == 2 kThreads items (which, step, n): thread tid sums
+        // which = tid / 64, n = (tid / 4) % 16, steps tl, tl + 1 (tl = 2 (tid % 4)) over the 4
+        // warps (the order of additions below) and stores them as one 8-byte pair, so a warp
+        // writes 8 rows x 32 bytes: whole sectors
+        static_assert(!kFuse || (kMode == 1 && kS == 8 && kNP == 16 && kThreads == 128),
+                      "lean warp sums");
+        const int tid = opaque_tid();
+        const int which = tid >> 6, n = (tid >> 2) & 15, tl = (tid & 3) * 2;
+        const float* w0 = s_wp + buf * Lay::kWP + which * kS * kNP + tl * kNP + n;
+        float acc[2];
 #pragma unroll
-        for (int k = 0; k < 2; ++k) {  // the same order of additions as below
-          float acc = w0[k * kS * kNP];
+        for (int j = 0; j < 2; ++j) {
+          acc[j] = w0[j * kNP];
 #pragma unroll
-          for (int w = 1; w < kWarps; ++w) acc += w0[w * 2 * kS * kNP + k * kS * kNP];
-          dst[k * Lay::kBC] = acc;  // s_C = s_B + kBC
+          for (int w = 1; w < kWarps; ++w) acc[j] += w0[w * 2 * kS * kNP + j * kNP];
+        }
+        const int t = sc * kS + tl;
+        if (n < N && t < len) {  // partials of (n, c0 + t, c0 + t + 1), straight to global memory
+          const int64_t e = pbase + n * L + c0 + t;
+          float* dst = (which ? p.dC_part : p.dB_part) + e;
+          if (t + 1 < len && (e & 1) == 0) {
+            store2(dst, acc[0], acc[1]);
+          } else {
+            dst[0] = acc[0];
+            if (t + 1 < len) dst[1] = acc[1];
+          }
         }
       }
-      if (!kLean && (B_var || C_var)) {  // add the warps in order; B/C of this sub-chunk are dead
+      if (!kFuse && (B_var || C_var)) {  // add the warps in order; B/C of this sub-chunk are dead
         const float* w0 = s_wp + buf * Lay::kWP;
         for (int i = tid; i < 2 * kS * kNP; i += kThreads) {
           const int which = i / (kS * kNP), tl = (i / kNP) % kS, n = i % kNP;
@@ -470,62 +629,14 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
       }
       buf ^= 1;
     }
+    if constexpr (kFuse) continue;  // outputs were written from pass 2 and the warp sums
     __syncthreads();  // du / ddt / dz and dB / dC tiles complete
 
     // ---- output
     T* gdu = static_cast<T*>(p.du);
     T* gdd = static_cast<T*>(p.ddelta);
     T* gdz = static_cast<T*>(p.dz);
-    if constexpr (kLean) {
-      // 16-byte stores where the whole 8-step run is inside the sequence and aligned
-      const bool vec = ush == 0 && lsh == 0 &&
-                       ((reinterpret_cast<uintptr_t>(gdu) | reinterpret_cast<uintptr_t>(gdd) |
-                         reinterpret_cast<uintptr_t>(gdz)) & 15) == 0;
-      for (int task = tid; task < kD * (kChunk / 8); task += kThreads) {
-        const int r = task % kD, t0 = (task / kD) * 8;
-        if (r >= nch || t0 >= len) continue;
-        const int64_t e = ubase + r * L + c0 + t0;
-        const float4* q = s_q + r * kQP + t0;
-        if (vec && t0 + 8 <= len) {
-          float a[8], bb[8], cc[8];
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            const float4 x = q[i];
-            a[i] = x.x; bb[i] = x.y; cc[i] = x.z;
-          }
-          store8(gdu + e, a);
-          store8(gdd + e, bb);
-          if (has_z) store8(gdz + e, cc);
-        } else {
-          for (int i = 0; i < 8 && t0 + i < len; ++i) {
-            const float4 x = q[i];
-            gdu[e + i] = from_float<T>(x.x);
-            gdd[e + i] = from_float<T>(x.y);
-            if (has_z) gdz[e + i] = from_float<T>(x.z);
-          }
-        }
-      }
-      if (B_var || C_var) {
-        const bool pvec = bsh == 0 && lsh == 0 &&
-                          ((reinterpret_cast<uintptr_t>(p.dB_part) |
-                            reinterpret_cast<uintptr_t>(p.dC_part)) & 15) == 0;
-        for (int task = tid; task < 2 * kNP * (kChunk / 8); task += kThreads) {
-          const int n = task % kNP, which = (task / kNP) & 1, t0 = (task / (2 * kNP)) * 8;
-          if (n >= N || t0 >= len || !(which ? C_var : B_var)) continue;
-          const float* src = (which ? s_C : s_B) + n;
-          float* dst = (which ? p.dC_part : p.dB_part) + pbase + n * L + c0 + t0;
-          if (pvec && t0 + 8 <= len) {
-            float v[8];
-#pragma unroll
-            for (int i = 0; i < 8; ++i) v[i] = src[(t0 + i) * kBP];
-            store8(dst, v);
-          } else {
-            for (int i = 0; i < 8 && t0 + i < len; ++i) dst[i] = src[(t0 + i) * kBP];
-          }
-        }
-      }
-    }
-    for (int i = tid; i < (kLean ? 0 : kD * kChunk); i += kThreads) {
+    for (int i = tid; i < kD * kChunk; i += kThreads) {
       const int r = i / kChunk, t = i % kChunk;
       if (t >= len || r >= nch) continue;
       const int64_t e = ubase + r * L + c0 + t;
@@ -534,7 +645,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
       gdd[e] = from_float<T>(q.y);
       if (has_z) gdz[e] = from_float<T>(q.z);
     }
-    if (!kLean && (B_var || C_var)) {
+    if (B_var || C_var) {
       for (int i = tid; i < kNP * kChunk; i += kThreads) {
         const int n = i / kChunk, t = i % kChunk;
         if (t >= len || n >= N) continue;
@@ -569,6 +680,16 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
   }
 }
 
+template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO>
+__global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const SelectiveScanBwdParams p) {
+  selective_scan_bwd_body<T, kNPT, kTPC, kChunk, kS, kMode, kIO>(p);
+}
+template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO>
+__global__ void __launch_bounds__(kThreads, kIO == 3 ? 3 : 2)
+    selective_scan_bwd_kernel_mb(const SelectiveScanBwdParams p) {  // kIO 2, 3: min blocks per SM
+  selective_scan_bwd_body<T, kNPT, kTPC, kChunk, kS, kMode, kIO>(p);
+}
+
 // ---- deterministic partial sums: dst[i] = cast(sum_{j < parts} src[j * stride + i]), j in order
 
 struct SumJob {
@@ -597,14 +718,23 @@ __global__ void __launch_bounds__(256) sum_parts_kernel(const SumJobs jobs) {
   }
 }
 
-template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, bool kLean = false>
+template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO = 0>
 cudaError_t launch_mode(const SelectiveScanBwdParams& p, cudaStream_t stream) {
-  using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS>;
+  using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS, kIO == 3>;
   if (p.ck_len != kChunk) return cudaErrorInvalidValue;
-  auto kernel = selective_scan_bwd_kernel<T, kNPT, kTPC, kChunk, kS, kMode, kLean>;
+  auto kernel = [] {
+    if constexpr (kIO == 0) return selective_scan_bwd_kernel<T, kNPT, kTPC, kChunk, kS, kMode, kIO>;
+    else return selective_scan_bwd_kernel_mb<T, kNPT, kTPC, kChunk, kS, kMode, kIO>;
+  }();
   if (Lay::kBytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Lay::kBytes));
+    if (err != cudaSuccess) return err;
+  }
+  if constexpr (kIO != 0) {  // the variants count on 2 (kIO 2) / 3 (kIO 3) blocks per SM: ask
+    // for the largest shared-memory carveout (a hint; the driver usually picks it anyway)
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
     if (err != cudaSuccess) return err;
   }
   const int64_t DG = p.dim / p.groups;
@@ -661,10 +791,10 @@ int selective_scan_bwd_variant(int set) {
   if (g_bwd_variant < 0) {
     const char* env = std::getenv("SSM_KERNELS_SSCAN_BWD_VARIANT");
     const int v = env ? std::atoi(env) : 0;
-    g_bwd_variant = (v >= 0 && v < kSelectiveScanBwdVariants) ? v : 0;
+    g_bwd_variant = (v == 2 || v == 3) ? v : 0;
   }
   const int prev = g_bwd_variant;
-  if (set >= 0 && set < kSelectiveScanBwdVariants) g_bwd_variant = set;
+  if (set == 0 || set == 2 || set == 3) g_bwd_variant = set;
   return prev;
 }
 
@@ -679,10 +809,11 @@ cudaError_t selective_scan_bwd_cuda(const SelectiveScanBwdParams& p, DType dtype
   // buckets (states per thread, threads per channel, chunk = checkpoint spacing chunk_len(N),
   // sub-chunk kept in registers): kS * kNPT = 32 keeps a and P in 64 registers (16 for N > 128,
   // where 64 spilled)
-  const bool lean = selective_scan_bwd_variant() == 1 && p.N <= 16 && p.B_var && p.C_var;
+  const int v = (p.N <= 16 && p.B_var && p.C_var) ? selective_scan_bwd_variant() : 0;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (lean) err = launch_mode<T, 4, 4, 64, 8, 1, true>(p, stream);
+    if (v == 2) err = launch_mode<T, 4, 4, 64, 8, 1, 2>(p, stream);
+    else if (v == 3) err = launch_mode<T, 4, 4, 64, 8, 1, 3>(p, stream);
     else if (p.N <= 16) err = launch<T, 4, 4, 64, 8>(p, stream);
     else if (p.N <= 32) err = launch<T, 8, 4, 32, 4>(p, stream);
     else if (p.N <= 64) err = launch<T, 8, 8, 32, 4>(p, stream);

@@ -1,4 +1,5 @@
-// selective scan forward: time-sequential, channel-parallel, states in registers.
+// selective scan forward for N > 16 (N <= 16 runs selective_scan_fwd_lean.cu, the same scheme
+// with leaner staging/convert/output): time-sequential, channel-parallel, states in registers.
 //
 // A block of 128 threads owns kD channels of one group of one sequence; thread (ch, slice) keeps
 // kNPT of the channel's states in float32 registers, kTPC = 128 / kD consecutive lanes share a
@@ -16,8 +17,6 @@
 // every ck_len-th step, for the backward) are written at chunk starts (kChunk divides ck_len; the
 // large-N variant checks inside the chunk). int64 offsets; no integer division in any loop over
 // time except by compile-time constants.
-#include <cstdlib>
-
 #include "selective_scan/selective_scan.h"
 #include "selective_scan/sscan_common.cuh"
 
@@ -28,9 +27,9 @@ using namespace sscan;
 
 constexpr int kThreads = 128;
 
-template <typename T, int kNPT, int kTPC, int kChunk, int kThr = kThreads>
+template <typename T, int kNPT, int kTPC, int kChunk>
 struct FwdLayout {
-  static constexpr int kD = kThr / kTPC;       // channels per block
+  static constexpr int kD = kThreads / kTPC;   // channels per block
   static constexpr int kNP = kNPT * kTPC;      // states per channel, padded
   static constexpr int kV = 16 / sizeof(T);    // elements per 16-byte vector
   static constexpr int kRowEl = kChunk + kV;   // raw row: aligned window covering one chunk
@@ -43,15 +42,14 @@ struct FwdLayout {
   static constexpr size_t kRawBytes = sizeof(T) * kRows * kRowEl;  // one buffer
   static constexpr size_t kBytes = 2 * kRawBytes + sizeof(float2) * kD * kDDP +
                                    sizeof(float) * (2 * kBC + kD * kYP + 2 * kD);
-  static_assert(kThr % kTPC == 0 && 32 % kTPC == 0, "a channel's lanes sit in one warp");
+  static_assert(kThreads % kTPC == 0 && 32 % kTPC == 0, "a channel's lanes sit in one warp");
   static_assert(kNPT % 4 == 0 && kChunk % kTPC == 0 && kChunk % kV == 0, "vector widths");
   static_assert((kRowEl * sizeof(T)) % 16 == 0 && (kD * kDDP) % 2 == 0, "16-byte alignment");
 };
 
-// kThr: threads per block (128; variant 1 runs 64 so that 8 states per lane keep 384 blocks)
-template <typename T, int kNPT, int kTPC, int kChunk, bool kInnerCk, int kThr = kThreads>
-__global__ void __launch_bounds__(kThr) selective_scan_fwd_kernel(const SelectiveScanFwdParams p) {
-  using Lay = FwdLayout<T, kNPT, kTPC, kChunk, kThr>;
+template <typename T, int kNPT, int kTPC, int kChunk, bool kInnerCk>
+__global__ void __launch_bounds__(kThreads) selective_scan_fwd_kernel(const SelectiveScanFwdParams p) {
+  using Lay = FwdLayout<T, kNPT, kTPC, kChunk>;
   constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl, kNV = Lay::kNV;
   constexpr int kRows = Lay::kRows, kDDP = Lay::kDDP, kBP = Lay::kBP, kYP = Lay::kYP;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -96,7 +94,7 @@ __global__ void __launch_bounds__(kThr) selective_scan_fwd_kernel(const Selectiv
     s_bias[tid] = (p.delta_bias && tid < nch) ? p.delta_bias[d0 + tid] : 0.f;
   }
   // time-invariant B/C (dim, N) float32: one row of kNP per channel, read with time stride 0
-  for (int i = tid; i < kD * kNP; i += kThr) {
+  for (int i = tid; i < kD * kNP; i += kThreads) {
     const int r = i / kNP, n = i % kNP;
     const bool ok = r < nch && n < N;
     if (!p.B_var) s_B[i] = ok ? static_cast<const float*>(p.B)[(d0 + r) * p.N + n] : 0.f;
@@ -125,7 +123,7 @@ __global__ void __launch_bounds__(kThr) selective_scan_fwd_kernel(const Selectiv
   // issue the cp.async copies of the chunk starting at c0 (len steps) into raw buffer `buf`
   auto stage = [&](int buf, int64_t c0, int len) {
     T* raw = raw0 + buf * (kRows * kRowEl);
-    for (int i = tid; i < kRows * kNV; i += kThr) {
+    for (int i = tid; i < kRows * kNV; i += kThreads) {
       const int row = i / kNV, j = i % kNV;
       const T* src;
       int64_t e;
@@ -168,7 +166,7 @@ __global__ void __launch_bounds__(kThr) selective_scan_fwd_kernel(const Selectiv
     cp_async_commit();
 
     // ---- convert: (dt, dt u) per (d, t); B, C as float32 [t][n]
-    for (int i = tid; i < kD * kChunk; i += kThr) {
+    for (int i = tid; i < kD * kChunk; i += kThreads) {
       const int r = i / kChunk, t = i % kChunk;
       float dt = 0.f, dtu = 0.f;
       if (t < len && r < nch) {
@@ -181,7 +179,7 @@ __global__ void __launch_bounds__(kThr) selective_scan_fwd_kernel(const Selectiv
       s_dd[r * kDDP + t] = make_float2(dt, dtu);
     }
     if (p.B_var || p.C_var) {
-      for (int i = tid; i < kNP * kChunk; i += kThr) {
+      for (int i = tid; i < kNP * kChunk; i += kThreads) {
         const int n = i / kChunk, t = i % kChunk;
         const bool ok = t < len && n < N;
         const int sh = static_cast<int>((bcbase + n * L) & (kV - 1)) + t;
@@ -225,7 +223,7 @@ __global__ void __launch_bounds__(kThr) selective_scan_fwd_kernel(const Selectiv
     __syncthreads();
 
     // ---- output: (y + D u) * silu(z)
-    for (int i = tid; i < kD * kChunk; i += kThr) {
+    for (int i = tid; i < kD * kChunk; i += kThreads) {
       const int r = i / kChunk, t = i % kChunk;
       if (t >= len || r >= nch) continue;
       const int64_t e = ubase + r * L;
@@ -249,12 +247,12 @@ __global__ void __launch_bounds__(kThr) selective_scan_fwd_kernel(const Selectiv
   }
 }
 
-template <typename T, int kNPT, int kTPC, int kChunk, bool kInnerCk, int kThr = kThreads>
+template <typename T, int kNPT, int kTPC, int kChunk, bool kInnerCk>
 cudaError_t launch(const SelectiveScanFwdParams& p, cudaStream_t stream) {
-  using Lay = FwdLayout<T, kNPT, kTPC, kChunk, kThr>;
+  using Lay = FwdLayout<T, kNPT, kTPC, kChunk>;
   if (p.ckpt && !kInnerCk && (p.ck_len % kChunk) != 0) return cudaErrorInvalidValue;
   if (p.ckpt && (p.ck_len & (p.ck_len - 1)) != 0) return cudaErrorInvalidValue;
-  auto kernel = selective_scan_fwd_kernel<T, kNPT, kTPC, kChunk, kInnerCk, kThr>;
+  auto kernel = selective_scan_fwd_kernel<T, kNPT, kTPC, kChunk, kInnerCk>;
   if (Lay::kBytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Lay::kBytes));
@@ -263,40 +261,23 @@ cudaError_t launch(const SelectiveScanFwdParams& p, cudaStream_t stream) {
   const int64_t DG = p.dim / p.groups;
   const dim3 grid(static_cast<unsigned>((DG + Lay::kD - 1) / Lay::kD),
                   static_cast<unsigned>(p.groups), static_cast<unsigned>(p.nseq));
-  kernel<<<grid, kThr, Lay::kBytes, stream>>>(p);
+  kernel<<<grid, kThreads, Lay::kBytes, stream>>>(p);
   return cudaGetLastError();
 }
 
-int g_fwd_variant = -1;  // -1: not read from the environment yet
-
 }  // namespace
-
-int selective_scan_fwd_variant(int set) {
-  if (g_fwd_variant < 0) {
-    const char* env = std::getenv("SSM_KERNELS_SSCAN_VARIANT");
-    const int v = env ? std::atoi(env) : 0;
-    g_fwd_variant = (v >= 0 && v < kSelectiveScanFwdVariants) ? v : 0;
-  }
-  const int prev = g_fwd_variant;
-  if (set >= 0 && set < kSelectiveScanFwdVariants) g_fwd_variant = set;
-  return prev;
-}
 
 cudaError_t selective_scan_fwd_cuda(const SelectiveScanFwdParams& p, DType dtype, cudaStream_t stream) {
   if (p.N < 1 || p.N > 256) return cudaErrorInvalidValue;
+  // N <= 16: the lean kernel (selective_scan_fwd_lean.cu; same layout and arithmetic as the
+  // (4, 4, 32) bucket of this kernel, which it replaced)
+  if (p.N <= 16) return selective_scan_fwd_lean_cuda(p, dtype, stream);
   cudaError_t err = cudaSuccess;
-  const int variant = selective_scan_fwd_variant();
-  if (p.N <= 16 && variant >= 2) return selective_scan_fwd_lean_cuda(p, dtype, variant, stream);
-  if (p.N <= 16 && variant == 1) {  // 8 states per lane, 2 lanes per channel, 64-thread blocks
-    dispatch_dtype(dtype, [&](auto tag) { err = launch<decltype(tag), 8, 2, 32, false, 64>(p, stream); });
-    return err;
-  }
-  // four state-size buckets: (states per thread, threads per channel, chunk); the chunk divides
+  // three state-size buckets: (states per thread, threads per channel, chunk); the chunk divides
   // the checkpoint spacing chunk_len(N) (reference.py) except for N > 64, which checks per step
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (p.N <= 16) err = launch<T, 4, 4, 32, false>(p, stream);
-    else if (p.N <= 32) err = launch<T, 8, 4, 32, false>(p, stream);
+    if (p.N <= 32) err = launch<T, 8, 4, 32, false>(p, stream);
     else if (p.N <= 64) err = launch<T, 8, 8, 32, false>(p, stream);
     else err = launch<T, 16, 16, 16, true>(p, stream);
   });

@@ -1,8 +1,9 @@
-// selective scan forward, "lean" variants (issue 9; SSM_KERNELS_SSCAN_VARIANT 2-7, N <= 16).
+// selective scan forward for N <= 16 ("lean"; issue 9: was variant 2 of session 4's experiments,
+// bitwise equal to the general kernel in selective_scan_fwd.cu and 1.3-1.4x faster on the H100).
 //
-// Same recurrence, thread layout and inner loop as selective_scan_fwd.cu (variant 0: kTPC lanes
-// per channel, kNPT states per lane, chunks of 32 steps double-buffered with cp.async), with the
-// per-(d, t) work around the inner loop cut down -- in variant 0 it costs about as many
+// Same recurrence, thread layout and inner loop as selective_scan_fwd.cu (kTPC = 4 lanes per
+// channel, kNPT = 4 states per lane, chunks of 32 steps double-buffered with cp.async), with the
+// per-(d, t) work around the inner loop cut down -- in the general kernel it costs about as many
 // instructions as the recurrence itself (~8 of ~15.6 per update):
 //   - staging: each thread owns fixed raw rows, so the global source pointer, shift and enable
 //     are computed once per sequence (no per-chunk int64 index math, no div/mod by kNV);
@@ -13,16 +14,10 @@
 //   - output fused into the compute loop: after the y reduce-scatter, the lane that holds step t
 //     of its channel applies (y + D u) gate and stores it to global memory. This removes the y
 //     tile, its output pass and one of the three barriers per chunk.
-// Arithmetic is the same expression by expression as variant 0 (softplus_fast, sigmoid_fast,
-// fmaf(D, u, y) * gate, the same inner loop and reduce-scatter order), so outputs, final states
-// and checkpoints are meant to be bitwise equal to variant 0 at the same (kNPT, kTPC).
-// Variants: 2 = (kNPT 4, kTPC 4, 128 threads): variant 0's layout; 3 = (8, 2, 64 threads): twice
-// the independent chains per lane, a quarter of the y-reduction work, half the warps; 4 = (2, 8,
-// 128 threads): twice the warps (latency hiding by TLP), more reduction work per update; 5, 6 =
-// 2 and 3 pipelined (kPipe below; 73 KB of shared memory: 3 blocks per SM); 7 = 6 with chunks of
-// 16 steps (41 KB: 5 blocks per SM, so B=4 D=4096's 512 blocks fit one wave).
-#include <type_traits>
-
+// Arithmetic is the same expression by expression as the general kernel (softplus_fast,
+// sigmoid_fast, fmaf(D, u, y) * gate, the same inner loop and reduce-scatter order), so outputs,
+// final states and checkpoints are bitwise equal to it at the same (kNPT, kTPC) (checked on the
+// H100, session 5).
 #include "selective_scan/selective_scan.h"
 #include "selective_scan/sscan_common.cuh"
 
@@ -31,7 +26,7 @@ namespace {
 
 using namespace sscan;
 
-template <typename T, int kNPT, int kTPC, int kThr, int kChunk, bool kPipe>
+template <typename T, int kNPT, int kTPC, int kThr, int kChunk>
 struct LeanLayout {
   static constexpr int kD = kThr / kTPC;        // channels per block
   static constexpr int kNP = kNPT * kTPC;       // states per channel, padded
@@ -43,8 +38,7 @@ struct LeanLayout {
   static constexpr int kBP = kNP + 4;           // B/C pitch per step (float4 reads)
   // time-varying B/C tile [t][n]; time-invariant [ch][n] in conversion buffer 0's B/C tiles
   static constexpr int kBC = (kChunk * kBP > kD * kNP) ? kChunk * kBP : kD * kNP;
-  // kPipe: 3 raw buffers (chunk c+1 converted while c+2 lands) and 2 conversion buffers
-  static constexpr int kNRaw = kPipe ? 3 : 2, kNConv = kPipe ? 2 : 1;
+  static constexpr int kNRaw = 2, kNConv = 1;  // raw double buffer, one conversion buffer
   static constexpr size_t kRawBytes = sizeof(T) * kRows * kRowEl;
   static constexpr size_t kConvBytes = 2 * sizeof(float2) * kD * kDDP + 2 * sizeof(float) * kBC;
   static constexpr size_t kBytes = kNRaw * kRawBytes + kNConv * kConvBytes + sizeof(float) * kD;
@@ -65,19 +59,11 @@ __device__ __forceinline__ void lds_vec(float (&dst)[kN], const float* src) {
   }
 }
 
-__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::); }
-
 // kBCVar: B and C both time-varying (the Mamba case), known at compile time so the inner loop's
 // B/C tile reads take immediate offsets (no address arithmetic per step); else runtime strides.
-// kPipe (variants 5, 6): one barrier per chunk; chunk c+1 is converted by the same threads inside
-// chunk c's compute loop (a slice of the conversion after every kTPC steps, so the compiler
-// interleaves its ALU/MUFU work with the recurrence), from a third raw buffer, into the other of
-// two conversion buffers. Only when the next chunk is full, aligned, all channels valid, with
-// softplus and z (block-uniform test); otherwise the compute and then the generic conversion run
-// back to back in the same phase.
-template <typename T, int kNPT, int kTPC, int kThr, int kChunk, bool kBCVar, bool kPipe>
+template <typename T, int kNPT, int kTPC, int kThr, int kChunk, bool kBCVar>
 __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveScanFwdParams p) {
-  using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk, kPipe>;
+  using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk>;
   constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl;
   constexpr int kRows = Lay::kRows, kG = Lay::kG, kDDP = Lay::kDDP;
   constexpr int kBP = Lay::kBP;
@@ -244,26 +230,14 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
   T* po = static_cast<T*>(p.out) + ubase + ch * L + slice;
 
   // ---- compute chunk c0 (len steps) from conversion buffer cb; the lane holding step t of its
-  // channel's y writes out[t]. kInter: also convert the next (full, aligned) chunk from raw
-  // buffer rbn into conversion buffer cbn, a slice after every kTPC steps.
-  auto compute = [&](auto inter, int cb, int64_t c0, int len, int rbn, int cbn) {
-    constexpr bool kInter = decltype(inter)::value;
+  // channel's y writes out[t]
+  auto compute = [&](int cb, int64_t c0, int len) {
     const float2* dd = s_dd(cb) + ch * kDDP;
     const float2* ug = s_ug(cb) + ch * kDDP + slice;
     const float* pB = B_var ? s_B(cb) + slice * kNPT : s_B(0) + ch * kNP + slice * kNPT;
     const float* pC = C_var ? s_C(cb) + slice * kNPT : s_C(0) + ch * kNP + slice * kNPT;
     const int lim = ch_ok ? len - slice : 0;  // this lane stores step tg + slice iff tg < lim
     T* pout = po + c0;
-    // next-chunk conversion state (kInter): per-thread tasks as in convert()
-    constexpr int kGroups = kChunk / kTPC;
-    constexpr int kDDItems = Lay::kTasksDD * kG / kThr, kBCItems = Lay::kTasksBC * kG / kThr;
-    static_assert(!kInter || (Lay::kTasksDD % kThr == 0 && Lay::kTasksBC % kThr == 0 &&
-                              kDDItems % kGroups == 0 && kBCItems % kGroups == 0),
-                  "interleaved conversion: whole tasks per thread, whole items per group");
-    constexpr int kDDPer = kInter ? kDDItems / kGroups : 0, kBCPer = kInter ? kBCItems / kGroups : 0;
-    constexpr int kDDT = kInter ? kDDItems / kG : 1, kBCT = kInter ? kBCItems / kG : 1;
-    float cu[kDDT][kG], cdl[kDDT][kG], cz[kDDT][kG], cbias[kDDT], cbc[kBCT][kG];
-    const T* rawn = rawp(rbn);
 #pragma unroll
     for (int tg = 0; tg < kChunk; tg += kTPC) {
       float yv[kTPC];
@@ -288,85 +262,23 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
       if (has_D) y = fmaf(Dv, q.x, y);
       y *= q.y;
       if (tg < lim) pout[tg] = from_float<T>(y);
-      if constexpr (kInter) {
-        const int gi = tg / kTPC;
-#pragma unroll
-        for (int m = 0; m < kDDPer; ++m) {
-          const int jj = gi * kDDPer + m, k = jj / kG, i = jj % kG;
-          const int task = tid + k * kThr, r = task % kD, t0 = (task / kD) * kG;
-          const T* ru = rawn + r * kRowEl;
-          if (i == 0) {
-            load8(ru, t0, 0, cu[k]);
-            load8(ru + kD * kRowEl, t0, 0, cdl[k]);
-            load8(ru + 2 * kD * kRowEl, t0, 0, cz[k]);
-            cbias[k] = s_bias[r];
-          }
-          const float dt = softplus_fast(cdl[k][i] + cbias[k]);
-          s_dd(cbn)[r * kDDP + t0 + i] = make_float2(dt, dt * cu[k][i]);
-          s_ug(cbn)[r * kDDP + t0 + i] = make_float2(cu[k][i], cz[k][i] * sigmoid_fast(cz[k][i]));
-        }
-#pragma unroll
-        for (int m = 0; m < kBCPer; ++m) {
-          const int jj = gi * kBCPer + m, k = jj / kG, i = jj % kG;
-          const int task = tid + k * kThr;
-          const int n = task % kNP, which = (task / kNP) & 1, t0 = (task / (2 * kNP)) * kG;
-          const bool nok = n < N;
-          if (i == 0 && nok) load8(rawn + (3 * kD + which * kNP + n) * kRowEl, t0, 0, cbc[k]);
-          (which ? s_C(cbn) : s_B(cbn))[(t0 + i) * kBP + n] = nok ? cbc[k][i] : 0.f;
-        }
-      }
     }
   };
 
-  if constexpr (!kPipe) {
-    stage(0, 0, chunk_len(0));
+  stage(0, 0, chunk_len(0));
+  cp_async_commit();
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t c0 = c * kChunk;
+    const int len = chunk_len(c);
+    const int buf = static_cast<int>(c & 1);
+    cp_async_wait_all();
+    __syncthreads();  // chunk c landed; chunk c-1's converted tiles are consumed
+    if (c + 1 < nchunks) stage(buf ^ 1, c0 + kChunk, chunk_len(c + 1));
     cp_async_commit();
-    for (int64_t c = 0; c < nchunks; ++c) {
-      const int64_t c0 = c * kChunk;
-      const int len = chunk_len(c);
-      const int buf = static_cast<int>(c & 1);
-      cp_async_wait_all();
-      __syncthreads();  // chunk c landed; chunk c-1's converted tiles are consumed
-      if (c + 1 < nchunks) stage(buf ^ 1, c0 + kChunk, chunk_len(c + 1));
-      cp_async_commit();
-      convert(buf, 0, len);
-      if (ck_on && (c0 & ck_mask) == 0) save_ckpt(c0);
-      __syncthreads();
-      compute(std::false_type{}, 0, c0, len, 0, 0);
-    }
-  } else {
-    // fast interleaved conversion needs whole aligned vectors and every row present
-    const bool inter_ok = kBCVar && p.softplus && has_z && nch == kD && ush == 0 && lsh == 0 &&
-                          bsh == 0;
-    stage(0, 0, chunk_len(0));
-    cp_async_commit();
-    if (nchunks > 1) stage(1, kChunk, chunk_len(1));
-    cp_async_commit();
-    cp_async_wait_1();  // chunk 0 landed
+    convert(buf, 0, len);
+    if (ck_on && (c0 & ck_mask) == 0) save_ckpt(c0);
     __syncthreads();
-    convert(0, 0, chunk_len(0));
-    int rb = 0;  // raw buffer of chunk c
-    for (int64_t c = 0; c < nchunks; ++c) {
-      const int64_t c0 = c * kChunk;
-      const int len = chunk_len(c);
-      const int rb1 = rb == 2 ? 0 : rb + 1, rb2 = rb1 == 2 ? 0 : rb1 + 1;
-      const int cb = static_cast<int>(c & 1);
-      // raw buffer rb2 (chunk c-1's) was last read by chunk c-1's conversion, before the
-      // previous barrier
-      if (c + 2 < nchunks) stage(rb2, c0 + 2 * kChunk, chunk_len(c + 2));
-      cp_async_commit();
-      cp_async_wait_1();  // chunk c+1 landed (only chunk c+2's copies may be in flight)
-      __syncthreads();    // ... for every thread; chunk c converted; buffer cb ^ 1 consumed
-      if (ck_on && (c0 & ck_mask) == 0) save_ckpt(c0);
-      const bool next = c + 1 < nchunks;
-      if (next && inter_ok && chunk_len(c + 1) == kChunk) {
-        compute(std::true_type{}, cb, c0, len, rb1, cb ^ 1);
-      } else {
-        compute(std::false_type{}, cb, c0, len, 0, 0);
-        if (next) convert(rb1, cb ^ 1, chunk_len(c + 1));
-      }
-      rb = rb1;
-    }
+    compute(0, c0, len);
   }
   cp_async_wait_all();
 
@@ -378,12 +290,12 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
   }
 }
 
-template <typename T, int kNPT, int kTPC, int kThr, bool kBCVar, bool kPipe, int kChunk = 32>
+template <typename T, int kNPT, int kTPC, int kThr, bool kBCVar, int kChunk = 32>
 cudaError_t launch_lean(const SelectiveScanFwdParams& p, cudaStream_t stream) {
-  using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk, kPipe>;
+  using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk>;
   if (p.ckpt && ((p.ck_len % kChunk) != 0 || (p.ck_len & (p.ck_len - 1)) != 0))
     return cudaErrorInvalidValue;
-  auto kernel = sscan_fwd_lean_kernel<T, kNPT, kTPC, kThr, kChunk, kBCVar, kPipe>;
+  auto kernel = sscan_fwd_lean_kernel<T, kNPT, kTPC, kThr, kChunk, kBCVar>;
   if (Lay::kBytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Lay::kBytes));
@@ -398,27 +310,14 @@ cudaError_t launch_lean(const SelectiveScanFwdParams& p, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType dtype, int variant,
+cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType dtype,
                                          cudaStream_t stream) {
-  if (p.N < 1 || p.N > 16 || variant < 2 || variant > 7) return cudaErrorInvalidValue;
+  if (p.N < 1 || p.N > 16) return cudaErrorInvalidValue;
   cudaError_t err = cudaSuccess;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const bool v = p.B_var && p.C_var;
-    switch (variant) {
-      case 2: err = v ? launch_lean<T, 4, 4, 128, true, false>(p, stream)
-                      : launch_lean<T, 4, 4, 128, false, false>(p, stream); break;
-      case 3: err = v ? launch_lean<T, 8, 2, 64, true, false>(p, stream)
-                      : launch_lean<T, 8, 2, 64, false, false>(p, stream); break;
-      case 4: err = v ? launch_lean<T, 2, 8, 128, true, false>(p, stream)
-                      : launch_lean<T, 2, 8, 128, false, false>(p, stream); break;
-      case 5: err = v ? launch_lean<T, 4, 4, 128, true, true>(p, stream)
-                      : launch_lean<T, 4, 4, 128, false, true>(p, stream); break;
-      case 6: err = v ? launch_lean<T, 8, 2, 64, true, true>(p, stream)
-                      : launch_lean<T, 8, 2, 64, false, true>(p, stream); break;
-      default: err = v ? launch_lean<T, 8, 2, 64, true, true, 16>(p, stream)
-                       : launch_lean<T, 8, 2, 64, false, true, 16>(p, stream); break;
-    }
+    err = (p.B_var && p.C_var) ? launch_lean<T, 4, 4, 128, true>(p, stream)
+                               : launch_lean<T, 4, 4, 128, false>(p, stream);
   });
   return err;
 }

@@ -241,12 +241,14 @@ def _later_families(device):
                            lambda: sk.causal_conv1d_update(xs, cs, wd, None, "silu"))
 
 
-def run(out: Optional[str] = None, calls: int = 50) -> List[dict]:
+def run(out: Optional[str] = None, calls: int = 50, ops: Optional[List[str]] = None) -> List[dict]:
     if not torch.cuda.is_available():
         print("bench --overhead needs a CUDA GPU (it times CUDA-graph replay); nothing to do here.")
         return []
     rows = []
     for case in cases("cuda"):
+        if ops and case.op not in ops:
+            continue
         try:
             row = measure(case, calls)
         except Exception as e:
@@ -268,8 +270,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ssm_kernels.benchmarks.overhead")
     p.add_argument("--out", default="overhead.csv")
     p.add_argument("--calls", type=int, default=50, help="calls per timing (and per captured graph)")
+    p.add_argument("--ops", default="", help="comma-separated op names (default: all)")
     args = p.parse_args(argv)
-    run(args.out, args.calls)
+    run(args.out, args.calls, [o for o in args.ops.split(",") if o])
     return 0
 
 

@@ -269,6 +269,9 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Ten
         q, do, gg, vsa, Aa, d if dht is None else dht, dh, dh0, cu, co,
         p.T, p.H, p.HQ, p.K, p.V, float(scale), HAS_DHT=dht is not None, BK=m["BK"], BV=m["BV"],
         num_warps=4, **kw)
+    if p.gate == 2 and gla.use_fused_bwd(p):
+        dq, dk, dv, dg = gla.bwd_fused(p, q, k, v, do, g, h, dh, scale)
+        return dq, dk, dv, dg, dh0, None      # GATE 2 has no vs
     a = gla.intra_scores(p, q, k, g, scale) if p.gate == 2 else d
     dv = common.poison(torch.empty_like(v))
     dvs = None if vs is None else common.poison(torch.empty_like(vs))

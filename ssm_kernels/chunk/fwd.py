@@ -201,6 +201,8 @@ def chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor] = No
     if p.gate == 2:
         g = gla.chunk_cumsum(p, g)         # every later stage reads Gc
     h, ht = chunk_states(p, k, v, g, vs, A, h0)
+    if p.gate == 2 and gla.use_fused_fwd(p):
+        return gla.fwd_output(p, q, k, v, g, h, scale), ht
     a = gla.intra_scores(p, q, k, g, scale) if p.gate == 2 else _dummy(ht)
     o = common.poison(torch.empty_like(v))
     cu, _, ct = p.idx_args(ht)

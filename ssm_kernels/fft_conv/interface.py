@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._ops import cached_on_metadata, kernel_op
+from .._ops import _PLAIN, _is_compiling, cached_on_metadata, kernel_op
 from ..validation import check_same_device, check_shape, check_tensor, empty_result
 from .reference import fft_conv_bwd_ref, fft_conv_fwd_ref, vandermonde_grads, vandermonde_ref
 
@@ -44,22 +44,29 @@ MONARCH_MAX_N = {
 # tests and benchmarks force one path ("cufft" / "monarch" / "monarch16"); None: the table decides
 FORCE_PATH: Optional[str] = None
 # "monarch16" (monarch16.py): the on-chip fp16-tensor-core kernels for bf16 / fp16 storage with a
-# power-of-two transform size <= monarch16.MAX_N (8192: L <= 4096 with Lk <= L): the forward and,
-# for the same calls, the backward (du, dk, dD and the gates' gradients in one kernel per channel
-# slice + one inverse for dk). MONARCH16_BWD_CUFFT = True sends the backward of such calls back to
-# the cuFFT path (autograd then mixes paths; the backward recomputes everything from u, so nothing
-# is shared). OFF until bench/gpu_monarch.py has checked and timed it on the GPU; a GPU script
-# switches it with `ssm_kernels.fft_conv.interface.MONARCH16 = True`.
-MONARCH16 = False
+# power-of-two transform size <= monarch16.MAX_N (8192: L <= 4096 with Lk <= L): the forward and
+# the backward (du, dk, dD and the gates' gradients in one kernel per channel slice + one inverse
+# for dk). ON by default since the session-5 H100 run (B8 H768, D on, ms; all checks vs float64
+# passed): forward 0.069 / 0.168 / 0.284 at L = 1024 / 2048 / 4096 against torch's 0.346 / 0.661 /
+# 1.274 (the cuFFT path: 0.133 / - / 0.472 on the H200 in session 2); backward 0.101 / 0.329 / 0.880 against
+# the cuFFT backward's 0.468 / 0.490 / 0.942. With a post gate the monarch16 backward runs two more
+# transforms per pair (5 instead of 3) and at N = 8192 it lost: 1.687 vs the cuFFT backward's 1.340
+# (L = 4096, both gates); so a post-gated backward with N >= MONARCH16_BWD_CUFFT_POST_N goes
+# through the cuFFT path (autograd then mixes paths; the backward recomputes everything from u, so
+# nothing is shared). MONARCH16_BWD_CUFFT = True sends every backward to the cuFFT path (also under
+# FORCE_PATH = "monarch16"); MONARCH16 = False restores the pre-session-5 table (cuFFT path, old
+# Monarch forward up to MONARCH_MAX_N).
+MONARCH16 = True
 MONARCH16_BWD_CUFFT = False
+MONARCH16_BWD_CUFFT_POST_N = 8192
 
 
 @functools.lru_cache(maxsize=4096)
 def _auto_path(pass_: str, dtype: torch.dtype, L: int, Lk: int, monarch16: bool = False,
-               bwd_cufft: bool = False) -> str:
+               bwd_cufft: bool = False, post: bool = False, post_n: int = 0) -> str:
     if monarch16 and dtype in (torch.float16, torch.bfloat16) and not (pass_ == "bwd" and bwd_cufft):
-        from .monarch16 import supports
-        if supports(L, Lk):
+        from .monarch16 import supports, transform_size
+        if supports(L, Lk) and not (pass_ == "bwd" and post and transform_size(L, Lk) >= post_n):
             return "monarch16"
     from .triton import _prec, plan
     limit = MONARCH_MAX_N.get((pass_, dtype), 0)
@@ -70,15 +77,16 @@ def _auto_path(pass_: str, dtype: torch.dtype, L: int, Lk: int, monarch16: bool 
     return "cufft"
 
 
-def triton_path(pass_: str, u: Tensor, Lk: int) -> str:
+def triton_path(pass_: str, u: Tensor, Lk: int, post: bool = False) -> str:
     """The path ("cufft", "monarch" or "monarch16") the Triton backend takes for pass_ ("fwd" /
-    "bwd"); "monarch16" only with MONARCH16 on (or forced), for the backward unless
-    MONARCH16_BWD_CUFFT."""
+    "bwd"); post: the call has a post gate (decides the backward at N >= 8192). "monarch16"
+    with MONARCH16 on (the default) or forced; the backward not with MONARCH16_BWD_CUFFT."""
     if FORCE_PATH is not None:
         if FORCE_PATH == "monarch16" and pass_ == "bwd" and MONARCH16_BWD_CUFFT:
             return "cufft"
         return FORCE_PATH
-    return _auto_path(pass_, u.dtype, u.shape[-1], Lk, MONARCH16, MONARCH16_BWD_CUFFT)
+    return _auto_path(pass_, u.dtype, u.shape[-1], Lk, MONARCH16, MONARCH16_BWD_CUFFT, post,
+                      MONARCH16_BWD_CUFFT_POST_N)
 
 
 def _f32(x: Optional[Tensor]) -> Optional[Tensor]:
@@ -111,13 +119,12 @@ def _(u, k, D, pre_gate, post_gate, backend):
     return torch.empty_like(u)
 
 
-@kernel_op("fft_conv_bwd", mutates_args=())
-def fft_conv_bwd_op(dy: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor],
-                    pre_gate: Optional[Tensor], post_gate: Optional[Tensor],
-                    backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(du, dk, dD, dpre_gate, dpost_gate); an absent input's gradient is an empty tensor."""
+def _conv_bwd(dy: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor], pre_gate: Optional[Tensor],
+              post_gate: Optional[Tensor], backend: str):
+    """(du, dk, dD, dpre_gate, dpost_gate) in the inputs' dtypes, contiguous; None for an absent
+    input (what autograd wants; the registered op turns those into empty tensors)."""
     if _select("fft_conv", backend, u) == "triton":
-        path = triton_path("bwd", u, k.shape[1])
+        path = triton_path("bwd", u, k.shape[1], post_gate is not None)
         if path == "cufft":
             from .cufft import fft_conv_bwd
         elif path == "monarch16":
@@ -128,9 +135,18 @@ def fft_conv_bwd_op(dy: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor],
     else:
         du, dk, dD, dpre, dpost = fft_conv_bwd_ref(dy, u, k, D, pre_gate, post_gate)
     return (du.contiguous(), dk.to(k.dtype).contiguous(),
-            u.new_empty(0) if D is None else dD.to(D.dtype).contiguous(),
-            u.new_empty(0) if dpre is None else dpre.contiguous(),
-            u.new_empty(0) if dpost is None else dpost.contiguous())
+            None if D is None else dD.to(D.dtype).contiguous(),
+            None if dpre is None else dpre.contiguous(),
+            None if dpost is None else dpost.contiguous())
+
+
+@kernel_op("fft_conv_bwd", mutates_args=())
+def fft_conv_bwd_op(dy: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor],
+                    pre_gate: Optional[Tensor], post_gate: Optional[Tensor],
+                    backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(du, dk, dD, dpre_gate, dpost_gate); an absent input's gradient is an empty tensor."""
+    g = _conv_bwd(dy, u, k, D, pre_gate, post_gate, backend)
+    return tuple(u.new_empty(0) if x is None else x for x in g)
 
 
 @fft_conv_bwd_op.register_fake
@@ -149,8 +165,11 @@ def _conv_setup(ctx, inputs, output):
 
 def _conv_backward(ctx, dy):
     u, k, D, pre_gate, post_gate = ctx.saved_tensors
-    du, dk, dD, dpre, dpost = fft_conv_bwd_op(dy.contiguous(), u, k, D, pre_gate, post_gate,
-                                              ctx.backend)
+    dy = dy.contiguous()
+    if _is_compiling() or type(dy) not in _PLAIN:  # traced: the registered op
+        du, dk, dD, dpre, dpost = fft_conv_bwd_op(dy, u, k, D, pre_gate, post_gate, ctx.backend)
+    else:  # eager: the implementation itself (no empty tensors for absent inputs)
+        du, dk, dD, dpre, dpost = _conv_bwd(dy, u, k, D, pre_gate, post_gate, ctx.backend)
     return (du, dk, None if D is None else dD, None if pre_gate is None else dpre,
             None if post_gate is None else dpost, None)
 
@@ -164,11 +183,13 @@ def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, pre_gate: Opti
 
     ``v = u * pre_gate``;  ``y[b,h,t] = sum_{s<=t} k[h,s] v[b,h,t-s] + D[h] v[b,h,t]``;
     ``y = y * post_gate``. Linear (not circular): the transform size (>= L + Lk - 1) is picked
-    inside, so any L >= 1 works. The Triton backend runs Triton kernels fused around cuFFT
-    (torch.fft; an even 7-smooth size) for every dtype and length, and for 16-bit storage at
-    small sizes the tensor-core Monarch kernels where a measured table says they are faster
-    (with ``interface.MONARCH16`` on: the on-chip fp16-tensor-core forward and backward of
-    monarch16.py for 16-bit storage up to a 8192-point transform).
+    inside, so any L >= 1 works. The Triton backend runs, for bf16 / fp16 storage with a
+    power-of-two transform of at most 8192 points (L + Lk - 1 <= 8192, e.g. L <= 4096), one
+    on-chip fp16-tensor-core Monarch kernel per pass (monarch16.py; a post-gated backward at
+    8192 points goes through cuFFT, measured faster there), and otherwise Triton kernels fused
+    around cuFFT (torch.fft; an even 7-smooth size) for every dtype and length.
+    ``ssm_kernels.fft_conv.interface.MONARCH16 = False`` turns the on-chip kernels off. Their
+    16-bit arithmetic puts dk at ~6e-4 relative error (the cuFFT path: ~1e-7).
     The filter's spectrum is cached while the same filter tensor is unchanged (its version
     counter; never while capturing a CUDA graph): see ``ssm_kernels.fft_conv.cufft``.
 

@@ -53,6 +53,7 @@ import triton.language as tl
 
 from .._config import triton_interpret
 from .._device import sm_count
+from .._launch import fast_kernel
 from .cufft import _capturing, cached_spectrum
 from .triton import _load_g, _load_v, _store_du, _store_y
 
@@ -116,7 +117,7 @@ def dft_tables(n1: int, n2: int, device):
     computed once per (N1, N2, device). (conj(T) is a second copy so that the inverse reloads it
     instead of keeping T live in registers across the product.)
     While capturing a CUDA graph a missing entry is computed inside the graph and not kept."""
-    key = (n1, n2, str(torch.device(device)))
+    key = (n1, n2, device)  # a torch.device (u.device) or a string
     hit = _TABLES.get(key)
     if hit is None:
         hit = _make_tables(n1, n2, device)
@@ -282,6 +283,9 @@ def _monarch16_fwd_kernel(
 # launcher: check, allocate, launch
 # ---------------------------------------------------------------------------------------------
 
+_monarch16_fwd_kernel = fast_kernel(_monarch16_fwd_kernel)  # launch cache (_launch.py)
+
+
 # launch configuration by N (GPU): (num_warps, num_stages[, maxnreg]). One stage: the loop's loads
 # are the L2-resident tables, and pipelining them (Triton's default 3 stages) triples their shared
 # memory. maxnreg caps registers per thread so that more programs share an SM (ptxas otherwise
@@ -303,43 +307,65 @@ def _sm_count(device) -> int:
     return sm_count(device)
 
 
-def batch_split(B: int, H: int, device) -> Tuple[int, int]:
-    """(slices S per channel, rows per slice, even): about two programs per SM; each slice
-    re-reads the tables, so no more slices than needed."""
-    s = max(1, min(-(-B // 2), -(-2 * _sm_count(device) // H)))
+def _batch_split(B: int, H: int, sms: int) -> Tuple[int, int]:
+    s = max(1, min(-(-B // 2), -(-2 * sms // H)))
     per = -(-B // s)
     per += per % 2
     return -(-B // per), per
 
 
-def _prepare(u, k):
-    """Checks; (N, N1, N2, DFT tables, filter tables) for u [B, H, L] 16-bit, k [H, Lk] fp32."""
-    L, Lk = u.shape[-1], k.shape[1]
+def batch_split(B: int, H: int, device) -> Tuple[int, int]:
+    """(slices S per channel, rows per slice, even): about two programs per SM; each slice
+    re-reads the tables, so no more slices than needed."""
+    return _batch_split(B, H, _sm_count(device))
+
+
+# Host time per call matters (B8 H768 L1024: ~0.07 ms forward on the GPU): the per-call plan
+# (sizes, launch options, batch split) is memoised on (shape, device, launch table entry, SMs).
+_PLANS: Dict[tuple, tuple] = {}
+
+
+def _plan(B: int, H: int, L: int, Lk: int, device, bwd: bool):
+    table = LAUNCH_BWD if bwd else LAUNCH
+    n = transform_size(L, Lk)
+    sms = _sm_count(device)  # in the key: tools and tests set it to reach both FINAL variants
+    key = (B, H, L, Lk, device, bwd, table.get(n), sms)
+    hit = _PLANS.get(key)
+    if hit is None:
+        if n > MAX_N:
+            raise ValueError(f"monarch16 fft_conv: transform size {n} > MAX_N = {MAX_N} (L={L}, Lk={Lk})")
+        n1, n2 = split(n)
+        S, per = _batch_split(B, H, sms)
+        hit = (n, n1, n2, rows(n, n1, L), S, per, _launch(n, table))
+        if len(_PLANS) > 1024:
+            _PLANS.clear()
+        _PLANS[key] = hit
+    return hit
+
+
+def _prepare(u, k, bwd=False):
+    """Checks; (plan, DFT tables, filter tables) for u [B, H, L] 16-bit, k [H, Lk] fp32; plan =
+    (N, N1, N2, R1, slices S, rows per slice, launch options)."""
     if u.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"monarch16 fft_conv: u must be float16 or bfloat16, got {u.dtype}")
-    n = transform_size(L, Lk)
-    if n > MAX_N:
-        raise ValueError(f"monarch16 fft_conv: transform size {n} > MAX_N = {MAX_N} (L={L}, Lk={Lk})")
-    n1, n2 = split(n)
-    return n, n1, n2, dft_tables(n1, n2, u.device), filter_tables(k, n1, n2)
+    B, H, L = u.shape
+    plan = _plan(B, H, L, k.shape[1], u.device, bwd)
+    n1, n2 = plan[1], plan[2]
+    return plan, dft_tables(n1, n2, u.device), filter_tables(k, n1, n2)
 
 
 def fft_conv_fwd(u, k, D, pre, post):
     """u, pre, post [B, H, L] contiguous, float16 or bfloat16; k [H, Lk] fp32; D [H] fp32 or None."""
     B, H, L = u.shape
-    n, n1, n2, (f1, f2, tw), (ks, kscale) = _prepare(u, k)
-    if FILL_NAN:
-        y = torch.full_like(u, float("nan"))
-    else:
-        y = torch.empty_like(u)
-    S, per = batch_split(B, H, u.device)
-    dmy = u.new_empty(1)
+    (n, n1, n2, r1, S, per, opts), (f1, f2, tw), (ks, kscale) = _prepare(u, k)
+    y = torch.full_like(u, float("nan")) if FILL_NAN else torch.empty_like(u)
     global last_kernel
+    # absent operands: any valid pointer (u), never dereferenced under the constexpr flags
     last_kernel = _monarch16_fwd_kernel[(H, S)](
-        u, pre if pre is not None else dmy, post if post is not None else dmy,
+        u, pre if pre is not None else u, post if post is not None else u,
         D if D is not None else kscale, y, ks, kscale, f1, f2, tw, B, H, L, per,
         HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None,
-        N1=n1, N2=n2, R1=rows(n, n1, L), **_launch(n))
+        N1=n1, N2=n2, R1=r1, **opts)
     return y
 
 
@@ -467,6 +493,9 @@ def _monarch16_bwd_kernel(
         tl.store(dk_ptr + i_h.to(tl.int64) * Lk + o_t, dkr * (inv_w / (N1 * N2)), mask=o_t < Lk)
 
 
+_monarch16_bwd_kernel = fast_kernel(_monarch16_bwd_kernel)
+
+
 # launch configuration of the backward by N (GPU), as LAUNCH; bench/gpu_monarch.py sweeps it
 LAUNCH_BWD = {2048: (4, 1), 4096: (8, 1), 8192: (8, 1)}
 last_bwd_kernel = None
@@ -476,28 +505,34 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
     """(du, dk fp32 [H, Lk], dD fp32 [H] or None, dpre or None, dpost or None); 16-bit u, dy,
     gates [B, H, L] contiguous; k [H, Lk] fp32; D [H] fp32 or None."""
     B, H, L = u.shape
-    n, n1, n2, (f1, f2, tw), (ks, kscale) = _prepare(u, k)
-    dy = dy.to(u.dtype).contiguous()
-    new = (lambda x: torch.full_like(x, float("nan"))) if FILL_NAN else torch.empty_like
+    Lk = k.shape[1]
+    (n, n1, n2, r1, S, per, opts), (f1, f2, tw), (ks, kscale) = _prepare(u, k, bwd=True)
+    if dy.dtype != u.dtype or not dy.is_contiguous():
+        dy = dy.to(u.dtype).contiguous()
+    if FILL_NAN:
+        new = lambda x: torch.full_like(x, float("nan"))  # noqa: E731
+        alloc = lambda *s: torch.full(s, float("nan"), device=u.device, dtype=torch.float32)  # noqa: E731
+    else:
+        new = torch.empty_like
+        alloc = lambda *s: torch.empty(s, device=u.device, dtype=torch.float32)  # noqa: E731
     du = new(u)
     dpre = new(pre) if pre is not None else None
     dpost = new(post) if post is not None else None
-    S, per = batch_split(B, H, u.device)
-    wk = new(torch.empty(H, S, 2, n1, n2, device=u.device, dtype=torch.float32))
-    dk = new(torch.empty(H, k.shape[1], device=u.device, dtype=torch.float32))
-    wd = new(torch.empty(H, S, device=u.device, dtype=torch.float32))
-    dmy = u.new_empty(1)
+    wk = alloc(H, S, 2, n1, n2)
+    wd = alloc(H, S)
+    dk = alloc(H, Lk) if S == 1 else None
     global last_bwd_kernel
+    # absent operands: any valid pointer of the right kind, never dereferenced (constexpr flags)
     last_bwd_kernel = _monarch16_bwd_kernel[(H, S)](
-        dy, u, pre if pre is not None else dmy, post if post is not None else dmy,
-        D if D is not None else kscale, du, dpre if dpre is not None else dmy,
-        dpost if dpost is not None else dmy, wk, wd, dk, ks, kscale, f1, f2, tw, B, H, L,
-        k.shape[1], per, S,
+        dy, u, pre if pre is not None else u, post if post is not None else u,
+        D if D is not None else kscale, du, dpre if dpre is not None else du,
+        dpost if dpost is not None else du, wk, wd, dk if dk is not None else wd, ks, kscale,
+        f1, f2, tw, B, H, L, Lk, per, S,
         HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None, FINAL=S == 1,
-        N1=n1, N2=n2, R1=rows(n, n1, L), **_launch(n, LAUNCH_BWD))
+        N1=n1, N2=n2, R1=r1, **opts)
     if S > 1:  # several programs per channel: sum their spectra in a fixed order, one inverse
         spec = wk.sum(1)                                               # [H, 2, N1, N2]
         spec = torch.complex(spec[:, 0], spec[:, 1]).transpose(1, 2).reshape(H, n)  # k1 + N1 k2
-        dk = torch.fft.ifft(spec, n=n).real[:, :k.shape[1]].contiguous()
-    dD = (wd.sum(1) if S > 1 else wd[:, 0]) if D is not None else None
+        dk = torch.fft.ifft(spec, n=n).real[:, :Lk].contiguous()
+    dD = (wd.sum(1) if S > 1 else wd.view(H)) if D is not None else None
     return du, dk, dD, dpre, dpost

@@ -39,54 +39,91 @@ def _select(backend: str, x: Tensor) -> str:
                             order=("triton", "cuda", "reference"))
 
 
-# ---- registered ops (canonical layout [P, T, Q], contiguous) --------------------------------
+# ---- registered ops (a, b contiguous of any rank >= 2, time along `dim`; h0 the state shape) ---
+# The kernels' canonical layout [P, T, Q] is a view taken inside the op: views of inputs that
+# require grad would each add an autograd node (host time in both directions).
+
+def _canon(x: Tensor, dim: int) -> Tensor:
+    if x.dim() == 3 and dim == 1:
+        return x
+    s = x.shape
+    return x.view(s[:dim].numel(), s[dim], s[dim + 1:].numel())
+
+
+def _state_shape(x: Tensor, dim: int):
+    return x.shape[:dim] + x.shape[dim + 1:]
+
+
+_triton_module = None
+
+
+def _triton():
+    global _triton_module
+    if _triton_module is None:
+        from . import triton as mod
+        _triton_module = mod
+    return _triton_module
+
 
 @kernel_op("linear_scan_fwd", mutates_args=())
-def linear_scan_fwd_op(a: Tensor, b: Tensor, h0: Optional[Tensor], reverse: bool,
+def linear_scan_fwd_op(a: Tensor, b: Tensor, h0: Optional[Tensor], dim: int, reverse: bool,
                        backend: str) -> Tuple[Tensor, Tensor]:
     chosen = _select(backend, b)
-    if chosen == "triton":
-        from .triton import linear_scan_fwd
-        return linear_scan_fwd(a, b, h0, reverse)
+    if chosen == "triton":   # no views: the launcher takes the sizes
+        s = b.shape
+        return _triton().linear_scan_fwd(a, b, h0, reverse, (s[:dim].numel(), s[dim], s[dim + 1:].numel()),
+                                         s[:dim] + s[dim + 1:])
+    a3, b3 = _canon(a, dim), _canon(b, dim)
+    if h0 is not None:
+        h0 = h0.reshape(b3.shape[0], b3.shape[2])
     if chosen == "cuda":
         from .cuda import linear_scan_fwd
-        return linear_scan_fwd(a, b, h0, reverse)
-    h, hT = linear_scan_fwd_ref(a, b, h0, reverse)
-    return h.contiguous(), hT.contiguous()
+        h, hT = linear_scan_fwd(a3, b3, h0, reverse)
+    else:
+        h, hT = linear_scan_fwd_ref(a3, b3, h0, reverse)
+        h, hT = h.contiguous(), hT.contiguous()
+    return h.view(b.shape), hT.view(_state_shape(b, dim))
 
 
 @linear_scan_fwd_op.register_fake
-def _(a, b, h0, reverse, backend):
-    return torch.empty_like(b), b.new_empty((b.shape[0], b.shape[2]), dtype=state_dtype(b.dtype))
+def _(a, b, h0, dim, reverse, backend):
+    return torch.empty_like(b), b.new_empty(_state_shape(b, dim), dtype=state_dtype(b.dtype))
 
 
 @kernel_op("linear_scan_bwd", mutates_args=())
 def linear_scan_bwd_op(a: Tensor, h: Tensor, h0: Optional[Tensor], dh: Tensor,
-                       dhT: Optional[Tensor], reverse: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                       dhT: Optional[Tensor], dim: int, reverse: bool,
+                       backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """dhT None: no gradient reaches the final state (the Triton kernel then skips it)."""
     chosen = _select(backend, h)
-    if chosen == "triton":
-        from .triton import linear_scan_bwd
-        return linear_scan_bwd(a, h, h0, dh, dhT, reverse)
-    if dhT is None:
-        dhT = h.new_zeros((h.shape[0], h.shape[2]), dtype=state_dtype(h.dtype))
+    if chosen == "triton":   # no views: the launcher takes the sizes
+        s = h.shape
+        return _triton().linear_scan_bwd(a, h, h0, dh, dhT, reverse,
+                                         (s[:dim].numel(), s[dim], s[dim + 1:].numel()),
+                                         s[:dim] + s[dim + 1:])
+    a3, h3, dh3 = _canon(a, dim), _canon(h, dim), _canon(dh, dim)
+    P, Q = h3.shape[0], h3.shape[2]
+    if h0 is not None:
+        h0 = h0.reshape(P, Q)
+    dhT = h.new_zeros((P, Q), dtype=state_dtype(h.dtype)) if dhT is None else dhT.reshape(P, Q)
     if chosen == "cuda":
         from .cuda import linear_scan_bwd
-        return linear_scan_bwd(a, h, h0, dh, dhT, reverse)
-    return linear_scan_bwd_ref(a, h, h0, dh, dhT, reverse)
+        da, db, dh0 = linear_scan_bwd(a3, h3, h0, dh3, dhT, reverse)
+    else:
+        da, db, dh0 = linear_scan_bwd_ref(a3, h3, h0, dh3, dhT, reverse)
+    return da.view(a.shape), db.view(h.shape), dh0.reshape(_state_shape(h, dim))
 
 
 @linear_scan_bwd_op.register_fake
-def _(a, h, h0, dh, dhT, reverse, backend):
+def _(a, h, h0, dh, dhT, dim, reverse, backend):
     return (torch.empty_like(a), torch.empty_like(h),
-            h.new_empty((h.shape[0], h.shape[2]), dtype=state_dtype(h.dtype)))
+            h.new_empty(_state_shape(h, dim), dtype=state_dtype(h.dtype)))
 
 
 def _setup_context(ctx, inputs, output):
-    a, b, h0, reverse, backend = inputs
-    h, _ = output
-    ctx.save_for_backward(a, h, h0)
-    ctx.reverse, ctx.backend = reverse, backend
+    a, b, h0, dim, reverse, backend = inputs
+    ctx.save_for_backward(a, output[0], h0)
+    ctx.dim, ctx.reverse, ctx.backend = dim, reverse, backend
 
 
 def _backward(ctx, dh, dhT):
@@ -95,11 +132,47 @@ def _backward(ctx, dh, dhT):
         dh = torch.zeros_like(h)
     if dhT is not None:
         dhT = dhT.to(state_dtype(h.dtype)).contiguous()
-    da, db, dh0 = linear_scan_bwd_op(a, h, h0, dh.contiguous(), dhT, ctx.reverse, ctx.backend)
-    return da, db, (None if h0 is None else dh0.to(h0.dtype)), None, None
+    da, db, dh0 = linear_scan_bwd_op(a, h, h0, dh.contiguous(), dhT, ctx.dim, ctx.reverse,
+                                     ctx.backend)
+    return da, db, (None if h0 is None else dh0.to(h0.dtype)), None, None, None
 
 
 linear_scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- validation (once per metadata key) ----------------------------------------------------------
+
+_checked: dict = {}
+
+
+def _check(a, b, initial_state, dim, backend):
+    """Every argument check of linear_scan; returns (dim in [0, rank), normalised backend). Only
+    metadata is read (types, shapes, dtypes, devices), so the result is cached on it."""
+    check_tensor("linear_scan", "a", a, min_rank=2)
+    check_tensor("linear_scan", "b", b, min_rank=2)
+    check_dtype("linear_scan", "a", a, floating=True, complex_ok=True)
+    if b.dtype != a.dtype:
+        raise TypeError(f"linear_scan: b must have a's dtype {a.dtype}, got {b.dtype}")
+    if b.shape != a.shape:
+        raise ValueError(f"linear_scan: b must have a's shape {tuple(a.shape)}, got {tuple(b.shape)}")
+    if not isinstance(dim, int) or not -a.dim() <= dim < a.dim():
+        raise ValueError(f"linear_scan: dim must be an int in [{-a.dim()}, {a.dim() - 1}] for a "
+                         f"rank-{a.dim()} input, got {dim!r}")
+    check_same_device("linear_scan", a=a, b=b, initial_state=initial_state)
+    dim = dim % a.dim()
+    T = a.shape[dim]
+    if T == 0:
+        raise ValueError("linear_scan: the time axis (dim) must have length >= 1, got 0")
+    state_shape = a.shape[:dim] + a.shape[dim + 1:]
+    if initial_state is not None:
+        check_tensor("linear_scan", "initial_state", initial_state)
+        check_dtype("linear_scan", "initial_state", initial_state, floating=True, complex_ok=a.is_complex())
+        if initial_state.is_complex() and not a.is_complex():
+            raise TypeError("linear_scan: initial_state is complex but a and b are real")
+        if initial_state.shape != state_shape:
+            raise ValueError(f"linear_scan: initial_state must have shape {tuple(state_shape)} (a's "
+                             f"shape without dim={dim}), got {tuple(initial_state.shape)}")
+    return dim, _backend.normalize(backend)
 
 
 # ---- public function ------------------------------------------------------------------------
@@ -144,41 +217,17 @@ def linear_scan(a: Tensor, b: Tensor, initial_state: Optional[Tensor] = None, *,
         return cp_linear_scan(a, b, initial_state, dim=dim, reverse=reverse,
                               output_final_state=output_final_state, backend=backend,
                               process_group=process_group)
-    check_tensor("linear_scan", "a", a, min_rank=2)
-    check_tensor("linear_scan", "b", b, min_rank=2)
-    check_dtype("linear_scan", "a", a, floating=True, complex_ok=True)
-    if b.dtype != a.dtype:
-        raise TypeError(f"linear_scan: b must have a's dtype {a.dtype}, got {b.dtype}")
-    if b.shape != a.shape:
-        raise ValueError(f"linear_scan: b must have a's shape {tuple(a.shape)}, got {tuple(b.shape)}")
-    if not isinstance(dim, int) or not -a.dim() <= dim < a.dim():
-        raise ValueError(f"linear_scan: dim must be an int in [{-a.dim()}, {a.dim() - 1}] for a "
-                         f"rank-{a.dim()} input, got {dim!r}")
-    check_same_device("linear_scan", a=a, b=b, initial_state=initial_state)
-    dim = dim % a.dim()
-    T = a.shape[dim]
-    if T == 0:
-        raise ValueError("linear_scan: the time axis (dim) must have length >= 1, got 0")
-    state_shape = a.shape[:dim] + a.shape[dim + 1:]
-    if initial_state is not None:
-        check_tensor("linear_scan", "initial_state", initial_state)
-        check_dtype("linear_scan", "initial_state", initial_state, floating=True, complex_ok=a.is_complex())
-        if initial_state.is_complex() and not a.is_complex():
-            raise TypeError("linear_scan: initial_state is complex but a and b are real")
-        if initial_state.shape != state_shape:
-            raise ValueError(f"linear_scan: initial_state must have shape {tuple(state_shape)} (a's "
-                             f"shape without dim={dim}), got {tuple(initial_state.shape)}")
-    if a.dim() == 3 and dim == 1:  # [B, T, D] already is the kernels' [P, T, Q]: no views (host time)
-        a3, b3, h0 = a.contiguous(), b.contiguous(), initial_state
-        h, hT = linear_scan_fwd_op(a3, b3, h0, bool(reverse), _backend.normalize(backend))
-    else:
-        P = a.shape[:dim].numel()
-        Q = a.shape[dim + 1:].numel()
-        a3 = a.contiguous().view(P, T, Q)
-        b3 = b.contiguous().view(P, T, Q)
-        h0 = None if initial_state is None else initial_state.reshape(P, Q)
-        h, hT = linear_scan_fwd_op(a3, b3, h0, bool(reverse), _backend.normalize(backend))
-        h = h.view(b.shape)
+    try:   # tensors' metadata -> (dim, backend) of an earlier call that passed every check
+        key = (a.shape, a.dtype, a.device, b.shape, b.dtype, b.device, dim, backend,
+               None if initial_state is None else (initial_state.shape, initial_state.dtype,
+                                                  initial_state.device))
+        dim_, bk = _checked[key]
+    except (KeyError, AttributeError, TypeError):
+        dim_, bk = _check(a, b, initial_state, dim, backend)   # raises unless all are tensors
+        if len(_checked) > 4096:
+            _checked.clear()
+        _checked[key] = (dim_, bk)
+    h, hT = linear_scan_fwd_op(a.contiguous(), b.contiguous(), initial_state, dim_, bool(reverse), bk)
     if output_final_state:
-        return h, hT.view(state_shape)
+        return h, hT
     return h

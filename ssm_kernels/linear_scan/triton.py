@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .._config import triton_interpret
+from .._launch import fast_kernel
 from .._device import sm_count
 
 
@@ -236,6 +237,10 @@ def _linear_scan_bwd_kernel(
         tl.store(dh0_ptr + p_state, a_r * carry_r, mask=m_c)
 
 
+_linear_scan_fwd_kernel = fast_kernel(_linear_scan_fwd_kernel)
+_linear_scan_bwd_kernel = fast_kernel(_linear_scan_bwd_kernel)
+
+
 # ---------------------------------------------------------------------------------------------
 # launchers: check, allocate, launch
 # ---------------------------------------------------------------------------------------------
@@ -298,16 +303,18 @@ def _plan(P: int, T: int, Q: int, complex_: bool, elem_bytes: int, device: torch
     return O, C, s_o, s_t, s_c, cfg, chunk, nc, (triton.cdiv(C, cfg["BLOCK_C"]), O, nc)
 
 
-def linear_scan_fwd(a: torch.Tensor, b: torch.Tensor, h0, reverse: bool):
-    """a, b: contiguous [P, T, Q] of one dtype in TRITON_DTYPES; h0: [P, Q] state dtype or None."""
-    P, T, Q = b.shape
+def linear_scan_fwd(a: torch.Tensor, b: torch.Tensor, h0, reverse: bool, pq=None, state_shape=None):
+    """a, b: contiguous [P, T, Q] of one dtype in TRITON_DTYPES; h0: [P, Q] state dtype or None.
+    pq: (P, T, Q) when a, b come in another contiguous shape of the same elements (no views: the
+    kernel only needs the pointer and these sizes); the states then have `state_shape`."""
+    P, T, Q = b.shape if pq is None else pq
     cplx = b.is_complex()
     sdt = torch.complex64 if cplx else torch.float32
     O, C, s_o, s_t, s_c, cfg, chunk, nc, grid = _plan(P, T, Q, cplx, b.element_size(), b.device)
     h = torch.empty_like(b)
     ak, bk, hk = (_state_view(x) for x in (a, b, h)) if cplx else (a, b, h)
     if nc == 1:
-        hT = b.new_empty((P, Q), dtype=sdt)
+        hT = b.new_empty(state_shape or (P, Q), dtype=sdt)
         h0k = None if h0 is None else _state_view(h0.to(sdt).contiguous())
         _linear_scan_fwd_kernel[grid](
             ak, bk, h0k if h0k is not None else hk, hk, _state_view(hT) if cplx else hT, hk,
@@ -329,13 +336,14 @@ def linear_scan_fwd(a: torch.Tensor, b: torch.Tensor, h0, reverse: bool):
     _linear_scan_fwd_kernel[grid](
         ak, bk, _state_view(carry), hk, _state_view(scratch), hk,
         T, C, chunk, nc, s_o, s_t, s_c, HAS_H0=True, SUMMARY=False, **common)
-    return h, final.reshape(P, Q)
+    return h, final.reshape(state_shape or (P, Q))
 
 
-def linear_scan_bwd(a, h, h0, dh, dhT, reverse: bool):
+def linear_scan_bwd(a, h, h0, dh, dhT, reverse: bool, pq=None, state_shape=None):
     """Gradients (da, db, dh0) from the saved output h; dh [P, T, Q], dhT [P, Q] in the state dtype
-    or None (no gradient reaches the final state: the carry starts at zero)."""
-    P, T, Q = h.shape
+    or None (no gradient reaches the final state: the carry starts at zero). pq, state_shape: as
+    for linear_scan_fwd (da, db then have a's and h's shapes, dh0 `state_shape`)."""
+    P, T, Q = h.shape if pq is None else pq
     cplx = h.is_complex()
     sdt = torch.complex64 if cplx else torch.float32
     O, C, s_o, s_t, s_c, cfg, chunk, nc, grid = _plan(P, T, Q, cplx, h.element_size(), h.device,
@@ -349,6 +357,7 @@ def linear_scan_bwd(a, h, h0, dh, dhT, reverse: bool):
     h0k = None if h0 is None else _state_view(h0.to(sdt).contiguous())
     if nc == 1:
         carry = dhT
+        dh0 = h.new_empty(state_shape or (P, Q), dtype=sdt)   # [O, 1, C]: the same elements
     else:  # chunk summaries, a scan over chunks in the backward's order, then the full pass
         if dhT is None:
             dhT = torch.zeros((P, Q), dtype=sdt, device=h.device)
@@ -360,15 +369,17 @@ def linear_scan_bwd(a, h, h0, dh, dhT, reverse: bool):
             HAS_CARRY=False, **common)
         ends, _ = linear_scan_fwd(sa, sg, dhT.reshape(O, C), not reverse)
         carry = _shift_in(ends, dhT, not reverse)
-    dh0 = h.new_empty((O, nc, C), dtype=sdt)
+        dh0 = h.new_empty((O, nc, C), dtype=sdt)
     dh0k = _state_view(dh0) if cplx else dh0
     _linear_scan_bwd_kernel[grid](
         ak, hk, h0k if h0k is not None else hk, dhk,
         (_state_view(carry) if cplx else carry) if carry is not None else dhk, dak, dbk,
         dh0k, dh0k, T, C, chunk, nc, s_o, s_t, s_c, SUMMARY=False,
         HAS_CARRY=carry is not None, **common)
+    if nc == 1:
+        return da, db, dh0
     # the chunk holding the globally last processed step (t=0 unless reverse) has the true dh0
-    return da, db, dh0[:, nc - 1 if reverse else 0].reshape(P, Q)
+    return da, db, dh0[:, nc - 1 if reverse else 0].reshape(state_shape or (P, Q))
 
 
 def _state_view(s: torch.Tensor) -> torch.Tensor:

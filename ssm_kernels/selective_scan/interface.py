@@ -41,6 +41,17 @@ def _select(op: str, backend: str, u: Tensor, A: Tensor, cu_seqlens=None,
     return _backend.resolve(op, backend, supports)
 
 
+@cached_on_metadata
+def _select_bwd(backend: str, u: Tensor, A: Tensor, cu_seqlens=None) -> str:
+    """The backward's backend: the forward's, with the Triton backward where the built
+    extension lacks the CUDA one."""
+    chosen = _select("selective_scan_fn", backend, u, A, cu_seqlens, cuda_fwd=True)
+    if chosen == "cuda":
+        from .cuda import bwd_reason
+        chosen = "cuda" if bwd_reason(u, A, cu_seqlens) is None else "triton"
+    return chosen
+
+
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
@@ -81,10 +92,7 @@ def selective_scan_bwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     """Gradients of (u, delta, A, B, C, D, z, delta_bias, h0); empty tensors for absent inputs.
     Where the backend resolves to cuda the CUDA backward runs (the Triton one if the built
     extension lacks it)."""
-    chosen = _select("selective_scan_fn", backend, u, A, cu_seqlens, cuda_fwd=True)
-    if chosen == "cuda":
-        from .cuda import bwd_reason
-        chosen = "cuda" if bwd_reason(u, A, cu_seqlens) is None else "triton"
+    chosen = _select_bwd(backend, u, A, cu_seqlens)
     if chosen == "cuda":
         from .cuda import selective_scan_bwd
         grads = selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt,
@@ -106,6 +114,27 @@ def _(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt, dout, dlast, de
             for x in (u, delta, A, B, C, D, z, delta_bias, h0)]
 
 
+_ZEROS: dict = {}
+
+
+def _read_only_zeros(like: Tensor, shape: tuple, dtype: torch.dtype) -> Tensor:
+    """Zeros that no backend writes (the backward's incoming last-state gradient: the CUDA backward
+    reads it, the Triton one clones it), kept per (shape, dtype, device) in eager mode: saves an
+    allocation and a memset launch per backward. Fresh zeros while compiling (fake tensors) or
+    capturing a CUDA graph (captured zeros hold nothing until the graph replays). Entries are never
+    dropped (a captured graph may read one): past 64 shapes, fresh zeros."""
+    if torch.compiler.is_compiling() or type(like) is not torch.Tensor or (
+            like.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return like.new_zeros(shape, dtype=dtype)
+    key = (shape, dtype, like.device)
+    z = _ZEROS.get(key)
+    if z is None:
+        z = like.new_zeros(shape, dtype=dtype)
+        if len(_ZEROS) < 64:
+            _ZEROS[key] = z
+    return z
+
+
 def _setup_context(ctx, inputs, output):
     (u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, delta_softplus, save_ckpt,
      backend) = inputs
@@ -118,8 +147,8 @@ def _backward(ctx, dout, dlast, _dckpt):
     nseq = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if dout is None:
         dout = torch.zeros_like(u)
-    if dlast is None:
-        dlast = u.new_zeros((nseq, u.shape[1], A.shape[1]), dtype=state_dtype(u, A))
+    if dlast is None:   # no gradient reaches the last state (the common case)
+        dlast = _read_only_zeros(u, (nseq, u.shape[1], A.shape[1]), state_dtype(u, A))
     grads = selective_scan_bwd_op(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt,
                                   dout.contiguous(), dlast.contiguous(), ctx.delta_softplus,
                                   ctx.backend)
@@ -273,6 +302,52 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
                                     return_last_state, initial_state=initial_state,
                                     cu_seqlens=cu_seqlens, backend=backend,
                                     process_group=process_group)
+    try:   # metadata of every argument -> (backend, state dtype) of an earlier call that passed
+        key = (u.shape, u.dtype, u.device, delta.shape, delta.dtype, delta.device, A.shape, A.dtype,
+               A.device, B.shape, B.dtype, B.device, C.shape, C.dtype, C.device,
+               None if D is None else (D.shape, D.dtype, D.device),
+               None if z is None else (z.shape, z.dtype, z.device),
+               None if delta_bias is None else (delta_bias.shape, delta_bias.dtype, delta_bias.device),
+               None if initial_state is None else (initial_state.shape, initial_state.dtype,
+                                                   initial_state.device), backend)
+        if cu_seqlens is not None:   # its values are checked (CPU, debug): never cached
+            raise KeyError
+        bk, sd = _checked[key]
+    except (KeyError, AttributeError, TypeError):
+        bk, sd = _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, backend)
+        if cu_seqlens is None:
+            if len(_checked) > 4096:
+                _checked.clear()
+            _checked[key] = (bk, sd)
+    batch, dim = u.shape[0], u.shape[1]
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if batch == 0:  # an empty batch: nothing to launch; zero gradients
+        out = empty_result(u.shape, u, *tensors)
+        return (out, empty_result((0, dim, A.shape[1]), u, *tensors, dtype=sd)) \
+            if return_last_state else out
+    save = False
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                save = True
+                break
+    out, last, _ = selective_scan_fwd_op(
+        u.contiguous(), delta.contiguous(), A.contiguous(),
+        (B.unsqueeze(1) if B.dim() == 3 else B).contiguous(),
+        (C.unsqueeze(1) if C.dim() == 3 else C).contiguous(),
+        None if D is None else D.contiguous(), None if z is None else z.contiguous(),
+        None if delta_bias is None else delta_bias.contiguous(),
+        None if initial_state is None else initial_state.to(sd).contiguous(), cu_seqlens,
+        bool(delta_softplus), save, bk)
+    return (out, last) if return_last_state else out
+
+
+_checked: dict = {}
+
+
+def _check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, cu_seqlens, backend):
+    """Every argument check of selective_scan_fn; returns (normalised backend, state dtype). Reads
+    only metadata, except cu_seqlens' values (see check_cu_seqlens)."""
     op = "selective_scan_fn"
     check_tensor(op, "u", u, rank=3)
     if u.dtype not in _STORAGE + (torch.float64,):
@@ -314,7 +389,6 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
     if cu_seqlens is not None:
         nseq = check_cu_seqlens(op, cu_seqlens, batch, u.shape[2], empty_ok=False, axis="seqlen")
     sd = state_dtype(u, A)
-    h0 = None
     if initial_state is not None:
         check_tensor(op, "initial_state", initial_state)
         want = (nseq, dim, A.shape[1])
@@ -325,20 +399,7 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
         if not (initial_state.is_floating_point() or (initial_state.is_complex() and A.is_complex())):
             raise TypeError(f"{op}: initial_state must be float32{' or complex64' if A.is_complex() else ''}, "
                             f"got {initial_state.dtype}")
-        h0 = initial_state.to(sd).contiguous()
-    bk = _backend.normalize(backend)
-    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if batch == 0:  # an empty batch: nothing to launch; zero gradients
-        out = empty_result(u.shape, u, *tensors)
-        return (out, empty_result((0, dim, A.shape[1]), u, *tensors, dtype=sd)) \
-            if return_last_state else out
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    out, last, _ = selective_scan_fwd_op(
-        u.contiguous(), delta.contiguous(), A.contiguous(), Bc, Cc,
-        None if D is None else D.contiguous(), None if z is None else z.contiguous(),
-        None if delta_bias is None else delta_bias.contiguous(), h0, cu_seqlens,
-        bool(delta_softplus), save, bk)
-    return (out, last) if return_last_state else out
+    return _backend.normalize(backend), sd
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,

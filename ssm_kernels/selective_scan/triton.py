@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .._config import triton_interpret
+from .._launch import fast_kernel
 from .reference import chunk_len, ckpt_offsets, ckpt_rows
 
 LOG2E = 1.4426950408889634
@@ -557,6 +558,10 @@ def _groups(B, C) -> int:
 # The benchmark times both. H100, run 3 (bench/NOTES.md): sequential 1.32 ms vs chunked 2.64 ms
 # at B=8 D=1536 L=2048 N=16 bf16, so sequential is the default.
 FWD_VARIANT = "sequential"
+
+
+_fwd_kernel, _fwd_chunked_kernel, _bwd_kernel, _state_update_kernel = map(
+    fast_kernel, (_fwd_kernel, _fwd_chunked_kernel, _bwd_kernel, _state_update_kernel))
 
 
 def _fwd_config(N: int):

@@ -1,0 +1,228 @@
+"""Selective-scan CUDA backward variants side by side (issue 9), one process, one build:
+
+    TORCH_CUDA_ARCH_LIST=9.0 SSM_KERNELS_BUILD_CUDA=1 MAX_JOBS=16 \\
+        pip install --no-build-isolation --no-deps -e . && python bench/gpu_sscan_bwd.py
+    # OUT=/dir also writes gpu_sscan_bwd.csv there; BWD_VARIANTS=0,3 runs a subset (0 first)
+
+Backward variants (ssm_kernels._C.selective_scan_bwd_variant(v) or SSM_KERNELS_SSCAN_BWD_VARIANT;
+N <= 16 with B and C time-varying, other cases always run 0; bench/NOTES.md "backward variants 2
+and 3"): 0 = default; 2 = fused I/O (owner-row staging, 8-step convert tasks, du/ddelta/dz and the
+dB/dC partials written from pass 2; 2 blocks per SM); 3 = 2 without the raw staging buffer and the
+softplus'/dz tile (convert reads global memory, next chunk prefetched to L2): 68 KB, 3 blocks per SM.
+Both are meant to be bitwise equal to variant 0.
+
+(a) correctness per backward variant other than 0 (bench/gpu_sscan.py checks 0; set
+    BWD_VARIANTS=0 to check it here): the forward and every gradient against the float64
+    reference (bench/gpu_sscan.py's check_case: NaN-poisoned outputs, backward run twice and
+    compared bitwise) at the N <= 16 cases (odd lengths -> unaligned rows, groups, varlen, several
+    channel tiles, fp32/fp16/bf16, no z/D/bias/softplus, an unaligned view); then all gradients
+    compared bitwise with variant 0 at both benchmark shapes and a varlen case (a FAIL if not).
+(b) timing (triton.testing.do_bench, median): forward (+ checkpoints), backward alone per variant,
+    fwd+bwd per variant, next to mamba-ssm's selective_scan_fn (fwd, fwd+bwd) when importable, at
+    B=8 D=1536 L=2048 N=16 and B=4 D=4096 L=4096 N=16 (bf16, all features). Tables printed last;
+    exit status 1 on any failed check.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+import gpu_sscan as gs  # noqa: E402  (check_case, make, to, poison, FAILS, bench_inputs)
+from ssm_kernels._backend import cuda_extension  # noqa: E402
+from ssm_kernels.selective_scan import cuda as sc  # noqa: E402
+
+DEV = "cuda"
+T0 = time.time()
+BWD_VARIANTS = [0, 2, 3]
+ROWS: list = []  # (section, case, variant, what, value)
+GRADS = ["du", "ddelta", "dA", "dB", "dC", "dD", "dz", "dbias", "dh0"]
+
+
+def set_bwd_variant(v: int) -> None:
+    prev = cuda_extension().selective_scan_bwd_variant(v)
+    if cuda_extension().selective_scan_bwd_variant(v) != v:
+        raise RuntimeError(f"backward variant {v} not accepted by this build (was {prev})")
+
+
+def rel_err(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    den = torch.linalg.vector_norm(b).item()
+    num = torch.linalg.vector_norm(a - b).item()
+    return num / den if den > 0 else num
+
+
+def fwd_args(d, cu):
+    return (d["u"], d["delta"], d["A"], d["B"], d["C"], d["D"], d["z"], d["delta_bias"], d["h0"], cu)
+
+
+def reference_checks(v):
+    """float64 checks (gpu_sscan.check_case) of the cases variant v applies to (N <= 16, B/C var)."""
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    set_bwd_variant(v)
+    n0 = len(gs.FAILS)
+    m = gs.make
+    gs.check_case(f"bwd{v} fp32 L=4097 N=16", m(2, 24, 4097, 16, f32))
+    gs.check_case(f"bwd{v} bf16 L=4097 N=16 groups=2", m(2, 24, 4097, 16, bf16, groups=2, seed=1))
+    gs.check_case(f"bwd{v} fp16 L=333 N=16", m(2, 40, 333, 16, f16, seed=2))
+    gs.check_case(f"bwd{v} fp32 L=300 N=16 no D/z/bias/softplus",
+                  m(2, 16, 300, 16, f32, D=False, z=False, bias=False, seed=3), softplus=False)
+    gs.check_case(f"bwd{v} bf16 L=1000 N=13 groups=3 no h0",
+                  m(2, 48, 1000, 13, bf16, groups=3, h0=False, seed=5))
+    gs.check_case(f"bwd{v} fp32 L=1 N=16", m(3, 8, 1, 16, f32, seed=7))
+    gs.check_case(f"bwd{v} bf16 varlen 4 seqs N=16", m(1, 40, 3000, 16, bf16, groups=2, nseq=4, seed=9),
+                  cu=torch.tensor([0, 1, 700, 2049, 3000], dtype=torch.int32))
+    gs.check_case(f"bwd{v} fp32 misaligned u view", m(1, 8, 101, 16, f32, seed=11), misalign=True)
+    gs.check_case(f"bwd{v} bf16 L=600 N=16 dim=80 (3 channel tiles)", m(2, 80, 600, 16, bf16, seed=13))
+    ROWS.append(("check", "float64 reference (9 cases)", v, "ok",
+                 "pass" if len(gs.FAILS) == n0 else f"FAIL ({len(gs.FAILS) - n0})"))
+    set_bwd_variant(0)
+
+
+def bitwise_checks(name, inp, variants, cu=None, softplus=True):
+    """Every gradient of each variant vs variant 0's, from one forward's checkpoints."""
+    g = gs.to(inp, DEV)
+    cu_d = None if cu is None else cu.to(DEV)
+    _, last, ck = sc.selective_scan_fwd(*fwd_args(g, cu_d), softplus, True)
+    gen = torch.Generator().manual_seed(1)
+    dout = torch.randn(inp["u"].shape, generator=gen).to(inp["u"].dtype).to(DEV)
+    dlast = torch.randn(tuple(last.shape), generator=gen).to(DEV)
+    base = None
+    for v in variants:
+        set_bwd_variant(v)
+        gs.poison()
+        grads = sc.selective_scan_bwd(*fwd_args(g, cu_d), ck, dout, dlast, softplus)
+        torch.cuda.synchronize()
+        if base is None:
+            base = [None if x is None else x.clone() for x in grads]
+            continue
+        bad = [f"{nm} " + ("missing" if a is None or b is None else f"{rel_err(a, b):.1e}")
+               for nm, a, b in zip(GRADS, grads, base)
+               if (a is None) != (b is None) or (a is not None and not torch.equal(a, b))]
+        same = "bitwise" if not bad else "differs: " + ", ".join(bad)
+        print(f"[{name}] bwd v{v} vs v0: {same}", flush=True)
+        if bad:
+            gs.FAILS.append(f"{name} bwd v{v}: not bitwise equal to v0 ({same})")
+        ROWS.append(("check", name, v, "vs v0", same))
+    set_bwd_variant(0)
+
+
+def checks(variants):
+    for v in variants[1:] if len(variants) > 1 else variants:  # v0: bench/gpu_sscan.py checks it
+        reference_checks(v)
+    bf16 = torch.bfloat16
+    bitwise_checks("bf16 B=8 D=1536 L=2048 N=16", gs.make(8, 1536, 2048, 16, bf16, seed=35), variants)
+    bitwise_checks("bf16 B=4 D=4096 L=4096 N=16", gs.make(4, 4096, 4096, 16, bf16, seed=36), variants)
+    bitwise_checks("bf16 varlen (1, 699, 1349, 951) N=16",
+                   gs.make(1, 200, 3000, 16, bf16, groups=2, nseq=4, seed=34), variants,
+                   cu=torch.tensor([0, 1, 700, 2049, 3000], dtype=torch.int32))
+    bitwise_checks("fp16 L=4093 N=16 no z", gs.make(2, 96, 4093, 16, torch.float16, z=False, seed=37),
+                   variants)
+
+
+def bench(variants):
+    import triton
+    try:
+        from ssm_kernels.benchmarks.selective_scan import _peers
+        mamba_scan, _ = _peers()
+    except Exception:
+        mamba_scan = None
+    if mamba_scan is None:
+        print("mamba-ssm unavailable", flush=True)
+    do = lambda f: triton.testing.do_bench(f, warmup=10, rep=50, return_mode="median")  # noqa: E731
+    for (Bt, D, L, N) in gs.BENCH_SHAPES:
+        shape = f"B={Bt} D={D} L={L} N={N}"
+        u, delta, A, Bm, Cm, Dv, z, bias, dout = gs.bench_inputs(Bt, D, L, N)
+        dlast = torch.zeros(Bt, D, N, device=DEV)
+        a = (u, delta, A, Bm, Cm, Dv, z, bias, None, None)
+        with torch.no_grad():
+            ROWS.append(("bench", shape, "ours", "fwd", do(lambda: sc.selective_scan_fwd(*a, True, False))))
+            ROWS.append(("bench", shape, "ours", "fwd+ckpt", do(lambda: sc.selective_scan_fwd(*a, True, True))))
+            _, _, ck0 = sc.selective_scan_fwd(*a, True, True)
+
+            def fb():
+                _, _, ck = sc.selective_scan_fwd(*a, True, True)
+                sc.selective_scan_bwd(*a, ck, dout, dlast, True)
+            for v in variants:
+                set_bwd_variant(v)
+                ROWS.append(("bench", shape, f"bwd v{v}", "bwd",
+                             do(lambda: sc.selective_scan_bwd(*a, ck0, dout, dlast, True))))
+                ROWS.append(("bench", shape, f"bwd v{v}", "fwd+bwd", do(fb)))
+            set_bwd_variant(0)
+            if mamba_scan is not None:
+                ROWS.append(("bench", shape, "mamba", "fwd", do(lambda: mamba_scan(
+                    u, delta, A, Bm, Cm, Dv, z, bias, delta_softplus=True))))
+        if mamba_scan is not None:
+            leaves = [t.detach().clone().requires_grad_() for t in (u, delta, A, Bm, Cm, Dv, z, bias)]
+
+            def mfb():
+                for t in leaves:
+                    t.grad = None
+                mamba_scan(*leaves, delta_softplus=True).backward(dout)
+            try:
+                ROWS.append(("bench", shape, "mamba", "fwd+bwd", do(mfb)))
+            except Exception as e:
+                print(f"  mamba fwd+bwd failed: {type(e).__name__}: {e}", flush=True)
+        print(f"[bench] {shape} done ({time.time() - T0:.0f} s)", flush=True)
+
+
+def report():
+    print(f"\ntotal {time.time() - T0:.0f} s, device {torch.cuda.get_device_name()}")
+    print("\n==== checks ====")
+    for r in ROWS:
+        if r[0] == "check":
+            print(f"{r[1]:44s} bwd v{r[2]}  {r[4]}")
+    print("\n==== selective scan, bf16, all features (median ms) ====")
+    print(f"{'shape':24s} {'impl':8s} {'fwd':>8s} {'fwd+ckpt':>9s} {'bwd':>8s} {'fwd+bwd':>8s}  vs mamba")
+    for shape in dict.fromkeys(r[1] for r in ROWS if r[0] == "bench"):
+        t = {(r[2], r[3]): r[4] for r in ROWS if r[0] == "bench" and r[1] == shape}
+        mf, mfb = t.get(("mamba", "fwd")), t.get(("mamba", "fwd+bwd"))
+        for impl in dict.fromkeys(k[0] for k in t):
+            cell = lambda k: f"{t[(impl, k)]:8.3f}" if (impl, k) in t else f"{'-':>8s}"  # noqa: E731
+            rel = ""
+            if impl == "ours" and mf:
+                rel = f"fwd {mf / t[(impl, 'fwd')]:.2f}x"
+            if impl.startswith("bwd") and mfb:
+                rel = f"fwd+bwd {mfb / t[(impl, 'fwd+bwd')]:.2f}x"
+            print(f"{shape:24s} {impl:8s} {cell('fwd')} {cell('fwd+ckpt'):>9s} {cell('bwd')} "
+                  f"{cell('fwd+bwd')}  {rel}")
+    print(f"checks: {len(gs.FAILS)} failures")
+    for f in gs.FAILS:
+        print("  FAIL", f)
+
+
+def main():
+    ext = cuda_extension()
+    if ext is None or not hasattr(ext, "selective_scan_bwd_variant") or not gs.has_cuda_bwd():
+        sys.exit("ssm_kernels._C without the CUDA backward / selective_scan_bwd_variant: rebuild")
+    global BWD_VARIANTS
+    BWD_VARIANTS = [int(x) for x in os.environ.get("BWD_VARIANTS", "0,2,3").split(",")]
+    assert BWD_VARIANTS[0] == 0, "variant 0 first (the others are compared with it)"
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"backward variants {BWD_VARIANTS}", flush=True)
+    for part in (checks, bench):
+        try:
+            part(BWD_VARIANTS)
+        except Exception as e:
+            import traceback
+            traceback.print_exc()
+            gs.FAILS.append(f"{part.__name__} raised {type(e).__name__}: {e}")
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "gpu_sscan_bwd.csv"), "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["section", "case", "variant", "what", "value"])
+            w.writerows(ROWS)
+    report()
+    sys.exit(1 if gs.FAILS else 0)
+
+
+if __name__ == "__main__":
+    main()

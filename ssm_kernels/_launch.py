@@ -1,0 +1,246 @@
+"""A launch cache in front of Triton's `JITFunction.run`: one specialisation per key we compute.
+
+Every `kernel[grid](*args, **kwargs)` makes Triton re-derive the kernel's specialisation from all
+arguments (`native_specialize_impl` per argument, a string cache key, option parsing, launch
+metadata): tens of microseconds on the GPU machine's host for kernels that run for a few. A
+`FastKernel` wraps a `@triton.jit` function with the same call syntax and keeps, per key,
+
+    key = (current device, Triton knobs that enter its cache key, the type of every positional
+           argument, per tensor its dtype and whether data_ptr % 16 == 0, every int / bool /
+           float / None by value (Triton specialises ints on == 1, % 16 and the i32/i64/u64
+           range: functions of the value), every keyword argument's name and value (constexprs
+           and launch options: num_warps, num_stages, ...)),
+
+the compiled kernel that Triton itself chose on the first call with that key (the first call goes
+through `JITFunction.run` unchanged: compile, launch). Later calls with the key hand the arguments
+straight to the compiled kernel's launcher, exactly as `JITFunction.run` does at its end. The key is
+at least as fine as Triton's own (tests/test_launch.py checks it against Triton's binder on
+this machine's Triton), so a call that needs another specialisation never reuses a kernel.
+
+Anything outside the simple case takes the normal path, every call: the Triton interpreter
+(InterpretedFunction), a patched `JITFunction.run` (compile-only audits, profilers), pre-run hooks,
+active launch hooks, a callable grid, an argument of another type, keyword arguments that are not
+the trailing parameters, async compilation, `SSM_KERNELS_FAST_LAUNCH=0` or `set_enabled(False)`.
+CUDA graphs: the stream is read on every call, as Triton does, so capture records the same launch.
+torch.compile: kernels run inside the registered custom ops, opaque to the tracer, so this is
+plain eager code there too.
+
+Adopting it in a family: `_my_kernel = fast_kernel(_my_kernel)` under the `@triton.jit` definition
+(calls keep `_my_kernel[grid](...)`).
+"""
+from __future__ import annotations
+
+import functools
+import operator
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+_Tensor = torch.Tensor
+_ENABLED = os.environ.get("SSM_KERNELS_FAST_LAUNCH", "1") not in ("0", "", "false", "False")
+
+
+def set_enabled(on: bool) -> None:
+    """Turn the launch cache on/off for the whole process (off: every launch via JITFunction.run)."""
+    global _ENABLED
+    _ENABLED = bool(on)
+
+
+def enabled() -> bool:
+    return _ENABLED
+
+
+class _Unsupported(Exception):
+    pass
+
+
+class _Mark:
+    """A key element that equals nothing but itself."""
+    __slots__ = ("what",)
+
+    def __init__(self, what):
+        self.what = what
+
+    def __repr__(self):
+        return f"<{self.what}>"
+
+
+_MISALIGNED: Dict[torch.dtype, _Mark] = {}
+
+
+def _misaligned(dtype):
+    m = _MISALIGNED.get(dtype)
+    if m is None:
+        m = _MISALIGNED[dtype] = _Mark(f"{dtype} not 16-byte aligned")
+    return m
+
+
+def arg_key(a: Any):
+    """One positional argument's part of the launch key, on its own (documentation and tests; the
+    launch path computes the same information through `args_key`)."""
+    t = type(a)
+    if isinstance(a, _Tensor):
+        return (t, a.dtype if not (a.data_ptr() & 15) else _misaligned(a.dtype))
+    if t in _SCALARS:
+        return (t, a)
+    raise _Unsupported(t)
+
+
+_SCALARS = (int, bool, float, type(None))
+
+
+def _layout(types: Tuple):
+    """(tensors getter, scalars getter) for arguments of these types; None if one is unsupported."""
+    tpos, spos = [], []
+    for i, t in enumerate(types):
+        if issubclass(t, _Tensor):
+            tpos.append(i)
+        elif t in _SCALARS:
+            spos.append(i)
+        else:
+            return None
+
+    def getter(pos):
+        if len(pos) >= 2:
+            return operator.itemgetter(*pos)
+        if len(pos) == 1:
+            i = pos[0]
+            return lambda args: (args[i],)
+        return lambda args: ()
+    return getter(tpos), getter(spos)
+
+
+_LAYOUTS: Dict[Tuple, Any] = {}
+
+
+def args_key(args: Tuple, layouts: Dict = _LAYOUTS):
+    """The positional arguments' part of the launch key, finer than Triton's specialisation: the
+    type of every argument; per tensor its dtype if data_ptr % 16 == 0, else a per-dtype marker;
+    every int / bool / float / None by value (Triton specialises ints on == 1, % 16 and the
+    i32 / i64 / u64 range, all functions of the value). Raises _Unsupported for other types."""
+    types = tuple(map(type, args))
+    lay = layouts.get(types, False)
+    if lay is False:
+        lay = layouts[types] = _layout(types)
+    if lay is None:
+        raise _Unsupported(types)
+    tget, sget = lay
+    return (types, tuple([t.dtype if not (t.data_ptr() & 15) else _misaligned(t.dtype)
+                          for t in tget(args)]), sget(args))
+
+
+class _Entry:
+    __slots__ = ("kernel", "tail")
+
+    def __init__(self, kernel, tail: Tuple):
+        self.kernel = kernel
+        self.tail = tail
+
+
+class FastKernel:
+    """A `@triton.jit` function with a launch cache; `fk[grid](*args, **kwargs)` as for the kernel.
+    Attributes not defined here (fn, arg_names, warmup, ...) are the wrapped kernel's."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._cache: Dict[Tuple, Optional[_Entry]] = {}
+        self._simple = None   # decided on first use: a plain JITFunction under the CUDA-like driver
+        self._layouts: Dict[Tuple, Any] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __getattr__(self, name):   # only called for attributes FastKernel lacks
+        return getattr(self.__dict__["fn"], name)
+
+    def __getitem__(self, grid):
+        return functools.partial(self._call, grid)
+
+    def _call(self, grid, *args, **kwargs):
+        return self.launch(grid, args, kwargs)
+
+    # ---- the fast path ---------------------------------------------------------------------------
+
+    def _setup(self) -> bool:
+        fn = self.fn
+        try:
+            from triton import knobs
+            from triton.runtime.driver import driver
+            from triton.runtime.jit import JITFunction
+        except Exception:
+            return False
+        run = getattr(type(fn), "run", None)
+        if not isinstance(fn, JITFunction) or getattr(run, "__qualname__", "") != "JITFunction.run" \
+                or getattr(run, "__module__", "") != "triton.runtime.jit":
+            return False   # interpreter, patched run (audits, profilers), autotuner, ...
+        active = driver.active
+        self._jit_run = run
+        self._jit_type = type(fn)
+        self._knobs = knobs
+        self._device = active.get_current_device
+        self._stream = active.get_current_stream
+        self._names = tuple(fn.arg_names)
+        comp = getattr(knobs, "compilation", None)
+        # compilation knobs that enter Triton's cache key (those this Triton version has)
+        names = [n for n in ("instrumentation_mode", "fpsan_homomorphic_casts") if hasattr(comp, n)]
+        self._env_get = operator.attrgetter(*names) if names else None
+        return True
+
+    def launch(self, grid, args: Tuple, kwargs: Dict):
+        if _ENABLED and type(grid) is tuple:
+            if self._simple is None:
+                self._simple = self._setup()
+            if self._simple and self._jit_type.run is self._jit_run:
+                rt = self._knobs.runtime
+                enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
+                if (enter is None or not getattr(enter, "calls", True)) and \
+                        (leave is None or not getattr(leave, "calls", True)) and \
+                        not self.fn.pre_run_hooks:
+                    try:
+                        akey = args_key(args, self._layouts)
+                    except _Unsupported:
+                        return self.fn[grid](*args, **kwargs)
+                    env = self._env_get
+                    key = (self._device(), rt.debug, env and env(self._knobs.compilation), akey,
+                           tuple(kwargs.items()))
+                    entry = self._cache.get(key, False)
+                    if entry:
+                        self.hits += 1
+                        kernel = entry.kernel
+                        n = len(grid)
+                        kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
+                                   self._stream(key[0]), kernel.function, kernel.packed_metadata, None,
+                                   enter, leave, *args, *entry.tail)
+                        return kernel
+                    if entry is False:   # first call with this key: Triton's path, then remember
+                        self.misses += 1
+                        kernel = self.fn[grid](*args, **kwargs)
+                        if len(self._cache) > 1024:
+                            self._cache.clear()
+                        self._cache[key] = self._entry(kernel, len(args), kwargs)
+                        return kernel
+        return self.fn[grid](*args, **kwargs)
+
+    def _entry(self, kernel, nargs: int, kwargs: Dict) -> Optional[_Entry]:
+        """None (always the normal path for this key) unless the kernel is a finished compiled
+        kernel and kwargs are exactly the parameters after the positional ones."""
+        if kernel is None or hasattr(kernel, "result") or not hasattr(kernel, "packed_metadata"):
+            return None
+        rest = self._names[nargs:]
+        if any(n not in kwargs for n in rest):
+            return None
+        return _Entry(kernel, tuple(kwargs[n] for n in rest))
+
+
+def fast_kernel(fn):
+    """Wrap a `@triton.jit` function in a FastKernel (anything else is returned unchanged)."""
+    if isinstance(fn, FastKernel):
+        return fn
+    try:
+        from triton.runtime.jit import JITFunction
+        from triton.runtime.interpreter import InterpretedFunction
+    except Exception:
+        return fn
+    if isinstance(fn, (JITFunction, InterpretedFunction)):
+        return FastKernel(fn)
+    return fn

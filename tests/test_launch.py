@@ -1,0 +1,218 @@
+"""ssm_kernels._launch (the launch cache in front of JITFunction.run), on the CPU, no GPU.
+
+1. The key is at least as fine as Triton's own specialisation: over many argument tuples, two
+   tuples with one launch key always get one Triton specialisation (Triton's binder, this
+   machine's Triton, target sm_90).
+2. End to end with a compile-only driver (target sm_90, every compiled kernel's launcher replaced
+   by a recorder): a repeated call skips JITFunction.run and hands the launcher exactly what
+   Triton's path hands it; a changed dtype, 16-byte alignment, int (== 1, % 16) or constexpr gets
+   the kernel Triton itself picks for it (compiled anew, never a reused one); anything unusual
+   (patched run, launch hooks, disabled) goes through Triton's path.
+"""
+import itertools
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import jit as triton_jit  # noqa: E402
+
+from ssm_kernels import _launch  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def _scale(x_ptr, y_ptr, n, s_x, alpha, FLAG: tl.constexpr, BLOCK: tl.constexpr):
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n
+    v = tl.load(x_ptr + o * s_x, mask=m, other=0.0)
+    if FLAG:
+        v = v * alpha
+    tl.store(y_ptr + o, v, mask=m)
+
+
+def _jit():
+    """A real JITFunction even where TRITON_INTERPRET=1 made @triton.jit return interpreted ones."""
+    return triton_jit.JITFunction(_scale)
+
+
+# ---- 1. the key against Triton's binder ----------------------------------------------------------
+
+def _tensors():
+    base = {dt: torch.zeros(64, dtype=dt) for dt in (torch.float32, torch.bfloat16, torch.float16)}
+    out = []
+    for dt, t in base.items():
+        out += [t, t[1:], t[8:]]   # aligned, misaligned, aligned again (16 bytes for 16-bit: 8 elts)
+    return out
+
+
+INTS = [0, 1, 2, 15, 16, 17, 32, -1, -16, 2 ** 31 - 1, 2 ** 31, 2 ** 32, 2 ** 63 - 1, 2 ** 63]
+SCALARS = INTS + [True, False, None, 1.0, 0.5]
+
+
+def test_key_is_at_least_as_fine_as_tritons_specialisation():
+    from triton.compiler import make_backend
+    fn = _jit()
+    binder = triton_jit.create_function_from_signature(fn.signature, fn.params, make_backend(TARGET))
+    seen = {}
+    tensors = _tensors()
+    for x, y, n, s_x, alpha in itertools.product(tensors[::2], tensors[1::2], SCALARS, INTS[:8],
+                                                 [1.0, 2, True]):
+        args = (x, y, n, s_x, alpha)
+        _, spec, _ = binder(*args, FLAG=True, BLOCK=64)
+        spec = repr(spec)
+        key = _launch.args_key(args)
+        assert seen.setdefault(key, spec) == spec, f"one key {key} for two specialisations"
+    # and the distinctions that matter are all there
+    t32 = torch.zeros(64)
+    k = _launch.arg_key
+    assert k(t32) != k(t32.to(torch.bfloat16)) and k(t32) != k(t32[1:])
+    assert len({k(1), k(True), k(1.0), k(2), k(16), k(None), k(False), k(0)}) == 8
+
+
+# ---- 2. end to end under a compile-only driver -----------------------------------------------------
+
+class _Utils:
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
+                "warpSize": 32}
+
+
+class _Driver:
+    utils = _Utils()
+
+    def is_active(self):
+        return True
+
+    def get_current_target(self):
+        return TARGET
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 1234
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Compile-only Triton (sm_90); every launch appends (kernel, launcher args) to the list."""
+    from triton.compiler.compiler import CompiledKernel
+    from triton.runtime.driver import driver
+    launches = []
+
+    def init(self):
+        self.function = id(self)
+        self._run = lambda *args: launches.append((self, args))
+
+    monkeypatch.setattr(CompiledKernel, "_init_handles", init)
+    monkeypatch.setattr(driver, "_active", _Driver())   # restored after the test
+    monkeypatch.setattr(_launch, "_ENABLED", True)
+    yield launches
+
+
+def _args(dtype=torch.float32, offset=0, n=64, s_x=1):
+    x = torch.zeros(80, dtype=dtype)[offset:]
+    y = torch.zeros(64, dtype=dtype)
+    return (x, y, n, s_x, 2.0)
+
+
+def test_repeat_call_skips_triton_and_launches_identically(recorded):
+    fk = _launch.FastKernel(_jit())
+    args = _args()
+    kw = dict(FLAG=True, BLOCK=64, num_warps=1)
+    fk[(2,)](*args, **kw)                   # miss: Triton's path launches
+    assert (fk.misses, fk.hits, len(recorded)) == (1, 0, 1)
+    slow = recorded[-1]
+    fk[(2,)](*args, **kw)
+    assert (fk.misses, fk.hits, len(recorded)) == (1, 1, 2)
+    fast = recorded[-1]
+    assert fast[0] is slow[0]
+    assert len(fast[1]) == len(slow[1])
+    # launch_metadata (index 6) is only read by launch hooks, and the fast path runs only when
+    # none is active: it passes None where Triton 3.9 builds a LazyDict for its empty HookChain
+    assert fast[1][6] is None
+    for i, (a, b) in enumerate(zip(fast[1], slow[1])):   # grid, stream, function, ..., arguments
+        if i == 6:
+            continue
+        assert a is b or a == b or (a is None and b is None) or (
+            not isinstance(a, torch.Tensor) and repr(a) == repr(b)), (a, b)
+
+
+@pytest.mark.parametrize("change", ["dtype", "alignment", "int_one", "int_div16", "constexpr",
+                                    "option"])
+def test_a_changed_specialisation_gets_tritons_kernel(recorded, change):
+    fk = _launch.FastKernel(_jit())
+    base = dict(dtype=torch.float32, offset=0, n=64, s_x=2)
+    kw = dict(FLAG=True, BLOCK=64, num_warps=1)
+    fk[(1,)](*_args(**base), **kw)
+    fk[(1,)](*_args(**base), **kw)
+    first = recorded[-1][0]
+    changed, kw2 = dict(base), dict(kw)
+    if change == "dtype":
+        changed["dtype"] = torch.bfloat16
+    elif change == "alignment":
+        changed["offset"] = 1
+    elif change == "int_one":
+        changed["s_x"] = 1
+    elif change == "int_div16":
+        changed["n"] = 63
+    elif change == "constexpr":
+        kw2["FLAG"] = False
+    else:
+        kw2["num_warps"] = 2
+    hits = fk.hits
+    fk[(1,)](*_args(**changed), **kw2)
+    assert fk.hits == hits, "a call needing another specialisation was served from the cache"
+    second = recorded[-1][0]
+    assert second is not first
+    # the kernel is the one Triton's own path chooses for those arguments
+    _launch.set_enabled(False)
+    try:
+        fk[(1,)](*_args(**changed), **kw2)
+    finally:
+        _launch.set_enabled(True)
+    assert recorded[-1][0] is second
+    fk[(1,)](*_args(**changed), **kw2)   # and now it is cached
+    assert fk.hits == hits + 1 and recorded[-1][0] is second
+
+
+def test_unusual_cases_take_tritons_path(recorded, monkeypatch):
+    fk = _launch.FastKernel(_jit())
+    kw = dict(FLAG=True, BLOCK=64)
+    for _ in range(2):
+        fk[(1,)](*_args(), **kw)
+    assert fk.hits == 1
+    hits = fk.hits
+    # disabled
+    _launch.set_enabled(False)
+    fk[(1,)](*_args(), **kw)
+    _launch.set_enabled(True)
+    # a callable grid
+    fk[lambda meta: (1,)](*_args(), **kw)
+    # a patched JITFunction.run (audits, profilers) is always honoured
+    seen = []
+    orig = triton_jit.JITFunction.run
+
+    def spy(self, *a, **k):
+        seen.append(1)
+        return orig(self, *a, **k)
+    monkeypatch.setattr(triton_jit.JITFunction, "run", spy)
+    fk[(1,)](*_args(), **kw)
+    assert seen == [1]
+    monkeypatch.setattr(triton_jit.JITFunction, "run", orig)
+    assert fk.hits == hits
+    assert len(recorded) == 5
+
+
+def test_interpreted_kernels_are_left_to_the_interpreter():
+    from triton.runtime.interpreter import InterpretedFunction
+    fn = InterpretedFunction(_scale)
+    fk = _launch.fast_kernel(fn)
+    assert isinstance(fk, _launch.FastKernel) and fk.fn is fn
+    assert fk._setup() is False
