@@ -16,7 +16,9 @@
    (kkt, solve_tril, recompute_w_u, fwd_h, fwd_o) next to ours.
 4. Variants (env VARIANTS, default `DEFAULT_VARIANTS`): knob settings of delta_rule/chunk.py, each
    checked (gated, B1 T1024 H2 HV4, l2norm, bf16, the same rule) then timed fwd / fwd+bwd with
-   its forward stages. VARIANTS="name:KNOB=VAL,KNOB=VAL;name2:..." (values Python literals).
+   its forward stages. VARIANTS="name:KNOB=VAL,KNOB=VAL;name2:..." (values Python literals), or
+   VARIANTS=@bwd (BWD_VARIANTS: the backward's knobs) / @fwd; VARIANT_EXTRA="ungated,profile"
+   (what else each variant runs; see VARIANT_EXTRA below).
 Env: STEPS (default "check,time,stages,variants"), QUICK=1 (no peers, first shape only), GVA=0
 (the main shape only, with the peers),
 BUDGET_S (default 190: later steps are skipped past it, the table is always printed).
@@ -73,6 +75,26 @@ DEFAULT_VARIANTS = (   # most telling first: the budget may cut the tail
     "WU_TF32_PRODUCTS=True,SCAN_TF32=True,U_FLOAT32=True;"
     "split-flaprec:WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,WU_FLOAT32=False;"
     "inv-dots:WY_INVERSE_DOTS=True")
+# the backward's delta-only kernels (bench/NOTES.md, "Delta rule backward (issue 12), helper
+# deltabwd"): VARIANTS=@bwd; each variant's fwd+bwd kernels are profiled (VARIANT_EXTRA)
+BWD_VARIANTS = (   # most telling first: the budget may cut the tail
+    "bwd-all:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,DQK_MAXNREG=128,"
+    "DQK_STAGES=2,WY_BWD_LEAN=True;"
+    "bwd-all-split-bf16st-ov128:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,"
+    "DQK_MAXNREG=128,DQK_STAGES=2,BWD_GRAD_16=True,WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,"
+    "WU_FLOAT32=False,WU_TF32_PRODUCTS=True,SCAN_TF32=True,OUT_BLOCK_V=128;"
+    "dqk:DQK_DELTA=True;"
+    "sg-fuse-x2:SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True;"
+    "wybwd-lean:WY_BWD_LEAN=True;"
+    "sg-fuse:SG_DELTA=True,SG_FUSE_DV=True;"
+    "sg:SG_DELTA=True;"
+    "dqk-r128:DQK_DELTA=True,DQK_MAXNREG=128,DQK_STAGES=2;"
+    "bwd-all-g16:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,DQK_MAXNREG=128,"
+    "DQK_STAGES=2,WY_BWD_LEAN=True,BWD_GRAD_16=True")
+# per variant, besides its check and gated fwd / fwd+bwd: "ungated" (chunk_delta_rule, against
+# fla's fwd+bwd), "profile" (every kernel of its gated fwd+bwd), "stages" (its forward stages);
+# unset: ungated and profile for the first variant only, stages for every one
+VARIANT_EXTRA = os.environ.get("VARIANT_EXTRA")
 
 
 def log(*a):
@@ -368,8 +390,11 @@ def main():
 
     if "variants" in STEPS:
         mk0 = lambda req: inputs(B, T, H, HV, 128, 128, False, req=req, l2=False)  # noqa: E731
-        for iv, (name, knobs) in enumerate(parse_variants(os.environ.get("VARIANTS",
-                                                                         DEFAULT_VARIANTS))):
+        vtext = os.environ.get("VARIANTS", DEFAULT_VARIANTS)
+        vtext = {"@bwd": BWD_VARIANTS, "@fwd": DEFAULT_VARIANTS}.get(vtext, vtext)
+        for iv, (name, knobs) in enumerate(parse_variants(vtext)):
+            extra = (("ungated", "profile", "stages") if iv == 0 else ("stages",)
+                     ) if VARIANT_EXTRA is None else VARIANT_EXTRA.split(",")
             if over_budget(f"variant {name}"):
                 continue
             saved = {kk: getattr(wy, kk) for kk in knobs}
@@ -384,15 +409,20 @@ def main():
                 bench("chunk_gated_delta_rule", case, f"ssm_kernels [{name}]"
                       + ("" if good else " CHECK FAILED"), ours("chunk_gated_delta_rule", l2=False),
                       make)
-                if iv == 0:   # the first variant against fla's full fwd+bwd (ungated: it runs)
-                    bench("chunk_delta_rule", case, f"ssm_kernels [{name}]",
-                          ours("chunk_delta_rule", l2=False), mk0)
-                    try:   # and its kernels (the backward's split)
+                if "ungated" in extra:   # against fla's full fwd+bwd (ungated: it runs)
+                    good0 = check("chunk_delta_rule", B=1, T=1024, H=2, HV=4,
+                                  label=f" [{name}]")
+                    bench("chunk_delta_rule", case, f"ssm_kernels [{name}]"
+                          + ("" if good0 else " CHECK FAILED"), ours("chunk_delta_rule", l2=False),
+                          mk0)
+                if "profile" in extra:   # its kernels (the backward's split)
+                    try:
                         kernel_profile(f"ours [{name}]", ours("chunk_gated_delta_rule", False),
                                        make, False)
                     except Exception as e:  # noqa: BLE001
                         log("profile failed:", repr(e)[:160])
-                stage_times(name)
+                if "stages" in extra:
+                    stage_times(name)
             except Exception:  # noqa: BLE001
                 traceback.print_exc()
                 ROWS.append(("chunk_gated_delta_rule", case, f"ssm_kernels [{name}]", "fwd",

@@ -430,7 +430,11 @@ def test_triton_chunk_gpu_tiles_fp16(backend, inverse_dots, monkeypatch):
 
 # the speed variants of the WY stage (delta_rule/chunk.py knobs, A/B'd on the GPU by gpu_delta.py)
 WY_VARIANTS = {"lean": dict(WY_LEAN=True), "split": dict(WY_SPLIT=True),
-               "split-lean-bf16wu": dict(WY_SPLIT=True, WY_LEAN=True, WU_FLOAT32=False)}
+               "split-lean-bf16wu": dict(WY_SPLIT=True, WY_LEAN=True, WU_FLOAT32=False),
+               "dqk-delta": dict(DQK_DELTA=True), "sg-delta": dict(SG_DELTA=True),
+               "bwd-delta": dict(DQK_DELTA=True, SG_DELTA=True, SG_FUSE_DV=True,
+                                 WY_BWD_LEAN=True),
+               "bwd-grad16": dict(BWD_GRAD_16=True, DQK_DELTA=True, SG_DELTA=True)}
 
 
 @pytest.mark.parametrize("backend", TRITON)
@@ -458,6 +462,75 @@ def test_triton_chunk_wy_variants(backend, variant, monkeypatch):
     ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), cu, True, cots)
     low = _chunk_run(_ref_fn, q, k, v, g, beta, h0, cu, True, cots)
     _judge_chunk(out, ref, low, names, torch.float16, F.normalize(q.double(), dim=-1, eps=0))
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("gated", [False, True])
+def test_triton_chunk_bwd_delta_plain(backend, gated, monkeypatch):
+    """The delta-only backward kernels (DQK_DELTA, SG_DELTA + SG_FUSE_DV) without the in-kernel
+    L2 norm (unit keys), gated and not, at the GPU's BT=64 tiles with a partial last chunk and
+    K != V, initial state: every gradient within the float16 bound."""
+    from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
+    for name in ("DQK_DELTA", "SG_DELTA", "SG_FUSE_DV", "WY_BWD_LEAN"):
+        monkeypatch.setattr(wy, name, True)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(common, "triton_interpret", lambda: False)
+    d = lambda x: x.double()
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(gated, False, 2, 75, 1, 1, 16, 24, None,
+                                                   dtype=torch.float16)
+    out = _chunk_run(_kernel_fn(gated, backend), q, k, v, g, beta, h0, cu, False, cots)
+    ref = _chunk_run(_ref_fn, d(q), d(k), d(v), None if g is None else d(g), d(beta), d(h0), cu,
+                     False, cots)
+    low = _chunk_run(_ref_fn, q, k, v, g, beta, h0, cu, False, cots)
+    names = ["o", "S", "dq", "dk", "dv"] + (["dg"] if gated else []) + ["dbeta", "dh0"]
+    _judge_chunk(out, ref, low, names, torch.float16, F.normalize(q.double(), dim=-1, eps=0))
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_chunk_bwd_delta_no_dht(backend, monkeypatch):
+    """The delta-only backward kernels with the final state unused (dht None: the scan starts
+    from zeros, the benchmark's case), gated, L2 norm, GVA, BT=64 tiles, float16."""
+    from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
+    for name in ("DQK_DELTA", "SG_DELTA", "SG_FUSE_DV", "WY_BWD_LEAN"):
+        monkeypatch.setattr(wy, name, True)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(common, "triton_interpret", lambda: False)
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(True, True, 1, 75, 1, 2, 16, 16, None,
+                                                   dtype=torch.float16)
+
+    def run(fn, *ins):
+        xs = [x.detach().clone().requires_grad_() for x in ins]
+        o, _ = fn(*xs, cu, True)
+        return [o] + list(torch.autograd.grad((o.double() * cots[0]).sum(), xs))
+    d = lambda x: x.double()
+    out = run(_kernel_fn(True, backend), q, k, v, g, beta, h0)
+    ref = run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0))
+    low = run(_ref_fn, q, k, v, g, beta, h0)
+    _judge_chunk(out, ref, low, ["o", "dq", "dk", "dv", "dg", "dbeta", "dh0"], torch.float16,
+                 F.normalize(q.double(), dim=-1, eps=0))
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_triton_chunk_bwd_delta_kds_x2_bf16(backend, monkeypatch):
+    """SG_KDS_X2 (bf16 only: k dS as two bf16 dots on dS's hi and lo parts) with the other
+    delta-only backward kernels, bf16 varlen GVA with the in-kernel L2 norm (BT=32: the
+    interpreter's bf16 tensor-core dots at the GPU's BT=64 path are broken, see common.mm):
+    every gradient within the bf16 bound."""
+    from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
+    for name in ("DQK_DELTA", "SG_DELTA", "SG_FUSE_DV", "SG_KDS_X2", "BWD_GRAD_16"):
+        monkeypatch.setattr(wy, name, True)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    d = lambda x: x.double()
+    names = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    case = (True, True, 1, 70, 1, 2, 16, 16, [0, 33, 70])
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(*case, dtype=torch.bfloat16)
+    out = _chunk_run(_kernel_fn(True, backend), q, k, v, g, beta, h0, cu, True, cots)
+    ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), cu, True, cots)
+    low = _chunk_run(_ref_fn, q, k, v, g, beta, h0, cu, True, cots)
+    _judge_chunk(out, ref, low, names, torch.bfloat16, F.normalize(q.double(), dim=-1, eps=0))
 
 
 @pytest.mark.parametrize("backend", TRITON)

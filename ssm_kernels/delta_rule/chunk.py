@@ -34,6 +34,7 @@ from ..chunk import common
 from ..chunk.bwd import _dqk_kernel, _dv_kernel, _state_grad_kernel
 from ..chunk.common import chunk_span, l2norm_rows, load_rows, log_decay_cumsum, mm, mm_wy
 from ..chunk.fwd import Plan, _dummy, _output_kernel, _state_kernel
+from .bwd import _dqk_delta_kernel, _state_grad_delta_kernel
 
 WU_FLOAT32 = True
 # V tile of the two serial scans (state, state gradient), None: min(BLOCK_V, 8192 // K) (a
@@ -77,6 +78,43 @@ STATE_WARPS = None
 # V tile of the output stage and of the backward's intra-chunk dV' (None: the engine's BLOCK_V,
 # 64; 128 computes q k^T once per chunk)
 OUT_BLOCK_V = None
+# backward: dq, the engine part of dk and dg by the delta-only `bwd._dqk_delta_kernel` (q, k
+# loaded in the input dtype after the V loop, the L2 norm as scales of the score tile, the
+# group's value heads unrolled) instead of the engine's `_dqk_kernel` (16-bit inputs)
+DQK_DELTA = False
+# backward: dV' (written by the state-gradient scan, read twice by the WY backward) stored in
+# the input dtype instead of float32 (-0.20 GB at B4 T4096 H16; products stay tf32 or
+# fp32-accumulated); BWD_DKE_16 with it: the engine part of dk (written by the dq/dk stage, read
+# by the WY backward) too (-0.13 GB; bf16 interpreter: dk's error 0.70 -> 0.93 of its bound: it
+# cancels against the WY part)
+BWD_GRAD_16 = False
+BWD_DKE_16 = False
+# the WY backward's LEAN form alone (WY_LEAN without its forward part: sm_90 spills 1.3 KB -> 0)
+WY_BWD_LEAN = False
+# warps and V tile of that kernel (None: 8 at K >= 128, else 4; the engine's BLOCK_V)
+DQK_WARPS = None
+DQK_BLOCK_V = None
+# backward: the reverse state-gradient scan by the delta-only `bwd._state_grad_delta_kernel`
+# (q, k in the input dtype, decays and norms as row scales) instead of the engine's DELTA branch;
+# SG_FUSE_DV: the intra-chunk dV' formed inside that scan (no `_dv_kernel`, no float32 dvl)
+SG_DELTA = False
+SG_FUSE_DV = False
+# warps and V tile of that scan (None: as the engine's, 8 at K = 128; STATE_BLOCK_V's tile):
+# a V tile of 32 doubles the scan's programs (256 at B4 H16), which run 2 per SM only if a
+# program fits 128 registers at 8 warps (SG_MAXNREG=128)
+SG_WARPS = None
+SG_BLOCK_V = None
+SG_STAGES = 2
+# bf16 inputs: that scan's k dS as two bf16 dots against dS = hi + lo (k a shared-memory operand,
+# not a float32 register tile; ~16 bits of dS kept, tf32 keeps 11)
+SG_KDS_X2 = False
+# register caps (ptxas maxnreg) of the two delta-only backward kernels (None: no cap); 128 at 8
+# warps = 2 programs per SM (if shared memory allows: DQK_STAGES=2). DQK_MAXNREG acts on the
+# ungated kernel only (sm_90, K=V=128, no L2 norm: 138 registers uncapped, 128 without spills;
+# the gated one spills 576 B at 128)
+SG_MAXNREG = None
+DQK_MAXNREG = None
+DQK_STAGES = 3
 
 
 @triton.jit
@@ -367,8 +405,20 @@ def _plan(q, v, g, cu_seqlens):
     # 15 KB there (the correctness path, not the fast one)
     fast = q.dtype != torch.float32
     p.lean, p.split = WY_LEAN and fast, WY_SPLIT and fast
+    p.lean_bwd = (WY_LEAN or WY_BWD_LEAN) and fast
+    p.g16 = BWD_GRAD_16 and fast
+    p.dke16 = p.g16 and BWD_DKE_16
     p.wy_warps = (WY_WARPS if fast else None) or p.warps
     p.state_warps = (STATE_WARPS if fast else None) or p.warps
+    p.dqk_delta = DQK_DELTA and fast
+    p.sg_delta = SG_DELTA and fast
+    p.sg_fuse = p.sg_delta and SG_FUSE_DV
+    p.sg_warps = (SG_WARPS if fast else None) or p.warps
+    p.BVg = (SG_BLOCK_V if fast else None) or p.BVs
+    p.sg_opts = {"maxnreg": SG_MAXNREG} if (fast and SG_MAXNREG) else {}
+    p.dqk_opts = {"maxnreg": DQK_MAXNREG} if (fast and DQK_MAXNREG and not p.gate) else {}
+    p.dqk_warps = (DQK_WARPS if fast else None) or p.warps
+    p.BVq = (DQK_BLOCK_V if fast else None) or m["BV"]
     p.BVO = max(16, min(OUT_BLOCK_V, triton.next_power_of_2(p.V))) if OUT_BLOCK_V else m["BV"]
     # the inverse in tf32 for 16-bit W, U (WF32 of the inverse alone)
     p.inv_f32 = 1 if (p.wf32 == 0 and WY_INVERSE_F32) else p.wf32
@@ -459,29 +509,48 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
     kw = dict(GATE=p.gate, G_FROM_VS=False, IS_VARLEN=p.varlen, BT=p.BT, DT=m["DT"],
               IEEE=m["IEEE"])
     # intra-chunk part of dV' (the output's), then the reverse scan with the delta term
-    dvl = common.poison(do.new_empty((TOK, p.H, p.V), **f32))
-    _dv_kernel[(triton.cdiv(p.V, p.BVO), p.NCH, p.H)](
-        q, k, vn, do, gg, d, d, d, d, dvl, d, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
-        float(scale), HAS_VS=False, BK=m["BK"], BV=p.BVO, HAS_DH=False, L2NORM=l2,
-        num_warps=4 if p.BVO <= 64 else 8, **kw)
+    dvl = d
+    if not p.sg_fuse:
+        dvl = common.poison(do.new_empty((TOK, p.H, p.V), **f32))
+        _dv_kernel[(triton.cdiv(p.V, p.BVO), p.NCH, p.H)](
+            q, k, vn, do, gg, d, d, d, d, dvl, d, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
+            float(scale), HAS_VS=False, BK=m["BK"], BV=p.BVO, HAS_DH=False, L2NORM=l2,
+            num_warps=4 if p.BVO <= 64 else 8, **kw)
     dh = q.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
     dh0 = common.poison(q.new_empty((p.N, p.H, p.K, p.V), **f32))
-    dvn = common.poison(do.new_empty((TOK, p.H, p.V), dtype=p.wdtype))
-    _state_grad_kernel[(1, triton.cdiv(p.V, p.BVs), p.N * p.H)](
-        q, do, gg, d, d, d if dht is None else dht, dh, dh0, cu, co,
-        p.T, p.H, p.HQ, p.K, p.V, float(scale), HAS_DHT=dht is not None, BK=m["BKF"], BV=p.BVs,
-        k_ptr=k, w_ptr=w, dvl_ptr=dvl, dvn_ptr=dvn, DELTA=True, L2NORM=l2,
-        WF32=p.scan_wf32, num_warps=p.warps,
-        num_stages=1 if m["IEEE"] == 1 else 2, **kw)   # 3 stages: 262 KB shared memory at BT=64
+    dvn = common.poison(do.new_empty((TOK, p.H, p.V), dtype=q.dtype if p.g16 else p.wdtype))
+    if p.sg_delta:
+        _state_grad_delta_kernel[(triton.cdiv(p.V, p.BVg), p.N * p.H)](
+            q, k, w, do, gg, dvl, d if dht is None else dht, dh, dh0, dvn, cu, co,
+            p.T, p.H, p.HQ, p.K, p.V, float(scale), GATE=p.gate, HAS_DHT=dht is not None,
+            IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=p.BVg, DT=m["DT"], IEEE=m["IEEE"],
+            L2NORM=l2, WF32=p.scan_wf32, FUSE_DV=p.sg_fuse,
+            KDS_X2=SG_KDS_X2 and q.dtype == torch.bfloat16 and p.scan_wf32 == 1,
+            num_warps=p.sg_warps, num_stages=SG_STAGES,
+            **p.sg_opts)
+    else:
+        _state_grad_kernel[(1, triton.cdiv(p.V, p.BVs), p.N * p.H)](
+            q, do, gg, d, d, d if dht is None else dht, dh, dh0, cu, co,
+            p.T, p.H, p.HQ, p.K, p.V, float(scale), HAS_DHT=dht is not None, BK=m["BKF"],
+            BV=p.BVs, k_ptr=k, w_ptr=w, dvl_ptr=dvl, dvn_ptr=dvn, DELTA=True, L2NORM=l2,
+            WF32=p.scan_wf32, num_warps=p.warps,
+            num_stages=1 if m["IEEE"] == 1 else 2, **kw)   # 3 stages: 262 KB smem at BT=64
     # dq (final), dk of the normalised k and dg through the output and state terms (v := V')
     dq = common.poison(torch.empty_like(q))
-    dke = common.poison(q.new_empty(q.shape, **f32))
+    dke = common.poison(q.new_empty(q.shape, dtype=q.dtype if p.dke16 else torch.float32))
     dge = common.poison(q.new_empty(v.shape[:3], **f32)) if g is not None else d
-    _dqk_kernel[(p.NCH, p.HQ)](
-        q, k, vn, do, gg, d, d, h, dh, dq, dke, dge, ct, cu,
-        p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale), HAS_VS=False, SUB=m["SUB"],
-        BK=m["BKF"], BV=m["BV"], L2NORM=l2, num_warps=8 if m["BKF"] >= 128 else 4,
-        num_stages=1 if m["IEEE"] == 1 else 3, **kw)   # fp32, K=256: 360 KB shared at 3 stages
+    if p.dqk_delta:
+        _dqk_delta_kernel[(p.NCH, p.HQ)](
+            q, k, vn, do, gg, h, dh, dq, dke, dge, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
+            float(scale), GATE=p.gate, L2NORM=l2, IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"],
+            BV=p.BVq, DT=m["DT"], IEEE=m["IEEE"], GR=p.H // p.HQ, num_warps=p.dqk_warps,
+            num_stages=DQK_STAGES, **p.dqk_opts)
+    else:
+        _dqk_kernel[(p.NCH, p.HQ)](
+            q, k, vn, do, gg, d, d, h, dh, dq, dke, dge, ct, cu,
+            p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale), HAS_VS=False, SUB=m["SUB"],
+            BK=m["BKF"], BV=m["BV"], L2NORM=l2, num_warps=8 if m["BKF"] >= 128 else 4,
+            num_stages=1 if m["IEEE"] == 1 else 3, **kw)   # fp32, K=256: 360 KB smem at 3 stages
     # the WY stage's backward: dk, dv, dbeta, dg
     dk = common.poison(torch.empty_like(k))
     dv = common.poison(torch.empty_like(v))
@@ -491,7 +560,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
         k, v, gg, beta, tm, h, dvn, dke, dge, dk, dv, dbeta, d if dg is None else dg, ct, cu,
         p.T, p.NT, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, L2NORM=l2, WF32=min(p.wf32, 1), IS_VARLEN=p.varlen, BT=p.BT,
-        BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], LEAN=p.lean,
-        GR=p.H // p.HQ if p.lean else 1, num_warps=p.warps,
+        BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], LEAN=p.lean_bwd,
+        GR=p.H // p.HQ if p.lean_bwd else 1, num_warps=p.warps,
         num_stages=1)   # 3 stages of the V loops: 262 KB of shared memory at BT=64 (> 227 KB)
     return dq, dk, dv, dg, dbeta, dh0
