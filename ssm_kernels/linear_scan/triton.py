@@ -237,8 +237,144 @@ def _linear_scan_bwd_kernel(
         tl.store(dh0_ptr + p_state, a_r * carry_r, mask=m_c)
 
 
+# ---- backward with time innermost, shifted terms in registers ---------------------------------
+# The backward needs a at t_next and h at t_pred, one step away from dh/da/db. Loaded through a
+# pointer shifted by one element, those tiles lose 16-byte alignment and Triton issues scalar
+# loads (sm_90 SASS of `_linear_scan_bwd_kernel`, [B, D, T] fp32: 32 LDG.E + 4 LDG.E.128 per
+# tile iteration; bf16: 34 LDG.E.U16). Here a and h are loaded unshifted as [BLOCK_C, R, V] tiles
+# (V = 16 bytes of elements: one 128-bit load per group) and shifted inside each thread's group by
+# split/join; the one element a group needs from its neighbour is a strided scalar load (1/V of
+# the elements, mostly an L1/L2 hit on a line the vector loads bring in anyway).
+
+@triton.jit
+def _shl2(x, nxt):
+    # x [..., 2] -> y[..., j] = x[..., j + 1], last = nxt [...]
+    e, o = tl.split(x)
+    return tl.join(o, nxt)
+
+
+@triton.jit
+def _shr2(x, prv):
+    # x [..., 2] -> y[..., j] = x[..., j - 1], first = prv [...]
+    e, o = tl.split(x)
+    return tl.join(prv, e)
+
+
+@triton.jit
+def _shift4(x, edge, LEFT: tl.constexpr, BC: tl.constexpr, R: tl.constexpr):
+    e, o = tl.split(tl.reshape(x, [BC, R, 2, 2]))
+    if LEFT:
+        y = tl.join(o, _shl2(e, edge))
+    else:
+        y = tl.join(_shr2(o, edge), e)
+    return tl.reshape(y, [BC, R, 4])
+
+
+@triton.jit
+def _shift(x, edge, LEFT: tl.constexpr, BC: tl.constexpr, R: tl.constexpr, V: tl.constexpr):
+    """x [BC, R, V], edge [BC, R]. LEFT: y[.., j] = x[.., j+1], y[.., V-1] = edge (the next group's
+    first element); else y[.., j] = x[.., j-1], y[.., 0] = edge (the previous group's last).
+    Split into even / odd elements: a shift by one moves odd -> even in place and even -> odd by
+    one group of half the width (recursion unrolled for V = 1, 2, 4, 8)."""
+    if V == 1:
+        return tl.reshape(edge, [BC, R, 1])
+    elif V == 2:
+        if LEFT:
+            return _shl2(x, edge)
+        else:
+            return _shr2(x, edge)
+    elif V == 4:
+        return _shift4(x, edge, LEFT, BC, R)
+    else:
+        tl.static_assert(V == 8)
+        e, o = tl.split(tl.reshape(x, [BC, R, 4, 2]))
+        if LEFT:
+            y = tl.join(o, _shift4(e, edge, True, BC, R))
+        else:
+            y = tl.join(_shift4(o, edge, False, BC, R), e)
+        return tl.reshape(y, [BC, R, 8])
+
+
+@triton.jit
+def _linear_scan_bwd_tinner_kernel(
+    # as _linear_scan_bwd_kernel without SUMMARY / COMPLEX, for s_t == 1 (time innermost)
+    a_ptr, h_ptr, h0_ptr, dh_ptr, dhT_ptr, da_ptr, db_ptr, dh0_ptr,
+    T, C, CHUNK, NC, s_o, s_c,
+    HAS_H0: tl.constexpr, REVERSE: tl.constexpr, HAS_CARRY: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, V: tl.constexpr,
+):
+    FLIP: tl.constexpr = not REVERSE
+    R: tl.constexpr = BLOCK_T // V
+    i_c, i_o, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    p_h0 = i_o.to(tl.int64) * C + o_c
+    p_state = (i_o.to(tl.int64) * NC + i_k) * C + o_c
+    lo = i_k * CHUNK
+    hi = lo + CHUNK
+    base_c = i_o.to(tl.int64) * s_o + o_c.to(tl.int64) * s_c
+    carry = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_CARRY:
+        carry = tl.load(dhT_ptr + p_state, mask=m_c, other=0.0).to(tl.float32)
+    if HAS_H0:
+        h0 = tl.load(h0_ptr + p_h0, mask=m_c, other=0.0).to(tl.float32)
+    else:
+        h0 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    o_r = tl.arange(0, BLOCK_T)
+    is_end = (o_r == (0 if FLIP else BLOCK_T - 1))[None, :]
+    # 3-d offsets inside a tile: (group r, element j) -> r * V + j; group starts r * V
+    o3 = tl.arange(0, R)[None, :, None] * V + tl.arange(0, V)[None, None, :]
+    og = tl.arange(0, R)[None, :] * V
+    base3 = base_c[:, None, None]
+    base2 = base_c[:, None]
+    mc3 = m_c[:, None, None]
+    mc2 = m_c[:, None]
+    for i_t in range(0, tl.cdiv(CHUNK, BLOCK_T)):
+        t0 = _tile_start(i_t, lo, hi, BLOCK_T, FLIP)
+        t3 = t0 + o3
+        m3 = mc3 & ((t3 >= lo) & (t3 < hi) & (t3 < T))
+        p3 = base3 + t3
+        t = t0 + o_r
+        m = mc2 & ((t >= lo) & (t < hi) & (t < T))[None, :]
+        p = base2 + t.to(tl.int64)[None, :]
+        # coefficient c_t = a[t_next], 1 past either end (and on padding)
+        a3 = tl.load(a_ptr + p3, mask=m3, other=1.0).to(tl.float32)
+        h3 = tl.load(h_ptr + p3, mask=m3, other=0.0).to(tl.float32)
+        tg = t0 + og   # first step of each group [1, R]
+        if FLIP:   # t_next = t + 1, t_pred = t - 1
+            a_e = tl.load(a_ptr + base2 + tg + V, mask=mc2 & (tg + V < T), other=1.0).to(tl.float32)
+            h_e = tl.load(h_ptr + base2 + tg - 1, mask=mc2 & (tg - 1 >= 0) & (tg - 1 < T),
+                          other=0.0).to(tl.float32)
+            c3 = _shift(a3, a_e, True, BLOCK_C, R, V)
+            hp3 = _shift(h3, h_e, False, BLOCK_C, R, V)
+            hp3 = tl.where(t3 == 0, h0[:, None, None], hp3)
+        else:      # t_next = t - 1, t_pred = t + 1
+            a_e = tl.load(a_ptr + base2 + tg - 1, mask=mc2 & (tg - 1 >= 0) & (tg - 1 < T),
+                          other=1.0).to(tl.float32)
+            h_e = tl.load(h_ptr + base2 + tg + V, mask=mc2 & (tg + V < T), other=0.0).to(tl.float32)
+            c3 = _shift(a3, a_e, False, BLOCK_C, R, V)
+            hp3 = _shift(h3, h_e, True, BLOCK_C, R, V)
+            hp3 = tl.where(t3 == T - 1, h0[:, None, None], hp3)
+        c3 = tl.where(m3, c3, 1.0)   # padding is the identity: no a leaks into the carry
+        cr = tl.reshape(c3, [BLOCK_C, BLOCK_T])
+        hr = tl.reshape(hp3, [BLOCK_C, BLOCK_T])
+        gr = tl.load(dh_ptr + p, mask=m, other=0.0).to(tl.float32)
+        cr, gr = tl.associative_scan((cr, gr), 1, _combine_real, reverse=FLIP)
+        g = gr + cr * carry[:, None]
+        tl.store(db_ptr + p, g.to(db_ptr.dtype.element_ty), mask=m)
+        tl.store(da_ptr + p, (g * hr).to(da_ptr.dtype.element_ty), mask=m)
+        carry = _carry_of(g, is_end)
+    p_first = base_c + (0 if FLIP else T - 1)
+    a_r = tl.load(a_ptr + p_first, mask=m_c, other=0.0).to(tl.float32)
+    tl.store(dh0_ptr + p_state, a_r * carry, mask=m_c)
+
+
 _linear_scan_fwd_kernel = fast_kernel(_linear_scan_fwd_kernel)
 _linear_scan_bwd_kernel = fast_kernel(_linear_scan_bwd_kernel)
+_linear_scan_bwd_tinner_kernel = fast_kernel(_linear_scan_bwd_tinner_kernel)
+
+# knob: the [B, D, T] backward with shifted terms in registers (False: _linear_scan_bwd_kernel)
+BWD_REG_SHIFT = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,15 +507,26 @@ def linear_scan_bwd(a, h, h0, dh, dhT, reverse: bool, pq=None, state_shape=None)
         carry = _shift_in(ends, dhT, not reverse)
         dh0 = h.new_empty((O, nc, C), dtype=sdt)
     dh0k = _state_view(dh0) if cplx else dh0
-    _linear_scan_bwd_kernel[grid](
-        ak, hk, h0k if h0k is not None else hk, dhk,
-        (_state_view(carry) if cplx else carry) if carry is not None else dhk, dak, dbk,
-        dh0k, dh0k, T, C, chunk, nc, s_o, s_t, s_c, SUMMARY=False,
-        HAS_CARRY=carry is not None, **common)
+    if BWD_REG_SHIFT and s_t == 1 and not cplx:   # time innermost: shifted terms in registers
+        _linear_scan_bwd_tinner_kernel[grid](
+            a, h, h0k if h0k is not None else h, dh, carry if carry is not None else dh, da, db,
+            dh0, T, C, chunk, nc, s_o, s_c, HAS_H0=h0 is not None, REVERSE=reverse,
+            HAS_CARRY=carry is not None, V=_vec(h.element_size(), cfg["BLOCK_T"]), **cfg)
+    else:
+        _linear_scan_bwd_kernel[grid](
+            ak, hk, h0k if h0k is not None else hk, dhk,
+            (_state_view(carry) if cplx else carry) if carry is not None else dhk, dak, dbk,
+            dh0k, dh0k, T, C, chunk, nc, s_o, s_t, s_c, SUMMARY=False,
+            HAS_CARRY=carry is not None, **common)
     if nc == 1:
         return da, db, dh0
     # the chunk holding the globally last processed step (t=0 unless reverse) has the true dh0
     return da, db, dh0[:, nc - 1 if reverse else 0].reshape(state_shape or (P, Q))
+
+
+def _vec(elem_bytes: int, block_t: int) -> int:
+    """Elements per 16-byte group of the register-shift backward (at most the tile)."""
+    return min(16 // elem_bytes, block_t)
 
 
 def _state_view(s: torch.Tensor) -> torch.Tensor:
