@@ -15,6 +15,7 @@ Complex64 tensors come in as float32 pairs (re at +0, im at +1; strides in float
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -296,13 +297,43 @@ def _shift(x, edge, LEFT: tl.constexpr, BC: tl.constexpr, R: tl.constexpr, V: tl
 
 
 @triton.jit
+def _tinner_bwd_loads(a_ptr, h_ptr, dh_ptr, base_c, mc2, t0, lo, hi, T,
+                      FLIP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                      V: tl.constexpr):
+    """One tile's loads, all issued at once: a and h unshifted as [BLOCK_C, R, V] (128-bit
+    loads), the group-edge elements (a at the next group's first step, h at the previous group's
+    last; for reverse=True the other way round) and dh [BLOCK_C, BLOCK_T]."""
+    R: tl.constexpr = BLOCK_T // V
+    o3 = tl.arange(0, R)[None, :, None] * V + tl.arange(0, V)[None, None, :]
+    t3 = t0 + o3
+    m3 = mc2[:, :, None] & ((t3 >= lo) & (t3 < hi) & (t3 < T))
+    p3 = base_c[:, None, None] + t3
+    base2 = base_c[:, None]
+    a3 = tl.load(a_ptr + p3, mask=m3, other=1.0)
+    h3 = tl.load(h_ptr + p3, mask=m3, other=0.0)
+    tg = t0 + tl.arange(0, R)[None, :] * V   # first step of each group
+    if FLIP:   # a at t + 1, h at t - 1
+        a_e = tl.load(a_ptr + base2 + tg + V, mask=mc2 & (tg + V < T), other=1.0)
+        h_e = tl.load(h_ptr + base2 + tg - 1, mask=mc2 & (tg - 1 >= 0) & (tg - 1 < T), other=0.0)
+    else:      # a at t - 1, h at t + 1
+        a_e = tl.load(a_ptr + base2 + tg - 1, mask=mc2 & (tg - 1 >= 0) & (tg - 1 < T), other=1.0)
+        h_e = tl.load(h_ptr + base2 + tg + V, mask=mc2 & (tg + V < T), other=0.0)
+    t = t0 + tl.arange(0, BLOCK_T)
+    m = mc2 & ((t >= lo) & (t < hi) & (t < T))[None, :]
+    dh = tl.load(dh_ptr + base2 + t.to(tl.int64)[None, :], mask=m, other=0.0)
+    return a3, h3, a_e, h_e, dh
+
+
+@triton.jit
 def _linear_scan_bwd_tinner_kernel(
     # as _linear_scan_bwd_kernel without SUMMARY / COMPLEX, for s_t == 1 (time innermost)
     a_ptr, h_ptr, h0_ptr, dh_ptr, dhT_ptr, da_ptr, db_ptr, dh0_ptr,
     T, C, CHUNK, NC, s_o, s_c,
     HAS_H0: tl.constexpr, REVERSE: tl.constexpr, HAS_CARRY: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, V: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, V: tl.constexpr, PREFETCH: tl.constexpr,
 ):
+    # PREFETCH: the next tile's loads are issued before this tile's scan (loads in flight during
+    # the scan; the tile's registers twice)
     FLIP: tl.constexpr = not REVERSE
     R: tl.constexpr = BLOCK_T // V
     i_c, i_o, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -322,44 +353,37 @@ def _linear_scan_bwd_tinner_kernel(
         h0 = tl.zeros([BLOCK_C], dtype=tl.float32)
     o_r = tl.arange(0, BLOCK_T)
     is_end = (o_r == (0 if FLIP else BLOCK_T - 1))[None, :]
-    # 3-d offsets inside a tile: (group r, element j) -> r * V + j; group starts r * V
     o3 = tl.arange(0, R)[None, :, None] * V + tl.arange(0, V)[None, None, :]
-    og = tl.arange(0, R)[None, :] * V
-    base3 = base_c[:, None, None]
-    base2 = base_c[:, None]
-    mc3 = m_c[:, None, None]
     mc2 = m_c[:, None]
+    base2 = base_c[:, None]
+    if PREFETCH:
+        a3, h3, a_e, h_e, dh = _tinner_bwd_loads(a_ptr, h_ptr, dh_ptr, base_c, mc2,
+                                                 _tile_start(0, lo, hi, BLOCK_T, FLIP), lo, hi, T,
+                                                 FLIP, BLOCK_T, BLOCK_C, V)
     for i_t in range(0, tl.cdiv(CHUNK, BLOCK_T)):
         t0 = _tile_start(i_t, lo, hi, BLOCK_T, FLIP)
+        if PREFETCH:
+            a3c, h3c, a_ec, h_ec, dhc = a3, h3, a_e, h_e, dh
+            # the tile after the last is outside [lo, hi): its loads are masked off
+            a3, h3, a_e, h_e, dh = _tinner_bwd_loads(a_ptr, h_ptr, dh_ptr, base_c, mc2,
+                                                     _tile_start(i_t + 1, lo, hi, BLOCK_T, FLIP),
+                                                     lo, hi, T, FLIP, BLOCK_T, BLOCK_C, V)
+        else:
+            a3c, h3c, a_ec, h_ec, dhc = _tinner_bwd_loads(a_ptr, h_ptr, dh_ptr, base_c, mc2, t0,
+                                                          lo, hi, T, FLIP, BLOCK_T, BLOCK_C, V)
         t3 = t0 + o3
-        m3 = mc3 & ((t3 >= lo) & (t3 < hi) & (t3 < T))
-        p3 = base3 + t3
+        m3 = mc2[:, :, None] & ((t3 >= lo) & (t3 < hi) & (t3 < T))
         t = t0 + o_r
         m = mc2 & ((t >= lo) & (t < hi) & (t < T))[None, :]
         p = base2 + t.to(tl.int64)[None, :]
-        # coefficient c_t = a[t_next], 1 past either end (and on padding)
-        a3 = tl.load(a_ptr + p3, mask=m3, other=1.0).to(tl.float32)
-        h3 = tl.load(h_ptr + p3, mask=m3, other=0.0).to(tl.float32)
-        tg = t0 + og   # first step of each group [1, R]
-        if FLIP:   # t_next = t + 1, t_pred = t - 1
-            a_e = tl.load(a_ptr + base2 + tg + V, mask=mc2 & (tg + V < T), other=1.0).to(tl.float32)
-            h_e = tl.load(h_ptr + base2 + tg - 1, mask=mc2 & (tg - 1 >= 0) & (tg - 1 < T),
-                          other=0.0).to(tl.float32)
-            c3 = _shift(a3, a_e, True, BLOCK_C, R, V)
-            hp3 = _shift(h3, h_e, False, BLOCK_C, R, V)
-            hp3 = tl.where(t3 == 0, h0[:, None, None], hp3)
-        else:      # t_next = t - 1, t_pred = t + 1
-            a_e = tl.load(a_ptr + base2 + tg - 1, mask=mc2 & (tg - 1 >= 0) & (tg - 1 < T),
-                          other=1.0).to(tl.float32)
-            h_e = tl.load(h_ptr + base2 + tg + V, mask=mc2 & (tg + V < T), other=0.0).to(tl.float32)
-            c3 = _shift(a3, a_e, False, BLOCK_C, R, V)
-            hp3 = _shift(h3, h_e, True, BLOCK_C, R, V)
-            hp3 = tl.where(t3 == T - 1, h0[:, None, None], hp3)
+        # c_t = a[t_next] (1 past either end and on padding), hp_t = h[t_pred] (h0 before the start)
+        c3 = _shift(a3c.to(tl.float32), a_ec.to(tl.float32), FLIP, BLOCK_C, R, V)
+        hp3 = _shift(h3c.to(tl.float32), h_ec.to(tl.float32), REVERSE, BLOCK_C, R, V)
+        hp3 = tl.where(t3 == (0 if FLIP else T - 1), h0[:, None, None], hp3)
         c3 = tl.where(m3, c3, 1.0)   # padding is the identity: no a leaks into the carry
         cr = tl.reshape(c3, [BLOCK_C, BLOCK_T])
         hr = tl.reshape(hp3, [BLOCK_C, BLOCK_T])
-        gr = tl.load(dh_ptr + p, mask=m, other=0.0).to(tl.float32)
-        cr, gr = tl.associative_scan((cr, gr), 1, _combine_real, reverse=FLIP)
+        cr, gr = tl.associative_scan((cr, dhc.to(tl.float32)), 1, _combine_real, reverse=FLIP)
         g = gr + cr * carry[:, None]
         tl.store(db_ptr + p, g.to(db_ptr.dtype.element_ty), mask=m)
         tl.store(da_ptr + p, (g * hr).to(da_ptr.dtype.element_ty), mask=m)
@@ -374,7 +398,9 @@ _linear_scan_bwd_kernel = fast_kernel(_linear_scan_bwd_kernel)
 _linear_scan_bwd_tinner_kernel = fast_kernel(_linear_scan_bwd_tinner_kernel)
 
 # knob: the [B, D, T] backward with shifted terms in registers (False: _linear_scan_bwd_kernel)
-BWD_REG_SHIFT = True
+BWD_REG_SHIFT = os.environ.get("SSM_KERNELS_LSCAN_REG_SHIFT", "1") != "0"
+# knob: that kernel issues the next tile's loads before the current tile's scan
+BWD_PREFETCH = os.environ.get("SSM_KERNELS_LSCAN_PREFETCH", "0") != "0"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -511,7 +537,8 @@ def linear_scan_bwd(a, h, h0, dh, dhT, reverse: bool, pq=None, state_shape=None)
         _linear_scan_bwd_tinner_kernel[grid](
             a, h, h0k if h0k is not None else h, dh, carry if carry is not None else dh, da, db,
             dh0, T, C, chunk, nc, s_o, s_c, HAS_H0=h0 is not None, REVERSE=reverse,
-            HAS_CARRY=carry is not None, V=_vec(h.element_size(), cfg["BLOCK_T"]), **cfg)
+            HAS_CARRY=carry is not None, V=_vec(h.element_size(), cfg["BLOCK_T"]),
+            PREFETCH=BWD_PREFETCH, **cfg)
     else:
         _linear_scan_bwd_kernel[grid](
             ak, hk, h0k if h0k is not None else hk, dhk,
