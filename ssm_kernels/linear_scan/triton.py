@@ -262,66 +262,77 @@ def _shr2(x, prv):
 
 
 @triton.jit
-def _shift4(x, edge, LEFT: tl.constexpr, BC: tl.constexpr, R: tl.constexpr):
-    e, o = tl.split(tl.reshape(x, [BC, R, 2, 2]))
+def _shift4(x, edge, LEFT: tl.constexpr, N: tl.constexpr):
+    e, o = tl.split(tl.reshape(x, [N, 2, 2]))
     if LEFT:
         y = tl.join(o, _shl2(e, edge))
     else:
         y = tl.join(_shr2(o, edge), e)
-    return tl.reshape(y, [BC, R, 4])
+    return tl.reshape(y, [N, 4])
 
 
 @triton.jit
-def _shift(x, edge, LEFT: tl.constexpr, BC: tl.constexpr, R: tl.constexpr, V: tl.constexpr):
-    """x [BC, R, V], edge [BC, R]. LEFT: y[.., j] = x[.., j+1], y[.., V-1] = edge (the next group's
-    first element); else y[.., j] = x[.., j-1], y[.., 0] = edge (the previous group's last).
-    Split into even / odd elements: a shift by one moves odd -> even in place and even -> odd by
-    one group of half the width (recursion unrolled for V = 1, 2, 4, 8)."""
+def _shift(x, edge, LEFT: tl.constexpr, N: tl.constexpr, V: tl.constexpr):
+    """x [N, V] (N groups of V consecutive steps), edge [N]. LEFT: y[:, j] = x[:, j+1] and
+    y[:, V-1] = edge (the next group's first element); else y[:, j] = x[:, j-1], y[:, 0] = edge
+    (the previous group's last). Split into even / odd elements: a shift by one moves odd -> even
+    in place and even -> odd by one in a group of half the width (unrolled for V = 1, 2, 4, 8)."""
     if V == 1:
-        return tl.reshape(edge, [BC, R, 1])
+        return tl.reshape(edge, [N, 1])
     elif V == 2:
         if LEFT:
             return _shl2(x, edge)
         else:
             return _shr2(x, edge)
     elif V == 4:
-        return _shift4(x, edge, LEFT, BC, R)
+        return _shift4(x, edge, LEFT, N)
     else:
         tl.static_assert(V == 8)
-        e, o = tl.split(tl.reshape(x, [BC, R, 4, 2]))
+        e, o = tl.split(tl.reshape(x, [N, 4, 2]))
         if LEFT:
-            y = tl.join(o, _shift4(e, edge, True, BC, R))
+            y = tl.join(o, _shift4(e, edge, True, N))
         else:
-            y = tl.join(_shift4(o, edge, False, BC, R), e)
-        return tl.reshape(y, [BC, R, 8])
+            y = tl.join(_shift4(o, edge, False, N), e)
+        return tl.reshape(y, [N, 8])
 
 
 @triton.jit
-def _tinner_bwd_loads(a_ptr, h_ptr, dh_ptr, base_c, mc2, t0, lo, hi, T,
+def _tinner_rows(i_o, i_c, t0, C, s_o, s_c, BLOCK_C: tl.constexpr, R: tl.constexpr,
+                 V: tl.constexpr):
+    """Row q = c * R + r of a tile seen as [BLOCK_C * R, V]: channel o_c, first step tq of the
+    group and the row's element offset (one flat row index, so the layout reshapes to the
+    scan's [BLOCK_C, BLOCK_T] without a conversion through shared memory)."""
+    q = tl.arange(0, BLOCK_C * R)
+    o_c = i_c * BLOCK_C + q // R
+    tq = t0 + (q % R) * V
+    base = i_o.to(tl.int64) * s_o + o_c.to(tl.int64) * s_c
+    return o_c < C, tq, base
+
+
+@triton.jit
+def _tinner_bwd_loads(a_ptr, h_ptr, dh_ptr, i_o, i_c, base2, mc2, t0, lo, hi, T, C, s_o, s_c,
                       FLIP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                       V: tl.constexpr):
-    """One tile's loads, all issued at once: a and h unshifted as [BLOCK_C, R, V] (128-bit
+    """One tile's loads, all issued at once: a and h unshifted as [BLOCK_C * R, V] (128-bit
     loads), the group-edge elements (a at the next group's first step, h at the previous group's
     last; for reverse=True the other way round) and dh [BLOCK_C, BLOCK_T]."""
     R: tl.constexpr = BLOCK_T // V
-    o3 = tl.arange(0, R)[None, :, None] * V + tl.arange(0, V)[None, None, :]
-    t3 = t0 + o3
-    m3 = mc2[:, :, None] & ((t3 >= lo) & (t3 < hi) & (t3 < T))
-    p3 = base_c[:, None, None] + t3
-    base2 = base_c[:, None]
-    a3 = tl.load(a_ptr + p3, mask=m3, other=1.0)
-    h3 = tl.load(h_ptr + p3, mask=m3, other=0.0)
-    tg = t0 + tl.arange(0, R)[None, :] * V   # first step of each group
+    mq, tq, bq = _tinner_rows(i_o, i_c, t0, C, s_o, s_c, BLOCK_C, R, V)
+    t2 = tq[:, None] + tl.arange(0, V)[None, :]
+    m2 = mq[:, None] & ((t2 >= lo) & (t2 < hi) & (t2 < T))
+    p2 = bq[:, None] + t2
+    a2 = tl.load(a_ptr + p2, mask=m2, other=1.0)
+    h2 = tl.load(h_ptr + p2, mask=m2, other=0.0)
     if FLIP:   # a at t + 1, h at t - 1
-        a_e = tl.load(a_ptr + base2 + tg + V, mask=mc2 & (tg + V < T), other=1.0)
-        h_e = tl.load(h_ptr + base2 + tg - 1, mask=mc2 & (tg - 1 >= 0) & (tg - 1 < T), other=0.0)
+        a_e = tl.load(a_ptr + bq + tq + V, mask=mq & (tq + V < T), other=1.0)
+        h_e = tl.load(h_ptr + bq + tq - 1, mask=mq & (tq - 1 >= 0) & (tq - 1 < T), other=0.0)
     else:      # a at t - 1, h at t + 1
-        a_e = tl.load(a_ptr + base2 + tg - 1, mask=mc2 & (tg - 1 >= 0) & (tg - 1 < T), other=1.0)
-        h_e = tl.load(h_ptr + base2 + tg + V, mask=mc2 & (tg + V < T), other=0.0)
+        a_e = tl.load(a_ptr + bq + tq - 1, mask=mq & (tq - 1 >= 0) & (tq - 1 < T), other=1.0)
+        h_e = tl.load(h_ptr + bq + tq + V, mask=mq & (tq + V < T), other=0.0)
     t = t0 + tl.arange(0, BLOCK_T)
     m = mc2 & ((t >= lo) & (t < hi) & (t < T))[None, :]
     dh = tl.load(dh_ptr + base2 + t.to(tl.int64)[None, :], mask=m, other=0.0)
-    return a3, h3, a_e, h_e, dh
+    return a2, h2, a_e, h_e, dh
 
 
 @triton.jit
@@ -336,6 +347,7 @@ def _linear_scan_bwd_tinner_kernel(
     # the scan; the tile's registers twice)
     FLIP: tl.constexpr = not REVERSE
     R: tl.constexpr = BLOCK_T // V
+    N: tl.constexpr = BLOCK_C * R
     i_c, i_o, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_c = o_c < C
@@ -353,36 +365,35 @@ def _linear_scan_bwd_tinner_kernel(
         h0 = tl.zeros([BLOCK_C], dtype=tl.float32)
     o_r = tl.arange(0, BLOCK_T)
     is_end = (o_r == (0 if FLIP else BLOCK_T - 1))[None, :]
-    o3 = tl.arange(0, R)[None, :, None] * V + tl.arange(0, V)[None, None, :]
     mc2 = m_c[:, None]
     base2 = base_c[:, None]
     if PREFETCH:
-        a3, h3, a_e, h_e, dh = _tinner_bwd_loads(a_ptr, h_ptr, dh_ptr, base_c, mc2,
+        a2, h2, a_e, h_e, dh = _tinner_bwd_loads(a_ptr, h_ptr, dh_ptr, i_o, i_c, base2, mc2,
                                                  _tile_start(0, lo, hi, BLOCK_T, FLIP), lo, hi, T,
-                                                 FLIP, BLOCK_T, BLOCK_C, V)
+                                                 C, s_o, s_c, FLIP, BLOCK_T, BLOCK_C, V)
     for i_t in range(0, tl.cdiv(CHUNK, BLOCK_T)):
         t0 = _tile_start(i_t, lo, hi, BLOCK_T, FLIP)
         if PREFETCH:
-            a3c, h3c, a_ec, h_ec, dhc = a3, h3, a_e, h_e, dh
+            a2c, h2c, a_ec, h_ec, dhc = a2, h2, a_e, h_e, dh
             # the tile after the last is outside [lo, hi): its loads are masked off
-            a3, h3, a_e, h_e, dh = _tinner_bwd_loads(a_ptr, h_ptr, dh_ptr, base_c, mc2,
+            a2, h2, a_e, h_e, dh = _tinner_bwd_loads(a_ptr, h_ptr, dh_ptr, i_o, i_c, base2, mc2,
                                                      _tile_start(i_t + 1, lo, hi, BLOCK_T, FLIP),
-                                                     lo, hi, T, FLIP, BLOCK_T, BLOCK_C, V)
+                                                     lo, hi, T, C, s_o, s_c, FLIP, BLOCK_T,
+                                                     BLOCK_C, V)
         else:
-            a3c, h3c, a_ec, h_ec, dhc = _tinner_bwd_loads(a_ptr, h_ptr, dh_ptr, base_c, mc2, t0,
-                                                          lo, hi, T, FLIP, BLOCK_T, BLOCK_C, V)
-        t3 = t0 + o3
-        m3 = mc2[:, :, None] & ((t3 >= lo) & (t3 < hi) & (t3 < T))
+            a2c, h2c, a_ec, h_ec, dhc = _tinner_bwd_loads(a_ptr, h_ptr, dh_ptr, i_o, i_c, base2,
+                                                          mc2, t0, lo, hi, T, C, s_o, s_c, FLIP,
+                                                          BLOCK_T, BLOCK_C, V)
         t = t0 + o_r
         m = mc2 & ((t >= lo) & (t < hi) & (t < T))[None, :]
         p = base2 + t.to(tl.int64)[None, :]
         # c_t = a[t_next] (1 past either end and on padding), hp_t = h[t_pred] (h0 before the start)
-        c3 = _shift(a3c.to(tl.float32), a_ec.to(tl.float32), FLIP, BLOCK_C, R, V)
-        hp3 = _shift(h3c.to(tl.float32), h_ec.to(tl.float32), REVERSE, BLOCK_C, R, V)
-        hp3 = tl.where(t3 == (0 if FLIP else T - 1), h0[:, None, None], hp3)
-        c3 = tl.where(m3, c3, 1.0)   # padding is the identity: no a leaks into the carry
-        cr = tl.reshape(c3, [BLOCK_C, BLOCK_T])
-        hr = tl.reshape(hp3, [BLOCK_C, BLOCK_T])
+        cr = tl.reshape(_shift(a2c.to(tl.float32), a_ec.to(tl.float32), FLIP, N, V),
+                        [BLOCK_C, BLOCK_T])
+        hr = tl.reshape(_shift(h2c.to(tl.float32), h_ec.to(tl.float32), REVERSE, N, V),
+                        [BLOCK_C, BLOCK_T])
+        hr = tl.where(t[None, :] == (0 if FLIP else T - 1), h0[:, None], hr)
+        cr = tl.where(m, cr, 1.0)   # padding is the identity: no a leaks into the carry
         cr, gr = tl.associative_scan((cr, dhc.to(tl.float32)), 1, _combine_real, reverse=FLIP)
         g = gr + cr * carry[:, None]
         tl.store(db_ptr + p, g.to(db_ptr.dtype.element_ty), mask=m)
