@@ -23,6 +23,7 @@ from ssm_kernels.benchmarks.peers import accelerated_scan  # noqa: E402
 from ssm_kernels.linear_scan import triton as K  # noqa: E402
 from ssm_kernels.linear_scan.reference import linear_scan_bwd_ref  # noqa: E402
 from ssm_kernels.testing import compare  # noqa: E402
+from gpu_decode import replay_us  # noqa: E402  (bench/ is on the path: the script's folder)
 
 ORIG = K._config
 VARIANTS = [(16, 128, 4), (8, 256, 4), (4, 512, 4), (4, 1024, 8), (2, 1024, 4), (2, 2048, 8),
@@ -56,19 +57,10 @@ def ms(fn):
 def ms_graph(fn):
     """GPU time of fn replayed from a CUDA graph (no host cost); nan when capture fails."""
     try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(4):
-                fn()
-        return do_bench(g.replay, warmup=25, rep=150, return_mode="median") / 4
+        return replay_us(fn, calls=4) / 1e3
     except Exception as e:  # noqa: BLE001 - a peer or path that cannot be captured
         print(f"  graph capture failed: {type(e).__name__} {str(e)[:80]}")
+        torch.cuda.synchronize()
         return float("nan")
 
 
