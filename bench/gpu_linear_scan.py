@@ -133,10 +133,11 @@ def ab(Ts):
                     best = min(cand, key=lambda x: x[4])
                     print(f"{T:>6} {dt:<9} {name:<10} {str(best[3]):<16} {best[4]:8.4f} {best[5]:6.0f}")
     print(f"\n{'T':>6} {'dtype':<9} {'path':<8} {'fwd ms':>8} {'f+b eager':>9} {'f+b graph':>9} "
-          f"{'fwd TB/s':>8} {'f+b TB/s':>8}  (f+b TB/s from the graph time; 8n elements)")
+          f"{'fwd TB/s':>8} {'f+b TB/s':>8} {'acc/ours':>8}  (f+b TB/s and acc/ours from graph times; 8n)")
+    peer_g = {(T, dt): tg for T, dt, name, tf, tb, tg, nf, nb in rows if name == "acc-scan"}
     for T, dt, name, tf, tb, tg, nf, nb in rows:
         print(f"{T:>6} {dt:<9} {name:<8} {tf:8.4f} {tb:9.4f} {tg:9.4f} {nf / tf / 1e9:8.2f} "
-              f"{nb / tg / 1e9:8.2f}")
+              f"{nb / tg / 1e9:8.2f} {peer_g.get((T, dt), float('nan')) / tg:8.2f}")
 
 
 def sweep():
