@@ -226,6 +226,16 @@ def linear_scan_cases():
             c._fwd_bwd(linear_scan, a, b, h0, (torch.randn(shape), torch.randn(h0.shape)),
                        backend="triton")
         yield f"linear_scan {_dt(dtype)} {shape}", thunk
+    # accelerated-scan's layout [B, D, T] (time innermost: the long-time-tile configs)
+    for dtype in (torch.float32, torch.bfloat16):
+        def thunk_bdt(dtype=dtype):
+            a = (torch.rand(8, 64, 4096) * 0.5 + 0.5).to(dtype)
+            b = torch.randn(8, 64, 4096).to(dtype)
+            a.requires_grad_()
+            b.requires_grad_()
+            h = linear_scan(a, b, dim=-1, backend="triton")
+            torch.autograd.grad(h, (a, b), torch.randn(a.shape).to(dtype))
+        yield f"linear_scan BDT {_dt(dtype)} [8, 64, 4096]", thunk_bdt
 
 
 def causal_conv1d_cases():

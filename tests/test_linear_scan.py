@@ -251,3 +251,30 @@ def test_few_channels_long_time_split(backend, dtype, reverse):
         pytest.skip("CUDA kernel is real-only")
     check_against_reference(backend, (1, 150, 2), 1, dtype, reverse)
     check_against_reference(backend, (2, 1, 131), 2, dtype, reverse)
+
+
+@pytest.mark.parametrize("reg_shift,prefetch", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("shape", [(3, 4, 13), (2, 1, 131), (2, 3, 48)])
+def test_time_inner_backward_knob(monkeypatch, reg_shift, prefetch, dtype, reverse, shape):
+    """[B, D, T] backward: the register-shift kernel (BWD_REG_SHIFT) and the shifted-load kernel
+    both match the reference (odd T, time split into chunks, T a multiple of the tile), and the
+    knob picks the kernel it names; BWD_PREFETCH (next tile loaded during the scan) too."""
+    if "triton" not in BACKENDS:
+        pytest.skip("no Triton backend")
+    from ssm_kernels.linear_scan import triton as K
+    monkeypatch.setattr(K, "BWD_REG_SHIFT", reg_shift)
+    monkeypatch.setattr(K, "BWD_PREFETCH", prefetch)
+    calls = []
+    for name in ("_linear_scan_bwd_tinner_kernel", "_linear_scan_bwd_kernel"):
+        k = getattr(K, name)
+
+        class Spy:
+            def __getitem__(self, grid, k=k, name=name):
+                calls.append(name)
+                return k[grid]
+        monkeypatch.setattr(K, name, Spy())
+    check_against_reference("triton", shape, 2, dtype, reverse)
+    full = [c for c in calls if c == "_linear_scan_bwd_tinner_kernel"]
+    assert bool(full) == reg_shift, calls

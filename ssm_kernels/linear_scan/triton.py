@@ -15,6 +15,7 @@ Complex64 tensors come in as float32 pairs (re at +0, im at +1; strides in float
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -237,8 +238,180 @@ def _linear_scan_bwd_kernel(
         tl.store(dh0_ptr + p_state, a_r * carry_r, mask=m_c)
 
 
+# ---- backward with time innermost, shifted terms in registers ---------------------------------
+# The backward needs a at t_next and h at t_pred, one step away from dh/da/db. Loaded through a
+# pointer shifted by one element, those tiles lose 16-byte alignment and Triton issues scalar
+# loads (sm_90 SASS of `_linear_scan_bwd_kernel`, [B, D, T] fp32: 32 LDG.E + 4 LDG.E.128 per
+# tile iteration; bf16: 34 LDG.E.U16). Here a and h are loaded unshifted as [BLOCK_C, R, V] tiles
+# (V = 16 bytes of elements: one 128-bit load per group) and shifted inside each thread's group by
+# split/join; the one element a group needs from its neighbour is a strided scalar load (1/V of
+# the elements, mostly an L1/L2 hit on a line the vector loads bring in anyway).
+
+@triton.jit
+def _shl2(x, nxt):
+    # x [..., 2] -> y[..., j] = x[..., j + 1], last = nxt [...]
+    e, o = tl.split(x)
+    return tl.join(o, nxt)
+
+
+@triton.jit
+def _shr2(x, prv):
+    # x [..., 2] -> y[..., j] = x[..., j - 1], first = prv [...]
+    e, o = tl.split(x)
+    return tl.join(prv, e)
+
+
+@triton.jit
+def _shift4(x, edge, LEFT: tl.constexpr, N: tl.constexpr):
+    e, o = tl.split(tl.reshape(x, [N, 2, 2]))
+    if LEFT:
+        y = tl.join(o, _shl2(e, edge))
+    else:
+        y = tl.join(_shr2(o, edge), e)
+    return tl.reshape(y, [N, 4])
+
+
+@triton.jit
+def _shift(x, edge, LEFT: tl.constexpr, N: tl.constexpr, V: tl.constexpr):
+    """x [N, V] (N groups of V consecutive steps), edge [N]. LEFT: y[:, j] = x[:, j+1] and
+    y[:, V-1] = edge (the next group's first element); else y[:, j] = x[:, j-1], y[:, 0] = edge
+    (the previous group's last). Split into even / odd elements: a shift by one moves odd -> even
+    in place and even -> odd by one in a group of half the width (unrolled for V = 1, 2, 4, 8)."""
+    if V == 1:
+        return tl.reshape(edge, [N, 1])
+    elif V == 2:
+        if LEFT:
+            return _shl2(x, edge)
+        else:
+            return _shr2(x, edge)
+    elif V == 4:
+        return _shift4(x, edge, LEFT, N)
+    else:
+        tl.static_assert(V == 8)
+        e, o = tl.split(tl.reshape(x, [N, 4, 2]))
+        if LEFT:
+            y = tl.join(o, _shift4(e, edge, True, N))
+        else:
+            y = tl.join(_shift4(o, edge, False, N), e)
+        return tl.reshape(y, [N, 8])
+
+
+@triton.jit
+def _tinner_rows(i_o, i_c, t0, C, s_o, s_c, BLOCK_C: tl.constexpr, R: tl.constexpr,
+                 V: tl.constexpr):
+    """Row q = c * R + r of a tile seen as [BLOCK_C * R, V]: channel o_c, first step tq of the
+    group and the row's element offset (one flat row index, so the layout reshapes to the
+    scan's [BLOCK_C, BLOCK_T] without a conversion through shared memory)."""
+    q = tl.arange(0, BLOCK_C * R)
+    o_c = i_c * BLOCK_C + q // R
+    tq = t0 + (q % R) * V
+    base = i_o.to(tl.int64) * s_o + o_c.to(tl.int64) * s_c
+    return o_c < C, tq, base
+
+
+@triton.jit
+def _tinner_bwd_loads(a_ptr, h_ptr, dh_ptr, i_o, i_c, base2, mc2, t0, lo, hi, T, C, s_o, s_c,
+                      FLIP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                      V: tl.constexpr):
+    """One tile's loads, all issued at once: a and h unshifted as [BLOCK_C * R, V] (128-bit
+    loads), the group-edge elements (a at the next group's first step, h at the previous group's
+    last; for reverse=True the other way round) and dh [BLOCK_C, BLOCK_T]."""
+    R: tl.constexpr = BLOCK_T // V
+    mq, tq, bq = _tinner_rows(i_o, i_c, t0, C, s_o, s_c, BLOCK_C, R, V)
+    t2 = tq[:, None] + tl.arange(0, V)[None, :]
+    m2 = mq[:, None] & ((t2 >= lo) & (t2 < hi) & (t2 < T))
+    p2 = bq[:, None] + t2
+    a2 = tl.load(a_ptr + p2, mask=m2, other=1.0)
+    h2 = tl.load(h_ptr + p2, mask=m2, other=0.0)
+    if FLIP:   # a at t + 1, h at t - 1
+        a_e = tl.load(a_ptr + bq + tq + V, mask=mq & (tq + V < T), other=1.0)
+        h_e = tl.load(h_ptr + bq + tq - 1, mask=mq & (tq - 1 >= 0) & (tq - 1 < T), other=0.0)
+    else:      # a at t - 1, h at t + 1
+        a_e = tl.load(a_ptr + bq + tq - 1, mask=mq & (tq - 1 >= 0) & (tq - 1 < T), other=1.0)
+        h_e = tl.load(h_ptr + bq + tq + V, mask=mq & (tq + V < T), other=0.0)
+    t = t0 + tl.arange(0, BLOCK_T)
+    m = mc2 & ((t >= lo) & (t < hi) & (t < T))[None, :]
+    dh = tl.load(dh_ptr + base2 + t.to(tl.int64)[None, :], mask=m, other=0.0)
+    return a2, h2, a_e, h_e, dh
+
+
+@triton.jit
+def _linear_scan_bwd_tinner_kernel(
+    # as _linear_scan_bwd_kernel without SUMMARY / COMPLEX, for s_t == 1 (time innermost)
+    a_ptr, h_ptr, h0_ptr, dh_ptr, dhT_ptr, da_ptr, db_ptr, dh0_ptr,
+    T, C, CHUNK, NC, s_o, s_c,
+    HAS_H0: tl.constexpr, REVERSE: tl.constexpr, HAS_CARRY: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, V: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    # PREFETCH: the next tile's loads are issued before this tile's scan (loads in flight during
+    # the scan; the tile's registers twice)
+    FLIP: tl.constexpr = not REVERSE
+    R: tl.constexpr = BLOCK_T // V
+    N: tl.constexpr = BLOCK_C * R
+    i_c, i_o, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    p_h0 = i_o.to(tl.int64) * C + o_c
+    p_state = (i_o.to(tl.int64) * NC + i_k) * C + o_c
+    lo = i_k * CHUNK
+    hi = lo + CHUNK
+    base_c = i_o.to(tl.int64) * s_o + o_c.to(tl.int64) * s_c
+    carry = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_CARRY:
+        carry = tl.load(dhT_ptr + p_state, mask=m_c, other=0.0).to(tl.float32)
+    if HAS_H0:
+        h0 = tl.load(h0_ptr + p_h0, mask=m_c, other=0.0).to(tl.float32)
+    else:
+        h0 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    o_r = tl.arange(0, BLOCK_T)
+    is_end = (o_r == (0 if FLIP else BLOCK_T - 1))[None, :]
+    mc2 = m_c[:, None]
+    base2 = base_c[:, None]
+    if PREFETCH:
+        a2, h2, a_e, h_e, dh = _tinner_bwd_loads(a_ptr, h_ptr, dh_ptr, i_o, i_c, base2, mc2,
+                                                 _tile_start(0, lo, hi, BLOCK_T, FLIP), lo, hi, T,
+                                                 C, s_o, s_c, FLIP, BLOCK_T, BLOCK_C, V)
+    for i_t in range(0, tl.cdiv(CHUNK, BLOCK_T)):
+        t0 = _tile_start(i_t, lo, hi, BLOCK_T, FLIP)
+        if PREFETCH:
+            a2c, h2c, a_ec, h_ec, dhc = a2, h2, a_e, h_e, dh
+            # the tile after the last is outside [lo, hi): its loads are masked off
+            a2, h2, a_e, h_e, dh = _tinner_bwd_loads(a_ptr, h_ptr, dh_ptr, i_o, i_c, base2, mc2,
+                                                     _tile_start(i_t + 1, lo, hi, BLOCK_T, FLIP),
+                                                     lo, hi, T, C, s_o, s_c, FLIP, BLOCK_T,
+                                                     BLOCK_C, V)
+        else:
+            a2c, h2c, a_ec, h_ec, dhc = _tinner_bwd_loads(a_ptr, h_ptr, dh_ptr, i_o, i_c, base2,
+                                                          mc2, t0, lo, hi, T, C, s_o, s_c, FLIP,
+                                                          BLOCK_T, BLOCK_C, V)
+        t = t0 + o_r
+        m = mc2 & ((t >= lo) & (t < hi) & (t < T))[None, :]
+        p = base2 + t.to(tl.int64)[None, :]
+        # c_t = a[t_next] (1 past either end and on padding), hp_t = h[t_pred] (h0 before the start)
+        cr = tl.reshape(_shift(a2c.to(tl.float32), a_ec.to(tl.float32), FLIP, N, V),
+                        [BLOCK_C, BLOCK_T])
+        hr = tl.reshape(_shift(h2c.to(tl.float32), h_ec.to(tl.float32), REVERSE, N, V),
+                        [BLOCK_C, BLOCK_T])
+        hr = tl.where(t[None, :] == (0 if FLIP else T - 1), h0[:, None], hr)
+        cr = tl.where(m, cr, 1.0)   # padding is the identity: no a leaks into the carry
+        cr, gr = tl.associative_scan((cr, dhc.to(tl.float32)), 1, _combine_real, reverse=FLIP)
+        g = gr + cr * carry[:, None]
+        tl.store(db_ptr + p, g.to(db_ptr.dtype.element_ty), mask=m)
+        tl.store(da_ptr + p, (g * hr).to(da_ptr.dtype.element_ty), mask=m)
+        carry = _carry_of(g, is_end)
+    p_first = base_c + (0 if FLIP else T - 1)
+    a_r = tl.load(a_ptr + p_first, mask=m_c, other=0.0).to(tl.float32)
+    tl.store(dh0_ptr + p_state, a_r * carry, mask=m_c)
+
+
 _linear_scan_fwd_kernel = fast_kernel(_linear_scan_fwd_kernel)
 _linear_scan_bwd_kernel = fast_kernel(_linear_scan_bwd_kernel)
+_linear_scan_bwd_tinner_kernel = fast_kernel(_linear_scan_bwd_tinner_kernel)
+
+# knob: the [B, D, T] backward with shifted terms in registers (False: _linear_scan_bwd_kernel)
+BWD_REG_SHIFT = os.environ.get("SSM_KERNELS_LSCAN_REG_SHIFT", "1") != "0"
+# knob: that kernel issues the next tile's loads before the current tile's scan
+BWD_PREFETCH = os.environ.get("SSM_KERNELS_LSCAN_PREFETCH", "0") != "0"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,15 +544,27 @@ def linear_scan_bwd(a, h, h0, dh, dhT, reverse: bool, pq=None, state_shape=None)
         carry = _shift_in(ends, dhT, not reverse)
         dh0 = h.new_empty((O, nc, C), dtype=sdt)
     dh0k = _state_view(dh0) if cplx else dh0
-    _linear_scan_bwd_kernel[grid](
-        ak, hk, h0k if h0k is not None else hk, dhk,
-        (_state_view(carry) if cplx else carry) if carry is not None else dhk, dak, dbk,
-        dh0k, dh0k, T, C, chunk, nc, s_o, s_t, s_c, SUMMARY=False,
-        HAS_CARRY=carry is not None, **common)
+    if BWD_REG_SHIFT and s_t == 1 and not cplx:   # time innermost: shifted terms in registers
+        _linear_scan_bwd_tinner_kernel[grid](
+            a, h, h0k if h0k is not None else h, dh, carry if carry is not None else dh, da, db,
+            dh0, T, C, chunk, nc, s_o, s_c, HAS_H0=h0 is not None, REVERSE=reverse,
+            HAS_CARRY=carry is not None, V=_vec(h.element_size(), cfg["BLOCK_T"]),
+            PREFETCH=BWD_PREFETCH, **cfg)
+    else:
+        _linear_scan_bwd_kernel[grid](
+            ak, hk, h0k if h0k is not None else hk, dhk,
+            (_state_view(carry) if cplx else carry) if carry is not None else dhk, dak, dbk,
+            dh0k, dh0k, T, C, chunk, nc, s_o, s_t, s_c, SUMMARY=False,
+            HAS_CARRY=carry is not None, **common)
     if nc == 1:
         return da, db, dh0
     # the chunk holding the globally last processed step (t=0 unless reverse) has the true dh0
     return da, db, dh0[:, nc - 1 if reverse else 0].reshape(state_shape or (P, Q))
+
+
+def _vec(elem_bytes: int, block_t: int) -> int:
+    """Elements per 16-byte group of the register-shift backward (at most the tile)."""
+    return min(16 // elem_bytes, block_t)
 
 
 def _state_view(s: torch.Tensor) -> torch.Tensor:
