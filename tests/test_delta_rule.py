@@ -625,6 +625,32 @@ def test_opcheck_saved_wy_inverse(backend, monkeypatch):
     assert torch.equal(et, t) and torch.equal(eo, o)
 
 
+@pytest.mark.parametrize("backend", TRITON)
+def test_compile_fullgraph_saved_wy_inverse(backend, monkeypatch):
+    """torch.compile (aot_eager, fullgraph) of the chunked path with SAVE_WY_INVERSE: T flows from
+    the forward's fake/real third output to the backward; gradients equal eager's."""
+    from ssm_kernels.delta_rule import chunk as wy
+    monkeypatch.setattr(wy, "SAVE_WY_INVERSE", True)
+    torch._dynamo.reset()
+    q, k, v, g, beta = make(1, 40, 1, 2, 8, 4, True)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, beta)]
+
+    def f(q, k, v, g, beta):
+        o, S = sk.chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True,
+                                         use_qk_l2norm_in_kernel=True, backend=backend)
+        return (o * o).sum() + S.sum()
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = cf(*leaves)
+    grads = torch.autograd.grad(out, leaves)
+    ref = f(*leaves)
+    rgrads = torch.autograd.grad(ref, leaves)
+    assert torch.equal(out, ref)
+    for a, b in zip(grads, rgrads):
+        assert torch.equal(a, b)
+    torch._dynamo.reset()
+
+
 def test_errors_name_the_argument():
     q, k, v, g, beta = make(1, 6, 2, 4, 8, 5, True)
     with pytest.raises(ValueError, match="q must have rank 4"):
