@@ -17,7 +17,7 @@
 4. Variants (env VARIANTS, default `DEFAULT_VARIANTS`): knob settings of delta_rule/chunk.py, each
    checked (gated, B1 T1024 H2 HV4, l2norm, bf16, the same rule) then timed fwd / fwd+bwd with
    its forward stages. VARIANTS="name:KNOB=VAL,KNOB=VAL;name2:..." (values Python literals), or
-   VARIANTS=@bwd (BWD_VARIANTS: the backward's knobs) / @fwd; VARIANT_EXTRA="ungated,profile"
+   VARIANTS=@bwd (BWD_VARIANTS: the backward's knobs) / @fwd / @savet (SAVE_WY_VARIANTS: T kept); VARIANT_EXTRA="ungated,profile"
    (what else each variant runs; see VARIANT_EXTRA below).
 Env: STEPS (default "check,time,stages,variants"), QUICK=1 (no peers, first shape only), GVA=0
 (the main shape only, with the peers),
@@ -80,6 +80,8 @@ DEFAULT_VARIANTS = (   # most telling first: the budget may cut the tail
 BWD_VARIANTS = (   # most telling first: the budget may cut the tail
     "bwd-all:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,DQK_MAXNREG=128,"
     "DQK_STAGES=2,WY_BWD_LEAN=True;"
+    "bwd-all-savet:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,DQK_MAXNREG=128,"
+    "DQK_STAGES=2,WY_BWD_LEAN=True,SAVE_WY_INVERSE=True;"
     "bwd-all-split-bf16st-ov128:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,"
     "DQK_MAXNREG=128,DQK_STAGES=2,BWD_GRAD_16=True,WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,"
     "WU_FLOAT32=False,WU_TF32_PRODUCTS=True,SCAN_TF32=True,OUT_BLOCK_V=128;"
@@ -91,6 +93,14 @@ BWD_VARIANTS = (   # most telling first: the budget may cut the tail
     "dqk-r128:DQK_DELTA=True,DQK_MAXNREG=128,DQK_STAGES=2;"
     "bwd-all-g16:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,DQK_MAXNREG=128,"
     "DQK_STAGES=2,WY_BWD_LEAN=True,BWD_GRAD_16=True")
+# the forward's WY inverse T kept for the backward (SAVE_WY_INVERSE; bench/NOTES.md, "deltaA5"):
+# VARIANTS=@savet; A/B against the defaults (the "time" step) and against bwd-all
+SAVE_WY_VARIANTS = (
+    "savet:SAVE_WY_INVERSE=True;"
+    "bwd-all:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,DQK_MAXNREG=128,"
+    "DQK_STAGES=2,WY_BWD_LEAN=True;"
+    "bwd-all-savet:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,DQK_MAXNREG=128,"
+    "DQK_STAGES=2,WY_BWD_LEAN=True,SAVE_WY_INVERSE=True")
 # per variant, besides its check and gated fwd / fwd+bwd: "ungated" (chunk_delta_rule, against
 # fla's fwd+bwd), "profile" (every kernel of its gated fwd+bwd), "stages" (its forward stages);
 # unset: ungated and profile for the first variant only, stages for every one
@@ -391,7 +401,8 @@ def main():
     if "variants" in STEPS:
         mk0 = lambda req: inputs(B, T, H, HV, 128, 128, False, req=req, l2=False)  # noqa: E731
         vtext = os.environ.get("VARIANTS", DEFAULT_VARIANTS)
-        vtext = {"@bwd": BWD_VARIANTS, "@fwd": DEFAULT_VARIANTS}.get(vtext, vtext)
+        vtext = {"@bwd": BWD_VARIANTS, "@fwd": DEFAULT_VARIANTS,
+                 "@savet": SAVE_WY_VARIANTS}.get(vtext, vtext)
         for iv, (name, knobs) in enumerate(parse_variants(vtext)):
             extra = (("ungated", "profile", "stages") if iv == 0 else ("stages",)
                      ) if VARIANT_EXTRA is None else VARIANT_EXTRA.split(",")
