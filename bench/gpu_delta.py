@@ -326,6 +326,38 @@ def parse_variants(text):
     return out
 
 
+def same_as_recompute(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
+    """SAVE_WY_INVERSE on (as set now) against off, the other knobs as set: o, S and every
+    gradient of the gated op (l2 norm, h0, a partial chunk) should be bitwise equal (the backward
+    forms W, U from the forward's T instead of re-solving it). Logs the largest differences."""
+    q, k, v, g, beta = inputs(B, T - 7, H, HV, K, V, True)
+    h0 = torch.randn(B, HV, K, V, device=DEV)
+    cots = None
+    outs = []
+    for save in (True, False):
+        old = wy.SAVE_WY_INVERSE
+        wy.SAVE_WY_INVERSE = save
+        try:
+            xs = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+            o, S = sk.chunk_gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True,
+                                             use_qk_l2norm_in_kernel=True)
+            if cots is None:
+                cots = (torch.randn_like(o), torch.randn_like(S))
+            outs.append([o, S] + list(torch.autograd.grad(
+                (o.float() * cots[0]).sum() + (S * cots[1]).sum(), xs)))
+        finally:
+            wy.SAVE_WY_INVERSE = old
+    names = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    diffs = {n: (a.float() - b.float()).abs().max().item() for n, a, b in zip(names, *outs)}
+    same = all(torch.equal(a, b) for a, b in zip(*outs))
+    log(f"variant {name}: saved T vs recompute: {'bitwise equal' if same else 'DIFFER'} "
+        f"(max |diff| {max(diffs.values()):.3e}: {diffs})")
+    ROWS.append(("chunk_gated_delta_rule", f"B{B} T{T - 7} H{H} HV{HV}", f"ssm_kernels [{name}]",
+                 "fwd", float("nan"), "saved T vs recompute: " + (
+                     "bitwise equal" if same else f"DIFFER (max {max(diffs.values()):.2e})")))
+    return same
+
+
 def over_budget(what):
     if time.time() - T0 > BUDGET_S:
         log(f"skipped {what}: time budget ({BUDGET_S:.0f} s)")
@@ -417,6 +449,8 @@ def main():
                              label=f" [{name}]")
                 log(f"variant {name} {knobs}: check {'ok' if good else 'FAILED'} "
                     f"({time.time() - t:.1f} s with its compile)")
+                if knobs.get("SAVE_WY_INVERSE"):
+                    same_as_recompute(name)
                 bench("chunk_gated_delta_rule", case, f"ssm_kernels [{name}]"
                       + ("" if good else " CHECK FAILED"), ours("chunk_gated_delta_rule", l2=False),
                       make)
