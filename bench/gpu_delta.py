@@ -17,7 +17,8 @@
 4. Variants (env VARIANTS, default `DEFAULT_VARIANTS`): knob settings of delta_rule/chunk.py, each
    checked (gated, B1 T1024 H2 HV4, l2norm, bf16, the same rule) then timed fwd / fwd+bwd with
    its forward stages. VARIANTS="name:KNOB=VAL,KNOB=VAL;name2:..." (values Python literals), or
-   VARIANTS=@bwd (BWD_VARIANTS: the backward's knobs) / @fwd / @savet (SAVE_WY_VARIANTS: T kept); VARIANT_EXTRA="ungated,profile"
+   VARIANTS=@bwd (BWD_VARIANTS: the backward's knobs) / @fwd / @savet (SAVE_WY_VARIANTS: the
+   forward's WY inverse kept for the backward); VARIANT_EXTRA="ungated,profile"
    (what else each variant runs; see VARIANT_EXTRA below).
 Env: STEPS (default "check,time,stages,variants"), QUICK=1 (no peers, first shape only), GVA=0
 (the main shape only, with the peers),

@@ -620,6 +620,8 @@ def test_opcheck_saved_wy_inverse(backend, monkeypatch):
     without = torch.ops.ssm_kernels.delta_rule_bwd(*bargs)
     for a, b in zip(with_t, without):
         assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="saved WY inverse must be"):
+        torch.ops.ssm_kernels.delta_rule_bwd(*bargs, d(t)[:, :, :16].contiguous())
     # the eager fast path (KernelOp -> autograd.Function) and the registered op agree
     eo, eht, et = delta_rule_fwd_op(*args)
     assert torch.equal(et, t) and torch.equal(eo, o)

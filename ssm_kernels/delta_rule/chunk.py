@@ -532,6 +532,10 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
     m = p.meta
     TOK = p.B * p.T
     if tm is not None and tm.numel():
+        if (tuple(tm.shape) != (TOK, p.H, p.BT) or tm.dtype != torch.float32
+                or not tm.is_contiguous()):
+            raise ValueError(f"chunk_delta_bwd: the saved WY inverse must be a contiguous float32 "
+                             f"{(TOK, p.H, p.BT)} tensor, got {tm.dtype} {tuple(tm.shape)}")
         # the forward's T (bitwise what the recompute would form: same kernel, same inputs)
         w, u = _wu(p, k, v, g, beta, l2, *_wu_buffers(p, k), tm)
     else:

@@ -95,9 +95,9 @@ def delta_rule_bwd_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta
                       ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dg, dbeta, dh0); dg is empty when g is None; dh0 [N, HV, K, V] in the
     state dtype. wy_t: None/empty, or the forward's saved WY inverse (the chunked Triton backward
-    then skips its WY recompute). Triton: the chunked WY backward (chunked), else the step-by-step backward kernel
-    for K, V <= 128 (the whole state of a head in one program), else the reference's explicit
-    backward."""
+    then skips its WY recompute). Triton: the chunked WY backward (chunked), else the
+    step-by-step backward kernel for K, V <= 128 (the whole state of a head in one program), else
+    the reference's explicit backward."""
     tri = _select(backend, q, v) == "triton"
     if tri and chunked:
         from .chunk import chunk_delta_bwd
