@@ -1,6 +1,7 @@
 """Offline sm_90 audit of the selective-scan CUDA kernels (no GPU): registers/spills from ptxas and
 SASS instruction counts of the chunk loop's phases, for one dtype: the forward's N <= 16 kernel
-(lean) and N <= 32 bucket (general kernel), the backward's N <= 16 variants 0, 2, 3.
+(lean; also its SSM_KERNELS_SSCAN_FWD_POLY=R builds) and N <= 32 bucket (general kernel), the
+backward's N <= 16 variants 0, 2, 3.
 
     python bench/sscan_sass.py [--dtype bf16|fp16|fp32] [--keep DIR]
 
@@ -30,7 +31,10 @@ FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-a
 TNAME = {"bf16": "I13__nv_bfloat16", "fp16": "I6__half", "fp32": "If"}  # mangled: kernelI<T>...
 # forward kernel -> (file, kernel template args after the dtype, kNPT, kTPC, kChunk, threads)
 VARIANTS = {
-    "lean N<=16": ("selective_scan_fwd_lean.cu", "Li4ELi4ELi128ELi32ELb1E", 4, 4, 32, 128),
+    "lean N<=16": ("selective_scan_fwd_lean.cu", "Li4ELi4ELi128ELi32ELb1ELi0E", 4, 4, 32, 128),
+    # SSM_KERNELS_SSCAN_FWD_POLY=R: 1/R of the decays by the FMA-pipe exp2 polynomial
+    **{f"lean poly R={r}": ("selective_scan_fwd_lean.cu", f"Li4ELi4ELi128ELi32ELb1ELi{r}E", 4, 4, 32, 128)
+       for r in (2, 4, 8, 16)},
     "general N<=32": ("selective_scan_fwd.cu", "Li8ELi4ELi32ELb0E", 8, 4, 32, 128),
 }
 # backward variant -> kernel template args after the dtype (N <= 16 bucket, B/C time-varying)

@@ -19,6 +19,7 @@
 // final states and checkpoints are bitwise equal to it at the same (kNPT, kTPC) (checked on the
 // H100, session 5).
 #include "selective_scan/selective_scan.h"
+#include <cstdlib>
 #include "selective_scan/sscan_common.cuh"
 
 namespace ssm {
@@ -61,7 +62,10 @@ __device__ __forceinline__ void lds_vec(float (&dst)[kN], const float* src) {
 
 // kBCVar: B and C both time-varying (the Mamba case), known at compile time so the inner loop's
 // B/C tile reads take immediate offsets (no address arithmetic per step); else runtime strides.
-template <typename T, int kNPT, int kTPC, int kThr, int kChunk, bool kBCVar>
+// kPolyR > 0 (SSM_KERNELS_SSCAN_FWD_POLY, kBCVar only): the decay of state k at step t is
+// ex2_poly (FMA pipe) instead of ex2 (SFU) iff (t + k) % kPolyR == 0 -- 1/kPolyR of the updates,
+// spread over the lane's states (compile-time after unrolling). Off (0): the kernel is unchanged.
+template <typename T, int kNPT, int kTPC, int kThr, int kChunk, bool kBCVar, int kPolyR>
 __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveScanFwdParams p) {
   using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk>;
   constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl;
@@ -251,7 +255,10 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
         float y = 0.f;
 #pragma unroll
         for (int k = 0; k < kNPT; ++k) {
-          h[k] = fmaf(ex2(x.x * a2[k]), h[k], x.y * bv[k]);
+          const float xa = x.x * a2[k];
+          const float dA = (kPolyR > 0 && (t + k) % (kPolyR > 0 ? kPolyR : 1) == 0) ? ex2_poly(xa)
+                                                                                 : ex2(xa);
+          h[k] = fmaf(dA, h[k], x.y * bv[k]);
           y = fmaf(cv[k], h[k], y);
         }
         yv[j] = y;
@@ -290,12 +297,12 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
   }
 }
 
-template <typename T, int kNPT, int kTPC, int kThr, bool kBCVar, int kChunk = 32>
+template <typename T, int kNPT, int kTPC, int kThr, bool kBCVar, int kChunk = 32, int kPolyR = 0>
 cudaError_t launch_lean(const SelectiveScanFwdParams& p, cudaStream_t stream) {
   using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk>;
   if (p.ckpt && ((p.ck_len % kChunk) != 0 || (p.ck_len & (p.ck_len - 1)) != 0))
     return cudaErrorInvalidValue;
-  auto kernel = sscan_fwd_lean_kernel<T, kNPT, kTPC, kThr, kChunk, kBCVar>;
+  auto kernel = sscan_fwd_lean_kernel<T, kNPT, kTPC, kThr, kChunk, kBCVar, kPolyR>;
   if (Lay::kBytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Lay::kBytes));
@@ -308,16 +315,35 @@ cudaError_t launch_lean(const SelectiveScanFwdParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+int g_fwd_poly = -1;  // -1: not read from the environment yet
+bool poly_ok(int r) { return r == 2 || r == 4 || r == 8 || r == 16; }
+
 }  // namespace
+
+int selective_scan_fwd_poly(int set) {
+  if (g_fwd_poly < 0) {
+    const char* env = std::getenv("SSM_KERNELS_SSCAN_FWD_POLY");
+    const int v = env ? std::atoi(env) : 0;
+    g_fwd_poly = poly_ok(v) ? v : 0;
+  }
+  const int prev = g_fwd_poly;
+  if (set == 0 || poly_ok(set)) g_fwd_poly = set;
+  return prev;
+}
 
 cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType dtype,
                                          cudaStream_t stream) {
   if (p.N < 1 || p.N > 16) return cudaErrorInvalidValue;
   cudaError_t err = cudaSuccess;
+  const int poly = (p.B_var && p.C_var) ? selective_scan_fwd_poly() : 0;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    err = (p.B_var && p.C_var) ? launch_lean<T, 4, 4, 128, true>(p, stream)
-                               : launch_lean<T, 4, 4, 128, false>(p, stream);
+    if (poly == 2) err = launch_lean<T, 4, 4, 128, true, 32, 2>(p, stream);
+    else if (poly == 4) err = launch_lean<T, 4, 4, 128, true, 32, 4>(p, stream);
+    else if (poly == 8) err = launch_lean<T, 4, 4, 128, true, 32, 8>(p, stream);
+    else if (poly == 16) err = launch_lean<T, 4, 4, 128, true, 32, 16>(p, stream);
+    else if (p.B_var && p.C_var) err = launch_lean<T, 4, 4, 128, true>(p, stream);
+    else err = launch_lean<T, 4, 4, 128, false>(p, stream);
   });
   return err;
 }

@@ -18,6 +18,32 @@ __device__ __forceinline__ float ex2(float x) {
   return y;
 }
 
+// 2^x on the FMA pipe instead of the SFU (FlashAttention-4's trick; issue 9, bench/NOTES.md
+// "poly exp2"): Cody-Waite split 2^x = 2^j 2^f, j = rint(x) by the 1.5 * 2^23 magic add (the
+// exponent bias 127 folded into the constant), f = x - j in [-0.5, 0.5] (exact), 2^f by a degree-5
+// minimax polynomial with p(0) = 1 exactly (so x = 0 -> 1.0 exactly: padding steps keep h
+// bitwise), max relative error 2.2e-7 with float32 evaluation (ex2.approx: ~2 ulp), and 2^j as the
+// float with bits (j + 127) << 23. x is clamped to >= -127: j = -127 gives the bits 0 -> 0.0, so
+// very negative x (and -inf, NaN) give exactly 0 like ex2.approx.ftz; p(f) 2^-126 below the normal
+// range flushes to 0 (ftz). Not reproduced: x >= 128 (ex2 gives inf; here the exponent wraps), a
+// decay that multiplies the state by >= 2^128 per step. 11 instructions (FMNMX, 3 FADD, 5 FFMA,
+// SHF, FMUL), all on the FMA/ALU pipes. The adds go through __f*_rn so they are never contracted.
+constexpr float kEx2Magic = 12583039.f;  // 1.5 * 2^23 + 127 (ulp 1: the sum is rint(x) + magic)
+constexpr float kEx2P1 = 0x1.62e41cp-1f, kEx2P2 = 0x1.ebf956p-3f, kEx2P3 = 0x1.c6bde6p-5f,
+                kEx2P4 = 0x1.3d0762p-7f, kEx2P5 = 0x1.5a1bb6p-10f;
+__device__ __forceinline__ float ex2_poly(float x) {
+  const float xc = fmaxf(x, -127.f);
+  const float jb = __fadd_rn(xc, kEx2Magic);           // bits: 0x4B400000 + (j + 127)
+  const float f = __fsub_rn(xc, __fsub_rn(jb, kEx2Magic));  // x - j, exact
+  float q = fmaf(kEx2P5, f, kEx2P4);
+  q = fmaf(q, f, kEx2P3);
+  q = fmaf(q, f, kEx2P2);
+  q = fmaf(q, f, kEx2P1);
+  const float p = fmaf(q, f, 1.f);
+  const float scale = __uint_as_float(__float_as_uint(jb) << 23);  // 2^j (0 for j = -127)
+  return __fmul_rn(p, scale);
+}
+
 __device__ __forceinline__ float lg2(float x) {
   float y;
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
