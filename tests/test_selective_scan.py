@@ -657,3 +657,96 @@ def test_reverse_associative_scan_order():
         g = b[t].double().cpu() + a[t].double().cpu() * g
         want[t] = g
     torch.testing.assert_close(ob.cpu().double(), want, rtol=1e-5, atol=1e-5)
+
+
+# ---- the CUDA forward's FMA-pipe exp2 (SSM_KERNELS_SSCAN_FWD_POLY) ---------------------------------
+
+def _ex2_poly_model():
+    """sscan::ex2_poly (csrc/selective_scan/sscan_common.cuh) replayed in float32 with numpy, its
+    constants parsed from the header (so this checks the coefficients the kernel is built with)."""
+    import os
+    import re
+    import numpy as np
+    src = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "selective_scan",
+                            "sscan_common.cuh")).read()
+    magic = np.float32(float(re.search(r"kEx2Magic = ([0-9.]+)f", src).group(1)))
+    coef = {int(k): np.float32(float.fromhex(v))
+            for k, v in re.findall(r"kEx2P(\d) = (0x[0-9a-fA-Fp.+-]+)f", src)}
+    assert sorted(coef) == [1, 2, 3, 4, 5]
+    f32 = np.float32
+
+    def fma(a, b, c):  # exact product of two float32 in float64, one rounding to float32
+        return (a.astype(np.float64) * b + c).astype(f32)
+
+    def ex2_poly(x):
+        x = np.asarray(x, dtype=f32)
+        with np.errstate(invalid="ignore"):
+            xc = np.where(np.isnan(x) | (x < -127), f32(-127), x).astype(f32)  # fmaxf: NaN -> -127
+        jb = (xc + magic).astype(f32)
+        f = (xc - (jb - magic).astype(f32)).astype(f32)
+        q = fma(np.full_like(f, coef[5]), f, coef[4])
+        for k in (3, 2, 1):
+            q = fma(q, f, coef[k])
+        p = fma(q, f, f32(1))
+        scale = ((jb.view(np.uint32) << np.uint32(23)) & np.uint32(0xFFFFFFFF)).view(f32)
+        r = (p * scale).astype(f32)
+        return np.where(np.abs(r) < f32(2.0 ** -126), f32(0), r)  # ftz
+
+    return ex2_poly
+
+
+def test_ex2_poly_model_accuracy_and_edges():
+    import numpy as np
+    ex2_poly = _ex2_poly_model()
+    x = np.concatenate([np.linspace(-126, 127, 2_000_001, dtype=np.float32),
+                        np.float32(-1) * np.logspace(-30, 2, 20001, dtype=np.float32),
+                        np.logspace(-30, 2, 20001, dtype=np.float32)])
+    x = x[x < 127.4]
+    got = ex2_poly(x).astype(np.float64)
+    want = np.exp2(x.astype(np.float64))
+    rel = np.abs(got / want - 1)
+    assert rel.max() < 3e-7, rel.max()  # ex2.approx.f32: ~2 ulp = 2.4e-7
+    assert ex2_poly(np.float32(0)) == np.float32(1)  # padding steps (dt = 0) keep h bitwise
+    assert ex2_poly(np.float32(-0.0)) == np.float32(1)
+    # very negative, -inf and NaN give exactly 0 (no NaN, no denormal)
+    tiny = ex2_poly(np.array([-126.6, -127, -127.5, -200, -1e30, -np.inf, np.nan], np.float32))
+    assert np.all(tiny == 0), tiny
+    xe = np.float32(-125.9)  # j = -126: the smallest normal scale
+    edge = ex2_poly(xe)
+    assert edge > 0 and abs(float(edge) / 2.0 ** float(xe) - 1) < 3e-7
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("poly", [2, 4, 16])
+@pytest.mark.parametrize("case", ["bf16 L=2049", "fp32 L=4097 no z", "bf16 varlen", "fp32 extreme"])
+def test_gpu_cuda_forward_poly(poly, case):
+    """SSM_KERNELS_SSCAN_FWD_POLY=R (1/R of the N <= 16 forward's decays by sscan::ex2_poly):
+    float64-checked like the default, deterministic, and off again after the knob is reset."""
+    from ssm_kernels._backend import cuda_extension
+    ext = cuda_extension()
+    if "cuda" not in SCAN_KERNELS or ext is None or not hasattr(ext, "selective_scan_fwd_poly"):
+        pytest.skip("needs the CUDA extension with selective_scan_fwd_poly")
+    cu = None
+    if case == "bf16 L=2049":
+        inp = make_inputs(batch=2, dim=80, L=2049, N=16, dtype=torch.bfloat16, bc="var")
+    elif case == "fp32 L=4097 no z":
+        inp = make_inputs(batch=2, dim=40, L=4097, N=13, bc="group", groups=2, z=False)
+    elif case == "fp32 extreme":  # dt A down to ~ -300 (exp2 argument ~ -430): decays of exactly 0
+        inp = make_inputs(batch=2, dim=24, L=333, N=16, bc="var", decay=(20.0, 40.0), dt_scale=2.0)
+    else:
+        cu = torch.tensor([0, 1, 700, 2049, 3000], dtype=torch.int32, device=DEVICE)
+        inp = make_inputs(batch=1, dim=72, L=3000, N=16, dtype=torch.bfloat16, bc="group", groups=2)
+        inp["initial_state"] = torch.randn(4, 72, 16, device=DEVICE)
+    prev = ext.selective_scan_fwd_poly(0)
+    try:
+        assert ext.selective_scan_fwd_poly(poly) == 0
+        assert ext.selective_scan_fwd_poly(poly) == poly
+        check_fast("cuda", inp, cu_seqlens=cu)
+        args = (inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], inp["D"], inp["z"],
+                inp["delta_bias"])
+        kw = dict(initial_state=inp["initial_state"], cu_seqlens=cu, backend="cuda")
+        a = sk.selective_scan_fn(*args, True, True, **kw)
+        b = sk.selective_scan_fn(*args, True, True, **kw)
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    finally:
+        ext.selective_scan_fwd_poly(prev)
