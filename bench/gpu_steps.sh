@@ -3,7 +3,7 @@
 # summary of every step is printed last. Usage (repo root, on the GPU machine):
 #   STEPS="build graphs overhead chunk fft layers cp" bash bench/gpu_steps.sh
 # Steps: build (CUDA extension), mamba (build mamba-ssm's selective_scan_cuda in the background),
-# graphs (tests/test_graphs.py), overhead (bench --overhead), host (bench/gpu_host.py), sscan, sscanbwd, decode,
+# graphs (tests/test_graphs.py), overhead (bench --overhead), host (bench/gpu_host.py), sscan, sscanbwd, sscanpoly, decode,
 # lscan, chunk, fft,
 # layers, cp (the bench/gpu_*.py scripts), probe (bench/gpu_dk_probe.py), check (`python -m
 # ssm_kernels check $CHECK_ARGS` with a cold Triton cache), verify (short correctness of the paths
@@ -39,6 +39,7 @@ for s in ${STEPS:-build graphs overhead}; do
     host) step host ${T_HOST:-240} python3 bench/gpu_host.py ;;
     sscan) step sscan ${T_SSCAN:-200} python3 bench/gpu_sscan.py ;;
     sscanbwd) step sscanbwd ${T_SSCANBWD:-300} python3 bench/gpu_sscan_bwd.py ;;
+    sscanpoly) step sscanpoly ${T_SSCANPOLY:-240} python3 bench/gpu_sscan_poly.py ;;
     decode) step decode ${T_DECODE:-120} python3 bench/gpu_decode.py ;;
     lscan) step lscan ${T_LSCAN:-150} python3 bench/gpu_linear_scan.py ;;
     chunk|fft|layers|cp|delta|monarch) step "$s" ${LIMIT:-200} python3 "bench/gpu_$s.py" ;;
