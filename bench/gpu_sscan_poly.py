@@ -5,7 +5,7 @@
         pip install --no-build-isolation --no-deps -e . && python bench/gpu_sscan_poly.py
     # POLY=4,8 runs a subset (0 = the default kernel is always added); OUT=/dir writes a csv
 
-Knob: ssm_kernels._C.selective_scan_fwd_poly(R) / SSM_KERNELS_SSCAN_FWD_POLY=R, R in {2, 4, 8, 16}:
+Knob: ssm_kernels._C.selective_scan_fwd_poly(R) / SSM_KERNELS_SSCAN_FWD_POLY=R, R in {1, 2, 4, 8, 16}:
 the N <= 16 forward (B and C time-varying) computes the decay of state k at step t with
 sscan::ex2_poly (Cody-Waite + degree-5 polynomial) iff (t + k) % R == 0, the rest with ex2.approx.
 
@@ -187,7 +187,7 @@ def main():
     ext = cuda_extension()
     if ext is None or not hasattr(ext, "selective_scan_fwd_poly"):
         sys.exit("ssm_kernels._C without selective_scan_fwd_poly: rebuild from this branch")
-    polys = [0] + [int(x) for x in os.environ.get("POLY", "2,4,8,16").split(",") if int(x) != 0]
+    polys = [0] + [int(x) for x in os.environ.get("POLY", "1,2,4,8,16").split(",") if int(x) != 0]
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, R {polys}", flush=True)
     for part in (checks, bench):
         try:

@@ -34,7 +34,7 @@ VARIANTS = {
     "lean N<=16": ("selective_scan_fwd_lean.cu", "Li4ELi4ELi128ELi32ELb1ELi0E", 4, 4, 32, 128),
     # SSM_KERNELS_SSCAN_FWD_POLY=R: 1/R of the decays by the FMA-pipe exp2 polynomial
     **{f"lean poly R={r}": ("selective_scan_fwd_lean.cu", f"Li4ELi4ELi128ELi32ELb1ELi{r}E", 4, 4, 32, 128)
-       for r in (2, 4, 8, 16)},
+       for r in (1, 2, 4, 8, 16)},
     "general N<=32": ("selective_scan_fwd.cu", "Li8ELi4ELi32ELb0E", 8, 4, 32, 128),
 }
 # backward variant -> kernel template args after the dtype (N <= 16 bucket, B/C time-varying)

@@ -320,7 +320,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("selective_scan_fwd", &selective_scan_fwd,
         "selective_scan forward -> (out, last_state, checkpoints)");
   m.def("selective_scan_fwd_poly", &ssm::selective_scan_fwd_poly, pybind11::arg("set") = -1,
-        "forward knob (issue 9): R in {2, 4, 8, 16} computes 1/R of the N <= 16 forward's decays "
+        "forward knob (issue 9): R in {1, 2, 4, 8, 16} computes 1/R of the N <= 16 forward's decays "
         "with an FMA-pipe exp2 polynomial, 0 (default) off; set selects it; returns the previous "
         "one (the first call reads SSM_KERNELS_SSCAN_FWD_POLY)");
   m.def("selective_scan_bwd_variant", &ssm::selective_scan_bwd_variant, pybind11::arg("set") = -1,

@@ -717,7 +717,7 @@ def test_ex2_poly_model_accuracy_and_edges():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("poly", [2, 4, 16])
+@pytest.mark.parametrize("poly", [1, 4, 16])
 @pytest.mark.parametrize("case", ["bf16 L=2049", "fp32 L=4097 no z", "bf16 varlen", "fp32 extreme"])
 def test_gpu_cuda_forward_poly(poly, case):
     """SSM_KERNELS_SSCAN_FWD_POLY=R (1/R of the N <= 16 forward's decays by sscan::ex2_poly):

@@ -39,7 +39,7 @@ cudaError_t selective_scan_fwd_cuda(const SelectiveScanFwdParams& p, DType dtype
 cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType dtype,
                                          cudaStream_t stream);
 
-// Forward knob (issue 9, bench/NOTES.md "poly exp2"): R in {2, 4, 8, 16} moves 1/R of the N <= 16
+// Forward knob (issue 9, bench/NOTES.md "poly exp2"): R in {1, 2, 4, 8, 16} moves 1/R of the N <= 16
 // forward's per-update decays (B and C time-varying) from the SFU (ex2.approx) to a polynomial on
 // the FMA pipe (sscan::ex2_poly); 0 (default) = off. Results differ from 0 in the last bits
 // (deterministic either way). The first query reads SSM_KERNELS_SSCAN_FWD_POLY (anything else is

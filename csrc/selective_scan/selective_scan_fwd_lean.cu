@@ -316,7 +316,7 @@ cudaError_t launch_lean(const SelectiveScanFwdParams& p, cudaStream_t stream) {
 }
 
 int g_fwd_poly = -1;  // -1: not read from the environment yet
-bool poly_ok(int r) { return r == 2 || r == 4 || r == 8 || r == 16; }
+bool poly_ok(int r) { return r == 1 || r == 2 || r == 4 || r == 8 || r == 16; }
 
 }  // namespace
 
@@ -338,7 +338,8 @@ cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType 
   const int poly = (p.B_var && p.C_var) ? selective_scan_fwd_poly() : 0;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (poly == 2) err = launch_lean<T, 4, 4, 128, true, 32, 2>(p, stream);
+    if (poly == 1) err = launch_lean<T, 4, 4, 128, true, 32, 1>(p, stream);
+    else if (poly == 2) err = launch_lean<T, 4, 4, 128, true, 32, 2>(p, stream);
     else if (poly == 4) err = launch_lean<T, 4, 4, 128, true, 32, 4>(p, stream);
     else if (poly == 8) err = launch_lean<T, 4, 4, 128, true, 32, 8>(p, stream);
     else if (poly == 16) err = launch_lean<T, 4, 4, 128, true, 32, 16>(p, stream);
