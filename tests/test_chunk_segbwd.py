@@ -9,7 +9,6 @@ import torch
 import triton
 
 from ssm_kernels.chunk import bwd as cb, common, fwd as cf
-from ssm_kernels.testing import assert_close
 
 from conftest import DEVICE, kernel_backends
 

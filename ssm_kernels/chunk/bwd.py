@@ -28,9 +28,9 @@ import triton
 import triton.language as tl
 
 from . import common, gla
-from .common import (causal_decay, causal_decay_t, chunk_base, chunk_span, decay_rows, decay_state,
+from .common import (causal_decay, causal_decay_t, chunk_span, decay_rows, decay_state,
                      decay_to_end, decay_to_end_t, l2norm_rows, last_row, load_h_dh, load_rows,
-                     load_v, log_decay_cumsum, mm, mm_wy, seg_chunk_base, seg_span, seq_span)
+                     load_v, log_decay_cumsum, mm, mm_wy, row_span_base)
 from .fwd import Plan, _dummy, _seg, chunk_states, seg_chunk_states, seg_scan
 
 
@@ -56,12 +56,7 @@ def _state_grad_kernel(
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     i_hq = i_h // (H // HQ)
-    if SEG > 0:
-        bos, eos = seg_span(i_n, T, SEG)
-        base = seg_chunk_base(i_n, T, SEG, BT)
-    else:
-        bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
-        base = chunk_base(co_ptr, i_n, T, IS_VARLEN, BT)
+    bos, eos, base = row_span_base(i_n, cu_ptr, co_ptr, T, IS_VARLEN, BT, SEG)
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)

@@ -160,6 +160,20 @@ def seg_chunk_base(i_s, T, SEG: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
+def row_span_base(i_n, cu_ptr, co_ptr, T, IS_VARLEN: tl.constexpr, BT: tl.constexpr,
+                  SEG: tl.constexpr):
+    """(first token, end, global index of the first chunk) of the serial passes' "sequence" i_n:
+    a sequence (SEG = 0) or a segment of SEG tokens (B rows)."""
+    if SEG > 0:
+        bos, eos = seg_span(i_n, T, SEG)
+        base = seg_chunk_base(i_n, T, SEG, BT)
+    else:
+        bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
+        base = chunk_base(co_ptr, i_n, T, IS_VARLEN, BT)
+    return bos, eos, base
+
+
+@triton.jit
 def chunk_base(co_ptr, i_n, T, IS_VARLEN: tl.constexpr, BT: tl.constexpr):
     """Global index of sequence i_n's first chunk."""
     if IS_VARLEN:

@@ -18,10 +18,10 @@ import triton
 import triton.language as tl
 
 from . import common, gla
-from .common import (blocks, causal_decay, chunk_base, chunk_span, chunk_table, decay_rows,
-                     decay_state, decay_to_end, l2norm_rows, last_row, load_rows, load_state_block,
-                     load_v, log_decay_cumsum, mm, mm_wy, num_chunks, seg_chunk_base, seg_span,
-                     seq_span, state_store_dtype)
+from .common import (blocks, causal_decay, chunk_span, chunk_table, decay_rows, decay_state,
+                     decay_to_end, l2norm_rows, last_row, load_rows, load_state_block, load_v,
+                     log_decay_cumsum, mm, mm_wy, num_chunks, row_span_base, seg_span,
+                     state_store_dtype)
 
 
 @triton.jit
@@ -50,12 +50,7 @@ def _state_kernel(
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     i_hq = i_h // (H // HQ)
-    if SEG > 0:
-        bos, eos = seg_span(i_n, T, SEG)
-        base = seg_chunk_base(i_n, T, SEG, BT)
-    else:
-        bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
-        base = chunk_base(co_ptr, i_n, T, IS_VARLEN, BT)
+    bos, eos, base = row_span_base(i_n, cu_ptr, co_ptr, T, IS_VARLEN, BT, SEG)
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -337,21 +332,34 @@ def _seg(p: Plan):
     return SEG, p.B * triton.cdiv(p.T, SEG)
 
 
-def seg_states(p: Plan, k, v, g, vs, A):
-    """Fused forward stage 1: every segment's end state from a zero state, hs [NSEG, H, K, V] f32,
-    and (GATE 1) its total log2-decay gs [NSEG, H] f32 (else a dummy)."""
+def _seg_state_pass(p: Plan, k, v, g, vs, A, sin=None):
+    """`_state_kernel` over segments (SEG). sin None: stage 1 of the fused forward, each segment's
+    end state from zero -> (hs [NSEG, H, K, V] f32, gs [NSEG, H] f32 (GATE 1) or a dummy); sin
+    given (the incoming state of each segment): every chunk's state h from it -> (h, None)."""
     m = p.meta
     SEG, NSEG = _seg(p)
     d = _dummy(v)
-    hs = common.poison(k.new_empty((NSEG, p.H, p.K, p.V), dtype=torch.float32))
-    gs = common.poison(hs.new_empty((NSEG, p.H))) if p.gate == 1 else _dummy(hs)
+    if sin is None:
+        hs = common.poison(k.new_empty((NSEG, p.H, p.K, p.V), dtype=torch.float32))
+        gs = common.poison(hs.new_empty((NSEG, p.H))) if p.gate == 1 else _dummy(hs)
+        h = d
+    else:
+        hs = gs = None
+        h = k.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
     _state_kernel[(triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), NSEG * p.H)](
-        k, v, d if g is None else g, d if vs is None else vs, d if A is None else A, d, d, hs, d,
-        d, p.T, p.H, p.HQ, p.K, p.V,
-        GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_H0=False, STORE_H=False,
-        IS_VARLEN=False, BT=p.BT, BK=m["BK"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], SEG=SEG,
-        gs_ptr=gs, num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
-    return hs, gs
+        k, v, d if g is None else g, d if vs is None else vs, d if A is None else A,
+        d if sin is None else sin, h, d if hs is None else hs, d, d, p.T, p.H, p.HQ, p.K, p.V,
+        GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_H0=sin is not None,
+        STORE_H=sin is not None, IS_VARLEN=False, BT=p.BT, BK=m["BK"], BV=m["BV"], DT=m["DT"],
+        IEEE=m["IEEE"], SEG=SEG, gs_ptr=d if gs is None else gs, STORE_HT=sin is None,
+        num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
+    return (hs, gs) if sin is None else (h, None)
+
+
+def seg_states(p: Plan, k, v, g, vs, A):
+    """Fused forward stage 1: every segment's end state from a zero state, hs [NSEG, H, K, V] f32,
+    and (GATE 1) its total log2-decay gs [NSEG, H] f32 (else a dummy)."""
+    return _seg_state_pass(p, k, v, g, vs, A)
 
 
 def seg_scan(p: Plan, hs, gs, h0, reverse=False):
@@ -376,19 +384,9 @@ def seg_chunk_states(p: Plan, k, v, g, vs, A, h0):
     chunks from its incoming state, storing h. Serial chain SEG_CHUNKS + segments per row +
     SEG_CHUNKS (was T / BT); k, v read twice. Returns (h [NCH, H, K, V] storage dtype, gs the
     segments' log2-decays (GATE 1, else a dummy) for the reverse scan)."""
-    m = p.meta
-    SEG, NSEG = _seg(p)
     hs, gs = seg_states(p, k, v, g, vs, A)
     sin, _ = seg_scan(p, hs, gs, h0)
-    h = k.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
-    d = _dummy(v)
-    _state_kernel[(triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), NSEG * p.H)](
-        k, v, d if g is None else g, d if vs is None else vs, d if A is None else A, sin, h, d, d,
-        d, p.T, p.H, p.HQ, p.K, p.V,
-        GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_H0=True, STORE_H=True,
-        IS_VARLEN=False, BT=p.BT, BK=m["BK"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], SEG=SEG,
-        STORE_HT=False, num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
-    return h, gs
+    return _seg_state_pass(p, k, v, g, vs, A, sin)[0], gs
 
 
 def fused_output(p: Plan, q, k, v, g, vs, A, sin, scale, D=None, z=None, h0=None, ht=None,
