@@ -118,3 +118,18 @@ def test_engine_bwd_vs_serial(small_segments, monkeypatch, case, dtype):
         IEEE=m["IEEE"], num_warps=4)
     torch.testing.assert_close(dh.float(), dh_ref.float(), **tol)
     torch.testing.assert_close(dh0, dh0_ref, **tol)
+
+
+def test_auto_rule(small_segments, monkeypatch):
+    """SEG_BWD=-1: segments for rows of at least SEG_BWD_MIN_CHUNKS chunks (here 6 >= 4: on, the
+    segment recompute runs), else the serial passes (6 < 8: seg_chunk_states not called)."""
+    args, kw = _engine_inputs("g", torch.float32)
+    monkeypatch.setattr(common, "SEG_BWD", -1)
+    calls = []
+    real = cf.seg_chunk_states
+    monkeypatch.setattr(cb, "seg_chunk_states", lambda *a: calls.append(1) or real(*a))
+    for min_chunks, used in ((4, True), (8, False)):
+        calls.clear()
+        monkeypatch.setattr(common, "SEG_BWD_MIN_CHUNKS", min_chunks)
+        cb.chunk_bwd(*args, **kw)
+        assert bool(calls) == used

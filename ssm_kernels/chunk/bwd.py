@@ -296,6 +296,8 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Ten
     if p.gate == 2:
         gg = g = gla.chunk_cumsum(p, g)    # every later stage reads Gc
     seg = common.SEG_BWD if (p.gate < 2 and not p.varlen) else 0
+    if seg < 0:
+        seg = 2 if p.NT >= common.SEG_BWD_MIN_CHUNKS else 0
     if seg:
         h, gs = seg_chunk_states(p, k, v, g, vs, A, h0)
     else:

@@ -64,7 +64,10 @@ FUSED_STAGES = 2      # software-pipeline stages of stage 3 (its loads of the ne
 # pass per segment from its true incoming state storing h); 2: also the reverse state-gradient
 # scan dh (bwd.py `seg_state_grads`, the same three steps backwards). 0: one program per
 # (K-tile, V-tile, sequence x head) walks the whole row (fewer bytes, T / BT long chains).
+# -1: 2 for rows of at least SEG_BWD_MIN_CHUNKS chunks, else 0 (segments read k, v / q, do twice:
+# predicted to lose at T / BT = 64 with 256 programs, to win at 256 chunks; bench/NOTES.md).
 SEG_BWD = 0
+SEG_BWD_MIN_CHUNKS = 128
 # tests: fill every buffer a stage writes with NaN first, so an element no program writes shows up
 POISON_OUTPUTS = False
 
