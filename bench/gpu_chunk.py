@@ -557,7 +557,7 @@ def sweep_section(case, make, ours):
              dict(FUSED_I32_OFFSETS=0)]
     # the backward in segments (SEG_BWD; public fwd+bwd), before the forward-only rows
     sweep = [(op, dict(SEG_BWD=s)) for op in ("ssd", "chunk_simple_gla", "chunk_linear_attn")
-             for s in (1, 2)] + [("chunk_linear_attn", dict(SEG_BWD=-1))]
+             for s in (1, 2)] + [("chunk_simple_gla", dict(SEG_BWD=2, SEG_CHUNKS=16))]
     sweep += [(op, dict(kn, fwd_only=1)) for op in ("ssd", "chunk_simple_gla") for kn in fused]
     sweep += [("chunk_linear_attn", dict(CHUNK=128)), ("chunk_linear_attn", dict(BLOCK_K=128, BLOCK_V=128)),
              ("chunk_simple_gla", dict(CHUNK=128)), ("chunk_gla", dict(GLA_BLOCK_V=64)),
