@@ -51,9 +51,9 @@ def test_ssd_grads_vs_float64(small_segments, monkeypatch, seg):
     compare("triton", 2, 70, 4, 16, 2, 32)
 
 
-def _engine_inputs(case, dtype):
+def _engine_inputs(case, dtype, T=83):
     torch.manual_seed(1)
-    B, T = 2, 83
+    B = 2
     if case == "ssd":              # q = C, k = B (2 groups), v = x, vs = dt, A, D
         H, HQ, K, V = 4, 2, 32, 16
     else:
@@ -74,13 +74,16 @@ def _engine_inputs(case, dtype):
     return (q, k, v, g, h0, None, scale, do, dht), dict(vs=vs, A=A, D=D)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,T", [(torch.float32, 83), (torch.bfloat16, 83),
+                                     (torch.float32, 20), (torch.float32, 64)],
+                         ids=["fp32", "bf16", "fp32-one-partial-segment", "fp32-whole-segments"])
 @pytest.mark.parametrize("case", ["none", "g", "ssd"])
-def test_engine_bwd_vs_serial(small_segments, monkeypatch, case, dtype):
+def test_engine_bwd_vs_serial(small_segments, monkeypatch, case, dtype, T):
     """chunk_bwd's results with SEG_BWD 1 and 2 against SEG_BWD=0 (the serial passes), and the
     recomputed h / dh themselves: same math, other summation order (float32 tight; bf16 within
-    the rounding of the stored states)."""
-    args, kw = _engine_inputs(case, dtype)
+    the rounding of the stored states). T=83: 3 segments of 32 tokens per row, the last partial;
+    20: one partial segment; 64: two whole segments."""
+    args, kw = _engine_inputs(case, dtype, T)
     ref = cb.chunk_bwd(*args, **kw)
     q, k, v, g, h0, _, scale, do, dht = args
     p = cf.Plan(q, v, g, None, kw["A"] is not None)
