@@ -17,7 +17,8 @@
 4. Variants (env VARIANTS, default `DEFAULT_VARIANTS`): knob settings of delta_rule/chunk.py, each
    checked (gated, B1 T1024 H2 HV4, l2norm, bf16, the same rule) then timed fwd / fwd+bwd with
    its forward stages. VARIANTS="name:KNOB=VAL,KNOB=VAL;name2:..." (values Python literals), or
-   VARIANTS=@bwd (BWD_VARIANTS: the backward's knobs) / @fwd; VARIANT_EXTRA="ungated,profile"
+   VARIANTS=@bwd (BWD_VARIANTS: the backward's knobs) / @fwd / @savet (SAVE_WY_VARIANTS: the
+   forward's WY inverse kept for the backward); VARIANT_EXTRA="ungated,profile"
    (what else each variant runs; see VARIANT_EXTRA below).
 Env: STEPS (default "check,time,stages,variants"), QUICK=1 (no peers, first shape only), GVA=0
 (the main shape only, with the peers),
@@ -80,6 +81,8 @@ DEFAULT_VARIANTS = (   # most telling first: the budget may cut the tail
 BWD_VARIANTS = (   # most telling first: the budget may cut the tail
     "bwd-all:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,DQK_MAXNREG=128,"
     "DQK_STAGES=2,WY_BWD_LEAN=True;"
+    "bwd-all-savet:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,DQK_MAXNREG=128,"
+    "DQK_STAGES=2,WY_BWD_LEAN=True,SAVE_WY_INVERSE=True;"
     "bwd-all-split-bf16st-ov128:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,"
     "DQK_MAXNREG=128,DQK_STAGES=2,BWD_GRAD_16=True,WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4,"
     "WU_FLOAT32=False,WU_TF32_PRODUCTS=True,SCAN_TF32=True,OUT_BLOCK_V=128;"
@@ -91,6 +94,14 @@ BWD_VARIANTS = (   # most telling first: the budget may cut the tail
     "dqk-r128:DQK_DELTA=True,DQK_MAXNREG=128,DQK_STAGES=2;"
     "bwd-all-g16:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,DQK_MAXNREG=128,"
     "DQK_STAGES=2,WY_BWD_LEAN=True,BWD_GRAD_16=True")
+# the forward's WY inverse T kept for the backward (SAVE_WY_INVERSE; bench/NOTES.md, "deltaA5"):
+# VARIANTS=@savet; A/B against the defaults (the "time" step) and against bwd-all
+SAVE_WY_VARIANTS = (
+    "savet:SAVE_WY_INVERSE=True;"
+    "bwd-all:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,DQK_MAXNREG=128,"
+    "DQK_STAGES=2,WY_BWD_LEAN=True;"
+    "bwd-all-savet:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,DQK_MAXNREG=128,"
+    "DQK_STAGES=2,WY_BWD_LEAN=True,SAVE_WY_INVERSE=True")
 # per variant, besides its check and gated fwd / fwd+bwd: "ungated" (chunk_delta_rule, against
 # fla's fwd+bwd), "profile" (every kernel of its gated fwd+bwd), "stages" (its forward stages);
 # unset: ungated and profile for the first variant only, stages for every one
@@ -316,6 +327,38 @@ def parse_variants(text):
     return out
 
 
+def same_as_recompute(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
+    """SAVE_WY_INVERSE on (as set now) against off, the other knobs as set: o, S and every
+    gradient of the gated op (l2 norm, h0, a partial chunk) should be bitwise equal (the backward
+    forms W, U from the forward's T instead of re-solving it). Logs the largest differences."""
+    q, k, v, g, beta = inputs(B, T - 7, H, HV, K, V, True)
+    h0 = torch.randn(B, HV, K, V, device=DEV)
+    cots = None
+    outs = []
+    for save in (True, False):
+        old = wy.SAVE_WY_INVERSE
+        wy.SAVE_WY_INVERSE = save
+        try:
+            xs = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+            o, S = sk.chunk_gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True,
+                                             use_qk_l2norm_in_kernel=True)
+            if cots is None:
+                cots = (torch.randn_like(o), torch.randn_like(S))
+            outs.append([o, S] + list(torch.autograd.grad(
+                (o.float() * cots[0]).sum() + (S * cots[1]).sum(), xs)))
+        finally:
+            wy.SAVE_WY_INVERSE = old
+    names = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    diffs = {n: (a.float() - b.float()).abs().max().item() for n, a, b in zip(names, *outs)}
+    same = all(torch.equal(a, b) for a, b in zip(*outs))
+    log(f"variant {name}: saved T vs recompute: {'bitwise equal' if same else 'DIFFER'} "
+        f"(max |diff| {max(diffs.values()):.3e}: {diffs})")
+    ROWS.append(("chunk_gated_delta_rule", f"B{B} T{T - 7} H{H} HV{HV}", f"ssm_kernels [{name}]",
+                 "fwd", float("nan"), "saved T vs recompute: " + (
+                     "bitwise equal" if same else f"DIFFER (max {max(diffs.values()):.2e})")))
+    return same
+
+
 def over_budget(what):
     if time.time() - T0 > BUDGET_S:
         log(f"skipped {what}: time budget ({BUDGET_S:.0f} s)")
@@ -391,7 +434,8 @@ def main():
     if "variants" in STEPS:
         mk0 = lambda req: inputs(B, T, H, HV, 128, 128, False, req=req, l2=False)  # noqa: E731
         vtext = os.environ.get("VARIANTS", DEFAULT_VARIANTS)
-        vtext = {"@bwd": BWD_VARIANTS, "@fwd": DEFAULT_VARIANTS}.get(vtext, vtext)
+        vtext = {"@bwd": BWD_VARIANTS, "@fwd": DEFAULT_VARIANTS,
+                 "@savet": SAVE_WY_VARIANTS}.get(vtext, vtext)
         for iv, (name, knobs) in enumerate(parse_variants(vtext)):
             extra = (("ungated", "profile", "stages") if iv == 0 else ("stages",)
                      ) if VARIANT_EXTRA is None else VARIANT_EXTRA.split(",")
@@ -406,6 +450,8 @@ def main():
                              label=f" [{name}]")
                 log(f"variant {name} {knobs}: check {'ok' if good else 'FAILED'} "
                     f"({time.time() - t:.1f} s with its compile)")
+                if knobs.get("SAVE_WY_INVERSE"):
+                    same_as_recompute(name)
                 bench("chunk_gated_delta_rule", case, f"ssm_kernels [{name}]"
                       + ("" if good else " CHECK FAILED"), ours("chunk_gated_delta_rule", l2=False),
                       make)

@@ -553,6 +553,106 @@ def test_triton_chunk_out_block_v(backend, monkeypatch):
 
 # ---- errors and registered ops ------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("case", ["fp32-varlen", "fp16-gpu-tiles", "fp16-nogate-split"])
+def test_triton_chunk_saved_wy_inverse(backend, case, monkeypatch):
+    """SAVE_WY_INVERSE: the forward keeps T, the backward forms W, U from it (no second
+    `_wy_fwd_kernel` launch). Every output and gradient equals the recompute path's (the same T,
+    bitwise; W, U by the same products); outputs poisoned with NaN first."""
+    from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    if case == "fp32-varlen":
+        args, dtype, gated = CHUNK_CASES[2], torch.float32, True
+    elif case == "fp16-gpu-tiles":       # BT=64, a partial last chunk, HV = 2H
+        monkeypatch.setattr(common, "triton_interpret", lambda: False)
+        args, dtype, gated = (True, True, 1, 80, 1, 2, 16, 16, None), torch.float16, True
+    else:                                # no gate, WY_SPLIT (the forward stores T anyway)
+        monkeypatch.setattr(wy, "WY_SPLIT", True)
+        args, dtype, gated = CHUNK_CASES[1], torch.float16, False
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(*args, dtype=dtype)
+    l2 = args[1]
+    launches = []
+    real = wy._wy_fwd_kernel
+
+    class Count:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(wy, "_wy_fwd_kernel", Count())
+    base = _chunk_run(_kernel_fn(gated, backend), q, k, v, g, beta, h0, cu, l2, cots)
+    assert len(launches) == 2                                   # forward + backward recompute
+    monkeypatch.setattr(wy, "SAVE_WY_INVERSE", True)
+    saved = _chunk_run(_kernel_fn(gated, backend), q, k, v, g, beta, h0, cu, l2, cots)
+    assert len(launches) == 3                                   # the forward's only
+    names = ["o", "S", "dq", "dk", "dv"] + (["dg"] if gated else []) + ["dbeta", "dh0"]
+    for name, a, b in zip(names, saved, base):
+        assert torch.equal(a, b), f"{name}: saved-T path differs from the recompute path"
+    # no gradient needed: T is not kept (an empty third output of the registered op)
+    with torch.no_grad():
+        o, _, t = torch.ops.ssm_kernels.delta_rule_fwd(
+            q, k, v, g, beta, h0, cu, 0.3, l2, True, backend, False)
+    assert t.numel() == 0 and not torch.isnan(o).any()
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_opcheck_saved_wy_inverse(backend, monkeypatch):
+    """The registered ops with the saved T (third output of delta_rule_fwd, last input of
+    delta_rule_bwd): opcheck (fake shapes, autograd registration), and the backward given T equals
+    the backward without it."""
+    from ssm_kernels.delta_rule import chunk as wy
+    from ssm_kernels.delta_rule.interface import delta_rule_fwd_op
+    monkeypatch.setattr(wy, "SAVE_WY_INVERSE", True)
+    q, k, v, g, beta = make(1, 9, 1, 2, 8, 4, True)
+    h0 = torch.randn(2, 2, 8, 4)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), g.requires_grad_(),
+            beta.requires_grad_(), h0.requires_grad_(), cu, 0.3, True, True, backend, True)
+    torch.library.opcheck(torch.ops.ssm_kernels.delta_rule_fwd, args)
+    o, ht, t = torch.ops.ssm_kernels.delta_rule_fwd(*args)
+    assert tuple(t.shape) == wy.wy_t_shape(q, v) and t.dtype == torch.float32
+    d = lambda x: x.detach()
+    bargs = (d(q), d(k), d(v), d(g), d(beta), d(h0), cu, 0.3, True, True, torch.randn_like(o),
+             torch.randn_like(ht), backend)
+    torch.library.opcheck(torch.ops.ssm_kernels.delta_rule_bwd, bargs + (d(t),))
+    with_t = torch.ops.ssm_kernels.delta_rule_bwd(*bargs, d(t))
+    without = torch.ops.ssm_kernels.delta_rule_bwd(*bargs)
+    for a, b in zip(with_t, without):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="saved WY inverse must be"):
+        torch.ops.ssm_kernels.delta_rule_bwd(*bargs, d(t)[:, :, :16].contiguous())
+    # the eager fast path (KernelOp -> autograd.Function) and the registered op agree
+    eo, eht, et = delta_rule_fwd_op(*args)
+    assert torch.equal(et, t) and torch.equal(eo, o)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_compile_fullgraph_saved_wy_inverse(backend, monkeypatch):
+    """torch.compile (aot_eager, fullgraph) of the chunked path with SAVE_WY_INVERSE: T flows from
+    the forward's fake/real third output to the backward; gradients equal eager's."""
+    from ssm_kernels.delta_rule import chunk as wy
+    monkeypatch.setattr(wy, "SAVE_WY_INVERSE", True)
+    torch._dynamo.reset()
+    q, k, v, g, beta = make(1, 40, 1, 2, 8, 4, True)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, beta)]
+
+    def f(q, k, v, g, beta):
+        o, S = sk.chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True,
+                                         use_qk_l2norm_in_kernel=True, backend=backend)
+        return (o * o).sum() + S.sum()
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = cf(*leaves)
+    grads = torch.autograd.grad(out, leaves)
+    ref = f(*leaves)
+    rgrads = torch.autograd.grad(ref, leaves)
+    assert torch.equal(out, ref)
+    for a, b in zip(grads, rgrads):
+        assert torch.equal(a, b)
+    torch._dynamo.reset()
+
+
 def test_errors_name_the_argument():
     q, k, v, g, beta = make(1, 6, 2, 4, 8, 5, True)
     with pytest.raises(ValueError, match="q must have rank 4"):
@@ -609,7 +709,7 @@ def test_opcheck(backend):
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), g.requires_grad_(),
             beta.requires_grad_(), h0.requires_grad_(), cu, 0.3, True, True, backend)
     torch.library.opcheck(torch.ops.ssm_kernels.delta_rule_fwd, args)
-    o, ht = torch.ops.ssm_kernels.delta_rule_fwd(*args)
+    o, ht, _ = torch.ops.ssm_kernels.delta_rule_fwd(*args)
     d = lambda x: x.detach()
     bargs = (d(q), d(k), d(v), d(g), d(beta), d(h0), cu, 0.3, True, True, torch.randn_like(o),
              torch.randn_like(ht), backend)

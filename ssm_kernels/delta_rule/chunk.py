@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ..chunk import common
 from ..chunk.bwd import _dqk_kernel, _dv_kernel, _state_grad_kernel
-from ..chunk.common import chunk_span, l2norm_rows, load_rows, log_decay_cumsum, mm, mm_wy
+from ..chunk.common import blocks, chunk_span, l2norm_rows, load_rows, log_decay_cumsum, mm, mm_wy
 from ..chunk.fwd import Plan, _dummy, _output_kernel, _state_kernel
 from .bwd import _dqk_delta_kernel, _state_grad_delta_kernel
 
@@ -115,6 +115,13 @@ SG_KDS_X2 = False
 SG_MAXNREG = None
 DQK_MAXNREG = None
 DQK_STAGES = 3
+# forward with gradients needed: keep T = (I + A)^-1 (float32 [B*T, HV, BT], what the WY stage
+# formed) as a third output of the registered forward; the backward then forms W, U from it by
+# the light `_wu_kernel` (T, k, v read; w, u written) instead of re-running `_wy_fwd_kernel` (the
+# inverse: 255 registers at 8 warps, T written again). Saves the inverse's compute and T's write
+# in the backward; costs T's write in the forward and its memory between the passes (B4 T4096
+# H16 BT64: 67 MB). W, U (B*T*HV*(K+V) float32: 268 MB at K=V=128) would cost 4x the bytes.
+SAVE_WY_INVERSE = False
 
 
 @triton.jit
@@ -430,11 +437,28 @@ def _plan(q, v, g, cu_seqlens):
     return p
 
 
-def _wy(p, k, v, g, beta, l2, store_t):
-    m = p.meta
+def _wu_buffers(p, k):
     TOK = p.B * p.T
     w = common.poison(k.new_empty((TOK, p.H, p.K), dtype=p.wdtype))
     u = common.poison(k.new_empty((TOK, p.H, p.V), dtype=p.udtype))
+    return w, u
+
+
+def _wu(p, k, v, g, beta, l2, w, u, tm):
+    """W, U from the stored T (WY_SPLIT's second launch; the backward with a saved T)."""
+    m = p.meta
+    cu, _, ct = p.idx_args(w)
+    _wu_kernel[(p.NCH, p.H)](
+        k, v, _dummy(w) if g is None else g, beta, w, u, tm, ct, cu, p.T, p.NT, p.H, p.HQ, p.K,
+        p.V, GATE=p.gate, L2NORM=l2, WF32=p.wu_wf32, IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"],
+        BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], num_warps=4)
+    return w, u
+
+
+def _wy(p, k, v, g, beta, l2, store_t):
+    m = p.meta
+    TOK = p.B * p.T
+    w, u = _wu_buffers(p, k)
     # STORE_T is a runtime flag and the dummy is float32 like Tm: the forward (no T) and the
     # backward's recompute (T kept) share one compiled kernel
     store_t = store_t or p.split
@@ -449,11 +473,14 @@ def _wy(p, k, v, g, beta, l2, store_t):
         INV_DOTS=WY_INVERSE_DOTS, INV_F32=p.inv_f32, LEAN=p.lean, WU=not p.split,
         num_warps=p.wy_warps)
     if p.split:
-        _wu_kernel[(p.NCH, p.H)](
-            k, v, gg, beta, w, u, tm, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
-            GATE=p.gate, L2NORM=l2, WF32=p.wu_wf32, IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"],
-            BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], num_warps=4)
+        _wu(p, k, v, g, beta, l2, w, u, tm)
     return w, u, tm
+
+
+def wy_t_shape(q, v):
+    """Shape of the saved T (SAVE_WY_INVERSE) for q [B, T, H, K], v [B, T, HV, V]."""
+    B, T, _, K = q.shape
+    return (B * T, v.shape[2], blocks(K, v.shape[3], 0, q.dtype)["BT"])
 
 
 def _states(p, k, w, u, g, h0, l2):
@@ -474,13 +501,15 @@ def _states(p, k, w, u, g, h0, l2):
     return h, vn, ht
 
 
-def chunk_delta_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool):
+def chunk_delta_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool,
+                    save_t: bool = False):
     """Forward. q, k [B, T, H, K]; v [B, T, HV, V]; g None or float32 [B, T, HV]; beta [B, T, HV];
     h0 None or float32 [N, HV, K, V]; contiguous. Returns (o [B, T, HV, V] in v's dtype, final
-    states float32 [N, HV, K, V])."""
+    states float32 [N, HV, K, V], T): T the WY inverse, float32 `wy_t_shape(q, v)`, with save_t
+    (for `chunk_delta_bwd`), else an empty float32 tensor."""
     p = _plan(q, v, g, cu_seqlens)
     m = p.meta
-    w, u, _ = _wy(p, k, v, g, beta, l2, False)
+    w, u, tm = _wy(p, k, v, g, beta, l2, save_t)
     h, vn, ht = _states(p, k, w, u, g, h0, l2)
     o = common.poison(torch.empty_like(v))
     cu, _, ct = p.idx_args(ht)
@@ -490,17 +519,27 @@ def chunk_delta_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool):
         float(scale), GATE=p.gate, G_FROM_VS=False, HAS_VS=False, IS_VARLEN=p.varlen,
         BT=p.BT, BK=m["BK"], BV=p.BVO, DT=m["DT"], IEEE=m["IEEE"], L2NORM=l2,
         num_warps=4 if p.BVO <= 64 else 8, num_stages=1 if m["IEEE"] == 1 else 2)
-    return o, ht
+    return o, ht, (tm if save_t else tm[:0])   # a view: no allocation when T is not kept
 
 
-def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do, dht):
-    """Backward of `chunk_delta_fwd`; do [B, T, HV, V]; dht None or float32 [N, HV, K, V].
+def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do, dht,
+                    tm=None):
+    """Backward of `chunk_delta_fwd`; do [B, T, HV, V]; dht None or float32 [N, HV, K, V]; tm
+    None/empty (the WY stage is run again) or the forward's saved T (W, U formed from it).
     Returns (dq, dk in q's dtype, dv in v's dtype, dg float32 [B, T, HV] or None, dbeta float32
     [B, T, HV], dh0 float32 [N, HV, K, V])."""
     p = _plan(q, v, g, cu_seqlens)
     m = p.meta
     TOK = p.B * p.T
-    w, u, tm = _wy(p, k, v, g, beta, l2, True)
+    if tm is not None and tm.numel():
+        if (tuple(tm.shape) != (TOK, p.H, p.BT) or tm.dtype != torch.float32
+                or not tm.is_contiguous()):
+            raise ValueError(f"chunk_delta_bwd: the saved WY inverse must be a contiguous float32 "
+                             f"{(TOK, p.H, p.BT)} tensor, got {tm.dtype} {tuple(tm.shape)}")
+        # the forward's T (bitwise what the recompute would form: same kernel, same inputs)
+        w, u = _wu(p, k, v, g, beta, l2, *_wu_buffers(p, k), tm)
+    else:
+        w, u, tm = _wy(p, k, v, g, beta, l2, True)
     h, vn, _ = _states(p, k, w, u, g, h0, l2)
     cu, co, ct = p.idx_args(do)
     d = _dummy(do)

@@ -2,7 +2,9 @@
 
 Registered ops (contiguous tensors; g float32/float64 [B, T, HV] or None):
 ``ssm_kernels::delta_rule_fwd(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, chunked,
-backend) -> (o, final_state)``, ``ssm_kernels::delta_rule_bwd(...) -> (dq, dk, dv, dg, dbeta, dh0)``
+backend, save_wy=False) -> (o, final_state, wy_t)``, ``ssm_kernels::delta_rule_bwd(..., backend,
+wy_t=None) -> (dq, dk, dv, dg, dbeta, dh0)`` (wy_t: the chunked WY forward's inverse T, float32
+[B*T, HV, BT], kept for the backward when save_wy and `chunk.SAVE_WY_INVERSE`; else empty)
 and the in-place decoding update ``ssm_kernels::delta_rule_step_(..., state, ...) -> o`` (mutates
 state).
 
@@ -53,16 +55,20 @@ def _select(backend: str, q: Tensor, v: Tensor) -> str:
 @kernel_op("delta_rule_fwd", mutates_args=())
 def delta_rule_fwd_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Tensor,
                       h0: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float,
-                      use_l2norm: bool, chunked: bool, backend: str) -> Tuple[Tensor, Tensor]:
+                      use_l2norm: bool, chunked: bool, backend: str,
+                      save_wy: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """save_wy (gradients will be taken; `chunk.SAVE_WY_INVERSE` read by the caller): the chunked
+    Triton path returns its WY inverse T as the third output (empty otherwise)."""
     if _select(backend, q, v) == "triton":
         if chunked:
             from .chunk import chunk_delta_fwd
-            return chunk_delta_fwd(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm)
+            return chunk_delta_fwd(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, save_wy)
         from .triton import recurrent_fwd
-        return recurrent_fwd(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm)
+        o, ht = recurrent_fwd(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm)
+        return o, ht, q.new_empty(0, dtype=torch.float32)
     with torch.no_grad():
         o, ht = delta_rule_recurrent_ref(q, k, v, g, beta, scale, h0, cu_seqlens, use_l2norm)
-    return o.contiguous(), ht.contiguous()
+    return o.contiguous(), ht.contiguous(), q.new_empty(0, dtype=torch.float32)
 
 
 def _n_seqs(q, cu_seqlens):
@@ -70,26 +76,33 @@ def _n_seqs(q, cu_seqlens):
 
 
 @delta_rule_fwd_op.register_fake
-def _(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, chunked, backend):
+def _(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, chunked, backend, save_wy=False):
     N = _n_seqs(q, cu_seqlens)
-    return torch.empty_like(v), q.new_empty((N, v.shape[2], q.shape[3], v.shape[3]),
-                                            dtype=state_dtype(q.dtype))
+    if save_wy and chunked and _select(backend, q, v) == "triton":
+        from .chunk import wy_t_shape
+        wy_t = q.new_empty(wy_t_shape(q, v), dtype=torch.float32)
+    else:
+        wy_t = q.new_empty(0, dtype=torch.float32)
+    return (torch.empty_like(v), q.new_empty((N, v.shape[2], q.shape[3], v.shape[3]),
+                                             dtype=state_dtype(q.dtype)), wy_t)
 
 
 @kernel_op("delta_rule_bwd", mutates_args=())
 def delta_rule_bwd_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Tensor,
                       h0: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float,
                       use_l2norm: bool, chunked: bool, do: Tensor, dht: Optional[Tensor],
-                      backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      backend: str, wy_t: Optional[Tensor] = None
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dg, dbeta, dh0); dg is empty when g is None; dh0 [N, HV, K, V] in the
-    state dtype. Triton: the chunked WY backward (chunked), else the step-by-step backward kernel
-    for K, V <= 128 (the whole state of a head in one program), else the reference's explicit
-    backward."""
+    state dtype. wy_t: None/empty, or the forward's saved WY inverse (the chunked Triton backward
+    then skips its WY recompute). Triton: the chunked WY backward (chunked), else the
+    step-by-step backward kernel for K, V <= 128 (the whole state of a head in one program), else
+    the reference's explicit backward."""
     tri = _select(backend, q, v) == "triton"
     if tri and chunked:
         from .chunk import chunk_delta_bwd
         dq, dk, dv, dg, dbeta, dh0 = chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale,
-                                                     use_l2norm, do, dht)
+                                                     use_l2norm, do, dht, wy_t)
     elif tri and max(q.shape[-1], v.shape[-1]) <= MAX_BWD_HEAD_DIM:
         from .triton import recurrent_bwd
         dq, dk, dv, dg, dbeta, dh0 = recurrent_bwd(q, k, v, g, beta, h0, cu_seqlens, scale,
@@ -103,7 +116,7 @@ def delta_rule_bwd_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta
 
 
 @delta_rule_bwd_op.register_fake
-def _(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, chunked, do, dht, backend):
+def _(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, chunked, do, dht, backend, wy_t=None):
     N = _n_seqs(q, cu_seqlens)
     dg = q.new_empty(0, dtype=torch.float32) if g is None else torch.empty_like(g)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg,
@@ -112,20 +125,20 @@ def _(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, chunked, do, dht, bac
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, chunked, backend = inputs
-    ctx.save_for_backward(q, k, v, g, beta, h0, cu_seqlens)
+    q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, chunked, backend, _ = inputs
+    ctx.save_for_backward(q, k, v, g, beta, h0, cu_seqlens, output[2])
     ctx.scale, ctx.use_l2norm, ctx.chunked, ctx.backend = scale, use_l2norm, chunked, backend
 
 
-def _backward(ctx, do, dht):
-    q, k, v, g, beta, h0, cu_seqlens = ctx.saved_tensors
+def _backward(ctx, do, dht, _dwy_t):
+    q, k, v, g, beta, h0, cu_seqlens, wy_t = ctx.saved_tensors
     do = torch.zeros_like(v) if do is None else do.contiguous()
     dht = None if dht is None else dht.contiguous()
     dq, dk, dv, dg, dbeta, dh0 = delta_rule_bwd_op(q, k, v, g, beta, h0, cu_seqlens, ctx.scale,
                                                    ctx.use_l2norm, ctx.chunked, do, dht,
-                                                   ctx.backend)
+                                                   ctx.backend, wy_t)
     return (dq, dk, dv, None if g is None else dg, dbeta,
-            None if h0 is None else dh0.to(h0.dtype), None, None, None, None, None)
+            None if h0 is None else dh0.to(h0.dtype), None, None, None, None, None, None)
 
 
 delta_rule_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -237,9 +250,21 @@ def _delta_rule(fn, q, k, v, g, beta, scale, initial_state, output_final_state, 
         return o, s
     h0 = None if initial_state is None else initial_state.to(sd).contiguous()
     chunked = CHUNKED_WY and fn.startswith("chunk")
-    o, ht = delta_rule_fwd_op(q, k, v, g, beta, h0, cu_seqlens, scale, bool(use_l2norm), chunked,
-                              backend)
+    save_wy = chunked and _save_wy_inverse() and torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, beta, h0))
+    o, ht, _ = delta_rule_fwd_op(q, k, v, g, beta, h0, cu_seqlens, scale, bool(use_l2norm),
+                                 chunked, backend, save_wy)
     return o, (ht if output_final_state else None)
+
+
+def _save_wy_inverse() -> bool:
+    """`chunk.SAVE_WY_INVERSE`, read per call (a knob the GPU A/B flips); the chunk module (Triton)
+    is imported only when it is loaded already or Triton is importable."""
+    try:
+        from . import chunk
+    except ImportError:
+        return False
+    return chunk.SAVE_WY_INVERSE
 
 
 # ---- public functions -------------------------------------------------------------------------
