@@ -305,6 +305,56 @@ def stage_times(op, B=4, T=4096, H=16, K=128, V=128):
     stage_rows(f"{op} stage", case, t)
 
 
+def seg_bwd_times(op, B=4, T=4096, H=16, K=128, V=128):
+    """The engine backward of chunk_simple_gla / chunk_linear_attn / ssd (K = dstate, V = headdim,
+    one B/C group) with its serial per-row passes (SEG_BWD=0) and in segments (1: the recompute of
+    h, 2: also the reverse state-gradient scan dh), rows "<op> bwd stage": the whole chunk_bwd per
+    knob (its results checked against SEG_BWD=0: max rel err in the note), and its h / dh pieces
+    serial vs in segments (the serial dh scan by difference)."""
+    from ssm_kernels.chunk import bwd as cb, common as knobs, fwd as cf
+    bench_ms = lambda f: do_bench(f, warmup=10, rep=40, return_mode="median")  # noqa: E731
+    A = vs = g = None
+    if op == "ssd":
+        x, dt, A, Bm, Cm, D, bias = ssd_inputs(B, T, H, V, 1, K)
+        q, k, v, scale = Cm, Bm, x, 1.0
+        vs = F.softplus(dt + bias)
+    else:
+        q, k, v, g = la_inputs(B, T, H, K, V, GATE[op])
+        scale = K ** -0.5
+    do = torch.randn_like(v)
+    p = cf.Plan(q, v, g, None, A is not None)
+    bwd = lambda: cb.chunk_bwd(q, k, v, g, None, None, scale, do, None, vs=vs, A=A)  # noqa: E731
+    t, err = {}, {}
+    saved = knobs.SEG_BWD
+    try:
+        knobs.SEG_BWD = 0
+        ref = bwd()
+        t["h: serial (chunk_states)"] = bench_ms(lambda: cf.chunk_states(p, k, v, g, vs, A, None))
+        t["h: segments (seg_chunk_states)"] = bench_ms(
+            lambda: cf.seg_chunk_states(p, k, v, g, vs, A, None))
+        _, gs = cf.seg_chunk_states(p, k, v, g, vs, A, None)
+        t["dh: segments (seg_state_grads)"] = bench_ms(
+            lambda: cb.seg_state_grads(p, q, do, g, vs, A, None, gs, scale))
+        for s in (0, 1, 2):
+            knobs.SEG_BWD = s
+            out = bwd()
+            err[s] = max((float(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))))
+                         for a, b in zip(out, ref) if b is not None)
+            t[f"engine bwd SEG_BWD={s}"] = bench_ms(bwd)
+    finally:
+        knobs.SEG_BWD = saved
+    t["dh: serial (bwd 1 - bwd 2 + dh segments)"] = (t["engine bwd SEG_BWD=1"]
+                                                     - t["engine bwd SEG_BWD=2"]
+                                                     + t["dh: segments (seg_state_grads)"])
+    case = (f"B{B} L{T} H{H} P{V} N{K}" if op == "ssd" else f"B{B} T{T} H{H} K=V={K}") + \
+        f" BT={p.BT} SEG={knobs.SEG_CHUNKS * p.BT}"
+    for name, ms in t.items():
+        note = (f"max rel err vs SEG_BWD=0 {err[int(name[-1])]:.1e}" if name.startswith("engine")
+                else "one stage")
+        ROWS.append((f"{op} bwd stage", case, name, "bwd", ms, note))
+        log(f"{op} bwd stage {case} {name:42s} {ms:8.3f} ms {note}")
+
+
 # ---- 2. timing ----------------------------------------------------------------------------------
 
 def time_fwd(f, make):
@@ -452,6 +502,19 @@ def main():
             traceback.print_exc()
         torch.cuda.empty_cache()
 
+    # the backward's serial passes vs segments (SEG_BWD), at the issue's shapes and at longer rows
+    # (fewer (K-tile, V-tile, row x head) programs: where segments should pay)
+    for op, shape in (("chunk_simple_gla", {}), ("chunk_simple_gla", dict(B=1, T=16384)),
+                      ("chunk_linear_attn", {}), ("chunk_linear_attn", dict(B=2, T=16384)),
+                      ("ssd", dict(B=4, T=4096, H=32, K=128, V=64)),
+                      ("ssd", dict(B=1, T=16384, H=32, K=128, V=64))):
+        try:
+            if want(op) or (op == "chunk_linear_attn" and want("chunk_simple_gla")):
+                seg_bwd_times(op, **shape)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+
     # SSD B4 L4096 H32 P64 N128 (ngroups 1)
     B, L, H, P, G, N = 4, 4096, 32, 64, 1, 128
     case = f"B{B} L{L} H{H} P{P} N{N}"
@@ -492,7 +555,10 @@ def sweep_section(case, make, ours):
     fused = [dict(FUSED_FWD=0), dict(LOOKBACK_SEGS=0), dict(FUSED_WARPS=4), dict(FUSED_WARPS=4, FUSED_BLOCK_V=32),
              dict(FUSED_BLOCK_V=32), dict(SEG_CHUNKS=4), dict(SEG_CHUNKS=16), dict(FUSED_STAGES=3),
              dict(FUSED_I32_OFFSETS=0)]
-    sweep = [(op, dict(kn, fwd_only=1)) for op in ("ssd", "chunk_simple_gla") for kn in fused]
+    # the backward in segments (SEG_BWD; public fwd+bwd), before the forward-only rows
+    sweep = [(op, dict(SEG_BWD=s)) for op in ("ssd", "chunk_simple_gla", "chunk_linear_attn")
+             for s in (1, 2)] + [("chunk_simple_gla", dict(SEG_BWD=2, SEG_CHUNKS=16))]
+    sweep += [(op, dict(kn, fwd_only=1)) for op in ("ssd", "chunk_simple_gla") for kn in fused]
     sweep += [("chunk_linear_attn", dict(CHUNK=128)), ("chunk_linear_attn", dict(BLOCK_K=128, BLOCK_V=128)),
              ("chunk_simple_gla", dict(CHUNK=128)), ("chunk_gla", dict(GLA_BLOCK_V=64)),
              ("chunk_gla", dict(GLA_DQK_BLOCK_K=64)), ("chunk_gla", dict(GLA_CHUNK=32)),

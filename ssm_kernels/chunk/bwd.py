@@ -28,10 +28,10 @@ import triton
 import triton.language as tl
 
 from . import common, gla
-from .common import (causal_decay, causal_decay_t, chunk_base, chunk_span, decay_rows, decay_state,
+from .common import (causal_decay, causal_decay_t, chunk_span, decay_rows, decay_state,
                      decay_to_end, decay_to_end_t, l2norm_rows, last_row, load_h_dh, load_rows,
-                     load_v, log_decay_cumsum, mm, mm_wy, seq_span)
-from .fwd import Plan, _dummy, chunk_states
+                     load_v, log_decay_cumsum, mm, mm_wy, row_span_base)
+from .fwd import Plan, _dummy, _seg, chunk_states, seg_chunk_states, seg_scan
 
 
 @triton.jit
@@ -48,12 +48,15 @@ def _state_grad_kernel(
     # is stored to dvn [TOK, H, V] and dS gains - w^T dv_new; L2NORM: q, k normalised in-kernel
     k_ptr=None, w_ptr=None, dvl_ptr=None, dvn_ptr=None, DELTA: tl.constexpr = False,
     L2NORM: tl.constexpr = False, WF32: tl.constexpr = False,
+    # SEG > 0 (`seg_state_grads`, B rows): "sequences" are segments of SEG tokens; dht [NSEG, H,
+    # K, V] is the adjoint entering each segment from its end, dh0 [NSEG, H, K, V] gets each
+    # segment's start adjoint; STORE_DH0=False skips that store
+    SEG: tl.constexpr = 0, STORE_DH0: tl.constexpr = True,
 ):
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     i_hq = i_h // (H // HQ)
-    bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
-    base = chunk_base(co_ptr, i_n, T, IS_VARLEN, BT)
+    bos, eos, base = row_span_base(i_n, cu_ptr, co_ptr, T, IS_VARLEN, BT, SEG)
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -93,7 +96,8 @@ def _state_grad_kernel(
               + mm(tl.trans(decay_rows(b_q, G, GATE)), b_do, DT, IEEE) * scale)
         if DELTA:
             dS -= dSw
-    tl.store(dh0_ptr + i_nh.to(tl.int64) * K * V + p_s, dS, mask=m_s)
+    if STORE_DH0:
+        tl.store(dh0_ptr + i_nh.to(tl.int64) * K * V + p_s, dS, mask=m_s)
 
 
 @triton.jit
@@ -253,6 +257,29 @@ def _dqk_kernel(
              mask=m_k[:, None] & m_t[None, :])
 
 
+def seg_state_grads(p: Plan, q, do, g, vs, A, dht, gs, scale):
+    """The reverse state-gradient scan in segments (SEG_BWD=2; B rows, GATE 0/1): (1) every
+    segment's start adjoint from a zero end adjoint, in parallel (`_state_grad_kernel` SEG,
+    dh not stored); (2) `_seg_scan_kernel` REVERSE: the adjoint entering each segment from its
+    end (seeded with dht) and dh0; (3) `_state_grad_kernel` SEG from those adjoints, storing dh.
+    gs: the segments' log2-decays from `seg_chunk_states`. Returns (dh, dh0)."""
+    m = p.meta
+    SEG, NSEG = _seg(p)
+    d = _dummy(do)
+    dh = q.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
+    ds = common.poison(q.new_empty((NSEG, p.H, p.K, p.V), dtype=torch.float32))
+    grid = (triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), NSEG * p.H)
+    kw = dict(GATE=p.gate, G_FROM_VS=A is not None, IS_VARLEN=False, BT=p.BT, DT=m["DT"],
+              IEEE=m["IEEE"], BK=m["BK"], BV=m["BV"], SEG=SEG, num_warps=4)
+    args = (q, do, d if g is None else g, d if vs is None else vs, d if A is None else A)
+    _state_grad_kernel[grid](*args, d, d, ds, d, d, p.T, p.H, p.HQ, p.K, p.V, float(scale),
+                             HAS_DHT=False, STORE_DH=False, **kw)
+    dsin, dh0 = seg_scan(p, ds, gs, dht, reverse=True)
+    _state_grad_kernel[grid](*args, dsin, dh, d, d, d, p.T, p.H, p.HQ, p.K, p.V, float(scale),
+                             HAS_DHT=True, STORE_DH0=False, **kw)
+    return dh, dh0
+
+
 def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Tensor] = None,
               A: Optional[torch.Tensor] = None, D: Optional[torch.Tensor] = None):
     """Backward of `chunk_fwd` (same arguments), do [B, T, H, V], dht None or [N, H, K, V] float32.
@@ -268,16 +295,25 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Ten
     Aa = d if A is None else A
     if p.gate == 2:
         gg = g = gla.chunk_cumsum(p, g)    # every later stage reads Gc
-    h, _ = chunk_states(p, k, v, g, vs, A, h0)
+    seg = common.SEG_BWD if (p.gate < 2 and not p.varlen) else 0
+    if seg < 0:
+        seg = 2 if p.NT >= common.SEG_BWD_MIN_CHUNKS else 0
+    if seg:
+        h, gs = seg_chunk_states(p, k, v, g, vs, A, h0)
+    else:
+        h, _ = chunk_states(p, k, v, g, vs, A, h0)
     cu, co, ct = p.idx_args(do)
-    dh = q.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
-    dh0 = common.poison(q.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
     kw = dict(GATE=p.gate, G_FROM_VS=A is not None, IS_VARLEN=p.varlen, BT=p.BT,
                   DT=m["DT"], IEEE=m["IEEE"])
-    _state_grad_kernel[(triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), p.N * p.H)](
-        q, do, gg, vsa, Aa, d if dht is None else dht, dh, dh0, cu, co,
-        p.T, p.H, p.HQ, p.K, p.V, float(scale), HAS_DHT=dht is not None, BK=m["BK"], BV=m["BV"],
-        num_warps=4, **kw)
+    if seg >= 2:
+        dh, dh0 = seg_state_grads(p, q, do, g, vs, A, dht, gs, scale)
+    else:
+        dh = q.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
+        dh0 = common.poison(q.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
+        _state_grad_kernel[(triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), p.N * p.H)](
+            q, do, gg, vsa, Aa, d if dht is None else dht, dh, dh0, cu, co,
+            p.T, p.H, p.HQ, p.K, p.V, float(scale), HAS_DHT=dht is not None, BK=m["BK"],
+            BV=m["BV"], num_warps=4, **kw)
     if p.gate == 2 and gla.use_fused_bwd(p):
         dq, dk, dv, dg = gla.bwd_fused(p, q, k, v, do, g, h, dh, scale)
         return dq, dk, dv, dg, dh0, None      # GATE 2 has no vs

@@ -58,6 +58,16 @@ FUSED_BLOCK_V = 64    # V tile of stage 3 (it keeps a [K, BV] float32 state in r
 FUSED_WARPS = 8       # warps of stage 3 (sm_90 offline: 216-254 registers, no spill; 4 warps spill)
 FUSED_I32_OFFSETS = 1   # stage 3 addresses q, k as an int64 chunk base + int32 tile offsets
 FUSED_STAGES = 2      # software-pipeline stages of stage 3 (its loads of the next chunk)
+# backward of GATE 0/1 (plain, scalar decay, SSD; B rows, not varlen): the serial per-sequence
+# passes split into segments of SEG_CHUNKS chunks (bwd.py). 1: the recompute of the per-chunk
+# states h (fwd.py `seg_chunk_states`: segment end states from zero, a scan over segments, one
+# pass per segment from its true incoming state storing h); 2: also the reverse state-gradient
+# scan dh (bwd.py `seg_state_grads`, the same three steps backwards). 0: one program per
+# (K-tile, V-tile, sequence x head) walks the whole row (fewer bytes, T / BT long chains).
+# -1: 2 for rows of at least SEG_BWD_MIN_CHUNKS chunks, else 0 (segments read k, v / q, do twice:
+# predicted to lose at T / BT = 64 with 256 programs, to win at 256 chunks; bench/NOTES.md).
+SEG_BWD = 0
+SEG_BWD_MIN_CHUNKS = 128
 # tests: fill every buffer a stage writes with NaN first, so an element no program writes shows up
 POISON_OUTPUTS = False
 
@@ -143,6 +153,27 @@ def seg_span(i_s, T, SEG: tl.constexpr):
     row = (i_s // ns).to(tl.int64) * T
     bos = row + (i_s % ns).to(tl.int64) * SEG
     return bos, tl.minimum(bos + SEG, row + T)
+
+
+@triton.jit
+def seg_chunk_base(i_s, T, SEG: tl.constexpr, BT: tl.constexpr):
+    """Global index of segment i_s's first chunk (B rows of length T, SEG a multiple of BT)."""
+    ns = tl.cdiv(T, SEG)
+    return (i_s // ns).to(tl.int64) * tl.cdiv(T, BT) + (i_s % ns).to(tl.int64) * (SEG // BT)
+
+
+@triton.jit
+def row_span_base(i_n, cu_ptr, co_ptr, T, IS_VARLEN: tl.constexpr, BT: tl.constexpr,
+                  SEG: tl.constexpr):
+    """(first token, end, global index of the first chunk) of the serial passes' "sequence" i_n:
+    a sequence (SEG = 0) or a segment of SEG tokens (B rows)."""
+    if SEG > 0:
+        bos, eos = seg_span(i_n, T, SEG)
+        base = seg_chunk_base(i_n, T, SEG, BT)
+    else:
+        bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
+        base = chunk_base(co_ptr, i_n, T, IS_VARLEN, BT)
+    return bos, eos, base
 
 
 @triton.jit

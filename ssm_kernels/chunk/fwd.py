@@ -18,9 +18,9 @@ import triton
 import triton.language as tl
 
 from . import common, gla
-from .common import (blocks, causal_decay, chunk_base, chunk_span, chunk_table, decay_rows,
-                     decay_state, decay_to_end, l2norm_rows, last_row, load_rows, load_state_block,
-                     load_v, log_decay_cumsum, mm, mm_wy, num_chunks, seg_span, seq_span,
+from .common import (blocks, causal_decay, chunk_span, chunk_table, decay_rows, decay_state,
+                     decay_to_end, l2norm_rows, last_row, load_rows, load_state_block, load_v,
+                     log_decay_cumsum, mm, mm_wy, num_chunks, row_span_base, seg_span,
                      state_store_dtype)
 
 
@@ -42,17 +42,15 @@ def _state_kernel(
     WF32: tl.constexpr = False,
     # SEG > 0 (fused_fwd stage 1, not varlen, STORE_H False): "sequences" are segments of SEG
     # tokens (seg_span); ht [NSEG, H, K, V] gets each segment's end state and gs_ptr [NSEG, H]
-    # f32 its total log2-decay (GATE 1)
-    SEG: tl.constexpr = 0, gs_ptr=None,
+    # f32 its total log2-decay (GATE 1). With STORE_H (the backward's segment-parallel recompute,
+    # `seg_chunk_states`): h0 [NSEG, H, K, V] is each segment's incoming state, h is stored per
+    # chunk at its global index, and STORE_HT=False skips the end-state and gs stores
+    SEG: tl.constexpr = 0, gs_ptr=None, STORE_HT: tl.constexpr = True,
 ):
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     i_hq = i_h // (H // HQ)
-    if SEG > 0:
-        bos, eos = seg_span(i_n, T, SEG)
-    else:
-        bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
-    base = chunk_base(co_ptr, i_n, T, IS_VARLEN, BT)
+    bos, eos, base = row_span_base(i_n, cu_ptr, co_ptr, T, IS_VARLEN, BT, SEG)
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -86,10 +84,11 @@ def _state_kernel(
             gsum += G_last
         S = decay_state(S, G_last, GATE) + mm(tl.trans(decay_to_end(b_k, G, G_last, GATE)), b_v,
                                               DT, IEEE)
-    tl.store(ht_ptr + i_nh.to(tl.int64) * K * V + p_s, S, mask=m_s)
-    if SEG > 0 and GATE == 1:
-        if (i_k == 0) & (i_v == 0):
-            tl.store(gs_ptr + i_nh, gsum)
+    if STORE_HT:
+        tl.store(ht_ptr + i_nh.to(tl.int64) * K * V + p_s, S, mask=m_s)
+        if SEG > 0 and GATE == 1:
+            if (i_k == 0) & (i_v == 0):
+                tl.store(gs_ptr + i_nh, gsum)
 
 
 @triton.jit
@@ -159,9 +158,12 @@ def _seg_scan_kernel(
     T, H, K, V,
     GATE: tl.constexpr, HAS_H0: tl.constexpr, SEG: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
+    REVERSE: tl.constexpr = False,
 ):
     """fused_fwd stage 2: S_in(s+1) = exp2(gs(s)) S_in(s) + hs(s) (gs: segment s's total log2-decay
-    from stage 1)."""
+    from stage 1). REVERSE (the backward's segment-parallel state-gradient scan, bwd.py
+    `seg_state_grads`): segments last to first, hs = each segment's start adjoint from a zero end
+    adjoint, h0 = dht, sin = the adjoint entering each segment from its end, ht = dh0."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     o_k = i_k * BK + tl.arange(0, BK)
@@ -170,8 +172,11 @@ def _seg_scan_kernel(
     p_s = o_k[:, None] * V + o_v[None, :]
     S = load_state_block(h0_ptr + i_nh.to(tl.int64) * K * V, p_s, m_s, HAS_H0, BK, BV)
     ns = tl.cdiv(T, SEG)
-    for s in range(ns):
-        i_s = i_n * ns + s
+    for j in range(ns):
+        if REVERSE:
+            i_s = i_n * ns + ns - 1 - j
+        else:
+            i_s = i_n * ns + j
         off = (i_s.to(tl.int64) * H + i_h) * K * V
         tl.store(sin_ptr + off + p_s, S, mask=m_s)
         if GATE == 1:
@@ -327,25 +332,39 @@ def _seg(p: Plan):
     return SEG, p.B * triton.cdiv(p.T, SEG)
 
 
-def seg_states(p: Plan, k, v, g, vs, A):
-    """Fused forward stage 1: every segment's end state from a zero state, hs [NSEG, H, K, V] f32,
-    and (GATE 1) its total log2-decay gs [NSEG, H] f32 (else a dummy)."""
+def _seg_state_pass(p: Plan, k, v, g, vs, A, sin=None):
+    """`_state_kernel` over segments (SEG). sin None: stage 1 of the fused forward, each segment's
+    end state from zero -> (hs [NSEG, H, K, V] f32, gs [NSEG, H] f32 (GATE 1) or a dummy); sin
+    given (the incoming state of each segment): every chunk's state h from it -> (h, None)."""
     m = p.meta
     SEG, NSEG = _seg(p)
     d = _dummy(v)
-    hs = common.poison(k.new_empty((NSEG, p.H, p.K, p.V), dtype=torch.float32))
-    gs = common.poison(hs.new_empty((NSEG, p.H))) if p.gate == 1 else _dummy(hs)
+    if sin is None:
+        hs = common.poison(k.new_empty((NSEG, p.H, p.K, p.V), dtype=torch.float32))
+        gs = common.poison(hs.new_empty((NSEG, p.H))) if p.gate == 1 else _dummy(hs)
+        h = d
+    else:
+        hs = gs = None
+        h = k.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
     _state_kernel[(triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), NSEG * p.H)](
-        k, v, d if g is None else g, d if vs is None else vs, d if A is None else A, d, d, hs, d,
-        d, p.T, p.H, p.HQ, p.K, p.V,
-        GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_H0=False, STORE_H=False,
-        IS_VARLEN=False, BT=p.BT, BK=m["BK"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], SEG=SEG,
-        gs_ptr=gs, num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
-    return hs, gs
+        k, v, d if g is None else g, d if vs is None else vs, d if A is None else A,
+        d if sin is None else sin, h, d if hs is None else hs, d, d, p.T, p.H, p.HQ, p.K, p.V,
+        GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_H0=sin is not None,
+        STORE_H=sin is not None, IS_VARLEN=False, BT=p.BT, BK=m["BK"], BV=m["BV"], DT=m["DT"],
+        IEEE=m["IEEE"], SEG=SEG, gs_ptr=d if gs is None else gs, STORE_HT=sin is None,
+        num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
+    return (hs, gs) if sin is None else (h, None)
 
 
-def seg_scan(p: Plan, hs, gs, h0):
-    """Fused forward stage 2: (sin [NSEG, H, K, V] the state entering each segment, ht)."""
+def seg_states(p: Plan, k, v, g, vs, A):
+    """Fused forward stage 1: every segment's end state from a zero state, hs [NSEG, H, K, V] f32,
+    and (GATE 1) its total log2-decay gs [NSEG, H] f32 (else a dummy)."""
+    return _seg_state_pass(p, k, v, g, vs, A)
+
+
+def seg_scan(p: Plan, hs, gs, h0, reverse=False):
+    """Fused forward stage 2: (sin [NSEG, H, K, V] the state entering each segment, ht).
+    reverse: the state-gradient combine (segments last to first; h0 = dht, ht = dh0)."""
     m = p.meta
     SEG, _ = _seg(p)
     d = _dummy(hs)
@@ -353,8 +372,21 @@ def seg_scan(p: Plan, hs, gs, h0):
     ht = common.poison(hs.new_empty((p.N, p.H, p.K, p.V)))
     _seg_scan_kernel[(triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), p.N * p.H)](
         hs, gs, d if h0 is None else h0, sin, ht, p.T, p.H, p.K, p.V,
-        GATE=p.gate, HAS_H0=h0 is not None, SEG=SEG, BK=m["BK"], BV=m["BV"], num_warps=4)
+        GATE=p.gate, HAS_H0=h0 is not None, SEG=SEG, BK=m["BK"], BV=m["BV"], REVERSE=reverse,
+        num_warps=4)
     return sin, ht
+
+
+def seg_chunk_states(p: Plan, k, v, g, vs, A, h0):
+    """`chunk_states` (h only) in segments (the backward's recompute with SEG_BWD; B rows, GATE
+    0/1): stage 1 (`seg_states`) every segment's end state from zero, stage 2 (`seg_scan`) the
+    state entering each segment, stage 3 `_state_kernel` with SEG and STORE_H: each segment's
+    chunks from its incoming state, storing h. Serial chain SEG_CHUNKS + segments per row +
+    SEG_CHUNKS (was T / BT); k, v read twice. Returns (h [NCH, H, K, V] storage dtype, gs the
+    segments' log2-decays (GATE 1, else a dummy) for the reverse scan)."""
+    hs, gs = seg_states(p, k, v, g, vs, A)
+    sin, _ = seg_scan(p, hs, gs, h0)
+    return _seg_state_pass(p, k, v, g, vs, A, sin)[0], gs
 
 
 def fused_output(p: Plan, q, k, v, g, vs, A, sin, scale, D=None, z=None, h0=None, ht=None,
