@@ -17,6 +17,13 @@ straight to the compiled kernel's launcher, exactly as `JITFunction.run` does at
 at least as fine as Triton's own (tests/test_launch.py checks it against Triton's binder on
 this machine's Triton), so a call that needs another specialisation never reuses a kernel.
 
+`@triton.autotune` kernels (an Autotuner over a plain JITFunction): the first call with a key goes
+through `Autotuner.run` (tuning if its key is new, then launching the chosen config); the entry then
+holds the compiled kernel and the chosen config's keyword arguments. The launch key is finer than
+the autotuner's own (its key arguments and the dtypes of the tensor arguments), so a hit is a call
+the autotuner would have sent to the same config. Autotuners with hooks (pre/post hooks, a config
+pre_hook, reset_to_zero / restore_value) or a patched `Autotuner.run` stay on the normal path.
+
 Anything outside the simple case takes the normal path, every call: the Triton interpreter
 (InterpretedFunction), a patched `JITFunction.run` (compile-only audits, profilers), pre-run hooks,
 active launch hooks, a callable grid, an argument of another type, keyword arguments that are not
@@ -169,11 +176,17 @@ class FastKernel:
             from triton.runtime.jit import JITFunction
         except Exception:
             return False
+        self._tuner = None
+        if _is_plain_autotuner(fn):
+            self._tuner = fn
+            self._tuner_type, self._tuner_run = type(fn), type(fn).run
+            fn = fn.fn
         run = getattr(type(fn), "run", None)
         if not isinstance(fn, JITFunction) or getattr(run, "__qualname__", "") != "JITFunction.run" \
                 or getattr(run, "__module__", "") != "triton.runtime.jit":
-            return False   # interpreter, patched run (audits, profilers), autotuner, ...
+            return False   # interpreter, patched run (audits, profilers), hooked autotuner, ...
         active = driver.active
+        self._jit = fn
         self._jit_run = run
         self._jit_type = type(fn)
         self._knobs = knobs
@@ -190,12 +203,13 @@ class FastKernel:
         if _ENABLED and type(grid) is tuple:
             if self._simple is None:
                 self._simple = self._setup()
-            if self._simple and self._jit_type.run is self._jit_run:
+            if self._simple and self._jit_type.run is self._jit_run and (
+                    self._tuner is None or self._tuner_type.run is self._tuner_run):
                 rt = self._knobs.runtime
                 enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
                 if (enter is None or not getattr(enter, "calls", True)) and \
                         (leave is None or not getattr(leave, "calls", True)) and \
-                        not self.fn.pre_run_hooks:
+                        not self._jit.pre_run_hooks:
                     try:
                         akey = args_key(args, self._layouts)
                     except _Unsupported:
@@ -215,9 +229,14 @@ class FastKernel:
                     if entry is False:   # first call with this key: Triton's path, then remember
                         self.misses += 1
                         kernel = self.fn[grid](*args, **kwargs)
+                        if any(isinstance(v, _Tensor) for v in kwargs.values()):
+                            return kernel   # keyed by identity: never cache (nor keep) it
                         if len(self._cache) > 1024:
                             self._cache.clear()
-                        self._cache[key] = self._entry(kernel, len(args), kwargs)
+                        if self._tuner is not None:   # the config Autotuner.run just launched
+                            kwargs = _tuned_kwargs(self._tuner, kwargs)
+                        self._cache[key] = None if kwargs is None else \
+                            self._entry(kernel, len(args), kwargs)
                         return kernel
         return self.fn[grid](*args, **kwargs)
 
@@ -232,15 +251,48 @@ class FastKernel:
         return _Entry(kernel, tuple(kwargs[n] for n in rest))
 
 
+def _is_plain_autotuner(fn) -> bool:
+    """An Autotuner (exactly; not a subclass) straight over a kernel, with Triton's own run and no
+    hooks that must run around a launch."""
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except Exception:
+        return False
+    if type(fn) is not Autotuner:
+        return False
+    run = Autotuner.run
+    return getattr(run, "__qualname__", "") == "Autotuner.run" \
+        and getattr(run, "__module__", "") == "triton.runtime.autotuner" \
+        and not getattr(fn, "user_defined_pre_hook", True) \
+        and not getattr(fn, "user_defined_post_hook", True) \
+        and not getattr(fn, "reset_to_zero", True) and not getattr(fn, "restore_value", True) \
+        and all(c.pre_hook is None for c in fn.configs)
+
+
+def _tuned_kwargs(tuner, kwargs: Dict) -> Optional[Dict]:
+    """The keyword arguments Autotuner.run handed the kernel on the call that just ran (None: do
+    not cache this key)."""
+    config = getattr(tuner, "best_config", None)
+    if config is None or config.pre_hook is not None:
+        return None
+    extra = config.all_kwargs()
+    if any(k in kwargs for k in extra):
+        return None   # Triton would have raised; stay out of the way
+    return {**kwargs, **extra}
+
+
 def fast_kernel(fn):
-    """Wrap a `@triton.jit` function in a FastKernel (anything else is returned unchanged)."""
+    """Wrap a `@triton.jit` function, or a `@triton.autotune` over one, in a FastKernel (anything
+    else is returned unchanged)."""
     if isinstance(fn, FastKernel):
         return fn
     try:
+        from triton.runtime.autotuner import Autotuner
         from triton.runtime.jit import JITFunction
         from triton.runtime.interpreter import InterpretedFunction
     except Exception:
         return fn
-    if isinstance(fn, (JITFunction, InterpretedFunction)):
+    if isinstance(fn, (JITFunction, InterpretedFunction)) or (
+            type(fn) is Autotuner and isinstance(fn.fn, (JITFunction, InterpretedFunction))):
         return FastKernel(fn)
     return fn

@@ -216,3 +216,62 @@ def test_interpreted_kernels_are_left_to_the_interpreter():
     fk = _launch.fast_kernel(fn)
     assert isinstance(fk, _launch.FastKernel) and fk.fn is fn
     assert fk._setup() is False
+
+
+# ---- 3. @triton.autotune kernels --------------------------------------------------------------------
+
+def _tuned(**extra):
+    """An Autotuner over the test kernel, keyed on n; two configs, the pruner picks one by n % 32
+    (no benchmarking: a single surviving config is taken as is, as Autotuner.run does)."""
+    from triton.runtime.autotuner import Autotuner
+    configs = [triton.Config({"BLOCK": 64}, num_warps=1), triton.Config({"BLOCK": 128}, num_warps=2)]
+    prune = {"early_config_prune": lambda configs, nargs, **kw: [configs[(nargs["n"] // 16) % 2]]}
+    fn = _jit()
+    return Autotuner(fn, fn.arg_names, configs, key=["n"], reset_to_zero=extra.get("reset_to_zero"),
+                     restore_value=None, prune_configs_by=prune, pre_hook=extra.get("pre_hook"))
+
+
+def test_autotuned_kernel_repeats_the_chosen_config(recorded):
+    at = _tuned()
+    fk = _launch.fast_kernel(at)
+    assert isinstance(fk, _launch.FastKernel) and fk.fn is at
+    for n, block, warps in ((64, 64, 1), (16, 128, 2)):   # (n // 16) % 2 picks the config
+        args = _args(n=n)
+        fk[(1,)](*args, FLAG=True)
+        slow = recorded[-1]
+        hits = fk.hits
+        fk[(1,)](*args, FLAG=True)
+        assert fk.hits == hits + 1
+        fast = recorded[-1]
+        assert fast[0] is slow[0]   # the config's compiled kernel, not another
+        assert slow[0].metadata.num_warps == warps and slow[0].src.constants[
+            slow[0].src.fn.arg_names.index("BLOCK"),] == block
+        for i, (a, b) in enumerate(zip(fast[1], slow[1])):
+            if i != 6:
+                assert a is b or a == b or (not isinstance(a, torch.Tensor) and repr(a) == repr(b))
+        # Triton's own path (cache off) picks the same kernel for these arguments
+        _launch.set_enabled(False)
+        try:
+            fk[(1,)](*args, FLAG=True)
+        finally:
+            _launch.set_enabled(True)
+        assert recorded[-1][0] is slow[0]
+
+
+def test_autotuners_with_hooks_stay_on_tritons_path(recorded):
+    for at in (_tuned(reset_to_zero=["y_ptr"]), _tuned(pre_hook=lambda kwargs, reset_only=False: 0)):
+        fk = _launch.fast_kernel(at)
+        for _ in range(3):
+            fk[(1,)](*_args(), FLAG=True)
+        assert fk.hits == 0 and len(recorded) >= 3
+
+
+def test_tensor_keyword_arguments_are_never_cached(recorded):
+    fk = _launch.FastKernel(_jit())
+    x, y, n, s_x, alpha = _args()
+    for _ in range(3):
+        fk[(1,)](x, y, n, s_x, alpha=alpha, FLAG=True, BLOCK=64)   # scalar kwargs: cached
+    assert fk.hits == 2
+    for _ in range(3):
+        fk[(1,)](x, y_ptr=y, n=n, s_x=s_x, alpha=alpha, FLAG=True, BLOCK=64)
+    assert fk.hits == 2 and len(fk._cache) == 1 and len(recorded) == 6
