@@ -40,6 +40,7 @@ from .._config import triton_interpret
 from .._device import sm_count
 from ..linear_attn.triton import seq_span  # shared [bos, eos) of a (packed) sequence
 from .reference import EPS, feature_dim
+from .._launch import fast_kernel
 
 
 # Tiles, chosen from ptxas register/spill counts on sm_90 (bf16, K = 16 and 32): BT = 16 with 8
@@ -467,6 +468,14 @@ def _based_bwd_dkv_kernel(
 
 
 # ---- launchers: check, allocate, launch -------------------------------------------------------
+
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_based_fwd_kernel = fast_kernel(_based_fwd_kernel)
+_based_step_kernel = fast_kernel(_based_step_kernel)
+_based_bwd_dz_kernel = fast_kernel(_based_bwd_dz_kernel)
+_based_bwd_dq_kernel = fast_kernel(_based_bwd_dq_kernel)
+_based_bwd_dkv_kernel = fast_kernel(_based_bwd_dkv_kernel)
+
 
 def _tiling(K: int, V: int):
     KP = max(16, triton.next_power_of_2(K))

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .._config import triton_interpret
+from .._launch import fast_kernel
 
 
 @triton.jit
@@ -342,6 +343,14 @@ def _causal_conv1d_update_kernel(
 # ---------------------------------------------------------------------------------------------
 # launchers: check, allocate, launch
 # ---------------------------------------------------------------------------------------------
+
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_causal_conv1d_fwd_kernel = fast_kernel(_causal_conv1d_fwd_kernel)
+_causal_conv1d_bwd_kernel = fast_kernel(_causal_conv1d_bwd_kernel)
+_causal_conv1d_edge_kernel = fast_kernel(_causal_conv1d_edge_kernel)
+_sum_rows_kernel = fast_kernel(_sum_rows_kernel)
+_causal_conv1d_update_kernel = fast_kernel(_causal_conv1d_update_kernel)
+
 
 def _tiles(x: torch.Tensor):
     """(BLOCK_D, BLOCK_T, num_warps): the contiguous axis gets the long side of the tile."""

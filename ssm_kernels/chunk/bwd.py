@@ -32,6 +32,7 @@ from .common import (causal_decay, causal_decay_t, chunk_base, chunk_span, decay
                      decay_to_end, decay_to_end_t, l2norm_rows, last_row, load_h_dh, load_rows,
                      load_v, log_decay_cumsum, mm, mm_wy, seq_span)
 from .fwd import Plan, _dummy, chunk_states
+from .._launch import fast_kernel
 
 
 @triton.jit
@@ -251,6 +252,12 @@ def _dqk_kernel(
     tl.store(dq_ptr + row_q[:, None] * K + o_k[None, :], b_dq.to(dq_ptr.dtype.element_ty), mask=m_o)
     tl.store(dk_ptr + row_q[None, :] * K + o_k[:, None], b_dkT.to(dk_ptr.dtype.element_ty),
              mask=m_k[:, None] & m_t[None, :])
+
+
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_state_grad_kernel = fast_kernel(_state_grad_kernel)
+_dv_kernel = fast_kernel(_dv_kernel)
+_dqk_kernel = fast_kernel(_dqk_kernel)
 
 
 def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Tensor] = None,

@@ -22,6 +22,7 @@ from .common import (blocks, causal_decay, chunk_base, chunk_span, chunk_table, 
                      decay_state, decay_to_end, l2norm_rows, last_row, load_rows, load_state_block,
                      load_v, log_decay_cumsum, mm, mm_wy, num_chunks, seg_span, seq_span,
                      state_store_dtype)
+from .._launch import fast_kernel
 
 
 @triton.jit
@@ -270,6 +271,13 @@ def _fused_fwd_kernel(
 
 
 # ---- launchers ---------------------------------------------------------------------------------
+
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_state_kernel = fast_kernel(_state_kernel)
+_output_kernel = fast_kernel(_output_kernel)
+_seg_scan_kernel = fast_kernel(_seg_scan_kernel)
+_fused_fwd_kernel = fast_kernel(_fused_fwd_kernel)
+
 
 def _dummy(x):
     return x.new_empty(1)

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from . import common
 from .common import chunk_span, load_h_dh, load_rows, mm
+from .._launch import fast_kernel
 
 
 @triton.jit
@@ -569,6 +570,16 @@ def _bwd_fused_kernel(
 
 
 # ---- launchers (p: fwd.Plan) -----------------------------------------------------------------
+
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_cumsum_kernel = fast_kernel(_cumsum_kernel)
+_intra_kernel = fast_kernel(_intra_kernel)
+_dqkg_kernel = fast_kernel(_dqkg_kernel)
+_intra_tree_kernel = fast_kernel(_intra_tree_kernel)
+_fwd_tree_kernel = fast_kernel(_fwd_tree_kernel)
+_dqkg_tree_kernel = fast_kernel(_dqkg_tree_kernel)
+_bwd_fused_kernel = fast_kernel(_bwd_fused_kernel)
+
 
 # ---- knobs of the tree variant (the lead A/Bs them on the GPU; bench/gpu_chunk.py GLA_VARIANTS) --
 TREE = True            # scores and dq/dk/dg through the full tree (_intra_tree_kernel,

@@ -35,6 +35,7 @@ from ..chunk.bwd import _dqk_kernel, _dv_kernel, _state_grad_kernel
 from ..chunk.common import chunk_span, l2norm_rows, load_rows, log_decay_cumsum, mm, mm_wy
 from ..chunk.fwd import Plan, _dummy, _output_kernel, _state_kernel
 from .bwd import _dqk_delta_kernel, _state_grad_delta_kernel
+from .._launch import fast_kernel
 
 WU_FLOAT32 = True
 # V tile of the two serial scans (state, state gradient), None: min(BLOCK_V, 8192 // K) (a
@@ -390,6 +391,12 @@ def _wy_bwd_kernel(
 
 
 # ---- launchers ---------------------------------------------------------------------------------
+
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_wy_fwd_kernel = fast_kernel(_wy_fwd_kernel)
+_wu_kernel = fast_kernel(_wu_kernel)
+_wy_bwd_kernel = fast_kernel(_wy_bwd_kernel)
+
 
 def _plan(q, v, g, cu_seqlens):
     p = Plan(q, v, g, cu_seqlens, False)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..chunk.common import chunk_base, load_state_block, seq_span
+from .._launch import fast_kernel
 
 L2NORM_EPS = 1e-6
 
@@ -183,6 +184,11 @@ def _recurrent_bwd_kernel(
                 dS = dS * b_eg
         tl.debug_barrier()
     tl.store(dh0_ptr + i_nh.to(tl.int64) * K * V + p_kv, dS, mask=m_s)
+
+
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_recurrent_fwd_kernel = fast_kernel(_recurrent_fwd_kernel)
+_recurrent_bwd_kernel = fast_kernel(_recurrent_bwd_kernel)
 
 
 @triton.jit

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .._config import triton_interpret
 from .triton import alloc
+from .._launch import fast_kernel
 
 
 @triton.jit
@@ -107,6 +108,11 @@ def _vandermonde_bwd_kernel(
     tl.store(s1i_ptr + base + o_n, s1i, mask=m_n)
     tl.store(s2r_ptr + base + o_n, s2r, mask=m_n)
     tl.store(s2i_ptr + base + o_n, s2i, mask=m_n)
+
+
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_vandermonde_fwd_kernel = fast_kernel(_vandermonde_fwd_kernel)
+_vandermonde_bwd_kernel = fast_kernel(_vandermonde_bwd_kernel)
 
 
 def _tiles():

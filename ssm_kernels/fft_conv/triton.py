@@ -43,6 +43,7 @@ import triton.language as tl
 
 from .._config import triton_interpret
 from .._device import sm_count
+from .._launch import fast_kernel
 
 TWO_PI = 6.283185307179586
 
@@ -456,6 +457,14 @@ def _outer_inv_kernel(
 # ---------------------------------------------------------------------------------------------
 # launchers: check, allocate, launch
 # ---------------------------------------------------------------------------------------------
+
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_onchip_fwd_kernel = fast_kernel(_onchip_fwd_kernel)
+_onchip_bwd_kernel = fast_kernel(_onchip_bwd_kernel)
+_outer_fwd_kernel = fast_kernel(_outer_fwd_kernel)
+_inner_kernel = fast_kernel(_inner_kernel)
+_outer_inv_kernel = fast_kernel(_outer_inv_kernel)
+
 
 def _split(n: int):
     """[n1, n2] with n1 * n2 = n, both powers of two >= 16, n1 >= n2 (the first factor is the one

@@ -16,6 +16,7 @@ import triton.language as tl
 from ..chunk.bwd import chunk_bwd as _engine_bwd
 from ..chunk.common import load_state_block, seq_span  # noqa: F401  (seq_span: shared with based)
 from ..chunk.fwd import chunk_fwd as _engine_fwd
+from .._launch import fast_kernel
 
 
 @triton.jit
@@ -61,6 +62,10 @@ def _recurrent_fwd_kernel(
     tl.store(ht_ptr + p_s, S, mask=m_s)
 
 
+
+
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_recurrent_fwd_kernel = fast_kernel(_recurrent_fwd_kernel)
 
 
 def _gate_mode(g: Optional[torch.Tensor]) -> int:
