@@ -11,7 +11,8 @@ metadata): tens of microseconds on the GPU machine's host for kernels that run f
            range: functions of the value), every keyword argument's name and value (constexprs
            and launch options: num_warps, num_stages, ...)),
 
-the compiled kernel that Triton itself chose on the first call with that key (the first call goes
+the compiled kernel that Triton itself chose on the first call with that key (parameters the call
+leaves to their defaults are filled in as Triton's binder fills them) (the first call goes
 through `JITFunction.run` unchanged: compile, launch). Later calls with the key hand the arguments
 straight to the compiled kernel's launcher, exactly as `JITFunction.run` does at its end. The key is
 at least as fine as Triton's own (tests/test_launch.py checks it against Triton's binder on
@@ -26,8 +27,9 @@ pre_hook, reset_to_zero / restore_value) or a patched `Autotuner.run` stay on th
 
 Anything outside the simple case takes the normal path, every call: the Triton interpreter
 (InterpretedFunction), a patched `JITFunction.run` (compile-only audits, profilers), pre-run hooks,
-active launch hooks, a callable grid, an argument of another type, keyword arguments that are not
-the trailing parameters, async compilation, `SSM_KERNELS_FAST_LAUNCH=0` or `set_enabled(False)`.
+active launch hooks, a callable grid, a positional argument of another type, a parameter after the
+positional ones with neither a keyword argument nor a default, async compilation,
+`SSM_KERNELS_FAST_LAUNCH=0` or `set_enabled(False)`.
 CUDA graphs: the stream is read on every call, as Triton does, so capture records the same launch.
 torch.compile: kernels run inside the registered custom ops, opaque to the tracer, so this is
 plain eager code there too.
@@ -138,11 +140,31 @@ def args_key(args: Tuple, layouts: Dict = _LAYOUTS):
 
 
 class _Entry:
-    __slots__ = ("kernel", "tail")
+    """kernel: the compiled kernel; tail: the launcher's arguments after the positional ones
+    (keyword arguments, defaults, an autotuner's config values) when they are the same on every
+    call with the key, else None and `live` says how to build them per call: (name, value,
+    from the call) per parameter (tensor keyword arguments: the key holds their dtype only)."""
+    __slots__ = ("kernel", "tail", "live")
 
-    def __init__(self, kernel, tail: Tuple):
+    def __init__(self, kernel, tail: Optional[Tuple], live: Tuple = ()):
         self.kernel = kernel
         self.tail = tail
+        self.live = live
+
+
+def kwargs_key(kwargs: Dict, layouts: Dict):
+    """The keyword arguments' part of the launch key: their names and types, and per value the
+    value itself, except tensors: dtype if 16-byte aligned, else a per-dtype marker (as
+    `args_key` for positional ones; pointer parameters passed by keyword)."""
+    vals = tuple(kwargs.values())
+    types = tuple(map(type, vals))
+    tpos = layouts.get(types)
+    if tpos is None:
+        tpos = layouts[types] = frozenset(i for i, t in enumerate(types) if issubclass(t, _Tensor))
+    if tpos:
+        vals = tuple([(v.dtype if not (v.data_ptr() & 15) else _misaligned(v.dtype))
+                      if i in tpos else v for i, v in enumerate(vals)])
+    return (tuple(kwargs), types, vals)
 
 
 class FastKernel:
@@ -154,6 +176,7 @@ class FastKernel:
         self._cache: Dict[Tuple, Optional[_Entry]] = {}
         self._simple = None   # decided on first use: a plain JITFunction under the CUDA-like driver
         self._layouts: Dict[Tuple, Any] = {}
+        self._kw_layouts: Dict[Tuple, Any] = {}
         self.hits = 0
         self.misses = 0
 
@@ -216,39 +239,55 @@ class FastKernel:
                         return self.fn[grid](*args, **kwargs)
                     env = self._env_get
                     key = (self._device(), rt.debug, env and env(self._knobs.compilation), akey,
-                           tuple(kwargs.items()))
+                           kwargs_key(kwargs, self._kw_layouts) if kwargs else ())
                     entry = self._cache.get(key, False)
                     if entry:
                         self.hits += 1
                         kernel = entry.kernel
+                        tail = entry.tail
+                        if tail is None:
+                            tail = tuple([kwargs[n] if live else v for n, v, live in entry.live])
                         n = len(grid)
                         kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
                                    self._stream(key[0]), kernel.function, kernel.packed_metadata, None,
-                                   enter, leave, *args, *entry.tail)
+                                   enter, leave, *args, *tail)
                         return kernel
                     if entry is False:   # first call with this key: Triton's path, then remember
                         self.misses += 1
                         kernel = self.fn[grid](*args, **kwargs)
-                        if any(isinstance(v, _Tensor) for v in kwargs.values()):
-                            return kernel   # keyed by identity: never cache (nor keep) it
                         if len(self._cache) > 1024:
                             self._cache.clear()
+                        fixed = {}
                         if self._tuner is not None:   # the config Autotuner.run just launched
-                            kwargs = _tuned_kwargs(self._tuner, kwargs)
-                        self._cache[key] = None if kwargs is None else \
-                            self._entry(kernel, len(args), kwargs)
+                            fixed = _tuned_kwargs(self._tuner, kwargs)
+                        self._cache[key] = None if fixed is None else \
+                            self._entry(kernel, len(args), kwargs, fixed)
                         return kernel
         return self.fn[grid](*args, **kwargs)
 
-    def _entry(self, kernel, nargs: int, kwargs: Dict) -> Optional[_Entry]:
+    def _entry(self, kernel, nargs: int, kwargs: Dict, fixed: Dict) -> Optional[_Entry]:
         """None (always the normal path for this key) unless the kernel is a finished compiled
-        kernel and kwargs are exactly the parameters after the positional ones."""
+        kernel and every parameter after the positional ones is a keyword argument (`kwargs`, the
+        call's; `fixed`, an autotuner config's) or has a default (filled in as Triton's binder
+        does)."""
         if kernel is None or hasattr(kernel, "result") or not hasattr(kernel, "packed_metadata"):
             return None
-        rest = self._names[nargs:]
-        if any(n not in kwargs for n in rest):
-            return None
-        return _Entry(kernel, tuple(kwargs[n] for n in rest))
+        if any(n in kwargs for n in self._names[:nargs]):
+            return None   # Triton raises for these; keep out of the way
+        live = []
+        for prm in self._jit.params[nargs:]:
+            n = prm.name
+            if n in kwargs:
+                live.append((n, kwargs[n], True))
+            elif n in fixed:
+                live.append((n, fixed[n], False))
+            elif getattr(prm, "has_default", False):
+                live.append((n, prm.default, False))
+            else:
+                return None
+        if any(isinstance(kwargs.get(n), _Tensor) for n, _, _ in live):
+            return _Entry(kernel, None, tuple(live))   # tensors: taken from each call
+        return _Entry(kernel, tuple(v for _, v, _ in live))
 
 
 def _is_plain_autotuner(fn) -> bool:
@@ -270,15 +309,15 @@ def _is_plain_autotuner(fn) -> bool:
 
 
 def _tuned_kwargs(tuner, kwargs: Dict) -> Optional[Dict]:
-    """The keyword arguments Autotuner.run handed the kernel on the call that just ran (None: do
-    not cache this key)."""
+    """The keyword arguments the chosen config added on the call Autotuner.run just made (None:
+    do not cache this key)."""
     config = getattr(tuner, "best_config", None)
     if config is None or config.pre_hook is not None:
         return None
     extra = config.all_kwargs()
     if any(k in kwargs for k in extra):
         return None   # Triton would have raised; stay out of the way
-    return {**kwargs, **extra}
+    return extra
 
 
 def fast_kernel(fn):

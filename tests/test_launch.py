@@ -266,12 +266,56 @@ def test_autotuners_with_hooks_stay_on_tritons_path(recorded):
         assert fk.hits == 0 and len(recorded) >= 3
 
 
-def test_tensor_keyword_arguments_are_never_cached(recorded):
-    fk = _launch.FastKernel(_jit())
+def _scale_opt(x_ptr, y_ptr, n, s_x, alpha, FLAG: tl.constexpr, BLOCK: tl.constexpr,
+               z_ptr=None, HAS_Z: tl.constexpr = False, beta=1.0):
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n
+    v = tl.load(x_ptr + o * s_x, mask=m, other=0.0)
+    if FLAG:
+        v = v * alpha
+    if HAS_Z:
+        v += tl.load(z_ptr + o, mask=m, other=0.0) * beta
+    tl.store(y_ptr + o, v, mask=m)
+
+
+def _same_launch(fast, slow):
+    assert fast[0] is slow[0] and len(fast[1]) == len(slow[1])
+    for i, (a, b) in enumerate(zip(fast[1], slow[1])):
+        if i != 6:
+            assert a is b or a == b or (not isinstance(a, torch.Tensor) and repr(a) == repr(b)), (i, a, b)
+
+
+def test_defaults_and_tensor_keyword_arguments(recorded):
+    """Parameters left to their defaults are filled in as Triton's binder does; a tensor passed by
+    keyword is keyed by dtype / alignment (as positional ones) and taken from each call."""
+    fk = _launch.FastKernel(triton_jit.JITFunction(_scale_opt))
     x, y, n, s_x, alpha = _args()
-    for _ in range(3):
-        fk[(1,)](x, y, n, s_x, alpha=alpha, FLAG=True, BLOCK=64)   # scalar kwargs: cached
-    assert fk.hits == 2
-    for _ in range(3):
-        fk[(1,)](x, y_ptr=y, n=n, s_x=s_x, alpha=alpha, FLAG=True, BLOCK=64)
-    assert fk.hits == 2 and len(fk._cache) == 1 and len(recorded) == 6
+    kw = dict(FLAG=True, BLOCK=64)
+    for _ in range(2):   # defaults for z_ptr, HAS_Z, beta
+        fk[(1,)](x, y, n, s_x, alpha, **kw)
+    assert (fk.misses, fk.hits) == (1, 1)
+    fast = recorded[-1]
+    _launch.set_enabled(False)
+    fk[(1,)](x, y, n, s_x, alpha, **kw)
+    _launch.set_enabled(True)
+    _same_launch(fast, recorded[-1])
+    # z by keyword: new tensors of the same dtype hit, and the launcher gets this call's tensor
+    for z in (torch.zeros(64), torch.ones(64), torch.zeros(80)[8:]):
+        fk[(1,)](x, y, n, s_x, alpha, **kw, z_ptr=z, HAS_Z=True)
+        assert any(a is z for a in recorded[-1][1]), "the launcher did not get this call's z"
+        fast = recorded[-1]
+        _launch.set_enabled(False)
+        fk[(1,)](x, y, n, s_x, alpha, **kw, z_ptr=z, HAS_Z=True)
+        _launch.set_enabled(True)
+        _same_launch(fast, recorded[-1])
+    assert fk.hits == 3   # the second and third z (16-byte aligned float32) were served
+    # a misaligned or other-dtype z needs another specialisation: Triton's kernel for it
+    for z in (torch.zeros(80)[1:], torch.zeros(64, dtype=torch.bfloat16)):
+        hits = fk.hits
+        fk[(1,)](x, y, n, s_x, alpha, **kw, z_ptr=z, HAS_Z=True)
+        assert fk.hits == hits
+        fast = recorded[-1]
+        _launch.set_enabled(False)
+        fk[(1,)](x, y, n, s_x, alpha, **kw, z_ptr=z, HAS_Z=True)
+        _launch.set_enabled(True)
+        _same_launch(fast, recorded[-1])
