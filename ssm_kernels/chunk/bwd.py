@@ -32,7 +32,7 @@ from .common import (causal_decay, causal_decay_t, chunk_base, chunk_span, decay
                      decay_to_end, decay_to_end_t, l2norm_rows, last_row, load_h_dh, load_rows,
                      load_v, log_decay_cumsum, mm, mm_wy, seq_span)
 from .fwd import Plan, _dummy, chunk_states
-from .._launch import fast_kernel
+from .._launch import cdiv, next_power_of_2, fast_kernel
 
 
 @triton.jit
@@ -281,7 +281,7 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Ten
     dh0 = common.poison(q.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
     kw = dict(GATE=p.gate, G_FROM_VS=A is not None, IS_VARLEN=p.varlen, BT=p.BT,
                   DT=m["DT"], IEEE=m["IEEE"])
-    _state_grad_kernel[(triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), p.N * p.H)](
+    _state_grad_kernel[(cdiv(p.K, m["BK"]), cdiv(p.V, m["BV"]), p.N * p.H)](
         q, do, gg, vsa, Aa, d if dht is None else dht, dh, dh0, cu, co,
         p.T, p.H, p.HQ, p.K, p.V, float(scale), HAS_DHT=dht is not None, BK=m["BK"], BV=m["BV"],
         num_warps=4, **kw)
@@ -291,9 +291,9 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Ten
     a = gla.intra_scores(p, q, k, g, scale) if p.gate == 2 else d
     dv = common.poison(torch.empty_like(v))
     dvs = None if vs is None else common.poison(torch.empty_like(vs))
-    BVd = max(16, triton.next_power_of_2(p.V)) if vs is not None else m["BV"]
+    BVd = max(16, next_power_of_2(p.V)) if vs is not None else m["BV"]
     dDp = None if D is None else common.poison(q.new_empty((p.NCH, p.H, p.V), dtype=torch.float32))
-    _dv_kernel[(triton.cdiv(p.V, BVd), p.NCH, p.H)](
+    _dv_kernel[(cdiv(p.V, BVd), p.NCH, p.H)](
         q, k, v, do, gg, vsa, Aa, dh, a, dv, d if dvs is None else dvs, ct, cu,
         p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale), HAS_VS=vs is not None, BK=m["BK"], BV=BVd,
         num_warps=4, D_ptr=D, dD_ptr=dDp, HAS_D=D is not None, **kw)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .._config import triton_interpret
 from .triton import alloc
-from .._launch import fast_kernel
+from .._launch import cdiv, fast_kernel
 
 
 @triton.jit
@@ -126,7 +126,7 @@ def vandermonde_fwd(wr, wi, ar, ai, dt2, L: int):
     H, N = wr.shape
     K = alloc((H, L), wr.device)
     t = _tiles()
-    _vandermonde_fwd_kernel[(H, triton.cdiv(L, t["BL"]))](wr, wi, ar, ai, dt2, K, N, L, **t)
+    _vandermonde_fwd_kernel[(H, cdiv(L, t["BL"]))](wr, wi, ar, ai, dt2, K, N, L, **t)
     return K
 
 
@@ -136,5 +136,5 @@ def vandermonde_sums(ar, ai, dt2, dK):
     L = dK.shape[1]
     outs = [alloc(ar.shape, ar.device) for _ in range(4)]
     t = _tiles()
-    _vandermonde_bwd_kernel[(H, triton.cdiv(N, t["BN"]))](ar, ai, dt2, dK, *outs, N, L, **t)
+    _vandermonde_bwd_kernel[(H, cdiv(N, t["BN"]))](ar, ai, dt2, dK, *outs, N, L, **t)
     return torch.complex(outs[0], outs[1]), torch.complex(outs[2], outs[3])
