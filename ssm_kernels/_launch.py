@@ -110,6 +110,16 @@ def arg_key(a: Any):
 _SCALARS = (int, bool, float, type(None))
 
 
+def _getter(pos):
+    """A function: tuple -> the tuple of its items at `pos` (itemgetter, a tuple for any length)."""
+    if len(pos) >= 2:
+        return operator.itemgetter(*pos)
+    if len(pos) == 1:
+        i = pos[0]
+        return lambda args: (args[i],)
+    return lambda args: ()
+
+
 def _layout(types: Tuple):
     """(tensors getter, scalars getter) for arguments of these types; None if one is unsupported."""
     tpos, spos = [], []
@@ -120,15 +130,7 @@ def _layout(types: Tuple):
             spos.append(i)
         else:
             return None
-
-    def getter(pos):
-        if len(pos) >= 2:
-            return operator.itemgetter(*pos)
-        if len(pos) == 1:
-            i = pos[0]
-            return lambda args: (args[i],)
-        return lambda args: ()
-    return getter(tpos), getter(spos)
+    return _getter(tpos), _getter(spos)
 
 
 _LAYOUTS: Dict[Tuple, Any] = {}
@@ -153,11 +155,11 @@ def args_key(args: Tuple, layouts: Dict = _LAYOUTS):
 class _Entry:
     """kernel: the compiled kernel; tail: the launcher's arguments after the positional ones
     (keyword arguments, defaults, an autotuner's config values) when they are the same on every
-    call with the key, else None and `live` says how to build them per call: (name, value,
-    from the call) per parameter (tensor keyword arguments: the key holds their dtype only)."""
+    call with the key, else None and `live(kwargs)` builds them per call (tensor keyword
+    arguments: the key holds their dtype only)."""
     __slots__ = ("kernel", "tail", "live")
 
-    def __init__(self, kernel, tail: Optional[Tuple], live: Tuple = ()):
+    def __init__(self, kernel, tail: Optional[Tuple], live=None):
         self.kernel = kernel
         self.tail = tail
         self.live = live
@@ -169,12 +171,16 @@ def kwargs_key(kwargs: Dict, layouts: Dict):
     `args_key` for positional ones; pointer parameters passed by keyword)."""
     vals = tuple(kwargs.values())
     types = tuple(map(type, vals))
-    tpos = layouts.get(types)
-    if tpos is None:
-        tpos = layouts[types] = frozenset(i for i, t in enumerate(types) if issubclass(t, _Tensor))
-    if tpos:
-        vals = tuple([(v.dtype if not (v.data_ptr() & 15) else _misaligned(v.dtype))
-                      if i in tpos else v for i, v in enumerate(vals)])
+    lay = layouts.get(types)
+    if lay is None:
+        tpos = [i for i, t in enumerate(types) if issubclass(t, _Tensor)]
+        lay = layouts[types] = (_getter(tpos), _getter([i for i in range(len(types))
+                                                        if i not in tpos])) if tpos else ()
+    if lay:
+        tget, sget = lay
+        return (tuple(kwargs), types, sget(vals),
+                tuple([t.dtype if not (t.data_ptr() & 15) else _misaligned(t.dtype)
+                       for t in tget(vals)]))
     return (tuple(kwargs), types, vals)
 
 
@@ -257,7 +263,7 @@ class FastKernel:
                         kernel = entry.kernel
                         tail = entry.tail
                         if tail is None:
-                            tail = tuple([kwargs[n] if live else v for n, v, live in entry.live])
+                            tail = entry.live(kwargs)
                         n = len(grid)
                         kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
                                    self._stream(key[0]), kernel.function, kernel.packed_metadata, None,
@@ -296,8 +302,13 @@ class FastKernel:
                 live.append((n, prm.default, False))
             else:
                 return None
-        if any(isinstance(kwargs.get(n), _Tensor) for n, _, _ in live):
-            return _Entry(kernel, None, tuple(live))   # tensors: taken from each call
+        if any(isinstance(kwargs.get(n), _Tensor) for n, _, _ in live):   # taken from each call
+            names = tuple(n for n, _, _ in live)
+            fixed = {n: v for n, v, from_call in live if not from_call}
+            pick = operator.itemgetter(*names) if len(names) >= 2 else (lambda d: (d[names[0]],))
+            if fixed:
+                return _Entry(kernel, None, lambda kw: pick({**fixed, **kw}))
+            return _Entry(kernel, None, pick)
         return _Entry(kernel, tuple(v for _, v, _ in live))
 
 
