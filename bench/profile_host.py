@@ -7,7 +7,9 @@ stubbed. A compile-only Triton driver (target sm_90, as bench/sm90_audit.py) let
 and ssm_kernels._launch run exactly as on the GPU, but every compiled kernel's launcher is a no-op;
 CPU tensors stand in for CUDA ones (allocation costs differ a little). Cases: linear_scan and
 selective_scan_fn (Triton backend) fwd and fwd+bwd, with the launch cache on and off:
-    PYTHONPATH=$PWD python bench/profile_host.py --stub [--profile]"""
+    PYTHONPATH=$PWD python bench/profile_host.py --stub [--profile] [--check] [case substrings]
+--check: instead of timing, compare every launcher call of each case with the launch cache on
+against Triton's own path (same compiled kernel, grid and arguments)."""
 import os
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # 3.6 default; silences 3.9 warning
 import cProfile
@@ -90,6 +92,9 @@ def main():
             print("\n".join(s.getvalue().splitlines()[6:28]))
 
 
+_RECORD = None   # a list while --check records the launcher calls
+
+
 def install_stub():
     """Compile-only driver + no-op launchers; CPU tensors take the Triton path (see --stub)."""
     import os
@@ -114,7 +119,7 @@ def install_stub():
 
     def _no_launch(self):
         self.function = 0
-        self._run = lambda *args: None
+        self._run = lambda *args: _RECORD.append((self, args)) if _RECORD is not None else None
 
     driver.set_active(_StubDriver())
     CompiledKernel._init_handles = _no_launch
@@ -274,6 +279,8 @@ def stub_main():
     only = [a for a in sys.argv[1:] if not a.startswith("--")]
     if only:   # substrings of case names: python bench/profile_host.py --stub chunk decode
         cases = {n: f for n, f in cases.items() if any(o in n for o in only)}
+    if "--check" in sys.argv:
+        sys.exit(1 if check_launches(cases) else 0)
     print(f"{'stubbed kernels, CPU host':<28} {'cache on':>9} {'cache off':>9}  us/call")
     for name, fn in cases.items():
         _launch.set_enabled(True)
@@ -294,6 +301,39 @@ def stub_main():
             pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(22)
             print(f"\n==== {name} (300 calls, cache on) ====")
             print("\n".join(s.getvalue().splitlines()[6:32]))
+
+
+def check_launches(cases):
+    """--check: per case, the launcher calls of one call with the launch cache on and one with it
+    off (Triton's own path) must agree: same compiled kernels in the same order, same grid, and per
+    argument the same value (tensors: same dtype, shape and strides; they are new allocations)."""
+    global _RECORD
+    from ssm_kernels import _launch
+
+    def sig(a):
+        if isinstance(a, torch.Tensor):
+            return ("tensor", a.dtype, tuple(a.shape), a.stride(), a.data_ptr() % 16)
+        return repr(a)
+    bad = 0
+    for name, fn in cases.items():
+        fn()
+        fn()
+        calls = {}
+        for on in (True, False):
+            _launch.set_enabled(on)
+            _RECORD = []
+            fn()
+            calls[on], _RECORD = _RECORD, None
+        _launch.set_enabled(True)
+        a, b = calls[True], calls[False]
+        same = len(a) == len(b) and all(
+            ka is kb and len(xa) == len(xb) and all(i == 6 or sig(u) == sig(w)
+                                                   for i, (u, w) in enumerate(zip(xa, xb)))
+            for (ka, xa), (kb, xb) in zip(a, b))
+        bad += not same
+        print(f"{name:<34} {len(a):3d} launches  cache on == Triton's path: {same}", flush=True)
+    print("launch check:", "all identical" if not bad else f"{bad} case(s) DIFFER")
+    return bad
 
 
 def _report_launch_cache():
