@@ -25,6 +25,10 @@ the autotuner's own (its key arguments and the dtypes of the tensor arguments), 
 the autotuner would have sent to the same config. Autotuners with hooks (pre/post hooks, a config
 pre_hook, reset_to_zero / restore_value) or a patched `Autotuner.run` stay on the normal path.
 
+ssm_kernels._warmup's wrappers of `JITFunction.run` / `Autotuner.run` (installed for the process by
+the first `compile_ahead`) are recognised: the cache serves as before outside a `compiling_ahead`
+block, and inside one (this thread) every launch goes to the wrapper.
+
 Anything outside the simple case takes the normal path, every call: the Triton interpreter
 (InterpretedFunction), a patched `JITFunction.run` (compile-only audits, profilers), pre-run hooks,
 active launch hooks, a callable grid, a positional argument of another type, a parameter after the
@@ -220,15 +224,19 @@ class FastKernel:
         if _is_plain_autotuner(fn):
             self._tuner = fn
             self._tuner_type, self._tuner_run = type(fn), type(fn).run
+            self._tuner_base = _passthrough(self._tuner_run)[0]
             fn = fn.fn
         run = getattr(type(fn), "run", None)
-        if not isinstance(fn, JITFunction) or getattr(run, "__qualname__", "") != "JITFunction.run" \
-                or getattr(run, "__module__", "") != "triton.runtime.jit":
+        base = _passthrough(run)[0]
+        if not isinstance(fn, JITFunction) or getattr(base, "__qualname__", "") != "JITFunction.run" \
+                or getattr(base, "__module__", "") != "triton.runtime.jit":
             return False   # interpreter, patched run (audits, profilers), hooked autotuner, ...
         active = driver.active
         self._jit = fn
-        self._jit_run = run
+        self._jit_run, self._jit_base = run, base
         self._jit_type = type(fn)
+        self._idle = None
+        self._readopt()
         self._knobs = knobs
         self._device = active.get_current_device
         self._stream = active.get_current_stream
@@ -243,8 +251,9 @@ class FastKernel:
         if _ENABLED and type(grid) is tuple:
             if self._simple is None:
                 self._simple = self._setup()
-            if self._simple and self._jit_type.run is self._jit_run and (
-                    self._tuner is None or self._tuner_type.run is self._tuner_run):
+            if self._simple and (self._jit_type.run is self._jit_run and (
+                    self._tuner is None or self._tuner_type.run is self._tuner_run)
+                    or self._readopt()) and (self._idle is None or self._idle()):
                 rt = self._knobs.runtime
                 enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
                 if (enter is None or not getattr(enter, "calls", True)) and \
@@ -282,6 +291,25 @@ class FastKernel:
                         return kernel
         return self.fn[grid](*args, **kwargs)
 
+    def _readopt(self) -> bool:
+        """After `JITFunction.run` / `Autotuner.run` changed: True (and remembered) if they are
+        Triton's own or ssm_kernels._warmup's pass-through wrappers of them (then `_idle` says per
+        call whether the wrappers would pass through); False for anything else (this call takes
+        the normal path; a later call checks again)."""
+        run, (base, idle) = self._jit_type.run, _passthrough(self._jit_type.run)
+        if base is not self._jit_base:
+            return False
+        tidle = None
+        if self._tuner is not None:
+            trun = self._tuner_type.run
+            tbase, tidle = _passthrough(trun)
+            if tbase is not self._tuner_base:
+                return False
+            self._tuner_run = trun
+        self._jit_run = run
+        self._idle = idle or tidle
+        return True
+
     def _entry(self, kernel, nargs: int, kwargs: Dict, fixed: Dict) -> Optional[_Entry]:
         """None (always the normal path for this key) unless the kernel is a finished compiled
         kernel and every parameter after the positional ones is a keyword argument (`kwargs`, the
@@ -312,6 +340,12 @@ class FastKernel:
         return _Entry(kernel, tuple(v for _, v, _ in live))
 
 
+def _passthrough(run):
+    """(Triton's own run under ssm_kernels._warmup's wrapper, its idle check), else (run, None)."""
+    p = getattr(run, "_ssm_passthrough", None)
+    return p if p is not None else (run, None)
+
+
 def _is_plain_autotuner(fn) -> bool:
     """An Autotuner (exactly; not a subclass) straight over a kernel, with Triton's own run and no
     hooks that must run around a launch."""
@@ -321,7 +355,7 @@ def _is_plain_autotuner(fn) -> bool:
         return False
     if type(fn) is not Autotuner:
         return False
-    run = Autotuner.run
+    run = _passthrough(Autotuner.run)[0]
     return getattr(run, "__qualname__", "") == "Autotuner.run" \
         and getattr(run, "__module__", "") == "triton.runtime.autotuner" \
         and not getattr(fn, "user_defined_pre_hook", True) \

@@ -319,3 +319,32 @@ def test_defaults_and_tensor_keyword_arguments(recorded):
         fk[(1,)](x, y, n, s_x, alpha, **kw, z_ptr=z, HAS_Z=True)
         _launch.set_enabled(True)
         _same_launch(fast, recorded[-1])
+
+
+def test_warmup_wrappers_pass_through_outside_their_block(recorded, monkeypatch):
+    """ssm_kernels._warmup replaces JITFunction.run / Autotuner.run for the process (acting only in
+    a thread inside `compiling_ahead`): outside the block the cache keeps serving; inside it every
+    launch goes to the wrapper (a compile, no launch)."""
+    from triton.runtime.autotuner import Autotuner
+    from ssm_kernels import _warmup
+    monkeypatch.setattr(triton_jit.JITFunction, "run", triton_jit.JITFunction.run)  # restored after
+    monkeypatch.setattr(Autotuner, "run", Autotuner.run)
+    monkeypatch.setattr(_warmup, "_patched", [])
+    fk, fa = _launch.FastKernel(_jit()), _launch.fast_kernel(_tuned())
+    kw = dict(FLAG=True, BLOCK=64)
+    for _ in range(2):
+        fk[(1,)](*_args(), **kw)
+        fa[(1,)](*_args(), FLAG=True)
+    assert fk.hits == 1 and fa.hits == 1
+    _warmup._install()
+    assert triton_jit.JITFunction.run is not fk._jit_run
+    fk[(1,)](*_args(), **kw)
+    fa[(1,)](*_args(), FLAG=True)
+    assert fk.hits == 2 and fa.hits == 2 and len(recorded) == 6
+    with _warmup.compiling_ahead(1) as info:
+        fk[(1,)](*_args(n=48), **kw)    # a new specialisation: submitted for compile, not run
+        fk[(1,)](*_args(), **kw)        # a cached one: still the wrapper's (no launch)
+        fa[(1,)](*_args(), FLAG=True)
+    assert len(recorded) == 6 and fk.hits == 2 and fa.hits == 2 and info["kernels"] >= 1
+    fk[(1,)](*_args(), **kw)
+    assert fk.hits == 3 and len(recorded) == 7
