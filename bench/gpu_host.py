@@ -24,16 +24,16 @@ SESSION5_PEER = {("linear_scan", "fwd"): 37.2, ("linear_scan", "fwd+bwd"): 268.0
                  ("selective_scan_fn", "fwd"): 44.4, ("selective_scan_fn", "fwd+bwd"): 256.0}
 
 
-def _extra_cases():
+def _extra_cases(device="cuda"):
     """chunk_gated_delta_rule [1,64,2,64] bf16 (not in bench --overhead), fla's beside it."""
     import ssm_kernels as sk
     from ssm_kernels.benchmarks.overhead import OverheadCase, _training
     from ssm_kernels.benchmarks.peers import fla_function
     bf16 = torch.bfloat16
-    q, k, v = (torch.randn(1, 64, 2, 64, device="cuda", dtype=bf16) for _ in range(3))
+    q, k, v = (torch.randn(1, 64, 2, 64, device=device, dtype=bf16) for _ in range(3))
     k = torch.nn.functional.normalize(k.float(), dim=-1).to(bf16)
-    g = torch.nn.functional.logsigmoid(torch.randn(1, 64, 2, device="cuda"))
-    beta = torch.rand(1, 64, 2, device="cuda", dtype=bf16)
+    g = torch.nn.functional.logsigmoid(torch.randn(1, 64, 2, device=device))
+    beta = torch.rand(1, 64, 2, device=device, dtype=bf16)
     ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
     shape = "[1,64,2,64] bf16"
     name = "chunk_gated_delta_rule"
