@@ -208,7 +208,8 @@ def stub_cases():
 def _engine_cases():
     """The chunk engine's ops and their neighbours at bench --overhead's tiny shapes (Triton
     backend): chunk_linear_attn / chunk_simple_gla / chunk_gla [1,64,2,64], chunk_gated_delta_rule
-    [1,64,2,64], fused_recurrent_simple_gla decode B=64 H=16 K=V=128, chunk_based, SSD, causal_conv1d."""
+    [1,64,2,64], fused_recurrent_simple_gla decode B=64 H=16 K=V=128, selective_state_update B=64
+    D=4096 N=16, chunk_based, SSD, causal_conv1d."""
     T = "triton"
     bf = torch.bfloat16
     q, k, v = (torch.randn(1, 64, 2, 64, dtype=bf) for _ in range(3))
@@ -236,6 +237,12 @@ def _engine_cases():
                                                                                   backend=T))
     out["fused_recurrent_simple_gla decode"] = lambda: sk.fused_recurrent_simple_gla(
         qd, kd, vd, gd, initial_state=h0, output_final_state=True, backend=T)
+    st = torch.randn(64, 4096, 16)
+    x1, dt1, z1 = (torch.randn(64, 4096, dtype=bf) for _ in range(3))
+    A1, D1, b1 = -torch.rand(4096, 16), torch.randn(4096), torch.randn(4096)
+    B1, C1 = (torch.randn(64, 16, dtype=bf) for _ in range(2))
+    out["selective_state_update decode"] = lambda: sk.selective_state_update(
+        st, x1, dt1, A1, B1, C1, D1, z1, b1, True, backend=T)
     qb, kb = (torch.randn(1, 64, 2, 16, dtype=bf) for _ in range(2))
     out["chunk_based fwd"] = lambda: sk.chunk_based(qb, kb, v, backend=T)
     if hasattr(sk, "mamba_chunk_scan_combined"):
