@@ -1,10 +1,14 @@
-"""Host path (issue 8) on the GPU: eager / CUDA-graph replay per call at tiny shapes for linear_scan
-and selective_scan_fn, ours with the launch cache (ssm_kernels._launch) on and off, peers side by
-side (accelerated-scan, mamba-ssm where installed), then where the remaining host time goes
-(cProfile, top lines). One process, ~60-120 s warm. Run from the repo root on the GPU machine:
-    python3 bench/gpu_host.py            (or STEPS="build host" bash bench/gpu_steps.sh)
-The targets are the lightest peer's eager time measured in the same run (session 5's H100
-numbers where a peer is missing: accelerated-scan 37.2 / 268 us, mamba-ssm 44.4 / 256 us)."""
+"""Host path (issue 8) on the GPU: eager / CUDA-graph replay per call at tiny shapes for every op of
+`bench --overhead` (linear_scan, selective_scan_fn, selective_state_update, chunk_linear_attn,
+chunk_simple_gla, chunk_gla, fused_recurrent_(simple_)gla decode, chunk_based, fused_recurrent_based,
+fft_conv, s4d_kernel, SSD, causal_conv1d) plus chunk_gated_delta_rule, ours with the launch cache
+(ssm_kernels._launch) on and off, peers side by side (accelerated-scan, mamba-ssm, fla where
+installed), then where the remaining host time goes (cProfile, top lines). One process; the first
+call of each op compiles its kernels (cold Triton cache: most of the run). Run from the repo root:
+    python3 bench/gpu_host.py [op ...]   (op names select; none: all)
+ok: eager (cache on) within 1.5x of the target (issue 8): the peer's eager time measured in the
+same run (session 5's H100 numbers where a peer is missing: accelerated-scan 37.2 / 268 us,
+mamba-ssm 44.4 / 256 us; "-" where neither)."""
 import cProfile
 import io
 import pstats
@@ -15,39 +19,89 @@ import torch
 from ssm_kernels import _launch
 from ssm_kernels.benchmarks.overhead import cases, measure
 
-OPS = ("linear_scan", "selective_scan_fn")
+OPS = None   # all ops (argv names select a subset)
 SESSION5_PEER = {("linear_scan", "fwd"): 37.2, ("linear_scan", "fwd+bwd"): 268.0,
                  ("selective_scan_fn", "fwd"): 44.4, ("selective_scan_fn", "fwd+bwd"): 256.0}
+
+
+def _extra_cases(device="cuda"):
+    """chunk_gated_delta_rule [1,64,2,64] bf16 (not in bench --overhead), fla's beside it."""
+    import ssm_kernels as sk
+    from ssm_kernels.benchmarks.overhead import OverheadCase, _training
+    from ssm_kernels.benchmarks.peers import fla_function
+    bf16 = torch.bfloat16
+    q, k, v = (torch.randn(1, 64, 2, 64, device=device, dtype=bf16) for _ in range(3))
+    k = torch.nn.functional.normalize(k.float(), dim=-1).to(bf16)
+    g = torch.nn.functional.logsigmoid(torch.randn(1, 64, 2, device=device))
+    beta = torch.rand(1, 64, 2, device=device, dtype=bf16)
+    ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
+    shape = "[1,64,2,64] bf16"
+    name = "chunk_gated_delta_rule"
+    yield OverheadCase(name, "ssm_kernels", "fwd", shape, lambda: sk.chunk_gated_delta_rule(q, k, v, g, beta))
+    yield OverheadCase(name, "ssm_kernels", "fwd+bwd", shape, _training(
+        lambda: sk.chunk_gated_delta_rule(ql, kl, vl, g, beta), [ql, kl, vl]))
+    peer = fla_function(name)
+    if peer is not None:
+        yield OverheadCase(name, "fla", "fwd", shape, lambda: peer(q, k, v, g, beta))
+        yield OverheadCase(name, "fla", "fwd+bwd", shape, _training(
+            lambda: peer(ql, kl, vl, g, beta), [ql, kl, vl]))
 
 
 def main():
     if not torch.cuda.is_available():
         sys.exit("gpu_host.py needs a CUDA GPU")
+    import itertools
+    only = set(a for a in sys.argv[1:] if not a.startswith("-")) or OPS
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     import triton
     print(f"triton {triton.__version__}", flush=True)
     rows = {}
     ours = {}
-    for case in cases("cuda"):
-        if case.op not in OPS:
+    for case in itertools.chain(cases("cuda"), _extra_cases()):
+        if only and case.op not in only:
             continue
-        if case.impl == "ssm_kernels":
-            _launch.set_enabled(False)
-            off = measure(case)
-            _launch.set_enabled(True)
-            on = measure(case)
-            _launch.set_enabled(False)
-            off2 = measure(case)      # off again: drift between the two orders shows here
-            _launch.set_enabled(True)
-            ours[(case.op, case.mode)] = case.fn
-            rows.setdefault((case.op, case.mode), {}).update(
-                on=on["eager_us"], off=min(off["eager_us"], off2["eager_us"]),
-                graph=on["graph_us"], note=on["note"] or off["note"])
-        else:
-            r = measure(case)
-            rows.setdefault((case.op, case.mode), {}).update(
-                peer=r["eager_us"], peer_graph=r["graph_us"], peer_name=case.impl)
+        try:
+            _run_case(case, rows, ours)
+        except Exception as e:   # one op failing must not lose the others' numbers
+            print(f"  {case.op} {case.impl} {case.mode}: failed: {type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:160] if str(e) else ''}", flush=True)
+            continue
         print(f"  measured {case.op} {case.impl} {case.mode}", flush=True)
+    _split_and_profile(ours)
+    print("\nop                         mode     eager(cache on) eager(off)  graph   peer eager / graph"
+          "   target  ok")
+    for (op, mode), r in rows.items():
+        if "on" not in r:
+            continue
+        peer = r.get("peer")
+        target = peer if peer is not None else SESSION5_PEER.get((op, mode))
+        ok = "-" if target is None else ("yes" if r["on"] <= 1.5 * target else "NO")
+        print(f"{op:<26} {mode:<8} {r['on']:>15} {r['off']:>10} {r['graph']!s:>6}   "
+              f"{(str(peer) + ' ' + r.get('peer_name', '')) if peer is not None else '-':>22} / "
+              f"{r.get('peer_graph', '-')!s:>6} {target if target is not None else '-'!s:>7} {ok:>3}"
+              f"  {r['note']}")
+
+
+def _run_case(case, rows, ours):
+    if case.impl == "ssm_kernels":
+        _launch.set_enabled(False)
+        off = measure(case)
+        _launch.set_enabled(True)
+        on = measure(case)
+        _launch.set_enabled(False)
+        off2 = measure(case)      # off again: drift between the two orders shows here
+        _launch.set_enabled(True)
+        ours[(case.op, case.mode)] = case.fn
+        rows.setdefault((case.op, case.mode), {}).update(
+            on=on["eager_us"], off=min(off["eager_us"], off2["eager_us"]),
+            graph=on["graph_us"], note=on["note"] or off["note"])
+    else:
+        r = measure(case)
+        rows.setdefault((case.op, case.mode), {}).update(
+            peer=r["eager_us"], peer_graph=r["graph_us"], peer_name=case.impl)
+
+
+def _split_and_profile(ours):
     # fwd+bwd: the backward runs on autograd's device thread (cProfile does not see it): time our
     # backward functions from inside, per call, against the whole step
     import time
@@ -55,6 +109,8 @@ def main():
     from ssm_kernels.selective_scan.interface import selective_scan_fwd_op
     print("\nfwd+bwd split (us per call): whole step | forward alone | inside our backward")
     for op, kop in (("linear_scan", linear_scan_fwd_op), ("selective_scan_fn", selective_scan_fwd_op)):
+        if (op, "fwd+bwd") not in ours or (op, "fwd") not in ours:
+            continue
         cls = kop._function
         inner = cls.backward
         spent = [0.0]
@@ -85,7 +141,10 @@ def main():
         alone = (time.perf_counter() - t0) / n * 1e6
         cls.backward = staticmethod(inner)
         print(f"  {op:<18} {whole:8.1f} | {alone:8.1f} (no grad) | {inside:8.1f}")
-    for fn_key in (("linear_scan", "fwd"), ("selective_scan_fn", "fwd")):
+    for fn_key in (("linear_scan", "fwd"), ("selective_scan_fn", "fwd"), ("chunk_simple_gla", "fwd"),
+                   ("chunk_simple_gla", "fwd+bwd"), ("fused_recurrent_simple_gla", "fwd")):
+        if fn_key not in ours:
+            continue
         fn = ours[fn_key]
         pr = cProfile.Profile()
         pr.enable()
@@ -97,14 +156,6 @@ def main():
         pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(14)
         print(f"\n==== cProfile {' '.join(fn_key)} (300 calls, launch cache on) ====")
         print("\n".join(ln[:150] for ln in s.getvalue().splitlines()[6:22]))
-    print("\nop                 mode     eager(cache on) eager(off)  graph   peer eager / graph   target  ok")
-    for (op, mode), r in rows.items():
-        peer = r.get("peer")
-        target = peer if peer is not None else SESSION5_PEER[(op, mode)]
-        ok = "yes" if r["on"] <= target else "NO"
-        print(f"{op:<18} {mode:<8} {r['on']:>15} {r['off']:>10} {r['graph']:>6}   "
-              f"{(str(peer) + ' ' + r.get('peer_name', '')) if peer is not None else '-':>22} / "
-              f"{r.get('peer_graph', '-')!s:>6} {target:>7} {ok:>3}  {r['note']}")
 
 
 if __name__ == "__main__":

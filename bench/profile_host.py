@@ -7,7 +7,9 @@ stubbed. A compile-only Triton driver (target sm_90, as bench/sm90_audit.py) let
 and ssm_kernels._launch run exactly as on the GPU, but every compiled kernel's launcher is a no-op;
 CPU tensors stand in for CUDA ones (allocation costs differ a little). Cases: linear_scan and
 selective_scan_fn (Triton backend) fwd and fwd+bwd, with the launch cache on and off:
-    PYTHONPATH=$PWD python bench/profile_host.py --stub [--profile]"""
+    PYTHONPATH=$PWD python bench/profile_host.py --stub [--profile] [--check] [case substrings]
+--check: instead of timing, compare every launcher call of each case with the launch cache on
+against Triton's own path (same compiled kernel, grid and arguments)."""
 import os
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # 3.6 default; silences 3.9 warning
 import cProfile
@@ -90,6 +92,9 @@ def main():
             print("\n".join(s.getvalue().splitlines()[6:28]))
 
 
+_RECORD = None   # a list while --check records the launcher calls
+
+
 def install_stub():
     """Compile-only driver + no-op launchers; CPU tensors take the Triton path (see --stub)."""
     import os
@@ -114,7 +119,7 @@ def install_stub():
 
     def _no_launch(self):
         self.function = 0
-        self._run = lambda *args: None
+        self._run = lambda *args: _RECORD.append((self, args)) if _RECORD is not None else None
 
     driver.set_active(_StubDriver())
     CompiledKernel._init_handles = _no_launch
@@ -196,7 +201,65 @@ def stub_cases():
                                                                    True, backend="cuda"),
         "selective_scan_fn cuda fwd+bwd": lambda: ss_train("cuda"),
         **_peer_cases(a, b, al, bl, ones),
+        **_engine_cases(),
     }
+
+
+def _engine_cases():
+    """The chunk engine's ops and their neighbours at bench --overhead's tiny shapes (Triton
+    backend): chunk_linear_attn / chunk_simple_gla / chunk_gla [1,64,2,64], chunk_gated_delta_rule
+    [1,64,2,64], fused_recurrent_simple_gla decode B=64 H=16 K=V=128, selective_state_update B=64
+    D=4096 N=16, chunk_based, SSD, causal_conv1d."""
+    T = "triton"
+    bf = torch.bfloat16
+    q, k, v = (torch.randn(1, 64, 2, 64, dtype=bf) for _ in range(3))
+    gh = torch.nn.functional.logsigmoid(torch.randn(1, 64, 2))
+    gk = torch.nn.functional.logsigmoid(torch.randn(1, 64, 2, 64))
+    beta = torch.rand(1, 64, 2, dtype=bf)
+    ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
+    do = torch.ones(1, 64, 2, 64, dtype=bf)
+
+    def train(f):
+        def step():
+            o = f(ql, kl, vl)
+            o = o[0] if isinstance(o, tuple) else o
+            torch.autograd.grad(o, (ql, kl, vl), do)
+        return step
+    qd, kd, vd = (torch.randn(64, 1, 16, 128, dtype=bf) for _ in range(3))
+    gd = torch.nn.functional.logsigmoid(torch.randn(64, 1, 16))
+    h0 = torch.randn(64, 16, 128, 128)
+    out = {}
+    for name, extra in (("chunk_linear_attn", ()), ("chunk_simple_gla", (gh,)), ("chunk_gla", (gk,)),
+                        ("chunk_gated_delta_rule", (gh, beta))):
+        op = getattr(sk, name)
+        out[f"{name} fwd"] = lambda op=op, extra=extra: op(q, k, v, *extra, backend=T)
+        out[f"{name} fwd+bwd"] = train(lambda q_, k_, v_, op=op, extra=extra: op(q_, k_, v_, *extra,
+                                                                                  backend=T))
+    out["fused_recurrent_simple_gla decode"] = lambda: sk.fused_recurrent_simple_gla(
+        qd, kd, vd, gd, initial_state=h0, output_final_state=True, backend=T)
+    st = torch.randn(64, 4096, 16)
+    x1, dt1, z1 = (torch.randn(64, 4096, dtype=bf) for _ in range(3))
+    A1, D1, b1 = -torch.rand(4096, 16), torch.randn(4096), torch.randn(4096)
+    B1, C1 = (torch.randn(64, 16, dtype=bf) for _ in range(2))
+    out["selective_state_update decode"] = lambda: sk.selective_state_update(
+        st, x1, dt1, A1, B1, C1, D1, z1, b1, True, backend=T)
+    qb, kb = (torch.randn(1, 64, 2, 16, dtype=bf) for _ in range(2))
+    out["chunk_based fwd"] = lambda: sk.chunk_based(qb, kb, v, backend=T)
+    if hasattr(sk, "mamba_chunk_scan_combined"):
+        x = torch.randn(1, 64, 2, 64, dtype=bf)
+        dt, A = torch.rand(1, 64, 2), -torch.rand(2)
+        B, C = (torch.randn(1, 64, 1, 64, dtype=bf) for _ in range(2))
+        out["mamba_chunk_scan_combined fwd"] = lambda: sk.mamba_chunk_scan_combined(
+            x, dt, A, B, C, 64)
+    if hasattr(sk, "causal_conv1d_fn"):
+        xc, w = torch.randn(1, 64, 64, dtype=bf), torch.randn(64, 4, dtype=bf)
+        out["causal_conv1d_fn fwd"] = lambda: sk.causal_conv1d_fn(xc, w, None, activation="silu",
+                                                                  backend=T)
+        xs, cs = torch.randn(64, 1024, dtype=bf), torch.randn(64, 1024, 3, dtype=bf)
+        wd = torch.randn(1024, 4, dtype=bf)
+        out["causal_conv1d_update"] = lambda: sk.causal_conv1d_update(xs, cs, wd, None, "silu",
+                                                                      backend=T)
+    return out
 
 
 def _peer_cases(a, b, al, bl, ones):
@@ -220,6 +283,11 @@ def stub_main():
         class _launch:
             set_enabled = staticmethod(lambda on: None)
     cases = stub_cases()
+    only = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if only:   # substrings of case names: python bench/profile_host.py --stub chunk decode
+        cases = {n: f for n, f in cases.items() if any(o in n for o in only)}
+    if "--check" in sys.argv:
+        sys.exit(1 if check_launches(cases) else 0)
     print(f"{'stubbed kernels, CPU host':<28} {'cache on':>9} {'cache off':>9}  us/call")
     for name, fn in cases.items():
         _launch.set_enabled(True)
@@ -227,7 +295,8 @@ def stub_main():
         _launch.set_enabled(False)
         off = per_call_cpu_us(fn)
         _launch.set_enabled(True)
-        print(f"{name:<28} {on:9.1f} {off:9.1f}", flush=True)
+        print(f"{name:<34} {on:9.1f} {off:9.1f}", flush=True)
+    _report_launch_cache()
     if "--profile" in sys.argv:
         for name, fn in cases.items():
             pr = cProfile.Profile()
@@ -239,6 +308,58 @@ def stub_main():
             pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(22)
             print(f"\n==== {name} (300 calls, cache on) ====")
             print("\n".join(s.getvalue().splitlines()[6:32]))
+
+
+def check_launches(cases):
+    """--check: per case, the launcher calls of one call with the launch cache on and one with it
+    off (Triton's own path) must agree: same compiled kernels in the same order, same grid, and per
+    argument the same value (tensors: same dtype, shape and strides; they are new allocations)."""
+    global _RECORD
+    from ssm_kernels import _launch
+
+    def sig(a):
+        if isinstance(a, torch.Tensor):
+            return ("tensor", a.dtype, tuple(a.shape), a.stride(), a.data_ptr() % 16)
+        return repr(a)
+    bad = 0
+    for name, fn in cases.items():
+        fn()
+        fn()
+        calls = {}
+        for on in (True, False):
+            _launch.set_enabled(on)
+            _RECORD = []
+            fn()
+            calls[on], _RECORD = _RECORD, None
+        _launch.set_enabled(True)
+        a, b = calls[True], calls[False]
+        same = len(a) == len(b) and all(
+            ka is kb and len(xa) == len(xb) and all(i == 6 or sig(u) == sig(w)
+                                                   for i, (u, w) in enumerate(zip(xa, xb)))
+            for (ka, xa), (kb, xb) in zip(a, b))
+        bad += not same
+        print(f"{name:<34} {len(a):3d} launches  cache on == Triton's path: {same}", flush=True)
+    print("launch check:", "all identical" if not bad else f"{bad} case(s) DIFFER")
+    return bad
+
+
+def _report_launch_cache():
+    """Every launched FastKernel whose calls did not all come from its cache (after the warm-up
+    calls): a call site the launch cache cannot serve (callable grid, tensor or non-trailing
+    keyword arguments, hooked autotuner) shows up here."""
+    try:
+        from ssm_kernels._launch import FastKernel
+    except ImportError:
+        return
+    import gc
+    bad = []
+    for obj in gc.get_objects():
+        if isinstance(obj, FastKernel) and obj.misses and (
+                any(e is None for e in obj._cache.values()) or obj._simple is False):
+            bad.append(f"{getattr(obj.fn, '__name__', obj.fn)}: hits {obj.hits} misses {obj.misses} "
+                       f"uncached keys {sum(e is None for e in obj._cache.values())}")
+    print("launch cache: every launched kernel served from the cache" if not bad else
+          "launch cache NOT serving: " + "; ".join(bad))
 
 
 if __name__ == "__main__":

@@ -11,16 +11,29 @@ metadata): tens of microseconds on the GPU machine's host for kernels that run f
            range: functions of the value), every keyword argument's name and value (constexprs
            and launch options: num_warps, num_stages, ...)),
 
-the compiled kernel that Triton itself chose on the first call with that key (the first call goes
+the compiled kernel that Triton itself chose on the first call with that key (parameters the call
+leaves to their defaults are filled in as Triton's binder fills them) (the first call goes
 through `JITFunction.run` unchanged: compile, launch). Later calls with the key hand the arguments
 straight to the compiled kernel's launcher, exactly as `JITFunction.run` does at its end. The key is
 at least as fine as Triton's own (tests/test_launch.py checks it against Triton's binder on
 this machine's Triton), so a call that needs another specialisation never reuses a kernel.
 
+`@triton.autotune` kernels (an Autotuner over a plain JITFunction): the first call with a key goes
+through `Autotuner.run` (tuning if its key is new, then launching the chosen config); the entry then
+holds the compiled kernel and the chosen config's keyword arguments. The launch key is finer than
+the autotuner's own (its key arguments and the dtypes of the tensor arguments), so a hit is a call
+the autotuner would have sent to the same config. Autotuners with hooks (pre/post hooks, a config
+pre_hook, reset_to_zero / restore_value) or a patched `Autotuner.run` stay on the normal path.
+
+ssm_kernels._warmup's wrappers of `JITFunction.run` / `Autotuner.run` (installed for the process by
+the first `compile_ahead`) are recognised: the cache serves as before outside a `compiling_ahead`
+block, and inside one (this thread) every launch goes to the wrapper.
+
 Anything outside the simple case takes the normal path, every call: the Triton interpreter
 (InterpretedFunction), a patched `JITFunction.run` (compile-only audits, profilers), pre-run hooks,
-active launch hooks, a callable grid, an argument of another type, keyword arguments that are not
-the trailing parameters, async compilation, `SSM_KERNELS_FAST_LAUNCH=0` or `set_enabled(False)`.
+active launch hooks, a callable grid, a positional argument of another type, a parameter after the
+positional ones with neither a keyword argument nor a default, async compilation,
+`SSM_KERNELS_FAST_LAUNCH=0` or `set_enabled(False)`.
 CUDA graphs: the stream is read on every call, as Triton does, so capture records the same launch.
 torch.compile: kernels run inside the registered custom ops, opaque to the tracer, so this is
 plain eager code there too.
@@ -39,6 +52,17 @@ import torch
 
 _Tensor = torch.Tensor
 _ENABLED = os.environ.get("SSM_KERNELS_FAST_LAUNCH", "1") not in ("0", "", "false", "False")
+
+
+def cdiv(a: int, b: int) -> int:
+    """`triton.cdiv` for host code (grids, tiles): in Triton 3.9 that is a ConstexprFunction whose
+    call costs ~1.6 us on the 2-core CPU machine (it unwraps constexprs), 100x this."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """`triton.next_power_of_2` for host code (same values: 0 for 0, n for a power of two)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def set_enabled(on: bool) -> None:
@@ -90,6 +114,16 @@ def arg_key(a: Any):
 _SCALARS = (int, bool, float, type(None))
 
 
+def _getter(pos):
+    """A function: tuple -> the tuple of its items at `pos` (itemgetter, a tuple for any length)."""
+    if len(pos) >= 2:
+        return operator.itemgetter(*pos)
+    if len(pos) == 1:
+        i = pos[0]
+        return lambda args: (args[i],)
+    return lambda args: ()
+
+
 def _layout(types: Tuple):
     """(tensors getter, scalars getter) for arguments of these types; None if one is unsupported."""
     tpos, spos = [], []
@@ -100,15 +134,7 @@ def _layout(types: Tuple):
             spos.append(i)
         else:
             return None
-
-    def getter(pos):
-        if len(pos) >= 2:
-            return operator.itemgetter(*pos)
-        if len(pos) == 1:
-            i = pos[0]
-            return lambda args: (args[i],)
-        return lambda args: ()
-    return getter(tpos), getter(spos)
+    return _getter(tpos), _getter(spos)
 
 
 _LAYOUTS: Dict[Tuple, Any] = {}
@@ -131,11 +157,35 @@ def args_key(args: Tuple, layouts: Dict = _LAYOUTS):
 
 
 class _Entry:
-    __slots__ = ("kernel", "tail")
+    """kernel: the compiled kernel; tail: the launcher's arguments after the positional ones
+    (keyword arguments, defaults, an autotuner's config values) when they are the same on every
+    call with the key, else None and `live(kwargs)` builds them per call (tensor keyword
+    arguments: the key holds their dtype only)."""
+    __slots__ = ("kernel", "tail", "live")
 
-    def __init__(self, kernel, tail: Tuple):
+    def __init__(self, kernel, tail: Optional[Tuple], live=None):
         self.kernel = kernel
         self.tail = tail
+        self.live = live
+
+
+def kwargs_key(kwargs: Dict, layouts: Dict):
+    """The keyword arguments' part of the launch key: their names and types, and per value the
+    value itself, except tensors: dtype if 16-byte aligned, else a per-dtype marker (as
+    `args_key` for positional ones; pointer parameters passed by keyword)."""
+    vals = tuple(kwargs.values())
+    types = tuple(map(type, vals))
+    lay = layouts.get(types)
+    if lay is None:
+        tpos = [i for i, t in enumerate(types) if issubclass(t, _Tensor)]
+        lay = layouts[types] = (_getter(tpos), _getter([i for i in range(len(types))
+                                                        if i not in tpos])) if tpos else ()
+    if lay:
+        tget, sget = lay
+        return (tuple(kwargs), types, sget(vals),
+                tuple([t.dtype if not (t.data_ptr() & 15) else _misaligned(t.dtype)
+                       for t in tget(vals)]))
+    return (tuple(kwargs), types, vals)
 
 
 class FastKernel:
@@ -147,6 +197,7 @@ class FastKernel:
         self._cache: Dict[Tuple, Optional[_Entry]] = {}
         self._simple = None   # decided on first use: a plain JITFunction under the CUDA-like driver
         self._layouts: Dict[Tuple, Any] = {}
+        self._kw_layouts: Dict[Tuple, Any] = {}
         self.hits = 0
         self.misses = 0
 
@@ -169,13 +220,23 @@ class FastKernel:
             from triton.runtime.jit import JITFunction
         except Exception:
             return False
+        self._tuner = None
+        if _is_plain_autotuner(fn):
+            self._tuner = fn
+            self._tuner_type, self._tuner_run = type(fn), type(fn).run
+            self._tuner_base = _passthrough(self._tuner_run)[0]
+            fn = fn.fn
         run = getattr(type(fn), "run", None)
-        if not isinstance(fn, JITFunction) or getattr(run, "__qualname__", "") != "JITFunction.run" \
-                or getattr(run, "__module__", "") != "triton.runtime.jit":
-            return False   # interpreter, patched run (audits, profilers), autotuner, ...
+        base = _passthrough(run)[0]
+        if not isinstance(fn, JITFunction) or getattr(base, "__qualname__", "") != "JITFunction.run" \
+                or getattr(base, "__module__", "") != "triton.runtime.jit":
+            return False   # interpreter, patched run (audits, profilers), hooked autotuner, ...
         active = driver.active
-        self._jit_run = run
+        self._jit = fn
+        self._jit_run, self._jit_base = run, base
         self._jit_type = type(fn)
+        self._idle = None
+        self._readopt()
         self._knobs = knobs
         self._device = active.get_current_device
         self._stream = active.get_current_stream
@@ -190,57 +251,143 @@ class FastKernel:
         if _ENABLED and type(grid) is tuple:
             if self._simple is None:
                 self._simple = self._setup()
-            if self._simple and self._jit_type.run is self._jit_run:
+            if self._simple and (self._jit_type.run is self._jit_run and (
+                    self._tuner is None or self._tuner_type.run is self._tuner_run)
+                    or self._readopt()) and (self._idle is None or self._idle()):
                 rt = self._knobs.runtime
                 enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
                 if (enter is None or not getattr(enter, "calls", True)) and \
                         (leave is None or not getattr(leave, "calls", True)) and \
-                        not self.fn.pre_run_hooks:
+                        not self._jit.pre_run_hooks:
                     try:
                         akey = args_key(args, self._layouts)
                     except _Unsupported:
                         return self.fn[grid](*args, **kwargs)
                     env = self._env_get
                     key = (self._device(), rt.debug, env and env(self._knobs.compilation), akey,
-                           tuple(kwargs.items()))
+                           kwargs_key(kwargs, self._kw_layouts) if kwargs else ())
                     entry = self._cache.get(key, False)
                     if entry:
                         self.hits += 1
                         kernel = entry.kernel
+                        tail = entry.tail
+                        if tail is None:
+                            tail = entry.live(kwargs)
                         n = len(grid)
                         kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
                                    self._stream(key[0]), kernel.function, kernel.packed_metadata, None,
-                                   enter, leave, *args, *entry.tail)
+                                   enter, leave, *args, *tail)
                         return kernel
                     if entry is False:   # first call with this key: Triton's path, then remember
                         self.misses += 1
                         kernel = self.fn[grid](*args, **kwargs)
                         if len(self._cache) > 1024:
                             self._cache.clear()
-                        self._cache[key] = self._entry(kernel, len(args), kwargs)
+                        fixed = {}
+                        if self._tuner is not None:   # the config Autotuner.run just launched
+                            fixed = _tuned_kwargs(self._tuner, kwargs)
+                        self._cache[key] = None if fixed is None else \
+                            self._entry(kernel, len(args), kwargs, fixed)
                         return kernel
         return self.fn[grid](*args, **kwargs)
 
-    def _entry(self, kernel, nargs: int, kwargs: Dict) -> Optional[_Entry]:
+    def _readopt(self) -> bool:
+        """After `JITFunction.run` / `Autotuner.run` changed: True (and remembered) if they are
+        Triton's own or ssm_kernels._warmup's pass-through wrappers of them (then `_idle` says per
+        call whether the wrappers would pass through); False for anything else (this call takes
+        the normal path; a later call checks again)."""
+        run, (base, idle) = self._jit_type.run, _passthrough(self._jit_type.run)
+        if base is not self._jit_base:
+            return False
+        tidle = None
+        if self._tuner is not None:
+            trun = self._tuner_type.run
+            tbase, tidle = _passthrough(trun)
+            if tbase is not self._tuner_base:
+                return False
+            self._tuner_run = trun
+        self._jit_run = run
+        self._idle = idle or tidle
+        return True
+
+    def _entry(self, kernel, nargs: int, kwargs: Dict, fixed: Dict) -> Optional[_Entry]:
         """None (always the normal path for this key) unless the kernel is a finished compiled
-        kernel and kwargs are exactly the parameters after the positional ones."""
+        kernel and every parameter after the positional ones is a keyword argument (`kwargs`, the
+        call's; `fixed`, an autotuner config's) or has a default (filled in as Triton's binder
+        does)."""
         if kernel is None or hasattr(kernel, "result") or not hasattr(kernel, "packed_metadata"):
             return None
-        rest = self._names[nargs:]
-        if any(n not in kwargs for n in rest):
-            return None
-        return _Entry(kernel, tuple(kwargs[n] for n in rest))
+        if any(n in kwargs for n in self._names[:nargs]):
+            return None   # Triton raises for these; keep out of the way
+        live = []
+        for prm in self._jit.params[nargs:]:
+            n = prm.name
+            if n in kwargs:
+                live.append((n, kwargs[n], True))
+            elif n in fixed:
+                live.append((n, fixed[n], False))
+            elif getattr(prm, "has_default", False):
+                live.append((n, prm.default, False))
+            else:
+                return None
+        if any(isinstance(kwargs.get(n), _Tensor) for n, _, _ in live):   # taken from each call
+            names = tuple(n for n, _, _ in live)
+            fixed = {n: v for n, v, from_call in live if not from_call}
+            pick = operator.itemgetter(*names) if len(names) >= 2 else (lambda d: (d[names[0]],))
+            if fixed:
+                return _Entry(kernel, None, lambda kw: pick({**fixed, **kw}))
+            return _Entry(kernel, None, pick)
+        return _Entry(kernel, tuple(v for _, v, _ in live))
+
+
+def _passthrough(run):
+    """(Triton's own run under ssm_kernels._warmup's wrapper, its idle check), else (run, None)."""
+    p = getattr(run, "_ssm_passthrough", None)
+    return p if p is not None else (run, None)
+
+
+def _is_plain_autotuner(fn) -> bool:
+    """An Autotuner (exactly; not a subclass) straight over a kernel, with Triton's own run and no
+    hooks that must run around a launch."""
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except Exception:
+        return False
+    if type(fn) is not Autotuner:
+        return False
+    run = _passthrough(Autotuner.run)[0]
+    return getattr(run, "__qualname__", "") == "Autotuner.run" \
+        and getattr(run, "__module__", "") == "triton.runtime.autotuner" \
+        and not getattr(fn, "user_defined_pre_hook", True) \
+        and not getattr(fn, "user_defined_post_hook", True) \
+        and not getattr(fn, "reset_to_zero", True) and not getattr(fn, "restore_value", True) \
+        and all(c.pre_hook is None for c in fn.configs)
+
+
+def _tuned_kwargs(tuner, kwargs: Dict) -> Optional[Dict]:
+    """The keyword arguments the chosen config added on the call Autotuner.run just made (None:
+    do not cache this key)."""
+    config = getattr(tuner, "best_config", None)
+    if config is None or config.pre_hook is not None:
+        return None
+    extra = config.all_kwargs()
+    if any(k in kwargs for k in extra):
+        return None   # Triton would have raised; stay out of the way
+    return extra
 
 
 def fast_kernel(fn):
-    """Wrap a `@triton.jit` function in a FastKernel (anything else is returned unchanged)."""
+    """Wrap a `@triton.jit` function, or a `@triton.autotune` over one, in a FastKernel (anything
+    else is returned unchanged)."""
     if isinstance(fn, FastKernel):
         return fn
     try:
+        from triton.runtime.autotuner import Autotuner
         from triton.runtime.jit import JITFunction
         from triton.runtime.interpreter import InterpretedFunction
     except Exception:
         return fn
-    if isinstance(fn, (JITFunction, InterpretedFunction)):
+    if isinstance(fn, (JITFunction, InterpretedFunction)) or (
+            type(fn) is Autotuner and isinstance(fn.fn, (JITFunction, InterpretedFunction))):
         return FastKernel(fn)
     return fn

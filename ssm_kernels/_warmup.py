@@ -77,8 +77,17 @@ def _install():
                 self.fn.run(*args, **kwargs, **config.all_kwargs())
             return None
 
+        # the launch cache (ssm_kernels._launch) may bypass these wrappers while this thread is
+        # outside a compiling_ahead block, since they then only call the originals
+        run._ssm_passthrough = (orig_run, _idle)
+        at_run._ssm_passthrough = (orig_at, _idle)
         JITFunction.run, Autotuner.run = run, at_run
         _patched.append((orig_run, orig_at))
+
+
+def _idle() -> bool:
+    """Whether this thread is outside every compiling_ahead block (the wrappers pass through)."""
+    return getattr(_tls, "state", None) is None
 
 
 @contextlib.contextmanager

@@ -216,3 +216,135 @@ def test_interpreted_kernels_are_left_to_the_interpreter():
     fk = _launch.fast_kernel(fn)
     assert isinstance(fk, _launch.FastKernel) and fk.fn is fn
     assert fk._setup() is False
+
+
+# ---- 3. @triton.autotune kernels --------------------------------------------------------------------
+
+def _tuned(**extra):
+    """An Autotuner over the test kernel, keyed on n; two configs, the pruner picks one by n % 32
+    (no benchmarking: a single surviving config is taken as is, as Autotuner.run does)."""
+    from triton.runtime.autotuner import Autotuner
+    configs = [triton.Config({"BLOCK": 64}, num_warps=1), triton.Config({"BLOCK": 128}, num_warps=2)]
+    prune = {"early_config_prune": lambda configs, nargs, **kw: [configs[(nargs["n"] // 16) % 2]]}
+    fn = _jit()
+    return Autotuner(fn, fn.arg_names, configs, key=["n"], reset_to_zero=extra.get("reset_to_zero"),
+                     restore_value=None, prune_configs_by=prune, pre_hook=extra.get("pre_hook"))
+
+
+def test_autotuned_kernel_repeats_the_chosen_config(recorded):
+    at = _tuned()
+    fk = _launch.fast_kernel(at)
+    assert isinstance(fk, _launch.FastKernel) and fk.fn is at
+    for n, block, warps in ((64, 64, 1), (16, 128, 2)):   # (n // 16) % 2 picks the config
+        args = _args(n=n)
+        fk[(1,)](*args, FLAG=True)
+        slow = recorded[-1]
+        hits = fk.hits
+        fk[(1,)](*args, FLAG=True)
+        assert fk.hits == hits + 1
+        fast = recorded[-1]
+        assert fast[0] is slow[0]   # the config's compiled kernel, not another
+        assert slow[0].metadata.num_warps == warps and slow[0].src.constants[
+            slow[0].src.fn.arg_names.index("BLOCK"),] == block
+        for i, (a, b) in enumerate(zip(fast[1], slow[1])):
+            if i != 6:
+                assert a is b or a == b or (not isinstance(a, torch.Tensor) and repr(a) == repr(b))
+        # Triton's own path (cache off) picks the same kernel for these arguments
+        _launch.set_enabled(False)
+        try:
+            fk[(1,)](*args, FLAG=True)
+        finally:
+            _launch.set_enabled(True)
+        assert recorded[-1][0] is slow[0]
+
+
+def test_autotuners_with_hooks_stay_on_tritons_path(recorded):
+    for at in (_tuned(reset_to_zero=["y_ptr"]), _tuned(pre_hook=lambda kwargs, reset_only=False: 0)):
+        fk = _launch.fast_kernel(at)
+        for _ in range(3):
+            fk[(1,)](*_args(), FLAG=True)
+        assert fk.hits == 0 and len(recorded) >= 3
+
+
+def _scale_opt(x_ptr, y_ptr, n, s_x, alpha, FLAG: tl.constexpr, BLOCK: tl.constexpr,
+               z_ptr=None, HAS_Z: tl.constexpr = False, beta=1.0):
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n
+    v = tl.load(x_ptr + o * s_x, mask=m, other=0.0)
+    if FLAG:
+        v = v * alpha
+    if HAS_Z:
+        v += tl.load(z_ptr + o, mask=m, other=0.0) * beta
+    tl.store(y_ptr + o, v, mask=m)
+
+
+def _same_launch(fast, slow):
+    assert fast[0] is slow[0] and len(fast[1]) == len(slow[1])
+    for i, (a, b) in enumerate(zip(fast[1], slow[1])):
+        if i != 6:
+            assert a is b or a == b or (not isinstance(a, torch.Tensor) and repr(a) == repr(b)), (i, a, b)
+
+
+def test_defaults_and_tensor_keyword_arguments(recorded):
+    """Parameters left to their defaults are filled in as Triton's binder does; a tensor passed by
+    keyword is keyed by dtype / alignment (as positional ones) and taken from each call."""
+    fk = _launch.FastKernel(triton_jit.JITFunction(_scale_opt))
+    x, y, n, s_x, alpha = _args()
+    kw = dict(FLAG=True, BLOCK=64)
+    for _ in range(2):   # defaults for z_ptr, HAS_Z, beta
+        fk[(1,)](x, y, n, s_x, alpha, **kw)
+    assert (fk.misses, fk.hits) == (1, 1)
+    fast = recorded[-1]
+    _launch.set_enabled(False)
+    fk[(1,)](x, y, n, s_x, alpha, **kw)
+    _launch.set_enabled(True)
+    _same_launch(fast, recorded[-1])
+    # z by keyword: new tensors of the same dtype hit, and the launcher gets this call's tensor
+    for z in (torch.zeros(64), torch.ones(64), torch.zeros(80)[8:]):
+        fk[(1,)](x, y, n, s_x, alpha, **kw, z_ptr=z, HAS_Z=True)
+        assert any(a is z for a in recorded[-1][1]), "the launcher did not get this call's z"
+        fast = recorded[-1]
+        _launch.set_enabled(False)
+        fk[(1,)](x, y, n, s_x, alpha, **kw, z_ptr=z, HAS_Z=True)
+        _launch.set_enabled(True)
+        _same_launch(fast, recorded[-1])
+    assert fk.hits == 3   # the second and third z (16-byte aligned float32) were served
+    # a misaligned or other-dtype z needs another specialisation: Triton's kernel for it
+    for z in (torch.zeros(80)[1:], torch.zeros(64, dtype=torch.bfloat16)):
+        hits = fk.hits
+        fk[(1,)](x, y, n, s_x, alpha, **kw, z_ptr=z, HAS_Z=True)
+        assert fk.hits == hits
+        fast = recorded[-1]
+        _launch.set_enabled(False)
+        fk[(1,)](x, y, n, s_x, alpha, **kw, z_ptr=z, HAS_Z=True)
+        _launch.set_enabled(True)
+        _same_launch(fast, recorded[-1])
+
+
+def test_warmup_wrappers_pass_through_outside_their_block(recorded, monkeypatch):
+    """ssm_kernels._warmup replaces JITFunction.run / Autotuner.run for the process (acting only in
+    a thread inside `compiling_ahead`): outside the block the cache keeps serving; inside it every
+    launch goes to the wrapper (a compile, no launch)."""
+    from triton.runtime.autotuner import Autotuner
+    from ssm_kernels import _warmup
+    monkeypatch.setattr(triton_jit.JITFunction, "run", triton_jit.JITFunction.run)  # restored after
+    monkeypatch.setattr(Autotuner, "run", Autotuner.run)
+    monkeypatch.setattr(_warmup, "_patched", [])
+    fk, fa = _launch.FastKernel(_jit()), _launch.fast_kernel(_tuned())
+    kw = dict(FLAG=True, BLOCK=64)
+    for _ in range(2):
+        fk[(1,)](*_args(), **kw)
+        fa[(1,)](*_args(), FLAG=True)
+    assert fk.hits == 1 and fa.hits == 1
+    _warmup._install()
+    assert triton_jit.JITFunction.run is not fk._jit_run
+    fk[(1,)](*_args(), **kw)
+    fa[(1,)](*_args(), FLAG=True)
+    assert fk.hits == 2 and fa.hits == 2 and len(recorded) == 6
+    with _warmup.compiling_ahead(1) as info:
+        fk[(1,)](*_args(n=48), **kw)    # a new specialisation: submitted for compile, not run
+        fk[(1,)](*_args(), **kw)        # a cached one: still the wrapper's (no launch)
+        fa[(1,)](*_args(), FLAG=True)
+    assert len(recorded) == 6 and fk.hits == 2 and fa.hits == 2 and info["kernels"] >= 1
+    fk[(1,)](*_args(), **kw)
+    assert fk.hits == 3 and len(recorded) == 7

@@ -40,6 +40,7 @@ from .._config import triton_interpret
 from .._device import sm_count
 from ..linear_attn.triton import seq_span  # shared [bos, eos) of a (packed) sequence
 from .reference import EPS, feature_dim
+from .._launch import cdiv, next_power_of_2, fast_kernel
 
 
 # Tiles, chosen from ptxas register/spill counts on sm_90 (bf16, K = 16 and 32): BT = 16 with 8
@@ -468,12 +469,20 @@ def _based_bwd_dkv_kernel(
 
 # ---- launchers: check, allocate, launch -------------------------------------------------------
 
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_based_fwd_kernel = fast_kernel(_based_fwd_kernel)
+_based_step_kernel = fast_kernel(_based_step_kernel)
+_based_bwd_dz_kernel = fast_kernel(_based_bwd_dz_kernel)
+_based_bwd_dq_kernel = fast_kernel(_based_bwd_dq_kernel)
+_based_bwd_dkv_kernel = fast_kernel(_based_bwd_dkv_kernel)
+
+
 def _tiling(K: int, V: int):
-    KP = max(16, triton.next_power_of_2(K))
+    KP = max(16, next_power_of_2(K))
     BK1 = max(1, min(KP, 256 // KP))
     NS = KP // BK1
-    BV = 16 if triton_interpret() else min(BLOCK_V, max(16, triton.next_power_of_2(V)))
-    return KP, BK1, NS, BV, triton.cdiv(V, BV)
+    BV = 16 if triton_interpret() else min(BLOCK_V, max(16, next_power_of_2(V)))
+    return KP, BK1, NS, BV, cdiv(V, BV)
 
 
 def _dot_dtypes(dtype: torch.dtype):
@@ -511,13 +520,13 @@ def _segment_len(T: int, programs: int, device: torch.device) -> int:
     sms = sm_count(device)
     if programs >= sms:  # one 8-warp program fills an SM's registers: a full wave already
         return 0
-    seg = max(_SEGMENT_MIN, triton.cdiv(triton.cdiv(T, triton.cdiv(2 * sms, programs)), 64) * 64)
+    seg = max(_SEGMENT_MIN, cdiv(cdiv(T, cdiv(2 * sms, programs)), 64) * 64)
     return seg if seg < T else 0
 
 
 def _segment_offsets(B: int, T: int, seg: int, device) -> torch.Tensor:
     """cu_seqlens-style offsets of the segments of B dense sequences of length T: [B*nseg + 1]."""
-    nseg = triton.cdiv(T, seg)
+    nseg = cdiv(T, seg)
     starts = (torch.arange(B, device=device)[:, None] * T
               + torch.arange(nseg, device=device)[None, :] * seg).flatten()
     return torch.cat([starts, starts.new_full((1,), B * T)])
@@ -601,7 +610,7 @@ def based_bwd(q, k, v, o, z, h0, do, dhT, scale: float, use_norm: bool, cu_seqle
     if use_norm:  # the normaliser's cotangent; the kernels scale do by 1/(z+eps) on the fly
         dz = torch.empty_like(z)
         M = B * T * H
-        _based_bwd_dz_kernel[(triton.cdiv(M, 64),)](do, o, z, dz, M, V, BM=64, BV=min(64, BV * 2))
+        _based_bwd_dz_kernel[(cdiv(M, 64),)](do, o, z, dz, M, V, BM=64, BV=min(64, BV * 2))
     else:
         dz = z  # unused
     dq = torch.empty((NS * NV, B, T, H, K), device=dev, dtype=torch.float32)

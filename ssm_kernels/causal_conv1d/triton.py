@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .._config import triton_interpret
+from .._launch import cdiv, next_power_of_2, fast_kernel
 
 
 @triton.jit
@@ -343,6 +344,14 @@ def _causal_conv1d_update_kernel(
 # launchers: check, allocate, launch
 # ---------------------------------------------------------------------------------------------
 
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_causal_conv1d_fwd_kernel = fast_kernel(_causal_conv1d_fwd_kernel)
+_causal_conv1d_bwd_kernel = fast_kernel(_causal_conv1d_bwd_kernel)
+_causal_conv1d_edge_kernel = fast_kernel(_causal_conv1d_edge_kernel)
+_sum_rows_kernel = fast_kernel(_sum_rows_kernel)
+_causal_conv1d_update_kernel = fast_kernel(_causal_conv1d_update_kernel)
+
+
 def _tiles(x: torch.Tensor):
     """(BLOCK_D, BLOCK_T, num_warps): the contiguous axis gets the long side of the tile."""
     if triton_interpret():
@@ -376,7 +385,7 @@ def causal_conv1d_fwd(x, weight, bias, seq_idx, cu_seqlens, initial_states, silu
     s_i = _strides(initial_states)
     s_s = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
     if T > 0:
-        grid = (triton.cdiv(T, BT), triton.cdiv(D, BD), B)
+        grid = (cdiv(T, BT), cdiv(D, BD), B)
         _causal_conv1d_fwd_kernel[grid](
             x, weight, bias if bias is not None else weight, initial_states if initial_states is not None else x,
             sq if sq is not None else x, out, T, D, N, n_iter,
@@ -397,7 +406,7 @@ def _edge(x, weight, bias, initial_states, cu_seqlens, dout, dfinal, out, silu, 
     W = weight.shape[1]
     NS = out.shape[0]
     BD = 8 if triton_interpret() else 64
-    grid = (triton.cdiv(D, BD), NS)
+    grid = (cdiv(D, BD), NS)
     _causal_conv1d_edge_kernel[grid](
         x, weight, bias if bias is not None else weight,
         initial_states if initial_states is not None else x,
@@ -406,7 +415,7 @@ def _edge(x, weight, bias, initial_states, cu_seqlens, dout, dfinal, out, silu, 
         *x.stride(), *_strides(dout), *_strides(initial_states), *_strides(dfinal), *out.stride(),
         W=W, HAS_BIAS=bias is not None, HAS_INIT=initial_states is not None,
         HAS_DFINAL=dfinal is not None, VARLEN=1 if cu_seqlens is not None else 0, SILU=silu,
-        FORWARD=forward, BLOCK_D=BD, BLOCK_W=max(1, triton.next_power_of_2(W - 1)), num_warps=4)
+        FORWARD=forward, BLOCK_D=BD, BLOCK_W=max(1, next_power_of_2(W - 1)), num_warps=4)
 
 
 def _sum_rows(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -414,7 +423,7 @@ def _sum_rows(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(part.shape[1:], dtype=dtype, device=part.device)
     C = out.numel()
     BLOCK = 64 if triton_interpret() else 256
-    _sum_rows_kernel[(triton.cdiv(C, BLOCK),)](part, out, P, C, BLOCK=BLOCK, num_warps=4)
+    _sum_rows_kernel[(cdiv(C, BLOCK),)](part, out, P, C, BLOCK=BLOCK, num_warps=4)
     return out
 
 
@@ -426,14 +435,14 @@ def causal_conv1d_bwd(x, weight, bias, seq_idx, cu_seqlens, initial_states, dout
     varlen, sq, N, n_iter = _varlen(seq_idx, cu_seqlens)
     BD, BT, nw = _tiles(x)
     dx = torch.empty_like(x)
-    nT = triton.cdiv(T, BT)
+    nT = cdiv(T, BT)
     dw_part = torch.empty((B * nT, D, W), dtype=torch.float32, device=x.device)
     db_part = torch.empty((B * nT, D), dtype=torch.float32, device=x.device) if bias is not None else None
     has_init = initial_states is not None and W > 1
     has_dfin = dfinal is not None and W > 1
     s_s = (seq_idx.stride(0), seq_idx.stride(1)) if seq_idx is not None else (0, 0)
     if T > 0:
-        grid = (nT, triton.cdiv(D, BD), B)
+        grid = (nT, cdiv(D, BD), B)
         _causal_conv1d_bwd_kernel[grid](
             x, weight, bias if bias is not None else weight,
             initial_states if initial_states is not None else x, sq if sq is not None else x,
@@ -468,8 +477,8 @@ def causal_conv1d_update(x, conv_state, weight, bias, silu: bool, cache_seqlens,
     if L == 0 or B == 0:
         return out
     BD = 8 if triton_interpret() else 64
-    BL = min(triton.next_power_of_2(L), 16 if triton_interpret() else 64)
-    grid = (triton.cdiv(D, BD), B)
+    BL = min(next_power_of_2(L), 16 if triton_interpret() else 64)
+    grid = (cdiv(D, BD), B)
     _causal_conv1d_update_kernel[grid](
         x, conv_state, weight, bias if bias is not None else weight,
         cache_seqlens if cache_seqlens is not None else x,
@@ -477,5 +486,5 @@ def causal_conv1d_update(x, conv_state, weight, bias, silu: bool, cache_seqlens,
         D, L, S, *x.stride(), *conv_state.stride(), *out.stride(),
         W=W, HAS_BIAS=bias is not None, SILU=silu, CIRCULAR=cache_seqlens is not None,
         HAS_IDX=conv_state_indices is not None, BLOCK_D=BD, BLOCK_L=BL,
-        BLOCK_S=max(1, triton.next_power_of_2(S)), num_warps=4)
+        BLOCK_S=max(1, next_power_of_2(S)), num_warps=4)
     return out

@@ -32,6 +32,7 @@ from .common import (causal_decay, causal_decay_t, chunk_span, decay_rows, decay
                      decay_to_end, decay_to_end_t, l2norm_rows, last_row, load_h_dh, load_rows,
                      load_v, log_decay_cumsum, mm, mm_wy, row_span_base)
 from .fwd import Plan, _dummy, _seg, chunk_states, seg_chunk_states, seg_scan
+from .._launch import cdiv, next_power_of_2, fast_kernel
 
 
 @triton.jit
@@ -268,7 +269,7 @@ def seg_state_grads(p: Plan, q, do, g, vs, A, dht, gs, scale):
     d = _dummy(do)
     dh = q.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
     ds = common.poison(q.new_empty((NSEG, p.H, p.K, p.V), dtype=torch.float32))
-    grid = (triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), NSEG * p.H)
+    grid = (cdiv(p.K, m["BK"]), cdiv(p.V, m["BV"]), NSEG * p.H)
     kw = dict(GATE=p.gate, G_FROM_VS=A is not None, IS_VARLEN=False, BT=p.BT, DT=m["DT"],
               IEEE=m["IEEE"], BK=m["BK"], BV=m["BV"], SEG=SEG, num_warps=4)
     args = (q, do, d if g is None else g, d if vs is None else vs, d if A is None else A)
@@ -278,6 +279,12 @@ def seg_state_grads(p: Plan, q, do, g, vs, A, dht, gs, scale):
     _state_grad_kernel[grid](*args, dsin, dh, d, d, d, p.T, p.H, p.HQ, p.K, p.V, float(scale),
                              HAS_DHT=True, STORE_DH0=False, **kw)
     return dh, dh0
+
+
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_state_grad_kernel = fast_kernel(_state_grad_kernel)
+_dv_kernel = fast_kernel(_dv_kernel)
+_dqk_kernel = fast_kernel(_dqk_kernel)
 
 
 def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Tensor] = None,
@@ -310,7 +317,7 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Ten
     else:
         dh = q.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
         dh0 = common.poison(q.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
-        _state_grad_kernel[(triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), p.N * p.H)](
+        _state_grad_kernel[(cdiv(p.K, m["BK"]), cdiv(p.V, m["BV"]), p.N * p.H)](
             q, do, gg, vsa, Aa, d if dht is None else dht, dh, dh0, cu, co,
             p.T, p.H, p.HQ, p.K, p.V, float(scale), HAS_DHT=dht is not None, BK=m["BK"],
             BV=m["BV"], num_warps=4, **kw)
@@ -320,9 +327,9 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Ten
     a = gla.intra_scores(p, q, k, g, scale) if p.gate == 2 else d
     dv = common.poison(torch.empty_like(v))
     dvs = None if vs is None else common.poison(torch.empty_like(vs))
-    BVd = max(16, triton.next_power_of_2(p.V)) if vs is not None else m["BV"]
+    BVd = max(16, next_power_of_2(p.V)) if vs is not None else m["BV"]
     dDp = None if D is None else common.poison(q.new_empty((p.NCH, p.H, p.V), dtype=torch.float32))
-    _dv_kernel[(triton.cdiv(p.V, BVd), p.NCH, p.H)](
+    _dv_kernel[(cdiv(p.V, BVd), p.NCH, p.H)](
         q, k, v, do, gg, vsa, Aa, dh, a, dv, d if dvs is None else dvs, ct, cu,
         p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale), HAS_VS=vs is not None, BK=m["BK"], BV=BVd,
         num_warps=4, D_ptr=D, dD_ptr=dDp, HAS_D=D is not None, **kw)

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from .._config import triton_interpret
+from .._launch import cdiv, next_power_of_2
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -77,7 +78,7 @@ def poison(t: torch.Tensor) -> torch.Tensor:
 
 
 def blocks(K: int, V: int, gate: int, dtype: torch.dtype, chunk=None) -> dict:
-    BKF = max(16, triton.next_power_of_2(K))            # whole K (the dq/dk stage of GATE 0/1)
+    BKF = max(16, next_power_of_2(K))            # whole K (the dq/dk stage of GATE 0/1)
     interp = triton_interpret()
     fp32 = dtype == torch.float32
     if interp:
@@ -91,16 +92,16 @@ def blocks(K: int, V: int, gate: int, dtype: torch.dtype, chunk=None) -> dict:
         BT = 32 if (BKF > 128 or fp32) else CHUNK
     if chunk is not None and gate != 2 and not interp:
         BT = min(BT, chunk)
-    BV = max(16, min(BLOCK_V, triton.next_power_of_2(V)))
+    BV = max(16, min(BLOCK_V, next_power_of_2(V)))
     return dict(
         BT=BT, SUB=min(SUB_CHUNK, BT), BKF=BKF,
-        BK=max(16, min(BLOCK_K, triton.next_power_of_2(K))),
+        BK=max(16, min(BLOCK_K, next_power_of_2(K))),
         BV=BV,
-        BKG=max(16, min(32 if fp32 else GLA_BLOCK_K, triton.next_power_of_2(K))),
-        BKD=max(16, min(GLA_DQK_BLOCK_K, triton.next_power_of_2(K))),
+        BKG=max(16, min(32 if fp32 else GLA_BLOCK_K, next_power_of_2(K))),
+        BKD=max(16, min(GLA_DQK_BLOCK_K, next_power_of_2(K))),
         # output V tile of GATE 2: 128 where V is a multiple of 16 (unaligned V: unvectorised
         # loads, and the [64, 128] tile spilled at V=100)
-        BVO=(max(16, min(GLA_BLOCK_V, triton.next_power_of_2(V)))
+        BVO=(max(16, min(GLA_BLOCK_V, next_power_of_2(V)))
              if (gate == 2 and not fp32 and V % 16 == 0) else BV),
         GLA_WARPS=8,
         DT=_TL_DTYPE[dtype],
@@ -129,7 +130,7 @@ def chunk_table(cu: torch.Tensor, BT: int, NCH: int, TOK: int):
 
 
 def num_chunks(B: int, T: int, N: int, BT: int, varlen: bool) -> int:
-    return (B * T) // BT + N if varlen else B * triton.cdiv(T, BT)
+    return (B * T) // BT + N if varlen else B * cdiv(T, BT)
 
 
 # ---- jit helpers -------------------------------------------------------------------------------

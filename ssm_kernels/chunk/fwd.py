@@ -22,6 +22,7 @@ from .common import (blocks, causal_decay, chunk_span, chunk_table, decay_rows, 
                      decay_to_end, l2norm_rows, last_row, load_rows, load_state_block, load_v,
                      log_decay_cumsum, mm, mm_wy, num_chunks, row_span_base, seg_span,
                      state_store_dtype)
+from .._launch import cdiv, next_power_of_2, fast_kernel
 
 
 @triton.jit
@@ -276,6 +277,13 @@ def _fused_fwd_kernel(
 
 # ---- launchers ---------------------------------------------------------------------------------
 
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_state_kernel = fast_kernel(_state_kernel)
+_output_kernel = fast_kernel(_output_kernel)
+_seg_scan_kernel = fast_kernel(_seg_scan_kernel)
+_fused_fwd_kernel = fast_kernel(_fused_fwd_kernel)
+
+
 def _dummy(x):
     return x.new_empty(1)
 
@@ -292,7 +300,7 @@ class Plan:
         self.meta = blocks(K, self.V, self.gate, q.dtype, chunk)
         BT = self.meta["BT"]
         self.BT = BT
-        self.NT = triton.cdiv(T, BT)
+        self.NT = cdiv(T, BT)
         self.varlen = cu_seqlens is not None
         self.NCH = num_chunks(B, T, self.N, BT, self.varlen)
         self.cu = cu_seqlens
@@ -314,7 +322,7 @@ def chunk_states(p: Plan, k, v, g, vs, A, h0, store_h=True):
     h = (k.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype) if store_h else _dummy(k))
     ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
     cu, co, _ = p.idx_args(ht)
-    grid = (triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), p.N * p.H)
+    grid = (cdiv(p.K, m["BK"]), cdiv(p.V, m["BV"]), p.N * p.H)
     d = _dummy(ht)
     _state_kernel[grid](k, v, d if g is None else g, d if vs is None else vs,
                         d if A is None else A, d if h0 is None else h0, h, ht, cu, co,
@@ -329,7 +337,7 @@ def chunk_states(p: Plan, k, v, g, vs, A, h0, store_h=True):
 def _seg(p: Plan):
     """(segment length in tokens, number of segments) of the fused forward."""
     SEG = common.SEG_CHUNKS * p.BT
-    return SEG, p.B * triton.cdiv(p.T, SEG)
+    return SEG, p.B * cdiv(p.T, SEG)
 
 
 def _seg_state_pass(p: Plan, k, v, g, vs, A, sin=None):
@@ -346,7 +354,7 @@ def _seg_state_pass(p: Plan, k, v, g, vs, A, sin=None):
     else:
         hs = gs = None
         h = k.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
-    _state_kernel[(triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), NSEG * p.H)](
+    _state_kernel[(cdiv(p.K, m["BK"]), cdiv(p.V, m["BV"]), NSEG * p.H)](
         k, v, d if g is None else g, d if vs is None else vs, d if A is None else A,
         d if sin is None else sin, h, d if hs is None else hs, d, d, p.T, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_H0=sin is not None,
@@ -370,7 +378,7 @@ def seg_scan(p: Plan, hs, gs, h0, reverse=False):
     d = _dummy(hs)
     sin = common.poison(torch.empty_like(hs))
     ht = common.poison(hs.new_empty((p.N, p.H, p.K, p.V)))
-    _seg_scan_kernel[(triton.cdiv(p.K, m["BK"]), triton.cdiv(p.V, m["BV"]), p.N * p.H)](
+    _seg_scan_kernel[(cdiv(p.K, m["BK"]), cdiv(p.V, m["BV"]), p.N * p.H)](
         hs, gs, d if h0 is None else h0, sin, ht, p.T, p.H, p.K, p.V,
         GATE=p.gate, HAS_H0=h0 is not None, SEG=SEG, BK=m["BK"], BV=m["BV"], REVERSE=reverse,
         num_warps=4)
@@ -401,8 +409,8 @@ def fused_output(p: Plan, q, k, v, g, vs, A, sin, scale, D=None, z=None, h0=None
     lb = {} if ht is None else dict(LOOKBACK=True, gs_ptr=d if gs is None else gs,
                                      h0_ptr=d if h0 is None else h0, ht_ptr=ht,
                                      HAS_H0=h0 is not None)
-    BV = max(16, min(common.FUSED_BLOCK_V, triton.next_power_of_2(p.V)))
-    _fused_fwd_kernel[(p.H, NSEG, triton.cdiv(p.V, BV))](
+    BV = max(16, min(common.FUSED_BLOCK_V, next_power_of_2(p.V)))
+    _fused_fwd_kernel[(p.H, NSEG, cdiv(p.V, BV))](
         q, k, v, d if g is None else g, d if vs is None else vs, d if A is None else A, sin,
         d if D is None else D, d if z is None else z, o,
         p.T, p.H, p.HQ, p.K, p.V, float(scale),
@@ -419,7 +427,7 @@ def fused_fwd(p: Plan, q, k, v, g, vs, A, h0, scale, D=None, z=None):
     (rows of at most LOOKBACK_SEGS segments: stage 3 sums the earlier segments' states itself).
     Bytes: k, v read twice, q and o once, segment states 4 x NSEG x H x K x V x 4 B."""
     hs, gs = seg_states(p, k, v, g, vs, A)
-    if triton.cdiv(p.T, _seg(p)[0]) <= common.LOOKBACK_SEGS:
+    if cdiv(p.T, _seg(p)[0]) <= common.LOOKBACK_SEGS:
         ht = common.poison(hs.new_empty((p.N, p.H, p.K, p.V)))
         return fused_output(p, q, k, v, g, vs, A, hs, scale, D, z, h0, ht, gs), ht
     sin, ht = seg_scan(p, hs, gs, h0)
@@ -449,7 +457,7 @@ def chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor] = No
     o = common.poison(torch.empty_like(v))
     cu, _, ct = p.idx_args(ht)
     d = _dummy(ht)
-    _output_kernel[(triton.cdiv(p.V, m["BVO"]), p.NCH, p.H)](
+    _output_kernel[(cdiv(p.V, m["BVO"]), p.NCH, p.H)](
         q, k, v, d if g is None else g, d if vs is None else vs, d if A is None else A, h, a, o,
         ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale),
         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, IS_VARLEN=p.varlen,

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from . import common
 from .common import chunk_span, load_h_dh, load_rows, mm
+from .._launch import cdiv, next_power_of_2, fast_kernel
 
 
 @triton.jit
@@ -570,6 +571,16 @@ def _bwd_fused_kernel(
 
 # ---- launchers (p: fwd.Plan) -----------------------------------------------------------------
 
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_cumsum_kernel = fast_kernel(_cumsum_kernel)
+_intra_kernel = fast_kernel(_intra_kernel)
+_dqkg_kernel = fast_kernel(_dqkg_kernel)
+_intra_tree_kernel = fast_kernel(_intra_tree_kernel)
+_fwd_tree_kernel = fast_kernel(_fwd_tree_kernel)
+_dqkg_tree_kernel = fast_kernel(_dqkg_tree_kernel)
+_bwd_fused_kernel = fast_kernel(_bwd_fused_kernel)
+
+
 # ---- knobs of the tree variant (the lead A/Bs them on the GPU; bench/gpu_chunk.py GLA_VARIANTS) --
 TREE = True            # scores and dq/dk/dg through the full tree (_intra_tree_kernel,
                        # _dqkg_tree_kernel); False: the SUB_CHUNK kernels (_intra_kernel, _dqkg_kernel)
@@ -615,7 +626,7 @@ def _modes():
 
 
 def _kp(p):
-    return max(16, triton.next_power_of_2(p.K))
+    return max(16, next_power_of_2(p.K))
 
 
 def _nlev(BT):
@@ -623,7 +634,7 @@ def _nlev(BT):
 
 
 def _tree_bk(p, knob):
-    return max(16, min(32 if p.meta["IEEE"] == 1 else knob, triton.next_power_of_2(p.K)))
+    return max(16, min(32 if p.meta["IEEE"] == 1 else knob, next_power_of_2(p.K)))
 
 
 def use_fused_fwd(p):
@@ -646,7 +657,7 @@ def chunk_cumsum(p, g):
     gc = common.poison(torch.empty_like(g, dtype=torch.float32))
     ct, cu = _idx(p, gc)
     BK = m["BKG"]
-    _cumsum_kernel[(triton.cdiv(p.K, BK), p.NCH, p.H)](
+    _cumsum_kernel[(cdiv(p.K, BK), p.NCH, p.H)](
         g, gc, ct, cu, p.T, p.NT, p.H, p.K, IS_VARLEN=p.varlen, BT=p.BT, BK=BK, num_warps=4)
     return gc
 
@@ -682,14 +693,14 @@ def dqkg(p, q, k, v, do, gc, h, dh, scale):
     if TREE:
         BK = _tree_bk(p, TREE_DQK_BLOCK_K)
         for mode in _modes():
-            _dqkg_tree_kernel[(triton.cdiv(p.K, BK), p.NCH, p.H)](
+            _dqkg_tree_kernel[(cdiv(p.K, BK), p.NCH, p.H)](
                 q, k, v, do, gc, h, dh, dq, dk, dg, ct, cu, p.T, p.NT, p.H, p.K, p.V,
                 float(scale), IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=BK, BV=m["BV"],
                 DT=m["DT"], IEEE=m["IEEE"], FAST_SPAN=_span(p), MODE=mode,
                 num_warps=TREE_WARPS, num_stages=1, **_maxnreg(mode, TREE_DQK_MAXNREG))
         return dq, dk, dg
     BK = m["BKD"]
-    _dqkg_kernel[(triton.cdiv(p.K, BK), p.NCH, p.H)](
+    _dqkg_kernel[(cdiv(p.K, BK), p.NCH, p.H)](
         q, k, v, do, gc, h, dh, dq, dk, dg, ct, cu, p.T, p.NT, p.H, p.K, p.V, float(scale),
         IS_VARLEN=p.varlen, BT=p.BT, SUB=m["SUB"], BK=BK, BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"],
         DIAG4=common.GLA_DIAG_4D, num_warps=m["GLA_WARPS"], num_stages=1)
@@ -703,7 +714,7 @@ def fwd_output(p, q, k, v, gc, h, scale):
     ct, cu = _idx(p, o)
     BV = m["BVO"]
     for mode in _modes():
-        _fwd_tree_kernel[(triton.cdiv(p.V, BV), p.NCH, p.H)](
+        _fwd_tree_kernel[(cdiv(p.V, BV), p.NCH, p.H)](
             q, k, v, gc, h, o, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale),
             IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=_tree_bk(p, TREE_BLOCK_K), BV=BV,
             DT=m["DT"], IEEE=m["IEEE"], FAST_SPAN=_span(p), MODE=mode, KP=_kp(p),
@@ -721,6 +732,6 @@ def bwd_fused(p, q, k, v, do, gc, h, dh, scale):
     _bwd_fused_kernel[(p.NCH, p.H)](
         q, k, v, do, gc, h, dh, dq, dk, dv, dg, ct, cu, p.T, p.NT, p.H, p.K, p.V, float(scale),
         IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=_tree_bk(p, TREE_BWD_BLOCK_K),
-        BV=max(16, triton.next_power_of_2(p.V)), DT=m["DT"], IEEE=m["IEEE"], FAST_SPAN=_span(p),
+        BV=max(16, next_power_of_2(p.V)), DT=m["DT"], IEEE=m["IEEE"], FAST_SPAN=_span(p),
         RELOAD=FUSED_BWD_RELOAD, num_warps=TREE_WARPS, num_stages=1)
     return dq, dk, dv, dg

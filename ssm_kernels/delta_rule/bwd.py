@@ -42,6 +42,7 @@ from ..chunk.common import (causal_decay, causal_decay_t, chunk_base, chunk_span
                             decay_state, decay_to_end_t, last_row, load_h_dh, load_rows,
                             load_state_block,
                             log_decay_cumsum, mm, mm_wy, seq_span)
+from .._launch import fast_kernel
 
 
 @triton.jit
@@ -218,3 +219,8 @@ def _state_grad_delta_kernel(
               + mm(tl.trans(b_q), b_do * sq[:, None], DT, IEEE)
               - mm_wy(tl.trans(b_w), b_dvn, WF32, DT, IEEE))
     tl.store(dh0_ptr + i_nh.to(tl.int64) * K * V + p_s, dS, mask=m_s)
+
+
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_dqk_delta_kernel = fast_kernel(_dqk_delta_kernel)
+_state_grad_delta_kernel = fast_kernel(_state_grad_delta_kernel)

@@ -35,6 +35,7 @@ from ..chunk.bwd import _dqk_kernel, _dv_kernel, _state_grad_kernel
 from ..chunk.common import blocks, chunk_span, l2norm_rows, load_rows, log_decay_cumsum, mm, mm_wy
 from ..chunk.fwd import Plan, _dummy, _output_kernel, _state_kernel
 from .bwd import _dqk_delta_kernel, _state_grad_delta_kernel
+from .._launch import cdiv, next_power_of_2, fast_kernel
 
 WU_FLOAT32 = True
 # V tile of the two serial scans (state, state gradient), None: min(BLOCK_V, 8192 // K) (a
@@ -398,6 +399,12 @@ def _wy_bwd_kernel(
 
 # ---- launchers ---------------------------------------------------------------------------------
 
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_wy_fwd_kernel = fast_kernel(_wy_fwd_kernel)
+_wu_kernel = fast_kernel(_wu_kernel)
+_wy_bwd_kernel = fast_kernel(_wy_bwd_kernel)
+
+
 def _plan(q, v, g, cu_seqlens):
     p = Plan(q, v, g, cu_seqlens, False)
     m = p.meta
@@ -426,7 +433,7 @@ def _plan(q, v, g, cu_seqlens):
     p.dqk_opts = {"maxnreg": DQK_MAXNREG} if (fast and DQK_MAXNREG and not p.gate) else {}
     p.dqk_warps = (DQK_WARPS if fast else None) or p.warps
     p.BVq = (DQK_BLOCK_V if fast else None) or m["BV"]
-    p.BVO = max(16, min(OUT_BLOCK_V, triton.next_power_of_2(p.V))) if OUT_BLOCK_V else m["BV"]
+    p.BVO = max(16, min(OUT_BLOCK_V, next_power_of_2(p.V))) if OUT_BLOCK_V else m["BV"]
     # the inverse in tf32 for 16-bit W, U (WF32 of the inverse alone)
     p.inv_f32 = 1 if (p.wf32 == 0 and WY_INVERSE_F32) else p.wf32
     # the scans' products with the running state (w S, w^T dV') in tf32 on the float32 state even
@@ -491,7 +498,7 @@ def _states(p, k, w, u, g, h0, l2):
     vn = common.poison(k.new_empty((p.B * p.T, p.H, p.V), dtype=k.dtype))
     cu, co, _ = p.idx_args(ht)
     d = _dummy(ht)
-    _state_kernel[(1, triton.cdiv(p.V, p.BVs), p.N * p.H)](
+    _state_kernel[(1, cdiv(p.V, p.BVs), p.N * p.H)](
         k, u, d if g is None else g, d, d, d if h0 is None else h0, h, ht, cu, co,
         p.T, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, G_FROM_VS=False, HAS_VS=False, HAS_H0=h0 is not None, STORE_H=True,
@@ -514,7 +521,7 @@ def chunk_delta_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool,
     o = common.poison(torch.empty_like(v))
     cu, _, ct = p.idx_args(ht)
     d = _dummy(ht)
-    _output_kernel[(triton.cdiv(p.V, p.BVO), p.NCH, p.H)](
+    _output_kernel[(cdiv(p.V, p.BVO), p.NCH, p.H)](
         q, k, vn, d if g is None else g, d, d, h, d, o, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
         float(scale), GATE=p.gate, G_FROM_VS=False, HAS_VS=False, IS_VARLEN=p.varlen,
         BT=p.BT, BK=m["BK"], BV=p.BVO, DT=m["DT"], IEEE=m["IEEE"], L2NORM=l2,
@@ -551,7 +558,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
     dvl = d
     if not p.sg_fuse:
         dvl = common.poison(do.new_empty((TOK, p.H, p.V), **f32))
-        _dv_kernel[(triton.cdiv(p.V, p.BVO), p.NCH, p.H)](
+        _dv_kernel[(cdiv(p.V, p.BVO), p.NCH, p.H)](
             q, k, vn, do, gg, d, d, d, d, dvl, d, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
             float(scale), HAS_VS=False, BK=m["BK"], BV=p.BVO, HAS_DH=False, L2NORM=l2,
             num_warps=4 if p.BVO <= 64 else 8, **kw)
@@ -559,7 +566,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
     dh0 = common.poison(q.new_empty((p.N, p.H, p.K, p.V), **f32))
     dvn = common.poison(do.new_empty((TOK, p.H, p.V), dtype=q.dtype if p.g16 else p.wdtype))
     if p.sg_delta:
-        _state_grad_delta_kernel[(triton.cdiv(p.V, p.BVg), p.N * p.H)](
+        _state_grad_delta_kernel[(cdiv(p.V, p.BVg), p.N * p.H)](
             q, k, w, do, gg, dvl, d if dht is None else dht, dh, dh0, dvn, cu, co,
             p.T, p.H, p.HQ, p.K, p.V, float(scale), GATE=p.gate, HAS_DHT=dht is not None,
             IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=p.BVg, DT=m["DT"], IEEE=m["IEEE"],
@@ -568,7 +575,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
             num_warps=p.sg_warps, num_stages=SG_STAGES,
             **p.sg_opts)
     else:
-        _state_grad_kernel[(1, triton.cdiv(p.V, p.BVs), p.N * p.H)](
+        _state_grad_kernel[(1, cdiv(p.V, p.BVs), p.N * p.H)](
             q, do, gg, d, d, d if dht is None else dht, dh, dh0, cu, co,
             p.T, p.H, p.HQ, p.K, p.V, float(scale), HAS_DHT=dht is not None, BK=m["BKF"],
             BV=p.BVs, k_ptr=k, w_ptr=w, dvl_ptr=dvl, dvn_ptr=dvn, DELTA=True, L2NORM=l2,

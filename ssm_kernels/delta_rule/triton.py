@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..chunk.common import chunk_base, load_state_block, seq_span
+from .._launch import cdiv, next_power_of_2, fast_kernel
 
 L2NORM_EPS = 1e-6
 
@@ -79,13 +80,13 @@ def recurrent_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, use_l2norm: bo
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    BK = triton.next_power_of_2(K)
-    BV = min(triton.next_power_of_2(V), max(8, min(64, 4096 // BK)))
+    BK = next_power_of_2(K)
+    BV = min(next_power_of_2(V), max(8, min(64, 4096 // BK)))
     o = torch.empty_like(v)
     if store_ht and ht is None:
         ht = q.new_empty((N, HV, K, V), dtype=torch.float32)
     # absent inputs: any tensor stands in for the pointer (its flag keeps it unread)
-    _recurrent_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
+    _recurrent_fwd_kernel[(cdiv(V, BV), N * HV)](
         q, k, v, beta if g is None else g, beta, o if h0 is None else h0, o,
         o if ht is None else ht, beta if cu_seqlens is None else cu_seqlens,
         T, H, HV, K, V, float(scale), L2NORM_EPS,
@@ -185,6 +186,11 @@ def _recurrent_bwd_kernel(
     tl.store(dh0_ptr + i_nh.to(tl.int64) * K * V + p_kv, dS, mask=m_s)
 
 
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_recurrent_fwd_kernel = fast_kernel(_recurrent_fwd_kernel)
+_recurrent_bwd_kernel = fast_kernel(_recurrent_bwd_kernel)
+
+
 @triton.jit
 def _step(S, q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, t, H, HV, K, V, i_h, i_hv, o_k, o_v, m_k, m_v,
           eps, HAS_G: tl.constexpr, L2NORM: tl.constexpr):
@@ -206,7 +212,7 @@ def bwd_chunk(tokens: int, n_seqs: int) -> int:
     """Steps between stored states in the backward: the checkpoints take ~tokens / BT states and
     the replay scratch n_seqs * BT, so BT ~ sqrt(tokens / n_seqs), a power of two in [16, 64]
     (a function of shapes only)."""
-    return min(64, max(16, triton.next_power_of_2(int(math.sqrt(max(tokens, 1) / max(n_seqs, 1))))))
+    return min(64, max(16, next_power_of_2(int(math.sqrt(max(tokens, 1) / max(n_seqs, 1))))))
 
 
 def recurrent_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, use_l2norm: bool, do, dht):
@@ -218,7 +224,7 @@ def recurrent_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, use_l2norm: bo
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     BT = bwd_chunk(B * T, N)
-    BK, BV = triton.next_power_of_2(K), triton.next_power_of_2(V)
+    BK, BV = next_power_of_2(K), next_power_of_2(V)
     NCH = num_chunks(B, T, N, BT, cu_seqlens is not None)
     co = None
     if cu_seqlens is not None:

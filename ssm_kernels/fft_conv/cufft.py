@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from .._config import triton_interpret
-from .._launch import fast_kernel
+from .._launch import cdiv, next_power_of_2, fast_kernel
 
 # tests set this to fill every output and intermediate with NaN before the kernels write them
 FILL_NAN = False
@@ -424,7 +424,7 @@ _epi_dk_kernel = fast_kernel(_epi_dk_kernel)
 
 
 def _block(length: int) -> int:
-    return 256 if triton_interpret() else min(2048, max(128, triton.next_power_of_2(length)))
+    return 256 if triton_interpret() else min(2048, max(128, next_power_of_2(length)))
 
 
 def _warps(block: int) -> int:
@@ -432,7 +432,7 @@ def _warps(block: int) -> int:
 
 
 def _bk(M: int) -> int:
-    return 128 if triton_interpret() else min(512, max(64, triton.next_power_of_2(M // 2 + 1)))
+    return 128 if triton_interpret() else min(512, max(64, next_power_of_2(M // 2 + 1)))
 
 
 def _spec_warps(bk: int) -> int:
@@ -453,7 +453,7 @@ def _pad(x, mx, n: int, x2=None, mx2=None):
     two = x2 is not None
     out = _alloc((2 if two else 1, R, n), x.device)
     block = _block(n)
-    n_tiles = triton.cdiv(n, block)
+    n_tiles = cdiv(n, block)
     dmy = _dummy(x)
     _pad_kernel[(R * n_tiles, 2 if two else 1)](
         x, mx if mx is not None else dmy, x2 if two else dmy,
@@ -484,14 +484,14 @@ def fft_conv_fwd(u, k, D, pre, post):
     del x
     kf = filter_spectrum(k, n)
     bk = _bk(M)
-    n_kb = triton.cdiv(M // 2 + 1, bk)
+    n_kb = cdiv(M // 2 + 1, bk)
     _spec_fwd_kernel[(H * n_kb,)](torch.view_as_real(z), torch.view_as_real(kf), B, H, M, n_kb,
                                   1.0 / n, BK=bk, num_warps=_spec_warps(bk))
     c = _ifft_real(z)
     del z
     y = _alloc(u.shape, u.device, u.dtype)
     block = _block(L)
-    n_tiles = triton.cdiv(L, block)
+    n_tiles = cdiv(L, block)
     dmy = _dummy(u)
     _epi_fwd_kernel[(B * H * n_tiles,)](
         c, u, pre if pre is not None else dmy, post if post is not None else dmy,
@@ -514,7 +514,7 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
     kf = filter_spectrum(k, n)
     zk = _alloc((H, M), u.device, torch.complex64)
     bk = _bk(M)
-    n_kb = triton.cdiv(M // 2 + 1, bk)
+    n_kb = cdiv(M // 2 + 1, bk)
     zr = torch.view_as_real(z)
     _spec_bwd_kernel[(H * n_kb,)](zr[0], zr[1], torch.view_as_real(zk), torch.view_as_real(kf),
                                   B, H, M, n_kb, 1.0 / n, HAS_POST=post is not None, BK=bk,
@@ -529,7 +529,7 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
     dpre = _alloc(pre.shape, u.device, pre.dtype) if pre is not None else None
     dpost = _alloc(post.shape, u.device, post.dtype) if has_post else None
     block = _block(L)
-    n_tiles = triton.cdiv(L, block)
+    n_tiles = cdiv(L, block)
     dmy = _dummy(u)
     _epi_bwd_kernel[(R * n_tiles,)](
         cg, cv, u, pre if pre is not None else dmy, post if has_post else dmy, dy,
@@ -540,7 +540,7 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
     dk = _alloc((H, Lk), u.device)
     dD = _alloc((H,), u.device) if D is not None else None
     block = _block(Lk)
-    n_tiles = triton.cdiv(Lk, block)
+    n_tiles = cdiv(Lk, block)
     _epi_dk_kernel[(H * n_tiles,)](ck, dk, dD if dD is not None else _dummy(dk), Lk, n, n_tiles,
                                    HAS_D=D is not None, BLOCK=block, num_warps=_warps(block))
     return du, dk, dD, dpre, dpost

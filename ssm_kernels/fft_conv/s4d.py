@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .._config import triton_interpret
 from .triton import alloc
+from .._launch import cdiv, fast_kernel
 
 
 @triton.jit
@@ -109,6 +110,11 @@ def _vandermonde_bwd_kernel(
     tl.store(s2i_ptr + base + o_n, s2i, mask=m_n)
 
 
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_vandermonde_fwd_kernel = fast_kernel(_vandermonde_fwd_kernel)
+_vandermonde_bwd_kernel = fast_kernel(_vandermonde_bwd_kernel)
+
+
 def _tiles():
     if triton_interpret():
         return dict(BN=16, BL=32, num_warps=1)
@@ -120,7 +126,7 @@ def vandermonde_fwd(wr, wi, ar, ai, dt2, L: int):
     H, N = wr.shape
     K = alloc((H, L), wr.device)
     t = _tiles()
-    _vandermonde_fwd_kernel[(H, triton.cdiv(L, t["BL"]))](wr, wi, ar, ai, dt2, K, N, L, **t)
+    _vandermonde_fwd_kernel[(H, cdiv(L, t["BL"]))](wr, wi, ar, ai, dt2, K, N, L, **t)
     return K
 
 
@@ -130,5 +136,5 @@ def vandermonde_sums(ar, ai, dt2, dK):
     L = dK.shape[1]
     outs = [alloc(ar.shape, ar.device) for _ in range(4)]
     t = _tiles()
-    _vandermonde_bwd_kernel[(H, triton.cdiv(N, t["BN"]))](ar, ai, dt2, dK, *outs, N, L, **t)
+    _vandermonde_bwd_kernel[(H, cdiv(N, t["BN"]))](ar, ai, dt2, dK, *outs, N, L, **t)
     return torch.complex(outs[0], outs[1]), torch.complex(outs[2], outs[3])

@@ -43,6 +43,7 @@ import triton.language as tl
 
 from .._config import triton_interpret
 from .._device import sm_count
+from .._launch import cdiv, next_power_of_2, fast_kernel
 
 TWO_PI = 6.283185307179586
 
@@ -457,6 +458,14 @@ def _outer_inv_kernel(
 # launchers: check, allocate, launch
 # ---------------------------------------------------------------------------------------------
 
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_onchip_fwd_kernel = fast_kernel(_onchip_fwd_kernel)
+_onchip_bwd_kernel = fast_kernel(_onchip_bwd_kernel)
+_outer_fwd_kernel = fast_kernel(_outer_fwd_kernel)
+_inner_kernel = fast_kernel(_inner_kernel)
+_outer_inv_kernel = fast_kernel(_outer_inv_kernel)
+
+
 def _split(n: int):
     """[n1, n2] with n1 * n2 = n, both powers of two >= 16, n1 >= n2 (the first factor is the one
     whose zero half is skipped)."""
@@ -518,7 +527,7 @@ def _batch_split(B: int, H: int, device=torch.device("cpu")):
 def _outer_tiles(P: int, Q: int):
     if triton_interpret():
         return dict(BKP=16, BP=16, BQ=32)
-    return dict(BKP=min(64, max(16, triton.next_power_of_2(P))), BP=32, BQ=64)
+    return dict(BKP=min(64, max(16, next_power_of_2(P))), BP=32, BQ=64)
 
 
 def _dummy(x):
@@ -610,7 +619,7 @@ def _outer_fwd(x, mult, P: int, Q: int, prec: str):
     R, Lx = x.shape[0], x.shape[-1]
     z = alloc((2, R, (P // 2 + 1) * Q), x.device)
     t = _outer_tiles(P, Q)
-    grid = (R, triton.cdiv(P // 2 + 1, t["BKP"]), triton.cdiv(Q, t["BQ"]))
+    grid = (R, cdiv(P // 2 + 1, t["BKP"]), cdiv(Q, t["BQ"]))
     _outer_fwd_kernel[grid](x, mult if mult is not None else _dummy(x), z, R, Lx, P, Q,
                             HAS_M=mult is not None, PREC=prec, num_warps=_warps(0), **t)
     return z
@@ -628,7 +637,7 @@ def _outer_inv(z, out, out2, epi: int, H: int, u, pre, post, dy, D, P: int, Q: i
     R, Lout = out.shape
     t = _outer_tiles(P, Q)
     bp, bkp = t["BP"], t["BKP"]
-    grid = (R, triton.cdiv(triton.cdiv(Lout, Q), bp), triton.cdiv(Q, t["BQ"]))
+    grid = (R, cdiv(cdiv(Lout, Q), bp), cdiv(Q, t["BQ"]))
     dd = alloc((R, grid[1] * grid[2]), z.device)
     dmy = _dummy(z)
     _outer_inv_kernel[grid](

@@ -16,6 +16,7 @@ import triton.language as tl
 from ..chunk.bwd import chunk_bwd as _engine_bwd
 from ..chunk.common import load_state_block, seq_span  # noqa: F401  (seq_span: shared with based)
 from ..chunk.fwd import chunk_fwd as _engine_fwd
+from .._launch import cdiv, next_power_of_2, fast_kernel
 
 
 @triton.jit
@@ -63,6 +64,10 @@ def _recurrent_fwd_kernel(
 
 
 
+# launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
+_recurrent_fwd_kernel = fast_kernel(_recurrent_fwd_kernel)
+
+
 def _gate_mode(g: Optional[torch.Tensor]) -> int:
     return 0 if g is None else (1 if g.dim() == 3 else 2)
 
@@ -76,11 +81,11 @@ def recurrent_fwd(q, k, v, g, h0, cu_seqlens, scale) -> Tuple[torch.Tensor, torc
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    BK = triton.next_power_of_2(K)
-    BV = min(triton.next_power_of_2(V), max(16, 4096 // BK))
+    BK = next_power_of_2(K)
+    BV = min(next_power_of_2(V), max(16, 4096 // BK))
     o = torch.empty_like(v)
     ht = q.new_empty((N, H, K, V), dtype=torch.float32)
-    _recurrent_fwd_kernel[(triton.cdiv(V, BV), N * H)](
+    _recurrent_fwd_kernel[(cdiv(V, BV), N * H)](
         q, k, v, _dummy(q) if g is None else g, _dummy(ht) if h0 is None else h0, o, ht,
         _dummy(ht) if cu_seqlens is None else cu_seqlens, T, H, K, V, float(scale),
         GATE=_gate_mode(g), HAS_H0=h0 is not None, IS_VARLEN=cu_seqlens is not None, BK=BK, BV=BV,

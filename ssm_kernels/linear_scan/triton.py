@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .._config import triton_interpret
-from .._launch import fast_kernel
+from .._launch import cdiv, next_power_of_2, fast_kernel
 from .._device import sm_count
 
 
@@ -432,13 +432,13 @@ def _config(T: int, C: int, time_inner: bool, complex_: bool, elem_bytes: int, b
             (2, 1024, 4) if elem_bytes == 4 else (2, 2048, 8))
         if complex_:
             block_t //= 2
-        return dict(BLOCK_T=min(block_t, max(16, triton.next_power_of_2(T))), BLOCK_C=block_c,
+        return dict(BLOCK_T=min(block_t, max(16, next_power_of_2(T))), BLOCK_C=block_c,
                     num_warps=warps)
     block_t = 64
     block_c = 32
     if complex_:
         block_t //= 2
-    block_t = min(block_t, max(16, triton.next_power_of_2(T)))
+    block_t = min(block_t, max(16, next_power_of_2(T)))
     return dict(BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4)
 
 
@@ -451,9 +451,9 @@ def _split(T: int, programs: int, block_t: int, device: torch.device):
         target = 2 * sm_count(device)
     if programs >= target or T <= 4 * block_t:
         return T, 1
-    n = min(triton.cdiv(T, 4 * block_t), triton.cdiv(2 * target, programs))
-    chunk = triton.cdiv(triton.cdiv(T, n), block_t) * block_t
-    return chunk, triton.cdiv(T, chunk)
+    n = min(cdiv(T, 4 * block_t), cdiv(2 * target, programs))
+    chunk = cdiv(cdiv(T, n), block_t) * block_t
+    return chunk, cdiv(T, chunk)
 
 
 def _shift_in(ends: torch.Tensor, start, reverse: bool) -> torch.Tensor:
@@ -472,8 +472,8 @@ def _plan(P: int, T: int, Q: int, complex_: bool, elem_bytes: int, device: torch
     w = 2 if complex_ else 1
     O, C, s_o, s_t, s_c = (1, P, 0, w, T * w) if Q == 1 else (P, Q, T * Q * w, Q * w, w)
     cfg = _config(T, C, Q == 1, complex_, elem_bytes, backward)
-    chunk, nc = _split(T, O * triton.cdiv(C, cfg["BLOCK_C"]), cfg["BLOCK_T"], device)
-    return O, C, s_o, s_t, s_c, cfg, chunk, nc, (triton.cdiv(C, cfg["BLOCK_C"]), O, nc)
+    chunk, nc = _split(T, O * cdiv(C, cfg["BLOCK_C"]), cfg["BLOCK_T"], device)
+    return O, C, s_o, s_t, s_c, cfg, chunk, nc, (cdiv(C, cfg["BLOCK_C"]), O, nc)
 
 
 def linear_scan_fwd(a: torch.Tensor, b: torch.Tensor, h0, reverse: bool, pq=None, state_shape=None):

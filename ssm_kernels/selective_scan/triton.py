@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .._config import triton_interpret
-from .._launch import fast_kernel
+from .._launch import cdiv, next_power_of_2, fast_kernel
 from .reference import chunk_len, ckpt_offsets, ckpt_rows
 
 LOG2E = 1.4426950408889634
@@ -567,7 +567,7 @@ _fwd_kernel, _fwd_chunked_kernel, _bwd_kernel, _state_update_kernel = map(
 def _fwd_config(N: int):
     if triton_interpret():
         return dict(BLOCK_D=4, num_warps=1)
-    bn = triton.next_power_of_2(N)
+    bn = next_power_of_2(N)
     return dict(BLOCK_D=max(1, min(64, 512 // bn)), num_warps=4 if bn <= 64 else 8)
 
 
@@ -575,14 +575,14 @@ def _bwd_config(N: int, DG: int):
     """Tiles of the chunked kernels (backward, and the chunked forward without NSUB): about 2048
     (d, n, t) elements per program over 8 warps keeps the real backward near 190 registers with no
     spills on sm_90 (ptxas, Triton 3.9); the time tile is the checkpoint spacing chunk_len(N)."""
-    bn = triton.next_power_of_2(N)
+    bn = next_power_of_2(N)
     bt = chunk_len(N)
     if triton_interpret():
         bd, warps = 2, 1
     else:
         bd = max(1, 2048 // (bn * bt))
         warps = 8 if bd * bn * bt >= 2048 else 4
-    nsub = max(1, min(triton.cdiv(DG, bd), 32 // bd))
+    nsub = max(1, min(cdiv(DG, bd), 32 // bd))
     return dict(BLOCK_D=bd, NSUB=nsub, BLOCK_T=bt, num_warps=warps)
 
 
@@ -612,14 +612,14 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, delt
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
                  SOFTPLUS=bool(delta_softplus), VAR_B=B.dim() == 4, VAR_C=C.dim() == 4,
                  COMPLEX=A.is_complex(), HAS_H0=h0 is not None, VARLEN=cu_seqlens is not None,
-                 SAVE_CK=bool(save_ckpt), BLOCK_N=triton.next_power_of_2(N))
+                 SAVE_CK=bool(save_ckpt), BLOCK_N=next_power_of_2(N))
     if FWD_VARIANT == "sequential":
         cfg = _fwd_config(N)
-        grid = (triton.cdiv(DG, cfg["BLOCK_D"]), G, nseq)
+        grid = (cdiv(DG, cfg["BLOCK_D"]), G, nseq)
         _fwd_kernel[grid](*args, chunk_len(N), *strides, **flags, **cfg)
     else:
         cfg = _bwd_config(N, DG)
-        grid = (triton.cdiv(DG, cfg["BLOCK_D"]), G, nseq)
+        grid = (cdiv(DG, cfg["BLOCK_D"]), G, nseq)
         _fwd_chunked_kernel[grid](*args, *strides, **flags, BLOCK_D=cfg["BLOCK_D"],
                                   BLOCK_T=cfg["BLOCK_T"], num_warps=cfg["num_warps"])
     return out, last, ck
@@ -635,7 +635,7 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt
     DG = dim // G
     nseq = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
     cfg = _bwd_config(N, DG)
-    NJ = triton.cdiv(DG, cfg["BLOCK_D"] * cfg["NSUB"])
+    NJ = cdiv(DG, cfg["BLOCK_D"] * cfg["NSUB"])
     dev = u.device
     cplx = A.is_complex()
     sdt = torch.complex64 if cplx else torch.float32
@@ -667,7 +667,7 @@ def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt
         u.stride(0), u.stride(1), *_var_strides(_f32(B)), *_var_strides(_f32(C)), *s_part,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), VAR_B=B.dim() == 4, VAR_C=C.dim() == 4, COMPLEX=cplx,
-        VARLEN=cu_seqlens is not None, BLOCK_N=triton.next_power_of_2(N), **cfg)
+        VARLEN=cu_seqlens is not None, BLOCK_N=next_power_of_2(N), **cfg)
     # deterministic reductions of the partials (fixed order, no atomics)
     dB = dBc.sum(0) if dBc is not None else dBp.sum(0).to(B.dtype)
     dC = dCc.sum(0) if dCc is not None else dCp.sum(0).to(C.dtype)
@@ -681,7 +681,7 @@ def decode_tile(P: int, block_n: int):
     bytes in flight per SM with few programs (bench/gpu_decode.py times the alternatives)."""
     if triton_interpret():
         return 4, 1
-    return min(max(2048 // block_n, 1), triton.next_power_of_2(P)), 4 if block_n <= 256 else 8
+    return min(max(2048 // block_n, 1), next_power_of_2(P)), 4 if block_n <= 256 else 8
 
 
 def state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus: bool, state_batch_indices):
@@ -691,12 +691,12 @@ def state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus: bool, state_
     N = state.shape[-1]
     G = B.shape[1]
     out = torch.empty_like(x)
-    bn = triton.next_power_of_2(N)
+    bn = next_power_of_2(N)
     bp, warps = decode_tile(P, bn)
     tied = (A.stride(1) == 0 and A.stride(2) == 0 and dt.stride(2) == 0
             and (dt_bias is None or dt_bias.stride(1) == 0))
     st = lambda t, k: tuple(t.stride()) if t is not None else (0,) * k  # noqa: E731
-    grid = (triton.cdiv(P, bp), batch, H)
+    grid = (cdiv(P, bp), batch, H)
     _state_update_kernel[grid](
         state, x, dt, dt_bias if dt_bias is not None else x, A, B, C,
         D if D is not None else x, z if z is not None else x, out,
