@@ -98,6 +98,14 @@ class _Driver:
     def get_active_torch_device(self):
         return torch.device("cpu")
 
+    def get_benchmarker(self):
+        # Triton 3.6's Autotuner benchmarks even a single surviving config (3.9 takes it as is):
+        # one recorded launch, a constant time
+        def bench(kernel_call, quantiles=None, **kwargs):
+            kernel_call()
+            return [1.0, 1.0, 1.0] if quantiles else 1.0
+        return bench
+
 
 @pytest.fixture
 def recorded(monkeypatch):
@@ -336,15 +344,16 @@ def test_warmup_wrappers_pass_through_outside_their_block(recorded, monkeypatch)
         fk[(1,)](*_args(), **kw)
         fa[(1,)](*_args(), FLAG=True)
     assert fk.hits == 1 and fa.hits == 1
+    n0 = len(recorded)   # 4 launches (+1 benchmark launch of the autotuner on Triton 3.6)
     _warmup._install()
     assert triton_jit.JITFunction.run is not fk._jit_run
     fk[(1,)](*_args(), **kw)
     fa[(1,)](*_args(), FLAG=True)
-    assert fk.hits == 2 and fa.hits == 2 and len(recorded) == 6
+    assert fk.hits == 2 and fa.hits == 2 and len(recorded) == n0 + 2
     with _warmup.compiling_ahead(1) as info:
         fk[(1,)](*_args(n=48), **kw)    # a new specialisation: submitted for compile, not run
         fk[(1,)](*_args(), **kw)        # a cached one: still the wrapper's (no launch)
         fa[(1,)](*_args(), FLAG=True)
-    assert len(recorded) == 6 and fk.hits == 2 and fa.hits == 2 and info["kernels"] >= 1
+    assert len(recorded) == n0 + 2 and fk.hits == 2 and fa.hits == 2 and info["kernels"] >= 1
     fk[(1,)](*_args(), **kw)
-    assert fk.hits == 3 and len(recorded) == 7
+    assert fk.hits == 3 and len(recorded) == n0 + 3
