@@ -244,8 +244,8 @@ def bench_inputs(Bt, D, L, N):
     return u, delta, A, Bm, Cm, Dv, z, bias, torch.randn_like(u)
 
 
-def bench():
-    import triton
+def mamba_peer():
+    """mamba-ssm's selective_scan_fn if it is importable (built), else None (said once)."""
     try:
         from ssm_kernels.benchmarks.selective_scan import _peers
         mamba_scan, _ = _peers()
@@ -253,6 +253,12 @@ def bench():
         mamba_scan = None
     if mamba_scan is None:
         print("mamba-ssm unavailable", flush=True)
+    return mamba_scan
+
+
+def bench():
+    import triton
+    mamba_scan = mamba_peer()
     do = lambda f: triton.testing.do_bench(f, warmup=20, rep=60, return_mode="median")  # noqa: E731
     cuda_bwd = has_cuda_bwd()
     for (Bt, D, L, N) in BENCH_SHAPES:

@@ -137,13 +137,7 @@ def checks(polys):
 
 def bench(polys):
     import triton
-    try:
-        from ssm_kernels.benchmarks.selective_scan import _peers
-        mamba_scan, _ = _peers()
-    except Exception:
-        mamba_scan = None
-    if mamba_scan is None:
-        print("mamba-ssm unavailable", flush=True)
+    mamba_scan = gs.mamba_peer()
     do = lambda f: triton.testing.do_bench(f, warmup=20, rep=80, return_mode="median")  # noqa: E731
     for (Bt, D, L, N) in gs.BENCH_SHAPES:
         shape = f"B={Bt} D={D} L={L} N={N}"
