@@ -85,6 +85,7 @@ def ab(Ts):
                     if dtype == torch.bfloat16 else (None, None))
             cases = [("old", None), ("reg", None), ("reg+pf", None)]
             cases += [(k, cfg) for cfg in BWD_TILES for k in ("reg", "reg+pf")]
+            cases = cases[:int(os.environ.get("LSCAN_BWD_CASES", len(cases)))]
             tag = f"T={T} {str(dtype)[6:]}"
             for name, cfg in cases:
                 knobs(name)

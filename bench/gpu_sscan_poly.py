@@ -84,7 +84,9 @@ def check(name, inp, polys, softplus=True, cu=None, misalign=False, ref_on_gpu=F
             gs.poison()
             res.append(sc.selective_scan_fwd(*args_of(g, cu_d), softplus, True))
         torch.cuda.synchronize()
-        same = all(torch.equal(a, b) for a, b in zip(*res))
+        # packed sequences leave spare checkpoint rows at the end, never written (NaN-poisoned)
+        same = all(torch.equal(a[:used] if i == 2 else a, b[:used] if i == 2 else b)
+                   for i, (a, b) in enumerate(zip(*res)))
         if not same:
             FAILS.append(f"{name} R={r}: not bitwise deterministic")
         out, last, ck = res[0]
