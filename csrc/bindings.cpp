@@ -324,8 +324,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "with an FMA-pipe exp2 polynomial, 0 (default) off; set selects it; returns the previous "
         "one (the first call reads SSM_KERNELS_SSCAN_FWD_POLY)");
   m.def("selective_scan_bwd_variant", &ssm::selective_scan_bwd_variant, pybind11::arg("set") = -1,
-        "backward kernel variant (issue 9): 0 (default) or 2 (fused I/O, N <= 16 with time-varying "
-        "B and C); set selects it; returns the previous one (the first call reads "
+        "backward kernel variant (issue 9): 2 (default; fused I/O, N <= 16 with time-varying B and "
+        "C), 3 (the same at 3 blocks/SM) or 0 (the original); set selects it; returns the previous one (the first call reads "
         "SSM_KERNELS_SSCAN_BWD_VARIANT)");
   m.def("selective_scan_bwd", &selective_scan_bwd,
         "selective_scan backward -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0]");

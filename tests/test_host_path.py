@@ -119,12 +119,12 @@ PINNED = {
     "chunk_simple_gla fwd+bwd": (6, 23),
     # chunk_gla: the chunk-local cumsum of the per-key decays is its own launch (every later
     # stage loads it instead of re-summing g); backward: cumsum, states, state gradients, scores,
-    # dv, dq/dk/dg; the forward's scores and output are one kernel (gla.FUSED_FWD: no scores
-    # buffer, no _dummy pair), and each tree kernel is launched twice (gla.TREE_SPLIT: fast-path
-    # programs, then the rest): fwd cumsum, states, 2 x scores+output; bwd cumsum, states, state
-    # grads, 2 x scores, dv, 2 x dq/dk/dg. TREE=False: (4, 12) and (10, 26)
-    "chunk_gla fwd": (4, 9),
-    "chunk_gla fwd+bwd": (12, 23),
+    # dv, dq/dk/dg; each tree kernel is launched twice (gla.TREE_SPLIT: fast-path programs, then
+    # the rest): fwd cumsum, states, 2 x scores, output (gla.FUSED_FWD=True: 2 x scores+output,
+    # (4, 9), slower on the H100); bwd cumsum, states, state grads, 2 x scores, dv, 2 x dq/dk/dg.
+    # TREE=False: (4, 12) and (10, 26)
+    "chunk_gla fwd": (5, 12),
+    "chunk_gla fwd+bwd": (13, 26),
     # the chunked WY path (default): WY stage, state scan, output; checks (gt, any, item, aminmax
     # and its two items: beta's range) and the buffers plus one 1-element dummy per launch
     "chunk_gated_delta_rule fwd": (3, 19),

@@ -561,13 +561,13 @@ def test_gla_sub_chunks(backend, case, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
-@pytest.mark.parametrize("variant", ["fast_and_tree", "tree_only", "unfused", "sub_chunk_kernels",
+@pytest.mark.parametrize("variant", ["fast_and_tree", "tree_only", "fused_fwd", "sub_chunk_kernels",
                                      "fused_bwd", "fused_bwd_tree_only", "no_split"])
 def test_gla_tree_paths(backend, variant, monkeypatch):
     """The tree kernels of chunk_gla (gla.TREE) at the GPU's BT=64: with FAST_SPAN between the
     spans of different (chunk, K tile) pairs, some take the one-reference fast path and others the
     tree in the same call (checked here from the inputs); the tree alone (FAST_SPAN=-1); scores
-    stored then the output stage (FUSED_FWD=False); the SUB_CHUNK kernels (TREE=False); the
+    and output in one kernel (FUSED_FWD=True; default: scores stored, then the output stage); the SUB_CHUNK kernels (TREE=False); the
     one-kernel backward (FUSED_BWD) with mixed paths and with the tree alone; one launch per
     stage (TREE_SPLIT=False) with mixed paths."""
     from ssm_kernels.chunk import common, gla
@@ -593,8 +593,8 @@ def test_gla_tree_paths(backend, variant, monkeypatch):
         torch.manual_seed(3)
     elif variant in ("tree_only", "fused_bwd_tree_only"):
         monkeypatch.setattr(gla, "FAST_SPAN", -1.0)
-    elif variant == "unfused":
-        monkeypatch.setattr(gla, "FUSED_FWD", False)
+    elif variant == "fused_fwd":
+        monkeypatch.setattr(gla, "FUSED_FWD", True)
     else:
         monkeypatch.setattr(gla, "TREE", False)
     compare_to_reference(backend, "gla", B, T, H, K, V)

@@ -90,12 +90,13 @@ struct SelectiveScanBwdParams {
   bool softplus = false;
 };
 
-// Backward kernel variant (issue 9): 0 = default; 2 = fused I/O (selective_scan_bwd.cu, kFuse:
+// Backward kernel variant (issue 9): 0 = the original; 2 (default: fastest measured) = fused I/O
+// (selective_scan_bwd.cu, kFuse:
 // lean staging/convert, du/ddelta/dz and dB/dC partials written from pass 2; same arithmetic,
 // bitwise equal) for N <= 16 with B and C both time-varying (others run 0). (1, the lean I/O
 // with pointers kept live, was slower and is gone.) The first query reads
-// SSM_KERNELS_SSCAN_BWD_VARIANT (0 or 2; anything else is 0); set = 0 or 2 sets it; returns the
-// previous value. Host-side global: not per stream, not thread safe.
+// SSM_KERNELS_SSCAN_BWD_VARIANT (0, 2 or 3 = 3 blocks/SM; unset is 2, anything else 0); set = 0,
+// 2 or 3 sets it; returns the previous value. Host-side global: not per stream, not thread safe.
 int selective_scan_bwd_variant(int set = -1);
 
 // Channels per block of the backward for this N (the partials of time-varying dB/dC have

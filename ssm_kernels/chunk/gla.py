@@ -584,8 +584,9 @@ _bwd_fused_kernel = fast_kernel(_bwd_fused_kernel)
 # ---- knobs of the tree variant (the lead A/Bs them on the GPU; bench/gpu_chunk.py GLA_VARIANTS) --
 TREE = True            # scores and dq/dk/dg through the full tree (_intra_tree_kernel,
                        # _dqkg_tree_kernel); False: the SUB_CHUNK kernels (_intra_kernel, _dqkg_kernel)
-FUSED_FWD = True       # (with TREE) forward scores + output in one kernel (_fwd_tree_kernel);
+FUSED_FWD = False      # (with TREE) forward scores + output in one kernel (_fwd_tree_kernel);
                        # False: scores stored by _intra_tree_kernel, then fwd._output_kernel
+                       # (H100 session 6, B4 T4096 H16 K=V=128: fwd 0.683 vs fused 0.778 ms)
 FUSED_BWD = False      # (with TREE, V <= 128) backward scores, dv, dq, dk, dg in one kernel
                        # (_bwd_fused_kernel) instead of _intra_tree_kernel + _dv_kernel +
                        # _dqkg_tree_kernel; off: it spills 670-1100 B on sm_90 at K=V=128
