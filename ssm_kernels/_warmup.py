@@ -3,7 +3,9 @@
 A cold first call compiles its kernels one after another as it reaches them (forward, then the
 backward's). `compile_ahead(op, *args, **kwargs)` instead dry-runs the call and a backward through
 its outputs with every Triton launch turned into a compile submitted to a thread pool, then waits
-for the pool: the real call that follows finds every kernel compiled. Threads overlap because
+for the pool: the real call that follows finds every kernel compiled, its launcher built and its module loaded
+(Triton 3.6 compiles a C launcher with gcc per argument-type list at a kernel's first launch; that
+and the module load run in the pool too, on a GPU). Threads overlap because
 Triton's MLIR/LLVM passes run without the GIL and ptxas is a subprocess (bench/compile_audit.py
 `threads` measures it; see bench/NOTES.md).
 
@@ -23,6 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Optional
 
 _tls = threading.local()
+# build launchers and load modules in the pool too (SSM_KERNELS_AHEAD_LOAD=0: compile only, the
+# pre-session-6 behaviour, for A/B timing)
+LOAD_AHEAD = os.environ.get("SSM_KERNELS_AHEAD_LOAD", "1") not in ("0", "", "false", "False")
 _lock = threading.Lock()
 _patched = []
 
@@ -30,17 +35,25 @@ _patched = []
 def _spec_key(fn, args, kwargs):
     """A key at least as fine as Triton's specialisation (dtype and 16-byte alignment of tensors,
     ints equal to 1 or divisible by 16, every other value as is), so deduplication never drops a
-    variant; a finer key only costs a duplicate compile."""
-    def one(a):
+    variant; a finer key only costs a duplicate compile. Ints of `do_not_specialize` parameters
+    (delta_rule's STORE_T) are keyed by their i32/i64 type only, as Triton keys them: the forward
+    and the backward's recompute then submit one compile, not two of the same kernel."""
+    params = getattr(fn, "params", ())
+    names = {p.name: p for p in params}
+
+    def one(a, prm=None):
         if hasattr(a, "data_ptr") and hasattr(a, "dtype"):
             return ("T", str(a.dtype), a.data_ptr() % 16 == 0)
         if isinstance(a, bool) or a is None or isinstance(a, (str, float)):
             return a
         if isinstance(a, int):
+            if getattr(prm, "do_not_specialize", False) and not getattr(prm, "is_constexpr", True):
+                return ("i", "nospec", abs(a) < 2 ** 31)
             return ("i", a == 1, a % 16 == 0, a if abs(a) < 2 ** 31 else "i64")
         return repr(a)
-    return (id(fn), tuple(one(a) for a in args),
-            tuple(sorted((k, one(v)) for k, v in kwargs.items() if k not in ("grid", "warmup"))))
+    return (id(fn), tuple(one(a, params[i] if i < len(params) else None) for i, a in enumerate(args)),
+            tuple(sorted((k, one(v, names.get(k))) for k, v in kwargs.items()
+                         if k not in ("grid", "warmup"))))
 
 
 def _install():
@@ -61,7 +74,7 @@ def _install():
             if key not in st["seen"]:
                 st["seen"].add(key)
                 st["futures"].append(st["pool"].submit(
-                    orig_run, self, *args, grid=grid, warmup=True, **kwargs))
+                    _compile_and_load, orig_run, st["load"], self, args, grid, kwargs))
             return None
 
         def at_run(self, *args, **kwargs):
@@ -83,6 +96,20 @@ def _install():
         at_run._ssm_passthrough = (orig_at, _idle)
         JITFunction.run, Autotuner.run = run, at_run
         _patched.append((orig_run, orig_at))
+
+
+def _compile_and_load(orig_run, load: bool, fn, args, grid, kwargs):
+    """One pool job: compile (Triton's `run(warmup=True)`), then, on a real GPU, what the kernel's
+    first launch would otherwise do in the caller's thread, one kernel after another: build its
+    launcher (Triton <= 3.6 compiles a C launcher per argument-type list with gcc, ~0.1-0.3 s each,
+    cached on disk; 3.9 has a generic one) and load the cubin into the context (`_init_handles`).
+    A failure there (e.g. too much shared memory) is left for the real launch to raise, as before."""
+    kernel = orig_run(fn, *args, grid=grid, warmup=True, **kwargs)
+    if load and kernel is not None:
+        init = getattr(kernel, "_init_handles", None)
+        if init is not None:
+            init()
+    return kernel
 
 
 def _idle() -> bool:
@@ -113,7 +140,10 @@ def compiling_ahead(threads: Optional[int] = None) -> Iterator[dict]:
         fcache._cache_enabled = False
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="ssm_kernels_compile",
                             initializer=init) as pool:
-        _tls.state = {"pool": pool, "seen": set(), "futures": []}
+        # launchers and module loads only where a real CUDA context exists (not under the
+        # compile-only stub drivers of bench/ and tests/)
+        load = LOAD_AHEAD and torch.cuda.is_available() and torch.cuda.is_initialized()
+        _tls.state = {"pool": pool, "seen": set(), "futures": [], "load": load}
         try:
             yield info
         finally:

@@ -91,3 +91,43 @@ def test_check_dry_run_compiles_every_kernel_of_the_family_for_sm90():
     submitted, compiled, after, errors = _compile_counts(_CHECK_AHEAD_SCRIPT)
     assert compiled >= 4 and submitted >= compiled
     assert after == 0 and errors == 0
+
+
+def test_spec_key_follows_do_not_specialize():
+    """compile_ahead submits one compile per Triton specialisation: a `do_not_specialize` int
+    (delta_rule's STORE_T) does not split the key, a specialised int does."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction   # not triton.jit: the suite may run interpreted
+    from ssm_kernels._warmup import _spec_key
+
+    def body(x_ptr, n, FLAG, B: tl.constexpr):
+        pass
+    k = JITFunction(body, do_not_specialize=["FLAG"])
+
+    x = torch.zeros(4)
+    assert _spec_key(k, (x, 5, 0), {"B": 4}) == _spec_key(k, (x, 5, 1), {"B": 4})
+    assert _spec_key(k, (x, 5), {"FLAG": 0, "B": 4}) == _spec_key(k, (x, 5), {"FLAG": 1, "B": 4})
+    assert _spec_key(k, (x, 5, 0), {"B": 4}) != _spec_key(k, (x, 16, 0), {"B": 4})
+    assert _spec_key(k, (x, 5, 0), {"B": 4}) != _spec_key(k, (x, 5, 2 ** 40), {"B": 4})   # i64
+
+
+def test_pool_job_loads_the_kernel_only_when_asked():
+    """On a GPU the pool also does a kernel's first-launch work (launcher build, cubin load)."""
+    from ssm_kernels._warmup import _compile_and_load
+
+    class Kernel:
+        loads = 0
+
+        def _init_handles(self):
+            self.loads += 1
+
+    seen = []
+
+    def run(fn, *args, grid, warmup, **kw):
+        seen.append((fn, args, grid, warmup, kw))
+        return Kernel()
+
+    assert _compile_and_load(run, True, "fn", (1, 2), (3,), {"B": 4}).loads == 1
+    assert _compile_and_load(run, False, "fn", (1, 2), (3,), {"B": 4}).loads == 0
+    assert seen[0] == ("fn", (1, 2), (3,), True, {"B": 4})
+    assert _compile_and_load(lambda *a, **k: None, True, "fn", (), (1,), {}) is None
