@@ -8,7 +8,9 @@ calls' compile time offline), so the two tables line up row by row. The CUDA con
 before the clock starts; the first call's time is compile + module load + the run itself.
 Prints one table last: op | first call s | second call ms | the compile_ahead block's wall (kernels
 submitted, errors, dry-run part) | compiles and kernel loads (launcher build + cubin load) per
-phase, counted and summed in the main thread / the compile_ahead pool (where the time went).
+phase, counted and summed in the main thread / the compile_ahead pool (where the time went);
+overlap = compile seconds summed over the pool / the block's wall (about 1: the compiles did not
+run in parallel). A first line probes how many cores the process can use.
 `SSM_KERNELS_AHEAD_LOAD=0` keeps launcher builds and loads out of the pool (the old behaviour).
 """
 from __future__ import annotations
@@ -103,6 +105,34 @@ def child(op: str, ahead: int):
                                   "triton": triton.__version__}))
 
 
+def cpu_probe(n: int = 8) -> str:
+    """How many cores this process can really use at once: cpu_count, the affinity mask, the
+    cgroup CPU quota, and the wall of n busy subprocesses (0.4 s of CPU each) vs one. Threads of
+    compile_ahead can only overlap as far as this allows."""
+    import multiprocessing
+    aff = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    quota = "?"
+    for path in ("/sys/fs/cgroup/cpu.max", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"):
+        try:
+            with open(path) as f:
+                quota = f.read().strip()
+            break
+        except OSError:
+            pass
+    code = "import time\nt=time.process_time()\nwhile time.process_time()-t<0.4: pass"
+
+    def wall(k):
+        t0 = time.perf_counter()
+        ps = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(k)]
+        for p in ps:
+            p.wait()
+        return time.perf_counter() - t0
+    one, many = wall(1), wall(n)
+    return (f"cpu_count {multiprocessing.cpu_count()}, affinity {aff}, cgroup quota {quota!r}; "
+            f"{n} busy processes x 0.4 s CPU: {many:.2f} s wall vs 1: {one:.2f} s "
+            f"(usable cores ~{n * one / many:.1f})")
+
+
 def main():
     if len(sys.argv) > 3 and sys.argv[1] == "_child":
         child(sys.argv[2], int(sys.argv[3]))
@@ -115,6 +145,7 @@ def main():
     args = ap.parse_args()
     from compile_audit import FIRST_OPS
     ops = args.ops.split(",") if args.ops else FIRST_OPS
+    print("host: " + cpu_probe(), flush=True)
     rows = []
     for op in ops:
         p = subprocess.run([sys.executable, os.path.abspath(__file__), "_child", op, str(args.ahead)],
@@ -131,9 +162,11 @@ def main():
                 d = ph.get(phase, {})
                 m, p = d.get(f"{what}_main", (0, 0.0)), d.get(f"{what}_pool", (0, 0.0))
                 return f"{m[0]}: {m[1]:.2f} / {p[0]}: {p[1]:.2f}"
+            csum = sum(v[1] for k, v in ph.get("ahead", {}).items() if k.startswith("compile"))
             rows.append((op, f"{r['first_s']:.2f}", f"{r['second_ms']:.1f}",
                          f"{r['ahead_s']:.2f} ({r['kernels']} k, {r['errors']} err, dry run "
-                         f"{ph.get('dry_run_s', 0):.2f})" if args.ahead else "-",
+                         f"{ph.get('dry_run_s', 0):.2f}, overlap {csum / max(r['ahead_s'], 1e-9):.1f}x)"
+                         if args.ahead else "-",
                          cell("ahead", "compile"), cell("ahead", "load"),
                          cell("call", "compile"), cell("call", "load"), r["triton"]))
     print("compile / load cells: `n: seconds` summed over kernels, main thread / compile_ahead pool; "
