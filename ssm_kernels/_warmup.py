@@ -65,6 +65,7 @@ def _install():
         from triton.runtime.autotuner import Autotuner
         from triton.runtime.jit import JITFunction
         orig_run, orig_at = JITFunction.run, Autotuner.run
+        _find_c_launchers()
 
         def run(self, *args, grid, warmup, **kwargs):
             st = getattr(_tls, "state", None)
@@ -73,8 +74,18 @@ def _install():
             key = _spec_key(self, args, kwargs)
             if key not in st["seen"]:
                 st["seen"].add(key)
+                st["kernels"] += 1
+                try:   # Triton's per-device binder and kernel cache: made here, once, so that pool
+                    # threads never race to create two (a compile landing in the lost one is
+                    # compiled again by the real call)
+                    self.device_caches[_driver().active.get_current_device()]
+                except Exception:
+                    pass
                 st["futures"].append(st["pool"].submit(
                     _compile_and_load, orig_run, st["load"], self, args, grid, kwargs))
+                if st["load"] and _C_LAUNCHERS:
+                    st["futures"].append(st["pool"].submit(
+                        _prebuild_launcher, st["launchers"], self, args, kwargs))
             return None
 
         def at_run(self, *args, **kwargs):
@@ -112,6 +123,65 @@ def _compile_and_load(orig_run, load: bool, fn, args, grid, kwargs):
     return kernel
 
 
+# Triton <= 3.6 builds a C launcher per argument-type list with gcc (3.9: a generic launcher);
+# set by _install (importing triton here would put it on `import ssm_kernels`)
+_nv_driver, _C_LAUNCHERS = None, False
+
+
+def _driver():
+    from triton.runtime.driver import driver
+    return driver
+
+
+def _find_c_launchers() -> None:
+    global _nv_driver, _C_LAUNCHERS
+    try:
+        from triton.backends.nvidia import driver as nv
+    except Exception:  # no NVIDIA backend
+        return
+    _nv_driver = nv
+    _C_LAUNCHERS = hasattr(nv, "make_launcher") and hasattr(nv, "compile_module_from_src")
+
+
+def _launcher_source(fn, args, kwargs) -> Optional[str]:
+    """The C source of the launcher that Triton 3.6's `CudaLauncher` will build for this call's
+    kernel (it depends on the argument types only, not on the compiled code), derived the way
+    `JITFunction.run` derives the kernel's signature; None where that is not possible."""
+    if not _C_LAUNCHERS:
+        return None
+    from triton import knobs
+    from triton.runtime.driver import driver
+    kwargs = dict(kwargs)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    _, _, _, backend, binder = fn.device_caches[driver.active.get_current_device()]
+    bound_args, specialization, options = binder(*args, **kwargs)
+    _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    src = fn.ASTSource(fn, signature, constexprs, attrs)
+    arg_idx = lambda x: (src.fn.arg_names.index(x), ) if isinstance(x, str) else x  # noqa: E731
+    constants = {arg_idx(i): v for i, v in src.constants.items()}
+    return _nv_driver.make_launcher(constants, dict(src.signature), None)
+
+
+def _prebuild_launcher(seen: set, fn, args, kwargs) -> None:
+    """Pool job, concurrent with the kernel's compile: build its C launcher (gcc, ~0.1-0.7 s) into
+    Triton's on-disk cache, where the kernel's load then finds it, instead of after the compile.
+    Best effort: a source that differs from the one Triton builds is only a wasted gcc run."""
+    try:
+        text = _launcher_source(fn, args, kwargs)
+        if text is None:
+            return
+        with _lock:
+            if text in seen:
+                return
+            seen.add(text)
+        _nv_driver.compile_module_from_src(
+            src=text, name="__triton_launcher", library_dirs=_nv_driver.library_dirs(),
+            include_dirs=_nv_driver.include_dirs, libraries=_nv_driver.libraries)
+    except Exception:
+        pass
+
+
 def _idle() -> bool:
     """Whether this thread is outside every compiling_ahead block (the wrappers pass through)."""
     return getattr(_tls, "state", None) is None
@@ -143,20 +213,21 @@ def compiling_ahead(threads: Optional[int] = None) -> Iterator[dict]:
         # launchers and module loads only where a real CUDA context exists (not under the
         # compile-only stub drivers of bench/ and tests/)
         load = LOAD_AHEAD and torch.cuda.is_available() and torch.cuda.is_initialized()
-        _tls.state = {"pool": pool, "seen": set(), "futures": [], "load": load}
+        _tls.state = {"pool": pool, "seen": set(), "futures": [], "load": load,
+                      "launchers": set(), "kernels": 0}
         try:
             yield info
         finally:
             if fcache is not None:
                 fcache._cache_enabled = cache_was
-            futures = _tls.state["futures"]
+            futures, n_kernels = _tls.state["futures"], _tls.state["kernels"]
             _tls.state = None
             for f in futures:
                 try:
                     f.result()
                 except Exception:  # the real call raises it where it belongs
                     info["errors"] += 1
-            info["kernels"] = len(futures)
+            info["kernels"] = n_kernels
 
 
 def compile_ahead(op: Callable, *args, backward: bool = True, threads: Optional[int] = None,

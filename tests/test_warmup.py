@@ -131,3 +131,60 @@ def test_pool_job_loads_the_kernel_only_when_asked():
     assert _compile_and_load(run, False, "fn", (1, 2), (3,), {"B": 4}).loads == 0
     assert seen[0] == ("fn", (1, 2), (3,), True, {"B": 4})
     assert _compile_and_load(lambda *a, **k: None, True, "fn", (), (1,), {}) is None
+
+
+_LAUNCHER_SCRIPT = r'''
+import os, sys
+sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
+import torch
+import sm90_audit as audit
+audit.install()
+from triton.runtime.jit import JITFunction
+from ssm_kernels import _warmup
+_warmup._find_c_launchers()
+if not _warmup._C_LAUNCHERS:
+    print("skip generic launcher")
+    raise SystemExit(0)
+from triton.backends.nvidia.driver import make_launcher
+calls = []
+stub_run = JITFunction.run
+def run(self, *args, grid, warmup, **kwargs):
+    kernel = stub_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+    calls.append((self, args, dict(kwargs), kernel))
+    return kernel
+JITFunction.run = run
+import ssm_kernels as sk
+q, k, v = (torch.randn(1, 100, 2, 64).to(torch.bfloat16).requires_grad_() for _ in range(3))
+g = (-torch.rand(1, 100, 2) * 0.5).requires_grad_()
+o, S = sk.chunk_simple_gla(q, k, v, g, output_final_state=True, backend="triton")
+torch.autograd.grad(o.float().sum() + S.sum(), (q, k, v, g))
+same = 0
+for fn, args, kwargs, kernel in calls:
+    src = kernel.src   # what CudaLauncher(src, metadata) builds from
+    arg_idx = lambda x: (src.fn.arg_names.index(x), ) if isinstance(x, str) else x
+    want = make_launcher({arg_idx(i): c for i, c in src.constants.items()}, dict(src.signature), None)
+    got = _warmup._launcher_source(fn, args, kwargs)
+    assert got == want, fn
+    same += 1
+print("same", same)
+'''
+
+
+def test_prebuilt_launcher_source_is_the_one_the_first_launch_builds():
+    """Triton 3.6 (the GPU machine's): compile_ahead builds each kernel's C launcher concurrently
+    with its compile; the source it derives from the call must be the one Triton's CudaLauncher
+    then builds from the compiled kernel (else the gcc run is wasted). Skips on a generic launcher."""
+    from conftest import compile_for_sm90
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        res = compile_for_sm90(_LAUNCHER_SCRIPT)
+    finally:
+        os.chdir(cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    words = res.stdout.split()
+    if words[:1] == ["skip"]:
+        import pytest
+        pytest.skip("this Triton has a generic launcher")
+    assert words[0] == "same" and int(words[1]) >= 4
