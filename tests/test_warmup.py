@@ -51,9 +51,8 @@ print("ahead", info["kernels"], ahead, "after", n[0] - ahead, "errors", info["er
 '''
 
 
-def _compile_counts(script):
-    """Run `script` from the repo root under the sm_90 stub: (submitted, compiled ahead,
-    compiled after, errors) from its last line."""
+def _stdout_words(script):
+    """Run `script` from the repo root under the sm_90 stub; the words of its stdout."""
     from conftest import compile_for_sm90
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cwd = os.getcwd()
@@ -63,7 +62,12 @@ def _compile_counts(script):
     finally:
         os.chdir(cwd)
     assert res.returncode == 0, res.stderr[-3000:]
-    words = res.stdout.split()
+    return res.stdout.split()
+
+
+def _compile_counts(script):
+    """(submitted, compiled ahead, compiled after, errors) from `script`'s last line."""
+    words = _stdout_words(script)
     return tuple(int(words[i]) for i in (1, 2, 4, 6))
 
 
@@ -174,16 +178,7 @@ def test_prebuilt_launcher_source_is_the_one_the_first_launch_builds():
     """Triton 3.6 (the GPU machine's): compile_ahead builds each kernel's C launcher concurrently
     with its compile; the source it derives from the call must be the one Triton's CudaLauncher
     then builds from the compiled kernel (else the gcc run is wasted). Skips on a generic launcher."""
-    from conftest import compile_for_sm90
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        res = compile_for_sm90(_LAUNCHER_SCRIPT)
-    finally:
-        os.chdir(cwd)
-    assert res.returncode == 0, res.stderr[-3000:]
-    words = res.stdout.split()
+    words = _stdout_words(_LAUNCHER_SCRIPT)
     if words[:1] == ["skip"]:
         import pytest
         pytest.skip("this Triton has a generic launcher")
