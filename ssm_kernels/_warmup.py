@@ -33,11 +33,12 @@ _patched = []
 
 
 def _spec_key(fn, args, kwargs):
-    """A key at least as fine as Triton's specialisation (dtype and 16-byte alignment of tensors,
-    ints equal to 1 or divisible by 16, every other value as is), so deduplication never drops a
-    variant; a finer key only costs a duplicate compile. Ints of `do_not_specialize` parameters
-    (delta_rule's STORE_T) are keyed by their i32/i64 type only, as Triton keys them: the forward
-    and the backward's recompute then submit one compile, not two of the same kernel."""
+    """A key at least as fine as Triton's specialisation, so deduplication never drops a variant
+    (a finer key only costs a duplicate compile, which matters where compiles do not overlap):
+    tensors by dtype and 16-byte alignment; ints of runtime (non-constexpr) parameters by what
+    Triton specialises on -- == 1, % 16 == 0, and the i32 range (values outside it as they are) --
+    or, for `do_not_specialize` ones (delta_rule's STORE_T), by the i32 range only; constexprs,
+    parameters this function cannot see and every other value as they are."""
     params = getattr(fn, "params", ())
     names = {p.name: p for p in params}
 
@@ -47,9 +48,12 @@ def _spec_key(fn, args, kwargs):
         if isinstance(a, bool) or a is None or isinstance(a, (str, float)):
             return a
         if isinstance(a, int):
-            if getattr(prm, "do_not_specialize", False) and not getattr(prm, "is_constexpr", True):
-                return ("i", "nospec", abs(a) < 2 ** 31)
-            return ("i", a == 1, a % 16 == 0, a if abs(a) < 2 ** 31 else "i64")
+            i32 = -2 ** 31 <= a < 2 ** 31
+            if prm is None or getattr(prm, "is_constexpr", True) or not i32:
+                return ("i", a)
+            if getattr(prm, "do_not_specialize", False):
+                return ("i", "nospec")
+            return ("i", a == 1, a % 16 == 0)
         return repr(a)
     return (id(fn), tuple(one(a, params[i] if i < len(params) else None) for i, a in enumerate(args)),
             tuple(sorted((k, one(v, names.get(k))) for k, v in kwargs.items()

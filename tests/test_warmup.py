@@ -113,6 +113,13 @@ def test_spec_key_follows_do_not_specialize():
     assert _spec_key(k, (x, 5), {"FLAG": 0, "B": 4}) == _spec_key(k, (x, 5), {"FLAG": 1, "B": 4})
     assert _spec_key(k, (x, 5, 0), {"B": 4}) != _spec_key(k, (x, 16, 0), {"B": 4})
     assert _spec_key(k, (x, 5, 0), {"B": 4}) != _spec_key(k, (x, 5, 2 ** 40), {"B": 4})   # i64
+    # runtime ints: only == 1, % 16 and the type count (T 2047 forward, 2047 - 64 elsewhere)
+    assert _spec_key(k, (x, 5, 0), {"B": 4}) == _spec_key(k, (x, 7, 0), {"B": 4})
+    assert _spec_key(k, (x, 5, 0), {"B": 4}) != _spec_key(k, (x, 1, 0), {"B": 4})
+    assert _spec_key(k, (x, 32, 0), {"B": 4}) == _spec_key(k, (x, 48, 0), {"B": 4})
+    # constexprs (positional or keyword) by value
+    assert _spec_key(k, (x, 5, 0), {"B": 4}) != _spec_key(k, (x, 5, 0), {"B": 8})
+    assert _spec_key(k, (x, 5, 0, 4), {}) != _spec_key(k, (x, 5, 0, 8), {})
 
 
 def test_pool_job_loads_the_kernel_only_when_asked():
