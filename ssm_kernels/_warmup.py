@@ -3,9 +3,9 @@
 A cold first call compiles its kernels one after another as it reaches them (forward, then the
 backward's). `compile_ahead(op, *args, **kwargs)` instead dry-runs the call and a backward through
 its outputs with every Triton launch turned into a compile submitted to a thread pool, then waits
-for the pool: the real call that follows finds every kernel compiled, its launcher built and its module loaded
-(Triton 3.6 compiles a C launcher with gcc per argument-type list at a kernel's first launch; that
-and the module load run in the pool too, on a GPU). Threads overlap because
+for the pool: the real call that follows finds every kernel compiled, its launcher built and its
+module loaded (Triton 3.6 compiles a C launcher with gcc per argument-type list at a kernel's first
+launch; on a GPU that and the module load run in the pool too). Threads overlap because
 Triton's MLIR/LLVM passes run without the GIL and ptxas is a subprocess (bench/compile_audit.py
 `threads` measures it; see bench/NOTES.md).
 
@@ -116,7 +116,7 @@ def _install():
 def _compile_and_load(orig_run, load: bool, fn, args, grid, kwargs):
     """One pool job: compile (Triton's `run(warmup=True)`), then, on a real GPU, what the kernel's
     first launch would otherwise do in the caller's thread, one kernel after another: build its
-    launcher (Triton <= 3.6 compiles a C launcher per argument-type list with gcc, ~0.1-0.3 s each,
+    launcher (Triton <= 3.6 compiles a C launcher per argument-type list with gcc, 0.1-0.7 s each,
     cached on disk; 3.9 has a generic one) and load the cubin into the context (`_init_handles`).
     A failure there (e.g. too much shared memory) is left for the real launch to raise, as before."""
     kernel = orig_run(fn, *args, grid=grid, warmup=True, **kwargs)
