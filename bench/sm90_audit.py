@@ -252,6 +252,13 @@ def linear_scan_cases():
             h = linear_scan(a, b, dim=-1, backend="triton")
             torch.autograd.grad(h, (a, b), torch.randn(a.shape).to(dtype))
         yield f"linear_scan BDT {_dt(dtype)} [8, 64, 4096]", thunk_bdt
+    # reverse=True builds (dh0's int64 (T - 1) * s_t), incl. T=1 (Triton specialises T to 1)
+    for shape in ((4, 1031, 256), (4, 1, 256)):
+        def thunk_rev(shape=shape):
+            a, b = _leaf(*shape), _leaf(*shape)
+            h = linear_scan(a, b, dim=1, reverse=True, backend="triton")
+            torch.autograd.grad(h, (a, b), torch.randn(shape))
+        yield f"linear_scan reverse fp32 {list(shape)}", thunk_rev
 
 
 def causal_conv1d_cases():
