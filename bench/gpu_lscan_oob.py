@@ -5,8 +5,8 @@ group-edge element a[tq + V] with only `tq + V < T` as mask: whenever a tile sta
 prefetched tile after the last with BWD_PREFETCH, or T not a multiple of BLOCK_T) channel 0 read
 up to BLOCK_T - V elements *before* `a` (bf16 (2, 2048, 8): 4080 bytes): the illegal address seen
 in `bench/gpu_linear_scan.py --quick` (reg+pf, after other allocations moved `a`). Fixed on branch
-lscan6 (edge masks 0 <= e < T); `--unfixed` swaps the old tile-load function back in (positive
-control: the sanitizer must report it).
+lscan6 (edge masks 0 <= e < T); `--unfixed` drops the lower bound again (positive control: the
+sanitizer must report it).
 
 Each case: autograd forward+backward through sk.linear_scan(dim=-1) (dhT = autograd's zeros ->
 HAS_CARRY) and one direct launcher backward (dhT None), da/db vs the float64 reference, on
@@ -21,44 +21,34 @@ import os
 import sys
 
 import torch
-import triton
-import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ssm_kernels as sk  # noqa: E402
 from ssm_kernels.linear_scan import triton as K  # noqa: E402
 from ssm_kernels.linear_scan.reference import linear_scan_bwd_ref  # noqa: E402
-from ssm_kernels.linear_scan.triton import _tinner_rows  # noqa: E402
 
 DEV = os.environ.get("LSCAN_BENCH_DEVICE", "cuda")   # "cpu" + TRITON_INTERPRET=1: a smoke run
 
 
-@triton.jit
-def _unfixed_loads(a_ptr, h_ptr, dh_ptr, i_o, i_c, base2, mc2, t0, lo, hi, T, C, s_o, s_c,
-                   FLIP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-                   V: tl.constexpr):
-    R: tl.constexpr = BLOCK_T // V
-    mq, tq, bq = _tinner_rows(i_o, i_c, t0, C, s_o, s_c, BLOCK_C, R, V)
-    t2 = tq[:, None] + tl.arange(0, V)[None, :]
-    m2 = mq[:, None] & ((t2 >= lo) & (t2 < hi) & (t2 < T))
-    p2 = bq[:, None] + t2
-    a2 = tl.load(a_ptr + p2, mask=m2, other=1.0)
-    h2 = tl.load(h_ptr + p2, mask=m2, other=0.0)
-    if FLIP:
-        a_e = tl.load(a_ptr + bq + tq + V, mask=mq & (tq + V < T), other=1.0)
-        h_e = tl.load(h_ptr + bq + tq - 1, mask=mq & (tq - 1 >= 0) & (tq - 1 < T), other=0.0)
-    else:
-        a_e = tl.load(a_ptr + bq + tq - 1, mask=mq & (tq - 1 >= 0) & (tq - 1 < T), other=1.0)
-        h_e = tl.load(h_ptr + bq + tq + V, mask=mq & (tq + V < T), other=0.0)
-    t = t0 + tl.arange(0, BLOCK_T)
-    m = mc2 & ((t >= lo) & (t < hi) & (t < T))[None, :]
-    dh = tl.load(dh_ptr + base2 + t.to(tl.int64)[None, :], mask=m, other=0.0)
-    return a2, h2, a_e, h_e, dh
-
-
 def install_unfixed():
-    """The pre-fix `_tinner_bwd_loads` (edge masks without the lower bound): the control."""
-    K._tinner_bwd_loads = _unfixed_loads   # resolved from the kernel module's globals at compile
+    """The control: the current `_tinner_bwd_loads` with the edge masks' lower bound removed (the
+    pre-fix masks), built from its source in a temporary module and swapped into the kernel's
+    globals before the first compile."""
+    import importlib.util
+    import inspect
+    import tempfile
+    src = inspect.getsource(K._tinner_bwd_loads.fn)
+    fixed = "m_hi = mq & (e_hi >= 0) & (e_hi < T)"
+    assert fixed in src, "the fixed edge mask is not where this control expects it"
+    src = src.replace(fixed, "m_hi = mq & (e_hi < T)")
+    path = os.path.join(tempfile.mkdtemp(), "lscan_unfixed.py")
+    with open(path, "w") as f:
+        f.write("import triton\nimport triton.language as tl\n"
+                "from ssm_kernels.linear_scan.triton import _tinner_rows\n\n" + src)
+    spec = importlib.util.spec_from_file_location("lscan_unfixed", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    K._tinner_bwd_loads = mod._tinner_bwd_loads   # resolved from the module's globals at compile
 
 
 def use(cfg):
