@@ -494,7 +494,8 @@ def chunk_fwd_keep(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor]
         g = gla.chunk_cumsum(p, g)         # every later stage reads Gc
     h, ht = chunk_states(p, k, v, g, vs, A, h0)
     d = _dummy(ht)
-    kept = (h if keep_h else h[:0], g if keep_gc else (g[:0] if p.gate == 2 else d[:0]))
+    kept = (h if keep_h else h.view(-1)[:0],
+            g if keep_gc else (g.view(-1)[:0] if p.gate == 2 else d[:0]))
     if p.gate == 2 and gla.use_fused_fwd(p):
         return (gla.fwd_output(p, q, k, v, g, h, scale), ht) + kept
     a = gla.intra_scores(p, q, k, g, scale) if p.gate == 2 else d
