@@ -765,7 +765,7 @@ def print_table(ok, rows=None, title="chunked engine", csv_name="gpu_chunk.csv",
 
 # ---- kept forward tensors (SAVE_AB=1): chunk.common.SAVE_STATES 0 / 1 / 2 side by side ----------
 
-def save_states_ab():
+def save_states_ab(B=4, T=4096, H=16, K=128, V=128, ssd_shape=(4, 4096, 32, 64, 1, 128)):
     """Each op at the issue's shapes, fwd+bwd with SAVE_STATES=0 (recompute h and Gc), 1 (keep Gc:
     the default), 2 (keep h too), back to back in one process. Each mode's outputs and gradients
     are compared bitwise with mode 0's (same inputs and cotangent: the kept tensors come from the
@@ -773,15 +773,15 @@ def save_states_ab():
     is reported (what keeping h costs). fwd (no grad) rows check that inference is unchanged.
     Correctness against float64 at SAVE_STATES=2: `KNOBS=SAVE_STATES=2 QUICK=1 PEERS=0`."""
     from ssm_kernels.chunk import common as knobs
-    B, T, H, K, V = 4, 4096, 16, 128, 128
     cases = [(op, f"B{B} T{T} H{H} K=V={K}", OURS[op],
               (lambda req, gate=GATE[op]: la_inputs(B, T, H, K, V, gate, req=req)))
              for op in filter(want, ("chunk_linear_attn", "chunk_simple_gla", "chunk_gla"))]
     if want("ssd"):
-        cases.append(("ssd", "B4 L4096 H32 P64 N128",
+        sb, sl, sh, sp, sg, sn = ssd_shape
+        cases.append(("ssd", f"B{sb} L{sl} H{sh} P{sp} N{sn}",
                       lambda x, dt, A, Bm, Cm, D, bias: sk.mamba_chunk_scan_combined(
                           x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias, dt_softplus=True),
-                      lambda req: ssd_inputs(4, 4096, 32, 64, 1, 128, req=req)))
+                      lambda req: ssd_inputs(*ssd_shape, req=req)))
     ok = True
     saved = knobs.SAVE_STATES
     try:
