@@ -7,6 +7,8 @@ chunk_simple_gla, chunk_gla and mamba_chunk_scan_combined, B rows and varlen, wi
 initial states; the launches drop by one state pass (and one cumsum for chunk_gla). Without a
 gradient nothing is kept; the fused forward path (no h in memory) keeps no h and the backward
 recomputes; the registered ops pass opcheck and torch.compile(fullgraph=True)."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,9 +21,13 @@ from conftest import DEVICE, kernel_backends
 pytestmark = pytest.mark.skipif("triton" not in kernel_backends(), reason="needs Triton")
 
 
+INTERP = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 @pytest.fixture
 def launches(monkeypatch):
-    """Names of the interpreted kernels launched (the kernels still run)."""
+    """Names of the interpreted kernels launched (the kernels still run); on a GPU (no
+    interpreter) nothing is recorded and the launch counts are not checked."""
     import triton.runtime.interpreter as interp
     calls = []
     real = interp.InterpretedFunction.run
@@ -98,9 +104,10 @@ def test_kept_states_equal_recompute(monkeypatch, launches, op, varlen, h0, dtyp
         counts[mode] = (launches.count("_state_kernel"), launches.count("_cumsum_kernel"))
     gla = op == "gla"
     # forward + backward recompute; 1 keeps Gc (chunk_gla only); 2 also keeps h
-    assert counts[0] == (2, 2 if gla else 0)
-    assert counts[1] == (2, 1 if gla else 0)
-    assert counts[2] == (1, 1 if gla else 0)
+    if INTERP:
+        assert counts[0] == (2, 2 if gla else 0)
+        assert counts[1] == (2, 1 if gla else 0)
+        assert counts[2] == (1, 1 if gla else 0)
     for mode in (1, 2):
         for i, (a, b) in enumerate(zip(runs[mode], runs[0])):
             assert torch.equal(a, b), f"SAVE_STATES={mode}: output/gradient {i} differs"
@@ -208,8 +215,10 @@ def test_fused_forward_keeps_no_states(monkeypatch, launches, fused):
         monkeypatch.setattr(common, "SAVE_STATES", mode)
         launches.clear()
         runs[mode] = _run("simple_gla", torch.float32, False, True)
-        assert launches.count("_fused_fwd_kernel") == 1
-        assert launches.count("_state_kernel") == 2     # stage 1 (segments) + backward recompute
+        if INTERP:
+            assert launches.count("_fused_fwd_kernel") == 1
+            # stage 1 (segments) + the backward's recompute
+            assert launches.count("_state_kernel") == 2
     for a, b in zip(runs[2], runs[0]):
         assert torch.equal(a, b)
 
