@@ -208,8 +208,8 @@ def _core(q, k, v, g, scale, initial_state, cu_seqlens, reverse, backend, recurr
             h0 = None if h0 is None else h0.flip(0)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g = None if g is None else g.to(sd).contiguous()
-    save = (not recurrent and torch.is_grad_enabled() and _save_states()
-            and any(x is not None and x.requires_grad for x in (q, k, v, g, h0)))
+    save = (not recurrent and torch.is_grad_enabled()
+            and any(x is not None and x.requires_grad for x in (q, k, v, g, h0)) and _save_states())
     o, ht, _, _ = linear_attn_fwd_op(q, k, v, g, h0, cu, scale, recurrent,
                                      _backend.normalize(backend), save)
     if reverse:

@@ -349,9 +349,9 @@ def mamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
             Dd = (D.to(sd)[:, None] if D.dim() == 1 else D.to(sd)).expand(
                 x.shape[2], x.shape[3]).contiguous()
             D = None
-        save = (torch.is_grad_enabled() and _save_states() and any(
+        save = (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias,
-                                                        initial_states)))
+                                                        initial_states)) and _save_states())
         y, ht, _ = ssd_fwd_op(C.contiguous(), B.contiguous(), x.contiguous(), dtp,
                               A.to(sd).contiguous(), h0, cu_seqlens, _backend.normalize(backend),
                               Dd, save)
