@@ -105,7 +105,8 @@ def run_case(case, rank, world, group, failures):
     with torch.no_grad():   # inference: no private graph, same results
         ni_out, ni_finals = case["call"]({k: None if x is None else x.detach()
                                           for k, x in {**loc, **loc_shared}.items()}, group)
-    _compare(f"{tag} no_grad out", ni_out, cp_out.detach(), 0, 0, failures)
+    _compare(f"{tag} no_grad out", ni_out, cp_out.detach(), *case.get("infer_tol", (0, 0)),
+             failures)
     for f, w in zip(ni_finals, cp_finals):
         _compare(f"{tag} no_grad final", f, w.detach(), 0, 0, failures)
     for k, x in loc_shared.items():
@@ -296,8 +297,11 @@ def _cases(world):
                           dtype=torch.float32, tol=f32),
                   la_case("chunk_linear_attn triton f32", "none", False, backend="triton",
                           dtype=torch.float32, tol=f32),
-                  ssd_case("mamba_chunk_scan_combined triton f32 D, z, dt_bias, h0", True,
-                           backend="triton", dtype=torch.float32, tol=f32)]
+                  # inference runs SSD's z gate inside the output kernel (ssd.interface
+                  # _fused_epilogue), training in torch: the two silu()s differ in the last ulp
+                  dict(ssd_case("mamba_chunk_scan_combined triton f32 D, z, dt_bias, h0", True,
+                                backend="triton", dtype=torch.float32, tol=f32),
+                       infer_tol=(1e-6, 1e-6))]
     return cases
 
 
