@@ -333,9 +333,14 @@ def _wy_fast_kernel(
 ):
     i_h, i_hq, o_t, t, m_t, o_k, m_k, row = _wy_chunk_rows(ct_ptr, cu_ptr, T, NT, H, HQ, K,
                                                            IS_VARLEN, BT, BK)
+    # addresses: an int64 base per tile (the chunk's first row) + int32 offsets in the tile
+    t0, _ = chunk_span(tl.program_id(0), ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    r0 = t0 * H + i_h
+    o_r = o_t * H
+    m_tk = m_t[:, None] & m_k[None, :]
     # k in its own 16-bit dtype: the operand of k k^T and of W (never a float32 tile)
-    b_k = tl.load(k_ptr + (t * HQ + i_hq)[:, None] * K + o_k[None, :],
-                  mask=m_t[:, None] & m_k[None, :], other=0.)
+    b_k = tl.load(k_ptr + (t0 * HQ + i_hq) * K + ((o_t * HQ)[:, None] * K + o_k[None, :]),
+                  mask=m_tk, other=0.)
     b_beta = tl.load(beta_ptr + row, mask=m_t, other=0.).to(tl.float32)
     G = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row, i_h, m_t, o_k, m_k, K, GATE, False, BT)
     if L2NORM:
@@ -345,7 +350,8 @@ def _wy_fast_kernel(
     else:
         r_k = tl.full([BT], 1., tl.float32)
     if LOAD_T:
-        X = tl.load(tm_ptr + row[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.)
+        X = tl.load(tm_ptr + r0 * BT + (o_r[:, None] * BT + o_t[None, :]), mask=m_t[:, None],
+                    other=0.)
     else:
         strict = o_t[:, None] > o_t[None, :]
         KK = mm(b_k, tl.trans(b_k), DT, IEEE)
@@ -364,21 +370,21 @@ def _wy_fast_kernel(
             for lv in tl.static_range(2, LOG2BT + 1):
                 X = _inverse_level(X, A, o_t, lv, INV_WF32, DT, IEEE)
         if STORE_T:
-            tl.store(tm_ptr + row[:, None] * BT + o_t[None, :], X, mask=m_t[:, None])
-    # W = T diag(beta e^G r) K, U = T diag(beta) V: the diagonal scales on T's columns
-    b_w = mm_hilo(X * (b_beta * tl.exp2(G) * r_k)[None, :], b_k, NSPLIT, DT, IEEE)
-    tl.store(w_ptr + row[:, None] * K + o_k[None, :], b_w.to(w_ptr.dtype.element_ty),
-             mask=m_t[:, None] & m_k[None, :])
+            tl.store(tm_ptr + r0 * BT + (o_r[:, None] * BT + o_t[None, :]), X, mask=m_t[:, None])
+    # U = T diag(beta) V, W = T diag(beta e^G r) K: the diagonal scales on T's columns (U first:
+    # its [BT, BV] accumulator is the smaller one live next to T)
     Xu = X * b_beta[None, :]
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
-        b_v = tl.load(v_ptr + row[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
-                      other=0.)
+        o_tv = o_r[:, None] * V + o_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_v = tl.load(v_ptr + r0 * V + o_tv, mask=m_tv, other=0.)
         b_u = mm_hilo(Xu, b_v, NSPLIT, DT, IEEE)
-        tl.store(u_ptr + row[:, None] * V + o_v[None, :], b_u.to(u_ptr.dtype.element_ty),
-                 mask=m_t[:, None] & m_v[None, :])
-
+        tl.store(u_ptr + r0 * V + o_tv, b_u.to(u_ptr.dtype.element_ty), mask=m_tv)
+    b_w = mm_hilo(X * (b_beta * tl.exp2(G) * r_k)[None, :], b_k, NSPLIT, DT, IEEE)
+    tl.store(w_ptr + r0 * K + (o_r[:, None] * K + o_k[None, :]), b_w.to(w_ptr.dtype.element_ty),
+             mask=m_tk)
 
 @triton.jit
 def _k_unit_rows(k_ptr, row_q, m_t, o_k, m_k, K, L2NORM: tl.constexpr):
