@@ -132,8 +132,10 @@ SAVE_WY_INVERSE = False
 # WU_TF32_PRODUCTS, fla's precision). Also forms W, U from a saved T (SAVE_WY_INVERSE's backward,
 # WY_SPLIT's second launch) in place of `_wu_kernel`.
 WY_FAST = False
-# its warps and V tile (None: the engine's BLOCK_V, 64; 128: U in one tile); register cap
-# (ptxas maxnreg; None: none) and the inverse's levels as a runtime loop (False: unrolled)
+# its warps and V tile (None: the engine's BLOCK_V, 64; 128: U in one tile: 8 B spill uncapped,
+# 388 B at 168); register cap (ptxas maxnreg; None: none; sm_90 bf16 K=V=128 uncapped 231-250
+# registers, 0 spill = 2 programs per SM; 168: 32-88 B spill, 3 per SM); the inverse's levels as a
+# runtime loop (False: unrolled); software-pipeline stages of the V loop
 WY_FAST_WARPS = 4
 WY_FAST_BV = None
 WY_FAST_MAXNREG = None
@@ -294,17 +296,15 @@ def mm_hilo(a, b, NSPLIT: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
         rest = a * (1. / s_row)[:, None]
     else:
         rest = a
-    for i in tl.static_range(NSPLIT):
+    piece = rest.to(DT)
+    acc = mm(piece, b, DT, IEEE)
+    for _ in tl.static_range(1, NSPLIT):
+        rest = rest - piece.to(tl.float32)
         piece = rest.to(DT)
-        if i == 0:
-            acc = mm(piece, b, DT, IEEE)
+        if IEEE == 0:
+            acc = tl.dot(piece, b, acc)
         else:
-            if IEEE == 0:
-                acc = tl.dot(piece, b, acc)
-            else:
-                acc += mm(piece, b, DT, IEEE)
-        if i + 1 < NSPLIT:
-            rest = rest - piece.to(tl.float32)
+            acc += mm(piece, b, DT, IEEE)
     if DT == tl.float16:
         acc = acc * s_row[:, None]
     return acc
@@ -362,8 +362,8 @@ def _wy_fast_kernel(
         eye = o_t[:, None] == o_t[None, :]
         X = tl.where(eye, 1., tl.where((o_t // 2)[:, None] == (o_t // 2)[None, :], -A, 0.))
         if LOOP:
-            # a runtime loop: one copy of the level (unrolled, the levels' masked A_b were formed
-            # up front, ~30 registers each)
+            # a runtime loop: one copy of the level (sm_90: more shared memory, 49 vs 33 KB, and
+            # more spills under a register cap than the unrolled levels)
             for lv in range(2, LOG2BT + 1):
                 X = _inverse_level(X, A, o_t, lv, INV_WF32, DT, IEEE)
         else:
