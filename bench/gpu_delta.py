@@ -114,6 +114,7 @@ WYFAST_VARIANTS = (   # most telling first: the budget may cut the tail
     "SG_FUSE_DV=True,SG_KDS_X2=True,DQK_MAXNREG=128,DQK_STAGES=2,WY_BWD_LEAN=True;"
     "wyfast-bf16st-ov128:WY_FAST=True,WU_FLOAT32=False,WU_TF32_PRODUCTS=True,SCAN_TF32=True,"
     "OUT_BLOCK_V=128;"
+    "wyfast-inv16:WY_FAST=True,WY_FAST_INV16=True;"
     "wyfast-loop:WY_FAST=True,WY_FAST_LOOP=True;"
     "wyfast-w8:WY_FAST=True,WY_FAST_WARPS=8")
 # per variant, besides its check and gated fwd / fwd+bwd: "ungated" (chunk_delta_rule, against

@@ -141,6 +141,10 @@ WY_FAST_BV = None
 WY_FAST_MAXNREG = None
 WY_FAST_LOOP = False
 WY_FAST_STAGES = 1
+# the inverse's products as three bf16 dots on hi + lo halves (`mm_x3`: ~16 bits of each operand,
+# better than tf32's 11; 16-bit A operands convert in registers and 16-bit B operands need no
+# transposed store, at 1.5x the tensor time of one tf32 dot)
+WY_FAST_INV16 = False
 
 
 @triton.jit
@@ -311,12 +315,33 @@ def mm_hilo(a, b, NSPLIT: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _inverse_level(X, A, o_t, lv, INV_WF32: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+def mm_x3(a, b, IEEE: tl.constexpr):
+    """a @ b for float32 a, b as three bf16 dots on their hi + lo halves (hi hi + hi lo + lo hi:
+    ~16 mantissa bits of each operand, float32 accumulation; the lo lo term, 2^-16 of the
+    product, is left out)."""
+    a_h = a.to(tl.bfloat16)
+    b_h = b.to(tl.bfloat16)
+    a_l = (a - a_h.to(tl.float32)).to(tl.bfloat16)
+    b_l = (b - b_h.to(tl.float32)).to(tl.bfloat16)
+    if IEEE == 0:
+        acc = tl.dot(a_h, b_l)
+        acc = tl.dot(a_l, b_h, acc)
+        return tl.dot(a_h, b_h, acc)
+    else:
+        return (mm(a_h, b_l, tl.bfloat16, IEEE) + mm(a_l, b_h, tl.bfloat16, IEEE)
+                + mm(a_h, b_h, tl.bfloat16, IEEE))
+
+
+@triton.jit
+def _inverse_level(X, A, o_t, lv, INV_WF32: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+                   INV16: tl.constexpr = False):
     """X (the inverse of I + A within blocks of 2^(lv-1)) -> the inverse within blocks of 2^lv:
-    for a block [[P, 0], [C, Q]], X - X [[0, 0], [C, 0]] X."""
+    for a block [[P, 0], [C, Q]], X - X [[0, 0], [C, 0]] X. INV16: the products by `mm_x3`."""
     sub = (((o_t >> lv)[:, None] == (o_t >> lv)[None, :])
            & ((o_t >> (lv - 1))[:, None] != (o_t >> (lv - 1))[None, :]))
     Ab = tl.where(sub, A, 0.)
+    if INV16:
+        return X - mm_x3(X, mm_x3(Ab, X, IEEE), IEEE)
     return X - mm_wy(X, mm_wy(Ab, X, INV_WF32, DT, IEEE), INV_WF32, DT, IEEE)
 
 
@@ -329,7 +354,7 @@ def _wy_fast_kernel(
     GATE: tl.constexpr, L2NORM: tl.constexpr, STORE_T, LOAD_T: tl.constexpr,
     INV_WF32: tl.constexpr, NSPLIT: tl.constexpr, IS_VARLEN: tl.constexpr, BT: tl.constexpr,
     LOG2BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
-    IEEE: tl.constexpr, LOOP: tl.constexpr = True,
+    IEEE: tl.constexpr, LOOP: tl.constexpr = True, INV16: tl.constexpr = False,
 ):
     i_h, i_hq, o_t, t, m_t, o_k, m_k, row = _wy_chunk_rows(ct_ptr, cu_ptr, T, NT, H, HQ, K,
                                                            IS_VARLEN, BT, BK)
@@ -365,10 +390,10 @@ def _wy_fast_kernel(
             # a runtime loop: one copy of the level (sm_90: more shared memory, 49 vs 33 KB, and
             # more spills under a register cap than the unrolled levels)
             for lv in range(2, LOG2BT + 1):
-                X = _inverse_level(X, A, o_t, lv, INV_WF32, DT, IEEE)
+                X = _inverse_level(X, A, o_t, lv, INV_WF32, DT, IEEE, INV16)
         else:
             for lv in tl.static_range(2, LOG2BT + 1):
-                X = _inverse_level(X, A, o_t, lv, INV_WF32, DT, IEEE)
+                X = _inverse_level(X, A, o_t, lv, INV_WF32, DT, IEEE, INV16)
         if STORE_T:
             tl.store(tm_ptr + r0 * BT + (o_r[:, None] * BT + o_t[None, :]), X, mask=m_t[:, None])
     # U = T diag(beta) V, W = T diag(beta e^G r) K: the diagonal scales on T's columns (U first:
@@ -586,7 +611,8 @@ def _wy_fast(p, k, v, g, beta, l2, w, u, tm, store_t, load_t):
         p.V, GATE=p.gate, L2NORM=l2, STORE_T=int(store_t), LOAD_T=load_t, INV_WF32=p.inv_f32,
         NSPLIT=nsplit, IS_VARLEN=p.varlen, BT=p.BT, LOG2BT=p.BT.bit_length() - 1, BK=m["BKF"],
         BV=max(16, min(WY_FAST_BV, next_power_of_2(p.V))) if WY_FAST_BV else m["BV"],
-        DT=m["DT"], IEEE=m["IEEE"], LOOP=WY_FAST_LOOP, num_warps=WY_FAST_WARPS, num_stages=WY_FAST_STAGES,
+        DT=m["DT"], IEEE=m["IEEE"], LOOP=WY_FAST_LOOP, INV16=WY_FAST_INV16 and not load_t,
+        num_warps=WY_FAST_WARPS, num_stages=WY_FAST_STAGES,
         **({"maxnreg": WY_FAST_MAXNREG} if WY_FAST_MAXNREG else {}))
     return w, u
 
