@@ -337,12 +337,13 @@ def _inverse_level(X, A, o_t, lv, INV_WF32: tl.constexpr, DT: tl.constexpr, IEEE
                    INV16: tl.constexpr = False):
     """X (the inverse of I + A within blocks of 2^(lv-1)) -> the inverse within blocks of 2^lv:
     for a block [[P, 0], [C, Q]], X - X [[0, 0], [C, 0]] X. INV16: the products by `mm_x3`."""
-    sub = (((o_t >> lv)[:, None] == (o_t >> lv)[None, :])
-           & ((o_t >> (lv - 1))[:, None] != (o_t >> (lv - 1))[None, :]))
-    Ab = tl.where(sub, A, 0.)
+    # X [[0, 0], [C, 0]] = the (odd sub-block, its left neighbour) part of X A: X is block
+    # diagonal, so the mask goes on the product and A (the same every level) is the B operand
+    hi, lo = o_t >> (lv - 1), o_t >> (lv - 1)
+    sub = ((hi % 2) == 1)[:, None] & (lo[None, :] == (hi - 1)[:, None])
     if INV16:
-        return X - mm_x3(X, mm_x3(Ab, X, IEEE), IEEE)
-    return X - mm_wy(X, mm_wy(Ab, X, INV_WF32, DT, IEEE), INV_WF32, DT, IEEE)
+        return X - mm_x3(tl.where(sub, mm_x3(X, A, IEEE), 0.), X, IEEE)
+    return X - mm_wy(tl.where(sub, mm_wy(X, A, INV_WF32, DT, IEEE), 0.), X, INV_WF32, DT, IEEE)
 
 
 @triton.jit(do_not_specialize=["STORE_T"])
