@@ -125,8 +125,8 @@ DQK_STAGES = 3
 SAVE_WY_INVERSE = False
 # the WY stage by `_wy_fast_kernel` (16-bit inputs; bench/NOTES.md "helper deltawy6"): 4 warps, no
 # register 4-d tensors and no substitution loop: T = (I + A)^-1 by recursive doubling on the
-# [BT, BT] tile (X <- X - X (A_b X) for blocks b = 4 .. BT: 2 log2(BT/2) dependent dots, tf32 as
-# WY_INVERSE_F32 / WY_TF32X3 say), k and v stay 16-bit shared-memory operands (the L2 norm, beta
+# [BT, BT] tile (X <- X - mask_b(X A) X for blocks b = 4 .. BT: 2 log2(BT/2) dependent dots, tf32
+# as WY_INVERSE_F32 / WY_TF32X3 say), k and v stay 16-bit shared-memory operands (the L2 norm, beta
 # and e^G folded into T's columns), W = T' K and U = T'' V as hi + lo 16-bit dots (T' split in two
 # 16-bit halves: ~16 mantissa bits, K, V exact; one dot with WU_FLOAT32=False and no
 # WU_TF32_PRODUCTS, fla's precision). Also forms W, U from a saved T (SAVE_WY_INVERSE's backward,
@@ -385,6 +385,7 @@ def _wy_fast_kernel(
                      * tl.exp2(tl.where(strict, G[:, None] - G[None, :], float("-inf"))), 0.)
         # (I + A)^-1 by recursive doubling: X is the inverse of I + (A within blocks of 2^(lv-1));
         # for a block [[P, 0], [C, Q]] of 2^lv, the inverse is X - X [[0, 0], [C, 0]] X
+        # (`_inverse_level`)
         eye = o_t[:, None] == o_t[None, :]
         X = tl.where(eye, 1., tl.where((o_t // 2)[:, None] == (o_t // 2)[None, :], -A, 0.))
         if LOOP:
