@@ -64,7 +64,8 @@ def _install_timers():
         f = orig.__func__ if is_static else orig
 
         def timed(*a, _f=f, _stage=stage, **k):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
+            ch0 = _children_cpu()
             try:
                 return _f(*a, **k)
             finally:
@@ -72,6 +73,9 @@ def _install_timers():
                 if cur:
                     cur[-1]["stages"][_stage] = (cur[-1]["stages"].get(_stage, 0.0)
                                                  + time.perf_counter() - t0)
+                    cur[-1]["stage_cpu"] = cur[-1].get("stage_cpu", 0.0) + time.thread_time() - c0
+                    if _stage == "make_cubin":   # ptxas's CPU (exact when compiles run serially)
+                        cur[-1]["ptxas_cpu"] = _children_cpu() - ch0
         setattr(CUDABackend, stage, staticmethod(timed) if is_static else timed)
 
     import triton.compiler as tc
@@ -84,22 +88,54 @@ def _install_timers():
     autotuner.Autotuner.run = at_run
 
 
+def _children_cpu() -> float:
+    import resource
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _timed_compile(compile_fn):
     def wrapped(src, *a, **k):
         rec = {"name": src.fn.__name__, "stages": {},
                "const": {_argname(src, n): _fmt(v) for n, v in src.constants.items()},
                "sig": ",".join(str(v) for v in src.signature.values())}
         _stack().append(rec)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
+        rec["start"] = t0
         try:
             return compile_fn(src, *a, **k)
         finally:
             _stack().pop()
             rec["total"] = time.perf_counter() - t0
+            rec["thread"] = threading.current_thread().name
+            # this thread's CPU outside the backend stages: Python front end (AST -> TTIR code
+            # generation), cache and metadata work -- the part that holds the GIL, so threads
+            # cannot overlap it (ptxas, a subprocess, counts in neither)
+            rec["cpu"] = time.thread_time() - c0
+            rec["gil_cpu"] = rec["cpu"] - rec.get("stage_cpu", 0.0)
             rec["ptxas"] = rec["stages"].get("make_cubin", 0.0)
             rec["case"] = audit._case[0]
+            rec["launcher"] = _launcher_key(src)
             records.append(rec)
     return wrapped
+
+
+def _launcher_key(src):
+    """Triton <= 3.6 builds a C launcher per distinct launcher source (gcc, at the kernel's first
+    launch, in the launching thread) and caches it on disk; the source depends on the signature's
+    argument types only. A hash of that source, or None where Triton has a generic launcher (3.9)."""
+    try:
+        from triton.backends.nvidia.driver import make_launcher
+    except ImportError:
+        return None
+    import hashlib
+    arg_idx = lambda x: (src.fn.arg_names.index(x), ) if isinstance(x, str) else x  # noqa: E731
+    constants = {arg_idx(i): v for i, v in src.constants.items()}
+    try:
+        text = make_launcher(constants, dict(src.signature), None)
+    except Exception:
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _argname(src, n):
@@ -338,8 +374,10 @@ def table(unit: str, res: dict, detail: bool) -> tuple:
             d["worst"] = r
     tot = sum(r["total"] for r in recs)
     px = sum(r["ptxas"] for r in recs)
+    launchers = {r.get("launcher") for r in recs} - {None}
     print(f"\n### {unit}: {len(recs)} compiles, {tot:.1f} s ({px:.1f} s ptxas), "
-          f"wall {res['wall']:.1f} s{'  ERROR ' + res['error'] if res['error'] else ''}")
+          f"wall {res['wall']:.1f} s{'  ERROR ' + res['error'] if res['error'] else ''}"
+          + (f"; {len(launchers)} distinct C launchers (Triton <= 3.6: a gcc each)" if launchers else ""))
     if "ahead_s" in res:
         print(f"compile_ahead: {res['submitted']} kernels in {res['ahead_s']:.2f} s wall "
               f"({os.environ.get('COMPILE_AUDIT_AHEAD')} threads); the real call then compiled {res['compiled_after']}")
@@ -353,7 +391,10 @@ def table(unit: str, res: dict, detail: bool) -> tuple:
         for r in sorted(recs, key=lambda r: (r["name"], -r["total"])):
             c = " ".join(f"{k}={v}" for k, v in r["const"].items() if v is not None)
             print(f"  {r['name']:<32} {r['total']:6.2f} s (ptxas {r['ptxas']:5.2f})  {c} | {r['sig']}")
-    return len(recs), tot, px
+    return (len(recs), tot, px, max((r["total"] for r in recs), default=0.0), len(launchers),
+            sum(r.get("cpu", 0.0) for r in recs), sum(r.get("gil_cpu", 0.0) for r in recs),
+            max((r.get("cpu", 0.0) + r.get("ptxas_cpu", r["ptxas"]) for r in recs), default=0.0),
+            sum(r.get("ptxas_cpu", 0.0) for r in recs))
 
 
 def threads_probe(n: int, op: str):
@@ -387,21 +428,24 @@ def threads_probe(n: int, op: str):
         records.clear()
 
     fresh()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for job in jobs:
         one(job)
     serial = time.perf_counter() - t0
+    s_cpu = time.process_time() - c0
     s_sum, s_px = sum(r["total"] for r in records), sum(r["ptxas"] for r in records)
     fresh()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(n) as ex:
         list(ex.map(one, jobs))
     threaded = time.perf_counter() - t0
+    t_cpu = time.process_time() - c0
     t_sum, t_px = sum(r["total"] for r in records), sum(r["ptxas"] for r in records)
     print(f"{op}: {len(jobs)} distinct kernels; serial {serial:.2f} s (sum of compiles "
           f"{s_sum:.2f}, ptxas {s_px:.2f}); {n} threads {threaded:.2f} s (sum of compiles "
           f"{t_sum:.2f}, ptxas {t_px:.2f}); overlap = serial / threaded = {serial / threaded:.2f}x "
-          f"on {os.cpu_count()} cores")
+          f"on {os.cpu_count()} cores; this process's CPU s / wall s: serial {s_cpu / serial:.2f}, "
+          f"threaded {t_cpu / threaded:.2f} (about 1.0 threaded = the compiles hold the GIL)")
 
 
 def main(argv=None):
@@ -435,12 +479,19 @@ def main(argv=None):
         raw[u] = res
         totals.append((u, *table(u, res, args.detail), res["wall"]))
     print(f"\n## totals ({args.what}{' --full' if args.full else ''}, this host, cold cache)")
-    print("| unit | compiles | compile s | ptxas s | wall s |")
-    print("|---|---:|---:|---:|---:|")
-    for u, n, tot, px, wall in totals:
-        print(f"| {u} | {n} | {tot:.1f} | {px:.1f} | {wall:.1f} |")
+    print("CPU columns are thread CPU seconds (insensitive to other load on the host): all of a "
+          "compile's thread, and the part outside the backend stages (Python front end, holds the "
+          "GIL); ptxas CPU (exact without --ahead); longest = one kernel's CPU incl. its ptxas")
+    print("| unit | compiles | compile s | ptxas s | longest compile s | C launchers | CPU s "
+          "| ptxas CPU s | GIL CPU s | longest CPU s | wall s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for u, n, tot, px, mx, nl, cpu, gil, mxc, pxc, wall in totals:
+        print(f"| {u} | {n} | {tot:.1f} | {px:.1f} | {mx:.1f} | {nl or '-'} | {cpu:.2f} "
+              f"| {pxc:.2f} | {gil:.2f} | {mxc:.2f} | {wall:.1f} |")
     print(f"| all | {sum(t[1] for t in totals)} | {sum(t[2] for t in totals):.1f} "
-          f"| {sum(t[3] for t in totals):.1f} | {sum(t[4] for t in totals):.1f} |")
+          f"| {sum(t[3] for t in totals):.1f} | | {sum(t[5] for t in totals) or '-'} "
+          f"| {sum(t[6] for t in totals):.2f} | {sum(t[9] for t in totals):.2f} "
+          f"| {sum(t[7] for t in totals):.2f} | | {sum(t[10] for t in totals):.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(raw, f)

@@ -212,6 +212,32 @@ def check_ssd(B=2, L=2048, H=8, P=64, G=2, N=128, cu=None):
     return judge(f"ssd{' varlen' if cu is not None else ''}", names, got, r, lp)
 
 
+def check_ssd_infer(B=2, L=2047, H=8, P=64, G=2, N=128):
+    """Eager inference with D (nheads, headdim) and z: D and silu(z) in the output kernel's
+    epilogue, on the per-chunk-state path (FUSED_FWD=0) and the fused one (1), bf16, against the
+    float64 reference (L odd: a partial last chunk)."""
+    from ssm_kernels.chunk import common as knobs
+    x, dt, A, Bm, Cm, _, bias = ssd_inputs(B, L, H, P, G, N)
+    D = torch.randn(H, P, device=DEV)
+    z = torch.randn_like(x)
+    h0 = torch.randn(B, H, P, N, device=DEV)
+    kw = dict(D=D, z=z, dt_bias=bias, initial_states=h0, dt_softplus=True)
+    r = ssd_ref(*(t.double() for t in (x, dt, A, Bm, Cm)), 64,
+                **{k: v.double() if torch.is_tensor(v) else v for k, v in kw.items()})
+    lp = ssd_ref(x, dt, A, Bm, Cm, 64, **kw)
+    ok, saved = True, knobs.FUSED_FWD
+    try:
+        for on in (0, 1):
+            knobs.FUSED_FWD = on
+            with torch.no_grad():
+                got = sk.mamba_chunk_scan_combined(x, dt, A, Bm, Cm, 64, return_final_states=True,
+                                                   **kw)
+            ok &= judge(f"ssd infer D,z FUSED_FWD={on}", ["y", "ht"], got, r, lp)
+    finally:
+        knobs.FUSED_FWD = saved
+    return ok
+
+
 def stage_rows(section, case, t):
     """Rows (and log lines) of one stage timing: t maps stage name -> median ms."""
     for name, ms in t.items():
@@ -256,8 +282,8 @@ def stage_times(op, B=4, T=4096, H=16, K=128, V=128):
     heads, one B/C group) timed stage by stage (rows "<op> stage"): the fused forward's three
     stages (segment states, segment scan, fused output after it or with the lookback instead), the
     engine forward with FUSED_FWD on and off, the per-chunk-state path's state stage and by
-    difference its output stage; ssd also the public call (no grad: D in the kernel;
-    FUSE_EPILOGUE=0: D in torch)."""
+    difference its output stage; ssd also the public call with D, and with D and z (no grad: D
+    and silu(z) in the output kernel's epilogue on either path; FUSE_EPILOGUE=0: in torch)."""
     from ssm_kernels.chunk import common as knobs, fwd as cf
     bench_ms = lambda f: do_bench(f, warmup=10, rep=40, return_mode="median")  # noqa: E731
     t = {}
@@ -267,8 +293,9 @@ def stage_times(op, B=4, T=4096, H=16, K=128, V=128):
         x, dt, A, Bm, Cm, D, bias = ssd_inputs(B, T, H, V, 1, K)
         q, k, v, scale = Cm, Bm, x, 1.0
         vs = F.softplus(dt + bias)
-        pub = lambda: sk.mamba_chunk_scan_combined(x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias,  # noqa: E731
-                                                   dt_softplus=True)
+        z = torch.randn_like(x)
+        pub = lambda z=None: sk.mamba_chunk_scan_combined(  # noqa: E731
+            x, dt, A, Bm, Cm, 256, D=D, z=z, dt_bias=bias, dt_softplus=True)
     else:
         q, k, v, g = la_inputs(B, T, H, K, V, GATE[op])
         scale = K ** -0.5
@@ -293,6 +320,8 @@ def stage_times(op, B=4, T=4096, H=16, K=128, V=128):
                     for fe in (1, 0):
                         si.FUSE_EPILOGUE = bool(fe)
                         t[f"public fwd FUSED_FWD={on} FUSE_EPILOGUE={fe}"] = bench_ms(pub)
+                        t[f"public fwd +z FUSED_FWD={on} FUSE_EPILOGUE={fe}"] = bench_ms(
+                            lambda: pub(z))
                     si.FUSE_EPILOGUE = True
         finally:
             knobs.FUSED_FWD = saved
@@ -459,6 +488,12 @@ def main():
         except Exception:  # noqa: BLE001
             traceback.print_exc()
             ok = False
+    try:
+        if want("ssd"):
+            ok &= check_ssd_infer()
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        ok = False
     log("CORRECTNESS:", "all ok" if ok else "FAILURES above")
 
     fla = {} if (QUICK or not PEERS) else fla_ops()
@@ -552,9 +587,11 @@ def sweep_section(case, make, ours):
     # ---- tile sweep (engine knobs in ssm_kernels.chunk.common), while time allows ----
     from ssm_kernels.chunk import common as knobs
     # fused-forward knobs (chunk/common.py; forward only: the backward does not use them)
-    fused = [dict(FUSED_FWD=0), dict(LOOKBACK_SEGS=0), dict(FUSED_WARPS=4), dict(FUSED_WARPS=4, FUSED_BLOCK_V=32),
-             dict(FUSED_BLOCK_V=32), dict(SEG_CHUNKS=4), dict(SEG_CHUNKS=16), dict(FUSED_STAGES=3),
-             dict(FUSED_I32_OFFSETS=0)]
+    # (the fused path is off by default, FUSED_FWD=0: its knobs are timed with it switched on)
+    fused = [dict(FUSED_FWD=1)] + [dict(FUSED_FWD=1, **kn) for kn in (
+        dict(LOOKBACK_SEGS=0), dict(FUSED_WARPS=4), dict(FUSED_WARPS=4, FUSED_BLOCK_V=32),
+        dict(FUSED_BLOCK_V=32), dict(SEG_CHUNKS=4), dict(SEG_CHUNKS=16), dict(FUSED_STAGES=3),
+        dict(FUSED_I32_OFFSETS=0))]
     # the backward in segments (SEG_BWD; public fwd+bwd), before the forward-only rows
     sweep = [(op, dict(SEG_BWD=s)) for op in ("ssd", "chunk_simple_gla", "chunk_linear_attn")
              for s in (1, 2)] + [("chunk_simple_gla", dict(SEG_BWD=2, SEG_CHUNKS=16))]

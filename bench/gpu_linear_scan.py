@@ -48,6 +48,7 @@ def knobs(name):
     """old / reg / reg+pf -> (BWD_REG_SHIFT, BWD_PREFETCH)."""
     K.BWD_REG_SHIFT, K.BWD_PREFETCH = {"old": (False, False), "reg": (True, False),
                                        "reg+pf": (True, True)}[name]
+    K._plan.cache_clear()   # the 16-bit backward's default tile depends on BWD_REG_SHIFT
 
 
 def ms(fn):

@@ -1,5 +1,7 @@
 """Run one op once (after a warm-up) for `ncu`; e.g.
 ncu --kernel-name regex:linear_scan --launch-skip 1 --launch-count 1 python bench/profile_one.py linear_scan cuda bfloat16
+selective_scan [--bwd]: issue 9's first shape (B8 D1536 L2048 N16, every feature), --bwd adds the
+backward (its kernel: --kernel-name regex:selective_scan_bwd)
 """
 import sys
 
@@ -20,6 +22,11 @@ if op == "selective_scan":  # issue 9's first shape, every feature on
     A = -torch.rand(D, N, device="cuda")
     Bv, Cv = (torch.randn(Bsz, 1, N, L, device="cuda", dtype=dtype) for _ in range(2))
     Dp, bias = torch.randn(D, device="cuda"), torch.randn(D, device="cuda")
+    grad = "--bwd" in sys.argv  # forward + backward: the backward kernel for ncu too
+    if grad:
+        u.requires_grad_()
     for _ in range(2):
-        sk.selective_scan_fn(u, dt, A, Bv, Cv, Dp, z, bias, True, backend=backend)
+        out = sk.selective_scan_fn(u, dt, A, Bv, Cv, Dp, z, bias, True, backend=backend)
+        if grad:
+            torch.autograd.grad(out, u, torch.ones_like(out))
 torch.cuda.synchronize()

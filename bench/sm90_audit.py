@@ -171,10 +171,26 @@ def run_ssd(dtype, V):
     _grad((y, S), (x, dt, A, Bm, Cm, h0))
 
 
+def run_ssd_dz(dtype, V):
+    """SSD with D (nheads, headdim) and z: with gradients (D inside the op: the forward's epilogue
+    HAS_D, the backward's dD; z a torch op) and eager inference (D and silu(z) in the epilogue)."""
+    import ssm_kernels as sk
+    x = _leaf(B, T, H, V, dtype=dtype)
+    Bm, Cm = _leaf(B, T, 1, K, dtype=dtype), _leaf(B, T, 1, K, dtype=dtype)
+    dt = (torch.rand(B, T, H) * 0.1 + 0.01).requires_grad_()
+    A = (-torch.rand(H) - 0.5).requires_grad_()
+    D, z = _leaf(H, V), _leaf(B, T, H, V, dtype=dtype)
+    y = sk.mamba_chunk_scan_combined(x, dt, A, Bm, Cm, 64, D=D, z=z, backend="triton")
+    _grad((y,), (x, dt, A, Bm, Cm, D, z))
+    with torch.no_grad():
+        sk.mamba_chunk_scan_combined(x, dt, A, Bm, Cm, 64, D=D, z=z, backend="triton")
+
+
 def chunk_cases():
-    """Chunked engine: the four public ops, forward + backward, K=128, V in (128, 100)."""
+    """Chunked engine: the four public ops, forward + backward, K=128, V in (128, 100); SSD also
+    with D and z (`ssd+Dz`: the epilogue flags)."""
     ops = {"chunk_linear_attn": run_linear_attn, "chunk_simple_gla": run_simple_gla,
-           "chunk_gla": run_gla, "ssd": run_ssd}
+           "chunk_gla": run_gla, "ssd": run_ssd, "ssd+Dz": run_ssd_dz}
     for V in (128, 100):
         for dtype in DTYPES:
             for name, fn in ops.items():
@@ -236,6 +252,13 @@ def linear_scan_cases():
             h = linear_scan(a, b, dim=-1, backend="triton")
             torch.autograd.grad(h, (a, b), torch.randn(a.shape).to(dtype))
         yield f"linear_scan BDT {_dt(dtype)} [8, 64, 4096]", thunk_bdt
+    # reverse=True builds (dh0's int64 (T - 1) * s_t), incl. T=1 (Triton specialises T to 1)
+    for shape in ((4, 1031, 256), (4, 1, 256)):
+        def thunk_rev(shape=shape):
+            a, b = _leaf(*shape), _leaf(*shape)
+            h = linear_scan(a, b, dim=1, reverse=True, backend="triton")
+            torch.autograd.grad(h, (a, b), torch.randn(shape))
+        yield f"linear_scan reverse fp32 {list(shape)}", thunk_rev
 
 
 def causal_conv1d_cases():

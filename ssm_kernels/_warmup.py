@@ -3,7 +3,9 @@
 A cold first call compiles its kernels one after another as it reaches them (forward, then the
 backward's). `compile_ahead(op, *args, **kwargs)` instead dry-runs the call and a backward through
 its outputs with every Triton launch turned into a compile submitted to a thread pool, then waits
-for the pool: the real call that follows finds every kernel compiled. Threads overlap because
+for the pool: the real call that follows finds every kernel compiled, its launcher built and its
+module loaded (Triton 3.6 compiles a C launcher with gcc per argument-type list at a kernel's first
+launch; on a GPU that and the module load run in the pool too). Threads overlap because
 Triton's MLIR/LLVM passes run without the GIL and ptxas is a subprocess (bench/compile_audit.py
 `threads` measures it; see bench/NOTES.md).
 
@@ -23,24 +25,39 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Optional
 
 _tls = threading.local()
+# build launchers and load modules in the pool too (SSM_KERNELS_AHEAD_LOAD=0: compile only, the
+# pre-session-6 behaviour, for A/B timing)
+LOAD_AHEAD = os.environ.get("SSM_KERNELS_AHEAD_LOAD", "1") not in ("0", "", "false", "False")
 _lock = threading.Lock()
 _patched = []
 
 
 def _spec_key(fn, args, kwargs):
-    """A key at least as fine as Triton's specialisation (dtype and 16-byte alignment of tensors,
-    ints equal to 1 or divisible by 16, every other value as is), so deduplication never drops a
-    variant; a finer key only costs a duplicate compile."""
-    def one(a):
+    """A key at least as fine as Triton's specialisation, so deduplication never drops a variant
+    (a finer key only costs a duplicate compile, which matters where compiles do not overlap):
+    tensors by dtype and 16-byte alignment; ints of runtime (non-constexpr) parameters by what
+    Triton specialises on -- == 1, % 16 == 0, and the i32 range (values outside it as they are) --
+    or, for `do_not_specialize` ones (delta_rule's STORE_T), by the i32 range only; constexprs,
+    parameters this function cannot see and every other value as they are."""
+    params = getattr(fn, "params", ())
+    names = {p.name: p for p in params}
+
+    def one(a, prm=None):
         if hasattr(a, "data_ptr") and hasattr(a, "dtype"):
             return ("T", str(a.dtype), a.data_ptr() % 16 == 0)
         if isinstance(a, bool) or a is None or isinstance(a, (str, float)):
             return a
         if isinstance(a, int):
-            return ("i", a == 1, a % 16 == 0, a if abs(a) < 2 ** 31 else "i64")
+            i32 = -2 ** 31 <= a < 2 ** 31
+            if prm is None or getattr(prm, "is_constexpr", True) or not i32:
+                return ("i", a)
+            if getattr(prm, "do_not_specialize", False):
+                return ("i", "nospec")
+            return ("i", a == 1, a % 16 == 0)
         return repr(a)
-    return (id(fn), tuple(one(a) for a in args),
-            tuple(sorted((k, one(v)) for k, v in kwargs.items() if k not in ("grid", "warmup"))))
+    return (id(fn), tuple(one(a, params[i] if i < len(params) else None) for i, a in enumerate(args)),
+            tuple(sorted((k, one(v, names.get(k))) for k, v in kwargs.items()
+                         if k not in ("grid", "warmup"))))
 
 
 def _install():
@@ -52,6 +69,7 @@ def _install():
         from triton.runtime.autotuner import Autotuner
         from triton.runtime.jit import JITFunction
         orig_run, orig_at = JITFunction.run, Autotuner.run
+        _find_c_launchers()
 
         def run(self, *args, grid, warmup, **kwargs):
             st = getattr(_tls, "state", None)
@@ -60,8 +78,18 @@ def _install():
             key = _spec_key(self, args, kwargs)
             if key not in st["seen"]:
                 st["seen"].add(key)
+                st["kernels"] += 1
+                try:   # Triton's per-device binder and kernel cache: made here, once, so that pool
+                    # threads never race to create two (a compile landing in the lost one is
+                    # compiled again by the real call)
+                    self.device_caches[_driver().active.get_current_device()]
+                except Exception:
+                    pass
                 st["futures"].append(st["pool"].submit(
-                    orig_run, self, *args, grid=grid, warmup=True, **kwargs))
+                    _compile_and_load, orig_run, st["load"], self, args, grid, kwargs))
+                if st["load"] and _C_LAUNCHERS:
+                    st["futures"].append(st["pool"].submit(
+                        _prebuild_launcher, st["launchers"], self, args, kwargs))
             return None
 
         def at_run(self, *args, **kwargs):
@@ -83,6 +111,79 @@ def _install():
         at_run._ssm_passthrough = (orig_at, _idle)
         JITFunction.run, Autotuner.run = run, at_run
         _patched.append((orig_run, orig_at))
+
+
+def _compile_and_load(orig_run, load: bool, fn, args, grid, kwargs):
+    """One pool job: compile (Triton's `run(warmup=True)`), then, on a real GPU, what the kernel's
+    first launch would otherwise do in the caller's thread, one kernel after another: build its
+    launcher (Triton <= 3.6 compiles a C launcher per argument-type list with gcc, 0.1-0.7 s each,
+    cached on disk; 3.9 has a generic one) and load the cubin into the context (`_init_handles`).
+    A failure there (e.g. too much shared memory) is left for the real launch to raise, as before."""
+    kernel = orig_run(fn, *args, grid=grid, warmup=True, **kwargs)
+    if load and kernel is not None:
+        init = getattr(kernel, "_init_handles", None)
+        if init is not None:
+            init()
+    return kernel
+
+
+# Triton <= 3.6 builds a C launcher per argument-type list with gcc (3.9: a generic launcher);
+# set by _install (importing triton here would put it on `import ssm_kernels`)
+_nv_driver, _C_LAUNCHERS = None, False
+
+
+def _driver():
+    from triton.runtime.driver import driver
+    return driver
+
+
+def _find_c_launchers() -> None:
+    global _nv_driver, _C_LAUNCHERS
+    try:
+        from triton.backends.nvidia import driver as nv
+    except Exception:  # no NVIDIA backend
+        return
+    _nv_driver = nv
+    _C_LAUNCHERS = hasattr(nv, "make_launcher") and hasattr(nv, "compile_module_from_src")
+
+
+def _launcher_source(fn, args, kwargs) -> Optional[str]:
+    """The C source of the launcher that Triton 3.6's `CudaLauncher` will build for this call's
+    kernel (it depends on the argument types only, not on the compiled code), derived the way
+    `JITFunction.run` derives the kernel's signature; None where that is not possible."""
+    if not _C_LAUNCHERS:
+        return None
+    from triton import knobs
+    from triton.runtime.driver import driver
+    kwargs = dict(kwargs)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    _, _, _, backend, binder = fn.device_caches[driver.active.get_current_device()]
+    bound_args, specialization, options = binder(*args, **kwargs)
+    _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    src = fn.ASTSource(fn, signature, constexprs, attrs)
+    arg_idx = lambda x: (src.fn.arg_names.index(x), ) if isinstance(x, str) else x  # noqa: E731
+    constants = {arg_idx(i): v for i, v in src.constants.items()}
+    return _nv_driver.make_launcher(constants, dict(src.signature), None)
+
+
+def _prebuild_launcher(seen: set, fn, args, kwargs) -> None:
+    """Pool job, concurrent with the kernel's compile: build its C launcher (gcc, ~0.1-0.7 s) into
+    Triton's on-disk cache, where the kernel's load then finds it, instead of after the compile.
+    Best effort: a source that differs from the one Triton builds is only a wasted gcc run."""
+    try:
+        text = _launcher_source(fn, args, kwargs)
+        if text is None:
+            return
+        with _lock:
+            if text in seen:
+                return
+            seen.add(text)
+        _nv_driver.compile_module_from_src(
+            src=text, name="__triton_launcher", library_dirs=_nv_driver.library_dirs(),
+            include_dirs=_nv_driver.include_dirs, libraries=_nv_driver.libraries)
+    except Exception:
+        pass
 
 
 def _idle() -> bool:
@@ -113,20 +214,24 @@ def compiling_ahead(threads: Optional[int] = None) -> Iterator[dict]:
         fcache._cache_enabled = False
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="ssm_kernels_compile",
                             initializer=init) as pool:
-        _tls.state = {"pool": pool, "seen": set(), "futures": []}
+        # launchers and module loads only where a real CUDA context exists (not under the
+        # compile-only stub drivers of bench/ and tests/)
+        load = LOAD_AHEAD and torch.cuda.is_available() and torch.cuda.is_initialized()
+        _tls.state = {"pool": pool, "seen": set(), "futures": [], "load": load,
+                      "launchers": set(), "kernels": 0}
         try:
             yield info
         finally:
             if fcache is not None:
                 fcache._cache_enabled = cache_was
-            futures = _tls.state["futures"]
+            futures, n_kernels = _tls.state["futures"], _tls.state["kernels"]
             _tls.state = None
             for f in futures:
                 try:
                     f.result()
                 except Exception:  # the real call raises it where it belongs
                     info["errors"] += 1
-            info["kernels"] = len(futures)
+            info["kernels"] = n_kernels
 
 
 def compile_ahead(op: Callable, *args, backward: bool = True, threads: Optional[int] = None,

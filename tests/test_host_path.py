@@ -80,6 +80,10 @@ def _cases(pg=None):
     ucl, kcl = uc.clone().requires_grad_(), kc.clone().requires_grad_()
     ub, ubl = uc.bfloat16(), uc.bfloat16().requires_grad_()
     vd, gd, bd = torch.randn(1, 64, 4, 16), F.logsigmoid(torch.randn(1, 64, 4)), torch.rand(1, 64, 4)
+    xm, zm, dtm = torch.randn(1, 64, 4, 16), torch.randn(1, 64, 4, 16), torch.randn(1, 64, 4)
+    Am, Dm, bm = -torch.rand(4), torch.randn(4, 16), torch.randn(4)
+    Bm, Cm = torch.randn(1, 64, 2, 32), torch.randn(1, 64, 2, 32)
+    xml, dtml, Bml = (t.clone().requires_grad_() for t in (xm, dtm, Bm))
     qs, ks, vs = torch.randn(8, 1, 2, 32), torch.randn(8, 1, 2, 32), torch.randn(8, 1, 4, 16)
     gs, bts, sd = F.logsigmoid(torch.randn(8, 1, 4)), torch.rand(8, 1, 4), torch.randn(8, 4, 32, 16)
     return {
@@ -93,6 +97,11 @@ def _cases(pg=None):
         "chunk_simple_gla fwd": lambda: sk.chunk_simple_gla(q, k, v, gh, backend=T, process_group=pg),
         "chunk_simple_gla fwd+bwd": _train(lambda: sk.chunk_simple_gla(ql, kl, vl, gh, backend=T,
                                                                    process_group=pg), [ql, kl, vl]),
+        "mamba_chunk_scan_combined fwd (D, z)": lambda: sk.mamba_chunk_scan_combined(
+            xm, dtm, Am, Bm, Cm, 64, D=Dm, z=zm, dt_bias=bm, dt_softplus=True, backend=T),
+        "mamba_chunk_scan_combined fwd+bwd (D, z)": _train(lambda: sk.mamba_chunk_scan_combined(
+            xml, dtml, Am, Bml, Cm, 64, D=Dm, z=zm, dt_bias=bm, dt_softplus=True, backend=T),
+            [xml, dtml, Bml]),
         "chunk_gla fwd": lambda: sk.chunk_gla(q, k, v, gk, backend=T),
         "chunk_gla fwd+bwd": _train(lambda: sk.chunk_gla(ql, kl, vl, gk, backend=T), [ql, kl, vl]),
         "chunk_gated_delta_rule fwd": lambda: sk.chunk_gated_delta_rule(q, k, vd, gd, bd, backend=T),
@@ -125,6 +134,18 @@ PINNED = {
     # TREE=False: (4, 12) and (10, 26)
     "chunk_gla fwd": (5, 12),
     "chunk_gla fwd+bwd": (13, 26),
+    # SSD (float32: the per-chunk-state path under FUSED_FWD 0 or 1; D and z in `_output_kernel`'s
+    # epilogue: (2, 17) before, when that path's D / z were torch ops mul, add, silu, mul).
+    # Forward: A <= 0 check (gt, any, item), dt bias + softplus (add, softplus), chunk_fwd's h,
+    # ht, o and five 1-element dummies (new_empty x 7, empty_like); launches: states, output
+    "mamba_chunk_scan_combined fwd (D, z)": (2, 13),
+    # with gradients D goes into the op (epilogue + dD in the backward), z stays a torch op: the
+    # forward above + silu, mul (z gate); backward: the gate's mul, chunk_bwd's 14 buffers and
+    # dummies, dD = sum of per-chunk partials (sum), ddt += dg A (mul, add), dA = sum dg dt (mul,
+    # sum), the empty dh0 (new_empty), softplus_backward; launches: the forward's 2, then states
+    # (recomputed), state grads, dv, dq/dk
+    # (39 torch ops before: the per-chunk path's D was mul, add after the kernel)
+    "mamba_chunk_scan_combined fwd+bwd (D, z)": (6, 37),
     # the chunked WY path (default): WY stage, state scan, output; checks (gt, any, item, aminmax
     # and its two items: beta's range) and the buffers plus one 1-element dummy per launch
     "chunk_gated_delta_rule fwd": (3, 19),

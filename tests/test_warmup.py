@@ -51,9 +51,8 @@ print("ahead", info["kernels"], ahead, "after", n[0] - ahead, "errors", info["er
 '''
 
 
-def _compile_counts(script):
-    """Run `script` from the repo root under the sm_90 stub: (submitted, compiled ahead,
-    compiled after, errors) from its last line."""
+def _stdout_words(script):
+    """Run `script` from the repo root under the sm_90 stub; the words of its stdout."""
     from conftest import compile_for_sm90
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cwd = os.getcwd()
@@ -63,7 +62,12 @@ def _compile_counts(script):
     finally:
         os.chdir(cwd)
     assert res.returncode == 0, res.stderr[-3000:]
-    words = res.stdout.split()
+    return res.stdout.split()
+
+
+def _compile_counts(script):
+    """(submitted, compiled ahead, compiled after, errors) from `script`'s last line."""
+    words = _stdout_words(script)
     return tuple(int(words[i]) for i in (1, 2, 4, 6))
 
 
@@ -91,3 +95,98 @@ def test_check_dry_run_compiles_every_kernel_of_the_family_for_sm90():
     submitted, compiled, after, errors = _compile_counts(_CHECK_AHEAD_SCRIPT)
     assert compiled >= 4 and submitted >= compiled
     assert after == 0 and errors == 0
+
+
+def test_spec_key_follows_do_not_specialize():
+    """compile_ahead submits one compile per Triton specialisation: a `do_not_specialize` int
+    (delta_rule's STORE_T) does not split the key, a specialised int does."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction   # not triton.jit: the suite may run interpreted
+    from ssm_kernels._warmup import _spec_key
+
+    def body(x_ptr, n, FLAG, B: tl.constexpr):
+        pass
+    k = JITFunction(body, do_not_specialize=["FLAG"])
+
+    x = torch.zeros(4)
+    assert _spec_key(k, (x, 5, 0), {"B": 4}) == _spec_key(k, (x, 5, 1), {"B": 4})
+    assert _spec_key(k, (x, 5), {"FLAG": 0, "B": 4}) == _spec_key(k, (x, 5), {"FLAG": 1, "B": 4})
+    assert _spec_key(k, (x, 5, 0), {"B": 4}) != _spec_key(k, (x, 16, 0), {"B": 4})
+    assert _spec_key(k, (x, 5, 0), {"B": 4}) != _spec_key(k, (x, 5, 2 ** 40), {"B": 4})   # i64
+    # runtime ints: only == 1, % 16 and the type count (T 2047 forward, 2047 - 64 elsewhere)
+    assert _spec_key(k, (x, 5, 0), {"B": 4}) == _spec_key(k, (x, 7, 0), {"B": 4})
+    assert _spec_key(k, (x, 5, 0), {"B": 4}) != _spec_key(k, (x, 1, 0), {"B": 4})
+    assert _spec_key(k, (x, 32, 0), {"B": 4}) == _spec_key(k, (x, 48, 0), {"B": 4})
+    # constexprs (positional or keyword) by value
+    assert _spec_key(k, (x, 5, 0), {"B": 4}) != _spec_key(k, (x, 5, 0), {"B": 8})
+    assert _spec_key(k, (x, 5, 0, 4), {}) != _spec_key(k, (x, 5, 0, 8), {})
+
+
+def test_pool_job_loads_the_kernel_only_when_asked():
+    """On a GPU the pool also does a kernel's first-launch work (launcher build, cubin load)."""
+    from ssm_kernels._warmup import _compile_and_load
+
+    class Kernel:
+        loads = 0
+
+        def _init_handles(self):
+            self.loads += 1
+
+    seen = []
+
+    def run(fn, *args, grid, warmup, **kw):
+        seen.append((fn, args, grid, warmup, kw))
+        return Kernel()
+
+    assert _compile_and_load(run, True, "fn", (1, 2), (3,), {"B": 4}).loads == 1
+    assert _compile_and_load(run, False, "fn", (1, 2), (3,), {"B": 4}).loads == 0
+    assert seen[0] == ("fn", (1, 2), (3,), True, {"B": 4})
+    assert _compile_and_load(lambda *a, **k: None, True, "fn", (), (1,), {}) is None
+
+
+_LAUNCHER_SCRIPT = r'''
+import os, sys
+sys.path.insert(0, os.path.join(os.getcwd(), "bench"))
+import torch
+import sm90_audit as audit
+audit.install()
+from triton.runtime.jit import JITFunction
+from ssm_kernels import _warmup
+_warmup._find_c_launchers()
+if not _warmup._C_LAUNCHERS:
+    print("skip generic launcher")
+    raise SystemExit(0)
+from triton.backends.nvidia.driver import make_launcher
+calls = []
+stub_run = JITFunction.run
+def run(self, *args, grid, warmup, **kwargs):
+    kernel = stub_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+    calls.append((self, args, dict(kwargs), kernel))
+    return kernel
+JITFunction.run = run
+import ssm_kernels as sk
+q, k, v = (torch.randn(1, 100, 2, 64).to(torch.bfloat16).requires_grad_() for _ in range(3))
+g = (-torch.rand(1, 100, 2) * 0.5).requires_grad_()
+o, S = sk.chunk_simple_gla(q, k, v, g, output_final_state=True, backend="triton")
+torch.autograd.grad(o.float().sum() + S.sum(), (q, k, v, g))
+same = 0
+for fn, args, kwargs, kernel in calls:
+    src = kernel.src   # what CudaLauncher(src, metadata) builds from
+    arg_idx = lambda x: (src.fn.arg_names.index(x), ) if isinstance(x, str) else x
+    want = make_launcher({arg_idx(i): c for i, c in src.constants.items()}, dict(src.signature), None)
+    got = _warmup._launcher_source(fn, args, kwargs)
+    assert got == want, fn
+    same += 1
+print("same", same)
+'''
+
+
+def test_prebuilt_launcher_source_is_the_one_the_first_launch_builds():
+    """Triton 3.6 (the GPU machine's): compile_ahead builds each kernel's C launcher concurrently
+    with its compile; the source it derives from the call must be the one Triton's CudaLauncher
+    then builds from the compiled kernel (else the gcc run is wasted). Skips on a generic launcher."""
+    words = _stdout_words(_LAUNCHER_SCRIPT)
+    if words[:1] == ["skip"]:
+        import pytest
+        pytest.skip("this Triton has a generic launcher")
+    assert words[0] == "same" and int(words[1]) >= 4

@@ -49,9 +49,14 @@ STATES_IN_INPUT_DTYPE = True
 # `fused_fwd`): segments of SEG_CHUNKS chunks; stage 1 each segment's end state from zero (in
 # parallel), stage 2 a short scan over segments, stage 3 one program per (head, segment, V-tile)
 # walks its segment's chunks with the state in registers and writes o (+ D x, * silu(z) for SSD).
-# False: the per-chunk-state path (_state_kernel with h stored, then _output_kernel). 16-bit
-# inputs only (float32's FMA dots spill ~9 KB in stage 3 on sm_90, offline); 2: float32 too.
-FUSED_FWD = 1
+# 0: the per-chunk-state path (_state_kernel with h stored, then _output_kernel, which applies
+# SSD's D / z epilogue too). 1: fused, 16-bit inputs only (float32's FMA dots spill ~9 KB in
+# stage 3 on sm_90, offline); 2: float32 too. Default 0: on the H100 (session 6, bf16, B4 T4096
+# H16 K=V=128; SSD B4 L4096 H32 P64 N128) the fused path lost everywhere: engine forward fused vs
+# per-chunk simple_gla 0.421 vs 0.332 ms, linear_attn 0.298 vs 0.288, SSD 0.435 vs 0.320 (its
+# stage 3 alone, 0.297 ms, costs about the per-chunk output 0.202 + states 0.130). tests/
+# test_chunk_fused.py keeps the fused kernels tested (monkeypatched to 1 / 2).
+FUSED_FWD = 0
 SEG_CHUNKS = 8        # chunks per segment (stage-3 programs: H x B x cdiv(T, SEG) x V-tiles)
 LOOKBACK_SEGS = 8     # rows of <= this many segments skip stage 2: each stage-3 program sums the
                       # decayed end states of its row's earlier segments (O(segments^2) L2 reads)
@@ -67,6 +72,9 @@ FUSED_STAGES = 2      # software-pipeline stages of stage 3 (its loads of the ne
 # (K-tile, V-tile, sequence x head) walks the whole row (fewer bytes, T / BT long chains).
 # -1: 2 for rows of at least SEG_BWD_MIN_CHUNKS chunks, else 0 (segments read k, v / q, do twice:
 # predicted to lose at T / BT = 64 with 256 programs, to win at 256 chunks; bench/NOTES.md).
+# H100 session 6, backward ms SEG_BWD 1 / 2 vs 0: simple_gla B4 T4096 1.108 / 1.232 vs 0.983,
+# linear_attn B2 T16384 1.617 / 1.783 vs 1.537; wins only at B1 T16384 (simple_gla 1.324 vs
+# 1.460, SSD 1.356 vs 1.460): kept 0.
 SEG_BWD = 0
 SEG_BWD_MIN_CHUNKS = 128
 # tests: fill every buffer a stage writes with NaN first, so an element no program writes shows up
@@ -221,12 +229,39 @@ def load_rows(ptr, row, m_t, o_d, m_d, D):
 
 
 @triton.jit
+def scale_v(b_x, vs_ptr, row, m_t, HAS_VS: tl.constexpr):
+    """Rows of v times the per-row scale vs when given (SSD: v = x * dt in float32)."""
+    if HAS_VS:
+        b_x = b_x * tl.load(vs_ptr + row, mask=m_t, other=0.)[:, None]
+    return b_x
+
+
+@triton.jit
 def load_v(v_ptr, vs_ptr, row, m_t, o_v, m_v, V, HAS_VS: tl.constexpr):
     """v rows, times the per-row scale vs when given (SSD: x * dt in float32)."""
-    b_v = load_rows(v_ptr, row, m_t, o_v, m_v, V)
-    if HAS_VS:
-        b_v = b_v * tl.load(vs_ptr + row, mask=m_t, other=0.)[:, None]
-    return b_v
+    return scale_v(load_rows(v_ptr, row, m_t, o_v, m_v, V), vs_ptr, row, m_t, HAS_VS)
+
+
+@triton.jit
+def load_skip(D_ptr, i_h, o_v, m_v, V, HAS_D: tl.constexpr):
+    """SSD's skip weights D [H, V] float32: head i_h's columns o_v (0. when absent)."""
+    if HAS_D:
+        return tl.load(D_ptr + i_h * V + o_v, mask=m_v, other=0.)
+    else:
+        return 0.
+
+
+@triton.jit
+def skip_gate(b_o, b_x, b_D, z_ptr, row, m_t, o_v, m_v, V, HAS_D: tl.constexpr,
+              HAS_Z: tl.constexpr):
+    """SSD's output epilogue, shared by both forward paths: (o + D x) * silu(z), x the unscaled v
+    rows (float32 [BT, BV]), b_D from `load_skip`, z [TOK, H, V] rows `row`. Nothing when absent."""
+    if HAS_D:
+        b_o += b_x * b_D[None, :]
+    if HAS_Z:
+        b_z = load_rows(z_ptr, row, m_t, o_v, m_v, V)
+        b_o = b_o * b_z * tl.sigmoid(b_z)
+    return b_o
 
 
 @triton.jit

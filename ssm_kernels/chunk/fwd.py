@@ -7,7 +7,8 @@
     (GATE 2, per-key decays: gla.py turns g into chunk-local cumsums Gc first and computes the
     chunk's scaled causal scores A [BT, BT] once per (chunk, head) for the output stage)
     _output_kernel  parallel over (V-tiles, chunks, heads): o = scale (q exp(G)) h + A v, bf16/fp16
-                    operands on tensor cores with fp32 accumulation.
+                    operands on tensor cores with fp32 accumulation; SSD: (o + D x) * silu(z) in
+                    its epilogue (common.skip_gate, the same code as the fused path's).
 """
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ import triton.language as tl
 
 from . import common, gla
 from .common import (blocks, causal_decay, chunk_span, chunk_table, decay_rows, decay_state,
-                     decay_to_end, l2norm_rows, last_row, load_rows, load_state_block, load_v,
-                     log_decay_cumsum, mm, mm_wy, num_chunks, row_span_base, seg_span,
-                     state_store_dtype)
+                     decay_to_end, l2norm_rows, last_row, load_rows, load_skip, load_state_block,
+                     load_v, log_decay_cumsum, mm, mm_wy, num_chunks, row_span_base, scale_v,
+                     seg_span, skip_gate, state_store_dtype)
 from .._launch import cdiv, next_power_of_2, fast_kernel
 
 
@@ -101,6 +102,9 @@ def _output_kernel(
     GATE: tl.constexpr, G_FROM_VS: tl.constexpr, HAS_VS: tl.constexpr, IS_VARLEN: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
     L2NORM: tl.constexpr = False,   # q, k rows L2-normalised (row scales applied after the K loop)
+    # SSD's epilogue (skip_gate, as _fused_fwd_kernel): o = (o + D x) * silu(z), x the unscaled v;
+    # D [H, V] f32, z [TOK, H, V]
+    D_ptr=None, z_ptr=None, HAS_D: tl.constexpr = False, HAS_Z: tl.constexpr = False,
 ):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hq = i_h // (H // HQ)
@@ -145,8 +149,10 @@ def _output_kernel(
         r_q = 1. / tl.sqrt(nq + 1e-6)
         A = A * (r_q[:, None] * (1. / tl.sqrt(nk + 1e-6))[None, :])
         b_o = b_o * r_q[:, None]
-    b_v = load_v(v_ptr, vs_ptr, row, m_t, o_v, m_v, V, HAS_VS)
-    b_o = b_o * scale + mm(A, b_v, DT, IEEE)
+    b_x = load_rows(v_ptr, row, m_t, o_v, m_v, V)
+    b_o = b_o * scale + mm(A, scale_v(b_x, vs_ptr, row, m_t, HAS_VS), DT, IEEE)
+    b_o = skip_gate(b_o, b_x, load_skip(D_ptr, i_h, o_v, m_v, V, HAS_D), z_ptr, row, m_t, o_v, m_v,
+                    V, HAS_D, HAS_Z)
     tl.store(o_ptr + row[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
 
@@ -229,8 +235,7 @@ def _fused_fwd_kernel(
             S += tl.load(sin_ptr + (j.to(tl.int64) * H + i_h) * K * V + p_s, mask=m_s, other=0.)
     else:
         S = tl.load(sin_ptr + (i_s.to(tl.int64) * H + i_h) * K * V + p_s, mask=m_s, other=0.)
-    if HAS_D:
-        b_D = tl.load(D_ptr + i_h * V + o_v, mask=m_v, other=0.)
+    b_D = load_skip(D_ptr, i_h, o_v, m_v, V, HAS_D)
     off_qk = o_t[:, None] * (HQ * K) + o_k[None, :]
     for i in range(tl.cdiv(eos - bos, BT)):
         t = bos + i * BT + o_t
@@ -247,10 +252,7 @@ def _fused_fwd_kernel(
             b_q = tl.load(q_ptr + row_q[:, None] * K + o_k[None, :], mask=m_qk, other=0.)
             b_k = tl.load(k_ptr + row_q[:, None] * K + o_k[None, :], mask=m_qk, other=0.)
         b_x = load_rows(v_ptr, row, m_t, o_v, m_v, V)
-        if HAS_VS:
-            b_v = b_x * tl.load(vs_ptr + row, mask=m_t, other=0.)[:, None]
-        else:
-            b_v = b_x
+        b_v = scale_v(b_x, vs_ptr, row, m_t, HAS_VS)
         G = log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row, i_h, m_t, o_t, m_t, K, GATE, G_FROM_VS, BT)
         G_last = last_row(G, o_t, GATE, BT)
         A = causal_decay(mm(b_q, tl.trans(b_k), DT, IEEE), G, o_t, GATE) * scale
@@ -261,11 +263,7 @@ def _fused_fwd_kernel(
         else:
             b_o = mm(b_q, S, DT, IEEE) * scale
         b_o += mm(A, b_v, DT, IEEE)
-        if HAS_D:
-            b_o += b_x * b_D[None, :]
-        if HAS_Z:
-            b_z = load_rows(z_ptr, row, m_t, o_v, m_v, V)
-            b_o = b_o * b_z * tl.sigmoid(b_z)
+        b_o = skip_gate(b_o, b_x, b_D, z_ptr, row, m_t, o_v, m_v, V, HAS_D, HAS_Z)
         tl.store(o_ptr + row[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
                  mask=m_t[:, None] & m_v[None, :])
         S = decay_state(S, G_last, GATE) + mm(tl.trans(b_k), decay_to_end(b_v, G, G_last, GATE),
@@ -445,6 +443,7 @@ def chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor] = No
     dtype, final states [N, H, K, V] float32). All contiguous."""
     p = Plan(q, v, g, cu_seqlens, A is not None)
     m = p.meta
+    assert p.gate < 2 or (D is None and z is None), "the D / z epilogue is SSD's (GATE 1)"
     if common.FUSED_FWD and p.gate < 2 and not p.varlen and (m["IEEE"] != 1 or
                                                              common.FUSED_FWD == 2):
         return fused_fwd(p, q, k, v, g, vs, A, h0, scale, D, z)
@@ -462,8 +461,6 @@ def chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor] = No
         ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale),
         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, IS_VARLEN=p.varlen,
         BT=p.BT, BK=m["BK"], BV=m["BVO"], DT=m["DT"], IEEE=m["IEEE"],
-        num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
-    if D is not None or z is not None:       # the per-chunk-state path: epilogue in torch
-        y = o.float() if D is None else o.float() + v.float() * D
-        o = (y if z is None else y * torch.nn.functional.silu(z.float())).to(o.dtype)
+        D_ptr=d if D is None else D, z_ptr=d if z is None else z, HAS_D=D is not None,
+        HAS_Z=z is not None, num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
     return o, ht

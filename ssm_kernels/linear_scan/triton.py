@@ -228,7 +228,8 @@ def _linear_scan_bwd_kernel(
         return
     # dh0 = conj(a at the globally last processed step) * g there (meaningful in the chunk that
     # holds that step; the launcher picks it)
-    p_first = base_c + (0 if FLIP else T - 1) * s_t
+    # ((T - 1) * s_t in int64: one o-slice of [O, T, C] may pass 2^31 elements)
+    p_first = base_c + (0 if FLIP else tl.cast(T - 1, tl.int64) * s_t)
     a_r = tl.load(a_ptr + p_first, mask=m_c, other=0.0).to(tl.float32)
     if COMPLEX:
         a_i = -tl.load(a_ptr + p_first + 1, mask=m_c, other=0.0).to(tl.float32)
@@ -323,12 +324,20 @@ def _tinner_bwd_loads(a_ptr, h_ptr, dh_ptr, i_o, i_c, base2, mc2, t0, lo, hi, T,
     p2 = bq[:, None] + t2
     a2 = tl.load(a_ptr + p2, mask=m2, other=1.0)
     h2 = tl.load(h_ptr + p2, mask=m2, other=0.0)
+    # Edge masks: the edge step inside [0, T) (it may cross the chunk boundary: a[hi] is read).
+    # Both bounds matter: with FLIP a tile can start below 0 (the prefetched tile after the last,
+    # or T not a multiple of BLOCK_T), and tq + V < T alone then let channel 0 read before a's
+    # first element (up to BLOCK_T - V of them): an illegal address on the GPU whenever the memory
+    # below the tensor is unmapped (bench/NOTES.md, lscan6).
+    e_hi = tq + V
+    m_hi = mq & (e_hi >= 0) & (e_hi < T)
+    m_lo = mq & (tq - 1 >= 0) & (tq - 1 < T)
     if FLIP:   # a at t + 1, h at t - 1
-        a_e = tl.load(a_ptr + bq + tq + V, mask=mq & (tq + V < T), other=1.0)
-        h_e = tl.load(h_ptr + bq + tq - 1, mask=mq & (tq - 1 >= 0) & (tq - 1 < T), other=0.0)
+        a_e = tl.load(a_ptr + bq + e_hi, mask=m_hi, other=1.0)
+        h_e = tl.load(h_ptr + bq + tq - 1, mask=m_lo, other=0.0)
     else:      # a at t - 1, h at t + 1
-        a_e = tl.load(a_ptr + bq + tq - 1, mask=mq & (tq - 1 >= 0) & (tq - 1 < T), other=1.0)
-        h_e = tl.load(h_ptr + bq + tq + V, mask=mq & (tq + V < T), other=0.0)
+        a_e = tl.load(a_ptr + bq + tq - 1, mask=m_lo, other=1.0)
+        h_e = tl.load(h_ptr + bq + e_hi, mask=m_hi, other=0.0)
     t = t0 + tl.arange(0, BLOCK_T)
     m = mc2 & ((t >= lo) & (t < hi) & (t < T))[None, :]
     dh = tl.load(dh_ptr + base2 + t.to(tl.int64)[None, :], mask=m, other=0.0)

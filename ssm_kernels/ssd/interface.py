@@ -25,8 +25,9 @@ from .reference import heads, process_dt, ssd_chunked
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # D inside the registered op (the forward kernel's epilogue; dD and dx += dy D in its backward) and,
-# when no gradient is needed (eager inference), silu(z) in the kernel too (the chunk engine's fused
-# forward, chunk/common.FUSED_FWD); False: D and z as torch ops around the op
+# when no gradient is needed (eager inference), silu(z) in the kernel too (the epilogue of the chunk
+# engine's output stage on either forward path, chunk/common.FUSED_FWD 0 or 1); False: D and z as
+# torch ops around the op
 FUSE_EPILOGUE = True
 
 
