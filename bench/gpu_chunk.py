@@ -10,6 +10,9 @@
    The first call of each of our ops (compile) is timed too.
 Prints the table last; writes CSV rows to $OUT/gpu_chunk.csv when $OUT is set.
 
+SAVE_AB=1 python bench/gpu_chunk.py: SAVE_STATES 0 / 1 / 2 (kept forward tensors) side by side
+per op at the issue's shapes, bitwise-equal gradients and the step's peak memory (~1 min).
+
 GLA_VARIANTS=1 python bench/gpu_chunk.py: chunk_gla only, every variant of GLA_VARIANT_LIST
 (ssm_kernels.chunk.gla knobs) checked (two gate strengths) and timed next to fla, plus the stages
 of the tree and the session-4 kernels (~200 s).
@@ -760,8 +763,87 @@ def print_table(ok, rows=None, title="chunked engine", csv_name="gpu_chunk.csv",
             for r in rows:
                 w.writerow(list(r) + [dev, torch.__version__, triton.__version__])
 
+# ---- kept forward tensors (SAVE_AB=1): chunk.common.SAVE_STATES 0 / 1 / 2 side by side ----------
+
+def save_states_ab(B=4, T=4096, H=16, K=128, V=128, ssd_shape=(4, 4096, 32, 64, 1, 128)):
+    """Each op at the issue's shapes, fwd+bwd with SAVE_STATES=0 (recompute h and Gc), 1 (keep Gc:
+    the default), 2 (keep h too), back to back in one process. Each mode's outputs and gradients
+    are compared bitwise with mode 0's (same inputs and cotangent: the kept tensors come from the
+    same kernels, so they must be equal), and the peak memory of one fwd+bwd step above the inputs
+    is reported (what keeping h costs). fwd (no grad) rows check that inference is unchanged.
+    Correctness against float64 at SAVE_STATES=2: `KNOBS=SAVE_STATES=2 QUICK=1 PEERS=0`."""
+    from ssm_kernels.chunk import common as knobs
+    cases = [(op, f"B{B} T{T} H{H} K=V={K}", OURS[op],
+              (lambda req, gate=GATE[op]: la_inputs(B, T, H, K, V, gate, req=req)))
+             for op in filter(want, ("chunk_linear_attn", "chunk_simple_gla", "chunk_gla"))]
+    if want("ssd"):
+        sb, sl, sh, sp, sg, sn = ssd_shape
+        cases.append(("ssd", f"B{sb} L{sl} H{sh} P{sp} N{sn}",
+                      lambda x, dt, A, Bm, Cm, D, bias: sk.mamba_chunk_scan_combined(
+                          x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias, dt_softplus=True),
+                      lambda req: ssd_inputs(*ssd_shape, req=req)))
+    ok = True
+    saved = knobs.SAVE_STATES
+    try:
+        for op, case, f, make in cases:
+            torch.manual_seed(1)
+            xs = make(True)
+            live = [x for x in xs if x is not None and x.requires_grad]
+            do = torch.randn_like(f(*xs))
+            base = None
+            for mode in (0, 1, 2):
+                knobs.SAVE_STATES = mode
+                o = f(*xs)
+                got = [o] + list(torch.autograd.grad(o, live, do))
+                del o
+                if base is None:
+                    base, note = got, "reference"
+                else:
+                    same = all(torch.equal(a, b) for a, b in zip(got, base))
+                    ok &= same
+                    note = "bitwise = mode 0" if same else "DIFFERS from mode 0"
+                del got
+                # memory held from the forward to the backward (what every layer of a model
+                # keeps: o and the saved tensors), and the peak of the step
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                m0 = torch.cuda.memory_allocated()
+                o = f(*xs)
+                torch.cuda.synchronize()
+                held = (torch.cuda.memory_allocated() - m0) / 2 ** 20
+                torch.autograd.grad(o, live, do)
+                del o
+                torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated() - m0) / 2 ** 20
+                ms = bench_fb(f, xs, live, do)
+                ROWS.append((op, case, f"ours SAVE_STATES={mode}", "fwd+bwd", ms,
+                             f"{note}, held fwd->bwd +{held:.0f} MiB, peak +{peak:.0f} MiB"))
+                log(f"{op:18s} {case:24s} SAVE_STATES={mode} fwd+bwd {ms:8.3f} ms {note} "
+                    f"held +{held:.0f} MiB peak +{peak:.0f} MiB")
+                with torch.no_grad():
+                    fx = [None if x is None else x.detach() for x in xs]
+                    ms = do_bench(lambda: f(*fx), warmup=10, rep=40, return_mode="median")
+                ROWS.append((op, case, f"ours SAVE_STATES={mode}", "fwd", ms, ""))
+            del base, xs, live, do
+            torch.cuda.empty_cache()
+    finally:
+        knobs.SAVE_STATES = saved
+    print_table(ok, title="kept forward tensors (SAVE_STATES)", csv_name="gpu_chunk_save.csv")
+
+
+def bench_fb(f, xs, live, do):
+    return do_bench(lambda: torch.autograd.grad(f(*xs), live, do), warmup=10, rep=40,
+                    return_mode="median")
+
+
 if __name__ == "__main__":
     if os.environ.get("GLA_VARIANTS", "0") == "1":
         main_gla_variants()
+    elif os.environ.get("SAVE_AB", "0") == "1":
+        torch.manual_seed(0)
+        log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+            f"triton {triton.__version__}")
+        save_states_ab()
     else:
         main()

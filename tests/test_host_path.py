@@ -124,28 +124,35 @@ PINNED = {
     # the backward's zero last-state gradient is a cached read-only buffer (no zeros per call)
     "selective_scan_fn fwd+bwd": (2, 19),
     "selective_state_update": (1, 1),
-    "chunk_simple_gla fwd": (2, 11),
-    "chunk_simple_gla fwd+bwd": (6, 23),
+    # (chunk engine forward: one 1-element dummy pointer shared by its output stage's absent
+    # operands since the kept-states change, (2, 11) and (6, 23) before; the backward recomputes
+    # h: SAVE_STATES=2 keeps it, see PINNED_KEEP)
+    "chunk_simple_gla fwd": (2, 10),
+    "chunk_simple_gla fwd+bwd": (6, 22),
     # chunk_gla: the chunk-local cumsum of the per-key decays is its own launch (every later
     # stage loads it instead of re-summing g); backward: cumsum, states, state gradients, scores,
     # dv, dq/dk/dg; each tree kernel is launched twice (gla.TREE_SPLIT: fast-path programs, then
     # the rest): fwd cumsum, states, 2 x scores, output (gla.FUSED_FWD=True: 2 x scores+output,
     # (4, 9), slower on the H100); bwd cumsum, states, state grads, 2 x scores, dv, 2 x dq/dk/dg.
-    # TREE=False: (4, 12) and (10, 26)
+    # TREE=False: (4, 12) and (10, 26). With gradients the forward keeps Gc for the backward
+    # (common.SAVE_STATES=1, the default: it replaces g among the saved tensors): no cumsum
+    # launch and no Gc buffer in the backward, (13, 26) before
     "chunk_gla fwd": (5, 12),
-    "chunk_gla fwd+bwd": (13, 26),
+    "chunk_gla fwd+bwd": (12, 25),
     # SSD (float32: the per-chunk-state path under FUSED_FWD 0 or 1; D and z in `_output_kernel`'s
     # epilogue: (2, 17) before, when that path's D / z were torch ops mul, add, silu, mul).
     # Forward: A <= 0 check (gt, any, item), dt bias + softplus (add, softplus), chunk_fwd's h,
-    # ht, o and five 1-element dummies (new_empty x 7, empty_like); launches: states, output
-    "mamba_chunk_scan_combined fwd (D, z)": (2, 13),
+    # ht, o and four 1-element dummies (new_empty x 6, empty_like; one dummy fewer since the
+    # kept-states change, (2, 13) before); launches: states, output
+    "mamba_chunk_scan_combined fwd (D, z)": (2, 12),
     # with gradients D goes into the op (epilogue + dD in the backward), z stays a torch op: the
     # forward above + silu, mul (z gate); backward: the gate's mul, chunk_bwd's 14 buffers and
     # dummies, dD = sum of per-chunk partials (sum), ddt += dg A (mul, add), dA = sum dg dt (mul,
     # sum), the empty dh0 (new_empty), softplus_backward; launches: the forward's 2, then states
     # (recomputed), state grads, dv, dq/dk
-    # (39 torch ops before: the per-chunk path's D was mul, add after the kernel)
-    "mamba_chunk_scan_combined fwd+bwd (D, z)": (6, 37),
+    # (39 torch ops before: the per-chunk path's D was mul, add after the kernel; 37 before the
+    # forward's shared dummy)
+    "mamba_chunk_scan_combined fwd+bwd (D, z)": (6, 36),
     # the chunked WY path (default): WY stage, state scan, output; checks (gt, any, item, aminmax
     # and its two items: beta's range) and the buffers plus one 1-element dummy per launch
     "chunk_gated_delta_rule fwd": (3, 19),
@@ -165,6 +172,28 @@ PINNED = {
 def test_launches_and_glue_are_pinned(name, stubbed_launches):
     launches, work = _count(_cases()[name], stubbed_launches)
     assert (launches, len(work)) == PINNED[name], f"{name}: {launches} launches, torch ops {work}"
+
+
+# common.SAVE_STATES=2 (the forward keeps every chunk's state h for the backward): the backward's
+# state pass is gone: one launch and four torch ops fewer than PINNED (its h, ht buffers and its
+# two 1-element dummy pointers; chunk_gla's Gc is kept as with the default 1). The forward's h
+# is the same buffer, kept instead of freed.
+PINNED_KEEP = {
+    "chunk_simple_gla fwd+bwd": (5, 18),
+    "chunk_gla fwd+bwd": (11, 21),
+    "mamba_chunk_scan_combined fwd+bwd (D, z)": (5, 32),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_KEEP))
+def test_kept_states_launches_are_pinned(name, stubbed_launches, monkeypatch):
+    from ssm_kernels.chunk import common
+    monkeypatch.setattr(common, "SAVE_STATES", 2)
+    launches, work = _count(_cases()[name], stubbed_launches)
+    assert (launches, len(work)) == PINNED_KEEP[name], f"{name}: {launches} launches, torch ops {work}"
+    inference = name.replace("fwd+bwd", "fwd")           # no gradient: nothing kept, no change
+    assert _count(_cases()[inference], stubbed_launches)[0] == PINNED[inference][0]
+    assert len(_count(_cases()[inference], stubbed_launches)[1]) == PINNED[inference][1]
 
 
 @pytest.fixture

@@ -375,7 +375,7 @@ def test_opcheck(backend, gate):
             h0.requires_grad_(), cu, 0.25, False, backend)
     torch.library.opcheck(torch.ops.ssm_kernels.linear_attn_fwd, args)
     torch.library.opcheck(torch.ops.ssm_kernels.linear_attn_fwd, args[:7] + (True, backend))
-    o, ht = torch.ops.ssm_kernels.linear_attn_fwd(*args)
+    o, ht, _, _ = torch.ops.ssm_kernels.linear_attn_fwd(*args)
     bargs = (q.detach(), k.detach(), v.detach(), None if g is None else g.detach(), h0.detach(), cu,
              0.25, ht.detach(), torch.randn_like(o), torch.randn_like(ht), backend)
     torch.library.opcheck(torch.ops.ssm_kernels.linear_attn_bwd, bargs)

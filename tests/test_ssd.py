@@ -257,7 +257,7 @@ def test_opcheck(backend):
     # D [h, p] inside the op (its epilogue and its backward)
     torch.library.opcheck(torch.ops.ssm_kernels.ssd_fwd,
                           args + (torch.randn(H, P, device=DEVICE).requires_grad_(),))
-    y, ht = torch.ops.ssm_kernels.ssd_fwd(*args)
+    y, ht, _ = torch.ops.ssm_kernels.ssd_fwd(*args)
     bargs = tuple(t.detach() for t in args[:6]) + (cu, torch.randn_like(y), torch.randn_like(ht),
                                                    backend)
     torch.library.opcheck(torch.ops.ssm_kernels.ssd_bwd, bargs)

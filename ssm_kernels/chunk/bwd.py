@@ -288,24 +288,30 @@ _dqk_kernel = fast_kernel(_dqk_kernel)
 
 
 def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Tensor] = None,
-              A: Optional[torch.Tensor] = None, D: Optional[torch.Tensor] = None):
+              A: Optional[torch.Tensor] = None, D: Optional[torch.Tensor] = None,
+              h: Optional[torch.Tensor] = None, gc: Optional[torch.Tensor] = None):
     """Backward of `chunk_fwd` (same arguments), do [B, T, H, V], dht None or [N, H, K, V] float32.
     Returns (dq, dk, dv in the inputs' dtype, dg float32 like g (SSD: [B, T, H], the gradient of
     the log-decay vs * A) or None, dh0 float32 [N, H, K, V], dvs float32 [B, T, H] or None); with
     vs, dv is the gradient of the unscaled v (x). D ([H, V] float32, with vs; the forward's
-    o += D v): dv includes do D and a seventh result dD [H, V] float32 follows."""
+    o += D v): dv includes do D and a seventh result dD [H, V] float32 follows.
+    h, gc: what `chunk_fwd_keep` kept (None or empty: recomputed here, the same kernels on the
+    same inputs, so the results are bitwise those of the recompute). With gc (GATE 2) g is not
+    read (only its shape): the callers pass gc in its place."""
     p = Plan(q, v, g, cu_seqlens, A is not None, common.BWD_CHUNK)
     m = p.meta
     d = _dummy(do)
     gg = d if g is None else g
     vsa = d if vs is None else vs
     Aa = d if A is None else A
-    if p.gate == 2:
-        gg = g = gla.chunk_cumsum(p, g)    # every later stage reads Gc
+    if p.gate == 2:                        # every later stage reads Gc
+        gg = g = gc if (gc is not None and gc.numel()) else gla.chunk_cumsum(p, g)
     seg = common.SEG_BWD if (p.gate < 2 and not p.varlen) else 0
     if seg < 0:
         seg = 2 if p.NT >= common.SEG_BWD_MIN_CHUNKS else 0
-    if seg:
+    if h is not None and h.numel() and seg < 2:
+        assert h.shape == (p.NCH, p.H, p.K, p.V) and h.dtype == p.hdtype, "saved states mismatch"
+    elif seg:
         h, gs = seg_chunk_states(p, k, v, g, vs, A, h0)
     else:
         h, _ = chunk_states(p, k, v, g, vs, A, h0)

@@ -77,6 +77,15 @@ FUSED_STAGES = 2      # software-pipeline stages of stage 3 (its loads of the ne
 # 1.460, SSD 1.356 vs 1.460): kept 0.
 SEG_BWD = 0
 SEG_BWD_MIN_CHUNKS = 128
+# what the forward keeps for the backward when a gradient will be taken (the registered ops'
+# extra outputs, saved by their autograd; fwd.py `saved_layout`), so the backward skips
+# recomputing it. 0: nothing (the backward recomputes h and Gc). 1: GATE 2's chunk-local cumsums
+# Gc (float32 like g; kept in place of g, so no more memory than g itself: what fla's chunk_gla
+# does for float32 g). 2: also every chunk's incoming state h ([NCH, H, K, V], the storage
+# dtype: 2 x v's bytes at BT=64, K=128; 134 MB per layer at bf16 B4 T4096 H16 K=V=128), per-chunk
+# forward path only. fla (chunk_simple_gla, chunk_gla, chunk_linear_attn) and mamba-ssm
+# (mamba_chunk_scan_combined) recompute h in the backward: 2 trades memory they do not spend.
+SAVE_STATES = 1
 # tests: fill every buffer a stage writes with NaN first, so an element no program writes shows up
 POISON_OUTPUTS = False
 

@@ -432,6 +432,37 @@ def fused_fwd(p: Plan, q, k, v, g, vs, A, h0, scale, D=None, z=None):
     return fused_output(p, q, k, v, g, vs, A, sin, scale, D, z), ht
 
 
+def _takes_fused_fwd(gate: int, varlen: bool, dtype: torch.dtype) -> bool:
+    """Whether `chunk_fwd` takes the fused path (no per-chunk states in memory)."""
+    return bool(common.FUSED_FWD) and gate < 2 and not varlen and (
+        dtype != torch.float32 or common.FUSED_FWD == 2)
+
+
+def saved_layout(q, v, g, cu_seqlens, g_from_vs: bool, save: bool):
+    """What `chunk_fwd_keep` keeps for the backward (common.SAVE_STATES), from metadata only (the
+    registered ops' fake implementations call it too): (shape of h [NCH, H, K, V] or None, whether
+    Gc is kept). Nothing when save is False (no gradient needed), when the backward's chunk length
+    differs (BWD_CHUNK), and no h on the fused forward path (it has none) or when the backward
+    would recompute h in segments anyway (SEG_BWD 2: its reverse scan needs stage 1's gs)."""
+    if not save or not common.SAVE_STATES:
+        return None, False
+    B, T, _, K = q.shape
+    V = v.shape[3]
+    gate = 1 if g_from_vs else (0 if g is None else (1 if g.dim() == 3 else 2))
+    BT = blocks(K, V, gate, q.dtype)["BT"]
+    if common.BWD_CHUNK is not None and blocks(K, V, gate, q.dtype, common.BWD_CHUNK)["BT"] != BT:
+        return None, False
+    gc = gate == 2
+    varlen = cu_seqlens is not None
+    seg = common.SEG_BWD if (gate < 2 and not varlen) else 0
+    if seg < 0:
+        seg = 2 if cdiv(T, BT) >= common.SEG_BWD_MIN_CHUNKS else 0
+    if common.SAVE_STATES < 2 or seg >= 2 or _takes_fused_fwd(gate, varlen, q.dtype):
+        return None, gc
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return (num_chunks(B, T, N, BT, varlen), v.shape[2], K, V), gc
+
+
 def chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor] = None,
               A: Optional[torch.Tensor] = None, D: Optional[torch.Tensor] = None,
               z: Optional[torch.Tensor] = None):
@@ -441,21 +472,35 @@ def chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor] = No
     float32; cu_seqlens None or int [N + 1] (B == 1); D None or [H, V] float32 and z None or
     like v (SSD's epilogue: o = (o + D v) * silu(z), v unscaled). Returns (o [B, T, H, V] in v's
     dtype, final states [N, H, K, V] float32). All contiguous."""
+    return chunk_fwd_keep(q, k, v, g, h0, cu_seqlens, scale, vs, A, D, z)[:2]
+
+
+def chunk_fwd_keep(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor] = None,
+                   A: Optional[torch.Tensor] = None, D: Optional[torch.Tensor] = None,
+                   z: Optional[torch.Tensor] = None, save: bool = False):
+    """`chunk_fwd` that also returns what the backward can reuse instead of recomputing it:
+    (o, ht, h, gc), h [NCH, H, K, V] in the storage dtype (every chunk's incoming state) and gc
+    float32 like g (GATE 2: the chunk-local cumsums Gc) as `saved_layout` says (save: a gradient
+    will be taken), else empty views (of this call's own buffers: no allocation; the registered
+    ops' autograd keeps nothing for an empty one, so no buffer outlives the call)."""
     p = Plan(q, v, g, cu_seqlens, A is not None)
     m = p.meta
     assert p.gate < 2 or (D is None and z is None), "the D / z epilogue is SSD's (GATE 1)"
-    if common.FUSED_FWD and p.gate < 2 and not p.varlen and (m["IEEE"] != 1 or
-                                                             common.FUSED_FWD == 2):
-        return fused_fwd(p, q, k, v, g, vs, A, h0, scale, D, z)
+    keep_h, keep_gc = saved_layout(q, v, g, cu_seqlens, A is not None, save)
+    if _takes_fused_fwd(p.gate, p.varlen, q.dtype):
+        o, ht = fused_fwd(p, q, k, v, g, vs, A, h0, scale, D, z)
+        return o, ht, ht.new_empty(0, dtype=p.hdtype), o.new_empty(0, dtype=torch.float32)
     if p.gate == 2:
         g = gla.chunk_cumsum(p, g)         # every later stage reads Gc
     h, ht = chunk_states(p, k, v, g, vs, A, h0)
+    d = _dummy(ht)
+    kept = (h if keep_h else h.view(-1)[:0],
+            g if keep_gc else (g.view(-1)[:0] if p.gate == 2 else d[:0]))
     if p.gate == 2 and gla.use_fused_fwd(p):
-        return gla.fwd_output(p, q, k, v, g, h, scale), ht
-    a = gla.intra_scores(p, q, k, g, scale) if p.gate == 2 else _dummy(ht)
+        return (gla.fwd_output(p, q, k, v, g, h, scale), ht) + kept
+    a = gla.intra_scores(p, q, k, g, scale) if p.gate == 2 else d
     o = common.poison(torch.empty_like(v))
     cu, _, ct = p.idx_args(ht)
-    d = _dummy(ht)
     _output_kernel[(cdiv(p.V, m["BVO"]), p.NCH, p.H)](
         q, k, v, d if g is None else g, d if vs is None else vs, d if A is None else A, h, a, o,
         ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale),
@@ -463,4 +508,4 @@ def chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor] = No
         BT=p.BT, BK=m["BK"], BV=m["BVO"], DT=m["DT"], IEEE=m["IEEE"],
         D_ptr=d if D is None else D, z_ptr=d if z is None else z, HAS_D=D is not None,
         HAS_Z=z is not None, num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
-    return o, ht
+    return (o, ht) + kept

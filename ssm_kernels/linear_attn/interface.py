@@ -33,38 +33,62 @@ def _state_dtype(q: Tensor) -> torch.dtype:
 @kernel_op("linear_attn_fwd", mutates_args=())
 def linear_attn_fwd_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], h0: Optional[Tensor],
                        cu_seqlens: Optional[Tensor], scale: float, recurrent: bool,
-                       backend: str) -> Tuple[Tensor, Tensor]:
+                       backend: str, save: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """recurrent=True: the step-by-step kernel (fused_recurrent_*); else the chunked one. Both
-    share the backward (the gradients are the same function)."""
+    share the backward (the gradients are the same function). Returns (o, final_state, h, gc):
+    h, gc what the chunked Triton forward keeps for the backward when save (a gradient will be
+    taken) and `chunk.common.SAVE_STATES` (`kept_fakes`), else empty."""
     if select("linear_attn", backend, q, v) == "triton":
         if recurrent:
             from .triton import recurrent_fwd
-            return recurrent_fwd(q, k, v, g, h0, cu_seqlens, scale)
-        from .triton import chunk_fwd
-        return chunk_fwd(q, k, v, g, h0, cu_seqlens, scale)
+            return recurrent_fwd(q, k, v, g, h0, cu_seqlens, scale) + _nothing_kept(q)
+        from .triton import chunk_fwd_keep
+        return chunk_fwd_keep(q, k, v, g, h0, cu_seqlens, scale, save)
     if recurrent:
         o, ht = linear_attn_recurrent_ref(q, k, v, g, scale, h0, cu_seqlens)
-        return o.contiguous(), ht.to(_state_dtype(q))
-    return linear_attn_fwd_ref(q, k, v, g, h0, cu_seqlens, scale)
+        return (o.contiguous(), ht.to(_state_dtype(q))) + _nothing_kept(q)
+    return tuple(linear_attn_fwd_ref(q, k, v, g, h0, cu_seqlens, scale)) + _nothing_kept(q)
+
+
+def _nothing_kept(q):
+    return q.new_empty(0, dtype=torch.float32), q.new_empty(0, dtype=torch.float32)
+
+
+def kept_fakes(q, v, g, cu_seqlens, chunked_triton: bool, save: bool, g_from_vs=False):
+    """The (h, gc) outputs of a forward op, from metadata (its fake implementation): on the
+    chunked Triton path what the engine's `saved_layout` says (empty ones in the engine's
+    dtypes), else two empty float32 tensors (`_nothing_kept`)."""
+    if not chunked_triton:
+        return _nothing_kept(q)
+    from ..chunk.common import state_store_dtype
+    from ..chunk.fwd import saved_layout
+    hs, gc = saved_layout(q, v, g, cu_seqlens, g_from_vs, save)
+    return (q.new_empty((0,) if hs is None else hs, dtype=state_store_dtype(q.dtype)),
+            torch.empty_like(g, dtype=torch.float32) if gc else q.new_empty(0, dtype=torch.float32))
 
 
 @linear_attn_fwd_op.register_fake
-def _(q, k, v, g, h0, cu_seqlens, scale, recurrent, backend):
+def _(q, k, v, g, h0, cu_seqlens, scale, recurrent, backend, save=False):
     N = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return torch.empty_like(v), q.new_empty((N, q.shape[2], q.shape[3], v.shape[3]),
-                                            dtype=_state_dtype(q))
+    return (torch.empty_like(v), q.new_empty((N, q.shape[2], q.shape[3], v.shape[3]),
+                                             dtype=_state_dtype(q)),
+            *kept_fakes(q, v, g, cu_seqlens,
+                        not recurrent and select("linear_attn", backend, q, v) == "triton", save))
 
 
 @kernel_op("linear_attn_bwd", mutates_args=())
 def linear_attn_bwd_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], h0: Optional[Tensor],
                        cu_seqlens: Optional[Tensor], scale: float, ht: Tensor, do: Tensor,
-                       dht: Optional[Tensor], backend: str
+                       dht: Optional[Tensor], backend: str, h: Optional[Tensor] = None,
+                       gc: Optional[Tensor] = None
                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dg, dh0); dg is empty when g is None; dh0 is [N, H, K, V]; dht None
-    means no gradient reaches the final state."""
+    means no gradient reaches the final state. h, gc: the forward's kept outputs (None or empty:
+    recomputed; the chunked Triton path only); with gc, g may be gc itself (only its shape is
+    read)."""
     if select("linear_attn", backend, q, v) == "triton":
         from .triton import chunk_bwd
-        dq, dk, dv, dg, dh0 = chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, ht, do, dht)
+        dq, dk, dv, dg, dh0 = chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, ht, do, dht, h, gc)
     else:
         dq, dk, dv, dg, dh0 = linear_attn_bwd_ref(q, k, v, g, h0, cu_seqlens, scale, do,
                                                   torch.zeros_like(ht) if dht is None else dht)
@@ -77,25 +101,30 @@ def linear_attn_bwd_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], h0:
 
 
 @linear_attn_bwd_op.register_fake
-def _(q, k, v, g, h0, cu_seqlens, scale, ht, do, dht, backend):
+def _(q, k, v, g, h0, cu_seqlens, scale, ht, do, dht, backend, h=None, gc=None):
     dg = q.new_empty(0, dtype=torch.float32) if g is None else torch.empty_like(g)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, torch.empty_like(ht))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, g, h0, cu_seqlens, scale, recurrent, backend = inputs
-    ctx.save_for_backward(q, k, v, g, h0, cu_seqlens, output[1])
-    ctx.scale, ctx.backend = scale, backend
+    q, k, v, g, h0, cu_seqlens, scale, recurrent, backend = inputs[:9]
+    h, gc = output[2], output[3]
+    # kept outputs are saved only when non-empty (an empty one may be a view of a freed buffer);
+    # a kept gc replaces g (same shape; the backward reads only g's shape then)
+    h = h if h.numel() else None
+    gc = gc if gc.numel() else None
+    ctx.save_for_backward(q, k, v, g if gc is None else None, h0, cu_seqlens, output[1], h, gc)
+    ctx.scale, ctx.backend, ctx.has_g = scale, backend, g is not None
 
 
-def _backward(ctx, do, dht):
-    q, k, v, g, h0, cu_seqlens, ht = ctx.saved_tensors
+def _backward(ctx, do, dht, _dh, _dgc):
+    q, k, v, g, h0, cu_seqlens, ht, h, gc = ctx.saved_tensors
     do = torch.zeros_like(v) if do is None else do.contiguous()
     dht = None if dht is None else dht.contiguous()
-    dq, dk, dv, dg, dh0 = linear_attn_bwd_op(q, k, v, g, h0, cu_seqlens, ctx.scale, ht, do, dht,
-                                             ctx.backend)
-    return (dq, dk, dv, None if g is None else dg, None if h0 is None else dh0.to(h0.dtype),
-            None, None, None, None)
+    dq, dk, dv, dg, dh0 = linear_attn_bwd_op(q, k, v, g if gc is None else gc, h0, cu_seqlens,
+                                             ctx.scale, ht, do, dht, ctx.backend, h, gc)
+    return (dq, dk, dv, dg if ctx.has_g else None, None if h0 is None else dh0.to(h0.dtype),
+            None, None, None, None, None)
 
 
 linear_attn_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -179,12 +208,25 @@ def _core(q, k, v, g, scale, initial_state, cu_seqlens, reverse, backend, recurr
             h0 = None if h0 is None else h0.flip(0)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g = None if g is None else g.to(sd).contiguous()
-    o, ht = linear_attn_fwd_op(q, k, v, g, h0, cu, scale, recurrent, _backend.normalize(backend))
+    save = (not recurrent and torch.is_grad_enabled()
+            and any(x is not None and x.requires_grad for x in (q, k, v, g, h0)) and _save_states())
+    o, ht, _, _ = linear_attn_fwd_op(q, k, v, g, h0, cu, scale, recurrent,
+                                     _backend.normalize(backend), save)
     if reverse:
         o = o.flip(1)
         if cu is not None:
             ht = ht.flip(0)
     return o, ht
+
+
+def _save_states() -> bool:
+    """`chunk.common.SAVE_STATES` on, read per call (a knob the GPU A/B flips); the engine's
+    modules (Triton) are imported only when Triton is importable."""
+    try:
+        from ..chunk import common
+    except ImportError:
+        return False
+    return bool(common.SAVE_STATES)
 
 
 def _head_gate(g, g_gamma, q):

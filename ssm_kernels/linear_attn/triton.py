@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..chunk.bwd import chunk_bwd as _engine_bwd
 from ..chunk.common import load_state_block, seq_span  # noqa: F401  (seq_span: shared with based)
-from ..chunk.fwd import chunk_fwd as _engine_fwd
+from ..chunk.fwd import chunk_fwd_keep as _engine_fwd
 from .._launch import cdiv, next_power_of_2, fast_kernel
 
 
@@ -97,11 +97,18 @@ def chunk_fwd(q, k, v, g, h0, cu_seqlens, scale) -> Tuple[torch.Tensor, torch.Te
     """Forward: q, k [B, T, H, K]; v [B, T, H, V]; g None, [B, T, H] or [B, T, H, K] float32
     log-decays (<= 0); h0 None or [N, H, K, V] float32; cu_seqlens None or int [N + 1] (B == 1).
     Returns (o [B, T, H, V] in v's dtype, final state [N, H, K, V] float32). All contiguous."""
-    return _engine_fwd(q, k, v, g, h0, cu_seqlens, scale)
+    return _engine_fwd(q, k, v, g, h0, cu_seqlens, scale)[:2]
 
 
-def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, ht, do, dht):
-    """Backward of `chunk_fwd`: do [B, T, H, V]; dht None or [N, H, K, V] float32. Returns (dq, dk,
-    dv in the input dtype, dg float32 like g (or None), dh0 float32 [N, H, K, V])."""
-    dq, dk, dv, dg, dh0, _ = _engine_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht)
+def chunk_fwd_keep(q, k, v, g, h0, cu_seqlens, scale, save: bool):
+    """`chunk_fwd` plus what the backward may reuse: (o, ht, h, gc), see the engine's
+    `chunk_fwd_keep` (save: a gradient will be taken)."""
+    return _engine_fwd(q, k, v, g, h0, cu_seqlens, scale, save=save)
+
+
+def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, ht, do, dht, h=None, gc=None):
+    """Backward of `chunk_fwd`: do [B, T, H, V]; dht None or [N, H, K, V] float32; h, gc what
+    `chunk_fwd_keep` kept (None / empty: recomputed). Returns (dq, dk, dv in the input dtype, dg
+    float32 like g (or None), dh0 float32 [N, H, K, V])."""
+    dq, dk, dv, dg, dh0, _ = _engine_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, h=h, gc=gc)
     return dq, dk, dv, dg, dh0

@@ -20,6 +20,7 @@ from .._ops import kernel_op
 from ..chunk.select import select
 from ..validation import (check_cu_seqlens, check_same_device, check_tensor, checks_values,
                           swaps_dims_1_2)
+from ..linear_attn.interface import _save_states, kept_fakes
 from ..linear_attn.reference import linear_attn_bwd_ref
 from .reference import heads, process_dt, ssd_chunked
 
@@ -62,37 +63,43 @@ def _ref_forward(C, B, x, dt, A, h0, cu_seqlens):
 @kernel_op("ssd_fwd", mutates_args=())
 def ssd_fwd_op(C: Tensor, B: Tensor, x: Tensor, dt: Tensor, A: Tensor, h0: Optional[Tensor],
                cu_seqlens: Optional[Tensor], backend: str,
-               D: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+               D: Optional[Tensor] = None, save: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """C, B [b, l, g, n]; x [b, l, h, p]; dt [b, l, h] (processed, float32); A [h] float32;
     h0 None or [N, h, n, p] float32; D None or [h, p] float32 (y += D x, in the kernel's epilogue).
-    Returns (y [b, l, h, p] in x's dtype, final [N, h, n, p])."""
+    Returns (y [b, l, h, p] in x's dtype, final [N, h, n, p], kept): kept the engine's per-chunk
+    states [NCH, h, n, p] when save (a gradient will be taken) and `chunk.common.SAVE_STATES` >= 2
+    on the Triton path (the backward then skips recomputing them), else empty."""
     if select("ssd", backend, x, B) == "triton":
-        from ..chunk.fwd import chunk_fwd
-        return chunk_fwd(C, B, x, None, h0, cu_seqlens, 1.0, vs=dt, A=A, D=D)
+        from ..chunk.fwd import chunk_fwd_keep
+        return chunk_fwd_keep(C, B, x, None, h0, cu_seqlens, 1.0, vs=dt, A=A, D=D, save=save)[:3]
     with torch.no_grad():
         y, f = _ref_forward(C, B, x, dt, A, h0, cu_seqlens)
         if D is not None:
             y = (y.to(_sd(x)) + x.to(_sd(x)) * D.to(_sd(x))).to(x.dtype)
-    return y.contiguous(), f.to(_sd(x))
+    return y.contiguous(), f.to(_sd(x)), x.new_empty(0, dtype=torch.float32)
 
 
 @ssd_fwd_op.register_fake
-def _(C, B, x, dt, A, h0, cu_seqlens, backend, D=None):
+def _(C, B, x, dt, A, h0, cu_seqlens, backend, D=None, save=False):
     N = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-    return torch.empty_like(x), x.new_empty((N, x.shape[2], B.shape[3], x.shape[3]), dtype=_sd(x))
+    h = kept_fakes(C, x, None, cu_seqlens, select("ssd", backend, x, B) == "triton", save,
+                   g_from_vs=True)[0]
+    return (torch.empty_like(x), x.new_empty((N, x.shape[2], B.shape[3], x.shape[3]), dtype=_sd(x)),
+            h)
 
 
 @kernel_op("ssd_bwd", mutates_args=())
 def ssd_bwd_op(C: Tensor, B: Tensor, x: Tensor, dt: Tensor, A: Tensor, h0: Optional[Tensor],
                cu_seqlens: Optional[Tensor], dy: Tensor, dht: Optional[Tensor], backend: str,
-               D: Optional[Tensor] = None
+               D: Optional[Tensor] = None, h: Optional[Tensor] = None
                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dC, dB, dx, ddt float32, dA float32, dh0 (empty when h0 is None), dD [h, p]
-    (empty when D is None; dx then includes dy D))."""
+    (empty when D is None; dx then includes dy D)). h: the forward's kept states (None or empty:
+    recomputed; Triton only)."""
     dD = None
     if select("ssd", backend, x, B) == "triton":
         from ..chunk.bwd import chunk_bwd
-        r = chunk_bwd(C, B, x, None, h0, cu_seqlens, 1.0, dy, dht, vs=dt, A=A, D=D)
+        r = chunk_bwd(C, B, x, None, h0, cu_seqlens, 1.0, dy, dht, vs=dt, A=A, D=D, h=h)
         dC, dB, dx, dg, dh0, ddt = r[:6]
         if D is not None:
             dD = r[6]
@@ -127,7 +134,7 @@ def ssd_bwd_op(C: Tensor, B: Tensor, x: Tensor, dt: Tensor, A: Tensor, h0: Optio
 
 
 @ssd_bwd_op.register_fake
-def _(C, B, x, dt, A, h0, cu_seqlens, dy, dht, backend, D=None):
+def _(C, B, x, dt, A, h0, cu_seqlens, dy, dht, backend, D=None, h=None):
     dh0 = torch.empty_like(h0) if h0 is not None else x.new_empty(0, dtype=_sd(x))
     dD = torch.empty_like(D) if D is not None else x.new_empty(0, dtype=_sd(x))
     return (torch.empty_like(C), torch.empty_like(B), torch.empty_like(x), torch.empty_like(dt),
@@ -137,19 +144,20 @@ def _(C, B, x, dt, A, h0, cu_seqlens, dy, dht, backend, D=None):
 def _setup_context(ctx, inputs, output):
     C, B, x, dt, A, h0, cu_seqlens, backend = inputs[:8]
     D = inputs[8] if len(inputs) > 8 else None
-    ctx.save_for_backward(C, B, x, dt, A, h0, cu_seqlens, D)
+    h = output[2] if output[2].numel() else None   # an empty one may view a freed buffer
+    ctx.save_for_backward(C, B, x, dt, A, h0, cu_seqlens, D, h)
     ctx.backend = backend
 
 
-def _backward(ctx, dy, dht):
-    C, B, x, dt, A, h0, cu_seqlens, D = ctx.saved_tensors
+def _backward(ctx, dy, dht, _dh):
+    C, B, x, dt, A, h0, cu_seqlens, D, h = ctx.saved_tensors
     dy = torch.zeros_like(x) if dy is None else dy.contiguous()
     dht = None if dht is None else dht.contiguous()
     # y = core + D x: the core's gradient is dy; the op's backward adds dy D to dx and returns dD
     dC, dB, dx, ddt, dA, dh0, dD = ssd_bwd_op(C, B, x, dt, A, h0, cu_seqlens, dy, dht,
-                                              ctx.backend, D)
+                                              ctx.backend, D, h)
     return (dC, dB, dx, ddt, dA, (None if h0 is None else dh0), None, None,
-            None if D is None else dD)
+            None if D is None else dD, None)
 
 
 ssd_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -341,8 +349,12 @@ def mamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
             Dd = (D.to(sd)[:, None] if D.dim() == 1 else D.to(sd)).expand(
                 x.shape[2], x.shape[3]).contiguous()
             D = None
-        y, ht = ssd_fwd_op(C.contiguous(), B.contiguous(), x.contiguous(), dtp,
-                           A.to(sd).contiguous(), h0, cu_seqlens, _backend.normalize(backend), Dd)
+        save = (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias,
+                                                        initial_states)) and _save_states())
+        y, ht, _ = ssd_fwd_op(C.contiguous(), B.contiguous(), x.contiguous(), dtp,
+                              A.to(sd).contiguous(), h0, cu_seqlens, _backend.normalize(backend),
+                              Dd, save)
     if D is not None:
         Dd = D.to(sd)
         y = (y.to(sd) + x.to(sd) * (Dd[:, None] if Dd.dim() == 1 else Dd)).to(x.dtype)
