@@ -133,9 +133,10 @@ SAVE_WY_INVERSE = False
 # WY_SPLIT's second launch) in place of `_wu_kernel`.
 WY_FAST = False
 # its warps and V tile (None: the engine's BLOCK_V, 64; 128: U in one tile: 8 B spill uncapped,
-# 388 B at 168); register cap (ptxas maxnreg; None: none; sm_90 bf16 K=V=128 uncapped 231-250
-# registers, 0 spill = 2 programs per SM; 168: 32-88 B spill, 3 per SM); the inverse's levels as a
-# runtime loop (False: unrolled); software-pipeline stages of the V loop
+# 388 B at 168, measured before the mask(X A) form); register cap (ptxas maxnreg; None: none;
+# sm_90 bf16 K=V=128 uncapped 166-204 registers, 0 spill = 2 programs per SM; 168: 0-4 B spill,
+# 3 per SM); the inverse's levels as a runtime loop (False: unrolled); software-pipeline stages
+# of the V loop
 WY_FAST_WARPS = 4
 WY_FAST_BV = None
 WY_FAST_MAXNREG = None
@@ -339,8 +340,8 @@ def _inverse_level(X, A, o_t, lv, INV_WF32: tl.constexpr, DT: tl.constexpr, IEEE
     for a block [[P, 0], [C, Q]], X - X [[0, 0], [C, 0]] X. INV16: the products by `mm_x3`."""
     # X [[0, 0], [C, 0]] = the (odd sub-block, its left neighbour) part of X A: X is block
     # diagonal, so the mask goes on the product and A (the same every level) is the B operand
-    hi, lo = o_t >> (lv - 1), o_t >> (lv - 1)
-    sub = ((hi % 2) == 1)[:, None] & (lo[None, :] == (hi - 1)[:, None])
+    blk = o_t >> (lv - 1)
+    sub = ((blk % 2) == 1)[:, None] & (blk[None, :] == (blk - 1)[:, None])
     if INV16:
         return X - mm_x3(tl.where(sub, mm_x3(X, A, IEEE), 0.), X, IEEE)
     return X - mm_wy(tl.where(sub, mm_wy(X, A, INV_WF32, DT, IEEE), 0.), X, INV_WF32, DT, IEEE)
@@ -412,6 +413,7 @@ def _wy_fast_kernel(
     b_w = mm_hilo(X * (b_beta * tl.exp2(G) * r_k)[None, :], b_k, NSPLIT, DT, IEEE)
     tl.store(w_ptr + r0 * K + (o_r[:, None] * K + o_k[None, :]), b_w.to(w_ptr.dtype.element_ty),
              mask=m_tk)
+
 
 @triton.jit
 def _k_unit_rows(k_ptr, row_q, m_t, o_k, m_k, K, L2NORM: tl.constexpr):
