@@ -18,7 +18,8 @@
    checked (gated, B1 T1024 H2 HV4, l2norm, bf16, the same rule) then timed fwd / fwd+bwd with
    its forward stages. VARIANTS="name:KNOB=VAL,KNOB=VAL;name2:..." (values Python literals), or
    VARIANTS=@bwd (BWD_VARIANTS: the backward's knobs) / @fwd / @savet (SAVE_WY_VARIANTS: the
-   forward's WY inverse kept for the backward); VARIANT_EXTRA="ungated,profile"
+   forward's WY inverse kept for the backward) / @wyfast (WYFAST_VARIANTS: the WY stage by
+   `_wy_fast_kernel`); VARIANT_EXTRA="ungated,profile"
    (what else each variant runs; see VARIANT_EXTRA below).
 Env: STEPS (default "check,time,stages,variants"), QUICK=1 (no peers, first shape only), GVA=0
 (the main shape only, with the peers),
@@ -102,6 +103,20 @@ SAVE_WY_VARIANTS = (
     "DQK_STAGES=2,WY_BWD_LEAN=True;"
     "bwd-all-savet:DQK_DELTA=True,SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,DQK_MAXNREG=128,"
     "DQK_STAGES=2,WY_BWD_LEAN=True,SAVE_WY_INVERSE=True")
+# the WY stage by `_wy_fast_kernel` (WY_FAST; bench/NOTES.md, "helper deltawy6"): VARIANTS=@wyfast;
+# A/B against the defaults' stage rows ("stages" step): the "wy" stage row is the number to read
+WYFAST_VARIANTS = (   # most telling first: the budget may cut the tail
+    "wyfast:WY_FAST=True;"
+    "wyfast-r168:WY_FAST=True,WY_FAST_MAXNREG=168;"
+    "split:WY_SPLIT=True,WY_LEAN=True,WY_WARPS=4;"
+    "wyfast-savet:WY_FAST=True,SAVE_WY_INVERSE=True;"
+    "wyfast-bwd-all-savet:WY_FAST=True,SAVE_WY_INVERSE=True,DQK_DELTA=True,SG_DELTA=True,"
+    "SG_FUSE_DV=True,SG_KDS_X2=True,DQK_MAXNREG=128,DQK_STAGES=2,WY_BWD_LEAN=True;"
+    "wyfast-bf16st-ov128:WY_FAST=True,WU_FLOAT32=False,WU_TF32_PRODUCTS=True,SCAN_TF32=True,"
+    "OUT_BLOCK_V=128;"
+    "wyfast-inv16:WY_FAST=True,WY_FAST_INV16=True;"
+    "wyfast-loop:WY_FAST=True,WY_FAST_LOOP=True;"
+    "wyfast-w8:WY_FAST=True,WY_FAST_WARPS=8")
 # per variant, besides its check and gated fwd / fwd+bwd: "ungated" (chunk_delta_rule, against
 # fla's fwd+bwd), "profile" (every kernel of its gated fwd+bwd), "stages" (its forward stages);
 # unset: ungated and profile for the first variant only, stages for every one
@@ -234,9 +249,12 @@ def stage_model(p, R, Rq):
     wb, ub = p.wdtype.itemsize, p.udtype.itemsize
     nch = R // BT
     wy_b = R * (K * 2 + V * 2 + 8 + K * wb + V * ub)
-    if wy.WY_SPLIT:
+    if wy.WY_SPLIT and not p.wy_fast:
         wy_b += R * (2 * BT * 4 + K * 2)              # T written and read, k read again
     wy_f = R * 2 * (BT * K + 4 * BT * BT + BT * K + BT * V)
+    if p.wy_fast:   # 2 log2(BT/2) inverse dots; W, U as (1 + wu_wf32) dots
+        wy_f = R * 2 * (BT * K + 2 * (BT.bit_length() - 2) * BT * BT
+                        + (1 + p.wu_wf32) * BT * (K + V))
     nv = -(-V // p.BVs)
     st_b = nv * R * (K * 2 + K * wb + 4) + R * V * (ub + 2) + nch * K * V * 2
     st_f = R * 4 * K * V
@@ -434,8 +452,8 @@ def main():
     if "variants" in STEPS:
         mk0 = lambda req: inputs(B, T, H, HV, 128, 128, False, req=req, l2=False)  # noqa: E731
         vtext = os.environ.get("VARIANTS", DEFAULT_VARIANTS)
-        vtext = {"@bwd": BWD_VARIANTS, "@fwd": DEFAULT_VARIANTS,
-                 "@savet": SAVE_WY_VARIANTS}.get(vtext, vtext)
+        vtext = {"@bwd": BWD_VARIANTS, "@fwd": DEFAULT_VARIANTS, "@savet": SAVE_WY_VARIANTS,
+                 "@wyfast": WYFAST_VARIANTS}.get(vtext, vtext)
         for iv, (name, knobs) in enumerate(parse_variants(vtext)):
             extra = (("ungated", "profile", "stages") if iv == 0 else ("stages",)
                      ) if VARIANT_EXTRA is None else VARIANT_EXTRA.split(",")

@@ -49,25 +49,36 @@ def main():
     ap.add_argument("--ops", default="delta_main",
                     help="delta_main (this file's cases) and/or delta_rule (sm90_audit's, GVA)")
     args = ap.parse_args()
-    from ssm_kernels.delta_rule import chunk as wy
-    for kv in filter(None, args.knobs.split(",")):
-        kk, _, vv = kv.partition("=")
-        if not hasattr(wy, kk.strip()):
-            raise SystemExit(f"no knob {kk!r} in delta_rule/chunk.py")
-        setattr(wy, kk.strip(), eval(vv))   # noqa: S307 (Python literals)
+    set_knobs(args.knobs)
     au.FAMILIES["delta_main"] = main_shape_cases
     argv = ["--ops", args.ops] + (["--sass", args.sass] if args.sass else []) + (
         ["--only", args.only] if args.only else [])
     rc = au.main(argv)
-    if args.ir:
-        os.makedirs(args.ir, exist_ok=True)
-        for rec in au.compiled.values():
-            for kind in ("ttgir", "ptx"):
-                text = rec["kernel"].asm.get(kind)
-                if text:
-                    with open(os.path.join(args.ir, f"{rec['name']}.{kind}"), "w") as f:
-                        f.write(text if isinstance(text, str) else text.decode())
+    write_ir(args.ir)
     return rc
+
+
+def set_knobs(text):
+    """KNOB=VALUE,... (Python literals) set on ssm_kernels.delta_rule.chunk."""
+    from ssm_kernels.delta_rule import chunk as wy
+    for kv in filter(None, text.split(",")):
+        kk, _, vv = kv.partition("=")
+        if not hasattr(wy, kk.strip()):
+            raise SystemExit(f"no knob {kk!r} in delta_rule/chunk.py")
+        setattr(wy, kk.strip(), eval(vv))   # noqa: S307 (Python literals)
+
+
+def write_ir(path):
+    """Each compiled kernel's TTGIR and PTX into `path` (None: nothing)."""
+    if not path:
+        return
+    os.makedirs(path, exist_ok=True)
+    for rec in au.compiled.values():
+        for kind in ("ttgir", "ptx"):
+            text = rec["kernel"].asm.get(kind)
+            if text:
+                with open(os.path.join(path, f"{rec['name']}.{kind}"), "w") as f:
+                    f.write(text if isinstance(text, str) else text.decode())
 
 
 if __name__ == "__main__":

@@ -434,7 +434,10 @@ WY_VARIANTS = {"lean": dict(WY_LEAN=True), "split": dict(WY_SPLIT=True),
                "dqk-delta": dict(DQK_DELTA=True), "sg-delta": dict(SG_DELTA=True),
                "bwd-delta": dict(DQK_DELTA=True, SG_DELTA=True, SG_FUSE_DV=True,
                                  WY_BWD_LEAN=True),
-               "bwd-grad16": dict(BWD_GRAD_16=True, DQK_DELTA=True, SG_DELTA=True)}
+               "bwd-grad16": dict(BWD_GRAD_16=True, DQK_DELTA=True, SG_DELTA=True),
+               "wyfast": dict(WY_FAST=True),
+               "wyfast-loop-savet": dict(WY_FAST=True, WY_FAST_LOOP=True, SAVE_WY_INVERSE=True),
+               "wyfast-bf16wu": dict(WY_FAST=True, WU_FLOAT32=False, WU_TF32_PRODUCTS=True)}
 
 
 @pytest.mark.parametrize("backend", TRITON)
@@ -462,6 +465,106 @@ def test_triton_chunk_wy_variants(backend, variant, monkeypatch):
     ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), cu, True, cots)
     low = _chunk_run(_ref_fn, q, k, v, g, beta, h0, cu, True, cots)
     _judge_chunk(out, ref, low, names, torch.float16, F.normalize(q.double(), dim=-1, eps=0))
+
+
+def _wy_float64(k, v, g, beta, l2, BT, HV, cu=None):
+    """Float64 W, U and T = (I + A)^-1 of every chunk (rows [TOK, HV, *]; T padded to BT)."""
+    B, T, H, K = k.shape
+    kd = k.double()
+    if l2:
+        kd = kd / torch.sqrt((kd * kd).sum(-1, keepdim=True) + 1e-6)
+    kd = kd.reshape(B * T, H, K)
+    vd, bd = v.double().reshape(B * T, HV, -1), beta.double().reshape(B * T, HV)
+    gd = None if g is None else g.double().reshape(B * T, HV)
+    bounds = cu if cu is not None else list(range(0, B * T + 1, T))
+    W = torch.zeros(B * T, HV, K, dtype=torch.float64)
+    U = torch.zeros(B * T, HV, vd.shape[-1], dtype=torch.float64)
+    Tm = torch.zeros(B * T, HV, BT, dtype=torch.float64)
+    for s0, s1 in zip(bounds[:-1], bounds[1:]):
+        for c0 in range(s0, s1, BT):
+            c1 = min(s1, c0 + BT)
+            n = c1 - c0
+            for h in range(HV):
+                kc, b = kd[c0:c1, h // (HV // H)], bd[c0:c1, h]
+                G = (torch.zeros(n, dtype=torch.float64) if gd is None
+                     else torch.cumsum(gd[c0:c1, h], 0))
+                A = torch.tril(b[:, None] * (kc @ kc.T) * torch.exp(G[:, None] - G[None, :]), -1)
+                Ti = torch.linalg.inv(torch.eye(n, dtype=torch.float64) + A)
+                Tm[c0:c1, h, :n] = Ti
+                W[c0:c1, h] = Ti @ (kc * (b * torch.exp(G))[:, None])
+                U[c0:c1, h] = Ti @ (vd[c0:c1, h] * b[:, None])
+    return W, U, Tm
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("case", ["gated-l2-varlen-gva", "nogate-unit-gpu-tiles",
+                                  "gated-l2-gpu-tiles-k100", "nogate-l2-bf16-v64",
+                                  "gated-l2-gpu-tiles-inv16"])
+def test_triton_wy_fast_stage(backend, case, monkeypatch):
+    """WY_FAST's `_wy_fast_kernel` alone: W, U and the stored T against float64 (the inverse by
+    recursive doubling, the norm / beta / e^G folded into T's columns, W, U as hi + lo 16-bit
+    dots), at the interpreter's BT=32 and the GPU's BT=64 (levels 4..64), gated or not, varlen,
+    GVA (HV = 3H), K not a power of two, bf16; then W, U again from the saved T (LOAD_T, the
+    SAVE_WY_INVERSE backward's path) bitwise equal. Outputs poisoned with NaN first."""
+    from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(wy, "WY_FAST", True)
+    dtype, cu = torch.float16, None
+    if case == "gated-l2-varlen-gva":
+        gated, l2, B, T, H, HV, K, V = True, True, 1, 70, 1, 3, 16, 16
+        cu = [0, 5, 37, 38, 70]
+    elif case == "nogate-unit-gpu-tiles":
+        monkeypatch.setattr(common, "triton_interpret", lambda: False)
+        gated, l2, B, T, H, HV, K, V = False, False, 2, 80, 1, 2, 16, 24
+    elif case == "gated-l2-gpu-tiles-k100":
+        monkeypatch.setattr(common, "triton_interpret", lambda: False)
+        gated, l2, B, T, H, HV, K, V = True, True, 1, 130, 2, 2, 100, 16
+    elif case == "nogate-l2-bf16-v64":   # the interpreter's bf16 emulation (BT=32), 2 V tiles
+        gated, l2, B, T, H, HV, K, V = False, True, 1, 45, 1, 1, 16, 80
+        dtype = torch.bfloat16
+    else:   # the inverse's products as hi + lo bf16 dots (WY_FAST_INV16), BT=64 with the
+        # interpreter's emulated bf16 dots (its own bf16 tensor-core path is broken)
+        monkeypatch.setattr(common, "INTERP_CHUNK", 64)
+        monkeypatch.setattr(wy, "WY_FAST_INV16", True)
+        gated, l2, B, T, H, HV, K, V = True, True, 1, 100, 1, 2, 32, 16
+    q, k, v, g, beta = make(B, T, H, HV, K, V, gated, unit_keys=not l2, dtype=dtype)
+    beta = beta * 2                                         # the full (0, 2) range
+    cut = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    p = wy._plan(q, v, g, cut)
+    w, u, tm = wy._wy(p, k, v, g, beta, l2, True)
+    assert w.dtype == torch.float32 and u.dtype == torch.float32
+    W, U, Tm = _wy_float64(k, v, g, beta, l2, p.BT, HV, cu)
+    # float32 T (tf32 products on the GPU: exact here; ~16-bit halves with INV16), W, U from
+    # ~16-bit pieces of T
+    tol = 2e-4 if (dtype == torch.bfloat16 or case.endswith("inv16")) else 2e-5
+    for name, a, r in (("T", tm, Tm), ("W", w, W), ("U", u, U)):
+        err = ((a.double() - r).norm() / r.norm()).item()
+        assert err <= tol, f"{name}: rel err {err:.2e} > {tol:.0e}"
+    w2, u2 = wy._wu(p, k, v, g, beta, l2, *wy._wu_buffers(p, k), tm)
+    assert torch.equal(w2, w) and torch.equal(u2, u)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("l2", [False, True])
+def test_triton_chunk_wy_fast_ungated(backend, l2, monkeypatch):
+    """WY_FAST through chunk_delta_rule (no gate), with and without the in-kernel norm, GVA
+    (HV = 2H), K != V, a partial chunk, the GPU's BT=64 tiles, float16: o, S and every gradient
+    within the 16-bit bound of the float64 recurrence."""
+    from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
+    monkeypatch.setattr(wy, "WY_FAST", True)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(common, "triton_interpret", lambda: False)
+    d = lambda x: None if x is None else x.double()
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(False, l2, 1, 77, 1, 2, 16, 24, None,
+                                                   dtype=torch.float16)
+    out = _chunk_run(_kernel_fn(False, backend), q, k, v, g, beta, h0, cu, l2, cots)
+    ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), cu, l2, cots)
+    low = _chunk_run(_ref_fn, q, k, v, g, beta, h0, cu, l2, cots)
+    names = ["o", "S", "dq", "dk", "dv", "dbeta", "dh0"]
+    qn = F.normalize(q.double(), dim=-1, eps=0) if l2 else q.double()
+    _judge_chunk(out, ref, low, names, torch.float16, qn)
 
 
 @pytest.mark.parametrize("backend", TRITON)

@@ -123,6 +123,29 @@ DQK_STAGES = 3
 # in the backward; costs T's write in the forward and its memory between the passes (B4 T4096
 # H16 BT64: 67 MB). W, U (B*T*HV*(K+V) float32: 268 MB at K=V=128) would cost 4x the bytes.
 SAVE_WY_INVERSE = False
+# the WY stage by `_wy_fast_kernel` (16-bit inputs; bench/NOTES.md "helper deltawy6"): 4 warps, no
+# register 4-d tensors and no substitution loop: T = (I + A)^-1 by recursive doubling on the
+# [BT, BT] tile (X <- X - mask_b(X A) X for blocks b = 4 .. BT: 2 log2(BT/2) dependent dots, tf32
+# as WY_INVERSE_F32 / WY_TF32X3 say), k and v stay 16-bit shared-memory operands (the L2 norm, beta
+# and e^G folded into T's columns), W = T' K and U = T'' V as hi + lo 16-bit dots (T' split in two
+# 16-bit halves: ~16 mantissa bits, K, V exact; one dot with WU_FLOAT32=False and no
+# WU_TF32_PRODUCTS, fla's precision). Also forms W, U from a saved T (SAVE_WY_INVERSE's backward,
+# WY_SPLIT's second launch) in place of `_wu_kernel`.
+WY_FAST = False
+# its warps and V tile (None: the engine's BLOCK_V, 64; 128: U in one tile: 8 B spill uncapped,
+# 388 B at 168, measured before the mask(X A) form); register cap (ptxas maxnreg; None: none;
+# sm_90 bf16 K=V=128 uncapped 166-204 registers, 0 spill = 2 programs per SM; 168: 0-4 B spill,
+# 3 per SM); the inverse's levels as a runtime loop (False: unrolled); software-pipeline stages
+# of the V loop
+WY_FAST_WARPS = 4
+WY_FAST_BV = None
+WY_FAST_MAXNREG = None
+WY_FAST_LOOP = False
+WY_FAST_STAGES = 1
+# the inverse's products as three bf16 dots on hi + lo halves (`mm_x3`: ~16 bits of each operand,
+# better than tf32's 11; 16-bit A operands convert in registers and 16-bit B operands need no
+# transposed store, at 1.5x the tensor time of one tf32 dot)
+WY_FAST_INV16 = False
 
 
 @triton.jit
@@ -182,6 +205,20 @@ def tril_inverse(A, o_t, BT: tl.constexpr, WF32: tl.constexpr, DT: tl.constexpr,
     return mm_wy(M, Df, WF32, DT, IEEE)
 
 
+@triton.jit
+def _wy_chunk_rows(ct_ptr, cu_ptr, T, NT, H, HQ, K, IS_VARLEN: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr):
+    """The rows of a WY program (grid: chunk x value head): value head, its q/k head, chunk
+    offsets, tokens, token mask, K offsets and mask, rows of the [TOK, H] layout."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_hq = i_h // (H // HQ)
+    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    o_t = tl.arange(0, BT)
+    t = t0 + o_t
+    o_k = tl.arange(0, BK)
+    return i_h, i_hq, o_t, t, t < eos, o_k, o_k < K, t * H + i_h
+
+
 @triton.jit(do_not_specialize=["STORE_T"])
 def _wy_fwd_kernel(
     # k [TOK, HQ, K]; v [TOK, H, V]; g [TOK, H] f32; beta [TOK, H]; outputs w [TOK, H, K],
@@ -193,15 +230,8 @@ def _wy_fwd_kernel(
     DT: tl.constexpr, IEEE: tl.constexpr, INV_DOTS: tl.constexpr, INV_F32: tl.constexpr,
     LEAN: tl.constexpr = False, WU: tl.constexpr = True,
 ):
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_hq = i_h // (H // HQ)
-    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
-    o_t = tl.arange(0, BT)
-    t = t0 + o_t
-    m_t = t < eos
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    row = t * H + i_h
+    i_h, i_hq, o_t, t, m_t, o_k, m_k, row = _wy_chunk_rows(ct_ptr, cu_ptr, T, NT, H, HQ, K,
+                                                           IS_VARLEN, BT, BK)
     b_k = load_rows(k_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
     if L2NORM:
         b_k = l2norm_rows(b_k)
@@ -249,20 +279,140 @@ def _wu_kernel(
     GATE: tl.constexpr, L2NORM: tl.constexpr, WF32: tl.constexpr, IS_VARLEN: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
 ):
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_hq = i_h // (H // HQ)
-    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
-    o_t = tl.arange(0, BT)
-    t = t0 + o_t
-    m_t = t < eos
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    row = t * H + i_h
+    i_h, i_hq, o_t, t, m_t, o_k, m_k, row = _wy_chunk_rows(ct_ptr, cu_ptr, T, NT, H, HQ, K,
+                                                           IS_VARLEN, BT, BK)
     b_beta = tl.load(beta_ptr + row, mask=m_t, other=0.).to(tl.float32)
     G = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row, i_h, m_t, o_k, m_k, K, GATE, False, BT)
     Tm = tl.load(tm_ptr + row[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.)
     _wu_tile(Tm, k_ptr, v_ptr, w_ptr, u_ptr, t, row, i_hq, HQ, m_t, o_k, m_k, K, V, G, b_beta,
              b_beta, L2NORM, WF32, BV, DT, IEEE, True)
+
+
+@triton.jit
+def mm_hilo(a, b, NSPLIT: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+    """a @ b for a float32 `a` and a 16-bit `b` (an exact operand) as NSPLIT 16-bit dots on the
+    pieces of a = a_0 + a_1 + ... (each the rounding of what is left): ~8 (bf16) or 11 (fp16)
+    more mantissa bits of `a` per piece, float32 accumulation. float16: each row of `a` scaled by
+    a power of two to at most 1 first (T's entries can pass float16's 65504), the product's rows
+    scaled back."""
+    if DT == tl.float16:
+        amax = tl.max(tl.abs(a), axis=1)
+        s_row = tl.exp2(tl.ceil(tl.log2(tl.maximum(amax, 1e-30))))
+        rest = a * (1. / s_row)[:, None]
+    else:
+        rest = a
+    piece = rest.to(DT)
+    acc = mm(piece, b, DT, IEEE)
+    for _ in tl.static_range(1, NSPLIT):
+        rest = rest - piece.to(tl.float32)
+        piece = rest.to(DT)
+        if IEEE == 0:
+            acc = tl.dot(piece, b, acc)
+        else:
+            acc += mm(piece, b, DT, IEEE)
+    if DT == tl.float16:
+        acc = acc * s_row[:, None]
+    return acc
+
+
+@triton.jit
+def mm_x3(a, b, IEEE: tl.constexpr):
+    """a @ b for float32 a, b as three bf16 dots on their hi + lo halves (hi hi + hi lo + lo hi:
+    ~16 mantissa bits of each operand, float32 accumulation; the lo lo term, 2^-16 of the
+    product, is left out)."""
+    a_h = a.to(tl.bfloat16)
+    b_h = b.to(tl.bfloat16)
+    a_l = (a - a_h.to(tl.float32)).to(tl.bfloat16)
+    b_l = (b - b_h.to(tl.float32)).to(tl.bfloat16)
+    if IEEE == 0:
+        acc = tl.dot(a_h, b_l)
+        acc = tl.dot(a_l, b_h, acc)
+        return tl.dot(a_h, b_h, acc)
+    else:
+        return (mm(a_h, b_l, tl.bfloat16, IEEE) + mm(a_l, b_h, tl.bfloat16, IEEE)
+                + mm(a_h, b_h, tl.bfloat16, IEEE))
+
+
+@triton.jit
+def _inverse_level(X, A, o_t, lv, INV_WF32: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+                   INV16: tl.constexpr = False):
+    """X (the inverse of I + A within blocks of 2^(lv-1)) -> the inverse within blocks of 2^lv:
+    for a block [[P, 0], [C, Q]], X - X [[0, 0], [C, 0]] X. INV16: the products by `mm_x3`."""
+    # X [[0, 0], [C, 0]] = the (odd sub-block, its left neighbour) part of X A: X is block
+    # diagonal, so the mask goes on the product and A (the same every level) is the B operand
+    blk = o_t >> (lv - 1)
+    sub = ((blk % 2) == 1)[:, None] & (blk[None, :] == (blk - 1)[:, None])
+    if INV16:
+        return X - mm_x3(tl.where(sub, mm_x3(X, A, IEEE), 0.), X, IEEE)
+    return X - mm_wy(tl.where(sub, mm_wy(X, A, INV_WF32, DT, IEEE), 0.), X, INV_WF32, DT, IEEE)
+
+
+@triton.jit(do_not_specialize=["STORE_T"])
+def _wy_fast_kernel(
+    # WY_FAST. k [TOK, HQ, K]; v [TOK, H, V] (16-bit); g [TOK, H] f32; beta [TOK, H]; outputs
+    # w [TOK, H, K], u [TOK, H, V]; Tm [TOK, H, BT] f32 written (STORE_T) or read (LOAD_T)
+    k_ptr, v_ptr, g_ptr, beta_ptr, w_ptr, u_ptr, tm_ptr, ct_ptr, cu_ptr,
+    T, NT, H, HQ, K, V,
+    GATE: tl.constexpr, L2NORM: tl.constexpr, STORE_T, LOAD_T: tl.constexpr,
+    INV_WF32: tl.constexpr, NSPLIT: tl.constexpr, IS_VARLEN: tl.constexpr, BT: tl.constexpr,
+    LOG2BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+    IEEE: tl.constexpr, LOOP: tl.constexpr = True, INV16: tl.constexpr = False,
+):
+    i_h, i_hq, o_t, t, m_t, o_k, m_k, row = _wy_chunk_rows(ct_ptr, cu_ptr, T, NT, H, HQ, K,
+                                                           IS_VARLEN, BT, BK)
+    # addresses: an int64 base per tile (the chunk's first row) + int32 offsets in the tile
+    t0, _ = chunk_span(tl.program_id(0), ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    r0 = t0 * H + i_h
+    o_r = o_t * H
+    m_tk = m_t[:, None] & m_k[None, :]
+    # k in its own 16-bit dtype: the operand of k k^T and of W (never a float32 tile)
+    b_k = tl.load(k_ptr + (t0 * HQ + i_hq) * K + ((o_t * HQ)[:, None] * K + o_k[None, :]),
+                  mask=m_tk, other=0.)
+    b_beta = tl.load(beta_ptr + row, mask=m_t, other=0.).to(tl.float32)
+    G = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row, i_h, m_t, o_k, m_k, K, GATE, False, BT)
+    if L2NORM:
+        # the norm as a scale of rows / columns (fla's eps, as l2norm_rows)
+        b_kf = b_k.to(tl.float32)
+        r_k = 1. / tl.sqrt(tl.sum(b_kf * b_kf, axis=1) + 1e-6)
+    else:
+        r_k = tl.full([BT], 1., tl.float32)
+    if LOAD_T:
+        X = tl.load(tm_ptr + r0 * BT + (o_r[:, None] * BT + o_t[None, :]), mask=m_t[:, None],
+                    other=0.)
+    else:
+        strict = o_t[:, None] > o_t[None, :]
+        KK = mm(b_k, tl.trans(b_k), DT, IEEE)
+        A = tl.where(strict, (b_beta * r_k)[:, None] * KK * r_k[None, :]
+                     * tl.exp2(tl.where(strict, G[:, None] - G[None, :], float("-inf"))), 0.)
+        # (I + A)^-1 by recursive doubling: X is the inverse of I + (A within blocks of 2^(lv-1));
+        # for a block [[P, 0], [C, Q]] of 2^lv, the inverse is X - X [[0, 0], [C, 0]] X
+        # (`_inverse_level`)
+        eye = o_t[:, None] == o_t[None, :]
+        X = tl.where(eye, 1., tl.where((o_t // 2)[:, None] == (o_t // 2)[None, :], -A, 0.))
+        if LOOP:
+            # a runtime loop: one copy of the level (sm_90: more shared memory, 49 vs 33 KB, and
+            # more spills under a register cap than the unrolled levels)
+            for lv in range(2, LOG2BT + 1):
+                X = _inverse_level(X, A, o_t, lv, INV_WF32, DT, IEEE, INV16)
+        else:
+            for lv in tl.static_range(2, LOG2BT + 1):
+                X = _inverse_level(X, A, o_t, lv, INV_WF32, DT, IEEE, INV16)
+        if STORE_T:
+            tl.store(tm_ptr + r0 * BT + (o_r[:, None] * BT + o_t[None, :]), X, mask=m_t[:, None])
+    # U = T diag(beta) V, W = T diag(beta e^G r) K: the diagonal scales on T's columns (U first:
+    # its [BT, BV] accumulator is the smaller one live next to T)
+    Xu = X * b_beta[None, :]
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        o_tv = o_r[:, None] * V + o_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_v = tl.load(v_ptr + r0 * V + o_tv, mask=m_tv, other=0.)
+        b_u = mm_hilo(Xu, b_v, NSPLIT, DT, IEEE)
+        tl.store(u_ptr + r0 * V + o_tv, b_u.to(u_ptr.dtype.element_ty), mask=m_tv)
+    b_w = mm_hilo(X * (b_beta * tl.exp2(G) * r_k)[None, :], b_k, NSPLIT, DT, IEEE)
+    tl.store(w_ptr + r0 * K + (o_r[:, None] * K + o_k[None, :]), b_w.to(w_ptr.dtype.element_ty),
+             mask=m_tk)
 
 
 @triton.jit
@@ -402,6 +552,7 @@ def _wy_bwd_kernel(
 # launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
 _wy_fwd_kernel = fast_kernel(_wy_fwd_kernel)
 _wu_kernel = fast_kernel(_wu_kernel)
+_wy_fast_kernel = fast_kernel(_wy_fast_kernel)
 _wy_bwd_kernel = fast_kernel(_wy_bwd_kernel)
 
 
@@ -419,6 +570,7 @@ def _plan(q, v, g, cu_seqlens):
     # 15 KB there (the correctness path, not the fast one)
     fast = q.dtype != torch.float32
     p.lean, p.split = WY_LEAN and fast, WY_SPLIT and fast
+    p.wy_fast = WY_FAST and fast
     p.lean_bwd = (WY_LEAN or WY_BWD_LEAN) and fast
     p.g16 = BWD_GRAD_16 and fast
     p.dke16 = p.g16 and BWD_DKE_16
@@ -451,8 +603,28 @@ def _wu_buffers(p, k):
     return w, u
 
 
+def _wy_fast(p, k, v, g, beta, l2, w, u, tm, store_t, load_t):
+    """WY_FAST: `_wy_fast_kernel` (T solved, stored when store_t; or read when load_t)."""
+    m = p.meta
+    cu, _, ct = p.idx_args(w)
+    # pieces of T in the W, U products: 1 (16-bit T, fla's), 2 (~16 mantissa bits, the tf32
+    # setting), 3 (WY_TF32X3)
+    nsplit = 1 + p.wu_wf32
+    _wy_fast_kernel[(p.NCH, p.H)](
+        k, v, _dummy(w) if g is None else g, beta, w, u, tm, ct, cu, p.T, p.NT, p.H, p.HQ, p.K,
+        p.V, GATE=p.gate, L2NORM=l2, STORE_T=int(store_t), LOAD_T=load_t, INV_WF32=p.inv_f32,
+        NSPLIT=nsplit, IS_VARLEN=p.varlen, BT=p.BT, LOG2BT=p.BT.bit_length() - 1, BK=m["BKF"],
+        BV=max(16, min(WY_FAST_BV, next_power_of_2(p.V))) if WY_FAST_BV else m["BV"],
+        DT=m["DT"], IEEE=m["IEEE"], LOOP=WY_FAST_LOOP, INV16=WY_FAST_INV16 and not load_t,
+        num_warps=WY_FAST_WARPS, num_stages=WY_FAST_STAGES,
+        **({"maxnreg": WY_FAST_MAXNREG} if WY_FAST_MAXNREG else {}))
+    return w, u
+
+
 def _wu(p, k, v, g, beta, l2, w, u, tm):
     """W, U from the stored T (WY_SPLIT's second launch; the backward with a saved T)."""
+    if p.wy_fast:
+        return _wy_fast(p, k, v, g, beta, l2, w, u, tm, False, True)
     m = p.meta
     cu, _, ct = p.idx_args(w)
     _wu_kernel[(p.NCH, p.H)](
@@ -468,8 +640,12 @@ def _wy(p, k, v, g, beta, l2, store_t):
     w, u = _wu_buffers(p, k)
     # STORE_T is a runtime flag and the dummy is float32 like Tm: the forward (no T) and the
     # backward's recompute (T kept) share one compiled kernel
-    store_t = store_t or p.split
+    store_t = store_t or (p.split and not p.wy_fast)
     tm = k.new_empty((TOK, p.H, p.BT) if store_t else (1,), dtype=torch.float32)
+    if p.wy_fast:
+        # one launch (WY_SPLIT does not apply: the fast kernel has no register-heavy inverse)
+        _wy_fast(p, k, v, g, beta, l2, w, u, tm, store_t, False)
+        return w, u, tm
     cu, _, ct = p.idx_args(w)
     d = _dummy(w)
     gg = d if g is None else g
