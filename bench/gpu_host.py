@@ -6,13 +6,17 @@ fft_conv, s4d_kernel, SSD, causal_conv1d) plus chunk_gated_delta_rule, ours with
 installed), then where the remaining host time goes (cProfile, top lines). One process; the first
 call of each op compiles its kernels (cold Triton cache: most of the run). Run from the repo root:
     python3 bench/gpu_host.py [op ...]   (op names select; none: all)
+    --no-peers: ours only; HOST_BUDGET_S=s: peers still unmeasured after s seconds are skipped
+    (fla autotunes every new shape: its chunk ops alone took > 280 s in session 6)
 ok: eager (cache on) within 1.5x of the target (issue 8): the peer's eager time measured in the
 same run (session 5's H100 numbers where a peer is missing: accelerated-scan 37.2 / 268 us,
 mamba-ssm 44.4 / 256 us; "-" where neither)."""
 import cProfile
 import io
+import os
 import pstats
 import sys
+import time
 
 import torch
 
@@ -57,8 +61,15 @@ def main():
     print(f"triton {triton.__version__}", flush=True)
     rows = {}
     ours = {}
+    peers = "--no-peers" not in sys.argv
+    budget = float(os.environ.get("HOST_BUDGET_S", "inf"))
+    t0 = time.time()
     for case in itertools.chain(cases("cuda"), _extra_cases()):
         if only and case.op not in only:
+            continue
+        if case.impl != "ssm_kernels" and (not peers or time.time() - t0 > budget):
+            print(f"  {case.op} {case.impl} {case.mode}: skipped (peers off or over budget)",
+                  flush=True)
             continue
         try:
             _run_case(case, rows, ours)
