@@ -182,6 +182,24 @@ def _dv_kernel(
 
 
 @triton.jit
+def _score_dg(q_ptr, k_ptr, row_q, m_t, o_k, m_k, K, Ms, r_q, r_k, L2NORM: tl.constexpr,
+              DT: tl.constexpr, IEEE: tl.constexpr):
+    """The scores' part of the log-decay gradient per row, rowsum(M) - colsum(M) with
+    M = Ms . (q k^T) (Ms [BT, BT] float32, e.g. scale * causal(dO v^T) e^(G_i - G_j)): q and k^T
+    loaded in the input dtype (exact dot operands, float32 accumulation), the L2 norms (r_q,
+    r_k, unused without L2NORM) as row/column scales. k^T is loaded transposed: no dot consumes
+    a transposed dot result."""
+    b_q = tl.load(q_ptr + row_q[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                  other=0.)
+    b_kT = tl.load(k_ptr + row_q[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                   other=0.)
+    M = Ms * mm(b_q, b_kT, DT, IEEE)
+    if L2NORM:
+        M = M * (r_q[:, None] * r_k[None, :])
+    return tl.sum(M, axis=1) - tl.sum(M, axis=0)
+
+
+@triton.jit
 def _dqk_kernel(
     # GATE 0/1 only. q, k [TOK, HQ, K]; v [TOK, H, V]; do; g; vs; A; h, dh [NCH, H, K, V];
     # outputs dq, dk [TOK, HQ, K], dg [TOK, H] f32
@@ -207,8 +225,12 @@ def _dqk_kernel(
     b_k = load_rows(k_ptr, row_q, m_t, o_k, m_k, K)
     if L2NORM:
         r_q = 1. / tl.sqrt(tl.sum(b_q * b_q, axis=1) + 1e-6)
+        r_k = 1. / tl.sqrt(tl.sum(b_k * b_k, axis=1) + 1e-6)
         b_q = b_q * r_q[:, None]
-        b_k = l2norm_rows(b_k)
+        b_k = b_k * r_k[:, None]
+    else:
+        r_q = tl.full([BT], 1., tl.float32)   # (unused)
+        r_k = r_q
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dkT = tl.zeros([BK, BT], dtype=tl.float32)
     b_kT = tl.trans(b_k)
@@ -242,12 +264,21 @@ def _dqk_kernel(
         # Triton 3.6 while right in the interpreter and at BT=32)
         Dm = causal_decay(D, G, o_t, GATE)
         dksT = decay_to_end_t(dkiT, G, G_last, GATE)
-        dq_h = (decay_rows(dqi, G, GATE) + mm(Dm, b_k, DT, IEEE)) * scale
-        dk_hT = dksT + mm(b_qT, Dm, DT, IEEE) * scale
+        dqs = decay_rows(dqi, G, GATE) * scale
         if GATE == 1:
-            x = tl.sum(b_q * dq_h, axis=1) - tl.sum(b_kT * dk_hT, axis=0)
-            r = tl.exp2(G_last) * tl.sum(hdh, axis=0) + tl.sum(tl.sum(b_kT * dksT, axis=0), axis=0)
+            # dg from the state terms and, as fla does, the scores' terms as the row minus the
+            # column sums of M = scale Dm . (q^ k^T) in float32: q^ . dq^ - k^ . dk^ would take
+            # them through Dm, q^, k^ rounded to 16 bits as dot operands, once in dq^ and once in
+            # dk^, whose rounding errors do not cancel in the sum over the chunk (bf16 K=V=128
+            # T=1024 on the H100: dg 1.2x its bound, bench/NOTES.md "dg of the chunked delta
+            # rule"). q k^T from the stored (exact) 16-bit rows, the norms as scales.
+            kds = tl.sum(b_kT * dksT, axis=0)
+            x = tl.sum(b_q * dqs, axis=1) - kds + _score_dg(
+                q_ptr, k_ptr, row_q, m_t, o_k, m_k, K, Dm * scale, r_q, r_k, L2NORM, DT, IEEE)
+            r = tl.exp2(G_last) * tl.sum(hdh, axis=0) + tl.sum(kds, axis=0)
             tl.store(dg_ptr + row, tl.sum(x, axis=0) - tl.cumsum(x, axis=0) + x + r, mask=m_t)
+        dq_h = dqs + mm(Dm, b_k, DT, IEEE) * scale
+        dk_hT = dksT + mm(b_qT, Dm, DT, IEEE) * scale
         b_dkT += dk_hT
         b_dq += dq_h
     m_o = m_t[:, None] & m_k[None, :]

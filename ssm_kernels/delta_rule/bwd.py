@@ -12,7 +12,8 @@ tile instead of scaled [BT, K] tiles. Per chunk x q/k head, for each value head 
     dq^ += scale (e^G dqi + (Dm . r_k[None, :]) k)          (dq of the normalised q)
     dk^T += e^(G_last - G) dkiT + scale q^T (Dm . r_q[:, None])   (dk of the normalised k)
     dg (GATE 1): reverse in-chunk cumsum of (q^ . dq^_h - k^ . dk^_h) + e^(G_last) sum(h dh)
-                 + sum(k^ . e^(G_last - G) dkiT)
+                 + sum(k^ . e^(G_last - G) dkiT), the scores' part of q^ . dq^_h - k^ . dk^_h
+                 formed as rowsum - colsum of scale Dm . (q^ k^T) (float32 Dm, exact q k^T)
 
 then dq's L2-norm backward; dk stays the gradient of the normalised k (the WY backward adds its
 part and applies the norm's backward). k^T and q^T are loaded transposed: no dot consumes a
@@ -92,25 +93,30 @@ def _dqk_delta_head(
     m_tk = m_t[:, None] & m_k[None, :]
     b_k = tl.load(k_ptr + row_q[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
     r_k = _rnorm(b_k, 1, L2NORM)
-    dq_h = (decay_rows(dqi, G, GATE) + mm(Dm * r_k[None, :], b_k, DT, IEEE)) * scale
-    # q^T (loaded transposed) against Dm with the rows scaled by q's reciprocal norms; k^T in
-    # the input dtype for dg's sums (dksT dies into its column sums before dk^T is formed)
-    m_kt = m_k[:, None] & m_t[None, :]
-    b_qT = tl.load(q_ptr + row_q[None, :] * K + o_k[:, None], mask=m_kt, other=0.)
-    r_qc = _rnorm(b_qT, 0, L2NORM)
+    dqs = decay_rows(dqi, G, GATE) * scale
     dksT = decay_to_end_t(dkiT, G, G_last, GATE)
     if GATE == 1:
+        # dg from the state terms and the scores' own terms (rowsum - colsum of scale Dm .
+        # (q^ k^T) in float32, as the engine's _dqk_kernel and fla do): not through dq^, dk^,
+        # whose score parts round Dm to 16 bits twice with errors that do not cancel.
+        # k^T in the input dtype (dksT dies into its column sums before dk^T is formed)
+        m_kt = m_k[:, None] & m_t[None, :]
         b_kT = tl.load(k_ptr + row_q[None, :] * K + o_k[:, None], mask=m_kt, other=0.)
         r_kc = _rnorm(b_kT, 0, L2NORM)
-        r = (tl.exp2(G_last) * tl.sum(hdh, axis=0)
-             + tl.sum(r_kc * tl.sum(b_kT.to(tl.float32) * dksT, axis=0), axis=0))
-    dk_hT = dksT + mm(b_qT, Dm * r_qc[:, None], DT, IEEE) * scale
-    if GATE == 1:
+        kds = r_kc * tl.sum(b_kT.to(tl.float32) * dksT, axis=0)
         b_q = tl.load(q_ptr + row_q[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
         r_q = _rnorm(b_q, 1, L2NORM)
-        x = (r_q * tl.sum(b_q.to(tl.float32) * dq_h, axis=1)
-             - r_kc * tl.sum(b_kT.to(tl.float32) * dk_hT, axis=0))
+        M = (Dm * scale) * mm(b_q, b_kT, DT, IEEE) * (r_q[:, None] * r_kc[None, :])
+        x = (r_q * tl.sum(b_q.to(tl.float32) * dqs, axis=1) - kds
+             + tl.sum(M, axis=1) - tl.sum(M, axis=0))
+        r = tl.exp2(G_last) * tl.sum(hdh, axis=0) + tl.sum(kds, axis=0)
         tl.store(dg_ptr + row, tl.sum(x, axis=0) - tl.cumsum(x, axis=0) + x + r, mask=m_t)
+    dq_h = dqs + mm(Dm * r_k[None, :], b_k, DT, IEEE) * scale
+    # q^T (loaded transposed) against Dm with the rows scaled by q's reciprocal norms
+    b_qT = tl.load(q_ptr + row_q[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
+                   other=0.)
+    r_qc = _rnorm(b_qT, 0, L2NORM)
+    dk_hT = dksT + mm(b_qT, Dm * r_qc[:, None], DT, IEEE) * scale
     return dq_h, dk_hT
 
 
