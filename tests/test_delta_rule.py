@@ -591,6 +591,38 @@ def test_triton_chunk_bwd_delta_plain(backend, gated, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("dqk_delta", [False, True], ids=["engine", "dqk-delta"])
+def test_triton_chunk_dg_bf16_interior(backend, dqk_delta, monkeypatch):
+    """dg in bf16 where no boundary term hides its interior (bench/NOTES.md "dg of the chunked
+    delta rule"): no initial state and no loss on the final state, so |dg| is the sum of the
+    in-chunk terms only; gated, the in-kernel L2 norm, K=V=64, two value heads, the GPU's BT=64
+    chunks. dg's score terms once went through Dm, q^, k^ rounded to bf16 in both dq^ and dk^
+    (their errors do not cancel over the chunk): 2.1x the bound here (DQK_DELTA 1.9x; 1.2x on
+    the H100 at T=1024 K=V=128 with h0 and dht, whose boundary terms dominate |dg|); formed as
+    rowsum - colsum of float32 Dm . (q^ k^T) (fla's form) it is at 0.27x. Both dq/dk/dg
+    kernels."""
+    from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
+    monkeypatch.setattr(common, "INTERP_CHUNK", 64)
+    monkeypatch.setattr(wy, "DQK_DELTA", dqk_delta)
+    B, T, H, HV, K, V = 1, 128, 1, 2, 64, 64
+    bf = torch.bfloat16
+    q, k = (torch.randn(B, T, H, K).to(bf) for _ in range(2))
+    v = torch.randn(B, T, HV, V).to(bf)
+    g = F.logsigmoid(torch.randn(B, T, HV))          # the GPU script's gates and betas
+    beta = torch.sigmoid(torch.randn(B, T, HV))
+    h0 = torch.zeros(B, HV, K, V)
+    cots = (torch.randn(B, T, HV, V, dtype=torch.float64),
+            torch.zeros(B, HV, K, V, dtype=torch.float64))
+    d = lambda x: x.double()
+    out = _chunk_run(_kernel_fn(True, backend), q, k, v, g, beta, h0, None, True, cots)
+    ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), None, True, cots)
+    low = _chunk_run(_ref_fn, q, k, v, g, beta, h0, None, True, cots)
+    names = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    _judge_chunk(out, ref, low, names, bf, F.normalize(q.double(), dim=-1, eps=0))
+
+
+@pytest.mark.parametrize("backend", TRITON)
 def test_triton_chunk_bwd_delta_no_dht(backend, monkeypatch):
     """The delta-only backward kernels with the final state unused (dht None: the scan starts
     from zeros, the benchmark's case), gated, L2 norm, GVA, BT=64 tiles, float16."""
