@@ -19,7 +19,8 @@
    its forward stages. VARIANTS="name:KNOB=VAL,KNOB=VAL;name2:..." (values Python literals), or
    VARIANTS=@bwd (BWD_VARIANTS: the backward's knobs) / @fwd / @savet (SAVE_WY_VARIANTS: the
    forward's WY inverse kept for the backward) / @wyfast (WYFAST_VARIANTS: the WY stage by
-   `_wy_fast_kernel`); VARIANT_EXTRA="ungated,profile"
+   `_wy_fast_kernel`) / @defaults (the knobs as they are), or a ','-list of groups and
+   variants mixed by ';' ("@defaults,@savet;lean4:WY_LEAN=True"); VARIANT_EXTRA="ungated,profile"
    (what else each variant runs; see VARIANT_EXTRA below).
 Env: STEPS (default "check,time,stages,variants"), QUICK=1 (no peers, first shape only), GVA=0
 (the main shape only, with the peers),
@@ -331,6 +332,31 @@ def kernel_profile(label, f, make, fwd_only):
     log(f"kernel {label:22s} {mode:8s} {'(sum)':60s}      {tot:8.3f} ms")
 
 
+VARIANT_GROUPS = {"@bwd": BWD_VARIANTS, "@fwd": DEFAULT_VARIANTS, "@savet": SAVE_WY_VARIANTS,
+                  "@wyfast": WYFAST_VARIANTS, "@defaults": "defaults:"}
+
+
+def expand_variants(text):
+    """VARIANTS with its @groups expanded: items are ';'-separated, an item may be a ','-list of
+    @groups ("@bwd,@savet", "@defaults;lean4:WY_LEAN=True"); a variant named twice runs once."""
+    parts = []
+    for item in filter(None, (x.strip() for x in text.split(";"))):
+        if item.startswith("@"):
+            for grp in filter(None, (x.strip() for x in item.split(","))):
+                if grp not in VARIANT_GROUPS:
+                    raise ValueError(f"VARIANTS: no group {grp!r} (known: {sorted(VARIANT_GROUPS)})")
+                parts.append(VARIANT_GROUPS[grp])
+        else:
+            parts.append(item)
+    seen, out = set(), []
+    for item in filter(None, (x.strip() for x in ";".join(parts).split(";"))):
+        name = item.partition(":")[0].strip()
+        if name not in seen:
+            seen.add(name)
+            out.append(item)
+    return ";".join(out)
+
+
 def parse_variants(text):
     out = []
     for item in filter(None, (x.strip() for x in text.split(";"))):
@@ -451,9 +477,7 @@ def main():
 
     if "variants" in STEPS:
         mk0 = lambda req: inputs(B, T, H, HV, 128, 128, False, req=req, l2=False)  # noqa: E731
-        vtext = os.environ.get("VARIANTS", DEFAULT_VARIANTS)
-        vtext = {"@bwd": BWD_VARIANTS, "@fwd": DEFAULT_VARIANTS, "@savet": SAVE_WY_VARIANTS,
-                 "@wyfast": WYFAST_VARIANTS}.get(vtext, vtext)
+        vtext = expand_variants(os.environ.get("VARIANTS", DEFAULT_VARIANTS))
         for iv, (name, knobs) in enumerate(parse_variants(vtext)):
             extra = (("ungated", "profile", "stages") if iv == 0 else ("stages",)
                      ) if VARIANT_EXTRA is None else VARIANT_EXTRA.split(",")
