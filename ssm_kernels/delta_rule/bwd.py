@@ -93,14 +93,14 @@ def _dqk_delta_head(
     m_tk = m_t[:, None] & m_k[None, :]
     b_k = tl.load(k_ptr + row_q[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
     r_k = _rnorm(b_k, 1, L2NORM)
-    dqs = decay_rows(dqi, G, GATE) * scale
-    dksT = decay_to_end_t(dkiT, G, G_last, GATE)
+    m_kt = m_k[:, None] & m_t[None, :]
     if GATE == 1:
         # dg from the state terms and the scores' own terms (rowsum - colsum of scale Dm .
         # (q^ k^T) in float32, as the engine's _dqk_kernel and fla do): not through dq^, dk^,
         # whose score parts round Dm to 16 bits twice with errors that do not cancel.
         # k^T in the input dtype (dksT dies into its column sums before dk^T is formed)
-        m_kt = m_k[:, None] & m_t[None, :]
+        dqs = decay_rows(dqi, G, GATE) * scale
+        dksT = decay_to_end_t(dkiT, G, G_last, GATE)
         b_kT = tl.load(k_ptr + row_q[None, :] * K + o_k[:, None], mask=m_kt, other=0.)
         r_kc = _rnorm(b_kT, 0, L2NORM)
         kds = r_kc * tl.sum(b_kT.to(tl.float32) * dksT, axis=0)
@@ -111,11 +111,15 @@ def _dqk_delta_head(
              + tl.sum(M, axis=1) - tl.sum(M, axis=0))
         r = tl.exp2(G_last) * tl.sum(hdh, axis=0) + tl.sum(kds, axis=0)
         tl.store(dg_ptr + row, tl.sum(x, axis=0) - tl.cumsum(x, axis=0) + x + r, mask=m_t)
-    dq_h = dqs + mm(Dm * r_k[None, :], b_k, DT, IEEE) * scale
-    # q^T (loaded transposed) against Dm with the rows scaled by q's reciprocal norms
-    b_qT = tl.load(q_ptr + row_q[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
-                   other=0.)
-    r_qc = _rnorm(b_qT, 0, L2NORM)
+        dq_h = dqs + mm(Dm * r_k[None, :], b_k, DT, IEEE) * scale
+        # q^T (loaded transposed) against Dm with the rows scaled by q's reciprocal norms
+        b_qT = tl.load(q_ptr + row_q[None, :] * K + o_k[:, None], mask=m_kt, other=0.)
+        r_qc = _rnorm(b_qT, 0, L2NORM)
+    else:
+        dq_h = (decay_rows(dqi, G, GATE) + mm(Dm * r_k[None, :], b_k, DT, IEEE)) * scale
+        b_qT = tl.load(q_ptr + row_q[None, :] * K + o_k[:, None], mask=m_kt, other=0.)
+        r_qc = _rnorm(b_qT, 0, L2NORM)
+        dksT = decay_to_end_t(dkiT, G, G_last, GATE)
     dk_hT = dksT + mm(b_qT, Dm * r_qc[:, None], DT, IEEE) * scale
     return dq_h, dk_hT
 
