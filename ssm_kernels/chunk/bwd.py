@@ -263,18 +263,21 @@ def _dqk_kernel(
         # (with dk = v dh^T + Dm^T q, dk came out 26-33% off at BT=64 on the H200 under
         # Triton 3.6 while right in the interpreter and at BT=32)
         Dm = causal_decay(D, G, o_t, GATE)
-        dksT = decay_to_end_t(dkiT, G, G_last, GATE)
-        dqs = decay_rows(dqi, G, GATE) * scale
         if GATE == 1:
             # dg from the state terms and, as fla does, the scores' terms as the row minus the
             # column sums of M = scale Dm . (q^ k^T) in float32: q^ . dq^ - k^ . dk^ would take
             # them through Dm, q^, k^ rounded to 16 bits as dot operands, once in dq^ and once in
             # dk^, whose rounding errors do not cancel in the sum over the chunk (bf16 K=V=128
             # T=1024 on the H100: dg 1.2x its bound, bench/NOTES.md "dg of the chunked delta
-            # rule"). q k^T from the stored (exact) 16-bit rows, the norms as scales.
+            # rule"). q k^T from the stored (exact) 16-bit rows, the norms as scales; formed
+            # first (sm_90: fewest spills of the orders tried)
+            xs = _score_dg(q_ptr, k_ptr, row_q, m_t, o_k, m_k, K, Dm * scale, r_q, r_k, L2NORM,
+                           DT, IEEE)
+        dksT = decay_to_end_t(dkiT, G, G_last, GATE)
+        dqs = decay_rows(dqi, G, GATE) * scale
+        if GATE == 1:
             kds = tl.sum(b_kT * dksT, axis=0)
-            x = tl.sum(b_q * dqs, axis=1) - kds + _score_dg(
-                q_ptr, k_ptr, row_q, m_t, o_k, m_k, K, Dm * scale, r_q, r_k, L2NORM, DT, IEEE)
+            x = tl.sum(b_q * dqs, axis=1) - kds + xs
             r = tl.exp2(G_last) * tl.sum(hdh, axis=0) + tl.sum(kds, axis=0)
             tl.store(dg_ptr + row, tl.sum(x, axis=0) - tl.cumsum(x, axis=0) + x + r, mask=m_t)
         dq_h = dqs + mm(Dm, b_k, DT, IEEE) * scale
