@@ -11,13 +11,15 @@ history grow with the sequence) and writes a plot if matplotlib is installed.
     python -m ssm_kernels.examples.recall                 # default size: a few minutes on one GPU
     python -m ssm_kernels.examples.recall --tiny          # CPU smoke run in seconds (CI)
     python -m ssm_kernels.examples.recall --mixers mamba gla --dims 64 128 --steps 2000
-    python -m ssm_kernels.examples.recall --pairs 8 --seq-len 128 --steps 3000   # harder, longer
+    python -m ssm_kernels.examples.recall --pairs 16 --seq-len 128 --steps 3000  # harder, longer
 
 MQAR is a phase-transition task: the loss sits at ln(values) (chance), then at ln(pairs) (the
 model copies *some* value of the context), and only then drops to ~0 once a previous-token +
 match circuit forms. How soon depends on the vocabulary (smaller learns far sooner), the batch,
-the number of pairs (more: a longer plateau) and, for attention, on positions (rotary here); the
-defaults are sized so the transition comes early. Measurements: bench/NOTES.md "recall example".
+the number of pairs (more: a longer plateau), the number of steps at a high learning rate (the
+one-cycle schedule anneals: a short run ends on the plateau) and, for attention, on positions
+(rotary here); the defaults are sized so the transition comes early. Measurements:
+bench/NOTES.md "recall example".
 """
 from __future__ import annotations
 
@@ -273,7 +275,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--pairs", type=int, default=4, help="key-value pairs per sequence")
+    p.add_argument("--pairs", type=int, default=8, help="key-value pairs per sequence")
     p.add_argument("--vocab", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
