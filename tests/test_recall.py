@@ -39,3 +39,14 @@ def test_attention_learns_recall_on_cpu(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert rows[0]["accuracy"] >= 0.9, rows
+
+
+def test_rotary_is_a_relative_position_rotation():
+    """Scores of rotated q/k depend only on the offset; norms are kept."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(32, generator=g), torch.randn(32, generator=g)
+    Q = recall.rotary(q.expand(1, 1, 64, 32).contiguous())[0, 0]
+    K = recall.rotary(k.expand(1, 1, 64, 32).contiguous())[0, 0]
+    torch.testing.assert_close(Q[10] @ K[5], Q[40] @ K[35])
+    torch.testing.assert_close(Q.norm(dim=-1), q.norm().expand(64))
+    assert not torch.allclose(Q[10] @ K[5], Q[10] @ K[6])
