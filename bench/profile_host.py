@@ -6,7 +6,9 @@ our tiny-shape calls. Run on the GPU: python bench/profile_host.py [--profile].
 stubbed. A compile-only Triton driver (target sm_90, as bench/sm90_audit.py) lets JITFunction.run
 and ssm_kernels._launch run exactly as on the GPU, but every compiled kernel's launcher is a no-op;
 CPU tensors stand in for CUDA ones (allocation costs differ a little). Cases: linear_scan and
-selective_scan_fn (Triton backend) fwd and fwd+bwd, with the launch cache on and off:
+selective_scan_fn (Triton backend) fwd and fwd+bwd, the chunk engine's ops, fft_conv (float32:
+the path around torch.fft, whose CPU transforms the stub replaces by allocations; bf16), with the
+launch cache on and off:
     PYTHONPATH=$PWD python bench/profile_host.py --stub [--profile] [--check] [case substrings]
 --check: instead of timing, compare every launcher call of each case with the launch cache on
 against Triton's own path (same compiled kernel, grid and arguments)."""
@@ -153,6 +155,35 @@ def install_stub():
 
     _backend._cuda_ext, _backend._cuda_ext_tried = _StubExtension(), True
     _backend.cuda_reason = lambda device: None
+    _stub_fft()
+
+
+_FFT_LIB = None
+
+
+def _stub_fft():
+    """torch.fft on CPU tensors does the real transform (pocketfft): replace the CPU kernels of
+    aten::_fft_c2c / _fft_r2c (what torch.fft.fft / ifft / rfft dispatch to) by an allocation of
+    the output, so fft_conv's cuFFT path costs what its host code does. The dispatcher, argument
+    parsing and Python binding of the torch.fft call still run; cuFFT's own host work (plan-cache
+    lookup, workspace, cufftExec) on the GPU does not (a few us per call there)."""
+    global _FFT_LIB
+    import warnings
+
+    def c2c(x, dim, normalization, forward):
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+    def r2c(x, dim, normalization, onesided):
+        shape = list(x.shape)
+        shape[dim[-1]] = shape[dim[-1]] // 2 + 1 if onesided else shape[dim[-1]]
+        return torch.empty(shape, dtype=torch.complex64 if x.dtype == torch.float32
+                           else torch.complex128, device=x.device)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _FFT_LIB = torch.library.Library("aten", "IMPL")
+        _FFT_LIB.impl("_fft_c2c", c2c, "CPU")
+        _FFT_LIB.impl("_fft_r2c", r2c, "CPU")
 
 
 def per_call_cpu_us(fn, calls=300, repeats=7):
@@ -202,7 +233,32 @@ def stub_cases():
         "selective_scan_fn cuda fwd+bwd": lambda: ss_train("cuda"),
         **_peer_cases(a, b, al, bl, ones),
         **_engine_cases(),
+        **_fft_cases(),
     }
+
+
+def _fft_cases():
+    """fft_conv at B=2 H=16 L=1024 (D on): float32 (the path fused around torch.fft, cufft.py:
+    3 launches + 2 transforms forward, 4 + 3 backward; transforms stubbed by `_stub_fft`), gates
+    off and on, and bf16 (monarch16, one kernel per pass) for comparison."""
+    T = "triton"
+    u, k, D = torch.randn(2, 16, 1024), torch.randn(16, 1024) / 30, torch.randn(16)
+    pg, qg = torch.rand(2, 16, 1024), torch.rand(2, 16, 1024)
+    out = {}
+    for tag, dt, gates in (("f32", torch.float32, False), ("f32 gates", torch.float32, True),
+                           ("bf16", torch.bfloat16, False)):
+        x = u.to(dt)
+        g = (pg.to(dt), qg.to(dt)) if gates else (None, None)
+        xl, kl = x.clone().requires_grad_(), k.clone().requires_grad_()
+        dy = torch.ones_like(x)
+
+        def train(xl=xl, kl=kl, g=g, dy=dy):
+            y = sk.fft_conv(xl, kl, D, pre_gate=g[0], post_gate=g[1], backend=T)
+            torch.autograd.grad(y, (xl, kl), dy)
+        out[f"fft_conv {tag} fwd"] = lambda x=x, g=g: sk.fft_conv(x, k, D, pre_gate=g[0],
+                                                                  post_gate=g[1], backend=T)
+        out[f"fft_conv {tag} fwd+bwd"] = train
+    return out
 
 
 def _engine_cases():

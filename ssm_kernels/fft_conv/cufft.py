@@ -134,13 +134,25 @@ def filter_spectrum(k: torch.Tensor, n: int) -> torch.Tensor:
     return cached_spectrum(k, n, lambda k: _rfft(k, n))
 
 
+def _spectrum_real(k: torch.Tensor, n: int) -> torch.Tensor:
+    """filter_spectrum's values as the fp32 [H, n/2 + 1, 2] view our kernels take: cached as
+    that view (its own entry), so a call costs no view_as_real."""
+    return cached_spectrum(k, ("re", n), lambda k: torch.view_as_real(_rfft(k, n)))
+
+
+_is_compiling = torch.compiler.is_compiling
+
+
 def cached_spectrum(k: torch.Tensor, tag, compute):
     """compute(k) (a tensor derived from the filter k: its spectrum in some layout), cached under
     (k's identity, version, layout, `tag`) by the rules above; compute runs under no_grad."""
-    if not _cache_enabled or torch.compiler.is_compiling() or _capturing(k.device):
+    device = k.device
+    cuda = device.type == "cuda"
+    if not _cache_enabled or _is_compiling() or (cuda and torch.cuda.is_current_stream_capturing()):
         with torch.no_grad():
             return compute(k)
-    key = (k.data_ptr(), tuple(k.shape), k.stride(), k.dtype, k.device, tag, _stream_key(k.device))
+    key = (k.data_ptr(), k.shape, k.stride(), k.dtype, device, tag,
+           _stream_key(device) if cuda else None)
     hit = _CACHE.get(key)
     if hit is not None:
         ref, version, spec = hit
@@ -441,63 +453,55 @@ def _spec_warps(bk: int) -> int:
     return 1 if triton_interpret() else max(1, min(8, bk // 64))
 
 
-def _dummy(x):
-    """The pointer passed for an absent operand: never dereferenced (the kernels' constexpr flags),
-    so x itself (an allocation per absent operand cost host time on every call)."""
-    return x
+@lru_cache(maxsize=1024)
+def _plan(B: int, H: int, L: int, Lk: int):
+    """Everything a call's launches need that depends only on the shapes, computed once per shape
+    (the environment reads, tile choices and grids cost host time on every call otherwise):
+    (n, R, scale, pad (grid fwd, grid bwd, tiles, BLOCK, warps), spectral (grid, BK, warps),
+    epilogue over L (grid, tiles, BLOCK, warps), dk epilogue over Lk (grid, tiles, BLOCK, warps))."""
+    n = fft_size(L, Lk)
+    M = n // 2
+    R = B * H
+    pb = _block(n)
+    pt = cdiv(n, pb)
+    bk = _bk(M)
+    n_kb = cdiv(M // 2 + 1, bk)
+    eb = _block(L)
+    et = cdiv(L, eb)
+    kb = _block(Lk)
+    kt = cdiv(Lk, kb)
+    return (n, R, 1.0 / n,
+            ((R * pt, 1), (R * pt, 2), pt, pb, _warps(pb)),
+            ((H * n_kb,), n_kb, bk, _spec_warps(bk)),
+            ((R * et,), et, eb, _warps(eb)),
+            ((H * kt,), kt, kb, _warps(kb)))
 
 
-def _pad(x, mx, n: int, x2=None, mx2=None):
-    """[S, R, n] fp32: x * mx (and x2 * mx2), zero-padded to n."""
-    R, L = x.shape[0] * x.shape[1], x.shape[2]
-    two = x2 is not None
-    out = _alloc((2 if two else 1, R, n), x.device)
-    block = _block(n)
-    n_tiles = cdiv(n, block)
-    dmy = _dummy(x)
-    _pad_kernel[(R * n_tiles, 2 if two else 1)](
-        x, mx if mx is not None else dmy, x2 if two else dmy,
-        mx2 if mx2 is not None else dmy, out, R, L, n, n_tiles,
-        HAS_M=mx is not None, HAS_M2=mx2 is not None, TWO=two, BLOCK=block,
-        num_warps=_warps(block))
-    return out
-
-
-def _fft(x_real):
-    """Packed complex FFT of real rows [..., n] -> complex64 [..., n/2]."""
-    return torch.fft.fft(torch.view_as_complex(x_real.unflatten(-1, (-1, 2))))
-
-
-def _ifft_real(z):
-    """Unscaled inverse of packed spectra [..., m] -> the real rows [..., 2m] (fp32)."""
-    return torch.view_as_real(torch.fft.ifft(z, norm="forward")).flatten(-2)
+# An absent operand's pointer argument is an existing tensor (u, c, cg or dk): never dereferenced
+# (the kernels' constexpr flags); an allocation per absent operand cost host time on every call.
 
 
 def fft_conv_fwd(u, k, D, pre, post):
     """u, pre, post [B, H, L] contiguous (one dtype); k [H, Lk] fp32; D [H] fp32 or None."""
     B, H, L = u.shape
-    Lk = k.shape[1]
-    n = fft_size(L, Lk)
-    M = n // 2
-    x = _pad(u, pre, n)[0]
-    z = _fft(x)
+    n, R, scale, pad, spec, epi, _ = _plan(B, H, L, k.shape[1])
+    device = u.device
+    x = _alloc((R, n), device)
+    _pad_kernel[pad[0]](u, pre if pre is not None else u, u, u, x, R, L, n, pad[2],
+                        HAS_M=pre is not None, HAS_M2=False, TWO=False, BLOCK=pad[3],
+                        num_warps=pad[4])
+    z = torch.fft.fft(x.view(torch.complex64))  # the packed transform (module docstring)
     del x
-    kf = filter_spectrum(k, n)
-    bk = _bk(M)
-    n_kb = cdiv(M // 2 + 1, bk)
-    _spec_fwd_kernel[(H * n_kb,)](torch.view_as_real(z), torch.view_as_real(kf), B, H, M, n_kb,
-                                  1.0 / n, BK=bk, num_warps=_spec_warps(bk))
-    c = _ifft_real(z)
+    _spec_fwd_kernel[spec[0]](z.view(torch.float32), _spectrum_real(k, n), B, H, n // 2, spec[1],
+                              scale, BK=spec[2], num_warps=spec[3])
+    c = torch.fft.ifft(z, norm="forward").view(torch.float32)
     del z
-    y = _alloc(u.shape, u.device, u.dtype)
-    block = _block(L)
-    n_tiles = cdiv(L, block)
-    dmy = _dummy(u)
-    _epi_fwd_kernel[(B * H * n_tiles,)](
-        c, u, pre if pre is not None else dmy, post if post is not None else dmy,
-        D if D is not None else _dummy(c), y, H, L, n, n_tiles,
-        HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None, BLOCK=block,
-        num_warps=_warps(block))
+    y = _alloc((B, H, L), device, u.dtype)
+    _epi_fwd_kernel[epi[0]](
+        c, u, pre if pre is not None else u, post if post is not None else u,
+        D if D is not None else c, y, H, L, n, epi[1],
+        HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None, BLOCK=epi[2],
+        num_warps=epi[3])
     return y
 
 
@@ -505,42 +509,40 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
     """(du, dk fp32 [H, Lk], dD fp32 [H] or None, dpre or None, dpost or None)."""
     B, H, L = u.shape
     Lk = k.shape[1]
-    n = fft_size(L, Lk)
+    n, R, scale, pad, spec, epi, epk = _plan(B, H, L, Lk)
     M = n // 2
-    R = B * H
-    x = _pad(u, pre, n, dy, post)  # [2, R, n]: v, g
-    z = _fft(x)  # [2, R, M]
-    del x
-    kf = filter_spectrum(k, n)
-    zk = _alloc((H, M), u.device, torch.complex64)
-    bk = _bk(M)
-    n_kb = cdiv(M // 2 + 1, bk)
-    zr = torch.view_as_real(z)
-    _spec_bwd_kernel[(H * n_kb,)](zr[0], zr[1], torch.view_as_real(zk), torch.view_as_real(kf),
-                                  B, H, M, n_kb, 1.0 / n, HAS_POST=post is not None, BK=bk,
-                                  num_warps=_spec_warps(bk))
+    device = u.device
     has_post = post is not None
-    c = _ifft_real(z if has_post else z[1])  # [2, R, n] (v conv, g corr) or [R, n] (g corr)
+    x = _alloc((2, R, n), device)  # v, g
+    _pad_kernel[pad[1]](u, pre if pre is not None else u, dy, post if has_post else u, x,
+                        R, L, n, pad[2], HAS_M=pre is not None, HAS_M2=has_post, TWO=True,
+                        BLOCK=pad[3], num_warps=pad[4])
+    z = torch.fft.fft(x.view(torch.complex64))  # [2, R, M]
+    del x
+    zk = _alloc((H, M), device, torch.complex64)
+    zr = z.view(torch.float32)
+    zv, zg = zr[0], zr[1]
+    _spec_bwd_kernel[spec[0]](zv, zg, zk.view(torch.float32), _spectrum_real(k, n),
+                              B, H, M, spec[1], scale, HAS_POST=has_post, BK=spec[2],
+                              num_warps=spec[3])
+    del zr, zv, zg
+    # [2, R, n] (v conv, g corr) or [R, n] (g corr)
+    c = torch.fft.ifft(z if has_post else z[1], norm="forward").view(torch.float32)
     del z
-    ck = _ifft_real(zk)
+    ck = torch.fft.ifft(zk, norm="forward").view(torch.float32)
     del zk
-    cg, cv = (c[1], c[0]) if has_post else (c, c)
-    du = _alloc(u.shape, u.device, u.dtype)
-    dpre = _alloc(pre.shape, u.device, pre.dtype) if pre is not None else None
-    dpost = _alloc(post.shape, u.device, post.dtype) if has_post else None
-    block = _block(L)
-    n_tiles = cdiv(L, block)
-    dmy = _dummy(u)
-    _epi_bwd_kernel[(R * n_tiles,)](
-        cg, cv, u, pre if pre is not None else dmy, post if has_post else dmy, dy,
-        D if D is not None else _dummy(cg), du, dpre if dpre is not None else dmy,
-        dpost if dpost is not None else dmy, H, L, n, n_tiles,
-        HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=has_post, BLOCK=block,
-        num_warps=_warps(block))
-    dk = _alloc((H, Lk), u.device)
-    dD = _alloc((H,), u.device) if D is not None else None
-    block = _block(Lk)
-    n_tiles = cdiv(Lk, block)
-    _epi_dk_kernel[(H * n_tiles,)](ck, dk, dD if dD is not None else _dummy(dk), Lk, n, n_tiles,
-                                   HAS_D=D is not None, BLOCK=block, num_warps=_warps(block))
+    cv, cg = (c[0], c[1]) if has_post else (c, c)
+    du = _alloc((B, H, L), device, u.dtype)
+    dpre = _alloc((B, H, L), device, pre.dtype) if pre is not None else None
+    dpost = _alloc((B, H, L), device, post.dtype) if has_post else None
+    _epi_bwd_kernel[epi[0]](
+        cg, cv, u, pre if pre is not None else u, post if has_post else u, dy,
+        D if D is not None else cg, du, dpre if dpre is not None else u,
+        dpost if dpost is not None else u, H, L, n, epi[1],
+        HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=has_post, BLOCK=epi[2],
+        num_warps=epi[3])
+    dk = _alloc((H, Lk), device)
+    dD = _alloc((H,), device) if D is not None else None
+    _epi_dk_kernel[epk[0]](ck, dk, dD if dD is not None else dk, Lk, n, epk[1],
+                           HAS_D=D is not None, BLOCK=epk[2], num_warps=epk[3])
     return du, dk, dD, dpre, dpost

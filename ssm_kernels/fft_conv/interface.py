@@ -90,11 +90,26 @@ def triton_path(pass_: str, u: Tensor, Lk: int, post: bool = False) -> str:
 
 
 def _f32(x: Optional[Tensor]) -> Optional[Tensor]:
-    return None if x is None else x.to(torch.float32).contiguous()
+    """x in float32, contiguous (no `.to` call when it already is: ~1 us of host time each)."""
+    if x is None:
+        return None
+    return (x if x.dtype is _FP32 else x.to(_FP32)).contiguous()
 
 
-def _none(x: Tensor) -> Optional[Tensor]:
-    return None if x.numel() == 0 else x
+_FP32 = torch.float32
+_MODULES: dict = {}
+
+
+def _module(path: str):
+    """The module serving `path` ("cufft", "monarch16", "monarch": triton.py), imported once (an
+    import statement per call costs host time); its fft_conv_fwd / fft_conv_bwd are looked up on
+    every call (tests patch them)."""
+    mod = _MODULES.get(path)
+    if mod is None:
+        import importlib
+        mod = _MODULES[path] = importlib.import_module(
+            {"cufft": ".cufft", "monarch16": ".monarch16"}.get(path, ".triton"), __package__)
+    return mod
 
 
 # ---- fft_conv: registered ops (u, gates [B, H, L] contiguous; k [H, Lk]; D [H]) ----------------
@@ -103,14 +118,8 @@ def _none(x: Tensor) -> Optional[Tensor]:
 def fft_conv_fwd_op(u: Tensor, k: Tensor, D: Optional[Tensor], pre_gate: Optional[Tensor],
                     post_gate: Optional[Tensor], backend: str) -> Tensor:
     if _select("fft_conv", backend, u) == "triton":
-        path = triton_path("fwd", u, k.shape[1])
-        if path == "cufft":
-            from .cufft import fft_conv_fwd
-        elif path == "monarch16":
-            from .monarch16 import fft_conv_fwd
-        else:
-            from .triton import fft_conv_fwd
-        return fft_conv_fwd(u, _f32(k), _f32(D), pre_gate, post_gate)
+        return _module(triton_path("fwd", u, k.shape[1])).fft_conv_fwd(u, _f32(k), _f32(D),
+                                                                        pre_gate, post_gate)
     return fft_conv_fwd_ref(u, k, D, pre_gate, post_gate).contiguous()
 
 
@@ -124,18 +133,13 @@ def _conv_bwd(dy: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor], pre_gate: O
     """(du, dk, dD, dpre_gate, dpost_gate) in the inputs' dtypes, contiguous; None for an absent
     input (what autograd wants; the registered op turns those into empty tensors)."""
     if _select("fft_conv", backend, u) == "triton":
-        path = triton_path("bwd", u, k.shape[1], post_gate is not None)
-        if path == "cufft":
-            from .cufft import fft_conv_bwd
-        elif path == "monarch16":
-            from .monarch16 import fft_conv_bwd
-        else:
-            from .triton import fft_conv_bwd
-        du, dk, dD, dpre, dpost = fft_conv_bwd(dy, u, _f32(k), _f32(D), pre_gate, post_gate)
+        mod = _module(triton_path("bwd", u, k.shape[1], post_gate is not None))
+        du, dk, dD, dpre, dpost = mod.fft_conv_bwd(dy, u, _f32(k), _f32(D), pre_gate, post_gate)
     else:
         du, dk, dD, dpre, dpost = fft_conv_bwd_ref(dy, u, k, D, pre_gate, post_gate)
-    return (du.contiguous(), dk.to(k.dtype).contiguous(),
-            None if D is None else dD.to(D.dtype).contiguous(),
+    # (a `.to` only where the dtype differs: each costs ~1 us of host time even when a no-op)
+    return (du.contiguous(), (dk if dk.dtype is k.dtype else dk.to(k.dtype)).contiguous(),
+            None if D is None else (dD if dD.dtype is D.dtype else dD.to(D.dtype)).contiguous(),
             None if dpre is None else dpre.contiguous(),
             None if dpost is None else dpost.contiguous())
 
