@@ -200,6 +200,21 @@ def test_filter_cache_hits_and_invalidates(fresh_cache):
         fft_cufft.set_filter_cache(True)
 
 
+def test_filter_cache_real_view_entry(fresh_cache):
+    """The cuFFT path's kernels take the spectrum as its fp32 (re, im) view, cached as that view
+    (no view_as_real per call): same values as filter_spectrum, reused while k is unchanged,
+    recomputed after an in-place update."""
+    k = torch.randn(3, 50)
+    r1 = fft_cufft._spectrum_real(k, 128)
+    assert r1.dtype == torch.float32 and r1.shape == (3, 65, 2) and r1.is_contiguous()
+    assert torch.equal(r1, torch.view_as_real(fft_cufft.filter_spectrum(k, 128)))
+    assert fft_cufft._spectrum_real(k, 128) is r1
+    with torch.no_grad():
+        k.mul_(2.0)
+    r2 = fft_cufft._spectrum_real(k, 128)
+    assert r2 is not r1 and torch.equal(r2, torch.view_as_real(torch.fft.rfft(k, n=128)))
+
+
 def test_filter_cache_drops_dead_filters(fresh_cache):
     k = torch.randn(2, 30)
     fft_cufft.filter_spectrum(k, 64)
