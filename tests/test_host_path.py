@@ -196,6 +196,19 @@ def test_kept_states_launches_are_pinned(name, stubbed_launches, monkeypatch):
     assert len(_count(_cases()[inference], stubbed_launches)[1]) == PINNED[inference][1]
 
 
+def test_fft_conv_merged_inverse_pin(stubbed_launches, monkeypatch):
+    """cufft.MERGED_INVERSE (off by default until the GPU A/B, bench/gpu_fft_merged.py): the
+    float32 backward's two inverse transforms become one call and the dk-spectrum buffer a part of
+    the transform's output: two torch ops fewer per fwd+bwd (one _fft_c2c, one empty), same
+    launches."""
+    from ssm_kernels.fft_conv import cufft
+    monkeypatch.setattr(cufft, "MERGED_INVERSE", True)
+    launches, work = _count(_cases()["fft_conv fwd+bwd"], stubbed_launches)
+    want = PINNED["fft_conv fwd+bwd"]
+    assert (launches, len(work)) == (want[0], want[1] - 2), f"{launches} launches, torch ops {work}"
+    assert work.count("_fft_c2c") == 4
+
+
 @pytest.fixture
 def group_of_one(tmp_path):
     import torch.distributed as dist
