@@ -193,6 +193,13 @@ def _score_dg(q_ptr, k_ptr, row_q, m_t, o_k, m_k, K, Ms, r_q, r_k, L2NORM: tl.co
                   other=0.)
     b_kT = tl.load(k_ptr + row_q[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :],
                    other=0.)
+    return score_dg_tiles(b_q, b_kT, Ms, r_q, r_k, L2NORM, DT, IEEE)
+
+
+@triton.jit
+def score_dg_tiles(b_q, b_kT, Ms, r_q, r_k, L2NORM: tl.constexpr, DT: tl.constexpr,
+                   IEEE: tl.constexpr):
+    """`_score_dg` from q [BT, BK] and k^T [BK, BT] already loaded (input dtype)."""
     M = Ms * mm(b_q, b_kT, DT, IEEE)
     if L2NORM:
         M = M * (r_q[:, None] * r_k[None, :])

@@ -43,6 +43,7 @@ from ..chunk.common import (causal_decay, causal_decay_t, chunk_base, chunk_span
                             decay_state, decay_to_end_t, last_row, load_h_dh, load_rows,
                             load_state_block,
                             log_decay_cumsum, mm, mm_wy, seq_span)
+from ..chunk.bwd import score_dg_tiles
 from .._launch import fast_kernel
 
 
@@ -106,9 +107,8 @@ def _dqk_delta_head(
         kds = r_kc * tl.sum(b_kT.to(tl.float32) * dksT, axis=0)
         b_q = tl.load(q_ptr + row_q[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
         r_q = _rnorm(b_q, 1, L2NORM)
-        M = (Dm * scale) * mm(b_q, b_kT, DT, IEEE) * (r_q[:, None] * r_kc[None, :])
         x = (r_q * tl.sum(b_q.to(tl.float32) * dqs, axis=1) - kds
-             + tl.sum(M, axis=1) - tl.sum(M, axis=0))
+             + score_dg_tiles(b_q, b_kT, Dm * scale, r_q, r_kc, L2NORM, DT, IEEE))
         r = tl.exp2(G_last) * tl.sum(hdh, axis=0) + tl.sum(kds, axis=0)
         tl.store(dg_ptr + row, tl.sum(x, axis=0) - tl.cumsum(x, axis=0) + x + r, mask=m_t)
         dq_h = dqs + mm(Dm * r_k[None, :], b_k, DT, IEEE) * scale
