@@ -321,32 +321,37 @@ def do_grad(do, f, leaves):
         return float("nan")
 
 
+def run_parts(parts, fails, *args):
+    """Each part(*args) in turn; one raising is a failure, not the end of the run."""
+    for part in parts:
+        try:
+            part(*args)
+        except Exception as e:
+            import traceback
+            traceback.print_exc()
+            fails.append(f"{part.__name__} raised {type(e).__name__}: {e}")
+
+
+def write_csv(name, header, rows):
+    """rows to $OUT/name (when OUT is set)."""
+    out = os.environ.get("OUT")
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, name), "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(header)
+            w.writerows(rows)
+
+
 def main():
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"CUDA backward built: {has_cuda_bwd()}", flush=True)
-    try:
-        checks()
-    except Exception as e:
-        import traceback
-        traceback.print_exc()
-        FAILS.append(f"checks raised {type(e).__name__}: {e}")
-    try:
-        bench()
-    except Exception as e:
-        import traceback
-        traceback.print_exc()
-        FAILS.append(f"bench raised {type(e).__name__}: {e}")
+    run_parts((checks, bench), FAILS)
     n_checks = sum(1 for r in ROWS if r[0] == 'check')
     print(f"\nchecks: {n_checks} compared, {len(FAILS)} failures")
     for f in FAILS:
         print("  FAIL", f)
-    out = os.environ.get("OUT")
-    if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "gpu_sscan.csv"), "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["section", "case", "impl", "mode", "value"])
-            w.writerows(ROWS)
+    write_csv("gpu_sscan.csv", ["section", "case", "impl", "mode", "value"], ROWS)
     print(f"total {time.time() - T0:.0f} s")
     print("\n==== selective scan, bf16, all features on (median ms) ====")
     mamba = {(r[1], r[3]): float(r[4]) for r in ROWS if r[0] == "bench" and r[2] == "mamba-ssm cuda"}

@@ -24,7 +24,6 @@ Both are meant to be bitwise equal to variant 0.
 """
 from __future__ import annotations
 
-import csv
 import os
 import sys
 import time
@@ -200,20 +199,8 @@ def main():
     assert BWD_VARIANTS[0] == 0, "variant 0 first (the others are compared with it)"
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"backward variants {BWD_VARIANTS}", flush=True)
-    for part in (checks, bench):
-        try:
-            part(BWD_VARIANTS)
-        except Exception as e:
-            import traceback
-            traceback.print_exc()
-            gs.FAILS.append(f"{part.__name__} raised {type(e).__name__}: {e}")
-    out = os.environ.get("OUT")
-    if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "gpu_sscan_bwd.csv"), "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["section", "case", "variant", "what", "value"])
-            w.writerows(ROWS)
+    gs.run_parts((checks, bench), gs.FAILS, BWD_VARIANTS)
+    gs.write_csv("gpu_sscan_bwd.csv", ["section", "case", "variant", "what", "value"], ROWS)
     report()
     sys.exit(1 if gs.FAILS else 0)
 

@@ -22,7 +22,6 @@ sscan::ex2_poly (Cody-Waite + degree-5 polynomial) iff (t + k) % R == 0, the res
 """
 from __future__ import annotations
 
-import csv
 import os
 import sys
 import time
@@ -185,20 +184,8 @@ def main():
         sys.exit("ssm_kernels._C without selective_scan_fwd_poly: rebuild from this branch")
     polys = [0] + [int(x) for x in os.environ.get("POLY", "1,2,4,8,16").split(",") if int(x) != 0]
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, R {polys}", flush=True)
-    for part in (checks, bench):
-        try:
-            part(polys)
-        except Exception as e:
-            import traceback
-            traceback.print_exc()
-            FAILS.append(f"{part.__name__} raised {type(e).__name__}: {e}")
-    out = os.environ.get("OUT")
-    if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "gpu_sscan_poly.csv"), "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["section", "case", "R", "what", "value"])
-            w.writerows(ROWS)
+    gs.run_parts((checks, bench), FAILS, polys)
+    gs.write_csv("gpu_sscan_poly.csv", ["section", "case", "R", "what", "value"], ROWS)
     report()
     sys.exit(1 if FAILS else 0)
 
