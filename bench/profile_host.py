@@ -102,28 +102,15 @@ def install_stub():
     import os
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("--stub: unset TRITON_INTERPRET (the stub runs the real JITFunction.run path)")
-    from triton.backends.compiler import GPUTarget
+    from ssm_kernels.testing import OfflineDriver
     from triton.compiler.compiler import CompiledKernel
     from triton.runtime.driver import driver
-
-    class _Utils:
-        def get_device_properties(self, device):
-            return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
-                    "warpSize": 32}
-
-    class _StubDriver:
-        utils = _Utils()
-        is_active = staticmethod(lambda: True)
-        get_current_target = staticmethod(lambda: GPUTarget("cuda", 90, 32))
-        get_current_device = staticmethod(lambda: 0)
-        get_current_stream = staticmethod(lambda device=None: 0)
-        get_active_torch_device = staticmethod(lambda: torch.device("cpu"))
 
     def _no_launch(self):
         self.function = 0
         self._run = lambda *args: _RECORD.append((self, args)) if _RECORD is not None else None
 
-    driver.set_active(_StubDriver())
+    driver.set_active(OfflineDriver())
     CompiledKernel._init_handles = _no_launch
     from ssm_kernels import _backend, _device
     orig_reason = _backend.triton_reason

@@ -43,37 +43,13 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.runtime.driver import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-SMEM_LIMIT = 232448  # H100/H200 cudaDevAttrMaxSharedMemoryPerBlockOptin (227 KiB)
+from ssm_kernels.testing import OfflineDriver  # noqa: E402
+
+SMEM_LIMIT = OfflineDriver.SMEM_LIMIT
 TARGET = GPUTarget("cuda", 90, 32)
 
 
 # ---- compile-only Triton ------------------------------------------------------------------------
-
-class _Utils:
-    def get_device_properties(self, device):
-        return {"max_shared_mem": SMEM_LIMIT, "multiprocessor_count": 132, "max_num_regs": 65536,
-                "warpSize": 32}
-
-
-class _OfflineDriver:
-    """Just enough of a CUDA driver for JITFunction.run to pick the target and compile."""
-    utils = _Utils()
-
-    def is_active(self):
-        return True
-
-    def get_current_target(self):
-        return TARGET
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
 
 compiled: dict = {}   # kernel hash -> record
 _case = ["?"]         # label of the case running now
@@ -93,7 +69,7 @@ def _run(self, *args, grid, warmup, **kwargs):
 
 def install():
     global _orig_run
-    driver.set_active(_OfflineDriver())
+    driver.set_active(OfflineDriver())
     _orig_run = JITFunction.run
     JITFunction.run = _run
     from ssm_kernels import _backend

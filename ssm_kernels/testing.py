@@ -90,3 +90,35 @@ class CheckRow:
     backend: str
     dtype: str
     verdict: Verdict
+
+
+class OfflineDriver:
+    """Just enough of a CUDA driver for Triton's JITFunction.run to pick the sm_90 target and
+    compile on a machine without a GPU (offline audits, launch-path tests and host profiles; the
+    caller stubs the launchers): H100/H200 limits, CPU tensors stand in for CUDA ones."""
+    SMEM_LIMIT = 232448   # cudaDevAttrMaxSharedMemoryPerBlockOptin on H100/H200 (227 KiB)
+
+    class utils:  # noqa: N801 (Triton reads driver.utils.get_device_properties)
+        @staticmethod
+        def get_device_properties(device):
+            return {"max_shared_mem": OfflineDriver.SMEM_LIMIT, "multiprocessor_count": 132,
+                    "max_num_regs": 65536, "warpSize": 32}
+
+    def __init__(self, stream: int = 0):
+        self._stream = stream
+
+    def is_active(self):
+        return True
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return self._stream
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")

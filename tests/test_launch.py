@@ -20,6 +20,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import jit as triton_jit  # noqa: E402
 
 from ssm_kernels import _launch  # noqa: E402
+from ssm_kernels.testing import OfflineDriver  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -74,29 +75,9 @@ def test_key_is_at_least_as_fine_as_tritons_specialisation():
 
 # ---- 2. end to end under a compile-only driver -----------------------------------------------------
 
-class _Utils:
-    def get_device_properties(self, device):
-        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
-                "warpSize": 32}
-
-
-class _Driver:
-    utils = _Utils()
-
-    def is_active(self):
-        return True
-
-    def get_current_target(self):
-        return TARGET
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 1234
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
+class _Driver(OfflineDriver):
+    def __init__(self):
+        super().__init__(stream=1234)
 
     def get_benchmarker(self):
         # Triton 3.6's Autotuner benchmarks even a single surviving config (3.9 takes it as is):
