@@ -205,19 +205,22 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
   const int ush = static_cast<int>(ubase & (kV - 1)), lsh = static_cast<int>(L & (kV - 1));
   const int bsh = static_cast<int>(bcbase & (kV - 1));
   // raw row -> (tensor, element offset at time 0, read?); kFuse staging / kDirect prefetch
-  auto row_of = [&](int row, const T*& src, int64_t& e, bool& ok) {
-    if (row < 4 * kD) {
-      const int kind = row / kD, r = row % kD;
+  // row hi + lo, the tensor taken from hi alone (lo < the distance from hi to the next row block:
+  // lo = 0 for any row, or PieceStager::issue_direct's r0 < kRS with hi a multiple of kRS)
+  auto row_of2 = [&](int hi, int lo, const T*& src, int64_t& e, bool& ok) {
+    if (hi < 4 * kD) {
+      const int kind = hi / kD, r = hi % kD + lo;
       src = kind == 0 ? gu : (kind == 1 ? gdelta : (kind == 2 ? gz : gdout));
       ok = r < nch && (kind != 2 || has_z);
       e = ubase + r * L;
     } else {
-      const int q = row - 4 * kD, which = q / kNP, n = q % kNP;
+      const int q = hi - 4 * kD, which = q / kNP, n = q % kNP + lo;
       src = which ? gC : gB;
       ok = n < N && (which ? C_var : B_var);
       e = bcbase + n * L;
     }
   };
+  auto row_of = [&](int row, const T*& src, int64_t& e, bool& ok) { row_of2(row, 0, src, e, ok); };
   auto stage = [&](int64_t c0, int len) {  // the chunk at c0 -> raw buffer (kDirect: -> L2)
     if constexpr (kDirect) {  // L2 prefetch of the chunk's rows (128-byte lines)
       for (int row = opaque_tid(); row < kRows; row += kThreads) {
@@ -235,9 +238,7 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
       const int otid = opaque_tid();
       if constexpr (kIO == 4) {  // coalesced: kChunk / kV lanes per row window (whole lines)
         if (ush == 0 && lsh == 0 && bsh == 0) {
-          PieceStager<T, kRows, kThreads, kRowEl, kChunk> pcs;
-          pcs.init(otid, row_of);
-          pcs.issue(raw, otid, c0, len);
+          PieceStager<T, kRows, kThreads, kRowEl, kChunk>::issue_direct(raw, otid, c0, len, row_of2);
           return;
         }
       }

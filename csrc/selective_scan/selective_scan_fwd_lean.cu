@@ -376,32 +376,31 @@ cudaError_t launch_lean(const SelectiveScanFwdParams& p, cudaStream_t stream) {
 }
 
 int g_fwd_poly = -1;  // -1: not read from the environment yet
-bool poly_ok(int r) { return r == 1 || r == 2 || r == 4 || r == 8 || r == 16; }
+bool poly_ok(int r) { return r == 0 || r == 1 || r == 2 || r == 4 || r == 8 || r == 16; }
 int g_fwd_variant = -1;
 bool fwd_variant_ok(int v) { return v >= 0 && v <= 4; }
+
+// host knob g: read from env (invalid or unset -> 0) on first use; set is applied iff ok(set);
+// returns the previous value
+int knob(int& g, const char* env, int set, bool (*ok)(int)) {
+  if (g < 0) {
+    const char* e = std::getenv(env);
+    const int v = e ? std::atoi(e) : 0;
+    g = ok(v) ? v : 0;
+  }
+  const int prev = g;
+  if (ok(set)) g = set;
+  return prev;
+}
 
 }  // namespace
 
 int selective_scan_fwd_poly(int set) {
-  if (g_fwd_poly < 0) {
-    const char* env = std::getenv("SSM_KERNELS_SSCAN_FWD_POLY");
-    const int v = env ? std::atoi(env) : 0;
-    g_fwd_poly = poly_ok(v) ? v : 0;
-  }
-  const int prev = g_fwd_poly;
-  if (set == 0 || poly_ok(set)) g_fwd_poly = set;
-  return prev;
+  return knob(g_fwd_poly, "SSM_KERNELS_SSCAN_FWD_POLY", set, poly_ok);
 }
 
 int selective_scan_fwd_variant(int set) {
-  if (g_fwd_variant < 0) {
-    const char* env = std::getenv("SSM_KERNELS_SSCAN_FWD_VARIANT");
-    const int v = env ? std::atoi(env) : 0;
-    g_fwd_variant = fwd_variant_ok(v) ? v : 0;
-  }
-  const int prev = g_fwd_variant;
-  if (fwd_variant_ok(set)) g_fwd_variant = set;
-  return prev;
+  return knob(g_fwd_variant, "SSM_KERNELS_SSCAN_FWD_VARIANT", set, fwd_variant_ok);
 }
 
 cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType dtype,

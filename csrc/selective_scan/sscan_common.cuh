@@ -259,6 +259,28 @@ struct PieceStager {
                  (valid < kV ? valid : kV) * static_cast<int>(sizeof(T)));
     }
   }
+  // Per-chunk form that keeps no pointers (for kernels whose register peak is elsewhere in the
+  // chunk loop): with kThr % kP == 0 thread tid copies piece tid % kP of rows r0 + k kRS
+  // (r0 = tid / kP, kRS = kThr / kP); where2(hi, r0, base, e, ok) describes row hi + r0 with hi a
+  // compile-time multiple of kRS after unrolling, so callers whose row blocks (tensors) are
+  // multiples of kRS pick the tensor from hi alone (no per-row division or select on r0).
+  template <typename F>
+  static __device__ __forceinline__ void issue_direct(T* raw, int tid, int64_t c0, int len,
+                                                      F&& where2) {
+    static_assert(kThr % kP == 0 && kRows % (kThr / kP) == 0, "row blocks");
+    constexpr int kRS = kThr / kP;
+    const int r0 = tid / kP, piece = tid % kP, valid = len - piece * kV;
+    if (valid <= 0) return;
+    const int bytes = (valid < kV ? valid : kV) * static_cast<int>(sizeof(T));
+#pragma unroll
+    for (int k = 0; k < kRows / kRS; ++k) {
+      const T* base;
+      int64_t e;
+      bool ok;
+      where2(k * kRS, r0, base, e, ok);
+      if (ok) cp_async16(raw + (k * kRS + r0) * kRowEl + piece * kV, base + e + c0 + piece * kV, bytes);
+    }
+  }
 };
 
 // kN floats -> kN consecutive elements of T at dst, which is aligned to min(16, kN sizeof(T))
