@@ -66,6 +66,8 @@ def set_bwd_variant(v: int) -> None:
 def set_fwd_variant(v: int) -> None:
     ext = cuda_extension()
     if not hasattr(ext, "selective_scan_fwd_variant"):
+        if v == 0:  # an older build: its only forward
+            return
         raise RuntimeError("this build has no selective_scan_fwd_variant")
     ext.selective_scan_fwd_variant(v)
     if ext.selective_scan_fwd_variant(v) != v:
