@@ -17,7 +17,8 @@ chunks (PieceStager: consecutive lanes copy one row's 128-byte window).
 Forward variants (ssm_kernels._C.selective_scan_fwd_variant(v) or SSM_KERNELS_SSCAN_FWD_VARIANT; the
 N <= 16 lean kernel, B and C time-varying; session 7): 1 = coalesced staging (PieceStager) of aligned
 chunks; 2 / 3 = 1 plus y reduce-scattered over 8 / 32 steps and stored as 4- / 16-byte vectors
-(bf16); 4 = 32-step groups with the owner-row staging. All meant bitwise equal to forward 0 (out,
+(bf16); 4 = 32-step groups with the owner-row staging; 5 = two channels per thread (64-thread
+blocks, one B/C shared-memory read per step for both channels' states) + 1 + 16-step groups. All meant bitwise equal to forward 0 (out,
 last state, checkpoints): checked at 12 cases (aligned and unaligned L, partial last chunks, varlen,
 groups, N = 13, partial channel tiles, fp32/fp16/bf16, no z / softplus / D, L = 1) and one float64
 case per variant (with the backward on top).
@@ -51,7 +52,7 @@ from ssm_kernels.selective_scan import cuda as sc  # noqa: E402
 DEV = "cuda"
 T0 = time.time()
 BWD_VARIANTS = [0, 2, 3, 4]
-FWD_VARIANTS = [0, 1, 2, 3, 4]
+FWD_VARIANTS = [0, 1, 2, 3, 4, 5]
 REF_BWD = [4]
 ROWS: list = []  # (section, case, variant, what, value)
 GRADS = ["du", "ddelta", "dA", "dB", "dC", "dD", "dz", "dbias", "dh0"]
@@ -304,7 +305,7 @@ def main():
         sys.exit("ssm_kernels._C without the CUDA backward / selective_scan_bwd_variant: rebuild")
     global BWD_VARIANTS, FWD_VARIANTS, REF_BWD
     BWD_VARIANTS = [int(x) for x in os.environ.get("BWD_VARIANTS", "0,2,3,4").split(",")]
-    FWD_VARIANTS = [int(x) for x in os.environ.get("FWD_VARIANTS", "0,1,2,3,4").split(",")]
+    FWD_VARIANTS = [int(x) for x in os.environ.get("FWD_VARIANTS", "0,1,2,3,4,5").split(",")]
     REF_BWD = [int(x) for x in os.environ.get("REF_BWD", "4").split(",") if x]
     assert BWD_VARIANTS[0] == 0 and FWD_VARIANTS[0] == 0, "variant 0 first (others are compared with it)"
     if not hasattr(ext, "selective_scan_fwd_variant"):

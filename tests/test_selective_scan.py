@@ -885,7 +885,7 @@ def test_sscan_piece_stager_model(cfg):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["bf16 L=2048", "bf16 L=2049", "fp32 L=4096 no z", "bf16 varlen"])
 def test_gpu_cuda_forward_backward_variants(case):
-    """Forward variants 1-4 (SSM_KERNELS_SSCAN_FWD_VARIANT) bitwise equal to forward 0 (out, last
+    """Forward variants 1-5 (SSM_KERNELS_SSCAN_FWD_VARIANT) bitwise equal to forward 0 (out, last
     state, checkpoints); backward variant 4 bitwise equal to 2; knobs restored afterwards."""
     from ssm_kernels._backend import cuda_extension
     from ssm_kernels.selective_scan import cuda as sc
@@ -909,7 +909,7 @@ def test_gpu_cuda_forward_backward_variants(case):
     fprev, bprev = ext.selective_scan_fwd_variant(0), ext.selective_scan_bwd_variant(2)
     try:
         base = [x.clone() for x in sc.selective_scan_fwd(*args, True, True)]
-        for v in (1, 2, 3, 4):
+        for v in (1, 2, 3, 4, 5):
             ext.selective_scan_fwd_variant(v)
             got = sc.selective_scan_fwd(*args, True, True)
             assert all(torch.equal(a, b) for a, b in zip(got[:2], base[:2])), v

@@ -48,8 +48,9 @@ int selective_scan_fwd_poly(int set = -1);
 
 // Forward variant (issue 9, session 7; N <= 16, B and C time-varying, poly off; others run 0):
 // 0 (default) = the lean kernel; 1 = coalesced staging of aligned chunks (PieceStager); 2, 3 = 1
-// plus y reduce-scattered over 8 / 32 steps and stored as vectors; 4 = 32-step groups alone. All
-// bitwise equal to 0. The first query reads SSM_KERNELS_SSCAN_FWD_VARIANT; set in 0..4 sets it;
+// plus y reduce-scattered over 8 / 32 steps and stored as vectors; 4 = 32-step groups alone; 5 = two
+// channels per thread (64-thread blocks; one B/C read per step serves both). All bitwise equal to
+// 0. The first query reads SSM_KERNELS_SSCAN_FWD_VARIANT; set in 0..5 sets it;
 // returns the previous value. Host-side global, not thread safe.
 int selective_scan_fwd_variant(int set = -1);
 
