@@ -479,11 +479,13 @@ def test_gpu_forward_variants(variant, cplx, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [2, 3])
+@pytest.mark.parametrize("variant", [2, 3, 4])
 @pytest.mark.parametrize("case", ["bf16 L=2049", "fp32 L=4097 no z", "bf16 varlen"])
 def test_gpu_cuda_backward_variants_bitwise(variant, case):
-    """The CUDA backward's variants 2 and 3 (N <= 16, B and C time-varying; selective_scan_bwd.cu
-    kIO) compute every value with variant 0's expressions: all outputs and gradients bitwise equal."""
+    """The CUDA backward's variants 2, 3 and 4 (N <= 16, B and C time-varying; selective_scan_bwd.cu
+    kIO) compute every value with variant 0's expressions: all outputs and gradients bitwise equal
+    (these cases are unaligned: variant 4 runs its RowStager fallback here; aligned in
+    test_gpu_cuda_forward_backward_variants)."""
     from ssm_kernels._backend import cuda_extension
     ext = cuda_extension()
     if "cuda" not in SCAN_KERNELS or ext is None or not hasattr(ext, "selective_scan_bwd_variant"):
