@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Optional
 
 _tls = threading.local()
+# the open compiling_ahead blocks' states, newest last: for autograd's device threads (below)
+_open = []
 # build launchers and load modules in the pool too (SSM_KERNELS_AHEAD_LOAD=0: compile only, the
 # pre-session-6 behaviour, for A/B timing)
 LOAD_AHEAD = os.environ.get("SSM_KERNELS_AHEAD_LOAD", "1") not in ("0", "", "false", "False")
@@ -60,6 +62,29 @@ def _spec_key(fn, args, kwargs):
                          if k not in ("grid", "warmup"))))
 
 
+def _state():
+    """The compiling_ahead state that applies to this thread, or None: its own block's, or -- on
+    a thread Python did not start that is running an autograd graph task, i.e. autograd's CUDA
+    device thread running a backward -- the newest open block's. Autograd runs a backward through
+    CUDA tensors on its own per-device thread, not the caller's: with only the thread-local
+    state the dry run's backward compiled and launched its kernels there, one after another, and
+    the caller waited (GPU: dry run as long as the whole block; offline CPU tensors run the
+    backward on the caller's thread, which hid it). Consequence: while a block is open, a
+    backward that another Python thread starts on CUDA tensors is dry-run too."""
+    st = getattr(_tls, "state", None)
+    if st is not None or not _open:
+        return st
+    if not isinstance(threading.current_thread(), threading._DummyThread):
+        return None
+    try:
+        import torch
+        if torch._C._current_graph_task_id() == -1:
+            return None
+    except Exception:
+        return None
+    return _open[-1] if _open else None
+
+
 def _install():
     """Wrap JITFunction.run and Autotuner.run once; they act only in a thread inside
     `compiling_ahead` (everyone else, the pool's threads included, gets the usual behaviour)."""
@@ -72,13 +97,16 @@ def _install():
         _find_c_launchers()
 
         def run(self, *args, grid, warmup, **kwargs):
-            st = getattr(_tls, "state", None)
+            st = _state()
             if st is None:
                 return orig_run(self, *args, grid=grid, warmup=warmup, **kwargs)
             key = _spec_key(self, args, kwargs)
-            if key not in st["seen"]:
-                st["seen"].add(key)
-                st["kernels"] += 1
+            with _lock:   # the caller's thread and autograd's device thread
+                new = key not in st["seen"]
+                if new:
+                    st["seen"].add(key)
+                    st["kernels"] += 1
+            if new:
                 try:   # Triton's per-device binder and kernel cache: made here, once, so that pool
                     # threads never race to create two (a compile landing in the lost one is
                     # compiled again by the real call)
@@ -93,7 +121,7 @@ def _install():
             return None
 
         def at_run(self, *args, **kwargs):
-            if getattr(_tls, "state", None) is None:
+            if _state() is None:
                 return orig_at(self, *args, **kwargs)
             # every config the autotuner would time, compiled; nothing timed, nothing cached
             self.nargs = dict(zip(self.arg_names, args))
@@ -188,7 +216,7 @@ def _prebuild_launcher(seen: set, fn, args, kwargs) -> None:
 
 def _idle() -> bool:
     """Whether this thread is outside every compiling_ahead block (the wrappers pass through)."""
-    return getattr(_tls, "state", None) is None
+    return _state() is None
 
 
 @contextlib.contextmanager
@@ -217,14 +245,16 @@ def compiling_ahead(threads: Optional[int] = None) -> Iterator[dict]:
         # launchers and module loads only where a real CUDA context exists (not under the
         # compile-only stub drivers of bench/ and tests/)
         load = LOAD_AHEAD and torch.cuda.is_available() and torch.cuda.is_initialized()
-        _tls.state = {"pool": pool, "seen": set(), "futures": [], "load": load,
-                      "launchers": set(), "kernels": 0}
+        st = _tls.state = {"pool": pool, "seen": set(), "futures": [], "load": load,
+                           "launchers": set(), "kernels": 0}
+        _open.append(st)
         try:
             yield info
         finally:
             if fcache is not None:
                 fcache._cache_enabled = cache_was
-            futures, n_kernels = _tls.state["futures"], _tls.state["kernels"]
+            _open.remove(st)
+            futures, n_kernels = st["futures"], st["kernels"]
             _tls.state = None
             for f in futures:
                 try:
