@@ -11,7 +11,13 @@ submitted, errors, dry-run part) | compiles and kernel loads (launcher build + c
 phase, counted and summed in the main thread / the compile_ahead pool (where the time went);
 compile CPU / wall = the compiles' thread CPU seconds (ptxas excluded) over the block's wall: well
 above 1 only if they really ran at once (at or below 1: they did not, e.g. too few usable cores).
-A first line probes how many cores the process can use.
+A first line probes how many cores the process can use. Also per op: the compiles' overlap
+(summed walls / the length of their union; 1.0 = one after another), the longest one and when the
+last ended, and a sleeper thread's GIL lag during the block; each compile's name, start, end, CPU
+and thread ("main", "pool", "other" = e.g. autograd's CUDA device thread) is in the DETAIL line.
+Each op runs under --timeout (row TIMEOUT), --budget stops starting new ones (rows SKIPPED); rows
+print as `ROW ...` when they finish and --out rewrites the table file after each, so a run cut
+short still leaves its table.
 `SSM_KERNELS_AHEAD_LOAD=0` keeps launcher builds and loads out of the pool (the old behaviour).
 """
 from __future__ import annotations
@@ -41,7 +47,9 @@ def _instrument():
     lock = threading.Lock()
 
     def add(what, dt, cpu=0.0, name="?", t0=0.0):
-        where = "main" if threading.current_thread() is threading.main_thread() else "pool"
+        t = threading.current_thread()   # "other": e.g. autograd's CUDA device thread
+        where = "main" if t is threading.main_thread() else \
+            "pool" if t.name.startswith("ssm_kernels_compile") else "other"
         with lock:
             d = _stats.setdefault(f"{what}_{where}", [0, 0.0, 0.0])
             d[0] += 1
@@ -207,7 +215,8 @@ def _row(op: str, r: dict, ahead: int) -> str:
     def cell(phase, what):
         d = ph.get(phase, {})
         m, p = d.get(f"{what}_main", (0, 0.0)), d.get(f"{what}_pool", (0, 0.0))
-        return f"{m[0]}: {m[1]:.2f} / {p[0]}: {p[1]:.2f}"
+        o = d.get(f"{what}_other")
+        return f"{m[0]}: {m[1]:.2f} / {p[0]}: {p[1]:.2f}" + (f" / other {o[0]}: {o[1]:.2f}" if o else "")
     # thread CPU of the compiles (ptxas not included) over the block's wall: > 1 only if
     # compiles really ran at once (summed walls would also grow from mere time-slicing)
     csum = sum(v[2] for k, v in ph.get("ahead", {}).items() if k.startswith("compile"))
@@ -250,7 +259,7 @@ def main():
         print("host: " + cpu_probe(), flush=True)
     title = (f"first call s: cold cache{', compile_ahead %d threads' % args.ahead if args.ahead else ''}; "
              "compile / load cells: `n: seconds` summed over kernels, main thread / compile_ahead "
-             "pool; load = CompiledKernel._init_handles (launcher build + cubin load); overlap = "
+             "pool (/ other threads, e.g. autograd's device thread); load = CompiledKernel._init_handles (launcher build + cubin load); overlap = "
              "summed compile walls / length of their union (1.0: one after another); GIL lag = "
              "a 1 ms sleeper thread's lateness during the ahead block")
     rows = []
