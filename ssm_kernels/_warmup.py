@@ -114,7 +114,8 @@ def _install():
                 except Exception:
                     pass
                 st["futures"].append(st["pool"].submit(
-                    _compile_and_load, orig_run, st["load"], self, args, grid, kwargs))
+                    _compile_and_load, orig_run, st["load"], self, args, grid, kwargs,
+                    st["key"]))
                 if st["load"] and _C_LAUNCHERS:
                     st["futures"].append(st["pool"].submit(
                         _prebuild_launcher, st["launchers"], self, args, kwargs))
@@ -141,12 +142,27 @@ def _install():
         _patched.append((orig_run, orig_at))
 
 
-def _compile_and_load(orig_run, load: bool, fn, args, grid, kwargs):
+def _triton_key() -> None:
+    """Pool job, first of every block: Triton's compiler-version hash, part of every compile's
+    cache key (3.6: sha256 of the 415 MB libtriton.so and the compiler's sources, 0.36 s CPU and
+    ~1 s wall cold here, once per process). It sits behind an lru_cache that does not lock: the
+    block's first compiles, starting together, each computed it (one sha256 of libtriton per
+    thread, all at once); every compile job now waits for this one instead."""
+    try:
+        from triton.runtime import cache
+        cache.triton_key()
+    except Exception:   # a Triton without it: the compiles compute what they need
+        pass
+
+
+def _compile_and_load(orig_run, load: bool, fn, args, grid, kwargs, ready=None):
     """One pool job: compile (Triton's `run(warmup=True)`), then, on a real GPU, what the kernel's
     first launch would otherwise do in the caller's thread, one kernel after another: build its
     launcher (Triton <= 3.6 compiles a C launcher per argument-type list with gcc, 0.1-0.7 s each,
     cached on disk; 3.9 has a generic one) and load the cubin into the context (`_init_handles`).
     A failure there (e.g. too much shared memory) is left for the real launch to raise, as before."""
+    if ready is not None:
+        ready.result()
     kernel = orig_run(fn, *args, grid=grid, warmup=True, **kwargs)
     if load and kernel is not None:
         init = getattr(kernel, "_init_handles", None)
@@ -215,8 +231,11 @@ def _prebuild_launcher(seen: set, fn, args, kwargs) -> None:
 
 
 def _idle() -> bool:
-    """Whether this thread is outside every compiling_ahead block (the wrappers pass through)."""
-    return _state() is None
+    """Whether this thread is outside every compiling_ahead block (the wrappers pass through).
+    On the launch cache's hit path: no extra call while no block is open."""
+    if getattr(_tls, "state", None) is not None:
+        return False
+    return not _open or _state() is None
 
 
 @contextlib.contextmanager
@@ -246,7 +265,7 @@ def compiling_ahead(threads: Optional[int] = None) -> Iterator[dict]:
         # compile-only stub drivers of bench/ and tests/)
         load = LOAD_AHEAD and torch.cuda.is_available() and torch.cuda.is_initialized()
         st = _tls.state = {"pool": pool, "seen": set(), "futures": [], "load": load,
-                           "launchers": set(), "kernels": 0}
+                           "launchers": set(), "kernels": 0, "key": pool.submit(_triton_key)}
         _open.append(st)
         try:
             yield info

@@ -128,6 +128,35 @@ def test_backward_on_autograds_device_thread_is_dry_run_too_for_sm90():
     assert submitted == compiled and compiled >= 3   # forward and backward kernels, all in the pool
 
 
+_KEY_SCRIPT = _COUNTING + r'''
+import functools, threading
+import triton.runtime.cache as tcache
+import ssm_kernels as sk
+from ssm_kernels._warmup import compiling_ahead
+hashed = []   # one entry per computation of Triton's version hash (sha256 of libtriton)
+orig_key = tcache.triton_key.__wrapped__
+def counted_key():
+    hashed.append(threading.current_thread().name)
+    return orig_key()
+tcache.triton_key = functools.lru_cache()(counted_key)   # unlocked, like Triton's
+with compiling_ahead(4) as info:
+    a = (torch.rand(2, 300, 64) * 0.5 + 0.5).to(torch.bfloat16).requires_grad_()
+    b = torch.randn(2, 300, 64).to(torch.bfloat16).requires_grad_()
+    h, hT = sk.linear_scan(a, b, dim=1, output_final_state=True, backend="triton")
+    torch.autograd.grad(h.float().sum() + hT.float().sum(), (a, b))
+print("compiles", n[0], "hashed", len(hashed), "errors", info["errors"])
+'''
+
+
+def test_block_hashes_triton_once_for_sm90():
+    """Triton's version hash (a sha256 of libtriton.so) is computed once per block, not by every
+    compile that starts before the first has it (its lru_cache does not lock)."""
+    words = _stdout_words(_KEY_SCRIPT)
+    compiles, hashed, errors = int(words[1]), int(words[3]), int(words[5])
+    assert compiles >= 3 and errors == 0
+    assert hashed == 1
+
+
 _CHECK_AHEAD_SCRIPT = _COUNTING + r'''
 from ssm_kernels import _checks
 torch.manual_seed(0)
