@@ -18,7 +18,8 @@ and thread ("main", "pool", "other" = e.g. autograd's CUDA device thread) is in 
 Each op runs under --timeout (row TIMEOUT), --budget stops starting new ones (rows SKIPPED); rows
 print as `ROW ...` when they finish and --out rewrites the table file after each, so a run cut
 short still leaves its table.
-`SSM_KERNELS_AHEAD_LOAD=0` keeps launcher builds and loads out of the pool (the old behaviour).
+`SSM_KERNELS_AHEAD_LOAD=0` keeps launcher builds and loads out of the pool (the old behaviour);
+`SSM_KERNELS_AHEAD_LEGACY=1` the session-6 block (backward compiled on autograd's device thread).
 """
 from __future__ import annotations
 
@@ -257,7 +258,9 @@ def main():
     start = time.perf_counter()
     if not args.no_probe:
         print("host: " + cpu_probe(), flush=True)
-    title = (f"first call s: cold cache{', compile_ahead %d threads' % args.ahead if args.ahead else ''}; "
+    legacy = os.environ.get("SSM_KERNELS_AHEAD_LEGACY", "0") not in ("0", "", "false", "False")
+    title = (f"first call s: cold cache{', compile_ahead %d threads' % args.ahead if args.ahead else ''}"
+             f"{' (SSM_KERNELS_AHEAD_LEGACY: the session-6 block)' if legacy else ''}; "
              "compile / load cells: `n: seconds` summed over kernels, main thread / compile_ahead "
              "pool (/ other threads, e.g. autograd's device thread); load = CompiledKernel._init_handles (launcher build + cubin load); overlap = "
              "summed compile walls / length of their union (1.0: one after another); GIL lag = "

@@ -30,6 +30,9 @@ _open = []
 # build launchers and load modules in the pool too (SSM_KERNELS_AHEAD_LOAD=0: compile only, the
 # pre-session-6 behaviour, for A/B timing)
 LOAD_AHEAD = os.environ.get("SSM_KERNELS_AHEAD_LOAD", "1") not in ("0", "", "false", "False")
+# A/B switch for the GPU timing only: SSM_KERNELS_AHEAD_LEGACY=1 brings back the session-6 block
+# (autograd's device thread not dry-run, every early compile hashing Triton itself)
+LEGACY = os.environ.get("SSM_KERNELS_AHEAD_LEGACY", "0") not in ("0", "", "false", "False")
 _lock = threading.Lock()
 _patched = []
 
@@ -72,7 +75,7 @@ def _state():
     backward on the caller's thread, which hid it). Consequence: while a block is open, a
     backward that another Python thread starts on CUDA tensors is dry-run too."""
     st = getattr(_tls, "state", None)
-    if st is not None or not _open:
+    if st is not None or not _open or LEGACY:
         return st
     if not isinstance(threading.current_thread(), threading._DummyThread):
         return None
@@ -265,7 +268,7 @@ def compiling_ahead(threads: Optional[int] = None) -> Iterator[dict]:
         # compile-only stub drivers of bench/ and tests/)
         load = LOAD_AHEAD and torch.cuda.is_available() and torch.cuda.is_initialized()
         st = _tls.state = {"pool": pool, "seen": set(), "futures": [], "load": load,
-                           "launchers": set(), "kernels": 0, "key": pool.submit(_triton_key)}
+                           "launchers": set(), "kernels": 0, "key": None if LEGACY else pool.submit(_triton_key)}
         _open.append(st)
         try:
             yield info
