@@ -217,7 +217,8 @@ def _row(op: str, r: dict, ahead: int) -> str:
         d = ph.get(phase, {})
         m, p = d.get(f"{what}_main", (0, 0.0)), d.get(f"{what}_pool", (0, 0.0))
         o = d.get(f"{what}_other")
-        return f"{m[0]}: {m[1]:.2f} / {p[0]}: {p[1]:.2f}" + (f" / other {o[0]}: {o[1]:.2f}" if o else "")
+        return (f"{m[0]}: {m[1]:.2f} / {p[0]}: {p[1]:.2f}"
+                + (f" / other {o[0]}: {o[1]:.2f}" if o else ""))
     # thread CPU of the compiles (ptxas not included) over the block's wall: > 1 only if
     # compiles really ran at once (summed walls would also grow from mere time-slicing)
     csum = sum(v[2] for k, v in ph.get("ahead", {}).items() if k.startswith("compile"))
@@ -259,10 +260,12 @@ def main():
     if not args.no_probe:
         print("host: " + cpu_probe(), flush=True)
     legacy = os.environ.get("SSM_KERNELS_AHEAD_LEGACY", "0") not in ("0", "", "false", "False")
-    title = (f"first call s: cold cache{', compile_ahead %d threads' % args.ahead if args.ahead else ''}"
+    threads = f", compile_ahead {args.ahead} threads" if args.ahead else ""
+    title = (f"first call s: cold cache{threads}"
              f"{' (SSM_KERNELS_AHEAD_LEGACY: the session-6 block)' if legacy else ''}; "
              "compile / load cells: `n: seconds` summed over kernels, main thread / compile_ahead "
-             "pool (/ other threads, e.g. autograd's device thread); load = CompiledKernel._init_handles (launcher build + cubin load); overlap = "
+             "pool (/ other threads, e.g. autograd's device thread); load = "
+             "CompiledKernel._init_handles (launcher build + cubin load); overlap = "
              "summed compile walls / length of their union (1.0: one after another); GIL lag = "
              "a 1 ms sleeper thread's lateness during the ahead block")
     rows = []

@@ -268,7 +268,8 @@ def compiling_ahead(threads: Optional[int] = None) -> Iterator[dict]:
         # compile-only stub drivers of bench/ and tests/)
         load = LOAD_AHEAD and torch.cuda.is_available() and torch.cuda.is_initialized()
         st = _tls.state = {"pool": pool, "seen": set(), "futures": [], "load": load,
-                           "launchers": set(), "kernels": 0, "key": None if LEGACY else pool.submit(_triton_key)}
+                           "launchers": set(), "kernels": 0,
+                           "key": None if LEGACY else pool.submit(_triton_key)}
         _open.append(st)
         try:
             yield info
