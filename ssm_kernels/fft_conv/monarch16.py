@@ -240,13 +240,10 @@ def _epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p, m, c, b_d,
 
 
 @triton.jit
-def _channel(kscale_ptr, d_ptr, i_h, i_s, B, B_PER, HAS_D: tl.constexpr):
-    """(filter scale, D, first row, end row) of the program for channel i_h, batch slice i_s."""
-    b_d = 0.0
-    if HAS_D:
-        b_d = tl.load(d_ptr + i_h)
+def _channel(kscale_ptr, i_h, i_s, B, B_PER):
+    """(filter scale, first row, end row) of the program for channel i_h, batch slice i_s."""
     b_start = i_s * B_PER
-    return tl.load(kscale_ptr + i_h), b_d, b_start, tl.minimum(b_start + B_PER, B)
+    return tl.load(kscale_ptr + i_h), b_start, tl.minimum(b_start + B_PER, B)
 
 
 @triton.jit
@@ -361,7 +358,10 @@ def _monarch16_fwd_kernel(
         p_ks = p_tw  # unused
     else:
         p_ks = i_h.to(tl.int64) * 2 * N1 * N2 + p_tw
-    b_ks, b_d, b_start, b_end = _channel(kscale_ptr, d_ptr, i_h, i_s, B, B_PER, HAS_D)
+    b_ks, b_start, b_end = _channel(kscale_ptr, i_h, i_s, B, B_PER)
+    b_d = 0.0
+    if HAS_D:
+        b_d = tl.load(d_ptr + i_h)
     for i_b in range(b_start, b_end, 2):
         p_a, p_b, m_b = _pair_rows(i_b, i_h, H, L, o_t, b_end)
         # ---- prologue: v = u * pre_gate, one power-of-two scale per row (the transform is
@@ -589,7 +589,10 @@ def _monarch16_bwd_kernel(
     # registers across the loop); the [N1, N2] offsets p_tw are shared by all tables
     ks_ptr += i_h.to(tl.int64) * 2 * N1 * N2
     wk_ptr += (i_h * S + i_s).to(tl.int64) * 2 * N1 * N2
-    b_ks, b_d, b_start, b_end = _channel(kscale_ptr, d_ptr, i_h, i_s, B, B_PER, HAS_D)
+    b_ks, b_start, b_end = _channel(kscale_ptr, i_h, i_s, B, B_PER)
+    b_d = 0.0
+    if HAS_D:
+        b_d = tl.load(d_ptr + i_h)
     b_dd = 0.0
     for i_b in range(b_start, b_end, 2):
         p_a, p_b, m_b = _pair_rows(i_b, i_h, H, L, o_t, b_end)
