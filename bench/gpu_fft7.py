@@ -2,7 +2,8 @@
 the defaults and torch's rfft conv (issue 11; session 7 helper fft7). One call, < 300 s on an H100:
 
     python bench/gpu_fft7.py        # OUT=dir writes gpu_fft7.csv; BUDGET_S (default 270) skips
-                                    # the rows that would start past it (the table still prints)
+                                    # the rows that would start past it (the table still prints);
+                                    # ONLY_L=4096,2048 runs only those lengths
 
 Per row (L, gates, knob configuration), bf16, D on, the DEFAULT dispatch (MONARCH16 on; post-gated
 rows under a blocked configuration raise MONARCH16_BWD_CUFFT_POST_N so that the backward stays on
@@ -148,7 +149,10 @@ def main():
     t0 = time.time()
     first = float("nan")
     results, torch_ms = [], {}
+    only = {int(x) for x in os.environ.get("ONLY_L", "").split(",") if x}
     for L0, gates, names in PLAN:
+        if only and L0 not in only:
+            continue
         L = S(L0 // 16, L0)   # smoke: N = 512 / 256 (BJ 16 where N1 = 32)
         if (L0, gates) not in torch_ms:
             torch_ms[(L0, gates)] = time_torch(L, gates)
