@@ -12,7 +12,7 @@ from ssm_kernels.fft_conv.reference import fft_conv_direct, fft_conv_ref
 from ssm_kernels.testing import assert_close
 
 from conftest import DEVICE, kernel_backends
-from test_fft_conv import NAMES, backward_scaling_check, check, make, run
+from test_fft_conv import NAMES, backward_scaling_check, check, check_gpu, make, run
 
 SIZES = (256, 512, 1024, 2048, 4096, 8192)
 
@@ -151,3 +151,18 @@ def test_knob_validation(monkeypatch):
     monkeypatch.setattr(fft_m16, "SPLIT", {512: (64, 4)})
     with pytest.raises(ValueError, match="SPLIT"):
         fft_m16._plan(2, 3, 255, 200, dev, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L,Lk,bj", [(4096, 4096, 16), (4096, 4096, 32), (4096, 1000, 64),
+                                     (2048, 2048, 32), (2048, 2048, 16)])
+@pytest.mark.parametrize("gates", [False, True])
+def test_gpu_blocked(L, Lk, bj, gates, monkeypatch):
+    """Real sizes on the GPU (wgmma / mma.sync, round-to-nearest bf16): the blocked kernels at
+    H = 300 (one program per channel: the in-kernel dk inverse), every gradient vs float64; the
+    post-gated backward kept on monarch16."""
+    n = fft_m16.transform_size(L, Lk)
+    monkeypatch.setattr(fft_m16, "KBLOCK", {n: bj})
+    monkeypatch.setattr(fft_m16, "KBLOCK_BWD", {n: bj})
+    monkeypatch.setattr(fft_interface, "MONARCH16_BWD_CUFFT_POST_N", 1 << 30)
+    check_gpu("triton", 3, 300, L, Lk, torch.bfloat16, D=gates, pre=gates, post=gates)
