@@ -49,14 +49,17 @@ CONFIGS = {
     "bj16 w16": dict(kblock={8192: 16}, launch={8192: (16, 1)}),
     "bj32 w4": dict(kblock={4096: 32}, launch={4096: (4, 1)}),
     "split bj64": dict(split={4096: (128, 32)}, kblock={4096: 64}),
+    "bj16 T": dict(kblock={4096: 32, 8192: 16}, twc=False),   # TWIDDLE_CONJ_COPY = False
 }
 # (L, gates, configurations), most informative first (the budget cuts from the end). The
 # offline sm_90 build (bench/sm90_audit.py --ops fft_conv_knobs) of each: see bench/NOTES.md.
 PLAN = [
-    (4096, False, ("default", "bj32", "bj16", "bj16 w16", "bj64")),
-    (2048, False, ("default", "bj32", "bj16", "bj32 w4", "split bj64")),
+    (4096, False, ("default", "bj32", "bj16", "bj16 w16", "bj16 T")),
+    (2048, False, ("default", "bj32", "bj16", "bj32 w4", "bj16 T")),
     (4096, True, ("default", "bj32", "bj16")),
     (1024, False, ("default",)),
+    (4096, False, ("bj64",)),
+    (2048, False, ("split bj64",)),
 ]
 
 
@@ -67,13 +70,15 @@ class knobs:
 
     def __enter__(self):
         self.saved = [dict(d) for d in (m16.KBLOCK, m16.KBLOCK_BWD, m16.SPLIT, m16.LAUNCH,
-                                        m16.LAUNCH_BWD)] + [fi.MONARCH16_BWD_CUFFT_POST_N]
+                                        m16.LAUNCH_BWD)] + [m16.TWIDDLE_CONJ_COPY,
+                                                            fi.MONARCH16_BWD_CUFFT_POST_N]
         c = self.cfg
         m16.KBLOCK.update(c.get("kblock", {}))
         m16.KBLOCK_BWD.update(c.get("kblock_bwd", c.get("kblock", {})))
         m16.SPLIT.update(c.get("split", {}))
         m16.LAUNCH.update(c.get("launch", {}))
         m16.LAUNCH_BWD.update(c.get("launch_bwd", c.get("launch", {})))
+        m16.TWIDDLE_CONJ_COPY = c.get("twc", True)
         if self.gates and self.name != "default":
             fi.MONARCH16_BWD_CUFFT_POST_N = 1 << 30   # keep the post-gated backward on monarch16
 
@@ -82,7 +87,7 @@ class knobs:
                           self.saved):
             d.clear()
             d.update(old)
-        fi.MONARCH16_BWD_CUFFT_POST_N = self.saved[-1]
+        m16.TWIDDLE_CONJ_COPY, fi.MONARCH16_BWD_CUFFT_POST_N = self.saved[-2:]
 
 
 def ours(u, k, D, pre_gate=None, post_gate=None):

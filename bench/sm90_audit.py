@@ -325,21 +325,25 @@ def fft_conv_cases():
 
 # monarch16 knob variants (bf16, D + pre gate; KBLOCK / KBLOCK_BWD / SPLIT / warps): label
 # "m16knob N=.. split=.. bj=.. w=.. fwd|bwd[ post]"; FINAL = 1 (one program per channel)
+# (N, split, BJ, warps[, TWIDDLE_CONJ_COPY]); BJ 0 = the unblocked kernel
 M16_KNOBS = ((4096, None, 32, 8), (4096, (128, 32), 0, 8), (4096, (128, 32), 64, 8),
              (4096, (128, 32), 32, 4), (8192, None, 64, 8), (8192, None, 32, 8),
              (8192, None, 64, 4), (8192, None, 32, 4), (8192, None, 16, 8), (8192, None, 32, 16),
              (8192, None, 16, 16), (4096, None, 16, 8), (4096, None, 32, 4), (4096, None, 16, 4),
-             (2048, None, 32, 4), (2048, None, 16, 4))
+             (2048, None, 32, 4), (2048, None, 16, 4), (8192, None, 64, 16),
+             (8192, None, 0, 8, False), (8192, None, 16, 8, False), (4096, None, 0, 8, False),
+             (4096, None, 32, 8, False))
 
 
 def fft_conv_knob_cases():
     from ssm_kernels.fft_conv import interface as fi, monarch16 as m16
     m16._sm_count = lambda device: 4   # S = 1 at H = 16: the in-kernel dk inverse (FINAL)
-    for n, sp, bj, warps in M16_KNOBS:
+    for n, sp, bj, warps, *twc in M16_KNOBS:
+        twc = twc[0] if twc else True
         for mode in ("fwd", "bwd", "bwd post"):
             if mode == "bwd post" and (n != 8192 or warps == 4):
                 continue
-            def thunk(n=n, sp=sp, bj=bj, warps=warps, mode=mode):
+            def thunk(n=n, sp=sp, bj=bj, warps=warps, mode=mode, twc=twc):
                 L = n // 2
                 u, pg, qg = (torch.randn(8, 16, L).to(torch.bfloat16) for _ in range(3))
                 saved = (dict(m16.SPLIT), dict(m16.KBLOCK), dict(m16.KBLOCK_BWD),
@@ -349,6 +353,7 @@ def fft_conv_knob_cases():
                 m16.KBLOCK[n] = m16.KBLOCK_BWD[n] = bj
                 m16.LAUNCH[n] = m16.LAUNCH_BWD[n] = (warps, 1)
                 fi.FORCE_PATH = "monarch16"
+                m16.TWIDDLE_CONJ_COPY = twc
                 try:
                     if mode == "fwd":
                         fi.fft_conv_fwd_op(u, torch.randn(16, L), torch.randn(16), pg, None, "triton")
@@ -361,7 +366,8 @@ def fft_conv_knob_cases():
                         d.clear()
                         d.update(old)
                     fi.FORCE_PATH = saved[-1]
-            yield f"m16knob N={n} split={sp} bj={bj} w={warps} {mode}", thunk
+                    m16.TWIDDLE_CONJ_COPY = True
+            yield f"m16knob N={n} split={sp} bj={bj} w={warps}{'' if twc else ' T'} {mode}", thunk
 
 
 def cp_cases():

@@ -928,7 +928,8 @@ from ssm_kernels.fft_conv import monarch16 as M
 from ssm_kernels._launch import FastKernel
 for n, bj in ((2048, 0), (4096, 0), (8192, 0), (4096, 32), (8192, 64), (8192, 32)):
     n1, n2 = M.split(n)   # bj: the row-blocked variant (KBLOCK)
-    consts = dict(HAS_D=True, HAS_PRE=True, HAS_POST=True, N1=n1, N2=n2, R1=n1 // 2, BJ=bj)
+    consts = dict(HAS_D=True, HAS_PRE=True, HAS_POST=True, N1=n1, N2=n2, R1=n1 // 2, BJ=bj,
+                  TWC=bj != 32)  # the conj(T) copy (TWIDDLE_CONJ_COPY) and T conjugated
     for fn, table in ((M._monarch16_fwd_kernel, M.LAUNCH), (M._monarch16_bwd_kernel, M.LAUNCH_BWD)):
         fn = fn.fn if isinstance(fn, FastKernel) else fn  # the JITFunction inside the launch cache
         sig = {a: "constexpr" if a in consts else ("*fp16" if a in ("ks_ptr", "f1_ptr", "f2_ptr", "tw_ptr")

@@ -166,3 +166,23 @@ def test_gpu_blocked(L, Lk, bj, gates, monkeypatch):
     monkeypatch.setattr(fft_m16, "KBLOCK_BWD", {n: bj})
     monkeypatch.setattr(fft_interface, "MONARCH16_BWD_CUFFT_POST_N", 1 << 30)
     check_gpu("triton", 3, 300, L, Lk, torch.bfloat16, D=gates, pre=gates, post=gates)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("frac", [1, 2])
+def test_twiddle_from_t_is_bitwise_the_same(backend, frac, monkeypatch):
+    """TWIDDLE_CONJ_COPY = False (the inverse's conj(T) from T's planes, conjugated in the
+    product) gives bitwise the outputs and gradients of the conj(T) copy, blocked or not (N = 512,
+    gates + D, slices and FINAL)."""
+    if frac > 1:
+        _blocked(monkeypatch, frac)
+    for B, H in ((3, 5), (5, 1)):
+        u, k, D, pg, qg = make(B, H, 255, 200, torch.bfloat16)
+        dy = torch.randn_like(u)
+        got = []
+        for copy in (True, False):
+            monkeypatch.setattr(fft_m16, "TWIDDLE_CONJ_COPY", copy)
+            got.append([fft_m16.fft_conv_fwd(u, k, D, pg, qg)]
+                       + list(fft_m16.fft_conv_bwd(dy, u, k, D, pg, qg)))
+        for name, a, b in zip(NAMES, *got):
+            assert torch.equal(a, b), name

@@ -196,20 +196,27 @@ def _dft(ar, ai, f1_ptr, f2_ptr, tw_ptr, p_f1h, p_f2, p_tw, N1: tl.constexpr, N2
 
 
 @triton.jit
-def _idft_mid(yr, yi, f2_ptr, tw_ptr, p_f2, p_tw, N1: tl.constexpr, N2: tl.constexpr):
+def _idft_mid(yr, yi, f2_ptr, tw_ptr, p_f2, p_tw, N1: tl.constexpr, N2: tl.constexpr,
+              TWC: tl.constexpr):
     """G = (Y @ conj F2) * conj(T) (fp16 pair) for the rows of Y (fp16) that p_tw addresses: the
-    inverse up to its last product (over k1)."""
+    inverse up to its last product (over k1). TWC: conj(T) read from its own copy (planes 2, 3);
+    else T's planes conjugated in the arithmetic (same values; one table less in L1 / L2)."""
     f2r = tl.load(f2_ptr + p_f2)
     f2i = tl.load(f2_ptr + N2 * N2 + p_f2)
     er, ei = _cmm(yr, yi, f2r, -f2i)
-    return _cmul_table(er, ei, tw_ptr + 2 * N1 * N2, p_tw, N1 * N2)
+    if TWC:
+        gr, gi = _cmul_table(er, ei, tw_ptr + 2 * N1 * N2, p_tw, N1 * N2)
+    else:
+        gr, gi = _cmul_table_conj(er, ei, tw_ptr, p_tw, N1 * N2)
+    return gr, gi
 
 
 @triton.jit
-def _idft(yr, yi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1: tl.constexpr, N2: tl.constexpr):
+def _idft(yr, yi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1: tl.constexpr, N2: tl.constexpr,
+          TWC: tl.constexpr):
     """conj(F1)[:R1, :] @ ((Y @ conj F2) * conj(T)) (fp32 [R1, N2] pair) for Y fp16: the
     unnormalised inverse DFT (N ifft) of Y in the (k1, k2) layout, rows n1 < R1."""
-    gr, gi = _idft_mid(yr, yi, f2_ptr, tw_ptr, p_f2, p_tw, N1, N2)
+    gr, gi = _idft_mid(yr, yi, f2_ptr, tw_ptr, p_f2, p_tw, N1, N2, TWC)
     g1r = tl.load(f1_ptr + p_f1g)
     g1i = tl.load(f1_ptr + N1 * N1 + p_f1g)
     return _cmm(g1r, -g1i, gr, gi)
@@ -301,7 +308,8 @@ def _cmm_acc(ar, ai, br, bi, accr, acci):
 
 @triton.jit
 def _conv_blocked(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_f1h, p_f1g, p_f2, p_tw,
-                  N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr):
+                  N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr,
+                  TWC: tl.constexpr):
     """The forward's whole transform - product - inverse for A = ar + i ai fp16 [R1, N2] with the
     filter table at ks_ptr (this channel's planes): (Re, Im) fp32 [R1, N2], unnormalised."""
     outa = tl.zeros((R1, N2), dtype=tl.float32)
@@ -310,7 +318,7 @@ def _conv_blocked(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_f1h, p_f1g, p_f2, p_
         q_tw = p_tw + j * N2
         xr, xi = _dft(ar, ai, f1_ptr, f2_ptr, tw_ptr, p_f1h + j * N1, p_f2, q_tw, N1, N2)
         yr, yi = _cmul_table(xr, xi, ks_ptr, q_tw, N1 * N2)
-        gr, gi = _idft_mid(yr, yi, f2_ptr, tw_ptr, p_f2, q_tw, N1, N2)
+        gr, gi = _idft_mid(yr, yi, f2_ptr, tw_ptr, p_f2, q_tw, N1, N2, TWC)
         g1r = tl.load(f1_ptr + p_f1g + j)
         g1i = tl.load(f1_ptr + N1 * N1 + p_f1g + j)
         outa, outb = _cmm_acc(g1r, -g1i, gr, gi, outa, outb)
@@ -319,19 +327,20 @@ def _conv_blocked(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_f1h, p_f1g, p_f2, p_
 
 @triton.jit
 def _conv(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_ks, p_f1h, p_f1g, p_f2, p_tw,
-          N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr):
+          N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr,
+          TWC: tl.constexpr):
     """Transform - product with the filter table (ks_ptr + p_ks) - inverse of A = ar + i ai:
     (Re, Im) fp32 [R1, N2]; blocked when BJ (then ks_ptr is the channel's base, p_ks unused)."""
     if BJ:
         outa, outb = _conv_blocked(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_f1h, p_f1g, p_f2,
-                                   p_tw, N1, N2, R1, BJ)
+                                   p_tw, N1, N2, R1, BJ, TWC)
     else:
         # ---- forward: B = F1[:, :R1] @ A, C = B * T, X = C @ F2
         xr, xi = _dft(ar, ai, f1_ptr, f2_ptr, tw_ptr, p_f1h, p_f2, p_tw, N1, N2)
         # ---- pointwise product with the (max-normalised) filter spectrum
         yr, yi = _cmul_table(xr, xi, ks_ptr, p_ks, N1 * N2)
         # ---- inverse: E = Y @ conj(F2), G = E * conj(T), out = conj(F1)[:R1, :] @ G
-        outa, outb = _idft(yr, yi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1, N2)
+        outa, outb = _idft(yr, yi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1, N2, TWC)
     return outa, outb
 
 
@@ -346,8 +355,9 @@ def _monarch16_fwd_kernel(
     # meta-parameters
     HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
     N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr,
-    # rows k1 per block (KBLOCK; a power of two >= 16 dividing N1); 0: the whole spectrum at once
-    BJ: tl.constexpr,
+    # rows k1 per block (KBLOCK; a power of two >= 16 dividing N1); 0: the whole spectrum at once;
+    # TWC: the inverse reads conj(T) from its own copy (TWIDDLE_CONJ_COPY), else T conjugated
+    BJ: tl.constexpr, TWC: tl.constexpr,
 ):
     i_h, i_s = tl.program_id(0), tl.program_id(1)
     o_t, p_f1h, p_f1g, p_f2, p_tw = _offsets(N1, N2, R1)
@@ -373,7 +383,7 @@ def _monarch16_fwd_kernel(
         ar = (va * s_a).to(tl.float16)
         ai = (vb * s_b).to(tl.float16)
         outa, outb = _conv(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_ks, p_f1h, p_f1g, p_f2, p_tw,
-                           N1, N2, R1, BJ)
+                           N1, N2, R1, BJ, TWC)
         # ---- epilogue: undo the scales, + D v, * post_gate, cast, store
         _pair_epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p_a, p_b, m_t, m_b, outa, outb,
                        b_ks * inv_a, b_ks * inv_b, b_d, HAS_D, HAS_PRE, HAS_POST)
@@ -431,6 +441,10 @@ _PLANS: Dict[tuple, tuple] = {}
 # SPLIT: N -> (N1, N2) instead of split(n) (e.g. 4096: (128, 32), the same dot FLOPs as 64 x 64
 # but every product with M >= 64, i.e. wgmma, and R1 = 64). Launch options stay LAUNCH /
 # LAUNCH_BWD by N (bench/gpu_fft7.py sweeps them with the knobs).
+# TWIDDLE_CONJ_COPY: the inverse's conj(T) from its own table copy (True, the measured default) or
+# from T with the sign of the imaginary part flipped in the product (False: the same values, one
+# [2, N1, N2] fp16 table (32 KB at N = 8192) less in the per-channel L1 / L2 working set).
+TWIDDLE_CONJ_COPY = True
 KBLOCK: Dict[int, int] = {}
 KBLOCK_BWD: Dict[int, int] = {}
 SPLIT: Dict[int, Tuple[int, int]] = {}
@@ -497,7 +511,7 @@ def fft_conv_fwd(u, k, D, pre, post):
         u, pre if pre is not None else u, post if post is not None else u,
         D if D is not None else kscale, y, ks, kscale, f1, f2, tw, B, H, L, per,
         HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None,
-        N1=n1, N2=n2, R1=r1, BJ=bj, **opts)
+        N1=n1, N2=n2, R1=r1, BJ=bj, TWC=TWIDDLE_CONJ_COPY, **opts)
     return y
 
 
@@ -578,7 +592,7 @@ def _monarch16_bwd_kernel(
     dk_ptr, ks_ptr, kscale_ptr, f1_ptr, f2_ptr, tw_ptr,
     B, H, L, Lk, B_PER, S,
     HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, FINAL: tl.constexpr,
-    N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr, TWC: tl.constexpr,
 ):
     i_h, i_s = tl.program_id(0), tl.program_id(1)
     o_t, p_f1h, p_f1g, p_f2, p_tw = _offsets(N1, N2, R1)
@@ -614,7 +628,7 @@ def _monarch16_bwd_kernel(
                 _dk_rmw(wk_ptr, q_tw, first, pr, pi, qr, qi, inv_c, N1 * N2)
                 # du: rows j of Q * conj(K), inverse accumulated over the blocks
                 zr, zi = _cmul_table_conj(qr, qi, ks_ptr, q_tw, N1 * N2)
-                gr, gi = _idft_mid(zr, zi, f2_ptr, tw_ptr, p_f2, q_tw, N1, N2)
+                gr, gi = _idft_mid(zr, zi, f2_ptr, tw_ptr, p_f2, q_tw, N1, N2, TWC)
                 g1r = tl.load(f1_ptr + p_f1g + j)
                 g1i = tl.load(f1_ptr + N1 * N1 + p_f1g + j)
                 cora, corb = _cmm_acc(g1r, -g1i, gr, gi, cora, corb)
@@ -631,7 +645,7 @@ def _monarch16_bwd_kernel(
             tl.debug_barrier()  # the next pair's threads may read what other threads stored
             # ---- du: corr(g, k) = inverse of Q * conj(K)
             zr, zi = _cmul_table_conj(qr, qi, ks_ptr, p_tw, N1 * N2)
-            cora, corb = _idft(zr, zi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1, N2)
+            cora, corb = _idft(zr, zi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1, N2, TWC)
         _du_epilogue(du_ptr, dpre_ptr, dy_ptr, u_ptr, pre_ptr, post_ptr, p_a, m_t,
                      cora * (b_ks * inv_t_a), b_d, HAS_D, HAS_PRE, HAS_POST)
         _du_epilogue(du_ptr, dpre_ptr, dy_ptr, u_ptr, pre_ptr, post_ptr, p_b, m_b,
@@ -641,7 +655,7 @@ def _monarch16_bwd_kernel(
             _, _, va = _load_v(u_ptr, pre_ptr, p_a, m_t, HAS_PRE)
             _, _, vb = _load_v(u_ptr, pre_ptr, p_b, m_b, HAS_PRE)
             cva, cvb = _conv((va * s_a).to(tl.float16), (vb * s_b).to(tl.float16), f1_ptr, f2_ptr,
-                             tw_ptr, ks_ptr, p_tw, p_f1h, p_f1g, p_f2, p_tw, N1, N2, R1, BJ)
+                             tw_ptr, ks_ptr, p_tw, p_f1h, p_f1g, p_f2, p_tw, N1, N2, R1, BJ, TWC)
             _pair_epilogue(dpost_ptr, u_ptr, pre_ptr, dy_ptr, p_a, p_b, m_t, m_b, cva, cvb,
                            b_ks * inv_s_a, b_ks * inv_s_b, b_d, HAS_D, HAS_PRE, True)
     tl.store(wd_ptr + i_h * S + i_s, b_dd)
@@ -661,7 +675,7 @@ def _monarch16_bwd_kernel(
                 q_tw = p_tw + j * N2
                 wr = (tl.load(wk_ptr + q_tw) * s_w).to(tl.float16)
                 wi = (tl.load(wk_ptr + N1 * N2 + q_tw) * s_w).to(tl.float16)
-                gr, gi = _idft_mid(wr, wi, f2_ptr, tw_ptr, p_f2, q_tw, N1, N2)
+                gr, gi = _idft_mid(wr, wi, f2_ptr, tw_ptr, p_f2, q_tw, N1, N2, TWC)
                 g1r = tl.load(f1_ptr + p_f1g + j)
                 g1i = tl.load(f1_ptr + N1 * N1 + p_f1g + j)
                 dkr = tl.dot(g1r, gr, tl.dot(g1i, gi, dkr))
@@ -674,7 +688,7 @@ def _monarch16_bwd_kernel(
             wi = tl.load(wk_ptr + N1 * N2 + p_tw)
             s_w, inv_w = _pow2_scale(tl.maximum(tl.max(tl.abs(wr)), tl.max(tl.abs(wi))))
             dkr, _ = _idft((wr * s_w).to(tl.float16), (wi * s_w).to(tl.float16), f1_ptr, f2_ptr,
-                           tw_ptr, p_f1g, p_f2, p_tw, N1, N2)
+                           tw_ptr, p_f1g, p_f2, p_tw, N1, N2, TWC)
             # Re of the unnormalised inverse / N (Im: the packing's cross terms, dropped)
             tl.store(dk_ptr + i_h.to(tl.int64) * Lk + o_t, dkr * (inv_w / (N1 * N2)), mask=o_t < Lk)
 
@@ -715,7 +729,7 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
         dpost if dpost is not None else du, wk, wd, dk if dk is not None else wd, ks, kscale,
         f1, f2, tw, B, H, L, Lk, per, S,
         HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None, FINAL=S == 1,
-        N1=n1, N2=n2, R1=r1, BJ=bj, **opts)
+        N1=n1, N2=n2, R1=r1, BJ=bj, TWC=TWIDDLE_CONJ_COPY, **opts)
     if S > 1:  # several programs per channel: sum their spectra in a fixed order, one inverse
         spec = wk.sum(1)                                               # [H, 2, N1, N2]
         spec = torch.complex(spec[:, 0], spec[:, 1]).transpose(1, 2).reshape(H, n)  # k1 + N1 k2
