@@ -50,6 +50,7 @@ CONFIGS = {
     "bj32 w4": dict(kblock={4096: 32}, launch={4096: (4, 1)}),
     "split bj64": dict(split={4096: (128, 32)}, kblock={4096: 64}),
     "bj16 T": dict(kblock={4096: 32, 8192: 16}, twc=False),   # TWIDDLE_CONJ_COPY = False
+    "bwd bj16": dict(kblock_bwd={4096: 32, 8192: 16}),          # the forward unblocked
 }
 # (L, gates, configurations), most informative first (the budget cuts from the end). The
 # offline sm_90 build (bench/sm90_audit.py --ops fft_conv_knobs) of each: see bench/NOTES.md.
@@ -58,6 +59,8 @@ PLAN = [
     (2048, False, ("default", "bj32", "bj16", "bj32 w4", "bj16 T")),
     (4096, True, ("default", "bj32", "bj16")),
     (1024, False, ("default",)),
+    (4096, False, ("bwd bj16",)),
+    (2048, False, ("bwd bj16",)),
     (4096, False, ("bj64",)),
     (2048, False, ("split bj64",)),
 ]
