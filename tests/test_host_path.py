@@ -262,3 +262,62 @@ def test_value_checks_name_the_argument_on_cpu():
         sk.chunk_simple_gla(q, k, v, g_gamma=torch.tensor([0.5]))
     with pytest.raises(ValueError, match="cu_seqlens must start at 0, end at T=8"):
         sk.chunk_linear_attn(q, k, v, cu_seqlens=torch.tensor([0, 5, 3, 8]))
+
+
+def test_memoised_checks_keep_value_checks_and_errors():
+    """The argument checks are memoised on metadata (`_ops.cached_on_metadata`): a call with the
+    metadata of an earlier valid call skips them, but value checks still run on every call, a
+    failing call raises again, and other metadata (shape, dtype, device, a Parameter) re-checks."""
+    from ssm_kernels._ops import cached_on_metadata
+    seen = []
+
+    @cached_on_metadata(typed=True)
+    def check(x, n):
+        seen.append(n)
+        if x.shape[0] != n:
+            raise ValueError(f"x must have {n} rows")
+        return x.shape[0]
+
+    x = torch.zeros(3, 2)
+    assert check(x, 3) == 3 and check(torch.ones(3, 2), 3) == 3 and seen == [3]   # memo hit
+    for _ in range(2):   # errors are never memoised
+        with pytest.raises(ValueError, match="x must have 4 rows"):
+            check(x, 4)
+    assert seen == [3, 4, 4]
+    check(x.double(), 3), check(torch.nn.Parameter(x), 3), check(torch.zeros(3, 5), 3)
+    assert seen == [3, 4, 4, 3, 3, 3]
+
+    @cached_on_metadata
+    def length(x):
+        seen.append(x)
+        return len(x)
+    assert length([1, 2, 3]) == 3 and length([1, 2, 3]) == 3 and len(seen) == 8   # unhashable
+
+    @cached_on_metadata(typed=True)
+    def count(n):
+        if isinstance(n, bool):
+            raise TypeError("n must be an int, not a bool")
+        return n
+    assert count(1) == 1
+    with pytest.raises(TypeError, match="not a bool"):   # typed: True (== 1, same hash) re-checks
+        count(True)
+    # through the public functions: same metadata, bad values -> the value checks still raise
+    q = k = v = torch.randn(1, 8, 1, 4)
+    g = -torch.rand(1, 8, 1)
+    sk.chunk_simple_gla(q, k, v, g)
+    with pytest.raises(ValueError, match="chunk_simple_gla: g holds log-decays and must be <= 0"):
+        sk.chunk_simple_gla(q, k, v, -g)
+    cu = torch.tensor([0, 3, 8])
+    sk.chunk_linear_attn(q, k, v, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0, end at T=8"):
+        sk.chunk_linear_attn(q, k, v, cu_seqlens=torch.tensor([0, 9, 8]))
+    beta = torch.rand(1, 8, 1)
+    sk.chunk_gated_delta_rule(q, k, v, g, beta)
+    with pytest.raises(ValueError, match="beta must lie in"):
+        sk.chunk_gated_delta_rule(q, k, v, g, beta + 2.5)
+    with pytest.raises(ValueError, match="g holds log-decays"):
+        sk.chunk_gated_delta_rule(q, k, v, -g, beta)
+    u, kf = torch.randn(2, 4, 16), torch.randn(4, 16)
+    sk.fft_conv(u, kf)
+    with pytest.raises(ValueError, match="k must have shape"):
+        sk.fft_conv(u, torch.randn(5, 16))

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from .._ops import kernel_op
+from .._ops import cached_on_metadata, kernel_op
 from ..chunk.select import select
 from ..validation import (check_cu_seqlens, check_log_decay, check_qkv, check_same_device,
                           check_tensor, empty_result, swaps_dims_1_2)
@@ -142,6 +142,18 @@ def _hint(got, want) -> str:
 
 
 def _validate(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens):
+    """Every argument check; returns N (sequences). The metadata checks are memoised on the
+    arguments' metadata (`_validate_meta`); the value checks (g <= 0, cu_seqlens' offsets) run on
+    every call where `checks_values` allows (CPU tensors, or debug mode on the GPU)."""
+    N = _validate_meta(fn, q, k, v, g, g_kind, scale, initial_state, cu_seqlens)
+    check_log_decay(fn, "g", g)
+    if cu_seqlens is not None:
+        check_cu_seqlens(fn, cu_seqlens, q.shape[0], q.shape[1])
+    return N
+
+
+@cached_on_metadata(typed=True)
+def _validate_meta(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens):
     check_qkv(fn, q, k, v, _DTYPES)
     B, T, H, K = q.shape
     if k.shape != q.shape:
@@ -161,12 +173,11 @@ def _validate(fn: str, q, k, v, g, g_kind: str, scale, initial_state, cu_seqlens
                              f"{_hint(g.shape, expect)}")
         if not g.is_floating_point():
             raise TypeError(f"{fn}: g must have a floating dtype, got {g.dtype}")
-        check_log_decay(fn, "g", g)
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}")
     N = B
     if cu_seqlens is not None:
-        N = check_cu_seqlens(fn, cu_seqlens, B, T)
+        N = check_cu_seqlens(fn, cu_seqlens, B, T, values=False)
     if initial_state is not None:
         check_tensor(fn, "initial_state", initial_state)
         expect = (N, H, K, v.shape[3])
