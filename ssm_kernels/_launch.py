@@ -46,6 +46,7 @@ from __future__ import annotations
 import functools
 import operator
 import os
+import weakref
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -91,6 +92,7 @@ class _Mark:
 
 
 _MISALIGNED: Dict[torch.dtype, _Mark] = {}
+_KERNELS: "weakref.WeakSet[FastKernel]" = weakref.WeakSet()   # every FastKernel (launch_stats)
 
 
 def _misaligned(dtype):
@@ -198,8 +200,11 @@ class FastKernel:
         self._simple = None   # decided on first use: a plain JITFunction under the CUDA-like driver
         self._layouts: Dict[Tuple, Any] = {}
         self._kw_layouts: Dict[Tuple, Any] = {}
+        self._uncached: Dict[Tuple, str] = {}   # key -> why it is served by Triton's path
         self.hits = 0
         self.misses = 0
+        self.fallbacks: Dict[str, int] = {}   # reason -> calls that took Triton's own path
+        _KERNELS.add(self)
 
     def __getattr__(self, name):   # only called for attributes FastKernel lacks
         return getattr(self.__dict__["fn"], name)
@@ -262,8 +267,8 @@ class FastKernel:
                         not self._jit.pre_run_hooks:
                     try:
                         akey = args_key(args, self._layouts)
-                    except _Unsupported:
-                        return self.fn[grid](*args, **kwargs)
+                    except _Unsupported as e:
+                        return self._slow(f"argument type {e}", grid, args, kwargs)
                     env = self._env_get
                     key = (self._device(), rt.debug, env and env(self._knobs.compilation), akey,
                            kwargs_key(kwargs, self._kw_layouts) if kwargs else ())
@@ -284,13 +289,38 @@ class FastKernel:
                         kernel = self.fn[grid](*args, **kwargs)
                         if len(self._cache) > 1024:
                             self._cache.clear()
+                            self._uncached.clear()
                         fixed = {}
                         if self._tuner is not None:   # the config Autotuner.run just launched
                             fixed = _tuned_kwargs(self._tuner, kwargs)
-                        self._cache[key] = None if fixed is None else \
+                        entry, why = (None, "autotuner config with a pre_hook or clashing "
+                                            "keyword") if fixed is None else \
                             self._entry(kernel, len(args), kwargs, fixed)
+                        self._cache[key] = entry
+                        if entry is None:
+                            self._uncached[key] = why
                         return kernel
+                    return self._slow(f"uncacheable key: {self._uncached.get(key, '?')}", grid,
+                                      args, kwargs)
+                return self._slow("launch hooks or pre-run hooks active", grid, args, kwargs)
+            return self._slow(self._why_not(), grid, args, kwargs)
+        return self._slow("launch cache disabled" if not _ENABLED else
+                          f"grid is a {type(grid).__name__}, not a tuple", grid, args, kwargs)
+
+    def _slow(self, reason: str, grid, args, kwargs):
+        """Triton's own path (`JITFunction.run` / `Autotuner.run`), counted under `reason`."""
+        f = self.fallbacks
+        f[reason] = f.get(reason, 0) + 1
         return self.fn[grid](*args, **kwargs)
+
+    def _why_not(self) -> str:
+        """Why the simple case does not apply (no side effects; for the fallback counters)."""
+        if not self._simple:
+            return "not a plain JITFunction under Triton's own run (interpreter, audit, profiler)"
+        if (self._jit_type.run is not self._jit_run or self._tuner is not None
+                and self._tuner_type.run is not self._tuner_run):
+            return "JITFunction.run / Autotuner.run patched"
+        return "inside compiling_ahead (warm-up wrapper active)"
 
     def _readopt(self) -> bool:
         """After `JITFunction.run` / `Autotuner.run` changed: True (and remembered) if they are
@@ -311,15 +341,15 @@ class FastKernel:
         self._idle = idle or tidle
         return True
 
-    def _entry(self, kernel, nargs: int, kwargs: Dict, fixed: Dict) -> Optional[_Entry]:
-        """None (always the normal path for this key) unless the kernel is a finished compiled
+    def _entry(self, kernel, nargs: int, kwargs: Dict, fixed: Dict) -> Tuple[Optional[_Entry], str]:
+        """(entry, ""), or (None, why) (always the normal path for this key) unless the kernel is a finished compiled
         kernel and every parameter after the positional ones is a keyword argument (`kwargs`, the
         call's; `fixed`, an autotuner config's) or has a default (filled in as Triton's binder
         does)."""
         if kernel is None or hasattr(kernel, "result") or not hasattr(kernel, "packed_metadata"):
-            return None
+            return None, "no finished compiled kernel (async compilation?)"
         if any(n in kwargs for n in self._names[:nargs]):
-            return None   # Triton raises for these; keep out of the way
+            return None, "a positional parameter passed by keyword"   # Triton raises for these
         live = []
         for prm in self._jit.params[nargs:]:
             n = prm.name
@@ -330,15 +360,15 @@ class FastKernel:
             elif getattr(prm, "has_default", False):
                 live.append((n, prm.default, False))
             else:
-                return None
+                return None, f"parameter {n!r} neither passed nor defaulted"
         if any(isinstance(kwargs.get(n), _Tensor) for n, _, _ in live):   # taken from each call
             names = tuple(n for n, _, _ in live)
             fixed = {n: v for n, v, from_call in live if not from_call}
             pick = operator.itemgetter(*names) if len(names) >= 2 else (lambda d: (d[names[0]],))
             if fixed:
-                return _Entry(kernel, None, lambda kw: pick({**fixed, **kw}))
-            return _Entry(kernel, None, pick)
-        return _Entry(kernel, tuple(v for _, v, _ in live))
+                return _Entry(kernel, None, lambda kw: pick({**fixed, **kw})), ""
+            return _Entry(kernel, None, pick), ""
+        return _Entry(kernel, tuple(v for _, v, _ in live)), ""
 
 
 def _passthrough(run):
@@ -392,3 +422,58 @@ def fast_kernel(fn):
             type(fn) is Autotuner and isinstance(fn.fn, (JITFunction, InterpretedFunction))):
         return FastKernel(fn)
     return fn
+
+
+def kernel_name(fk: "FastKernel") -> str:
+    """module.function of a FastKernel's (possibly autotuned) kernel."""
+    fn = fk.fn
+    inner = getattr(getattr(fn, "fn", None), "fn", None) or getattr(fn, "fn", fn)
+    return f"{getattr(inner, '__module__', '?')}.{getattr(inner, '__name__', repr(inner))}"
+
+
+def launch_stats(reset: bool = False) -> Dict[str, Dict[str, Any]]:
+    """Per FastKernel that was called since the last reset: {'hits', 'misses', 'fallbacks':
+    {reason: calls}, 'keys': launch keys cached, 'varying': the key parts that differ between
+    them (why a kernel keeps missing: an int argument that changes per call, a tensor's alignment
+    or dtype, a keyword's value)}. A steady-state call should show only hits. reset=True zeroes
+    the counters after reading (the cache itself is kept)."""
+    out = {}
+    for fk in list(_KERNELS):
+        if fk.hits or fk.misses or fk.fallbacks:
+            out[kernel_name(fk)] = dict(hits=fk.hits, misses=fk.misses,
+                                        fallbacks=dict(fk.fallbacks), keys=len(fk._cache),
+                                        varying=_varying(list(fk._cache)))
+        if reset:
+            fk.hits = fk.misses = 0
+            fk.fallbacks = {}
+    return out
+
+
+def reset_launch_stats() -> None:
+    launch_stats(reset=True)
+
+
+_KEY_PARTS = ("device", "debug", "compilation knobs", "arg types", "tensor dtype/alignment",
+              "scalar values", "keyword arguments")
+
+
+def _varying(keys) -> str:
+    """Which parts of the cached launch keys differ (for the report), e.g. 'scalar values #3'."""
+    if len(keys) < 2:
+        return ""
+    flat = []
+    for k in keys:
+        akey = k[3]
+        flat.append((k[0], k[1], k[2], akey[0], akey[1], akey[2], k[4]))
+    parts = []
+    for i, name in enumerate(_KEY_PARTS):
+        vals = [f[i] for f in flat]
+        if any(v != vals[0] for v in vals[1:]):
+            if isinstance(vals[0], tuple) and all(isinstance(v, tuple) and len(v) == len(vals[0])
+                                                  for v in vals):
+                pos = [j for j in range(len(vals[0])) if any(v[j] != vals[0][j] for v in vals)]
+                parts.append(f"{name} #{pos}: " + ", ".join(
+                    str(sorted({repr(v[j]) for v in vals})) for j in pos)[:200])
+            else:
+                parts.append(name)
+    return "; ".join(parts)
