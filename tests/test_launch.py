@@ -197,6 +197,55 @@ def test_unusual_cases_take_tritons_path(recorded, monkeypatch):
     monkeypatch.setattr(triton_jit.JITFunction, "run", orig)
     assert fk.hits == hits
     assert len(recorded) == 5
+    # every call off the fast path is counted under its reason (launch_stats)
+    assert fk.fallbacks == {"launch cache disabled": 1, "grid is a function, not a tuple": 1,
+                            "JITFunction.run / Autotuner.run patched": 1}, fk.fallbacks
+
+
+def test_launch_stats_count_hits_misses_and_name_what_varies(recorded):
+    """launch_stats(): per kernel its hits / misses / fallbacks since the last reset, and which
+    part of the launch key differs between its cached keys (an int that changes per call keeps
+    a kernel compiling or missing: the report names the argument)."""
+    fk = _launch.FastKernel(_jit())
+    kw = dict(FLAG=True, BLOCK=64)
+    _launch.reset_launch_stats()
+    for _ in range(3):
+        fk[(1,)](*_args(), **kw)
+    name = _launch.kernel_name(fk)
+    assert name.endswith("._scale")
+    st = _launch.launch_stats()[name]
+    assert (st["hits"], st["misses"], st["fallbacks"], st["keys"]) == (2, 1, {}, 1)
+    fk[(1,)](*_args(n=48), **kw)      # n % 16 == 0 either way, but the key holds the value
+    fk[(1,)](*_args(s_x=2), **kw)
+    st = _launch.launch_stats(reset=True)[name]
+    assert st["misses"] == 3 and st["keys"] == 3
+    assert "scalar values #[0, 1]" in st["varying"] and "48" in st["varying"], st["varying"]
+    assert name not in _launch.launch_stats()   # reset: no calls since
+    fk[(1,)](*_args(), FLAG=False, BLOCK=64)
+    assert "keyword arguments" in _launch.launch_stats()[name]["varying"]
+
+
+def test_every_chunk_op_launch_is_a_cache_hit_on_repeat():
+    """End to end through the public chunk ops (chunk_linear_attn with and without normalize,
+    chunk_simple_gla incl. initial / final state, chunk_gla, chunk_gated_delta_rule, chunk_based,
+    mamba_chunk_scan_combined; forward and forward+backward), their kernels compiled for sm_90 by
+    the compile-only driver and their launchers stubbed (bench/profile_host.py --stub --launches,
+    in a subprocess: the ops' kernels must be real JITFunctions, not the interpreter's): after two
+    warm-up calls every launcher call is a launch-cache hit, no miss, no fallback, on this
+    machine's Triton (run it with PYTHONPATH=/tmp/t36:$PWD for Triton 3.6)."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), root) if p)
+    r = subprocess.run([sys.executable, os.path.join(root, "bench", "profile_host.py"), "--stub",
+                        "--launches", "chunk", "mamba"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=1200)
+    rows = [ln for ln in r.stdout.splitlines() if "launches/call" in ln]
+    assert r.returncode == 0 and len(rows) >= 15, r.stdout[-4000:] + r.stderr[-4000:]
+    for ln in rows:
+        assert "all fast" in ln and float(ln.split("launches/call")[1].split()[0]) >= 1, ln
 
 
 def test_interpreted_kernels_are_left_to_the_interpreter():
