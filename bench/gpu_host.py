@@ -73,6 +73,7 @@ def main():
     peers = "--no-peers" not in sys.argv
     if "--launches" in sys.argv:
         peers = "--peers" in sys.argv
+        _pointer_check_cost()
         for case in itertools.chain(cases("cuda"), _extra_cases()):
             if (only and case.op not in only) or (case.impl != "ssm_kernels" and not peers):
                 continue
@@ -118,6 +119,50 @@ _LAUNCH_API = ("cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernel", "cudaLa
                "cuLaunchCooperativeKernel", "cudaLaunchCooperativeKernel")
 
 
+def _eager_us(fn, calls=50, repeats=5):
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+    return best
+
+
+def _pointer_check_cost(n=20000):
+    """What Triton's launcher does per tensor argument (Triton 3.6 and 3.9: data_ptr() then the
+    driver's cuPointerGetAttribute), timed through ctypes against a ctypes call of about the same
+    Python cost (cuCtxGetCurrent); the difference is the driver check itself."""
+    import ctypes
+    try:
+        cu = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        print(f"cuPointerGetAttribute: libcuda not loadable ({e})")
+        return
+    x = torch.empty(1 << 20, device="cuda")
+    ptr = ctypes.c_uint64(x.data_ptr())
+    out, ctx = ctypes.c_uint64(), ctypes.c_void_p()
+    get, cur = cu.cuPointerGetAttribute, cu.cuCtxGetCurrent
+    ref = ctypes.byref(out)
+    times = {}
+    for _ in range(3):
+        for name, f in (("check", lambda: get(ref, 3, ptr)),   # CU_POINTER_ATTRIBUTE_DEVICE_POINTER
+                        ("base", lambda: cur(ctypes.byref(ctx)))):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                f()
+            times[name] = min(times.get(name, 1e9), (time.perf_counter() - t0) / n * 1e6)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        x.data_ptr()
+    dp = (time.perf_counter() - t0) / n * 1e6
+    print(f"per tensor argument of a Triton launch: cuPointerGetAttribute ~{times['check'] - times['base']:.3f} us "
+          f"(ctypes {times['check']:.3f} - {times['base']:.3f}) + data_ptr() {dp:.3f} us; "
+          f"the chunk kernels take 10-25 tensor arguments per launch", flush=True)
+
+
 def launch_profile(case, calls=10):
     """Per eager call of `case` (after warm-up): launch-cache counters and profiler counts."""
     from torch.autograd import DeviceType
@@ -157,9 +202,18 @@ def launch_profile(case, calls=10):
     # the device synchronize after the calls is the harness's, not the op's
     sync -= sum(n for k, n in api.items() if k == "cudaDeviceSynchronize")
     per = lambda n: f"{n / calls:.1f}"
+    eager = {}
+    if case.impl == "ssm_kernels":   # A/B of the raw-pointer launch knob, alternating, best of 3
+        for raw in (False, True) * 3:
+            _launch.set_raw_pointers(raw)
+            us = _eager_us(case.fn)
+            eager[raw] = min(eager.get(raw, us), us)
+        _launch.set_raw_pointers(False)
     print(f"{case.op:<26} {case.impl:<12} {case.mode:<8} launch cache hits/call {per(hits)} "
           f"misses {per(misses)} fallbacks {per(falls)} | CUDA kernels/call {per(kernels)} "
-          f"launch API {per(launches)} malloc/free {per(malloc)} syncs {per(sync)}", flush=True)
+          f"launch API {per(launches)} malloc/free {per(malloc)} syncs {per(sync)}"
+          + (f" | eager us {eager[False]:.1f}, raw pointers {eager[True]:.1f}" if eager else ""),
+          flush=True)
     for k, st in stats.items():
         if st["misses"] or st["fallbacks"]:
             print(f"    {k}: misses {st['misses']} fallbacks {st['fallbacks']} "

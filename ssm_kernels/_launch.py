@@ -66,6 +66,24 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+_RAW_POINTERS = os.environ.get("SSM_KERNELS_RAW_POINTERS", "0") not in ("0", "", "false", "False")
+
+
+def set_raw_pointers(on: bool) -> None:
+    """A/B knob (default off until measured on the GPU): on a cache hit, hand the launcher each
+    tensor argument as its data_ptr() int. Triton's launchers (3.6, 3.9) call data_ptr() and the
+    driver's cuPointerGetAttribute for every tensor argument of every launch (the chunk kernels
+    take 10-25 pointers); an int skips both. What that check catches (a CPU tensor) cannot reach
+    a hit through the public functions, which check devices first; the first call with a key
+    (a miss) still goes through Triton's path and its check."""
+    global _RAW_POINTERS
+    _RAW_POINTERS = bool(on)
+
+
+def raw_pointers() -> bool:
+    return _RAW_POINTERS
+
+
 def set_enabled(on: bool) -> None:
     """Turn the launch cache on/off for the whole process (off: every launch via JITFunction.run)."""
     global _ENABLED
@@ -136,7 +154,7 @@ def _layout(types: Tuple):
             spos.append(i)
         else:
             return None
-    return _getter(tpos), _getter(spos)
+    return _getter(tpos), _getter(spos), tuple(tpos)
 
 
 _LAYOUTS: Dict[Tuple, Any] = {}
@@ -153,9 +171,29 @@ def args_key(args: Tuple, layouts: Dict = _LAYOUTS):
         lay = layouts[types] = _layout(types)
     if lay is None:
         raise _Unsupported(types)
-    tget, sget = lay
+    tget, sget, _ = lay
     return (types, tuple([t.dtype if not (t.data_ptr() & 15) else _misaligned(t.dtype)
                           for t in tget(args)]), sget(args))
+
+
+def args_key_raw(args: Tuple, layouts: Dict = _LAYOUTS):
+    """(`args_key(args)`, the arguments with every tensor replaced by its data_ptr()): the
+    launcher takes an int pointer as is, where for a tensor it calls data_ptr() and the driver's
+    cuPointerGetAttribute (Triton 3.6 and 3.9 launchers), per pointer argument and launch."""
+    types = tuple(map(type, args))
+    lay = layouts.get(types, False)
+    if lay is False:
+        lay = layouts[types] = _layout(types)
+    if lay is None:
+        raise _Unsupported(types)
+    tget, sget, tpos = lay
+    tensors = tget(args)
+    ptrs = [t.data_ptr() for t in tensors]
+    out = list(args)
+    for i, p in zip(tpos, ptrs):
+        out[i] = p
+    return (types, tuple([t.dtype if not (p & 15) else _misaligned(t.dtype)
+                          for t, p in zip(tensors, ptrs)]), sget(args)), out
 
 
 class _Entry:
@@ -266,7 +304,10 @@ class FastKernel:
                         (leave is None or not getattr(leave, "calls", True)) and \
                         not self._jit.pre_run_hooks:
                     try:
-                        akey = args_key(args, self._layouts)
+                        if _RAW_POINTERS:
+                            akey, largs = args_key_raw(args, self._layouts)
+                        else:
+                            akey, largs = args_key(args, self._layouts), args
                     except _Unsupported as e:
                         return self._slow(f"argument type {e}", grid, args, kwargs)
                     env = self._env_get
@@ -282,7 +323,7 @@ class FastKernel:
                         n = len(grid)
                         kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
                                    self._stream(key[0]), kernel.function, kernel.packed_metadata, None,
-                                   enter, leave, *args, *tail)
+                                   enter, leave, *largs, *tail)
                         return kernel
                     if entry is False:   # first call with this key: Triton's path, then remember
                         self.misses += 1

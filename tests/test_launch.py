@@ -387,3 +387,26 @@ def test_warmup_wrappers_pass_through_outside_their_block(recorded, monkeypatch)
     assert len(recorded) == n0 + 2 and fk.hits == 2 and fa.hits == 2 and info["kernels"] >= 1
     fk[(1,)](*_args(), **kw)
     assert fk.hits == 3 and len(recorded) == n0 + 3
+
+
+def test_raw_pointer_knob_hands_the_launcher_data_ptr_ints(recorded, monkeypatch):
+    """set_raw_pointers(True) (A/B knob): a hit passes each tensor argument as its data_ptr() int
+    (the launcher then skips data_ptr() and cuPointerGetAttribute), everything else as before; a
+    miss still goes through Triton's path with the tensors."""
+    monkeypatch.setattr(_launch, "_RAW_POINTERS", True)
+    fk = _launch.FastKernel(_jit())
+    kw = dict(FLAG=True, BLOCK=64)
+    args = _args()
+    fk[(1,)](*args, **kw)
+    slow = recorded[-1][1]
+    fk[(1,)](*args, **kw)
+    fast = recorded[-1][1]
+    assert fk.hits == 1 and recorded[-1][0] is recorded[-2][0]
+    # launcher arguments: grid (3), stream, function, metadata, launch metadata, hooks (2), then
+    # the kernel's (x, y, n, s_x, alpha, FLAG, BLOCK)
+    tail_fast, tail_slow = fast[9:], slow[9:]
+    assert len(fast) == len(slow)
+    assert tail_fast[0] == args[0].data_ptr() and tail_fast[1] == args[1].data_ptr()
+    assert isinstance(tail_slow[0], torch.Tensor) and list(tail_fast[2:]) == list(tail_slow[2:])
+    fk[(1,)](*_args(offset=1), **kw)     # misaligned: another key, Triton's path
+    assert fk.misses == 2
