@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from profile_host import per_call_us   # bench/ (the script's directory)
 from ssm_kernels import _launch
 from ssm_kernels.benchmarks.overhead import cases, measure
 
@@ -119,18 +120,6 @@ _LAUNCH_API = ("cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernel", "cudaLa
                "cuLaunchCooperativeKernel", "cudaLaunchCooperativeKernel")
 
 
-def _eager_us(fn, calls=50, repeats=5):
-    best = float("inf")
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
-    return best
-
-
 def _pointer_check_cost(n=20000):
     """What Triton's launcher does per tensor argument (Triton 3.6 and 3.9: data_ptr() then the
     driver's cuPointerGetAttribute), timed through ctypes against a ctypes call of about the same
@@ -206,7 +195,7 @@ def launch_profile(case, calls=10):
     if case.impl == "ssm_kernels":   # A/B of the raw-pointer launch knob, alternating, best of 3
         for raw in (False, True) * 3:
             _launch.set_raw_pointers(raw)
-            us = _eager_us(case.fn)
+            us = per_call_us(case.fn, calls=50)
             eager[raw] = min(eager.get(raw, us), us)
         _launch.set_raw_pointers(False)
     print(f"{case.op:<26} {case.impl:<12} {case.mode:<8} launch cache hits/call {per(hits)} "

@@ -160,18 +160,23 @@ def _layout(types: Tuple):
 _LAYOUTS: Dict[Tuple, Any] = {}
 
 
-def args_key(args: Tuple, layouts: Dict = _LAYOUTS):
-    """The positional arguments' part of the launch key, finer than Triton's specialisation: the
-    type of every argument; per tensor its dtype if data_ptr % 16 == 0, else a per-dtype marker;
-    every int / bool / float / None by value (Triton specialises ints on == 1, % 16 and the
-    i32 / i64 / u64 range, all functions of the value). Raises _Unsupported for other types."""
+def _lookup(args: Tuple, layouts: Dict):
+    """(the arguments' types, their layout); raises _Unsupported for an unsupported type."""
     types = tuple(map(type, args))
     lay = layouts.get(types, False)
     if lay is False:
         lay = layouts[types] = _layout(types)
     if lay is None:
         raise _Unsupported(types)
-    tget, sget, _ = lay
+    return types, lay
+
+
+def args_key(args: Tuple, layouts: Dict = _LAYOUTS):
+    """The positional arguments' part of the launch key, finer than Triton's specialisation: the
+    type of every argument; per tensor its dtype if data_ptr % 16 == 0, else a per-dtype marker;
+    every int / bool / float / None by value (Triton specialises ints on == 1, % 16 and the
+    i32 / i64 / u64 range, all functions of the value). Raises _Unsupported for other types."""
+    types, (tget, sget, _) = _lookup(args, layouts)
     return (types, tuple([t.dtype if not (t.data_ptr() & 15) else _misaligned(t.dtype)
                           for t in tget(args)]), sget(args))
 
@@ -180,13 +185,7 @@ def args_key_raw(args: Tuple, layouts: Dict = _LAYOUTS):
     """(`args_key(args)`, the arguments with every tensor replaced by its data_ptr()): the
     launcher takes an int pointer as is, where for a tensor it calls data_ptr() and the driver's
     cuPointerGetAttribute (Triton 3.6 and 3.9 launchers), per pointer argument and launch."""
-    types = tuple(map(type, args))
-    lay = layouts.get(types, False)
-    if lay is False:
-        lay = layouts[types] = _layout(types)
-    if lay is None:
-        raise _Unsupported(types)
-    tget, sget, tpos = lay
+    types, (tget, sget, tpos) = _lookup(args, layouts)
     tensors = tget(args)
     ptrs = [t.data_ptr() for t in tensors]
     out = list(args)
