@@ -200,12 +200,41 @@ class _Entry:
     (keyword arguments, defaults, an autotuner's config values) when they are the same on every
     call with the key, else None and `live(kwargs)` builds them per call (tensor keyword
     arguments: the key holds their dtype only)."""
-    __slots__ = ("kernel", "tail", "live")
+    __slots__ = ("kernel", "tail", "live", "launch", "pre")
 
     def __init__(self, kernel, tail: Optional[Tuple], live=None):
         self.kernel = kernel
         self.tail = tail
         self.live = live
+        # a hit calls launch(gx, gy, gz, stream, *pre, enter_hook, exit_hook, *args, *tail)
+        self.launch, self.pre = direct_launch(kernel) or (
+            kernel.run, (kernel.function, kernel.packed_metadata, None))
+
+
+def direct_launch(kernel):
+    """(the C launch function, the arguments before the hooks) of Triton 3.6's CudaLauncher, whose
+    Python `__call__` only adds (cooperative-grid flag, PDL flag, global scratch, profile scratch)
+    in front of what it is handed: called directly when the kernel needs no scratch memory (no
+    allocation to make), saving that Python frame on every hit. None for anything else (Triton
+    3.9's launcher takes other arguments; stubbed launchers; kernels with scratch)."""
+    run = getattr(kernel, "_run", None)
+    cls = type(run)
+    if cls.__name__ != "CudaLauncher" or cls.__module__ != "triton.backends.nvidia.driver":
+        return None
+    code = getattr(cls.__call__, "__code__", None)
+    if code is None or code.co_argcount != 6 or not code.co_flags & 0x04 or \
+            code.co_varnames[:6] != ("self", "gridX", "gridY", "gridZ", "stream", "function") or \
+            "allocate_scratch" not in code.co_varnames or \
+            set(code.co_names) - {"launch", "launch_cooperative_grid", "launch_pdl",
+                                  "global_scratch_size", "global_scratch_align",
+                                  "profile_scratch_size", "profile_scratch_align", "_allocation",
+                                  "_allocator", "_profile_allocator", "num_ctas", "get"}:
+        return None   # not Triton 3.6's __call__
+    if getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1) or \
+            not callable(getattr(run, "launch", None)):
+        return None
+    return run.launch, (kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+                        kernel.packed_metadata, None)
 
 
 def kwargs_key(kwargs: Dict, layouts: Dict):
@@ -281,6 +310,8 @@ class FastKernel:
         self._readopt()
         self._knobs = knobs
         self._device = active.get_current_device
+        if self._device is torch.cuda.current_device and torch.cuda.is_initialized():
+            self._device = torch._C._cuda_getDevice   # the same, without the lazy-init check
         self._stream = active.get_current_stream
         self._names = tuple(fn.arg_names)
         comp = getattr(knobs, "compilation", None)
@@ -320,9 +351,8 @@ class FastKernel:
                         if tail is None:
                             tail = entry.live(kwargs)
                         n = len(grid)
-                        kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
-                                   self._stream(key[0]), kernel.function, kernel.packed_metadata, None,
-                                   enter, leave, *largs, *tail)
+                        entry.launch(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
+                                     self._stream(key[0]), *entry.pre, enter, leave, *largs, *tail)
                         return kernel
                     if entry is False:   # first call with this key: Triton's path, then remember
                         self.misses += 1

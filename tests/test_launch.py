@@ -410,3 +410,37 @@ def test_raw_pointer_knob_hands_the_launcher_data_ptr_ints(recorded, monkeypatch
     assert isinstance(tail_slow[0], torch.Tensor) and list(tail_fast[2:]) == list(tail_slow[2:])
     fk[(1,)](*_args(offset=1), **kw)     # misaligned: another key, Triton's path
     assert fk.misses == 2
+
+
+def test_direct_launch_matches_the_launchers_own_call():
+    """Triton 3.6's CudaLauncher.__call__ adds (cooperative, pdl, global scratch, profile scratch)
+    before what it is handed and calls its C `launch`; the launch cache calls that `launch`
+    directly for kernels without scratch memory: the C function must receive exactly what
+    __call__ would hand it. Other launchers (Triton 3.9's, stubs) keep their own call."""
+    drv = pytest.importorskip("triton.backends.nvidia.driver")
+    calls = []
+    launcher = drv.CudaLauncher.__new__(drv.CudaLauncher)
+    for name, value in dict(launch=lambda *a: calls.append(a), num_ctas=1, global_scratch_size=0,
+                            global_scratch_align=1, profile_scratch_size=0,
+                            profile_scratch_align=1, launch_cooperative_grid=False,
+                            launch_pdl=True, gsan_enabled=False).items():
+        setattr(launcher, name, value)
+
+    class _Kernel:
+        _run = launcher
+        function = 1234
+        packed_metadata = (4, 1, 0)
+    x = torch.zeros(4)
+    got = _launch.direct_launch(_Kernel)
+    if triton.__version__.startswith("3.6"):
+        assert got is not None
+        launcher(2, 1, 1, 77, 1234, (4, 1, 0), None, None, None, x, 5)   # Triton's own path
+        fn, pre = got
+        fn(2, 1, 1, 77, *pre, None, None, x, 5)                          # the cache's hit
+        assert len(calls) == 2 and calls[0] == calls[1], calls
+        launcher.global_scratch_size = 8      # needs an allocation per launch: __call__ keeps it
+        assert _launch.direct_launch(_Kernel) is None
+    else:
+        assert got is None   # another launcher signature: the launcher's own __call__
+    _Kernel._run = lambda *a: None
+    assert _launch.direct_launch(_Kernel) is None
