@@ -280,16 +280,24 @@ def _split_and_profile(ours):
         if fn_key not in ours:
             continue
         fn = ours[fn_key]
+        _launch.reset_launch_stats()
         pr = cProfile.Profile()
         pr.enable()
         for _ in range(300):
             fn()
         pr.disable()
         torch.cuda.synchronize()
+        st = _launch.launch_stats(reset=True).values()
         s = io.StringIO()
         pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(14)
         print(f"\n==== cProfile {' '.join(fn_key)} (300 calls, launch cache on) ====")
         print("\n".join(ln[:150] for ln in s.getvalue().splitlines()[6:22]))
+        # pstats keeps ONE row per label: every kernel's compiled launcher is a builtin named
+        # `__triton_launcher.launch`, so its row shows one kernel's calls, not all launches
+        print(f"  launch cache over these calls: hits {sum(x['hits'] for x in st)}, misses "
+              f"{sum(x['misses'] for x in st)}, fallbacks "
+              f"{sum(sum(x['fallbacks'].values()) for x in st)} (the launcher row above counts "
+              f"one kernel only: pstats merges same-named builtins)")
 
 
 if __name__ == "__main__":
