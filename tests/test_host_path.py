@@ -147,12 +147,12 @@ PINNED = {
     "mamba_chunk_scan_combined fwd (D, z)": (2, 12),
     # with gradients D goes into the op (epilogue + dD in the backward), z stays a torch op: the
     # forward above + silu, mul (z gate); backward: the gate's mul, chunk_bwd's 14 buffers and
-    # dummies, dD = sum of per-chunk partials (sum), ddt += dg A (mul, add), dA = sum dg dt (mul,
+    # dummies, dD = sum of per-chunk partials (sum), ddt += dg A (addcmul), dA = sum dg dt (mul,
     # sum), the empty dh0 (new_empty), softplus_backward; launches: the forward's 2, then states
     # (recomputed), state grads, dv, dq/dk
     # (39 torch ops before: the per-chunk path's D was mul, add after the kernel; 37 before the
-    # forward's shared dummy)
-    "mamba_chunk_scan_combined fwd+bwd (D, z)": (6, 36),
+    # forward's shared dummy; 36 before ddt += dg A became one addcmul)
+    "mamba_chunk_scan_combined fwd+bwd (D, z)": (6, 35),
     # the chunked WY path (default): WY stage, state scan, output; checks (gt, any, item, aminmax
     # and its two items: beta's range) and the buffers plus one 1-element dummy per launch
     "chunk_gated_delta_rule fwd": (3, 19),
@@ -183,7 +183,7 @@ def test_launches_and_glue_are_pinned(name, stubbed_launches):
 PINNED_KEEP = {
     "chunk_simple_gla fwd+bwd": (5, 18),
     "chunk_gla fwd+bwd": (11, 21),
-    "mamba_chunk_scan_combined fwd+bwd (D, z)": (5, 32),
+    "mamba_chunk_scan_combined fwd+bwd (D, z)": (5, 31),
 }
 
 
