@@ -69,6 +69,7 @@ KNOB_SETS = {
     "decay_o": dict(OUT_DECAY_O=True),
     "prep": dict(GLA_PREP=True),
     "prep+every3": dict(GLA_PREP=True, H_EVERY=3),
+    "prep+every2": dict(GLA_PREP=True, H_EVERY=2),
 }
 
 
@@ -85,8 +86,8 @@ def test_forward_knobs_dense(small_chunks, monkeypatch, knobs, gate, dtype):
     V=40, initial states: o and the final states against float64, and against the knobs off."""
     if gate != "gla" and "prep" in knobs:
         pytest.skip("GLA_PREP is chunk_gla's")
-    if gate == "gla" and "decay_o" in knobs:
-        pytest.skip("OUT_DECAY_O is GATE 0/1's")
+    if gate == "gla" and "prep" not in knobs:
+        pytest.skip("chunk_gla: H_EVERY needs GLA_PREP (test_gla_every_needs_prep), OUT_* are GATE 0/1's")
     ins = _inputs(2, 83, 2, 72, 40, gate, dtype)
     base = _call(gate, *ins)
     _set(monkeypatch, KNOB_SETS[knobs])
@@ -99,16 +100,14 @@ def test_forward_knobs_dense(small_chunks, monkeypatch, knobs, gate, dtype):
                  lowp_ref=base[0].double() if lp else None)
 
 
-@pytest.mark.parametrize("knobs", ["every2", "every3+decay_o+bv128", "prep+every3"])
+@pytest.mark.parametrize("knobs", ["every2", "every3+decay_o+bv128", "prep+every3", "prep+every2"])
 @pytest.mark.parametrize("gate", ["scalar", "gla"])
 def test_forward_knobs_varlen(small_chunks, monkeypatch, knobs, gate):
     """Packed sequences of 0, 1, 50, 37 (3 chunks + a partial one), 61 tokens: the state slots
     of each sequence start at the device-side table (common.state_slots), surplus programs write
     nothing, replays never cross a sequence start."""
-    if gate != "gla" and "prep" in knobs:
-        pytest.skip("GLA_PREP is chunk_gla's")
-    if gate == "gla" and "decay_o" in knobs:
-        pytest.skip("OUT_DECAY_O is GATE 0/1's")
+    if (gate != "gla") == ("prep" in knobs):
+        pytest.skip("GLA_PREP is chunk_gla's, and chunk_gla's H_EVERY needs it")
     cu = torch.tensor([0, 0, 1, 51, 88, 149], device=DEVICE, dtype=torch.int32)
     ins = _inputs(1, 149, 2, 24, 40, gate, torch.float32, n_seq=5)
     _set(monkeypatch, KNOB_SETS[knobs])
@@ -129,6 +128,7 @@ def test_state_slots_count(small_chunks, monkeypatch, gate):
         return h, ht
     monkeypatch.setattr(cf, "chunk_states", spy)
     monkeypatch.setattr(common, "H_EVERY", 4)
+    monkeypatch.setattr(common, "GLA_PREP", True)
     ins = _inputs(2, 83, 2, 24, 24, gate, torch.float32)
     with torch.no_grad():
         _call(gate, *ins)
@@ -138,6 +138,16 @@ def test_state_slots_count(small_chunks, monkeypatch, gate):
     with torch.no_grad():
         _call(gate, *ins, cu=cu)
     assert seen[1] == (149 // CH + 5) // 4 + 5
+
+
+def test_gla_every_needs_prep(small_chunks, monkeypatch):
+    """chunk_gla without GLA_PREP stores every state whatever H_EVERY says (the replay's scores
+    are plain products only on the pre-decayed rows): bitwise the default forward."""
+    ins = _inputs(2, 83, 2, 24, 40, "gla", torch.float32)
+    base = _call("gla", *ins)
+    monkeypatch.setattr(common, "H_EVERY", 4)
+    got = _call("gla", *ins)
+    assert all(torch.equal(a, b) for a, b in zip(got, base))
 
 
 @pytest.mark.parametrize("gate", ["scalar", "gla"])

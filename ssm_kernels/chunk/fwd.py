@@ -114,39 +114,65 @@ def _state_kernel(
 
 
 @triton.jit
-def replay_state(S, k_ptr, v_ptr, g_ptr, vs_ptr, A_ptr, t0, i_c, r, i_h, i_hq, H, HQ, o_t, o_k,
-                 m_k, o_v, m_v, K, V, GATE: tl.constexpr, G_FROM_VS: tl.constexpr,
-                 HAS_VS: tl.constexpr, PRE: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr,
-                 IEEE: tl.constexpr):
-    """The [BK, BV] float32 state block S of the chunk r chunks before the one starting at token
-    t0 (global chunk i_c), advanced over those r full chunks of the same sequence to the state
-    entering chunk i_c: `_state_kernel`'s step, S <- 2^G_last S + k^T (2^(G_last - G) v) (GATE 2:
-    the decay on the k^T columns; PRE: k~ and G_last [NCH, H, K] read as stored). k^T is loaded
-    transposed (no register transpose); the decay scales the v rows (GATE 0/1)."""
-    for j in range(r):
-        t = t0 - (r - j) * BT + o_t
-        m_t = o_t < BT                       # full chunks
-        row = t * H + i_h
-        b_v = load_v(v_ptr, vs_ptr, row, m_t, o_v, m_v, V, HAS_VS)
-        if PRE:
-            b_kT = tl.load(k_ptr + row[None, :] * K + o_k[:, None], mask=m_k[:, None], other=0.)
-            gl = tl.load(g_ptr + ((i_c - r + j) * H + i_h) * K + o_k, mask=m_k, other=0.)
-            S = S * tl.exp2(gl)[:, None] + mm(b_kT, b_v, DT, IEEE)
-        elif GATE == 2:
-            b_kT = tl.load(k_ptr + (t * HQ + i_hq)[None, :] * K + o_k[:, None], mask=m_k[:, None],
-                           other=0.).to(tl.float32)
-            GT = tl.load(g_ptr + row[None, :] * K + o_k[:, None], mask=m_k[:, None], other=0.)
-            gl = tl.min(GT, axis=1)          # a full chunk: its last row, the total (last_row)
-            S = S * tl.exp2(gl)[:, None] + mm(b_kT * tl.exp2(gl[:, None] - GT), b_v, DT, IEEE)
+def gl_sum(gl_ptr, i_c, n, i_h, H, o_k, m_k, K):
+    """GATE 2 with GLA_PREP: sum of the total log2-decays G_last [NCH, H, K] of the n chunks
+    before global chunk i_c (columns o_k), <= 0."""
+    s = tl.zeros(o_k.shape, dtype=tl.float32)
+    for m in range(n):
+        s += tl.load(gl_ptr + ((i_c - 1 - m).to(tl.int64) * H + i_h) * K + o_k, mask=m_k, other=0.)
+    return s
+
+
+@triton.jit
+def replay_chunks(b_o, q_ptr, k_ptr, v_ptr, g_ptr, vs_ptr, A_ptr, t0, i_c, r, i_h, i_hq, H, HQ,
+                  o_t, m_t, o_v, m_v, K, V, GATE: tl.constexpr, G_FROM_VS: tl.constexpr,
+                  HAS_VS: tl.constexpr, PRE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                  DT: tl.constexpr, IEEE: tl.constexpr):
+    """H_EVERY: the inter-chunk output of the chunk at token t0 (global chunk i_c) when its state
+    is not stored, from the state stored r chunks before (S_{c-r}) and those r full chunks of the
+    same sequence, in attention form (nothing but [BT, BT] scores and the o accumulator held):
+        q S_c = 2^W q S_{c-r} + sum_j 2^D_j (q k_j^T . 2^(T_j - G_j)) v_j,
+    T_j chunk j's total log2-decay, G_j its chunk-local cumsum (row vector over j's keys),
+    D_j = sum of T_m over the chunks between j and c, W = sum over all r (every exponent <= 0).
+    b_o [BT, BV] holds q S_{c-r} (GATE 0/1: q raw, the caller scales rows by 2^G_i after);
+    GATE 1 scales it by 2^W here. PRE (GATE 2): q_ptr, k_ptr hold q 2^Gc, k 2^(G_last - Gc)
+    ([TOK, H, K]; HQ = H) and g_ptr G_last [NCH, H, K]: the caller scaled q's columns by 2^W
+    (gl_sum) for b_o, and here D_j scales q's columns before q k~_j^T."""
+    row_q = (t0 + o_t) * HQ + i_hq
+    if GATE == 1:
+        W = tl.zeros([], dtype=tl.float32)
+        for jj in range(r):
+            row_j = (t0 - (jj + 1) * BT + o_t) * H + i_h
+            W += last_row(log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row_j, i_h, o_t < BT, o_t,
+                                           o_t < BT, K, GATE, G_FROM_VS, BT), o_t, GATE, BT)
+        b_o = b_o * tl.exp2(W)
+    D = tl.zeros([], dtype=tl.float32)
+    for jj in range(r):
+        t_j = t0 - (jj + 1) * BT + o_t                 # chunk j = c - 1 - jj (full)
+        row_j = t_j * H + i_h
+        Aj = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            b_q = tl.load(q_ptr + row_q[:, None] * K + o_k[None, :],
+                          mask=m_t[:, None] & m_k[None, :], other=0.)
+            b_kT = tl.load(k_ptr + (t_j * HQ + i_hq)[None, :] * K + o_k[:, None],
+                           mask=m_k[:, None], other=0.)
+            if PRE:
+                b_q = b_q.to(tl.float32) * tl.exp2(gl_sum(g_ptr, i_c, jj, i_h, H, o_k, m_k, K))[None, :]
+            Aj += mm(b_q, b_kT, DT, IEEE)
+        if GATE == 1:
+            G_j = log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row_j, i_h, o_t < BT, o_t, o_t < BT, K,
+                                   GATE, G_FROM_VS, BT)
+            T_j = last_row(G_j, o_t, GATE, BT)
+            Aj = Aj * tl.exp2(D + T_j - G_j)[None, :]
+            D += T_j
+        if HAS_VS:
+            b_v = load_v(v_ptr, vs_ptr, row_j, o_t < BT, o_v, m_v, V, HAS_VS)
         else:
-            b_kT = tl.load(k_ptr + (t * HQ + i_hq)[None, :] * K + o_k[:, None], mask=m_k[:, None],
-                           other=0.)
-            G = log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row, i_h, m_t, o_t, m_t, K, GATE,
-                                 G_FROM_VS, BT)
-            G_last = last_row(G, o_t, GATE, BT)
-            S = decay_state(S, G_last, GATE) + mm(b_kT, decay_to_end(b_v, G, G_last, GATE), DT,
-                                                  IEEE)
-    return S
+            b_v = tl.load(v_ptr + row_j[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.)
+        b_o += mm(Aj, b_v, DT, IEEE)
+    return b_o
 
 
 @triton.jit
@@ -161,11 +187,12 @@ def _output_kernel(
     # SSD's epilogue (skip_gate, as _fused_fwd_kernel): o = (o + D x) * silu(z), x the unscaled v;
     # D [H, V] f32, z [TOK, H, V]
     D_ptr=None, z_ptr=None, HAS_D: tl.constexpr = False, HAS_Z: tl.constexpr = False,
-    # EVERY > 1 (common.H_EVERY): h holds every EVERY-th chunk's state (common.state_slot, cor_ptr
-    # for packed batches); the state of chunk c is rebuilt from chunk c - c mod EVERY's
-    # (replay_state). DECAY_O (GATE 1, common.OUT_DECAY_O): exp(G) scales the rows of q h after
-    # the dot, q stays a raw operand. PRE (GATE 2, common.GLA_PREP): q_ptr holds q exp2(Gc)
-    # [TOK, H, K], k_ptr k exp2(G_last - Gc), g_ptr G_last [NCH, H, K] (for the replay only)
+    # EVERY > 1 (common.H_EVERY; GATE 0/1, or GATE 2 with PRE): h holds every EVERY-th chunk's
+    # state (common.state_slot, cor_ptr for packed batches); chunk c reads chunk c - c mod EVERY's
+    # and adds the chunks in between in attention form (replay_chunks; GATE 0/1 in the DECAY_O
+    # form). DECAY_O (GATE 0/1, common.OUT_DECAY_O): exp(G) scales the rows of q h after the dot,
+    # q and k^T stay raw operands. PRE (GATE 2, common.GLA_PREP): q_ptr holds q exp2(Gc)
+    # [TOK, H, K], k_ptr k exp2(G_last - Gc), g_ptr G_last [NCH, H, K] (pass HQ = H)
     EVERY: tl.constexpr = 1, cor_ptr=None, DECAY_O: tl.constexpr = False,
     PRE: tl.constexpr = False,
 ):
@@ -200,18 +227,17 @@ def _output_kernel(
         m_k = o_k < K
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :],
                       mask=(o_k < Kc)[:, None] & m_v[None, :], other=0.)
-        if EVERY > 1:
-            b_h = replay_state(b_h.to(tl.float32), k_ptr, v_ptr, g_ptr, vs_ptr, A_ptr, t0, i_c, r,
-                               i_h, i_hq, H, HQ, o_t, o_k, m_k, o_v, m_v, K, V, GATE, G_FROM_VS,
-                               HAS_VS, PRE, BT, DT, IEEE)
         if PRE:
-            b_o += mm(tl.load(q_ptr + row[:, None] * K + o_k[None, :],
-                              mask=m_t[:, None] & m_k[None, :], other=0.), b_h, DT, IEEE)
+            b_q = tl.load(q_ptr + row[:, None] * K + o_k[None, :],
+                          mask=m_t[:, None] & m_k[None, :], other=0.)
+            if EVERY > 1:      # the stored state is r chunks old: q's columns times 2^W
+                b_q = b_q.to(tl.float32) * tl.exp2(gl_sum(g_ptr, i_c, r, i_h, H, o_k, m_k, K))[None, :]
+            b_o += mm(b_q, b_h, DT, IEEE)
         elif GATE == 2:
             b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
             Gk = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row, i_h, m_t, o_k, m_k, K, 2, False, BT)
             b_o += mm(b_q * tl.exp2(Gk), b_h, DT, IEEE)
-        elif DECAY_O:
+        elif DECAY_O or EVERY > 1:
             # q and k^T as loaded (16-bit operands, no register copies); the decays go on the
             # [BT, BV] rows of q h and the scores after the loop
             b_q = tl.load(q_ptr + row_q[:, None] * K + o_k[None, :],
@@ -219,7 +245,8 @@ def _output_kernel(
             b_kT = tl.load(k_ptr + row_q[None, :] * K + o_k[:, None],
                            mask=m_k[:, None] & m_t[None, :], other=0.)
             b_o += mm(b_q, b_h, DT, IEEE)
-            A += mm(b_q, b_kT, DT, IEEE)
+            if EVERY == 1:
+                A += mm(b_q, b_kT, DT, IEEE)
         else:
             b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
             b_o += mm(decay_rows(b_q, G, GATE), b_h, DT, IEEE)
@@ -228,11 +255,25 @@ def _output_kernel(
             if L2NORM:
                 nq += tl.sum(b_q * b_q, axis=1)
                 nk += tl.sum(b_kk * b_kk, axis=1)
+    if EVERY > 1:
+        b_o = replay_chunks(b_o, q_ptr, k_ptr, v_ptr, g_ptr, vs_ptr, A_ptr, t0, i_c, r, i_h, i_hq,
+                            H, HQ, o_t, m_t, o_v, m_v, K, V, GATE, G_FROM_VS, HAS_VS, PRE, BT, BK,
+                            DT, IEEE)
+        if GATE < 2:
+            # the chunk's own scores after the replay (q, k re-read from L1/L2), so the replay's
+            # scores and these are never live together
+            for i_k in range(tl.cdiv(K, BK)):
+                o_k = i_k * BK + tl.arange(0, BK)
+                m_k = o_k < K
+                A += mm(tl.load(q_ptr + row_q[:, None] * K + o_k[None, :],
+                                mask=m_t[:, None] & m_k[None, :], other=0.),
+                        tl.load(k_ptr + row_q[None, :] * K + o_k[:, None],
+                                mask=m_k[:, None] & m_t[None, :], other=0.), DT, IEEE)
     if GATE == 2:
         A = tl.load(a_ptr + row[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.)
     else:
         A = causal_decay(A, G, o_t, GATE) * scale
-        if DECAY_O:
+        if DECAY_O or EVERY > 1:
             b_o = decay_rows(b_o, G, GATE)
     if L2NORM:
         r_q = 1. / tl.sqrt(nq + 1e-6)
@@ -597,10 +638,10 @@ def chunk_fwd_keep(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor]
     if _takes_fused_fwd(p.gate, p.varlen, q.dtype):
         o, ht = fused_fwd(p, q, k, v, g, vs, A, h0, scale, D, z)
         return o, ht, ht.new_empty(0, dtype=p.hdtype), o.new_empty(0, dtype=torch.float32)
-    # every H_EVERY-th chunk's state only, unless the backward keeps them all or a GATE 2 fused
-    # forward reads them
-    every = 1 if (keep_h or (p.gate == 2 and gla.use_fused_fwd(p))) else max(1, common.H_EVERY)
+    # every H_EVERY-th chunk's state only, unless the backward keeps them all (GATE 2: with
+    # GLA_PREP only, whose pre-decayed rows make the replay's scores plain products)
     pre = p.gate == 2 and gla.use_prep(p)
+    every = 1 if (keep_h or (p.gate == 2 and not pre)) else max(1, common.H_EVERY)
     if pre:
         # one launch: Gc (every later stage of the backward reads it), q exp2(Gc), k exp2(G_last -
         # Gc), G_last and the scores; the state pass and the output read those
