@@ -176,6 +176,7 @@ def chunk_cases():
 # forward knob sets of the engine (chunk/common.py, session 7; off by default): inference calls,
 # bf16, V 128 (GLA_PREP only for chunk_gla, OUT_* only for GATE 0/1)
 ENGINE_KNOB_SETS = {
+    "default": {},
     "every4": dict(H_EVERY=4),
     "decay_o": dict(OUT_DECAY_O=True),
     "decay_o+bv128+w8": dict(OUT_DECAY_O=True, OUT_BLOCK_V=128, OUT_WARPS=8),
@@ -218,8 +219,8 @@ def chunk_knob_cases():
 
     for name, knobs in ENGINE_KNOB_SETS.items():
         for op in ("chunk_simple_gla", "chunk_gla", "ssd"):
-            if ("GLA_PREP" in knobs) != (op == "chunk_gla") and (
-                    "GLA_PREP" in knobs or "OUT_DECAY_O" in knobs):
+            if ("GLA_PREP" in knobs and op != "chunk_gla") or (
+                    "OUT_DECAY_O" in knobs and op == "chunk_gla"):
                 continue
             yield f"{op} bf16 K{K} V128 fwd [{name}]", lambda op=op, knobs=knobs: infer(op, knobs)
 
