@@ -849,6 +849,9 @@ AB_SETS = {
     "every2 bv128 w8": dict(H_EVERY=2, OUT_BLOCK_V=128, OUT_WARPS=8),
     "every4 bv128 w8": dict(H_EVERY=4, OUT_BLOCK_V=128, OUT_WARPS=8),
     "every4 w8": dict(H_EVERY=4, OUT_WARPS=8),
+    "every4 bv128 w8 sbv32": dict(H_EVERY=4, OUT_BLOCK_V=128, OUT_WARPS=8, STATE_BLOCK_V=32),
+    "every4 sbv32 s3": dict(H_EVERY=4, STATE_BLOCK_V=32, STATE_STAGES=3),
+    "sbv32": dict(STATE_BLOCK_V=32),
 }
 GLA_AB_SETS = {
     "default": {},

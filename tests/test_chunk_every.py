@@ -1,6 +1,7 @@
 """The chunk engine's forward knobs of session 7 (chunk/common.py; off by default, switched on here):
 H_EVERY (the state pass stores every H_EVERY-th chunk's state, the output stage rebuilds the
-others by replaying the chunks in between), OUT_DECAY_O / OUT_BLOCK_V (scalar decay on the rows of
+others by replaying the chunks in between), STATE_BLOCK_K / STATE_BLOCK_V / STATE_STAGES (the
+state pass's tiles), OUT_DECAY_O / OUT_BLOCK_V (scalar decay on the rows of
 q h after the dot, one V tile), GLA_PREP (chunk_gla: cumsum, pre-decayed q / k rows, chunk totals
 and scores in one launch; the state pass and the output stage read those). Against the float64
 chunked reference: outputs and final states, dense rows not a multiple of the chunk with an
@@ -67,9 +68,11 @@ KNOB_SETS = {
     "every4": dict(H_EVERY=4),
     "every3+decay_o+bv128": dict(H_EVERY=3, OUT_DECAY_O=True, OUT_BLOCK_V=128),
     "decay_o": dict(OUT_DECAY_O=True),
+    "every2+state_tiles": dict(H_EVERY=2, STATE_BLOCK_K=32, STATE_BLOCK_V=16, STATE_STAGES=3),
     "prep": dict(GLA_PREP=True),
     "prep+every3": dict(GLA_PREP=True, H_EVERY=3),
     "prep+every2": dict(GLA_PREP=True, H_EVERY=2),
+    "prep+every2+state_tiles": dict(GLA_PREP=True, H_EVERY=2, STATE_BLOCK_K=32, STATE_BLOCK_V=16),
 }
 
 

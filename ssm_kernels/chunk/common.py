@@ -94,6 +94,13 @@ SAVE_STATES = 1
 # k, v re-read, from L2: the neighbouring chunks' programs read them at the same time). Not when
 # the forward keeps h for the backward (SAVE_STATES=2): then every h is stored.
 H_EVERY = 1
+# tiles of the state pass (`fwd.chunk_states`, the forward's and the backward's recompute; None:
+# BLOCK_K / BLOCK_V, 4 warps, 2 stages): (K/BK) x (V/BV) x rows x heads programs, each walking
+# its rows' chunks. BV=32 doubles the programs (512 at B4 H16 K=V=128) for a latency-bound chain
+STATE_BLOCK_K = None
+STATE_BLOCK_V = None
+STATE_WARPS = None
+STATE_STAGES = None
 OUT_BLOCK_V = None    # V tile of the output stage for GATE 0/1 (None: BLOCK_V; 128 = fla's best)
 OUT_WARPS = None      # warps of the output stage (None: 4, or 8 when its V tile is 128)
 # GATE 1: the output stage scales the [BT, BV] rows of q h by exp(G) after the dot (fla's form)

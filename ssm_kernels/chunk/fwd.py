@@ -466,7 +466,11 @@ def chunk_states(p: Plan, k, v, g, vs, A, h0, store_h=True, every=1, pre=False):
         h = _dummy(k)
     ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
     cu, co, _ = p.idx_args(ht)
-    grid = (cdiv(p.K, m["BK"]), cdiv(p.V, m["BV"]), p.N * p.H)
+    BK = m["BK"] if common.STATE_BLOCK_K is None else max(
+        16, min(common.STATE_BLOCK_K, next_power_of_2(p.K)))
+    BV = m["BV"] if common.STATE_BLOCK_V is None else max(
+        16, min(common.STATE_BLOCK_V, next_power_of_2(p.V)))
+    grid = (cdiv(p.K, BK), cdiv(p.V, BV), p.N * p.H)
     d = _dummy(ht)
     cor = p.state_index(every)[1]
     _state_kernel[grid](k, v, d if g is None else g, d if vs is None else vs,
@@ -474,9 +478,10 @@ def chunk_states(p: Plan, k, v, g, vs, A, h0, store_h=True, every=1, pre=False):
                         p.T, p.H, p.H if pre else p.HQ, p.K, p.V,
                         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None,
                         HAS_H0=h0 is not None, STORE_H=store_h, IS_VARLEN=p.varlen,
-                        BT=p.BT, BK=m["BK"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"],
+                        BT=p.BT, BK=BK, BV=BV, DT=m["DT"], IEEE=m["IEEE"],
                         EVERY=every if store_h else 1, cor_ptr=d if cor is None else cor,
-                        PRE=pre, num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
+                        PRE=pre, num_warps=common.STATE_WARPS or 4,
+                        num_stages=1 if m["IEEE"] == 1 else (common.STATE_STAGES or 2))
     return h, ht
 
 
