@@ -862,7 +862,7 @@ GLA_AB_SETS = {
 # AB_SETS="every4,every4 bv128 w8": only these labels (and "default"); AB_S: seconds since start
 # after which timing rows stop (the table still prints); AB_CHECK=0 skips the float64 checks
 AB_ONLY = [x for x in os.environ.get("AB_SETS", "").split(",") if x]
-AB_S = float(os.environ.get("AB_S", "285"))
+AB_S = float(os.environ.get("AB_S", "265"))
 
 
 def _ab_sets(sets):
@@ -982,7 +982,8 @@ def engine_ab(B=4, T=4096, H=16, K=128, V=128):
     torch.cuda.empty_cache()
     if PEERS:
         fla = fla_ops()
-        for op, make, modes in (("chunk_simple_gla", sg, ("fwd",)), ("chunk_linear_attn", la, ("fwd",)),
+        for op, make, modes in (("chunk_simple_gla", sg, ("fwd",)),
+                                ("chunk_linear_attn", la, ("fwd",)),
                                 ("chunk_gla", gm, ("fwd", "fwd+bwd"))):
             if want(op) and op in fla and _ab_time_left():
                 bench(op, case, "fla", fla[op], make, modes=modes)

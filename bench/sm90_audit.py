@@ -183,6 +183,7 @@ ENGINE_KNOB_SETS = {
     "every4+decay_o+bv128+w8": dict(H_EVERY=4, OUT_DECAY_O=True, OUT_BLOCK_V=128, OUT_WARPS=8),
     "every4+decay_o+bv128+w4": dict(H_EVERY=4, OUT_DECAY_O=True, OUT_BLOCK_V=128, OUT_WARPS=4),
     "every4+decay_o": dict(H_EVERY=4, OUT_DECAY_O=True),
+    "every4+sbv32": dict(H_EVERY=4, STATE_BLOCK_V=32),
     "prep": dict(GLA_PREP=True),
     "prep+every2": dict(GLA_PREP=True, H_EVERY=2),
     "prep+every4": dict(GLA_PREP=True, H_EVERY=4),
@@ -396,7 +397,8 @@ def cp_cases():
             yield f"cp linear_scan {_dt(dtype)} {shape}", thunk
 
 
-FAMILIES = {"chunk": chunk_cases, "chunk_knobs": chunk_knob_cases, "linear_attn_check": linear_attn_check_cases,
+FAMILIES = {"chunk": chunk_cases, "chunk_knobs": chunk_knob_cases,
+            "linear_attn_check": linear_attn_check_cases,
             "selective_scan": selective_scan_cases, "linear_scan": linear_scan_cases,
             "causal_conv1d": causal_conv1d_cases, "delta_rule": delta_rule_cases,
             "fft_conv": fft_conv_cases, "cp": cp_cases}

@@ -1,4 +1,4 @@
-"""The chunk engine's forward knobs of session 7 (chunk/common.py; off by default, switched on here):
+"""The chunk engine's forward knobs of session 7 (chunk/common.py; off by default, on here):
 H_EVERY (the state pass stores every H_EVERY-th chunk's state, the output stage rebuilds the
 others by replaying the chunks in between), STATE_BLOCK_K / STATE_BLOCK_V / STATE_STAGES (the
 state pass's tiles), OUT_DECAY_O / OUT_BLOCK_V (scalar decay on the rows of
@@ -90,7 +90,8 @@ def test_forward_knobs_dense(small_chunks, monkeypatch, knobs, gate, dtype):
     if gate != "gla" and "prep" in knobs:
         pytest.skip("GLA_PREP is chunk_gla's")
     if gate == "gla" and "prep" not in knobs:
-        pytest.skip("chunk_gla: H_EVERY needs GLA_PREP (test_gla_every_needs_prep), OUT_* are GATE 0/1's")
+        pytest.skip("chunk_gla: H_EVERY needs GLA_PREP (test_gla_every_needs_prep); OUT_* are "
+                    "GATE 0/1's")
     ins = _inputs(2, 83, 2, 72, 40, gate, dtype)
     base = _call(gate, *ins)
     _set(monkeypatch, KNOB_SETS[knobs])

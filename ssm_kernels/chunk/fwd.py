@@ -104,8 +104,8 @@ def _state_kernel(
             G_last = last_row(G, o_t, GATE, BT)
             if SEG > 0 and GATE == 1:
                 gsum += G_last
-            S = decay_state(S, G_last, GATE) + mm(tl.trans(decay_to_end(b_k, G, G_last, GATE)), b_v,
-                                                  DT, IEEE)
+            S = decay_state(S, G_last, GATE) + mm(
+                tl.trans(decay_to_end(b_k, G, G_last, GATE)), b_v, DT, IEEE)
     if STORE_HT:
         tl.store(ht_ptr + i_nh.to(tl.int64) * K * V + p_s, S, mask=m_s)
         if SEG > 0 and GATE == 1:
@@ -159,7 +159,8 @@ def replay_chunks(b_o, q_ptr, k_ptr, v_ptr, g_ptr, vs_ptr, A_ptr, t0, i_c, r, i_
             b_kT = tl.load(k_ptr + (t_j * HQ + i_hq)[None, :] * K + o_k[:, None],
                            mask=m_k[:, None], other=0.)
             if PRE:
-                b_q = b_q.to(tl.float32) * tl.exp2(gl_sum(g_ptr, i_c, jj, i_h, H, o_k, m_k, K))[None, :]
+                b_q = (b_q.to(tl.float32)
+                       * tl.exp2(gl_sum(g_ptr, i_c, jj, i_h, H, o_k, m_k, K))[None, :])
             Aj += mm(b_q, b_kT, DT, IEEE)
         if GATE == 1:
             G_j = log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row_j, i_h, o_t < BT, o_t, o_t < BT, K,
@@ -231,7 +232,8 @@ def _output_kernel(
             b_q = tl.load(q_ptr + row[:, None] * K + o_k[None, :],
                           mask=m_t[:, None] & m_k[None, :], other=0.)
             if EVERY > 1:      # the stored state is r chunks old: q's columns times 2^W
-                b_q = b_q.to(tl.float32) * tl.exp2(gl_sum(g_ptr, i_c, r, i_h, H, o_k, m_k, K))[None, :]
+                b_q = (b_q.to(tl.float32)
+                       * tl.exp2(gl_sum(g_ptr, i_c, r, i_h, H, o_k, m_k, K))[None, :])
             b_o += mm(b_q, b_h, DT, IEEE)
         elif GATE == 2:
             b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)

@@ -435,7 +435,8 @@ def _intra_prep_kernel(
                       axis=0)
         tl.store(gc_ptr + p, G, mask=m)
         G_last = tl.sum(tl.where((o_t == BT - 1)[:, None], G, 0.), axis=0)
-        tl.store(gl_ptr + (i_c.to(tl.int64) * H + i_h) * K + o_k, G_last, mask=m_k & (o_k * 0 + t0 < eos))
+        tl.store(gl_ptr + (i_c.to(tl.int64) * H + i_h) * K + o_k, G_last,
+                 mask=m_k & (o_k * 0 + t0 < eos))
         span = tl.maximum(span, tl.max(-G_last, axis=0))
         b_q = load_rows(q_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
         b_k = load_rows(k_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
