@@ -69,6 +69,8 @@ KNOB_SETS = {
     "every3+decay_o+bv128": dict(H_EVERY=3, OUT_DECAY_O=True, OUT_BLOCK_V=128),
     "decay_o": dict(OUT_DECAY_O=True),
     "every2+state_tiles": dict(H_EVERY=2, STATE_BLOCK_K=32, STATE_BLOCK_V=16, STATE_STAGES=3),
+    "every4+coarse": dict(H_EVERY=4, STATE_COARSE=True),
+    "every2+coarse+decay_o": dict(H_EVERY=2, STATE_COARSE=True, OUT_DECAY_O=True),
     "prep": dict(GLA_PREP=True),
     "prep+every3": dict(GLA_PREP=True, H_EVERY=3),
     "prep+every2": dict(GLA_PREP=True, H_EVERY=2),
@@ -104,7 +106,8 @@ def test_forward_knobs_dense(small_chunks, monkeypatch, knobs, gate, dtype):
                  lowp_ref=base[0].double() if lp else None)
 
 
-@pytest.mark.parametrize("knobs", ["every2", "every3+decay_o+bv128", "prep+every3", "prep+every2"])
+@pytest.mark.parametrize("knobs", ["every2", "every3+decay_o+bv128", "every4+coarse",
+                                   "every2+coarse+decay_o", "prep+every3", "prep+every2"])
 @pytest.mark.parametrize("gate", ["scalar", "gla"])
 def test_forward_knobs_varlen(small_chunks, monkeypatch, knobs, gate):
     """Packed sequences of 0, 1, 50, 37 (3 chunks + a partial one), 61 tokens: the state slots

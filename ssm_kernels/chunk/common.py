@@ -97,6 +97,10 @@ H_EVERY = 1
 # tiles of the state pass (`fwd.chunk_states`, the forward's and the backward's recompute; None:
 # BLOCK_K / BLOCK_V, 4 warps, 2 stages): (K/BK) x (V/BV) x rows x heads programs, each walking
 # its rows' chunks. BV=32 doubles the programs (512 at B4 H16 K=V=128) for a latency-bound chain
+# STATE_COARSE (GATE 0/1 with H_EVERY = R > 1 a power of two): the state pass walks chunks of R x BT tokens (the
+# states it stores are exactly the ones H_EVERY keeps: T / (R BT) steps of an (R BT)-long dot
+# instead of T / BT steps, more bytes in flight per step); False: BT-long steps, every R-th stored
+STATE_COARSE = False
 STATE_BLOCK_K = None
 STATE_BLOCK_V = None
 STATE_WARPS = None

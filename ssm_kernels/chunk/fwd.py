@@ -468,6 +468,13 @@ def chunk_states(p: Plan, k, v, g, vs, A, h0, store_h=True, every=1, pre=False):
         h = _dummy(k)
     ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
     cu, co, _ = p.idx_args(ht)
+    BT, EVERY = p.BT, (every if store_h else 1)
+    if common.STATE_COARSE and EVERY > 1 and EVERY & (EVERY - 1) == 0 and p.gate < 2 and not pre:
+        # chunks of every x BT tokens: the stored states are the same ones, at slots
+        # n * cdiv(T, every BT) + i (rows) or cor[n] + i (packed: cor is their first-slot table)
+        BT, EVERY = BT * every, 1
+        if p.varlen:
+            co = p.state_index(every)[1]
     BK = m["BK"] if common.STATE_BLOCK_K is None else max(
         16, min(common.STATE_BLOCK_K, next_power_of_2(p.K)))
     BV = m["BV"] if common.STATE_BLOCK_V is None else max(
@@ -480,8 +487,8 @@ def chunk_states(p: Plan, k, v, g, vs, A, h0, store_h=True, every=1, pre=False):
                         p.T, p.H, p.H if pre else p.HQ, p.K, p.V,
                         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None,
                         HAS_H0=h0 is not None, STORE_H=store_h, IS_VARLEN=p.varlen,
-                        BT=p.BT, BK=BK, BV=BV, DT=m["DT"], IEEE=m["IEEE"],
-                        EVERY=every if store_h else 1, cor_ptr=d if cor is None else cor,
+                        BT=BT, BK=BK, BV=BV, DT=m["DT"], IEEE=m["IEEE"],
+                        EVERY=EVERY, cor_ptr=d if cor is None else cor,
                         PRE=pre, num_warps=common.STATE_WARPS or 4,
                         num_stages=1 if m["IEEE"] == 1 else (common.STATE_STAGES or 2))
     return h, ht
