@@ -852,6 +852,10 @@ AB_SETS = {
     "every4 bv128 w8 sbv32": dict(H_EVERY=4, OUT_BLOCK_V=128, OUT_WARPS=8, STATE_BLOCK_V=32),
     "every4 sbv32 s3": dict(H_EVERY=4, STATE_BLOCK_V=32, STATE_STAGES=3),
     "sbv32": dict(STATE_BLOCK_V=32),
+    "every2 coarse": dict(H_EVERY=2, STATE_COARSE=True),
+    "every4 coarse": dict(H_EVERY=4, STATE_COARSE=True),
+    "every2 bv128 w8 coarse": dict(H_EVERY=2, OUT_BLOCK_V=128, OUT_WARPS=8, STATE_COARSE=True),
+    "every4 bv128 w8 coarse": dict(H_EVERY=4, OUT_BLOCK_V=128, OUT_WARPS=8, STATE_COARSE=True),
 }
 GLA_AB_SETS = {
     "default": {},

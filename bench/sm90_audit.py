@@ -184,6 +184,8 @@ ENGINE_KNOB_SETS = {
     "every4+decay_o+bv128+w4": dict(H_EVERY=4, OUT_DECAY_O=True, OUT_BLOCK_V=128, OUT_WARPS=4),
     "every4+decay_o": dict(H_EVERY=4, OUT_DECAY_O=True),
     "every4+sbv32": dict(H_EVERY=4, STATE_BLOCK_V=32),
+    "every2+coarse": dict(H_EVERY=2, STATE_COARSE=True),
+    "every4+coarse": dict(H_EVERY=4, STATE_COARSE=True),
     "prep": dict(GLA_PREP=True),
     "prep+every2": dict(GLA_PREP=True, H_EVERY=2),
     "prep+every4": dict(GLA_PREP=True, H_EVERY=4),

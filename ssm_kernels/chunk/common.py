@@ -103,7 +103,7 @@ H_EVERY = 1
 STATE_COARSE = False
 STATE_BLOCK_K = None
 STATE_BLOCK_V = None
-STATE_WARPS = None
+STATE_WARPS = None    # None: 4 (8 for STATE_COARSE chunks of 256: 4 spill on sm_90)
 STATE_STAGES = None
 OUT_BLOCK_V = None    # V tile of the output stage for GATE 0/1 (None: BLOCK_V; 128 = fla's best)
 OUT_WARPS = None      # warps of the output stage (None: 4, or 8 when its V tile is 128)

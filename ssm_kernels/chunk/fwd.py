@@ -489,7 +489,7 @@ def chunk_states(p: Plan, k, v, g, vs, A, h0, store_h=True, every=1, pre=False):
                         HAS_H0=h0 is not None, STORE_H=store_h, IS_VARLEN=p.varlen,
                         BT=BT, BK=BK, BV=BV, DT=m["DT"], IEEE=m["IEEE"],
                         EVERY=EVERY, cor_ptr=d if cor is None else cor,
-                        PRE=pre, num_warps=common.STATE_WARPS or 4,
+                        PRE=pre, num_warps=common.STATE_WARPS or (8 if BT >= 256 else 4),
                         num_stages=1 if m["IEEE"] == 1 else (common.STATE_STAGES or 2))
     return h, ht
 
