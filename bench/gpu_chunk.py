@@ -961,6 +961,11 @@ def engine_ab(B=4, T=4096, H=16, K=128, V=128):
         t = {f"states H_EVERY={e}": do_bench(
             lambda e=e: cf.chunk_states(p, k, v, g, None, None, None, every=e), warmup=10, rep=40,
             return_mode="median") for e in (1, 2, 4, 8)}
+        for e in (2, 4):
+            with setk(dict(STATE_COARSE=True)):
+                t[f"states H_EVERY={e} STATE_COARSE"] = do_bench(
+                    lambda e=e: cf.chunk_states(p, k, v, g, None, None, None, every=e),
+                    warmup=10, rep=40, return_mode="median")
         stage_rows("chunk_simple_gla stage", case, t)
         del q, k, v, g
     la = lambda req: la_inputs(B, T, H, K, V, None, req=req)  # noqa: E731
