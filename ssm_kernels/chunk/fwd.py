@@ -83,15 +83,16 @@ def _state_kernel(
                          S.to(h_ptr.dtype.element_ty), mask=m_s)
         t = bos + i * BT + o_t
         m_t = t < eos
-        b_v = load_v(v_ptr, vs_ptr, t * H + i_h, m_t, o_v, m_v, V, HAS_VS)
         if PRE:
             # k^T loaded transposed, already decayed to the chunk end: S <- 2^G_last S + k~^T v
+            b_v = load_v(v_ptr, vs_ptr, t * H + i_h, m_t, o_v, m_v, V, HAS_VS)
             b_kT = tl.load(k_ptr + (t * H + i_h)[None, :] * K + o_k[:, None],
                            mask=m_k[:, None] & m_t[None, :], other=0.)
             gl = tl.load(g_ptr + ((base + i) * H + i_h) * K + o_k, mask=m_k, other=0.)
             S = S * tl.exp2(gl)[:, None] + mm(b_kT, b_v, DT, IEEE)
         else:
             b_k = load_rows(k_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
+            b_v = load_v(v_ptr, vs_ptr, t * H + i_h, m_t, o_v, m_v, V, HAS_VS)
             if L2NORM:
                 b_k = l2norm_rows(b_k)
             if DELTA:
@@ -226,17 +227,18 @@ def _output_kernel(
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :],
-                      mask=(o_k < Kc)[:, None] & m_v[None, :], other=0.)
+        m_h = (o_k < Kc)[:, None] & m_v[None, :]
         if PRE:
             b_q = tl.load(q_ptr + row[:, None] * K + o_k[None, :],
                           mask=m_t[:, None] & m_k[None, :], other=0.)
+            b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.)
             if EVERY > 1:      # the stored state is r chunks old: q's columns times 2^W
                 b_q = (b_q.to(tl.float32)
                        * tl.exp2(gl_sum(g_ptr, i_c, r, i_h, H, o_k, m_k, K))[None, :])
             b_o += mm(b_q, b_h, DT, IEEE)
         elif GATE == 2:
             b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
+            b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.)
             Gk = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row, i_h, m_t, o_k, m_k, K, 2, False, BT)
             b_o += mm(b_q * tl.exp2(Gk), b_h, DT, IEEE)
         elif DECAY_O or EVERY > 1:
@@ -246,11 +248,13 @@ def _output_kernel(
                           mask=m_t[:, None] & m_k[None, :], other=0.)
             b_kT = tl.load(k_ptr + row_q[None, :] * K + o_k[:, None],
                            mask=m_k[:, None] & m_t[None, :], other=0.)
+            b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.)
             b_o += mm(b_q, b_h, DT, IEEE)
             if EVERY == 1:
                 A += mm(b_q, b_kT, DT, IEEE)
         else:
             b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
+            b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.)
             b_o += mm(decay_rows(b_q, G, GATE), b_h, DT, IEEE)
             b_kk = load_rows(k_ptr, row_q, m_t, o_k, m_k, K)
             A += mm(b_q, tl.trans(b_kk), DT, IEEE)
