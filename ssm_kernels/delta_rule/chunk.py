@@ -146,6 +146,20 @@ WY_FAST_STAGES = 1
 # better than tf32's 11; 16-bit A operands convert in registers and 16-bit B operands need no
 # transposed store, at 1.5x the tensor time of one tf32 dot)
 WY_FAST_INV16 = False
+# the WY backward by `_wy_bwd_fast_kernel` (16-bit inputs; bench/NOTES.md "helper deltabwd7"): one
+# V loop (dW = -dV' S^T, dU Y^T, dY = T^T dV', dv, dbeta in one pass; the default reads dV' and
+# v twice), k, v, h stay 16-bit operands (the products with an exact 16-bit side as hi + lo
+# 16-bit dots of the float32 side, `mm_hilo` / `mm_lohi`: ~16 bits of it, tf32 keeps 11; the
+# L2 norm, beta and e^G as row/column scales), int64 tile bases + int32 offsets, 4 warps (the
+# default: 8 warps, 255 registers, 1.3 KB of spills, 200 KB of shared memory = 1 program per
+# SM), the group's value heads summed through the engine's float32 dk buffer (no [BT, K] tile
+# live across heads). Off until the GPU measures it.
+WY_BWD_FAST = False
+# its warps, V tile (None: 32), software-pipeline stages of the V loop, register cap (None: none)
+WY_BWD_FAST_WARPS = 4
+WY_BWD_FAST_BV = None
+WY_BWD_FAST_STAGES = 1
+WY_BWD_FAST_MAXNREG = None
 
 
 @triton.jit
@@ -547,6 +561,144 @@ def _wy_bwd_kernel(
              mask=m_tk)
 
 
+@triton.jit
+def mm_lohi(a, b, NSPLIT: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+    """a @ b for a 16-bit `a` (an exact operand) and a float32 `b` as NSPLIT 16-bit dots on the
+    pieces of b = b_0 + b_1 + ... (`mm_hilo` with the roles swapped; float16: each column of `b`
+    scaled by a power of two to at most 1 first, the product's columns scaled back)."""
+    if DT == tl.float16:
+        bmax = tl.max(tl.abs(b), axis=0)
+        s_col = tl.exp2(tl.ceil(tl.log2(tl.maximum(bmax, 1e-30))))
+        rest = b * (1. / s_col)[None, :]
+    else:
+        rest = b
+    piece = rest.to(DT)
+    acc = mm(a, piece, DT, IEEE)
+    for _ in tl.static_range(1, NSPLIT):
+        rest = rest - piece.to(tl.float32)
+        piece = rest.to(DT)
+        if IEEE == 0:
+            acc = tl.dot(a, piece, acc)
+        else:
+            acc += mm(a, piece, DT, IEEE)
+    if DT == tl.float16:
+        acc = acc * s_col[None, :]
+    return acc
+
+
+@triton.jit
+def _wy_bwd_fast_kernel(
+    # WY_BWD_FAST; the arguments of `_wy_bwd_kernel`. dke [TOK, HQ, K] float32 when GR > 1 (it
+    # carries the running sum over the group's value heads)
+    k_ptr, v_ptr, g_ptr, beta_ptr, tm_ptr, h_ptr, dvn_ptr, dke_ptr, dge_ptr,
+    dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, ct_ptr, cu_ptr,
+    T, NT, H, HQ, K, V,
+    GATE: tl.constexpr, L2NORM: tl.constexpr, WF32: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    GR: tl.constexpr, DVN16: tl.constexpr, H16: tl.constexpr, NSD: tl.constexpr,
+):
+    """Per (chunk, q/k head), for each value head of its group (X = diag(beta e^G r) k, Y =
+    diag(beta) v, r the L2 norm's reciprocal or 1): dW = -dV' S^T, dT = dW X^T + dV' Y^T,
+    dX = T^T dW, dY = T^T dV' (dv = beta dY), dA = -T^T dT T^T (strictly lower), then dk, dbeta,
+    dg as `_wy_bwd_head`. k, v, h (16-bit) are exact dot operands: the float32 side of those
+    products is split hi + lo (1 + WF32 pieces); T's products stay tf32 (`mm_wy`)."""
+    i_c, i_hq = tl.program_id(0), tl.program_id(1)
+    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    o_t = tl.arange(0, BT)
+    m_t = (t0 + o_t) < eos
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
+    strict = o_t[:, None] > o_t[None, :]
+    # int64 bases of the chunk's first row, int32 offsets inside the tiles
+    o_rq = o_t * HQ
+    kq0 = (t0 * HQ + i_hq) * K
+    o_qk = o_rq[:, None] * K + o_k[None, :]
+    o_r = o_t * H
+    for j in range(GR):
+        i_h = i_hq * GR + j
+        r0 = t0 * H + i_h
+        row = t0 + o_t
+        b_beta = tl.load(beta_ptr + r0 + o_r, mask=m_t, other=0.).to(tl.float32)
+        G = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row * H + i_h, i_h, m_t, o_k, m_k, K, GATE,
+                             False, BT)
+        b_bg = b_beta * tl.exp2(G)
+        # T^T loaded transposed (no dot consumes a transposed dot result)
+        Tt = tl.load(tm_ptr + r0 * BT + (o_r[None, :] * BT + o_t[:, None]), mask=m_t[None, :],
+                     other=0.)
+        p_h = h_ptr + (i_c.to(tl.int64) * H + i_h) * K * V
+        dW = tl.zeros([BT, BK], dtype=tl.float32)
+        dTu = tl.zeros([BT, BT], dtype=tl.float32)
+        b_db = tl.zeros([BT], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            o_tv = o_r[:, None] * V + o_v[None, :]
+            m_tv = m_t[:, None] & m_v[None, :]
+            b_dvn = tl.load(dvn_ptr + r0 * V + o_tv, mask=m_tv, other=0.)
+            b_v = tl.load(v_ptr + r0 * V + o_tv, mask=m_tv, other=0.)
+            b_vT = tl.load(v_ptr + r0 * V + (o_r[None, :] * V + o_v[:, None]),
+                           mask=m_t[None, :] & m_v[:, None], other=0.)
+            b_hT = tl.load(p_h + (o_k[None, :] * V + o_v[:, None]),
+                           mask=(o_k < Kc)[None, :] & m_v[:, None], other=0.)
+            if H16:
+                dW -= mm_hilo(b_dvn.to(tl.float32), b_hT, NSD, DT, IEEE)     # -dV' S^T
+            else:   # float32 states (STATES_IN_INPUT_DTYPE off): tf32 as the default kernel
+                dW -= mm_wy(b_dvn, b_hT, WF32, DT, IEEE)
+            dTu += mm_hilo(b_dvn.to(tl.float32), b_vT, NSD, DT, IEEE)        # dV' V^T
+            if DVN16:
+                dY = mm_hilo(Tt, b_dvn, 1 + WF32, DT, IEEE)                  # T^T dV'
+            else:
+                dY = mm_wy(Tt, b_dvn, WF32, DT, IEEE)
+            tl.store(dv_ptr + r0 * V + o_tv, (dY * b_beta[:, None]).to(dv_ptr.dtype.element_ty),
+                     mask=m_tv)
+            b_db += tl.sum(dY * b_v.to(tl.float32), axis=1)
+        # k (16-bit) and k^T loaded here, not live through the V loop
+        b_k = tl.load(k_ptr + kq0 + o_qk, mask=m_tk, other=0.)
+        b_kT = tl.load(k_ptr + kq0 + (o_rq[None, :] * K + o_k[:, None]),
+                       mask=m_t[None, :] & m_k[:, None], other=0.)
+        b_kf = b_k.to(tl.float32)
+        if L2NORM:
+            r_k = 1. / tl.sqrt(tl.sum(b_kf * b_kf, axis=1) + 1e-6)
+        else:
+            r_k = tl.full([BT], 1., tl.float32)
+        # dT = dV' Y^T + dW X^T on the strictly lower part (the only part dA's product reads)
+        dT = tl.where(strict, dTu * b_beta[None, :]
+                      + mm_hilo(dW, b_kT, 1 + WF32, DT, IEEE) * (b_bg * r_k)[None, :], 0.)
+        dX = mm_wy(Tt, dW, WF32, DT, IEEE)
+        xk = tl.sum(dX * b_kf, axis=1) * r_k                                  # dX . k^
+        dA = -mm_wy(mm_wy(Tt, dT, WF32, DT, IEEE), Tt, WF32, DT, IEEE)
+        dAE = tl.where(strict, dA * tl.exp2(tl.where(strict, G[:, None] - G[None, :],
+                                                     float("-inf"))), 0.)
+        KK = mm(b_k, b_kT, DT, IEEE) * r_k[:, None] * r_k[None, :]           # k^ k^T
+        P = dAE * KK
+        Bm = dAE * b_beta[:, None]
+        b_db += tl.sum(P, axis=1) + tl.exp2(G) * xk
+        tl.store(dbeta_ptr + r0 + o_r, b_db, mask=m_t)
+        if GATE == 1:
+            Q = P * b_beta[:, None]
+            dG = tl.sum(Q, axis=1) - tl.sum(Q, axis=0) + b_bg * xk
+            dg = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG            # sum over s >= t
+            dg += tl.load(dge_ptr + r0 + o_r, mask=m_t, other=0.)
+            tl.store(dg_ptr + r0 + o_r, dg, mask=m_t)
+        # d k^ = Bm k^ + Bm^T k^ + beta e^G dX (k^ = diag(r) k: r goes on Bm's columns / rows;
+        # the second term as the transpose of k^T (diag(r) Bm), only in an elementwise sum)
+        b_dk = (mm_hilo(Bm * r_k[None, :], b_k, 1 + WF32, DT, IEEE)
+                + tl.trans(mm_lohi(b_kT, Bm * r_k[:, None], 1 + WF32, DT, IEEE))
+                + dX * b_bg[:, None])
+        b_dk += tl.load(dke_ptr + kq0 + o_qk, mask=m_tk, other=0.).to(tl.float32)
+        if GR > 1:
+            # the running sum over the group's value heads stays in the float32 dke rows (this
+            # program owns them); the same layout reads them back, the barrier orders it
+            tl.store(dke_ptr + kq0 + o_qk, b_dk, mask=m_tk & (j < GR - 1))
+            tl.debug_barrier()
+        if L2NORM:
+            b_kh = b_kf * r_k[:, None]
+            b_dk = r_k[:, None] * (b_dk - b_kh * tl.sum(b_kh * b_dk, axis=1)[:, None])
+        tl.store(dk_ptr + kq0 + o_qk, b_dk.to(dk_ptr.dtype.element_ty), mask=m_tk & (j == GR - 1))
+
+
 # ---- launchers ---------------------------------------------------------------------------------
 
 # launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
@@ -554,6 +706,7 @@ _wy_fwd_kernel = fast_kernel(_wy_fwd_kernel)
 _wu_kernel = fast_kernel(_wu_kernel)
 _wy_fast_kernel = fast_kernel(_wy_fast_kernel)
 _wy_bwd_kernel = fast_kernel(_wy_bwd_kernel)
+_wy_bwd_fast_kernel = fast_kernel(_wy_bwd_fast_kernel)
 
 
 def _plan(q, v, g, cu_seqlens):
@@ -573,7 +726,9 @@ def _plan(q, v, g, cu_seqlens):
     p.wy_fast = WY_FAST and fast
     p.lean_bwd = (WY_LEAN or WY_BWD_LEAN) and fast
     p.g16 = BWD_GRAD_16 and fast
-    p.dke16 = p.g16 and BWD_DKE_16
+    p.wy_bwd_fast = WY_BWD_FAST and fast
+    # the fast WY backward sums a group's value heads through dke: float32 there when GR > 1
+    p.dke16 = p.g16 and BWD_DKE_16 and not (p.wy_bwd_fast and p.H > p.HQ)
     p.wy_warps = (WY_WARPS if fast else None) or p.warps
     p.state_warps = (STATE_WARPS if fast else None) or p.warps
     p.dqk_delta = DQK_DELTA and fast
@@ -778,6 +933,20 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
     dv = common.poison(torch.empty_like(v))
     dbeta = common.poison(q.new_empty(v.shape[:3], **f32))
     dg = common.poison(q.new_empty(v.shape[:3], **f32)) if g is not None else None
+    if p.wy_bwd_fast:
+        wf = min(p.wf32, 1)
+        _wy_bwd_fast_kernel[(p.NCH, p.HQ)](
+            k, v, gg, beta, tm, h, dvn, dke, dge, dk, dv, dbeta, d if dg is None else dg, ct, cu,
+            p.T, p.NT, p.H, p.HQ, p.K, p.V,
+            GATE=p.gate, L2NORM=l2, WF32=wf, IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"],
+            BV=max(16, min(WY_BWD_FAST_BV or 32, next_power_of_2(p.V))), DT=m["DT"],
+            IEEE=m["IEEE"], GR=p.H // p.HQ, DVN16=dvn.dtype != torch.float32,
+            H16=h.dtype != torch.float32,
+            # pieces of dV' in its products with 16-bit operands: 2 (float32 dV', tf32 setting)
+            NSD=1 if dvn.dtype != torch.float32 else 1 + wf,
+            num_warps=WY_BWD_FAST_WARPS, num_stages=WY_BWD_FAST_STAGES,
+            **({"maxnreg": WY_BWD_FAST_MAXNREG} if WY_BWD_FAST_MAXNREG else {}))
+        return dq, dk, dv, dg, dbeta, dh0
     _wy_bwd_kernel[(p.NCH, p.HQ)](
         k, v, gg, beta, tm, h, dvn, dke, dge, dk, dv, dbeta, d if dg is None else dg, ct, cu,
         p.T, p.NT, p.H, p.HQ, p.K, p.V,
