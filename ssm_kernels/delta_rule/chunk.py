@@ -155,10 +155,13 @@ WY_FAST_INV16 = False
 # SM), the group's value heads summed through the engine's float32 dk buffer (no [BT, K] tile
 # live across heads). Off until the GPU measures it.
 WY_BWD_FAST = False
-# its warps, V tile (None: 32), software-pipeline stages of the V loop, register cap (None: none)
-WY_BWD_FAST_WARPS = 4
+# its warps, V tile (None: 32), software-pipeline stages of the V loop, register cap (None: none).
+# sm_90 (bf16 K=V=128 BT=64, Triton 3.9, ptxas 12.9; regs, spill B, shared memory): 8 warps 2
+# stages 255, 0-28 B, 112 KB (1 program per SM, as the default kernel's 255 / 1340 B / 196 KB);
+# 4 warps 1 stage 255, 500-1100 B, 112 KB (2 per SM); 8 warps at maxnreg 128 spills 1.4-1.7 KB
+WY_BWD_FAST_WARPS = 8
 WY_BWD_FAST_BV = None
-WY_BWD_FAST_STAGES = 1
+WY_BWD_FAST_STAGES = 2
 WY_BWD_FAST_MAXNREG = None
 
 
@@ -588,8 +591,8 @@ def mm_lohi(a, b, NSPLIT: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _wy_bwd_fast_kernel(
-    # WY_BWD_FAST; the arguments of `_wy_bwd_kernel`. dke [TOK, HQ, K] float32 when GR > 1 (it
-    # carries the running sum over the group's value heads)
+    # WY_BWD_FAST; the arguments of `_wy_bwd_kernel`, dke float32: this program's rows of it
+    # hold partial sums of dk (and the running sum over the group's value heads)
     k_ptr, v_ptr, g_ptr, beta_ptr, tm_ptr, h_ptr, dvn_ptr, dke_ptr, dge_ptr,
     dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, ct_ptr, cu_ptr,
     T, NT, H, HQ, K, V,
@@ -654,20 +657,25 @@ def _wy_bwd_fast_kernel(
             tl.store(dv_ptr + r0 * V + o_tv, (dY * b_beta[:, None]).to(dv_ptr.dtype.element_ty),
                      mask=m_tv)
             b_db += tl.sum(dY * b_v.to(tl.float32), axis=1)
-        # k (16-bit) and k^T loaded here, not live through the V loop
-        b_k = tl.load(k_ptr + kq0 + o_qk, mask=m_tk, other=0.)
+        # k^T (16-bit) loaded here, not live through the V loop; r from its columns
         b_kT = tl.load(k_ptr + kq0 + (o_rq[None, :] * K + o_k[:, None]),
                        mask=m_t[None, :] & m_k[:, None], other=0.)
-        b_kf = b_k.to(tl.float32)
         if L2NORM:
-            r_k = 1. / tl.sqrt(tl.sum(b_kf * b_kf, axis=1) + 1e-6)
+            b_kTf = b_kT.to(tl.float32)
+            r_k = 1. / tl.sqrt(tl.sum(b_kTf * b_kTf, axis=0) + 1e-6)
         else:
             r_k = tl.full([BT], 1., tl.float32)
         # dT = dV' Y^T + dW X^T on the strictly lower part (the only part dA's product reads)
         dT = tl.where(strict, dTu * b_beta[None, :]
                       + mm_hilo(dW, b_kT, 1 + WF32, DT, IEEE) * (b_bg * r_k)[None, :], 0.)
         dX = mm_wy(Tt, dW, WF32, DT, IEEE)
-        xk = tl.sum(dX * b_kf, axis=1) * r_k                                  # dX . k^
+        b_k = tl.load(k_ptr + kq0 + o_qk, mask=m_tk, other=0.)
+        xk = tl.sum(dX * b_k.to(tl.float32), axis=1) * r_k                   # dX . k^
+        # dke + beta e^G dX parked in the (float32, this program's) dke rows while the [BT, BT]
+        # products run: no [BT, K] float32 tile live through them
+        b_dk = dX * b_bg[:, None] + tl.load(dke_ptr + kq0 + o_qk, mask=m_tk, other=0.).to(
+            tl.float32)
+        tl.store(dke_ptr + kq0 + o_qk, b_dk.to(dke_ptr.dtype.element_ty), mask=m_tk)
         dA = -mm_wy(mm_wy(Tt, dT, WF32, DT, IEEE), Tt, WF32, DT, IEEE)
         dAE = tl.where(strict, dA * tl.exp2(tl.where(strict, G[:, None] - G[None, :],
                                                      float("-inf"))), 0.)
@@ -683,18 +691,19 @@ def _wy_bwd_fast_kernel(
             dg += tl.load(dge_ptr + r0 + o_r, mask=m_t, other=0.)
             tl.store(dg_ptr + r0 + o_r, dg, mask=m_t)
         # d k^ = Bm k^ + Bm^T k^ + beta e^G dX (k^ = diag(r) k: r goes on Bm's columns / rows;
-        # the second term as the transpose of k^T (diag(r) Bm), only in an elementwise sum)
+        # the second term as the transpose of k^T (diag(r) Bm), only in an elementwise sum);
+        # the barrier orders the parked rows' store before their load (same layout: same thread)
+        tl.debug_barrier()
         b_dk = (mm_hilo(Bm * r_k[None, :], b_k, 1 + WF32, DT, IEEE)
                 + tl.trans(mm_lohi(b_kT, Bm * r_k[:, None], 1 + WF32, DT, IEEE))
-                + dX * b_bg[:, None])
-        b_dk += tl.load(dke_ptr + kq0 + o_qk, mask=m_tk, other=0.).to(tl.float32)
+                + tl.load(dke_ptr + kq0 + o_qk, mask=m_tk, other=0.).to(tl.float32))
         if GR > 1:
             # the running sum over the group's value heads stays in the float32 dke rows (this
-            # program owns them); the same layout reads them back, the barrier orders it
+            # program owns them)
             tl.store(dke_ptr + kq0 + o_qk, b_dk, mask=m_tk & (j < GR - 1))
             tl.debug_barrier()
         if L2NORM:
-            b_kh = b_kf * r_k[:, None]
+            b_kh = b_k.to(tl.float32) * r_k[:, None]
             b_dk = r_k[:, None] * (b_dk - b_kh * tl.sum(b_kh * b_dk, axis=1)[:, None])
         tl.store(dk_ptr + kq0 + o_qk, b_dk.to(dk_ptr.dtype.element_ty), mask=m_tk & (j == GR - 1))
 
@@ -727,8 +736,8 @@ def _plan(q, v, g, cu_seqlens):
     p.lean_bwd = (WY_LEAN or WY_BWD_LEAN) and fast
     p.g16 = BWD_GRAD_16 and fast
     p.wy_bwd_fast = WY_BWD_FAST and fast
-    # the fast WY backward sums a group's value heads through dke: float32 there when GR > 1
-    p.dke16 = p.g16 and BWD_DKE_16 and not (p.wy_bwd_fast and p.H > p.HQ)
+    # the fast WY backward parks partial sums (and a group's running sum) in dke: float32 there
+    p.dke16 = p.g16 and BWD_DKE_16 and not p.wy_bwd_fast
     p.wy_warps = (WY_WARPS if fast else None) or p.warps
     p.state_warps = (STATE_WARPS if fast else None) or p.warps
     p.dqk_delta = DQK_DELTA and fast
