@@ -19,7 +19,8 @@
    its forward stages. VARIANTS="name:KNOB=VAL,KNOB=VAL;name2:..." (values Python literals), or
    VARIANTS=@bwd (BWD_VARIANTS: the backward's knobs) / @fwd / @savet (SAVE_WY_VARIANTS: the
    forward's WY inverse kept for the backward) / @wyfast (WYFAST_VARIANTS: the WY stage by
-   `_wy_fast_kernel`) / @defaults (the knobs as they are), or a ','-list of groups and
+   `_wy_fast_kernel`) / @wybwd (WYBWD_VARIANTS: the WY backward by `_wy_bwd_fast_kernel`,
+   defaults first) / @defaults (the knobs as they are), or a ','-list of groups and
    variants mixed by ';' ("@defaults,@savet;lean4:WY_LEAN=True"); VARIANT_EXTRA="ungated,profile"
    (what else each variant runs; see VARIANT_EXTRA below).
 Env: STEPS (default "check,time,stages,variants"), QUICK=1 (no peers, first shape only), GVA=0
@@ -118,6 +119,19 @@ WYFAST_VARIANTS = (   # most telling first: the budget may cut the tail
     "wyfast-inv16:WY_FAST=True,WY_FAST_INV16=True;"
     "wyfast-loop:WY_FAST=True,WY_FAST_LOOP=True;"
     "wyfast-w8:WY_FAST=True,WY_FAST_WARPS=8")
+# the WY backward by `_wy_bwd_fast_kernel` (WY_BWD_FAST; bench/NOTES.md, "helper deltabwd7"):
+# VARIANTS=@wybwd with VARIANT_EXTRA=ungated,profile: the defaults' kernel profile first (the
+# baseline `_wy_bwd_kernel` row in the same call), then each variant's check, its dk/dv/dg/dbeta
+# against the same knobs with WY_BWD_FAST off (fast_vs_default), timings and the
+# `_wy_bwd_fast_kernel` row of its profile
+WYBWD_VARIANTS = (   # most telling first: the budget may cut the tail
+    "defaults:;"
+    "wybwd-fast:WY_BWD_FAST=True;"
+    "wybwd-fast-w4:WY_BWD_FAST=True,WY_BWD_FAST_WARPS=4,WY_BWD_FAST_STAGES=1;"
+    "wybwd-fast-all:WY_BWD_FAST=True,WY_FAST=True,SAVE_WY_INVERSE=True,DQK_DELTA=True,"
+    "SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,DQK_MAXNREG=128,DQK_STAGES=2;"
+    "wybwd-lean:WY_BWD_LEAN=True;"
+    "wybwd-fast-bv64:WY_BWD_FAST=True,WY_BWD_FAST_BV=64")
 # per variant, besides its check and gated fwd / fwd+bwd: "ungated" (chunk_delta_rule, against
 # fla's fwd+bwd), "profile" (every kernel of its gated fwd+bwd), "stages" (its forward stages);
 # unset: ungated and profile for the first variant only, stages for every one
@@ -333,7 +347,7 @@ def kernel_profile(label, f, make, fwd_only):
 
 
 VARIANT_GROUPS = {"@bwd": BWD_VARIANTS, "@fwd": DEFAULT_VARIANTS, "@savet": SAVE_WY_VARIANTS,
-                  "@wyfast": WYFAST_VARIANTS, "@defaults": "defaults:"}
+                  "@wyfast": WYFAST_VARIANTS, "@wybwd": WYBWD_VARIANTS, "@defaults": "defaults:"}
 
 
 def expand_variants(text):
@@ -401,6 +415,37 @@ def same_as_recompute(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
                  "fwd", float("nan"), "saved T vs recompute: " + (
                      "bitwise equal" if same else f"DIFFER (max {max(diffs.values()):.2e})")))
     return same
+
+
+def fast_vs_default(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
+    """WY_BWD_FAST on (as set now) against off, the other knobs as set: o, S, dq, dh0 should be
+    bitwise equal (shared kernels), dk, dv, dg, dbeta close (the same products, hi + lo split
+    and reordered). Logs each gradient's max |diff| relative to its max |value|."""
+    q, k, v, g, beta = inputs(B, T - 7, H, HV, K, V, True)
+    h0 = torch.randn(B, HV, K, V, device=DEV)
+    cots, outs = None, []
+    old = wy.WY_BWD_FAST
+    for fast in (True, False):
+        wy.WY_BWD_FAST = fast
+        try:
+            xs = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
+            o, S = sk.chunk_gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True,
+                                             use_qk_l2norm_in_kernel=True)
+            if cots is None:
+                cots = (torch.randn_like(o), torch.randn_like(S))
+            outs.append([o, S] + list(torch.autograd.grad(
+                (o.float() * cots[0]).sum() + (S * cots[1]).sum(), xs)))
+        finally:
+            wy.WY_BWD_FAST = old
+    names = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    rel = {n: (a.float() - b.float()).abs().max().item() / (b.float().abs().max().item() + 1e-30)
+           for n, a, b in zip(names, *outs)}
+    shared = all(torch.equal(outs[0][i], outs[1][i]) for i in (0, 1, 2, 7))
+    text = (f"fast vs default WY bwd: shared outputs {'bitwise' if shared else 'DIFFER'}, rel "
+            + " ".join(f"{n} {rel[n]:.1e}" for n in ("dk", "dv", "dg", "dbeta")))
+    log(f"variant {name}: {text}")
+    ROWS.append(("chunk_gated_delta_rule", f"B{B} T{T - 7} H{H} HV{HV}", f"ssm_kernels [{name}]",
+                 "fwd", float("nan"), text))
 
 
 def over_budget(what):
@@ -494,6 +539,8 @@ def main():
                     f"({time.time() - t:.1f} s with its compile)")
                 if knobs.get("SAVE_WY_INVERSE"):
                     same_as_recompute(name)
+                if knobs.get("WY_BWD_FAST"):
+                    fast_vs_default(name)
                 bench("chunk_gated_delta_rule", case, f"ssm_kernels [{name}]"
                       + ("" if good else " CHECK FAILED"), ours("chunk_gated_delta_rule", l2=False),
                       make)
