@@ -385,17 +385,18 @@ def parse_variants(text):
     return out
 
 
-def same_as_recompute(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
-    """SAVE_WY_INVERSE on (as set now) against off, the other knobs as set: o, S and every
-    gradient of the gated op (l2 norm, h0, a partial chunk) should be bitwise equal (the backward
-    forms W, U from the forward's T instead of re-solving it). Logs the largest differences."""
-    q, k, v, g, beta = inputs(B, T - 7, H, HV, K, V, True)
+NAMES8 = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+
+
+def knob_on_off(knob, B, T, H, HV, K, V):
+    """(outputs with `knob` True, with it False), the other knobs as set: o, S and every gradient
+    of the gated op (l2 norm, h0, a partial chunk, a loss on o and S)."""
+    q, k, v, g, beta = inputs(B, T, H, HV, K, V, True)
     h0 = torch.randn(B, HV, K, V, device=DEV)
-    cots = None
-    outs = []
-    for save in (True, False):
-        old = wy.SAVE_WY_INVERSE
-        wy.SAVE_WY_INVERSE = save
+    cots, outs = None, []
+    old = getattr(wy, knob)
+    for val in (True, False):
+        setattr(wy, knob, val)
         try:
             xs = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
             o, S = sk.chunk_gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True,
@@ -405,9 +406,16 @@ def same_as_recompute(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
             outs.append([o, S] + list(torch.autograd.grad(
                 (o.float() * cots[0]).sum() + (S * cots[1]).sum(), xs)))
         finally:
-            wy.SAVE_WY_INVERSE = old
-    names = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
-    diffs = {n: (a.float() - b.float()).abs().max().item() for n, a, b in zip(names, *outs)}
+            setattr(wy, knob, old)
+    return outs
+
+
+def same_as_recompute(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
+    """SAVE_WY_INVERSE on (as set now) against off: o, S and every gradient should be bitwise
+    equal (the backward forms W, U from the forward's T instead of re-solving it). Logs the
+    largest differences."""
+    outs = knob_on_off("SAVE_WY_INVERSE", B, T - 7, H, HV, K, V)
+    diffs = {n: (a.float() - b.float()).abs().max().item() for n, a, b in zip(NAMES8, *outs)}
     same = all(torch.equal(a, b) for a, b in zip(*outs))
     log(f"variant {name}: saved T vs recompute: {'bitwise equal' if same else 'DIFFER'} "
         f"(max |diff| {max(diffs.values()):.3e}: {diffs})")
@@ -418,28 +426,12 @@ def same_as_recompute(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
 
 
 def fast_vs_default(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
-    """WY_BWD_FAST on (as set now) against off, the other knobs as set: o, S, dq, dh0 should be
-    bitwise equal (shared kernels), dk, dv, dg, dbeta close (the same products, hi + lo split
-    and reordered). Logs each gradient's max |diff| relative to its max |value|."""
-    q, k, v, g, beta = inputs(B, T - 7, H, HV, K, V, True)
-    h0 = torch.randn(B, HV, K, V, device=DEV)
-    cots, outs = None, []
-    old = wy.WY_BWD_FAST
-    for fast in (True, False):
-        wy.WY_BWD_FAST = fast
-        try:
-            xs = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
-            o, S = sk.chunk_gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True,
-                                             use_qk_l2norm_in_kernel=True)
-            if cots is None:
-                cots = (torch.randn_like(o), torch.randn_like(S))
-            outs.append([o, S] + list(torch.autograd.grad(
-                (o.float() * cots[0]).sum() + (S * cots[1]).sum(), xs)))
-        finally:
-            wy.WY_BWD_FAST = old
-    names = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    """WY_BWD_FAST on against off: o, S, dq, dh0 should be bitwise equal (shared kernels), dk,
+    dv, dg, dbeta close (the same products, hi + lo split and reordered). Logs each gradient's
+    max |diff| relative to its max |value|."""
+    outs = knob_on_off("WY_BWD_FAST", B, T - 7, H, HV, K, V)
     rel = {n: (a.float() - b.float()).abs().max().item() / (b.float().abs().max().item() + 1e-30)
-           for n, a, b in zip(names, *outs)}
+           for n, a, b in zip(NAMES8, *outs)}
     shared = all(torch.equal(outs[0][i], outs[1][i]) for i in (0, 1, 2, 7))
     text = (f"fast vs default WY bwd: shared outputs {'bitwise' if shared else 'DIFFER'}, rel "
             + " ".join(f"{n} {rel[n]:.1e}" for n in ("dk", "dv", "dg", "dbeta")))
