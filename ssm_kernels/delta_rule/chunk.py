@@ -590,6 +590,22 @@ def mm_lohi(a, b, NSPLIT: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _rc_mask(m_r, o_c, N, EVEN: tl.constexpr, COLS_FIRST: tl.constexpr = False):
+    """Mask of a [rows, cols] tile (COLS_FIRST: [cols, rows]) from the row mask `m_r` and the
+    column offsets `o_c` < N; EVEN (every column in range): the row mask alone, broadcast (no
+    per-element predicate tensor live in registers)."""
+    if COLS_FIRST:
+        m = m_r[None, :]
+        if not EVEN:
+            m = m & (o_c < N)[:, None]
+    else:
+        m = m_r[:, None]
+        if not EVEN:
+            m = m & (o_c < N)[None, :]
+    return m
+
+
+@triton.jit
 def _wy_bwd_fast_kernel(
     # WY_BWD_FAST; the arguments of `_wy_bwd_kernel`, dke float32: this program's rows of it
     # hold partial sums of dk (and the running sum over the group's value heads)
@@ -599,52 +615,50 @@ def _wy_bwd_fast_kernel(
     GATE: tl.constexpr, L2NORM: tl.constexpr, WF32: tl.constexpr, IS_VARLEN: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
     GR: tl.constexpr, DVN16: tl.constexpr, H16: tl.constexpr, NSD: tl.constexpr,
+    EVEN_K: tl.constexpr = False, EVEN_V: tl.constexpr = False,
 ):
     """Per (chunk, q/k head), for each value head of its group (X = diag(beta e^G r) k, Y =
     diag(beta) v, r the L2 norm's reciprocal or 1): dW = -dV' S^T, dT = dW X^T + dV' Y^T,
     dX = T^T dW, dY = T^T dV' (dv = beta dY), dA = -T^T dT T^T (strictly lower), then dk, dbeta,
     dg as `_wy_bwd_head`. k, v, h (16-bit) are exact dot operands: the float32 side of those
-    products is split hi + lo (1 + WF32 pieces); T's products stay tf32 (`mm_wy`)."""
+    products is split hi + lo (1 + WF32 pieces); T's products stay tf32 (`mm_wy`). EVEN_K
+    (K == BK), EVEN_V (BV divides V): row masks only. Tile offsets are formed where used."""
     i_c, i_hq = tl.program_id(0), tl.program_id(1)
     t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
     o_t = tl.arange(0, BT)
     m_t = (t0 + o_t) < eos
     o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    m_tk = m_t[:, None] & m_k[None, :]
     Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
     strict = o_t[:, None] > o_t[None, :]
     # int64 bases of the chunk's first row, int32 offsets inside the tiles
-    o_rq = o_t * HQ
     kq0 = (t0 * HQ + i_hq) * K
-    o_qk = o_rq[:, None] * K + o_k[None, :]
-    o_r = o_t * H
     for j in range(GR):
         i_h = i_hq * GR + j
         r0 = t0 * H + i_h
-        row = t0 + o_t
-        b_beta = tl.load(beta_ptr + r0 + o_r, mask=m_t, other=0.).to(tl.float32)
-        G = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row * H + i_h, i_h, m_t, o_k, m_k, K, GATE,
-                             False, BT)
+        b_beta = tl.load(beta_ptr + r0 + o_t * H, mask=m_t, other=0.).to(tl.float32)
+        G = log_decay_cumsum(g_ptr, g_ptr, g_ptr, (t0 + o_t) * H + i_h, i_h, m_t, o_k, o_k < K,
+                             K, GATE, False, BT)
         b_bg = b_beta * tl.exp2(G)
         # T^T loaded transposed (no dot consumes a transposed dot result)
-        Tt = tl.load(tm_ptr + r0 * BT + (o_r[None, :] * BT + o_t[:, None]), mask=m_t[None, :],
-                     other=0.)
+        Tt = tl.load(tm_ptr + r0 * BT + ((o_t * H)[None, :] * BT + o_t[:, None]),
+                     mask=m_t[None, :], other=0.)
         p_h = h_ptr + (i_c.to(tl.int64) * H + i_h) * K * V
         dW = tl.zeros([BT, BK], dtype=tl.float32)
         dTu = tl.zeros([BT, BT], dtype=tl.float32)
         b_db = tl.zeros([BT], dtype=tl.float32)
         for i_v in range(tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
-            m_v = o_v < V
-            o_tv = o_r[:, None] * V + o_v[None, :]
-            m_tv = m_t[:, None] & m_v[None, :]
+            o_tv = (o_t * H)[:, None] * V + o_v[None, :]
+            m_tv = _rc_mask(m_t, o_v, V, EVEN_V)
             b_dvn = tl.load(dvn_ptr + r0 * V + o_tv, mask=m_tv, other=0.)
             b_v = tl.load(v_ptr + r0 * V + o_tv, mask=m_tv, other=0.)
-            b_vT = tl.load(v_ptr + r0 * V + (o_r[None, :] * V + o_v[:, None]),
-                           mask=m_t[None, :] & m_v[:, None], other=0.)
-            b_hT = tl.load(p_h + (o_k[None, :] * V + o_v[:, None]),
-                           mask=(o_k < Kc)[None, :] & m_v[:, None], other=0.)
+            b_vT = tl.load(v_ptr + r0 * V + ((o_t * H)[None, :] * V + o_v[:, None]),
+                           mask=_rc_mask(m_t, o_v, V, EVEN_V, True), other=0.)
+            if EVEN_K and EVEN_V:
+                m_h = (o_v < Kc * V)[:, None]      # [BV, 1]: false only in surplus programs
+            else:
+                m_h = (o_k < Kc)[None, :] & (o_v < V)[:, None]
+            b_hT = tl.load(p_h + (o_k[None, :] * V + o_v[:, None]), mask=m_h, other=0.)
             if H16:
                 dW -= mm_hilo(b_dvn.to(tl.float32), b_hT, NSD, DT, IEEE)     # -dV' S^T
             else:   # float32 states (STATES_IN_INPUT_DTYPE off): tf32 as the default kernel
@@ -658,8 +672,8 @@ def _wy_bwd_fast_kernel(
                      mask=m_tv)
             b_db += tl.sum(dY * b_v.to(tl.float32), axis=1)
         # k^T (16-bit) loaded here, not live through the V loop; r from its columns
-        b_kT = tl.load(k_ptr + kq0 + (o_rq[None, :] * K + o_k[:, None]),
-                       mask=m_t[None, :] & m_k[:, None], other=0.)
+        b_kT = tl.load(k_ptr + kq0 + ((o_t * HQ)[None, :] * K + o_k[:, None]),
+                       mask=_rc_mask(m_t, o_k, K, EVEN_K, True), other=0.)
         if L2NORM:
             b_kTf = b_kT.to(tl.float32)
             r_k = 1. / tl.sqrt(tl.sum(b_kTf * b_kTf, axis=0) + 1e-6)
@@ -669,6 +683,8 @@ def _wy_bwd_fast_kernel(
         dT = tl.where(strict, dTu * b_beta[None, :]
                       + mm_hilo(dW, b_kT, 1 + WF32, DT, IEEE) * (b_bg * r_k)[None, :], 0.)
         dX = mm_wy(Tt, dW, WF32, DT, IEEE)
+        o_qk = (o_t * HQ)[:, None] * K + o_k[None, :]
+        m_tk = _rc_mask(m_t, o_k, K, EVEN_K)
         b_k = tl.load(k_ptr + kq0 + o_qk, mask=m_tk, other=0.)
         xk = tl.sum(dX * b_k.to(tl.float32), axis=1) * r_k                   # dX . k^
         # dke + beta e^G dX parked in the (float32, this program's) dke rows while the [BT, BT]
@@ -683,13 +699,13 @@ def _wy_bwd_fast_kernel(
         P = dAE * KK
         Bm = dAE * b_beta[:, None]
         b_db += tl.sum(P, axis=1) + tl.exp2(G) * xk
-        tl.store(dbeta_ptr + r0 + o_r, b_db, mask=m_t)
+        tl.store(dbeta_ptr + r0 + o_t * H, b_db, mask=m_t)
         if GATE == 1:
             Q = P * b_beta[:, None]
             dG = tl.sum(Q, axis=1) - tl.sum(Q, axis=0) + b_bg * xk
             dg = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG            # sum over s >= t
-            dg += tl.load(dge_ptr + r0 + o_r, mask=m_t, other=0.)
-            tl.store(dg_ptr + r0 + o_r, dg, mask=m_t)
+            dg += tl.load(dge_ptr + r0 + o_t * H, mask=m_t, other=0.)
+            tl.store(dg_ptr + r0 + o_t * H, dg, mask=m_t)
         # d k^ = Bm k^ + Bm^T k^ + beta e^G dX (k^ = diag(r) k: r goes on Bm's columns / rows;
         # the second term as the transpose of k^T (diag(r) Bm), only in an elementwise sum);
         # the barrier orders the parked rows' store before their load (same layout: same thread)
@@ -944,15 +960,17 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
     dg = common.poison(q.new_empty(v.shape[:3], **f32)) if g is not None else None
     if p.wy_bwd_fast:
         wf = min(p.wf32, 1)
+        bv = max(16, min(WY_BWD_FAST_BV or 32, next_power_of_2(p.V)))
         _wy_bwd_fast_kernel[(p.NCH, p.HQ)](
             k, v, gg, beta, tm, h, dvn, dke, dge, dk, dv, dbeta, d if dg is None else dg, ct, cu,
             p.T, p.NT, p.H, p.HQ, p.K, p.V,
             GATE=p.gate, L2NORM=l2, WF32=wf, IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"],
-            BV=max(16, min(WY_BWD_FAST_BV or 32, next_power_of_2(p.V))), DT=m["DT"],
+            BV=bv, DT=m["DT"],
             IEEE=m["IEEE"], GR=p.H // p.HQ, DVN16=dvn.dtype != torch.float32,
             H16=h.dtype != torch.float32,
             # pieces of dV' in its products with 16-bit operands: 2 (float32 dV', tf32 setting)
             NSD=1 if dvn.dtype != torch.float32 else 1 + wf,
+            EVEN_K=p.K == m["BKF"], EVEN_V=p.V % bv == 0,
             num_warps=WY_BWD_FAST_WARPS, num_stages=WY_BWD_FAST_STAGES,
             **({"maxnreg": WY_BWD_FAST_MAXNREG} if WY_BWD_FAST_MAXNREG else {}))
         return dq, dk, dv, dg, dbeta, dh0
