@@ -594,8 +594,8 @@ def test_triton_chunk_bwd_delta_plain(backend, gated, monkeypatch):
     _judge_chunk(out, ref, low, names, torch.float16, F.normalize(q.double(), dim=-1, eps=0))
 
 
-# WY_BWD_FAST against the default WY backward on the same inputs: (CHUNK_CASES index, extra
-# knobs, dtype, the GPU's BT=64 tiles)
+# WY_BWD_FAST against the default WY backward on the same inputs: (CHUNK_CASES index or a case
+# tuple of its form, extra knobs, dtype, the GPU's BT=64 tiles)
 WY_BWD_FAST_CASES = {
     "gva-k16-v24-partial": (0, {}, torch.float16, False),
     "nogate-l2-k12": (1, {}, torch.float16, False),
@@ -604,6 +604,16 @@ WY_BWD_FAST_CASES = {
     "fp32-states-bv16": (0, {"WY_BWD_FAST_BV": 16}, torch.float16, True),
     "dvn16-bf16": (2, {"BWD_GRAD_16": True}, torch.bfloat16, False),
     "tf32-off-bf16": (2, {"WU_FLOAT32": False}, torch.bfloat16, False),
+    # column blocks of K need K >= 32 (blocks of >= 16): cases of their own
+    "ksplit2-varlen-gva3-l2": ((True, True, 1, 70, 1, 3, 32, 16, [0, 5, 37, 38, 70]),
+                               {"WY_BWD_FAST_KSPLIT": 2}, torch.float16, False),
+    "ksplit2-gva-k32-v24-bt64": ((True, False, 2, 75, 1, 2, 32, 24, None),
+                                 {"WY_BWD_FAST_KSPLIT": 2}, torch.float16, True),
+    "ksplit2-nogate-l2-k40": ((False, True, 1, 70, 2, 2, 40, 8, None),
+                              {"WY_BWD_FAST_KSPLIT": 2}, torch.float16, False),
+    "ksplit2-k130-uneven": (3, {"WY_BWD_FAST_KSPLIT": 2}, torch.float16, False),
+    "ksplit2-fp32-states": ((True, True, 1, 70, 1, 2, 32, 16, None),
+                            {"WY_BWD_FAST_KSPLIT": 2}, torch.float16, True),
 }
 
 
@@ -616,20 +626,23 @@ def test_triton_wy_bwd_fast_matches_default(backend, case, monkeypatch):
     output's scale, two ulps for bf16), and both within the 16-bit bound of the float64 recurrence. Cases: gated
     GVA K=16 V=24 partial chunk, ungated K=12, varlen HV=3H with the L2 norm (BT=32 and the
     GPU's BT=64), float32 states (STATES_IN_INPUT_DTYPE off: the tf32 branch of -dV' S^T) at
-    a 16-wide V tile, dV' stored bf16 (BWD_GRAD_16: the 16-bit dV' branch), WU_FLOAT32 off."""
+    a 16-wide V tile, dV' stored bf16 (BWD_GRAD_16: the 16-bit dV' branch), WU_FLOAT32 off;
+    WY_BWD_FAST_KSPLIT=2 (dW and dk in two column blocks of K) on GVA/varlen/L2/BT=64 and
+    K=130 (blocks of 128 over a padded 256: the masked second block)."""
     from ssm_kernels.chunk import common
     from ssm_kernels.delta_rule import chunk as wy
     idx, knobs, dtype, bt64 = WY_BWD_FAST_CASES[case]
     for name, val in knobs.items():
         monkeypatch.setattr(wy, name, val)
-    if case.startswith("fp32-states"):
+    if "fp32-states" in case:
         monkeypatch.setattr(common, "STATES_IN_INPUT_DTYPE", False)
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
     if bt64:
         monkeypatch.setattr(common, "triton_interpret", lambda: False)
     d = lambda x: x.double()
-    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(*CHUNK_CASES[idx], dtype=dtype)
-    gated, l2 = CHUNK_CASES[idx][0], CHUNK_CASES[idx][1]
+    spec = CHUNK_CASES[idx] if isinstance(idx, int) else idx
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(*spec, dtype=dtype)
+    gated, l2 = spec[0], spec[1]
     outs = []
     for fast in (False, True):
         monkeypatch.setattr(wy, "WY_BWD_FAST", fast)

@@ -163,6 +163,9 @@ WY_BWD_FAST_WARPS = 8
 WY_BWD_FAST_BV = None
 WY_BWD_FAST_STAGES = 2
 WY_BWD_FAST_MAXNREG = None
+# column blocks of K for dW = -dV' S^T and dk (1: one [BT, K] float32 dW; 2: two [BT, K/2], dV'
+# read once more per block)
+WY_BWD_FAST_KSPLIT = 1
 
 
 @triton.jit
@@ -615,14 +618,16 @@ def _wy_bwd_fast_kernel(
     GATE: tl.constexpr, L2NORM: tl.constexpr, WF32: tl.constexpr, IS_VARLEN: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
     GR: tl.constexpr, DVN16: tl.constexpr, H16: tl.constexpr, NSD: tl.constexpr,
-    EVEN_K: tl.constexpr = False, EVEN_V: tl.constexpr = False,
+    EVEN_K: tl.constexpr = False, EVEN_V: tl.constexpr = False, KS: tl.constexpr = 1,
 ):
     """Per (chunk, q/k head), for each value head of its group (X = diag(beta e^G r) k, Y =
     diag(beta) v, r the L2 norm's reciprocal or 1): dW = -dV' S^T, dT = dW X^T + dV' Y^T,
     dX = T^T dW, dY = T^T dV' (dv = beta dY), dA = -T^T dT T^T (strictly lower), then dk, dbeta,
     dg as `_wy_bwd_head`. k, v, h (16-bit) are exact dot operands: the float32 side of those
     products is split hi + lo (1 + WF32 pieces); T's products stay tf32 (`mm_wy`). EVEN_K
-    (K == BK), EVEN_V (BV divides V): row masks only. Tile offsets are formed where used."""
+    (K == BK), EVEN_V (BV divides V): row masks only. Tile offsets are formed where used.
+    KS > 1: dW = -dV' S^T, its products and dk in KS column blocks of K (dV' read again per
+    block): [BT, BK / KS] float32 tiles live instead of [BT, BK]."""
     i_c, i_hq = tl.program_id(0), tl.program_id(1)
     t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
     o_t = tl.arange(0, BT)
@@ -632,6 +637,7 @@ def _wy_bwd_fast_kernel(
     strict = o_t[:, None] > o_t[None, :]
     # int64 bases of the chunk's first row, int32 offsets inside the tiles
     kq0 = (t0 * HQ + i_hq) * K
+    BKS: tl.constexpr = BK // KS
     for j in range(GR):
         i_h = i_hq * GR + j
         r0 = t0 * H + i_h
@@ -643,7 +649,8 @@ def _wy_bwd_fast_kernel(
         Tt = tl.load(tm_ptr + r0 * BT + ((o_t * H)[None, :] * BT + o_t[:, None]),
                      mask=m_t[None, :], other=0.)
         p_h = h_ptr + (i_c.to(tl.int64) * H + i_h) * K * V
-        dW = tl.zeros([BT, BK], dtype=tl.float32)
+        if KS == 1:
+            dW = tl.zeros([BT, BK], dtype=tl.float32)
         dTu = tl.zeros([BT, BT], dtype=tl.float32)
         b_db = tl.zeros([BT], dtype=tl.float32)
         for i_v in range(tl.cdiv(V, BV)):
@@ -654,15 +661,9 @@ def _wy_bwd_fast_kernel(
             b_v = tl.load(v_ptr + r0 * V + o_tv, mask=m_tv, other=0.)
             b_vT = tl.load(v_ptr + r0 * V + ((o_t * H)[None, :] * V + o_v[:, None]),
                            mask=_rc_mask(m_t, o_v, V, EVEN_V, True), other=0.)
-            if EVEN_K and EVEN_V:
-                m_h = (o_v < Kc * V)[:, None]      # [BV, 1]: false only in surplus programs
-            else:
-                m_h = (o_k < Kc)[None, :] & (o_v < V)[:, None]
-            b_hT = tl.load(p_h + (o_k[None, :] * V + o_v[:, None]), mask=m_h, other=0.)
-            if H16:
-                dW -= mm_hilo(b_dvn.to(tl.float32), b_hT, NSD, DT, IEEE)     # -dV' S^T
-            else:   # float32 states (STATES_IN_INPUT_DTYPE off): tf32 as the default kernel
-                dW -= mm_wy(b_dvn, b_hT, WF32, DT, IEEE)
+            if KS == 1:
+                dW = _wyb_dw_step(dW, b_dvn, p_h, o_k, o_v, Kc, K, V, EVEN_K and EVEN_V, H16,
+                                  NSD, WF32, DT, IEEE)
             dTu += mm_hilo(b_dvn.to(tl.float32), b_vT, NSD, DT, IEEE)        # dV' V^T
             if DVN16:
                 dY = mm_hilo(Tt, b_dvn, 1 + WF32, DT, IEEE)                  # T^T dV'
@@ -671,32 +672,76 @@ def _wy_bwd_fast_kernel(
             tl.store(dv_ptr + r0 * V + o_tv, (dY * b_beta[:, None]).to(dv_ptr.dtype.element_ty),
                      mask=m_tv)
             b_db += tl.sum(dY * b_v.to(tl.float32), axis=1)
-        # k^T (16-bit) loaded here, not live through the V loop; r from its columns
-        b_kT = tl.load(k_ptr + kq0 + ((o_t * HQ)[None, :] * K + o_k[:, None]),
-                       mask=_rc_mask(m_t, o_k, K, EVEN_K, True), other=0.)
-        if L2NORM:
-            b_kTf = b_kT.to(tl.float32)
-            r_k = 1. / tl.sqrt(tl.sum(b_kTf * b_kTf, axis=0) + 1e-6)
+        if KS == 1:
+            # k^T (16-bit) loaded here, not live through the V loop; r from its columns
+            b_kT = tl.load(k_ptr + kq0 + ((o_t * HQ)[None, :] * K + o_k[:, None]),
+                           mask=_rc_mask(m_t, o_k, K, EVEN_K, True), other=0.)
+            if L2NORM:
+                b_kTf = b_kT.to(tl.float32)
+                r_k = 1. / tl.sqrt(tl.sum(b_kTf * b_kTf, axis=0) + 1e-6)
+            else:
+                r_k = tl.full([BT], 1., tl.float32)
+            # dT = dV' Y^T + dW X^T on the strictly lower part (the only part dA's product reads)
+            dT = tl.where(strict, dTu * b_beta[None, :]
+                          + mm_hilo(dW, b_kT, 1 + WF32, DT, IEEE) * (b_bg * r_k)[None, :], 0.)
+            dX = mm_wy(Tt, dW, WF32, DT, IEEE)
+            o_qk = (o_t * HQ)[:, None] * K + o_k[None, :]
+            m_tk = _rc_mask(m_t, o_k, K, EVEN_K)
+            b_k = tl.load(k_ptr + kq0 + o_qk, mask=m_tk, other=0.)
+            xk = tl.sum(dX * b_k.to(tl.float32), axis=1) * r_k               # dX . k^
+            # dke + beta e^G dX parked in the (float32, this program's) dke rows while the
+            # [BT, BT] products run: no [BT, K] float32 tile live through them
+            b_dk = dX * b_bg[:, None] + tl.load(dke_ptr + kq0 + o_qk, mask=m_tk, other=0.).to(
+                tl.float32)
+            tl.store(dke_ptr + kq0 + o_qk, b_dk.to(dke_ptr.dtype.element_ty), mask=m_tk)
+            KK = mm(b_k, b_kT, DT, IEEE)
         else:
-            r_k = tl.full([BT], 1., tl.float32)
-        # dT = dV' Y^T + dW X^T on the strictly lower part (the only part dA's product reads)
-        dT = tl.where(strict, dTu * b_beta[None, :]
-                      + mm_hilo(dW, b_kT, 1 + WF32, DT, IEEE) * (b_bg * r_k)[None, :], 0.)
-        dX = mm_wy(Tt, dW, WF32, DT, IEEE)
-        o_qk = (o_t * HQ)[:, None] * K + o_k[None, :]
-        m_tk = _rc_mask(m_t, o_k, K, EVEN_K)
-        b_k = tl.load(k_ptr + kq0 + o_qk, mask=m_tk, other=0.)
-        xk = tl.sum(dX * b_k.to(tl.float32), axis=1) * r_k                   # dX . k^
-        # dke + beta e^G dX parked in the (float32, this program's) dke rows while the [BT, BT]
-        # products run: no [BT, K] float32 tile live through them
-        b_dk = dX * b_bg[:, None] + tl.load(dke_ptr + kq0 + o_qk, mask=m_tk, other=0.).to(
-            tl.float32)
-        tl.store(dke_ptr + kq0 + o_qk, b_dk.to(dke_ptr.dtype.element_ty), mask=m_tk)
+            # the norms over the whole K first, then per column block of K: dW_b = -dV' S_b^T,
+            # dT += dW_b X_b^T, dX_b = T^T dW_b (parked with dke), xk += dX_b . k_b
+            ss = tl.zeros([BT], dtype=tl.float32)
+            KK = tl.zeros([BT, BT], dtype=tl.float32)
+            for kb in tl.static_range(KS):
+                o_kb = kb * BKS + tl.arange(0, BKS)
+                b_kT = tl.load(k_ptr + kq0 + ((o_t * HQ)[None, :] * K + o_kb[:, None]),
+                               mask=_rc_mask(m_t, o_kb, K, EVEN_K, True), other=0.)
+                b_k = tl.load(k_ptr + kq0 + ((o_t * HQ)[:, None] * K + o_kb[None, :]),
+                              mask=_rc_mask(m_t, o_kb, K, EVEN_K), other=0.)
+                KK += mm(b_k, b_kT, DT, IEEE)
+                if L2NORM:
+                    b_kTf = b_kT.to(tl.float32)
+                    ss += tl.sum(b_kTf * b_kTf, axis=0)
+            if L2NORM:
+                r_k = 1. / tl.sqrt(ss + 1e-6)
+            else:
+                r_k = tl.full([BT], 1., tl.float32)
+            dT = dTu * b_beta[None, :]
+            xk = tl.zeros([BT], dtype=tl.float32)
+            for kb in tl.static_range(KS):
+                o_kb = kb * BKS + tl.arange(0, BKS)
+                dWb = tl.zeros([BT, BKS], dtype=tl.float32)
+                for i_v in range(tl.cdiv(V, BV)):
+                    o_v = i_v * BV + tl.arange(0, BV)
+                    b_dvn = tl.load(dvn_ptr + r0 * V + ((o_t * H)[:, None] * V + o_v[None, :]),
+                                    mask=_rc_mask(m_t, o_v, V, EVEN_V), other=0.)
+                    dWb = _wyb_dw_step(dWb, b_dvn, p_h, o_kb, o_v, Kc, K, V, EVEN_K and EVEN_V,
+                                       H16, NSD, WF32, DT, IEEE)
+                b_kT = tl.load(k_ptr + kq0 + ((o_t * HQ)[None, :] * K + o_kb[:, None]),
+                               mask=_rc_mask(m_t, o_kb, K, EVEN_K, True), other=0.)
+                dT += mm_hilo(dWb, b_kT, 1 + WF32, DT, IEEE) * (b_bg * r_k)[None, :]
+                dXb = mm_wy(Tt, dWb, WF32, DT, IEEE)
+                o_qkb = (o_t * HQ)[:, None] * K + o_kb[None, :]
+                m_tkb = _rc_mask(m_t, o_kb, K, EVEN_K)
+                b_k = tl.load(k_ptr + kq0 + o_qkb, mask=m_tkb, other=0.)
+                xk += tl.sum(dXb * b_k.to(tl.float32), axis=1)
+                b_dk = dXb * b_bg[:, None] + tl.load(dke_ptr + kq0 + o_qkb, mask=m_tkb, other=0.)
+                tl.store(dke_ptr + kq0 + o_qkb, b_dk, mask=m_tkb)
+            xk = xk * r_k
+            dT = tl.where(strict, dT, 0.)
         dA = -mm_wy(mm_wy(Tt, dT, WF32, DT, IEEE), Tt, WF32, DT, IEEE)
         dAE = tl.where(strict, dA * tl.exp2(tl.where(strict, G[:, None] - G[None, :],
                                                      float("-inf"))), 0.)
-        KK = mm(b_k, b_kT, DT, IEEE) * r_k[:, None] * r_k[None, :]           # k^ k^T
-        P = dAE * KK
+        P = dAE * KK * r_k[:, None] * r_k[None, :]                           # KK: k k^T
+
         Bm = dAE * b_beta[:, None]
         b_db += tl.sum(P, axis=1) + tl.exp2(G) * xk
         tl.store(dbeta_ptr + r0 + o_t * H, b_db, mask=m_t)
@@ -710,18 +755,71 @@ def _wy_bwd_fast_kernel(
         # the second term as the transpose of k^T (diag(r) Bm), only in an elementwise sum);
         # the barrier orders the parked rows' store before their load (same layout: same thread)
         tl.debug_barrier()
-        b_dk = (mm_hilo(Bm * r_k[None, :], b_k, 1 + WF32, DT, IEEE)
-                + tl.trans(mm_lohi(b_kT, Bm * r_k[:, None], 1 + WF32, DT, IEEE))
-                + tl.load(dke_ptr + kq0 + o_qk, mask=m_tk, other=0.).to(tl.float32))
-        if GR > 1:
-            # the running sum over the group's value heads stays in the float32 dke rows (this
-            # program owns them)
-            tl.store(dke_ptr + kq0 + o_qk, b_dk, mask=m_tk & (j < GR - 1))
+        Bc = Bm * r_k[None, :]
+        Br = Bm * r_k[:, None]
+        if KS == 1:
+            b_dk = (mm_hilo(Bc, b_k, 1 + WF32, DT, IEEE)
+                    + tl.trans(mm_lohi(b_kT, Br, 1 + WF32, DT, IEEE))
+                    + tl.load(dke_ptr + kq0 + o_qk, mask=m_tk, other=0.).to(tl.float32))
+            if GR > 1:
+                # the running sum over the group's value heads stays in the float32 dke rows
+                # (this program owns them)
+                tl.store(dke_ptr + kq0 + o_qk, b_dk, mask=m_tk & (j < GR - 1))
+                tl.debug_barrier()
+            if L2NORM:
+                b_kh = b_k.to(tl.float32) * r_k[:, None]
+                b_dk = r_k[:, None] * (b_dk - b_kh * tl.sum(b_kh * b_dk, axis=1)[:, None])
+            tl.store(dk_ptr + kq0 + o_qk, b_dk.to(dk_ptr.dtype.element_ty),
+                     mask=m_tk & (j == GR - 1))
+        else:
+            # per column block; the L2 norm's backward needs k^ . dk^ over the whole row: the
+            # blocks' sums go back to dke first, then a second pass finishes them
+            kd = tl.zeros([BT], dtype=tl.float32)
+            for kb in tl.static_range(KS):
+                o_kb = kb * BKS + tl.arange(0, BKS)
+                o_qkb = (o_t * HQ)[:, None] * K + o_kb[None, :]
+                m_tkb = _rc_mask(m_t, o_kb, K, EVEN_K)
+                b_k = tl.load(k_ptr + kq0 + o_qkb, mask=m_tkb, other=0.)
+                b_kT = tl.load(k_ptr + kq0 + ((o_t * HQ)[None, :] * K + o_kb[:, None]),
+                               mask=_rc_mask(m_t, o_kb, K, EVEN_K, True), other=0.)
+                b_dk = (mm_hilo(Bc, b_k, 1 + WF32, DT, IEEE)
+                        + tl.trans(mm_lohi(b_kT, Br, 1 + WF32, DT, IEEE))
+                        + tl.load(dke_ptr + kq0 + o_qkb, mask=m_tkb, other=0.))
+                if L2NORM:
+                    kd += tl.sum(b_k.to(tl.float32) * b_dk, axis=1)
+                    tl.store(dke_ptr + kq0 + o_qkb, b_dk, mask=m_tkb)
+                else:
+                    tl.store(dke_ptr + kq0 + o_qkb, b_dk, mask=m_tkb & (j < GR - 1))
+                    tl.store(dk_ptr + kq0 + o_qkb, b_dk.to(dk_ptr.dtype.element_ty),
+                             mask=m_tkb & (j == GR - 1))
             tl.debug_barrier()
-        if L2NORM:
-            b_kh = b_k.to(tl.float32) * r_k[:, None]
-            b_dk = r_k[:, None] * (b_dk - b_kh * tl.sum(b_kh * b_dk, axis=1)[:, None])
-        tl.store(dk_ptr + kq0 + o_qk, b_dk.to(dk_ptr.dtype.element_ty), mask=m_tk & (j == GR - 1))
+            if L2NORM:
+                kd = kd * r_k * r_k          # k^ (k^ . dk^) = k r^2 (k . dk^)
+                for kb in tl.static_range(KS):
+                    o_kb = kb * BKS + tl.arange(0, BKS)
+                    o_qkb = (o_t * HQ)[:, None] * K + o_kb[None, :]
+                    m_tkb = _rc_mask(m_t, o_kb, K, EVEN_K)
+                    b_k = tl.load(k_ptr + kq0 + o_qkb, mask=m_tkb, other=0.).to(tl.float32)
+                    b_dk = tl.load(dke_ptr + kq0 + o_qkb, mask=m_tkb, other=0.)
+                    b_dk = r_k[:, None] * (b_dk - b_k * kd[:, None])
+                    tl.store(dk_ptr + kq0 + o_qkb, b_dk.to(dk_ptr.dtype.element_ty),
+                             mask=m_tkb & (j == GR - 1))
+                tl.debug_barrier()
+
+
+@triton.jit
+def _wyb_dw_step(dW, b_dvn, p_h, o_k, o_v, Kc, K, V, EVEN: tl.constexpr, H16: tl.constexpr,
+                 NSD: tl.constexpr, WF32: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+    """dW - dV'_v S_v^T for the columns o_k of S^T (h [K, V] of the chunk at p_h; V tile o_v)."""
+    if EVEN:
+        m_h = (o_v < Kc * V)[:, None]      # [BV, 1]: false only in surplus programs
+    else:
+        m_h = (o_k < Kc)[None, :] & (o_v < V)[:, None]
+    b_hT = tl.load(p_h + (o_k[None, :] * V + o_v[:, None]), mask=m_h, other=0.)
+    if H16:
+        return dW - mm_hilo(b_dvn.to(tl.float32), b_hT, NSD, DT, IEEE)
+    # float32 states (STATES_IN_INPUT_DTYPE off): tf32 as the default kernel
+    return dW - mm_wy(b_dvn, b_hT, WF32, DT, IEEE)
 
 
 # ---- launchers ---------------------------------------------------------------------------------
@@ -971,6 +1069,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
             # pieces of dV' in its products with 16-bit operands: 2 (float32 dV', tf32 setting)
             NSD=1 if dvn.dtype != torch.float32 else 1 + wf,
             EVEN_K=p.K == m["BKF"], EVEN_V=p.V % bv == 0,
+            KS=max(1, min(WY_BWD_FAST_KSPLIT, m["BKF"] // 16)),
             num_warps=WY_BWD_FAST_WARPS, num_stages=WY_BWD_FAST_STAGES,
             **({"maxnreg": WY_BWD_FAST_MAXNREG} if WY_BWD_FAST_MAXNREG else {}))
         return dq, dk, dv, dg, dbeta, dh0
