@@ -1052,10 +1052,22 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
             BK=m["BKF"], BV=m["BV"], L2NORM=l2, num_warps=8 if m["BKF"] >= 128 else 4,
             num_stages=1 if m["IEEE"] == 1 else 3, **kw)   # fp32, K=256: 360 KB smem at 3 stages
     # the WY stage's backward: dk, dv, dbeta, dg
+    dk, dv, dg, dbeta = _wy_backward(p, k, v, g, beta, tm, h, dvn, dke, dge, l2)
+    return dq, dk, dv, dg, dbeta, dh0
+
+
+def _wy_backward(p, k, v, g, beta, tm, h, dvn, dke, dge, l2):
+    """The WY stage's backward (`_wy_bwd_kernel`, or `_wy_bwd_fast_kernel` under WY_BWD_FAST,
+    which also writes partial sums into dke): (dk, dv, dg or None, dbeta)."""
+    m = p.meta
+    cu, _, ct = p.idx_args(dvn)
+    d = _dummy(dvn)
+    gg = d if g is None else g
+    f32 = dict(dtype=torch.float32)
     dk = common.poison(torch.empty_like(k))
     dv = common.poison(torch.empty_like(v))
-    dbeta = common.poison(q.new_empty(v.shape[:3], **f32))
-    dg = common.poison(q.new_empty(v.shape[:3], **f32)) if g is not None else None
+    dbeta = common.poison(k.new_empty(v.shape[:3], **f32))
+    dg = common.poison(k.new_empty(v.shape[:3], **f32)) if g is not None else None
     if p.wy_bwd_fast:
         wf = min(p.wf32, 1)
         bv = max(16, min(WY_BWD_FAST_BV or 32, next_power_of_2(p.V)))
@@ -1072,7 +1084,7 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
             KS=max(1, min(WY_BWD_FAST_KSPLIT, m["BKF"] // 16)),
             num_warps=WY_BWD_FAST_WARPS, num_stages=WY_BWD_FAST_STAGES,
             **({"maxnreg": WY_BWD_FAST_MAXNREG} if WY_BWD_FAST_MAXNREG else {}))
-        return dq, dk, dv, dg, dbeta, dh0
+        return dk, dv, dg, dbeta
     _wy_bwd_kernel[(p.NCH, p.HQ)](
         k, v, gg, beta, tm, h, dvn, dke, dge, dk, dv, dbeta, d if dg is None else dg, ct, cu,
         p.T, p.NT, p.H, p.HQ, p.K, p.V,
@@ -1080,4 +1092,4 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
         BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], LEAN=p.lean_bwd,
         GR=p.H // p.HQ if p.lean_bwd else 1, num_warps=p.warps,
         num_stages=1)   # 3 stages of the V loops: 262 KB of shared memory at BT=64 (> 227 KB)
-    return dq, dk, dv, dg, dbeta, dh0
+    return dk, dv, dg, dbeta
