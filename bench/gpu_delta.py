@@ -23,6 +23,8 @@
    defaults first) / @defaults (the knobs as they are), or a ','-list of groups and
    variants mixed by ';' ("@defaults,@savet;lean4:WY_LEAN=True"); VARIANT_EXTRA="ungated,profile"
    (what else each variant runs; see VARIANT_EXTRA below).
+5. wybwd (only when named in STEPS): the WY backward kernel alone (`chunk._wy_backward`) under
+   WYBWD_STAGE_SETTINGS (default, WY_BWD_LEAN, WY_BWD_FAST and its warps / K-split / V tile).
 Env: STEPS (default "check,time,stages,variants"), QUICK=1 (no peers, first shape only), GVA=0
 (the main shape only, with the peers),
 BUDGET_S (default 190: later steps are skipped past it, the table is always printed).
@@ -306,6 +308,56 @@ def stage_times(label, B=4, T=4096, H=16, HV=16, K=128, V=128):
     torch.cuda.empty_cache()
 
 
+# the WY backward kernel alone (STEPS=...,wybwd): knob settings timed one after the other on the
+# same operands (main shape, gated, no L2 norm; dV' random: the time does not depend on it)
+WYBWD_STAGE_SETTINGS = (
+    ("default", {}),
+    ("lean", {"WY_BWD_LEAN": True}),
+    ("fast", {"WY_BWD_FAST": True}),
+    ("fast-ks2", {"WY_BWD_FAST": True, "WY_BWD_FAST_KSPLIT": 2}),
+    ("fast-w4", {"WY_BWD_FAST": True, "WY_BWD_FAST_WARPS": 4, "WY_BWD_FAST_STAGES": 1}),
+    ("fast-w4-ks2", {"WY_BWD_FAST": True, "WY_BWD_FAST_WARPS": 4, "WY_BWD_FAST_STAGES": 1,
+                     "WY_BWD_FAST_KSPLIT": 2}),
+    ("fast-bv64", {"WY_BWD_FAST": True, "WY_BWD_FAST_BV": 64}),
+)
+
+
+def wybwd_stage(B=4, T=4096, H=16, HV=16, K=128, V=128):
+    """`chunk._wy_backward` alone under each of WYBWD_STAGE_SETTINGS (do_bench median), with the
+    bytes it must move (k, v, T, h, dV', dke, dge in; dk, dv, dbeta, dg out) as GB/s."""
+    from triton.testing import do_bench
+    q, k, v, g, beta = inputs(B, T, H, HV, K, V, True, l2=False)
+    p = wy._plan(q, v, g, None)
+    _, _, tm = wy._wy(p, k, v, g, beta, False, True)
+    h = torch.randn(p.NCH, HV, K, V, device=DEV).to(p.hdtype)
+    dvn = torch.randn(B * T, HV, V, device=DEV).to(p.wdtype)
+    dke = torch.randn(B * T, H, K, device=DEV)
+    dge = torch.randn(B * T, HV, device=DEV)
+    # per value row: v, T, dV', beta, g, dge in, dv, dbeta, dg out; per q/k row: k and dke in,
+    # dk out; h per chunk
+    by = (B * T * HV * (4 * V + 4 * p.BT + V * dvn.element_size() + 20)
+          + B * T * H * 8 * K + p.NCH * HV * K * V * h.element_size())
+    case = f"B{B} T{T} H{H} HV{HV} K=V={K}"
+    for name, knobs in WYBWD_STAGE_SETTINGS:
+        saved = {kk: getattr(wy, kk) for kk in knobs}
+        try:
+            for kk, vv in knobs.items():
+                setattr(wy, kk, vv)
+            pk = wy._plan(q, v, g, None)
+            ms = do_bench(lambda: wy._wy_backward(pk, k, v, g, beta, tm, h, dvn, dke, dge, False),
+                          warmup=5, rep=30, return_mode="median")
+            note = f"{knobs}; {by / 1e9:.3f} GB {by / ms / 1e6:.0f} GB/s"
+        except Exception as e:  # noqa: BLE001
+            ms, note = float("nan"), "error: " + repr(e)[:100]
+        finally:
+            for kk, vv in saved.items():
+                setattr(wy, kk, vv)
+        ROWS.append(("delta wy bwd", case, f"_wy_backward [{name}]", "bwd", ms, note))
+        log(f"delta wy bwd {name:14s} {ms:8.3f} ms  {note}")
+    del q, k, v, g, beta, tm, h, dvn, dke, dge
+    torch.cuda.empty_cache()
+
+
 def kernel_profile(label, f, make, fwd_only):
     """Every CUDA kernel of one fwd (or fwd+bwd) call of `f` through torch.profiler: name, calls,
     ms per call of f (mean over 5 calls after 2 warm-up calls)."""
@@ -511,6 +563,12 @@ def main():
             except Exception as e:  # noqa: BLE001 (fla absent, its backward refusing, no CUPTI)
                 log("stage step failed:", repr(e)[:160])
             torch.cuda.empty_cache()
+
+    if "wybwd" in STEPS and not over_budget("wybwd"):
+        try:
+            wybwd_stage()
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
 
     if "variants" in STEPS:
         mk0 = lambda req: inputs(B, T, H, HV, 128, 128, False, req=req, l2=False)  # noqa: E731
