@@ -319,6 +319,7 @@ WYBWD_STAGE_SETTINGS = (
     ("fast-w4-ks2", {"WY_BWD_FAST": True, "WY_BWD_FAST_WARPS": 4, "WY_BWD_FAST_STAGES": 1,
                      "WY_BWD_FAST_KSPLIT": 2}),
     ("fast-bv64", {"WY_BWD_FAST": True, "WY_BWD_FAST_BV": 64}),
+    ("fast-park", {"WY_BWD_FAST": True, "WY_BWD_FAST_PARK": True}),
 )
 
 

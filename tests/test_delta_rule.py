@@ -601,6 +601,7 @@ WY_BWD_FAST_CASES = {
     "nogate-l2-k12": (1, {}, torch.float16, False),
     "varlen-gva3-l2": (2, {}, torch.float16, False),
     "varlen-gva3-l2-bt64": (2, {}, torch.float16, True),
+    "park-varlen-gva3-l2": (2, {"WY_BWD_FAST_PARK": True}, torch.float16, False),
     "fp32-states-bv16": (0, {"WY_BWD_FAST_BV": 16}, torch.float16, True),
     "dvn16-bf16": (2, {"BWD_GRAD_16": True}, torch.bfloat16, False),
     "tf32-off-bf16": (2, {"WU_FLOAT32": False}, torch.bfloat16, False),

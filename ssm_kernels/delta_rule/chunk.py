@@ -157,8 +157,9 @@ WY_FAST_INV16 = False
 WY_BWD_FAST = False
 # its warps, V tile (None: 32), software-pipeline stages of the V loop, register cap (None: none).
 # sm_90 (bf16 K=V=128 BT=64, Triton 3.9, ptxas 12.9; regs, spill B, shared memory): 8 warps 2
-# stages 255, 0-28 B, 112 KB (1 program per SM, as the default kernel's 255 / 1340 B / 196 KB);
-# 4 warps 1 stage 255, 500-1100 B, 112 KB (2 per SM); 8 warps at maxnreg 128 spills 1.4-1.7 KB
+# stages 255, 0-92 B, 96 KB (1 program per SM, as the default kernel's 255 / 1230-1410 B /
+# 196 KB); 4 warps 1 stage 255, 450-1300 B (2 per SM); 8 warps at maxnreg 128 spills 1.4-1.7 KB
+# (bench/NOTES.md "helper deltabwd7" has the table; `python bench/sm90_wy.py --bwd`)
 WY_BWD_FAST_WARPS = 8
 WY_BWD_FAST_BV = None
 WY_BWD_FAST_STAGES = 2
@@ -166,6 +167,10 @@ WY_BWD_FAST_MAXNREG = None
 # column blocks of K for dW = -dV' S^T and dk (1: one [BT, K] float32 dW; 2: two [BT, K/2], dV'
 # read once more per block)
 WY_BWD_FAST_KSPLIT = 1
+# KSPLIT=1: dke + beta e^G dX parked in dke (float32, this program's rows) across the [BT, BT]
+# products (True: +134 MB written and read back at B4 T4096 H16 K128), or kept in registers
+# (False; sm_90 at 8 warps: 0-92 B of spills either way)
+WY_BWD_FAST_PARK = False
 
 
 @triton.jit
@@ -619,6 +624,7 @@ def _wy_bwd_fast_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
     GR: tl.constexpr, DVN16: tl.constexpr, H16: tl.constexpr, NSD: tl.constexpr,
     EVEN_K: tl.constexpr = False, EVEN_V: tl.constexpr = False, KS: tl.constexpr = 1,
+    PARK: tl.constexpr = True,
 ):
     """Per (chunk, q/k head), for each value head of its group (X = diag(beta e^G r) k, Y =
     diag(beta) v, r the L2 norm's reciprocal or 1): dW = -dV' S^T, dT = dW X^T + dV' Y^T,
@@ -689,11 +695,12 @@ def _wy_bwd_fast_kernel(
             m_tk = _rc_mask(m_t, o_k, K, EVEN_K)
             b_k = tl.load(k_ptr + kq0 + o_qk, mask=m_tk, other=0.)
             xk = tl.sum(dX * b_k.to(tl.float32), axis=1) * r_k               # dX . k^
-            # dke + beta e^G dX parked in the (float32, this program's) dke rows while the
-            # [BT, BT] products run: no [BT, K] float32 tile live through them
-            b_dk = dX * b_bg[:, None] + tl.load(dke_ptr + kq0 + o_qk, mask=m_tk, other=0.).to(
+            # dke + beta e^G dX; PARK: parked in the (float32, this program's) dke rows while
+            # the [BT, BT] products run (no [BT, K] float32 tile live through them)
+            b_dkp = dX * b_bg[:, None] + tl.load(dke_ptr + kq0 + o_qk, mask=m_tk, other=0.).to(
                 tl.float32)
-            tl.store(dke_ptr + kq0 + o_qk, b_dk.to(dke_ptr.dtype.element_ty), mask=m_tk)
+            if PARK:
+                tl.store(dke_ptr + kq0 + o_qk, b_dkp.to(dke_ptr.dtype.element_ty), mask=m_tk)
             KK = mm(b_k, b_kT, DT, IEEE)
         else:
             # the norms over the whole K first, then per column block of K: dW_b = -dV' S_b^T,
@@ -759,8 +766,11 @@ def _wy_bwd_fast_kernel(
         Br = Bm * r_k[:, None]
         if KS == 1:
             b_dk = (mm_hilo(Bc, b_k, 1 + WF32, DT, IEEE)
-                    + tl.trans(mm_lohi(b_kT, Br, 1 + WF32, DT, IEEE))
-                    + tl.load(dke_ptr + kq0 + o_qk, mask=m_tk, other=0.).to(tl.float32))
+                    + tl.trans(mm_lohi(b_kT, Br, 1 + WF32, DT, IEEE)))
+            if PARK:
+                b_dk += tl.load(dke_ptr + kq0 + o_qk, mask=m_tk, other=0.).to(tl.float32)
+            else:
+                b_dk += b_dkp
             if GR > 1:
                 # the running sum over the group's value heads stays in the float32 dke rows
                 # (this program owns them)
@@ -1081,7 +1091,7 @@ def _wy_backward(p, k, v, g, beta, tm, h, dvn, dke, dge, l2):
             # pieces of dV' in its products with 16-bit operands: 2 (float32 dV', tf32 setting)
             NSD=1 if dvn.dtype != torch.float32 else 1 + wf,
             EVEN_K=p.K == m["BKF"], EVEN_V=p.V % bv == 0,
-            KS=max(1, min(WY_BWD_FAST_KSPLIT, m["BKF"] // 16)),
+            KS=max(1, min(WY_BWD_FAST_KSPLIT, m["BKF"] // 16)), PARK=WY_BWD_FAST_PARK,
             num_warps=WY_BWD_FAST_WARPS, num_stages=WY_BWD_FAST_STAGES,
             **({"maxnreg": WY_BWD_FAST_MAXNREG} if WY_BWD_FAST_MAXNREG else {}))
         return dk, dv, dg, dbeta
