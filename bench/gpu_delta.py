@@ -320,6 +320,8 @@ WYBWD_STAGE_SETTINGS = (
                      "WY_BWD_FAST_KSPLIT": 2}),
     ("fast-bv64", {"WY_BWD_FAST": True, "WY_BWD_FAST_BV": 64}),
     ("fast-park", {"WY_BWD_FAST": True, "WY_BWD_FAST_PARK": True}),
+    ("fast-bv16", {"WY_BWD_FAST": True, "WY_BWD_FAST_BV": 16}),
+    ("fast-s1", {"WY_BWD_FAST": True, "WY_BWD_FAST_STAGES": 1}),
 )
 
 
