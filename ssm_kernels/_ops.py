@@ -85,15 +85,25 @@ def kernel_op(name: str, *, mutates_args: Iterable[str] = ()) -> Callable[[Calla
     return wrap
 
 
-def cached_on_metadata(fn: Callable) -> Callable:
+def cached_on_metadata(fn: Optional[Callable] = None, *, typed: bool = False) -> Callable:
     """Memoise a function of tensors' metadata only (device, dtype, shape) and plain values: the
-    backend choice of every call is such a function, and resolving it anew costs host time.
-    Exceptions are not cached; the cache is cleared when it grows past a few thousand entries."""
+    backend choice of every call and the argument checks of the public functions are such
+    functions, and redoing them costs host time on every call (issue 8). typed=True (argument
+    checks): the arguments' types enter the key too (True and 1 hash alike; a check may accept
+    one and reject the other). Exceptions are not cached (a failing call raises again, with its
+    message); value checks (log-decays, cu_seqlens' contents) must stay outside. Calls with an
+    unhashable argument and calls while compiling (symbolic shapes) run `fn` itself. The cache is
+    cleared when it grows past a few thousand entries."""
+    if fn is None:
+        return lambda f: cached_on_metadata(f, typed=typed)
     cache: dict = {}
 
     def wrapper(*args, **kwargs):
-        key = [(a.device, a.dtype, a.shape) if type(a) is _Tensor else a for a in args]
-        key = tuple(key)
+        if _is_compiling():
+            return fn(*args, **kwargs)
+        key = tuple([(a.device, a.dtype, a.shape) if isinstance(a, _Tensor) else a for a in args])
+        if typed:
+            key += tuple(map(type, args))
         if kwargs:
             key += tuple(kwargs.items())
         try:
@@ -103,7 +113,10 @@ def cached_on_metadata(fn: Callable) -> Callable:
                 cache.clear()
             result = cache[key] = fn(*args, **kwargs)
             return result
+        except TypeError:   # an unhashable argument (a list, ...): no memo
+            return fn(*args, **kwargs)
 
     wrapper.__wrapped__ = fn
     wrapper.__doc__ = fn.__doc__
+    wrapper.cache = cache
     return wrapper

@@ -82,11 +82,12 @@ def check_shape(op: str, name: str, x: torch.Tensor, expected: tuple) -> None:
 
 
 def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, batch: int, T: int, *,
-                     empty_ok: bool = True, axis: str = "T") -> int:
+                     empty_ok: bool = True, axis: str = "T", values: bool = True) -> int:
     """Packed-sequence offsets (FlashAttention style) for a batch of one row of length T along
     `axis`: rank 1, int32/int64, N + 1 >= 2 entries from 0 to T, non-decreasing (strictly
     increasing when empty sequences are not allowed). The value checks read the tensor on the host:
-    see `checks_values` for when they run. Returns N, the number of sequences."""
+    see `checks_values` for when they run (values=False: metadata only, for a memoised check).
+    Returns N, the number of sequences."""
     check_tensor(op, "cu_seqlens", cu_seqlens, rank=1)
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
@@ -95,7 +96,7 @@ def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, batch: int, T: int, *,
     if batch != 1:
         raise ValueError(f"{op}: with cu_seqlens the batch must be 1 (B == 1, sequences packed "
                          f"along {axis}), got batch {batch}")
-    if checks_values(cu_seqlens):
+    if values and checks_values(cu_seqlens):
         c = cu_seqlens.tolist()
         steps_ok = all((b >= a) if empty_ok else (b > a) for a, b in zip(c[:-1], c[1:]))
         if c[0] != 0 or c[-1] != T or not steps_ok:

@@ -781,6 +781,10 @@ def test_triton_chunk_saved_wy_inverse(backend, case, monkeypatch):
     from ssm_kernels.chunk import common
     from ssm_kernels.delta_rule import chunk as wy
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    # the recompute path first, through `_wy_fwd_kernel` (WY_FAST, the 16-bit default, forms W, U
+    # by its own kernel: the WY_FAST tests above cover it)
+    monkeypatch.setattr(wy, "SAVE_WY_INVERSE", False)
+    monkeypatch.setattr(wy, "WY_FAST", False)
     if case == "fp32-varlen":
         args, dtype, gated = CHUNK_CASES[2], torch.float32, True
     elif case == "fp16-gpu-tiles":       # BT=64, a partial last chunk, HV = 2H

@@ -147,18 +147,20 @@ PINNED = {
     "mamba_chunk_scan_combined fwd (D, z)": (2, 12),
     # with gradients D goes into the op (epilogue + dD in the backward), z stays a torch op: the
     # forward above + silu, mul (z gate); backward: the gate's mul, chunk_bwd's 14 buffers and
-    # dummies, dD = sum of per-chunk partials (sum), ddt += dg A (mul, add), dA = sum dg dt (mul,
+    # dummies, dD = sum of per-chunk partials (sum), ddt += dg A (addcmul), dA = sum dg dt (mul,
     # sum), the empty dh0 (new_empty), softplus_backward; launches: the forward's 2, then states
     # (recomputed), state grads, dv, dq/dk
     # (39 torch ops before: the per-chunk path's D was mul, add after the kernel; 37 before the
-    # forward's shared dummy)
-    "mamba_chunk_scan_combined fwd+bwd (D, z)": (6, 36),
+    # forward's shared dummy; 36 before ddt += dg A became one addcmul)
+    "mamba_chunk_scan_combined fwd+bwd (D, z)": (6, 35),
     # the chunked WY path (default): WY stage, state scan, output; checks (gt, any, item, aminmax
     # and its two items: beta's range) and the buffers plus one 1-element dummy per launch
     "chunk_gated_delta_rule fwd": (3, 19),
     "fused_recurrent_gated_delta_rule decode": (1, 7),
     "fft_conv fwd": (3, 4),
-    "fft_conv fwd+bwd": (7, 12),
+    # (MERGED_INVERSE, the default since the session-7 GPU A/B: the backward's two inverse
+    # transforms as one call; 12 torch ops with it off)
+    "fft_conv fwd+bwd": (7, 10),
     # (the cuFFT path: absent operands pass an existing pointer, no allocation; no empty
     # gradients for absent inputs in eager backward)
     # 16-bit storage: monarch16 (one kernel per pass; cached DFT and filter tables). Forward:
@@ -181,7 +183,7 @@ def test_launches_and_glue_are_pinned(name, stubbed_launches):
 PINNED_KEEP = {
     "chunk_simple_gla fwd+bwd": (5, 18),
     "chunk_gla fwd+bwd": (11, 21),
-    "mamba_chunk_scan_combined fwd+bwd (D, z)": (5, 32),
+    "mamba_chunk_scan_combined fwd+bwd (D, z)": (5, 31),
 }
 
 
@@ -197,16 +199,16 @@ def test_kept_states_launches_are_pinned(name, stubbed_launches, monkeypatch):
 
 
 def test_fft_conv_merged_inverse_pin(stubbed_launches, monkeypatch):
-    """cufft.MERGED_INVERSE (off by default until the GPU A/B, bench/gpu_fft_merged.py): the
-    float32 backward's two inverse transforms become one call and the dk-spectrum buffer a part of
-    the transform's output: two torch ops fewer per fwd+bwd (one _fft_c2c, one empty), same
+    """cufft.MERGED_INVERSE off (on by default since the GPU A/B, bench/gpu_fft_merged.py): the
+    float32 backward's two inverse transforms are two calls and the dk-spectrum buffer its own
+    allocation: two torch ops more per fwd+bwd than PINNED (one _fft_c2c, one empty), same
     launches."""
     from ssm_kernels.fft_conv import cufft
-    monkeypatch.setattr(cufft, "MERGED_INVERSE", True)
+    monkeypatch.setattr(cufft, "MERGED_INVERSE", False)
     launches, work = _count(_cases()["fft_conv fwd+bwd"], stubbed_launches)
     want = PINNED["fft_conv fwd+bwd"]
-    assert (launches, len(work)) == (want[0], want[1] - 2), f"{launches} launches, torch ops {work}"
-    assert work.count("_fft_c2c") == 4
+    assert (launches, len(work)) == (want[0], want[1] + 2), f"{launches} launches, torch ops {work}"
+    assert work.count("_fft_c2c") == 5
 
 
 @pytest.fixture
@@ -262,3 +264,62 @@ def test_value_checks_name_the_argument_on_cpu():
         sk.chunk_simple_gla(q, k, v, g_gamma=torch.tensor([0.5]))
     with pytest.raises(ValueError, match="cu_seqlens must start at 0, end at T=8"):
         sk.chunk_linear_attn(q, k, v, cu_seqlens=torch.tensor([0, 5, 3, 8]))
+
+
+def test_memoised_checks_keep_value_checks_and_errors():
+    """The argument checks are memoised on metadata (`_ops.cached_on_metadata`): a call with the
+    metadata of an earlier valid call skips them, but value checks still run on every call, a
+    failing call raises again, and other metadata (shape, dtype, device, a Parameter) re-checks."""
+    from ssm_kernels._ops import cached_on_metadata
+    seen = []
+
+    @cached_on_metadata(typed=True)
+    def check(x, n):
+        seen.append(n)
+        if x.shape[0] != n:
+            raise ValueError(f"x must have {n} rows")
+        return x.shape[0]
+
+    x = torch.zeros(3, 2)
+    assert check(x, 3) == 3 and check(torch.ones(3, 2), 3) == 3 and seen == [3]   # memo hit
+    for _ in range(2):   # errors are never memoised
+        with pytest.raises(ValueError, match="x must have 4 rows"):
+            check(x, 4)
+    assert seen == [3, 4, 4]
+    check(x.double(), 3), check(torch.nn.Parameter(x), 3), check(torch.zeros(3, 5), 3)
+    assert seen == [3, 4, 4, 3, 3, 3]
+
+    @cached_on_metadata
+    def length(x):
+        seen.append(x)
+        return len(x)
+    assert length([1, 2, 3]) == 3 and length([1, 2, 3]) == 3 and len(seen) == 8   # unhashable
+
+    @cached_on_metadata(typed=True)
+    def count(n):
+        if isinstance(n, bool):
+            raise TypeError("n must be an int, not a bool")
+        return n
+    assert count(1) == 1
+    with pytest.raises(TypeError, match="not a bool"):   # typed: True (== 1, same hash) re-checks
+        count(True)
+    # through the public functions: same metadata, bad values -> the value checks still raise
+    q = k = v = torch.randn(1, 8, 1, 4)
+    g = -torch.rand(1, 8, 1)
+    sk.chunk_simple_gla(q, k, v, g)
+    with pytest.raises(ValueError, match="chunk_simple_gla: g holds log-decays and must be <= 0"):
+        sk.chunk_simple_gla(q, k, v, -g)
+    cu = torch.tensor([0, 3, 8])
+    sk.chunk_linear_attn(q, k, v, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0, end at T=8"):
+        sk.chunk_linear_attn(q, k, v, cu_seqlens=torch.tensor([0, 9, 8]))
+    beta = torch.rand(1, 8, 1)
+    sk.chunk_gated_delta_rule(q, k, v, g, beta)
+    with pytest.raises(ValueError, match="beta must lie in"):
+        sk.chunk_gated_delta_rule(q, k, v, g, beta + 2.5)
+    with pytest.raises(ValueError, match="g holds log-decays"):
+        sk.chunk_gated_delta_rule(q, k, v, -g, beta)
+    u, kf = torch.randn(2, 4, 16), torch.randn(4, 16)
+    sk.fft_conv(u, kf)
+    with pytest.raises(ValueError, match="k must have shape"):
+        sk.fft_conv(u, torch.randn(5, 16))

@@ -82,7 +82,7 @@ OUT_BLOCK_V = None
 # backward: dq, the engine part of dk and dg by the delta-only `bwd._dqk_delta_kernel` (q, k
 # loaded in the input dtype after the V loop, the L2 norm as scales of the score tile, the
 # group's value heads unrolled) instead of the engine's `_dqk_kernel` (16-bit inputs)
-DQK_DELTA = False
+DQK_DELTA = True
 # backward: dV' (written by the state-gradient scan, read twice by the WY backward) stored in
 # the input dtype instead of float32 (-0.20 GB at B4 T4096 H16; products stay tf32 or
 # fp32-accumulated); BWD_DKE_16 with it: the engine part of dk (written by the dq/dk stage, read
@@ -91,15 +91,15 @@ DQK_DELTA = False
 BWD_GRAD_16 = False
 BWD_DKE_16 = False
 # the WY backward's LEAN form alone (WY_LEAN without its forward part: sm_90 spills 1.3 KB -> 0)
-WY_BWD_LEAN = False
+WY_BWD_LEAN = True
 # warps and V tile of that kernel (None: 8 at K >= 128, else 4; the engine's BLOCK_V)
 DQK_WARPS = None
 DQK_BLOCK_V = None
 # backward: the reverse state-gradient scan by the delta-only `bwd._state_grad_delta_kernel`
 # (q, k in the input dtype, decays and norms as row scales) instead of the engine's DELTA branch;
 # SG_FUSE_DV: the intra-chunk dV' formed inside that scan (no `_dv_kernel`, no float32 dvl)
-SG_DELTA = False
-SG_FUSE_DV = False
+SG_DELTA = True
+SG_FUSE_DV = True
 # warps and V tile of that scan (None: as the engine's, 8 at K = 128; STATE_BLOCK_V's tile):
 # a V tile of 32 doubles the scan's programs (256 at B4 H16), which run 2 per SM only if a
 # program fits 128 registers at 8 warps (SG_MAXNREG=128)
@@ -108,21 +108,23 @@ SG_BLOCK_V = None
 SG_STAGES = 2
 # bf16 inputs: that scan's k dS as two bf16 dots against dS = hi + lo (k a shared-memory operand,
 # not a float32 register tile; ~16 bits of dS kept, tf32 keeps 11)
-SG_KDS_X2 = False
+SG_KDS_X2 = True
 # register caps (ptxas maxnreg) of the two delta-only backward kernels (None: no cap); 128 at 8
 # warps = 2 programs per SM (if shared memory allows: DQK_STAGES=2). DQK_MAXNREG acts on the
 # ungated kernel only (sm_90, K=V=128, no L2 norm: 138 registers uncapped, 128 without spills;
 # the gated one spills 576 B at 128)
 SG_MAXNREG = None
-DQK_MAXNREG = None
-DQK_STAGES = 3
+DQK_MAXNREG = 128
+DQK_STAGES = 2
 # forward with gradients needed: keep T = (I + A)^-1 (float32 [B*T, HV, BT], what the WY stage
 # formed) as a third output of the registered forward; the backward then forms W, U from it by
 # the light `_wu_kernel` (T, k, v read; w, u written) instead of re-running `_wy_fwd_kernel` (the
 # inverse: 255 registers at 8 warps, T written again). Saves the inverse's compute and T's write
 # in the backward; costs T's write in the forward and its memory between the passes (B4 T4096
 # H16 BT64: 67 MB). W, U (B*T*HV*(K+V) float32: 268 MB at K=V=128) would cost 4x the bytes.
-SAVE_WY_INVERSE = False
+SAVE_WY_INVERSE = True
+# H100 session 7 (B4 T4096 H16 K=V=128 bf16, gated): the defaults below = variant
+# wyfast-bwd-all-savet, fwd 0.753 / fwd+bwd 3.167 ms vs 1.366 / 6.321 with all these off.
 # the WY stage by `_wy_fast_kernel` (16-bit inputs; bench/NOTES.md "helper deltawy6"): 4 warps, no
 # register 4-d tensors and no substitution loop: T = (I + A)^-1 by recursive doubling on the
 # [BT, BT] tile (X <- X - mask_b(X A) X for blocks b = 4 .. BT: 2 log2(BT/2) dependent dots, tf32
@@ -131,7 +133,7 @@ SAVE_WY_INVERSE = False
 # 16-bit halves: ~16 mantissa bits, K, V exact; one dot with WU_FLOAT32=False and no
 # WU_TF32_PRODUCTS, fla's precision). Also forms W, U from a saved T (SAVE_WY_INVERSE's backward,
 # WY_SPLIT's second launch) in place of `_wu_kernel`.
-WY_FAST = False
+WY_FAST = True
 # its warps and V tile (None: the engine's BLOCK_V, 64; 128: U in one tile: 8 B spill uncapped,
 # 388 B at 168, measured before the mask(X A) form); register cap (ptxas maxnreg; None: none;
 # sm_90 bf16 K=V=128 uncapped 166-204 registers, 0 spill = 2 programs per SM; 168: 0-4 B spill,
@@ -1059,7 +1061,8 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
         _dqk_kernel[(p.NCH, p.HQ)](
             q, k, vn, do, gg, d, d, h, dh, dq, dke, dge, ct, cu,
             p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale), HAS_VS=False, SUB=m["SUB"],
-            BK=m["BKF"], BV=m["BV"], L2NORM=l2, num_warps=8 if m["BKF"] >= 128 else 4,
+            BK=m["BKF"], BV=m["BV"], L2NORM=l2, DG_F32=True,
+            num_warps=8 if m["BKF"] >= 128 else 4,
             num_stages=1 if m["IEEE"] == 1 else 3, **kw)   # fp32, K=256: 360 KB smem at 3 stages
     # the WY stage's backward: dk, dv, dbeta, dg
     dk, dv, dg, dbeta = _wy_backward(p, k, v, g, beta, tm, h, dvn, dke, dge, l2)

@@ -168,6 +168,23 @@ def _(q, k, v, g, beta, state, cu_seqlens, scale, use_l2norm, backend):
 # ---- validation -----------------------------------------------------------------------------
 
 def _validate(fn, q, k, v, g, beta, scale, initial_state, cu_seqlens, gated: bool) -> int:
+    """Every argument check; returns N. Metadata checks memoised (`_validate_meta`); value checks
+    (g <= 0, beta in [0, 2], cu_seqlens' offsets) on every call where `checks_values` allows."""
+    N = _validate_meta(fn, q, k, v, g, beta, scale, initial_state, cu_seqlens, gated)
+    if gated:
+        check_log_decay(fn, "g", g)
+    if checks_values(beta):
+        lo, hi = (float(x) for x in beta.detach().aminmax())   # NaN reaches both
+        if not (0.0 <= lo and hi <= 2.0):
+            raise ValueError(f"{fn}: beta must lie in [0, 2] (the update I - beta k k^T of a unit "
+                             f"key is then a contraction), got values in [{lo:.4g}, {hi:.4g}]")
+    if cu_seqlens is not None:
+        check_cu_seqlens(fn, cu_seqlens, q.shape[0], q.shape[1])
+    return N
+
+
+@cached_on_metadata(typed=True)
+def _validate_meta(fn, q, k, v, g, beta, scale, initial_state, cu_seqlens, gated: bool) -> int:
     check_qkv(fn, q, k, v, _DTYPES)
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
@@ -192,7 +209,6 @@ def _validate(fn, q, k, v, g, beta, scale, initial_state, cu_seqlens, gated: boo
                              f"{tuple(g.shape)}")
         if not g.is_floating_point():
             raise TypeError(f"{fn}: g must have a floating dtype, got {g.dtype}")
-        check_log_decay(fn, "g", g)
     check_tensor(fn, "beta", beta)
     if tuple(beta.shape) != (B, T, HV):
         extra = (" (per-value-channel beta [B, T, HV, V] is not supported)"
@@ -201,16 +217,11 @@ def _validate(fn, q, k, v, g, beta, scale, initial_state, cu_seqlens, gated: boo
                          f"{tuple(beta.shape)}{extra}")
     if not beta.is_floating_point():
         raise TypeError(f"{fn}: beta must have a floating dtype, got {beta.dtype}")
-    if checks_values(beta):
-        lo, hi = (float(x) for x in beta.detach().aminmax())   # NaN reaches both
-        if not (0.0 <= lo and hi <= 2.0):
-            raise ValueError(f"{fn}: beta must lie in [0, 2] (the update I - beta k k^T of a unit "
-                             f"key is then a contraction), got values in [{lo:.4g}, {hi:.4g}]")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}")
     N = B
     if cu_seqlens is not None:
-        N = check_cu_seqlens(fn, cu_seqlens, B, T)
+        N = check_cu_seqlens(fn, cu_seqlens, B, T, values=False)
     if initial_state is not None:
         check_tensor(fn, "initial_state", initial_state)
         expect = (N, HV, K, V)

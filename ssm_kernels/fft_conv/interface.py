@@ -181,6 +181,38 @@ def _conv_backward(ctx, dy):
 fft_conv_fwd_op.register_autograd(_conv_backward, setup_context=_conv_setup)
 
 
+@cached_on_metadata(typed=True)
+def _check_conv(u, k, D, pre_gate, post_gate) -> None:
+    """Every argument check of fft_conv (metadata only: memoised on it)."""
+    check_tensor("fft_conv", "u", u, rank=3)
+    check_tensor("fft_conv", "k", k, rank=2)
+    if u.is_complex() or u.dtype not in _U_DTYPES:
+        raise TypeError(f"fft_conv: u must have dtype in {_U_DTYPES} (real), got {u.dtype}")
+    if not k.is_floating_point():
+        raise TypeError(f"fft_conv: k must have a real floating dtype (float32), got {k.dtype}")
+    B, H, L = u.shape
+    if L == 0:
+        raise ValueError(f"fft_conv: u must have length L >= 1 along its last axis, got shape {tuple(u.shape)}")
+    if k.shape[0] != H:
+        raise ValueError(f"fft_conv: k must have shape (H, Lk) with H = {H} (u's dim 1), "
+                         f"got {tuple(k.shape)}")
+    if not 1 <= k.shape[1] <= L:
+        raise ValueError(f"fft_conv: k's length Lk must satisfy 1 <= Lk <= L = {L}, got "
+                         f"k of shape {tuple(k.shape)}")
+    if D is not None:
+        check_tensor("fft_conv", "D", D)
+        if not D.is_floating_point():
+            raise TypeError(f"fft_conv: D must have a real floating dtype (float32), got {D.dtype}")
+        check_shape("fft_conv", "D", D, (H,))
+    for name, gate in (("pre_gate", pre_gate), ("post_gate", post_gate)):
+        if gate is not None:
+            check_tensor("fft_conv", name, gate)
+            check_shape("fft_conv", name, gate, tuple(u.shape))
+            if gate.dtype != u.dtype:
+                raise TypeError(f"fft_conv: {name} must have u's dtype {u.dtype}, got {gate.dtype}")
+    check_same_device("fft_conv", u=u, k=k, D=D, pre_gate=pre_gate, post_gate=post_gate)
+
+
 def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, pre_gate: Optional[Tensor] = None,
              post_gate: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
     """Causal long convolution (Hyena, H3, M2, S4-family layers), channel by channel.
@@ -221,33 +253,8 @@ def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, pre_gate: Opti
         >>> y.shape
         torch.Size([2, 4, 1000])
     """
-    check_tensor("fft_conv", "u", u, rank=3)
-    check_tensor("fft_conv", "k", k, rank=2)
-    if u.is_complex() or u.dtype not in _U_DTYPES:
-        raise TypeError(f"fft_conv: u must have dtype in {_U_DTYPES} (real), got {u.dtype}")
-    if not k.is_floating_point():
-        raise TypeError(f"fft_conv: k must have a real floating dtype (float32), got {k.dtype}")
+    _check_conv(u, k, D, pre_gate, post_gate)
     B, H, L = u.shape
-    if L == 0:
-        raise ValueError(f"fft_conv: u must have length L >= 1 along its last axis, got shape {tuple(u.shape)}")
-    if k.shape[0] != H:
-        raise ValueError(f"fft_conv: k must have shape (H, Lk) with H = {H} (u's dim 1), "
-                         f"got {tuple(k.shape)}")
-    if not 1 <= k.shape[1] <= L:
-        raise ValueError(f"fft_conv: k's length Lk must satisfy 1 <= Lk <= L = {L}, got "
-                         f"k of shape {tuple(k.shape)}")
-    if D is not None:
-        check_tensor("fft_conv", "D", D)
-        if not D.is_floating_point():
-            raise TypeError(f"fft_conv: D must have a real floating dtype (float32), got {D.dtype}")
-        check_shape("fft_conv", "D", D, (H,))
-    for name, gate in (("pre_gate", pre_gate), ("post_gate", post_gate)):
-        if gate is not None:
-            check_tensor("fft_conv", name, gate)
-            check_shape("fft_conv", name, gate, tuple(u.shape))
-            if gate.dtype != u.dtype:
-                raise TypeError(f"fft_conv: {name} must have u's dtype {u.dtype}, got {gate.dtype}")
-    check_same_device("fft_conv", u=u, k=k, D=D, pre_gate=pre_gate, post_gate=post_gate)
     if B == 0 or H == 0:  # nothing to transform (and the FFT libraries refuse empty batches)
         return empty_result((B, H, L), u, u, k, D, pre_gate, post_gate)
     c = lambda x: None if x is None else x.contiguous()  # noqa: E731
