@@ -24,7 +24,8 @@
    variants mixed by ';' ("@defaults,@savet;lean4:WY_LEAN=True"); VARIANT_EXTRA="ungated,profile"
    (what else each variant runs; see VARIANT_EXTRA below).
 5. wybwd (only when named in STEPS): the WY backward kernel alone (`chunk._wy_backward`) under
-   WYBWD_STAGE_SETTINGS (default, WY_BWD_LEAN, WY_BWD_FAST and its warps / K-split / V tile).
+   WYBWD_STAGE_SETTINGS (the default = WY_BWD_LEAN, session 6's kernel, WY_BWD_FAST and its warps /
+   K-split / V tile / stages / PARK).
 Env: STEPS (default "check,time,stages,variants"), QUICK=1 (no peers, first shape only), GVA=0
 (the main shape only, with the peers),
 BUDGET_S (default 190: later steps are skipped past it, the table is always printed).
@@ -130,9 +131,8 @@ WYBWD_VARIANTS = (   # most telling first: the budget may cut the tail
     "defaults:;"
     "wybwd-fast:WY_BWD_FAST=True;"
     "wybwd-fast-w4:WY_BWD_FAST=True,WY_BWD_FAST_WARPS=4,WY_BWD_FAST_STAGES=1;"
-    "wybwd-fast-all:WY_BWD_FAST=True,WY_FAST=True,SAVE_WY_INVERSE=True,DQK_DELTA=True,"
-    "SG_DELTA=True,SG_FUSE_DV=True,SG_KDS_X2=True,DQK_MAXNREG=128,DQK_STAGES=2;"
-    "wybwd-lean:WY_BWD_LEAN=True;"
+    "wybwd-fast-ks2:WY_BWD_FAST=True,WY_BWD_FAST_KSPLIT=2;"
+    "wybwd-old:WY_BWD_LEAN=False;"
     "wybwd-fast-bv64:WY_BWD_FAST=True,WY_BWD_FAST_BV=64")
 # per variant, besides its check and gated fwd / fwd+bwd: "ungated" (chunk_delta_rule, against
 # fla's fwd+bwd), "profile" (every kernel of its gated fwd+bwd), "stages" (its forward stages);
@@ -311,8 +311,8 @@ def stage_times(label, B=4, T=4096, H=16, HV=16, K=128, V=128):
 # the WY backward kernel alone (STEPS=...,wybwd): knob settings timed one after the other on the
 # same operands (main shape, gated, no L2 norm; dV' random: the time does not depend on it)
 WYBWD_STAGE_SETTINGS = (
-    ("default", {}),
-    ("lean", {"WY_BWD_LEAN": True}),
+    ("default", {}),                       # main's default since session 7: WY_BWD_LEAN
+    ("old", {"WY_BWD_LEAN": False}),       # session 6's kernel (measured 2.004 ms)
     ("fast", {"WY_BWD_FAST": True}),
     ("fast-ks2", {"WY_BWD_FAST": True, "WY_BWD_FAST_KSPLIT": 2}),
     ("fast-w4", {"WY_BWD_FAST": True, "WY_BWD_FAST_WARPS": 4, "WY_BWD_FAST_STAGES": 1}),
