@@ -359,19 +359,29 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Ten
     seg = common.SEG_BWD if (p.gate < 2 and not p.varlen) else 0
     if seg < 0:
         seg = 2 if p.NT >= common.SEG_BWD_MIN_CHUNKS else 0
-    if h is not None and h.numel() and seg < 2:
-        assert h.shape == (p.NCH, p.H, p.K, p.V) and h.dtype == p.hdtype, "saved states mismatch"
+    # the temporaries of this call in one allocation: the recomputed states h (and their unused
+    # final states), the state gradients dh, SSD's per-chunk dD partials
+    S = (p.NCH, p.H, p.K, p.V)
+    kept = h is not None and h.numel() and seg < 2
+    specs = [(S, p.hdtype)] + ([] if kept or seg else [(S, p.hdtype), ((p.N,) + S[1:], torch.float32)])
+    if D is not None:          # (GATE 1 only)
+        specs.append(((p.NCH, p.H, p.V), torch.float32))
+    if p.gate == 2 and not gla.use_fused_bwd(p):     # the scores (GATE 2 has no D)
+        specs.append(((p.B * p.T, p.H, p.BT), q.dtype))
+    ws = common.workspace(q, specs) if seg < 2 else None
+    if kept:
+        assert h.shape == S and h.dtype == p.hdtype, "saved states mismatch"
     elif seg:
         h, gs = seg_chunk_states(p, k, v, g, vs, A, h0)
     else:
-        h, _ = chunk_states(p, k, v, g, vs, A, h0)
+        h, _ = chunk_states(p, k, v, g, vs, A, h0, out=(ws[1], ws[2]))
     cu, co, ct = p.idx_args(do)
     kw = dict(GATE=p.gate, G_FROM_VS=A is not None, IS_VARLEN=p.varlen, BT=p.BT,
                   DT=m["DT"], IEEE=m["IEEE"])
     if seg >= 2:
         dh, dh0 = seg_state_grads(p, q, do, g, vs, A, dht, gs, scale)
     else:
-        dh = q.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
+        dh = ws[0]
         dh0 = common.poison(q.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
         _state_grad_kernel[(cdiv(p.K, m["BK"]), cdiv(p.V, m["BV"]), p.N * p.H)](
             q, do, gg, vsa, Aa, d if dht is None else dht, dh, dh0, cu, co,
@@ -380,11 +390,12 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Ten
     if p.gate == 2 and gla.use_fused_bwd(p):
         dq, dk, dv, dg = gla.bwd_fused(p, q, k, v, do, g, h, dh, scale)
         return dq, dk, dv, dg, dh0, None      # GATE 2 has no vs
-    a = gla.intra_scores(p, q, k, g, scale) if p.gate == 2 else d
+    a = gla.intra_scores(p, q, k, g, scale, a=ws[-1]) if p.gate == 2 else d
     dv = common.poison(torch.empty_like(v))
     dvs = None if vs is None else common.poison(torch.empty_like(vs))
     BVd = max(16, next_power_of_2(p.V)) if vs is not None else m["BV"]
-    dDp = None if D is None else common.poison(q.new_empty((p.NCH, p.H, p.V), dtype=torch.float32))
+    dDp = None if D is None else common.poison(
+        ws[-1] if ws is not None else q.new_empty((p.NCH, p.H, p.V), dtype=torch.float32))
     _dv_kernel[(cdiv(p.V, BVd), p.NCH, p.H)](
         q, k, v, do, gg, vsa, Aa, dh, a, dv, d if dvs is None else dvs, ct, cu,
         p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale), HAS_VS=vs is not None, BK=m["BK"], BV=BVd,

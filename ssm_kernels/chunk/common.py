@@ -124,6 +124,63 @@ def poison(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan")) if POISON_OUTPUTS else t
 
 
+_DUMMIES: dict = {}
+
+
+def dummy(x: torch.Tensor) -> torch.Tensor:
+    """A 1-element tensor on x's device with x's dtype, for a kernel pointer argument whose
+    operand is absent (its HAS_* / STORE_* constexpr is off: never read, never written). One
+    persistent tensor per (device, dtype), allocated once (outside inference mode and autograd,
+    so views of it may be saved for a backward); a fresh one for fake / meta tensors or under
+    a dispatch mode (torch.compile's fakes, the op counters)."""
+    key = (x.device, x.dtype)
+    d = _DUMMIES.get(key)
+    if d is None:
+        if (type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter)) \
+                or x.device.type == "meta" or _dispatch_mode_active():
+            return x.new_empty(1)
+        with torch.inference_mode(False), torch.no_grad():
+            d = torch.empty(1, dtype=x.dtype, device=x.device)
+        _DUMMIES[key] = d
+    return d
+
+
+def _dispatch_mode_active() -> bool:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    return _get_current_dispatch_mode() is not None or torch.compiler.is_compiling()
+
+
+WORKSPACE_ALIGN = 256   # bytes: every view of a workspace starts at a multiple (Triton: 16)
+
+
+def workspace(like: torch.Tensor, specs) -> list:
+    """Temporaries of one host call in ONE allocation: specs [(shape, dtype), ...] -> contiguous
+    views of a single byte buffer on like's device, each starting at a multiple of
+    WORKSPACE_ALIGN bytes (Triton specialises pointers on 16-byte alignment, so the launch
+    cache keys are those of separate allocations). Only for buffers that die with the call (or
+    are saved together): a view keeps the whole buffer alive, and views must never be returned
+    as op outputs (they would alias each other). Not poisoned: callers poison what they did before."""
+    offs, n = [], 0
+    for shape, dt in specs:
+        offs.append(n)
+        nb = dt.itemsize
+        for s in shape:
+            nb *= s
+        n += -(-nb // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
+    buf = like.new_empty(max(n, WORKSPACE_ALIGN), dtype=torch.uint8)
+    typed, out = {}, []
+    for (shape, dt), o in zip(specs, offs):
+        b = typed.get(dt)
+        if b is None:
+            b = typed[dt] = buf.view(dt) if dt.itemsize > 1 else buf
+        stride, acc = [], 1
+        for s in reversed(shape):
+            stride.append(acc)
+            acc *= s
+        out.append(b.as_strided(tuple(shape), tuple(reversed(stride)), o // dt.itemsize))
+    return out
+
+
 def blocks(K: int, V: int, gate: int, dtype: torch.dtype, chunk=None) -> dict:
     BKF = max(16, next_power_of_2(K))            # whole K (the dq/dk stage of GATE 0/1)
     interp = triton_interpret()

@@ -418,8 +418,7 @@ _seg_scan_kernel = fast_kernel(_seg_scan_kernel)
 _fused_fwd_kernel = fast_kernel(_fused_fwd_kernel)
 
 
-def _dummy(x):
-    return x.new_empty(1)
+_dummy = common.dummy   # one persistent 1-element tensor per (device, dtype): never written
 
 
 class Plan:
@@ -460,17 +459,21 @@ class Plan:
                 d if self.ct is None else self.ct)
 
 
-def chunk_states(p: Plan, k, v, g, vs, A, h0, store_h=True, every=1, pre=False):
+def chunk_states(p: Plan, k, v, g, vs, A, h0, store_h=True, every=1, pre=False, out=None):
     """Every chunk's incoming state h [NCH, H, K, V] (storage dtype) and the final states.
     every > 1 (common.H_EVERY): only every `every`-th chunk's state, h [slots, H, K, V] at
     common.state_slot (p.state_index(every) gives the packed batches' first slots). pre (GATE 2,
-    common.GLA_PREP): k is gla.intra_prep's k exp2(G_last - Gc) [B, T, H, K], g its G_last."""
+    common.GLA_PREP): k is gla.intra_prep's k exp2(G_last - Gc) [B, T, H, K], g its G_last.
+    out: (h, ht) buffers of those shapes given by the caller (views of its workspace; None:
+    allocated here)."""
     m = p.meta
-    if store_h:
-        h = k.new_empty((p.state_index(every)[0], p.H, p.K, p.V), dtype=p.hdtype)
-    else:
-        h = _dummy(k)
-    ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
+    h, ht = (None, None) if out is None else out
+    if h is None:
+        if store_h:
+            h = k.new_empty((p.state_index(every)[0], p.H, p.K, p.V), dtype=p.hdtype)
+        else:
+            h = _dummy(k)
+    ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32) if ht is None else ht)
     cu, co, _ = p.idx_args(ht)
     BT, EVERY = p.BT, (every if store_h else 1)
     if common.STATE_COARSE and EVERY > 1 and EVERY & (EVERY - 1) == 0 and p.gate < 2 and not pre:
@@ -512,8 +515,12 @@ def _seg_state_pass(p: Plan, k, v, g, vs, A, sin=None):
     SEG, NSEG = _seg(p)
     d = _dummy(v)
     if sin is None:
-        hs = common.poison(k.new_empty((NSEG, p.H, p.K, p.V), dtype=torch.float32))
-        gs = common.poison(hs.new_empty((NSEG, p.H))) if p.gate == 1 else _dummy(hs)
+        if p.gate == 1:   # one allocation for both (they die with the call)
+            hs, gs = map(common.poison, common.workspace(
+                k, (((NSEG, p.H, p.K, p.V), torch.float32), ((NSEG, p.H), torch.float32))))
+        else:
+            hs = common.poison(k.new_empty((NSEG, p.H, p.K, p.V), dtype=torch.float32))
+            gs = _dummy(hs)
         h = d
     else:
         hs = gs = None
@@ -655,7 +662,8 @@ def chunk_fwd_keep(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor]
     keep_h, keep_gc = saved_layout(q, v, g, cu_seqlens, A is not None, save)
     if _takes_fused_fwd(p.gate, p.varlen, q.dtype):
         o, ht = fused_fwd(p, q, k, v, g, vs, A, h0, scale, D, z)
-        return o, ht, ht.new_empty(0, dtype=p.hdtype), o.new_empty(0, dtype=torch.float32)
+        # nothing kept: empty views (h's of a fresh empty, gc's of the f32 dummy: distinct bases)
+        return o, ht, ht.new_empty(0, dtype=p.hdtype), _dummy(ht)[:0]
     # every H_EVERY-th chunk's state only, unless the backward keeps them all (GATE 2: with
     # GLA_PREP only, whose pre-decayed rows make the replay's scores plain products)
     pre = p.gate == 2 and gla.use_prep(p)
@@ -666,16 +674,20 @@ def chunk_fwd_keep(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor]
         g, qd, kd, gl, a = gla.intra_prep(p, q, k, g, scale)
         h, ht = chunk_states(p, kd, v, gl, None, None, h0, every=every, pre=True)
     else:
+        ws = (None, None)
         if p.gate == 2:
             g = gla.chunk_cumsum(p, g)         # every later stage reads Gc
-        h, ht = chunk_states(p, k, v, g, vs, A, h0, every=every)
+            if not keep_h and not gla.use_fused_fwd(p):   # h and the scores: one allocation
+                ws = common.workspace(q, (((p.NCH, p.H, p.K, p.V), p.hdtype),
+                                          ((p.B * p.T, p.H, p.BT), q.dtype)))
+        h, ht = chunk_states(p, k, v, g, vs, A, h0, every=every, out=(ws[0], None))
     d = _dummy(ht)
     kept = (h if keep_h else h.view(-1)[:0],
             g if keep_gc else (g.view(-1)[:0] if p.gate == 2 else d[:0]))
     if p.gate == 2 and gla.use_fused_fwd(p) and not pre:
         return (gla.fwd_output(p, q, k, v, g, h, scale), ht) + kept
     if not pre:
-        a = gla.intra_scores(p, q, k, g, scale) if p.gate == 2 else d
+        a = gla.intra_scores(p, q, k, g, scale, a=ws[1]) if p.gate == 2 else d
     o = common.poison(torch.empty_like(v))
     cu, _, ct = p.idx_args(ht)
     if p.gate == 2:

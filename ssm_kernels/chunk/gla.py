@@ -745,10 +745,10 @@ def chunk_cumsum(p, g):
     return gc
 
 
-def intra_scores(p, q, k, gc, scale):
-    """The scaled causal scores of every chunk, [TOK, H, BT] in q's dtype."""
+def intra_scores(p, q, k, gc, scale, a=None):
+    """The scaled causal scores of every chunk, [TOK, H, BT] in q's dtype (into a when given)."""
     m = p.meta
-    a = common.poison(q.new_empty((p.B * p.T, p.H, p.BT)))
+    a = common.poison(q.new_empty((p.B * p.T, p.H, p.BT)) if a is None else a)
     ct, cu = _idx(p, a)
     if TREE:
         for mode in _modes():
