@@ -115,7 +115,13 @@ def _cases(pg=None):
     }
 
 
-# (kernel launches, torch operations other than views) per call. Value checks of CPU tensors
+# (kernel launches, torch operations other than views) per call. Session 7 helper alloc7: the
+# chunk engine's absent-operand pointers are persistent 1-element dummies per (device, dtype)
+# (common.dummy: no allocation per call) and each call's temporaries are views of one
+# allocation (common.workspace): fused forward hs + gs, backward h + its final states + dh (+
+# SSD's dD partials, GLA's scores), GLA forward h + scores. Before: simple_gla (2, 10) / (6, 22),
+# gla (5, 12) / (12, 25), SSD (2, 12) / (6, 35), gated delta fwd (3, 19); kept states (5, 18),
+# (11, 21), (5, 31). Value checks of CPU tensors
 # (log-decays <= 0: gt, any, item) are part of the CPU path by design and counted here.
 PINNED = {
     "linear_scan fwd": (1, 2),
@@ -127,8 +133,8 @@ PINNED = {
     # (chunk engine forward: one 1-element dummy pointer shared by its output stage's absent
     # operands since the kept-states change, (2, 11) and (6, 23) before; the backward recomputes
     # h: SAVE_STATES=2 keeps it, see PINNED_KEEP)
-    "chunk_simple_gla fwd": (2, 10),
-    "chunk_simple_gla fwd+bwd": (6, 22),
+    "chunk_simple_gla fwd": (2, 6),
+    "chunk_simple_gla fwd+bwd": (6, 12),
     # chunk_gla: the chunk-local cumsum of the per-key decays is its own launch (every later
     # stage loads it instead of re-summing g); backward: cumsum, states, state gradients, scores,
     # dv, dq/dk/dg; each tree kernel is launched twice (gla.TREE_SPLIT: fast-path programs, then
@@ -137,14 +143,14 @@ PINNED = {
     # TREE=False: (4, 12) and (10, 26). With gradients the forward keeps Gc for the backward
     # (common.SAVE_STATES=1, the default: it replaces g among the saved tensors): no cumsum
     # launch and no Gc buffer in the backward, (13, 26) before
-    "chunk_gla fwd": (5, 12),
-    "chunk_gla fwd+bwd": (12, 25),
+    "chunk_gla fwd": (5, 7),
+    "chunk_gla fwd+bwd": (12, 13),
     # SSD (float32: the per-chunk-state path under FUSED_FWD 0 or 1; D and z in `_output_kernel`'s
     # epilogue: (2, 17) before, when that path's D / z were torch ops mul, add, silu, mul).
     # Forward: A <= 0 check (gt, any, item), dt bias + softplus (add, softplus), chunk_fwd's h,
     # ht, o and four 1-element dummies (new_empty x 6, empty_like; one dummy fewer since the
     # kept-states change, (2, 13) before); launches: states, output
-    "mamba_chunk_scan_combined fwd (D, z)": (2, 12),
+    "mamba_chunk_scan_combined fwd (D, z)": (2, 8),
     # with gradients D goes into the op (epilogue + dD in the backward), z stays a torch op: the
     # forward above + silu, mul (z gate); backward: the gate's mul, chunk_bwd's 14 buffers and
     # dummies, dD = sum of per-chunk partials (sum), ddt += dg A (addcmul), dA = sum dg dt (mul,
@@ -152,10 +158,10 @@ PINNED = {
     # (recomputed), state grads, dv, dq/dk
     # (39 torch ops before: the per-chunk path's D was mul, add after the kernel; 37 before the
     # forward's shared dummy; 36 before ddt += dg A became one addcmul)
-    "mamba_chunk_scan_combined fwd+bwd (D, z)": (6, 35),
+    "mamba_chunk_scan_combined fwd+bwd (D, z)": (6, 24),
     # the chunked WY path (default): WY stage, state scan, output; checks (gt, any, item, aminmax
     # and its two items: beta's range) and the buffers plus one 1-element dummy per launch
-    "chunk_gated_delta_rule fwd": (3, 19),
+    "chunk_gated_delta_rule fwd": (3, 13),
     "fused_recurrent_gated_delta_rule decode": (1, 7),
     "fft_conv fwd": (3, 4),
     # (MERGED_INVERSE, the default since the session-7 GPU A/B: the backward's two inverse
@@ -181,9 +187,9 @@ def test_launches_and_glue_are_pinned(name, stubbed_launches):
 # two 1-element dummy pointers; chunk_gla's Gc is kept as with the default 1). The forward's h
 # is the same buffer, kept instead of freed.
 PINNED_KEEP = {
-    "chunk_simple_gla fwd+bwd": (5, 18),
-    "chunk_gla fwd+bwd": (11, 21),
-    "mamba_chunk_scan_combined fwd+bwd (D, z)": (5, 31),
+    "chunk_simple_gla fwd+bwd": (5, 12),
+    "chunk_gla fwd+bwd": (11, 14),
+    "mamba_chunk_scan_combined fwd+bwd (D, z)": (5, 24),
 }
 
 

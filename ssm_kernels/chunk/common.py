@@ -155,7 +155,7 @@ WORKSPACE_ALIGN = 256   # bytes: every view of a workspace starts at a multiple 
 
 def workspace(like: torch.Tensor, specs) -> list:
     """Temporaries of one host call in ONE allocation: specs [(shape, dtype), ...] -> contiguous
-    views of a single byte buffer on like's device, each starting at a multiple of
+    views of a single buffer on like's device, each starting at a multiple of
     WORKSPACE_ALIGN bytes (Triton specialises pointers on 16-byte alignment, so the launch
     cache keys are those of separate allocations). Only for buffers that die with the call (or
     are saved together): a view keeps the whole buffer alive, and views must never be returned
@@ -167,12 +167,13 @@ def workspace(like: torch.Tensor, specs) -> list:
         for s in shape:
             nb *= s
         n += -(-nb // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
-    buf = like.new_empty(max(n, WORKSPACE_ALIGN), dtype=torch.uint8)
-    typed, out = {}, []
+    base = max((dt for _, dt in specs), key=lambda dt: dt.itemsize)   # fewest dtype views
+    buf = like.new_empty(max(n, WORKSPACE_ALIGN) // base.itemsize, dtype=base)
+    typed, out = {base: buf}, []
     for (shape, dt), o in zip(specs, offs):
         b = typed.get(dt)
         if b is None:
-            b = typed[dt] = buf.view(dt) if dt.itemsize > 1 else buf
+            b = typed[dt] = buf.view(dt)
         stride, acc = [], 1
         for s in reversed(shape):
             stride.append(acc)
