@@ -191,17 +191,41 @@ def launch_profile(case, calls=10):
     # the device synchronize after the calls is the harness's, not the op's
     sync -= sum(n for k, n in api.items() if k == "cudaDeviceSynchronize")
     per = lambda n: f"{n / calls:.1f}"
-    eager = {}
+    eager, pool = {}, {}
     if case.impl == "ssm_kernels":   # A/B of the raw-pointer launch knob, alternating, best of 3
         for raw in (False, True) * 3:
             _launch.set_raw_pointers(raw)
             us = per_call_us(case.fn, calls=50)
             eager[raw] = min(eager.get(raw, us), us)
         _launch.set_raw_pointers(False)
+        # A/B of the chunk engine's persistent dummies + one workspace per call (alloc7):
+        # torch-level allocations per call and eager us, knob on / off, alternating, best of 3
+        from ssm_kernels.chunk import common as chunk_common
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class _Allocs(TorchDispatchMode):
+            n = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.overloadpacket.__name__ in ("empty", "new_empty", "empty_like",
+                                                    "empty_strided", "zeros", "zeros_like",
+                                                    "new_zeros", "ones_like"):
+                    self.n += 1
+                return func(*args, **(kwargs or {}))
+        for on in (True, False) * 3:
+            chunk_common.HOST_POOL = on
+            case.fn()
+            with _Allocs() as m:
+                case.fn()
+            us = per_call_us(case.fn, calls=50)
+            pool[on] = (m.n, min(pool.get(on, (0, us))[1], us))
+        chunk_common.HOST_POOL = True
     print(f"{case.op:<26} {case.impl:<12} {case.mode:<8} launch cache hits/call {per(hits)} "
           f"misses {per(misses)} fallbacks {per(falls)} | CUDA kernels/call {per(kernels)} "
           f"launch API {per(launches)} malloc/free {per(malloc)} syncs {per(sync)}"
-          + (f" | eager us {eager[False]:.1f}, raw pointers {eager[True]:.1f}" if eager else ""),
+          + (f" | eager us {eager[False]:.1f}, raw pointers {eager[True]:.1f}" if eager else "")
+          + (f" | torch allocs/call, eager us: pool {pool[True][0]}, {pool[True][1]:.1f}; "
+             f"SSM_KERNELS_HOST_POOL=0 {pool[False][0]}, {pool[False][1]:.1f}" if pool else ""),
           flush=True)
     for k, st in stats.items():
         if st["misses"] or st["fallbacks"]:

@@ -329,3 +329,34 @@ def test_memoised_checks_keep_value_checks_and_errors():
     sk.fft_conv(u, kf)
     with pytest.raises(ValueError, match="k must have shape"):
         sk.fft_conv(u, torch.randn(5, 16))
+
+
+def test_workspace_views_and_shared_dummies(stubbed_launches, monkeypatch):
+    """common.workspace: one allocation, views 16-byte aligned (Triton's pointer specialisation),
+    disjoint, contiguous, of the asked shapes / dtypes; common.dummy: one tensor per (device,
+    dtype), not an inference tensor even when first asked for under inference_mode (views of it
+    are saved for backward); HOST_POOL off restores the separate allocations (the old pins)."""
+    from ssm_kernels.chunk import common
+    specs = [((3, 5), torch.bfloat16), ((7,), torch.float32), ((2, 2, 3), torch.bfloat16),
+             ((1,), torch.float32)]
+    like = torch.empty(1)
+    with _CountOps() as mode:
+        ws = common.workspace(like, specs)
+    assert [op for op in mode.ops if op not in _VIEWS] == ["new_empty"]
+    spans = []
+    for t, (shape, dt) in zip(ws, specs):
+        assert t.shape == shape and t.dtype == dt and t.is_contiguous()
+        assert t.data_ptr() % 16 == 0
+        spans.append((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()))
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    monkeypatch.setattr(common, "_DUMMIES", {})
+    with torch.inference_mode():
+        d = common.dummy(torch.empty(2, dtype=torch.float16))
+    assert not d.is_inference() and d.dtype == torch.float16 and d.numel() == 1
+    assert common.dummy(torch.empty(3, dtype=torch.float16)) is d
+    assert common.dummy(torch.empty(3)) is not d
+    monkeypatch.setattr(common, "HOST_POOL", False)
+    assert common.dummy(torch.empty(3, dtype=torch.float16)) is not d
+    launches, work = _count(_cases()["chunk_simple_gla fwd+bwd"], stubbed_launches)
+    assert (launches, len(work)) == (6, 22), work     # the pin before alloc7

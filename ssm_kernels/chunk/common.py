@@ -125,6 +125,9 @@ def poison(t: torch.Tensor) -> torch.Tensor:
 
 
 _DUMMIES: dict = {}
+# persistent dummies and one workspace per call (`dummy`, `workspace`); False (or
+# SSM_KERNELS_HOST_POOL=0): a fresh allocation for each, as before session 7 (A/B knob)
+HOST_POOL = __import__("os").environ.get("SSM_KERNELS_HOST_POOL", "1") != "0"
 
 
 def dummy(x: torch.Tensor) -> torch.Tensor:
@@ -134,9 +137,9 @@ def dummy(x: torch.Tensor) -> torch.Tensor:
     so views of it may be saved for a backward); a fresh one for fake / meta tensors or under
     a dispatch mode (torch.compile's fakes, the op counters)."""
     key = (x.device, x.dtype)
-    d = _DUMMIES.get(key)
+    d = _DUMMIES.get(key) if HOST_POOL else None
     if d is None:
-        if (type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter)) \
+        if not HOST_POOL or (type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter)) \
                 or x.device.type == "meta" or _dispatch_mode_active():
             return x.new_empty(1)
         with torch.inference_mode(False), torch.no_grad():
@@ -160,6 +163,8 @@ def workspace(like: torch.Tensor, specs) -> list:
     cache keys are those of separate allocations). Only for buffers that die with the call (or
     are saved together): a view keeps the whole buffer alive, and views must never be returned
     as op outputs (they would alias each other). Not poisoned: callers poison what they did before."""
+    if not HOST_POOL:
+        return [like.new_empty(tuple(shape), dtype=dt) for shape, dt in specs]
     offs, n = [], 0
     for shape, dt in specs:
         offs.append(n)
