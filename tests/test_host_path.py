@@ -337,8 +337,8 @@ def test_workspace_views_and_shared_dummies(stubbed_launches, monkeypatch):
     dtype), not an inference tensor even when first asked for under inference_mode (views of it
     are saved for backward); HOST_POOL off restores the separate allocations (the old pins)."""
     from ssm_kernels.chunk import common
-    specs = [((3, 5), torch.bfloat16), ((7,), torch.float32), ((2, 2, 3), torch.bfloat16),
-             ((1,), torch.float32)]
+    specs = (((3, 5), torch.bfloat16), ((7,), torch.float32), ((2, 2, 3), torch.bfloat16),
+             ((1,), torch.float32))
     like = torch.empty(1)
     with _CountOps() as mode:
         ws = common.workspace(like, specs)

@@ -363,11 +363,11 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, do, dht, vs: Optional[torch.Ten
     # final states), the state gradients dh, SSD's per-chunk dD partials
     S = (p.NCH, p.H, p.K, p.V)
     kept = h is not None and h.numel() and seg < 2
-    specs = [(S, p.hdtype)] + ([] if kept or seg else [(S, p.hdtype), ((p.N,) + S[1:], torch.float32)])
+    specs = ((S, p.hdtype),) + (() if kept or seg else ((S, p.hdtype), ((p.N,) + S[1:], torch.float32)))
     if D is not None:          # (GATE 1 only)
-        specs.append(((p.NCH, p.H, p.V), torch.float32))
+        specs += (((p.NCH, p.H, p.V), torch.float32),)
     if p.gate == 2 and not gla.use_fused_bwd(p):     # the scores (GATE 2 has no D)
-        specs.append(((p.B * p.T, p.H, p.BT), q.dtype))
+        specs += (((p.B * p.T, p.H, p.BT), q.dtype),)
     ws = common.workspace(q, specs) if seg < 2 else None
     if kept:
         assert h.shape == S and h.dtype == p.hdtype, "saved states mismatch"

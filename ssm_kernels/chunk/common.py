@@ -156,15 +156,11 @@ def _dispatch_mode_active() -> bool:
 WORKSPACE_ALIGN = 256   # bytes: every view of a workspace starts at a multiple (Triton: 16)
 
 
-def workspace(like: torch.Tensor, specs) -> list:
-    """Temporaries of one host call in ONE allocation: specs [(shape, dtype), ...] -> contiguous
-    views of a single buffer on like's device, each starting at a multiple of
-    WORKSPACE_ALIGN bytes (Triton specialises pointers on 16-byte alignment, so the launch
-    cache keys are those of separate allocations). Only for buffers that die with the call (or
-    are saved together): a view keeps the whole buffer alive, and views must never be returned
-    as op outputs (they would alias each other). Not poisoned: callers poison what they did before."""
-    if not HOST_POOL:
-        return [like.new_empty(tuple(shape), dtype=dt) for shape, dt in specs]
+_LAYOUTS: dict = {}
+
+
+def _layout(specs):
+    """(base dtype, base numel, [(dtype, shape, stride, offset in elements)]) of `workspace`."""
     offs, n = [], 0
     for shape, dt in specs:
         offs.append(n)
@@ -173,17 +169,40 @@ def workspace(like: torch.Tensor, specs) -> list:
             nb *= s
         n += -(-nb // WORKSPACE_ALIGN) * WORKSPACE_ALIGN
     base = max((dt for _, dt in specs), key=lambda dt: dt.itemsize)   # fewest dtype views
-    buf = like.new_empty(max(n, WORKSPACE_ALIGN) // base.itemsize, dtype=base)
-    typed, out = {base: buf}, []
+    slots = []
     for (shape, dt), o in zip(specs, offs):
-        b = typed.get(dt)
-        if b is None:
-            b = typed[dt] = buf.view(dt)
         stride, acc = [], 1
         for s in reversed(shape):
             stride.append(acc)
             acc *= s
-        out.append(b.as_strided(tuple(shape), tuple(reversed(stride)), o // dt.itemsize))
+        slots.append((dt if dt != base else None, tuple(shape), tuple(reversed(stride)),
+                      o // dt.itemsize))
+    return base, max(n, WORKSPACE_ALIGN) // base.itemsize, tuple(slots)
+
+
+def workspace(like: torch.Tensor, specs: tuple) -> list:
+    """Temporaries of one host call in ONE allocation: specs ((shape, dtype), ...) (a hashable
+    tuple) -> contiguous views of a single buffer on like's device, each starting at a multiple
+    of WORKSPACE_ALIGN bytes (Triton specialises pointers on 16-byte alignment, so the launch
+    cache keys are those of separate allocations). The layout is computed once per specs. Only
+    for buffers that die with the call (or are saved together): a view keeps the whole buffer
+    alive, and views must never be returned as op outputs (they would alias each other). Not
+    poisoned: callers poison what they did before."""
+    if not HOST_POOL:
+        return [like.new_empty(shape, dtype=dt) for shape, dt in specs]
+    lay = _LAYOUTS.get(specs)
+    if lay is None:
+        lay = _LAYOUTS[specs] = _layout(specs)
+    base, n, slots = lay
+    buf = like.new_empty(n, dtype=base)
+    out, typed = [], None
+    for dt, shape, stride, off in slots:
+        if dt is None:
+            out.append(buf.as_strided(shape, stride, off))
+        else:
+            if typed is None or typed.dtype != dt:
+                typed = buf.view(dt)
+            out.append(typed.as_strided(shape, stride, off))
     return out
 
 
