@@ -120,8 +120,9 @@ def _cases(pg=None):
 # (common.dummy: no allocation per call) and each call's temporaries are views of one
 # allocation (common.workspace): fused forward hs + gs, backward h + its final states + dh (+
 # SSD's dD partials, GLA's scores), GLA forward h + scores. Before: simple_gla (2, 10) / (6, 22),
-# gla (5, 12) / (12, 25), SSD (2, 12) / (6, 35), gated delta fwd (3, 19); kept states (5, 18),
-# (11, 21), (5, 31). Value checks of CPU tensors
+# gla (5, 12) / (12, 25), SSD (2, 12) / (6, 35), gated delta fwd (3, 19) (its w, u, h, v_new:
+# one workspace; the backward's recompute too, with the final states it drops); kept states
+# (5, 18), (11, 21), (5, 31). Value checks of CPU tensors
 # (log-decays <= 0: gt, any, item) are part of the CPU path by design and counted here.
 PINNED = {
     "linear_scan fwd": (1, 2),
@@ -161,7 +162,7 @@ PINNED = {
     "mamba_chunk_scan_combined fwd+bwd (D, z)": (6, 24),
     # the chunked WY path (default): WY stage, state scan, output; checks (gt, any, item, aminmax
     # and its two items: beta's range) and the buffers plus one 1-element dummy per launch
-    "chunk_gated_delta_rule fwd": (3, 13),
+    "chunk_gated_delta_rule fwd": (3, 10),
     "fused_recurrent_gated_delta_rule decode": (1, 7),
     "fft_conv fwd": (3, 4),
     # (MERGED_INVERSE, the default since the session-7 GPU A/B: the backward's two inverse

@@ -886,11 +886,25 @@ def _plan(q, v, g, cu_seqlens):
     return p
 
 
-def _wu_buffers(p, k):
+def _wu_buffers(p, k, ws=None):
+    if ws is not None:      # views of the call's workspace (`_workspace`)
+        return common.poison(ws[0]), common.poison(ws[1])
     TOK = p.B * p.T
     w = common.poison(k.new_empty((TOK, p.H, p.K), dtype=p.wdtype))
     u = common.poison(k.new_empty((TOK, p.H, p.V), dtype=p.udtype))
     return w, u
+
+
+def _workspace(p, k, with_ht: bool):
+    """The temporaries of one forward (or the backward's recompute) in one allocation
+    (common.workspace): w, u, h, v_new and (with_ht: the backward, which drops them) the final
+    states."""
+    TOK = p.B * p.T
+    specs = (((TOK, p.H, p.K), p.wdtype), ((TOK, p.H, p.V), p.udtype),
+             ((p.NCH, p.H, p.K, p.V), p.hdtype), ((TOK, p.H, p.V), k.dtype))
+    if with_ht:
+        specs += (((p.N, p.H, p.K, p.V), torch.float32),)
+    return common.workspace(k, specs)
 
 
 def _wy_fast(p, k, v, g, beta, l2, w, u, tm, store_t, load_t):
@@ -924,10 +938,10 @@ def _wu(p, k, v, g, beta, l2, w, u, tm):
     return w, u
 
 
-def _wy(p, k, v, g, beta, l2, store_t):
+def _wy(p, k, v, g, beta, l2, store_t, ws=None):
     m = p.meta
     TOK = p.B * p.T
-    w, u = _wu_buffers(p, k)
+    w, u = _wu_buffers(p, k, ws)
     # STORE_T is a runtime flag and the dummy is float32 like Tm: the forward (no T) and the
     # backward's recompute (T kept) share one compiled kernel
     store_t = store_t or (p.split and not p.wy_fast)
@@ -956,12 +970,18 @@ def wy_t_shape(q, v):
     return (B * T, v.shape[2], blocks(K, v.shape[3], 0, q.dtype)["BT"])
 
 
-def _states(p, k, w, u, g, h0, l2):
-    """h [NCH, HV, K, V], v_new [TOK, HV, V] (input dtype), final states float32."""
+def _states(p, k, w, u, g, h0, l2, ws=None):
+    """h [NCH, HV, K, V], v_new [TOK, HV, V] (input dtype), final states float32 (h, v_new and,
+    when it has 5 views, the final states in the workspace ws)."""
     m = p.meta
-    h = k.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
-    ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
-    vn = common.poison(k.new_empty((p.B * p.T, p.H, p.V), dtype=k.dtype))
+    if ws is not None:
+        h, vn = ws[2], common.poison(ws[3])
+        ht = common.poison(ws[4] if len(ws) > 4 else
+                           k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
+    else:
+        h = k.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
+        ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
+        vn = common.poison(k.new_empty((p.B * p.T, p.H, p.V), dtype=k.dtype))
     cu, co, _ = p.idx_args(ht)
     d = _dummy(ht)
     _state_kernel[(1, cdiv(p.V, p.BVs), p.N * p.H)](
@@ -982,8 +1002,9 @@ def chunk_delta_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool,
     (for `chunk_delta_bwd`), else an empty float32 tensor."""
     p = _plan(q, v, g, cu_seqlens)
     m = p.meta
-    w, u, tm = _wy(p, k, v, g, beta, l2, save_t)
-    h, vn, ht = _states(p, k, w, u, g, h0, l2)
+    ws = _workspace(p, k, False)
+    w, u, tm = _wy(p, k, v, g, beta, l2, save_t, ws)
+    h, vn, ht = _states(p, k, w, u, g, h0, l2, ws)
     o = common.poison(torch.empty_like(v))
     cu, _, ct = p.idx_args(ht)
     d = _dummy(ht)
@@ -1010,10 +1031,12 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
             raise ValueError(f"chunk_delta_bwd: the saved WY inverse must be a contiguous float32 "
                              f"{(TOK, p.H, p.BT)} tensor, got {tm.dtype} {tuple(tm.shape)}")
         # the forward's T (bitwise what the recompute would form: same kernel, same inputs)
-        w, u = _wu(p, k, v, g, beta, l2, *_wu_buffers(p, k), tm)
+        ws = _workspace(p, k, True)
+        w, u = _wu(p, k, v, g, beta, l2, *_wu_buffers(p, k, ws), tm)
     else:
-        w, u, tm = _wy(p, k, v, g, beta, l2, True)
-    h, vn, _ = _states(p, k, w, u, g, h0, l2)
+        ws = _workspace(p, k, True)
+        w, u, tm = _wy(p, k, v, g, beta, l2, True, ws)
+    h, vn, _ = _states(p, k, w, u, g, h0, l2, ws)
     cu, co, ct = p.idx_args(do)
     d = _dummy(do)
     gg = d if g is None else g
