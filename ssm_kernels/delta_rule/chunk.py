@@ -35,6 +35,7 @@ from ..chunk.bwd import _dqk_kernel, _dv_kernel, _state_grad_kernel
 from ..chunk.common import blocks, chunk_span, l2norm_rows, load_rows, log_decay_cumsum, mm, mm_wy
 from ..chunk.fwd import Plan, _dummy, _output_kernel, _state_kernel
 from .bwd import _dqk_delta_kernel, _state_grad_delta_kernel
+from .fwd import delta_fwd_scan
 from .._launch import cdiv, next_power_of_2, fast_kernel
 
 WU_FLOAT32 = True
@@ -666,12 +667,36 @@ def wy_t_shape(q, v):
     return (B * T, v.shape[2], blocks(K, v.shape[3], 0, q.dtype)["BT"])
 
 
+# the forward's state scan (and the backward's recompute of h, V') by the delta-only
+# `fwd._delta_fwd_kernel` (bench/NOTES.md, "helper deltafwd7"): 0 the engine's `_state_kernel`
+# (DELTA) + `_output_kernel`; 1 the delta-only scan storing h and V' as the engine's does (the
+# output stage unchanged); 2 (forward only) the output formed inside that scan: no h, no V' in
+# memory (the backward recomputes both; with 1 it does so by the delta-only scan too)
+DELTA_FWD = 0
+# its V tile, warps, software-pipeline stages; DELTA_FWD_WS_X2 (16-bit W with a tf32 scan
+# product: SCAN_TF32): W S as two 16-bit dots against S = hi + lo instead of tf32
+DELTA_FWD_BV = 32
+DELTA_FWD_WARPS = 4
+DELTA_FWD_STAGES = 2
+DELTA_FWD_WS_X2 = False
+
+
+def _delta_ws(p):
+    """WS of `fwd._delta_fwd_kernel`: 2 (hi + lo 16-bit dots) for 16-bit W with the tf32 scan."""
+    x2 = DELTA_FWD_WS_X2 and p.scan_wf32 == 1 and p.wdtype != torch.float32
+    return 2 if x2 else p.scan_wf32
+
+
 def _states(p, k, w, u, g, h0, l2):
     """h [NCH, HV, K, V], v_new [TOK, HV, V] (input dtype), final states float32."""
     m = p.meta
     h = k.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
     ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
     vn = common.poison(k.new_empty((p.B * p.T, p.H, p.V), dtype=k.dtype))
+    if DELTA_FWD:
+        delta_fwd_scan(p, k, k, w, u, g, h0, h, vn, vn, ht, l2, 1.0, False, _delta_ws(p),
+                       DELTA_FWD_BV, DELTA_FWD_WARPS, DELTA_FWD_STAGES)
+        return h, vn, ht
     cu, co, _ = p.idx_args(ht)
     d = _dummy(ht)
     _state_kernel[(1, cdiv(p.V, p.BVs), p.N * p.H)](
@@ -693,8 +718,13 @@ def chunk_delta_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool,
     p = _plan(q, v, g, cu_seqlens)
     m = p.meta
     w, u, tm = _wy(p, k, v, g, beta, l2, save_t)
-    h, vn, ht = _states(p, k, w, u, g, h0, l2)
     o = common.poison(torch.empty_like(v))
+    if DELTA_FWD == 2:
+        ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
+        delta_fwd_scan(p, q, k, w, u, g, h0, o, o, o, ht, l2, scale, True, _delta_ws(p),
+                       DELTA_FWD_BV, DELTA_FWD_WARPS, DELTA_FWD_STAGES)
+        return o, ht, (tm if save_t else tm[:0])
+    h, vn, ht = _states(p, k, w, u, g, h0, l2)
     cu, _, ct = p.idx_args(ht)
     d = _dummy(ht)
     _output_kernel[(cdiv(p.V, p.BVO), p.NCH, p.H)](
