@@ -673,9 +673,10 @@ def wy_t_shape(q, v):
 # output stage unchanged); 2 (forward only) the output formed inside that scan: no h, no V' in
 # memory (the backward recomputes both; with 1 it does so by the delta-only scan too)
 DELTA_FWD = 0
-# its V tile, warps, software-pipeline stages (None: 2 for 16-bit W, 1 for float32 W: sm_90 bf16
-# K=V=128 BV=32, scan at 2 stages 127 KB of shared memory = 1 program per SM, at 1 stage 70 KB = 2;
-# 16-bit W at 2 stages 82 KB); DELTA_FWD_WS_X2 (16-bit W with a tf32 scan product: SCAN_TF32): W S
+# its V tile, warps, software-pipeline stages (None: 2 for the scan with 16-bit W, else 1: sm_90
+# bf16 K=V=128 BV=32: float32 W at 2 stages 127 KB of shared memory = 1 program per SM, at 1 stage
+# 66 KB = 2; 16-bit W 78 KB at 2; fused (2) with 16-bit W 115-119 KB at 2, 45-49 KB at 1; at 4 warps
+# <= 255 registers always fit 2 per SM); DELTA_FWD_WS_X2 (16-bit W with a tf32 scan product: SCAN_TF32): W S
 # as two 16-bit dots against S = hi + lo instead of tf32
 DELTA_FWD_BV = 32
 DELTA_FWD_WARPS = 4
@@ -683,11 +684,11 @@ DELTA_FWD_STAGES = None
 DELTA_FWD_WS_X2 = False
 
 
-def _delta_fwd_opts(p):
+def _delta_fwd_opts(p, fused):
     """(WS, BV, warps, stages) of `fwd._delta_fwd_kernel`: WS 2 (hi + lo 16-bit dots) for 16-bit W
     with the tf32 scan product."""
     x2 = DELTA_FWD_WS_X2 and p.scan_wf32 == 1 and p.wdtype != torch.float32
-    stages = DELTA_FWD_STAGES or (1 if p.wdtype == torch.float32 else 2)
+    stages = DELTA_FWD_STAGES or (1 if (fused or p.wdtype == torch.float32) else 2)
     return 2 if x2 else p.scan_wf32, DELTA_FWD_BV, DELTA_FWD_WARPS, stages
 
 
@@ -698,7 +699,8 @@ def _states(p, k, w, u, g, h0, l2):
     ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
     vn = common.poison(k.new_empty((p.B * p.T, p.H, p.V), dtype=k.dtype))
     if DELTA_FWD:
-        delta_fwd_scan(p, k, k, w, u, g, h0, h, vn, vn, ht, l2, 1.0, False, *_delta_fwd_opts(p))
+        delta_fwd_scan(p, k, k, w, u, g, h0, h, vn, vn, ht, l2, 1.0, False,
+                       *_delta_fwd_opts(p, False))
         return h, vn, ht
     cu, co, _ = p.idx_args(ht)
     d = _dummy(ht)
@@ -724,7 +726,8 @@ def chunk_delta_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool,
     o = common.poison(torch.empty_like(v))
     if DELTA_FWD == 2:
         ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
-        delta_fwd_scan(p, q, k, w, u, g, h0, o, o, o, ht, l2, scale, True, *_delta_fwd_opts(p))
+        delta_fwd_scan(p, q, k, w, u, g, h0, o, o, o, ht, l2, scale, True,
+                       *_delta_fwd_opts(p, True))
         return o, ht, (tm if save_t else tm[:0])
     h, vn, ht = _states(p, k, w, u, g, h0, l2)
     cu, _, ct = p.idx_args(ht)

@@ -21,8 +21,10 @@ input dtype; ~16 bits of S at 2/3 of a tf32 dot's tensor time, no float32 W in s
 
 FUSE_OUT (DELTA_FWD=2): the output stage in the same loop (q loaded; no h, no V' in memory: the
 backward recomputes both anyway). o of chunk c uses the state before chunk c, rounded to the input
-dtype as the engine's stored h is, and V' rounded as its stored v_new is. No dot consumes a
-transposed dot result (the Triton 3.6 wgmma hazard): k^T is a loaded tile.
+dtype as the engine's stored h is, and V' rounded as its stored v_new is; its scores Q K^T are
+formed after the state update (fewer tiles live across the chain: sm_90 shared memory 90 -> 66 KB,
+spills equal or lower). No dot consumes a transposed dot result (the Triton 3.6 wgmma hazard):
+k^T is a loaded tile.
 """
 from __future__ import annotations
 
@@ -83,22 +85,30 @@ def _delta_fwd_kernel(
         G = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row, i_h, m_t, o_k, m_k, K, GATE, False, BT)
         G_last = last_row(G, o_t, GATE, BT)
         r_k = _rnorm(b_kt, 0, L2NORM)
+        # V' rounded to the input dtype (what the engine path stores as v_new and what its output
+        # stage and the backward read); the update and the fused output take it so rounded
+        b_vn = (b_u - _w_times_state(b_w, S, WS, DT, IEEE)).to(k_ptr.dtype.element_ty)
         if FUSE_OUT:
             b_q = tl.load(q_ptr + row_q[:, None] * K + o_k[None, :],
                           mask=m_t[:, None] & m_k[None, :], other=0.)
             r_q = _rnorm(b_q, 1, L2NORM)
-            # off the serial chain: the scores depend on q, k only
-            A = causal_decay(mm(b_q, b_kt, DT, IEEE), G, o_t, GATE) * (
-                (r_q * scale)[:, None] * r_k[None, :])
             # the state before this chunk, in the input dtype (the engine's stored h)
             b_o = mm(b_q, S, DT, IEEE)
         else:
             tl.store(h_ptr + ((base + i) * H + i_h) * K * V + p_s, S.to(h_ptr.dtype.element_ty),
                      mask=m_s)
-        # V' rounded to the input dtype (what the engine path stores as v_new and what its output
-        # stage and the backward read); the update and the fused output take it so rounded
+            tl.store(vn_ptr + row[:, None] * V + o_v[None, :], b_vn, mask=m_tv)
+        b_vs = b_vn.to(tl.float32)
+        if GATE == 1:
+            S = S * tl.exp2(G_last)
+            b_vs = b_vs * (tl.exp2(G_last - G) * r_k)[:, None]
+        elif L2NORM:
+            b_vs = b_vs * r_k[:, None]
+        S += mm(b_kt, b_vs, DT, IEEE)
         if FUSE_OUT:
-            b_vn = (b_u - _w_times_state(b_w, S, WS, DT, IEEE)).to(o_ptr.dtype.element_ty)
+            # the scores after the update (off the serial chain; fewer tiles live across it)
+            A = causal_decay(mm(b_q, b_kt, DT, IEEE), G, o_t, GATE) * (
+                (r_q * scale)[:, None] * r_k[None, :])
             if GATE == 1:
                 b_o = b_o * (r_q * scale * tl.exp2(G))[:, None]
             else:
@@ -106,16 +116,6 @@ def _delta_fwd_kernel(
             b_o += mm(A, b_vn, DT, IEEE)
             tl.store(o_ptr + row[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
                      mask=m_tv)
-        else:
-            b_vn = (b_u - _w_times_state(b_w, S, WS, DT, IEEE)).to(vn_ptr.dtype.element_ty)
-            tl.store(vn_ptr + row[:, None] * V + o_v[None, :], b_vn, mask=m_tv)
-        b_vn = b_vn.to(tl.float32)
-        if GATE == 1:
-            S = S * tl.exp2(G_last)
-            b_vn = b_vn * (tl.exp2(G_last - G) * r_k)[:, None]
-        elif L2NORM:
-            b_vn = b_vn * r_k[:, None]
-        S += mm(b_kt, b_vn, DT, IEEE)
     tl.store(ht_ptr + i_nh.to(tl.int64) * K * V + p_s, S, mask=m_s)
 
 
