@@ -678,8 +678,8 @@ DELTA_FWD = 0
 # 66 KB = 2; 16-bit W 78 KB at 2; fused (2) with 16-bit W 115-119 KB at 2, 45-49 KB at 1; at 4 warps
 # <= 255 registers always fit 2 per SM); DELTA_FWD_WS_X2 (16-bit W with a tf32 scan product: SCAN_TF32): W S
 # as two 16-bit dots against S = hi + lo instead of tf32
-DELTA_FWD_BV = 32
-DELTA_FWD_WARPS = 4
+DELTA_FWD_BV = None        # None: 32; 16 fused at K > 128 (BV=32 spilled 268-772 B there)
+DELTA_FWD_WARPS = None     # None: 4; 8 for the scan at K > 128 (4 spilled 56-280 B there)
 DELTA_FWD_STAGES = None
 DELTA_FWD_WS_X2 = False
 
@@ -689,7 +689,9 @@ def _delta_fwd_opts(p, fused):
     with the tf32 scan product."""
     x2 = DELTA_FWD_WS_X2 and p.scan_wf32 == 1 and p.wdtype != torch.float32
     stages = DELTA_FWD_STAGES or (1 if (fused or p.wdtype == torch.float32) else 2)
-    return 2 if x2 else p.scan_wf32, DELTA_FWD_BV, DELTA_FWD_WARPS, stages
+    big = p.meta["BKF"] > 128
+    return (2 if x2 else p.scan_wf32, DELTA_FWD_BV or (16 if big and fused else 32),
+            DELTA_FWD_WARPS or (8 if big and not fused else 4), stages)
 
 
 def _states(p, k, w, u, g, h0, l2):
