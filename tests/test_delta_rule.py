@@ -985,6 +985,11 @@ DELTA_FWD_CASES = {
     "fused-bf16st-x2": (dict(DELTA_FWD=2, WU_FLOAT32=False, SCAN_TF32=True,
                              WU_TF32_PRODUCTS=True, DELTA_FWD_WS_X2=True), torch.bfloat16, False,
                         (False, True, 2, 45, 2, 4, 32, 16, None)),
+    # with main's session-7 defaults (WY_FAST, the saved T, the delta-only backward kernels)
+    "fused-main7-fp16-gpu": (dict(DELTA_FWD=2, WY_FAST=True, SAVE_WY_INVERSE=True, DQK_DELTA=True,
+                                  SG_DELTA=True, SG_FUSE_DV=True, WY_BWD_LEAN=True),
+                             torch.float16, True, (True, True, 1, 150, 1, 2, 16, 48,
+                                                   [0, 5, 70, 150])),
     "scan-fla-prec-fp16": (dict(DELTA_FWD=1, WU_FLOAT32=False, WY_FAST=True,
                                 DELTA_FWD_BV=64), torch.float16, True,
                            (True, False, 1, 130, 1, 1, 32, 32, None)),
