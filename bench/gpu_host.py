@@ -7,6 +7,15 @@ installed), then where the remaining host time goes (cProfile, top lines). One p
 call of each op compiles its kernels (cold Triton cache: most of the run). Run from the repo root:
     python3 bench/gpu_host.py [op ...]   (op names select; none: all)
     --no-peers: ours only; HOST_BUDGET_S=s: peers still unmeasured after s seconds are skipped
+    --launches: no timing; per case (warmed up) the launch cache's hits / misses / fallbacks per
+    eager call (ssm_kernels._launch.launch_stats, with reasons per kernel) and, from
+    torch.profiler, per eager call: CUDA kernels run (Triton + torch), kernel-launch API calls
+    (cuLaunchKernel*, cudaLaunchKernel*), cudaMalloc* / cudaFree, synchronising calls
+    (cuda*Synchronize, cudaMemcpy / cudaMemcpyAsync D2H, cudaStreamWaitEvent not counted) and the
+    torch (non-Triton) kernels by name. Ours only unless a peer is asked for with --peers.
+    ~1 min for the chunk ops on a warm Triton cache:
+    python3 bench/gpu_host.py --launches chunk_linear_attn chunk_simple_gla chunk_gla \
+        chunk_gated_delta_rule chunk_based mamba_chunk_scan_combined
     (fla autotunes every new shape: its chunk ops alone took > 280 s in session 6)
 ok: eager (cache on) within 1.5x of the target (issue 8): the peer's eager time measured in the
 same run (session 5's H100 numbers where a peer is missing: accelerated-scan 37.2 / 268 us,
@@ -20,6 +29,7 @@ import time
 
 import torch
 
+from profile_host import per_call_us   # bench/ (the script's directory)
 from ssm_kernels import _launch
 from ssm_kernels.benchmarks.overhead import cases, measure
 
@@ -62,6 +72,19 @@ def main():
     rows = {}
     ours = {}
     peers = "--no-peers" not in sys.argv
+    if "--launches" in sys.argv:
+        peers = "--peers" in sys.argv
+        _pointer_check_cost()
+        for case in itertools.chain(cases("cuda"), _extra_cases()):
+            if (only and case.op not in only) or (case.impl != "ssm_kernels" and not peers):
+                continue
+            try:
+                launch_profile(case)
+            except Exception as e:
+                print(f"  {case.op} {case.impl} {case.mode}: failed: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:160] if str(e) else ''}", flush=True)
+        print(f"({time.time() - t0:.0f} s)")
+        return
     budget = float(os.environ.get("HOST_BUDGET_S", "inf"))
     t0 = time.time()
     for case in itertools.chain(cases("cuda"), _extra_cases()):
@@ -91,6 +114,106 @@ def main():
               f"{(str(peer) + ' ' + r.get('peer_name', '')) if peer is not None else '-':>22} / "
               f"{r.get('peer_graph', '-')!s:>6} {target if target is not None else '-'!s:>7} {ok:>3}"
               f"  {r['note']}")
+
+
+_LAUNCH_API = ("cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernel", "cudaLaunchKernelExC",
+               "cuLaunchCooperativeKernel", "cudaLaunchCooperativeKernel")
+
+
+def _pointer_check_cost(n=20000):
+    """What Triton's launcher does per tensor argument (Triton 3.6 and 3.9: data_ptr() then the
+    driver's cuPointerGetAttribute), timed through ctypes against a ctypes call of about the same
+    Python cost (cuCtxGetCurrent); the difference is the driver check itself."""
+    import ctypes
+    try:
+        cu = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        print(f"cuPointerGetAttribute: libcuda not loadable ({e})")
+        return
+    x = torch.empty(1 << 20, device="cuda")
+    ptr = ctypes.c_uint64(x.data_ptr())
+    out, ctx = ctypes.c_uint64(), ctypes.c_void_p()
+    get, cur = cu.cuPointerGetAttribute, cu.cuCtxGetCurrent
+    ref = ctypes.byref(out)
+    times = {}
+    for _ in range(3):
+        for name, f in (("check", lambda: get(ref, 3, ptr)),   # CU_POINTER_ATTRIBUTE_DEVICE_POINTER
+                        ("base", lambda: cur(ctypes.byref(ctx)))):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                f()
+            times[name] = min(times.get(name, 1e9), (time.perf_counter() - t0) / n * 1e6)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        x.data_ptr()
+    dp = (time.perf_counter() - t0) / n * 1e6
+    print(f"per tensor argument of a Triton launch: cuPointerGetAttribute ~{times['check'] - times['base']:.3f} us "
+          f"(ctypes {times['check']:.3f} - {times['base']:.3f}) + data_ptr() {dp:.3f} us; "
+          f"the chunk kernels take 10-25 tensor arguments per launch", flush=True)
+
+
+def launch_profile(case, calls=10):
+    """Per eager call of `case` (after warm-up): launch-cache counters and profiler counts."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        case.fn()
+    torch.cuda.synchronize()
+    _launch.reset_launch_stats()
+    for _ in range(calls):
+        case.fn()
+    torch.cuda.synchronize()
+    stats = _launch.launch_stats(reset=True)
+    hits = sum(st["hits"] for st in stats.values())
+    misses = sum(st["misses"] for st in stats.values())
+    falls = sum(sum(st["fallbacks"].values()) for st in stats.values())
+    ours = {k.rsplit(".", 1)[1] for k in stats}   # our Triton kernels' names (= CUDA kernel names)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            case.fn()
+        torch.cuda.synchronize()
+    kernels, api, torch_kernels = 0, {}, {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            if "memcpy" in e.name.lower() or "memset" in e.name.lower():
+                api[f"[gpu] {e.name}"] = api.get(f"[gpu] {e.name}", 0) + 1
+                continue
+            kernels += 1
+            if e.name not in ours:
+                torch_kernels[e.name[:60]] = torch_kernels.get(e.name[:60], 0) + 1
+        elif e.name.startswith("cu"):
+            api[e.name] = api.get(e.name, 0) + 1
+    launches = sum(n for k, n in api.items() if k in _LAUNCH_API)
+    malloc = sum(n for k, n in api.items() if k.startswith(("cudaMalloc", "cuMemAlloc", "cudaFree",
+                                                              "cuMemFree")))
+    sync = sum(n for k, n in api.items() if "Synchronize" in k or k in (
+        "cudaMemcpy", "cuMemcpyDtoH", "cuMemcpyDtoH_v2"))
+    # the device synchronize after the calls is the harness's, not the op's
+    sync -= sum(n for k, n in api.items() if k == "cudaDeviceSynchronize")
+    per = lambda n: f"{n / calls:.1f}"
+    eager = {}
+    if case.impl == "ssm_kernels":   # A/B of the raw-pointer launch knob, alternating, best of 3
+        for raw in (False, True) * 3:
+            _launch.set_raw_pointers(raw)
+            us = per_call_us(case.fn, calls=50)
+            eager[raw] = min(eager.get(raw, us), us)
+        _launch.set_raw_pointers(False)
+    print(f"{case.op:<26} {case.impl:<12} {case.mode:<8} launch cache hits/call {per(hits)} "
+          f"misses {per(misses)} fallbacks {per(falls)} | CUDA kernels/call {per(kernels)} "
+          f"launch API {per(launches)} malloc/free {per(malloc)} syncs {per(sync)}"
+          + (f" | eager us {eager[False]:.1f}, raw pointers {eager[True]:.1f}" if eager else ""),
+          flush=True)
+    for k, st in stats.items():
+        if st["misses"] or st["fallbacks"]:
+            print(f"    {k}: misses {st['misses']} fallbacks {st['fallbacks']} "
+                  f"varying: {st['varying'] or '-'}")
+    if torch_kernels:
+        print("    kernels not from our launch cache, per call: " + ", ".join(
+            f"{k} x{n / calls:g}" for k, n in sorted(torch_kernels.items(), key=lambda x: -x[1])))
+    other = {k: n for k, n in api.items() if k not in _LAUNCH_API}
+    if other:
+        print("    other CUDA API calls/call: " + ", ".join(
+            f"{k} x{n / calls:g}" for k, n in sorted(other.items(), key=lambda x: -x[1])[:8]))
 
 
 def _run_case(case, rows, ours):
@@ -157,16 +280,24 @@ def _split_and_profile(ours):
         if fn_key not in ours:
             continue
         fn = ours[fn_key]
+        _launch.reset_launch_stats()
         pr = cProfile.Profile()
         pr.enable()
         for _ in range(300):
             fn()
         pr.disable()
         torch.cuda.synchronize()
+        st = _launch.launch_stats(reset=True).values()
         s = io.StringIO()
         pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(14)
         print(f"\n==== cProfile {' '.join(fn_key)} (300 calls, launch cache on) ====")
         print("\n".join(ln[:150] for ln in s.getvalue().splitlines()[6:22]))
+        # pstats keeps ONE row per label: every kernel's compiled launcher is a builtin named
+        # `__triton_launcher.launch`, so its row shows one kernel's calls, not all launches
+        print(f"  launch cache over these calls: hits {sum(x['hits'] for x in st)}, misses "
+              f"{sum(x['misses'] for x in st)}, fallbacks "
+              f"{sum(sum(x['fallbacks'].values()) for x in st)} (the launcher row above counts "
+              f"one kernel only: pstats merges same-named builtins)")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ CPU tensors stand in for CUDA ones (allocation costs differ a little). Cases: li
 selective_scan_fn (Triton backend) fwd and fwd+bwd, the chunk engine's ops, fft_conv (float32:
 the path around torch.fft, whose CPU transforms the stub replaces by allocations; bf16), with the
 launch cache on and off:
-    PYTHONPATH=$PWD python bench/profile_host.py --stub [--profile] [--check] [case substrings]
+    PYTHONPATH=$PWD python bench/profile_host.py --stub [--profile] [--check] [--launches] [case substrings]
+--launches: instead of timing, per case the launch cache's hits / misses / fallbacks (with
+reasons, per kernel) over steady-state calls, against the launcher calls actually made.
 --check: instead of timing, compare every launcher call of each case with the launch cache on
 against Triton's own path (same compiled kernel, grid and arguments)."""
 import os
@@ -95,6 +97,7 @@ def main():
 
 
 _RECORD = None   # a list while --check records the launcher calls
+_LAUNCHED = None   # a list while --launches counts the launcher calls
 
 
 def install_stub():
@@ -108,7 +111,13 @@ def install_stub():
 
     def _no_launch(self):
         self.function = 0
-        self._run = lambda *args: _RECORD.append((self, args)) if _RECORD is not None else None
+
+        def run(*args, kernel=self):
+            if _RECORD is not None:
+                _RECORD.append((kernel, args))
+            if _LAUNCHED is not None:   # --launches: every launcher call, by kernel name
+                _LAUNCHED.append(kernel.name)
+        self._run = run
 
     driver.set_active(OfflineDriver())
     CompiledKernel._init_handles = _no_launch
@@ -287,13 +296,34 @@ def _engine_cases():
     out["selective_state_update decode"] = lambda: sk.selective_state_update(
         st, x1, dt1, A1, B1, C1, D1, z1, b1, True, backend=T)
     qb, kb = (torch.randn(1, 64, 2, 16, dtype=bf) for _ in range(2))
+    out["chunk_linear_attn normalize=False fwd"] = lambda: sk.chunk_linear_attn(
+        q, k, v, normalize=False, backend=T)
+    out["chunk_linear_attn normalize=False fwd+bwd"] = train(
+        lambda q_, k_, v_: sk.chunk_linear_attn(q_, k_, v_, normalize=False, backend=T))
+    h0s = torch.randn(1, 2, 64, 64)
+    out["chunk_simple_gla h0+ht fwd+bwd"] = train(lambda q_, k_, v_: sk.chunk_simple_gla(
+        q_, k_, v_, gh, initial_state=h0s, output_final_state=True, backend=T))
     out["chunk_based fwd"] = lambda: sk.chunk_based(qb, kb, v, backend=T)
+    qbl, kbl = (t.clone().requires_grad_() for t in (qb, kb))
+
+    def based_train():
+        o = sk.chunk_based(qbl, kbl, vl, backend=T)
+        o = o[0] if isinstance(o, tuple) else o
+        torch.autograd.grad(o, (qbl, kbl, vl), do)
+    out["chunk_based fwd+bwd"] = based_train
     if hasattr(sk, "mamba_chunk_scan_combined"):
         x = torch.randn(1, 64, 2, 64, dtype=bf)
         dt, A = torch.rand(1, 64, 2), -torch.rand(2)
         B, C = (torch.randn(1, 64, 1, 64, dtype=bf) for _ in range(2))
         out["mamba_chunk_scan_combined fwd"] = lambda: sk.mamba_chunk_scan_combined(
             x, dt, A, B, C, 64)
+        xl_, dtl_, Bl_, Cl_ = (t.clone().requires_grad_() for t in (x, dt, B, C))
+        Dm = torch.randn(2)
+
+        def ssd_train():
+            o = sk.mamba_chunk_scan_combined(xl_, dtl_, A, Bl_, Cl_, 64, D=Dm, dt_softplus=True)
+            torch.autograd.grad(o, (xl_, dtl_, Bl_, Cl_), torch.ones_like(o))
+        out["mamba_chunk_scan_combined fwd+bwd"] = ssd_train
     if hasattr(sk, "causal_conv1d_fn"):
         xc, w = torch.randn(1, 64, 64, dtype=bf), torch.randn(64, 4, dtype=bf)
         out["causal_conv1d_fn fwd"] = lambda: sk.causal_conv1d_fn(xc, w, None, activation="silu",
@@ -331,6 +361,8 @@ def stub_main():
         cases = {n: f for n, f in cases.items() if any(o in n for o in only)}
     if "--check" in sys.argv:
         sys.exit(1 if check_launches(cases) else 0)
+    if "--launches" in sys.argv:
+        sys.exit(1 if launch_report(cases) else 0)
     print(f"{'stubbed kernels, CPU host':<28} {'cache on':>9} {'cache off':>9}  us/call")
     for name, fn in cases.items():
         _launch.set_enabled(True)
@@ -383,6 +415,42 @@ def check_launches(cases):
         bad += not same
         print(f"{name:<34} {len(a):3d} launches  cache on == Triton's path: {same}", flush=True)
     print("launch check:", "all identical" if not bad else f"{bad} case(s) DIFFER")
+    return bad
+
+
+def launch_report(cases, calls=3, out=print):
+    """--launches: per case, after two warm-up calls, `calls` more: every launcher call must come
+    from a launch-cache hit (ssm_kernels._launch.launch_stats: hits, misses, fallbacks with their
+    reasons, per kernel). Returns the number of cases with a launch off the fast path."""
+    global _LAUNCHED
+    import triton
+    from ssm_kernels import _launch
+    _launch.set_enabled(True)
+    bad = 0
+    out(f"triton {triton.__version__}: launch cache per steady-state call ({calls} calls after 2)")
+    for name, fn in cases.items():
+        fn()
+        fn()
+        _launch.reset_launch_stats()
+        _LAUNCHED = []
+        for _ in range(calls):
+            fn()
+        launched, _LAUNCHED = _LAUNCHED, None
+        stats = _launch.launch_stats(reset=True)
+        hits = sum(st["hits"] for st in stats.values())
+        slow = {k: st for k, st in stats.items() if st["misses"] or st["fallbacks"]}
+        ok = not slow and hits == len(launched)
+        bad += not ok
+        out(f"{name:<44} launches/call {len(launched) / calls:5.1f}  hits/call {hits / calls:5.1f}"
+            f"  {'all fast' if ok else 'NOT all fast'}")
+        for k, st in slow.items():
+            out(f"    {k}: misses {st['misses']} fallbacks {st['fallbacks']} keys {st['keys']} "
+                f"varying: {st['varying'] or '-'}")
+        if hits != len(launched):
+            from collections import Counter
+            served = Counter({k.rsplit('.', 1)[1]: st["hits"] for k, st in stats.items()})
+            out(f"    launched without the cache: {dict(Counter(launched) - served)}")
+    out("launch cache:", "every steady-state launch a hit" if not bad else f"{bad} case(s) not")
     return bad
 
 

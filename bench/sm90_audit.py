@@ -173,6 +173,61 @@ def chunk_cases():
                 yield f"{name} {_dt(dtype)} K{K} V{V}", lambda fn=fn, dtype=dtype, V=V: fn(dtype, V)
 
 
+# forward knob sets of the engine (chunk/common.py, session 7; off by default): inference calls,
+# bf16, V 128 (GLA_PREP only for chunk_gla, OUT_* only for GATE 0/1)
+ENGINE_KNOB_SETS = {
+    "default": {},
+    "every4": dict(H_EVERY=4),
+    "decay_o": dict(OUT_DECAY_O=True),
+    "decay_o+bv128+w8": dict(OUT_DECAY_O=True, OUT_BLOCK_V=128, OUT_WARPS=8),
+    "every4+decay_o+bv128+w8": dict(H_EVERY=4, OUT_DECAY_O=True, OUT_BLOCK_V=128, OUT_WARPS=8),
+    "every4+decay_o+bv128+w4": dict(H_EVERY=4, OUT_DECAY_O=True, OUT_BLOCK_V=128, OUT_WARPS=4),
+    "every4+decay_o": dict(H_EVERY=4, OUT_DECAY_O=True),
+    "every4+sbv32": dict(H_EVERY=4, STATE_BLOCK_V=32),
+    "every2+coarse": dict(H_EVERY=2, STATE_COARSE=True),
+    "every4+coarse": dict(H_EVERY=4, STATE_COARSE=True),
+    "prep": dict(GLA_PREP=True),
+    "prep+every2": dict(GLA_PREP=True, H_EVERY=2),
+    "prep+every4": dict(GLA_PREP=True, H_EVERY=4),
+}
+
+
+def chunk_knob_cases():
+    """The engine's forward knobs (ENGINE_KNOB_SETS) compiled as the GPU would launch them."""
+    import ssm_kernels as sk
+    from ssm_kernels.chunk import common
+
+    def infer(op, knobs, V=128, dtype=torch.bfloat16):
+        saved = {kk: getattr(common, kk) for kk in knobs}
+        try:
+            for kk, vv in knobs.items():
+                setattr(common, kk, vv)
+            with torch.no_grad():
+                q, k, v, h0 = (x.detach() for x in _la_inputs(dtype, V))
+                if op == "chunk_simple_gla":
+                    sk.chunk_simple_gla(q, k, v, _decay(B, T, H).detach(), initial_state=h0,
+                                        output_final_state=True, backend="triton")
+                elif op == "chunk_gla":
+                    sk.chunk_gla(q, k, v, _decay(B, T, H, K).detach(), initial_state=h0,
+                                 output_final_state=True, backend="triton")
+                else:
+                    x = _leaf(B, T, H, 64, dtype=dtype).detach()
+                    Bm, Cm = (_leaf(B, T, 1, K, dtype=dtype).detach() for _ in range(2))
+                    sk.mamba_chunk_scan_combined(x, torch.rand(B, T, H) * 0.1 + 0.01,
+                                                 -torch.rand(H) - 0.5, Bm, Cm, 64,
+                                                 D=torch.randn(H, 64), backend="triton")
+        finally:
+            for kk, vv in saved.items():
+                setattr(common, kk, vv)
+
+    for name, knobs in ENGINE_KNOB_SETS.items():
+        for op in ("chunk_simple_gla", "chunk_gla", "ssd"):
+            if ("GLA_PREP" in knobs and op != "chunk_gla") or (
+                    "OUT_DECAY_O" in knobs and op == "chunk_gla"):
+                continue
+            yield f"{op} bf16 K{K} V128 fwd [{name}]", lambda op=op, knobs=knobs: infer(op, knobs)
+
+
 def linear_attn_check_cases():
     """`python -m ssm_kernels check` for linear_attn on a GPU (B2 T1031 H4 K128 V100), full plan."""
     from ssm_kernels.linear_attn import check as c
@@ -323,6 +378,53 @@ def fft_conv_cases():
                        f"{' post' if post else ' nopost'}{' final' if sms == 4 else ' slices'}"), thunk_b
 
 
+# monarch16 knob variants (bf16, D + pre gate; KBLOCK / KBLOCK_BWD / SPLIT / warps): label
+# "m16knob N=.. split=.. bj=.. w=.. fwd|bwd[ post]"; FINAL = 1 (one program per channel)
+# (N, split, BJ, warps[, TWIDDLE_CONJ_COPY]); BJ 0 = the unblocked kernel
+M16_KNOBS = ((4096, None, 32, 8), (4096, (128, 32), 0, 8), (4096, (128, 32), 64, 8),
+             (4096, (128, 32), 32, 4), (8192, None, 64, 8), (8192, None, 32, 8),
+             (8192, None, 64, 4), (8192, None, 32, 4), (8192, None, 16, 8), (8192, None, 32, 16),
+             (8192, None, 16, 16), (4096, None, 16, 8), (4096, None, 32, 4), (4096, None, 16, 4),
+             (2048, None, 32, 4), (2048, None, 16, 4), (8192, None, 64, 16),
+             (8192, None, 0, 8, False), (8192, None, 16, 8, False), (4096, None, 0, 8, False),
+             (4096, None, 32, 8, False))
+
+
+def fft_conv_knob_cases():
+    from ssm_kernels.fft_conv import interface as fi, monarch16 as m16
+    m16._sm_count = lambda device: 4   # S = 1 at H = 16: the in-kernel dk inverse (FINAL)
+    for n, sp, bj, warps, *twc in M16_KNOBS:
+        twc = twc[0] if twc else True
+        for mode in ("fwd", "bwd", "bwd post"):
+            if mode == "bwd post" and (n != 8192 or warps == 4):
+                continue
+            def thunk(n=n, sp=sp, bj=bj, warps=warps, mode=mode, twc=twc):
+                L = n // 2
+                u, pg, qg = (torch.randn(8, 16, L).to(torch.bfloat16) for _ in range(3))
+                saved = (dict(m16.SPLIT), dict(m16.KBLOCK), dict(m16.KBLOCK_BWD),
+                         dict(m16.LAUNCH), dict(m16.LAUNCH_BWD), fi.FORCE_PATH)
+                if sp:
+                    m16.SPLIT[n] = sp
+                m16.KBLOCK[n] = m16.KBLOCK_BWD[n] = bj
+                m16.LAUNCH[n] = m16.LAUNCH_BWD[n] = (warps, 1)
+                fi.FORCE_PATH = "monarch16"
+                m16.TWIDDLE_CONJ_COPY = twc
+                try:
+                    if mode == "fwd":
+                        fi.fft_conv_fwd_op(u, torch.randn(16, L), torch.randn(16), pg, None, "triton")
+                    else:
+                        fi.fft_conv_bwd_op(u, u, torch.randn(16, L), torch.randn(16), pg,
+                                           qg if "post" in mode else None, "triton")
+                finally:
+                    for d, old in zip((m16.SPLIT, m16.KBLOCK, m16.KBLOCK_BWD, m16.LAUNCH,
+                                       m16.LAUNCH_BWD), saved):
+                        d.clear()
+                        d.update(old)
+                    fi.FORCE_PATH = saved[-1]
+                    m16.TWIDDLE_CONJ_COPY = True
+            yield f"m16knob N={n} split={sp} bj={bj} w={warps}{'' if twc else ' T'} {mode}", thunk
+
+
 def cp_cases():
     """The states-only passes of context parallelism's later ranks (ssm_kernels.distributed)."""
     from ssm_kernels.distributed.engine import la_final_state, la_state_adjoint
@@ -344,10 +446,11 @@ def cp_cases():
             yield f"cp linear_scan {_dt(dtype)} {shape}", thunk
 
 
-FAMILIES = {"chunk": chunk_cases, "linear_attn_check": linear_attn_check_cases,
+FAMILIES = {"chunk": chunk_cases, "chunk_knobs": chunk_knob_cases,
+            "linear_attn_check": linear_attn_check_cases,
             "selective_scan": selective_scan_cases, "linear_scan": linear_scan_cases,
             "causal_conv1d": causal_conv1d_cases, "delta_rule": delta_rule_cases,
-            "fft_conv": fft_conv_cases, "cp": cp_cases}
+            "fft_conv": fft_conv_cases, "fft_conv_knobs": fft_conv_knob_cases, "cp": cp_cases}
 DEFAULT_OPS = "chunk,linear_attn_check"   # the others: --ops all or by name
 
 
@@ -454,7 +557,7 @@ def main(argv=None):
               f"| {md.shared} | {cols} | {'FLAG ' + ','.join(flags) if flags else ''} "
               f"| {'; '.join(rec['cases'])} |", flush=True)
         if args.sass:
-            write_sass(k, rec["name"], args.sass)
+            write_sass(k, f"{rec['name']}_{re.sub(r'[^A-Za-z0-9=]+', '_', rec['cases'][0])[:80]}", args.sass)
     print(f"\n{len(compiled)} kernels, {n_flag} flagged (Triton {__import__('triton').__version__} "
           f"here, 3.6 on the GPU machine)")
     for f in failures:

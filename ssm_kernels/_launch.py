@@ -46,6 +46,7 @@ from __future__ import annotations
 import functools
 import operator
 import os
+import weakref
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -63,6 +64,24 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """`triton.next_power_of_2` for host code (same values: 0 for 0, n for a power of two)."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+_RAW_POINTERS = os.environ.get("SSM_KERNELS_RAW_POINTERS", "0") not in ("0", "", "false", "False")
+
+
+def set_raw_pointers(on: bool) -> None:
+    """A/B knob (default off until measured on the GPU): on a cache hit, hand the launcher each
+    tensor argument as its data_ptr() int. Triton's launchers (3.6, 3.9) call data_ptr() and the
+    driver's cuPointerGetAttribute for every tensor argument of every launch (the chunk kernels
+    take 10-25 pointers); an int skips both. What that check catches (a CPU tensor) cannot reach
+    a hit through the public functions, which check devices first; the first call with a key
+    (a miss) still goes through Triton's path and its check."""
+    global _RAW_POINTERS
+    _RAW_POINTERS = bool(on)
+
+
+def raw_pointers() -> bool:
+    return _RAW_POINTERS
 
 
 def set_enabled(on: bool) -> None:
@@ -91,6 +110,7 @@ class _Mark:
 
 
 _MISALIGNED: Dict[torch.dtype, _Mark] = {}
+_KERNELS: "weakref.WeakSet[FastKernel]" = weakref.WeakSet()   # every FastKernel (launch_stats)
 
 
 def _misaligned(dtype):
@@ -134,10 +154,21 @@ def _layout(types: Tuple):
             spos.append(i)
         else:
             return None
-    return _getter(tpos), _getter(spos)
+    return _getter(tpos), _getter(spos), tuple(tpos)
 
 
 _LAYOUTS: Dict[Tuple, Any] = {}
+
+
+def _lookup(args: Tuple, layouts: Dict):
+    """(the arguments' types, their layout); raises _Unsupported for an unsupported type."""
+    types = tuple(map(type, args))
+    lay = layouts.get(types, False)
+    if lay is False:
+        lay = layouts[types] = _layout(types)
+    if lay is None:
+        raise _Unsupported(types)
+    return types, lay
 
 
 def args_key(args: Tuple, layouts: Dict = _LAYOUTS):
@@ -145,15 +176,23 @@ def args_key(args: Tuple, layouts: Dict = _LAYOUTS):
     type of every argument; per tensor its dtype if data_ptr % 16 == 0, else a per-dtype marker;
     every int / bool / float / None by value (Triton specialises ints on == 1, % 16 and the
     i32 / i64 / u64 range, all functions of the value). Raises _Unsupported for other types."""
-    types = tuple(map(type, args))
-    lay = layouts.get(types, False)
-    if lay is False:
-        lay = layouts[types] = _layout(types)
-    if lay is None:
-        raise _Unsupported(types)
-    tget, sget = lay
+    types, (tget, sget, _) = _lookup(args, layouts)
     return (types, tuple([t.dtype if not (t.data_ptr() & 15) else _misaligned(t.dtype)
                           for t in tget(args)]), sget(args))
+
+
+def args_key_raw(args: Tuple, layouts: Dict = _LAYOUTS):
+    """(`args_key(args)`, the arguments with every tensor replaced by its data_ptr()): the
+    launcher takes an int pointer as is, where for a tensor it calls data_ptr() and the driver's
+    cuPointerGetAttribute (Triton 3.6 and 3.9 launchers), per pointer argument and launch."""
+    types, (tget, sget, tpos) = _lookup(args, layouts)
+    tensors = tget(args)
+    ptrs = [t.data_ptr() for t in tensors]
+    out = list(args)
+    for i, p in zip(tpos, ptrs):
+        out[i] = p
+    return (types, tuple([t.dtype if not (p & 15) else _misaligned(t.dtype)
+                          for t, p in zip(tensors, ptrs)]), sget(args)), out
 
 
 class _Entry:
@@ -161,12 +200,41 @@ class _Entry:
     (keyword arguments, defaults, an autotuner's config values) when they are the same on every
     call with the key, else None and `live(kwargs)` builds them per call (tensor keyword
     arguments: the key holds their dtype only)."""
-    __slots__ = ("kernel", "tail", "live")
+    __slots__ = ("kernel", "tail", "live", "launch", "pre")
 
     def __init__(self, kernel, tail: Optional[Tuple], live=None):
         self.kernel = kernel
         self.tail = tail
         self.live = live
+        # a hit calls launch(gx, gy, gz, stream, *pre, enter_hook, exit_hook, *args, *tail)
+        self.launch, self.pre = direct_launch(kernel) or (
+            kernel.run, (kernel.function, kernel.packed_metadata, None))
+
+
+def direct_launch(kernel):
+    """(the C launch function, the arguments before the hooks) of Triton 3.6's CudaLauncher, whose
+    Python `__call__` only adds (cooperative-grid flag, PDL flag, global scratch, profile scratch)
+    in front of what it is handed: called directly when the kernel needs no scratch memory (no
+    allocation to make), saving that Python frame on every hit. None for anything else (Triton
+    3.9's launcher takes other arguments; stubbed launchers; kernels with scratch)."""
+    run = getattr(kernel, "_run", None)
+    cls = type(run)
+    if cls.__name__ != "CudaLauncher" or cls.__module__ != "triton.backends.nvidia.driver":
+        return None
+    code = getattr(cls.__call__, "__code__", None)
+    if code is None or code.co_argcount != 6 or not code.co_flags & 0x04 or \
+            code.co_varnames[:6] != ("self", "gridX", "gridY", "gridZ", "stream", "function") or \
+            "allocate_scratch" not in code.co_varnames or \
+            set(code.co_names) - {"launch", "launch_cooperative_grid", "launch_pdl",
+                                  "global_scratch_size", "global_scratch_align",
+                                  "profile_scratch_size", "profile_scratch_align", "_allocation",
+                                  "_allocator", "_profile_allocator", "num_ctas", "get"}:
+        return None   # not Triton 3.6's __call__
+    if getattr(run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1) or \
+            not callable(getattr(run, "launch", None)):
+        return None
+    return run.launch, (kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+                        kernel.packed_metadata, None)
 
 
 def kwargs_key(kwargs: Dict, layouts: Dict):
@@ -198,8 +266,11 @@ class FastKernel:
         self._simple = None   # decided on first use: a plain JITFunction under the CUDA-like driver
         self._layouts: Dict[Tuple, Any] = {}
         self._kw_layouts: Dict[Tuple, Any] = {}
+        self._uncached: Dict[Tuple, str] = {}   # key -> why it is served by Triton's path
         self.hits = 0
         self.misses = 0
+        self.fallbacks: Dict[str, int] = {}   # reason -> calls that took Triton's own path
+        _KERNELS.add(self)
 
     def __getattr__(self, name):   # only called for attributes FastKernel lacks
         return getattr(self.__dict__["fn"], name)
@@ -239,6 +310,8 @@ class FastKernel:
         self._readopt()
         self._knobs = knobs
         self._device = active.get_current_device
+        if self._device is torch.cuda.current_device and torch.cuda.is_initialized():
+            self._device = torch._C._cuda_getDevice   # the same, without the lazy-init check
         self._stream = active.get_current_stream
         self._names = tuple(fn.arg_names)
         comp = getattr(knobs, "compilation", None)
@@ -261,9 +334,12 @@ class FastKernel:
                         (leave is None or not getattr(leave, "calls", True)) and \
                         not self._jit.pre_run_hooks:
                     try:
-                        akey = args_key(args, self._layouts)
-                    except _Unsupported:
-                        return self.fn[grid](*args, **kwargs)
+                        if _RAW_POINTERS:
+                            akey, largs = args_key_raw(args, self._layouts)
+                        else:
+                            akey, largs = args_key(args, self._layouts), args
+                    except _Unsupported as e:
+                        return self._slow(f"argument type {e}", grid, args, kwargs)
                     env = self._env_get
                     key = (self._device(), rt.debug, env and env(self._knobs.compilation), akey,
                            kwargs_key(kwargs, self._kw_layouts) if kwargs else ())
@@ -275,22 +351,46 @@ class FastKernel:
                         if tail is None:
                             tail = entry.live(kwargs)
                         n = len(grid)
-                        kernel.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
-                                   self._stream(key[0]), kernel.function, kernel.packed_metadata, None,
-                                   enter, leave, *args, *tail)
+                        entry.launch(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
+                                     self._stream(key[0]), *entry.pre, enter, leave, *largs, *tail)
                         return kernel
                     if entry is False:   # first call with this key: Triton's path, then remember
                         self.misses += 1
                         kernel = self.fn[grid](*args, **kwargs)
                         if len(self._cache) > 1024:
                             self._cache.clear()
+                            self._uncached.clear()
                         fixed = {}
                         if self._tuner is not None:   # the config Autotuner.run just launched
                             fixed = _tuned_kwargs(self._tuner, kwargs)
-                        self._cache[key] = None if fixed is None else \
+                        entry, why = (None, "autotuner config with a pre_hook or clashing "
+                                            "keyword") if fixed is None else \
                             self._entry(kernel, len(args), kwargs, fixed)
+                        self._cache[key] = entry
+                        if entry is None:
+                            self._uncached[key] = why
                         return kernel
+                    return self._slow(f"uncacheable key: {self._uncached.get(key, '?')}", grid,
+                                      args, kwargs)
+                return self._slow("launch hooks or pre-run hooks active", grid, args, kwargs)
+            return self._slow(self._why_not(), grid, args, kwargs)
+        return self._slow("launch cache disabled" if not _ENABLED else
+                          f"grid is a {type(grid).__name__}, not a tuple", grid, args, kwargs)
+
+    def _slow(self, reason: str, grid, args, kwargs):
+        """Triton's own path (`JITFunction.run` / `Autotuner.run`), counted under `reason`."""
+        f = self.fallbacks
+        f[reason] = f.get(reason, 0) + 1
         return self.fn[grid](*args, **kwargs)
+
+    def _why_not(self) -> str:
+        """Why the simple case does not apply (no side effects; for the fallback counters)."""
+        if not self._simple:
+            return "not a plain JITFunction under Triton's own run (interpreter, audit, profiler)"
+        if (self._jit_type.run is not self._jit_run or self._tuner is not None
+                and self._tuner_type.run is not self._tuner_run):
+            return "JITFunction.run / Autotuner.run patched"
+        return "inside compiling_ahead (warm-up wrapper active)"
 
     def _readopt(self) -> bool:
         """After `JITFunction.run` / `Autotuner.run` changed: True (and remembered) if they are
@@ -311,15 +411,15 @@ class FastKernel:
         self._idle = idle or tidle
         return True
 
-    def _entry(self, kernel, nargs: int, kwargs: Dict, fixed: Dict) -> Optional[_Entry]:
-        """None (always the normal path for this key) unless the kernel is a finished compiled
+    def _entry(self, kernel, nargs: int, kwargs: Dict, fixed: Dict) -> Tuple[Optional[_Entry], str]:
+        """(entry, ""), or (None, why) (always the normal path for this key) unless the kernel is a finished compiled
         kernel and every parameter after the positional ones is a keyword argument (`kwargs`, the
         call's; `fixed`, an autotuner config's) or has a default (filled in as Triton's binder
         does)."""
         if kernel is None or hasattr(kernel, "result") or not hasattr(kernel, "packed_metadata"):
-            return None
+            return None, "no finished compiled kernel (async compilation?)"
         if any(n in kwargs for n in self._names[:nargs]):
-            return None   # Triton raises for these; keep out of the way
+            return None, "a positional parameter passed by keyword"   # Triton raises for these
         live = []
         for prm in self._jit.params[nargs:]:
             n = prm.name
@@ -330,15 +430,15 @@ class FastKernel:
             elif getattr(prm, "has_default", False):
                 live.append((n, prm.default, False))
             else:
-                return None
+                return None, f"parameter {n!r} neither passed nor defaulted"
         if any(isinstance(kwargs.get(n), _Tensor) for n, _, _ in live):   # taken from each call
             names = tuple(n for n, _, _ in live)
             fixed = {n: v for n, v, from_call in live if not from_call}
             pick = operator.itemgetter(*names) if len(names) >= 2 else (lambda d: (d[names[0]],))
             if fixed:
-                return _Entry(kernel, None, lambda kw: pick({**fixed, **kw}))
-            return _Entry(kernel, None, pick)
-        return _Entry(kernel, tuple(v for _, v, _ in live))
+                return _Entry(kernel, None, lambda kw: pick({**fixed, **kw})), ""
+            return _Entry(kernel, None, pick), ""
+        return _Entry(kernel, tuple(v for _, v, _ in live)), ""
 
 
 def _passthrough(run):
@@ -392,3 +492,58 @@ def fast_kernel(fn):
             type(fn) is Autotuner and isinstance(fn.fn, (JITFunction, InterpretedFunction))):
         return FastKernel(fn)
     return fn
+
+
+def kernel_name(fk: "FastKernel") -> str:
+    """module.function of a FastKernel's (possibly autotuned) kernel."""
+    fn = fk.fn
+    inner = getattr(getattr(fn, "fn", None), "fn", None) or getattr(fn, "fn", fn)
+    return f"{getattr(inner, '__module__', '?')}.{getattr(inner, '__name__', repr(inner))}"
+
+
+def launch_stats(reset: bool = False) -> Dict[str, Dict[str, Any]]:
+    """Per FastKernel that was called since the last reset: {'hits', 'misses', 'fallbacks':
+    {reason: calls}, 'keys': launch keys cached, 'varying': the key parts that differ between
+    them (why a kernel keeps missing: an int argument that changes per call, a tensor's alignment
+    or dtype, a keyword's value)}. A steady-state call should show only hits. reset=True zeroes
+    the counters after reading (the cache itself is kept)."""
+    out = {}
+    for fk in list(_KERNELS):
+        if fk.hits or fk.misses or fk.fallbacks:
+            out[kernel_name(fk)] = dict(hits=fk.hits, misses=fk.misses,
+                                        fallbacks=dict(fk.fallbacks), keys=len(fk._cache),
+                                        varying=_varying(list(fk._cache)))
+        if reset:
+            fk.hits = fk.misses = 0
+            fk.fallbacks = {}
+    return out
+
+
+def reset_launch_stats() -> None:
+    launch_stats(reset=True)
+
+
+_KEY_PARTS = ("device", "debug", "compilation knobs", "arg types", "tensor dtype/alignment",
+              "scalar values", "keyword arguments")
+
+
+def _varying(keys) -> str:
+    """Which parts of the cached launch keys differ (for the report), e.g. 'scalar values #3'."""
+    if len(keys) < 2:
+        return ""
+    flat = []
+    for k in keys:
+        akey = k[3]
+        flat.append((k[0], k[1], k[2], akey[0], akey[1], akey[2], k[4]))
+    parts = []
+    for i, name in enumerate(_KEY_PARTS):
+        vals = [f[i] for f in flat]
+        if any(v != vals[0] for v in vals[1:]):
+            if isinstance(vals[0], tuple) and all(isinstance(v, tuple) and len(v) == len(vals[0])
+                                                  for v in vals):
+                pos = [j for j in range(len(vals[0])) if any(v[j] != vals[0][j] for v in vals)]
+                parts.append(f"{name} #{pos}: " + ", ".join(
+                    str(sorted({repr(v[j]) for v in vals})) for j in pos)[:200])
+            else:
+                parts.append(name)
+    return "; ".join(parts)

@@ -25,9 +25,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Optional
 
 _tls = threading.local()
+# the open compiling_ahead blocks' states, newest last: for autograd's device threads (below)
+_open = []
 # build launchers and load modules in the pool too (SSM_KERNELS_AHEAD_LOAD=0: compile only, the
 # pre-session-6 behaviour, for A/B timing)
 LOAD_AHEAD = os.environ.get("SSM_KERNELS_AHEAD_LOAD", "1") not in ("0", "", "false", "False")
+# A/B switch for the GPU timing only: SSM_KERNELS_AHEAD_LEGACY=1 brings back the session-6 block
+# (autograd's device thread not dry-run, every early compile hashing Triton itself)
+LEGACY = os.environ.get("SSM_KERNELS_AHEAD_LEGACY", "0") not in ("0", "", "false", "False")
 _lock = threading.Lock()
 _patched = []
 
@@ -60,6 +65,29 @@ def _spec_key(fn, args, kwargs):
                          if k not in ("grid", "warmup"))))
 
 
+def _state():
+    """The compiling_ahead state that applies to this thread, or None: its own block's, or -- on
+    a thread Python did not start that is running an autograd graph task, i.e. autograd's CUDA
+    device thread running a backward -- the newest open block's. Autograd runs a backward through
+    CUDA tensors on its own per-device thread, not the caller's: with only the thread-local
+    state the dry run's backward compiled and launched its kernels there, one after another, and
+    the caller waited (GPU: dry run as long as the whole block; offline CPU tensors run the
+    backward on the caller's thread, which hid it). Consequence: while a block is open, a
+    backward that another Python thread starts on CUDA tensors is dry-run too."""
+    st = getattr(_tls, "state", None)
+    if st is not None or not _open or LEGACY:
+        return st
+    if not isinstance(threading.current_thread(), threading._DummyThread):
+        return None
+    try:
+        import torch
+        if torch._C._current_graph_task_id() == -1:
+            return None
+    except Exception:
+        return None
+    return _open[-1] if _open else None
+
+
 def _install():
     """Wrap JITFunction.run and Autotuner.run once; they act only in a thread inside
     `compiling_ahead` (everyone else, the pool's threads included, gets the usual behaviour)."""
@@ -72,13 +100,16 @@ def _install():
         _find_c_launchers()
 
         def run(self, *args, grid, warmup, **kwargs):
-            st = getattr(_tls, "state", None)
+            st = _state()
             if st is None:
                 return orig_run(self, *args, grid=grid, warmup=warmup, **kwargs)
             key = _spec_key(self, args, kwargs)
-            if key not in st["seen"]:
-                st["seen"].add(key)
-                st["kernels"] += 1
+            with _lock:   # the caller's thread and autograd's device thread
+                new = key not in st["seen"]
+                if new:
+                    st["seen"].add(key)
+                    st["kernels"] += 1
+            if new:
                 try:   # Triton's per-device binder and kernel cache: made here, once, so that pool
                     # threads never race to create two (a compile landing in the lost one is
                     # compiled again by the real call)
@@ -86,14 +117,15 @@ def _install():
                 except Exception:
                     pass
                 st["futures"].append(st["pool"].submit(
-                    _compile_and_load, orig_run, st["load"], self, args, grid, kwargs))
+                    _compile_and_load, orig_run, st["load"], self, args, grid, kwargs,
+                    st["key"]))
                 if st["load"] and _C_LAUNCHERS:
                     st["futures"].append(st["pool"].submit(
                         _prebuild_launcher, st["launchers"], self, args, kwargs))
             return None
 
         def at_run(self, *args, **kwargs):
-            if getattr(_tls, "state", None) is None:
+            if _state() is None:
                 return orig_at(self, *args, **kwargs)
             # every config the autotuner would time, compiled; nothing timed, nothing cached
             self.nargs = dict(zip(self.arg_names, args))
@@ -113,12 +145,27 @@ def _install():
         _patched.append((orig_run, orig_at))
 
 
-def _compile_and_load(orig_run, load: bool, fn, args, grid, kwargs):
+def _triton_key() -> None:
+    """Pool job, first of every block: Triton's compiler-version hash, part of every compile's
+    cache key (3.6: sha256 of the 415 MB libtriton.so and the compiler's sources, 0.36 s CPU and
+    ~1 s wall cold here, once per process). It sits behind an lru_cache that does not lock: the
+    block's first compiles, starting together, each computed it (one sha256 of libtriton per
+    thread, all at once); every compile job now waits for this one instead."""
+    try:
+        from triton.runtime import cache
+        cache.triton_key()
+    except Exception:   # a Triton without it: the compiles compute what they need
+        pass
+
+
+def _compile_and_load(orig_run, load: bool, fn, args, grid, kwargs, ready=None):
     """One pool job: compile (Triton's `run(warmup=True)`), then, on a real GPU, what the kernel's
     first launch would otherwise do in the caller's thread, one kernel after another: build its
     launcher (Triton <= 3.6 compiles a C launcher per argument-type list with gcc, 0.1-0.7 s each,
     cached on disk; 3.9 has a generic one) and load the cubin into the context (`_init_handles`).
     A failure there (e.g. too much shared memory) is left for the real launch to raise, as before."""
+    if ready is not None:
+        ready.result()
     kernel = orig_run(fn, *args, grid=grid, warmup=True, **kwargs)
     if load and kernel is not None:
         init = getattr(kernel, "_init_handles", None)
@@ -187,8 +234,11 @@ def _prebuild_launcher(seen: set, fn, args, kwargs) -> None:
 
 
 def _idle() -> bool:
-    """Whether this thread is outside every compiling_ahead block (the wrappers pass through)."""
-    return getattr(_tls, "state", None) is None
+    """Whether this thread is outside every compiling_ahead block (the wrappers pass through).
+    On the launch cache's hit path: no extra call while no block is open."""
+    if getattr(_tls, "state", None) is not None:
+        return False
+    return not _open or _state() is None
 
 
 @contextlib.contextmanager
@@ -217,14 +267,17 @@ def compiling_ahead(threads: Optional[int] = None) -> Iterator[dict]:
         # launchers and module loads only where a real CUDA context exists (not under the
         # compile-only stub drivers of bench/ and tests/)
         load = LOAD_AHEAD and torch.cuda.is_available() and torch.cuda.is_initialized()
-        _tls.state = {"pool": pool, "seen": set(), "futures": [], "load": load,
-                      "launchers": set(), "kernels": 0}
+        st = _tls.state = {"pool": pool, "seen": set(), "futures": [], "load": load,
+                           "launchers": set(), "kernels": 0,
+                           "key": None if LEGACY else pool.submit(_triton_key)}
+        _open.append(st)
         try:
             yield info
         finally:
             if fcache is not None:
                 fcache._cache_enabled = cache_was
-            futures, n_kernels = _tls.state["futures"], _tls.state["kernels"]
+            _open.remove(st)
+            futures, n_kernels = st["futures"], st["kernels"]
             _tls.state = None
             for f in futures:
                 try:

@@ -723,6 +723,11 @@ def test_monarch16_backward_scaling(backend, uscale, kscale, gscale, monarch16):
     """Extreme scales in the backward: rows of one pair 100x apart in u and 1e3x apart in dy
     (opposite directions, so the shared dk product scale differs from both rows' own scales);
     du / dpre / dpost are judged row by row (the small row must not drown), dk / dD as sums."""
+    backward_scaling_check(backend, uscale, kscale, gscale)
+
+
+def backward_scaling_check(backend, uscale, kscale, gscale):
+    """test_monarch16_backward_scaling's body (also run by test_fft_conv_blocked)."""
     B, H, L, Lk = 2, 3, 200, 150
     dtype = torch.bfloat16
     u, k, D, pg, qg = make(B, H, L, Lk, dtype)
@@ -921,9 +926,10 @@ from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from ssm_kernels.fft_conv import monarch16 as M
 from ssm_kernels._launch import FastKernel
-for n in (2048, 4096, 8192):
-    n1, n2 = M.split(n)
-    consts = dict(HAS_D=True, HAS_PRE=True, HAS_POST=True, N1=n1, N2=n2, R1=n1 // 2)
+for n, bj in ((2048, 0), (4096, 0), (8192, 0), (4096, 32), (8192, 64), (8192, 32)):
+    n1, n2 = M.split(n)   # bj: the row-blocked variant (KBLOCK)
+    consts = dict(HAS_D=True, HAS_PRE=True, HAS_POST=True, N1=n1, N2=n2, R1=n1 // 2, BJ=bj,
+                  TWC=bj != 32)  # the conj(T) copy (TWIDDLE_CONJ_COPY) and T conjugated
     for fn, table in ((M._monarch16_fwd_kernel, M.LAUNCH), (M._monarch16_bwd_kernel, M.LAUNCH_BWD)):
         fn = fn.fn if isinstance(fn, FastKernel) else fn  # the JITFunction inside the launch cache
         sig = {a: "constexpr" if a in consts else ("*fp16" if a in ("ks_ptr", "f1_ptr", "f2_ptr", "tw_ptr")
@@ -931,7 +937,7 @@ for n in (2048, 4096, 8192):
                if a.endswith("_ptr") else "i32" for a in fn.arg_names}
         k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                            options=M._launch(n, table))
-        print(fn.__name__, n, "shared", k.metadata.shared, flush=True)
+        print(fn.__name__, n, bj, "shared", k.metadata.shared, flush=True)
 '''
 
 
@@ -939,7 +945,7 @@ def test_monarch16_compiles_for_sm90_within_shared_memory():
     res = compile_for_sm90(_M16_COMPILE)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
-    assert len(lines) == 6, res.stdout
+    assert len(lines) == 12, res.stdout
     for line in lines:
         assert int(line.split()[-1]) <= 232448, line
 

@@ -147,18 +147,20 @@ PINNED = {
     "mamba_chunk_scan_combined fwd (D, z)": (2, 12),
     # with gradients D goes into the op (epilogue + dD in the backward), z stays a torch op: the
     # forward above + silu, mul (z gate); backward: the gate's mul, chunk_bwd's 14 buffers and
-    # dummies, dD = sum of per-chunk partials (sum), ddt += dg A (mul, add), dA = sum dg dt (mul,
+    # dummies, dD = sum of per-chunk partials (sum), ddt += dg A (addcmul), dA = sum dg dt (mul,
     # sum), the empty dh0 (new_empty), softplus_backward; launches: the forward's 2, then states
     # (recomputed), state grads, dv, dq/dk
     # (39 torch ops before: the per-chunk path's D was mul, add after the kernel; 37 before the
-    # forward's shared dummy)
-    "mamba_chunk_scan_combined fwd+bwd (D, z)": (6, 36),
+    # forward's shared dummy; 36 before ddt += dg A became one addcmul)
+    "mamba_chunk_scan_combined fwd+bwd (D, z)": (6, 35),
     # the chunked WY path (default): WY stage, state scan, output; checks (gt, any, item, aminmax
     # and its two items: beta's range) and the buffers plus one 1-element dummy per launch
     "chunk_gated_delta_rule fwd": (3, 19),
     "fused_recurrent_gated_delta_rule decode": (1, 7),
     "fft_conv fwd": (3, 4),
-    "fft_conv fwd+bwd": (7, 12),
+    # (MERGED_INVERSE, the default since the session-7 GPU A/B: the backward's two inverse
+    # transforms as one call; 12 torch ops with it off)
+    "fft_conv fwd+bwd": (7, 10),
     # (the cuFFT path: absent operands pass an existing pointer, no allocation; no empty
     # gradients for absent inputs in eager backward)
     # 16-bit storage: monarch16 (one kernel per pass; cached DFT and filter tables). Forward:
@@ -181,7 +183,7 @@ def test_launches_and_glue_are_pinned(name, stubbed_launches):
 PINNED_KEEP = {
     "chunk_simple_gla fwd+bwd": (5, 18),
     "chunk_gla fwd+bwd": (11, 21),
-    "mamba_chunk_scan_combined fwd+bwd (D, z)": (5, 32),
+    "mamba_chunk_scan_combined fwd+bwd (D, z)": (5, 31),
 }
 
 
@@ -197,16 +199,16 @@ def test_kept_states_launches_are_pinned(name, stubbed_launches, monkeypatch):
 
 
 def test_fft_conv_merged_inverse_pin(stubbed_launches, monkeypatch):
-    """cufft.MERGED_INVERSE (off by default until the GPU A/B, bench/gpu_fft_merged.py): the
-    float32 backward's two inverse transforms become one call and the dk-spectrum buffer a part of
-    the transform's output: two torch ops fewer per fwd+bwd (one _fft_c2c, one empty), same
+    """cufft.MERGED_INVERSE off (on by default since the GPU A/B, bench/gpu_fft_merged.py): the
+    float32 backward's two inverse transforms are two calls and the dk-spectrum buffer its own
+    allocation: two torch ops more per fwd+bwd than PINNED (one _fft_c2c, one empty), same
     launches."""
     from ssm_kernels.fft_conv import cufft
-    monkeypatch.setattr(cufft, "MERGED_INVERSE", True)
+    monkeypatch.setattr(cufft, "MERGED_INVERSE", False)
     launches, work = _count(_cases()["fft_conv fwd+bwd"], stubbed_launches)
     want = PINNED["fft_conv fwd+bwd"]
-    assert (launches, len(work)) == (want[0], want[1] - 2), f"{launches} launches, torch ops {work}"
-    assert work.count("_fft_c2c") == 4
+    assert (launches, len(work)) == (want[0], want[1] + 2), f"{launches} launches, torch ops {work}"
+    assert work.count("_fft_c2c") == 5
 
 
 @pytest.fixture

@@ -197,6 +197,55 @@ def test_unusual_cases_take_tritons_path(recorded, monkeypatch):
     monkeypatch.setattr(triton_jit.JITFunction, "run", orig)
     assert fk.hits == hits
     assert len(recorded) == 5
+    # every call off the fast path is counted under its reason (launch_stats)
+    assert fk.fallbacks == {"launch cache disabled": 1, "grid is a function, not a tuple": 1,
+                            "JITFunction.run / Autotuner.run patched": 1}, fk.fallbacks
+
+
+def test_launch_stats_count_hits_misses_and_name_what_varies(recorded):
+    """launch_stats(): per kernel its hits / misses / fallbacks since the last reset, and which
+    part of the launch key differs between its cached keys (an int that changes per call keeps
+    a kernel compiling or missing: the report names the argument)."""
+    fk = _launch.FastKernel(_jit())
+    kw = dict(FLAG=True, BLOCK=64)
+    _launch.reset_launch_stats()
+    for _ in range(3):
+        fk[(1,)](*_args(), **kw)
+    name = _launch.kernel_name(fk)
+    assert name.endswith("._scale")
+    st = _launch.launch_stats()[name]
+    assert (st["hits"], st["misses"], st["fallbacks"], st["keys"]) == (2, 1, {}, 1)
+    fk[(1,)](*_args(n=48), **kw)      # n % 16 == 0 either way, but the key holds the value
+    fk[(1,)](*_args(s_x=2), **kw)
+    st = _launch.launch_stats(reset=True)[name]
+    assert st["misses"] == 3 and st["keys"] == 3
+    assert "scalar values #[0, 1]" in st["varying"] and "48" in st["varying"], st["varying"]
+    assert name not in _launch.launch_stats()   # reset: no calls since
+    fk[(1,)](*_args(), FLAG=False, BLOCK=64)
+    assert "keyword arguments" in _launch.launch_stats()[name]["varying"]
+
+
+def test_every_chunk_op_launch_is_a_cache_hit_on_repeat():
+    """End to end through the public chunk ops (chunk_linear_attn with and without normalize,
+    chunk_simple_gla incl. initial / final state, chunk_gla, chunk_gated_delta_rule, chunk_based,
+    mamba_chunk_scan_combined; forward and forward+backward), their kernels compiled for sm_90 by
+    the compile-only driver and their launchers stubbed (bench/profile_host.py --stub --launches,
+    in a subprocess: the ops' kernels must be real JITFunctions, not the interpreter's): after two
+    warm-up calls every launcher call is a launch-cache hit, no miss, no fallback, on this
+    machine's Triton (run it with PYTHONPATH=/tmp/t36:$PWD for Triton 3.6)."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), root) if p)
+    r = subprocess.run([sys.executable, os.path.join(root, "bench", "profile_host.py"), "--stub",
+                        "--launches", "chunk", "mamba"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=1200)
+    rows = [ln for ln in r.stdout.splitlines() if "launches/call" in ln]
+    assert r.returncode == 0 and len(rows) >= 15, r.stdout[-4000:] + r.stderr[-4000:]
+    for ln in rows:
+        assert "all fast" in ln and float(ln.split("launches/call")[1].split()[0]) >= 1, ln
 
 
 def test_interpreted_kernels_are_left_to_the_interpreter():
@@ -338,3 +387,60 @@ def test_warmup_wrappers_pass_through_outside_their_block(recorded, monkeypatch)
     assert len(recorded) == n0 + 2 and fk.hits == 2 and fa.hits == 2 and info["kernels"] >= 1
     fk[(1,)](*_args(), **kw)
     assert fk.hits == 3 and len(recorded) == n0 + 3
+
+
+def test_raw_pointer_knob_hands_the_launcher_data_ptr_ints(recorded, monkeypatch):
+    """set_raw_pointers(True) (A/B knob): a hit passes each tensor argument as its data_ptr() int
+    (the launcher then skips data_ptr() and cuPointerGetAttribute), everything else as before; a
+    miss still goes through Triton's path with the tensors."""
+    monkeypatch.setattr(_launch, "_RAW_POINTERS", True)
+    fk = _launch.FastKernel(_jit())
+    kw = dict(FLAG=True, BLOCK=64)
+    args = _args()
+    fk[(1,)](*args, **kw)
+    slow = recorded[-1][1]
+    fk[(1,)](*args, **kw)
+    fast = recorded[-1][1]
+    assert fk.hits == 1 and recorded[-1][0] is recorded[-2][0]
+    # launcher arguments: grid (3), stream, function, metadata, launch metadata, hooks (2), then
+    # the kernel's (x, y, n, s_x, alpha, FLAG, BLOCK)
+    tail_fast, tail_slow = fast[9:], slow[9:]
+    assert len(fast) == len(slow)
+    assert tail_fast[0] == args[0].data_ptr() and tail_fast[1] == args[1].data_ptr()
+    assert isinstance(tail_slow[0], torch.Tensor) and list(tail_fast[2:]) == list(tail_slow[2:])
+    fk[(1,)](*_args(offset=1), **kw)     # misaligned: another key, Triton's path
+    assert fk.misses == 2
+
+
+def test_direct_launch_matches_the_launchers_own_call():
+    """Triton 3.6's CudaLauncher.__call__ adds (cooperative, pdl, global scratch, profile scratch)
+    before what it is handed and calls its C `launch`; the launch cache calls that `launch`
+    directly for kernels without scratch memory: the C function must receive exactly what
+    __call__ would hand it. Other launchers (Triton 3.9's, stubs) keep their own call."""
+    drv = pytest.importorskip("triton.backends.nvidia.driver")
+    calls = []
+    launcher = drv.CudaLauncher.__new__(drv.CudaLauncher)
+    for name, value in dict(launch=lambda *a: calls.append(a), num_ctas=1, global_scratch_size=0,
+                            global_scratch_align=1, profile_scratch_size=0,
+                            profile_scratch_align=1, launch_cooperative_grid=False,
+                            launch_pdl=True, gsan_enabled=False).items():
+        setattr(launcher, name, value)
+
+    class _Kernel:
+        _run = launcher
+        function = 1234
+        packed_metadata = (4, 1, 0)
+    x = torch.zeros(4)
+    got = _launch.direct_launch(_Kernel)
+    if triton.__version__.startswith("3.6"):
+        assert got is not None
+        launcher(2, 1, 1, 77, 1234, (4, 1, 0), None, None, None, x, 5)   # Triton's own path
+        fn, pre = got
+        fn(2, 1, 1, 77, *pre, None, None, x, 5)                          # the cache's hit
+        assert len(calls) == 2 and calls[0] == calls[1], calls
+        launcher.global_scratch_size = 8      # needs an allocation per launch: __call__ keeps it
+        assert _launch.direct_launch(_Kernel) is None
+    else:
+        assert got is None   # another launcher signature: the launcher's own __call__
+    _Kernel._run = lambda *a: None
+    assert _launch.direct_launch(_Kernel) is None

@@ -267,6 +267,37 @@ def test_normalize(backend, varlen):
     assert_close(z2, z_r, dtype=torch.float32)
 
 
+def test_normalize_is_one_autograd_node_and_compiles():
+    """normalize=True (no cu_seqlens, no reverse) is one autograd node with a written-out
+    backward (issue 8: 7 + 13 torch kernels instead of 10 + 18 behind ~10 nodes): float64
+    gradcheck of the node, and torch.compile(fullgraph) of the public call gives eager's loss and
+    gradients."""
+    from ssm_kernels.linear_attn import interface as la
+    d = dict(dtype=torch.float64)
+    o, q, k = torch.randn(1, 9, 2, 3, **d), torch.rand(1, 9, 2, 4, **d), torch.rand(1, 9, 2, 4, **d)
+    z0 = torch.rand(1, 1, 2, 4, **d)
+    args = [t.requires_grad_() for t in (o, q, k, z0)]
+    assert torch.autograd.gradcheck(lambda *a: la._Normalize.apply(*a, 0.7, True), args)
+    assert torch.autograd.gradcheck(lambda o, q, k: la._Normalize.apply(o, q, k, None, 0.7,
+                                                                        False)[0], args[:3])
+    qf, kf, vf = (torch.rand(1, 20, 2, 8) for _ in range(3))
+    z0f, kv0 = torch.rand(1, 1, 2, 8), torch.randn(1, 2, 8, 8)
+    leaves = [t.clone().requires_grad_() for t in (qf, kf, vf, z0f)]
+
+    def f(q, k, v, z0):
+        o, (S, z) = sk.chunk_linear_attn(q, k, v, initial_state=(kv0, z0), output_final_state=True,
+                                         backend="reference")
+        return o.square().sum() + z.square().sum()
+    out = sk.chunk_linear_attn(*leaves[:3], backend="reference")[0]
+    assert type(out.grad_fn).__name__.startswith("_NormalizeBackward")
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(*leaves)
+    want = f(*leaves)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+        torch.testing.assert_close(a, b)
+
+
 def test_chunked_reference_equals_recurrence():
     """The chunked reference (the kernels' algebra) against the loop, float64, odd chunk sizes."""
     for gate in ("none", "g", "gla"):

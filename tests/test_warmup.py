@@ -77,6 +77,86 @@ def test_compiling_ahead_compiles_everything_the_call_needs_for_sm90():
     assert after == 0 and errors == 0                # the real call found them all
 
 
+_DEVICE_THREAD_SCRIPT = _COUNTING + r'''
+import _thread, threading
+import ssm_kernels as sk
+from ssm_kernels._warmup import compiling_ahead
+where = []   # the thread of every compile
+orig2 = tc.compile
+def located(*a, **k):
+    where.append(threading.current_thread().name)
+    return orig2(*a, **k)
+tc.compile = located
+
+def forward():
+    a = (torch.rand(2, 300, 64) * 0.5 + 0.5).to(torch.bfloat16).requires_grad_()
+    b = torch.randn(2, 300, 64).to(torch.bfloat16).requires_grad_()
+    h, hT = sk.linear_scan(a, b, dim=1, output_final_state=True, backend="triton")
+    return h.float().sum() + hT.float().sum(), (a, b)
+
+def backward_elsewhere(loss, leaves):
+    # autograd runs a CUDA backward on its own device thread, one Python did not start; a CPU
+    # backward started from such a thread runs on it, graph task and all: the same situation
+    done, err = threading.Event(), []
+    def job():
+        try:
+            torch.autograd.grad(loss, leaves)
+        except BaseException as e:
+            err.append(repr(e))
+        finally:
+            done.set()
+    _thread.start_new_thread(job, ())
+    done.wait()
+    assert not err, err
+
+with compiling_ahead(2) as info:
+    backward_elsewhere(*forward())
+ahead = n[0]
+not_pool = sum(not w.startswith("ssm_kernels_compile") for w in where)
+backward_elsewhere(*forward())
+print("ahead", info["kernels"], ahead, "after", n[0] - ahead, "errors", info["errors"],
+      "outside_pool", not_pool)
+'''
+
+
+def test_backward_on_autograds_device_thread_is_dry_run_too_for_sm90():
+    """On a GPU autograd runs the backward on its own per-device thread: its launches must be
+    submitted to the pool like the forward's, not compiled (and launched) there one by one."""
+    words = _stdout_words(_DEVICE_THREAD_SCRIPT)
+    submitted, compiled, after, errors, outside = (int(words[i]) for i in (1, 2, 4, 6, 8))
+    assert outside == 0 and errors == 0 and after == 0
+    assert submitted == compiled and compiled >= 3   # forward and backward kernels, all in the pool
+
+
+_KEY_SCRIPT = _COUNTING + r'''
+import functools, threading
+import triton.runtime.cache as tcache
+import ssm_kernels as sk
+from ssm_kernels._warmup import compiling_ahead
+hashed = []   # one entry per computation of Triton's version hash (sha256 of libtriton)
+orig_key = tcache.triton_key.__wrapped__
+def counted_key():
+    hashed.append(threading.current_thread().name)
+    return orig_key()
+tcache.triton_key = functools.lru_cache()(counted_key)   # unlocked, like Triton's
+with compiling_ahead(4) as info:
+    a = (torch.rand(2, 300, 64) * 0.5 + 0.5).to(torch.bfloat16).requires_grad_()
+    b = torch.randn(2, 300, 64).to(torch.bfloat16).requires_grad_()
+    h, hT = sk.linear_scan(a, b, dim=1, output_final_state=True, backend="triton")
+    torch.autograd.grad(h.float().sum() + hT.float().sum(), (a, b))
+print("compiles", n[0], "hashed", len(hashed), "errors", info["errors"])
+'''
+
+
+def test_block_hashes_triton_once_for_sm90():
+    """Triton's version hash (a sha256 of libtriton.so) is computed once per block, not by every
+    compile that starts before the first has it (its lru_cache does not lock)."""
+    words = _stdout_words(_KEY_SCRIPT)
+    compiles, hashed, errors = int(words[1]), int(words[3]), int(words[5])
+    assert compiles >= 3 and errors == 0
+    assert hashed == 1
+
+
 _CHECK_AHEAD_SCRIPT = _COUNTING + r'''
 from ssm_kernels import _checks
 torch.manual_seed(0)

@@ -218,6 +218,10 @@ def _dqk_kernel(
     # q, k rows L2-normalised in-kernel; dq gets the norm's backward, dk is stored as the gradient
     # of the normalised k (the delta rule's WY stage adds its part and applies the norm's backward)
     L2NORM: tl.constexpr = False,
+    # dg's score terms in float32 (fla's form, below); the delta rule's dg needs it, GATE 1 of
+    # linear attention and SSD do not (their checks pass the 16-bit form with margin, and the
+    # float32 form cost them 0.1-0.25 ms per backward on the H100 at B4 T4096: session 7)
+    DG_F32: tl.constexpr = False,
 ):
     i_c, i_hq = tl.program_id(0), tl.program_id(1)
     t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
@@ -270,7 +274,7 @@ def _dqk_kernel(
         # (with dk = v dh^T + Dm^T q, dk came out 26-33% off at BT=64 on the H200 under
         # Triton 3.6 while right in the interpreter and at BT=32)
         Dm = causal_decay(D, G, o_t, GATE)
-        if GATE == 1:
+        if GATE == 1 and DG_F32:
             # dg from the state terms and, as fla does, the scores' terms as the row minus the
             # column sums of M = scale Dm . (q^ k^T) in float32: q^ . dq^ - k^ . dk^ would take
             # them through Dm, q^, k^ rounded to 16 bits as dot operands, once in dq^ and once in
@@ -282,13 +286,18 @@ def _dqk_kernel(
                            DT, IEEE)
         dksT = decay_to_end_t(dkiT, G, G_last, GATE)
         dqs = decay_rows(dqi, G, GATE) * scale
-        if GATE == 1:
+        if GATE == 1 and DG_F32:
             kds = tl.sum(b_kT * dksT, axis=0)
             x = tl.sum(b_q * dqs, axis=1) - kds + xs
             r = tl.exp2(G_last) * tl.sum(hdh, axis=0) + tl.sum(kds, axis=0)
             tl.store(dg_ptr + row, tl.sum(x, axis=0) - tl.cumsum(x, axis=0) + x + r, mask=m_t)
         dq_h = dqs + mm(Dm, b_k, DT, IEEE) * scale
         dk_hT = dksT + mm(b_qT, Dm, DT, IEEE) * scale
+        if GATE == 1 and not DG_F32:
+            # the scores' terms through dq^, dk^ (the session-6 form: no second q k^T)
+            x = tl.sum(b_q * dq_h, axis=1) - tl.sum(b_kT * dk_hT, axis=0)
+            r = tl.exp2(G_last) * tl.sum(hdh, axis=0) + tl.sum(tl.sum(b_kT * dksT, axis=0), axis=0)
+            tl.store(dg_ptr + row, tl.sum(x, axis=0) - tl.cumsum(x, axis=0) + x + r, mask=m_t)
         b_dkT += dk_hT
         b_dq += dq_h
     m_o = m_t[:, None] & m_k[None, :]

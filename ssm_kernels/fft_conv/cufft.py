@@ -50,9 +50,10 @@ FILL_NAN = False
 # uninitialised: their spectrum is discarded, the spectral kernel overwrites those rows with the
 # packed dk correlation) and the inverse over the contiguous rows that follow. One cuFFT call and
 # one allocation fewer per backward (host time: ~20-30 us on the GPU machine), 1/(2B) more
-# forward-transform work. OFF until the GPU shows cuFFT gives bitwise the same rows for the other
-# batch counts (CPU pocketfft does: tests) and the host-bound L = 1024 f+b gets faster.
-MERGED_INVERSE = False
+# forward-transform work. H100 session 7 (B8 H768 fp32, `bench/gpu_fft_merged.py`): bitwise equal
+# to the two-call form at L 1024-4096 with and without gates, f+b L1024 0.508 vs 0.570 ms, the
+# others within 1%: on.
+MERGED_INVERSE = True
 
 
 def _alloc(shape, device, dtype=torch.float32):

@@ -196,13 +196,27 @@ def _dft(ar, ai, f1_ptr, f2_ptr, tw_ptr, p_f1h, p_f2, p_tw, N1: tl.constexpr, N2
 
 
 @triton.jit
-def _idft(yr, yi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1: tl.constexpr, N2: tl.constexpr):
-    """conj(F1)[:R1, :] @ ((Y @ conj F2) * conj(T)) (fp32 [R1, N2] pair) for Y fp16: the
-    unnormalised inverse DFT (N ifft) of Y in the (k1, k2) layout, rows n1 < R1."""
+def _idft_mid(yr, yi, f2_ptr, tw_ptr, p_f2, p_tw, N1: tl.constexpr, N2: tl.constexpr,
+              TWC: tl.constexpr):
+    """G = (Y @ conj F2) * conj(T) (fp16 pair) for the rows of Y (fp16) that p_tw addresses: the
+    inverse up to its last product (over k1). TWC: conj(T) read from its own copy (planes 2, 3);
+    else T's planes conjugated in the arithmetic (same values; one table less in L1 / L2)."""
     f2r = tl.load(f2_ptr + p_f2)
     f2i = tl.load(f2_ptr + N2 * N2 + p_f2)
     er, ei = _cmm(yr, yi, f2r, -f2i)
-    gr, gi = _cmul_table(er, ei, tw_ptr + 2 * N1 * N2, p_tw, N1 * N2)
+    if TWC:
+        gr, gi = _cmul_table(er, ei, tw_ptr + 2 * N1 * N2, p_tw, N1 * N2)
+    else:
+        gr, gi = _cmul_table_conj(er, ei, tw_ptr, p_tw, N1 * N2)
+    return gr, gi
+
+
+@triton.jit
+def _idft(yr, yi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1: tl.constexpr, N2: tl.constexpr,
+          TWC: tl.constexpr):
+    """conj(F1)[:R1, :] @ ((Y @ conj F2) * conj(T)) (fp32 [R1, N2] pair) for Y fp16: the
+    unnormalised inverse DFT (N ifft) of Y in the (k1, k2) layout, rows n1 < R1."""
+    gr, gi = _idft_mid(yr, yi, f2_ptr, tw_ptr, p_f2, p_tw, N1, N2, TWC)
     g1r = tl.load(f1_ptr + p_f1g)
     g1i = tl.load(f1_ptr + N1 * N1 + p_f1g)
     return _cmm(g1r, -g1i, gr, gi)
@@ -233,6 +247,104 @@ def _epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p, m, c, b_d,
 
 
 @triton.jit
+def _channel(kscale_ptr, i_h, i_s, B, B_PER):
+    """(filter scale, first row, end row) of the program for channel i_h, batch slice i_s."""
+    b_start = i_s * B_PER
+    return tl.load(kscale_ptr + i_h), b_start, tl.minimum(b_start + B_PER, B)
+
+
+@triton.jit
+def _pair_rows(i_b, i_h, H, L, o_t, b_end):
+    """Offsets of rows b, b + 1 of the pair at i_b and row b + 1's mask (it may not exist)."""
+    p_a = (i_b * H + i_h).to(tl.int64) * L + o_t
+    p_b = ((i_b + 1) * H + i_h).to(tl.int64) * L + o_t
+    return p_a, p_b, o_t < tl.where(i_b + 1 < b_end, L, 0)
+
+
+@triton.jit
+def _pair_epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p_a, p_b, m_a, m_b, outa, outb, sca, scb, b_d,
+                   HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr):
+    """_epilogue for both rows of a pair (out * its scale)."""
+    _epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p_a, m_a, outa * sca, b_d, HAS_D, HAS_PRE, HAS_POST)
+    _epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p_b, m_b, outb * scb, b_d, HAS_D, HAS_PRE, HAS_POST)
+
+
+# ---------------------------------------------------------------------------------------------
+# row-blocked variants (KBLOCK): the spectrum processed in blocks of BJ rows k1
+# ---------------------------------------------------------------------------------------------
+#
+# Rows k1 of the spectrum are independent from the first product's output to the inverse's
+# first product: block j (rows k1 in [j, j + BJ)) needs only F1[j:j+BJ, :R1] @ A, T's rows j, F2,
+# the filter's rows j, conj(T)'s rows j; the inverse's last product sums over k1 and so
+# accumulates over the blocks: out += conj(F1)[:R1, j:j+BJ] @ G_j. Same products, same FLOPs,
+# same roundings per element (the sum over k1 in the last product is split into N1 / BJ partial
+# dots accumulated in fp32: a different summation order only). What changes is what is live:
+# the unblocked kernels hold whole [N1, N2] complex fp32 tiles (64 registers a thread per tile at
+# N = 8192 and 8 warps; the backward two of them, plus P: 255 registers and 1.2-1.6 KB of spill
+# stores on sm_90), the blocked ones [BJ, N2] tiles plus the [R1, N2] inputs and accumulators.
+# The backward does its dk read-modify-write per block (same bytes), and the FINAL inverse of
+# the dk spectrum is blocked the same way after a max pass over the program's buffer slice.
+
+@triton.jit
+def _blk_offsets(N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr):
+    """Offsets of block 0: F1[:BJ, :R1] (+ j N1 for block j), F1[:R1, :BJ] (+ j), and the
+    [BJ, N2] rows of the spectrum / twiddle / filter tables (+ j N2)."""
+    o_r = tl.arange(0, R1)
+    o_j = tl.arange(0, BJ)
+    o_2 = tl.arange(0, N2)
+    p_f1h = o_j[:, None] * N1 + o_r[None, :]
+    p_f1g = o_r[:, None] * N1 + o_j[None, :]
+    p_tw = o_j[:, None] * N2 + o_2[None, :]
+    return p_f1h, p_f1g, p_tw
+
+
+@triton.jit
+def _cmm_acc(ar, ai, br, bi, accr, acci):
+    """acc + (ar + i ai) @ (br + i bi): fp16 operands, fp32 accumulators."""
+    rr = tl.dot(ar, br, tl.dot(-ai, bi, accr))
+    ri = tl.dot(ar, bi, tl.dot(ai, br, acci))
+    return rr, ri
+
+
+@triton.jit
+def _conv_blocked(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_f1h, p_f1g, p_f2, p_tw,
+                  N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr,
+                  TWC: tl.constexpr):
+    """The forward's whole transform - product - inverse for A = ar + i ai fp16 [R1, N2] with the
+    filter table at ks_ptr (this channel's planes): (Re, Im) fp32 [R1, N2], unnormalised."""
+    outa = tl.zeros((R1, N2), dtype=tl.float32)
+    outb = tl.zeros((R1, N2), dtype=tl.float32)
+    for j in range(0, N1, BJ):
+        q_tw = p_tw + j * N2
+        xr, xi = _dft(ar, ai, f1_ptr, f2_ptr, tw_ptr, p_f1h + j * N1, p_f2, q_tw, N1, N2)
+        yr, yi = _cmul_table(xr, xi, ks_ptr, q_tw, N1 * N2)
+        gr, gi = _idft_mid(yr, yi, f2_ptr, tw_ptr, p_f2, q_tw, N1, N2, TWC)
+        g1r = tl.load(f1_ptr + p_f1g + j)
+        g1i = tl.load(f1_ptr + N1 * N1 + p_f1g + j)
+        outa, outb = _cmm_acc(g1r, -g1i, gr, gi, outa, outb)
+    return outa, outb
+
+
+@triton.jit
+def _conv(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_ks, p_f1h, p_f1g, p_f2, p_tw,
+          N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr,
+          TWC: tl.constexpr):
+    """Transform - product with the filter table (ks_ptr + p_ks) - inverse of A = ar + i ai:
+    (Re, Im) fp32 [R1, N2]; blocked when BJ (then ks_ptr is the channel's base, p_ks unused)."""
+    if BJ:
+        outa, outb = _conv_blocked(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_f1h, p_f1g, p_f2,
+                                   p_tw, N1, N2, R1, BJ, TWC)
+    else:
+        # ---- forward: B = F1[:, :R1] @ A, C = B * T, X = C @ F2
+        xr, xi = _dft(ar, ai, f1_ptr, f2_ptr, tw_ptr, p_f1h, p_f2, p_tw, N1, N2)
+        # ---- pointwise product with the (max-normalised) filter spectrum
+        yr, yi = _cmul_table(xr, xi, ks_ptr, p_ks, N1 * N2)
+        # ---- inverse: E = Y @ conj(F2), G = E * conj(T), out = conj(F1)[:R1, :] @ G
+        outa, outb = _idft(yr, yi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1, N2, TWC)
+    return outa, outb
+
+
+@triton.jit
 def _monarch16_fwd_kernel(
     # pointers: u, pre, post, y [B, H, L] contiguous (16-bit); d [H] fp32;
     # ks [H, 2, N1, N2] fp16, kscale [H] fp32 (filter_tables); f1 [2, N1, N1], f2 [2, N2, N2],
@@ -243,21 +355,25 @@ def _monarch16_fwd_kernel(
     # meta-parameters
     HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
     N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr,
+    # rows k1 per block (KBLOCK; a power of two >= 16 dividing N1); 0: the whole spectrum at once;
+    # TWC: the inverse reads conj(T) from its own copy (TWIDDLE_CONJ_COPY), else T conjugated
+    BJ: tl.constexpr, TWC: tl.constexpr,
 ):
     i_h, i_s = tl.program_id(0), tl.program_id(1)
     o_t, p_f1h, p_f1g, p_f2, p_tw = _offsets(N1, N2, R1)
     m_t = o_t < L
-    p_ks = i_h.to(tl.int64) * 2 * N1 * N2 + p_tw
-    b_ks = tl.load(kscale_ptr + i_h)
+    if BJ:
+        p_f1h, p_f1g, p_tw = _blk_offsets(N1, N2, R1, BJ)
+        ks_ptr += i_h.to(tl.int64) * 2 * N1 * N2
+        p_ks = p_tw  # unused
+    else:
+        p_ks = i_h.to(tl.int64) * 2 * N1 * N2 + p_tw
+    b_ks, b_start, b_end = _channel(kscale_ptr, i_h, i_s, B, B_PER)
     b_d = 0.0
     if HAS_D:
         b_d = tl.load(d_ptr + i_h)
-    b_start = i_s * B_PER
-    b_end = tl.minimum(b_start + B_PER, B)
     for i_b in range(b_start, b_end, 2):
-        p_a = (i_b * H + i_h).to(tl.int64) * L + o_t
-        p_b = ((i_b + 1) * H + i_h).to(tl.int64) * L + o_t
-        m_b = o_t < tl.where(i_b + 1 < b_end, L, 0)             # row b+1 may not exist
+        p_a, p_b, m_b = _pair_rows(i_b, i_h, H, L, o_t, b_end)
         # ---- prologue: v = u * pre_gate, one power-of-two scale per row (the transform is
         # linear and the filter real, so Re / Im of the result carry each row's own scale)
         _, _, va = _load_v(u_ptr, pre_ptr, p_a, m_t, HAS_PRE)
@@ -266,17 +382,11 @@ def _monarch16_fwd_kernel(
         s_b, inv_b = _pow2_scale(tl.max(tl.abs(vb)))
         ar = (va * s_a).to(tl.float16)
         ai = (vb * s_b).to(tl.float16)
-        # ---- forward: B = F1[:, :R1] @ A, C = B * T, X = C @ F2
-        xr, xi = _dft(ar, ai, f1_ptr, f2_ptr, tw_ptr, p_f1h, p_f2, p_tw, N1, N2)
-        # ---- pointwise product with the (max-normalised) filter spectrum
-        yr, yi = _cmul_table(xr, xi, ks_ptr, p_ks, N1 * N2)
-        # ---- inverse: E = Y @ conj(F2), G = E * conj(T), out = conj(F1)[:R1, :] @ G
-        outa, outb = _idft(yr, yi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1, N2)
+        outa, outb = _conv(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_ks, p_f1h, p_f1g, p_f2, p_tw,
+                           N1, N2, R1, BJ, TWC)
         # ---- epilogue: undo the scales, + D v, * post_gate, cast, store
-        _epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p_a, m_t, outa * (b_ks * inv_a), b_d,
-                  HAS_D, HAS_PRE, HAS_POST)
-        _epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p_b, m_b, outb * (b_ks * inv_b), b_d,
-                  HAS_D, HAS_PRE, HAS_POST)
+        _pair_epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p_a, p_b, m_t, m_b, outa, outb,
+                       b_ks * inv_a, b_ks * inv_b, b_d, HAS_D, HAS_PRE, HAS_POST)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,18 +435,54 @@ def batch_split(B: int, H: int, device) -> Tuple[int, int]:
 _PLANS: Dict[tuple, tuple] = {}
 
 
+# Row-blocked kernels (issue 11, session 7 helper fft7; measured nowhere yet, so empty = off):
+# N -> BJ, the rows k1 of the spectrum one block holds (a power of two >= 16 dividing N1, < N1);
+# N absent (or BJ >= N1): the unblocked kernels. Separately for the forward and the backward.
+# SPLIT: N -> (N1, N2) instead of split(n) (e.g. 4096: (128, 32), the same dot FLOPs as 64 x 64
+# but every product with M >= 64, i.e. wgmma, and R1 = 64). Launch options stay LAUNCH /
+# LAUNCH_BWD by N (bench/gpu_fft7.py sweeps them with the knobs).
+# TWIDDLE_CONJ_COPY: the inverse's conj(T) from its own table copy (True, the measured default) or
+# from T with the sign of the imaginary part flipped in the product (False: the same values, one
+# [2, N1, N2] fp16 table (32 KB at N = 8192) less in the per-channel L1 / L2 working set).
+TWIDDLE_CONJ_COPY = True
+KBLOCK: Dict[int, int] = {}
+KBLOCK_BWD: Dict[int, int] = {}
+SPLIT: Dict[int, Tuple[int, int]] = {}
+
+
+def _kblock(n: int, n1: int, bwd: bool) -> int:
+    bj = (KBLOCK_BWD if bwd else KBLOCK).get(n, 0)
+    if not bj or bj >= n1:
+        return 0
+    if bj < 16 or bj & (bj - 1) or n1 % bj:
+        raise ValueError(f"monarch16: KBLOCK {bj} at N = {n} must be a power of two >= 16 dividing N1 = {n1}")
+    return bj
+
+
+def _split(n: int) -> Tuple[int, int]:
+    hit = SPLIT.get(n)
+    if hit is None:
+        return split(n)
+    n1, n2 = hit
+    if n1 * n2 != n or min(n1, n2) < 16:
+        raise ValueError(f"monarch16: SPLIT {hit} for N = {n} must multiply to N with factors >= 16")
+    return n1, n2
+
+
 def _plan(B: int, H: int, L: int, Lk: int, device, bwd: bool):
     table = LAUNCH_BWD if bwd else LAUNCH
     n = transform_size(L, Lk)
     sms = _sm_count(device)  # in the key: tools and tests set it to reach both FINAL variants
-    key = (B, H, L, Lk, device, bwd, table.get(n), sms)
+    key = (B, H, L, Lk, device, bwd, table.get(n), sms, SPLIT.get(n),
+           (KBLOCK_BWD if bwd else KBLOCK).get(n))
     hit = _PLANS.get(key)
     if hit is None:
         if n > MAX_N:
             raise ValueError(f"monarch16 fft_conv: transform size {n} > MAX_N = {MAX_N} (L={L}, Lk={Lk})")
-        n1, n2 = split(n)
+        n1, n2 = _split(n)
         S, per = _batch_split(B, H, sms)
-        hit = (n, n1, n2, rows(n, n1, L), S, per, _launch(n, table))
+        r1 = rows(n, n1, L)
+        hit = (n, n1, n2, r1, S, per, _launch(n, table), _kblock(n, n1, bwd))
         if len(_PLANS) > 1024:
             _PLANS.clear()
         _PLANS[key] = hit
@@ -345,7 +491,7 @@ def _plan(B: int, H: int, L: int, Lk: int, device, bwd: bool):
 
 def _prepare(u, k, bwd=False):
     """Checks; (plan, DFT tables, filter tables) for u [B, H, L] 16-bit, k [H, Lk] fp32; plan =
-    (N, N1, N2, R1, slices S, rows per slice, launch options)."""
+    (N, N1, N2, R1, slices S, rows per slice, launch options, BJ: rows per block, 0 = unblocked)."""
     if u.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"monarch16 fft_conv: u must be float16 or bfloat16, got {u.dtype}")
     B, H, L = u.shape
@@ -357,7 +503,7 @@ def _prepare(u, k, bwd=False):
 def fft_conv_fwd(u, k, D, pre, post):
     """u, pre, post [B, H, L] contiguous, float16 or bfloat16; k [H, Lk] fp32; D [H] fp32 or None."""
     B, H, L = u.shape
-    (n, n1, n2, r1, S, per, opts), (f1, f2, tw), (ks, kscale) = _prepare(u, k)
+    (n, n1, n2, r1, S, per, opts, bj), (f1, f2, tw), (ks, kscale) = _prepare(u, k)
     y = torch.full_like(u, float("nan")) if FILL_NAN else torch.empty_like(u)
     global last_kernel
     # absent operands: any valid pointer (u), never dereferenced under the constexpr flags
@@ -365,7 +511,7 @@ def fft_conv_fwd(u, k, D, pre, post):
         u, pre if pre is not None else u, post if post is not None else u,
         D if D is not None else kscale, y, ks, kscale, f1, f2, tw, B, H, L, per,
         HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None,
-        N1=n1, N2=n2, R1=r1, **opts)
+        N1=n1, N2=n2, R1=r1, BJ=bj, TWC=TWIDDLE_CONJ_COPY, **opts)
     return y
 
 
@@ -399,6 +545,44 @@ def _du_epilogue(du_ptr, dpre_ptr, dy_ptr, u_ptr, pre_ptr, post_ptr, p, m, dv, b
 
 
 @triton.jit
+def _bwd_pair_in(u_ptr, pre_ptr, dy_ptr, post_ptr, p_a, p_b, m_a, m_b,
+                 HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr):
+    """A pair's backward inputs: (dD partial, s_a, s_b, 1/s_a, 1/s_b, 1/t_a, 1/t_b, 1/c, the fp16
+    operands g t (Q) and v c (P)). Scales: own for g (du) and v (dpost), the shared product
+    scale c for dk (see above)."""
+    _, _, va = _load_v(u_ptr, pre_ptr, p_a, m_a, HAS_PRE)
+    _, _, vb = _load_v(u_ptr, pre_ptr, p_b, m_b, HAS_PRE)
+    _, ga = _load_g(dy_ptr, post_ptr, p_a, m_a, HAS_POST)
+    _, gb = _load_g(dy_ptr, post_ptr, p_b, m_b, HAS_POST)
+    dd = tl.sum(tl.sum(ga * va + gb * vb, 1), 0)
+    s_a, inv_s_a = _pow2_scale(tl.max(tl.abs(va)))
+    s_b, inv_s_b = _pow2_scale(tl.max(tl.abs(vb)))
+    t_a, inv_t_a = _pow2_scale(tl.max(tl.abs(ga)))
+    t_b, inv_t_b = _pow2_scale(tl.max(tl.abs(gb)))
+    c_a = tl.minimum(s_a, s_b * t_b * inv_t_a)   # powers of two: exact (inf for a zero row)
+    c_b = tl.minimum(s_b, s_a * t_a * inv_t_b)
+    inv_c = tl.maximum(inv_s_a * inv_t_a, inv_s_b * inv_t_b)
+    # the fp16 operands now (g's fp32 tiles would stay live across P's transform)
+    gar = (ga * t_a).to(tl.float16)
+    gai = (gb * t_b).to(tl.float16)
+    return (dd, s_a, s_b, inv_s_a, inv_s_b, inv_t_a, inv_t_b, inv_c, gar, gai,
+            (va * c_a).to(tl.float16), (vb * c_b).to(tl.float16))
+
+
+@triton.jit
+def _dk_rmw(wk_ptr, p, reread, pr, pi, qr, qi, inv_c, PLANE: tl.constexpr):
+    """wk[p] += conj(P) Q / c (fp32 (re, im) planes PLANE apart; P fp16); no read unless
+    `reread` (the program's first pair writes)."""
+    pr32 = pr.to(tl.float32)
+    pi32 = pi.to(tl.float32)
+    m_w = p < tl.where(reread, PLANE, 0)
+    wr = tl.load(wk_ptr + p, mask=m_w, other=0.0) + (pr32 * qr + pi32 * qi) * inv_c
+    wi = tl.load(wk_ptr + PLANE + p, mask=m_w, other=0.0) + (pr32 * qi - pi32 * qr) * inv_c
+    tl.store(wk_ptr + p, wr)
+    tl.store(wk_ptr + PLANE + p, wi)
+
+
+@triton.jit
 def _monarch16_bwd_kernel(
     # pointers: dy, u, pre, post, du, dpre, dpost [B, H, L] contiguous (16-bit); d [H] fp32;
     # wk [H, S, 2, N1, N2] fp32 (the dk spectrum per program; written on its first pair),
@@ -408,61 +592,60 @@ def _monarch16_bwd_kernel(
     dk_ptr, ks_ptr, kscale_ptr, f1_ptr, f2_ptr, tw_ptr,
     B, H, L, Lk, B_PER, S,
     HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, FINAL: tl.constexpr,
-    N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr, TWC: tl.constexpr,
 ):
     i_h, i_s = tl.program_id(0), tl.program_id(1)
     o_t, p_f1h, p_f1g, p_f2, p_tw = _offsets(N1, N2, R1)
+    if BJ:  # row blocks (as the forward)
+        p_f1h, p_f1g, p_tw = _blk_offsets(N1, N2, R1, BJ)
     m_t = o_t < L
     # per-channel / per-program bases as scalar pointers (int64 offset tensors would hold
     # registers across the loop); the [N1, N2] offsets p_tw are shared by all tables
     ks_ptr += i_h.to(tl.int64) * 2 * N1 * N2
     wk_ptr += (i_h * S + i_s).to(tl.int64) * 2 * N1 * N2
-    b_ks = tl.load(kscale_ptr + i_h)
+    b_ks, b_start, b_end = _channel(kscale_ptr, i_h, i_s, B, B_PER)
     b_d = 0.0
     if HAS_D:
         b_d = tl.load(d_ptr + i_h)
     b_dd = 0.0
-    b_start = i_s * B_PER
-    b_end = tl.minimum(b_start + B_PER, B)
     for i_b in range(b_start, b_end, 2):
-        p_a = (i_b * H + i_h).to(tl.int64) * L + o_t
-        p_b = ((i_b + 1) * H + i_h).to(tl.int64) * L + o_t
-        m_b = o_t < tl.where(i_b + 1 < b_end, L, 0)
-        # ---- scales: own for g (du) and v (dpost), shared product scale for dk
-        _, _, va = _load_v(u_ptr, pre_ptr, p_a, m_t, HAS_PRE)
-        _, _, vb = _load_v(u_ptr, pre_ptr, p_b, m_b, HAS_PRE)
-        _, ga = _load_g(dy_ptr, post_ptr, p_a, m_t, HAS_POST)
-        _, gb = _load_g(dy_ptr, post_ptr, p_b, m_b, HAS_POST)
-        b_dd += tl.sum(tl.sum(ga * va + gb * vb, 1), 0)
-        s_a, inv_s_a = _pow2_scale(tl.max(tl.abs(va)))
-        s_b, inv_s_b = _pow2_scale(tl.max(tl.abs(vb)))
-        t_a, inv_t_a = _pow2_scale(tl.max(tl.abs(ga)))
-        t_b, inv_t_b = _pow2_scale(tl.max(tl.abs(gb)))
-        c_a = tl.minimum(s_a, s_b * t_b * inv_t_a)   # powers of two: exact (inf for a zero row)
-        c_b = tl.minimum(s_b, s_a * t_a * inv_t_b)
-        inv_c = tl.maximum(inv_s_a * inv_t_a, inv_s_b * inv_t_b)
-        # the fp16 operands now (g's fp32 tiles would stay live across P's transform)
-        gar = (ga * t_a).to(tl.float16)
-        gai = (gb * t_b).to(tl.float16)
-        # ---- P = DFT(v c), kept as fp16 (its only use: the dk product)
-        pr, pi = _dft((va * c_a).to(tl.float16), (vb * c_b).to(tl.float16), f1_ptr, f2_ptr,
-                      tw_ptr, p_f1h, p_f2, p_tw, N1, N2)
-        pr = pr.to(tl.float16)
-        pi = pi.to(tl.float16)
-        # ---- Q = DFT(g t)
-        qr, qi = _dft(gar, gai, f1_ptr, f2_ptr, tw_ptr, p_f1h, p_f2, p_tw, N1, N2)
-        # ---- dk spectrum += conj(P) Q / c (fp32; only this program touches its slice)
-        pr32 = pr.to(tl.float32)
-        pi32 = pi.to(tl.float32)
-        m_w = p_tw < tl.where(i_b > b_start, N1 * N2, 0)  # the first pair writes, no read
-        wr = tl.load(wk_ptr + p_tw, mask=m_w, other=0.0) + (pr32 * qr + pi32 * qi) * inv_c
-        wi = tl.load(wk_ptr + N1 * N2 + p_tw, mask=m_w, other=0.0) + (pr32 * qi - pi32 * qr) * inv_c
-        tl.store(wk_ptr + p_tw, wr)
-        tl.store(wk_ptr + N1 * N2 + p_tw, wi)
-        tl.debug_barrier()  # the next pair's threads may read what other threads stored
-        # ---- du: corr(g, k) = inverse of Q * conj(K)
-        zr, zi = _cmul_table_conj(qr, qi, ks_ptr, p_tw, N1 * N2)
-        cora, corb = _idft(zr, zi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1, N2)
+        p_a, p_b, m_b = _pair_rows(i_b, i_h, H, L, o_t, b_end)
+        dd, s_a, s_b, inv_s_a, inv_s_b, inv_t_a, inv_t_b, inv_c, gar, gai, var, vai = _bwd_pair_in(
+            u_ptr, pre_ptr, dy_ptr, post_ptr, p_a, p_b, m_t, m_b, HAS_PRE, HAS_POST)
+        b_dd += dd
+        if BJ:
+            cora = tl.zeros((R1, N2), dtype=tl.float32)
+            corb = tl.zeros((R1, N2), dtype=tl.float32)
+            first = i_b > b_start
+            for j in range(0, N1, BJ):
+                q_tw = p_tw + j * N2
+                # P_j = rows j of DFT(v c) (fp16, its only use the dk product); Q_j of DFT(g t)
+                pr, pi = _dft(var, vai, f1_ptr, f2_ptr, tw_ptr, p_f1h + j * N1, p_f2, q_tw, N1, N2)
+                pr = pr.to(tl.float16)
+                pi = pi.to(tl.float16)
+                qr, qi = _dft(gar, gai, f1_ptr, f2_ptr, tw_ptr, p_f1h + j * N1, p_f2, q_tw, N1, N2)
+                # dk spectrum rows j += conj(P_j) Q_j / c (the first pair writes without reading)
+                _dk_rmw(wk_ptr, q_tw, first, pr, pi, qr, qi, inv_c, N1 * N2)
+                # du: rows j of Q * conj(K), inverse accumulated over the blocks
+                zr, zi = _cmul_table_conj(qr, qi, ks_ptr, q_tw, N1 * N2)
+                gr, gi = _idft_mid(zr, zi, f2_ptr, tw_ptr, p_f2, q_tw, N1, N2, TWC)
+                g1r = tl.load(f1_ptr + p_f1g + j)
+                g1i = tl.load(f1_ptr + N1 * N1 + p_f1g + j)
+                cora, corb = _cmm_acc(g1r, -g1i, gr, gi, cora, corb)
+            tl.debug_barrier()  # the next pair's threads may read what other threads stored
+        else:
+            # ---- P = DFT(v c), kept as fp16 (its only use: the dk product)
+            pr, pi = _dft(var, vai, f1_ptr, f2_ptr, tw_ptr, p_f1h, p_f2, p_tw, N1, N2)
+            pr = pr.to(tl.float16)
+            pi = pi.to(tl.float16)
+            # ---- Q = DFT(g t)
+            qr, qi = _dft(gar, gai, f1_ptr, f2_ptr, tw_ptr, p_f1h, p_f2, p_tw, N1, N2)
+            # ---- dk spectrum += conj(P) Q / c (fp32; only this program touches its slice)
+            _dk_rmw(wk_ptr, p_tw, i_b > b_start, pr, pi, qr, qi, inv_c, N1 * N2)
+            tl.debug_barrier()  # the next pair's threads may read what other threads stored
+            # ---- du: corr(g, k) = inverse of Q * conj(K)
+            zr, zi = _cmul_table_conj(qr, qi, ks_ptr, p_tw, N1 * N2)
+            cora, corb = _idft(zr, zi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1, N2, TWC)
         _du_epilogue(du_ptr, dpre_ptr, dy_ptr, u_ptr, pre_ptr, post_ptr, p_a, m_t,
                      cora * (b_ks * inv_t_a), b_d, HAS_D, HAS_PRE, HAS_POST)
         _du_epilogue(du_ptr, dpre_ptr, dy_ptr, u_ptr, pre_ptr, post_ptr, p_b, m_b,
@@ -471,26 +654,43 @@ def _monarch16_bwd_kernel(
         if HAS_POST:
             _, _, va = _load_v(u_ptr, pre_ptr, p_a, m_t, HAS_PRE)
             _, _, vb = _load_v(u_ptr, pre_ptr, p_b, m_b, HAS_PRE)
-            xr, xi = _dft((va * s_a).to(tl.float16), (vb * s_b).to(tl.float16), f1_ptr, f2_ptr,
-                          tw_ptr, p_f1h, p_f2, p_tw, N1, N2)
-            yr, yi = _cmul_table(xr, xi, ks_ptr, p_tw, N1 * N2)
-            cva, cvb = _idft(yr, yi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1, N2)
-            _epilogue(dpost_ptr, u_ptr, pre_ptr, dy_ptr, p_a, m_t, cva * (b_ks * inv_s_a), b_d,
-                      HAS_D, HAS_PRE, True)
-            _epilogue(dpost_ptr, u_ptr, pre_ptr, dy_ptr, p_b, m_b, cvb * (b_ks * inv_s_b), b_d,
-                      HAS_D, HAS_PRE, True)
+            cva, cvb = _conv((va * s_a).to(tl.float16), (vb * s_b).to(tl.float16), f1_ptr, f2_ptr,
+                             tw_ptr, ks_ptr, p_tw, p_f1h, p_f1g, p_f2, p_tw, N1, N2, R1, BJ, TWC)
+            _pair_epilogue(dpost_ptr, u_ptr, pre_ptr, dy_ptr, p_a, p_b, m_t, m_b, cva, cvb,
+                           b_ks * inv_s_a, b_ks * inv_s_b, b_d, HAS_D, HAS_PRE, True)
     tl.store(wd_ptr + i_h * S + i_s, b_dd)
     if FINAL:
-        # one program per channel: the inverse of its dk spectrum here (fp16 operands with a
-        # power-of-two scale, as every stage); rows n1 < R1 hold t < R1 N2 >= L >= Lk
-        tl.debug_barrier()
-        wr = tl.load(wk_ptr + p_tw)
-        wi = tl.load(wk_ptr + N1 * N2 + p_tw)
-        s_w, inv_w = _pow2_scale(tl.maximum(tl.max(tl.abs(wr)), tl.max(tl.abs(wi))))
-        dkr, _ = _idft((wr * s_w).to(tl.float16), (wi * s_w).to(tl.float16), f1_ptr, f2_ptr,
-                       tw_ptr, p_f1g, p_f2, p_tw, N1, N2)
-        # Re of the unnormalised inverse / N (Im: the packing's cross terms, dropped)
-        tl.store(dk_ptr + i_h.to(tl.int64) * Lk + o_t, dkr * (inv_w / (N1 * N2)), mask=o_t < Lk)
+        if BJ:
+            # the program's own dk spectrum: max pass (one pow2 scale), then the blocked inverse,
+            # real part only: Re(conj(F1) G) = F1r Gr + F1i Gi
+            tl.debug_barrier()
+            w_max = 0.0
+            for j in range(0, N1, BJ):
+                wr = tl.load(wk_ptr + p_tw + j * N2)
+                wi = tl.load(wk_ptr + N1 * N2 + p_tw + j * N2)
+                w_max = tl.maximum(w_max, tl.maximum(tl.max(tl.abs(wr)), tl.max(tl.abs(wi))))
+            s_w, inv_w = _pow2_scale(w_max)
+            dkr = tl.zeros((R1, N2), dtype=tl.float32)
+            for j in range(0, N1, BJ):
+                q_tw = p_tw + j * N2
+                wr = (tl.load(wk_ptr + q_tw) * s_w).to(tl.float16)
+                wi = (tl.load(wk_ptr + N1 * N2 + q_tw) * s_w).to(tl.float16)
+                gr, gi = _idft_mid(wr, wi, f2_ptr, tw_ptr, p_f2, q_tw, N1, N2, TWC)
+                g1r = tl.load(f1_ptr + p_f1g + j)
+                g1i = tl.load(f1_ptr + N1 * N1 + p_f1g + j)
+                dkr = tl.dot(g1r, gr, tl.dot(g1i, gi, dkr))
+            tl.store(dk_ptr + i_h.to(tl.int64) * Lk + o_t, dkr * (inv_w / (N1 * N2)), mask=o_t < Lk)
+        else:
+            # one program per channel: the inverse of its dk spectrum here (fp16 operands with a
+            # power-of-two scale, as every stage); rows n1 < R1 hold t < R1 N2 >= L >= Lk
+            tl.debug_barrier()
+            wr = tl.load(wk_ptr + p_tw)
+            wi = tl.load(wk_ptr + N1 * N2 + p_tw)
+            s_w, inv_w = _pow2_scale(tl.maximum(tl.max(tl.abs(wr)), tl.max(tl.abs(wi))))
+            dkr, _ = _idft((wr * s_w).to(tl.float16), (wi * s_w).to(tl.float16), f1_ptr, f2_ptr,
+                           tw_ptr, p_f1g, p_f2, p_tw, N1, N2, TWC)
+            # Re of the unnormalised inverse / N (Im: the packing's cross terms, dropped)
+            tl.store(dk_ptr + i_h.to(tl.int64) * Lk + o_t, dkr * (inv_w / (N1 * N2)), mask=o_t < Lk)
 
 
 _monarch16_bwd_kernel = fast_kernel(_monarch16_bwd_kernel)
@@ -506,7 +706,7 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
     gates [B, H, L] contiguous; k [H, Lk] fp32; D [H] fp32 or None."""
     B, H, L = u.shape
     Lk = k.shape[1]
-    (n, n1, n2, r1, S, per, opts), (f1, f2, tw), (ks, kscale) = _prepare(u, k, bwd=True)
+    (n, n1, n2, r1, S, per, opts, bj), (f1, f2, tw), (ks, kscale) = _prepare(u, k, bwd=True)
     if dy.dtype != u.dtype or not dy.is_contiguous():
         dy = dy.to(u.dtype).contiguous()
     if FILL_NAN:
@@ -529,7 +729,7 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
         dpost if dpost is not None else du, wk, wd, dk if dk is not None else wd, ks, kscale,
         f1, f2, tw, B, H, L, Lk, per, S,
         HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None, FINAL=S == 1,
-        N1=n1, N2=n2, R1=r1, **opts)
+        N1=n1, N2=n2, R1=r1, BJ=bj, TWC=TWIDDLE_CONJ_COPY, **opts)
     if S > 1:  # several programs per channel: sum their spectra in a fixed order, one inverse
         spec = wk.sum(1)                                               # [H, 2, N1, N2]
         spec = torch.complex(spec[:, 0], spec[:, 1]).transpose(1, 2).reshape(H, n)  # k1 + N1 k2

@@ -295,6 +295,73 @@ def _key_cumsum(k, z0, cu_seqlens, reverse):
     return kc, z
 
 
+class _Normalize(torch.autograd.Function):
+    """out = o / (s * q . kc + 1e-10) with kc = cumsum_t k (+ z0), and z = kc at the last step:
+    one autograd node with a written-out backward, in the state dtype throughout (as the torch
+    ops in `_linear_attn` compute it: mixed-dtype products promote, no casting copies of q, k, o).
+    Per call on the GPU: 7 forward kernels and 13 backward kernels (plus autograd's 2 gradient
+    sums into dq, dk) behind one node, where the same formula as recorded torch ops cost 10 + 18
+    kernels behind ~10 autograd nodes (issue 8: chunk_linear_attn's normalize=True default was
+    its largest host cost)."""
+
+    @staticmethod
+    def forward(ctx, o, q, k, z0, s: float, want_z: bool):
+        kc, den = _normalize_terms(q, k, z0, s)
+        out = torch.div(o, den).to(o.dtype)
+        ctx.save_for_backward(o, q, kc, den)
+        ctx.s = s
+        ctx.k_dtype, ctx.z0_dtype = k.dtype, (None if z0 is None else z0.dtype)
+        return out, (kc[:, -1:] if want_z else None)
+
+    @staticmethod
+    def backward(ctx, gout, gz):
+        o, q, kc, den = ctx.saved_tensors
+        s = ctx.s
+        need_o, need_q, need_k, need_z0 = ctx.needs_input_grad[:4]
+        do = dq = dk = dz0 = None
+        if gout is not None:
+            gd = torch.div(gout, den)   # state dtype (promoted; no cast of gout)
+            if need_o:
+                do = gd.to(o.dtype)
+            # d den = -sum_v(g o) / den^2; d (q . kc) = s d den
+            c = (gd * o).sum(-1, keepdim=True).div_(den).mul_(-s)
+            if need_q:
+                dq = (c * kc).to(q.dtype)
+            dkc = c * q if (need_k or need_z0) else None
+        else:
+            dkc = None
+        if gz is not None and (need_k or need_z0):
+            if dkc is None:
+                dkc = torch.zeros_like(kc)
+            dkc[:, -1:] += gz
+        if dkc is not None:
+            if need_k:
+                dk = dkc.flip(1).cumsum(1).flip(1).to(ctx.k_dtype)
+            if need_z0:
+                dz0 = dkc.sum(1, keepdim=True).to(ctx.z0_dtype)
+        return do, dq, dk, dz0, None, None
+
+
+def _normalize_terms(q, k, z0, s):
+    """(kc, den): the running key sum (state dtype, plus z0) and s * q . kc + 1e-10."""
+    kc = torch.cumsum(k, 1, dtype=_state_dtype(k))
+    if z0 is not None:
+        kc = kc + z0.to(kc.dtype)
+    den = (q * kc).sum(-1, keepdim=True)
+    return kc, den.mul_(s).add_(1e-10)
+
+
+def _normalized(o, q, k, z0, s, output_final_state, ht):
+    """normalize=True without cu_seqlens or reverse: `_Normalize` when a gradient is taken (one
+    node), the same ops unrecorded otherwise."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (o, q, k, z0)):
+        out, z = _Normalize.apply(o, q, k, z0, s, output_final_state)
+    else:
+        kc, den = _normalize_terms(q, k, z0, s)
+        out, z = torch.div(o, den).to(o.dtype), kc[:, -1:]
+    return out, ((ht, z) if output_final_state else None)
+
+
 def _linear_attn(fn, q, k, v, scale, initial_state, output_final_state, normalize, reverse,
                  cu_seqlens, backend, recurrent):
     if normalize and isinstance(initial_state, (tuple, list)):
@@ -311,6 +378,8 @@ def _linear_attn(fn, q, k, v, scale, initial_state, output_final_state, normaliz
     if not normalize:
         return o, (ht if output_final_state else None)
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if cu_seqlens is None and not reverse:
+        return _normalized(o, q, k, z0, s, output_final_state, ht)
     kc, z = _key_cumsum(k, z0, cu_seqlens, reverse)
     denom = (q.to(kc.dtype) * s * kc).sum(-1, keepdim=True) + 1e-10
     o = (o.to(kc.dtype) / denom).to(v.dtype)

@@ -104,7 +104,7 @@ def ssd_bwd_op(C: Tensor, B: Tensor, x: Tensor, dt: Tensor, A: Tensor, h0: Optio
         if D is not None:
             dD = r[6]
         # g = dt * A: the decay's share of ddt, and dA summed over tokens (small [b, l, h] ops)
-        ddt = ddt + dg * A
+        ddt = torch.addcmul(ddt, dg, A)   # ddt + dg A: one kernel (issue 8), not mul + add
         dA = (dg * dt).sum((0, 1))
     else:
         # explicit (no autograd: this runs below the dispatcher's autograd key when compiled):
