@@ -16,6 +16,11 @@ from ..validation import checks_values
 # its results equal the plain call with initial_state = these states.
 _SIMULATE_LATER: Optional[Sequence[Tensor]] = None
 
+# Benchmarks and tests only: make a group of one run the first rank's full path (the plain call plus
+# the exchange each way) instead of the group-of-one shortcut, to time what the first rank of a real
+# group pays.
+_FORCE_EXCHANGE = False
+
 
 # ---- group helpers ----------------------------------------------------------------------------
 
@@ -27,6 +32,13 @@ def _check_group(op: str, group, cu_seqlens=None) -> None:
         raise ValueError(f"{op}: cu_seqlens (packed variable-length batches) cannot be combined with "
                          f"process_group (context parallelism); split packed sequences per rank "
                          f"or pass one sequence per batch row")
+
+
+def _solo(group) -> bool:
+    """A group of one (and no benchmark switch): the gather is the identity, the incoming state is
+    the user's and the final state is the local one, so every op runs its plain call, exactly (no
+    collective, no autograd node, no second validation)."""
+    return _SIMULATE_LATER is None and not _FORCE_EXCHANGE and dist.get_world_size(group) == 1
 
 
 def _position(group, reverse: bool) -> Tuple[int, int]:
@@ -226,6 +238,9 @@ def context_parallel(op: str, group, inputs: Dict[str, Optional[Tensor]], *, loc
         backward (later ranks). None: a reentrant backward of the op's output computes it.
     Returns (out, global finals tuple).
     """
+    if _solo(group):
+        out, fin = local(inputs, tuple(inputs.get(k) for k in h0_keys))
+        return out, tuple(fin)
     pos, world = _position(group, reverse)
     sim = _SIMULATE_LATER
     first = pos == 0 and sim is None
