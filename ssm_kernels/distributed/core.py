@@ -220,7 +220,7 @@ def _check_shapes(group, op: str, sig: Tuple[int, ...], device) -> None:
 def context_parallel(op: str, group, inputs: Dict[str, Optional[Tensor]], *, local: Callable,
                      summary: Callable, decay_shapes: Sequence[Optional[torch.Size]],
                      h0_keys: Sequence[str], reverse: bool = False,
-                     adjoint: Optional[Callable] = None):
+                     adjoint: Optional[Callable] = None, adjoint_reads_out: bool = False):
     """Run one op over a sequence split across `group` (the recipe every CP op follows).
 
     inputs: every tensor the op reads (None for absent ones), by name; gradients flow to these.
@@ -235,7 +235,10 @@ def context_parallel(op: str, group, inputs: Dict[str, Optional[Tensor]], *, loc
     h0_keys: the names in `inputs` of the user's initial states, one per state (the first rank in
         scan order reads them; a missing name means zeros).
     adjoint(x, dout) -> per state, dL/dh0 through `out` alone (linear in dout), without a full
-        backward (later ranks). None: a reentrant backward of the op's output computes it.
+        backward (later ranks). None: a reentrant backward of the op's output computes it. With
+        adjoint_reads_out, x also holds "_out" (this rank's output, detached) and "_h_in" (the
+        incoming states, a tuple): for ops whose output is not linear in the state (normalized
+        linear attention; the adjoint is then linear in dout at the forward's point).
     Returns (out, global finals tuple).
     """
     if _solo(group):
@@ -281,6 +284,8 @@ def context_parallel(op: str, group, inputs: Dict[str, Optional[Tensor]], *, loc
     spec.fin_dtypes = [f.dtype for f in fin]
     spec.x = {k: None if t is None else t.detach() for k, t in inputs.items()} \
         if adjoint is not None else None
+    if adjoint is not None and adjoint_reads_out:
+        spec.x["_out"], spec.x["_h_in"] = out.detach(), tuple(h_in)
     spec.out, spec.h_leaves = (out, h_leaves) if h_leaves is not None else (None, None)
     res = _CPNode.apply(spec, out, *fin)
     return res[0], tuple(res[1:])

@@ -240,9 +240,9 @@ def cp_chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=
 def cp_chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False,
                          normalize=True, cu_seqlens=None, *, backend=None, process_group=None):
     """`chunk_linear_attn` over a sequence split along T. No decay (A = 1); with normalize the
-    running key sum is a second state in the same exchange and the normalisation runs inside the
-    local step (its adjoint is then a backward of the op: the output is not linear in the key
-    sum)."""
+    running key sum is a second state in the same exchange and the local step is the public
+    normalize=True call; its adjoint is written out (the output is not linear in the key sum, so
+    it reads the output and the incoming key sum) instead of a second backward of the op."""
     from ..linear_attn.interface import _validate, chunk_linear_attn
     from ..validation import check_tensor
     _check_group("chunk_linear_attn", process_group, cu_seqlens)
@@ -281,13 +281,31 @@ def cp_chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_s
         return o, (ht, zt)
 
     la = _la_summary(backend)
+    la_adj = _la_adjoint(scale, backend)
+    s = q.shape[-1] ** -0.5 if scale is None else float(scale)
 
     def summary(x):
         return (None, None), la(x)[1] + (x["k"].sum(1, keepdim=True, dtype=sd),)
 
+    def adjoint(x, do):
+        """out_t = o_t / den_t, o_t = s q_t S_t, den_t = s q_t . z_t + 1e-10 (S_t, z_t from the
+        incoming (S, z)): dL/dS_in = sum_t (s q_t)^T (do_t / den_t), the unnormalized adjoint on
+        do / den (rounded to v's dtype, as the op's own backward rounds it); dL/dz_in =
+        sum_t c_t q_t with c_t = -s (do_t . out_t) / den_t. From q, k, do and out: no second
+        backward of the chunked op."""
+        qf = x["q"].to(sd)
+        kc = torch.cumsum(x["k"], 1, dtype=sd)
+        z_in = x["_h_in"][1]
+        if z_in is not None:
+            kc = kc + z_in.to(sd)
+        den = (qf * kc).sum(-1, keepdim=True).mul_(s).add_(1e-10)
+        gd = do.to(sd) / den
+        c = (do.to(sd) * x["_out"].to(sd)).sum(-1, keepdim=True).div_(den).mul_(-s)
+        return la_adj(x, gd.to(do.dtype))[0], (c * qf).sum(1, keepdim=True)
+
     o, (ht, z) = context_parallel("chunk_linear_attn", process_group, {**inputs, "z0": z0},
                                   local=local, summary=summary, decay_shapes=(None, None),
-                                  h0_keys=("h0", "z0"))
+                                  h0_keys=("h0", "z0"), adjoint=adjoint, adjoint_reads_out=True)
     return o, ((ht, z) if output_final_state else None)
 
 
