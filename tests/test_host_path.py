@@ -102,6 +102,10 @@ def _cases(pg=None):
         "mamba_chunk_scan_combined fwd+bwd (D, z)": _train(lambda: sk.mamba_chunk_scan_combined(
             xml, dtml, Am, Bml, Cm, 64, D=Dm, z=zm, dt_bias=bm, dt_softplus=True, backend=T),
             [xml, dtml, Bml]),
+        "chunk_linear_attn normalize fwd": lambda: sk.chunk_linear_attn(
+            q, k, v, output_final_state=True, backend=T, process_group=pg),
+        "chunk_linear_attn normalize fwd+bwd": _train(lambda: sk.chunk_linear_attn(
+            ql, kl, vl, output_final_state=True, backend=T, process_group=pg), [ql, kl, vl]),
         "chunk_gla fwd": lambda: sk.chunk_gla(q, k, v, gk, backend=T),
         "chunk_gla fwd+bwd": _train(lambda: sk.chunk_gla(ql, kl, vl, gk, backend=T), [ql, kl, vl]),
         "chunk_gated_delta_rule fwd": lambda: sk.chunk_gated_delta_rule(q, k, vd, gd, bd, backend=T),
@@ -129,6 +133,9 @@ PINNED = {
     # h: SAVE_STATES=2 keeps it, see PINNED_KEEP)
     "chunk_simple_gla fwd": (2, 10),
     "chunk_simple_gla fwd+bwd": (6, 22),
+    # normalize=True (the default): the engine's two launches + `_Normalize` (one node)
+    "chunk_linear_attn normalize fwd": (2, 13),
+    "chunk_linear_attn normalize fwd+bwd": (6, 40),
     # chunk_gla: the chunk-local cumsum of the per-key decays is its own launch (every later
     # stage loads it instead of re-summing g); backward: cumsum, states, state gradients, scores,
     # dv, dq/dk/dg; each tree kernel is launched twice (gla.TREE_SPLIT: fast-path programs, then
@@ -232,6 +239,10 @@ CP_FIRST_RANK_EXTRA = {
     "linear_scan fwd+bwd": 5 + 4 + 5,
     "chunk_simple_gla fwd": 5 + 4 + 3,        # + the CP wrapper's early validation (gt, any, item)
     "chunk_simple_gla fwd+bwd": 5 + 4 + 5 + 3,
+    # two states (S, z): one copy_ more per pack; no early value check (no decays); the CP path
+    # runs the public normalize=True call (it ran hand-written torch ops before)
+    "chunk_linear_attn normalize fwd": 5 + 5,
+    "chunk_linear_attn normalize fwd+bwd": 5 + 5 + 6,
 }
 
 
