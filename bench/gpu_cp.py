@@ -6,6 +6,7 @@ forward+backward.
     python bench/gpu_cp.py --smoke    # CPU, gloo, tiny sizes, reference backend: checks the script
     python bench/gpu_cp.py --overhead # plain vs group of one vs first rank only, no float64
                                       # references, no later rank (~1-2 minutes with compiles)
+    python bench/gpu_cp.py --overhead --ops linear_attn,ssd   # only ops whose name contains one
 
 Per op and mode (times: triton.testing.do_bench, median; host: CPU time per call, GPU not awaited):
   plain      the op without process_group (final state on)
@@ -44,6 +45,7 @@ from ssm_kernels.distributed import core as skd  # noqa: E402
 
 SMOKE = "--smoke" in sys.argv
 OVERHEAD = "--overhead" in sys.argv
+OPS = sys.argv[sys.argv.index("--ops") + 1].split(",") if "--ops" in sys.argv else None
 DEV = "cpu" if SMOKE else "cuda"
 DT = torch.float32 if SMOKE else torch.bfloat16
 BK = "reference" if SMOKE else None
@@ -186,6 +188,8 @@ def main():
     pg = dist.group.WORLD
     rows, fails = [], []
     for case in cases():
+        if OPS and not any(o in case.name or (o == "ssd" and "mamba" in case.name) for o in OPS):
+            continue
         torch.manual_seed(0)
         leaves = {k: t.requires_grad_() for k, t in {**case.timed, **case.shared}.items()}
         h_prev = torch.randn(case.state, device=DEV) * 0.5

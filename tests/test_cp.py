@@ -297,6 +297,9 @@ def _cases(world):
                           dtype=torch.float32, tol=f32),
                   la_case("chunk_linear_attn triton f32", "none", False, backend="triton",
                           dtype=torch.float32, tol=f32),
+                  # the written-out normalized adjoint through the engine's state-gradient pass
+                  la_case("chunk_linear_attn normalize triton f32 (kv, z) state", "none", True,
+                          normalize=True, backend="triton", dtype=torch.float32, tol=f32),
                   # inference runs SSD's z gate inside the output kernel (ssd.interface
                   # _fused_epilogue), training in torch: the two silu()s differ in the last ulp
                   dict(ssd_case("mamba_chunk_scan_combined triton f32 D, z, dt_bias, h0", True,
