@@ -89,9 +89,9 @@ class Case:
     """timed: name -> tensor with batch first (its time-indexed inputs); shared: name -> tensor
     (weights); state: the state's shape; call(x, h0, pg, backend) -> (out, final)."""
 
-    def __init__(self, name, shape, timed, shared, state, call, later=True):
+    def __init__(self, name, shape, timed, shared, state, call):
         self.name, self.shape, self.timed, self.shared = name, shape, timed, shared
-        self.state, self.call, self.later = state, call, later
+        self.state, self.call = state, call
 
 
 def cases():
@@ -124,11 +124,10 @@ def cases():
                    normalize=False, backend=bk, process_group=pg))
     yield Case("chunk_linear_attn normalize", f"B={Bl} T={Tl} H={H} K=V={K}",
                {"q": rnd(Bl, Tl, H, K).abs(), "k": (torch.rand(Bl, Tl, H, K, device=DEV) + 0.1).to(DT),
-                "v": rnd(Bl, Tl, H, K)}, {}, st,
+                "v": rnd(Bl, Tl, H, K)}, {}, [st, (Bl, 1, H, K)],   # states (S, z)
                lambda x, h0, pg, bk: _la_norm(sk.chunk_linear_attn(
-                   x["q"], x["k"], x["v"], initial_state=None if h0 is None else (h0, None),
-                   output_final_state=True, normalize=True, backend=bk, process_group=pg)),
-               later=False)   # two states (S, z): its later rank is checked by tests/test_cp.py
+                   x["q"], x["k"], x["v"], initial_state=h0, output_final_state=True,
+                   normalize=True, backend=bk, process_group=pg)))
     yield Case("chunk_simple_gla", f"B={Bl} T={Tl} H={H} K=V={K}",
                {**qkv(), "g": -torch.rand(Bl, Tl, H, device=DEV) * 0.1}, {}, st,
                lambda x, h0, pg, bk: sk.chunk_simple_gla(
@@ -168,7 +167,8 @@ def errors(case, got_out, got_fin, got_grads, h0, w_out, w_fin):
     """Errors of batch row 0 against the float64 reference from h0 (None: zeros)."""
     x64 = {k: t[:1].detach().double().requires_grad_() for k, t in case.timed.items()}
     x64.update({k: t.detach().double() for k, t in case.shared.items()})
-    h64 = None if h0 is None else h0[:1].double()
+    h64 = None if h0 is None else tuple(t[:1].double() for t in h0) if isinstance(h0, tuple) \
+        else h0[:1].double()
     out, fin = case.call(x64, h64, None, "reference")
     e = {"out": rel(got_out[:1], out), "fin": rel(got_fin[:1], fin)}
     if got_grads is not None:
@@ -192,11 +192,15 @@ def main():
             continue
         torch.manual_seed(0)
         leaves = {k: t.requires_grad_() for k, t in {**case.timed, **case.shared}.items()}
-        h_prev = torch.randn(case.state, device=DEV) * 0.5
+        if isinstance(case.state, list):   # several states: (S, z) of normalized attention
+            h_prev = (torch.randn(case.state[0], device=DEV) * 0.5,
+                      torch.rand(case.state[1], device=DEV) + 1)   # a positive key sum
+        else:
+            h_prev = torch.randn(case.state, device=DEV) * 0.5
         # variant -> (group, initial state for the op, simulated incoming state, reference h0)
         variants = {"plain": (None, None, None, False), "group1": (pg, None, None, False),
                     "rank0": (pg, None, None, True)}
-        if not OVERHEAD and case.later:
+        if not OVERHEAD:
             variants["later"] = (pg, None, h_prev, False)
         res = {}
         try:
@@ -209,7 +213,8 @@ def main():
             continue
         for label, (group, h0, sim, force) in variants.items():
             def run(grad=True):
-                skd._SIMULATE_LATER = None if sim is None else [sim]
+                skd._SIMULATE_LATER = None if sim is None else \
+                    list(sim) if isinstance(sim, tuple) else [sim]
                 skd._FORCE_EXCHANGE = force
                 try:
                     return case.call(leaves, h0, group, BK)
