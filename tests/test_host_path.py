@@ -102,6 +102,11 @@ def _cases(pg=None):
         "mamba_chunk_scan_combined fwd+bwd (D, z)": _train(lambda: sk.mamba_chunk_scan_combined(
             xml, dtml, Am, Bml, Cm, 64, D=Dm, z=zm, dt_bias=bm, dt_softplus=True, backend=T),
             [xml, dtml, Bml]),
+        "chunk_linear_attn fwd": lambda: sk.chunk_linear_attn(
+            q, k, v, output_final_state=True, normalize=False, backend=T, process_group=pg),
+        "chunk_linear_attn fwd+bwd": _train(lambda: sk.chunk_linear_attn(
+            ql, kl, vl, output_final_state=True, normalize=False, backend=T, process_group=pg),
+            [ql, kl, vl]),
         "chunk_linear_attn normalize fwd": lambda: sk.chunk_linear_attn(
             q, k, v, output_final_state=True, backend=T, process_group=pg),
         "chunk_linear_attn normalize fwd+bwd": _train(lambda: sk.chunk_linear_attn(
@@ -133,6 +138,8 @@ PINNED = {
     # h: SAVE_STATES=2 keeps it, see PINNED_KEEP)
     "chunk_simple_gla fwd": (2, 10),
     "chunk_simple_gla fwd+bwd": (6, 22),
+    "chunk_linear_attn fwd": (2, 7),
+    "chunk_linear_attn fwd+bwd": (6, 19),
     # normalize=True (the default): the engine's two launches + `_Normalize` (one node)
     "chunk_linear_attn normalize fwd": (2, 13),
     "chunk_linear_attn normalize fwd+bwd": (6, 40),
@@ -239,6 +246,8 @@ CP_FIRST_RANK_EXTRA = {
     "linear_scan fwd+bwd": 5 + 4 + 5,
     "chunk_simple_gla fwd": 5 + 4 + 3,        # + the CP wrapper's early validation (gt, any, item)
     "chunk_simple_gla fwd+bwd": 5 + 4 + 5 + 3,
+    "chunk_linear_attn fwd": 5 + 4,           # no decay, no early value check
+    "chunk_linear_attn fwd+bwd": 5 + 4 + 5,
     # two states (S, z): one copy_ more per pack; no early value check (no decays); the CP path
     # runs the public normalize=True call (it ran hand-written torch ops before)
     "chunk_linear_attn normalize fwd": 5 + 5,
