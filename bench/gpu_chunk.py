@@ -13,6 +13,10 @@ Prints the table last; writes CSV rows to $OUT/gpu_chunk.csv when $OUT is set.
 SAVE_AB=1 python bench/gpu_chunk.py: SAVE_STATES 0 / 1 / 2 (kept forward tensors) side by side
 per op at the issue's shapes, bitwise-equal gradients and the step's peak memory (~1 min).
 
+ENGINE_AB=1 python bench/gpu_chunk.py: the forward knobs of session 7 (chunk.common H_EVERY,
+OUT_DECAY_O, OUT_BLOCK_V, OUT_WARPS, GLA_PREP) checked against float64 and timed against the
+default and fla / mamba-ssm in one process (engine_ab; AB_SETS=, AB_S=, AB_CHECK=0, PEERS=0).
+
 GLA_VARIANTS=1 python bench/gpu_chunk.py: chunk_gla only, every variant of GLA_VARIANT_LIST
 (ssm_kernels.chunk.gla knobs) checked (two gate strengths) and timed next to fla, plus the stages
 of the tree and the session-4 kernels (~200 s).
@@ -832,6 +836,173 @@ def save_states_ab(B=4, T=4096, H=16, K=128, V=128, ssd_shape=(4, 4096, 32, 64, 
     print_table(ok, title="kept forward tensors (SAVE_STATES)", csv_name="gpu_chunk_save.csv")
 
 
+# ---- forward knobs of session 7 (ENGINE_AB=1): chunk.common H_EVERY / OUT_* / GLA_PREP ----------
+# label -> chunk.common knobs (GATE 0/1 sets: chunk_simple_gla, chunk_linear_attn, SSD)
+AB_SETS = {
+    "default": {},
+    "decay_o": dict(OUT_DECAY_O=True),
+    "decay_o bv128": dict(OUT_DECAY_O=True, OUT_BLOCK_V=128),
+    "decay_o bv128 w8": dict(OUT_DECAY_O=True, OUT_BLOCK_V=128, OUT_WARPS=8),
+    "every2": dict(H_EVERY=2),
+    "every4": dict(H_EVERY=4),
+    "every8": dict(H_EVERY=8),
+    "every2 bv128 w8": dict(H_EVERY=2, OUT_BLOCK_V=128, OUT_WARPS=8),
+    "every4 bv128 w8": dict(H_EVERY=4, OUT_BLOCK_V=128, OUT_WARPS=8),
+    "every4 w8": dict(H_EVERY=4, OUT_WARPS=8),
+    "every4 bv128 w8 sbv32": dict(H_EVERY=4, OUT_BLOCK_V=128, OUT_WARPS=8, STATE_BLOCK_V=32),
+    "every4 sbv32 s3": dict(H_EVERY=4, STATE_BLOCK_V=32, STATE_STAGES=3),
+    "sbv32": dict(STATE_BLOCK_V=32),
+    "every2 coarse": dict(H_EVERY=2, STATE_COARSE=True),
+    "every4 coarse": dict(H_EVERY=4, STATE_COARSE=True),
+    "every2 bv128 w8 coarse": dict(H_EVERY=2, OUT_BLOCK_V=128, OUT_WARPS=8, STATE_COARSE=True),
+    "every4 bv128 w8 coarse": dict(H_EVERY=4, OUT_BLOCK_V=128, OUT_WARPS=8, STATE_COARSE=True),
+}
+GLA_AB_SETS = {
+    "default": {},
+    "prep": dict(GLA_PREP=True),
+    "prep every2": dict(GLA_PREP=True, H_EVERY=2),
+    "prep every4": dict(GLA_PREP=True, H_EVERY=4),
+}
+# AB_SETS="every4,every4 bv128 w8": only these labels (and "default"); AB_S: seconds since start
+# after which timing rows stop (the table still prints); AB_CHECK=0 skips the float64 checks
+AB_ONLY = [x for x in os.environ.get("AB_SETS", "").split(",") if x]
+AB_S = float(os.environ.get("AB_S", "265"))
+
+
+def _ab_sets(sets):
+    return {k: v for k, v in sets.items() if k == "default" or not AB_ONLY or k in AB_ONLY}
+
+
+def _ab_time_left():
+    if time.time() - T0 > AB_S:
+        log("ENGINE_AB: time budget spent, rows skipped")
+        return False
+    return True
+
+
+def engine_ab(B=4, T=4096, H=16, K=128, V=128):
+    """ENGINE_AB=1: the forward knobs of session 7 against the default and the peers in one
+    process. (1) float64 checks of every set (B2 T2048 H4 K=V=128 bf16, fwd + every gradient;
+    packed batch for two sets; chunk_gla also with gates /1 so tree chunks mix in; SSD with D,
+    dt_bias, varlen, and inference with D and z). (2) fwd at B4 T4096 H16 K=V=128 for every set
+    (chunk_simple_gla; chunk_linear_attn default and three sets), chunk_gla fwd and fwd+bwd per
+    GLA set, the state stage alone per H_EVERY (rows "stage"), SSD B4 L4096 H32 P64 N128 public
+    fwd (D, dt_bias, softplus) per set. (3) fla (and mamba-ssm) last: fla's autotuning is slow.
+    ~200-280 s on an H100 with peers (AB_S caps the timing part)."""
+    from ssm_kernels.chunk import common as knobs, fwd as cf
+    torch.manual_seed(0)
+    log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"triton {triton.__version__}")
+    sets = _ab_sets(AB_SETS)
+    gsets = _ab_sets(GLA_AB_SETS)
+
+    def setk(kn):
+        class _S:
+            def __enter__(self_):
+                self_.saved = {k: getattr(knobs, k) for k in kn}
+                for k, v in kn.items():
+                    setattr(knobs, k, v)
+
+            def __exit__(self_, *a):
+                for k, v in self_.saved.items():
+                    setattr(knobs, k, v)
+        return _S()
+
+    ok = True
+    cu = torch.tensor([0, 1, 700, 700, 1500, 2047], device=DEV, dtype=torch.int32)
+    checks = []
+    if os.environ.get("AB_CHECK", "1") == "1":
+        for lab, kn in sets.items():
+            if want("chunk_simple_gla"):
+                checks.append((lab, kn, lambda lab=lab: check_la("chunk_simple_gla",
+                                                                 tag=f" [{lab}]")))
+        for lab in ("every4", "every2 bv128 w8"):
+            if lab in sets and want("chunk_simple_gla"):
+                checks.append((lab, sets[lab], lambda lab=lab: check_la(
+                    "chunk_simple_gla", B=1, T=2047, cu=cu, tag=f" [{lab}]")))
+            if lab in sets and want("chunk_linear_attn"):
+                checks.append((lab, sets[lab], lambda lab=lab: check_la(
+                    "chunk_linear_attn", tag=f" [{lab}]")))
+        for lab, kn in gsets.items():
+            if want("chunk_gla"):
+                for gd in (16, 1):
+                    checks.append((lab, kn, lambda lab=lab, gd=gd: check_la(
+                        "chunk_gla", gdiv=gd, tag=f" [{lab}] g/{gd}")))
+                checks.append((lab, kn, lambda lab=lab: check_la(
+                    "chunk_gla", B=1, T=2047, cu=cu, gdiv=4, tag=f" [{lab}]")))
+        for lab in ("every2", "every4", "every4 bv128 w8"):
+            if lab in sets and want("ssd"):
+                checks.append((lab, sets[lab], check_ssd))
+                checks.append((lab, sets[lab], lambda: check_ssd(B=1, L=2047, cu=cu)))
+                checks.append((lab, sets[lab], check_ssd_infer))
+    for lab, kn, fn in checks:
+        try:
+            with setk(kn):
+                r = fn()
+            if not r:
+                log(f"  ^ failed with knobs [{lab}] {kn}")
+            ok &= r
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            ok = False
+    log("CORRECTNESS:", "all ok" if ok else "FAILURES above")
+
+    case = f"B{B} T{T} H{H} K=V={K}"
+    sg = lambda req: la_inputs(B, T, H, K, V, "scalar", req=req)  # noqa: E731
+    for lab, kn in sets.items():
+        if want("chunk_simple_gla") and _ab_time_left():
+            with setk(kn):
+                bench("chunk_simple_gla", case, "ours " + lab, OURS["chunk_simple_gla"], sg,
+                      la_floor(B, T, H, K, V, "scalar"), modes=("fwd",))
+    if want("chunk_simple_gla") and _ab_time_left():
+        # the state stage alone per H_EVERY (h bytes / H_EVERY)
+        q, k, v, g = la_inputs(B, T, H, K, V, "scalar")
+        p = cf.Plan(q, v, g, None, False)
+        t = {f"states H_EVERY={e}": do_bench(
+            lambda e=e: cf.chunk_states(p, k, v, g, None, None, None, every=e), warmup=10, rep=40,
+            return_mode="median") for e in (1, 2, 4, 8)}
+        for e in (2, 4):
+            with setk(dict(STATE_COARSE=True)):
+                t[f"states H_EVERY={e} STATE_COARSE"] = do_bench(
+                    lambda e=e: cf.chunk_states(p, k, v, g, None, None, None, every=e),
+                    warmup=10, rep=40, return_mode="median")
+        stage_rows("chunk_simple_gla stage", case, t)
+        del q, k, v, g
+    la = lambda req: la_inputs(B, T, H, K, V, None, req=req)  # noqa: E731
+    for lab in ("default", "decay_o bv128 w8", "every4", "every4 bv128 w8"):
+        if lab in sets and want("chunk_linear_attn") and _ab_time_left():
+            with setk(sets[lab]):
+                bench("chunk_linear_attn", case, "ours " + lab, OURS["chunk_linear_attn"], la,
+                      modes=("fwd",))
+    gm = lambda req: la_inputs(B, T, H, K, V, "gla", req=req)  # noqa: E731
+    for lab, kn in gsets.items():
+        if want("chunk_gla") and _ab_time_left():
+            with setk(kn):
+                bench("chunk_gla", case, "ours " + lab, OURS["chunk_gla"], gm)
+    sb, sl, shh, sp, sgg, sn = 4, 4096, 32, 64, 1, 128
+    scase = f"B{sb} L{sl} H{shh} P{sp} N{sn}"
+    smake = lambda req: ssd_inputs(sb, sl, shh, sp, sgg, sn, req=req)  # noqa: E731
+    sours = lambda x, dt, A, Bm, Cm, D, bias: sk.mamba_chunk_scan_combined(  # noqa: E731
+        x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias, dt_softplus=True)
+    for lab, kn in sets.items():
+        if want("ssd") and "bv128" not in lab and _ab_time_left():
+            with setk(kn):
+                bench("ssd", scase, "ours " + lab, sours, smake, modes=("fwd",))
+    torch.cuda.empty_cache()
+    if PEERS:
+        fla = fla_ops()
+        for op, make, modes in (("chunk_simple_gla", sg, ("fwd",)),
+                                ("chunk_linear_attn", la, ("fwd",)),
+                                ("chunk_gla", gm, ("fwd", "fwd+bwd"))):
+            if want(op) and op in fla and _ab_time_left():
+                bench(op, case, "fla", fla[op], make, modes=modes)
+        mf = mamba_op() if want("ssd") else None
+        if mf is not None and _ab_time_left():
+            bench("ssd", scase, "mamba_ssm", lambda x, dt, A, Bm, Cm, D, bias: mf(
+                x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias, dt_softplus=True), smake, modes=("fwd",))
+    print_table(ok, title="engine forward knobs (ENGINE_AB)", csv_name="gpu_chunk_ab.csv")
+
+
 def bench_fb(f, xs, live, do):
     return do_bench(lambda: torch.autograd.grad(f(*xs), live, do), warmup=10, rep=40,
                     return_mode="median")
@@ -840,6 +1011,8 @@ def bench_fb(f, xs, live, do):
 if __name__ == "__main__":
     if os.environ.get("GLA_VARIANTS", "0") == "1":
         main_gla_variants()
+    elif os.environ.get("ENGINE_AB", "0") == "1":
+        engine_ab()
     elif os.environ.get("SAVE_AB", "0") == "1":
         torch.manual_seed(0)
         log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "

@@ -19,9 +19,13 @@
    its forward stages. VARIANTS="name:KNOB=VAL,KNOB=VAL;name2:..." (values Python literals), or
    VARIANTS=@bwd (BWD_VARIANTS: the backward's knobs) / @fwd / @savet (SAVE_WY_VARIANTS: the
    forward's WY inverse kept for the backward) / @wyfast (WYFAST_VARIANTS: the WY stage by
-   `_wy_fast_kernel`) / @defaults (the knobs as they are), or a ','-list of groups and
+   `_wy_fast_kernel`) / @wybwd (WYBWD_VARIANTS: the WY backward by `_wy_bwd_fast_kernel`,
+   defaults first) / @defaults (the knobs as they are), or a ','-list of groups and
    variants mixed by ';' ("@defaults,@savet;lean4:WY_LEAN=True"); VARIANT_EXTRA="ungated,profile"
    (what else each variant runs; see VARIANT_EXTRA below).
+5. wybwd (only when named in STEPS): the WY backward kernel alone (`chunk._wy_backward`) under
+   WYBWD_STAGE_SETTINGS (the default = WY_BWD_LEAN, session 6's kernel, WY_BWD_FAST and its warps /
+   K-split / V tile / stages / PARK).
 Env: STEPS (default "check,time,stages,variants"), QUICK=1 (no peers, first shape only), GVA=0
 (the main shape only, with the peers),
 BUDGET_S (default 190: later steps are skipped past it, the table is always printed).
@@ -118,6 +122,18 @@ WYFAST_VARIANTS = (   # most telling first: the budget may cut the tail
     "wyfast-inv16:WY_FAST=True,WY_FAST_INV16=True;"
     "wyfast-loop:WY_FAST=True,WY_FAST_LOOP=True;"
     "wyfast-w8:WY_FAST=True,WY_FAST_WARPS=8")
+# the WY backward by `_wy_bwd_fast_kernel` (WY_BWD_FAST; bench/NOTES.md, "helper deltabwd7"):
+# VARIANTS=@wybwd with VARIANT_EXTRA=ungated,profile: the defaults' kernel profile first (the
+# baseline `_wy_bwd_kernel` row in the same call), then each variant's check, its dk/dv/dg/dbeta
+# against the same knobs with WY_BWD_FAST off (fast_vs_default), timings and the
+# `_wy_bwd_fast_kernel` row of its profile
+WYBWD_VARIANTS = (   # most telling first: the budget may cut the tail
+    "defaults:;"
+    "wybwd-fast:WY_BWD_FAST=True;"
+    "wybwd-fast-w4:WY_BWD_FAST=True,WY_BWD_FAST_WARPS=4,WY_BWD_FAST_STAGES=1;"
+    "wybwd-fast-ks2:WY_BWD_FAST=True,WY_BWD_FAST_KSPLIT=2;"
+    "wybwd-old:WY_BWD_LEAN=False;"
+    "wybwd-fast-bv64:WY_BWD_FAST=True,WY_BWD_FAST_BV=64")
 # per variant, besides its check and gated fwd / fwd+bwd: "ungated" (chunk_delta_rule, against
 # fla's fwd+bwd), "profile" (every kernel of its gated fwd+bwd), "stages" (its forward stages);
 # unset: ungated and profile for the first variant only, stages for every one
@@ -292,6 +308,59 @@ def stage_times(label, B=4, T=4096, H=16, HV=16, K=128, V=128):
     torch.cuda.empty_cache()
 
 
+# the WY backward kernel alone (STEPS=...,wybwd): knob settings timed one after the other on the
+# same operands (main shape, gated, no L2 norm; dV' random: the time does not depend on it)
+WYBWD_STAGE_SETTINGS = (
+    ("default", {}),                       # main's default since session 7: WY_BWD_LEAN
+    ("old", {"WY_BWD_LEAN": False}),       # session 6's kernel (measured 2.004 ms)
+    ("fast", {"WY_BWD_FAST": True}),
+    ("fast-ks2", {"WY_BWD_FAST": True, "WY_BWD_FAST_KSPLIT": 2}),
+    ("fast-w4", {"WY_BWD_FAST": True, "WY_BWD_FAST_WARPS": 4, "WY_BWD_FAST_STAGES": 1}),
+    ("fast-w4-ks2", {"WY_BWD_FAST": True, "WY_BWD_FAST_WARPS": 4, "WY_BWD_FAST_STAGES": 1,
+                     "WY_BWD_FAST_KSPLIT": 2}),
+    ("fast-bv64", {"WY_BWD_FAST": True, "WY_BWD_FAST_BV": 64}),
+    ("fast-park", {"WY_BWD_FAST": True, "WY_BWD_FAST_PARK": True}),
+    ("fast-bv16", {"WY_BWD_FAST": True, "WY_BWD_FAST_BV": 16}),
+    ("fast-s1", {"WY_BWD_FAST": True, "WY_BWD_FAST_STAGES": 1}),
+)
+
+
+def wybwd_stage(B=4, T=4096, H=16, HV=16, K=128, V=128):
+    """`chunk._wy_backward` alone under each of WYBWD_STAGE_SETTINGS (do_bench median), with the
+    bytes it must move (k, v, T, h, dV', dke, dge in; dk, dv, dbeta, dg out) as GB/s."""
+    from triton.testing import do_bench
+    q, k, v, g, beta = inputs(B, T, H, HV, K, V, True, l2=False)
+    p = wy._plan(q, v, g, None)
+    _, _, tm = wy._wy(p, k, v, g, beta, False, True)
+    h = torch.randn(p.NCH, HV, K, V, device=DEV).to(p.hdtype)
+    dvn = torch.randn(B * T, HV, V, device=DEV).to(p.wdtype)
+    dke = torch.randn(B * T, H, K, device=DEV)
+    dge = torch.randn(B * T, HV, device=DEV)
+    # per value row: v, T, dV', beta, g, dge in, dv, dbeta, dg out; per q/k row: k and dke in,
+    # dk out; h per chunk
+    by = (B * T * HV * (4 * V + 4 * p.BT + V * dvn.element_size() + 20)
+          + B * T * H * 8 * K + p.NCH * HV * K * V * h.element_size())
+    case = f"B{B} T{T} H{H} HV{HV} K=V={K}"
+    for name, knobs in WYBWD_STAGE_SETTINGS:
+        saved = {kk: getattr(wy, kk) for kk in knobs}
+        try:
+            for kk, vv in knobs.items():
+                setattr(wy, kk, vv)
+            pk = wy._plan(q, v, g, None)
+            ms = do_bench(lambda: wy._wy_backward(pk, k, v, g, beta, tm, h, dvn, dke, dge, False),
+                          warmup=5, rep=30, return_mode="median")
+            note = f"{knobs}; {by / 1e9:.3f} GB {by / ms / 1e6:.0f} GB/s"
+        except Exception as e:  # noqa: BLE001
+            ms, note = float("nan"), "error: " + repr(e)[:100]
+        finally:
+            for kk, vv in saved.items():
+                setattr(wy, kk, vv)
+        ROWS.append(("delta wy bwd", case, f"_wy_backward [{name}]", "bwd", ms, note))
+        log(f"delta wy bwd {name:14s} {ms:8.3f} ms  {note}")
+    del q, k, v, g, beta, tm, h, dvn, dke, dge
+    torch.cuda.empty_cache()
+
+
 def kernel_profile(label, f, make, fwd_only):
     """Every CUDA kernel of one fwd (or fwd+bwd) call of `f` through torch.profiler: name, calls,
     ms per call of f (mean over 5 calls after 2 warm-up calls)."""
@@ -333,7 +402,7 @@ def kernel_profile(label, f, make, fwd_only):
 
 
 VARIANT_GROUPS = {"@bwd": BWD_VARIANTS, "@fwd": DEFAULT_VARIANTS, "@savet": SAVE_WY_VARIANTS,
-                  "@wyfast": WYFAST_VARIANTS, "@defaults": "defaults:"}
+                  "@wyfast": WYFAST_VARIANTS, "@wybwd": WYBWD_VARIANTS, "@defaults": "defaults:"}
 
 
 def expand_variants(text):
@@ -371,17 +440,18 @@ def parse_variants(text):
     return out
 
 
-def same_as_recompute(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
-    """SAVE_WY_INVERSE on (as set now) against off, the other knobs as set: o, S and every
-    gradient of the gated op (l2 norm, h0, a partial chunk) should be bitwise equal (the backward
-    forms W, U from the forward's T instead of re-solving it). Logs the largest differences."""
-    q, k, v, g, beta = inputs(B, T - 7, H, HV, K, V, True)
+NAMES8 = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+
+
+def knob_on_off(knob, B, T, H, HV, K, V):
+    """(outputs with `knob` True, with it False), the other knobs as set: o, S and every gradient
+    of the gated op (l2 norm, h0, a partial chunk, a loss on o and S)."""
+    q, k, v, g, beta = inputs(B, T, H, HV, K, V, True)
     h0 = torch.randn(B, HV, K, V, device=DEV)
-    cots = None
-    outs = []
-    for save in (True, False):
-        old = wy.SAVE_WY_INVERSE
-        wy.SAVE_WY_INVERSE = save
+    cots, outs = None, []
+    old = getattr(wy, knob)
+    for val in (True, False):
+        setattr(wy, knob, val)
         try:
             xs = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
             o, S = sk.chunk_gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True,
@@ -391,9 +461,16 @@ def same_as_recompute(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
             outs.append([o, S] + list(torch.autograd.grad(
                 (o.float() * cots[0]).sum() + (S * cots[1]).sum(), xs)))
         finally:
-            wy.SAVE_WY_INVERSE = old
-    names = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
-    diffs = {n: (a.float() - b.float()).abs().max().item() for n, a, b in zip(names, *outs)}
+            setattr(wy, knob, old)
+    return outs
+
+
+def same_as_recompute(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
+    """SAVE_WY_INVERSE on (as set now) against off: o, S and every gradient should be bitwise
+    equal (the backward forms W, U from the forward's T instead of re-solving it). Logs the
+    largest differences."""
+    outs = knob_on_off("SAVE_WY_INVERSE", B, T - 7, H, HV, K, V)
+    diffs = {n: (a.float() - b.float()).abs().max().item() for n, a, b in zip(NAMES8, *outs)}
     same = all(torch.equal(a, b) for a, b in zip(*outs))
     log(f"variant {name}: saved T vs recompute: {'bitwise equal' if same else 'DIFFER'} "
         f"(max |diff| {max(diffs.values()):.3e}: {diffs})")
@@ -401,6 +478,21 @@ def same_as_recompute(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
                  "fwd", float("nan"), "saved T vs recompute: " + (
                      "bitwise equal" if same else f"DIFFER (max {max(diffs.values()):.2e})")))
     return same
+
+
+def fast_vs_default(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
+    """WY_BWD_FAST on against off: o, S, dq, dh0 should be bitwise equal (shared kernels), dk,
+    dv, dg, dbeta close (the same products, hi + lo split and reordered). Logs each gradient's
+    max |diff| relative to its max |value|."""
+    outs = knob_on_off("WY_BWD_FAST", B, T - 7, H, HV, K, V)
+    rel = {n: (a.float() - b.float()).abs().max().item() / (b.float().abs().max().item() + 1e-30)
+           for n, a, b in zip(NAMES8, *outs)}
+    shared = all(torch.equal(outs[0][i], outs[1][i]) for i in (0, 1, 2, 7))
+    text = (f"fast vs default WY bwd: shared outputs {'bitwise' if shared else 'DIFFER'}, rel "
+            + " ".join(f"{n} {rel[n]:.1e}" for n in ("dk", "dv", "dg", "dbeta")))
+    log(f"variant {name}: {text}")
+    ROWS.append(("chunk_gated_delta_rule", f"B{B} T{T - 7} H{H} HV{HV}", f"ssm_kernels [{name}]",
+                 "fwd", float("nan"), text))
 
 
 def over_budget(what):
@@ -475,6 +567,12 @@ def main():
                 log("stage step failed:", repr(e)[:160])
             torch.cuda.empty_cache()
 
+    if "wybwd" in STEPS and not over_budget("wybwd"):
+        try:
+            wybwd_stage()
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+
     if "variants" in STEPS:
         mk0 = lambda req: inputs(B, T, H, HV, 128, 128, False, req=req, l2=False)  # noqa: E731
         vtext = expand_variants(os.environ.get("VARIANTS", DEFAULT_VARIANTS))
@@ -494,6 +592,8 @@ def main():
                     f"({time.time() - t:.1f} s with its compile)")
                 if knobs.get("SAVE_WY_INVERSE"):
                     same_as_recompute(name)
+                if knobs.get("WY_BWD_FAST"):
+                    fast_vs_default(name)
                 bench("chunk_gated_delta_rule", case, f"ssm_kernels [{name}]"
                       + ("" if good else " CHECK FAILED"), ours("chunk_gated_delta_rule", l2=False),
                       make)

@@ -7,7 +7,8 @@
 # lscan, chunk, fft,
 # layers, cp (the bench/gpu_*.py scripts), probe (bench/gpu_dk_probe.py), check (`python -m
 # ssm_kernels check $CHECK_ARGS` with a cold Triton cache), verify (short correctness of the paths
-# not yet checked on a GPU), fftdef (fft_conv's defaults: `PARTS=d bench/gpu_monarch.py`).
+# not yet checked on a GPU), fftdef (fft_conv's defaults: `PARTS=d bench/gpu_monarch.py`),
+# firstcall, launches, fft7, recall (session 7 helpers' scripts).
 # Peers: .whl wheels and .peers/mamba_ssm-* if carried.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -51,6 +52,14 @@ for s in ${STEPS:-build graphs overhead}; do
             step cp ${T_CP:-150} python3 bench/gpu_cp.py ;;
     fftdef) step fft_defaults ${T_FFTDEF:-300} env PARTS=d python3 bench/gpu_monarch.py ;;
     probe) step probe ${T_PROBE:-150} python3 bench/gpu_dk_probe.py ;;
+    # session 7's helpers: first call after the autograd-thread fix (firstcall7), launch-cache and
+    # CUDA-API counts per eager call (hostchunk7), row-blocked monarch16 (fft7), the recall example
+    firstcall) step first_call ${T_FIRSTCALL:-150} python3 bench/gpu_first_call.py --ahead 16 \
+                 --timeout 25 --budget $(( ${T_FIRSTCALL:-150} - 25 )) --out "$OUT/first_call.md" ;;
+    launches) step launches ${T_LAUNCHES:-150} python3 bench/gpu_host.py --launches chunk_linear_attn \
+                chunk_simple_gla chunk_gla chunk_gated_delta_rule chunk_based mamba_chunk_scan_combined ;;
+    fft7) step fft7 ${T_FFT7:-290} python3 bench/gpu_fft7.py ;;
+    recall) step recall ${T_RECALL:-330} python3 -m ssm_kernels.examples.recall --out "$OUT" ;;
     check) TRITON_CACHE_DIR=$(mktemp -d) step check ${T_CHECK:-150} python3 -m ssm_kernels check ${CHECK_ARGS:-} ;;
   esac
 done

@@ -173,6 +173,61 @@ def chunk_cases():
                 yield f"{name} {_dt(dtype)} K{K} V{V}", lambda fn=fn, dtype=dtype, V=V: fn(dtype, V)
 
 
+# forward knob sets of the engine (chunk/common.py, session 7; off by default): inference calls,
+# bf16, V 128 (GLA_PREP only for chunk_gla, OUT_* only for GATE 0/1)
+ENGINE_KNOB_SETS = {
+    "default": {},
+    "every4": dict(H_EVERY=4),
+    "decay_o": dict(OUT_DECAY_O=True),
+    "decay_o+bv128+w8": dict(OUT_DECAY_O=True, OUT_BLOCK_V=128, OUT_WARPS=8),
+    "every4+decay_o+bv128+w8": dict(H_EVERY=4, OUT_DECAY_O=True, OUT_BLOCK_V=128, OUT_WARPS=8),
+    "every4+decay_o+bv128+w4": dict(H_EVERY=4, OUT_DECAY_O=True, OUT_BLOCK_V=128, OUT_WARPS=4),
+    "every4+decay_o": dict(H_EVERY=4, OUT_DECAY_O=True),
+    "every4+sbv32": dict(H_EVERY=4, STATE_BLOCK_V=32),
+    "every2+coarse": dict(H_EVERY=2, STATE_COARSE=True),
+    "every4+coarse": dict(H_EVERY=4, STATE_COARSE=True),
+    "prep": dict(GLA_PREP=True),
+    "prep+every2": dict(GLA_PREP=True, H_EVERY=2),
+    "prep+every4": dict(GLA_PREP=True, H_EVERY=4),
+}
+
+
+def chunk_knob_cases():
+    """The engine's forward knobs (ENGINE_KNOB_SETS) compiled as the GPU would launch them."""
+    import ssm_kernels as sk
+    from ssm_kernels.chunk import common
+
+    def infer(op, knobs, V=128, dtype=torch.bfloat16):
+        saved = {kk: getattr(common, kk) for kk in knobs}
+        try:
+            for kk, vv in knobs.items():
+                setattr(common, kk, vv)
+            with torch.no_grad():
+                q, k, v, h0 = (x.detach() for x in _la_inputs(dtype, V))
+                if op == "chunk_simple_gla":
+                    sk.chunk_simple_gla(q, k, v, _decay(B, T, H).detach(), initial_state=h0,
+                                        output_final_state=True, backend="triton")
+                elif op == "chunk_gla":
+                    sk.chunk_gla(q, k, v, _decay(B, T, H, K).detach(), initial_state=h0,
+                                 output_final_state=True, backend="triton")
+                else:
+                    x = _leaf(B, T, H, 64, dtype=dtype).detach()
+                    Bm, Cm = (_leaf(B, T, 1, K, dtype=dtype).detach() for _ in range(2))
+                    sk.mamba_chunk_scan_combined(x, torch.rand(B, T, H) * 0.1 + 0.01,
+                                                 -torch.rand(H) - 0.5, Bm, Cm, 64,
+                                                 D=torch.randn(H, 64), backend="triton")
+        finally:
+            for kk, vv in saved.items():
+                setattr(common, kk, vv)
+
+    for name, knobs in ENGINE_KNOB_SETS.items():
+        for op in ("chunk_simple_gla", "chunk_gla", "ssd"):
+            if ("GLA_PREP" in knobs and op != "chunk_gla") or (
+                    "OUT_DECAY_O" in knobs and op == "chunk_gla"):
+                continue
+            yield f"{op} bf16 K{K} V128 fwd [{name}]", lambda op=op, knobs=knobs: infer(op, knobs)
+
+
 def linear_attn_check_cases():
     """`python -m ssm_kernels check` for linear_attn on a GPU (B2 T1031 H4 K128 V100), full plan."""
     from ssm_kernels.linear_attn import check as c
@@ -391,7 +446,8 @@ def cp_cases():
             yield f"cp linear_scan {_dt(dtype)} {shape}", thunk
 
 
-FAMILIES = {"chunk": chunk_cases, "linear_attn_check": linear_attn_check_cases,
+FAMILIES = {"chunk": chunk_cases, "chunk_knobs": chunk_knob_cases,
+            "linear_attn_check": linear_attn_check_cases,
             "selective_scan": selective_scan_cases, "linear_scan": linear_scan_cases,
             "causal_conv1d": causal_conv1d_cases, "delta_rule": delta_rule_cases,
             "fft_conv": fft_conv_cases, "fft_conv_knobs": fft_conv_knob_cases, "cp": cp_cases}

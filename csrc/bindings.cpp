@@ -323,9 +323,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "forward knob (issue 9): R in {1, 2, 4, 8, 16} computes 1/R of the N <= 16 forward's decays "
         "with an FMA-pipe exp2 polynomial, 0 (default) off; set selects it; returns the previous "
         "one (the first call reads SSM_KERNELS_SSCAN_FWD_POLY)");
+  m.def("selective_scan_fwd_variant", &ssm::selective_scan_fwd_variant, pybind11::arg("set") = -1,
+        "forward variant (issue 9): 0 (default) lean kernel; 1 coalesced staging; 2 / 3 = 1 plus "
+        "8- / 32-step y groups with vector stores; 4 = 32-step groups alone; 5 = two channels per "
+        "thread (N <= 16, B and C "
+        "time-varying, poly off; all bitwise equal); set selects it; returns the previous one (the "
+        "first call reads SSM_KERNELS_SSCAN_FWD_VARIANT)");
   m.def("selective_scan_bwd_variant", &ssm::selective_scan_bwd_variant, pybind11::arg("set") = -1,
         "backward kernel variant (issue 9): 2 (default; fused I/O, N <= 16 with time-varying B and "
-        "C), 3 (the same at 3 blocks/SM) or 0 (the original); set selects it; returns the previous one (the first call reads "
+        "C), 3 (the same at 3 blocks/SM), 4 (2 with coalesced staging) or 0 (the original); set selects it; returns the previous one (the first call reads "
         "SSM_KERNELS_SSCAN_BWD_VARIANT)");
   m.def("selective_scan_bwd", &selective_scan_bwd,
         "selective_scan backward -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0]");

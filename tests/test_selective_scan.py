@@ -479,11 +479,13 @@ def test_gpu_forward_variants(variant, cplx, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", [2, 3])
+@pytest.mark.parametrize("variant", [2, 3, 4])
 @pytest.mark.parametrize("case", ["bf16 L=2049", "fp32 L=4097 no z", "bf16 varlen"])
 def test_gpu_cuda_backward_variants_bitwise(variant, case):
-    """The CUDA backward's variants 2 and 3 (N <= 16, B and C time-varying; selective_scan_bwd.cu
-    kIO) compute every value with variant 0's expressions: all outputs and gradients bitwise equal."""
+    """The CUDA backward's variants 2, 3 and 4 (N <= 16, B and C time-varying; selective_scan_bwd.cu
+    kIO) compute every value with variant 0's expressions: all outputs and gradients bitwise equal
+    (these cases are unaligned: variant 4 runs its RowStager fallback here; aligned in
+    test_gpu_cuda_forward_backward_variants)."""
     from ssm_kernels._backend import cuda_extension
     ext = cuda_extension()
     if "cuda" not in SCAN_KERNELS or ext is None or not hasattr(ext, "selective_scan_bwd_variant"):
@@ -750,3 +752,178 @@ def test_gpu_cuda_forward_poly(poly, case):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     finally:
         ext.selective_scan_fwd_poly(prev)
+
+
+# ---- forward variants 1-4 / backward variant 4 (issue 9, session 7): models of the index math ----
+
+def _rs_lanes_model(v, kw):
+    """sscan::reduce_scatter_lanes<kW, 1, kI> (sscan_common.cuh rs_round) over kW lanes in float32:
+    v[c] is lane c's list of kI partials; returns each lane's kept items (kI >= kW)."""
+    import numpy as np
+    v = [list(np.asarray(x, np.float32)) for x in v]
+    cnt, m = len(v[0]), kw // 2
+    while m >= 1 and cnt >= 2:
+        half = cnt // 2
+        send = [[(x[i] if (c & m) else x[i + half]) for i in range(half)] for c, x in enumerate(v)]
+        v = [[np.float32((x[i + half] if (c & m) else x[i]) + send[c ^ m][i]) for i in range(half)]
+             for c, x in enumerate(v)]
+        cnt, m = half, m // 2
+    return v
+
+
+@pytest.mark.parametrize("kog", [8, 32])
+def test_sscan_fwd_output_groups_bitwise_model(kog):
+    """kOG > kTPC (forward variants 2-4): y reduce-scattered over kOG steps leaves lane c with steps
+    c kOG/4 .. + kOG/4 - 1, and each sum is bitwise the one variant 0 forms per 4 steps
+    (reduce_scatter<4>: lane t % 4 owns step t) -- the same pairwise adds with operands exchanged."""
+    import numpy as np
+    rng = np.random.default_rng(kog)
+    kw = 4
+    for _ in range(50):
+        # lane partials of y_t for 32 steps, wide dynamic range so that rounding differs by order
+        p = (rng.standard_normal((kw, 32)) * 10.0 ** rng.integers(-6, 7, (kw, 32))).astype(np.float32)
+        v0 = {}
+        for tg in range(0, 32, kw):
+            kept = _rs_lanes_model([p[c, tg:tg + kw] for c in range(kw)], kw)
+            for c in range(kw):
+                assert len(kept[c]) == 1
+                v0[tg + c] = kept[c][0]
+        vn = {}
+        per = kog // kw
+        for tg in range(0, 32, kog):
+            kept = _rs_lanes_model([p[c, tg:tg + kog] for c in range(kw)], kw)
+            for c in range(kw):
+                assert len(kept[c]) == per
+                for i in range(per):
+                    vn[tg + c * per + i] = kept[c][i]
+        assert sorted(vn) == list(range(32))
+        assert all(np.float32(vn[t]).tobytes() == np.float32(v0[t]).tobytes() for t in range(32))
+        # and it is the pairwise sum (p_c + p_c^2) + (p_c^1 + p_c^3) of some owner c
+        t = int(rng.integers(32))
+        s = (p[0, t] + p[2, t]) + (p[1, t] + p[3, t])
+        assert np.float32(s) == v0[t]
+
+
+def _stager_copies(mode, kRows, kThr, kRowEl, kChunk, esize, length, ok_rows):
+    """(dst element, src element offset within the row's window, bytes) of each 16-byte cp.async of
+    RowStager (aligned rows, shift 0), PieceStager (init + issue) or PieceStager::issue_direct for
+    one chunk of `length` steps; rows not in ok_rows are skipped."""
+    kV = 16 // esize
+    kP = kChunk // kV
+    out = set()
+    if mode == "rows":
+        for tid in range(kThr):
+            for row in range(tid, kRows, kThr):
+                if row not in ok_rows:
+                    continue
+                for j in range(kRowEl // kV):
+                    valid = length - j * kV
+                    if valid <= 0:
+                        break
+                    out.add((row, j * kV, min(valid, kV) * esize))
+    elif mode == "pieces":
+        for tid in range(kThr):
+            for k in range(-(-kRows * kP // kThr)):
+                q = tid + k * kThr
+                if q >= kRows * kP:
+                    continue
+                row, piece = q // kP, q % kP
+                valid = length - piece * kV
+                if row in ok_rows and valid > 0:
+                    out.add((row, piece * kV, min(valid, kV) * esize))
+    else:  # issue_direct
+        assert kThr % kP == 0
+        kRS = kThr // kP
+        assert kRows % kRS == 0
+        for tid in range(kThr):
+            r0, piece = tid // kP, tid % kP
+            valid = length - piece * kV
+            if valid <= 0:
+                continue
+            for k in range(kRows // kRS):
+                row = k * kRS + r0
+                if row in ok_rows:
+                    out.add((row, piece * kV, min(valid, kV) * esize))
+    return out
+
+
+@pytest.mark.parametrize("cfg", ["fwd bf16", "fwd fp32", "bwd bf16", "bwd fp32"])
+def test_sscan_piece_stager_model(cfg):
+    """PieceStager (forward variants 1-3: init + issue; backward variant 4: issue_direct) copies
+    exactly RowStager's bytes into the same raw slots for aligned rows, full and partial chunks,
+    with skipped rows (no z, padded states, partial channel tiles); each warp-wide copy covers
+    whole row windows (kP consecutive lanes per row)."""
+    esize = 2 if "bf16" in cfg else 4
+    kV = 16 // esize
+    if cfg.startswith("fwd"):
+        kD, kNP, kChunk, kThr = 32, 16, 32, 128
+        kRows = 3 * kD + 2 * kNP
+        modes = ["pieces"]
+    else:
+        kD, kNP, kChunk, kThr = 32, 16, 64, 128
+        kRows = 4 * kD + 2 * kNP
+        modes = ["pieces", "direct"]
+    kRowEl = kChunk + kV
+    nz = 2 * kD  # the z rows' block (u, delta, z[, dout], B, C)
+    ok_sets = {
+        "all": set(range(kRows)),
+        "no z, 20 channels, N=13": {r for r in range(kRows)
+                                     if (r < (3 if cfg.startswith("fwd") else 4) * kD
+                                         and r % kD < 20 and not nz <= r < nz + kD)
+                                     or (r >= kRows - 2 * kNP and (r - (kRows - 2 * kNP)) % kNP < 13)},
+    }
+    for length in (1, 7, kV, kV + 1, kChunk // 2 + 3, kChunk - 1, kChunk):
+        for okn, ok in ok_sets.items():
+            ref = _stager_copies("rows", kRows, kThr, kRowEl, kChunk, esize, length, ok)
+            for mode in modes:
+                got = _stager_copies(mode, kRows, kThr, kRowEl, kChunk, esize, length, ok)
+                assert got == ref, (cfg, mode, length, okn)
+    # coalescing: lanes 0..31 of a warp copy kP consecutive pieces of 32 / kP rows
+    kP = kChunk // kV
+    rows_per_warp = {(l // kP) for l in range(32)}
+    assert len(rows_per_warp) == 32 // kP
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["bf16 L=2048", "bf16 L=2049", "fp32 L=4096 no z", "bf16 varlen"])
+def test_gpu_cuda_forward_backward_variants(case):
+    """Forward variants 1-5 (SSM_KERNELS_SSCAN_FWD_VARIANT) bitwise equal to forward 0 (out, last
+    state, checkpoints); backward variant 4 bitwise equal to 2; knobs restored afterwards."""
+    from ssm_kernels._backend import cuda_extension
+    from ssm_kernels.selective_scan import cuda as sc
+    ext = cuda_extension()
+    if "cuda" not in SCAN_KERNELS or ext is None or not hasattr(ext, "selective_scan_fwd_variant"):
+        pytest.skip("needs the CUDA extension with selective_scan_fwd_variant")
+    cu = None
+    if case == "bf16 L=2048":
+        inp = make_inputs(batch=2, dim=80, L=2048, N=16, dtype=torch.bfloat16, bc="var")
+    elif case == "bf16 L=2049":
+        inp = make_inputs(batch=2, dim=80, L=2049, N=16, dtype=torch.bfloat16, bc="var")
+    elif case == "fp32 L=4096 no z":
+        inp = make_inputs(batch=2, dim=40, L=4096, N=13, bc="var", z=False)
+    else:
+        cu = torch.tensor([0, 8, 1024, 2048], dtype=torch.int32, device=DEVICE)
+        inp = make_inputs(batch=1, dim=72, L=2048, N=16, dtype=torch.bfloat16, bc="var")
+        inp["initial_state"] = torch.randn(3, 72, 16, device=DEVICE)
+    bc4 = lambda t: t.unsqueeze(1).contiguous()  # noqa: E731  (batch, groups = 1, N, L)
+    args = (inp["u"], inp["delta"], inp["A"], bc4(inp["B"]), bc4(inp["C"]), inp["D"], inp["z"],
+            inp["delta_bias"], inp["initial_state"], cu)
+    fprev, bprev = ext.selective_scan_fwd_variant(0), ext.selective_scan_bwd_variant(2)
+    try:
+        base = [x.clone() for x in sc.selective_scan_fwd(*args, True, True)]
+        for v in (1, 2, 3, 4, 5):
+            ext.selective_scan_fwd_variant(v)
+            got = sc.selective_scan_fwd(*args, True, True)
+            assert all(torch.equal(a, b) for a, b in zip(got[:2], base[:2])), v
+            if cu is None:
+                assert torch.equal(got[2], base[2]), v
+        ext.selective_scan_fwd_variant(0)
+        dout = torch.randn_like(inp["u"])
+        dlast = torch.randn_like(base[1])
+        g2 = sc.selective_scan_bwd(*args, base[2], dout, dlast, True)
+        ext.selective_scan_bwd_variant(4)
+        g4 = sc.selective_scan_bwd(*args, base[2], dout, dlast, True)
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g2, g4))
+    finally:
+        ext.selective_scan_fwd_variant(fprev)
+        ext.selective_scan_bwd_variant(bprev)

@@ -46,6 +46,14 @@ cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType 
 // 0); set = 0 or a valid R sets it; returns the previous value. Host-side global, not thread safe.
 int selective_scan_fwd_poly(int set = -1);
 
+// Forward variant (issue 9, session 7; N <= 16, B and C time-varying, poly off; others run 0):
+// 0 (default) = the lean kernel; 1 = coalesced staging of aligned chunks (PieceStager); 2, 3 = 1
+// plus y reduce-scattered over 8 / 32 steps and stored as vectors; 4 = 32-step groups alone; 5 = two
+// channels per thread (64-thread blocks; one B/C read per step serves both). All bitwise equal to
+// 0. The first query reads SSM_KERNELS_SSCAN_FWD_VARIANT; set in 0..5 sets it;
+// returns the previous value. Host-side global, not thread safe.
+int selective_scan_fwd_variant(int set = -1);
+
 // Backward. Gradients in the storage dtype: du, ddelta, dz (like u), time-varying dB/dC (like B/C);
 // float32: dA (dim, N), time-invariant dB/dC (dim, N), dD, ddelta_bias (dim,), dh0 (nseq, dim, N).
 // Cross-block sums are deterministic: the main kernel writes float32 partials (below) that a
@@ -95,8 +103,8 @@ struct SelectiveScanBwdParams {
 // lean staging/convert, du/ddelta/dz and dB/dC partials written from pass 2; same arithmetic,
 // bitwise equal) for N <= 16 with B and C both time-varying (others run 0). (1, the lean I/O
 // with pointers kept live, was slower and is gone.) The first query reads
-// SSM_KERNELS_SSCAN_BWD_VARIANT (0, 2 or 3 = 3 blocks/SM; unset is 2, anything else 0); set = 0,
-// 2 or 3 sets it; returns the previous value. Host-side global: not per stream, not thread safe.
+// SSM_KERNELS_SSCAN_BWD_VARIANT (0, 2, 3 = 3 blocks/SM, or 4 = 2 with coalesced staging of
+// aligned chunks; unset is 2, anything else 0); set = 0, 2, 3 or 4 sets it; returns the previous value. Host-side global: not per stream, not thread safe.
 int selective_scan_bwd_variant(int set = -1);
 
 // Channels per block of the backward for this N (the partials of time-varying dB/dC have

@@ -119,7 +119,9 @@ __device__ __forceinline__ void store2(float* dst, float a, float b) {
 //   - the per-sub-chunk sum of the 4 warps' dB/dC partials as straight-line code whose result
 //     goes straight to the float32 partial buffer (no s_B/s_C write-back, no output pass).
 // kIO 3 (variant 3) = kIO 2 + kDirect (BwdLayout): 3 blocks per SM (launch bounds: <= 168
-// registers). Every value is computed by the same expression as kIO 0: bitwise equal gradients.
+// registers). kIO 4 (variant 4; issue 9 session 7) = kIO 2 with aligned chunks staged by
+// PieceStager (consecutive lanes copy one row's 128-byte window: 4 lines per warp-wide cp.async
+// instead of 32 half-sectors; unaligned inputs use RowStager). Every value is computed by the same expression as kIO 0: bitwise equal gradients.
 // The body is a device function so that each kIO gets its own launch bounds (kIO 0 keeps plain
 // __launch_bounds__(128): with a min-blocks of 1, ptxas goes to 255 registers and spills).
 template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO>
@@ -203,19 +205,22 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
   const int ush = static_cast<int>(ubase & (kV - 1)), lsh = static_cast<int>(L & (kV - 1));
   const int bsh = static_cast<int>(bcbase & (kV - 1));
   // raw row -> (tensor, element offset at time 0, read?); kFuse staging / kDirect prefetch
-  auto row_of = [&](int row, const T*& src, int64_t& e, bool& ok) {
-    if (row < 4 * kD) {
-      const int kind = row / kD, r = row % kD;
+  // row hi + lo, the tensor taken from hi alone (lo < the distance from hi to the next row block:
+  // lo = 0 for any row, or PieceStager::issue_direct's r0 < kRS with hi a multiple of kRS)
+  auto row_of2 = [&](int hi, int lo, const T*& src, int64_t& e, bool& ok) {
+    if (hi < 4 * kD) {
+      const int kind = hi / kD, r = hi % kD + lo;
       src = kind == 0 ? gu : (kind == 1 ? gdelta : (kind == 2 ? gz : gdout));
       ok = r < nch && (kind != 2 || has_z);
       e = ubase + r * L;
     } else {
-      const int q = row - 4 * kD, which = q / kNP, n = q % kNP;
+      const int q = hi - 4 * kD, which = q / kNP, n = q % kNP + lo;
       src = which ? gC : gB;
       ok = n < N && (which ? C_var : B_var);
       e = bcbase + n * L;
     }
   };
+  auto row_of = [&](int row, const T*& src, int64_t& e, bool& ok) { row_of2(row, 0, src, e, ok); };
   auto stage = [&](int64_t c0, int len) {  // the chunk at c0 -> raw buffer (kDirect: -> L2)
     if constexpr (kDirect) {  // L2 prefetch of the chunk's rows (128-byte lines)
       for (int row = opaque_tid(); row < kRows; row += kThreads) {
@@ -231,6 +236,12 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
       }
     } else if constexpr (kFuse) {
       const int otid = opaque_tid();
+      if constexpr (kIO == 4) {  // coalesced: kChunk / kV lanes per row window (whole lines)
+        if (ush == 0 && lsh == 0 && bsh == 0) {
+          PieceStager<T, kRows, kThreads, kRowEl, kChunk>::issue_direct(raw, otid, c0, len, row_of2);
+          return;
+        }
+      }
       RowStager<T, kRows, kThreads, kRowEl> rows;
       rows.init(otid, row_of);
       rows.issue(raw, otid, c0, len);
@@ -793,10 +804,10 @@ int selective_scan_bwd_variant(int set) {
     // default 2: measured on the H100 (session 6) 1.148 vs 1.559 ms at B8 D1536 L2048 and
     // 2.618 vs 3.140 at B4 D4096 L4096; 3 won the first (1.056) but lost the second (3.369)
     const int v = env ? std::atoi(env) : 2;
-    g_bwd_variant = (v == 2 || v == 3) ? v : 0;
+    g_bwd_variant = (v == 2 || v == 3 || v == 4) ? v : 0;
   }
   const int prev = g_bwd_variant;
-  if (set == 0 || set == 2 || set == 3) g_bwd_variant = set;
+  if (set == 0 || set == 2 || set == 3 || set == 4) g_bwd_variant = set;
   return prev;
 }
 
@@ -816,6 +827,7 @@ cudaError_t selective_scan_bwd_cuda(const SelectiveScanBwdParams& p, DType dtype
     using T = decltype(tag);
     if (v == 2) err = launch_mode<T, 4, 4, 64, 8, 1, 2>(p, stream);
     else if (v == 3) err = launch_mode<T, 4, 4, 64, 8, 1, 3>(p, stream);
+    else if (v == 4) err = launch_mode<T, 4, 4, 64, 8, 1, 4>(p, stream);
     else if (p.N <= 16) err = launch<T, 4, 4, 64, 8>(p, stream);
     else if (p.N <= 32) err = launch<T, 8, 4, 32, 4>(p, stream);
     else if (p.N <= 64) err = launch<T, 8, 8, 32, 4>(p, stream);

@@ -27,9 +27,9 @@ namespace {
 
 using namespace sscan;
 
-template <typename T, int kNPT, int kTPC, int kThr, int kChunk>
+template <typename T, int kNPT, int kTPC, int kThr, int kChunk, int kCPT = 1>
 struct LeanLayout {
-  static constexpr int kD = kThr / kTPC;        // channels per block
+  static constexpr int kD = kThr * kCPT / kTPC;  // channels per block (kCPT per thread)
   static constexpr int kNP = kNPT * kTPC;       // states per channel, padded
   static constexpr int kV = 16 / sizeof(T);     // elements per 16-byte vector
   static constexpr int kRowEl = kChunk + kV;    // raw row: aligned window covering one chunk
@@ -65,9 +65,21 @@ __device__ __forceinline__ void lds_vec(float (&dst)[kN], const float* src) {
 // kPolyR > 0 (SSM_KERNELS_SSCAN_FWD_POLY, kBCVar only): the decay of state k at step t is
 // ex2_poly (FMA pipe) instead of ex2 (SFU) iff (t + k) % kPolyR == 0 -- 1/kPolyR of the updates,
 // spread over the lane's states (compile-time after unrolling). Off (0): the kernel is unchanged.
-template <typename T, int kNPT, int kTPC, int kThr, int kChunk, bool kBCVar, int kPolyR>
+// kPieces (forward variants, SSM_KERNELS_SSCAN_FWD_VARIANT; issue 9 session 7): stage aligned
+// chunks with PieceStager (kP lanes per row window: whole sectors per warp-wide cp.async) instead of
+// owner rows; unaligned inputs fall back to RowStager. kOG > kTPC: the compute loop reduce-scatters
+// y over kOG steps at once (lane slice ends with kOG / kTPC consecutive steps) and stores them as
+// one vector (16 bytes at kOG = 32 for 16-bit T) instead of one 2-byte store per kTPC steps; the
+// sums are the same pairwise additions (exchanged operands), so out is bitwise equal to kOG = kTPC.
+// kCPT = 2 (forward variant 5): each thread runs its kNPT states of two channels, ch and ch + kThr /
+// kTPC, from one B/C read per step (half the B/C shared-memory loads per update); same per-channel
+// expressions (bitwise equal). Needs kOG > kTPC, kPolyR = 0.
+template <typename T, int kNPT, int kTPC, int kThr, int kChunk, bool kBCVar, int kPolyR,
+          bool kPieces = false, int kOG = kTPC, int kCPT = 1>
 __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveScanFwdParams p) {
-  using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk>;
+  static_assert(kOG % kTPC == 0 && kChunk % kOG == 0 && (kOG & (kOG - 1)) == 0, "output group");
+  static_assert(kCPT == 1 || (kCPT == 2 && kOG > kTPC && kPolyR == 0), "two channels per thread");
+  using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk, kCPT>;
   constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl;
   constexpr int kRows = Lay::kRows, kG = Lay::kG, kDDP = Lay::kDDP;
   constexpr int kBP = Lay::kBP;
@@ -91,6 +103,9 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
   const int nch = static_cast<int>(DG - dl0 < kD ? DG - dl0 : kD);
   const bool ch_ok = ch < nch;
   const int64_t d = d0 + ch;
+  constexpr int kDc = kThr / kTPC;  // kCPT = 2: the second channel is ch + kDc
+  const bool ch1_ok = kCPT == 2 && ch + kDc < nch;
+  const int64_t d1 = d + kDc;
   const int N = static_cast<int>(p.N);
   const int64_t L = p.L;
 
@@ -124,18 +139,35 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
   }
   const float Dv = (has_D && ch_ok) ? p.D[d] : 0.f;
 
-  float a2[kNPT], h[kNPT];
+  // this lane's states of channel dc: A log2(e) and the initial state (0 for padding)
+  auto load_states = [&](int64_t dc, bool okc, float (&a)[kNPT], float (&hh)[kNPT]) {
 #pragma unroll
-  for (int k = 0; k < kNPT; ++k) {
-    const int n = slice * kNPT + k;
-    const bool ok = ch_ok && n < N;
-    a2[k] = ok ? p.A[d * p.N + n] * kLog2e : 0.f;
-    h[k] = (ok && p.h0) ? p.h0[(s * p.dim + d) * p.N + n] : 0.f;
+    for (int k = 0; k < kNPT; ++k) {
+      const int n = slice * kNPT + k;
+      const bool ok = okc && n < N;
+      a[k] = ok ? p.A[dc * p.N + n] * kLog2e : 0.f;
+      hh[k] = (ok && p.h0) ? p.h0[(s * p.dim + dc) * p.N + n] : 0.f;
+    }
+  };
+  auto store_states = [&](float* dst, bool okc, const float (&hh)[kNPT]) {  // dst: row + slice kNPT
+    if (!okc) return;
+#pragma unroll
+    for (int k = 0; k < kNPT; ++k)
+      if (slice * kNPT + k < N) dst[k] = hh[k];
+  };
+  float a2[kNPT], h[kNPT];
+  load_states(d, ch_ok, a2, h);
+  float Dv1 = 0.f, a2_1[kNPT], h_1[kNPT];  // kCPT = 2: channel ch + kDc
+  if constexpr (kCPT == 2) {
+    Dv1 = (has_D && ch1_ok) ? p.D[d1] : 0.f;
+    load_states(d1, ch1_ok, a2_1, h_1);
   }
 
   const int ck_mask = p.ck_len - 1;
   const int ck_shift = __ffs(p.ck_len) - 1;
   auto save_ckpt = [&](int64_t t) {
+    if constexpr (kCPT == 2)
+      store_states(p.ckpt + ((ck0 + (t >> ck_shift)) * p.dim + d1) * p.N + slice * kNPT, ch1_ok, h_1);
     if (!ch_ok) return;
     float* dst = p.ckpt + ((ck0 + (t >> ck_shift)) * p.dim + d) * p.N + slice * kNPT;
 #pragma unroll
@@ -144,8 +176,8 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
   };
 
   // staging: thread owns raw rows tid + k kThr
-  RowStager<T, kRows, kThr, kRowEl> rows;
-  rows.init(tid, [&](int row, const T*& src, int64_t& e, bool& ok) {
+  // raw row -> (tensor, element offset at time 0, read?)
+  auto row_of = [&](int row, const T*& src, int64_t& e, bool& ok) {
     if (row < 3 * kD) {
       const int kind = row / kD, r = row % kD;
       src = kind == 0 ? gu : (kind == 1 ? gdelta : gz);
@@ -157,8 +189,24 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
       ok = n < N && (which ? p.C_var : p.B_var);
       e = bcbase + n * L;
     }
-  });
-  auto stage = [&](int buf, int64_t c0, int len) { rows.issue(rawp(buf), tid, c0, len); };
+  };
+  RowStager<T, kRows, kThr, kRowEl> rows;
+  rows.init(tid, row_of);
+  // PieceStager iff every row's offset at time 0 is a multiple of kV (block-uniform)
+  const bool pieces = kPieces && ush == 0 && lsh == 0 && bsh == 0;
+  PieceStager<T, kRows, kThr, kRowEl, kChunk> prow;
+  if constexpr (kPieces) {
+    if (pieces) prow.init(tid, row_of);
+  }
+  auto stage = [&](int buf, int64_t c0, int len) {
+    if constexpr (kPieces) {
+      if (pieces) {
+        prow.issue(rawp(buf), tid, c0, len);
+        return;
+      }
+    }
+    rows.issue(rawp(buf), tid, c0, len);
+  };
 
   const int64_t nchunks = (Ts + kChunk - 1) / kChunk;
   const bool ck_on = p.ckpt != nullptr;
@@ -232,6 +280,9 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
   const bool B_var = kBCVar || p.B_var, C_var = kBCVar || p.C_var;
   const int sBt = kBCVar ? kBP : (p.B_var ? kBP : 0), sCt = kBCVar ? kBP : (p.C_var ? kBP : 0);
   T* po = static_cast<T*>(p.out) + ubase + ch * L + slice;
+  // kOG > kTPC: vector stores of kOG / kTPC steps need the out row 16-byte aligned at time 0
+  const bool out_vec = kOG > kTPC && ush == 0 && lsh == 0 &&
+                       (reinterpret_cast<uintptr_t>(p.out) & 15) == 0;
 
   // ---- compute chunk c0 (len steps) from conversion buffer cb; the lane holding step t of its
   // channel's y writes out[t]
@@ -242,33 +293,98 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
     const float* pC = C_var ? s_C(cb) + slice * kNPT : s_C(0) + ch * kNP + slice * kNPT;
     const int lim = ch_ok ? len - slice : 0;  // this lane stores step tg + slice iff tg < lim
     T* pout = po + c0;
+    // step t (compile-time after unrolling) of this lane's states; returns its partial of y_t
+    auto step = [&](const int t) {
+      const float2 x = dd[t];
+      float bv[kNPT], cv[kNPT];
+      lds_vec(bv, pB + t * sBt);
+      lds_vec(cv, pC + t * sCt);
+      float y = 0.f;
 #pragma unroll
-    for (int tg = 0; tg < kChunk; tg += kTPC) {
-      float yv[kTPC];
-#pragma unroll
-      for (int j = 0; j < kTPC; ++j) {
-        const int t = tg + j;
-        const float2 x = dd[t];
-        float bv[kNPT], cv[kNPT];
-        lds_vec(bv, pB + t * sBt);
-        lds_vec(cv, pC + t * sCt);
-        float y = 0.f;
-#pragma unroll
-        for (int k = 0; k < kNPT; ++k) {
-          const float xa = x.x * a2[k];
-          const float dA = (kPolyR > 0 && (t + k) % (kPolyR > 0 ? kPolyR : 1) == 0) ? ex2_poly(xa)
-                                                                                 : ex2(xa);
-          h[k] = fmaf(dA, h[k], x.y * bv[k]);
-          y = fmaf(cv[k], h[k], y);
-        }
-        yv[j] = y;
+      for (int k = 0; k < kNPT; ++k) {
+        const float xa = x.x * a2[k];
+        const float dA = (kPolyR > 0 && (t + k) % (kPolyR > 0 ? kPolyR : 1) == 0) ? ex2_poly(xa)
+                                                                               : ex2(xa);
+        h[k] = fmaf(dA, h[k], x.y * bv[k]);
+        y = fmaf(cv[k], h[k], y);
       }
-      reduce_scatter<kTPC>(yv, slice);
-      const float2 q = ug[tg];
-      float y = yv[0];
-      if (has_D) y = fmaf(Dv, q.x, y);
-      y *= q.y;
-      if (tg < lim) pout[tg] = from_float<T>(y);
+      return y;
+    };
+    if constexpr (kOG > kTPC) {
+      constexpr int kPer = kOG / kTPC;
+      const float2* ugc = ug - slice;
+      T* prow_out = pout - slice;
+      // reduce-scatter a group's y partials of one channel and store this lane's kPer steps:
+      // lane slice gets steps tg + slice kPer + i (i < kPer), each (p_c + p_c^2) + (p_c^1 + p_c^3)
+      auto emit = [&](float (&yv)[kOG], int tg, const float2* ugr, T* outr, int lim2, float Dvr) {
+        reduce_scatter_lanes<kTPC, 1, kOG>(yv, slice);
+        const int t0 = tg + slice * kPer;
+        float o[kPer];
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) {
+          const float2 q = ugr[t0 + i];
+          float y = yv[i];
+          if (has_D) y = fmaf(Dvr, q.x, y);
+          o[i] = y * q.y;
+        }
+        if (out_vec && t0 + kPer <= lim2) {
+          store_vec<kPer>(outr + t0, o);
+        } else {
+#pragma unroll
+          for (int i = 0; i < kPer; ++i)
+            if (t0 + i < lim2) outr[t0 + i] = from_float<T>(o[i]);
+        }
+      };
+      if constexpr (kCPT == 2) {  // both channels' states from one B/C read per step
+        const float2* dd1 = dd + kDc * kDDP;
+#pragma unroll
+        for (int tg = 0; tg < kChunk; tg += kOG) {
+          float yv[kOG], yw[kOG];
+#pragma unroll
+          for (int j = 0; j < kOG; ++j) {
+            const int t = tg + j;
+            const float2 x = dd[t], x1 = dd1[t];
+            float bv[kNPT], cv[kNPT];
+            lds_vec(bv, pB + t * sBt);
+            lds_vec(cv, pC + t * sCt);
+            float y = 0.f, y1 = 0.f;
+#pragma unroll
+            for (int k = 0; k < kNPT; ++k) {
+              const float dA = ex2(x.x * a2[k]);
+              h[k] = fmaf(dA, h[k], x.y * bv[k]);
+              y = fmaf(cv[k], h[k], y);
+              const float dA1 = ex2(x1.x * a2_1[k]);
+              h_1[k] = fmaf(dA1, h_1[k], x1.y * bv[k]);
+              y1 = fmaf(cv[k], h_1[k], y1);
+            }
+            yv[j] = y;
+            yw[j] = y1;
+          }
+          emit(yv, tg, ugc, prow_out, ch_ok ? len : 0, Dv);
+          emit(yw, tg, ugc + kDc * kDDP, prow_out + kDc * L, ch1_ok ? len : 0, Dv1);
+        }
+      } else {
+#pragma unroll
+        for (int tg = 0; tg < kChunk; tg += kOG) {
+          float yv[kOG];
+#pragma unroll
+          for (int j = 0; j < kOG; ++j) yv[j] = step(tg + j);
+          emit(yv, tg, ugc, prow_out, ch_ok ? len : 0, Dv);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int tg = 0; tg < kChunk; tg += kTPC) {
+        float yv[kTPC];
+#pragma unroll
+        for (int j = 0; j < kTPC; ++j) yv[j] = step(tg + j);
+        reduce_scatter<kTPC>(yv, slice);
+        const float2 q = ug[tg];
+        float y = yv[0];
+        if (has_D) y = fmaf(Dv, q.x, y);
+        y *= q.y;
+        if (tg < lim) pout[tg] = from_float<T>(y);
+      }
     }
   };
 
@@ -289,6 +405,7 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
   }
   cp_async_wait_all();
 
+  if constexpr (kCPT == 2) store_states(p.last + (s * p.dim + d1) * p.N + slice * kNPT, ch1_ok, h_1);
   if (ch_ok) {
     float* dst = p.last + (s * p.dim + d) * p.N + slice * kNPT;
 #pragma unroll
@@ -297,12 +414,13 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
   }
 }
 
-template <typename T, int kNPT, int kTPC, int kThr, bool kBCVar, int kChunk = 32, int kPolyR = 0>
+template <typename T, int kNPT, int kTPC, int kThr, bool kBCVar, int kChunk = 32, int kPolyR = 0,
+          bool kPieces = false, int kOG = kTPC, int kCPT = 1>
 cudaError_t launch_lean(const SelectiveScanFwdParams& p, cudaStream_t stream) {
-  using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk>;
+  using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk, kCPT>;
   if (p.ckpt && ((p.ck_len % kChunk) != 0 || (p.ck_len & (p.ck_len - 1)) != 0))
     return cudaErrorInvalidValue;
-  auto kernel = sscan_fwd_lean_kernel<T, kNPT, kTPC, kThr, kChunk, kBCVar, kPolyR>;
+  auto kernel = sscan_fwd_lean_kernel<T, kNPT, kTPC, kThr, kChunk, kBCVar, kPolyR, kPieces, kOG, kCPT>;
   if (Lay::kBytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Lay::kBytes));
@@ -316,19 +434,31 @@ cudaError_t launch_lean(const SelectiveScanFwdParams& p, cudaStream_t stream) {
 }
 
 int g_fwd_poly = -1;  // -1: not read from the environment yet
-bool poly_ok(int r) { return r == 1 || r == 2 || r == 4 || r == 8 || r == 16; }
+bool poly_ok(int r) { return r == 0 || r == 1 || r == 2 || r == 4 || r == 8 || r == 16; }
+int g_fwd_variant = -1;
+bool fwd_variant_ok(int v) { return v >= 0 && v <= 5; }
+
+// host knob g: read from env (invalid or unset -> 0) on first use; set is applied iff ok(set);
+// returns the previous value
+int knob(int& g, const char* env, int set, bool (*ok)(int)) {
+  if (g < 0) {
+    const char* e = std::getenv(env);
+    const int v = e ? std::atoi(e) : 0;
+    g = ok(v) ? v : 0;
+  }
+  const int prev = g;
+  if (ok(set)) g = set;
+  return prev;
+}
 
 }  // namespace
 
 int selective_scan_fwd_poly(int set) {
-  if (g_fwd_poly < 0) {
-    const char* env = std::getenv("SSM_KERNELS_SSCAN_FWD_POLY");
-    const int v = env ? std::atoi(env) : 0;
-    g_fwd_poly = poly_ok(v) ? v : 0;
-  }
-  const int prev = g_fwd_poly;
-  if (set == 0 || poly_ok(set)) g_fwd_poly = set;
-  return prev;
+  return knob(g_fwd_poly, "SSM_KERNELS_SSCAN_FWD_POLY", set, poly_ok);
+}
+
+int selective_scan_fwd_variant(int set) {
+  return knob(g_fwd_variant, "SSM_KERNELS_SSCAN_FWD_VARIANT", set, fwd_variant_ok);
 }
 
 cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType dtype,
@@ -336,9 +466,20 @@ cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType 
   if (p.N < 1 || p.N > 16) return cudaErrorInvalidValue;
   cudaError_t err = cudaSuccess;
   const int poly = (p.B_var && p.C_var) ? selective_scan_fwd_poly() : 0;
+  // forward variants (B and C time-varying, poly off): 1 = PieceStager staging; 2, 3 = that plus
+  // y reduce-scattered over 8 / 32 steps (4- / 16-byte out stores for 16-bit T); 4 = 32-step
+  // groups with owner-row staging; 5 = two channels per thread (64-thread blocks of 32 channels,
+  // one B/C read per step for both) with coalesced staging and 16-step groups. All bitwise equal
+  // to 0.
+  const int var = (p.B_var && p.C_var && poly == 0) ? selective_scan_fwd_variant() : 0;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (poly == 1) err = launch_lean<T, 4, 4, 128, true, 32, 1>(p, stream);
+    if (var == 1) err = launch_lean<T, 4, 4, 128, true, 32, 0, true, 4>(p, stream);
+    else if (var == 2) err = launch_lean<T, 4, 4, 128, true, 32, 0, true, 8>(p, stream);
+    else if (var == 3) err = launch_lean<T, 4, 4, 128, true, 32, 0, true, 32>(p, stream);
+    else if (var == 4) err = launch_lean<T, 4, 4, 128, true, 32, 0, false, 32>(p, stream);
+    else if (var == 5) err = launch_lean<T, 4, 4, 64, true, 32, 0, true, 16, 2>(p, stream);
+    else if (poly == 1) err = launch_lean<T, 4, 4, 128, true, 32, 1>(p, stream);
     else if (poly == 2) err = launch_lean<T, 4, 4, 128, true, 32, 2>(p, stream);
     else if (poly == 4) err = launch_lean<T, 4, 4, 128, true, 32, 4>(p, stream);
     else if (poly == 8) err = launch_lean<T, 4, 4, 128, true, 32, 8>(p, stream);

@@ -219,6 +219,109 @@ struct RowStager {
   }
 };
 
+// Coalesced staging for aligned rows (issue 9, session 7: the owner-row RowStager makes every
+// warp-wide cp.async touch 32 different rows, i.e. 32 lines and half-sectors per instruction; the
+// H100 ncu shows L1/TEX at 79% in the lean forward). Here the kRows x kP 16-byte pieces of the
+// chunk window (kP = kChunk / kV) are numbered q = row kP + piece and thread tid copies pieces
+// tid + k kThr: kP consecutive lanes copy one row's window (whole sectors, whole lines for 128-byte
+// windows). The pieces a thread copies are the same every chunk, so their source pointers are set
+// once (init) and a chunk costs `+ c0` per piece. Only for rows whose element offset at time 0 is
+// a multiple of kV (the caller tests this block-uniformly; RowStager handles the rest). The raw
+// layout is RowStager's with shift 0 (row pitch kRowEl; pieces past len zero-filled / skipped), so
+// the convert that reads it is unchanged.
+template <typename T, int kRows, int kThr, int kRowEl, int kChunk>
+struct PieceStager {
+  static constexpr int kV = 16 / sizeof(T), kP = kChunk / kV;
+  static constexpr int kItems = (kRows * kP + kThr - 1) / kThr;
+  static_assert(kChunk % kV == 0 && kP * kV <= kRowEl, "window");
+  const T* src[kItems];  // nullptr: piece not copied (row not read, or past the last row)
+  template <typename F>
+  __device__ __forceinline__ void init(int tid, F&& where) {
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int q = tid + k * kThr;
+      src[k] = nullptr;
+      if (q >= kRows * kP) continue;
+      const T* base;
+      int64_t e;
+      bool ok;
+      where(q / kP, base, e, ok);
+      if (ok) src[k] = base + e + (q % kP) * kV;
+    }
+  }
+  __device__ __forceinline__ void issue(T* raw, int tid, int64_t c0, int len) const {
+#pragma unroll
+    for (int k = 0; k < kItems; ++k) {
+      const int q = tid + k * kThr, piece = q % kP;
+      const int valid = len - piece * kV;
+      if (src[k] == nullptr || valid <= 0) continue;
+      cp_async16(raw + (q / kP) * kRowEl + piece * kV, src[k] + c0,
+                 (valid < kV ? valid : kV) * static_cast<int>(sizeof(T)));
+    }
+  }
+  // Per-chunk form that keeps no pointers (for kernels whose register peak is elsewhere in the
+  // chunk loop): with kThr % kP == 0 thread tid copies piece tid % kP of rows r0 + k kRS
+  // (r0 = tid / kP, kRS = kThr / kP); where2(hi, r0, base, e, ok) describes row hi + r0 with hi a
+  // compile-time multiple of kRS after unrolling, so callers whose row blocks (tensors) are
+  // multiples of kRS pick the tensor from hi alone (no per-row division or select on r0).
+  template <typename F>
+  static __device__ __forceinline__ void issue_direct(T* raw, int tid, int64_t c0, int len,
+                                                      F&& where2) {
+    static_assert(kThr % kP == 0 && kRows % (kThr / kP) == 0, "row blocks");
+    constexpr int kRS = kThr / kP;
+    const int r0 = tid / kP, piece = tid % kP, valid = len - piece * kV;
+    if (valid <= 0) return;
+    const int bytes = (valid < kV ? valid : kV) * static_cast<int>(sizeof(T));
+#pragma unroll
+    for (int k = 0; k < kRows / kRS; ++k) {
+      const T* base;
+      int64_t e;
+      bool ok;
+      where2(k * kRS, r0, base, e, ok);
+      if (ok) cp_async16(raw + (k * kRS + r0) * kRowEl + piece * kV, base + e + c0 + piece * kV, bytes);
+    }
+  }
+};
+
+// kN floats -> kN consecutive elements of T at dst, which is aligned to min(16, kN sizeof(T))
+// bytes: 16-, 8- or 4-byte stores of the same round-to-nearest conversions as from_float.
+template <int kN, typename T>
+__device__ __forceinline__ void store_vec(T* dst, const float* v) {
+  static_assert(kN >= 1 && (kN & (kN - 1)) == 0, "power of two");
+  if constexpr (sizeof(T) == 4) {
+    if constexpr (kN >= 4) {
+#pragma unroll
+      for (int i = 0; i < kN; i += 4)
+        *reinterpret_cast<float4*>(dst + i) = make_float4(v[i], v[i + 1], v[i + 2], v[i + 3]);
+    } else if constexpr (kN == 2) {
+      *reinterpret_cast<float2*>(dst) = make_float2(v[0], v[1]);
+    } else {
+      dst[0] = from_float<T>(v[0]);
+    }
+  } else if constexpr (kN == 1) {
+    dst[0] = from_float<T>(v[0]);
+  } else {
+    unsigned w[kN / 2];
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) {
+      const T lo = from_float<T>(v[2 * i]), hi = from_float<T>(v[2 * i + 1]);
+      unsigned short a, b;
+      memcpy(&a, &lo, 2);
+      memcpy(&b, &hi, 2);
+      w[i] = static_cast<unsigned>(a) | (static_cast<unsigned>(b) << 16);
+    }
+    if constexpr (kN >= 8) {
+#pragma unroll
+      for (int i = 0; i < kN / 2; i += 4)
+        *reinterpret_cast<uint4*>(dst + 2 * i) = make_uint4(w[i], w[i + 1], w[i + 2], w[i + 3]);
+    } else if constexpr (kN == 4) {
+      *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
+    } else {
+      *reinterpret_cast<unsigned*>(dst) = w[0];
+    }
+  }
+}
+
 // 8 floats -> 8 consecutive elements of T at a 16-byte-aligned address (16-byte stores; the same
 // round-to-nearest conversions as from_float)
 __device__ __forceinline__ void store8(__nv_bfloat16* dst, const float (&v)[8]) {

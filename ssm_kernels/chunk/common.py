@@ -86,6 +86,36 @@ SEG_BWD_MIN_CHUNKS = 128
 # forward path only. fla (chunk_simple_gla, chunk_gla, chunk_linear_attn) and mamba-ssm
 # (mamba_chunk_scan_combined) recompute h in the backward: 2 trades memory they do not spend.
 SAVE_STATES = 1
+# forward of the per-chunk-state path (FUSED_FWD=0), issue 10 session 7 (helper engine7; knobs
+# default off until measured on the GPU; bench/gpu_chunk.py ENGINE_AB=1 A/Bs them):
+# H_EVERY: the state pass stores the incoming state h of every H_EVERY-th chunk only (h bytes
+# written + read / H_EVERY); the output stage rebuilds the state of the chunks in between from the
+# last stored one with the state pass's own step over the (c mod H_EVERY) chunks before it (their
+# k, v re-read, from L2: the neighbouring chunks' programs read them at the same time). Not when
+# the forward keeps h for the backward (SAVE_STATES=2): then every h is stored.
+H_EVERY = 1
+# tiles of the state pass (`fwd.chunk_states`, the forward's and the backward's recompute; None:
+# BLOCK_K / BLOCK_V, 4 warps, 2 stages): (K/BK) x (V/BV) x rows x heads programs, each walking
+# its rows' chunks. BV=32 doubles the programs (512 at B4 H16 K=V=128) for a latency-bound chain
+# STATE_COARSE (GATE 0/1 with H_EVERY = R > 1 a power of two): the state pass walks chunks of R x BT tokens (the
+# states it stores are exactly the ones H_EVERY keeps: T / (R BT) steps of an (R BT)-long dot
+# instead of T / BT steps, more bytes in flight per step); False: BT-long steps, every R-th stored
+STATE_COARSE = False
+STATE_BLOCK_K = None
+STATE_BLOCK_V = None
+STATE_WARPS = None    # None: 4 (8 for STATE_COARSE chunks of 256: 4 spill on sm_90)
+STATE_STAGES = None
+OUT_BLOCK_V = None    # V tile of the output stage for GATE 0/1 (None: BLOCK_V; 128 = fla's best)
+OUT_WARPS = None      # warps of the output stage (None: 4, or 8 when its V tile is 128)
+# GATE 1: the output stage scales the [BT, BV] rows of q h by exp(G) after the dot (fla's form)
+# instead of scaling q before it: q stays a raw 16-bit dot operand shared by q h and q k^T
+OUT_DECAY_O = False
+# GATE 2 (chunk_gla): one launch (gla._intra_prep_kernel) takes the raw g and writes Gc, the
+# pre-decayed rows q exp2(Gc) and k exp2(G_last - Gc) (input dtype, as the dots round them
+# anyway), each chunk's total log2-decay G_last [NCH, H, K] and the fast-path scores; the state
+# pass and the output stage then read those instead of q, k and Gc (no cumsum launch, no Gc
+# read by either)
+GLA_PREP = False
 # tests: fill every buffer a stage writes with NaN first, so an element no program writes shows up
 POISON_OUTPUTS = False
 
@@ -150,6 +180,18 @@ def num_chunks(B: int, T: int, N: int, BT: int, varlen: bool) -> int:
     return (B * T) // BT + N if varlen else B * cdiv(T, BT)
 
 
+def state_slots(cu, B: int, T: int, N: int, BT: int, every: int):
+    """(number of stored states, cor) when only every `every`-th chunk's state is stored: B rows
+    B * cdiv(cdiv(T, BT), every) (cor None); packed batches an upper bound, no host sync
+    (sum_n cdiv(n_n, every) <= NCH // every + N), and cor [N] int32, the first slot of each
+    sequence, computed on the device."""
+    if cu is None:
+        return B * cdiv(cdiv(T, BT), every), None
+    n = (cu[1:].long() - cu[:-1].long() + BT - 1) // BT
+    nr = (n + every - 1) // every
+    return num_chunks(B, T, N, BT, True) // every + N, (torch.cumsum(nr, 0) - nr).to(torch.int32)
+
+
 # ---- jit helpers -------------------------------------------------------------------------------
 
 @triton.jit
@@ -207,14 +249,34 @@ def chunk_base(co_ptr, i_n, T, IS_VARLEN: tl.constexpr, BT: tl.constexpr):
 @triton.jit
 def chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN: tl.constexpr, BT: tl.constexpr):
     """(first token, end of its sequence) of global chunk i_c."""
+    i_n, c = chunk_coords(i_c, ct_ptr, NT, IS_VARLEN)
+    bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
+    return bos + c * BT, eos
+
+
+@triton.jit
+def chunk_coords(i_c, ct_ptr, NT, IS_VARLEN: tl.constexpr):
+    """(sequence, local chunk index int64) of global chunk i_c."""
     if IS_VARLEN:
         i_n = tl.load(ct_ptr + 2 * i_c)
         c = tl.load(ct_ptr + 2 * i_c + 1).to(tl.int64)
     else:
         i_n = i_c // NT
         c = (i_c % NT).to(tl.int64)
-    bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
-    return bos + c * BT, eos
+    return i_n, c
+
+
+@triton.jit
+def state_slot(cor_ptr, i_n, c, T, IS_VARLEN: tl.constexpr, BT: tl.constexpr,
+               EVERY: tl.constexpr):
+    """Where the state stored for local chunk c (a multiple of EVERY) of sequence i_n lives when
+    only every EVERY-th chunk's state is stored (H_EVERY): sequence i_n's slots start at
+    cor[i_n] (packed batches; `state_slots`) or i_n * cdiv(cdiv(T, BT), EVERY)."""
+    if IS_VARLEN:
+        s0 = tl.load(cor_ptr + i_n).to(tl.int64)
+    else:
+        s0 = i_n.to(tl.int64) * tl.cdiv(tl.cdiv(T, BT), EVERY)
+    return s0 + c // EVERY
 
 
 @triton.jit

@@ -19,10 +19,11 @@ import triton
 import triton.language as tl
 
 from . import common, gla
-from .common import (blocks, causal_decay, chunk_span, chunk_table, decay_rows, decay_state,
-                     decay_to_end, l2norm_rows, last_row, load_rows, load_skip, load_state_block,
-                     load_v, log_decay_cumsum, mm, mm_wy, num_chunks, row_span_base, scale_v,
-                     seg_span, skip_gate, state_store_dtype)
+from .common import (blocks, causal_decay, chunk_coords, chunk_span, chunk_table, decay_rows,
+                     decay_state, decay_to_end, l2norm_rows, last_row, load_rows, load_skip,
+                     load_state_block, load_v, log_decay_cumsum, mm, mm_wy, num_chunks,
+                     row_span_base, scale_v, seg_span, seq_span, skip_gate, state_slot,
+                     state_slots, state_store_dtype)
 from .._launch import cdiv, next_power_of_2, fast_kernel
 
 
@@ -48,11 +49,18 @@ def _state_kernel(
     # `seg_chunk_states`): h0 [NSEG, H, K, V] is each segment's incoming state, h is stored per
     # chunk at its global index, and STORE_HT=False skips the end-state and gs stores
     SEG: tl.constexpr = 0, gs_ptr=None, STORE_HT: tl.constexpr = True,
+    # EVERY > 1 (common.H_EVERY; SEG = 0, not DELTA): h stores only every EVERY-th chunk's state,
+    # at common.state_slot (cor_ptr: the packed batches' first slots). PRE (GATE 2,
+    # common.GLA_PREP): k_ptr holds the pre-decayed rows k exp2(G_last - Gc) [TOK, H, K] (pass
+    # HQ = H) and g_ptr each chunk's total log2-decay G_last [NCH, H, K] f32
+    EVERY: tl.constexpr = 1, cor_ptr=None, PRE: tl.constexpr = False,
 ):
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     i_hq = i_h // (H // HQ)
     bos, eos, base = row_span_base(i_n, cu_ptr, co_ptr, T, IS_VARLEN, BT, SEG)
+    if EVERY > 1:
+        hbase = state_slot(cor_ptr, i_n, 0, T, IS_VARLEN, BT, EVERY)
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -66,31 +74,107 @@ def _state_kernel(
     gsum = tl.zeros([], dtype=tl.float32)
     for i in range(tl.cdiv(eos - bos, BT)):
         if STORE_H:
-            tl.store(h_ptr + ((base + i) * H + i_h) * K * V + p_s, S.to(h_ptr.dtype.element_ty),
-                     mask=m_s)
+            if EVERY > 1:
+                if i % EVERY == 0:
+                    tl.store(h_ptr + ((hbase + i // EVERY) * H + i_h) * K * V + p_s,
+                             S.to(h_ptr.dtype.element_ty), mask=m_s)
+            else:
+                tl.store(h_ptr + ((base + i) * H + i_h) * K * V + p_s,
+                         S.to(h_ptr.dtype.element_ty), mask=m_s)
         t = bos + i * BT + o_t
         m_t = t < eos
-        b_k = load_rows(k_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
-        b_v = load_v(v_ptr, vs_ptr, t * H + i_h, m_t, o_v, m_v, V, HAS_VS)
-        if L2NORM:
-            b_k = l2norm_rows(b_k)
-        if DELTA:
-            b_w = load_rows(w_ptr, t * H + i_h, m_t, o_k, m_k, K)
-            b_v = b_v - mm_wy(b_w, S, WF32, DT, IEEE)
-            tl.store(vn_ptr + (t * H + i_h)[:, None] * V + o_v[None, :],
-                     b_v.to(vn_ptr.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-        G = log_decay_cumsum(g_ptr, vs_ptr, A_ptr, t * H + i_h, i_h, m_t, o_k, m_k, K, GATE,
-                             G_FROM_VS, BT)
-        G_last = last_row(G, o_t, GATE, BT)
-        if SEG > 0 and GATE == 1:
-            gsum += G_last
-        S = decay_state(S, G_last, GATE) + mm(tl.trans(decay_to_end(b_k, G, G_last, GATE)), b_v,
-                                              DT, IEEE)
+        if PRE:
+            # k^T loaded transposed, already decayed to the chunk end: S <- 2^G_last S + k~^T v
+            b_v = load_v(v_ptr, vs_ptr, t * H + i_h, m_t, o_v, m_v, V, HAS_VS)
+            b_kT = tl.load(k_ptr + (t * H + i_h)[None, :] * K + o_k[:, None],
+                           mask=m_k[:, None] & m_t[None, :], other=0.)
+            gl = tl.load(g_ptr + ((base + i) * H + i_h) * K + o_k, mask=m_k, other=0.)
+            S = S * tl.exp2(gl)[:, None] + mm(b_kT, b_v, DT, IEEE)
+        else:
+            b_k = load_rows(k_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
+            b_v = load_v(v_ptr, vs_ptr, t * H + i_h, m_t, o_v, m_v, V, HAS_VS)
+            if L2NORM:
+                b_k = l2norm_rows(b_k)
+            if DELTA:
+                b_w = load_rows(w_ptr, t * H + i_h, m_t, o_k, m_k, K)
+                b_v = b_v - mm_wy(b_w, S, WF32, DT, IEEE)
+                tl.store(vn_ptr + (t * H + i_h)[:, None] * V + o_v[None, :],
+                         b_v.to(vn_ptr.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+            G = log_decay_cumsum(g_ptr, vs_ptr, A_ptr, t * H + i_h, i_h, m_t, o_k, m_k, K, GATE,
+                                 G_FROM_VS, BT)
+            G_last = last_row(G, o_t, GATE, BT)
+            if SEG > 0 and GATE == 1:
+                gsum += G_last
+            S = decay_state(S, G_last, GATE) + mm(
+                tl.trans(decay_to_end(b_k, G, G_last, GATE)), b_v, DT, IEEE)
     if STORE_HT:
         tl.store(ht_ptr + i_nh.to(tl.int64) * K * V + p_s, S, mask=m_s)
         if SEG > 0 and GATE == 1:
             if (i_k == 0) & (i_v == 0):
                 tl.store(gs_ptr + i_nh, gsum)
+
+
+@triton.jit
+def gl_sum(gl_ptr, i_c, n, i_h, H, o_k, m_k, K):
+    """GATE 2 with GLA_PREP: sum of the total log2-decays G_last [NCH, H, K] of the n chunks
+    before global chunk i_c (columns o_k), <= 0."""
+    s = tl.zeros(o_k.shape, dtype=tl.float32)
+    for m in range(n):
+        s += tl.load(gl_ptr + ((i_c - 1 - m).to(tl.int64) * H + i_h) * K + o_k, mask=m_k, other=0.)
+    return s
+
+
+@triton.jit
+def replay_chunks(b_o, q_ptr, k_ptr, v_ptr, g_ptr, vs_ptr, A_ptr, t0, i_c, r, i_h, i_hq, H, HQ,
+                  o_t, m_t, o_v, m_v, K, V, GATE: tl.constexpr, G_FROM_VS: tl.constexpr,
+                  HAS_VS: tl.constexpr, PRE: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                  DT: tl.constexpr, IEEE: tl.constexpr):
+    """H_EVERY: the inter-chunk output of the chunk at token t0 (global chunk i_c) when its state
+    is not stored, from the state stored r chunks before (S_{c-r}) and those r full chunks of the
+    same sequence, in attention form (nothing but [BT, BT] scores and the o accumulator held):
+        q S_c = 2^W q S_{c-r} + sum_j 2^D_j (q k_j^T . 2^(T_j - G_j)) v_j,
+    T_j chunk j's total log2-decay, G_j its chunk-local cumsum (row vector over j's keys),
+    D_j = sum of T_m over the chunks between j and c, W = sum over all r (every exponent <= 0).
+    b_o [BT, BV] holds q S_{c-r} (GATE 0/1: q raw, the caller scales rows by 2^G_i after);
+    GATE 1 scales it by 2^W here. PRE (GATE 2): q_ptr, k_ptr hold q 2^Gc, k 2^(G_last - Gc)
+    ([TOK, H, K]; HQ = H) and g_ptr G_last [NCH, H, K]: the caller scaled q's columns by 2^W
+    (gl_sum) for b_o, and here D_j scales q's columns before q k~_j^T."""
+    row_q = (t0 + o_t) * HQ + i_hq
+    if GATE == 1:
+        W = tl.zeros([], dtype=tl.float32)
+        for jj in range(r):
+            row_j = (t0 - (jj + 1) * BT + o_t) * H + i_h
+            W += last_row(log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row_j, i_h, o_t < BT, o_t,
+                                           o_t < BT, K, GATE, G_FROM_VS, BT), o_t, GATE, BT)
+        b_o = b_o * tl.exp2(W)
+    D = tl.zeros([], dtype=tl.float32)
+    for jj in range(r):
+        t_j = t0 - (jj + 1) * BT + o_t                 # chunk j = c - 1 - jj (full)
+        row_j = t_j * H + i_h
+        Aj = tl.zeros([BT, BT], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            b_q = tl.load(q_ptr + row_q[:, None] * K + o_k[None, :],
+                          mask=m_t[:, None] & m_k[None, :], other=0.)
+            b_kT = tl.load(k_ptr + (t_j * HQ + i_hq)[None, :] * K + o_k[:, None],
+                           mask=m_k[:, None], other=0.)
+            if PRE:
+                b_q = (b_q.to(tl.float32)
+                       * tl.exp2(gl_sum(g_ptr, i_c, jj, i_h, H, o_k, m_k, K))[None, :])
+            Aj += mm(b_q, b_kT, DT, IEEE)
+        if GATE == 1:
+            G_j = log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row_j, i_h, o_t < BT, o_t, o_t < BT, K,
+                                   GATE, G_FROM_VS, BT)
+            T_j = last_row(G_j, o_t, GATE, BT)
+            Aj = Aj * tl.exp2(D + T_j - G_j)[None, :]
+            D += T_j
+        if HAS_VS:
+            b_v = load_v(v_ptr, vs_ptr, row_j, o_t < BT, o_v, m_v, V, HAS_VS)
+        else:
+            b_v = tl.load(v_ptr + row_j[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0.)
+        b_o += mm(Aj, b_v, DT, IEEE)
+    return b_o
 
 
 @triton.jit
@@ -105,10 +189,26 @@ def _output_kernel(
     # SSD's epilogue (skip_gate, as _fused_fwd_kernel): o = (o + D x) * silu(z), x the unscaled v;
     # D [H, V] f32, z [TOK, H, V]
     D_ptr=None, z_ptr=None, HAS_D: tl.constexpr = False, HAS_Z: tl.constexpr = False,
+    # EVERY > 1 (common.H_EVERY; GATE 0/1, or GATE 2 with PRE): h holds every EVERY-th chunk's
+    # state (common.state_slot, cor_ptr for packed batches); chunk c reads chunk c - c mod EVERY's
+    # and adds the chunks in between in attention form (replay_chunks; GATE 0/1 in the DECAY_O
+    # form). DECAY_O (GATE 0/1, common.OUT_DECAY_O): exp(G) scales the rows of q h after the dot,
+    # q and k^T stay raw operands. PRE (GATE 2, common.GLA_PREP): q_ptr holds q exp2(Gc)
+    # [TOK, H, K], k_ptr k exp2(G_last - Gc), g_ptr G_last [NCH, H, K] (pass HQ = H)
+    EVERY: tl.constexpr = 1, cor_ptr=None, DECAY_O: tl.constexpr = False,
+    PRE: tl.constexpr = False,
 ):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hq = i_h // (H // HQ)
-    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    if EVERY > 1:
+        i_n, c = chunk_coords(i_c, ct_ptr, NT, IS_VARLEN)
+        bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
+        t0 = bos + c * BT
+        r = tl.where(t0 < eos, c % EVERY, 0)          # chunks to replay (none for surplus programs)
+        p_h = h_ptr + (state_slot(cor_ptr, i_n, c, T, IS_VARLEN, BT, EVERY) * H + i_h) * K * V
+    else:
+        t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+        p_h = h_ptr + (i_c.to(tl.int64) * H + i_h) * K * V
     o_t = tl.arange(0, BT)
     t = t0 + o_t
     m_t = t < eos
@@ -117,7 +217,6 @@ def _output_kernel(
     Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
     row_q = t * HQ + i_hq
     row = t * H + i_h
-    p_h = h_ptr + (i_c.to(tl.int64) * H + i_h) * K * V
     G = log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row, i_h, m_t, o_t, m_t, K, GATE if GATE < 2 else 0,
                          G_FROM_VS, BT)
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
@@ -128,23 +227,60 @@ def _output_kernel(
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :],
-                      mask=(o_k < Kc)[:, None] & m_v[None, :], other=0.)
-        if GATE == 2:
+        m_h = (o_k < Kc)[:, None] & m_v[None, :]
+        if PRE:
+            b_q = tl.load(q_ptr + row[:, None] * K + o_k[None, :],
+                          mask=m_t[:, None] & m_k[None, :], other=0.)
+            b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.)
+            if EVERY > 1:      # the stored state is r chunks old: q's columns times 2^W
+                b_q = (b_q.to(tl.float32)
+                       * tl.exp2(gl_sum(g_ptr, i_c, r, i_h, H, o_k, m_k, K))[None, :])
+            b_o += mm(b_q, b_h, DT, IEEE)
+        elif GATE == 2:
+            b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
+            b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.)
             Gk = log_decay_cumsum(g_ptr, g_ptr, g_ptr, row, i_h, m_t, o_k, m_k, K, 2, False, BT)
             b_o += mm(b_q * tl.exp2(Gk), b_h, DT, IEEE)
+        elif DECAY_O or EVERY > 1:
+            # q and k^T as loaded (16-bit operands, no register copies); the decays go on the
+            # [BT, BV] rows of q h and the scores after the loop
+            b_q = tl.load(q_ptr + row_q[:, None] * K + o_k[None, :],
+                          mask=m_t[:, None] & m_k[None, :], other=0.)
+            b_kT = tl.load(k_ptr + row_q[None, :] * K + o_k[:, None],
+                           mask=m_k[:, None] & m_t[None, :], other=0.)
+            b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.)
+            b_o += mm(b_q, b_h, DT, IEEE)
+            if EVERY == 1:
+                A += mm(b_q, b_kT, DT, IEEE)
         else:
+            b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
+            b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.)
             b_o += mm(decay_rows(b_q, G, GATE), b_h, DT, IEEE)
             b_kk = load_rows(k_ptr, row_q, m_t, o_k, m_k, K)
             A += mm(b_q, tl.trans(b_kk), DT, IEEE)
             if L2NORM:
                 nq += tl.sum(b_q * b_q, axis=1)
                 nk += tl.sum(b_kk * b_kk, axis=1)
+    if EVERY > 1:
+        b_o = replay_chunks(b_o, q_ptr, k_ptr, v_ptr, g_ptr, vs_ptr, A_ptr, t0, i_c, r, i_h, i_hq,
+                            H, HQ, o_t, m_t, o_v, m_v, K, V, GATE, G_FROM_VS, HAS_VS, PRE, BT, BK,
+                            DT, IEEE)
+        if GATE < 2:
+            # the chunk's own scores after the replay (q, k re-read from L1/L2), so the replay's
+            # scores and these are never live together
+            for i_k in range(tl.cdiv(K, BK)):
+                o_k = i_k * BK + tl.arange(0, BK)
+                m_k = o_k < K
+                A += mm(tl.load(q_ptr + row_q[:, None] * K + o_k[None, :],
+                                mask=m_t[:, None] & m_k[None, :], other=0.),
+                        tl.load(k_ptr + row_q[None, :] * K + o_k[:, None],
+                                mask=m_k[:, None] & m_t[None, :], other=0.), DT, IEEE)
     if GATE == 2:
         A = tl.load(a_ptr + row[:, None] * BT + o_t[None, :], mask=m_t[:, None], other=0.)
     else:
         A = causal_decay(A, G, o_t, GATE) * scale
+        if DECAY_O or EVERY > 1:
+            b_o = decay_rows(b_o, G, GATE)
     if L2NORM:
         r_q = 1. / tl.sqrt(nq + 1e-6)
         A = A * (r_q[:, None] * (1. / tl.sqrt(nk + 1e-6))[None, :])
@@ -307,6 +443,16 @@ class Plan:
         else:
             self.ct = self.co = None
         self.hdtype = state_store_dtype(q.dtype)
+        self._slots = {}
+
+    def state_index(self, every: int):
+        """(number of stored states, first slot of each packed sequence or None) when every
+        `every`-th chunk's state is stored (common.state_slots; computed once per plan)."""
+        if every == 1:
+            return self.NCH, None
+        if every not in self._slots:
+            self._slots[every] = state_slots(self.cu, self.B, self.T, self.N, self.BT, every)
+        return self._slots[every]
 
     def idx_args(self, x):
         d = _dummy(x)
@@ -314,21 +460,41 @@ class Plan:
                 d if self.ct is None else self.ct)
 
 
-def chunk_states(p: Plan, k, v, g, vs, A, h0, store_h=True):
-    """Every chunk's incoming state h [NCH, H, K, V] (storage dtype) and the final states."""
+def chunk_states(p: Plan, k, v, g, vs, A, h0, store_h=True, every=1, pre=False):
+    """Every chunk's incoming state h [NCH, H, K, V] (storage dtype) and the final states.
+    every > 1 (common.H_EVERY): only every `every`-th chunk's state, h [slots, H, K, V] at
+    common.state_slot (p.state_index(every) gives the packed batches' first slots). pre (GATE 2,
+    common.GLA_PREP): k is gla.intra_prep's k exp2(G_last - Gc) [B, T, H, K], g its G_last."""
     m = p.meta
-    h = (k.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype) if store_h else _dummy(k))
+    if store_h:
+        h = k.new_empty((p.state_index(every)[0], p.H, p.K, p.V), dtype=p.hdtype)
+    else:
+        h = _dummy(k)
     ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
     cu, co, _ = p.idx_args(ht)
-    grid = (cdiv(p.K, m["BK"]), cdiv(p.V, m["BV"]), p.N * p.H)
+    BT, EVERY = p.BT, (every if store_h else 1)
+    if common.STATE_COARSE and EVERY > 1 and EVERY & (EVERY - 1) == 0 and p.gate < 2 and not pre:
+        # chunks of every x BT tokens: the stored states are the same ones, at slots
+        # n * cdiv(T, every BT) + i (rows) or cor[n] + i (packed: cor is their first-slot table)
+        BT, EVERY = BT * every, 1
+        if p.varlen:
+            co = p.state_index(every)[1]
+    BK = m["BK"] if common.STATE_BLOCK_K is None else max(
+        16, min(common.STATE_BLOCK_K, next_power_of_2(p.K)))
+    BV = m["BV"] if common.STATE_BLOCK_V is None else max(
+        16, min(common.STATE_BLOCK_V, next_power_of_2(p.V)))
+    grid = (cdiv(p.K, BK), cdiv(p.V, BV), p.N * p.H)
     d = _dummy(ht)
+    cor = p.state_index(every)[1]
     _state_kernel[grid](k, v, d if g is None else g, d if vs is None else vs,
                         d if A is None else A, d if h0 is None else h0, h, ht, cu, co,
-                        p.T, p.H, p.HQ, p.K, p.V,
+                        p.T, p.H, p.H if pre else p.HQ, p.K, p.V,
                         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None,
                         HAS_H0=h0 is not None, STORE_H=store_h, IS_VARLEN=p.varlen,
-                        BT=p.BT, BK=m["BK"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"],
-                        num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
+                        BT=BT, BK=BK, BV=BV, DT=m["DT"], IEEE=m["IEEE"],
+                        EVERY=EVERY, cor_ptr=d if cor is None else cor,
+                        PRE=pre, num_warps=common.STATE_WARPS or (8 if BT >= 256 else 4),
+                        num_stages=1 if m["IEEE"] == 1 else (common.STATE_STAGES or 2))
     return h, ht
 
 
@@ -490,22 +656,42 @@ def chunk_fwd_keep(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor]
     if _takes_fused_fwd(p.gate, p.varlen, q.dtype):
         o, ht = fused_fwd(p, q, k, v, g, vs, A, h0, scale, D, z)
         return o, ht, ht.new_empty(0, dtype=p.hdtype), o.new_empty(0, dtype=torch.float32)
-    if p.gate == 2:
-        g = gla.chunk_cumsum(p, g)         # every later stage reads Gc
-    h, ht = chunk_states(p, k, v, g, vs, A, h0)
+    # every H_EVERY-th chunk's state only, unless the backward keeps them all (GATE 2: with
+    # GLA_PREP only, whose pre-decayed rows make the replay's scores plain products)
+    pre = p.gate == 2 and gla.use_prep(p)
+    every = 1 if (keep_h or (p.gate == 2 and not pre)) else max(1, common.H_EVERY)
+    if pre:
+        # one launch: Gc (every later stage of the backward reads it), q exp2(Gc), k exp2(G_last -
+        # Gc), G_last and the scores; the state pass and the output read those
+        g, qd, kd, gl, a = gla.intra_prep(p, q, k, g, scale)
+        h, ht = chunk_states(p, kd, v, gl, None, None, h0, every=every, pre=True)
+    else:
+        if p.gate == 2:
+            g = gla.chunk_cumsum(p, g)         # every later stage reads Gc
+        h, ht = chunk_states(p, k, v, g, vs, A, h0, every=every)
     d = _dummy(ht)
     kept = (h if keep_h else h.view(-1)[:0],
             g if keep_gc else (g.view(-1)[:0] if p.gate == 2 else d[:0]))
-    if p.gate == 2 and gla.use_fused_fwd(p):
+    if p.gate == 2 and gla.use_fused_fwd(p) and not pre:
         return (gla.fwd_output(p, q, k, v, g, h, scale), ht) + kept
-    a = gla.intra_scores(p, q, k, g, scale) if p.gate == 2 else d
+    if not pre:
+        a = gla.intra_scores(p, q, k, g, scale) if p.gate == 2 else d
     o = common.poison(torch.empty_like(v))
     cu, _, ct = p.idx_args(ht)
-    _output_kernel[(cdiv(p.V, m["BVO"]), p.NCH, p.H)](
-        q, k, v, d if g is None else g, d if vs is None else vs, d if A is None else A, h, a, o,
-        ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V, float(scale),
+    if p.gate == 2:
+        BV = m["BVO"]
+    else:
+        BV = m["BVO"] if common.OUT_BLOCK_V is None else max(
+            16, min(common.OUT_BLOCK_V, next_power_of_2(p.V)))
+    cor = p.state_index(every)[1]
+    qa, ka, ga = (qd, kd, gl) if pre else (q, k, g)
+    _output_kernel[(cdiv(p.V, BV), p.NCH, p.H)](
+        qa, ka, v, d if ga is None else ga, d if vs is None else vs, d if A is None else A, h, a, o,
+        ct, cu, p.T, p.NT, p.H, p.H if pre else p.HQ, p.K, p.V, float(scale),
         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, IS_VARLEN=p.varlen,
-        BT=p.BT, BK=m["BK"], BV=m["BVO"], DT=m["DT"], IEEE=m["IEEE"],
+        BT=p.BT, BK=m["BK"], BV=BV, DT=m["DT"], IEEE=m["IEEE"],
         D_ptr=d if D is None else D, z_ptr=d if z is None else z, HAS_D=D is not None,
-        HAS_Z=z is not None, num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
+        HAS_Z=z is not None, EVERY=every, cor_ptr=d if cor is None else cor,
+        DECAY_O=bool(common.OUT_DECAY_O) and p.gate < 2, PRE=pre,
+        num_warps=common.OUT_WARPS or 4, num_stages=1 if m["IEEE"] == 1 else 2)
     return (o, ht) + kept

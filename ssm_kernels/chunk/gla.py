@@ -400,6 +400,58 @@ def _intra_tree_kernel(
 
 
 @triton.jit
+def _intra_prep_kernel(
+    # q, k [TOK, HQ, K]; g [TOK, H, K] natural-log decays (<= 0); outputs gc [TOK, H, K] f32
+    # (chunk-local log2 cumsums, as _cumsum_kernel), qd = q exp2(Gc) and kd = k exp2(G_last - Gc)
+    # [TOK, H, K] (input dtype), gl [NCH, H, K] f32 the chunk's total log2-decay G_last, and the
+    # scaled causal scores a [TOK, H, BT] of every chunk whose decay span is <= FAST_SPAN (the
+    # others are left to _intra_tree_kernel MODE 2, which reads gc)
+    q_ptr, k_ptr, g_ptr, gc_ptr, qd_ptr, kd_ptr, gl_ptr, a_ptr, ct_ptr, cu_ptr,
+    T, NT, H, HQ, K, scale,
+    IS_VARLEN: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
+    IEEE: tl.constexpr, FAST_SPAN: tl.constexpr,
+):
+    """common.GLA_PREP: the cumsum, the pre-decayed rows and the fast-path scores in one pass over
+    q, k, g. Rows past the sequence end add 0 to the cumsum, so the last row holds G_last and the
+    middle row the fast path's reference (what gc_row's clamping gives on the stored Gc). Every
+    program writes its Gc, qd, kd, gl; the scores only where the chunk's span (max over K of
+    -G_last, decay_span's bound) is <= FAST_SPAN: computed per K tile before the span is known,
+    a tree chunk's fast product is discarded, never stored."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_hq = i_h // (H // HQ)
+    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    o_t = tl.arange(0, BT)
+    t = t0 + o_t
+    m_t = t < eos
+    row = t * H + i_h
+    A = tl.zeros([BT, BT], dtype=tl.float32)
+    span = tl.zeros([], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m = m_t[:, None] & m_k[None, :]
+        p = row[:, None] * K + o_k[None, :]
+        G = tl.cumsum(tl.load(g_ptr + p, mask=m, other=0.).to(tl.float32) * 1.4426950408889634,
+                      axis=0)
+        tl.store(gc_ptr + p, G, mask=m)
+        G_last = tl.sum(tl.where((o_t == BT - 1)[:, None], G, 0.), axis=0)
+        tl.store(gl_ptr + (i_c.to(tl.int64) * H + i_h) * K + o_k, G_last,
+                 mask=m_k & (o_k * 0 + t0 < eos))
+        span = tl.maximum(span, tl.max(-G_last, axis=0))
+        b_q = load_rows(q_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
+        b_k = load_rows(k_ptr, t * HQ + i_hq, m_t, o_k, m_k, K)
+        tl.store(qd_ptr + p, (b_q * tl.exp2(G)).to(qd_ptr.dtype.element_ty), mask=m)
+        tl.store(kd_ptr + p, (b_k * tl.exp2(G_last[None, :] - G)).to(kd_ptr.dtype.element_ty),
+                 mask=m)
+        dm = G - tl.sum(tl.where((o_t == BT // 2)[:, None], G, 0.), axis=0)[None, :]
+        A += mm(b_q * tl.exp2(dm), tl.trans(b_k * tl.exp2(-dm)), DT, IEEE)
+    if span <= FAST_SPAN:
+        A = tl.where(o_t[:, None] >= o_t[None, :], A, 0.)
+        tl.store(a_ptr + row[:, None] * BT + o_t[None, :], (A * scale).to(a_ptr.dtype.element_ty),
+                 mask=m_t[:, None])
+
+
+@triton.jit
 def _fwd_tree_kernel(
     # the forward's scores and output in one pass (fla's chunk_gla_fwd_o does the same): q, k
     # [TOK, HQ, K]; v [TOK, H, V]; gc [TOK, H, K] f32; h [NCH, H, K, V]; output o [TOK, H, V]
@@ -576,6 +628,7 @@ _cumsum_kernel = fast_kernel(_cumsum_kernel)
 _intra_kernel = fast_kernel(_intra_kernel)
 _dqkg_kernel = fast_kernel(_dqkg_kernel)
 _intra_tree_kernel = fast_kernel(_intra_tree_kernel)
+_intra_prep_kernel = fast_kernel(_intra_prep_kernel)
 _fwd_tree_kernel = fast_kernel(_fwd_tree_kernel)
 _dqkg_tree_kernel = fast_kernel(_dqkg_tree_kernel)
 _bwd_fused_kernel = fast_kernel(_bwd_fused_kernel)
@@ -640,6 +693,35 @@ def _tree_bk(p, knob):
 
 def use_fused_fwd(p):
     return TREE and FUSED_FWD
+
+
+def use_prep(p):
+    """common.GLA_PREP (with the tree scores; not with the fused forward, which reads Gc)."""
+    return bool(common.GLA_PREP) and TREE and not FUSED_FWD
+
+
+def intra_prep(p, q, k, g, scale):
+    """common.GLA_PREP: (Gc [B, T, H, K] f32, q exp2(Gc) and k exp2(G_last - Gc) [B, T, H, K] in
+    q's dtype, G_last [NCH, H, K] f32, the scaled scores [TOK, H, BT]) from the raw g: one
+    launch for every chunk, then _intra_tree_kernel MODE 2 for chunks past FAST_SPAN (an early
+    exit everywhere for typical gates)."""
+    m = p.meta
+    gc = common.poison(torch.empty_like(g, dtype=torch.float32))
+    qd = common.poison(q.new_empty((p.B, p.T, p.H, p.K)))
+    kd = common.poison(torch.empty_like(qd))
+    gl = common.poison(gc.new_empty((p.NCH, p.H, p.K)))
+    a = common.poison(q.new_empty((p.B * p.T, p.H, p.BT)))
+    ct, cu = _idx(p, a)
+    BK = _tree_bk(p, TREE_BLOCK_K)
+    _intra_prep_kernel[(p.NCH, p.H)](
+        q, k, g, gc, qd, kd, gl, a, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, float(scale),
+        IS_VARLEN=p.varlen, BT=p.BT, BK=BK, DT=m["DT"], IEEE=m["IEEE"], FAST_SPAN=_span(p),
+        num_warps=TREE_WARPS, num_stages=TREE_STAGES)
+    _intra_tree_kernel[(p.NCH, p.H)](
+        q, k, gc, a, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, float(scale),
+        IS_VARLEN=p.varlen, BT=p.BT, NLEV=_nlev(p.BT), BK=BK, DT=m["DT"], IEEE=m["IEEE"],
+        FAST_SPAN=_span(p), MODE=2, KP=_kp(p), num_warps=TREE_WARPS, num_stages=TREE_STAGES)
+    return gc, qd, kd, gl, a
 
 
 def use_fused_bwd(p):

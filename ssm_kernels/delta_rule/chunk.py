@@ -148,6 +148,31 @@ WY_FAST_STAGES = 1
 # better than tf32's 11; 16-bit A operands convert in registers and 16-bit B operands need no
 # transposed store, at 1.5x the tensor time of one tf32 dot)
 WY_FAST_INV16 = False
+# the WY backward by `_wy_bwd_fast_kernel` (16-bit inputs; bench/NOTES.md "helper deltabwd7"): one
+# V loop (dW = -dV' S^T, dU Y^T, dY = T^T dV', dv, dbeta in one pass; the default reads dV' and
+# v twice), k, v, h stay 16-bit operands (the products with an exact 16-bit side as hi + lo
+# 16-bit dots of the float32 side, `mm_hilo` / `mm_lohi`: ~16 bits of it, tf32 keeps 11; the
+# L2 norm, beta and e^G as row/column scales), int64 tile bases + int32 offsets, 4 warps (the
+# default: 8 warps, 255 registers, 1.3 KB of spills, 200 KB of shared memory = 1 program per
+# SM), the group's value heads summed through the engine's float32 dk buffer (no [BT, K] tile
+# live across heads). Off until the GPU measures it.
+WY_BWD_FAST = False
+# its warps, V tile (None: 32), software-pipeline stages of the V loop, register cap (None: none).
+# sm_90 (bf16 K=V=128 BT=64, Triton 3.9, ptxas 12.9; regs, spill B, shared memory): 8 warps 2
+# stages 255, 0-92 B, 96 KB (1 program per SM, as the default kernel's 255 / 1230-1410 B /
+# 196 KB); 4 warps 1 stage 255, 450-1300 B (2 per SM); 8 warps at maxnreg 128 spills 1.4-1.7 KB
+# (bench/NOTES.md "helper deltabwd7" has the table; `python bench/sm90_wy.py --bwd`)
+WY_BWD_FAST_WARPS = 8
+WY_BWD_FAST_BV = None
+WY_BWD_FAST_STAGES = 2
+WY_BWD_FAST_MAXNREG = None
+# column blocks of K for dW = -dV' S^T and dk (1: one [BT, K] float32 dW; 2: two [BT, K/2], dV'
+# read once more per block)
+WY_BWD_FAST_KSPLIT = 1
+# KSPLIT=1: dke + beta e^G dX parked in dke (float32, this program's rows) across the [BT, BT]
+# products (True: +134 MB written and read back at B4 T4096 H16 K128), or kept in registers
+# (False; sm_90 at 8 warps: 0-92 B of spills either way)
+WY_BWD_FAST_PARK = False
 
 
 @triton.jit
@@ -549,6 +574,266 @@ def _wy_bwd_kernel(
              mask=m_tk)
 
 
+@triton.jit
+def mm_lohi(a, b, NSPLIT: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+    """a @ b for a 16-bit `a` (an exact operand) and a float32 `b` as NSPLIT 16-bit dots on the
+    pieces of b = b_0 + b_1 + ... (`mm_hilo` with the roles swapped; float16: each column of `b`
+    scaled by a power of two to at most 1 first, the product's columns scaled back)."""
+    if DT == tl.float16:
+        bmax = tl.max(tl.abs(b), axis=0)
+        s_col = tl.exp2(tl.ceil(tl.log2(tl.maximum(bmax, 1e-30))))
+        rest = b * (1. / s_col)[None, :]
+    else:
+        rest = b
+    piece = rest.to(DT)
+    acc = mm(a, piece, DT, IEEE)
+    for _ in tl.static_range(1, NSPLIT):
+        rest = rest - piece.to(tl.float32)
+        piece = rest.to(DT)
+        if IEEE == 0:
+            acc = tl.dot(a, piece, acc)
+        else:
+            acc += mm(a, piece, DT, IEEE)
+    if DT == tl.float16:
+        acc = acc * s_col[None, :]
+    return acc
+
+
+@triton.jit
+def _rc_mask(m_r, o_c, N, EVEN: tl.constexpr, COLS_FIRST: tl.constexpr = False):
+    """Mask of a [rows, cols] tile (COLS_FIRST: [cols, rows]) from the row mask `m_r` and the
+    column offsets `o_c` < N; EVEN (every column in range): the row mask alone, broadcast (no
+    per-element predicate tensor live in registers)."""
+    if COLS_FIRST:
+        m = m_r[None, :]
+        if not EVEN:
+            m = m & (o_c < N)[:, None]
+    else:
+        m = m_r[:, None]
+        if not EVEN:
+            m = m & (o_c < N)[None, :]
+    return m
+
+
+@triton.jit
+def _wy_bwd_fast_kernel(
+    # WY_BWD_FAST; the arguments of `_wy_bwd_kernel`, dke float32: this program's rows of it
+    # hold partial sums of dk (and the running sum over the group's value heads)
+    k_ptr, v_ptr, g_ptr, beta_ptr, tm_ptr, h_ptr, dvn_ptr, dke_ptr, dge_ptr,
+    dk_ptr, dv_ptr, dbeta_ptr, dg_ptr, ct_ptr, cu_ptr,
+    T, NT, H, HQ, K, V,
+    GATE: tl.constexpr, L2NORM: tl.constexpr, WF32: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    GR: tl.constexpr, DVN16: tl.constexpr, H16: tl.constexpr, NSD: tl.constexpr,
+    EVEN_K: tl.constexpr = False, EVEN_V: tl.constexpr = False, KS: tl.constexpr = 1,
+    PARK: tl.constexpr = True,
+):
+    """Per (chunk, q/k head), for each value head of its group (X = diag(beta e^G r) k, Y =
+    diag(beta) v, r the L2 norm's reciprocal or 1): dW = -dV' S^T, dT = dW X^T + dV' Y^T,
+    dX = T^T dW, dY = T^T dV' (dv = beta dY), dA = -T^T dT T^T (strictly lower), then dk, dbeta,
+    dg as `_wy_bwd_head`. k, v, h (16-bit) are exact dot operands: the float32 side of those
+    products is split hi + lo (1 + WF32 pieces); T's products stay tf32 (`mm_wy`). EVEN_K
+    (K == BK), EVEN_V (BV divides V): row masks only. Tile offsets are formed where used.
+    KS > 1: dW = -dV' S^T, its products and dk in KS column blocks of K (dV' read again per
+    block): [BT, BK / KS] float32 tiles live instead of [BT, BK]."""
+    i_c, i_hq = tl.program_id(0), tl.program_id(1)
+    t0, eos = chunk_span(i_c, ct_ptr, cu_ptr, T, NT, IS_VARLEN, BT)
+    o_t = tl.arange(0, BT)
+    m_t = (t0 + o_t) < eos
+    o_k = tl.arange(0, BK)
+    Kc = tl.where(t0 < eos, K, 0)          # surplus chunk programs read no state
+    strict = o_t[:, None] > o_t[None, :]
+    # int64 bases of the chunk's first row, int32 offsets inside the tiles
+    kq0 = (t0 * HQ + i_hq) * K
+    BKS: tl.constexpr = BK // KS
+    for j in range(GR):
+        i_h = i_hq * GR + j
+        r0 = t0 * H + i_h
+        b_beta = tl.load(beta_ptr + r0 + o_t * H, mask=m_t, other=0.).to(tl.float32)
+        G = log_decay_cumsum(g_ptr, g_ptr, g_ptr, (t0 + o_t) * H + i_h, i_h, m_t, o_k, o_k < K,
+                             K, GATE, False, BT)
+        b_bg = b_beta * tl.exp2(G)
+        # T^T loaded transposed (no dot consumes a transposed dot result)
+        Tt = tl.load(tm_ptr + r0 * BT + ((o_t * H)[None, :] * BT + o_t[:, None]),
+                     mask=m_t[None, :], other=0.)
+        p_h = h_ptr + (i_c.to(tl.int64) * H + i_h) * K * V
+        if KS == 1:
+            dW = tl.zeros([BT, BK], dtype=tl.float32)
+        dTu = tl.zeros([BT, BT], dtype=tl.float32)
+        b_db = tl.zeros([BT], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            o_tv = (o_t * H)[:, None] * V + o_v[None, :]
+            m_tv = _rc_mask(m_t, o_v, V, EVEN_V)
+            b_dvn = tl.load(dvn_ptr + r0 * V + o_tv, mask=m_tv, other=0.)
+            b_v = tl.load(v_ptr + r0 * V + o_tv, mask=m_tv, other=0.)
+            b_vT = tl.load(v_ptr + r0 * V + ((o_t * H)[None, :] * V + o_v[:, None]),
+                           mask=_rc_mask(m_t, o_v, V, EVEN_V, True), other=0.)
+            if KS == 1:
+                dW = _wyb_dw_step(dW, b_dvn, p_h, o_k, o_v, Kc, K, V, EVEN_K and EVEN_V, H16,
+                                  NSD, WF32, DT, IEEE)
+            dTu += mm_hilo(b_dvn.to(tl.float32), b_vT, NSD, DT, IEEE)        # dV' V^T
+            if DVN16:
+                dY = mm_hilo(Tt, b_dvn, 1 + WF32, DT, IEEE)                  # T^T dV'
+            else:
+                dY = mm_wy(Tt, b_dvn, WF32, DT, IEEE)
+            tl.store(dv_ptr + r0 * V + o_tv, (dY * b_beta[:, None]).to(dv_ptr.dtype.element_ty),
+                     mask=m_tv)
+            b_db += tl.sum(dY * b_v.to(tl.float32), axis=1)
+        if KS == 1:
+            # k^T (16-bit) loaded here, not live through the V loop; r from its columns
+            b_kT = tl.load(k_ptr + kq0 + ((o_t * HQ)[None, :] * K + o_k[:, None]),
+                           mask=_rc_mask(m_t, o_k, K, EVEN_K, True), other=0.)
+            if L2NORM:
+                b_kTf = b_kT.to(tl.float32)
+                r_k = 1. / tl.sqrt(tl.sum(b_kTf * b_kTf, axis=0) + 1e-6)
+            else:
+                r_k = tl.full([BT], 1., tl.float32)
+            # dT = dV' Y^T + dW X^T on the strictly lower part (the only part dA's product reads)
+            dT = tl.where(strict, dTu * b_beta[None, :]
+                          + mm_hilo(dW, b_kT, 1 + WF32, DT, IEEE) * (b_bg * r_k)[None, :], 0.)
+            dX = mm_wy(Tt, dW, WF32, DT, IEEE)
+            o_qk = (o_t * HQ)[:, None] * K + o_k[None, :]
+            m_tk = _rc_mask(m_t, o_k, K, EVEN_K)
+            b_k = tl.load(k_ptr + kq0 + o_qk, mask=m_tk, other=0.)
+            xk = tl.sum(dX * b_k.to(tl.float32), axis=1) * r_k               # dX . k^
+            # dke + beta e^G dX; PARK: parked in the (float32, this program's) dke rows while
+            # the [BT, BT] products run (no [BT, K] float32 tile live through them)
+            b_dkp = dX * b_bg[:, None] + tl.load(dke_ptr + kq0 + o_qk, mask=m_tk, other=0.).to(
+                tl.float32)
+            if PARK:
+                tl.store(dke_ptr + kq0 + o_qk, b_dkp.to(dke_ptr.dtype.element_ty), mask=m_tk)
+            KK = mm(b_k, b_kT, DT, IEEE)
+        else:
+            # the norms over the whole K first, then per column block of K: dW_b = -dV' S_b^T,
+            # dT += dW_b X_b^T, dX_b = T^T dW_b (parked with dke), xk += dX_b . k_b
+            ss = tl.zeros([BT], dtype=tl.float32)
+            KK = tl.zeros([BT, BT], dtype=tl.float32)
+            for kb in tl.static_range(KS):
+                o_kb = kb * BKS + tl.arange(0, BKS)
+                b_kT = tl.load(k_ptr + kq0 + ((o_t * HQ)[None, :] * K + o_kb[:, None]),
+                               mask=_rc_mask(m_t, o_kb, K, EVEN_K, True), other=0.)
+                b_k = tl.load(k_ptr + kq0 + ((o_t * HQ)[:, None] * K + o_kb[None, :]),
+                              mask=_rc_mask(m_t, o_kb, K, EVEN_K), other=0.)
+                KK += mm(b_k, b_kT, DT, IEEE)
+                if L2NORM:
+                    b_kTf = b_kT.to(tl.float32)
+                    ss += tl.sum(b_kTf * b_kTf, axis=0)
+            if L2NORM:
+                r_k = 1. / tl.sqrt(ss + 1e-6)
+            else:
+                r_k = tl.full([BT], 1., tl.float32)
+            dT = dTu * b_beta[None, :]
+            xk = tl.zeros([BT], dtype=tl.float32)
+            for kb in tl.static_range(KS):
+                o_kb = kb * BKS + tl.arange(0, BKS)
+                dWb = tl.zeros([BT, BKS], dtype=tl.float32)
+                for i_v in range(tl.cdiv(V, BV)):
+                    o_v = i_v * BV + tl.arange(0, BV)
+                    b_dvn = tl.load(dvn_ptr + r0 * V + ((o_t * H)[:, None] * V + o_v[None, :]),
+                                    mask=_rc_mask(m_t, o_v, V, EVEN_V), other=0.)
+                    dWb = _wyb_dw_step(dWb, b_dvn, p_h, o_kb, o_v, Kc, K, V, EVEN_K and EVEN_V,
+                                       H16, NSD, WF32, DT, IEEE)
+                b_kT = tl.load(k_ptr + kq0 + ((o_t * HQ)[None, :] * K + o_kb[:, None]),
+                               mask=_rc_mask(m_t, o_kb, K, EVEN_K, True), other=0.)
+                dT += mm_hilo(dWb, b_kT, 1 + WF32, DT, IEEE) * (b_bg * r_k)[None, :]
+                dXb = mm_wy(Tt, dWb, WF32, DT, IEEE)
+                o_qkb = (o_t * HQ)[:, None] * K + o_kb[None, :]
+                m_tkb = _rc_mask(m_t, o_kb, K, EVEN_K)
+                b_k = tl.load(k_ptr + kq0 + o_qkb, mask=m_tkb, other=0.)
+                xk += tl.sum(dXb * b_k.to(tl.float32), axis=1)
+                b_dk = dXb * b_bg[:, None] + tl.load(dke_ptr + kq0 + o_qkb, mask=m_tkb, other=0.)
+                tl.store(dke_ptr + kq0 + o_qkb, b_dk, mask=m_tkb)
+            xk = xk * r_k
+            dT = tl.where(strict, dT, 0.)
+        dA = -mm_wy(mm_wy(Tt, dT, WF32, DT, IEEE), Tt, WF32, DT, IEEE)
+        dAE = tl.where(strict, dA * tl.exp2(tl.where(strict, G[:, None] - G[None, :],
+                                                     float("-inf"))), 0.)
+        P = dAE * KK * r_k[:, None] * r_k[None, :]                           # KK: k k^T
+
+        Bm = dAE * b_beta[:, None]
+        b_db += tl.sum(P, axis=1) + tl.exp2(G) * xk
+        tl.store(dbeta_ptr + r0 + o_t * H, b_db, mask=m_t)
+        if GATE == 1:
+            Q = P * b_beta[:, None]
+            dG = tl.sum(Q, axis=1) - tl.sum(Q, axis=0) + b_bg * xk
+            dg = tl.sum(dG, axis=0) - tl.cumsum(dG, axis=0) + dG            # sum over s >= t
+            dg += tl.load(dge_ptr + r0 + o_t * H, mask=m_t, other=0.)
+            tl.store(dg_ptr + r0 + o_t * H, dg, mask=m_t)
+        # d k^ = Bm k^ + Bm^T k^ + beta e^G dX (k^ = diag(r) k: r goes on Bm's columns / rows;
+        # the second term as the transpose of k^T (diag(r) Bm), only in an elementwise sum);
+        # the barrier orders the parked rows' store before their load (same layout: same thread)
+        tl.debug_barrier()
+        Bc = Bm * r_k[None, :]
+        Br = Bm * r_k[:, None]
+        if KS == 1:
+            b_dk = (mm_hilo(Bc, b_k, 1 + WF32, DT, IEEE)
+                    + tl.trans(mm_lohi(b_kT, Br, 1 + WF32, DT, IEEE)))
+            if PARK:
+                b_dk += tl.load(dke_ptr + kq0 + o_qk, mask=m_tk, other=0.).to(tl.float32)
+            else:
+                b_dk += b_dkp
+            if GR > 1:
+                # the running sum over the group's value heads stays in the float32 dke rows
+                # (this program owns them)
+                tl.store(dke_ptr + kq0 + o_qk, b_dk, mask=m_tk & (j < GR - 1))
+                tl.debug_barrier()
+            if L2NORM:
+                b_kh = b_k.to(tl.float32) * r_k[:, None]
+                b_dk = r_k[:, None] * (b_dk - b_kh * tl.sum(b_kh * b_dk, axis=1)[:, None])
+            tl.store(dk_ptr + kq0 + o_qk, b_dk.to(dk_ptr.dtype.element_ty),
+                     mask=m_tk & (j == GR - 1))
+        else:
+            # per column block; the L2 norm's backward needs k^ . dk^ over the whole row: the
+            # blocks' sums go back to dke first, then a second pass finishes them
+            kd = tl.zeros([BT], dtype=tl.float32)
+            for kb in tl.static_range(KS):
+                o_kb = kb * BKS + tl.arange(0, BKS)
+                o_qkb = (o_t * HQ)[:, None] * K + o_kb[None, :]
+                m_tkb = _rc_mask(m_t, o_kb, K, EVEN_K)
+                b_k = tl.load(k_ptr + kq0 + o_qkb, mask=m_tkb, other=0.)
+                b_kT = tl.load(k_ptr + kq0 + ((o_t * HQ)[None, :] * K + o_kb[:, None]),
+                               mask=_rc_mask(m_t, o_kb, K, EVEN_K, True), other=0.)
+                b_dk = (mm_hilo(Bc, b_k, 1 + WF32, DT, IEEE)
+                        + tl.trans(mm_lohi(b_kT, Br, 1 + WF32, DT, IEEE))
+                        + tl.load(dke_ptr + kq0 + o_qkb, mask=m_tkb, other=0.))
+                if L2NORM:
+                    kd += tl.sum(b_k.to(tl.float32) * b_dk, axis=1)
+                    tl.store(dke_ptr + kq0 + o_qkb, b_dk, mask=m_tkb)
+                else:
+                    tl.store(dke_ptr + kq0 + o_qkb, b_dk, mask=m_tkb & (j < GR - 1))
+                    tl.store(dk_ptr + kq0 + o_qkb, b_dk.to(dk_ptr.dtype.element_ty),
+                             mask=m_tkb & (j == GR - 1))
+            tl.debug_barrier()
+            if L2NORM:
+                kd = kd * r_k * r_k          # k^ (k^ . dk^) = k r^2 (k . dk^)
+                for kb in tl.static_range(KS):
+                    o_kb = kb * BKS + tl.arange(0, BKS)
+                    o_qkb = (o_t * HQ)[:, None] * K + o_kb[None, :]
+                    m_tkb = _rc_mask(m_t, o_kb, K, EVEN_K)
+                    b_k = tl.load(k_ptr + kq0 + o_qkb, mask=m_tkb, other=0.).to(tl.float32)
+                    b_dk = tl.load(dke_ptr + kq0 + o_qkb, mask=m_tkb, other=0.)
+                    b_dk = r_k[:, None] * (b_dk - b_k * kd[:, None])
+                    tl.store(dk_ptr + kq0 + o_qkb, b_dk.to(dk_ptr.dtype.element_ty),
+                             mask=m_tkb & (j == GR - 1))
+                tl.debug_barrier()
+
+
+@triton.jit
+def _wyb_dw_step(dW, b_dvn, p_h, o_k, o_v, Kc, K, V, EVEN: tl.constexpr, H16: tl.constexpr,
+                 NSD: tl.constexpr, WF32: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+    """dW - dV'_v S_v^T for the columns o_k of S^T (h [K, V] of the chunk at p_h; V tile o_v)."""
+    if EVEN:
+        m_h = (o_v < Kc * V)[:, None]      # [BV, 1]: false only in surplus programs
+    else:
+        m_h = (o_k < Kc)[None, :] & (o_v < V)[:, None]
+    b_hT = tl.load(p_h + (o_k[None, :] * V + o_v[:, None]), mask=m_h, other=0.)
+    if H16:
+        return dW - mm_hilo(b_dvn.to(tl.float32), b_hT, NSD, DT, IEEE)
+    # float32 states (STATES_IN_INPUT_DTYPE off): tf32 as the default kernel
+    return dW - mm_wy(b_dvn, b_hT, WF32, DT, IEEE)
+
+
 # ---- launchers ---------------------------------------------------------------------------------
 
 # launch cache: bind each compiled kernel once per specialisation (ssm_kernels/_launch.py)
@@ -556,6 +841,7 @@ _wy_fwd_kernel = fast_kernel(_wy_fwd_kernel)
 _wu_kernel = fast_kernel(_wu_kernel)
 _wy_fast_kernel = fast_kernel(_wy_fast_kernel)
 _wy_bwd_kernel = fast_kernel(_wy_bwd_kernel)
+_wy_bwd_fast_kernel = fast_kernel(_wy_bwd_fast_kernel)
 
 
 def _plan(q, v, g, cu_seqlens):
@@ -575,7 +861,9 @@ def _plan(q, v, g, cu_seqlens):
     p.wy_fast = WY_FAST and fast
     p.lean_bwd = (WY_LEAN or WY_BWD_LEAN) and fast
     p.g16 = BWD_GRAD_16 and fast
-    p.dke16 = p.g16 and BWD_DKE_16
+    p.wy_bwd_fast = WY_BWD_FAST and fast
+    # the fast WY backward parks partial sums (and a group's running sum) in dke: float32 there
+    p.dke16 = p.g16 and BWD_DKE_16 and not p.wy_bwd_fast
     p.wy_warps = (WY_WARPS if fast else None) or p.warps
     p.state_warps = (STATE_WARPS if fast else None) or p.warps
     p.dqk_delta = DQK_DELTA and fast
@@ -777,10 +1065,39 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
             num_warps=8 if m["BKF"] >= 128 else 4,
             num_stages=1 if m["IEEE"] == 1 else 3, **kw)   # fp32, K=256: 360 KB smem at 3 stages
     # the WY stage's backward: dk, dv, dbeta, dg
+    dk, dv, dg, dbeta = _wy_backward(p, k, v, g, beta, tm, h, dvn, dke, dge, l2)
+    return dq, dk, dv, dg, dbeta, dh0
+
+
+def _wy_backward(p, k, v, g, beta, tm, h, dvn, dke, dge, l2):
+    """The WY stage's backward (`_wy_bwd_kernel`, or `_wy_bwd_fast_kernel` under WY_BWD_FAST,
+    which also writes partial sums into dke): (dk, dv, dg or None, dbeta)."""
+    m = p.meta
+    cu, _, ct = p.idx_args(dvn)
+    d = _dummy(dvn)
+    gg = d if g is None else g
+    f32 = dict(dtype=torch.float32)
     dk = common.poison(torch.empty_like(k))
     dv = common.poison(torch.empty_like(v))
-    dbeta = common.poison(q.new_empty(v.shape[:3], **f32))
-    dg = common.poison(q.new_empty(v.shape[:3], **f32)) if g is not None else None
+    dbeta = common.poison(k.new_empty(v.shape[:3], **f32))
+    dg = common.poison(k.new_empty(v.shape[:3], **f32)) if g is not None else None
+    if p.wy_bwd_fast:
+        wf = min(p.wf32, 1)
+        bv = max(16, min(WY_BWD_FAST_BV or 32, next_power_of_2(p.V)))
+        _wy_bwd_fast_kernel[(p.NCH, p.HQ)](
+            k, v, gg, beta, tm, h, dvn, dke, dge, dk, dv, dbeta, d if dg is None else dg, ct, cu,
+            p.T, p.NT, p.H, p.HQ, p.K, p.V,
+            GATE=p.gate, L2NORM=l2, WF32=wf, IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"],
+            BV=bv, DT=m["DT"],
+            IEEE=m["IEEE"], GR=p.H // p.HQ, DVN16=dvn.dtype != torch.float32,
+            H16=h.dtype != torch.float32,
+            # pieces of dV' in its products with 16-bit operands: 2 (float32 dV', tf32 setting)
+            NSD=1 if dvn.dtype != torch.float32 else 1 + wf,
+            EVEN_K=p.K == m["BKF"], EVEN_V=p.V % bv == 0,
+            KS=max(1, min(WY_BWD_FAST_KSPLIT, m["BKF"] // 16)), PARK=WY_BWD_FAST_PARK,
+            num_warps=WY_BWD_FAST_WARPS, num_stages=WY_BWD_FAST_STAGES,
+            **({"maxnreg": WY_BWD_FAST_MAXNREG} if WY_BWD_FAST_MAXNREG else {}))
+        return dk, dv, dg, dbeta
     _wy_bwd_kernel[(p.NCH, p.HQ)](
         k, v, gg, beta, tm, h, dvn, dke, dge, dk, dv, dbeta, d if dg is None else dg, ct, cu,
         p.T, p.NT, p.H, p.HQ, p.K, p.V,
@@ -788,4 +1105,4 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
         BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"], LEAN=p.lean_bwd,
         GR=p.H // p.HQ if p.lean_bwd else 1, num_warps=p.warps,
         num_stages=1)   # 3 stages of the V loops: 262 KB of shared memory at BT=64 (> 227 KB)
-    return dq, dk, dv, dg, dbeta, dh0
+    return dk, dv, dg, dbeta
