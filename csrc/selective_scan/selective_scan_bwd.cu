@@ -66,7 +66,7 @@ struct BwdLayout {
   static constexpr size_t oDv = oWp + sizeof(float) * 2 * kWP;
   // kXch (backward variant 5): per-warp exchange tile of the channel reduce, [channel][item]
   // (kCW rows of kItems * 32 / kCW floats: one item per lane after the reduce), rows XOR-swizzled
-  static constexpr int kXR = kItems * kCW;  // floats per warp
+  static constexpr int kXR = kItems * 32;  // floats per warp (kCW rows of 32 / kCW lanes x kItems)
   static constexpr size_t oX = oDv + sizeof(float) * 2 * kD;
   static constexpr size_t kBytes = oX + (kXch ? sizeof(float) * kWarps * kXR : 0);
   static_assert(kThreads % kTPC == 0 && 32 % kTPC == 0, "a channel's lanes sit in one warp");
@@ -223,6 +223,27 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
       v[0] = ((x[0] + x[4]) + (x[2] + x[6])) + ((x[1] + x[5]) + (x[3] + x[7]));
     } else {
       reduce_scatter_lanes<kCW, kTPC>(v, cidx);
+    }
+  };
+  // The sums over n of kS per-step values (y, d dt, g B) over the channel's kTPC lanes; lane slice
+  // keeps steps slice * kS / kTPC ... kIO 5: through the same tile, row c = channel lane of 8 steps x
+  // 4 slices with the steps rotated by c (8 STS + 2 LDS.128 + 6 FADD + 2 WARPSYNC instead of 6 SHFL
+  // + 12 FSEL + 6 FADD); the adds in reduce_scatter_lanes<4, 1>'s order (x0 + x2) + (x1 + x3).
+  auto slice_reduce = [&](float (&v)[kS]) {
+    if constexpr (kXch) {
+      static_assert(!kXch || (kS == 8 && kTPC == 4), "kXch layout");
+      float* row = s_x + cidx * 32;
+      __syncwarp();
+#pragma unroll
+      for (int j = 0; j < 8; ++j) row[((j + cidx) & 7) * 4 + slice] = v[j];
+      __syncwarp();
+#pragma unroll
+      for (int o = 0; o < 2; ++o) {
+        const float4 x = *reinterpret_cast<const float4*>(row + ((2 * slice + o + cidx) & 7) * 4);
+        v[o] = (x.x + x.z) + (x.y + x.w);
+      }
+    } else {
+      reduce_scatter_lanes<kTPC, 1>(v, slice);
     }
   };
 
@@ -510,7 +531,7 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
           }
         }
       }
-      reduce_scatter_lanes<kTPC, 1>(yv, slice);  // sum over n of y, per step
+      slice_reduce(yv);  // sum over n of y, per step
       constexpr int kMine = kS >= kTPC ? kS / kTPC : 1;
       constexpr int kRep = kS >= kTPC ? 1 : kTPC / kS;  // lanes holding the same sums
       const int j0 = kS >= kTPC ? slice * kMine : slice / kRep;
@@ -568,8 +589,8 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
         }
       }
       // sums over n: d dt, g B per step, reduce-scattered over the channel's lanes
-      reduce_scatter_lanes<kTPC, 1>(dv, slice);
-      reduce_scatter_lanes<kTPC, 1>(gv, slice);
+      slice_reduce(dv);
+      slice_reduce(gv);
       if constexpr (!kFuse) __syncwarp();  // every lane's reads of this sub-chunk's q precede the owners' writes
       {
         const float Dv = s_Dv[ch];
