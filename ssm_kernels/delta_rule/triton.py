@@ -17,6 +17,7 @@ No host sync: capture-safe.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -81,7 +82,7 @@ def recurrent_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, use_l2norm: bo
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     BK = next_power_of_2(K)
-    BV = min(next_power_of_2(V), max(8, min(64, 4096 // BK)))
+    BV, warps = fwd_tile(K, V)
     o = torch.empty_like(v)
     if store_ht and ht is None:
         ht = q.new_empty((N, HV, K, V), dtype=torch.float32)
@@ -91,8 +92,35 @@ def recurrent_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, use_l2norm: bo
         o if ht is None else ht, beta if cu_seqlens is None else cu_seqlens,
         T, H, HV, K, V, float(scale), L2NORM_EPS,
         HAS_G=g is not None, HAS_H0=h0 is not None, STORE_HT=store_ht, L2NORM=bool(use_l2norm),
-        IS_VARLEN=cu_seqlens is not None, BK=BK, BV=BV, num_warps=1 if BK * BV <= 2048 else 4)
+        IS_VARLEN=cu_seqlens is not None, BK=BK, BV=BV, num_warps=warps)
     return o, ht
+
+
+def _parse_tile(text: Optional[str]) -> Optional[Tuple[int, int]]:
+    if not text:
+        return None
+    bv, w = (int(x) for x in text.split(","))
+    if bv < 1 or bv & (bv - 1) or w not in (1, 2, 4, 8):
+        raise ValueError(f"SSM_KERNELS_DELTA_DECODE_TILE must be 'BV,num_warps' with BV a power of "
+                         f"two and num_warps in 1, 2, 4, 8, got {text!r}")
+    return bv, w
+
+
+# The step-by-step forward's (BV, num_warps): None = the default below; a pair overrides it (the
+# GPU sweep of bench/gpu_delta_decode.py flips it; env SSM_KERNELS_DELTA_DECODE_TILE="BV,W").
+# Each program holds a [next_pow2(K), BV] float32 state tile; BV is capped at next_pow2(V).
+FWD_TILE: Optional[Tuple[int, int]] = _parse_tile(os.environ.get("SSM_KERNELS_DELTA_DECODE_TILE"))
+
+
+def fwd_tile(K: int, V: int) -> Tuple[int, int]:
+    """(BV, num_warps) of the step-by-step forward (a function of K, V and the knob only). Default:
+    BV = 4096 // BK clamped to [8, 64] (a 16 KB float32 tile at K = 128: BV = 32), one warp up to
+    2048 state elements (64 per thread), else four (32 per thread at K = 128, BV = 32)."""
+    BK, VP = next_power_of_2(K), next_power_of_2(V)
+    if FWD_TILE is not None:
+        return min(FWD_TILE[0], VP), FWD_TILE[1]
+    BV = min(VP, max(8, min(64, 4096 // BK)))
+    return BV, 1 if BK * BV <= 2048 else 4
 
 
 @triton.jit
