@@ -38,8 +38,9 @@ def _recurrent_fwd_kernel(
     T, H, HV, K, V, scale, eps,
     # meta-parameters
     HAS_G: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, L2NORM: tl.constexpr,
-    IS_VARLEN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EVEN: tl.constexpr,
 ):
+    # EVEN: K == BK and V % BV == 0, the state block needs no mask (fewer predicates and registers)
     # S' = exp(g_t) S;  u = beta_t (v_t - S'^T k_t);  S = S' + k_t u^T;  o_t = scale S^T q_t
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
@@ -48,9 +49,15 @@ def _recurrent_fwd_kernel(
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
-    p_s = (i_nh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
+    # int64 head offset on the scalar base pointers, int32 offsets inside the [K, V] block (64-bit
+    # per-element offsets cost registers: 92 -> see bench/NOTES.md's decode section)
+    h_off = i_nh.to(tl.int64) * K * V
+    p_s = o_k[:, None] * V + o_v[None, :]
     m_s = m_k[:, None] & m_v[None, :]
-    S = load_state_block(h0_ptr, p_s, m_s, HAS_H0, BK, BV)
+    if EVEN and HAS_H0:
+        S = tl.load(h0_ptr + h_off + p_s)
+    else:
+        S = load_state_block(h0_ptr + h_off, p_s, m_s, HAS_H0, BK, BV)
     for t in range(bos, eos):
         r_qk = t * H + i_h
         r_v = t * HV + i_hv
@@ -68,7 +75,10 @@ def _recurrent_fwd_kernel(
         b_o = tl.sum(S * (b_q * scale)[:, None], axis=0)
         tl.store(o_ptr + r_v * V + o_v, b_o.to(o_ptr.dtype.element_ty), mask=m_v)
     if STORE_HT:
-        tl.store(ht_ptr + p_s, S, mask=m_s)
+        if EVEN:
+            tl.store(ht_ptr + h_off + p_s, S)
+        else:
+            tl.store(ht_ptr + h_off + p_s, S, mask=m_s)
 
 
 def recurrent_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, use_l2norm: bool,
@@ -92,7 +102,8 @@ def recurrent_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, use_l2norm: bo
         o if ht is None else ht, beta if cu_seqlens is None else cu_seqlens,
         T, H, HV, K, V, float(scale), L2NORM_EPS,
         HAS_G=g is not None, HAS_H0=h0 is not None, STORE_HT=store_ht, L2NORM=bool(use_l2norm),
-        IS_VARLEN=cu_seqlens is not None, BK=BK, BV=BV, num_warps=warps)
+        IS_VARLEN=cu_seqlens is not None, BK=BK, BV=BV, EVEN=K == BK and V % BV == 0,
+        num_warps=warps)
     return o, ht
 
 
