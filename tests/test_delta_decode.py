@@ -106,3 +106,39 @@ def test_decode_tile_knob_parsing():
         with pytest.raises(ValueError, match="SSM_KERNELS_DELTA_DECODE_TILE"):
             tri._parse_tile(bad)
     assert tri.fwd_tile(128, 128) == (32, 4)          # the default at K = V = 128
+
+
+@pytest.mark.parametrize("backend", TRITON + ["reference"])
+@pytest.mark.parametrize("T,varlen", [(1, False), (3, False), (5, True)])
+def test_decode_strided_qkv_views(backend, T, varlen):
+    """In-place decoding reads q/k/v as views of one fused projection (token stride 2HK + HV*V)
+    and a permuted-dense v without copies; results equal the contiguous call and the float64
+    recurrence, o comes back contiguous."""
+    B, H, HV, K, V = (1 if varlen else 2), 2, 4, 16, 8
+    cu = torch.tensor([0, 2, T], dtype=torch.int32) if varlen else None
+    N = 2
+    mixed = torch.randn(B, T, 2 * H * K + HV * V)
+    q, k, v = mixed.split([H * K, H * K, HV * V], dim=-1)
+    q, k, v = q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (HV, V))
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    g, beta = F.logsigmoid(torch.randn(B, T, HV)), torch.rand(B, T, HV)
+    h0 = torch.randn(N, HV, K, V)
+    ro, rS = delta_rule_recurrent_ref(q.double(), k.double(), v.double(), g.double(),
+                                      beta.double(), None, h0.double(), cu, True)
+    for vv in (v, v.transpose(1, 2).contiguous().transpose(1, 2)):   # split view; permuted dense
+        state = h0.clone()
+        o, _ = sk.fused_recurrent_gated_delta_rule(q, k, vv, g, beta, initial_state=state,
+                                                   cu_seqlens=cu, inplace_final_state=True,
+                                                   use_qk_l2norm_in_kernel=True, backend=backend)
+        assert o.is_contiguous() and o.shape == (B, T, HV, V)
+        assert_close(o, ro, dtype=torch.float32)
+        assert_close(state, rS, dtype=torch.float32)
+        state2 = h0.clone()
+        o2, _ = sk.fused_recurrent_gated_delta_rule(q.contiguous(), k.contiguous(),
+                                                    vv.contiguous(), g, beta,
+                                                    initial_state=state2, cu_seqlens=cu,
+                                                    inplace_final_state=True,
+                                                    use_qk_l2norm_in_kernel=True,
+                                                    backend=backend)
+        torch.testing.assert_close(o, o2, atol=0, rtol=0)
+        torch.testing.assert_close(state, state2, atol=0, rtol=0)
