@@ -76,12 +76,18 @@ def fla_ops():
     return ops
 
 
-def inputs(B, H, HV, gated, seed=0):
+def inputs(B, H, HV, gated, seed=0, strided=False):
+    """strided: q, k, v are views of one fused [B, 1, 2 H K + HV V] projection (as Qwen3-Next's
+    split of mixed_qkv): our in-place path reads them in place, fla's input_guard copies them."""
     torch.manual_seed(seed)
     dev, bf16 = DEV, torch.bfloat16
     q = torch.randn(B, 1, H, K, device=dev).to(bf16)
     k = F.normalize(torch.randn(B, 1, H, K, device=dev), dim=-1).to(bf16)
     v = torch.randn(B, 1, HV, V, device=dev).to(bf16)
+    if strided:
+        mixed = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1)
+        q, k, v = mixed.split([H * K, H * K, HV * V], dim=-1)
+        q, k, v = q.unflatten(-1, (H, K)), k.unflatten(-1, (H, K)), v.unflatten(-1, (HV, V))
     g = F.logsigmoid(torch.randn(B, 1, HV, device=dev)) if gated else None
     beta = torch.rand(B, 1, HV, device=dev)
     h0 = torch.randn(B, HV, K, V, device=dev) * 0.1
@@ -168,54 +174,52 @@ def main():
     fla = {} if DRY else fla_ops()
     rows, fails = [], []
     batches = (2,) if DRY else (64,) if QUICK else (64, 128, 256)
-    for gated in (True, False):
-        for B in batches:
-            for H in (16, 4):
-                if H == 4 and B != batches[0]:
-                    continue
-                HV = 16
-                for l2 in (True, False):
-                    q, k, v, g, beta, h0 = inputs(B, H, HV, gated)
-                    nbytes = 2 * h0.numel() * 4
-                    floor_us = nbytes / bw * 1e6
-                    case = (f"{'gdn' if gated else 'dn'} B{B} H{H}/{HV} "
-                            f"l2{'Y' if l2 else 'N'}")
-                    log(f"{case}: state {nbytes / 1e6:.0f} MB moved, floor {floor_us:.1f} us")
-                    # correctness (one call each, from h0)
-                    o, S = ours_fn(gated, q, k, v, g, beta, h0, l2, False)()
-                    ok = check("ours", o, S, q, k, v, g, beta, h0, l2)
-                    st = h0.clone()
-                    oi, _ = ours_fn(gated, q, k, v, g, beta, st, l2, True)()
-                    ok &= check("ours in-place", oi, st, q, k, v, g, beta, h0, l2)
-                    f = fla.get(gated) if (gated or H == HV) else None
-                    if f is not None:
-                        try:
-                            fo, fS = fla_fn(f, gated, q, k, v, g, beta, h0, l2)()
-                            check("fla", fo, fS, q, k, v, g, beta, h0, l2, torch.bfloat16)
-                        except Exception as e:  # noqa: BLE001
-                            log("    fla failed:", repr(e)[:200])
-                            f = None
-                    if not ok:
-                        fails.append(case)
-                    # times
-                    t = {}
-                    for mode, inplace in (("inplace", True), ("out", False)):
-                        st = h0.clone()
-                        fn = ours_fn(gated, q, k, v, g, beta, st, l2, inplace)
-                        t[f"ours_{mode}_eager"] = eager_us(fn)
-                        t[f"ours_{mode}_graph"] = replay_us(fn)
-                    if f is not None:
-                        fn = fla_fn(f, gated, q, k, v, g, beta, h0, l2)
-                        t["fla_eager"] = eager_us(fn)
-                        try:
-                            t["fla_graph"] = replay_us(fn)
-                        except Exception as e:  # noqa: BLE001
-                            log("    fla graph capture failed:", repr(e)[:200])
-                            torch.cuda.synchronize()
-                    for key, us in t.items():
-                        log(f"    {key:20s} {us:8.1f} us  {nbytes / us / 1e3:7.0f} GB/s  "
-                            f"{floor_us / us:6.1%} of floor")
-                    rows.append((case, floor_us, t))
+    cases = [(gated, B, H, l2, False) for gated in (True, False) for B in batches
+             for H in (16, 4) if H == 16 or B == batches[0] for l2 in (True, False)]
+    cases += [(True, B, 16, True, True) for B in sorted({batches[0], batches[-1]})]
+    for gated, B, H, l2, strided in cases:
+        HV = 16
+        q, k, v, g, beta, h0 = inputs(B, H, HV, gated, strided=strided)
+        nbytes = 2 * h0.numel() * 4
+        floor_us = nbytes / bw * 1e6
+        case = (f"{'gdn' if gated else 'dn'} B{B} H{H}/{HV} "
+                f"l2{'Y' if l2 else 'N'}{' strided-qkv' if strided else ''}")
+        log(f"{case}: state {nbytes / 1e6:.0f} MB moved, floor {floor_us:.1f} us")
+        # correctness (one call each, from h0)
+        o, S = ours_fn(gated, q, k, v, g, beta, h0, l2, False)()
+        ok = check("ours", o, S, q, k, v, g, beta, h0, l2)
+        st = h0.clone()
+        oi, _ = ours_fn(gated, q, k, v, g, beta, st, l2, True)()
+        ok &= check("ours in-place", oi, st, q, k, v, g, beta, h0, l2)
+        f = fla.get(gated) if (gated or H == HV) else None
+        if f is not None:
+            try:
+                fo, fS = fla_fn(f, gated, q, k, v, g, beta, h0, l2)()
+                check("fla", fo, fS, q, k, v, g, beta, h0, l2, torch.bfloat16)
+            except Exception as e:  # noqa: BLE001
+                log("    fla failed:", repr(e)[:200])
+                f = None
+        if not ok:
+            fails.append(case)
+        # times
+        t = {}
+        for mode, inplace in (("inplace", True), ("out", False)):
+            st = h0.clone()
+            fn = ours_fn(gated, q, k, v, g, beta, st, l2, inplace)
+            t[f"ours_{mode}_eager"] = eager_us(fn)
+            t[f"ours_{mode}_graph"] = replay_us(fn)
+        if f is not None:
+            fn = fla_fn(f, gated, q, k, v, g, beta, h0, l2)
+            t["fla_eager"] = eager_us(fn)
+            try:
+                t["fla_graph"] = replay_us(fn)
+            except Exception as e:  # noqa: BLE001
+                log("    fla graph capture failed:", repr(e)[:200])
+                torch.cuda.synchronize()
+        for key, us in t.items():
+            log(f"    {key:20s} {us:8.1f} us  {nbytes / us / 1e3:7.0f} GB/s  "
+                f"{floor_us / us:6.1%} of floor")
+        rows.append((case, floor_us, t))
     sweep = []
     if SWEEP:
         log("tile sweep (ours, gated, l2, in-place, replay): FWD_TILE = (BV, num_warps)")
