@@ -106,10 +106,12 @@ def ours_fn(gated, q, k, v, g, beta, state, l2, inplace):
 
 
 def fla_fn(f, gated, q, k, v, g, beta, state, l2):
-    kw = dict(initial_state=state, output_final_state=True, use_qk_l2norm_in_kernel=l2)
+    """fla 0.6's gated op takes (q, k, v, g, gk, gv, beta, ...): g and beta go by keyword."""
+    kw = dict(beta=beta, initial_state=state, output_final_state=True,
+              use_qk_l2norm_in_kernel=l2)
     if gated:
-        return lambda: f(q, k, v, g, beta, **kw)
-    return lambda: f(q, k, v, beta, **kw)
+        return lambda: f(q, k, v, g=g, **kw)
+    return lambda: f(q, k, v, **kw)
 
 
 def eager_us(fn):
