@@ -114,9 +114,9 @@ def recurrent_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, use_l2norm: bo
         q, k, v, beta if g is None else g, beta, o if h0 is None else h0, o,
         o if ht is None else ht, beta if cu_seqlens is None else cu_seqlens,
         T, H, HV, K, V, float(scale), L2NORM_EPS, *q.stride()[:3], *k.stride()[:3],
-        *v.stride()[:3], HAS_G=g is not None, HAS_H0=h0 is not None, STORE_HT=store_ht, L2NORM=bool(use_l2norm),
-        IS_VARLEN=cu_seqlens is not None, BK=BK, BV=BV, EVEN=K == BK and V % BV == 0,
-        num_warps=warps)
+        *v.stride()[:3], HAS_G=g is not None, HAS_H0=h0 is not None, STORE_HT=store_ht,
+        L2NORM=bool(use_l2norm), IS_VARLEN=cu_seqlens is not None, BK=BK, BV=BV,
+        EVEN=K == BK and V % BV == 0, num_warps=warps)
     return o, ht
 
 
