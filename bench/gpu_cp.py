@@ -4,12 +4,17 @@ forward+backward.
 
     python bench/gpu_cp.py            # OUT=/some/dir also writes gpu_cp.csv there; ~2-3 minutes
     python bench/gpu_cp.py --smoke    # CPU, gloo, tiny sizes, reference backend: checks the script
+    python bench/gpu_cp.py --overhead # plain vs group of one vs first rank only, no float64
+                                      # references, no later rank (~1-2 minutes with compiles)
+    python bench/gpu_cp.py --overhead --ops linear_attn,ssd   # only ops whose name contains one
 
 Per op and mode (times: triton.testing.do_bench, median; host: CPU time per call, GPU not awaited):
   plain      the op without process_group (final state on)
-  rank0      process_group of size 1: what the first rank of any group pays on top of plain (one
-             all_gather each way of O(batch x state), no decay product, no second pass); its
-             outputs, final states and gradients must be bitwise those of plain
+  group1     process_group of size 1: the shortcut (the gather is the identity), exactly the plain
+             call plus a few Python lines; bitwise plain (checked)
+  rank0      the first rank of a real group (a group of one with core._FORCE_EXCHANGE): the plain
+             call + one all_gather each way of O(batch x state), no decay product, no second
+             pass; its outputs, final states and gradients must be bitwise those of plain
   later      the same group playing a later rank (ssm_kernels.distributed.core._SIMULATE_LATER:
              its preceding ranks ended in a random nonzero state h_prev): states-only summary from
              zero + exchange + one output pass from h_prev; backward: states-only adjoint (or a
@@ -39,6 +44,8 @@ import ssm_kernels as sk  # noqa: E402
 from ssm_kernels.distributed import core as skd  # noqa: E402
 
 SMOKE = "--smoke" in sys.argv
+OVERHEAD = "--overhead" in sys.argv
+OPS = sys.argv[sys.argv.index("--ops") + 1].split(",") if "--ops" in sys.argv else None
 DEV = "cpu" if SMOKE else "cuda"
 DT = torch.float32 if SMOKE else torch.bfloat16
 BK = "reference" if SMOKE else None
@@ -115,6 +122,12 @@ def cases():
                lambda x, h0, pg, bk: sk.chunk_linear_attn(
                    x["q"], x["k"], x["v"], initial_state=h0, output_final_state=True,
                    normalize=False, backend=bk, process_group=pg))
+    yield Case("chunk_linear_attn normalize", f"B={Bl} T={Tl} H={H} K=V={K}",
+               {"q": rnd(Bl, Tl, H, K).abs(), "k": (torch.rand(Bl, Tl, H, K, device=DEV) + 0.1).to(DT),
+                "v": rnd(Bl, Tl, H, K)}, {}, [st, (Bl, 1, H, K)],   # states (S, z)
+               lambda x, h0, pg, bk: _la_norm(sk.chunk_linear_attn(
+                   x["q"], x["k"], x["v"], initial_state=h0, output_final_state=True,
+                   normalize=True, backend=bk, process_group=pg)))
     yield Case("chunk_simple_gla", f"B={Bl} T={Tl} H={H} K=V={K}",
                {**qkv(), "g": -torch.rand(Bl, Tl, H, device=DEV) * 0.1}, {}, st,
                lambda x, h0, pg, bk: sk.chunk_simple_gla(
@@ -139,6 +152,12 @@ def cases():
                    return_final_states=True, backend=bk, process_group=pg))
 
 
+def _la_norm(res):
+    """normalize=True returns (o, (S, z)): the bench times both and checks S (z is a key sum)."""
+    o, (S, z) = res
+    return o, S + 0 * z.sum()
+
+
 def rel(x, ref):
     x, ref = x.detach().double(), ref.detach().double()
     return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
@@ -148,7 +167,8 @@ def errors(case, got_out, got_fin, got_grads, h0, w_out, w_fin):
     """Errors of batch row 0 against the float64 reference from h0 (None: zeros)."""
     x64 = {k: t[:1].detach().double().requires_grad_() for k, t in case.timed.items()}
     x64.update({k: t.detach().double() for k, t in case.shared.items()})
-    h64 = None if h0 is None else h0[:1].double()
+    h64 = None if h0 is None else tuple(t[:1].double() for t in h0) if isinstance(h0, tuple) \
+        else h0[:1].double()
     out, fin = case.call(x64, h64, None, "reference")
     e = {"out": rel(got_out[:1], out), "fin": rel(got_fin[:1], fin)}
     if got_grads is not None:
@@ -168,27 +188,39 @@ def main():
     pg = dist.group.WORLD
     rows, fails = [], []
     for case in cases():
+        if OPS and not any(o in case.name or (o == "ssd" and "mamba" in case.name) for o in OPS):
+            continue
         torch.manual_seed(0)
         leaves = {k: t.requires_grad_() for k, t in {**case.timed, **case.shared}.items()}
-        h_prev = torch.randn(case.state, device=DEV) * 0.5
+        if isinstance(case.state, list):   # several states: (S, z) of normalized attention
+            h_prev = (torch.randn(case.state[0], device=DEV) * 0.5,
+                      torch.rand(case.state[1], device=DEV) + 1)   # a positive key sum
+        else:
+            h_prev = torch.randn(case.state, device=DEV) * 0.5
         # variant -> (group, initial state for the op, simulated incoming state, reference h0)
-        variants = {"plain": (None, None, None), "rank0": (pg, None, None),
-                    "later": (pg, None, h_prev)}
+        variants = {"plain": (None, None, None, False), "group1": (pg, None, None, False),
+                    "rank0": (pg, None, None, True)}
+        if not OVERHEAD:
+            variants["later"] = (pg, None, h_prev, False)
         res = {}
         try:
             o_ref, f_ref = case.call(leaves, None, None, BK)          # plain, from zero
-            o_prev, f_prev = case.call(leaves, h_prev, None, BK)      # plain, from h_prev
+            o_prev, f_prev = (None, None) if "later" not in variants else \
+                case.call(leaves, h_prev, None, BK)                   # plain, from h_prev
             w_out, w_fin = torch.randn_like(o_ref), torch.randn_like(f_ref)
         except Exception as e:
             fails.append(f"{case.name} plain: {type(e).__name__}: {e}")
             continue
-        for label, (group, h0, sim) in variants.items():
+        for label, (group, h0, sim, force) in variants.items():
             def run(grad=True):
-                skd._SIMULATE_LATER = None if sim is None else [sim]
+                skd._SIMULATE_LATER = None if sim is None else \
+                    list(sim) if isinstance(sim, tuple) else [sim]
+                skd._FORCE_EXCHANGE = force
                 try:
                     return case.call(leaves, h0, group, BK)
                 finally:
                     skd._SIMULATE_LATER = None
+                    skd._FORCE_EXCHANGE = False
 
             def fwd():
                 with torch.no_grad():
@@ -204,22 +236,25 @@ def main():
                 out, fin = run()
                 torch.autograd.backward([out, fin], [w_out, w_fin])
                 grads = {k: t.grad.clone() for k, t in leaves.items()}
-                if label == "rank0" or label == "later":
+                if label != "plain":
                     # the same op call as plain (from zero / from h_prev): bitwise
-                    want = o_ref if label == "rank0" else o_prev
+                    want = o_prev if label == "later" else o_ref
                     if not torch.equal(out, want):
                         fails.append(f"{case.name} {label}: output not bitwise the plain call's "
                                      f"(max diff {(out.float() - want.float()).abs().max():.3g})")
-                if label == "rank0":
+                if label in ("rank0", "group1"):
                     if not torch.equal(fin, f_ref):
-                        fails.append(f"{case.name} rank0: final state not bitwise the plain call's")
+                        fails.append(f"{case.name} {label}: final state not bitwise the plain "
+                                     f"call's")
                     for k, g in grads.items():
                         if not torch.equal(g, res["plain grads"][k]):
-                            fails.append(f"{case.name} rank0: grad {k} not bitwise the plain call's")
+                            fails.append(f"{case.name} {label}: grad {k} not bitwise the plain "
+                                         f"call's")
                 if label == "plain":
                     res["plain grads"] = grads
-                # rank0 is bitwise plain (checked above): its errors are plain's
-                res[label, "err"] = res["plain", "err"] if label == "rank0" else \
+                # group1 / rank0 are bitwise plain (checked above): their errors are plain's
+                res[label, "err"] = {} if OVERHEAD else res["plain", "err"] \
+                    if label in ("rank0", "group1") else \
                     errors(case, out, fin, grads, sim, w_out, w_fin)
                 res[label, "fwd"] = bench(fwd, 10, 100)
                 res[label, "fwd+bwd"] = bench(fwd_bwd, 5, 100)
@@ -242,7 +277,7 @@ def main():
         for mode in ("fwd", "fwd+bwd"):
             row = dict(op=case.name, shape=case.shape, mode=mode, device=device,
                        xchg_us=xs[0], xchg_host_us=xs[1])
-            for label in variants:
+            for label in ("plain", "group1", "rank0", "later"):
                 row[f"{label}_ms"] = res.get((label, mode))
                 row[f"{label}_host_us"] = res.get((label, f"host {mode}"))
                 e = res.get((label, "err"), {})
@@ -284,21 +319,24 @@ def table(rows, device, fails):
     def e(x):
         return f"{'n/a':>7}" if x is None else f"{x:7.1e}"
 
+    def h(row, v):
+        x = row.get(f"{v}_host_us")
+        return "n/a" if x is None else f"{x:.0f}"
+
     print(f"\ndevice {device}, {DT}; group of 1 over {'gloo' if SMOKE else 'NCCL'}; "
           f"total {time.time() - T0:.0f} s")
     for msg in fails:
         print("FAIL", msg)
-    print(f"{'op':25} {'mode':7} {'plain ms':>8} {'rank0':>7} {'':>5} {'later':>7} {'':>5} "
-          f"{'xchg us':>7} {'host us plain/r0/later':>22}  {'err plain out/fin/grad':>23}  "
-          f"{'err later out/fin/grad':>23}")
+    print(f"{'op':27} {'mode':7} {'plain ms':>8} {'group1':>7} {'':>5} {'rank0':>7} {'':>5} "
+          f"{'later':>7} {'':>5} {'xchg us':>7} {'host us plain/g1/r0/later':>25}"
+          + ("" if OVERHEAD else f"  {'err plain out/fin/grad':>23}  {'err later out/fin/grad':>23}"))
     for row in rows:
-        p, r0, lt = row["plain_ms"], row["rank0_ms"], row["later_ms"]
-        hosts = "/".join("n/a" if row[f"{v}_host_us"] is None else f"{row[f'{v}_host_us']:.0f}"
-                         for v in ("plain", "rank0", "later"))
-        errs = lambda v: " ".join(e(row[f"{v}_err_{k}"]) for k in ("out", "fin", "grad"))  # noqa
-        print(f"{row['op']:25} {row['mode']:7} {f(p, 8)} {f(r0)} {r(p, r0):>5} {f(lt)} "
-              f"{r(p, lt):>5} {f(row['xchg_us'], 7, 1)} {hosts:>22}  {errs('plain')}  "
-              f"{errs('later')}")
+        p, g1, r0, lt = (row.get(f"{v}_ms") for v in ("plain", "group1", "rank0", "later"))
+        hosts = "/".join(h(row, v) for v in ("plain", "group1", "rank0", "later"))
+        errs = lambda v: " ".join(e(row.get(f"{v}_err_{k}")) for k in ("out", "fin", "grad"))  # noqa
+        print(f"{row['op']:27} {row['mode']:7} {f(p, 8)} {f(g1)} {r(p, g1):>5} {f(r0)} "
+              f"{r(p, r0):>5} {f(lt)} {r(p, lt):>5} {f(row['xchg_us'], 7, 1)} {hosts:>25}"
+              + ("" if OVERHEAD else f"  {errs('plain')}  {errs('later')}"))
     print("shapes: " + "; ".join(sorted({f"{x['op']} {x['shape']}" for x in rows})))
 
 

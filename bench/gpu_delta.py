@@ -20,7 +20,8 @@
    VARIANTS=@bwd (BWD_VARIANTS: the backward's knobs) / @fwd / @savet (SAVE_WY_VARIANTS: the
    forward's WY inverse kept for the backward) / @wyfast (WYFAST_VARIANTS: the WY stage by
    `_wy_fast_kernel`) / @wybwd (WYBWD_VARIANTS: the WY backward by `_wy_bwd_fast_kernel`,
-   defaults first) / @defaults (the knobs as they are), or a ','-list of groups and
+   defaults first) / @deltafwd (DELTA_FWD_VARIANTS: the delta-only forward scan, fwd.py) /
+   @defaults (the knobs as they are), or a ','-list of groups and
    variants mixed by ';' ("@defaults,@savet;lean4:WY_LEAN=True"); VARIANT_EXTRA="ungated,profile"
    (what else each variant runs; see VARIANT_EXTRA below).
 5. wybwd (only when named in STEPS): the WY backward kernel alone (`chunk._wy_backward`) under
@@ -134,6 +135,22 @@ WYBWD_VARIANTS = (   # most telling first: the budget may cut the tail
     "wybwd-fast-ks2:WY_BWD_FAST=True,WY_BWD_FAST_KSPLIT=2;"
     "wybwd-old:WY_BWD_LEAN=False;"
     "wybwd-fast-bv64:WY_BWD_FAST=True,WY_BWD_FAST_BV=64")
+# the delta-only forward scan (DELTA_FWD; bench/NOTES.md, "helper deltafwd7"): VARIANTS=@deltafwd;
+# every variant on main's session-7 defaults (WY_FAST, SAVE_WY_INVERSE, the delta-only backward);
+# "base" (the defaults) gives the same machine's baseline stage rows; read the "states" row
+# (DELTA_FWD=1) and "states+output" (DELTA_FWD=2: one fused kernel) against base's states + output
+DELTA_FWD_VARIANTS = (   # most telling first: the budget may cut the tail
+    "base:;"
+    "dfwd2:DELTA_FWD=2;"
+    "dfwd1:DELTA_FWD=1;"
+    "dfwd2-bf16st-x2:DELTA_FWD=2,WU_FLOAT32=False,WU_TF32_PRODUCTS=True,SCAN_TF32=True,"
+    "DELTA_FWD_WS_X2=True;"
+    "dfwd1-bf16st-x2:DELTA_FWD=1,WU_FLOAT32=False,WU_TF32_PRODUCTS=True,SCAN_TF32=True,"
+    "DELTA_FWD_WS_X2=True,OUT_BLOCK_V=128;"
+    "dfwd2-flaprec:DELTA_FWD=2,WU_FLOAT32=False;"
+    "dfwd2-s2:DELTA_FWD=2,DELTA_FWD_STAGES=2;"
+    "dfwd1-s2:DELTA_FWD=1,DELTA_FWD_STAGES=2;"
+    "dfwd1-bv64w8:DELTA_FWD=1,DELTA_FWD_BV=64,DELTA_FWD_WARPS=8")
 # per variant, besides its check and gated fwd / fwd+bwd: "ungated" (chunk_delta_rule, against
 # fla's fwd+bwd), "profile" (every kernel of its gated fwd+bwd), "stages" (its forward stages);
 # unset: ungated and profile for the first variant only, stages for every one
@@ -272,9 +289,13 @@ def stage_model(p, R, Rq):
     if p.wy_fast:   # 2 log2(BT/2) inverse dots; W, U as (1 + wu_wf32) dots
         wy_f = R * 2 * (BT * K + 2 * (BT.bit_length() - 2) * BT * BT
                         + (1 + p.wu_wf32) * BT * (K + V))
-    nv = -(-V // p.BVs)
+    nv = -(-V // ((wy.DELTA_FWD_BV or 32) if wy.DELTA_FWD else p.BVs))
     st_b = nv * R * (K * 2 + K * wb + 4) + R * V * (ub + 2) + nch * K * V * 2
     st_f = R * 4 * K * V
+    if wy.DELTA_FWD == 2:   # one kernel: + q read per V tile, o written; no h, no v_new
+        fu_b = nv * R * (2 * K * 2 + K * wb + 4) + R * V * (ub + 2)
+        fu_f = R * (6 * K * V + nv * 2 * BT * K + 2 * BT * V)
+        return {"wy": (wy_b, wy_f), "states+output": (fu_b, fu_f)}
     nvo = -(-V // p.BVO)
     out_b = nvo * 2 * Rq * K * 2 * (R // Rq) + nch * K * V * 2 + R * V * 2 * 2 + R * 4
     out_f = R * 2 * (K * V + nvo * BT * K + BT * V)
@@ -294,10 +315,14 @@ def stage_times(label, B=4, T=4096, H=16, HV=16, K=128, V=128):
          "fwd total": ms(lambda: wy.chunk_delta_fwd(q, k, v, g, beta, None, None, K ** -0.5,
                                                     False))}
     t["output"] = t["fwd total"] - t["wy"] - t["states"]
+    names = ("wy", "states", "output", "fwd total")
+    if wy.DELTA_FWD == 2:   # the scan and the output are one kernel ("states": the h-storing scan)
+        t["states+output"] = t["fwd total"] - t["wy"]
+        names = ("wy", "states", "states+output", "fwd total")
     model = stage_model(p, B * T * HV, B * T * H)
     case = f"B{B} T{T} H{H} HV{HV} K=V={K}"
-    for name in ("wy", "states", "output", "fwd total"):
-        note = "one stage" if name != "output" else "fwd - wy - states"
+    for name in names:
+        note = "one stage" if name in ("wy", "states", "fwd total") else "fwd - the rows above"
         if name in model:
             by, fl = model[name]
             note += (f"; {by / 1e9:.3f} GB {by / t[name] / 1e6:.0f} GB/s, {fl / 1e9:.1f} GFLOP "
@@ -402,7 +427,8 @@ def kernel_profile(label, f, make, fwd_only):
 
 
 VARIANT_GROUPS = {"@bwd": BWD_VARIANTS, "@fwd": DEFAULT_VARIANTS, "@savet": SAVE_WY_VARIANTS,
-                  "@wyfast": WYFAST_VARIANTS, "@wybwd": WYBWD_VARIANTS, "@defaults": "defaults:"}
+                  "@wyfast": WYFAST_VARIANTS, "@wybwd": WYBWD_VARIANTS,
+                  "@deltafwd": DELTA_FWD_VARIANTS, "@defaults": "defaults:"}
 
 
 def expand_variants(text):

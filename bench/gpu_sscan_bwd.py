@@ -12,7 +12,9 @@ and 3"): 0 = default; 2 = fused I/O (owner-row staging, 8-step convert tasks, du
 dB/dC partials written from pass 2; 2 blocks per SM); 3 = 2 without the raw staging buffer and the
 softplus'/dz tile (convert reads global memory, next chunk prefetched to L2): 68 KB, 3 blocks per SM.
 Both are meant to be bitwise equal to variant 0. 4 (session 7) = 2 with coalesced staging of aligned
-chunks (PieceStager: consecutive lanes copy one row's 128-byte window).
+chunks (PieceStager: consecutive lanes copy one row's 128-byte window). 5 (helper sscanbwd7) = 4 with
+the dB/dC cross-channel reduce through a per-warp shared tile (no FSEL/SHFL; same tree order, so
+bitwise equal to 0/2).
 
 Forward variants (ssm_kernels._C.selective_scan_fwd_variant(v) or SSM_KERNELS_SSCAN_FWD_VARIANT; the
 N <= 16 lean kernel, B and C time-varying; session 7): 1 = coalesced staging (PieceStager) of aligned
@@ -51,9 +53,9 @@ from ssm_kernels.selective_scan import cuda as sc  # noqa: E402
 
 DEV = "cuda"
 T0 = time.time()
-BWD_VARIANTS = [0, 2, 3, 4]
+BWD_VARIANTS = [0, 2, 3, 4, 5]
 FWD_VARIANTS = [0, 1, 2, 3, 4, 5]
-REF_BWD = [4]
+REF_BWD = [5]
 ROWS: list = []  # (section, case, variant, what, value)
 GRADS = ["du", "ddelta", "dA", "dB", "dC", "dD", "dz", "dbias", "dh0"]
 
@@ -304,9 +306,9 @@ def main():
     if ext is None or not hasattr(ext, "selective_scan_bwd_variant") or not gs.has_cuda_bwd():
         sys.exit("ssm_kernels._C without the CUDA backward / selective_scan_bwd_variant: rebuild")
     global BWD_VARIANTS, FWD_VARIANTS, REF_BWD
-    BWD_VARIANTS = [int(x) for x in os.environ.get("BWD_VARIANTS", "0,2,3,4").split(",")]
+    BWD_VARIANTS = [int(x) for x in os.environ.get("BWD_VARIANTS", "0,2,3,4,5").split(",")]
     FWD_VARIANTS = [int(x) for x in os.environ.get("FWD_VARIANTS", "0,1,2,3,4,5").split(",")]
-    REF_BWD = [int(x) for x in os.environ.get("REF_BWD", "4").split(",") if x]
+    REF_BWD = [int(x) for x in os.environ.get("REF_BWD", "5").split(",") if x]
     assert BWD_VARIANTS[0] == 0 and FWD_VARIANTS[0] == 0, "variant 0 first (others are compared with it)"
     if not hasattr(ext, "selective_scan_fwd_variant"):
         FWD_VARIANTS = [0]

@@ -297,6 +297,9 @@ def _cases(world):
                           dtype=torch.float32, tol=f32),
                   la_case("chunk_linear_attn triton f32", "none", False, backend="triton",
                           dtype=torch.float32, tol=f32),
+                  # the written-out normalized adjoint through the engine's state-gradient pass
+                  la_case("chunk_linear_attn normalize triton f32 (kv, z) state", "none", True,
+                          normalize=True, backend="triton", dtype=torch.float32, tol=f32),
                   # inference runs SSD's z gate inside the output kernel (ssd.interface
                   # _fused_epilogue), training in torch: the two silu()s differ in the last ulp
                   dict(ssd_case("mamba_chunk_scan_combined triton f32 D, z, dt_bias, h0", True,
@@ -488,6 +491,12 @@ def test_chunk_engine_states_only_passes_ssd_mapping():
 # ---- a group of one playing a later rank (what bench/gpu_cp.py times) -------------------------
 
 def _sim_worker(rank, world, store_path, result_dir):
+    """One process, a group of one, every op through the Triton kernels on CPU tensors, in three
+    modes against the plain call: the group-of-one shortcut and the first rank's full path
+    (`core._FORCE_EXCHANGE`: the plain call plus the exchange each way) must both be bitwise the
+    plain call from zero (outputs, final states, every gradient); a simulated later rank
+    (`core._SIMULATE_LATER`) must be bitwise the plain call from the incoming state in its outputs,
+    and match it in final states and gradients."""
     import torch.distributed as dist
     from ssm_kernels.distributed import core
     torch.set_num_threads(1)
@@ -500,34 +509,82 @@ def _sim_worker(rank, world, store_path, result_dir):
         q, k, v = (torch.randn(B, T, H, K) for _ in range(3))
         g = -torch.rand(B, T, H) * 0.3
         a, bb = torch.rand(B, T, D) * 0.5 + 0.5, torch.randn(B, T, D)
+        xm, zm = torch.randn(B, T, H, V), torch.randn(B, T, H, V)
+        dtm, Bm, Cm = torch.rand(B, T, H) * 0.5, torch.randn(B, T, 1, K), torch.randn(B, T, 1, K)
+        Am, Dm, bm = -torch.rand(H) - 0.5, torch.randn(H), torch.randn(H) * 0.1
+        kpos = torch.rand(B, T, H, K) + 0.1   # normalize=True: a positive key sum
         cases = {
-            "linear_scan": ((a, bb), torch.randn(B, D),
-                            lambda x, h0, pg: sk.linear_scan(*x, h0, output_final_state=True,
-                                                             backend="triton", process_group=pg)),
-            "chunk_simple_gla": ((q, k, v, g), torch.randn(B, H, K, K),
-                                 lambda x, h0, pg: sk.chunk_simple_gla(
-                                     *x, initial_state=h0, output_final_state=True,
-                                     backend="triton", process_group=pg)),
+            "linear_scan": ((a, bb), [torch.randn(B, D)],
+                            lambda x, h0, pg: _pair(sk.linear_scan(
+                                *x, h0 and h0[0], output_final_state=True, backend="triton",
+                                process_group=pg))),
+            "chunk_simple_gla": ((q, k, v, g), [torch.randn(B, H, K, K)],
+                                 lambda x, h0, pg: _pair(sk.chunk_simple_gla(
+                                     *x, initial_state=h0 and h0[0], output_final_state=True,
+                                     backend="triton", process_group=pg))),
+            "chunk_linear_attn normalize": (
+                (q.abs(), kpos, v), [torch.randn(B, H, K, K), torch.rand(B, 1, H, K) + 1],
+                lambda x, h0, pg: (lambda o, st: (o, tuple(st)))(*sk.chunk_linear_attn(
+                    *x, initial_state=h0 and tuple(h0), output_final_state=True,
+                    backend="triton", process_group=pg))),
+            "mamba_chunk_scan_combined D, z": (
+                (xm, dtm, Bm, Cm, zm), [torch.randn(B, H, V, K)],
+                lambda x, h0, pg: _pair(sk.mamba_chunk_scan_combined(
+                    x[0], x[1], Am, x[2], x[3], 4, D=Dm, z=x[4], dt_bias=bm,
+                    initial_states=h0 and h0[0], dt_softplus=True, return_final_states=True,
+                    backend="triton", process_group=pg))),
         }
+
+        def train(call, xs, h0, pg, w_out, w_fin):
+            ins = [t.clone().requires_grad_() for t in xs]
+            out, fin = call(ins, h0, pg)
+            loss = (out * w_out).sum() + sum((f * w).sum() for f, w in zip(fin, w_fin))
+            loss.backward()
+            return out, fin, [t.grad for t in ins], loss.grad_fn
+
         for name, (xs, h_prev, call) in cases.items():
-            plain_in = [t.clone().requires_grad_() for t in xs]
-            out, fin = call(plain_in, h_prev, None)
-            w_out, w_fin = torch.randn_like(out), torch.randn_like(fin)
-            ((out * w_out).sum() + (fin * w_fin).sum()).backward()
-            cp_in = [t.clone().requires_grad_() for t in xs]
-            core._SIMULATE_LATER = [h_prev]
+            out0, fin0 = call(xs, None, None)
+            w_out, w_fin = torch.randn_like(out0), [torch.randn_like(f) for f in fin0]
+            plain = train(call, xs, None, None, w_out, w_fin)
+            for mode in ("group of one", "first rank (forced exchange)"):
+                core._FORCE_EXCHANGE = mode != "group of one"
+                try:
+                    got = train(call, xs, None, pg, w_out, w_fin)
+                    with torch.no_grad():
+                        ni = call(xs, None, pg)
+                finally:
+                    core._FORCE_EXCHANGE = False
+                bad = [what for what, x, y in [("out", got[0], plain[0]), ("no_grad out", ni[0], out0)]
+                       + [(f"final {i}", x, y) for i, (x, y) in enumerate(zip(got[1], plain[1]))]
+                       + [(f"no_grad final {i}", x, y) for i, (x, y) in enumerate(zip(ni[1], fin0))]
+                       + [(f"grad {i}", x, y) for i, (x, y) in enumerate(zip(got[2], plain[2]))]
+                       if not torch.equal(x, y)]
+                if bad:
+                    failures.append(f"{name} {mode}: not bitwise the plain call: {bad}")
+                nodes, stack = set(), [got[3]]
+                while stack:   # the group-of-one shortcut builds no CP node
+                    fn = stack.pop()
+                    if fn is None or fn in nodes:
+                        continue
+                    nodes.add(fn)
+                    stack.extend(f for f, _ in fn.next_functions)
+                has_node = any("_CPNode" in type(fn).__name__ for fn in nodes)
+                if has_node != (mode != "group of one"):
+                    failures.append(f"{name} {mode}: CP autograd node present: {has_node}")
+            ref = train(call, xs, h_prev, None, w_out, w_fin)
+            core._SIMULATE_LATER = h_prev
             try:
-                cout, cfin = call(cp_in, None, pg)
-                ((cout * w_out).sum() + (cfin * w_fin).sum()).backward()
+                got = train(call, xs, None, pg, w_out, w_fin)
             finally:
                 core._SIMULATE_LATER = None
-            if not torch.equal(cout, out):   # the same op call from the same state: bitwise
+            if not torch.equal(got[0], ref[0]):   # the same op call from the same state: bitwise
                 failures.append(f"{name}: simulated later rank's output differs from the plain call")
-            if not torch.allclose(cfin, fin, rtol=1e-5, atol=1e-5):
-                failures.append(f"{name}: final state off by {(cfin - fin).abs().max():.3g}")
-            for i, (c, p_) in enumerate(zip(cp_in, plain_in)):
-                if not torch.allclose(c.grad, p_.grad, rtol=1e-5, atol=1e-5):
-                    failures.append(f"{name}: grad {i} off by {(c.grad - p_.grad).abs().max():.3g}")
+            for i, (c, p_) in enumerate(zip(got[1], ref[1])):
+                if not torch.allclose(c, p_, rtol=1e-5, atol=1e-5):
+                    failures.append(f"{name}: final {i} off by {(c - p_).abs().max():.3g}")
+            for i, (c, p_) in enumerate(zip(got[2], ref[2])):
+                if not torch.allclose(c, p_, rtol=1e-5, atol=1e-5):
+                    failures.append(f"{name}: grad {i} off by {(c - p_).abs().max():.3g}")
         dist.destroy_process_group()
     except Exception:
         failures.append(traceback.format_exc())
@@ -537,9 +594,10 @@ def _sim_worker(rank, world, store_path, result_dir):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                     reason="runs the Triton kernels on CPU tensors (interpreter)")
-def test_simulated_later_rank_matches_plain_call_from_that_state():
-    """The benchmark's later-rank mode (a group of one whose preceding ranks ended in a given
-    state): outputs bitwise, final state and every gradient as the plain call from that state."""
+def test_group_of_one_first_rank_and_simulated_later_rank_match_the_plain_call():
+    """See `_sim_worker`: a group of one is exactly the plain call (no collective, no CP node); the
+    first rank's full path is bitwise the plain call; a simulated later rank (the benchmark's mode)
+    matches the plain call from its incoming state."""
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(_sim_worker, args=(1, os.path.join(tmp, "store"), tmp), nprocs=1,

@@ -1057,3 +1057,65 @@ def test_compile_fullgraph_inplace_decode():
     torch.testing.assert_close(o_comp, o_eager)
     torch.testing.assert_close(s_comp, s_eager)
     assert not torch.equal(s_comp, state)
+
+
+# ---- the delta-only forward scan (delta_rule/fwd.py, knob chunk.DELTA_FWD) ----------------------
+
+DELTA_FWD_CASES = {
+    # name: (knobs, dtype, GPU tiles (BT=64, 16-bit dots as on tensor cores), case)
+    "scan-f32": (dict(DELTA_FWD=1), torch.float32, False, None),
+    "fused-f32": (dict(DELTA_FWD=2), torch.float32, False, None),
+    # the GPU's tiles in float16 (the interpreter's bf16 tensor-core dot is broken)
+    "scan-fp16-gpu": (dict(DELTA_FWD=1), torch.float16, True,
+                      (True, True, 1, 150, 1, 2, 16, 48, [0, 5, 70, 150])),
+    "fused-fp16-gpu": (dict(DELTA_FWD=2, DELTA_FWD_BV=16), torch.float16, True,
+                       (True, True, 1, 150, 1, 2, 16, 48, [0, 5, 70, 150])),
+    "fused-bf16st-x2": (dict(DELTA_FWD=2, WU_FLOAT32=False, SCAN_TF32=True,
+                             WU_TF32_PRODUCTS=True, DELTA_FWD_WS_X2=True), torch.bfloat16, False,
+                        (False, True, 2, 45, 2, 4, 32, 16, None)),
+    # with main's session-7 defaults (WY_FAST, the saved T, the delta-only backward kernels)
+    "fused-main7-fp16-gpu": (dict(DELTA_FWD=2, WY_FAST=True, SAVE_WY_INVERSE=True, DQK_DELTA=True,
+                                  SG_DELTA=True, SG_FUSE_DV=True, WY_BWD_LEAN=True),
+                             torch.float16, True, (True, True, 1, 150, 1, 2, 16, 48,
+                                                   [0, 5, 70, 150])),
+    "scan-fla-prec-fp16": (dict(DELTA_FWD=1, WU_FLOAT32=False, WY_FAST=True,
+                                DELTA_FWD_BV=64), torch.float16, True,
+                           (True, False, 1, 130, 1, 1, 32, 32, None)),
+}
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("variant", sorted(DELTA_FWD_CASES))
+def test_triton_chunk_delta_fwd(backend, variant, monkeypatch):
+    """DELTA_FWD (1: the delta-only scan storing h, V'; 2: the output fused into it): o, the final
+    state and every gradient (the backward recomputes h, V' by the same scan at 1) against the
+    float64 recurrence, o and S against the float64 chunked WY reference (float32), 16-bit ones
+    within the 16-bit bound; float32 over all four engine cases (GVA K != V, no gate with the
+    L2 norm, varlen with a 1-token sequence and HV = 3H, K = 130), 16-bit at the GPU's tiles
+    (BT=64, several V tiles, varlen) and bf16 W, U with the hi + lo scan product. Poisoned; seeded
+    (the bf16-W, U case sits near its bound: NOTES, "delta5")."""
+    from ssm_kernels.chunk import common
+    torch.manual_seed(7)
+    from ssm_kernels.delta_rule import chunk as wy
+    knobs, dtype, gpu_tiles, case = DELTA_FWD_CASES[variant]
+    for name, val in knobs.items():
+        monkeypatch.setattr(wy, name, val)
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    if gpu_tiles:
+        monkeypatch.setattr(common, "triton_interpret", lambda: False)
+    d = lambda x: None if x is None else x.double()
+    for c in (CHUNK_CASES if case is None else [case]):
+        gated, l2 = c[:2]
+        q, k, v, g, beta, h0, cu, cots = _chunk_inputs(*c, dtype=dtype)
+        out = _chunk_run(_kernel_fn(gated, backend), q, k, v, g, beta, h0, cu, l2, cots)
+        ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), cu, l2, cots)
+        low = ([None] * len(out) if dtype == torch.float32
+               else _chunk_run(_ref_fn, q, k, v, g, beta, h0, cu, l2, cots))
+        names = ["o", "S", "dq", "dk", "dv"] + (["dg"] if gated else []) + ["dbeta", "dh0"]
+        qn = F.normalize(q.double(), dim=-1, eps=0) if l2 else q.double()
+        _judge_chunk(out, ref, low, names, dtype, qn)
+        if dtype == torch.float32:
+            oc, Sc = delta_rule_chunk_ref(d(q), d(k), d(v), d(g), d(beta), None, d(h0), cu, l2,
+                                          chunk_size=32)
+            assert_close(out[0], oc, dtype=torch.float32, name="o vs chunk ref")
+            assert_close(out[1], Sc, dtype=torch.float32, name="S vs chunk ref")

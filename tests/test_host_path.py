@@ -102,6 +102,15 @@ def _cases(pg=None):
         "mamba_chunk_scan_combined fwd+bwd (D, z)": _train(lambda: sk.mamba_chunk_scan_combined(
             xml, dtml, Am, Bml, Cm, 64, D=Dm, z=zm, dt_bias=bm, dt_softplus=True, backend=T),
             [xml, dtml, Bml]),
+        "chunk_linear_attn fwd": lambda: sk.chunk_linear_attn(
+            q, k, v, output_final_state=True, normalize=False, backend=T, process_group=pg),
+        "chunk_linear_attn fwd+bwd": _train(lambda: sk.chunk_linear_attn(
+            ql, kl, vl, output_final_state=True, normalize=False, backend=T, process_group=pg),
+            [ql, kl, vl]),
+        "chunk_linear_attn normalize fwd": lambda: sk.chunk_linear_attn(
+            q, k, v, output_final_state=True, backend=T, process_group=pg),
+        "chunk_linear_attn normalize fwd+bwd": _train(lambda: sk.chunk_linear_attn(
+            ql, kl, vl, output_final_state=True, backend=T, process_group=pg), [ql, kl, vl]),
         "chunk_gla fwd": lambda: sk.chunk_gla(q, k, v, gk, backend=T),
         "chunk_gla fwd+bwd": _train(lambda: sk.chunk_gla(ql, kl, vl, gk, backend=T), [ql, kl, vl]),
         "chunk_gated_delta_rule fwd": lambda: sk.chunk_gated_delta_rule(q, k, vd, gd, bd, backend=T),
@@ -122,8 +131,9 @@ def _cases(pg=None):
 # SSD's dD partials, GLA's scores), GLA forward h + scores. Before: simple_gla (2, 10) / (6, 22),
 # gla (5, 12) / (12, 25), SSD (2, 12) / (6, 35), gated delta fwd (3, 19) (its w, u, h, v_new:
 # one workspace; the backward's recompute too, with the final states it drops); kept states
-# (5, 18), (11, 21), (5, 31). Value checks of CPU tensors
-# (log-decays <= 0: gt, any, item) are part of the CPU path by design and counted here.
+# (5, 18), (11, 21), (5, 31); chunk_linear_attn (2, 7) / (6, 19), normalize (2, 13) / (6, 40).
+# Value checks of CPU tensors (log-decays <= 0: gt, any, item) are part of the CPU path by
+# design and counted here.
 PINNED = {
     "linear_scan fwd": (1, 2),
     "linear_scan fwd+bwd": (2, 5),
@@ -136,6 +146,11 @@ PINNED = {
     # h: SAVE_STATES=2 keeps it, see PINNED_KEEP)
     "chunk_simple_gla fwd": (2, 6),
     "chunk_simple_gla fwd+bwd": (6, 12),
+    "chunk_linear_attn fwd": (2, 3),
+    "chunk_linear_attn fwd+bwd": (6, 9),
+    # normalize=True (the default): the engine's two launches + `_Normalize` (one node)
+    "chunk_linear_attn normalize fwd": (2, 9),
+    "chunk_linear_attn normalize fwd+bwd": (6, 30),
     # chunk_gla: the chunk-local cumsum of the per-key decays is its own launch (every later
     # stage loads it instead of re-summing g); backward: cumsum, states, state gradients, scores,
     # dv, dq/dk/dg; each tree kernel is launched twice (gla.TREE_SPLIT: fast-path programs, then
@@ -227,22 +242,40 @@ def group_of_one(tmp_path):
     dist.destroy_process_group()
 
 
-# Context parallelism, first rank (process_group of one): exactly the plain call's launches, and
-# (torch ops) the plain call's plus the exchange: forward new_empty + copy_ (pack) + new_empty +
-# all_gather; backward the same plus the zeros of an unused final state's gradient. CPU tensors add
-# the cross-rank shape check (tensor, new_empty, all_gather, unbind, equal), a value check like the others.
+# Context parallelism. A group of one is the plain call exactly (the gather is the identity): the
+# shortcut in the CP wrappers skips the collective, the autograd node and the CP wrapper's early
+# validation, so its extra is 0 (was 9-17 torch ops before the shortcut). The first rank of a real
+# group (simulated: a group of one with core._FORCE_EXCHANGE) launches the plain call's kernels and
+# (torch ops) adds the exchange: forward new_empty + copy_ (pack) + new_empty + all_gather; backward
+# the same plus the zeros of an unused final state's gradient. CPU tensors add the cross-rank shape
+# check (tensor, new_empty, all_gather, unbind, equal), a value check like the others.
 CP_FIRST_RANK_EXTRA = {
     "linear_scan fwd": 5 + 4,
     "linear_scan fwd+bwd": 5 + 4 + 5,
     "chunk_simple_gla fwd": 5 + 4 + 3,        # + the CP wrapper's early validation (gt, any, item)
     "chunk_simple_gla fwd+bwd": 5 + 4 + 5 + 3,
+    "chunk_linear_attn fwd": 5 + 4,           # no decay, no early value check
+    "chunk_linear_attn fwd+bwd": 5 + 4 + 5,
+    # two states (S, z): one copy_ more per pack; no early value check (no decays); the CP path
+    # runs the public normalize=True call (it ran hand-written torch ops before)
+    "chunk_linear_attn normalize fwd": 5 + 5,
+    "chunk_linear_attn normalize fwd+bwd": 5 + 5 + 6,
 }
 
 
 @pytest.mark.parametrize("name", sorted(CP_FIRST_RANK_EXTRA))
-def test_cp_first_rank_runs_only_the_plain_call(name, stubbed_launches, group_of_one):
+def test_cp_group_of_one_is_the_plain_call(name, stubbed_launches, group_of_one):
+    """A context-parallel group of one launches and runs exactly what the plain call does."""
+    launches, work = _count(_cases(group_of_one)[name], stubbed_launches)
+    assert (launches, len(work)) == PINNED[name], f"{name}: {launches} launches, torch ops {work}"
+
+
+@pytest.mark.parametrize("name", sorted(CP_FIRST_RANK_EXTRA))
+def test_cp_first_rank_runs_only_the_plain_call(name, stubbed_launches, group_of_one, monkeypatch):
     """The first rank of a context-parallel group launches what the plain call launches (no
     decay product, no second pass, no private graph) plus one all_gather each way."""
+    from ssm_kernels.distributed import core
+    monkeypatch.setattr(core, "_FORCE_EXCHANGE", True)
     cp = _cases(group_of_one)[name]
     launches, work = _count(cp, stubbed_launches)
     want = PINNED[name]

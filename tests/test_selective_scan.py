@@ -888,7 +888,7 @@ def test_sscan_piece_stager_model(cfg):
 @pytest.mark.parametrize("case", ["bf16 L=2048", "bf16 L=2049", "fp32 L=4096 no z", "bf16 varlen"])
 def test_gpu_cuda_forward_backward_variants(case):
     """Forward variants 1-5 (SSM_KERNELS_SSCAN_FWD_VARIANT) bitwise equal to forward 0 (out, last
-    state, checkpoints); backward variant 4 bitwise equal to 2; knobs restored afterwards."""
+    state, checkpoints); backward variants 4, 5 bitwise equal to 2; knobs restored afterwards."""
     from ssm_kernels._backend import cuda_extension
     from ssm_kernels.selective_scan import cuda as sc
     ext = cuda_extension()
@@ -921,9 +921,93 @@ def test_gpu_cuda_forward_backward_variants(case):
         dout = torch.randn_like(inp["u"])
         dlast = torch.randn_like(base[1])
         g2 = sc.selective_scan_bwd(*args, base[2], dout, dlast, True)
-        ext.selective_scan_bwd_variant(4)
-        g4 = sc.selective_scan_bwd(*args, base[2], dout, dlast, True)
-        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g2, g4))
+        for bv in (4, 5):  # 5: the channel reduce through shared memory, same tree order
+            ext.selective_scan_bwd_variant(bv)
+            g4 = sc.selective_scan_bwd(*args, base[2], dout, dlast, True)
+            assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g2, g4)), bv
     finally:
         ext.selective_scan_fwd_variant(fprev)
         ext.selective_scan_bwd_variant(bprev)
+
+
+def test_sscan_bwd_v5_channel_exchange_model():
+    """Backward variant 5 (kIO 5, helper sscanbwd7): the cross-channel dB/dC reduce through a
+    per-warp shared tile. Replays selective_scan_bwd.cu's channel_reduce in float32 for one warp
+    (lane = cidx * 4 + slice, 8 items per lane) and checks: (1) the tile writes (two float4 per
+    lane at row cidx, quads swapped on odd rows) cover the 256 floats once, with no bank conflict
+    inside each 8-lane STS.128 phase; (2) every read round c hits 32 distinct banks; (3) every lane's
+    sum is bitwise the value reduce_scatter_lanes<8, 4> (variant 2's shuffles) leaves on that lane."""
+    import numpy as np
+    rng = np.random.default_rng(5)
+    kcw, ktpc, kit = 8, 4, 8
+    # (1) write addresses
+    addr = {}
+    for lane in range(32):
+        cidx, slice_ = lane // ktpc, lane % ktpc
+        sw = (cidx & 1) * 4
+        base = cidx * 32 + slice_ * 8
+        addr[lane] = [base + sw + i for i in range(4)] + [base + (sw ^ 4) + i for i in range(4)]
+    flat = [a for lane in range(32) for a in addr[lane]]
+    assert sorted(flat) == list(range(256))
+    for half in (0, 1):  # first / second STS.128, quarter-warp phases of 8 lanes
+        for ph in range(4):
+            banks = [addr[lane][half * 4 + i] % 32 for lane in range(ph * 8, ph * 8 + 8) for i in range(4)]
+            assert len(set(banks)) == 32
+    # (2) read addresses per round c
+    def rd(lane, c):
+        cidx, slice_ = lane // ktpc, lane % ktpc
+        off = slice_ * 8 + cidx
+        return c * 32 + ((off ^ 4) if (c & 1) else off)
+    for c in range(kcw):
+        assert len({rd(lane, c) % 32 for lane in range(32)}) == 32
+    # (3) values, wide dynamic range so that the order of the adds shows in the rounding
+    for _ in range(40):
+        v = (rng.standard_normal((32, kit)) * 10.0 ** rng.integers(-6, 7, (32, kit))).astype(np.float32)
+        tile = np.zeros(256, np.float32)
+        for lane in range(32):
+            for i in range(kit):
+                tile[addr[lane][i]] = v[lane, i]
+        for slice_ in range(ktpc):
+            lanes = [c * ktpc + slice_ for c in range(kcw)]  # this slice's channel lanes
+            ref = _rs_lanes_model([v[lane] for lane in lanes], kcw)
+            for cidx, lane in enumerate(lanes):
+                x = [tile[rd(lane, c)] for c in range(kcw)]
+                assert all(x[c] == v[lanes[c], cidx] for c in range(kcw))  # item cidx of channel c
+                f = np.float32
+                got = f(f(f(x[0] + x[4]) + f(x[2] + x[6])) + f(f(x[1] + x[5]) + f(x[3] + x[7])))
+                assert len(ref[cidx]) == 1
+                assert got.tobytes() == np.float32(ref[cidx][0]).tobytes()
+
+
+def test_sscan_bwd_v5_slice_exchange_model():
+    """Backward variant 5's sums over n (y, d dt, g B per step) through the per-warp tile: lane
+    (cidx, slice) writes its 8 step values to row cidx at ((j + cidx) & 7) * 4 + slice, then reads
+    its two steps 2 slice + o as one float4 (the 4 slices) and adds (x0 + x2) + (x1 + x3). Checks no
+    bank conflict on the scalar stores (per j) and the LDS.128 phases, and every sum bitwise equal
+    to reduce_scatter_lanes<4, 1> (variant 2's shuffles) on the same lane."""
+    import numpy as np
+    rng = np.random.default_rng(55)
+    pos = lambda c, j, s: c * 32 + ((j + c) & 7) * 4 + s  # noqa: E731
+    for j in range(8):
+        assert len({pos(lane // 4, j, lane % 4) % 32 for lane in range(32)}) == 32
+    for o in range(2):
+        for ph in range(4):
+            banks = [(pos(lane // 4, 2 * (lane % 4) + o, 0) + i) % 32
+                     for lane in range(ph * 8, ph * 8 + 8) for i in range(4)]
+            assert len(set(banks)) == 32
+    f = np.float32
+    for _ in range(40):
+        v = (rng.standard_normal((32, 8)) * 10.0 ** rng.integers(-6, 7, (32, 8))).astype(np.float32)
+        tile = np.zeros(256, np.float32)
+        for lane in range(32):
+            for j in range(8):
+                tile[pos(lane // 4, j, lane % 4)] = v[lane, j]
+        for c in range(8):
+            ref = _rs_lanes_model([v[c * 4 + s] for s in range(4)], 4)
+            for s in range(4):
+                assert len(ref[s]) == 2
+                for o in range(2):
+                    x = tile[pos(c, 2 * s + o, 0):pos(c, 2 * s + o, 0) + 4]
+                    assert all(x[i] == v[c * 4 + i, 2 * s + o] for i in range(4))
+                    got = f(f(x[0] + x[2]) + f(x[1] + x[3]))
+                    assert got.tobytes() == f(ref[s][o]).tobytes()

@@ -40,7 +40,7 @@ constexpr size_t align16(size_t x) { return (x + 15) / 16 * 16; }
 // kDirect (backward variant 3): no raw staging buffer (the convert reads global memory, the next
 // chunk is prefetched to L2) and no softplus'/dz tile (q's 4th slot holds softplus'; the owner
 // lane reloads u, z, dout): 68 KB instead of 105 KB at N <= 16 bf16, so 3 blocks per SM.
-template <typename T, int kNPT, int kTPC, int kChunk, int kS, bool kDirect = false>
+template <typename T, int kNPT, int kTPC, int kChunk, int kS, bool kDirect = false, bool kXch = false>
 struct BwdLayout {
   static constexpr int kD = kThreads / kTPC;      // channels per block
   static constexpr int kNP = kNPT * kTPC;         // states per channel, padded
@@ -64,7 +64,11 @@ struct BwdLayout {
   static constexpr size_t oSt = oC + sizeof(float) * kBC;
   static constexpr size_t oWp = oSt + sizeof(float) * kNSub * kD * kNP;
   static constexpr size_t oDv = oWp + sizeof(float) * 2 * kWP;
-  static constexpr size_t kBytes = oDv + sizeof(float) * 2 * kD;
+  // kXch (backward variant 5): per-warp exchange tile of the channel reduce, [channel][item]
+  // (kCW rows of kItems * 32 / kCW floats: one item per lane after the reduce), rows XOR-swizzled
+  static constexpr int kXR = kItems * 32;  // floats per warp (kCW rows of 32 / kCW lanes x kItems)
+  static constexpr size_t oX = oDv + sizeof(float) * 2 * kD;
+  static constexpr size_t kBytes = oX + (kXch ? sizeof(float) * kWarps * kXR : 0);
   static_assert(kThreads % kTPC == 0 && 32 % kTPC == 0, "a channel's lanes sit in one warp");
   static_assert(kNPT % 4 == 0 && kChunk % kV == 0 && kChunk % kS == 0 && kS % kG == 0, "widths");
   static_assert(kItems >= kCW, "channel reduce-scatter needs at least one item per lane");
@@ -126,8 +130,8 @@ __device__ __forceinline__ void store2(float* dst, float a, float b) {
 // __launch_bounds__(128): with a min-blocks of 1, ptxas goes to 255 registers and spills).
 template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO>
 __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdParams& p) {
-  constexpr bool kFuse = kIO >= 2, kDirect = kIO == 3;
-  using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS, kDirect>;
+  constexpr bool kFuse = kIO >= 2, kDirect = kIO == 3, kXch = kIO == 5;
+  using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS, kDirect, kXch>;
   constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl, kNV = Lay::kNV;
   constexpr int kRows = Lay::kRows, kQP = Lay::kQP, kBP = Lay::kBP;
   constexpr int kCW = Lay::kCW, kG = Lay::kG, kItems = Lay::kItems, kOwn = Lay::kOwn;
@@ -191,6 +195,58 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
     if (!C_var) s_C[i] = ok ? static_cast<const float*>(p.C)[(d0 + r) * p.N + n] : 0.f;
   }
 
+  // The cross-channel reduce of the dB / dC items of kG steps (sums over the warp's kCW channel
+  // lanes; lane cidx keeps item cidx * kOwn ...). kIO 5: through a per-warp shared tile instead of
+  // the shuffle reduce-scatter (7 SHFL + 14 FSEL + 7 FADD per lane per 8 items there; here 2 STS.128
+  // + 8 LDS + 7 FADD + 2 WARPSYNC): each lane writes its 8 items to row cidx, then reads its item's
+  // 8 channel values and adds them in the reduce-scatter's tree order
+  // ((x0 + x4) + (x2 + x6)) + ((x1 + x5) + (x3 + x7)) -- float addition is commutative, so every
+  // sum is bitwise the one reduce_scatter_lanes<8, kTPC> forms (bench/NOTES.md "sscanbwd7").
+  [[maybe_unused]] float* s_x = reinterpret_cast<float*>(smem + Lay::oX) + warp * Lay::kXR;
+  auto channel_reduce = [&](float (&v)[kItems]) {
+    if constexpr (kXch) {
+      static_assert(!kXch || (kItems == 8 && kCW == 8 && kTPC == 4 && kOwn == 1), "kXch layout");
+      // row c (channel lane) = 32 floats: slice * 8 + item, rows with c odd have their two item
+      // quads swapped (STS.128 phases of 8 lanes = 2 channels x 4 slices: conflict-free)
+      const int sw = (cidx & 1) * 4;
+      float* wr = s_x + cidx * 32 + slice * 8;
+      __syncwarp();  // the previous exchange's reads are done
+      *reinterpret_cast<float4*>(wr + sw) = make_float4(v[0], v[1], v[2], v[3]);
+      *reinterpret_cast<float4*>(wr + (sw ^ 4)) = make_float4(v[4], v[5], v[6], v[7]);
+      __syncwarp();
+      const int off = slice * 8 + cidx;  // this lane's item cidx of slice: a permutation per row
+      const float* r0 = s_x + off;        // even rows
+      const float* r1 = s_x + (off ^ 4);  // odd rows
+      float x[8];
+#pragma unroll
+      for (int c = 0; c < 8; ++c) x[c] = (c & 1) ? r1[c * 32] : r0[c * 32];
+      v[0] = ((x[0] + x[4]) + (x[2] + x[6])) + ((x[1] + x[5]) + (x[3] + x[7]));
+    } else {
+      reduce_scatter_lanes<kCW, kTPC>(v, cidx);
+    }
+  };
+  // The sums over n of kS per-step values (y, d dt, g B) over the channel's kTPC lanes; lane slice
+  // keeps steps slice * kS / kTPC ... kIO 5: through the same tile, row c = channel lane of 8 steps x
+  // 4 slices with the steps rotated by c (8 STS + 2 LDS.128 + 6 FADD + 2 WARPSYNC instead of 6 SHFL
+  // + 12 FSEL + 6 FADD); the adds in reduce_scatter_lanes<4, 1>'s order (x0 + x2) + (x1 + x3).
+  auto slice_reduce = [&](float (&v)[kS]) {
+    if constexpr (kXch) {
+      static_assert(!kXch || (kS == 8 && kTPC == 4), "kXch layout");
+      float* row = s_x + cidx * 32;
+      __syncwarp();
+#pragma unroll
+      for (int j = 0; j < 8; ++j) row[((j + cidx) & 7) * 4 + slice] = v[j];
+      __syncwarp();
+#pragma unroll
+      for (int o = 0; o < 2; ++o) {
+        const float4 x = *reinterpret_cast<const float4*>(row + ((2 * slice + o + cidx) & 7) * 4);
+        v[o] = (x.x + x.z) + (x.y + x.w);
+      }
+    } else {
+      reduce_scatter_lanes<kTPC, 1>(v, slice);
+    }
+  };
+
   float a2[kNPT], carry[kNPT], dA[kNPT], dBc[kNPT], dCc[kNPT];
 #pragma unroll
   for (int k = 0; k < kNPT; ++k) {
@@ -236,7 +292,7 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
       }
     } else if constexpr (kFuse) {
       const int otid = opaque_tid();
-      if constexpr (kIO == 4) {  // coalesced: kChunk / kV lanes per row window (whole lines)
+      if constexpr (kIO == 4 || kIO == 5) {  // coalesced: kChunk / kV lanes per row window (whole lines)
         if (ush == 0 && lsh == 0 && bsh == 0) {
           PieceStager<T, kRows, kThreads, kRowEl, kChunk>::issue_direct(raw, otid, c0, len, row_of2);
           return;
@@ -465,7 +521,7 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
           }
           yv[j] = y;
           if (kRed && j % kG == kG - 1) {
-            reduce_scatter_lanes<kCW, kTPC>(ic, cidx);
+            channel_reduce(ic);
 #pragma unroll
             for (int o = 0; o < kOwn; ++o) {
               const int item = cidx * kOwn + o;
@@ -475,7 +531,7 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
           }
         }
       }
-      reduce_scatter_lanes<kTPC, 1>(yv, slice);  // sum over n of y, per step
+      slice_reduce(yv);  // sum over n of y, per step
       constexpr int kMine = kS >= kTPC ? kS / kTPC : 1;
       constexpr int kRep = kS >= kTPC ? 1 : kTPC / kS;  // lanes holding the same sums
       const int j0 = kS >= kTPC ? slice * kMine : slice / kRep;
@@ -522,7 +578,7 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
           dv[j] = dd;
           gv[j] = gb;
           if (kRed && j % kG == 0) {
-            reduce_scatter_lanes<kCW, kTPC>(ib, cidx);
+            channel_reduce(ib);
 #pragma unroll
             for (int o = 0; o < kOwn; ++o) {
               const int item = cidx * kOwn + o;
@@ -533,8 +589,8 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
         }
       }
       // sums over n: d dt, g B per step, reduce-scattered over the channel's lanes
-      reduce_scatter_lanes<kTPC, 1>(dv, slice);
-      reduce_scatter_lanes<kTPC, 1>(gv, slice);
+      slice_reduce(dv);
+      slice_reduce(gv);
       if constexpr (!kFuse) __syncwarp();  // every lane's reads of this sub-chunk's q precede the owners' writes
       {
         const float Dv = s_Dv[ch];
@@ -731,7 +787,7 @@ __global__ void __launch_bounds__(256) sum_parts_kernel(const SumJobs jobs) {
 
 template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO = 0>
 cudaError_t launch_mode(const SelectiveScanBwdParams& p, cudaStream_t stream) {
-  using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS, kIO == 3>;
+  using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS, kIO == 3, kIO == 5>;
   if (p.ck_len != kChunk) return cudaErrorInvalidValue;
   auto kernel = [] {
     if constexpr (kIO == 0) return selective_scan_bwd_kernel<T, kNPT, kTPC, kChunk, kS, kMode, kIO>;
@@ -804,10 +860,10 @@ int selective_scan_bwd_variant(int set) {
     // default 2: measured on the H100 (session 6) 1.148 vs 1.559 ms at B8 D1536 L2048 and
     // 2.618 vs 3.140 at B4 D4096 L4096; 3 won the first (1.056) but lost the second (3.369)
     const int v = env ? std::atoi(env) : 2;
-    g_bwd_variant = (v == 2 || v == 3 || v == 4) ? v : 0;
+    g_bwd_variant = (v >= 2 && v <= 5) ? v : 0;
   }
   const int prev = g_bwd_variant;
-  if (set == 0 || set == 2 || set == 3 || set == 4) g_bwd_variant = set;
+  if (set == 0 || (set >= 2 && set <= 5)) g_bwd_variant = set;
   return prev;
 }
 
@@ -828,6 +884,7 @@ cudaError_t selective_scan_bwd_cuda(const SelectiveScanBwdParams& p, DType dtype
     if (v == 2) err = launch_mode<T, 4, 4, 64, 8, 1, 2>(p, stream);
     else if (v == 3) err = launch_mode<T, 4, 4, 64, 8, 1, 3>(p, stream);
     else if (v == 4) err = launch_mode<T, 4, 4, 64, 8, 1, 4>(p, stream);
+    else if (v == 5) err = launch_mode<T, 4, 4, 64, 8, 1, 5>(p, stream);
     else if (p.N <= 16) err = launch<T, 4, 4, 64, 8>(p, stream);
     else if (p.N <= 32) err = launch<T, 8, 4, 32, 4>(p, stream);
     else if (p.N <= 64) err = launch<T, 8, 8, 32, 4>(p, stream);

@@ -35,6 +35,7 @@ from ..chunk.bwd import _dqk_kernel, _dv_kernel, _state_grad_kernel
 from ..chunk.common import blocks, chunk_span, l2norm_rows, load_rows, log_decay_cumsum, mm, mm_wy
 from ..chunk.fwd import Plan, _dummy, _output_kernel, _state_kernel
 from .bwd import _dqk_delta_kernel, _state_grad_delta_kernel
+from .fwd import delta_fwd_scan
 from .._launch import cdiv, next_power_of_2, fast_kernel
 
 WU_FLOAT32 = True
@@ -895,13 +896,14 @@ def _wu_buffers(p, k, ws=None):
     return w, u
 
 
-def _workspace(p, k, with_ht: bool):
+def _workspace(p, k, with_ht: bool, states: bool = True):
     """The temporaries of one forward (or the backward's recompute) in one allocation
-    (common.workspace): w, u, h, v_new and (with_ht: the backward, which drops them) the final
-    states."""
+    (common.workspace): w, u, (states) h, v_new and (with_ht: the backward, which drops them) the
+    final states."""
     TOK = p.B * p.T
-    specs = (((TOK, p.H, p.K), p.wdtype), ((TOK, p.H, p.V), p.udtype),
-             ((p.NCH, p.H, p.K, p.V), p.hdtype), ((TOK, p.H, p.V), k.dtype))
+    specs = (((TOK, p.H, p.K), p.wdtype), ((TOK, p.H, p.V), p.udtype))
+    if states:
+        specs += (((p.NCH, p.H, p.K, p.V), p.hdtype), ((TOK, p.H, p.V), k.dtype))
     if with_ht:
         specs += (((p.N, p.H, p.K, p.V), torch.float32),)
     return common.workspace(k, specs)
@@ -970,6 +972,33 @@ def wy_t_shape(q, v):
     return (B * T, v.shape[2], blocks(K, v.shape[3], 0, q.dtype)["BT"])
 
 
+# the forward's state scan (and the backward's recompute of h, V') by the delta-only
+# `fwd._delta_fwd_kernel` (bench/NOTES.md, "helper deltafwd7"): 0 the engine's `_state_kernel`
+# (DELTA) + `_output_kernel`; 1 the delta-only scan storing h and V' as the engine's does (the
+# output stage unchanged); 2 (forward only) the output formed inside that scan: no h, no V' in
+# memory (the backward recomputes both; with 1 it does so by the delta-only scan too)
+DELTA_FWD = 0
+# its V tile, warps, software-pipeline stages (None: 2 for the scan with 16-bit W, else 1: sm_90
+# bf16 K=V=128 BV=32: float32 W at 2 stages 127 KB of shared memory = 1 program per SM, at 1 stage
+# 66 KB = 2; 16-bit W 78 KB at 2; fused (2) with 16-bit W 115-119 KB at 2, 45-49 KB at 1; at 4 warps
+# <= 255 registers always fit 2 per SM); DELTA_FWD_WS_X2 (16-bit W with a tf32 scan product: SCAN_TF32): W S
+# as two 16-bit dots against S = hi + lo instead of tf32
+DELTA_FWD_BV = None        # None: 32; 16 fused at K > 128 (BV=32 spilled 268-772 B there)
+DELTA_FWD_WARPS = None     # None: 4; 8 for the scan at K > 128 (4 spilled 56-280 B there)
+DELTA_FWD_STAGES = None
+DELTA_FWD_WS_X2 = False
+
+
+def _delta_fwd_opts(p, fused):
+    """(WS, BV, warps, stages) of `fwd._delta_fwd_kernel`: WS 2 (hi + lo 16-bit dots) for 16-bit W
+    with the tf32 scan product."""
+    x2 = DELTA_FWD_WS_X2 and p.scan_wf32 == 1 and p.wdtype != torch.float32
+    stages = DELTA_FWD_STAGES or (1 if (fused or p.wdtype == torch.float32) else 2)
+    big = p.meta["BKF"] > 128
+    return (2 if x2 else p.scan_wf32, DELTA_FWD_BV or (16 if big and fused else 32),
+            DELTA_FWD_WARPS or (8 if big and not fused else 4), stages)
+
+
 def _states(p, k, w, u, g, h0, l2, ws=None):
     """h [NCH, HV, K, V], v_new [TOK, HV, V] (input dtype), final states float32 (h, v_new and,
     when it has 5 views, the final states in the workspace ws)."""
@@ -982,6 +1011,10 @@ def _states(p, k, w, u, g, h0, l2, ws=None):
         h = k.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
         ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
         vn = common.poison(k.new_empty((p.B * p.T, p.H, p.V), dtype=k.dtype))
+    if DELTA_FWD:
+        delta_fwd_scan(p, k, k, w, u, g, h0, h, vn, vn, ht, l2, 1.0, False,
+                       *_delta_fwd_opts(p, False))
+        return h, vn, ht
     cu, co, _ = p.idx_args(ht)
     d = _dummy(ht)
     _state_kernel[(1, cdiv(p.V, p.BVs), p.N * p.H)](
@@ -1002,10 +1035,15 @@ def chunk_delta_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool,
     (for `chunk_delta_bwd`), else an empty float32 tensor."""
     p = _plan(q, v, g, cu_seqlens)
     m = p.meta
-    ws = _workspace(p, k, False)
+    ws = _workspace(p, k, False, states=DELTA_FWD != 2)   # (2: no h, no V' in memory)
     w, u, tm = _wy(p, k, v, g, beta, l2, save_t, ws)
-    h, vn, ht = _states(p, k, w, u, g, h0, l2, ws)
     o = common.poison(torch.empty_like(v))
+    if DELTA_FWD == 2:
+        ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
+        delta_fwd_scan(p, q, k, w, u, g, h0, o, o, o, ht, l2, scale, True,
+                       *_delta_fwd_opts(p, True))
+        return o, ht, (tm if save_t else tm[:0])
+    h, vn, ht = _states(p, k, w, u, g, h0, l2, ws)
     cu, _, ct = p.idx_args(ht)
     d = _dummy(ht)
     _output_kernel[(cdiv(p.V, p.BVO), p.NCH, p.H)](

@@ -149,7 +149,9 @@ def delta_rule_step_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], bet
                        state: Tensor, cu_seqlens: Optional[Tensor], scale: float,
                        use_l2norm: bool, backend: str) -> Tensor:
     """Decoding update in place: runs the steps from `state` and writes the final state back into
-    it (float32 [N, HV, K, V], contiguous). Returns o. Not differentiable."""
+    it (float32 [N, HV, K, V], contiguous). q, k, v may be strided views (e.g. of a fused qkv
+    projection): the Triton kernel reads them in place (no copy launches). Returns o (contiguous).
+    Not differentiable."""
     if _select(backend, q, v) == "triton":
         from .triton import recurrent_fwd
         o, _ = recurrent_fwd(q, k, v, g, beta, state, cu_seqlens, scale, use_l2norm, ht=state)
@@ -162,7 +164,7 @@ def delta_rule_step_op(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], bet
 
 @delta_rule_step_op.register_fake
 def _(q, k, v, g, beta, state, cu_seqlens, scale, use_l2norm, backend):
-    return torch.empty_like(v)
+    return v.new_empty(v.shape)   # contiguous, as both backends return it
 
 
 # ---- validation -----------------------------------------------------------------------------
@@ -242,7 +244,9 @@ def _delta_rule(fn, q, k, v, g, beta, scale, initial_state, output_final_state, 
     _validate(fn, q, k, v, g, beta, scale, initial_state, cu_seqlens, gated)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     sd = state_dtype(q.dtype)
-    q, k, v, beta = q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous()
+    if not inplace_final_state:   # decoding reads strided q/k/v in place (recurrent_fwd)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    beta = beta.contiguous()
     g = None if g is None else g.to(sd).contiguous()
     backend = _backend.normalize(backend)
     if inplace_final_state:

@@ -17,6 +17,7 @@ No host sync: capture-safe.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -33,12 +34,13 @@ L2NORM_EPS = 1e-6
 def _recurrent_fwd_kernel(
     # pointers
     q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, o_ptr, ht_ptr, cu_ptr,
-    # sizes
-    T, H, HV, K, V, scale, eps,
+    # sizes; element strides (batch, token, head) of q, k, v (their last dimension has stride 1)
+    T, H, HV, K, V, scale, eps, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
     # meta-parameters
     HAS_G: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, L2NORM: tl.constexpr,
-    IS_VARLEN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, EVEN: tl.constexpr,
 ):
+    # EVEN: K == BK and V % BV == 0, the state block needs no mask (fewer predicates and registers)
     # S' = exp(g_t) S;  u = beta_t (v_t - S'^T k_t);  S = S' + k_t u^T;  o_t = scale S^T q_t
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_hv = i_nh // HV, i_nh % HV
@@ -47,15 +49,31 @@ def _recurrent_fwd_kernel(
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
-    p_s = (i_nh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
+    # int64 head offset on the scalar base pointers, int32 offsets inside the [K, V] block (64-bit
+    # per-element offsets cost registers: 92 -> see bench/NOTES.md's decode section)
+    h_off = i_nh.to(tl.int64) * K * V
+    p_s = o_k[:, None] * V + o_v[None, :]
     m_s = m_k[:, None] & m_v[None, :]
-    S = load_state_block(h0_ptr, p_s, m_s, HAS_H0, BK, BV)
+    if EVEN and HAS_H0:
+        S = tl.load(h0_ptr + h_off + p_s)
+    else:
+        S = load_state_block(h0_ptr + h_off, p_s, m_s, HAS_H0, BK, BV)
+    # strided q/k/v (e.g. views of a fused qkv projection): no copies before the launch
+    if IS_VARLEN:   # B = 1: the token index is global
+        i_b = (i_n * 0).to(tl.int64)
+        t0 = 0
+    else:
+        i_b = i_n.to(tl.int64)
+        t0 = bos
+    p_q = q_ptr + i_b * sq_b + i_h * sq_h + o_k
+    p_k = k_ptr + i_b * sk_b + i_h * sk_h + o_k
+    p_v = v_ptr + i_b * sv_b + i_hv * sv_h + o_v
     for t in range(bos, eos):
-        r_qk = t * H + i_h
+        tt = (t - t0).to(tl.int64)
         r_v = t * HV + i_hv
-        b_q = tl.load(q_ptr + r_qk * K + o_k, mask=m_k, other=0.).to(tl.float32)
-        b_k = tl.load(k_ptr + r_qk * K + o_k, mask=m_k, other=0.).to(tl.float32)
-        b_v = tl.load(v_ptr + r_v * V + o_v, mask=m_v, other=0.).to(tl.float32)
+        b_q = tl.load(p_q + tt * sq_t, mask=m_k, other=0.).to(tl.float32)
+        b_k = tl.load(p_k + tt * sk_t, mask=m_k, other=0.).to(tl.float32)
+        b_v = tl.load(p_v + tt * sv_t, mask=m_v, other=0.).to(tl.float32)
         b_beta = tl.load(beta_ptr + r_v).to(tl.float32)
         if L2NORM:
             b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + eps)
@@ -67,13 +85,18 @@ def _recurrent_fwd_kernel(
         b_o = tl.sum(S * (b_q * scale)[:, None], axis=0)
         tl.store(o_ptr + r_v * V + o_v, b_o.to(o_ptr.dtype.element_ty), mask=m_v)
     if STORE_HT:
-        tl.store(ht_ptr + p_s, S, mask=m_s)
+        if EVEN:
+            tl.store(ht_ptr + h_off + p_s, S)
+        else:
+            tl.store(ht_ptr + h_off + p_s, S, mask=m_s)
 
 
 def recurrent_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, use_l2norm: bool,
                   ht: Optional[torch.Tensor] = None, store_ht: bool = True
                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Launch the step-by-step forward. g None or float32 [B, T, HV]; beta [B, T, HV]; h0 None or
+    """Launch the step-by-step forward. q, k [B, T, H, K] and v [B, T, HV, V] any strides (a last
+    dimension of stride 1 is read in place, else copied); g None or float32 [B, T, HV] and beta
+    [B, T, HV] contiguous; h0 None or
     float32 [N, HV, K, V]. `ht` given: the final state is written there (it may be h0 itself, the
     in-place decoding update: every program reads its state block before writing the same block).
     Returns (o [B, T, HV, V] in v's dtype, final state float32 [N, HV, K, V] or None)."""
@@ -81,18 +104,47 @@ def recurrent_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, use_l2norm: bo
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     BK = next_power_of_2(K)
-    BV = min(next_power_of_2(V), max(8, min(64, 4096 // BK)))
-    o = torch.empty_like(v)
+    BV, warps = fwd_tile(K, V)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    o = v.new_empty(v.shape)   # contiguous whatever v's strides
     if store_ht and ht is None:
         ht = q.new_empty((N, HV, K, V), dtype=torch.float32)
     # absent inputs: any tensor stands in for the pointer (its flag keeps it unread)
     _recurrent_fwd_kernel[(cdiv(V, BV), N * HV)](
         q, k, v, beta if g is None else g, beta, o if h0 is None else h0, o,
         o if ht is None else ht, beta if cu_seqlens is None else cu_seqlens,
-        T, H, HV, K, V, float(scale), L2NORM_EPS,
-        HAS_G=g is not None, HAS_H0=h0 is not None, STORE_HT=store_ht, L2NORM=bool(use_l2norm),
-        IS_VARLEN=cu_seqlens is not None, BK=BK, BV=BV, num_warps=1 if BK * BV <= 2048 else 4)
+        T, H, HV, K, V, float(scale), L2NORM_EPS, *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], HAS_G=g is not None, HAS_H0=h0 is not None, STORE_HT=store_ht,
+        L2NORM=bool(use_l2norm), IS_VARLEN=cu_seqlens is not None, BK=BK, BV=BV,
+        EVEN=K == BK and V % BV == 0, num_warps=warps)
     return o, ht
+
+
+def _parse_tile(text: Optional[str]) -> Optional[Tuple[int, int]]:
+    if not text:
+        return None
+    bv, w = (int(x) for x in text.split(","))
+    if bv < 1 or bv & (bv - 1) or w not in (1, 2, 4, 8):
+        raise ValueError(f"SSM_KERNELS_DELTA_DECODE_TILE must be 'BV,num_warps' with BV a power of "
+                         f"two and num_warps in 1, 2, 4, 8, got {text!r}")
+    return bv, w
+
+
+# The step-by-step forward's (BV, num_warps): None = the default below; a pair overrides it (the
+# GPU sweep of bench/gpu_delta_decode.py flips it; env SSM_KERNELS_DELTA_DECODE_TILE="BV,W").
+# Each program holds a [next_pow2(K), BV] float32 state tile; BV is capped at next_pow2(V).
+FWD_TILE: Optional[Tuple[int, int]] = _parse_tile(os.environ.get("SSM_KERNELS_DELTA_DECODE_TILE"))
+
+
+def fwd_tile(K: int, V: int) -> Tuple[int, int]:
+    """(BV, num_warps) of the step-by-step forward (a function of K, V and the knob only). Default:
+    BV = 4096 // BK clamped to [8, 64] (a 16 KB float32 tile at K = 128: BV = 32), one warp up to
+    2048 state elements (64 per thread), else four (32 per thread at K = 128, BV = 32)."""
+    BK, VP = next_power_of_2(K), next_power_of_2(V)
+    if FWD_TILE is not None:
+        return min(FWD_TILE[0], VP), FWD_TILE[1]
+    BV = min(VP, max(8, min(64, 4096 // BK)))
+    return BV, 1 if BK * BV <= 2048 else 4
 
 
 @triton.jit

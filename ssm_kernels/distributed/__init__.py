@@ -7,6 +7,9 @@ split into contiguous segments over the ranks of a group therefore needs no ring
 values, only one exchange of those two small tensors each way (O(batch x state) bytes, independent
 of length).
 
+A group of one is the plain call, exactly: the gather is the identity, so every CP wrapper (and
+`context_parallel`) calls the op without collective, autograd node or second validation.
+
 Forward (`context_parallel`), with ``pos`` a rank's place in scan order:
 - the first rank (pos 0; it holds the true initial state, zero or the user's) runs the plain op
   ONCE, under the caller's autograd, and sends its final state; it computes no decay product
@@ -27,7 +30,9 @@ Backward, right to left, inside that node:
 1. adjoint summary ``mu_r`` = dL/dh_in through this rank's outputs alone (later ranks only): a
    states-only reverse pass reading (a, dout) for linear_scan, (q, do, g) for the linear-attention
    family (the engine's `_state_grad_kernel` with STORE_DH=False), (C, dy * silu(z), dt) for SSD;
-   the selective scan and normalized linear attention use a backward of the op instead;
+   normalized linear attention (output not linear in its key-sum state) reads the output and the
+   incoming key sum: the engine pass on do / den plus ``sum_t c_t q_t``; the selective scan uses
+   a backward of the op instead;
 2. one ``all_gather`` of ``(mu_r, dL/dFinal_r)``; ``lambda_{R-1} = sum_r dL/dFinal_r`` (every rank
    returns the final state; their gradients add) and ``lambda_{r-1} = mu_r + conj(A_r) lambda_r``;
 3. the node hands ``lambda_pos`` to the op's local final state and autograd runs the op's own
@@ -57,7 +62,8 @@ Adding an op: name its tensors, write its local call (the public op with ``initi
 states-only summary (decay product, end state from zero), the decay product's shape and, where one
 exists, its adjoint summary, and hand them to `context_parallel` (see `cp_chunk_gla`).
 
-Benchmarks: ``core._SIMULATE_LATER`` makes a group of one play a later rank (bench/gpu_cp.py).
+Benchmarks: ``core._SIMULATE_LATER`` makes a group of one play a later rank, ``core._FORCE_EXCHANGE``
+the first rank of a real group (the plain call plus the exchange each way) (bench/gpu_cp.py).
 
 This module is imported only when a ``process_group`` is given.
 """

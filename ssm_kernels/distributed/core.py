@@ -16,6 +16,11 @@ from ..validation import checks_values
 # its results equal the plain call with initial_state = these states.
 _SIMULATE_LATER: Optional[Sequence[Tensor]] = None
 
+# Benchmarks and tests only: make a group of one run the first rank's full path (the plain call plus
+# the exchange each way) instead of the group-of-one shortcut, to time what the first rank of a real
+# group pays.
+_FORCE_EXCHANGE = False
+
 
 # ---- group helpers ----------------------------------------------------------------------------
 
@@ -27,6 +32,13 @@ def _check_group(op: str, group, cu_seqlens=None) -> None:
         raise ValueError(f"{op}: cu_seqlens (packed variable-length batches) cannot be combined with "
                          f"process_group (context parallelism); split packed sequences per rank "
                          f"or pass one sequence per batch row")
+
+
+def _solo(group) -> bool:
+    """A group of one (and no benchmark switch): the gather is the identity, the incoming state is
+    the user's and the final state is the local one, so every op runs its plain call, exactly (no
+    collective, no autograd node, no second validation)."""
+    return _SIMULATE_LATER is None and not _FORCE_EXCHANGE and dist.get_world_size(group) == 1
 
 
 def _position(group, reverse: bool) -> Tuple[int, int]:
@@ -208,7 +220,7 @@ def _check_shapes(group, op: str, sig: Tuple[int, ...], device) -> None:
 def context_parallel(op: str, group, inputs: Dict[str, Optional[Tensor]], *, local: Callable,
                      summary: Callable, decay_shapes: Sequence[Optional[torch.Size]],
                      h0_keys: Sequence[str], reverse: bool = False,
-                     adjoint: Optional[Callable] = None):
+                     adjoint: Optional[Callable] = None, adjoint_reads_out: bool = False):
     """Run one op over a sequence split across `group` (the recipe every CP op follows).
 
     inputs: every tensor the op reads (None for absent ones), by name; gradients flow to these.
@@ -223,9 +235,15 @@ def context_parallel(op: str, group, inputs: Dict[str, Optional[Tensor]], *, loc
     h0_keys: the names in `inputs` of the user's initial states, one per state (the first rank in
         scan order reads them; a missing name means zeros).
     adjoint(x, dout) -> per state, dL/dh0 through `out` alone (linear in dout), without a full
-        backward (later ranks). None: a reentrant backward of the op's output computes it.
+        backward (later ranks). None: a reentrant backward of the op's output computes it. With
+        adjoint_reads_out, x also holds "_out" (this rank's output, detached) and "_h_in" (the
+        incoming states, a tuple): for ops whose output is not linear in the state (normalized
+        linear attention; the adjoint is then linear in dout at the forward's point).
     Returns (out, global finals tuple).
     """
+    if _solo(group):
+        out, fin = local(inputs, tuple(inputs.get(k) for k in h0_keys))
+        return out, tuple(fin)
     pos, world = _position(group, reverse)
     sim = _SIMULATE_LATER
     first = pos == 0 and sim is None
@@ -266,6 +284,8 @@ def context_parallel(op: str, group, inputs: Dict[str, Optional[Tensor]], *, loc
     spec.fin_dtypes = [f.dtype for f in fin]
     spec.x = {k: None if t is None else t.detach() for k, t in inputs.items()} \
         if adjoint is not None else None
+    if adjoint is not None and adjoint_reads_out:
+        spec.x["_out"], spec.x["_h_in"] = out.detach(), tuple(h_in)
     spec.out, spec.h_leaves = (out, h_leaves) if h_leaves is not None else (None, None)
     res = _CPNode.apply(spec, out, *fin)
     return res[0], tuple(res[1:])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .core import _check_group, context_parallel
+from .core import _check_group, _solo, context_parallel
 
 # ---- the ops -------------------------------------------------------------------------------------
 
@@ -29,6 +29,9 @@ def cp_linear_scan(a, b, initial_state=None, *, dim=1, reverse=False, output_fin
     from ..linear_scan.interface import _select, linear_scan
     from ..linear_scan.reference import state_dtype
     _check_group("linear_scan", process_group)
+    if _solo(process_group):
+        return linear_scan(a, b, initial_state, dim=dim, reverse=reverse,
+                           output_final_state=output_final_state, backend=backend)
     d = dim % a.dim() if isinstance(dim, int) and -a.dim() <= dim < a.dim() else dim
     state_shape = a.shape[:d] + a.shape[d + 1:] if isinstance(d, int) else None
 
@@ -85,6 +88,9 @@ def cp_selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     from ..selective_scan.interface import selective_scan_fn
     from ..selective_scan.reference import compute_dtype
     _check_group("selective_scan_fn", process_group, cu_seqlens)
+    if _solo(process_group):
+        return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                 return_last_state, initial_state=initial_state, backend=backend)
 
     def run(x, h0, with_out):
         out, last = selective_scan_fn(
@@ -186,6 +192,9 @@ def cp_chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state
     summary, its reverse state-gradient pass as adjoint."""
     from ..linear_attn.interface import _validate, _validate_gamma, chunk_simple_gla
     _check_group("chunk_simple_gla", process_group, cu_seqlens)
+    if _solo(process_group):
+        return chunk_simple_gla(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
+                                backend=backend)
     _validate("chunk_simple_gla", q, k, v, g, "head", scale, initial_state, None)
     _validate_gamma("chunk_simple_gla", g_gamma, q)
 
@@ -209,6 +218,8 @@ def cp_chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=
     its reverse state-gradient pass as adjoint."""
     from ..linear_attn.interface import _validate, chunk_gla
     _check_group("chunk_gla", process_group, cu_seqlens)
+    if _solo(process_group):
+        return chunk_gla(q, k, v, g, scale, initial_state, output_final_state, backend=backend)
     if g is None:
         raise ValueError("chunk_gla: g ([B, T, H, K] log-decays) is required")
     _validate("chunk_gla", q, k, v, g, "key", scale, initial_state, None)
@@ -229,12 +240,15 @@ def cp_chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=
 def cp_chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False,
                          normalize=True, cu_seqlens=None, *, backend=None, process_group=None):
     """`chunk_linear_attn` over a sequence split along T. No decay (A = 1); with normalize the
-    running key sum is a second state in the same exchange and the normalisation runs inside the
-    local step (its adjoint is then a backward of the op: the output is not linear in the key
-    sum)."""
+    running key sum is a second state in the same exchange and the local step is the public
+    normalize=True call; its adjoint is written out (the output is not linear in the key sum, so
+    it reads the output and the incoming key sum) instead of a second backward of the op."""
     from ..linear_attn.interface import _validate, chunk_linear_attn
     from ..validation import check_tensor
     _check_group("chunk_linear_attn", process_group, cu_seqlens)
+    if _solo(process_group):
+        return chunk_linear_attn(q, k, v, scale, initial_state, output_final_state, normalize,
+                                 backend=backend)
     if normalize and isinstance(initial_state, (tuple, list)):
         kv0, z0 = initial_state
     else:
@@ -260,28 +274,38 @@ def cp_chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_s
                              f"[N, 1, H, K] = {(q.shape[0], 1, q.shape[2], q.shape[3])}, got "
                              f"{tuple(z0.shape)}")
     sd = _la_state_dtype(q)
-    s = q.shape[-1] ** -0.5 if scale is None else float(scale)
 
-    def local(x, h0):
-        o, ht = chunk_linear_attn(x["q"], x["k"], x["v"], scale, h0[0], True, normalize=False,
-                                  backend=backend)
-        kf = x["k"].to(sd)
-        kc = kf.cumsum(1)
-        zsum = kc[:, -1:]                                     # [B, 1, H, K]
-        if h0[1] is not None:
-            kc = kc + h0[1].to(sd)
-            zsum = zsum + h0[1].to(sd)
-        denom = (x["q"].to(sd) * s * kc).sum(-1, keepdim=True) + 1e-10
-        return (o.to(sd) / denom).to(v.dtype), (ht, zsum)
+    def local(x, h0):   # the public normalize=True call (one `_Normalize` node), from (S, z)
+        o, (ht, zt) = chunk_linear_attn(x["q"], x["k"], x["v"], scale, (h0[0], h0[1]), True,
+                                        normalize=True, backend=backend)
+        return o, (ht, zt)
 
     la = _la_summary(backend)
+    la_adj = _la_adjoint(scale, backend)
+    s = q.shape[-1] ** -0.5 if scale is None else float(scale)
 
     def summary(x):
         return (None, None), la(x)[1] + (x["k"].sum(1, keepdim=True, dtype=sd),)
 
+    def adjoint(x, do):
+        """out_t = o_t / den_t, o_t = s q_t S_t, den_t = s q_t . z_t + 1e-10 (S_t, z_t from the
+        incoming (S, z)): dL/dS_in = sum_t (s q_t)^T (do_t / den_t), the unnormalized adjoint on
+        do / den (rounded to v's dtype, as the op's own backward rounds it); dL/dz_in =
+        sum_t c_t q_t with c_t = -s (do_t . out_t) / den_t. From q, k, do and out: no second
+        backward of the chunked op."""
+        qf = x["q"].to(sd)
+        kc = torch.cumsum(x["k"], 1, dtype=sd)
+        z_in = x["_h_in"][1]
+        if z_in is not None:
+            kc = kc + z_in.to(sd)
+        den = (qf * kc).sum(-1, keepdim=True).mul_(s).add_(1e-10)
+        gd = do.to(sd) / den
+        c = (do.to(sd) * x["_out"].to(sd)).sum(-1, keepdim=True).div_(den).mul_(-s)
+        return la_adj(x, gd.to(do.dtype))[0], (c * qf).sum(1, keepdim=True)
+
     o, (ht, z) = context_parallel("chunk_linear_attn", process_group, {**inputs, "z0": z0},
                                   local=local, summary=summary, decay_shapes=(None, None),
-                                  h0_keys=("h0", "z0"))
+                                  h0_keys=("h0", "z0"), adjoint=adjoint, adjoint_reads_out=True)
     return o, ((ht, z) if output_final_state else None)
 
 
@@ -303,6 +327,11 @@ def cp_mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_
     if seq_idx is not None or return_varlen_states:
         raise ValueError(f"{op}: seq_idx / return_varlen_states (packed sequences) cannot be "
                          f"combined with process_group (context parallelism)")
+    if _solo(process_group):
+        return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                         initial_states=initial_states, dt_softplus=dt_softplus,
+                                         dt_limit=dt_limit,
+                                         return_final_states=return_final_states, backend=backend)
     sd = torch.float64 if x.dtype == torch.float64 else torch.float32
 
     def local(xs, h0):
