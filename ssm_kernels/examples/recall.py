@@ -3,10 +3,10 @@ of recurrent state.
 
 Each sequence holds ``pairs`` key-value pairs, then queries of those keys scattered over the rest;
 at every query the model must output the key's value. Small two-layer models, one per mixer
-(softmax attention via SDPA, Mamba, Mamba-2, GLA, Based, Hyena, MinGRU, RG-LRU) at a few model
-widths, are trained for a fixed number of steps on data generated on the fly; the script prints
-accuracy vs the bytes of state a mixer carries while decoding (attention's KV cache and Hyena's
-history grow with the sequence) and writes a plot if matplotlib is installed.
+(softmax attention via SDPA, Mamba, Mamba-2, GLA, Based, Gated DeltaNet, Hyena, MinGRU, RG-LRU)
+at a few model widths, are trained for a fixed number of steps on data generated on the fly; the
+script prints accuracy vs the bytes of state a mixer carries while decoding (attention's KV cache
+and Hyena's history grow with the sequence) and writes a plot if matplotlib is installed.
 
     python -m ssm_kernels.examples.recall                 # default size: a few minutes on one GPU
     python -m ssm_kernels.examples.recall --tiny          # CPU smoke run in seconds (CI)
@@ -38,7 +38,8 @@ import torch.nn.functional as F
 import ssm_kernels
 import ssm_kernels.nn as snn
 
-MIXERS = ("attention", "mamba", "mamba2", "gla", "based", "hyena", "mingru", "rglru")
+MIXERS = ("attention", "mamba", "mamba2", "gla", "based", "gated_deltanet", "hyena", "mingru",
+          "rglru")
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -141,6 +142,11 @@ def make_mixer(name: str, d: int, seq_len: int, backend):
     if name == "based":
         m = Based(d, heads, 16, backend)
         return m, heads * (1 + 16 + 256) * (d // heads + 1) * f32 + 3 * d * f32
+    if name == "gated_deltanet":
+        m = snn.GatedDeltaNet(hidden_size=d, expand_v=1, head_dim=d // heads, num_heads=heads,
+                              use_short_conv=True, backend=backend)
+        return m, (m.num_v_heads * m.head_k_dim * m.head_v_dim
+                   + 3 * (2 * m.key_dim + m.value_dim)) * f32
     if name == "hyena":
         m = snn.HyenaOperator(d, l_max=seq_len, order=2, filter_order=64, backend=backend)
         return m, d * seq_len * f32 + 3 * 2 * d * f32               # the input history
