@@ -59,7 +59,7 @@ for s in ${STEPS:-build graphs overhead}; do
     launches) step launches ${T_LAUNCHES:-150} python3 bench/gpu_host.py --launches chunk_linear_attn \
                 chunk_simple_gla chunk_gla chunk_gated_delta_rule chunk_based mamba_chunk_scan_combined ;;
     fft7) step fft7 ${T_FFT7:-290} python3 bench/gpu_fft7.py ;;
-    recall) step recall ${T_RECALL:-330} python3 -m ssm_kernels.examples.recall --out "$OUT" ;;
+    recall) step recall ${T_RECALL:-420} python3 -m ssm_kernels.examples.recall --out "$OUT" ;;
     check) TRITON_CACHE_DIR=$(mktemp -d) step check ${T_CHECK:-150} python3 -m ssm_kernels check ${CHECK_ARGS:-} ;;
   esac
 done
