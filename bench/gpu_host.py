@@ -263,10 +263,11 @@ def _split_and_profile(ours):
     # fwd+bwd: the backward runs on autograd's device thread (cProfile does not see it): time our
     # backward functions from inside, per call, against the whole step
     import time
-    from ssm_kernels.linear_scan.interface import linear_scan_fwd_op
+    # (linear_scan without output_final_state: the h-only op, one autograd output)
+    from ssm_kernels.linear_scan.interface import linear_scan_fwd_h_op
     from ssm_kernels.selective_scan.interface import selective_scan_fwd_op
     print("\nfwd+bwd split (us per call): whole step | forward alone | inside our backward")
-    for op, kop in (("linear_scan", linear_scan_fwd_op), ("selective_scan_fn", selective_scan_fwd_op)):
+    for op, kop in (("linear_scan", linear_scan_fwd_h_op), ("selective_scan_fn", selective_scan_fwd_op)):
         if (op, "fwd+bwd") not in ours or (op, "fwd") not in ours:
             continue
         cls = kop._function

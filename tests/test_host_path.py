@@ -135,8 +135,12 @@ def _cases(pg=None):
 # Value checks of CPU tensors (log-decays <= 0: gt, any, item) are part of the CPU path by
 # design and counted here.
 PINNED = {
-    "linear_scan fwd": (1, 2),
-    "linear_scan fwd+bwd": (2, 5),
+    # linear_scan (session 7 helper lscanhost7): without output_final_state the forward is the
+    # h-only op (STORE_HT off: no hT allocation, one autograd output), and without an initial
+    # state needing a gradient the backward skips dh0 (STORE_DH0 off): (1, 2) / (2, 5) before
+    # (h, hT; + da, db, dh0); now h; h + da, db
+    "linear_scan fwd": (1, 1),
+    "linear_scan fwd+bwd": (2, 3),
     "selective_scan_fn fwd": (1, 3),
     # the backward's zero last-state gradient is a cached read-only buffer (no zeros per call)
     "selective_scan_fn fwd+bwd": (2, 19),
@@ -250,8 +254,11 @@ def group_of_one(tmp_path):
 # the same plus the zeros of an unused final state's gradient. CPU tensors add the cross-rank shape
 # check (tensor, new_empty, all_gather, unbind, equal), a value check like the others.
 CP_FIRST_RANK_EXTRA = {
-    "linear_scan fwd": 5 + 4,
-    "linear_scan fwd+bwd": 5 + 4 + 5,
+    # + 1: the segment's final state hT (the exchange needs it; the plain call without
+    # output_final_state allocates none since lscanhost7); the first rank has no initial state,
+    # so its backward allocates no dh0, as the plain call
+    "linear_scan fwd": 5 + 4 + 1,
+    "linear_scan fwd+bwd": 5 + 4 + 5 + 1,
     "chunk_simple_gla fwd": 5 + 4 + 3,        # + the CP wrapper's early validation (gt, any, item)
     "chunk_simple_gla fwd+bwd": 5 + 4 + 5 + 3,
     "chunk_linear_attn fwd": 5 + 4,           # no decay, no early value check

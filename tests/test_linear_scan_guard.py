@@ -122,3 +122,83 @@ def test_autograd_path_guard_zones(monkeypatch):
     log.assert_clean()
     assert "_linear_scan_bwd_tinner_kernel" in log.launches
     assert torch.isfinite(da.float()).all() and torch.isfinite(db.float()).all()
+
+
+def _dummy_in_guards(dtype):
+    """A 1-element NaN tensor inside a wide NaN-guarded buffer: checked_access reports any access
+    past its one element (an address in no argument), and a store to the element itself shows as
+    a non-NaN value (a stray write lands in the buffer, not in other memory)."""
+    buf = torch.full((2 * 4096 + 1,), FILL, dtype=dtype)
+    return buf[4096:4097]
+
+
+@pytest.mark.parametrize("knob", ["old", "reg"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("P,T,Q,h0,carry", [(2, 40, 1, True, True), (2, 80, 1, True, False),
+                                           (2, 20, 9, True, True), (1, 100, 2, False, True)])
+def test_skipped_outputs_never_touch_the_dummy(monkeypatch, knob, dtype, reverse, P, T, Q, h0, carry):
+    """final=False (no hT: STORE_HT off) and want_dh0=False (no dh0: STORE_DH0 off) pass the shared
+    dummy where the output was: nothing may be stored through it (here a NaN element in a NaN
+    buffer: checked_access flags any access past it, a store to it replaces the NaN), and every other output is bit-equal to the full call's. Time
+    innermost and channels innermost, one chunk and split time (T=80, 100: summary passes)."""
+    from ssm_kernels.linear_scan import triton as K
+    if dtype.is_complex and Q == 1 and knob == "reg":
+        pytest.skip("complex takes the shifted-load kernel (covered by knob 'old')")
+    monkeypatch.setattr(K, "BWD_REG_SHIFT", KNOBS[knob][0])
+    monkeypatch.setattr(K, "BWD_PREFETCH", KNOBS[knob][1])
+    K._plan.cache_clear()
+    used = []
+
+    def dummy(like):
+        used.append(_dummy_in_guards(like.dtype))
+        return used[-1]
+    monkeypatch.setattr(K, "_dummy", dummy)
+    try:
+        a, b, dh, s0, dT = _inputs(dtype, P, T, Q, h0, carry)
+        pq = (P, T, Q)
+        with checked_access() as log:   # (split time: the full call's dropped chunk ends too)
+            h_full, hT = K.linear_scan_fwd(a, b, s0, reverse, pq=pq)
+            full = K.linear_scan_bwd(a, h_full, s0, dh, dT, reverse, pq=pq)
+            n_full = len(used)
+            h, none = K.linear_scan_fwd(a, b, s0, reverse, pq=pq, final=False)
+            da, db, none0 = K.linear_scan_bwd(a, h, s0, dh, dT, reverse, pq=pq, want_dh0=False)
+        log.assert_clean()
+        assert none is None and none0 is None and len(used) >= n_full + 2
+        for d in used:   # never written (the same NaN bits as when made)
+            assert guards_intact(d, 4096, FILL) and torch.isnan(d.float() if not d.is_complex() else torch.view_as_real(d)).all()
+        assert torch.equal(h, h_full) and torch.equal(da, full[0]) and torch.equal(db, full[1])
+        assert hT is not None and torch.isfinite(torch.view_as_real(hT) if hT.is_complex() else hT).all()
+    finally:
+        K._plan.cache_clear()
+
+
+@pytest.mark.parametrize("h0_grad", [None, False, True])
+@pytest.mark.parametrize("final", [False, True])
+def test_public_call_allocates_only_what_is_read(monkeypatch, h0_grad, final):
+    """Through sk.linear_scan and autograd: the final state is computed only with
+    output_final_state, dh0 only for an initial state that needs a gradient (the launchers'
+    final / want_dh0 flags); gradients equal the reference backend's either way."""
+    import ssm_kernels as sk
+    from ssm_kernels.linear_scan import interface as I
+    g = torch.Generator().manual_seed(1)
+    a = (torch.rand(2, 24, 3, generator=g) * 0.5 + 0.5)
+    b = torch.randn(2, 24, 3, generator=g)
+    s0 = None if h0_grad is None else torch.randn(2, 3, generator=g)
+    flags = []
+    fwd, bwd = I._fwd, I._bwd
+    monkeypatch.setattr(I, "_fwd", lambda *x: (flags.append(("fwd", x[-1])), fwd(*x))[1])
+    monkeypatch.setattr(I, "_bwd", lambda *x: (flags.append(("bwd", x[-1])), bwd(*x))[1])
+    res = {}
+    for backend in ("triton", "reference"):
+        al, bl = a.clone().requires_grad_(), b.clone().requires_grad_()
+        sl = None if s0 is None else s0.clone().requires_grad_(bool(h0_grad))
+        out = sk.linear_scan(al, bl, sl, output_final_state=final, backend=backend)
+        assert isinstance(out, tuple) == final
+        h = out[0] if final else out
+        loss = h.square().sum() + (out[1].square().sum() if final else 0)
+        leaves = [al, bl] + ([sl] if h0_grad else [])
+        res[backend] = torch.autograd.grad(loss, leaves)
+    assert flags == [("fwd", final), ("bwd", bool(h0_grad))] * 2, flags
+    for x, y in zip(res["triton"], res["reference"]):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)

@@ -65,14 +65,19 @@ def _triton():
     return _triton_module
 
 
-@kernel_op("linear_scan_fwd", mutates_args=())
-def linear_scan_fwd_op(a: Tensor, b: Tensor, h0: Optional[Tensor], dim: int, reverse: bool,
-                       backend: str) -> Tuple[Tensor, Tensor]:
+# Two forward ops and two backward ops: the final state (forward) and dh0 (backward) are outputs
+# only when someone reads them. Without them the Triton kernels skip those stores (STORE_HT /
+# STORE_DH0 off) and nothing is allocated for them (issue 8: one CUDA allocation each on the GPU
+# host, and one autograd output fewer); a registered op's schema cannot drop an output per call,
+# hence the pairs. The CUDA and reference backends still compute both and the op drops them.
+
+def _fwd(a: Tensor, b: Tensor, h0: Optional[Tensor], dim: int, reverse: bool, backend: str,
+         final: bool):
     chosen = _select(backend, b)
     if chosen == "triton":   # no views: the launcher takes the sizes
         s = b.shape
         return _triton().linear_scan_fwd(a, b, h0, reverse, (s[:dim].numel(), s[dim], s[dim + 1:].numel()),
-                                         s[:dim] + s[dim + 1:])
+                                         s[:dim] + s[dim + 1:], final)
     a3, b3 = _canon(a, dim), _canon(b, dim)
     if h0 is not None:
         h0 = h0.reshape(b3.shape[0], b3.shape[2])
@@ -82,7 +87,13 @@ def linear_scan_fwd_op(a: Tensor, b: Tensor, h0: Optional[Tensor], dim: int, rev
     else:
         h, hT = linear_scan_fwd_ref(a3, b3, h0, reverse)
         h, hT = h.contiguous(), hT.contiguous()
-    return h.view(b.shape), hT.view(_state_shape(b, dim))
+    return h.view(b.shape), (hT.view(_state_shape(b, dim)) if final else None)
+
+
+@kernel_op("linear_scan_fwd", mutates_args=())
+def linear_scan_fwd_op(a: Tensor, b: Tensor, h0: Optional[Tensor], dim: int, reverse: bool,
+                       backend: str) -> Tuple[Tensor, Tensor]:
+    return _fwd(a, b, h0, dim, reverse, backend, True)
 
 
 @linear_scan_fwd_op.register_fake
@@ -90,17 +101,26 @@ def _(a, b, h0, dim, reverse, backend):
     return torch.empty_like(b), b.new_empty(_state_shape(b, dim), dtype=state_dtype(b.dtype))
 
 
-@kernel_op("linear_scan_bwd", mutates_args=())
-def linear_scan_bwd_op(a: Tensor, h: Tensor, h0: Optional[Tensor], dh: Tensor,
-                       dhT: Optional[Tensor], dim: int, reverse: bool,
-                       backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """dhT None: no gradient reaches the final state (the Triton kernel then skips it)."""
+@kernel_op("linear_scan_fwd_h", mutates_args=())
+def linear_scan_fwd_h_op(a: Tensor, b: Tensor, h0: Optional[Tensor], dim: int, reverse: bool,
+                         backend: str) -> Tensor:
+    """linear_scan_fwd without the final state (not written, not allocated)."""
+    return _fwd(a, b, h0, dim, reverse, backend, False)[0]
+
+
+@linear_scan_fwd_h_op.register_fake
+def _(a, b, h0, dim, reverse, backend):
+    return torch.empty_like(b)
+
+
+def _bwd(a: Tensor, h: Tensor, h0: Optional[Tensor], dh: Tensor, dhT: Optional[Tensor], dim: int,
+         reverse: bool, backend: str, want_dh0: bool):
     chosen = _select(backend, h)
     if chosen == "triton":   # no views: the launcher takes the sizes
         s = h.shape
         return _triton().linear_scan_bwd(a, h, h0, dh, dhT, reverse,
                                          (s[:dim].numel(), s[dim], s[dim + 1:].numel()),
-                                         s[:dim] + s[dim + 1:])
+                                         s[:dim] + s[dim + 1:], want_dh0)
     a3, h3, dh3 = _canon(a, dim), _canon(h, dim), _canon(dh, dim)
     P, Q = h3.shape[0], h3.shape[2]
     if h0 is not None:
@@ -111,7 +131,16 @@ def linear_scan_bwd_op(a: Tensor, h: Tensor, h0: Optional[Tensor], dh: Tensor,
         da, db, dh0 = linear_scan_bwd(a3, h3, h0, dh3, dhT, reverse)
     else:
         da, db, dh0 = linear_scan_bwd_ref(a3, h3, h0, dh3, dhT, reverse)
-    return da.view(a.shape), db.view(h.shape), dh0.reshape(_state_shape(h, dim))
+    return (da.view(a.shape), db.view(h.shape),
+            dh0.reshape(_state_shape(h, dim)) if want_dh0 else None)
+
+
+@kernel_op("linear_scan_bwd", mutates_args=())
+def linear_scan_bwd_op(a: Tensor, h: Tensor, h0: Optional[Tensor], dh: Tensor,
+                       dhT: Optional[Tensor], dim: int, reverse: bool,
+                       backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """dhT None: no gradient reaches the final state (the Triton kernel then skips it)."""
+    return _bwd(a, h, h0, dh, dhT, dim, reverse, backend, True)
 
 
 @linear_scan_bwd_op.register_fake
@@ -120,9 +149,29 @@ def _(a, h, h0, dh, dhT, dim, reverse, backend):
             h.new_empty(_state_shape(h, dim), dtype=state_dtype(h.dtype)))
 
 
+@kernel_op("linear_scan_bwd_ab", mutates_args=())
+def linear_scan_bwd_ab_op(a: Tensor, h: Tensor, h0: Optional[Tensor], dh: Tensor,
+                          dhT: Optional[Tensor], dim: int, reverse: bool,
+                          backend: str) -> Tuple[Tensor, Tensor]:
+    """linear_scan_bwd without dh0 (no initial state, or it needs no gradient): (da, db)."""
+    da, db, _ = _bwd(a, h, h0, dh, dhT, dim, reverse, backend, False)
+    return da, db
+
+
+@linear_scan_bwd_ab_op.register_fake
+def _(a, h, h0, dh, dhT, dim, reverse, backend):
+    return torch.empty_like(a), torch.empty_like(h)
+
+
 def _setup_context(ctx, inputs, output):
     a, b, h0, dim, reverse, backend = inputs
     ctx.save_for_backward(a, output[0], h0)
+    ctx.dim, ctx.reverse, ctx.backend = dim, reverse, backend
+
+
+def _setup_context_h(ctx, inputs, output):
+    a, b, h0, dim, reverse, backend = inputs
+    ctx.save_for_backward(a, output, h0)
     ctx.dim, ctx.reverse, ctx.backend = dim, reverse, backend
 
 
@@ -132,12 +181,20 @@ def _backward(ctx, dh, dhT):
         dh = torch.zeros_like(h)
     if dhT is not None:
         dhT = dhT.to(state_dtype(h.dtype)).contiguous()
-    da, db, dh0 = linear_scan_bwd_op(a, h, h0, dh.contiguous(), dhT, ctx.dim, ctx.reverse,
-                                     ctx.backend)
-    return da, db, (None if h0 is None else dh0.to(h0.dtype)), None, None, None
+    args = (a, h, h0, dh.contiguous(), dhT, ctx.dim, ctx.reverse, ctx.backend)
+    if h0 is None or not ctx.needs_input_grad[2]:   # nobody reads dh0: not computed
+        da, db = linear_scan_bwd_ab_op(*args)
+        return da, db, None, None, None, None
+    da, db, dh0 = linear_scan_bwd_op(*args)
+    return da, db, dh0.to(h0.dtype), None, None, None
+
+
+def _backward_h(ctx, dh):
+    return _backward(ctx, dh, None)
 
 
 linear_scan_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+linear_scan_fwd_h_op.register_autograd(_backward_h, setup_context=_setup_context_h)
 
 
 # ---- validation (once per metadata key) ----------------------------------------------------------
@@ -227,7 +284,7 @@ def linear_scan(a: Tensor, b: Tensor, initial_state: Optional[Tensor] = None, *,
         if len(_checked) > 4096:
             _checked.clear()
         _checked[key] = (dim_, bk)
-    h, hT = linear_scan_fwd_op(a.contiguous(), b.contiguous(), initial_state, dim_, bool(reverse), bk)
     if output_final_state:
-        return h, hT
-    return h
+        return linear_scan_fwd_op(a.contiguous(), b.contiguous(), initial_state, dim_, bool(reverse), bk)
+    # no final state requested: an op (and autograd node) with h alone, hT never allocated
+    return linear_scan_fwd_h_op(a.contiguous(), b.contiguous(), initial_state, dim_, bool(reverse), bk)

@@ -24,6 +24,9 @@ import triton.language as tl
 from .._config import triton_interpret
 from .._launch import cdiv, next_power_of_2, fast_kernel
 from .._device import sm_count
+# the pointer for an output nobody reads (STORE_HT / STORE_DH0 off: never written): the chunk
+# engine's persistent 1-element tensor per (device, dtype), no allocation per call
+from ..chunk.common import dummy as _dummy
 
 
 @triton.jit
@@ -70,9 +73,10 @@ def _linear_scan_fwd_kernel(
     T, C, CHUNK, NC,
     # strides of a/b/h in elements (float32 units for complex); states are contiguous
     s_o, s_t, s_c,
-    # meta-parameters; SUMMARY: write only (sa, hT) per chunk, not h
+    # meta-parameters; SUMMARY: write only (sa, hT) per chunk, not h; STORE_HT=False: nobody reads
+    # the end states (hT_ptr is a dummy: never written)
     HAS_H0: tl.constexpr, REVERSE: tl.constexpr, COMPLEX: tl.constexpr, SUMMARY: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, STORE_HT: tl.constexpr,
 ):
     i_c, i_o, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -123,9 +127,10 @@ def _linear_scan_fwd_kernel(
             else:
                 tl.store(h_ptr + p, h.to(h_ptr.dtype.element_ty), mask=m)
             carry_r = _carry_of(h, is_end)
-    tl.store(hT_ptr + p_state, carry_r, mask=m_c)
-    if COMPLEX:
-        tl.store(hT_ptr + p_state + 1, carry_i, mask=m_c)
+    if STORE_HT or SUMMARY:
+        tl.store(hT_ptr + p_state, carry_r, mask=m_c)
+        if COMPLEX:
+            tl.store(hT_ptr + p_state + 1, carry_i, mask=m_c)
     if SUMMARY:
         tl.store(sa_ptr + p_state, acc_r, mask=m_c)
         if COMPLEX:
@@ -142,9 +147,11 @@ def _linear_scan_bwd_kernel(
     T, C, CHUNK, NC,
     # strides of a/h/dh/da/db in elements (float32 units for complex)
     s_o, s_t, s_c,
-    # meta-parameters; HAS_CARRY=False: no gradient enters past the last step (dhT_ptr unused)
+    # meta-parameters; HAS_CARRY=False: no gradient enters past the last step (dhT_ptr unused);
+    # STORE_DH0=False (not SUMMARY): nobody reads dh0 (dh0_ptr is a dummy: never written)
     HAS_H0: tl.constexpr, REVERSE: tl.constexpr, COMPLEX: tl.constexpr, SUMMARY: tl.constexpr,
     HAS_CARRY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    STORE_DH0: tl.constexpr,
 ):
     # g_t = dh_t + conj(a[t_next]) g[t_next], walked opposite to the forward pass: t_next = t+1
     # (t-1 for reverse=True) is the step processed just before t. The forward predecessor of t,
@@ -226,17 +233,18 @@ def _linear_scan_bwd_kernel(
             tl.store(sa_ptr + p_state + 1, acc_i, mask=m_c)
             tl.store(dh0_ptr + p_state + 1, carry_i, mask=m_c)
         return
-    # dh0 = conj(a at the globally last processed step) * g there (meaningful in the chunk that
-    # holds that step; the launcher picks it)
-    # ((T - 1) * s_t in int64: one o-slice of [O, T, C] may pass 2^31 elements)
-    p_first = base_c + (0 if FLIP else tl.cast(T - 1, tl.int64) * s_t)
-    a_r = tl.load(a_ptr + p_first, mask=m_c, other=0.0).to(tl.float32)
-    if COMPLEX:
-        a_i = -tl.load(a_ptr + p_first + 1, mask=m_c, other=0.0).to(tl.float32)
-        tl.store(dh0_ptr + p_state, a_r * carry_r - a_i * carry_i, mask=m_c)
-        tl.store(dh0_ptr + p_state + 1, a_r * carry_i + a_i * carry_r, mask=m_c)
-    else:
-        tl.store(dh0_ptr + p_state, a_r * carry_r, mask=m_c)
+    if STORE_DH0:
+        # dh0 = conj(a at the globally last processed step) * g there (meaningful in the chunk
+        # that holds that step; the launcher picks it)
+        # ((T - 1) * s_t in int64: one o-slice of [O, T, C] may pass 2^31 elements)
+        p_first = base_c + (0 if FLIP else tl.cast(T - 1, tl.int64) * s_t)
+        a_r = tl.load(a_ptr + p_first, mask=m_c, other=0.0).to(tl.float32)
+        if COMPLEX:
+            a_i = -tl.load(a_ptr + p_first + 1, mask=m_c, other=0.0).to(tl.float32)
+            tl.store(dh0_ptr + p_state, a_r * carry_r - a_i * carry_i, mask=m_c)
+            tl.store(dh0_ptr + p_state + 1, a_r * carry_i + a_i * carry_r, mask=m_c)
+        else:
+            tl.store(dh0_ptr + p_state, a_r * carry_r, mask=m_c)
 
 
 # ---- backward with time innermost, shifted terms in registers ---------------------------------
@@ -351,6 +359,7 @@ def _linear_scan_bwd_tinner_kernel(
     T, C, CHUNK, NC, s_o, s_c,
     HAS_H0: tl.constexpr, REVERSE: tl.constexpr, HAS_CARRY: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, V: tl.constexpr, PREFETCH: tl.constexpr,
+    STORE_DH0: tl.constexpr,
 ):
     # PREFETCH: the next tile's loads are issued before this tile's scan (loads in flight during
     # the scan; the tile's registers twice)
@@ -408,9 +417,10 @@ def _linear_scan_bwd_tinner_kernel(
         tl.store(db_ptr + p, g.to(db_ptr.dtype.element_ty), mask=m)
         tl.store(da_ptr + p, (g * hr).to(da_ptr.dtype.element_ty), mask=m)
         carry = _carry_of(g, is_end)
-    p_first = base_c + (0 if FLIP else T - 1)
-    a_r = tl.load(a_ptr + p_first, mask=m_c, other=0.0).to(tl.float32)
-    tl.store(dh0_ptr + p_state, a_r * carry, mask=m_c)
+    if STORE_DH0:   # else dh0_ptr is a dummy: never written
+        p_first = base_c + (0 if FLIP else T - 1)
+        a_r = tl.load(a_ptr + p_first, mask=m_c, other=0.0).to(tl.float32)
+        tl.store(dh0_ptr + p_state, a_r * carry, mask=m_c)
 
 
 _linear_scan_fwd_kernel = fast_kernel(_linear_scan_fwd_kernel)
@@ -489,10 +499,12 @@ def _plan(P: int, T: int, Q: int, complex_: bool, elem_bytes: int, device: torch
     return O, C, s_o, s_t, s_c, cfg, chunk, nc, (cdiv(C, cfg["BLOCK_C"]), O, nc)
 
 
-def linear_scan_fwd(a: torch.Tensor, b: torch.Tensor, h0, reverse: bool, pq=None, state_shape=None):
+def linear_scan_fwd(a: torch.Tensor, b: torch.Tensor, h0, reverse: bool, pq=None, state_shape=None,
+                    final: bool = True):
     """a, b: contiguous [P, T, Q] of one dtype in TRITON_DTYPES; h0: [P, Q] state dtype or None.
     pq: (P, T, Q) when a, b come in another contiguous shape of the same elements (no views: the
-    kernel only needs the pointer and these sizes); the states then have `state_shape`."""
+    kernel only needs the pointer and these sizes); the states then have `state_shape`.
+    Returns (h, hT); final=False: hT is None (not allocated, not written: STORE_HT off)."""
     P, T, Q = b.shape if pq is None else pq
     cplx = b.is_complex()
     sdt = torch.complex64 if cplx else torch.float32
@@ -500,12 +512,13 @@ def linear_scan_fwd(a: torch.Tensor, b: torch.Tensor, h0, reverse: bool, pq=None
     h = torch.empty_like(b)
     ak, bk, hk = (_state_view(x) for x in (a, b, h)) if cplx else (a, b, h)
     if nc == 1:
-        hT = b.new_empty(state_shape or (P, Q), dtype=sdt)
+        hT = b.new_empty(state_shape or (P, Q), dtype=sdt) if final else None
         h0k = None if h0 is None else _state_view(h0.to(sdt).contiguous())
         _linear_scan_fwd_kernel[grid](
-            ak, bk, h0k if h0k is not None else hk, hk, _state_view(hT) if cplx else hT, hk,
+            ak, bk, h0k if h0k is not None else hk, hk,
+            (_state_view(hT) if cplx else hT) if final else _dummy(hk), hk,
             T, C, chunk, nc, s_o, s_t, s_c, HAS_H0=h0 is not None, REVERSE=reverse, COMPLEX=cplx,
-            SUMMARY=False, **cfg)
+            SUMMARY=False, STORE_HT=final, **cfg)
         return h, hT
     common = dict(REVERSE=reverse, COMPLEX=cplx, **cfg)
     # 1) per-chunk summaries (product of a, end state from zero); 2) scan over chunks;
@@ -514,21 +527,23 @@ def linear_scan_fwd(a: torch.Tensor, b: torch.Tensor, h0, reverse: bool, pq=None
     sb = torch.empty_like(sa)
     _linear_scan_fwd_kernel[grid](
         ak, bk, hk, hk, _state_view(sb), _state_view(sa),
-        T, C, chunk, nc, s_o, s_t, s_c, HAS_H0=False, SUMMARY=True, **common)
+        T, C, chunk, nc, s_o, s_t, s_c, HAS_H0=False, SUMMARY=True, STORE_HT=True, **common)
     start = None if h0 is None else h0.reshape(O, 1, C)
-    ends, final = linear_scan_fwd(sa, sb, None if start is None else start.reshape(O, C).to(sdt), reverse)
+    ends, last = linear_scan_fwd(sa, sb, None if start is None else start.reshape(O, C).to(sdt),
+                                 reverse, final=final)
     carry = _shift_in(ends, start, reverse)
-    scratch = torch.empty_like(sa)
-    _linear_scan_fwd_kernel[grid](
-        ak, bk, _state_view(carry), hk, _state_view(scratch), hk,
-        T, C, chunk, nc, s_o, s_t, s_c, HAS_H0=True, SUMMARY=False, **common)
-    return h, final.reshape(state_shape or (P, Q))
+    _linear_scan_fwd_kernel[grid](   # the chunks' end states are `ends`: not written again
+        ak, bk, _state_view(carry), hk, _dummy(hk), hk,
+        T, C, chunk, nc, s_o, s_t, s_c, HAS_H0=True, SUMMARY=False, STORE_HT=False, **common)
+    return h, (last.reshape(state_shape or (P, Q)) if final else None)
 
 
-def linear_scan_bwd(a, h, h0, dh, dhT, reverse: bool, pq=None, state_shape=None):
+def linear_scan_bwd(a, h, h0, dh, dhT, reverse: bool, pq=None, state_shape=None,
+                    want_dh0: bool = True):
     """Gradients (da, db, dh0) from the saved output h; dh [P, T, Q], dhT [P, Q] in the state dtype
     or None (no gradient reaches the final state: the carry starts at zero). pq, state_shape: as
-    for linear_scan_fwd (da, db then have a's and h's shapes, dh0 `state_shape`)."""
+    for linear_scan_fwd (da, db then have a's and h's shapes, dh0 `state_shape`).
+    want_dh0=False: dh0 is None (not allocated, not written: STORE_DH0 off)."""
     P, T, Q = h.shape if pq is None else pq
     cplx = h.is_complex()
     sdt = torch.complex64 if cplx else torch.float32
@@ -543,7 +558,8 @@ def linear_scan_bwd(a, h, h0, dh, dhT, reverse: bool, pq=None, state_shape=None)
     h0k = None if h0 is None else _state_view(h0.to(sdt).contiguous())
     if nc == 1:
         carry = dhT
-        dh0 = h.new_empty(state_shape or (P, Q), dtype=sdt)   # [O, 1, C]: the same elements
+        # [O, 1, C]: the same elements
+        dh0 = h.new_empty(state_shape or (P, Q), dtype=sdt) if want_dh0 else None
     else:  # chunk summaries, a scan over chunks in the backward's order, then the full pass
         if dhT is None:
             dhT = torch.zeros((P, Q), dtype=sdt, device=h.device)
@@ -552,24 +568,24 @@ def linear_scan_bwd(a, h, h0, dh, dhT, reverse: bool, pq=None, state_shape=None)
         _linear_scan_bwd_kernel[grid](
             ak, hk, h0k if h0k is not None else hk, dhk, _state_view(sg), dak, dbk,
             _state_view(sg), _state_view(sa), T, C, chunk, nc, s_o, s_t, s_c, SUMMARY=True,
-            HAS_CARRY=False, **common)
-        ends, _ = linear_scan_fwd(sa, sg, dhT.reshape(O, C), not reverse)
+            HAS_CARRY=False, STORE_DH0=True, **common)
+        ends, _ = linear_scan_fwd(sa, sg, dhT.reshape(O, C), not reverse, final=False)
         carry = _shift_in(ends, dhT, not reverse)
-        dh0 = h.new_empty((O, nc, C), dtype=sdt)
-    dh0k = _state_view(dh0) if cplx else dh0
+        dh0 = h.new_empty((O, nc, C), dtype=sdt) if want_dh0 else None
+    dh0k = (_state_view(dh0) if cplx else dh0) if want_dh0 else _dummy(dak)
     if BWD_REG_SHIFT and s_t == 1 and not cplx:   # time innermost: shifted terms in registers
         _linear_scan_bwd_tinner_kernel[grid](
             a, h, h0k if h0k is not None else h, dh, carry if carry is not None else dh, da, db,
-            dh0, T, C, chunk, nc, s_o, s_c, HAS_H0=h0 is not None, REVERSE=reverse,
+            dh0k, T, C, chunk, nc, s_o, s_c, HAS_H0=h0 is not None, REVERSE=reverse,
             HAS_CARRY=carry is not None, V=_vec(h.element_size(), cfg["BLOCK_T"]),
-            PREFETCH=BWD_PREFETCH, **cfg)
+            PREFETCH=BWD_PREFETCH, STORE_DH0=want_dh0, **cfg)
     else:
         _linear_scan_bwd_kernel[grid](
             ak, hk, h0k if h0k is not None else hk, dhk,
             (_state_view(carry) if cplx else carry) if carry is not None else dhk, dak, dbk,
             dh0k, dh0k, T, C, chunk, nc, s_o, s_t, s_c, SUMMARY=False,
-            HAS_CARRY=carry is not None, **common)
-    if nc == 1:
+            HAS_CARRY=carry is not None, STORE_DH0=want_dh0, **common)
+    if nc == 1 or not want_dh0:
         return da, db, dh0
     # the chunk holding the globally last processed step (t=0 unless reverse) has the true dh0
     return da, db, dh0[:, nc - 1 if reverse else 0].reshape(state_shape or (P, Q))
@@ -582,6 +598,8 @@ def _vec(elem_bytes: int, block_t: int) -> int:
 
 def _state_view(s: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(s) if s.is_complex() else s
+
+
 
 
 # ---- states-only passes (context parallelism: ssm_kernels.distributed) -------------------------
@@ -599,7 +617,7 @@ def linear_scan_summary(a: torch.Tensor, b: torch.Tensor, reverse: bool):
     sb = torch.empty_like(sa)
     _linear_scan_fwd_kernel[grid](
         ak, bk, bk, bk, _state_view(sb), _state_view(sa), T, C, chunk, nc, s_o, s_t, s_c,
-        HAS_H0=False, REVERSE=reverse, COMPLEX=cplx, SUMMARY=True, **cfg)
+        HAS_H0=False, REVERSE=reverse, COMPLEX=cplx, SUMMARY=True, STORE_HT=True, **cfg)
     if nc == 1:
         return sa.view(P, Q), sb.view(P, Q)
     _, end = linear_scan_fwd(sa, sb, None, reverse)   # compose the chunks' maps
@@ -622,7 +640,8 @@ def linear_scan_adjoint(a: torch.Tensor, dh: torch.Tensor, reverse: bool):
     sgk, sak = (_state_view(x) for x in (sg, sa)) if cplx else (sg, sa)
     _linear_scan_bwd_kernel[grid](
         ak, dhk, dhk, dhk, sgk, dhk, dhk, sgk, sak, T, C, chunk, nc, s_o, s_t, s_c,
-        HAS_H0=False, REVERSE=reverse, COMPLEX=cplx, SUMMARY=True, HAS_CARRY=False, **cfg)
+        HAS_H0=False, REVERSE=reverse, COMPLEX=cplx, SUMMARY=True, HAS_CARRY=False,
+        STORE_DH0=True, **cfg)
     if nc == 1:
         g = sg.view(P, Q)
     else:   # compose the chunks in the backward's order
