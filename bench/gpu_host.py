@@ -191,7 +191,7 @@ def launch_profile(case, calls=10):
     # the device synchronize after the calls is the harness's, not the op's
     sync -= sum(n for k, n in api.items() if k == "cudaDeviceSynchronize")
     per = lambda n: f"{n / calls:.1f}"
-    eager, pool = {}, {}
+    eager, pool, skip = {}, {}, {}
     if case.impl == "ssm_kernels":   # A/B of the raw-pointer launch knob, alternating, best of 3
         for raw in (False, True) * 3:
             _launch.set_raw_pointers(raw)
@@ -220,12 +220,24 @@ def launch_profile(case, calls=10):
             us = per_call_us(case.fn, calls=50)
             pool[on] = (m.n, min(pool.get(on, (0, us))[1], us))
         chunk_common.HOST_POOL = True
+        if case.op == "linear_scan":   # lscanhost7: no hT / dh0 nobody reads, knob on / off
+            from ssm_kernels.linear_scan import interface as lscan_interface
+            for on in (True, False) * 3:
+                lscan_interface.SKIP_UNREAD = on
+                case.fn()
+                with _Allocs() as m:
+                    case.fn()
+                us = per_call_us(case.fn, calls=50)
+                skip[on] = (m.n, min(skip.get(on, (0, us))[1], us))
+            lscan_interface.SKIP_UNREAD = True
     print(f"{case.op:<26} {case.impl:<12} {case.mode:<8} launch cache hits/call {per(hits)} "
           f"misses {per(misses)} fallbacks {per(falls)} | CUDA kernels/call {per(kernels)} "
           f"launch API {per(launches)} malloc/free {per(malloc)} syncs {per(sync)}"
           + (f" | eager us {eager[False]:.1f}, raw pointers {eager[True]:.1f}" if eager else "")
           + (f" | torch allocs/call, eager us: pool {pool[True][0]}, {pool[True][1]:.1f}; "
-             f"SSM_KERNELS_HOST_POOL=0 {pool[False][0]}, {pool[False][1]:.1f}" if pool else ""),
+             f"SSM_KERNELS_HOST_POOL=0 {pool[False][0]}, {pool[False][1]:.1f}" if pool else "")
+          + (f" | skip unread {skip[True][0]}, {skip[True][1]:.1f}; "
+             f"SSM_KERNELS_LSCAN_SKIP_UNREAD=0 {skip[False][0]}, {skip[False][1]:.1f}" if skip else ""),
           flush=True)
     for k, st in stats.items():
         if st["misses"] or st["fallbacks"]:

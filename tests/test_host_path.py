@@ -401,3 +401,15 @@ def test_workspace_views_and_shared_dummies(stubbed_launches, monkeypatch):
     assert common.dummy(torch.empty(3, dtype=torch.float16)) is not d
     launches, work = _count(_cases()["chunk_simple_gla fwd+bwd"], stubbed_launches)
     assert (launches, len(work)) == (6, 22), work     # the pin before alloc7
+
+
+def test_linear_scan_skip_unread_knob_pin(stubbed_launches, monkeypatch):
+    """linear_scan's SKIP_UNREAD off (SSM_KERNELS_LSCAN_SKIP_UNREAD=0, the GPU A/B of
+    bench/gpu_host.py --launches): the full ops as before lscanhost7, hT and dh0 allocated
+    though nobody reads them: one torch op more forward, two more forward+backward."""
+    from ssm_kernels.linear_scan import interface
+    monkeypatch.setattr(interface, "SKIP_UNREAD", False)
+    for name, extra in (("linear_scan fwd", 1), ("linear_scan fwd+bwd", 2)):
+        launches, work = _count(_cases()[name], stubbed_launches)
+        want = PINNED[name]
+        assert (launches, len(work)) == (want[0], want[1] + extra), f"{name}: {launches}, {work}"

@@ -1,6 +1,7 @@
 """linear_scan: registered ops -> autograd -> the documented public function."""
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -70,6 +71,8 @@ def _triton():
 # STORE_DH0 off) and nothing is allocated for them (issue 8: one CUDA allocation each on the GPU
 # host, and one autograd output fewer); a registered op's schema cannot drop an output per call,
 # hence the pairs. The CUDA and reference backends still compute both and the op drops them.
+# SKIP_UNREAD=False (SSM_KERNELS_LSCAN_SKIP_UNREAD=0): always the full ops, as before (A/B knob).
+SKIP_UNREAD = os.environ.get("SSM_KERNELS_LSCAN_SKIP_UNREAD", "1") != "0"
 
 def _fwd(a: Tensor, b: Tensor, h0: Optional[Tensor], dim: int, reverse: bool, backend: str,
          final: bool):
@@ -182,11 +185,11 @@ def _backward(ctx, dh, dhT):
     if dhT is not None:
         dhT = dhT.to(state_dtype(h.dtype)).contiguous()
     args = (a, h, h0, dh.contiguous(), dhT, ctx.dim, ctx.reverse, ctx.backend)
-    if h0 is None or not ctx.needs_input_grad[2]:   # nobody reads dh0: not computed
+    if SKIP_UNREAD and (h0 is None or not ctx.needs_input_grad[2]):   # nobody reads dh0
         da, db = linear_scan_bwd_ab_op(*args)
         return da, db, None, None, None, None
     da, db, dh0 = linear_scan_bwd_op(*args)
-    return da, db, dh0.to(h0.dtype), None, None, None
+    return da, db, (None if h0 is None else dh0.to(h0.dtype)), None, None, None
 
 
 def _backward_h(ctx, dh):
@@ -284,7 +287,8 @@ def linear_scan(a: Tensor, b: Tensor, initial_state: Optional[Tensor] = None, *,
         if len(_checked) > 4096:
             _checked.clear()
         _checked[key] = (dim_, bk)
-    if output_final_state:
-        return linear_scan_fwd_op(a.contiguous(), b.contiguous(), initial_state, dim_, bool(reverse), bk)
+    if output_final_state or not SKIP_UNREAD:
+        out = linear_scan_fwd_op(a.contiguous(), b.contiguous(), initial_state, dim_, bool(reverse), bk)
+        return out if output_final_state else out[0]
     # no final state requested: an op (and autograd node) with h alone, hT never allocated
     return linear_scan_fwd_h_op(a.contiguous(), b.contiguous(), initial_state, dim_, bool(reverse), bk)
