@@ -212,24 +212,22 @@ def launch_profile(case, calls=10):
                                                     "new_zeros", "ones_like"):
                     self.n += 1
                 return func(*args, **(kwargs or {}))
-        for on in (True, False) * 3:
-            chunk_common.HOST_POOL = on
-            case.fn()
-            with _Allocs() as m:
-                case.fn()
-            us = per_call_us(case.fn, calls=50)
-            pool[on] = (m.n, min(pool.get(on, (0, us))[1], us))
-        chunk_common.HOST_POOL = True
-        if case.op == "linear_scan":   # lscanhost7: no hT / dh0 nobody reads, knob on / off
-            from ssm_kernels.linear_scan import interface as lscan_interface
+
+        def knob_ab(module, attr):   # (allocations, best eager us) per knob value, alternating
+            out = {}
             for on in (True, False) * 3:
-                lscan_interface.SKIP_UNREAD = on
+                setattr(module, attr, on)
                 case.fn()
                 with _Allocs() as m:
                     case.fn()
                 us = per_call_us(case.fn, calls=50)
-                skip[on] = (m.n, min(skip.get(on, (0, us))[1], us))
-            lscan_interface.SKIP_UNREAD = True
+                out[on] = (m.n, min(out.get(on, (0, us))[1], us))
+            setattr(module, attr, True)
+            return out
+        pool = knob_ab(chunk_common, "HOST_POOL")
+        if case.op == "linear_scan":   # lscanhost7: no hT / dh0 nobody reads, knob on / off
+            from ssm_kernels.linear_scan import interface as lscan_interface
+            skip = knob_ab(lscan_interface, "SKIP_UNREAD")
     print(f"{case.op:<26} {case.impl:<12} {case.mode:<8} launch cache hits/call {per(hits)} "
           f"misses {per(misses)} fallbacks {per(falls)} | CUDA kernels/call {per(kernels)} "
           f"launch API {per(launches)} malloc/free {per(malloc)} syncs {per(sync)}"
