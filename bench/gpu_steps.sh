@@ -56,7 +56,7 @@ for s in ${STEPS:-build graphs overhead}; do
     # CUDA-API counts per eager call (hostchunk7), row-blocked monarch16 (fft7), the recall example
     firstcall) step first_call ${T_FIRSTCALL:-150} python3 bench/gpu_first_call.py --ahead 16 \
                  --timeout 25 --budget $(( ${T_FIRSTCALL:-150} - 25 )) --out "$OUT/first_call.md" ;;
-    launches) step launches ${T_LAUNCHES:-150} python3 bench/gpu_host.py --launches chunk_linear_attn \
+    launches) step launches ${T_LAUNCHES:-150} python3 bench/gpu_host.py --launches linear_scan chunk_linear_attn \
                 chunk_simple_gla chunk_gla chunk_gated_delta_rule chunk_based mamba_chunk_scan_combined ;;
     fft7) step fft7 ${T_FFT7:-290} python3 bench/gpu_fft7.py ;;
     recall) step recall ${T_RECALL:-420} python3 -m ssm_kernels.examples.recall --out "$OUT" ;;
