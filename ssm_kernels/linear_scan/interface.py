@@ -173,9 +173,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _setup_context_h(ctx, inputs, output):
-    a, b, h0, dim, reverse, backend = inputs
-    ctx.save_for_backward(a, output, h0)
-    ctx.dim, ctx.reverse, ctx.backend = dim, reverse, backend
+    _setup_context(ctx, inputs, (output,))   # the op's one output is h
 
 
 def _backward(ctx, dh, dhT):
