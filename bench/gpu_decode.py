@@ -8,21 +8,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ssm_kernels as sk  # noqa: E402
+from ssm_kernels.benchmarks.harness import capture  # noqa: E402
 from ssm_kernels.benchmarks.peers import mamba_ssm_module  # noqa: E402
 from ssm_kernels.selective_scan import triton as K  # noqa: E402
 
 
 def replay_us(fn, calls=20):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
+    g = capture(fn, calls)
     from triton.testing import do_bench
     return do_bench(g.replay, warmup=25, rep=200, return_mode="median") * 1e3 / calls
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 import ssm_kernels as sk  # noqa: E402
+from ssm_kernels.benchmarks.harness import capture  # noqa: E402
 from ssm_kernels.delta_rule import triton as tri  # noqa: E402
 from ssm_kernels.delta_rule.reference import delta_rule_recurrent_ref  # noqa: E402
 from ssm_kernels.testing import Verdict, bound_for  # noqa: E402
@@ -126,16 +127,7 @@ def replay_us(fn):
     """Per-call time of CALLS calls captured in one CUDA graph; raises if capture fails."""
     if DRY:
         return eager_us(fn)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
+    graph = capture(fn, CALLS)
     graph.replay()
     torch.cuda.synchronize()
     us = do_bench(graph.replay, warmup=10, rep=60, return_mode="median") * 1e3 / CALLS

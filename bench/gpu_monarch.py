@@ -39,6 +39,7 @@ from gpu_fft import SMOKE, bench, force, fwd_bwd, log, make, ours, ref  # noqa: 
 import torch  # noqa: E402
 
 import ssm_kernels as sk  # noqa: E402
+from ssm_kernels.benchmarks.harness import capture  # noqa: E402
 from ssm_kernels.fft_conv import interface as fi  # noqa: E402
 from ssm_kernels.fft_conv import monarch16 as m16  # noqa: E402
 from ssm_kernels.fft_conv.reference import fft_conv_ref  # noqa: E402
@@ -287,15 +288,7 @@ def graph_ms(fn):
     if SMOKE:
         return float("nan")
     try:
-        st = torch.cuda.Stream()
-        st.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(st):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(st)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
+        g = capture(fn)
         ms = bench(g.replay)
         del g
         return ms

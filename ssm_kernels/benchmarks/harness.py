@@ -81,6 +81,23 @@ def do_bench(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> floa
     return statistics.median(times)
 
 
+def capture(fn: Callable[[], object], calls: int = 1, warmup: int = 3) -> "torch.cuda.CUDAGraph":
+    """`calls` back-to-back calls of fn captured in one CUDA graph, after `warmup` calls on a side
+    stream (compilation, autotuning and lazy caches happen off the capture stream). Raises what
+    the capture raises: a capture failing is the caller's finding to report."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph
+
+
 def measure_ceilings(device: str = "cuda") -> Ceilings:
     copy = _copy_gbps(device)
     m = 8192
