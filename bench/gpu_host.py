@@ -72,6 +72,7 @@ def main():
     rows = {}
     ours = {}
     peers = "--no-peers" not in sys.argv
+    t0 = time.time()
     if "--launches" in sys.argv:
         peers = "--peers" in sys.argv
         _pointer_check_cost()
@@ -86,7 +87,6 @@ def main():
         print(f"({time.time() - t0:.0f} s)")
         return
     budget = float(os.environ.get("HOST_BUDGET_S", "inf"))
-    t0 = time.time()
     for case in itertools.chain(cases("cuda"), _extra_cases()):
         if only and case.op not in only:
             continue
