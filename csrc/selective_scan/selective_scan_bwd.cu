@@ -857,9 +857,10 @@ int g_bwd_variant = -1;  // -1: not read from the environment yet
 int selective_scan_bwd_variant(int set) {
   if (g_bwd_variant < 0) {
     const char* env = std::getenv("SSM_KERNELS_SSCAN_BWD_VARIANT");
-    // default 2: measured on the H100 (session 6) 1.148 vs 1.559 ms at B8 D1536 L2048 and
-    // 2.618 vs 3.140 at B4 D4096 L4096; 3 won the first (1.056) but lost the second (3.369)
-    const int v = env ? std::atoi(env) : 2;
+    // default 5 (2 with warp reductions through shared memory, bitwise equal to 2): H100,
+    // session 8: 1.086 vs 1.139 (2) / 1.103 (4) ms at B8 D1536 L2048, 2.540 vs 2.597 / 2.506 at
+    // B4 D4096 L4096; session 6: 2 beat 0 (1.148 vs 1.559) and 3 lost the larger shape
+    const int v = env ? std::atoi(env) : 5;
     g_bwd_variant = (v >= 2 && v <= 5) ? v : 0;
   }
   const int prev = g_bwd_variant;
