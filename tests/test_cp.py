@@ -266,6 +266,31 @@ def _cases(world):
                 return_final_states=True, backend=bk, process_group=pg))
         return dict(name=name, make=make, call=call, out_key="x", first_only=("h0",), **tol)
 
+    def dr_case(name, gated, h0, l2, heads=(1, 2), backend=R, dtype=f64, tol=exact):
+        """chunk_(gated_)delta_rule: a [K, K] transition per (batch, value head) in the exchange;
+        heads = (H, HV) (HV > H: grouped value heads); unit keys unless the op normalizes them."""
+        Hq, HV = heads
+
+        def make():
+            q, k = (torch.randn(B, T, Hq, K, dtype=dtype) for _ in range(2))
+            if not l2:
+                k = F.normalize(k, dim=-1)
+            timed = {"q": (q, 1), "k": (k, 1), "v": (torch.randn(B, T, HV, V, dtype=dtype), 1),
+                     "beta": (torch.rand(B, T, HV, dtype=dtype) * 1.5 + 0.2, 1)}
+            if gated:
+                timed["g"] = (F.logsigmoid(torch.randn(B, T, HV, dtype=dtype) + 1), 1)
+            shared = {"h0": torch.randn(B, HV, K, V, dtype=dtype)} if h0 else {}
+            return timed, shared
+
+        def call(x, pg, bk=backend):
+            kw = dict(initial_state=x.get("h0"), output_final_state=True,
+                      use_qk_l2norm_in_kernel=l2, backend=bk, process_group=pg)
+            if gated:
+                return _pair(sk.chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"],
+                                                       **kw))
+            return _pair(sk.chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"], **kw))
+        return dict(name=name, make=make, call=call, out_key="v", first_only=("h0",), **tol)
+
     cases = [
         ls_case("linear_scan", f64, 1, False, True),
         ls_case("linear_scan complex dim=-1", torch.complex128, -1, False, True),
@@ -282,6 +307,10 @@ def _cases(world):
     if _has_cp("mamba_chunk_scan_combined"):   # SSD, once its interface takes process_group
         cases += [ssd_case("mamba_chunk_scan_combined D, z, dt_bias, softplus, h0", True),
                   ssd_case("mamba_chunk_scan_combined plain", False)]
+    if _has_cp("chunk_gated_delta_rule"):
+        cases += [dr_case("chunk_gated_delta_rule GVA l2norm h0", True, True, True),
+                  dr_case("chunk_delta_rule unit keys", False, False, False, heads=(2, 2)),
+                  dr_case("chunk_delta_rule GVA l2norm h0", False, True, True, heads=(2, 4))]
     # the Triton kernels on these CPU tensors: only under the interpreter (a GPU machine leaves it off)
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if world == 2 and interp:  # float16 (bf16 dots are wrong in the interpreter)
@@ -398,6 +427,9 @@ def test_no_group_no_distributed_import():
     sk.chunk_gla(q, q, q, -torch.rand(1, 5, 2, 3), backend="reference")
     sk.selective_scan_fn(torch.randn(1, 2, 5), torch.rand(1, 2, 5), -torch.rand(2, 3),
                          torch.randn(2, 3), torch.randn(2, 3), backend="reference")
+    sk.chunk_gated_delta_rule(q, q, q, -torch.rand(1, 5, 2), torch.rand(1, 5, 2),
+                              backend="reference")
+    sk.chunk_delta_rule(q, q, q, torch.rand(1, 5, 2), backend="reference")
     assert "ssm_kernels.distributed" not in sys.modules
 
 

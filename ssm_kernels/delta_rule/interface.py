@@ -314,6 +314,11 @@ _DECODE_DOC = """
         must be a contiguous float32 tensor, float64 for float64 inputs) and return it as the
         state; for decoding, not differentiable, no allocation, CUDA-graph capture safe."""
 
+_CP_DOC = """
+    process_group: keyword-only ``torch.distributed.ProcessGroup``: context parallelism, T is this
+        rank's segment of one sequence split over the group (see ssm_kernels.distributed); the
+        segment summary is the [K, K] transition and the end state (cu_seqlens refused)."""
+
 _GATE_DOC = """
     g: ``[B, T, HV]`` log-decays, <= 0 (any float dtype; used in float32). Differentiable."""
 
@@ -321,12 +326,13 @@ _GATE_DOC = """
 def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
                            scale: Optional[float] = None, initial_state: Optional[Tensor] = None,
                            output_final_state: bool = False, use_qk_l2norm_in_kernel: bool = False,
-                           cu_seqlens: Optional[Tensor] = None, *, backend: Optional[str] = None):
+                           cu_seqlens: Optional[Tensor] = None, *, backend: Optional[str] = None,
+                           process_group=None):
     """Gated DeltaNet (drop-in for ``fla.ops.gated_delta_rule.chunk_gated_delta_rule``):
     ``S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``, ``o_t = scale S_t^T q_t``
     (S is ``[K, V]`` per value head).
 
-    Args:{args}{gate}
+    Args:{args}{gate}{cp}
 
     Returns:
         ``(o [B, T, HV, V] in v's dtype, final_state [N, HV, K, V] float32 or None)``.
@@ -341,6 +347,11 @@ def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
         >>> o.shape, S.shape
         (torch.Size([2, 50, 4, 32]), torch.Size([2, 4, 16, 32]))
     """
+    if process_group is not None:
+        from ..distributed import cp_chunk_gated_delta_rule
+        return cp_chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state,
+                                         output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,
+                                         backend=backend, process_group=process_group)
     return _delta_rule("chunk_gated_delta_rule", q, k, v, g, beta, scale, initial_state,
                        output_final_state, use_qk_l2norm_in_kernel, cu_seqlens, backend, True)
 
@@ -348,11 +359,11 @@ def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
 def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, scale: Optional[float] = None,
                      initial_state: Optional[Tensor] = None, output_final_state: bool = False,
                      use_qk_l2norm_in_kernel: bool = False, cu_seqlens: Optional[Tensor] = None, *,
-                     backend: Optional[str] = None):
+                     backend: Optional[str] = None, process_group=None):
     """DeltaNet, no decay (drop-in for ``fla.ops.delta_rule.chunk_delta_rule``):
     ``S_t = (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T``, ``o_t = scale S_t^T q_t``.
 
-    Args:{args}
+    Args:{args}{cp}
 
     Returns:
         ``(o [B, T, HV, V] in v's dtype, final_state [N, HV, K, V] float32 or None)``.
@@ -364,6 +375,11 @@ def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor, scale: Optio
         >>> o, S = ssm_kernels.chunk_delta_rule(q, k, v, beta, use_qk_l2norm_in_kernel=True,
         ...                                     output_final_state=True)
     """
+    if process_group is not None:
+        from ..distributed import cp_chunk_delta_rule
+        return cp_chunk_delta_rule(q, k, v, beta, scale, initial_state, output_final_state,
+                                   use_qk_l2norm_in_kernel, cu_seqlens, backend=backend,
+                                   process_group=process_group)
     return _delta_rule("chunk_delta_rule", q, k, v, None, beta, scale, initial_state,
                        output_final_state, use_qk_l2norm_in_kernel, cu_seqlens, backend, False)
 
@@ -438,5 +454,5 @@ def fused_recurrent_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Optional[T
 for _f in (chunk_gated_delta_rule, chunk_delta_rule, fused_recurrent_gated_delta_rule,
            fused_recurrent_delta_rule):
     _f.__doc__ = (_f.__doc__.replace("{args}", _ARGS_DOC).replace("{gate}", _GATE_DOC)
-                  .replace("{decode}", _DECODE_DOC))
+                  .replace("{decode}", _DECODE_DOC).replace("{cp}", _CP_DOC))
 del _f

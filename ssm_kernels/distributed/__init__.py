@@ -18,7 +18,9 @@ Forward (`context_parallel`), with ``pos`` a rank's place in scan order:
 - a later rank first computes its segment's summary WITHOUT outputs: the decay product ``A_r`` and
   the end state from zero ``b_r`` (a states-only pass: linear_scan's SUMMARY kernel mode, the chunk
   engine's state pass without its output stage for the linear-attention family and SSD; the op
-  itself from zero for the selective scan, which has no such mode yet);
+  itself from zero for the selective scan, which has no such mode yet; for the delta rule, whose
+  decay is a [K, K] transition matrix ``M`` (``H_r = M_r H_{r-1} + b_r``), one op call on
+  ``[v | 0]`` from ``[0 | I]``, whose final state is ``[b_r | M_r]``);
 - one ``all_gather`` of ``(A_r, b_r)`` (O(batch x state) bytes); every rank composes the maps of
   the ranks before it in float32 (float64 for float64 inputs): ``H_r = A_r H_{r-1} + b_r`` gives its
   true initial state ``H_{r-1}`` and the global final state ``H_{R-1}``, returned on every rank;
@@ -31,10 +33,12 @@ Backward, right to left, inside that node:
    states-only reverse pass reading (a, dout) for linear_scan, (q, do, g) for the linear-attention
    family (the engine's `_state_grad_kernel` with STORE_DH=False), (C, dy * silu(z), dt) for SSD;
    normalized linear attention (output not linear in its key-sum state) reads the output and the
-   incoming key sum: the engine pass on do / den plus ``sum_t c_t q_t``; the selective scan uses
-   a backward of the op instead;
+   incoming key sum: the engine pass on do / den plus ``sum_t c_t q_t``; the delta rule
+   ``sum_t w_t do_t^T`` with ``w_t`` the summary call's extra output columns; the selective scan
+   uses a backward of the op instead;
 2. one ``all_gather`` of ``(mu_r, dL/dFinal_r)``; ``lambda_{R-1} = sum_r dL/dFinal_r`` (every rank
-   returns the final state; their gradients add) and ``lambda_{r-1} = mu_r + conj(A_r) lambda_r``;
+   returns the final state; their gradients add) and ``lambda_{r-1} = mu_r + conj(A_r) lambda_r``
+   (``A_r^H lambda_r`` for a transition matrix);
 3. the node hands ``lambda_pos`` to the op's local final state and autograd runs the op's own
    backward ONCE with ``(dL/dout, lambda_pos)``: every input gradient is rounded once, as in the
    single-device call, deterministic, and the first rank's gives the initial state's gradient.
@@ -70,8 +74,10 @@ This module is imported only when a ``process_group`` is given.
 from __future__ import annotations
 
 from .core import context_parallel
-from .ops import (cp_chunk_gla, cp_chunk_linear_attn, cp_chunk_simple_gla, cp_linear_scan,
+from .ops import (cp_chunk_delta_rule, cp_chunk_gated_delta_rule, cp_chunk_gla,
+                  cp_chunk_linear_attn, cp_chunk_simple_gla, cp_linear_scan,
                   cp_mamba_chunk_scan_combined, cp_selective_scan_fn)
 
 __all__ = ["context_parallel", "cp_linear_scan", "cp_selective_scan_fn", "cp_chunk_linear_attn",
-           "cp_chunk_simple_gla", "cp_chunk_gla", "cp_mamba_chunk_scan_combined"]
+           "cp_chunk_simple_gla", "cp_chunk_gla", "cp_mamba_chunk_scan_combined",
+           "cp_chunk_delta_rule", "cp_chunk_gated_delta_rule"]

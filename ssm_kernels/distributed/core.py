@@ -105,6 +105,15 @@ def _all_gather(group, buf: Tensor) -> Tensor:
 
 # ---- the exchange ------------------------------------------------------------------------------
 
+def _decay(spec, A, H, adjoint=False):
+    """A segment's decay applied to a state: elementwise ``A * H`` (broadcast), or with
+    ``spec.matrix`` a transition matrix on the state's second-to-last axis, ``A @ H`` (the delta
+    rule: A [..., K, K], H [..., K, V]); adjoint: ``conj(A) * H`` / ``A^H @ H``."""
+    if spec.matrix:
+        return (A.mT.conj() if adjoint else A) @ H
+    return (A.conj() if adjoint else A) * H
+
+
 def _exchange_forward(spec, A_loc, b_loc):
     """A_loc: per state, this segment's decay product (broadcastable to the state; None on the
     first rank, which sends none because nobody reads it); b_loc: per state, the end state from
@@ -138,7 +147,7 @@ def _exchange_forward(spec, A_loc, b_loc):
         for r in range(world):
             if r == pos:
                 h_in.append(H)
-            H = bi[r] if H is None else (bi[r] + (H if Ai[r] is None else Ai[r] * H))
+            H = bi[r] if H is None else (bi[r] + (H if Ai[r] is None else _decay(spec, Ai[r], H)))
         finals.append(H)
         As.append(Ai)
     return h_in, finals, As
@@ -164,13 +173,15 @@ def _exchange_backward(spec, As, mu, d_final):
             lam = lam + p[n + i]
         for r in range(spec.world - 1, spec.pos, -1):
             A = As[i][r]
-            lam = parts[r][i] + (lam if A is None else A.conj() * lam)
+            lam = parts[r][i] + (lam if A is None else _decay(spec, A, lam, adjoint=True))
         lams.append(lam)
     return lams
 
 
 class _Spec:
     """What `_CPNode` needs besides tensors (closures, group, position, saved inputs)."""
+
+    matrix = False   # decays are transition matrices (`_decay`)
 
     def __init__(self, **kw):
         self.__dict__.update(kw)
@@ -220,7 +231,8 @@ def _check_shapes(group, op: str, sig: Tuple[int, ...], device) -> None:
 def context_parallel(op: str, group, inputs: Dict[str, Optional[Tensor]], *, local: Callable,
                      summary: Callable, decay_shapes: Sequence[Optional[torch.Size]],
                      h0_keys: Sequence[str], reverse: bool = False,
-                     adjoint: Optional[Callable] = None, adjoint_reads_out: bool = False):
+                     adjoint: Optional[Callable] = None, adjoint_reads_out: bool = False,
+                     matrix_decay: bool = False):
     """Run one op over a sequence split across `group` (the recipe every CP op follows).
 
     inputs: every tensor the op reads (None for absent ones), by name; gradients flow to these.
@@ -239,6 +251,9 @@ def context_parallel(op: str, group, inputs: Dict[str, Optional[Tensor]], *, loc
         adjoint_reads_out, x also holds "_out" (this rank's output, detached) and "_h_in" (the
         incoming states, a tuple): for ops whose output is not linear in the state (normalized
         linear attention; the adjoint is then linear in dout at the forward's point).
+    matrix_decay: the decay products are transition matrices acting on the state's second-to-last
+        axis, ``H_r = A_r @ H_{r-1} + b_r`` (backward ``lambda_{r-1} = mu_r + A_r^H @ lambda_r``):
+        the delta rule, whose summary is the [K, K] product of its (gated) I - beta k k^T factors.
     Returns (out, global finals tuple).
     """
     if _solo(group):
@@ -250,7 +265,8 @@ def context_parallel(op: str, group, inputs: Dict[str, Optional[Tensor]], *, loc
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in inputs.values())
     spec = _Spec(op=op, group=group, pos=pos, world=world, reverse=bool(reverse), n=len(h0_keys),
-                 A_shapes=list(decay_shapes), first=first, sim=sim, adjoint=adjoint)
+                 A_shapes=list(decay_shapes), first=first, sim=sim, adjoint=adjoint,
+                 matrix=bool(matrix_decay))
     h_leaves = None
     if first:
         out, fin = local(inputs, tuple(inputs.get(k) for k in h0_keys))

@@ -382,3 +382,76 @@ def cp_mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_
                                  decay_shapes=(torch.Size((x.shape[0], x.shape[2], 1, 1)),),
                                  h0_keys=("h0",), adjoint=adjoint)
     return (y, fin) if return_final_states else y
+
+
+def _cp_delta_rule(fn, q, k, v, g, beta, scale, initial_state, output_final_state, use_l2norm,
+                   cu_seqlens, backend, process_group):
+    """`chunk_delta_rule` / `chunk_gated_delta_rule` (g given) over a sequence split along T.
+
+    The state map of a segment is affine with a MATRIX decay: ``S_end = M S_in + S_end(0)``,
+    ``M = prod_t exp(g_t) (I - beta_t k_t k_t^T)`` [K, K] per (batch, value head). Summary (later
+    ranks): ONE call of the op on ``[v | 0]`` (width V + K) from ``[0 | I]``: its final state is
+    ``[S_end(0) | M]`` and the extra output columns are ``w_t = scale Phi_t^T q_t``
+    (Phi_t = the transition up to t), so the outputs are ``o_t = o_t(0) + S_in^T w_t``; kept for
+    the adjoint ``dL/dS_in = sum_t w_t do_t^T`` (one [K, T] x [T, V] product per head instead of a
+    second backward of the op). The output correction needs the op from the true state anyway
+    (its saved graph for the backward), so the local pass runs once from ``S_in``."""
+    from ..delta_rule import interface as dr
+    from ..delta_rule.reference import state_dtype
+    gated = g is not None
+    public = dr.chunk_gated_delta_rule if gated else dr.chunk_delta_rule
+    _check_group(fn, process_group, cu_seqlens)
+
+    def call(x, v_, h0, final=True):
+        head = (x["q"], x["k"], v_) + ((x["g"],) if gated else ()) + (x["beta"],)
+        return public(*head, scale, h0, final, use_l2norm, backend=backend)
+
+    inputs = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "h0": initial_state}
+    if _solo(process_group):
+        return call(inputs, v, initial_state, output_final_state)
+    dr._validate(fn, q, k, v, g, beta, scale, initial_state, None, gated)
+    B, K = q.shape[0], q.shape[3]
+    HV, V = v.shape[2], v.shape[3]
+    sd = state_dtype(q.dtype)
+    kept = {}
+
+    def local(x, h0):
+        o, ht = call(x, x["v"], h0[0])
+        return o, (ht,)
+
+    def summary(x):
+        xv = x["v"]
+        v_ext = torch.cat([xv, xv.new_zeros(xv.shape[:3] + (K,))], -1)
+        h0 = q.new_zeros((B, HV, K, V + K), dtype=sd)
+        h0[..., V:] = torch.eye(K, dtype=sd, device=q.device)
+        o, ht = call(x, v_ext, h0)
+        kept["w"] = o[..., V:].contiguous()      # [B, T, HV, K] in v's dtype
+        return (ht[..., V:],), (ht[..., :V],)
+
+    def adjoint(x, do):
+        return (torch.einsum("bthk,bthv->bhkv", kept["w"].to(sd), do.to(sd)),)
+
+    o, (ht,) = context_parallel(fn, process_group, inputs, local=local, summary=summary,
+                                decay_shapes=(torch.Size((B, HV, K, K)),), h0_keys=("h0",),
+                                adjoint=adjoint, matrix_decay=True)
+    return o, (ht if output_final_state else None)
+
+
+def cp_chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
+                        use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, backend=None,
+                        process_group=None):
+    """`chunk_delta_rule` over a sequence split along T (see `_cp_delta_rule`)."""
+    return _cp_delta_rule("chunk_delta_rule", q, k, v, None, beta, scale, initial_state,
+                          output_final_state, use_qk_l2norm_in_kernel, cu_seqlens, backend,
+                          process_group)
+
+
+def cp_chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
+                              output_final_state=False, use_qk_l2norm_in_kernel=False,
+                              cu_seqlens=None, *, backend=None, process_group=None):
+    """`chunk_gated_delta_rule` over a sequence split along T (see `_cp_delta_rule`)."""
+    if g is None:
+        raise ValueError("chunk_gated_delta_rule: g ([B, T, HV] log-decays) is required")
+    return _cp_delta_rule("chunk_gated_delta_rule", q, k, v, g, beta, scale, initial_state,
+                          output_final_state, use_qk_l2norm_in_kernel, cu_seqlens, backend,
+                          process_group)
