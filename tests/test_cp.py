@@ -317,7 +317,10 @@ def _cases(world):
         lowp = dict(rtol=1e-2, atol=1e-2, T=T, lowp=True)
         cases += [ls_case("linear_scan triton f16", torch.float16, 1, False, True, "triton", lowp),
                   la_case("chunk_simple_gla triton f16", "simple", True, backend="triton",
-                          dtype=torch.float16, tol=lowp)]
+                          dtype=torch.float16, tol=lowp),
+                  # the summary's w columns are rounded to f16 (the adjoint reads them)
+                  dr_case("chunk_gated_delta_rule triton f16 GVA l2norm h0", True, True, True,
+                          backend="triton", dtype=torch.float16, tol=lowp)]
     if world == 3 and interp:  # the later ranks' states-only Triton passes of the others, f32
         f32 = dict(rtol=2e-4, atol=2e-4, T=T)
         cases += [ls_case("linear_scan triton complex64 dim=-1 reverse", torch.complex64, -1, True,
@@ -333,7 +336,12 @@ def _cases(world):
                   # _fused_epilogue), training in torch: the two silu()s differ in the last ulp
                   dict(ssd_case("mamba_chunk_scan_combined triton f32 D, z, dt_bias, h0", True,
                                 backend="triton", dtype=torch.float32, tol=f32),
-                       infer_tol=(1e-6, 1e-6))]
+                       infer_tol=(1e-6, 1e-6)),
+                  # the chunked WY kernels from [0 | I] on [v | 0] (width V + K) as the summary
+                  dr_case("chunk_gated_delta_rule triton f32 GVA l2norm h0", True, True, True,
+                          backend="triton", dtype=torch.float32, tol=f32),
+                  dr_case("chunk_delta_rule triton f32 unit keys", False, False, False,
+                          heads=(2, 2), backend="triton", dtype=torch.float32, tol=f32)]
     return cases
 
 
@@ -565,6 +573,11 @@ def _sim_worker(rank, world, store_path, result_dir):
                     x[0], x[1], Am, x[2], x[3], 4, D=Dm, z=x[4], dt_bias=bm,
                     initial_states=h0 and h0[0], dt_softplus=True, return_final_states=True,
                     backend="triton", process_group=pg))),
+            "chunk_gated_delta_rule GVA l2norm": (
+                (q[:, :, :1], k[:, :, :1], xm, g, torch.rand(B, T, H)), [torch.randn(B, H, K, V)],
+                lambda x, h0, pg: _pair(sk.chunk_gated_delta_rule(
+                    *x, initial_state=h0 and h0[0], output_final_state=True,
+                    use_qk_l2norm_in_kernel=True, backend="triton", process_group=pg))),
         }
 
         def train(call, xs, h0, pg, w_out, w_fin):
