@@ -7,6 +7,7 @@ forward+backward.
     python bench/gpu_cp.py --overhead # plain vs group of one vs first rank only, no float64
                                       # references, no later rank (~1-2 minutes with compiles)
     python bench/gpu_cp.py --overhead --ops linear_attn,ssd   # only ops whose name contains one
+    python bench/gpu_cp.py --overhead --ops delta             # the two chunked delta rules
 
 Per op and mode (times: triton.testing.do_bench, median; host: CPU time per call, GPU not awaited):
   plain      the op without process_group (final state on)
@@ -89,9 +90,10 @@ class Case:
     """timed: name -> tensor with batch first (its time-indexed inputs); shared: name -> tensor
     (weights); state: the state's shape; call(x, h0, pg, backend) -> (out, final)."""
 
-    def __init__(self, name, shape, timed, shared, state, call):
+    def __init__(self, name, shape, timed, shared, state, call, matrix=False):
         self.name, self.shape, self.timed, self.shared = name, shape, timed, shared
         self.state, self.call = state, call
+        self.matrix = matrix   # the decay is a [K, K] transition (the delta rule)
 
 
 def cases():
@@ -150,6 +152,23 @@ def cases():
                    x["x"], x["dt"], x["A"], x["B"], x["C"], 64, D=x["D"], z=x["z"],
                    dt_bias=x["dt_bias"], initial_states=h0, dt_softplus=True,
                    return_final_states=True, backend=bk, process_group=pg))
+
+    # the delta rule: summary = one op call at width V + K; exchange [K, K] + [K, V] per head
+    Bd, Td, Hd, HVd, Kd = 4, n(4096), 8, 16, n(128)
+    yield Case("chunk_gated_delta_rule", f"B={Bd} T={Td} H={Hd} HV={HVd} K=V={Kd} l2norm",
+               {"q": rnd(Bd, Td, Hd, Kd), "k": rnd(Bd, Td, Hd, Kd), "v": rnd(Bd, Td, HVd, Kd),
+                "g": torch.nn.functional.logsigmoid(torch.randn(Bd, Td, HVd, device=DEV) + 4),
+                "beta": torch.rand(Bd, Td, HVd, device=DEV).to(DT)}, {}, (Bd, HVd, Kd, Kd),
+               lambda x, h0, pg, bk: sk.chunk_gated_delta_rule(
+                   x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=h0,
+                   output_final_state=True, use_qk_l2norm_in_kernel=True, backend=bk,
+                   process_group=pg), matrix=True)
+    yield Case("chunk_delta_rule", f"B={Bd} T={Td} H=HV={HVd} K=V={Kd} l2norm",
+               {"q": rnd(Bd, Td, HVd, Kd), "k": rnd(Bd, Td, HVd, Kd), "v": rnd(Bd, Td, HVd, Kd),
+                "beta": torch.rand(Bd, Td, HVd, device=DEV).to(DT)}, {}, (Bd, HVd, Kd, Kd),
+               lambda x, h0, pg, bk: sk.chunk_delta_rule(
+                   x["q"], x["k"], x["v"], x["beta"], initial_state=h0, output_final_state=True,
+                   use_qk_l2norm_in_kernel=True, backend=bk, process_group=pg), matrix=True)
 
 
 def _la_norm(res):
@@ -301,10 +320,12 @@ def main():
 
 def exchange_times(pg, fin, case):
     """(GPU us, host us) of one forward exchange of this op's state (and its decay, as a state-
-    sized tensor: the largest a decay product gets), as a later rank runs it."""
-    spec = skd._Spec(group=pg, pos=0, world=1, reverse=False, n=1, A_shapes=[fin.shape],
-                     sim=[torch.zeros_like(fin)])
-    A, b = torch.rand_like(fin), fin.detach()
+    sized tensor: the largest an elementwise decay product gets; the delta rule's [K, K]
+    transition, composed by a matmul), as a later rank runs it."""
+    A_shape = fin.shape[:-1] + fin.shape[-2:-1] if case.matrix else fin.shape
+    spec = skd._Spec(group=pg, pos=0, world=1, reverse=False, n=1, A_shapes=[A_shape],
+                     sim=[torch.zeros_like(fin)], matrix=case.matrix)
+    A, b = torch.rand(A_shape, device=fin.device), fin.detach()
     fn = lambda: skd._exchange_forward(spec, [A], [b])  # noqa: E731
     return bench(fn, 5, 50) * 1e3, host_us(fn)
 

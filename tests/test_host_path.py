@@ -113,7 +113,8 @@ def _cases(pg=None):
             ql, kl, vl, output_final_state=True, backend=T, process_group=pg), [ql, kl, vl]),
         "chunk_gla fwd": lambda: sk.chunk_gla(q, k, v, gk, backend=T),
         "chunk_gla fwd+bwd": _train(lambda: sk.chunk_gla(ql, kl, vl, gk, backend=T), [ql, kl, vl]),
-        "chunk_gated_delta_rule fwd": lambda: sk.chunk_gated_delta_rule(q, k, vd, gd, bd, backend=T),
+        "chunk_gated_delta_rule fwd": lambda: sk.chunk_gated_delta_rule(q, k, vd, gd, bd, backend=T,
+                                                                      process_group=pg),
         "fused_recurrent_gated_delta_rule decode": lambda: sk.fused_recurrent_gated_delta_rule(
             qs, ks, vs, gs, bts, initial_state=sd, use_qk_l2norm_in_kernel=True,
             inplace_final_state=True, backend=T),
@@ -267,6 +268,9 @@ CP_FIRST_RANK_EXTRA = {
     # runs the public normalize=True call (it ran hand-written torch ops before)
     "chunk_linear_attn normalize fwd": 5 + 5,
     "chunk_linear_attn normalize fwd+bwd": 5 + 5 + 6,
+    # + the CP wrapper's early validation: g <= 0 (gt, any, item) and beta in [0, 2] (aminmax,
+    # 2 items); the [K, K] decay is not sent by the first rank (nobody reads it)
+    "chunk_gated_delta_rule fwd": 5 + 4 + 6,
 }
 
 
