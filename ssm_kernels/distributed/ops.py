@@ -414,6 +414,8 @@ def _cp_delta_rule(fn, q, k, v, g, beta, scale, initial_state, output_final_stat
     HV, V = v.shape[2], v.shape[3]
     sd = state_dtype(q.dtype)
     kept = {}
+    need_w = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in inputs.values())
 
     def local(x, h0):
         o, ht = call(x, x["v"], h0[0])
@@ -425,7 +427,8 @@ def _cp_delta_rule(fn, q, k, v, g, beta, scale, initial_state, output_final_stat
         h0 = q.new_zeros((B, HV, K, V + K), dtype=sd)
         h0[..., V:] = torch.eye(K, dtype=sd, device=q.device)
         o, ht = call(x, v_ext, h0)
-        kept["w"] = o[..., V:].contiguous()      # [B, T, HV, K] in v's dtype
+        if need_w:   # the adjoint's operand, [B, T, HV, K] in v's dtype
+            kept["w"] = o[..., V:].contiguous()
         return (ht[..., V:],), (ht[..., :V],)
 
     def adjoint(x, do):
