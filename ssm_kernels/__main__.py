@@ -308,16 +308,18 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--full", action="store_true",
                    help="the exhaustive sweep: every dtype x shape x variant (minutes on a GPU)")
     c.add_argument("--seed", type=int, default=0,
-                   help="torch seed for the random inputs, set before each family (default: 0)")
+                   help="seed of the random inputs: each case of a family draws its own, from "
+                        "torch seed SEED * 1000 + its index (default: 0)")
     c.add_argument("--json", nargs="?", const="-", metavar="PATH",
                    help="also write the results as JSON to PATH (no PATH or '-': JSON on stdout, "
                         "the table on stderr)")
     c.add_argument("-v", "--verbose", action="store_true",
                    help="print every checked output and gradient, and tracebacks of crashes")
     c.add_argument("--jobs", type=int, default=None, metavar="N",
-                   help="worker processes, one (family, backend) pair each (default: on a GPU "
-                        "half the CPU cores up to 8, since a cold check is mostly Triton compiling; "
-                        "1 on a CPU)")
+                   help="worker processes; the (family, backend) pairs are cut into units of a few "
+                        "cases that run longest first (default: on a GPU half the CPU cores up to 8, "
+                        "since a cold check is mostly Triton compiling, one core per worker; 1 on a "
+                        "CPU, where the kernels themselves are the work)")
     b = sub.add_parser(
         "bench", help="benchmark harness: medians, %% of floor, speed-up over peers, CSV + PNGs",
         description="Time every op and its peers (mamba-ssm, flash-linear-attention, "

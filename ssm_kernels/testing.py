@@ -83,6 +83,11 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: Optional[torch.dty
     return v
 
 
+def varlen_offsets(T: int, device) -> torch.Tensor:
+    """`check`'s cu_seqlens over T tokens: four sequences, one empty, one of 3 tokens, odd ends."""
+    return torch.tensor([0, T // 5, T // 5, T - 3, T], device=device, dtype=torch.int32)
+
+
 @dataclass
 class CheckRow:
     """One line of `python -m ssm_kernels check`: an op's output/gradient on one backend and dtype."""
@@ -122,3 +127,14 @@ class OfflineDriver:
 
     def get_active_torch_device(self):
         return torch.device("cpu")
+
+
+def check_from_cases(cases, check_case):
+    """A family's whole `check(backend, device, full=False) -> [CheckRow]` from its two parts:
+    `cases(backend, device, full)` (picklable descriptions, in report order; no random draws) and
+    `check_case(backend, device, case)` (draws the case's inputs, runs it, judges it). `python -m
+    ssm_kernels check` runs the cases itself (seeded one by one, spread over worker processes)."""
+    def check(backend: str, device: str, full: bool = False) -> list:
+        return [row for case in cases(backend, device, full)
+                for row in check_case(backend, device, case)]
+    return check

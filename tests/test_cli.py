@@ -5,6 +5,7 @@ Subprocesses simulate a missing package with `sys.modules[name] = None` (import 
 it does when the package is absent); CI also installs into fresh virtual environments (.ci/run).
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -117,15 +118,103 @@ def test_check_json_reports_backends_families_and_rows(capsys, tmp_path):
 
 
 def test_check_jobs_run_pairs_in_worker_processes_with_the_same_inputs():
-    """--jobs N: (family, backend) pairs in spawned workers give the serial run's rows, errors
-    included (each pair is seeded alone), in registry order."""
+    """--jobs N: (family, backend) pairs cut into units of cases in spawned workers give the
+    serial run's rows (each case is seeded alone), pairs in registry order."""
     fams = ["linear_scan", "causal_conv1d"]
+    pairs = [(f, "reference") for f in fams]
+    units = _checks.plan_units(pairs, {p: len(_checks.list_cases(*p, "cpu")) for p in pairs}, 2)
+    assert len(units) > len(pairs)   # the pairs are cut into units of cases
     serial = _checks.run(fams, ["reference"], "cpu", jobs=1)
     parallel = _checks.run(fams, ["reference"], "cpu", jobs=2)
     assert [r.family for r in parallel] == fams
     for a, b in zip(serial, parallel):
-        assert [(r.op, r.verdict.err) for r in a.rows] == [(r.op, r.verdict.err) for r in b.rows]
+        assert [(r.op, r.dtype, r.verdict.err, r.verdict.bound) for r in a.rows] == [
+            (r.op, r.dtype, r.verdict.err, r.verdict.bound) for r in b.rows]
+        assert b.seconds > 0 and b.error is None
     assert _checks.default_jobs("cpu", 10) == 1 and 1 <= _checks.default_jobs("cuda", 3) <= 3
+
+
+def _pairs_and_cases():
+    """A run's shape on a GPU host: every family x three backends, today's case counts (some
+    pairs empty, one module without `cases()`)."""
+    pairs = [(f, b) for f in _checks.FAMILIES for b in ("cuda", "triton", "reference")]
+    n = {p: len(_checks.list_cases(*p, "cuda")) for p in pairs}
+    n[("linear_scan", "reference")] = None
+    return pairs, n
+
+
+@pytest.mark.parametrize("jobs", [1, 2, 3, 8, 16, 64])
+def test_check_units_cover_every_case_once_longest_first(jobs):
+    """plan_units: every case of every pair in exactly one unit, a unit's cases consecutive and
+    ascending, costs adding up to the pair's; one whole unit per pair in registry order for one
+    worker; longest first otherwise, with the longest pair (delta_rule triton) cut so that no
+    unit of several cases is over a worker's fair share."""
+    pairs, n = _pairs_and_cases()
+    units = _checks.plan_units(pairs, n, jobs)
+    for p in pairs:
+        mine = [u for u in units if (u.family, u.backend) == p]
+        if n[p] is None:
+            assert [u.cases for u in mine] == [None]
+            continue
+        got = [i for u in mine for i in u.cases]
+        assert sorted(got) == list(range(n[p])), (p, got)
+        for u in (u for u in mine if u.cases):
+            assert list(u.cases) == list(range(u.cases[0], u.cases[0] + len(u.cases)))
+        assert sum(u.cost for u in mine) == pytest.approx(_checks._cost(*p) if n[p] else 0.0)
+    if jobs == 1:
+        assert [(u.family, u.backend) for u in units] == pairs
+        return
+    assert [u.cost for u in units] == sorted((u.cost for u in units), reverse=True)
+    total = sum(u.cost for u in units)
+    delta = [u for u in units if (u.family, u.backend) == ("delta_rule", "triton")]
+    assert len(delta) == min(n[("delta_rule", "triton")], math.ceil(63 / (total / (2 * jobs))))
+    assert len(delta) > 1
+    assert all(u.cost <= total / jobs for u in units if u.cases and len(u.cases) > 1)
+    assert units[0].family in ("delta_rule", "linear_attn", "based")
+
+
+def test_check_units_merge_back_in_case_order_whatever_finishes_first(monkeypatch):
+    """Units run in any order (here: the reverse of the plan, the RNG disturbed in between) give
+    the serial run's rows: each case is seeded alone; rows come back per pair in case order,
+    pairs in registry order, seconds summed, each pair reported once when its last unit is in."""
+    def cases(backend, device, full=False):
+        return [f"case{i}" for i in range(5 if backend == "reference" else 3)]
+
+    def check_case(backend, device, case):
+        x = torch.rand(2)   # the case's inputs: from its own seed
+        return [CheckRow(f"{case} {name}", backend, "float32", Verdict(name, float(v), 1.0))
+                for name, v in zip(("out", "grad"), x)]
+    mod = types.ModuleType("ssm_kernels_fake_cases")
+    mod.cases, mod.check_case = cases, check_case
+    mod.check = lambda backend, device, full=False: [
+        r for c in cases(backend, device, full) for r in check_case(backend, device, c)]
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    monkeypatch.setitem(_checks.FAMILIES, "linear_scan", mod.__name__)
+    monkeypatch.setitem(_checks.FAMILIES, "based", mod.__name__)
+    fams, bes = ["linear_scan", "based"], ["triton", "reference"]
+    seen = []
+    serial = _checks.run(fams, bes, "cpu", seed=3, jobs=1, on_result=seen.append)
+    assert [(r.family, r.backend) for r in seen] == [(f, b) for f in fams for b in bes]
+
+    pairs = [(f, b) for f in fams for b in bes]
+    n = {p: _checks.list_cases(*p, "cpu") and len(_checks.list_cases(*p, "cpu")) for p in pairs}
+    units = _checks.plan_units(pairs, n, jobs=4)
+    assert len(units) > len(pairs)   # some pair is cut
+
+    def finished():
+        for u in reversed(units):
+            torch.rand(7)
+            yield u, _checks._run_unit(u, "cpu", False, 3)
+    reported = []
+    sharded = _checks.collect(pairs, units, finished(), reported.append)
+    assert sorted((r.family, r.backend) for r in reported) == sorted(pairs)
+    assert [(r.family, r.backend) for r in sharded] == pairs
+    for a, b in zip(serial, sharded):
+        assert [(r.op, r.verdict.err) for r in a.rows] == [(r.op, r.verdict.err) for r in b.rows]
+        assert [r.op.split()[0] for r in b.rows][::2] == cases(b.backend, "cpu")
+    # the same rows with a different seed would differ: the seed reaches every case
+    other = _checks.run(fams, bes, "cpu", seed=4, jobs=1)
+    assert [r.verdict.err for r in other[0].rows] != [r.verdict.err for r in serial[0].rows]
 
 
 def test_check_json_on_stdout_keeps_stdout_parseable(capsys):

@@ -11,7 +11,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from ..testing import CheckRow, Verdict, bound_for, compare
+from ..testing import CheckRow, Verdict, bound_for, check_from_cases, compare, varlen_offsets
 from .interface import chunk_delta_rule, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from .reference import delta_rule_recurrent_ref
 
@@ -61,60 +61,69 @@ def _plan(backend: str, shapes: list, full: bool):
     return list(zip(shapes, [torch.float32, torch.bfloat16, torch.float16]))
 
 
-def check(backend: str, device: str, full: bool = False) -> List[CheckRow]:
+def cases(backend: str, device: str, full: bool = False) -> list:
+    """Per (shape, dtype) of `_plan`, two cases: the gated form (chunk_gated_delta_rule, plus the
+    decoding form when not varlen) and the ungated one (chunk_delta_rule). They compile disjoint
+    kernels on the GPU, so `check` can run them in two workers."""
     small = device == "cpu"
-    rows = []
     # (B, T, H, HV, K, V, varlen)
     shapes = ([(1, 23, 1, 2, 16, 20, False), (1, 19, 2, 2, 12, 8, True)] if small else
               [(2, 517, 2, 4, 128, 128, False), (1, 600, 2, 4, 64, 96, True)])
-    for (B, T, H, HV, K, V, varlen), dtype in _plan(backend, shapes, full):
-        cu = None
-        N = B
-        if varlen:
-            cu = torch.tensor([0, T // 5, T // 5, T - 3, T], device=device, dtype=torch.int32)
-            N = cu.numel() - 1
-        q, k = (torch.randn(B, T, H, K, device=device).to(dtype) for _ in range(2))
-        v = torch.randn(B, T, HV, V, device=device).to(dtype)
-        g = F.logsigmoid(torch.randn(B, T, HV, device=device))
-        beta = torch.rand(B, T, HV, device=device)
-        h0 = torch.randn(N, HV, K, V, device=device)
-        cot = (torch.randn(B, T, HV, V, device=device, dtype=torch.float64),
-               torch.randn(N, HV, K, V, device=device, dtype=torch.float64))
-        out = _fwd_bwd(chunk_gated_delta_rule, q, k, v, g, beta, h0, cot, cu, backend=backend)
-        d = lambda x: x.double()
-        ref = _fwd_bwd(_ref, d(q), d(k), d(v), d(g), d(beta), d(h0), cot, cu)
-        lowp = (_fwd_bwd(_ref, q, k, v, g, beta, h0, cot, cu)
-                if dtype in (torch.float16, torch.bfloat16) else None)
-        tag = f"gated_delta_rule K={K} V={V} HV/H={HV // H}{' varlen' if varlen else ''}"
-        named = [(name, out[i], ref[i], None if lowp is None else lowp[i])
-                 for i, name in enumerate(NAMES)]
-        if cu is None:  # the decoding form on the last 3 tokens from the state before them
-            Ts = 3
-            _, h_pre = delta_rule_recurrent_ref(d(q[:, :-Ts]), d(k[:, :-Ts]), d(v[:, :-Ts]),
-                                                d(g[:, :-Ts]), d(beta[:, :-Ts]), None, d(h0),
-                                                None, True)
-            state = h_pre.float().contiguous()
-            o_s, _ = fused_recurrent_gated_delta_rule(
-                q[:, -Ts:], k[:, -Ts:], v[:, -Ts:], g[:, -Ts:], beta[:, -Ts:],
-                initial_state=state, use_qk_l2norm_in_kernel=True, inplace_final_state=True,
-                backend=backend)
-            named += [("fused_recurrent o", o_s, ref[0][:, -Ts:],
-                       None if lowp is None else lowp[0][:, -Ts:]),
-                      ("fused_recurrent final_state", state, ref[1],
-                       None if lowp is None else lowp[1])]
-        # the ungated form (DeltaNet) on the same inputs
-        tag0 = f"delta_rule K={K} V={V} HV/H={HV // H}{' varlen' if varlen else ''}"
+    return [(shape, dtype, gated) for shape, dtype in _plan(backend, shapes, full)
+            for gated in (True, False)]
+
+
+def check_case(backend: str, device: str, case) -> List[CheckRow]:
+    (B, T, H, HV, K, V, varlen), dtype, gated = case
+    cu = varlen_offsets(T, device) if varlen else None
+    N = B if cu is None else cu.numel() - 1
+    q, k = (torch.randn(B, T, H, K, device=device).to(dtype) for _ in range(2))
+    v = torch.randn(B, T, HV, V, device=device).to(dtype)
+    g = F.logsigmoid(torch.randn(B, T, HV, device=device))
+    beta = torch.rand(B, T, HV, device=device)
+    h0 = torch.randn(N, HV, K, V, device=device)
+    cot = (torch.randn(B, T, HV, V, device=device, dtype=torch.float64),
+           torch.randn(N, HV, K, V, device=device, dtype=torch.float64))
+    d = lambda x: x.double()
+    lowp_dtype = dtype in (torch.float16, torch.bfloat16)
+    shape_tag = f"K={K} V={V} HV/H={HV // H}{' varlen' if varlen else ''}"
+    if not gated:  # the ungated form (DeltaNet)
         out0 = _fwd_bwd_nogate(chunk_delta_rule, q, k, v, beta, h0, cot, cu, backend=backend)
         ref0 = _fwd_bwd_nogate(_ref_nogate, d(q), d(k), d(v), d(beta), d(h0), cot, cu)
-        low0 = (_fwd_bwd_nogate(_ref_nogate, q, k, v, beta, h0, cot, cu)
-                if dtype in (torch.float16, torch.bfloat16) else None)
+        low0 = _fwd_bwd_nogate(_ref_nogate, q, k, v, beta, h0, cot, cu) if lowp_dtype else None
         names0 = [n for n in NAMES if n != "grad g"]
-        named0 = [(f"{tag0} {name}", out0[i], ref0[i], None if low0 is None else low0[i])
-                  for i, name in enumerate(names0)]
-        for name, o_, r_, l_ in [(f"{tag} {n}", o_, r_, l_) for n, o_, r_, l_ in named] + named0:
-            if name.endswith(" grad g"):
-                vd = _judge_dg(name, o_, r_, l_, q, ref[2], dtype)
-            else:
-                vd = compare(name, o_, r_, dtype, l_)
-            rows.append(CheckRow(name, backend, str(dtype).replace("torch.", ""), vd))
+        named = [(f"delta_rule {shape_tag} {name}", out0[i], ref0[i], None if low0 is None else low0[i])
+                 for i, name in enumerate(names0)]
+        return [CheckRow(name, backend, str(dtype).replace("torch.", ""),
+                         compare(name, o_, r_, dtype, l_)) for name, o_, r_, l_ in named]
+    out = _fwd_bwd(chunk_gated_delta_rule, q, k, v, g, beta, h0, cot, cu, backend=backend)
+    ref = _fwd_bwd(_ref, d(q), d(k), d(v), d(g), d(beta), d(h0), cot, cu)
+    lowp = _fwd_bwd(_ref, q, k, v, g, beta, h0, cot, cu) if lowp_dtype else None
+    named = [(name, out[i], ref[i], None if lowp is None else lowp[i])
+             for i, name in enumerate(NAMES)]
+    if cu is None:  # the decoding form on the last 3 tokens from the state before them
+        Ts = 3
+        _, h_pre = delta_rule_recurrent_ref(d(q[:, :-Ts]), d(k[:, :-Ts]), d(v[:, :-Ts]),
+                                            d(g[:, :-Ts]), d(beta[:, :-Ts]), None, d(h0),
+                                            None, True)
+        state = h_pre.float().contiguous()
+        o_s, _ = fused_recurrent_gated_delta_rule(
+            q[:, -Ts:], k[:, -Ts:], v[:, -Ts:], g[:, -Ts:], beta[:, -Ts:],
+            initial_state=state, use_qk_l2norm_in_kernel=True, inplace_final_state=True,
+            backend=backend)
+        named += [("fused_recurrent o", o_s, ref[0][:, -Ts:],
+                   None if lowp is None else lowp[0][:, -Ts:]),
+                  ("fused_recurrent final_state", state, ref[1],
+                   None if lowp is None else lowp[1])]
+    rows = []
+    for name, o_, r_, l_ in named:
+        name = f"gated_delta_rule {shape_tag} {name}"
+        if name.endswith(" grad g"):
+            vd = _judge_dg(name, o_, r_, l_, q, ref[2], dtype)
+        else:
+            vd = compare(name, o_, r_, dtype, l_)
+        rows.append(CheckRow(name, backend, str(dtype).replace("torch.", ""), vd))
     return rows
+
+
+check = check_from_cases(cases, check_case)

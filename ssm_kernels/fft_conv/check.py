@@ -6,7 +6,7 @@ from typing import List
 
 import torch
 
-from ..testing import CheckRow, compare
+from ..testing import CheckRow, check_from_cases, compare
 from .interface import fft_conv, s4d_kernel
 from .reference import fft_conv_direct, fft_conv_ref, s4d_kernel_ref
 
@@ -58,10 +58,11 @@ def _s4d_rows(backend, device, H, N, L) -> List[CheckRow]:
     return rows
 
 
-def check(backend: str, device: str, full: bool = False) -> List[CheckRow]:
-    """full: every dtype x shape; otherwise float32 on the first shape and bfloat16 on both
-    (on the GPU: float32 on the cuFFT path; bfloat16 on the default on-chip monarch16 kernels at
-    L = 1031 and on the cuFFT path at L = 5000, past monarch16's 8192-point limit)."""
+def cases(backend: str, device: str, full: bool = False) -> list:
+    """("conv", dtype, (B, H, L, Lk)) per planned conv, then ("s4d", (H, N, L)). full: every
+    dtype x shape; otherwise float32 on the first shape and bfloat16 on both (on the GPU: float32
+    on the cuFFT path; bfloat16 on the default on-chip monarch16 kernels at L = 1031 and on the
+    cuFFT path at L = 5000, past monarch16's 8192-point limit)."""
     dtypes = {"reference": [torch.float32], "triton": [torch.float32, torch.float16, torch.bfloat16]}
     if backend not in dtypes:
         return []
@@ -74,8 +75,15 @@ def check(backend: str, device: str, full: bool = False) -> List[CheckRow]:
         plan = [(torch.float32, s) for s in shapes]
     else:
         plan = [(torch.float32, shapes[0])] + [(torch.bfloat16, s) for s in shapes]
-    rows = []
-    for dtype, shape in plan:
-        rows += _conv_rows(backend, device, dtype, *shape)
-    rows += _s4d_rows(backend, device, *((3, 9, 101) if small else (64, 64, 4099)))
-    return rows
+    return [("conv", dtype, shape) for dtype, shape in plan] + [
+        ("s4d", (3, 9, 101) if small else (64, 64, 4099))]
+
+
+def check_case(backend: str, device: str, case) -> List[CheckRow]:
+    if case[0] == "s4d":
+        return _s4d_rows(backend, device, *case[1])
+    _, dtype, shape = case
+    return _conv_rows(backend, device, dtype, *shape)
+
+
+check = check_from_cases(cases, check_case)

@@ -8,7 +8,7 @@ from typing import List
 
 import torch
 
-from ..testing import CheckRow, Verdict, compare, rel_err
+from ..testing import CheckRow, Verdict, check_from_cases, compare, rel_err
 from .interface import selective_scan_fn, selective_state_update
 from .reference import selective_scan_ref
 
@@ -54,27 +54,38 @@ def _plan(backend: str, full: bool):
     return [(torch.float32, False), (torch.bfloat16, cplxs[-1])]
 
 
-def check(backend: str, device: str, full: bool = False) -> List[CheckRow]:
+def cases(backend: str, device: str, full: bool = False) -> list:
+    """("scan", dtype, complex A) per `_plan` entry, then ("decode",) (no CUDA decode kernel)."""
     if backend not in ("reference", "triton", "cuda"):
         return []
     small = device == "cpu"
+    scans = [("scan", dtype, cplx, small) for dtype, cplx in _plan(backend, full)]
+    return scans if backend == "cuda" else scans + [("decode", small)]
+
+
+def check_case(backend: str, device: str, case) -> List[CheckRow]:
+    if case[0] == "decode":
+        return _decode_rows(backend, device, case[1])
+    _, dtype, cplx, small = case
     rows = []
-    for dtype, cplx in _plan(backend, full):
-        inp = _inputs(device, dtype, cplx, small)
-        cot = (torch.randn(inp["u"].shape, dtype=torch.float64, device=device),
-               torch.randn(inp["initial_state"].shape, device=device,
-                           dtype=torch.complex128 if cplx else torch.float64))
-        out = _fwd_bwd(selective_scan_fn, inp, cot, backend=backend)
-        ref = _fwd_bwd(selective_scan_ref, {k: _hi(v) for k, v in inp.items()}, cot)
-        lowp = _fwd_bwd(selective_scan_ref, inp, cot) if dtype in (torch.float16, torch.bfloat16) else None
-        tag = str(dtype).replace("torch.", "") + (" (A complex64)" if cplx else "")
-        for i, name in enumerate(["out", "last_state"] + [f"grad {n}" for n in _NAMES]):
-            op = f"selective_scan {name}"
-            rows.append(CheckRow(op, backend, tag, compare(op, out[i], ref[i], dtype,
-                                                           None if lowp is None else lowp[i])))
-    if backend == "cuda":
-        return rows  # the decode step has no CUDA kernel
-    # the decode step, run over the sequence, reproduces the scan
+    inp = _inputs(device, dtype, cplx, small)
+    cot = (torch.randn(inp["u"].shape, dtype=torch.float64, device=device),
+           torch.randn(inp["initial_state"].shape, device=device,
+                       dtype=torch.complex128 if cplx else torch.float64))
+    out = _fwd_bwd(selective_scan_fn, inp, cot, backend=backend)
+    ref = _fwd_bwd(selective_scan_ref, {k: _hi(v) for k, v in inp.items()}, cot)
+    lowp = _fwd_bwd(selective_scan_ref, inp, cot) if dtype in (torch.float16, torch.bfloat16) else None
+    tag = str(dtype).replace("torch.", "") + (" (A complex64)" if cplx else "")
+    for i, name in enumerate(["out", "last_state"] + [f"grad {n}" for n in _NAMES]):
+        op = f"selective_scan {name}"
+        rows.append(CheckRow(op, backend, tag, compare(op, out[i], ref[i], dtype,
+                                                       None if lowp is None else lowp[i])))
+    return rows
+
+
+def _decode_rows(backend: str, device: str, small: bool) -> List[CheckRow]:
+    """The decode step, run over the sequence, reproduces the scan."""
+    rows = []
     inp = _inputs(device, torch.float32, False, small)
     ks = [inp[k] for k in _NAMES]
     out, last = selective_scan_ref(*[_hi(x) for x in ks[:8]], True, True, initial_state=_hi(ks[8]))
@@ -94,3 +105,6 @@ def check(backend: str, device: str, full: bool = False) -> List[CheckRow]:
         op = f"selective_state_update x T {name}"
         rows.append(CheckRow(op, backend, "float32", Verdict(op, rel_err(a, b), 1e-5)))
     return rows
+
+
+check = check_from_cases(cases, check_case)
