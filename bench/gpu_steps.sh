@@ -8,7 +8,7 @@
 # layers, cp (the bench/gpu_*.py scripts), probe (bench/gpu_dk_probe.py), check (`python -m
 # ssm_kernels check $CHECK_ARGS` with a cold Triton cache), verify (short correctness of the paths
 # not yet checked on a GPU), fftdef (fft_conv's defaults: `PARTS=d bench/gpu_monarch.py`),
-# firstcall, launches, fft7, recall (session 7 helpers' scripts).
+# firstcall, launches, fft7, recall (session 7 helpers' scripts), checkwall (bench/gpu_check_wall.py).
 # Peers: .whl wheels and .peers/mamba_ssm-* if carried.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -61,6 +61,8 @@ for s in ${STEPS:-build graphs overhead}; do
     fft7) step fft7 ${T_FFT7:-290} python3 bench/gpu_fft7.py ;;
     recall) step recall ${T_RECALL:-420} python3 -m ssm_kernels.examples.recall --out "$OUT" ;;
     check) TRITON_CACHE_DIR=$(mktemp -d) step check ${T_CHECK:-150} python3 -m ssm_kernels check ${CHECK_ARGS:-} ;;
+    # check8: cold `check` walls, pairs whole (before) vs cut into units, default jobs, 12, 16
+    checkwall) step checkwall ${T_CHECKWALL:-420} python3 bench/gpu_check_wall.py ${CHECKWALL_ARGS:-} ;;
   esac
 done
 [ "$LOGS" != "$OUT" ] && for f in "$LOGS"/*.log; do echo "######## $f"; cat "$f"; done > "$OUT/all_logs.txt"

@@ -196,12 +196,14 @@ def _cost(family: str, backend: str) -> float:
 
 
 def plan_units(pairs: List[Tuple[str, str]], n_cases: Dict[Tuple[str, str], Optional[int]],
-               jobs: int) -> List[Unit]:
+               jobs: int, split: bool = True) -> List[Unit]:
     """The units of a run, in the order workers take them. One worker (`jobs` 1): one unit per
     pair with all its cases, in registry order. Several: a pair is cut into k units of
     consecutive cases (sizes differing by at most one), k = its cost over half a worker's fair
     share (total cost / 2 jobs), at most one unit per case; then longest first (ties in registry
-    order), so no unit is long against the wall and the long ones start at once."""
+    order), so no unit is long against the wall and the long ones start at once. `split` False
+    (SSM_KERNELS_CHECK_SPLIT=0): whole pairs, longest first (the schedule before units, for
+    timing it beside this one)."""
     def whole(p):
         n = n_cases.get(p)
         return Unit(p[0], p[1], None if n is None else tuple(range(n)), _cost(*p) if n != 0 else 0.0)
@@ -211,7 +213,7 @@ def plan_units(pairs: List[Tuple[str, str]], n_cases: Dict[Tuple[str, str], Opti
     units = []
     for p in pairs:
         n = n_cases.get(p)
-        k = 1 if not n else min(n, max(1, math.ceil(_cost(*p) / piece - 1e-9)))
+        k = 1 if not (n and split) else min(n, max(1, math.ceil(_cost(*p) / piece - 1e-9)))
         if k == 1:
             units.append(whole(p))
             continue
@@ -259,7 +261,7 @@ def run(families: List[str], backends: List[str], device: str, full: bool = Fals
     if jobs is None:   # at most one worker per case
         jobs = default_jobs(device, sum(n or 1 for n in n_cases.values()))
     jobs = max(1, jobs)
-    units = plan_units(pairs, n_cases, jobs)
+    units = plan_units(pairs, n_cases, jobs, os.environ.get("SSM_KERNELS_CHECK_SPLIT", "1") != "0")
     if jobs == 1:
         return collect(pairs, units, ((u, _run_unit(u, device, full, seed)) for u in units),
                        on_result)

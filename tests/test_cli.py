@@ -171,6 +171,9 @@ def test_check_units_cover_every_case_once_longest_first(jobs):
     assert len(delta) > 1
     assert all(u.cost <= total / jobs for u in units if u.cases and len(u.cases) > 1)
     assert units[0].family in ("delta_rule", "linear_attn", "based")
+    whole = _checks.plan_units(pairs, n, jobs, split=False)   # SSM_KERNELS_CHECK_SPLIT=0
+    assert sorted((u.family, u.backend) for u in whole) == sorted(pairs)
+    assert (whole[0].family, whole[0].backend) == ("delta_rule", "triton")
 
 
 def test_check_units_merge_back_in_case_order_whatever_finishes_first(monkeypatch):
