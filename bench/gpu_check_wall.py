@@ -1,13 +1,15 @@
 """Wall of a cold `python -m ssm_kernels check` on this GPU host, before and after cutting pairs
 into units of cases (issue 13: < 60 s on one GPU), each run with its own empty Triton cache.
 
-    python bench/gpu_check_wall.py [--runs pairs8 default j12 j16]
+    python bench/gpu_check_wall.py [--runs pairs8 default j12 j16 ahead]
 
 Runs (each a fresh `python -m ssm_kernels check --json`, TRITON_CACHE_DIR a new empty folder):
   pairs8   SSM_KERNELS_CHECK_SPLIT=0 --jobs 8: one unit per (family, backend) pair, longest first
            (the schedule before units: the baseline, on this same machine)
   default  the README's command (default --jobs: half the usable cores, at most 8)
   j12/j16  --jobs 12 / 16 (do more workers than half the cores pay off on this host?)
+  ahead    default jobs with SSM_KERNELS_CHECK_AHEAD=1: each unit first compiles its kernels in
+           threads (a dry run that also repeats the unit's float64 references), then runs
 Correctness is the check itself: every row against the float64 reference; a run with a failed
 row or a non-zero exit is marked. Prints the host (cpu_count, affinity, the default jobs), per run
 the three longest pairs (their units' seconds summed), and a table last; JSON and logs go to $OUT.
@@ -26,7 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = {"pairs8": ({"SSM_KERNELS_CHECK_SPLIT": "0"}, ["--jobs", "8"]),
         "default": ({}, []),
         "j12": ({}, ["--jobs", "12"]),
-        "j16": ({}, ["--jobs", "16"])}
+        "j16": ({}, ["--jobs", "16"]),
+        "ahead": ({"SSM_KERNELS_CHECK_AHEAD": "1"}, [])}
 
 
 def main(argv=None):
