@@ -177,6 +177,24 @@ def test_check_dry_run_compiles_every_kernel_of_the_family_for_sm90():
     assert after == 0 and errors == 0
 
 
+_UNIT_AHEAD_SCRIPT = _COUNTING + r'''
+from ssm_kernels import _checks
+info = _checks._compile_ahead("causal_conv1d", "triton", "cpu", False, 2, seed=0, cases=(3, 4))
+ahead = n[0]
+res = _checks.run_family("causal_conv1d", "triton", "cpu", False, 0, (3, 4))
+assert len(res.rows) == 12 and res.error is None, res.error
+print("ahead", info["kernels"], ahead, "after", n[0] - ahead, "errors", info["errors"])
+'''
+
+
+def test_check_dry_run_of_a_unit_compiles_every_kernel_of_its_cases_for_sm90():
+    """A unit's dry run (`check` cuts pairs into units of cases) covers exactly what its real
+    run (`run_family` on those cases, seeded the same) compiles."""
+    submitted, compiled, after, errors = _compile_counts(_UNIT_AHEAD_SCRIPT)
+    assert compiled >= 2 and submitted >= compiled
+    assert after == 0 and errors == 0
+
+
 def test_spec_key_follows_do_not_specialize():
     """compile_ahead submits one compile per Triton specialisation: a `do_not_specialize` int
     (delta_rule's STORE_T) does not split the key, a specialised int does."""
