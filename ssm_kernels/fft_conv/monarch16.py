@@ -746,7 +746,7 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
     dpre = new(pre) if pre is not None else None
     dpost = new(post) if post is not None else None
     wk = alloc(H, S, 2, n1, n2)
-    wd = alloc(H, S)
+    wd = alloc(H, S) if S > 1 else alloc(H)   # [H] when S == 1: dD itself (no view per call)
     dk = alloc(H, Lk) if S == 1 else None
     global last_bwd_kernel
     # absent operands: any valid pointer of the right kind, never dereferenced (constexpr flags)
@@ -761,5 +761,5 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
         spec = wk.sum(1)                                               # [H, 2, N1, N2]
         spec = torch.complex(spec[:, 0], spec[:, 1]).transpose(1, 2).reshape(H, n)  # k1 + N1 k2
         dk = torch.fft.ifft(spec, n=n).real[:, :Lk].contiguous()
-    dD = (wd.sum(1) if S > 1 else wd.view(H)) if D is not None else None
+    dD = (wd.sum(1) if S > 1 else wd) if D is not None else None
     return du, dk, dD, dpre, dpost
