@@ -1,7 +1,8 @@
 """GPU A/B of monarch16's row-blocked kernels (KBLOCK / KBLOCK_BWD) and the SPLIT override against
-the defaults and torch's rfft conv (issue 11; session 7 helper fft7). One call, < 300 s on an H100:
+the defaults and torch's rfft conv (issue 11; session 7 helper fft7, session 8 helper fft8). One
+call, ~150-190 s on an H100 (PLAN_S7=1: session 7's knob sweep, ~270 s with BUDGET_S=270):
 
-    python bench/gpu_fft7.py        # OUT=dir writes gpu_fft7.csv; BUDGET_S (default 270) skips
+    python bench/gpu_fft7.py        # OUT=dir writes gpu_fft7.csv; BUDGET_S (default 160) skips
                                     # the rows that would start past it (the table still prints);
                                     # ONLY_L=4096,2048 runs only those lengths
 
@@ -31,39 +32,58 @@ from gpu_fft import SMOKE, bench, fwd_bwd, log, make  # noqa: E402
 import torch  # noqa: E402
 
 import ssm_kernels as sk  # noqa: E402
+from ssm_kernels import _launch  # noqa: E402
 from ssm_kernels.fft_conv import interface as fi  # noqa: E402
 from ssm_kernels.fft_conv import monarch16 as m16  # noqa: E402
 from ssm_kernels.fft_conv.reference import fft_conv_ref  # noqa: E402
 from ssm_kernels.testing import compare  # noqa: E402
 
 S = (lambda *a: a[-1]) if not SMOKE else (lambda *a: a[0])  # full size / smoke size
-BUDGET_S = float(os.environ.get("BUDGET_S", "270"))
+BUDGET_S = float(os.environ.get("BUDGET_S", "160"))
 ROWS: list = []
 
-# name -> knob tables (N -> value); launch: (warps, stages) for both passes
+# name -> knob tables (N -> value); launch: (warps, stages) for both passes. Since session 8
+# (helper fft8) the code's default at N = 4096 (L = 2048) is BJ 32 at 4 warps in both passes, so the
+# w8 configurations name their launch; "s7 default" is the code before (unblocked, 8 warps) for the
+# A/B; "bwd bj32" (L = 4096): session 8 measured bwd 0.833 for bj32 against the default's 0.876 in
+# separate rows (bj32's forward lost: 0.529), so the mix is timed; "raw" = the default with ssm_kernels._launch.set_raw_pointers(True) (no cuPointerGetAttribute
+# per pointer argument: the host-bound L = 1024 f+b).
+W8 = {4096: (8, 1)}
 CONFIGS = {
     "default": {},
+    "s7 default": dict(kblock={4096: 0}, launch=W8),
+    "raw": dict(raw=True),
     "bj64": dict(kblock={8192: 64}),
-    "bj32": dict(kblock={4096: 32, 8192: 32}),
-    "bj16": dict(kblock={4096: 16, 8192: 16}),
+    "bj32": dict(kblock={4096: 32, 8192: 32}, launch=W8),
+    "bj16": dict(kblock={4096: 16, 8192: 16}, launch=W8),
     "bj16 w16": dict(kblock={8192: 16}, launch={8192: (16, 1)}),
     "bj32 w4": dict(kblock={4096: 32}, launch={4096: (4, 1)}),
+    # refused on CUDA since session 8 (monarch16.SPLIT_BLOCKS_ON_GPU): it faulted on the H100
     "split bj64": dict(split={4096: (128, 32)}, kblock={4096: 64}),
-    "bj16 T": dict(kblock={4096: 32, 8192: 16}, twc=False),   # TWIDDLE_CONJ_COPY = False
-    "bwd bj16": dict(kblock_bwd={4096: 32, 8192: 16}),          # the forward unblocked
+    "bj16 T": dict(kblock={4096: 32, 8192: 16}, twc=False, launch=W8),   # TWIDDLE_CONJ_COPY = False
+    "bwd bj32": dict(kblock_bwd={8192: 32}),   # L = 4096: the default forward, bj32 backward
+    "bwd bj16": dict(kblock={4096: 0}, kblock_bwd={4096: 32, 8192: 16}, launch=W8),  # fwd unblocked
 }
 # (L, gates, configurations), most informative first (the budget cuts from the end). The
 # offline sm_90 build (bench/sm90_audit.py --ops fft_conv_knobs) of each: see bench/NOTES.md.
+# PLAN_S7=1: session 7's plan (the knob sweep that chose the defaults).
 PLAN = [
-    (4096, False, ("default", "bj32", "bj16", "bj16 w16", "bj16 T")),
-    (2048, False, ("default", "bj32", "bj16", "bj32 w4", "bj16 T")),
-    (4096, True, ("default", "bj32", "bj16")),
-    (1024, False, ("default",)),
-    (4096, False, ("bwd bj16",)),
-    (2048, False, ("bwd bj16",)),
-    (4096, False, ("bj64",)),
-    (2048, False, ("split bj64",)),
+    (2048, False, ("default", "s7 default")),
+    (1024, False, ("default", "raw")),
+    (2048, True, ("default", "s7 default")),
+    (4096, False, ("default", "bwd bj32")),
+    (4096, True, ("default",)),
 ]
+if os.environ.get("PLAN_S7"):
+    PLAN = [
+        (4096, False, ("default", "bj32", "bj16", "bj16 w16", "bj16 T")),
+        (2048, False, ("s7 default", "bj32", "bj16", "bj32 w4", "bj16 T")),
+        (4096, True, ("default", "bj32", "bj16")),
+        (1024, False, ("default",)),
+        (4096, False, ("bwd bj16",)),
+        (2048, False, ("bwd bj16",)),
+        (4096, False, ("bj64",)),
+    ]
 
 
 class knobs:
@@ -74,15 +94,17 @@ class knobs:
     def __enter__(self):
         self.saved = [dict(d) for d in (m16.KBLOCK, m16.KBLOCK_BWD, m16.SPLIT, m16.LAUNCH,
                                         m16.LAUNCH_BWD)] + [m16.TWIDDLE_CONJ_COPY,
-                                                            fi.MONARCH16_BWD_CUFFT_POST_N]
+                                                            fi.MONARCH16_BWD_CUFFT_POST_N,
+                                                            _launch.raw_pointers()]
         c = self.cfg
+        _launch.set_raw_pointers(c.get("raw", self.saved[-1]))
         m16.KBLOCK.update(c.get("kblock", {}))
         m16.KBLOCK_BWD.update(c.get("kblock_bwd", c.get("kblock", {})))
         m16.SPLIT.update(c.get("split", {}))
         m16.LAUNCH.update(c.get("launch", {}))
         m16.LAUNCH_BWD.update(c.get("launch_bwd", c.get("launch", {})))
         m16.TWIDDLE_CONJ_COPY = c.get("twc", True)
-        if self.gates and self.name != "default":
+        if self.gates and self.name not in ("default", "s7 default", "raw"):
             fi.MONARCH16_BWD_CUFFT_POST_N = 1 << 30   # keep the post-gated backward on monarch16
 
     def __exit__(self, *exc):
@@ -90,7 +112,8 @@ class knobs:
                           self.saved):
             d.clear()
             d.update(old)
-        m16.TWIDDLE_CONJ_COPY, fi.MONARCH16_BWD_CUFFT_POST_N = self.saved[-2:]
+        m16.TWIDDLE_CONJ_COPY, fi.MONARCH16_BWD_CUFFT_POST_N = self.saved[-3:-1]
+        _launch.set_raw_pointers(self.saved[-1])
 
 
 def ours(u, k, D, pre_gate=None, post_gate=None):

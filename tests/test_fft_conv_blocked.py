@@ -186,3 +186,81 @@ def test_twiddle_from_t_is_bitwise_the_same(backend, frac, monkeypatch):
                        + list(fft_m16.fft_conv_bwd(dy, u, k, D, pg, qg)))
         for name, a, b in zip(NAMES, *got):
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("bwd", [False, True])
+def test_measured_defaults_per_length(bwd, monkeypatch):
+    """The defaults are the session-8 H100 winners (bench/NOTES.md "fft8"): N = 4096 (L = 2048)
+    row-blocked, BJ = 32 at 4 warps, in both passes; N = 8192 (L = 4096) unblocked at 8 warps
+    (every blocked variant lost there); N = 2048 (L = 1024) unblocked at 4 warps. The GPU's launch
+    options (not the interpreter's) are what is pinned."""
+    monkeypatch.setattr(fft_m16, "triton_interpret", lambda: False)
+    dev = torch.device("cpu")
+    opts = lambda w: dict(num_warps=w, num_stages=1)  # noqa: E731
+    for L, Lk, n1n2, r1, bj, warps in ((2048, 2048, (64, 64), 32, 32, 4),
+                                       (2048, 700, (64, 64), 32, 32, 4),
+                                       (2100, 50, (64, 64), 64, 32, 4),    # R1 = N1 at N = 4096
+                                       (4096, 4096, (128, 64), 64, 0, 8),
+                                       (1024, 1024, (64, 32), 32, 0, 4)):
+        n, n1, n2, r1_, S, per, o, bj_ = fft_m16._plan(8, 768, L, Lk, dev, bwd)
+        assert ((n1, n2), r1_, bj_, o) == (n1n2, r1, bj, opts(warps)), (L, Lk)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("L,Lk,gates", [(2048, 2048, False), (2100, 50, True)])
+def test_default_length_2048_runs_blocked(backend, L, Lk, gates, monkeypatch):
+    """With the default tables (no knob set) an L = 2048 call takes the row-blocked kernels in both
+    passes and matches float64 (R1 = N1 / 2 and R1 = N1, gates + D)."""
+    for name in ("_monarch16_fwd_kernel", "_monarch16_bwd_kernel"):
+        monkeypatch.setattr(fft_m16, name, _RequireBlocks(getattr(fft_m16, name)))
+    monkeypatch.setattr(fft_interface, "FORCE_PATH", None)
+    check(backend, 2, 3, L, Lk, torch.bfloat16, oracle=fft_conv_direct, D=True, pre=gates, post=gates)
+    assert fft_m16._monarch16_fwd_kernel.launches == 1
+    assert fft_m16._monarch16_bwd_kernel.launches == 1
+
+
+def test_split_with_blocks_refused_on_gpu(monkeypatch):
+    """'split bj64' (N = 4096 as 128 x 32 with BJ = 64) faulted on the H100 (illegal address)
+    while the interpreter's address check (tests/guard_zone.py) is clean: SPLIT + KBLOCK is refused
+    on CUDA devices with a message naming the switch; each alone, CPU tensors, or the switch on
+    still plan."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(fft_m16, "SPLIT", {4096: (128, 32)})
+    monkeypatch.setattr(fft_m16, "KBLOCK", {4096: 64})
+    monkeypatch.setattr(fft_m16, "KBLOCK_BWD", {})
+    with pytest.raises(ValueError, match="SPLIT_BLOCKS_ON_GPU"):
+        fft_m16._plan(4, 300, 2048, 2048, cuda, False)
+    assert fft_m16._plan(4, 300, 2048, 2048, cuda, True)[1:3] == (128, 32)      # unblocked bwd
+    assert fft_m16._plan(4, 300, 2048, 2048, torch.device("cpu"), False)[-1] == 64
+    monkeypatch.setattr(fft_m16, "SPLIT_BLOCKS_ON_GPU", True)
+    assert fft_m16._plan(4, 300, 2048, 2048, cuda, False)[-1] == 64             # knob state re-read
+    monkeypatch.setattr(fft_m16, "SPLIT", {})
+    monkeypatch.setattr(fft_m16, "SPLIT_BLOCKS_ON_GPU", False)
+    assert fft_m16._plan(4, 300, 2048, 2048, cuda, False)[1:3] == (64, 64)
+
+
+def test_split_bj64_guard_zone():
+    """The address check behind the refusal above: N = 4096 as 128 x 32, BJ = 64, forward and
+    backward (FINAL, D + gates), every active load / store inside an argument."""
+    import os
+    import sys
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("the address check patches Triton's interpreter")
+    sys.path.insert(0, os.path.dirname(__file__))
+    from guard_zone import checked_access
+    import ssm_kernels as sk
+    saved = (dict(fft_m16.SPLIT), dict(fft_m16.KBLOCK), dict(fft_m16.KBLOCK_BWD))
+    fft_m16.SPLIT[4096] = (128, 32)
+    fft_m16.KBLOCK[4096] = fft_m16.KBLOCK_BWD[4096] = 64
+    try:
+        u, k, D, pg, qg = (None if x is None else x.requires_grad_() for x in
+                           make(4, 5, 2048, 2048, torch.bfloat16))
+        with checked_access() as log:
+            y = sk.fft_conv(u, k, D, pre_gate=pg, post_gate=qg, backend="triton")
+            y.float().sum().backward()
+        assert log.launches == ["_monarch16_fwd_kernel", "_monarch16_bwd_kernel"]
+        log.assert_clean()
+    finally:
+        for d, old in zip((fft_m16.SPLIT, fft_m16.KBLOCK, fft_m16.KBLOCK_BWD), saved):
+            d.clear()
+            d.update(old)

@@ -400,7 +400,9 @@ _monarch16_fwd_kernel = fast_kernel(_monarch16_fwd_kernel)  # launch cache (_lau
 # are the L2-resident tables, and pipelining them (Triton's default 3 stages) triples their shared
 # memory. maxnreg caps registers per thread so that more programs share an SM (ptxas otherwise
 # takes up to 255: one 8-warp program per SM); bench/gpu_monarch.py sweeps these.
-LAUNCH = {2048: (4, 1), 4096: (8, 1), 8192: (8, 1)}
+# N = 4096 (L = 2048): 4 warps with KBLOCK 32 (the session-8 H100 run: fwd 0.134 vs 0.168 ms at 8
+# warps unblocked, bwd 0.232 vs 0.325; f+b 0.412 vs 0.577; bench/NOTES.md "fft8").
+LAUNCH = {2048: (4, 1), 4096: (4, 1), 8192: (8, 1)}
 
 
 def _launch(n: int, table=None) -> dict:
@@ -435,9 +437,14 @@ def batch_split(B: int, H: int, device) -> Tuple[int, int]:
 _PLANS: Dict[tuple, tuple] = {}
 
 
-# Row-blocked kernels (issue 11, session 7 helper fft7; measured nowhere yet, so empty = off):
+# Row-blocked kernels (issue 11, session 7 helper fft7):
 # N -> BJ, the rows k1 of the spectrum one block holds (a power of two >= 16 dividing N1, < N1);
 # N absent (or BJ >= N1): the unblocked kernels. Separately for the forward and the backward.
+# Measured (session 8, H100, B8 H768 bf16 D on, ms fwd / bwd): N = 4096 (L = 2048) BJ 32 at 4 warps
+# 0.134 / 0.232 against the unblocked 8-warp 0.168 / 0.325 (BJ 32 at 8 warps 0.146 / 0.302): the
+# default there. N = 8192 (L = 4096): every blocked variant lost (bj32 0.529 / 0.833, bj16 0.768 /
+# 1.203, bj64 0.450 / 1.116 against 0.282 / 0.876): unblocked. N = 2048: not blocked (no register
+# gain offline; the forward is 0.069 ms).
 # SPLIT: N -> (N1, N2) instead of split(n) (e.g. 4096: (128, 32), the same dot FLOPs as 64 x 64
 # but every product with M >= 64, i.e. wgmma, and R1 = 64). Launch options stay LAUNCH /
 # LAUNCH_BWD by N (bench/gpu_fft7.py sweeps them with the knobs).
@@ -445,8 +452,10 @@ _PLANS: Dict[tuple, tuple] = {}
 # from T with the sign of the imaginary part flipped in the product (False: the same values, one
 # [2, N1, N2] fp16 table (32 KB at N = 8192) less in the per-channel L1 / L2 working set).
 TWIDDLE_CONJ_COPY = True
-KBLOCK: Dict[int, int] = {}
-KBLOCK_BWD: Dict[int, int] = {}
+# SPLIT + KBLOCK together faulted on the H100 (see _plan): refused on CUDA devices unless True
+SPLIT_BLOCKS_ON_GPU = False
+KBLOCK: Dict[int, int] = {4096: 32}
+KBLOCK_BWD: Dict[int, int] = {4096: 32}
 SPLIT: Dict[int, Tuple[int, int]] = {}
 
 
@@ -469,24 +478,42 @@ def _split(n: int) -> Tuple[int, int]:
     return n1, n2
 
 
+def _knobs(n: int, bwd: bool) -> tuple:
+    """What a plan at N = n depends on besides the shape: the knob tables' entries, the refusal
+    switch, and the SM-count / interpreter functions themselves (tools and tests replace them to
+    reach both FINAL variants or the GPU's launch options; the interpreter switch is process-wide,
+    read when Triton decorates the kernels, so its value is not re-read per call)."""
+    return ((LAUNCH_BWD if bwd else LAUNCH).get(n), SPLIT.get(n),
+            (KBLOCK_BWD if bwd else KBLOCK).get(n), SPLIT_BLOCKS_ON_GPU, _sm_count, triton_interpret)
+
+
 def _plan(B: int, H: int, L: int, Lk: int, device, bwd: bool):
+    # host time per call (issue 8): keyed on the shape; the knob state is compared, not re-derived
+    # (no transform-size arithmetic, environment read or SM-count lookup on a hit)
+    key = (B, H, L, Lk, device, bwd)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[1] == _knobs(hit[0][0], bwd):
+        return hit[0]
     table = LAUNCH_BWD if bwd else LAUNCH
     n = transform_size(L, Lk)
-    sms = _sm_count(device)  # in the key: tools and tests set it to reach both FINAL variants
-    key = (B, H, L, Lk, device, bwd, table.get(n), sms, SPLIT.get(n),
-           (KBLOCK_BWD if bwd else KBLOCK).get(n))
-    hit = _PLANS.get(key)
-    if hit is None:
-        if n > MAX_N:
-            raise ValueError(f"monarch16 fft_conv: transform size {n} > MAX_N = {MAX_N} (L={L}, Lk={Lk})")
-        n1, n2 = _split(n)
-        S, per = _batch_split(B, H, sms)
-        r1 = rows(n, n1, L)
-        hit = (n, n1, n2, r1, S, per, _launch(n, table), _kblock(n, n1, bwd))
-        if len(_PLANS) > 1024:
-            _PLANS.clear()
-        _PLANS[key] = hit
-    return hit
+    if n > MAX_N:
+        raise ValueError(f"monarch16 fft_conv: transform size {n} > MAX_N = {MAX_N} (L={L}, Lk={Lk})")
+    n1, n2 = _split(n)
+    S, per = _batch_split(B, H, _sm_count(device))
+    r1 = rows(n, n1, L)
+    bj = _kblock(n, n1, bwd)
+    if bj and n in SPLIT and device.type == "cuda" and not SPLIT_BLOCKS_ON_GPU:
+        raise ValueError(
+            f"monarch16: row blocks (KBLOCK{'_BWD' if bwd else ''} {bj}) with a SPLIT override "
+            f"({n1} x {n2}) at N = {n} are refused on the GPU: 'split bj64' (4096 as 128 x 32, "
+            f"BJ 64) hit 'an illegal memory access' on the H100 (Triton 3.6) although the "
+            f"interpreter's address check finds no out-of-bounds access (bench/NOTES.md "
+            f"\"fft8\"); set monarch16.SPLIT_BLOCKS_ON_GPU = True to run it anyway")
+    plan = (n, n1, n2, r1, S, per, _launch(n, table), bj)
+    if len(_PLANS) > 1024:
+        _PLANS.clear()
+    _PLANS[key] = (plan, _knobs(n, bwd))
+    return plan
 
 
 def _prepare(u, k, bwd=False):
@@ -697,7 +724,7 @@ _monarch16_bwd_kernel = fast_kernel(_monarch16_bwd_kernel)
 
 
 # launch configuration of the backward by N (GPU), as LAUNCH; bench/gpu_monarch.py sweeps it
-LAUNCH_BWD = {2048: (4, 1), 4096: (8, 1), 8192: (8, 1)}
+LAUNCH_BWD = {2048: (4, 1), 4096: (4, 1), 8192: (8, 1)}
 last_bwd_kernel = None
 
 
@@ -719,7 +746,7 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
     dpre = new(pre) if pre is not None else None
     dpost = new(post) if post is not None else None
     wk = alloc(H, S, 2, n1, n2)
-    wd = alloc(H, S)
+    wd = alloc(H, S) if S > 1 else alloc(H)   # [H] when S == 1: dD itself (no view per call)
     dk = alloc(H, Lk) if S == 1 else None
     global last_bwd_kernel
     # absent operands: any valid pointer of the right kind, never dereferenced (constexpr flags)
@@ -734,5 +761,5 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
         spec = wk.sum(1)                                               # [H, 2, N1, N2]
         spec = torch.complex(spec[:, 0], spec[:, 1]).transpose(1, 2).reshape(H, n)  # k1 + N1 k2
         dk = torch.fft.ifft(spec, n=n).real[:, :Lk].contiguous()
-    dD = (wd.sum(1) if S > 1 else wd.view(H)) if D is not None else None
+    dD = (wd.sum(1) if S > 1 else wd) if D is not None else None
     return du, dk, dD, dpre, dpost
