@@ -186,7 +186,6 @@ class Sim:
         t = op.split(".")
         base = t[0]
         typ = t[-1]
-        is32 = typ in ("s32", "u32", "b32") or (base == "cvt")
         norm = (lambda x: s32(x) if typ == "s32" else u32(x)) if typ in ("s32", "u32", "b32") else wrap64
         if base == "ld" and "param" in op:
             idx = int(re.search(r"param_(\d+)", ops[1]).group(1))
