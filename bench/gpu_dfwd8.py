@@ -10,8 +10,9 @@ comes from, and which settings of the delta-only forward scan run, check and win
 2. Variants, each in its own process (an illegal address poisons the CUDA context, so one crash
    must not take the others with it): base (DELTA_FWD=0), then DELTA_FWD 1 / 2 at 8 warps (no
    spills in Triton 3.6's compile) and at 4 warps (the settings that crashed; 252 / 176 B of
-   spills in 3.6's compile). Per variant: a bare forward + backward with a sync after each launch
-   group (crash or not), the compiled scan's registers / spills as this Triton reports them, the
+   spills in 3.6's compile), and at 4 warps with 16-bit W, U (no spills, no tf32 dot). Per
+   variant: a bare forward + backward at HV = H, then at HV = 2H (crash or not: is it about
+   grouped heads?), the compiled scan's registers / spills as this Triton reports them, the
    gated check at HV = 2H (the one that crashed), HV = H with a partial chunk and varlen GVA
    (bench/gpu_delta.py's check: o, S and every gradient vs float64, bitwise repeat), then gated
    fwd / fwd+bwd at B4 T4096 H16 K=V=128 and the forward's stages.
@@ -36,6 +37,10 @@ VARIANTS = [   # (name, knobs of delta_rule/chunk.py)
     ("dfwd1-w8", {"DELTA_FWD": 1, "DELTA_FWD_WARPS": 8}),
     ("dfwd2-w8", {"DELTA_FWD": 2, "DELTA_FWD_WARPS": 8}),
     ("dfwd1-w4", {"DELTA_FWD": 1, "DELTA_FWD_WARPS": 4}),
+    # 4 warps, 32-wide tiles, but 16-bit W, U (bf16 W S, no tf32 dot): 246 regs, 0 spills in 3.6's
+    # compile. Runs -> the spills / the tf32 path are the trigger; crashes -> 4-warp 32-wide wgmma
+    # code of Triton 3.6. (Its check fails on precision like the engine at fla's precision.)
+    ("dfwd1-w4-bf16w", {"DELTA_FWD": 1, "DELTA_FWD_WARPS": 4, "WU_FLOAT32": False}),
     ("dfwd2-w4", {"DELTA_FWD": 2, "DELTA_FWD_WARPS": 4}),
     ("dfwd1-bv16-w8", {"DELTA_FWD": 1, "DELTA_FWD_BV": 16, "DELTA_FWD_WARPS": 8}),
 ]
@@ -96,12 +101,13 @@ def one(name, knobs, budget):
     import torch
     import gpu_delta as gd   # (sets interface.CHUNKED_WY: the chunked WY path, as its checks)
     _set(knobs)
-    try:
-        _bare()
-        emit(name, "bare fwd+bwd (HV=2H)", None, "ran")
-    except Exception as e:  # noqa: BLE001
-        emit(name, "bare fwd+bwd (HV=2H)", None, "CRASH " + repr(e)[:120])
-        return
+    for what, kw in (("bare fwd+bwd HV=H", dict(H=4, HV=4)), ("bare fwd+bwd HV=2H", {})):
+        try:
+            _bare(**kw)
+            emit(name, what, None, "ran")
+        except Exception as e:  # noqa: BLE001
+            emit(name, what, None, "CRASH " + repr(e)[:120])
+            return
     emit(name, "compiled scan", None, _scan_usage())
     cu = torch.tensor([0, 1, 700, 700, 1500, 2047], device="cuda", dtype=torch.int32)
     for what, kw in (("check HV=2H T1024", dict(B=1, T=1024, H=2, HV=4)),
