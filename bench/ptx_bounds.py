@@ -10,9 +10,11 @@ machine's Triton with PYTHONPATH=/tmp/t36:$PWD (Triton 3.6 unpacked there, see N
         [--kernels all] [--bwd 1] [--max-programs 24]
 
 Positive control: SHRINK_<param>=<bytes> shrinks that tensor argument's extent (e.g. SHRINK_k_ptr=2
-must report the last k^T rows out of bounds). Not modelled: float values (zeros; no address here
-depends on them), wgmma descriptors (shared operand ranges: decoded by hand in NOTES, dfwd8), SASS
-(spill code is ptxas's)."""
+must report the last k^T rows out of bounds). wgmma operands: each descriptor (per warp group)
+is decoded into the shared byte range it reads (swizzled layouts; PTXSIM_MN_ATOM=lbo|sbo picks
+which field strides MN-major atoms: both clean on every kernel here) and checked against the
+shared size. Not modelled: float values (zeros; no address here depends on them), SASS (spill
+code is ptxas's), races."""
 import os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

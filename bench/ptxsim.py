@@ -1,9 +1,12 @@
 """Tiny PTX lane simulator (used by bench/ptx_bounds.py): the integer and address arithmetic of one
 CTA, all lanes at once (numpy); every ld/st.global (and cp.async source) address is checked against
-the tensor arguments' byte ranges, every shared access against the kernel's shared size. Float
+the tensor arguments' byte ranges, every shared access (and every wgmma operand's descriptor
+range) against the kernel's shared size. Float
 values are not modelled (zeros): no address depends on them; a branch whose predicate differs
 between lanes raises (none in the kernels audited)."""
+import os
 import re
+
 import numpy as np
 
 M32 = 0xFFFFFFFF
@@ -137,6 +140,55 @@ class Sim:
         if a.size and ((a < 0).any() or (a + size > self.smem).any()):
             self.bad.append(f"{what}: shared [{int(a.min())}, {int(a.max()) + size}) vs {self.smem}")
 
+    # MN-major operands: which descriptor field strides the MN atoms ("lbo", CUTLASS's canonical
+    # layout) and which the 8-row K groups; calibrated on kernels that run on the H100 (NOTES, dfwd8)
+    MN_ATOM_STRIDE = os.environ.get("PTXSIM_MN_ATOM", "lbo")
+
+    def desc_range(self, desc, rows_mn, k_elems, esz, mn_major):
+        """[lo, hi) bytes of shared memory a wgmma operand descriptor reads (swizzled layouts):
+        K-major: rows_mn rows of S (swizzle width) bytes in 8-row groups SBO apart (LBO unused);
+        MN-major: k_elems K-rows of S bytes in 8-row groups, MN atoms of S / esz elements."""
+        start = (desc & 0x3FFF) << 4
+        lbo = ((desc >> 16) & 0x3FFF) << 4
+        sbo = ((desc >> 32) & 0x3FFF) << 4
+        S = {1: 128, 2: 64, 3: 32}.get(int((desc >> 62) & 3))
+        if S is None:
+            return None
+        lo = start - start % S
+        if not mn_major:
+            return lo, lo + 8 * S + (-(-rows_mn // 8) - 1) * sbo
+        atom, group = (lbo, sbo) if self.MN_ATOM_STRIDE == "lbo" else (sbo, lbo)
+        atoms, groups = -(-(rows_mn * esz) // S), -(-k_elems // 8)
+        return lo, lo + 8 * S + (groups - 1) * group + (atoms - 1) * atom
+
+    def check_wgmma(self, op, ops, raw):
+        m = re.search(r"\.m(\d+)n(\d+)k(\d+)\.\w+\.(\w+)\.(\w+)$", op)
+        M, N, K, ta, tb = int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4), m.group(5)
+        esz = {"bf16": 2, "f16": 2, "tf32": 4, "e4m3": 1, "e5m2": 1, "s8": 1, "u8": 1}[ta]
+        imms = [o for o in ops[3:] if re.fullmatch(r"-?\d+", o)]
+        if esz != 2:
+            trans = [0, 0]          # tf32 / 8-bit: K-major only
+        elif ops[1].startswith("{"):
+            trans = [0, int(imms[-1])]   # A from registers: (scale-a, scale-b, trans-b)
+        else:
+            trans = [int(x) for x in imms[-2:]]
+        self.nwgmma = getattr(self, "nwgmma", 0) + 1
+        for which, o, rows, mn_major in (("A", ops[1], M, trans[0]), ("B", ops[2], N, trans[1])):
+            if o.startswith("{"):
+                continue    # A from registers
+            d = self.val(o)
+            for wg in range(0, self.N, 128):   # one descriptor per warp group
+                dw = d[wg:wg + 128]
+                if not (dw == dw[0]).all():
+                    self.bad.append(f"{raw}: {which} descriptor differs inside warp group {wg // 128}")
+                    continue
+                r = self.desc_range(int(dw[0]) & ((1 << 64) - 1), rows, K, esz, mn_major)
+                if r is None:
+                    self.bad.append(f"{raw}: {which} descriptor without swizzle (not modelled)")
+                elif r[0] < 0 or r[1] > self.smem:
+                    self.bad.append(f"{raw}: {which} operand reads shared [{r[0]}, {r[1]}) vs "
+                                    f"{self.smem} (warp group {wg // 128})")
+
     def run(self, max_steps=10 ** 7):
         pc, steps = 0, 0
         L = self.lines
@@ -162,6 +214,7 @@ class Sim:
                     op.startswith("wgmma.commit") or op.startswith("wgmma.wait"):
                 continue
             if op.startswith("wgmma.mma_async"):
+                self.check_wgmma(op, ops, raw)
                 for r in re.findall(r"%r\d+", ops[0]):
                     self.R[r] = np.zeros(self.N, np.int64)
                 continue
