@@ -163,7 +163,7 @@ class Sim:
 
     def check_wgmma(self, op, ops, raw):
         m = re.search(r"\.m(\d+)n(\d+)k(\d+)\.\w+\.(\w+)\.(\w+)$", op)
-        M, N, K, ta, tb = int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4), m.group(5)
+        M, N, K, ta = int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4)
         esz = {"bf16": 2, "f16": 2, "tf32": 4, "e4m3": 1, "e5m2": 1, "s8": 1, "u8": 1}[ta]
         imms = [o for o in ops[3:] if re.fullmatch(r"-?\d+", o)]
         if esz != 2:
