@@ -141,6 +141,10 @@ WYBWD_VARIANTS = (   # most telling first: the budget may cut the tail
 # (DELTA_FWD=1) and "states+output" (DELTA_FWD=2: one fused kernel) against base's states + output
 DELTA_FWD_VARIANTS = (   # most telling first: the budget may cut the tail
     "base:;"
+    # 8 warps first: no spills in Triton 3.6's compile; the 4-warp settings (dfwd2, dfwd1) died with
+    # an illegal address on the H100 (session 8; bench/gpu_dfwd8.py runs each in its own process)
+    "dfwd1-w8:DELTA_FWD=1,DELTA_FWD_WARPS=8;"
+    "dfwd2-w8:DELTA_FWD=2,DELTA_FWD_WARPS=8;"
     "dfwd2:DELTA_FWD=2;"
     "dfwd1:DELTA_FWD=1;"
     "dfwd2-bf16st-x2:DELTA_FWD=2,WU_FLOAT32=False,WU_TF32_PRODUCTS=True,SCAN_TF32=True,"
