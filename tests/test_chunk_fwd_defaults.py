@@ -172,3 +172,24 @@ def test_ssd_defaults_vs_old_path(small_chunks, monkeypatch, grad, varlen):
                  name="y vs old path")
     assert_close(new[1], old[1].double(), dtype=torch.bfloat16, lowp_ref=old[1].double(),
                  name="states vs old path")
+
+
+@pytest.mark.parametrize("every", [2, 3])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("gate", ["none", "scalar"])
+def test_scores_early_bitwise(small_chunks, monkeypatch, gate, dtype, case, every):
+    """OUT_SCORES_EARLY: the chunk's own scores formed in the first K loop instead of after the
+    replay: the same sums in the same order, so o and ht are bitwise the default's; and the
+    replay really runs (every > 1 stored states)."""
+    B, T, H, K, V, cu = CASES[case]
+    cu = None if cu is None else torch.tensor(cu, device=DEVICE, dtype=torch.int32)
+    ins = _inputs(B, T, H, K, V, gate, dtype, n_seq=None if cu is None else cu.numel() - 1)
+    kn = dict(H_EVERY=every)
+    (base, _), n = _run(monkeypatch, kn, lambda: _fwd_bwd(gate, ins, cu, False))
+    (got, _), _ = _run(monkeypatch, dict(kn, OUT_SCORES_EARLY=True),
+                       lambda: _fwd_bwd(gate, ins, cu, False))
+    (old, _), n_old = _run(monkeypatch, OLD, lambda: _fwd_bwd(gate, ins, cu, False))
+    assert n[0] < n_old[0]
+    _equal(got, base, "o, ht")
+    _check(gate, ins, got, cu=cu, dtype=dtype, what="scores early")

@@ -111,6 +111,11 @@ OUT_WARPS = None      # warps of the output stage (None: 8 when its V tile is 12
 # GATE 1: the output stage scales the [BT, BV] rows of q h by exp(G) after the dot (fla's form)
 # instead of scaling q before it: q stays a raw 16-bit dot operand shared by q h and q k^T
 OUT_DECAY_O = None
+# H_EVERY > 1, GATE 0/1: the output stage forms the chunk's own scores q k^T in its first K loop
+# (q, k^T loaded once) and holds them through the replay, instead of re-reading q and k after it
+# (4096 x 32 KB = 134 MB of L2 reads fewer at B4 T4096 H16 K=V=128; +16 registers per thread at
+# BV=128, 8 warps). Bitwise the same o. Off until timed (bench/gpu_chunk.py FWD_DEFAULTS=1).
+OUT_SCORES_EARLY = False
 # the values the None knobs above take, per gate (0 plain, 1 scalar decay and SSD), for 16-bit
 # inputs (float32 keeps H_EVERY 1, BLOCK_V, 4 warps, q scaled before the dot: never timed).
 # H100 session 8 (bf16, fwd ms, B4 T4096 H16 K=V=128; SSD B4 L4096 H32 P64 N128): simple_gla

@@ -197,6 +197,10 @@ def _output_kernel(
     # [TOK, H, K], k_ptr k exp2(G_last - Gc), g_ptr G_last [NCH, H, K] (pass HQ = H)
     EVERY: tl.constexpr = 1, cor_ptr=None, DECAY_O: tl.constexpr = False,
     PRE: tl.constexpr = False,
+    # SCORES_EARLY (EVERY > 1, GATE 0/1; common.OUT_SCORES_EARLY): the chunk's own scores q k^T
+    # in the first K loop from the q, k^T tiles it loads anyway (as EVERY = 1), held through the
+    # replay, instead of re-reading q and k after it (same sums in the same order: bitwise equal)
+    SCORES_EARLY: tl.constexpr = False,
 ):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hq = i_h // (H // HQ)
@@ -250,7 +254,7 @@ def _output_kernel(
                            mask=m_k[:, None] & m_t[None, :], other=0.)
             b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.)
             b_o += mm(b_q, b_h, DT, IEEE)
-            if EVERY == 1:
+            if EVERY == 1 or SCORES_EARLY:
                 A += mm(b_q, b_kT, DT, IEEE)
         else:
             b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
@@ -265,7 +269,7 @@ def _output_kernel(
         b_o = replay_chunks(b_o, q_ptr, k_ptr, v_ptr, g_ptr, vs_ptr, A_ptr, t0, i_c, r, i_h, i_hq,
                             H, HQ, o_t, m_t, o_v, m_v, K, V, GATE, G_FROM_VS, HAS_VS, PRE, BT, BK,
                             DT, IEEE)
-        if GATE < 2:
+        if GATE < 2 and not SCORES_EARLY:
             # the chunk's own scores after the replay (q, k re-read from L1/L2), so the replay's
             # scores and these are never live together
             for i_k in range(tl.cdiv(K, BK)):
@@ -707,5 +711,6 @@ def chunk_fwd_keep(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor]
         D_ptr=d if D is None else D, z_ptr=d if z is None else z, HAS_D=D is not None,
         HAS_Z=z is not None, EVERY=every, cor_ptr=d if cor is None else cor,
         DECAY_O=p.gate < 2 and bool(common.fwd_knob("OUT_DECAY_O", p.gate, p.lowp)), PRE=pre,
+        SCORES_EARLY=bool(common.OUT_SCORES_EARLY) and every > 1 and p.gate < 2,
         num_warps=warps, num_stages=1 if m["IEEE"] == 1 else 2)
     return (o, ht) + kept
