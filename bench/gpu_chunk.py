@@ -19,7 +19,7 @@ default and fla / mamba-ssm in one process (engine_ab; AB_SETS=, AB_S=, AB_CHECK
 
 FWD_DEFAULTS=1 python bench/gpu_chunk.py: session 8's forward defaults (chunk.common FWD_AUTO)
 checked against float64 and timed against the old path, OUT_SCORES_EARLY, a forward chunk of 128
-and fla / mamba-ssm in one process (fwd_defaults; ~200-240 s, AB_S=230 caps the timing part).
+and fla / mamba-ssm in one process (fwd_defaults; ~200-240 s, AB_S=200 caps the timing part).
 
 GLA_VARIANTS=1 python bench/gpu_chunk.py: chunk_gla only, every variant of GLA_VARIANT_LIST
 (ssm_kernels.chunk.gla knobs) checked (two gate strengths) and timed next to fla, plus the stages
@@ -1026,6 +1026,9 @@ FD_SETS = {    # label -> knobs on top of today's defaults (GATE 0/1 ops)
     "scores early": dict(OUT_SCORES_EARLY=True),
     "default SAVE_STATES=2": dict(SAVE_STATES=2),          # training keeps h: every state stored
     "chunk128 bv64 w8": dict(CHUNK=128, BWD_CHUNK=64, H_EVERY=1, OUT_BLOCK_V=64, OUT_WARPS=8),
+    # the state pass with the whole K per program (fla's tiling): 128 programs of 8 warps
+    "early sbk128 sbv64 sw8": dict(OUT_SCORES_EARLY=True, STATE_BLOCK_K=128, STATE_BLOCK_V=64,
+                                   STATE_WARPS=8),
     # linear attention (GATE 0) candidates for its FWD_AUTO (not a default yet: never timed)
     "every2 coarse bv128": dict(H_EVERY=2, STATE_COARSE=True, OUT_BLOCK_V=128),
     "every2 coarse bv128 early": dict(H_EVERY=2, STATE_COARSE=True, OUT_BLOCK_V=128,
@@ -1041,7 +1044,7 @@ def fwd_defaults(B=4, T=4096, H=16, K=128, V=128):
     with D, dt_bias, varlen, and inference with D and z). (2) fwd (inference; training's forward
     is the same with SAVE_STATES 1) at B4 T4096 H16 K=V=128, and fwd+bwd for the old path and the
     default; SSD B4 L4096 H32 P64 N128 public (D, dt_bias, softplus). (3) peers last. ~200-240 s
-    on an H100 with fla and mamba-ssm (AB_S caps the timing part; default 230 here)."""
+    on an H100 with fla and mamba-ssm (AB_S caps the timing part; default 200 here)."""
     torch.manual_seed(0)
     log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
         f"triton {triton.__version__}")
@@ -1049,7 +1052,8 @@ def fwd_defaults(B=4, T=4096, H=16, K=128, V=128):
     cu = torch.tensor([0, 1, 700, 700, 1500, 2047], device=DEV, dtype=torch.int32)
     checks = []
     if os.environ.get("AB_CHECK", "1") == "1":
-        for lab in ("default", "scores early", "default SAVE_STATES=2", "chunk128 bv64 w8"):
+        for lab in ("default", "scores early", "default SAVE_STATES=2", "chunk128 bv64 w8",
+                    "early sbk128 sbv64 sw8"):
             checks.append((lab, lambda lab=lab: check_la("chunk_simple_gla", tag=f" [{lab}]")))
         for lab in ("default", "scores early"):
             checks.append((lab, lambda lab=lab: check_la("chunk_simple_gla", B=1, T=2047, cu=cu,
@@ -1084,7 +1088,7 @@ def fwd_defaults(B=4, T=4096, H=16, K=128, V=128):
     fb = ("fwd", "fwd+bwd")
     plan = [("chunk_simple_gla", case, sg, OURS["chunk_simple_gla"], lab, modes) for lab, modes in
             (("old path", fb), ("default", fb), ("scores early", ("fwd",)),
-             ("chunk128 bv64 w8", ("fwd",)))]
+             ("chunk128 bv64 w8", ("fwd",)), ("early sbk128 sbv64 sw8", ("fwd",)))]
     plan += [("ssd", scase, smake, sours, lab, modes) for lab, modes in
              (("old path", fb), ("default", fb), ("scores early", ("fwd",)))]
     plan += [("chunk_linear_attn", case, la, OURS["chunk_linear_attn"], lab, ("fwd",)) for lab in
@@ -1115,7 +1119,7 @@ if __name__ == "__main__":
     if os.environ.get("GLA_VARIANTS", "0") == "1":
         main_gla_variants()
     elif os.environ.get("FWD_DEFAULTS", "0") == "1":
-        AB_S = float(os.environ.get("AB_S", "230"))
+        AB_S = float(os.environ.get("AB_S", "200"))
         fwd_defaults()
     elif os.environ.get("ENGINE_AB", "0") == "1":
         engine_ab()
