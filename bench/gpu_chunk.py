@@ -1102,7 +1102,8 @@ def fwd_defaults(B=4, T=4096, H=16, K=128, V=128):
         mf = mamba_op() if want("ssd") else None
         if mf is not None and _ab_time_left():
             bench("ssd", scase, "mamba_ssm", lambda x, dt, A, Bm, Cm, D, bias: mf(
-                x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias, dt_softplus=True), smake, modes=fb)
+                x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias, dt_softplus=True), smake,
+                modes=("fwd",))    # its fwd+bwd (3.08 ms today) autotunes for a minute
         fla = fla_ops()
         for op, make in (("chunk_simple_gla", sg), ("chunk_linear_attn", la)):
             if want(op) and op in fla and _ab_time_left():
