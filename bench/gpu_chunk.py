@@ -845,7 +845,7 @@ def save_states_ab(B=4, T=4096, H=16, K=128, V=128, ssd_shape=(4, 4096, 32, 64, 
 AB_SETS = {
     "default": {},
     "decay_o": dict(OUT_DECAY_O=True),
-    "decay_o bv128": dict(OUT_DECAY_O=True, OUT_BLOCK_V=128),
+    "decay_o bv128": dict(OUT_DECAY_O=True, OUT_BLOCK_V=128, OUT_WARPS=4),   # 4: as measured
     "decay_o bv128 w8": dict(OUT_DECAY_O=True, OUT_BLOCK_V=128, OUT_WARPS=8),
     "every2": dict(H_EVERY=2),
     "every4": dict(H_EVERY=4),
