@@ -17,6 +17,10 @@ ENGINE_AB=1 python bench/gpu_chunk.py: the forward knobs of session 7 (chunk.com
 OUT_DECAY_O, OUT_BLOCK_V, OUT_WARPS, GLA_PREP) checked against float64 and timed against the
 default and fla / mamba-ssm in one process (engine_ab; AB_SETS=, AB_S=, AB_CHECK=0, PEERS=0).
 
+FWD_DEFAULTS=1 python bench/gpu_chunk.py: session 8's forward defaults (chunk.common FWD_AUTO)
+checked against float64 and timed against the old path, OUT_SCORES_EARLY, a forward chunk of 128
+and fla / mamba-ssm in one process (fwd_defaults; ~200-240 s, AB_S=200 caps the timing part).
+
 GLA_VARIANTS=1 python bench/gpu_chunk.py: chunk_gla only, every variant of GLA_VARIANT_LIST
 (ssm_kernels.chunk.gla knobs) checked (two gate strengths) and timed next to fla, plus the stages
 of the tree and the session-4 kernels (~200 s).
@@ -841,7 +845,7 @@ def save_states_ab(B=4, T=4096, H=16, K=128, V=128, ssd_shape=(4, 4096, 32, 64, 
 AB_SETS = {
     "default": {},
     "decay_o": dict(OUT_DECAY_O=True),
-    "decay_o bv128": dict(OUT_DECAY_O=True, OUT_BLOCK_V=128),
+    "decay_o bv128": dict(OUT_DECAY_O=True, OUT_BLOCK_V=128, OUT_WARPS=4),   # 4: as measured
     "decay_o bv128 w8": dict(OUT_DECAY_O=True, OUT_BLOCK_V=128, OUT_WARPS=8),
     "every2": dict(H_EVERY=2),
     "every4": dict(H_EVERY=4),
@@ -857,6 +861,11 @@ AB_SETS = {
     "every2 bv128 w8 coarse": dict(H_EVERY=2, OUT_BLOCK_V=128, OUT_WARPS=8, STATE_COARSE=True),
     "every4 bv128 w8 coarse": dict(H_EVERY=4, OUT_BLOCK_V=128, OUT_WARPS=8, STATE_COARSE=True),
 }
+# session 8 made some of these the defaults (common.FWD_AUTO, knobs None): every set but
+# "default" (today's defaults) is applied on top of the old path, so the labels keep their meaning
+AB_OLD = dict(H_EVERY=1, STATE_COARSE=False, OUT_BLOCK_V=64, OUT_DECAY_O=False, OUT_WARPS=None)
+AB_SETS = {k: (v if k == "default" else {**AB_OLD, **v}) for k, v in AB_SETS.items()}
+AB_SETS["old default"] = dict(AB_OLD)
 GLA_AB_SETS = {
     "default": {},
     "prep": dict(GLA_PREP=True),
@@ -867,6 +876,22 @@ GLA_AB_SETS = {
 # after which timing rows stop (the table still prints); AB_CHECK=0 skips the float64 checks
 AB_ONLY = [x for x in os.environ.get("AB_SETS", "").split(",") if x]
 AB_S = float(os.environ.get("AB_S", "265"))
+
+
+def set_knobs(kn):
+    """Context manager: chunk.common knobs set to kn's values inside, restored after."""
+    from ssm_kernels.chunk import common as knobs
+
+    class _S:
+        def __enter__(self_):
+            self_.saved = {k: getattr(knobs, k) for k in kn}
+            for k, v in kn.items():
+                setattr(knobs, k, v)
+
+        def __exit__(self_, *a):
+            for k, v in self_.saved.items():
+                setattr(knobs, k, v)
+    return _S()
 
 
 def _ab_sets(sets):
@@ -895,18 +920,7 @@ def engine_ab(B=4, T=4096, H=16, K=128, V=128):
         f"triton {triton.__version__}")
     sets = _ab_sets(AB_SETS)
     gsets = _ab_sets(GLA_AB_SETS)
-
-    def setk(kn):
-        class _S:
-            def __enter__(self_):
-                self_.saved = {k: getattr(knobs, k) for k in kn}
-                for k, v in kn.items():
-                    setattr(knobs, k, v)
-
-            def __exit__(self_, *a):
-                for k, v in self_.saved.items():
-                    setattr(knobs, k, v)
-        return _S()
+    setk = set_knobs
 
     ok = True
     cu = torch.tensor([0, 1, 700, 700, 1500, 2047], device=DEV, dtype=torch.int32)
@@ -958,9 +972,10 @@ def engine_ab(B=4, T=4096, H=16, K=128, V=128):
         # the state stage alone per H_EVERY (h bytes / H_EVERY)
         q, k, v, g = la_inputs(B, T, H, K, V, "scalar")
         p = cf.Plan(q, v, g, None, False)
-        t = {f"states H_EVERY={e}": do_bench(
-            lambda e=e: cf.chunk_states(p, k, v, g, None, None, None, every=e), warmup=10, rep=40,
-            return_mode="median") for e in (1, 2, 4, 8)}
+        with setk(dict(STATE_COARSE=False)):
+            t = {f"states H_EVERY={e}": do_bench(
+                lambda e=e: cf.chunk_states(p, k, v, g, None, None, None, every=e), warmup=10,
+                rep=40, return_mode="median") for e in (1, 2, 4, 8)}
         for e in (2, 4):
             with setk(dict(STATE_COARSE=True)):
                 t[f"states H_EVERY={e} STATE_COARSE"] = do_bench(
@@ -1003,6 +1018,99 @@ def engine_ab(B=4, T=4096, H=16, K=128, V=128):
     print_table(ok, title="engine forward knobs (ENGINE_AB)", csv_name="gpu_chunk_ab.csv")
 
 
+# ---- session 8 forward defaults (FWD_DEFAULTS=1): common.FWD_AUTO vs the old path and the peers --
+FD_OLD = dict(AB_OLD)
+FD_SETS = {    # label -> knobs on top of today's defaults (GATE 0/1 ops)
+    "old path": FD_OLD,
+    "default": {},
+    "scores early": dict(OUT_SCORES_EARLY=True),
+    "default SAVE_STATES=2": dict(SAVE_STATES=2),          # training keeps h: every state stored
+    "chunk128 bv64 w8": dict(CHUNK=128, BWD_CHUNK=64, H_EVERY=1, OUT_BLOCK_V=64, OUT_WARPS=8),
+    # the state pass with the whole K per program (fla's tiling): 128 programs of 8 warps
+    "early sbk128 sbv64 sw8": dict(OUT_SCORES_EARLY=True, STATE_BLOCK_K=128, STATE_BLOCK_V=64,
+                                   STATE_WARPS=8),
+    # linear attention (GATE 0) candidates for its FWD_AUTO (not a default yet: never timed)
+    "every2 coarse bv128": dict(H_EVERY=2, STATE_COARSE=True, OUT_BLOCK_V=128),
+    "every2 coarse bv128 early": dict(H_EVERY=2, STATE_COARSE=True, OUT_BLOCK_V=128,
+                                      OUT_SCORES_EARLY=True),
+}
+
+
+def fwd_defaults(B=4, T=4096, H=16, K=128, V=128):
+    """FWD_DEFAULTS=1: session 8's forward defaults (chunk.common FWD_AUTO: 16-bit simple_gla /
+    SSD store every 2nd state from a coarse state pass, decay on the rows of q h, V tile 128 at 8
+    warps) against the old path, OUT_SCORES_EARLY, a forward chunk of 128, and fla / mamba-ssm.
+    (1) float64 checks (B2 T2048 H4 K=V=128 bf16, o, ht and every gradient; packed batches; SSD
+    with D, dt_bias, varlen, and inference with D and z). (2) fwd (inference; training's forward
+    is the same with SAVE_STATES 1) at B4 T4096 H16 K=V=128, and fwd+bwd for the old path and the
+    default; SSD B4 L4096 H32 P64 N128 public (D, dt_bias, softplus). (3) peers last. ~200-240 s
+    on an H100 with fla and mamba-ssm (AB_S caps the timing part; default 200 here)."""
+    torch.manual_seed(0)
+    log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"triton {triton.__version__}")
+    ok = True
+    cu = torch.tensor([0, 1, 700, 700, 1500, 2047], device=DEV, dtype=torch.int32)
+    checks = []
+    if os.environ.get("AB_CHECK", "1") == "1":
+        for lab in ("default", "scores early", "default SAVE_STATES=2", "chunk128 bv64 w8",
+                    "early sbk128 sbv64 sw8"):
+            checks.append((lab, lambda lab=lab: check_la("chunk_simple_gla", tag=f" [{lab}]")))
+        for lab in ("default", "scores early"):
+            checks.append((lab, lambda lab=lab: check_la("chunk_simple_gla", B=1, T=2047, cu=cu,
+                                                         tag=f" [{lab}]")))
+            checks.append((lab, check_ssd))
+            checks.append((lab, lambda: check_ssd(B=1, L=2047, cu=cu)))
+            checks.append((lab, check_ssd_infer))
+        for lab in ("default", "every2 coarse bv128 early"):
+            checks.append((lab, lambda lab=lab: check_la("chunk_linear_attn", tag=f" [{lab}]")))
+        checks.append(("every2 coarse bv128 early", lambda: check_la(
+            "chunk_linear_attn", B=1, T=2047, cu=cu, tag=" [every2 coarse bv128 early]")))
+    for lab, fn in checks:
+        try:
+            with set_knobs(FD_SETS[lab]):
+                r = fn()
+            if not r:
+                log(f"  ^ failed with knobs [{lab}] {FD_SETS[lab]}")
+            ok &= r
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            ok = False
+    log("CORRECTNESS:", "all ok" if ok else "FAILURES above")
+
+    case = f"B{B} T{T} H{H} K=V={K}"
+    sg = lambda req: la_inputs(B, T, H, K, V, "scalar", req=req)  # noqa: E731
+    la = lambda req: la_inputs(B, T, H, K, V, None, req=req)  # noqa: E731
+    sb, sl, shh, sp, sgg, sn = 4, 4096, 32, 64, 1, 128
+    scase = f"B{sb} L{sl} H{shh} P{sp} N{sn}"
+    smake = lambda req: ssd_inputs(sb, sl, shh, sp, sgg, sn, req=req)  # noqa: E731
+    sours = lambda x, dt, A, Bm, Cm, D, bias: sk.mamba_chunk_scan_combined(  # noqa: E731
+        x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias, dt_softplus=True)
+    fb = ("fwd", "fwd+bwd")
+    plan = [("chunk_simple_gla", case, sg, OURS["chunk_simple_gla"], lab, modes) for lab, modes in
+            (("old path", fb), ("default", fb), ("scores early", ("fwd",)),
+             ("chunk128 bv64 w8", ("fwd",)), ("early sbk128 sbv64 sw8", ("fwd",)))]
+    plan += [("ssd", scase, smake, sours, lab, modes) for lab, modes in
+             (("old path", fb), ("default", fb), ("scores early", ("fwd",)))]
+    plan += [("chunk_linear_attn", case, la, OURS["chunk_linear_attn"], lab, ("fwd",)) for lab in
+             ("default", "every2 coarse bv128", "every2 coarse bv128 early")]
+    for op, cs, make, f, lab, modes in plan:
+        if want(op) and _ab_time_left():
+            with set_knobs(FD_SETS[lab]):
+                bench(op, cs, "ours " + lab, f, make, modes=modes)
+    torch.cuda.empty_cache()
+    if PEERS:
+        mf = mamba_op() if want("ssd") else None
+        if mf is not None and _ab_time_left():
+            bench("ssd", scase, "mamba_ssm", lambda x, dt, A, Bm, Cm, D, bias: mf(
+                x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias, dt_softplus=True), smake,
+                modes=("fwd",))    # its fwd+bwd (3.08 ms today) autotunes for a minute
+        fla = fla_ops()
+        for op, make in (("chunk_simple_gla", sg), ("chunk_linear_attn", la)):
+            if want(op) and op in fla and _ab_time_left():
+                bench(op, case, "fla", fla[op], make, modes=("fwd",))
+    print_table(ok, title="engine forward defaults (FWD_DEFAULTS)", csv_name="gpu_chunk_fd.csv")
+
+
 def bench_fb(f, xs, live, do):
     return do_bench(lambda: torch.autograd.grad(f(*xs), live, do), warmup=10, rep=40,
                     return_mode="median")
@@ -1011,6 +1119,9 @@ def bench_fb(f, xs, live, do):
 if __name__ == "__main__":
     if os.environ.get("GLA_VARIANTS", "0") == "1":
         main_gla_variants()
+    elif os.environ.get("FWD_DEFAULTS", "0") == "1":
+        AB_S = float(os.environ.get("AB_S", "200"))
+        fwd_defaults()
     elif os.environ.get("ENGINE_AB", "0") == "1":
         engine_ab()
     elif os.environ.get("SAVE_AB", "0") == "1":

@@ -177,6 +177,16 @@ def chunk_cases():
 # bf16, V 128 (GLA_PREP only for chunk_gla, OUT_* only for GATE 0/1)
 ENGINE_KNOB_SETS = {
     "default": {},
+    "old": dict(H_EVERY=1, STATE_COARSE=False, OUT_BLOCK_V=64, OUT_DECAY_O=False),
+    "every2+coarse+bv128+w8": dict(H_EVERY=2, STATE_COARSE=True, OUT_BLOCK_V=128, OUT_WARPS=8),
+    "early": dict(OUT_SCORES_EARLY=True),
+    "every4+early": dict(H_EVERY=4, OUT_SCORES_EARLY=True),
+    "sbk128+sbv32+sw8": dict(STATE_BLOCK_K=128, STATE_BLOCK_V=32, STATE_WARPS=8),
+    "sbk128+sbv64+sw8": dict(STATE_BLOCK_K=128, STATE_BLOCK_V=64, STATE_WARPS=8),
+    "sbk128+sbv32+sw4": dict(STATE_BLOCK_K=128, STATE_BLOCK_V=32, STATE_WARPS=4),
+    "chunk128": dict(CHUNK=128, BWD_CHUNK=64, H_EVERY=1),
+    "chunk128+bv64+w8": dict(CHUNK=128, BWD_CHUNK=64, H_EVERY=1, OUT_BLOCK_V=64, OUT_WARPS=8),
+    "chunk128+bv64+w4": dict(CHUNK=128, BWD_CHUNK=64, H_EVERY=1, OUT_BLOCK_V=64, OUT_WARPS=4),
     "every4": dict(H_EVERY=4),
     "decay_o": dict(OUT_DECAY_O=True),
     "decay_o+bv128+w8": dict(OUT_DECAY_O=True, OUT_BLOCK_V=128, OUT_WARPS=8),

@@ -86,30 +86,59 @@ SEG_BWD_MIN_CHUNKS = 128
 # forward path only. fla (chunk_simple_gla, chunk_gla, chunk_linear_attn) and mamba-ssm
 # (mamba_chunk_scan_combined) recompute h in the backward: 2 trades memory they do not spend.
 SAVE_STATES = 1
-# forward of the per-chunk-state path (FUSED_FWD=0), issue 10 session 7 (helper engine7; knobs
-# default off until measured on the GPU; bench/gpu_chunk.py ENGINE_AB=1 A/Bs them):
+# forward of the per-chunk-state path (FUSED_FWD=0), issue 10 session 7 (helper engine7) knobs;
+# None = the measured per-gate default of FWD_AUTO (session 8 helper engine8; bench/NOTES.md):
 # H_EVERY: the state pass stores the incoming state h of every H_EVERY-th chunk only (h bytes
 # written + read / H_EVERY); the output stage rebuilds the state of the chunks in between from the
 # last stored one with the state pass's own step over the (c mod H_EVERY) chunks before it (their
 # k, v re-read, from L2: the neighbouring chunks' programs read them at the same time). Not when
-# the forward keeps h for the backward (SAVE_STATES=2): then every h is stored.
-H_EVERY = 1
+# the forward keeps h for the backward (SAVE_STATES=2: then every h is stored); with SAVE_STATES
+# 0/1 the backward recomputes every h itself, so training and inference take the same forward.
+H_EVERY = None
 # tiles of the state pass (`fwd.chunk_states`, the forward's and the backward's recompute; None:
 # BLOCK_K / BLOCK_V, 4 warps, 2 stages): (K/BK) x (V/BV) x rows x heads programs, each walking
 # its rows' chunks. BV=32 doubles the programs (512 at B4 H16 K=V=128) for a latency-bound chain
 # STATE_COARSE (GATE 0/1 with H_EVERY = R > 1 a power of two): the state pass walks chunks of R x BT tokens (the
 # states it stores are exactly the ones H_EVERY keeps: T / (R BT) steps of an (R BT)-long dot
 # instead of T / BT steps, more bytes in flight per step); False: BT-long steps, every R-th stored
-STATE_COARSE = False
+STATE_COARSE = None
 STATE_BLOCK_K = None
 STATE_BLOCK_V = None
 STATE_WARPS = None    # None: 4 (8 for STATE_COARSE chunks of 256: 4 spill on sm_90)
 STATE_STAGES = None
-OUT_BLOCK_V = None    # V tile of the output stage for GATE 0/1 (None: BLOCK_V; 128 = fla's best)
-OUT_WARPS = None      # warps of the output stage (None: 4, or 8 when its V tile is 128)
+OUT_BLOCK_V = None    # V tile of the output stage for GATE 0/1 (None: FWD_AUTO; 128 = fla's best)
+OUT_WARPS = None      # warps of the output stage (None: 8 when its V tile is 128, else 4)
 # GATE 1: the output stage scales the [BT, BV] rows of q h by exp(G) after the dot (fla's form)
 # instead of scaling q before it: q stays a raw 16-bit dot operand shared by q h and q k^T
-OUT_DECAY_O = False
+OUT_DECAY_O = None
+# H_EVERY > 1, GATE 0/1: the output stage forms the chunk's own scores q k^T in its first K loop
+# (q, k^T loaded once) and holds them through the replay, instead of re-reading q and k after it
+# (4096 x 32 KB = 134 MB of L2 reads fewer at B4 T4096 H16 K=V=128; +16 registers per thread at
+# BV=128, 8 warps). Bitwise the same o. Off until timed (bench/gpu_chunk.py FWD_DEFAULTS=1).
+OUT_SCORES_EARLY = False
+# the values the None knobs above take, per gate (0 plain, 1 scalar decay and SSD), for 16-bit
+# inputs (float32 keeps H_EVERY 1, BLOCK_V, 4 warps, q scaled before the dot: never timed).
+# H100 session 8 (bf16, fwd ms, B4 T4096 H16 K=V=128; SSD B4 L4096 H32 P64 N128): simple_gla
+# default 0.332, decay_o 0.295, decay_o bv128 0.287, every2 coarse 0.292, every2 bv128 w8 coarse
+# 0.270 (fla 0.261); SSD default 0.333, decay_o 0.300, every2 coarse 0.285 (mamba 0.403);
+# linear_attn default 0.288, decay_o bv128 w8 0.291, every4 bv128 w8 0.301 (every2 coarse not
+# timed: kept off until it is). The state stage alone: every state 0.129, every 2nd coarse 0.096.
+FWD_AUTO = {
+    0: dict(H_EVERY=1, STATE_COARSE=True, OUT_BLOCK_V=None, OUT_DECAY_O=False),
+    1: dict(H_EVERY=2, STATE_COARSE=True, OUT_BLOCK_V=128, OUT_DECAY_O=True),
+}
+_FWD_OFF = dict(H_EVERY=1, STATE_COARSE=False, OUT_BLOCK_V=None, OUT_DECAY_O=False)
+
+
+def fwd_knob(name: str, gate: int, lowp: bool):
+    """The value of forward knob `name` (H_EVERY, STATE_COARSE, OUT_BLOCK_V, OUT_DECAY_O) for a
+    call of this gate: the knob if set, else FWD_AUTO's for 16-bit inputs, else off."""
+    v = globals()[name]
+    if v is not None:
+        return v
+    return (FWD_AUTO[gate] if lowp and gate in FWD_AUTO else _FWD_OFF)[name]
+
+
 # GATE 2 (chunk_gla): one launch (gla._intra_prep_kernel) takes the raw g and writes Gc, the
 # pre-decayed rows q exp2(Gc) and k exp2(G_last - Gc) (input dtype, as the dots round them
 # anyway), each chunk's total log2-decay G_last [NCH, H, K] and the fast-path scores; the state

@@ -197,6 +197,10 @@ def _output_kernel(
     # [TOK, H, K], k_ptr k exp2(G_last - Gc), g_ptr G_last [NCH, H, K] (pass HQ = H)
     EVERY: tl.constexpr = 1, cor_ptr=None, DECAY_O: tl.constexpr = False,
     PRE: tl.constexpr = False,
+    # SCORES_EARLY (EVERY > 1, GATE 0/1; common.OUT_SCORES_EARLY): the chunk's own scores q k^T
+    # in the first K loop from the q, k^T tiles it loads anyway (as EVERY = 1), held through the
+    # replay, instead of re-reading q and k after it (same sums in the same order: bitwise equal)
+    SCORES_EARLY: tl.constexpr = False,
 ):
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hq = i_h // (H // HQ)
@@ -250,7 +254,7 @@ def _output_kernel(
                            mask=m_k[:, None] & m_t[None, :], other=0.)
             b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.)
             b_o += mm(b_q, b_h, DT, IEEE)
-            if EVERY == 1:
+            if EVERY == 1 or SCORES_EARLY:
                 A += mm(b_q, b_kT, DT, IEEE)
         else:
             b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
@@ -265,7 +269,7 @@ def _output_kernel(
         b_o = replay_chunks(b_o, q_ptr, k_ptr, v_ptr, g_ptr, vs_ptr, A_ptr, t0, i_c, r, i_h, i_hq,
                             H, HQ, o_t, m_t, o_v, m_v, K, V, GATE, G_FROM_VS, HAS_VS, PRE, BT, BK,
                             DT, IEEE)
-        if GATE < 2:
+        if GATE < 2 and not SCORES_EARLY:
             # the chunk's own scores after the replay (q, k re-read from L1/L2), so the replay's
             # scores and these are never live together
             for i_k in range(tl.cdiv(K, BK)):
@@ -442,6 +446,7 @@ class Plan:
         else:
             self.ct = self.co = None
         self.hdtype = state_store_dtype(q.dtype)
+        self.lowp = q.dtype != torch.float32
         self._slots = {}
 
     def state_index(self, every: int):
@@ -476,7 +481,8 @@ def chunk_states(p: Plan, k, v, g, vs, A, h0, store_h=True, every=1, pre=False, 
     ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32) if ht is None else ht)
     cu, co, _ = p.idx_args(ht)
     BT, EVERY = p.BT, (every if store_h else 1)
-    if common.STATE_COARSE and EVERY > 1 and EVERY & (EVERY - 1) == 0 and p.gate < 2 and not pre:
+    if (EVERY > 1 and EVERY & (EVERY - 1) == 0 and p.gate < 2 and not pre
+            and common.fwd_knob("STATE_COARSE", p.gate, p.lowp)):
         # chunks of every x BT tokens: the stored states are the same ones, at slots
         # n * cdiv(T, every BT) + i (rows) or cor[n] + i (packed: cor is their first-slot table)
         BT, EVERY = BT * every, 1
@@ -667,7 +673,8 @@ def chunk_fwd_keep(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor]
     # every H_EVERY-th chunk's state only, unless the backward keeps them all (GATE 2: with
     # GLA_PREP only, whose pre-decayed rows make the replay's scores plain products)
     pre = p.gate == 2 and gla.use_prep(p)
-    every = 1 if (keep_h or (p.gate == 2 and not pre)) else max(1, common.H_EVERY)
+    every = 1 if (keep_h or (p.gate == 2 and not pre)) else max(
+        1, common.fwd_knob("H_EVERY", p.gate, p.lowp))
     if pre:
         # one launch: Gc (every later stage of the backward reads it), q exp2(Gc), k exp2(G_last -
         # Gc), G_last and the scores; the state pass and the output read those
@@ -690,11 +697,10 @@ def chunk_fwd_keep(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor]
         a = gla.intra_scores(p, q, k, g, scale, a=ws[1]) if p.gate == 2 else d
     o = common.poison(torch.empty_like(v))
     cu, _, ct = p.idx_args(ht)
-    if p.gate == 2:
-        BV = m["BVO"]
-    else:
-        BV = m["BVO"] if common.OUT_BLOCK_V is None else max(
-            16, min(common.OUT_BLOCK_V, next_power_of_2(p.V)))
+    obv = None if p.gate == 2 else common.fwd_knob("OUT_BLOCK_V", p.gate, p.lowp)
+    BV = m["BVO"] if obv is None else max(16, min(obv, next_power_of_2(p.V)))
+    # GATE 0/1: 8 warps for a V tile of 128 (sm_90: 111 registers at 8 warps with DECAY_O)
+    warps = common.OUT_WARPS or (8 if p.gate < 2 and BV >= 128 else 4)
     cor = p.state_index(every)[1]
     qa, ka, ga = (qd, kd, gl) if pre else (q, k, g)
     _output_kernel[(cdiv(p.V, BV), p.NCH, p.H)](
@@ -704,6 +710,7 @@ def chunk_fwd_keep(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor]
         BT=p.BT, BK=m["BK"], BV=BV, DT=m["DT"], IEEE=m["IEEE"],
         D_ptr=d if D is None else D, z_ptr=d if z is None else z, HAS_D=D is not None,
         HAS_Z=z is not None, EVERY=every, cor_ptr=d if cor is None else cor,
-        DECAY_O=bool(common.OUT_DECAY_O) and p.gate < 2, PRE=pre,
-        num_warps=common.OUT_WARPS or 4, num_stages=1 if m["IEEE"] == 1 else 2)
+        DECAY_O=p.gate < 2 and bool(common.fwd_knob("OUT_DECAY_O", p.gate, p.lowp)), PRE=pre,
+        SCORES_EARLY=bool(common.OUT_SCORES_EARLY) and every > 1 and p.gate < 2,
+        num_warps=warps, num_stages=1 if m["IEEE"] == 1 else 2)
     return (o, ht) + kept
