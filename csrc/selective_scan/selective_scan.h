@@ -49,8 +49,10 @@ int selective_scan_fwd_poly(int set = -1);
 // Forward variant (issue 9, session 7; N <= 16, B and C time-varying, poly off; others run 0):
 // 0 (default) = the lean kernel; 1 = coalesced staging of aligned chunks (PieceStager); 2, 3 = 1
 // plus y reduce-scattered over 8 / 32 steps and stored as vectors; 4 = 32-step groups alone; 5 = two
-// channels per thread (64-thread blocks; one B/C read per step serves both). All bitwise equal to
-// 0. The first query reads SSM_KERNELS_SSCAN_FWD_VARIANT; set in 0..5 sets it;
+// channels per thread (64-thread blocks; one B/C read per step serves both); session 8: 6 = 3 with
+// two steps of (dt, dt u) per 16-byte load, 7 / 8 = 6 with B and C / C alone as packed 16-bit
+// pairs in shared memory, 9 / 10 = 6 / 7 with lanes remapped so B/C loads are uniform pairs. All
+// bitwise equal to 0. The first query reads SSM_KERNELS_SSCAN_FWD_VARIANT; set in 0..10 sets it;
 // returns the previous value. Host-side global, not thread safe.
 int selective_scan_fwd_variant(int set = -1);
 
