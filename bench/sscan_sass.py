@@ -50,7 +50,7 @@ VARIANTS = {
 # backward variant -> kernel template args after the dtype (N <= 16 bucket, B/C time-varying)
 BWD_VARIANTS = {0: "Li4ELi4ELi64ELi8ELi1ELi0E", 2: "Li4ELi4ELi64ELi8ELi1ELi2E",
                 3: "Li4ELi4ELi64ELi8ELi1ELi3E", 4: "Li4ELi4ELi64ELi8ELi1ELi4E",
-                5: "Li4ELi4ELi64ELi8ELi1ELi5E"}
+                5: "Li4ELi4ELi64ELi8ELi1ELi5E", 6: "Li4ELi4ELi64ELi8ELi1ELi6E"}
 INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 

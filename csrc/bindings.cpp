@@ -334,7 +334,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("selective_scan_bwd_variant", &ssm::selective_scan_bwd_variant, pybind11::arg("set") = -1,
         "backward kernel variant (issue 9): 2 (default; fused I/O, N <= 16 with time-varying B and "
         "C), 3 (the same at 3 blocks/SM), 4 (2 with coalesced staging), 5 (4 with the dB/dC channel "
-        "reduce through shared memory) or 0 (the original); set selects it; returns the previous one (the first call reads "
+        "reduce through shared memory), 6 (3 with 5's reductions; session 8), 7 (6 when it saves a "
+        "wave, else 5) or 0 (the original); set selects it; returns the previous one (the first call reads "
         "SSM_KERNELS_SSCAN_BWD_VARIANT)");
   m.def("selective_scan_bwd", &selective_scan_bwd,
         "selective_scan backward -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0]");

@@ -106,7 +106,9 @@ struct SelectiveScanBwdParams {
 // bitwise equal) for N <= 16 with B and C both time-varying (others run 0). (1, the lean I/O
 // with pointers kept live, was slower and is gone.) The first query reads
 // SSM_KERNELS_SSCAN_BWD_VARIANT (0, 2, 3 = 3 blocks/SM, or 4 = 2 with coalesced staging of
-// aligned chunks; unset is 2, anything else 0); set = 0, 2, 3 or 4 sets it; returns the previous value. Host-side global: not per stream, not thread safe.
+// aligned chunks, 5 = 4 with the reductions through shared memory (the default), 6 = 3 with 5's
+// reductions, 7 = 6 or 5 per launch by wave count; anything else 0); set = 0 or 2..7 sets it;
+// returns the previous value. Host-side global: not per stream, not thread safe.
 int selective_scan_bwd_variant(int set = -1);
 
 // Channels per block of the backward for this N (the partials of time-varying dB/dC have
