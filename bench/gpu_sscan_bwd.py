@@ -14,13 +14,21 @@ softplus'/dz tile (convert reads global memory, next chunk prefetched to L2): 68
 Both are meant to be bitwise equal to variant 0. 4 (session 7) = 2 with coalesced staging of aligned
 chunks (PieceStager: consecutive lanes copy one row's 128-byte window). 5 (helper sscanbwd7) = 4 with
 the dB/dC cross-channel reduce through a per-warp shared tile (no FSEL/SHFL; same tree order, so
-bitwise equal to 0/2).
+bitwise equal to 0/2). 6 (helper sscan8) = 3 (no raw staging, 3 blocks per SM) with 5's shared-tile reductions;
+7 = 6 when ceil(blocks / 3 SMs) x 1.62 < ceil(blocks / 2 SMs) (one wave instead of two: B8 D1536),
+else 5.
 
 Forward variants (ssm_kernels._C.selective_scan_fwd_variant(v) or SSM_KERNELS_SSCAN_FWD_VARIANT; the
 N <= 16 lean kernel, B and C time-varying; session 7): 1 = coalesced staging (PieceStager) of aligned
 chunks; 2 / 3 = 1 plus y reduce-scattered over 8 / 32 steps and stored as 4- / 16-byte vectors
 (bf16); 4 = 32-step groups with the owner-row staging; 5 = two channels per thread (64-thread
-blocks, one B/C shared-memory read per step for both channels' states) + 1 + 16-step groups. All meant bitwise equal to forward 0 (out,
+blocks, one B/C shared-memory read per step for both channels' states) + 1 + 16-step groups.
+Session 8 (helper sscan8; bench/NOTES.md "forward variants 6-8"): 6 = 3 with (dt, dt u) and (u, gate)
+read two steps per 16-byte LDS (even row pitch); 7 = 6 with B and C of a step kept as packed 16-bit
+pairs in shared memory (a lane's 4 states of both in one LDS.128, widened exactly by shift / mask;
+16-bit storage only, fp32 runs 6); 8 = 6 with only C packed; 9 / 10 = 6 / 7 with the lanes remapped
+(lane = ch0 | slice << 1 | (ch >> 1) << 3) so B/C and (dt, dt u) loads are "uniform pair" loads (half
+the shared-memory return cycles) and y is reduce-scattered over lanes at stride 2. All meant bitwise equal to forward 0 (out,
 last state, checkpoints): checked at 12 cases (aligned and unaligned L, partial last chunks, varlen,
 groups, N = 13, partial channel tiles, fp32/fp16/bf16, no z / softplus / D, L = 1) and one float64
 case per variant (with the backward on top).
@@ -53,9 +61,9 @@ from ssm_kernels.selective_scan import cuda as sc  # noqa: E402
 
 DEV = "cuda"
 T0 = time.time()
-BWD_VARIANTS = [0, 2, 3, 4, 5]
-FWD_VARIANTS = [0, 1, 2, 3, 4, 5]
-REF_BWD = [5]
+BWD_VARIANTS = [0, 5, 6, 7]
+FWD_VARIANTS = [0, 3, 6, 7, 8, 9, 10]
+REF_BWD = [6]
 ROWS: list = []  # (section, case, variant, what, value)
 GRADS = ["du", "ddelta", "dA", "dB", "dC", "dD", "dz", "dbias", "dh0"]
 
@@ -306,9 +314,9 @@ def main():
     if ext is None or not hasattr(ext, "selective_scan_bwd_variant") or not gs.has_cuda_bwd():
         sys.exit("ssm_kernels._C without the CUDA backward / selective_scan_bwd_variant: rebuild")
     global BWD_VARIANTS, FWD_VARIANTS, REF_BWD
-    BWD_VARIANTS = [int(x) for x in os.environ.get("BWD_VARIANTS", "0,2,3,4,5").split(",")]
-    FWD_VARIANTS = [int(x) for x in os.environ.get("FWD_VARIANTS", "0,1,2,3,4,5").split(",")]
-    REF_BWD = [int(x) for x in os.environ.get("REF_BWD", "5").split(",") if x]
+    BWD_VARIANTS = [int(x) for x in os.environ.get("BWD_VARIANTS", "0,5,6,7").split(",")]
+    FWD_VARIANTS = [int(x) for x in os.environ.get("FWD_VARIANTS", "0,3,6,7,8,9,10").split(",")]
+    REF_BWD = [int(x) for x in os.environ.get("REF_BWD", "6").split(",") if x]
     assert BWD_VARIANTS[0] == 0 and FWD_VARIANTS[0] == 0, "variant 0 first (others are compared with it)"
     if not hasattr(ext, "selective_scan_fwd_variant"):
         FWD_VARIANTS = [0]

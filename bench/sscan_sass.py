@@ -31,22 +31,26 @@ FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "-a
 TNAME = {"bf16": "I13__nv_bfloat16", "fp16": "I6__half", "fp32": "If"}  # mangled: kernelI<T>...
 # forward kernel -> (file, kernel template args after the dtype, kNPT, kTPC, kChunk, threads)
 VARIANTS = {
-    "lean N<=16": ("selective_scan_fwd_lean.cu", "Li4ELi4ELi128ELi32ELb1ELi0ELb0ELi4ELi1E", 4, 4, 32, 128),
+    "lean N<=16": ("selective_scan_fwd_lean.cu", "Li4ELi4ELi128ELi32ELb1ELi0ELb0ELi4ELi1ELi0E", 4, 4, 32, 128),
     # SSM_KERNELS_SSCAN_FWD_POLY=R: 1/R of the decays by the FMA-pipe exp2 polynomial
-    **{f"lean poly R={r}": ("selective_scan_fwd_lean.cu", f"Li4ELi4ELi128ELi32ELb1ELi{r}ELb0ELi4ELi1E", 4, 4, 32,
+    **{f"lean poly R={r}": ("selective_scan_fwd_lean.cu", f"Li4ELi4ELi128ELi32ELb1ELi{r}ELb0ELi4ELi1ELi0E", 4, 4, 32,
                             128) for r in (1, 2, 4, 8, 16)},
     # SSM_KERNELS_SSCAN_FWD_VARIANT=v: (coalesced PieceStager staging, y output group kOG)
-    **{f"lean fwd variant {v}": ("selective_scan_fwd_lean.cu", f"Li4ELi4ELi128ELi32ELb1ELi0ELb{pc}ELi{og}ELi1E",
+    **{f"lean fwd variant {v}": ("selective_scan_fwd_lean.cu", f"Li4ELi4ELi128ELi32ELb1ELi0ELb{pc}ELi{og}ELi1ELi{s8}E",
                                  4, 4, 32, 128)
-       for v, (pc, og) in {1: (1, 4), 2: (1, 8), 3: (1, 32), 4: (0, 32)}.items()},
+       for v, (pc, og, s8) in {1: (1, 4, 0), 2: (1, 8, 0), 3: (1, 32, 0), 4: (0, 32, 0),
+                                    # session 8: 16-byte (dt, dt u) loads (6), + packed B/C (7), + packed C (8)
+                                    6: (1, 32, 1), 7: (1, 32, 2), 8: (1, 32, 3),
+                                    # + lanes remapped (uniform-pair B/C loads): on 6 (9), on 7 (10)
+                                    9: (1, 32, 5), 10: (1, 32, 6)}.items()},
     # variant 5: two channels per thread (64 threads; "kNPT" 8 = the updates per thread and step)
-    "lean fwd variant 5": ("selective_scan_fwd_lean.cu", "Li4ELi4ELi64ELi32ELb1ELi0ELb1ELi16ELi2E", 8, 4, 32, 64),
+    "lean fwd variant 5": ("selective_scan_fwd_lean.cu", "Li4ELi4ELi64ELi32ELb1ELi0ELb1ELi16ELi2ELi0E", 8, 4, 32, 64),
     "general N<=32": ("selective_scan_fwd.cu", "Li8ELi4ELi32ELb0E", 8, 4, 32, 128),
 }
 # backward variant -> kernel template args after the dtype (N <= 16 bucket, B/C time-varying)
 BWD_VARIANTS = {0: "Li4ELi4ELi64ELi8ELi1ELi0E", 2: "Li4ELi4ELi64ELi8ELi1ELi2E",
                 3: "Li4ELi4ELi64ELi8ELi1ELi3E", 4: "Li4ELi4ELi64ELi8ELi1ELi4E",
-                5: "Li4ELi4ELi64ELi8ELi1ELi5E"}
+                5: "Li4ELi4ELi64ELi8ELi1ELi5E", 6: "Li4ELi4ELi64ELi8ELi1ELi6E"}
 INSN = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 

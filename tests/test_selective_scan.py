@@ -1,6 +1,7 @@
 """selective scan (Mamba-1) against the float64 reference: outputs, last states, every gradient,
 packed sequences, the decode step, determinism, errors, opcheck and torch.compile."""
 import itertools
+import os
 
 import pytest
 import torch
@@ -887,8 +888,8 @@ def test_sscan_piece_stager_model(cfg):
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["bf16 L=2048", "bf16 L=2049", "fp32 L=4096 no z", "bf16 varlen"])
 def test_gpu_cuda_forward_backward_variants(case):
-    """Forward variants 1-5 (SSM_KERNELS_SSCAN_FWD_VARIANT) bitwise equal to forward 0 (out, last
-    state, checkpoints); backward variants 4, 5 bitwise equal to 2; knobs restored afterwards."""
+    """Forward variants 1-10 (SSM_KERNELS_SSCAN_FWD_VARIANT; 6-10: session 8) bitwise equal to forward 0
+    (out, last state, checkpoints); backward variants 4-7 bitwise equal to 2; knobs restored."""
     from ssm_kernels._backend import cuda_extension
     from ssm_kernels.selective_scan import cuda as sc
     ext = cuda_extension()
@@ -911,7 +912,7 @@ def test_gpu_cuda_forward_backward_variants(case):
     fprev, bprev = ext.selective_scan_fwd_variant(0), ext.selective_scan_bwd_variant(2)
     try:
         base = [x.clone() for x in sc.selective_scan_fwd(*args, True, True)]
-        for v in (1, 2, 3, 4, 5):
+        for v in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10):
             ext.selective_scan_fwd_variant(v)
             got = sc.selective_scan_fwd(*args, True, True)
             assert all(torch.equal(a, b) for a, b in zip(got[:2], base[:2])), v
@@ -921,13 +922,80 @@ def test_gpu_cuda_forward_backward_variants(case):
         dout = torch.randn_like(inp["u"])
         dlast = torch.randn_like(base[1])
         g2 = sc.selective_scan_bwd(*args, base[2], dout, dlast, True)
-        for bv in (4, 5):  # 5: the channel reduce through shared memory, same tree order
+        for bv in (4, 5, 6, 7):  # 5: the channel reduce through shared memory, same tree order; 6: + kDirect; 7: 5 or 6 by waves
             ext.selective_scan_bwd_variant(bv)
             g4 = sc.selective_scan_bwd(*args, base[2], dout, dlast, True)
             assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g2, g4)), bv
     finally:
         ext.selective_scan_fwd_variant(fprev)
         ext.selective_scan_bwd_variant(bprev)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sscan_fwd_packed_bc_exact_model(dtype):
+    """Forward variants 7 / 8 (selective_scan_fwd_lean.cu, kS8 2 / 3) keep B and C of a step as the
+    16-bit storage bits of the float32 the convert made from them (f32_to_bits16: bf16 `bits >> 16`,
+    fp16 round-to-nearest back to half) packed B low / C high in one 32-bit word, and the compute
+    loop widens them again (lo16_to_f32: bf16 `w << 16`, hi16_to_f32: bf16 `w & 0xffff0000`; fp16
+    __half2float of either half). Checks, for every non-NaN 16-bit pattern, that the round trip
+    gives the identical float32 bits variant 3 stores (so the update sees the same operands), with
+    the partner half of the word holding an arbitrary other pattern."""
+    bits = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16)
+    vals = bits.view(dtype)
+    keep = ~torch.isnan(vals.float())
+    vals, bits = vals[keep], bits[keep]
+    f = vals.float()  # what the convert holds (exact widening), variant 3's float32 tile value
+    back = f.to(dtype).view(torch.int16)  # f32_to_bits16
+    assert torch.equal(back, bits)
+    u16 = back.to(torch.int64) & 0xFFFF
+    partner = u16.flip(0)  # an arbitrary other pattern in the other half of the word
+    for lo, hi in ((u16, partner), (partner, u16)):
+        w = lo | (hi << 16)  # B low, C high
+        if dtype == torch.bfloat16:  # the shift / mask forms used for bf16
+            wl = ((w << 16) & 0xFFFFFFFF).to(torch.int64)
+            wh = w & 0xFFFF0000
+            as_f = lambda x: (x - ((x >> 31) << 32)).to(torch.int32).view(torch.float32)  # noqa: E731
+            got_lo, got_hi = as_f(wl), as_f(wh)
+        else:
+            half = lambda x: (x - ((x >> 15) << 16)).to(torch.int16).view(torch.float16).float()  # noqa: E731
+            got_lo, got_hi = half(w & 0xFFFF), half((w >> 16) & 0xFFFF)
+        want = f if lo is u16 else f.flip(0)
+        assert torch.equal(got_lo.view(torch.int32), want.view(torch.int32))
+        want_hi = f.flip(0) if lo is u16 else f
+        assert torch.equal(got_hi.view(torch.int32), want_hi.view(torch.int32))
+
+
+def test_sscan_fwd_lane_remap_model():
+    """Forward variants 9 / 10 (kS8 & 4, selective_scan_fwd_lean.cu): thread tid holds channel
+    ch = (tid >> 5) * 8 + ((tid >> 3) & 3) * 2 + (tid & 1) and slice (tid >> 1) & 3 (expressions read
+    from the source). Checks: a bijection onto (channel, slice) per warp (8 channels x 4 slices, a
+    channel's lanes in one warp); lanes T and T^1 hold the same slice (B/C loads: uniform pairs) and
+    T and T^2 the same channel ((dt, dt u) loads: uniform pairs); and the stride-2 reduce-scatter
+    (reduce_scatter_lanes<4, 2>: xor 4 then xor 2, the partner's slice = slice ^ 2 then ^ 1) pairs
+    exactly the lanes variant 3 pairs (same channel, slices c, c^2 then c, c^1), so every y sum is
+    the same tree -- bitwise equal."""
+    import re
+    src = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "selective_scan",
+                            "selective_scan_fwd_lean.cu")).read()
+    m_ch = re.search(r"const int ch = kRemap \? (.+?) : tid / kTPC;", src)
+    m_sl = re.search(r"const int slice = kRemap \? (.+?) : tid % kTPC;", src)
+    assert m_ch and m_sl
+    ch_of = eval("lambda tid: " + m_ch.group(1))  # noqa: S307  (C integer expression, same in Python)
+    sl_of = eval("lambda tid: " + m_sl.group(1))  # noqa: S307
+    assert "reduce_scatter_lanes<kTPC, kRS, kOG>(yv, slice)" in src and "kRS = kRemap ? 2 : 1" in src
+    for warp in range(4):
+        lanes = {}
+        for lane in range(32):
+            tid = warp * 32 + lane
+            lanes[(ch_of(tid), sl_of(tid))] = lane
+            assert ch_of(tid) // 8 == warp
+            assert sl_of(tid) == sl_of(tid ^ 1)                # B/C: uniform pair (T, T^1)
+            assert ch_of(tid) == ch_of(tid ^ 2)                # (dt, dt u): uniform pair (T, T^2)
+        assert len(lanes) == 32
+        for (ch, sl), lane in lanes.items():
+            for kM in (2, 1):                                  # rs_round: xor kM * kStride
+                partner = lane ^ (kM * 2)
+                assert lanes[(ch, sl ^ kM)] == partner
 
 
 def test_sscan_bwd_v5_channel_exchange_model():

@@ -125,12 +125,14 @@ __device__ __forceinline__ void store2(float* dst, float a, float b) {
 // kIO 3 (variant 3) = kIO 2 + kDirect (BwdLayout): 3 blocks per SM (launch bounds: <= 168
 // registers). kIO 4 (variant 4; issue 9 session 7) = kIO 2 with aligned chunks staged by
 // PieceStager (consecutive lanes copy one row's 128-byte window: 4 lines per warp-wide cp.async
-// instead of 32 half-sectors; unaligned inputs use RowStager). Every value is computed by the same expression as kIO 0: bitwise equal gradients.
+// instead of 32 half-sectors; unaligned inputs use RowStager). kIO 6 (variant 6; issue 9 session 8,
+// helper sscan8) = kIO 3 (kDirect, 3 blocks per SM) + kIO 5's reductions through the per-warp tile
+// (kXch): 72 KB. Variant 7 picks 6 or 5 per launch by wave count (selective_scan_bwd_cuda). Every value is computed by the same expression as kIO 0: bitwise equal gradients.
 // The body is a device function so that each kIO gets its own launch bounds (kIO 0 keeps plain
 // __launch_bounds__(128): with a min-blocks of 1, ptxas goes to 255 registers and spills).
 template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO>
 __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdParams& p) {
-  constexpr bool kFuse = kIO >= 2, kDirect = kIO == 3, kXch = kIO == 5;
+  constexpr bool kFuse = kIO >= 2, kDirect = kIO == 3 || kIO == 6, kXch = kIO == 5 || kIO == 6;
   using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS, kDirect, kXch>;
   constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl, kNV = Lay::kNV;
   constexpr int kRows = Lay::kRows, kQP = Lay::kQP, kBP = Lay::kBP;
@@ -752,7 +754,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
   selective_scan_bwd_body<T, kNPT, kTPC, kChunk, kS, kMode, kIO>(p);
 }
 template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO>
-__global__ void __launch_bounds__(kThreads, kIO == 3 ? 3 : 2)
+__global__ void __launch_bounds__(kThreads, (kIO == 3 || kIO == 6) ? 3 : 2)
     selective_scan_bwd_kernel_mb(const SelectiveScanBwdParams p) {  // kIO 2, 3: min blocks per SM
   selective_scan_bwd_body<T, kNPT, kTPC, kChunk, kS, kMode, kIO>(p);
 }
@@ -787,7 +789,7 @@ __global__ void __launch_bounds__(256) sum_parts_kernel(const SumJobs jobs) {
 
 template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO = 0>
 cudaError_t launch_mode(const SelectiveScanBwdParams& p, cudaStream_t stream) {
-  using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS, kIO == 3, kIO == 5>;
+  using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS, kIO == 3 || kIO == 6, kIO == 5 || kIO == 6>;
   if (p.ck_len != kChunk) return cudaErrorInvalidValue;
   auto kernel = [] {
     if constexpr (kIO == 0) return selective_scan_bwd_kernel<T, kNPT, kTPC, kChunk, kS, kMode, kIO>;
@@ -852,6 +854,29 @@ cudaError_t launch(const SelectiveScanBwdParams& p, cudaStream_t stream) {
 
 int g_bwd_variant = -1;  // -1: not read from the environment yet
 
+// Variant 7 (issue 9 session 8, bench/NOTES.md "sscan8"): the N <= 16 backward block runs a whole
+// sequence, so its time is (rounds of resident blocks) x (time of one block at that residency).
+// Variant 5 holds 2 blocks per SM, variant 6 3 at ~1.62x the per-block time (measured on the H100
+// for variant 3 vs 2: 1.056 ms in one round vs 2.617 / 2 per round at L 4096 -> 0.65 per L 2048).
+// 6 pays iff ceil(blocks / 3 SMs) x 1.62 < ceil(blocks / 2 SMs): B8 D1536 (384 blocks, 132 SMs):
+// 1 x 1.62 < 2 -> 6; B4 D4096 (512): 2 x 1.62 > 2 -> 5.
+int g_num_sms[64] = {0};
+bool bwd_three_per_sm_pays(const SelectiveScanBwdParams& p) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+  if (g_num_sms[dev] == 0) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0)
+      return false;
+    g_num_sms[dev] = n;
+  }
+  const int64_t sms = g_num_sms[dev];
+  const int64_t DG = p.dim / p.groups;
+  const int64_t blocks = (DG + 31) / 32 * p.groups * p.nseq;  // kThreads / kTPC = 32 channels
+  const int64_t r2 = (blocks + 2 * sms - 1) / (2 * sms), r3 = (blocks + 3 * sms - 1) / (3 * sms);
+  return static_cast<double>(r3) * 1.62 < static_cast<double>(r2);
+}
+
 }  // namespace
 
 int selective_scan_bwd_variant(int set) {
@@ -861,10 +886,10 @@ int selective_scan_bwd_variant(int set) {
     // session 8: 1.086 vs 1.139 (2) / 1.103 (4) ms at B8 D1536 L2048, 2.540 vs 2.597 / 2.506 at
     // B4 D4096 L4096; session 6: 2 beat 0 (1.148 vs 1.559) and 3 lost the larger shape
     const int v = env ? std::atoi(env) : 5;
-    g_bwd_variant = (v >= 2 && v <= 5) ? v : 0;
+    g_bwd_variant = (v >= 2 && v <= 7) ? v : 0;
   }
   const int prev = g_bwd_variant;
-  if (set == 0 || (set >= 2 && set <= 5)) g_bwd_variant = set;
+  if (set == 0 || (set >= 2 && set <= 7)) g_bwd_variant = set;
   return prev;
 }
 
@@ -879,13 +904,15 @@ cudaError_t selective_scan_bwd_cuda(const SelectiveScanBwdParams& p, DType dtype
   // buckets (states per thread, threads per channel, chunk = checkpoint spacing chunk_len(N),
   // sub-chunk kept in registers): kS * kNPT = 32 keeps a and P in 64 registers (16 for N > 128,
   // where 64 spilled)
-  const int v = (p.N <= 16 && p.B_var && p.C_var) ? selective_scan_bwd_variant() : 0;
+  int v = (p.N <= 16 && p.B_var && p.C_var) ? selective_scan_bwd_variant() : 0;
+  if (v == 7) v = bwd_three_per_sm_pays(p) ? 6 : 5;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (v == 2) err = launch_mode<T, 4, 4, 64, 8, 1, 2>(p, stream);
     else if (v == 3) err = launch_mode<T, 4, 4, 64, 8, 1, 3>(p, stream);
     else if (v == 4) err = launch_mode<T, 4, 4, 64, 8, 1, 4>(p, stream);
     else if (v == 5) err = launch_mode<T, 4, 4, 64, 8, 1, 5>(p, stream);
+    else if (v == 6) err = launch_mode<T, 4, 4, 64, 8, 1, 6>(p, stream);
     else if (p.N <= 16) err = launch<T, 4, 4, 64, 8>(p, stream);
     else if (p.N <= 32) err = launch<T, 8, 4, 32, 4>(p, stream);
     else if (p.N <= 64) err = launch<T, 8, 8, 32, 4>(p, stream);

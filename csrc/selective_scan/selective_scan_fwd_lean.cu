@@ -20,6 +20,7 @@
 // H100, session 5).
 #include "selective_scan/selective_scan.h"
 #include <cstdlib>
+#include <type_traits>
 #include "selective_scan/sscan_common.cuh"
 
 namespace ssm {
@@ -27,7 +28,7 @@ namespace {
 
 using namespace sscan;
 
-template <typename T, int kNPT, int kTPC, int kThr, int kChunk, int kCPT = 1>
+template <typename T, int kNPT, int kTPC, int kThr, int kChunk, int kCPT = 1, int kDDPad = 1>
 struct LeanLayout {
   static constexpr int kD = kThr * kCPT / kTPC;  // channels per block (kCPT per thread)
   static constexpr int kNP = kNPT * kTPC;       // states per channel, padded
@@ -35,7 +36,7 @@ struct LeanLayout {
   static constexpr int kRowEl = kChunk + kV;    // raw row: aligned window covering one chunk
   static constexpr int kRows = 3 * kD + 2 * kNP;  // u, delta, z (kD each), B, C (kNP each)
   static constexpr int kG = 8;                  // steps per convert task
-  static constexpr int kDDP = kChunk + 1;       // float2 pitch of (dt, dt u) and (u, gate)
+  static constexpr int kDDP = kChunk + kDDPad;  // float2 pitch of (dt, dt u) and (u, gate)
   static constexpr int kBP = kNP + 4;           // B/C pitch per step (float4 reads)
   // time-varying B/C tile [t][n]; time-invariant [ch][n] in conversion buffer 0's B/C tiles
   static constexpr int kBC = (kChunk * kBP > kD * kNP) ? kChunk * kBP : kD * kNP;
@@ -60,6 +61,26 @@ __device__ __forceinline__ void lds_vec(float (&dst)[kN], const float* src) {
   }
 }
 
+// exact 16-bit storage bits of a float that came from T (bf16 / fp16) and back (forward variants 7, 8)
+template <typename T>
+__device__ __forceinline__ unsigned f32_to_bits16(float f) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __float_as_uint(f) >> 16;  // f is a widened bf16: its low 16 bits are 0
+  } else {
+    return static_cast<unsigned>(__half_as_ushort(__float2half_rn(f)));  // exact: f is a widened half
+  }
+}
+template <typename T>
+__device__ __forceinline__ float lo16_to_f32(unsigned w) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) return __uint_as_float(w << 16);
+  else return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
+}
+template <typename T>
+__device__ __forceinline__ float hi16_to_f32(unsigned w) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) return __uint_as_float(w & 0xffff0000u);
+  else return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+}
+
 // kBCVar: B and C both time-varying (the Mamba case), known at compile time so the inner loop's
 // B/C tile reads take immediate offsets (no address arithmetic per step); else runtime strides.
 // kPolyR > 0 (SSM_KERNELS_SSCAN_FWD_POLY, kBCVar only): the decay of state k at step t is
@@ -75,11 +96,29 @@ __device__ __forceinline__ void lds_vec(float (&dst)[kN], const float* src) {
 // kTPC, from one B/C read per step (half the B/C shared-memory loads per update); same per-channel
 // expressions (bitwise equal). Needs kOG > kTPC, kPolyR = 0.
 template <typename T, int kNPT, int kTPC, int kThr, int kChunk, bool kBCVar, int kPolyR,
-          bool kPieces = false, int kOG = kTPC, int kCPT = 1>
+          bool kPieces = false, int kOG = kTPC, int kCPT = 1, int kS8 = 0>
 __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveScanFwdParams p) {
   static_assert(kOG % kTPC == 0 && kChunk % kOG == 0 && (kOG & (kOG - 1)) == 0, "output group");
   static_assert(kCPT == 1 || (kCPT == 2 && kOG > kTPC && kPolyR == 0), "two channels per thread");
-  using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk, kCPT>;
+  // kS8 (forward variants 6-10, issue 9 session 8; needs kOG > kTPC, kCPT 1, kPolyR 0), low two bits:
+  // 1: (dt, dt u) and (u, gate) rows padded to an even pitch so two steps are one 16-byte LDS/STS;
+  // 2: also B and C of a step kept as packed 16-bit pairs (one 32-bit word per state: B low, C
+  // high) so a lane's 4 states of both are one LDS.128 (widened exactly by shift / mask); 3: only C
+  // packed (B float32 LDS.128 + C LDS.64). 16-bit T only for 2 and 3 (float T: as 1). Bit 4 (kRemap):
+  // lanes of a warp hold (channel, slice) as lane = ch0 | slice << 1 | (ch >> 1) << 3 (instead of
+  // ch * 4 + slice), so lanes T and T^1 read the same B/C address (slice) and T and T^2 the same
+  // (dt, dt u) (channel): shared-memory loads whose lane pairs agree return in half the cycles (L1
+  // returns 128 B/cycle; a "uniform pair" LDS.128 takes 2 passes instead of 4); the y
+  // reduce-scatter runs over lanes at stride 2 (the same slice-bit tree). Same floats, same
+  // expressions, same summation trees: bitwise equal to variant 3.
+  static_assert(kS8 == 0 || (kBCVar && kOG > kTPC && kCPT == 1 && kPolyR == 0 && kNPT == 4),
+                "variants 6-8");
+  static_assert(kS8 == 0 || (kS8 & 3) != 0, "kS8: a mode in the low two bits");
+  constexpr int kPackBC = sizeof(T) == 2 ? ((kS8 & 3) >= 2 ? (kS8 & 3) : 0) : 0;  // 2: B and C, 3: C
+  constexpr bool kRemap = (kS8 & 4) != 0;
+  static_assert(!kRemap || kTPC == 4, "remap: 4 lanes per channel");
+  constexpr int kRS = kRemap ? 2 : 1;  // lane stride between a channel's slices
+  using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk, kCPT, (kS8 != 0 ? 2 : 1)>;
   constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl;
   constexpr int kRows = Lay::kRows, kG = Lay::kG, kDDP = Lay::kDDP;
   constexpr int kBP = Lay::kBP;
@@ -95,7 +134,8 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
   float* s_bias = reinterpret_cast<float*>(conv0 + Lay::kNConv * Lay::kConvBytes);
 
   const int tid = threadIdx.x;
-  const int ch = tid / kTPC, slice = tid % kTPC;
+  const int ch = kRemap ? (tid >> 5) * 8 + ((tid >> 3) & 3) * 2 + (tid & 1) : tid / kTPC;
+  const int slice = kRemap ? (tid >> 1) & 3 : tid % kTPC;
   const int64_t DG = p.dim / p.groups;
   const int64_t g = blockIdx.y, s = blockIdx.z;
   const int64_t dl0 = static_cast<int64_t>(blockIdx.x) * kD;
@@ -236,6 +276,35 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
       // every step valid (all but a sequence's last chunk): no per-step test; else steps past
       // the end get dt = dt u = 0 (h unchanged). Values are those of variant 0 either way.
       const int nval = rok ? len - t0 : 0;
+      if constexpr (kS8 != 0) {  // same values, stored two steps per 16-byte STS
+        float dtv[kG], dtuv[kG], gv[kG];
+        if (nval >= kG && p.softplus && has_z) {
+#pragma unroll
+          for (int i = 0; i < kG; ++i) {
+            dtv[i] = softplus_fast(dl[i] + bias);
+            dtuv[i] = dtv[i] * uu[i];
+            gv[i] = zz[i] * sigmoid_fast(zz[i]);
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < kG; ++i) {
+            float dt = 0.f, dtu = 0.f, gate = 1.f;
+            if (i < nval) {
+              const float x = dl[i] + bias;
+              dt = p.softplus ? softplus_fast(x) : x;
+              dtu = dt * uu[i];
+              if (has_z) gate = zz[i] * sigmoid_fast(zz[i]);
+            }
+            dtv[i] = dt; dtuv[i] = dtu; gv[i] = gate;
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kG; i += 2) {
+          *reinterpret_cast<float4*>(odd + i) = make_float4(dtv[i], dtuv[i], dtv[i + 1], dtuv[i + 1]);
+          *reinterpret_cast<float4*>(oug + i) = make_float4(uu[i], gv[i], uu[i + 1], gv[i + 1]);
+        }
+        continue;
+      }
       auto one = [&](int i, bool valid) {
         float dt = 0.f, dtu = 0.f, gate = 1.f;
         if (valid) {
@@ -263,7 +332,31 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
       }
     }
     // B, C as float32 [t][n] (zero past the end and for padded states)
-    if (p.B_var || p.C_var) {
+    if constexpr (kPackBC != 0) {  // kBCVar: both time-varying; 16-bit bits of B and C per (t, n)
+      for (int task = tid; task < Lay::kTasksBC / 2; task += kThr) {
+        const int n = task % kNP, t0 = (task / kNP) * kG;
+        float vb[kG], vc[kG];
+        const bool nok = n < N;
+        const int sh = (bsh + n * lsh) & (kV - 1);
+        if (nok) {
+          load8(raw + (3 * kD + n) * kRowEl, t0, sh, vb);
+          load8(raw + (3 * kD + kNP + n) * kRowEl, t0, sh, vc);
+        }
+#pragma unroll
+        for (int i = 0; i < kG; ++i) {
+          const bool ok = nok && t0 + i < len;
+          const unsigned cb16 = ok ? f32_to_bits16<T>(vc[i]) : 0u;
+          if constexpr (kPackBC == 2) {
+            const unsigned bb16 = ok ? f32_to_bits16<T>(vb[i]) : 0u;
+            reinterpret_cast<unsigned*>(s_B(cb))[(t0 + i) * kBP + n] = bb16 | (cb16 << 16);
+          } else {
+            s_B(cb)[(t0 + i) * kBP + n] = ok ? vb[i] : 0.f;
+            reinterpret_cast<unsigned short*>(s_C(cb))[(t0 + i) * kBP + n] =
+                static_cast<unsigned short>(cb16);
+          }
+        }
+      }
+    } else if (p.B_var || p.C_var) {
       for (int task = tid; task < Lay::kTasksBC; task += kThr) {
         const int n = task % kNP, which = (task / kNP) & 1, t0 = (task / (2 * kNP)) * kG;
         if (which ? !p.C_var : !p.B_var) continue;
@@ -317,12 +410,24 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
       // reduce-scatter a group's y partials of one channel and store this lane's kPer steps:
       // lane slice gets steps tg + slice kPer + i (i < kPer), each (p_c + p_c^2) + (p_c^1 + p_c^3)
       auto emit = [&](float (&yv)[kOG], int tg, const float2* ugr, T* outr, int lim2, float Dvr) {
-        reduce_scatter_lanes<kTPC, 1, kOG>(yv, slice);
+        reduce_scatter_lanes<kTPC, kRS, kOG>(yv, slice);
         const int t0 = tg + slice * kPer;
         float o[kPer];
+        float2 ugv[kPer];
+        if constexpr (kS8 != 0 && kPer % 2 == 0) {  // t0 even, even row pitch: 16-byte loads
+#pragma unroll
+          for (int i = 0; i < kPer; i += 2) {
+            const float4 w = *reinterpret_cast<const float4*>(ugr + t0 + i);
+            ugv[i] = make_float2(w.x, w.y);
+            ugv[i + 1] = make_float2(w.z, w.w);
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < kPer; ++i) ugv[i] = ugr[t0 + i];
+        }
 #pragma unroll
         for (int i = 0; i < kPer; ++i) {
-          const float2 q = ugr[t0 + i];
+          const float2 q = ugv[i];
           float y = yv[i];
           if (has_D) y = fmaf(Dvr, q.x, y);
           o[i] = y * q.y;
@@ -362,6 +467,49 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
           }
           emit(yv, tg, ugc, prow_out, ch_ok ? len : 0, Dv);
           emit(yw, tg, ugc + kDc * kDDP, prow_out + kDc * L, ch1_ok ? len : 0, Dv1);
+        }
+      } else if constexpr (kS8 != 0) {
+        // step t from (dt, dt u) given; B and C of this lane's states per kPackBC
+        auto stepx = [&](const int t, const float xdt, const float xdtu) {
+          float bv[kNPT], cv[kNPT];
+          if constexpr (kPackBC == 2) {
+            const uint4 w = *reinterpret_cast<const uint4*>(
+                reinterpret_cast<const unsigned*>(pB) + t * kBP);
+            const unsigned ww[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+            for (int k = 0; k < kNPT; ++k) {
+              bv[k] = lo16_to_f32<T>(ww[k]);
+              cv[k] = hi16_to_f32<T>(ww[k]);
+            }
+          } else if constexpr (kPackBC == 3) {
+            lds_vec(bv, pB + t * kBP);
+            const uint2 w = *reinterpret_cast<const uint2*>(
+                reinterpret_cast<const unsigned short*>(s_C(cb)) + t * kBP + slice * kNPT);
+            cv[0] = lo16_to_f32<T>(w.x); cv[1] = hi16_to_f32<T>(w.x);
+            cv[2] = lo16_to_f32<T>(w.y); cv[3] = hi16_to_f32<T>(w.y);
+          } else {
+            lds_vec(bv, pB + t * kBP);
+            lds_vec(cv, pC + t * kBP);
+          }
+          float y = 0.f;
+#pragma unroll
+          for (int k = 0; k < kNPT; ++k) {
+            const float dA = ex2(xdt * a2[k]);
+            h[k] = fmaf(dA, h[k], xdtu * bv[k]);
+            y = fmaf(cv[k], h[k], y);
+          }
+          return y;
+        };
+#pragma unroll
+        for (int tg = 0; tg < kChunk; tg += kOG) {
+          float yv[kOG];
+#pragma unroll
+          for (int j = 0; j < kOG; j += 2) {  // (dt, dt u) of two steps: one LDS.128
+            const float4 q = *reinterpret_cast<const float4*>(dd + tg + j);
+            yv[j] = stepx(tg + j, q.x, q.y);
+            yv[j + 1] = stepx(tg + j + 1, q.z, q.w);
+          }
+          emit(yv, tg, ugc, prow_out, ch_ok ? len : 0, Dv);
         }
       } else {
 #pragma unroll
@@ -415,12 +563,12 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
 }
 
 template <typename T, int kNPT, int kTPC, int kThr, bool kBCVar, int kChunk = 32, int kPolyR = 0,
-          bool kPieces = false, int kOG = kTPC, int kCPT = 1>
+          bool kPieces = false, int kOG = kTPC, int kCPT = 1, int kS8 = 0>
 cudaError_t launch_lean(const SelectiveScanFwdParams& p, cudaStream_t stream) {
-  using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk, kCPT>;
+  using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk, kCPT, (kS8 != 0 ? 2 : 1)>;
   if (p.ckpt && ((p.ck_len % kChunk) != 0 || (p.ck_len & (p.ck_len - 1)) != 0))
     return cudaErrorInvalidValue;
-  auto kernel = sscan_fwd_lean_kernel<T, kNPT, kTPC, kThr, kChunk, kBCVar, kPolyR, kPieces, kOG, kCPT>;
+  auto kernel = sscan_fwd_lean_kernel<T, kNPT, kTPC, kThr, kChunk, kBCVar, kPolyR, kPieces, kOG, kCPT, kS8>;
   if (Lay::kBytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Lay::kBytes));
@@ -436,7 +584,7 @@ cudaError_t launch_lean(const SelectiveScanFwdParams& p, cudaStream_t stream) {
 int g_fwd_poly = -1;  // -1: not read from the environment yet
 bool poly_ok(int r) { return r == 0 || r == 1 || r == 2 || r == 4 || r == 8 || r == 16; }
 int g_fwd_variant = -1;
-bool fwd_variant_ok(int v) { return v >= 0 && v <= 5; }
+bool fwd_variant_ok(int v) { return v >= 0 && v <= 10; }
 
 // host knob g: read from env (invalid or unset -> dflt) on first use; set is applied iff ok(set);
 // returns the previous value
@@ -481,6 +629,14 @@ cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType 
     else if (var == 3) err = launch_lean<T, 4, 4, 128, true, 32, 0, true, 32>(p, stream);
     else if (var == 4) err = launch_lean<T, 4, 4, 128, true, 32, 0, false, 32>(p, stream);
     else if (var == 5) err = launch_lean<T, 4, 4, 64, true, 32, 0, true, 16, 2>(p, stream);
+    // session 8: variant 3 + two steps of (dt, dt u) / (u, gate) per 16-byte LDS (6), + B and C
+    // packed as 16-bit pairs, one LDS.128 per step (7), + C alone packed (8); bitwise equal to 3
+    else if (var == 6) err = launch_lean<T, 4, 4, 128, true, 32, 0, true, 32, 1, 1>(p, stream);
+    else if (var == 7) err = launch_lean<T, 4, 4, 128, true, 32, 0, true, 32, 1, 2>(p, stream);
+    else if (var == 8) err = launch_lean<T, 4, 4, 128, true, 32, 0, true, 32, 1, 3>(p, stream);
+    // + lanes remapped so B/C (and (dt, dt u)) loads are "uniform pair" loads: on 6 (9), on 7 (10)
+    else if (var == 9) err = launch_lean<T, 4, 4, 128, true, 32, 0, true, 32, 1, 5>(p, stream);
+    else if (var == 10) err = launch_lean<T, 4, 4, 128, true, 32, 0, true, 32, 1, 6>(p, stream);
     else if (poly == 1) err = launch_lean<T, 4, 4, 128, true, 32, 1>(p, stream);
     else if (poly == 2) err = launch_lean<T, 4, 4, 128, true, 32, 2>(p, stream);
     else if (poly == 4) err = launch_lean<T, 4, 4, 128, true, 32, 4>(p, stream);
