@@ -142,8 +142,10 @@ PINNED = {
     "linear_scan fwd": (1, 1),
     "linear_scan fwd+bwd": (2, 3),
     "selective_scan_fn fwd": (1, 3),
-    # the backward's zero last-state gradient is a cached read-only buffer (no zeros per call)
-    "selective_scan_fn fwd+bwd": (2, 19),
+    # the backward's zero last-state gradient is a cached read-only buffer (no zeros per call);
+    # the eager backward takes the backend's list with None for absent inputs (no empty dh0
+    # tensor for the absent initial state: 19 before)
+    "selective_scan_fn fwd+bwd": (2, 18),
     "selective_state_update": (1, 1),
     # (chunk engine forward: one 1-element dummy pointer shared by its output stage's absent
     # operands since the kept-states change, (2, 11) and (6, 23) before; the backward recomputes
