@@ -307,7 +307,7 @@ class _Normalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, o, q, k, z0, s: float, want_z: bool):
         kc, den = _normalize_terms(q, k, z0, s)
-        out = torch.div(o, den).to(o.dtype)
+        out = _div_into(o, den)
         ctx.save_for_backward(o, q, kc, den)
         ctx.s = s
         ctx.k_dtype, ctx.z0_dtype = k.dtype, (None if z0 is None else z0.dtype)
@@ -358,8 +358,17 @@ def _normalized(o, q, k, z0, s, output_final_state, ht):
         out, z = _Normalize.apply(o, q, k, z0, s, output_final_state)
     else:
         kc, den = _normalize_terms(q, k, z0, s)
-        out, z = torch.div(o, den).to(o.dtype), kc[:, -1:]
+        out, z = _div_into(o, den), kc[:, -1:]
     return out, ((ht, z) if output_final_state else None)
+
+
+def _div_into(o, den):
+    """o / den computed in the state dtype and rounded into o's dtype on store: one kernel where
+    `torch.div(o, den).to(o.dtype)` is two, bitwise the same (TensorIterator computes in the
+    promoted dtype and casts to out's); plain div where the dtypes agree."""
+    if o.dtype == den.dtype:
+        return torch.div(o, den)
+    return torch.div(o, den, out=torch.empty_like(o))
 
 
 def _linear_attn(fn, q, k, v, scale, initial_state, output_final_state, normalize, reverse,
