@@ -367,8 +367,12 @@ def _normalize_terms(q, k, z0, s):
 # cheaper than the torch ops: a T-serial walk with one program per (sequence, head), so at long T
 # with few heads the torch ops (parallel over T) keep it; False: always the torch ops (A/B knob)
 FUSED_NORMALIZE = __import__("os").environ.get("SSM_KERNELS_FUSED_NORMALIZE", "1") != "0"
-FUSED_NORM_MAX_T = 2048     # T up to this: fused whatever B * H
-FUSED_NORM_MIN_BH = 128     # longer T: fused when B * H fills the GPU's SMs about once
+# Where: a block step of the walk is ~1 us of dependent loads, the torch ops ~7 kernels of >= 3 us
+# each (more once they move real bytes): fused up to 16 row blocks per program (T <= 1024 at
+# K <= 64, 512 at K = 128), or when B * H programs fill the SMs about once (then each streams
+# its rows at about its share of the bandwidth). Unmeasured: the GPU A/B is the knob.
+FUSED_NORM_MAX_STEPS = 16
+FUSED_NORM_MIN_BH = 128
 
 
 def _unit_inner(x: Tensor) -> bool:
@@ -391,8 +395,10 @@ def _use_fused_norm(o, q, k, z0, backend) -> bool:
     if q.shape[3] > 256 or o.shape[3] > 256 or not (_unit_inner(o) and _unit_inner(q) and
                                                     _unit_inner(k)):
         return False
-    B, T, H = q.shape[:3]
-    return T <= FUSED_NORM_MAX_T or B * H >= FUSED_NORM_MIN_BH
+    from .triton import normalize_serial_steps
+    B, T, H, K = q.shape
+    return (normalize_serial_steps(T, K, o.shape[3]) <= FUSED_NORM_MAX_STEPS or
+            B * H >= FUSED_NORM_MIN_BH)
 
 
 _FUSED_NORM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

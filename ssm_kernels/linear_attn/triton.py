@@ -121,18 +121,24 @@ def chunk_bwd(q, k, v, g, h0, cu_seqlens, scale, ht, do, dht, h=None, gc=None):
 # graph and a launch in eager); interface._use_fused_norm says where (T-serial: few programs).
 
 @triton.jit
+def _norm_program(H, K, init, HAS_INIT: tl.constexpr, BK: tl.constexpr):
+    """This program's (sequence * H + head, sequence, head), the K offsets and mask, and the
+    running [BK] float32 sum starting from init[i_bh] (z0 forward, gz backward) or zero."""
+    i_bh = tl.program_id(0)
+    rk = tl.arange(0, BK)
+    mk = rk < K
+    carry = tl.zeros([BK], dtype=tl.float32)
+    if HAS_INIT:
+        carry += tl.load(init + i_bh * K + rk, mask=mk, other=0.0).to(tl.float32)
+    return i_bh, i_bh // H, i_bh % H, rk, mk, carry
+
+
+@triton.jit
 def _norm_fwd_kernel(o, q, k, z0, out, kc, den, zf, T, H, K, V, s,
                      so_b, so_t, sq_b, sq_t, sk_b, sk_t,
                      HAS_Z0: tl.constexpr, SAVE: tl.constexpr, STORE_Z: tl.constexpr,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    i_bh = tl.program_id(0)
-    b = i_bh // H
-    h = i_bh % H
-    rk = tl.arange(0, BK)
-    mk = rk < K
-    carry = tl.zeros([BK], dtype=tl.float32)
-    if HAS_Z0:
-        carry += tl.load(z0 + i_bh * K + rk, mask=mk, other=0.0).to(tl.float32)
+    i_bh, b, h, rk, mk, carry = _norm_program(H, K, z0, HAS_Z0, BK)
     for t0 in range(0, T, BT):
         rt = t0 + tl.arange(0, BT)
         mt = rt < T
@@ -167,14 +173,7 @@ def _norm_bwd_kernel(gout, o, q, kc, den, gz, do, dq, dk, dz0, T, H, K, V, s,
                      BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """Reverse walk over T: do = g / den, c = -s sum_v(do o) / den, dq = c kc, dkc = c q (+ gz at
     the last step), dk = reverse cumsum_t dkc, dz0 = sum_t dkc."""
-    i_bh = tl.program_id(0)
-    b = i_bh // H
-    h = i_bh % H
-    rk = tl.arange(0, BK)
-    mk = rk < K
-    carry = tl.zeros([BK], dtype=tl.float32)
-    if HAS_GZ:
-        carry += tl.load(gz + i_bh * K + rk, mask=mk, other=0.0).to(tl.float32)
+    i_bh, b, h, rk, mk, carry = _norm_program(H, K, gz, HAS_GZ, BK)
     nblk = tl.cdiv(T, BT)
     for j in range(0, nblk):
         t0 = (nblk - 1 - j) * BT
@@ -231,6 +230,11 @@ def _norm_tiles(K: int, V: int):
     # --ops normalize); [64, 128] spilled 44-60 B
     BT = max(16, min(64, 4096 // BK))
     return BT, BK, BV
+
+
+def normalize_serial_steps(T: int, K: int, V: int) -> int:
+    """Row blocks one program of the normalize kernels walks in order."""
+    return cdiv(T, _norm_tiles(K, V)[0])
 
 
 def normalize_fwd(o, q, k, z0, s: float, save: bool, want_z: bool):
