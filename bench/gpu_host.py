@@ -191,7 +191,7 @@ def launch_profile(case, calls=10):
     # the device synchronize after the calls is the harness's, not the op's
     sync -= sum(n for k, n in api.items() if k == "cudaDeviceSynchronize")
     per = lambda n: f"{n / calls:.1f}"
-    eager, pool, skip = {}, {}, {}
+    eager, pool, skip, norm = {}, {}, {}, {}
     if case.impl == "ssm_kernels":   # A/B of the raw-pointer launch knob, alternating, best of 3
         for raw in (False, True) * 3:
             _launch.set_raw_pointers(raw)
@@ -228,6 +228,9 @@ def launch_profile(case, calls=10):
         if case.op == "linear_scan":   # lscanhost7: no hT / dh0 nobody reads, knob on / off
             from ssm_kernels.linear_scan import interface as lscan_interface
             skip = knob_ab(lscan_interface, "SKIP_UNREAD")
+        if case.op == "chunk_linear_attn":   # host8: normalize=True in one launch each way
+            from ssm_kernels.linear_attn import interface as la_interface
+            norm = knob_ab(la_interface, "FUSED_NORMALIZE")
     print(f"{case.op:<26} {case.impl:<12} {case.mode:<8} launch cache hits/call {per(hits)} "
           f"misses {per(misses)} fallbacks {per(falls)} | CUDA kernels/call {per(kernels)} "
           f"launch API {per(launches)} malloc/free {per(malloc)} syncs {per(sync)}"
@@ -235,7 +238,9 @@ def launch_profile(case, calls=10):
           + (f" | torch allocs/call, eager us: pool {pool[True][0]}, {pool[True][1]:.1f}; "
              f"SSM_KERNELS_HOST_POOL=0 {pool[False][0]}, {pool[False][1]:.1f}" if pool else "")
           + (f" | skip unread {skip[True][0]}, {skip[True][1]:.1f}; "
-             f"SSM_KERNELS_LSCAN_SKIP_UNREAD=0 {skip[False][0]}, {skip[False][1]:.1f}" if skip else ""),
+             f"SSM_KERNELS_LSCAN_SKIP_UNREAD=0 {skip[False][0]}, {skip[False][1]:.1f}" if skip else "")
+          + (f" | fused normalize {norm[True][0]}, {norm[True][1]:.1f}; "
+             f"SSM_KERNELS_FUSED_NORMALIZE=0 {norm[False][0]}, {norm[False][1]:.1f}" if norm else ""),
           flush=True)
     for k, st in stats.items():
         if st["misses"] or st["fallbacks"]:

@@ -133,7 +133,8 @@ def install_stub():
         def selective_scan_fwd(u, delta, A, B, C, D, z, bias, h0, cu, offs, softplus, ck_len, rows):
             f32 = dict(dtype=torch.float32, device=u.device)
             dim, N = A.shape
-            return (torch.empty_like(u), torch.empty((u.shape[0], dim, N), **f32),
+            nseq = u.shape[0] if cu is None else cu.shape[0] - 1
+            return (torch.empty_like(u), torch.empty((nseq, dim, N), **f32),
                     torch.empty((rows, dim, N), **f32))
 
         @staticmethod

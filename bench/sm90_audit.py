@@ -255,6 +255,22 @@ def linear_attn_check_cases():
         yield f"check {variant} {_dt(dtype)}", thunk
 
 
+def normalize_cases():
+    """chunk_linear_attn normalize=True's one-launch kernels (linear_attn.triton.normalize_fwd /
+    _bwd, host8), fwd+bwd with an initial key sum and the final one: K = V = 64 (the overhead
+    bench), 128 and 256 (BT 32), float32 and bf16."""
+    from ssm_kernels import chunk_linear_attn
+    for K in (64, 128, 256):
+        for dtype in (torch.float32, torch.bfloat16):
+            def thunk(K=K, dtype=dtype):
+                q, k, v = (torch.rand(1, 200, 2, K).to(dtype).requires_grad_() for _ in range(3))
+                kv0, z0 = torch.randn(1, 2, K, K), torch.rand(1, 1, 2, K).requires_grad_()
+                o, (S, z) = chunk_linear_attn(q, k, v, initial_state=(kv0, z0),
+                                              output_final_state=True, backend="triton")
+                (o.float().sum() + z.sum()).backward()
+            yield f"normalize {_dt(dtype)} K=V={K}", thunk
+
+
 # The other families reuse their check modules' GPU-size inputs and fwd+bwd helpers (cot: the
 # cotangents those helpers take; their values do not matter here).
 
@@ -457,7 +473,7 @@ def cp_cases():
 
 
 FAMILIES = {"chunk": chunk_cases, "chunk_knobs": chunk_knob_cases,
-            "linear_attn_check": linear_attn_check_cases,
+            "linear_attn_check": linear_attn_check_cases, "normalize": normalize_cases,
             "selective_scan": selective_scan_cases, "linear_scan": linear_scan_cases,
             "causal_conv1d": causal_conv1d_cases, "delta_rule": delta_rule_cases,
             "fft_conv": fft_conv_cases, "fft_conv_knobs": fft_conv_knob_cases, "cp": cp_cases}

@@ -1061,3 +1061,22 @@ def test_launch_cache_serves_repeat_calls():
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
     assert lines == ["torch.bfloat16 2 2 2", "torch.float32 7 7 7"], res.stdout
+
+
+def test_s4d_gradcheck_and_expm1():
+    """s4d_kernel's float64 gradients through the W = C (exp(dt A) - 1) / A preparation (written
+    as 2 exp(z/2) sinh(z/2) since host8: 5 complex kernels instead of 12) and the Vandermonde
+    node, including the undefined-gradient mode (its backward returned None.contiguous() before);
+    and the expm1 form against float64 expm1 of the real axis and exp(z) - 1 away from 0."""
+    from ssm_kernels.fft_conv.interface import _expm1_complex
+    d = torch.float64
+    ld = (torch.randn(4, dtype=d) * 0.1 - 3).requires_grad_()
+    A = torch.complex(-torch.rand(4, 3, dtype=d), torch.randn(4, 3, dtype=d)).requires_grad_()
+    C = torch.randn(4, 3, dtype=torch.complex128).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b, c: sk.s4d_kernel(a, b, c, 7, backend="reference"),
+                                    (ld, A, C))
+    x = -torch.logspace(-14, 0, 50, dtype=d)
+    torch.testing.assert_close(_expm1_complex(x.to(torch.complex128)).real, torch.expm1(x),
+                               rtol=1e-15, atol=0)
+    z = torch.complex(-torch.rand(50, dtype=d), torch.randn(50, dtype=d) * 5)
+    torch.testing.assert_close(_expm1_complex(z), torch.exp(z) - 1, rtol=1e-14, atol=0)

@@ -143,8 +143,10 @@ PINNED = {
     "linear_scan fwd": (1, 1),
     "linear_scan fwd+bwd": (2, 3),
     "selective_scan_fn fwd": (1, 3),
-    # the backward's zero last-state gradient is a cached read-only buffer (no zeros per call)
-    "selective_scan_fn fwd+bwd": (2, 19),
+    # the backward's zero last-state gradient is a cached read-only buffer (no zeros per call);
+    # the eager backward takes the backend's list with None for absent inputs (no empty dh0
+    # tensor for the absent initial state: 19 before)
+    "selective_scan_fn fwd+bwd": (2, 18),
     "selective_state_update": (1, 1),
     # (chunk engine forward: one 1-element dummy pointer shared by its output stage's absent
     # operands since the kept-states change, (2, 11) and (6, 23) before; the backward recomputes
@@ -153,9 +155,11 @@ PINNED = {
     "chunk_simple_gla fwd+bwd": (6, 12),
     "chunk_linear_attn fwd": (2, 3),
     "chunk_linear_attn fwd+bwd": (6, 9),
-    # normalize=True (the default): the engine's two launches + `_Normalize` (one node)
-    "chunk_linear_attn normalize fwd": (2, 9),
-    "chunk_linear_attn normalize fwd+bwd": (6, 30),
+    # normalize=True (the default): the engine's two launches + `_Normalize` (one node), whose
+    # torch ops (7 forward, ~15 backward kernels) are one Triton launch each way since host8
+    # (triton.normalize_fwd / _bwd; (2, 9) / (6, 30) before, FUSED_NORMALIZE=0 gives them back)
+    "chunk_linear_attn normalize fwd": (3, 5),
+    "chunk_linear_attn normalize fwd+bwd": (8, 19),
     # chunk_gla: the chunk-local cumsum of the per-key decays is its own launch (every later
     # stage loads it instead of re-summing g); backward: cumsum, states, state gradients, scores,
     # dv, dq/dk/dg; each tree kernel is launched twice (gla.TREE_SPLIT: fast-path programs, then
@@ -417,3 +421,15 @@ def test_linear_scan_skip_unread_knob_pin(stubbed_launches, monkeypatch):
         launches, work = _count(_cases()[name], stubbed_launches)
         want = PINNED[name]
         assert (launches, len(work)) == (want[0], want[1] + extra), f"{name}: {launches}, {work}"
+
+
+def test_fused_normalize_knob_pin(stubbed_launches, monkeypatch):
+    """chunk_linear_attn's FUSED_NORMALIZE off (SSM_KERNELS_FUSED_NORMALIZE=0, the GPU A/B of
+    bench/gpu_host.py --launches): `_Normalize`'s torch ops as before host8, one launch fewer
+    each way."""
+    from ssm_kernels.linear_attn import interface
+    monkeypatch.setattr(interface, "FUSED_NORMALIZE", False)
+    for name, want in (("chunk_linear_attn normalize fwd", (2, 9)),
+                       ("chunk_linear_attn normalize fwd+bwd", (6, 30))):
+        launches, work = _count(_cases()[name], stubbed_launches)
+        assert (launches, len(work)) == want, f"{name}: {launches}, {work}"

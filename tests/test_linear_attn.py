@@ -694,3 +694,55 @@ def test_engine_kernels_compile_for_sm90():
     from conftest import compile_for_sm90
     res = compile_for_sm90(_COMPILE_SCRIPT)
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("z0,want_z,T", [(False, False, 64), (True, True, 70), (True, False, 33),
+                                         (False, True, 130)])
+def test_fused_normalize_matches_torch_ops(dtype, z0, want_z, T):
+    """The one-launch normalize (triton.normalize_fwd / _bwd, issue 8) against _Normalize's torch
+    ops: out, the final key sum, and every input gradient, including the gradient of the final
+    key sum alone (no output gradient) and subsets of the inputs needing one; T not a multiple
+    of the row block; K, V not powers of two and V over one V tile."""
+    if "triton" not in kernel_backends():
+        pytest.skip("needs the Triton backend (GPU or TRITON_INTERPRET=1)")
+    from ssm_kernels.linear_attn import interface as la
+    torch.manual_seed(0)
+    B, H, K, V = 2, 3, 24, 80
+    o = torch.randn(B, T, H, V, device=DEVICE).to(dtype)
+    q, k = (torch.rand(B, T, H, K, device=DEVICE).to(dtype) for _ in range(2))
+    zz = torch.rand(B, 1, H, K, device=DEVICE) if z0 else None
+    assert la._use_fused_norm(o, q, k, zz, "triton")
+    for needs in ((True, True, True, True), (False, True, False, True), (True, False, True, False)):
+        res = []
+        for fused in (False, True):
+            leaves = [x.detach().clone().requires_grad_(n) if x is not None else None
+                      for x, n in zip((o, q, k, zz), needs)]
+            out, z = la._Normalize.apply(*leaves, 0.3, want_z, fused)
+            loss = (out.float() * torch.linspace(-1, 1, V, device=DEVICE)).square().sum()
+            if want_z:
+                loss = loss + (z * torch.arange(K, device=DEVICE)).sum()
+            grads = torch.autograd.grad(loss, [x for x in leaves if x is not None and x.requires_grad],
+                                        retain_graph=True)
+            zonly = ()
+            if want_z:   # the final key sum's gradient alone
+                zonly = torch.autograd.grad((z * 2).sum(), [x for x in leaves if x is not None and
+                                                            x.requires_grad], allow_unused=True)
+                zonly = [torch.zeros(()) if g is None else g for g in zonly]
+            res.append((out, z, grads, zonly))
+        (o1, z1, g1, zo1), (o2, z2, g2, zo2) = res
+        tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+        assert o1.dtype == o2.dtype and o1.shape == o2.shape
+        torch.testing.assert_close(o2.float(), o1.float(), **tol)
+        if want_z:
+            torch.testing.assert_close(z2, z1.reshape(z2.shape), **tol)
+        for a, b in zip(g2, g1):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+        for a, b in zip(zo2, zo1):
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+    # the public call takes it, and without a gradient too (no saved tensors)
+    with torch.no_grad():
+        ref = la._normalized(o, q, k, zz, 0.3, want_z, None, "reference")
+        got = la._normalized(o, q, k, zz, 0.3, want_z, None, "triton")
+    torch.testing.assert_close(got[0].float(), ref[0].float(), **tol)

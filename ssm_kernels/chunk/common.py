@@ -20,6 +20,8 @@ Every exponent is a difference G_i - G_j (i >= j) of chunk-local cumulative log2
 """
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 import triton
 import triton.language as tl
@@ -235,7 +237,24 @@ def workspace(like: torch.Tensor, specs: tuple) -> list:
     return out
 
 
-def blocks(K: int, V: int, gate: int, dtype: torch.dtype, chunk=None) -> dict:
+_BLOCKS: dict = {}
+
+
+def blocks(K: int, V: int, gate: int, dtype: torch.dtype, chunk=None):
+    """Tiles of the chunk stages (read-only mapping), memoised on the arguments, the interpreter
+    flag and every module knob they read (tests and A/Bs set those at run time): called 1-3 times
+    per op call, ~3.4 us each to rebuild (issue 8)."""
+    key = (K, V, gate, dtype, chunk, triton_interpret(), INTERP_CHUNK, GLA_CHUNK, CHUNK, BLOCK_V,
+           SUB_CHUNK, BLOCK_K, GLA_BLOCK_K, GLA_DQK_BLOCK_K, GLA_BLOCK_V)
+    got = _BLOCKS.get(key)
+    if got is None:
+        if len(_BLOCKS) > 1024:
+            _BLOCKS.clear()
+        got = _BLOCKS[key] = MappingProxyType(_blocks(K, V, gate, dtype, chunk))
+    return got
+
+
+def _blocks(K: int, V: int, gate: int, dtype: torch.dtype, chunk=None) -> dict:
     BKF = max(16, next_power_of_2(K))            # whole K (the dq/dk stage of GATE 0/1)
     interp = triton_interpret()
     fp32 = dtype == torch.float32

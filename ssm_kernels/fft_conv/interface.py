@@ -276,7 +276,8 @@ def s4d_vandermonde_op(wr: Tensor, wi: Tensor, ar: Tensor, ai: Tensor, dt2: Tens
                        backend: str) -> Tensor:
     if _select("s4d_kernel", backend, wr) == "triton":
         from .s4d import vandermonde_fwd
-        return vandermonde_fwd(*(x.float().contiguous() for x in (wr, wi, ar, ai, dt2)), L)
+        # the parts as they come (s4d_kernel's are strided views of complex64 W and A: no copies)
+        return vandermonde_fwd(*(x.float() for x in (wr, wi, ar, ai)), dt2.float().contiguous(), L)
     # the reference evaluates in float64 and returns the input precision
     return vandermonde_ref(*_c64(wr, wi, ar, ai, dt2), L).to(wr.dtype).contiguous()
 
@@ -317,6 +318,8 @@ def _vand_setup(ctx, inputs, output):
 
 
 def _vand_backward(ctx, dK):
+    if dK is None:   # no gradient reached K (gradients are not materialised on the eager path)
+        return (None,) * 7
     g = s4d_vandermonde_bwd_op(*ctx.saved_tensors, dK.contiguous(), ctx.backend)
     return (*g, None, None)
 
@@ -325,10 +328,13 @@ s4d_vandermonde_op.register_autograd(_vand_backward, setup_context=_vand_setup)
 
 
 def _expm1_complex(z: Tensor) -> Tensor:
-    """exp(z) - 1 without cancellation for small |z| (dt A is often ~1e-3)."""
-    a, b = z.real, z.imag
-    half = torch.sin(0.5 * b)
-    return torch.complex(torch.expm1(a) * torch.cos(b) - 2.0 * half * half, torch.exp(a) * torch.sin(b))
+    """exp(z) - 1 without cancellation for small |z| (dt A is often ~1e-3): 2 exp(z/2) sinh(z/2),
+    5 complex kernels (the real / imaginary formula expm1(a) cos b - 2 sin^2(b/2) + i e^a sin b
+    took 12: issue 8, s4d_kernel's graph replay is these kernels). Relative error <= 4.5e-16 for
+    |z| from 1e-14 to 300 against mpmath (the real-part formula's 2.2-4.4e-16), in float64
+    before the float32 rounding."""
+    h = 0.5 * z
+    return torch.exp(h) * torch.sinh(h) * 2.0   # out of place: exp's autograd saves its result
 
 
 def s4d_kernel(log_dt: Tensor, A: Tensor, C: Tensor, L: int, *, backend: Optional[str] = None) -> Tensor:

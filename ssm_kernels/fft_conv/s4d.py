@@ -11,7 +11,8 @@ rad even where dt Im(A) l is ~1e5 (a plain fp32 product would be off by ~1e-2): 
 the l-weighted sums behind the log_dt gradient keep fp32 accuracy (l < 2^24).
 Forward: one program per (head, l-tile), looping over mode tiles. Backward: one program per
 (head, mode tile), looping over l: every sum runs in one program in a fixed order (deterministic).
-Complex inputs arrive as separate float32 real / imaginary tensors [H, N] (contiguous).
+Complex inputs arrive as separate float32 real / imaginary tensors [H, N] (strided views in the
+forward, contiguous in the backward).
 """
 from __future__ import annotations
 
@@ -48,10 +49,11 @@ def _zpow(ar, ai, dth, dtl, l):
 
 @triton.jit
 def _vandermonde_fwd_kernel(
-    # pointers: W, A real/imag [H, N] fp32; dt [H, 2] (hi, lo) fp32; K [H, L] fp32
+    # pointers: W, A real/imag [H, N] fp32 (strided: the real / imaginary views of complex64
+    # tensors, no copies); dt [H, 2] (hi, lo) fp32; K [H, L] fp32
     wr_ptr, wi_ptr, ar_ptr, ai_ptr, dt_ptr, k_ptr,
-    # sizes
-    N, L,
+    # sizes, and (head, mode) strides of wr, wi, ar, ai
+    N, L, s_wrh, s_wrn, s_wih, s_win, s_arh, s_arn, s_aih, s_ain,
     # meta-parameters
     BN: tl.constexpr, BL: tl.constexpr,
 ):
@@ -59,16 +61,16 @@ def _vandermonde_fwd_kernel(
     o_l = i_l * BL + tl.arange(0, BL)
     lf = o_l.to(tl.float32)[None, :]
     acc = tl.zeros([BL], dtype=tl.float32)
-    base = i_h.to(tl.int64) * N
+    h64 = i_h.to(tl.int64)
     dth = tl.load(dt_ptr + 2 * i_h)
     dtl = tl.load(dt_ptr + 2 * i_h + 1)
     for n0 in range(0, N, BN):
         o_n = n0 + tl.arange(0, BN)
         m_n = o_n < N
-        wr = tl.load(wr_ptr + base + o_n, mask=m_n, other=0.0)[:, None]
-        wi = tl.load(wi_ptr + base + o_n, mask=m_n, other=0.0)[:, None]
-        ar = tl.load(ar_ptr + base + o_n, mask=m_n, other=0.0)[:, None]
-        ai = tl.load(ai_ptr + base + o_n, mask=m_n, other=0.0)[:, None]
+        wr = tl.load(wr_ptr + h64 * s_wrh + o_n * s_wrn, mask=m_n, other=0.0)[:, None]
+        wi = tl.load(wi_ptr + h64 * s_wih + o_n * s_win, mask=m_n, other=0.0)[:, None]
+        ar = tl.load(ar_ptr + h64 * s_arh + o_n * s_arn, mask=m_n, other=0.0)[:, None]
+        ai = tl.load(ai_ptr + h64 * s_aih + o_n * s_ain, mask=m_n, other=0.0)[:, None]
         zr, zi = _zpow(ar, ai, dth, dtl, lf)
         acc += tl.sum(wr * zr - wi * zi, axis=0)
     tl.store(k_ptr + i_h.to(tl.int64) * L + o_l, 2.0 * acc, mask=o_l < L)
@@ -122,11 +124,13 @@ def _tiles():
 
 
 def vandermonde_fwd(wr, wi, ar, ai, dt2, L: int):
-    """K [H, L] fp32 from W, A parts [H, N] and dt2 [H, 2] (hi, lo), all fp32 contiguous."""
+    """K [H, L] fp32 from W, A parts [H, N] fp32 (any strides: s4d_kernel passes the real /
+    imaginary views of complex64 W and A, not copies) and dt2 [H, 2] (hi, lo) fp32 contiguous."""
     H, N = wr.shape
     K = alloc((H, L), wr.device)
     t = _tiles()
-    _vandermonde_fwd_kernel[(H, cdiv(L, t["BL"]))](wr, wi, ar, ai, dt2, K, N, L, **t)
+    _vandermonde_fwd_kernel[(H, cdiv(L, t["BL"]))](
+        wr, wi, ar, ai, dt2, K, N, L, *wr.stride(), *wi.stride(), *ar.stride(), *ai.stride(), **t)
     return K
 
 

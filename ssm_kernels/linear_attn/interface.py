@@ -305,12 +305,18 @@ class _Normalize(torch.autograd.Function):
     its largest host cost)."""
 
     @staticmethod
-    def forward(ctx, o, q, k, z0, s: float, want_z: bool):
-        kc, den = _normalize_terms(q, k, z0, s)
-        out = torch.div(o, den).to(o.dtype)
-        ctx.save_for_backward(o, q, kc, den)
+    def forward(ctx, o, q, k, z0, s: float, want_z: bool, fused: bool = False):
+        ctx.fused = fused
         ctx.s = s
         ctx.k_dtype, ctx.z0_dtype = k.dtype, (None if z0 is None else z0.dtype)
+        if fused:
+            from .triton import normalize_fwd
+            out, kc, den, z = normalize_fwd(o, q, k, z0, s, True, want_z)
+            ctx.save_for_backward(o, q, kc, den)
+            return out, z
+        kc, den = _normalize_terms(q, k, z0, s)
+        out = _div_into(o, den)
+        ctx.save_for_backward(o, q, kc, den)
         return out, (kc[:, -1:] if want_z else None)
 
     @staticmethod
@@ -318,6 +324,12 @@ class _Normalize(torch.autograd.Function):
         o, q, kc, den = ctx.saved_tensors
         s = ctx.s
         need_o, need_q, need_k, need_z0 = ctx.needs_input_grad[:4]
+        if ctx.fused:
+            from .triton import normalize_bwd
+            if gout is not None and not _unit_inner(gout):
+                gout = gout.contiguous()
+            return (*normalize_bwd(gout, gz, o, q, kc, den, s, (need_o, need_q, need_k, need_z0),
+                                   ctx.k_dtype, ctx.z0_dtype), None, None, None)
         do = dq = dk = dz0 = None
         if gout is not None:
             gd = torch.div(gout, den)   # state dtype (promoted; no cast of gout)
@@ -339,7 +351,7 @@ class _Normalize(torch.autograd.Function):
                 dk = dkc.flip(1).cumsum(1).flip(1).to(ctx.k_dtype)
             if need_z0:
                 dz0 = dkc.sum(1, keepdim=True).to(ctx.z0_dtype)
-        return do, dq, dk, dz0, None, None
+        return do, dq, dk, dz0, None, None, None
 
 
 def _normalize_terms(q, k, z0, s):
@@ -351,15 +363,69 @@ def _normalize_terms(q, k, z0, s):
     return kc, den.mul_(s).add_(1e-10)
 
 
-def _normalized(o, q, k, z0, s, output_final_state, ht):
+# normalize=True in one Triton launch per direction (triton.normalize_fwd / _bwd) where it is
+# cheaper than the torch ops: a T-serial walk with one program per (sequence, head), so at long T
+# with few heads the torch ops (parallel over T) keep it; False: always the torch ops (A/B knob)
+FUSED_NORMALIZE = __import__("os").environ.get("SSM_KERNELS_FUSED_NORMALIZE", "1") != "0"
+# Where: a block step of the walk is ~1 us of dependent loads, the torch ops ~7 kernels of >= 3 us
+# each (more once they move real bytes): fused up to 16 row blocks per program (T <= 1024 at
+# K <= 64, 512 at K = 128), or when B * H programs fill the SMs about once (then each streams
+# its rows at about its share of the bandwidth). Unmeasured: the GPU A/B is the knob.
+FUSED_NORM_MAX_STEPS = 16
+FUSED_NORM_MIN_BH = 128
+
+
+def _unit_inner(x: Tensor) -> bool:
+    """[B, T, H, D] with the (H, D) part dense (what the normalize kernels index)."""
+    return x.stride(3) == 1 and x.stride(2) == x.shape[3]
+
+
+def _use_fused_norm(o, q, k, z0, backend) -> bool:
+    if not FUSED_NORMALIZE or torch.compiler.is_compiling():
+        return False
+    if type(q) is not torch.Tensor or type(o) is not torch.Tensor or type(k) is not torch.Tensor:
+        return False
+    if q.dtype not in _FUSED_NORM_DTYPES or k.dtype not in _FUSED_NORM_DTYPES or \
+            o.dtype not in _FUSED_NORM_DTYPES or (z0 is not None and type(z0) is not torch.Tensor):
+        return False
+    backend = _backend.normalize(backend)
+    if backend == "reference" or not (q.is_cuda or (backend == "triton" and
+                                                    _backend.triton_reason(q.device) is None)):
+        return False
+    if q.shape[3] > 256 or o.shape[3] > 256 or not (_unit_inner(o) and _unit_inner(q) and
+                                                    _unit_inner(k)):
+        return False
+    from .triton import normalize_serial_steps
+    B, T, H, K = q.shape
+    return (normalize_serial_steps(T, K, o.shape[3]) <= FUSED_NORM_MAX_STEPS or
+            B * H >= FUSED_NORM_MIN_BH)
+
+
+_FUSED_NORM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _normalized(o, q, k, z0, s, output_final_state, ht, backend="auto"):
     """normalize=True without cu_seqlens or reverse: `_Normalize` when a gradient is taken (one
-    node), the same ops unrecorded otherwise."""
+    node), the same ops unrecorded otherwise; one Triton launch each way where _use_fused_norm."""
+    fused = _use_fused_norm(o, q, k, z0, backend)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (o, q, k, z0)):
-        out, z = _Normalize.apply(o, q, k, z0, s, output_final_state)
+        out, z = _Normalize.apply(o, q, k, z0, s, output_final_state, fused)
+    elif fused:
+        from .triton import normalize_fwd
+        out, _, _, z = normalize_fwd(o, q, k, z0, s, False, output_final_state)
     else:
         kc, den = _normalize_terms(q, k, z0, s)
-        out, z = torch.div(o, den).to(o.dtype), kc[:, -1:]
+        out, z = _div_into(o, den), kc[:, -1:]
     return out, ((ht, z) if output_final_state else None)
+
+
+def _div_into(o, den):
+    """o / den computed in the state dtype and rounded into o's dtype on store: one kernel where
+    `torch.div(o, den).to(o.dtype)` is two, bitwise the same (TensorIterator computes in the
+    promoted dtype and casts to out's); plain div where the dtypes agree."""
+    if o.dtype == den.dtype:
+        return torch.div(o, den)
+    return torch.div(o, den, out=torch.empty_like(o))
 
 
 def _linear_attn(fn, q, k, v, scale, initial_state, output_final_state, normalize, reverse,
@@ -379,7 +445,7 @@ def _linear_attn(fn, q, k, v, scale, initial_state, output_final_state, normaliz
         return o, (ht if output_final_state else None)
     s = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if cu_seqlens is None and not reverse:
-        return _normalized(o, q, k, z0, s, output_final_state, ht)
+        return _normalized(o, q, k, z0, s, output_final_state, ht, backend)
     kc, z = _key_cumsum(k, z0, cu_seqlens, reverse)
     denom = (q.to(kc.dtype) * s * kc).sum(-1, keepdim=True) + 1e-10
     o = (o.to(kc.dtype) / denom).to(v.dtype)

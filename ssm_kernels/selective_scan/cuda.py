@@ -24,15 +24,53 @@ def reason(u: torch.Tensor, A: torch.Tensor, cu_seqlens) -> str | None:
     return None
 
 
-def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, delta_softplus: bool,
-                       save_ckpt: bool):
+def planned_fwd(u: torch.Tensor, A: torch.Tensor, cu_seqlens, save_ckpt: bool):
+    """The CUDA forward for this metadata, with what depends only on shapes (checkpoint spacing,
+    rows) computed once: interface._fwd_impl memoises it. Returns fwd(u, ..., save_ckpt) ->
+    (out, last_state, checkpoints)."""
     N = A.shape[1]
-    cu = None if cu_seqlens is None else cu_seqlens.to(torch.int32).contiguous()
-    offs = None if cu is None else ckpt_offsets(cu, N)
+    ck_len = chunk_len(N)
     rows = ckpt_rows(u.shape[0], u.shape[2], N, cu_seqlens) if save_ckpt else 0
-    out, last, ck = cuda_extension().selective_scan_fwd(
-        u, delta, A, B, C, D, z, delta_bias, h0, cu, offs, bool(delta_softplus), chunk_len(N), rows)
-    return out, last, ck
+
+    def fwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, delta_softplus, save_ckpt):
+        ext = cuda_extension()
+        if cu_seqlens is None:
+            return ext.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, None, None,
+                                          bool(delta_softplus), ck_len, rows)
+        cu = cu_seqlens.to(torch.int32).contiguous()
+        return ext.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, cu,
+                                      ckpt_offsets(cu, N), bool(delta_softplus), ck_len, rows)
+    return fwd
+
+
+def planned_bwd(u: torch.Tensor, A: torch.Tensor):
+    """The CUDA backward for this metadata (memoised by interface._bwd_impl): bwd(u, ..., dout,
+    dlast, delta_softplus) -> gradients for (u, delta, A, B, C, D, z, delta_bias, h0) from the
+    forward's checkpoints, as ssm_kernels.selective_scan.triton.selective_scan_bwd returns them:
+    du, ddelta, dz in u's dtype; dA (dim, N) float32; dB, dC with B's/C's shape and dtype; dD,
+    ddelta_bias (dim,) float32; dh0 (nseq, dim, N) float32; None where the input is None.
+    Deterministic (fixed-order sums). dout / dlast are converted only where needed."""
+    N = A.shape[1]
+    ck_len = chunk_len(N)
+    f32 = torch.float32
+
+    def bwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt, dout, dlast,
+            delta_softplus):
+        if dout.dtype != u.dtype or not dout.is_contiguous():
+            dout = dout.to(u.dtype).contiguous()
+        if dlast.dtype != f32 or not dlast.is_contiguous():
+            dlast = dlast.to(f32).contiguous()
+        cu = offs = None
+        if cu_seqlens is not None:
+            cu = cu_seqlens.to(torch.int32).contiguous()
+            offs = ckpt_offsets(cu, N)
+        g = cuda_extension().selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, cu, offs,
+                                                ckpt, dout, dlast, bool(delta_softplus), ck_len,
+                                                h0 is not None)
+        return [g[0], g[1], g[2], g[3], g[4], None if D is None else g[5],
+                None if z is None else g[6], None if delta_bias is None else g[7],
+                None if h0 is None else g[8]]
+    return bwd
 
 
 def bwd_reason(u: torch.Tensor, A: torch.Tensor, cu_seqlens) -> str | None:
@@ -44,19 +82,3 @@ def bwd_reason(u: torch.Tensor, A: torch.Tensor, cu_seqlens) -> str | None:
     if ext is not None and not hasattr(ext, "selective_scan_bwd"):
         return "the built ssm_kernels._C predates the selective_scan backward (rebuild it)"
     return None
-
-
-def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt, dout, dlast,
-                       delta_softplus: bool):
-    """Gradients for (u, delta, A, B, C, D, z, delta_bias, h0) from the forward's checkpoints, as
-    ssm_kernels.selective_scan.triton.selective_scan_bwd returns them: du, ddelta, dz in u's dtype;
-    dA (dim, N) float32; dB, dC with B's/C's shape and dtype; dD, ddelta_bias (dim,) float32; dh0
-    (nseq, dim, N) float32; None where the input is None. Deterministic (fixed-order sums)."""
-    N = A.shape[1]
-    cu = None if cu_seqlens is None else cu_seqlens.to(torch.int32).contiguous()
-    offs = None if cu is None else ckpt_offsets(cu, N)
-    grads = cuda_extension().selective_scan_bwd(
-        u, delta, A, B, C, D, z, delta_bias, cu, offs, ckpt, dout.to(u.dtype).contiguous(),
-        dlast.to(torch.float32).contiguous(), bool(delta_softplus), chunk_len(N), h0 is not None)
-    present = (u, delta, A, B, C, D, z, delta_bias, h0)
-    return [None if x is None else g for x, g in zip(present, grads)]

@@ -58,20 +58,28 @@ def _empty(like: Tensor) -> Tensor:
 
 # ---- registered ops (canonical layout: see triton.selective_scan_fwd) ---------------------------
 
+@cached_on_metadata
+def _fwd_impl(backend: str, u: Tensor, A: Tensor, cu_seqlens, save_ckpt: bool):
+    """The forward's backend function for this metadata, with what depends only on shapes bound
+    (the CUDA wrapper's checkpoint spacing and rows): one memo lookup per call instead of the
+    backend choice, an import and two shape computations (issue 8)."""
+    chosen = _select("selective_scan_fn", backend, u, A, cu_seqlens, cuda_fwd=True)
+    if chosen == "cuda":
+        from .cuda import planned_fwd
+        return planned_fwd(u, A, cu_seqlens, save_ckpt)
+    if chosen == "triton":
+        from .triton import selective_scan_fwd
+        return selective_scan_fwd
+    return selective_scan_fwd_ref
+
+
 @kernel_op("selective_scan_fwd", mutates_args=())
 def selective_scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                           D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
                           h0: Optional[Tensor], cu_seqlens: Optional[Tensor], delta_softplus: bool,
                           save_ckpt: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    args = (u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, delta_softplus, save_ckpt)
-    chosen = _select("selective_scan_fn", backend, u, A, cu_seqlens, cuda_fwd=True)
-    if chosen == "cuda":
-        from .cuda import selective_scan_fwd
-        return selective_scan_fwd(*args)
-    if chosen == "triton":
-        from .triton import selective_scan_fwd
-        return selective_scan_fwd(*args)
-    return selective_scan_fwd_ref(*args)
+    return _fwd_impl(backend, u, A, cu_seqlens, save_ckpt)(
+        u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, delta_softplus, save_ckpt)
 
 
 @selective_scan_fwd_op.register_fake
@@ -83,6 +91,22 @@ def _(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, delta_softplus, save_
             u.new_empty((rows, u.shape[1], A.shape[1]), dtype=sd))
 
 
+@cached_on_metadata
+def _bwd_impl(backend: str, u: Tensor, A: Tensor, cu_seqlens):
+    """The backward's backend function for this metadata (see _fwd_impl); it returns None for
+    absent inputs."""
+    chosen = _select_bwd(backend, u, A, cu_seqlens)
+    if chosen == "cuda":
+        from .cuda import planned_bwd
+        return planned_bwd(u, A)
+    if chosen == "triton":
+        from .triton import selective_scan_bwd
+        return lambda *a: [None if g is None else g.contiguous() for g in selective_scan_bwd(*a)]
+    return lambda u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt, dout, dlast, sp: [
+        None if g is None else g.contiguous() for g in selective_scan_bwd_ref(
+            u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, sp, dout, dlast)]
+
+
 @kernel_op("selective_scan_bwd", mutates_args=())
 def selective_scan_bwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                           D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
@@ -92,19 +116,9 @@ def selective_scan_bwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     """Gradients of (u, delta, A, B, C, D, z, delta_bias, h0); empty tensors for absent inputs.
     Where the backend resolves to cuda the CUDA backward runs (the Triton one if the built
     extension lacks it)."""
-    chosen = _select_bwd(backend, u, A, cu_seqlens)
-    if chosen == "cuda":
-        from .cuda import selective_scan_bwd
-        grads = selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt,
-                                   dout, dlast, delta_softplus)
-    elif chosen == "triton":
-        from .triton import selective_scan_bwd
-        grads = selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt,
-                                   dout, dlast, delta_softplus)
-    else:
-        grads = selective_scan_bwd_ref(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens,
-                                       delta_softplus, dout, dlast)
-    return [_empty(u) if g is None else g.contiguous() for g in grads]
+    grads = _bwd_impl(backend, u, A, cu_seqlens)(u, delta, A, B, C, D, z, delta_bias, h0,
+                                                  cu_seqlens, ckpt, dout, dlast, delta_softplus)
+    return [_empty(u) if g is None else g for g in grads]
 
 
 @selective_scan_bwd_op.register_fake
@@ -139,21 +153,28 @@ def _setup_context(ctx, inputs, output):
     (u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, delta_softplus, save_ckpt,
      backend) = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, output[2])
-    ctx.delta_softplus, ctx.backend = delta_softplus, backend
+    last = output[1]
+    ctx.delta_softplus, ctx.backend, ctx.last_meta = delta_softplus, backend, (last.shape, last.dtype)
 
 
 def _backward(ctx, dout, dlast, _dckpt):
     u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt = ctx.saved_tensors
-    nseq = u.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if dout is None:
         dout = torch.zeros_like(u)
+    elif not dout.is_contiguous():
+        dout = dout.contiguous()
     if dlast is None:   # no gradient reaches the last state (the common case)
-        dlast = _read_only_zeros(u, (nseq, u.shape[1], A.shape[1]), state_dtype(u, A))
-    grads = selective_scan_bwd_op(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt,
-                                  dout.contiguous(), dlast.contiguous(), ctx.delta_softplus,
-                                  ctx.backend)
-    present = (u, delta, A, B, C, D, z, delta_bias, h0)
-    grads = [None if x is None else g for x, g in zip(present, grads)]
+        dlast = _read_only_zeros(u, *ctx.last_meta)
+    elif not dlast.is_contiguous():
+        dlast = dlast.contiguous()
+    args = (u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt, dout, dlast,
+            ctx.delta_softplus)
+    if selective_scan_bwd_op.eager(u):   # the backend's list, None for absent inputs
+        grads = _bwd_impl(ctx.backend, u, A, cu_seqlens)(*args)
+    else:
+        grads = selective_scan_bwd_op(*args, ctx.backend)
+        grads = [None if x is None else g for x, g in zip((u, delta, A, B, C, D, z, delta_bias, h0),
+                                                          grads)]
     return (*grads, None, None, None, None)
 
 
