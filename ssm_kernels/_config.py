@@ -26,19 +26,7 @@ def debug() -> bool:
     return _debug
 
 
-try:   # os.environ's own store (what os.environ[...] = / del / putenv through it keep current):
-    # one dict read instead of Mapping.get -> encode -> decode (~1 us, several per op call)
-    _ENV_DATA = os.environ._data
-    _INTERPRET_KEY = os.environ.encodekey("TRITON_INTERPRET")
-    _OFF = frozenset((os.environ.encodevalue(""), os.environ.encodevalue("0")))
-except (AttributeError, TypeError):   # not CPython's os._Environ
-    _ENV_DATA = None
-
-
 def triton_interpret() -> bool:
     """Whether Triton runs kernels in its CPU interpreter. Triton reads this variable itself when a
     kernel module is first imported, so it is read live (the CLI sets it on GPU-less machines)."""
-    if _ENV_DATA is not None:
-        v = _ENV_DATA.get(_INTERPRET_KEY)
-        return v is not None and v not in _OFF
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
