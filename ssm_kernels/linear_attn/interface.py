@@ -9,6 +9,7 @@ the sum over batch and time), ``reverse`` flips the sequences, ``normalize`` div
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -366,7 +367,7 @@ def _normalize_terms(q, k, z0, s):
 # normalize=True in one Triton launch per direction (triton.normalize_fwd / _bwd) where it is
 # cheaper than the torch ops: a T-serial walk with one program per (sequence, head), so at long T
 # with few heads the torch ops (parallel over T) keep it; False: always the torch ops (A/B knob)
-FUSED_NORMALIZE = __import__("os").environ.get("SSM_KERNELS_FUSED_NORMALIZE", "1") != "0"
+FUSED_NORMALIZE = os.environ.get("SSM_KERNELS_FUSED_NORMALIZE", "1") != "0"
 # Where: a block step of the walk is ~1 us of dependent loads, the torch ops ~7 kernels of >= 3 us
 # each (more once they move real bytes): fused up to 16 row blocks per program (T <= 1024 at
 # K <= 64, 512 at K = 128), or when B * H programs fill the SMs about once (then each streams
