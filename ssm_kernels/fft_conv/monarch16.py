@@ -137,6 +137,19 @@ def _filter_tables(k: torch.Tensor, n1: int, n2: int):
     return tab, (kmax * (n2 / n)).contiguous()
 
 
+def _conj_tables(k: torch.Tensor, n1: int, n2: int):
+    tab, kscale = filter_tables(k, n1, n2)
+    tab = tab.clone()
+    tab[:, 1].neg_()
+    return tab, kscale
+
+
+def filter_tables_conj(k: torch.Tensor, n1: int, n2: int):
+    """filter_tables with the imaginary plane negated: conj(K) (the split backward's du kernel is
+    the forward's code with this table: correlation); cached the same way."""
+    return cached_spectrum(k, ("monarch16 conj", n1, n2), lambda k: _conj_tables(k, n1, n2))
+
+
 def filter_tables(k: torch.Tensor, n1: int, n2: int):
     """(Ks [H, 2, N1, N2] fp16: K / (max|K| N2) in the permuted layout; kscale [H] fp32 =
     max|K| N2 / N)
@@ -308,32 +321,28 @@ def _cmm_acc(ar, ai, br, bi, accr, acci):
 
 @triton.jit
 def _spec_times_filter(xr, xi, ks_ptr, p_ks, q_ptr, p_q, N1: tl.constexpr, N2: tl.constexpr,
-                       CONJ: tl.constexpr, SAVEQ: tl.constexpr):
-    """X * K (CONJ: X * conj(K), the correlation of the backward's du) from the filter table, fp16;
-    SAVEQ: X itself stored as fp16 planes at q_ptr + p_q (the split backward's Q for dk)."""
+                       SAVEQ: tl.constexpr):
+    """X * K from the filter table (the split backward's du passes the conjugated table:
+    correlation), fp16; SAVEQ: X itself stored as fp16 planes at q_ptr + p_q (its Q for dk)."""
     if SAVEQ:
         tl.store(q_ptr + p_q, xr.to(tl.float16))
         tl.store(q_ptr + N1 * N2 + p_q, xi.to(tl.float16))
-    if CONJ:
-        yr, yi = _cmul_table_conj(xr, xi, ks_ptr, p_ks, N1 * N2)
-    else:
-        yr, yi = _cmul_table(xr, xi, ks_ptr, p_ks, N1 * N2)
-    return yr, yi
+    return _cmul_table(xr, xi, ks_ptr, p_ks, N1 * N2)
 
 
 @triton.jit
 def _conv_blocked(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_f1h, p_f1g, p_f2, p_tw, q_ptr,
                   N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr,
-                  TWC: tl.constexpr, CONJ: tl.constexpr, SAVEQ: tl.constexpr):
+                  TWC: tl.constexpr, SAVEQ: tl.constexpr):
     """The forward's whole transform - product - inverse for A = ar + i ai fp16 [R1, N2] with the
     filter table at ks_ptr (this channel's planes): (Re, Im) fp32 [R1, N2], unnormalised.
-    CONJ / SAVEQ: see _spec_times_filter (q_ptr: the pair's [2, N1, N2] fp16 planes)."""
+    SAVEQ: see _spec_times_filter (q_ptr: the pair's [2, N1, N2] fp16 planes)."""
     outa = tl.zeros((R1, N2), dtype=tl.float32)
     outb = tl.zeros((R1, N2), dtype=tl.float32)
     for j in range(0, N1, BJ):
         q_tw = p_tw + j * N2
         xr, xi = _dft(ar, ai, f1_ptr, f2_ptr, tw_ptr, p_f1h + j * N1, p_f2, q_tw, N1, N2)
-        yr, yi = _spec_times_filter(xr, xi, ks_ptr, q_tw, q_ptr, q_tw, N1, N2, CONJ, SAVEQ)
+        yr, yi = _spec_times_filter(xr, xi, ks_ptr, q_tw, q_ptr, q_tw, N1, N2, SAVEQ)
         gr, gi = _idft_mid(yr, yi, f2_ptr, tw_ptr, p_f2, q_tw, N1, N2, TWC)
         g1r = tl.load(f1_ptr + p_f1g + j)
         g1i = tl.load(f1_ptr + N1 * N1 + p_f1g + j)
@@ -344,18 +353,18 @@ def _conv_blocked(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_f1h, p_f1g, p_f2, p_
 @triton.jit
 def _conv(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_ks, p_f1h, p_f1g, p_f2, p_tw, q_ptr,
           N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr,
-          TWC: tl.constexpr, CONJ: tl.constexpr, SAVEQ: tl.constexpr):
+          TWC: tl.constexpr, SAVEQ: tl.constexpr):
     """Transform - product with the filter table (ks_ptr + p_ks) - inverse of A = ar + i ai:
     (Re, Im) fp32 [R1, N2]; blocked when BJ (then ks_ptr is the channel's base, p_ks unused).
-    CONJ: the product with conj(K) (correlation); SAVEQ: the spectrum also stored at q_ptr."""
+    SAVEQ: the spectrum also stored at q_ptr (the split backward's du kernel)."""
     if BJ:
         outa, outb = _conv_blocked(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_f1h, p_f1g, p_f2,
-                                   p_tw, q_ptr, N1, N2, R1, BJ, TWC, CONJ, SAVEQ)
+                                   p_tw, q_ptr, N1, N2, R1, BJ, TWC, SAVEQ)
     else:
         # ---- forward: B = F1[:, :R1] @ A, C = B * T, X = C @ F2
         xr, xi = _dft(ar, ai, f1_ptr, f2_ptr, tw_ptr, p_f1h, p_f2, p_tw, N1, N2)
         # ---- pointwise product with the (max-normalised) filter spectrum
-        yr, yi = _spec_times_filter(xr, xi, ks_ptr, p_ks, q_ptr, p_tw, N1, N2, CONJ, SAVEQ)
+        yr, yi = _spec_times_filter(xr, xi, ks_ptr, p_ks, q_ptr, p_tw, N1, N2, SAVEQ)
         # ---- inverse: E = Y @ conj(F2), G = E * conj(T), out = conj(F1)[:R1, :] @ G
         outa, outb = _idft(yr, yi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1, N2, TWC)
     return outa, outb
@@ -400,7 +409,7 @@ def _monarch16_fwd_kernel(
         ar = (va * s_a).to(tl.float16)
         ai = (vb * s_b).to(tl.float16)
         outa, outb = _conv(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_ks, p_f1h, p_f1g, p_f2, p_tw,
-                           ks_ptr, N1, N2, R1, BJ, TWC, False, False)
+                           ks_ptr, N1, N2, R1, BJ, TWC, False)
         # ---- epilogue: undo the scales, + D v, * post_gate, cast, store
         _pair_epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p_a, p_b, m_t, m_b, outa, outb,
                        b_ks * inv_a, b_ks * inv_b, b_d, HAS_D, HAS_PRE, HAS_POST)
@@ -700,7 +709,7 @@ def _monarch16_bwd_kernel(
             _, _, vb = _load_v(u_ptr, pre_ptr, p_b, m_b, HAS_PRE)
             cva, cvb = _conv((va * s_a).to(tl.float16), (vb * s_b).to(tl.float16), f1_ptr, f2_ptr,
                              tw_ptr, ks_ptr, p_tw, p_f1h, p_f1g, p_f2, p_tw, ks_ptr, N1, N2, R1, BJ,
-                             TWC, False, False)
+                             TWC, False)
             _pair_epilogue(dpost_ptr, u_ptr, pre_ptr, dy_ptr, p_a, p_b, m_t, m_b, cva, cvb,
                            b_ks * inv_s_a, b_ks * inv_s_b, b_d, HAS_D, HAS_PRE, True)
     tl.store(wd_ptr + i_h * S + i_s, b_dd)
@@ -793,8 +802,10 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
 #
 # The fused backward keeps Q (fp32), P and the du inverse's tiles live together (N = 8192: 255
 # registers, 0.3-1.2 KB of spills) and read-modify-writes the fp32 dk spectrum per pair. Split:
-#   du kernel  = the forward's kernel shape (one transform + product + inverse per pair) on
-#                g = dy * post with conj(K) (correlation), du / dpre epilogue; mode 2 also stores
+#   du kernel  = the forward's code (one transform + product + inverse per pair) on g = dy * post
+#                with the conjugated filter table (correlation; filter_tables_conj: the forward's
+#                _cmul_table, whose registers allocate better than _cmul_table_conj's), du / dpre
+#                epilogue; mode 2 also stores
 #                Q = DFT(g t) as fp16 planes [H, pairs, 2, N1, N2] (|Q| <= R1 N2 < 2^15).
 #   dk kernel  = per channel (slice), rows k1 in blocks of DK_BLOCK: for each block, over all
 #                pairs: P_j = rows j of DFT(v c), Q_j (mode 1: recomputed, rows j of DFT(g t);
@@ -836,7 +847,7 @@ def _monarch16_du_kernel(
         qp = q_ptr + (i_h.to(tl.int64) * NP + i_b // 2) * 2 * N1 * N2
         cora, corb = _conv((ga * t_a).to(tl.float16), (gb * t_b).to(tl.float16), f1_ptr, f2_ptr,
                            tw_ptr, ks_ptr, p_ks, p_f1h, p_f1g, p_f2, p_tw, qp, N1, N2, R1, BJ,
-                           TWC, True, SAVEQ)
+                           TWC, SAVEQ)
         _du_epilogue(du_ptr, dpre_ptr, dy_ptr, u_ptr, pre_ptr, post_ptr, p_a, m_t,
                      cora * (b_ks * inv_a), b_d, HAS_D, HAS_PRE, HAS_POST)
         _du_epilogue(du_ptr, dpre_ptr, dy_ptr, u_ptr, pre_ptr, post_ptr, p_b, m_b,
@@ -856,7 +867,7 @@ def _monarch16_dk_kernel(
     N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr, TWC: tl.constexpr,
 ):
     i_h, i_s = tl.program_id(0), tl.program_id(1)
-    o_t, _, _, p_f2, _ = _offsets(N1, N2, R1)
+    o_t, p_f1h, p_f1g, p_f2, p_tw = _offsets(N1, N2, R1)
     p_f1h, p_f1g, p_tw = _blk_offsets(N1, N2, R1, BJ)
     m_t = o_t < L
     wk_ptr += (i_h * S + i_s).to(tl.int64) * 2 * N1 * N2
@@ -871,7 +882,7 @@ def _monarch16_dk_kernel(
         acci = tl.zeros((BJ, N2), dtype=tl.float32)
         for i_b in range(b_start, b_end, 2):
             p_a, p_b, m_b = _pair_rows(i_b, i_h, H, L, o_t, b_end)
-            dd, _, _, _, _, _, _, inv_c, gar, gai, var, vai = _bwd_pair_in(
+            dd, s_a, s_b, inv_s_a, inv_s_b, inv_t_a, inv_t_b, inv_c, gar, gai, var, vai = _bwd_pair_in(
                 u_ptr, pre_ptr, dy_ptr, post_ptr, p_a, p_b, m_t, m_b, HAS_PRE, HAS_POST)
             b_dd += tl.where(j == 0, dd, 0.0)
             pr, pi = _dft(var, vai, f1_ptr, f2_ptr, tw_ptr, p_f1h + j * N1, p_f2, q_tw, N1, N2)
@@ -927,7 +938,8 @@ def _fft_conv_bwd_split(dy, u, k, D, pre, post, mode):
     """fft_conv_bwd through the du / dk kernels (SPLIT_BWD mode 1 or 2); same returns."""
     B, H, L = u.shape
     Lk = k.shape[1]
-    (n, n1, n2, r1, S, per, opts, bj), (f1, f2, tw), (ks, kscale) = _prepare(u, k)
+    (n, n1, n2, r1, S, per, opts, bj), (f1, f2, tw), _ = _prepare(u, k)
+    ks, kscale = filter_tables_conj(k, n1, n2)
     S_k, per_k = _plan(B, H, L, Lk, u.device, True)[4:6]
     if dy.dtype != u.dtype or not dy.is_contiguous():
         dy = dy.to(u.dtype).contiguous()
