@@ -1,6 +1,8 @@
-"""GPU A/B of monarch16's row-blocked kernels (KBLOCK / KBLOCK_BWD) and the SPLIT override against
-the defaults and torch's rfft conv (issue 11; session 7 helper fft7, session 8 helper fft8). One
-call, ~150-190 s on an H100 (PLAN_S7=1: session 7's knob sweep, ~270 s with BUDGET_S=270):
+"""GPU A/B of monarch16's row-blocked kernels (KBLOCK / KBLOCK_BWD), the SPLIT override and the
+split backward (SPLIT_BWD: du + dk kernels) against the defaults and torch's rfft conv (issue 11;
+session 7 helper fft7, session 8 helpers fft8, fftbwd8). One call, ~150-190 s on an H100 (the
+default plan: the split-backward rows; FFT8=1: fft8's plan; PLAN_S7=1: session 7's knob sweep,
+~270 s with BUDGET_S=270):
 
     python bench/gpu_fft7.py        # OUT=dir writes gpu_fft7.csv; BUDGET_S (default 160) skips
                                     # the rows that would start past it (the table still prints);
@@ -67,18 +69,17 @@ CONFIGS = {
     # filter table) + dk kernel (conj(P) Q summed over the batch in registers per block of DK_BLOCK
     # rows, one inverse per channel); "split2": the du kernel stores Q (fp16) and the dk kernel
     # reads it instead of recomputing it; dkbj / dkw: the dk kernel's rows per block / warps
-    "split2": dict(split_bwd={4096: 2, 8192: 2}, dk_block={4096: 32, 8192: 32},
+    "split2": dict(split_bwd={4096: 2, 8192: 2}, dk_block={4096: 32, 8192: 128},
                    launch_dk={4096: (4, 1), 8192: (8, 1)}),
+    "split2 dkbj32": dict(split_bwd={8192: 2}, dk_block={8192: 32}, launch_dk={8192: (8, 1)}),
     "split1": dict(split_bwd={4096: 1, 8192: 1}, dk_block={4096: 32, 8192: 32},
                    launch_dk={4096: (4, 1), 8192: (8, 1)}),
-    "split2 dkbj128": dict(split_bwd={8192: 2}, dk_block={8192: 128}, launch_dk={8192: (8, 1)}),
-    "split2 dkw4": dict(split_bwd={8192: 2}, dk_block={8192: 32}, launch_dk={8192: (4, 1)}),
 }
 # (L, gates, configurations), most informative first (the budget cuts from the end). The
 # offline sm_90 build (bench/sm90_audit.py --ops fft_conv_knobs) of each: see bench/NOTES.md.
 # PLAN_S7=1: session 7's plan (the knob sweep that chose the defaults).
 PLAN = [
-    (4096, False, ("default", "split2", "split1", "split2 dkbj128", "split2 dkw4")),
+    (4096, False, ("default", "split2", "split2 dkbj32", "split1")),
     (4096, True, ("default", "split2")),
     (2048, False, ("default", "split2")),
 ]

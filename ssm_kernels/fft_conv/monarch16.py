@@ -918,8 +918,10 @@ _monarch16_dk_kernel = fast_kernel(_monarch16_dk_kernel)
 # kernel that recomputes Q; 2 = the du kernel stores Q (fp16) and the dk kernel reads it.
 # (Applies to every call at that N, gates included: dpost is then a forward launch with post := dy.)
 SPLIT_BWD: Dict[int, int] = {}
-# N -> the dk kernel's rows per block (a power of two >= 16 dividing N1; >= N1: one block)
-DK_BLOCK: Dict[int, int] = {8192: 64, 4096: 32, 2048: 32}
+# N -> the dk kernel's rows per block (a power of two >= 16 dividing N1; >= N1: one block).
+# Offline sm_90 (Triton 3.6, ptxas 12.8, bf16, mode 2, 8 warps) at N = 8192: BJ 128 255 regs /
+# 144 B spill (wgmma), 64: 516 B, 32: 254 / 0 (mma.sync, M = 32); N = 4096 (4 warps): 32: 0 B.
+DK_BLOCK: Dict[int, int] = {8192: 128, 4096: 32, 2048: 32}
 # N -> (num_warps, num_stages) of the dk kernel; absent: LAUNCH_BWD's. The du kernel (and the
 # dpost launch) take the forward's LAUNCH / KBLOCK (the same kernel shape).
 LAUNCH_DK: Dict[int, tuple] = {}
