@@ -455,7 +455,7 @@ def fft_conv_knob_cases():
 # bf16, D on, FINAL = 1; the du kernel (and the dpost forward) take the forward's LAUNCH / KBLOCK
 M16_SPLIT = ((8192, 2, 64, 8, False), (8192, 2, 32, 8, False), (8192, 2, 128, 8, False),
              (8192, 2, 64, 4, False), (8192, 1, 64, 8, False), (8192, 1, 32, 8, False),
-             (8192, 2, 64, 8, True), (8192, 2, 32, 4, False), (8192, 1, 32, 4, False),
+             (8192, 2, 64, 8, True), (8192, 2, 128, 8, True), (8192, 2, 32, 4, False), (8192, 1, 32, 4, False),
              (4096, 2, 32, 4, False), (4096, 2, 64, 4, False), (4096, 1, 32, 4, False))
 
 
