@@ -1,6 +1,8 @@
-"""GPU A/B of monarch16's row-blocked kernels (KBLOCK / KBLOCK_BWD) and the SPLIT override against
-the defaults and torch's rfft conv (issue 11; session 7 helper fft7, session 8 helper fft8). One
-call, ~150-190 s on an H100 (PLAN_S7=1: session 7's knob sweep, ~270 s with BUDGET_S=270):
+"""GPU A/B of monarch16's row-blocked kernels (KBLOCK / KBLOCK_BWD), the SPLIT override and the
+split backward (SPLIT_BWD: du + dk kernels) against the defaults and torch's rfft conv (issue 11;
+session 7 helper fft7, session 8 helpers fft8, fftbwd8). One call, ~150-190 s on an H100 (the
+default plan: the split-backward rows; FFT8=1: fft8's plan; PLAN_S7=1: session 7's knob sweep,
+~270 s with BUDGET_S=270):
 
     python bench/gpu_fft7.py        # OUT=dir writes gpu_fft7.csv; BUDGET_S (default 160) skips
                                     # the rows that would start past it (the table still prints);
@@ -63,17 +65,33 @@ CONFIGS = {
     "bj16 T": dict(kblock={4096: 32, 8192: 16}, twc=False, launch=W8),   # TWIDDLE_CONJ_COPY = False
     "bwd bj32": dict(kblock_bwd={8192: 32}),   # L = 4096: the default forward, bj32 backward
     "bwd bj16": dict(kblock={4096: 0}, kblock_bwd={4096: 32, 8192: 16}, launch=W8),  # fwd unblocked
+    # split backward (monarch16.SPLIT_BWD, helper fftbwd8): du kernel (the forward's code, conj
+    # filter table) + dk kernel (conj(P) Q summed over the batch in registers per block of DK_BLOCK
+    # rows, one inverse per channel); "split2": the du kernel stores Q (fp16) and the dk kernel
+    # reads it instead of recomputing it; dkbj / dkw: the dk kernel's rows per block / warps
+    "split2": dict(split_bwd={4096: 2, 8192: 2}, dk_block={4096: 32, 8192: 128},
+                   launch_dk={4096: (4, 1), 8192: (8, 1)}),
+    "split2 dkbj32": dict(split_bwd={8192: 2}, dk_block={8192: 32}, launch_dk={8192: (8, 1)}),
+    "split1": dict(split_bwd={4096: 1, 8192: 1}, dk_block={4096: 32, 8192: 32},
+                   launch_dk={4096: (4, 1), 8192: (8, 1)}),
 }
 # (L, gates, configurations), most informative first (the budget cuts from the end). The
 # offline sm_90 build (bench/sm90_audit.py --ops fft_conv_knobs) of each: see bench/NOTES.md.
 # PLAN_S7=1: session 7's plan (the knob sweep that chose the defaults).
 PLAN = [
-    (2048, False, ("default", "s7 default")),
-    (1024, False, ("default", "raw")),
-    (2048, True, ("default", "s7 default")),
-    (4096, False, ("default", "bwd bj32")),
-    (4096, True, ("default",)),
+    (4096, False, ("default", "split2", "split2 dkbj32", "split1")),
+    (4096, True, ("default", "split2")),
+    (2048, False, ("default", "split2")),
 ]
+# FFT8=1: session 8's first plan (helper fft8)
+if os.environ.get("FFT8"):
+    PLAN = [
+        (2048, False, ("default", "s7 default")),
+        (1024, False, ("default", "raw")),
+        (2048, True, ("default", "s7 default")),
+        (4096, False, ("default", "bwd bj32")),
+        (4096, True, ("default",)),
+    ]
 if os.environ.get("PLAN_S7"):
     PLAN = [
         (4096, False, ("default", "bj32", "bj16", "bj16 w16", "bj16 T")),
@@ -88,12 +106,14 @@ if os.environ.get("PLAN_S7"):
 
 class knobs:
     """Applies one configuration to monarch16's tables (and the post-gate threshold)."""
+    SPLIT_TABLES = (m16.SPLIT_BWD, m16.DK_BLOCK, m16.LAUNCH_DK)
+
     def __init__(self, name, gates):
         self.cfg, self.gates, self.name = CONFIGS[name], gates, name
 
     def __enter__(self):
         self.saved = [dict(d) for d in (m16.KBLOCK, m16.KBLOCK_BWD, m16.SPLIT, m16.LAUNCH,
-                                        m16.LAUNCH_BWD)] + [m16.TWIDDLE_CONJ_COPY,
+                                        m16.LAUNCH_BWD) + self.SPLIT_TABLES] + [m16.TWIDDLE_CONJ_COPY,
                                                             fi.MONARCH16_BWD_CUFFT_POST_N,
                                                             _launch.raw_pointers()]
         c = self.cfg
@@ -104,12 +124,15 @@ class knobs:
         m16.LAUNCH.update(c.get("launch", {}))
         m16.LAUNCH_BWD.update(c.get("launch_bwd", c.get("launch", {})))
         m16.TWIDDLE_CONJ_COPY = c.get("twc", True)
+        m16.SPLIT_BWD.update(c.get("split_bwd", {}))
+        m16.DK_BLOCK.update(c.get("dk_block", {}))
+        m16.LAUNCH_DK.update(c.get("launch_dk", {}))
         if self.gates and self.name not in ("default", "s7 default", "raw"):
             fi.MONARCH16_BWD_CUFFT_POST_N = 1 << 30   # keep the post-gated backward on monarch16
 
     def __exit__(self, *exc):
-        for d, old in zip((m16.KBLOCK, m16.KBLOCK_BWD, m16.SPLIT, m16.LAUNCH, m16.LAUNCH_BWD),
-                          self.saved):
+        for d, old in zip((m16.KBLOCK, m16.KBLOCK_BWD, m16.SPLIT, m16.LAUNCH, m16.LAUNCH_BWD)
+                          + self.SPLIT_TABLES, self.saved):
             d.clear()
             d.update(old)
         m16.TWIDDLE_CONJ_COPY, fi.MONARCH16_BWD_CUFFT_POST_N = self.saved[-3:-1]
@@ -157,8 +180,11 @@ def time_row(L, gates, name):
     with torch.no_grad():
         r["fwd"] = bench(lambda: ours(*ins))
     r["fwd k"] = kinfo(m16.last_kernel)
+    m16.last_du_kernel = None
     r["bwd"] = bench(lambda: fi._conv_bwd(dy, *ins, "triton"))
     r["bwd k"] = kinfo(m16.last_bwd_kernel)
+    if m16.last_du_kernel is not None:   # split backward: du kernel's, then the dk kernel's
+        r["bwd k"] = kinfo(m16.last_du_kernel) + "+" + r["bwd k"]
     r["f+b"] = bench(lambda: torch.autograd.grad(ours(*insg), live, dy))
     return r
 
@@ -197,6 +223,9 @@ def main():
                 if SMOKE:   # toy sizes: the knobs at the smoke N (BJ = 16 at N1 = 32)
                     m16.KBLOCK.update({512: 16} if m16.KBLOCK else {})
                     m16.KBLOCK_BWD.update({512: 16} if m16.KBLOCK_BWD else {})
+                    if m16.SPLIT_BWD:   # the split backward at the smoke N, dk blocks of 16
+                        m16.SPLIT_BWD[512] = max(m16.SPLIT_BWD.values())
+                        m16.DK_BLOCK[512] = 16
                 try:
                     t = time.time()
                     worst = check(L, gates, name)

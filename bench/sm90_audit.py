@@ -451,6 +451,36 @@ def fft_conv_knob_cases():
             yield f"m16knob N={n} split={sp} bj={bj} w={warps}{'' if twc else ' T'} {mode}", thunk
 
 
+# monarch16 split backward (SPLIT_BWD, helper fftbwd8): (N, mode, DK_BLOCK, dk warps, gates);
+# bf16, D on, FINAL = 1; the du kernel (and the dpost forward) take the forward's LAUNCH / KBLOCK
+M16_SPLIT = ((8192, 2, 64, 8, False), (8192, 2, 32, 8, False), (8192, 2, 128, 8, False),
+             (8192, 2, 64, 4, False), (8192, 1, 64, 8, False), (8192, 1, 32, 8, False),
+             (8192, 2, 64, 8, True), (8192, 2, 128, 8, True), (8192, 2, 32, 4, False), (8192, 1, 32, 4, False),
+             (4096, 2, 32, 4, False), (4096, 2, 64, 4, False), (4096, 1, 32, 4, False))
+
+
+def fft_conv_split_cases():
+    from ssm_kernels.fft_conv import interface as fi, monarch16 as m16
+    m16._sm_count = lambda device: 4   # S = 1 at H = 16: the in-kernel dk inverse (FINAL)
+    for n, mode, bj, warps, gates in M16_SPLIT:
+        def thunk(n=n, mode=mode, bj=bj, warps=warps, gates=gates):
+            L = n // 2
+            u, pg, qg = (torch.randn(8, 16, L).to(torch.bfloat16) for _ in range(3))
+            saved = (dict(m16.SPLIT_BWD), dict(m16.DK_BLOCK), dict(m16.LAUNCH_DK), fi.FORCE_PATH,
+                     fi.MONARCH16_BWD_CUFFT_POST_N)
+            m16.SPLIT_BWD[n], m16.DK_BLOCK[n], m16.LAUNCH_DK[n] = mode, bj, (warps, 1)
+            fi.FORCE_PATH, fi.MONARCH16_BWD_CUFFT_POST_N = "monarch16", 1 << 30
+            try:
+                fi.fft_conv_bwd_op(u, u, torch.randn(16, L), torch.randn(16),
+                                   pg if gates else None, qg if gates else None, "triton")
+            finally:
+                for d, old in zip((m16.SPLIT_BWD, m16.DK_BLOCK, m16.LAUNCH_DK), saved):
+                    d.clear()
+                    d.update(old)
+                fi.FORCE_PATH, fi.MONARCH16_BWD_CUFFT_POST_N = saved[3:]
+        yield f"m16split N={n} mode={mode} dkbj={bj} dkw={warps}{' gates' if gates else ''}", thunk
+
+
 def cp_cases():
     """The states-only passes of context parallelism's later ranks (ssm_kernels.distributed)."""
     from ssm_kernels.distributed.engine import la_final_state, la_state_adjoint
@@ -476,7 +506,8 @@ FAMILIES = {"chunk": chunk_cases, "chunk_knobs": chunk_knob_cases,
             "linear_attn_check": linear_attn_check_cases, "normalize": normalize_cases,
             "selective_scan": selective_scan_cases, "linear_scan": linear_scan_cases,
             "causal_conv1d": causal_conv1d_cases, "delta_rule": delta_rule_cases,
-            "fft_conv": fft_conv_cases, "fft_conv_knobs": fft_conv_knob_cases, "cp": cp_cases}
+            "fft_conv": fft_conv_cases, "fft_conv_knobs": fft_conv_knob_cases,
+            "fft_conv_split": fft_conv_split_cases, "cp": cp_cases}
 DEFAULT_OPS = "chunk,linear_attn_check"   # the others: --ops all or by name
 
 

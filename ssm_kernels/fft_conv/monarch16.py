@@ -137,6 +137,19 @@ def _filter_tables(k: torch.Tensor, n1: int, n2: int):
     return tab, (kmax * (n2 / n)).contiguous()
 
 
+def _conj_tables(k: torch.Tensor, n1: int, n2: int):
+    tab, kscale = filter_tables(k, n1, n2)
+    tab = tab.clone()
+    tab[:, 1].neg_()
+    return tab, kscale
+
+
+def filter_tables_conj(k: torch.Tensor, n1: int, n2: int):
+    """filter_tables with the imaginary plane negated: conj(K) (the split backward's du kernel is
+    the forward's code with this table: correlation); cached the same way."""
+    return cached_spectrum(k, ("monarch16 conj", n1, n2), lambda k: _conj_tables(k, n1, n2))
+
+
 def filter_tables(k: torch.Tensor, n1: int, n2: int):
     """(Ks [H, 2, N1, N2] fp16: K / (max|K| N2) in the permuted layout; kscale [H] fp32 =
     max|K| N2 / N)
@@ -307,17 +320,29 @@ def _cmm_acc(ar, ai, br, bi, accr, acci):
 
 
 @triton.jit
-def _conv_blocked(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_f1h, p_f1g, p_f2, p_tw,
+def _spec_times_filter(xr, xi, ks_ptr, p_ks, q_ptr, p_q, N1: tl.constexpr, N2: tl.constexpr,
+                       SAVEQ: tl.constexpr):
+    """X * K from the filter table (the split backward's du passes the conjugated table:
+    correlation), fp16; SAVEQ: X itself stored as fp16 planes at q_ptr + p_q (its Q for dk)."""
+    if SAVEQ:
+        tl.store(q_ptr + p_q, xr.to(tl.float16))
+        tl.store(q_ptr + N1 * N2 + p_q, xi.to(tl.float16))
+    return _cmul_table(xr, xi, ks_ptr, p_ks, N1 * N2)
+
+
+@triton.jit
+def _conv_blocked(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_f1h, p_f1g, p_f2, p_tw, q_ptr,
                   N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr,
-                  TWC: tl.constexpr):
+                  TWC: tl.constexpr, SAVEQ: tl.constexpr):
     """The forward's whole transform - product - inverse for A = ar + i ai fp16 [R1, N2] with the
-    filter table at ks_ptr (this channel's planes): (Re, Im) fp32 [R1, N2], unnormalised."""
+    filter table at ks_ptr (this channel's planes): (Re, Im) fp32 [R1, N2], unnormalised.
+    SAVEQ: see _spec_times_filter (q_ptr: the pair's [2, N1, N2] fp16 planes)."""
     outa = tl.zeros((R1, N2), dtype=tl.float32)
     outb = tl.zeros((R1, N2), dtype=tl.float32)
     for j in range(0, N1, BJ):
         q_tw = p_tw + j * N2
         xr, xi = _dft(ar, ai, f1_ptr, f2_ptr, tw_ptr, p_f1h + j * N1, p_f2, q_tw, N1, N2)
-        yr, yi = _cmul_table(xr, xi, ks_ptr, q_tw, N1 * N2)
+        yr, yi = _spec_times_filter(xr, xi, ks_ptr, q_tw, q_ptr, q_tw, N1, N2, SAVEQ)
         gr, gi = _idft_mid(yr, yi, f2_ptr, tw_ptr, p_f2, q_tw, N1, N2, TWC)
         g1r = tl.load(f1_ptr + p_f1g + j)
         g1i = tl.load(f1_ptr + N1 * N1 + p_f1g + j)
@@ -326,19 +351,20 @@ def _conv_blocked(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_f1h, p_f1g, p_f2, p_
 
 
 @triton.jit
-def _conv(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_ks, p_f1h, p_f1g, p_f2, p_tw,
+def _conv(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_ks, p_f1h, p_f1g, p_f2, p_tw, q_ptr,
           N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr,
-          TWC: tl.constexpr):
+          TWC: tl.constexpr, SAVEQ: tl.constexpr):
     """Transform - product with the filter table (ks_ptr + p_ks) - inverse of A = ar + i ai:
-    (Re, Im) fp32 [R1, N2]; blocked when BJ (then ks_ptr is the channel's base, p_ks unused)."""
+    (Re, Im) fp32 [R1, N2]; blocked when BJ (then ks_ptr is the channel's base, p_ks unused).
+    SAVEQ: the spectrum also stored at q_ptr (the split backward's du kernel)."""
     if BJ:
         outa, outb = _conv_blocked(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_f1h, p_f1g, p_f2,
-                                   p_tw, N1, N2, R1, BJ, TWC)
+                                   p_tw, q_ptr, N1, N2, R1, BJ, TWC, SAVEQ)
     else:
         # ---- forward: B = F1[:, :R1] @ A, C = B * T, X = C @ F2
         xr, xi = _dft(ar, ai, f1_ptr, f2_ptr, tw_ptr, p_f1h, p_f2, p_tw, N1, N2)
         # ---- pointwise product with the (max-normalised) filter spectrum
-        yr, yi = _cmul_table(xr, xi, ks_ptr, p_ks, N1 * N2)
+        yr, yi = _spec_times_filter(xr, xi, ks_ptr, p_ks, q_ptr, p_tw, N1, N2, SAVEQ)
         # ---- inverse: E = Y @ conj(F2), G = E * conj(T), out = conj(F1)[:R1, :] @ G
         outa, outb = _idft(yr, yi, f1_ptr, f2_ptr, tw_ptr, p_f1g, p_f2, p_tw, N1, N2, TWC)
     return outa, outb
@@ -383,7 +409,7 @@ def _monarch16_fwd_kernel(
         ar = (va * s_a).to(tl.float16)
         ai = (vb * s_b).to(tl.float16)
         outa, outb = _conv(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_ks, p_f1h, p_f1g, p_f2, p_tw,
-                           N1, N2, R1, BJ, TWC)
+                           ks_ptr, N1, N2, R1, BJ, TWC, False)
         # ---- epilogue: undo the scales, + D v, * post_gate, cast, store
         _pair_epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p_a, p_b, m_t, m_b, outa, outb,
                        b_ks * inv_a, b_ks * inv_b, b_d, HAS_D, HAS_PRE, HAS_POST)
@@ -682,7 +708,8 @@ def _monarch16_bwd_kernel(
             _, _, va = _load_v(u_ptr, pre_ptr, p_a, m_t, HAS_PRE)
             _, _, vb = _load_v(u_ptr, pre_ptr, p_b, m_b, HAS_PRE)
             cva, cvb = _conv((va * s_a).to(tl.float16), (vb * s_b).to(tl.float16), f1_ptr, f2_ptr,
-                             tw_ptr, ks_ptr, p_tw, p_f1h, p_f1g, p_f2, p_tw, N1, N2, R1, BJ, TWC)
+                             tw_ptr, ks_ptr, p_tw, p_f1h, p_f1g, p_f2, p_tw, ks_ptr, N1, N2, R1, BJ,
+                             TWC, False)
             _pair_epilogue(dpost_ptr, u_ptr, pre_ptr, dy_ptr, p_a, p_b, m_t, m_b, cva, cvb,
                            b_ks * inv_s_a, b_ks * inv_s_b, b_d, HAS_D, HAS_PRE, True)
     tl.store(wd_ptr + i_h * S + i_s, b_dd)
@@ -733,6 +760,10 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
     gates [B, H, L] contiguous; k [H, Lk] fp32; D [H] fp32 or None."""
     B, H, L = u.shape
     Lk = k.shape[1]
+    if SPLIT_BWD:
+        mode = SPLIT_BWD.get(transform_size(L, Lk), 0)
+        if mode:
+            return _fft_conv_bwd_split(dy, u, k, D, pre, post, mode)
     (n, n1, n2, r1, S, per, opts, bj), (f1, f2, tw), (ks, kscale) = _prepare(u, k, bwd=True)
     if dy.dtype != u.dtype or not dy.is_contiguous():
         dy = dy.to(u.dtype).contiguous()
@@ -762,4 +793,191 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
         spec = torch.complex(spec[:, 0], spec[:, 1]).transpose(1, 2).reshape(H, n)  # k1 + N1 k2
         dk = torch.fft.ifft(spec, n=n).real[:, :Lk].contiguous()
     dD = (wd.sum(1) if S > 1 else wd) if D is not None else None
+    return du, dk, dD, dpre, dpost
+
+
+# ---------------------------------------------------------------------------------------------
+# split backward (SPLIT_BWD, issue 11, session 8 helper fftbwd8): du and dk in separate kernels
+# ---------------------------------------------------------------------------------------------
+#
+# The fused backward keeps Q (fp32), P and the du inverse's tiles live together (N = 8192: 255
+# registers, 0.3-1.2 KB of spills) and read-modify-writes the fp32 dk spectrum per pair. Split:
+#   du kernel  = the forward's code (one transform + product + inverse per pair) on g = dy * post
+#                with the conjugated filter table (correlation; filter_tables_conj: the forward's
+#                _cmul_table, whose registers allocate better than _cmul_table_conj's), du / dpre
+#                epilogue; mode 2 also stores
+#                Q = DFT(g t) as fp16 planes [H, pairs, 2, N1, N2] (|Q| <= R1 N2 < 2^15).
+#   dk kernel  = per channel (slice), rows k1 in blocks of DK_BLOCK: for each block, over all
+#                pairs: P_j = rows j of DFT(v c), Q_j (mode 1: recomputed, rows j of DFT(g t);
+#                mode 2: loaded), acc_j += conj(P_j) Q_j / c in registers (no RMW); then
+#                (FINAL) its own pow2 scale and the inverse's last product accumulated over the
+#                blocks: dk = Re(conj(F1)[:R1, :] @ G) / N as the fused kernel's FINAL; else the
+#                block is stored to the program's spectrum slice (summed + ifft on the host).
+#                dD from the first block's pair loop.
+#   dpost (post gate) = the forward kernel with post := dy (y = (conv(v, k) + D v) * dy).
+# Scales as the fused kernel (_bwd_pair_in): g's own t per row, the shared product scale c for P.
+
+@triton.jit
+def _monarch16_du_kernel(
+    # dy, u, pre, post, du, dpre [B, H, L] 16-bit; d [H] fp32; q [H, pairs, 2, N1, N2] fp16 (SAVEQ)
+    dy_ptr, u_ptr, pre_ptr, post_ptr, d_ptr, du_ptr, dpre_ptr, q_ptr, ks_ptr, kscale_ptr,
+    f1_ptr, f2_ptr, tw_ptr, B, H, L, B_PER, NP,
+    HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, SAVEQ: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr, TWC: tl.constexpr,
+):
+    i_h, i_s = tl.program_id(0), tl.program_id(1)
+    o_t, p_f1h, p_f1g, p_f2, p_tw = _offsets(N1, N2, R1)
+    m_t = o_t < L
+    if BJ:
+        p_f1h, p_f1g, p_tw = _blk_offsets(N1, N2, R1, BJ)
+        ks_ptr += i_h.to(tl.int64) * 2 * N1 * N2
+        p_ks = p_tw  # unused
+    else:
+        p_ks = i_h.to(tl.int64) * 2 * N1 * N2 + p_tw
+    b_ks, b_start, b_end = _channel(kscale_ptr, i_h, i_s, B, B_PER)
+    b_d = 0.0
+    if HAS_D:
+        b_d = tl.load(d_ptr + i_h)
+    for i_b in range(b_start, b_end, 2):
+        p_a, p_b, m_b = _pair_rows(i_b, i_h, H, L, o_t, b_end)
+        _, ga = _load_g(dy_ptr, post_ptr, p_a, m_t, HAS_POST)
+        _, gb = _load_g(dy_ptr, post_ptr, p_b, m_b, HAS_POST)
+        t_a, inv_a = _pow2_scale(tl.max(tl.abs(ga)))
+        t_b, inv_b = _pow2_scale(tl.max(tl.abs(gb)))
+        qp = q_ptr + (i_h.to(tl.int64) * NP + i_b // 2) * 2 * N1 * N2
+        cora, corb = _conv((ga * t_a).to(tl.float16), (gb * t_b).to(tl.float16), f1_ptr, f2_ptr,
+                           tw_ptr, ks_ptr, p_ks, p_f1h, p_f1g, p_f2, p_tw, qp, N1, N2, R1, BJ,
+                           TWC, SAVEQ)
+        _du_epilogue(du_ptr, dpre_ptr, dy_ptr, u_ptr, pre_ptr, post_ptr, p_a, m_t,
+                     cora * (b_ks * inv_a), b_d, HAS_D, HAS_PRE, HAS_POST)
+        _du_epilogue(du_ptr, dpre_ptr, dy_ptr, u_ptr, pre_ptr, post_ptr, p_b, m_b,
+                     corb * (b_ks * inv_b), b_d, HAS_D, HAS_PRE, HAS_POST)
+
+
+_monarch16_du_kernel = fast_kernel(_monarch16_du_kernel)
+
+
+@triton.jit
+def _monarch16_dk_kernel(
+    # dy, u, pre, post [B, H, L] 16-bit; q [H, pairs, 2, N1, N2] fp16 (LOADQ); wk [H, S, 2, N1, N2]
+    # fp32 (not FINAL); wd [H, S] fp32 (dD per program); dk [H, Lk] fp32 (FINAL: S == 1)
+    dy_ptr, u_ptr, pre_ptr, post_ptr, q_ptr, wk_ptr, wd_ptr, dk_ptr, f1_ptr, f2_ptr, tw_ptr,
+    B, H, L, Lk, B_PER, S, NP,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, FINAL: tl.constexpr, LOADQ: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr, TWC: tl.constexpr,
+):
+    i_h, i_s = tl.program_id(0), tl.program_id(1)
+    o_t, p_f1h, p_f1g, p_f2, p_tw = _offsets(N1, N2, R1)
+    p_f1h, p_f1g, p_tw = _blk_offsets(N1, N2, R1, BJ)
+    m_t = o_t < L
+    wk_ptr += (i_h * S + i_s).to(tl.int64) * 2 * N1 * N2
+    q_ptr += i_h.to(tl.int64) * NP * 2 * N1 * N2
+    b_start = i_s * B_PER
+    b_end = tl.minimum(b_start + B_PER, B)
+    b_dd = 0.0
+    dkr = tl.zeros((R1, N2), dtype=tl.float32)
+    for j in range(0, N1, BJ):
+        q_tw = p_tw + j * N2
+        accr = tl.zeros((BJ, N2), dtype=tl.float32)
+        acci = tl.zeros((BJ, N2), dtype=tl.float32)
+        for i_b in range(b_start, b_end, 2):
+            p_a, p_b, m_b = _pair_rows(i_b, i_h, H, L, o_t, b_end)
+            dd, s_a, s_b, inv_s_a, inv_s_b, inv_t_a, inv_t_b, inv_c, gar, gai, var, vai = _bwd_pair_in(
+                u_ptr, pre_ptr, dy_ptr, post_ptr, p_a, p_b, m_t, m_b, HAS_PRE, HAS_POST)
+            b_dd += tl.where(j == 0, dd, 0.0)
+            pr, pi = _dft(var, vai, f1_ptr, f2_ptr, tw_ptr, p_f1h + j * N1, p_f2, q_tw, N1, N2)
+            if LOADQ:
+                qp = q_ptr + (i_b // 2) * (2 * N1 * N2)   # inside the channel's [pairs, 2, N1, N2]
+                qr = tl.load(qp + q_tw).to(tl.float32)
+                qi = tl.load(qp + N1 * N2 + q_tw).to(tl.float32)
+            else:
+                qr, qi = _dft(gar, gai, f1_ptr, f2_ptr, tw_ptr, p_f1h + j * N1, p_f2, q_tw, N1, N2)
+            # conj(P_j) Q_j / c
+            accr += (pr * qr + pi * qi) * inv_c
+            acci += (pr * qi - pi * qr) * inv_c
+        if FINAL:
+            # this block's rows of the channel's dk spectrum: own pow2 scale, then the inverse up
+            # to its last product; Re(conj(F1) G) = F1r Gr + F1i Gi accumulated over the blocks
+            s_w, inv_w = _pow2_scale(tl.maximum(tl.max(tl.abs(accr)), tl.max(tl.abs(acci))))
+            gr, gi = _idft_mid((accr * s_w).to(tl.float16), (acci * s_w).to(tl.float16), f2_ptr,
+                               tw_ptr, p_f2, q_tw, N1, N2, TWC)
+            g1r = tl.load(f1_ptr + p_f1g + j)
+            g1i = tl.load(f1_ptr + N1 * N1 + p_f1g + j)
+            dkr += tl.dot(g1r, gr, tl.dot(g1i, gi)) * inv_w
+        else:
+            tl.store(wk_ptr + q_tw, accr)
+            tl.store(wk_ptr + N1 * N2 + q_tw, acci)
+    tl.store(wd_ptr + i_h * S + i_s, b_dd)
+    if FINAL:
+        tl.store(dk_ptr + i_h.to(tl.int64) * Lk + o_t, dkr * (1.0 / (N1 * N2)), mask=o_t < Lk)
+
+
+_monarch16_dk_kernel = fast_kernel(_monarch16_dk_kernel)
+
+# N -> mode of the split backward: 0 / absent = the fused kernel (default); 1 = du kernel + dk
+# kernel that recomputes Q; 2 = the du kernel stores Q (fp16) and the dk kernel reads it.
+# (Applies to every call at that N, gates included: dpost is then a forward launch with post := dy.)
+SPLIT_BWD: Dict[int, int] = {}
+# N -> the dk kernel's rows per block (a power of two >= 16 dividing N1; >= N1: one block).
+# Offline sm_90 (Triton 3.6, ptxas 12.8, bf16, mode 2, 8 warps) at N = 8192: BJ 128 255 regs /
+# 144 B spill (wgmma), 64: 516 B, 32: 254 / 0 (mma.sync, M = 32); N = 4096 (4 warps): 32: 0 B.
+DK_BLOCK: Dict[int, int] = {8192: 128, 4096: 32, 2048: 32}
+# N -> (num_warps, num_stages) of the dk kernel; absent: LAUNCH_BWD's. The du kernel (and the
+# dpost launch) take the forward's LAUNCH / KBLOCK (the same kernel shape).
+LAUNCH_DK: Dict[int, tuple] = {}
+last_du_kernel = None
+last_dk_kernel = None
+
+
+def _dk_block(n: int, n1: int) -> int:
+    bj = min(DK_BLOCK.get(n, n1), n1)
+    if bj < 16 or bj & (bj - 1) or n1 % bj:
+        raise ValueError(f"monarch16: DK_BLOCK {bj} at N = {n} must be a power of two >= 16 dividing N1 = {n1}")
+    return bj
+
+
+def _fft_conv_bwd_split(dy, u, k, D, pre, post, mode):
+    """fft_conv_bwd through the du / dk kernels (SPLIT_BWD mode 1 or 2); same returns."""
+    B, H, L = u.shape
+    Lk = k.shape[1]
+    (n, n1, n2, r1, S, per, opts, bj), (f1, f2, tw), _ = _prepare(u, k)
+    ks, kscale = filter_tables_conj(k, n1, n2)
+    S_k, per_k = _plan(B, H, L, Lk, u.device, True)[4:6]
+    if dy.dtype != u.dtype or not dy.is_contiguous():
+        dy = dy.to(u.dtype).contiguous()
+    if FILL_NAN:
+        new = lambda x: torch.full_like(x, float("nan"))  # noqa: E731
+        alloc = lambda *s, dtype=torch.float32: torch.full(s, float("nan"), device=u.device, dtype=dtype)  # noqa: E731
+    else:
+        new = torch.empty_like
+        alloc = lambda *s, dtype=torch.float32: torch.empty(s, device=u.device, dtype=dtype)  # noqa: E731
+    du = new(u)
+    dpre = new(pre) if pre is not None else None
+    NP = -(-B // 2)
+    q = alloc(H, NP, 2, n1, n2, dtype=torch.float16) if mode == 2 else ks
+    global last_du_kernel, last_dk_kernel, last_bwd_kernel
+    last_du_kernel = _monarch16_du_kernel[(H, S)](
+        dy, u, pre if pre is not None else u, post if post is not None else u,
+        D if D is not None else kscale, du, dpre if dpre is not None else du, q, ks, kscale,
+        f1, f2, tw, B, H, L, per, NP,
+        HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None, SAVEQ=mode == 2,
+        N1=n1, N2=n2, R1=r1, BJ=bj, TWC=TWIDDLE_CONJ_COPY, **opts)
+    wk = alloc(H, S_k, 2, n1, n2) if S_k > 1 else kscale
+    wd = alloc(H, S_k) if S_k > 1 else alloc(H)
+    dk = alloc(H, Lk) if S_k == 1 else None
+    cfg = LAUNCH_DK.get(n)
+    opts_k = _launch(n, LAUNCH_DK if cfg else LAUNCH_BWD)
+    last_dk_kernel = last_bwd_kernel = _monarch16_dk_kernel[(H, S_k)](
+        dy, u, pre if pre is not None else u, post if post is not None else u, q, wk, wd,
+        dk if dk is not None else wd, f1, f2, tw, B, H, L, Lk, per_k, S_k, NP,
+        HAS_PRE=pre is not None, HAS_POST=post is not None, FINAL=S_k == 1, LOADQ=mode == 2,
+        N1=n1, N2=n2, R1=r1, BJ=_dk_block(n, n1), TWC=TWIDDLE_CONJ_COPY, **opts_k)
+    if S_k > 1:
+        spec = wk.sum(1)                                               # [H, 2, N1, N2]
+        spec = torch.complex(spec[:, 0], spec[:, 1]).transpose(1, 2).reshape(H, n)  # k1 + N1 k2
+        dk = torch.fft.ifft(spec, n=n).real[:, :Lk].contiguous()
+    dpost = None
+    if post is not None:   # dpost = dy (conv(v, k) + D v): the forward with post := dy
+        dpost = fft_conv_fwd(u, k, D, pre, dy)
+    dD = (wd.sum(1) if S_k > 1 else wd) if D is not None else None
     return du, dk, dD, dpre, dpost
