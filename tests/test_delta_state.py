@@ -1,0 +1,84 @@
+"""DSTATE (delta_rule/state.py `_delta_state_kernel`, the state scan with the next chunk's loads in
+flight): h, v_new and the final state bitwise the engine's DELTA scan (the default) on the same
+w, u, for grouped value heads, varlen with empty / one-token sequences, tails in T and V, h0 or
+none, gated / ungated, L2 norm on / off, float32 and the GPU's tiles in float16; and the whole op
+(forward + every gradient) against the float64 recurrence with DSTATE on."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import kernel_backends
+from test_delta_rule import _chunk_inputs, _chunk_run, _judge_chunk, _kernel_fn, _ref_fn
+
+TRITON = kernel_backends()
+
+# (gated, l2, B, T, H, HV, K, V, cu_seqlens, h0)
+STATE_CASES = {
+    "gva-tail-h0": (True, True, 2, 75, 1, 2, 16, 24, None, True),
+    "ungated-noh0": (False, False, 1, 65, 2, 2, 12, 8, None, False),
+    "varlen-gva": (True, True, 1, 70, 1, 2, 16, 16, [0, 5, 5, 37, 38, 70], True),
+    "ungated-l2-hv3": (False, True, 1, 40, 1, 3, 16, 40, None, True),
+}
+# (PREFETCH, BV, warps)
+SETTINGS = [(True, None, None), (False, None, None), (True, 16, 4)]
+
+
+def _scan(wy, p, k, w, u, g, h0, l2, cu):
+    """(h at the chunk slots the scan writes, v_new, final states)."""
+    h, vn, ht = wy._states(p, k, w, u, g, h0, l2)
+    if cu is not None:   # packed: slot co[n] + i for chunk i of sequence n (h has surplus slots)
+        n = [(b - a + p.BT - 1) // p.BT for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+        slots = [o + i for o, c in zip(p.co.tolist(), n) for i in range(c)]
+        assert len(slots) == sum(n) > 0
+        h = h[slots]
+    return h.clone(), vn.clone(), ht.clone()
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("case", sorted(STATE_CASES))
+@pytest.mark.parametrize("gpu_tiles", [False, True], ids=["f32", "fp16-bt64"])
+def test_dstate_bitwise_equals_engine_scan(backend, case, gpu_tiles, monkeypatch):
+    from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    dtype = torch.float32
+    if gpu_tiles:   # BT=64 and 16-bit tensor-core-style dots (fp16: the interpreter's bf16 dot
+        monkeypatch.setattr(common, "triton_interpret", lambda: False)   # is broken)
+        dtype = torch.float16
+    gated, l2, B, T, H, HV, K, V, cu, with_h0 = STATE_CASES[case]
+    q, k, v, g, beta, h0, cu_t, _ = _chunk_inputs(gated, l2, B, T, H, HV, K, V, cu, dtype=dtype)
+    h0 = h0 if with_h0 else None
+    p = wy._plan(q, v, g, cu_t)
+    w, u, _ = wy._wy(p, k, v, g, beta, l2, False)
+    base = _scan(wy, p, k, w, u, g, h0, l2, cu_t)
+    assert all(torch.isfinite(x.float()).all() for x in base)
+    for pf, bv, warps in SETTINGS:
+        monkeypatch.setattr(wy, "DSTATE", True)
+        monkeypatch.setattr(wy, "DSTATE_PREFETCH", pf)
+        monkeypatch.setattr(wy, "DSTATE_BV", bv)
+        monkeypatch.setattr(wy, "DSTATE_WARPS", warps)
+        got = _scan(wy, p, k, w, u, g, h0, l2, cu_t)
+        monkeypatch.setattr(wy, "DSTATE", False)
+        for name, a, b in zip(("h", "v_new", "ht"), got, base):
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            assert torch.equal(a, b), f"{name} differs (PREFETCH={pf}, BV={bv}): " \
+                f"max |diff| {(a.float() - b.float()).abs().max().item():.3e}"
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("case", ["gva-tail-h0", "varlen-gva", "ungated-l2-hv3"])
+def test_dstate_op_matches_recurrence(backend, case, monkeypatch):
+    """The op with DSTATE on (forward scan and the backward's recompute), float32: o, S and every
+    gradient against the float64 recurrence (the repo's bound)."""
+    from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(wy, "DSTATE", True)
+    gated, l2, B, T, H, HV, K, V, cu, with_h0 = STATE_CASES[case]
+    q, k, v, g, beta, h0, cu_t, cots = _chunk_inputs(gated, l2, B, T, H, HV, K, V, cu)
+    out = _chunk_run(_kernel_fn(gated, backend), q, k, v, g, beta, h0, cu_t, l2, cots)
+    d = lambda x: None if x is None else x.double()
+    ref = _chunk_run(_ref_fn, d(q), d(k), d(v), d(g), d(beta), d(h0), cu_t, l2, cots)
+    names = ["o", "S", "dq", "dk", "dv"] + (["dg"] if gated else []) + ["dbeta", "dh0"]
+    qn = F.normalize(q.double(), dim=-1, eps=0) if l2 else q.double()
+    _judge_chunk(out, ref, [None] * len(out), names, torch.float32, qn)
