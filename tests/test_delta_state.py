@@ -20,7 +20,7 @@ STATE_CASES = {
     "ungated-l2-hv3": (False, True, 1, 40, 1, 3, 16, 40, None, True),
 }
 # (PREFETCH, BV, warps)
-SETTINGS = [(True, None, None), (False, None, None), (True, 16, 4)]
+SETTINGS = [(1, None, None), (2, None, None), (0, None, None), (1, 16, 4)]
 
 
 def _scan(wy, p, k, w, u, g, h0, l2, cu):
@@ -66,14 +66,49 @@ def test_dstate_bitwise_equals_engine_scan(backend, case, gpu_tiles, monkeypatch
 
 
 @pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("case", sorted(STATE_CASES))
+@pytest.mark.parametrize("pf", [1, 2, 0], ids=["pf1", "pf2", "pf0"])
+def test_dstate_kt_close_to_engine_scan(backend, case, pf, monkeypatch):
+    """DSTATE_KT (k^T as loaded, its norm and decay on V'): v_new of the first chunk and every
+    stored value within rounding of the default scan, float16 at the GPU's tiles (BT=64) and
+    float32 (the interpreter's BT=32)."""
+    from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
+    from ssm_kernels.testing import rel_err
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 4e-3)):
+        monkeypatch.setattr(common, "triton_interpret",
+                            (lambda: False) if dtype != torch.float32 else common.triton_interpret)
+        gated, l2, B, T, H, HV, K, V, cu, with_h0 = STATE_CASES[case]
+        q, k, v, g, beta, h0, cu_t, _ = _chunk_inputs(gated, l2, B, T, H, HV, K, V, cu,
+                                                      dtype=dtype)
+        h0 = h0 if with_h0 else None
+        p = wy._plan(q, v, g, cu_t)
+        w, u, _ = wy._wy(p, k, v, g, beta, l2, False)
+        monkeypatch.setattr(wy, "DSTATE", False)
+        base = _scan(wy, p, k, w, u, g, h0, l2, cu_t)
+        for name, val in (("DSTATE", True), ("DSTATE_KT", True), ("DSTATE_PREFETCH", pf)):
+            monkeypatch.setattr(wy, name, val)
+        got = _scan(wy, p, k, w, u, g, h0, l2, cu_t)
+        monkeypatch.setattr(wy, "DSTATE", False)
+        for name, a, b in zip(("h", "v_new", "ht"), got, base):
+            assert torch.isfinite(a.float()).all(), name
+            err = rel_err(a, b.double())
+            assert err <= tol, \
+                f"{name} ({dtype}): rel diff {err:.2e} vs the default scan (tol {tol:.0e})"
+
+
+@pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("case", ["gva-tail-h0", "varlen-gva", "ungated-l2-hv3"])
-def test_dstate_op_matches_recurrence(backend, case, monkeypatch):
+@pytest.mark.parametrize("kt", [False, True], ids=["dstate", "dstate-kt"])
+def test_dstate_op_matches_recurrence(backend, case, kt, monkeypatch):
     """The op with DSTATE on (forward scan and the backward's recompute), float32: o, S and every
     gradient against the float64 recurrence (the repo's bound)."""
     from ssm_kernels.chunk import common
     from ssm_kernels.delta_rule import chunk as wy
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
     monkeypatch.setattr(wy, "DSTATE", True)
+    monkeypatch.setattr(wy, "DSTATE_KT", kt)
     gated, l2, B, T, H, HV, K, V, cu, with_h0 = STATE_CASES[case]
     q, k, v, g, beta, h0, cu_t, cots = _chunk_inputs(gated, l2, B, T, H, HV, K, V, cu)
     out = _chunk_run(_kernel_fn(gated, backend), q, k, v, g, beta, h0, cu_t, l2, cots)

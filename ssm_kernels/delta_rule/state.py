@@ -9,13 +9,20 @@ deltastate8".
 
 The arithmetic is the engine's DELTA branch op for op (same loads, same float32 conversions, the
 same L2 norm, cumsum, decays and dots in the same order), so h, V' and the final state are
-bitwise the default's. What differs is when the loads are issued: with PREFETCH, chunk i + 1's
-k (kept in its 16-bit storage dtype), w, u and g rows are loaded before chunk i's two dependent
-dots, so their DRAM latency overlaps the chain instead of opening every step (the engine issues
-them at the top of the step; Triton's pipeliner only stages w, the one load that feeds a dot
-unchanged, and k / u / g go through registers). Without PREFETCH the kernel is the engine's loop
-(a control). num_stages 1 by default: nothing is left for the pipeliner to stage, and it saved
-the engine's second shared-memory copy of the float32 w tile.
+bitwise the default's. What differs is when the loads are issued: PREFETCH 2 loads chunk i + 1's
+k (kept in its 16-bit storage dtype), w, u and g rows before chunk i's two dependent dots, so their
+DRAM latency overlaps the chain instead of opening every step (the engine issues them at the top
+of the step; Triton's pipeliner stages only w, the one load that feeds a dot unchanged, while k,
+u and g go through registers). PREFETCH 1 prefetches k, u, g only and loads w in its own step
+(run it with num_stages 2 so the pipeliner stages w in shared memory as the engine's does): the
+float32 [BT, K] w tile is the one that cost registers (sm_90, Triton 3.6, 8 warps: PREFETCH 2
+spills 540 B, bench/NOTES.md). PREFETCH 0 is the engine's loop (a control).
+
+KT (knob DSTATE_KT; not bitwise: one rounding fewer): k loaded transposed [BK, BT] and kept in its
+16-bit storage dtype as the A operand of K^T V', its L2 norm (column sums) and decay folded into
+the rows of V' before the dot (fla's form; the engine keeps a float32 [BT, K] copy of k in
+registers, normalises, decays and transposes it through shared memory, then rounds it). V' is
+stored before the scaling (the output stage's V'), so v_new stays bitwise the default's.
 """
 from __future__ import annotations
 
@@ -28,13 +35,26 @@ from .._launch import fast_kernel
 
 
 @triton.jit
+def _load_w(w_ptr, t, m_t, i_h, H, K, o_k, m_k):
+    return tl.load(w_ptr + (t * H + i_h)[:, None] * K + o_k[None, :],
+                   mask=m_t[:, None] & m_k[None, :], other=0.)
+
+
+@triton.jit
 def _chunk_loads(k_ptr, w_ptr, u_ptr, g_ptr, t, m_t, i_h, i_hq, H, HQ, K, V, o_k, m_k, o_v, m_v,
-                 GATE: tl.constexpr):
-    """The raw tiles of one chunk (storage dtypes): k [BT, BK], w [BT, BK], u [BT, BV], g [BT]."""
-    b_k = tl.load(k_ptr + (t * HQ + i_hq)[:, None] * K + o_k[None, :],
-                  mask=m_t[:, None] & m_k[None, :], other=0.)
-    b_w = tl.load(w_ptr + (t * H + i_h)[:, None] * K + o_k[None, :],
-                  mask=m_t[:, None] & m_k[None, :], other=0.)
+                 GATE: tl.constexpr, KT: tl.constexpr, LOAD_W: tl.constexpr):
+    """The raw tiles of one chunk (storage dtypes): k [BT, BK] (KT: k^T [BK, BT]), w [BT, BK]
+    (LOAD_W), u [BT, BV], g [BT]."""
+    if KT:
+        b_k = tl.load(k_ptr + (t * HQ + i_hq)[None, :] * K + o_k[:, None],
+                      mask=m_k[:, None] & m_t[None, :], other=0.)
+    else:
+        b_k = tl.load(k_ptr + (t * HQ + i_hq)[:, None] * K + o_k[None, :],
+                      mask=m_t[:, None] & m_k[None, :], other=0.)
+    if LOAD_W:
+        b_w = _load_w(w_ptr, t, m_t, i_h, H, K, o_k, m_k)
+    else:   # a placeholder (PREFETCH 1: w is loaded in its own step)
+        b_w = tl.zeros([1], dtype=tl.float32)
     b_u = tl.load(u_ptr + (t * H + i_h)[:, None] * V + o_v[None, :],
                   mask=m_t[:, None] & m_v[None, :], other=0.)
     if GATE == 1:
@@ -47,12 +67,15 @@ def _chunk_loads(k_ptr, w_ptr, u_ptr, g_ptr, t, m_t, i_h, i_hq, H, HQ, K, V, o_k
 @triton.jit
 def _chunk_step(S, b_k, b_w, b_u, b_g, vn_ptr, t, m_t, i_h, H, V, o_t, o_v, m_v,
                 GATE: tl.constexpr, L2NORM: tl.constexpr, WF32: tl.constexpr, BT: tl.constexpr,
-                DT: tl.constexpr, IEEE: tl.constexpr):
-    """One chunk of the engine's DELTA branch on loaded tiles: V' stored, S updated."""
-    b_k = b_k.to(tl.float32)
+                DT: tl.constexpr, IEEE: tl.constexpr, KT: tl.constexpr):
+    """One chunk of the engine's DELTA branch on loaded tiles: V' stored, S updated. KT: b_k is
+    the raw k^T tile, the dot's operand as loaded; its L2 norm and decay scale the rows of V'
+    instead (k^T (diag(r e) V') = (diag(r e) k)^T V')."""
     b_v = b_u.to(tl.float32)
-    if L2NORM:
-        b_k = l2norm_rows(b_k)
+    if not KT:
+        b_k = b_k.to(tl.float32)
+        if L2NORM:
+            b_k = l2norm_rows(b_k)
     b_v = b_v - mm_wy(b_w.to(tl.float32), S, WF32, DT, IEEE)
     tl.store(vn_ptr + (t * H + i_h)[:, None] * V + o_v[None, :],
              b_v.to(vn_ptr.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
@@ -61,8 +84,15 @@ def _chunk_step(S, b_k, b_w, b_u, b_g, vn_ptr, t, m_t, i_h, H, V, o_t, o_v, m_v,
     else:
         G = tl.zeros([BT], dtype=tl.float32)
     G_last = last_row(G, o_t, GATE, BT)
-    return decay_state(S, G_last, GATE) + mm(
-        tl.trans(decay_to_end(b_k, G, G_last, GATE)), b_v, DT, IEEE)
+    if KT:
+        r = tl.exp2(G_last - G)
+        if L2NORM:
+            b_kf = b_k.to(tl.float32)
+            r = r / tl.sqrt(tl.sum(b_kf * b_kf, axis=0) + 1e-6)
+        KV = mm(b_k, b_v * r[:, None], DT, IEEE)
+    else:
+        KV = mm(tl.trans(decay_to_end(b_k, G, G_last, GATE)), b_v, DT, IEEE)
+    return decay_state(S, G_last, GATE) + KV
 
 
 @triton.jit
@@ -74,7 +104,7 @@ def _delta_state_kernel(
     T, H, HQ, K, V,
     GATE: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, L2NORM: tl.constexpr,
     WF32: tl.constexpr, PREFETCH: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, KT: tl.constexpr = False,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -95,17 +125,22 @@ def _delta_state_kernel(
     if PREFETCH:
         t = bos + o_t
         b_k, b_w, b_u, b_g = _chunk_loads(k_ptr, w_ptr, u_ptr, g_ptr, t, t < eos, i_h, i_hq, H, HQ,
-                                          K, V, o_k, m_k, o_v, m_v, GATE)
+                                          K, V, o_k, m_k, o_v, m_v, GATE, KT, PREFETCH == 2)
         for i in range(NC):
             t = bos + i * BT + o_t
             m_t = t < eos
             # the next chunk's tiles (all masked off past the end) before this chunk's chain
             n_k, n_w, n_u, n_g = _chunk_loads(k_ptr, w_ptr, u_ptr, g_ptr, t + BT, t + BT < eos,
-                                              i_h, i_hq, H, HQ, K, V, o_k, m_k, o_v, m_v, GATE)
+                                              i_h, i_hq, H, HQ, K, V, o_k, m_k, o_v, m_v, GATE, KT,
+                                              PREFETCH == 2)
             tl.store(h_ptr + ((base + i) * H + i_h) * K * V + p_s, S.to(h_ptr.dtype.element_ty),
                      mask=m_s)
-            S = _chunk_step(S, b_k, b_w, b_u, b_g, vn_ptr, t, m_t, i_h, H, V, o_t, o_v, m_v,
-                            GATE, L2NORM, WF32, BT, DT, IEEE)
+            if PREFETCH == 2:
+                b_wc = b_w
+            else:   # this chunk's w here (a load feeding a dot: the pipeliner may stage it)
+                b_wc = _load_w(w_ptr, t, m_t, i_h, H, K, o_k, m_k)
+            S = _chunk_step(S, b_k, b_wc, b_u, b_g, vn_ptr, t, m_t, i_h, H, V, o_t, o_v, m_v,
+                            GATE, L2NORM, WF32, BT, DT, IEEE, KT)
             b_k, b_w, b_u, b_g = n_k, n_w, n_u, n_g
     else:
         for i in range(NC):
@@ -114,9 +149,9 @@ def _delta_state_kernel(
             tl.store(h_ptr + ((base + i) * H + i_h) * K * V + p_s, S.to(h_ptr.dtype.element_ty),
                      mask=m_s)
             b_k, b_w, b_u, b_g = _chunk_loads(k_ptr, w_ptr, u_ptr, g_ptr, t, m_t, i_h, i_hq, H,
-                                              HQ, K, V, o_k, m_k, o_v, m_v, GATE)
+                                              HQ, K, V, o_k, m_k, o_v, m_v, GATE, KT, True)
             S = _chunk_step(S, b_k, b_w, b_u, b_g, vn_ptr, t, m_t, i_h, H, V, o_t, o_v, m_v,
-                            GATE, L2NORM, WF32, BT, DT, IEEE)
+                            GATE, L2NORM, WF32, BT, DT, IEEE, KT)
     tl.store(ht_ptr + i_nh.to(tl.int64) * K * V + p_s, S, mask=m_s)
 
 
