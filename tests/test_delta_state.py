@@ -117,3 +117,28 @@ def test_dstate_op_matches_recurrence(backend, case, kt, monkeypatch):
     names = ["o", "S", "dq", "dk", "dv"] + (["dg"] if gated else []) + ["dbeta", "dh0"]
     qn = F.normalize(q.double(), dim=-1, eps=0) if l2 else q.double()
     _judge_chunk(out, ref, [None] * len(out), names, torch.float32, qn)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("pf", [1, 2])
+def test_dstate_bitwise_16bit_wu(backend, pf, monkeypatch):
+    """WU_FLOAT32=False (w, u stored in the input dtype; W S on the state rounded to it, fla's
+    precision: the flaprec GPU variants): DSTATE still bitwise the engine's scan (float16, the
+    GPU's tiles, grouped value heads, a partial chunk, h0)."""
+    from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(common, "triton_interpret", lambda: False)
+    monkeypatch.setattr(wy, "WU_FLOAT32", False)
+    gated, l2, B, T, H, HV, K, V, cu, _ = STATE_CASES["gva-tail-h0"]
+    q, k, v, g, beta, h0, cu_t, _ = _chunk_inputs(gated, l2, B, T, H, HV, K, V, cu,
+                                                  dtype=torch.float16)
+    p = wy._plan(q, v, g, cu_t)
+    w, u, _ = wy._wy(p, k, v, g, beta, l2, False)
+    assert w.dtype == u.dtype == torch.float16
+    base = _scan(wy, p, k, w, u, g, h0, l2, cu_t)
+    monkeypatch.setattr(wy, "DSTATE", True)
+    monkeypatch.setattr(wy, "DSTATE_PREFETCH", pf)
+    got = _scan(wy, p, k, w, u, g, h0, l2, cu_t)
+    for name, a, b in zip(("h", "v_new", "ht"), got, base):
+        assert torch.isfinite(a.float()).all() and torch.equal(a, b), name
