@@ -29,8 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..chunk.common import (chunk_base, decay_state, decay_to_end, l2norm_rows, last_row, mm,
-                            mm_wy, seq_span)
+from ..chunk.common import (chunk_base, decay_state, decay_to_end, l2norm_rows, last_row,
+                            load_state_block, mm, mm_wy, seq_span)
 from .._launch import fast_kernel
 
 
@@ -96,16 +96,11 @@ def _chunk_step(S, b_k, b_w, b_u, b_g, vn_ptr, t, m_t, i_h, H, V, o_t, o_v, m_v,
 
 
 @triton.jit
-def _delta_state_kernel(
-    # k [TOK, HQ, K]; w [TOK, H, K]; u [TOK, H, V]; g [TOK, H] f32; h0 [N, H, K, V] f32;
-    # outputs h [NCH, H, K, V] (state before each chunk), vn [TOK, H, V], ht [N, H, K, V] f32;
-    # cu [N + 1]; co [N]
-    k_ptr, w_ptr, u_ptr, g_ptr, h0_ptr, h_ptr, vn_ptr, ht_ptr, cu_ptr, co_ptr,
-    T, H, HQ, K, V,
-    GATE: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, L2NORM: tl.constexpr,
-    WF32: tl.constexpr, PREFETCH: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, KT: tl.constexpr = False,
-):
+def scan_program(h0_ptr, cu_ptr, co_ptr, T, H, HQ, K, V, HAS_H0: tl.constexpr,
+                 IS_VARLEN: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Coordinates of a delta scan program (grid: V tile, sequence x value head) and its initial
+    float32 [BK, BV] state: (i_nh, i_h, i_hq, bos, eos, base, o_t, o_k, o_v, m_k, m_v, m_s, p_s,
+    S). Shared with fwd.py's `_delta_fwd_kernel`."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hq = i_h // (H // HQ)
@@ -117,10 +112,23 @@ def _delta_state_kernel(
     m_k, m_v = o_k < K, o_v < V
     m_s = m_k[:, None] & m_v[None, :]
     p_s = o_k[:, None] * V + o_v[None, :]
-    if HAS_H0:
-        S = tl.load(h0_ptr + i_nh.to(tl.int64) * K * V + p_s, mask=m_s, other=0.).to(tl.float32)
-    else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
+    S = load_state_block(h0_ptr + i_nh.to(tl.int64) * K * V, p_s, m_s, HAS_H0, BK, BV)
+    return i_nh, i_h, i_hq, bos, eos, base, o_t, o_k, o_v, m_k, m_v, m_s, p_s, S
+
+
+@triton.jit
+def _delta_state_kernel(
+    # k [TOK, HQ, K]; w [TOK, H, K]; u [TOK, H, V]; g [TOK, H] f32; h0 [N, H, K, V] f32;
+    # outputs h [NCH, H, K, V] (state before each chunk), vn [TOK, H, V], ht [N, H, K, V] f32;
+    # cu [N + 1]; co [N]
+    k_ptr, w_ptr, u_ptr, g_ptr, h0_ptr, h_ptr, vn_ptr, ht_ptr, cu_ptr, co_ptr,
+    T, H, HQ, K, V,
+    GATE: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, L2NORM: tl.constexpr,
+    WF32: tl.constexpr, PREFETCH: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, KT: tl.constexpr = False,
+):
+    (i_nh, i_h, i_hq, bos, eos, base, o_t, o_k, o_v, m_k, m_v, m_s, p_s,
+     S) = scan_program(h0_ptr, cu_ptr, co_ptr, T, H, HQ, K, V, HAS_H0, IS_VARLEN, BT, BK, BV)
     NC = tl.cdiv(eos - bos, BT)
     if PREFETCH:
         t = bos + o_t
