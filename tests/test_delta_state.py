@@ -20,7 +20,7 @@ STATE_CASES = {
     "ungated-l2-hv3": (False, True, 1, 40, 1, 3, 16, 40, None, True),
 }
 # (PREFETCH, BV, warps)
-SETTINGS = [(1, None, None), (2, None, None), (0, None, None), (1, 16, 4)]
+SETTINGS = [(1, None, None), (2, None, None), (3, None, None), (0, None, None), (1, 16, 4)]
 
 
 def _scan(wy, p, k, w, u, g, h0, l2, cu):
@@ -67,7 +67,7 @@ def test_dstate_bitwise_equals_engine_scan(backend, case, gpu_tiles, monkeypatch
 
 @pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("case", sorted(STATE_CASES))
-@pytest.mark.parametrize("pf", [1, 2, 0], ids=["pf1", "pf2", "pf0"])
+@pytest.mark.parametrize("pf", [1, 3, 0], ids=["pf1", "pf3", "pf0"])
 def test_dstate_kt_close_to_engine_scan(backend, case, pf, monkeypatch):
     """DSTATE_KT (k^T as loaded, its norm and decay on V'): v_new of the first chunk and every
     stored value within rounding of the default scan, float16 at the GPU's tiles (BT=64) and
@@ -120,7 +120,7 @@ def test_dstate_op_matches_recurrence(backend, case, kt, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", TRITON)
-@pytest.mark.parametrize("pf", [1, 2])
+@pytest.mark.parametrize("pf", [1, 2, 3])
 def test_dstate_bitwise_16bit_wu(backend, pf, monkeypatch):
     """WU_FLOAT32=False (w, u stored in the input dtype; W S on the state rounded to it, fla's
     precision: the flaprec GPU variants): DSTATE still bitwise the engine's scan (float16, the

@@ -994,8 +994,8 @@ DELTA_FWD_WS_X2 = False
 # the engine's `_state_kernel` DELTA branch (bench/NOTES.md, "helper deltastate8"): the same
 # arithmetic (h, V', final state bitwise the default's) with the next chunk's loads issued before
 # this chunk's two dependent dots: DSTATE_PREFETCH 1 k, u, g (w staged by the pipeliner:
-# DSTATE_STAGES 2), 2 also w, 0 none (the engine's order); its V tile (None: STATE_BLOCK_V's),
-# warps (None: STATE_WARPS's) and software-pipeline stages
+# DSTATE_STAGES 2), 2 also w, 3 u and g only, 0 none (the engine's order); its V tile (None:
+# STATE_BLOCK_V's), warps (None: STATE_WARPS's) and software-pipeline stages
 DSTATE = False
 DSTATE_PREFETCH = 1
 DSTATE_BV = None

@@ -16,7 +16,9 @@ of the step; Triton's pipeliner stages only w, the one load that feeds a dot unc
 u and g go through registers). PREFETCH 1 prefetches k, u, g only and loads w in its own step
 (run it with num_stages 2 so the pipeliner stages w in shared memory as the engine's does): the
 float32 [BT, K] w tile is the one that cost registers (sm_90, Triton 3.6, 8 warps: PREFETCH 2
-spills 540 B, bench/NOTES.md). PREFETCH 0 is the engine's loop (a control).
+spills 540 B, bench/NOTES.md). PREFETCH 3 prefetches u and g only (k and w in their step: with KT
+the raw k^T tile feeds its dot as loaded, so the pipeliner can stage both). PREFETCH 0 is the
+engine's loop (a control).
 
 KT (knob DSTATE_KT; not bitwise: one rounding fewer): k loaded transposed [BK, BT] and kept in its
 16-bit storage dtype as the A operand of K^T V', its L2 norm (column sums) and decay folded into
@@ -41,19 +43,30 @@ def _load_w(w_ptr, t, m_t, i_h, H, K, o_k, m_k):
 
 
 @triton.jit
-def _chunk_loads(k_ptr, w_ptr, u_ptr, g_ptr, t, m_t, i_h, i_hq, H, HQ, K, V, o_k, m_k, o_v, m_v,
-                 GATE: tl.constexpr, KT: tl.constexpr, LOAD_W: tl.constexpr):
-    """The raw tiles of one chunk (storage dtypes): k [BT, BK] (KT: k^T [BK, BT]), w [BT, BK]
-    (LOAD_W), u [BT, BV], g [BT]."""
+def _load_k(k_ptr, t, m_t, i_hq, HQ, K, o_k, m_k, KT: tl.constexpr):
     if KT:
         b_k = tl.load(k_ptr + (t * HQ + i_hq)[None, :] * K + o_k[:, None],
                       mask=m_k[:, None] & m_t[None, :], other=0.)
     else:
         b_k = tl.load(k_ptr + (t * HQ + i_hq)[:, None] * K + o_k[None, :],
                       mask=m_t[:, None] & m_k[None, :], other=0.)
+    return b_k
+
+
+@triton.jit
+def _chunk_loads(k_ptr, w_ptr, u_ptr, g_ptr, t, m_t, i_h, i_hq, H, HQ, K, V, o_k, m_k, o_v, m_v,
+                 GATE: tl.constexpr, KT: tl.constexpr, LOAD_W: tl.constexpr,
+                 LOAD_K: tl.constexpr = True):
+    """The raw tiles of one chunk (storage dtypes): k [BT, BK] (KT: k^T [BK, BT]; LOAD_K),
+    w [BT, BK] (LOAD_W), u [BT, BV], g [BT]; a 1-element placeholder for a tile not loaded (it
+    is loaded in its own step)."""
+    if LOAD_K:
+        b_k = _load_k(k_ptr, t, m_t, i_hq, HQ, K, o_k, m_k, KT)
+    else:
+        b_k = tl.zeros([1], dtype=tl.float32)
     if LOAD_W:
         b_w = _load_w(w_ptr, t, m_t, i_h, H, K, o_k, m_k)
-    else:   # a placeholder (PREFETCH 1: w is loaded in its own step)
+    else:
         b_w = tl.zeros([1], dtype=tl.float32)
     b_u = tl.load(u_ptr + (t * H + i_h)[:, None] * V + o_v[None, :],
                   mask=m_t[:, None] & m_v[None, :], other=0.)
@@ -133,21 +146,26 @@ def _delta_state_kernel(
     if PREFETCH:
         t = bos + o_t
         b_k, b_w, b_u, b_g = _chunk_loads(k_ptr, w_ptr, u_ptr, g_ptr, t, t < eos, i_h, i_hq, H, HQ,
-                                          K, V, o_k, m_k, o_v, m_v, GATE, KT, PREFETCH == 2)
+                                          K, V, o_k, m_k, o_v, m_v, GATE, KT, PREFETCH == 2,
+                                          PREFETCH != 3)
         for i in range(NC):
             t = bos + i * BT + o_t
             m_t = t < eos
             # the next chunk's tiles (all masked off past the end) before this chunk's chain
             n_k, n_w, n_u, n_g = _chunk_loads(k_ptr, w_ptr, u_ptr, g_ptr, t + BT, t + BT < eos,
                                               i_h, i_hq, H, HQ, K, V, o_k, m_k, o_v, m_v, GATE, KT,
-                                              PREFETCH == 2)
+                                              PREFETCH == 2, PREFETCH != 3)
             tl.store(h_ptr + ((base + i) * H + i_h) * K * V + p_s, S.to(h_ptr.dtype.element_ty),
                      mask=m_s)
             if PREFETCH == 2:
                 b_wc = b_w
             else:   # this chunk's w here (a load feeding a dot: the pipeliner may stage it)
                 b_wc = _load_w(w_ptr, t, m_t, i_h, H, K, o_k, m_k)
-            S = _chunk_step(S, b_k, b_wc, b_u, b_g, vn_ptr, t, m_t, i_h, H, V, o_t, o_v, m_v,
+            if PREFETCH == 3:   # k in its step too (KT: a load feeding a dot, as w's)
+                b_kc = _load_k(k_ptr, t, m_t, i_hq, HQ, K, o_k, m_k, KT)
+            else:
+                b_kc = b_k
+            S = _chunk_step(S, b_kc, b_wc, b_u, b_g, vn_ptr, t, m_t, i_h, H, V, o_t, o_v, m_v,
                             GATE, L2NORM, WF32, BT, DT, IEEE, KT)
             b_k, b_w, b_u, b_g = n_k, n_w, n_u, n_g
     else:
