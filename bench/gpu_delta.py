@@ -21,7 +21,8 @@
    forward's WY inverse kept for the backward) / @wyfast (WYFAST_VARIANTS: the WY stage by
    `_wy_fast_kernel`) / @wybwd (WYBWD_VARIANTS: the WY backward by `_wy_bwd_fast_kernel`,
    defaults first) / @deltafwd (DELTA_FWD_VARIANTS: the delta-only forward scan, fwd.py) /
-   @deltastate (DSTATE_VARIANTS: the state scan with prefetched loads, state.py) /
+   @deltastate (DSTATE_VARIANTS: the state scan with prefetched loads, state.py; @deltastate4
+   its 4-warp settings, one process each: bench/gpu_dstate8.sh) /
    @defaults (the knobs as they are), or a ','-list of groups and
    variants mixed by ';' ("@defaults,@savet;lean4:WY_LEAN=True"); VARIANT_EXTRA="ungated,profile"
    (what else each variant runs; see VARIANT_EXTRA below).
@@ -161,19 +162,29 @@ DELTA_FWD_VARIANTS = (   # most telling first: the budget may cut the tail
 # each variant's "states" row against base's (0.327 in session 8) and fla's fwd_h (0.142). Each
 # DSTATE variant's o, S and gradients are also compared with DSTATE off on the same inputs
 # (dstate_vs_default: bitwise expected unless DSTATE_KT or a precision knob is set)
-DSTATE_VARIANTS = (   # most telling first: the budget may cut the tail
-    "base:;"
-    "dstate:DSTATE=True;"
-    "dstate-pf0:DSTATE=True,DSTATE_PREFETCH=0;"
-    "dstate-bv32w4:DSTATE=True,DSTATE_BV=32,DSTATE_WARPS=4;"
-    "dstate-kt:DSTATE=True,DSTATE_KT=True;"
-    "dstate-kt-bv32w4-pf0:DSTATE=True,DSTATE_KT=True,DSTATE_BV=32,DSTATE_WARPS=4,"
-    "DSTATE_PREFETCH=0;"
-    "sbv32w4:STATE_BLOCK_V=32,STATE_WARPS=4;"
-    "dstate-pf2:DSTATE=True,DSTATE_PREFETCH=2,DSTATE_STAGES=1;"
-    "dstate-kt-bv32w4:DSTATE=True,DSTATE_KT=True,DSTATE_BV=32,DSTATE_WARPS=4;"
-    "dstate-flaprec:DSTATE=True,WU_FLOAT32=False;"
-    "dstate-bv32w4-flaprec:DSTATE=True,DSTATE_BV=32,DSTATE_WARPS=4,WU_FLOAT32=False")
+DSTATE_VARIANTS = (   # most telling first: the budget may cut the tail (sm_90 Triton 3.6 compile:
+    # registers, spill B, shared KB, programs per SM at B4 H16 K=V=128 gated l2); 8 warps, BV 64:
+    # the default's wgmma shapes (m64n32k8 tf32, m64n64k16 bf16)
+    "base:;"                                                             # 255, 176, 148 KB, 1
+    "dstate:DSTATE=True;"                                                # 255, 408, 115 KB, 1
+    "dstate-pf0:DSTATE=True,DSTATE_PREFETCH=0;"                          # 255, 168, 148 KB, 1
+    "dstate-kt:DSTATE=True,DSTATE_KT=True;"                              # 255, 440, 131 KB, 1
+    "dstate-pf3:DSTATE=True,DSTATE_PREFETCH=3;"                          # 255, 260, 131 KB, 1
+    "dstate-pf2:DSTATE=True,DSTATE_PREFETCH=2,DSTATE_STAGES=1;"          # 255, 540, 82 KB, 1
+    # fla's precision (w, u stored bf16, W S on the bf16-rounded state): not our default's
+    "flaprec-dstate:WU_FLOAT32=False,DSTATE=True")                       # 255, 60, 66 KB, 1
+# 4 warps, BV 32 (256 programs, 2 per SM): their K^T V' is a bf16 m64n32k16 with an N-major B,
+# the pattern helper dfwd8 suspects in DELTA_FWD's illegal address on Triton 3.6 (unverified):
+# run each in its own process (bench/gpu_dstate8.sh) so a crash loses only itself
+DSTATE4_VARIANTS = (
+    "dstate-pf3-bv32w4:DSTATE=True,DSTATE_PREFETCH=3,DSTATE_BV=32,DSTATE_WARPS=4;"  # 255, 0, 102, 2
+    "dstate-bv32w4-pf0:DSTATE=True,DSTATE_BV=32,DSTATE_WARPS=4,DSTATE_PREFETCH=0;"  # 255, 0, 111, 2
+    "sbv32w4:STATE_BLOCK_V=32,STATE_WARPS=4;"                            # 255, 44, 111 KB, 2
+    "dstate-bv32w4:DSTATE=True,DSTATE_BV=32,DSTATE_WARPS=4;"             # 255, 296, 86 KB, 2
+    "dstate-kt-pf3-bv32w4:DSTATE=True,DSTATE_KT=True,DSTATE_PREFETCH=3,DSTATE_BV=32,"
+    "DSTATE_WARPS=4;"                                                    # 255, 140, 102 KB, 2
+    "flaprec-dstate-kt-pf3-bv32w4:WU_FLOAT32=False,DSTATE=True,DSTATE_KT=True,DSTATE_PREFETCH=3,"
+    "DSTATE_BV=32,DSTATE_WARPS=4")                                       # 238, 0, 61 KB, 2
 # per variant, besides its check and gated fwd / fwd+bwd: "ungated" (chunk_delta_rule, against
 # fla's fwd+bwd), "profile" (every kernel of its gated fwd+bwd), "stages" (its forward stages);
 # unset: ungated and profile for the first variant only, stages for every one
@@ -453,6 +464,7 @@ def kernel_profile(label, f, make, fwd_only):
 VARIANT_GROUPS = {"@bwd": BWD_VARIANTS, "@fwd": DEFAULT_VARIANTS, "@savet": SAVE_WY_VARIANTS,
                   "@wyfast": WYFAST_VARIANTS, "@wybwd": WYBWD_VARIANTS,
                   "@deltafwd": DELTA_FWD_VARIANTS, "@deltastate": DSTATE_VARIANTS,
+                  "@deltastate4": DSTATE4_VARIANTS,
                   "@defaults": "defaults:"}
 
 
@@ -693,4 +705,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--list"]:   # the variants of VARIANTS-style text, one per line
+        print("\n".join(expand_variants(sys.argv[2]).split(";")))
+    else:
+        main()
