@@ -14,7 +14,7 @@ OUT0=${OUT:-}
 # rows, and the tables' fwd / fwd+bwd rows, cut to 170 characters
 LOG=${OUT0:-/tmp}
 pick() { grep -E "variant .*check|DSTATE vs|(states|fwd total) +[0-9]|ssm_kernels \[|Error|illegal" \
-         | grep -v "^delta stage .*one stage.*\bwy\b" | cut -c1-170; }
+         | cut -c1-170; }
 BUDGET_S=${BUDGET1_S:-100} VARIANTS=@deltastate python bench/gpu_delta.py > "$LOG/dstate_w8.log" 2>&1
 pick < "$LOG/dstate_w8.log"
 python bench/gpu_delta.py --list @deltastate4 > /tmp/dstate4.txt
