@@ -21,6 +21,8 @@
    forward's WY inverse kept for the backward) / @wyfast (WYFAST_VARIANTS: the WY stage by
    `_wy_fast_kernel`) / @wybwd (WYBWD_VARIANTS: the WY backward by `_wy_bwd_fast_kernel`,
    defaults first) / @deltafwd (DELTA_FWD_VARIANTS: the delta-only forward scan, fwd.py) /
+   @deltastate (DSTATE_VARIANTS: the state scan with prefetched loads, state.py; @deltastate4
+   its 4-warp settings, one process each: bench/gpu_dstate8.sh) /
    @defaults (the knobs as they are), or a ','-list of groups and
    variants mixed by ';' ("@defaults,@savet;lean4:WY_LEAN=True"); VARIANT_EXTRA="ungated,profile"
    (what else each variant runs; see VARIANT_EXTRA below).
@@ -155,6 +157,34 @@ DELTA_FWD_VARIANTS = (   # most telling first: the budget may cut the tail
     "dfwd2-s2:DELTA_FWD=2,DELTA_FWD_STAGES=2;"
     "dfwd1-s2:DELTA_FWD=1,DELTA_FWD_STAGES=2;"
     "dfwd1-bv64w8:DELTA_FWD=1,DELTA_FWD_BV=64,DELTA_FWD_WARPS=8")
+# the state scan by `state._delta_state_kernel` (DSTATE; bench/NOTES.md, "helper deltastate8"):
+# VARIANTS=@deltastate with VARIANT_EXTRA=stages; "base" gives the same machine's stage rows; read
+# each variant's "states" row against base's (0.327 in session 8) and fla's fwd_h (0.142). Each
+# DSTATE variant's o, S and gradients are also compared with DSTATE off on the same inputs
+# (dstate_vs_default: bitwise expected unless DSTATE_KT or a precision knob is set)
+DSTATE_VARIANTS = (   # most telling first: the budget may cut the tail (sm_90 Triton 3.6 compile:
+    # registers, spill B, shared KB, programs per SM at B4 H16 K=V=128 gated l2); 8 warps, BV 64:
+    # the default's wgmma shapes (m64n32k8 tf32, m64n64k16 bf16)
+    "base:;"                                                             # 255, 176, 148 KB, 1
+    "dstate:DSTATE=True;"                                                # 255, 408, 115 KB, 1
+    "dstate-pf0:DSTATE=True,DSTATE_PREFETCH=0;"                          # 255, 168, 148 KB, 1
+    "dstate-kt:DSTATE=True,DSTATE_KT=True;"                              # 255, 440, 131 KB, 1
+    "dstate-pf3:DSTATE=True,DSTATE_PREFETCH=3;"                          # 255, 260, 131 KB, 1
+    "dstate-pf2:DSTATE=True,DSTATE_PREFETCH=2,DSTATE_STAGES=1;"          # 255, 540, 82 KB, 1
+    # fla's precision (w, u stored bf16, W S on the bf16-rounded state): not our default's
+    "flaprec-dstate:WU_FLOAT32=False,DSTATE=True")                       # 255, 60, 66 KB, 1
+# 4 warps, BV 32 (256 programs, 2 per SM): their K^T V' is a bf16 m64n32k16 with an N-major B,
+# the pattern helper dfwd8 suspects in DELTA_FWD's illegal address on Triton 3.6 (unverified):
+# run each in its own process (bench/gpu_dstate8.sh) so a crash loses only itself
+DSTATE4_VARIANTS = (
+    "dstate-pf3-bv32w4:DSTATE=True,DSTATE_PREFETCH=3,DSTATE_BV=32,DSTATE_WARPS=4;"  # 255, 0, 102, 2
+    "dstate-bv32w4-pf0:DSTATE=True,DSTATE_BV=32,DSTATE_WARPS=4,DSTATE_PREFETCH=0;"  # 255, 0, 111, 2
+    "sbv32w4:STATE_BLOCK_V=32,STATE_WARPS=4;"                            # 255, 44, 111 KB, 2
+    "dstate-kt-pf3-bv32w4:DSTATE=True,DSTATE_KT=True,DSTATE_PREFETCH=3,DSTATE_BV=32,"
+    "DSTATE_WARPS=4;"                                                    # 255, 140, 102 KB, 2
+    "flaprec-dstate-kt-pf3-bv32w4:WU_FLOAT32=False,DSTATE=True,DSTATE_KT=True,DSTATE_PREFETCH=3,"
+    "DSTATE_BV=32,DSTATE_WARPS=4;"                                       # 238, 0, 61 KB, 2
+    "dstate-bv32w4:DSTATE=True,DSTATE_BV=32,DSTATE_WARPS=4")             # 255, 296, 86 KB, 2
 # per variant, besides its check and gated fwd / fwd+bwd: "ungated" (chunk_delta_rule, against
 # fla's fwd+bwd), "profile" (every kernel of its gated fwd+bwd), "stages" (its forward stages);
 # unset: ungated and profile for the first variant only, stages for every one
@@ -293,7 +323,8 @@ def stage_model(p, R, Rq):
     if p.wy_fast:   # 2 log2(BT/2) inverse dots; W, U as (1 + wu_wf32) dots
         wy_f = R * 2 * (BT * K + 2 * (BT.bit_length() - 2) * BT * BT
                         + (1 + p.wu_wf32) * BT * (K + V))
-    nv = -(-V // ((wy.DELTA_FWD_BV or 32) if wy.DELTA_FWD else p.BVs))
+    nv = -(-V // ((wy.DELTA_FWD_BV or 32) if wy.DELTA_FWD else
+                  (wy.DSTATE_BV or p.BVs) if wy.DSTATE else p.BVs))
     st_b = nv * R * (K * 2 + K * wb + 4) + R * V * (ub + 2) + nch * K * V * 2
     st_f = R * 4 * K * V
     if wy.DELTA_FWD == 2:   # one kernel: + q read per V tile, o written; no h, no v_new
@@ -432,7 +463,9 @@ def kernel_profile(label, f, make, fwd_only):
 
 VARIANT_GROUPS = {"@bwd": BWD_VARIANTS, "@fwd": DEFAULT_VARIANTS, "@savet": SAVE_WY_VARIANTS,
                   "@wyfast": WYFAST_VARIANTS, "@wybwd": WYBWD_VARIANTS,
-                  "@deltafwd": DELTA_FWD_VARIANTS, "@defaults": "defaults:"}
+                  "@deltafwd": DELTA_FWD_VARIANTS, "@deltastate": DSTATE_VARIANTS,
+                  "@deltastate4": DSTATE4_VARIANTS,
+                  "@defaults": "defaults:"}
 
 
 def expand_variants(text):
@@ -525,6 +558,21 @@ def fast_vs_default(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
                  "fwd", float("nan"), text))
 
 
+def dstate_vs_default(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
+    """DSTATE on (its other knobs as set) against off: o, S and every gradient bitwise equal
+    expected (the same arithmetic, loads reordered) unless DSTATE_KT (one rounding fewer) or a
+    precision knob is set; logs each output's max |diff| relative to its max |value|."""
+    outs = knob_on_off("DSTATE", B, T - 7, H, HV, K, V)
+    rel = {n: (a.float() - b.float()).abs().max().item() / (b.float().abs().max().item() + 1e-30)
+           for n, a, b in zip(NAMES8, *outs)}
+    same = all(torch.equal(a, b) for a, b in zip(*outs))
+    text = (f"DSTATE vs engine scan: {'bitwise equal' if same else 'differ'}"
+            + ("" if same else ", rel " + " ".join(f"{n} {r:.1e}" for n, r in rel.items())))
+    log(f"variant {name}: {text}")
+    ROWS.append(("chunk_gated_delta_rule", f"B{B} T{T - 7} H{H} HV{HV}", f"ssm_kernels [{name}]",
+                 "fwd", float("nan"), text))
+
+
 def over_budget(what):
     if time.time() - T0 > BUDGET_S:
         log(f"skipped {what}: time budget ({BUDGET_S:.0f} s)")
@@ -537,7 +585,8 @@ def main():
     log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
         f"triton {triton.__version__}, steps {STEPS}")
     ops = ("chunk_gated_delta_rule", "chunk_delta_rule")
-    for op in ops:
+    # FIRST_CALL=0: no first-call (compile) timing (bench/gpu_dstate8.sh's per-variant processes)
+    for op in ops if os.environ.get("FIRST_CALL", "1") != "0" else ():
         make = (lambda req, op=op: inputs(2, 256, 4, 4, 128, 128, op == "chunk_gated_delta_rule",
                                           req=req))
         try:
@@ -624,6 +673,8 @@ def main():
                     same_as_recompute(name)
                 if knobs.get("WY_BWD_FAST"):
                     fast_vs_default(name)
+                if knobs.get("DSTATE"):
+                    dstate_vs_default(name)
                 bench("chunk_gated_delta_rule", case, f"ssm_kernels [{name}]"
                       + ("" if good else " CHECK FAILED"), ours("chunk_gated_delta_rule", l2=False),
                       make)
@@ -655,4 +706,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--list"]:   # the variants of VARIANTS-style text, one per line
+        print("\n".join(expand_variants(sys.argv[2]).split(";")))
+    else:
+        main()

@@ -36,6 +36,7 @@ from ..chunk.common import blocks, chunk_span, l2norm_rows, load_rows, log_decay
 from ..chunk.fwd import Plan, _dummy, _output_kernel, _state_kernel
 from .bwd import _dqk_delta_kernel, _state_grad_delta_kernel
 from .fwd import delta_fwd_scan
+from .state import _delta_state_kernel
 from .._launch import cdiv, next_power_of_2, fast_kernel
 
 WU_FLOAT32 = True
@@ -989,6 +990,21 @@ DELTA_FWD_STAGES = None
 DELTA_FWD_WS_X2 = False
 
 
+# the state scan (forward, and the backward's recompute) by `state._delta_state_kernel` instead of
+# the engine's `_state_kernel` DELTA branch (bench/NOTES.md, "helper deltastate8"): the same
+# arithmetic (h, V', final state bitwise the default's) with the next chunk's loads issued before
+# this chunk's two dependent dots: DSTATE_PREFETCH 1 k, u, g (w staged by the pipeliner:
+# DSTATE_STAGES 2), 2 also w, 3 u and g only, 0 none (the engine's order); its V tile (None:
+# STATE_BLOCK_V's), warps (None: STATE_WARPS's) and software-pipeline stages
+DSTATE = False
+DSTATE_PREFETCH = 1
+DSTATE_BV = None
+DSTATE_WARPS = None
+DSTATE_STAGES = 2
+# k^T loaded as the 16-bit dot operand, its L2 norm and decay as row scales of V' (not bitwise)
+DSTATE_KT = False
+
+
 def _delta_fwd_opts(p, fused):
     """(WS, BV, warps, stages) of `fwd._delta_fwd_kernel`: WS 2 (hi + lo 16-bit dots) for 16-bit W
     with the tf32 scan product."""
@@ -1017,6 +1033,15 @@ def _states(p, k, w, u, g, h0, l2, ws=None):
         return h, vn, ht
     cu, co, _ = p.idx_args(ht)
     d = _dummy(ht)
+    if DSTATE:
+        bv = max(16, min(DSTATE_BV, next_power_of_2(p.V))) if DSTATE_BV else p.BVs
+        _delta_state_kernel[(cdiv(p.V, bv), p.N * p.H)](
+            k, w, u, d if g is None else g, d if h0 is None else h0, h, vn, ht, cu, co,
+            p.T, p.H, p.HQ, p.K, p.V, GATE=p.gate, HAS_H0=h0 is not None, IS_VARLEN=p.varlen,
+            L2NORM=l2, WF32=p.scan_wf32, PREFETCH=DSTATE_PREFETCH, BT=p.BT, BK=m["BKF"], BV=bv,
+            DT=m["DT"], IEEE=m["IEEE"], KT=DSTATE_KT, num_warps=DSTATE_WARPS or p.state_warps,
+            num_stages=DSTATE_STAGES)
+        return h, vn, ht
     _state_kernel[(1, cdiv(p.V, p.BVs), p.N * p.H)](
         k, u, d if g is None else g, d, d, d if h0 is None else h0, h, ht, cu, co,
         p.T, p.H, p.HQ, p.K, p.V,

@@ -31,9 +31,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..chunk.common import (causal_decay, chunk_base, last_row, load_rows, load_state_block,
-                            log_decay_cumsum, mm, mm_wy, seq_span)
+from ..chunk.common import causal_decay, last_row, load_rows, log_decay_cumsum, mm, mm_wy
 from .bwd import _rnorm
+from .state import scan_program
 from .._launch import fast_kernel
 
 
@@ -58,18 +58,8 @@ def _delta_fwd_kernel(
     FUSE_OUT: tl.constexpr, WS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    i_hq = i_h // (H // HQ)
-    bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
-    base = chunk_base(co_ptr, i_n, T, IS_VARLEN, BT)
-    o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_s = m_k[:, None] & m_v[None, :]
-    p_s = o_k[:, None] * V + o_v[None, :]
-    S = load_state_block(h0_ptr + i_nh.to(tl.int64) * K * V, p_s, m_s, HAS_H0, BK, BV)
+    (i_nh, i_h, i_hq, bos, eos, base, o_t, o_k, o_v, m_k, m_v, m_s, p_s,
+     S) = scan_program(h0_ptr, cu_ptr, co_ptr, T, H, HQ, K, V, HAS_H0, IS_VARLEN, BT, BK, BV)
     for i in range(tl.cdiv(eos - bos, BT)):
         t = bos + i * BT + o_t
         m_t = t < eos
