@@ -597,6 +597,16 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
     int buf = 0;
     for (int sc = nsub - 1; sc >= 0; --sc) {
       float* wp = s_wp + buf * Lay::kWP + warp * (2 * kS * kNP);  // this warp's [dB|dC][step][n]
+      // kIO 8: the lane's write position in wp (item cidx of its kG steps: kOwn == 1), one pointer
+      // from an opaque thread index per sub-chunk instead of warp / cidx / slice terms kept live
+      // through the chunk loop (ptxas spilled those at 168 registers)
+      [[maybe_unused]] float* wl = wp;
+      if constexpr (kRb) {
+        static_assert(!kRb || Lay::kOwn == 1, "one item per lane");
+        const int t2 = opaque_tid(), c2 = (t2 % 32) / kTPC;
+        wl = s_wp + buf * Lay::kWP + (t2 / 32) * (2 * kS * kNP) + (c2 / kNPT) * kNP +
+             (t2 % kTPC) * kNPT + c2 % kNPT;
+      }
       float a[kS][kNPT], P[kS][kNPT], yv[kS], dv[kS], gv[kS];
       {
         float h[kNPT], ic[kItems];
@@ -626,7 +636,8 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
             for (int o = 0; o < kOwn; ++o) {
               const int item = cidx * kOwn + o;
               const int tl = j - (kG - 1) + item / kNPT;
-              wp[kS * kNP + tl * kNP + slice * kNPT + item % kNPT] = ic[o];
+              if constexpr (kRb) wl[kS * kNP + (j - (kG - 1)) * kNP] = ic[0];
+              else wp[kS * kNP + tl * kNP + slice * kNPT + item % kNPT] = ic[o];
             }
           }
         }
@@ -684,7 +695,8 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
             for (int o = 0; o < kOwn; ++o) {
               const int item = cidx * kOwn + o;
               const int tl = j + item / kNPT;
-              wp[tl * kNP + slice * kNPT + item % kNPT] = ib[o];
+              if constexpr (kRb) wl[j * kNP] = ib[0];
+              else wp[tl * kNP + slice * kNPT + item % kNPT] = ib[o];
             }
           }
         }
@@ -859,7 +871,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
   selective_scan_bwd_body<T, kNPT, kTPC, kChunk, kS, kMode, kIO>(p);
 }
 template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO>
-__global__ void __launch_bounds__(kThreads, (kIO == 3 || kIO == 6 || kIO == 8) ? 3 : 2)
+__global__ void __launch_bounds__(kThreads, (kIO == 3 || kIO == 6 || (kIO == 8 && sizeof(T) < 4)) ? 3 : 2)
     selective_scan_bwd_kernel_mb(const SelectiveScanBwdParams p) {  // kIO 2, 3: min blocks per SM
   selective_scan_bwd_body<T, kNPT, kTPC, kChunk, kS, kMode, kIO>(p);
 }
