@@ -607,6 +607,14 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
         wl = s_wp + buf * Lay::kWP + (t2 / 32) * (2 * kS * kNP) + (c2 / kNPT) * kNP +
              (t2 % kTPC) * kNPT + c2 % kNPT;
       }
+      // kIO 8: the B/C read pointers likewise (B and C time-varying: [t][n], C kBC floats after B)
+      const float* pB2 = pB;
+      const float* pC2 = pC;
+      [[maybe_unused]] const int sBt2 = kRb ? kBP : sBt, sCt2 = kRb ? kBP : sCt;
+      if constexpr (kRb) {
+        pB2 = s_B + (opaque_tid() % kTPC) * kNPT;
+        pC2 = pB2 + (Lay::oC - Lay::oB) / sizeof(float);
+      }
       float a[kS][kNPT], P[kS][kNPT], yv[kS], dv[kS], gv[kS];
       {
         float h[kNPT], ic[kItems];
@@ -616,8 +624,8 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
           const int t = sc * kS + j;
           const float4 x = q_ch[t];
           float bv[kNPT], cv[kNPT];
-          load_vec(bv, pB + t * sBt);
-          load_vec(cv, pC + t * sCt);
+          load_vec(bv, pB2 + t * sBt2);
+          load_vec(cv, pC2 + t * sCt2);
           float y = 0.f;
 #pragma unroll
           for (int k = 0; k < kNPT; ++k) {
@@ -672,8 +680,8 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
           const int t = sc * kS + j;
           const float4 x = q_ch[t];
           float bv[kNPT], cv[kNPT];
-          load_vec(bv, pB + t * sBt);
-          load_vec(cv, pC + t * sCt);
+          load_vec(bv, pB2 + t * sBt2);
+          load_vec(cv, pC2 + t * sCt2);
           float dd = 0.f, gb = 0.f;
 #pragma unroll
           for (int k = 0; k < kNPT; ++k) {
