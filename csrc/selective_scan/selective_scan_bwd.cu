@@ -1034,7 +1034,8 @@ cudaError_t selective_scan_bwd_cuda(const SelectiveScanBwdParams& p, DType dtype
   // where 64 spilled)
   int v = (p.N <= 16 && p.B_var && p.C_var) ? selective_scan_bwd_variant() : 0;
   if (v == 7) v = bwd_three_per_sm_pays(p, 1.62) ? 6 : 5;
-  if (v == 9) v = bwd_three_per_sm_pays(p, 1.5) ? 8 : 5;
+  // (8 holds 3 blocks per SM only for 16-bit inputs: float32's raw tile makes it 79 KB, 2 per SM)
+  if (v == 9) v = (dtype != DType::kFloat32 && bwd_three_per_sm_pays(p, 1.5)) ? 8 : 5;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (v == 2) err = launch_mode<T, 4, 4, 64, 8, 1, 2>(p, stream);
