@@ -16,7 +16,10 @@ chunks (PieceStager: consecutive lanes copy one row's 128-byte window). 5 (helpe
 the dB/dC cross-channel reduce through a per-warp shared tile (no FSEL/SHFL; same tree order, so
 bitwise equal to 0/2). 6 (helper sscan8) = 3 (no raw staging, 3 blocks per SM) with 5's shared-tile reductions;
 7 = 6 when ceil(blocks / 3 SMs) x 1.62 < ceil(blocks / 2 SMs) (one wave instead of two: B8 D1536),
-else 5.
+else 5. 8 (helper sscanbwd8) = 5 (staged convert, shared-tile reductions) in 32-step chunks with the
+forward's 64-step checkpoints (an upper half first rebuilds its start state over the lower half, read
+from L2): 71 KB, 168 registers, 3 blocks per SM; 9 = 8 when ceil(blocks / 3 SMs) x 1.5 <
+ceil(blocks / 2 SMs), else 5. Both bitwise equal to 2 / 5 by construction.
 
 Forward variants (ssm_kernels._C.selective_scan_fwd_variant(v) or SSM_KERNELS_SSCAN_FWD_VARIANT; the
 N <= 16 lean kernel, B and C time-varying; session 7): 1 = coalesced staging (PieceStager) of aligned
@@ -61,9 +64,9 @@ from ssm_kernels.selective_scan import cuda as sc  # noqa: E402
 
 DEV = "cuda"
 T0 = time.time()
-BWD_VARIANTS = [0, 5, 6, 7]
+BWD_VARIANTS = [0, 5, 6, 7, 8, 9]
 FWD_VARIANTS = [0, 3, 6, 7, 8, 9, 10]
-REF_BWD = [6]
+REF_BWD = [8]
 ROWS: list = []  # (section, case, variant, what, value)
 GRADS = ["du", "ddelta", "dA", "dB", "dC", "dD", "dz", "dbias", "dh0"]
 
@@ -314,9 +317,9 @@ def main():
     if ext is None or not hasattr(ext, "selective_scan_bwd_variant") or not gs.has_cuda_bwd():
         sys.exit("ssm_kernels._C without the CUDA backward / selective_scan_bwd_variant: rebuild")
     global BWD_VARIANTS, FWD_VARIANTS, REF_BWD
-    BWD_VARIANTS = [int(x) for x in os.environ.get("BWD_VARIANTS", "0,5,6,7").split(",")]
+    BWD_VARIANTS = [int(x) for x in os.environ.get("BWD_VARIANTS", "0,5,6,7,8,9").split(",")]
     FWD_VARIANTS = [int(x) for x in os.environ.get("FWD_VARIANTS", "0,3,6,7,8,9,10").split(",")]
-    REF_BWD = [int(x) for x in os.environ.get("REF_BWD", "6").split(",") if x]
+    REF_BWD = [int(x) for x in os.environ.get("REF_BWD", "8").split(",") if x]
     assert BWD_VARIANTS[0] == 0 and FWD_VARIANTS[0] == 0, "variant 0 first (others are compared with it)"
     if not hasattr(ext, "selective_scan_fwd_variant"):
         FWD_VARIANTS = [0]

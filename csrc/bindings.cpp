@@ -335,7 +335,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "backward kernel variant (issue 9): 2 (default; fused I/O, N <= 16 with time-varying B and "
         "C), 3 (the same at 3 blocks/SM), 4 (2 with coalesced staging), 5 (4 with the dB/dC channel "
         "reduce through shared memory), 6 (3 with 5's reductions; session 8), 7 (6 when it saves a "
-        "wave, else 5) or 0 (the original); set selects it; returns the previous one (the first call reads "
+        "wave, else 5), 8 (5 in 32-step chunks, 3 blocks/SM), 9 (8 when it saves a wave, else 5) or 0 (the original); set selects it; returns the previous one (the first call reads "
         "SSM_KERNELS_SSCAN_BWD_VARIANT)");
   m.def("selective_scan_bwd", &selective_scan_bwd,
         "selective_scan backward -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0]");

@@ -889,7 +889,7 @@ def test_sscan_piece_stager_model(cfg):
 @pytest.mark.parametrize("case", ["bf16 L=2048", "bf16 L=2049", "fp32 L=4096 no z", "bf16 varlen"])
 def test_gpu_cuda_forward_backward_variants(case):
     """Forward variants 1-10 (SSM_KERNELS_SSCAN_FWD_VARIANT; 6-10: session 8) bitwise equal to forward 0
-    (out, last state, checkpoints); backward variants 4-7 bitwise equal to 2; knobs restored."""
+    (out, last state, checkpoints); backward variants 4-9 bitwise equal to 2; knobs restored."""
     from ssm_kernels._backend import cuda_extension
     from ssm_kernels.selective_scan import cuda as sc
     ext = cuda_extension()
@@ -922,7 +922,9 @@ def test_gpu_cuda_forward_backward_variants(case):
         dout = torch.randn_like(inp["u"])
         dlast = torch.randn_like(base[1])
         g2 = sc.selective_scan_bwd(*args, base[2], dout, dlast, True)
-        for bv in (4, 5, 6, 7):  # 5: the channel reduce through shared memory, same tree order; 6: + kDirect; 7: 5 or 6 by waves
+        # 5: the channel reduce through shared memory, same tree order; 6: + kDirect; 7: 5 or 6 by
+        # waves; 8: 5 in 32-step chunks, upper halves rebuilding their start state; 9: 8 or 5 by waves
+        for bv in (4, 5, 6, 7, 8, 9):
             ext.selective_scan_bwd_variant(bv)
             g4 = sc.selective_scan_bwd(*args, base[2], dout, dlast, True)
             assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g2, g4)), bv

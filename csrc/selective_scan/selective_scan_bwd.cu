@@ -40,7 +40,10 @@ constexpr size_t align16(size_t x) { return (x + 15) / 16 * 16; }
 // kDirect (backward variant 3): no raw staging buffer (the convert reads global memory, the next
 // chunk is prefetched to L2) and no softplus'/dz tile (q's 4th slot holds softplus'; the owner
 // lane reloads u, z, dout): 68 KB instead of 105 KB at N <= 16 bf16, so 3 blocks per SM.
-template <typename T, int kNPT, int kTPC, int kChunk, int kS, bool kDirect = false, bool kXch = false>
+// kRb (backward variant 8): kChunk is the processing chunk, half the checkpoint spacing; the
+// rebuild tiles hold the lower half's (dt, dt u) [ch][t] and B [t][n] while its upper half runs.
+template <typename T, int kNPT, int kTPC, int kChunk, int kS, bool kDirect = false, bool kXch = false,
+          bool kRb = false>
 struct BwdLayout {
   static constexpr int kD = kThreads / kTPC;      // channels per block
   static constexpr int kNP = kNPT * kTPC;         // states per channel, padded
@@ -68,7 +71,9 @@ struct BwdLayout {
   // (kCW rows of kItems * 32 / kCW floats: one item per lane after the reduce), rows XOR-swizzled
   static constexpr int kXR = kItems * 32;  // floats per warp (kCW rows of 32 / kCW lanes x kItems)
   static constexpr size_t oX = oDv + sizeof(float) * 2 * kD;
-  static constexpr size_t kBytes = oX + (kXch ? sizeof(float) * kWarps * kXR : 0);
+  static constexpr size_t oR = oX + (kXch ? sizeof(float) * kWarps * kXR : 0);
+  static constexpr size_t oBr = oR + (kRb ? sizeof(float2) * kD * kQP : 0);
+  static constexpr size_t kBytes = oBr + (kRb ? sizeof(float) * kChunk * kBP : 0);
   static_assert(kThreads % kTPC == 0 && 32 % kTPC == 0, "a channel's lanes sit in one warp");
   static_assert(kNPT % 4 == 0 && kChunk % kV == 0 && kChunk % kS == 0 && kS % kG == 0, "widths");
   static_assert(kItems >= kCW, "channel reduce-scatter needs at least one item per lane");
@@ -132,8 +137,13 @@ __device__ __forceinline__ void store2(float* dst, float a, float b) {
 // __launch_bounds__(128): with a min-blocks of 1, ptxas goes to 255 registers and spills).
 template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO>
 __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdParams& p) {
-  constexpr bool kFuse = kIO >= 2, kDirect = kIO == 3 || kIO == 6, kXch = kIO == 5 || kIO == 6;
-  using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS, kDirect, kXch>;
+  constexpr bool kFuse = kIO >= 2, kDirect = kIO == 3 || kIO == 6;
+  constexpr bool kXch = kIO == 5 || kIO == 6 || kIO == 8;
+  // kIO 8: chunks of kChunk steps, checkpoints every kSplit chunks; an upper half first rebuilds
+  // the state at its start from the checkpoint over the lower half (the rebuild tiles)
+  constexpr bool kRb = kIO == 8;
+  constexpr int kSplit = kRb ? 2 : 1;
+  using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS, kDirect, kXch, kRb>;
   constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl, kNV = Lay::kNV;
   constexpr int kRows = Lay::kRows, kQP = Lay::kQP, kBP = Lay::kBP;
   constexpr int kCW = Lay::kCW, kG = Lay::kG, kItems = Lay::kItems, kOwn = Lay::kOwn;
@@ -148,6 +158,8 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
   float* s_wp = reinterpret_cast<float*>(smem + Lay::oWp);  // [buf][warp][dB|dC][step][n]
   float* s_Dv = reinterpret_cast<float*>(smem + Lay::oDv);
   float* s_bias = s_Dv + kD;
+  [[maybe_unused]] float2* s_r = reinterpret_cast<float2*>(smem + Lay::oR);  // kRb: (dt, dt u)
+  [[maybe_unused]] float* s_Br = reinterpret_cast<float*>(smem + Lay::oBr);   // kRb: B [t][n]
 
   const int tid = threadIdx.x;
   const int ch = tid / kTPC, slice = tid % kTPC;
@@ -158,7 +170,7 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
   const int64_t d0 = g * DG + dl0;
   const int nch = static_cast<int>(DG - dl0 < kD ? DG - dl0 : kD);
   const bool ch_ok = ch < nch;
-  const int64_t d = d0 + ch;
+  const int64_t d_v = d0 + ch, d = d_v;
   const int N = static_cast<int>(p.N);
   const int64_t L = p.L;
   const bool has_z = p.z != nullptr, has_D = p.D != nullptr;
@@ -175,10 +187,28 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
     b = 0;
     ck0 = p.ck_offsets ? p.ck_offsets[s] : 0;
   }
-  const int64_t ubase = (b * p.dim + d0) * L + bos;
-  const int64_t bcbase = ((b * p.groups + g) * p.N) * L + bos;
+  const int64_t ubase_v = (b * p.dim + d0) * L + bos;
+  const int64_t bcbase_v = ((b * p.groups + g) * p.N) * L + bos;
   // per-block partials of time-varying dB/dC: (dtiles, batch, G, N, L)
-  const int64_t pbase = ((static_cast<int64_t>(blockIdx.x) * p.batch + b) * p.groups + g) * p.N * L + bos;
+  const int64_t pbase_v = ((static_cast<int64_t>(blockIdx.x) * p.batch + b) * p.groups + g) * p.N * L + bos;
+  // kIO 8 (launch bounds 3 blocks per SM = 168 registers): the three block-uniform bases live in
+  // shared memory, reread (volatile) where used, so that ptxas does not spill them to local memory
+  __shared__ int64_t s_base[3];
+  if constexpr (kRb) {
+    if (tid == 0) {
+      s_base[0] = ubase_v;
+      s_base[1] = bcbase_v;
+      s_base[2] = pbase_v;
+    }
+    __syncthreads();
+  }
+  auto base_of = [&](int i, int64_t v) -> int64_t {
+    if constexpr (kRb) return static_cast<volatile int64_t*>(s_base)[i];
+    else return v;
+  };
+#define ubase base_of(0, ubase_v)
+#define bcbase base_of(1, bcbase_v)
+#define pbase base_of(2, pbase_v)
   const T* gu = static_cast<const T*>(p.u);
   const T* gdelta = static_cast<const T*>(p.delta);
   const T* gz = static_cast<const T*>(p.z);
@@ -272,7 +302,8 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
       ok = r < nch && (kind != 2 || has_z);
       e = ubase + r * L;
     } else {
-      const int q = hi - 4 * kD, which = q / kNP, n = q % kNP + lo;
+      // kIO 8 (PieceStager rows per block may exceed kNP: lo can cross from B into C)
+      const int q = hi - 4 * kD + (kRb ? lo : 0), which = q / kNP, n = q % kNP + (kRb ? 0 : lo);
       src = which ? gC : gB;
       ok = n < N && (which ? C_var : B_var);
       e = bcbase + n * L;
@@ -294,7 +325,21 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
       }
     } else if constexpr (kFuse) {
       const int otid = opaque_tid();
-      if constexpr (kIO == 4 || kIO == 5) {  // coalesced: kChunk / kV lanes per row window (whole lines)
+      if constexpr (kRb) {  // an upper half: its lower half's u, delta, B rows to L2 for the rebuild
+        if (((c0 / kChunk) & 1) == 1 && otid < 2 * kD + kNP) {
+          const T* src;
+          int64_t e;
+          bool ok;
+          row_of(otid < 2 * kD ? otid : 2 * kD + otid, src, e, ok);  // u, delta rows; then B rows
+          if (ok) {
+            const uintptr_t a = reinterpret_cast<uintptr_t>(src + e + c0 - kChunk);
+            const uintptr_t end = reinterpret_cast<uintptr_t>(src + e + c0);
+            for (uintptr_t q = a & ~static_cast<uintptr_t>(127); q < end; q += 128)
+              prefetch_l2(reinterpret_cast<const void*>(q));
+          }
+        }
+      }
+      if constexpr (kIO == 4 || kIO == 5 || kIO == 8) {  // coalesced: kChunk / kV lanes per row window (whole lines)
         if (ush == 0 && lsh == 0 && bsh == 0) {
           PieceStager<T, kRows, kThreads, kRowEl, kChunk>::issue_direct(raw, otid, c0, len, row_of2);
           return;
@@ -345,6 +390,43 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
     // ---- convert: per (d, t) q = (dt, dt u, dy, u), f = (softplus', dz / y); B, C [t][n]
     if constexpr (kFuse) {
       const int tid = opaque_tid();  // (shadows tid: nothing of this phase is hoisted)
+      if constexpr (kRb) {
+        // an upper half (c odd): the lower half's (dt, dt u) and B from global memory (L2: the
+        // previous stage prefetched them) with the convert's expressions -> the same floats
+        if (c & 1) {
+          const int64_t l0 = c0 - kChunk;  // the lower half: kChunk steps, all inside the sequence
+          for (int task = tid; task < kD * (kChunk / 8); task += kThreads) {
+            const int r = task % kD, t0 = (task / kD) * 8;
+            const int sh = (ush + r * lsh) & (kV - 1);
+            const int nval = r < nch ? kChunk - t0 : 0;
+            float uu[8], dl[8];
+            const int64_t e = ubase + r * L + l0 + t0;
+            gload8(gu + e, sh == 0, nval, uu);
+            gload8(gdelta + e, sh == 0, nval, dl);
+            const float bias = s_bias[r];
+            float2* orr = s_r + r * kQP + t0;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+              float2 q = make_float2(0.f, 0.f);
+              if (r < nch) {
+                const float x = dl[i] + bias;
+                const float dt = p.softplus ? softplus_fast(x) : x;
+                q = make_float2(dt, dt * uu[i]);
+              }
+              orr[i] = q;
+            }
+          }
+          for (int task = tid; task < kNP * (kChunk / 8); task += kThreads) {
+            const int n = task % kNP, t0 = (task / kNP) * 8;
+            float v[8];
+            const bool nok = n < N;
+            gload8(gB + bcbase + n * L + l0 + t0, ((bsh + n * lsh) & (kV - 1)) == 0,
+                   nok ? kChunk - t0 : 0, v);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) s_Br[(t0 + i) * kBP + n] = nok ? v[i] : 0.f;
+          }
+        }
+      }
       for (int task = tid; task < kD * (kChunk / 8); task += kThreads) {
         const int r = task % kD, t0 = (task / kD) * 8;
         const int sh = (ush + r * lsh) & (kV - 1);  // == (ubase + r L) mod kV
@@ -475,9 +557,25 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
     // ---- pass 1: the states entering every sub-chunk, from the checkpoint
     {
       float h[kNPT];
-      const float* src = p.ckpt + ((ck0 + c) * p.dim + d) * p.N + slice * kNPT;
+      // kIO 8: the channel from an opaque thread index (int64 d is not kept live through the loop)
+      const int64_t dck = kRb ? d0 + opaque_tid() / kTPC : d;
+      const float* src = p.ckpt + ((ck0 + c / kSplit) * p.dim + dck) * p.N + slice * kNPT;
 #pragma unroll
       for (int k = 0; k < kNPT; ++k) h[k] = (ch_ok && slice * kNPT + k < N) ? src[k] : 0.f;
+      if constexpr (kRb) {
+        if (c & 1) {  // the state at this upper half's start: pass 1's recurrence over the lower half
+          const float2* r_ch = s_r + ch * kQP;
+          const float* pBr = s_Br + slice * kNPT;
+#pragma unroll 8
+          for (int t = 0; t < kChunk; ++t) {
+            const float2 x = r_ch[t];
+            float bv[kNPT];
+            load_vec(bv, pBr + t * kBP);
+#pragma unroll
+            for (int k = 0; k < kNPT; ++k) h[k] = fmaf(ex2(x.x * a2[k]), h[k], x.y * bv[k]);
+          }
+        }
+      }
       for (int sc = 0; sc < nsub; ++sc) {
 #pragma unroll
         for (int k = 0; k < kNPT; k += 4)
@@ -499,6 +597,24 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
     int buf = 0;
     for (int sc = nsub - 1; sc >= 0; --sc) {
       float* wp = s_wp + buf * Lay::kWP + warp * (2 * kS * kNP);  // this warp's [dB|dC][step][n]
+      // kIO 8: the lane's write position in wp (item cidx of its kG steps: kOwn == 1), one pointer
+      // from an opaque thread index per sub-chunk instead of warp / cidx / slice terms kept live
+      // through the chunk loop (ptxas spilled those at 168 registers)
+      [[maybe_unused]] float* wl = wp;
+      if constexpr (kRb) {
+        static_assert(!kRb || Lay::kOwn == 1, "one item per lane");
+        const int t2 = opaque_tid(), c2 = (t2 % 32) / kTPC;
+        wl = s_wp + buf * Lay::kWP + (t2 / 32) * (2 * kS * kNP) + (c2 / kNPT) * kNP +
+             (t2 % kTPC) * kNPT + c2 % kNPT;
+      }
+      // kIO 8: the B/C read pointers likewise (B and C time-varying: [t][n], C kBC floats after B)
+      const float* pB2 = pB;
+      const float* pC2 = pC;
+      [[maybe_unused]] const int sBt2 = kRb ? kBP : sBt, sCt2 = kRb ? kBP : sCt;
+      if constexpr (kRb) {
+        pB2 = s_B + (opaque_tid() % kTPC) * kNPT;
+        pC2 = pB2 + (Lay::oC - Lay::oB) / sizeof(float);
+      }
       float a[kS][kNPT], P[kS][kNPT], yv[kS], dv[kS], gv[kS];
       {
         float h[kNPT], ic[kItems];
@@ -508,8 +624,8 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
           const int t = sc * kS + j;
           const float4 x = q_ch[t];
           float bv[kNPT], cv[kNPT];
-          load_vec(bv, pB + t * sBt);
-          load_vec(cv, pC + t * sCt);
+          load_vec(bv, pB2 + t * sBt2);
+          load_vec(cv, pC2 + t * sCt2);
           float y = 0.f;
 #pragma unroll
           for (int k = 0; k < kNPT; ++k) {
@@ -528,7 +644,8 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
             for (int o = 0; o < kOwn; ++o) {
               const int item = cidx * kOwn + o;
               const int tl = j - (kG - 1) + item / kNPT;
-              wp[kS * kNP + tl * kNP + slice * kNPT + item % kNPT] = ic[o];
+              if constexpr (kRb) wl[kS * kNP + (j - (kG - 1)) * kNP] = ic[0];
+              else wp[kS * kNP + tl * kNP + slice * kNPT + item % kNPT] = ic[o];
             }
           }
         }
@@ -536,7 +653,8 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
       slice_reduce(yv);  // sum over n of y, per step
       constexpr int kMine = kS >= kTPC ? kS / kTPC : 1;
       constexpr int kRep = kS >= kTPC ? 1 : kTPC / kS;  // lanes holding the same sums
-      const int j0 = kS >= kTPC ? slice * kMine : slice / kRep;
+      // (kIO 8: from an opaque thread index, as below: fewer values live through the loop)
+      const int j0 = kS >= kTPC ? (kRb ? opaque_tid() % kTPC : slice) * kMine : slice / kRep;
       const bool owner = (slice % kRep) == 0;
       // kDirect: the owner's u, z, dout of its steps, loaded here so that the reduce-scatters
       // below (adjoint, sums) cover the (L2) latency
@@ -562,8 +680,8 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
           const int t = sc * kS + j;
           const float4 x = q_ch[t];
           float bv[kNPT], cv[kNPT];
-          load_vec(bv, pB + t * sBt);
-          load_vec(cv, pC + t * sCt);
+          load_vec(bv, pB2 + t * sBt2);
+          load_vec(cv, pC2 + t * sCt2);
           float dd = 0.f, gb = 0.f;
 #pragma unroll
           for (int k = 0; k < kNPT; ++k) {
@@ -585,7 +703,8 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
             for (int o = 0; o < kOwn; ++o) {
               const int item = cidx * kOwn + o;
               const int tl = j + item / kNPT;
-              wp[tl * kNP + slice * kNPT + item % kNPT] = ib[o];
+              if constexpr (kRb) wl[j * kNP] = ib[0];
+              else wp[tl * kNP + slice * kNPT + item % kNPT] = ib[o];
             }
           }
         }
@@ -634,7 +753,7 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
           static_assert(!kFuse || kMine == 2, "kFuse: two steps per owner lane");
           const int t0 = sc * kS + j0;
           if (owner && ch_ok && t0 < len) {
-            const int64_t e = ubase + ch * L + c0 + t0;
+            const int64_t e = ubase + (kRb ? opaque_tid() / kTPC : ch) * L + c0 + t0;
             T* gdu = static_cast<T*>(p.du) + e;
             T* gdd = static_cast<T*>(p.ddelta) + e;
             T* gdz = static_cast<T*>(p.dz) + e;
@@ -725,8 +844,13 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
     }
   }
   cp_async_wait_all();
+#undef ubase
+#undef bcbase
+#undef pbase
 
   // ---- per-sequence results
+  {
+  [[maybe_unused]] const int64_t d = kRb ? d0 + opaque_tid() / kTPC : d_v;  // kIO 8: recomputed
   if (ch_ok) {
     const int64_t o = (s * p.dim + d) * p.N + slice * kNPT;
 #pragma unroll
@@ -747,6 +871,7 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
     if (p.dD_part) p.dD_part[s * p.dim + d] = dD_acc;
     if (p.dbias_part) p.dbias_part[s * p.dim + d] = dbias_acc;
   }
+  }
 }
 
 template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO>
@@ -754,7 +879,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
   selective_scan_bwd_body<T, kNPT, kTPC, kChunk, kS, kMode, kIO>(p);
 }
 template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO>
-__global__ void __launch_bounds__(kThreads, (kIO == 3 || kIO == 6) ? 3 : 2)
+__global__ void __launch_bounds__(kThreads, (kIO == 3 || kIO == 6 || (kIO == 8 && sizeof(T) < 4)) ? 3 : 2)
     selective_scan_bwd_kernel_mb(const SelectiveScanBwdParams p) {  // kIO 2, 3: min blocks per SM
   selective_scan_bwd_body<T, kNPT, kTPC, kChunk, kS, kMode, kIO>(p);
 }
@@ -789,8 +914,9 @@ __global__ void __launch_bounds__(256) sum_parts_kernel(const SumJobs jobs) {
 
 template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO = 0>
 cudaError_t launch_mode(const SelectiveScanBwdParams& p, cudaStream_t stream) {
-  using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS, kIO == 3 || kIO == 6, kIO == 5 || kIO == 6>;
-  if (p.ck_len != kChunk) return cudaErrorInvalidValue;
+  using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS, kIO == 3 || kIO == 6,
+                        kIO == 5 || kIO == 6 || kIO == 8, kIO == 8>;
+  if (p.ck_len != (kIO == 8 ? 2 : 1) * kChunk) return cudaErrorInvalidValue;  // checkpoint spacing
   auto kernel = [] {
     if constexpr (kIO == 0) return selective_scan_bwd_kernel<T, kNPT, kTPC, kChunk, kS, kMode, kIO>;
     else return selective_scan_bwd_kernel_mb<T, kNPT, kTPC, kChunk, kS, kMode, kIO>;
@@ -861,7 +987,9 @@ int g_bwd_variant = -1;  // -1: not read from the environment yet
 // 6 pays iff ceil(blocks / 3 SMs) x 1.62 < ceil(blocks / 2 SMs): B8 D1536 (384 blocks, 132 SMs):
 // 1 x 1.62 < 2 -> 6; B4 D4096 (512): 2 x 1.62 > 2 -> 5.
 int g_num_sms[64] = {0};
-bool bwd_three_per_sm_pays(const SelectiveScanBwdParams& p) {
+// Variant 9 = 8 or 5 by the same arithmetic with ratio 1.5 (8 at v5's per-SM throughput; 3 blocks
+// of v8 share an SM that 2 of v5 share): B8 D1536 -> 8, B4 D4096 -> 5.
+bool bwd_three_per_sm_pays(const SelectiveScanBwdParams& p, double ratio) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
   if (g_num_sms[dev] == 0) {
@@ -874,7 +1002,7 @@ bool bwd_three_per_sm_pays(const SelectiveScanBwdParams& p) {
   const int64_t DG = p.dim / p.groups;
   const int64_t blocks = (DG + 31) / 32 * p.groups * p.nseq;  // kThreads / kTPC = 32 channels
   const int64_t r2 = (blocks + 2 * sms - 1) / (2 * sms), r3 = (blocks + 3 * sms - 1) / (3 * sms);
-  return static_cast<double>(r3) * 1.62 < static_cast<double>(r2);
+  return static_cast<double>(r3) * ratio < static_cast<double>(r2);
 }
 
 }  // namespace
@@ -886,10 +1014,10 @@ int selective_scan_bwd_variant(int set) {
     // session 8: 1.086 vs 1.139 (2) / 1.103 (4) ms at B8 D1536 L2048, 2.540 vs 2.597 / 2.506 at
     // B4 D4096 L4096; session 6: 2 beat 0 (1.148 vs 1.559) and 3 lost the larger shape
     const int v = env ? std::atoi(env) : 5;
-    g_bwd_variant = (v >= 2 && v <= 7) ? v : 0;
+    g_bwd_variant = (v >= 2 && v <= 9) ? v : 0;
   }
   const int prev = g_bwd_variant;
-  if (set == 0 || (set >= 2 && set <= 7)) g_bwd_variant = set;
+  if (set == 0 || (set >= 2 && set <= 9)) g_bwd_variant = set;
   return prev;
 }
 
@@ -905,7 +1033,9 @@ cudaError_t selective_scan_bwd_cuda(const SelectiveScanBwdParams& p, DType dtype
   // sub-chunk kept in registers): kS * kNPT = 32 keeps a and P in 64 registers (16 for N > 128,
   // where 64 spilled)
   int v = (p.N <= 16 && p.B_var && p.C_var) ? selective_scan_bwd_variant() : 0;
-  if (v == 7) v = bwd_three_per_sm_pays(p) ? 6 : 5;
+  if (v == 7) v = bwd_three_per_sm_pays(p, 1.62) ? 6 : 5;
+  // (8 holds 3 blocks per SM only for 16-bit inputs: float32's raw tile makes it 79 KB, 2 per SM)
+  if (v == 9) v = (dtype != DType::kFloat32 && bwd_three_per_sm_pays(p, 1.5)) ? 8 : 5;
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (v == 2) err = launch_mode<T, 4, 4, 64, 8, 1, 2>(p, stream);
@@ -913,6 +1043,7 @@ cudaError_t selective_scan_bwd_cuda(const SelectiveScanBwdParams& p, DType dtype
     else if (v == 4) err = launch_mode<T, 4, 4, 64, 8, 1, 4>(p, stream);
     else if (v == 5) err = launch_mode<T, 4, 4, 64, 8, 1, 5>(p, stream);
     else if (v == 6) err = launch_mode<T, 4, 4, 64, 8, 1, 6>(p, stream);
+    else if (v == 8) err = launch_mode<T, 4, 4, 32, 8, 1, 8>(p, stream);  // checkpoints every 64
     else if (p.N <= 16) err = launch<T, 4, 4, 64, 8>(p, stream);
     else if (p.N <= 32) err = launch<T, 8, 4, 32, 4>(p, stream);
     else if (p.N <= 64) err = launch<T, 8, 8, 32, 4>(p, stream);
