@@ -243,7 +243,10 @@ _BLOCKS: dict = {}
 def blocks(K: int, V: int, gate: int, dtype: torch.dtype, chunk=None):
     """Tiles of the chunk stages (read-only mapping), memoised on the arguments, the interpreter
     flag and every module knob they read (tests and A/Bs set those at run time): called 1-3 times
-    per op call, ~3.4 us each to rebuild (issue 8)."""
+    per op call, ~3.4 us each to rebuild (issue 8). Symbolic sizes (torch.compile with dynamic
+    shapes) are not hashable: those calls build the tiles each time."""
+    if type(K) is not int or type(V) is not int or not (chunk is None or type(chunk) is int):
+        return MappingProxyType(_blocks(K, V, gate, dtype, chunk))
     key = (K, V, gate, dtype, chunk, triton_interpret(), INTERP_CHUNK, GLA_CHUNK, CHUNK, BLOCK_V,
            SUB_CHUNK, BLOCK_K, GLA_BLOCK_K, GLA_DQK_BLOCK_K, GLA_BLOCK_V)
     got = _BLOCKS.get(key)
