@@ -197,9 +197,9 @@ DELTA_OUT_VARIANTS = (   # sm_90 Triton 3.6 (gated, no L2 / L2): output regs, sp
     "outd-bv128-r168:OUT_DECAY_O=True,OUT_BLOCK_V=128,WY_FAST_MAXNREG=168;"  # wy 168, 0 (3/SM)
     "outd:OUT_DECAY_O=True;"                                             # 139/177, 0, 48 (w4)
     "bv128:OUT_BLOCK_V=128;"                                             # 121/162, 0, 56 (w8)
-    "outd-bv128-w4:OUT_DECAY_O=True,OUT_BLOCK_V=128,OUT_WARPS=4;"        # 196/242, 0, 64 (w4)
     "r168:WY_FAST_MAXNREG=168;"                                          # session 7: fwd -0.028
     "outd-bv128-s1:OUT_DECAY_O=True,OUT_BLOCK_V=128,OUT_STAGES=1;"       # 126/142, 0, 32 (w8)
+    "outd-bv128-w4:OUT_DECAY_O=True,OUT_BLOCK_V=128,OUT_WARPS=4;"        # 196/242, 0, 64 (w4)
     "outd-bv128-bk128-s1:OUT_DECAY_O=True,OUT_BLOCK_V=128,OUT_BLOCK_K=128,OUT_STAGES=1;"  # 170, 64
     # fla's precision (w, u stored bf16; not our default's): how far the WY stage's bytes go
     "flaprec-outd-bv128-r168:WU_FLOAT32=False,OUT_DECAY_O=True,OUT_BLOCK_V=128,"
