@@ -22,7 +22,8 @@
    `_wy_fast_kernel`) / @wybwd (WYBWD_VARIANTS: the WY backward by `_wy_bwd_fast_kernel`,
    defaults first) / @deltafwd (DELTA_FWD_VARIANTS: the delta-only forward scan, fwd.py) /
    @deltastate (DSTATE_VARIANTS: the state scan with prefetched loads, state.py; @deltastate4
-   its 4-warp settings, one process each: bench/gpu_dstate8.sh) /
+   its 4-warp settings, one process each: bench/gpu_dstate8.sh) / @deltaout (DELTA_OUT_VARIANTS:
+   the output stage's decay-on-o form, V tile 128, the WY stage's register cap) /
    @defaults (the knobs as they are), or a ','-list of groups and
    variants mixed by ';' ("@defaults,@savet;lean4:WY_LEAN=True"); VARIANT_EXTRA="ungated,profile"
    (what else each variant runs; see VARIANT_EXTRA below).
@@ -185,6 +186,24 @@ DSTATE4_VARIANTS = (
     "flaprec-dstate-kt-pf3-bv32w4:WU_FLOAT32=False,DSTATE=True,DSTATE_KT=True,DSTATE_PREFETCH=3,"
     "DSTATE_BV=32,DSTATE_WARPS=4;"                                       # 238, 0, 61 KB, 2
     "dstate-bv32w4:DSTATE=True,DSTATE_BV=32,DSTATE_WARPS=4")             # 255, 296, 86 KB, 2
+# the output stage in the decay-on-o form and the WY stage's register cap (bench/NOTES.md, "helper
+# deltaout8"): VARIANTS=@deltaout with VARIANT_EXTRA=stages; read each variant's "output" and "wy"
+# rows against base's (session 8: 0.194 / 0.228; fla fwd_o 0.154, kkt+solve+w_u 0.206). Variants
+# with OUT_DECAY_O are also compared with it off on the same inputs (out_vs_default: S and every
+# gradient bitwise, o within ~1e-3 relative: the q h term loses one rounding)
+DELTA_OUT_VARIANTS = (   # sm_90 Triton 3.6 (gated, no L2 / L2): output regs, spill, shared KB
+    "base:;"                                                             # 170/-, 0, 40 (w4)
+    "outd-bv128:OUT_DECAY_O=True,OUT_BLOCK_V=128;"                       # 115/121, 0, 64 (w8)
+    "outd-bv128-r168:OUT_DECAY_O=True,OUT_BLOCK_V=128,WY_FAST_MAXNREG=168;"  # wy 168, 0 (3/SM)
+    "outd:OUT_DECAY_O=True;"                                             # 139/177, 0, 48 (w4)
+    "bv128:OUT_BLOCK_V=128;"                                             # 121/162, 0, 56 (w8)
+    "r168:WY_FAST_MAXNREG=168;"                                          # session 7: fwd -0.028
+    "outd-bv128-s1:OUT_DECAY_O=True,OUT_BLOCK_V=128,OUT_STAGES=1;"       # 126/142, 0, 32 (w8)
+    "outd-bv128-w4:OUT_DECAY_O=True,OUT_BLOCK_V=128,OUT_WARPS=4;"        # 196/242, 0, 64 (w4)
+    "outd-bv128-bk128-s1:OUT_DECAY_O=True,OUT_BLOCK_V=128,OUT_BLOCK_K=128,OUT_STAGES=1;"  # 170, 64
+    # fla's precision (w, u stored bf16; not our default's): how far the WY stage's bytes go
+    "flaprec-outd-bv128-r168:WU_FLOAT32=False,OUT_DECAY_O=True,OUT_BLOCK_V=128,"
+    "WY_FAST_MAXNREG=168")
 # per variant, besides its check and gated fwd / fwd+bwd: "ungated" (chunk_delta_rule, against
 # fla's fwd+bwd), "profile" (every kernel of its gated fwd+bwd), "stages" (its forward stages);
 # unset: ungated and profile for the first variant only, stages for every one
@@ -464,7 +483,7 @@ def kernel_profile(label, f, make, fwd_only):
 VARIANT_GROUPS = {"@bwd": BWD_VARIANTS, "@fwd": DEFAULT_VARIANTS, "@savet": SAVE_WY_VARIANTS,
                   "@wyfast": WYFAST_VARIANTS, "@wybwd": WYBWD_VARIANTS,
                   "@deltafwd": DELTA_FWD_VARIANTS, "@deltastate": DSTATE_VARIANTS,
-                  "@deltastate4": DSTATE4_VARIANTS,
+                  "@deltastate4": DSTATE4_VARIANTS, "@deltaout": DELTA_OUT_VARIANTS,
                   "@defaults": "defaults:"}
 
 
@@ -573,6 +592,21 @@ def dstate_vs_default(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
                  "fwd", float("nan"), text))
 
 
+def out_vs_default(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
+    """OUT_DECAY_O on (its other knobs as set) against off: S and every gradient bitwise equal
+    expected (only the forward's output stage changes), o within rounding; logs each output's
+    max |diff| relative to its max |value|."""
+    outs = knob_on_off("OUT_DECAY_O", B, T - 7, H, HV, K, V)
+    rel = {n: (a.float() - b.float()).abs().max().item() / (b.float().abs().max().item() + 1e-30)
+           for n, a, b in zip(NAMES8, *outs)}
+    same = [n for n, a, b in zip(NAMES8, *outs) if torch.equal(a, b)]
+    text = (f"OUT_DECAY_O vs default output: bitwise {','.join(same) or 'none'}; rel "
+            + " ".join(f"{n} {r:.1e}" for n, r in rel.items() if n not in same))
+    log(f"variant {name}: {text}")
+    ROWS.append(("chunk_gated_delta_rule", f"B{B} T{T - 7} H{H} HV{HV}", f"ssm_kernels [{name}]",
+                 "fwd", float("nan"), text))
+
+
 def over_budget(what):
     if time.time() - T0 > BUDGET_S:
         log(f"skipped {what}: time budget ({BUDGET_S:.0f} s)")
@@ -675,6 +709,8 @@ def main():
                     fast_vs_default(name)
                 if knobs.get("DSTATE"):
                     dstate_vs_default(name)
+                if knobs.get("OUT_DECAY_O"):
+                    out_vs_default(name)
                 bench("chunk_gated_delta_rule", case, f"ssm_kernels [{name}]"
                       + ("" if good else " CHECK FAILED"), ours("chunk_gated_delta_rule", l2=False),
                       make)

@@ -1,5 +1,5 @@
 """Offline sm_90 audit of the delta rule's WY stage alone (`delta_rule.chunk._wy`, and `_wu` from a
-saved T) at the benchmark's constexprs (bf16, H = HV, K = V = 128 or --k, BT = 64; 32 at K = 256) under knob settings:
+saved T; --out: the whole forward, for its output kernel) at the benchmark's constexprs (bf16, H = HV, K = V = 128 or --k, BT = 64; 32 at K = 256) under knob settings:
 
     PYTHONPATH=$PWD python bench/sm90_wy.py [--knobs "WY_FAST=True,WY_FAST_WARPS=8"]
         [--gates 1,0] [--l2 0,1] [--sass DIR] [--ir DIR] [--bwd | --scan]
@@ -27,7 +27,7 @@ import sm90_audit as au  # noqa: E402
 from sm90_delta_bwd import set_knobs, write_ir  # noqa: E402
 
 
-def wy_cases(gates, l2s, load_t, K=128, bwd=False, scan=False):
+def wy_cases(gates, l2s, load_t, K=128, bwd=False, scan=False, out=False):
     from ssm_kernels.delta_rule import chunk as wy
     B, T, H = 1, 300, 2
     for gated in gates:
@@ -51,7 +51,7 @@ def wy_cases(gates, l2s, load_t, K=128, bwd=False, scan=False):
                 beta = torch.rand(B, T, H)
                 g = F.logsigmoid(torch.randn(B, T, H)) if gated else None
                 p = wy._plan(q, v, g, None)
-                if scan and wy.DELTA_FWD == 2:
+                if out or (scan and wy.DELTA_FWD == 2):   # out: the whole no-grad forward
                     wy.chunk_delta_fwd(q, k, v, g, beta, None, None, K ** -0.5, bool(l2))
                 elif scan:   # the engine's DELTA scan, or fwd._delta_fwd_kernel (DELTA_FWD=1)
                     wy._states(p, k, *wy._wu_buffers(p, k), g, None, bool(l2))
@@ -60,7 +60,7 @@ def wy_cases(gates, l2s, load_t, K=128, bwd=False, scan=False):
                 if load_t:   # the backward's W, U from a saved T (SAVE_WY_INVERSE)
                     tm = torch.zeros(B * T, H, p.BT)
                     wy._wu(p, k, v, g, beta, bool(l2), *wy._wu_buffers(p, k), tm)
-            yield (f"{'fwd scan' if scan else 'wy'} gated={int(gated)} l2={l2} K=V={K}",
+            yield (f"{'fwd' if out else 'fwd scan' if scan else 'wy'} gated={int(gated)} l2={l2} K=V={K}",
                    thunk_bwd if bwd else thunk)
 
 
@@ -75,6 +75,9 @@ def main():
                     help="the WY backward (chunk._wy_backward) instead of the forward stage")
     ap.add_argument("--scan", action="store_true",
                     help="the forward's state scan (DELTA_FWD: delta_rule/fwd.py) instead")
+    ap.add_argument("--out", action="store_true",
+                    help="the whole forward (chunk_delta_fwd: WY, scan, output stage; "
+                         "OUT_DECAY_O / OUT_BLOCK_V / OUT_WARPS act on the last)")
     ap.add_argument("--sass", metavar="DIR")
     ap.add_argument("--ir", metavar="DIR", help="write each kernel's TTGIR and PTX there")
     args = ap.parse_args()
@@ -82,7 +85,7 @@ def main():
     gates = [bool(int(x)) for x in args.gates.split(",")]
     l2s = [int(x) for x in args.l2.split(",")]
     au.FAMILIES["wy"] = lambda: wy_cases(gates, l2s, args.load_t, args.k, args.bwd,
-                                                args.scan)
+                                                args.scan, args.out)
     rc = au.main(["--ops", "wy"] + (["--sass", args.sass] if args.sass else []))
     write_ir(args.ir)
     return rc

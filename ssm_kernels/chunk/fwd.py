@@ -256,6 +256,11 @@ def _output_kernel(
             b_o += mm(b_q, b_h, DT, IEEE)
             if EVERY == 1 or SCORES_EARLY:
                 A += mm(b_q, b_kT, DT, IEEE)
+            if L2NORM:      # (the delta rule's OUT_DECAY_O; the engine never passes L2NORM)
+                b_qf = b_q.to(tl.float32)
+                b_kf = b_kT.to(tl.float32)
+                nq += tl.sum(b_qf * b_qf, axis=1)
+                nk += tl.sum(b_kf * b_kf, axis=0)
         else:
             b_q = load_rows(q_ptr, row_q, m_t, o_k, m_k, K)
             b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=m_h, other=0.)

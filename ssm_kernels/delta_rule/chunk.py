@@ -81,6 +81,18 @@ STATE_WARPS = None
 # V tile of the output stage and of the backward's intra-chunk dV' (None: the engine's BLOCK_V,
 # 64; 128 computes q k^T once per chunk)
 OUT_BLOCK_V = None
+# the output stage in the engine's decay-on-o form (fla's: q h and q k^T from the raw 16-bit q,
+# k^T tiles, e^G on the [BT, BV] rows of q h after the dot instead of q e^G rounded to 16 bits
+# before it; the L2 norms as row / column scales, as before); scores bitwise the default's, the
+# q h term one rounding fewer. OUT_WARPS: its warps (None: 8 for a V tile of 128, else 4).
+# bench/NOTES.md "helper deltaout8"
+OUT_DECAY_O = False
+OUT_WARPS = None
+# its K tile (None: the engine's BLOCK_K, 64; 128 = the whole K in one step: q, k^T, h loaded once)
+# and software-pipeline stages (None: 2 for 16-bit inputs; a one-step K loop gains nothing from
+# 2, which doubles its shared memory: sm_90 BK=BV=128 128 KB at 2, 1 program per SM)
+OUT_BLOCK_K = None
+OUT_STAGES = None
 # backward: dq, the engine part of dk and dg by the delta-only `bwd._dqk_delta_kernel` (q, k
 # loaded in the input dtype after the V loop, the L2 norm as scales of the score tile, the
 # group's value heads unrolled) instead of the engine's `_dqk_kernel` (16-bit inputs)
@@ -1074,8 +1086,9 @@ def chunk_delta_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool,
     _output_kernel[(cdiv(p.V, p.BVO), p.NCH, p.H)](
         q, k, vn, d if g is None else g, d, d, h, d, o, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
         float(scale), GATE=p.gate, G_FROM_VS=False, HAS_VS=False, IS_VARLEN=p.varlen,
-        BT=p.BT, BK=m["BK"], BV=p.BVO, DT=m["DT"], IEEE=m["IEEE"], L2NORM=l2,
-        num_warps=4 if p.BVO <= 64 else 8, num_stages=1 if m["IEEE"] == 1 else 2)
+        BT=p.BT, BV=p.BVO, DT=m["DT"], IEEE=m["IEEE"], L2NORM=l2,
+        BK=max(16, min(OUT_BLOCK_K, m["BKF"])) if OUT_BLOCK_K else m["BK"], DECAY_O=OUT_DECAY_O and p.gate < 2, num_warps=OUT_WARPS or (4 if p.BVO <= 64 else 8),
+        num_stages=1 if m["IEEE"] == 1 else (OUT_STAGES or 2))
     return o, ht, (tm if save_t else tm[:0])   # a view: no allocation when T is not kept
 
 
