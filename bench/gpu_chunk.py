@@ -894,6 +894,24 @@ def set_knobs(kn):
     return _S()
 
 
+def run_knob_checks(checks):
+    """Each (label, knobs, check) of checks under its knobs; a failure or an exception is logged
+    with its label and knobs. Returns whether all passed (and logs the CORRECTNESS line)."""
+    ok = True
+    for lab, kn, fn in checks:
+        try:
+            with set_knobs(kn):
+                r = fn()
+            if not r:
+                log(f"  ^ failed with knobs [{lab}] {kn}")
+            ok &= r
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            ok = False
+    log("CORRECTNESS:", "all ok" if ok else "FAILURES above")
+    return ok
+
+
 def _ab_sets(sets):
     return {k: v for k, v in sets.items() if k == "default" or not AB_ONLY or k in AB_ONLY}
 
@@ -914,7 +932,7 @@ def engine_ab(B=4, T=4096, H=16, K=128, V=128):
     GLA set, the state stage alone per H_EVERY (rows "stage"), SSD B4 L4096 H32 P64 N128 public
     fwd (D, dt_bias, softplus) per set. (3) fla (and mamba-ssm) last: fla's autotuning is slow.
     ~200-280 s on an H100 with peers (AB_S caps the timing part)."""
-    from ssm_kernels.chunk import common as knobs, fwd as cf
+    from ssm_kernels.chunk import fwd as cf
     torch.manual_seed(0)
     log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
         f"triton {triton.__version__}")
@@ -922,7 +940,6 @@ def engine_ab(B=4, T=4096, H=16, K=128, V=128):
     gsets = _ab_sets(GLA_AB_SETS)
     setk = set_knobs
 
-    ok = True
     cu = torch.tensor([0, 1, 700, 700, 1500, 2047], device=DEV, dtype=torch.int32)
     checks = []
     if os.environ.get("AB_CHECK", "1") == "1":
@@ -949,17 +966,7 @@ def engine_ab(B=4, T=4096, H=16, K=128, V=128):
                 checks.append((lab, sets[lab], check_ssd))
                 checks.append((lab, sets[lab], lambda: check_ssd(B=1, L=2047, cu=cu)))
                 checks.append((lab, sets[lab], check_ssd_infer))
-    for lab, kn, fn in checks:
-        try:
-            with setk(kn):
-                r = fn()
-            if not r:
-                log(f"  ^ failed with knobs [{lab}] {kn}")
-            ok &= r
-        except Exception:  # noqa: BLE001
-            traceback.print_exc()
-            ok = False
-    log("CORRECTNESS:", "all ok" if ok else "FAILURES above")
+    ok = run_knob_checks(checks)
 
     case = f"B{B} T{T} H{H} K=V={K}"
     sg = lambda req: la_inputs(B, T, H, K, V, "scalar", req=req)  # noqa: E731
@@ -1048,7 +1055,6 @@ def fwd_defaults(B=4, T=4096, H=16, K=128, V=128):
     torch.manual_seed(0)
     log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
         f"triton {triton.__version__}")
-    ok = True
     cu = torch.tensor([0, 1, 700, 700, 1500, 2047], device=DEV, dtype=torch.int32)
     checks = []
     if os.environ.get("AB_CHECK", "1") == "1":
@@ -1065,17 +1071,7 @@ def fwd_defaults(B=4, T=4096, H=16, K=128, V=128):
             checks.append((lab, lambda lab=lab: check_la("chunk_linear_attn", tag=f" [{lab}]")))
         checks.append(("every2 coarse bv128 early", lambda: check_la(
             "chunk_linear_attn", B=1, T=2047, cu=cu, tag=" [every2 coarse bv128 early]")))
-    for lab, fn in checks:
-        try:
-            with set_knobs(FD_SETS[lab]):
-                r = fn()
-            if not r:
-                log(f"  ^ failed with knobs [{lab}] {FD_SETS[lab]}")
-            ok &= r
-        except Exception:  # noqa: BLE001
-            traceback.print_exc()
-            ok = False
-    log("CORRECTNESS:", "all ok" if ok else "FAILURES above")
+    ok = run_knob_checks([(lab, FD_SETS[lab], fn) for lab, fn in checks])
 
     case = f"B{B} T{T} H{H} K=V={K}"
     sg = lambda req: la_inputs(B, T, H, K, V, "scalar", req=req)  # noqa: E731
