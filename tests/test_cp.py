@@ -445,6 +445,11 @@ def test_process_group_type_checked():
     a = torch.rand(2, 5, 3)
     with pytest.raises(TypeError, match="process_group"):
         sk.linear_scan(a, a, process_group="world")
+    q, v, beta = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16), torch.rand(1, 8, 2)
+    with pytest.raises(TypeError, match="chunk_delta_rule: process_group"):
+        sk.chunk_delta_rule(q, q, v, beta, process_group="world")
+    with pytest.raises(TypeError, match="chunk_gated_delta_rule: process_group"):
+        sk.chunk_gated_delta_rule(q, q, v, -torch.rand(1, 8, 2), beta, process_group="world")
 
 
 # ---- the later ranks' states-only passes, against the reference (no processes) -----------------
