@@ -129,6 +129,21 @@ class OfflineDriver:
         return torch.device("cpu")
 
 
+
+def ssd_inputs(b: int, L: int, H: int, P: int, G: int, N: int, device, n_states: Optional[int] = None):
+    """Random SSD inputs in bf16 storage (x, B, C, z) with fp32 dt, A (negative), D (H, P),
+    dt_bias and initial states [n_states or b, H, P, N]: the full optional set of
+    `mamba_chunk_scan_combined`, as (x, dt, A, B, C, D, z, dt_bias, h0)."""
+    x = torch.randn(b, L, H, P, device=device).to(torch.bfloat16)
+    dt = torch.randn(b, L, H, device=device)
+    A = -2 * torch.rand(H, device=device)
+    Bm, Cm = torch.randn(2, b, L, G, N, device=device).to(torch.bfloat16).unbind(0)
+    D = torch.randn(H, P, device=device)
+    z = torch.randn(b, L, H, P, device=device).to(torch.bfloat16)
+    bias = torch.randn(H, device=device)
+    h0 = torch.randn(b if n_states is None else n_states, H, P, N, device=device)
+    return x, dt, A, Bm, Cm, D, z, bias, h0
+
 def check_from_cases(cases, check_case):
     """A family's whole `check(backend, device, full=False) -> [CheckRow]` from its two parts:
     `cases(backend, device, full)` (picklable descriptions, in report order; no random draws) and

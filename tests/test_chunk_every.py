@@ -186,17 +186,11 @@ def test_ssd_every(small_chunks, monkeypatch, every):
     silu(z) in the output epilogue, inference, rows and a packed batch: the replay scales v rows
     and forms the decays as the state pass does."""
     from ssm_kernels.ssd.reference import ssd_ref
+    from ssm_kernels.testing import ssd_inputs
     monkeypatch.setattr(common, "H_EVERY", every)
     monkeypatch.setattr(common, "OUT_DECAY_O", True)
     b, L, H, P, G, N = 2, 83, 4, 16, 2, 32
-    x = torch.randn(b, L, H, P, device=DEVICE).to(torch.bfloat16)
-    dt = torch.randn(b, L, H, device=DEVICE)
-    A = -2 * torch.rand(H, device=DEVICE)
-    Bm, Cm = torch.randn(2, b, L, G, N, device=DEVICE).to(torch.bfloat16).unbind(0)
-    D = torch.randn(H, P, device=DEVICE)
-    z = torch.randn(b, L, H, P, device=DEVICE).to(torch.bfloat16)
-    bias = torch.randn(H, device=DEVICE)
-    h0 = torch.randn(b, H, P, N, device=DEVICE)
+    x, dt, A, Bm, Cm, D, z, bias, h0 = ssd_inputs(b, L, H, P, G, N, DEVICE)
     kw = dict(D=D, z=z, dt_bias=bias, initial_states=h0, dt_softplus=True)
     with torch.no_grad():
         y, s = sk.mamba_chunk_scan_combined(x, dt, A, Bm, Cm, 64, return_final_states=True,

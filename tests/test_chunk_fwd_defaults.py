@@ -118,22 +118,14 @@ def test_ssd_defaults_vs_old_path(small_chunks, monkeypatch, grad, varlen):
     initial states: y and final states within the float64 reference's bound, gradients bitwise
     the old path's but dz (it reads the forward's y: within the bound of the old path's)."""
     from ssm_kernels.ssd.reference import ssd_ref
-    from ssm_kernels.testing import assert_close
+    from ssm_kernels.testing import assert_close, ssd_inputs
     b, L, H, P, G, N = 2, 83, 4, 16, 2, 32
     cu = None
     if varlen:
         b, L = 1, 149
         cu = torch.tensor([0, 0, 1, 51, 88, 149], device=DEVICE, dtype=torch.int32)
-    x = torch.randn(b, L, H, P, device=DEVICE).to(torch.bfloat16)
-    dt = torch.randn(b, L, H, device=DEVICE)
-    A = -2 * torch.rand(H, device=DEVICE)
-    Bm, Cm = torch.randn(2, b, L, G, N, device=DEVICE).to(torch.bfloat16).unbind(0)
-    D = torch.randn(H, P, device=DEVICE)
-    z = torch.randn(b, L, H, P, device=DEVICE).to(torch.bfloat16)
-    bias = torch.randn(H, device=DEVICE)
-    ns = b if cu is None else cu.numel() - 1
-    h0 = torch.randn(ns, H, P, N, device=DEVICE)
-    ins = [x, dt, A, Bm, Cm, D, z, bias, h0]
+    ins = ssd_inputs(b, L, H, P, G, N, DEVICE, n_states=None if cu is None else cu.numel() - 1)
+    x, dt, A, Bm, Cm, D, z, bias, h0 = ins
 
     def run():
         leaves = [t.detach().clone().requires_grad_(grad) for t in ins]
