@@ -73,6 +73,21 @@ def planned_bwd(u: torch.Tensor, A: torch.Tensor):
     return bwd
 
 
+def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, delta_softplus: bool,
+                       save_ckpt: bool):
+    """One CUDA forward, unplanned (tests and benches call the kernel directly with this; the op
+    memoises `planned_fwd`)."""
+    return planned_fwd(u, A, cu_seqlens, save_ckpt)(u, delta, A, B, C, D, z, delta_bias, h0,
+                                                    cu_seqlens, delta_softplus, save_ckpt)
+
+
+def selective_scan_bwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt, dout, dlast,
+                       delta_softplus: bool):
+    """One CUDA backward, unplanned (as `selective_scan_fwd`): `planned_bwd`'s gradients."""
+    return planned_bwd(u, A)(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, ckpt, dout,
+                             dlast, delta_softplus)
+
+
 def bwd_reason(u: torch.Tensor, A: torch.Tensor, cu_seqlens) -> str | None:
     """Why the CUDA backward cannot serve this call (None if it can)."""
     why = reason(u, A, cu_seqlens)
