@@ -134,8 +134,8 @@ def install_stub():
             f32 = dict(dtype=torch.float32, device=u.device)
             dim, N = A.shape
             nseq = u.shape[0] if cu is None else cu.shape[0] - 1
-            return (torch.empty_like(u), torch.empty((nseq, dim, N), **f32),
-                    torch.empty((rows, dim, N), **f32))
+            return [torch.empty_like(u), torch.empty((nseq, dim, N), **f32),  # a list, as pybind's
+                    torch.empty((rows, dim, N), **f32)]                        # std::vector
 
         @staticmethod
         def selective_scan_bwd(u, delta, A, B, C, D, z, bias, cu, offs, ckpt, dout, dlast, softplus,

@@ -1,8 +1,9 @@
-"""The chunk engine's forward defaults of session 8 (chunk/common.py FWD_AUTO, knobs None): for
-16-bit GATE 1 (chunk_simple_gla, SSD) every 2nd chunk's state stored by a coarse state pass, the
-decay on the rows of q h and one V tile of 128 at 8 warps; GATE 0 and float32 keep the old path.
-Against the old path (every knob off, set explicitly): float32 and linear attention bitwise equal;
-16-bit GATE 1 outputs and final states within the float64 reference's bound, every gradient
+"""The chunk engine's forward defaults of sessions 8-9 (chunk/common.py FWD_AUTO, knobs None):
+for 16-bit GATE 0 and 1 (chunk_linear_attn, chunk_simple_gla, SSD inference) every 2nd chunk's
+state stored by a coarse state pass, one V tile of 128 at 8 warps (scores early there), GATE 1's
+decay on the rows of q h; float32 and SSD's training forward keep the old path.
+Against the old path (every knob off, set explicitly): float32 bitwise equal;
+16-bit outputs and final states within the float64 reference's bound, every gradient
 bitwise equal (the backward recomputes its states, or, SAVE_STATES=2, takes kept ones from a
 forward that then stores every state with the old state pass), dense rows with an initial state
 (T not a multiple of the chunk), packed batches with an empty and a one-token sequence, inference
@@ -14,12 +15,12 @@ import ssm_kernels as sk
 from ssm_kernels.chunk import bwd as cb, common, fwd as cf
 
 from conftest import DEVICE, kernel_backends
-from test_chunk_every import CH, _call, _check, _inputs, small_chunks  # noqa: F401
+from test_chunk_every import CH, S, _call, _check, _inputs, small_chunks  # noqa: F401
 
 pytestmark = pytest.mark.skipif("triton" not in kernel_backends(), reason="needs Triton")
 
 OLD = dict(H_EVERY=1, STATE_COARSE=False, OUT_BLOCK_V=common.BLOCK_V, OUT_DECAY_O=False,
-           OUT_WARPS=None)
+           OUT_WARPS=None, OUT_SCORES_EARLY=False)
 GATE = {"none": 0, "scalar": 1}
 
 
@@ -60,9 +61,11 @@ def _equal(a, b, what):
         assert torch.equal(x, y), f"{what} [{i}] differs: max {(x.double() - y.double()).abs().max()}"
 
 
-CASES = {   # name -> (B, T, H, K, V, cu_seqlens)
-    "dense": (2, 83, 2, 72, 40, None),
-    "varlen": (1, 149, 2, 24, 40, [0, 0, 1, 51, 88, 149]),
+# packed: an empty and a one-token sequence, then 50, 37 and 61 chunk-lengths of 16 tokens
+VARLEN_CU = [0, 0, 1, 1 + 50 * S, 1 + 87 * S, 1 + 148 * S]
+CASES = {   # name -> (B, T, H, K, V, cu_seqlens); T in units of CH / 16 (see test_chunk_every.S)
+    "dense": (2, 83 * S, 2, 72, 40, None),
+    "varlen": (1, VARLEN_CU[-1], 2, 24, 40, VARLEN_CU),
 }
 
 
@@ -80,9 +83,10 @@ def test_defaults_vs_old_path(small_chunks, monkeypatch, gate, dtype, case, grad
     monkeypatch.setattr(common, "SAVE_STATES", save)
     (old, gold), n_old = _run(monkeypatch, OLD, lambda: _fwd_bwd(gate, ins, cu, grad))
     (new, gnew), n_new = _run(monkeypatch, {}, lambda: _fwd_bwd(gate, ins, cu, grad))
-    # 16-bit GATE 1: decay on the rows of q h, V tile 128 (o rounds differently); every 2nd
-    # state stored by the coarse pass unless the forward keeps every state for the backward
-    changed = dtype != torch.float32 and GATE[gate] == 1
+    # 16-bit (GATE 0 since session 9, GATE 1 since 8): every 2nd state stored by the coarse
+    # pass (the output replays the others: o rounds differently), GATE 1's decay on the rows of
+    # q h, V tile 128, unless the forward keeps every state for the backward
+    changed = dtype != torch.float32
     new_path = changed and not (grad and save == 2)
     nch = n_old[0]
     # the forward's state pass stores every 2nd state on the new path (rows: ceil(NT / 2) per
@@ -115,15 +119,16 @@ def test_defaults_vs_old_path(small_chunks, monkeypatch, gate, dtype, case, grad
 @pytest.mark.parametrize("varlen", [False, True], ids=["rows", "varlen"])
 def test_ssd_defaults_vs_old_path(small_chunks, monkeypatch, grad, varlen):
     """SSD (GATE 1, P=16 < 128: one V tile either way) with D (H, P), z, dt_bias, softplus and
-    initial states: y and final states within the float64 reference's bound, gradients bitwise
-    the old path's but dz (it reads the forward's y: within the bound of the old path's)."""
+    initial states. Inference: the new forward, y and final states within the float64
+    reference's bound. Training: the old path's forward (FWD_AUTO off: it was faster f+b),
+    everything bitwise the old path's."""
     from ssm_kernels.ssd.reference import ssd_ref
     from ssm_kernels.testing import assert_close, ssd_inputs
-    b, L, H, P, G, N = 2, 83, 4, 16, 2, 32
+    b, L, H, P, G, N = 2, 83 * S, 4, 16, 2, 32
     cu = None
     if varlen:
-        b, L = 1, 149
-        cu = torch.tensor([0, 0, 1, 51, 88, 149], device=DEVICE, dtype=torch.int32)
+        b, L = 1, VARLEN_CU[-1]
+        cu = torch.tensor(VARLEN_CU, device=DEVICE, dtype=torch.int32)
     ins = ssd_inputs(b, L, H, P, G, N, DEVICE, n_states=None if cu is None else cu.numel() - 1)
     x, dt, A, Bm, Cm, D, z, bias, h0 = ins
 
@@ -145,13 +150,13 @@ def test_ssd_defaults_vs_old_path(small_chunks, monkeypatch, grad, varlen):
         return (y.detach(), s.detach()), g
     (old, gold), _ = _run(monkeypatch, OLD, run)
     (new, gnew), n_new = _run(monkeypatch, {}, run)
-    assert n_new[0] < _run(monkeypatch, OLD, run)[1][0], "the new forward stores fewer states"
-    if grad:
-        # dz = dy silu'(z) y_pre reads the forward's y (the gate is applied outside the op on
-        # the training path): close to the old path's, the rest recomputed bitwise the same
-        _equal(gnew[:6] + gnew[7:], gold[:6] + gold[7:], "gradients but dz")
-        assert_close(gnew[6], gold[6].double(), dtype=torch.bfloat16,
-                     lowp_ref=gold[6].double(), name="dz vs old path")
+    n_old = _run(monkeypatch, OLD, run)[1]
+    if grad:   # SSD's training forward is the old path: the same states, bitwise everything
+        assert n_new == n_old, (n_new, n_old)
+        _equal(new, old, "y, states")
+        _equal(gnew, gold, "gradients")
+        return
+    assert n_new[0] < n_old[0], "the new forward stores fewer states"
     kw = dict(D=D, z=z, dt_bias=bias, initial_states=h0, dt_softplus=True)
     d = lambda t: t.double() if torch.is_tensor(t) else t  # noqa: E731
     if cu is None:
@@ -177,7 +182,7 @@ def test_scores_early_bitwise(small_chunks, monkeypatch, gate, dtype, case, ever
     B, T, H, K, V, cu = CASES[case]
     cu = None if cu is None else torch.tensor(cu, device=DEVICE, dtype=torch.int32)
     ins = _inputs(B, T, H, K, V, gate, dtype, n_seq=None if cu is None else cu.numel() - 1)
-    kn = dict(H_EVERY=every)
+    kn = dict(H_EVERY=every, OUT_SCORES_EARLY=False)
     (base, _), n = _run(monkeypatch, kn, lambda: _fwd_bwd(gate, ins, cu, False))
     (got, _), _ = _run(monkeypatch, dict(kn, OUT_SCORES_EARLY=True),
                        lambda: _fwd_bwd(gate, ins, cu, False))

@@ -124,13 +124,14 @@ def _case_fns():
     c["fft_conv gates"] = (lambda: sk.fft_conv(uc, kc, Dc, pre_gate=pg, post_gate=qg), [uc, kc, pg, qg])
     # 16-bit storage: monarch16, unblocked (L = 1024, N = 2048) and row-blocked by default
     # (L = 2048, N = 4096: BJ 32, 4 warps), the filter and DFT tables cached outside the capture
-    for L in (1024, 2048):
-        ub, pb, qb = (_r(2, 24, L, dtype=bf16) for _ in range(3))
-        kb = _r(24, L) / L ** 0.5
-        c[f"fft_conv bf16 L{L}"] = (lambda ub=ub, kb=kb: sk.fft_conv(ub, kb, Dc), [ub, kb, Dc])
-        c[f"fft_conv bf16 L{L} gates"] = (
-            lambda ub=ub, kb=kb, pb=pb, qb=qb: sk.fft_conv(ub, kb, Dc, pre_gate=pb, post_gate=qb),
-            [ub, kb, pb, qb])
+    # (own names: the lambdas above read qb, kb, L late, when they run)
+    for Lf in (1024, 2048):
+        uf, pf, qf = (_r(2, 24, Lf, dtype=bf16) for _ in range(3))
+        kf = _r(24, Lf) / Lf ** 0.5
+        c[f"fft_conv bf16 L{Lf}"] = (lambda uf=uf, kf=kf: sk.fft_conv(uf, kf, Dc), [uf, kf, Dc])
+        c[f"fft_conv bf16 L{Lf} gates"] = (
+            lambda uf=uf, kf=kf, pf=pf, qf=qf: sk.fft_conv(uf, kf, Dc, pre_gate=pf, post_gate=qf),
+            [uf, kf, pf, qf])
     log_dt, As4 = _r(24) * 0.1 - 3, torch.complex(-torch.rand(24, 16, device=dev), _r(24, 16))
     C4 = torch.randn(24, 16, device=dev, dtype=torch.complex64)
     c["s4d_kernel"] = (lambda: sk.s4d_kernel(log_dt, As4, C4, 500), [log_dt])

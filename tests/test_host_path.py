@@ -311,6 +311,57 @@ def test_parameters_get_gradients_through_the_eager_path(backend):
     assert k.grad is not None and k.grad.abs().sum() > 0
 
 
+class _ListExtension:
+    """ssm_kernels._C's selective scan computed by the reference, returning lists as the real
+    pybind binding (std::vector) does: the CPU stand-in for the GPU's default path."""
+    @staticmethod
+    def selective_scan_fwd(u, delta, A, B, C, D, z, bias, h0, cu, offs, softplus, ck_len, rows):
+        from ssm_kernels.selective_scan.reference import selective_scan_fwd_ref
+        return list(selective_scan_fwd_ref(u, delta, A, B, C, D, z, bias, h0, cu, softplus, True))
+
+    @staticmethod
+    def selective_scan_bwd(u, delta, A, B, C, D, z, bias, cu, offs, ckpt, dout, dlast, softplus,
+                           ck_len, want_dh0):
+        from ssm_kernels.selective_scan.reference import selective_scan_bwd_ref
+        g = selective_scan_bwd_ref(u, delta, A, B, C, D, z, bias, None, cu, softplus, dout, dlast)
+        return [u.new_empty((0,)) if x is None else x for x in g]
+
+
+def test_selective_scan_cuda_host_path_is_differentiable(monkeypatch):
+    """The CUDA backend's host path (memoised plans, eager backward) with an extension that
+    returns lists: the output has a grad_fn and the gradients are the reference backend's
+    (a list returned from an autograd.Function's forward silently dropped them on the GPU)."""
+    from ssm_kernels import _backend
+    from ssm_kernels.selective_scan import interface as si
+    monkeypatch.setattr(_backend, "_cuda_ext", _ListExtension())
+    monkeypatch.setattr(_backend, "_cuda_ext_tried", True)
+    monkeypatch.setattr(_backend, "_cuda_ext_error", None)
+    monkeypatch.setattr(_backend, "cuda_reason", lambda device: None)
+    memos = (si._fwd_impl.cache, si._bwd_impl.cache, si._select_bwd.cache, si._checked)
+    for m in memos:
+        m.clear()
+    try:
+        gen = torch.Generator().manual_seed(3)
+        u, dt, z = (torch.randn(2, 6, 20, generator=gen) for _ in range(3))
+        A = -torch.rand(6, 4, generator=gen)
+        Bm, Cm = torch.randn(2, 4, 20, generator=gen), torch.randn(2, 4, 20, generator=gen)
+        D, bias = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
+        ins = (u, dt, A, Bm, Cm, D, z, bias)
+        grads = {}
+        for backend in ("cuda", "reference"):
+            sk.selective_scan_fn(*ins, True, backend=backend)   # a no-grad call first (memos)
+            leaves = [t.clone().requires_grad_() for t in ins]
+            out, last = sk.selective_scan_fn(*leaves, True, True, backend=backend)
+            assert out.grad_fn is not None and last.grad_fn is not None, backend
+            (out.sum() + last.square().sum()).backward()
+            grads[backend] = [t.grad for t in leaves]
+        for name, a, b in zip("u dt A B C D z bias".split(), grads["cuda"], grads["reference"]):
+            torch.testing.assert_close(a, b, msg=name)
+    finally:
+        for m in memos:
+            m.clear()
+
+
 def test_value_checks_name_the_argument_on_cpu():
     q = k = v = torch.randn(1, 8, 1, 4)
     with pytest.raises(ValueError, match="chunk_simple_gla: g holds log-decays and must be <= 0"):

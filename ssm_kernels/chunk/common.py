@@ -116,29 +116,38 @@ OUT_DECAY_O = None
 # H_EVERY > 1, GATE 0/1: the output stage forms the chunk's own scores q k^T in its first K loop
 # (q, k^T loaded once) and holds them through the replay, instead of re-reading q and k after it
 # (4096 x 32 KB = 134 MB of L2 reads fewer at B4 T4096 H16 K=V=128; +16 registers per thread at
-# BV=128, 8 warps). Bitwise the same o. Off until timed (bench/gpu_chunk.py FWD_DEFAULTS=1).
-OUT_SCORES_EARLY = False
+# BV=128, 8 warps). Bitwise the same o. None: FWD_AUTO's, and only at a V tile of 128 (at SSD's
+# 64 on 4 warps, 168 -> 193 registers, it lost: 0.314 vs 0.288 ms, H100 session 9).
+OUT_SCORES_EARLY = None
 # the values the None knobs above take, per gate (0 plain, 1 scalar decay and SSD), for 16-bit
 # inputs (float32 keeps H_EVERY 1, BLOCK_V, 4 warps, q scaled before the dot: never timed).
 # H100 session 8 (bf16, fwd ms, B4 T4096 H16 K=V=128; SSD B4 L4096 H32 P64 N128): simple_gla
 # default 0.332, decay_o 0.295, decay_o bv128 0.287, every2 coarse 0.292, every2 bv128 w8 coarse
 # 0.270 (fla 0.261); SSD default 0.333, decay_o 0.300, every2 coarse 0.285 (mamba 0.403);
-# linear_attn default 0.288, decay_o bv128 w8 0.291, every4 bv128 w8 0.301 (every2 coarse not
-# timed: kept off until it is). The state stage alone: every state 0.129, every 2nd coarse 0.096.
+# linear_attn default 0.288, decay_o bv128 w8 0.291, every4 bv128 w8 0.301. The state stage
+# alone: every state 0.129, every 2nd coarse 0.096. Session 9 (FWD_DEFAULTS=1, same shapes):
+# simple_gla 0.267 -> 0.249 with the scores early (fla 0.257); linear_attn 0.281 -> every2 coarse
+# bv128 0.265 -> + scores early 0.235 (fla 0.345 in that run); SSD's stays 0.288 (early: 0.314).
+# SSD's *training* forward keeps the old path (`chunk_fwd_keep`): its f+b measured 1.538 with
+# these against 1.393 without, while its inference forward gains (0.338 -> 0.288).
 FWD_AUTO = {
-    0: dict(H_EVERY=1, STATE_COARSE=True, OUT_BLOCK_V=None, OUT_DECAY_O=False),
-    1: dict(H_EVERY=2, STATE_COARSE=True, OUT_BLOCK_V=128, OUT_DECAY_O=True),
+    0: dict(H_EVERY=2, STATE_COARSE=True, OUT_BLOCK_V=128, OUT_DECAY_O=False,
+            OUT_SCORES_EARLY=True),
+    1: dict(H_EVERY=2, STATE_COARSE=True, OUT_BLOCK_V=128, OUT_DECAY_O=True,
+            OUT_SCORES_EARLY=True),
 }
-_FWD_OFF = dict(H_EVERY=1, STATE_COARSE=False, OUT_BLOCK_V=None, OUT_DECAY_O=False)
+_FWD_OFF = dict(H_EVERY=1, STATE_COARSE=False, OUT_BLOCK_V=None, OUT_DECAY_O=False,
+                OUT_SCORES_EARLY=False)
 
 
-def fwd_knob(name: str, gate: int, lowp: bool):
-    """The value of forward knob `name` (H_EVERY, STATE_COARSE, OUT_BLOCK_V, OUT_DECAY_O) for a
-    call of this gate: the knob if set, else FWD_AUTO's for 16-bit inputs, else off."""
+def fwd_knob(name: str, gate: int, auto: bool):
+    """The value of forward knob `name` (H_EVERY, STATE_COARSE, OUT_BLOCK_V, OUT_DECAY_O,
+    OUT_SCORES_EARLY) for a call of this gate: the knob if set, else FWD_AUTO's where `auto`
+    (16-bit inputs; not SSD's training forward: fwd.Plan.fwd_auto), else off."""
     v = globals()[name]
     if v is not None:
         return v
-    return (FWD_AUTO[gate] if lowp and gate in FWD_AUTO else _FWD_OFF)[name]
+    return (FWD_AUTO[gate] if auto and gate in FWD_AUTO else _FWD_OFF)[name]
 
 
 # GATE 2 (chunk_gla): one launch (gla._intra_prep_kernel) takes the raw g and writes Gc, the

@@ -451,7 +451,9 @@ class Plan:
         else:
             self.ct = self.co = None
         self.hdtype = state_store_dtype(q.dtype)
-        self.lowp = q.dtype != torch.float32
+        # FWD_AUTO's measured knobs apply (16-bit inputs; chunk_fwd_keep turns them off for
+        # SSD's training forward)
+        self.fwd_auto = q.dtype != torch.float32
         self._slots = {}
 
     def state_index(self, every: int):
@@ -487,7 +489,7 @@ def chunk_states(p: Plan, k, v, g, vs, A, h0, store_h=True, every=1, pre=False, 
     cu, co, _ = p.idx_args(ht)
     BT, EVERY = p.BT, (every if store_h else 1)
     if (EVERY > 1 and EVERY & (EVERY - 1) == 0 and p.gate < 2 and not pre
-            and common.fwd_knob("STATE_COARSE", p.gate, p.lowp)):
+            and common.fwd_knob("STATE_COARSE", p.gate, p.fwd_auto)):
         # chunks of every x BT tokens: the stored states are the same ones, at slots
         # n * cdiv(T, every BT) + i (rows) or cor[n] + i (packed: cor is their first-slot table)
         BT, EVERY = BT * every, 1
@@ -647,6 +649,13 @@ def saved_layout(q, v, g, cu_seqlens, g_from_vs: bool, save: bool):
     return (num_chunks(B, T, N, BT, varlen), v.shape[2], K, V), gc
 
 
+def _scores_early(p, BV: int) -> bool:
+    """OUT_SCORES_EARLY if set, else FWD_AUTO's at a V tile of 128 only (see common)."""
+    if common.OUT_SCORES_EARLY is not None:
+        return bool(common.OUT_SCORES_EARLY)
+    return BV >= 128 and bool(common.fwd_knob("OUT_SCORES_EARLY", p.gate, p.fwd_auto))
+
+
 def chunk_fwd(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor] = None,
               A: Optional[torch.Tensor] = None, D: Optional[torch.Tensor] = None,
               z: Optional[torch.Tensor] = None):
@@ -668,6 +677,8 @@ def chunk_fwd_keep(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor]
     will be taken), else empty views (of this call's own buffers: no allocation; the registered
     ops' autograd keeps nothing for an empty one, so no buffer outlives the call)."""
     p = Plan(q, v, g, cu_seqlens, A is not None)
+    if save and A is not None:   # SSD training: f+b 1.538 ms with FWD_AUTO vs 1.393 without (H100)
+        p.fwd_auto = False
     m = p.meta
     assert p.gate < 2 or (D is None and z is None), "the D / z epilogue is SSD's (GATE 1)"
     keep_h, keep_gc = saved_layout(q, v, g, cu_seqlens, A is not None, save)
@@ -679,7 +690,7 @@ def chunk_fwd_keep(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor]
     # GLA_PREP only, whose pre-decayed rows make the replay's scores plain products)
     pre = p.gate == 2 and gla.use_prep(p)
     every = 1 if (keep_h or (p.gate == 2 and not pre)) else max(
-        1, common.fwd_knob("H_EVERY", p.gate, p.lowp))
+        1, common.fwd_knob("H_EVERY", p.gate, p.fwd_auto))
     if pre:
         # one launch: Gc (every later stage of the backward reads it), q exp2(Gc), k exp2(G_last -
         # Gc), G_last and the scores; the state pass and the output read those
@@ -702,7 +713,7 @@ def chunk_fwd_keep(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor]
         a = gla.intra_scores(p, q, k, g, scale, a=ws[1]) if p.gate == 2 else d
     o = common.poison(torch.empty_like(v))
     cu, _, ct = p.idx_args(ht)
-    obv = None if p.gate == 2 else common.fwd_knob("OUT_BLOCK_V", p.gate, p.lowp)
+    obv = None if p.gate == 2 else common.fwd_knob("OUT_BLOCK_V", p.gate, p.fwd_auto)
     BV = m["BVO"] if obv is None else max(16, min(obv, next_power_of_2(p.V)))
     # GATE 0/1: 8 warps for a V tile of 128 (sm_90: 111 registers at 8 warps with DECAY_O)
     warps = common.OUT_WARPS or (8 if p.gate < 2 and BV >= 128 else 4)
@@ -715,7 +726,7 @@ def chunk_fwd_keep(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor]
         BT=p.BT, BK=m["BK"], BV=BV, DT=m["DT"], IEEE=m["IEEE"],
         D_ptr=d if D is None else D, z_ptr=d if z is None else z, HAS_D=D is not None,
         HAS_Z=z is not None, EVERY=every, cor_ptr=d if cor is None else cor,
-        DECAY_O=p.gate < 2 and bool(common.fwd_knob("OUT_DECAY_O", p.gate, p.lowp)), PRE=pre,
-        SCORES_EARLY=bool(common.OUT_SCORES_EARLY) and every > 1 and p.gate < 2,
+        DECAY_O=p.gate < 2 and bool(common.fwd_knob("OUT_DECAY_O", p.gate, p.fwd_auto)), PRE=pre,
+        SCORES_EARLY=every > 1 and p.gate < 2 and _scores_early(p, BV),
         num_warps=warps, num_stages=1 if m["IEEE"] == 1 else 2)
     return (o, ht) + kept

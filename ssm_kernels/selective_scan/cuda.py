@@ -33,13 +33,16 @@ def planned_fwd(u: torch.Tensor, A: torch.Tensor, cu_seqlens, save_ckpt: bool):
     rows = ckpt_rows(u.shape[0], u.shape[2], N, cu_seqlens) if save_ckpt else 0
 
     def fwd(u, delta, A, B, C, D, z, delta_bias, h0, cu_seqlens, delta_softplus, save_ckpt):
+        # a tuple, not the binding's list: an autograd.Function forward that returns a list
+        # gives its outputs no grad_fn (the op's result would silently not be differentiable)
         ext = cuda_extension()
         if cu_seqlens is None:
-            return ext.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, None, None,
-                                          bool(delta_softplus), ck_len, rows)
+            return tuple(ext.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, None,
+                                                None, bool(delta_softplus), ck_len, rows))
         cu = cu_seqlens.to(torch.int32).contiguous()
-        return ext.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, cu,
-                                      ckpt_offsets(cu, N), bool(delta_softplus), ck_len, rows)
+        return tuple(ext.selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, h0, cu,
+                                            ckpt_offsets(cu, N), bool(delta_softplus), ck_len,
+                                            rows))
     return fwd
 
 
