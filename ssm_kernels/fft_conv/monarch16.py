@@ -371,6 +371,30 @@ def _conv(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_ks, p_f1h, p_f1g, p_f2, p_tw
 
 
 @triton.jit
+def _program_prologue(ks_ptr, kscale_ptr, d_ptr, B, L, B_PER, HAS_D: tl.constexpr,
+                      N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr):
+    """The program prologue of every kernel of the forward's shape (the forward, the split
+    backward's du kernel, the float32 forward): channel i_h = program_id(0), batch slice
+    program_id(1); the time-tile offsets o_t and their mask m_t; the table offsets (row-blocked
+    when BJ: then ks_ptr is moved to the channel's filter planes and p_ks is unused, else p_ks
+    addresses them from the base); the filter scale, the slice's rows [b_start, b_end), and D."""
+    i_h, i_s = tl.program_id(0), tl.program_id(1)
+    o_t, p_f1h, p_f1g, p_f2, p_tw = _offsets(N1, N2, R1)
+    m_t = o_t < L
+    if BJ:
+        p_f1h, p_f1g, p_tw = _blk_offsets(N1, N2, R1, BJ)
+        ks_ptr += i_h.to(tl.int64) * 2 * N1 * N2
+        p_ks = p_tw  # unused
+    else:
+        p_ks = i_h.to(tl.int64) * 2 * N1 * N2 + p_tw
+    b_ks, b_start, b_end = _channel(kscale_ptr, i_h, i_s, B, B_PER)
+    b_d = 0.0
+    if HAS_D:
+        b_d = tl.load(d_ptr + i_h)
+    return i_h, o_t, m_t, p_f1h, p_f1g, p_f2, p_tw, ks_ptr, p_ks, b_ks, b_start, b_end, b_d
+
+
+@triton.jit
 def _monarch16_fwd_kernel(
     # pointers: u, pre, post, y [B, H, L] contiguous (16-bit); d [H] fp32;
     # ks [H, 2, N1, N2] fp16, kscale [H] fp32 (filter_tables); f1 [2, N1, N1], f2 [2, N2, N2],
@@ -385,19 +409,8 @@ def _monarch16_fwd_kernel(
     # TWC: the inverse reads conj(T) from its own copy (TWIDDLE_CONJ_COPY), else T conjugated
     BJ: tl.constexpr, TWC: tl.constexpr,
 ):
-    i_h, i_s = tl.program_id(0), tl.program_id(1)
-    o_t, p_f1h, p_f1g, p_f2, p_tw = _offsets(N1, N2, R1)
-    m_t = o_t < L
-    if BJ:
-        p_f1h, p_f1g, p_tw = _blk_offsets(N1, N2, R1, BJ)
-        ks_ptr += i_h.to(tl.int64) * 2 * N1 * N2
-        p_ks = p_tw  # unused
-    else:
-        p_ks = i_h.to(tl.int64) * 2 * N1 * N2 + p_tw
-    b_ks, b_start, b_end = _channel(kscale_ptr, i_h, i_s, B, B_PER)
-    b_d = 0.0
-    if HAS_D:
-        b_d = tl.load(d_ptr + i_h)
+    (i_h, o_t, m_t, p_f1h, p_f1g, p_f2, p_tw, ks_ptr, p_ks, b_ks, b_start, b_end,
+     b_d) = _program_prologue(ks_ptr, kscale_ptr, d_ptr, B, L, B_PER, HAS_D, N1, N2, R1, BJ)
     for i_b in range(b_start, b_end, 2):
         p_a, p_b, m_b = _pair_rows(i_b, i_h, H, L, o_t, b_end)
         # ---- prologue: v = u * pre_gate, one power-of-two scale per row (the transform is
@@ -825,19 +838,8 @@ def _monarch16_du_kernel(
     HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, SAVEQ: tl.constexpr,
     N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr, TWC: tl.constexpr,
 ):
-    i_h, i_s = tl.program_id(0), tl.program_id(1)
-    o_t, p_f1h, p_f1g, p_f2, p_tw = _offsets(N1, N2, R1)
-    m_t = o_t < L
-    if BJ:
-        p_f1h, p_f1g, p_tw = _blk_offsets(N1, N2, R1, BJ)
-        ks_ptr += i_h.to(tl.int64) * 2 * N1 * N2
-        p_ks = p_tw  # unused
-    else:
-        p_ks = i_h.to(tl.int64) * 2 * N1 * N2 + p_tw
-    b_ks, b_start, b_end = _channel(kscale_ptr, i_h, i_s, B, B_PER)
-    b_d = 0.0
-    if HAS_D:
-        b_d = tl.load(d_ptr + i_h)
+    (i_h, o_t, m_t, p_f1h, p_f1g, p_f2, p_tw, ks_ptr, p_ks, b_ks, b_start, b_end,
+     b_d) = _program_prologue(ks_ptr, kscale_ptr, d_ptr, B, L, B_PER, HAS_D, N1, N2, R1, BJ)
     for i_b in range(b_start, b_end, 2):
         p_a, p_b, m_b = _pair_rows(i_b, i_h, H, L, o_t, b_end)
         _, ga = _load_g(dy_ptr, post_ptr, p_a, m_t, HAS_POST)
