@@ -486,7 +486,8 @@ def fft_conv_split_cases():
 M16_F32 = ((2048, 4, 0, False), (2048, 4, 0, True), (2048, 4, 32, False), (2048, 4, 16, False),
            (4096, 4, 0, False), (4096, 4, 32, False), (4096, 4, 16, False), (4096, 8, 32, False),
            (4096, 4, 32, True), (8192, 8, 0, False), (8192, 8, 32, False), (8192, 8, 16, False),
-           (8192, 4, 16, False), (8192, 8, 32, True))
+           (8192, 4, 16, False), (8192, 8, 32, True), (4096, 8, 32, True), (8192, 8, 16, True),
+           (2048, 4, 32, True), (2048, 8, 32, False), (2048, 8, 16, False))
 
 
 def fft_conv_f32_cases():
