@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_fft as G  # noqa: E402  (sets TRITON_INTERPRET for smoke runs before triton loads)
-from gpu_fft import SMOKE, bench, fwd_bwd, log  # noqa: E402
+from gpu_fft import SMOKE, fwd_bwd, kinfo, log, plan_rows, time_fwd_fb  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -46,14 +46,18 @@ F32 = torch.float32
 CONFIGS = {
     "default": (False, {}, {}),
     "f32": (True, {}, {}),
-    "f32 unblocked": (True, {2048: 0, 4096: 0, 8192: 0}, {4096: (4, 1)}),
-    "f32 bj16": (True, {2048: 16, 4096: 16, 8192: 16}, {4096: (4, 1), 8192: (8, 1)}),
-    "f32 bj32": (True, {2048: 32, 4096: 32, 8192: 32}, {4096: (8, 1), 8192: (8, 1)}),
+    "f32 bj16": (True, {2048: 16, 4096: 16}, {2048: (4, 1), 4096: (4, 1)}),
+    "f32 bj32": (True, {2048: 32, 4096: 32, 8192: 32}, {2048: (4, 1), 4096: (8, 1), 8192: (8, 1)}),
+    "f32 w4": (True, {8192: 16}, {8192: (4, 1)}),
 }
+# (offline sm_90, ptxas 12.9, D on, no gates: regs / spill bytes) the code's tables: N = 2048
+# unblocked 4 warps 255 / 0, 4096 BJ 32 8 warps 172 / 0, 8192 BJ 16 8 warps 234 / 0; "f32 bj16"
+# 2048: 255 / 28, 4096 (4 warps): 255 / 8; "f32 bj32" 2048: 255 / 28, 8192: 255 / 52; "f32 w4"
+# 8192: 255 / 60 (bench/NOTES.md "fft9")
 # (L, gates, configurations), most informative first (the budget cuts from the end)
 PLAN = [
-    (1024, False, ("default", "f32", "f32 unblocked", "f32 bj16")),
-    (4096, False, ("default", "f32", "f32 bj32", "f32 bj16")),
+    (1024, False, ("default", "f32", "f32 bj32", "f32 bj16")),
+    (4096, False, ("default", "f32", "f32 bj32", "f32 w4")),
     (16384, False, ("default", "f32")),
     (2048, False, ("default", "f32", "f32 bj16")),
     (4096, True, ("default", "f32")),
@@ -138,39 +142,25 @@ def check_case(B, H, L, Lk, gates, decay):
                      value=e_c, unit="rel"))
 
 
-def kinfo(kern):
-    if kern is None or SMOKE:
-        return "-"
-    return f"{getattr(kern, 'n_regs', '?')}/{getattr(kern, 'n_spills', '?')}"
+def _timing_inputs(L, gates):
+    B, H = S(2, 8), S(3, 768)
+    return make(B, H, L, L, gates, False, seed=1), torch.randn(B, H, L, device=G.DEV)
 
 
 def time_row(L, gates, name):
-    B, H = S(2, 8), S(3, 768)
-    ins = make(B, H, L, L, gates, False, seed=1)
-    dy = torch.randn(B, H, L, device=G.DEV)
-    insg = [None if x is None else x.detach().requires_grad_() for x in ins]
-    live = [x for x in insg if x is not None]
+    ins, dy = _timing_inputs(L, gates)
     r = {}
     with knobs(name):
         r["path"] = fi.triton_path("fwd", ins[0], L) + "/" + fi.triton_path("bwd", ins[0], L, gates)
         m16.last_f32_kernel = None
-        with torch.no_grad():
-            r["fwd"] = bench(lambda: ours(*ins))
+        r["fwd"], r["f+b"] = time_fwd_fb(ours, ins, dy)
         r["k"] = kinfo(m16.last_f32_kernel)
-        r["f+b"] = bench(lambda: torch.autograd.grad(ours(*insg), live, dy))
     return r
 
 
 def time_torch(L, gates):
-    B, H = S(2, 8), S(3, 768)
-    ins = make(B, H, L, L, gates, False, seed=1)
-    dy = torch.randn(B, H, L, device=G.DEV)
-    insg = [None if x is None else x.detach().requires_grad_() for x in ins]
-    live = [x for x in insg if x is not None]
-    f = lambda u, k, D, p, q: fft_conv_ref(u, k, D, pre_gate=p, post_gate=q)  # noqa: E731
-    with torch.no_grad():
-        fwd = bench(lambda: f(*ins))
-    return fwd, bench(lambda: torch.autograd.grad(f(*insg), live, dy))
+    ins, dy = _timing_inputs(L, gates)
+    return time_fwd_fb(lambda u, k, D, p, q: fft_conv_ref(u, k, D, pre_gate=p, post_gate=q), ins, dy)
 
 
 CHECKS = [  # (B, H, L, Lk, gates, decay)
@@ -191,36 +181,28 @@ def main():
         check_case(B, H, L, Lk, gates, decay)
     first = time.time() - t
     results, torch_ms = [], {}
-    for L0, gates, names in PLAN:
-        L = S(L0 // 4 if L0 <= 4096 else 1024, L0)   # smoke: N = 512 (and past nothing)
-        if (L0, gates) not in torch_ms:
-            torch_ms[(L0, gates)] = time_torch(L, gates)
-            log(f"torch L={L0} gates={int(gates)}: fwd {torch_ms[(L0, gates)][0]:.4f} "
-                f"f+b {torch_ms[(L0, gates)][1]:.4f}")
-        for name in names:
-            if time.time() - t0 > BUDGET_S:
-                log(f"budget: skipping L={L0} gates={int(gates)} {name}")
-                continue
-            try:
-                r = time_row(L, gates, name)
-            except Exception as e:  # noqa: BLE001
-                G.FAILS.append(f"{name} L={L0} gates={int(gates)}: {type(e).__name__}: {str(e)[:200]}")
-                log("FAIL", G.FAILS[-1])
-                continue
-            results.append((L0, gates, name, r))
-            log(f"  L={L0} gates={int(gates)} {name}: " + ", ".join(f"{a} {b}" for a, b in r.items()))
-            for key in ("fwd", "f+b"):
-                ROWS.append(dict(section="fft9", case=f"L={L0} gates={int(gates)} {name}",
-                                 impl=r["path"], mode=key, dtype="float32", value=r[key], unit="ms"))
-            if not SMOKE:
-                torch.cuda.empty_cache()
+    size = lambda L0: S(L0 // 4 if L0 <= 4096 else 1024, L0)  # noqa: E731  (smoke: N <= 2048)
+    for L0, gates, L, name in plan_rows(PLAN, size, time_torch, torch_ms, t0, BUDGET_S):
+        try:
+            r = time_row(L, gates, name)
+        except Exception as e:  # noqa: BLE001
+            G.FAILS.append(f"{name} L={L0} gates={int(gates)}: {type(e).__name__}: {str(e)[:200]}")
+            log("FAIL", G.FAILS[-1])
+            continue
+        results.append((L0, gates, name, r))
+        log(f"  L={L0} gates={int(gates)} {name}: " + ", ".join(f"{a} {b}" for a, b in r.items()))
+        for key in ("fwd", "f+b"):
+            ROWS.append(dict(section="fft9", case=f"L={L0} gates={int(gates)} {name}",
+                             impl=r["path"], mode=key, dtype="float32", value=r[key], unit="ms"))
+        if not SMOKE:
+            torch.cuda.empty_cache()
     for (L0, gates), (fw, fb) in torch_ms.items():
         for mode, v in (("fwd", fw), ("f+b", fb)):
             ROWS.append(dict(section="fft9", case=f"L={L0} gates={int(gates)} torch",
                              impl="torch rfft", mode=mode, dtype="float32", value=v, unit="ms"))
 
-    print(f"\n==== fp32 forward on monarch16 split-fp16 products (MONARCH16_F32; issue 11, fft9), "
-          f"B=8 H=768 fp32 D on; ms (x = torch rfft conv / ours); f32 kernel regs/spill bytes ====")
+    print("\n==== fp32 forward on monarch16 split-fp16 products (MONARCH16_F32; issue 11, fft9), "
+          "B=8 H=768 fp32 D on; ms (x = torch rfft conv / ours); f32 kernel regs/spill bytes ====")
     print(f"{'L':>6s} {'gates':>5s} {'config':14s} {'path f/b':18s} {'fwd':>7s} {'x':>5s} "
           f"{'f+b':>7s} {'x':>5s} {'r/s':>8s}")
     for L0, gates in torch_ms:

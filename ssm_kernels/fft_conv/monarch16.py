@@ -642,10 +642,12 @@ def _dot3(ah, al, bh, bl, acc):
 
 @triton.jit
 def _cmm3(arh, arl, aih, ail, brh, brl, bih, bil, R: tl.constexpr, C: tl.constexpr):
-    """(ar + i ai) @ (br + i bi) for split fp16 operands, fp32 [R, C] results."""
+    """(ar + i ai) @ (br + i bi) for split fp16 operands, fp32 [R, C] results. Four independent
+    chains of three dots (one per real product), added at the end: the 16-bit _cmm's chains are
+    two dots long, one chain of six per part would triple the dependent tensor-core latency."""
     zero = tl.zeros((R, C), dtype=tl.float32)
-    rr = _dot3(arh, arl, brh, brl, _dot3(-aih, -ail, bih, bil, zero))
-    ri = _dot3(arh, arl, bih, bil, _dot3(aih, ail, brh, brl, zero))
+    rr = _dot3(arh, arl, brh, brl, zero) - _dot3(aih, ail, bih, bil, zero)
+    ri = _dot3(arh, arl, bih, bil, zero) + _dot3(aih, ail, brh, brl, zero)
     return rr, ri
 
 
@@ -751,7 +753,7 @@ _monarch16_f32_fwd_kernel = fast_kernel(_monarch16_f32_fwd_kernel)
 # block (as KBLOCK; absent or >= N1: unblocked). Offline sm_90 (bench/sm90_audit.py --ops
 # fft_conv_f32; bench/NOTES.md "fft9") picked them: fewest spills.
 LAUNCH_F32 = {2048: (4, 1), 4096: (8, 1), 8192: (8, 1)}
-KBLOCK_F32: Dict[int, int] = {2048: 32, 4096: 32, 8192: 16}
+KBLOCK_F32: Dict[int, int] = {4096: 32, 8192: 16}
 _TABLES_F32: Dict[tuple, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 last_f32_kernel = None
 
