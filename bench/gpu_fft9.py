@@ -43,23 +43,25 @@ ROWS: list = []
 F32 = torch.float32
 
 # name -> (MONARCH16_F32, KBLOCK_F32 updates, LAUNCH_F32 updates); "default" = the code as merged
+# (MONARCH16_F32 off: the cuFFT path), "f32" = the knob with the code's tables. Offline sm_90 (ptxas
+# 12.9, D on, no gates), warp instructions per pair of rows (all warps) / regs / spill bytes: the
+# code's tables N = 2048 unblocked w4 7.2k / 255 / 0, 4096 BJ 16 w4 17.3k / 255 / 8, 8192 BJ 16 w4
+# 37.9k / 255 / 60; "f32 w8": 4096 BJ 32 18.5k / 172 / 0, 8192 BJ 16 50.4k / 234 / 0; "f32 nb":
+# 8192 unblocked w8 35.2k / 255 / 1232; "f32 bj32": 2048 BJ 32 w4 11.8k / 255 / 28 (16-bit kernels
+# for scale: 4.4k at N = 2048, 9.5k at 4096, 17.1k at 8192; bench/NOTES.md "fft9")
 CONFIGS = {
     "default": (False, {}, {}),
     "f32": (True, {}, {}),
-    "f32 bj16": (True, {2048: 16, 4096: 16}, {2048: (4, 1), 4096: (4, 1)}),
-    "f32 bj32": (True, {2048: 32, 4096: 32, 8192: 32}, {2048: (4, 1), 4096: (8, 1), 8192: (8, 1)}),
-    "f32 w4": (True, {8192: 16}, {8192: (4, 1)}),
+    "f32 w8": (True, {4096: 32, 8192: 16}, {4096: (8, 1), 8192: (8, 1)}),
+    "f32 nb": (True, {8192: 0}, {8192: (8, 1)}),
+    "f32 bj32": (True, {2048: 32}, {2048: (4, 1)}),
 }
-# (offline sm_90, ptxas 12.9, D on, no gates: regs / spill bytes) the code's tables: N = 2048
-# unblocked 4 warps 255 / 0, 4096 BJ 32 8 warps 172 / 0, 8192 BJ 16 8 warps 234 / 0; "f32 bj16"
-# 2048: 255 / 28, 4096 (4 warps): 255 / 8; "f32 bj32" 2048: 255 / 28, 8192: 255 / 52; "f32 w4"
-# 8192: 255 / 60 (bench/NOTES.md "fft9")
 # (L, gates, configurations), most informative first (the budget cuts from the end)
 PLAN = [
-    (1024, False, ("default", "f32", "f32 bj32", "f32 bj16")),
-    (4096, False, ("default", "f32", "f32 bj32", "f32 w4")),
+    (1024, False, ("default", "f32", "f32 bj32")),
+    (4096, False, ("default", "f32", "f32 w8", "f32 nb")),
     (16384, False, ("default", "f32")),
-    (2048, False, ("default", "f32", "f32 bj16")),
+    (2048, False, ("default", "f32", "f32 w8")),
     (4096, True, ("default", "f32")),
 ]
 

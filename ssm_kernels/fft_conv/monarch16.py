@@ -750,10 +750,13 @@ def _monarch16_f32_fwd_kernel(
 _monarch16_f32_fwd_kernel = fast_kernel(_monarch16_f32_fwd_kernel)
 
 # launch configuration of the float32 forward by N (GPU), as LAUNCH; KBLOCK_F32: N -> rows k1 per
-# block (as KBLOCK; absent or >= N1: unblocked). Offline sm_90 (bench/sm90_audit.py --ops
-# fft_conv_f32; bench/NOTES.md "fft9") picked them: fewest spills.
-LAUNCH_F32 = {2048: (4, 1), 4096: (8, 1), 8192: (8, 1)}
-KBLOCK_F32: Dict[int, int] = {4096: 32, 8192: 16}
+# block (as KBLOCK; absent or >= N1: unblocked). Chosen offline (sm_90, ptxas 12.9; bench/NOTES.md
+# "fft9"): the fewest warp instructions per pair of rows with <= 64 B of spills, at 4 warps (two
+# programs per SM, as the 16-bit kernels): N = 2048 unblocked 7.2k (255 regs, 0 B), 4096 BJ 16
+# 17.3k (8 B), 8192 BJ 16 37.9k (60 B); the 0-spill 8-warp builds (4096 BJ 32: 18.5k, 8192 BJ 16:
+# 50.4k) are bench/gpu_fft9.py's "f32 w8" row.
+LAUNCH_F32 = {2048: (4, 1), 4096: (4, 1), 8192: (4, 1)}
+KBLOCK_F32: Dict[int, int] = {4096: 16, 8192: 16}
 _TABLES_F32: Dict[tuple, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 last_f32_kernel = None
 
