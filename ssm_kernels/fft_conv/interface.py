@@ -241,6 +241,8 @@ def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, pre_gate: Opti
     around cuFFT (torch.fft; an even 7-smooth size) for every dtype and length.
     ``ssm_kernels.fft_conv.interface.MONARCH16 = False`` turns the on-chip kernels off. Their
     16-bit arithmetic puts dk at ~6e-4 relative error (the cuFFT path: ~1e-7).
+    ``interface.MONARCH16_F32 = True`` (experimental, off) runs float32 forwards with N <= 8192
+    on the same on-chip kernels with every product split into three fp16 dots (~3e-7).
     The filter's spectrum is cached while the same filter tensor is unchanged (its version
     counter; never while capturing a CUDA graph): see ``ssm_kernels.fft_conv.cufft``.
 
