@@ -612,7 +612,7 @@ def _fwd_launch(kernel, u, D, pre, post, filt, tables, S, per, n1, n2, r1, bj, *
 
 # ---------------------------------------------------------------------------------------------
 # float32 storage (issue 11, session 9 helper fft9): the same on-chip transform with every product
-# on fp16 tensor cores in three parts (F32 in interface: MONARCH16_F32, off by default)
+# on fp16 tensor cores in three parts (interface.MONARCH16_F32, off by default)
 # ---------------------------------------------------------------------------------------------
 #
 # An fp32 tile x (already inside fp16's range by the scales of the module docstring) is split into
@@ -624,8 +624,8 @@ def _fwd_launch(kernel, u, D, pre, post, filt, tables, S, per, n1, n2, r1, bj, *
 # floor is fp16's 2^-24 of the power-of-two row scale), so each of the four products adds
 # ~2^-22 relative (normwise), against the float32 bound of 1e-5: tf32x3 would do the same with
 # twice the tensor-core time (tf32 runs at half fp16's rate) and bf16x3 keeps only ~16 bits.
-# Forward only (the backward of an fp32 call stays on the cuFFT path); unblocked kernels only
-# (one [N1, N2] spectrum tile per pair of rows), N <= MAX_N.
+# Forward only (the backward of an fp32 call stays on the cuFFT path), N <= MAX_N; the spectrum
+# whole or in row blocks (KBLOCK_F32, as _conv_blocked).
 
 @triton.jit
 def _hilo(x):
@@ -784,7 +784,8 @@ def _make_tables_f32(n1: int, n2: int, device):
 def filter_tables_f32(k: torch.Tensor, n1: int, n2: int):
     """filter_tables in fp32 (the spectrum taken in float64): (Ks [H, 2, N1, N2] fp32, kscale [H]
     fp32); cached the same way (cufft.cached_spectrum)."""
-    return cached_spectrum(k, ("monarch16 f32", n1, n2), lambda k: _filter_tables(k, n1, n2, torch.float64, torch.float32))
+    return cached_spectrum(k, ("monarch16 f32", n1, n2),
+                           lambda k: _filter_tables(k, n1, n2, torch.float64, torch.float32))
 
 
 def _fft_conv_fwd_f32(u, k, D, pre, post):
