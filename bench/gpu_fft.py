@@ -144,6 +144,42 @@ def bench(fn, rep=50):
     return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median")
 
 
+def kinfo(kern):
+    """'regs/spill bytes' of a compiled Triton kernel ('-' for none or in smoke runs)."""
+    if kern is None or SMOKE:
+        return "-"
+    return f"{getattr(kern, 'n_regs', '?')}/{getattr(kern, 'n_spills', '?')}"
+
+
+def time_fwd_fb(f, ins, dy):
+    """(forward ms without grad, forward + backward ms through autograd.grad) of f(u, k, D, pre,
+    post) on ins (None for absent operands) with the cotangent dy."""
+    insg = [None if x is None else x.detach().requires_grad_() for x in ins]
+    live = [x for x in insg if x is not None]
+    with torch.no_grad():
+        fwd = bench(lambda: f(*ins))
+    return fwd, bench(lambda: torch.autograd.grad(f(*insg), live, dy))
+
+
+def plan_rows(plan, size, time_torch, torch_ms, t0, budget_s, only=()):
+    """(L0, gates, L, name) per row of plan [(L0, gates, names)] (L = size(L0): the smoke size in
+    smoke runs); torch's (fwd, f+b) timed once per (L0, gates) into torch_ms (time_torch(L,
+    gates)); rows that would start past budget_s after t0 are skipped (logged); `only`: those L0."""
+    for L0, gates, names in plan:
+        if only and L0 not in only:
+            continue
+        L = size(L0)
+        if (L0, gates) not in torch_ms:
+            torch_ms[(L0, gates)] = time_torch(L, gates)
+            log(f"torch L={L0} gates={int(gates)}: fwd {torch_ms[(L0, gates)][0]:.4f} "
+                f"f+b {torch_ms[(L0, gates)][1]:.4f}")
+        for name in names:
+            if time.time() - t0 > budget_s:
+                log(f"budget: skipping L={L0} gates={int(gates)} {name}")
+                continue
+            yield L0, gates, L, name
+
+
 def time_case(B, H, L, dtype, impls, modes, label):
     ins = make(B, H, L, dtype, gates=False)
     ins_g = make(B, H, L, dtype, gates=False, grad=True)

@@ -29,7 +29,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_fft as G  # noqa: E402  (sets TRITON_INTERPRET for smoke runs before triton loads)
-from gpu_fft import SMOKE, bench, fwd_bwd, log, make  # noqa: E402
+from gpu_fft import (SMOKE, bench, fwd_bwd, kinfo, log, make, plan_rows,  # noqa: E402
+                     time_fwd_fb)
 
 import torch  # noqa: E402
 
@@ -163,12 +164,6 @@ def check(L, gates, name):
     return worst
 
 
-def kinfo(kern):
-    if kern is None or SMOKE:
-        return "-"
-    return f"{getattr(kern, 'n_regs', '?')}/{getattr(kern, 'n_spills', '?')}"
-
-
 def time_row(L, gates, name):
     B, H = S(2, 8), S(3, 768)
     ins = make(B, H, L, torch.bfloat16, gates=gates, seed=1)
@@ -193,12 +188,7 @@ def time_torch(L, gates):
     B, H = S(2, 8), S(3, 768)
     ins = make(B, H, L, torch.bfloat16, gates=gates, seed=1)
     dy = torch.randn(B, H, L, device=G.DEV).to(torch.bfloat16)
-    insg = [None if x is None else x.detach().requires_grad_() for x in ins]
-    live = [x for x in insg if x is not None]
-    f = lambda u, k, D, p, q: fft_conv_ref(u, k, D, pre_gate=p, post_gate=q)  # noqa: E731
-    with torch.no_grad():
-        fwd = bench(lambda: f(*ins))
-    return fwd, bench(lambda: torch.autograd.grad(f(*insg), live, dy))
+    return time_fwd_fb(lambda u, k, D, p, q: fft_conv_ref(u, k, D, pre_gate=p, post_gate=q), ins, dy)
 
 
 def main():
@@ -207,45 +197,36 @@ def main():
     first = float("nan")
     results, torch_ms = [], {}
     only = {int(x) for x in os.environ.get("ONLY_L", "").split(",") if x}
-    for L0, gates, names in PLAN:
-        if only and L0 not in only:
-            continue
-        L = S(L0 // 16, L0)   # smoke: N = 512 / 256 (BJ 16 where N1 = 32)
-        if (L0, gates) not in torch_ms:
-            torch_ms[(L0, gates)] = time_torch(L, gates)
-            log(f"torch L={L0} gates={int(gates)}: fwd {torch_ms[(L0, gates)][0]:.4f} "
-                f"f+b {torch_ms[(L0, gates)][1]:.4f}")
-        for name in names:
-            if time.time() - t0 > BUDGET_S:
-                log(f"budget: skipping L={L0} gates={int(gates)} {name}")
+    # smoke: N = 512 / 256 (BJ 16 where N1 = 32)
+    for L0, gates, L, name in plan_rows(PLAN, lambda L0: S(L0 // 16, L0), time_torch, torch_ms, t0,
+                                        BUDGET_S, only):
+        with knobs(name, gates):
+            if SMOKE:   # toy sizes: the knobs at the smoke N (BJ = 16 at N1 = 32)
+                m16.KBLOCK.update({512: 16} if m16.KBLOCK else {})
+                m16.KBLOCK_BWD.update({512: 16} if m16.KBLOCK_BWD else {})
+                if m16.SPLIT_BWD:   # the split backward at the smoke N, dk blocks of 16
+                    m16.SPLIT_BWD[512] = max(m16.SPLIT_BWD.values())
+                    m16.DK_BLOCK[512] = 16
+            try:
+                t = time.time()
+                worst = check(L, gates, name)
+                if first != first:
+                    first = time.time() - t
+                r = time_row(L, gates, name)
+            except Exception as e:  # noqa: BLE001
+                G.FAILS.append(f"{name} L={L0} gates={int(gates)}: {type(e).__name__}: {str(e)[:200]}")
+                log("FAIL", G.FAILS[-1])
                 continue
-            with knobs(name, gates):
-                if SMOKE:   # toy sizes: the knobs at the smoke N (BJ = 16 at N1 = 32)
-                    m16.KBLOCK.update({512: 16} if m16.KBLOCK else {})
-                    m16.KBLOCK_BWD.update({512: 16} if m16.KBLOCK_BWD else {})
-                    if m16.SPLIT_BWD:   # the split backward at the smoke N, dk blocks of 16
-                        m16.SPLIT_BWD[512] = max(m16.SPLIT_BWD.values())
-                        m16.DK_BLOCK[512] = 16
-                try:
-                    t = time.time()
-                    worst = check(L, gates, name)
-                    if first != first:
-                        first = time.time() - t
-                    r = time_row(L, gates, name)
-                except Exception as e:  # noqa: BLE001
-                    G.FAILS.append(f"{name} L={L0} gates={int(gates)}: {type(e).__name__}: {str(e)[:200]}")
-                    log("FAIL", G.FAILS[-1])
-                    continue
-            r["err/bound"] = worst
-            results.append((L0, gates, name, r))
-            log(f"  L={L0} gates={int(gates)} {name}: " + ", ".join(
-                f"{a} {b:.4f}" if isinstance(b, float) else f"{a} {b}" for a, b in r.items()))
-            for key in ("fwd", "bwd", "f+b", "err/bound"):
-                ROWS.append(dict(section="fft7", case=f"L={L0} gates={int(gates)} {name}",
-                                 impl="monarch16", mode=key, dtype="bf16", value=r[key],
-                                 unit="err/bound" if key == "err/bound" else "ms"))
-            if not SMOKE:
-                torch.cuda.empty_cache()
+        r["err/bound"] = worst
+        results.append((L0, gates, name, r))
+        log(f"  L={L0} gates={int(gates)} {name}: " + ", ".join(
+            f"{a} {b:.4f}" if isinstance(b, float) else f"{a} {b}" for a, b in r.items()))
+        for key in ("fwd", "bwd", "f+b", "err/bound"):
+            ROWS.append(dict(section="fft7", case=f"L={L0} gates={int(gates)} {name}",
+                             impl="monarch16", mode=key, dtype="bf16", value=r[key],
+                             unit="err/bound" if key == "err/bound" else "ms"))
+        if not SMOKE:
+            torch.cuda.empty_cache()
     for (L0, gates), (fw, fb) in torch_ms.items():
         ROWS.append(dict(section="fft7", case=f"L={L0} gates={int(gates)} torch", impl="torch rfft",
                          mode="fwd", dtype="bf16", value=fw, unit="ms"))

@@ -59,6 +59,8 @@ for s in ${STEPS:-build graphs overhead}; do
     launches) step launches ${T_LAUNCHES:-150} python3 bench/gpu_host.py --launches linear_scan chunk_linear_attn \
                 chunk_simple_gla chunk_gla chunk_gated_delta_rule chunk_based mamba_chunk_scan_combined ;;
     fft7) step fft7 ${T_FFT7:-290} python3 bench/gpu_fft7.py ;;
+    # session 9 helper fft9: the float32 forward on monarch16 split-fp16 products (MONARCH16_F32)
+    fft9) step fft9 ${T_FFT9:-240} python3 bench/gpu_fft9.py ;;
     recall) step recall ${T_RECALL:-420} python3 -m ssm_kernels.examples.recall --out "$OUT" ;;
     check) TRITON_CACHE_DIR=$(mktemp -d) step check ${T_CHECK:-150} python3 -m ssm_kernels check ${CHECK_ARGS:-} ;;
     # check8: cold `check` walls, pairs whole (before) vs cut into units, default jobs, 12, 16

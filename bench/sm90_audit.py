@@ -481,6 +481,38 @@ def fft_conv_split_cases():
         yield f"m16split N={n} mode={mode} dkbj={bj} dkw={warps}{' gates' if gates else ''}", thunk
 
 
+# the float32 forward on the monarch16 kernels (MONARCH16_F32, session 9 helper fft9): split-fp16
+# products; (N, warps, rows per block BJ (0: unblocked), gates); D on, H = 16
+M16_F32 = ((2048, 4, 0, False), (2048, 4, 0, True), (2048, 4, 32, False), (2048, 4, 16, False),
+           (4096, 4, 0, False), (4096, 4, 32, False), (4096, 4, 16, False), (4096, 8, 32, False),
+           (4096, 4, 32, True), (8192, 8, 0, False), (8192, 8, 32, False), (8192, 8, 16, False),
+           (8192, 4, 16, False), (8192, 8, 32, True), (4096, 8, 32, True), (8192, 8, 16, True),
+           (2048, 4, 32, True), (2048, 8, 32, False), (2048, 8, 16, False), (4096, 4, 16, True),
+           (8192, 4, 16, True))
+
+
+def fft_conv_f32_cases():
+    from ssm_kernels.fft_conv import interface as fi, monarch16 as m16
+    m16._sm_count = lambda device: 132
+    for n, warps, bj, gates in M16_F32:
+        def thunk(n=n, warps=warps, bj=bj, gates=gates):
+            L = n // 2
+            u, pg, qg = (torch.randn(8, 16, L) for _ in range(3))
+            saved = (dict(m16.LAUNCH_F32), dict(m16.KBLOCK_F32), fi.MONARCH16_F32)
+            m16.LAUNCH_F32[n] = (warps, 1)
+            m16.KBLOCK_F32[n] = bj
+            fi.MONARCH16_F32 = True
+            try:
+                fi.fft_conv_fwd_op(u, torch.randn(16, L), torch.randn(16), pg if gates else None,
+                                   qg if gates else None, "triton")
+            finally:
+                for d, old in zip((m16.LAUNCH_F32, m16.KBLOCK_F32), saved):
+                    d.clear()
+                    d.update(old)
+                fi.MONARCH16_F32 = saved[2]
+        yield f"m16f32 N={n} w={warps} bj={bj}{' gates' if gates else ''}", thunk
+
+
 def cp_cases():
     """The states-only passes of context parallelism's later ranks (ssm_kernels.distributed)."""
     from ssm_kernels.distributed.engine import la_final_state, la_state_adjoint
@@ -507,7 +539,8 @@ FAMILIES = {"chunk": chunk_cases, "chunk_knobs": chunk_knob_cases,
             "selective_scan": selective_scan_cases, "linear_scan": linear_scan_cases,
             "causal_conv1d": causal_conv1d_cases, "delta_rule": delta_rule_cases,
             "fft_conv": fft_conv_cases, "fft_conv_knobs": fft_conv_knob_cases,
-            "fft_conv_split": fft_conv_split_cases, "cp": cp_cases}
+            "fft_conv_split": fft_conv_split_cases, "fft_conv_f32": fft_conv_f32_cases,
+            "cp": cp_cases}
 DEFAULT_OPS = "chunk,linear_attn_check"   # the others: --ops all or by name
 
 

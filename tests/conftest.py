@@ -48,3 +48,17 @@ def compile_for_sm90(script: str):
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=600)
+
+
+class CountLaunches:
+    """Wraps a Triton kernel (`kernel[grid](...)` syntax) and counts its launches; `kw` holds the
+    last launch's keyword arguments (constexprs, launch options)."""
+    def __init__(self, kernel):
+        self.kernel, self.launches, self.kw = kernel, 0, None
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.launches += 1
+            self.kw = kw
+            return self.kernel[grid](*args, **kw)
+        return launch

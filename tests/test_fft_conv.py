@@ -787,7 +787,12 @@ def test_monarch16_scaling(backend, uscale, kscale, monarch16):
 
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_monarch16_opcheck(backend, monarch16):
-    u, k, D, pg, qg = make(2, 2, 20, 9, torch.float16)
+    opcheck_fwd(backend, torch.float16)
+
+
+def opcheck_fwd(backend, dtype):
+    """opcheck of the forward op with every operand, and with u and k alone (requiring grad)."""
+    u, k, D, pg, qg = make(2, 2, 20, 9, dtype)
     torch.library.opcheck(fft_conv_fwd_op.op, (u, k, D, pg, qg, backend))
     torch.library.opcheck(fft_conv_fwd_op.op, (u.requires_grad_(), k.requires_grad_(), None, None,
                                                None, backend))

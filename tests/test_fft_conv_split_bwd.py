@@ -12,23 +12,10 @@ from ssm_kernels.fft_conv.interface import fft_conv_bwd_op
 from ssm_kernels.fft_conv.reference import fft_conv_direct, fft_conv_ref
 from ssm_kernels.testing import assert_close
 
-from conftest import DEVICE, kernel_backends
+from conftest import DEVICE, CountLaunches as _Count, kernel_backends
 from test_fft_conv import NAMES, backward_scaling_check, check, check_gpu, make, run
 
 SIZES = (256, 512, 1024, 2048, 4096, 8192)
-
-
-class _Count:
-    """Wraps a kernel and counts its launches (and the flags of the last)."""
-    def __init__(self, kernel):
-        self.kernel, self.launches, self.kw = kernel, 0, None
-
-    def __getitem__(self, grid):
-        def launch(*args, **kw):
-            self.launches += 1
-            self.kw = kw
-            return self.kernel[grid](*args, **kw)
-        return launch
 
 
 @pytest.fixture(autouse=True)

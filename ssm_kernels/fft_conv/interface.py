@@ -59,11 +59,25 @@ FORCE_PATH: Optional[str] = None
 MONARCH16 = True
 MONARCH16_BWD_CUFFT = False
 MONARCH16_BWD_CUFFT_POST_N = 8192
+# float32 forward on the monarch16 kernels with every product split into three fp16 tensor-core
+# dots (monarch16._monarch16_f32_fwd_kernel; ~22-bit products, the float32 bound holds) for
+# transform sizes N <= monarch16.MAX_N (L <= 4096 with Lk <= L); the fp32 backward stays on the
+# cuFFT path. OFF by default until a GPU run (bench/gpu_fft9.py) shows it faster than the cuFFT
+# forward (issue 11: the fp32 forward is 1.7x torch there, the goal 2x). MONARCH16_F32_MAX_N: the
+# largest transform size it serves when on (a power of two <= monarch16.MAX_N; the GPU table may
+# show it winning at N = 2048 / 4096 and not at 8192).
+MONARCH16_F32 = False
+MONARCH16_F32_MAX_N = 8192
 
 
 @functools.lru_cache(maxsize=4096)
 def _auto_path(pass_: str, dtype: torch.dtype, L: int, Lk: int, monarch16: bool = False,
-               bwd_cufft: bool = False, post: bool = False, post_n: int = 0) -> str:
+               bwd_cufft: bool = False, post: bool = False, post_n: int = 0,
+               f32_max_n: int = 0) -> str:
+    if f32_max_n and pass_ == "fwd" and dtype == torch.float32:
+        from .monarch16 import supports, transform_size
+        if supports(L, Lk) and transform_size(L, Lk) <= f32_max_n:
+            return "monarch16"
     if monarch16 and dtype in (torch.float16, torch.bfloat16) and not (pass_ == "bwd" and bwd_cufft):
         from .monarch16 import supports, transform_size
         if supports(L, Lk) and not (pass_ == "bwd" and post and transform_size(L, Lk) >= post_n):
@@ -82,11 +96,12 @@ def triton_path(pass_: str, u: Tensor, Lk: int, post: bool = False) -> str:
     "bwd"); post: the call has a post gate (decides the backward at N >= 8192). "monarch16"
     with MONARCH16 on (the default) or forced; the backward not with MONARCH16_BWD_CUFFT."""
     if FORCE_PATH is not None:
-        if FORCE_PATH == "monarch16" and pass_ == "bwd" and MONARCH16_BWD_CUFFT:
-            return "cufft"
+        if FORCE_PATH == "monarch16" and pass_ == "bwd" and (MONARCH16_BWD_CUFFT
+                                                             or u.dtype == torch.float32):
+            return "cufft"   # (monarch16 has no float32 backward)
         return FORCE_PATH
     return _auto_path(pass_, u.dtype, u.shape[-1], Lk, MONARCH16, MONARCH16_BWD_CUFFT, post,
-                      MONARCH16_BWD_CUFFT_POST_N)
+                      MONARCH16_BWD_CUFFT_POST_N, MONARCH16_F32_MAX_N if MONARCH16_F32 else 0)
 
 
 def _f32(x: Optional[Tensor]) -> Optional[Tensor]:
@@ -226,6 +241,8 @@ def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, pre_gate: Opti
     around cuFFT (torch.fft; an even 7-smooth size) for every dtype and length.
     ``ssm_kernels.fft_conv.interface.MONARCH16 = False`` turns the on-chip kernels off. Their
     16-bit arithmetic puts dk at ~6e-4 relative error (the cuFFT path: ~1e-7).
+    ``interface.MONARCH16_F32 = True`` (experimental, off) runs float32 forwards with N <= 8192
+    on the same on-chip kernels with every product split into three fp16 dots (~3e-7).
     The filter's spectrum is cached while the same filter tensor is unchanged (its version
     counter; never while capturing a CUDA graph): see ``ssm_kernels.fft_conv.cufft``.
 

@@ -117,24 +117,32 @@ def dft_tables(n1: int, n2: int, device):
     computed once per (N1, N2, device). (conj(T) is a second copy so that the inverse reloads it
     instead of keeping T live in registers across the product.)
     While capturing a CUDA graph a missing entry is computed inside the graph and not kept."""
-    key = (n1, n2, device)  # a torch.device (u.device) or a string
-    hit = _TABLES.get(key)
+    return _cached_tables(_TABLES, _make_tables, n1, n2, device)
+
+
+def _cached_tables(cache: dict, make, n1: int, n2: int, device):
+    """make(n1, n2, device), kept in `cache` per (N1, N2, device) (a torch.device (u.device) or a
+    string), except while capturing a CUDA graph."""
+    key = (n1, n2, device)
+    hit = cache.get(key)
     if hit is None:
-        hit = _make_tables(n1, n2, device)
+        hit = make(n1, n2, device)
         if _capturing(torch.device(device)):
             return hit
-        _TABLES[key] = hit
+        cache[key] = hit
     return hit
 
 
-def _filter_tables(k: torch.Tensor, n1: int, n2: int):
+def _filter_tables(k: torch.Tensor, n1: int, n2: int, fft_dtype=torch.float32,
+                   dtype=torch.float16):
+    """(K / (max|K| N2) [H, 2, N1, N2] in `dtype`, kscale [H] fp32); the spectrum in fft_dtype."""
     n = n1 * n2
-    kf = torch.fft.fft(k.to(torch.float32), n=n)              # [H, N], index k1 + N1 k2
+    kf = torch.fft.fft(k.to(fft_dtype), n=n)                  # [H, N], index k1 + N1 k2
     kf = kf.view(k.shape[0], n2, n1).transpose(1, 2)          # [H, N1, N2]
     kmax = kf.abs().amax(dim=(1, 2)).clamp_min(torch.finfo(torch.float32).tiny)
     ks = kf / (kmax[:, None, None] * n2)  # the inverse's 1/N2 stage scale folded in
-    tab = torch.stack([ks.real, ks.imag], 1).to(torch.float16).contiguous()  # [H, 2, N1, N2]
-    return tab, (kmax * (n2 / n)).contiguous()
+    tab = torch.stack([ks.real, ks.imag], 1).to(dtype).contiguous()  # [H, 2, N1, N2]
+    return tab, (kmax * (n2 / n)).to(torch.float32).contiguous()
 
 
 def _conj_tables(k: torch.Tensor, n1: int, n2: int):
@@ -371,6 +379,41 @@ def _conv(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_ks, p_f1h, p_f1g, p_f2, p_tw
 
 
 @triton.jit
+def _scaled_pair(u_ptr, pre_ptr, p_a, p_b, m_a, m_b, HAS_PRE: tl.constexpr):
+    """(v_a s_a, v_b s_b, 1 / s_a, 1 / s_b): the pair's rows v = u * pre_gate (fp32), each times
+    its power-of-two scale s (max |v s| < 1)."""
+    _, _, va = _load_v(u_ptr, pre_ptr, p_a, m_a, HAS_PRE)
+    _, _, vb = _load_v(u_ptr, pre_ptr, p_b, m_b, HAS_PRE)
+    s_a, inv_a = _pow2_scale(tl.max(tl.abs(va)))
+    s_b, inv_b = _pow2_scale(tl.max(tl.abs(vb)))
+    return va * s_a, vb * s_b, inv_a, inv_b
+
+
+@triton.jit
+def _program_prologue(ks_ptr, kscale_ptr, d_ptr, B, L, B_PER, HAS_D: tl.constexpr,
+                      N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr):
+    """The program prologue of every kernel of the forward's shape (the forward, the split
+    backward's du kernel, the float32 forward): channel i_h = program_id(0), batch slice
+    program_id(1); the time-tile offsets o_t and their mask m_t; the table offsets (row-blocked
+    when BJ: then ks_ptr is moved to the channel's filter planes and p_ks is unused, else p_ks
+    addresses them from the base); the filter scale, the slice's rows [b_start, b_end), and D."""
+    i_h, i_s = tl.program_id(0), tl.program_id(1)
+    o_t, p_f1h, p_f1g, p_f2, p_tw = _offsets(N1, N2, R1)
+    m_t = o_t < L
+    if BJ:
+        p_f1h, p_f1g, p_tw = _blk_offsets(N1, N2, R1, BJ)
+        ks_ptr += i_h.to(tl.int64) * 2 * N1 * N2
+        p_ks = p_tw  # unused
+    else:
+        p_ks = i_h.to(tl.int64) * 2 * N1 * N2 + p_tw
+    b_ks, b_start, b_end = _channel(kscale_ptr, i_h, i_s, B, B_PER)
+    b_d = 0.0
+    if HAS_D:
+        b_d = tl.load(d_ptr + i_h)
+    return i_h, o_t, m_t, p_f1h, p_f1g, p_f2, p_tw, ks_ptr, p_ks, b_ks, b_start, b_end, b_d
+
+
+@triton.jit
 def _monarch16_fwd_kernel(
     # pointers: u, pre, post, y [B, H, L] contiguous (16-bit); d [H] fp32;
     # ks [H, 2, N1, N2] fp16, kscale [H] fp32 (filter_tables); f1 [2, N1, N1], f2 [2, N2, N2],
@@ -385,29 +428,15 @@ def _monarch16_fwd_kernel(
     # TWC: the inverse reads conj(T) from its own copy (TWIDDLE_CONJ_COPY), else T conjugated
     BJ: tl.constexpr, TWC: tl.constexpr,
 ):
-    i_h, i_s = tl.program_id(0), tl.program_id(1)
-    o_t, p_f1h, p_f1g, p_f2, p_tw = _offsets(N1, N2, R1)
-    m_t = o_t < L
-    if BJ:
-        p_f1h, p_f1g, p_tw = _blk_offsets(N1, N2, R1, BJ)
-        ks_ptr += i_h.to(tl.int64) * 2 * N1 * N2
-        p_ks = p_tw  # unused
-    else:
-        p_ks = i_h.to(tl.int64) * 2 * N1 * N2 + p_tw
-    b_ks, b_start, b_end = _channel(kscale_ptr, i_h, i_s, B, B_PER)
-    b_d = 0.0
-    if HAS_D:
-        b_d = tl.load(d_ptr + i_h)
+    (i_h, o_t, m_t, p_f1h, p_f1g, p_f2, p_tw, ks_ptr, p_ks, b_ks, b_start, b_end,
+     b_d) = _program_prologue(ks_ptr, kscale_ptr, d_ptr, B, L, B_PER, HAS_D, N1, N2, R1, BJ)
     for i_b in range(b_start, b_end, 2):
         p_a, p_b, m_b = _pair_rows(i_b, i_h, H, L, o_t, b_end)
         # ---- prologue: v = u * pre_gate, one power-of-two scale per row (the transform is
         # linear and the filter real, so Re / Im of the result carry each row's own scale)
-        _, _, va = _load_v(u_ptr, pre_ptr, p_a, m_t, HAS_PRE)
-        _, _, vb = _load_v(u_ptr, pre_ptr, p_b, m_b, HAS_PRE)
-        s_a, inv_a = _pow2_scale(tl.max(tl.abs(va)))
-        s_b, inv_b = _pow2_scale(tl.max(tl.abs(vb)))
-        ar = (va * s_a).to(tl.float16)
-        ai = (vb * s_b).to(tl.float16)
+        ar, ai, inv_a, inv_b = _scaled_pair(u_ptr, pre_ptr, p_a, p_b, m_t, m_b, HAS_PRE)
+        ar = ar.to(tl.float16)
+        ai = ai.to(tl.float16)
         outa, outb = _conv(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_ks, p_f1h, p_f1g, p_f2, p_tw,
                            ks_ptr, N1, N2, R1, BJ, TWC, False)
         # ---- epilogue: undo the scales, + D v, * post_gate, cast, store
@@ -485,8 +514,10 @@ KBLOCK_BWD: Dict[int, int] = {4096: 32}
 SPLIT: Dict[int, Tuple[int, int]] = {}
 
 
-def _kblock(n: int, n1: int, bwd: bool) -> int:
-    bj = (KBLOCK_BWD if bwd else KBLOCK).get(n, 0)
+def _kblock(n: int, n1: int, bwd) -> int:
+    """Rows per block at N = n from KBLOCK_BWD (bwd True), KBLOCK (False) or the table given."""
+    table = bwd if isinstance(bwd, dict) else (KBLOCK_BWD if bwd else KBLOCK)
+    bj = table.get(n, 0)
     if not bj or bj >= n1:
         return 0
     if bj < 16 or bj & (bj - 1) or n1 % bj:
@@ -554,17 +585,218 @@ def _prepare(u, k, bwd=False):
 
 
 def fft_conv_fwd(u, k, D, pre, post):
-    """u, pre, post [B, H, L] contiguous, float16 or bfloat16; k [H, Lk] fp32; D [H] fp32 or None."""
-    B, H, L = u.shape
-    (n, n1, n2, r1, S, per, opts, bj), (f1, f2, tw), (ks, kscale) = _prepare(u, k)
-    y = torch.full_like(u, float("nan")) if FILL_NAN else torch.empty_like(u)
+    """u, pre, post [B, H, L] contiguous, float16 or bfloat16 (float32: the split-product kernel
+    below); k [H, Lk] fp32; D [H] fp32 or None."""
+    if u.dtype == torch.float32:
+        return _fft_conv_fwd_f32(u, k, D, pre, post)
+    (n, n1, n2, r1, S, per, opts, bj), tables, filt = _prepare(u, k)
     global last_kernel
+    y, last_kernel = _fwd_launch(_monarch16_fwd_kernel, u, D, pre, post, filt, tables, S, per,
+                                 n1, n2, r1, bj, TWC=TWIDDLE_CONJ_COPY, **opts)
+    return y
+
+
+def _fwd_launch(kernel, u, D, pre, post, filt, tables, S, per, n1, n2, r1, bj, **kw):
+    """(y, the compiled kernel) of a forward-shaped kernel's launch over (H, S) programs; filt =
+    (ks, kscale), tables = (f1, f2, tw); kw: further constexprs and the launch options."""
+    B, H, L = u.shape
+    ks, kscale = filt
+    y = torch.full_like(u, float("nan")) if FILL_NAN else torch.empty_like(u)
     # absent operands: any valid pointer (u), never dereferenced under the constexpr flags
-    last_kernel = _monarch16_fwd_kernel[(H, S)](
+    return y, kernel[(H, S)](
         u, pre if pre is not None else u, post if post is not None else u,
-        D if D is not None else kscale, y, ks, kscale, f1, f2, tw, B, H, L, per,
+        D if D is not None else kscale, y, ks, kscale, *tables, B, H, L, per,
         HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=post is not None,
-        N1=n1, N2=n2, R1=r1, BJ=bj, TWC=TWIDDLE_CONJ_COPY, **opts)
+        N1=n1, N2=n2, R1=r1, BJ=bj, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# float32 storage (issue 11, session 9 helper fft9): the same on-chip transform with every product
+# on fp16 tensor cores in three parts (interface.MONARCH16_F32, off by default)
+# ---------------------------------------------------------------------------------------------
+#
+# An fp32 tile x (already inside fp16's range by the scales of the module docstring) is split into
+# hi = fp16(x) and lo = fp16(x - hi); a real product is hi_a hi_b + hi_a lo_b + lo_a hi_b (lo_a lo_b,
+# ~2^-22 of the product, dropped), accumulated in fp32: three fp16 dots per real dot, 12 per
+# complex product (the 16-bit path: 4). The DFT matrices F1, F2 are stored as (hi, lo) fp16 planes;
+# the twiddles and the filter spectrum as fp32 (their products are fp32 arithmetic, as in the
+# 16-bit path). Per element the split keeps ~22 mantissa bits (hi's 11 + lo's 11; lo's absolute
+# floor is fp16's 2^-24 of the power-of-two row scale), so each of the four products adds
+# ~2^-22 relative (normwise), against the float32 bound of 1e-5: tf32x3 would do the same with
+# twice the tensor-core time (tf32 runs at half fp16's rate) and bf16x3 keeps only ~16 bits.
+# Forward only (the backward of an fp32 call stays on the cuFFT path), N <= MAX_N; the spectrum
+# whole or in row blocks (KBLOCK_F32, as _conv_blocked).
+
+@triton.jit
+def _hilo(x):
+    """(hi, lo) fp16 with hi + lo = x to ~22 bits (x fp32 inside fp16's range)."""
+    hi = x.to(tl.float16)
+    return hi, (x - hi.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def _dot3(ah, al, bh, bl, acc):
+    """acc + a @ b for split operands: the two small products first, then hi @ hi."""
+    return tl.dot(ah, bh, tl.dot(ah, bl, tl.dot(al, bh, acc)))
+
+
+@triton.jit
+def _cmm3(arh, arl, aih, ail, brh, brl, bih, bil, R: tl.constexpr, C: tl.constexpr):
+    """(ar + i ai) @ (br + i bi) for split fp16 operands, fp32 [R, C] results. Four independent
+    chains of three dots (one per real product), added at the end: the 16-bit _cmm's chains are
+    two dots long, one chain of six per part would triple the dependent tensor-core latency."""
+    zero = tl.zeros((R, C), dtype=tl.float32)
+    rr = _dot3(arh, arl, brh, brl, zero) - _dot3(aih, ail, bih, bil, zero)
+    ri = _dot3(arh, arl, bih, bil, zero) + _dot3(aih, ail, brh, brl, zero)
+    return rr, ri
+
+
+@triton.jit
+def _load4(t_ptr, p, PLANE: tl.constexpr, CONJ: tl.constexpr):
+    """(re hi, re lo, im hi, im lo) fp16 planes of a split table [4, ...] = (re hi, im hi, re lo,
+    im lo); CONJ: the imaginary planes negated (exact)."""
+    rh = tl.load(t_ptr + p)
+    ih = tl.load(t_ptr + PLANE + p)
+    rl = tl.load(t_ptr + 2 * PLANE + p)
+    il = tl.load(t_ptr + 3 * PLANE + p)
+    if CONJ:
+        ih = -ih
+        il = -il
+    return rh, rl, ih, il
+
+
+@triton.jit
+def _cmul32(xr, xi, t_ptr, p, PLANE: tl.constexpr, CONJ: tl.constexpr):
+    """(xr + i xi) * t[p] (or conj) for an fp32 (re, im) table, split for the next dot."""
+    tr = tl.load(t_ptr + p)
+    ti = tl.load(t_ptr + PLANE + p)
+    if CONJ:
+        ti = -ti
+    yr = xr * tr - xi * ti
+    yi = xr * ti + xi * tr
+    yrh, yrl = _hilo(yr)
+    yih, yil = _hilo(yi)
+    return yrh, yrl, yih, yil
+
+
+@triton.jit
+def _rows_x3(arh, arl, aih, ail, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_ks, p_f1h, p_f1g, p_f2, p_tw,
+             NJ: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr):
+    """Rows k1 of the spectrum that p_f1h / p_tw / p_ks / p_f1g address (NJ of them) from the
+    split A: (Re, Im) fp32 [R1, N2] of conj(F1)[:R1, rows] @ G_rows (the inverse's last product
+    restricted to those rows; the sum over all rows is the unnormalised result)."""
+    # B = F1[rows, :R1] @ A;  C = B * T
+    f1rh, f1rl, f1ih, f1il = _load4(f1_ptr, p_f1h, N1 * N1, False)
+    br, bi = _cmm3(f1rh, f1rl, f1ih, f1il, arh, arl, aih, ail, NJ, N2)
+    crh, crl, cih, cil = _cmul32(br, bi, tw_ptr, p_tw, N1 * N2, False)
+    # X = C @ F2;  Y = X * K
+    f2rh, f2rl, f2ih, f2il = _load4(f2_ptr, p_f2, N2 * N2, False)
+    xr, xi = _cmm3(crh, crl, cih, cil, f2rh, f2rl, f2ih, f2il, NJ, N2)
+    yrh, yrl, yih, yil = _cmul32(xr, xi, ks_ptr, p_ks, N1 * N2, False)
+    # E = Y @ conj(F2);  G = E * conj(T)
+    f2rh, f2rl, f2ih, f2il = _load4(f2_ptr, p_f2, N2 * N2, True)
+    er, ei = _cmm3(yrh, yrl, yih, yil, f2rh, f2rl, f2ih, f2il, NJ, N2)
+    grh, grl, gih, gil = _cmul32(er, ei, tw_ptr, p_tw, N1 * N2, True)
+    # conj(F1)[:R1, rows] @ G
+    g1rh, g1rl, g1ih, g1il = _load4(f1_ptr, p_f1g, N1 * N1, True)
+    return _cmm3(g1rh, g1rl, g1ih, g1il, grh, grl, gih, gil, R1, N2)
+
+
+@triton.jit
+def _conv_x3(va, vb, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_ks, p_f1h, p_f1g, p_f2, p_tw,
+             N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr):
+    """_conv for fp32 A = va + i vb [R1, N2] (scaled rows) with split products: (Re, Im) fp32
+    [R1, N2], unnormalised. Tables: f1 [4, N1, N1], f2 [4, N2, N2] split fp16; tw [2, N1, N2]
+    fp32; the channel's fp32 [2, N1, N2] filter planes at ks_ptr + p_ks. BJ: rows k1 in blocks
+    of BJ (as _conv_blocked: the last product accumulated over the blocks; p_ks = p_tw then)."""
+    arh, arl = _hilo(va)
+    aih, ail = _hilo(vb)
+    if BJ:
+        outa = tl.zeros((R1, N2), dtype=tl.float32)
+        outb = tl.zeros((R1, N2), dtype=tl.float32)
+        for j in range(0, N1, BJ):
+            q_tw = p_tw + j * N2
+            ra, rb = _rows_x3(arh, arl, aih, ail, f1_ptr, f2_ptr, tw_ptr, ks_ptr, q_tw,
+                              p_f1h + j * N1, p_f1g + j, p_f2, q_tw, BJ, N1, N2, R1)
+            outa += ra
+            outb += rb
+    else:
+        outa, outb = _rows_x3(arh, arl, aih, ail, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_ks, p_f1h,
+                              p_f1g, p_f2, p_tw, N1, N1, N2, R1)
+    return outa, outb
+
+
+@triton.jit
+def _monarch16_f32_fwd_kernel(
+    # pointers: u, pre, post, y [B, H, L] contiguous fp32; d [H] fp32; ks [H, 2, N1, N2] fp32,
+    # kscale [H] fp32 (filter_tables_f32); f1 [4, N1, N1], f2 [4, N2, N2] fp16 (hi, lo);
+    # tw [2, N1, N2] fp32 (dft_tables_f32)
+    u_ptr, pre_ptr, post_ptr, d_ptr, y_ptr, ks_ptr, kscale_ptr, f1_ptr, f2_ptr, tw_ptr,
+    B, H, L, B_PER,
+    HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr,
+    N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr,
+):
+    (i_h, o_t, m_t, p_f1h, p_f1g, p_f2, p_tw, ks_ptr, p_ks, b_ks, b_start, b_end,
+     b_d) = _program_prologue(ks_ptr, kscale_ptr, d_ptr, B, L, B_PER, HAS_D, N1, N2, R1, BJ)
+    for i_b in range(b_start, b_end, 2):
+        p_a, p_b, m_b = _pair_rows(i_b, i_h, H, L, o_t, b_end)
+        ar, ai, inv_a, inv_b = _scaled_pair(u_ptr, pre_ptr, p_a, p_b, m_t, m_b, HAS_PRE)
+        outa, outb = _conv_x3(ar, ai, f1_ptr, f2_ptr, tw_ptr, ks_ptr, p_ks, p_f1h,
+                              p_f1g, p_f2, p_tw, N1, N2, R1, BJ)
+        _pair_epilogue(y_ptr, u_ptr, pre_ptr, post_ptr, p_a, p_b, m_t, m_b, outa, outb,
+                       b_ks * inv_a, b_ks * inv_b, b_d, HAS_D, HAS_PRE, HAS_POST)
+
+
+_monarch16_f32_fwd_kernel = fast_kernel(_monarch16_f32_fwd_kernel)
+
+# launch configuration of the float32 forward by N (GPU), as LAUNCH; KBLOCK_F32: N -> rows k1 per
+# block (as KBLOCK; absent or >= N1: unblocked). Chosen offline (sm_90, ptxas 12.9; bench/NOTES.md
+# "fft9"): the fewest warp instructions per pair of rows with <= 64 B of spills, at 4 warps (two
+# programs per SM, as the 16-bit kernels): N = 2048 unblocked 7.2k (255 regs, 0 B), 4096 BJ 16
+# 17.3k (8 B), 8192 BJ 16 37.9k (60 B); the 0-spill 8-warp builds (4096 BJ 32: 18.5k, 8192 BJ 16:
+# 50.4k) are bench/gpu_fft9.py's "f32 w8" row.
+LAUNCH_F32 = {2048: (4, 1), 4096: (4, 1), 8192: (4, 1)}
+KBLOCK_F32: Dict[int, int] = {4096: 16, 8192: 16}
+_TABLES_F32: Dict[tuple, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+last_f32_kernel = None
+
+
+def _split_planes(t: torch.Tensor) -> torch.Tensor:
+    """[2, a, b] float64 (re, im) -> [4, a, b] fp16 (re hi, im hi, re lo, im lo)."""
+    hi = t.to(torch.float16)
+    lo = (t - hi.to(torch.float64)).to(torch.float16)
+    return torch.cat([hi, lo]).contiguous()
+
+
+def dft_tables_f32(n1: int, n2: int, device):
+    """(F1 [4, N1, N1], F2 [4, N2, N2] fp16 split planes, T [2, N1, N2] fp32), once per
+    (N1, N2, device) (not kept while capturing a CUDA graph, as dft_tables)."""
+    return _cached_tables(_TABLES_F32, _make_tables_f32, n1, n2, device)
+
+
+def _make_tables_f32(n1: int, n2: int, device):
+    a = torch.arange(n1, device=device, dtype=torch.int64)
+    b = torch.arange(n2, device=device, dtype=torch.int64)
+    return (_split_planes(_expi(a, a, n1)), _split_planes(_expi(b, b, n2)),
+            _expi(a, b, n1 * n2).to(torch.float32).contiguous())
+
+
+def filter_tables_f32(k: torch.Tensor, n1: int, n2: int):
+    """filter_tables in fp32 (the spectrum taken in float64): (Ks [H, 2, N1, N2] fp32, kscale [H]
+    fp32); cached the same way (cufft.cached_spectrum)."""
+    return cached_spectrum(k, ("monarch16 f32", n1, n2),
+                           lambda k: _filter_tables(k, n1, n2, torch.float64, torch.float32))
+
+
+def _fft_conv_fwd_f32(u, k, D, pre, post):
+    """The float32 forward (u, pre, post fp32 [B, H, L] contiguous; k fp32 [H, Lk]; D or None)."""
+    B, H, L = u.shape
+    n, n1, n2, r1, S, per = _plan(B, H, L, k.shape[1], u.device, False)[:6]
+    global last_f32_kernel
+    y, last_f32_kernel = _fwd_launch(
+        _monarch16_f32_fwd_kernel, u, D, pre, post, filter_tables_f32(k, n1, n2),
+        dft_tables_f32(n1, n2, u.device), S, per, n1, n2, r1, _kblock(n, n1, KBLOCK_F32),
+        **_launch(n, LAUNCH_F32))
     return y
 
 
@@ -825,19 +1057,8 @@ def _monarch16_du_kernel(
     HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, SAVEQ: tl.constexpr,
     N1: tl.constexpr, N2: tl.constexpr, R1: tl.constexpr, BJ: tl.constexpr, TWC: tl.constexpr,
 ):
-    i_h, i_s = tl.program_id(0), tl.program_id(1)
-    o_t, p_f1h, p_f1g, p_f2, p_tw = _offsets(N1, N2, R1)
-    m_t = o_t < L
-    if BJ:
-        p_f1h, p_f1g, p_tw = _blk_offsets(N1, N2, R1, BJ)
-        ks_ptr += i_h.to(tl.int64) * 2 * N1 * N2
-        p_ks = p_tw  # unused
-    else:
-        p_ks = i_h.to(tl.int64) * 2 * N1 * N2 + p_tw
-    b_ks, b_start, b_end = _channel(kscale_ptr, i_h, i_s, B, B_PER)
-    b_d = 0.0
-    if HAS_D:
-        b_d = tl.load(d_ptr + i_h)
+    (i_h, o_t, m_t, p_f1h, p_f1g, p_f2, p_tw, ks_ptr, p_ks, b_ks, b_start, b_end,
+     b_d) = _program_prologue(ks_ptr, kscale_ptr, d_ptr, B, L, B_PER, HAS_D, N1, N2, R1, BJ)
     for i_b in range(b_start, b_end, 2):
         p_a, p_b, m_b = _pair_rows(i_b, i_h, H, L, o_t, b_end)
         _, ga = _load_g(dy_ptr, post_ptr, p_a, m_t, HAS_POST)
