@@ -2,7 +2,7 @@
 scan forms V' = T (diag(beta) v - diag(beta e^G) k^ S) from T, k, v, beta (no W, U in memory).
 The scan against the default scan on the same inputs (h, v_new, final state within rounding; T
 bitwise the default WY stage's), with DSTATE off and on (its prefetch settings, a 16-wide V tile at
-4 warps, DSTATE_KT), for grouped value heads, varlen with empty / one-token sequences, tails in T
+4 warps, DSTATE_KT) and k S as hi + lo 16-bit dots or one tf32 dot, for grouped value heads, varlen with empty / one-token sequences, tails in T
 and V, h0 or none, gated / ungated, L2 norm on / off, float32 and the GPU's tiles in float16; the
 op (forward + every gradient; the backward is the default's) against the float64 recurrence at
 the GPU's tiles, its o / S error no worse than the default's; float32 inputs untouched (the knob
@@ -63,14 +63,16 @@ def test_scan_t_close_to_default_scan(backend, case, gpu_tiles, monkeypatch):
     w0, u0, tm0 = wy._wy(p, k, v, g, beta, l2, False, wu=False)
     assert w0.numel() == u0.numel() == 0
     assert torch.equal(tm0, tm), "T of the T-only WY stage differs"
-    for ds in DSTATES:
+    # 16-bit: k S as hi + lo 16-bit dots (SCAN_T_KS_X2, the default) and as one tf32 dot
+    for ds, x2 in [(ds, True) for ds in DSTATES] + [(ds, False) for ds in DSTATES[:2]]:
         _set_dstate(monkeypatch, wy, ds)
+        p.ks_x2 = x2 and gpu_tiles
         got = _scan(_TScan(wy, tm0, v, beta), p, k, w0, u0, g, h0, l2, cu_t)
         for name, a, b in zip(("h", "v_new", "ht"), got, base):
             assert a.dtype == b.dtype and a.shape == b.shape, name
             assert torch.isfinite(a.float()).all(), f"{name} not finite (DSTATE {ds})"
             err = rel_err(a, b.double())
-            assert err <= tol, f"{name} ({dtype}, DSTATE {ds}): rel diff {err:.2e} vs the " \
+            assert err <= tol, f"{name} ({dtype}, DSTATE {ds}, KS_X2 {x2}): rel diff {err:.2e} vs the " \
                 f"default scan (tol {tol:.0e})"
     _set_dstate(monkeypatch, wy, None)
 

@@ -36,7 +36,7 @@ from ..chunk.common import blocks, chunk_span, l2norm_rows, load_rows, log_decay
 from ..chunk.fwd import Plan, _dummy, _output_kernel, _state_kernel
 from .bwd import _dqk_delta_kernel, _state_grad_delta_kernel
 from .fwd import delta_fwd_scan
-from .state import _delta_state_kernel
+from .state import _delta_state_kernel, mm_lohi
 from .._launch import cdiv, next_power_of_2, fast_kernel
 
 WU_FLOAT32 = True
@@ -592,31 +592,6 @@ def _wy_bwd_kernel(
 
 
 @triton.jit
-def mm_lohi(a, b, NSPLIT: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
-    """a @ b for a 16-bit `a` (an exact operand) and a float32 `b` as NSPLIT 16-bit dots on the
-    pieces of b = b_0 + b_1 + ... (`mm_hilo` with the roles swapped; float16: each column of `b`
-    scaled by a power of two to at most 1 first, the product's columns scaled back)."""
-    if DT == tl.float16:
-        bmax = tl.max(tl.abs(b), axis=0)
-        s_col = tl.exp2(tl.ceil(tl.log2(tl.maximum(bmax, 1e-30))))
-        rest = b * (1. / s_col)[None, :]
-    else:
-        rest = b
-    piece = rest.to(DT)
-    acc = mm(a, piece, DT, IEEE)
-    for _ in tl.static_range(1, NSPLIT):
-        rest = rest - piece.to(tl.float32)
-        piece = rest.to(DT)
-        if IEEE == 0:
-            acc = tl.dot(a, piece, acc)
-        else:
-            acc += mm(a, piece, DT, IEEE)
-    if DT == tl.float16:
-        acc = acc * s_col[None, :]
-    return acc
-
-
-@triton.jit
 def _rc_mask(m_r, o_c, N, EVEN: tl.constexpr, COLS_FIRST: tl.constexpr = False):
     """Mask of a [rows, cols] tile (COLS_FIRST: [cols, rows]) from the row mask `m_r` and the
     column offsets `o_c` < N; EVEN (every column in range): the row mask alone, broadcast (no
@@ -901,6 +876,7 @@ def _plan(q, v, g, cu_seqlens):
     p.udtype = torch.float32 if U_FLOAT32 else p.wdtype
     p.wu_wf32 = 1 if (p.wf32 == 0 and WU_TF32_PRODUCTS) else p.wf32
     p.scan_t = SCAN_T and fast and not DELTA_FWD
+    p.ks_x2 = SCAN_T_KS_X2 and p.scan_wf32 == 1 and fast
     return p
 
 
@@ -1034,6 +1010,9 @@ DSTATE_KT = False
 # `state._delta_state_kernel` (with DSTATE's prefetch / tiles when DSTATE is on, else the
 # engine's order and tiles). The backward is unchanged (W, U formed from T as before).
 SCAN_T = False
+# with SCAN_T (tf32 scan products): k S as two 16-bit dots of the raw k against S = hi + lo
+# (~16 bits of S; tf32: 11) instead of one tf32 dot of a float32 k tile
+SCAN_T_KS_X2 = True
 
 
 def _delta_fwd_opts(p, fused):
@@ -1082,7 +1061,8 @@ def _states(p, k, w, u, g, h0, l2, ws=None, t_scan=None):
             k, w, u, d if g is None else g, beta, d if h0 is None else h0, h, vn, ht, cu, co,
             p.T, p.H, p.HQ, p.K, p.V, GATE=p.gate, HAS_H0=h0 is not None, IS_VARLEN=p.varlen,
             L2NORM=l2, WF32=p.scan_wf32, BT=p.BT, BK=m["BKF"], BV=bv, DT=m["DT"],
-            IEEE=m["IEEE"], SCAN_T=t_scan is not None, **opts)
+            IEEE=m["IEEE"], SCAN_T=t_scan is not None,
+            KS_X2=t_scan is not None and getattr(p, "ks_x2", False), **opts)
         return h, vn, ht
     _state_kernel[(1, cdiv(p.V, p.BVs), p.N * p.H)](
         k, u, d if g is None else g, d, d, d if h0 is None else h0, h, ht, cu, co,

@@ -37,6 +37,31 @@ from .._launch import fast_kernel
 
 
 @triton.jit
+def mm_lohi(a, b, NSPLIT: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+    """a @ b for a 16-bit `a` (an exact operand) and a float32 `b` as NSPLIT 16-bit dots on the
+    pieces of b = b_0 + b_1 + ... (`mm_hilo` with the roles swapped; float16: each column of `b`
+    scaled by a power of two to at most 1 first, the product's columns scaled back)."""
+    if DT == tl.float16:
+        bmax = tl.max(tl.abs(b), axis=0)
+        s_col = tl.exp2(tl.ceil(tl.log2(tl.maximum(bmax, 1e-30))))
+        rest = b * (1. / s_col)[None, :]
+    else:
+        rest = b
+    piece = rest.to(DT)
+    acc = mm(a, piece, DT, IEEE)
+    for _ in tl.static_range(1, NSPLIT):
+        rest = rest - piece.to(tl.float32)
+        piece = rest.to(DT)
+        if IEEE == 0:
+            acc = tl.dot(a, piece, acc)
+        else:
+            acc += mm(a, piece, DT, IEEE)
+    if DT == tl.float16:
+        acc = acc * s_col[None, :]
+    return acc
+
+
+@triton.jit
 def _load_w(w_ptr, t, m_t, i_h, H, K, o_k, m_k):
     return tl.load(w_ptr + (t * H + i_h)[:, None] * K + o_k[None, :],
                    mask=m_t[:, None] & m_k[None, :], other=0.)
@@ -57,8 +82,10 @@ def _load_k(k_ptr, t, m_t, i_hq, HQ, K, o_k, m_k, KT: tl.constexpr):
 def _load_wt(w_ptr, t, m_t, i_h, H, K, o_k, m_k, o_t, BT: tl.constexpr, SCAN_T: tl.constexpr):
     """The chunk's w [BT, BK] rows, or (SCAN_T) its WY inverse T [BT, BT] (float32, w_ptr = T)."""
     if SCAN_T:
-        return _load_w(w_ptr, t, m_t, i_h, H, BT, o_t, o_t < BT)
-    return _load_w(w_ptr, t, m_t, i_h, H, K, o_k, m_k)
+        b_w = _load_w(w_ptr, t, m_t, i_h, H, BT, o_t, o_t < BT)
+    else:
+        b_w = _load_w(w_ptr, t, m_t, i_h, H, K, o_k, m_k)
+    return b_w
 
 
 @triton.jit
@@ -103,11 +130,13 @@ def _chunk_G(b_g, GATE: tl.constexpr, BT: tl.constexpr):
 def _chunk_step(S, b_k, b_w, b_u, b_g, b_b, vn_ptr, t, m_t, i_h, H, V, o_t, o_v, m_v,
                 GATE: tl.constexpr, L2NORM: tl.constexpr, WF32: tl.constexpr, BT: tl.constexpr,
                 DT: tl.constexpr, IEEE: tl.constexpr, KT: tl.constexpr,
-                SCAN_T: tl.constexpr = False):
+                SCAN_T: tl.constexpr = False, KS_X2: tl.constexpr = False):
     """One chunk of the engine's DELTA branch on loaded tiles: V' stored, S updated. KT: b_k is
     the raw k^T tile, the dot's operand as loaded; its L2 norm and decay scale the rows of V'
     instead (k^T (diag(r e) V') = (diag(r e) k)^T V'). SCAN_T: b_w is the WY inverse T, b_u the
-    chunk's v, b_b its beta: V' = T (diag(beta) v - diag(beta e^G) k^ S) (= U - W S)."""
+    chunk's v, b_b its beta: V' = T (diag(beta) v - diag(beta e^G) k^ S) (= U - W S). KS_X2
+    (SCAN_T): k S as two 16-bit dots of the raw k (exact) against S = hi + lo (`mm_lohi`: ~16 bits
+    of S, tf32 keeps 11; no float32 k tile as a dot operand), the L2 norm a row scale after."""
     if SCAN_T:
         G = _chunk_G(b_g, GATE, BT)
         if KT:
@@ -118,7 +147,17 @@ def _chunk_step(S, b_k, b_w, b_u, b_g, b_b, vn_ptr, t, m_t, i_h, H, V, o_t, o_v,
                 r_s = 1. / tl.sqrt(tl.sum(b_kf * b_kf, axis=0) + 1e-6)
             else:
                 r_s = tl.full([BT], 1., tl.float32)
-            kS = mm_wy(tl.trans(b_k), S, WF32, DT, IEEE) * r_s[:, None]
+            if KS_X2:
+                kS = mm_lohi(tl.trans(b_k), S, 2, DT, IEEE) * r_s[:, None]
+            else:
+                kS = mm_wy(tl.trans(b_k), S, WF32, DT, IEEE) * r_s[:, None]
+        elif KS_X2:
+            kS = mm_lohi(b_k, S, 2, DT, IEEE)
+            b_k = b_k.to(tl.float32)
+            if L2NORM:
+                r_s = 1. / tl.sqrt(tl.sum(b_k * b_k, axis=1) + 1e-6)
+                kS = kS * r_s[:, None]
+                b_k = b_k * r_s[:, None]
         else:
             b_k = b_k.to(tl.float32)
             if L2NORM:
@@ -188,7 +227,7 @@ def _delta_state_kernel(
     GATE: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr, L2NORM: tl.constexpr,
     WF32: tl.constexpr, PREFETCH: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr, KT: tl.constexpr = False,
-    SCAN_T: tl.constexpr = False,
+    SCAN_T: tl.constexpr = False, KS_X2: tl.constexpr = False,
 ):
     (i_nh, i_h, i_hq, bos, eos, base, o_t, o_k, o_v, m_k, m_v, m_s, p_s,
      S) = scan_program(h0_ptr, cu_ptr, co_ptr, T, H, HQ, K, V, HAS_H0, IS_VARLEN, BT, BK, BV)
@@ -218,7 +257,7 @@ def _delta_state_kernel(
             else:
                 b_kc = b_k
             S = _chunk_step(S, b_kc, b_wc, b_u, b_g, b_b, vn_ptr, t, m_t, i_h, H, V, o_t, o_v,
-                            m_v, GATE, L2NORM, WF32, BT, DT, IEEE, KT, SCAN_T)
+                            m_v, GATE, L2NORM, WF32, BT, DT, IEEE, KT, SCAN_T, KS_X2)
             b_k, b_w, b_u, b_g, b_b = n_k, n_w, n_u, n_g, n_b
     else:
         for i in range(NC):
@@ -230,7 +269,7 @@ def _delta_state_kernel(
                                                    i_h, i_hq, H, HQ, K, V, o_k, m_k, o_v, m_v,
                                                    o_t, GATE, KT, True, True, SCAN_T, BT)
             S = _chunk_step(S, b_k, b_w, b_u, b_g, b_b, vn_ptr, t, m_t, i_h, H, V, o_t, o_v, m_v,
-                            GATE, L2NORM, WF32, BT, DT, IEEE, KT, SCAN_T)
+                            GATE, L2NORM, WF32, BT, DT, IEEE, KT, SCAN_T, KS_X2)
     tl.store(ht_ptr + i_nh.to(tl.int64) * K * V + p_s, S, mask=m_s)
 
 
