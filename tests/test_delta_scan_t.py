@@ -78,16 +78,21 @@ def test_scan_t_close_to_default_scan(backend, case, gpu_tiles, monkeypatch):
 
 
 OP_CASES = ["gva-tail-h0", "varlen-gva", "ungated-l2-hv3"]
+OP_KNOBS = {"scan_t": dict(SCAN_T=True), "scan_t-dstate": dict(SCAN_T=True, DSTATE=True),
+            "scan_t-bwd": dict(SCAN_T=True, SCAN_T_BWD=True),
+            "scan_t-bwd-nosave": dict(SCAN_T=True, SCAN_T_BWD=True, SAVE_WY_INVERSE=False),
+            "bwd-only-dstate": dict(SCAN_T_BWD=True, DSTATE=True)}
 
 
 @pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("case", OP_CASES)
-@pytest.mark.parametrize("dstate", [False, True], ids=["scan_t", "scan_t-dstate"])
-def test_scan_t_op_gpu_tiles_matches_recurrence(backend, case, dstate, monkeypatch):
-    """The op with SCAN_T (float16 at the GPU's tiles, the 16-bit path the knob acts on): o, S
-    and every gradient against the float64 recurrence (the repo's 16-bit bound), o and S no
-    further from it than the default's (1.25x + 1e-5); a no-grad forward (T not kept) gives the
-    same o and S."""
+@pytest.mark.parametrize("knobs", list(OP_KNOBS), ids=list(OP_KNOBS))
+def test_scan_t_op_gpu_tiles_matches_recurrence(backend, case, knobs, monkeypatch):
+    """The op with SCAN_T (float16 at the GPU's tiles, the 16-bit path the knob acts on), alone,
+    with DSTATE, with SCAN_T_BWD (the backward's recompute by the same scan, W formed alone; with
+    the saved T and with SAVE_WY_INVERSE off), and SCAN_T_BWD alone: o, S and every gradient
+    against the float64 recurrence (the repo's 16-bit bound), o and S no further from it than the
+    default's (1.25x + 1e-5); a no-grad forward (T not kept) gives the same o and S."""
     from ssm_kernels.chunk import common
     from ssm_kernels.delta_rule import chunk as wy
     from ssm_kernels.testing import rel_err
@@ -99,8 +104,8 @@ def test_scan_t_op_gpu_tiles_matches_recurrence(backend, case, dstate, monkeypat
     h0 = h0 if with_h0 else None
     fn = _kernel_fn(gated, backend)
     base = _chunk_run(fn, q, k, v, g, beta, h0, cu_t, l2, cots)
-    monkeypatch.setattr(wy, "SCAN_T", True)
-    monkeypatch.setattr(wy, "DSTATE", dstate)
+    for name, val in OP_KNOBS[knobs].items():
+        monkeypatch.setattr(wy, name, val)
     out = _chunk_run(fn, q, k, v, g, beta, h0, cu_t, l2, cots)
     with torch.no_grad():
         o_ng, S_ng = fn(q, k, v, g, beta, h0, cu_t, l2)

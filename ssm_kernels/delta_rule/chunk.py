@@ -398,9 +398,9 @@ def _wy_fast_kernel(
     INV_WF32: tl.constexpr, NSPLIT: tl.constexpr, IS_VARLEN: tl.constexpr, BT: tl.constexpr,
     LOG2BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
     IEEE: tl.constexpr, LOOP: tl.constexpr = True, INV16: tl.constexpr = False,
-    WU: tl.constexpr = True,
+    WU: tl.constexpr = 1,
 ):
-    # WU=False (SCAN_T): T only (stored), no W, U
+    # WU: 1 W and U; 0 (SCAN_T's forward) T only (stored); 2 (SCAN_T_BWD's backward) W only
     i_h, i_hq, o_t, t, m_t, o_k, m_k, row = _wy_chunk_rows(ct_ptr, cu_ptr, T, NT, H, HQ, K,
                                                            IS_VARLEN, BT, BK)
     # addresses: an int64 base per tile (the chunk's first row) + int32 offsets in the tile
@@ -442,7 +442,7 @@ def _wy_fast_kernel(
                 X = _inverse_level(X, A, o_t, lv, INV_WF32, DT, IEEE, INV16)
         if STORE_T:
             tl.store(tm_ptr + r0 * BT + (o_r[:, None] * BT + o_t[None, :]), X, mask=m_t[:, None])
-    if WU:
+    if WU == 1:
         # U = T diag(beta) V, W = T diag(beta e^G r) K: the diagonal scales on T's columns (U
         # first: its [BT, BV] accumulator is the smaller one live next to T)
         Xu = X * b_beta[None, :]
@@ -454,6 +454,7 @@ def _wy_fast_kernel(
             b_v = tl.load(v_ptr + r0 * V + o_tv, mask=m_tv, other=0.)
             b_u = mm_hilo(Xu, b_v, NSPLIT, DT, IEEE)
             tl.store(u_ptr + r0 * V + o_tv, b_u.to(u_ptr.dtype.element_ty), mask=m_tv)
+    if WU != 0:
         b_w = mm_hilo(X * (b_beta * tl.exp2(G) * r_k)[None, :], b_k, NSPLIT, DT, IEEE)
         tl.store(w_ptr + r0 * K + (o_r[:, None] * K + o_k[None, :]),
                  b_w.to(w_ptr.dtype.element_ty), mask=m_tk)
@@ -877,29 +878,31 @@ def _plan(q, v, g, cu_seqlens):
     p.wu_wf32 = 1 if (p.wf32 == 0 and WU_TF32_PRODUCTS) else p.wf32
     p.scan_t = SCAN_T and fast and not DELTA_FWD
     p.ks_x2 = SCAN_T_KS_X2 and p.scan_wf32 == 1 and fast
+    p.scan_t_bwd = SCAN_T_BWD and p.wy_fast and not DELTA_FWD
     return p
 
 
-def _wu_buffers(p, k, ws=None, wu=True):
+def _wu_shapes(p, wu):
+    """Shapes of w, u: wu 1 both, 2 w only (u empty), 0 neither (SCAN_T's forward)."""
+    TOK = p.B * p.T
+    return ((TOK, p.H, p.K) if wu else (0,)), ((TOK, p.H, p.V) if wu == 1 else (0,))
+
+
+def _wu_buffers(p, k, ws=None, wu=1):
     if ws is not None:      # views of the call's workspace (`_workspace`)
         return common.poison(ws[0]), common.poison(ws[1])
-    if not wu:              # SCAN_T's forward: no W, U
-        return k.new_empty((0,), dtype=p.wdtype), k.new_empty((0,), dtype=p.udtype)
-    TOK = p.B * p.T
-    w = common.poison(k.new_empty((TOK, p.H, p.K), dtype=p.wdtype))
-    u = common.poison(k.new_empty((TOK, p.H, p.V), dtype=p.udtype))
-    return w, u
+    ws_, us_ = _wu_shapes(p, wu)
+    return (common.poison(k.new_empty(ws_, dtype=p.wdtype)),
+            common.poison(k.new_empty(us_, dtype=p.udtype)))
 
 
-def _workspace(p, k, with_ht: bool, states: bool = True, wu: bool = True):
+def _workspace(p, k, with_ht: bool, states: bool = True, wu: int = 1):
     """The temporaries of one forward (or the backward's recompute) in one allocation
-    (common.workspace): w, u (empty without wu: SCAN_T's forward), (states) h, v_new and (with_ht:
-    the backward, which drops them) the final states."""
+    (common.workspace): w, u (`_wu_shapes`), (states) h, v_new and (with_ht: the backward, which
+    drops them) the final states."""
     TOK = p.B * p.T
-    if wu:
-        specs = (((TOK, p.H, p.K), p.wdtype), ((TOK, p.H, p.V), p.udtype))
-    else:
-        specs = (((0,), p.wdtype), ((0,), p.udtype))
+    ws_, us_ = _wu_shapes(p, wu)
+    specs = ((ws_, p.wdtype), (us_, p.udtype))
     if states:
         specs += (((p.NCH, p.H, p.K, p.V), p.hdtype), ((TOK, p.H, p.V), k.dtype))
     if with_ht:
@@ -907,9 +910,9 @@ def _workspace(p, k, with_ht: bool, states: bool = True, wu: bool = True):
     return common.workspace(k, specs)
 
 
-def _wy_fast(p, k, v, g, beta, l2, w, u, tm, store_t, load_t, wu=True):
+def _wy_fast(p, k, v, g, beta, l2, w, u, tm, store_t, load_t, wu=1):
     """WY_FAST: `_wy_fast_kernel` (T solved, stored when store_t; or read when load_t; W, U
-    formed when wu)."""
+    formed as `_wu_shapes` says)."""
     m = p.meta
     cu, _, ct = p.idx_args(w)
     # pieces of T in the W, U products: 1 (16-bit T, fla's), 2 (~16 mantissa bits, the tf32
@@ -926,10 +929,11 @@ def _wy_fast(p, k, v, g, beta, l2, w, u, tm, store_t, load_t, wu=True):
     return w, u
 
 
-def _wu(p, k, v, g, beta, l2, w, u, tm):
-    """W, U from the stored T (WY_SPLIT's second launch; the backward with a saved T)."""
+def _wu(p, k, v, g, beta, l2, w, u, tm, wu=1):
+    """W, U from the stored T (WY_SPLIT's second launch; the backward with a saved T); wu=2
+    (WY_FAST only): W alone."""
     if p.wy_fast:
-        return _wy_fast(p, k, v, g, beta, l2, w, u, tm, False, True)
+        return _wy_fast(p, k, v, g, beta, l2, w, u, tm, False, True, wu)
     m = p.meta
     cu, _, ct = p.idx_args(w)
     _wu_kernel[(p.NCH, p.H)](
@@ -939,8 +943,9 @@ def _wu(p, k, v, g, beta, l2, w, u, tm):
     return w, u
 
 
-def _wy(p, k, v, g, beta, l2, store_t, ws=None, wu=True):
-    """(w, u, T). wu=False (SCAN_T's forward): T only (stored; w, u empty)."""
+def _wy(p, k, v, g, beta, l2, store_t, ws=None, wu=1):
+    """(w, u, T). wu (`_wu_shapes`): 1 both; 0 (SCAN_T's forward) T only, stored, w and u empty;
+    2 (SCAN_T_BWD's backward, WY_FAST only) w alone."""
     m = p.meta
     TOK = p.B * p.T
     w, u = _wu_buffers(p, k, ws, wu)
@@ -959,7 +964,7 @@ def _wy(p, k, v, g, beta, l2, store_t, ws=None, wu=True):
         k, v, gg, beta, w, u, tm, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, L2NORM=l2, STORE_T=int(store_t), WF32=p.wu_wf32,
         IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"],
-        INV_DOTS=WY_INVERSE_DOTS, INV_F32=p.inv_f32, LEAN=p.lean, WU=wu and not p.split,
+        INV_DOTS=WY_INVERSE_DOTS, INV_F32=p.inv_f32, LEAN=p.lean, WU=bool(wu) and not p.split,
         num_warps=p.wy_warps)
     if p.split and wu:
         _wu(p, k, v, g, beta, l2, w, u, tm)
@@ -1013,6 +1018,10 @@ SCAN_T = False
 # with SCAN_T (tf32 scan products): k S as two 16-bit dots of the raw k against S = hi + lo
 # (~16 bits of S; tf32: 11) instead of one tf32 dot of a float32 k tile
 SCAN_T_KS_X2 = True
+# the backward's recompute of h, V' by SCAN_T's scan too (T, k, v, beta read; W formed alone for the
+# state-gradient scan, no U: -134 MB written and -134 MB read at B4 T4096 H16 K=V=128 with float32
+# U; h and V' then bitwise the SCAN_T forward's); 16-bit inputs with WY_FAST, DELTA_FWD=0
+SCAN_T_BWD = False
 
 
 def _delta_fwd_opts(p, fused):
@@ -1083,8 +1092,8 @@ def chunk_delta_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool,
     p = _plan(q, v, g, cu_seqlens)
     m = p.meta
     # (DELTA_FWD 2: no h, no V' in memory; SCAN_T: no w, u)
-    ws = _workspace(p, k, False, states=DELTA_FWD != 2, wu=not p.scan_t)
-    w, u, tm = _wy(p, k, v, g, beta, l2, save_t, ws, wu=not p.scan_t)
+    ws = _workspace(p, k, False, states=DELTA_FWD != 2, wu=0 if p.scan_t else 1)
+    w, u, tm = _wy(p, k, v, g, beta, l2, save_t, ws, wu=0 if p.scan_t else 1)
     o = common.poison(torch.empty_like(v))
     if DELTA_FWD == 2:
         ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
@@ -1112,18 +1121,20 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
     p = _plan(q, v, g, cu_seqlens)
     m = p.meta
     TOK = p.B * p.T
+    wub = 2 if p.scan_t_bwd else 1      # W alone (SCAN_T_BWD), or W and U
     if tm is not None and tm.numel():
         if (tuple(tm.shape) != (TOK, p.H, p.BT) or tm.dtype != torch.float32
                 or not tm.is_contiguous()):
             raise ValueError(f"chunk_delta_bwd: the saved WY inverse must be a contiguous float32 "
                              f"{(TOK, p.H, p.BT)} tensor, got {tm.dtype} {tuple(tm.shape)}")
         # the forward's T (bitwise what the recompute would form: same kernel, same inputs)
-        ws = _workspace(p, k, True)
-        w, u = _wu(p, k, v, g, beta, l2, *_wu_buffers(p, k, ws), tm)
+        ws = _workspace(p, k, True, wu=wub)
+        w, u = _wu(p, k, v, g, beta, l2, *_wu_buffers(p, k, ws), tm, wu=wub)
     else:
-        ws = _workspace(p, k, True)
-        w, u, tm = _wy(p, k, v, g, beta, l2, True, ws)
-    h, vn, _ = _states(p, k, w, u, g, h0, l2, ws)
+        ws = _workspace(p, k, True, wu=wub)
+        w, u, tm = _wy(p, k, v, g, beta, l2, True, ws, wu=wub)
+    # SCAN_T_BWD: h, V' by the scan from T, v, beta (u not formed)
+    h, vn, _ = _states(p, k, w, u, g, h0, l2, ws, (tm, v, beta) if p.scan_t_bwd else None)
     cu, co, ct = p.idx_args(do)
     d = _dummy(do)
     gg = d if g is None else g
