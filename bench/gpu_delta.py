@@ -212,19 +212,21 @@ DELTA_OUT_VARIANTS = (   # sm_90 Triton 3.6 (gated, no L2 / L2): output regs, sp
 # and the fwd row against fla's (the "time" step). scant_vs_default: SCAN_T on vs off on the same
 # inputs (every gradient bitwise expected: the backward is unchanged; o, S within rounding).
 # sm_90 Triton 3.6 compile of the scan (gated no-L2 / L2: regs, spill B, shared KB; programs/SM)
-SCANT_VARIANTS = (
+SCANT_VARIANTS = (   # most telling first: the budget may cut the tail
     "base:;"                                                             # 255, 172/176, 131/148, 1
-    "dstate:DSTATE=True;"                                                # 255, 344/408, 115, 1
     "scant:SCAN_T=True;"                                                 # 255, 112/184, 91, 1
     "scant-dstate:SCAN_T=True,DSTATE=True;"                              # 255, 212/304, 82, 1
+    "dstate:DSTATE=True;"                                                # 255, 344/408, 115, 1
+    # + the backward's recompute by the same scan (W formed alone, no U): read its fwd+bwd row
+    "scant-bwd:SCAN_T=True,SCAN_T_BWD=True;"
     "scant-dstate-kt-pf0:SCAN_T=True,DSTATE=True,DSTATE_KT=True,DSTATE_PREFETCH=0;"  # 72/108, 1
     "scant-dstate-kt-pf3:SCAN_T=True,DSTATE=True,DSTATE_KT=True,DSTATE_PREFETCH=3;"  # 128/132, 1
-    # k S as one tf32 dot of the float32 k tile (the precision control; spills 476/580 B)
-    "scant-tf32:SCAN_T=True,SCAN_T_KS_X2=False;"
     # w, u stored bf16 (the WY products in the input dtype), precision-keeping sub-knobs (the
     # interpreter's bound passes: bench/NOTES.md "delta5") and fla's own precision
     "bf16wu-tf32-dstate:WU_FLOAT32=False,WU_TF32_PRODUCTS=True,SCAN_TF32=True,DSTATE=True;"
-    "flaprec-dstate:WU_FLOAT32=False,DSTATE=True")
+    "flaprec-dstate:WU_FLOAT32=False,DSTATE=True;"
+    # k S as one tf32 dot of the float32 k tile (the precision control; spills 476/580 B)
+    "scant-tf32:SCAN_T=True,SCAN_T_KS_X2=False")
 # 4 warps, BV 32 (2 programs per SM; the bf16 m64n32k16 N-major B of helper dfwd8's suspicion:
 # one process each in bench/gpu_scant9.sh)
 SCANT4_VARIANTS = (
