@@ -7,25 +7,7 @@
 # forward's wy / states / output / fwd total rows). Then each 4-warp variant (@scant4) in its own
 # process (helper dfwd8's Triton 3.6 suspicion: a crash poisons only its own context).
 # Usage (repo root; PYTHONPATH as for gpu_delta.py, fla importable): bash bench/gpu_scant9.sh
-# (~200-235 s; timeout 240)
-cd "$(dirname "$0")/.." || exit 1
-export GVA=0 VARIANT_EXTRA=stages FIRST_CALL=0
-TOTAL_S=${TOTAL_S:-230}   # no new 4-warp process past this many seconds
-OUT0=${OUT:-}
-[ -n "$OUT0" ] && mkdir -p "$OUT0/main" && export OUT="$OUT0/main"
-LOG=${OUT0:-/tmp}
-pick() { grep -E "variant .*check|SCAN_T vs|(wy|states|output|fwd total) +[0-9]|ssm_kernels|fla |FAIL|Error|illegal" \
-         | cut -c1-170; }
-STEPS=time,variants BUDGET_S=${BUDGET1_S:-165} VARIANTS=@scant python bench/gpu_delta.py \
-    > "$LOG/scant_main.log" 2>&1
-pick < "$LOG/scant_main.log"
-python bench/gpu_delta.py --list @scant4 > /tmp/scant4.txt
-while IFS= read -r v; do
-    [ -z "$v" ] && continue
-    if [ "$SECONDS" -gt $((TOTAL_S - 35)) ]; then echo "=== ${v%%:*}: skipped (time)"; continue; fi
-    echo "=== ${v%%:*}"
-    [ -n "$OUT0" ] && mkdir -p "$OUT0/${v%%:*}" && export OUT="$OUT0/${v%%:*}"
-    STEPS=variants QUICK=1 BUDGET_S=${BUDGET_EACH_S:-30} VARIANTS="$v" timeout 45 \
-        python bench/gpu_delta.py > "$LOG/scant_${v%%:*}.log" 2>&1
-    pick < "$LOG/scant_${v%%:*}.log"
-done < /tmp/scant4.txt
+# (~200-235 s; timeout 240). Logs $OUT/scant_*.log (bench/gpu_delta_groups.sh runs it).
+MAIN_GROUP=@scant SOLO_GROUP=@scant4 TAG=scant MAIN_STEPS=time,variants MAIN_QUICK=0 \
+    BUDGET1_S=${BUDGET1_S:-165} TOTAL_S=${TOTAL_S:-230} PICK="SCAN_T vs|ssm_kernels|fla " \
+    exec bash "$(dirname "$0")/gpu_delta_groups.sh"
