@@ -11,6 +11,10 @@ rounded to bf16). Prints the relative (Frobenius) error of o and of the final st
     PYTHONPATH=$PWD python bench/delta_scan_t_precision.py [--T 1024,4096,16384,65536] [--H 4]
         [--gated 1,0] [--seed 0]
 
+--interp: instead, the op itself under the Triton interpreter (TRITON_INTERPRET=1; float16 at the
+GPU's tiles, BT = 64 and 16-bit dots, B1 H1 HV2 K=V=32, L2 norm in-kernel, no-grad forward),
+default and SCAN_T, o and the final state against the float64 recurrence.
+
 What it does not emulate: the order of the float32 accumulations inside a dot (an error of ~K
 ulps of float32, far below the tf32 / bf16 operand roundings it models) and the inverse's own
 tf32 rounding pattern beyond the operand roundings of its dots.
@@ -140,14 +144,55 @@ def rel(a, r):
     return (torch.linalg.vector_norm(a.double() - r) / torch.linalg.vector_norm(r)).item()
 
 
+def interp_main(Ts, gateds):
+    """The op under the interpreter (see the module doc)."""
+    import os
+    import sys
+    import time
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "tests"))
+    from test_delta_rule import make
+    import ssm_kernels as sk
+    from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
+    from ssm_kernels.delta_rule.reference import delta_rule_recurrent_ref
+    from ssm_kernels.testing import rel_err
+    common.triton_interpret = lambda: False   # BT = 64, 16-bit tensor-core-style dots
+    torch.manual_seed(0)
+    print("| gated | T | o default | o scan_t | S default | S scan_t | s |")
+    print("|---|---|---|---|---|---|---|")
+    for T in Ts:
+        for gated in gateds:
+            q, k, v, g, beta = make(1, T, 1, 2, 32, 32, gated, unit_keys=False,
+                                    dtype=torch.float16)
+            d = lambda x: None if x is None else x.double()  # noqa: E731
+            t0 = time.time()
+            ro, rS = delta_rule_recurrent_ref(d(q), d(k), d(v), d(g), d(beta), None, None, None,
+                                              True)
+            res = []
+            for st in (False, True):
+                wy.SCAN_T = st
+                kw = dict(output_final_state=True, use_qk_l2norm_in_kernel=True, backend="triton")
+                with torch.no_grad():
+                    o, S = (sk.chunk_gated_delta_rule(q, k, v, g, beta, **kw) if gated
+                            else sk.chunk_delta_rule(q, k, v, beta, **kw))
+                res.append((rel_err(o, ro), rel_err(S, rS)))
+            print(f"| {int(gated)} | {T} | {res[0][0]:.3e} | {res[1][0]:.3e} | {res[0][1]:.3e} | "
+                  f"{res[1][1]:.3e} | {time.time() - t0:.0f} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--interp", action="store_true", help="the op under the Triton interpreter")
     ap.add_argument("--T", default="1024,4096,16384")
     ap.add_argument("--H", type=int, default=4)
     ap.add_argument("--K", type=int, default=128)
     ap.add_argument("--gated", default="1,0")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.interp:
+        return interp_main([int(x) for x in args.T.split(",")],
+                           [bool(int(x)) for x in args.gated.split(",")])
     print("| gated | T | o default | o scan_t | S default | S scan_t |")
     print("|---|---|---|---|---|---|")
     for gated in [bool(int(x)) for x in args.gated.split(",")]:
