@@ -219,6 +219,8 @@ SCANT_VARIANTS = (   # most telling first: the budget may cut the tail
     "dstate:DSTATE=True;"                                                # 255, 344/408, 115, 1
     # + the backward's recompute by the same scan (W formed alone, no U): read its fwd+bwd row
     "scant-bwd:SCAN_T=True,SCAN_T_BWD=True;"
+    # + helper deltaout8's output stage (decay-on-o, one V tile of 128): the composed forward
+    "scant-dstate-outd-bv128:SCAN_T=True,DSTATE=True,OUT_DECAY_O=True,OUT_BLOCK_V=128;"
     "scant-dstate-kt-pf0:SCAN_T=True,DSTATE=True,DSTATE_KT=True,DSTATE_PREFETCH=0;"  # 72/108, 1
     "scant-dstate-kt-pf3:SCAN_T=True,DSTATE=True,DSTATE_KT=True,DSTATE_PREFETCH=3;"  # 128/132, 1
     # w, u stored bf16 (the WY products in the input dtype), precision-keeping sub-knobs (the
