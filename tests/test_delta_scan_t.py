@@ -81,7 +81,9 @@ OP_CASES = ["gva-tail-h0", "varlen-gva", "ungated-l2-hv3"]
 OP_KNOBS = {"scan_t": dict(SCAN_T=True), "scan_t-dstate": dict(SCAN_T=True, DSTATE=True),
             "scan_t-bwd": dict(SCAN_T=True, SCAN_T_BWD=True),
             "scan_t-bwd-nosave": dict(SCAN_T=True, SCAN_T_BWD=True, SAVE_WY_INVERSE=False),
-            "bwd-only-dstate": dict(SCAN_T_BWD=True, DSTATE=True)}
+            "bwd-only-dstate": dict(SCAN_T_BWD=True, DSTATE=True),
+            "scan_t-dstate-outd-bv128": dict(SCAN_T=True, DSTATE=True, OUT_DECAY_O=True,
+                                             OUT_BLOCK_V=128)}
 
 
 @pytest.mark.parametrize("backend", TRITON)
