@@ -77,7 +77,9 @@ def test_scan_t_close_to_default_scan(backend, case, gpu_tiles, monkeypatch):
     _set_dstate(monkeypatch, wy, None)
 
 
-OP_CASES = ["gva-tail-h0", "varlen-gva", "ungated-l2-hv3"]
+# + K > 128 (whole-K tiles of 256, BT 32, the scan's BV 32)
+OP_CASE_DEFS = dict(STATE_CASES, **{"k130": (True, True, 1, 70, 1, 2, 130, 20, None, True)})
+OP_CASES = ["gva-tail-h0", "varlen-gva", "ungated-l2-hv3", "k130"]
 OP_KNOBS = {"scan_t": dict(SCAN_T=True), "scan_t-dstate": dict(SCAN_T=True, DSTATE=True),
             "scan_t-bwd": dict(SCAN_T=True, SCAN_T_BWD=True),
             "scan_t-bwd-nosave": dict(SCAN_T=True, SCAN_T_BWD=True, SAVE_WY_INVERSE=False),
@@ -100,7 +102,7 @@ def test_scan_t_op_gpu_tiles_matches_recurrence(backend, case, knobs, monkeypatc
     from ssm_kernels.testing import rel_err
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
     monkeypatch.setattr(common, "triton_interpret", lambda: False)
-    gated, l2, B, T, H, HV, K, V, cu, with_h0 = STATE_CASES[case]
+    gated, l2, B, T, H, HV, K, V, cu, with_h0 = OP_CASE_DEFS[case]
     q, k, v, g, beta, h0, cu_t, cots = _chunk_inputs(gated, l2, B, T, H, HV, K, V, cu,
                                                      dtype=torch.float16)
     h0 = h0 if with_h0 else None
