@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import kernel_backends
+from conftest import DEVICE, kernel_backends
 from test_delta_rule import _chunk_inputs, _chunk_run, _judge_chunk, _kernel_fn, _ref_fn
 from test_delta_state import STATE_CASES, _scan
 
@@ -141,3 +141,20 @@ def test_scan_t_float32_untouched(backend, monkeypatch):
     out = _chunk_run(fn, q, k, v, g, beta, h0, cu_t, l2, cots)
     for a, b in zip(out, base):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(DEVICE != "cpu" or "triton" not in TRITON,
+                    reason="interpreter check (CPU, TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("case", ["gva-tail", "varlen-gva"])
+@pytest.mark.parametrize("pf", [2, 0], ids=["dstate-pf2", "pf0"])
+def test_scan_t_in_bounds(case, pf, monkeypatch):
+    """SCAN_T + SCAN_T_BWD (+ DSTATE prefetching T, k, v, beta and g of the chunk past the end
+    under PREFETCH 2) under the interpreter's address check (tests/guard_zone.py): every load /
+    store of the forward and backward inside a tensor argument, the NaN guard zones around the
+    inputs untouched, every output finite; float16 at the GPU's tiles."""
+    from test_delta_fwd_guard import CASES, _run
+    knobs = dict(SCAN_T=True, SCAN_T_BWD=True, DSTATE=pf > 0, DSTATE_PREFETCH=pf)
+    out, launches, _ = _run(knobs, CASES[case], torch.float16, monkeypatch, guard=True)
+    # the forward's scan and the backward's recompute, both from T (no engine scan)
+    assert launches.count("_delta_state_kernel") == 2 and "_state_kernel" not in launches, launches
+    assert all(torch.isfinite(x.float()).all() for x in out)
