@@ -23,7 +23,9 @@
    defaults first) / @deltafwd (DELTA_FWD_VARIANTS: the delta-only forward scan, fwd.py) /
    @deltastate (DSTATE_VARIANTS: the state scan with prefetched loads, state.py; @deltastate4
    its 4-warp settings, one process each: bench/gpu_dstate8.sh) / @deltaout (DELTA_OUT_VARIANTS:
-   the output stage's decay-on-o form, V tile 128, the WY stage's register cap) /
+   the output stage's decay-on-o form, V tile 128, the WY stage's register cap) / @scant
+   (SCANT_VARIANTS: the scan from T, k, v, beta; @scant4 its 4-warp settings, one process each:
+   bench/gpu_scant9.sh) /
    @defaults (the knobs as they are), or a ','-list of groups and
    variants mixed by ';' ("@defaults,@savet;lean4:WY_LEAN=True"); VARIANT_EXTRA="ungated,profile"
    (what else each variant runs; see VARIANT_EXTRA below).
@@ -204,6 +206,38 @@ DELTA_OUT_VARIANTS = (   # sm_90 Triton 3.6 (gated, no L2 / L2): output regs, sp
     # fla's precision (w, u stored bf16; not our default's): how far the WY stage's bytes go
     "flaprec-outd-bv128-r168:WU_FLOAT32=False,OUT_DECAY_O=True,OUT_BLOCK_V=128,"
     "WY_FAST_MAXNREG=168")
+# the forward's state scan from the WY inverse T, k, v, beta (SCAN_T; bench/NOTES.md, "helper
+# delta9"): the WY stage writes T only (no float32 W, U): VARIANTS=@scant with VARIANT_EXTRA=stages
+# (bench/gpu_scant9.sh); read each variant's wy / states / fwd total rows against base's and dstate's
+# and the fwd row against fla's (the "time" step). scant_vs_default: SCAN_T on vs off on the same
+# inputs (every gradient bitwise expected: the backward is unchanged; o, S within rounding).
+# sm_90 Triton 3.6 compile of the scan (gated no-L2 / L2: regs, spill B, shared KB; programs/SM)
+SCANT_VARIANTS = (   # most telling first: the budget may cut the tail
+    "base:;"                                                             # 255, 172/176, 131/148, 1
+    "scant:SCAN_T=True;"                                                 # 255, 112/184, 91, 1
+    "scant-dstate:SCAN_T=True,DSTATE=True;"                              # 255, 212/304, 82, 1
+    "dstate:DSTATE=True;"                                                # 255, 344/408, 115, 1
+    # + the backward's recompute by the same scan (W formed alone, no U): read its fwd+bwd row
+    "scant-bwd:SCAN_T=True,SCAN_T_BWD=True;"
+    # + helper deltaout8's output stage (decay-on-o, one V tile of 128): the composed forward
+    "scant-dstate-outd-bv128:SCAN_T=True,DSTATE=True,OUT_DECAY_O=True,OUT_BLOCK_V=128;"
+    "scant-dstate-kt-pf0:SCAN_T=True,DSTATE=True,DSTATE_KT=True,DSTATE_PREFETCH=0;"  # 72/108, 1
+    "scant-dstate-kt-pf3:SCAN_T=True,DSTATE=True,DSTATE_KT=True,DSTATE_PREFETCH=3;"  # 128/132, 1
+    # w, u stored bf16 (the WY products in the input dtype), precision-keeping sub-knobs (the
+    # interpreter's bound passes: bench/NOTES.md "delta5") and fla's own precision
+    "bf16wu-tf32-dstate:WU_FLOAT32=False,WU_TF32_PRODUCTS=True,SCAN_TF32=True,DSTATE=True;"
+    "flaprec-dstate:WU_FLOAT32=False,DSTATE=True;"
+    # k S as one tf32 dot of the float32 k tile (the precision control; spills 476/580 B)
+    "scant-tf32:SCAN_T=True,SCAN_T_KS_X2=False")
+# 4 warps, BV 32 (2 programs per SM; the bf16 m64n32k16 N-major B of helper dfwd8's suspicion:
+# one process each in bench/gpu_scant9.sh)
+SCANT4_VARIANTS = (
+    "scant-dstate-kt-pf3-bv32w4:SCAN_T=True,DSTATE=True,DSTATE_KT=True,DSTATE_PREFETCH=3,"
+    "DSTATE_BV=32,DSTATE_WARPS=4;"                                       # 252/255, 0/124, 78/61, 2
+    "scant-dstate-kt-pf0-bv32w4:SCAN_T=True,DSTATE=True,DSTATE_KT=True,DSTATE_PREFETCH=0,"
+    "DSTATE_BV=32,DSTATE_WARPS=4;"                                       # 244/255, 0/64, 83/66, 2
+    "scant-dstate-pf0-bv32w4:SCAN_T=True,DSTATE=True,DSTATE_PREFETCH=0,DSTATE_BV=32,"
+    "DSTATE_WARPS=4")                                                    # 255, 24/168, 66/74, 2
 # per variant, besides its check and gated fwd / fwd+bwd: "ungated" (chunk_delta_rule, against
 # fla's fwd+bwd), "profile" (every kernel of its gated fwd+bwd), "stages" (its forward stages);
 # unset: ungated and profile for the first variant only, stages for every one
@@ -346,6 +380,11 @@ def stage_model(p, R, Rq):
                   (wy.DSTATE_BV or p.BVs) if wy.DSTATE else p.BVs))
     st_b = nv * R * (K * 2 + K * wb + 4) + R * V * (ub + 2) + nch * K * V * 2
     st_f = R * 4 * K * V
+    if p.scan_t:   # WY: k, g, beta in, T out (no v, W, U); scan: k, T, g, beta per V tile, v in
+        wy_b = R * (K * 2 + 8 + BT * 4)
+        wy_f = R * 2 * (BT * K + 2 * (BT.bit_length() - 2) * BT * BT)
+        st_b = nv * R * (K * 2 + BT * 4 + 8) + R * V * (2 + 2) + nch * K * V * 2
+        st_f += R * 2 * BT * V                        # V' = T Y
     if wy.DELTA_FWD == 2:   # one kernel: + q read per V tile, o written; no h, no v_new
         fu_b = nv * R * (2 * K * 2 + K * wb + 4) + R * V * (ub + 2)
         fu_f = R * (6 * K * V + nv * 2 * BT * K + 2 * BT * V)
@@ -362,10 +401,12 @@ def stage_times(label, B=4, T=4096, H=16, HV=16, K=128, V=128):
     from triton.testing import do_bench
     q, k, v, g, beta = inputs(B, T, H, HV, K, V, True, l2=False)
     p = wy._plan(q, v, g, None)
-    w, u, _ = wy._wy(p, k, v, g, beta, False, False)
+    wu = not p.scan_t   # SCAN_T: the WY stage writes T only, the scan reads T, v, beta
+    w, u, tm = wy._wy(p, k, v, g, beta, False, False, wu=wu)
+    ts = None if wu else (tm, v, beta)
     ms = lambda f: do_bench(f, warmup=5, rep=25, return_mode="median")  # noqa: E731
-    t = {"wy": ms(lambda: wy._wy(p, k, v, g, beta, False, False)),
-         "states": ms(lambda: wy._states(p, k, w, u, g, None, False)),
+    t = {"wy": ms(lambda: wy._wy(p, k, v, g, beta, False, False, wu=wu)),
+         "states": ms(lambda: wy._states(p, k, w, u, g, None, False, t_scan=ts)),
          "fwd total": ms(lambda: wy.chunk_delta_fwd(q, k, v, g, beta, None, None, K ** -0.5,
                                                     False))}
     t["output"] = t["fwd total"] - t["wy"] - t["states"]
@@ -383,7 +424,7 @@ def stage_times(label, B=4, T=4096, H=16, HV=16, K=128, V=128):
                      f"{fl / t[name] / 1e9:.0f} TFLOP/s")
         ROWS.append(("delta stage", case, f"{label}: {name}", "fwd", t[name], note))
         log(f"delta stage {label:28s} {name:10s} {t[name]:8.3f} ms  {note}")
-    del q, k, v, g, beta, w, u
+    del q, k, v, g, beta, w, u, tm, ts
     torch.cuda.empty_cache()
 
 
@@ -484,6 +525,7 @@ VARIANT_GROUPS = {"@bwd": BWD_VARIANTS, "@fwd": DEFAULT_VARIANTS, "@savet": SAVE
                   "@wyfast": WYFAST_VARIANTS, "@wybwd": WYBWD_VARIANTS,
                   "@deltafwd": DELTA_FWD_VARIANTS, "@deltastate": DSTATE_VARIANTS,
                   "@deltastate4": DSTATE4_VARIANTS, "@deltaout": DELTA_OUT_VARIANTS,
+                  "@scant": SCANT_VARIANTS, "@scant4": SCANT4_VARIANTS,
                   "@defaults": "defaults:"}
 
 
@@ -592,15 +634,17 @@ def dstate_vs_default(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
                  "fwd", float("nan"), text))
 
 
-def out_vs_default(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
+def out_vs_default(name, B=1, T=1024, H=2, HV=4, K=128, V=128, knob="OUT_DECAY_O",
+                   what="default output"):
     """OUT_DECAY_O on (its other knobs as set) against off: S and every gradient bitwise equal
     expected (only the forward's output stage changes), o within rounding; logs each output's
-    max |diff| relative to its max |value|."""
-    outs = knob_on_off("OUT_DECAY_O", B, T - 7, H, HV, K, V)
+    max |diff| relative to its max |value|. knob=SCAN_T (what: the default scan): every gradient
+    bitwise expected (the backward is the default's), o and S within rounding."""
+    outs = knob_on_off(knob, B, T - 7, H, HV, K, V)
     rel = {n: (a.float() - b.float()).abs().max().item() / (b.float().abs().max().item() + 1e-30)
            for n, a, b in zip(NAMES8, *outs)}
     same = [n for n, a, b in zip(NAMES8, *outs) if torch.equal(a, b)]
-    text = (f"OUT_DECAY_O vs default output: bitwise {','.join(same) or 'none'}; rel "
+    text = (f"{knob} vs {what}: bitwise {','.join(same) or 'none'}; rel "
             + " ".join(f"{n} {r:.1e}" for n, r in rel.items() if n not in same))
     log(f"variant {name}: {text}")
     ROWS.append(("chunk_gated_delta_rule", f"B{B} T{T - 7} H{H} HV{HV}", f"ssm_kernels [{name}]",
@@ -711,6 +755,8 @@ def main():
                     dstate_vs_default(name)
                 if knobs.get("OUT_DECAY_O"):
                     out_vs_default(name)
+                if knobs.get("SCAN_T"):
+                    out_vs_default(name, knob="SCAN_T", what="the default scan")
                 bench("chunk_gated_delta_rule", case, f"ssm_kernels [{name}]"
                       + ("" if good else " CHECK FAILED"), ours("chunk_gated_delta_rule", l2=False),
                       make)

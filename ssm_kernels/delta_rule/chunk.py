@@ -36,7 +36,7 @@ from ..chunk.common import blocks, chunk_span, l2norm_rows, load_rows, log_decay
 from ..chunk.fwd import Plan, _dummy, _output_kernel, _state_kernel
 from .bwd import _dqk_delta_kernel, _state_grad_delta_kernel
 from .fwd import delta_fwd_scan
-from .state import _delta_state_kernel
+from .state import _delta_state_kernel, mm_lohi
 from .._launch import cdiv, next_power_of_2, fast_kernel
 
 WU_FLOAT32 = True
@@ -398,7 +398,9 @@ def _wy_fast_kernel(
     INV_WF32: tl.constexpr, NSPLIT: tl.constexpr, IS_VARLEN: tl.constexpr, BT: tl.constexpr,
     LOG2BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
     IEEE: tl.constexpr, LOOP: tl.constexpr = True, INV16: tl.constexpr = False,
+    WU: tl.constexpr = 1,
 ):
+    # WU: 1 W and U; 0 (SCAN_T's forward) T only (stored); 2 (SCAN_T_BWD's backward) W only
     i_h, i_hq, o_t, t, m_t, o_k, m_k, row = _wy_chunk_rows(ct_ptr, cu_ptr, T, NT, H, HQ, K,
                                                            IS_VARLEN, BT, BK)
     # addresses: an int64 base per tile (the chunk's first row) + int32 offsets in the tile
@@ -440,20 +442,22 @@ def _wy_fast_kernel(
                 X = _inverse_level(X, A, o_t, lv, INV_WF32, DT, IEEE, INV16)
         if STORE_T:
             tl.store(tm_ptr + r0 * BT + (o_r[:, None] * BT + o_t[None, :]), X, mask=m_t[:, None])
-    # U = T diag(beta) V, W = T diag(beta e^G r) K: the diagonal scales on T's columns (U first:
-    # its [BT, BV] accumulator is the smaller one live next to T)
-    Xu = X * b_beta[None, :]
-    for i_v in range(tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        o_tv = o_r[:, None] * V + o_v[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_v = tl.load(v_ptr + r0 * V + o_tv, mask=m_tv, other=0.)
-        b_u = mm_hilo(Xu, b_v, NSPLIT, DT, IEEE)
-        tl.store(u_ptr + r0 * V + o_tv, b_u.to(u_ptr.dtype.element_ty), mask=m_tv)
-    b_w = mm_hilo(X * (b_beta * tl.exp2(G) * r_k)[None, :], b_k, NSPLIT, DT, IEEE)
-    tl.store(w_ptr + r0 * K + (o_r[:, None] * K + o_k[None, :]), b_w.to(w_ptr.dtype.element_ty),
-             mask=m_tk)
+    if WU == 1:
+        # U = T diag(beta) V, W = T diag(beta e^G r) K: the diagonal scales on T's columns (U
+        # first: its [BT, BV] accumulator is the smaller one live next to T)
+        Xu = X * b_beta[None, :]
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            o_tv = o_r[:, None] * V + o_v[None, :]
+            m_tv = m_t[:, None] & m_v[None, :]
+            b_v = tl.load(v_ptr + r0 * V + o_tv, mask=m_tv, other=0.)
+            b_u = mm_hilo(Xu, b_v, NSPLIT, DT, IEEE)
+            tl.store(u_ptr + r0 * V + o_tv, b_u.to(u_ptr.dtype.element_ty), mask=m_tv)
+    if WU != 0:
+        b_w = mm_hilo(X * (b_beta * tl.exp2(G) * r_k)[None, :], b_k, NSPLIT, DT, IEEE)
+        tl.store(w_ptr + r0 * K + (o_r[:, None] * K + o_k[None, :]),
+                 b_w.to(w_ptr.dtype.element_ty), mask=m_tk)
 
 
 @triton.jit
@@ -586,31 +590,6 @@ def _wy_bwd_kernel(
         b_dk = r_k[:, None] * (b_dk - b_k * tl.sum(b_k * b_dk, axis=1)[:, None])
     tl.store(dk_ptr + row_q[:, None] * K + o_k[None, :], b_dk.to(dk_ptr.dtype.element_ty),
              mask=m_tk)
-
-
-@triton.jit
-def mm_lohi(a, b, NSPLIT: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
-    """a @ b for a 16-bit `a` (an exact operand) and a float32 `b` as NSPLIT 16-bit dots on the
-    pieces of b = b_0 + b_1 + ... (`mm_hilo` with the roles swapped; float16: each column of `b`
-    scaled by a power of two to at most 1 first, the product's columns scaled back)."""
-    if DT == tl.float16:
-        bmax = tl.max(tl.abs(b), axis=0)
-        s_col = tl.exp2(tl.ceil(tl.log2(tl.maximum(bmax, 1e-30))))
-        rest = b * (1. / s_col)[None, :]
-    else:
-        rest = b
-    piece = rest.to(DT)
-    acc = mm(a, piece, DT, IEEE)
-    for _ in tl.static_range(1, NSPLIT):
-        rest = rest - piece.to(tl.float32)
-        piece = rest.to(DT)
-        if IEEE == 0:
-            acc = tl.dot(a, piece, acc)
-        else:
-            acc += mm(a, piece, DT, IEEE)
-    if DT == tl.float16:
-        acc = acc * s_col[None, :]
-    return acc
 
 
 @triton.jit
@@ -897,24 +876,33 @@ def _plan(q, v, g, cu_seqlens):
     p.scan_wf32 = 1 if (p.wf32 == 0 and SCAN_TF32) else p.wf32
     p.udtype = torch.float32 if U_FLOAT32 else p.wdtype
     p.wu_wf32 = 1 if (p.wf32 == 0 and WU_TF32_PRODUCTS) else p.wf32
+    p.scan_t = SCAN_T and fast and not DELTA_FWD
+    p.ks_x2 = SCAN_T_KS_X2 and p.scan_wf32 == 1 and fast
+    p.scan_t_bwd = SCAN_T_BWD and p.wy_fast and not DELTA_FWD
     return p
 
 
-def _wu_buffers(p, k, ws=None):
+def _wu_shapes(p, wu):
+    """Shapes of w, u: wu 1 both, 2 w only (u empty), 0 neither (SCAN_T's forward)."""
+    TOK = p.B * p.T
+    return ((TOK, p.H, p.K) if wu else (0,)), ((TOK, p.H, p.V) if wu == 1 else (0,))
+
+
+def _wu_buffers(p, k, ws=None, wu=1):
     if ws is not None:      # views of the call's workspace (`_workspace`)
         return common.poison(ws[0]), common.poison(ws[1])
-    TOK = p.B * p.T
-    w = common.poison(k.new_empty((TOK, p.H, p.K), dtype=p.wdtype))
-    u = common.poison(k.new_empty((TOK, p.H, p.V), dtype=p.udtype))
-    return w, u
+    ws_, us_ = _wu_shapes(p, wu)
+    return (common.poison(k.new_empty(ws_, dtype=p.wdtype)),
+            common.poison(k.new_empty(us_, dtype=p.udtype)))
 
 
-def _workspace(p, k, with_ht: bool, states: bool = True):
+def _workspace(p, k, with_ht: bool, states: bool = True, wu: int = 1):
     """The temporaries of one forward (or the backward's recompute) in one allocation
-    (common.workspace): w, u, (states) h, v_new and (with_ht: the backward, which drops them) the
-    final states."""
+    (common.workspace): w, u (`_wu_shapes`), (states) h, v_new and (with_ht: the backward, which
+    drops them) the final states."""
     TOK = p.B * p.T
-    specs = (((TOK, p.H, p.K), p.wdtype), ((TOK, p.H, p.V), p.udtype))
+    ws_, us_ = _wu_shapes(p, wu)
+    specs = ((ws_, p.wdtype), (us_, p.udtype))
     if states:
         specs += (((p.NCH, p.H, p.K, p.V), p.hdtype), ((TOK, p.H, p.V), k.dtype))
     if with_ht:
@@ -922,8 +910,9 @@ def _workspace(p, k, with_ht: bool, states: bool = True):
     return common.workspace(k, specs)
 
 
-def _wy_fast(p, k, v, g, beta, l2, w, u, tm, store_t, load_t):
-    """WY_FAST: `_wy_fast_kernel` (T solved, stored when store_t; or read when load_t)."""
+def _wy_fast(p, k, v, g, beta, l2, w, u, tm, store_t, load_t, wu=1):
+    """WY_FAST: `_wy_fast_kernel` (T solved, stored when store_t; or read when load_t; W, U
+    formed as `_wu_shapes` says)."""
     m = p.meta
     cu, _, ct = p.idx_args(w)
     # pieces of T in the W, U products: 1 (16-bit T, fla's), 2 (~16 mantissa bits, the tf32
@@ -935,15 +924,16 @@ def _wy_fast(p, k, v, g, beta, l2, w, u, tm, store_t, load_t):
         NSPLIT=nsplit, IS_VARLEN=p.varlen, BT=p.BT, LOG2BT=p.BT.bit_length() - 1, BK=m["BKF"],
         BV=max(16, min(WY_FAST_BV, next_power_of_2(p.V))) if WY_FAST_BV else m["BV"],
         DT=m["DT"], IEEE=m["IEEE"], LOOP=WY_FAST_LOOP, INV16=WY_FAST_INV16 and not load_t,
-        num_warps=WY_FAST_WARPS, num_stages=WY_FAST_STAGES,
+        WU=wu, num_warps=WY_FAST_WARPS, num_stages=WY_FAST_STAGES,
         **({"maxnreg": WY_FAST_MAXNREG} if WY_FAST_MAXNREG else {}))
     return w, u
 
 
-def _wu(p, k, v, g, beta, l2, w, u, tm):
-    """W, U from the stored T (WY_SPLIT's second launch; the backward with a saved T)."""
+def _wu(p, k, v, g, beta, l2, w, u, tm, wu=1):
+    """W, U from the stored T (WY_SPLIT's second launch; the backward with a saved T); wu=2
+    (WY_FAST only): W alone."""
     if p.wy_fast:
-        return _wy_fast(p, k, v, g, beta, l2, w, u, tm, False, True)
+        return _wy_fast(p, k, v, g, beta, l2, w, u, tm, False, True, wu)
     m = p.meta
     cu, _, ct = p.idx_args(w)
     _wu_kernel[(p.NCH, p.H)](
@@ -953,17 +943,19 @@ def _wu(p, k, v, g, beta, l2, w, u, tm):
     return w, u
 
 
-def _wy(p, k, v, g, beta, l2, store_t, ws=None):
+def _wy(p, k, v, g, beta, l2, store_t, ws=None, wu=1):
+    """(w, u, T). wu (`_wu_shapes`): 1 both; 0 (SCAN_T's forward) T only, stored, w and u empty;
+    2 (SCAN_T_BWD's backward, WY_FAST only) w alone."""
     m = p.meta
     TOK = p.B * p.T
-    w, u = _wu_buffers(p, k, ws)
+    w, u = _wu_buffers(p, k, ws, wu)
     # STORE_T is a runtime flag and the dummy is float32 like Tm: the forward (no T) and the
     # backward's recompute (T kept) share one compiled kernel
-    store_t = store_t or (p.split and not p.wy_fast)
+    store_t = store_t or (p.split and not p.wy_fast) or not wu
     tm = k.new_empty((TOK, p.H, p.BT) if store_t else (1,), dtype=torch.float32)
     if p.wy_fast:
         # one launch (WY_SPLIT does not apply: the fast kernel has no register-heavy inverse)
-        _wy_fast(p, k, v, g, beta, l2, w, u, tm, store_t, False)
+        _wy_fast(p, k, v, g, beta, l2, w, u, tm, store_t, False, wu)
         return w, u, tm
     cu, _, ct = p.idx_args(w)
     d = _dummy(w)
@@ -972,9 +964,9 @@ def _wy(p, k, v, g, beta, l2, store_t, ws=None):
         k, v, gg, beta, w, u, tm, ct, cu, p.T, p.NT, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, L2NORM=l2, STORE_T=int(store_t), WF32=p.wu_wf32,
         IS_VARLEN=p.varlen, BT=p.BT, BK=m["BKF"], BV=m["BV"], DT=m["DT"], IEEE=m["IEEE"],
-        INV_DOTS=WY_INVERSE_DOTS, INV_F32=p.inv_f32, LEAN=p.lean, WU=not p.split,
+        INV_DOTS=WY_INVERSE_DOTS, INV_F32=p.inv_f32, LEAN=p.lean, WU=bool(wu) and not p.split,
         num_warps=p.wy_warps)
-    if p.split:
+    if p.split and wu:
         _wu(p, k, v, g, beta, l2, w, u, tm)
     return w, u, tm
 
@@ -1015,6 +1007,21 @@ DSTATE_WARPS = None
 DSTATE_STAGES = 2
 # k^T loaded as the 16-bit dot operand, its L2 norm and decay as row scales of V' (not bitwise)
 DSTATE_KT = False
+# the forward's state scan reads the WY inverse T (float32 [TOK, HV, BT], what SAVE_WY_INVERSE
+# keeps anyway), v and beta instead of W and U, and forms V' = T (diag(beta) v - diag(beta e^G)
+# k^ S) itself (one more [BT, BT] x [BT, BV] tf32 dot per chunk step); the WY stage then writes T
+# only (no W, U: B4 T4096 H16 K=V=128 bf16: WY stage 404 -> 136 MB, state scan 542 -> 408 MB
+# unique, fla's count; bench/NOTES.md "helper delta9"). 16-bit inputs, DELTA_FWD=0; the scan is
+# `state._delta_state_kernel` (with DSTATE's prefetch / tiles when DSTATE is on, else the
+# engine's order and tiles). The backward is unchanged (W, U formed from T as before).
+SCAN_T = False
+# with SCAN_T (tf32 scan products): k S as two 16-bit dots of the raw k against S = hi + lo
+# (~16 bits of S; tf32: 11) instead of one tf32 dot of a float32 k tile
+SCAN_T_KS_X2 = True
+# the backward's recompute of h, V' by SCAN_T's scan too (T, k, v, beta read; W formed alone for the
+# state-gradient scan, no U: -134 MB written and -134 MB read at B4 T4096 H16 K=V=128 with float32
+# U; h and V' then bitwise the SCAN_T forward's); 16-bit inputs with WY_FAST, DELTA_FWD=0
+SCAN_T_BWD = False
 
 
 def _delta_fwd_opts(p, fused):
@@ -1027,9 +1034,10 @@ def _delta_fwd_opts(p, fused):
             DELTA_FWD_WARPS or (8 if big and not fused else 4), stages)
 
 
-def _states(p, k, w, u, g, h0, l2, ws=None):
+def _states(p, k, w, u, g, h0, l2, ws=None, t_scan=None):
     """h [NCH, HV, K, V], v_new [TOK, HV, V] (input dtype), final states float32 (h, v_new and,
-    when it has 5 views, the final states in the workspace ws)."""
+    when it has 5 views, the final states in the workspace ws). t_scan (SCAN_T): (T, v, beta),
+    read by the scan in place of w, u (which are then unused)."""
     m = p.meta
     if ws is not None:
         h, vn = ws[2], common.poison(ws[3])
@@ -1039,20 +1047,31 @@ def _states(p, k, w, u, g, h0, l2, ws=None):
         h = k.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
         ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
         vn = common.poison(k.new_empty((p.B * p.T, p.H, p.V), dtype=k.dtype))
-    if DELTA_FWD:
+    if DELTA_FWD and t_scan is None:
         delta_fwd_scan(p, k, k, w, u, g, h0, h, vn, vn, ht, l2, 1.0, False,
                        *_delta_fwd_opts(p, False))
         return h, vn, ht
     cu, co, _ = p.idx_args(ht)
     d = _dummy(ht)
-    if DSTATE:
-        bv = max(16, min(DSTATE_BV, next_power_of_2(p.V))) if DSTATE_BV else p.BVs
+    if DSTATE or t_scan is not None:
+        if DSTATE:
+            bv = max(16, min(DSTATE_BV, next_power_of_2(p.V))) if DSTATE_BV else p.BVs
+            opts = dict(PREFETCH=DSTATE_PREFETCH, KT=DSTATE_KT,
+                        num_warps=DSTATE_WARPS or p.state_warps, num_stages=DSTATE_STAGES)
+        else:   # SCAN_T alone: the engine's order, tile, warps and stages
+            bv = p.BVs
+            opts = dict(PREFETCH=0, KT=False, num_warps=p.state_warps,
+                        num_stages=1 if m["IEEE"] == 1 else 2)
+        if t_scan is not None:
+            w, u, beta = t_scan     # T [TOK, HV, BT] f32 in w's place, v in u's
+        else:
+            beta = d
         _delta_state_kernel[(cdiv(p.V, bv), p.N * p.H)](
-            k, w, u, d if g is None else g, d if h0 is None else h0, h, vn, ht, cu, co,
+            k, w, u, d if g is None else g, beta, d if h0 is None else h0, h, vn, ht, cu, co,
             p.T, p.H, p.HQ, p.K, p.V, GATE=p.gate, HAS_H0=h0 is not None, IS_VARLEN=p.varlen,
-            L2NORM=l2, WF32=p.scan_wf32, PREFETCH=DSTATE_PREFETCH, BT=p.BT, BK=m["BKF"], BV=bv,
-            DT=m["DT"], IEEE=m["IEEE"], KT=DSTATE_KT, num_warps=DSTATE_WARPS or p.state_warps,
-            num_stages=DSTATE_STAGES)
+            L2NORM=l2, WF32=p.scan_wf32, BT=p.BT, BK=m["BKF"], BV=bv, DT=m["DT"],
+            IEEE=m["IEEE"], SCAN_T=t_scan is not None,
+            KS_X2=t_scan is not None and getattr(p, "ks_x2", False), **opts)
         return h, vn, ht
     _state_kernel[(1, cdiv(p.V, p.BVs), p.N * p.H)](
         k, u, d if g is None else g, d, d, d if h0 is None else h0, h, ht, cu, co,
@@ -1072,15 +1091,16 @@ def chunk_delta_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool,
     (for `chunk_delta_bwd`), else an empty float32 tensor."""
     p = _plan(q, v, g, cu_seqlens)
     m = p.meta
-    ws = _workspace(p, k, False, states=DELTA_FWD != 2)   # (2: no h, no V' in memory)
-    w, u, tm = _wy(p, k, v, g, beta, l2, save_t, ws)
+    # (DELTA_FWD 2: no h, no V' in memory; SCAN_T: no w, u)
+    ws = _workspace(p, k, False, states=DELTA_FWD != 2, wu=0 if p.scan_t else 1)
+    w, u, tm = _wy(p, k, v, g, beta, l2, save_t, ws, wu=0 if p.scan_t else 1)
     o = common.poison(torch.empty_like(v))
     if DELTA_FWD == 2:
         ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
         delta_fwd_scan(p, q, k, w, u, g, h0, o, o, o, ht, l2, scale, True,
                        *_delta_fwd_opts(p, True))
         return o, ht, (tm if save_t else tm[:0])
-    h, vn, ht = _states(p, k, w, u, g, h0, l2, ws)
+    h, vn, ht = _states(p, k, w, u, g, h0, l2, ws, (tm, v, beta) if p.scan_t else None)
     cu, _, ct = p.idx_args(ht)
     d = _dummy(ht)
     _output_kernel[(cdiv(p.V, p.BVO), p.NCH, p.H)](
@@ -1101,18 +1121,20 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
     p = _plan(q, v, g, cu_seqlens)
     m = p.meta
     TOK = p.B * p.T
+    wub = 2 if p.scan_t_bwd else 1      # W alone (SCAN_T_BWD), or W and U
     if tm is not None and tm.numel():
         if (tuple(tm.shape) != (TOK, p.H, p.BT) or tm.dtype != torch.float32
                 or not tm.is_contiguous()):
             raise ValueError(f"chunk_delta_bwd: the saved WY inverse must be a contiguous float32 "
                              f"{(TOK, p.H, p.BT)} tensor, got {tm.dtype} {tuple(tm.shape)}")
         # the forward's T (bitwise what the recompute would form: same kernel, same inputs)
-        ws = _workspace(p, k, True)
-        w, u = _wu(p, k, v, g, beta, l2, *_wu_buffers(p, k, ws), tm)
+        ws = _workspace(p, k, True, wu=wub)
+        w, u = _wu(p, k, v, g, beta, l2, *_wu_buffers(p, k, ws), tm, wu=wub)
     else:
-        ws = _workspace(p, k, True)
-        w, u, tm = _wy(p, k, v, g, beta, l2, True, ws)
-    h, vn, _ = _states(p, k, w, u, g, h0, l2, ws)
+        ws = _workspace(p, k, True, wu=wub)
+        w, u, tm = _wy(p, k, v, g, beta, l2, True, ws, wu=wub)
+    # SCAN_T_BWD: h, V' by the scan from T, v, beta (u not formed)
+    h, vn, _ = _states(p, k, w, u, g, h0, l2, ws, (tm, v, beta) if p.scan_t_bwd else None)
     cu, co, ct = p.idx_args(do)
     d = _dummy(do)
     gg = d if g is None else g
