@@ -24,6 +24,7 @@ bench/NOTES.md "recall example".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -202,26 +203,222 @@ def param_groups(model: nn.Module, weight_decay: float) -> list:
     return [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)]
 
 
-def train_one(mixer: str, d: int, args, device, backend) -> dict:
-    torch.manual_seed(args.seed)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    model = Model(mixer, args.vocab, d, args.seq_len, args.layers, backend).to(device)
+def onecycle_table(lr: float, steps: int, device=None) -> torch.Tensor:
+    """``[steps, 2]`` float64: the learning rate and AdamW's beta1 that ``OneCycleLR(opt, lr,
+    total_steps=steps, pct_start=0.1)`` (momentum cycled, the eager path's schedule) gives the
+    optimizer step of each row, read off a scheduler on a dummy optimizer."""
+    dummy = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.AdamW([dummy], lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    rows = []
+    for s in range(steps):
+        g = opt.param_groups[0]
+        rows.append((g["lr"], g["betas"][0]))
+        if s < steps - 1:
+            opt.step()  # no gradient: updates nothing, keeps the scheduler's order check quiet
+            sched.step()
+    return torch.tensor(rows, dtype=torch.float64, device=device)
+
+
+class FlatAdamW:
+    """AdamW (decoupled weight decay, as ``torch.optim.AdamW``) after global-norm gradient clipping
+    (as ``clip_grad_norm_``), on one flat float32 buffer holding every parameter (the model's
+    parameters become views of it), with the learning rate and beta1 of each step read from a
+    device table (`onecycle_table`) at a device step counter: a step holds no host scalar and makes
+    no host sync, so it can be captured in a CUDA graph with the schedule still applied on every
+    replay, and it costs ~20 launches whatever the number of parameters. ``groups`` are
+    ``param_groups``'s two groups: the first decays by ``weight_decay``, the second does not."""
+
+    def __init__(self, groups: list, table: torch.Tensor, weight_decay: float, max_norm: float = 1.0,
+                 beta2: float = 0.999, eps: float = 1e-8):
+        params = [p for g in groups for p in g["params"]]
+        bad = [tuple(p.shape) for p in params if p.dtype != torch.float32]
+        if bad:
+            raise TypeError(f"FlatAdamW needs float32 parameters; got others of shapes {bad}")
+        self.params = params
+        self.n_decay = sum(p.numel() for p in groups[0]["params"])
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        off = 0
+        for p in params:
+            p.data = flat[off:off + p.numel()].view_as(p)
+            off += p.numel()
+        self.flat, self.grad = flat, torch.zeros_like(flat)
+        self.m, self.v = torch.zeros_like(flat), torch.zeros_like(flat)
+        self.table = table.to(flat.device)
+        self.idx = torch.zeros(1, dtype=torch.long, device=flat.device)        # next table row
+        self.t = torch.zeros((), dtype=torch.float64, device=flat.device)      # AdamW's step
+        self.wd, self.max_norm, self.beta2, self.eps = weight_decay, max_norm, beta2, eps
+        self._zeros = {}
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        grads = [p.grad if p.grad is not None else self._zeros.setdefault(i, torch.zeros_like(p))
+                 for i, p in enumerate(self.params)]
+        g = torch.cat([x.reshape(-1) for x in grads], out=self.grad)
+        # clip_grad_norm_(params, max_norm): one global L2 norm, coefficient clamped at 1
+        coef = (self.max_norm / (torch.linalg.vector_norm(g) + 1e-6)).clamp_(max=1.0)
+        g.mul_(coef)
+        row = self.table.index_select(0, self.idx)[0]
+        lr, beta1 = row[0], row[1]
+        self.idx += 1
+        self.t += 1
+        if self.wd:
+            self.flat[:self.n_decay].mul_(1 - lr * self.wd)
+        self.m.lerp_(g, (1 - beta1).float())
+        self.v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+        step_size = lr / (1 - beta1 ** self.t)
+        bc2_sqrt = (1 - self.beta2 ** self.t).sqrt()
+        denom = (self.v.sqrt() / bc2_sqrt).add_(self.eps).div_(-step_size)
+        self.flat.addcdiv_(self.m, denom)
+
+
+class CaptureError(RuntimeError):
+    """The training step could not be captured in a CUDA graph (the caller runs eager steps)."""
+
+
+def _loss(model, tokens, labels, amp: bool, device):
+    # cache_enabled=False: autocast's cache of casted weights must not outlive a graph capture
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
+        logits = model(tokens)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100), logits
+
+
+def _flat_steps(model, args, device, amp, gen, graph: bool):
+    """Yields (step, loss, logits, labels) for the FlatAdamW training loop: every step eager
+    (``graph=False``), or (CUDA) ``WARMUP`` eager steps on a side stream, then the whole step --
+    forward, backward, clipping, optimizer, schedule -- captured once in a CUDA graph and replayed,
+    each replay fed by copying a fresh batch into the graph's static input buffers."""
+    opt = FlatAdamW(param_groups(model, args.weight_decay), onecycle_table(args.lr, args.steps),
+                    args.weight_decay)
+    tokens_s = torch.zeros(args.batch, args.seq_len, dtype=torch.long, device=device)
+    labels_s = torch.zeros_like(tokens_s)
+
+    def feed():
+        tokens, labels = mqar_batch(args.batch, args.seq_len, args.pairs, args.vocab, device, gen)
+        tokens_s.copy_(tokens)
+        labels_s.copy_(labels)
+
+    def step():
+        opt.zero_grad()
+        loss, logits = _loss(model, tokens_s, labels_s, amp, device)
+        loss.backward()
+        opt.step()
+        return loss, logits
+
+    warm = args.steps if not graph else min(WARMUP, args.steps)
+    side = torch.cuda.Stream(device) if graph else None
+    with torch.cuda.stream(side) if graph else contextlib.nullcontext():
+        if graph:
+            side.wait_stream(torch.cuda.current_stream(device))
+        for s in range(1, warm + 1):
+            feed()
+            loss, logits = step()
+            yield s, loss, logits, labels_s
+    if warm == args.steps:
+        return
+    torch.cuda.current_stream(device).wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    try:
+        opt.zero_grad()
+        with torch.cuda.graph(g):
+            loss, logits = step()
+    except Exception as e:
+        raise CaptureError(f"{type(e).__name__}: {e}") from e
+    for s in range(warm + 1, args.steps + 1):
+        feed()
+        g.replay()
+        yield s, loss, logits, labels_s
+
+
+def _eager_steps(model, args, device, amp, gen):
+    """Yields (step, loss, logits, labels): torch.optim.AdamW + OneCycleLR + clip_grad_norm_, every
+    step from Python (the reference loop; CPU default, ``--step eager``)."""
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps,
                                                 pct_start=0.1)
-    amp = device.type == "cuda"
-    t0 = time.time()
-    loss = float("nan")
-    for step in range(1, args.steps + 1):
+    for s in range(1, args.steps + 1):
         tokens, labels = mqar_batch(args.batch, args.seq_len, args.pairs, args.vocab, device, gen)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(tokens)
-        loss_t = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss, logits = _loss(model, tokens, labels, amp, device)
         opt.zero_grad(set_to_none=True)
-        loss_t.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        yield s, loss, logits, labels
+
+
+def compile_all_ahead(args, device, backend) -> None:
+    """CUDA: one dry run of every (mixer, width) model's training forward and backward inside one
+    `compiling_ahead` block, so all their Triton kernels compile at once in a thread pool (one
+    compile per distinct kernel, overlapped) instead of one after another in each mixer's first
+    step. Best effort: a dry run that fails stops there and the real step compiles the rest."""
+    if device.type != "cuda" or args.no_ahead:
+        return
+    from ssm_kernels._config import triton_interpret
+    from ssm_kernels._warmup import compiling_ahead
+    if triton_interpret():
+        return
+    t0 = time.time()
+    gen = torch.Generator(device=device).manual_seed(args.seed + 2)
+    tokens, labels = mqar_batch(args.batch, args.seq_len, args.pairs, args.vocab, device, gen)
+    failed = []
+    with compiling_ahead(min(16, os.cpu_count() or 1)) as info:
+        for mixer in args.mixers:
+            for d in args.dims:
+                try:
+                    model = Model(mixer, args.vocab, d, args.seq_len, args.layers, backend)
+                    loss, _ = _loss(model.to(device), tokens, labels, True, device)
+                    loss.backward()
+                except Exception as e:  # the real step compiles what the dry run did not reach
+                    failed.append(f"{mixer} d={d}: {type(e).__name__}: {str(e)[:120]}")
+    torch.cuda.synchronize(device)
+    print(f"compiled ahead: {info['kernels']} Triton kernels in {time.time() - t0:.1f}s"
+          + (f", {info['errors']} failed" if info["errors"] else "")
+          + "".join(f"\n  dry run stopped: {f}" for f in failed), flush=True)
+
+
+WARMUP = 3   # eager steps before the capture (Triton compiles, plans memoised, allocator settled)
+
+
+def step_mode(args, device) -> str:
+    if args.step != "auto":
+        return args.step
+    return "graph" if device.type == "cuda" else "eager"
+
+
+def train_one(mixer: str, d: int, args, device, backend) -> dict:
+    """Trains one (mixer, width) model; in ``graph`` mode a failed capture is printed and the
+    model is trained again from scratch with eager steps (the same result as ``--step eager``
+    up to rounding)."""
+    mode = step_mode(args, device)
+    if mode == "graph":
+        try:
+            return _train(mixer, d, args, device, backend, "graph")
+        except CaptureError as e:
+            print(f"\n  {mixer} d={d}: CUDA graph capture failed ({e}); training again with eager "
+                  "steps", flush=True)
+            mode = "eager"
+    return _train(mixer, d, args, device, backend, mode)
+
+
+def _train(mixer: str, d: int, args, device, backend, mode: str) -> dict:
+    torch.manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    model = Model(mixer, args.vocab, d, args.seq_len, args.layers, backend).to(device)
+    amp = device.type == "cuda"
+    t0 = time.time()
+    if mode == "graph" and device.type != "cuda":
+        raise CaptureError(f"CUDA graphs need a CUDA device, not {device.type}")
+    if mode == "eager":
+        steps = _eager_steps(model, args, device, amp, gen)
+    else:
+        steps = _flat_steps(model, args, device, amp, gen, graph=mode == "graph")
+    loss = float("nan")
+    for step, loss_t, logits, labels in steps:
         if step % max(1, args.steps // 20) == 0 or step == args.steps:
             loss = loss_t.item()
             m = labels != -100
@@ -231,9 +428,9 @@ def train_one(mixer: str, d: int, args, device, backend) -> dict:
     acc = evaluate(model, args, device, amp)
     secs = time.time() - t0
     print(f"\r  {mixer:<9} d={d:<4} {args.steps} steps  loss {loss:.3f}  accuracy {acc:6.3f}  "
-          f"state {model.state_bytes / 1024:8.1f} KiB  {secs:5.1f}s", flush=True)
+          f"state {model.state_bytes / 1024:8.1f} KiB  {secs:5.1f}s  ({mode})", flush=True)
     return dict(mixer=mixer, d_model=d, state_bytes=model.state_bytes, accuracy=round(acc, 4),
-                loss=round(loss, 4), steps=args.steps, seconds=round(secs, 1))
+                loss=round(loss, 4), steps=args.steps, seconds=round(secs, 1), mode=mode)
 
 
 @torch.no_grad()
@@ -289,11 +486,22 @@ def parse_args(argv=None):
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available")
+    p.add_argument("--step", default="auto", choices=("auto", "graph", "flat", "eager"),
+                   help="training step: graph = the whole step (forward, backward, clipping, "
+                   "AdamW, schedule) captured once in a CUDA graph and replayed (CUDA default; "
+                   "falls back to eager per model if the capture fails), flat = the same step "
+                   "without the graph, eager = torch.optim.AdamW + OneCycleLR from Python (CPU "
+                   "default)")
+    p.add_argument("--no-graph", action="store_true", help="same as --step eager")
+    p.add_argument("--no-ahead", action="store_true",
+                   help="do not compile every model's Triton kernels ahead, in parallel")
     p.add_argument("--backend", default=None,
                    help="kernel backend for the layers (default: auto; reference on CPU)")
     p.add_argument("--out", default=None, help="folder for recall.csv / recall.png "
                    "(default: $OUT or the current folder)")
     args = p.parse_args(argv)
+    if args.no_graph:
+        args.step = "eager"
     if args.tiny:
         args.dims, args.steps, args.batch, args.seq_len = [16], 3, 4, 32
         args.pairs, args.vocab, args.layers, args.eval_batches = 4, 64, 1, 1
@@ -306,9 +514,10 @@ def main(argv=None) -> list:
     backend = args.backend or ("reference" if device.type == "cpu" else None)
     print(f"MQAR: seq_len {args.seq_len}, {args.pairs} pairs, vocab {args.vocab}, batch "
           f"{args.batch}, {args.steps} steps, {args.layers} layers, on {device} "
-          f"(backend {backend or 'auto'})", flush=True)
+          f"(backend {backend or 'auto'}, {step_mode(args, device)} steps)", flush=True)
     rows = []
     t0 = time.time()
+    compile_all_ahead(args, device, backend)
     for mixer in args.mixers:
         for d in args.dims:
             rows.append(train_one(mixer, d, args, device, backend))
