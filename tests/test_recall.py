@@ -50,3 +50,100 @@ def test_rotary_is_a_relative_position_rotation():
     torch.testing.assert_close(Q[10] @ K[5], Q[40] @ K[35])
     torch.testing.assert_close(Q.norm(dim=-1), q.norm().expand(64))
     assert not torch.allclose(Q[10] @ K[5], Q[10] @ K[6])
+
+
+def test_onecycle_table_is_the_schedulers_lr_and_beta1():
+    """The graph step's schedule table holds, row by row, the lr and beta1 that the eager loop's
+    OneCycleLR gives each optimizer step (momentum cycled: beta1 0.95 -> 0.85 -> 0.95)."""
+    steps, lr = 50, 3e-3
+    table = recall.onecycle_table(lr, steps)
+    p = torch.zeros(3, requires_grad=True)
+    opt = torch.optim.AdamW([p], lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    seen = []
+    for _ in range(steps):
+        p.grad = torch.ones(3)
+        seen.append((opt.param_groups[0]["lr"], opt.param_groups[0]["betas"][0]))
+        opt.step()
+        sched.step()
+    assert table.dtype == torch.float64 and table.shape == (steps, 2)
+    assert table.tolist() == [list(r) for r in seen]
+    assert table[:, 1].min() < 0.86 and table[0, 1] == table[-1, 1] == 0.95
+
+
+def test_flat_adamw_matches_torch_adamw_with_clipping_and_decay():
+    """FlatAdamW == clip_grad_norm_(1.0) + torch.optim.AdamW on param_groups-like groups (decay on
+    the first only) + OneCycleLR, with gradients far above the clip norm and a parameter that gets
+    no gradient (AdamW skips it; FlatAdamW updates it with a zero gradient: only decay-free
+    parameters may be unused, so both leave it unchanged)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(5, 7), (7,), (3, 4), (2,)]
+    init = [torch.randn(s, generator=g) for s in shapes]
+    ref = [x.clone().requires_grad_() for x in init]
+    new = [x.clone().requires_grad_() for x in init]
+    steps, lr, wd = 25, 3e-2, 0.1
+    opt = torch.optim.AdamW([dict(params=ref[:2], weight_decay=wd), dict(params=ref[2:], weight_decay=0.0)],
+                            lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    flat = recall.FlatAdamW([dict(params=new[:2]), dict(params=new[2:])],
+                            recall.onecycle_table(lr, steps), wd)
+    clipped = 0
+    for _ in range(steps):
+        grads = [50 * torch.randn(s, generator=g) for s in shapes]
+        for ps in (ref, new):
+            for i, (p, gr) in enumerate(zip(ps, grads)):
+                p.grad = None if i == 3 else gr.clone()
+        norm = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        clipped += bool(norm > 1.0)
+        opt.step()
+        sched.step()
+        flat.step()
+        for a, b in zip(ref, new):
+            torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
+    assert clipped == steps
+    assert torch.equal(new[3].detach(), init[3]) and not torch.equal(new[0].detach(), init[0])
+    assert new[0].data_ptr() == flat.flat.data_ptr()   # the parameters are views of the buffer
+
+
+def test_flat_steps_train_like_the_eager_loop():
+    """The graph path's step (--step flat: the same FlatAdamW step, not captured) gives the eager
+    loop's losses and parameters on the same data (two mixers, including Hyena's shared sine
+    parameter)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for mixer in ("attention", "hyena"):
+            res = {}
+            for mode in ("eager", "flat"):
+                args = recall.parse_args(["--mixers", mixer, "--dims", "16", "--seq-len", "32",
+                                          "--pairs", "4", "--vocab", "32", "--batch", "8",
+                                          "--steps", "12", "--layers", "1", "--step", mode])
+                torch.manual_seed(0)
+                model = recall.Model(mixer, args.vocab, 16, args.seq_len, 1, "reference")
+                init = [p.detach().clone() for p in model.parameters()]
+                gen = torch.Generator().manual_seed(0)
+                dev = torch.device("cpu")
+                it = (recall._eager_steps(model, args, dev, False, gen) if mode == "eager" else
+                      recall._flat_steps(model, args, dev, False, gen, graph=False))
+                losses = [loss.item() for _, loss, _, _ in it]
+                res[mode] = losses, [p.detach().clone() for p in model.parameters()]
+            (le, pe), (lf, pf) = res["eager"], res["flat"]
+            assert len(le) == len(lf) == 12
+            assert all(not torch.equal(a, b) for a, b in zip(pf, init) if a.ndim == 2)  # trained
+            torch.testing.assert_close(torch.tensor(lf), torch.tensor(le), rtol=1e-5, atol=1e-5)
+            for a, b in zip(pe, pf):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_graph_mode_falls_back_to_eager_when_capture_fails(tmp_path, capsys):
+    """--step graph where no capture is possible (here: the CPU) prints why and trains the model
+    again with eager steps: the same rows as --step eager."""
+    argv = ["--tiny", "--mixers", "gla", "mingru", "--out", str(tmp_path)]
+    graph = recall.main(argv + ["--step", "graph"])
+    out = capsys.readouterr().out
+    assert out.count("CUDA graph capture failed (CUDA graphs need a CUDA device") == 2
+    eager = recall.main(argv + ["--no-graph"])
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(graph) == drop(eager) and all(r["mode"] == "eager" for r in graph)

@@ -254,10 +254,14 @@ class FlatAdamW:
         for p in self.params:
             p.grad = None
 
+    def _zero(self, i: int) -> torch.Tensor:   # the gradient of a parameter the loss does not use
+        if i not in self._zeros:
+            self._zeros[i] = torch.zeros_like(self.params[i])
+        return self._zeros[i]
+
     @torch.no_grad()
     def step(self):
-        grads = [p.grad if p.grad is not None else self._zeros.setdefault(i, torch.zeros_like(p))
-                 for i, p in enumerate(self.params)]
+        grads = [p.grad if p.grad is not None else self._zero(i) for i, p in enumerate(self.params)]
         g = torch.cat([x.reshape(-1) for x in grads], out=self.grad)
         # clip_grad_norm_(params, max_norm): one global L2 norm, coefficient clamped at 1
         coef = (self.max_norm / (torch.linalg.vector_norm(g) + 1e-6)).clamp_(max=1.0)
@@ -292,8 +296,11 @@ def _flat_steps(model, args, device, amp, gen, graph: bool):
     (``graph=False``), or (CUDA) ``WARMUP`` eager steps on a side stream, then the whole step --
     forward, backward, clipping, optimizer, schedule -- captured once in a CUDA graph and replayed,
     each replay fed by copying a fresh batch into the graph's static input buffers."""
-    opt = FlatAdamW(param_groups(model, args.weight_decay), onecycle_table(args.lr, args.steps),
-                    args.weight_decay)
+    try:
+        opt = FlatAdamW(param_groups(model, args.weight_decay),
+                        onecycle_table(args.lr, args.steps), args.weight_decay)
+    except TypeError as e:
+        raise CaptureError(str(e)) if graph else e
     tokens_s = torch.zeros(args.batch, args.seq_len, dtype=torch.long, device=device)
     labels_s = torch.zeros_like(tokens_s)
 
@@ -316,7 +323,12 @@ def _flat_steps(model, args, device, amp, gen, graph: bool):
             side.wait_stream(torch.cuda.current_stream(device))
         for s in range(1, warm + 1):
             feed()
-            loss, logits = step()
+            try:
+                loss, logits = step()
+            except Exception as e:  # eager steps from scratch then show whether it is the graph's
+                if not graph:
+                    raise
+                raise CaptureError(f"warm-up step {s}: {type(e).__name__}: {e}") from e
             yield s, loss, logits, labels_s
     if warm == args.steps:
         return
