@@ -317,10 +317,11 @@ def _flat_steps(model, args, device, amp, gen, graph: bool):
         return loss, logits
 
     warm = args.steps if not graph else min(WARMUP, args.steps)
-    side = torch.cuda.Stream(device) if graph else None
+    side = None
+    if graph:   # warm-up on a side stream (as torch.cuda.graphs' whole-network recipe), after
+        side = torch.cuda.Stream(device)  # the model and the buffers made on this one
+        side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side) if graph else contextlib.nullcontext():
-        if graph:
-            side.wait_stream(torch.cuda.current_stream(device))
         for s in range(1, warm + 1):
             feed()
             try:
@@ -330,9 +331,10 @@ def _flat_steps(model, args, device, amp, gen, graph: bool):
                     raise
                 raise CaptureError(f"warm-up step {s}: {type(e).__name__}: {e}") from e
             yield s, loss, logits, labels_s
+    if graph:
+        torch.cuda.current_stream(device).wait_stream(side)
     if warm == args.steps:
         return
-    torch.cuda.current_stream(device).wait_stream(side)
     g = torch.cuda.CUDAGraph()
     try:
         opt.zero_grad()
