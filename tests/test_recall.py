@@ -145,5 +145,6 @@ def test_graph_mode_falls_back_to_eager_when_capture_fails(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("CUDA graph capture failed (CUDA graphs need a CUDA device") == 2
     eager = recall.main(argv + ["--no-graph"])
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    drop = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "step_ms")}  # noqa: E731
+                         for r in rows]
     assert drop(graph) == drop(eager) and all(r["mode"] == "eager" for r in graph)

@@ -12,6 +12,14 @@ and Hyena's history grow with the sequence) and writes a plot if matplotlib is i
     python -m ssm_kernels.examples.recall --tiny          # CPU smoke run in seconds (CI)
     python -m ssm_kernels.examples.recall --mixers mamba gla --dims 64 128 --steps 2000
     python -m ssm_kernels.examples.recall --pairs 16 --seq-len 128 --steps 3000  # harder, longer
+    python -m ssm_kernels.examples.recall --no-graph      # eager steps (the plain PyTorch loop)
+
+At these sizes a step is a few hundred tiny kernels: from Python it costs 10-20 ms of host time.
+On CUDA the whole step (forward, backward, gradient clipping, AdamW, the one-cycle schedule) is
+captured once per model in a CUDA graph and replayed (`FlatAdamW`: every parameter in one flat
+buffer, the schedule a device table), the same computation as the eager loop on the same data;
+a model whose capture fails is trained again with eager steps (printed). Every model's Triton
+kernels are compiled ahead, at once, in a thread pool (`--no-ahead` to skip).
 
 MQAR is a phase-transition task: the loss sits at ln(values) (chance), then at ln(pairs) (the
 model copies *some* value of the context), and only then drops to ~0 once a previous-token +
@@ -432,19 +440,25 @@ def _train(mixer: str, d: int, args, device, backend, mode: str) -> dict:
     else:
         steps = _flat_steps(model, args, device, amp, gen, graph=mode == "graph")
     loss = float("nan")
+    marks = []   # (step, time) at the logged steps, after their sync: the steady ms per step
     for step, loss_t, logits, labels in steps:
         if step % max(1, args.steps // 20) == 0 or step == args.steps:
             loss = loss_t.item()
+            marks.append((step, time.time()))
             m = labels != -100
             bacc = (logits.detach().argmax(-1)[m] == labels[m]).float().mean().item()
             print(f"\r  {mixer:<9} d={d:<4} step {step:>5}/{args.steps}  loss {loss:.3f}  "
                   f"batch acc {bacc:.2f}  {time.time() - t0:5.1f}s", end="", flush=True)
     acc = evaluate(model, args, device, amp)
     secs = time.time() - t0
+    step_ms = ((marks[-1][1] - marks[0][1]) * 1e3 / (marks[-1][0] - marks[0][0])
+               if len(marks) > 1 else float("nan"))
     print(f"\r  {mixer:<9} d={d:<4} {args.steps} steps  loss {loss:.3f}  accuracy {acc:6.3f}  "
-          f"state {model.state_bytes / 1024:8.1f} KiB  {secs:5.1f}s  ({mode})", flush=True)
+          f"state {model.state_bytes / 1024:8.1f} KiB  {secs:5.1f}s  {step_ms:6.2f} ms/step "
+          f"({mode})", flush=True)
     return dict(mixer=mixer, d_model=d, state_bytes=model.state_bytes, accuracy=round(acc, 4),
-                loss=round(loss, 4), steps=args.steps, seconds=round(secs, 1), mode=mode)
+                loss=round(loss, 4), steps=args.steps, seconds=round(secs, 1),
+                step_ms=round(step_ms, 3), mode=mode)
 
 
 @torch.no_grad()
