@@ -138,9 +138,10 @@ def test_flat_steps_train_like_the_eager_loop():
 
 
 def test_graph_mode_falls_back_to_eager_when_capture_fails(tmp_path, capsys):
-    """--step graph where no capture is possible (here: the CPU) prints why and trains the model
-    again with eager steps: the same rows as --step eager."""
-    argv = ["--tiny", "--mixers", "gla", "mingru", "--out", str(tmp_path)]
+    """--step graph where no capture is possible (here: the CPU; the capture comes after the
+    warm-up steps) prints why and trains the model again from scratch with eager steps: the same
+    rows as --step eager."""
+    argv = ["--device", "cpu", "--batch", "4", "--seq-len", "32", "--pairs", "4", "--layers", "1", "--eval-batches", "1", "--steps", "6", "--dims", "16", "--mixers", "gla", "mingru", "--out", str(tmp_path)]
     graph = recall.main(argv + ["--step", "graph"])
     out = capsys.readouterr().out
     assert out.count("CUDA graph capture failed (CUDA graphs need a CUDA device") == 2
@@ -148,3 +149,70 @@ def test_graph_mode_falls_back_to_eager_when_capture_fails(tmp_path, capsys):
     drop = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "step_ms")}  # noqa: E731
                          for r in rows]
     assert drop(graph) == drop(eager) and all(r["mode"] == "eager" for r in graph)
+
+
+def _capture_on_cpu(step, opt):
+    """A CPU stand-in for `recall.capture_cuda` with a CUDA graph's semantics: recording changes
+    nothing (the step runs once and its effects on the parameters, optimizer state and schedule
+    position are undone), and each replay runs the step again, writing the same output tensors."""
+    state = (opt.flat, opt.m, opt.v, opt.t, opt.idx)
+    saved = [t.clone() for t in state]
+    out = step()
+    for t, v in zip(state, saved):
+        t.copy_(v)
+
+    def replay():
+        for o, n in zip(out, step()):
+            o.copy_(n)
+    return replay, out
+
+
+def test_graph_loop_runs_every_step_once_in_order(monkeypatch):
+    """The graph loop's accounting -- WARMUP eager steps, the capture (which runs nothing), then
+    one replay per remaining step, each fed a fresh batch before it -- gives the eager loop's
+    losses and parameters step by step, with a capture stand-in that has a CUDA graph's
+    semantics (a fed-after-replay or off-by-one schedule row would not)."""
+    monkeypatch.setattr(recall, "CAPTURE", _capture_on_cpu)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = {}
+        for mode in ("eager", "graph"):
+            args = recall.parse_args(["--mixers", "gla", "--dims", "16", "--seq-len", "32",
+                                      "--pairs", "4", "--vocab", "32", "--batch", "8",
+                                      "--steps", "12", "--layers", "1", "--step", mode])
+            torch.manual_seed(0)
+            model = recall.Model("gla", args.vocab, 16, args.seq_len, 1, "reference")
+            gen = torch.Generator().manual_seed(0)
+            dev = torch.device("cpu")
+            it = (recall._eager_steps(model, args, dev, False, gen) if mode == "eager" else
+                  recall._flat_steps(model, args, dev, False, gen, graph=True))
+            losses = [(s, loss.item()) for s, loss, _, _ in it]
+            res[mode] = losses, [p.detach().clone() for p in model.parameters()]
+        (le, pe), (lg, pg) = res["eager"], res["graph"]
+        assert [s for s, _ in lg] == list(range(1, 13)) and recall.WARMUP < 12
+        torch.testing.assert_close(torch.tensor([x for _, x in lg]), torch.tensor([x for _, x in le]),
+                                   rtol=1e-5, atol=1e-5)
+        for a, b in zip(pe, pg):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_graph_mode_falls_back_when_the_capture_raises(tmp_path, capsys, monkeypatch):
+    """A capture that raises after the warm-up steps (an op that syncs, say) is printed and the
+    model trained again from scratch with eager steps; other models still capture."""
+    def capture(step, opt):
+        if opt.params[0].shape[-1] == 16:      # the d=16 model only
+            raise recall.CaptureError("RuntimeError: operation not permitted when stream is capturing")
+        return _capture_on_cpu(step, opt)
+    monkeypatch.setattr(recall, "CAPTURE", capture)
+    argv = ["--device", "cpu", "--batch", "4", "--seq-len", "32", "--pairs", "4", "--layers", "1", "--eval-batches", "1", "--steps", "6", "--mixers", "mingru", "--dims", "16", "24", "--out", str(tmp_path)]
+    rows = recall.main(argv + ["--step", "graph"])
+    out = capsys.readouterr().out
+    assert "mingru d=16: CUDA graph capture failed (RuntimeError: operation not permitted" in out
+    assert [r["mode"] for r in rows] == ["eager", "graph"]
+    eager = recall.main(argv + ["--step", "eager"])
+    for g, e in zip(rows, eager):
+        assert g["accuracy"] == e["accuracy"]
+        assert abs(g["loss"] - e["loss"]) < 1e-3

@@ -235,10 +235,13 @@ class FlatAdamW:
     device table (`onecycle_table`) at a device step counter: a step holds no host scalar and makes
     no host sync, so it can be captured in a CUDA graph with the schedule still applied on every
     replay, and it costs ~20 launches whatever the number of parameters. ``groups`` are
-    ``param_groups``'s two groups: the first decays by ``weight_decay``, the second does not."""
+    ``param_groups``'s two groups: the first decays by ``weight_decay``, the second does not.
+    Unlike torch's AdamW, a parameter without a gradient in a step is updated with a zero one (a
+    captured step cannot skip it); every parameter of the example's models gets one each step."""
 
     def __init__(self, groups: list, table: torch.Tensor, weight_decay: float, max_norm: float = 1.0,
                  beta2: float = 0.999, eps: float = 1e-8):
+        groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in groups]
         params = [p for g in groups for p in g["params"]]
         bad = [tuple(p.shape) for p in params if p.dtype != torch.float32]
         if bad:
@@ -299,10 +302,29 @@ def _loss(model, tokens, labels, amp: bool, device):
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100), logits
 
 
+def capture_cuda(step, opt):
+    """Captures ``step()`` (one whole training step) in a CUDA graph: returns (replay, outputs),
+    where replay() runs the step again, writing into the same output tensors. As every capture,
+    recording runs nothing: the step's first execution is the first replay."""
+    if opt.flat.device.type != "cuda":
+        raise CaptureError(f"CUDA graphs need a CUDA device, not {opt.flat.device.type}")
+    g = torch.cuda.CUDAGraph()
+    try:
+        opt.zero_grad()   # backward allocates the gradients from the graph's pool
+        with torch.cuda.graph(g):
+            out = step()
+    except Exception as e:
+        raise CaptureError(f"{type(e).__name__}: {e}") from e
+    return g.replay, out
+
+
+CAPTURE = capture_cuda   # (step, opt) -> (replay, outputs); tests put a CPU stand-in here
+
+
 def _flat_steps(model, args, device, amp, gen, graph: bool):
     """Yields (step, loss, logits, labels) for the FlatAdamW training loop: every step eager
-    (``graph=False``), or (CUDA) ``WARMUP`` eager steps on a side stream, then the whole step --
-    forward, backward, clipping, optimizer, schedule -- captured once in a CUDA graph and replayed,
+    (``graph=False``), or ``WARMUP`` eager steps (on a side stream on CUDA), then the whole step --
+    forward, backward, clipping, optimizer, schedule -- captured once (`CAPTURE`) and replayed,
     each replay fed by copying a fresh batch into the graph's static input buffers."""
     try:
         opt = FlatAdamW(param_groups(model, args.weight_decay),
@@ -326,10 +348,10 @@ def _flat_steps(model, args, device, amp, gen, graph: bool):
 
     warm = args.steps if not graph else min(WARMUP, args.steps)
     side = None
-    if graph:   # warm-up on a side stream (as torch.cuda.graphs' whole-network recipe), after
-        side = torch.cuda.Stream(device)  # the model and the buffers made on this one
+    if graph and device.type == "cuda":  # warm-up on a side stream (torch.cuda.graphs' recipe),
+        side = torch.cuda.Stream(device)  # after the model and the buffers made on this one
         side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side) if graph else contextlib.nullcontext():
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         for s in range(1, warm + 1):
             feed()
             try:
@@ -339,20 +361,14 @@ def _flat_steps(model, args, device, amp, gen, graph: bool):
                     raise
                 raise CaptureError(f"warm-up step {s}: {type(e).__name__}: {e}") from e
             yield s, loss, logits, labels_s
-    if graph:
+    if side is not None:
         torch.cuda.current_stream(device).wait_stream(side)
     if warm == args.steps:
         return
-    g = torch.cuda.CUDAGraph()
-    try:
-        opt.zero_grad()
-        with torch.cuda.graph(g):
-            loss, logits = step()
-    except Exception as e:
-        raise CaptureError(f"{type(e).__name__}: {e}") from e
+    replay, (loss, logits) = CAPTURE(step, opt)
     for s in range(warm + 1, args.steps + 1):
         feed()
-        g.replay()
+        replay()
         yield s, loss, logits, labels_s
 
 
@@ -433,8 +449,6 @@ def _train(mixer: str, d: int, args, device, backend, mode: str) -> dict:
     model = Model(mixer, args.vocab, d, args.seq_len, args.layers, backend).to(device)
     amp = device.type == "cuda"
     t0 = time.time()
-    if mode == "graph" and device.type != "cuda":
-        raise CaptureError(f"CUDA graphs need a CUDA device, not {device.type}")
     if mode == "eager":
         steps = _eager_steps(model, args, device, amp, gen)
     else:
