@@ -3,8 +3,8 @@
     PYTHONPATH=. python bench/recall_ahead_audit.py [--threads 0|N] [--mixers ...] [--dims ...]
 
 Under bench/sm90_audit's stub driver (sm_90 target, every Triton launch compiles and returns), runs
-each (mixer, width) model's training forward + backward (bf16 autocast, the example's default
-shapes) on CPU tensors: with --threads 0 one model after another, as the example's first steps
+each (mixer, width) model's `recall.first_steps` (training forward + backward, the evaluation's
+forward; bf16 autocast, the example's default shapes) on CPU tensors: with --threads 0 one model after another, as the example's first steps
 compile (serial), printing each model's new Triton compiles and seconds; with --threads N inside
 one `compiling_ahead(N)` block, as `recall.compile_all_ahead` does on the GPU, then every model
 again (the real first steps: they should compile nothing). Mamba's selective
@@ -57,10 +57,9 @@ def main():
     tokens, labels = recall.mqar_batch(args.batch, args.seq_len, args.pairs, args.vocab, dev,
                                        torch.Generator().manual_seed(0))
 
-    def one(mixer, d):
+    def one(mixer, d):   # a training step's forward + backward, then the evaluation's forward
         model = recall.Model(mixer, args.vocab, d, args.seq_len, args.layers, None)
-        loss, _ = recall._loss(model, tokens, labels, True, dev)
-        loss.backward()
+        recall.first_steps(model, tokens, labels, dev)
 
     t0 = time.time()
     if a.threads == 0:

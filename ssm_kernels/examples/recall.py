@@ -389,8 +389,17 @@ def _eager_steps(model, args, device, amp, gen):
         yield s, loss, logits, labels
 
 
+def first_steps(model, tokens, labels, device) -> None:
+    """What a model launches first: a training step's forward and backward, and the evaluation's
+    forward without gradients (the ops' inference paths can take other kernels)."""
+    loss, _ = _loss(model, tokens, labels, True, device)
+    loss.backward()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        model(tokens)
+
+
 def compile_all_ahead(args, device, backend) -> None:
-    """CUDA: one dry run of every (mixer, width) model's training forward and backward inside one
+    """CUDA: one dry run of every (mixer, width) model's `first_steps` inside one
     `compiling_ahead` block, so all their Triton kernels compile at once in a thread pool (one
     compile per distinct kernel, overlapped) instead of one after another in each mixer's first
     step. Best effort: a dry run that fails stops there and the real step compiles the rest."""
@@ -409,8 +418,7 @@ def compile_all_ahead(args, device, backend) -> None:
             for d in args.dims:
                 try:
                     model = Model(mixer, args.vocab, d, args.seq_len, args.layers, backend)
-                    loss, _ = _loss(model.to(device), tokens, labels, True, device)
-                    loss.backward()
+                    first_steps(model.to(device), tokens, labels, device)
                 except Exception as e:  # the real step compiles what the dry run did not reach
                     failed.append(f"{mixer} d={d}: {type(e).__name__}: {str(e)[:120]}")
     torch.cuda.synchronize(device)
