@@ -4,12 +4,13 @@
 
 Under bench/sm90_audit's stub driver (sm_90 target, every Triton launch compiles and returns), runs
 each (mixer, width) model's `recall.first_steps` (training forward + backward, the evaluation's
-forward; bf16 autocast, the example's default shapes) on CPU tensors: with --threads 0 one model after another, as the example's first steps
-compile (serial), printing each model's new Triton compiles and seconds; with --threads N inside
-one `compiling_ahead(N)` block, as `recall.compile_all_ahead` does on the GPU, then every model
-again (the real first steps: they should compile nothing). Mamba's selective
-scan takes Triton here (no _C on this machine); on the GPU it is the CUDA kernel (nothing to
-compile). Wall times on a shared 2-core box are 2-3x the GPU machine's (NOTES 'First call').
+forward; bf16 autocast, the example's default shapes) on CPU tensors. --threads 0: one model after
+another, as the example's first steps compile without compile-ahead, printing each model's new
+Triton compiles and seconds. --threads N: all of them inside one `compiling_ahead(N)` block, as
+`recall.compile_all_ahead` does on the GPU, then every model again (the real first steps: they
+should compile nothing). Mamba's selective scan takes Triton here (no _C on this machine); on the
+GPU it is the CUDA kernel (nothing to compile). Wall times on a shared 2-core box are 2-3x the GPU
+machine's (NOTES 'First call').
 """
 from __future__ import annotations
 
@@ -67,8 +68,8 @@ def main():
             for d in a.dims:
                 c, t = n_compiles[0], time.time()
                 one(mixer, d)
-                print(f"{mixer:<15} d={d:<4} {n_compiles[0] - c:3d} compiles {time.time() - t:6.1f}s",
-                      flush=True)
+                print(f"{mixer:<15} d={d:<4} {n_compiles[0] - c:3d} compiles "
+                      f"{time.time() - t:6.1f}s", flush=True)
         print(f"serial: {n_compiles[0]} compiles, {time.time() - t0:.1f}s")
     else:
         failed = []

@@ -82,8 +82,8 @@ def test_flat_adamw_matches_torch_adamw_with_clipping_and_decay():
     ref = [x.clone().requires_grad_() for x in init]
     new = [x.clone().requires_grad_() for x in init]
     steps, lr, wd = 25, 3e-2, 0.1
-    opt = torch.optim.AdamW([dict(params=ref[:2], weight_decay=wd), dict(params=ref[2:], weight_decay=0.0)],
-                            lr=lr)
+    opt = torch.optim.AdamW([dict(params=ref[:2], weight_decay=wd),
+                             dict(params=ref[2:], weight_decay=0.0)], lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
     flat = recall.FlatAdamW([dict(params=new[:2]), dict(params=new[2:])],
                             recall.onecycle_table(lr, steps), wd)
@@ -137,17 +137,22 @@ def test_flat_steps_train_like_the_eager_loop():
         torch.set_num_threads(threads)
 
 
+# a CPU run small enough for a few seconds, long enough (6 steps) to reach the capture
+SMALL = ["--device", "cpu", "--batch", "4", "--seq-len", "32", "--pairs", "4", "--layers", "1",
+         "--eval-batches", "1", "--steps", "6"]
+
+
 def test_graph_mode_falls_back_to_eager_when_capture_fails(tmp_path, capsys):
     """--step graph where no capture is possible (here: the CPU; the capture comes after the
     warm-up steps) prints why and trains the model again from scratch with eager steps: the same
     rows as --step eager."""
-    argv = ["--device", "cpu", "--batch", "4", "--seq-len", "32", "--pairs", "4", "--layers", "1", "--eval-batches", "1", "--steps", "6", "--dims", "16", "--mixers", "gla", "mingru", "--out", str(tmp_path)]
+    argv = SMALL + ["--dims", "16", "--mixers", "gla", "mingru", "--out", str(tmp_path)]
     graph = recall.main(argv + ["--step", "graph"])
     out = capsys.readouterr().out
     assert out.count("CUDA graph capture failed (CUDA graphs need a CUDA device") == 2
     eager = recall.main(argv + ["--no-graph"])
-    drop = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "step_ms")}  # noqa: E731
-                         for r in rows]
+    def drop(rows):   # the timings differ run to run
+        return [{k: v for k, v in r.items() if k not in ("seconds", "step_ms")} for r in rows]
     assert drop(graph) == drop(eager) and all(r["mode"] == "eager" for r in graph)
 
 
@@ -191,8 +196,8 @@ def test_graph_loop_runs_every_step_once_in_order(monkeypatch):
             res[mode] = losses, [p.detach().clone() for p in model.parameters()]
         (le, pe), (lg, pg) = res["eager"], res["graph"]
         assert [s for s, _ in lg] == list(range(1, 13)) and recall.WARMUP < 12
-        torch.testing.assert_close(torch.tensor([x for _, x in lg]), torch.tensor([x for _, x in le]),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.tensor([x for _, x in lg]),
+                                   torch.tensor([x for _, x in le]), rtol=1e-5, atol=1e-5)
         for a, b in zip(pe, pg):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     finally:
@@ -204,10 +209,11 @@ def test_graph_mode_falls_back_when_the_capture_raises(tmp_path, capsys, monkeyp
     model trained again from scratch with eager steps; other models still capture."""
     def capture(step, opt):
         if opt.params[0].shape[-1] == 16:      # the d=16 model only
-            raise recall.CaptureError("RuntimeError: operation not permitted when stream is capturing")
+            raise recall.CaptureError("RuntimeError: operation not permitted when stream is "
+                                      "capturing")
         return _capture_on_cpu(step, opt)
     monkeypatch.setattr(recall, "CAPTURE", capture)
-    argv = ["--device", "cpu", "--batch", "4", "--seq-len", "32", "--pairs", "4", "--layers", "1", "--eval-batches", "1", "--steps", "6", "--mixers", "mingru", "--dims", "16", "24", "--out", str(tmp_path)]
+    argv = SMALL + ["--mixers", "mingru", "--dims", "16", "24", "--out", str(tmp_path)]
     rows = recall.main(argv + ["--step", "graph"])
     out = capsys.readouterr().out
     assert "mingru d=16: CUDA graph capture failed (RuntimeError: operation not permitted" in out

@@ -234,13 +234,13 @@ class FlatAdamW:
     parameters become views of it), with the learning rate and beta1 of each step read from a
     device table (`onecycle_table`) at a device step counter: a step holds no host scalar and makes
     no host sync, so it can be captured in a CUDA graph with the schedule still applied on every
-    replay, and it costs ~20 launches whatever the number of parameters. ``groups`` are
+    replay, and it costs ~30 launches whatever the number of parameters. ``groups`` are
     ``param_groups``'s two groups: the first decays by ``weight_decay``, the second does not.
     Unlike torch's AdamW, a parameter without a gradient in a step is updated with a zero one (a
     captured step cannot skip it); every parameter of the example's models gets one each step."""
 
-    def __init__(self, groups: list, table: torch.Tensor, weight_decay: float, max_norm: float = 1.0,
-                 beta2: float = 0.999, eps: float = 1e-8):
+    def __init__(self, groups: list, table: torch.Tensor, weight_decay: float,
+                 max_norm: float = 1.0, beta2: float = 0.999, eps: float = 1e-8):
         groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in groups]
         params = [p for g in groups for p in g["params"]]
         bad = [tuple(p.shape) for p in params if p.dtype != torch.float32]
@@ -299,7 +299,8 @@ def _loss(model, tokens, labels, amp: bool, device):
     # cache_enabled=False: autocast's cache of casted weights must not outlive a graph capture
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
         logits = model(tokens)
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100), logits
+    loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    return loss, logits
 
 
 def capture_cuda(step, opt):
