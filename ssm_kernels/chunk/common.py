@@ -58,14 +58,35 @@ STATES_IN_INPUT_DTYPE = True
 # per-chunk simple_gla 0.421 vs 0.332 ms, linear_attn 0.298 vs 0.288, SSD 0.435 vs 0.320 (its
 # stage 3 alone, 0.297 ms, costs about the per-chunk output 0.202 + states 0.130). tests/
 # test_chunk_fused.py keeps the fused kernels tested (monkeypatched to 1 / 2).
-FUSED_FWD = 0
+# SSM_KERNELS_FUSED_FWD=1 (or 2) in the environment switches it on for a whole process (the GPU
+# A/B of session 9, bench/gpu_chunk.py TWO_LEVEL=1); the knobs below are what session 9 (helper
+# engine9) changed in it: V tiles fastest in stage 3's grid, stage 1 in coarse steps, 3 stages.
+FUSED_FWD = int(__import__("os").environ.get("SSM_KERNELS_FUSED_FWD", "0"))
 SEG_CHUNKS = 8        # chunks per segment (stage-3 programs: H x B x cdiv(T, SEG) x V-tiles)
 LOOKBACK_SEGS = 8     # rows of <= this many segments skip stage 2: each stage-3 program sums the
                       # decayed end states of its row's earlier segments (O(segments^2) L2 reads)
 FUSED_BLOCK_V = 64    # V tile of stage 3 (it keeps a [K, BV] float32 state in registers)
 FUSED_WARPS = 8       # warps of stage 3 (sm_90 offline: 216-254 registers, no spill; 4 warps spill)
 FUSED_I32_OFFSETS = 1   # stage 3 addresses q, k as an int64 chunk base + int32 tile offsets
-FUSED_STAGES = 2      # software-pipeline stages of stage 3 (its loads of the next chunk)
+# software-pipeline stages of stage 3. 2 (session 6's H100 run): the TTGIR (offline sm_90) shows
+# v and g single-buffered and `async_wait num=0` at the loop top, the next chunk's copies issued
+# after this chunk's last dot: no load overlaps the chunk's compute. 3: every load double-buffered,
+# issued two chunks ahead, `async_wait num=4` (one chunk's group stays in flight); shared memory
+# 90 -> 132 KB per CTA (one CTA per SM either way: 216-255 registers x 256 threads)
+FUSED_STAGES = 3
+# stage 3's grid: True (V_FIRST) (V tiles, heads, segments): the V tiles of one (head, segment)
+# are neighbours and walk the same chunks together, so q and k come from HBM once and from L2 for
+# the other tiles (with BV=64 at V=128 the old order re-read q, k from HBM: 134 MB more); heads
+# stay next to each other (SSD's B/C groups). False: the old (heads, segments, V tiles)
+FUSED_V_FIRST = True
+# stage 1 of the fused forward (each segment's end state from zero) in steps of this many tokens
+# (a power of two, a multiple of the chunk, <= the segment; 0: the chunk): fewer, longer dots with
+# more bytes in flight per step, as STATE_COARSE (H100 session 8: 0.116 -> 0.096 ms for the same
+# bytes); 8 warps from 256 tokens (4 spill there, as the coarse state pass). sm_90 offline (bf16,
+# BK=BV=64): 64 -> 114-171 registers, 4 warps, 17-25 KB shared (4 CTAs/SM for GATE 0/1); 128 ->
+# 134-194, 4 warps, 33-50 KB (2 CTAs/SM); 256 -> 171-254, 8 warps, 67-99 KB (1 CTA/SM). Same
+# bytes in flight per SM in all three; 128 halves the dependent steps of a 512-token segment.
+FUSED_S1_STEP = 128
 # backward of GATE 0/1 (plain, scalar decay, SSD; B rows, not varlen): the serial per-sequence
 # passes split into segments of SEG_CHUNKS chunks (bwd.py). 1: the recompute of the per-chunk
 # states h (fwd.py `seg_chunk_states`: segment end states from zero, a scan over segments, one

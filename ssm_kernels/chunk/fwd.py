@@ -352,14 +352,19 @@ def _fused_fwd_kernel(
     # last segment stores its final S to ht_ptr
     LOOKBACK: tl.constexpr = False, gs_ptr=None, h0_ptr=None, ht_ptr=None,
     HAS_H0: tl.constexpr = False,
+    V_FIRST: tl.constexpr = False,    # grid (V tiles, heads, segments) (common.FUSED_V_FIRST)
 ):
-    """fused_fwd stage 3, one program per (head, segment, V-tile) (heads first: the heads of one
-    q/k group run side by side and share its rows in L2). From the segment's incoming state S
+    """fused_fwd stage 3, one program per (head, segment, V-tile) (V_FIRST: V tiles fastest, then
+    heads, so the V tiles of one (head, segment) share q and k through L2 and the heads of one
+    q/k group run side by side; else heads fastest, V tiles slowest). From the segment's incoming state S
     (whole K x BV, float32 in registers) it walks the segment's chunks:
         o = scale (e^G (q S) + causal(q k^T e^(G_i - G_j)) v) [+ D x] [* silu(z)]
         S <- e^(G_last) S + k^T (e^(G_last - G) v)
     (v = x * vs for SSD). No per-chunk state goes through memory."""
-    i_h, i_s, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if V_FIRST:
+        i_v, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    else:
+        i_h, i_s, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hq = i_h // (H // HQ)
     bos, eos = seg_span(i_s, T, SEG)
     o_t = tl.arange(0, BT)
@@ -518,12 +523,15 @@ def _seg(p: Plan):
     return SEG, p.B * cdiv(p.T, SEG)
 
 
-def _seg_state_pass(p: Plan, k, v, g, vs, A, sin=None):
+def _seg_state_pass(p: Plan, k, v, g, vs, A, sin=None, step=None):
     """`_state_kernel` over segments (SEG). sin None: stage 1 of the fused forward, each segment's
     end state from zero -> (hs [NSEG, H, K, V] f32, gs [NSEG, H] f32 (GATE 1) or a dummy); sin
-    given (the incoming state of each segment): every chunk's state h from it -> (h, None)."""
+    given (the incoming state of each segment): every chunk's state h from it -> (h, None).
+    step (stage 1 only): tokens per step of the walk (a power-of-two multiple of the chunk
+    dividing SEG; None: the chunk)."""
     m = p.meta
     SEG, NSEG = _seg(p)
+    BT = p.BT if step is None else step
     d = _dummy(v)
     if sin is None:
         if p.gate == 1:   # one allocation for both (they die with the call)
@@ -540,16 +548,28 @@ def _seg_state_pass(p: Plan, k, v, g, vs, A, sin=None):
         k, v, d if g is None else g, d if vs is None else vs, d if A is None else A,
         d if sin is None else sin, h, d if hs is None else hs, d, d, p.T, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_H0=sin is not None,
-        STORE_H=sin is not None, IS_VARLEN=False, BT=p.BT, BK=m["BK"], BV=m["BV"], DT=m["DT"],
+        STORE_H=sin is not None, IS_VARLEN=False, BT=BT, BK=m["BK"], BV=m["BV"], DT=m["DT"],
         IEEE=m["IEEE"], SEG=SEG, gs_ptr=d if gs is None else gs, STORE_HT=sin is None,
-        num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
+        num_warps=8 if BT >= 256 else 4, num_stages=1 if m["IEEE"] == 1 else 2)
     return (hs, gs) if sin is None else (h, None)
 
 
-def seg_states(p: Plan, k, v, g, vs, A):
+def seg_states(p: Plan, k, v, g, vs, A, step=None):
     """Fused forward stage 1: every segment's end state from a zero state, hs [NSEG, H, K, V] f32,
-    and (GATE 1) its total log2-decay gs [NSEG, H] f32 (else a dummy)."""
-    return _seg_state_pass(p, k, v, g, vs, A)
+    and (GATE 1) its total log2-decay gs [NSEG, H] f32 (else a dummy). step: see _seg_state_pass
+    (the backward's SEG_BWD recompute keeps the chunk)."""
+    return _seg_state_pass(p, k, v, g, vs, A, step=step)
+
+
+def _s1_step(p: Plan):
+    """Stage 1's step for the fused forward (common.FUSED_S1_STEP): a power-of-two multiple of the
+    chunk dividing the segment, 16-bit inputs only (float32's FMA dots keep the chunk)."""
+    SEG, _ = _seg(p)
+    s = common.FUSED_S1_STEP
+    if not s or not p.lowp or s & (s - 1) or s <= p.BT:
+        return None
+    s = min(s, SEG)
+    return s if SEG % s == 0 else None
 
 
 def seg_scan(p: Plan, hs, gs, h0, reverse=False):
@@ -592,13 +612,14 @@ def fused_output(p: Plan, q, k, v, g, vs, A, sin, scale, D=None, z=None, h0=None
                                      h0_ptr=d if h0 is None else h0, ht_ptr=ht,
                                      HAS_H0=h0 is not None)
     BV = max(16, min(common.FUSED_BLOCK_V, next_power_of_2(p.V)))
-    _fused_fwd_kernel[(p.H, NSEG, cdiv(p.V, BV))](
+    vf = bool(common.FUSED_V_FIRST)
+    _fused_fwd_kernel[(cdiv(p.V, BV), p.H, NSEG) if vf else (p.H, NSEG, cdiv(p.V, BV))](
         q, k, v, d if g is None else g, d if vs is None else vs, d if A is None else A, sin,
         d if D is None else D, d if z is None else z, o,
         p.T, p.H, p.HQ, p.K, p.V, float(scale),
         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_D=D is not None,
         HAS_Z=z is not None, SEG=SEG, BT=p.BT, BK=m["BKF"], BV=BV, DT=m["DT"], IEEE=m["IEEE"],
-        I32_OFFS=bool(common.FUSED_I32_OFFSETS), **lb,
+        I32_OFFS=bool(common.FUSED_I32_OFFSETS), V_FIRST=vf, **lb,
         num_warps=common.FUSED_WARPS, num_stages=common.FUSED_STAGES)
     return o
 
@@ -608,7 +629,7 @@ def fused_fwd(p: Plan, q, k, v, g, vs, A, h0, scale, D=None, z=None):
     `_state_kernel` per segment from zero, stage 2 `_seg_scan_kernel`, stage 3 `_fused_fwd_kernel`
     (rows of at most LOOKBACK_SEGS segments: stage 3 sums the earlier segments' states itself).
     Bytes: k, v read twice, q and o once, segment states 4 x NSEG x H x K x V x 4 B."""
-    hs, gs = seg_states(p, k, v, g, vs, A)
+    hs, gs = seg_states(p, k, v, g, vs, A, step=_s1_step(p))
     if cdiv(p.T, _seg(p)[0]) <= common.LOOKBACK_SEGS:
         ht = common.poison(hs.new_empty((p.N, p.H, p.K, p.V)))
         return fused_output(p, q, k, v, g, vs, A, hs, scale, D, z, h0, ht, gs), ht
