@@ -361,12 +361,14 @@ def seq_span(i_n, cu_ptr, T, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def seg_span(i_s, T, SEG: tl.constexpr):
-    """[bos, eos) of segment i_s (B rows of length T, cdiv(T, SEG) segments per row)."""
-    ns = tl.cdiv(T, SEG)
-    row = (i_s // ns).to(tl.int64) * T
-    bos = row + (i_s % ns).to(tl.int64) * SEG
-    return bos, tl.minimum(bos + SEG, row + T)
+def seg_coords(i_s, st_ptr, cu_ptr, T, IS_VARLEN: tl.constexpr, SEG: tl.constexpr):
+    """(sequence, local segment index int64, bos, eos) of global segment i_s, [bos, eos) its
+    tokens: B rows of length T (cdiv(T, SEG) segments per row) or a packed batch (st [NSEG, 2]
+    int32 = `chunk_table` at chunk length SEG; surplus segments get eos < bos: no tokens)."""
+    i_n, j = chunk_coords(i_s, st_ptr, tl.cdiv(T, SEG), IS_VARLEN)
+    b0, e0 = seq_span(i_n, cu_ptr, T, IS_VARLEN)
+    bos = b0 + j * SEG
+    return i_n, j, bos, tl.minimum(bos + SEG, e0)
 
 
 @triton.jit
@@ -380,10 +382,14 @@ def seg_chunk_base(i_s, T, SEG: tl.constexpr, BT: tl.constexpr):
 def row_span_base(i_n, cu_ptr, co_ptr, T, IS_VARLEN: tl.constexpr, BT: tl.constexpr,
                   SEG: tl.constexpr):
     """(first token, end, global index of the first chunk) of the serial passes' "sequence" i_n:
-    a sequence (SEG = 0) or a segment of SEG tokens (B rows)."""
+    a sequence (SEG = 0) or a segment of SEG tokens (B rows; packed batches: co_ptr is the
+    segments' `chunk_table` and base is 0, for passes that store no per-chunk state)."""
     if SEG > 0:
-        bos, eos = seg_span(i_n, T, SEG)
-        base = seg_chunk_base(i_n, T, SEG, BT)
+        _, _, bos, eos = seg_coords(i_n, co_ptr, cu_ptr, T, IS_VARLEN, SEG)
+        if IS_VARLEN:
+            base = bos * 0
+        else:
+            base = seg_chunk_base(i_n, T, SEG, BT)
     else:
         bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
         base = chunk_base(co_ptr, i_n, T, IS_VARLEN, BT)

@@ -22,7 +22,7 @@ from . import common, gla
 from .common import (blocks, causal_decay, chunk_coords, chunk_span, chunk_table, decay_rows,
                      decay_state, decay_to_end, l2norm_rows, last_row, load_rows, load_skip,
                      load_state_block, load_v, log_decay_cumsum, mm, mm_wy, num_chunks,
-                     row_span_base, scale_v, seg_span, seq_span, skip_gate, state_slot,
+                     row_span_base, scale_v, seg_coords, seq_span, skip_gate, state_slot,
                      state_slots, state_store_dtype)
 from .._launch import cdiv, next_power_of_2, fast_kernel
 
@@ -43,8 +43,8 @@ def _state_kernel(
     # [TOK, H, V] and used as v; L2NORM: k rows L2-normalised in-kernel
     w_ptr=None, vn_ptr=None, DELTA: tl.constexpr = False, L2NORM: tl.constexpr = False,
     WF32: tl.constexpr = False,
-    # SEG > 0 (fused_fwd stage 1, not varlen, STORE_H False): "sequences" are segments of SEG
-    # tokens (seg_span); ht [NSEG, H, K, V] gets each segment's end state and gs_ptr [NSEG, H]
+    # SEG > 0 (fused_fwd stage 1, STORE_H False; packed batches: co_ptr is the segment table,
+    # common.seg_coords): "sequences" are segments of SEG tokens; ht [NSEG, H, K, V] gets each segment's end state and gs_ptr [NSEG, H]
     # f32 its total log2-decay (GATE 1). With STORE_H (the backward's segment-parallel recompute,
     # `seg_chunk_states`): h0 [NSEG, H, K, V] is each segment's incoming state, h is stored per
     # chunk at its global index, and STORE_HT=False skips the end-state and gs stores
@@ -311,6 +311,8 @@ def _seg_scan_kernel(
     GATE: tl.constexpr, HAS_H0: tl.constexpr, SEG: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     REVERSE: tl.constexpr = False,
+    # packed batches (forward only): sequence i_n's segments are so[i_n] .. + cdiv(len, SEG)
+    IS_VARLEN: tl.constexpr = False, cu_ptr=None, so_ptr=None,
 ):
     """fused_fwd stage 2: S_in(s+1) = exp2(gs(s)) S_in(s) + hs(s) (gs: segment s's total log2-decay
     from stage 1). REVERSE (the backward's segment-parallel state-gradient scan, bwd.py
@@ -323,12 +325,18 @@ def _seg_scan_kernel(
     m_s = (o_k < K)[:, None] & (o_v < V)[None, :]
     p_s = o_k[:, None] * V + o_v[None, :]
     S = load_state_block(h0_ptr + i_nh.to(tl.int64) * K * V, p_s, m_s, HAS_H0, BK, BV)
-    ns = tl.cdiv(T, SEG)
+    if IS_VARLEN:
+        b0, e0 = seq_span(i_n, cu_ptr, T, True)
+        ns = tl.cdiv(e0 - b0, SEG).to(tl.int32)
+        s0 = tl.load(so_ptr + i_n)
+    else:
+        ns = tl.cdiv(T, SEG)
+        s0 = i_n * ns
     for j in range(ns):
         if REVERSE:
-            i_s = i_n * ns + ns - 1 - j
+            i_s = s0 + ns - 1 - j
         else:
-            i_s = i_n * ns + j
+            i_s = s0 + j
         off = (i_s.to(tl.int64) * H + i_h) * K * V
         tl.store(sin_ptr + off + p_s, S, mask=m_s)
         if GATE == 1:
@@ -353,6 +361,8 @@ def _fused_fwd_kernel(
     LOOKBACK: tl.constexpr = False, gs_ptr=None, h0_ptr=None, ht_ptr=None,
     HAS_H0: tl.constexpr = False,
     V_FIRST: tl.constexpr = False,    # grid (V tiles, heads, segments) (common.FUSED_V_FIRST)
+    # packed batches (not with LOOKBACK): st [NSEG, 2] the segments' chunk_table, cu cu_seqlens
+    IS_VARLEN: tl.constexpr = False, st_ptr=None, cu_ptr=None,
 ):
     """fused_fwd stage 3, one program per (head, segment, V-tile) (V_FIRST: V tiles fastest, then
     heads, so the V tiles of one (head, segment) share q and k through L2 and the heads of one
@@ -366,7 +376,7 @@ def _fused_fwd_kernel(
     else:
         i_h, i_s, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hq = i_h // (H // HQ)
-    bos, eos = seg_span(i_s, T, SEG)
+    _, _, bos, eos = seg_coords(i_s, st_ptr, cu_ptr, T, IS_VARLEN, SEG)
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -518,9 +528,22 @@ def chunk_states(p: Plan, k, v, g, vs, A, h0, store_h=True, every=1, pre=False, 
 
 
 def _seg(p: Plan):
-    """(segment length in tokens, number of segments) of the fused forward."""
+    """(segment length in tokens, number of segments) of the fused forward (packed batches: the
+    upper bound TOK // SEG + N, as `num_chunks`)."""
     SEG = common.SEG_CHUNKS * p.BT
-    return SEG, p.B * cdiv(p.T, SEG)
+    return SEG, num_chunks(p.B, p.T, p.N, SEG, p.varlen)
+
+
+def _seg_index(p: Plan):
+    """(st, so) of a packed batch's segments: `chunk_table` at chunk length SEG (st [NSEG, 2]
+    (sequence, local segment), so [N] each sequence's first segment), computed on the device
+    once per plan; (None, None) for B rows."""
+    if not p.varlen:
+        return None, None
+    if "seg" not in p._slots:
+        SEG, NSEG = _seg(p)
+        p._slots["seg"] = chunk_table(p.cu, SEG, NSEG, p.B * p.T)
+    return p._slots["seg"]
 
 
 def _seg_state_pass(p: Plan, k, v, g, vs, A, sin=None, step=None):
@@ -544,11 +567,14 @@ def _seg_state_pass(p: Plan, k, v, g, vs, A, sin=None, step=None):
     else:
         hs = gs = None
         h = k.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
+    st, _ = _seg_index(p)
+    assert st is None or sin is None, "the per-chunk pass over segments is for B rows"
     _state_kernel[(cdiv(p.K, m["BK"]), cdiv(p.V, m["BV"]), NSEG * p.H)](
         k, v, d if g is None else g, d if vs is None else vs, d if A is None else A,
-        d if sin is None else sin, h, d if hs is None else hs, d, d, p.T, p.H, p.HQ, p.K, p.V,
+        d if sin is None else sin, h, d if hs is None else hs,
+        d if st is None else p.cu, d if st is None else st, p.T, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_H0=sin is not None,
-        STORE_H=sin is not None, IS_VARLEN=False, BT=BT, BK=m["BK"], BV=m["BV"], DT=m["DT"],
+        STORE_H=sin is not None, IS_VARLEN=st is not None, BT=BT, BK=m["BK"], BV=m["BV"], DT=m["DT"],
         IEEE=m["IEEE"], SEG=SEG, gs_ptr=d if gs is None else gs, STORE_HT=sin is None,
         num_warps=8 if BT >= 256 else 4, num_stages=1 if m["IEEE"] == 1 else 2)
     return (hs, gs) if sin is None else (h, None)
@@ -580,9 +606,12 @@ def seg_scan(p: Plan, hs, gs, h0, reverse=False):
     d = _dummy(hs)
     sin = common.poison(torch.empty_like(hs))
     ht = common.poison(hs.new_empty((p.N, p.H, p.K, p.V)))
+    _, so = _seg_index(p)
+    assert so is None or not reverse, "the reverse segment scan is for B rows"
     _seg_scan_kernel[(cdiv(p.K, m["BK"]), cdiv(p.V, m["BV"]), p.N * p.H)](
         hs, gs, d if h0 is None else h0, sin, ht, p.T, p.H, p.K, p.V,
         GATE=p.gate, HAS_H0=h0 is not None, SEG=SEG, BK=m["BK"], BV=m["BV"], REVERSE=reverse,
+        IS_VARLEN=so is not None, cu_ptr=d if so is None else p.cu, so_ptr=d if so is None else so,
         num_warps=4)
     return sin, ht
 
@@ -613,6 +642,10 @@ def fused_output(p: Plan, q, k, v, g, vs, A, sin, scale, D=None, z=None, h0=None
                                      HAS_H0=h0 is not None)
     BV = max(16, min(common.FUSED_BLOCK_V, next_power_of_2(p.V)))
     vf = bool(common.FUSED_V_FIRST)
+    st, _ = _seg_index(p)
+    assert st is None or ht is None, "LOOKBACK is for B rows (packed batches take stage 2)"
+    if st is not None:
+        lb.update(IS_VARLEN=True, st_ptr=st, cu_ptr=p.cu)
     _fused_fwd_kernel[(cdiv(p.V, BV), p.H, NSEG) if vf else (p.H, NSEG, cdiv(p.V, BV))](
         q, k, v, d if g is None else g, d if vs is None else vs, d if A is None else A, sin,
         d if D is None else D, d if z is None else z, o,
@@ -625,12 +658,14 @@ def fused_output(p: Plan, q, k, v, g, vs, A, sin, scale, D=None, z=None, h0=None
 
 
 def fused_fwd(p: Plan, q, k, v, g, vs, A, h0, scale, D=None, z=None):
-    """The forward of GATE 0/1 without per-chunk states in memory (B rows, not varlen): stage 1
-    `_state_kernel` per segment from zero, stage 2 `_seg_scan_kernel`, stage 3 `_fused_fwd_kernel`
-    (rows of at most LOOKBACK_SEGS segments: stage 3 sums the earlier segments' states itself).
-    Bytes: k, v read twice, q and o once, segment states 4 x NSEG x H x K x V x 4 B."""
+    """The forward of GATE 0/1 without per-chunk states in memory (B rows or packed batches):
+    stage 1 `_state_kernel` per segment from zero, stage 2 `_seg_scan_kernel`, stage 3
+    `_fused_fwd_kernel` (B rows of at most LOOKBACK_SEGS segments: stage 3 sums the earlier
+    segments' states itself; packed batches always take stage 2, which also gives an empty
+    sequence its final state h0). Bytes: k, v read twice, q and o once, segment states
+    2-4 x NSEG x H x K x V x 4 B."""
     hs, gs = seg_states(p, k, v, g, vs, A, step=_s1_step(p))
-    if cdiv(p.T, _seg(p)[0]) <= common.LOOKBACK_SEGS:
+    if not p.varlen and cdiv(p.T, _seg(p)[0]) <= common.LOOKBACK_SEGS:
         ht = common.poison(hs.new_empty((p.N, p.H, p.K, p.V)))
         return fused_output(p, q, k, v, g, vs, A, hs, scale, D, z, h0, ht, gs), ht
     sin, ht = seg_scan(p, hs, gs, h0)
@@ -639,7 +674,7 @@ def fused_fwd(p: Plan, q, k, v, g, vs, A, h0, scale, D=None, z=None):
 
 def _takes_fused_fwd(gate: int, varlen: bool, dtype: torch.dtype) -> bool:
     """Whether `chunk_fwd` takes the fused path (no per-chunk states in memory)."""
-    return bool(common.FUSED_FWD) and gate < 2 and not varlen and (
+    return bool(common.FUSED_FWD) and gate < 2 and (
         dtype != torch.float32 or common.FUSED_FWD == 2)
 
 
