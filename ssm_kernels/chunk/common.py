@@ -87,6 +87,7 @@ FUSED_V_FIRST = True
 # 134-194, 4 warps, 33-50 KB (2 CTAs/SM); 256 -> 171-254, 8 warps, 67-99 KB (1 CTA/SM). Same
 # bytes in flight per SM in all three; 128 halves the dependent steps of a 512-token segment.
 FUSED_S1_STEP = 128
+FUSED_S1_STAGES = 3   # pipeline stages of stage 1 when it steps coarser than the chunk (below)
 # backward of GATE 0/1 (plain, scalar decay, SSD; B rows, not varlen): the serial per-sequence
 # passes split into segments of SEG_CHUNKS chunks (bwd.py). 1: the recompute of the per-chunk
 # states h (fwd.py `seg_chunk_states`: segment end states from zero, a scan over segments, one

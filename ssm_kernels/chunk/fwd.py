@@ -576,7 +576,8 @@ def _seg_state_pass(p: Plan, k, v, g, vs, A, sin=None, step=None):
         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_H0=sin is not None,
         STORE_H=sin is not None, IS_VARLEN=st is not None, BT=BT, BK=m["BK"], BV=m["BV"], DT=m["DT"],
         IEEE=m["IEEE"], SEG=SEG, gs_ptr=d if gs is None else gs, STORE_HT=sin is None,
-        num_warps=8 if BT >= 256 else 4, num_stages=1 if m["IEEE"] == 1 else 2)
+        num_warps=8 if BT >= 256 else 4,
+        num_stages=1 if m["IEEE"] == 1 else (common.FUSED_S1_STAGES if step else 2))
     return (hs, gs) if sin is None else (h, None)
 
 
