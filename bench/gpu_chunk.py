@@ -1127,6 +1127,11 @@ TL_SETS = {   # label -> chunk.common knobs; "two-level" = FUSED_FWD=1 with sess
     # no spill, still 2 CTAs/SM; linear_attn 115 -> 129)
     "default sstages3": dict(STATE_STAGES=3),
     "two-level": dict(FUSED_FWD=1),
+    "two-level tma": dict(FUSED_FWD=1, FUSED_TMA=True),
+    "two-level tma scan": dict(FUSED_FWD=1, FUSED_TMA=True, LOOKBACK_SEGS=0),
+    # 2 CTAs/SM (sm_90 Triton 3.6: 202 / 134 registers, 82-86 KB shared; no spill)
+    "two-level tma scan bv32 w4 st2": dict(FUSED_FWD=1, FUSED_TMA=True, LOOKBACK_SEGS=0,
+                                           FUSED_BLOCK_V=32, FUSED_WARPS=4, FUSED_STAGES=2),
     "two-level s6 layout": dict(FUSED_FWD=1, FUSED_V_FIRST=False, FUSED_STAGES=2,
                                 FUSED_S1_STEP=0),
     "two-level stages2": dict(FUSED_FWD=1, FUSED_STAGES=2),
@@ -1139,11 +1144,11 @@ TL_SETS = {   # label -> chunk.common knobs; "two-level" = FUSED_FWD=1 with sess
     "two-level seg16": dict(FUSED_FWD=1, SEG_CHUNKS=16),
     "two-level seg4": dict(FUSED_FWD=1, SEG_CHUNKS=4),
 }
-TL_CHECKED = ("two-level", "two-level s6 layout", "two-level bv32 w4 st2", "two-level seg4",
-              "default sstages3")
+TL_CHECKED = ("two-level", "two-level tma", "two-level s6 layout", "two-level bv32 w4 st2",
+              "two-level seg4", "default sstages3")
 
 
-def two_level_stage_rows(op, B, T, H, K, V):
+def two_level_stage_rows(op, B, T, H, K, V, lab):
     """The two-level forward's stages one by one under today's knobs (rows "<op> 2-level stage"):
     stage 1 (segment end states from zero, in FUSED_S1_STEP steps), stage 2 (the scan), stage 3
     after stage 2 and with the lookback instead; each with its HBM bytes and the rate."""
@@ -1172,8 +1177,8 @@ def two_level_stage_rows(op, B, T, H, K, V):
     case = f"B{B} T{T} H{H} K=V={K} SEG={SEG} step={step or p.BT}"
     for name, ms in t.items():
         note = f"{byts[name] / 1e6:.0f} MB, {byts[name] / ms / 1e9:.2f} TB/s"
-        ROWS.append((f"{op} 2-level stage", case, name, "fwd", ms, note))
-        log(f"{op} 2-level stage {case} {name:20s} {ms:8.3f} ms {note}")
+        ROWS.append((f"{op} 2-level stage", case, f"{lab}: {name}", "fwd", ms, note))
+        log(f"{op} 2-level stage {case} {lab}: {name:20s} {ms:8.3f} ms {note}")
 
 
 def cdiv_(a, b):
@@ -1214,10 +1219,11 @@ def two_level():
             make = lambda req, B=B, T=T, op=op: la_inputs(B, T, 16, 128, 128, GATE[op],  # noqa: E731
                                                           req=req)
             labs = TL_SETS if T == 4096 else ("default", "default sstages3", "two-level",
-                                               "two-level s6 layout", "two-level bv32 w4 st2")
+                                               "two-level tma", "two-level s6 layout",
+                                               "two-level bv32 w4 st2")
             for lab in labs:
-                modes = ("fwd", "fwd+bwd") if T == 4096 and lab in ("default", "two-level") \
-                    else ("fwd",)
+                modes = ("fwd", "fwd+bwd") if T == 4096 and lab in (
+                    "default", "two-level", "two-level tma") else ("fwd",)
                 plan.append((op, case, make, OURS[op], lab, modes))
     sb, sl, shh, sp, sgg, sn = 4, 4096, 32, 64, 1, 128
     scase = f"B{sb} L{sl} H{shh} P{sp} N{sn}"
@@ -1225,15 +1231,16 @@ def two_level():
     sours = lambda x, dt, A, Bm, Cm, D, bias: sk.mamba_chunk_scan_combined(  # noqa: E731
         x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias, dt_softplus=True)
     plan += [("ssd", scase, smake, sours, lab, ("fwd",)) for lab in
-             ("default", "default sstages3", "two-level", "two-level s6 layout")]
+             ("default", "default sstages3", "two-level", "two-level tma", "two-level s6 layout")]
     for op, cs, make, f, lab, modes in plan:
         if want(op) and _ab_time_left():
             with set_knobs(TL_SETS[lab]):
                 bench(op, cs, "ours " + lab, f, make, modes=modes)
     for op in ("chunk_simple_gla", "chunk_linear_attn"):
-        if want(op) and _ab_time_left():
-            with set_knobs(TL_SETS["two-level"]):
-                two_level_stage_rows(op, 4, 4096, 16, 128, 128)
+        for lab in ("two-level", "two-level tma"):
+            if want(op) and _ab_time_left():
+                with set_knobs(TL_SETS[lab]):
+                    two_level_stage_rows(op, 4, 4096, 16, 128, 128, lab)
     torch.cuda.empty_cache()
     if PEERS:
         fla = fla_ops()

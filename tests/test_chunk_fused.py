@@ -323,3 +323,48 @@ def test_fused_fwd_env_knob():
         outs.append(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                                    text=True, check=True).stdout.strip())
     assert outs == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("bv", [16, 32], ids=["bv16", "bv32"])
+@pytest.mark.parametrize("gate", ["none", "scalar"])
+def test_two_level_tma(small_segments, monkeypatch, gate, bv):
+    """FUSED_TMA: stage 3 reads q, k, v and writes o through tensor descriptors (B rows with
+    T % BT == 0): the same o and final states bitwise as the pointer loads, and against float64;
+    a row length that is not a multiple of the chunk takes the pointer path (checked too)."""
+    from ssm_kernels.chunk import fwd as cf
+    taken = []
+    orig = cf._takes_tma
+    monkeypatch.setattr(cf, "_takes_tma", lambda *a: taken.append(orig(*a)) or taken[-1])
+    monkeypatch.setattr(common, "FUSED_FWD", 1)
+    monkeypatch.setattr(common, "FUSED_BLOCK_V", bv)
+    for T, tma in ((96, True), (83, False)):
+        ins = _la_inputs(2, T, 2, 32, 32, gate, torch.bfloat16)
+        res = {}
+        for on in (False, True):
+            monkeypatch.setattr(common, "FUSED_TMA", on)
+            taken.clear()
+            res[on] = _la_call(*ins)
+        assert taken == [tma], f"T={T}: descriptor path {taken}, expected {tma}"
+        assert torch.equal(res[True][0], res[False][0]) and torch.equal(res[True][1], res[False][1])
+        _check_vs_ref(*res[True], ins, None, torch.bfloat16)
+
+
+def test_ssd_two_level_tma(small_segments, monkeypatch):
+    """SSD on the descriptor path (grouped B/C as q/k with 2 groups, x * dt as v, D (H, P) and
+    silu(z) in the epilogue, h0): y and states bitwise those of the pointer loads, and within the
+    bound of float64."""
+    from ssm_kernels.chunk import fwd as cf
+    taken = []
+    orig = cf._takes_tma
+    monkeypatch.setattr(cf, "_takes_tma", lambda *a: taken.append(orig(*a)) or taken[-1])
+    monkeypatch.setattr(common, "FUSED_FWD", 1)
+    ins = _ssd_inputs(2, 64, 4, 16, 2, 32, "hp", True)
+    got = {}
+    for on in (False, True):
+        monkeypatch.setattr(common, "FUSED_TMA", on)
+        got[on] = _ssd_infer(ins)
+    assert taken == [False, True], taken
+    assert all(torch.equal(a, b) for a, b in zip(got[True], got[False]))
+    (ry, rs), (ly, ls) = _ssd_refs(ins)
+    assert_close(got[True][0], ry, dtype=torch.bfloat16, lowp_ref=ly, name="y")
+    assert_close(got[True][1], rs, dtype=torch.bfloat16, lowp_ref=ls, name="states")

@@ -87,7 +87,12 @@ FUSED_V_FIRST = True
 # 134-194, 4 warps, 33-50 KB (2 CTAs/SM); 256 -> 171-254, 8 warps, 67-99 KB (1 CTA/SM). Same
 # bytes in flight per SM in all three; 128 halves the dependent steps of a 512-token segment.
 FUSED_S1_STEP = 128
-FUSED_S1_STAGES = 3   # pipeline stages of stage 1 when it steps coarser than the chunk (below)
+FUSED_S1_STAGES = 3
+# stage 3 loads q, k, v and stores o through TMA tensor descriptors where the shapes allow
+# (fwd._takes_tma: 16-bit B rows, T % BT == 0, K a power of two, V % BV == 0); else pointers.
+# Off until timed (bench/gpu_chunk.py TWO_LEVEL=1 "two-level tma"); descriptor arguments take
+# Triton's own launch path (not the launch cache: ~tens of us of host time per launch)
+FUSED_TMA = False   # pipeline stages of stage 1 when it steps coarser than the chunk (below)
 # backward of GATE 0/1 (plain, scalar decay, SSD; B rows, not varlen): the serial per-sequence
 # passes split into segments of SEG_CHUNKS chunks (bwd.py). 1: the recompute of the per-chunk
 # states h (fwd.py `seg_chunk_states`: segment end states from zero, a scan over segments, one

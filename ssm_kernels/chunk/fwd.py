@@ -363,6 +363,10 @@ def _fused_fwd_kernel(
     V_FIRST: tl.constexpr = False,    # grid (V tiles, heads, segments) (common.FUSED_V_FIRST)
     # packed batches (not with LOOKBACK): st [NSEG, 2] the segments' chunk_table, cu cu_seqlens
     IS_VARLEN: tl.constexpr = False, st_ptr=None, cu_ptr=None,
+    # TMA (common.FUSED_TMA; B rows with T % BT == 0, K a power of two, V % BV == 0): q, k, v
+    # loaded and o stored through 2-d tensor descriptors over [TOK, heads x K] / [TOK, H x V]
+    # (the head picks the column block), so no address or mask tensors live in registers
+    TMA: tl.constexpr = False, qd=None, kd=None, vd=None, od=None,
 ):
     """fused_fwd stage 3, one program per (head, segment, V-tile) (V_FIRST: V tiles fastest, then
     heads, so the V tiles of one (head, segment) share q and k through L2 and the heads of one
@@ -403,7 +407,11 @@ def _fused_fwd_kernel(
         row_q = t * HQ + i_hq
         row = t * H + i_h
         m_qk = m_t[:, None] & m_k[None, :]
-        if I32_OFFS:
+        if TMA:
+            r0 = (bos + i * BT).to(tl.int32)
+            b_q = qd.load([r0, i_hq * K])
+            b_k = kd.load([r0, i_hq * K])
+        elif I32_OFFS:
             # one int64 base per chunk + loop-invariant int32 offsets (no int64 address tensors)
             c_qk = ((bos + i * BT) * HQ + i_hq) * K
             b_q = tl.load(q_ptr + c_qk + off_qk, mask=m_qk, other=0.)
@@ -411,7 +419,10 @@ def _fused_fwd_kernel(
         else:
             b_q = tl.load(q_ptr + row_q[:, None] * K + o_k[None, :], mask=m_qk, other=0.)
             b_k = tl.load(k_ptr + row_q[:, None] * K + o_k[None, :], mask=m_qk, other=0.)
-        b_x = load_rows(v_ptr, row, m_t, o_v, m_v, V)
+        if TMA:
+            b_x = vd.load([r0, i_h * V + i_v * BV]).to(tl.float32)
+        else:
+            b_x = load_rows(v_ptr, row, m_t, o_v, m_v, V)
         b_v = scale_v(b_x, vs_ptr, row, m_t, HAS_VS)
         G = log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row, i_h, m_t, o_t, m_t, K, GATE, G_FROM_VS, BT)
         G_last = last_row(G, o_t, GATE, BT)
@@ -424,8 +435,11 @@ def _fused_fwd_kernel(
             b_o = mm(b_q, S, DT, IEEE) * scale
         b_o += mm(A, b_v, DT, IEEE)
         b_o = skip_gate(b_o, b_x, b_D, z_ptr, row, m_t, o_v, m_v, V, HAS_D, HAS_Z)
-        tl.store(o_ptr + row[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
-                 mask=m_t[:, None] & m_v[None, :])
+        if TMA:
+            od.store([r0, i_h * V + i_v * BV], b_o.to(o_ptr.dtype.element_ty))
+        else:
+            tl.store(o_ptr + row[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
+                     mask=m_t[:, None] & m_v[None, :])
         S = decay_state(S, G_last, GATE) + mm(tl.trans(b_k), decay_to_end(b_v, G, G_last, GATE),
                                               DT, IEEE)
     if LOOKBACK:
@@ -647,7 +661,17 @@ def fused_output(p: Plan, q, k, v, g, vs, A, sin, scale, D=None, z=None, h0=None
     assert st is None or ht is None, "LOOKBACK is for B rows (packed batches take stage 2)"
     if st is not None:
         lb.update(IS_VARLEN=True, st_ptr=st, cu_ptr=p.cu)
-    _fused_fwd_kernel[(cdiv(p.V, BV), p.H, NSEG) if vf else (p.H, NSEG, cdiv(p.V, BV))](
+    elif _takes_tma(p, (q, k, v, o), BV):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        TOK, BK = p.B * p.T, m["BKF"]
+        lb.update(TMA=True, qd=TensorDescriptor(q, [TOK, p.HQ * p.K], [p.HQ * p.K, 1], [p.BT, BK]),
+                  kd=TensorDescriptor(k, [TOK, p.HQ * p.K], [p.HQ * p.K, 1], [p.BT, BK]),
+                  vd=TensorDescriptor(v, [TOK, p.H * p.V], [p.H * p.V, 1], [p.BT, BV]),
+                  od=TensorDescriptor(o, [TOK, p.H * p.V], [p.H * p.V, 1], [p.BT, BV]))
+    # descriptor arguments are not launch-cache keys (TensorDescriptor is unhashable): Triton's
+    # own launch path for the TMA form
+    kern = _fused_fwd_kernel.fn if lb.get("TMA") else _fused_fwd_kernel
+    kern[(cdiv(p.V, BV), p.H, NSEG) if vf else (p.H, NSEG, cdiv(p.V, BV))](
         q, k, v, d if g is None else g, d if vs is None else vs, d if A is None else A, sin,
         d if D is None else D, d if z is None else z, o,
         p.T, p.H, p.HQ, p.K, p.V, float(scale),
@@ -656,6 +680,17 @@ def fused_output(p: Plan, q, k, v, g, vs, A, sin, scale, D=None, z=None, h0=None
         I32_OFFS=bool(common.FUSED_I32_OFFSETS), V_FIRST=vf, **lb,
         num_warps=common.FUSED_WARPS, num_stages=common.FUSED_STAGES)
     return o
+
+
+def _takes_tma(p: Plan, ts, BV: int) -> bool:
+    """Whether stage 3 loads q, k, v and stores o through tensor descriptors (common.FUSED_TMA):
+    16-bit B rows whose chunks never straddle two rows (T % BT == 0: a 2-d descriptor's box only
+    zero-fills past the last token), K a power of two (the box is K wide and must not reach the
+    next head's columns), V a multiple of BV, 16-byte aligned bases and row strides."""
+    return (bool(common.FUSED_TMA) and p.lowp and not p.varlen and p.T % p.BT == 0
+            and p.K == p.meta["BKF"] and p.V % BV == 0 and (p.HQ * p.K) % 8 == 0
+            and (p.H * p.V) % 8 == 0 and p.B * p.T < 2 ** 31
+            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in ts))
 
 
 def fused_fwd(p: Plan, q, k, v, g, vs, A, h0, scale, D=None, z=None):
