@@ -401,7 +401,8 @@ def _fused_fwd_kernel(
         S = tl.load(sin_ptr + (i_s.to(tl.int64) * H + i_h) * K * V + p_s, mask=m_s, other=0.)
     b_D = load_skip(D_ptr, i_h, o_v, m_v, V, HAS_D)
     off_qk = o_t[:, None] * (HQ * K) + o_k[None, :]
-    for i in range(tl.cdiv(eos - bos, BT)):
+    n_it = tl.cdiv(eos - bos, BT)
+    for i in range(n_it):
         t = bos + i * BT + o_t
         m_t = t < eos
         row_q = t * HQ + i_hq
@@ -444,7 +445,15 @@ def _fused_fwd_kernel(
                                               DT, IEEE)
     if LOOKBACK:
         if i_s % ns == ns - 1:
-            tl.store(ht_ptr + (i_n.to(tl.int64) * H + i_h) * K * V + p_s, S, mask=m_s)
+            # the state's [BK, BV] offsets and mask rebuilt here from a row stride the compiler
+            # cannot prove equal to V (n_it >= 1 on this path: the same value), so they are not
+            # the prologue's p_s / m_s kept live through the whole chunk loop (sm_90 Triton 3.6:
+            # those held ~20 registers and made GATE 1 spill)
+            Vr = V + (n_it < 1).to(tl.int32)
+            o_k2 = tl.arange(0, BK)
+            m_s2 = (o_k2 < K)[:, None] & (o_v < Vr)[None, :]
+            tl.store(ht_ptr + (i_n.to(tl.int64) * H + i_h) * K * Vr + o_k2[:, None] * Vr
+                     + o_v[None, :], S, mask=m_s2)
 
 
 # ---- launchers ---------------------------------------------------------------------------------
