@@ -60,13 +60,17 @@ STATES_IN_INPUT_DTYPE = True
 # test_chunk_fused.py keeps the fused kernels tested (monkeypatched to 1 / 2).
 # SSM_KERNELS_FUSED_FWD=1 (or 2) in the environment switches it on for a whole process (the GPU
 # A/B of session 9, bench/gpu_chunk.py TWO_LEVEL=1); the knobs below are what session 9 (helper
-# engine9) changed in it: V tiles fastest in stage 3's grid, stage 1 in coarse steps, 3 stages.
+# engine9) changed in it: V tiles fastest in stage 3's grid, stage 1 in coarse steps, 3 pipeline
+# stages (both stages), TMA descriptors (FUSED_TMA), packed batches (cu_seqlens: a segment table,
+# stage 2 per sequence). Training takes it too (the backward recomputes its states: gradients
+# bitwise those of the per-chunk path); SAVE_STATES=2 keeps no h on it (saved_layout).
 FUSED_FWD = int(__import__("os").environ.get("SSM_KERNELS_FUSED_FWD", "0"))
 SEG_CHUNKS = 8        # chunks per segment (stage-3 programs: H x B x cdiv(T, SEG) x V-tiles)
 LOOKBACK_SEGS = 8     # rows of <= this many segments skip stage 2: each stage-3 program sums the
                       # decayed end states of its row's earlier segments (O(segments^2) L2 reads)
 FUSED_BLOCK_V = 64    # V tile of stage 3 (it keeps a [K, BV] float32 state in registers)
-FUSED_WARPS = 8       # warps of stage 3 (sm_90 offline: 216-254 registers, no spill; 4 warps spill)
+FUSED_WARPS = 8       # warps of stage 3 (sm_90 offline, Triton 3.6, BV 64, 3 stages: GATE 0 198-216
+                      # registers, GATE 1 255 + 56-92 B spill, TMA 230-255 + 0-8 B; 4 warps spill)
 FUSED_I32_OFFSETS = 1   # stage 3 addresses q, k as an int64 chunk base + int32 tile offsets
 # software-pipeline stages of stage 3. 2 (session 6's H100 run): the TTGIR (offline sm_90) shows
 # v and g single-buffered and `async_wait num=0` at the loop top, the next chunk's copies issued
@@ -83,16 +87,19 @@ FUSED_V_FIRST = True
 # (a power of two, a multiple of the chunk, <= the segment; 0: the chunk): fewer, longer dots with
 # more bytes in flight per step, as STATE_COARSE (H100 session 8: 0.116 -> 0.096 ms for the same
 # bytes); 8 warps from 256 tokens (4 spill there, as the coarse state pass). sm_90 offline (bf16,
-# BK=BV=64): 64 -> 114-171 registers, 4 warps, 17-25 KB shared (4 CTAs/SM for GATE 0/1); 128 ->
+# BK=BV=64, 2 pipeline stages; at FUSED_S1_STAGES=3, 128: 160-255, 50-67 KB, still 2 CTAs/SM): 64 -> 114-171 registers, 4 warps, 17-25 KB shared (4 CTAs/SM for GATE 0/1); 128 ->
 # 134-194, 4 warps, 33-50 KB (2 CTAs/SM); 256 -> 171-254, 8 warps, 67-99 KB (1 CTA/SM). Same
 # bytes in flight per SM in all three; 128 halves the dependent steps of a 512-token segment.
 FUSED_S1_STEP = 128
+# pipeline stages of stage 1 when it steps coarser than the chunk. At 2 the TTGIR (Triton 3.6 and
+# 3.9 alike) waits for the step's own loads (g single-buffered, async_wait num=0) as stage 3 did;
+# 3: num=2, the next step's loads in flight (sm_90: GATE 1 253 registers, 67 KB, 2 CTAs/SM)
 FUSED_S1_STAGES = 3
 # stage 3 loads q, k, v and stores o through TMA tensor descriptors where the shapes allow
 # (fwd._takes_tma: 16-bit B rows, T % BT == 0, K a power of two, V % BV == 0); else pointers.
 # Off until timed (bench/gpu_chunk.py TWO_LEVEL=1 "two-level tma"); descriptor arguments take
 # Triton's own launch path (not the launch cache: ~tens of us of host time per launch)
-FUSED_TMA = False   # pipeline stages of stage 1 when it steps coarser than the chunk (below)
+FUSED_TMA = False
 # backward of GATE 0/1 (plain, scalar decay, SSD; B rows, not varlen): the serial per-sequence
 # passes split into segments of SEG_CHUNKS chunks (bwd.py). 1: the recompute of the per-chunk
 # states h (fwd.py `seg_chunk_states`: segment end states from zero, a scan over segments, one
