@@ -1119,7 +1119,7 @@ def fwd_defaults(B=4, T=4096, H=16, K=128, V=128):
     print_table(ok, title="engine forward defaults (FWD_DEFAULTS)", csv_name="gpu_chunk_fd.csv")
 
 
-# ---- session 9 two-level forward (TWO_LEVEL=1): chunk.common FUSED_FWD / SSM_KERNELS_FUSED_FWD ----
+# ---- session 9 two-level forward (TWO_LEVEL=1): chunk.common FUSED_FWD (SSM_KERNELS_FUSED_FWD) --
 TL_SETS = {   # label -> chunk.common knobs; "two-level" = FUSED_FWD=1 with session 9's layout
     "default": {},
     # the default path's state pass with 3 pipeline stages (at 2 the TTGIR waits for the step's
@@ -1161,8 +1161,9 @@ def two_level_stage_rows(op, B, T, H, K, V, lab):
     step = cf._s1_step(p)
     n = B * T * H
     st = NSEG * H * K * V * 4
-    byts = {"stage 1": n * (K + V) * 2 + st, "stage 2": 2 * st, "stage 3 after 2": 2 * n * (K + V) * 2 + st,
-            "stage 3 lookback": 2 * n * (K + V) * 2 + st}
+    io = 2 * n * (K + V) * 2                 # q, k, v read and o written by stage 3
+    byts = {"stage 1": n * (K + V) * 2 + st, "stage 2": 2 * st, "stage 3 after 2": io + st,
+            "stage 3 lookback": io + st}
     t = {}
     with torch.no_grad():
         hs, gs = cf.seg_states(p, k, v, g, None, None, step=step)
@@ -1216,8 +1217,8 @@ def two_level():
     for (B, T) in ((4, 4096), (2, 16384)):
         case = f"B{B} T{T} H16 K=V=128"
         for op in ("chunk_simple_gla", "chunk_linear_attn"):
-            make = lambda req, B=B, T=T, op=op: la_inputs(B, T, 16, 128, 128, GATE[op],  # noqa: E731
-                                                          req=req)
+            make = lambda req, B=B, T=T, op=op: la_inputs(  # noqa: E731
+                B, T, 16, 128, 128, GATE[op], req=req)
             labs = TL_SETS if T == 4096 else ("default", "default sstages3", "two-level",
                                                "two-level tma", "two-level s6 layout",
                                                "two-level bv32 w4 st2")
@@ -1247,8 +1248,8 @@ def two_level():
         for (B, T) in ((4, 4096), (2, 16384)):
             case = f"B{B} T{T} H16 K=V=128"
             for op in ("chunk_simple_gla", "chunk_linear_attn"):
-                make = lambda req, B=B, T=T, op=op: la_inputs(B, T, 16, 128, 128, GATE[op],  # noqa: E731
-                                                              req=req)
+                make = lambda req, B=B, T=T, op=op: la_inputs(  # noqa: E731
+                    B, T, 16, 128, 128, GATE[op], req=req)
                 if want(op) and op in fla and _ab_time_left():
                     bench(op, case, "fla", fla[op], make, modes=("fwd",))
         mf = mamba_op() if want("ssd") else None

@@ -87,9 +87,10 @@ FUSED_V_FIRST = True
 # (a power of two, a multiple of the chunk, <= the segment; 0: the chunk): fewer, longer dots with
 # more bytes in flight per step, as STATE_COARSE (H100 session 8: 0.116 -> 0.096 ms for the same
 # bytes); 8 warps from 256 tokens (4 spill there, as the coarse state pass). sm_90 offline (bf16,
-# BK=BV=64, 2 pipeline stages; at FUSED_S1_STAGES=3, 128: 160-255, 50-67 KB, still 2 CTAs/SM): 64 -> 114-171 registers, 4 warps, 17-25 KB shared (4 CTAs/SM for GATE 0/1); 128 ->
-# 134-194, 4 warps, 33-50 KB (2 CTAs/SM); 256 -> 171-254, 8 warps, 67-99 KB (1 CTA/SM). Same
-# bytes in flight per SM in all three; 128 halves the dependent steps of a 512-token segment.
+# BK=BV=64, 2 pipeline stages): 64 -> 114-171 registers, 4 warps, 17-25 KB shared (4 CTAs/SM for
+# GATE 0/1); 128 -> 134-194, 4 warps, 33-50 KB (2 CTAs/SM); 256 -> 171-254, 8 warps, 67-99 KB
+# (1 CTA/SM). Same bytes in flight per SM in all three; 128 halves the dependent steps of a
+# 512-token segment. At FUSED_S1_STAGES=3, 128: 160-255 registers, 50-67 KB, still 2 CTAs/SM.
 FUSED_S1_STEP = 128
 # pipeline stages of stage 1 when it steps coarser than the chunk. At 2 the TTGIR (Triton 3.6 and
 # 3.9 alike) waits for the step's own loads (g single-buffered, async_wait num=0) as stage 3 did;

@@ -44,10 +44,11 @@ def _state_kernel(
     w_ptr=None, vn_ptr=None, DELTA: tl.constexpr = False, L2NORM: tl.constexpr = False,
     WF32: tl.constexpr = False,
     # SEG > 0 (fused_fwd stage 1, STORE_H False; packed batches: co_ptr is the segment table,
-    # common.seg_coords): "sequences" are segments of SEG tokens; ht [NSEG, H, K, V] gets each segment's end state and gs_ptr [NSEG, H]
-    # f32 its total log2-decay (GATE 1). With STORE_H (the backward's segment-parallel recompute,
-    # `seg_chunk_states`): h0 [NSEG, H, K, V] is each segment's incoming state, h is stored per
-    # chunk at its global index, and STORE_HT=False skips the end-state and gs stores
+    # common.seg_coords): "sequences" are segments of SEG tokens; ht [NSEG, H, K, V] gets each
+    # segment's end state and gs_ptr [NSEG, H] f32 its total log2-decay (GATE 1). With STORE_H
+    # (the backward's segment-parallel recompute, `seg_chunk_states`; B rows): h0 [NSEG, H, K, V]
+    # is each segment's incoming state, h is stored per chunk at its global index, and
+    # STORE_HT=False skips the end-state and gs stores
     SEG: tl.constexpr = 0, gs_ptr=None, STORE_HT: tl.constexpr = True,
     # EVERY > 1 (common.H_EVERY; SEG = 0, not DELTA): h stores only every EVERY-th chunk's state,
     # at common.state_slot (cor_ptr: the packed batches' first slots). PRE (GATE 2,
@@ -370,8 +371,8 @@ def _fused_fwd_kernel(
 ):
     """fused_fwd stage 3, one program per (head, segment, V-tile) (V_FIRST: V tiles fastest, then
     heads, so the V tiles of one (head, segment) share q and k through L2 and the heads of one
-    q/k group run side by side; else heads fastest, V tiles slowest). From the segment's incoming state S
-    (whole K x BV, float32 in registers) it walks the segment's chunks:
+    q/k group run side by side; else heads fastest, V tiles slowest). From the segment's incoming
+    state S (whole K x BV, float32 in registers) it walks the segment's chunks:
         o = scale (e^G (q S) + causal(q k^T e^(G_i - G_j)) v) [+ D x] [* silu(z)]
         S <- e^(G_last) S + k^T (e^(G_last - G) v)
     (v = x * vs for SSD). No per-chunk state goes through memory."""
@@ -597,7 +598,8 @@ def _seg_state_pass(p: Plan, k, v, g, vs, A, sin=None, step=None):
         d if sin is None else sin, h, d if hs is None else hs,
         d if st is None else p.cu, d if st is None else st, p.T, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_H0=sin is not None,
-        STORE_H=sin is not None, IS_VARLEN=st is not None, BT=BT, BK=m["BK"], BV=m["BV"], DT=m["DT"],
+        STORE_H=sin is not None, IS_VARLEN=st is not None, BT=BT, BK=m["BK"], BV=m["BV"],
+        DT=m["DT"],
         IEEE=m["IEEE"], SEG=SEG, gs_ptr=d if gs is None else gs, STORE_HT=sin is None,
         num_warps=8 if BT >= 256 else 4,
         num_stages=1 if m["IEEE"] == 1 else (common.FUSED_S1_STAGES if step else 2))
