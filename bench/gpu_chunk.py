@@ -25,7 +25,7 @@ TWO_LEVEL=1 python bench/gpu_chunk.py: session 9's two-level forward (chunk.comm
 SSM_KERNELS_FUSED_FWD=1: segment states, a scan, the output walked with the state in registers;
 no per-chunk h in HBM) checked against float64 (o, ht, every gradient, dense and varlen, SSD) and
 timed against the default forward and fla at B4 T4096 and B2 T16384 H16 K=V=128, with its
-stages one by one and its knobs (two_level; ~200-260 s, AB_S=230 caps the timing part).
+stages one by one and its knobs (two_level; ~300-400 s, AB_S=420 caps the timing part).
 
 GLA_VARIANTS=1 python bench/gpu_chunk.py: chunk_gla only, every variant of GLA_VARIANT_LIST
 (ssm_kernels.chunk.gla knobs) checked (two gate strengths) and timed next to fla, plus the stages
@@ -1196,7 +1196,8 @@ def two_level():
     H16 K=V=128 for every TL_SETS row (chunk_simple_gla, chunk_linear_attn), fwd+bwd for default
     and two-level, stage rows with bytes and TB/s; B2 T16384 default / two-level / s6 layout;
     SSD B4 L4096 H32 P64 N128 public fwd. (3) fla (and mamba-ssm) last. Table last (CSV
-    $OUT/gpu_chunk_tl.csv). ~200-260 s on an H100 with the peers (AB_S caps the timing part)."""
+    $OUT/gpu_chunk_tl.csv). ~300-400 s on an H100 with the peers (AB_S, default 420 s since the
+    start, stops the timing rows; they run core sets and peers first)."""
     cu = _ab_start()
     checks = []
     if os.environ.get("AB_CHECK", "1") == "1":
@@ -1213,28 +1214,45 @@ def two_level():
             checks.append((lab, check_ssd_infer))
     ok = run_knob_checks([(lab, TL_SETS[lab], fn) for lab, fn in checks])
 
+    # rows in order of importance (AB_S may cut the tail): the core sets and the peers at both
+    # shapes first, then SSD, then the knob variants, then the stages one by one
+    core = ("default", "two-level", "two-level tma")
+    fla = fla_ops() if PEERS else {}
     plan = []
     for (B, T) in ((4, 4096), (2, 16384)):
         case = f"B{B} T{T} H16 K=V=128"
         for op in ("chunk_simple_gla", "chunk_linear_attn"):
             make = lambda req, B=B, T=T, op=op: la_inputs(  # noqa: E731
                 B, T, 16, 128, 128, GATE[op], req=req)
-            labs = TL_SETS if T == 4096 else ("default", "default sstages3", "two-level",
-                                               "two-level tma", "two-level s6 layout",
-                                               "two-level bv32 w4 st2")
-            for lab in labs:
-                modes = ("fwd", "fwd+bwd") if T == 4096 and lab in (
-                    "default", "two-level", "two-level tma") else ("fwd",)
+            for lab in core:
+                modes = ("fwd", "fwd+bwd") if T == 4096 else ("fwd",)
                 plan.append((op, case, make, OURS[op], lab, modes))
+            if op in fla:
+                plan.append((op, case, make, fla[op], None, ("fwd",)))
     sb, sl, shh, sp, sgg, sn = 4, 4096, 32, 64, 1, 128
     scase = f"B{sb} L{sl} H{shh} P{sp} N{sn}"
     smake = lambda req: ssd_inputs(sb, sl, shh, sp, sgg, sn, req=req)  # noqa: E731
     sours = lambda x, dt, A, Bm, Cm, D, bias: sk.mamba_chunk_scan_combined(  # noqa: E731
         x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias, dt_softplus=True)
     plan += [("ssd", scase, smake, sours, lab, ("fwd",)) for lab in
-             ("default", "default sstages3", "two-level", "two-level tma", "two-level s6 layout")]
+             core + ("default sstages3", "two-level s6 layout")]
+    mf = mamba_op() if PEERS and want("ssd") else None
+    if mf is not None:
+        plan.append(("ssd", scase, smake, lambda x, dt, A, Bm, Cm, D, bias: mf(
+            x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias, dt_softplus=True), None, ("fwd",)))
+    for (B, T) in ((4, 4096), (2, 16384)):
+        case = f"B{B} T{T} H16 K=V=128"
+        for op in ("chunk_simple_gla", "chunk_linear_attn"):
+            make = lambda req, B=B, T=T, op=op: la_inputs(  # noqa: E731
+                B, T, 16, 128, 128, GATE[op], req=req)
+            labs = TL_SETS if T == 4096 else ("default sstages3", "two-level s6 layout",
+                                               "two-level tma scan bv32 w4 st2")
+            plan += [(op, case, make, OURS[op], lab, ("fwd",)) for lab in labs if lab not in core]
     for op, cs, make, f, lab, modes in plan:
         if want(op) and _ab_time_left():
+            if lab is None:    # a peer: fla (mamba-ssm for ssd)
+                bench(op, cs, "mamba_ssm" if op == "ssd" else "fla", f, make, modes=modes)
+                continue
             with set_knobs(TL_SETS[lab]):
                 bench(op, cs, "ours " + lab, f, make, modes=modes)
     for op in ("chunk_simple_gla", "chunk_linear_attn"):
@@ -1242,21 +1260,6 @@ def two_level():
             if want(op) and _ab_time_left():
                 with set_knobs(TL_SETS[lab]):
                     two_level_stage_rows(op, 4, 4096, 16, 128, 128, lab)
-    torch.cuda.empty_cache()
-    if PEERS:
-        fla = fla_ops()
-        for (B, T) in ((4, 4096), (2, 16384)):
-            case = f"B{B} T{T} H16 K=V=128"
-            for op in ("chunk_simple_gla", "chunk_linear_attn"):
-                make = lambda req, B=B, T=T, op=op: la_inputs(  # noqa: E731
-                    B, T, 16, 128, 128, GATE[op], req=req)
-                if want(op) and op in fla and _ab_time_left():
-                    bench(op, case, "fla", fla[op], make, modes=("fwd",))
-        mf = mamba_op() if want("ssd") else None
-        if mf is not None and _ab_time_left():
-            bench("ssd", scase, "mamba_ssm", lambda x, dt, A, Bm, Cm, D, bias: mf(
-                x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias, dt_softplus=True), smake,
-                modes=("fwd",))
     print_table(ok, title="two-level forward (TWO_LEVEL)", csv_name="gpu_chunk_tl.csv")
 
 
@@ -1269,7 +1272,7 @@ if __name__ == "__main__":
     if os.environ.get("GLA_VARIANTS", "0") == "1":
         main_gla_variants()
     elif os.environ.get("TWO_LEVEL", "0") == "1":
-        AB_S = float(os.environ.get("AB_S", "230"))
+        AB_S = float(os.environ.get("AB_S", "420"))
         two_level()
     elif os.environ.get("FWD_DEFAULTS", "0") == "1":
         AB_S = float(os.environ.get("AB_S", "200"))
