@@ -1133,7 +1133,7 @@ TL_SETS = {   # label -> chunk.common knobs; "two-level" = FUSED_FWD=1 with sess
     "two-level tma scan bv32 w4 st2": dict(FUSED_FWD=1, FUSED_TMA=True, LOOKBACK_SEGS=0,
                                            FUSED_BLOCK_V=32, FUSED_WARPS=4, FUSED_STAGES=2),
     "two-level s6 layout": dict(FUSED_FWD=1, FUSED_V_FIRST=False, FUSED_STAGES=2,
-                                FUSED_S1_STEP=0),
+                                FUSED_S1_STEP=0, FUSED_SEG_ROWS=0),
     "two-level stages2": dict(FUSED_FWD=1, FUSED_STAGES=2),
     "two-level hsv grid": dict(FUSED_FWD=1, FUSED_V_FIRST=False),
     "two-level s1 step64": dict(FUSED_FWD=1, FUSED_S1_STEP=0),
@@ -1142,7 +1142,9 @@ TL_SETS = {   # label -> chunk.common knobs; "two-level" = FUSED_FWD=1 with sess
     "two-level bv32 w4 st2": dict(FUSED_FWD=1, FUSED_BLOCK_V=32, FUSED_WARPS=4, FUSED_STAGES=2),
     "two-level bv128 w8": dict(FUSED_FWD=1, FUSED_BLOCK_V=128),
     "two-level seg16": dict(FUSED_FWD=1, SEG_CHUNKS=16),
-    "two-level seg4": dict(FUSED_FWD=1, SEG_CHUNKS=4),
+    "two-level seg4": dict(FUSED_FWD=1, SEG_CHUNKS=4, FUSED_SEG_ROWS=0),
+    # fixed 512-token segments (stage 2 for rows of more than 8: B2 T16384)
+    "two-level seg512 fixed": dict(FUSED_FWD=1, FUSED_SEG_ROWS=0),
 }
 TL_CHECKED = ("two-level", "two-level tma", "two-level s6 layout", "two-level bv32 w4 st2",
               "two-level seg4", "default sstages3")
@@ -1157,6 +1159,7 @@ def two_level_stage_rows(op, B, T, H, K, V, lab):
     q, k, v, g = la_inputs(B, T, H, K, V, GATE[op])
     scale = K ** -0.5
     p = cf.Plan(q, v, g, None, False)
+    cf.fused_segments(p)
     SEG, NSEG = cf._seg(p)
     step = cf._s1_step(p)
     n = B * T * H
@@ -1190,8 +1193,8 @@ def two_level():
     """TWO_LEVEL=1: the two-level forward (chunk.common FUSED_FWD=1; session 9's layout: stage-3
     grid V tiles first, 3 pipeline stages, stage 1 in 128-token steps, packed batches) against
     the default per-chunk-state forward and fla. (1) float64 checks (o, ht and every gradient:
-    the training forward goes through it; bf16 B2 T2048 H4 K=V=128, B1 T8192 (16 segments: the
-    stage-2 scan), packed batches with an empty and a one-token sequence; SSD with D, dt_bias,
+    the training forward goes through it; bf16 B2 T2048 H4 K=V=128, B1 T8192 (8 segments of 1024
+    tokens, or 16-32 and the stage-2 scan where FUSED_SEG_ROWS=0), packed batches with an empty and a one-token sequence; SSD with D, dt_bias,
     varlen, and inference with D and z) for the sets in TL_CHECKED. (2) fwd (no grad) at B4 T4096
     H16 K=V=128 for every TL_SETS row (chunk_simple_gla, chunk_linear_attn), fwd+bwd for default
     and two-level, stage rows with bytes and TB/s; B2 T16384 default / two-level / s6 layout;
@@ -1246,6 +1249,7 @@ def two_level():
             make = lambda req, B=B, T=T, op=op: la_inputs(  # noqa: E731
                 B, T, 16, 128, 128, GATE[op], req=req)
             labs = TL_SETS if T == 4096 else ("default sstages3", "two-level s6 layout",
+                                               "two-level seg512 fixed",
                                                "two-level tma scan bv32 w4 st2")
             plan += [(op, case, make, OURS[op], lab, ("fwd",)) for lab in labs if lab not in core]
     for op, cs, make, f, lab, modes in plan:

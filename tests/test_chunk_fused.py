@@ -368,3 +368,21 @@ def test_ssd_two_level_tma(small_segments, monkeypatch):
     (ry, rs), (ly, ls) = _ssd_refs(ins)
     assert_close(got[True][0], ry, dtype=torch.bfloat16, lowp_ref=ly, name="y")
     assert_close(got[True][1], rs, dtype=torch.bfloat16, lowp_ref=ls, name="states")
+
+
+@pytest.mark.parametrize("gate", ["none", "scalar"])
+def test_two_level_seg_rows(small_segments, monkeypatch, gate):
+    """FUSED_SEG_ROWS: a row of 10 chunks of 16 with 16-token segments (SEG_CHUNKS=1) gets its
+    segments doubled to 128 tokens (2 per row); o and ht against float64 with the lookback and with
+    stage 2 (the fixture's LOOKBACK_SEGS 8 / 1), and the plan's segment length is 128."""
+    from ssm_kernels.chunk import fwd as cf
+    seen = []
+    orig = cf.fused_segments
+    monkeypatch.setattr(cf, "fused_segments", lambda p: seen.append(orig(p)) or seen[-1])
+    monkeypatch.setattr(common, "FUSED_FWD", 1)
+    monkeypatch.setattr(common, "SEG_CHUNKS", 1)
+    monkeypatch.setattr(common, "FUSED_SEG_ROWS", 2)
+    ins = _la_inputs(2, 150, 2, 32, 24, gate, torch.bfloat16)
+    o, ht = _la_call(*ins)
+    assert seen == [128]
+    _check_vs_ref(o, ht, ins, None, torch.bfloat16)

@@ -68,6 +68,12 @@ FUSED_FWD = int(__import__("os").environ.get("SSM_KERNELS_FUSED_FWD", "0"))
 SEG_CHUNKS = 8        # chunks per segment (stage-3 programs: H x B x cdiv(T, SEG) x V-tiles)
 LOOKBACK_SEGS = 8     # rows of <= this many segments skip stage 2: each stage-3 program sums the
                       # decayed end states of its row's earlier segments (O(segments^2) L2 reads)
+# B rows: segments of SEG_CHUNKS x BT tokens doubled until a row has at most this many (0: off).
+# With LOOKBACK_SEGS as large, every row takes the lookback (no stage 2) and the segment states
+# cost B x FUSED_SEG_ROWS x H x K x V x 4 B whatever T is: at B2 T16384 H16 K=V=128 17 MB
+# (2048-token segments, 512 stage-3 programs) instead of 67 MB + stage 2's 134 MB round trip
+# (fwd bytes 1072 -> 838 MB). Fewer, longer stage-3 programs: B x H x V tiles x 8.
+FUSED_SEG_ROWS = 8
 FUSED_BLOCK_V = 64    # V tile of stage 3 (it keeps a [K, BV] float32 state in registers)
 FUSED_WARPS = 8       # warps of stage 3 (sm_90 offline, Triton 3.6, BV 64, 3 stages: GATE 0 198-216
                       # registers, GATE 1 255 + 56-92 B spill, TMA 230-255 + 0-8 B; 4 warps spill)

@@ -553,8 +553,9 @@ def chunk_states(p: Plan, k, v, g, vs, A, h0, store_h=True, every=1, pre=False, 
 
 def _seg(p: Plan):
     """(segment length in tokens, number of segments) of the fused forward (packed batches: the
-    upper bound TOK // SEG + N, as `num_chunks`)."""
-    SEG = common.SEG_CHUNKS * p.BT
+    upper bound TOK // SEG + N, as `num_chunks`). SEG_CHUNKS x BT, or the plan's own choice
+    (`fused_fwd`: common.FUSED_SEG_ROWS)."""
+    SEG = p._slots.get("seglen") or common.SEG_CHUNKS * p.BT
     return SEG, num_chunks(p.B, p.T, p.N, SEG, p.varlen)
 
 
@@ -704,6 +705,19 @@ def _takes_tma(p: Plan, ts, BV: int) -> bool:
             and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in ts))
 
 
+def fused_segments(p: Plan) -> int:
+    """The fused forward's segment length for this plan: SEG_CHUNKS x BT, for B rows doubled
+    until a row has at most common.FUSED_SEG_ROWS segments (kept on the plan, so `_seg` sees it;
+    the backward's SEG_BWD passes build their own plan)."""
+    rows = common.FUSED_SEG_ROWS
+    if rows and not p.varlen:
+        SEG = common.SEG_CHUNKS * p.BT
+        while cdiv(p.T, SEG) > rows:
+            SEG *= 2
+        p._slots["seglen"] = SEG
+    return _seg(p)[0]
+
+
 def fused_fwd(p: Plan, q, k, v, g, vs, A, h0, scale, D=None, z=None):
     """The forward of GATE 0/1 without per-chunk states in memory (B rows or packed batches):
     stage 1 `_state_kernel` per segment from zero, stage 2 `_seg_scan_kernel`, stage 3
@@ -711,6 +725,7 @@ def fused_fwd(p: Plan, q, k, v, g, vs, A, h0, scale, D=None, z=None):
     segments' states itself; packed batches always take stage 2, which also gives an empty
     sequence its final state h0). Bytes: k, v read twice, q and o once, segment states
     2-4 x NSEG x H x K x V x 4 B."""
+    fused_segments(p)
     hs, gs = seg_states(p, k, v, g, vs, A, step=_s1_step(p))
     if not p.varlen and cdiv(p.T, _seg(p)[0]) <= common.LOOKBACK_SEGS:
         ht = common.poison(hs.new_empty((p.N, p.H, p.K, p.V)))
