@@ -492,7 +492,8 @@ class Plan:
         self.hdtype = state_store_dtype(q.dtype)
         # FWD_AUTO's measured knobs apply (16-bit inputs; chunk_fwd_keep turns them off for
         # SSD's training forward)
-        self.fwd_auto = q.dtype != torch.float32
+        self.lowp = q.dtype != torch.float32
+        self.fwd_auto = self.lowp
         self._slots = {}
 
     def state_index(self, every: int):
