@@ -21,6 +21,12 @@ FWD_DEFAULTS=1 python bench/gpu_chunk.py: session 8's forward defaults (chunk.co
 checked against float64 and timed against the old path, OUT_SCORES_EARLY, a forward chunk of 128
 and fla / mamba-ssm in one process (fwd_defaults; ~200-240 s, AB_S=200 caps the timing part).
 
+TWO_LEVEL=1 python bench/gpu_chunk.py: session 9's two-level forward (chunk.common FUSED_FWD=1,
+SSM_KERNELS_FUSED_FWD=1: segment states, a scan, the output walked with the state in registers;
+no per-chunk h in HBM) checked against float64 (o, ht, every gradient, dense and varlen, SSD) and
+timed against the default forward and fla at B4 T4096 and B2 T16384 H16 K=V=128, with its
+stages one by one and its knobs (two_level; ~300-400 s, AB_S=420 caps the timing part).
+
 GLA_VARIANTS=1 python bench/gpu_chunk.py: chunk_gla only, every variant of GLA_VARIANT_LIST
 (ssm_kernels.chunk.gla knobs) checked (two gate strengths) and timed next to fla, plus the stages
 of the tree and the session-4 kernels (~200 s).
@@ -912,6 +918,15 @@ def run_knob_checks(checks):
     return ok
 
 
+def _ab_start():
+    """Seed and device line of a knob A/B; returns the packed batch its checks use (cu_seqlens
+    over 2047 tokens with a one-token and an empty sequence)."""
+    torch.manual_seed(0)
+    log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+        f"triton {triton.__version__}")
+    return torch.tensor([0, 1, 700, 700, 1500, 2047], device=DEV, dtype=torch.int32)
+
+
 def _ab_sets(sets):
     return {k: v for k, v in sets.items() if k == "default" or not AB_ONLY or k in AB_ONLY}
 
@@ -1052,10 +1067,7 @@ def fwd_defaults(B=4, T=4096, H=16, K=128, V=128):
     is the same with SAVE_STATES 1) at B4 T4096 H16 K=V=128, and fwd+bwd for the old path and the
     default; SSD B4 L4096 H32 P64 N128 public (D, dt_bias, softplus). (3) peers last. ~200-240 s
     on an H100 with fla and mamba-ssm (AB_S caps the timing part; default 200 here)."""
-    torch.manual_seed(0)
-    log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-        f"triton {triton.__version__}")
-    cu = torch.tensor([0, 1, 700, 700, 1500, 2047], device=DEV, dtype=torch.int32)
+    cu = _ab_start()
     checks = []
     if os.environ.get("AB_CHECK", "1") == "1":
         for lab in ("default", "scores early", "default SAVE_STATES=2", "chunk128 bv64 w8",
@@ -1107,6 +1119,154 @@ def fwd_defaults(B=4, T=4096, H=16, K=128, V=128):
     print_table(ok, title="engine forward defaults (FWD_DEFAULTS)", csv_name="gpu_chunk_fd.csv")
 
 
+# ---- session 9 two-level forward (TWO_LEVEL=1): chunk.common FUSED_FWD (SSM_KERNELS_FUSED_FWD) --
+TL_SETS = {   # label -> chunk.common knobs; "two-level" = FUSED_FWD=1 with session 9's layout
+    "default": {},
+    # the default path's state pass with 3 pipeline stages (at 2 the TTGIR waits for the step's
+    # own loads at the loop top: no overlap; sm_90 Triton 3.6: simple_gla 187 -> 255 registers,
+    # no spill, still 2 CTAs/SM; linear_attn 115 -> 129)
+    "default sstages3": dict(STATE_STAGES=3),
+    "two-level": dict(FUSED_FWD=1),
+    "two-level tma": dict(FUSED_FWD=1, FUSED_TMA=True),
+    "two-level tma scan": dict(FUSED_FWD=1, FUSED_TMA=True, LOOKBACK_SEGS=0),
+    # 2 CTAs/SM (sm_90 Triton 3.6: 202 / 134 registers, 82-86 KB shared; no spill)
+    "two-level tma scan bv32 w4 st2": dict(FUSED_FWD=1, FUSED_TMA=True, LOOKBACK_SEGS=0,
+                                           FUSED_BLOCK_V=32, FUSED_WARPS=4, FUSED_STAGES=2),
+    "two-level s6 layout": dict(FUSED_FWD=1, FUSED_V_FIRST=False, FUSED_STAGES=2,
+                                FUSED_S1_STEP=0, FUSED_SEG_ROWS=0),
+    "two-level stages2": dict(FUSED_FWD=1, FUSED_STAGES=2),
+    "two-level hsv grid": dict(FUSED_FWD=1, FUSED_V_FIRST=False),
+    "two-level s1 step64": dict(FUSED_FWD=1, FUSED_S1_STEP=0),
+    "two-level s1 step256": dict(FUSED_FWD=1, FUSED_S1_STEP=256),
+    "two-level scan": dict(FUSED_FWD=1, LOOKBACK_SEGS=0),
+    "two-level bv32 w4 st2": dict(FUSED_FWD=1, FUSED_BLOCK_V=32, FUSED_WARPS=4, FUSED_STAGES=2),
+    "two-level bv128 w8": dict(FUSED_FWD=1, FUSED_BLOCK_V=128),
+    "two-level seg16": dict(FUSED_FWD=1, SEG_CHUNKS=16),
+    "two-level seg4": dict(FUSED_FWD=1, SEG_CHUNKS=4, FUSED_SEG_ROWS=0),
+    # fixed 512-token segments (stage 2 for rows of more than 8: B2 T16384)
+    "two-level seg512 fixed": dict(FUSED_FWD=1, FUSED_SEG_ROWS=0),
+}
+TL_CHECKED = ("two-level", "two-level tma", "two-level s6 layout", "two-level bv32 w4 st2",
+              "two-level seg4", "default sstages3")
+
+
+def two_level_stage_rows(op, B, T, H, K, V, lab):
+    """The two-level forward's stages one by one under today's knobs (rows "<op> 2-level stage"):
+    stage 1 (segment end states from zero, in FUSED_S1_STEP steps), stage 2 (the scan), stage 3
+    after stage 2 and with the lookback instead; each with its HBM bytes and the rate."""
+    from ssm_kernels.chunk import common as knobs, fwd as cf
+    bm = lambda f: do_bench(f, warmup=10, rep=40, return_mode="median")  # noqa: E731
+    q, k, v, g = la_inputs(B, T, H, K, V, GATE[op])
+    scale = K ** -0.5
+    p = cf.Plan(q, v, g, None, False)
+    cf.fused_segments(p)
+    SEG, NSEG = cf._seg(p)
+    step = cf._s1_step(p)
+    n = B * T * H
+    st = NSEG * H * K * V * 4
+    io = 2 * n * (K + V) * 2                 # q, k, v read and o written by stage 3
+    byts = {"stage 1": n * (K + V) * 2 + st, "stage 2": 2 * st, "stage 3 after 2": io + st,
+            "stage 3 lookback": io + st}
+    t = {}
+    with torch.no_grad():
+        hs, gs = cf.seg_states(p, k, v, g, None, None, step=step)
+        sin, _ = cf.seg_scan(p, hs, gs, None)
+        ht = torch.empty(p.N, p.H, p.K, p.V, device=DEV)
+        t["stage 1"] = bm(lambda: cf.seg_states(p, k, v, g, None, None, step=step))
+        t["stage 2"] = bm(lambda: cf.seg_scan(p, hs, gs, None))
+        t["stage 3 after 2"] = bm(lambda: cf.fused_output(p, q, k, v, g, None, None, sin, scale))
+        if cdiv_(T, SEG) <= knobs.LOOKBACK_SEGS:
+            t["stage 3 lookback"] = bm(lambda: cf.fused_output(p, q, k, v, g, None, None, hs,
+                                                               scale, ht=ht, gs=gs))
+    case = f"B{B} T{T} H{H} K=V={K} SEG={SEG} step={step or p.BT}"
+    for name, ms in t.items():
+        note = f"{byts[name] / 1e6:.0f} MB, {byts[name] / ms / 1e9:.2f} TB/s"
+        ROWS.append((f"{op} 2-level stage", case, f"{lab}: {name}", "fwd", ms, note))
+        log(f"{op} 2-level stage {case} {lab}: {name:20s} {ms:8.3f} ms {note}")
+
+
+def cdiv_(a, b):
+    return -(-a // b)
+
+
+def two_level():
+    """TWO_LEVEL=1: the two-level forward (chunk.common FUSED_FWD=1; session 9's layout: stage-3
+    grid V tiles first, 3 pipeline stages, stage 1 in 128-token steps, packed batches) against
+    the default per-chunk-state forward and fla. (1) float64 checks (o, ht and every gradient:
+    the training forward goes through it; bf16 B2 T2048 H4 K=V=128, B1 T8192 (8 segments of 1024
+    tokens, or 16-32 and the stage-2 scan where FUSED_SEG_ROWS=0), packed batches with an empty and a one-token sequence; SSD with D, dt_bias,
+    varlen, and inference with D and z) for the sets in TL_CHECKED. (2) fwd (no grad) at B4 T4096
+    H16 K=V=128 for every TL_SETS row (chunk_simple_gla, chunk_linear_attn), fwd+bwd for default
+    and two-level, stage rows with bytes and TB/s; B2 T16384 default / two-level / s6 layout;
+    SSD B4 L4096 H32 P64 N128 public fwd. (3) fla (and mamba-ssm) last. Table last (CSV
+    $OUT/gpu_chunk_tl.csv). ~300-400 s on an H100 with the peers (AB_S, default 420 s since the
+    start, stops the timing rows; they run core sets and peers first)."""
+    cu = _ab_start()
+    checks = []
+    if os.environ.get("AB_CHECK", "1") == "1":
+        for lab in TL_CHECKED:
+            for op in ("chunk_simple_gla", "chunk_linear_attn"):
+                checks.append((lab, lambda op=op, lab=lab: check_la(op, tag=f" [{lab}]")))
+                checks.append((lab, lambda op=op, lab=lab: check_la(op, B=1, T=2047, cu=cu,
+                                                                    tag=f" [{lab}]")))
+            checks.append((lab, lambda lab=lab: check_la("chunk_simple_gla", B=1, T=8192,
+                                                         tag=f" T8192 [{lab}]")))
+        for lab in TL_CHECKED[:2]:
+            checks.append((lab, check_ssd))
+            checks.append((lab, lambda: check_ssd(B=1, L=2047, cu=cu)))
+            checks.append((lab, check_ssd_infer))
+    ok = run_knob_checks([(lab, TL_SETS[lab], fn) for lab, fn in checks])
+
+    # rows in order of importance (AB_S may cut the tail): the core sets and the peers at both
+    # shapes first, then SSD, then the knob variants, then the stages one by one
+    core = ("default", "two-level", "two-level tma")
+    fla = fla_ops() if PEERS else {}
+    plan = []
+    for (B, T) in ((4, 4096), (2, 16384)):
+        case = f"B{B} T{T} H16 K=V=128"
+        for op in ("chunk_simple_gla", "chunk_linear_attn"):
+            make = lambda req, B=B, T=T, op=op: la_inputs(  # noqa: E731
+                B, T, 16, 128, 128, GATE[op], req=req)
+            for lab in core:
+                modes = ("fwd", "fwd+bwd") if T == 4096 else ("fwd",)
+                plan.append((op, case, make, OURS[op], lab, modes))
+            if op in fla:
+                plan.append((op, case, make, fla[op], None, ("fwd",)))
+    sb, sl, shh, sp, sgg, sn = 4, 4096, 32, 64, 1, 128
+    scase = f"B{sb} L{sl} H{shh} P{sp} N{sn}"
+    smake = lambda req: ssd_inputs(sb, sl, shh, sp, sgg, sn, req=req)  # noqa: E731
+    sours = lambda x, dt, A, Bm, Cm, D, bias: sk.mamba_chunk_scan_combined(  # noqa: E731
+        x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias, dt_softplus=True)
+    plan += [("ssd", scase, smake, sours, lab, ("fwd",)) for lab in
+             core + ("default sstages3", "two-level s6 layout")]
+    mf = mamba_op() if PEERS and want("ssd") else None
+    if mf is not None:
+        plan.append(("ssd", scase, smake, lambda x, dt, A, Bm, Cm, D, bias: mf(
+            x, dt, A, Bm, Cm, 256, D=D, dt_bias=bias, dt_softplus=True), None, ("fwd",)))
+    for (B, T) in ((4, 4096), (2, 16384)):
+        case = f"B{B} T{T} H16 K=V=128"
+        for op in ("chunk_simple_gla", "chunk_linear_attn"):
+            make = lambda req, B=B, T=T, op=op: la_inputs(  # noqa: E731
+                B, T, 16, 128, 128, GATE[op], req=req)
+            labs = TL_SETS if T == 4096 else ("default sstages3", "two-level s6 layout",
+                                               "two-level seg512 fixed",
+                                               "two-level tma scan bv32 w4 st2")
+            plan += [(op, case, make, OURS[op], lab, ("fwd",)) for lab in labs if lab not in core]
+    for op, cs, make, f, lab, modes in plan:
+        if want(op) and _ab_time_left():
+            if lab is None:    # a peer: fla (mamba-ssm for ssd)
+                bench(op, cs, "mamba_ssm" if op == "ssd" else "fla", f, make, modes=modes)
+                continue
+            with set_knobs(TL_SETS[lab]):
+                bench(op, cs, "ours " + lab, f, make, modes=modes)
+    for op in ("chunk_simple_gla", "chunk_linear_attn"):
+        for lab in ("two-level", "two-level tma"):
+            if want(op) and _ab_time_left():
+                with set_knobs(TL_SETS[lab]):
+                    two_level_stage_rows(op, 4, 4096, 16, 128, 128, lab)
+    print_table(ok, title="two-level forward (TWO_LEVEL)", csv_name="gpu_chunk_tl.csv")
+
+
 def bench_fb(f, xs, live, do):
     return do_bench(lambda: torch.autograd.grad(f(*xs), live, do), warmup=10, rep=40,
                     return_mode="median")
@@ -1115,6 +1275,9 @@ def bench_fb(f, xs, live, do):
 if __name__ == "__main__":
     if os.environ.get("GLA_VARIANTS", "0") == "1":
         main_gla_variants()
+    elif os.environ.get("TWO_LEVEL", "0") == "1":
+        AB_S = float(os.environ.get("AB_S", "420"))
+        two_level()
     elif os.environ.get("FWD_DEFAULTS", "0") == "1":
         AB_S = float(os.environ.get("AB_S", "200"))
         fwd_defaults()

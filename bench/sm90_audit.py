@@ -199,6 +199,12 @@ ENGINE_KNOB_SETS = {
     "prep": dict(GLA_PREP=True),
     "prep+every2": dict(GLA_PREP=True, H_EVERY=2),
     "prep+every4": dict(GLA_PREP=True, H_EVERY=4),
+    # the two-level forward (FUSED_FWD, session 9): its stage 1 / 2 / 3 kernels (T odd here: the
+    # pointer loads; TMA needs T % 64 == 0, see bench/NOTES.md for its numbers)
+    "two-level": dict(FUSED_FWD=1),
+    "two-level scan": dict(FUSED_FWD=1, LOOKBACK_SEGS=0),
+    "two-level s6": dict(FUSED_FWD=1, FUSED_V_FIRST=False, FUSED_STAGES=2, FUSED_S1_STEP=0,
+                         FUSED_SEG_ROWS=0),
 }
 
 
@@ -233,7 +239,7 @@ def chunk_knob_cases():
     for name, knobs in ENGINE_KNOB_SETS.items():
         for op in ("chunk_simple_gla", "chunk_gla", "ssd"):
             if ("GLA_PREP" in knobs and op != "chunk_gla") or (
-                    "OUT_DECAY_O" in knobs and op == "chunk_gla"):
+                    ("OUT_DECAY_O" in knobs or "FUSED_FWD" in knobs) and op == "chunk_gla"):
                 continue
             yield f"{op} bf16 K{K} V128 fwd [{name}]", lambda op=op, knobs=knobs: infer(op, knobs)
 

@@ -47,12 +47,13 @@ cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType 
 int selective_scan_fwd_poly(int set = -1);
 
 // Forward variant (issue 9, session 7; N <= 16, B and C time-varying, poly off; others run 0):
-// 0 (default) = the lean kernel; 1 = coalesced staging of aligned chunks (PieceStager); 2, 3 = 1
+// 0 = the lean kernel; 1 = coalesced staging of aligned chunks (PieceStager); 2, 3 = 1
 // plus y reduce-scattered over 8 / 32 steps and stored as vectors; 4 = 32-step groups alone; 5 = two
 // channels per thread (64-thread blocks; one B/C read per step serves both); session 8: 6 = 3 with
 // two steps of (dt, dt u) per 16-byte load, 7 / 8 = 6 with B and C / C alone as packed 16-bit
 // pairs in shared memory, 9 / 10 = 6 / 7 with lanes remapped so B/C loads are uniform pairs. All
-// bitwise equal to 0. The first query reads SSM_KERNELS_SSCAN_FWD_VARIANT; set in 0..10 sets it;
+// bitwise equal to 0; 9 is the default (session 9). The first query reads
+// SSM_KERNELS_SSCAN_FWD_VARIANT; set in 0..10 sets it;
 // returns the previous value. Host-side global, not thread safe.
 int selective_scan_fwd_variant(int set = -1);
 
@@ -106,8 +107,9 @@ struct SelectiveScanBwdParams {
 // bitwise equal) for N <= 16 with B and C both time-varying (others run 0). (1, the lean I/O
 // with pointers kept live, was slower and is gone.) The first query reads
 // SSM_KERNELS_SSCAN_BWD_VARIANT (0, 2, 3 = 3 blocks/SM, or 4 = 2 with coalesced staging of
-// aligned chunks, 5 = 4 with the reductions through shared memory (the default), 6 = 3 with 5's
-// reductions, 7 = 6 or 5 per launch by wave count; anything else 0); set = 0 or 2..7 sets it;
+// aligned chunks, 5 = 4 with the reductions through shared memory, 6 = 3 with 5's
+// reductions, 7 = 6 or 5 per launch by wave count, 8 = 5 in 32-step chunks at 3 blocks/SM, 9 =
+// 8 or 5 by wave count (the default); anything else 0); set = 0 or 2..9 sets it;
 // returns the previous value. Host-side global: not per stream, not thread safe.
 int selective_scan_bwd_variant(int set = -1);
 

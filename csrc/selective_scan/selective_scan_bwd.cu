@@ -1010,10 +1010,11 @@ bool bwd_three_per_sm_pays(const SelectiveScanBwdParams& p, double ratio) {
 int selective_scan_bwd_variant(int set) {
   if (g_bwd_variant < 0) {
     const char* env = std::getenv("SSM_KERNELS_SSCAN_BWD_VARIANT");
-    // default 5 (2 with warp reductions through shared memory, bitwise equal to 2): H100,
-    // session 8: 1.086 vs 1.139 (2) / 1.103 (4) ms at B8 D1536 L2048, 2.540 vs 2.597 / 2.506 at
-    // B4 D4096 L4096; session 6: 2 beat 0 (1.148 vs 1.559) and 3 lost the larger shape
-    const int v = env ? std::atoi(env) : 5;
+    // default 9 (8 = 5 in 32-step chunks at 3 blocks/SM where the waves favour it, else 5; all
+    // bitwise equal to 2): H100, session 9: 1.019 vs 1.095 (5) ms at B8 D1536 L2048 (picks 8),
+    // 2.557 vs 2.558 at B4 D4096 L4096 (picks 5; 8 alone 3.167). Session 8: 5 beat 2 (1.086 vs
+    // 1.139); session 6: 2 beat 0 (1.148 vs 1.559) and 3 lost the larger shape
+    const int v = env ? std::atoi(env) : 9;
     g_bwd_variant = (v >= 2 && v <= 9) ? v : 0;
   }
   const int prev = g_bwd_variant;

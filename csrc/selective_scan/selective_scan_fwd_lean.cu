@@ -605,10 +605,12 @@ int selective_scan_fwd_poly(int set) {
   return knob(g_fwd_poly, "SSM_KERNELS_SSCAN_FWD_POLY", set, poly_ok);
 }
 
-// default 3 (y reduce-scattered over 32 steps): H100, session 8, bitwise equal to 0: 0.220 vs
-// 0.268 ms at B8 D1536 L2048 N16 and 0.546 vs 0.665 at B4 D4096 L4096 (1, 5 slower than 3)
+// default 9 (3 with two (dt, dt u) steps per 16-byte load and lanes remapped so B/C loads are
+// uniform pairs), bitwise equal to 0: H100, session 9: 0.219 vs 0.224 (3) ms at B8 D1536 L2048
+// N16 and 0.537 vs 0.557 at B4 D4096 L4096 (6, 7, 8, 10 within +-1% of 3). Session 8: 3 beat 0
+// (0.220 vs 0.268, 0.546 vs 0.665); 1, 5 slower than 3
 int selective_scan_fwd_variant(int set) {
-  return knob(g_fwd_variant, "SSM_KERNELS_SSCAN_FWD_VARIANT", set, fwd_variant_ok, 3);
+  return knob(g_fwd_variant, "SSM_KERNELS_SSCAN_FWD_VARIANT", set, fwd_variant_ok, 9);
 }
 
 cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType dtype,

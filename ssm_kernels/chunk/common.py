@@ -58,14 +58,55 @@ STATES_IN_INPUT_DTYPE = True
 # per-chunk simple_gla 0.421 vs 0.332 ms, linear_attn 0.298 vs 0.288, SSD 0.435 vs 0.320 (its
 # stage 3 alone, 0.297 ms, costs about the per-chunk output 0.202 + states 0.130). tests/
 # test_chunk_fused.py keeps the fused kernels tested (monkeypatched to 1 / 2).
-FUSED_FWD = 0
+# SSM_KERNELS_FUSED_FWD=1 (or 2) in the environment switches it on for a whole process (the GPU
+# A/B of session 9, bench/gpu_chunk.py TWO_LEVEL=1); the knobs below are what session 9 (helper
+# engine9) changed in it: V tiles fastest in stage 3's grid, stage 1 in coarse steps, 3 pipeline
+# stages (both stages), TMA descriptors (FUSED_TMA), packed batches (cu_seqlens: a segment table,
+# stage 2 per sequence). Training takes it too (the backward recomputes its states: gradients
+# bitwise those of the per-chunk path); SAVE_STATES=2 keeps no h on it (saved_layout).
+FUSED_FWD = int(__import__("os").environ.get("SSM_KERNELS_FUSED_FWD", "0"))
 SEG_CHUNKS = 8        # chunks per segment (stage-3 programs: H x B x cdiv(T, SEG) x V-tiles)
 LOOKBACK_SEGS = 8     # rows of <= this many segments skip stage 2: each stage-3 program sums the
                       # decayed end states of its row's earlier segments (O(segments^2) L2 reads)
+# B rows: segments of SEG_CHUNKS x BT tokens doubled until a row has at most this many (0: off).
+# With LOOKBACK_SEGS as large, every row takes the lookback (no stage 2) and the segment states
+# cost B x FUSED_SEG_ROWS x H x K x V x 4 B whatever T is: at B2 T16384 H16 K=V=128 17 MB
+# (2048-token segments, 512 stage-3 programs) instead of 67 MB + stage 2's 134 MB round trip
+# (fwd bytes 1072 -> 838 MB). Fewer, longer stage-3 programs: B x H x V tiles x 8.
+FUSED_SEG_ROWS = 8
 FUSED_BLOCK_V = 64    # V tile of stage 3 (it keeps a [K, BV] float32 state in registers)
-FUSED_WARPS = 8       # warps of stage 3 (sm_90 offline: 216-254 registers, no spill; 4 warps spill)
+FUSED_WARPS = 8       # warps of stage 3 (sm_90 offline, Triton 3.6, BV 64, 3 stages: GATE 0 198-216
+                      # registers, GATE 1 255 + 56-92 B spill, TMA 230-255 + 0-8 B; 4 warps spill)
 FUSED_I32_OFFSETS = 1   # stage 3 addresses q, k as an int64 chunk base + int32 tile offsets
-FUSED_STAGES = 2      # software-pipeline stages of stage 3 (its loads of the next chunk)
+# software-pipeline stages of stage 3. 2 (session 6's H100 run): the TTGIR (offline sm_90) shows
+# v and g single-buffered and `async_wait num=0` at the loop top, the next chunk's copies issued
+# after this chunk's last dot: no load overlaps the chunk's compute. 3: every load double-buffered,
+# issued two chunks ahead, `async_wait num=4` (one chunk's group stays in flight); shared memory
+# 90 -> 132 KB per CTA (one CTA per SM either way: 216-255 registers x 256 threads)
+FUSED_STAGES = 3
+# stage 3's grid: True (V_FIRST) (V tiles, heads, segments): the V tiles of one (head, segment)
+# are neighbours and walk the same chunks together, so q and k come from HBM once and from L2 for
+# the other tiles (with BV=64 at V=128 the old order re-read q, k from HBM: 134 MB more); heads
+# stay next to each other (SSD's B/C groups). False: the old (heads, segments, V tiles)
+FUSED_V_FIRST = True
+# stage 1 of the fused forward (each segment's end state from zero) in steps of this many tokens
+# (a power of two, a multiple of the chunk, <= the segment; 0: the chunk): fewer, longer dots with
+# more bytes in flight per step, as STATE_COARSE (H100 session 8: 0.116 -> 0.096 ms for the same
+# bytes); 8 warps from 256 tokens (4 spill there, as the coarse state pass). sm_90 offline (bf16,
+# BK=BV=64, 2 pipeline stages): 64 -> 114-171 registers, 4 warps, 17-25 KB shared (4 CTAs/SM for
+# GATE 0/1); 128 -> 134-194, 4 warps, 33-50 KB (2 CTAs/SM); 256 -> 171-254, 8 warps, 67-99 KB
+# (1 CTA/SM). Same bytes in flight per SM in all three; 128 halves the dependent steps of a
+# 512-token segment. At FUSED_S1_STAGES=3, 128: 160-255 registers, 50-67 KB, still 2 CTAs/SM.
+FUSED_S1_STEP = 128
+# pipeline stages of stage 1 when it steps coarser than the chunk. At 2 the TTGIR (Triton 3.6 and
+# 3.9 alike) waits for the step's own loads (g single-buffered, async_wait num=0) as stage 3 did;
+# 3: num=2, the next step's loads in flight (sm_90: GATE 1 253 registers, 67 KB, 2 CTAs/SM)
+FUSED_S1_STAGES = 3
+# stage 3 loads q, k, v and stores o through TMA tensor descriptors where the shapes allow
+# (fwd._takes_tma: 16-bit B rows, T % BT == 0, K a power of two, V % BV == 0); else pointers.
+# Off until timed (bench/gpu_chunk.py TWO_LEVEL=1 "two-level tma"); descriptor arguments take
+# Triton's own launch path (not the launch cache: ~tens of us of host time per launch)
+FUSED_TMA = False
 # backward of GATE 0/1 (plain, scalar decay, SSD; B rows, not varlen): the serial per-sequence
 # passes split into segments of SEG_CHUNKS chunks (bwd.py). 1: the recompute of the per-chunk
 # states h (fwd.py `seg_chunk_states`: segment end states from zero, a scan over segments, one
@@ -349,12 +390,14 @@ def seq_span(i_n, cu_ptr, T, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
-def seg_span(i_s, T, SEG: tl.constexpr):
-    """[bos, eos) of segment i_s (B rows of length T, cdiv(T, SEG) segments per row)."""
-    ns = tl.cdiv(T, SEG)
-    row = (i_s // ns).to(tl.int64) * T
-    bos = row + (i_s % ns).to(tl.int64) * SEG
-    return bos, tl.minimum(bos + SEG, row + T)
+def seg_coords(i_s, st_ptr, cu_ptr, T, IS_VARLEN: tl.constexpr, SEG: tl.constexpr):
+    """(sequence, local segment index int64, bos, eos) of global segment i_s, [bos, eos) its
+    tokens: B rows of length T (cdiv(T, SEG) segments per row) or a packed batch (st [NSEG, 2]
+    int32 = `chunk_table` at chunk length SEG; surplus segments get eos < bos: no tokens)."""
+    i_n, j = chunk_coords(i_s, st_ptr, tl.cdiv(T, SEG), IS_VARLEN)
+    b0, e0 = seq_span(i_n, cu_ptr, T, IS_VARLEN)
+    bos = b0 + j * SEG
+    return i_n, j, bos, tl.minimum(bos + SEG, e0)
 
 
 @triton.jit
@@ -368,10 +411,14 @@ def seg_chunk_base(i_s, T, SEG: tl.constexpr, BT: tl.constexpr):
 def row_span_base(i_n, cu_ptr, co_ptr, T, IS_VARLEN: tl.constexpr, BT: tl.constexpr,
                   SEG: tl.constexpr):
     """(first token, end, global index of the first chunk) of the serial passes' "sequence" i_n:
-    a sequence (SEG = 0) or a segment of SEG tokens (B rows)."""
+    a sequence (SEG = 0) or a segment of SEG tokens (B rows; packed batches: co_ptr is the
+    segments' `chunk_table` and base is 0, for passes that store no per-chunk state)."""
     if SEG > 0:
-        bos, eos = seg_span(i_n, T, SEG)
-        base = seg_chunk_base(i_n, T, SEG, BT)
+        _, _, bos, eos = seg_coords(i_n, co_ptr, cu_ptr, T, IS_VARLEN, SEG)
+        if IS_VARLEN:
+            base = bos * 0
+        else:
+            base = seg_chunk_base(i_n, T, SEG, BT)
     else:
         bos, eos = seq_span(i_n, cu_ptr, T, IS_VARLEN)
         base = chunk_base(co_ptr, i_n, T, IS_VARLEN, BT)

@@ -22,7 +22,7 @@ from . import common, gla
 from .common import (blocks, causal_decay, chunk_coords, chunk_span, chunk_table, decay_rows,
                      decay_state, decay_to_end, l2norm_rows, last_row, load_rows, load_skip,
                      load_state_block, load_v, log_decay_cumsum, mm, mm_wy, num_chunks,
-                     row_span_base, scale_v, seg_span, seq_span, skip_gate, state_slot,
+                     row_span_base, scale_v, seg_coords, seq_span, skip_gate, state_slot,
                      state_slots, state_store_dtype)
 from .._launch import cdiv, next_power_of_2, fast_kernel
 
@@ -43,11 +43,12 @@ def _state_kernel(
     # [TOK, H, V] and used as v; L2NORM: k rows L2-normalised in-kernel
     w_ptr=None, vn_ptr=None, DELTA: tl.constexpr = False, L2NORM: tl.constexpr = False,
     WF32: tl.constexpr = False,
-    # SEG > 0 (fused_fwd stage 1, not varlen, STORE_H False): "sequences" are segments of SEG
-    # tokens (seg_span); ht [NSEG, H, K, V] gets each segment's end state and gs_ptr [NSEG, H]
-    # f32 its total log2-decay (GATE 1). With STORE_H (the backward's segment-parallel recompute,
-    # `seg_chunk_states`): h0 [NSEG, H, K, V] is each segment's incoming state, h is stored per
-    # chunk at its global index, and STORE_HT=False skips the end-state and gs stores
+    # SEG > 0 (fused_fwd stage 1, STORE_H False; packed batches: co_ptr is the segment table,
+    # common.seg_coords): "sequences" are segments of SEG tokens; ht [NSEG, H, K, V] gets each
+    # segment's end state and gs_ptr [NSEG, H] f32 its total log2-decay (GATE 1). With STORE_H
+    # (the backward's segment-parallel recompute, `seg_chunk_states`; B rows): h0 [NSEG, H, K, V]
+    # is each segment's incoming state, h is stored per chunk at its global index, and
+    # STORE_HT=False skips the end-state and gs stores
     SEG: tl.constexpr = 0, gs_ptr=None, STORE_HT: tl.constexpr = True,
     # EVERY > 1 (common.H_EVERY; SEG = 0, not DELTA): h stores only every EVERY-th chunk's state,
     # at common.state_slot (cor_ptr: the packed batches' first slots). PRE (GATE 2,
@@ -311,6 +312,8 @@ def _seg_scan_kernel(
     GATE: tl.constexpr, HAS_H0: tl.constexpr, SEG: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     REVERSE: tl.constexpr = False,
+    # packed batches (forward only): sequence i_n's segments are so[i_n] .. + cdiv(len, SEG)
+    IS_VARLEN: tl.constexpr = False, cu_ptr=None, so_ptr=None,
 ):
     """fused_fwd stage 2: S_in(s+1) = exp2(gs(s)) S_in(s) + hs(s) (gs: segment s's total log2-decay
     from stage 1). REVERSE (the backward's segment-parallel state-gradient scan, bwd.py
@@ -323,12 +326,18 @@ def _seg_scan_kernel(
     m_s = (o_k < K)[:, None] & (o_v < V)[None, :]
     p_s = o_k[:, None] * V + o_v[None, :]
     S = load_state_block(h0_ptr + i_nh.to(tl.int64) * K * V, p_s, m_s, HAS_H0, BK, BV)
-    ns = tl.cdiv(T, SEG)
+    if IS_VARLEN:
+        b0, e0 = seq_span(i_n, cu_ptr, T, True)
+        ns = tl.cdiv(e0 - b0, SEG).to(tl.int32)
+        s0 = tl.load(so_ptr + i_n)
+    else:
+        ns = tl.cdiv(T, SEG)
+        s0 = i_n * ns
     for j in range(ns):
         if REVERSE:
-            i_s = i_n * ns + ns - 1 - j
+            i_s = s0 + ns - 1 - j
         else:
-            i_s = i_n * ns + j
+            i_s = s0 + j
         off = (i_s.to(tl.int64) * H + i_h) * K * V
         tl.store(sin_ptr + off + p_s, S, mask=m_s)
         if GATE == 1:
@@ -352,16 +361,27 @@ def _fused_fwd_kernel(
     # last segment stores its final S to ht_ptr
     LOOKBACK: tl.constexpr = False, gs_ptr=None, h0_ptr=None, ht_ptr=None,
     HAS_H0: tl.constexpr = False,
+    V_FIRST: tl.constexpr = False,    # grid (V tiles, heads, segments) (common.FUSED_V_FIRST)
+    # packed batches (not with LOOKBACK): st [NSEG, 2] the segments' chunk_table, cu cu_seqlens
+    IS_VARLEN: tl.constexpr = False, st_ptr=None, cu_ptr=None,
+    # TMA (common.FUSED_TMA; B rows with T % BT == 0, K a power of two, V % BV == 0): q, k, v
+    # loaded and o stored through 2-d tensor descriptors over [TOK, heads x K] / [TOK, H x V]
+    # (the head picks the column block), so no address or mask tensors live in registers
+    TMA: tl.constexpr = False, qd=None, kd=None, vd=None, od=None,
 ):
-    """fused_fwd stage 3, one program per (head, segment, V-tile) (heads first: the heads of one
-    q/k group run side by side and share its rows in L2). From the segment's incoming state S
-    (whole K x BV, float32 in registers) it walks the segment's chunks:
+    """fused_fwd stage 3, one program per (head, segment, V-tile) (V_FIRST: V tiles fastest, then
+    heads, so the V tiles of one (head, segment) share q and k through L2 and the heads of one
+    q/k group run side by side; else heads fastest, V tiles slowest). From the segment's incoming
+    state S (whole K x BV, float32 in registers) it walks the segment's chunks:
         o = scale (e^G (q S) + causal(q k^T e^(G_i - G_j)) v) [+ D x] [* silu(z)]
         S <- e^(G_last) S + k^T (e^(G_last - G) v)
     (v = x * vs for SSD). No per-chunk state goes through memory."""
-    i_h, i_s, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if V_FIRST:
+        i_v, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    else:
+        i_h, i_s, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_hq = i_h // (H // HQ)
-    bos, eos = seg_span(i_s, T, SEG)
+    _, _, bos, eos = seg_coords(i_s, st_ptr, cu_ptr, T, IS_VARLEN, SEG)
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -382,13 +402,18 @@ def _fused_fwd_kernel(
         S = tl.load(sin_ptr + (i_s.to(tl.int64) * H + i_h) * K * V + p_s, mask=m_s, other=0.)
     b_D = load_skip(D_ptr, i_h, o_v, m_v, V, HAS_D)
     off_qk = o_t[:, None] * (HQ * K) + o_k[None, :]
-    for i in range(tl.cdiv(eos - bos, BT)):
+    n_it = tl.cdiv(eos - bos, BT)
+    for i in range(n_it):
         t = bos + i * BT + o_t
         m_t = t < eos
         row_q = t * HQ + i_hq
         row = t * H + i_h
         m_qk = m_t[:, None] & m_k[None, :]
-        if I32_OFFS:
+        if TMA:
+            r0 = (bos + i * BT).to(tl.int32)
+            b_q = qd.load([r0, i_hq * K])
+            b_k = kd.load([r0, i_hq * K])
+        elif I32_OFFS:
             # one int64 base per chunk + loop-invariant int32 offsets (no int64 address tensors)
             c_qk = ((bos + i * BT) * HQ + i_hq) * K
             b_q = tl.load(q_ptr + c_qk + off_qk, mask=m_qk, other=0.)
@@ -396,7 +421,10 @@ def _fused_fwd_kernel(
         else:
             b_q = tl.load(q_ptr + row_q[:, None] * K + o_k[None, :], mask=m_qk, other=0.)
             b_k = tl.load(k_ptr + row_q[:, None] * K + o_k[None, :], mask=m_qk, other=0.)
-        b_x = load_rows(v_ptr, row, m_t, o_v, m_v, V)
+        if TMA:
+            b_x = vd.load([r0, i_h * V + i_v * BV]).to(tl.float32)
+        else:
+            b_x = load_rows(v_ptr, row, m_t, o_v, m_v, V)
         b_v = scale_v(b_x, vs_ptr, row, m_t, HAS_VS)
         G = log_decay_cumsum(g_ptr, vs_ptr, A_ptr, row, i_h, m_t, o_t, m_t, K, GATE, G_FROM_VS, BT)
         G_last = last_row(G, o_t, GATE, BT)
@@ -409,13 +437,24 @@ def _fused_fwd_kernel(
             b_o = mm(b_q, S, DT, IEEE) * scale
         b_o += mm(A, b_v, DT, IEEE)
         b_o = skip_gate(b_o, b_x, b_D, z_ptr, row, m_t, o_v, m_v, V, HAS_D, HAS_Z)
-        tl.store(o_ptr + row[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
-                 mask=m_t[:, None] & m_v[None, :])
+        if TMA:
+            od.store([r0, i_h * V + i_v * BV], b_o.to(o_ptr.dtype.element_ty))
+        else:
+            tl.store(o_ptr + row[:, None] * V + o_v[None, :], b_o.to(o_ptr.dtype.element_ty),
+                     mask=m_t[:, None] & m_v[None, :])
         S = decay_state(S, G_last, GATE) + mm(tl.trans(b_k), decay_to_end(b_v, G, G_last, GATE),
                                               DT, IEEE)
     if LOOKBACK:
         if i_s % ns == ns - 1:
-            tl.store(ht_ptr + (i_n.to(tl.int64) * H + i_h) * K * V + p_s, S, mask=m_s)
+            # the state's [BK, BV] offsets and mask rebuilt here from a row stride the compiler
+            # cannot prove equal to V (n_it >= 1 on this path: the same value), so they are not
+            # the prologue's p_s / m_s kept live through the whole chunk loop (sm_90 Triton 3.6:
+            # those held ~20 registers and made GATE 1 spill)
+            Vr = V + (n_it < 1).to(tl.int32)
+            o_k2 = tl.arange(0, BK)
+            m_s2 = (o_k2 < K)[:, None] & (o_v < Vr)[None, :]
+            tl.store(ht_ptr + (i_n.to(tl.int64) * H + i_h) * K * Vr + o_k2[:, None] * Vr
+                     + o_v[None, :], S, mask=m_s2)
 
 
 # ---- launchers ---------------------------------------------------------------------------------
@@ -453,7 +492,8 @@ class Plan:
         self.hdtype = state_store_dtype(q.dtype)
         # FWD_AUTO's measured knobs apply (16-bit inputs; chunk_fwd_keep turns them off for
         # SSD's training forward)
-        self.fwd_auto = q.dtype != torch.float32
+        self.lowp = q.dtype != torch.float32
+        self.fwd_auto = self.lowp
         self._slots = {}
 
     def state_index(self, every: int):
@@ -515,17 +555,34 @@ def chunk_states(p: Plan, k, v, g, vs, A, h0, store_h=True, every=1, pre=False, 
 
 
 def _seg(p: Plan):
-    """(segment length in tokens, number of segments) of the fused forward."""
-    SEG = common.SEG_CHUNKS * p.BT
-    return SEG, p.B * cdiv(p.T, SEG)
+    """(segment length in tokens, number of segments) of the fused forward (packed batches: the
+    upper bound TOK // SEG + N, as `num_chunks`). SEG_CHUNKS x BT, or the plan's own choice
+    (`fused_fwd`: common.FUSED_SEG_ROWS)."""
+    SEG = p._slots.get("seglen") or common.SEG_CHUNKS * p.BT
+    return SEG, num_chunks(p.B, p.T, p.N, SEG, p.varlen)
 
 
-def _seg_state_pass(p: Plan, k, v, g, vs, A, sin=None):
+def _seg_index(p: Plan):
+    """(st, so) of a packed batch's segments: `chunk_table` at chunk length SEG (st [NSEG, 2]
+    (sequence, local segment), so [N] each sequence's first segment), computed on the device
+    once per plan; (None, None) for B rows."""
+    if not p.varlen:
+        return None, None
+    if "seg" not in p._slots:
+        SEG, NSEG = _seg(p)
+        p._slots["seg"] = chunk_table(p.cu, SEG, NSEG, p.B * p.T)
+    return p._slots["seg"]
+
+
+def _seg_state_pass(p: Plan, k, v, g, vs, A, sin=None, step=None):
     """`_state_kernel` over segments (SEG). sin None: stage 1 of the fused forward, each segment's
     end state from zero -> (hs [NSEG, H, K, V] f32, gs [NSEG, H] f32 (GATE 1) or a dummy); sin
-    given (the incoming state of each segment): every chunk's state h from it -> (h, None)."""
+    given (the incoming state of each segment): every chunk's state h from it -> (h, None).
+    step (stage 1 only): tokens per step of the walk (a power-of-two multiple of the chunk
+    dividing SEG; None: the chunk)."""
     m = p.meta
     SEG, NSEG = _seg(p)
+    BT = p.BT if step is None else step
     d = _dummy(v)
     if sin is None:
         if p.gate == 1:   # one allocation for both (they die with the call)
@@ -538,20 +595,37 @@ def _seg_state_pass(p: Plan, k, v, g, vs, A, sin=None):
     else:
         hs = gs = None
         h = k.new_empty((p.NCH, p.H, p.K, p.V), dtype=p.hdtype)
+    st, _ = _seg_index(p)
+    assert st is None or sin is None, "the per-chunk pass over segments is for B rows"
     _state_kernel[(cdiv(p.K, m["BK"]), cdiv(p.V, m["BV"]), NSEG * p.H)](
         k, v, d if g is None else g, d if vs is None else vs, d if A is None else A,
-        d if sin is None else sin, h, d if hs is None else hs, d, d, p.T, p.H, p.HQ, p.K, p.V,
+        d if sin is None else sin, h, d if hs is None else hs,
+        d if st is None else p.cu, d if st is None else st, p.T, p.H, p.HQ, p.K, p.V,
         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_H0=sin is not None,
-        STORE_H=sin is not None, IS_VARLEN=False, BT=p.BT, BK=m["BK"], BV=m["BV"], DT=m["DT"],
+        STORE_H=sin is not None, IS_VARLEN=st is not None, BT=BT, BK=m["BK"], BV=m["BV"],
+        DT=m["DT"],
         IEEE=m["IEEE"], SEG=SEG, gs_ptr=d if gs is None else gs, STORE_HT=sin is None,
-        num_warps=4, num_stages=1 if m["IEEE"] == 1 else 2)
+        num_warps=8 if BT >= 256 else 4,
+        num_stages=1 if m["IEEE"] == 1 else (common.FUSED_S1_STAGES if step else 2))
     return (hs, gs) if sin is None else (h, None)
 
 
-def seg_states(p: Plan, k, v, g, vs, A):
+def seg_states(p: Plan, k, v, g, vs, A, step=None):
     """Fused forward stage 1: every segment's end state from a zero state, hs [NSEG, H, K, V] f32,
-    and (GATE 1) its total log2-decay gs [NSEG, H] f32 (else a dummy)."""
-    return _seg_state_pass(p, k, v, g, vs, A)
+    and (GATE 1) its total log2-decay gs [NSEG, H] f32 (else a dummy). step: see _seg_state_pass
+    (the backward's SEG_BWD recompute keeps the chunk)."""
+    return _seg_state_pass(p, k, v, g, vs, A, step=step)
+
+
+def _s1_step(p: Plan):
+    """Stage 1's step for the fused forward (common.FUSED_S1_STEP): a power-of-two multiple of the
+    chunk dividing the segment, 16-bit inputs only (float32's FMA dots keep the chunk)."""
+    SEG, _ = _seg(p)
+    s = common.FUSED_S1_STEP
+    if not s or not p.lowp or s & (s - 1) or s <= p.BT:
+        return None
+    s = min(s, SEG)
+    return s if SEG % s == 0 else None
 
 
 def seg_scan(p: Plan, hs, gs, h0, reverse=False):
@@ -562,9 +636,12 @@ def seg_scan(p: Plan, hs, gs, h0, reverse=False):
     d = _dummy(hs)
     sin = common.poison(torch.empty_like(hs))
     ht = common.poison(hs.new_empty((p.N, p.H, p.K, p.V)))
+    _, so = _seg_index(p)
+    assert so is None or not reverse, "the reverse segment scan is for B rows"
     _seg_scan_kernel[(cdiv(p.K, m["BK"]), cdiv(p.V, m["BV"]), p.N * p.H)](
         hs, gs, d if h0 is None else h0, sin, ht, p.T, p.H, p.K, p.V,
         GATE=p.gate, HAS_H0=h0 is not None, SEG=SEG, BK=m["BK"], BV=m["BV"], REVERSE=reverse,
+        IS_VARLEN=so is not None, cu_ptr=d if so is None else p.cu, so_ptr=d if so is None else so,
         num_warps=4)
     return sin, ht
 
@@ -594,24 +671,66 @@ def fused_output(p: Plan, q, k, v, g, vs, A, sin, scale, D=None, z=None, h0=None
                                      h0_ptr=d if h0 is None else h0, ht_ptr=ht,
                                      HAS_H0=h0 is not None)
     BV = max(16, min(common.FUSED_BLOCK_V, next_power_of_2(p.V)))
-    _fused_fwd_kernel[(p.H, NSEG, cdiv(p.V, BV))](
+    vf = bool(common.FUSED_V_FIRST)
+    st, _ = _seg_index(p)
+    assert st is None or ht is None, "LOOKBACK is for B rows (packed batches take stage 2)"
+    if st is not None:
+        lb.update(IS_VARLEN=True, st_ptr=st, cu_ptr=p.cu)
+    elif _takes_tma(p, (q, k, v, o), BV):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        TOK, BK = p.B * p.T, m["BKF"]
+        lb.update(TMA=True, qd=TensorDescriptor(q, [TOK, p.HQ * p.K], [p.HQ * p.K, 1], [p.BT, BK]),
+                  kd=TensorDescriptor(k, [TOK, p.HQ * p.K], [p.HQ * p.K, 1], [p.BT, BK]),
+                  vd=TensorDescriptor(v, [TOK, p.H * p.V], [p.H * p.V, 1], [p.BT, BV]),
+                  od=TensorDescriptor(o, [TOK, p.H * p.V], [p.H * p.V, 1], [p.BT, BV]))
+    # descriptor arguments are not launch-cache keys (TensorDescriptor is unhashable): Triton's
+    # own launch path for the TMA form
+    kern = _fused_fwd_kernel.fn if lb.get("TMA") else _fused_fwd_kernel
+    kern[(cdiv(p.V, BV), p.H, NSEG) if vf else (p.H, NSEG, cdiv(p.V, BV))](
         q, k, v, d if g is None else g, d if vs is None else vs, d if A is None else A, sin,
         d if D is None else D, d if z is None else z, o,
         p.T, p.H, p.HQ, p.K, p.V, float(scale),
         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_D=D is not None,
         HAS_Z=z is not None, SEG=SEG, BT=p.BT, BK=m["BKF"], BV=BV, DT=m["DT"], IEEE=m["IEEE"],
-        I32_OFFS=bool(common.FUSED_I32_OFFSETS), **lb,
+        I32_OFFS=bool(common.FUSED_I32_OFFSETS), V_FIRST=vf, **lb,
         num_warps=common.FUSED_WARPS, num_stages=common.FUSED_STAGES)
     return o
 
 
+def _takes_tma(p: Plan, ts, BV: int) -> bool:
+    """Whether stage 3 loads q, k, v and stores o through tensor descriptors (common.FUSED_TMA):
+    16-bit B rows whose chunks never straddle two rows (T % BT == 0: a 2-d descriptor's box only
+    zero-fills past the last token), K a power of two (the box is K wide and must not reach the
+    next head's columns), V a multiple of BV, 16-byte aligned bases and row strides."""
+    return (bool(common.FUSED_TMA) and p.lowp and not p.varlen and p.T % p.BT == 0
+            and p.K == p.meta["BKF"] and p.V % BV == 0 and (p.HQ * p.K) % 8 == 0
+            and (p.H * p.V) % 8 == 0 and p.B * p.T < 2 ** 31
+            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in ts))
+
+
+def fused_segments(p: Plan) -> int:
+    """The fused forward's segment length for this plan: SEG_CHUNKS x BT, for B rows doubled
+    until a row has at most common.FUSED_SEG_ROWS segments (kept on the plan, so `_seg` sees it;
+    the backward's SEG_BWD passes build their own plan)."""
+    rows = common.FUSED_SEG_ROWS
+    if rows and not p.varlen:
+        SEG = common.SEG_CHUNKS * p.BT
+        while cdiv(p.T, SEG) > rows:
+            SEG *= 2
+        p._slots["seglen"] = SEG
+    return _seg(p)[0]
+
+
 def fused_fwd(p: Plan, q, k, v, g, vs, A, h0, scale, D=None, z=None):
-    """The forward of GATE 0/1 without per-chunk states in memory (B rows, not varlen): stage 1
-    `_state_kernel` per segment from zero, stage 2 `_seg_scan_kernel`, stage 3 `_fused_fwd_kernel`
-    (rows of at most LOOKBACK_SEGS segments: stage 3 sums the earlier segments' states itself).
-    Bytes: k, v read twice, q and o once, segment states 4 x NSEG x H x K x V x 4 B."""
-    hs, gs = seg_states(p, k, v, g, vs, A)
-    if cdiv(p.T, _seg(p)[0]) <= common.LOOKBACK_SEGS:
+    """The forward of GATE 0/1 without per-chunk states in memory (B rows or packed batches):
+    stage 1 `_state_kernel` per segment from zero, stage 2 `_seg_scan_kernel`, stage 3
+    `_fused_fwd_kernel` (B rows of at most LOOKBACK_SEGS segments: stage 3 sums the earlier
+    segments' states itself; packed batches always take stage 2, which also gives an empty
+    sequence its final state h0). Bytes: k, v read twice, q and o once, segment states
+    2-4 x NSEG x H x K x V x 4 B."""
+    fused_segments(p)
+    hs, gs = seg_states(p, k, v, g, vs, A, step=_s1_step(p))
+    if not p.varlen and cdiv(p.T, _seg(p)[0]) <= common.LOOKBACK_SEGS:
         ht = common.poison(hs.new_empty((p.N, p.H, p.K, p.V)))
         return fused_output(p, q, k, v, g, vs, A, hs, scale, D, z, h0, ht, gs), ht
     sin, ht = seg_scan(p, hs, gs, h0)
@@ -620,7 +739,7 @@ def fused_fwd(p: Plan, q, k, v, g, vs, A, h0, scale, D=None, z=None):
 
 def _takes_fused_fwd(gate: int, varlen: bool, dtype: torch.dtype) -> bool:
     """Whether `chunk_fwd` takes the fused path (no per-chunk states in memory)."""
-    return bool(common.FUSED_FWD) and gate < 2 and not varlen and (
+    return bool(common.FUSED_FWD) and gate < 2 and (
         dtype != torch.float32 or common.FUSED_FWD == 2)
 
 

@@ -20,7 +20,7 @@ from .._ops import kernel_op
 from ..chunk.select import select
 from ..validation import (check_cu_seqlens, check_same_device, check_tensor, checks_values,
                           swaps_dims_1_2)
-from ..linear_attn.interface import _save_states, kept_fakes
+from ..linear_attn.interface import kept_fakes
 from ..linear_attn.reference import linear_attn_bwd_ref
 from .reference import heads, process_dt, ssd_chunked
 
@@ -349,9 +349,11 @@ def mamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
             Dd = (D.to(sd)[:, None] if D.dim() == 1 else D.to(sd)).expand(
                 x.shape[2], x.shape[3]).contiguous()
             D = None
-        save = (torch.is_grad_enabled() and any(
+        # save: a gradient will be taken (the engine keeps states only if SAVE_STATES says so,
+        # and takes the old forward path for SSD training whatever SAVE_STATES is)
+        save = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias,
-                                                        initial_states)) and _save_states())
+                                                        initial_states))
         y, ht, _ = ssd_fwd_op(C.contiguous(), B.contiguous(), x.contiguous(), dtp,
                               A.to(sd).contiguous(), h0, cu_seqlens, _backend.normalize(backend),
                               Dd, save)
