@@ -237,13 +237,13 @@ def stub_cases():
 def _fft_cases():
     """fft_conv at B=2 H=16 L=1024 (D on): float32 (the path fused around torch.fft, cufft.py:
     3 launches + 2 transforms forward, 4 + 3 backward; transforms stubbed by `_stub_fft`), gates
-    off and on, and bf16 (monarch16, one kernel per pass) for comparison."""
+    off and on, and bf16 (monarch16, one kernel per pass) gates off and on."""
     T = "triton"
     u, k, D = torch.randn(2, 16, 1024), torch.randn(16, 1024) / 30, torch.randn(16)
     pg, qg = torch.rand(2, 16, 1024), torch.rand(2, 16, 1024)
     out = {}
     for tag, dt, gates in (("f32", torch.float32, False), ("f32 gates", torch.float32, True),
-                           ("bf16", torch.bfloat16, False)):
+                           ("bf16", torch.bfloat16, False), ("bf16 gates", torch.bfloat16, True)):
         x = u.to(dt)
         g = (pg.to(dt), qg.to(dt)) if gates else (None, None)
         xl, kl = x.clone().requires_grad_(), k.clone().requires_grad_()
