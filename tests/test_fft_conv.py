@@ -897,6 +897,36 @@ def test_monarch16_default_autograd(backend, m16_bwd_calls, monkeypatch):
     assert len(calls) == 2 and m16_bwd_calls == [(2, 3, 100)]  # the post-gated backward: cuFFT
 
 
+@pytest.mark.parametrize("sms", [132, 1])
+def test_monarch16_backward_default_buffers_bitwise(sms, monkeypatch):
+    """The backward's default (non-NaN-filled) buffers (host9: kscale.new_empty, no lambdas)
+    give bitwise the NaN-filled path's results (every element written), one program per
+    channel (S == 1: dk inside the kernel) and several (S > 1: summed spectra + torch inverse),
+    with and without gates and D."""
+    if "triton" not in kernel_backends():
+        pytest.skip("the Triton kernels need TRITON_INTERPRET=1 or a GPU")
+    monkeypatch.setattr(fft_m16, "_sm_count", lambda device: sms)
+    g = torch.Generator().manual_seed(9)
+    B, H, L, Lk = 4, 3, 100, 77
+    rnd = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
+    u, dy, pre, post = (rnd(B, H, L).to(torch.bfloat16) for _ in range(4))
+    k, D = (rnd(H, Lk) / 10).contiguous(), rnd(H)
+    S = fft_m16.batch_split(B, H, torch.device(DEVICE))[0]
+    assert (S == 1) == (sms == 1)
+    for gates in (False, True):
+        for d in (D, None):
+            args = (dy, u, k, d, pre if gates else None, post if gates else None)
+            monkeypatch.setattr(fft_m16, "FILL_NAN", True)
+            ref = fft_m16.fft_conv_bwd(*args)
+            monkeypatch.setattr(fft_m16, "FILL_NAN", False)
+            out = fft_m16.fft_conv_bwd(*args)
+            for name, a, b in zip(("du", "dk", "dD", "dpre", "dpost"), out, ref):
+                assert (a is None) == (b is None), name
+                if a is not None:
+                    assert a.dtype == b.dtype and a.shape == b.shape and a.is_contiguous(), name
+                    assert torch.equal(a, b) and not a.isnan().any(), (name, gates, d is None)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("L,Lk", [(1, 1), (255, 255), (1024, 1024), (2048, 2048), (4096, 4096),
                                   (4095, 1000), (3000, 5)])
