@@ -34,10 +34,14 @@ def _seed():
     torch.manual_seed(0)
 
 
-def compile_for_sm90(script: str):
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def compile_for_sm90(script: str, cwd=None):
     """Run `script` in a fresh Python without the interpreter (TRITON_INTERPRET is read when kernels
-    are decorated) so it can build Triton kernels for sm_90 with no GPU; skip if Triton has no
-    NVIDIA backend. Returns the finished subprocess (stdout, stderr, returncode)."""
+    are decorated) so it can build Triton kernels for sm_90 with no GPU (in folder `cwd`, e.g.
+    REPO_ROOT for scripts that name repo paths); skip if Triton has no NVIDIA backend. Returns the
+    finished subprocess (stdout, stderr, returncode)."""
     import subprocess
     import sys
     try:
@@ -47,7 +51,7 @@ def compile_for_sm90(script: str):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, cwd=cwd)
 
 
 class CountLaunches:

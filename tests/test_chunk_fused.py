@@ -123,6 +123,17 @@ def test_ssd_fused_epilogue(small_segments, monkeypatch, D, z):
         assert_close(s, ss.double(), dtype=torch.bfloat16, lowp_ref=ls, name=f"states {what}")
 
 
+def _check_ssd_packed():
+    """SSD inference on a packed batch (one empty sequence, partial chunks; D (H, P), z, h0): y
+    and the per-sequence states against float64."""
+    cu = torch.tensor([0, 17, 17, 50, 83], device=DEVICE, dtype=torch.int32)
+    ins = _ssd_inputs(1, 83, 4, 16, 2, 16, "hp", True, n_seq=4)
+    y, s = _ssd_infer(ins, cu)
+    (ry, rs), (ly, ls) = _ssd_refs(ins, cu)
+    assert_close(y, ry, dtype=torch.bfloat16, lowp_ref=ly, name="y")
+    assert_close(s, rs, dtype=torch.bfloat16, lowp_ref=ls, name="states")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
                          ids=["f32", "bf16", "f16"])
 @pytest.mark.parametrize("D,z", [("hp", True), ("h", True), ("hp", False), (None, True)])
@@ -151,12 +162,7 @@ def test_ssd_per_chunk_epilogue_varlen(monkeypatch):
     and x by the chunk table's rows."""
     monkeypatch.setattr(common, "FUSED_FWD", 0)
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
-    cu = torch.tensor([0, 17, 17, 50, 83], device=DEVICE, dtype=torch.int32)
-    ins = _ssd_inputs(1, 83, 4, 16, 2, 16, "hp", True, n_seq=4)
-    y, s = _ssd_infer(ins, cu)
-    (ry, rs), (ly, ls) = _ssd_refs(ins, cu)
-    assert_close(y, ry, dtype=torch.bfloat16, lowp_ref=ly, name="y")
-    assert_close(s, rs, dtype=torch.bfloat16, lowp_ref=ls, name="states")
+    _check_ssd_packed()
 
 
 @pytest.mark.parametrize("fused,dtype", [(0, torch.float32), (0, torch.bfloat16),
@@ -300,12 +306,7 @@ def test_ssd_two_level_varlen(small_segments, monkeypatch):
     """SSD (grouped B/C, D (H, P), z, dt_bias, softplus, h0) on the fused forward with a packed
     batch: y and the per-sequence states against float64, inference."""
     monkeypatch.setattr(common, "FUSED_FWD", 1)
-    cu = torch.tensor([0, 17, 17, 50, 83], device=DEVICE, dtype=torch.int32)
-    ins = _ssd_inputs(1, 83, 4, 16, 2, 16, "hp", True, n_seq=4)
-    y, s = _ssd_infer(ins, cu)
-    (ry, rs), (ly, ls) = _ssd_refs(ins, cu)
-    assert_close(y, ry, dtype=torch.bfloat16, lowp_ref=ly, name="y")
-    assert_close(s, rs, dtype=torch.bfloat16, lowp_ref=ls, name="states")
+    _check_ssd_packed()
 
 
 def test_fused_fwd_env_knob():

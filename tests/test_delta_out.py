@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import kernel_backends
 from test_delta_rule import _chunk_inputs, _chunk_run, _judge_chunk, _kernel_fn, _ref_fn
-from test_delta_state import STATE_CASES
+from test_delta_state import STATE_CASES, tile_dtype
 
 TRITON = kernel_backends()
 # + K = 96 (two K tiles of 64 by default: OUT_BLOCK_K=128 takes it in one)
@@ -30,14 +30,10 @@ def _fwd(backend, gated, l2, q, k, v, g, beta, h0, cu):
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("gpu_tiles", [False, True], ids=["f32", "fp16-bt64"])
 def test_out_decay_o_close_to_default(backend, case, gpu_tiles, monkeypatch):
-    from ssm_kernels.chunk import common
     from ssm_kernels.delta_rule import chunk as wy
     from ssm_kernels.testing import rel_err
-    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
-    dtype, tol = torch.float32, 1e-5
-    if gpu_tiles:   # BT=64 and 16-bit tensor-core-style dots (fp16: the interpreter's bf16 dot
-        monkeypatch.setattr(common, "triton_interpret", lambda: False)   # is broken)
-        dtype, tol = torch.float16, 2e-3
+    dtype = tile_dtype(monkeypatch, gpu_tiles)
+    tol = 2e-3 if gpu_tiles else 1e-5
     gated, l2, B, T, H, HV, K, V, cu, with_h0 = CASES[case]
     q, k, v, g, beta, h0, cu_t, _ = _chunk_inputs(gated, l2, B, T, H, HV, K, V, cu, dtype=dtype)
     h0 = h0 if with_h0 else None

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from conftest import DEVICE, kernel_backends
 from test_delta_rule import _chunk_inputs, _chunk_run, _judge_chunk, _kernel_fn, _ref_fn
-from test_delta_state import STATE_CASES, _scan
+from test_delta_state import STATE_CASES, _scan, tile_dtype
 
 TRITON = kernel_backends()
 # DSTATE settings composed with SCAN_T: None = DSTATE off; else (PREFETCH, BV, warps, KT)
@@ -43,14 +43,10 @@ def _set_dstate(monkeypatch, wy, ds):
 @pytest.mark.parametrize("case", sorted(STATE_CASES))
 @pytest.mark.parametrize("gpu_tiles", [False, True], ids=["f32", "fp16-bt64"])
 def test_scan_t_close_to_default_scan(backend, case, gpu_tiles, monkeypatch):
-    from ssm_kernels.chunk import common
     from ssm_kernels.delta_rule import chunk as wy
     from ssm_kernels.testing import rel_err
-    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
-    dtype, tol = torch.float32, 1e-5
-    if gpu_tiles:   # BT=64 and 16-bit tensor-core-style dots (fp16: the interpreter's bf16 dot
-        monkeypatch.setattr(common, "triton_interpret", lambda: False)   # is broken)
-        dtype, tol = torch.float16, 4e-3
+    dtype = tile_dtype(monkeypatch, gpu_tiles)
+    tol = 4e-3 if gpu_tiles else 1e-5
     gated, l2, B, T, H, HV, K, V, cu, with_h0 = STATE_CASES[case]
     q, k, v, g, beta, h0, cu_t, _ = _chunk_inputs(gated, l2, B, T, H, HV, K, V, cu, dtype=dtype)
     if gpu_tiles:

@@ -34,17 +34,24 @@ def _scan(wy, p, k, w, u, g, h0, l2, cu):
     return h.clone(), vn.clone(), ht.clone()
 
 
+def tile_dtype(monkeypatch, gpu_tiles: bool) -> torch.dtype:
+    """Outputs poisoned (NaN first); gpu_tiles: the GPU's BT=64 tiles and 16-bit tensor-core-style
+    dots under the interpreter, in float16 (the interpreter's bf16 dot is broken). The dtype to
+    run in: float16 with gpu_tiles, else float32."""
+    from ssm_kernels.chunk import common
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    if not gpu_tiles:
+        return torch.float32
+    monkeypatch.setattr(common, "triton_interpret", lambda: False)
+    return torch.float16
+
+
 @pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("case", sorted(STATE_CASES))
 @pytest.mark.parametrize("gpu_tiles", [False, True], ids=["f32", "fp16-bt64"])
 def test_dstate_bitwise_equals_engine_scan(backend, case, gpu_tiles, monkeypatch):
-    from ssm_kernels.chunk import common
     from ssm_kernels.delta_rule import chunk as wy
-    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
-    dtype = torch.float32
-    if gpu_tiles:   # BT=64 and 16-bit tensor-core-style dots (fp16: the interpreter's bf16 dot
-        monkeypatch.setattr(common, "triton_interpret", lambda: False)   # is broken)
-        dtype = torch.float16
+    dtype = tile_dtype(monkeypatch, gpu_tiles)
     gated, l2, B, T, H, HV, K, V, cu, with_h0 = STATE_CASES[case]
     q, k, v, g, beta, h0, cu_t, _ = _chunk_inputs(gated, l2, B, T, H, HV, K, V, cu, dtype=dtype)
     h0 = h0 if with_h0 else None

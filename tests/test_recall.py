@@ -228,19 +228,11 @@ def test_compile_all_ahead_leaves_nothing_to_compile_for_sm90():
     """recall.first_steps dry-run in one compiling_ahead block (as compile_all_ahead does on the
     GPU) compiles every Triton kernel the models' training and evaluation steps launch, offline
     for sm_90 (bench/recall_ahead_audit.py; Mamba-2: its inference forward takes other kernels)."""
-    import os
-
-    from conftest import compile_for_sm90
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from conftest import REPO_ROOT, compile_for_sm90
     script = ("import runpy, sys; sys.argv = ['recall_ahead_audit.py', '--threads', '2', "
               "'--mixers', 'mamba2', '--dims', '64', '128']; "
               "runpy.run_path('bench/recall_ahead_audit.py', run_name='__main__')")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        res = compile_for_sm90(script)
-    finally:
-        os.chdir(cwd)
+    res = compile_for_sm90(script, cwd=REPO_ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     line = res.stdout.strip().splitlines()[-1]
     words = line.split()

@@ -1,6 +1,5 @@
 """compile_ahead: a no-op without a GPU; for sm_90 (offline stub driver) the dry run compiles every
 kernel the call and its backward launch, so the real call that follows compiles none."""
-import os
 
 import torch
 
@@ -53,14 +52,8 @@ print("ahead", info["kernels"], ahead, "after", n[0] - ahead, "errors", info["er
 
 def _stdout_words(script):
     """Run `script` from the repo root under the sm_90 stub; the words of its stdout."""
-    from conftest import compile_for_sm90
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        res = compile_for_sm90(script)
-    finally:
-        os.chdir(cwd)
+    from conftest import REPO_ROOT, compile_for_sm90
+    res = compile_for_sm90(script, cwd=REPO_ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout.split()
 
