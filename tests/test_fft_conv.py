@@ -250,6 +250,30 @@ def test_cufft_merged_inverse_is_bitwise_the_same(backend, D, pre, post, cufft_p
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("merged", [True, False])
+@pytest.mark.parametrize("shape,D,pre,post", [((2, 3, 50, 21), True, False, False),
+                                              ((2, 3, 50, 21), False, True, True),
+                                              ((1, 2, 300, 300), True, True, False),
+                                              ((3, 2, 40, 7), True, False, True)])
+def test_cufft_fused_dk_epilogue_is_bitwise_the_same(backend, shape, D, pre, post, merged,
+                                                     cufft_path, monkeypatch):
+    """cufft.FUSED_DK_EPILOGUE (the backward's du / dpre / dpost and dk / dD epilogues in one
+    launch): every output bitwise equal to the two-launch backward, NaN-filled buffers (a dk or
+    du element left unwritten shows), with the inverse transforms merged or not, Lk < L and
+    Lk = L (several dk tiles: L = 300 > the interpreter's 256-wide tile)."""
+    u, k, Dv, pg, qg = make(*shape, D=D, pre=pre, post=post)
+    cot = torch.randn_like(u)
+    monkeypatch.setattr(fft_cufft, "MERGED_INVERSE", merged)
+    got = {}
+    for fused in (False, True):
+        monkeypatch.setattr(fft_cufft, "FUSED_DK_EPILOGUE", fused)
+        got[fused] = run(sk.fft_conv, u, k, Dv, pg, qg, cot, backend=backend)
+    for a, b in zip(got[False], got[True]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert all(x is None or torch.isfinite(x).all() for x in got[True])
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
 def test_filter_cache_in_place_update_changes_result(backend, fresh_cache, cufft_path):
     """The public op after an in-place filter update (an optimizer step) and in gradient
     accumulation (same filter, two backward passes) agrees with float64."""
@@ -1020,7 +1044,8 @@ for fn, consts in ((C._pad_kernel, dict(HAS_M=True, HAS_M2=True, TWO=True, BLOCK
                    (C._spec_bwd_kernel, dict(HAS_POST=True, BK=512)),
                    (C._epi_fwd_kernel, dict(flags, BLOCK=2048)),
                    (C._epi_bwd_kernel, dict(flags, BLOCK=2048)),
-                   (C._epi_dk_kernel, dict(HAS_D=True, BLOCK=2048))):
+                   (C._epi_dk_kernel, dict(HAS_D=True, BLOCK=2048)),
+                   (C._epi_bwd_dk_kernel, dict(flags, BLOCK=2048, BLOCK_K=2048))):
     sig = {n: "constexpr" if n in consts else ("fp32" if n == "scale" else
            (("*bf16") if n in STORAGE else "*fp32") if n.endswith("_ptr") else "i32")
            for n in fn.arg_names}

@@ -190,8 +190,9 @@ PINNED = {
     "fused_recurrent_gated_delta_rule decode": (1, 7),
     "fft_conv fwd": (3, 4),
     # (MERGED_INVERSE, the default since the session-7 GPU A/B: the backward's two inverse
-    # transforms as one call; 12 torch ops with it off)
-    "fft_conv fwd+bwd": (7, 10),
+    # transforms as one call; 12 torch ops with it off. FUSED_DK_EPILOGUE: the backward's du and
+    # dk epilogues in one launch; 7 launches with it off)
+    "fft_conv fwd+bwd": (6, 10),
     # (the cuFFT path: absent operands pass an existing pointer, no allocation; no empty
     # gradients for absent inputs in eager backward)
     # 16-bit storage: monarch16 (one kernel per pass; cached DFT and filter tables). Forward:
@@ -240,6 +241,20 @@ def test_fft_conv_merged_inverse_pin(stubbed_launches, monkeypatch):
     want = PINNED["fft_conv fwd+bwd"]
     assert (launches, len(work)) == (want[0], want[1] + 2), f"{launches} launches, torch ops {work}"
     assert work.count("_fft_c2c") == 5
+
+
+def test_fft_conv_fused_dk_epilogue_pin(stubbed_launches, monkeypatch):
+    """cufft.FUSED_DK_EPILOGUE (default on): the float32 backward's du and dk epilogues are one
+    launch (the fused kernel, not the two); off: one launch more, the same torch ops. The
+    backward runs on autograd's device thread on the GPU, where a launch costs the most."""
+    from ssm_kernels.fft_conv import cufft
+    launches, work = _count(_cases()["fft_conv fwd+bwd"], stubbed_launches)
+    assert stubbed_launches.count("_epi_bwd_dk_kernel") == 1
+    assert "_epi_bwd_kernel" not in stubbed_launches and "_epi_dk_kernel" not in stubbed_launches
+    monkeypatch.setattr(cufft, "FUSED_DK_EPILOGUE", False)
+    launches_off, work_off = _count(_cases()["fft_conv fwd+bwd"], stubbed_launches)
+    assert (launches_off, len(work_off)) == (launches + 1, len(work))
+    assert "_epi_bwd_dk_kernel" not in stubbed_launches
 
 
 @pytest.fixture

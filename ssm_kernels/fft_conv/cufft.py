@@ -54,6 +54,12 @@ FILL_NAN = False
 # to the two-call form at L 1024-4096 with and without gates, f+b L1024 0.508 vs 0.570 ms, the
 # others within 1%: on.
 MERGED_INVERSE = True
+# The backward's two epilogues (du / dpre / dpost over the R rows, dk / dD over the H filter rows)
+# as ONE launch (_epi_bwd_dk_kernel: the programs after the row epilogue's copy the dk rows; the
+# same helpers, so every output is bitwise the same). One Triton launch fewer per backward, which
+# runs on autograd's device thread (issue 8: at the tiny shape of `bench --overhead`, f+b eager
+# 631 us against 29 us of GPU work on the H100). Session 10 helper ffthost10; False: two launches.
+FUSED_DK_EPILOGUE = True
 
 
 def _alloc(shape, device, dtype=torch.float32):
@@ -374,15 +380,12 @@ def _epi_fwd_kernel(
 
 
 @triton.jit
-def _epi_bwd_kernel(
-    # pointers: cg [R, N] fp32 corr(g, k); cv [R, N] fp32 conv(v, k) (HAS_POST);
-    # u, pre, post, dy [R, L]; d [H] fp32; outputs du, dpre, dpost [R, L]
-    cg_ptr, cv_ptr, u_ptr, pre_ptr, post_ptr, dy_ptr, d_ptr, du_ptr, dpre_ptr, dpost_ptr,
-    # sizes
+def _epi_bwd_rows(
+    i_p, cg_ptr, cv_ptr, u_ptr, pre_ptr, post_ptr, dy_ptr, d_ptr, du_ptr, dpre_ptr, dpost_ptr,
     H, L, N, n_tiles,
     HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    i_p = tl.program_id(0)
+    """Program i_p of the du / dpre / dpost epilogue (one row tile)."""
     i_r = i_p // n_tiles
     o_t = (i_p % n_tiles) * BLOCK + tl.arange(0, BLOCK)
     m = o_t < L
@@ -413,13 +416,11 @@ def _epi_bwd_kernel(
 
 
 @triton.jit
-def _epi_dk_kernel(
-    # pointers: c [H, N] fp32 (sum_b corr(g_b, v_b)); dk [H, Lk] fp32; dd [H] fp32
-    c_ptr, dk_ptr, dd_ptr,
-    Lk, N, n_tiles,
+def _epi_dk_rows(
+    i_p, c_ptr, dk_ptr, dd_ptr, Lk, N, n_tiles,
     HAS_D: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    i_p = tl.program_id(0)
+    """Program i_p of the dk / dD epilogue (one filter-row tile)."""
     i_h = i_p // n_tiles
     i_t = i_p % n_tiles
     o_t = i_t * BLOCK + tl.arange(0, BLOCK)
@@ -431,17 +432,60 @@ def _epi_dk_kernel(
             tl.store(dd_ptr + i_h, tl.load(c_ptr + i_h.to(tl.int64) * N))
 
 
+@triton.jit
+def _epi_bwd_kernel(
+    # pointers: cg [R, N] fp32 corr(g, k); cv [R, N] fp32 conv(v, k) (HAS_POST);
+    # u, pre, post, dy [R, L]; d [H] fp32; outputs du, dpre, dpost [R, L]
+    cg_ptr, cv_ptr, u_ptr, pre_ptr, post_ptr, dy_ptr, d_ptr, du_ptr, dpre_ptr, dpost_ptr,
+    # sizes
+    H, L, N, n_tiles,
+    HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, BLOCK: tl.constexpr,
+):
+    _epi_bwd_rows(tl.program_id(0), cg_ptr, cv_ptr, u_ptr, pre_ptr, post_ptr, dy_ptr, d_ptr,
+                  du_ptr, dpre_ptr, dpost_ptr, H, L, N, n_tiles, HAS_D, HAS_PRE, HAS_POST, BLOCK)
+
+
+@triton.jit
+def _epi_dk_kernel(
+    # pointers: c [H, N] fp32 (sum_b corr(g_b, v_b)); dk [H, Lk] fp32; dd [H] fp32
+    c_ptr, dk_ptr, dd_ptr,
+    Lk, N, n_tiles,
+    HAS_D: tl.constexpr, BLOCK: tl.constexpr,
+):
+    _epi_dk_rows(tl.program_id(0), c_ptr, dk_ptr, dd_ptr, Lk, N, n_tiles, HAS_D, BLOCK)
+
+
+@triton.jit
+def _epi_bwd_dk_kernel(
+    # both backward epilogues in one launch (FUSED_DK_EPILOGUE): programs [0, n_row_progs) are
+    # _epi_bwd_kernel's, the rest _epi_dk_kernel's (same arithmetic, the same helpers)
+    cg_ptr, cv_ptr, u_ptr, pre_ptr, post_ptr, dy_ptr, d_ptr, du_ptr, dpre_ptr, dpost_ptr,
+    ck_ptr, dk_ptr, dd_ptr,
+    H, L, N, n_tiles, Lk, k_tiles, n_row_progs,
+    HAS_D: tl.constexpr, HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    i_p = tl.program_id(0)
+    if i_p < n_row_progs:
+        _epi_bwd_rows(i_p, cg_ptr, cv_ptr, u_ptr, pre_ptr, post_ptr, dy_ptr, d_ptr, du_ptr,
+                      dpre_ptr, dpost_ptr, H, L, N, n_tiles, HAS_D, HAS_PRE, HAS_POST, BLOCK)
+    else:
+        _epi_dk_rows(i_p - n_row_progs, ck_ptr, dk_ptr, dd_ptr, Lk, N, k_tiles, HAS_D, BLOCK_K)
+
+
 # ---------------------------------------------------------------------------------------------
 # launchers: check, allocate, launch
 # ---------------------------------------------------------------------------------------------
 
-# launch cache (_launch.py): the path runs 7 launches per forward + backward
+# launch cache (_launch.py): the path runs 6 launches per forward + backward (7 with
+# FUSED_DK_EPILOGUE off)
 _pad_kernel = fast_kernel(_pad_kernel)
 _spec_fwd_kernel = fast_kernel(_spec_fwd_kernel)
 _spec_bwd_kernel = fast_kernel(_spec_bwd_kernel)
 _epi_fwd_kernel = fast_kernel(_epi_fwd_kernel)
 _epi_bwd_kernel = fast_kernel(_epi_bwd_kernel)
 _epi_dk_kernel = fast_kernel(_epi_dk_kernel)
+_epi_bwd_dk_kernel = fast_kernel(_epi_bwd_dk_kernel)
 
 
 def _block(length: int) -> int:
@@ -467,7 +511,8 @@ def _plan(B: int, H: int, L: int, Lk: int):
     """Everything a call's launches need that depends only on the shapes, computed once per shape
     (the environment reads, tile choices and grids cost host time on every call otherwise):
     (n, R, scale, pad (grid fwd, grid bwd, tiles, BLOCK, warps), spectral (grid, BK, warps),
-    epilogue over L (grid, tiles, BLOCK, warps), dk epilogue over Lk (grid, tiles, BLOCK, warps))."""
+    epilogue over L (grid, tiles, BLOCK, warps), dk epilogue over Lk (grid, tiles, BLOCK, warps,
+    both epilogues' grid, their warps))."""
     n = fft_size(L, Lk)
     M = n // 2
     R = B * H
@@ -483,7 +528,7 @@ def _plan(B: int, H: int, L: int, Lk: int):
             ((R * pt, 1), (R * pt, 2), pt, pb, _warps(pb)),
             ((H * n_kb,), n_kb, bk, _spec_warps(bk)),
             ((R * et,), et, eb, _warps(eb)),
-            ((H * kt,), kt, kb, _warps(kb)))
+            ((H * kt,), kt, kb, _warps(kb), (R * et + H * kt,), max(_warps(eb), _warps(kb))))
 
 
 # An absent operand's pointer argument is an existing tensor (u, c, cg or dk): never dereferenced
@@ -553,14 +598,23 @@ def fft_conv_bwd(dy, u, k, D, pre, post):
     du = _alloc((B, H, L), device, u.dtype)
     dpre = _alloc((B, H, L), device, pre.dtype) if pre is not None else None
     dpost = _alloc((B, H, L), device, post.dtype) if has_post else None
+    dk = _alloc((H, Lk), device)
+    dD = _alloc((H,), device) if D is not None else None
+    if FUSED_DK_EPILOGUE:
+        _epi_bwd_dk_kernel[epk[4]](
+            cg, cv, u, pre if pre is not None else u, post if has_post else u, dy,
+            D if D is not None else cg, du, dpre if dpre is not None else u,
+            dpost if dpost is not None else u, ck, dk, dD if dD is not None else dk,
+            H, L, n, epi[1], Lk, epk[1], epi[0][0],
+            HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=has_post, BLOCK=epi[2],
+            BLOCK_K=epk[2], num_warps=epk[5])
+        return du, dk, dD, dpre, dpost
     _epi_bwd_kernel[epi[0]](
         cg, cv, u, pre if pre is not None else u, post if has_post else u, dy,
         D if D is not None else cg, du, dpre if dpre is not None else u,
         dpost if dpost is not None else u, H, L, n, epi[1],
         HAS_D=D is not None, HAS_PRE=pre is not None, HAS_POST=has_post, BLOCK=epi[2],
         num_warps=epi[3])
-    dk = _alloc((H, Lk), device)
-    dD = _alloc((H,), device) if D is not None else None
     _epi_dk_kernel[epk[0]](ck, dk, dD if dD is not None else dk, Lk, n, epk[1],
                            HAS_D=D is not None, BLOCK=epk[2], num_warps=epk[3])
     return du, dk, dD, dpre, dpost

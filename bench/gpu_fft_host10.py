@@ -1,0 +1,198 @@
+"""fft_conv's eager forward+backward host time on the GPU, taken apart (issue 8; session 10 helper
+ffthost10). Shape = `bench --overhead`'s: (B, H, L) = (1, 16, 256), Lk = 256, D on; float32 (the
+cuFFT path both ways unless interface.MONARCH16_F32 is on), bf16 (monarch16 both ways), and the
+torch.fft peer (rfft * rfft -> irfft + D u, float32), ours vs peer side by side.
+
+Per case, us per call (best of 5 x 100 calls, host clock between two synchronisations):
+  fwd        the public call without grad
+  f+b        forward + torch.autograd.grad (what gpu_host.py / bench --overhead time)
+  f+b 1thr   the same under torch.autograd.set_multithreading_enabled(False): the backward runs
+             on the calling thread instead of being handed to autograd's CUDA device thread
+  bwd main   our backward implementation (interface._conv_bwd) called on the main thread
+  floor      f+b of an autograd.Function with the same inputs / saved tensors whose forward and
+             backward launch nothing (empty_like only): autograd's own cost on this machine,
+             eager and 1thr
+  graph      f+b CUDA-graph replay (the GPU work)
+Then per f+b call, from torch.profiler: CUDA runtime / driver API calls by name and by thread
+(main / other = autograd's device thread), count and host us each; aten ops per thread; the
+cuFFT plan cache size before / after 200 calls (a plan made per call shows as growth or as
+cufftPlan / cufftMakePlan rows); one f+b under torch.cuda.set_sync_debug_mode("error")
+(a synchronising call raises); float64 checks of one f+b per dtype.
+Run from the repo root: python3 bench/gpu_fft_host10.py   (~1 min on a warm Triton cache)"""
+import threading
+import time
+
+import torch
+
+import ssm_kernels as sk
+from ssm_kernels.benchmarks.overhead import OverheadCase, _training, measure
+from ssm_kernels.fft_conv import interface as fi
+from ssm_kernels.fft_conv.reference import fft_conv_bwd_ref, fft_conv_fwd_ref
+
+B, H, L = 1, 16, 256
+
+
+def per_call(fn, calls=100, repeats=5):
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+    return best
+
+
+def single_thread(fn):
+    def run():
+        with torch.autograd.set_multithreading_enabled(False):
+            fn()
+    return run
+
+
+class _Floor(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, k, D):
+        ctx.save_for_backward(u, k, D)
+        return torch.empty_like(u)
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, k, D = ctx.saved_tensors
+        return torch.empty_like(u), torch.empty_like(k), None
+
+
+def torch_fft_conv(u, k, D):
+    n = 2 * u.shape[-1]
+    y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(k, n=n), n=n)[..., :u.shape[-1]]
+    return y + u * D[:, None]
+
+
+def api_profile(step, calls=10):
+    """{(thread, api name): (count per call, host us per call)}, {(thread, aten op): count per call}."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    main = threading.get_native_id()
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    api, aten, tids = {}, {}, set()
+    for e in prof.events():
+        if e.device_type != DeviceType.CPU:
+            continue
+        tids.add(e.thread)
+        who = "main" if e.thread == main else f"t{e.thread}"
+        if e.name.startswith("cu") and e.name != "cudaDeviceSynchronize":
+            n, us = api.get((who, e.name), (0, 0.0))
+            api[(who, e.name)] = (n + 1, us + e.time_range.elapsed_us())
+        elif e.name.startswith("aten::"):
+            aten[(who, e.name)] = aten.get((who, e.name), 0) + 1
+    return ({k: (n / calls, us / calls) for k, (n, us) in api.items()},
+            {k: n / calls for k, n in aten.items()}, main, tids)
+
+
+def sync_check(step):
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        step()
+        torch.cuda.synchronize()
+        return "none"
+    except RuntimeError as e:
+        return f"RAISED: {str(e).splitlines()[0][:100]}"
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def check64(dtype, u, k, D):
+    ul, kl = u.clone().requires_grad_(), k.clone().requires_grad_()
+    y = sk.fft_conv(ul, kl, D)
+    dy = torch.randn_like(y)
+    du, dk = torch.autograd.grad(y, [ul, kl], dy)
+    d = torch.float64
+    y64 = fft_conv_fwd_ref(u.to(d), k.to(d), D.to(d), None, None)
+    du64, dk64, _, _, _ = fft_conv_bwd_ref(dy.to(d), u.to(d), k.to(d), D.to(d), None, None)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    errs = {n: ((a.to(d) - b).abs().max() / b.abs().max()).item()
+            for n, a, b in (("y", y, y64), ("du", du, du64), ("dk", dk, dk64))}
+    ok = all(v <= tol for v in errs.values())
+    return ok, ", ".join(f"{n} {v:.1e}" for n, v in errs.items()) + f" (tol {tol:g})"
+
+
+def main():
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_fft_host10.py needs a CUDA GPU")
+    import triton
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton "
+          f"{triton.__version__}  MONARCH16_F32 {fi.MONARCH16_F32}", flush=True)
+    dev = "cuda"
+    k = torch.randn(H, L, device=dev)
+    D = torch.randn(H, device=dev)
+    u32 = torch.randn(B, H, L, device=dev)
+    rows, checks, notes = [], [], []
+    cache = torch.backends.cuda.cufft_plan_cache[0]
+    for name, dtype in (("ours fp32", torch.float32), ("ours bf16", torch.bfloat16),
+                        ("torch.fft fp32", torch.float32), ("floor", torch.float32)):
+        u = u32.to(dtype)
+        ul, kl = u.clone().requires_grad_(), k.clone().requires_grad_()
+        if name.startswith("ours"):
+            fwd = lambda u=u: sk.fft_conv(u, k, D)
+            f = lambda ul=ul, kl=kl: sk.fft_conv(ul, kl, D)
+            print(f"{name}: paths fwd {fi.triton_path('fwd', u, L)} / bwd "
+                  f"{fi.triton_path('bwd', u, L)}", flush=True)
+        elif name == "floor":
+            fwd = lambda u=u: _Floor.apply(u, k, D)
+            f = lambda ul=ul, kl=kl: _Floor.apply(ul, kl, D)
+        else:
+            fwd = lambda u=u: torch_fft_conv(u, k, D)
+            f = lambda ul=ul, kl=kl: torch_fft_conv(ul, kl, D)
+        step = _training(f, [ul, kl])
+        r = {"case": name}
+        with torch.no_grad():
+            r["fwd"] = per_call(fwd)
+        plans0 = cache.size
+        r["f+b"] = per_call(step, calls=200, repeats=1)   # also: 200+ calls for the plan cache
+        plans1 = cache.size
+        r["f+b"] = min(r["f+b"], per_call(step))
+        r["f+b 1thr"] = per_call(single_thread(step))
+        if name.startswith("ours"):
+            dy = torch.ones_like(u)
+            bwd = lambda u=u, dy=dy: fi._conv_bwd(dy, u, k, D, None, None, "auto")
+            r["bwd main"] = per_call(bwd)
+        m = measure(OverheadCase("fft_conv", name, "fwd+bwd", "", step))
+        r["graph"] = m["graph_us"] if m["graph_us"] != "" else m["note"][:30]
+        rows.append(r)
+        if name != "floor":
+            api, aten, main_tid, tids = api_profile(step)
+            print(f"\n== {name}: per f+b call (threads {sorted(tids)}, main {main_tid}); cuFFT plan "
+                  f"cache {plans0} -> {plans1} over 200+ calls (max {cache.max_size}); sync-debug: "
+                  f"{sync_check(step)}", flush=True)
+            for (who, n), (c, us) in sorted(api.items(), key=lambda x: -x[1][1]):
+                print(f"   {who:<10} {n:<34} x{c:<5g} {us:8.1f} us")
+            by_thread = {}
+            for (who, n), c in aten.items():
+                by_thread.setdefault(who, []).append(f"{n[6:]} x{c:g}")
+            for who, ops in by_thread.items():
+                print(f"   aten ops on {who}: " + ", ".join(sorted(ops)))
+        if name.startswith("ours"):
+            ok, msg = check64(dtype, u, k, D)
+            checks.append(ok)
+            print(f"   float64 check {name}: {'ok' if ok else 'FAILED'}: {msg}", flush=True)
+    cols = ["fwd", "f+b", "f+b 1thr", "bwd main", "graph"]
+    print("\nfft_conv (1,16,256) D on, us per call, eager unless graph (f+b 1thr: "
+          "set_multithreading_enabled(False); bwd main: our backward impl on the main thread)")
+    print(f"{'case':<16}" + "".join(f"{c:>10}" for c in cols))
+    for r in rows:
+        print(f"{r['case']:<16}" + "".join(
+            f"{(f'{r[c]:.1f}' if isinstance(r.get(c), float) else str(r.get(c, '-'))):>10}"
+            for c in cols))
+    print("float64 checks: " + ("all ok" if all(checks) else "FAILED"))
+
+
+if __name__ == "__main__":
+    main()
