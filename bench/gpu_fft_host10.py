@@ -18,6 +18,8 @@ Then per f+b call, from torch.profiler: CUDA runtime / driver API calls by name 
 cuFFT plan cache size before / after 200 calls (a plan made per call shows as growth or as
 cufftPlan / cufftMakePlan rows); one f+b under torch.cuda.set_sync_debug_mode("error")
 (a synchronising call raises); float64 checks of one f+b per dtype.
+"ours fp32 2epi": cufft.FUSED_DK_EPILOGUE off (the backward's epilogues as two launches, as
+before session 10), measured right after "ours fp32" (bitwise the same outputs: CPU test).
 Run from the repo root: python3 bench/gpu_fft_host10.py   (~1 min on a warm Triton cache)"""
 import threading
 import time
@@ -136,8 +138,13 @@ def main():
     u32 = torch.randn(B, H, L, device=dev)
     rows, checks, notes = [], [], []
     cache = torch.backends.cuda.cufft_plan_cache[0]
-    for name, dtype in (("ours fp32", torch.float32), ("ours bf16", torch.bfloat16),
-                        ("torch.fft fp32", torch.float32), ("floor", torch.float32)):
+    from ssm_kernels.fft_conv import cufft
+    for name, dtype in (("ours fp32", torch.float32), ("ours fp32 2epi", torch.float32),
+                        ("ours bf16", torch.bfloat16), ("torch.fft fp32", torch.float32),
+                        ("floor", torch.float32)):
+        # "2epi": FUSED_DK_EPILOGUE off (the backward's du and dk epilogues as two launches, the
+        # code before session 10), A/B against "ours fp32" (bitwise the same outputs)
+        cufft.FUSED_DK_EPILOGUE = not name.endswith("2epi")
         u = u32.to(dtype)
         ul, kl = u.clone().requires_grad_(), k.clone().requires_grad_()
         if name.startswith("ours"):
@@ -183,6 +190,7 @@ def main():
             ok, msg = check64(dtype, u, k, D)
             checks.append(ok)
             print(f"   float64 check {name}: {'ok' if ok else 'FAILED'}: {msg}", flush=True)
+    cufft.FUSED_DK_EPILOGUE = True
     cols = ["fwd", "f+b", "f+b 1thr", "bwd main", "graph"]
     print("\nfft_conv (1,16,256) D on, us per call, eager unless graph (f+b 1thr: "
           "set_multithreading_enabled(False); bwd main: our backward impl on the main thread)")

@@ -236,8 +236,9 @@ def stub_cases():
 
 def _fft_cases():
     """fft_conv at B=2 H=16 L=1024 (D on): float32 (the path fused around torch.fft, cufft.py:
-    3 launches + 2 transforms forward, 4 + 3 backward; transforms stubbed by `_stub_fft`), gates
-    off and on, and bf16 (monarch16, one kernel per pass) gates off and on."""
+    3 launches + 2 transforms forward, 3 + 2 backward (FUSED_DK_EPILOGUE, MERGED_INVERSE);
+    transforms stubbed by `_stub_fft`), gates off and on, and bf16 (monarch16, one kernel per
+    pass) gates off and on."""
     T = "triton"
     u, k, D = torch.randn(2, 16, 1024), torch.randn(16, 1024) / 30, torch.randn(16)
     pg, qg = torch.rand(2, 16, 1024), torch.rand(2, 16, 1024)
