@@ -21,7 +21,6 @@ cufftPlan / cufftMakePlan rows); one f+b under torch.cuda.set_sync_debug_mode("e
 "ours fp32 2epi": cufft.FUSED_DK_EPILOGUE off (the backward's epilogues as two launches, as
 before session 10), measured right after "ours fp32" (bitwise the same outputs: CPU test).
 Run from the repo root: python3 bench/gpu_fft_host10.py   (~1 min on a warm Triton cache)"""
-import threading
 import time
 
 import torch
@@ -74,10 +73,10 @@ def torch_fft_conv(u, k, D):
 
 
 def api_profile(step, calls=10):
-    """{(thread, api name): (count per call, host us per call)}, {(thread, aten op): count per call}."""
+    """{(thread, api name): (count per call, host us per call)}, {(thread, aten op): (count per
+    call, host us per call incl. children: e.g. aten::_fft_c2c = cuFFT's host work)}."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-    main = threading.get_native_id()
     step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -85,18 +84,66 @@ def api_profile(step, calls=10):
             step()
         torch.cuda.synchronize()
     api, aten, tids = {}, {}, set()
-    for e in prof.events():
+    events = prof.events()
+    # the main thread: the one that ran the step's own ones_like (the cotangent)
+    main = next((e.thread for e in events if e.name == "aten::ones_like"), None)
+    for e in events:
         if e.device_type != DeviceType.CPU:
             continue
         tids.add(e.thread)
-        who = "main" if e.thread == main else f"t{e.thread}"
+        who = "main" if e.thread == main else f"thread {e.thread}"
         if e.name.startswith("cu") and e.name != "cudaDeviceSynchronize":
             n, us = api.get((who, e.name), (0, 0.0))
             api[(who, e.name)] = (n + 1, us + e.time_range.elapsed_us())
         elif e.name.startswith("aten::"):
-            aten[(who, e.name)] = aten.get((who, e.name), 0) + 1
-    return ({k: (n / calls, us / calls) for k, (n, us) in api.items()},
-            {k: n / calls for k, n in aten.items()}, main, tids)
+            n, us = aten.get((who, e.name), (0, 0.0))
+            aten[(who, e.name)] = (n + 1, us + e.time_range.elapsed_us())
+    per = lambda d: {k: (n / calls, us / calls) for k, (n, us) in d.items()}
+    return per(api), per(aten), main, tids
+
+
+class _Timed(torch.autograd.Function):
+    """Runs `seq` inside its backward and adds its host time to `spent` (autograd's thread)."""
+    @staticmethod
+    def forward(ctx, x, seq, spent):
+        ctx.seq, ctx.spent = seq, spent
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        t0 = time.perf_counter()
+        ctx.seq()
+        ctx.spent[0] += time.perf_counter() - t0
+        return torch.empty_like(g), None, None
+
+
+def where_ops_cost(seq, x, n=200):
+    """Host us of one `seq()` (the fp32 backward's cuFFT calls + allocations + our 3 launches)
+    timed where it runs: on the main thread, inside an autograd backward (autograd's CUDA device
+    thread), and inside one with set_multithreading_enabled(False) (the calling thread)."""
+    out = {}
+    for _ in range(5):
+        seq()
+    torch.cuda.synchronize()
+    t = 0.0
+    for _ in range(n):
+        t0 = time.perf_counter()
+        seq()
+        t += time.perf_counter() - t0
+    out["main thread"] = t / n * 1e6
+    xl = x.clone().requires_grad_()
+    for mt in (True, False):
+        spent = [0.0]
+        with torch.autograd.set_multithreading_enabled(mt):
+            for i in range(n + 5):
+                if i == 5:
+                    torch.cuda.synchronize()
+                    spent[0] = 0.0
+                y = _Timed.apply(xl, seq, spent)
+                torch.autograd.grad(y, [xl], y)
+        torch.cuda.synchronize()
+        out["autograd device thread" if mt else "autograd, calling thread"] = spent[0] / n * 1e6
+    return out
 
 
 def sync_check(step):
@@ -136,7 +183,7 @@ def main():
     k = torch.randn(H, L, device=dev)
     D = torch.randn(H, device=dev)
     u32 = torch.randn(B, H, L, device=dev)
-    rows, checks, notes = [], [], []
+    rows, checks = [], []
     cache = torch.backends.cuda.cufft_plan_cache[0]
     from ssm_kernels.fft_conv import cufft
     for name, dtype in (("ours fp32", torch.float32), ("ours fp32 2epi", torch.float32),
@@ -182,15 +229,27 @@ def main():
             for (who, n), (c, us) in sorted(api.items(), key=lambda x: -x[1][1]):
                 print(f"   {who:<10} {n:<34} x{c:<5g} {us:8.1f} us")
             by_thread = {}
-            for (who, n), c in aten.items():
-                by_thread.setdefault(who, []).append(f"{n[6:]} x{c:g}")
+            for (who, n), (c, us) in sorted(aten.items(), key=lambda x: -x[1][1]):
+                by_thread.setdefault(who, []).append(f"{n[6:]} x{c:g} {us:.1f}us")
             for who, ops in by_thread.items():
-                print(f"   aten ops on {who}: " + ", ".join(sorted(ops)))
+                print(f"   aten ops on {who} (us incl. children): " + ", ".join(ops))
         if name.startswith("ours"):
             ok, msg = check64(dtype, u, k, D)
             checks.append(ok)
             print(f"   float64 check {name}: {'ok' if ok else 'FAILED'}: {msg}", flush=True)
     cufft.FUSED_DK_EPILOGUE = True
+    # the float32 backward's own operations (interface._conv_bwd at this shape: pad, fft, spectral,
+    # ifft, epilogues, allocations), timed per call on each thread
+    uf, dyf = u32.clone(), torch.ones_like(u32)
+    seq = lambda: fi._conv_bwd(dyf, uf, k, D, None, None, "auto")
+    print("\nour fp32 backward implementation, host us per call, by the thread it runs on: " + ", ".join(
+        f"{w} {us:.1f}" for w, us in where_ops_cost(seq, u32).items()), flush=True)
+    fft_only = lambda: torch.fft.ifft(torch.fft.fft(torch.empty(48, 256, device=dev,
+                                                                dtype=torch.complex64))[16:],
+                                      norm="forward")
+    print("its two cuFFT calls alone (fft [48, 256] + ifft [32, 256] complex64 + 1 empty), by thread: "
+          + ", ".join(f"{w} {us:.1f}" for w, us in where_ops_cost(fft_only, u32).items()),
+          flush=True)
     cols = ["fwd", "f+b", "f+b 1thr", "bwd main", "graph"]
     print("\nfft_conv (1,16,256) D on, us per call, eager unless graph (f+b 1thr: "
           "set_multithreading_enabled(False); bwd main: our backward impl on the main thread)")
