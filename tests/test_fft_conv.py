@@ -162,8 +162,9 @@ def test_fft_size():
 def test_path_table(monkeypatch):
     f32 = torch.empty(2, 3, 1024)
     b16 = f32.bfloat16()
-    assert fft_interface.triton_path("fwd", f32, 1024) == "cufft"
+    assert fft_interface.triton_path("fwd", f32, 1024) == "monarch16"   # fp32 split products, N 2048
     assert fft_interface.triton_path("bwd", f32, 1024) == "cufft"
+    assert fft_interface.triton_path("fwd", torch.empty(1, 1, 4096), 4096) == "cufft"   # N 8192
     # with monarch16 off: the old Monarch forward up to n = 2048, cuFFT otherwise
     monkeypatch.setattr(fft_interface, "MONARCH16", False)
     assert fft_interface.triton_path("fwd", b16, 1024) == "monarch"  # n = 2048 on-chip
@@ -851,7 +852,8 @@ def test_monarch16_in_place_filter_update(backend, fresh_cache, monarch16):
 def test_monarch16_path_choice(monkeypatch):
     """On by default: 16-bit forwards and backwards with N <= 8192 take monarch16, except a
     post-gated backward at N = 8192 (cuFFT measured faster there) and every backward with
-    MONARCH16_BWD_CUFFT; never float32, never past MAX_N; MONARCH16 = False turns it off."""
+    MONARCH16_BWD_CUFFT; a float32 forward only through MONARCH16_F32 (N <= 4096), never past
+    MAX_N; MONARCH16 = False turns the 16-bit use off."""
     b16 = torch.empty(1, 1, 4096, dtype=torch.bfloat16)
     b2k = torch.empty(1, 1, 2048, dtype=torch.bfloat16)
     f16 = torch.empty(1, 1, 1000, dtype=torch.float16)
@@ -866,7 +868,7 @@ def test_monarch16_path_choice(monkeypatch):
     assert fft_interface.triton_path("bwd", b16, 1, post=True) == "monarch16"     # N = 4096
     assert fft_interface.triton_path("bwd", b2k, 2048, post=True) == "monarch16"  # N = 4096
     assert fft_interface.triton_path("bwd", f16, 1000, post=True) == "monarch16"
-    assert fft_interface.triton_path("fwd", f32, 1000) != "monarch16"
+    assert fft_interface.triton_path("fwd", f32, 1000) == "monarch16"   # MONARCH16_F32, N 2048
     assert fft_interface.triton_path("bwd", f32, 1000) != "monarch16"
     b_long = torch.empty(1, 1, 4097, dtype=torch.bfloat16)
     assert fft_interface.triton_path("fwd", b_long, 4097) != "monarch16"
