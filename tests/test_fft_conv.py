@@ -1053,7 +1053,7 @@ from triton.compiler.compiler import CompiledKernel
 from triton.runtime.driver import driver
 import ssm_kernels as sk
 from ssm_kernels import _backend, _launch, _device
-from ssm_kernels.fft_conv import cufft as C, monarch16 as M
+from ssm_kernels.fft_conv import cufft as C, interface as I, monarch16 as M
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(sk.__file__)), "tests"))
 from test_launch import _Driver as Drv   # compile-only sm_90 driver
 
@@ -1067,10 +1067,13 @@ reason = _backend.triton_reason
 _backend.triton_reason = lambda device: reason(torch.device("cuda"))
 _device._sm_count = lambda index: 132
 torch.cuda.current_device = lambda: 0
-kernels = [M._monarch16_fwd_kernel, M._monarch16_bwd_kernel, C._pad_kernel, C._spec_fwd_kernel,
-           C._spec_bwd_kernel, C._epi_fwd_kernel, C._epi_bwd_kernel, C._epi_dk_kernel]
+kernels = [M._monarch16_fwd_kernel, M._monarch16_bwd_kernel, M._monarch16_f32_fwd_kernel,
+           C._pad_kernel, C._spec_fwd_kernel, C._spec_bwd_kernel, C._epi_fwd_kernel,
+           C._epi_bwd_kernel, C._epi_dk_kernel]
 assert all(isinstance(k, _launch.FastKernel) for k in kernels)
-for dtype in (torch.bfloat16, torch.float32):   # monarch16, cuFFT path
+# monarch16; float32: the monarch16 f32 forward + cuFFT backward (default), the cuFFT path both ways
+for dtype, f32 in ((torch.bfloat16, True), (torch.float32, True), (torch.float32, False)):
+    I.MONARCH16_F32 = f32
     u = torch.randn(2, 4, 200).to(dtype).requires_grad_()
     k = torch.randn(4, 200).requires_grad_()
     D = torch.randn(4)
@@ -1093,11 +1096,12 @@ for dtype in (torch.bfloat16, torch.float32):   # monarch16, cuFFT path
 
 def test_launch_cache_serves_repeat_calls():
     """Compile-only sm_90 driver, recorded launchers: a repeated fwd + bwd launches the same
-    kernels (2 monarch16, 7 on the cuFFT path) through the launch cache (every launch a hit)."""
+    kernels (2 monarch16; float32: 5 with the f32 monarch16 forward, 7 on the cuFFT path) through
+    the launch cache (every launch a hit)."""
     res = compile_for_sm90(_LAUNCH_CACHE)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
-    assert lines == ["torch.bfloat16 2 2 2", "torch.float32 7 7 7"], res.stdout
+    assert lines == ["torch.bfloat16 2 2 2", "torch.float32 5 5 5", "torch.float32 7 7 7"], res.stdout
 
 
 def test_s4d_gradcheck_and_expm1():
