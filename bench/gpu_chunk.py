@@ -1267,6 +1267,29 @@ def two_level():
     print_table(ok, title="two-level forward (TWO_LEVEL)", csv_name="gpu_chunk_tl.csv")
 
 
+def two_level_sweep():
+    """Where the two-level forward starts to win (session 10: level at B4 T4096, 12-20% faster for
+    chunk_linear_attn at B2 T16384): the same tokens per call (B x T = 32768) at T = 4096 ..
+    32768, plus B1 T65536; default vs "two-level tma" vs "two-level tma scan bv32 w4 st2", the
+    forward and (T <= 16384) forward+backward; no checks (TWO_LEVEL=1 checks every set), no
+    peers (fla's autotuning costs minutes; session 10's fla: linear_attn B2 T16384 0.501 ms).
+    TL_SWEEP=1 python bench/gpu_chunk.py (~120-180 s; AB_S caps it). CSV gpu_chunk_tl_sweep.csv."""
+    _ab_start()
+    labs = ("default", "two-level tma", "two-level tma scan bv32 w4 st2")
+    for (B, T) in ((8, 4096), (4, 8192), (2, 16384), (1, 32768), (1, 65536)):
+        case = f"B{B} T{T} H16 K=V=128"
+        for op in ("chunk_linear_attn", "chunk_simple_gla"):
+            make = lambda req, B=B, T=T, op=op: la_inputs(  # noqa: E731
+                B, T, 16, 128, 128, GATE[op], req=req)
+            for lab in labs:
+                if want(op) and _ab_time_left():
+                    modes = ("fwd", "fwd+bwd") if T <= 16384 else ("fwd",)
+                    with set_knobs(TL_SETS[lab]):
+                        bench(op, case, "ours " + lab, OURS[op], make, modes=modes)
+    print_table(True, title="two-level forward by length (TL_SWEEP)",
+                csv_name="gpu_chunk_tl_sweep.csv")
+
+
 def bench_fb(f, xs, live, do):
     return do_bench(lambda: torch.autograd.grad(f(*xs), live, do), warmup=10, rep=40,
                     return_mode="median")
@@ -1278,6 +1301,9 @@ if __name__ == "__main__":
     elif os.environ.get("TWO_LEVEL", "0") == "1":
         AB_S = float(os.environ.get("AB_S", "420"))
         two_level()
+    elif os.environ.get("TL_SWEEP", "0") == "1":
+        AB_S = float(os.environ.get("AB_S", "200"))
+        two_level_sweep()
     elif os.environ.get("FWD_DEFAULTS", "0") == "1":
         AB_S = float(os.environ.get("AB_S", "200"))
         fwd_defaults()

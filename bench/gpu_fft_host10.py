@@ -19,7 +19,8 @@ cuFFT plan cache size before / after 200 calls (a plan made per call shows as gr
 cufftPlan / cufftMakePlan rows); one f+b under torch.cuda.set_sync_debug_mode("error")
 (a synchronising call raises); float64 checks of one f+b per dtype.
 "ours fp32 2epi": cufft.FUSED_DK_EPILOGUE off (the backward's epilogues as two launches, as
-before session 10), measured right after "ours fp32" (bitwise the same outputs: CPU test).
+before session 10), measured right after "ours fp32" (bitwise the same outputs: CPU test);
+"ours fp32 cufft": interface.MONARCH16_F32 off (the forward on the cuFFT path as well).
 Run from the repo root: python3 bench/gpu_fft_host10.py   (~1 min on a warm Triton cache)"""
 import time
 
@@ -186,12 +187,15 @@ def main():
     rows, checks = [], []
     cache = torch.backends.cuda.cufft_plan_cache[0]
     from ssm_kernels.fft_conv import cufft
+    f32_default = fi.MONARCH16_F32
     for name, dtype in (("ours fp32", torch.float32), ("ours fp32 2epi", torch.float32),
-                        ("ours bf16", torch.bfloat16), ("torch.fft fp32", torch.float32),
-                        ("floor", torch.float32)):
+                        ("ours fp32 cufft", torch.float32), ("ours bf16", torch.bfloat16),
+                        ("torch.fft fp32", torch.float32), ("floor", torch.float32)):
         # "2epi": FUSED_DK_EPILOGUE off (the backward's du and dk epilogues as two launches, the
-        # code before session 10), A/B against "ours fp32" (bitwise the same outputs)
+        # code before session 10), A/B against "ours fp32" (bitwise the same outputs); "cufft":
+        # MONARCH16_F32 off (the forward on the cuFFT path too, as before session 10)
         cufft.FUSED_DK_EPILOGUE = not name.endswith("2epi")
+        fi.MONARCH16_F32 = f32_default and not name.endswith("cufft")
         u = u32.to(dtype)
         ul, kl = u.clone().requires_grad_(), k.clone().requires_grad_()
         if name.startswith("ours"):
@@ -238,6 +242,7 @@ def main():
             checks.append(ok)
             print(f"   float64 check {name}: {'ok' if ok else 'FAILED'}: {msg}", flush=True)
     cufft.FUSED_DK_EPILOGUE = True
+    fi.MONARCH16_F32 = f32_default
     # the float32 backward's own operations (interface._conv_bwd at this shape: pad, fft, spectral,
     # ifft, epilogues, allocations), timed per call on each thread
     uf, dyf = u32.clone(), torch.ones_like(u32)

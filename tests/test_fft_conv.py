@@ -162,8 +162,9 @@ def test_fft_size():
 def test_path_table(monkeypatch):
     f32 = torch.empty(2, 3, 1024)
     b16 = f32.bfloat16()
-    assert fft_interface.triton_path("fwd", f32, 1024) == "cufft"
+    assert fft_interface.triton_path("fwd", f32, 1024) == "monarch16"   # fp32 split products, N 2048
     assert fft_interface.triton_path("bwd", f32, 1024) == "cufft"
+    assert fft_interface.triton_path("fwd", torch.empty(1, 1, 4096), 4096) == "cufft"   # N 8192
     # with monarch16 off: the old Monarch forward up to n = 2048, cuFFT otherwise
     monkeypatch.setattr(fft_interface, "MONARCH16", False)
     assert fft_interface.triton_path("fwd", b16, 1024) == "monarch"  # n = 2048 on-chip
@@ -875,7 +876,8 @@ def test_monarch16_in_place_filter_update(backend, fresh_cache, monarch16):
 def test_monarch16_path_choice(monkeypatch):
     """On by default: 16-bit forwards and backwards with N <= 8192 take monarch16, except a
     post-gated backward at N = 8192 (cuFFT measured faster there) and every backward with
-    MONARCH16_BWD_CUFFT; never float32, never past MAX_N; MONARCH16 = False turns it off."""
+    MONARCH16_BWD_CUFFT; a float32 forward only through MONARCH16_F32 (N <= 4096), never past
+    MAX_N; MONARCH16 = False turns the 16-bit use off."""
     b16 = torch.empty(1, 1, 4096, dtype=torch.bfloat16)
     b2k = torch.empty(1, 1, 2048, dtype=torch.bfloat16)
     f16 = torch.empty(1, 1, 1000, dtype=torch.float16)
@@ -890,7 +892,7 @@ def test_monarch16_path_choice(monkeypatch):
     assert fft_interface.triton_path("bwd", b16, 1, post=True) == "monarch16"     # N = 4096
     assert fft_interface.triton_path("bwd", b2k, 2048, post=True) == "monarch16"  # N = 4096
     assert fft_interface.triton_path("bwd", f16, 1000, post=True) == "monarch16"
-    assert fft_interface.triton_path("fwd", f32, 1000) != "monarch16"
+    assert fft_interface.triton_path("fwd", f32, 1000) == "monarch16"   # MONARCH16_F32, N 2048
     assert fft_interface.triton_path("bwd", f32, 1000) != "monarch16"
     b_long = torch.empty(1, 1, 4097, dtype=torch.bfloat16)
     assert fft_interface.triton_path("fwd", b_long, 4097) != "monarch16"
@@ -1076,7 +1078,7 @@ from triton.compiler.compiler import CompiledKernel
 from triton.runtime.driver import driver
 import ssm_kernels as sk
 from ssm_kernels import _backend, _launch, _device
-from ssm_kernels.fft_conv import cufft as C, monarch16 as M
+from ssm_kernels.fft_conv import cufft as C, interface as I, monarch16 as M
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(sk.__file__)), "tests"))
 from test_launch import _Driver as Drv   # compile-only sm_90 driver
 
@@ -1090,11 +1092,13 @@ reason = _backend.triton_reason
 _backend.triton_reason = lambda device: reason(torch.device("cuda"))
 _device._sm_count = lambda index: 132
 torch.cuda.current_device = lambda: 0
-kernels = [M._monarch16_fwd_kernel, M._monarch16_bwd_kernel, C._pad_kernel, C._spec_fwd_kernel,
-           C._spec_bwd_kernel, C._epi_fwd_kernel, C._epi_bwd_kernel, C._epi_dk_kernel,
-           C._epi_bwd_dk_kernel]
+kernels = [M._monarch16_fwd_kernel, M._monarch16_bwd_kernel, M._monarch16_f32_fwd_kernel,
+           C._pad_kernel, C._spec_fwd_kernel, C._spec_bwd_kernel, C._epi_fwd_kernel,
+           C._epi_bwd_kernel, C._epi_dk_kernel, C._epi_bwd_dk_kernel]
 assert all(isinstance(k, _launch.FastKernel) for k in kernels)
-for dtype in (torch.bfloat16, torch.float32):   # monarch16, cuFFT path
+# monarch16; float32: the monarch16 f32 forward + cuFFT backward (default), the cuFFT path both ways
+for dtype, f32 in ((torch.bfloat16, True), (torch.float32, True), (torch.float32, False)):
+    I.MONARCH16_F32 = f32
     u = torch.randn(2, 4, 200).to(dtype).requires_grad_()
     k = torch.randn(4, 200).requires_grad_()
     D = torch.randn(4)
@@ -1117,11 +1121,13 @@ for dtype in (torch.bfloat16, torch.float32):   # monarch16, cuFFT path
 
 def test_launch_cache_serves_repeat_calls():
     """Compile-only sm_90 driver, recorded launchers: a repeated fwd + bwd launches the same
-    kernels (2 monarch16, 6 on the cuFFT path: FUSED_DK_EPILOGUE) through the launch cache (every launch a hit)."""
+    kernels (2 monarch16; float32: 4 with the f32 monarch16 forward, 6 on the cuFFT path: the
+    backward's epilogues are one launch, FUSED_DK_EPILOGUE) through the launch cache (every
+    launch a hit)."""
     res = compile_for_sm90(_LAUNCH_CACHE)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
-    assert lines == ["torch.bfloat16 2 2 2", "torch.float32 6 6 6"], res.stdout
+    assert lines == ["torch.bfloat16 2 2 2", "torch.float32 4 4 4", "torch.float32 6 6 6"], res.stdout
 
 
 def test_s4d_gradcheck_and_expm1():

@@ -1,4 +1,4 @@
-"""The float32 forward on the monarch16 kernels (interface.MONARCH16_F32, off by default): every
+"""The float32 forward on the monarch16 kernels (interface.MONARCH16_F32, on for N <= 4096): every
 product split into three fp16 tensor-core dots. Against float64 through autograd (the forward on
 the new kernel, every gradient on the cuFFT path), the float32 bound (1e-5), row blocks and the
 unblocked kernel, odd B / H, L > N / 2, extreme scales; the path table; the split tables."""
@@ -87,22 +87,25 @@ def test_f32_scaling(backend, uscale, kscale, f32_on):
 
 
 def test_f32_path_choice(monkeypatch):
-    """Off by default (fp32 never monarch16); on: the forward up to N = MAX_N, the backward on the
-    cuFFT path always (also when monarch16 is forced), 16-bit calls unchanged."""
+    """On by default up to N = 4096 (L = 2048; the GPU table: no gain at 8192); the forward only,
+    the backward on the cuFFT path always (also when monarch16 is forced), 16-bit calls unchanged;
+    off: fp32 never monarch16."""
     f32 = torch.empty(1, 1, 4096)
     b16 = torch.empty(1, 1, 4096, dtype=torch.bfloat16)
-    assert fft_interface.MONARCH16_F32 is False
-    assert fft_interface.triton_path("fwd", f32, 4096) == "cufft"
+    assert fft_interface.MONARCH16_F32 is True and fft_interface.MONARCH16_F32_MAX_N == 4096
+    assert fft_interface.triton_path("fwd", f32, 4096) == "cufft"                    # N = 8192
+    assert fft_interface.triton_path("fwd", f32[..., :2048], 2048) == "monarch16"    # N = 4096
+    assert fft_interface.triton_path("bwd", f32[..., :2048], 2048) == "cufft"
+    monkeypatch.setattr(fft_interface, "MONARCH16_F32", False)
+    assert fft_interface.triton_path("fwd", f32[..., :2048], 2048) == "cufft"
     monkeypatch.setattr(fft_interface, "MONARCH16_F32", True)
+    monkeypatch.setattr(fft_interface, "MONARCH16_F32_MAX_N", 8192)
     assert fft_interface.triton_path("fwd", f32, 4096) == "monarch16"
     assert fft_interface.triton_path("fwd", f32[..., :1000], 1000) == "monarch16"
     assert fft_interface.triton_path("bwd", f32, 4096) == "cufft"
     assert fft_interface.triton_path("fwd", torch.empty(1, 1, 4097), 4097) == "cufft"   # N > 8192
     assert fft_interface.triton_path("fwd", b16, 4096) == "monarch16"
     assert fft_interface.triton_path("bwd", b16, 4096) == "monarch16"
-    monkeypatch.setattr(fft_interface, "MONARCH16_F32_MAX_N", 4096)
-    assert fft_interface.triton_path("fwd", f32, 4096) == "cufft"                    # N = 8192
-    assert fft_interface.triton_path("fwd", f32[..., :2048], 2048) == "monarch16"    # N = 4096
     monkeypatch.setattr(fft_interface, "FORCE_PATH", "monarch16")
     assert fft_interface.triton_path("bwd", f32, 4096) == "cufft"
     assert fft_interface.triton_path("bwd", b16, 4096) == "monarch16"

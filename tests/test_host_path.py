@@ -188,13 +188,11 @@ PINNED = {
     # and its two items: beta's range) and the buffers plus one 1-element dummy per launch
     "chunk_gated_delta_rule fwd": (3, 10),
     "fused_recurrent_gated_delta_rule decode": (1, 7),
-    "fft_conv fwd": (3, 4),
-    # (MERGED_INVERSE, the default since the session-7 GPU A/B: the backward's two inverse
-    # transforms as one call; 12 torch ops with it off. FUSED_DK_EPILOGUE: the backward's du and
-    # dk epilogues in one launch; 7 launches with it off)
-    "fft_conv fwd+bwd": (6, 10),
-    # (the cuFFT path: absent operands pass an existing pointer, no allocation; no empty
-    # gradients for absent inputs in eager backward)
+    # float32 (session 10 default): the monarch16 split-product forward (y only), the cuFFT
+    # backward (MERGED_INVERSE: its two inverse transforms in one call; FUSED_DK_EPILOGUE: its
+    # du and dk epilogues in one launch, 5 launches with it off)
+    "fft_conv fwd": (1, 1),
+    "fft_conv fwd+bwd": (4, 7),
     # 16-bit storage: monarch16 (one kernel per pass; cached DFT and filter tables). Forward:
     # y; backward: du, the dk-spectrum buffer, dD partials, dk
     "fft_conv bf16 fwd": (1, 1),
@@ -230,15 +228,29 @@ def test_kept_states_launches_are_pinned(name, stubbed_launches, monkeypatch):
     assert len(_count(_cases()[inference], stubbed_launches)[1]) == PINNED[inference][1]
 
 
+# float32 with MONARCH16_F32 off: the cuFFT path both ways (absent operands pass an existing
+# pointer, no allocation; no empty gradients for absent inputs in eager backward)
+CUFFT_F32_PINNED = {"fft_conv fwd": (3, 4), "fft_conv fwd+bwd": (6, 10)}   # (7, 10): 2 epilogues
+
+
+@pytest.mark.parametrize("name", sorted(CUFFT_F32_PINNED))
+def test_fft_conv_cufft_path_pinned(name, stubbed_launches, monkeypatch):
+    from ssm_kernels.fft_conv import interface
+    monkeypatch.setattr(interface, "MONARCH16_F32", False)
+    launches, work = _count(_cases()[name], stubbed_launches)
+    assert (launches, len(work)) == CUFFT_F32_PINNED[name], f"{launches} launches, torch ops {work}"
+
+
 def test_fft_conv_merged_inverse_pin(stubbed_launches, monkeypatch):
     """cufft.MERGED_INVERSE off (on by default since the GPU A/B, bench/gpu_fft_merged.py): the
     float32 backward's two inverse transforms are two calls and the dk-spectrum buffer its own
-    allocation: two torch ops more per fwd+bwd than PINNED (one _fft_c2c, one empty), same
+    allocation: two torch ops more per fwd+bwd on the cuFFT path (one _fft_c2c, one empty), same
     launches."""
-    from ssm_kernels.fft_conv import cufft
+    from ssm_kernels.fft_conv import cufft, interface
     monkeypatch.setattr(cufft, "MERGED_INVERSE", False)
+    monkeypatch.setattr(interface, "MONARCH16_F32", False)
     launches, work = _count(_cases()["fft_conv fwd+bwd"], stubbed_launches)
-    want = PINNED["fft_conv fwd+bwd"]
+    want = CUFFT_F32_PINNED["fft_conv fwd+bwd"]
     assert (launches, len(work)) == (want[0], want[1] + 2), f"{launches} launches, torch ops {work}"
     assert work.count("_fft_c2c") == 5
 
@@ -248,13 +260,19 @@ _SYNCING = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "_t
             "allclose", "_assert_async"}
 
 
-@pytest.mark.parametrize("name", ["fft_conv fwd+bwd", "fft_conv bf16 fwd+bwd"])
-def test_fft_conv_steady_state_has_no_sync_and_no_filter_transform(name, stubbed_launches):
+@pytest.mark.parametrize("name,f32_monarch", [("fft_conv fwd+bwd", True), ("fft_conv fwd+bwd", False),
+                                              ("fft_conv bf16 fwd+bwd", True)])
+def test_fft_conv_steady_state_has_no_sync_and_no_filter_transform(name, f32_monarch,
+                                                                   stubbed_launches, monkeypatch):
     """issue 8 (session 10: the H100's eager fp32 f+b 631 us against 29 us of GPU work): the
     default fwd+bwd of fft_conv, three successive calls, each the same launches, no op that
     synchronises with the device (item / nonzero / host copies), no device placement other than
     the inputs', and no transform of the filter (the spectrum cache serves the backward too: a
-    miss there costs an rfft, its plan lookup and an allocation per call on autograd's thread)."""
+    miss there costs an rfft, its plan lookup and an allocation per call on autograd's thread).
+    float32: the default (monarch16 split-product forward, cuFFT backward) and the cuFFT path
+    both ways (MONARCH16_F32 off)."""
+    from ssm_kernels.fft_conv import interface
+    monkeypatch.setattr(interface, "MONARCH16_F32", f32_monarch)
     fn = _cases()[name]
     fn()
     seqs = []

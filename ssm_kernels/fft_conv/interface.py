@@ -61,13 +61,12 @@ MONARCH16_BWD_CUFFT = False
 MONARCH16_BWD_CUFFT_POST_N = 8192
 # float32 forward on the monarch16 kernels with every product split into three fp16 tensor-core
 # dots (monarch16._monarch16_f32_fwd_kernel; ~22-bit products, the float32 bound holds) for
-# transform sizes N <= monarch16.MAX_N (L <= 4096 with Lk <= L); the fp32 backward stays on the
-# cuFFT path. OFF by default until a GPU run (bench/gpu_fft9.py) shows it faster than the cuFFT
-# forward (issue 11: the fp32 forward is 1.7x torch there, the goal 2x). MONARCH16_F32_MAX_N: the
-# largest transform size it serves when on (a power of two <= monarch16.MAX_N; the GPU table may
-# show it winning at N = 2048 / 4096 and not at 8192).
-MONARCH16_F32 = False
-MONARCH16_F32_MAX_N = 8192
+# transform sizes N <= MONARCH16_F32_MAX_N; the fp32 backward stays on the cuFFT path. Measured on
+# the H100 (session 10, bench/gpu_fft9.py, B8 H768): L=1024 (N 2048) 0.117 vs cuFFT path 0.182 ms,
+# L=2048 (N 4096) 0.264 vs 0.353; L=4096 (N 8192) 0.688 vs 0.675 (no gain, register-bound: 255
+# regs, 18 B spilled), so it serves N <= 4096.
+MONARCH16_F32 = True
+MONARCH16_F32_MAX_N = 4096
 
 
 @functools.lru_cache(maxsize=4096)

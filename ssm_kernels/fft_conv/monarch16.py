@@ -615,7 +615,7 @@ def _fwd_launch(kernel, u, D, pre, post, filt, tables, S, per, n1, n2, r1, bj, *
 
 # ---------------------------------------------------------------------------------------------
 # float32 storage (issue 11, session 9 helper fft9): the same on-chip transform with every product
-# on fp16 tensor cores in three parts (interface.MONARCH16_F32, off by default)
+# on fp16 tensor cores in three parts (interface.MONARCH16_F32: on for N <= 4096)
 # ---------------------------------------------------------------------------------------------
 #
 # An fp32 tile x (already inside fp16's range by the scales of the module docstring) is split into
