@@ -123,7 +123,7 @@ def reference_checks(v):
 
 
 def bitwise_checks(name, inp, variants, cu=None, softplus=True):
-    """Every gradient of each variant vs variant 0's, from one forward's checkpoints."""
+    """Every gradient of each variant vs the first one's, from one forward's checkpoints."""
     g = gs.to(inp, DEV)
     cu_d = None if cu is None else cu.to(DEV)
     _, last, ck = sc.selective_scan_fwd(*fwd_args(g, cu_d), softplus, True)
@@ -143,15 +143,23 @@ def bitwise_checks(name, inp, variants, cu=None, softplus=True):
                for nm, a, b in zip(GRADS, grads, base)
                if (a is None) != (b is None) or (a is not None and not torch.equal(a, b))]
         same = "bitwise" if not bad else "differs: " + ", ".join(bad)
-        print(f"[{name}] bwd v{v} vs v0: {same}", flush=True)
+        print(f"[{name}] bwd v{v} vs v{variants[0]}: {same}", flush=True)
         if bad:
-            gs.FAILS.append(f"{name} bwd v{v}: not bitwise equal to v0 ({same})")
-        ROWS.append(("check", name, v, "vs v0", same))
+            gs.FAILS.append(f"{name} bwd v{v}: not bitwise equal to v{variants[0]} ({same})")
+        ROWS.append(("check", name, v, f"vs v{variants[0]}", same))
     set_bwd_variant(0)
 
 
-def fwd_bitwise(name, inp, variants, cu=None, softplus=True):
-    """out, last state and the written checkpoint rows of each forward variant vs forward 0's."""
+def out_close(a, b) -> bool:
+    """a within one storage ulp of b (plus a float32 cancellation floor): y summed in another order."""
+    ulp = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}.get(a.dtype, 2.0 ** -20)
+    ref = b.float().abs()
+    return bool(((a.float() - b.float()).abs() <= ref * ulp + 1e-5 * ref.max() + 1e-6).all())
+
+
+def fwd_bitwise(name, inp, variants, cu=None, softplus=True, rounding=()):
+    """out, last state and the written checkpoint rows of each forward variant vs the first one's
+    (variants in `rounding`: out within rounding (out_close), states still bitwise)."""
     g = gs.to(inp, DEV)
     cu_d = None if cu is None else cu.to(DEV)
     base = None
@@ -172,21 +180,22 @@ def fwd_bitwise(name, inp, variants, cu=None, softplus=True):
         res[2] = res[2][:base[2].shape[0]]
         bad = [f"{nm} " + ("shape" if a.shape != b.shape else f"{rel_err(a, b):.1e}")
                for nm, a, b in zip(("out", "last", "ckpt"), res, base)
-               if a.shape != b.shape or not torch.equal(a, b)]
-        same = "bitwise" if not bad else "differs: " + ", ".join(bad)
-        print(f"[{name}] fwd v{v} vs v0: {same}", flush=True)
+               if a.shape != b.shape or not (torch.equal(a, b) or
+                                             (nm == "out" and v in rounding and out_close(a, b)))]
+        same = "bitwise" if torch.equal(res[0], base[0]) else f"out within rounding ({rel_err(res[0], base[0]):.1e})"
+        same = same if not bad else "differs: " + ", ".join(bad)
+        print(f"[{name}] fwd v{v} vs v{variants[0]}: {same}", flush=True)
         if bad:
-            gs.FAILS.append(f"{name} fwd v{v}: not bitwise equal to fwd v0 ({same})")
-        ROWS.append(("check", name, f"fwd{v}", "vs v0", same))
+            gs.FAILS.append(f"{name} fwd v{v}: not equal to fwd v{variants[0]} ({same})")
+        ROWS.append(("check", name, f"fwd{v}", f"vs v{variants[0]}", same))
     set_fwd_variant(0)
 
 
-def fwd_checks(fvariants):
-    if len(fvariants) < 2:
-        return
+def fwd_cases():
+    """(name, inputs, cu_seqlens, softplus) of the forward-variant comparisons."""
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     m = gs.make
-    cases = [
+    return [
         ("bf16 B=8 D=1536 L=2048 N=16", m(8, 1536, 2048, 16, bf16, seed=35), None, True),
         ("bf16 B=4 D=4096 L=4096 N=16", m(4, 4096, 4096, 16, bf16, seed=36), None, True),
         ("bf16 L=2056 (aligned, last chunk 8)", m(2, 64, 2056, 16, bf16, seed=40), None, True),
@@ -205,7 +214,13 @@ def fwd_checks(fvariants):
         ("bf16 varlen aligned (8, 1016, 1024)", m(1, 64, 2048, 16, bf16, nseq=3, seed=43),
          torch.tensor([0, 8, 1024, 2048], dtype=torch.int32), True),
     ]
-    for name, inp, cu, sp in cases:
+
+
+def fwd_checks(fvariants):
+    if len(fvariants) < 2:
+        return
+    bf16 = torch.bfloat16
+    for name, inp, cu, sp in fwd_cases():
         fwd_bitwise(name, inp, fvariants, cu=cu, softplus=sp)
     for v in fvariants[1:]:  # float64 (fwd, then the default backward on its checkpoints)
         set_fwd_variant(v)
@@ -232,15 +247,23 @@ def checks(variants, fvariants):
                    variants)
 
 
-def bench(variants, fvariants):
+def do_bench(f) -> float:
     import triton
-    mamba_scan = gs.mamba_peer()
-    do = lambda f: triton.testing.do_bench(f, warmup=10, rep=50, return_mode="median")  # noqa: E731
+    return triton.testing.do_bench(f, warmup=10, rep=50, return_mode="median")
+
+
+def shape_inputs():
+    """Per benchmark shape: (label, selective_scan_fwd's first 10 args, dout, dlast)."""
     for (Bt, D, L, N) in gs.BENCH_SHAPES:
-        shape = f"B={Bt} D={D} L={L} N={N}"
         u, delta, A, Bm, Cm, Dv, z, bias, dout = gs.bench_inputs(Bt, D, L, N)
-        dlast = torch.zeros(Bt, D, N, device=DEV)
-        a = (u, delta, A, Bm, Cm, Dv, z, bias, None, None)
+        yield (f"B={Bt} D={D} L={L} N={N}", (u, delta, A, Bm, Cm, Dv, z, bias, None, None), dout,
+               torch.zeros(Bt, D, N, device=DEV))
+
+
+def bench(variants, fvariants):
+    mamba_scan = gs.mamba_peer()
+    do = do_bench
+    for shape, a, dout, dlast in shape_inputs():
         with torch.no_grad():
             fbest = (float("inf"), 0)
             for fv in fvariants:
@@ -269,21 +292,26 @@ def bench(variants, fvariants):
             ROWS.append(("bench", shape, f"f{fbest[1]}+b{bbest}", "fwd+bwd", do(fb)))
             set_fwd_variant(0)
             set_bwd_variant(0)
-            if mamba_scan is not None:
-                ROWS.append(("bench", shape, "mamba", "fwd", do(lambda: mamba_scan(
-                    u, delta, A, Bm, Cm, Dv, z, bias, delta_softplus=True))))
-        if mamba_scan is not None:
-            leaves = [t.detach().clone().requires_grad_() for t in (u, delta, A, Bm, Cm, Dv, z, bias)]
-
-            def mfb():
-                for t in leaves:
-                    t.grad = None
-                mamba_scan(*leaves, delta_softplus=True).backward(dout)
-            try:
-                ROWS.append(("bench", shape, "mamba", "fwd+bwd", do(mfb)))
-            except Exception as e:
-                print(f"  mamba fwd+bwd failed: {type(e).__name__}: {e}", flush=True)
+        mamba_rows(mamba_scan, do, shape, a[:8], dout)
         print(f"[bench] {shape} done ({time.time() - T0:.0f} s)", flush=True)
+
+
+def mamba_rows(mamba_scan, do, shape, inputs, dout):
+    """mamba-ssm's fwd and fwd+bwd times at one shape (inputs: u, delta, A, B, C, D, z, bias) -> ROWS."""
+    if mamba_scan is None:
+        return
+    with torch.no_grad():
+        ROWS.append(("bench", shape, "mamba", "fwd", do(lambda: mamba_scan(*inputs, delta_softplus=True))))
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+
+    def mfb():
+        for t in leaves:
+            t.grad = None
+        mamba_scan(*leaves, delta_softplus=True).backward(dout)
+    try:
+        ROWS.append(("bench", shape, "mamba", "fwd+bwd", do(mfb)))
+    except Exception as e:
+        print(f"  mamba fwd+bwd failed: {type(e).__name__}: {e}", flush=True)
 
 
 def report():

@@ -327,15 +327,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "forward variant (issue 9): 0 (default) lean kernel; 1 coalesced staging; 2 / 3 = 1 plus "
         "8- / 32-step y groups with vector stores; 4 = 32-step groups alone; 5 = two channels per "
         "thread; 6-10 (session 8): 3 with 16-byte (dt, dt u) loads (6), B/C as packed 16-bit "
-        "pairs (7), C alone packed (8), lanes remapped for uniform-pair B/C loads on 6 / 7 (9 / 10) "
-        "(N <= 16, B and C "
+        "pairs (7), C alone packed (8), lanes remapped for uniform-pair B/C loads on 6 / 7 (9 / 10); "
+        "11 / 12 (session 10): 8 lanes x 2 states per channel, 256 threads, 16- / 32-step y groups "
+        "(out within rounding, states bitwise) (N <= 16, B and C "
         "time-varying, poly off; all bitwise equal); set selects it; returns the previous one (the "
         "first call reads SSM_KERNELS_SSCAN_FWD_VARIANT)");
   m.def("selective_scan_bwd_variant", &ssm::selective_scan_bwd_variant, pybind11::arg("set") = -1,
         "backward kernel variant (issue 9): 2 (default; fused I/O, N <= 16 with time-varying B and "
         "C), 3 (the same at 3 blocks/SM), 4 (2 with coalesced staging), 5 (4 with the dB/dC channel "
         "reduce through shared memory), 6 (3 with 5's reductions; session 8), 7 (6 when it saves a "
-        "wave, else 5), 8 (5 in 32-step chunks, 3 blocks/SM), 9 (8 when it saves a wave, else 5) or 0 (the original); set selects it; returns the previous one (the first call reads "
+        "wave, else 5), 8 (5 in 32-step chunks, 3 blocks/SM), 9 (8 when it saves a wave, else 5), "
+        "10 / 11 (8 with remapped lanes, shuffle / shared-tile reductions; session 10) or 0 (the original); set selects it; returns the previous one (the first call reads "
         "SSM_KERNELS_SSCAN_BWD_VARIANT)");
   m.def("selective_scan_bwd", &selective_scan_bwd,
         "selective_scan backward -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0]");

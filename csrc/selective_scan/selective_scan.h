@@ -52,8 +52,10 @@ int selective_scan_fwd_poly(int set = -1);
 // channels per thread (64-thread blocks; one B/C read per step serves both); session 8: 6 = 3 with
 // two steps of (dt, dt u) per 16-byte load, 7 / 8 = 6 with B and C / C alone as packed 16-bit
 // pairs in shared memory, 9 / 10 = 6 / 7 with lanes remapped so B/C loads are uniform pairs. All
-// bitwise equal to 0; 9 is the default (session 9). The first query reads
-// SSM_KERNELS_SSCAN_FWD_VARIANT; set in 0..10 sets it;
+// bitwise equal to 0; 9 is the default (session 9); session 10: 11 = 9's layout with 8 lanes x 2
+// states per channel and 256-thread blocks (twice the warps; out within float32 rounding of 9,
+// states bitwise), 12 = 11 with 32-step y groups at 3 blocks per SM. The first query reads
+// SSM_KERNELS_SSCAN_FWD_VARIANT; set in 0..12 sets it;
 // returns the previous value. Host-side global, not thread safe.
 int selective_scan_fwd_variant(int set = -1);
 
@@ -109,7 +111,8 @@ struct SelectiveScanBwdParams {
 // SSM_KERNELS_SSCAN_BWD_VARIANT (0, 2, 3 = 3 blocks/SM, or 4 = 2 with coalesced staging of
 // aligned chunks, 5 = 4 with the reductions through shared memory, 6 = 3 with 5's
 // reductions, 7 = 6 or 5 per launch by wave count, 8 = 5 in 32-step chunks at 3 blocks/SM, 9 =
-// 8 or 5 by wave count (the default); anything else 0); set = 0 or 2..9 sets it;
+// 8 or 5 by wave count (the default); session 10: 10 = 8 with lanes remapped (uniform-pair B/C
+// loads) and shuffle reductions, 11 = 8 with the remap only; anything else 0); set = 0 or 2..11 sets it;
 // returns the previous value. Host-side global: not per stream, not thread safe.
 int selective_scan_bwd_variant(int set = -1);
 

@@ -138,10 +138,20 @@ __device__ __forceinline__ void store2(float* dst, float a, float b) {
 template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO>
 __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdParams& p) {
   constexpr bool kFuse = kIO >= 2, kDirect = kIO == 3 || kIO == 6;
-  constexpr bool kXch = kIO == 5 || kIO == 6 || kIO == 8;
+  // kIO 10, 11 (backward variants 10, 11; issue 9 session 10, bench/NOTES.md "sscan10"): kIO 8 with
+  // the lanes remapped as in the forward's variant 9 (lane = ch0 | slice << 1 | (ch >> 1) << 3 within
+  // a warp's 8 channels): lanes T, T^1 share the slice, so every B/C LDS.128 is a "uniform pair"
+  // load (2 shared-memory passes instead of 4), and T, T^2 share the channel ((dt, dt u, dy, -) pairs
+  // as before). kIO 10 also does both warp reductions by shuffles (reduce-scatter over the channel
+  // lanes' xor masks 16, 8, 1 and over the slice lanes at stride 2; variant 2's trees) instead of
+  // the shared tile: 7 + 6 SHFL instead of 16 + 16 wavefronts per exchange. kIO 11 keeps kIO 8's
+  // shared-tile reductions (their addresses come from (cidx, slice), so they stay conflict-free).
+  // The thread -> (channel, slice) map changes, every thread's arithmetic does not: bitwise equal.
+  constexpr bool kRemap = kIO == 10 || kIO == 11;
+  constexpr bool kXch = kIO == 5 || kIO == 6 || kIO == 8 || kIO == 11;
   // kIO 8: chunks of kChunk steps, checkpoints every kSplit chunks; an upper half first rebuilds
   // the state at its start from the checkpoint over the lower half (the rebuild tiles)
-  constexpr bool kRb = kIO == 8;
+  constexpr bool kRb = kIO == 8 || kRemap;
   constexpr int kSplit = kRb ? 2 : 1;
   using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS, kDirect, kXch, kRb>;
   constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl, kNV = Lay::kNV;
@@ -162,8 +172,13 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
   [[maybe_unused]] float* s_Br = reinterpret_cast<float*>(smem + Lay::oBr);   // kRb: B [t][n]
 
   const int tid = threadIdx.x;
-  const int ch = tid / kTPC, slice = tid % kTPC;
-  const int warp = tid / 32, cidx = (tid % 32) / kTPC;  // cidx: channel index within the warp
+  // thread -> (channel, slice, channel lane in the warp); kRemap: see above (kTPC 4, 8 per warp)
+  static_assert(!kRemap || (kTPC == 4 && kNPT == 4), "remap: 4 lanes x 4 states per channel");
+  auto ch_of = [](int t) { return kRemap ? (t >> 5) * 8 + ((t >> 3) & 3) * 2 + (t & 1) : t / kTPC; };
+  auto slice_of = [](int t) { return kRemap ? (t >> 1) & 3 : t % kTPC; };
+  auto cidx_of = [](int t) { return kRemap ? ((t >> 3) & 3) * 2 + (t & 1) : (t % 32) / kTPC; };
+  const int ch = ch_of(tid), slice = slice_of(tid);
+  const int warp = tid / 32, cidx = cidx_of(tid);  // cidx: channel index within the warp
   const int64_t DG = p.dim / p.groups;
   const int64_t g = blockIdx.y, s = blockIdx.z;
   const int64_t dl0 = static_cast<int64_t>(blockIdx.x) * kD;
@@ -253,6 +268,8 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
 #pragma unroll
       for (int c = 0; c < 8; ++c) x[c] = (c & 1) ? r1[c * 32] : r0[c * 32];
       v[0] = ((x[0] + x[4]) + (x[2] + x[6])) + ((x[1] + x[5]) + (x[3] + x[7]));
+    } else if constexpr (kRemap) {  // channel lane bits 1, 2, 4 = lane xor 1, 8, 16
+      reduce_scatter_xor<kCW, 1, 8, 16>(v, cidx);
     } else {
       reduce_scatter_lanes<kCW, kTPC>(v, cidx);
     }
@@ -275,7 +292,7 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
         v[o] = (x.x + x.z) + (x.y + x.w);
       }
     } else {
-      reduce_scatter_lanes<kTPC, 1>(v, slice);
+      reduce_scatter_lanes<kTPC, kRemap ? 2 : 1>(v, slice);
     }
   };
 
@@ -339,7 +356,7 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
           }
         }
       }
-      if constexpr (kIO == 4 || kIO == 5 || kIO == 8) {  // coalesced: kChunk / kV lanes per row window (whole lines)
+      if constexpr (kIO == 4 || kIO == 5 || kRb) {  // coalesced: kChunk / kV lanes per row window (whole lines)
         if (ush == 0 && lsh == 0 && bsh == 0) {
           PieceStager<T, kRows, kThreads, kRowEl, kChunk>::issue_direct(raw, otid, c0, len, row_of2);
           return;
@@ -558,7 +575,7 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
     {
       float h[kNPT];
       // kIO 8: the channel from an opaque thread index (int64 d is not kept live through the loop)
-      const int64_t dck = kRb ? d0 + opaque_tid() / kTPC : d;
+      const int64_t dck = kRb ? d0 + ch_of(opaque_tid()) : d;
       const float* src = p.ckpt + ((ck0 + c / kSplit) * p.dim + dck) * p.N + slice * kNPT;
 #pragma unroll
       for (int k = 0; k < kNPT; ++k) h[k] = (ch_ok && slice * kNPT + k < N) ? src[k] : 0.f;
@@ -603,16 +620,16 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
       [[maybe_unused]] float* wl = wp;
       if constexpr (kRb) {
         static_assert(!kRb || Lay::kOwn == 1, "one item per lane");
-        const int t2 = opaque_tid(), c2 = (t2 % 32) / kTPC;
+        const int t2 = opaque_tid(), c2 = cidx_of(t2);
         wl = s_wp + buf * Lay::kWP + (t2 / 32) * (2 * kS * kNP) + (c2 / kNPT) * kNP +
-             (t2 % kTPC) * kNPT + c2 % kNPT;
+             slice_of(t2) * kNPT + c2 % kNPT;
       }
       // kIO 8: the B/C read pointers likewise (B and C time-varying: [t][n], C kBC floats after B)
       const float* pB2 = pB;
       const float* pC2 = pC;
       [[maybe_unused]] const int sBt2 = kRb ? kBP : sBt, sCt2 = kRb ? kBP : sCt;
       if constexpr (kRb) {
-        pB2 = s_B + (opaque_tid() % kTPC) * kNPT;
+        pB2 = s_B + slice_of(opaque_tid()) * kNPT;
         pC2 = pB2 + (Lay::oC - Lay::oB) / sizeof(float);
       }
       float a[kS][kNPT], P[kS][kNPT], yv[kS], dv[kS], gv[kS];
@@ -654,7 +671,7 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
       constexpr int kMine = kS >= kTPC ? kS / kTPC : 1;
       constexpr int kRep = kS >= kTPC ? 1 : kTPC / kS;  // lanes holding the same sums
       // (kIO 8: from an opaque thread index, as below: fewer values live through the loop)
-      const int j0 = kS >= kTPC ? (kRb ? opaque_tid() % kTPC : slice) * kMine : slice / kRep;
+      const int j0 = kS >= kTPC ? (kRb ? slice_of(opaque_tid()) : slice) * kMine : slice / kRep;
       const bool owner = (slice % kRep) == 0;
       // kDirect: the owner's u, z, dout of its steps, loaded here so that the reduce-scatters
       // below (adjoint, sums) cover the (L2) latency
@@ -753,7 +770,7 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
           static_assert(!kFuse || kMine == 2, "kFuse: two steps per owner lane");
           const int t0 = sc * kS + j0;
           if (owner && ch_ok && t0 < len) {
-            const int64_t e = ubase + (kRb ? opaque_tid() / kTPC : ch) * L + c0 + t0;
+            const int64_t e = ubase + (kRb ? ch_of(opaque_tid()) : ch) * L + c0 + t0;
             T* gdu = static_cast<T*>(p.du) + e;
             T* gdd = static_cast<T*>(p.ddelta) + e;
             T* gdz = static_cast<T*>(p.dz) + e;
@@ -850,7 +867,7 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
 
   // ---- per-sequence results
   {
-  [[maybe_unused]] const int64_t d = kRb ? d0 + opaque_tid() / kTPC : d_v;  // kIO 8: recomputed
+  [[maybe_unused]] const int64_t d = kRb ? d0 + ch_of(opaque_tid()) : d_v;  // kIO 8: recomputed
   if (ch_ok) {
     const int64_t o = (s * p.dim + d) * p.N + slice * kNPT;
 #pragma unroll
@@ -863,9 +880,9 @@ __device__ __forceinline__ void selective_scan_bwd_body(const SelectiveScanBwdPa
     }
   }
 #pragma unroll
-  for (int m = 1; m < kTPC; m *= 2) {  // over the channel's lanes, fixed order
-    dD_acc += __shfl_xor_sync(0xffffffffu, dD_acc, m);
-    dbias_acc += __shfl_xor_sync(0xffffffffu, dbias_acc, m);
+  for (int m = 1; m < kTPC; m *= 2) {  // over the channel's lanes, fixed order (slice bit m)
+    dD_acc += __shfl_xor_sync(0xffffffffu, dD_acc, kRemap ? 2 * m : m);
+    dbias_acc += __shfl_xor_sync(0xffffffffu, dbias_acc, kRemap ? 2 * m : m);
   }
   if (ch_ok && slice == 0) {
     if (p.dD_part) p.dD_part[s * p.dim + d] = dD_acc;
@@ -879,7 +896,7 @@ __global__ void __launch_bounds__(kThreads) selective_scan_bwd_kernel(const Sele
   selective_scan_bwd_body<T, kNPT, kTPC, kChunk, kS, kMode, kIO>(p);
 }
 template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO>
-__global__ void __launch_bounds__(kThreads, (kIO == 3 || kIO == 6 || (kIO == 8 && sizeof(T) < 4)) ? 3 : 2)
+__global__ void __launch_bounds__(kThreads, (kIO == 3 || kIO == 6 || (kIO >= 8 && sizeof(T) < 4)) ? 3 : 2)
     selective_scan_bwd_kernel_mb(const SelectiveScanBwdParams p) {  // kIO 2, 3: min blocks per SM
   selective_scan_bwd_body<T, kNPT, kTPC, kChunk, kS, kMode, kIO>(p);
 }
@@ -914,9 +931,10 @@ __global__ void __launch_bounds__(256) sum_parts_kernel(const SumJobs jobs) {
 
 template <typename T, int kNPT, int kTPC, int kChunk, int kS, int kMode, int kIO = 0>
 cudaError_t launch_mode(const SelectiveScanBwdParams& p, cudaStream_t stream) {
+  constexpr bool kRbL = kIO == 8 || kIO == 10 || kIO == 11;  // 32-step chunks, rebuild tiles
   using Lay = BwdLayout<T, kNPT, kTPC, kChunk, kS, kIO == 3 || kIO == 6,
-                        kIO == 5 || kIO == 6 || kIO == 8, kIO == 8>;
-  if (p.ck_len != (kIO == 8 ? 2 : 1) * kChunk) return cudaErrorInvalidValue;  // checkpoint spacing
+                        kIO == 5 || kIO == 6 || kIO == 8 || kIO == 11, kRbL>;
+  if (p.ck_len != (kRbL ? 2 : 1) * kChunk) return cudaErrorInvalidValue;  // checkpoint spacing
   auto kernel = [] {
     if constexpr (kIO == 0) return selective_scan_bwd_kernel<T, kNPT, kTPC, kChunk, kS, kMode, kIO>;
     else return selective_scan_bwd_kernel_mb<T, kNPT, kTPC, kChunk, kS, kMode, kIO>;
@@ -1015,10 +1033,10 @@ int selective_scan_bwd_variant(int set) {
     // 2.557 vs 2.558 at B4 D4096 L4096 (picks 5; 8 alone 3.167). Session 8: 5 beat 2 (1.086 vs
     // 1.139); session 6: 2 beat 0 (1.148 vs 1.559) and 3 lost the larger shape
     const int v = env ? std::atoi(env) : 9;
-    g_bwd_variant = (v >= 2 && v <= 9) ? v : 0;
+    g_bwd_variant = (v >= 2 && v <= 11) ? v : 0;
   }
   const int prev = g_bwd_variant;
-  if (set == 0 || (set >= 2 && set <= 9)) g_bwd_variant = set;
+  if (set == 0 || (set >= 2 && set <= 11)) g_bwd_variant = set;
   return prev;
 }
 
@@ -1045,6 +1063,10 @@ cudaError_t selective_scan_bwd_cuda(const SelectiveScanBwdParams& p, DType dtype
     else if (v == 5) err = launch_mode<T, 4, 4, 64, 8, 1, 5>(p, stream);
     else if (v == 6) err = launch_mode<T, 4, 4, 64, 8, 1, 6>(p, stream);
     else if (v == 8) err = launch_mode<T, 4, 4, 32, 8, 1, 8>(p, stream);  // checkpoints every 64
+    // session 10: 8 with lanes remapped (uniform-pair B/C loads) and shuffle reductions (10) or
+    // the shared-tile reductions (11); bitwise equal to 8
+    else if (v == 10) err = launch_mode<T, 4, 4, 32, 8, 1, 10>(p, stream);
+    else if (v == 11) err = launch_mode<T, 4, 4, 32, 8, 1, 11>(p, stream);
     else if (p.N <= 16) err = launch<T, 4, 4, 64, 8>(p, stream);
     else if (p.N <= 32) err = launch<T, 8, 4, 32, 4>(p, stream);
     else if (p.N <= 64) err = launch<T, 8, 8, 32, 4>(p, stream);

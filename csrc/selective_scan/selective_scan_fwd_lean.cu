@@ -97,7 +97,7 @@ __device__ __forceinline__ float hi16_to_f32(unsigned w) {
 // expressions (bitwise equal). Needs kOG > kTPC, kPolyR = 0.
 template <typename T, int kNPT, int kTPC, int kThr, int kChunk, bool kBCVar, int kPolyR,
           bool kPieces = false, int kOG = kTPC, int kCPT = 1, int kS8 = 0>
-__global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveScanFwdParams p) {
+__device__ __forceinline__ void sscan_fwd_lean_body(const SelectiveScanFwdParams& p) {
   static_assert(kOG % kTPC == 0 && kChunk % kOG == 0 && (kOG & (kOG - 1)) == 0, "output group");
   static_assert(kCPT == 1 || (kCPT == 2 && kOG > kTPC && kPolyR == 0), "two channels per thread");
   // kS8 (forward variants 6-10, issue 9 session 8; needs kOG > kTPC, kCPT 1, kPolyR 0), low two bits:
@@ -111,12 +111,23 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
   // returns 128 B/cycle; a "uniform pair" LDS.128 takes 2 passes instead of 4); the y
   // reduce-scatter runs over lanes at stride 2 (the same slice-bit tree). Same floats, same
   // expressions, same summation trees: bitwise equal to variant 3.
-  static_assert(kS8 == 0 || (kBCVar && kOG > kTPC && kCPT == 1 && kPolyR == 0 && kNPT == 4),
-                "variants 6-8");
+  // kNPT 2 (forward variant 11; issue 9 session 10): kTPC 8 lanes x 2 states per channel, 256
+  // threads (32 channels), twice the warps of kNPT 4 for the same grid; B and C LDS.64 per step; the
+  // remap for kTPC 8 is lane = ch0 | slice << 1 | (ch >> 1) << 4 (4 channels per warp): T, T^1
+  // share the slice (B/C uniform pairs), T, T^2 the channel. y is summed over 2 states per lane and
+  // an 8-lane tree: not the kNPT 4 order (out within float32 rounding of variant 9; states and
+  // checkpoints bitwise).
+  static_assert(kS8 == 0 || (kBCVar && kOG > kTPC && kCPT == 1 && kPolyR == 0 &&
+                             (kNPT == 4 || (kNPT == 2 && (kS8 & 3) == 1))),
+                "variants 6-11");
   static_assert(kS8 == 0 || (kS8 & 3) != 0, "kS8: a mode in the low two bits");
   constexpr int kPackBC = sizeof(T) == 2 ? ((kS8 & 3) >= 2 ? (kS8 & 3) : 0) : 0;  // 2: B and C, 3: C
   constexpr bool kRemap = (kS8 & 4) != 0;
-  static_assert(!kRemap || kTPC == 4, "remap: 4 lanes per channel");
+  // bit 8 (kBCI, kNPT 2 only): B and C of a step interleaved in one tile, [t][n][B|C] at a pitch of
+  // 2 kBP floats (the B and C tiles' space), so a lane's 2 states of both are one LDS.128 per step
+  constexpr bool kBCI = (kS8 & 8) != 0;
+  static_assert(!kBCI || (kNPT == 2 && kPackBC == 0), "interleaved B/C: 2 states per lane");
+  static_assert(!kRemap || kTPC == 4 || kTPC == 8, "remap: 4 or 8 lanes per channel");
   constexpr int kRS = kRemap ? 2 : 1;  // lane stride between a channel's slices
   using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk, kCPT, (kS8 != 0 ? 2 : 1)>;
   constexpr int kD = Lay::kD, kNP = Lay::kNP, kV = Lay::kV, kRowEl = Lay::kRowEl;
@@ -134,8 +145,10 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
   float* s_bias = reinterpret_cast<float*>(conv0 + Lay::kNConv * Lay::kConvBytes);
 
   const int tid = threadIdx.x;
-  const int ch = kRemap ? (tid >> 5) * 8 + ((tid >> 3) & 3) * 2 + (tid & 1) : tid / kTPC;
-  const int slice = kRemap ? (tid >> 1) & 3 : tid % kTPC;
+  const int ch = !kRemap ? tid / kTPC
+                 : (kTPC == 4 ? (tid >> 5) * 8 + ((tid >> 3) & 3) * 2 + (tid & 1)
+                              : (tid >> 5) * 4 + ((tid >> 4) & 1) * 2 + (tid & 1));
+  const int slice = kRemap ? (tid >> 1) & (kTPC - 1) : tid % kTPC;
   const int64_t DG = p.dim / p.groups;
   const int64_t g = blockIdx.y, s = blockIdx.z;
   const int64_t dl0 = static_cast<int64_t>(blockIdx.x) * kD;
@@ -357,15 +370,19 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
         }
       }
     } else if (p.B_var || p.C_var) {
-      for (int task = tid; task < Lay::kTasksBC; task += kThr) {
+      // threads past the (dt, dt u) tasks take the B/C tasks first (kThr 256: warps 4-7)
+      constexpr bool kRot = kThr >= Lay::kTasksDD + Lay::kTasksBC;
+      for (int task = kRot ? (tid + kThr - Lay::kTasksDD) % kThr : tid; task < Lay::kTasksBC;
+           task += kThr) {
         const int n = task % kNP, which = (task / kNP) & 1, t0 = (task / (2 * kNP)) * kG;
         if (which ? !p.C_var : !p.B_var) continue;
-        float* dst = (which ? s_C(cb) : s_B(cb)) + n;
+        float* dst = kBCI ? s_B(cb) + 2 * n + which : (which ? s_C(cb) : s_B(cb)) + n;
+        constexpr int kTP = kBCI ? 2 * kBP : kBP;  // float pitch per step
         float v[kG];
         const bool nok = n < N;
         if (nok) load8(raw + (3 * kD + which * kNP + n) * kRowEl, t0, (bsh + n * lsh) & (kV - 1), v);
 #pragma unroll
-        for (int i = 0; i < kG; ++i) dst[(t0 + i) * kBP] = (nok && t0 + i < len) ? v[i] : 0.f;
+        for (int i = 0; i < kG; ++i) dst[(t0 + i) * kTP] = (nok && t0 + i < len) ? v[i] : 0.f;
       }
     }
   };
@@ -472,7 +489,10 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
         // step t from (dt, dt u) given; B and C of this lane's states per kPackBC
         auto stepx = [&](const int t, const float xdt, const float xdtu) {
           float bv[kNPT], cv[kNPT];
-          if constexpr (kPackBC == 2) {
+          if constexpr (kBCI) {  // (B, C) of this lane's 2 states: one LDS.128
+            const float4 w = *reinterpret_cast<const float4*>(s_B(cb) + t * 2 * kBP + slice * 2 * kNPT);
+            bv[0] = w.x; cv[0] = w.y; bv[1] = w.z; cv[1] = w.w;
+          } else if constexpr (kPackBC == 2) {
             const uint4 w = *reinterpret_cast<const uint4*>(
                 reinterpret_cast<const unsigned*>(pB) + t * kBP);
             const unsigned ww[4] = {w.x, w.y, w.z, w.w};
@@ -562,13 +582,31 @@ __global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveSca
   }
 }
 
-template <typename T, int kNPT, int kTPC, int kThr, bool kBCVar, int kChunk = 32, int kPolyR = 0,
+template <typename T, int kNPT, int kTPC, int kThr, int kChunk, bool kBCVar, int kPolyR,
           bool kPieces = false, int kOG = kTPC, int kCPT = 1, int kS8 = 0>
+__global__ void __launch_bounds__(kThr) sscan_fwd_lean_kernel(const SelectiveScanFwdParams p) {
+  sscan_fwd_lean_body<T, kNPT, kTPC, kThr, kChunk, kBCVar, kPolyR, kPieces, kOG, kCPT, kS8>(p);
+}
+// kMinB blocks per SM asked of ptxas (forward variant 11: 256 threads x 4 blocks = 64 registers)
+template <typename T, int kNPT, int kTPC, int kThr, int kChunk, bool kBCVar, int kPolyR,
+          bool kPieces, int kOG, int kCPT, int kS8, int kMinB>
+__global__ void __launch_bounds__(kThr, kMinB) sscan_fwd_lean_kernel_mb(const SelectiveScanFwdParams p) {
+  sscan_fwd_lean_body<T, kNPT, kTPC, kThr, kChunk, kBCVar, kPolyR, kPieces, kOG, kCPT, kS8>(p);
+}
+
+template <typename T, int kNPT, int kTPC, int kThr, bool kBCVar, int kChunk = 32, int kPolyR = 0,
+          bool kPieces = false, int kOG = kTPC, int kCPT = 1, int kS8 = 0, int kMinB = 0>
 cudaError_t launch_lean(const SelectiveScanFwdParams& p, cudaStream_t stream) {
   using Lay = LeanLayout<T, kNPT, kTPC, kThr, kChunk, kCPT, (kS8 != 0 ? 2 : 1)>;
   if (p.ckpt && ((p.ck_len % kChunk) != 0 || (p.ck_len & (p.ck_len - 1)) != 0))
     return cudaErrorInvalidValue;
-  auto kernel = sscan_fwd_lean_kernel<T, kNPT, kTPC, kThr, kChunk, kBCVar, kPolyR, kPieces, kOG, kCPT, kS8>;
+  auto kernel = [] {
+    if constexpr (kMinB == 0)
+      return sscan_fwd_lean_kernel<T, kNPT, kTPC, kThr, kChunk, kBCVar, kPolyR, kPieces, kOG, kCPT, kS8>;
+    else
+      return sscan_fwd_lean_kernel_mb<T, kNPT, kTPC, kThr, kChunk, kBCVar, kPolyR, kPieces, kOG, kCPT, kS8,
+                                      kMinB>;
+  }();
   if (Lay::kBytes > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Lay::kBytes));
@@ -584,7 +622,7 @@ cudaError_t launch_lean(const SelectiveScanFwdParams& p, cudaStream_t stream) {
 int g_fwd_poly = -1;  // -1: not read from the environment yet
 bool poly_ok(int r) { return r == 0 || r == 1 || r == 2 || r == 4 || r == 8 || r == 16; }
 int g_fwd_variant = -1;
-bool fwd_variant_ok(int v) { return v >= 0 && v <= 10; }
+bool fwd_variant_ok(int v) { return v >= 0 && v <= 12; }
 
 // host knob g: read from env (invalid or unset -> dflt) on first use; set is applied iff ok(set);
 // returns the previous value
@@ -639,6 +677,12 @@ cudaError_t selective_scan_fwd_lean_cuda(const SelectiveScanFwdParams& p, DType 
     // + lanes remapped so B/C (and (dt, dt u)) loads are "uniform pair" loads: on 6 (9), on 7 (10)
     else if (var == 9) err = launch_lean<T, 4, 4, 128, true, 32, 0, true, 32, 1, 5>(p, stream);
     else if (var == 10) err = launch_lean<T, 4, 4, 128, true, 32, 0, true, 32, 1, 6>(p, stream);
+    // session 10: 8 lanes x 2 states per channel, 256 threads (twice the warps per channel tile),
+    // 16-step y groups, remapped lanes, <= 64 registers (4 blocks per SM); out within rounding of 9
+    // (B and C interleaved in one tile: one LDS.128 per step). 12 = 11 with 32-step y groups at
+    // <= 80 registers (3 blocks per SM: one wave up to 396 blocks on 132 SMs, e.g. B8 D1536)
+    else if (var == 11) err = launch_lean<T, 2, 8, 256, true, 32, 0, true, 16, 1, 13, 4>(p, stream);
+    else if (var == 12) err = launch_lean<T, 2, 8, 256, true, 32, 0, true, 32, 1, 13, 3>(p, stream);
     else if (poly == 1) err = launch_lean<T, 4, 4, 128, true, 32, 1>(p, stream);
     else if (poly == 2) err = launch_lean<T, 4, 4, 128, true, 32, 2>(p, stream);
     else if (poly == 4) err = launch_lean<T, 4, 4, 128, true, 32, 4>(p, stream);

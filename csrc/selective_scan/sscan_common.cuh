@@ -103,10 +103,22 @@ __device__ __forceinline__ void reduce_scatter(float (&v)[kW], int slice) {
 // (one shuffle per kept item); once one is left the remaining rounds are a butterfly all-reduce.
 // On exit lane c holds, in v[0 .. max(1, kI / kW)), the lane sums of items starting at
 //   kI >= kW: c * (kI / kW)          kI < kW: c / (kW / kI)  (replicated on kW / kI lanes).
-// The summation order is fixed by the program (bitwise deterministic).
-template <int kCnt, int kM, int kStride, int kI>
+// The summation order is fixed by the program (bitwise deterministic). The partner of index bit kM
+// is lane ^ X::mask(kM): kM * kStride for strided lanes (LaneStride), or any lane bits (LaneBits:
+// the remapped layouts, whose index bits are not one contiguous field) -- same rounds, same kept
+// items, same operands, so the sums are bitwise those of the strided form.
+template <int kStride>
+struct LaneStride {
+  static constexpr int mask(int m) { return m * kStride; }
+};
+template <int kX1, int kX2, int kX4>
+struct LaneBits {  // up to 8 lanes: xor masks of index bits 1, 2, 4
+  static constexpr int mask(int m) { return m == 1 ? kX1 : (m == 2 ? kX2 : kX4); }
+};
+template <int kCnt, int kM, class X, int kI>
 __device__ __forceinline__ void rs_round(float (&v)[kI], int c) {
   if constexpr (kM >= 1) {
+    constexpr int kX = X::mask(kM);
     if constexpr (kCnt >= 2) {
       constexpr int kHalf = kCnt / 2;
       const bool up = (c & kM) != 0;
@@ -114,19 +126,25 @@ __device__ __forceinline__ void rs_round(float (&v)[kI], int c) {
       for (int i = 0; i < kHalf; ++i) {
         const float send = up ? v[i] : v[i + kHalf];
         const float keep = up ? v[i + kHalf] : v[i];
-        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, kM * kStride);
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, kX);
       }
-      rs_round<kHalf, kM / 2, kStride>(v, c);
+      rs_round<kHalf, kM / 2, X>(v, c);
     } else {
-      v[0] += __shfl_xor_sync(0xffffffffu, v[0], kM * kStride);
-      rs_round<1, kM / 2, kStride>(v, c);
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], kX);
+      rs_round<1, kM / 2, X>(v, c);
     }
   }
 }
 template <int kW, int kStride, int kI>
 __device__ __forceinline__ void reduce_scatter_lanes(float (&v)[kI], int c) {
   static_assert((kI & (kI - 1)) == 0 && (kW & (kW - 1)) == 0, "powers of two");
-  rs_round<kI, kW / 2, kStride>(v, c);
+  rs_round<kI, kW / 2, LaneStride<kStride>>(v, c);
+}
+// the same over kW <= 8 lanes whose index bits 1, 2, 4 are the lane bits kX1, kX2, kX4
+template <int kW, int kX1, int kX2, int kX4, int kI>
+__device__ __forceinline__ void reduce_scatter_xor(float (&v)[kI], int c) {
+  static_assert((kI & (kI - 1)) == 0 && (kW & (kW - 1)) == 0 && kW <= 8, "powers of two, <= 8 lanes");
+  rs_round<kI, kW / 2, LaneBits<kX1, kX2, kX4>>(v, c);
 }
 
 template <int kN>
