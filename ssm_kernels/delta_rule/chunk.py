@@ -1127,9 +1127,10 @@ def _saved_specs(q, v, cu_seqlens, level: int) -> tuple:
     return specs
 
 
-def _saved_offsets(specs):
-    """Byte offsets of the pieces and the buffer's float32 length."""
-    offs, n = [], 0
+def _saved_offsets(specs, ends=False):
+    """Byte offsets of the pieces and the buffer's float32 length (ends: and the pieces' end
+    offsets)."""
+    offs, stops, n = [], [], 0
     for shape, dt in specs:
         n = -(-n // _SAVE_ALIGN) * _SAVE_ALIGN
         offs.append(n)
@@ -1137,7 +1138,8 @@ def _saved_offsets(specs):
         for x in shape:
             numel *= x
         n += numel * dt.itemsize
-    return offs, -(-n // 4)
+        stops.append(n)
+    return (offs, -(-n // 4), stops) if ends else (offs, -(-n // 4))
 
 
 def saved_shape(q, v, cu_seqlens=None):
@@ -1151,15 +1153,21 @@ def saved_shape(q, v, cu_seqlens=None):
 
 def _saved_views(buf, specs):
     """Contiguous typed views of the saved buffer's pieces."""
-    offs, _ = _saved_offsets(specs)
+    offs, _, ends = _saved_offsets(specs, True)
     raw = buf.view(torch.uint8)
-    out = []
-    for (shape, dt), off in zip(specs, offs):
-        numel = 1
-        for x in shape:
-            numel *= x
-        out.append(raw[off:off + numel * dt.itemsize].view(dt).view(shape))
-    return out
+    return [raw[a:b].view(dt).view(shape) for (shape, dt), a, b in zip(specs, offs, ends)]
+
+
+def _zero_gaps(buf, specs):
+    """Zero the alignment gaps between the pieces (none at the usual shapes: no launch), so the
+    buffer holds no uninitialised bytes there (opcheck compares it). Packed batches: the slots of
+    h past the real number of chunks (NCH is an upper bound) stay unwritten, as in the recompute
+    path's h; nothing reads them."""
+    offs, n, ends = _saved_offsets(specs, True)
+    raw = buf.view(torch.uint8)
+    for a, b in zip(ends, offs[1:] + [4 * n]):
+        if b > a:
+            raw[a:b].zero_()
 
 
 def _saved_level_of(buf, q, v, cu_seqlens):
@@ -1188,7 +1196,9 @@ def chunk_delta_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool,
         # SAVE_STATES: T, h, v_new (and W) in one buffer that the op returns for the backward
         saved = k.new_empty(_saved_offsets(_saved_specs(q, v, cu_seqlens, lvl))[1],
                             dtype=torch.float32)
-        views = _saved_views(saved, _saved_specs(q, v, cu_seqlens, lvl))
+        specs = _saved_specs(q, v, cu_seqlens, lvl)
+        views = _saved_views(saved, specs)
+        _zero_gaps(saved, specs)
         ws = _workspace(p, k, False, states=False, wu=wu)      # what dies with the call
         ws = [views[3] if lvl == 2 else ws[0], ws[1], views[1], views[2]]
         w, u, tm = _wy(p, k, v, g, beta, l2, True, ws, wu=wu, tm=views[0])
