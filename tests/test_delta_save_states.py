@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from test_delta_rule import (CHUNK_CASES, TRITON, _chunk_inputs, _chunk_run, _judge_chunk,
-                             _kernel_fn, _ref_fn, make)
+                             _kernel_fn, _ref_fn)
 
 
 class _Count:
