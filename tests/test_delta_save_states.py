@@ -107,3 +107,26 @@ def test_save_states_scan_t_and_no_grad(backend, monkeypatch):
 
 # opcheck and torch.compile with SAVE_STATES: test_delta_rule.py's saved_wy_inverse tests
 # (parametrized over save_states)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("knobs", [dict(DSTATE=True), dict(DELTA_FWD=1),
+                                   dict(OUT_DECAY_O=True, OUT_BLOCK_V=128)],
+                         ids=["dstate", "deltafwd1", "outd-bv128"])
+def test_save_states_composes(backend, knobs, monkeypatch):
+    """Level 2 with the forward's other scan / output knobs (the delta-only scans write h, v_new
+    into the saved views too): bitwise the same knobs' recompute path, GPU tiles, gated L2 GVA."""
+    from ssm_kernels.chunk import common
+    from ssm_kernels.delta_rule import chunk as wy
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(common, "triton_interpret", lambda: False)
+    for name, val in knobs.items():
+        monkeypatch.setattr(wy, name, val)
+    q, k, v, g, beta, h0, cu, cots = _chunk_inputs(True, True, 1, 80, 1, 2, 16, 24, None,
+                                                   dtype=torch.float16)
+    fn = _kernel_fn(True, backend)
+    base = _chunk_run(fn, q, k, v, g, beta, h0, cu, True, cots)
+    monkeypatch.setattr(wy, "SAVE_STATES", 2)
+    saved = _chunk_run(fn, q, k, v, g, beta, h0, cu, True, cots)
+    for name, a, b in zip(["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"], saved, base):
+        assert torch.equal(a, b), name
