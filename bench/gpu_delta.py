@@ -531,6 +531,9 @@ SAVE_STATES_VARIANTS = (
     "defaults:;"
     "states2:SAVE_STATES=2;"
     "states1:SAVE_STATES=1;"
+    # + the 16-bit dV' (written by the state-gradient scan, read twice by the WY backward: -0.2 GB;
+    # dv 0.51 of its bound in the bf16 interpreter, bench/NOTES.md "deltabwd")
+    "states2-g16:SAVE_STATES=2,BWD_GRAD_16=True;"
     # + session 8's fastest WY backward row (0.695 vs 0.745 ms; its check never ran on the GPU;
     # 4 warps: the Triton 3.6 hazard of the delta backward: last, so a crash costs nothing else)
     "states2-wybwd-fast-w4:SAVE_STATES=2,WY_BWD_FAST=True,WY_BWD_FAST_WARPS=4,"

@@ -111,11 +111,13 @@ def test_save_states_scan_t_and_no_grad(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", TRITON)
 @pytest.mark.parametrize("knobs", [dict(DSTATE=True), dict(DELTA_FWD=1),
-                                   dict(OUT_DECAY_O=True, OUT_BLOCK_V=128)],
-                         ids=["dstate", "deltafwd1", "outd-bv128"])
+                                   dict(OUT_DECAY_O=True, OUT_BLOCK_V=128),
+                                   dict(BWD_GRAD_16=True)],
+                         ids=["dstate", "deltafwd1", "outd-bv128", "grad16"])
 def test_save_states_composes(backend, knobs, monkeypatch):
     """Level 2 with the forward's other scan / output knobs (the delta-only scans write h, v_new
-    into the saved views too): bitwise the same knobs' recompute path, GPU tiles, gated L2 GVA."""
+    into the saved views too) and the backward's 16-bit dV' (BWD_GRAD_16): bitwise the same
+    knobs' recompute path, GPU tiles, gated L2 GVA."""
     from ssm_kernels.chunk import common
     from ssm_kernels.delta_rule import chunk as wy
     monkeypatch.setattr(common, "POISON_OUTPUTS", True)
