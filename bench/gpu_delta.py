@@ -25,7 +25,8 @@
    its 4-warp settings, one process each: bench/gpu_dstate8.sh) / @deltaout (DELTA_OUT_VARIANTS:
    the output stage's decay-on-o form, V tile 128, the WY stage's register cap) / @scant
    (SCANT_VARIANTS: the scan from T, k, v, beta; @scant4 its 4-warp settings, one process each:
-   bench/gpu_scant9.sh) /
+   bench/gpu_scant9.sh) / @savestates (SAVE_STATES_VARIANTS: the forward's h, v_new, W kept for
+   the backward) /
    @defaults (the knobs as they are), or a ','-list of groups and
    variants mixed by ';' ("@defaults,@savet;lean4:WY_LEAN=True"); VARIANT_EXTRA="ungated,profile"
    (what else each variant runs; see VARIANT_EXTRA below).
@@ -521,7 +522,24 @@ def kernel_profile(label, f, make, fwd_only):
     log(f"kernel {label:22s} {mode:8s} {'(sum)':60s}      {tot:8.3f} ms")
 
 
-VARIANT_GROUPS = {"@bwd": BWD_VARIANTS, "@fwd": DEFAULT_VARIANTS, "@savet": SAVE_WY_VARIANTS,
+# the forward's h, v_new (1) and W (2) kept for the backward (SAVE_STATES; bench/NOTES.md, "helper
+# deltabwd10"): the backward runs no state scan (and at 2 no WY launch). VARIANTS=@savestates
+# with VARIANT_EXTRA=ungated,profile: read each variant's fwd+bwd rows (gated, ungated) against
+# defaults' (same process) and the ungated one against fla's 1.951 ms (session 10, H100); the
+# profile shows one `_state_kernel` (the forward's) and, at 2, one `_wy_fast_kernel`
+SAVE_STATES_VARIANTS = (
+    "defaults:;"
+    "states2:SAVE_STATES=2;"
+    "states1:SAVE_STATES=1;"
+    # + the 16-bit dV' (written by the state-gradient scan, read twice by the WY backward: -0.2 GB;
+    # dv 0.51 of its bound in the bf16 interpreter, bench/NOTES.md "deltabwd")
+    "states2-g16:SAVE_STATES=2,BWD_GRAD_16=True;"
+    # + session 8's fastest WY backward row (0.695 vs 0.745 ms; its check never ran on the GPU;
+    # 4 warps: the Triton 3.6 hazard of the delta backward: last, so a crash costs nothing else)
+    "states2-wybwd-fast-w4:SAVE_STATES=2,WY_BWD_FAST=True,WY_BWD_FAST_WARPS=4,"
+    "WY_BWD_FAST_STAGES=1")
+
+VARIANT_GROUPS = {"@savestates": SAVE_STATES_VARIANTS, "@bwd": BWD_VARIANTS, "@fwd": DEFAULT_VARIANTS, "@savet": SAVE_WY_VARIANTS,
                   "@wyfast": WYFAST_VARIANTS, "@wybwd": WYBWD_VARIANTS,
                   "@deltafwd": DELTA_FWD_VARIANTS, "@deltastate": DSTATE_VARIANTS,
                   "@deltastate4": DSTATE4_VARIANTS, "@deltaout": DELTA_OUT_VARIANTS,
@@ -567,19 +585,25 @@ def parse_variants(text):
 NAMES8 = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
 
 
-def knob_on_off(knob, B, T, H, HV, K, V):
-    """(outputs with `knob` True, with it False), the other knobs as set: o, S and every gradient
-    of the gated op (l2 norm, h0, a partial chunk, a loss on o and S)."""
-    q, k, v, g, beta = inputs(B, T, H, HV, K, V, True)
+def knob_on_off(knob, B, T, H, HV, K, V, vals=(True, False), gated=True):
+    """(outputs with `knob` True, with it False; or at vals), the other knobs as set: o, S and
+    every gradient of the gated (or ungated) op (l2 norm, h0, a partial chunk, a loss on o, S)."""
+    q, k, v, g, beta = inputs(B, T, H, HV, K, V, gated)
     h0 = torch.randn(B, HV, K, V, device=DEV)
     cots, outs = None, []
     old = getattr(wy, knob)
-    for val in (True, False):
+    for val in vals:
         setattr(wy, knob, val)
         try:
-            xs = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, h0)]
-            o, S = sk.chunk_gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True,
-                                             use_qk_l2norm_in_kernel=True)
+            xs = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta, h0)
+                  if x is not None]
+            if gated:
+                o, S = sk.chunk_gated_delta_rule(*xs[:5], initial_state=xs[5],
+                                                 output_final_state=True,
+                                                 use_qk_l2norm_in_kernel=True)
+            else:
+                o, S = sk.chunk_delta_rule(*xs[:4], initial_state=xs[4], output_final_state=True,
+                                           use_qk_l2norm_in_kernel=True)
             if cots is None:
                 cots = (torch.randn_like(o), torch.randn_like(S))
             outs.append([o, S] + list(torch.autograd.grad(
@@ -602,6 +626,27 @@ def same_as_recompute(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
                  "fwd", float("nan"), "saved T vs recompute: " + (
                      "bitwise equal" if same else f"DIFFER (max {max(diffs.values()):.2e})")))
     return same
+
+
+def states_vs_recompute(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
+    """SAVE_STATES at its set level against 0 (the backward's state scan and WY recompute): o, S
+    and every gradient bitwise equal expected (the same kernels formed the saved h, v_new, W from
+    the same inputs), gated and ungated; logs the saved buffer's size at the main shape."""
+    level = wy.SAVE_STATES
+    texts = []
+    for gated in (True, False):
+        outs = knob_on_off("SAVE_STATES", B, T - 7, H, HV, K, V, vals=(level, 0), gated=gated)
+        names = NAMES8 if gated else [n for n in NAMES8 if n != "dg"]
+        diffs = {n: (a.float() - b.float()).abs().max().item() for n, a, b in zip(names, *outs)}
+        same = all(torch.equal(a, b) for a, b in zip(*outs))
+        texts.append(("gated " if gated else "ungated ") + (
+            "bitwise equal" if same else f"DIFFER (max |diff| {max(diffs.values()):.2e}: {diffs})"))
+    q = torch.empty(4, 4096, 16, 128, device="meta", dtype=BF)
+    mb = wy.saved_shape(q, q)[0] * 4 / 1e6
+    text = f"SAVE_STATES={level} vs 0: " + "; ".join(texts) + f"; saved {mb:.0f} MB at B4 T4096 H16"
+    log(f"variant {name}: {text}")
+    ROWS.append(("chunk_gated_delta_rule", f"B{B} T{T - 7} H{H} HV{HV}", f"ssm_kernels [{name}]",
+                 "fwd", float("nan"), text))
 
 
 def fast_vs_default(name, B=1, T=1024, H=2, HV=4, K=128, V=128):
@@ -751,6 +796,8 @@ def main():
                     same_as_recompute(name)
                 if knobs.get("WY_BWD_FAST"):
                     fast_vs_default(name)
+                if knobs.get("SAVE_STATES"):
+                    states_vs_recompute(name)
                 if knobs.get("DSTATE"):
                     dstate_vs_default(name)
                 if knobs.get("OUT_DECAY_O"):

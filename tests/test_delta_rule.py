@@ -820,13 +820,17 @@ def test_triton_chunk_saved_wy_inverse(backend, case, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", TRITON)
-def test_opcheck_saved_wy_inverse(backend, monkeypatch):
+@pytest.mark.parametrize("save_states", [0, 2])
+def test_opcheck_saved_wy_inverse(backend, save_states, monkeypatch):
     """The registered ops with the saved T (third output of delta_rule_fwd, last input of
     delta_rule_bwd): opcheck (fake shapes, autograd registration), and the backward given T equals
-    the backward without it."""
+    the backward without it. save_states (SAVE_STATES=2, tests/test_delta_save_states.py): the
+    third output is the 1-d buffer of T, h, v_new and W (varlen, GVA: NCH the metadata bound); a
+    truncated buffer is refused by name."""
     from ssm_kernels.delta_rule import chunk as wy
     from ssm_kernels.delta_rule.interface import delta_rule_fwd_op
     monkeypatch.setattr(wy, "SAVE_WY_INVERSE", True)
+    monkeypatch.setattr(wy, "SAVE_STATES", save_states)
     q, k, v, g, beta = make(1, 9, 1, 2, 8, 4, True)
     h0 = torch.randn(2, 2, 8, 4)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
@@ -834,7 +838,11 @@ def test_opcheck_saved_wy_inverse(backend, monkeypatch):
             beta.requires_grad_(), h0.requires_grad_(), cu, 0.3, True, True, backend, True)
     torch.library.opcheck(torch.ops.ssm_kernels.delta_rule_fwd, args)
     o, ht, t = torch.ops.ssm_kernels.delta_rule_fwd(*args)
-    assert tuple(t.shape) == wy.wy_t_shape(q, v) and t.dtype == torch.float32
+    assert tuple(t.shape) == wy.saved_shape(q, v, cu) and t.dtype == torch.float32
+    if save_states:
+        assert t.dim() == 1 and t.numel() > wy._saved_offsets(wy._saved_specs(q, v, cu, 1))[1]
+    else:
+        assert tuple(t.shape) == wy.wy_t_shape(q, v)
     d = lambda x: x.detach()
     bargs = (d(q), d(k), d(v), d(g), d(beta), d(h0), cu, 0.3, True, True, torch.randn_like(o),
              torch.randn_like(ht), backend)
@@ -843,19 +851,26 @@ def test_opcheck_saved_wy_inverse(backend, monkeypatch):
     without = torch.ops.ssm_kernels.delta_rule_bwd(*bargs)
     for a, b in zip(with_t, without):
         assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="saved WY inverse must be"):
-        torch.ops.ssm_kernels.delta_rule_bwd(*bargs, d(t)[:, :, :16].contiguous())
+    if save_states:
+        with pytest.raises(ValueError, match="saved forward buffer"):
+            torch.ops.ssm_kernels.delta_rule_bwd(*bargs, d(t)[:-64].contiguous())
+    else:
+        with pytest.raises(ValueError, match="saved WY inverse must be"):
+            torch.ops.ssm_kernels.delta_rule_bwd(*bargs, d(t)[:, :, :16].contiguous())
     # the eager fast path (KernelOp -> autograd.Function) and the registered op agree
     eo, eht, et = delta_rule_fwd_op(*args)
     assert torch.equal(et, t) and torch.equal(eo, o)
 
 
 @pytest.mark.parametrize("backend", TRITON)
-def test_compile_fullgraph_saved_wy_inverse(backend, monkeypatch):
-    """torch.compile (aot_eager, fullgraph) of the chunked path with SAVE_WY_INVERSE: T flows from
-    the forward's fake/real third output to the backward; gradients equal eager's."""
+@pytest.mark.parametrize("save_states", [0, 1])
+def test_compile_fullgraph_saved_wy_inverse(backend, save_states, monkeypatch):
+    """torch.compile (aot_eager, fullgraph) of the chunked path with SAVE_WY_INVERSE: T (with
+    SAVE_STATES, the buffer of T, h, v_new) flows from the forward's fake/real third output to the
+    backward; gradients equal eager's."""
     from ssm_kernels.delta_rule import chunk as wy
     monkeypatch.setattr(wy, "SAVE_WY_INVERSE", True)
+    monkeypatch.setattr(wy, "SAVE_STATES", save_states)
     torch._dynamo.reset()
     q, k, v, g, beta = make(1, 40, 1, 2, 8, 4, True)
     leaves = [x.requires_grad_() for x in (q, k, v, g, beta)]

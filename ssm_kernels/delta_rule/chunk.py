@@ -943,16 +943,18 @@ def _wu(p, k, v, g, beta, l2, w, u, tm, wu=1):
     return w, u
 
 
-def _wy(p, k, v, g, beta, l2, store_t, ws=None, wu=1):
+def _wy(p, k, v, g, beta, l2, store_t, ws=None, wu=1, tm=None):
     """(w, u, T). wu (`_wu_shapes`): 1 both; 0 (SCAN_T's forward) T only, stored, w and u empty;
-    2 (SCAN_T_BWD's backward, WY_FAST only) w alone."""
+    2 (SCAN_T_BWD's backward, WY_FAST only) w alone. tm: T's buffer (SAVE_STATES: a view of the
+    saved buffer; store_t then), else allocated here."""
     m = p.meta
     TOK = p.B * p.T
     w, u = _wu_buffers(p, k, ws, wu)
     # STORE_T is a runtime flag and the dummy is float32 like Tm: the forward (no T) and the
     # backward's recompute (T kept) share one compiled kernel
     store_t = store_t or (p.split and not p.wy_fast) or not wu
-    tm = k.new_empty((TOK, p.H, p.BT) if store_t else (1,), dtype=torch.float32)
+    if tm is None:
+        tm = k.new_empty((TOK, p.H, p.BT) if store_t else (1,), dtype=torch.float32)
     if p.wy_fast:
         # one launch (WY_SPLIT does not apply: the fast kernel has no register-heavy inverse)
         _wy_fast(p, k, v, g, beta, l2, w, u, tm, store_t, False, wu)
@@ -1022,6 +1024,18 @@ SCAN_T_KS_X2 = True
 # state-gradient scan, no U: -134 MB written and -134 MB read at B4 T4096 H16 K=V=128 with float32
 # U; h and V' then bitwise the SCAN_T forward's); 16-bit inputs with WY_FAST, DELTA_FWD=0
 SCAN_T_BWD = False
+# the forward (gradients needed, SAVE_WY_INVERSE on) keeps what its state scan wrote anyway for the
+# backward, instead of the backward forming it again (bench/NOTES.md "helper deltabwd10"): 1 h
+# [NCH, HV, K, V] (state dtype) and v_new [TOK, HV, V] (input dtype): the backward runs no state
+# scan and forms W alone from the saved T (no U; WY_FAST, 16-bit inputs; else W, U as before);
+# 2 also W ([TOK, HV, K], float32 with WU_FLOAT32; the default forward writes it anyway): no WY
+# launch in the backward either (the SCAN_T forward forms no W: 1 there). No extra bytes move in
+# the forward (the same stores, into a buffer that outlives the call); the cost is memory between
+# the passes: B4 T4096 H16 K=V=128 bf16 +201 MB (1) / +335 MB (2) per layer over T's 67 MB.
+# Gradients bitwise the recompute path's (the same kernels on the same inputs formed them). One
+# float32 1-d buffer (T, h, v_new[, W] at 256-byte aligned offsets) is the registered forward's
+# third output in place of T. Off with DELTA_FWD=2 (no h, v_new in memory).
+SAVE_STATES = 0
 
 
 def _delta_fwd_opts(p, fused):
@@ -1083,17 +1097,115 @@ def _states(p, k, w, u, g, h0, l2, ws=None, t_scan=None):
     return h, vn, ht
 
 
+def _save_level(lowp: bool) -> int:
+    """What SAVE_STATES keeps for inputs of that precision: 0 T only, 1 + h and v_new, 2 + W."""
+    if not SAVE_STATES or DELTA_FWD == 2:
+        return 0
+    if SAVE_STATES >= 2 and not (SCAN_T and lowp and not DELTA_FWD):
+        return 2
+    return 1
+
+
+_SAVE_ALIGN = 256
+
+
+def _saved_specs(q, v, cu_seqlens, level: int) -> tuple:
+    """((shape, dtype), ...) of the saved buffer's pieces: T, then (level >= 1) h, v_new, then
+    (level 2) W; metadata only (the fake impl calls it)."""
+    B, T, HQ, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    BT = blocks(K, V, 0, q.dtype)["BT"]
+    TOK = B * T
+    specs = (((TOK, HV, BT), torch.float32),)
+    if level:
+        N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        NCH = common.num_chunks(B, T, N, BT, cu_seqlens is not None)
+        specs += (((NCH, HV, K, V), common.state_store_dtype(q.dtype)), ((TOK, HV, V), q.dtype))
+    if level == 2:
+        wd = torch.float32 if (WU_FLOAT32 or q.dtype == torch.float32) else q.dtype
+        specs += (((TOK, HV, K), wd),)
+    return specs
+
+
+def _saved_offsets(specs, ends=False):
+    """Byte offsets of the pieces and the buffer's float32 length (ends: and the pieces' end
+    offsets)."""
+    offs, stops, n = [], [], 0
+    for shape, dt in specs:
+        n = -(-n // _SAVE_ALIGN) * _SAVE_ALIGN
+        offs.append(n)
+        numel = 1
+        for x in shape:
+            numel *= x
+        n += numel * dt.itemsize
+        stops.append(n)
+    return (offs, -(-n // 4), stops) if ends else (offs, -(-n // 4))
+
+
+def saved_shape(q, v, cu_seqlens=None):
+    """Shape of the registered forward's third output when gradients are needed (SAVE_WY_INVERSE):
+    T's `wy_t_shape` with SAVE_STATES off, else the 1-d float32 buffer of `_saved_specs`."""
+    lvl = _save_level(q.dtype != torch.float32)
+    if not lvl:
+        return wy_t_shape(q, v)
+    return (_saved_offsets(_saved_specs(q, v, cu_seqlens, lvl))[1],)
+
+
+def _saved_views(buf, specs):
+    """Contiguous typed views of the saved buffer's pieces."""
+    offs, _, ends = _saved_offsets(specs, True)
+    raw = buf.view(torch.uint8)
+    return [raw[a:b].view(dt).view(shape) for (shape, dt), a, b in zip(specs, offs, ends)]
+
+
+def _zero_gaps(buf, specs):
+    """Zero the alignment gaps between the pieces (none at the usual shapes: no launch), so the
+    buffer holds no uninitialised bytes there (opcheck compares it). Packed batches: the slots of
+    h past the real number of chunks (NCH is an upper bound) stay unwritten, as in the recompute
+    path's h; nothing reads them."""
+    offs, n, ends = _saved_offsets(specs, True)
+    raw = buf.view(torch.uint8)
+    for a, b in zip(ends, offs[1:] + [4 * n]):
+        if b > a:
+            raw[a:b].zero_()
+
+
+def _saved_level_of(buf, q, v, cu_seqlens):
+    """The level a saved buffer was written with (its length says), or None (T alone / wrong)."""
+    if buf.dim() != 1 or buf.dtype != torch.float32:
+        return None
+    for lvl in (1, 2):
+        if buf.numel() == _saved_offsets(_saved_specs(q, v, cu_seqlens, lvl))[1]:
+            return lvl
+    raise ValueError(f"chunk_delta_bwd: the saved forward buffer (SAVE_STATES) has "
+                     f"{buf.numel()} float32 elements, which matches no layout of these inputs")
+
+
 def chunk_delta_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool,
                     save_t: bool = False):
     """Forward. q, k [B, T, H, K]; v [B, T, HV, V]; g None or float32 [B, T, HV]; beta [B, T, HV];
     h0 None or float32 [N, HV, K, V]; contiguous. Returns (o [B, T, HV, V] in v's dtype, final
     states float32 [N, HV, K, V], T): T the WY inverse, float32 `wy_t_shape(q, v)`, with save_t
-    (for `chunk_delta_bwd`), else an empty float32 tensor."""
+    (for `chunk_delta_bwd`; SAVE_STATES: the 1-d buffer of `saved_shape`), else an empty float32
+    tensor."""
     p = _plan(q, v, g, cu_seqlens)
     m = p.meta
-    # (DELTA_FWD 2: no h, no V' in memory; SCAN_T: no w, u)
-    ws = _workspace(p, k, False, states=DELTA_FWD != 2, wu=0 if p.scan_t else 1)
-    w, u, tm = _wy(p, k, v, g, beta, l2, save_t, ws, wu=0 if p.scan_t else 1)
+    wu = 0 if p.scan_t else 1
+    lvl = _save_level(q.dtype != torch.float32) if save_t else 0
+    if lvl:
+        # SAVE_STATES: T, h, v_new (and W) in one buffer that the op returns for the backward
+        saved = k.new_empty(_saved_offsets(_saved_specs(q, v, cu_seqlens, lvl))[1],
+                            dtype=torch.float32)
+        specs = _saved_specs(q, v, cu_seqlens, lvl)
+        views = _saved_views(saved, specs)
+        _zero_gaps(saved, specs)
+        ws = _workspace(p, k, False, states=False, wu=wu)      # what dies with the call
+        ws = [views[3] if lvl == 2 else ws[0], ws[1], views[1], views[2]]
+        w, u, tm = _wy(p, k, v, g, beta, l2, True, ws, wu=wu, tm=views[0])
+    else:
+        # (DELTA_FWD 2: no h, no V' in memory; SCAN_T: no w, u)
+        ws = _workspace(p, k, False, states=DELTA_FWD != 2, wu=wu)
+        w, u, tm = _wy(p, k, v, g, beta, l2, save_t, ws, wu=wu)
     o = common.poison(torch.empty_like(v))
     if DELTA_FWD == 2:
         ht = common.poison(k.new_empty((p.N, p.H, p.K, p.V), dtype=torch.float32))
@@ -1109,20 +1221,33 @@ def chunk_delta_fwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool,
         BT=p.BT, BV=p.BVO, DT=m["DT"], IEEE=m["IEEE"], L2NORM=l2,
         BK=max(16, min(OUT_BLOCK_K, m["BKF"])) if OUT_BLOCK_K else m["BK"], DECAY_O=OUT_DECAY_O and p.gate < 2, num_warps=OUT_WARPS or (4 if p.BVO <= 64 else 8),
         num_stages=1 if m["IEEE"] == 1 else (OUT_STAGES or 2))
+    if lvl:
+        return o, ht, saved
     return o, ht, (tm if save_t else tm[:0])   # a view: no allocation when T is not kept
 
 
 def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do, dht,
                     tm=None):
     """Backward of `chunk_delta_fwd`; do [B, T, HV, V]; dht None or float32 [N, HV, K, V]; tm
-    None/empty (the WY stage is run again) or the forward's saved T (W, U formed from it).
+    None/empty (the WY stage is run again) or the forward's saved T (W, U formed from it), or
+    SAVE_STATES's saved buffer (T, h, v_new[, W]: no state scan, W formed alone or saved).
     Returns (dq, dk in q's dtype, dv in v's dtype, dg float32 [B, T, HV] or None, dbeta float32
     [B, T, HV], dh0 float32 [N, HV, K, V])."""
     p = _plan(q, v, g, cu_seqlens)
     m = p.meta
     TOK = p.B * p.T
     wub = 2 if p.scan_t_bwd else 1      # W alone (SCAN_T_BWD), or W and U
-    if tm is not None and tm.numel():
+    lvl = _saved_level_of(tm, q, v, cu_seqlens) if (tm is not None and tm.numel()) else None
+    if lvl:
+        # SAVE_STATES: h, v_new (and W) as the forward wrote them; no state scan here
+        views = _saved_views(tm, _saved_specs(q, v, cu_seqlens, lvl))
+        tm, h, vn = views[0], views[1], views[2]
+        if lvl == 2:
+            w = views[3]
+        else:   # W alone from the saved T (WY_FAST; the other kernel forms U too)
+            wo = 2 if p.wy_fast else 1
+            w, _ = _wu(p, k, v, g, beta, l2, *_wu_buffers(p, k, None, wo), tm, wu=wo)
+    elif tm is not None and tm.numel():
         if (tuple(tm.shape) != (TOK, p.H, p.BT) or tm.dtype != torch.float32
                 or not tm.is_contiguous()):
             raise ValueError(f"chunk_delta_bwd: the saved WY inverse must be a contiguous float32 "
@@ -1133,8 +1258,9 @@ def chunk_delta_bwd(q, k, v, g, beta, h0, cu_seqlens, scale: float, l2: bool, do
     else:
         ws = _workspace(p, k, True, wu=wub)
         w, u, tm = _wy(p, k, v, g, beta, l2, True, ws, wu=wub)
-    # SCAN_T_BWD: h, V' by the scan from T, v, beta (u not formed)
-    h, vn, _ = _states(p, k, w, u, g, h0, l2, ws, (tm, v, beta) if p.scan_t_bwd else None)
+    if not lvl:
+        # SCAN_T_BWD: h, V' by the scan from T, v, beta (u not formed)
+        h, vn, _ = _states(p, k, w, u, g, h0, l2, ws, (tm, v, beta) if p.scan_t_bwd else None)
     cu, co, ct = p.idx_args(do)
     d = _dummy(do)
     gg = d if g is None else g

@@ -4,7 +4,9 @@ Registered ops (contiguous tensors; g float32/float64 [B, T, HV] or None):
 ``ssm_kernels::delta_rule_fwd(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, chunked,
 backend, save_wy=False) -> (o, final_state, wy_t)``, ``ssm_kernels::delta_rule_bwd(..., backend,
 wy_t=None) -> (dq, dk, dv, dg, dbeta, dh0)`` (wy_t: the chunked WY forward's inverse T, float32
-[B*T, HV, BT], kept for the backward when save_wy and `chunk.SAVE_WY_INVERSE`; else empty)
+[B*T, HV, BT], kept for the backward when save_wy and `chunk.SAVE_WY_INVERSE`; with
+`chunk.SAVE_STATES` a 1-d float32 buffer holding T and the forward's states, `chunk.saved_shape`;
+else empty)
 and the in-place decoding update ``ssm_kernels::delta_rule_step_(..., state, ...) -> o`` (mutates
 state).
 
@@ -79,8 +81,8 @@ def _n_seqs(q, cu_seqlens):
 def _(q, k, v, g, beta, h0, cu_seqlens, scale, use_l2norm, chunked, backend, save_wy=False):
     N = _n_seqs(q, cu_seqlens)
     if save_wy and chunked and _select(backend, q, v) == "triton":
-        from .chunk import wy_t_shape
-        wy_t = q.new_empty(wy_t_shape(q, v), dtype=torch.float32)
+        from .chunk import saved_shape
+        wy_t = q.new_empty(saved_shape(q, v, cu_seqlens), dtype=torch.float32)
     else:
         wy_t = q.new_empty(0, dtype=torch.float32)
     return (torch.empty_like(v), q.new_empty((N, v.shape[2], q.shape[3], v.shape[3]),
