@@ -107,6 +107,25 @@ FUSED_S1_STAGES = 3
 # Off until timed (bench/gpu_chunk.py TWO_LEVEL=1 "two-level tma"); descriptor arguments take
 # Triton's own launch path (not the launch cache: ~tens of us of host time per launch)
 FUSED_TMA = False
+# the two-level forward by row length (issue 10 session 10, helper engine10), with FUSED_FWD 0:
+# None (off) or {key: T} with key 0 (plain), 1 (scalar decay) or "ssd" (mamba_chunk_scan_combined,
+# gate 1 with A; absent: never): a call of 16-bit B rows (not packed: a packed batch's lengths
+# live on the device) at least T long takes the two-level forward with FUSED_LONG's values in
+# place of the module's FUSED_* knobs below (passed on the call's fwd.Plan, the module is not
+# touched), else the per-chunk-state path. Training too: the backward recomputes its states
+# (gradients bitwise those of the per-chunk path) and fwd.saved_layout answers from the same rule.
+# FUSED_FWD 1/2 keeps its meaning (every length, the module's knobs). H100 session 10 (bf16 H16
+# K=V=128, fwd ms): level at B4 T4096; B2 T16384 linear_attn default 0.486-0.533 vs two-level
+# tma 0.408 (tma scan bv32 w4 st2 0.427; fla 0.501), simple_gla 0.552-0.575 vs 0.521-0.545 (tma);
+# SSD lost at L4096 (0.287 vs 0.394): kept out. The crossover: TL_SWEEP=1 bench/gpu_chunk.py
+# (rows "auto-long": {0: 8192, 1: 8192}).
+FUSED_FWD_MIN_T = None
+FUSED_LONG = dict(FUSED_TMA=True)
+# the knobs FUSED_LONG may set (the two-level forward's own; SEG_CHUNKS there only)
+FUSED_LONG_KNOBS = frozenset((
+    "SEG_CHUNKS", "LOOKBACK_SEGS", "FUSED_SEG_ROWS", "FUSED_BLOCK_V", "FUSED_WARPS",
+    "FUSED_I32_OFFSETS", "FUSED_STAGES", "FUSED_V_FIRST", "FUSED_S1_STEP", "FUSED_S1_STAGES",
+    "FUSED_TMA"))
 # backward of GATE 0/1 (plain, scalar decay, SSD; B rows, not varlen): the serial per-sequence
 # passes split into segments of SEG_CHUNKS chunks (bwd.py). 1: the recompute of the per-chunk
 # states h (fwd.py `seg_chunk_states`: segment end states from zero, a scan over segments, one

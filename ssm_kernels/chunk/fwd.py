@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Optional
 
 import torch
@@ -467,6 +468,13 @@ _fused_fwd_kernel = fast_kernel(_fused_fwd_kernel)
 
 
 _dummy = common.dummy   # one persistent 1-element tensor per (device, dtype): never written
+_NO_OVERRIDES = MappingProxyType({})
+
+
+def _fk(p, name: str):
+    """A knob of the two-level forward for this call: the plan's override (common.FUSED_LONG
+    when the length rule picked the path) or common's own."""
+    return p.fk[name] if name in p.fk else getattr(common, name)
 
 
 class Plan:
@@ -495,6 +503,8 @@ class Plan:
         self.lowp = q.dtype != torch.float32
         self.fwd_auto = self.lowp
         self._slots = {}
+        # the two-level forward's knob overrides for this call (`fused_fwd_knobs`; `_fk`)
+        self.fk = _NO_OVERRIDES
 
     def state_index(self, every: int):
         """(number of stored states, first slot of each packed sequence or None) when every
@@ -558,7 +568,7 @@ def _seg(p: Plan):
     """(segment length in tokens, number of segments) of the fused forward (packed batches: the
     upper bound TOK // SEG + N, as `num_chunks`). SEG_CHUNKS x BT, or the plan's own choice
     (`fused_fwd`: common.FUSED_SEG_ROWS)."""
-    SEG = p._slots.get("seglen") or common.SEG_CHUNKS * p.BT
+    SEG = p._slots.get("seglen") or _fk(p, "SEG_CHUNKS") * p.BT
     return SEG, num_chunks(p.B, p.T, p.N, SEG, p.varlen)
 
 
@@ -606,7 +616,7 @@ def _seg_state_pass(p: Plan, k, v, g, vs, A, sin=None, step=None):
         DT=m["DT"],
         IEEE=m["IEEE"], SEG=SEG, gs_ptr=d if gs is None else gs, STORE_HT=sin is None,
         num_warps=8 if BT >= 256 else 4,
-        num_stages=1 if m["IEEE"] == 1 else (common.FUSED_S1_STAGES if step else 2))
+        num_stages=1 if m["IEEE"] == 1 else (_fk(p, "FUSED_S1_STAGES") if step else 2))
     return (hs, gs) if sin is None else (h, None)
 
 
@@ -621,7 +631,7 @@ def _s1_step(p: Plan):
     """Stage 1's step for the fused forward (common.FUSED_S1_STEP): a power-of-two multiple of the
     chunk dividing the segment, 16-bit inputs only (float32's FMA dots keep the chunk)."""
     SEG, _ = _seg(p)
-    s = common.FUSED_S1_STEP
+    s = _fk(p, "FUSED_S1_STEP")
     if not s or not p.lowp or s & (s - 1) or s <= p.BT:
         return None
     s = min(s, SEG)
@@ -670,8 +680,8 @@ def fused_output(p: Plan, q, k, v, g, vs, A, sin, scale, D=None, z=None, h0=None
     lb = {} if ht is None else dict(LOOKBACK=True, gs_ptr=d if gs is None else gs,
                                      h0_ptr=d if h0 is None else h0, ht_ptr=ht,
                                      HAS_H0=h0 is not None)
-    BV = max(16, min(common.FUSED_BLOCK_V, next_power_of_2(p.V)))
-    vf = bool(common.FUSED_V_FIRST)
+    BV = max(16, min(_fk(p, "FUSED_BLOCK_V"), next_power_of_2(p.V)))
+    vf = bool(_fk(p, "FUSED_V_FIRST"))
     st, _ = _seg_index(p)
     assert st is None or ht is None, "LOOKBACK is for B rows (packed batches take stage 2)"
     if st is not None:
@@ -692,8 +702,8 @@ def fused_output(p: Plan, q, k, v, g, vs, A, sin, scale, D=None, z=None, h0=None
         p.T, p.H, p.HQ, p.K, p.V, float(scale),
         GATE=p.gate, G_FROM_VS=A is not None, HAS_VS=vs is not None, HAS_D=D is not None,
         HAS_Z=z is not None, SEG=SEG, BT=p.BT, BK=m["BKF"], BV=BV, DT=m["DT"], IEEE=m["IEEE"],
-        I32_OFFS=bool(common.FUSED_I32_OFFSETS), V_FIRST=vf, **lb,
-        num_warps=common.FUSED_WARPS, num_stages=common.FUSED_STAGES)
+        I32_OFFS=bool(_fk(p, "FUSED_I32_OFFSETS")), V_FIRST=vf, **lb,
+        num_warps=_fk(p, "FUSED_WARPS"), num_stages=_fk(p, "FUSED_STAGES"))
     return o
 
 
@@ -702,7 +712,7 @@ def _takes_tma(p: Plan, ts, BV: int) -> bool:
     16-bit B rows whose chunks never straddle two rows (T % BT == 0: a 2-d descriptor's box only
     zero-fills past the last token), K a power of two (the box is K wide and must not reach the
     next head's columns), V a multiple of BV, 16-byte aligned bases and row strides."""
-    return (bool(common.FUSED_TMA) and p.lowp and not p.varlen and p.T % p.BT == 0
+    return (bool(_fk(p, "FUSED_TMA")) and p.lowp and not p.varlen and p.T % p.BT == 0
             and p.K == p.meta["BKF"] and p.V % BV == 0 and (p.HQ * p.K) % 8 == 0
             and (p.H * p.V) % 8 == 0 and p.B * p.T < 2 ** 31
             and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in ts))
@@ -712,9 +722,9 @@ def fused_segments(p: Plan) -> int:
     """The fused forward's segment length for this plan: SEG_CHUNKS x BT, for B rows doubled
     until a row has at most common.FUSED_SEG_ROWS segments (kept on the plan, so `_seg` sees it;
     the backward's SEG_BWD passes build their own plan)."""
-    rows = common.FUSED_SEG_ROWS
+    rows = _fk(p, "FUSED_SEG_ROWS")
     if rows and not p.varlen:
-        SEG = common.SEG_CHUNKS * p.BT
+        SEG = _fk(p, "SEG_CHUNKS") * p.BT
         while cdiv(p.T, SEG) > rows:
             SEG *= 2
         p._slots["seglen"] = SEG
@@ -730,17 +740,35 @@ def fused_fwd(p: Plan, q, k, v, g, vs, A, h0, scale, D=None, z=None):
     2-4 x NSEG x H x K x V x 4 B."""
     fused_segments(p)
     hs, gs = seg_states(p, k, v, g, vs, A, step=_s1_step(p))
-    if not p.varlen and cdiv(p.T, _seg(p)[0]) <= common.LOOKBACK_SEGS:
+    if not p.varlen and cdiv(p.T, _seg(p)[0]) <= _fk(p, "LOOKBACK_SEGS"):
         ht = common.poison(hs.new_empty((p.N, p.H, p.K, p.V)))
         return fused_output(p, q, k, v, g, vs, A, hs, scale, D, z, h0, ht, gs), ht
     sin, ht = seg_scan(p, hs, gs, h0)
     return fused_output(p, q, k, v, g, vs, A, sin, scale, D, z), ht
 
 
-def _takes_fused_fwd(gate: int, varlen: bool, dtype: torch.dtype) -> bool:
-    """Whether `chunk_fwd` takes the fused path (no per-chunk states in memory)."""
-    return bool(common.FUSED_FWD) and gate < 2 and (
-        dtype != torch.float32 or common.FUSED_FWD == 2)
+def fused_fwd_knobs(gate: int, varlen: bool, dtype: torch.dtype, T, ssd: bool = False):
+    """Which forward `chunk_fwd_keep` takes, from metadata only (`saved_layout` asks the same):
+    None the per-chunk-state path; else the two-level forward (no per-chunk states in memory) with
+    these overrides of common's FUSED_* knobs. common.FUSED_FWD 1 (16-bit) / 2 (float32 too):
+    every call, no overrides; else common.FUSED_FWD_MIN_T: 16-bit B rows of gate 0 / 1 (SSD:
+    ssd, key "ssd") at least as long as that key's T, with common.FUSED_LONG."""
+    if gate >= 2:
+        return None
+    if common.FUSED_FWD:
+        return _NO_OVERRIDES if (dtype != torch.float32 or common.FUSED_FWD == 2) else None
+    rule = common.FUSED_FWD_MIN_T
+    if rule is None or varlen or dtype == torch.float32:
+        return None
+    least = rule.get("ssd" if ssd else gate)
+    if least is None or T < least:
+        return None
+    kn = common.FUSED_LONG or {}
+    bad = set(kn) - common.FUSED_LONG_KNOBS
+    if bad:
+        raise ValueError(f"common.FUSED_LONG sets {sorted(bad)}: not two-level forward knobs "
+                         f"({sorted(common.FUSED_LONG_KNOBS)})")
+    return MappingProxyType(dict(kn))
 
 
 def saved_layout(q, v, g, cu_seqlens, g_from_vs: bool, save: bool):
@@ -762,7 +790,8 @@ def saved_layout(q, v, g, cu_seqlens, g_from_vs: bool, save: bool):
     seg = common.SEG_BWD if (gate < 2 and not varlen) else 0
     if seg < 0:
         seg = 2 if cdiv(T, BT) >= common.SEG_BWD_MIN_CHUNKS else 0
-    if common.SAVE_STATES < 2 or seg >= 2 or _takes_fused_fwd(gate, varlen, q.dtype):
+    if (common.SAVE_STATES < 2 or seg >= 2
+            or fused_fwd_knobs(gate, varlen, q.dtype, T, g_from_vs) is not None):
         return None, gc
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     return (num_chunks(B, T, N, BT, varlen), v.shape[2], K, V), gc
@@ -801,7 +830,9 @@ def chunk_fwd_keep(q, k, v, g, h0, cu_seqlens, scale, vs: Optional[torch.Tensor]
     m = p.meta
     assert p.gate < 2 or (D is None and z is None), "the D / z epilogue is SSD's (GATE 1)"
     keep_h, keep_gc = saved_layout(q, v, g, cu_seqlens, A is not None, save)
-    if _takes_fused_fwd(p.gate, p.varlen, q.dtype):
+    fk = fused_fwd_knobs(p.gate, p.varlen, q.dtype, p.T, A is not None)
+    if fk is not None:
+        p.fk = fk
         o, ht = fused_fwd(p, q, k, v, g, vs, A, h0, scale, D, z)
         # nothing kept: empty views (h's of a fresh empty, gc's of the f32 dummy: distinct bases)
         return o, ht, ht.new_empty(0, dtype=p.hdtype), _dummy(ht)[:0]
