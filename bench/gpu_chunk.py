@@ -1145,6 +1145,11 @@ TL_SETS = {   # label -> chunk.common knobs; "two-level" = FUSED_FWD=1 with sess
     "two-level seg4": dict(FUSED_FWD=1, SEG_CHUNKS=4, FUSED_SEG_ROWS=0),
     # fixed 512-token segments (stage 2 for rows of more than 8: B2 T16384)
     "two-level seg512 fixed": dict(FUSED_FWD=1, FUSED_SEG_ROWS=0),
+    # the length switch (session 10 helper engine10): FUSED_FWD stays 0, rows of gate 0/1 of at
+    # least 8192 tokens take the two-level forward with common.FUSED_LONG (its default: TMA), the
+    # shorter ones the default path: TL_SWEEP's rows should follow "default" up to T4096 and
+    # "two-level tma" from T8192
+    "auto-long": dict(FUSED_FWD_MIN_T={0: 8192, 1: 8192}),
 }
 TL_CHECKED = ("two-level", "two-level tma", "two-level s6 layout", "two-level bv32 w4 st2",
               "two-level seg4", "default sstages3")
@@ -1270,12 +1275,34 @@ def two_level():
 def two_level_sweep():
     """Where the two-level forward starts to win (session 10: level at B4 T4096, 12-20% faster for
     chunk_linear_attn at B2 T16384): the same tokens per call (B x T = 32768) at T = 4096 ..
-    32768, plus B1 T65536; default vs "two-level tma" vs "two-level tma scan bv32 w4 st2", the
-    forward and (T <= 16384) forward+backward; no checks (TWO_LEVEL=1 checks every set), no
-    peers (fla's autotuning costs minutes; session 10's fla: linear_attn B2 T16384 0.501 ms).
-    TL_SWEEP=1 python bench/gpu_chunk.py (~120-180 s; AB_S caps it). CSV gpu_chunk_tl_sweep.csv."""
+    32768, plus B1 T65536; default vs "two-level tma" vs "two-level tma scan bv32 w4 st2" vs
+    "auto-long" (common.FUSED_FWD_MIN_T {0: 8192, 1: 8192}: the default below 8192, FUSED_LONG's
+    two-level forward from it; first a check that its o is bitwise the default's at T4096 and
+    "two-level tma"'s at T8192, both gates), the forward and (T <= 16384) forward+backward; no
+    float64 checks (TWO_LEVEL=1 checks every set), no peers (fla's autotuning costs minutes;
+    session 10's fla: linear_attn B2 T16384 0.501 ms). TL_SWEEP=1 python bench/gpu_chunk.py
+    (~170-250 s with "auto-long"; AB_S, default 270, caps it). CSV gpu_chunk_tl_sweep.csv."""
     _ab_start()
-    labs = ("default", "two-level tma", "two-level tma scan bv32 w4 st2")
+    labs = ("default", "two-level tma", "two-level tma scan bv32 w4 st2", "auto-long")
+    # the length rule picks its path from metadata (fwd.fused_fwd_knobs): logged per shape
+    from ssm_kernels.chunk import fwd as cf
+    with set_knobs(TL_SETS["auto-long"]):
+        for T in (4096, 8192, 16384, 32768, 65536):
+            kn = cf.fused_fwd_knobs(0, False, BF, T)
+            log(f"auto-long T{T}: " + ("per-chunk path" if kn is None else f"two-level {dict(kn)}"))
+    ok = True
+    for op in ("chunk_linear_attn", "chunk_simple_gla"):
+        for T, same in ((4096, "default"), (8192, "two-level tma")):
+            xs = la_inputs(1, T, 4, 128, 128, GATE[op])
+            with torch.no_grad():
+                got = {}
+                for lab in ("auto-long", same):
+                    with set_knobs(TL_SETS[lab]):
+                        got[lab] = OURS[op](*xs)
+            eq = torch.equal(got["auto-long"], got[same])
+            ok &= eq
+            log(f"auto-long {op} B1 T{T} H4: o {'bitwise' if eq else 'NOT'} equal to [{same}]")
+    log("AUTO-LONG CHECK:", "ok" if ok else "FAILED")
     for (B, T) in ((8, 4096), (4, 8192), (2, 16384), (1, 32768), (1, 65536)):
         case = f"B{B} T{T} H16 K=V=128"
         for op in ("chunk_linear_attn", "chunk_simple_gla"):
@@ -1286,7 +1313,7 @@ def two_level_sweep():
                     modes = ("fwd", "fwd+bwd") if T <= 16384 else ("fwd",)
                     with set_knobs(TL_SETS[lab]):
                         bench(op, case, "ours " + lab, OURS[op], make, modes=modes)
-    print_table(True, title="two-level forward by length (TL_SWEEP)",
+    print_table(ok, title="two-level forward by length (TL_SWEEP)",
                 csv_name="gpu_chunk_tl_sweep.csv")
 
 
@@ -1302,7 +1329,7 @@ if __name__ == "__main__":
         AB_S = float(os.environ.get("AB_S", "420"))
         two_level()
     elif os.environ.get("TL_SWEEP", "0") == "1":
-        AB_S = float(os.environ.get("AB_S", "200"))
+        AB_S = float(os.environ.get("AB_S", "270"))
         two_level_sweep()
     elif os.environ.get("FWD_DEFAULTS", "0") == "1":
         AB_S = float(os.environ.get("AB_S", "200"))

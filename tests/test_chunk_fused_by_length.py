@@ -5,7 +5,7 @@ chunk_gla keep the per-chunk-state path. Checked: the path by the launched kerne
 those of FUSED_FWD=1 forced with the same knobs set on the module, against float64, the module's
 knobs untouched; training gradients bitwise those of the per-chunk path; `saved_layout` (what the
 ops' fake implementations use) agrees with the path the forward took; opcheck and
-torch.compile(fullgraph=True) with the rule on. Thresholds are set low (the interpreter's shapes)."""
+torch.compile(fullgraph=True) with the rule on. Thresholds are set low (interpreter shapes)."""
 import os
 
 import pytest
@@ -212,7 +212,8 @@ def test_saved_layout_agrees(rule, spy, monkeypatch, ssd_key):
         elif kind == "gla":
             g = -torch.rand(B, T, 2, 16, generator=gen).to(DEVICE) * 0.3
         elif kind == "ssd":
-            vs, A = torch.rand(B, T, 2, generator=gen).to(DEVICE), -torch.rand(2, generator=gen).to(DEVICE)
+            vs = torch.rand(B, T, 2, generator=gen).to(DEVICE)
+            A = -torch.rand(2, generator=gen).to(DEVICE)
         want_h, _ = cf.saved_layout(q, v, g, cu, A is not None, True)
         gate = {"none": 0, "scalar": 1, "gla": 2, "ssd": 1}[kind]
         fk = cf.fused_fwd_knobs(gate, varlen, dtype, T, kind == "ssd")
