@@ -141,6 +141,11 @@ def test_rule_rejects_unknown_knob(rule, monkeypatch):
     with pytest.raises(ValueError, match="H_EVERY"):
         cf.fused_fwd_knobs(0, False, torch.bfloat16, 128)
     assert cf.fused_fwd_knobs(0, False, torch.bfloat16, 32) is None      # short: not asked
+    # FUSED_FWD forced keeps its meaning: every length, the module's own knobs (no overrides)
+    monkeypatch.setattr(common, "FUSED_FWD", 1)
+    assert dict(cf.fused_fwd_knobs(1, False, torch.bfloat16, 128)) == {}
+    assert dict(cf.fused_fwd_knobs(1, False, torch.bfloat16, 32)) == {}
+    assert cf.fused_fwd_knobs(1, False, torch.float32, 128) is None
 
 
 @pytest.mark.parametrize("save", [1, 2])
