@@ -28,6 +28,15 @@ the number of pairs (more: a longer plateau), the number of steps at a high lear
 one-cycle schedule anneals: a short run ends on the plateau) and, for attention, on positions
 (rotary here); the defaults are sized so the transition comes early. Measurements:
 bench/NOTES.md "recall example".
+
+Mamba (Mamba-1) is the mixer that stays on the ln(pairs) plateau at these budgets: its layer
+agrees with mamba-ssm's `Mamba` (forward and every gradient, `tests/test_nn.py::
+test_mamba_is_the_definition`), and on the CPU at a size where GLA reaches 0.997 and Mamba-2
+0.63 in 400 steps, Mamba-1 stays at 0.23-0.38 under every learning rate, initialisation, depth
+and step count tried (bench/NOTES.md "mamba10"). It is a property of the block's learning
+dynamics on MQAR (B and C come from the same short-convolved x; Okpekpe & Orvieto 2025 report
+Mamba's MQAR success in a narrow learning-rate window), not of the kernels.
+`bench/gpu_mamba_recall.py` sweeps its knobs at the default size.
 """
 from __future__ import annotations
 
