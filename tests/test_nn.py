@@ -264,6 +264,47 @@ def test_mamba2_state_dict_matches_mamba_ssm():
         snn.Mamba2(32, headdim=16, process_group=object())
 
 
+def _mamba_by_definition(m, u):
+    """Mamba-1 written out from mamba-ssm's Mamba forward without the fast path (in_proj -> x, z;
+    nn.Conv1d + silu on x; x_proj -> dt, B, C in that order; softplus(dt_proj(dt)) with its bias;
+    A = -exp(A_log); the recurrence over time as a loop; + D x; * silu(z); out_proj)."""
+    T = u.shape[1]
+    x, z = m.in_proj(u).chunk(2, dim=-1)                            # [b, T, d_inner] each
+    x = torch.nn.functional.silu(m.conv1d(x.transpose(1, 2))[..., :T].transpose(1, 2))
+    dt, Bm, Cm = torch.split(m.x_proj(x), [m.dt_rank, m.d_state, m.d_state], dim=-1)
+    dt = torch.nn.functional.softplus(m.dt_proj(dt))                # [b, T, d_inner]
+    A = -torch.exp(m.A_log)                                         # [d_inner, N]
+    h = torch.zeros(u.shape[0], m.d_inner, m.d_state, dtype=u.dtype)
+    ys = []
+    for t in range(T):                                              # h[d, n] over time t
+        h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * x[:, t])[..., None] * Bm[:, t, None]
+        ys.append((h * Cm[:, t, None]).sum(-1) + m.D * x[:, t])
+    y = torch.stack(ys, 1) * torch.nn.functional.silu(z)
+    return m.out_proj(y)
+
+
+def test_mamba_is_the_definition():
+    """Forward and every gradient of nn.Mamba (selective_scan_fn + causal_conv1d_fn, reference
+    backend) against mamba-ssm's Mamba written out in float64 (same parameters). Checked against
+    mamba-ssm 2.3.2.post1's own module too (its selective_scan_ref, no fast path, CPU): outputs and
+    all gradients agree to 1e-6 relative in float32 (bench/NOTES.md, mamba10)."""
+    torch.manual_seed(0)
+    m = snn.Mamba(D, d_state=4, dt_rank=3, backend="reference").double()
+    with torch.no_grad():                       # away from the init's symmetries (D = 1, A rows)
+        m.D.uniform_(0.5, 1.5)
+        m.A_log.add_(0.3 * torch.randn_like(m.A_log))
+        m.dt_proj.bias.uniform_(-3.0, 0.5)
+    x = torch.randn(2, 9, D, dtype=torch.float64, requires_grad=True)
+    ref = _mamba_by_definition(m, x)
+    out = m(x)
+    assert_close(out, ref, torch.float64, name="Mamba")
+    g = torch.randn_like(ref)
+    params = [x] + list(m.parameters())
+    for (n, _), a, b in zip([("x", None)] + list(m.named_parameters()),
+                            torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+        assert_close(a, b, torch.float64, name=f"d{n}")
+
+
 def _mamba2_by_definition(m, u):
     """Mamba-2 written out from mamba-ssm's Mamba2 forward (nn.Conv1d, a loop over the SSM
     recurrence, rms_norm_ref's gated group norm), float64."""

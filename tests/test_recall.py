@@ -1,4 +1,5 @@
 """The recall example's smoke size runs end to end on the CPU (every mixer, a few steps)."""
+import pytest
 import torch
 
 from ssm_kernels.examples import recall
@@ -239,3 +240,22 @@ def test_compile_all_ahead_leaves_nothing_to_compile_for_sm90():
     submitted, compiled, errors = int(words[1]), int(words[3]), int(words[5])
     assert submitted >= compiled >= 8 and errors == 0, line
     assert "dry runs stopped: []" in line and line.endswith("compiles in the real steps after: 0")
+
+
+def test_steps_scale_trains_mamba_longer(tmp_path):
+    """Mamba-1 gets `STEPS_SCALE` x --steps by default (it leaves the copy plateau late: NOTES
+    "mamba10"); ``--steps-scale`` with no values trains every mixer for --steps; --tiny keeps
+    equal steps; the trained row records the steps it ran."""
+    a = recall.parse_args([])
+    assert recall.mixer_steps("mamba", a) == 3 * a.steps == 4500
+    assert recall.mixer_steps("gla", a) == recall.mixer_steps("attention", a) == a.steps
+    assert recall.mixer_steps("mamba", recall.parse_args(["--steps-scale"])) == a.steps
+    assert recall.parse_args(["--tiny"]).steps_scale == {}
+    for bad in (["--steps-scale", "nope=2"], ["--steps-scale", "mamba"]):
+        with pytest.raises(SystemExit):
+            recall.parse_args(bad)
+    rows = recall.main(["--mixers", "mamba", "--dims", "8", "--seq-len", "16", "--pairs", "2",
+                        "--vocab", "16", "--batch", "2", "--steps", "2", "--layers", "1",
+                        "--eval-batches", "1", "--steps-scale", "mamba=2", "--device", "cpu",
+                        "--out", str(tmp_path)])
+    assert rows[0]["steps"] == 4

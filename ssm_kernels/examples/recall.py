@@ -28,11 +28,20 @@ the number of pairs (more: a longer plateau), the number of steps at a high lear
 one-cycle schedule anneals: a short run ends on the plateau) and, for attention, on positions
 (rotary here); the defaults are sized so the transition comes early. Measurements:
 bench/NOTES.md "recall example".
+
+Mamba (Mamba-1) leaves the ln(pairs) plateau late: on the CPU at a size where GLA reaches 0.997
+and Mamba-2 0.63 in 400 steps, Mamba-1 sits at 0.23-0.34 after 400 steps (every learning rate,
+initialisation, d_state, dt rank and depth tried) and 0.375 after 1200, then reaches 0.990 in a
+3000-step run (the transition at step ~700-900, still at the peak lr) -- its layer agrees with mamba-ssm's `Mamba`
+(`tests/test_nn.py::test_mamba_is_the_definition`); bench/NOTES.md "mamba10". So it trains for
+`STEPS_SCALE` times --steps (``--steps-scale`` with no values: equal steps for all mixers).
+`bench/gpu_mamba_recall.py` measures its knobs at the default size.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import csv
 import os
 import sys
@@ -338,10 +347,25 @@ def step_mode(args, device) -> str:
     return "graph" if device.type == "cuda" else "eager"
 
 
+# Mixers that get more steps than --steps (the same one-cycle schedule, stretched): Mamba-1 leaves
+# the ln(pairs) plateau only after ~700-900 steps at the peak lr where GLA / attention need
+# 200-300 (CPU, NOTES "mamba10": 0.375 after 1200 steps, 0.990 after 3000). ``--steps-scale`` sets it.
+STEPS_SCALE = {"mamba": 3.0}
+
+
+def mixer_steps(mixer: str, args) -> int:
+    """Training steps of ``mixer``: ``--steps`` times its ``--steps-scale`` factor (default 1)."""
+    return max(1, round(args.steps * args.steps_scale.get(mixer, 1.0)))
+
+
 def train_one(mixer: str, d: int, args, device, backend) -> dict:
-    """Trains one (mixer, width) model; in ``graph`` mode a failed capture is printed and the
-    model is trained again from scratch with eager steps (the same result as ``--step eager``
-    up to rounding)."""
+    """Trains one (mixer, width) model for `mixer_steps` steps; in ``graph`` mode a failed
+    capture is printed and the model is trained again from scratch with eager steps (the same
+    result as ``--step eager`` up to rounding)."""
+    steps = mixer_steps(mixer, args)
+    if steps != args.steps:
+        args = copy.copy(args)
+        args.steps = steps
     mode = step_mode(args, device)
     if mode == "graph":
         try:
@@ -433,6 +457,10 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=int, default=8, help="key-value pairs per sequence")
     p.add_argument("--vocab", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--steps-scale", nargs="*", default=None, metavar="MIXER=K",
+                   help="train MIXER for K x --steps (default: "
+                   + " ".join(f"{m}={k:g}" for m, k in STEPS_SCALE.items())
+                   + "; Mamba-1 leaves the copy plateau late); give none for equal steps")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--eval-batches", type=int, default=4)
@@ -454,6 +482,15 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.no_graph:
         args.step = "eager"
+    if args.steps_scale is None:
+        args.steps_scale = {} if args.tiny else dict(STEPS_SCALE)
+    else:
+        try:
+            args.steps_scale = {m: float(k) for m, k in (e.split("=") for e in args.steps_scale)}
+        except ValueError:
+            p.error(f"--steps-scale takes MIXER=K pairs, got {args.steps_scale}")
+        if set(args.steps_scale) - set(MIXERS):
+            p.error(f"--steps-scale: unknown mixer(s) {sorted(set(args.steps_scale) - set(MIXERS))}")
     if args.tiny:
         args.dims, args.steps, args.batch, args.seq_len = [16], 3, 4, 32
         args.pairs, args.vocab, args.layers, args.eval_batches = 4, 64, 1, 1
@@ -465,7 +502,10 @@ def main(argv=None) -> list:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = args.backend or ("reference" if device.type == "cpu" else None)
     print(f"MQAR: seq_len {args.seq_len}, {args.pairs} pairs, vocab {args.vocab}, batch "
-          f"{args.batch}, {args.steps} steps, {args.layers} layers, on {device} "
+          f"{args.batch}, {args.steps} steps"
+          + "".join(f" ({mixer_steps(m, args)} for {m})" for m in args.mixers
+                    if mixer_steps(m, args) != args.steps)
+          + f", {args.layers} layers, on {device} "
           f"(backend {backend or 'auto'}, {step_mode(args, device)} steps)", flush=True)
     rows = []
     t0 = time.time()
