@@ -22,6 +22,7 @@ cufftPlan / cufftMakePlan rows); one f+b under torch.cuda.set_sync_debug_mode("e
 before session 10), measured right after "ours fp32" (bitwise the same outputs: CPU test);
 "ours fp32 cufft": interface.MONARCH16_F32 off (the forward on the cuFFT path as well).
 Run from the repo root: python3 bench/gpu_fft_host10.py   (~1 min on a warm Triton cache)"""
+import functools
 import time
 
 import torch
@@ -31,21 +32,13 @@ from ssm_kernels.benchmarks.overhead import OverheadCase, _training, measure
 from ssm_kernels.fft_conv import interface as fi
 from ssm_kernels.fft_conv.reference import fft_conv_bwd_ref, fft_conv_fwd_ref
 
+from profile_host import per_call_us   # bench/ (the script's folder) is on sys.path
+
 B, H, L = 1, 16, 256
 
 
-def per_call(fn, calls=100, repeats=5):
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
-    return best
+# best of `repeats` x `calls` host-clocked calls between two synchronisations, us per call
+per_call = functools.partial(per_call_us, calls=100)
 
 
 def single_thread(fn):

@@ -5,17 +5,7 @@
 #    the selective scan; b: recall A/B + default run; c: two-level chunk forward A/B; d: SCAN_T
 #    delta rule; e: fp32 monarch16 fft; f: host path rows.  Short tables print last; full logs in $OUT/logs/.
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/logs"
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
-if [ ! -d /tmp/site ] && ls .whl/fla_core*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-    .whl/fla_core*.whl .whl/accelerated*.whl
-fi
-MAMBA_SRC=$(ls -d .peers/mamba_ssm-*/ 2>/dev/null | head -1)
-export PYTHONPATH="/tmp/site:$(pwd):/tmp/mamba_build:$(pwd)/${MAMBA_SRC:-.}"
-t() { local n=$1 lim=$2; shift 2; local t0=$(date +%s)
-  timeout "$lim" "$@" > "$OUT/logs/$n.log" 2>&1; local rc=$?
-  echo "== $n rc=$rc $(( $(date +%s) - t0 )) s"; tail -n "${TAIL:-12}" "$OUT/logs/$n.log"; }
+source "$(dirname "$0")/gpu_session_env.sh"
 case ${PART:-a} in
   a) STEPS="mamba build" LOGS=/tmp/sl OUT=/tmp/sl bash bench/gpu_steps.sh > "$OUT/logs/build.log" 2>&1
      tail -3 "$OUT/logs/build.log"

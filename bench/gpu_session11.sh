@@ -6,17 +6,7 @@
 # d: two-level forward by length (TL_SWEEP, engine10's switch) + issue 8's fla host rows;
 # e: leftovers. Short tables print last; full logs in $OUT/logs/ (<= 8 files come back).
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/logs"
-export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
-if [ ! -d /tmp/site ] && ls .whl/fla_core*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-    .whl/fla_core*.whl .whl/accelerated*.whl
-fi
-MAMBA_SRC=$(ls -d .peers/mamba_ssm-*/ 2>/dev/null | head -1)
-export PYTHONPATH="/tmp/site:$(pwd):/tmp/mamba_build:$(pwd)/${MAMBA_SRC:-.}"
-t() { local n=$1 lim=$2; shift 2; local t0=$(date +%s)
-  timeout "$lim" "$@" > "$OUT/logs/$n.log" 2>&1; local rc=$?
-  echo "== $n rc=$rc $(( $(date +%s) - t0 )) s"; tail -n "${TAIL:-12}" "$OUT/logs/$n.log"; }
+source "$(dirname "$0")/gpu_session_env.sh"
 case ${PART:-a} in
   a) STEPS="mamba build" LOGS=/tmp/sl OUT=/tmp/sl bash bench/gpu_steps.sh > "$OUT/logs/build.log" 2>&1
      tail -3 "$OUT/logs/build.log"

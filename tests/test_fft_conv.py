@@ -233,6 +233,18 @@ def test_filter_cache_drops_dead_filters(fresh_cache):
     assert torch.allclose(fft_cufft.filter_spectrum(b, 64), torch.fft.rfft(b, n=64))
 
 
+def _assert_knob_bitwise(monkeypatch, knob, u, k, D, pre, post, cot, backend):
+    """fft_conv's outputs and gradients with the cuFFT-path knob `knob` off and on: bitwise equal,
+    and finite with it on (NaN-filled buffers: an element left unwritten shows)."""
+    got = {}
+    for on in (False, True):
+        monkeypatch.setattr(fft_cufft, knob, on)
+        got[on] = run(sk.fft_conv, u, k, D, pre, post, cot, backend=backend)
+    for a, b in zip(got[False], got[True]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert all(x is None or torch.isfinite(x).all() for x in got[True])
+
+
 @pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("D,pre,post", [(True, False, False), (False, True, True), (True, False, True)])
 def test_cufft_merged_inverse_is_bitwise_the_same(backend, D, pre, post, cufft_path, monkeypatch):
@@ -241,13 +253,7 @@ def test_cufft_merged_inverse_is_bitwise_the_same(backend, D, pre, post, cufft_p
     unwritten input must not leak). On the GPU this also checks cuFFT's batch independence."""
     u, k, Dv, pg, qg = make(2, 3, 50, 21, D=D, pre=pre, post=post)
     cot = torch.randn_like(u)
-    got = {}
-    for merged in (False, True):
-        monkeypatch.setattr(fft_cufft, "MERGED_INVERSE", merged)
-        got[merged] = run(sk.fft_conv, u, k, Dv, pg, qg, cot, backend=backend)
-    for a, b in zip(got[False], got[True]):
-        assert (a is None and b is None) or torch.equal(a, b)
-    assert all(x is None or torch.isfinite(x).all() for x in got[True])
+    _assert_knob_bitwise(monkeypatch, "MERGED_INVERSE", u, k, Dv, pg, qg, cot, backend)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
@@ -265,13 +271,7 @@ def test_cufft_fused_dk_epilogue_is_bitwise_the_same(backend, shape, D, pre, pos
     u, k, Dv, pg, qg = make(*shape, D=D, pre=pre, post=post)
     cot = torch.randn_like(u)
     monkeypatch.setattr(fft_cufft, "MERGED_INVERSE", merged)
-    got = {}
-    for fused in (False, True):
-        monkeypatch.setattr(fft_cufft, "FUSED_DK_EPILOGUE", fused)
-        got[fused] = run(sk.fft_conv, u, k, Dv, pg, qg, cot, backend=backend)
-    for a, b in zip(got[False], got[True]):
-        assert (a is None and b is None) or torch.equal(a, b)
-    assert all(x is None or torch.isfinite(x).all() for x in got[True])
+    _assert_knob_bitwise(monkeypatch, "FUSED_DK_EPILOGUE", u, k, Dv, pg, qg, cot, backend)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
